@@ -1,0 +1,92 @@
+/*
+ * _lpsync: the few memory-ordering and futex primitives that LuaJIT cannot
+ * express itself.  LuaJIT's FFI has no atomics and its optimiser may hoist a
+ * plain load of shared memory out of a polling loop; a call into this library
+ * is opaque to the JIT, so every index load below really reads memory, with
+ * acquire/release semantics guaranteed by the C11/GCC __atomic builtins on
+ * every architecture (not just x86 TSO).
+ *
+ * The file is built as a (trivial) CPython extension so that pip builds and
+ * installs it; LuaJIT loads the same .so with ffi.load and Python with ctypes.
+ */
+#include <Python.h>
+#include <stdint.h>
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+
+/* Ring positions are byte counts kept as uint64 in shared memory and handled as
+ * doubles in Lua (exact below 2^53 bytes), so no 64-bit cdata boxing is needed. */
+double lp_load(const uint64_t *p) { return (double)__atomic_load_n(p, __ATOMIC_ACQUIRE); }
+double lp_load_sc(const uint64_t *p) { return (double)__atomic_load_n(p, __ATOMIC_SEQ_CST); }
+void lp_store(uint64_t *p, double v) { __atomic_store_n(p, (uint64_t)v, __ATOMIC_RELEASE); }
+uint32_t lp_load32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+void lp_store32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+void lp_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+/* Monotonic clock in nanoseconds (CLOCK_MONOTONIC is shared by all processes). */
+double lp_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+/* A doorbell is two uint32 words in shared memory: bell[0] counts sleepers,
+ * bell[1] is the futex sequence.  Not FUTEX_PRIVATE: it is shared by processes.
+ *
+ * Publisher:  seq_cst store of the position, then seq_cst load of bell[0];
+ *             if someone sleeps, bump bell[1] and FUTEX_WAKE.
+ * Sleeper:    lp_bell_arm (seq_cst RMW on bell[0], returns bell[1]), re-check
+ *             the ring with lp_load_sc, then lp_bell_sleep.
+ * In the single total order of seq_cst operations either the publisher's store
+ * precedes the arm (the re-check sees the record) or the arm precedes the
+ * publisher's load of bell[0] (the publisher wakes the sleeper, and the
+ * sequence change makes FUTEX_WAIT return at once).  No wakeup is lost. */
+int lp_publish(uint64_t *pos, double v, uint32_t *bell) {
+    __atomic_store_n(pos, (uint64_t)v, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&bell[0], __ATOMIC_SEQ_CST) == 0) return 0;
+    __atomic_fetch_add(&bell[1], 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, &bell[1], FUTEX_WAKE, 0x7fffffff, NULL, NULL, 0);
+    return 1;
+}
+
+/* Ring a doorbell unconditionally (used to interrupt a sleeper, e.g. at stop). */
+void lp_bell_ring(uint32_t *bell) {
+    __atomic_fetch_add(&bell[1], 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, &bell[1], FUTEX_WAKE, 0x7fffffff, NULL, NULL, 0);
+}
+
+uint32_t lp_bell_arm(uint32_t *bell) {
+    uint32_t seq = __atomic_load_n(&bell[1], __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&bell[0], 1, __ATOMIC_SEQ_CST);
+    return seq;
+}
+
+void lp_bell_disarm(uint32_t *bell) { __atomic_fetch_sub(&bell[0], 1, __ATOMIC_SEQ_CST); }
+
+/* Sleep until the doorbell rings or timeout_ns passes (0 = no limit), then
+ * disarm.  Returns 0 when woken, 1 on timeout. */
+int lp_bell_sleep(uint32_t *bell, uint32_t seq, double timeout_ns) {
+    struct timespec ts, *tp = NULL;
+    int rc = 0;
+    if (timeout_ns > 0) {
+        uint64_t t = (uint64_t)timeout_ns;
+        ts.tv_sec = (time_t)(t / 1000000000ull);
+        ts.tv_nsec = (long)(t % 1000000000ull);
+        tp = &ts;
+    }
+    if (syscall(SYS_futex, &bell[1], FUTEX_WAIT, seq, tp, NULL, 0) != 0 && errno == ETIMEDOUT)
+        rc = 1;
+    __atomic_fetch_sub(&bell[0], 1, __ATOMIC_SEQ_CST);
+    return rc;
+}
+
+static struct PyModuleDef lpsync_module = {
+    PyModuleDef_HEAD_INIT, "_lpsync",
+    "Atomic loads/stores, fences and futex calls for LuaJIT FFI (use via ffi.load).",
+    -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__lpsync(void) { return PyModule_Create(&lpsync_module); }

@@ -1,0 +1,316 @@
+--[[
+shm.ring — single-producer / single-consumer ring of variable-length records
+living in shared memory.  This is the only implementation of the ring
+protocol: workers and the fast path use it from LuaJIT, Python uses it through
+shm/ring.py (which loads this file into a small LuaJIT VM).
+
+Layout of a ring (offsets from the ring base, all little-endian):
+
+    0    magic  u64 "LPRNG"         8  capacity u64 (power of two, bytes)
+    64   tail   u64  producer position (bytes ever published)      [producer line]
+    72   pushed u64  records ever published
+    128  head   u64  consumer position (bytes ever released)       [consumer line]
+    136  popped u64  records ever released
+    192  data bell   {sleepers u32, seq u32}  the consumer sleeps here
+    256  space bell  {sleepers u32, seq u32}  the producer sleeps here
+    4096 data area, `capacity` bytes
+
+A record is an 8-byte header {len u32, flags u32} followed by len bytes,
+padded to 8.  A record never wraps: if it does not fit before the end of the
+data area, a PAD header (flags = 1) fills the rest and the record starts at
+offset 0.  A record therefore needs at most capacity/2 bytes: MAX_RECORD.
+
+Memory ordering (the argument):
+  * Only the producer writes `tail` and the record bytes beyond it; only the
+    consumer writes `head`.  Positions grow monotonically; index = pos % cap.
+  * The producer writes record bytes with plain stores, then publishes `tail`
+    with a store-release (lp_publish, seq_cst).  The consumer reads `tail`
+    with a load-acquire (lp_load) before reading record bytes: everything
+    written before the release is visible after the acquire.
+  * Symmetrically the consumer releases `head` after it has finished reading
+    a record, and the producer acquire-loads `head` before overwriting space.
+  * Each side caches the other side's position and reloads it only when the
+    cache says "empty" / "full", so a busy pair touches the other cache line
+    once per batch, and never makes a syscall.
+  * The loads and stores of positions are calls into _lpsync (C, __atomic
+    builtins).  A C call is opaque to LuaJIT, so the JIT can neither hoist a
+    position load out of a polling loop (a plain ffi load would be hoisted and
+    a polling consumer would never see new records) nor sink record writes
+    below the publishing store.
+  * Sleeping uses the doorbell protocol documented in _lpsync.c (seq_cst
+    arm / re-check / futex wait versus seq_cst publish / check sleepers),
+    which cannot lose a wakeup.
+]]
+
+local ffi = require("ffi")
+local config = require("luaprobe.config")
+
+ffi.cdef[[
+double lp_load(const uint64_t *p);
+double lp_load_sc(const uint64_t *p);
+void lp_store(uint64_t *p, double v);
+uint32_t lp_load32(const uint32_t *p);
+void lp_store32(uint32_t *p, uint32_t v);
+void lp_fence(void);
+double lp_now_ns(void);
+int lp_publish(uint64_t *pos, double v, uint32_t *bell);
+void lp_bell_ring(uint32_t *bell);
+uint32_t lp_bell_arm(uint32_t *bell);
+void lp_bell_disarm(uint32_t *bell);
+int lp_bell_sleep(uint32_t *bell, uint32_t seq, double timeout_ns);
+typedef struct { uint32_t len; uint32_t flags; } lp_rec_hdr;
+]]
+
+local C = ffi.load(config.lpsync)
+local cast, copy, fstring = ffi.cast, ffi.copy, ffi.string
+local u8p, u32p, u64p = ffi.typeof("uint8_t *"), ffi.typeof("uint32_t *"), ffi.typeof("uint64_t *")
+local hdrp = ffi.typeof("lp_rec_hdr *")
+
+local M = {
+  HEADER = 4096,            -- bytes before the data area
+  MAGIC = 0x4C50524E47,     -- "LPRNG", small enough to be exact in a double
+  PAD = 1,
+  SPIN = 200,               -- polls before a waiter arms the doorbell
+  lib = C,
+}
+
+local Ring = {}
+Ring.__index = Ring
+
+local function align8(n) return n + ((8 - n % 8) % 8) end
+
+--- Size in bytes of a ring segment region holding `capacity` data bytes.
+function M.region_size(capacity) return M.HEADER + capacity end
+
+--- Format a fresh ring at address `addr` (a number or pointer).
+function M.format(addr, capacity)
+  assert(capacity >= 64 and capacity % 2 == 0 and math.floor(math.log(capacity) / math.log(2) + 0.5)
+         == math.log(capacity) / math.log(2), "ring capacity must be a power of two >= 64")
+  local base = cast(u8p, addr)
+  ffi.fill(base, M.HEADER, 0)
+  local h = cast(u64p, base)
+  h[0] = M.MAGIC
+  h[1] = capacity
+  C.lp_fence()
+  return M.attach(addr)
+end
+
+--- Attach to a formatted ring at `addr`.  Both sides call this; each side
+--- uses only its own half of the methods (producer or consumer).
+function M.attach(addr)
+  local base = cast(u8p, addr)
+  local h = cast(u64p, base)
+  assert(tonumber(h[0]) == M.MAGIC, "not a luaprobe ring (bad magic)")
+  local cap = tonumber(h[1])
+  local self = setmetatable({
+    base = base,
+    data = base + M.HEADER,
+    cap = cap,
+    max_record = cap / 2 - 8,
+    tail_p = cast(u64p, base + 64),
+    pushed_p = cast(u64p, base + 72),
+    head_p = cast(u64p, base + 128),
+    popped_p = cast(u64p, base + 136),
+    data_bell = cast(u32p, base + 192),
+    space_bell = cast(u32p, base + 256),
+  }, Ring)
+  self:resync()
+  return self
+end
+
+--- Re-read both positions from shared memory (after attach or a reset).
+function Ring:resync()
+  local head, tail = C.lp_load(self.head_p), C.lp_load(self.tail_p)
+  self.tail_local, self.head_cache = tail, head
+  self.head_local, self.tail_cache = head, tail
+  self.pushed_local = C.lp_load(self.pushed_p)
+  self.popped_local = C.lp_load(self.popped_p)
+end
+
+--- Empty the ring.  Only safe when neither side is active (e.g. the peer died).
+function Ring:reset()
+  local tail = C.lp_load(self.tail_p)
+  C.lp_store(self.head_p, tail)
+  C.lp_store(self.popped_p, C.lp_load(self.pushed_p))
+  self:resync()
+end
+
+-- ---------------------------------------------------------------- producer
+
+--- Reserve room for a record of `n` payload bytes.  Returns a pointer to
+--- write the payload to, or nil when the ring is full.  Nothing is visible to
+--- the consumer until commit() and publish().
+function Ring:reserve(n)
+  local need = 8 + align8(n)
+  if need > self.cap / 2 then error(("record of %d bytes exceeds the ring's limit of %d"):format(n, self.max_record), 2) end
+  local pos = self.tail_local
+  local idx = pos % self.cap
+  local contiguous = self.cap - idx
+  local total = need
+  if need > contiguous then total = contiguous + need end
+  if pos + total - self.head_cache > self.cap then
+    self.head_cache = C.lp_load(self.head_p)
+    if pos + total - self.head_cache > self.cap then return nil end
+  end
+  if need > contiguous then
+    local pad = cast(hdrp, self.data + idx)
+    pad.len = contiguous - 8
+    pad.flags = M.PAD
+    pos = pos + contiguous
+    idx = 0
+    self.tail_local = pos
+  end
+  local hdr = cast(hdrp, self.data + idx)
+  hdr.len = n
+  hdr.flags = 0
+  self.pending_need = need
+  return self.data + idx + 8
+end
+
+--- Make the record reserved last part of the next publish().
+function Ring:commit()
+  self.tail_local = self.tail_local + self.pending_need
+  self.pushed_local = self.pushed_local + 1
+end
+
+--- Make every committed record visible and wake a sleeping consumer.
+function Ring:publish()
+  self.pushed_p[0] = self.pushed_local  -- statistic; ordered by the release below
+  C.lp_publish(self.tail_p, self.tail_local, self.data_bell)
+end
+
+--- Copy `n` bytes from `src` (string or pointer) as one record, committed but
+--- not yet published.  Returns false when the ring is full.
+function Ring:put(src, n)
+  n = n or #src
+  local p = self:reserve(n)
+  if p == nil then return false end
+  copy(p, src, n)
+  self:commit()
+  return true
+end
+
+--- try_push: put one record and publish it.  Returns true or false (full).
+function Ring:try_push(src, n)
+  if not self:put(src, n) then return false end
+  self:publish()
+  return true
+end
+
+--- Push records from the array `list` (strings) until full; publish once.
+--- Returns how many were pushed.
+function Ring:try_push_batch(list, first, last)
+  first, last = first or 1, last or #list
+  local i = first
+  while i <= last and self:put(list[i]) do i = i + 1 end
+  if i > first then self:publish() end
+  return i - first
+end
+
+--- Free bytes for the producer (from its cached view, refreshed).
+function Ring:free_bytes()
+  self.head_cache = C.lp_load(self.head_p)
+  return self.cap - (self.tail_local - self.head_cache)
+end
+
+-- ---------------------------------------------------------------- consumer
+
+--- Look at the next record without consuming it.  Returns (pointer, length)
+--- or nil when the ring is empty.
+function Ring:peek()
+  local pos = self.head_local
+  if pos == self.tail_cache then
+    self.tail_cache = C.lp_load(self.tail_p)
+    if pos == self.tail_cache then return nil end
+  end
+  local idx = pos % self.cap
+  local hdr = cast(hdrp, self.data + idx)
+  if hdr.flags == M.PAD then
+    pos = pos + hdr.len + 8
+    self.head_local = pos
+    if pos == self.tail_cache then return nil end   -- cannot happen: pad is always followed by a record
+    idx = 0
+    hdr = cast(hdrp, self.data)
+  end
+  return self.data + idx + 8, hdr.len
+end
+
+--- Consume the record returned by the last peek (visible to the producer at
+--- the next release()).
+function Ring:advance(n)
+  self.head_local = self.head_local + 8 + align8(n)
+  self.popped_local = self.popped_local + 1
+end
+
+--- Hand consumed space back to the producer and wake it if it sleeps.
+function Ring:release()
+  self.popped_p[0] = self.popped_local
+  C.lp_publish(self.head_p, self.head_local, self.space_bell)
+end
+
+--- try_pop: one record as a Lua string, or nil when empty.
+function Ring:try_pop()
+  local p, n = self:peek()
+  if p == nil then return nil end
+  local s = fstring(p, n)
+  self:advance(n)
+  self:release()
+  return s
+end
+
+--- Pop up to `max` records as strings into a new array; release once.
+function Ring:try_pop_batch(max)
+  local out, k = {}, 0
+  while k < max do
+    local p, n = self:peek()
+    if p == nil then break end
+    k = k + 1
+    out[k] = fstring(p, n)
+    self:advance(n)
+  end
+  if k > 0 then self:release() end
+  return out
+end
+
+--- Records published and not yet released (the consumer's fresh view).
+function Ring:fill_records()
+  return C.lp_load(self.pushed_p) - C.lp_load(self.popped_p)
+end
+
+--- Bytes published and not yet released.
+function Ring:fill_bytes()
+  return C.lp_load(self.tail_p) - C.lp_load(self.head_p)
+end
+
+-- ---------------------------------------------------------------- waiting
+
+--- Consumer: wait until a record is available or `timeout_ns` passes.
+--- Spins SPIN polls first (no syscall for a busy pair), then sleeps on the
+--- data doorbell.  Returns true when a record is available.
+function Ring:wait_data(timeout_ns, bell)
+  for _ = 1, M.SPIN do
+    if self:peek() ~= nil then return true end
+  end
+  bell = bell or self.data_bell
+  local seq = C.lp_bell_arm(bell)
+  if C.lp_load_sc(self.tail_p) ~= self.head_local then C.lp_bell_disarm(bell); return true end
+  C.lp_bell_sleep(bell, seq, timeout_ns or 0)
+  return self:peek() ~= nil
+end
+
+--- Producer: wait until `n` payload bytes fit or `timeout_ns` passes.
+function Ring:wait_space(n, timeout_ns)
+  local need = 16 + 2 * align8(n)
+  local function fits() return self.cap - (self.tail_local - C.lp_load(self.head_p)) >= need end
+  for _ = 1, M.SPIN do if fits() then return true end end
+  local seq = C.lp_bell_arm(self.space_bell)
+  if self.cap - (self.tail_local - C.lp_load_sc(self.head_p)) >= need then
+    C.lp_bell_disarm(self.space_bell); return true
+  end
+  C.lp_bell_sleep(self.space_bell, seq, timeout_ns or 0)
+  return fits()
+end
+
+M.Ring = Ring
+M.now_ns = function() return C.lp_now_ns() end
+return M
