@@ -44,3 +44,15 @@ def new_runtime(search_dirs=(), encoding: str | None = None) -> luajit21.LuaRunt
     )
     setup(lua_path(search_dirs).encode(), lpsync_path().encode())
     return lua
+
+
+def table(lua, mapping: dict):
+    """A Lua table from a dict, with str keys and values encoded as UTF-8 Lua strings."""
+    enc = {(k.encode() if isinstance(k, str) else k): (v.encode() if isinstance(v, str) else v)
+           for k, v in mapping.items() if v is not None}
+    return lua.table_from(enc)
+
+
+def method(lua, name: str):
+    """A Python callable ``f(obj, *args)`` that runs ``obj:name(...)`` in ``lua``."""
+    return lua.eval(f"function(o, ...) return o:{name}(...) end")

@@ -1,0 +1,47 @@
+"""Logging for the engine and for Lua code (T.log*, print), tagged with plug-in and VM instance."""
+from __future__ import annotations
+
+import logging
+import os
+
+LEVELS = ["EMERG", "FATAL", "ALERT", "CRIT", "ERROR", "WARN", "NOTICE", "INFO", "DEBUG"]
+_PY_LEVEL = {0: 50, 1: 50, 2: 50, 3: 50, 4: 40, 5: 30, 6: 20, 7: 20, 8: 10}
+
+log = logging.getLogger("luaprobe")
+
+
+def _text(x) -> str:
+    return x.decode("utf-8", "replace") if isinstance(x, (bytes, bytearray)) else str(x)
+
+
+def lua_log(level, script, instance, msg) -> None:
+    """Sink for T.log* in any VM: one line tagged with script file name and instance."""
+    level = int(level) if level is not None else 8
+    name = os.path.basename(_text(script)) if script else "lua"
+    log.log(_PY_LEVEL.get(level, 10), "[%s#%s] %s: %s", name, _text(instance),
+            LEVELS[level] if 0 <= level < len(LEVELS) else level, _text(msg))
+
+
+def lua_print(script, instance, line) -> None:
+    """Sink for Lua print(): stdout, each line tagged with script and instance."""
+    name = os.path.basename(_text(script)) if script else "lua"
+    print(f"[{name}#{_text(instance)}] {_text(line)}", flush=True)
+
+
+def setup(verbose: bool = False, json_lines: bool = False) -> None:
+    """Configure the root luaprobe logger on stderr (text or JSON lines)."""
+    if log.handlers:
+        return
+    handler = logging.StreamHandler()
+    if json_lines:
+        import json
+
+        class _Json(logging.Formatter):
+            def format(self, r):
+                return json.dumps({"ts": r.created, "level": r.levelname, "pid": r.process, "msg": r.getMessage()})
+
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s luaprobe[%(process)d] %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -1,0 +1,121 @@
+"""The fast path's service loop for async work: poll return rings, watch workers, drain at shutdown.
+
+One :class:`AsyncRuntime` per fast-path process owns the doorbell segment all
+its workers ring when they publish results, and the plug-in VMs whose pools
+it watches.  The packet loop calls :meth:`service` between batches; when
+there is nothing else to do it calls :meth:`wait` (no CPU while idle).
+"""
+from __future__ import annotations
+
+import time
+
+from shm import segment
+from workers.pool import AsyncConfig
+
+from .plugin import PluginVM
+
+BELL_SIZE = 4096
+
+
+class AsyncRuntime:
+    """Plug-in VMs sharing one doorbell; call close() (or use as a context manager)."""
+
+    def __init__(self, config: AsyncConfig | None = None, lua_path=()):
+        self.config = config or AsyncConfig()
+        self.config.validate()
+        self.lua_path = list(lua_path)
+        segment.sweep()
+        self.bell = segment.create("bell", BELL_SIZE)
+        self.vms: list[PluginVM] = []
+        self.closed = False
+
+    def load(self, path: str, instance: str = "0", enginetype: str = "frontend") -> PluginVM:
+        """Load a plug-in and start its workers."""
+        vm = PluginVM(path, instance=instance, enginetype=enginetype, lua_path=self.lua_path,
+                      async_config=self.config, bell=self.bell)
+        self.vms.append(vm)
+        return vm
+
+    def service(self, max_results: int = 4096) -> int:
+        """Deliver ready results in every VM and watch the workers; returns results delivered."""
+        n = 0
+        for vm in self.vms:
+            n += vm.poll(max_results)
+            if vm.pool is not None:
+                vm.pool.check()
+        return n
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a worker publishes a result or ``timeout`` seconds pass."""
+        for vm in self.vms:
+            if vm.has_results():
+                return
+        seq = self._arm()
+        if any(vm.has_results() for vm in self.vms):
+            self._disarm()
+            return
+        self._sleep(seq, timeout)
+
+    def _lib(self):
+        if not hasattr(self, "_c"):
+            import ctypes
+
+            from shm.luajit import lpsync_path
+            c = ctypes.CDLL(lpsync_path())
+            c.lp_bell_arm.restype = ctypes.c_uint32
+            c.lp_bell_arm.argtypes = [ctypes.c_void_p]
+            c.lp_bell_disarm.argtypes = [ctypes.c_void_p]
+            c.lp_bell_sleep.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_double]
+            self._c = c
+        return self._c
+
+    def _arm(self) -> int:
+        return self._lib().lp_bell_arm(self.bell.address)
+
+    def _disarm(self) -> None:
+        self._lib().lp_bell_disarm(self.bell.address)
+
+    def _sleep(self, seq: int, timeout: float) -> None:
+        self._lib().lp_bell_sleep(self.bell.address, seq, timeout * 1e9)
+
+    def pending(self) -> int:
+        """Tasks pending in all VMs."""
+        return sum(vm.pending() for vm in self.vms)
+
+    def run_until_idle(self, timeout: float = 30.0) -> bool:
+        """Service until no task is pending (True) or ``timeout`` passes (False)."""
+        end = time.monotonic() + timeout
+        while self.pending():
+            if time.monotonic() >= end:
+                return False
+            if not self.service():
+                self.wait(min(0.02, max(0.0, end - time.monotonic())))
+        return True
+
+    def shutdown(self, deadline: float | None = None) -> None:
+        """Stop accepting, drain up to the deadline, cut off the rest (timeout), onunload, unlink."""
+        if self.closed:
+            return
+        deadline = self.config.drain_deadline if deadline is None else deadline
+        for vm in self.vms:
+            vm.stop_accepting()
+        self.run_until_idle(deadline)
+        for vm in self.vms:
+            vm.cut_off("shutdown deadline passed")
+            vm.call(None, "onunload")
+        self.close()
+
+    def close(self) -> None:
+        """Stop every worker and unlink every segment (no drain)."""
+        if self.closed:
+            return
+        self.closed = True
+        for vm in self.vms:
+            vm.close()
+        self.bell.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown(0 if exc[0] else None)

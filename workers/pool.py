@@ -1,0 +1,263 @@
+"""The worker processes of one plug-in VM: start, watch, time out, recycle, restart, stop.
+
+Python here handles processes only.  Tasks and results move between the
+plug-in VM (engine/lua/async.lua) and the workers (workers/worker.lua) over
+the rings in each worker's channel segment without touching Python.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import psutil
+
+from engine.logs import log
+from shm import segment
+from shm.luajit import method
+
+from .worker import EXIT_RECYCLE
+
+CONTROL = 4096
+RING_HEADER = 4096
+_CTL = struct.Struct("<ddddd")      # magic, pid, cur_task, cur_start_ns, tasks_done
+_EXIT_REQUEST_OFFSET = 40
+
+
+@dataclasses.dataclass
+class AsyncConfig:
+    """Tunables of the async pool (command line / config file)."""
+
+    workers: int | None = None          #: override TrisulPlugin.request_async_workers
+    overflow_limit: int = 100_000       #: tasks waiting for ring space, all workers together
+    task_timeout: float = 60.0          #: seconds one onexecute may run
+    max_tasks: int = 0                  #: recycle a worker after this many tasks (0 = never)
+    max_rss_mb: float = 0.0             #: recycle a worker above this RSS (0 = never)
+    ring_size: int = 4 << 20            #: bytes in each request and return ring (power of two)
+    drain_deadline: float = 10.0        #: seconds to finish pending tasks at shutdown
+    backoff_initial: float = 0.05       #: first restart delay after a crash
+    backoff_max: float = 5.0            #: restart delay cap
+    check_interval: float = 0.01        #: how often the pool looks at its processes
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad setting."""
+        rs = self.ring_size
+        if rs < 4096 or rs & (rs - 1):
+            raise ValueError(f"ring_size {rs}: must be a power of two >= 4096")
+        for name in ("overflow_limit", "max_tasks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)}: must be >= 0")
+        if self.task_timeout <= 0 or self.drain_deadline < 0:
+            raise ValueError("task_timeout must be > 0 and drain_deadline >= 0")
+        if self.workers is not None and not 1 <= self.workers <= 256:
+            raise ValueError(f"workers {self.workers}: must be between 1 and 256")
+
+
+@dataclasses.dataclass
+class Slot:
+    """One worker position: its channel segment persists across restarts."""
+
+    k: int
+    channel: segment.Segment
+    proc: subprocess.Popen | None = None
+    ps: psutil.Process | None = None
+    restarts: int = 0
+    crashes_in_row: int = 0
+    restart_at: float = 0.0
+    kill_reason: str | None = None      # set when we killed it on purpose
+    timed_out_task: float = 0.0
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exited with status {rc}"
+
+
+class WorkerPool:
+    """Worker processes for one plug-in VM.
+
+    ``async_obj`` is the VM's Lua Async object (engine/lua/async.lua) and
+    ``lua`` its runtime; ``bell`` is the fast path's doorbell segment.
+    """
+
+    def __init__(self, lua, async_obj, *, nworkers: int, script: str, lua_path=(),
+                 bell: segment.Segment | None, config: AsyncConfig):
+        self.lua = lua
+        self.async_obj = async_obj
+        self.nworkers = nworkers
+        self.script = script
+        self.lua_path = list(lua_path)
+        self.bell = bell
+        self.config = config
+        self.slots: list[Slot] = []
+        self._last_check = 0.0
+        self._last_rss = 0.0
+        self._format = lua.eval(
+            "function(addr, cap, ctl) local ring = require('shm.ring'); local P = require('workers.protocol');"
+            " ring.format(addr + P.CONTROL, cap); ring.format(addr + P.CONTROL + ring.region_size(cap), cap) end")
+        self._wake = lua.eval(
+            "function(a, k) local w = a.workers[k]; require('shm.ring').lib.lp_bell_ring(w.req.data_bell) end")
+        self._add_worker = method(lua, "add_worker")
+        self._worker_lost = method(lua, "worker_lost")
+        self._worker_ready = method(lua, "worker_ready")
+        self.deaths = 0
+        self.recycles = 0
+        self.timeouts = 0
+
+    # ----------------------------------------------------------- lifecycle
+    def start(self) -> "WorkerPool":
+        """Create the channels and start every worker."""
+        cap = self.config.ring_size
+        for k in range(1, self.nworkers + 1):
+            seg = segment.create(f"w{k}", CONTROL + 2 * (RING_HEADER + cap))
+            self._format(seg.address, cap, 0)
+            self.slots.append(Slot(k, seg))
+            self._add_worker(self.async_obj, k, seg.address, cap)
+            self._spawn(self.slots[-1])
+        return self
+
+    def _spawn(self, slot: Slot) -> None:
+        cmd = [sys.executable, "-m", "workers.worker", "--channel", slot.channel.name,
+               "--req-capacity", str(self.config.ring_size), "--slot", str(slot.k),
+               "--ppid", str(os.getpid()), "--max-tasks", str(self.config.max_tasks)]
+        if self.bell is not None:
+            cmd += ["--bell", self.bell.name]
+        if self.script:
+            cmd += ["--script", self.script]
+        for d in self.lua_path:
+            cmd += ["--lua-path", d]
+        buf = slot.channel.buf
+        struct.pack_into("<dddd", buf, 8, 0.0, 0.0, 0.0, 0.0)        # pid, cur_task, start, done
+        struct.pack_into("<I", buf, _EXIT_REQUEST_OFFSET, 0)
+        del buf
+        slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        try:
+            slot.ps = psutil.Process(slot.proc.pid)
+        except psutil.Error:
+            slot.ps = None
+        slot.kill_reason = None
+        slot.timed_out_task = 0.0
+
+    def pids(self) -> list[int]:
+        """Pids of running workers."""
+        return [s.proc.pid for s in self.slots if s.proc is not None]
+
+    def _control(self, slot: Slot) -> tuple[float, float, float]:
+        _, _, cur_task, start, done = _CTL.unpack_from(slot.channel.buf, 0)
+        return cur_task, start, done
+
+    # ----------------------------------------------------------- watching
+    def check(self, now: float | None = None, force: bool = False) -> None:
+        """Notice dead, hung and bloated workers and restart them.  Cheap; call often."""
+        now = time.monotonic() if now is None else now
+        if not force and now - self._last_check < self.config.check_interval:
+            return
+        self._last_check = now
+        check_rss = self.config.max_rss_mb > 0 and now - self._last_rss >= 1.0
+        if check_rss:
+            self._last_rss = now
+        for slot in self.slots:
+            if slot.proc is None:
+                if now >= slot.restart_at:
+                    self._spawn(slot)
+                    self._worker_ready(self.async_obj, slot.k)
+                continue
+            rc = slot.proc.poll()
+            if rc is not None:
+                self._lost(slot, rc, now)
+                continue
+            self._check_timeout(slot)
+            if check_rss:
+                self._check_rss(slot)
+
+    def _check_timeout(self, slot: Slot) -> None:
+        cur_task, start, _ = self._control(slot)
+        if cur_task and time.monotonic_ns() - start > self.config.task_timeout * 1e9:
+            slot.kill_reason = f"task timed out after {self.config.task_timeout:g} s"
+            slot.timed_out_task = cur_task
+            log.warning("[%s] async worker %d (pid %d): %s; replacing it", os.path.basename(self.script),
+                        slot.k, slot.proc.pid, slot.kill_reason)
+            slot.proc.kill()
+            slot.proc.wait()
+            self.timeouts += 1
+
+    def _check_rss(self, slot: Slot) -> None:
+        try:
+            rss = slot.ps.memory_info().rss if slot.ps else 0
+        except psutil.Error:
+            return
+        if rss > self.config.max_rss_mb * 1e6 and slot.kill_reason is None:
+            slot.kill_reason = f"recycled: RSS {rss / 1e6:.0f} MB above {self.config.max_rss_mb:g} MB"
+            struct.pack_into("<I", slot.channel.buf, _EXIT_REQUEST_OFFSET, 1)
+            self._wake(self.async_obj, slot.k)
+
+    def _lost(self, slot: Slot, rc: int, now: float) -> None:
+        cur_task, _, _ = self._control(slot)
+        planned = rc == EXIT_RECYCLE or (rc == 0 and slot.kill_reason and slot.kill_reason.startswith("recycled"))
+        if slot.timed_out_task:
+            reason, is_timeout, cur_task = slot.kill_reason, True, slot.timed_out_task
+        else:
+            reason, is_timeout = f"worker died ({_describe_exit(rc)})", False
+        self._worker_lost(self.async_obj, slot.k, reason, cur_task, is_timeout)
+        slot.proc, slot.ps = None, None
+        slot.restarts += 1
+        if planned or is_timeout:
+            self.recycles += planned
+            slot.crashes_in_row = 0
+            slot.restart_at = now
+        else:
+            self.deaths += 1
+            slot.crashes_in_row += 1
+            delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** (slot.crashes_in_row - 1))
+            slot.restart_at = now + delay
+            log.error("[%s] async worker %d %s; restarting in %.2f s", os.path.basename(self.script), slot.k,
+                      _describe_exit(rc), delay)
+        if slot.restart_at <= now:
+            self._spawn(slot)
+            self._worker_ready(self.async_obj, slot.k)
+
+    # ----------------------------------------------------------- stopping
+    def stop(self, timeout: float = 2.0) -> None:
+        """Ask every worker to exit, kill what is left after ``timeout``, unlink the channels."""
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                struct.pack_into("<I", slot.channel.buf, _EXIT_REQUEST_OFFSET, 1)
+                self._wake(self.async_obj, slot.k)
+        end = time.monotonic() + timeout
+        for slot in self.slots:
+            if slot.proc is None:
+                continue
+            try:
+                slot.proc.wait(max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                slot.proc.kill()
+                slot.proc.wait()
+            slot.proc = None
+        for slot in self.slots:
+            slot.channel.close()
+        self.slots = []
+
+    def stats(self) -> list[dict]:
+        """Per worker: pid, restarts, tasks done by the current process, CPU and RSS (psutil)."""
+        out = []
+        for slot in self.slots:
+            cur_task, _, done = self._control(slot)
+            row = {"slot": slot.k, "pid": slot.proc.pid if slot.proc else None, "restarts": slot.restarts,
+                   "tasks_done": int(done), "busy": bool(cur_task)}
+            if slot.ps is not None:
+                try:
+                    with slot.ps.oneshot():
+                        row["cpu_percent"] = slot.ps.cpu_percent()
+                        row["rss"] = slot.ps.memory_info().rss
+                except psutil.Error:
+                    pass
+            out.append(row)
+        return out

@@ -1,0 +1,176 @@
+--[[
+workers.worker — the loop of one async worker process (one LuaJIT VM).
+
+It pops request records from its request ring, runs them (onexecute bytecode
+or a built-in file helper, never a shell) and pushes one result record per
+task to its return ring, in request order.  The per-task path stays inside
+LuaJIT; Python only starts the process and builds the VM (workers/worker.py).
+]]
+local ffi = require("ffi")
+local ring = require("shm.ring")
+local P = require("workers.protocol")
+
+local C = ring.lib
+local cast, fstring, copy = ffi.cast, ffi.string, ffi.copy
+ffi.cdef[[ int getppid(void); ]]
+
+local M = {}
+
+local CHUNK = 1024 * 1024
+
+local function copy_file(from, to, mode)
+  local src, err = io.open(from, "rb")
+  if not src then return nil, err end
+  local dst
+  dst, err = io.open(to, mode)
+  if not dst then src:close(); return nil, err end
+  while true do
+    local block = src:read(CHUNK)
+    if not block then break end
+    local ok, werr = dst:write(block)
+    if not ok then src:close(); dst:close(); return nil, werr end
+  end
+  src:close()
+  local ok, cerr = dst:close()
+  if not ok then return nil, cerr end
+  return true
+end
+
+local function write_at(file, bytes, pos)
+  local f, err
+  if pos < 0 then
+    f, err = io.open(file, "ab")
+  else
+    f = io.open(file, "r+b")
+    if not f then f, err = io.open(file, "wb") end
+  end
+  if not f then return nil, err end
+  if pos >= 0 then
+    local ok, serr = f:seek("set", pos)
+    if not ok then f:close(); return nil, serr end
+  end
+  local ok, werr = f:write(bytes)
+  if not ok then f:close(); return nil, werr end
+  local cok, cerr = f:close()
+  if not cok then return nil, cerr end
+  return true
+end
+
+--- Run one file helper; returns true or nil, message.
+local function file_op(kind, data, aux, arg)
+  if kind == P.COPY then return copy_file(data, aux, "wb") end
+  if kind == P.CAT then return copy_file(data, aux, "ab") end
+  if kind == P.RM then
+    local ok, err = os.remove(data)
+    if ok then return true end
+    local f = io.open(data, "rb")   -- a missing file is not an error ("delete if it exists")
+    if not f then return true end
+    f:close()
+    return nil, err
+  end
+  if kind == P.COPYBUF then return write_at(aux, data, arg) end
+  return nil, "unknown request kind " .. tostring(kind)
+end
+
+local function traceback(msg)
+  return debug.traceback(tostring(msg), 2)
+end
+
+--- Restore the upvalues shipped with a task (see engine/lua/async.lua).
+local function restore_upvalues(fn, blob)
+  local loader, err = loadstring(blob, "=upvalues")
+  if not loader then error("bad upvalue blob: " .. tostring(err)) end
+  local n, values = loader()
+  for i = 1, n do debug.setupvalue(fn, i, values[i]) end
+end
+
+--- Serve requests until asked to exit, the task budget is spent, or the
+--- parent dies.  Returns the reason ("exit", "recycle", "orphan").
+function M.serve(opts)
+  local base = cast("uint8_t *", opts.channel)
+  local ctl = cast(P.ctlp, base)
+  local req = ring.attach(base + P.CONTROL)
+  local ret = ring.attach(base + P.CONTROL + ring.region_size(opts.req_capacity))
+  if opts.bell then ret.data_bell = cast("uint32_t *", opts.bell) end
+  local ppid, max_tasks = opts.ppid, opts.max_tasks or 0
+  local funcs, names = {}, {}
+  local cur_task_p, cur_start_p = cast("double *", ctl) + 2, cast("double *", ctl) + 3
+  local done_p, exit_p = cast("double *", ctl) + 4, cast("uint32_t *", ctl) + 10
+  local done, unreleased = 0, 0
+  local function exit_requested() return C.lp_load32(exit_p) ~= 0 end
+  C.lp_store_d(done_p, 0)
+  ctl.state = 1
+
+  local function push_result(id, status, payload)
+    local len = payload and #payload or 0
+    local p = ret:reserve(P.RES_SIZE + len)
+    while p == nil do                   -- the fast path drains between hooks: wait, never drop
+      ret:publish()
+      ret:wait_space(P.RES_SIZE + len, 50e6)
+      if exit_requested() then return end
+      p = ret:reserve(P.RES_SIZE + len)
+    end
+    local h = cast(P.resp, p)
+    h.task_id, h.status, h.len = id, status, len
+    if len > 0 then copy(p + P.RES_SIZE, payload, len) end
+    ret:commit()
+    ret:publish()
+  end
+
+  local function execute(id, fid, data, aux)
+    local fn = funcs[fid]
+    if fn == nil then return push_result(id, P.ERROR, "worker has no function #" .. fid) end
+    if #aux > 0 then
+      local ok, err = pcall(restore_upvalues, fn, aux)
+      if not ok then return push_result(id, P.ERROR, err) end
+    end
+    local ok, out = xpcall(fn, traceback, data)
+    if not ok then return push_result(id, P.ERROR, out) end
+    local t = type(out)
+    if t == "string" then return push_result(id, P.OK, out) end
+    if t == "nil" then return push_result(id, P.NIL) end
+    if t == "number" then return push_result(id, P.OK, tostring(out)) end
+    return push_result(id, P.ERROR, ("onexecute (%s) returned a %s; expected a string or nil"):format(names[fid], t))
+  end
+
+  while true do
+    local p, n = req:peek()
+    if p == nil then
+      req:release()
+      unreleased = 0
+      if exit_requested() then return "exit" end
+      if max_tasks > 0 and done >= max_tasks then return "recycle" end
+      if not req:wait_data(100e6) then
+        if ffi.C.getppid() ~= ppid then return "orphan" end
+      end
+    else
+      local h = cast(P.reqp, p)
+      local kind, id, fid, arg = h.kind, h.task_id, h.fid, h.arg
+      local dlen, alen = h.data_len, h.aux_len
+      local data = fstring(p + P.REQ_SIZE, dlen)
+      local aux = alen > 0 and fstring(p + P.REQ_SIZE + dlen, alen) or ""
+      req:advance(n)
+      if kind == P.DEFINE then
+        local fn, err = loadstring(data, aux)
+        funcs[fid] = fn or function() error("cannot load onexecute " .. aux .. ": " .. tostring(err)) end
+        names[fid] = aux
+      else
+        C.lp_store_d(cur_start_p, C.lp_now_ns())
+        C.lp_store_d(cur_task_p, id)             -- after cur_start: the monitor reads task, then start
+        if kind == P.EXEC then
+          execute(id, fid, data, aux)
+        else
+          local ok, err = file_op(kind, data, aux, arg)
+          if ok then push_result(id, P.FILE_OK) else push_result(id, P.FILE_ERROR, tostring(err)) end
+        end
+        C.lp_store_d(cur_task_p, 0)
+        done = done + 1
+        C.lp_store_d(done_p, done)
+        unreleased = unreleased + 1
+        if unreleased >= 64 then req:release(); unreleased = 0 end
+      end
+    end
+  end
+end
+
+return M

@@ -1,0 +1,88 @@
+"""Entry point of one async worker process: build the LuaJIT VM, then hand control to workers/worker.lua.
+
+Started by :class:`workers.pool.WorkerPool` as ``python -m workers.worker ...``.
+The VM gets the same ``T`` and ``package.path`` as the plug-in that owns the
+pool, so ``require`` works inside onexecute; it never runs the plug-in chunk.
+Exit codes: 0 asked to exit or parent gone, 75 recycled after max tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+
+EXIT_RECYCLE = 75
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(ppid: int) -> None:
+    """Ask the kernel to SIGKILL us when the parent dies (and check it has not already)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != ppid:
+        os._exit(0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command line given by the pool."""
+    p = argparse.ArgumentParser(prog="luaprobe-worker")
+    p.add_argument("--channel", required=True, help="channel segment name")
+    p.add_argument("--bell", default="", help="doorbell segment name of the fast path")
+    p.add_argument("--req-capacity", type=int, required=True)
+    p.add_argument("--script", default="")
+    p.add_argument("--lua-path", action="append", default=[])
+    p.add_argument("--slot", type=int, default=0)
+    p.add_argument("--ppid", type=int, required=True)
+    p.add_argument("--max-tasks", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_vm(script: str, lua_path, slot: int):
+    """A LuaJIT VM with T (T.util, T.log*, T.K, T.host) and the plug-in's package.path."""
+    from engine import logs
+    from engine.searchpath import plugin_dirs
+    from shm.luajit import new_runtime, table
+
+    lua = new_runtime(plugin_dirs(script or None, lua_path))
+    install = lua.eval("function(opts) return require('engine.lua.tlib').install(opts) end")
+    opts = table(lua, {
+        "script": script or "worker",
+        "instance": f"worker-{slot}",
+        "enginetype": "worker",
+        "log": logs.lua_log,
+        "print": logs.lua_print,
+    })
+    install(opts)
+    return lua
+
+
+def main(argv=None) -> int:
+    """Run the worker until told to exit, recycled, or orphaned."""
+    args = parse_args(argv)
+    _die_with_parent(args.ppid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
+    from engine import logs
+    from shm import segment
+
+    logs.setup()
+    channel = segment.attach(args.channel)
+    bell = segment.attach(args.bell) if args.bell else None
+    lua = build_vm(args.script, args.lua_path, args.slot)
+    from shm.luajit import table
+
+    serve = lua.eval("function(o) return require('workers.worker').serve(o) end")
+    reason = serve(table(lua, {
+        "channel": channel.address,
+        "bell": bell.address if bell else None,
+        "req_capacity": args.req_capacity,
+        "ppid": args.ppid,
+        "max_tasks": args.max_tasks,
+    }))
+    sys.stdout.flush()
+    return EXIT_RECYCLE if reason == b"recycle" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
