@@ -125,6 +125,8 @@ function M.new(opts)
     fid_by_bc = {},
     bytecode = {},
     fname = {},
+    nups = {},
+    max_record = 1e300,
     nfids = 0,
     stats = { scheduled = 0, ok = 0, nil_result = 0, error = 0, timeout = 0, dropped = 0,
               onresult_errors = 0, worker_deaths = 0, redispatched = 0 },
@@ -150,6 +152,7 @@ function Async:add_worker(k, channel_addr, req_capacity)
   w.alive = true
   self.workers[k] = w
   if k > self.nworkers then self.nworkers = k end
+  self.max_record = math.min(self.max_record, w.req.max_record)
 end
 
 function Async:set_engine(engine) self.engine = engine end
@@ -274,8 +277,9 @@ function Async:fid_of(fn)
     self.nfids = fid
     self.fid_by_bc[bc] = fid
     self.bytecode[fid] = bc
-    local info = debug.getinfo(fn, "S")
+    local info = debug.getinfo(fn, "Su")
     self.fname[fid] = "=" .. info.short_src .. ":" .. info.linedefined
+    self.nups[fid] = info.nups
   end
   self.fid_by_fn[fn] = fid
   return fid
@@ -313,13 +317,15 @@ function Async:make_api()
     if onerr ~= nil and type(onerr) ~= "function" then error("T.async:schedule: onerror must be a function", 2) end
     local fid = self_:fid_of(fn)
     if fid == nil then error("T.async:schedule: onexecute must be a Lua function, not a C function", 2) end
-    local ok, aux = pcall(upvalue_blob, fn)
-    if not ok then error("T.async:schedule: " .. aux, 2) end
-    local w1 = self_.workers[1]
-    local limit = w1 and w1.req.max_record or 1e300
-    if REQ + #data + #aux > limit then
+    local aux = ""
+    if self_.nups[fid] > 0 then           -- debug.* and pcall are not compiled: only pay when needed
+      local ok, blob = pcall(upvalue_blob, fn)
+      if not ok then error("T.async:schedule: " .. blob, 2) end
+      aux = blob
+    end
+    if REQ + #data + #aux > self_.max_record then
       error(("T.async:schedule: data of %d bytes exceeds the request ring's record limit of %d bytes "
-             .. "(raise --ring-size)"):format(#data, limit - REQ - #aux), 2)
+             .. "(raise --ring-size)"):format(#data, self_.max_record - REQ - #aux), 2)
     end
     local r = self_:enqueue(P.EXEC, fid, data, aux, -1, onres, onerr, nil)
     return r
