@@ -148,8 +148,7 @@ function Ring:reserve(n)
   local pos = self.tail_local
   local idx = pos % self.cap
   local contiguous = self.cap - idx
-  local total = need
-  if need > contiguous then total = contiguous + need end
+  local total = need > contiguous and contiguous + need or need
   if pos + total - self.head_cache > self.cap then
     self.head_cache = C.lp_load(self.head_p)
     if pos + total - self.head_cache > self.cap then return nil end
@@ -300,17 +299,23 @@ function Ring:wait_data(timeout_ns, bell)
   return self:peek() ~= nil
 end
 
---- Producer: wait until `n` payload bytes fit or `timeout_ns` passes.
+--- Bytes the next record of `n` payload bytes occupies (with a PAD if it must wrap).
+function Ring:footprint(n)
+  local need = 8 + align8(n)
+  local contiguous = self.cap - self.tail_local % self.cap
+  if need > contiguous then return contiguous + need end
+  return need
+end
+
+--- Producer: wait until a record of `n` payload bytes fits or `timeout_ns` passes.
 function Ring:wait_space(n, timeout_ns)
-  local need = 16 + 2 * align8(n)
-  local function fits() return self.cap - (self.tail_local - C.lp_load(self.head_p)) >= need end
-  for _ = 1, M.SPIN do if fits() then return true end end
+  local total = self:footprint(n)
+  local function fits(load) return self.tail_local + total - load(self.head_p) <= self.cap end
+  for _ = 1, M.SPIN do if fits(C.lp_load) then return true end end
   local seq = C.lp_bell_arm(self.space_bell)
-  if self.cap - (self.tail_local - C.lp_load_sc(self.head_p)) >= need then
-    C.lp_bell_disarm(self.space_bell); return true
-  end
+  if fits(C.lp_load_sc) then C.lp_bell_disarm(self.space_bell); return true end
   C.lp_bell_sleep(self.space_bell, seq, timeout_ns or 0)
-  return fits()
+  return fits(C.lp_load)
 end
 
 M.Ring = Ring

@@ -1,0 +1,53 @@
+"""Fixtures shared by all tests; the leak guard is autouse (see tests/helpers.py)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from shm import segment
+from tests import helpers
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    """Kill new child processes and unlink new segments after each test; fail a passing test that leaked."""
+    before_children = {p.pid for p in helpers.children()}
+    before_segments = set(segment.list_segments())
+    yield
+    new_children = [p for p in helpers.children() if p.pid not in before_children]
+    leaked_pids = helpers.kill_tree(new_children)
+    pids = {os.getpid()} | {p.pid for p in new_children}
+    leaked_segments = sorted(n for n in set(segment.list_segments()) - before_segments
+                             if segment.owner_pid(n) in pids or not segment._alive(segment.owner_pid(n)))
+    for name in leaked_segments:
+        segment.unlink(name)
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.passed and (leaked_pids or leaked_segments):
+        pytest.fail(f"test leaked processes {leaked_pids} / segments {leaked_segments}")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Expose each phase's report to fixtures (request.node.rep_call)."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture
+def runtime_factory():
+    """Create AsyncRuntimes that are always shut down (no drain) at teardown."""
+    from engine.runtime import AsyncRuntime
+    made = []
+
+    def make(**cfg):
+        from workers.pool import AsyncConfig
+        lua_path = cfg.pop("lua_path", ())
+        rt = AsyncRuntime(AsyncConfig(**cfg), lua_path=lua_path)
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.close()

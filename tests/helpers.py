@@ -1,0 +1,81 @@
+"""Test helpers that own cleanup: every process and shared-memory segment a test starts.
+
+Like psutil's test helpers, cleanup is registered, not hoped for: the autouse
+fixture in conftest.py snapshots this process's children and segments before
+each test and, afterwards, kills and reaps any new child process and unlinks
+any new segment.  A test that passed but leaked either is turned into a failure,
+because a leak in a test is a leak a user would hit.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+
+from shm import segment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PCAPS = os.path.join(REPO, "..", "shared", "pcaps")
+
+
+def children() -> list[psutil.Process]:
+    """All live descendants of this process."""
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def our_segments(pids=None) -> set[str]:
+    """luaprobe segments owned by this process (or any of ``pids``)."""
+    pids = {os.getpid()} if pids is None else set(pids) | {os.getpid()}
+    return {n for n in segment.list_segments() if segment.owner_pid(n) in pids}
+
+
+def kill_tree(procs) -> list[int]:
+    """SIGKILL and reap the given processes; returns the pids that were still alive."""
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    return alive
+
+
+def wait_for(cond, timeout: float = 10.0, interval: float = 0.005):
+    """Poll ``cond()`` until it returns a truthy value (returned) or fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout} s: {cond}")
+        time.sleep(interval)
+
+
+def run_python(code: str, *args, **kw) -> subprocess.Popen:
+    """Start ``python -c code`` in the repo (its children are reaped by the fixture)."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, **kw)
+
+
+def write_plugin(tmp_path, body: str, name: str = "plugin.lua") -> str:
+    """Write a plug-in file (a TrisulPlugin with an id is prepended when missing)."""
+    if "TrisulPlugin" not in body:
+        body = 'TrisulPlugin = { id = { name = "test" } }\n' + body
+    path = tmp_path / name
+    path.write_text(body)
+    return str(path)
+
+
+def assert_accounting(stats: dict) -> None:
+    """The accounting identity of T.async."""
+    terms = ("ok", "nil_result", "error", "timeout", "dropped", "pending")
+    assert stats["scheduled"] == sum(stats[t] for t in terms), stats
