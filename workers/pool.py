@@ -42,6 +42,7 @@ class AsyncConfig:
     backoff_initial: float = 0.05       #: first restart delay after a crash
     backoff_max: float = 5.0            #: restart delay cap
     check_interval: float = 0.01        #: how often the pool looks at its processes
+    worker_spin_us: float = 1500.0      #: a worker polls this long after a task before it sleeps (0 = sleep at once)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -127,7 +128,8 @@ class WorkerPool:
     def _spawn(self, slot: Slot) -> None:
         cmd = [sys.executable, "-m", "workers.worker", "--channel", slot.channel.name,
                "--req-capacity", str(self.config.ring_size), "--slot", str(slot.k),
-               "--ppid", str(os.getpid()), "--max-tasks", str(self.config.max_tasks)]
+               "--ppid", str(os.getpid()), "--max-tasks", str(self.config.max_tasks),
+               "--spin-us", str(self.config.worker_spin_us)]
         if self.bell is not None:
             cmd += ["--bell", self.bell.name]
         if self.script:

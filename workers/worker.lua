@@ -177,6 +177,9 @@ function M.loop(opts)
     return push_result(id, P.ERROR, ("onexecute (%s) returned a %s; expected a string or nil"):format(names[fid], t))
   end
 
+  -- after a task, keep polling for spin_ns before sleeping on the doorbell:
+  -- a steady trickle of tasks then never pays a futex wake-up
+  local spin_ns, last_task = opts.spin_ns or 0, 0
   while true do
     local p, n = req:peek()
     if p == nil then
@@ -184,7 +187,9 @@ function M.loop(opts)
       unreleased = 0
       if exit_requested() then return "exit" end
       if max_tasks > 0 and done >= max_tasks then return "recycle" end
-      if not req:wait_data(100e6) then
+      if spin_ns > 0 and C.lp_now_ns() - last_task < spin_ns then
+        -- keep polling
+      elseif not req:wait_data(100e6) then
         if ffi.C.getppid() ~= ppid then return "orphan" end
       end
     else
@@ -206,6 +211,7 @@ function M.loop(opts)
           if ok then push_result(id, P.FILE_OK) else push_result(id, P.FILE_ERROR, tostring(err)) end
         end
         C.lp_store_d(cur_task_p, 0)
+        if spin_ns > 0 then last_task = C.lp_now_ns() end
         done = done + 1
         C.lp_store_d(done_p, done)
         unreleased = unreleased + 1

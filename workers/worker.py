@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slot", type=int, default=0)
     p.add_argument("--ppid", type=int, required=True)
     p.add_argument("--max-tasks", type=int, default=0)
+    p.add_argument("--spin-us", type=float, default=0.0, help="poll this long after a task before sleeping")
     return p.parse_args(argv)
 
 
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
         "req_capacity": args.req_capacity,
         "ppid": args.ppid,
         "max_tasks": args.max_tasks,
+        "spin_ns": args.spin_us * 1e3,
     }))
     sys.stdout.flush()
     return EXIT_RECYCLE if reason == b"recycle" else 0
