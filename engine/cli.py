@@ -1,12 +1,17 @@
 """The luaprobe command line.
 
-    luaprobe shm clean          remove shared-memory segments whose owner died
+    luaprobe run PLUGIN... --pcap FILE... [--out DIR] [--workers N] [--lua-path DIR] [--stats-json FILE]
+    luaprobe check PLUGIN...    list detected script types and problems (like Trisul's `list lua`)
+    luaprobe query alerts|resources|counters|flows|keyinfo [--out DIR] [--json]
+    luaprobe demo               run the bundled example plug-ins on the bundled sample capture
+    luaprobe shm clean|list     remove / list shared-memory segments (clean: those whose owner died)
 
 Exit codes: 0 ok, 2 usage error, 3 input error, 4 plug-in error, 1 internal error.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_PLUGIN = 0, 1, 2, 3, 4
@@ -26,6 +31,113 @@ def cmd_shm(args) -> int:
     return EXIT_OK
 
 
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
+
+
+def _async_config(args):
+    from workers.pool import AsyncConfig
+    cfg = AsyncConfig(workers=args.workers, overflow_limit=args.overflow_limit, task_timeout=args.task_timeout,
+                      max_tasks=args.worker_max_tasks, max_rss_mb=args.worker_max_rss_mb, ring_size=args.ring_size,
+                      drain_deadline=args.drain_deadline, worker_spin_us=args.worker_spin_us)
+    cfg.validate()
+    return cfg
+
+
+def _print_summary(s: dict) -> None:
+    print(f"packets {s['packets']:,}  bytes {s['bytes']:,}  flows {s['flows']:,}  elapsed {s['elapsed_s']} s")
+    d = s["drops"]
+    print(f"drops: capture {d['capture']}  packet ring {d['packet_ring']}  flow table {d['flow_table']}")
+    for p in s["plugins"]:
+        a = p["async"]
+        calls = sum(p["hook_calls"].values())
+        errs = sum(p["hook_errors"].values())
+        print(f"{os.path.basename(p['plugin'])} [{p['type']}#{p['instance']}] hook calls {calls:,} errors {errs}"
+              + (f"  async scheduled {a['scheduled']} ok {a['ok']} nil {a['nil_result']} error {a['error']}"
+                 f" timeout {a['timeout']} dropped {a['dropped']} pending {a['pending']}" if a["scheduled"] else ""))
+    rw = s["rows_written"]
+    print("written: " + ", ".join(f"{k} {v}" for k, v in rw.items()) + f"  -> {s['store']['path']}")
+    for e in s["plugin_problems"]:
+        print(f"plug-in problem: {e}", file=sys.stderr)
+    for e in s["input_errors"]:
+        print(f"input error: {e}", file=sys.stderr)
+
+
+def cmd_run(args) -> int:
+    """`luaprobe run`: plug-ins over capture files, to completion."""
+    import json
+
+    from . import logs
+    from .fastpath import FastPath, RunConfig
+    from .plugin import PluginError
+    logs.setup(verbose=args.verbose)
+    try:
+        cfg = RunConfig(plugins=args.plugins, files=args.pcap, out_dir=args.out, lua_path=args.lua_path,
+                        async_config=_async_config(args), backend_instances=args.backend_instances,
+                        batch=args.batch)
+    except ValueError as e:
+        print(f"luaprobe run: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        summary = FastPath(cfg).run()
+    except PluginError as e:
+        print(f"luaprobe run: plug-in error: {e}", file=sys.stderr)
+        return EXIT_PLUGIN
+    _print_summary(summary)
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    if summary["input_errors"]:
+        return EXIT_INPUT
+    if summary["plugin_problems"] and not summary["plugins"]:
+        return EXIT_PLUGIN
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    """`luaprobe check`: probe plug-ins and list their types and problems."""
+    from .plugin import PluginError
+    from .plugins import describe, discover, probe
+    try:
+        infos = [probe(f, args.lua_path) for f in discover(args.plugins, args.lua_path)]
+    except PluginError as e:
+        print(f"luaprobe check: {e}", file=sys.stderr)
+        return EXIT_PLUGIN
+    print(describe(infos))
+    bad = [p for i in infos for p in i.problems if "not supported yet" not in p]
+    return EXIT_PLUGIN if bad else EXIT_OK
+
+
+def cmd_query(args) -> int:
+    """`luaprobe query ...`: delegated to engine.query."""
+    from . import query
+    return query.main(args.rest)
+
+
+def cmd_demo(args) -> int:
+    """`luaprobe demo`: the bundled example plug-ins on the bundled sample capture."""
+    args.plugins = [EXAMPLES]
+    args.pcap = [os.path.join(EXAMPLES, "sample.pcap")]
+    return cmd_run(args)
+
+
+def _run_options(p) -> None:
+    p.add_argument("--out", default="out", help="output directory (SQLite database); default ./out")
+    p.add_argument("--lua-path", action="append", default=[], metavar="DIR", help="extra Lua search directory")
+    p.add_argument("--stats-json", metavar="FILE", help="write the run summary as JSON")
+    p.add_argument("--workers", type=int, default=None, help="async workers per plug-in (overrides "
+                   "TrisulPlugin.request_async_workers)")
+    p.add_argument("--overflow-limit", type=int, default=100_000, help="tasks queued beyond the rings per plug-in")
+    p.add_argument("--task-timeout", type=float, default=60.0, help="seconds one onexecute may run")
+    p.add_argument("--worker-max-tasks", type=int, default=0, help="recycle a worker after N tasks (0 = never)")
+    p.add_argument("--worker-max-rss-mb", type=float, default=0.0, help="recycle a worker above this RSS")
+    p.add_argument("--worker-spin-us", type=float, default=1500.0, help="worker polling window after a task")
+    p.add_argument("--ring-size", type=int, default=4 << 20, help="bytes per async ring (power of two)")
+    p.add_argument("--drain-deadline", type=float, default=10.0, help="seconds to finish async tasks at the end")
+    p.add_argument("--backend-instances", type=int, default=2, help="engine_monitor instances (Trisul flushers)")
+    p.add_argument("--batch", type=int, default=256, help="packets per fast-path batch")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (T.logdebug lines too)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     p = argparse.ArgumentParser(prog="luaprobe", description="Run Trisul-style Lua plug-ins over network traffic.")
@@ -33,6 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     shm = sub.add_parser("shm", help="inspect or clean luaprobe shared-memory segments")
     shm.add_argument("action", choices=["clean", "list"])
     shm.set_defaults(func=cmd_shm)
+    run = sub.add_parser("run", help="run plug-ins over capture files")
+    run.add_argument("plugins", nargs="+", metavar="PLUGIN", help="plug-in files or directories")
+    run.add_argument("--pcap", nargs="+", required=True, metavar="FILE", help="pcap or pcapng files, in order")
+    _run_options(run)
+    run.set_defaults(func=cmd_run)
+    demo = sub.add_parser("demo", help="run the bundled example plug-ins on the bundled sample capture")
+    _run_options(demo)
+    demo.set_defaults(func=cmd_demo)
+    check = sub.add_parser("check", help="list plug-ins, their script types and problems")
+    check.add_argument("plugins", nargs="+", metavar="PLUGIN")
+    check.add_argument("--lua-path", action="append", default=[], metavar="DIR")
+    check.set_defaults(func=cmd_check)
+    query = sub.add_parser("query", help="print outputs: alerts|resources|counters|flows|keyinfo",
+                           add_help=False)
+    query.add_argument("rest", nargs=argparse.REMAINDER)
+    query.set_defaults(func=cmd_query)
     return p
 
 

@@ -29,12 +29,17 @@ class AsyncRuntime:
         self.vms: list[PluginVM] = []
         self.closed = False
 
-    def load(self, path: str, instance: str = "0", enginetype: str = "frontend") -> PluginVM:
-        """Load a plug-in and start its workers."""
+    def load(self, path: str, instance: str = "0", enginetype: str = "frontend", **kw) -> PluginVM:
+        """Load a plug-in (its workers start now, or on first use with start_workers="lazy")."""
         vm = PluginVM(path, instance=instance, enginetype=enginetype, lua_path=self.lua_path,
-                      async_config=self.config, bell=self.bell)
+                      async_config=self.config, bell=self.bell, **kw)
         self.vms.append(vm)
         return vm
+
+    def unload(self, vm: PluginVM) -> None:
+        """Drop a VM that will not run (disabled by onload, bad definition): no onunload."""
+        vm.close()
+        self.vms.remove(vm)
 
     def service(self, max_results: int = 4096) -> int:
         """Deliver ready results in every VM and watch the workers; returns results delivered."""
@@ -45,13 +50,16 @@ class AsyncRuntime:
                 vm.pool.check()
         return n
 
-    def wait(self, timeout: float) -> None:
-        """Sleep until a worker publishes a result or ``timeout`` seconds pass."""
+    def wait(self, timeout: float, extra_ready=None) -> None:
+        """Sleep until a worker publishes a result, the doorbell rings (e.g. the packet ring's
+        producer published) or ``timeout`` seconds pass.  ``extra_ready()`` is re-checked after arming."""
         for vm in self.vms:
             if vm.has_results():
                 return
+        if extra_ready is not None and extra_ready():
+            return
         seq = self._arm()
-        if any(vm.has_results() for vm in self.vms):
+        if any(vm.has_results() for vm in self.vms) or (extra_ready is not None and extra_ready()):
             self._disarm()
             return
         self._sleep(seq, timeout)
@@ -96,14 +104,25 @@ class AsyncRuntime:
         """Stop accepting, drain up to the deadline, cut off the rest (timeout), onunload, unlink."""
         if self.closed:
             return
+        self.drain_and_stop(deadline)
+        self.unload_all()
+        self.close()
+
+    def drain_and_stop(self, deadline: float | None = None) -> None:
+        """Stop accepting tasks, deliver results up to the deadline, count the rest as timeout."""
         deadline = self.config.drain_deadline if deadline is None else deadline
         for vm in self.vms:
             vm.stop_accepting()
         self.run_until_idle(deadline)
         for vm in self.vms:
             vm.cut_off("shutdown deadline passed")
-            vm.call(None, "onunload")
-        self.close()
+
+    def unload_all(self) -> None:
+        """Call onunload in every VM (each at most once)."""
+        for vm in self.vms:
+            if not getattr(vm, "unloaded", False):
+                vm.unloaded = True
+                vm.call(None, "onunload")
 
     def close(self) -> None:
         """Stop every worker and unlink every segment (no drain)."""

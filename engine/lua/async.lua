@@ -157,6 +157,9 @@ end
 
 function Async:set_engine(engine) self.engine = engine end
 
+--- Start workers lazily: `fn` (called once, on the first task) must attach them.
+function Async:set_starter(fn) self.starter = fn end
+
 function Async:log(level, msg) self.logf(level, msg) end
 
 -- ------------------------------------------------------------------ sending
@@ -207,7 +210,13 @@ end
 function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target)
   local st = self.stats
   st.scheduled = st.scheduled + 1
-  if not self.accepting or self.nworkers == 0 then return self:drop("engine is stopping") end
+  if self.nworkers == 0 and self.accepting and self.starter then
+    local starter = self.starter            -- workers start on first use (Python: WorkerPool.start)
+    self.starter = nil
+    starter()
+  end
+  if not self.accepting then return self:drop("engine is stopping") end
+  if self.nworkers == 0 then return self:drop("no async workers could be started") end
   local w
   if target then
     w = self.workers[target_slot(self, target)]

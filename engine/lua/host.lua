@@ -6,6 +6,10 @@ chunk runs, loads the plug-in file, and calls its hooks with error isolation
 local tlib = require("engine.lua.tlib")
 local async = require("engine.lua.async")
 local errlog = require("engine.lua.errlog")
+local engine_mod = require("engine.lua.engine")
+local packet = require("engine.lua.packet")
+local decode = require("engine.lua.decode")
+local ffi = require("ffi")
 
 local M = {}
 local Host = {}
@@ -36,7 +40,12 @@ function M.boot(opts)
   local self = setmetatable({ path = path, instance = instance, outputs = {}, hook_errors = {},
                               hook_calls = {} }, Host)
   self.errors = errlog.new(logf)
-  self.engine = opts.engine or recording_engine(instance, self.outputs)
+  if opts.pipeline then
+    self.engine = engine_mod.new({ instance = instance, pipeline = opts.pipeline, groups = opts.groups,
+                                   plugin = path:match("[^/]*$") })
+  else
+    self.engine = recording_engine(instance, self.outputs)
+  end
   self.async = async.new({ script = path, log = logf, overflow_limit = opts.overflow_limit,
                            engine = self.engine })
   T.async = self.async.api
@@ -71,6 +80,113 @@ function Host:call(sub, name, ...)
   end
   return ok, res
 end
+
+-- ------------------------------------------------------------------ script types
+
+M.FRONTEND = { simplecounter = true, countergroup = true, filex_monitor = true, reassembly_handler = true,
+               alertgroup = true, resourcegroup = true, protocol_handler = true, packet_storage = true,
+               inputfilter = true, messagemonitor = true, flowmonitor = true, channellistener = true }
+M.BACKEND = { engine_monitor = true, sg_monitor = true, resource_monitor = true, fts_monitor = true,
+              cg_monitor = true, alert_monitor = true, flowtracker = true }
+
+--- The script-type keys present in TrisulPlugin (sorted).
+function Host:types()
+  local out = {}
+  for k, v in pairs(self.plugin) do
+    if type(v) == "table" and (M.FRONTEND[k] or M.BACKEND[k]) then out[#out + 1] = k end
+  end
+  table.sort(out)
+  return out
+end
+
+local function meter_row(row)
+  -- 7 fields {id, vartype, topN, bottomN, name, description, units} or 6 without bottomN
+  if type(row[4]) == "number" then
+    return { id = row[1], vartype = row[2], topn = row[3], bottomn = row[4], name = row[5],
+             description = row[6], units = row[7] }
+  end
+  return { id = row[1], vartype = row[2], topn = row[3], bottomn = 0, name = row[4], description = row[5],
+           units = row[6] }
+end
+
+--- The countergroup definition, normalised, or nil and a problem description.
+function Host:countergroup()
+  local cg = self.plugin.countergroup
+  if type(cg) ~= "table" then return nil end
+  local c = cg.control
+  if type(c) ~= "table" or type(c.guid) ~= "string" then
+    return nil, "countergroup.control.guid is missing"
+  end
+  local meters = {}
+  for i, row in ipairs(cg.meters or {}) do
+    if type(row) ~= "table" then return nil, ("countergroup.meters[%d] is not a table"):format(i) end
+    meters[#meters + 1] = meter_row(row)
+  end
+  return { guid = engine_mod.norm(c.guid), name = tostring(c.name or c.guid), description = tostring(c.description or ""),
+           bucketsize = tonumber(c.bucketsize) or 60, meters = meters }
+end
+
+--- Prepare the simplecounter hook; returns nil or a problem description.
+function Host:setup_simplecounter()
+  local sc = self.plugin.simplecounter
+  local guid = sc.protocol_guid
+  if type(guid) ~= "string" then return "simplecounter.protocol_guid is missing" end
+  self.sc_proto = decode.by_guid(guid)
+  if self.sc_proto == nil then
+    return ("simplecounter.protocol_guid %s is not a protocol luaprobe decodes"):format(guid)
+  end
+  if type(sc.onpacket) ~= "function" then return "simplecounter.onpacket is not a function" end
+  self.sc_fn = sc.onpacket
+  self.pkt_obj = packet.new_packet()
+  self.layer_obj = packet.new_layer()
+  return nil
+end
+
+--- Run simplecounter.onpacket for every packet of the batch at `addr` that
+--- has the plug-in's protocol.  Returns the number of hook calls.
+function Host:run_batch(addr, n)
+  local batch = ffi.cast(packet.pktp, addr)
+  local proto, fn, eng = self.sc_proto, self.sc_fn, self.engine
+  local pobj, lobj = self.pkt_obj, self.layer_obj
+  local find, bind_packet, bind_layer = decode.find, packet.bind_packet, packet.bind_layer
+  local calls, errors = 0, 0
+  for i = 0, n - 1 do
+    local p = batch + i
+    eng:set_packet(p)
+    if eng.nflow_counters > 0 and p.flow >= 0 then eng:apply_flow_counters(decode.flowkey(p.d), p.dir) end
+    local li = find(p.d, proto)
+    if li >= 0 then
+      bind_layer(lobj, bind_packet(pobj, p), li)
+      calls = calls + 1
+      local ok, err = xpcall(fn, traceback, eng, lobj)
+      if not ok then
+        errors = errors + 1
+        self.errors:report("simplecounter.onpacket error", err)
+      end
+    end
+  end
+  local hc, he = self.hook_calls, self.hook_errors
+  hc["simplecounter.onpacket"] = (hc["simplecounter.onpacket"] or 0) + calls
+  if errors > 0 then he["simplecounter.onpacket"] = (he["simplecounter.onpacket"] or 0) + errors end
+  return calls
+end
+
+--- Deliver a message posted by some VM: broadcast (msgid "") or to subscribers.
+function Host:deliver_message(msgid, msg)
+  local fn = self.plugin.onmessage
+  if type(fn) ~= "function" then return end
+  if msgid ~= "" then
+    local ok = false
+    for _, g in ipairs(self.plugin.message_subscriptions or {}) do
+      if engine_mod.norm(g) == msgid then ok = true; break end
+    end
+    if not ok then return end
+  end
+  self:call(nil, "onmessage", msgid, msg)
+end
+
+--- Hook call and error counts as plain tables.
+function Host:hook_stats() return self.hook_calls, self.hook_errors end
 
 --- Run a Lua string inside this VM (tests and tools).
 function Host:exec(code)

@@ -1,0 +1,49 @@
+-- dns_watch.lua: checks every DNS query name against blocklist.txt in a T.async worker,
+-- so the (slow) file lookup never runs on the packet path. Matches become alerts,
+-- every name becomes a DNS resource.
+local DNS_RESOURCES = "{D1E27FF0-6D66-4E57-BB91-99F76BB2143E}"
+local USER_ALERTS = "{B5F1DECB-51D5-4395-B71B-6FA730B772D9}"
+local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+
+-- the query name of a DNS message starting at offset `off` of the UDP layer's bytes
+local function qname(buf, off)
+  local labels, pos = {}, off + 12
+  while pos < buf:size() do
+    local n = buf:hval_8(pos)
+    if n == 0 or n >= 64 then break end
+    labels[#labels + 1] = buf:tostring(pos + 1, n)
+    pos = pos + n + 1
+  end
+  return table.concat(labels, ".")
+end
+
+TrisulPlugin = {
+  id = { name = "DNS watch", description = "Blocklist check of DNS names in an async worker" },
+  request_async_workers = 1,
+
+  simplecounter = {
+    protocol_guid = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}",   -- UDP
+    onpacket = function(engine, layer)
+      if layer:getbyte(2) * 256 + layer:getbyte(3) ~= 53 then return end   -- queries only
+      local name = qname(layer:rawbytes(), 8)
+      if name == "" then return end
+      T.async:schedule {
+        data = name .. "|" .. layer:flowkey(),
+        onexecute = function(data)                 -- runs in the worker process
+          local qn = T.util.splitm(data, "|")
+          for line in io.lines(here .. "blocklist.txt") do
+            if line == qn then return "listed" end
+          end
+          return "clean"
+        end,
+        onresult = function(engine, data, verdict)   -- back on the fast path
+          local qn, flow = T.util.splitm(data, "|")
+          engine:add_resource(DNS_RESOURCES, flow, qn, verdict)
+          if verdict == "listed" then
+            engine:add_alert(USER_ALERTS, flow, "DNS-BLOCKLIST", 2, "query for listed name " .. qn)
+          end
+        end,
+      }
+    end,
+  },
+}

@@ -1,0 +1,273 @@
+"""The fast path: capture process -> packet ring -> decode -> plug-in hooks -> outputs.
+
+Python orchestrates; every per-packet loop is LuaJIT: the capture process
+copies records into the packet ring (engine/lua/capture.lua), the driver VM
+pops, decodes and tracks flows into a batch (engine/lua/fastpath.lua), and
+each simplecounter VM walks the batch by address (engine/lua/host.lua).
+Between batches Python delivers T.async results, fires packet-time ticks
+(engine_monitor metronome and windows), and ships outputs to the SQLite
+writer process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+
+from shm import segment
+from shm.luajit import method, new_runtime
+from workers.pool import AsyncConfig
+
+from . import logs
+from .lua_errors import text as lua_text
+from .plugin import PluginError, PluginVM, _text
+from .plugins import discover, group_rows, probe
+from .runtime import AsyncRuntime
+from .store import StoreWriter
+
+PKT, EOF, ERROR, END = 0, 1, 2, 3
+RING_HEADER = 4096
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything `luaprobe run` decides."""
+
+    plugins: list
+    files: list
+    out_dir: str = "out"
+    lua_path: list = dataclasses.field(default_factory=list)
+    async_config: AsyncConfig = dataclasses.field(default_factory=AsyncConfig)
+    backend_instances: int = 2
+    window: int = 60                  #: backend window (StreamingWindowMSecs / 1000)
+    batch: int = 256
+    packet_ring_size: int = 1 << 25
+    flow_capacity: int = 1 << 20
+    idle_timeout: float = 120.0
+    active_timeout: float = 1800.0
+
+
+@dataclasses.dataclass
+class Instance:
+    """One script-type instance: its VM and what it runs."""
+
+    vm: PluginVM
+    kind: str                          # simplecounter | countergroup | frontend | engine_monitor
+    pipeline: str
+    run_batch = None
+
+
+class FastPath:
+    """Run plug-ins over capture files to completion; :meth:`run` returns the summary dict."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.instances: list[Instance] = []
+        self.input_errors: list[str] = []
+        self.plugin_problems: list[str] = []
+        self.files_done: list[str] = []
+        self.sec = None
+        self.window_start = None
+        self.ticks = 0
+        self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "key_info": 0, "flows": 0}
+
+    # ----------------------------------------------------------------- setup
+    def _load_plugins(self, rt: AsyncRuntime) -> None:
+        cfg = self.cfg
+        files = discover(cfg.plugins, cfg.lua_path)
+        if not files:
+            raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
+        self.infos = [probe(f, cfg.lua_path) for f in files]
+        self.groups = {i.countergroup["guid"].upper(): i.countergroup for i in self.infos if i.countergroup}
+        for info in self.infos:
+            self.plugin_problems += info.problems
+            if any("is detected but not supported" not in p for p in info.problems):
+                continue                                   # cannot load: already reported
+            for kind in info.runnable_types:
+                if kind == "engine_monitor":
+                    for k in range(cfg.backend_instances):
+                        self._instantiate(rt, info.path, kind, "backend", str(k))
+                else:
+                    self._instantiate(rt, info.path, kind, "frontend", secrets.token_hex(4).upper()[:7])
+
+    def _instantiate(self, rt, path, kind, pipeline, instance) -> None:
+        try:
+            vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups,
+                         start_workers="lazy")
+        except PluginError as e:
+            self.plugin_problems.append(str(e))
+            return
+        inst = Instance(vm, kind, pipeline)
+        if kind == "simplecounter":
+            problem = vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host)
+            if problem is not None:
+                self.plugin_problems.append(f"{path}: {_text(problem)}")
+                rt.unload(vm)
+                return
+            inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_batch(a, n) end")
+        ok, res = vm.call(None, "onload")
+        if not ok or res is False:
+            why = "onload failed" if not ok else "onload returned false"
+            logs.log.info("[%s#%s] %s: instance disabled", os.path.basename(path), instance, why)
+            rt.unload(vm)
+            return
+        vm.take_counters = method(vm.lua, "take_counters")
+        vm.take_outputs = method(vm.lua, "take_outputs")
+        vm.set_time = method(vm.lua, "set_time")
+        self.instances.append(inst)
+
+    # ----------------------------------------------------------------- ticks
+    def _backend(self, hook: str, *args) -> None:
+        for inst in self.instances:
+            if inst.kind == "engine_monitor":
+                inst.vm.set_time(inst.vm.host.engine, args[0], 0)
+                inst.vm.call("engine_monitor", hook, inst.vm.host.engine, *args)
+
+    def _tick(self, sec: int) -> None:
+        """Packet time reached second `sec`: metronome, window edges, closed buckets, idle flows."""
+        w = self.cfg.window
+        if self.window_start is None:
+            self.window_start = sec - sec % w
+            self._backend("onbeginflush", self.window_start)
+        elif sec >= self.window_start + w:
+            self._backend("onendflush", self.window_start + w)
+            self.window_start = sec - sec % w
+            self._backend("onbeginflush", self.window_start)
+        if self.sec is not None:
+            self.ticks += 1
+            self._backend("onmetronome", sec, self.ticks, 1)
+        self.sec = sec
+        self._collect(sec)
+        self._write("flows", self.driver_expire(self.driver, sec))
+
+    def _collect(self, now) -> None:
+        """Move counters of closed buckets (all when now is None) and other outputs to the writer."""
+        messages = []
+        for inst in self.instances:
+            vm = inst.vm
+            eng = vm.host.engine
+            self._write("counters", vm.take_counters(eng, now))
+            out = vm.take_outputs(eng)
+            for kind in ("alerts", "resources", "key_info"):
+                self._write(kind, out[kind.encode()])
+            messages += [tuple(_text(x) for x in r.values()) for r in out[b"messages"].values()]
+        for pipeline, msgid, msg in messages:
+            for inst in self.instances:
+                if inst.pipeline == pipeline:
+                    inst.vm.lua.eval("function(h, i, m) h:deliver_message(i, m) end")(
+                        inst.vm.host, msgid.encode(), msg.encode())
+
+    def _write(self, kind: str, rows) -> None:
+        rows = [tuple(_text(x) if isinstance(x, bytes) else x for x in r.values()) for r in rows.values()] \
+            if hasattr(rows, "values") else rows
+        if rows:
+            self.store.write(kind, rows)
+            self.rows_written[kind] = self.rows_written.get(kind, 0) + len(rows)
+
+    # ----------------------------------------------------------------- run
+    def run(self) -> dict:
+        """Process every input file; returns the summary (also stored in the run table)."""
+        cfg = self.cfg
+        t0 = time.monotonic()
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
+        rt = AsyncRuntime(cfg.async_config, lua_path=cfg.lua_path)
+        ring_seg = capture = None
+        try:
+            self._load_plugins(rt)
+            self._write("counter_groups", group_rows(self.infos))
+            ring_seg = segment.create("pkt", RING_HEADER + cfg.packet_ring_size)
+            lua = new_runtime()
+            lua.eval("function(a, c) require('shm.ring').format(a, c) end")(ring_seg.address, cfg.packet_ring_size)
+            fp = lua.eval("require('engine.lua.fastpath')")
+            self.driver = fp.new(lua.table_from({b"ring": ring_seg.address, b"bell": rt.bell.address,
+                                                 b"batch": cfg.batch, b"capacity": cfg.flow_capacity,
+                                                 b"idle_timeout": cfg.idle_timeout,
+                                                 b"active_timeout": cfg.active_timeout}))
+            fill, ready = method(lua, "fill"), method(lua, "ready")
+            self.driver_expire = method(lua, "expire")
+            capture = subprocess.Popen(
+                [sys.executable, "-m", "engine.capture", "--ring", ring_seg.name, "--bell", rt.bell.name,
+                 "--ppid", str(os.getpid()), *cfg.files], stdin=subprocess.DEVNULL)
+            batch_addr = int(self.driver.batch_addr)
+            runners = [i.run_batch for i in self.instances if i.run_batch is not None]
+            hosts = [i.vm.host for i in self.instances if i.run_batch is not None]
+            driver = self.driver
+            while True:
+                n = fill(driver)
+                if n:
+                    sec = int(driver.sec)
+                    if sec != self.sec:
+                        self._tick(sec)
+                    for run_batch, host in zip(runners, hosts):
+                        run_batch(host, batch_addr, n)
+                    rt.service()
+                    continue
+                kind = driver.ctl_kind
+                if kind is None:
+                    rt.service()
+                    if capture.poll() is not None and not ready(driver):
+                        self.input_errors.append(f"capture process ended unexpectedly (status {capture.returncode})")
+                        break
+                    rt.wait(0.05, extra_ready=lambda: ready(driver))
+                    continue
+                txt = _text(driver.ctl_text)
+                if kind == EOF:
+                    self.files_done.append(txt)
+                elif kind == ERROR:
+                    off, msg, path = txt.split("\t", 2)
+                    self.input_errors.append(f"{path}: byte offset {off}: {msg}")
+                    logs.log.error("input error: %s: byte offset %s: %s", path, off, msg)
+                elif kind == END:
+                    break
+            capture.wait(timeout=30)
+            self._finish(rt, lua)
+        finally:
+            if capture is not None and capture.poll() is None:
+                capture.kill()
+                capture.wait()
+            rt.close()
+            if ring_seg is not None:
+                ring_seg.close()
+        summary = self._summary(rt, time.monotonic() - t0)
+        self.store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
+        report = self.store.close()
+        summary["store"] = {"path": os.path.join(cfg.out_dir, "luaprobe.sqlite"), **(report or {})}
+        return summary
+
+    def _finish(self, rt, lua) -> None:
+        """End of input: close the window, deliver async results, flush everything, onunload."""
+        if self.window_start is not None:
+            self._backend("onendflush", self.window_start + self.cfg.window)
+        self.async_before = {id(i.vm): i.vm.async_stats() for i in self.instances}
+        rt.drain_and_stop()
+        self._collect(None)
+        self._write("flows", method(lua, "flush_flows")(self.driver))
+        self.driver_stats = {_text(k): v for k, v in method(lua, "stats")(self.driver).items()}
+        self.async_final = [(i, i.vm.async_stats()) for i in self.instances]
+        self.hook_stats = []
+        for i in self.instances:
+            calls, errors = i.vm.lua.eval("function(h) return h:hook_stats() end")(i.vm.host)
+            self.hook_stats.append((i, {_text(k): v for k, v in calls.items()},
+                                    {_text(k): v for k, v in errors.items()}))
+        rt.unload_all()
+
+    def _summary(self, rt, elapsed: float) -> dict:
+        d = getattr(self, "driver_stats", {})
+        plugins = []
+        for (inst, calls, errors), (_, stats) in zip(getattr(self, "hook_stats", []), getattr(self, "async_final", [])):
+            plugins.append({"plugin": inst.vm.path, "type": inst.kind, "instance": inst.vm.instance,
+                            "hook_calls": calls, "hook_errors": errors, "async": stats})
+        return {
+            "elapsed_s": round(elapsed, 3),
+            "files": self.cfg.files, "files_done": self.files_done, "input_errors": self.input_errors,
+            "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),
+            "truncated_headers": d.get("truncated", 0), "non_ip": d.get("nonip", 0),
+            "flows": d.get("flows_created", 0), "flow_table_full_drops": d.get("flow_table_full", 0),
+            "drops": {"capture": 0, "packet_ring": 0, "flow_table": d.get("flow_table_full", 0)},
+            "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
+        }
