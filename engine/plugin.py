@@ -22,7 +22,8 @@ class PluginVM:
     """Load ``path`` into a fresh VM (T and T.async ready before the chunk runs) and start its workers."""
 
     def __init__(self, path: str, *, instance: str = "0", enginetype: str = "frontend", lua_path=(),
-                 async_config: AsyncConfig | None = None, bell=None, start_workers: bool = True):
+                 async_config: AsyncConfig | None = None, bell=None, start_workers: bool | str = True,
+                 pipeline: str | None = None, groups: dict | None = None):
         self.path = os.path.abspath(path)
         self.instance = instance
         self.lua_path = list(lua_path)
@@ -32,6 +33,7 @@ class PluginVM:
         host, err = boot(table(self.lua, {
             "path": self.path, "instance": instance, "enginetype": enginetype,
             "log": logs.lua_log, "print": logs.lua_print, "overflow_limit": self.config.overflow_limit,
+            "pipeline": pipeline, "groups": self._groups_table(groups) if pipeline else None,
         }))
         if host is None:
             raise PluginError(_text(err))
@@ -42,12 +44,31 @@ class PluginVM:
         self._poll = self.lua.eval("function(a, n) return a:poll(n) end")
         self._has = self.lua.eval("function(a) return a:has_results() end")
         self._call = self.lua.eval("function(h, sub, name, ...) return h:call(sub, name, ...) end")
-        if start_workers:
+        self._bell = bell
+        if start_workers == "lazy":
+            self.lua.eval("function(a, f) a:set_starter(f) end")(self.async_obj, self.start_workers)
+        elif start_workers:
+            self.start_workers()
+
+    def start_workers(self) -> None:
+        """Start this VM's worker pool (called at load, or on the first task when lazy)."""
+        if self.pool is None:
             self.pool = WorkerPool(self.lua, self.async_obj, nworkers=self.nworkers, script=self.path,
-                                   lua_path=self.lua_path, bell=bell, config=self.config).start()
+                                   lua_path=self.lua_path, bell=self._bell, config=self.config).start()
+
+    def _groups_table(self, groups):
+        """{GUID: {bucketsize, vartypes}} as a Lua table for the engine object."""
+        out = self.lua.table()
+        for guid, g in (groups or {}).items():
+            vt = self.lua.table_from({int(m["id"]): int(m["vartype"]) for m in g["meters"]})
+            out[guid.upper().encode()] = table(self.lua, {"bucketsize": g["bucketsize"], "vartypes": vt})
+        return out
 
     def call(self, sub: str | None, name: str, *args):
         """Call a hook with error isolation; returns (ok, result)."""
+        # hook names as Lua strings: a Python str reaches Lua as userdata and never matches a key
+        sub = sub.encode() if isinstance(sub, str) else sub
+        name = name.encode() if isinstance(name, str) else name
         return self._call(self.host, sub, name, *args)
 
     def exec(self, code: str):
