@@ -82,6 +82,14 @@ def cmd_run(args) -> int:
     except PluginError as e:
         print(f"luaprobe run: plug-in error: {e}", file=sys.stderr)
         return EXIT_PLUGIN
+    except KeyboardInterrupt:
+        print("luaprobe run: interrupted", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as e:  # noqa: BLE001 - a user sees one line, the log has the traceback
+        logs.log.debug("internal error", exc_info=True)
+        from .lua_errors import text
+        print(f"luaprobe run: internal error: {type(e).__name__}: {text(e)}", file=sys.stderr)
+        return EXIT_INTERNAL
     _print_summary(summary)
     if args.stats_json:
         with open(args.stats_json, "w") as f:

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One command for a newcomer: set up .venv (first time only) and run the bundled example
+# plug-ins on the bundled sample capture, then show what they wrote.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/luaprobe ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+fi
+.venv/bin/luaprobe demo --out out
+echo
+echo "== alerts (luaprobe query alerts --out out)"
+.venv/bin/luaprobe query alerts --out out
+echo
+echo "== counters (luaprobe query counters --out out --limit 10)"
+.venv/bin/luaprobe query counters --out out --limit 10
