@@ -1,0 +1,445 @@
+"""The output database: the writer process, the read side and `luaprobe query` (real files, real processes)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from engine import query
+from engine.store import DB_NAME, KINDS, Store, StoreError, StoreNotFound, StoreWriter
+from tests import helpers
+
+HOSTS = "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}"
+MYGROUP = "{A1B2C3D4-0000-4aaa-bbbb-0123456789ab}"           # mixed case on purpose
+USER_ALERTS = "{B5F1DECB-51D5-4395-B71B-6FA730B772D9}"
+URL_RES = "{4EF9DEB9-4332-4867-A667-6A30C5900E9E}"
+METERS = [{"id": 0, "vartype": 0, "topn": 10, "bottomn": 0, "name": "Bytes", "description": "all bytes",
+           "units": "Bps"},
+          {"id": 1, "vartype": 0, "topn": 10, "bottomn": 0, "name": "Packets", "description": "", "units": "pps"}]
+
+
+@pytest.fixture
+def dbfile(tmp_path):
+    return str(tmp_path / DB_NAME)
+
+
+def write_all(path, **kinds):
+    with StoreWriter(path) as w:
+        for kind, rows in kinds.items():
+            w.write(kind, rows)
+        report = w.close()
+    return report
+
+
+def sample(path):
+    """One row (or a few) of every kind; returns the writer's report."""
+    return write_all(
+        path,
+        counter_groups=[(MYGROUP.lower(), "My Group", "test group", 60, json.dumps(METERS))],
+        counters=[(MYGROUP.lower(), 1_700_000_040, "C0.A8.01.02", 0, 1500),
+                  (MYGROUP, 1_700_000_040, "C0.A8.01.02", 1, 1),
+                  (HOSTS.lower(), 1_700_000_040, "0A.00.00.01", 0, 2.5)],
+        key_info=[(MYGROUP, "C0.A8.01.02", "router", "the gateway")],
+        alerts=[(1_700_000_001, 250, USER_ALERTS.lower(), "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016", "sig-1",
+                 "policy", 1, "hello\nworld", "ALARM", "alerty.lua")],
+        resources=[(1_700_000_002, 5, URL_RES.lower(), "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0050",
+                    "http://example.com/", b"\x00\xffbinary", "urls.lua"),
+                   (1_700_000_003, 0, URL_RES, None, "GET /x", b"utf8 \xc3\xa9", "urls.lua")],
+        flows=[("06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016", 6, "C0.A8.01.02", 2964, "D1.D8.F9.3A", 22,
+                1_700_000_000.5, 1_700_000_010.25, 10, 8, 1000, 800, "CLOSED", "ssh")],
+        run=[("pcap", json.dumps("x.pcap")), ("stats", json.dumps({"packets": 18}))],
+    )
+
+
+# ------------------------------------------------------------------------------------------------ round trip
+def test_round_trip_every_kind(dbfile):
+    report = sample(dbfile)
+    assert report["errors"] == [] and report["returncode"] == 0
+    assert report["rows"] == {"counter_groups": 1, "counters": 3, "key_info": 1, "alerts": 1, "resources": 2,
+                              "flows": 1, "run": 2}
+    with Store(dbfile) as s:
+        groups = s.counter_groups()
+        assert [(g["guid"], g["name"], g["bucketsize"]) for g in groups] == [(MYGROUP.upper(), "My Group", 60)]
+        assert groups[0]["meters"] == METERS
+        c = s.counters()
+        assert c == [
+            {"group_guid": HOSTS, "group_name": "Hosts", "bucket_ts": 1_700_000_040, "key": "0A.00.00.01",
+             "label": None, "meter": 0, "meter_name": None, "value": 2.5},
+            {"group_guid": MYGROUP.upper(), "group_name": "My Group", "bucket_ts": 1_700_000_040,
+             "key": "C0.A8.01.02", "label": "router", "meter": 0, "meter_name": "Bytes", "value": 1500},
+            {"group_guid": MYGROUP.upper(), "group_name": "My Group", "bucket_ts": 1_700_000_040,
+             "key": "C0.A8.01.02", "label": "router", "meter": 1, "meter_name": "Packets", "value": 1},
+        ]
+        assert s.key_info() == [{"group_guid": MYGROUP.upper(), "group_name": "My Group", "key": "C0.A8.01.02",
+                                 "label": "router", "description": "the gateway"}]
+        (a,) = s.alerts()
+        assert (a["ts_sec"], a["ts_usec"], a["alert_guid"], a["sigid"], a["classification"], a["priority"],
+                a["message"], a["status"], a["plugin"]) == (1_700_000_001, 250, USER_ALERTS, "sig-1", "policy", 1,
+                                                             "hello\nworld", "ALARM", "alerty.lua")
+        r1, r2 = s.resources()
+        assert r1["resource_guid"] == URL_RES and r1["uri"] == "http://example.com/"
+        assert r1["contents"] == "\x00\\xffbinary"           # a BLOB: invalid UTF-8 shown escaped by the reader
+        assert r2["contents"] == "utf8 é" and r2["flowkey"] is None
+        raw = sqlite3.connect(dbfile).execute("SELECT contents FROM resources ORDER BY id").fetchall()
+        assert raw == [(b"\x00\xffbinary",), ("utf8 é",)]   # binary kept exactly, valid UTF-8 stored as text
+        (f,) = s.flows()
+        assert f == {"flowkey": "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016", "proto": 6, "ipa": "C0.A8.01.02",
+                     "porta": 2964, "ipz": "D1.D8.F9.3A", "portz": 22, "first_ts": 1_700_000_000.5,
+                     "last_ts": 1_700_000_010.25, "packets_az": 10, "packets_za": 8, "bytes_az": 1000,
+                     "bytes_za": 800, "state": "CLOSED", "tags": "ssh"}
+        assert s.run_info() == {"pcap": "x.pcap", "stats": {"packets": 18}}
+
+
+def test_database_is_wal_with_documented_tables(dbfile):
+    sample(dbfile)
+    db = sqlite3.connect(dbfile)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert set(KINDS) | {"meta"} <= tables
+    doc = open(os.path.join(helpers.REPO, "docs", "schema.md")).read()
+    for t in tables:                                    # every table and column is documented
+        assert f"`{t}`" in doc, t
+        for col in (r[1] for r in db.execute(f"PRAGMA table_info({t})")):
+            assert f"`{col}`" in doc, (t, col)
+
+
+def test_upserts_key_info_groups_flows_run_last_wins(dbfile):
+    with StoreWriter(dbfile) as w:
+        w.write("key_info", [(HOSTS, "K", "old", None)])
+        w.write("counter_groups", [(MYGROUP, "Old", "", 30, "[]")])
+        w.write("run", [("state", '"running"')])
+        w.write("flows", [("F", 6, "A", 1, "Z", 2, 10.0, 11.0, 1, 0, 60, 0, "OPEN", "")])
+        w.flush(sync=True)
+        w.write("key_info", [(HOSTS.lower(), "K", "new", "d")])
+        w.write("counter_groups", [(MYGROUP.lower(), "New", "x", 60, "[]")])
+        w.write("run", [("state", '"done"'), ("stats", {"packets": 3, "bytes": [1, 2]})])  # non-text: JSON-encoded
+        w.write("flows", [("F", 6, "A", 1, "Z", 2, 10.0, 19.0, 5, 4, 300, 200, "CLOSED", "t"),
+                          ("F", 6, "A", 1, "Z", 2, 50.0, 51.0, 1, 0, 60, 0, "OPEN", "")])  # port reuse: new flow
+    with Store(dbfile) as s:
+        assert [(k["key"], k["label"], k["description"]) for k in s.key_info()] == [("K", "new", "d")]
+        assert [(g["name"], g["bucketsize"]) for g in s.counter_groups()] == [("New", 60)]
+        assert s.run_info() == {"state": "done", "stats": {"packets": 3, "bytes": [1, 2]}}
+        assert [(f["first_ts"], f["last_ts"], f["packets_az"], f["state"]) for f in s.flows()] == [
+            (10.0, 19.0, 5, "CLOSED"), (50.0, 51.0, 1, "OPEN")]
+
+
+# ------------------------------------------------------------------------------------------------ counters
+def test_counter_upsert_sums_partial_flushes(dbfile):
+    with StoreWriter(dbfile) as w:
+        for part in range(5):                          # five partial flushes of the same bucket
+            w.write("counters", [(HOSTS, 60, "K1", 0, 10), (HOSTS.lower(), 60, "K1", 1, 1),
+                                 (HOSTS, 120, "K1", 0, part)])
+            w.flush(sync=part % 2 == 0)
+        w.write("counters", [(HOSTS, 60, "K1", 0, 0.5)])  # float meters add too
+    with Store(dbfile) as s:
+        got = {(r["bucket_ts"], r["key"], r["meter"]): r["value"] for r in s.counters()}
+    assert got == {(60, "K1", 0): 50.5, (60, "K1", 1): 5, (120, "K1", 0): 0 + 1 + 2 + 3 + 4}
+
+
+def test_guids_case_insensitive_and_group_names(dbfile):
+    sample(dbfile)
+    with Store(dbfile) as s:
+        want = s.counters(group=MYGROUP.upper())
+        assert len(want) == 2
+        for spelling in (MYGROUP, MYGROUP.lower(), "My Group", "my group", "MY GROUP"):
+            assert s.counters(group=spelling) == want, spelling
+        # Well-known groups resolve by name even though no script declared them (§10).
+        assert [r["key"] for r in s.counters(group="hosts")] == ["0A.00.00.01"]
+        assert [r["key"] for r in s.counters(group=HOSTS.lower())] == ["0A.00.00.01"]
+        # key_info written with one spelling joins counters written with another.
+        assert {r["label"] for r in s.counters(group=MYGROUP)} == {"router"}
+        assert len(s.alerts(guid=USER_ALERTS.lower())) == 1 and len(s.alerts(guid="User Alerts")) == 1
+        assert len(s.resources(guid=URL_RES.lower())) == 2 and len(s.resources(guid="url")) == 2
+        assert s.resources(guid="{00000000-0000-0000-0000-000000000000}") == []
+        # filters: key or its label, meter id or name
+        assert s.counters(key="ROUTER") == want
+        assert [r["meter"] for r in s.counters(group=MYGROUP, meter="packets")] == [1]
+        assert [r["meter"] for r in s.counters(group=MYGROUP, meter=0)] == [0]
+    # Stored upper-case: plain SQL users see one spelling.
+    db = sqlite3.connect(dbfile)
+    assert {r[0] for r in db.execute("SELECT group_guid FROM counters")} == {HOSTS, MYGROUP.upper()}
+
+
+def test_200k_counter_rows_in_batches(dbfile):
+    n_buckets, n_keys, n_meters = 20, 2_500, 4          # 200k distinct (bucket, key, meter) rows
+    total = 0
+    t0 = time.monotonic()
+    with StoreWriter(dbfile, batch_rows=5000) as w:
+        blocked = 0.0
+        for rep in range(2):                            # each row twice: the second pass must add up
+            for b in range(n_buckets):
+                rows = [(HOSTS, 60 * b, f"K{k:05d}", m, k + m + rep) for k in range(n_keys) for m in range(n_meters)]
+                total += sum(r[4] for r in rows)
+                t = time.perf_counter()
+                w.write("counters", rows)
+                blocked += time.perf_counter() - t
+        report = w.close()
+    assert report["rows"]["counters"] == 2 * n_buckets * n_keys * n_meters and report["errors"] == []
+    db = sqlite3.connect(dbfile)
+    assert db.execute("SELECT count(*), sum(value) FROM counters").fetchone() == (n_buckets * n_keys * n_meters, total)
+    per_meter = dict(db.execute("SELECT meter, sum(value) FROM counters GROUP BY meter"))
+    assert per_meter == {m: n_buckets * sum(2 * (k + m) + 1 for k in range(n_keys)) for m in range(n_meters)}
+    # The caller mostly appends to lists: far less time than the writer needs for 400k upserts.
+    assert blocked < max(2.0, (time.monotonic() - t0) / 2), blocked
+
+
+# ------------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("case", ["missing_dir", "parent_is_file", "readonly_dir"])
+def test_unwritable_location_error_surfaces_on_close(tmp_path, case):
+    if case == "missing_dir":
+        path = tmp_path / "no" / "such" / DB_NAME
+        hint = "does not exist"
+    elif case == "parent_is_file":
+        (tmp_path / "afile").write_text("x")
+        path = tmp_path / "afile" / DB_NAME
+        hint = "is not a directory"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root can write to a mode 0500 directory")
+        d = tmp_path / "ro"
+        d.mkdir(mode=0o500)
+        path = d / DB_NAME
+        hint = "not writable"
+    w = StoreWriter(str(path))
+    w.write("counters", [(HOSTS, 0, "K", 0, 1)] * 10_000)   # never blocks or raises mid-run
+    w.flush()
+    with pytest.raises(StoreError) as ei:
+        w.close()
+    msg = str(ei.value)
+    assert str(path) in msg and "cannot open database" in msg and hint in msg
+    assert not path.exists()
+
+
+def test_wait_ready_reports_open_failure(tmp_path):
+    w = StoreWriter(str(tmp_path / "missing" / DB_NAME))
+    with pytest.raises(StoreError, match="cannot open database"):
+        w.wait_ready()
+    with pytest.raises(StoreError):
+        w.close()
+
+
+def test_bad_rows_are_reported_good_rows_kept(dbfile):
+    w = StoreWriter(dbfile)
+    w.write("counters", [(HOSTS, 60, "K", 0, 1), (HOSTS, "not-a-time", "K", 0, 1), (HOSTS, 60, "K", 0),
+                         (HOSTS, 60, "K", 0, 2), (None, 60, "K", 0, 1)])
+    w.write("alerts", [(1, 0, None, None, "s", "c", 1, "m", "ALARM", "p"), (1, 0, USER_ALERTS, None, "s", "c", 1,
+                                                                             "m", "ALARM", "p")])
+    w.write("counters", [(HOSTS, 60, "K", 0, object())])   # not even encodable: reported by the parent side
+    with pytest.raises(StoreError) as ei:
+        w.close()
+    msg = str(ei.value)
+    assert "5 bad row(s)" in msg and "not-a-time" in msg and "expected 5 fields" in msg and "NOT NULL" in msg
+    assert "unencodable" in msg
+    rep = ei.value.report
+    assert rep["rows"]["counters"] == 2 and rep["rows"]["alerts"] == 1
+    assert rep["bad_rows"] == {"counters": 3, "alerts": 1, "unencodable": 1}
+    with Store(dbfile) as s:
+        assert [r["value"] for r in s.counters()] == [3] and len(s.alerts()) == 1
+
+
+def test_disk_full_is_fatal_and_reported(dbfile):
+    w = StoreWriter(dbfile, max_page_count=40)            # ~160 KiB database: "database or disk is full"
+    w.write("counters", [(HOSTS, 0, "K", 0, 1)])
+    w.flush(sync=True)
+    w.write("resources", [(1, 0, URL_RES, None, f"u{i}", "x" * 4000, "p") for i in range(200)])
+    with pytest.raises(StoreError, match="full"):
+        w.flush(sync=True)
+    w.write("counters", [(HOSTS, 60, "K", 0, 1)] * 100)   # later rows are discarded, not silently
+    with pytest.raises(StoreError) as ei:
+        w.close()
+    assert "full" in str(ei.value) and "discarded" in str(ei.value)
+    with Store(dbfile) as s:                              # what was committed before stays readable
+        assert [r["value"] for r in s.counters()] == [1]
+
+
+def test_writer_crash_surfaces_on_close(dbfile):
+    w = StoreWriter(dbfile)
+    w.wait_ready()
+    os.kill(w.pid, signal.SIGKILL)
+    helpers.wait_for(lambda: _gone(w.pid), timeout=10)   # a zombie until close() reaps it
+    w.write("counters", [(HOSTS, 0, "K", 0, 1)] * 50_000)  # EPIPE is absorbed, not raised in the hot path
+    w.flush()
+    with pytest.raises(StoreError, match="signal 9"):
+        w.close()
+
+
+def test_unknown_kind_rejected_at_call(dbfile):
+    with StoreWriter(dbfile) as w:
+        with pytest.raises(ValueError, match="unknown store kind"):
+            w.write("countres", [])
+
+
+def test_reader_sees_committed_rows_while_writer_runs(dbfile):
+    with StoreWriter(dbfile) as w:
+        w.write("counters", [(HOSTS, 0, "K", 0, 7)])
+        w.flush(sync=True)
+        with Store(dbfile) as s:
+            assert [r["value"] for r in s.counters()] == [7]
+        w.write("counters", [(HOSTS, 0, "K", 0, 1)])
+
+
+def test_store_missing_and_foreign_files(tmp_path):
+    with pytest.raises(StoreNotFound, match=str(tmp_path / "nope.sqlite")):
+        Store(str(tmp_path / "nope.sqlite"))
+    assert not (tmp_path / "nope.sqlite").exists()
+    sqlite3.connect(str(tmp_path / "other.sqlite")).execute("CREATE TABLE t(x)")
+    with pytest.raises(StoreError, match="not a luaprobe database"):
+        Store(str(tmp_path / "other.sqlite"))
+
+
+# ------------------------------------------------------------------------------------------------ processes
+PARENT = r"""
+import sys, time
+from engine.store import StoreWriter
+w = StoreWriter(sys.argv[1])
+w.write("counters", [("{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}", 0, "K", 0, 5)])
+w.flush(sync=True)
+w.write("counters", [("{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}", 0, "K", 0, 1)])
+w.flush()                      # sent, not acknowledged: the writer commits it when it sees EOF
+print(w.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # reparented, waiting for a reaper
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_writer_exits_when_parent_is_killed(dbfile):
+    parent = helpers.run_python(PARENT, dbfile, stdout=subprocess.PIPE, text=True)
+    try:
+        writer_pid = int(parent.stdout.readline())
+        assert psutil.Process(writer_pid).ppid() == parent.pid
+        parent.kill()
+        parent.wait(5)
+        helpers.wait_for(lambda: _gone(writer_pid), timeout=10)
+    finally:
+        parent.kill()
+        parent.wait(5)
+        parent.stdout.close()
+    with Store(dbfile) as s:
+        assert [r["value"] for r in s.counters()] == [6]
+
+
+def test_writer_exits_when_parent_dies_even_if_pipe_is_inherited(dbfile):
+    """A forked child keeps the pipe open, so no EOF comes: the parent-pid check still ends the writer."""
+    code = PARENT.replace('print(w.pid, flush=True)',
+                          'import os\nif os.fork() == 0:\n    time.sleep(60); os._exit(0)\nprint(w.pid, flush=True)')
+    parent = helpers.run_python(code, dbfile, stdout=subprocess.PIPE, text=True)
+    try:
+        writer_pid = int(parent.stdout.readline())
+        forked = [p for p in psutil.Process(parent.pid).children() if p.pid != writer_pid]
+        parent.kill()
+        parent.wait(5)
+        helpers.wait_for(lambda: _gone(writer_pid), timeout=10)
+    finally:
+        parent.kill()
+        parent.wait(5)
+        parent.stdout.close()
+        for p in forked:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+def test_sigint_is_ignored_and_sigterm_commits(dbfile):
+    w = StoreWriter(dbfile)
+    w.write("counters", [(HOSTS, 0, "K", 0, 3)])
+    w.flush(sync=True)
+    w.write("counters", [(HOSTS, 0, "K", 0, 4)])
+    w.flush()
+    os.kill(w.pid, signal.SIGINT)                          # a terminal Ctrl-C belongs to the supervisor
+    time.sleep(0.2)
+    assert psutil.Process(w.pid).status() != psutil.STATUS_ZOMBIE
+    w.flush(sync=True)
+    os.kill(w.pid, signal.SIGTERM)
+    helpers.wait_for(lambda: _gone(w.pid), timeout=10)   # a zombie until close() reaps it
+    with pytest.raises(StoreError, match="without a final report"):  # no silent end
+        w.close()
+    assert w.close(check=False)["returncode"] == 0             # SIGTERM: a clean exit after the commit
+    with Store(dbfile) as s:
+        assert [r["value"] for r in s.counters()] == [7]
+
+
+# ------------------------------------------------------------------------------------------------ query CLI
+def run_query(*args):
+    p = subprocess.run([sys.executable, "-m", "engine.query", *args], cwd=helpers.REPO, capture_output=True,
+                       text=True, timeout=60)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_query_counters_text(tmp_path, dbfile):
+    sample(dbfile)
+    rc, out, err = run_query("counters", "--out", str(tmp_path))
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["group", "bucket", "(UTC)", "key", "meter", "value"]
+    assert set(lines[1]) <= {"-", " "}
+    assert lines[-1] == "(3 rows)"
+    body = lines[2:-1]
+    assert "Hosts" in body[0] and "2023-11-14T22:14:00Z" in body[0] and body[0].endswith("2.5")
+    assert "My Group" in body[1] and "C0.A8.01.02 (router)" in body[1] and "0 Bytes" in body[1]
+    assert body[1].endswith("1500") and "1 Packets" in body[2]
+    # aligned: every column starts at the same offset in every line
+    col = lines[0].index("key")
+    assert all(line[col - 2:col] == "  " for line in body)
+    rc, out, _ = run_query("counters", "--db", dbfile, "--group", "my group", "--limit", "1")
+    assert rc == 0 and out.splitlines()[-1] == "(1 row)" and "0 Bytes" in out
+
+
+def test_query_json_every_kind(tmp_path, dbfile):
+    sample(dbfile)
+    expect = {"alerts": 1, "resources": 2, "counters": 3, "flows": 1, "keyinfo": 1, "groups": 1, "run": 2}
+    for what, n in expect.items():
+        rc, out, err = run_query(what, "--db", dbfile, "--json")
+        assert rc == 0, err
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert len(rows) == n, what
+    rc, out, _ = run_query("counters", "--db", dbfile, "--json", "--key", "router", "--group", MYGROUP.lower())
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["group_name"], r["key"], r["label"], r["meter_name"], r["value"]) for r in rows] == [
+        ("My Group", "C0.A8.01.02", "router", "Bytes", 1500), ("My Group", "C0.A8.01.02", "router", "Packets", 1)]
+    rc, out, _ = run_query("alerts", "--db", dbfile, "--json", "--group", "user alerts")
+    (a,) = [json.loads(line) for line in out.splitlines()]
+    assert a["message"] == "hello\nworld" and a["alert_guid"] == USER_ALERTS
+
+
+def test_query_text_other_kinds(dbfile):
+    sample(dbfile)
+    rc, out, _ = run_query("alerts", "--db", dbfile)
+    assert rc == 0 and "2023-11-14T22:13:21.000250Z" in out and "hello\\nworld" in out and "(1 row)" in out
+    rc, out, _ = run_query("resources", "--db", dbfile, "--group", URL_RES.lower())
+    assert rc == 0 and "http://example.com/" in out and "(2 rows)" in out
+    rc, out, _ = run_query("flows", "--db", dbfile)
+    assert rc == 0 and "C0.A8.01.02:2964" in out and "2023-11-14T22:13:20.500000Z" in out
+    rc, out, _ = run_query("keyinfo", "--db", dbfile)
+    assert rc == 0 and "router" in out and "the gateway" in out
+
+
+def test_query_missing_database(tmp_path):
+    missing = tmp_path / "nothing-here"
+    rc, out, err = run_query("alerts", "--out", str(missing))
+    assert rc == 3 and out == ""
+    assert str(missing / DB_NAME) in err and "no luaprobe database" in err
+    assert not missing.exists()
+    assert query.main(["counters", "--db", str(tmp_path / "x.sqlite")]) == 3
+
+
+def test_query_main_in_process(dbfile, capsys):
+    sample(dbfile)
+    assert query.main(["counters", "--db", dbfile, "--json", "--limit", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    with pytest.raises(SystemExit) as ei:
+        query.main(["bogus"])
+    assert ei.value.code == 2
