@@ -208,7 +208,9 @@ class WorkerPool:
             reason, is_timeout, cur_task = slot.kill_reason, True, slot.timed_out_task
         else:
             reason, is_timeout = f"worker died ({_describe_exit(rc)})", False
-        self._worker_lost(self.async_obj, slot.k, reason, cur_task, is_timeout)
+        # bytes: a Python str would reach Lua as userdata (the VMs have no encoding), and onerror
+        # would get an object it cannot concatenate instead of the message string
+        self._worker_lost(self.async_obj, slot.k, reason.encode(), cur_task, is_timeout)
         slot.proc, slot.ps = None, None
         slot.restarts += 1
         if planned or is_timeout:
