@@ -216,6 +216,13 @@ function M.loop(opts)
         C.lp_store_d(done_p, done)
         unreleased = unreleased + 1
         if unreleased >= 64 then req:release(); unreleased = 0 end
+        -- recycle / exit as soon as the current task is done, even with more work queued: under
+        -- steady load the ring is never empty, and the tasks not started yet are re-dispatched
+        -- to the replacement worker (Async:worker_lost)
+        if (max_tasks > 0 and done >= max_tasks) or exit_requested() then
+          req:release()
+          return exit_requested() and "exit" or "recycle"
+        end
       end
     end
   end
