@@ -19,7 +19,7 @@ def no_leaks(request):
     leaked_pids = helpers.kill_tree(new_children)
     pids = {os.getpid()} | {p.pid for p in new_children}
     leaked_segments = sorted(n for n in set(segment.list_segments()) - before_segments
-                             if segment.owner_pid(n) in pids or not segment._alive(segment.owner_pid(n)))
+                             if segment.owner_pid(n) in pids)
     for name in leaked_segments:
         segment.unlink(name)
     rep = getattr(request.node, "rep_call", None)
