@@ -86,7 +86,12 @@ class PluginVM:
     def async_stats(self) -> dict:
         """The accounting counters (scheduled, ok, nil_result, error, timeout, dropped, pending, ...)."""
         snap = self.lua.eval("function(a) return a:snapshot() end")(self.async_obj)
-        return {_text(k): v for k, v in snap.items()}
+        out = {_text(k): v for k, v in snap.items()}
+        pool = self.pool
+        out["worker_deaths"] = pool.deaths if pool else 0
+        out["worker_recycles"] = pool.recycles if pool else 0
+        out["worker_timeouts"] = pool.timeouts if pool else 0
+        return out
 
     def pending(self) -> int:
         """Tasks scheduled and not finished."""

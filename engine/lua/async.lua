@@ -129,7 +129,7 @@ function M.new(opts)
     max_record = 1e300,
     nfids = 0,
     stats = { scheduled = 0, ok = 0, nil_result = 0, error = 0, timeout = 0, dropped = 0,
-              onresult_errors = 0, worker_deaths = 0, redispatched = 0 },
+              onresult_errors = 0, redispatched = 0 },
     hist = ffi.new("double[?]", HIST),
     errors = nil,
     last_drop_log = -1e18,
