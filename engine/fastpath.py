@@ -248,6 +248,9 @@ class FastPath:
         self._collect(None)
         self._write("flows", method(lua, "flush_flows")(self.driver))
         self.driver_stats = {_text(k): v for k, v in method(lua, "stats")(self.driver).items()}
+        method(lua, "stop_profile")(self.driver)
+        for inst in self.instances:
+            inst.vm.lua.eval("function(h) h.stop_profile() end")(inst.vm.host)
         self.async_final = [(i, i.vm.async_stats()) for i in self.instances]
         self.hook_stats = []
         for i in self.instances:

@@ -92,39 +92,10 @@ local function restore_upvalues(fn, blob)
   for i = 1, n do debug.setupvalue(fn, i, values[i]) end
 end
 
---- Developer aid: LUAPROBE_JIT_PROFILE=file samples this worker with
---- jit.profile and writes the hottest lines to `file` when it exits.
-local function start_profile()
-  local out = os.getenv("LUAPROBE_JIT_PROFILE")
-  if not out or out == "" then return function() end end
-  local prof, counts = require("jit.profile"), {}
-  local jutil = require("jit.util")
-  jit.attach(function(what, _, func, pc, code, info)
-    if what == "abort" then
-      local loc = jutil.funcinfo(func, pc).loc or "?"
-      local key = ("trace abort at %s: error %s %s [A]"):format(loc, tostring(code), tostring(info))
-      counts[key] = (counts[key] or 0) + 1
-    end
-  end, "trace")
-  prof.start("li1", function(th, samples, vmstate)
-    local key = prof.dumpstack(th, "pl", 1) .. " [" .. vmstate .. "]"
-    counts[key] = (counts[key] or 0) + samples
-  end)
-  return function()
-    prof.stop()
-    local rows = {}
-    for k, v in pairs(counts) do rows[#rows + 1] = { k, v } end
-    table.sort(rows, function(a, b) return a[2] > b[2] end)
-    local f = io.open(out, "w")
-    for i = 1, math.min(40, #rows) do f:write(rows[i][2], "  ", rows[i][1], "\n") end
-    f:close()
-  end
-end
-
 --- Serve requests until asked to exit, the task budget is spent, or the
 --- parent dies.  Returns the reason ("exit", "recycle", "orphan").
 function M.serve(opts)
-  local stop_profile = start_profile()
+  local stop_profile = require("engine.lua.jitprof").start("worker-" .. tostring(opts.slot or 0))
   local reason = M.loop(opts)
   stop_profile()
   return reason

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
         "req_capacity": args.req_capacity,
         "ppid": args.ppid,
         "max_tasks": args.max_tasks,
+        "slot": args.slot,
         "spin_ns": args.spin_us * 1e3,
     }))
     sys.stdout.flush()

@@ -37,6 +37,8 @@ Struct (all offsets/lengths in bytes from the start of the captured frame):
     ipproto             IPv4 protocol / IPv6 final next header (after the
                         extension headers); 0 for non-IP
     src[16], dst[16]    addresses, IPv4 in the first 4 bytes; zero for non-IP
+    first[16]           first[enum] = index of the first layer of that protocol, -1 if
+                        absent (decode.find reads it: no loop per lookup)
     sport, dport        TCP/UDP ports (0 otherwise)
     tcp_flags           TCP flags byte (offset 13 of the header)
     icmp_type, icmp_code  for ICMP/ICMPv6
@@ -94,6 +96,7 @@ typedef struct {
   int32_t caplen;
   uint8_t src[16];
   uint8_t dst[16];
+  int8_t first[16];
   lp_layer layer[16];
 } lp_decoded;
 ]]
@@ -167,6 +170,7 @@ local function add_layer(d, proto, off, len)
     return false
   end
   local l = d.layer[n]
+  if d.first[proto] < 0 then d.first[proto] = n end
   l.proto = proto
   l.offset = off
   l.length = len
@@ -388,6 +392,7 @@ function M.decode(d, p, caplen, linktype)
   d.payload_length = 0
   d.caplen = caplen
   ffi.fill(d.src, 32)          -- src and dst are contiguous
+  ffi.fill(d.first, 16, 0xff)  -- first[proto] = index of the first layer of that protocol, -1 if none
   if linktype == 1 then
     if caplen < 14 then
       d.truncated = 1
@@ -443,10 +448,7 @@ end
 
 --- Index (0-based) of the first layer with this enum, or -1.
 function M.find(d, proto)
-  for i = 0, d.nlayers - 1 do
-    if d.layer[i].proto == proto then return i end
-  end
-  return -1
+  return d.first[proto]          -- no loop: keeps the per-packet loops of plug-ins one trace
 end
 
 -- flow keys ------------------------------------------------------------------

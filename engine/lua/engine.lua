@@ -44,7 +44,7 @@ function M.new(opts)
     _plugin = opts.plugin or "?",
     _groups = opts.groups or {},
     _now = 0, _usec = 0,
-    _pkt = nil,
+    _b = nil, _i = -1,       -- current packet: entry _i of batch _b (-1: none)
     counters = {},          -- [GUID][bucket][key][meter] = value ; [-1-meter] = sample count
     rows = { alerts = {}, resources = {}, key_info = {}, messages = {} },
     flow_counters = {},     -- [flowkey] = { {guid, key, meter, direction}, ... }
@@ -67,20 +67,28 @@ local function frontend_only(self, name)
   end
 end
 
---- Fast path: the packet the next hook sees (a batch entry).
-function Engine:set_packet(p)
-  self._pkt = p
-  self._now = p.ts_sec
-  self._usec = math.floor(p.ts_nsec / 1000)
+--- Fast path: the packet the next hook sees (entry i of batch b).
+function Engine:set_packet(b, i)
+  self._b, self._i = b, i
+  self._now = b[i].ts_sec
+end
+
+local function pkt(self)
+  if self._i < 0 then return nil end
+  return self._b[self._i]
 end
 
 --- Backend (and ticks): the current time without a packet.
 function Engine:set_time(sec, usec)
-  self._pkt = nil
+  self._i = -1
   self._now, self._usec = sec, usec or 0
 end
 
-function Engine:timestamp() return self._now, self._usec end
+function Engine:timestamp()
+  local p = pkt(self)
+  if p ~= nil then return p.ts_sec, math.floor(p.ts_nsec / 1000) end
+  return self._now, self._usec
+end
 function Engine:instanceid() return self._instance end
 function Engine:id() return self._instance end
 function Engine:probeid() return "probe0" end
@@ -109,16 +117,15 @@ local function add(self, g, key, meter, value)
   end
 end
 
+--- Keys may be strings or numbers (numbers become strings when written out).
 function Engine:update_counter(guid, key, meter, value)
-  if type(key) ~= "string" then key = tostring(key) end
   add(self, norm(guid), key, tonumber(meter) or 0, tonumber(value) or 0)
 end
 Engine.update_counter_raw = Engine.update_counter
 
 function Engine:update_counter_bytes(guid, key, meter)
   frontend_only(self, "update_counter_bytes")
-  if type(key) ~= "string" then key = tostring(key) end
-  local p = self._pkt
+  local p = pkt(self)
   add(self, norm(guid), key, tonumber(meter) or 0, p and p.wirelen or 0)
 end
 
@@ -138,7 +145,7 @@ function Engine:take_counters(now)
               if vt == 1 or vt == 5 then v = v / bs
               elseif vt == 4 then v = v / kt[-1 - meter] end
               n = n + 1
-              out[n] = { g, b, key, meter, v }
+              out[n] = { g, b, tostring(key), meter, v }
             end
           end
         end
@@ -153,28 +160,33 @@ end
 
 local function push(t, row) t[#t + 1] = row end
 
+local function usec(self)
+  local _, u = self:timestamp()
+  return u
+end
+
 function Engine:update_key_info(guid, key, label, description)
   push(self.rows.key_info, { norm(guid), tostring(key), tostring(label or ""), description and tostring(description) or "" })
 end
 
 function Engine:add_alert(guid, flowkey, alert_key, priority, message)
-  push(self.rows.alerts, { self._now, self._usec, norm(guid), flowkey_of(flowkey), tostring(alert_key or ""),
+  push(self.rows.alerts, { self._now, usec(self), norm(guid), flowkey_of(flowkey), tostring(alert_key or ""),
     "", tonumber(priority) or 3, tostring(message or ""), "", self._plugin })
 end
 
 function Engine:add_alert_full(guid, flowkey, alert_key, classification, priority, message, status)
-  push(self.rows.alerts, { self._now, self._usec, norm(guid), flowkey_of(flowkey), tostring(alert_key or ""),
+  push(self.rows.alerts, { self._now, usec(self), norm(guid), flowkey_of(flowkey), tostring(alert_key or ""),
     tostring(classification or ""), tonumber(priority) or 3, tostring(message or ""), tostring(status or ""),
     self._plugin })
 end
 
 function Engine:add_alert_tca(guid, tca_id, status, message)
-  push(self.rows.alerts, { self._now, self._usec, norm(guid), "", tostring(tca_id or ""), "TCA",
+  push(self.rows.alerts, { self._now, usec(self), norm(guid), "", tostring(tca_id or ""), "TCA",
     1, tostring(message or ""), tostring(status or ""), self._plugin })
 end
 
 function Engine:add_resource(guid, flowkey, uri, contents)
-  push(self.rows.resources, { self._now, self._usec, norm(guid), flowkey_of(flowkey), tostring(uri or ""),
+  push(self.rows.resources, { self._now, usec(self), norm(guid), flowkey_of(flowkey), tostring(uri or ""),
     contents and tostring(contents) or "", self._plugin })
 end
 
@@ -200,7 +212,7 @@ end
 function Engine:apply_flow_counters(flowkey, dir)
   local list = self.flow_counters[flowkey]
   if list == nil then return end
-  local len = self._pkt.wirelen
+  local len = pkt(self).wirelen
   for i = 1, #list do
     local fc = list[i]
     if fc[4] == 0 or fc[4] == dir + 1 then add(self, fc[1], fc[2], fc[3], len) end

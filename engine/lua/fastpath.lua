@@ -36,6 +36,7 @@ function M.new(opts)
   self.batch = packet.new_batch(self.nbatch)
   self.batch_addr = tonumber(ffi.cast("intptr_t", self.batch))
   if opts.bell then self.ring.data_bell = cast("uint32_t *", opts.bell) end
+  self.stop_profile = require("engine.lua.jitprof").start("driver")
   return self
 end
 

@@ -56,18 +56,19 @@ FlowID.__index = FlowID
 
 local function parts(self)
   if not self._proto then
-    self._proto, self._ipa, self._porta, self._ipz, self._portz = flow_parts(self._pkt.d)
+    local proto, t, ipa, pa, ipz, pz = self._id:match("^(%x%x)(%u):([%x.]+):(p%-%x+)_([%x.]+):(p%-%x+)")
+    self._proto, self._type, self._ipa, self._porta, self._ipz, self._portz = proto, t, ipa, pa, ipz, pz
   end
 end
 
-function FlowID:id() if not self._id then self._id = flowkey(self._pkt.d) end return self._id end
+function FlowID:id() return self._id end
 FlowID.key = FlowID.id
 function FlowID:protocol() parts(self); return self._proto end
 function FlowID:ipa() parts(self); return self._ipa end
 function FlowID:ipz() parts(self); return self._ipz end
 function FlowID:porta() parts(self); return self._porta end
 function FlowID:portz() parts(self); return self._portz end
-function FlowID:flow_type() return self._pkt.d.ip_version == 6 and "B" or "A" end
+function FlowID:flow_type() parts(self); return self._type end
 
 local function readable_ip(k)
   if #k == 11 then
@@ -97,17 +98,11 @@ function FlowID:to_s()
 end
 FlowID.__tostring = FlowID.id
 
---- A FlowID for a packet entry (a fresh object: scripts may keep flow ids).
-function M.flowid(pkt) return setmetatable({ _pkt = pkt }, FlowID) end
+--- A FlowID for a flow-id string (a plain value object: scripts may keep it).
+function M.flowid_from_key(key) return setmetatable({ _id = key }, FlowID) end
 
---- A FlowID for a stored key string (objects built outside a packet).
-function M.flowid_from_key(key)
-  local o = setmetatable({ _id = key }, FlowID)
-  local proto, t, ipa, pa, ipz, pz = key:match("^(%x%x)(%u):([%x.]+):(p%-%x+)_([%x.]+):(p%-%x+)")
-  o._proto, o._ipa, o._porta, o._ipz, o._portz = proto, ipa, pa, ipz, pz
-  o.flow_type = function() return t end
-  return o
-end
+--- A FlowID for a decoded packet (the key string is computed now).
+function M.flowid(d) return M.flowid_from_key(flowkey(d)) end
 
 -- ---------------------------------------------------------------- Packet / Layer
 
@@ -116,47 +111,51 @@ Packet.__index = Packet
 local Layer = {}
 Layer.__index = Layer
 
---- Bind the reusable packet object of a VM to batch entry `pkt`.
-function M.bind_packet(obj, pkt)
-  obj._pkt = pkt
+--- Bind the reusable packet object of a VM to entry i of batch b.  Objects
+--- keep (batch pointer, index), never a per-packet pointer: storing a fresh
+--- cdata pointer in a table would allocate for every packet.
+function M.bind_packet(obj, b, i)
+  obj._b, obj._i = b, i
   obj._flowid = nil
-  obj._layers = nil
   return obj
 end
+
+local function P(self) return self._b[self._i] end
+M.entry = P
 
 function M.new_packet() return setmetatable({}, Packet) end
 
 function Packet:timestamp()
-  local p = self._pkt
+  local p = P(self)
   return p.ts_sec, math.floor(p.ts_nsec / 1000)
 end
-function Packet:wire_length() return self._pkt.wirelen end
-function Packet:capture_length() return self._pkt.caplen end
+function Packet:wire_length() return P(self).wirelen end
+function Packet:capture_length() return P(self).caplen end
 function Packet:rawbytes()
-  local p = self._pkt
+  local p = P(self)
   return buffer.new(p.data, p.caplen)
 end
-function Packet:num_layers() return self._pkt.d.nlayers end
+function Packet:num_layers() return P(self).d.nlayers end
 function Packet:get_layer(i)
-  if i < 0 or i >= self._pkt.d.nlayers then return nil end
+  if i < 0 or i >= P(self).d.nlayers then return nil end
   return M.layer(self, i)
 end
 function Packet:find_layer(guid)
   local proto = type(guid) == "string" and decode.by_guid(guid) or nil
   if proto == nil then return nil end
-  local i = find(self._pkt.d, proto)
+  local i = find(P(self).d, proto)
   if i < 0 then return nil end
   return M.layer(self, i)
 end
 function Packet:flowid()
-  if not self._flowid then self._flowid = M.flowid(self._pkt) end
+  if not self._flowid then self._flowid = M.flowid(P(self).d) end
   return self._flowid
 end
-function Packet:originid() return self._pkt.ifindex end
+function Packet:originid() return P(self).ifindex end
 function Packet:set_packetstore_policy() end
 function Packet:set_timestamp(sec, usec)
-  self._pkt.ts_sec = sec
-  self._pkt.ts_nsec = (usec or 0) * 1000
+  P(self).ts_sec = sec
+  P(self).ts_nsec = (usec or 0) * 1000
 end
 
 --- A Layer object for layer i of a bound packet object.
@@ -172,28 +171,28 @@ end
 
 function M.new_layer() return setmetatable({}, Layer) end
 
-local function L(self) return self._packet._pkt.d.layer[self._i] end
+local function L(self) return P(self._packet).d.layer[self._i] end
 
 function Layer:layer_bytes() return L(self).length end
 function Layer:protocol_id() return GUID[L(self).proto] end
-function Layer:total_bytes() return self._packet._pkt.wirelen end
+function Layer:total_bytes() return P(self._packet).wirelen end
 function Layer:packet() return self._packet end
 function Layer:rawbytes()
-  local p, off = self._packet._pkt, L(self).offset
+  local p, off = P(self._packet), L(self).offset
   return buffer.new(p.data + off, p.caplen - off)
 end
 function Layer:getbyte(off)
-  local p, start = self._packet._pkt, L(self).offset
+  local p, start = P(self._packet), L(self).offset
   if off < 0 or start + off >= p.caplen then error(("Layer:getbyte(%d): out of range"):format(off), 2) end
   return p.data[start + off]
 end
 function Layer:testbit(n)
-  local p, start = self._packet._pkt, L(self).offset
+  local p, start = P(self._packet), L(self).offset
   local byte = math.floor(n / 8)
   if n < 0 or start + byte >= p.caplen then return false end
   return band(p.data[start + byte], rshift(0x80, n % 8)) ~= 0
 end
-function Layer:flowkey() return self._packet:flowid():id() end
+function Layer:flowkey() return flowkey(P(self._packet).d) end
 
 M.Packet, M.Layer, M.FlowID = Packet, Layer, FlowID
 return M
