@@ -227,10 +227,8 @@ local function decode_ipv4(d, p, o, caplen)
   d.l3_offset = o
   local proto = p[o + 9]
   d.ipproto = proto
-  for i = 0, 3 do
-    d.src[i] = p[o + 12 + i]
-    d.dst[i] = p[o + 16 + i]
-  end
+  ffi.copy(d.src, p + o + 12, 4)   -- constant-size copies compile to plain loads/stores
+  ffi.copy(d.dst, p + o + 16, 4)   -- (a loop here would split the caller's trace)
   d.payload_length = lim - (o + ihl)
   local fo = be16(p, o + 6)
   local off = band(fo, 0x1fff)
@@ -253,10 +251,8 @@ local function decode_ipv6(d, p, o, caplen)
   end
   d.ip_version = 6
   d.l3_offset = o
-  for i = 0, 15 do
-    d.src[i] = p[o + 8 + i]
-    d.dst[i] = p[o + 24 + i]
-  end
+  ffi.copy(d.src, p + o + 8, 16)
+  ffi.copy(d.dst, p + o + 24, 16)
   local nh = p[o + 6]
   local q = o + 40
   local nofrag_l4 = false

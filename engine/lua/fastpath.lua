@@ -71,14 +71,21 @@ function Driver:fill()
     e.ts_sec, e.ts_nsec, e.wirelen, e.caplen = ts, h.ts_nsec, h.wirelen, h.caplen
     e.linktype, e.ifindex = h.linktype, h.ifindex
     ddecode(e.d, e.data, h.caplen, h.linktype)
-    local idx, dir = ft:update(e.d, ts + h.ts_nsec * 1e-9, h.wirelen)
-    e.flow, e.dir = idx, dir or 0
-    if e.d.truncated ~= 0 then self.truncated = self.truncated + 1 end
-    if e.d.ip_version == 0 then self.nonip = self.nonip + 1 end
-    self.bytes = self.bytes + h.wirelen
     r:advance(len)
     n = n + 1
   end
+  -- flows in a second pass: two small traces compile where one big one aborts
+  local truncated, nonip, bytes = self.truncated, self.nonip, self.bytes
+  for k = 0, n - 1 do
+    local e = b[k]
+    local d = e.d
+    local idx, dir = ft:update(d, e.ts_sec + e.ts_nsec * 1e-9, e.wirelen)
+    e.flow, e.dir = idx, dir or 0
+    if d.truncated ~= 0 then truncated = truncated + 1 end
+    if d.ip_version == 0 then nonip = nonip + 1 end
+    bytes = bytes + e.wirelen
+  end
+  self.truncated, self.nonip, self.bytes = truncated, nonip, bytes
   self.packets = self.packets + n
   return n
 end
