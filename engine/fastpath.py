@@ -30,6 +30,7 @@ from .runtime import AsyncRuntime
 from .store import StoreWriter
 
 PKT, EOF, ERROR, END = 0, 1, 2, 3
+MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
 RING_HEADER = 4096
 
 
@@ -128,21 +129,28 @@ class FastPath:
                 inst.vm.call("engine_monitor", hook, inst.vm.host.engine, *args)
 
     def _tick(self, sec: int) -> None:
-        """Packet time reached second `sec`: metronome, window edges, closed buckets, idle flows."""
-        w = self.cfg.window
-        if self.window_start is None:
-            self.window_start = sec - sec % w
+        """Packet time reached second `sec`: one metronome tick per second elapsed (seconds without
+        packets included, at most MAX_GAP_TICKS per gap), window edges, closed buckets, idle flows."""
+        if self.sec is None:
+            self.window_start = sec - sec % self.cfg.window
             self._backend("onbeginflush", self.window_start)
-        elif sec >= self.window_start + w:
-            self._backend("onendflush", self.window_start + w)
-            self.window_start = sec - sec % w
-            self._backend("onbeginflush", self.window_start)
-        if self.sec is not None:
-            self.ticks += 1
-            self._backend("onmetronome", sec, self.ticks, 1)
+        else:
+            first = max(self.sec + 1, sec - MAX_GAP_TICKS + 1)
+            for s in range(first, sec + 1):
+                self._second(s)
         self.sec = sec
         self._collect(sec)
         self._write("flows", self.driver_expire(self.driver, sec))
+
+    def _second(self, s: int) -> None:
+        """Backend hooks for packet-time second `s`: window edge first, then the metronome."""
+        w = self.cfg.window
+        if s >= self.window_start + w:
+            self._backend("onendflush", self.window_start + w)
+            self.window_start = s - s % w
+            self._backend("onbeginflush", self.window_start)
+        self.ticks += 1
+        self._backend("onmetronome", s, self.ticks, 1)
 
     def _collect(self, now) -> None:
         """Move counters of closed buckets (all when now is None) and other outputs to the writer."""

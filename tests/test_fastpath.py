@@ -345,11 +345,6 @@ def test_flow_rows_match_tshark_conversations(tmp_path):
     assert summary["flows"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "flows rows do not follow docs/schema.md: fastpath.lua flow_row() stores porta/portz as key strings "
-    "('p-2AF9') instead of INTEGER ports, state as the flow table's numeric flag word (e.g. 323) instead of "
-    "CLOSED/RESET/TIMEOUT/OPEN, and the expiry reason ('idle timeout', 'end of input') in `tags`, which is "
-    "documented as the tag_flow tags"))
 def test_flow_rows_follow_schema(tmp_path):
     write_counting_plugins(tmp_path / "plugins")
     summary, out = run(tmp_path, [tmp_path / "plugins"], ["vlan-mpls-mixed.pcap"])
@@ -416,11 +411,6 @@ def test_engine_monitor_windows_trisul16(trisul16):
         assert [t[1] for t in m["metro"]] == list(range(1, len(m["metro"]) + 1))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "onmetronome fires only when packet time moves to a new second that has a packet (FastPath._tick), "
-    "not once per packet-time second as docs/plugins.md says: trisul-16minutes.pcap spans 1121 s but "
-    "53 of its 1122 seconds have no packet, so each instance gets 1068 ticks, not 1121, and tick_count/ts "
-    "drift apart after the first silent second (921070832)"))
 def test_engine_monitor_metronome_every_second_across_gaps(trisul16):
     summary, out = trisul16
     ticks = TRISUL16_LAST - TRISUL16_FIRST

@@ -95,14 +95,25 @@ function Driver:ready()
   return ring.lib.lp_load_sc(self.ring.tail_p) ~= self.ring.head_local
 end
 
-local REASON = { [flowtable.IDLE] = "idle timeout", [flowtable.ACTIVE] = "active timeout" }
+local bit = require("bit")
 
+--- Final state text (docs/schema.md): RESET or CLOSED from TCP flags, else
+--- TIMEOUT when it expired, else OPEN (still open at the end of input).
+local function state_text(st, reason)
+  if bit.band(st, 0x80) ~= 0 then return "RESET" end
+  if bit.band(st, 0x40) ~= 0 then return "CLOSED" end
+  if reason == flowtable.IDLE or reason == flowtable.ACTIVE then return "TIMEOUT" end
+  return "OPEN"
+end
+
+--- A flows row: flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts,
+--- packets_az, packets_za, bytes_az, bytes_za, state, tags.
 local function flow_row(ft, idx, reason)
   local e = ft:entry(idx)
-  local proto, ipa, porta, ipz, portz = ft:flow_parts(idx)
-  return { ft:flowkey(idx), proto, ipa, porta, ipz, portz, e.first_ts, e.last_ts,
+  local _, ipa, _, ipz = ft:flow_parts(idx)
+  return { ft:flowkey(idx), e.proto, ipa, e.porta, ipz, e.portz, e.first_ts, e.last_ts,
            tonumber(e.packets_az), tonumber(e.packets_za), tonumber(e.bytes_az), tonumber(e.bytes_za),
-           e.state, REASON[reason] or reason or "" }
+           state_text(e.state, reason), "" }
 end
 
 --- Rows of flows that timed out by packet time `now` (at most `max`).
@@ -117,7 +128,7 @@ function Driver:flush_flows()
   local ft, out, idxs = self.ft, {}, {}
   ft:each(function(idx) idxs[#idxs + 1] = idx end)
   for _, idx in ipairs(idxs) do
-    out[#out + 1] = flow_row(ft, idx, "end of input")
+    out[#out + 1] = flow_row(ft, idx, nil)
     ft:terminate(idx)
   end
   return out
