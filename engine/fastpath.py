@@ -50,6 +50,8 @@ class RunConfig:
     flow_capacity: int = 1 << 20
     idle_timeout: float = 120.0
     active_timeout: float = 1800.0
+    stats_file: str | None = None     #: a JSON snapshot (FastPath.snapshot) rewritten every stats_interval
+    stats_interval: float = 1.0
 
 
 @dataclasses.dataclass
@@ -74,6 +76,7 @@ class FastPath:
         self.sec = None
         self.window_start = None
         self.ticks = 0
+        self._last_stats = -1e9
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "key_info": 0, "flows": 0}
 
     # ----------------------------------------------------------------- setup
@@ -197,6 +200,8 @@ class FastPath:
                                                  b"idle_timeout": cfg.idle_timeout,
                                                  b"active_timeout": cfg.active_timeout}))
             fill, ready = method(lua, "fill"), method(lua, "ready")
+            self._driver_stats = method(lua, "stats")
+            self._ring_fill = lua.eval("function(d) return d.ring:fill_records(), d.ring:fill_bytes(), d.ring.cap end")
             self.driver_expire = method(lua, "expire")
             capture = subprocess.Popen(
                 [sys.executable, "-m", "engine.capture", "--ring", ring_seg.name, "--bell", rt.bell.name,
@@ -214,10 +219,12 @@ class FastPath:
                     for run_batch, host in zip(runners, hosts):
                         run_batch(host, batch_addr, n)
                     rt.service()
+                    self._maybe_stats(rt, capture)
                     continue
                 kind = driver.ctl_kind
                 if kind is None:
                     rt.service()
+                    self._maybe_stats(rt, capture)
                     if capture.poll() is not None and not ready(driver):
                         self.input_errors.append(f"capture process ended unexpectedly (status {capture.returncode})")
                         break
@@ -266,6 +273,45 @@ class FastPath:
             self.hook_stats.append((i, {_text(k): v for k, v in calls.items()},
                                     {_text(k): v for k, v in errors.items()}))
         rt.unload_all()
+
+    # ----------------------------------------------------------------- live statistics
+    def snapshot(self, rt, capture=None) -> dict:
+        """Counters at this moment: packets, ring fill, per-instance hooks and async, processes."""
+        d = {_text(k): v for k, v in self._driver_stats(self.driver).items()}
+        recs, nbytes, cap = self._ring_fill(self.driver)
+        plugins = []
+        for inst in self.instances:
+            calls, errors = inst.vm.lua.eval("function(h) return h:hook_stats() end")(inst.vm.host)
+            plugins.append({"plugin": inst.vm.path, "type": inst.kind, "instance": inst.vm.instance,
+                            "hook_calls": {_text(k): v for k, v in calls.items()},
+                            "hook_errors": {_text(k): v for k, v in errors.items()},
+                            "async": inst.vm.async_stats(),
+                            "workers": inst.vm.pool.stats() if inst.vm.pool else []})
+        procs = {"fastpath": os.getpid()}
+        if capture is not None and capture.poll() is None:
+            procs["capture"] = capture.pid
+        if getattr(self.store, "pid", None):
+            procs["store"] = self.store.pid
+        return {"time": time.time(), "packet_time": self.sec, "packets": d.get("packets", 0),
+                "bytes": d.get("bytes", 0), "flows": d.get("flows_created", 0),
+                "flows_live": d.get("flows_live", 0),
+                "rings": {"packet": {"records": int(recs), "bytes": int(nbytes), "capacity": int(cap)}},
+                "drops": {"capture": 0, "packet_ring": 0, "flow_table": d.get("flow_table_full", 0)},
+                "processes": procs, "plugins": plugins}
+
+    def _maybe_stats(self, rt, capture) -> None:
+        """Write the snapshot to cfg.stats_file every cfg.stats_interval seconds (atomic rename)."""
+        path = self.cfg.stats_file
+        if not path:
+            return
+        now = time.monotonic()
+        if now - self._last_stats < self.cfg.stats_interval:
+            return
+        self._last_stats = now
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.snapshot(rt, capture), f, default=str)
+        os.replace(tmp, path)
 
     def _summary(self, rt, elapsed: float) -> dict:
         d = getattr(self, "driver_stats", {})
