@@ -90,6 +90,19 @@ def paced(n, one_roundtrip):
     return pct(out, 0.5), pct(out, 0.99)
 
 
+def windowed(n, send, recv) -> float:
+    """Round trips/s of n send/recv pairs with at most WINDOW in flight."""
+    t = time.perf_counter()
+    sent = got = 0
+    while got < n:
+        while sent < n and sent - got < WINDOW:
+            send()
+            sent += 1
+        recv()
+        got += 1
+    return n / (time.perf_counter() - t)
+
+
 # ---------------------------------------------------------------- luaprobe
 def bench_luaprobe(n, nlat, spin_us):
     from engine.runtime import AsyncRuntime
@@ -173,15 +186,7 @@ def bench_mpqueue(n, nlat):
     p = mp.Process(target=_queue_worker, args=(q_in, q_out))
     p.start()
     try:
-        t = time.perf_counter()
-        sent = got = 0
-        while got < n:
-            while sent < n and sent - got < WINDOW:
-                q_in.put(DATA)
-                sent += 1
-            q_out.get()
-            got += 1
-        rate = n / (time.perf_counter() - t)
+        rate = windowed(n, lambda: q_in.put(DATA), q_out.get)
         p50, p99 = paced(nlat, lambda: (q_in.put(DATA), q_out.get()))
     finally:
         q_in.put(None)
@@ -242,15 +247,7 @@ def bench_zmq(n, nlat):
     p = mp.Process(target=_zmq_worker, args=(addr,))
     p.start()
     try:
-        t = time.perf_counter()
-        sent = got = 0
-        while got < n:
-            while sent < n and sent - got < WINDOW:
-                s.send(DATA)
-                sent += 1
-            s.recv()
-            got += 1
-        rate = n / (time.perf_counter() - t)
+        rate = windowed(n, lambda: s.send(DATA), s.recv)
         p50, p99 = paced(nlat, lambda: (s.send(DATA), s.recv()))
     finally:
         s.send(b"")
