@@ -9,8 +9,13 @@ per-packet loop is engine/lua/capture.lua.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import signal
+import struct
+import subprocess
 import sys
+import tempfile
 
 from shm import segment
 from shm.luajit import new_runtime
@@ -21,14 +26,92 @@ from .lua_errors import split_lua_error
 EXIT_INPUT = 3
 
 
+class BpfError(ValueError):
+    """A --bpf expression that cannot be compiled."""
+
+
+def link_type(interface: str) -> int:
+    """pcap linktype of the frames an AF_PACKET SOCK_RAW socket on ``interface`` delivers."""
+    try:
+        with open(f"/sys/class/net/{interface}/type") as f:
+            hatype = int(f.read())
+    except (OSError, ValueError):
+        return 1
+    return {1: 1, 772: 1, 65534: 101}.get(hatype, 1)      # Ethernet, loopback, raw IP (tun)
+
+
+def compile_bpf(expr: str, linktype: int = 1, interface: str | None = None) -> str:
+    """Compile a tcpdump filter expression to classic BPF (``tcpdump -ddd`` text, one instruction a line).
+
+    With ``interface``, tcpdump compiles for that live interface (``-i``; needs root or CAP_NET_RAW):
+    libpcap then tests VLAN tags the Linux way (the kernel strips them before the filter runs, and
+    `vlan` must look at the skb's tag, not at the frame).  Otherwise, or when that fails, it compiles
+    against an empty capture file of ``linktype`` (no privileges; `vlan` then only matches tags still
+    in the frame).  Raises BpfError naming the expression when it cannot be compiled.
+    """
+    tcpdump = shutil.which("tcpdump") or next((p for p in ("/usr/sbin/tcpdump", "/usr/bin/tcpdump")
+                                               if os.access(p, os.X_OK)), None)
+    if tcpdump is None:
+        raise BpfError(f"cannot compile BPF filter {expr!r}: tcpdump is not installed "
+                       "(it compiles the expression; install tcpdump or drop --bpf)")
+
+    def run(source):
+        p = subprocess.run([tcpdump, "-ddd", *source, "--", expr], capture_output=True, text=True,
+                           timeout=30, stdin=subprocess.DEVNULL)
+        lines = p.stdout.split("\n")
+        if p.returncode != 0 or not lines[0].strip().isdigit():
+            why = " ".join(x for x in p.stderr.splitlines() if not x.startswith("reading from file")).strip()
+            return None, why or "tcpdump failed"
+        return "\n".join(x for x in lines[1:] if x.strip()), None
+
+    if interface:
+        prog, _ = run(["-i", interface])
+        if prog is not None:
+            return prog
+    with tempfile.NamedTemporaryFile(suffix=".pcap") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, linktype))
+        f.flush()
+        prog, why = run(["-r", f.name])
+    if prog is None:
+        raise BpfError(f"cannot compile BPF filter {expr!r}: {why}")
+    return prog
+
+
+def _live(args, lua, ring, control, pkt, stop) -> int:
+    """Capture from --interface (engine/lua/afpacket.lua) until SIGTERM, then END."""
+    from shm.luajit import table
+    try:
+        flt = compile_bpf(args.bpf, link_type(args.interface), args.interface) if args.bpf else None
+        h = lua.eval("function(o) return require('engine.lua.afpacket').open(o) end")(
+            table(lua, {"interface": args.interface, "filter": flt}))
+    except Exception as e:                                  # BpfError, or a LuaError from open()
+        msg = e.args[0] if isinstance(e, BpfError) else split_lua_error(e)[1]
+        control(ring, pkt.ERROR, f"\t{msg}\tinterface {args.interface}".encode())
+        control(ring, pkt.END, b"")
+        return EXIT_INPUT
+    try:
+        lua.eval("function(h, r, s) return h:run(r, s, 1.0) end")(h, ring, lambda: stop[0])
+    finally:
+        lua.eval("function(h) h:close() end")(h)
+    control(ring, pkt.END, b"")
+    return 0
+
+
 def main(argv=None) -> int:
     """Read every file into the ring; exit 0, or 3 if some file had an input error."""
     ap = argparse.ArgumentParser(prog="luaprobe-capture")
     ap.add_argument("--ring", required=True)
     ap.add_argument("--ppid", type=int, required=True)
     ap.add_argument("--bell", default="", help="doorbell segment the consumer sleeps on")
-    ap.add_argument("files", nargs="+")
+    ap.add_argument("--interface", help="capture live from this interface until SIGTERM")
+    ap.add_argument("--bpf", help="tcpdump filter expression (with --interface)")
+    ap.add_argument("files", nargs="*")
     args = ap.parse_args(argv)
+    if bool(args.interface) == bool(args.files) or (args.bpf and not args.interface):
+        ap.error("give capture files, or --interface IF [--bpf EXPR]")
+    stop = [False]
+    if args.interface:
+        signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
     from workers.worker import _die_with_parent
     _die_with_parent(args.ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -43,6 +126,8 @@ def main(argv=None) -> int:
     pkt = lua.eval("require('engine.lua.packet')")
     control = lua.eval("function(r, k, t) require('engine.lua.capture').control(r, k, t) end")
     run_file = lua.eval("function(r, a, s) return require('engine.lua.capture').file(r, a, s, function() return false end) end")
+    if args.interface:
+        return _live(args, lua, ring, control, pkt, stop)
     failed = False
     for path in args.files:
         try:

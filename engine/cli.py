@@ -1,6 +1,7 @@
 """The luaprobe command line.
 
     luaprobe run PLUGIN... --pcap FILE... [--out DIR] [--workers N] [--lua-path DIR] [--stats-json FILE]
+    luaprobe run PLUGIN... --interface IF [--bpf EXPR] [...]   live capture until Ctrl-C / SIGTERM (docs/live.md)
     luaprobe check PLUGIN...    list detected script types and problems (like Trisul's `list lua`)
     luaprobe query alerts|resources|counters|flows|keyinfo [--out DIR] [--json]
     luaprobe demo               run the bundled example plug-ins on the bundled sample capture
@@ -46,7 +47,8 @@ def _async_config(args):
 def _print_summary(s: dict) -> None:
     print(f"packets {s['packets']:,}  bytes {s['bytes']:,}  flows {s['flows']:,}  elapsed {s['elapsed_s']} s")
     d = s["drops"]
-    print(f"drops: capture {d['capture']}  packet ring {d['packet_ring']}  flow table {d['flow_table']}")
+    print(f"drops: capture {d['capture']}  kernel {d.get('kernel', 0)}  packet ring {d['packet_ring']}"
+          f"  flow table {d['flow_table']}")
     for p in s["plugins"]:
         a = p["async"]
         calls = sum(p["hook_calls"].values())
@@ -70,10 +72,28 @@ def cmd_run(args) -> int:
     from .fastpath import FastPath, RunConfig
     from .plugin import PluginError
     logs.setup(verbose=args.verbose)
+    interface, bpf = getattr(args, "interface", None), getattr(args, "bpf", None)
+    if bpf is not None and not interface:
+        print("luaprobe run: --bpf needs --interface (capture files are not filtered)", file=sys.stderr)
+        return EXIT_USAGE
+    if interface:
+        import socket
+
+        from .capture import BpfError, compile_bpf, link_type
+        try:
+            socket.if_nametoindex(interface)
+            if bpf is not None:
+                compile_bpf(bpf, link_type(interface), interface)
+        except OSError:
+            print(f"luaprobe run: --interface {interface}: no such network interface", file=sys.stderr)
+            return EXIT_USAGE
+        except BpfError as e:
+            print(f"luaprobe run: --bpf: {e}", file=sys.stderr)
+            return EXIT_USAGE
     try:
-        cfg = RunConfig(plugins=args.plugins, files=args.pcap, out_dir=args.out, lua_path=args.lua_path,
+        cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
                         async_config=_async_config(args), backend_instances=args.backend_instances,
-                        batch=args.batch)
+                        batch=args.batch, interface=interface, bpf=bpf)
     except ValueError as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -155,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     shm.set_defaults(func=cmd_shm)
     run = sub.add_parser("run", help="run plug-ins over capture files")
     run.add_argument("plugins", nargs="+", metavar="PLUGIN", help="plug-in files or directories")
-    run.add_argument("--pcap", nargs="+", required=True, metavar="FILE", help="pcap or pcapng files, in order")
+    src = run.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pcap", nargs="+", metavar="FILE", help="pcap or pcapng files, in order")
+    src.add_argument("--interface", metavar="IF", help="capture live from this interface (root; stop with Ctrl-C)")
+    run.add_argument("--bpf", metavar="EXPR", help="tcpdump filter expression for --interface (needs tcpdump)")
     _run_options(run)
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="run the bundled example plug-ins on the bundled sample capture")

@@ -14,8 +14,10 @@ import dataclasses
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 from shm import segment
@@ -29,7 +31,7 @@ from .plugins import discover, group_rows, probe
 from .runtime import AsyncRuntime
 from .store import StoreWriter
 
-PKT, EOF, ERROR, END = 0, 1, 2, 3
+PKT, EOF, ERROR, END, STATS = 0, 1, 2, 3, 4
 MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
 RING_HEADER = 4096
 
@@ -52,6 +54,8 @@ class RunConfig:
     active_timeout: float = 1800.0
     stats_file: str | None = None     #: a JSON snapshot (FastPath.snapshot) rewritten every stats_interval
     stats_interval: float = 1.0
+    interface: str | None = None      #: live capture from this interface instead of files (docs/live.md)
+    bpf: str | None = None            #: tcpdump filter expression for the live capture
 
 
 @dataclasses.dataclass
@@ -76,6 +80,8 @@ class FastPath:
         self.sec = None
         self.window_start = None
         self.ticks = 0
+        self.capture_stats = None       #: live: [seen, ring_drops, kernel_drops, kernel_packets, freeze_q]
+        self._stop = 0                  #: live: 1 = SIGINT/SIGTERM received, 2 = capture told to stop
         self._last_stats = -1e9
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "key_info": 0, "flows": 0}
 
@@ -188,6 +194,7 @@ class FastPath:
         self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
         rt = AsyncRuntime(cfg.async_config, lua_path=cfg.lua_path)
         ring_seg = capture = None
+        old_handlers = {}
         try:
             self._load_plugins(rt)
             self._write("counter_groups", group_rows(self.infos))
@@ -205,16 +212,19 @@ class FastPath:
             self.driver_expire = method(lua, "expire")
             capture = subprocess.Popen(
                 [sys.executable, "-m", "engine.capture", "--ring", ring_seg.name, "--bell", rt.bell.name,
-                 "--ppid", str(os.getpid()), *cfg.files], stdin=subprocess.DEVNULL)
+                 "--ppid", str(os.getpid()), *self._capture_args()], stdin=subprocess.DEVNULL)
             batch_addr = int(self.driver.batch_addr)
             runners = [i.run_batch for i in self.instances if i.run_batch is not None]
             hosts = [i.vm.host for i in self.instances if i.run_batch is not None]
             driver = self.driver
+            old_handlers = self._catch_stop_signals() if cfg.interface else {}
             while True:
+                if self._stop == 1:
+                    self._stop_capture(capture)
                 n = fill(driver)
                 if n:
                     sec = int(driver.sec)
-                    if sec != self.sec:
+                    if sec != self.sec and not (cfg.interface and self.sec is not None and sec < self.sec):
                         self._tick(sec)
                     for run_batch, host in zip(runners, hosts):
                         run_batch(host, batch_addr, n)
@@ -224,6 +234,8 @@ class FastPath:
                 kind = driver.ctl_kind
                 if kind is None:
                     rt.service()
+                    if cfg.interface:
+                        self._live_idle(capture)
                     self._maybe_stats(rt, capture)
                     if capture.poll() is not None and not ready(driver):
                         self.input_errors.append(f"capture process ended unexpectedly (status {capture.returncode})")
@@ -235,13 +247,18 @@ class FastPath:
                     self.files_done.append(txt)
                 elif kind == ERROR:
                     off, msg, path = txt.split("\t", 2)
-                    self.input_errors.append(f"{path}: byte offset {off}: {msg}")
-                    logs.log.error("input error: %s: byte offset %s: %s", path, off, msg)
+                    where = f"byte offset {off}: " if off else ""
+                    self.input_errors.append(f"{path}: {where}{msg}")
+                    logs.log.error("input error: %s: %s%s", path, where, msg)
+                elif kind == STATS:
+                    self.capture_stats = [int(x) for x in txt.split("\t")]
                 elif kind == END:
                     break
             capture.wait(timeout=30)
             self._finish(rt, lua)
         finally:
+            for signum, handler in old_handlers.items():
+                signal.signal(signum, handler)
             if capture is not None and capture.poll() is None:
                 capture.kill()
                 capture.wait()
@@ -253,6 +270,43 @@ class FastPath:
         report = self.store.close()
         summary["store"] = {"path": os.path.join(cfg.out_dir, "luaprobe.sqlite"), **(report or {})}
         return summary
+
+    # ----------------------------------------------------------------- live capture (docs/live.md)
+    def _capture_args(self) -> list:
+        """Input arguments of the capture process: the files, or --interface IF [--bpf EXPR]."""
+        cfg = self.cfg
+        if not cfg.interface:
+            return list(cfg.files)
+        return ["--interface", cfg.interface, *(["--bpf", cfg.bpf] if cfg.bpf else [])]
+
+    def _catch_stop_signals(self) -> dict:
+        """Live: SIGINT / SIGTERM ask for a clean stop (capture stops, the ring drains, outputs are written);
+        a second signal interrupts.  Returns the previous handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop:
+                raise KeyboardInterrupt
+            self._stop = 1
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _stop_capture(self, capture) -> None:
+        """Tell the live capture to stop: it drains the kernel ring, pushes its last STATS and END."""
+        self._stop = 2
+        self._stop_deadline = time.monotonic() + 15
+        logs.log.info("stopping live capture on %s", self.cfg.interface)
+        if capture.poll() is None:
+            capture.send_signal(signal.SIGTERM)
+
+    def _live_idle(self, capture) -> None:
+        """Live, packet ring empty: wall-clock ticks keep metronome, buckets and flow expiry going.
+        Second s is ticked once the clock is 0.25 s into it, so packets of earlier seconds are already in."""
+        s = int(time.time() - 0.25)
+        if self.sec is None or s > self.sec:
+            self._tick(s)
+        if self._stop == 2 and time.monotonic() > self._stop_deadline and capture.poll() is None:
+            capture.kill()                                   # reported as "ended unexpectedly"
 
     def _finish(self, rt, lua) -> None:
         """End of input: close the window, deliver async results, flush everything, onunload."""
@@ -315,6 +369,7 @@ class FastPath:
 
     def _summary(self, rt, elapsed: float) -> dict:
         d = getattr(self, "driver_stats", {})
+        cs = self.capture_stats or [0, 0, 0]
         plugins = []
         for (inst, calls, errors), (_, stats) in zip(getattr(self, "hook_stats", []), getattr(self, "async_final", [])):
             plugins.append({"plugin": inst.vm.path, "type": inst.kind, "instance": inst.vm.instance,
@@ -325,6 +380,8 @@ class FastPath:
             "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),
             "truncated_headers": d.get("truncated", 0), "non_ip": d.get("nonip", 0),
             "flows": d.get("flows_created", 0), "flow_table_full_drops": d.get("flow_table_full", 0),
-            "drops": {"capture": 0, "packet_ring": 0, "flow_table": d.get("flow_table_full", 0)},
+            "drops": {"capture": cs[1], "kernel": cs[2], "packet_ring": 0, "flow_table": d.get("flow_table_full", 0)},
+            **({"interface": self.cfg.interface, "bpf": self.cfg.bpf, "captured_live": cs[0],
+                "kernel_packets": cs[3] if len(cs) > 3 else 0} if self.cfg.interface else {}),
             "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
         }

@@ -8,6 +8,8 @@ Packet ring record: lp_pktrec header, then caplen bytes of frame.
     kind EOF   end of one input file (payload: file name)
     kind ERROR input error (payload: "offset\tmessage"; ts_sec unused)
     kind END   end of all input
+    kind STATS live capture counters (payload: "seen\tring_drops\tkernel_drops\t...",
+               see engine/lua/afpacket.lua)
 
 Batch: an array of lp_pkt in the fast-path driver's memory.  Each entry
 points at its frame inside the packet ring (zero copy: the ring space is
@@ -34,7 +36,7 @@ typedef struct {
 end
 
 local M = {
-  PKT = 0, EOF = 1, ERROR = 2, END = 3,
+  PKT = 0, EOF = 1, ERROR = 2, END = 3, STATS = 4,
   REC_SIZE = ffi.sizeof("lp_pktrec"),
   recp = ffi.typeof("lp_pktrec *"),
   pktp = ffi.typeof("lp_pkt *"),

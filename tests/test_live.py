@@ -1,0 +1,347 @@
+"""Live capture (engine/lua/afpacket.lua): AF_PACKET + TPACKET_V3 on a veth pair, end to end through `luaprobe run`.
+
+Each test builds a private network namespace and a veth pair: lp0-<pid> stays here (luaprobe captures on it),
+lp1-<pid> moves into the namespace, from where a sender writes UDP datagrams to a static neighbour (no address
+on the capturing side, so the host's routing is untouched).  The namespace and the veth are always removed.
+Only our own UDP ports are counted exactly: IPv6 router solicitations, MLD reports etc. may appear too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import helpers
+
+G_UDP = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}"
+PORT_GROUP = "{AAAAAAAA-0000-4000-8000-00000000000A}"   # key = UDP destination port, meter 0 packets
+PEER_IP, OUR_IP = "10.231.77.2", "10.231.77.1"
+IP = shutil.which("ip")
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or IP is None,
+                                reason="live capture tests need root (netns, veth, AF_PACKET) and iproute2's `ip`")
+
+
+def sh(*args, check=True):
+    return subprocess.run(args, check=check, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def veth():
+    """(capture interface, namespace): lp0-<pid> here, lp1-<pid> in netns lp-test-<pid>; removed at teardown."""
+    pid = os.getpid()
+    ns, here, there = f"lp-test-{pid}", f"lp0-{pid}", f"lp1-{pid}"
+    sh(IP, "link", "del", here, check=False)               # leftovers of a killed earlier run
+    sh(IP, "netns", "del", ns, check=False)
+    try:
+        sh(IP, "netns", "add", ns)
+        sh(IP, "link", "add", here, "type", "veth", "peer", "name", there)
+        for path in (f"/proc/sys/net/ipv6/conf/{here}/disable_ipv6",):
+            try:
+                with open(path, "w") as f:
+                    f.write("1")
+            except OSError:
+                pass
+        sh(IP, "link", "set", there, "netns", ns)
+        sh(IP, "link", "set", here, "up")
+        sh(IP, "-n", ns, "addr", "add", f"{PEER_IP}/24", "dev", there)
+        sh(IP, "-n", ns, "link", "set", there, "up")
+        sh(IP, "-n", ns, "link", "set", "lo", "up")
+        with open(f"/sys/class/net/{here}/address") as f:
+            mac = f.read().strip()
+        sh(IP, "-n", ns, "neigh", "replace", OUR_IP, "lladdr", mac, "dev", there, "nud", "permanent")
+        yield here, ns
+    finally:
+        sh(IP, "link", "del", here, check=False)            # deletes the peer too
+        sh(IP, "netns", "del", ns, check=False)
+
+
+def send_udp(ns, counts: dict, size=64, src=PEER_IP, dst=OUR_IP):
+    """Send counts[port] UDP datagrams to dst:port from inside the namespace, in paced bursts."""
+    code = f"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(({src!r}, 40000))
+plan = {counts!r}
+left = dict(plan)
+i = 0
+while any(left.values()):
+    for port in plan:
+        if left[port]:
+            s.sendto(b"x" * {size}, ({dst!r}, port))
+            left[port] -= 1
+            i += 1
+            if i % 100 == 0:
+                time.sleep(0.002)
+"""
+    sh(IP, "netns", "exec", ns, sys.executable, "-c", code)
+
+
+def send_vlan_frames(ns, dev, to_dev, vid, port, count, size):
+    """Write 802.1Q-tagged Ethernet/IPv4/UDP frames with an AF_PACKET socket on dev (in the namespace)."""
+    dst = open(f"/sys/class/net/{to_dev}/address").read().strip()
+    code = f"""
+import socket, struct, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(({dev!r}, 0))
+src = open('/sys/class/net/{dev}/address').read().strip()
+mac = lambda m: bytes.fromhex(m.replace(':', ''))
+payload = b'y' * {size}
+udp = struct.pack('!HHHH', 40000, {port}, 8 + len(payload), 0) + payload
+ip = bytearray(struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                           socket.inet_aton('10.231.78.2'), socket.inet_aton('10.231.78.1')))
+c = sum(struct.unpack('!10H', bytes(ip)))
+c = (c & 0xffff) + (c >> 16); c = (c & 0xffff) + (c >> 16)
+ip[10:12] = struct.pack('!H', ~c & 0xffff)
+frame = mac({dst!r}) + mac(src) + struct.pack('!HH', 0x8100, {vid}) + b'\\x08\\x00' + bytes(ip) + udp
+for i in range({count}):
+    s.send(frame)
+    if i % 100 == 99:
+        time.sleep(0.002)
+"""
+    sh(IP, "netns", "exec", ns, sys.executable, "-c", code)
+
+
+def write_plugins(d, monitor_out=None):
+    d.mkdir()
+    (d / "udp_ports.lua").write_text(f'''
+TrisulPlugin = {{
+  id = {{ name = "udp ports" }},
+  simplecounter = {{
+    protocol_guid = "{G_UDP}",
+    onpacket = function(engine, layer)
+      engine:update_counter("{PORT_GROUP}", tostring(layer:getbyte(2) * 256 + layer:getbyte(3)), 0, 1)
+    end,
+  }},
+}}
+''')
+    (d / "metronome.lua").write_text('''
+TrisulPlugin = {
+  id = { name = "metronome" },
+  engine_monitor = { onmetronome = function(engine, ts, tick, interval) end },
+}
+''')
+
+
+def bound(ifname) -> bool:
+    """True once a packet socket is bound to ifname (luaprobe's capture is listening)."""
+    idx = int(open(f"/sys/class/net/{ifname}/ifindex").read())
+    with open("/proc/net/packet") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return any(len(r) > 4 and int(r[4]) == idx and r[3] == "0003" for r in rows)
+
+
+def run_live(tmp_path, ifname, *extra):
+    out, stats = tmp_path / "out", tmp_path / "stats.json"
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(tmp_path / "plugins"),
+                             "--interface", ifname, "--out", str(out), "--stats-json", str(stats), *extra],
+                            cwd=helpers.REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, out, stats
+
+
+def stop(proc, sig=signal.SIGINT):
+    proc.send_signal(sig)
+    try:
+        so, se = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        so, se = proc.communicate()
+        raise AssertionError(f"luaprobe did not stop after {sig!r}:\n{so}\n{se}")
+    return proc.returncode, so, se
+
+
+def wait_bound(proc, ifname):
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"luaprobe exited early ({proc.returncode}): {proc.communicate()}")
+        return bound(ifname)
+    helpers.wait_for(ready, timeout=60, interval=0.05)
+
+
+def port_counts(out) -> dict:
+    with sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True) as c:
+        return {k: v for k, v in c.execute("SELECT key, sum(value) FROM counters WHERE group_guid = ? AND meter = 0 "
+                                           "GROUP BY key", (PORT_GROUP.upper(),))}
+
+
+def hook_calls(summary, name, hook) -> int:
+    return sum(p["hook_calls"].get(hook, 0) for p in summary["plugins"] if os.path.basename(p["plugin"]) == name)
+
+
+@pytest.mark.root
+@needs_root
+def test_live_counts_every_udp_packet_and_stops_on_sigint(tmp_path, veth):
+    ifname, ns = veth
+    write_plugins(tmp_path / "plugins")
+    proc, out, stats = run_live(tmp_path, ifname)
+    try:
+        wait_bound(proc, ifname)
+        t0 = time.monotonic()
+        send_udp(ns, {9999: 2000, 9998: 300})
+        send_s = time.monotonic() - t0
+        time.sleep(2.5)                         # idle: wall-clock ticks must keep the metronome going
+        rc, so, se = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert rc == 0, (so, se)
+    s = json.loads(stats.read_text())
+    assert s["interface"] == ifname and s["input_errors"] == []
+    assert port_counts(out) .get("9999") == 2000 and port_counts(out).get("9998") == 300, (port_counts(out), se)
+    assert s["packets"] >= 2300 and s["captured_live"] >= 2300
+    assert s["drops"]["capture"] == 0 and s["drops"]["kernel"] == 0, s["drops"]
+    assert hook_calls(s, "metronome.lua", "engine_monitor.onmetronome") >= 1, s["plugins"]
+    assert "drops: capture 0  kernel 0" in so
+    print(f"sent 2300 datagrams in {send_s:.3f} s")
+
+
+@pytest.mark.root
+@needs_root
+def test_bpf_filter_lets_only_matching_packets_in(tmp_path, veth):
+    ifname, ns = veth
+    write_plugins(tmp_path / "plugins")
+    proc, out, stats = run_live(tmp_path, ifname, "--bpf", "udp port 9999")
+    try:
+        wait_bound(proc, ifname)
+        send_udp(ns, {9999: 500, 9998: 700, 53: 100})
+        time.sleep(0.5)
+        rc, so, se = stop(proc, signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert rc == 0, (so, se)
+    s = json.loads(stats.read_text())
+    assert port_counts(out) == {"9999": 500}
+    assert s["packets"] == s["captured_live"] == 500 and s["bpf"] == "udp port 9999"
+    assert s["drops"]["capture"] == 0 and s["drops"]["kernel"] == 0
+
+
+@pytest.mark.root
+@needs_root
+def test_full_packet_ring_drops_and_counts(tmp_path, veth):
+    """The packet ring is never waited on: a slow plug-in makes the capture drop, and every packet is
+    accounted for: seen = processed + ring-full drops."""
+    ifname, ns = veth
+    d = tmp_path / "plugins"
+    write_plugins(d)
+    (d / "slow.lua").write_text(f'''
+TrisulPlugin = {{
+  id = {{ name = "slow" }},
+  simplecounter = {{
+    protocol_guid = "{G_UDP}",
+    onpacket = function(engine, layer)
+      local t = os.clock() + 0.001
+      while os.clock() < t do end
+    end,
+  }},
+}}
+''')
+    from engine.fastpath import FastPath, RunConfig
+    # a 64 KiB packet ring holds ~500 small frames; the slow plug-in takes 1 ms per packet
+    code = (f"import json, sys; from engine.fastpath import FastPath, RunConfig; "
+            f"s = FastPath(RunConfig(plugins=[{str(d)!r}], files=[], out_dir={str(tmp_path / 'out')!r}, "
+            f"interface={ifname!r}, packet_ring_size=1 << 16)).run(); "
+            f"json.dump(s, open({str(tmp_path / 's.json')!r}, 'w'), default=str)")
+    assert FastPath and RunConfig
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=helpers.REPO, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_bound(proc, ifname)
+        send_udp(ns, {9999: 3000})
+        time.sleep(0.5)
+        rc, so, se = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert rc == 0, (so, se)
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["drops"]["capture"] > 0, s["drops"]
+    assert s["captured_live"] == s["packets"] + s["drops"]["capture"]
+    assert port_counts(tmp_path / "out").get("9999", 0) + s["drops"]["capture"] >= 3000
+
+
+G_VLAN = "{4C500002-0000-4000-8000-4C5056C4E002}"
+VLAN_GROUP = "{AAAAAAAA-0000-4000-8000-00000000000B}"
+
+
+@pytest.mark.root
+@needs_root
+def test_vlan_tag_stripped_by_the_kernel_is_put_back(tmp_path, veth):
+    """veth hands tagged frames to AF_PACKET with the tag in tp_vlan_tci (offload); plug-ins still see the
+    802.1Q layer and its VLAN id, and the wire length includes the tag."""
+    ifname, ns = veth
+    there = ifname.replace("lp0-", "lp1-")
+    d = tmp_path / "plugins"
+    write_plugins(d)
+    (d / "vlan.lua").write_text(f'''
+TrisulPlugin = {{
+  id = {{ name = "vlan ids" }},
+  simplecounter = {{
+    protocol_guid = "{G_VLAN}",
+    onpacket = function(engine, layer)
+      local vid = (layer:getbyte(0) % 16) * 256 + layer:getbyte(1)
+      engine:update_counter("{VLAN_GROUP}", tostring(vid), 0, 1)
+      engine:update_counter("{VLAN_GROUP}", tostring(vid), 1, layer:total_bytes())
+    end,
+  }},
+}}
+''')
+    proc, out, stats = run_live(tmp_path, ifname, "--bpf", "vlan and udp port 9997")
+    try:
+        wait_bound(proc, ifname)
+        send_vlan_frames(ns, there, ifname, vid=7, port=9997, count=200, size=100)
+        time.sleep(0.5)
+        rc, so, se = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert rc == 0, (so, se)
+    assert port_counts(out) == {"9997": 200}
+    with sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True) as c:
+        rows = dict(c.execute("SELECT meter, sum(value) FROM counters WHERE group_guid = ? AND key = '7' "
+                              "GROUP BY meter", (VLAN_GROUP.upper(),)))
+    assert rows == {0: 200, 1: 200 * (14 + 4 + 20 + 8 + 100)}, rows
+
+
+def test_run_needs_exactly_one_source(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(tmp_path), "--pcap", "x.pcap",
+                        "--interface", "lo"], cwd=helpers.REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "not allowed with" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(tmp_path)], cwd=helpers.REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--pcap --interface" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(tmp_path), "--interface", "nosuch0if"],
+                       cwd=helpers.REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "nosuch0if: no such network interface" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump compiles --bpf expressions")
+def test_bad_bpf_expression_is_a_usage_error_naming_it(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(tmp_path), "--interface", "lo",
+                        "--bpf", "udp prot 9999"], cwd=helpers.REPO, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "cannot compile BPF filter 'udp prot 9999'" in r.stderr and "syntax error" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump compiles --bpf expressions")
+def test_compile_bpf_and_parse_in_lua():
+    from engine.capture import compile_bpf
+    from shm.luajit import new_runtime
+    text = compile_bpf("udp port 9999")
+    lines = text.splitlines()
+    assert len(lines) > 5 and all(len(x.split()) == 4 for x in lines)
+    lua = new_runtime()
+    n = lua.eval("function(t) local p, n = require('engine.lua.afpacket').parse_filter(t); return n end")(text.encode())
+    assert n == len(lines)
