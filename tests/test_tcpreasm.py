@@ -1,0 +1,197 @@
+"""Synthetic tests for engine/lua/tcpreasm.lua (TCP stream reassembly per flow and direction).
+
+Real-capture coverage (every HTTP capture reassembled and its bodies checked against tshark's
+export) is in tests/test_http.py; ``python tests/test_http.py --bench`` measures throughput.
+"""
+from __future__ import annotations
+
+import pytest
+
+from shm.luajit import new_runtime
+
+SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
+
+LUA = r"""
+local tcpreasm = require 'engine.lua.tcpreasm'
+local T = {}
+-- run a list of packets {pdir, seq, flags, data[, ack]} through one flow (id 7); returns the
+-- delivered streams, the event log and the stats
+function T.run(pkts, opts, expire)
+  opts = opts or {}
+  local streams, log = {[0] = {}, [1] = {}}, {}
+  opts.cb = function(id, dir, off, p, n)
+    local s = type(p) == 'string' and p:sub(1, n) or require('ffi').string(p, n)
+    log[#log + 1] = string.format('data %d %d %d', dir, off, n)
+    streams[dir][#streams[dir] + 1] = s
+  end
+  opts.cb_gap = function(id, dir, off, n) log[#log + 1] = string.format('gap %d %d %d', dir, off, n) end
+  opts.cb_close = function(id, reason) log[#log + 1] = 'close ' .. reason end
+  local R = tcpreasm.new(opts)
+  for _, k in ipairs(pkts) do
+    local data = k[4] or ''
+    R:packet(k.id or 7, k[1], k[2], k[3], data, #data, 0, nil, k[5])
+  end
+  if expire then R:expire(7) end
+  return table.concat(streams[0]), table.concat(streams[1]), log, R.stats, R.buffered, R:client_dir(7)
+end
+return T
+"""
+
+
+@pytest.fixture(scope='module')
+def T():
+    lua = new_runtime(encoding=None)
+    return lua, lua.execute(LUA)
+
+
+def run(T, pkts, expire=False, **opts):
+    lua, t = T
+    tbl = lua.table_from([lua.table_from(list(p)) for p in pkts])
+    o = lua.table_from({k.encode(): v for k, v in opts.items()})
+    s0, s1, log, st, buffered, client = t.run(tbl, o, expire)
+    log = [x.decode() for x in log.values()]
+    st = {k.decode(): v for k, v in st.items()}
+    return s0, s1, log, st, buffered, client
+
+
+ISN_C, ISN_S = 1000, 5000
+
+
+def handshake(c=0):
+    s = 1 - c
+    return [(c, ISN_C, SYN, b''), (s, ISN_S, SYN | ACK, b''), (c, ISN_C + 1, ACK, b'')]
+
+
+
+def test_basic(T):
+    pk = handshake() + [(0, ISN_C + 1, PSH | ACK, b'hello '), (0, ISN_C + 7, PSH | ACK, b'world'),
+                        (1, ISN_S + 1, PSH | ACK, b'answer'),
+                        (0, ISN_C + 12, FIN | ACK, b''), (1, ISN_S + 7, FIN | ACK, b'')]
+    s0, s1, log, st, buf, client = run(T, pk)
+    assert (s0, s1) == (b'hello world', b'answer')
+    assert log == ['data 0 0 6', 'data 0 6 5', 'data 1 0 6', 'close fin']
+    assert st['bytes_delivered'] == 17 and st['segments'] == 3 and st['closed'] == 1 and buf == 0
+
+
+def test_direction_from_syn(T):
+    """The SYN sender is dir 0 (client->server) whatever the flow table's A/Z order."""
+    pk = handshake(c=1) + [(1, ISN_C + 1, PSH | ACK, b'req'), (0, ISN_S + 1, PSH | ACK, b'resp')]
+    s0, s1, log, st, buf, client = run(T, pk)
+    assert (s0, s1, client) == (b'req', b'resp', 1)
+    # SYN lost, SYN+ACK seen: its receiver is the client
+    pk = [(0, ISN_S, SYN | ACK, b''), (1, ISN_C + 1, PSH | ACK, b'req'), (0, ISN_S + 1, PSH | ACK, b'resp')]
+    s0, s1, log, st, buf, client = run(T, pk)
+    assert (s0, s1, client) == (b'req', b'resp', 1)
+    # no handshake: the flow table's A end (higher port) is the client
+    pk = [(1, 77, PSH | ACK, b'resp'), (0, 99, PSH | ACK, b'req')]
+    s0, s1, log, st, buf, client = run(T, pk)
+    assert (s0, s1, client) == (b'req', b'resp', 0)
+
+
+def test_midstream_pickup_starts_at_first_seq(T):
+    pk = [(0, 123456, ACK, b''), (0, 123456, PSH | ACK, b'abc'), (0, 123459, PSH | ACK, b'def')]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert s0 == b'abcdef' and log == ['data 0 0 3', 'data 0 3 3']
+
+
+def test_out_of_order(T):
+    pk = handshake() + [(0, ISN_C + 7, ACK, b'world'), (0, ISN_C + 12, ACK, b'!'), (0, ISN_C + 1, ACK, b'hello ')]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert s0 == b'hello world!' and st['out_of_order'] == 2 and buf == 0
+    assert log == ['data 0 0 6', 'data 0 6 5', 'data 0 11 1']
+
+
+def test_retransmission_and_overlap_first_wins(T):
+    pk = handshake() + [
+        (0, ISN_C + 1, ACK, b'AAAA'),          # delivered 0..4
+        (0, ISN_C + 1, ACK, b'XXXX'),          # full retransmission, different bytes: ignored
+        (0, ISN_C + 3, ACK, b'YYbb'),          # overlaps delivered 2..4: only 'bb' is new
+        (0, ISN_C + 10, ACK, b'dddd'),         # out of order 9..13
+        (0, ISN_C + 8, ACK, b'ZZZZZZ'),        # 7..13: 7..9 new, 9..13 overlaps buffered -> first wins
+        (0, ISN_C + 7, ACK, b'c'),             # fills 6..7
+    ]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert s0 == b'AAAAbbcZZdddd'
+    assert st['retransmitted_bytes'] == 4 + 2 + 4
+    assert st['overlaps'] == 2 and buf == 0
+
+
+def test_sequence_wraparound(T):
+    isn = 2 ** 32 - 3
+    pk = [(0, isn, SYN, b''), (1, 10, SYN | ACK, b''),
+          (0, (isn + 5) % 2 ** 32, ACK, b'EFGH'),   # out of order across the wrap
+          (0, isn + 1, ACK, b'ABCD'),               # 2^32-2 .. 2^32+1
+          (0, (isn + 9) % 2 ** 32, ACK, b'IJ')]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert s0 == b'ABCDEFGHIJ' and st['gaps'] == 0
+
+
+def test_gap_reported_and_stream_continues(T):
+    # max_gap: more than 8 bytes buffered behind a hole -> give the hole up
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'aaaa'), (0, ISN_C + 9, ACK, b'cccc'), (0, ISN_C + 13, ACK, b'dddd'),
+                        (0, ISN_C + 17, ACK, b'e'), (0, ISN_C + 18, ACK, b'f')]
+    s0, s1, log, st, buf, _ = run(T, pk, max_gap=8)
+    assert s0 == b'aaaaccccddddef'
+    assert log == ['data 0 0 4', 'gap 0 4 4', 'data 0 8 4', 'data 0 12 4', 'data 0 16 1', 'data 0 17 1']
+    assert st['gaps'] == 1 and st['gap_bytes'] == 4
+    # the peer's ACK beyond the hole: the bytes were sent but not captured -> gap at once
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'aaaa'), (0, ISN_C + 9, ACK, b'cccc'),
+                        (1, ISN_S + 1, ACK, b'', ISN_C + 13), (0, ISN_C + 13, ACK, b'dd')]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert log == ['data 0 0 4', 'gap 0 4 4', 'data 0 8 4', 'data 0 12 2'] and buf == 0
+
+
+def test_hole_at_close_reported(T):
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'aa'), (0, ISN_C + 5, ACK, b'bb'),
+                        (1, ISN_S + 1, FIN | ACK, b''), (0, ISN_C + 7, FIN | ACK, b'')]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert log == ['data 0 0 2']                      # FIN both ways seen but a hole remains
+    s0, s1, log, st, buf, _ = run(T, pk, expire=True)
+    assert log == ['data 0 0 2', 'gap 0 2 2', 'data 0 4 2', 'close timeout'] and buf == 0
+    # FIN beyond the delivered bytes with nothing buffered: the tail is a gap
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'aa'), (0, ISN_C + 9, FIN | ACK, b'')]
+    s0, s1, log, st, buf, _ = run(T, pk, expire=True)
+    assert log == ['data 0 0 2', 'gap 0 2 6', 'close timeout']
+
+
+def test_rst_closes(T):
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'abc'), (1, ISN_S + 1, RST, b''), (0, ISN_C + 4, ACK, b'late')]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert s0 == b'abc' and log == ['data 0 0 3', 'close rst'] and st['closed'] == 1
+
+
+def test_caps_with_counters(T):
+    # per-flow cap: 6 bytes of out-of-order data allowed
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'a'), (0, ISN_C + 3, ACK, b'cccc'), (0, ISN_C + 7, ACK, b'dddd'),
+                        (0, ISN_C + 12, ACK, b'ff')]
+    s0, s1, log, st, buf, _ = run(T, pk, max_flow_bytes=6)
+    # 'dddd' does not fit: the hole before 'cccc' is given up (gap), then 'dddd' is in order
+    assert log == ['data 0 0 1', 'gap 0 1 1', 'data 0 2 4', 'data 0 6 4']
+    assert st['cap_drops_flow'] == 0 and st['gaps'] == 1
+    # a segment larger than the cap itself is dropped and counted; its bytes become a gap
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'a'), (0, ISN_C + 3, ACK, b'cccccccc'), (0, ISN_C + 11, ACK, b'd')]
+    s0, s1, log, st, buf, _ = run(T, pk, max_flow_bytes=4, expire=True)
+    assert st['cap_drops_flow'] == 1
+    assert log == ['data 0 0 1', 'gap 0 1 9', 'data 0 10 1', 'close timeout']
+    # total cap
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'a'), (0, ISN_C + 3, ACK, b'cccccccc')]
+    s0, s1, log, st, buf, _ = run(T, pk, max_total_bytes=4)
+    assert st['cap_drops_total'] == 1 and buf == 0
+
+
+def test_many_flows_independent(T):
+    lua, t = T
+    r = lua.execute(r"""
+      local tcpreasm = require 'engine.lua.tcpreasm'
+      local got = {}
+      local R = tcpreasm.new{cb = function(id, dir, off, p, n) got[id] = (got[id] or '') .. require('ffi').string(p, n) end}
+      for id = 1, 50 do
+        R:packet(id, 0, id * 1000, 0x02, '', 0, 0)
+        R:packet(id, 0, id * 1000 + 4, 0x10, 'xyz' .. id, 3 + #tostring(id), 0)
+        R:packet(id, 0, id * 1000 + 1, 0x10, 'abc', 3, 0)
+      end
+      local ok = 0
+      for id = 1, 50 do if got[id] == 'abcxyz' .. id then ok = ok + 1 end end
+      return ok, R.buffered, R.stats.flows
+    """)
+    assert tuple(r) == (50, 0, 50)
