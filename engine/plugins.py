@@ -24,7 +24,7 @@ FRONTEND_TYPES = {"simplecounter", "countergroup", "filex_monitor", "reassembly_
 BACKEND_TYPES = {"engine_monitor", "sg_monitor", "resource_monitor", "fts_monitor", "cg_monitor",
                  "alert_monitor", "flowtracker"}
 #: types luaprobe runs today; the others are detected and reported as not supported yet
-SUPPORTED = {"simplecounter", "countergroup", "engine_monitor"}
+SUPPORTED = {"simplecounter", "countergroup", "engine_monitor", "filex_monitor"}
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ import itertools
 import mmap
 import os
 import re
+import shutil
 
 SHM_DIR = "/dev/shm"
 PREFIX = "luaprobe-"
@@ -96,9 +97,13 @@ def attach(name: str) -> Segment:
 
 
 def unlink(name: str) -> bool:
-    """Remove a segment name; False if it was already gone."""
+    """Remove a segment name (or a luaprobe directory such as extracted files); False if already gone."""
+    path = os.path.join(SHM_DIR, name)
     try:
-        os.unlink(os.path.join(SHM_DIR, name))
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
         return True
     except FileNotFoundError:
         return False

@@ -36,7 +36,7 @@ local LOG2 = log(2)
 
 -- ------------------------------------------------------------------ queue
 
-local FIELDS = { "id", "kind", "fid", "data", "aux", "arg", "onres", "onerr", "t0" }
+local FIELDS = { "id", "kind", "fid", "data", "aux", "arg", "onres", "onerr", "t0", "files" }
 
 local function new_queue(cap)
   local q = { cap = cap, head = 0, sent = 0, tail = 0 }
@@ -132,6 +132,8 @@ function M.new(opts)
               onresult_errors = 0, redispatched = 0 },
     hist = ffi.new("double[?]", HIST),
     errors = nil,
+    live_files = {},        -- path -> references (filex files kept for tasks naming them)
+    file_done = function() end,
     last_drop_log = -1e18,
     drops_unlogged = 0,
   }, Async)
@@ -239,6 +241,7 @@ function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target)
   self.next_id = id
   w.id[s], w.kind[s], w.fid[s], w.data[s], w.aux[s], w.arg[s] = id, kind, fid, data, aux, arg
   w.onres[s], w.onerr[s], w.t0[s] = onres, onerr, C.lp_now_ns()
+  w.files[s] = next(self.live_files) ~= nil and self:files_named(data, aux) or nil
   w.tail = w.tail + 1
   if not backlogged and self:send_one(w) then
     w.req:publish()
@@ -256,6 +259,25 @@ end
 
 function Async:clear_slot(w, s)
   w.data[s], w.aux[s], w.onres[s], w.onerr[s] = nil, nil, nil, nil
+  local files = w.files[s]
+  if files then
+    w.files[s] = nil
+    for _, path in ipairs(files) do self.file_done(path) end
+  end
+end
+
+--- Live extracted files (filex) that a task's data or arguments name; each
+--- gets one more reference until the task finishes (see engine/lua/filex.lua).
+function Async:files_named(data, aux)
+  local out
+  for path in pairs(self.live_files) do
+    if data:find(path, 1, true) or aux:find(path, 1, true) then
+      out = out or {}
+      out[#out + 1] = path
+      self.live_files[path] = self.live_files[path] + 1
+    end
+  end
+  return out
 end
 
 function Async:drop(why)
@@ -406,7 +428,8 @@ end
 --- Retire the task at the head of w's FIFO with a result status.
 function Async:complete(w, status, payload)
   local s = w.head % w.cap + 1
-  local data, onres, onerr, t0 = w.data[s], w.onres[s], w.onerr[s], w.t0[s]
+  local data, onres, onerr, t0, files = w.data[s], w.onres[s], w.onerr[s], w.t0[s], w.files[s]
+  w.files[s] = nil                 -- released after the hooks below (onresult may read the file)
   self:clear_slot(w, s)
   w.head = w.head + 1
   local lat = C.lp_now_ns() - t0
@@ -426,6 +449,9 @@ function Async:complete(w, status, payload)
     local kind = status == P.FILE_ERROR and "file helper error" or "onexecute error"
     self.errors:report(kind, payload or "?")
     if onerr then self:call_hook("onerror", onerr, data, payload) end
+  end
+  if files then
+    for _, path in ipairs(files) do self.file_done(path) end
   end
 end
 

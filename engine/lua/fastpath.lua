@@ -81,6 +81,7 @@ function Driver:fill()
     local d = e.d
     local idx, dir = ft:update(d, e.ts_sec + e.ts_nsec * 1e-9, e.wirelen)
     e.flow, e.dir = idx, dir or 0
+    e.flow_uid = idx >= 0 and ft:entry(idx).id or 0
     if d.truncated ~= 0 then truncated = truncated + 1 end
     if d.ip_version == 0 then nonip = nonip + 1 end
     bytes = bytes + e.wirelen

@@ -181,6 +181,27 @@ function Host:run_batch(addr, n)
   return calls
 end
 
+--- Prepare the filex_monitor type (opts: dir, chunk_size, dir_cap, idle_timeout).
+function Host:setup_filex(opts)
+  self.filex = require("engine.lua.filex").new(self, opts)
+  return nil
+end
+
+--- Feed a batch to filex_monitor (reassembly, HTTP, hooks); errors are isolated per hook.
+function Host:run_filex_batch(addr, n)
+  self.filex:run_batch(ffi.cast(packet.pktp, addr), n)
+  return n
+end
+
+--- End of input for filex: close every flow; returns the filex counters.
+function Host:filex_finish()
+  self.filex:finish()
+  local out = {}
+  for k, v in pairs(self.filex.stats) do out[k] = v end
+  for k, v in pairs(self.filex.R.stats) do out["tcp_" .. k] = v end
+  return out
+end
+
 --- Deliver a message posted by some VM: broadcast (msgid "") or to subscribers.
 function Host:deliver_message(msgid, msg)
   local fn = self.plugin.onmessage

@@ -30,6 +30,7 @@ typedef struct {
   const uint8_t *data;
   uint32_t ts_sec, ts_nsec, wirelen, caplen, linktype, ifindex;
   int32_t flow, dir;
+  double flow_uid;     /* the flow record's unique id (flowtable entry id), 0 for non-IP */
   lp_decoded d;
 } lp_pkt;
 ]]
