@@ -105,13 +105,13 @@ def main(argv=None) -> int:
     ap.add_argument("--bell", default="", help="doorbell segment the consumer sleeps on")
     ap.add_argument("--interface", help="capture live from this interface until SIGTERM")
     ap.add_argument("--bpf", help="tcpdump filter expression (with --interface)")
+    ap.add_argument("--loop", action="store_true", help="repeat the files until SIGTERM (soak runs, supervisor)")
     ap.add_argument("files", nargs="*")
     args = ap.parse_args(argv)
     if bool(args.interface) == bool(args.files) or (args.bpf and not args.interface):
         ap.error("give capture files, or --interface IF [--bpf EXPR]")
     stop = [False]
-    if args.interface:
-        signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))   # files too: stop reading, push END
     from workers.worker import _die_with_parent
     _die_with_parent(args.ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -125,21 +125,34 @@ def main(argv=None) -> int:
         lua.eval("function(r, a) r.data_bell = require('ffi').cast('uint32_t *', a) end")(ring, bell.address)
     pkt = lua.eval("require('engine.lua.packet')")
     control = lua.eval("function(r, k, t) require('engine.lua.capture').control(r, k, t) end")
-    run_file = lua.eval("function(r, a, s) return require('engine.lua.capture').file(r, a, s, function() return false end) end")
+    run_file = lua.eval("function(r, a, s, stop) return require('engine.lua.capture').file(r, a, s, stop) end")
     if args.interface:
         return _live(args, lua, ring, control, pkt, stop)
     failed = False
-    for path in args.files:
+
+    eof_sent = set()
+
+    def files():                                            # --loop: again and again until SIGTERM
+        while True:
+            for path in args.files:
+                if stop[0]:
+                    return
+                yield path
+            if not args.loop or failed:
+                return
+    for path in files():
         try:
             with open_capture(path) as c:
                 try:
-                    n, nbytes, err, off = run_file(ring, c.address, c.size)
+                    n, nbytes, err, off = run_file(ring, c.address, c.size, lambda: stop[0])
                 except Exception as e:                      # a bad file header raises in Lua
                     off, msg = split_lua_error(e)
                     raise InputError(path, off, msg) from None
             if err is not None:
                 raise InputError(path, int(off), err.decode("utf-8", "replace"))
-            control(ring, pkt.EOF, path.encode())
+            if not args.loop or path not in eof_sent:      # looping: one EOF per file (files_done stays small)
+                eof_sent.add(path)
+                control(ring, pkt.EOF, path.encode())
         except InputError as e:
             failed = True
             control(ring, pkt.ERROR, f"{e.offset}\t{e.message}\t{e.path}".encode())

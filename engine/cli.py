@@ -141,6 +141,12 @@ def cmd_query(args) -> int:
     return query.main(args.rest)
 
 
+def cmd_gen(args) -> int:
+    """`luaprobe gen ...`: delegated to engine.gen (synthetic traffic to pcap/pcapng)."""
+    from . import gen
+    return gen.main(args.rest)
+
+
 def cmd_demo(args) -> int:
     """`luaprobe demo`: the bundled example plug-ins on the bundled sample capture."""
     args.plugins = [EXAMPLES]
@@ -192,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False)
     query.add_argument("rest", nargs=argparse.REMAINDER)
     query.set_defaults(func=cmd_query)
+    # prefix_chars: every token after `gen` (even "--out") goes to engine.gen's own parser
+    gen = sub.add_parser("gen", help="write deterministic synthetic traffic to a pcap/pcapng file", add_help=False,
+                         prefix_chars="\x00")
+    gen.add_argument("rest", nargs=argparse.REMAINDER)
+    gen.set_defaults(func=cmd_gen)
     return p
 
 

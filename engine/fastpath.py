@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,8 +55,12 @@ class RunConfig:
     active_timeout: float = 1800.0
     stats_file: str | None = None     #: a JSON snapshot (FastPath.snapshot) rewritten every stats_interval
     stats_interval: float = 1.0
+    filex_dir: str | None = None      #: extracted files (default: a private directory under /dev/shm)
+    filex_chunk_mb: float = 5.0       #: onfile_http chunk size (Trisul ChunkSizeMB)
+    filex_dir_cap_mb: float = 256.0   #: extraction stops (counted) above this many bytes in the directory
     interface: str | None = None      #: live capture from this interface instead of files (docs/live.md)
     bpf: str | None = None            #: tcpdump filter expression for the live capture
+    loop: bool = False                #: repeat the files until stopped (soak runs; [source] loop in docs/operations.md)
 
 
 @dataclasses.dataclass
@@ -119,6 +124,11 @@ class FastPath:
                 rt.unload(vm)
                 return
             inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_batch(a, n) end")
+        elif kind == "filex_monitor":
+            opts = {b"dir": self._filex_dir().encode(), b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
+                    b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"idle_timeout": self.cfg.idle_timeout}
+            vm.lua.eval("function(h, o) return h:setup_filex(o) end")(vm.host, vm.lua.table_from(opts))
+            inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_filex_batch(a, n) end")
         ok, res = vm.call(None, "onload")
         if not ok or res is False:
             why = "onload failed" if not ok else "onload returned false"
@@ -263,6 +273,8 @@ class FastPath:
                 capture.kill()
                 capture.wait()
             rt.close()
+            if getattr(self, "filex_dir", None) and not self.cfg.filex_dir:
+                shutil.rmtree(self.filex_dir, ignore_errors=True)
             if ring_seg is not None:
                 ring_seg.close()
         summary = self._summary(rt, time.monotonic() - t0)
@@ -276,7 +288,7 @@ class FastPath:
         """Input arguments of the capture process: the files, or --interface IF [--bpf EXPR]."""
         cfg = self.cfg
         if not cfg.interface:
-            return list(cfg.files)
+            return ["--loop"] * bool(cfg.loop) + list(cfg.files)
         return ["--interface", cfg.interface, *(["--bpf", cfg.bpf] if cfg.bpf else [])]
 
     def _catch_stop_signals(self) -> dict:
@@ -290,6 +302,12 @@ class FastPath:
                 raise KeyboardInterrupt
             self._stop = 1
         return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_stop(self) -> None:
+        """Finish early and normally, any source (safe in a signal handler; the supervised child calls it on
+        SIGTERM): the capture process stops reading and pushes END, then drain, onunload, flush, unlink."""
+        if not self._stop:
+            self._stop = 1
 
     def _stop_capture(self, capture) -> None:
         """Tell the live capture to stop: it drains the kernel ring, pushes its last STATS and END."""
@@ -308,10 +326,23 @@ class FastPath:
         if self._stop == 2 and time.monotonic() > self._stop_deadline and capture.poll() is None:
             capture.kill()                                   # reported as "ended unexpectedly"
 
+    def _filex_dir(self) -> str:
+        """The extraction directory (created 0700 on first use; removed at the end of the run)."""
+        if getattr(self, "filex_dir", None) is None:
+            d = self.cfg.filex_dir or os.path.join(segment.SHM_DIR, segment.make_name("files"))
+            os.makedirs(d, mode=0o700, exist_ok=bool(self.cfg.filex_dir))
+            self.filex_dir = d
+        return self.filex_dir
+
     def _finish(self, rt, lua) -> None:
-        """End of input: close the window, deliver async results, flush everything, onunload."""
+        """End of input: close the window and the HTTP flows, deliver async results, flush, onunload."""
         if self.window_start is not None:
             self._backend("onendflush", self.window_start + self.cfg.window)
+        self.filex_stats = []
+        for inst in self.instances:
+            if inst.kind == "filex_monitor":
+                st = inst.vm.lua.eval("function(h) return h:filex_finish() end")(inst.vm.host)
+                self.filex_stats.append({"plugin": inst.vm.path, **{_text(k): v for k, v in st.items()}})
         self.async_before = {id(i.vm): i.vm.async_stats() for i in self.instances}
         rt.drain_and_stop()
         self._collect(None)
@@ -350,7 +381,8 @@ class FastPath:
                 "bytes": d.get("bytes", 0), "flows": d.get("flows_created", 0),
                 "flows_live": d.get("flows_live", 0),
                 "rings": {"packet": {"records": int(recs), "bytes": int(nbytes), "capacity": int(cap)}},
-                "drops": {"capture": 0, "packet_ring": 0, "flow_table": d.get("flow_table_full", 0)},
+                "drops": {"capture": (self.capture_stats or [0, 0, 0])[1], "packet_ring": 0,
+                          "kernel": (self.capture_stats or [0, 0, 0])[2], "flow_table": d.get("flow_table_full", 0)},
                 "processes": procs, "plugins": plugins}
 
     def _maybe_stats(self, rt, capture) -> None:
@@ -384,4 +416,5 @@ class FastPath:
             **({"interface": self.cfg.interface, "bpf": self.cfg.bpf, "captured_live": cs[0],
                 "kernel_packets": cs[3] if len(cs) > 3 else 0} if self.cfg.interface else {}),
             "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
+            "filex": getattr(self, "filex_stats", []),
         }
