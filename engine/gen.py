@@ -217,10 +217,6 @@ def _unique_clients(rng, n: int, nclients: int) -> tuple[np.ndarray, np.ndarray]
     return keys // len(ports_ok), ports_ok[keys % len(ports_ok)]
 
 
-def _ip4(a, b, c, d):
-    return np.array([a, b, c, d] + [0] * 12, dtype=np.uint8)
-
-
 def _build_flows(cfg: GenConfig, rng) -> tuple[np.ndarray, dict]:
     n = cfg.flows
     counts = _largest_remainder(n, [cfg.mix[k] for k in KINDS])
