@@ -206,8 +206,8 @@ class FastPath:
         ring_seg = capture = None
         old_handlers = {}
         try:
-            self._load_plugins(rt)
-            self._write("counter_groups", group_rows(self.infos))
+            if cfg.interface:                  # live: hooks ready before the first packet arrives
+                self._load_plugins(rt)
             ring_seg = segment.create("pkt", RING_HEADER + cfg.packet_ring_size)
             lua = new_runtime()
             lua.eval("function(a, c) require('shm.ring').format(a, c) end")(ring_seg.address, cfg.packet_ring_size)
@@ -223,6 +223,9 @@ class FastPath:
             capture = subprocess.Popen(
                 [sys.executable, "-m", "engine.capture", "--ring", ring_seg.name, "--bell", rt.bell.name,
                  "--ppid", str(os.getpid()), *self._capture_args()], stdin=subprocess.DEVNULL)
+            if not cfg.interface:              # files: the capture process starts up meanwhile (backpressure)
+                self._load_plugins(rt)
+            self._write("counter_groups", group_rows(self.infos))
             batch_addr = int(self.driver.batch_addr)
             runners = [i.run_batch for i in self.instances if i.run_batch is not None]
             hosts = [i.vm.host for i in self.instances if i.run_batch is not None]

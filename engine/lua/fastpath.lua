@@ -76,12 +76,13 @@ function Driver:fill()
   end
   -- flows in a second pass: two small traces compile where one big one aborts
   local truncated, nonip, bytes = self.truncated, self.nonip, self.bytes
+  local flows = ft.flows
   for k = 0, n - 1 do
     local e = b[k]
     local d = e.d
     local idx, dir = ft:update(d, e.ts_sec + e.ts_nsec * 1e-9, e.wirelen)
     e.flow, e.dir = idx, dir or 0
-    e.flow_uid = idx >= 0 and ft:entry(idx).id or 0
+    e.flow_uid = idx >= 0 and flows[idx].id or 0
     if d.truncated ~= 0 then truncated = truncated + 1 end
     if d.ip_version == 0 then nonip = nonip + 1 end
     bytes = bytes + e.wirelen
