@@ -140,24 +140,33 @@ function F:write(st, b, p, n)
     self.stats.skipped_cap = self.stats.skipped_cap + 1
     return
   end
-  if not b.fh then
-    local fh, err = io.open(b.path, "wb")
-    if not fh then
-      b.skip = true
-      self.stats.write_errors = self.stats.write_errors + 1
-      self.host.errors:report("filex write error", tostring(err))
-      return
+  local is_str = type(p) == "string"
+  local pos = 0
+  while pos < n do                          -- parts end exactly at multiples of chunk_size
+    if not b.fh then
+      local fh, err = io.open(b.path, "wb")
+      if not fh then
+        b.skip = true
+        self.stats.write_errors = self.stats.write_errors + 1
+        self.host.errors:report("filex write error", tostring(err))
+        return
+      end
+      b.fh = fh
     end
-    b.fh = fh
-  end
-  local s = type(p) == "string" and (n == #p and p or p:sub(1, n)) or fstring(p, n)
-  b.fh:write(s)
-  b.size = b.size + n
-  self.dir_bytes = self.dir_bytes + n
-  self.stats.bytes = self.stats.bytes + n
-  if b.size - b.part_start >= self.chunk_size then
-    b.chunked = true
-    self:emit(st, b, true, false)
+    local k = math.min(n - pos, self.chunk_size - (b.size - b.part_start))
+    if is_str then
+      b.fh:write((pos == 0 and k == #p) and p or p:sub(pos + 1, pos + k))
+    else
+      b.fh:write(fstring(p + pos, k))
+    end
+    pos = pos + k
+    b.size = b.size + k
+    self.dir_bytes = self.dir_bytes + k
+    self.stats.bytes = self.stats.bytes + k
+    if b.size - b.part_start >= self.chunk_size then
+      b.chunked = true
+      self:emit(st, b, true, false)
+    end
   end
 end
 
