@@ -61,6 +61,7 @@ class RunConfig:
     interface: str | None = None      #: live capture from this interface instead of files (docs/live.md)
     bpf: str | None = None            #: tcpdump filter expression for the live capture
     loop: bool = False                #: repeat the files until stopped (soak runs; [source] loop in docs/operations.md)
+    generate: str | None = None       #: the capture process runs the generator with this SPEC (engine/genstream.py)
 
 
 @dataclasses.dataclass
@@ -220,9 +221,13 @@ class FastPath:
             self._driver_stats = method(lua, "stats")
             self._ring_fill = lua.eval("function(d) return d.ring:fill_records(), d.ring:fill_bytes(), d.ring.cap end")
             self.driver_expire = method(lua, "expire")
-            capture = subprocess.Popen(
-                [sys.executable, "-m", "engine.capture", "--ring", ring_seg.name, "--bell", rt.bell.name,
-                 "--ppid", str(os.getpid()), *self._capture_args()], stdin=subprocess.DEVNULL)
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # capture.py unblocks it once
+            try:                                                                    # its stop handler is in place
+                capture = subprocess.Popen(
+                    [sys.executable, "-m", "engine.capture", "--ring", ring_seg.name, "--bell", rt.bell.name,
+                     "--ppid", str(os.getpid()), *self._capture_args()], stdin=subprocess.DEVNULL)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             if not cfg.interface:              # files: the capture process starts up meanwhile (backpressure)
                 self._load_plugins(rt)
             self._write("counter_groups", group_rows(self.infos))
@@ -290,6 +295,8 @@ class FastPath:
     def _capture_args(self) -> list:
         """Input arguments of the capture process: the files, or --interface IF [--bpf EXPR]."""
         cfg = self.cfg
+        if cfg.generate:
+            return ["--generate", cfg.generate]
         if not cfg.interface:
             return ["--loop"] * bool(cfg.loop) + list(cfg.files)
         return ["--interface", cfg.interface, *(["--bpf", cfg.bpf] if cfg.bpf else [])]

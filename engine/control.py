@@ -1,0 +1,173 @@
+"""The run directory, the pidfile and the supervisor's control socket (JSON lines over a Unix socket).
+
+Run directory (mode 0700), written by the supervisor:
+
+    supervisor.pid    pid of the supervisor, flock()ed while it lives (a stale file is ignored)
+    control.sock      Unix stream socket, mode 0600: one JSON request line -> one JSON reply line
+    state.json        the last status (kept after the supervisor exits: "stopped", "failed: ...")
+    active_config.json  the validated configuration the fast-path child runs (written at each (re)start)
+    stats.json        the fast path's snapshot (FastPath.snapshot), rewritten every [stats] interval
+    supervisor.log    stdout/stderr of the supervisor and the fast path when daemonized
+
+Requests: ``{"cmd": "status"}``, ``{"cmd": "stats"}``, ``{"cmd": "reload"}``, ``{"cmd": "stop"}``.
+Replies always carry ``"ok": true|false``; errors carry ``"error"``.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+
+PIDFILE, SOCKET, STATE, STATS, LOG = "supervisor.pid", "control.sock", "state.json", "stats.json", "supervisor.log"
+MAX_LINE = 1 << 20
+
+
+class NotRunning(Exception):
+    """No supervisor answers on the run directory's socket."""
+
+
+def ensure_run_dir(run_dir: str) -> str:
+    """Create the run directory (mode 0700); return its absolute path."""
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    return run_dir
+
+
+def path(run_dir: str, name: str) -> str:
+    return os.path.join(os.path.abspath(run_dir), name)
+
+
+# ---------------------------------------------------------------- pidfile
+class PidFile:
+    """``supervisor.pid`` held with an exclusive flock for the life of the supervisor."""
+
+    def __init__(self, run_dir: str):
+        self.path = path(run_dir, PIDFILE)
+        self.fd = None
+
+    def acquire(self) -> None:
+        """Lock and write our pid; raise RuntimeError naming the running pid if another supervisor holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise RuntimeError(f"already running (pid {read_pid(os.path.dirname(self.path))}, "
+                                   f"{self.path})") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_pid(run_dir: str) -> int | None:
+    """The pid in the pidfile, if a live supervisor holds its lock; else None."""
+    p = path(run_dir, PIDFILE)
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            data = os.read(fd, 64).decode().strip()
+            return int(data) if data.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None                     # nobody holds it: stale
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- socket
+def listen(run_dir: str) -> socket.socket:
+    """Bind the control socket (mode 0600), replacing a stale one; non-blocking."""
+    p = path(run_dir, SOCKET)
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        s.bind(p)
+    finally:
+        os.umask(old)
+    os.chmod(p, 0o600)
+    s.listen(8)
+    s.setblocking(False)
+    return s
+
+
+def read_request(conn: socket.socket, timeout: float = 2.0) -> dict:
+    """One JSON line from a client connection."""
+    conn.settimeout(timeout)
+    buf = b""
+    while b"\n" not in buf and len(buf) < MAX_LINE:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return json.loads(buf.split(b"\n", 1)[0] or b"{}")
+
+
+def send_reply(conn: socket.socket, reply: dict) -> None:
+    try:
+        conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
+    except OSError:
+        pass
+
+
+def request(run_dir: str, cmd: str, timeout: float = 10.0, **args) -> dict:
+    """Send one request to the supervisor of ``run_dir``; NotRunning if nobody answers."""
+    p = path(run_dir, SOCKET)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(p)
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        s.close()
+        raise NotRunning(f"no supervisor on {p} ({e.strerror})") from None
+    try:
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    if not buf:
+        raise NotRunning(f"the supervisor on {p} closed the connection without a reply")
+    return json.loads(buf.split(b"\n", 1)[0])
+
+
+# ---------------------------------------------------------------- files
+def write_json(file: str, obj) -> None:
+    """Atomic replace of a JSON file."""
+    tmp = f"{file}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, default=str)
+    os.replace(tmp, file)
+
+
+def read_json(file: str):
+    """The JSON in ``file`` or None (missing or being replaced)."""
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

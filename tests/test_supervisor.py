@@ -1,0 +1,418 @@
+"""Daemon mode end to end: `luaprobe start/status/stop/reload/stats` with real processes.
+
+The supervisor is daemonized by `luaprobe start` (a new session, re-parented away from pytest), so
+the autouse leak guard of conftest.py cannot see it: the ``daemon`` fixture records every pid the
+run reports and, at teardown, kills what is left and removes segments those pids owned, failing the
+test if anything was left behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from engine import config, control, metrics
+from shm import segment
+from tests import helpers
+
+EXAMPLES = os.path.join(helpers.REPO, "engine", "examples")
+SAMPLE = os.path.join(EXAMPLES, "sample.pcap")
+
+
+def cli(*args, timeout=90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=helpers.REPO, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TOML = """
+[run]
+out_dir = "out"
+run_dir = "run"
+[source]
+pcap = [{pcap}]
+loop = {loop}
+[plugins]
+paths = [{plugins}]
+[async]
+workers = 1
+drain_deadline = 5
+[supervise]
+restart_backoff_initial = 0.05
+restart_backoff_max = 1
+crash_loop_restarts = {crash_loop_restarts}
+crash_loop_window = 60
+stop_deadline = 15
+[stats]
+interval = 0.2
+json_lines_file = "run/stats.jsonl"
+prometheus_port = {port}
+"""
+
+
+class Daemon:
+    """One supervised run in tmp_path; every pid it reported is remembered for the leak check."""
+
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        self.run_dir = str(tmp_path / "run")
+        self.out_dir = str(tmp_path / "out")
+        self.pids: set[int] = set()
+
+    def write_config(self, plugins=(EXAMPLES,), pcap=(SAMPLE,), loop=True, crash_loop_restarts=5, port=0) -> str:
+        q = lambda xs: ", ".join(json.dumps(str(x)) for x in xs)  # noqa: E731
+        path = self.dir / "luaprobe.toml"
+        path.write_text(TOML.format(pcap=q(pcap), loop=str(loop).lower(), plugins=q(plugins),
+                                    crash_loop_restarts=crash_loop_restarts, port=port))
+        self.config = str(path)
+        return self.config
+
+    def cli(self, cmd, *args, **kw):
+        return cli(cmd, "--run-dir", self.run_dir, *args, **kw)
+
+    def start(self, **cfg):
+        self.write_config(**cfg)
+        r = cli("start", "--config", self.config)
+        assert r.returncode == 0, r.stderr
+        pid = control.read_pid(self.run_dir)
+        assert pid
+        self.pids.add(pid)
+        return r
+
+    def status(self) -> dict:
+        st = json.loads(self.cli("status", "--json").stdout)
+        for v in st.get("processes", {}).values():
+            self.pids.update(v if isinstance(v, list) else [v])
+        return st
+
+    def stats(self) -> dict:
+        r = self.cli("stats", "--json")
+        assert r.returncode == 0, r.stderr
+        snap = json.loads(r.stdout)
+        self.pids.update(p["pid"] for p in snap.get("process_info", []))
+        return snap
+
+    def wait_packets(self, n=1000, timeout=30) -> dict:
+        return helpers.wait_for(lambda: (s := self.stats()).get("packets", 0) >= n and s, timeout, 0.1)
+
+    def alive(self) -> list[int]:
+        out = []
+        for pid in self.pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    out.append(pid)
+            except psutil.Error:
+                pass
+        return out
+
+    def segments(self) -> list[str]:
+        return [n for n in segment.list_segments() if segment.owner_pid(n) in self.pids]
+
+    def cleanup(self) -> tuple[list, list]:
+        pid = control.read_pid(self.run_dir)
+        if pid:
+            self.pids.add(pid)
+        procs = []
+        for p in self.alive():
+            try:
+                proc = psutil.Process(p)
+                procs += [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                pass
+        leaked = helpers.kill_tree(procs)
+        segs = self.segments()
+        for s in segs:
+            segment.unlink(s)
+        return leaked, segs
+
+
+@pytest.fixture
+def daemon(tmp_path, request):
+    d = Daemon(tmp_path)
+    yield d
+    leaked, segs = d.cleanup()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.passed and (leaked or segs):
+        pytest.fail(f"daemon leaked processes {leaked} / segments {segs}")
+
+
+# ============================================================================ configuration
+def _raw(**over):
+    raw = {"source": {"pcap": [SAMPLE]}, "plugins": {"paths": [EXAMPLES]}}
+    for k, v in over.items():
+        raw.setdefault(k, {}).update(v)
+    return raw
+
+
+@pytest.mark.parametrize("raw, message", [
+    (_raw(asynk={"workers": 2}),
+     "f.toml: unknown section [asynk] (valid: [run], [source], [plugins], [async], [supervise], [stats], [log])"),
+    (_raw(**{"async": {"wrkers": 2}}),
+     "f.toml: [async] unknown key 'wrkers' (valid: workers, overflow_limit, task_timeout, drain_deadline, "
+     "max_tasks, max_rss_mb)"),
+    (_raw(**{"async": {"workers": "2"}}), 'f.toml: [async] workers = "2": must be an integer between 1 and 256'),
+    (_raw(**{"async": {"workers": 0}}), "f.toml: [async] workers = 0: must be an integer between 1 and 256"),
+    (_raw(supervise={"stop_deadline": 0.5}), "f.toml: [supervise] stop_deadline = 0.5: must be a number between 1 "
+                                             "and 3600"),
+    (_raw(stats={"prometheus_port": 70000}), "f.toml: [stats] prometheus_port = 70000: must be an integer between "
+                                             "0 and 65535"),
+    (_raw(source={"loop": "yes"}), 'f.toml: [source] loop = "yes": must be true or false'),
+    (_raw(log={"format": "xml"}), 'f.toml: [log] format = "xml": must be one of "text", "json"'),
+    (_raw(source={"interface": "lo"}), "f.toml: [source] give exactly one of pcap or interface, not both"),
+    ({"plugins": {"paths": [EXAMPLES]}},
+     'f.toml: [source] missing: give pcap = ["file.pcap", ...] or interface = "eth0"'),
+    (_raw(source={"bpf": "tcp"}), 'f.toml: [source] bpf = "tcp": only valid with interface'),
+    (_raw(supervise={"restart_backoff_initial": 5, "restart_backoff_max": 1}),
+     "f.toml: [supervise] restart_backoff_max = 1: must be >= restart_backoff_initial (5)"),
+])
+def test_config_errors_name_key_value_and_range(raw, message):
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(raw, "f.toml")
+    assert str(e.value) == message
+
+
+def test_config_missing_file_and_defaults(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"\[source\] pcap: '.*/nope.pcap': not a readable file"):
+        config.validate(_raw(source={"pcap": ["nope.pcap"]}), str(tmp_path / "f.toml"))
+    cfg = config.validate(_raw(), str(tmp_path / "f.toml"))
+    assert cfg.run_dir == str(tmp_path / "run")                       # relative to the config file
+    assert cfg["async"]["drain_deadline"] == 10.0 and cfg["supervise"]["crash_loop_restarts"] == 5
+    rc = cfg.run_config(stats_file="x.json")
+    assert rc.files == [SAMPLE] and rc.loop is False and rc.stats_file == "x.json"
+
+
+def test_start_refuses_a_bad_config_before_starting_anything(tmp_path):
+    (tmp_path / "bad.toml").write_text('[source]\npcap = ["%s"]\n[plugins]\npaths = ["%s"]\n[async]\nworkers = -1\n'
+                                       % (SAMPLE, EXAMPLES))
+    r = cli("start", "--config", str(tmp_path / "bad.toml"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"luaprobe start: {tmp_path / 'bad.toml'}: [async] workers = -1: must be an integer "
+                                "between 1 and 256")
+    assert not (tmp_path / "run").exists()
+
+
+# ============================================================================ life cycle
+def test_start_status_stop_round_trip(daemon):
+    r = daemon.start()
+    assert r.stdout.startswith("started: supervisor pid ")
+    sock = os.path.join(daemon.run_dir, control.SOCKET)
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(daemon.run_dir).st_mode) == 0o700
+    daemon.wait_packets()
+    st = helpers.wait_for(lambda: "workers" in (s := daemon.status())["processes"] and s, 20, 0.1)
+    assert st["state"] == "running" and st["restarts"] == 0 and st["live"]
+    assert {"supervisor", "fastpath", "capture", "store", "workers"} <= set(st["processes"])
+    text = daemon.cli("status")
+    assert text.returncode == 0 and text.stdout.startswith("state:      running\npids:       supervisor ")
+    assert "last stats: " in helpers.wait_for(lambda: "last stats" in (t := daemon.cli("status").stdout) and t)
+    r = daemon.cli("stop")
+    assert r.returncode == 0 and r.stdout.startswith("stopped (fast path exit status 0;"), r.stdout + r.stderr
+    st = daemon.status()
+    assert st["state"] == "stopped" and not st["live"]
+    assert daemon.cli("status").returncode == 3
+    assert daemon.cli("stop").stdout.startswith("not running (stopped")
+    assert not daemon.alive() and not daemon.segments()
+    assert not os.path.exists(sock) and control.read_pid(daemon.run_dir) is None
+    with sqlite3.connect(os.path.join(daemon.out_dir, "luaprobe.sqlite")) as c:
+        packets = json.loads(c.execute("SELECT value FROM run WHERE key = 'packets'").fetchone()[0])
+        errors = json.loads(c.execute("SELECT value FROM run WHERE key = 'input_errors'").fetchone()[0])
+        assert c.execute("SELECT count(*) FROM flows").fetchone()[0] > 0
+    assert packets >= 1000 and errors == []
+    lines = open(os.path.join(daemon.run_dir, "stats.jsonl")).read().splitlines()
+    assert len(lines) >= 2 and json.loads(lines[-1])["packets"] > 0
+
+
+def test_second_start_is_refused(daemon):
+    daemon.start()
+    r = cli("start", "--config", daemon.config)
+    assert r.returncode == 1 and "already running (supervisor pid" in r.stderr
+    assert daemon.cli("stop").returncode == 0
+
+
+def test_killed_fastpath_is_restarted(daemon):
+    daemon.start()
+    daemon.wait_packets()
+    st = daemon.status()
+    old = st["fastpath_pid"]
+    os.kill(old, signal.SIGKILL)
+    st = helpers.wait_for(lambda: (s := daemon.status())["restarts"] == 1 and s["state"] == "running"
+                          and s["fastpath_pid"] != old and s, 30, 0.1)
+    assert st["last_exit"] == "killed by SIGKILL"
+    helpers.wait_for(lambda: not [n for n in segment.list_segments() if segment.owner_pid(n) == old], 10)
+    daemon.wait_packets()
+    assert "restarts:   1" in daemon.cli("status").stdout
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_killed_worker_is_restarted_by_the_pool(daemon):
+    daemon.start()
+    snap = daemon.wait_packets()
+    dns = next(p for p in snap["plugins"] if p["plugin"].endswith("dns_watch.lua"))
+    wpid = dns["workers"][0]["pid"]
+    os.kill(wpid, signal.SIGKILL)
+
+    def restarted():
+        s = daemon.stats()
+        p = next(p for p in s["plugins"] if p["plugin"].endswith("dns_watch.lua"))
+        return p["async"]["worker_deaths"] >= 1 and p["workers"][0]["pid"] not in (None, wpid) and p
+    p = helpers.wait_for(restarted, 30, 0.1)
+    assert p["workers"][0]["restarts"] >= 1
+    assert daemon.status()["restarts"] == 0                  # the fast path itself kept running
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_crash_loop_gives_up(daemon, tmp_path):
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    (plug / "crash.lua").write_text('TrisulPlugin = { id = { name = "crash" },\n'
+                                    '  onload = function() os.exit(1) end,\n'
+                                    '  engine_monitor = { onmetronome = function() end } }\n')
+    daemon.start(plugins=[plug], crash_loop_restarts=2)
+    st = helpers.wait_for(lambda: (s := daemon.status())["state"].startswith("failed") and s, 30, 0.1)
+    assert st["state"] == "failed: crash loop (last exit: exit status 1)"
+    assert st["restarts"] == 2 and not st["live"]
+    assert daemon.cli("status").returncode == 1
+    helpers.wait_for(lambda: control.read_pid(daemon.run_dir) is None, 10)
+    assert "giving up" in open(os.path.join(daemon.run_dir, control.LOG)).read()
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_sigterm_to_the_supervisor_drains_and_leaves_nothing(daemon):
+    daemon.start()
+    daemon.wait_packets()
+    st = daemon.status()
+    os.kill(st["supervisor_pid"], signal.SIGTERM)
+    helpers.wait_for(lambda: not daemon.alive(), 30, 0.05)
+    state = control.read_json(os.path.join(daemon.run_dir, control.STATE))
+    assert state["state"] == "stopped" and state["last_exit"] == "exit status 0"
+    summary = control.read_json(os.path.join(daemon.run_dir, "last_summary.json"))
+    assert summary["input_errors"] == [] and summary["packets"] > 0
+    dns = next(p for p in summary["plugins"] if p["plugin"].endswith("dns_watch.lua"))
+    helpers.assert_accounting(dns["async"])
+    assert dns["async"]["pending"] == 0 and dns["async"]["scheduled"] > 0            # drained
+    assert not daemon.segments()
+    assert not os.path.exists(os.path.join(daemon.run_dir, control.SOCKET))
+
+
+MONITOR = """
+TrisulPlugin = {{ id = {{ name = "versioned monitor" }},
+  onload = function()
+    local f = io.open("{marker}", "a"); f:write("{version}\\n"); f:close()
+  end,
+  engine_monitor = {{ onmetronome = function(engine, ts) end }},
+}}
+"""
+
+
+def test_reload_picks_up_a_changed_backend_script(daemon, tmp_path):
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    marker = tmp_path / "marker.txt"
+    script = plug / "monitor.lua"
+    script.write_text(MONITOR.format(marker=marker, version="v1"))
+    daemon.start(plugins=[plug])
+    helpers.wait_for(lambda: marker.exists() and "v1" in marker.read_text(), 20)
+    old = daemon.status()["fastpath_pid"]
+    script.write_text(MONITOR.format(marker=marker, version="v2"))
+    r = daemon.cli("reload")
+    assert r.returncode == 0 and r.stdout.startswith(f"reloaded: fast path pid {old} -> "), r.stdout + r.stderr
+    helpers.wait_for(lambda: "v2" in marker.read_text(), 20)
+    st = daemon.status()
+    assert st["reloads"] == 1 and st["restarts"] == 0 and st["state"] == "running"
+    assert marker.read_text().split() == ["v1", "v1", "v2", "v2"]         # two backend instances each
+    os.kill(st["supervisor_pid"], signal.SIGHUP)                          # SIGHUP = reload
+    helpers.wait_for(lambda: daemon.status()["reloads"] == 2, 30, 0.1)
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_reload_refuses_an_invalid_config_and_keeps_running(daemon):
+    daemon.start()
+    old = daemon.status()["fastpath_pid"]
+    with open(daemon.config, "a") as f:
+        f.write("[bogus]\n")
+    r = daemon.cli("reload")
+    assert r.returncode == 2 and "reload refused, configuration invalid: " in r.stderr
+    assert "unknown section [bogus]" in r.stderr
+    st = daemon.status()
+    assert st["state"] == "running" and st["fastpath_pid"] == old
+    assert daemon.cli("stop").returncode == 0
+
+
+# ============================================================================ monitoring
+FASTPATH_KEYS = ("packets", "bytes", "flows")
+
+
+def test_stats_json_equals_the_fastpath_counters(daemon):
+    daemon.start()
+    daemon.wait_packets()
+    helpers.wait_for(lambda: daemon.stats()["rates"], 20, 0.1)      # two snapshots of this fast path seen
+    file = os.path.join(daemon.run_dir, control.STATS)
+
+    def consistent():                    # the fast path's own file, unchanged around the CLI call
+        before = control.read_json(file)
+        snap = daemon.stats()
+        after = control.read_json(file)
+        return before == after and before.get("time") == snap.get("time") and (before, snap)
+    fp, snap = helpers.wait_for(consistent, 30, 0)
+    for k in ("packets", "bytes", "flows", "flows_live", "rings", "drops", "plugins", "processes"):
+        assert snap[k] == fp[k], k
+    assert snap["rates"]["packets_per_s"] > 0 and snap["status"]["state"] == "running"
+    roles = {r["role"] for r in snap["process_info"]}
+    assert {"supervisor", "fastpath", "capture", "store", "workers"} <= roles
+    tcp = next(p for p in snap["plugins"] if p["plugin"].endswith("tcp_ports.lua") and p["type"] == "simplecounter")
+    assert 0 < tcp["hook_calls"]["simplecounter.onpacket"] <= snap["packets"]
+    text = daemon.cli("stats", "--plain", "--count", "1").stdout
+    assert "== source" in text and "== processes" in text and "dns_watch.lua [simplecounter#" in text
+    assert daemon.cli("stop").returncode == 0
+    # after the end: the final counters are the fast path's summary
+    final = daemon.stats()
+    summary = control.read_json(os.path.join(daemon.run_dir, "last_summary.json"))
+    assert final["final"] is True and not final["live"]
+    for k in FASTPATH_KEYS:
+        assert final[k] == summary[k], k
+    assert [(p["plugin"], p["instance"], p["hook_calls"], p["async"]) for p in final["plugins"]] == \
+        [(p["plugin"], p["instance"], p["hook_calls"], p["async"]) for p in summary["plugins"]]
+
+
+def test_prometheus_endpoint_agrees_with_stats_json(daemon):
+    port = free_port()
+    daemon.start(port=port)
+    daemon.wait_packets()
+
+    def consistent():
+        a = daemon.stats()
+        m = metrics.scrape(port)
+        b = daemon.stats()
+        return a["time"] == b["time"] and (a, m)
+    snap, m = helpers.wait_for(consistent, 30, 0)
+    assert m["luaprobe_packets_total"] == snap["packets"]
+    assert m["luaprobe_bytes_total"] == snap["bytes"]
+    assert m["luaprobe_up"] == 1 and m["luaprobe_restarts_total"] == 0
+    dns = next(p for p in snap["plugins"] if p["plugin"].endswith("dns_watch.lua"))
+    key = ('luaprobe_async_tasks_total{instance="%s",outcome="scheduled",plugin="dns_watch.lua",'
+           'type="simplecounter"}' % dns["instance"])
+    assert m[key] == dns["async"]["scheduled"]
+    others = [a.address for ifs in psutil.net_if_addrs().values() for a in ifs
+              if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    for addr in others[:1]:                                # bound to 127.0.0.1 only
+        with pytest.raises(OSError):
+            socket.create_connection((addr, port), timeout=2).close()
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
