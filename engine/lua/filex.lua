@@ -31,6 +31,7 @@ local buffer = require("engine.lua.buffer")
 local packet = require("engine.lua.packet")
 local decode = require("engine.lua.decode")
 
+local band = require("bit").band
 local fstring = ffi.string
 local TCP = decode.PROTO.TCP
 local M = {}
@@ -258,7 +259,8 @@ function F:close_flow(id)
   end
   self.flows[id] = nil
   self:hook("onterminateflow", self.engine, self.engine:timestamp(), st.flow)
-  self.R:forget(id)
+  -- tcpreasm keeps a "closed" marker for the id (removed by R:expire / expire_idle): the trailing ACKs
+  -- and RSTs of this connection are ignored instead of starting a second filter_flow .. onterminateflow
 end
 
 -- ------------------------------------------------------------------ the batch walk
@@ -272,7 +274,13 @@ function F:run_batch(batch, n)
     if d.first[TCP] >= 0 and p.flow >= 0 then
       eng:set_packet(batch, i)
       local id = p.flow_uid
-      if self:flow_state(id, d) then
+      local f = R.flows[id]
+      local closed = f ~= nil and f.closed
+      if closed and band(d.tcp_flags, 0x12) == 0x02 then  -- SYN on a closed connection: 5-tuple reused
+        R:forget(id)
+        closed = false
+      end
+      if not closed and self:flow_state(id, d) then
         local l4 = d.l4_offset
         local data = p.data
         R:packet(id, p.dir, be32(data, l4 + 4), d.tcp_flags, data + d.payload_offset, d.payload_length,
