@@ -1,0 +1,610 @@
+"""filex_monitor end to end (engine/lua/filex.lua): real captures, real processes, `luaprobe run` / FastPath.
+
+Every HTTP capture in tests/helpers.PCAPS runs through a test plug-in whose ``onfile_http`` copies each
+file *synchronously* (io.open, read, write into the test's tmp dir: the file must exist during the
+hook).  The SHA-256 multiset of the copies is compared with
+
+    tshark -r FILE -q --export-objects http,DIR            (Wireshark 4.0.17)
+
+run by the test itself (skipped, with the reason, only when tshark is missing) and with the sets pinned
+in tests/test_http.py (TSHARK, DEVIATIONS: the three justified differences, documented in
+docs/filex.md).  Flow keys come from tshark too: ``tshark -T json -x -Y http`` gives, per packet, the
+TCP endpoints and the decoded body (``http.file_data_raw``); the endpoints are converted to Trisul's
+flow-key format (Z end = lower port, engine/lua/decode.lua).
+
+Also covered: the shipped example engine/examples/file_sha256.lua (FileHash resources, ./extracted),
+file lifetime with T.async tasks, chunked ``.part`` files, streaming mode (onpayload_http only),
+filter_flow / filter votes, the directory size cap, and gaps / pipelining / chunked+gzip end to end.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine.fastpath import FastPath, RunConfig
+from engine.store import Store
+from tests import helpers
+from tests.test_http import DEVIATIONS, TSHARK
+
+PCAPS = helpers.PCAPS
+EXAMPLE = os.path.join(helpers.REPO, "engine", "examples", "file_sha256.lua")
+FILEHASH = "{9781DB2C-F78A-4F7F-A7E8-2B1A9A7BE71A}"
+TSHARK_BIN = shutil.which("tshark")
+NO_TSHARK = "tshark is not installed: the live --export-objects comparison is skipped (pinned sets still checked)"
+
+HTTP_CAPTURES = sorted(f for f in os.listdir(PCAPS) if f.startswith("http-")) + [
+    "mix-eth-tls-http-dns.pcap", "vlan-mpls-mixed.pcap"]
+
+# capture -> number of onfile_http calls (whole files; no body reaches the 5 MB default chunk size).
+# = tshark's object count, except: website-keepalive +1 (a truncated body tshark does not export),
+# ipv6-keepalive-gap -1 (unframeable first response), vlan-mpls-mixed -2 (3 HTTP/0.9 segments = 1 body)
+COUNTS = {
+    "http-chunked-dvwa.pcapng": 3, "http-chunked-eicar.pcap": 1, "http-chunked-gzip-mix.pcap": 18,
+    "http-get-text.pcap": 1, "http-gzip-eicar.pcap": 1, "http-gzip-json.pcap": 1,
+    "http-ipv6-keepalive-gap.pcap": 999, "http-jpeg-download.pcap": 1, "http-keepalive-splunk-ui.pcap": 11,
+    "http-pdf-download.pcap": 1, "http-pipelined-mozilla.pcap": 5, "http-post-hello.pcap": 2,
+    "http-post-multipart-fields.pcap": 2, "http-post-multipart-upload.pcap": 2, "http-qinq-vlan.pcap": 1,
+    "http-range-pdf-206.pcap": 2, "http-website-keepalive.pcap": 31, "http-zip-download.pcap": 1,
+    "mix-eth-tls-http-dns.pcap": 1, "vlan-mpls-mixed.pcap": 2,
+}
+
+# Flow keys of the bodies that tshark does not export (DEVIATIONS in tests/test_http.py):
+#   tshark -r http-website-keepalive.pcap -Y 'http.request.uri == "/js/jquery.cycle.all.min.js"'
+#          -T fields -e ip.src -e tcp.srcport -e ip.dst -e tcp.dstport   -> 10.0.2.15 55081 192.150.187.43 80
+#   tshark -r vlan-mpls-mixed.pcap -Y http -T fields -e ip.src -e tcp.srcport ...   (the HTTP/0.9 reply)
+#                                                                         -> 10.0.0.15 80 10.20.80.1 50343
+DEVIATION_FLOWS = {
+    "http-website-keepalive.pcap": "06A:0A.00.02.0F:p-D729_C0.96.BB.2B:p-0050",
+    "vlan-mpls-mixed.pcap": "06A:0A.14.50.01:p-C4A7_0A.00.00.0F:p-0050",
+}
+
+# packets per capture (capinfos -c)
+PACKETS = {"http-website-keepalive.pcap": 751, "http-ipv6-keepalive-gap.pcap": 4102}
+
+PDF_SHA = "48d179a2f8d17331446c7a75a082851eee9ad841705ed5fbce730f51a0598d62"   # http-pdf-download body
+PDF_LEN = 177207
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def expected(name: str) -> collections.Counter:
+    """Pinned multiset of body SHA-256s luaprobe delivers: tshark's, adjusted by the justified deviations."""
+    exp = collections.Counter(TSHARK[name])
+    delta, trunc = DEVIATIONS.get(name, ({}, []))
+    for h, n in delta.items():
+        exp[h] += n
+    for h, _, _ in trunc:
+        exp[h] += 1
+    return +exp
+
+
+# ============================================================================ tshark (run by the tests)
+
+def _ipkey(a: str) -> str:
+    ip = ipaddress.ip_address(a)
+    return ip.packed.hex().upper() if ip.version == 6 else ".".join("%02X" % b for b in ip.packed)
+
+
+def trisul_flowkey(src: str, sport: int, dst: str, dport: int) -> str:
+    """Trisul flow id of a TCP conversation (engine/lua/decode.lua): the Z end has the lower port; on a tie
+    the lower address; 'A' IPv4, 'B' IPv6."""
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    src_is_a = sport > dport if sport != dport else s.packed >= d.packed
+    (ia, pa), (iz, pz) = ((src, sport), (dst, dport)) if src_is_a else ((dst, dport), (src, sport))
+    return "06%s:%s:p-%04X_%s:p-%04X" % ("B" if s.version == 6 else "A", _ipkey(ia), pa, _ipkey(iz), pz)
+
+
+def _walk(o, key):
+    if isinstance(o, dict):
+        for k, v in o.items():
+            if k == key:
+                yield v
+            else:
+                yield from _walk(v, key)
+    elif isinstance(o, list):
+        for v in o:
+            yield from _walk(v, key)
+
+
+def _last(x):
+    return x[-1] if isinstance(x, list) else x
+
+
+_TSHARK_CACHE: dict = {}
+
+
+def tshark_export(name: str, tmp_dir: str) -> collections.Counter:
+    """SHA-256 multiset of ``tshark --export-objects http`` (cached per capture for the session)."""
+    key = ("export", name)
+    if key not in _TSHARK_CACHE:
+        d = os.path.join(tmp_dir, "tshark-export")
+        os.makedirs(d)
+        subprocess.run([TSHARK_BIN, "-r", os.path.join(PCAPS, name), "-q", "--export-objects", "http," + d],
+                       check=True, capture_output=True, timeout=120)
+        _TSHARK_CACHE[key] = collections.Counter(sha(open(p, "rb").read()) for p in glob.glob(d + "/*"))
+        shutil.rmtree(d)
+    return _TSHARK_CACHE[key]
+
+
+def tshark_flows(name: str) -> collections.Counter:
+    """{(trisul flow key, sha256 of a decoded body): count} from ``tshark -T json -x -Y http``: the TCP
+    endpoints of the packet carrying each ``http.file_data`` (decoded: de-chunked, inflated)."""
+    key = ("flows", name)
+    if key not in _TSHARK_CACHE:
+        out = subprocess.run([TSHARK_BIN, "-r", os.path.join(PCAPS, name), "-T", "json", "-x", "--no-duplicate-keys",
+                              "-Y", "http", "-J", "ip ipv6 tcp http"], check=True, capture_output=True,
+                             timeout=300).stdout
+        res: collections.Counter = collections.Counter()
+        for pkt in json.loads(out):
+            layers = pkt["_source"]["layers"]
+            v6 = "ipv6" in layers
+            ip, tcp = _last(layers["ipv6" if v6 else "ip"]), _last(layers["tcp"])
+            v = "ipv6" if v6 else "ip"
+            fk = trisul_flowkey(ip[v + ".src"], int(tcp["tcp.srcport"]), ip[v + ".dst"], int(tcp["tcp.dstport"]))
+            for raw in _walk(layers.get("http"), "http.file_data_raw"):
+                for r in (raw if isinstance(raw[0], list) else [raw]):
+                    if r[0]:
+                        res[(fk, sha(bytes.fromhex(r[0])))] += 1
+        _TSHARK_CACHE[key] = res
+    return _TSHARK_CACHE[key]
+
+
+def expected_flows(name: str) -> collections.Counter:
+    """(flow key, sha) multiset luaprobe should report: tshark's, with the deviations applied."""
+    exp = tshark_flows(name).copy()
+    delta, trunc = DEVIATIONS.get(name, ({}, []))
+    for h, n in delta.items():
+        if n < 0:
+            for _ in range(-n):
+                k = next(k for k in exp if k[1] == h and exp[k] > 0)
+                exp[k] -= 1
+        else:
+            exp[(DEVIATION_FLOWS[name], h)] += n
+    for h, _, _ in trunc:
+        exp[(DEVIATION_FLOWS[name], h)] += 1
+    return +exp
+
+
+def test_trisul_flowkey_rule():
+    assert trisul_flowkey("10.0.2.15", 55081, "192.150.187.43", 80) == "06A:0A.00.02.0F:p-D729_C0.96.BB.2B:p-0050"
+    assert trisul_flowkey("192.150.187.43", 80, "10.0.2.15", 55081) == "06A:0A.00.02.0F:p-D729_C0.96.BB.2B:p-0050"
+    assert trisul_flowkey("10.0.0.2", 80, "10.0.0.1", 80) == "06A:0A.00.00.02:p-0050_0A.00.00.01:p-0050"
+    assert trisul_flowkey("::1", 1234, "2001:db8::1", 80) == \
+        "06B:00000000000000000000000000000001:p-04D2_20010DB8000000000000000000000001:p-0050"
+
+
+# ============================================================================ plug-ins
+
+def lua_str(s: str) -> str:
+    return "[==[" + s + "]==]"
+
+
+RECORD_LUA = r"""
+local OUT = %(out)s
+local man = assert(io.open(OUT .. "/manifest.tsv", "w"))
+local nrec = 0
+local function clean(s) return (tostring(s == nil and "" or s):gsub("[\t\n]", " ")) end
+local function record(...)
+  local t = {...}
+  for i = 1, select("#", ...) do t[i] = clean(t[i]) end
+  man:write(table.concat(t, "\t"), "\n"); man:flush()
+end
+"""
+
+# onfile_http copies synchronously; prev_exists: did the previous call's file survive its hook?
+COPY_PLUGIN = RECORD_LUA + r"""
+local prev
+TrisulPlugin = {
+  id = { name = "filex copy" },
+  filex_monitor = {
+    onfile_http = function(engine, ts, flow, path, req, resp, length, is_chunk)
+      nrec = nrec + 1
+      local pf = prev and io.open(prev, "rb")
+      if pf then pf:close() end
+      local f = assert(io.open(path, "rb"))
+      local data = f:read("*a"); f:close()
+      local copy = ("%%s/%%06d.bin"):format(OUT, nrec)
+      local g = assert(io.open(copy, "wb")); g:write(data); g:close()
+      record(path, length, #data, is_chunk, req:get_path(), resp and resp:get_status() or 0, copy, flow:id(),
+        pf ~= nil, resp and resp:get_value("Content-Type"), req:get_method(),
+        resp and resp:get_value("Content-Encoding"), resp and resp:get_value("Transfer-Encoding"),
+        path:match("^.+/(.+)%%.%%d+.part$"), type(is_chunk))
+      prev = path
+    end,
+    %(extra)s
+  },
+}
+"""
+COPY_FIELDS = ("path", "length", "read", "is_chunk", "uri", "status", "copy", "flow", "prev_exists", "ctype",
+               "method", "cenc", "tenc", "part_base", "is_chunk_type")
+
+# onfile_http hands each path to a T.async task that waits (busy loop on os.clock), then reads it
+ASYNC_PLUGIN = RECORD_LUA + r"""
+TrisulPlugin = {
+  id = { name = "filex async" },
+  request_async_workers = 2,
+  filex_monitor = {
+    onfile_http = function(engine, ts, flow, path, req, resp, length, is_chunk)
+      record("file", path, length)
+      T.async:schedule {
+        data = path,
+        onexecute = function(p)
+          local t0 = os.clock()
+          while os.clock() - t0 < %(wait)s do end
+          local f = io.open(p, "rb")
+          if not f then return "MISSING" end
+          local body = f:read("*a"); f:close()
+          return require("engine.lua.sha256").hex(body)
+        end,
+        onresult = function(engine, p, sha)
+          local f = io.open(p, "rb")
+          if f then f:close() end
+          record("result", p, sha, f ~= nil)
+        end,
+      }
+    end,
+  },
+}
+"""
+
+# streaming mode: no onfile_http
+STREAM_PLUGIN = RECORD_LUA + r"""
+local cur, seen_on_disk, calls = {}, 0, 0
+TrisulPlugin = {
+  id = { name = "filex stream" },
+  filex_monitor = {
+    onpayload_http = function(engine, ts, flow, path, req, resp, dir, seekpos, buf)
+      calls = calls + 1
+      local f = io.open(path, "rb")
+      if f then f:close(); seen_on_disk = seen_on_disk + 1 end
+      local key = path .. "#" .. dir
+      local c = cur[key] or { parts = {}, len = 0, seek_ok = true }
+      cur[key] = c
+      if seekpos ~= c.len then c.seek_ok = false end
+      local n = buf:size()
+      if n == 0 then
+        nrec = nrec + 1
+        local copy = ("%%s/%%06d.bin"):format(OUT, nrec)
+        local g = assert(io.open(copy, "wb")); g:write(table.concat(c.parts)); g:close()
+        record(path, dir, c.len, c.seek_ok, copy, req:get_path(), #c.parts, seen_on_disk)
+        cur[key] = nil
+      else
+        c.parts[#c.parts + 1] = buf:tostring()
+        c.len = c.len + n
+      end
+    end,
+  },
+}
+"""
+STREAM_FIELDS = ("path", "dir", "len", "seek_ok", "copy", "uri", "nparts", "seen_on_disk")
+
+
+def make_plugin(tmp_path, template: str, name="plugin.lua", **kw) -> tuple[str, str]:
+    """Write a plug-in whose records go to tmp_path/<name>.d/manifest.tsv; returns (plugin, out dir)."""
+    out = tmp_path / (name + ".d")
+    out.mkdir()
+    kw.setdefault("extra", "")
+    path = tmp_path / name
+    path.write_text(template % {"out": lua_str(str(out)), **kw})
+    return str(path), str(out)
+
+
+def records(out: str, fields=COPY_FIELDS) -> list[dict]:
+    with open(os.path.join(out, "manifest.tsv")) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f]
+    return [dict(zip(fields, r)) for r in rows]
+
+
+def run(tmp_path, plugins, files, name="out", **kw) -> dict:
+    files = [f if os.path.isabs(f) else os.path.join(PCAPS, f) for f in files]
+    summary = FastPath(RunConfig(plugins=list(plugins), files=files, out_dir=str(tmp_path / name), **kw)).run()
+    assert summary["input_errors"] == [] and summary["plugin_problems"] == []
+    for p in summary["plugins"]:
+        assert p["hook_errors"] == {}, p
+    return summary
+
+
+def fx(summary) -> dict:
+    (st,) = summary["filex"]
+    return st
+
+
+def copy_run(tmp_path, capture, name="copy", extra="", **kw):
+    plugin, out = make_plugin(tmp_path, COPY_PLUGIN, name=name + ".lua", extra=extra)
+    summary = run(tmp_path, [plugin], [capture], name=name + ".out", **kw)
+    recs = records(out) if os.path.exists(os.path.join(out, "manifest.tsv")) else []
+    for r in recs:
+        r["sha"] = sha(open(r["copy"], "rb").read())
+    return summary, recs
+
+
+# ============================================================================ every HTTP capture
+
+@pytest.mark.parametrize("name", HTTP_CAPTURES)
+def test_files_match_tshark(tmp_path, name):
+    summary, recs = copy_run(tmp_path, name)
+    st = fx(summary)
+    assert len(recs) == COUNTS[name] == st["files"]
+    assert st["chunks"] == 0 and st["skipped_cap"] == 0 and st["write_errors"] == 0
+    assert st["bytes"] == sum(int(r["length"]) for r in recs)
+    fxdir = os.path.dirname(recs[0]["path"])
+    for r in recs:
+        assert r["is_chunk"] == "false" and r["is_chunk_type"] == "boolean"
+        assert int(r["length"]) == int(r["read"]) > 0           # the whole file was there during the hook
+        assert r["prev_exists"] == "false"                      # no task names it: removed once the hook returned
+        assert os.path.dirname(r["path"]) == fxdir and not r["path"].endswith(".part")
+    assert not os.path.exists(fxdir), "the extraction directory must be removed after the run"
+    got = collections.Counter(r["sha"] for r in recs)
+    assert got == expected(name)                                   # pinned (tests/test_http.py)
+    if not TSHARK_BIN:
+        pytest.skip(NO_TSHARK)
+    exp = tshark_export(name, str(tmp_path)).copy()
+    assert exp == collections.Counter(TSHARK[name])               # the pins are still what tshark exports
+    delta, trunc = DEVIATIONS.get(name, ({}, []))
+    for h, n in delta.items():
+        exp[h] += n
+    for h, _, _ in trunc:
+        exp[h] += 1
+    assert got == +exp
+    assert collections.Counter((r["flow"], r["sha"]) for r in recs) == expected_flows(name)
+
+
+def test_request_and_response_metadata(tmp_path):
+    """Request path, method and response status reach onfile_http (POST bodies: dir 0, no response yet)."""
+    _, recs = copy_run(tmp_path, "http-post-multipart-fields.pcap")
+    assert [(r["method"], r["status"]) for r in recs] == [("POST", "0"), ("POST", "200")]
+    _, recs = copy_run(tmp_path, "http-range-pdf-206.pcap", name="range")
+    assert [(r["status"], int(r["length"])) for r in recs] == [("206", 32768), ("206", 522755)]
+    _, recs = copy_run(tmp_path, "http-get-text.pcap", name="text")
+    assert [(r["uri"], r["status"], r["method"]) for r in recs] == [("/download/CHANGES.bro-aux.txt", "200", "GET")]
+
+
+# ============================================================================ the shipped example
+
+@pytest.mark.parametrize("name", HTTP_CAPTURES)
+def test_example_file_sha256(tmp_path, name):
+    """engine/examples/file_sha256.lua through `luaprobe run` (cwd = tmp_path: it writes ./extracted)."""
+    stats = tmp_path / "summary.json"
+    env = dict(os.environ, PYTHONPATH=helpers.REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "engine.cli", "run", EXAMPLE, "--pcap", os.path.join(PCAPS, name),
+                        "--out", "out", "--stats-json", str(stats)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(stats.read_text())
+    (plug,) = summary["plugins"]
+    assert plug["hook_errors"] == {}
+    a = plug["async"]
+    helpers.assert_accounting(a)
+    n = COUNTS[name]
+    assert a["scheduled"] == a["ok"] == 2 * n and a["pending"] == 0     # one copy + one schedule per file
+    with Store(str(tmp_path / "out")) as st:
+        rows = st.resources(FILEHASH)
+    assert len(rows) == n
+    assert collections.Counter(r["uri"] for r in rows) == expected(name)   # one resource per body
+    assert all(r["contents"].split(" bytes ")[0].isdigit() for r in rows)
+    extracted = tmp_path / "extracted"
+    assert collections.Counter(sha(f.read_bytes()) for f in extracted.iterdir()) == expected(name)
+    if TSHARK_BIN:
+        assert collections.Counter((r["flowkey"], r["uri"]) for r in rows) == expected_flows(name)
+
+
+# ============================================================================ file lifetime
+
+def test_files_live_until_async_tasks_finish(tmp_path):
+    """Tasks naming the path keep the file: the worker reads it after a busy wait, onresult still sees it;
+    after the run the extraction directory is gone."""
+    plugin, out = make_plugin(tmp_path, ASYNC_PLUGIN, wait="0.02")
+    summary = run(tmp_path, [plugin], ["http-website-keepalive.pcap"])
+    recs = records(out, ("kind", "path", "a", "b"))
+    files = {r["path"]: int(r["a"]) for r in recs if r["kind"] == "file"}
+    results = {r["path"]: (r["a"], r["b"]) for r in recs if r["kind"] == "result"}
+    assert len(files) == COUNTS["http-website-keepalive.pcap"]
+    assert set(results) == set(files)
+    assert all(exists == "true" for _, exists in results.values())    # still there in onresult
+    assert collections.Counter(h for h, _ in results.values()) == expected("http-website-keepalive.pcap")
+    (plug,) = summary["plugins"]
+    helpers.assert_accounting(plug["async"])
+    assert plug["async"]["ok"] == len(files) and plug["async"]["dropped"] == 0
+    fxdir = os.path.dirname(next(iter(files)))
+    assert fxdir.startswith("/dev/shm/") and not os.path.exists(fxdir)
+    if TSHARK_BIN:
+        exp = tshark_export("http-website-keepalive.pcap", str(tmp_path))
+        complete = collections.Counter(h for h, _ in results.values())
+        complete.subtract({h: 1 for h, _, _ in DEVIATIONS["http-website-keepalive.pcap"][1]})
+        assert +complete == exp
+
+
+def test_files_removed_after_hook_without_tasks(tmp_path):
+    """No task names the path: gone at the next onfile_http (and in the explicit directory after the run)."""
+    fxdir = tmp_path / "fx"
+    summary, recs = copy_run(tmp_path, "http-keepalive-splunk-ui.pcap", filex_dir=str(fxdir))
+    assert len(recs) == 11
+    assert [r["prev_exists"] for r in recs] == ["false"] * 11
+    assert all(not os.path.exists(r["path"]) for r in recs)
+    assert os.listdir(fxdir) == []                 # an explicit directory is kept, but empty
+
+
+# ============================================================================ chunking
+
+def test_chunked_part_files(tmp_path):
+    chunk = int(0.05 * 1048576)
+    summary, recs = copy_run(tmp_path, "http-pdf-download.pcap", filex_chunk_mb=0.05)
+    st = fx(summary)
+    nparts = -(-PDF_LEN // chunk)
+    assert len(recs) == nparts == st["chunks"] and st["files"] == 0
+    base = None
+    offsets = []
+    for r in recs:
+        assert r["is_chunk"] == "true" and r["is_chunk_type"] == "boolean"
+        name = os.path.basename(r["path"])
+        assert r["part_base"] != "" and name.startswith(r["part_base"] + ".") and name.endswith(".part")
+        base = base or r["part_base"]
+        assert r["part_base"] == base
+        offsets.append(int(name[len(base) + 1:-len(".part")]))
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    lengths = [int(r["length"]) for r in recs]
+    assert lengths[:-1] == [chunk] * (nparts - 1) and sum(lengths) == PDF_LEN
+    assert offsets == [sum(lengths[:i]) for i in range(nparts)]
+    whole = b"".join(open(r["copy"], "rb").read() for _, r in sorted(zip(offsets, recs), key=lambda x: x[0]))
+    assert sha(whole) == PDF_SHA
+    if TSHARK_BIN:
+        assert tshark_export("http-pdf-download.pcap", str(tmp_path)) == {sha(whole): 1}
+
+
+# ============================================================================ streaming mode
+
+@pytest.mark.parametrize("name", ["http-chunked-gzip-mix.pcap", "http-pdf-download.pcap",
+                                  "http-website-keepalive.pcap"])
+def test_streaming_mode(tmp_path, name):
+    """Only onpayload_http: decoded bytes per message concatenate to the file, a zero-length buffer ends
+    it, seekpos is the running offset, and nothing is written to the extraction directory."""
+    plugin, out = make_plugin(tmp_path, STREAM_PLUGIN)
+    fxdir = tmp_path / "fx"
+    summary = run(tmp_path, [plugin], [name], filex_dir=str(fxdir))
+    recs = records(out, STREAM_FIELDS)
+    st = fx(summary)
+    assert st["files"] == st["chunks"] == st["bytes"] == 0
+    assert os.listdir(fxdir) == []
+    assert all(r["seek_ok"] == "true" for r in recs)
+    assert recs[-1]["seen_on_disk"] == "0"
+    got = collections.Counter(sha(open(r["copy"], "rb").read()) for r in recs if int(r["len"]) > 0)
+    assert len(recs) == COUNTS[name]
+    assert got == expected(name)
+    if TSHARK_BIN:
+        exp = tshark_export(name, str(tmp_path)).copy()
+        exp.update({h: 1 for h, _, _ in DEVIATIONS.get(name, ({}, []))[1]})
+        assert got == exp
+
+
+# ============================================================================ votes
+
+def test_filter_flow_false(tmp_path):
+    """filter_flow false for client ports that are odd: nothing from those flows."""
+    name = "http-website-keepalive.pcap"
+    _, full = copy_run(tmp_path, name, name="full")
+    reject = 'filter_flow = function(engine, ts, flow) return tonumber(flow:porta_readable()) % 2 == 0 end,'
+    summary, recs = copy_run(tmp_path, name, name="voted", extra=reject)
+    st = fx(summary)
+
+    def odd(fk):
+        return int(fk.split(":")[2].split("_")[0][2:], 16) % 2 == 1
+    assert st["flows_rejected"] > 0
+    assert any(odd(r["flow"]) for r in full) and not any(odd(r["flow"]) for r in recs)
+    assert collections.Counter((r["flow"], r["sha"]) for r in recs) == \
+        collections.Counter((r["flow"], r["sha"]) for r in full if not odd(r["flow"]))
+
+
+def test_filter_false_on_content_type(tmp_path):
+    """filter false on image/* responses: those bodies are skipped and counted in skipped_filter."""
+    name = "http-website-keepalive.pcap"
+    _, full = copy_run(tmp_path, name, name="full")
+    vote = ('filter = function(engine, ts, flow, h) return not (h:is_response() and '
+            '(h:get_value("Content-Type") or ""):match("^image/")) end,')
+    summary, recs = copy_run(tmp_path, name, name="voted", extra=vote)
+    images = [r for r in full if r["ctype"].startswith("image/")]
+    assert len(images) > 0
+    assert fx(summary)["skipped_filter"] == len(images)
+    assert not any(r["ctype"].startswith("image/") for r in recs)
+    assert collections.Counter(r["sha"] for r in recs) == \
+        collections.Counter(r["sha"] for r in full if not r["ctype"].startswith("image/"))
+
+
+# ============================================================================ directory cap
+
+def test_directory_cap(tmp_path):
+    """A tiny cap: bodies larger than it are skipped and counted, the rest extracted, every packet processed."""
+    name = "http-website-keepalive.pcap"
+    _, full = copy_run(tmp_path, name, name="full")
+    cap = 0.01
+    t0 = time.monotonic()
+    summary, recs = copy_run(tmp_path, name, name="capped", filex_dir_cap_mb=cap)
+    assert time.monotonic() - t0 < 30
+    st = fx(summary)
+    limit = int(cap * 1048576)
+    big = [r for r in full if int(r["length"]) > limit]
+    # bodies of parallel flows share the cap: a small one may be skipped too
+    assert st["skipped_cap"] >= len(big) > 0
+    assert st["files"] + st["skipped_cap"] == len(full) == len(recs) + st["skipped_cap"]
+    assert all(int(r["length"]) <= limit for r in recs)
+    assert collections.Counter(r["sha"] for r in recs) <= collections.Counter(r["sha"] for r in full)
+    assert summary["packets"] == PACKETS[name]
+    assert not os.path.exists(os.path.dirname(recs[0]["path"]))
+
+
+def test_directory_cap_with_files_held_by_tasks(tmp_path):
+    """Files held by slow T.async tasks fill the directory: later bodies are skipped, the fast path never
+    waits, every body is either extracted or counted, and every task still reads its file."""
+    plugin, out = make_plugin(tmp_path, ASYNC_PLUGIN, wait="0.05")
+    name = "http-website-keepalive.pcap"
+    summary = run(tmp_path, [plugin], [name], filex_dir_cap_mb=0.05)
+    st = fx(summary)
+    recs = records(out, ("kind", "path", "a", "b"))
+    files = [r for r in recs if r["kind"] == "file"]
+    results = [r for r in recs if r["kind"] == "result"]
+    assert summary["packets"] == PACKETS[name]
+    assert st["skipped_cap"] > 0 and st["files"] == len(files) > 0
+    assert st["files"] + st["skipped_cap"] == COUNTS[name]
+    assert len(results) == len(files) and all(r["a"] != "MISSING" for r in results)
+    assert collections.Counter(r["a"] for r in results) <= expected(name)
+
+
+# ============================================================================ gaps, pipelining, chunked+gzip
+
+def test_gap_capture(tmp_path):
+    summary, recs = copy_run(tmp_path, "http-ipv6-keepalive-gap.pcap")
+    st = fx(summary)
+    assert len(recs) == 999 and st["tcp_gaps"] > 0 and st["tcp_gap_bytes"] == 238
+    assert summary["packets"] == PACKETS["http-ipv6-keepalive-gap.pcap"]
+    assert {r["flow"][:3] for r in recs} == {"06B"}
+
+
+def test_pipelined_order(tmp_path):
+    _, recs = copy_run(tmp_path, "http-pipelined-mozilla.pcap")
+    assert [r["uri"] for r in recs] == [
+        "/style/enhanced.css", "/script/urchin.js", "/images/template/screen/bullet_utility.png",
+        "/images/template/screen/key-point-top.png", "/projects/calendar/images/header-sunbird.png"]
+    assert all(r["status"] == "200" for r in recs)
+
+
+def test_chunked_gzip_decoded(tmp_path):
+    _, recs = copy_run(tmp_path, "http-chunked-gzip-mix.pcap")
+    gz = [r for r in recs if "gzip" in r["cenc"]]
+    both = [r for r in gz if "chunked" in r["tenc"]]
+    assert gz and both
+    for r in gz:
+        data = open(r["copy"], "rb").read()
+        assert not data.startswith(b"\x1f\x8b") and len(data) == int(r["length"])
+        assert r["sha"] in TSHARK["http-chunked-gzip-mix.pcap"]
+
+
+# ============================================================================ flow hooks
+
+FLOW_HOOKS = 'filter_flow = function(engine, ts, flow) record("filter_flow", flow:id()); return true end,\n' \
+             'onterminateflow = function(engine, ts, flow) record("onterminateflow", flow:id()) end,'
+
+
+@pytest.mark.parametrize("name,conns", [("http-website-keepalive.pcap", 13), ("http-chunked-gzip-mix.pcap", 9)])
+def test_flow_hooks_once_per_connection(tmp_path, name, conns):
+    """filter_flow and onterminateflow run once per TCP connection (tshark -q -z conv,tcp: `conns`), not
+    again for the ACK / RST packets that follow the close."""
+    plugin, out = make_plugin(tmp_path, COPY_PLUGIN, extra=FLOW_HOOKS)
+    summary = run(tmp_path, [plugin], [name])
+    rows = [line.split("\t") for line in open(os.path.join(out, "manifest.tsv")) if line.startswith(("filter_flow",
+                                                                                                     "onterm"))]
+    ff = collections.Counter(r[1].strip() for r in rows if r[0] == "filter_flow")
+    term = collections.Counter(r[1].strip() for r in rows if r[0] == "onterminateflow")
+    assert len(ff) == conns and set(ff.values()) == {1}
+    assert term == ff
+    assert fx(summary)["flows"] == conns
