@@ -113,7 +113,18 @@ end
 
 --- Close the current file (or part) and hand it to onfile_http.
 function F:emit(st, b, is_chunk, final)
-  if b.fh then b.fh:close(); b.fh = nil end
+  if b.fh then
+    local ok, err = b.fh:close()            -- flushes the last buffered bytes
+    b.fh = nil
+    if not ok then
+      os.remove(b.path)
+      self.dir_bytes = self.dir_bytes - (b.size - b.part_start)
+      b.part_start, b.skip = b.size, true
+      self.stats.write_errors = self.stats.write_errors + 1
+      self.host.errors:report("filex write error", b.path .. ": " .. tostring(err))
+      return
+    end
+  end
   local path = b.path
   local length = b.size - b.part_start
   if is_chunk then
@@ -144,21 +155,24 @@ function F:write(st, b, p, n)
   local is_str = type(p) == "string"
   local pos = 0
   while pos < n do                          -- parts end exactly at multiples of chunk_size
-    if not b.fh then
-      local fh, err = io.open(b.path, "wb")
-      if not fh then
-        b.skip = true
-        self.stats.write_errors = self.stats.write_errors + 1
-        self.host.errors:report("filex write error", tostring(err))
-        return
-      end
-      b.fh = fh
-    end
+    local err
+    if not b.fh then b.fh, err = io.open(b.path, "wb") end
     local k = math.min(n - pos, self.chunk_size - (b.size - b.part_start))
-    if is_str then
-      b.fh:write((pos == 0 and k == #p) and p or p:sub(pos + 1, pos + k))
-    else
-      b.fh:write(fstring(p + pos, k))
+    if b.fh then
+      local ok, werr = b.fh:write(is_str and ((pos == 0 and k == #p) and p or p:sub(pos + 1, pos + k))
+                                         or fstring(p + pos, k))
+      if not ok then err = b.path .. ": " .. tostring(werr) end
+    end
+    if err then                             -- e.g. ENOSPC: no partial file is handed to onfile_http
+      if b.fh then
+        b.fh:close(); b.fh = nil
+        os.remove(b.path)
+        self.dir_bytes = self.dir_bytes - (b.size - b.part_start)
+      end
+      b.skip = true
+      self.stats.write_errors = self.stats.write_errors + 1
+      self.host.errors:report("filex write error", tostring(err))
+      return
     end
     pos = pos + k
     b.size = b.size + k
