@@ -97,6 +97,23 @@ def _live(args, lua, ring, control, pkt, stop) -> int:
     return 0
 
 
+def _generate(args, lua, ring, control, pkt, stop) -> int:
+    """--generate SPEC: the generator's packets into the ring with backpressure (nothing lost), then EOF
+    ("generate:SPEC") and END; SIGTERM stops early (END only)."""
+    from .gen import UsageError
+    from .genstream import feed_ring
+    try:
+        feed_ring(args.generate, lua, ring, lambda: stop[0])
+    except UsageError as e:
+        control(ring, pkt.ERROR, f"\t{e}\tgenerate:{args.generate}".encode())
+        control(ring, pkt.END, b"")
+        return EXIT_INPUT
+    if not stop[0]:
+        control(ring, pkt.EOF, f"generate:{args.generate}".encode())
+    control(ring, pkt.END, b"")
+    return 0
+
+
 def main(argv=None) -> int:
     """Read every file into the ring; exit 0, or 3 if some file had an input error."""
     ap = argparse.ArgumentParser(prog="luaprobe-capture")
@@ -106,10 +123,11 @@ def main(argv=None) -> int:
     ap.add_argument("--interface", help="capture live from this interface until SIGTERM")
     ap.add_argument("--bpf", help="tcpdump filter expression (with --interface)")
     ap.add_argument("--loop", action="store_true", help="repeat the files until SIGTERM (soak runs, supervisor)")
+    ap.add_argument("--generate", metavar="SPEC", help="run the generator into the ring (engine/genstream.py)")
     ap.add_argument("files", nargs="*")
     args = ap.parse_args(argv)
-    if bool(args.interface) == bool(args.files) or (args.bpf and not args.interface):
-        ap.error("give capture files, or --interface IF [--bpf EXPR]")
+    if (bool(args.interface) + bool(args.files) + bool(args.generate)) != 1 or (args.bpf and not args.interface):
+        ap.error("give capture files, or --interface IF [--bpf EXPR], or --generate SPEC")
     stop = [False]
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))   # files too: stop reading, push END
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})          # blocked by FastPath.run until now
@@ -129,6 +147,8 @@ def main(argv=None) -> int:
     run_file = lua.eval("function(r, a, s, stop) return require('engine.lua.capture').file(r, a, s, stop) end")
     if args.interface:
         return _live(args, lua, ring, control, pkt, stop)
+    if args.generate:
+        return _generate(args, lua, ring, control, pkt, stop)
     failed = False
 
     eof_sent = set()

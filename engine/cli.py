@@ -73,6 +73,15 @@ def cmd_run(args) -> int:
     from .plugin import PluginError
     logs.setup(verbose=args.verbose)
     interface, bpf = getattr(args, "interface", None), getattr(args, "bpf", None)
+    generate = getattr(args, "generate", None)
+    if generate is not None:
+        from .gen import UsageError
+        from .genstream import parse_spec
+        try:
+            parse_spec(generate)
+        except UsageError as e:
+            print(f"luaprobe run: {e}", file=sys.stderr)
+            return EXIT_USAGE
     if bpf is not None and not interface:
         print("luaprobe run: --bpf needs --interface (capture files are not filtered)", file=sys.stderr)
         return EXIT_USAGE
@@ -93,7 +102,7 @@ def cmd_run(args) -> int:
     try:
         cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
                         async_config=_async_config(args), backend_instances=args.backend_instances,
-                        batch=args.batch, interface=interface, bpf=bpf)
+                        batch=args.batch, interface=interface, bpf=bpf, generate=generate)
     except ValueError as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -147,6 +156,13 @@ def cmd_gen(args) -> int:
     return gen.main(args.rest)
 
 
+def cmd_loadtest(args) -> int:
+    """`luaprobe loadtest SCENARIO [--quick]`: delegated to tools.loadtest (a source checkout)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tools.loadtest.__main__ import main
+    return main(args.rest)
+
+
 def cmd_demo(args) -> int:
     """`luaprobe demo`: the bundled example plug-ins on the bundled sample capture."""
     args.plugins = [EXAMPLES]
@@ -191,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = run.add_mutually_exclusive_group(required=True)
     src.add_argument("--pcap", nargs="+", metavar="FILE", help="pcap or pcapng files, in order")
     src.add_argument("--interface", metavar="IF", help="capture live from this interface (root; stop with Ctrl-C)")
+    src.add_argument("--generate", metavar="SPEC", help="generated traffic at full speed, nothing lost: gen options "
+                     "as KEY=VALUE,... with ':' inside lists, e.g. 'packets=2000000,flows=1000,mix=tcp=60:udp=40,"
+                     "seed=1' (docs/gen.md)")
     run.add_argument("--bpf", metavar="EXPR", help="tcpdump filter expression for --interface (needs tcpdump)")
     _run_options(run)
     run.set_defaults(func=cmd_run)
@@ -227,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                          prefix_chars="\x00")
     gen.add_argument("rest", nargs=argparse.REMAINDER)
     gen.set_defaults(func=cmd_gen)
+    lt = sub.add_parser("loadtest", help="load-test scenarios with Markdown reports and plots (tools/loadtest)",
+                        add_help=False, prefix_chars="\x00")
+    lt.add_argument("rest", nargs=argparse.REMAINDER)
+    lt.set_defaults(func=cmd_loadtest)
     return p
 
 

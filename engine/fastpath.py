@@ -61,6 +61,7 @@ class RunConfig:
     interface: str | None = None      #: live capture from this interface instead of files (docs/live.md)
     bpf: str | None = None            #: tcpdump filter expression for the live capture
     loop: bool = False                #: repeat the files until stopped (soak runs; [source] loop in docs/operations.md)
+    generate: str | None = None       #: the capture process runs the generator with this SPEC (engine/genstream.py)
 
 
 @dataclasses.dataclass
@@ -294,6 +295,8 @@ class FastPath:
     def _capture_args(self) -> list:
         """Input arguments of the capture process: the files, or --interface IF [--bpf EXPR]."""
         cfg = self.cfg
+        if cfg.generate:
+            return ["--generate", cfg.generate]
         if not cfg.interface:
             return ["--loop"] * bool(cfg.loop) + list(cfg.files)
         return ["--interface", cfg.interface, *(["--bpf", cfg.bpf] if cfg.bpf else [])]

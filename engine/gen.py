@@ -531,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """CLI entry point (`python -m engine.gen`, `luaprobe gen`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--interface" or a.startswith("--interface=") for a in argv):   # paced live send
+        from .genstream import send_main
+        return send_main(argv)
     args = build_parser().parse_args(argv)
     fmt = args.format or ("pcapng" if args.out.lower().endswith(".pcapng") else "pcap")
     try:

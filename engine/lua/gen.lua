@@ -17,7 +17,9 @@ headers, checksums, MSS segmentation, pcap / pcapng records and the file writes.
     end
     g.stats                     -- table of counters, see `stats` below
 
-cfg fields: path, format ("pcap" | "pcapng"), flows_addr, nflows, concurrency,
+cfg fields: path (or file: an object with :write(string) and :close() that gets
+the bytes instead, e.g. engine/lua/genstream.lua's ring pusher and paced sender),
+format ("pcap" | "pcapng"), flows_addr, nflows, concurrency,
 seed (any non-zero integer), rate (packets/s), start_sec, vlan (-1: untagged),
 mss (IPv4; IPv6 flows use mss - 20), dist_kind (0 fixed, 1 uniform, 2 imix),
 dist_a, dist_b (IP datagram lengths), pool (payload text, >= 2048 bytes),
@@ -181,7 +183,7 @@ function M.new(cfg)
   local scratch = ffi.new("uint8_t[?]", 1024)
   local pos = 0
   local FL = 0                  -- start of the frame being built
-  local file = assert(io.open(cfg.path, "wb"))
+  local file = cfg.file or assert(io.open(cfg.path, "wb"))   -- cfg.file: any object with :write(s), :close()
   local file_bytes = 0
 
   -- counters
