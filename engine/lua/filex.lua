@@ -187,10 +187,17 @@ end
 
 -- ------------------------------------------------------------------ HTTP events
 
+--- The state of TCP connection `id` (created on its first packet), or nil when ignored.
+--- The lookup is separate from the creation so this per-packet function has no closures
+--- (closing upvalues is not compiled by LuaJIT and would abort every trace through it).
 function F:flow_state(id, pkt_d)
   local st = self.flows[id]
   if st ~= nil then return st end
   if self.rejected[id] then return nil end
+  return self:new_flow_state(id, pkt_d)
+end
+
+function F:new_flow_state(id, pkt_d)
   local flow = packet.flowid(pkt_d)
   local ts = self.engine:timestamp()
   if not self:hook("filter_flow", self.engine, ts, flow) then
@@ -200,7 +207,7 @@ function F:flow_state(id, pkt_d)
     if self.nrejected > 65536 then self.rejected, self.nrejected = {}, 0 end
     return nil
   end
-  st = { id = id, flow = flow, votes = {}, body = {} }
+  local st = { id = id, flow = flow, votes = {}, body = {} }
   st.H = http.new({
     on_request = function(req)
       st.votes[req] = self:hook("filter", self.engine, self.engine:timestamp(), flow, req) and true or false

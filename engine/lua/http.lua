@@ -109,27 +109,49 @@ local function start_kind(line)
   return nil
 end
 
+-- trim spaces, tabs and CRs at both ends without patterns (string.match is not compiled)
+local function btrim(s, i, j)
+  while i <= j do
+    local c = sbyte(s, i)
+    if c ~= 32 and c ~= 9 then break end
+    i = i + 1
+  end
+  while j >= i do
+    local c = sbyte(s, j)
+    if c ~= 32 and c ~= 9 and c ~= 13 then break end
+    j = j - 1
+  end
+  return ssub(s, i, j)
+end
+
 -- head: the text up to (excluding) the blank line.  -> header object, kind or nil
 local function parse_head(head)
-  local lines, n = {}, 0
-  for line in (head .. "\n"):gmatch("([^\n]*)\n") do
+  local lines, n, pos, len = {}, 0, 1, #head
+  while pos <= len + 1 do                   -- split on "\n" with plain finds
+    local e = sfind(head, "\n", pos, true)
     n = n + 1
-    lines[n] = line
+    if e == nil then lines[n] = ssub(head, pos); break end
+    lines[n] = ssub(head, pos, e - 1)
+    pos = e + 1
+    if pos > len then break end
   end
   local first = lines[1] or ""
   first = (smatch(first, "^(.-)\r?$"))
   local kind = start_kind(first)
   if not kind then return nil end
-  local headers = {}
+  local headers, nh = {}, 0
   for i = 2, n do
     local l = lines[i]
     local c = sbyte(l, 1)
-    if (c == 32 or c == 9) and #headers > 0 then
-      local h = headers[#headers]
-      h[2] = h[2] .. " " .. trim(l)
+    if (c == 32 or c == 9) and nh > 0 then
+      local h = headers[nh]
+      h[2] = h[2] .. " " .. btrim(l, 1, #l)
     else
-      local name, value = smatch(l, "^([^:]+):(.*)$")
-      if name then headers[#headers + 1] = { trim(name), trim(value) } end
+      local colon = sfind(l, ":", 1, true)
+      if colon and colon > 1 then
+        nh = nh + 1
+        headers[nh] = { btrim(l, 1, colon - 1), btrim(l, colon + 1, #l) }
+      end
     end
   end
   local h
@@ -181,24 +203,28 @@ local function body_begin(self, st, dir, req, resp, hdr)
   return b
 end
 
+-- compressed body bytes: inflate and hand on (its closure lives here, not in
+-- body_data, so the plain path's function has no upvalues to close: UCLO is
+-- not compiled and would abort every trace through body_data)
+local function body_data_z(self, b, p, n)
+  if b.zdead then return end
+  local on_body, dir, req, resp = self.on_body, b.dir, b.req, b.resp
+  local ok, err = b.z:feed(p, n, function(op, on)
+    b.total = b.total + on
+    on_body(dir, req, resp, op, on)
+  end)
+  if not ok then
+    b.flags.decode_error = err
+    b.zdead = true
+    self.stats.errors = self.stats.errors + 1
+  end
+end
+
 local function body_data(self, b, p, n)
   if n <= 0 then return end
-  if b.z then
-    if b.zdead then return end
-    local on_body, dir, req, resp = self.on_body, b.dir, b.req, b.resp
-    local ok, err = b.z:feed(p, n, function(op, on)
-      b.total = b.total + on
-      on_body(dir, req, resp, op, on)
-    end)
-    if not ok then
-      b.flags.decode_error = err
-      b.zdead = true
-      self.stats.errors = self.stats.errors + 1
-    end
-  else
-    b.total = b.total + n
-    self.on_body(b.dir, b.req, b.resp, p, n)
-  end
+  if b.z then return body_data_z(self, b, p, n) end
+  b.total = b.total + n
+  self.on_body(b.dir, b.req, b.resp, p, n)
 end
 
 local function body_end(self, st, truncated)

@@ -504,6 +504,13 @@ M.HTTPHeader = HTTPHeader
 
 -- new{is_request=bool, method=, path=, status=, headers={{name,value},...}}
 -- headers may also be given as {name = value} (order then unspecified).
+local function add_header(h, n, name, value)
+    name, value = tostring(name), tostring(value)
+    h._names[n], h._values[n] = name, value
+    local lk = slower(name)
+    if h._idx[lk] == nil then h._idx[lk] = n end
+end
+
 function M.new(t)
     local h = {
         _req = t.is_request and true or false,
@@ -514,17 +521,17 @@ function M.new(t)
     }
     local hdrs = t.headers or {}
     local n = 0
-    local function add(name, value)
-        name, value = tostring(name), tostring(value)
-        n = n + 1
-        h._names[n], h._values[n] = name, value
-        local lk = slower(name)
-        if h._idx[lk] == nil then h._idx[lk] = n end
-    end
     if hdrs[1] ~= nil or next(hdrs) == nil then
-        for _, e in ipairs(hdrs) do add(e[1], e[2]) end
+        for i = 1, #hdrs do
+            local e = hdrs[i]
+            n = n + 1
+            add_header(h, n, e[1], e[2])
+        end
     else
-        for name, value in pairs(hdrs) do add(name, value) end
+        for name, value in pairs(hdrs) do
+            n = n + 1
+            add_header(h, n, name, value)
+        end
     end
     return setmetatable(h, HTTPHeader)
 end
