@@ -414,6 +414,24 @@ def _payload_pool(seed: int) -> bytes:
 
 # ---------------------------------------------------------------------------------------- generate
 
+
+def new_builder(lua, cfg: GenConfig, flows, output: dict):
+    """The Lua packet builder (engine/lua/gen.lua) for these flows; `output` names where packets go:
+    {b"path": file, b"format": b"pcap"|b"pcapng"} or {b"file": writer, b"format": b"pcap"}."""
+    gen = lua.eval('require "engine.lua.gen"')
+    if gen[b"FLOW_SIZE"] != FLOW_DTYPE.itemsize:
+        raise RuntimeError("engine/lua/gen.lua lp_gen_flow does not match FLOW_DTYPE")
+    kind, a, b = cfg.size_dist
+    lcfg = lua.table_from({
+        **output,
+        b"flows_addr": flows.ctypes.data, b"nflows": len(flows), b"concurrency": cfg.concurrency,
+        b"seed": (cfg.seed * 2654435761 + 0x9E3779B9) % (1 << 32) or 1, b"rate": cfg.rate,
+        b"start_sec": cfg.start, b"vlan": -1 if cfg.vlan is None else cfg.vlan, b"mss": cfg.mss,
+        b"dist_kind": kind, b"dist_a": a, b"dist_b": b,
+        b"pool": _payload_pool(cfg.seed), b"names": lua.table_from(_dns_names(cfg.seed)),
+    })
+    return gen[b"new"](lcfg)
+
 def generate(cfg: GenConfig) -> dict:
     """Write ``cfg.out`` and ``cfg.out + '.bodies.json'``; returns the summary (counts, rate)."""
     from shm import luajit
@@ -423,20 +441,8 @@ def generate(cfg: GenConfig) -> dict:
     body_of_flow = {int(f): j for j, f in enumerate(bodies["flows"])}
     pools = _Pools(cfg.seed)
     lua = luajit.new_runtime()
-    gen = lua.eval('require "engine.lua.gen"')
-    if gen[b"FLOW_SIZE"] != FLOW_DTYPE.itemsize:
-        raise RuntimeError("engine/lua/gen.lua lp_gen_flow does not match FLOW_DTYPE")
     flows = np.ascontiguousarray(flows)
-    kind, a, b = cfg.size_dist
-    lcfg = lua.table_from({
-        b"path": os.fsencode(cfg.out), b"format": cfg.format.encode(),
-        b"flows_addr": flows.ctypes.data, b"nflows": len(flows), b"concurrency": cfg.concurrency,
-        b"seed": (cfg.seed * 2654435761 + 0x9E3779B9) % (1 << 32) or 1, b"rate": cfg.rate,
-        b"start_sec": cfg.start, b"vlan": -1 if cfg.vlan is None else cfg.vlan, b"mss": cfg.mss,
-        b"dist_kind": kind, b"dist_a": a, b"dist_b": b,
-        b"pool": _payload_pool(cfg.seed), b"names": lua.table_from(_dns_names(cfg.seed)),
-    })
-    g = gen[b"new"](lcfg)
+    g = new_builder(lua, cfg, flows, {b"path": os.fsencode(cfg.out), b"format": cfg.format.encode()})
     run, provide = g[b"run"], g[b"provide"]
     manifest = []
     t_http = 0.0

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from .gen import GenConfig, UsageError, _build_flows, _dns_names, _http_flow, _payload_pool, _Pools, FLOW_DTYPE
+from .gen import GenConfig, UsageError, _build_flows, _http_flow, _Pools, new_builder
 
 __all__ = ["parse_spec", "stream", "feed_ring", "send", "send_main"]
 
@@ -63,20 +63,8 @@ def stream(cfg: GenConfig, writer, lua) -> dict:
     flows, bodies = _build_flows(cfg, rng)
     body_of_flow = {int(f): j for j, f in enumerate(bodies["flows"])}
     pools = _Pools(cfg.seed)
-    gen = lua.eval('require "engine.lua.gen"')
-    if gen[b"FLOW_SIZE"] != FLOW_DTYPE.itemsize:
-        raise RuntimeError("engine/lua/gen.lua lp_gen_flow does not match FLOW_DTYPE")
     flows = np.ascontiguousarray(flows)
-    kind, a, b = cfg.size_dist
-    lcfg = lua.table_from({
-        b"file": writer, b"format": b"pcap",
-        b"flows_addr": flows.ctypes.data, b"nflows": len(flows), b"concurrency": cfg.concurrency,
-        b"seed": (cfg.seed * 2654435761 + 0x9E3779B9) % (1 << 32) or 1, b"rate": cfg.rate,
-        b"start_sec": cfg.start, b"vlan": -1 if cfg.vlan is None else cfg.vlan, b"mss": cfg.mss,
-        b"dist_kind": kind, b"dist_a": a, b"dist_b": b,
-        b"pool": _payload_pool(cfg.seed), b"names": lua.table_from(_dns_names(cfg.seed)),
-    })
-    g = gen[b"new"](lcfg)
+    g = new_builder(lua, cfg, flows, {b"file": writer, b"format": b"pcap"})
     run, provide = g[b"run"], g[b"provide"]
     stopped = False
     try:

@@ -34,6 +34,9 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tools", "bench"))
+from gen_capture import records  # noqa: E402  (one pcap record indexer for both bench tools)
+
 DATA = os.path.join(REPO, "tools", "bench", "data")
 SOURCE = os.path.join(REPO, "..", "shared", "pcaps", "http-website-keepalive.pcap")
 CLIENT = bytes([10, 0, 2, 15])
@@ -50,20 +53,6 @@ TrisulPlugin = { id = { name = "extract only" },
   },
 }
 """
-
-
-def records(buf: bytes):
-    """(offsets, lengths) of the records of a little-endian microsecond pcap."""
-    if struct.unpack_from("<I", buf, 0)[0] != 0xA1B2C3D4:
-        raise SystemExit("source must be a little-endian microsecond pcap")
-    offs, lens = [], []
-    pos = 24
-    while pos + 16 <= len(buf):
-        caplen = struct.unpack_from("<I", buf, pos + 8)[0]
-        offs.append(pos)
-        lens.append(16 + caplen)
-        pos += 16 + caplen
-    return np.array(offs), np.array(lens)
 
 
 def client_address(i: int) -> bytes:
