@@ -88,6 +88,8 @@ class FastPath:
         self.ticks = 0
         self.capture_stats = None       #: live: [seen, ring_drops, kernel_drops, kernel_packets, freeze_q]
         self._stop = 0                  #: live: 1 = SIGINT/SIGTERM received, 2 = capture told to stop
+        self._reload = False            #: set by request_reload_backends (SIGHUP under the supervisor)
+        self.backend_reloads = 0
         self._last_stats = -1e9
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "key_info": 0, "flows": 0}
 
@@ -248,6 +250,8 @@ class FastPath:
                         run_batch(host, batch_addr, n)
                     rt.service()
                     self._maybe_stats(rt, capture)
+                    if self._reload:
+                        self._reload_backends(rt)
                     continue
                 kind = driver.ctl_kind
                 if kind is None:
@@ -312,6 +316,40 @@ class FastPath:
                 raise KeyboardInterrupt
             self._stop = 1
         return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_reload_backends(self) -> None:
+        """Reload backend (engine_monitor) scripts live at the next batch boundary (signal-safe)."""
+        self._reload = True
+
+    def _reload_backends(self, rt) -> None:
+        """Trisul's live backend reload: every backend instance drains its T.async tasks (up to the
+        drain deadline), writes its outputs and runs onunload; the plug-in files are probed again and new
+        backend instances start in the current window (onload, then onbeginflush).  Frontend instances
+        and per-flow state are untouched."""
+        self._reload = False
+        old = [i for i in self.instances if i.pipeline == "backend"]
+        for inst in old:
+            rt.retire(inst.vm, self.cfg.async_config.drain_deadline)
+        self._collect(self.sec)
+        for inst in old:
+            inst.vm.call(None, "onunload")
+            inst.vm.unloaded = True
+            rt.unload(inst.vm)
+            self.instances.remove(inst)
+        try:
+            infos = [probe(f, self.cfg.lua_path) for f in discover(self.cfg.plugins, self.cfg.lua_path)]
+        except PluginError as e:
+            self.plugin_problems.append(f"backend reload: {e}")
+            return
+        for info in infos:
+            if "engine_monitor" in info.types and not any("not supported" not in p for p in info.problems):
+                for k in range(self.cfg.backend_instances):
+                    self._instantiate(rt, info.path, "engine_monitor", "backend", str(k))
+        self.backend_reloads += 1
+        if self.window_start is not None:
+            self._backend("onbeginflush", self.window_start)
+        logs.log.info("backend scripts reloaded (%d instance(s))",
+                      sum(1 for i in self.instances if i.pipeline == "backend"))
 
     def request_stop(self) -> None:
         """Finish early and normally, any source (safe in a signal handler; the supervised child calls it on
@@ -427,4 +465,5 @@ class FastPath:
                 "kernel_packets": cs[3] if len(cs) > 3 else 0} if self.cfg.interface else {}),
             "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
             "filex": getattr(self, "filex_stats", []),
+            "backend_reloads": self.backend_reloads,
         }

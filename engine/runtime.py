@@ -36,6 +36,15 @@ class AsyncRuntime:
         self.vms.append(vm)
         return vm
 
+    def retire(self, vm: PluginVM, deadline: float) -> None:
+        """Stop one VM's task intake and deliver its results for up to `deadline` s (the rest: timeout)."""
+        vm.stop_accepting()
+        end = time.monotonic() + deadline
+        while vm.pending() and time.monotonic() < end:
+            if not self.service():
+                self.wait(0.02)
+        vm.cut_off("reload: drain deadline passed")
+
     def unload(self, vm: PluginVM) -> None:
         """Drop a VM that will not run (disabled by onload, bad definition): no onunload."""
         vm.close()

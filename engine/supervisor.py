@@ -166,11 +166,16 @@ class Supervisor:
             return {"ok": False, "error": f"reload refused, configuration invalid: {e}"}
         if self.mode != "run":
             return {"ok": False, "error": f"cannot reload while {self.state}"}
+        same_config = cfg.values == self.cfg.values
         self.cfg, self.sv = cfg, cfg["supervise"]
         if self.child is None:                  # waiting for a restart: start now with the new scripts
             self.reloads += 1
             self._spawn()
-        else:
+        elif same_config:                       # only scripts changed: backend scripts reload live
+            self.reloads += 1
+            self._signal_child(signal.SIGHUP)
+            return {"ok": True, "reloads_before": self.reloads - 1, "mode": "live backend reload"}
+        else:                                   # settings changed: graceful restart with the new ones
             self.mode = "reload"
             self.stop_at = time.monotonic() + self.sv["stop_deadline"]
             self._set_state("reloading")
@@ -385,6 +390,7 @@ def child_main(config_path: str, run_dir: str) -> int:
     stats_file = control.path(run_dir, control.STATS)
     fp = FastPath(cfg.run_config(stats_file=stats_file))
     signal.signal(signal.SIGTERM, lambda *_: fp.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: fp.request_reload_backends())    # live backend reload
     if stop:
         fp.request_stop()
     try:
@@ -532,7 +538,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_reload(args) -> int:
-    """`luaprobe reload`: re-validate the config, restart the fast path gracefully; wait until it runs."""
+    """`luaprobe reload`: re-validate the config; if only scripts changed, backend scripts reload live
+    (SIGHUP to the fast path); if settings changed, restart the fast path gracefully and wait until it runs."""
     run_dir = _run_dir(args)
     try:
         before = control.request(run_dir, "status")
@@ -543,6 +550,10 @@ def cmd_reload(args) -> int:
     if not reply.get("ok"):
         print(f"luaprobe reload: {reply.get('error')}", file=sys.stderr)
         return EXIT_USAGE
+    if reply.get("mode") == "live backend reload":
+        print(f"reloaded: backend scripts reload live in fast path pid {before['fastpath_pid']} "
+              "(frontend scripts and settings need a restart: change the config or stop/start)")
+        return EXIT_OK
     end = time.monotonic() + 120
     while time.monotonic() < end:
         st = control.request(run_dir, "status")

@@ -331,10 +331,12 @@ def test_reload_picks_up_a_changed_backend_script(daemon, tmp_path):
     old = daemon.status()["fastpath_pid"]
     script.write_text(MONITOR.format(marker=marker, version="v2"))
     r = daemon.cli("reload")
-    assert r.returncode == 0 and r.stdout.startswith(f"reloaded: fast path pid {old} -> "), r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout.startswith(
+        f"reloaded: backend scripts reload live in fast path pid {old} "), r.stdout + r.stderr
     helpers.wait_for(lambda: "v2" in marker.read_text(), 20)
     st = daemon.status()
     assert st["reloads"] == 1 and st["restarts"] == 0 and st["state"] == "running"
+    assert st["fastpath_pid"] == old                                      # live: no restart
     assert marker.read_text().split() == ["v1", "v1", "v2", "v2"]         # two backend instances each
     os.kill(st["supervisor_pid"], signal.SIGHUP)                          # SIGHUP = reload
     helpers.wait_for(lambda: daemon.status()["reloads"] == 2, 30, 0.1)
