@@ -184,7 +184,7 @@ def _run_options(p) -> None:
     p.add_argument("--ring-size", type=int, default=4 << 20, help="bytes per async ring (power of two)")
     p.add_argument("--drain-deadline", type=float, default=10.0, help="seconds to finish async tasks at the end")
     p.add_argument("--backend-instances", type=int, default=2, help="engine_monitor instances (Trisul flushers)")
-    p.add_argument("--batch", type=int, default=256, help="packets per fast-path batch")
+    p.add_argument("--batch", type=int, default=1024, help="packets per fast-path batch")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (T.logdebug lines too)")
 
 

@@ -48,7 +48,7 @@ class RunConfig:
     async_config: AsyncConfig = dataclasses.field(default_factory=AsyncConfig)
     backend_instances: int = 2
     window: int = 60                  #: backend window (StreamingWindowMSecs / 1000)
-    batch: int = 256
+    batch: int = 1024
     packet_ring_size: int = 1 << 25
     flow_capacity: int = 1 << 20
     idle_timeout: float = 120.0

@@ -41,7 +41,7 @@ local M = {
   REC_SIZE = ffi.sizeof("lp_pktrec"),
   recp = ffi.typeof("lp_pktrec *"),
   pktp = ffi.typeof("lp_pkt *"),
-  BATCH = 256,
+  BATCH = 1024,
 }
 
 local find, flowkey, flow_parts = decode.find, decode.flowkey, decode.flow_parts
