@@ -45,6 +45,41 @@ def _async_config(args):
 
 
 def _print_summary(s: dict) -> None:
+    """The run summary: a rich table on a terminal, plain lines otherwise (scripts parse those)."""
+    if sys.stdout.isatty():
+        try:
+            return _rich_summary(s)
+        except ImportError:
+            pass
+    _plain_summary(s)
+
+
+def _rich_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    d = s["drops"]
+    t = Table(title=f"luaprobe: {s['packets']:,} packets, {s['bytes']:,} bytes, {s['flows']:,} flows "
+                    f"in {s['elapsed_s']} s", title_justify="left")
+    for col in ("plug-in", "type#instance", "hook calls", "errors", "async sched", "ok", "nil", "error",
+                "timeout", "dropped", "pending"):
+        t.add_column(col, justify="left" if col in ("plug-in", "type#instance") else "right")
+    for p in s["plugins"]:
+        a = p["async"]
+        t.add_row(os.path.basename(p["plugin"]), f"{p['type']}#{p['instance']}", f"{sum(p['hook_calls'].values()):,}",
+                  str(sum(p["hook_errors"].values())), *(str(a[k]) for k in ("scheduled", "ok", "nil_result", "error",
+                                                                           "timeout", "dropped", "pending")))
+    con = Console()
+    con.print(t)
+    con.print(f"drops: capture {d['capture']}  kernel {d.get('kernel', 0)}  packet ring {d['packet_ring']}  "
+              f"flow table {d['flow_table']}")
+    con.print("written: " + ", ".join(f"{k} {v}" for k, v in s["rows_written"].items()) + f"  -> {s['store']['path']}")
+    for e in s["plugin_problems"]:
+        print(f"plug-in problem: {e}", file=sys.stderr)
+    for e in s["input_errors"]:
+        print(f"input error: {e}", file=sys.stderr)
+
+
+def _plain_summary(s: dict) -> None:
     print(f"packets {s['packets']:,}  bytes {s['bytes']:,}  flows {s['flows']:,}  elapsed {s['elapsed_s']} s")
     d = s["drops"]
     print(f"drops: capture {d['capture']}  kernel {d.get('kernel', 0)}  packet ring {d['packet_ring']}"
@@ -64,6 +99,35 @@ def _print_summary(s: dict) -> None:
         print(f"input error: {e}", file=sys.stderr)
 
 
+class _progress_bar:
+    """A rich progress bar on stderr for file runs (only when stderr is a terminal)."""
+
+    def __new__(cls, cfg):
+        if not cfg.files or not sys.stderr.isatty():
+            return None
+        try:
+            import rich.progress  # noqa: F401
+        except ImportError:
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, cfg):
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+        # progress in capture-file bytes: wire bytes + 16-byte record headers approximate the file offset
+        self.total = sum(os.path.getsize(f) for f in cfg.files if os.path.isfile(f))
+        self.p = Progress(TextColumn("[bold]luaprobe"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[pk]}"),
+                          TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self.task = self.p.add_task("run", total=self.total or None, pk="")
+        self.p.start()
+
+    def update(self, packets: int, nbytes: int) -> None:
+        self.p.update(self.task, completed=min(self.total, nbytes + 16 * packets), pk=f"{packets:,} packets")
+
+    def close(self) -> None:
+        self.p.stop()
+
+
 def cmd_run(args) -> int:
     """`luaprobe run`: plug-ins over capture files, to completion."""
     import json
@@ -72,6 +136,8 @@ def cmd_run(args) -> int:
     from .fastpath import FastPath, RunConfig
     from .plugin import PluginError
     logs.setup(verbose=args.verbose)
+    if args.quiet:
+        logs.log.setLevel("WARNING")
     interface, bpf = getattr(args, "interface", None), getattr(args, "bpf", None)
     generate = getattr(args, "generate", None)
     if generate is not None:
@@ -106,6 +172,9 @@ def cmd_run(args) -> int:
     except ValueError as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return EXIT_USAGE
+    bar = None if args.quiet or args.json else _progress_bar(cfg)
+    if bar is not None:
+        cfg.progress = bar.update
     try:
         summary = FastPath(cfg).run()
     except PluginError as e:
@@ -119,7 +188,16 @@ def cmd_run(args) -> int:
         from .lua_errors import text
         print(f"luaprobe run: internal error: {type(e).__name__}: {text(e)}", file=sys.stderr)
         return EXIT_INTERNAL
-    _print_summary(summary)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    elif not args.quiet:
+        _print_summary(summary)
+    else:
+        for e in summary["plugin_problems"] + summary["input_errors"]:
+            print(e, file=sys.stderr)
     if args.stats_json:
         with open(args.stats_json, "w") as f:
             json.dump(summary, f, indent=2, default=str)
@@ -186,6 +264,8 @@ def _run_options(p) -> None:
     p.add_argument("--backend-instances", type=int, default=2, help="engine_monitor instances (Trisul flushers)")
     p.add_argument("--batch", type=int, default=1024, help="packets per fast-path batch")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (T.logdebug lines too)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of text")
 
 
 def _daemon_command(args) -> int:

@@ -55,6 +55,7 @@ class RunConfig:
     active_timeout: float = 1800.0
     stats_file: str | None = None     #: a JSON snapshot (FastPath.snapshot) rewritten every stats_interval
     stats_interval: float = 1.0
+    progress: object = None           #: callable(packets, bytes) every 0.25 s (the CLI's progress bar)
     filex_dir: str | None = None      #: extracted files (default: a private directory under /dev/shm)
     filex_chunk_mb: float = 5.0       #: onfile_http chunk size (Trisul ChunkSizeMB)
     filex_dir_cap_mb: float = 256.0   #: extraction stops (counted) above this many bytes in the directory
@@ -91,6 +92,7 @@ class FastPath:
         self._reload = False            #: set by request_reload_backends (SIGHUP under the supervisor)
         self.backend_reloads = 0
         self._last_stats = -1e9
+        self._last_progress = -1e9
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "key_info": 0, "flows": 0}
 
     # ----------------------------------------------------------------- setup
@@ -434,11 +436,15 @@ class FastPath:
                 "processes": procs, "plugins": plugins}
 
     def _maybe_stats(self, rt, capture) -> None:
-        """Write the snapshot to cfg.stats_file every cfg.stats_interval seconds (atomic rename)."""
+        """Report progress (cfg.progress, every 0.25 s) and write the snapshot to cfg.stats_file every
+        cfg.stats_interval seconds (atomic rename)."""
+        now = time.monotonic()
+        if self.cfg.progress is not None and now - self._last_progress >= 0.25:
+            self._last_progress = now
+            self.cfg.progress(int(self.driver.packets), int(self.driver.bytes))
         path = self.cfg.stats_file
         if not path:
             return
-        now = time.monotonic()
         if now - self._last_stats < self.cfg.stats_interval:
             return
         self._last_stats = now
