@@ -154,8 +154,7 @@ function M.loop(opts)
   while true do
     local p, n = req:peek()
     if p == nil then
-      req:release()
-      unreleased = 0
+      if unreleased > 0 then req:release(); unreleased = 0 end   -- not on every idle poll (spin_ns)
       if exit_requested() then return "exit" end
       if max_tasks > 0 and done >= max_tasks then return "recycle" end
       if spin_ns > 0 and C.lp_now_ns() - last_task < spin_ns then
@@ -170,6 +169,7 @@ function M.loop(opts)
       local data = fstring(p + P.REQ_SIZE, dlen)
       local aux = alen > 0 and fstring(p + P.REQ_SIZE + dlen, alen) or ""
       req:advance(n)
+      unreleased = unreleased + 1
       if kind == P.DEFINE then
         define(funcs, names, fid, data, aux)
       else
@@ -185,7 +185,6 @@ function M.loop(opts)
         if spin_ns > 0 then last_task = C.lp_now_ns() end
         done = done + 1
         C.lp_store_d(done_p, done)
-        unreleased = unreleased + 1
         if unreleased >= 64 then req:release(); unreleased = 0 end
         -- recycle / exit as soon as the current task is done, even with more work queued: under
         -- steady load the ring is never empty, and the tasks not started yet are re-dispatched
