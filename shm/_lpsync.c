@@ -24,7 +24,6 @@ double lp_load_sc(const uint64_t *p) { return (double)__atomic_load_n(p, __ATOMI
 void lp_store(uint64_t *p, double v) { __atomic_store_n(p, (uint64_t)v, __ATOMIC_RELEASE); }
 uint32_t lp_load32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 void lp_store32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-double lp_load_d(const double *p) { double v; __atomic_load(p, &v, __ATOMIC_ACQUIRE); return v; }
 void lp_store_d(double *p, double v) { __atomic_store(p, &v, __ATOMIC_RELEASE); }
 void lp_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 

@@ -51,7 +51,6 @@ double lp_load_sc(const uint64_t *p);
 void lp_store(uint64_t *p, double v);
 uint32_t lp_load32(const uint32_t *p);
 void lp_store32(uint32_t *p, uint32_t v);
-double lp_load_d(const double *p);
 void lp_store_d(double *p, double v);
 void lp_fence(void);
 double lp_now_ns(void);

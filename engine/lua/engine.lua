@@ -49,7 +49,6 @@ function M.new(opts)
     rows = { alerts = {}, resources = {}, key_info = {}, messages = {} },
     flow_counters = {},     -- [flowkey] = { {guid, key, meter, direction}, ... }
     nflow_counters = 0,
-    calls = 0,
   }, Engine)
   return self
 end
@@ -240,11 +239,6 @@ function Engine:take_outputs()
   local r = self.rows
   self.rows = { alerts = {}, resources = {}, key_info = {}, messages = {} }
   return r
-end
-
-function Engine:has_outputs()
-  local r = self.rows
-  return #r.alerts + #r.resources + #r.key_info + #r.messages > 0
 end
 
 return M

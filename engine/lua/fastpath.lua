@@ -29,7 +29,7 @@ function M.new(opts)
     nbatch = opts.batch or packet.BATCH,
     ft = flowtable.new({ capacity = opts.capacity or 1048576, idle_timeout = opts.idle_timeout or 120,
                          active_timeout = opts.active_timeout or 1800 }),
-    packets = 0, bytes = 0, truncated = 0, malformed = 0, nonip = 0,
+    packets = 0, bytes = 0, truncated = 0, nonip = 0,
     sec = -1,               -- packet-time second of the current batch
     ctl_kind = nil, ctl_text = nil,
   }, Driver)
@@ -140,8 +140,7 @@ end
 function Driver:stats()
   local s = self.ft:stats()
   return { packets = self.packets, bytes = self.bytes, truncated = self.truncated, nonip = self.nonip,
-           flows_created = s.created or self.ft.created, flows_live = self.ft.live,
-           flow_table_full = self.ft.full_drops }
+           flows_created = s.created, flows_live = s.live, flow_table_full = s.full_drops }
 end
 
 M.Driver = Driver
