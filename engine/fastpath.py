@@ -280,6 +280,9 @@ class FastPath:
                     break
             capture.wait(timeout=30)
             self._finish(rt, lua)
+        except BaseException:
+            self.store.close(check=False)          # the writer process and its pipes, not left to GC
+            raise
         finally:
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
