@@ -143,6 +143,7 @@ class FastPath:
         vm.take_counters = method(vm.lua, "take_counters")
         vm.take_outputs = method(vm.lua, "take_outputs")
         vm.set_time = method(vm.lua, "set_time")
+        vm.deliver_message = method(vm.lua, "deliver_message")
         self.instances.append(inst)
 
     # ----------------------------------------------------------------- ticks
@@ -190,8 +191,7 @@ class FastPath:
         for pipeline, msgid, msg in messages:
             for inst in self.instances:
                 if inst.pipeline == pipeline:
-                    inst.vm.lua.eval("function(h, i, m) h:deliver_message(i, m) end")(
-                        inst.vm.host, msgid.encode(), msg.encode())
+                    inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg.encode())
 
     def _write(self, kind: str, rows) -> None:
         rows = [tuple(_text(x) if isinstance(x, bytes) else x for x in r.values()) for r in rows.values()] \

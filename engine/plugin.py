@@ -43,6 +43,7 @@ class PluginVM:
         self.nworkers = self.config.workers or int(host.requested_workers(host))
         self._poll = self.lua.eval("function(a, n) return a:poll(n) end")
         self._has = self.lua.eval("function(a) return a:has_results() end")
+        self._pending = self.lua.eval("function(a) return a:pending() end")
         self._call = self.lua.eval("function(h, sub, name, ...) return h:call(sub, name, ...) end")
         self._bell = bell
         if start_workers == "lazy":
@@ -95,7 +96,7 @@ class PluginVM:
 
     def pending(self) -> int:
         """Tasks scheduled and not finished."""
-        return int(self.lua.eval("function(a) return a:pending() end")(self.async_obj))
+        return int(self._pending(self.async_obj))
 
     def stop_accepting(self) -> None:
         """Refuse new tasks from now on (they count as dropped)."""
