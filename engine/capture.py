@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import struct
-import subprocess
 import sys
-import tempfile
 
 from shm import segment
 from shm.luajit import new_runtime
 
+from .bpf import BpfError, compile_bpf
 from .pcapfile import InputError, open_capture
 from .lua_errors import split_lua_error
 
 EXIT_INPUT = 3
-
-
-class BpfError(ValueError):
-    """A --bpf expression that cannot be compiled."""
 
 
 def link_type(interface: str) -> int:
@@ -38,43 +32,6 @@ def link_type(interface: str) -> int:
     except (OSError, ValueError):
         return 1
     return {1: 1, 772: 1, 65534: 101}.get(hatype, 1)      # Ethernet, loopback, raw IP (tun)
-
-
-def compile_bpf(expr: str, linktype: int = 1, interface: str | None = None) -> str:
-    """Compile a tcpdump filter expression to classic BPF (``tcpdump -ddd`` text, one instruction a line).
-
-    With ``interface``, tcpdump compiles for that live interface (``-i``; needs root or CAP_NET_RAW):
-    libpcap then tests VLAN tags the Linux way (the kernel strips them before the filter runs, and
-    `vlan` must look at the skb's tag, not at the frame).  Otherwise, or when that fails, it compiles
-    against an empty capture file of ``linktype`` (no privileges; `vlan` then only matches tags still
-    in the frame).  Raises BpfError naming the expression when it cannot be compiled.
-    """
-    tcpdump = shutil.which("tcpdump") or next((p for p in ("/usr/sbin/tcpdump", "/usr/bin/tcpdump")
-                                               if os.access(p, os.X_OK)), None)
-    if tcpdump is None:
-        raise BpfError(f"cannot compile BPF filter {expr!r}: tcpdump is not installed "
-                       "(it compiles the expression; install tcpdump or drop --bpf)")
-
-    def run(source):
-        p = subprocess.run([tcpdump, "-ddd", *source, "--", expr], capture_output=True, text=True,
-                           timeout=30, stdin=subprocess.DEVNULL)
-        lines = p.stdout.split("\n")
-        if p.returncode != 0 or not lines[0].strip().isdigit():
-            why = " ".join(x for x in p.stderr.splitlines() if not x.startswith("reading from file")).strip()
-            return None, why or "tcpdump failed"
-        return "\n".join(x for x in lines[1:] if x.strip()), None
-
-    if interface:
-        prog, _ = run(["-i", interface])
-        if prog is not None:
-            return prog
-    with tempfile.NamedTemporaryFile(suffix=".pcap") as f:
-        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, linktype))
-        f.flush()
-        prog, why = run(["-r", f.name])
-    if prog is None:
-        raise BpfError(f"cannot compile BPF filter {expr!r}: {why}")
-    return prog
 
 
 def _live(args, lua, ring, control, pkt, stop) -> int:

@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--generate", metavar="SPEC", help="generated traffic at full speed, nothing lost: gen options "
                      "as KEY=VALUE,... with ':' inside lists, e.g. 'packets=2000000,flows=1000,mix=tcp=60:udp=40,"
                      "seed=1' (docs/gen.md)")
-    run.add_argument("--bpf", metavar="EXPR", help="tcpdump filter expression for --interface (needs tcpdump)")
+    run.add_argument("--bpf", metavar="EXPR", help="pcap-filter expression for --interface (compiled by libpcap)")
     _run_options(run)
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="run the bundled example plug-ins on the bundled sample capture")

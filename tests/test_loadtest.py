@@ -70,15 +70,19 @@ def test_latency_quick(tmp_path):
 def test_inline_vs_async_quick(tmp_path):
     res, report = run_scenario(tmp_path, "inline-vs-async")
     pts = {(p["plugin"], p["offered_pps"]): p for p in res["points"]}
-    lo, hi = res["rates"][0], res["rates"][-1]
-    assert pts[("async", lo)]["drop_pct"] == 0 and pts[("async", lo)]["ring_drops"] == 0
+    hi = res["rates"][-1]
     for p in res["points"]:
         if p["async"]:
             check_identity({k: v for k, v in p["async"].items() if not k.startswith("latency")})
         assert f"**{p['drop_pct']}**" in report              # the measured numbers are in the report
+    # The promise (docs/loadtest): slow work in T.async never stalls the packet path, so async loses no more
+    # than the no-script baseline measured in the same run on the same machine; one 50 ms stall per 1000
+    # packets would cost tens of percent.  2 points absorb the noise of two shared cores.
+    for rate in res["rates"]:
+        base, asy = pts[("baseline", rate)], pts[("async", rate)]
+        assert asy["drop_pct"] <= base["drop_pct"] + 2.0, (base, asy)
     # 100k packets/s against a plug-in that can do ~20k: inline must drop (1 MiB packet ring)
-    assert pts[("inline", hi)]["drop_pct"] > 10, pts[("inline", hi)]
-    assert pts[("async", hi)]["drop_pct"] == 0, pts[("async", hi)]
+    assert pts[("inline", hi)]["drop_pct"] > pts[("baseline", hi)]["drop_pct"] + 10, pts[("inline", hi)]
 
 
 @pytest.mark.soak
