@@ -2,7 +2,7 @@
 
 Lua modules ship inside the Python packages (``shm/ring.lua``,
 ``workers/worker.lua``, ``engine/lua/*.lua``) and are required by dotted name
-(``require "shm.ring"``).  ``luaprobe.config`` is preloaded with the path of
+(``require "luaprobe.shm.ring"``).  ``luaprobe.config`` is preloaded with the path of
 the _lpsync library that the Lua side loads with ``ffi.load``.
 """
 from __future__ import annotations
@@ -12,23 +12,47 @@ import os
 
 from lupa import luajit21
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("engine", "workers", "shm")    #: luaprobe.<name> packages that hold Lua modules
+
+_LOADER = r"""
+local roots = ...
+table.insert(package.loaders, 2, function(name)
+  local top, rest = name:match("^luaprobe%.([%w_]+)%.(.+)$")
+  local dir = top and roots[top]
+  if not dir then return nil end
+  local path = dir .. "/" .. rest:gsub("%.", "/") .. ".lua"
+  local f = io.open(path, "rb")
+  if not f then return "\n\tno file '" .. path .. "'" end
+  f:close()
+  return assert(loadfile(path))
+end)
+"""
+
+
+def package_dirs() -> dict[str, str]:
+    """{package: folder} for luaprobe.engine / luaprobe.workers / luaprobe.shm, wherever installed."""
+    out = {}
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(f"luaprobe.{name}")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"luaprobe.{name} is not installed: run `pip install -e .`")
+        out[name] = list(spec.submodule_search_locations)[0]
+    return out
 
 
 def lpsync_path() -> str:
     """Path of the compiled _lpsync shared library."""
-    spec = importlib.util.find_spec("shm._lpsync")
+    spec = importlib.util.find_spec("luaprobe.shm._lpsync")
     if spec is None or not spec.origin:
-        raise RuntimeError("shm._lpsync is not built: run `pip install -e .`")
+        raise RuntimeError("luaprobe.shm._lpsync is not built: run `pip install -e .`")
     return spec.origin
 
 
 def lua_path(dirs=()) -> str:
-    """A package.path: the given directories first, then luaprobe's own modules."""
+    """A package.path fragment for the given plug-in directories (luaprobe's own modules come from the loader)."""
     parts = []
     for d in dirs:
         parts += [os.path.join(d, "?.lua"), os.path.join(d, "?", "init.lua")]
-    parts.append(os.path.join(ROOT, "?.lua"))
     return ";".join(parts)
 
 
@@ -43,6 +67,7 @@ def new_runtime(search_dirs=(), encoding: str | None = None) -> luajit21.LuaRunt
         " package.loaded['luaprobe.config'] = {lpsync = lpsync} end"
     )
     setup(lua_path(search_dirs).encode(), lpsync_path().encode())
+    lua.execute(_LOADER, table(lua, package_dirs()))
     return lua
 
 

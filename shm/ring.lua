@@ -1,5 +1,5 @@
 --[[
-shm.ring — single-producer / single-consumer ring of variable-length records
+luaprobe.shm.ring — single-producer / single-consumer ring of variable-length records
 living in shared memory.  This is the only implementation of the ring
 protocol: workers and the fast path use it from LuaJIT, Python uses it through
 shm/ring.py (which loads this file into a small LuaJIT VM).

@@ -5,10 +5,22 @@ paths run in LuaJIT on both sides and use ring.lua directly.
 """
 from __future__ import annotations
 
-from . import luajit, segment
+import functools
+
+from luaprobe.shm import luajit
+from luaprobe.shm import segment
 
 DEFAULT_CAPACITY = 1 << 20
-HEADER = 4096
+
+
+@functools.cache
+def _header() -> int:
+    return int(luajit.new_runtime().eval('require("luaprobe.shm.ring").HEADER'))
+
+
+def region_size(capacity: int) -> int:
+    """Bytes a ring of ``capacity`` data bytes occupies: its header (shm/ring.lua HEADER) plus the data area."""
+    return _header() + capacity
 
 
 class Ring:
@@ -18,7 +30,7 @@ class Ring:
         self.segment = seg
         self.offset = offset
         self._lua = luajit.new_runtime()
-        mod = self._lua.eval('require("shm.ring")')
+        mod = self._lua.eval('require("luaprobe.shm.ring")')
         addr = seg.address + offset
         self._ring = mod.format(addr, capacity) if fmt else mod.attach(addr)
         self.capacity = int(self._ring.cap)
@@ -35,7 +47,7 @@ class Ring:
     @classmethod
     def create(cls, capacity: int = DEFAULT_CAPACITY, purpose: str = "ring") -> "Ring":
         """Create a segment holding one formatted ring of ``capacity`` data bytes."""
-        seg = segment.create(purpose, HEADER + capacity)
+        seg = segment.create(purpose, region_size(capacity))
         try:
             return cls(seg, 0, fmt=True, capacity=capacity)
         except BaseException:

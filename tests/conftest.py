@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from shm import segment
+from luaprobe.shm import segment
 from tests import helpers
 
 
@@ -38,11 +38,11 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def runtime_factory():
     """Create AsyncRuntimes that are always shut down (no drain) at teardown."""
-    from engine.runtime import AsyncRuntime
+    from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
     made = []
 
     def make(**cfg):
-        from workers.pool import AsyncConfig
+        from luaprobe.workers.pool import AsyncConfig
         lua_path = cfg.pop("lua_path", ())
         rt = AsyncRuntime(AsyncConfig(**cfg), lua_path=lua_path)
         made.append(rt)

@@ -15,7 +15,7 @@ import time
 
 import psutil
 
-from shm import segment
+from luaprobe.shm import segment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PCAPS = os.path.join(REPO, "..", "shared", "pcaps")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import resource
 import sys
 
-from shm import segment
-from shm.luajit import new_runtime
+from luaprobe.shm import segment
+from luaprobe.shm.luajit import new_runtime
 
 LUA = r"""
-local ring = require("shm.ring")
+local ring = require("luaprobe.shm.ring")
 local ffi = require("ffi")
 local M = {}
 

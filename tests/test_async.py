@@ -1,4 +1,4 @@
-"""T.async end to end: real worker processes, real shared-memory rings (engine/lua/async.lua, workers/).
+"""T.async end to end: real worker processes, real shared-memory rings (engine/plugins/async.lua, workers/).
 
 Every test that runs tasks checks the accounting identity
     scheduled == ok + nil_result + error + timeout + dropped + pending
@@ -20,7 +20,7 @@ import psutil
 import pytest
 from lupa.luajit21 import LuaError
 
-from shm import segment
+from luaprobe.shm import segment
 from tests import helpers
 
 GATE_LUA = r'''
@@ -137,7 +137,7 @@ end
 
 def test_api_both_call_styles(runtime_factory, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="luaprobe")
-    body = 'buffer = require("engine.lua.buffer")\ngot = {}\n'
+    body = 'buffer = require("luaprobe.engine.plugins.buffer")\ngot = {}\n'
     for style, sep in (("colon", ":"), ("dot", ".")):
         body += STYLE_TEMPLATE.replace("@", sep).replace("STYLE", style)
     path = plugin(tmp_path, body)
@@ -575,7 +575,7 @@ end
         assert vm.exec(f"return quick('q{i}')") is True
     _, took = service_until(rt, lambda: vm.exec("return #errs") > 0, timeout=10)
     assert took < 5.0
-    _check_after_death(rt, vm, 4, pid, "worker died (exited with status 3)")
+    _check_after_death(rt, vm, 4, pid, "worker died (exit status 3)")
 
 
 # ============================================================================ 11. hung task
@@ -737,8 +737,8 @@ def test_shutdown_drains_then_unloads(runtime_factory, tmp_path):
 
 PARENT = r'''
 import sys, time
-from engine.runtime import AsyncRuntime
-from workers.pool import AsyncConfig
+from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
+from luaprobe.workers.pool import AsyncConfig
 rt = AsyncRuntime(AsyncConfig(workers=2))
 vm = rt.load(sys.argv[1])
 print(" ".join(str(p) for p in vm.pool.pids()), flush=True)

@@ -9,7 +9,7 @@ from tests import helpers
 
 
 def luaprobe(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=cwd or helpers.REPO,
+    return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=cwd or helpers.REPO,
                           capture_output=True, text=True, timeout=120)
 
 

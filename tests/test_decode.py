@@ -1,4 +1,4 @@
-"""Tests for engine/lua/decode.lua (the LuaJIT ffi layer decoder).
+"""Tests for engine/fastpath/decode.lua (the LuaJIT ffi layer decoder).
 
 Real captures from /work/shared/pcaps are decoded and compared with
 expectations derived once with tshark (Wireshark 4.x) and PINNED below, so
@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from shm.luajit import new_runtime
+from luaprobe.shm.luajit import new_runtime
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PCAPS = os.path.join(REPO_ROOT, '..', 'shared', 'pcaps')
@@ -64,7 +64,7 @@ def iter_pcap(path):
 # --------------------------------------------------------------------------- Lua side
 LUA_HELPERS = r"""
 local ffi = require 'ffi'
-local decode = require 'engine.lua.decode'
+local decode = require 'luaprobe.engine.fastpath.decode'
 local d = decode.new()
 local H = {}
 -- decode a Lua string; caplen defaults to #s (a smaller caplen lets a test
@@ -396,7 +396,7 @@ def ext(nh, kind, body_len=6, frag_off=0, more=0):
 
 
 def test_enum_and_guids(lua):
-    dm = lua.eval('require "engine.lua.decode"')
+    dm = lua.eval('require "luaprobe.engine.fastpath.decode"')
     assert {k.decode(): v for k, v in dm.PROTO.items()} == PROTO
     g = {k: v.decode() for k, v in dm.GUID.items()}
     assert g[PROTO['ETHERNET']] == '{974FB098-DE46-45db-94DA-8D64A3BBCDE5}'
@@ -662,7 +662,7 @@ def test_fuzz_never_reads_beyond_caplen(dec):
 # --------------------------------------------------------------------------- rate
 BENCH_LUA = r"""
 local ffi = require 'ffi'
-local decode = require 'engine.lua.decode'
+local decode = require 'luaprobe.engine.fastpath.decode'
 local TCP = decode.PROTO.TCP
 -- s: a whole classic little-endian pcap file as one Lua string
 return function(s, reps, verify)

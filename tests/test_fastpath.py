@@ -1,7 +1,7 @@
 """End to end: real capture files, real processes (capture, workers, SQLite writer), the real database.
 
 Most runs call ``FastPath(RunConfig(...)).run()`` in-process (it returns the summary dict); a few go
-through ``python -m engine.cli`` for exit codes and messages.  Every expected number comes from
+through ``python -m luaprobe.engine.daemon.cli`` for exit codes and messages.  Every expected number comes from
 tshark/capinfos (Wireshark 4.0.17) and is pinned here with the command that produced it, so the tests
 never need tshark at run time.  ``$P`` below is tests/helpers.PCAPS (/work/shared/pcaps).
 
@@ -21,8 +21,8 @@ import sys
 
 import pytest
 
-from engine.fastpath import FastPath, RunConfig
-from engine.store import Store
+from luaprobe.engine.fastpath.run import FastPath, RunConfig
+from luaprobe.engine.store.writer import Store
 from tests import helpers
 
 PCAPS = helpers.PCAPS
@@ -55,8 +55,8 @@ def run(tmp_path, plugins, files, name="out", **kw) -> tuple[dict, str]:
 
 
 def cli(*args, timeout=60) -> subprocess.CompletedProcess:
-    """``python -m engine.cli ARGS`` in the repo; output captured as text."""
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=helpers.REPO, capture_output=True,
+    """``python -m luaprobe.engine.daemon.cli ARGS`` in the repo; output captured as text."""
+    return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=helpers.REPO, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 

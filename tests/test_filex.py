@@ -1,4 +1,4 @@
-"""filex_monitor end to end (engine/lua/filex.lua): real captures, real processes, `luaprobe run` / FastPath.
+"""filex_monitor end to end (engine/streams/filex.lua): real captures, real processes, `luaprobe run` / FastPath.
 
 Every HTTP capture in tests/helpers.PCAPS runs through a test plug-in whose ``onfile_http`` copies each
 file *synchronously* (io.open, read, write into the test's tmp dir: the file must exist during the
@@ -10,7 +10,7 @@ run by the test itself (skipped, with the reason, only when tshark is missing) a
 in tests/test_http.py (TSHARK, DEVIATIONS: the three justified differences, documented in
 docs/filex.md).  Flow keys come from tshark too: ``tshark -T json -x -Y http`` gives, per packet, the
 TCP endpoints and the decoded body (``http.file_data_raw``); the endpoints are converted to Trisul's
-flow-key format (Z end = lower port, engine/lua/decode.lua).
+flow-key format (Z end = lower port, engine/fastpath/decode.lua).
 
 Also covered: the shipped example engine/examples/file_sha256.lua (FileHash resources, ./extracted),
 file lifetime with T.async tasks, chunked ``.part`` files, streaming mode (onpayload_http only),
@@ -31,8 +31,8 @@ import time
 
 import pytest
 
-from engine.fastpath import FastPath, RunConfig
-from engine.store import Store
+from luaprobe.engine.fastpath.run import FastPath, RunConfig
+from luaprobe.engine.store.writer import Store
 from tests import helpers
 from tests.test_http import DEVIATIONS, TSHARK
 
@@ -98,7 +98,7 @@ def _ipkey(a: str) -> str:
 
 
 def trisul_flowkey(src: str, sport: int, dst: str, dport: int) -> str:
-    """Trisul flow id of a TCP conversation (engine/lua/decode.lua): the Z end has the lower port; on a tie
+    """Trisul flow id of a TCP conversation (engine/fastpath/decode.lua): the Z end has the lower port; on a tie
     the lower address; 'A' IPv4, 'B' IPv6."""
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     src_is_a = sport > dport if sport != dport else s.packed >= d.packed
@@ -246,7 +246,7 @@ TrisulPlugin = {
           local f = io.open(p, "rb")
           if not f then return "MISSING" end
           local body = f:read("*a"); f:close()
-          return require("engine.lua.sha256").hex(body)
+          return require("luaprobe.engine.plugins.sha256").hex(body)
         end,
         onresult = function(engine, p, sha)
           local f = io.open(p, "rb")
@@ -378,7 +378,7 @@ def test_example_file_sha256(tmp_path, name):
     """engine/examples/file_sha256.lua through `luaprobe run` (cwd = tmp_path: it writes ./extracted)."""
     stats = tmp_path / "summary.json"
     env = dict(os.environ, PYTHONPATH=helpers.REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "engine.cli", "run", EXAMPLE, "--pcap", os.path.join(PCAPS, name),
+    p = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", EXAMPLE, "--pcap", os.path.join(PCAPS, name),
                         "--out", "out", "--stats-json", str(stats)], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr

@@ -1,4 +1,4 @@
-"""Tests for engine/lua/flowtable.lua (the bidirectional 5-tuple flow table).
+"""Tests for engine/fastpath/flowtable.lua (the bidirectional 5-tuple flow table).
 
 Real captures from /work/shared/pcaps are decoded, run through the table and
 compared with tshark numbers derived once and PINNED below (tshark is not
@@ -40,8 +40,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 if __name__ == '__main__':  # pragma: no cover - allow running from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.pcapfile import open_capture
-from shm.luajit import new_runtime
+from luaprobe.engine.capture.pcapfile import open_capture
+from luaprobe.shm.luajit import new_runtime
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PCAPS = os.path.join(REPO_ROOT, '..', 'shared', 'pcaps')
@@ -152,9 +152,9 @@ def derive(path):
 LUA_HELPERS = r"""
 local ffi = require 'ffi'
 local bit = require 'bit'
-local decode = require 'engine.lua.decode'
-local pcapfile = require 'engine.lua.pcapfile'
-local flowtable = require 'engine.lua.flowtable'
+local decode = require 'luaprobe.engine.fastpath.decode'
+local pcapfile = require 'luaprobe.engine.capture.pcapfile'
+local flowtable = require 'luaprobe.engine.fastpath.flowtable'
 local H = {}
 
 local function row(ft, idx, reason)
@@ -670,12 +670,12 @@ def test_terminate_and_reuse(lua, H):
     assert n3 and i3 == i1 and id3 == 3                               # same slot, new record
     assert H.upd(ft, 4, 0, b'', b'', 0, 0, 0, 2.0, 60)[0] == -2           # still full
     assert H.counters(ft)[3] == 2                                     # full_drops
-    assert lua.eval('function(ft) local d = require("engine.lua.decode").new(); return ft:update(d, 1, 60) end')(ft) == (-1, 0, False)
+    assert lua.eval('function(ft) local d = require("luaprobe.engine.fastpath.decode").new(); return ft:update(d, 1, 60) end')(ft) == (-1, 0, False)
     assert H.check(ft) is None
 
 
 def test_bad_capacity(lua):
-    f = lua.eval('function(c) return pcall(require("engine.lua.flowtable").new, {capacity = c}) end')
+    f = lua.eval('function(c) return pcall(require("luaprobe.engine.fastpath.flowtable").new, {capacity = c}) end')
     for c in (0, 3, 6, 1.5):
         assert f(c)[0] is False
     assert f(1)[0] is True

@@ -1,4 +1,4 @@
-"""`luaprobe gen` (engine/gen.py + engine/lua/gen.lua): determinism, tshark validity (no malformed
+"""`luaprobe gen` (engine/gen/traffic.py + engine/gen/builder.lua): determinism, tshark validity (no malformed
 packets, no checksum errors), protocol counts, HTTP object extraction against the manifest, luaprobe's
 own reader and decoder (packet count, flow keys, timestamps, MSS, VLAN)."""
 from __future__ import annotations
@@ -12,8 +12,9 @@ import subprocess
 
 import pytest
 
-from engine import cli, gen
-from engine.pcapfile import count_packets, open_capture
+from luaprobe.engine.daemon import cli
+from luaprobe.engine.gen import traffic as gen
+from luaprobe.engine.capture.pcapfile import count_packets, open_capture
 
 TSHARK = shutil.which("tshark")
 need_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark not installed (CI installs it: .ci/run); "
@@ -101,8 +102,8 @@ def test_luaprobe_reader_counts_match(captures, name):
 
 WALK = """
 function(addr, size, http_port)
-  local pcapfile = require "engine.lua.pcapfile"
-  local decode = require "engine.lua.decode"
+  local pcapfile = require "luaprobe.engine.capture.pcapfile"
+  local decode = require "luaprobe.engine.fastpath.decode"
   local P = decode.PROTO
   local r = pcapfile.open(addr, size)
   local d = decode.new()
@@ -134,7 +135,7 @@ end
 
 
 def walk(path) -> dict:
-    from shm import luajit
+    from luaprobe.shm import luajit
     lua = luajit.new_runtime(encoding="utf-8")
     with open_capture(path) as cap:
         res = lua.eval(WALK)(cap.address, cap.size, 80)

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from engine import gen
-from engine.genstream import parse_spec
+from luaprobe.engine.gen import traffic as gen
+from luaprobe.engine.gen.stream import parse_spec
 from tests import helpers
 
 SPEC = "packets=200000,flows=300,mix=tcp=40:udp=30:icmp=10:dns=10:http=10,http-sizes=1000:30000,seed=3"
@@ -36,7 +36,7 @@ TrisulPlugin = {{ id = {{ name = "all" }},
 ''')
     expect = gen.generate(gen.GenConfig(str(tmp_path / "same.pcap"), **parse_spec(SPEC)))
     stats = tmp_path / "s.json"
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(d), "--generate", SPEC, "--out",
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(d), "--generate", SPEC, "--out",
                         str(tmp_path / "out"), "--stats-json", str(stats)], cwd=helpers.REPO, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -48,16 +48,16 @@ TrisulPlugin = {{ id = {{ name = "all" }},
 
 
 def test_run_generate_bad_spec_is_a_usage_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(tmp_path), "--generate", "packets=lots"],
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path), "--generate", "packets=lots"],
                        cwd=helpers.REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "packets: bad value 'lots'" in r.stderr
 
 
 RX = """
 import json, sys
-from shm.luajit import new_runtime, table
+from luaprobe.shm.luajit import new_runtime, table
 lua = new_runtime()
-f = lua.eval("function(o) return require('engine.lua.genstream').count_rx(o) end")
+f = lua.eval("function(o) return require('luaprobe.engine.gen.stream').count_rx(o) end")
 n, a, b, other, drops = f(table(lua, {"interface": sys.argv[1], "idle": 1.0, "max": 60,
                                       "ready": lambda: print("ready", flush=True)}))
 print(json.dumps({"count": n, "first_ns": a, "last_ns": b, "other": other, "kernel_drops": drops}), flush=True)
@@ -69,12 +69,12 @@ print(json.dumps({"count": n, "first_ns": a, "last_ns": b, "other": other, "kern
 @pytest.mark.parametrize("mode,target", [("--rate", 20000), ("--bitrate", 50e6)])
 def test_paced_send_rate_within_5_percent(mode, target):
     sys.path.insert(0, helpers.REPO)
-    from tools.loadtest.netns import VethPair
+    from luaprobe.engine.loadtest.netns import VethPair
     with VethPair("pt") as v:
         rx = subprocess.Popen([sys.executable, "-c", RX, v.here], cwd=helpers.REPO, stdout=subprocess.PIPE, text=True)
         try:
             assert rx.stdout.readline().strip() == "ready"
-            r = subprocess.run(v.netns_exec(sys.executable, "-m", "engine.cli", "gen", "--interface", v.there, mode,
+            r = subprocess.run(v.netns_exec(sys.executable, "-m", "luaprobe.engine.daemon.cli", "gen", "--interface", v.there, mode,
                                             str(target), "--duration", "5", "--json", "--mix",
                                             "tcp=40,udp=40,icmp=10,dns=10"),
                                cwd=helpers.REPO, capture_output=True, text=True, timeout=120)

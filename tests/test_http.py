@@ -1,4 +1,4 @@
-"""Tests for engine/lua/http.lua (HTTP/1.x over reassembled TCP) and engine/lua/zlib.lua.
+"""Tests for engine/streams/http.lua (HTTP/1.x over reassembled TCP) and engine/streams/zlib.lua.
 
 Real captures from /work/shared/pcaps run through ONE Lua loop: pcapfile walker -> decode.lua ->
 flowtable.lua -> tcpreasm.lua -> http.lua; every decoded body (response bodies and request bodies,
@@ -35,8 +35,8 @@ import pytest
 if __name__ == '__main__':  # pragma: no cover - allow running from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.pcapfile import open_capture
-from shm.luajit import new_runtime
+from luaprobe.engine.capture.pcapfile import open_capture
+from luaprobe.shm.luajit import new_runtime
 from tests.helpers import PCAPS
 
 # --------------------------------------------------------------------------- pinned tshark exports
@@ -181,11 +181,11 @@ DEVIATIONS = {
 LUA_RUN = r"""
 local ffi = require 'ffi'
 local bit = require 'bit'
-local decode = require 'engine.lua.decode'
-local pcapfile = require 'engine.lua.pcapfile'
-local flowtable = require 'engine.lua.flowtable'
-local tcpreasm = require 'engine.lua.tcpreasm'
-local http = require 'engine.lua.http'
+local decode = require 'luaprobe.engine.fastpath.decode'
+local pcapfile = require 'luaprobe.engine.capture.pcapfile'
+local flowtable = require 'luaprobe.engine.fastpath.flowtable'
+local tcpreasm = require 'luaprobe.engine.streams.tcpreasm'
+local http = require 'luaprobe.engine.streams.http'
 local X = {}
 local decode_PROTO_TCP = decode.PROTO.TCP
 -- run a capture; returns bodies {dir, status, method, path, total, truncated, gap, data}, R.stats, http stats
@@ -340,8 +340,8 @@ def test_small_caps_still_deliver(lua, X):
 # --------------------------------------------------------------------------- synthetic HTTP
 LUA_SYN = r"""
 local ffi = require 'ffi'
-local http = require 'engine.lua.http'
-local zlib = require 'engine.lua.zlib'
+local http = require 'luaprobe.engine.streams.http'
+local zlib = require 'luaprobe.engine.streams.zlib'
 local S = {}
 -- feed a script: list of {dir, data} or {dir, nil, gaplen}; each data string is fed in pieces of `step`
 -- bytes (all at once when step is nil).  Returns an event log (list of strings) and the bodies.
@@ -495,7 +495,7 @@ def test_body_bytes_in_gap_truncated(lua, S):
 
 
 def test_multipart_helper(lua):
-    mp = lua.eval("require('engine.lua.http').multipart")
+    mp = lua.eval("require('luaprobe.engine.streams.http').multipart")
     body = (b'--XyZ\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n'
             b'--XyZ\r\nContent-Disposition: form-data; name="f"; filename="t.txt"\r\nContent-Type: text/plain\r\n\r\n'
             b'file\r\nbody\r\n--XyZ--\r\n')
@@ -524,11 +524,11 @@ def derive(path):  # pragma: no cover - needs tshark
 
 BENCH_LUA = r"""
 local ffi = require 'ffi'
-local decode = require 'engine.lua.decode'
-local pcapfile = require 'engine.lua.pcapfile'
-local flowtable = require 'engine.lua.flowtable'
-local tcpreasm = require 'engine.lua.tcpreasm'
-local http = require 'engine.lua.http'
+local decode = require 'luaprobe.engine.fastpath.decode'
+local pcapfile = require 'luaprobe.engine.capture.pcapfile'
+local flowtable = require 'luaprobe.engine.fastpath.flowtable'
+local tcpreasm = require 'luaprobe.engine.streams.tcpreasm'
+local http = require 'luaprobe.engine.streams.http'
 ffi.cdef[[typedef struct { double id; int32_t dir, flags, len; uint32_t seq, ack; const uint8_t *p; } lp_bench_seg;]]
 return function(addr, size, reps)
   -- pre-decode: flow id, dir, seq, ack, flags, payload pointer into the mmap

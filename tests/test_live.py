@@ -1,4 +1,4 @@
-"""Live capture (engine/lua/afpacket.lua): AF_PACKET + TPACKET_V3 on a veth pair, end to end through `luaprobe run`.
+"""Live capture (engine/capture/afpacket.lua): AF_PACKET + TPACKET_V3 on a veth pair, end to end through `luaprobe run`.
 
 Each test builds a private network namespace and a veth pair: lp0-<pid> stays here (luaprobe captures on it),
 lp1-<pid> moves into the namespace, from where a sender writes UDP datagrams to a static neighbour (no address
@@ -140,7 +140,7 @@ def bound(ifname) -> bool:
 
 def run_live(tmp_path, ifname, *extra):
     out, stats = tmp_path / "out", tmp_path / "stats.json"
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(tmp_path / "plugins"),
+    proc = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path / "plugins"),
                              "--interface", ifname, "--out", str(out), "--stats-json", str(stats), *extra],
                             cwd=helpers.REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -246,9 +246,9 @@ TrisulPlugin = {{
   }},
 }}
 ''')
-    from engine.fastpath import FastPath, RunConfig
+    from luaprobe.engine.fastpath.run import FastPath, RunConfig
     # a 64 KiB packet ring holds ~500 small frames; the slow plug-in takes 1 ms per packet
-    code = (f"import json, sys; from engine.fastpath import FastPath, RunConfig; "
+    code = (f"import json, sys; from luaprobe.engine.fastpath.run import FastPath, RunConfig; "
             f"s = FastPath(RunConfig(plugins=[{str(d)!r}], files=[], out_dir={str(tmp_path / 'out')!r}, "
             f"interface={ifname!r}, packet_ring_size=1 << 16)).run(); "
             f"json.dump(s, open({str(tmp_path / 's.json')!r}, 'w'), default=str)")
@@ -316,31 +316,31 @@ TrisulPlugin = {{
 
 
 def test_run_needs_exactly_one_source(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(tmp_path), "--pcap", "x.pcap",
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path), "--pcap", "x.pcap",
                         "--interface", "lo"], cwd=helpers.REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "not allowed with" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(tmp_path)], cwd=helpers.REPO,
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path)], cwd=helpers.REPO,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--pcap --interface" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(tmp_path), "--interface", "nosuch0if"],
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path), "--interface", "nosuch0if"],
                        cwd=helpers.REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "nosuch0if: no such network interface" in r.stderr
 
 
 def test_bad_bpf_expression_is_a_usage_error_naming_it(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(tmp_path), "--interface", "lo",
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path), "--interface", "lo",
                         "--bpf", "udp prot 9999"], cwd=helpers.REPO, capture_output=True, text=True)
     assert r.returncode == 2
     assert "cannot compile BPF filter 'udp prot 9999'" in r.stderr and "syntax error" in r.stderr
 
 
 def test_compile_bpf_and_parse_in_lua():
-    from engine.capture import compile_bpf
-    from shm.luajit import new_runtime
+    from luaprobe.engine.capture.process import compile_bpf
+    from luaprobe.shm.luajit import new_runtime
     text = compile_bpf("udp port 9999")
     lines = text.splitlines()
     assert lines[0] == "40 0 0 12"          # ldh [12]: libpcap starts an Ethernet filter at the EtherType
     assert len(lines) > 5 and all(len(x.split()) == 4 for x in lines)
     lua = new_runtime()
-    n = lua.eval("function(t) local p, n = require('engine.lua.afpacket').parse_filter(t); return n end")(text.encode())
+    n = lua.eval("function(t) local p, n = require('luaprobe.engine.capture.afpacket').parse_filter(t); return n end")(text.encode())
     assert n == len(lines)

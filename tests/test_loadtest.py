@@ -19,7 +19,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/sb
 
 def run_scenario(tmp_path, name, quick=True, timeout=600):
     out = tmp_path / "reports"
-    args = [sys.executable, "-m", "engine.cli", "loadtest", name, "--out", str(out)] + (["--quick"] if quick else [])
+    args = [sys.executable, "-m", "luaprobe.engine.daemon.cli", "loadtest", name, "--out", str(out)] + (["--quick"] if quick else [])
     r = subprocess.run(args, cwd=helpers.REPO, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout + r.stderr
     d = out / name

@@ -1,4 +1,4 @@
-"""engine/lua/pcapfile.lua (record walker) and engine/pcapfile.py (mmap + errors).
+"""engine/capture/pcapfile.lua (record walker) and engine/capture/pcapfile.py (mmap + errors).
 
 Reference numbers for ../shared/pcaps were pinned with Wireshark 4.0.17
 (`capinfos -M -c`, `tshark -T fields -e frame.cap_len -e frame.len -e frame.time_epoch
@@ -25,8 +25,8 @@ import pytest
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
-from engine.pcapfile import InputError, count_packets, open_capture
-from shm.luajit import new_runtime
+from luaprobe.engine.capture.pcapfile import InputError, count_packets, open_capture
+from luaprobe.shm.luajit import new_runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PCAPS = os.path.join(REPO, "..", "shared", "pcaps")
@@ -94,7 +94,7 @@ def lua():
     if _lua is None:
         _lua = new_runtime()
         _lua.execute(r'''
-          local pcapfile = require "engine.lua.pcapfile"
+          local pcapfile = require "luaprobe.engine.capture.pcapfile"
           -- one call per file: summary + bounds check of every returned pointer
           function walk_summary(addr, size)
             local ffi = require "ffi"
@@ -232,7 +232,7 @@ def test_per_packet(name):
 def test_mixed_endian_sections():
     lua_ = lua()
     with open_capture(os.path.join(PCAPS, "pcapng-mixed-endian-shb.pcapng")) as cap:
-        r = lua_.eval('require("engine.lua.pcapfile").open')(cap.address, cap.size)
+        r = lua_.eval('require("luaprobe.engine.capture.pcapfile").open')(cap.address, cap.size)
         first_swap = r.swap
         lua_.eval("function(r) while r:next() do end end")(r)
         assert r.sections == 3 and r.error is None
@@ -241,7 +241,7 @@ def test_mixed_endian_sections():
 
 def test_bigendian_pcap_is_swapped():
     with open_capture(os.path.join(PCAPS, "bigendian-pptp-gre.pcap")) as cap:
-        r = lua().eval('require("engine.lua.pcapfile").open')(cap.address, cap.size)
+        r = lua().eval('require("luaprobe.engine.capture.pcapfile").open')(cap.address, cap.size)
         assert r.swap is True and r.format == b"pcap" and r.linktype == 1 and r.snaplen > 0
 
 
@@ -410,7 +410,7 @@ def test_pcapng_corruptions():
 def test_next_after_error_keeps_returning_nil():
     data = pcap([(1, 0, PKT, 60)]) + b"\0" * 5
     buf = ctypes.create_string_buffer(data, len(data))
-    r = lua().eval('require("engine.lua.pcapfile").open')(ctypes.addressof(buf), len(data))
+    r = lua().eval('require("luaprobe.engine.capture.pcapfile").open')(ctypes.addressof(buf), len(data))
     nxt = lua().eval("function(r) return r:next() end")
     assert nxt(r)[1] == 60
     assert nxt(r) is None and nxt(r) is None

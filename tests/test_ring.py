@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shm import segment
-from shm.luajit import new_runtime
-from shm.ring import Ring
+from luaprobe.shm import segment
+from luaprobe.shm.luajit import new_runtime
+from luaprobe.shm.ring import Ring
 from tests import helpers
 
 
@@ -106,7 +106,7 @@ def test_two_process_stress_with_checksums():
 
 
 POLL = r"""
-local ring = require("shm.ring")
+local ring = require("luaprobe.shm.ring")
 return function(addr, plain, budget)
   local r = ring.attach(addr)
   local tail_p, head, spins = r.tail_p, r.head_local, 0
@@ -220,7 +220,7 @@ def test_shm_clean_command_sweeps():
     child = helpers.run_python("import os, sys; sys.stdout.write(str(os.getpid()))", stdout=subprocess.PIPE)
     dead = f"luaprobe-{int(child.communicate()[0])}-stale.1"
     os.close(os.open(os.path.join(segment.SHM_DIR, dead), os.O_CREAT | os.O_RDWR, 0o600))
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "shm", "clean"], cwd=helpers.REPO,
+    out = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "shm", "clean"], cwd=helpers.REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert dead in out.stdout

@@ -12,8 +12,8 @@ import time
 import psutil
 import pytest
 
-from engine import query
-from engine.store import DB_NAME, KINDS, Store, StoreError, StoreNotFound, StoreWriter
+from luaprobe.engine.store import query
+from luaprobe.engine.store.writer import DB_NAME, KINDS, Store, StoreError, StoreNotFound, StoreWriter
 from tests import helpers
 
 HOSTS = "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}"
@@ -297,7 +297,7 @@ def test_store_missing_and_foreign_files(tmp_path):
 # ------------------------------------------------------------------------------------------------ processes
 PARENT = r"""
 import sys, time
-from engine.store import StoreWriter
+from luaprobe.engine.store.writer import StoreWriter
 w = StoreWriter(sys.argv[1])
 w.write("counters", [("{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}", 0, "K", 0, 5)])
 w.flush(sync=True)
@@ -374,7 +374,7 @@ def test_sigint_is_ignored_and_sigterm_commits(dbfile):
 
 # ------------------------------------------------------------------------------------------------ query CLI
 def run_query(*args):
-    p = subprocess.run([sys.executable, "-m", "engine.query", *args], cwd=helpers.REPO, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "luaprobe.engine.store.query", *args], cwd=helpers.REPO, capture_output=True,
                        text=True, timeout=60)
     return p.returncode, p.stdout, p.stderr
 

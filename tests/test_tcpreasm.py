@@ -1,4 +1,4 @@
-"""Synthetic tests for engine/lua/tcpreasm.lua (TCP stream reassembly per flow and direction).
+"""Synthetic tests for engine/streams/tcpreasm.lua (TCP stream reassembly per flow and direction).
 
 Real-capture coverage (every HTTP capture reassembled and its bodies checked against tshark's
 export) is in tests/test_http.py; ``python tests/test_http.py --bench`` measures throughput.
@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from shm.luajit import new_runtime
+from luaprobe.shm.luajit import new_runtime
 
 SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
 
 LUA = r"""
-local tcpreasm = require 'engine.lua.tcpreasm'
+local tcpreasm = require 'luaprobe.engine.streams.tcpreasm'
 local T = {}
 -- run a list of packets {pdir, seq, flags, data[, ack]} through one flow (id 7); returns the
 -- delivered streams, the event log and the stats
@@ -182,7 +182,7 @@ def test_caps_with_counters(T):
 def test_many_flows_independent(T):
     lua, t = T
     r = lua.execute(r"""
-      local tcpreasm = require 'engine.lua.tcpreasm'
+      local tcpreasm = require 'luaprobe.engine.streams.tcpreasm'
       local got = {}
       local R = tcpreasm.new{cb = function(id, dir, off, p, n) got[id] = (got[id] or '') .. require('ffi').string(p, n) end}
       for id = 1, 50 do

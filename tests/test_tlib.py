@@ -1,4 +1,4 @@
-"""Tests for engine/lua/tlib.lua (the T table), engine/lua/buffer.lua and engine/lua/httpheader.lua."""
+"""Tests for engine/plugins/tlib.lua (the T table), engine/plugins/buffer.lua and engine/plugins/httpheader.lua."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from shm.luajit import new_runtime
+from luaprobe.shm.luajit import new_runtime
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -56,8 +56,8 @@ class VM:
         self.lua = new_runtime()
         self.logs: list[tuple] = []
         self.prints: list[tuple] = []
-        self.lua.execute(b"tlib = require 'engine.lua.tlib'; buffer = require 'engine.lua.buffer';"
-                         b" httpheader = require 'engine.lua.httpheader'")
+        self.lua.execute(b"tlib = require 'luaprobe.engine.plugins.tlib'; buffer = require 'luaprobe.engine.plugins.buffer';"
+                         b" httpheader = require 'luaprobe.engine.plugins.httpheader'")
         install = self.lua.eval(b"""function(script, instance, enginetype, log, pr, extra)
             local o = {script=script, instance=instance, enginetype=enginetype, log=log, print=pr}
             if extra then for k, v in pairs(extra) do o[k] = v end end
@@ -163,7 +163,7 @@ def test_host_log_colon(vm):
 
 def test_default_log_sink_does_not_crash():
     lua = new_runtime()
-    lua.execute(b"require('engine.lua.tlib').install{script='s.lua'}; T.logerror('to stderr')")
+    lua.execute(b"require('luaprobe.engine.plugins.tlib').install{script='s.lua'}; T.logerror('to stderr')")
 
 
 def test_print_tagged_via_print_callback():
@@ -182,7 +182,7 @@ def test_print_tagged_via_log_fallback(vm):
 def test_wrap_print_explicit_opts():
     lua = new_runtime()
     out = []
-    f = lua.eval(b"""function(cb) local t = require 'engine.lua.tlib'
+    f = lua.eval(b"""function(cb) local t = require 'luaprobe.engine.plugins.tlib'
         t.install{script='s.lua', instance='3'}
         t.wrap_print{script='other.lua', instance='9', print=cb}
         print('z') end""")
@@ -332,7 +332,7 @@ def test_bin2hex_hex2bin(vm):
 def test_homenets_custom():
     v = VM(extra=None)
     lua = new_runtime()
-    lua.execute(b"""require('engine.lua.tlib').install{script='s', homenets={{'192.168.0.0','255.255.0.0'},
+    lua.execute(b"""require('luaprobe.engine.plugins.tlib').install{script='s', homenets={{'192.168.0.0','255.255.0.0'},
                       {'10.1.0.0', 16}}}""")
     e = lua.eval
     assert e(b"T.host:is_homenet('192.168.5.6')") is True
@@ -355,7 +355,7 @@ def test_homenets_custom():
 def test_host_paths_env_and_noops(tmp_path):
     lua = new_runtime()
     seen = []
-    f = lua.eval(b"""function(cp, dp, cb) require('engine.lua.tlib').install{script='s',
+    f = lua.eval(b"""function(cp, dp, cb) require('luaprobe.engine.plugins.tlib').install{script='s',
         configpath=cp, datapath=dp, broadcast=cb, config={['App>User']='me'}} end""")
     f(str(tmp_path / "cfg").encode(), str(tmp_path / "data").encode(),
       lambda *a: seen.append(a))

@@ -3,8 +3,8 @@
 # plug-ins on the bundled sample capture, then show what they wrote.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/luaprobe ]; then
-  python3 -m venv .venv
+if ! .venv/bin/python -c "import luaprobe.engine.daemon.cli" 2>/dev/null; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'
 fi

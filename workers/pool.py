@@ -1,7 +1,7 @@
 """The worker processes of one plug-in VM: start, watch, time out, recycle, restart, stop.
 
 Python here handles processes only.  Tasks and results move between the
-plug-in VM (engine/lua/async.lua) and the workers (workers/worker.lua) over
+plug-in VM (engine/plugins/async.lua) and the workers (workers/worker.lua) over
 the rings in each worker's channel segment without touching Python.
 """
 from __future__ import annotations
@@ -16,16 +16,40 @@ import time
 
 import psutil
 
-from engine.logs import log
-from shm import segment
-from shm.luajit import method
+from luaprobe.shm.logs import log
+from luaprobe.shm import segment
+from luaprobe.shm.luajit import method
 
-from .worker import EXIT_RECYCLE
+from luaprobe.shm.exits import EXIT_RECYCLE, describe_exit
 
-CONTROL = 4096
-RING_HEADER = 4096
-_CTL = struct.Struct("<ddddd")      # magic, pid, cur_task, cur_start_ns, tasks_done
-_EXIT_REQUEST_OFFSET = 40
+# The channel layout (control block lp_ctl, then the request and return rings) is defined once, in
+# workers/protocol.lua and shm/ring.lua; Python reads the sizes and offsets from LuaJIT's ffi (_layout).
+_LAYOUT_LUA = """function()
+  local ffi, P, ring = require("ffi"), require("luaprobe.workers.protocol"), require("luaprobe.shm.ring")
+  local function off(f) return ffi.offsetof("lp_ctl", f) end
+  return P.CONTROL, ring.HEADER, off("pid"), off("cur_task"), off("cur_start_ns"), off("tasks_done"),
+         off("exit_request")
+end"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelLayout:
+    """Byte sizes and offsets of a worker channel segment, as workers/protocol.lua declares them."""
+    control: int          #: bytes of the control block before the request ring
+    ring_header: int      #: bytes of a ring header (shm/ring.lua HEADER)
+    pid: int
+    cur_task: int
+    cur_start_ns: int
+    tasks_done: int
+    exit_request: int
+
+    @classmethod
+    def read(cls, lua) -> "ChannelLayout":
+        return cls(*(int(x) for x in lua.eval(_LAYOUT_LUA)()))
+
+    def segment_size(self, capacity: int) -> int:
+        """Control block plus the two rings of ``capacity`` data bytes each."""
+        return self.control + 2 * (self.ring_header + capacity)
 
 
 @dataclasses.dataclass
@@ -73,19 +97,10 @@ class Slot:
     timed_out_task: float = 0.0
 
 
-def _describe_exit(rc: int) -> str:
-    if rc < 0:
-        try:
-            return f"killed by {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"killed by signal {-rc}"
-    return f"exited with status {rc}"
-
-
 class WorkerPool:
     """Worker processes for one plug-in VM.
 
-    ``async_obj`` is the VM's Lua Async object (engine/lua/async.lua) and
+    ``async_obj`` is the VM's Lua Async object (engine/plugins/async.lua) and
     ``lua`` its runtime; ``bell`` is the fast path's doorbell segment.
     """
 
@@ -101,11 +116,12 @@ class WorkerPool:
         self.slots: list[Slot] = []
         self._last_check = 0.0
         self._last_rss = 0.0
+        self.layout = ChannelLayout.read(lua)
         self._format = lua.eval(
-            "function(addr, cap, ctl) local ring = require('shm.ring'); local P = require('workers.protocol');"
+            "function(addr, cap, ctl) local ring = require('luaprobe.shm.ring'); local P = require('luaprobe.workers.protocol');"
             " ring.format(addr + P.CONTROL, cap); ring.format(addr + P.CONTROL + ring.region_size(cap), cap) end")
         self._wake = lua.eval(
-            "function(a, k) local w = a.workers[k]; require('shm.ring').lib.lp_bell_ring(w.req.data_bell) end")
+            "function(a, k) local w = a.workers[k]; require('luaprobe.shm.ring').lib.lp_bell_ring(w.req.data_bell) end")
         self._add_worker = method(lua, "add_worker")
         self._worker_lost = method(lua, "worker_lost")
         self._worker_ready = method(lua, "worker_ready")
@@ -118,7 +134,7 @@ class WorkerPool:
         """Create the channels and start every worker."""
         cap = self.config.ring_size
         for k in range(1, self.nworkers + 1):
-            seg = segment.create(f"w{k}", CONTROL + 2 * (RING_HEADER + cap))
+            seg = segment.create(f"w{k}", self.layout.segment_size(cap))
             self._format(seg.address, cap, 0)
             self.slots.append(Slot(k, seg))
             self._add_worker(self.async_obj, k, seg.address, cap)
@@ -126,7 +142,7 @@ class WorkerPool:
         return self
 
     def _spawn(self, slot: Slot) -> None:
-        cmd = [sys.executable, "-m", "workers.worker", "--channel", slot.channel.name,
+        cmd = [sys.executable, "-m", "luaprobe.workers.worker", "--channel", slot.channel.name,
                "--req-capacity", str(self.config.ring_size), "--slot", str(slot.k),
                "--ppid", str(os.getpid()), "--max-tasks", str(self.config.max_tasks),
                "--spin-us", str(self.config.worker_spin_us)]
@@ -137,8 +153,10 @@ class WorkerPool:
         for d in self.lua_path:
             cmd += ["--lua-path", d]
         buf = slot.channel.buf
-        struct.pack_into("<dddd", buf, 8, 0.0, 0.0, 0.0, 0.0)        # pid, cur_task, start, done
-        struct.pack_into("<I", buf, _EXIT_REQUEST_OFFSET, 0)
+        lay = self.layout
+        for off in (lay.pid, lay.cur_task, lay.cur_start_ns, lay.tasks_done):
+            struct.pack_into("<d", buf, off, 0.0)
+        struct.pack_into("<I", buf, lay.exit_request, 0)
         del buf
         slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
         try:
@@ -153,8 +171,8 @@ class WorkerPool:
         return [s.proc.pid for s in self.slots if s.proc is not None]
 
     def _control(self, slot: Slot) -> tuple[float, float, float]:
-        _, _, cur_task, start, done = _CTL.unpack_from(slot.channel.buf, 0)
-        return cur_task, start, done
+        buf, lay = slot.channel.buf, self.layout
+        return tuple(struct.unpack_from("<d", buf, off)[0] for off in (lay.cur_task, lay.cur_start_ns, lay.tasks_done))
 
     # ----------------------------------------------------------- watching
     def check(self, now: float | None = None, force: bool = False) -> None:
@@ -198,7 +216,7 @@ class WorkerPool:
             return
         if rss > self.config.max_rss_mb * 1e6 and slot.kill_reason is None:
             slot.kill_reason = f"recycled: RSS {rss / 1e6:.0f} MB above {self.config.max_rss_mb:g} MB"
-            struct.pack_into("<I", slot.channel.buf, _EXIT_REQUEST_OFFSET, 1)
+            struct.pack_into("<I", slot.channel.buf, self.layout.exit_request, 1)
             self._wake(self.async_obj, slot.k)
 
     def _lost(self, slot: Slot, rc: int, now: float) -> None:
@@ -207,7 +225,7 @@ class WorkerPool:
         if slot.timed_out_task:
             reason, is_timeout, cur_task = slot.kill_reason, True, slot.timed_out_task
         else:
-            reason, is_timeout = f"worker died ({_describe_exit(rc)})", False
+            reason, is_timeout = f"worker died ({describe_exit(rc)})", False
         # bytes: a Python str would reach Lua as userdata (the VMs have no encoding), and onerror
         # would get an object it cannot concatenate instead of the message string
         self._worker_lost(self.async_obj, slot.k, reason.encode(), cur_task, is_timeout)
@@ -223,7 +241,7 @@ class WorkerPool:
             delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** (slot.crashes_in_row - 1))
             slot.restart_at = now + delay
             log.error("[%s] async worker %d %s; restarting in %.2f s", os.path.basename(self.script), slot.k,
-                      _describe_exit(rc), delay)
+                      describe_exit(rc), delay)
         if slot.restart_at <= now:
             self._spawn(slot)
             self._worker_ready(self.async_obj, slot.k)
@@ -233,7 +251,7 @@ class WorkerPool:
         """Ask every worker to exit, kill what is left after ``timeout``, unlink the channels."""
         for slot in self.slots:
             if slot.proc is not None and slot.proc.poll() is None:
-                struct.pack_into("<I", slot.channel.buf, _EXIT_REQUEST_OFFSET, 1)
+                struct.pack_into("<I", slot.channel.buf, self.layout.exit_request, 1)
                 self._wake(self.async_obj, slot.k)
         end = time.monotonic() + timeout
         for slot in self.slots:

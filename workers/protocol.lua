@@ -1,5 +1,5 @@
 --[[
-workers.protocol — the records exchanged between a plug-in VM and its async
+luaprobe.workers.protocol — the records exchanged between a plug-in VM and its async
 workers, and the layout of a worker's channel segment.
 
 Channel segment (one per worker slot, created by the fast path, reused when

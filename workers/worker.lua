@@ -1,5 +1,5 @@
 --[[
-workers.worker — the loop of one async worker process (one LuaJIT VM).
+luaprobe.workers.worker — the loop of one async worker process (one LuaJIT VM).
 
 It pops request records from its request ring, runs them (onexecute bytecode
 or a built-in file helper, never a shell) and pushes one result record per
@@ -7,8 +7,8 @@ task to its return ring, in request order.  The per-task path stays inside
 LuaJIT; Python only starts the process and builds the VM (workers/worker.py).
 ]]
 local ffi = require("ffi")
-local ring = require("shm.ring")
-local P = require("workers.protocol")
+local ring = require("luaprobe.shm.ring")
+local P = require("luaprobe.workers.protocol")
 
 local C = ring.lib
 local cast, fstring, copy = ffi.cast, ffi.string, ffi.copy
@@ -84,7 +84,7 @@ local function traceback(msg)
   return debug.traceback(tostring(msg), 2)
 end
 
---- Restore the upvalues shipped with a task (see engine/lua/async.lua).
+--- Restore the upvalues shipped with a task (see engine/plugins/async.lua).
 local function restore_upvalues(fn, blob)
   local loader, err = loadstring(blob, "=upvalues")
   if not loader then error("bad upvalue blob: " .. tostring(err)) end
@@ -95,7 +95,7 @@ end
 --- Serve requests until asked to exit, the task budget is spent, or the
 --- parent dies.  Returns the reason ("exit", "recycle", "orphan").
 function M.serve(opts)
-  local stop_profile = require("engine.lua.jitprof").start("worker-" .. tostring(opts.slot or 0))
+  local stop_profile = require("luaprobe.engine.plugins.jitprof").start("worker-" .. tostring(opts.slot or 0))
   local reason = M.loop(opts)
   stop_profile()
   return reason

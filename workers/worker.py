@@ -1,6 +1,6 @@
 """Entry point of one async worker process: build the LuaJIT VM, then hand control to workers/worker.lua.
 
-Started by :class:`workers.pool.WorkerPool` as ``python -m workers.worker ...``.
+Started by :class:`luaprobe.workers.pool.WorkerPool` as ``python -m luaprobe.workers.worker ...``.
 The VM gets the same ``T`` and ``package.path`` as the plug-in that owns the
 pool, so ``require`` works inside onexecute; it never runs the plug-in chunk.
 Exit codes: 0 asked to exit or parent gone, 75 recycled after max tasks.
@@ -8,21 +8,11 @@ Exit codes: 0 asked to exit or parent gone, 75 recycled after max tasks.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import sys
 
-EXIT_RECYCLE = 75
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(ppid: int) -> None:
-    """Ask the kernel to SIGKILL us when the parent dies (and check it has not already)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != ppid:
-        os._exit(0)
+from luaprobe.shm.exits import EXIT_RECYCLE, die_with_parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,12 +32,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_vm(script: str, lua_path, slot: int):
     """A LuaJIT VM with T (T.util, T.log*, T.K, T.host) and the plug-in's package.path."""
-    from engine import logs
-    from engine.searchpath import plugin_dirs
-    from shm.luajit import new_runtime, table
+    from luaprobe.shm import logs
+    from luaprobe.shm.searchpath import plugin_dirs
+    from luaprobe.shm.luajit import new_runtime, table
 
     lua = new_runtime(plugin_dirs(script or None, lua_path))
-    install = lua.eval("function(opts) return require('engine.lua.tlib').install(opts) end")
+    install = lua.eval("function(opts) return require('luaprobe.engine.plugins.tlib').install(opts) end")
     opts = table(lua, {
         "script": script or "worker",
         "instance": f"worker-{slot}",
@@ -62,18 +52,18 @@ def build_vm(script: str, lua_path, slot: int):
 def main(argv=None) -> int:
     """Run the worker until told to exit, recycled, or orphaned."""
     args = parse_args(argv)
-    _die_with_parent(args.ppid)
+    die_with_parent(args.ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
-    from engine import logs
-    from shm import segment
+    from luaprobe.shm import logs
+    from luaprobe.shm import segment
 
     logs.setup()
     channel = segment.attach(args.channel)
     bell = segment.attach(args.bell) if args.bell else None
     lua = build_vm(args.script, args.lua_path, args.slot)
-    from shm.luajit import table
+    from luaprobe.shm.luajit import table
 
-    serve = lua.eval("function(o) return require('workers.worker').serve(o) end")
+    serve = lua.eval("function(o) return require('luaprobe.workers.worker').serve(o) end")
     reason = serve(table(lua, {
         "channel": channel.address,
         "bell": bell.address if bell else None,

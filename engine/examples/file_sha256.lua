@@ -19,7 +19,7 @@ TrisulPlugin = {
       T.async:schedule {
         data = path .. "|" .. flow:id() .. "|" .. tostring(length) .. "|" .. (req_header:get_path() or ""),
         onexecute = function(data)
-          local sha2 = require("engine.lua.sha256")
+          local sha2 = require("luaprobe.engine.plugins.sha256")
           local p = T.util.splitm(data, "|")
           local f = assert(io.open(p, "rb"))
           local body = f:read("*a")

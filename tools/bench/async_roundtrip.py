@@ -32,7 +32,7 @@ RATE = 1000.0
 
 PLUGIN = r"""
 TrisulPlugin = { id = { name = "bench" } }
-local ring = require("shm.ring")
+local ring = require("luaprobe.shm.ring")
 local now = ring.now_ns
 done = 0
 local function echo(d) return d end
@@ -105,8 +105,8 @@ def windowed(n, send, recv) -> float:
 
 # ---------------------------------------------------------------- luaprobe
 def bench_luaprobe(n, nlat, spin_us):
-    from engine.runtime import AsyncRuntime
-    from workers.pool import AsyncConfig
+    from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
+    from luaprobe.workers.pool import AsyncConfig
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "bench.lua")
         with open(path, "w") as f:

@@ -101,7 +101,7 @@ def run_luaprobe(capture: str, work: str) -> tuple[float, dict]:
         f.write(PLUGIN)
     stats = os.path.join(work, "summary.json")
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "engine.cli", "run", plugin, "--pcap", capture,
+    subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", capture,
                     "--out", os.path.join(work, "out"), "--stats-json", stats],
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     wall = time.monotonic() - t0

@@ -42,8 +42,8 @@ TrisulPlugin = { id = { name = "dport counter" },
 
 WALK = r"""
 local ffi = require("ffi")
-local pcapfile = require("engine.lua.pcapfile")
-local decode = require("engine.lua.decode")
+local pcapfile = require("luaprobe.engine.capture.pcapfile")
+local decode = require("luaprobe.engine.fastpath.decode")
 local TCP = decode.PROTO.TCP
 -- the same walk, but every packet decoded with luaprobe's decoder before the hook
 local function walk_decoded(addr, size)
@@ -113,7 +113,7 @@ def bench_luaprobe(path: str, n: int, workdir: str) -> tuple[float, float]:
         f.write(PLUGIN)
     t = time.perf_counter()
     stats = os.path.join(workdir, "stats.json")
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "run", plugin, "--pcap", path, "--out",
+    out = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", path, "--out",
                           os.path.join(workdir, "out"), "--stats-json", stats], cwd=REPO, capture_output=True, text=True)
     dt = time.perf_counter() - t
     if out.returncode != 0:
@@ -127,8 +127,8 @@ def bench_luaprobe(path: str, n: int, workdir: str) -> tuple[float, float]:
 
 
 def bench_walk(path: str, decoded: bool) -> float:
-    from engine.pcapfile import open_capture
-    from shm.luajit import new_runtime
+    from luaprobe.engine.capture.pcapfile import open_capture
+    from luaprobe.shm.luajit import new_runtime
     walk = new_runtime().execute(WALK)
     with open_capture(path) as cap:
         walk(cap.address, cap.size, decoded)          # warm page cache and traces

@@ -1,0 +1,1 @@
+"""engine/capture: see docs/architecture.md."""

@@ -1,0 +1,142 @@
+"""The capture process: fills the packet ring from capture files (``python -m luaprobe.engine.capture.process``).
+
+Started by the fast path (:mod:`luaprobe.engine.fastpath.run`) with the packet ring's
+segment name and the files to read, in order.  Each file ends with an EOF
+record, or an ERROR record naming the byte offset of the corruption (the
+packets before it have been pushed); an END record closes the input.  The
+per-packet loop is engine/capture/capture.lua.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import struct
+import sys
+
+from luaprobe.shm import segment
+from luaprobe.shm.luajit import new_runtime
+
+from luaprobe.engine.capture.bpf import BpfError, compile_bpf
+from luaprobe.engine.capture.pcapfile import InputError, open_capture
+from luaprobe.engine.plugins.errors import split_lua_error
+
+from luaprobe.shm.exits import EXIT_INPUT, die_with_parent
+
+
+def link_type(interface: str) -> int:
+    """pcap linktype of the frames an AF_PACKET SOCK_RAW socket on ``interface`` delivers."""
+    try:
+        with open(f"/sys/class/net/{interface}/type") as f:
+            hatype = int(f.read())
+    except (OSError, ValueError):
+        return 1
+    return {1: 1, 772: 1, 65534: 101}.get(hatype, 1)      # Ethernet, loopback, raw IP (tun)
+
+
+def _live(args, lua, ring, control, pkt, stop) -> int:
+    """Capture from --interface (engine/capture/afpacket.lua) until SIGTERM, then END."""
+    from luaprobe.shm.luajit import table
+    try:
+        flt = compile_bpf(args.bpf, link_type(args.interface), args.interface) if args.bpf else None
+        h = lua.eval("function(o) return require('luaprobe.engine.capture.afpacket').open(o) end")(
+            table(lua, {"interface": args.interface, "filter": flt}))
+    except Exception as e:                                  # BpfError, or a LuaError from open()
+        msg = e.args[0] if isinstance(e, BpfError) else split_lua_error(e)[1]
+        control(ring, pkt.ERROR, f"\t{msg}\tinterface {args.interface}".encode())
+        control(ring, pkt.END, b"")
+        return EXIT_INPUT
+    try:
+        lua.eval("function(h, r, s) return h:run(r, s, 1.0) end")(h, ring, lambda: stop[0])
+    finally:
+        lua.eval("function(h) h:close() end")(h)
+    control(ring, pkt.END, b"")
+    return 0
+
+
+def _generate(args, lua, ring, control, pkt, stop) -> int:
+    """--generate SPEC: the generator's packets into the ring with backpressure (nothing lost), then EOF
+    ("generate:SPEC") and END; SIGTERM stops early (END only)."""
+    from luaprobe.engine.gen.traffic import UsageError
+    from luaprobe.engine.gen.stream import feed_ring
+    try:
+        feed_ring(args.generate, lua, ring, lambda: stop[0])
+    except UsageError as e:
+        control(ring, pkt.ERROR, f"\t{e}\tgenerate:{args.generate}".encode())
+        control(ring, pkt.END, b"")
+        return EXIT_INPUT
+    if not stop[0]:
+        control(ring, pkt.EOF, f"generate:{args.generate}".encode())
+    control(ring, pkt.END, b"")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Read every file into the ring; exit 0, or 3 if some file had an input error."""
+    ap = argparse.ArgumentParser(prog="luaprobe-capture")
+    ap.add_argument("--ring", required=True)
+    ap.add_argument("--ppid", type=int, required=True)
+    ap.add_argument("--bell", default="", help="doorbell segment the consumer sleeps on")
+    ap.add_argument("--interface", help="capture live from this interface until SIGTERM")
+    ap.add_argument("--bpf", help="tcpdump filter expression (with --interface)")
+    ap.add_argument("--loop", action="store_true", help="repeat the files until SIGTERM (soak runs, supervisor)")
+    ap.add_argument("--generate", metavar="SPEC", help="run the generator into the ring (engine/gen/stream.py)")
+    ap.add_argument("files", nargs="*")
+    args = ap.parse_args(argv)
+    if (bool(args.interface) + bool(args.files) + bool(args.generate)) != 1 or (args.bpf and not args.interface):
+        ap.error("give capture files, or --interface IF [--bpf EXPR], or --generate SPEC")
+    stop = [False]
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))   # files too: stop reading, push END
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})          # blocked by FastPath.run until now
+    die_with_parent(args.ppid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seg = segment.attach(args.ring)
+    lua = new_runtime()
+    cap = lua.eval("require('luaprobe.engine.capture.capture')")
+    attach = lua.eval("function(a) return require('luaprobe.shm.ring').attach(a) end")
+    ring = attach(seg.address)
+    bell = segment.attach(args.bell) if args.bell else None
+    if bell is not None:
+        lua.eval("function(r, a) r.data_bell = require('ffi').cast('uint32_t *', a) end")(ring, bell.address)
+    pkt = lua.eval("require('luaprobe.engine.plugins.packet')")
+    control = lua.eval("function(r, k, t) require('luaprobe.engine.capture.capture').control(r, k, t) end")
+    run_file = lua.eval("function(r, a, s, stop) return require('luaprobe.engine.capture.capture').file(r, a, s, stop) end")
+    if args.interface:
+        return _live(args, lua, ring, control, pkt, stop)
+    if args.generate:
+        return _generate(args, lua, ring, control, pkt, stop)
+    failed = False
+
+    eof_sent = set()
+
+    def files():                                            # --loop: again and again until SIGTERM
+        while True:
+            for path in args.files:
+                if stop[0]:
+                    return
+                yield path
+            if not args.loop or failed:
+                return
+    for path in files():
+        try:
+            with open_capture(path) as c:
+                try:
+                    n, nbytes, err, off = run_file(ring, c.address, c.size, lambda: stop[0])
+                except Exception as e:                      # a bad file header raises in Lua
+                    off, msg = split_lua_error(e)
+                    raise InputError(path, off, msg) from None
+            if err is not None:
+                raise InputError(path, int(off), err.decode("utf-8", "replace"))
+            if not args.loop or path not in eof_sent:      # looping: one EOF per file (files_done stays small)
+                eof_sent.add(path)
+                control(ring, pkt.EOF, path.encode())
+        except InputError as e:
+            failed = True
+            control(ring, pkt.ERROR, f"{e.offset}\t{e.message}\t{e.path}".encode())
+    control(ring, pkt.END, b"")
+    del cap
+    return EXIT_INPUT if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""engine/daemon: see docs/architecture.md."""

@@ -1,0 +1,352 @@
+"""The luaprobe command line.
+
+    luaprobe run PLUGIN... --pcap FILE... [--out DIR] [--workers N] [--lua-path DIR] [--stats-json FILE]
+    luaprobe run PLUGIN... --interface IF [--bpf EXPR] [...]   live capture until Ctrl-C / SIGTERM (docs/live.md)
+    luaprobe check PLUGIN...    list detected script types and problems (like Trisul's `list lua`)
+    luaprobe query alerts|resources|counters|flows|keyinfo [--out DIR] [--json]
+    luaprobe demo               run the bundled example plug-ins on the bundled sample capture
+    luaprobe shm clean|list     remove / list shared-memory segments (clean: those whose owner died)
+
+Exit codes: 0 ok, 2 usage error, 3 input error, 4 plug-in error, 1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from luaprobe.shm.exits import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_USAGE  # noqa: F401
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("luaprobe")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def cmd_shm(args) -> int:
+    """`luaprobe shm clean|list`."""
+    from luaprobe.shm import segment
+    if args.action == "clean":
+        removed = segment.sweep()
+        for name in removed:
+            print(f"removed {name}")
+        print(f"{len(removed)} stale segment(s) removed")
+    else:
+        for name in segment.list_segments():
+            print(name)
+    return EXIT_OK
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def _async_config(args):
+    from luaprobe.workers.pool import AsyncConfig
+    cfg = AsyncConfig(workers=args.workers, overflow_limit=args.overflow_limit, task_timeout=args.task_timeout,
+                      max_tasks=args.worker_max_tasks, max_rss_mb=args.worker_max_rss_mb, ring_size=args.ring_size,
+                      drain_deadline=args.drain_deadline, worker_spin_us=args.worker_spin_us)
+    cfg.validate()
+    return cfg
+
+
+def _print_summary(s: dict) -> None:
+    """The run summary: a rich table on a terminal, plain lines otherwise (scripts parse those)."""
+    if sys.stdout.isatty():
+        try:
+            return _rich_summary(s)
+        except ImportError:
+            pass
+    _plain_summary(s)
+
+
+def _rich_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    d = s["drops"]
+    t = Table(title=f"luaprobe: {s['packets']:,} packets, {s['bytes']:,} bytes, {s['flows']:,} flows "
+                    f"in {s['elapsed_s']} s", title_justify="left")
+    for col in ("plug-in", "type#instance", "hook calls", "errors", "async sched", "ok", "nil", "error",
+                "timeout", "dropped", "pending"):
+        t.add_column(col, justify="left" if col in ("plug-in", "type#instance") else "right")
+    for p in s["plugins"]:
+        a = p["async"]
+        t.add_row(os.path.basename(p["plugin"]), f"{p['type']}#{p['instance']}", f"{sum(p['hook_calls'].values()):,}",
+                  str(sum(p["hook_errors"].values())), *(str(a[k]) for k in ("scheduled", "ok", "nil_result", "error",
+                                                                           "timeout", "dropped", "pending")))
+    con = Console()
+    con.print(t)
+    con.print(f"drops: capture {d['capture']}  kernel {d.get('kernel', 0)}  packet ring {d['packet_ring']}  "
+              f"flow table {d['flow_table']}")
+    con.print("written: " + ", ".join(f"{k} {v}" for k, v in s["rows_written"].items()) + f"  -> {s['store']['path']}")
+    for e in s["plugin_problems"]:
+        print(f"plug-in problem: {e}", file=sys.stderr)
+    for e in s["input_errors"]:
+        print(f"input error: {e}", file=sys.stderr)
+
+
+def _plain_summary(s: dict) -> None:
+    print(f"packets {s['packets']:,}  bytes {s['bytes']:,}  flows {s['flows']:,}  elapsed {s['elapsed_s']} s")
+    d = s["drops"]
+    print(f"drops: capture {d['capture']}  kernel {d.get('kernel', 0)}  packet ring {d['packet_ring']}"
+          f"  flow table {d['flow_table']}")
+    for p in s["plugins"]:
+        a = p["async"]
+        calls = sum(p["hook_calls"].values())
+        errs = sum(p["hook_errors"].values())
+        print(f"{os.path.basename(p['plugin'])} [{p['type']}#{p['instance']}] hook calls {calls:,} errors {errs}"
+              + (f"  async scheduled {a['scheduled']} ok {a['ok']} nil {a['nil_result']} error {a['error']}"
+                 f" timeout {a['timeout']} dropped {a['dropped']} pending {a['pending']}" if a["scheduled"] else ""))
+    rw = s["rows_written"]
+    print("written: " + ", ".join(f"{k} {v}" for k, v in rw.items()) + f"  -> {s['store']['path']}")
+    for e in s["plugin_problems"]:
+        print(f"plug-in problem: {e}", file=sys.stderr)
+    for e in s["input_errors"]:
+        print(f"input error: {e}", file=sys.stderr)
+
+
+class _progress_bar:
+    """A rich progress bar on stderr for file runs (only when stderr is a terminal)."""
+
+    def __new__(cls, cfg):
+        if not cfg.files or not sys.stderr.isatty():
+            return None
+        try:
+            import rich.progress  # noqa: F401
+        except ImportError:
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, cfg):
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+        # progress in capture-file bytes: wire bytes + 16-byte record headers approximate the file offset
+        self.total = sum(os.path.getsize(f) for f in cfg.files if os.path.isfile(f))
+        self.p = Progress(TextColumn("[bold]luaprobe"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[pk]}"),
+                          TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self.task = self.p.add_task("run", total=self.total or None, pk="")
+        self.p.start()
+
+    def update(self, packets: int, nbytes: int) -> None:
+        self.p.update(self.task, completed=min(self.total, nbytes + 16 * packets), pk=f"{packets:,} packets")
+
+    def close(self) -> None:
+        self.p.stop()
+
+
+def cmd_run(args) -> int:
+    """`luaprobe run`: plug-ins over capture files, to completion."""
+    import json
+
+    from luaprobe.shm import logs
+    from luaprobe.engine.fastpath.run import FastPath, RunConfig
+    from luaprobe.engine.plugins.vm import PluginError
+    logs.setup(verbose=args.verbose)
+    if args.quiet:
+        logs.log.setLevel("WARNING")
+    interface, bpf = getattr(args, "interface", None), getattr(args, "bpf", None)
+    generate = getattr(args, "generate", None)
+    if generate is not None:
+        from luaprobe.engine.gen.traffic import UsageError
+        from luaprobe.engine.gen.stream import parse_spec
+        try:
+            parse_spec(generate)
+        except UsageError as e:
+            print(f"luaprobe run: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    if bpf is not None and not interface:
+        print("luaprobe run: --bpf needs --interface (capture files are not filtered)", file=sys.stderr)
+        return EXIT_USAGE
+    if interface:
+        import socket
+
+        from luaprobe.engine.capture.process import BpfError, compile_bpf, link_type
+        try:
+            socket.if_nametoindex(interface)
+            if bpf is not None:
+                compile_bpf(bpf, link_type(interface), interface)
+        except OSError:
+            print(f"luaprobe run: --interface {interface}: no such network interface", file=sys.stderr)
+            return EXIT_USAGE
+        except BpfError as e:
+            print(f"luaprobe run: --bpf: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
+                        async_config=_async_config(args), backend_instances=args.backend_instances,
+                        batch=args.batch, interface=interface, bpf=bpf, generate=generate)
+    except ValueError as e:
+        print(f"luaprobe run: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    bar = None if args.quiet or args.json else _progress_bar(cfg)
+    if bar is not None:
+        cfg.progress = bar.update
+    try:
+        summary = FastPath(cfg).run()
+    except PluginError as e:
+        print(f"luaprobe run: plug-in error: {e}", file=sys.stderr)
+        return EXIT_PLUGIN
+    except KeyboardInterrupt:
+        print("luaprobe run: interrupted", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as e:  # noqa: BLE001 - a user sees one line, the log has the traceback
+        logs.log.debug("internal error", exc_info=True)
+        from luaprobe.engine.plugins.errors import text
+        print(f"luaprobe run: internal error: {type(e).__name__}: {text(e)}", file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    elif not args.quiet:
+        _print_summary(summary)
+    else:
+        for e in summary["plugin_problems"] + summary["input_errors"]:
+            print(e, file=sys.stderr)
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    if summary["input_errors"]:
+        return EXIT_INPUT
+    if summary["plugin_problems"] and not summary["plugins"]:
+        return EXIT_PLUGIN
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    """`luaprobe check`: probe plug-ins and list their types and problems."""
+    from luaprobe.engine.plugins.vm import PluginError
+    from luaprobe.engine.plugins.discovery import describe, discover, probe
+    try:
+        infos = [probe(f, args.lua_path) for f in discover(args.plugins, args.lua_path)]
+    except PluginError as e:
+        print(f"luaprobe check: {e}", file=sys.stderr)
+        return EXIT_PLUGIN
+    print(describe(infos))
+    bad = [p for i in infos for p in i.errors]
+    return EXIT_PLUGIN if bad else EXIT_OK
+
+
+def cmd_query(args) -> int:
+    """`luaprobe query ...`: delegated to luaprobe.engine.store.query."""
+    from luaprobe.engine.store import query
+    return query.main(args.rest)
+
+
+def cmd_gen(args) -> int:
+    """`luaprobe gen ...`: delegated to luaprobe.engine.gen.traffic (synthetic traffic to pcap/pcapng)."""
+    from luaprobe.engine.gen import traffic as gen
+    return gen.main(args.rest)
+
+
+def cmd_loadtest(args) -> int:
+    """`luaprobe loadtest SCENARIO [--quick]`: delegated to luaprobe.engine.loadtest."""
+    from luaprobe.engine.loadtest.__main__ import main
+    return main(args.rest)
+
+
+def cmd_demo(args) -> int:
+    """`luaprobe demo`: the bundled example plug-ins on the bundled sample capture."""
+    args.plugins = [EXAMPLES]
+    args.pcap = [os.path.join(EXAMPLES, "sample.pcap")]
+    return cmd_run(args)
+
+
+def _run_options(p) -> None:
+    p.add_argument("--out", default="out", help="output directory (SQLite database); default ./out")
+    p.add_argument("--lua-path", action="append", default=[], metavar="DIR", help="extra Lua search directory")
+    p.add_argument("--stats-json", metavar="FILE", help="write the run summary as JSON")
+    p.add_argument("--workers", type=int, default=None, help="async workers per plug-in (overrides "
+                   "TrisulPlugin.request_async_workers)")
+    p.add_argument("--overflow-limit", type=int, default=100_000, help="tasks queued beyond the rings per plug-in")
+    p.add_argument("--task-timeout", type=float, default=60.0, help="seconds one onexecute may run")
+    p.add_argument("--worker-max-tasks", type=int, default=0, help="recycle a worker after N tasks (0 = never)")
+    p.add_argument("--worker-max-rss-mb", type=float, default=0.0, help="recycle a worker above this RSS")
+    p.add_argument("--worker-spin-us", type=float, default=1500.0, help="worker polling window after a task")
+    p.add_argument("--ring-size", type=int, default=4 << 20, help="bytes per async ring (power of two)")
+    p.add_argument("--drain-deadline", type=float, default=10.0, help="seconds to finish async tasks at the end")
+    p.add_argument("--backend-instances", type=int, default=2, help="engine_monitor instances (Trisul flushers)")
+    p.add_argument("--batch", type=int, default=1024, help="packets per fast-path batch")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (T.logdebug lines too)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of text")
+
+
+def _daemon_command(args) -> int:
+    """start / stop / status / reload -> luaprobe.engine.daemon.supervisor.cmd_*, stats -> luaprobe.engine.daemon.statsview.cmd_stats."""
+    import importlib
+    mod = importlib.import_module("luaprobe.engine.daemon.statsview" if args.command == "stats" else "luaprobe.engine.daemon.supervisor")
+    return getattr(mod, "cmd_" + args.command)(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    p = argparse.ArgumentParser(prog="luaprobe", description="Run Trisul-style Lua plug-ins over network traffic.")
+    p.add_argument("--version", action="version", version=f"luaprobe {_version()}")
+    sub = p.add_subparsers(dest="command", required=True)
+    shm = sub.add_parser("shm", help="inspect or clean luaprobe shared-memory segments")
+    shm.add_argument("action", choices=["clean", "list"])
+    shm.set_defaults(func=cmd_shm)
+    run = sub.add_parser("run", help="run plug-ins over capture files")
+    run.add_argument("plugins", nargs="+", metavar="PLUGIN", help="plug-in files or directories")
+    src = run.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pcap", nargs="+", metavar="FILE", help="pcap or pcapng files, in order")
+    src.add_argument("--interface", metavar="IF", help="capture live from this interface (root; stop with Ctrl-C)")
+    src.add_argument("--generate", metavar="SPEC", help="generated traffic at full speed, nothing lost: gen options "
+                     "as KEY=VALUE,... with ':' inside lists, e.g. 'packets=2000000,flows=1000,mix=tcp=60:udp=40,"
+                     "seed=1' (docs/gen.md)")
+    run.add_argument("--bpf", metavar="EXPR", help="pcap-filter expression for --interface (compiled by libpcap)")
+    _run_options(run)
+    run.set_defaults(func=cmd_run)
+    demo = sub.add_parser("demo", help="run the bundled example plug-ins on the bundled sample capture")
+    _run_options(demo)
+    demo.set_defaults(func=cmd_demo)
+    check = sub.add_parser("check", help="list plug-ins, their script types and problems")
+    check.add_argument("plugins", nargs="+", metavar="PLUGIN")
+    check.add_argument("--lua-path", action="append", default=[], metavar="DIR")
+    check.set_defaults(func=cmd_check)
+    # daemon mode (docs/operations.md): luaprobe.engine.daemon.supervisor, luaprobe.engine.daemon.statsview
+    for name, what in (("start", "validate a TOML config and start the supervisor (daemon)"),
+                       ("stop", "stop gracefully (drain, onunload, flush outputs)"),
+                       ("status", "state, pids, uptime, restarts, last stats line"),
+                       ("reload", "re-read the config and scripts: graceful restart of the fast path"),
+                       ("stats", "top-like live statistics (--json: one snapshot)")):
+        d = sub.add_parser(name, help=what)
+        d.add_argument("--run-dir", metavar="DIR", help="run directory (default: [run] run_dir, else ./run)")
+        if name == "start":
+            d.add_argument("--config", required=True, metavar="FILE")
+            d.add_argument("--foreground", action="store_true", help="do not daemonize")
+        if name in ("status", "stats"):
+            d.add_argument("--json", action="store_true")
+        if name == "stats":
+            d.add_argument("--plain", action="store_true", help="plain text even when rich is installed")
+            d.add_argument("--count", type=int, default=0, metavar="N", help="stop after N refreshes")
+        d.set_defaults(func=_daemon_command)
+    query = sub.add_parser("query", help="print outputs: alerts|resources|counters|flows|keyinfo",
+                           add_help=False)
+    query.add_argument("rest", nargs=argparse.REMAINDER)
+    query.set_defaults(func=cmd_query)
+    # prefix_chars: every token after `gen` (even "--out") goes to luaprobe.engine.gen.traffic's own parser
+    gen = sub.add_parser("gen", help="write deterministic synthetic traffic to a pcap/pcapng file", add_help=False,
+                         prefix_chars="\x00")
+    gen.add_argument("rest", nargs=argparse.REMAINDER)
+    gen.set_defaults(func=cmd_gen)
+    lt = sub.add_parser("loadtest", help="load-test scenarios with Markdown reports and plots (tools/loadtest)",
+                        add_help=False, prefix_chars="\x00")
+    lt.add_argument("rest", nargs=argparse.REMAINDER)
+    lt.set_defaults(func=cmd_loadtest)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of the `luaprobe` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The TOML configuration of `luaprobe start` (docs/operations.md): load and validate completely.
+
+Everything is checked before any process starts; each error names the file, the key, the bad value
+and what is valid, e.g. ``f.toml: [async] workers = 0: must be an integer between 1 and 256``.
+Relative paths are resolved against the directory of the configuration file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, the value and the valid range."""
+
+
+_NUM = (int, float)
+# section -> key -> (type, default, check) ; check: (lo, hi) inclusive for numbers, a tuple of choices for str,
+# None for no check.  Type "path"/"paths" are strings / lists of strings resolved against the config dir.
+SCHEMA: dict = {
+    "run": {"out_dir": ("path", "out", None), "run_dir": ("path", "run", None)},
+    "source": {"pcap": ("paths", None, None), "interface": (str, None, None), "bpf": (str, None, None),
+               "loop": (bool, False, None)},
+    "plugins": {"paths": ("paths", None, None), "lua_path": ("paths", [], None),
+                "backend_instances": (int, 2, (1, 64))},
+    "async": {"workers": (int, None, (1, 256)), "overflow_limit": (int, 100_000, (0, 100_000_000)),
+              "task_timeout": (_NUM, 60.0, (0.001, 86400)), "drain_deadline": (_NUM, 10.0, (0, 3600)),
+              "max_tasks": (int, 0, (0, 1 << 40)), "max_rss_mb": (_NUM, 0.0, (0, 1 << 20))},
+    "supervise": {"restart_backoff_initial": (_NUM, 0.5, (0.01, 3600)),
+                  "restart_backoff_max": (_NUM, 30.0, (0.01, 86400)),
+                  "crash_loop_restarts": (int, 5, (1, 1000)), "crash_loop_window": (_NUM, 60.0, (1, 86400)),
+                  "stop_deadline": (_NUM, 20.0, (1, 3600))},
+    "stats": {"interval": (_NUM, 1.0, (0.1, 3600)), "json_lines_file": ("path", "", None),
+              "prometheus_port": (int, 0, (0, 65535))},
+    "log": {"format": (str, "text", ("text", "json")), "verbose": (bool, False, None)},
+}
+
+
+@dataclasses.dataclass
+class Config:
+    """A validated configuration: ``section[key]`` values with defaults filled in, paths absolute."""
+
+    path: str
+    values: dict
+
+    def __getitem__(self, section: str) -> dict:
+        return self.values[section]
+
+    @property
+    def run_dir(self) -> str:
+        return self.values["run"]["run_dir"]
+
+    def source_text(self) -> str:
+        """One line naming the input, for status and stats."""
+        s = self.values["source"]
+        if s["interface"]:
+            return f"interface {s['interface']}" + (f" (bpf {s['bpf']!r})" if s["bpf"] else "")
+        return ", ".join(os.path.basename(p) for p in s["pcap"]) + (" (loop)" if s["loop"] else "")
+
+    def run_config(self, stats_file: str | None = None):
+        """The fast path's RunConfig for this configuration."""
+        from luaprobe.workers.pool import AsyncConfig
+
+        from luaprobe.engine.fastpath.run import RunConfig
+        a, s, p = self["async"], self["source"], self["plugins"]
+        acfg = AsyncConfig(workers=a["workers"], overflow_limit=a["overflow_limit"],
+                           task_timeout=float(a["task_timeout"]), drain_deadline=float(a["drain_deadline"]),
+                           max_tasks=a["max_tasks"], max_rss_mb=float(a["max_rss_mb"]))
+        kw = dict(plugins=p["paths"], files=s["pcap"] or [], out_dir=self["run"]["out_dir"], lua_path=p["lua_path"],
+                  async_config=acfg, backend_instances=p["backend_instances"], stats_file=stats_file,
+                  stats_interval=float(self["stats"]["interval"]), loop=s["loop"])
+        if s["interface"]:
+            kw.update(interface=s["interface"], bpf=s["bpf"])
+        return RunConfig(**kw)
+
+
+def _type_name(t) -> str:
+    return {"path": "a string (path)", "paths": "a list of strings (paths)", str: "a string", bool: "true or false",
+            int: "an integer", _NUM: "a number"}[t]
+
+
+def _check_value(where: str, value, t, check):
+    """Type and range check of one value; returns it (paths are resolved later)."""
+    bad = f"{where} = {_show(value)}: must be "
+    if t == "path":
+        ok = isinstance(value, str)
+    elif t == "paths":
+        if isinstance(value, str):
+            value = [value]
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+    elif t is bool:
+        ok = isinstance(value, bool)
+    elif t is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t is _NUM:
+        ok = isinstance(value, _NUM) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, t)
+    if not ok:
+        rng = f" between {check[0]:g} and {check[1]:g}" if isinstance(check, tuple) and t in (int, _NUM) else ""
+        raise ConfigError(bad + _type_name(t) + rng)
+    if check is not None and t in (int, _NUM) and not check[0] <= value <= check[1]:
+        raise ConfigError(bad + f"{'an integer' if t is int else 'a number'} between {check[0]:g} and {check[1]:g}")
+    if check is not None and t is str and value not in check:
+        raise ConfigError(bad + "one of " + ", ".join(f'"{c}"' for c in check))
+    return value
+
+
+def _show(v) -> str:
+    if isinstance(v, str):
+        return '"' + v + '"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{...}"
+    return str(v)
+
+
+def validate(raw: dict, path: str = "<config>") -> Config:
+    """Check a parsed TOML document completely; raise ConfigError with ``path: [section] key = value: ...``."""
+    name = path
+    base = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
+    for section in raw:
+        if section not in SCHEMA:
+            raise ConfigError(f"{name}: unknown section [{section}] (valid: "
+                              + ", ".join(f"[{s}]" for s in SCHEMA) + ")")
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{name}: {section} = {_show(raw[section])}: must be a table [{section}]")
+    values: dict = {}
+    for section, keys in SCHEMA.items():
+        given = raw.get(section, {})
+        for key in given:
+            if key not in keys:
+                raise ConfigError(f"{name}: [{section}] unknown key {key!r} (valid: {', '.join(keys)})")
+        out = values[section] = {}
+        for key, (t, default, check) in keys.items():
+            v = _check_value(f"{name}: [{section}] {key}", given[key], t, check) if key in given else default
+            if t == "path" and v:
+                v = os.path.normpath(os.path.join(base, os.path.expanduser(v)))
+            elif t == "paths" and v is not None:
+                v = [os.path.normpath(os.path.join(base, os.path.expanduser(x))) for x in v]
+            out[key] = v
+    _cross_checks(values, name, raw)
+    return Config(os.path.abspath(path) if path != "<config>" else path, values)
+
+
+def _cross_checks(v: dict, name: str, raw: dict) -> None:
+    s = v["source"]
+    if s["pcap"] is not None and s["interface"] is not None:
+        raise ConfigError(f"{name}: [source] give exactly one of pcap or interface, not both")
+    if s["pcap"] is None and s["interface"] is None:
+        raise ConfigError(f"{name}: [source] missing: give pcap = [\"file.pcap\", ...] or interface = \"eth0\"")
+    if s["pcap"] is not None:
+        if not s["pcap"]:
+            raise ConfigError(f"{name}: [source] pcap = []: must name at least one file")
+        for f in s["pcap"]:
+            if not os.path.isfile(f) or not os.access(f, os.R_OK):
+                raise ConfigError(f"{name}: [source] pcap: {f!r}: not a readable file")
+        if s["bpf"] is not None:
+            raise ConfigError(f"{name}: [source] bpf = {_show(s['bpf'])}: only valid with interface")
+    else:
+        if not s["interface"] or "/" in s["interface"]:
+            raise ConfigError(f"{name}: [source] interface = {_show(s['interface'])}: must be an interface name")
+        if not os.path.exists(f"/sys/class/net/{s['interface']}"):
+            have = sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []
+            raise ConfigError(f"{name}: [source] interface = {_show(s['interface'])}: no such interface "
+                              f"(have: {', '.join(have)})")
+        if s["loop"]:
+            raise ConfigError(f"{name}: [source] loop = true: only valid with pcap")
+        import dataclasses as dc
+
+        from luaprobe.engine.fastpath.run import RunConfig
+        if "interface" not in {f.name for f in dc.fields(RunConfig)}:
+            raise ConfigError(f"{name}: [source] interface: live capture is not available in this build")
+    p = v["plugins"]
+    if not p["paths"]:
+        raise ConfigError(f"{name}: [plugins] paths: missing: give the plug-in files or directories")
+    for d in p["paths"]:
+        if not os.path.exists(d):
+            raise ConfigError(f"{name}: [plugins] paths: {d!r}: no such file or directory")
+    for d in p["lua_path"]:
+        if not os.path.isdir(d):
+            raise ConfigError(f"{name}: [plugins] lua_path: {d!r}: not a directory")
+    sv = v["supervise"]
+    if sv["restart_backoff_max"] < sv["restart_backoff_initial"]:
+        raise ConfigError(f"{name}: [supervise] restart_backoff_max = {sv['restart_backoff_max']:g}: must be >= "
+                          f"restart_backoff_initial ({sv['restart_backoff_initial']:g})")
+    if not v["run"]["run_dir"]:
+        raise ConfigError(f"{name}: [run] run_dir = \"\": must name a directory")
+
+
+def load(path: str) -> Config:
+    """Read and validate a TOML file (ConfigError on any problem, including TOML syntax)."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return validate(raw, path)

@@ -1,0 +1,184 @@
+"""`luaprobe stats [--json]`: a top-like view of a supervised run, refreshed every second.
+
+Reads the fast path's snapshot (``<run>/stats.json``, via the supervisor when it answers) and adds, per
+process (supervisor, fast path, capture, store, async workers), psutil's CPU %, RSS, threads, context
+switches and I/O.  Packets/s and bits/s come from consecutive snapshots.  Uses rich when installed,
+else plain text.  ``--json`` prints one snapshot: the fast path's counters unchanged at the top level,
+plus ``rates``, ``status`` and ``process_info``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import psutil
+
+from luaprobe.engine.daemon import control
+
+_PS: dict[int, psutil.Process] = {}      # kept between refreshes so cpu_percent() measures an interval
+
+
+def process_info(pids: dict) -> list[dict]:
+    """psutil facts for {role: pid or [pids]}."""
+    rows = []
+    for role, v in pids.items():
+        for pid in (v if isinstance(v, list) else [v]):
+            if not pid:
+                continue
+            try:
+                p = _PS.get(pid) or _PS.setdefault(pid, psutil.Process(pid))
+                with p.oneshot():
+                    cs, ct = p.num_ctx_switches(), p.cpu_times()
+                    row = {"role": role, "pid": pid, "cpu_percent": p.cpu_percent(), "rss": p.memory_info().rss,
+                           "cpu_user_s": ct.user, "cpu_system_s": ct.system,    # cpu_percent: 0.0 on a first look
+                           "threads": p.num_threads(), "ctx_voluntary": cs.voluntary,
+                           "ctx_involuntary": cs.involuntary}
+                    try:
+                        io = p.io_counters()
+                        row.update(read_bytes=io.read_bytes, write_bytes=io.write_bytes)
+                    except (psutil.AccessDenied, AttributeError):
+                        pass
+            except psutil.Error:
+                continue
+            rows.append(row)
+    return rows
+
+
+def collect(run_dir: str) -> dict:
+    """One snapshot: the fast path's counters, rates, supervisor status, per-process psutil facts."""
+    try:
+        r = control.request(run_dir, "stats", timeout=5)
+        snap, rates, status = r.get("snapshot"), r.get("rates") or {}, r.get("status") or {}
+        live = True
+    except control.NotRunning:
+        snap, rates, live = None, {}, False
+        status = control.read_json(control.path(run_dir, control.STATE)) or {"state": "stopped"}
+    fresh = control.read_json(control.path(run_dir, control.STATS))
+    if fresh is not None and (snap is None or fresh.get("time", 0) >= snap.get("time", 0)):
+        if snap is None or fresh.get("processes", {}).get("fastpath") == snap.get("processes", {}).get("fastpath"):
+            snap = fresh                         # the file may be newer than the supervisor's last poll
+    out = dict(snap or {})
+    pids = dict(status.get("processes", {})) if live else {}
+    out.update(rates=rates, status={k: status.get(k) for k in ("state", "restarts", "reloads", "last_exit",
+                                                               "source", "supervisor_pid", "fastpath_pid")},
+               process_info=process_info(pids), live=live)
+    return out
+
+
+def _rate(prev: dict | None, cur: dict, key: str, mult: float = 1.0):
+    if not prev or not cur.get("time") or cur.get("processes", {}).get("fastpath") != \
+            prev.get("processes", {}).get("fastpath"):
+        return None
+    dt = cur["time"] - prev["time"]
+    if dt <= 0:
+        return None
+    return (cur.get(key, 0) - prev.get(key, 0)) * mult / dt
+
+
+def _h(n, unit="") -> str:
+    if n is None:
+        return "-"
+    for s in ("", "k", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{s}{unit}" if s or isinstance(n, float) else f"{n}{unit}"
+        n /= 1000
+    return f"{n:.1f}P{unit}"
+
+
+def _mb(n) -> str:
+    return f"{n / 1048576:.1f} MiB" if n is not None else "-"
+
+
+def tables(cur: dict, prev: dict | None) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of each section; rendered by rich or as text."""
+    st = cur.get("status", {})
+    rates = cur.get("rates") or {}
+    pps = _rate(prev, cur, "packets")
+    pps = rates.get("packets_per_s") if pps is None else pps
+    bps = _rate(prev, cur, "bytes", 8)
+    bps = rates.get("bits_per_s") if bps is None else bps
+    ring = cur.get("rings", {}).get("packet", {})
+    fill = f"{100 * ring['bytes'] / ring['capacity']:.1f}%" if ring.get("capacity") else "-"
+    d = cur.get("drops", {})
+    out = [("source", ["state", "source", "restarts", "packets", "packets/s", "bits/s", "bytes", "flows live",
+                       "ring fill", "drops"],
+            [[str(st.get("state")), str(st.get("source")), str(st.get("restarts", 0)), _h(cur.get("packets")),
+              _h(pps), _h(bps, "b/s"), _h(cur.get("bytes"), "B"), _h(cur.get("flows_live")), fill,
+              " ".join(f"{k}={v}" for k, v in d.items())]])]
+    out.append(("processes", ["role", "pid", "cpu %", "rss", "threads", "ctx vol/invol", "read", "written"],
+                [[r["role"], str(r["pid"]), f"{r['cpu_percent']:.1f}", _mb(r["rss"]), str(r["threads"]),
+                  f"{r['ctx_voluntary']}/{r['ctx_involuntary']}", _h(r.get("read_bytes"), "B"),
+                  _h(r.get("write_bytes"), "B")] for r in cur.get("process_info", [])]))
+    rows = []
+    for p in cur.get("plugins", []):
+        a = p.get("async", {})
+        rows.append([f"{os.path.basename(p['plugin'])} [{p['type']}#{p['instance']}]",
+                     _h(sum(p.get("hook_calls", {}).values())), str(sum(p.get("hook_errors", {}).values())),
+                     *(str(a.get(k, 0)) for k in ("scheduled", "pending", "ok", "nil_result", "error", "timeout",
+                                                   "dropped")),
+                     f"{a.get('latency_p50_ns', 0) / 1e3:.0f}/{a.get('latency_p99_ns', 0) / 1e3:.0f}",
+                     str(a.get("worker_deaths", 0))])
+    out.append(("plug-ins", ["instance", "hook calls", "errors", "sched", "pend", "ok", "nil", "err", "t/o",
+                             "drop", "p50/p99 µs", "w.deaths"], rows))
+    return out
+
+
+def render_text(cur: dict, prev: dict | None) -> str:
+    lines = [time.strftime("luaprobe stats  %H:%M:%S", time.localtime(cur.get("time") or time.time()))]
+    for title, head, rows in tables(cur, prev):
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+        lines += ["", f"== {title}", "  ".join(h.ljust(w) for h, w in zip(head, widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def render_rich(cur: dict, prev: dict | None):
+    from rich.console import Group
+    from rich.table import Table
+    parts = []
+    for title, head, rows in tables(cur, prev):
+        t = Table(title=title, title_justify="left", expand=False)
+        for h in head:
+            t.add_column(h, justify="left" if h in ("role", "instance", "state", "source", "drops") else "right")
+        for r in rows:
+            t.add_row(*r)
+        parts.append(t)
+    return Group(*parts)
+
+
+def cmd_stats(args) -> int:
+    """`luaprobe stats [--json] [--run-dir DIR] [--plain] [--count N]`."""
+    run_dir = os.path.abspath(args.run_dir or "run")
+    if args.json:
+        print(json.dumps(collect(run_dir), indent=2, default=str))
+        return 0
+    use_rich = not args.plain and sys.stdout.isatty()
+    if use_rich:
+        try:
+            import rich  # noqa: F401
+        except ImportError:
+            use_rich = False
+    prev, n = None, 0
+    try:
+        if use_rich:
+            from rich.live import Live
+            with Live(render_rich(collect(run_dir), None), refresh_per_second=4, screen=False) as live:
+                while not args.count or n < args.count:
+                    time.sleep(1.0)
+                    cur = collect(run_dir)
+                    live.update(render_rich(cur, prev))
+                    prev, n = cur, n + 1
+        else:
+            while not args.count or n < args.count:
+                cur = collect(run_dir)
+                if sys.stdout.isatty():
+                    sys.stdout.write("\x1b[H\x1b[2J")
+                print(render_text(cur, prev), flush=True)
+                prev, n = cur, n + 1
+                if not args.count or n < args.count:
+                    time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    return 0

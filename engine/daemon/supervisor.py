@@ -1,0 +1,580 @@
+"""The luaprobe daemon: runs the fast path as a child process, restarts it, stops and reloads it.
+
+    luaprobe start --config f.toml [--foreground]    (luaprobe.engine.daemon.cli -> cmd_start)
+    python -m luaprobe.engine.daemon.supervisor --config f.toml --run-dir DIR            the daemon itself
+    python -m luaprobe.engine.daemon.supervisor --child --config f.toml --run-dir DIR    one fast-path run
+
+The supervisor never touches packets.  Its child is one ``FastPath(RunConfig(...)).run()`` with
+``stats_file=<run>/stats.json``; the fast path supervises its own capture process and async workers.
+A child that dies is restarted with exponential backoff; more than ``crash_loop_restarts`` restarts
+within ``crash_loop_window`` seconds end in state ``failed: crash loop (last exit: ...)``.
+``stop``/SIGTERM/SIGINT: SIGTERM to the child (graceful: input stops, ring and async tasks drain,
+onunload, outputs flushed, shm unlinked), SIGKILL of the child's process tree after
+``stop_deadline`` seconds and a sweep of its segments.  ``reload``/SIGHUP: the configuration is
+re-validated, then the child is restarted the same graceful way (scripts are re-read).
+See docs/operations.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from luaprobe.shm import segment
+
+from luaprobe.engine.daemon import config as config_mod
+from luaprobe.engine.daemon import control
+from luaprobe.shm.logs import log
+
+from luaprobe.shm.exits import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, describe_exit  # noqa: F401
+
+
+class Supervisor:
+    """One daemon per run directory; :meth:`run` returns the process exit code."""
+
+    def __init__(self, cfg: config_mod.Config, run_dir: str | None = None):
+        self.cfg = cfg
+        self.run_dir = control.ensure_run_dir(run_dir or cfg.run_dir)
+        self.sv = cfg["supervise"]
+        self.state = "starting"
+        self.child: subprocess.Popen | None = None
+        self.child_started = 0.0
+        self.started = time.time()
+        self.restarts = 0
+        self.reloads = 0
+        self.last_exit: str | None = None
+        self.crashes: collections.deque = collections.deque()
+        self.restart_at: float | None = None
+        self.stop_at: float | None = None       # hard-stop deadline (monotonic) while stopping / reloading
+        self.mode = "run"                       # run | stop | reload
+        self.snapshot: dict | None = None
+        self.rates: dict = {}
+        self._prev: dict | None = None
+        self._flags = {"stop": False, "reload": False}
+        self.stats_path = control.path(self.run_dir, control.STATS)
+        self.exporter = self.jsonl = None
+
+    # ------------------------------------------------------------ child
+    def _spawn(self) -> None:
+        active = control.path(self.run_dir, "active_config.json")      # the child runs exactly what was validated
+        control.write_json(active, {"path": self.cfg.path, "values": self.cfg.values})
+        cmd = [sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--child", "--config", active, "--run-dir", self.run_dir]
+        # SIGTERM/SIGHUP stay blocked in the child until it has installed its handlers (child_main): a stop or
+        # reload right after a start is then a graceful stop, not the default action of a half-started child
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
+        try:
+            self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=os.path.dirname(self.cfg.path) or None)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        self.child_started = time.monotonic()
+        self.restart_at = None
+        self._set_state("running")
+        log.info("fast path started (pid %d)", self.child.pid)
+
+    def _signal_child(self, sig) -> None:
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(sig)
+
+    def _kill_tree(self) -> None:
+        """SIGKILL the child and everything under it, reap, remove the segments they owned."""
+        if self.child is None:
+            return
+        try:
+            procs = psutil.Process(self.child.pid).children(recursive=True)
+        except psutil.Error:
+            procs = []
+        self._signal_child(signal.SIGKILL)
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=5)
+        self.child.wait()
+
+    def _child_exited(self, rc: int) -> bool:
+        """React to the child's exit; False when the supervisor is done."""
+        now = time.monotonic()
+        desc = describe_exit(rc)
+        segment.sweep()                                         # what a killed fast path left behind
+        self.child = None
+        if self.mode == "stop":
+            self.last_exit = desc
+            self._set_state("stopped")
+            return False
+        if self.mode == "reload":
+            self.mode = "run"
+            self.reloads += 1
+            self.last_exit = desc
+            log.info("reload: fast path exited (%s); starting it again", desc)
+            self._spawn()
+            return True
+        self.last_exit = desc
+        src = self.cfg["source"]
+        if rc == 0 and src["pcap"] and not src["loop"]:
+            self._set_state("stopped (input finished)")
+            return False
+        if rc in (EXIT_USAGE, EXIT_PLUGIN) or (rc == EXIT_INPUT and src["pcap"]):
+            self._set_state(f"failed: {'input' if rc == EXIT_INPUT else 'plug-in or usage'} error ({desc})")
+            return False
+        window = self.sv["crash_loop_window"]
+        self.crashes.append(now)
+        while self.crashes and now - self.crashes[0] > window:
+            self.crashes.popleft()
+        if len(self.crashes) > self.sv["crash_loop_restarts"]:
+            log.error("fast path %s: %d crashes within %g s; giving up", desc, len(self.crashes), window)
+            self._set_state(f"failed: crash loop (last exit: {desc})")
+            return False
+        delay = min(self.sv["restart_backoff_max"], self.sv["restart_backoff_initial"] * 2 ** (len(self.crashes) - 1))
+        log.error("fast path %s; restarting in %.2f s", desc, delay)
+        self.restart_at = now + delay
+        self._set_state(f"restarting (last exit: {desc})")
+        return True
+
+    # ------------------------------------------------------------ requests
+    def request_stop(self) -> None:
+        if self.mode == "stop":
+            return
+        self.mode = "stop"
+        self.stop_at = time.monotonic() + self.sv["stop_deadline"]
+        self._set_state("stopping")
+        self._signal_child(signal.SIGTERM)
+
+    def request_reload(self) -> dict:
+        try:
+            cfg = config_mod.load(self.cfg.path)
+        except config_mod.ConfigError as e:
+            log.error("reload refused: %s", e)
+            return {"ok": False, "error": f"reload refused, configuration invalid: {e}"}
+        if self.mode != "run":
+            return {"ok": False, "error": f"cannot reload while {self.state}"}
+        same_config = cfg.values == self.cfg.values
+        self.cfg, self.sv = cfg, cfg["supervise"]
+        if self.child is None:                  # waiting for a restart: start now with the new scripts
+            self.reloads += 1
+            self._spawn()
+        elif same_config:                       # only scripts changed: backend scripts reload live
+            self.reloads += 1
+            self._signal_child(signal.SIGHUP)
+            return {"ok": True, "reloads_before": self.reloads - 1, "mode": "live backend reload"}
+        else:                                   # settings changed: graceful restart with the new ones
+            self.mode = "reload"
+            self.stop_at = time.monotonic() + self.sv["stop_deadline"]
+            self._set_state("reloading")
+            self._signal_child(signal.SIGTERM)
+        return {"ok": True, "reloads_before": self.reloads}
+
+    def status(self) -> dict:
+        snap = self.snapshot or {}
+        return {"ok": True, "state": self.state, "supervisor_pid": os.getpid(),
+                "fastpath_pid": self.child.pid if self.child else None,
+                "processes": self._pids(), "started": self.started,
+                "uptime_s": round(time.time() - self.started, 3),
+                "fastpath_uptime_s": round(time.monotonic() - self.child_started, 3) if self.child else None,
+                "restarts": self.restarts, "reloads": self.reloads, "last_exit": self.last_exit,
+                "source": self.cfg.source_text(), "config": self.cfg.path, "run_dir": self.run_dir,
+                "out_dir": self.cfg["run"]["out_dir"],
+                "last_stats": {k: snap.get(k) for k in ("time", "packets", "bytes", "flows", "flows_live")}
+                | self.rates if snap else None}
+
+    def _pids(self) -> dict:
+        """Every process of this run: supervisor, fast path, capture, store, workers (from the snapshot)."""
+        out = {"supervisor": os.getpid()}
+        if self.child is None:
+            return out
+        out["fastpath"] = self.child.pid
+        snap = self.snapshot or {}
+        if snap.get("processes", {}).get("fastpath") == self.child.pid:
+            for k, v in snap["processes"].items():
+                out.setdefault(k, v)
+            workers = [w["pid"] for p in snap.get("plugins", []) for w in p.get("workers", []) if w.get("pid")]
+            if workers:
+                out["workers"] = workers
+        return out
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            log.info("state: %s", state)
+        self.state = state
+        self._save_state()
+
+    def _save_state(self) -> None:
+        control.write_json(control.path(self.run_dir, control.STATE), self.status() | {"saved": time.time()})
+
+    def _handle(self, conn) -> None:
+        try:
+            req = control.read_request(conn)
+            cmd = req.get("cmd")
+            if cmd == "status":
+                reply = self.status()
+            elif cmd == "stats":
+                reply = {"ok": True, "snapshot": self.snapshot, "rates": self.rates, "status": self.status()}
+            elif cmd == "stop":
+                self.request_stop()
+                reply = {"ok": True, "state": self.state, "stop_deadline": self.sv["stop_deadline"]}
+            elif cmd == "reload":
+                reply = self.request_reload()
+            else:
+                reply = {"ok": False, "error": f"unknown command {cmd!r} (status, stats, stop, reload)"}
+        except (OSError, ValueError) as e:
+            reply = {"ok": False, "error": f"bad request: {e}"}
+        control.send_reply(conn, reply)
+        conn.close()
+
+    # ------------------------------------------------------------ stats
+    def _poll_stats(self) -> None:
+        snap = control.read_json(self.stats_path)
+        if not snap or (self.snapshot and snap.get("time") == self.snapshot.get("time")):
+            return
+        if self.child is None or snap.get("processes", {}).get("fastpath") not in (self.child.pid, None):
+            return                                              # a previous child's file
+        prev = self._prev
+        pid = snap.get("processes", {}).get("fastpath")
+        if snap.get("final") or not prev or prev.get("processes", {}).get("fastpath") != pid:
+            self.rates = {}                                     # a new (or finished) fast path: no rate yet
+        elif not snap.get("final") and pid:
+            dt = snap["time"] - prev["time"]
+            if dt > 0:
+                self.rates = {"packets_per_s": round((snap["packets"] - prev["packets"]) / dt, 1),
+                              "bits_per_s": round((snap["bytes"] - prev["bytes"]) * 8 / dt, 1)}
+        self._prev = self.snapshot = snap
+        if self.jsonl is not None:
+            self.jsonl.write(snap, self.rates, self.status())
+        self._save_state()
+
+    # ------------------------------------------------------------ main loop
+    def run(self) -> int:
+        pidfile = control.PidFile(self.run_dir)
+        try:
+            pidfile.acquire()
+        except RuntimeError as e:
+            print(f"luaprobe: {e}", file=sys.stderr)
+            return EXIT_INTERNAL
+        sock = control.listen(self.run_dir)
+        rfd, wfd = os.pipe()
+        os.set_blocking(rfd, False)
+        os.set_blocking(wfd, False)
+        old_wakeup = signal.set_wakeup_fd(wfd)
+        handlers = {signal.SIGTERM: "stop", signal.SIGINT: "stop", signal.SIGHUP: "reload"}
+        old = {s: signal.signal(s, lambda signum, _f: self._flags.__setitem__(handlers[signum], True))
+               for s in handlers}
+        sel = selectors.DefaultSelector()
+        sel.register(sock, selectors.EVENT_READ, "sock")
+        sel.register(rfd, selectors.EVENT_READ, "signal")
+        from luaprobe.engine.daemon import metrics
+        try:
+            st = self.cfg["stats"]
+            if st["json_lines_file"]:
+                self.jsonl = metrics.JsonLines(st["json_lines_file"])
+            if st["prometheus_port"]:
+                self.exporter = metrics.start_prometheus(st["prometheus_port"], self.stats_path, self.status)
+            try:
+                os.unlink(self.stats_path)
+            except FileNotFoundError:
+                pass
+            segment.sweep()
+            self._spawn()
+            next_stats = time.monotonic()
+            while True:
+                for key, _ in sel.select(timeout=0.1):
+                    if key.data == "sock":
+                        try:
+                            conn, _ = sock.accept()
+                        except BlockingIOError:
+                            continue
+                        self._handle(conn)
+                    else:
+                        try:
+                            os.read(rfd, 512)
+                        except BlockingIOError:
+                            pass
+                if self._flags["stop"]:
+                    self._flags["stop"] = False
+                    log.info("stop requested by signal")
+                    self.request_stop()
+                if self._flags["reload"]:
+                    self._flags["reload"] = False
+                    log.info("reload requested by SIGHUP")
+                    self.request_reload()
+                now = time.monotonic()
+                if now >= next_stats:
+                    next_stats = now + min(1.0, float(self.cfg["stats"]["interval"]))
+                    self._poll_stats()
+                if self.child is not None:
+                    rc = self.child.poll()
+                    if rc is None and self.stop_at is not None and self.mode in ("stop", "reload") and now > self.stop_at:
+                        log.error("fast path did not stop within %g s: killing it", self.sv["stop_deadline"])
+                        self._kill_tree()
+                        rc = self.child.returncode
+                    if rc is not None:
+                        self._poll_stats()                      # the run's final snapshot
+                        if not self._child_exited(rc):
+                            break
+                elif self.mode == "stop":
+                    self._set_state("stopped")
+                    break
+                elif self.restart_at is not None and now >= self.restart_at:
+                    self.restarts += 1
+                    self._spawn()
+            return EXIT_OK if not self.state.startswith("failed") else EXIT_INTERNAL
+        finally:
+            if self.child is not None and self.child.poll() is None:      # an exception above: no orphans
+                self._kill_tree()
+            segment.sweep()
+            if self.exporter is not None:
+                self.exporter.shutdown()
+            if self.jsonl is not None:
+                self.jsonl.close()
+            sel.close()
+            sock.close()
+            try:
+                os.unlink(control.path(self.run_dir, control.SOCKET))
+            except FileNotFoundError:
+                pass
+            self._save_state()
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in old.items():
+                signal.signal(s, h)
+            os.close(rfd)
+            os.close(wfd)
+            pidfile.release()
+            log.info("supervisor exiting: %s", self.state)
+
+
+# ---------------------------------------------------------------- the child: one fast-path run
+def final_snapshot(summary: dict) -> dict:
+    """The run's final counters in the layout of FastPath.snapshot (what `stats` shows after the end)."""
+    return {"time": time.time(), "final": True, "packets": summary["packets"], "bytes": summary["bytes"],
+            "flows": summary["flows"], "flows_live": 0, "rings": {}, "drops": summary["drops"],
+            "processes": {}, "elapsed_s": summary["elapsed_s"], "input_errors": summary["input_errors"],
+            "plugins": [dict(p, workers=[]) for p in summary["plugins"]]}
+
+
+def child_main(config_path: str, run_dir: str) -> int:
+    """One fast-path run under the supervisor: SIGTERM = finish now, normally."""
+    import json
+
+    from luaprobe.shm import logs
+    from luaprobe.engine.fastpath.run import FastPath
+    from luaprobe.engine.plugins.vm import PluginError
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)         # the supervisor turns ^C into SIGTERM
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})   # blocked by Supervisor._spawn
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)              # PR_SET_PDEATHSIG: supervisor gone -> graceful stop
+    if os.getppid() == 1:
+        return EXIT_OK
+    active = control.read_json(config_path)          # written by Supervisor._spawn: validated values
+    cfg = config_mod.Config(active["path"], active["values"])
+    logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
+    stats_file = control.path(run_dir, control.STATS)
+    fp = FastPath(cfg.run_config(stats_file=stats_file))
+    signal.signal(signal.SIGTERM, lambda *_: fp.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: fp.request_reload_backends())    # live backend reload
+    if stop:
+        fp.request_stop()
+    try:
+        summary = fp.run()
+    except PluginError as e:
+        log.error("plug-in error: %s", e)
+        return EXIT_PLUGIN
+    except Exception as e:  # noqa: BLE001
+        from luaprobe.engine.plugins.errors import text
+        log.error("internal error: %s: %s", type(e).__name__, text(e), exc_info=True)
+        return EXIT_INTERNAL
+    control.write_json(stats_file, final_snapshot(summary))
+    control.write_json(control.path(run_dir, "last_summary.json"), summary)
+    log.info("fast path finished: %s", json.dumps({k: summary[k] for k in ("packets", "bytes", "flows",
+                                                                           "elapsed_s", "input_errors")}))
+    if summary["input_errors"]:
+        return EXIT_INPUT
+    if summary["plugin_problems"] and not summary["plugins"]:
+        return EXIT_PLUGIN
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- luaprobe start / stop / status / reload
+def _run_dir(args, cfg=None) -> str:
+    if getattr(args, "run_dir", None):
+        return os.path.abspath(args.run_dir)
+    return cfg.run_dir if cfg is not None else os.path.abspath("run")
+
+
+def _log_tail(run_dir: str, n: int = 15) -> str:
+    try:
+        with open(control.path(run_dir, control.LOG), "rb") as f:
+            return b"\n".join(f.read().splitlines()[-n:]).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def cmd_start(args) -> int:
+    """`luaprobe start --config FILE [--foreground]`: validate, sweep, daemonize, wait until it answers."""
+    from luaprobe.shm import logs
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        print(f"luaprobe start: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    run_dir = control.ensure_run_dir(_run_dir(args, cfg))
+    pid = control.read_pid(run_dir)
+    if pid:
+        print(f"luaprobe start: already running (supervisor pid {pid}, run dir {run_dir})", file=sys.stderr)
+        return EXIT_INTERNAL
+    removed = segment.sweep()
+    if removed:
+        print(f"removed {len(removed)} stale shared-memory segment(s)")
+    if args.foreground:
+        logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
+        return Supervisor(cfg, run_dir).run()
+    with open(control.path(run_dir, control.LOG), "ab") as logf:
+        p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--config", cfg.path, "--run-dir", run_dir],
+                             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                             cwd=os.path.dirname(cfg.path), close_fds=True)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        if p.poll() is not None:
+            print(f"luaprobe start: the supervisor exited ({describe_exit(p.returncode)}); "
+                  f"{control.path(run_dir, control.LOG)} ends with:\n{_log_tail(run_dir)}", file=sys.stderr)
+            return EXIT_INTERNAL
+        try:
+            st = control.request(run_dir, "status", timeout=5)
+        except (control.NotRunning, OSError):
+            time.sleep(0.05)
+            continue
+        print(f"started: supervisor pid {st['supervisor_pid']}, fast path pid {st['fastpath_pid']}, "
+              f"run dir {run_dir}, log {control.path(run_dir, control.LOG)}")
+        p.returncode = 0            # detached: not ours to reap (start_new_session), keep Popen quiet
+        return EXIT_OK
+    print(f"luaprobe start: no answer on {control.path(run_dir, control.SOCKET)} within 30 s", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _wait_gone(run_dir: str, timeout: float, pid: int | None = None) -> bool:
+    """Until the pidfile lock is free and the supervisor process ``pid`` has exited."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if control.read_pid(run_dir) is None:
+            try:
+                if pid is None or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.Error:
+                return True
+        time.sleep(0.02)
+    return False
+
+
+def cmd_stop(args) -> int:
+    """`luaprobe stop`: graceful stop; waits for the supervisor to exit."""
+    run_dir = _run_dir(args)
+    pid = control.read_pid(run_dir)
+    try:
+        reply = control.request(run_dir, "stop")
+    except control.NotRunning:
+        st = control.read_json(control.path(run_dir, control.STATE)) or {}
+        print(f"not running ({st.get('state', 'never started')}, run dir {run_dir})")
+        return EXIT_OK
+    if not _wait_gone(run_dir, reply.get("stop_deadline", 20) + 15, pid):
+        print(f"luaprobe stop: the supervisor is still running (pid {control.read_pid(run_dir)})", file=sys.stderr)
+        return EXIT_INTERNAL
+    st = control.read_json(control.path(run_dir, control.STATE)) or {}
+    print(f"stopped (fast path {st.get('last_exit')}; outputs in {st.get('out_dir')})")
+    return EXIT_OK
+
+
+def format_status(st: dict, live: bool) -> str:
+    ls = st.get("last_stats") or {}
+    lines = [f"state:      {st.get('state')}" + ("" if live else "  (supervisor not running)")]
+    if live:
+        procs = ", ".join(f"{k} {v}" for k, v in st.get("processes", {}).items())
+        lines += [f"pids:       {procs}",
+                  f"uptime:     {st['uptime_s']:.0f} s (fast path {st.get('fastpath_uptime_s') or 0:.0f} s)"]
+    lines.append(f"restarts:   {st.get('restarts', 0)}  reloads: {st.get('reloads', 0)}  "
+                 f"last exit: {st.get('last_exit') or '-'}")
+    lines += [f"{k + ':':<11} {st[k]}" for k in ("source", "config", "run_dir", "out_dir") if st.get(k)]
+    if ls:
+        lines.append("last stats: " + "  ".join(f"{k} {v:,.0f}" if isinstance(v, (int, float)) and k != "time"
+                                                else f"{k} {time.strftime('%H:%M:%S', time.localtime(v))}"
+                                                for k, v in ls.items() if v is not None))
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    """`luaprobe status`: 0 running, 3 stopped, 1 failed (LSB-like)."""
+    import json
+    run_dir = _run_dir(args)
+    try:
+        st, live = control.request(run_dir, "status"), True
+    except control.NotRunning:
+        st, live = control.read_json(control.path(run_dir, control.STATE)), False
+        if st is None:
+            st = {"state": "stopped", "run_dir": run_dir}
+        elif not st.get("state", "").startswith(("stopped", "failed")):
+            st["state"] = f"stopped (supervisor gone; was {st.get('state')})"
+    print(json.dumps(st | {"live": live}, indent=2) if getattr(args, "json", False) else format_status(st, live))
+    if live:
+        return EXIT_OK
+    return EXIT_INTERNAL if st["state"].startswith("failed") else 3
+
+
+def cmd_reload(args) -> int:
+    """`luaprobe reload`: re-validate the config; if only scripts changed, backend scripts reload live
+    (SIGHUP to the fast path); if settings changed, restart the fast path gracefully and wait until it runs."""
+    run_dir = _run_dir(args)
+    try:
+        before = control.request(run_dir, "status")
+        reply = control.request(run_dir, "reload")
+    except control.NotRunning as e:
+        print(f"luaprobe reload: not running ({e})", file=sys.stderr)
+        return 3
+    if not reply.get("ok"):
+        print(f"luaprobe reload: {reply.get('error')}", file=sys.stderr)
+        return EXIT_USAGE
+    if reply.get("mode") == "live backend reload":
+        print(f"reloaded: backend scripts reload live in fast path pid {before['fastpath_pid']} "
+              "(frontend scripts and settings need a restart: change the config or stop/start)")
+        return EXIT_OK
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        st = control.request(run_dir, "status")
+        if st["reloads"] > before["reloads"] and st["state"] == "running":
+            print(f"reloaded: fast path pid {before['fastpath_pid']} -> {st['fastpath_pid']} (reloads {st['reloads']})")
+            return EXIT_OK
+        if st["state"].startswith(("failed", "stopp")):
+            break
+        time.sleep(0.05)
+    print(f"luaprobe reload: state {st['state']}", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="luaprobe-supervisor")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--run-dir")
+    ap.add_argument("--child", action="store_true", help="run the fast path once (started by the supervisor; "
+                    "--config is then the validated active_config.json)")
+    args = ap.parse_args(argv)
+    if args.child:
+        return child_main(args.config, args.run_dir)
+    from luaprobe.shm import logs
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        print(f"luaprobe: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
+    return Supervisor(cfg, args.run_dir).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""engine/fastpath: see docs/architecture.md."""

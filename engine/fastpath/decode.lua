@@ -1,0 +1,555 @@
+--[[
+luaprobe.engine.fastpath.decode — the layer decoder (LuaJIT ffi).
+
+Decodes one packet given (ptr, caplen, linktype) into a preallocated ffi
+struct `lp_decoded`: no Lua table or string is created per packet, and the
+code is straight-line ffi loads so the trace compiler turns it into machine
+code.  One lp_decoded per fast path, reused for every packet.
+
+    local decode = require "luaprobe.engine.fastpath.decode"
+    local d = decode.new()
+    local n = decode.decode(d, ptr, caplen, linktype)   -- number of layers
+    decode.find(d, decode.PROTO.TCP)   -- 0-based layer index or -1
+    decode.flowkey(d)                  -- Trisul flow id string (see "flow keys")
+    decode.flow_parts(d)               -- proto, ipa, porta, ipz, portz (key format)
+    decode.GUID[enum], decode.by_guid(guid) -> enum (case-insensitive, braces optional)
+    decode.NAME[enum] -> "TCP", decode.MAX_LAYERS (16), decode.ZERO_FLOWKEY
+
+Link types: 1 Ethernet, 113 Linux SLL, 276 SLL2, 0/108 BSD null/loopback
+(AF_INET 2, AF_INET6 24/28/30, either byte order), 101/12/14 raw IP (by
+version nibble), 228 raw IPv4, 229 raw IPv6.  Ethertypes: 0x8100/0x88a8/
+0x9100 VLAN (any nesting), 0x8847/0x8848 MPLS, 0x0800, 0x86dd, 0x0806 ARP,
+0x8035 RARP (as ARP), 0x8864 PPPoE session.  Anything else ends decoding
+without an error (truncated = malformed = 0).
+
+Struct (all offsets/lengths in bytes from the start of the captured frame):
+    nlayers             number of decoded layers (<= decode.MAX_LAYERS)
+    layer[i].proto      decode.PROTO enum, i is 0-based
+    layer[i].offset     where the layer's header starts
+    layer[i].length     header length (Trisul layer_bytes): Ethernet 14,
+                        VLAN 4 per tag (one layer per tag), MPLS 4 * labels
+                        (one layer for the whole label stack), SLL 16,
+                        SLL2 20, LOOPBACK 4, PPPOE 8 (PPPoE + PPP protocol),
+                        IPv4 IHL*4 (with options), IPv6 40 + extension
+                        headers, TCP data offset*4, UDP 8, ICMP/ICMPv6 8,
+                        ARP (also RARP 0x8035) 8 + 2*hlen + 2*plen
+    ip_version          0 (not IP) / 4 / 6
+    ipproto             IPv4 protocol / IPv6 final next header (after the
+                        extension headers); 0 for non-IP
+    src[16], dst[16]    addresses, IPv4 in the first 4 bytes; zero for non-IP
+    first[16]           first[enum] = index of the first layer of that protocol, -1 if
+                        absent (decode.find reads it: no loop per lookup)
+    sport, dport        TCP/UDP ports (0 otherwise)
+    tcp_flags           TCP flags byte (offset 13 of the header)
+    icmp_type, icmp_code  for ICMP/ICMPv6
+    frag                1 if IPv4 (MF set or offset != 0) or IPv6 fragment
+                        header (M set or offset != 0); non-first fragments
+                        get no L4 layer
+    truncated           1 when a header did not fit in the captured bytes
+                        (or in the IP datagram): decoding stopped there
+    malformed           1 when a header was invalid (bad version, IHL < 5,
+                        TCP data offset < 5, too many layers...)
+    vlan                outer (first) VLAN id, -1 when untagged
+    nvlan               number of VLAN tags
+    l3_offset, l4_offset  offsets of the IP and L4 headers, -1 if absent
+    payload_offset      end of the last decoded header
+    payload_length      bytes after it, up to the IP datagram end (so
+                        Ethernet padding is excluded) or caplen for non-IP
+
+Nothing beyond caplen is ever read.
+--]]
+local ffi = require "ffi"
+local bit = require "bit"
+local band, bor, rshift, lshift = bit.band, bit.bor, bit.rshift, bit.lshift
+
+local M = {}
+
+local MAX_LAYERS = 16
+M.MAX_LAYERS = MAX_LAYERS
+
+if not pcall(ffi.typeof, "lp_decoded") then
+  ffi.cdef [[
+typedef struct {
+  uint32_t proto;
+  uint32_t offset;
+  uint32_t length;
+} lp_layer;
+
+typedef struct {
+  int32_t nlayers;
+  int32_t ip_version;
+  int32_t ipproto;
+  int32_t sport;
+  int32_t dport;
+  int32_t tcp_flags;
+  int32_t icmp_type;
+  int32_t icmp_code;
+  int32_t frag;
+  int32_t truncated;
+  int32_t malformed;
+  int32_t vlan;
+  int32_t nvlan;
+  int32_t l3_offset;
+  int32_t l4_offset;
+  int32_t payload_offset;
+  int32_t payload_length;
+  int32_t caplen;
+  uint8_t src[16];
+  uint8_t dst[16];
+  int8_t first[16];
+  lp_layer layer[16];
+} lp_decoded;
+]]
+end
+
+local lp_decoded = ffi.typeof("lp_decoded")
+
+-- protocol enum ----------------------------------------------------------
+local P = {
+  ETHERNET = 1, VLAN = 2, MPLS = 3, SLL = 4, SLL2 = 5, IPV4 = 6, IPV6 = 7,
+  TCP = 8, UDP = 9, ICMP = 10, ICMPV6 = 11, ARP = 12, LOOPBACK = 13, PPPOE = 14,
+}
+M.PROTO = P
+local ETHERNET, VLAN, MPLS, SLL, SLL2 = P.ETHERNET, P.VLAN, P.MPLS, P.SLL, P.SLL2
+local IPV4, IPV6, TCP, UDP, ICMP, ICMPV6 = P.IPV4, P.IPV6, P.TCP, P.UDP, P.ICMP, P.ICMPV6
+local ARP, LOOPBACK, PPPOE = P.ARP, P.LOOPBACK, P.PPPOE
+
+M.NAME = {}
+for k, v in pairs(P) do M.NAME[v] = k end
+
+-- Trisul GUIDs (reference section 10) for Ethernet/IPv4/IPv6/ICMP/UDP/TCP;
+-- stable local GUIDs ("4C50" = "LP") for the others.
+M.GUID = {
+  [ETHERNET] = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+  [IPV4]     = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",
+  [IPV6]     = "{85C0CCED-DA8D-4029-924A-A6AB87F62EF8}",
+  [ICMP]     = "{7DDD65F2-A316-43b5-A103-368E700E045E}",
+  [UDP]      = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}",
+  [TCP]      = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+  [VLAN]     = "{4C500002-0000-4000-8000-4C5056C4E002}",
+  [MPLS]     = "{4C500003-0000-4000-8000-4C504D504C53}",
+  [SLL]      = "{4C500004-0000-4000-8000-4C50534C4C31}",
+  [SLL2]     = "{4C500005-0000-4000-8000-4C50534C4C32}",
+  [ICMPV6]   = "{4C50000B-0000-4000-8000-4C5049434D36}",
+  [ARP]      = "{4C50000C-0000-4000-8000-4C5041525000}",
+  [LOOPBACK] = "{4C50000D-0000-4000-8000-4C504C4F4F50}",
+  [PPPOE]    = "{4C50000E-0000-4000-8000-4C505050504F}",
+}
+local by_guid_tbl = {}
+for k, g in pairs(M.GUID) do
+  by_guid_tbl[g:upper()] = k
+  by_guid_tbl[g:upper():gsub("[{}]", "")] = k
+end
+
+--- GUID string (any case, braces optional) -> enum, or nil.
+function M.by_guid(guid)
+  if type(guid) ~= "string" then return nil end
+  return by_guid_tbl[guid:upper()]
+end
+
+function M.new()
+  local d = lp_decoded()
+  d.vlan = -1
+  d.l3_offset = -1
+  d.l4_offset = -1
+  return d
+end
+
+-- decoding ----------------------------------------------------------------
+-- Every step returns nothing; a header that does not fit sets d.truncated
+-- and ends decoding.
+
+local function be16(p, o)
+  return bor(lshift(p[o], 8), p[o + 1])
+end
+
+local function add_layer(d, proto, off, len)
+  local n = d.nlayers
+  if n >= MAX_LAYERS then
+    d.malformed = 1
+    return false
+  end
+  local l = d.layer[n]
+  if d.first[proto] < 0 then d.first[proto] = n end
+  l.proto = proto
+  l.offset = off
+  l.length = len
+  d.nlayers = n + 1
+  d.payload_offset = off + len
+  return true
+end
+
+local function decode_l4(d, p, o, lim, proto)
+  d.l4_offset = o
+  if proto == 6 then
+    if o + 20 > lim then d.truncated = 1; return end
+    local doff = lshift(rshift(p[o + 12], 4), 2)
+    if doff < 20 then d.malformed = 1; return end
+    if o + doff > lim then d.truncated = 1; return end
+    d.sport = be16(p, o)
+    d.dport = be16(p, o + 2)
+    d.tcp_flags = p[o + 13]
+    add_layer(d, TCP, o, doff)
+  elseif proto == 17 then
+    if o + 8 > lim then d.truncated = 1; return end
+    d.sport = be16(p, o)
+    d.dport = be16(p, o + 2)
+    add_layer(d, UDP, o, 8)
+  elseif proto == 1 or proto == 58 then
+    if o + 8 > lim then d.truncated = 1; return end
+    d.icmp_type = p[o]
+    d.icmp_code = p[o + 1]
+    add_layer(d, proto == 1 and ICMP or ICMPV6, o, 8)
+  else
+    d.l4_offset = -1
+  end
+end
+
+local function decode_ipv4(d, p, o, caplen)
+  if o + 20 > caplen then d.truncated = 1; return end
+  local b0 = p[o]
+  if rshift(b0, 4) ~= 4 then d.malformed = 1; return end
+  local ihl = lshift(band(b0, 15), 2)
+  if ihl < 20 then d.malformed = 1; return end
+  if o + ihl > caplen then d.truncated = 1; return end
+  local tot = be16(p, o + 2)
+  local lim
+  if tot == 0 then            -- TSO / offloaded: length unknown
+    lim = caplen
+  elseif tot < ihl then
+    d.malformed = 1; return
+  else
+    lim = o + tot
+    if lim > caplen then lim = caplen end
+  end
+  if not add_layer(d, IPV4, o, ihl) then return end
+  d.ip_version = 4
+  d.l3_offset = o
+  local proto = p[o + 9]
+  d.ipproto = proto
+  ffi.copy(d.src, p + o + 12, 4)   -- constant-size copies compile to plain loads/stores
+  ffi.copy(d.dst, p + o + 16, 4)   -- (a loop here would split the caller's trace)
+  d.payload_length = lim - (o + ihl)
+  local fo = be16(p, o + 6)
+  local off = band(fo, 0x1fff)
+  if off ~= 0 or band(fo, 0x2000) ~= 0 then d.frag = 1 end
+  if off ~= 0 then return end
+  decode_l4(d, p, o + ihl, lim, proto)
+  d.payload_length = lim - d.payload_offset
+end
+
+local function decode_ipv6(d, p, o, caplen)
+  if o + 40 > caplen then d.truncated = 1; return end
+  if rshift(p[o], 4) ~= 6 then d.malformed = 1; return end
+  local plen = be16(p, o + 4)
+  local lim
+  if plen == 0 then           -- jumbogram or offloaded
+    lim = caplen
+  else
+    lim = o + 40 + plen
+    if lim > caplen then lim = caplen end
+  end
+  d.ip_version = 6
+  d.l3_offset = o
+  ffi.copy(d.src, p + o + 8, 16)
+  ffi.copy(d.dst, p + o + 24, 16)
+  local nh = p[o + 6]
+  local q = o + 40
+  local nofrag_l4 = false
+  -- extension headers: hop-by-hop 0, routing 43, fragment 44, AH 51, dstopts 60
+  while nh == 0 or nh == 43 or nh == 44 or nh == 51 or nh == 60 do
+    if q + 8 > lim then
+      d.ipproto = nh
+      d.truncated = 1
+      add_layer(d, IPV6, o, q - o)
+      return
+    end
+    local len
+    if nh == 44 then
+      len = 8
+      local fo = be16(p, q + 2)
+      if band(fo, 0xfff8) ~= 0 or band(fo, 1) ~= 0 then d.frag = 1 end
+      if band(fo, 0xfff8) ~= 0 then nofrag_l4 = true end
+    elseif nh == 51 then
+      len = lshift(p[q + 1] + 2, 2)
+    else
+      len = lshift(p[q + 1] + 1, 3)
+    end
+    if q + len > lim then
+      d.ipproto = nh
+      d.truncated = 1
+      add_layer(d, IPV6, o, q - o)
+      return
+    end
+    nh = p[q]
+    q = q + len
+  end
+  d.ipproto = nh
+  if not add_layer(d, IPV6, o, q - o) then return end
+  d.payload_length = lim - q
+  if nofrag_l4 then return end
+  decode_l4(d, p, q, lim, nh)
+  d.payload_length = lim - d.payload_offset
+end
+
+local function decode_arp(d, p, o, caplen)
+  if o + 8 > caplen then d.truncated = 1; return end
+  local len = 8 + 2 * p[o + 4] + 2 * p[o + 5]
+  if o + len > caplen then d.truncated = 1; return end
+  add_layer(d, ARP, o, len)
+end
+
+local decode_ethertype
+
+-- MPLS label stack: one layer for all labels, then IPv4/IPv6 by nibble.
+local function decode_mpls(d, p, o, caplen)
+  local q = o
+  while true do
+    if q + 4 > caplen then d.truncated = 1; return end
+    local bos = band(p[q + 2], 1)
+    q = q + 4
+    if bos ~= 0 then break end
+    if q - o >= 64 then d.malformed = 1; return end
+  end
+  if not add_layer(d, MPLS, o, q - o) then return end
+  if q + 1 > caplen then d.truncated = 1; return end
+  local v = rshift(p[q], 4)
+  if v == 4 then
+    decode_ipv4(d, p, q, caplen)
+  elseif v == 6 then
+    decode_ipv6(d, p, q, caplen)
+  end
+  -- else: pseudowire / Ethernet-over-MPLS: not decoded further
+end
+
+-- ethertype dispatch at offset o (VLAN tags loop here).
+decode_ethertype = function(d, p, o, caplen, et)
+  while et == 0x8100 or et == 0x88a8 or et == 0x9100 do
+    if o + 4 > caplen then d.truncated = 1; return end
+    local tci = be16(p, o)
+    if d.nvlan == 0 then d.vlan = band(tci, 0x0fff) end
+    d.nvlan = d.nvlan + 1
+    if not add_layer(d, VLAN, o, 4) then return end
+    et = be16(p, o + 2)
+    o = o + 4
+  end
+  if et == 0x0800 then
+    decode_ipv4(d, p, o, caplen)
+  elseif et == 0x86dd then
+    decode_ipv6(d, p, o, caplen)
+  elseif et == 0x0806 or et == 0x8035 then   -- ARP, RARP (same layout)
+    decode_arp(d, p, o, caplen)
+  elseif et == 0x8847 or et == 0x8848 then
+    decode_mpls(d, p, o, caplen)
+  elseif et == 0x8864 then
+    -- PPPoE session: 6-byte header + 2-byte PPP protocol
+    if o + 8 > caplen then d.truncated = 1; return end
+    if not add_layer(d, PPPOE, o, 8) then return end
+    local pp = be16(p, o + 6)
+    if pp == 0x0021 then
+      decode_ipv4(d, p, o + 8, caplen)
+    elseif pp == 0x0057 then
+      decode_ipv6(d, p, o + 8, caplen)
+    end
+  end
+end
+
+local function decode_rawip(d, p, o, caplen)
+  if o + 1 > caplen then d.truncated = 1; return end
+  local v = rshift(p[o], 4)
+  if v == 4 then
+    decode_ipv4(d, p, o, caplen)
+  elseif v == 6 then
+    decode_ipv6(d, p, o, caplen)
+  else
+    d.malformed = 1
+  end
+end
+
+--- Decode one packet. p: const uint8_t*, caplen: captured bytes, linktype:
+--- pcap LINKTYPE_*.  Returns d.nlayers.
+function M.decode(d, p, caplen, linktype)
+  d.nlayers = 0
+  d.ip_version = 0
+  d.ipproto = 0
+  d.sport = 0
+  d.dport = 0
+  d.tcp_flags = 0
+  d.icmp_type = 0
+  d.icmp_code = 0
+  d.frag = 0
+  d.truncated = 0
+  d.malformed = 0
+  d.vlan = -1
+  d.nvlan = 0
+  d.l3_offset = -1
+  d.l4_offset = -1
+  d.payload_offset = 0
+  d.payload_length = 0
+  d.caplen = caplen
+  ffi.fill(d.src, 32)          -- src and dst are contiguous
+  ffi.fill(d.first, 16, 0xff)  -- first[proto] = index of the first layer of that protocol, -1 if none
+  if linktype == 1 then
+    if caplen < 14 then
+      d.truncated = 1
+    else
+      add_layer(d, ETHERNET, 0, 14)
+      local et = be16(p, 12)
+      if et >= 0x0600 then decode_ethertype(d, p, 14, caplen, et) end
+      -- else 802.3 length field (LLC/SNAP): not decoded further
+    end
+  elseif linktype == 113 then
+    if caplen < 16 then
+      d.truncated = 1
+    else
+      add_layer(d, SLL, 0, 16)
+      decode_ethertype(d, p, 16, caplen, be16(p, 14))
+    end
+  elseif linktype == 276 then
+    if caplen < 20 then
+      d.truncated = 1
+    else
+      add_layer(d, SLL2, 0, 20)
+      decode_ethertype(d, p, 20, caplen, be16(p, 0))
+    end
+  elseif linktype == 101 or linktype == 12 or linktype == 14 then
+    decode_rawip(d, p, 0, caplen)
+  elseif linktype == 228 then
+    decode_ipv4(d, p, 0, caplen)
+  elseif linktype == 229 then
+    decode_ipv6(d, p, 0, caplen)
+  elseif linktype == 0 or linktype == 108 then
+    -- BSD null/loopback: 4-byte address family in the capturing host's
+    -- byte order (LOOP, 108: network order); accept either order.
+    if caplen < 4 then
+      d.truncated = 1
+    else
+      add_layer(d, LOOPBACK, 0, 4)
+      local le = bor(p[0], lshift(p[1], 8), lshift(p[2], 16), lshift(p[3], 24))
+      local be = bor(p[3], lshift(p[2], 8), lshift(p[1], 16), lshift(p[0], 24))
+      if le == 2 or be == 2 then
+        decode_ipv4(d, p, 4, caplen)
+      elseif le == 24 or le == 28 or le == 30 or be == 24 or be == 28 or be == 30 then
+        decode_ipv6(d, p, 4, caplen)
+      end
+    end
+  end
+  local n = d.nlayers
+  if d.ip_version == 0 then
+    d.payload_length = caplen - d.payload_offset
+  end
+  if d.payload_length < 0 then d.payload_length = 0 end
+  return n
+end
+
+--- Index (0-based) of the first layer with this enum, or -1.
+function M.find(d, proto)
+  return d.first[proto]          -- no loop: keeps the per-packet loops of plug-ins one trace
+end
+
+-- flow keys ------------------------------------------------------------------
+--[[
+Trisul flow id (reference section 9):
+    <proto 2 hex>A:<ipA>:p-<portA 4 hex>_<ipZ>:p-<portZ 4 hex>
+e.g. 06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016; 'B' and 32 hex digits per
+address for IPv6.
+
+Endpoint order: the Z end is the endpoint with the LOWER port.  Tie (equal
+ports, which includes ICMP and every other non-TCP/UDP protocol, whose ports
+are 0): the Z end is the endpoint with the lower IP address (bytewise); if
+the addresses are equal too, the destination is Z.  So both directions of a
+conversation always give the same key.
+
+Ports are 0 for everything but TCP/UDP (ICMP, non-first fragments, ...).
+
+Non-IP packets (ARP, LLC, truncated before IP...) get the all-zero IPv4-shaped
+key "00A:00.00.00.00:p-0000_00.00.00.00:p-0000" (same length and layout as an
+IPv4 key so scripts doing id:sub(24,34) keep working).
+--]]
+M.ZERO_FLOWKEY = "00A:00.00.00.00:p-0000_00.00.00.00:p-0000"
+
+local HEX = ffi.new("const uint8_t[16]", "0123456789ABCDEF")
+local kbuf = ffi.new("uint8_t[128]")
+
+-- true when src is the A end
+local function src_is_a(d)
+  local sp, dp = d.sport, d.dport
+  if sp ~= dp then return sp > dp end
+  local n = d.ip_version == 6 and 16 or 4
+  for i = 0, n - 1 do
+    local a, b = d.src[i], d.dst[i]
+    if a ~= b then return a > b end   -- src higher -> src is A, dst (lower) is Z
+  end
+  return true
+end
+
+local function put_hex8(pos, v)
+  kbuf[pos] = HEX[rshift(v, 4)]
+  kbuf[pos + 1] = HEX[band(v, 15)]
+  return pos + 2
+end
+
+local function put_ip(pos, a, v6)
+  if v6 then
+    for i = 0, 15 do pos = put_hex8(pos, a[i]) end
+  else
+    for i = 0, 3 do
+      if i > 0 then kbuf[pos] = 46; pos = pos + 1 end   -- '.'
+      pos = put_hex8(pos, a[i])
+    end
+  end
+  return pos
+end
+
+local function put_port(pos, port)
+  kbuf[pos] = 112; kbuf[pos + 1] = 45                   -- 'p-'
+  pos = put_hex8(pos + 2, rshift(port, 8))
+  return put_hex8(pos, band(port, 255))
+end
+
+--- Trisul flow-id string for the decoded packet.
+function M.flowkey(d)
+  local v = d.ip_version
+  if v == 0 then return M.ZERO_FLOWKEY end
+  local v6 = v == 6
+  local pos = put_hex8(0, band(d.ipproto, 255))
+  kbuf[pos] = v6 and 66 or 65; kbuf[pos + 1] = 58      -- 'A'/'B', ':'
+  pos = pos + 2
+  local ia, pa, iz, pz
+  if src_is_a(d) then
+    ia, pa, iz, pz = d.src, d.sport, d.dst, d.dport
+  else
+    ia, pa, iz, pz = d.dst, d.dport, d.src, d.sport
+  end
+  pos = put_ip(pos, ia, v6)
+  kbuf[pos] = 58; pos = pos + 1                         -- ':'
+  pos = put_port(pos, pa)
+  kbuf[pos] = 95; pos = pos + 1                         -- '_'
+  pos = put_ip(pos, iz, v6)
+  kbuf[pos] = 58; pos = pos + 1
+  pos = put_port(pos, pz)
+  return ffi.string(kbuf, pos)
+end
+
+--- proto, ipa, porta, ipz, portz in key format ("06", "C0.A8.01.02",
+--- "p-0B94", ...), for the FlowID getters.  Non-IP: zero parts.
+function M.flow_parts(d)
+  if d.ip_version == 0 then
+    return "00", "00.00.00.00", "p-0000", "00.00.00.00", "p-0000"
+  end
+  local v6 = d.ip_version == 6
+  local proto = ffi.string(kbuf, put_hex8(0, band(d.ipproto, 255)))
+  local ia, pa, iz, pz
+  if src_is_a(d) then
+    ia, pa, iz, pz = d.src, d.sport, d.dst, d.dport
+  else
+    ia, pa, iz, pz = d.dst, d.dport, d.src, d.sport
+  end
+  local ipa = ffi.string(kbuf, put_ip(0, ia, v6))
+  local porta = ffi.string(kbuf, put_port(0, pa))
+  local ipz = ffi.string(kbuf, put_ip(0, iz, v6))
+  local portz = ffi.string(kbuf, put_port(0, pz))
+  return proto, ipa, porta, ipz, portz
+end
+
+return M

@@ -1,0 +1,147 @@
+--[[
+luaprobe.engine.fastpath.driver — the fast path's driver VM: pops packets from the
+packet ring into a batch (zero copy), decodes each once, tracks flows, and
+reports control records (EOF / ERROR / END).  Plug-in VMs then walk the same
+batch by address (luaprobe.engine.plugins.host: run_batch).
+
+A batch never spans a change of packet-time second, so the per-second ticks
+(metronome, bucket and window edges, flow expiry) fire exactly between the
+packets they separate.
+]]
+local ffi = require("ffi")
+local ring = require("luaprobe.shm.ring")
+local decode = require("luaprobe.engine.fastpath.decode")
+local flowtable = require("luaprobe.engine.fastpath.flowtable")
+local packet = require("luaprobe.engine.plugins.packet")
+
+local cast, fstring = ffi.cast, ffi.string
+local REC, recp, PKT = packet.REC_SIZE, packet.recp, packet.PKT
+local ddecode = decode.decode
+
+local M = {}
+local Driver = {}
+Driver.__index = Driver
+
+--- opts: ring (address), batch (size), capacity/idle_timeout/active_timeout (flow table).
+function M.new(opts)
+  local self = setmetatable({
+    ring = ring.attach(opts.ring),
+    nbatch = opts.batch or packet.BATCH,
+    ft = flowtable.new({ capacity = opts.capacity or 1048576, idle_timeout = opts.idle_timeout or 120,
+                         active_timeout = opts.active_timeout or 1800 }),
+    packets = 0, bytes = 0, truncated = 0, nonip = 0,
+    sec = -1,               -- packet-time second of the current batch
+    ctl_kind = nil, ctl_text = nil,
+  }, Driver)
+  self.batch = packet.new_batch(self.nbatch)
+  self.batch_addr = tonumber(ffi.cast("intptr_t", self.batch))
+  if opts.bell then self.ring.data_bell = cast("uint32_t *", opts.bell) end
+  self.stop_profile = require("luaprobe.engine.plugins.jitprof").start("driver")
+  return self
+end
+
+--- Fill the batch.  Returns the number of packets (0 when the ring is empty
+--- or a control record is next: then ctl_kind / ctl_text are set).
+--- The previous batch's ring space is released here, not before.
+function Driver:fill()
+  local r, b, ft = self.ring, self.batch, self.ft
+  r:release()
+  self.ctl_kind = nil
+  local n, max = 0, self.nbatch
+  local sec = self.sec
+  while n < max do
+    local p, len = r:peek()
+    if p == nil then break end
+    local h = cast(recp, p)
+    if h.kind ~= PKT then
+      if n == 0 then
+        self.ctl_kind, self.ctl_text = h.kind, fstring(p + REC, h.caplen)
+        r:advance(len)
+      end
+      break
+    end
+    local ts = h.ts_sec
+    if ts ~= sec then
+      if n > 0 then break end          -- start the new second in a new batch
+      sec = ts
+      self.sec = ts
+    end
+    local e = b[n]
+    e.data = p + REC
+    e.ts_sec, e.ts_nsec, e.wirelen, e.caplen = ts, h.ts_nsec, h.wirelen, h.caplen
+    e.linktype, e.ifindex = h.linktype, h.ifindex
+    ddecode(e.d, e.data, h.caplen, h.linktype)
+    r:advance(len)
+    n = n + 1
+  end
+  -- flows in a second pass: two small traces compile where one big one aborts
+  local truncated, nonip, bytes = self.truncated, self.nonip, self.bytes
+  local flows = ft.flows
+  for k = 0, n - 1 do
+    local e = b[k]
+    local d = e.d
+    local idx, dir = ft:update(d, e.ts_sec + e.ts_nsec * 1e-9, e.wirelen)
+    e.flow, e.dir = idx, dir or 0
+    e.flow_uid = idx >= 0 and flows[idx].id or 0
+    if d.truncated ~= 0 then truncated = truncated + 1 end
+    if d.ip_version == 0 then nonip = nonip + 1 end
+    bytes = bytes + e.wirelen
+  end
+  self.truncated, self.nonip, self.bytes = truncated, nonip, bytes
+  self.packets = self.packets + n
+  return n
+end
+
+--- True when a record is waiting in the packet ring.
+function Driver:ready()
+  return ring.lib.lp_load_sc(self.ring.tail_p) ~= self.ring.head_local
+end
+
+local bit = require("bit")
+
+--- Final state text (docs/schema.md): RESET or CLOSED from TCP flags, else
+--- TIMEOUT when it expired, else OPEN (still open at the end of input).
+local function state_text(st, reason)
+  if bit.band(st, 0x80) ~= 0 then return "RESET" end
+  if bit.band(st, 0x40) ~= 0 then return "CLOSED" end
+  if reason == flowtable.IDLE or reason == flowtable.ACTIVE then return "TIMEOUT" end
+  return "OPEN"
+end
+
+--- A flows row: flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts,
+--- packets_az, packets_za, bytes_az, bytes_za, state, tags.
+local function flow_row(ft, idx, reason)
+  local e = ft:entry(idx)
+  local _, ipa, _, ipz = ft:flow_parts(idx)
+  return { ft:flowkey(idx), e.proto, ipa, e.porta, ipz, e.portz, e.first_ts, e.last_ts,
+           tonumber(e.packets_az), tonumber(e.packets_za), tonumber(e.bytes_az), tonumber(e.bytes_za),
+           state_text(e.state, reason), "" }
+end
+
+--- Rows of flows that timed out by packet time `now` (at most `max`).
+function Driver:expire(now, max)
+  local ft, out = self.ft, {}
+  ft:expire(now, function(idx, reason) out[#out + 1] = flow_row(ft, idx, reason) end, max)
+  return out
+end
+
+--- Rows of every live flow (end of input); the table is left empty.
+function Driver:flush_flows()
+  local ft, out, idxs = self.ft, {}, {}
+  ft:each(function(idx) idxs[#idxs + 1] = idx end)
+  for _, idx in ipairs(idxs) do
+    out[#out + 1] = flow_row(ft, idx, nil)
+    ft:terminate(idx)
+  end
+  return out
+end
+
+--- Counters for the run summary.
+function Driver:stats()
+  local s = self.ft:stats()
+  return { packets = self.packets, bytes = self.bytes, truncated = self.truncated, nonip = self.nonip,
+           flows_created = s.created, flows_live = s.live, flow_table_full = s.full_drops }
+end
+
+M.Driver = Driver
+return M

@@ -1,0 +1,478 @@
+"""The fast path: capture process -> packet ring -> decode -> plug-in hooks -> outputs.
+
+Python orchestrates; every per-packet loop is LuaJIT: the capture process
+copies records into the packet ring (engine/capture/capture.lua), the driver VM
+pops, decodes and tracks flows into a batch (engine/fastpath/driver.lua), and
+each simplecounter VM walks the batch by address (engine/plugins/host.lua).
+Between batches Python delivers T.async results, fires packet-time ticks
+(engine_monitor metronome and windows), and ships outputs to the SQLite
+writer process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from luaprobe.shm import segment
+from luaprobe.shm.ring import region_size
+from luaprobe.shm.luajit import method, new_runtime
+from luaprobe.workers.pool import AsyncConfig
+
+from luaprobe.shm import logs
+from luaprobe.engine.plugins.errors import text as lua_text
+from luaprobe.engine.plugins.vm import PluginError, PluginVM, _text
+from luaprobe.engine.plugins.discovery import discover, group_rows, probe
+from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
+from luaprobe.engine.store.writer import StoreWriter
+
+PKT, EOF, ERROR, END, STATS = 0, 1, 2, 3, 4
+MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything `luaprobe run` decides."""
+
+    plugins: list
+    files: list
+    out_dir: str = "out"
+    lua_path: list = dataclasses.field(default_factory=list)
+    async_config: AsyncConfig = dataclasses.field(default_factory=AsyncConfig)
+    backend_instances: int = 2
+    window: int = 60                  #: backend window (StreamingWindowMSecs / 1000)
+    batch: int = 1024
+    packet_ring_size: int = 1 << 25
+    flow_capacity: int = 1 << 20
+    idle_timeout: float = 120.0
+    active_timeout: float = 1800.0
+    stats_file: str | None = None     #: a JSON snapshot (FastPath.snapshot) rewritten every stats_interval
+    stats_interval: float = 1.0
+    progress: object = None           #: callable(packets, bytes) every 0.25 s (the CLI's progress bar)
+    filex_dir: str | None = None      #: extracted files (default: a private directory under /dev/shm)
+    filex_chunk_mb: float = 5.0       #: onfile_http chunk size (Trisul ChunkSizeMB)
+    filex_dir_cap_mb: float = 256.0   #: extraction stops (counted) above this many bytes in the directory
+    interface: str | None = None      #: live capture from this interface instead of files (docs/live.md)
+    bpf: str | None = None            #: tcpdump filter expression for the live capture
+    loop: bool = False                #: repeat the files until stopped (soak runs; [source] loop in docs/operations.md)
+    generate: str | None = None       #: the capture process runs the generator with this SPEC (engine/gen/stream.py)
+
+
+@dataclasses.dataclass
+class Instance:
+    """One script-type instance: its VM and what it runs."""
+
+    vm: PluginVM
+    kind: str                          # simplecounter | countergroup | frontend | engine_monitor
+    pipeline: str
+    run_batch = None
+
+
+class FastPath:
+    """Run plug-ins over capture files to completion; :meth:`run` returns the summary dict."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.instances: list[Instance] = []
+        self.input_errors: list[str] = []
+        self.plugin_problems: list[str] = []
+        self.files_done: list[str] = []
+        self.sec = None
+        self.window_start = None
+        self.ticks = 0
+        self.capture_stats = None       #: live: [seen, ring_drops, kernel_drops, kernel_packets, freeze_q]
+        self._stop = 0                  #: live: 1 = SIGINT/SIGTERM received, 2 = capture told to stop
+        self._reload = False            #: set by request_reload_backends (SIGHUP under the supervisor)
+        self.backend_reloads = 0
+        self._last_stats = -1e9
+        self._last_progress = -1e9
+        self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "key_info": 0, "flows": 0}
+
+    # ----------------------------------------------------------------- setup
+    def _load_plugins(self, rt: AsyncRuntime) -> None:
+        cfg = self.cfg
+        files = discover(cfg.plugins, cfg.lua_path)
+        if not files:
+            raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
+        self.infos = [probe(f, cfg.lua_path) for f in files]
+        self.groups = {i.countergroup["guid"].upper(): i.countergroup for i in self.infos if i.countergroup}
+        for info in self.infos:
+            self.plugin_problems += info.problems
+            if info.errors:
+                continue                                   # cannot load: already reported
+            for kind in info.runnable_types:
+                if kind == "engine_monitor":
+                    for k in range(cfg.backend_instances):
+                        self._instantiate(rt, info.path, kind, "backend", str(k))
+                else:
+                    self._instantiate(rt, info.path, kind, "frontend", secrets.token_hex(4).upper()[:7])
+
+    def _instantiate(self, rt, path, kind, pipeline, instance) -> None:
+        try:
+            vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups,
+                         start_workers="lazy")
+        except PluginError as e:
+            self.plugin_problems.append(str(e))
+            return
+        inst = Instance(vm, kind, pipeline)
+        if kind == "simplecounter":
+            problem = vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host)
+            if problem is not None:
+                self.plugin_problems.append(f"{path}: {_text(problem)}")
+                rt.unload(vm)
+                return
+            inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_batch(a, n) end")
+        elif kind == "filex_monitor":
+            opts = {b"dir": self._filex_dir().encode(), b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
+                    b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"idle_timeout": self.cfg.idle_timeout}
+            vm.lua.eval("function(h, o) return h:setup_filex(o) end")(vm.host, vm.lua.table_from(opts))
+            inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_filex_batch(a, n) end")
+        ok, res = vm.call(None, "onload")
+        if not ok or res is False:
+            why = "onload failed" if not ok else "onload returned false"
+            logs.log.info("[%s#%s] %s: instance disabled", os.path.basename(path), instance, why)
+            rt.unload(vm)
+            return
+        vm.take_counters = method(vm.lua, "take_counters")
+        vm.take_outputs = method(vm.lua, "take_outputs")
+        vm.set_time = method(vm.lua, "set_time")
+        vm.deliver_message = method(vm.lua, "deliver_message")
+        self.instances.append(inst)
+
+    # ----------------------------------------------------------------- ticks
+    def _backend(self, hook: str, *args) -> None:
+        for inst in self.instances:
+            if inst.kind == "engine_monitor":
+                inst.vm.set_time(inst.vm.host.engine, args[0], 0)
+                inst.vm.call("engine_monitor", hook, inst.vm.host.engine, *args)
+
+    def _tick(self, sec: int) -> None:
+        """Packet time reached second `sec`: one metronome tick per second elapsed (seconds without
+        packets included, at most MAX_GAP_TICKS per gap), window edges, closed buckets, idle flows."""
+        if self.sec is None:
+            self.window_start = sec - sec % self.cfg.window
+            self._backend("onbeginflush", self.window_start)
+        else:
+            first = max(self.sec + 1, sec - MAX_GAP_TICKS + 1)
+            for s in range(first, sec + 1):
+                self._second(s)
+        self.sec = sec
+        self._collect(sec)
+        self._write("flows", self.driver_expire(self.driver, sec))
+
+    def _second(self, s: int) -> None:
+        """Backend hooks for packet-time second `s`: window edge first, then the metronome."""
+        w = self.cfg.window
+        if s >= self.window_start + w:
+            self._backend("onendflush", self.window_start + w)
+            self.window_start = s - s % w
+            self._backend("onbeginflush", self.window_start)
+        self.ticks += 1
+        self._backend("onmetronome", s, self.ticks, 1)
+
+    def _collect(self, now) -> None:
+        """Move counters of closed buckets (all when now is None) and other outputs to the writer."""
+        messages = []
+        for inst in self.instances:
+            vm = inst.vm
+            eng = vm.host.engine
+            self._write("counters", vm.take_counters(eng, now))
+            out = vm.take_outputs(eng)
+            for kind in ("alerts", "resources", "key_info"):
+                self._write(kind, out[kind.encode()])
+            messages += [tuple(_text(x) for x in r.values()) for r in out[b"messages"].values()]
+        for pipeline, msgid, msg in messages:
+            for inst in self.instances:
+                if inst.pipeline == pipeline:
+                    inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg.encode())
+
+    def _write(self, kind: str, rows) -> None:
+        rows = [tuple(_text(x) if isinstance(x, bytes) else x for x in r.values()) for r in rows.values()] \
+            if hasattr(rows, "values") else rows
+        if rows:
+            self.store.write(kind, rows)
+            self.rows_written[kind] = self.rows_written.get(kind, 0) + len(rows)
+
+    # ----------------------------------------------------------------- run
+    def run(self) -> dict:
+        """Process every input file; returns the summary (also stored in the run table)."""
+        cfg = self.cfg
+        t0 = time.monotonic()
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
+        rt = AsyncRuntime(cfg.async_config, lua_path=cfg.lua_path)
+        ring_seg = capture = None
+        old_handlers = {}
+        try:
+            if cfg.interface:                  # live: hooks ready before the first packet arrives
+                self._load_plugins(rt)
+            ring_seg = segment.create("pkt", region_size(cfg.packet_ring_size))
+            lua = new_runtime()
+            lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c) end")(ring_seg.address, cfg.packet_ring_size)
+            fp = lua.eval("require('luaprobe.engine.fastpath.driver')")
+            self.driver = fp.new(lua.table_from({b"ring": ring_seg.address, b"bell": rt.bell.address,
+                                                 b"batch": cfg.batch, b"capacity": cfg.flow_capacity,
+                                                 b"idle_timeout": cfg.idle_timeout,
+                                                 b"active_timeout": cfg.active_timeout}))
+            fill, ready = method(lua, "fill"), method(lua, "ready")
+            self._driver_stats = method(lua, "stats")
+            self._ring_fill = lua.eval("function(d) return d.ring:fill_records(), d.ring:fill_bytes(), d.ring.cap end")
+            self.driver_expire = method(lua, "expire")
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # capture.py unblocks it once
+            try:                                                                    # its stop handler is in place
+                capture = subprocess.Popen(
+                    [sys.executable, "-m", "luaprobe.engine.capture.process", "--ring", ring_seg.name, "--bell", rt.bell.name,
+                     "--ppid", str(os.getpid()), *self._capture_args()], stdin=subprocess.DEVNULL)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            if not cfg.interface:              # files: the capture process starts up meanwhile (backpressure)
+                self._load_plugins(rt)
+            self._write("counter_groups", group_rows(self.infos))
+            batch_addr = int(self.driver.batch_addr)
+            runners = [i.run_batch for i in self.instances if i.run_batch is not None]
+            hosts = [i.vm.host for i in self.instances if i.run_batch is not None]
+            driver = self.driver
+            old_handlers = self._catch_stop_signals() if cfg.interface else {}
+            while True:
+                if self._stop == 1:
+                    self._stop_capture(capture)
+                n = fill(driver)
+                if n:
+                    sec = int(driver.sec)
+                    if sec != self.sec and not (cfg.interface and self.sec is not None and sec < self.sec):
+                        self._tick(sec)
+                    for run_batch, host in zip(runners, hosts):
+                        run_batch(host, batch_addr, n)
+                    rt.service()
+                    self._maybe_stats(rt, capture)
+                    if self._reload:
+                        self._reload_backends(rt)
+                    continue
+                kind = driver.ctl_kind
+                if kind is None:
+                    rt.service()
+                    if cfg.interface:
+                        self._live_idle(capture)
+                    self._maybe_stats(rt, capture)
+                    if capture.poll() is not None and not ready(driver):
+                        self.input_errors.append(f"capture process ended unexpectedly (status {capture.returncode})")
+                        break
+                    rt.wait(0.05, extra_ready=lambda: ready(driver))
+                    continue
+                txt = _text(driver.ctl_text)
+                if kind == EOF:
+                    self.files_done.append(txt)
+                elif kind == ERROR:
+                    off, msg, path = txt.split("\t", 2)
+                    where = f"byte offset {off}: " if off else ""
+                    self.input_errors.append(f"{path}: {where}{msg}")
+                    logs.log.error("input error: %s: %s%s", path, where, msg)
+                elif kind == STATS:
+                    self.capture_stats = [int(x) for x in txt.split("\t")]
+                elif kind == END:
+                    break
+            capture.wait(timeout=30)
+            self._finish(rt, lua)
+        except BaseException:
+            self.store.close(check=False)          # the writer process and its pipes, not left to GC
+            raise
+        finally:
+            for signum, handler in old_handlers.items():
+                signal.signal(signum, handler)
+            if capture is not None and capture.poll() is None:
+                capture.kill()
+                capture.wait()
+            rt.close()
+            if getattr(self, "filex_dir", None) and not self.cfg.filex_dir:
+                shutil.rmtree(self.filex_dir, ignore_errors=True)
+            if ring_seg is not None:
+                ring_seg.close()
+        summary = self._summary(rt, time.monotonic() - t0)
+        self.store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
+        report = self.store.close()
+        summary["store"] = {"path": os.path.join(cfg.out_dir, "luaprobe.sqlite"), **(report or {})}
+        return summary
+
+    # ----------------------------------------------------------------- live capture (docs/live.md)
+    def _capture_args(self) -> list:
+        """Input arguments of the capture process: the files, or --interface IF [--bpf EXPR]."""
+        cfg = self.cfg
+        if cfg.generate:
+            return ["--generate", cfg.generate]
+        if not cfg.interface:
+            return ["--loop"] * bool(cfg.loop) + list(cfg.files)
+        return ["--interface", cfg.interface, *(["--bpf", cfg.bpf] if cfg.bpf else [])]
+
+    def _catch_stop_signals(self) -> dict:
+        """Live: SIGINT / SIGTERM ask for a clean stop (capture stops, the ring drains, outputs are written);
+        a second signal interrupts.  Returns the previous handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop:
+                raise KeyboardInterrupt
+            self._stop = 1
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_reload_backends(self) -> None:
+        """Reload backend (engine_monitor) scripts live at the next batch boundary (signal-safe)."""
+        self._reload = True
+
+    def _reload_backends(self, rt) -> None:
+        """Trisul's live backend reload: every backend instance drains its T.async tasks (up to the
+        drain deadline), writes its outputs and runs onunload; the plug-in files are probed again and new
+        backend instances start in the current window (onload, then onbeginflush).  Frontend instances
+        and per-flow state are untouched."""
+        self._reload = False
+        old = [i for i in self.instances if i.pipeline == "backend"]
+        for inst in old:
+            rt.retire(inst.vm, self.cfg.async_config.drain_deadline)
+        self._collect(self.sec)
+        for inst in old:
+            inst.vm.call(None, "onunload")
+            inst.vm.unloaded = True
+            rt.unload(inst.vm)
+            self.instances.remove(inst)
+        try:
+            infos = [probe(f, self.cfg.lua_path) for f in discover(self.cfg.plugins, self.cfg.lua_path)]
+        except PluginError as e:
+            self.plugin_problems.append(f"backend reload: {e}")
+            return
+        for info in infos:
+            if "engine_monitor" in info.types and not info.errors:
+                for k in range(self.cfg.backend_instances):
+                    self._instantiate(rt, info.path, "engine_monitor", "backend", str(k))
+        self.backend_reloads += 1
+        if self.window_start is not None:
+            self._backend("onbeginflush", self.window_start)
+        logs.log.info("backend scripts reloaded (%d instance(s))",
+                      sum(1 for i in self.instances if i.pipeline == "backend"))
+
+    def request_stop(self) -> None:
+        """Finish early and normally, any source (safe in a signal handler; the supervised child calls it on
+        SIGTERM): the capture process stops reading and pushes END, then drain, onunload, flush, unlink."""
+        if not self._stop:
+            self._stop = 1
+
+    def _stop_capture(self, capture) -> None:
+        """Tell the live capture to stop: it drains the kernel ring, pushes its last STATS and END."""
+        self._stop = 2
+        self._stop_deadline = time.monotonic() + 15
+        logs.log.info("stopping live capture on %s", self.cfg.interface)
+        if capture.poll() is None:
+            capture.send_signal(signal.SIGTERM)
+
+    def _live_idle(self, capture) -> None:
+        """Live, packet ring empty: wall-clock ticks keep metronome, buckets and flow expiry going.
+        Second s is ticked once the clock is 0.25 s into it, so packets of earlier seconds are already in."""
+        s = int(time.time() - 0.25)
+        if self.sec is None or s > self.sec:
+            self._tick(s)
+        if self._stop == 2 and time.monotonic() > self._stop_deadline and capture.poll() is None:
+            capture.kill()                                   # reported as "ended unexpectedly"
+
+    def _filex_dir(self) -> str:
+        """The extraction directory (created 0700 on first use; removed at the end of the run)."""
+        if getattr(self, "filex_dir", None) is None:
+            d = self.cfg.filex_dir or os.path.join(segment.SHM_DIR, segment.make_name("files"))
+            os.makedirs(d, mode=0o700, exist_ok=bool(self.cfg.filex_dir))
+            self.filex_dir = d
+        return self.filex_dir
+
+    def _finish(self, rt, lua) -> None:
+        """End of input: close the window and the HTTP flows, deliver async results, flush, onunload."""
+        if self.window_start is not None:
+            self._backend("onendflush", self.window_start + self.cfg.window)
+        self.filex_stats = []
+        for inst in self.instances:
+            if inst.kind == "filex_monitor":
+                st = inst.vm.lua.eval("function(h) return h:filex_finish() end")(inst.vm.host)
+                self.filex_stats.append({"plugin": inst.vm.path, **{_text(k): v for k, v in st.items()}})
+        self.async_before = {id(i.vm): i.vm.async_stats() for i in self.instances}
+        rt.drain_and_stop()
+        self._collect(None)
+        self._write("flows", method(lua, "flush_flows")(self.driver))
+        self.driver_stats = {_text(k): v for k, v in method(lua, "stats")(self.driver).items()}
+        method(lua, "stop_profile")(self.driver)
+        for inst in self.instances:
+            inst.vm.lua.eval("function(h) h.stop_profile() end")(inst.vm.host)
+        self.async_final = [(i, i.vm.async_stats()) for i in self.instances]
+        self.hook_stats = []
+        for i in self.instances:
+            calls, errors = i.vm.lua.eval("function(h) return h:hook_stats() end")(i.vm.host)
+            self.hook_stats.append((i, {_text(k): v for k, v in calls.items()},
+                                    {_text(k): v for k, v in errors.items()}))
+        rt.unload_all()
+
+    # ----------------------------------------------------------------- live statistics
+    def snapshot(self, rt, capture=None) -> dict:
+        """Counters at this moment: packets, ring fill, per-instance hooks and async, processes."""
+        d = {_text(k): v for k, v in self._driver_stats(self.driver).items()}
+        recs, nbytes, cap = self._ring_fill(self.driver)
+        plugins = []
+        for inst in self.instances:
+            calls, errors = inst.vm.lua.eval("function(h) return h:hook_stats() end")(inst.vm.host)
+            plugins.append({"plugin": inst.vm.path, "type": inst.kind, "instance": inst.vm.instance,
+                            "hook_calls": {_text(k): v for k, v in calls.items()},
+                            "hook_errors": {_text(k): v for k, v in errors.items()},
+                            "async": inst.vm.async_stats(),
+                            "workers": inst.vm.pool.stats() if inst.vm.pool else []})
+        procs = {"fastpath": os.getpid()}
+        if capture is not None and capture.poll() is None:
+            procs["capture"] = capture.pid
+        if getattr(self.store, "pid", None):
+            procs["store"] = self.store.pid
+        return {"time": time.time(), "packet_time": self.sec, "packets": d.get("packets", 0),
+                "bytes": d.get("bytes", 0), "flows": d.get("flows_created", 0),
+                "flows_live": d.get("flows_live", 0),
+                "rings": {"packet": {"records": int(recs), "bytes": int(nbytes), "capacity": int(cap)}},
+                "drops": {"capture": (self.capture_stats or [0, 0, 0])[1], "packet_ring": 0,
+                          "kernel": (self.capture_stats or [0, 0, 0])[2], "flow_table": d.get("flow_table_full", 0)},
+                "processes": procs, "plugins": plugins}
+
+    def _maybe_stats(self, rt, capture) -> None:
+        """Report progress (cfg.progress, every 0.25 s) and write the snapshot to cfg.stats_file every
+        cfg.stats_interval seconds (atomic rename)."""
+        now = time.monotonic()
+        if self.cfg.progress is not None and now - self._last_progress >= 0.25:
+            self._last_progress = now
+            self.cfg.progress(int(self.driver.packets), int(self.driver.bytes))
+        path = self.cfg.stats_file
+        if not path:
+            return
+        if now - self._last_stats < self.cfg.stats_interval:
+            return
+        self._last_stats = now
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.snapshot(rt, capture), f, default=str)
+        os.replace(tmp, path)
+
+    def _summary(self, rt, elapsed: float) -> dict:
+        d = getattr(self, "driver_stats", {})
+        cs = self.capture_stats or [0, 0, 0]
+        plugins = []
+        for (inst, calls, errors), (_, stats) in zip(getattr(self, "hook_stats", []), getattr(self, "async_final", [])):
+            plugins.append({"plugin": inst.vm.path, "type": inst.kind, "instance": inst.vm.instance,
+                            "hook_calls": calls, "hook_errors": errors, "async": stats})
+        return {
+            "elapsed_s": round(elapsed, 3),
+            "files": self.cfg.files, "files_done": self.files_done, "input_errors": self.input_errors,
+            "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),
+            "truncated_headers": d.get("truncated", 0), "non_ip": d.get("nonip", 0),
+            "flows": d.get("flows_created", 0), "flow_table_full_drops": d.get("flow_table_full", 0),
+            "drops": {"capture": cs[1], "kernel": cs[2], "packet_ring": 0, "flow_table": d.get("flow_table_full", 0)},
+            **({"interface": self.cfg.interface, "bpf": self.cfg.bpf, "captured_live": cs[0],
+                "kernel_packets": cs[3] if len(cs) > 3 else 0} if self.cfg.interface else {}),
+            "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
+            "filex": getattr(self, "filex_stats", []),
+            "backend_reloads": self.backend_reloads,
+        }

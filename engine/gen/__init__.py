@@ -1,0 +1,1 @@
+"""engine/gen: see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""engine/plugins: see docs/architecture.md."""

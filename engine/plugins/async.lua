@@ -1,0 +1,572 @@
+--[[
+luaprobe.engine.plugins.async — T.async inside a plug-in VM.
+
+schedule / copy / cat / rm / copybuffer snapshot their arguments at call time
+and hand a request record to one of the plug-in's workers; poll() (called by
+the fast path between hooks) pops result records and runs onresult /
+onerror in this VM.  Everything per task happens here and in the worker, in
+LuaJIT; Python only manages processes (workers/pool.py).
+
+Per worker, tasks live in one FIFO with three cursors:
+    head <= sent <= tail
+    [head, sent)  in the request ring or being run: results come back in this order
+    [sent, tail)  overflow backlog, waiting for ring space (bounded in total)
+Results of one worker arrive in request order, so the head of the FIFO is
+always the task a result belongs to; no lookup table is needed.
+
+Accounting (per VM, at every moment):
+    scheduled == ok + nil_result + error + timeout + dropped + pending
+]]
+local ffi = require("ffi")
+local ring = require("luaprobe.shm.ring")
+local P = require("luaprobe.workers.protocol")
+local errlog = require("luaprobe.engine.plugins.errlog")
+
+local C = ring.lib
+local cast, fstring, copy = ffi.cast, ffi.string, ffi.copy
+local floor, log = math.floor, math.log
+local REQ, RES = P.REQ_SIZE, P.RES_SIZE
+
+local M = {}
+local Async = {}
+Async.__index = Async
+
+local HIST = 256            -- latency histogram: bucket = floor(4 * log2(ns))
+local LOG2 = log(2)
+
+-- ------------------------------------------------------------------ queue
+
+local FIELDS = { "id", "kind", "fid", "data", "aux", "arg", "onres", "onerr", "t0", "files" }
+
+local function new_queue(cap)
+  local q = { cap = cap, head = 0, sent = 0, tail = 0 }
+  for _, f in ipairs(FIELDS) do q[f] = {} end
+  return q
+end
+
+local function grow(q)
+  local cap2 = q.cap * 2
+  for _, f in ipairs(FIELDS) do
+    local old, new = q[f], {}
+    for i = q.head, q.tail - 1 do new[i % cap2 + 1] = old[i % q.cap + 1] end
+    q[f] = new
+  end
+  q.cap = cap2
+end
+
+-- ------------------------------------------------------------------ upvalues
+
+local function ser(v, seen, name, out)
+  local t = type(v)
+  if t == "nil" or t == "boolean" then
+    out[#out + 1] = tostring(v)
+  elseif t == "number" then
+    if v ~= v then out[#out + 1] = "0/0"
+    elseif v == math.huge then out[#out + 1] = "1/0"
+    elseif v == -math.huge then out[#out + 1] = "-1/0"
+    else out[#out + 1] = ("%.17g"):format(v) end
+  elseif t == "string" then
+    out[#out + 1] = ("%q"):format(v)
+  elseif t == "table" and getmetatable(v) == nil then
+    if seen[v] then error(("upvalue '%s' of onexecute is a cyclic table"):format(name), 0) end
+    seen[v] = true
+    out[#out + 1] = "{"
+    for k, val in pairs(v) do
+      out[#out + 1] = "["
+      ser(k, seen, name, out)
+      out[#out + 1] = "]="
+      ser(val, seen, name, out)
+      out[#out + 1] = ","
+    end
+    out[#out + 1] = "}"
+    seen[v] = nil
+  else
+    local what = t == "table" and "table with a metatable" or t
+    error(("upvalue '%s' of onexecute is a %s; only nil, booleans, numbers, strings and plain "
+           .. "acyclic tables of those cross to the worker"):format(name, what), 0)
+  end
+end
+
+--- The upvalues of fn as a Lua chunk "return n,{...}", or "" if it has none.
+local function upvalue_blob(fn)
+  local name, value = debug.getupvalue(fn, 1)
+  if name == nil then return "" end
+  local out, i = { "return " }, 1
+  local n = 0
+  while name ~= nil do n = i; i = i + 1; name = debug.getupvalue(fn, i) end
+  out[2] = tostring(n)
+  out[3] = ",{"
+  for j = 1, n do
+    name, value = debug.getupvalue(fn, j)
+    out[#out + 1] = "[" .. j .. "]="
+    ser(value, {}, name, out)
+    out[#out + 1] = ","
+  end
+  out[#out + 1] = "}"
+  return table.concat(out)
+end
+
+-- ------------------------------------------------------------------ object
+
+--- Create the T.async state for one plug-in VM.
+--- opts: script, log(level, msg), overflow_limit, engine (first onresult arg).
+function M.new(opts)
+  local self = setmetatable({
+    script = opts.script or "?",
+    logf = opts.log or function() end,
+    overflow_limit = opts.overflow_limit or 100000,
+    engine = opts.engine,
+    accepting = true,
+    workers = {},
+    nworkers = 0,
+    backlog = 0,
+    next_id = 0,
+    fid_by_fn = setmetatable({}, { __mode = "k" }),
+    fid_by_bc = {},
+    bytecode = {},
+    fname = {},
+    nups = {},
+    max_record = 1e300,
+    nfids = 0,
+    stats = { scheduled = 0, ok = 0, nil_result = 0, error = 0, timeout = 0, dropped = 0,
+              onresult_errors = 0, redispatched = 0 },
+    hist = ffi.new("double[?]", HIST),
+    errors = nil,
+    live_files = {},        -- path -> references (filex files kept for tasks naming them)
+    file_done = function() end,
+    last_drop_log = -1e18,
+    drops_unlogged = 0,
+  }, Async)
+  self.errors = errlog.new(function(level, msg) self.logf(level, "T.async " .. msg) end)
+  self.api = self:make_api()
+  return self
+end
+
+--- Attach worker slot k's channel (rings formatted by the pool).
+function Async:add_worker(k, channel_addr, req_capacity)
+  local base = cast("uint8_t *", channel_addr)
+  local w = self.workers[k] or new_queue(1024)
+  w.k = k
+  w.ctl = cast(P.ctlp, base)
+  w.req = ring.attach(base + P.CONTROL)
+  w.ret = ring.attach(base + P.CONTROL + ring.region_size(req_capacity))
+  w.defined = {}
+  w.alive = true
+  self.workers[k] = w
+  if k > self.nworkers then self.nworkers = k end
+  self.max_record = math.min(self.max_record, w.req.max_record)
+end
+
+function Async:set_engine(engine) self.engine = engine end
+
+--- Start workers lazily: `fn` (called once, on the first task) must attach them.
+function Async:set_starter(fn) self.starter = fn end
+
+function Async:log(level, msg) self.logf(level, msg) end
+
+-- ------------------------------------------------------------------ sending
+
+local function put_record(r, kind, id, fid, arg, data, aux)
+  local p = r:reserve(REQ + #data + #aux)
+  if p == nil then return false end
+  local h = cast(P.reqp, p)
+  h.task_id, h.arg, h.kind, h.fid, h.data_len, h.aux_len = id, arg, kind, fid, #data, #aux
+  copy(p + REQ, data, #data)
+  if #aux > 0 then copy(p + REQ + #data, aux, #aux) end
+  r:commit()
+  return true
+end
+
+--- Encode the task at w.sent into the request ring; false when it is full.
+function Async:send_one(w)
+  local s = w.sent % w.cap + 1
+  local kind, fid = w.kind[s], w.fid[s]
+  if kind == P.EXEC and not w.defined[fid] then
+    if not put_record(w.req, P.DEFINE, 0, fid, 0, self.bytecode[fid], self.fname[fid]) then return false end
+    w.defined[fid] = true
+  end
+  if not put_record(w.req, kind, w.id[s], fid, w.arg[s], w.data[s], w.aux[s]) then return false end
+  w.sent = w.sent + 1
+  return true
+end
+
+--- Move backlog into the ring while it fits.
+function Async:drain(w)
+  local moved = 0
+  while w.sent < w.tail and self:send_one(w) do moved = moved + 1 end
+  if moved > 0 then
+    self.backlog = self.backlog - moved
+    w.req:publish()
+  end
+  return moved
+end
+
+local function target_slot(self, target)
+  local h = 5381
+  for i = 1, #target do h = (h * 33 + target:byte(i)) % 4294967296 end
+  return h % self.nworkers + 1
+end
+
+--- Queue a task for worker k (or the least busy one) and try to send it now.
+--- Returns true when accepted, false when dropped.
+function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target)
+  local st = self.stats
+  st.scheduled = st.scheduled + 1
+  if self.nworkers == 0 and self.accepting and self.starter then
+    local starter = self.starter            -- workers start on first use (Python: WorkerPool.start)
+    self.starter = nil
+    starter()
+  end
+  if not self.accepting then return self:drop("engine is stopping") end
+  if self.nworkers == 0 then return self:drop("no async workers could be started") end
+  local w
+  if target then
+    w = self.workers[target_slot(self, target)]
+  else
+    local best = 1e300
+    for k = 1, self.nworkers do
+      local c = self.workers[k]
+      local load = c.tail - c.head
+      if not c.alive then load = load + 1e9 end
+      if load < best then best, w = load, c end
+    end
+  end
+  local backlogged = w.sent < w.tail or not w.alive
+  if backlogged and self.backlog >= self.overflow_limit then
+    return self:drop("overflow queue full")
+  end
+  if w.tail - w.head >= w.cap then grow(w) end
+  local s = w.tail % w.cap + 1
+  local id = self.next_id + 1
+  self.next_id = id
+  w.id[s], w.kind[s], w.fid[s], w.data[s], w.aux[s], w.arg[s] = id, kind, fid, data, aux, arg
+  w.onres[s], w.onerr[s], w.t0[s] = onres, onerr, C.lp_now_ns()
+  w.files[s] = next(self.live_files) ~= nil and self:files_named(data, aux) or nil
+  w.tail = w.tail + 1
+  if not backlogged and self:send_one(w) then
+    w.req:publish()
+    return true
+  end
+  if self.backlog >= self.overflow_limit then
+    -- the ring was full and the overflow queue too: take the task back
+    w.tail = w.tail - 1
+    self:clear_slot(w, s)
+    return self:drop("overflow queue full")
+  end
+  self.backlog = self.backlog + 1
+  return true
+end
+
+function Async:clear_slot(w, s)
+  w.data[s], w.aux[s], w.onres[s], w.onerr[s] = nil, nil, nil, nil
+  local files = w.files[s]
+  if files then
+    w.files[s] = nil
+    for _, path in ipairs(files) do self.file_done(path) end
+  end
+end
+
+--- Live extracted files (filex) that a task's data or arguments name; each
+--- gets one more reference until the task finishes (see engine/streams/filex.lua).
+function Async:files_named(data, aux)
+  local out
+  for path in pairs(self.live_files) do
+    if data:find(path, 1, true) or aux:find(path, 1, true) then
+      out = out or {}
+      out[#out + 1] = path
+      self.live_files[path] = self.live_files[path] + 1
+    end
+  end
+  return out
+end
+
+function Async:drop(why)
+  local st = self.stats
+  st.dropped = st.dropped + 1
+  self.drops_unlogged = self.drops_unlogged + 1
+  local now = C.lp_now_ns()
+  if now - self.last_drop_log >= 1e9 then
+    self:log(5, ("T.async: dropped %d task(s): %s (limit %d queued tasks)"):format(
+      self.drops_unlogged, why, self.overflow_limit))
+    self.last_drop_log = now
+    self.drops_unlogged = 0
+  end
+  return false
+end
+
+-- ------------------------------------------------------------------ the API
+
+--- onexecute's function id (bytecode shipped once per worker, then by id).
+function Async:fid_of(fn)
+  local fid = self.fid_by_fn[fn]
+  if fid then return fid end
+  local ok, bc = pcall(string.dump, fn)
+  if not ok then return nil end
+  fid = self.fid_by_bc[bc]
+  if not fid then
+    fid = self.nfids + 1
+    self.nfids = fid
+    self.fid_by_bc[bc] = fid
+    self.bytecode[fid] = bc
+    local info = debug.getinfo(fn, "Su")
+    self.fname[fid] = "=" .. info.short_src .. ":" .. info.linedefined
+    self.nups[fid] = info.nups
+  end
+  self.fid_by_fn[fn] = fid
+  return fid
+end
+
+local function check_string(v, what, fname)
+  local t = type(v)
+  if t == "string" then return v end
+  if t == "number" then return tostring(v) end
+  error(("T.async:%s: %s must be a string (got %s)"):format(fname, what, t), 3)
+end
+
+function Async:make_api()
+  local self_ = self
+  local api = {}
+  local function args(a, b, c, d)      -- accept both T.async:f(...) and T.async.f(...)
+    if a == api then return b, c, d end
+    return a, b, c
+  end
+
+  function api.schedule(a, b)
+    local task = args(a, b)
+    if type(task) ~= "table" then
+      error(("T.async:schedule expects a task table {data=, onexecute=, onresult=} (got %s)"):format(type(task)), 2)
+    end
+    local data = task.data
+    local td = type(data)
+    if td == "number" then data = tostring(data)
+    elseif td ~= "string" then
+      error(("T.async:schedule: data must be a string (got %s)"):format(td), 2)
+    end
+    local fn, onres, onerr = task.onexecute, task.onresult, task.onerror
+    if type(fn) ~= "function" then error("T.async:schedule: onexecute must be a function", 2) end
+    if onres ~= nil and type(onres) ~= "function" then error("T.async:schedule: onresult must be a function", 2) end
+    if onerr ~= nil and type(onerr) ~= "function" then error("T.async:schedule: onerror must be a function", 2) end
+    local fid = self_:fid_of(fn)
+    if fid == nil then error("T.async:schedule: onexecute must be a Lua function, not a C function", 2) end
+    local aux = ""
+    if self_.nups[fid] > 0 then           -- debug.* and pcall are not compiled: only pay when needed
+      local ok, blob = pcall(upvalue_blob, fn)
+      if not ok then error("T.async:schedule: " .. blob, 2) end
+      aux = blob
+    end
+    if REQ + #data + #aux > self_.max_record then
+      error(("T.async:schedule: data of %d bytes exceeds the request ring's record limit of %d bytes "
+             .. "(raise --ring-size)"):format(#data, self_.max_record - REQ - #aux), 2)
+    end
+    local r = self_:enqueue(P.EXEC, fid, data, aux, -1, onres, onerr, nil)
+    return r
+  end
+
+  local function file_op(kind, from, to)
+    local r = self_:enqueue(kind, 0, from, to, -1, nil, nil, to)
+    return r
+  end
+
+  function api.copy(a, b, c)
+    local from, to = args(a, b, c)
+    from, to = check_string(from, "from", "copy"), check_string(to, "to", "copy")
+    return file_op(P.COPY, from, to)
+  end
+
+  function api.cat(a, b, c)
+    local from, to = args(a, b, c)
+    from, to = check_string(from, "from", "cat"), check_string(to, "to", "cat")
+    return file_op(P.CAT, from, to)
+  end
+
+  function api.rm(a, b)
+    local file = args(a, b)
+    file = check_string(file, "file", "rm")
+    local r = self_:enqueue(P.RM, 0, file, "", -1, nil, nil, file)
+    return r
+  end
+
+  function api.copybuffer(a, b, c, d)
+    local buf, file, pos = args(a, b, c, d)
+    local bytes
+    if type(buf) == "string" then bytes = buf
+    elseif type(buf) == "table" or type(buf) == "userdata" then bytes = buf:tostring()
+    else error(("T.async:copybuffer: buffer must be a Buffer or a string (got %s)"):format(type(buf)), 2) end
+    file = check_string(file, "file", "copybuffer")
+    if pos ~= nil and (type(pos) ~= "number" or pos < 0) then
+      error("T.async:copybuffer: pos must be a non-negative number", 2)
+    end
+    local r = self_:enqueue(P.COPYBUF, 0, bytes, file, pos or -1, nil, nil, file)
+    return r
+  end
+
+  function api.pending_items()
+    return self_:pending()
+  end
+
+  return api
+end
+
+-- ------------------------------------------------------------------ results
+
+function Async:pending()
+  local n = 0
+  for k = 1, self.nworkers do local w = self.workers[k]; n = n + (w.tail - w.head) end
+  return n
+end
+
+local function traceback(msg) return debug.traceback(tostring(msg), 2) end
+
+function Async:call_hook(kind, fn, data, arg)
+  local ok, err = xpcall(fn, traceback, self.engine, data, arg)
+  if not ok then
+    self.stats.onresult_errors = self.stats.onresult_errors + 1
+    self.errors:report(kind, err)
+  end
+end
+
+--- Retire the task at the head of w's FIFO with a result status.
+function Async:complete(w, status, payload)
+  local s = w.head % w.cap + 1
+  local data, onres, onerr, t0, files = w.data[s], w.onres[s], w.onerr[s], w.t0[s], w.files[s]
+  w.files[s] = nil                 -- released after the hooks below (onresult may read the file)
+  self:clear_slot(w, s)
+  w.head = w.head + 1
+  local lat = C.lp_now_ns() - t0
+  local b = lat > 1 and floor(4 * log(lat) / LOG2) or 0
+  if b >= HIST then b = HIST - 1 end
+  self.hist[b] = self.hist[b] + 1
+  local st = self.stats
+  if status == P.OK then
+    st.ok = st.ok + 1
+    if onres then self:call_hook("onresult", onres, data, payload) end
+  elseif status == P.NIL then
+    st.nil_result = st.nil_result + 1
+  elseif status == P.FILE_OK then
+    st.ok = st.ok + 1
+  else
+    if status == P.TIMEOUT then st.timeout = st.timeout + 1 else st.error = st.error + 1 end
+    local kind = status == P.FILE_ERROR and "file helper error" or "onexecute error"
+    self.errors:report(kind, payload or "?")
+    if onerr then self:call_hook("onerror", onerr, data, payload) end
+  end
+  if files then
+    for _, path in ipairs(files) do self.file_done(path) end
+  end
+end
+
+--- Pop up to `max` results from one worker; returns how many.
+function Async:poll_worker(w, max)
+  local got, r = 0, w.ret
+  while got < max do
+    local p, n = r:peek()
+    if p == nil then break end
+    local h = cast(P.resp, p)
+    local id, status, len = h.task_id, h.status, h.len
+    local payload = len > 0 and fstring(p + RES, len) or nil
+    r:advance(n)
+    got = got + 1
+    local s = w.head % w.cap + 1
+    if w.head >= w.sent or w.id[s] ~= id then
+      self:log(3, ("T.async: worker %d returned task %d out of order; expected %s"):format(
+        w.k, id, tostring(w.id[s])))
+    else
+      self:complete(w, status, payload)
+    end
+  end
+  if got > 0 then r:release() end
+  return got
+end
+
+--- Deliver ready results of every worker (at most `max` each) and move
+--- backlog into freed ring space.  Returns the number of results delivered.
+function Async:poll(max)
+  max = max or 4096
+  local total = 0
+  for k = 1, self.nworkers do
+    local w = self.workers[k]
+    if w.ret then
+      total = total + self:poll_worker(w, max)
+      if w.alive and w.sent < w.tail then self:drain(w) end
+    end
+  end
+  return total
+end
+
+--- True when some worker has a published result waiting.
+function Async:has_results()
+  for k = 1, self.nworkers do
+    local w = self.workers[k]
+    if w.ret and C.lp_load_sc(w.ret.tail_p) ~= w.ret.head_local then return true end
+  end
+  return false
+end
+
+-- ------------------------------------------------------------------ faults
+
+--- Worker k is gone (dead, killed for a timeout, recycled).  Results it
+--- published are delivered; the task it was running (cur_task) fails with
+--- `reason`; tasks it never started go back to its backlog for the next worker.
+function Async:worker_lost(k, reason, cur_task, is_timeout)
+  local w = self.workers[k]
+  self:poll_worker(w, 1e300)
+  if cur_task ~= 0 and w.head < w.sent and w.id[w.head % w.cap + 1] == cur_task then
+    self:complete(w, is_timeout and P.TIMEOUT or P.ERROR, reason)
+  end
+  local unstarted = w.sent - w.head
+  self.stats.redispatched = self.stats.redispatched + unstarted
+  self.backlog = self.backlog + unstarted
+  w.sent = w.head
+  w.defined = {}
+  w.alive = false
+  w.req:reset()
+  w.ret:reset()
+end
+
+--- A fresh worker process serves slot k.
+function Async:worker_ready(k)
+  local w = self.workers[k]
+  w.alive = true
+  self:drain(w)
+end
+
+--- Stop accepting new tasks (shutdown): later calls are counted as dropped.
+function Async:stop_accepting() self.accepting = false end
+
+--- Fail every task still pending as `timeout` (shutdown deadline passed).
+function Async:cut_off(reason)
+  for k = 1, self.nworkers do
+    local w = self.workers[k]
+    self.backlog = self.backlog - (w.tail - w.sent)
+    w.sent = w.tail
+    while w.head < w.tail do self:complete(w, P.TIMEOUT, reason) end
+  end
+end
+
+--- Counters, the accounting identity's terms, and latency percentiles (ns).
+function Async:snapshot()
+  local st = self.stats
+  local out = {}
+  for k, v in pairs(st) do out[k] = v end
+  out.pending = self:pending()
+  out.backlog = self.backlog
+  out.workers = self.nworkers
+  local total = 0
+  for i = 0, HIST - 1 do total = total + self.hist[i] end
+  local function pct(p)
+    if total == 0 then return 0 end
+    local want, acc = p * total, 0
+    for i = 0, HIST - 1 do
+      acc = acc + self.hist[i]
+      if acc >= want then return 2 ^ ((i + 1) / 4) end
+    end
+    return 2 ^ (HIST / 4)
+  end
+  out.latency_p50_ns = pct(0.5)
+  out.latency_p99_ns = pct(0.99)
+  out.latency_samples = total
+  return out
+end
+
+M.Async = Async
+return M

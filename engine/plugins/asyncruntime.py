@@ -1,0 +1,149 @@
+"""The fast path's service loop for async work: poll return rings, watch workers, drain at shutdown.
+
+One :class:`AsyncRuntime` per fast-path process owns the doorbell segment all
+its workers ring when they publish results, and the plug-in VMs whose pools
+it watches.  The packet loop calls :meth:`service` between batches; when
+there is nothing else to do it calls :meth:`wait` (no CPU while idle).
+"""
+from __future__ import annotations
+
+import time
+
+from luaprobe.shm import segment
+from luaprobe.workers.pool import AsyncConfig
+
+from luaprobe.engine.plugins.vm import PluginVM
+
+BELL_SIZE = 4096
+
+
+class AsyncRuntime:
+    """Plug-in VMs sharing one doorbell; call close() (or use as a context manager)."""
+
+    def __init__(self, config: AsyncConfig | None = None, lua_path=()):
+        self.config = config or AsyncConfig()
+        self.config.validate()
+        self.lua_path = list(lua_path)
+        segment.sweep()
+        self.bell = segment.create("bell", BELL_SIZE)
+        self.vms: list[PluginVM] = []
+        self.closed = False
+
+    def load(self, path: str, instance: str = "0", enginetype: str = "frontend", **kw) -> PluginVM:
+        """Load a plug-in (its workers start now, or on first use with start_workers="lazy")."""
+        vm = PluginVM(path, instance=instance, enginetype=enginetype, lua_path=self.lua_path,
+                      async_config=self.config, bell=self.bell, **kw)
+        self.vms.append(vm)
+        return vm
+
+    def retire(self, vm: PluginVM, deadline: float) -> None:
+        """Stop one VM's task intake and deliver its results for up to `deadline` s (the rest: timeout)."""
+        vm.stop_accepting()
+        end = time.monotonic() + deadline
+        while vm.pending() and time.monotonic() < end:
+            if not self.service():
+                self.wait(0.02)
+        vm.cut_off("reload: drain deadline passed")
+
+    def unload(self, vm: PluginVM) -> None:
+        """Drop a VM that will not run (disabled by onload, bad definition): no onunload."""
+        vm.close()
+        self.vms.remove(vm)
+
+    def service(self, max_results: int = 4096) -> int:
+        """Deliver ready results in every VM and watch the workers; returns results delivered."""
+        n = 0
+        for vm in self.vms:
+            n += vm.poll(max_results)
+            if vm.pool is not None:
+                vm.pool.check()
+        return n
+
+    def wait(self, timeout: float, extra_ready=None) -> None:
+        """Sleep until a worker publishes a result, the doorbell rings (e.g. the packet ring's
+        producer published) or ``timeout`` seconds pass.  ``extra_ready()`` is re-checked after arming."""
+        for vm in self.vms:
+            if vm.has_results():
+                return
+        if extra_ready is not None and extra_ready():
+            return
+        seq = self._arm()
+        if any(vm.has_results() for vm in self.vms) or (extra_ready is not None and extra_ready()):
+            self._disarm()
+            return
+        self._sleep(seq, timeout)
+
+    def _lib(self):
+        if not hasattr(self, "_c"):
+            import ctypes
+
+            from luaprobe.shm.luajit import lpsync_path
+            c = ctypes.CDLL(lpsync_path())
+            c.lp_bell_arm.restype = ctypes.c_uint32
+            c.lp_bell_arm.argtypes = [ctypes.c_void_p]
+            c.lp_bell_disarm.argtypes = [ctypes.c_void_p]
+            c.lp_bell_sleep.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_double]
+            self._c = c
+        return self._c
+
+    def _arm(self) -> int:
+        return self._lib().lp_bell_arm(self.bell.address)
+
+    def _disarm(self) -> None:
+        self._lib().lp_bell_disarm(self.bell.address)
+
+    def _sleep(self, seq: int, timeout: float) -> None:
+        self._lib().lp_bell_sleep(self.bell.address, seq, timeout * 1e9)
+
+    def pending(self) -> int:
+        """Tasks pending in all VMs."""
+        return sum(vm.pending() for vm in self.vms)
+
+    def run_until_idle(self, timeout: float = 30.0) -> bool:
+        """Service until no task is pending (True) or ``timeout`` passes (False)."""
+        end = time.monotonic() + timeout
+        while self.pending():
+            if time.monotonic() >= end:
+                return False
+            if not self.service():
+                self.wait(min(0.02, max(0.0, end - time.monotonic())))
+        return True
+
+    def shutdown(self, deadline: float | None = None) -> None:
+        """Stop accepting, drain up to the deadline, cut off the rest (timeout), onunload, unlink."""
+        if self.closed:
+            return
+        self.drain_and_stop(deadline)
+        self.unload_all()
+        self.close()
+
+    def drain_and_stop(self, deadline: float | None = None) -> None:
+        """Stop accepting tasks, deliver results up to the deadline, count the rest as timeout."""
+        deadline = self.config.drain_deadline if deadline is None else deadline
+        for vm in self.vms:
+            vm.stop_accepting()
+        self.run_until_idle(deadline)
+        for vm in self.vms:
+            vm.cut_off("shutdown deadline passed")
+
+    def unload_all(self) -> None:
+        """Call onunload in every VM (each at most once)."""
+        for vm in self.vms:
+            if not getattr(vm, "unloaded", False):
+                vm.unloaded = True
+                vm.call(None, "onunload")
+
+    def close(self) -> None:
+        """Stop every worker and unlink every segment (no drain)."""
+        if self.closed:
+            return
+        self.closed = True
+        for vm in self.vms:
+            vm.close()
+        self.bell.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown(0 if exc[0] else None)

@@ -1,0 +1,163 @@
+"""Plug-in discovery and probing (what Trisul's `list lua` shows).
+
+Discovery: the files and directories given on the command line, the
+``--lua-path`` directories and ``TRISUL_LUA_PATHS``; every ``*.lua`` found
+(recursively in directories) is inspected, and files that never mention
+``TrisulPlugin`` are helper modules (loaded only through ``require``).
+
+Probing loads each file once in a throw-away VM (no workers, no onload) to
+learn its script types and countergroup definitions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from luaprobe.shm import logs
+from luaprobe.engine.plugins.vm import PluginError, _text
+from luaprobe.shm.searchpath import env_dirs, plugin_dirs
+
+FRONTEND_TYPES = {"simplecounter", "countergroup", "filex_monitor", "reassembly_handler", "alertgroup",
+                  "resourcegroup", "protocol_handler", "packet_storage", "inputfilter", "messagemonitor",
+                  "flowmonitor", "channellistener"}
+BACKEND_TYPES = {"engine_monitor", "sg_monitor", "resource_monitor", "fts_monitor", "cg_monitor",
+                 "alert_monitor", "flowtracker"}
+#: types luaprobe runs today; the others are detected and reported as not supported yet
+SUPPORTED = {"simplecounter", "countergroup", "engine_monitor", "filex_monitor"}
+
+
+@dataclasses.dataclass
+class PluginInfo:
+    """What probing learned about one plug-in file."""
+
+    path: str
+    name: str = ""
+    types: list = dataclasses.field(default_factory=list)
+    countergroup: dict | None = None
+    errors: list = dataclasses.field(default_factory=list)        #: load failures (file:line text): it cannot run
+    unsupported: list = dataclasses.field(default_factory=list)   #: detected script types luaprobe does not run
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem as a line of text: the load errors, then one line per unsupported type."""
+        return self.errors + [f"{self.path}: script type '{t}' is detected but not supported yet; it will not run"
+                              for t in self.unsupported]
+
+    @property
+    def runnable_types(self) -> list:
+        """Detected types luaprobe instantiates (a file with no type gets one frontend instance)."""
+        t = [x for x in self.types if x in SUPPORTED]
+        return t or ([] if self.types else ["frontend"])
+
+
+def discover(paths, lua_path=()) -> list[str]:
+    """Plug-in files (absolute, sorted per source, de-duplicated) from paths and search dirs."""
+    out, seen = [], set()
+
+    def add(f):
+        f = os.path.abspath(f)
+        if f not in seen:
+            seen.add(f)
+            out.append(f)
+
+    for p in list(paths) + list(lua_path) + env_dirs():
+        if os.path.isdir(p):
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for name in sorted(files):
+                    f = os.path.join(root, name)
+                    if name.endswith(".lua") and _mentions_plugin(f):
+                        add(f)
+        elif p in paths:
+            if not os.path.exists(p):
+                raise PluginError(f"{p}: no such plug-in file or directory")
+            add(p)
+    return out
+
+
+def _mentions_plugin(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"TrisulPlugin" in f.read()
+    except OSError:
+        return False
+
+
+_PROBE = r"""
+return function(path, log)
+  local host_mod = require("luaprobe.engine.plugins.host")
+  local host, err = host_mod.boot({ path = path, instance = "probe", enginetype = "frontend", log = log,
+                                     print = function() end })
+  if not host then return nil, err end
+  local types = host:types()
+  local cg, problem = host:countergroup()
+  local name = type(host.plugin.id) == "table" and host.plugin.id.name or nil
+  return { types = types, countergroup = cg, problem = problem, name = name }, nil
+end
+"""
+
+
+def _to_py(x):
+    """Lua tables/strings from a probe into plain Python values."""
+    if isinstance(x, bytes):
+        return x.decode("utf-8", "replace")
+    if hasattr(x, "items"):
+        items = list(x.items())
+        if items and all(isinstance(k, int) for k, _ in items):
+            return [_to_py(v) for _, v in sorted(items)]
+        return {_to_py(k): _to_py(v) for k, v in items}
+    return x
+
+
+def probe(path: str, lua_path=()) -> PluginInfo:
+    """Load `path` once to learn its types; load errors land in .errors (file:line), unsupported types in .unsupported."""
+    from luaprobe.shm.luajit import new_runtime
+    info = PluginInfo(path=path, name=os.path.basename(path))
+    lua = new_runtime(plugin_dirs(path, lua_path))
+    try:
+        res, err = lua.execute(_PROBE)(path.encode(), logs.lua_log)
+    except Exception as e:  # noqa: BLE001 - a Lua error while probing is a plug-in problem
+        from luaprobe.engine.plugins.errors import text
+        info.errors.append(text(e))
+        return info
+    if res is None:
+        info.errors.append(_text(err))
+        return info
+    res = _to_py(res)
+    info.types = res.get("types") or []
+    info.name = res.get("name") or info.name
+    if res.get("problem"):
+        info.errors.append(f"{path}: {res['problem']}")
+    cg = res.get("countergroup")
+    if cg:
+        cg["meters"] = cg.get("meters") or []
+        info.countergroup = cg
+    info.unsupported = [t for t in info.types if t not in SUPPORTED]
+    return info
+
+
+def describe(infos) -> str:
+    """A `list lua`-style text listing of probed plug-ins."""
+    lines = []
+    for i in infos:
+        kind = ", ".join(i.types) if i.types else "(no script type: one frontend instance runs onload)"
+        lines.append(f"{i.path}\n    name: {i.name}\n    types: {kind}")
+        if i.countergroup:
+            cg = i.countergroup
+            lines.append(f"    countergroup: {cg['name']} {cg['guid']} bucket {cg['bucketsize']} s, "
+                         f"{len(cg['meters'])} meter(s)")
+        for p in i.problems:
+            lines.append(f"    problem: {p}")
+    return "\n".join(lines)
+
+
+def group_rows(infos) -> list[tuple]:
+    """counter_groups rows for the store: (guid, name, description, bucketsize, meters_json)."""
+    rows = []
+    for i in infos:
+        cg = i.countergroup
+        if cg:
+            rows.append((cg["guid"], cg["name"], cg.get("description", ""), int(cg["bucketsize"]),
+                         json.dumps(cg["meters"])))
+    return rows

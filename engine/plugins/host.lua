@@ -1,0 +1,228 @@
+--[[
+luaprobe.engine.plugins.host — boots one plug-in VM: installs T (with T.async) before the
+chunk runs, loads the plug-in file, and calls its hooks with error isolation
+(an error names file:line, is counted per hook and logged once per line).
+]]
+local tlib = require("luaprobe.engine.plugins.tlib")
+local async = require("luaprobe.engine.plugins.async")
+local errlog = require("luaprobe.engine.plugins.errlog")
+local engine_mod = require("luaprobe.engine.plugins.engine")
+local packet = require("luaprobe.engine.plugins.packet")
+local decode = require("luaprobe.engine.fastpath.decode")
+local ffi = require("ffi")
+
+local M = {}
+local Host = {}
+Host.__index = Host
+
+local function traceback(msg) return debug.traceback(tostring(msg), 2) end
+
+--- Minimal engine object until the packet path provides the real one:
+--- instanceid/id/timestamp plus a recorder for every output method.
+local function recording_engine(instance, outputs)
+  return setmetatable({
+    instanceid = function() return instance end,
+    id = function() return instance end,
+    timestamp = function() return os.time(), 0 end,
+  }, { __index = function(_, name)
+    return function(_, ...) outputs[#outputs + 1] = { name, ... } end
+  end })
+end
+
+--- Boot a VM for `opts.path`.  Returns a Host, or nil and an error message
+--- ("file:line: message") when the file cannot be loaded or run.
+function M.boot(opts)
+  local path, instance = opts.path, opts.instance or "0"
+  local function logf(level, msg) opts.log(level, path, instance, msg) end
+  tlib.install({ script = path, instance = instance, enginetype = opts.enginetype or "frontend",
+                 log = opts.log, print = opts.print })
+  tlib.wrap_print({ script = path, instance = instance, log = opts.log, print = opts.print })
+  local self = setmetatable({ path = path, instance = instance, outputs = {}, hook_errors = {},
+                              hook_calls = {} }, Host)
+  self.errors = errlog.new(logf)
+  if opts.pipeline then
+    self.engine = engine_mod.new({ instance = instance, pipeline = opts.pipeline, groups = opts.groups,
+                                   plugin = path:match("[^/]*$") })
+  else
+    self.engine = recording_engine(instance, self.outputs)
+  end
+  self.async = async.new({ script = path, log = logf, overflow_limit = opts.overflow_limit,
+                           engine = self.engine })
+  T.async = self.async.api
+  local chunk, err = loadfile(path)
+  if not chunk then return nil, err end
+  local ok, rerr = xpcall(chunk, traceback)
+  if not ok then return nil, rerr end
+  if type(TrisulPlugin) ~= "table" then return nil, path .. ": no TrisulPlugin table" end
+  self.plugin = TrisulPlugin
+  self.stop_profile = require("luaprobe.engine.plugins.jitprof").start(path:match("[^/]*$") .. "-" .. instance)
+  return self, nil
+end
+
+--- Number of async workers the plug-in asks for (request_async_workers, default 1).
+function Host:requested_workers()
+  local n = tonumber(self.plugin.request_async_workers) or 1
+  if n < 1 then n = 1 end
+  return math.floor(n)
+end
+
+--- Call TrisulPlugin[sub][name](...) (or TrisulPlugin[name] when sub is nil).
+--- Returns ok, result.  Errors are counted per hook and logged.
+function Host:call(sub, name, ...)
+  local t = sub and self.plugin[sub] or self.plugin
+  local fn = t and t[name]
+  if type(fn) ~= "function" then return true, nil end
+  local key = sub and (sub .. "." .. name) or name
+  self.hook_calls[key] = (self.hook_calls[key] or 0) + 1
+  local ok, res = xpcall(fn, traceback, ...)
+  if not ok then
+    self.hook_errors[key] = (self.hook_errors[key] or 0) + 1
+    self.errors:report(key .. " error", res)
+  end
+  return ok, res
+end
+
+-- ------------------------------------------------------------------ script types
+
+M.FRONTEND = { simplecounter = true, countergroup = true, filex_monitor = true, reassembly_handler = true,
+               alertgroup = true, resourcegroup = true, protocol_handler = true, packet_storage = true,
+               inputfilter = true, messagemonitor = true, flowmonitor = true, channellistener = true }
+M.BACKEND = { engine_monitor = true, sg_monitor = true, resource_monitor = true, fts_monitor = true,
+              cg_monitor = true, alert_monitor = true, flowtracker = true }
+
+--- The script-type keys present in TrisulPlugin (sorted).
+function Host:types()
+  local out = {}
+  for k, v in pairs(self.plugin) do
+    if type(v) == "table" and (M.FRONTEND[k] or M.BACKEND[k]) then out[#out + 1] = k end
+  end
+  table.sort(out)
+  return out
+end
+
+local function meter_row(row)
+  -- 7 fields {id, vartype, topN, bottomN, name, description, units} or 6 without bottomN
+  if type(row[4]) == "number" then
+    return { id = row[1], vartype = row[2], topn = row[3], bottomn = row[4], name = row[5],
+             description = row[6], units = row[7] }
+  end
+  return { id = row[1], vartype = row[2], topn = row[3], bottomn = 0, name = row[4], description = row[5],
+           units = row[6] }
+end
+
+--- The countergroup definition, normalised, or nil and a problem description.
+function Host:countergroup()
+  local cg = self.plugin.countergroup
+  if type(cg) ~= "table" then return nil end
+  local c = cg.control
+  if type(c) ~= "table" or type(c.guid) ~= "string" then
+    return nil, "countergroup.control.guid is missing"
+  end
+  local meters = {}
+  for i, row in ipairs(cg.meters or {}) do
+    if type(row) ~= "table" then return nil, ("countergroup.meters[%d] is not a table"):format(i) end
+    meters[#meters + 1] = meter_row(row)
+  end
+  return { guid = engine_mod.norm(c.guid), name = tostring(c.name or c.guid), description = tostring(c.description or ""),
+           bucketsize = tonumber(c.bucketsize) or 60, meters = meters }
+end
+
+--- Prepare the simplecounter hook; returns nil or a problem description.
+function Host:setup_simplecounter()
+  local sc = self.plugin.simplecounter
+  local guid = sc.protocol_guid
+  if type(guid) ~= "string" then return "simplecounter.protocol_guid is missing" end
+  self.sc_proto = decode.by_guid(guid)
+  if self.sc_proto == nil then
+    return ("simplecounter.protocol_guid %s is not a protocol luaprobe decodes"):format(guid)
+  end
+  if type(sc.onpacket) ~= "function" then return "simplecounter.onpacket is not a function" end
+  self.sc_fn = sc.onpacket
+  self.pkt_obj = packet.new_packet()
+  self.layer_obj = packet.new_layer()
+  return nil
+end
+
+--- Run simplecounter.onpacket for every packet of the batch at `addr` that
+--- has the plug-in's protocol.  Returns the number of hook calls.  One
+--- xpcall covers the whole batch: after an error the walk resumes at the
+--- next packet, so error isolation costs nothing per packet.
+function Host:run_batch(addr, n)
+  local batch = ffi.cast(packet.pktp, addr)
+  local proto, fn, eng = self.sc_proto, self.sc_fn, self.engine
+  local pobj, lobj = self.pkt_obj, self.layer_obj
+  local find, bind_packet, bind_layer, flowkey = decode.find, packet.bind_packet, packet.bind_layer, decode.flowkey
+  local calls, errors, i = 0, 0, 0
+  local function walk()
+    while i < n do
+      local k = i
+      local p = batch[k]
+      i = k + 1
+      eng:set_packet(batch, k)
+      if eng.nflow_counters > 0 and p.flow >= 0 then eng:apply_flow_counters(flowkey(p.d), p.dir) end
+      local li = find(p.d, proto)
+      if li >= 0 then
+        bind_layer(lobj, bind_packet(pobj, batch, k), li)
+        calls = calls + 1
+        fn(eng, lobj)
+      end
+    end
+  end
+  while i < n do
+    local ok, err = xpcall(walk, traceback)
+    if not ok then
+      errors = errors + 1
+      self.errors:report("simplecounter.onpacket error", err)
+    end
+  end
+  local hc, he = self.hook_calls, self.hook_errors
+  hc["simplecounter.onpacket"] = (hc["simplecounter.onpacket"] or 0) + calls
+  if errors > 0 then he["simplecounter.onpacket"] = (he["simplecounter.onpacket"] or 0) + errors end
+  return calls
+end
+
+--- Prepare the filex_monitor type (opts: dir, chunk_size, dir_cap, idle_timeout).
+function Host:setup_filex(opts)
+  self.filex = require("luaprobe.engine.streams.filex").new(self, opts)
+  return nil
+end
+
+--- Feed a batch to filex_monitor (reassembly, HTTP, hooks); errors are isolated per hook.
+function Host:run_filex_batch(addr, n)
+  self.filex:run_batch(ffi.cast(packet.pktp, addr), n)
+  return n
+end
+
+--- End of input for filex: close every flow; returns the filex counters.
+function Host:filex_finish()
+  self.filex:finish()
+  local out = {}
+  for k, v in pairs(self.filex.stats) do out[k] = v end
+  for k, v in pairs(self.filex.R.stats) do out["tcp_" .. k] = v end
+  return out
+end
+
+--- Deliver a message posted by some VM: broadcast (msgid "") or to subscribers.
+function Host:deliver_message(msgid, msg)
+  local fn = self.plugin.onmessage
+  if type(fn) ~= "function" then return end
+  if msgid ~= "" then
+    local ok = false
+    for _, g in ipairs(self.plugin.message_subscriptions or {}) do
+      if engine_mod.norm(g) == msgid then ok = true; break end
+    end
+    if not ok then return end
+  end
+  self:call(nil, "onmessage", msgid, msg)
+end
+
+--- Hook call and error counts as plain tables.
+function Host:hook_stats() return self.hook_calls, self.hook_errors end
+
+--- Run a Lua string inside this VM (tests and tools).
+function Host:exec(code)
+  local f = assert(loadstring(code, "=exec"))
+  return f()
+end
+
+return M

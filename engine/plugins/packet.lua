@@ -1,0 +1,201 @@
+--[[
+luaprobe.engine.plugins.packet — the packet record in the packet ring, the decoded batch
+the fast path hands to every plug-in VM, and the Layer / Packet / FlowID
+objects scripts see (reference §6.2, §6.3, §6.5).
+
+Packet ring record: lp_pktrec header, then caplen bytes of frame.
+    kind PKT   a packet
+    kind EOF   end of one input file (payload: file name)
+    kind ERROR input error (payload: "offset\tmessage"; ts_sec unused)
+    kind END   end of all input
+    kind STATS live capture counters (payload: "seen\tring_drops\tkernel_drops\t...",
+               see engine/capture/afpacket.lua)
+
+Batch: an array of lp_pkt in the fast-path driver's memory.  Each entry
+points at its frame inside the packet ring (zero copy: the ring space is
+released only after every VM has processed the batch) and holds the decoded
+layer offsets, computed once per packet.  Plug-in VMs cast the batch address
+and walk it in Lua; the objects below are views on an entry, rebound for
+each hook call rather than allocated.
+]]
+local ffi = require("ffi")
+local bit = require("bit")
+local decode = require("luaprobe.engine.fastpath.decode")
+local buffer = require("luaprobe.engine.plugins.buffer")
+
+if not pcall(ffi.typeof, "lp_pktrec") then
+  ffi.cdef[[
+typedef struct { uint32_t kind, ts_sec, ts_nsec, wirelen, caplen, linktype, ifindex, pad; } lp_pktrec;
+typedef struct {
+  const uint8_t *data;
+  uint32_t ts_sec, ts_nsec, wirelen, caplen, linktype, ifindex;
+  int32_t flow, dir;
+  double flow_uid;     /* the flow record's unique id (flowtable entry id), 0 for non-IP */
+  lp_decoded d;
+} lp_pkt;
+]]
+end
+
+local M = {
+  PKT = 0, EOF = 1, ERROR = 2, END = 3, STATS = 4,
+  REC_SIZE = ffi.sizeof("lp_pktrec"),
+  recp = ffi.typeof("lp_pktrec *"),
+  pktp = ffi.typeof("lp_pkt *"),
+  BATCH = 1024,
+}
+
+local find, flowkey, flow_parts = decode.find, decode.flowkey, decode.flow_parts
+local GUID = decode.GUID
+local band, rshift = bit.band, bit.rshift
+local fstring = ffi.string
+
+--- A new batch array (keep the returned cdata alive while its address is used).
+function M.new_batch(n) return ffi.new("lp_pkt[?]", n or M.BATCH) end
+
+-- ---------------------------------------------------------------- FlowID
+
+local FlowID = {}
+FlowID.__index = FlowID
+
+local function parts(self)
+  if not self._proto then
+    local proto, t, ipa, pa, ipz, pz = self._id:match("^(%x%x)(%u):([%x.]+):(p%-%x+)_([%x.]+):(p%-%x+)")
+    self._proto, self._type, self._ipa, self._porta, self._ipz, self._portz = proto, t, ipa, pa, ipz, pz
+  end
+end
+
+function FlowID:id() return self._id end
+FlowID.key = FlowID.id
+function FlowID:protocol() parts(self); return self._proto end
+function FlowID:ipa() parts(self); return self._ipa end
+function FlowID:ipz() parts(self); return self._ipz end
+function FlowID:porta() parts(self); return self._porta end
+function FlowID:portz() parts(self); return self._portz end
+function FlowID:flow_type() parts(self); return self._type end
+
+local function readable_ip(k)
+  if #k == 11 then
+    return ("%d.%d.%d.%d"):format(tonumber(k:sub(1, 2), 16), tonumber(k:sub(4, 5), 16),
+      tonumber(k:sub(7, 8), 16), tonumber(k:sub(10, 11), 16))
+  end
+  local g = {}
+  for i = 1, 32, 4 do g[#g + 1] = ("%x"):format(tonumber(k:sub(i, i + 3), 16)) end
+  return table.concat(g, ":")
+end
+
+local function readable_port(k) return tostring(tonumber(k:sub(3), 16)) end
+
+function FlowID:ipa_readable() return readable_ip(self:ipa()) end
+function FlowID:ipz_readable() return readable_ip(self:ipz()) end
+function FlowID:porta_readable() return readable_port(self:porta()) end
+function FlowID:portz_readable() return readable_port(self:portz()) end
+function FlowID:netflow_router() return "00.00.00.00" end
+function FlowID:netflow_router_readable() return "0.0.0.0" end
+function FlowID:netflow_ifindex_in() return 0 end
+function FlowID:netflow_ifindex_out() return 0 end
+FlowID.netflow_ifindex_in_readable = FlowID.netflow_ifindex_in
+FlowID.netflow_ifindex_out_readable = FlowID.netflow_ifindex_out
+function FlowID:to_s()
+  return ("%-3s %-40s %-7s %-40s %-7s"):format(self:protocol(), self:ipa_readable(), self:porta_readable(),
+    self:ipz_readable(), self:portz_readable())
+end
+FlowID.__tostring = FlowID.id
+
+--- A FlowID for a flow-id string (a plain value object: scripts may keep it).
+function M.flowid_from_key(key) return setmetatable({ _id = key }, FlowID) end
+
+--- A FlowID for a decoded packet (the key string is computed now).
+function M.flowid(d) return M.flowid_from_key(flowkey(d)) end
+
+-- ---------------------------------------------------------------- Packet / Layer
+
+local Packet = {}
+Packet.__index = Packet
+local Layer = {}
+Layer.__index = Layer
+
+--- Bind the reusable packet object of a VM to entry i of batch b.  Objects
+--- keep (batch pointer, index), never a per-packet pointer: storing a fresh
+--- cdata pointer in a table would allocate for every packet.
+function M.bind_packet(obj, b, i)
+  obj._b, obj._i = b, i
+  obj._flowid = nil
+  return obj
+end
+
+local function P(self) return self._b[self._i] end
+M.entry = P
+
+function M.new_packet() return setmetatable({}, Packet) end
+
+function Packet:timestamp()
+  local p = P(self)
+  return p.ts_sec, math.floor(p.ts_nsec / 1000)
+end
+function Packet:wire_length() return P(self).wirelen end
+function Packet:capture_length() return P(self).caplen end
+function Packet:rawbytes()
+  local p = P(self)
+  return buffer.new(p.data, p.caplen)
+end
+function Packet:num_layers() return P(self).d.nlayers end
+function Packet:get_layer(i)
+  if i < 0 or i >= P(self).d.nlayers then return nil end
+  return M.layer(self, i)
+end
+function Packet:find_layer(guid)
+  local proto = type(guid) == "string" and decode.by_guid(guid) or nil
+  if proto == nil then return nil end
+  local i = find(P(self).d, proto)
+  if i < 0 then return nil end
+  return M.layer(self, i)
+end
+function Packet:flowid()
+  if not self._flowid then self._flowid = M.flowid(P(self).d) end
+  return self._flowid
+end
+function Packet:originid() return P(self).ifindex end
+function Packet:set_packetstore_policy() end
+function Packet:set_timestamp(sec, usec)
+  P(self).ts_sec = sec
+  P(self).ts_nsec = (usec or 0) * 1000
+end
+
+--- A Layer object for layer i of a bound packet object.
+function M.layer(packet, i)
+  return setmetatable({ _packet = packet, _i = i }, Layer)
+end
+
+--- Rebind a reusable Layer to (packet object, layer index).
+function M.bind_layer(layer, packet, i)
+  layer._packet, layer._i = packet, i
+  return layer
+end
+
+function M.new_layer() return setmetatable({}, Layer) end
+
+local function L(self) return P(self._packet).d.layer[self._i] end
+
+function Layer:layer_bytes() return L(self).length end
+function Layer:protocol_id() return GUID[L(self).proto] end
+function Layer:total_bytes() return P(self._packet).wirelen end
+function Layer:packet() return self._packet end
+function Layer:rawbytes()
+  local p, off = P(self._packet), L(self).offset
+  return buffer.new(p.data + off, p.caplen - off)
+end
+function Layer:getbyte(off)
+  local p, start = P(self._packet), L(self).offset
+  if off < 0 or start + off >= p.caplen then error(("Layer:getbyte(%d): out of range"):format(off), 2) end
+  return p.data[start + off]
+end
+function Layer:testbit(n)
+  local p, start = P(self._packet), L(self).offset
+  local byte = math.floor(n / 8)
+  if n < 0 or start + byte >= p.caplen then return false end
+  return band(p.data[start + byte], rshift(0x80, n % 8)) ~= 0
+end
+function Layer:flowkey() return flowkey(P(self._packet).d) end
+
+M.Packet, M.Layer, M.FlowID = Packet, Layer, FlowID
+return M

@@ -1,0 +1,113 @@
+"""One plug-in instance in its own LuaJIT VM, with its T.async worker pool."""
+from __future__ import annotations
+
+import os
+
+from luaprobe.shm.luajit import new_runtime, table
+from luaprobe.workers.pool import AsyncConfig, WorkerPool
+
+from luaprobe.shm import logs
+from luaprobe.shm.searchpath import plugin_dirs
+
+
+class PluginError(Exception):
+    """A plug-in that cannot be loaded; the message names file:line."""
+
+
+def _text(x) -> str:
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+class PluginVM:
+    """Load ``path`` into a fresh VM (T and T.async ready before the chunk runs) and start its workers."""
+
+    def __init__(self, path: str, *, instance: str = "0", enginetype: str = "frontend", lua_path=(),
+                 async_config: AsyncConfig | None = None, bell=None, start_workers: bool | str = True,
+                 pipeline: str | None = None, groups: dict | None = None):
+        self.path = os.path.abspath(path)
+        self.instance = instance
+        self.lua_path = list(lua_path)
+        self.config = async_config or AsyncConfig()
+        self.lua = new_runtime(plugin_dirs(self.path, self.lua_path))
+        boot = self.lua.eval("function(o) return require('luaprobe.engine.plugins.host').boot(o) end")
+        host, err = boot(table(self.lua, {
+            "path": self.path, "instance": instance, "enginetype": enginetype,
+            "log": logs.lua_log, "print": logs.lua_print, "overflow_limit": self.config.overflow_limit,
+            "pipeline": pipeline, "groups": self._groups_table(groups) if pipeline else None,
+        }))
+        if host is None:
+            raise PluginError(_text(err))
+        self.host = host
+        self.async_obj = host[b'async']
+        self.pool = None
+        self.nworkers = self.config.workers or int(host.requested_workers(host))
+        self._poll = self.lua.eval("function(a, n) return a:poll(n) end")
+        self._has = self.lua.eval("function(a) return a:has_results() end")
+        self._pending = self.lua.eval("function(a) return a:pending() end")
+        self._call = self.lua.eval("function(h, sub, name, ...) return h:call(sub, name, ...) end")
+        self._bell = bell
+        if start_workers == "lazy":
+            self.lua.eval("function(a, f) a:set_starter(f) end")(self.async_obj, self.start_workers)
+        elif start_workers:
+            self.start_workers()
+
+    def start_workers(self) -> None:
+        """Start this VM's worker pool (called at load, or on the first task when lazy)."""
+        if self.pool is None:
+            self.pool = WorkerPool(self.lua, self.async_obj, nworkers=self.nworkers, script=self.path,
+                                   lua_path=self.lua_path, bell=self._bell, config=self.config).start()
+
+    def _groups_table(self, groups):
+        """{GUID: {bucketsize, vartypes}} as a Lua table for the engine object."""
+        out = self.lua.table()
+        for guid, g in (groups or {}).items():
+            vt = self.lua.table_from({int(m["id"]): int(m["vartype"]) for m in g["meters"]})
+            out[guid.upper().encode()] = table(self.lua, {"bucketsize": g["bucketsize"], "vartypes": vt})
+        return out
+
+    def call(self, sub: str | None, name: str, *args):
+        """Call a hook with error isolation; returns (ok, result)."""
+        # hook names as Lua strings: a Python str reaches Lua as userdata and never matches a key
+        sub = sub.encode() if isinstance(sub, str) else sub
+        name = name.encode() if isinstance(name, str) else name
+        return self._call(self.host, sub, name, *args)
+
+    def exec(self, code: str):
+        """Run Lua code in this VM (tests, tools)."""
+        return self.lua.eval("function(h, c) return h:exec(c) end")(self.host, code.encode())
+
+    def poll(self, max_results: int = 4096) -> int:
+        """Deliver ready async results (onresult runs here); returns how many."""
+        return int(self._poll(self.async_obj, max_results))
+
+    def has_results(self) -> bool:
+        """True if a worker has published a result not yet delivered."""
+        return bool(self._has(self.async_obj))
+
+    def async_stats(self) -> dict:
+        """The accounting counters (scheduled, ok, nil_result, error, timeout, dropped, pending, ...)."""
+        snap = self.lua.eval("function(a) return a:snapshot() end")(self.async_obj)
+        out = {_text(k): v for k, v in snap.items()}
+        pool = self.pool
+        out["worker_deaths"] = pool.deaths if pool else 0
+        out["worker_recycles"] = pool.recycles if pool else 0
+        out["worker_timeouts"] = pool.timeouts if pool else 0
+        return out
+
+    def pending(self) -> int:
+        """Tasks scheduled and not finished."""
+        return int(self._pending(self.async_obj))
+
+    def stop_accepting(self) -> None:
+        """Refuse new tasks from now on (they count as dropped)."""
+        self.lua.eval("function(a) a:stop_accepting() end")(self.async_obj)
+
+    def cut_off(self, reason: str) -> None:
+        """Fail every pending task as timeout with ``reason``."""
+        self.lua.eval("function(a, r) a:cut_off(r) end")(self.async_obj, reason.encode())
+
+    def close(self) -> None:
+        """Stop the workers and unlink their channels (no drain: see EngineRuntime.shutdown)."""
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None

@@ -1,0 +1,1 @@
+"""engine/store: see docs/architecture.md."""

@@ -1,0 +1,165 @@
+"""`luaprobe query`: read the output database of a run.
+
+    luaprobe query alerts|resources|counters|flows|keyinfo|groups|run
+                   [--db PATH | --out DIR] [--json] [--group G] [--key K] [--meter M] [--limit N]
+
+Text output is an aligned table (long cells are shortened; use --json for full values); --json prints
+one JSON object per line.  Exit codes: 0 ok, 2 usage error, 3 database missing or unreadable.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+
+from luaprobe.engine.store.writer import DB_NAME, Store, StoreError, db_path
+
+from luaprobe.shm.exits import EXIT_INPUT, EXIT_OK, EXIT_USAGE
+WHAT = ("alerts", "resources", "counters", "flows", "keyinfo", "groups", "run")
+MAX_CELL = 60
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def iso(sec, usec=None) -> str:
+    """ISO-8601 UTC time of an epoch value (``usec`` adds microseconds)."""
+    if sec is None:
+        return ""
+    try:
+        t = _dt.datetime.fromtimestamp(float(sec), tz=_dt.timezone.utc)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(sec)
+    if usec:
+        t = t.replace(microsecond=int(usec) % 1_000_000)
+    elif float(sec) == int(float(sec)):
+        return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    s = str(v).translate(_CONTROL)
+    return s if len(s) <= MAX_CELL else s[:MAX_CELL - 3] + "..."
+
+
+def table(headers: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+    """An aligned text table: header, dashes, rows (numeric columns right-aligned)."""
+    cells = [[_cell(v) for v in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if i in numeric else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(vals, widths))).rstrip()
+    out = [line(headers), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def _with_name(name, guid) -> str:
+    return f"{name} {guid}" if name else (guid or "")
+
+
+def render(what: str, rows, store: Store) -> tuple[list[str], list[list], set[int]]:
+    """Headers, display rows and numeric column indexes for one query kind."""
+    if what == "counters":
+        return (["group", "bucket (UTC)", "key", "meter", "value"],
+                [[r["group_name"] or r["group_guid"], iso(r["bucket_ts"]),
+                  f"{r['key']} ({r['label']})" if r["label"] else r["key"],
+                  f"{r['meter']} {r['meter_name']}" if r["meter_name"] else r["meter"], r["value"]] for r in rows],
+                {4})
+    if what == "keyinfo":
+        return (["group", "key", "label", "description"],
+                [[r["group_name"] or r["group_guid"], r["key"], r["label"], r["description"]] for r in rows], set())
+    if what == "alerts":
+        return (["time (UTC)", "alert group", "priority", "sigid", "classification", "flowkey", "message", "status",
+                 "plugin"],
+                [[iso(r["ts_sec"], r["ts_usec"]), r["alert_guid"], r["priority"], r["sigid"], r["classification"],
+                  r["flowkey"], r["message"], r["status"], r["plugin"]] for r in rows], {2})
+    if what == "resources":
+        return (["time (UTC)", "resource group", "flowkey", "uri", "contents", "plugin"],
+                [[iso(r["ts_sec"], r["ts_usec"]), r["resource_guid"], r["flowkey"], r["uri"], r["contents"],
+                  r["plugin"]] for r in rows], set())
+    if what == "flows":
+        return (["flowkey", "proto", "A", "Z", "first (UTC)", "last (UTC)", "pkts a>z", "pkts z>a", "bytes a>z",
+                 "bytes z>a", "state", "tags"],
+                [[r["flowkey"], r["proto"], f"{r['ipa']}:{r['porta']}", f"{r['ipz']}:{r['portz']}", iso(r["first_ts"]),
+                  iso(r["last_ts"]), r["packets_az"], r["packets_za"], r["bytes_az"], r["bytes_za"], r["state"],
+                  r["tags"]] for r in rows], {6, 7, 8, 9})
+    if what == "groups":
+        return (["guid", "name", "bucketsize", "meters", "description"],
+                [[r["guid"], r["name"], r["bucketsize"],
+                  ", ".join(f"{m.get('id')}:{m.get('name')}" for m in r["meters"] if isinstance(m, dict)),
+                  r["description"]] for r in rows], {2})
+    if what == "run":
+        return (["key", "value"], [[r["key"], json.dumps(r["value"])] for r in rows], set())
+    raise ValueError(what)
+
+
+def fetch(store: Store, a) -> list[dict]:
+    """Rows for the requested kind with the filters applied."""
+    if a.what == "counters":
+        return store.counters(group=a.group, key=a.key, meter=a.meter, limit=a.limit)
+    if a.what == "keyinfo":
+        return store.key_info(group=a.group, key=a.key, limit=a.limit)
+    if a.what == "alerts":
+        return store.alerts(guid=a.group, flowkey=a.key, limit=a.limit)
+    if a.what == "resources":
+        return store.resources(guid=a.group, flowkey=a.key, limit=a.limit)
+    if a.what == "flows":
+        return store.flows(flowkey=a.key, limit=a.limit)
+    if a.what == "groups":
+        rows = store.counter_groups()
+        for r in rows:
+            r.pop("meters_json", None)
+        return rows[:a.limit] if a.limit is not None else rows
+    rows = [{"key": k, "value": v} for k, v in store.run_info().items()]
+    return rows[:a.limit] if a.limit is not None else rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="luaprobe query", description="Query the output database of a luaprobe run.")
+    p.add_argument("what", choices=WHAT, help="what to list")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--db", metavar="PATH", help="database file")
+    src.add_argument("--out", metavar="DIR", default=".", help=f"output directory holding {DB_NAME} (default .)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--group", metavar="G", help="group name or GUID (counters, keyinfo, alerts, resources)")
+    p.add_argument("--key", metavar="K", help="key or its label (counters, keyinfo); flowkey (alerts, resources, flows)")
+    p.add_argument("--meter", metavar="M", help="meter id or name (counters)")
+    p.add_argument("--limit", metavar="N", type=int, help="at most N rows")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point (`luaprobe query ...`); returns the exit code."""
+    a = build_parser().parse_args(argv)
+    if a.limit is not None and a.limit < 0:
+        print("luaprobe query: --limit must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    path = a.db if a.db else db_path(a.out)
+    try:
+        with Store(path) as store:
+            rows = fetch(store, a)
+            if a.json:
+                text = "\n".join(json.dumps(r, ensure_ascii=False, default=str) for r in rows)
+            else:
+                headers, cells, numeric = render(a.what, rows, store)
+                text = table(headers, cells, numeric) + f"\n({len(rows)} row{'s' if len(rows) != 1 else ''})"
+    except StoreError as e:  # includes StoreNotFound
+        print(f"luaprobe query: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    try:
+        if text:
+            sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `luaprobe query ... | head`: quiet, and no error at interpreter exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

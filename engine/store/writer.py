@@ -1,0 +1,947 @@
+"""The SQLite output database ``<outdir>/luaprobe.sqlite`` (schema: docs/schema.md).
+
+Write side: :class:`StoreWriter` keeps SQLite off the packet hot path.  ``write(kind, rows)`` only
+appends to an in-memory batch; a full batch is msgpack-encoded and written to a **non-blocking** pipe
+whose unsent tail stays in a backlog (the caller blocks only when the backlog passes
+``max_backlog_bytes``, i.e. when the writer cannot keep up at all).  The SQLite work happens in a
+separate process (``python -m luaprobe.engine.store.writer --serve PATH``) that applies batches inside transactions
+and commits when its input goes idle, every ``COMMIT_ROWS`` rows or every ``COMMIT_SECS`` seconds.
+
+Wire protocol (parent -> writer, a stream of msgpack arrays on the writer's stdin):
+    ["w", kind, rows]    rows of one kind
+    ["s", seq]           commit, then answer ["ack", seq, error_or_None]
+    ["c"]                commit, close the database, answer ["done", report], exit
+Writer -> parent (stdout): ["ready"] | ["fatal", message] | ["ack", seq, error] | ["done", report].
+
+The writer never exits silently with data in flight: bad rows are counted and reported, a fatal
+SQLite error (disk full, read-only, I/O) stops writing and is reported, and ``close()`` raises
+:class:`StoreError` for either.  The writer exits when its stdin reaches EOF (the parent closed it
+or died) or when its parent pid changes (the pipe may survive in a forked sibling); SIGINT is
+ignored (a terminal Ctrl-C is the supervisor's to handle) and SIGTERM commits and exits.
+
+Read side: :class:`Store` opens the database read-only (works while a run is still writing, WAL).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.parse
+
+import msgpack
+
+DB_NAME = "luaprobe.sqlite"
+SCHEMA_VERSION = 1
+
+COMMIT_ROWS = 200_000      # writer: commit at least this often (rows)
+COMMIT_SECS = 1.0          # writer: ... and this often (seconds of continuous input)
+IDLE_COMMIT_SECS = 0.05    # writer: commit when the input is idle this long
+MAX_ERRORS_KEPT = 20       # writer: bad-row messages kept for the report
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT
+);
+CREATE TABLE IF NOT EXISTS counter_groups (
+    guid        TEXT PRIMARY KEY,
+    name        TEXT,
+    description TEXT,
+    bucketsize  INTEGER,
+    meters_json TEXT
+);
+CREATE INDEX IF NOT EXISTS counter_groups_name ON counter_groups (name COLLATE NOCASE);
+CREATE TABLE IF NOT EXISTS counters (
+    group_guid TEXT    NOT NULL,
+    bucket_ts  INTEGER NOT NULL,
+    key        TEXT    NOT NULL,
+    meter      INTEGER NOT NULL,
+    value      NUMERIC NOT NULL,
+    PRIMARY KEY (group_guid, bucket_ts, key, meter)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS key_info (
+    group_guid  TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    label       TEXT,
+    description TEXT,
+    PRIMARY KEY (group_guid, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alerts (
+    id             INTEGER PRIMARY KEY,
+    ts_sec         INTEGER,
+    ts_usec        INTEGER,
+    alert_guid     TEXT NOT NULL,
+    flowkey        TEXT,
+    sigid          TEXT,
+    classification TEXT,
+    priority       INTEGER,
+    message        TEXT,
+    status         TEXT,
+    plugin         TEXT
+);
+CREATE INDEX IF NOT EXISTS alerts_guid_ts ON alerts (alert_guid, ts_sec, ts_usec);
+CREATE TABLE IF NOT EXISTS resources (
+    id            INTEGER PRIMARY KEY,
+    ts_sec        INTEGER,
+    ts_usec       INTEGER,
+    resource_guid TEXT NOT NULL,
+    flowkey       TEXT,
+    uri           TEXT,
+    contents,
+    plugin        TEXT
+);
+CREATE INDEX IF NOT EXISTS resources_guid_ts ON resources (resource_guid, ts_sec, ts_usec);
+CREATE TABLE IF NOT EXISTS flows (
+    flowkey    TEXT NOT NULL,
+    proto      INTEGER,
+    ipa        TEXT,
+    porta      INTEGER,
+    ipz        TEXT,
+    portz      INTEGER,
+    first_ts   REAL NOT NULL,
+    last_ts    REAL,
+    packets_az INTEGER,
+    packets_za INTEGER,
+    bytes_az   INTEGER,
+    bytes_za   INTEGER,
+    state      TEXT,
+    tags       TEXT,
+    PRIMARY KEY (flowkey, first_ts)
+);
+CREATE TABLE IF NOT EXISTS run (
+    key   TEXT PRIMARY KEY,
+    value TEXT
+);
+"""
+
+# kind -> (number of columns, INSERT statement).  GUIDs are upper-cased by SQLite's upper().
+_SQL = {
+    "counters": (5, "INSERT INTO counters (group_guid, bucket_ts, key, meter, value) "
+                    "VALUES (upper(?), ?, ?, ?, ?) "
+                    "ON CONFLICT (group_guid, bucket_ts, key, meter) DO UPDATE SET value = value + excluded.value"),
+    "counter_groups": (5, "INSERT INTO counter_groups (guid, name, description, bucketsize, meters_json) "
+                          "VALUES (upper(?), ?, ?, ?, ?) ON CONFLICT (guid) DO UPDATE SET "
+                          "name = excluded.name, description = excluded.description, "
+                          "bucketsize = excluded.bucketsize, meters_json = excluded.meters_json"),
+    "key_info": (4, "INSERT INTO key_info (group_guid, key, label, description) VALUES (upper(?), ?, ?, ?) "
+                    "ON CONFLICT (group_guid, key) DO UPDATE SET label = excluded.label, "
+                    "description = excluded.description"),
+    "alerts": (10, "INSERT INTO alerts (ts_sec, ts_usec, alert_guid, flowkey, sigid, classification, priority, "
+                   "message, status, plugin) VALUES (?, ?, upper(?), ?, ?, ?, ?, ?, ?, ?)"),
+    "resources": (7, "INSERT INTO resources (ts_sec, ts_usec, resource_guid, flowkey, uri, contents, plugin) "
+                     "VALUES (?, ?, upper(?), ?, ?, ?, ?)"),
+    "flows": (14, "INSERT INTO flows (flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, "
+                  "packets_za, bytes_az, bytes_za, state, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                  "ON CONFLICT (flowkey, first_ts) DO UPDATE SET proto = excluded.proto, ipa = excluded.ipa, "
+                  "porta = excluded.porta, ipz = excluded.ipz, portz = excluded.portz, last_ts = excluded.last_ts, "
+                  "packets_az = excluded.packets_az, packets_za = excluded.packets_za, "
+                  "bytes_az = excluded.bytes_az, bytes_za = excluded.bytes_za, state = excluded.state, "
+                  "tags = excluded.tags"),
+    "run": (2, "INSERT INTO run (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
+}
+KINDS = tuple(_SQL)
+# Columns that may hold binary data (kept as BLOB when not valid UTF-8); others are decoded.
+_BLOB_OK = {"resources": {5}}
+# JSON text columns: other values are JSON-encoded by the writer (e.g. a meters list given as a list).
+_JSON_COL = {"counter_groups": 4, "run": 1}
+# Default batch sizes (rows) before a batch is shipped; big-row kinds ship sooner.
+_BATCH = {"resources": 256, "alerts": 1024, "flows": 1024}
+
+# Well-known counter groups (docs/trisul-lua-api.md §10): name resolution when no script declared them.
+WELL_KNOWN_GROUPS = {
+    "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}": "Hosts",
+    "{393B5EBC-AB41-4387-8F31-8077DB917336}": "Aggregates",
+    "{C51B48D4-7876-479E-B0D9-BD9EFF03CE2E}": "Apps",
+    "{4B09BD22-3B99-40FC-8215-94A430EA0A35}": "Mac",
+    "{E89BCD56-30AD-40F5-B1C8-8B7683F440BD}": "NetworkLayerStats",
+    "{429B65AD-CDA4-452E-A852-24D8A3D0FBB3}": "Subnets",
+    "{2314BB8E-2BCC-4B86-8AA2-677E5554C0FE}": "FlowGens",
+    "{C0B04CA7-95FA-44EF-8475-3835F3314761}": "FlowIntfs",
+    "{D2AAD7C6-E129-4366-A2AD-A8CB9AA4C2F4}": "HTTP Hosts",
+    "{C0C9757F-2005-4CC5-BB96-D72F607E6188}": "HTTP Content Types",
+    "{6CD742B1-C1CA-4708-BE78-0FCA2EB01A86}": "HostsIPv6",
+}
+WELL_KNOWN_ALERT_GROUPS = {
+    "{9AFD8C08-07EB-47E0-BF05-28B4A7AE8DC9}": "IDS",
+    "{5E97C3A3-41DB-4E34-92C3-87C904FAB83E}": "Blacklist",
+    "{03AC6B72-FDB7-44C0-9B8C-7A1975C1C5BA}": "Threshold Crossing",
+    "{18CE5961-38FF-4AEA-BAF8-2019F3A09063}": "Flow Tracker",
+    "{F69C2462-ECEA-45B8-B1CB-F90342D37A4F}": "System",
+    "{B5F1DECB-51D5-4395-B71B-6FA730B772D9}": "User Alerts",
+}
+WELL_KNOWN_RESOURCE_GROUPS = {
+    "{D1E27FF0-6D66-4E57-BB91-99F76BB2143E}": "DNS",
+    "{4EF9DEB9-4332-4867-A667-6A30C5900E9E}": "URL",
+    "{5AEE3F0B-9304-44BE-BBD0-0467052CF468}": "SSL Certs",
+    "{9781DB2C-F78A-4F7F-A7E8-2B1A9A7BE71A}": "FileHash",
+}
+
+
+class StoreError(RuntimeError):
+    """The store writer failed (fatal SQLite error, bad rows, crash) or the database is unusable.
+
+    ``report`` holds the writer's final report (rows written per kind, bad rows, errors) when known.
+    """
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report or {}
+
+
+class StoreNotFound(StoreError, FileNotFoundError):
+    """No database at the given path."""
+
+
+def db_path(outdir: str) -> str:
+    """The database path inside an output directory."""
+    return os.path.join(outdir, DB_NAME)
+
+
+def open_rw(path: str, max_page_count: int | None = None) -> sqlite3.Connection:
+    """Open (creating if needed) the database for writing: WAL, synchronous=NORMAL, schema applied."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    try:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise sqlite3.OperationalError(f"cannot switch to WAL journal mode (got {mode!r})")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
+                   (str(SCHEMA_VERSION),))
+        if max_page_count:
+            db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+# ---------------------------------------------------------------------------------------------- write side
+class StoreWriter:
+    """Ship rows to a writer process that owns the SQLite connection.
+
+    ``write(kind, rows)`` appends to an in-memory batch (no syscall unless a batch is full or earlier
+    bytes are waiting in the backlog); ``flush(sync=False)`` ships every batch, ``flush(sync=True)``
+    also waits until the writer has committed them; ``close()`` flushes, waits for the process and
+    returns its report, raising :class:`StoreError` if anything went wrong.
+    """
+
+    def __init__(self, path: str, *, batch_rows: int = 4096, max_backlog_bytes: int = 64 << 20,
+                 max_page_count: int | None = None, python: str = sys.executable):
+        self.path = os.path.abspath(path)
+        self._batch = {k: min(batch_rows, _BATCH.get(k, batch_rows)) for k in KINDS}
+        self._pending: dict[str, list] = {k: [] for k in KINDS}
+        self._max_backlog = max_backlog_bytes
+        self._out: collections.deque = collections.deque()
+        self._backlog = 0
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._unpacker = msgpack.Unpacker(raw=False)
+        self._msgs: list = []          # messages read from the writer, not yet consumed
+        self._seq = 0
+        self._broken: str | None = None  # why the pipe to the writer is unusable
+        self._closed = False
+        self._report: dict | None = None
+        env = dict(os.environ)
+        argv = [python, "-m", "luaprobe.engine.store.writer", "--serve", self.path, "--ppid", str(os.getpid())]
+        if max_page_count:
+            argv += ["--max-page-count", str(int(max_page_count))]
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, bufsize=0, env=env, close_fds=True)
+        self._wfd = self._proc.stdin.fileno()
+        self._rfd = self._proc.stdout.fileno()
+        os.set_blocking(self._wfd, False)
+        try:  # a 1 MiB pipe absorbs bursts without a backlog (Linux; best effort)
+            import fcntl
+            fcntl.fcntl(self._wfd, 1031, 1 << 20)  # F_SETPIPE_SZ
+        except (ImportError, OSError):
+            pass
+
+    # -- public API
+    @property
+    def pid(self) -> int:
+        """The writer process id."""
+        return self._proc.pid
+
+    def write(self, kind: str, rows) -> None:
+        """Queue rows (a list of tuples in the documented order for ``kind``)."""
+        pending = self._pending.get(kind)
+        if pending is None:
+            raise ValueError(f"unknown store kind {kind!r} (expected one of {', '.join(KINDS)})")
+        if self._closed:
+            raise StoreError("StoreWriter is closed")
+        pending.extend(rows)
+        if len(pending) >= self._batch[kind]:
+            self._ship(kind)
+        elif self._out:
+            self._pump()
+
+    def flush(self, sync: bool = False, timeout: float = 60.0) -> None:
+        """Ship all queued rows; with ``sync`` wait until the writer committed them (raises on failure)."""
+        for kind in KINDS:
+            if self._pending[kind]:
+                self._ship(kind)
+        if sync:
+            self._seq += 1
+            seq = self._seq
+            self._enqueue(self._packer.pack(["s", seq]))
+            self._drain(timeout)
+            msg = self._wait_msg(lambda m: m[0] == "ack" and m[1] == seq, timeout)
+            if msg[2]:
+                raise StoreError(f"store writer for {self.path} failed: {msg[2]}")
+        else:
+            self._drain(timeout)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the writer opened the database; raise :class:`StoreError` if it could not."""
+        self._wait_msg(lambda m: m[0] == "ready", timeout)
+
+    def close(self, timeout: float = 60.0, check: bool = True) -> dict:
+        """Flush, stop the writer and return its report; raise :class:`StoreError` on any failure
+        (unless ``check`` is false, in which case the report's ``errors`` list says what went wrong)."""
+        if self._report is None:
+            self._closed = True
+            try:
+                if not self._broken:
+                    for kind in KINDS:
+                        if self._pending[kind]:
+                            self._ship(kind)
+                    self._enqueue(self._packer.pack(["c"]))
+                    self._drain(timeout)
+            except StoreError:
+                pass
+            self._report = self._finish(timeout)
+        report = self._report
+        if check and report["errors"]:
+            raise StoreError(f"store writer for {self.path} failed: " + "; ".join(report["errors"]), report)
+        return report
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(check=exc_type is None)
+
+    def __del__(self):
+        # Unclosed writer: closing the pipe makes the writer commit and exit on EOF.
+        try:
+            if self._report is None and self._proc.stdin and not self._proc.stdin.closed:
+                self._proc.stdin.close()
+        except Exception:
+            pass
+
+    # -- internals
+    def _ship(self, kind: str) -> None:
+        rows = self._pending[kind]
+        self._pending[kind] = []
+        try:
+            data = self._packer.pack(["w", kind, rows])
+        except (TypeError, ValueError, OverflowError):
+            # A value msgpack cannot encode: ship row by row so only the bad rows are lost (and reported).
+            good, bad = [], []
+            for r in rows:
+                try:
+                    self._packer.pack(r)
+                    good.append(r)
+                except (TypeError, ValueError, OverflowError) as e:
+                    bad.append(f"{kind}: unencodable row {_short(r)}: {e}")
+            data = self._packer.pack(["w", kind, good])
+            if bad:
+                self._enqueue(self._packer.pack(["e", len(bad), bad[:MAX_ERRORS_KEPT]]))
+        self._enqueue(data)
+
+    def _enqueue(self, data: bytes) -> None:
+        if self._broken:
+            return
+        self._out.append(memoryview(data))
+        self._backlog += len(data)
+        self._pump()
+        if self._backlog > self._max_backlog:
+            self._drain(None, until=self._max_backlog // 2)
+
+    def _pump(self) -> None:
+        """Write as much of the backlog as the pipe takes without blocking."""
+        out = self._out
+        while out:
+            try:
+                n = os.write(self._wfd, out[0])
+            except BlockingIOError:
+                return
+            except (BrokenPipeError, OSError) as e:
+                self._break(f"writer pipe closed ({e.strerror or e})")
+                return
+            self._backlog -= n
+            if n == len(out[0]):
+                out.popleft()
+            else:
+                out[0] = out[0][n:]
+
+    def _drain(self, timeout: float | None, until: int = 0) -> None:
+        """Block until the backlog is at most ``until`` bytes."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self._out and self._backlog > until:
+            self._pump()
+            if not self._out or self._backlog <= until:
+                break
+            if self._proc.poll() is not None:
+                self._break(f"writer exited with code {self._proc.returncode}")
+                break
+            left = 0.5 if end is None else min(0.5, end - time.monotonic())
+            if left <= 0:
+                raise StoreError(f"store writer for {self.path} did not accept data within {timeout} s")
+            select.select([], [self._wfd], [], left)
+
+    def _break(self, why: str) -> None:
+        self._broken = why
+        self._out.clear()
+        self._backlog = 0
+
+    def _read_msgs(self, timeout: float) -> bool:
+        """Read what the writer said (waiting up to ``timeout``); False on EOF."""
+        r, _, _ = select.select([self._rfd], [], [], max(timeout, 0))
+        if not r:
+            return True
+        data = os.read(self._rfd, 65536)
+        if not data:
+            return False
+        self._unpacker.feed(data)
+        self._msgs.extend(self._unpacker)
+        return True
+
+    def _wait_msg(self, pred, timeout: float):
+        end = time.monotonic() + timeout
+        while True:
+            for i, m in enumerate(self._msgs):
+                if pred(m):
+                    return self._msgs.pop(i)
+                if m[0] == "fatal":
+                    raise StoreError(f"store writer for {self.path} failed: {m[1]}")
+            left = end - time.monotonic()
+            if left <= 0:
+                raise StoreError(f"store writer for {self.path} did not answer within {timeout} s")
+            if not self._read_msgs(min(left, 0.5)):
+                self._proc.wait(timeout=5)
+                raise StoreError(f"store writer for {self.path} exited (code {self._proc.returncode}): "
+                                 + _tail(self._proc.stderr.read()))
+
+    def _finish(self, timeout: float) -> dict:
+        """Close the pipe, collect the writer's messages and exit status into the final report."""
+        proc = self._proc
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        proc.stdin = None  # communicate() must not touch it again
+        errors: list[str] = []
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            errors.append(f"writer did not finish within {timeout} s and was killed")
+        self._unpacker.feed(out or b"")
+        self._msgs.extend(self._unpacker)
+        report = {"rows": {}, "bad_rows": {}, "errors": errors}
+        done = [m for m in self._msgs if m[0] == "done"]
+        if done:
+            d = done[-1][1]
+            report.update({k: v for k, v in d.items() if k != "errors"})
+            errors.extend(d.get("errors", []))
+        else:
+            errors.extend(f"{m[1]}" for m in self._msgs if m[0] == "fatal")
+            rc = proc.returncode
+            how = f"signal {-rc}" if rc is not None and rc < 0 else f"code {rc}"
+            errors.append(f"writer exited ({how}) without a final report" + (": " + _tail(err) if err else ""))
+        if self._broken and not done:
+            errors.append(self._broken)
+        report["returncode"] = proc.returncode
+        if proc.returncode and not errors:
+            errors.append(f"writer exited with code {proc.returncode}")
+        return report
+
+
+def _tail(err: bytes, n: int = 800) -> str:
+    text = (err or b"").decode("utf-8", "backslashreplace").strip()
+    return text[-n:] if text else "(no diagnostics)"
+
+
+def _short(row, n: int = 160) -> str:
+    s = repr(row)
+    return s if len(s) <= n else s[:n] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- writer process
+class _Writer:
+    """The writer process's state: one connection, one open transaction at a time."""
+
+    def __init__(self, path: str, max_page_count: int | None):
+        self.path = path
+        self.db = open_rw(path, max_page_count)
+        self.in_tx = False
+        self.tx_rows = 0
+        self.tx_start = 0.0
+        self.rows = {k: 0 for k in KINDS}
+        self.bad = {k: 0 for k in KINDS}
+        self.errors: list[str] = []
+        self.fatal: str | None = None
+        self.discarded = 0
+        self.commits = 0
+        self.closed = False
+        self.tx_kind: dict[str, int] = {}
+
+    def note(self, msg: str) -> None:
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(msg)
+        elif len(self.errors) == MAX_ERRORS_KEPT:
+            self.errors.append("(further errors not shown)")
+
+    def apply(self, kind: str, rows: list) -> None:
+        if self.fatal:
+            self.discarded += len(rows)
+            return
+        spec = _SQL.get(kind)
+        if spec is None:
+            self.bad.setdefault(kind, 0)
+            self.bad[kind] += len(rows)
+            self.note(f"unknown kind {kind!r} ({len(rows)} rows dropped)")
+            return
+        ncol, sql = spec
+        rows = self.clean(kind, ncol, rows)
+        if not rows:
+            return
+        try:
+            if not self.in_tx:
+                self.db.execute("BEGIN")
+                self.in_tx, self.tx_rows, self.tx_start = True, 0, time.monotonic()
+            self.db.execute("SAVEPOINT batch")
+            try:
+                self.db.executemany(sql, rows)
+                self.db.execute("RELEASE batch")
+                n = len(rows)
+            except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
+                    OverflowError, ValueError, TypeError):
+                self.db.execute("ROLLBACK TO batch")
+                self.db.execute("RELEASE batch")
+                n = 0
+                for r in rows:  # one statement at a time: a failing statement rolls back alone
+                    try:
+                        self.db.execute(sql, r)
+                        n += 1
+                    except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
+                            OverflowError, ValueError, TypeError) as e:
+                        self.bad[kind] += 1
+                        self.note(f"{kind}: bad row {_short(r)}: {e}")
+            self.rows[kind] += n
+            self.tx_rows += n
+            self.tx_kind[kind] = self.tx_kind.get(kind, 0) + n
+        except sqlite3.Error as e:
+            self.fail(e)
+
+    def clean(self, kind: str, ncol: int, rows: list) -> list:
+        """Check arity and types; decode bytes (Lua strings) to text.  Bad rows are reported, not written."""
+        blob_ok = _BLOB_OK.get(kind, ())
+        out = []
+        for r in rows:
+            if not isinstance(r, (list, tuple)) or len(r) != ncol:
+                self.bad[kind] += 1
+                self.note(f"{kind}: bad row {_short(r)}: expected {ncol} fields")
+                continue
+            if any(type(v) is bytes for v in r):
+                r = list(r)
+                for i, v in enumerate(r):
+                    if type(v) is bytes:
+                        try:
+                            r[i] = v.decode("utf-8")
+                        except UnicodeDecodeError:
+                            if i not in blob_ok:
+                                r[i] = v.decode("utf-8", "backslashreplace")
+            if kind in _JSON_COL and not isinstance(r[_JSON_COL[kind]], (str, type(None))):
+                r = list(r)
+                try:
+                    r[_JSON_COL[kind]] = json.dumps(r[_JSON_COL[kind]])
+                except (TypeError, ValueError):
+                    pass  # left as is: the insert rejects it and the row is reported
+            if kind == "counters":
+                g, ts, key, meter, value = r
+                if (type(g) is not str or type(key) is not str or type(ts) is not int or type(meter) is not int
+                        or type(value) not in (int, float)):
+                    try:
+                        if type(g) is not str or not isinstance(key, (str, int)) or isinstance(value, (bool, str)):
+                            raise TypeError
+                        r = (g, _as_int(ts), str(key), _as_int(meter), value + 0)
+                    except (TypeError, ValueError):
+                        self.bad[kind] += 1
+                        self.note(f"counters: bad row {_short(r)}: want (str guid, int bucket_ts, str key, "
+                                  f"int meter, number value)")
+                        continue
+            out.append(r)
+        return out
+
+    def commit(self) -> None:
+        if self.in_tx and not self.fatal:
+            try:
+                self.db.execute("COMMIT")
+                self.commits += 1
+                self.tx_kind.clear()
+            except sqlite3.Error as e:
+                self.fail(e)
+        self.in_tx = False
+
+    def fail(self, e: Exception) -> None:
+        lost = self.tx_rows if self.in_tx else 0
+        self.fatal = f"{type(e).__name__}: {e} (database {self.path}; {lost} uncommitted rows lost)"
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        self.in_tx = False
+        for k, n in self.tx_kind.items():  # the rolled-back rows were never written
+            self.rows[k] -= n
+        self.tx_kind.clear()
+        _send(["fatal", self.fatal])
+
+    def report(self) -> dict:
+        errors = []
+        if self.fatal:
+            errors.append(self.fatal + (f"; {self.discarded} later rows discarded" if self.discarded else ""))
+        nbad = sum(self.bad.values())
+        if nbad:
+            errors.append(f"{nbad} bad row(s) rejected: " + "; ".join(self.errors))
+        return {"rows": self.rows, "bad_rows": {k: v for k, v in self.bad.items() if v},
+                "commits": self.commits, "errors": errors}
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.commit()
+        self.closed = True
+        try:
+            if not self.fatal:
+                self.db.execute("PRAGMA optimize")
+            self.db.close()
+        except sqlite3.Error as e:
+            if not self.fatal:
+                self.fail(e)
+
+
+def _as_int(v) -> int:
+    if type(v) is int:
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str):
+        return int(v)
+    raise TypeError
+
+
+def _send(msg) -> None:
+    try:
+        os.write(1, msgpack.packb(msg, use_bin_type=True))
+    except OSError:
+        pass  # the parent is gone; nobody to tell
+
+
+def _drain_until_eof(fd: int, ppid: int) -> None:
+    """After a fatal open error: swallow input until EOF/close so the parent never sees EPIPE mid-run."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 30)
+    while True:
+        r, _, _ = select.select([fd], [], [], 1.0)
+        if not r:
+            if os.getppid() != ppid:
+                return
+            continue
+        data = os.read(fd, 1 << 20)
+        if not data:
+            return
+        unpacker.feed(data)
+        for msg in unpacker:
+            if msg[0] == "s":
+                _send(["ack", msg[1], "database not open"])
+            elif msg[0] == "c":
+                return
+
+
+def serve(path: str, ppid: int, max_page_count: int | None = None) -> int:
+    """The writer process: read batches from stdin until close/EOF; report on stdout."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_term(signum, frame):
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    fd = 0
+    try:
+        w = _Writer(path, max_page_count)
+    except (sqlite3.Error, OSError) as e:
+        msg = f"cannot open database {path}: {e}"
+        parent = os.path.dirname(path) or "."
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            msg += f" ({parent} is not a directory)"
+        elif not os.path.isdir(parent):
+            msg += f" (directory {parent} does not exist)"
+        elif not os.access(parent, os.W_OK):
+            msg += f" (directory {parent} is not writable)"
+        _send(["fatal", msg])
+        _drain_until_eof(fd, ppid)
+        _send(["done", {"rows": {}, "bad_rows": {}, "commits": 0, "errors": [msg]}])
+        return 1
+    _send(["ready"])
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 30)
+    last_ppid_check = time.monotonic()
+    try:
+        while True:
+            wait = IDLE_COMMIT_SECS if w.in_tx else 1.0
+            r, _, _ = select.select([fd], [], [], wait)
+            now = time.monotonic()
+            if not r:
+                w.commit()
+                if os.getppid() != ppid:
+                    return 0  # parent died; the pipe lives on in some other process
+                continue
+            data = os.read(fd, 1 << 20)
+            if not data:
+                return 0  # EOF: parent closed the pipe (or died); commit in finally
+            unpacker.feed(data)
+            for msg in unpacker:
+                op = msg[0]
+                if op == "w":
+                    w.apply(msg[1], msg[2])
+                elif op == "s":
+                    w.commit()
+                    _send(["ack", msg[1], w.fatal])
+                elif op == "e":  # rows the parent could not encode
+                    w.bad["unencodable"] = w.bad.get("unencodable", 0) + msg[1]
+                    for m in msg[2]:
+                        w.note(m)
+                elif op == "c":
+                    w.close()
+                    _send(["done", w.report()])
+                    return 0
+            if w.in_tx and (w.tx_rows >= COMMIT_ROWS or now - w.tx_start >= COMMIT_SECS):
+                w.commit()
+            if now - last_ppid_check >= 1.0:
+                last_ppid_check = now
+                if os.getppid() != ppid:
+                    return 0
+    finally:
+        w.close()
+
+
+def _main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m luaprobe.engine.store.writer", description="luaprobe store writer process")
+    p.add_argument("--serve", metavar="PATH", required=True, help="database to write")
+    p.add_argument("--ppid", type=int, default=os.getppid(), help="exit when this parent is gone")
+    p.add_argument("--max-page-count", type=int, default=None)
+    a = p.parse_args(argv)
+    return serve(a.serve, a.ppid, a.max_page_count)
+
+
+# ---------------------------------------------------------------------------------------------- read side
+def _text(v):
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "backslashreplace")
+    return v
+
+
+class Store:
+    """Read-only access to a luaprobe database.  Every query returns a list of dicts."""
+
+    def __init__(self, path: str):
+        if os.path.isdir(path):
+            path = db_path(path)
+        self.path = os.path.abspath(path)
+        if not os.path.isfile(self.path):
+            raise StoreNotFound(f"no luaprobe database at {self.path}")
+        uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
+        try:
+            self.db = sqlite3.connect(uri, uri=True, timeout=30.0)
+            self.db.row_factory = sqlite3.Row
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read database {self.path}: {e}") from None
+        missing = {"counters", "counter_groups", "key_info", "alerts", "resources", "flows", "run"} - tables
+        if missing:
+            self.db.close()
+            raise StoreError(f"{self.path} is not a luaprobe database (missing tables: {', '.join(sorted(missing))})")
+        self._groups = None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _rows(self, sql: str, args=()) -> list[dict]:
+        return [{k: _text(r[k]) for k in r.keys()} for r in self.db.execute(sql, args)]
+
+    # -- counter groups
+    def counter_groups(self) -> list[dict]:
+        """Declared counter groups with their meters parsed (``meters``: list of dicts)."""
+        out = self._rows("SELECT guid, name, description, bucketsize, meters_json FROM counter_groups ORDER BY name")
+        for g in out:
+            try:
+                g["meters"] = json.loads(g["meters_json"] or "[]")
+            except ValueError:
+                g["meters"] = []
+        return out
+
+    def _group_table(self) -> dict:
+        if self._groups is None:
+            self._groups = {g["guid"]: g for g in self.counter_groups()}
+        return self._groups
+
+    def group_name(self, guid: str) -> str | None:
+        """The name of a counter group (declared, else well known), or None."""
+        g = self._group_table().get((guid or "").upper())
+        return (g and g["name"]) or WELL_KNOWN_GROUPS.get((guid or "").upper())
+
+    def resolve_group(self, name_or_guid: str) -> str:
+        """A counter group GUID from a name (case-insensitive) or a GUID (any case)."""
+        s = name_or_guid.strip()
+        for guid, g in self._group_table().items():
+            if (g["name"] or "").lower() == s.lower():
+                return guid
+        for guid, name in WELL_KNOWN_GROUPS.items():
+            if name.lower() == s.lower():
+                return guid
+        return s.upper()
+
+    def meter_name(self, guid: str, meter: int) -> str | None:
+        g = self._group_table().get(guid)
+        for m in (g or {}).get("meters", ()):
+            if isinstance(m, dict) and m.get("id") == meter:
+                return m.get("name")
+        return None
+
+    # -- queries
+    def counters(self, group: str | None = None, key: str | None = None, meter=None,
+                 limit: int | None = None) -> list[dict]:
+        """Counter rows: group_guid, group_name, bucket_ts, key, label, meter, meter_name, value.
+
+        ``group`` is a name or GUID; ``key`` matches the key or its label (case-insensitive);
+        ``meter`` is a meter id or a meter name."""
+        where, args = [], []
+        if group is not None:
+            where.append("c.group_guid = ?")
+            args.append(self.resolve_group(group))
+        if key is not None:
+            where.append("(c.key = ? OR k.label = ? COLLATE NOCASE)")
+            args += [key, key]
+        meter_by_name = None
+        if meter is not None:
+            if isinstance(meter, int) or (isinstance(meter, str) and meter.strip().isdigit()):
+                where.append("c.meter = ?")
+                args.append(int(meter))
+            else:
+                meter_by_name = str(meter).lower()
+        sql = ("SELECT c.group_guid, c.bucket_ts, c.key, k.label, c.meter, c.value FROM counters c "
+               "LEFT JOIN key_info k ON k.group_guid = c.group_guid AND k.key = c.key")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY c.group_guid, c.bucket_ts, c.key, c.meter"
+        if limit is not None and meter_by_name is None:
+            sql += f" LIMIT {int(limit)}"
+        out = []
+        for r in self._rows(sql, args):
+            r["group_name"] = self.group_name(r["group_guid"])
+            r["meter_name"] = self.meter_name(r["group_guid"], r["meter"])
+            if meter_by_name is not None and (r["meter_name"] or "").lower() != meter_by_name:
+                continue
+            out.append({k: r[k] for k in ("group_guid", "group_name", "bucket_ts", "key", "label", "meter",
+                                          "meter_name", "value")})
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def key_info(self, group: str | None = None, key: str | None = None, limit: int | None = None) -> list[dict]:
+        """Key labels: group_guid, group_name, key, label, description."""
+        where, args = [], []
+        if group is not None:
+            where.append("group_guid = ?")
+            args.append(self.resolve_group(group))
+        if key is not None:
+            where.append("(key = ? OR label = ? COLLATE NOCASE)")
+            args += [key, key]
+        sql = "SELECT group_guid, key, label, description FROM key_info"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY group_guid, key" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        out = self._rows(sql, args)
+        for r in out:
+            r["group_name"] = self.group_name(r["group_guid"])
+        return [{k: r[k] for k in ("group_guid", "group_name", "key", "label", "description")} for r in out]
+
+    @staticmethod
+    def _guid_arg(guid: str | None, names: dict) -> str | None:
+        if guid is None:
+            return None
+        for g, n in names.items():
+            if n.lower() == guid.strip().lower():
+                return g
+        return guid.strip().upper()
+
+    def alerts(self, guid: str | None = None, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
+        """Alerts in time order (``guid``: alert group GUID, any case, or a well-known group name)."""
+        where, args = [], []
+        if guid is not None:
+            where.append("alert_guid = ?")
+            args.append(self._guid_arg(guid, WELL_KNOWN_ALERT_GROUPS))
+        if flowkey is not None:
+            where.append("flowkey = ?")
+            args.append(flowkey)
+        sql = ("SELECT id, ts_sec, ts_usec, alert_guid, flowkey, sigid, classification, priority, message, status, "
+               "plugin FROM alerts")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts_sec, ts_usec, id" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        return self._rows(sql, args)
+
+    def resources(self, guid: str | None = None, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
+        """Resources in time order (``guid``: resource group GUID, any case, or a well-known group name)."""
+        where, args = [], []
+        if guid is not None:
+            where.append("resource_guid = ?")
+            args.append(self._guid_arg(guid, WELL_KNOWN_RESOURCE_GROUPS))
+        if flowkey is not None:
+            where.append("flowkey = ?")
+            args.append(flowkey)
+        sql = "SELECT id, ts_sec, ts_usec, resource_guid, flowkey, uri, contents, plugin FROM resources"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts_sec, ts_usec, id" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        return self._rows(sql, args)
+
+    def flows(self, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
+        """Flow records ordered by first_ts."""
+        sql = ("SELECT flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, packets_za, bytes_az, "
+               "bytes_za, state, tags FROM flows")
+        args = []
+        if flowkey is not None:
+            sql += " WHERE flowkey = ?"
+            args.append(flowkey)
+        sql += " ORDER BY first_ts, flowkey" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        return self._rows(sql, args)
+
+    def run_info(self) -> dict:
+        """Run metadata and final statistics: {key: decoded JSON value} (raw text if not JSON)."""
+        out = {}
+        for r in self.db.execute("SELECT key, value FROM run ORDER BY key"):
+            try:
+                out[r[0]] = json.loads(r[1])
+            except (TypeError, ValueError):
+                out[r[0]] = _text(r[1])
+        return out
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,1 @@
+"""engine/streams: see docs/architecture.md."""

@@ -1,0 +1,327 @@
+--[[
+luaprobe.engine.streams.filex — the filex_monitor script type (reference §4.3) inside one
+plug-in VM: TCP reassembly (luaprobe.engine.streams.tcpreasm), HTTP/1.x messages
+(luaprobe.engine.streams.http) and file extraction into a RAM-backed directory.
+
+Per batch the VM walks the TCP packets of the shared batch (like
+simplecounter's run_batch).  Hooks:
+  filter_flow(engine, ts, flow)            once per new TCP flow; false = ignore the flow
+  filter(engine, ts, flow, header)         request header, then response header;
+                                           a request body is kept when the request vote is
+                                           true, a response body when both votes are true
+  onpayload_http(engine, ts, flow, path, req, resp, dir, seekpos, buffer)
+                                           decoded body bytes (streaming); a zero-length
+                                           buffer ends the body
+  onfile_http(engine, ts, flow, path, req, resp, length, is_chunk)
+                                           a whole file, or a chunk of chunk_size bytes
+                                           named <path>.<offset>.part
+  onterminateflow(engine, ts, flow)        the TCP flow ended
+A hook that is absent votes true.  "File mode" (files written) only when the
+script defines onfile_http.  Direction: 0 = client->server (fileextract.md).
+
+File lifetime: a file exists until its onfile_http hook has returned and
+every T.async task that names its path (in data or arguments) has finished;
+then it is removed.  The directory has a size cap: a body that would exceed
+it is not extracted (counted in stats.skipped_cap), the fast path never waits.
+]]
+local ffi = require("ffi")
+local tcpreasm = require("luaprobe.engine.streams.tcpreasm")
+local http = require("luaprobe.engine.streams.http")
+local buffer = require("luaprobe.engine.plugins.buffer")
+local packet = require("luaprobe.engine.plugins.packet")
+local decode = require("luaprobe.engine.fastpath.decode")
+
+local band = require("bit").band
+local fstring = ffi.string
+local TCP = decode.PROTO.TCP
+local M = {}
+local F = {}
+F.__index = F
+
+local function be32(p, o)
+  return ((p[o] * 256 + p[o + 1]) * 256 + p[o + 2]) * 256 + p[o + 3]
+end
+
+local function sanitize(s)
+  s = s:gsub("[^%w%._%-]", "_")
+  if #s > 96 then s = s:sub(1, 96) end
+  return s
+end
+
+--- opts: host (luaprobe.engine.plugins.host object), dir (ramfs directory), chunk_size,
+--- dir_cap (bytes), idle_timeout.
+function M.new(host, opts)
+  local fx = host.plugin.filex_monitor
+  local self = setmetatable({
+    host = host, fx = fx, engine = host.engine, async = host.async,
+    dir = opts.dir, chunk_size = opts.chunk_size or 5 * 1048576, dir_cap = opts.dir_cap or 256 * 1048576,
+    idle_timeout = opts.idle_timeout or 120,
+    file_mode = type(fx.onfile_http) == "function",
+    flows = {}, rejected = {}, nrejected = 0, dir_bytes = 0, uid = 0, last_expire = 0,
+    stats = { flows = 0, flows_rejected = 0, files = 0, chunks = 0, bytes = 0, skipped_cap = 0,
+              skipped_filter = 0, truncated = 0, write_errors = 0 },
+  }, F)
+  self.R = tcpreasm.new({
+    cb = function(id, dir, _, p, n) self:data(id, dir, p, n) end,
+    cb_gap = function(id, dir, _, missing) local st = self.flows[id]; if st then st.H:gap(dir, missing) end end,
+    cb_close = function(id) self:close_flow(id) end,
+  })
+  -- T.async file lifetime: tasks naming a live file keep it until they finish
+  self.async.file_done = function(path) self:unref(path) end
+  return self
+end
+
+-- ------------------------------------------------------------------ hooks
+
+function F:hook(name, ...)
+  local fn = self.fx[name]
+  if type(fn) ~= "function" then return true end
+  local ok, res = self.host:call("filex_monitor", name, ...)
+  if not ok then return false end
+  return res
+end
+
+-- ------------------------------------------------------------------ files
+
+function F:new_file(st, dir, req, resp)
+  local host = req:get_value("Host") or "nohost"
+  local path = req:get_path()
+  self.uid = self.uid + 1
+  local name = ("%s/%s%s-%d-%d"):format(self.dir, sanitize(host), sanitize(path ~= "" and path or "/"),
+    st.id, self.uid)
+  return { path = name, size = 0, part_start = 0, fh = nil, req = req, resp = resp, dir = dir }
+end
+
+--- Keep `path` until the hook returned and every task naming it finished.
+function F:ref(path)
+  local a = self.async
+  a.live_files[path] = (a.live_files[path] or 0) + 1
+end
+
+function F:unref(path)
+  local a = self.async
+  local n = (a.live_files[path] or 1) - 1
+  if n <= 0 then
+    a.live_files[path] = nil
+    local size = self.sizes and self.sizes[path]
+    os.remove(path)
+    if size then self.dir_bytes = self.dir_bytes - size; self.sizes[path] = nil end
+  else
+    a.live_files[path] = n
+  end
+end
+
+--- Close the current file (or part) and hand it to onfile_http.
+function F:emit(st, b, is_chunk, final)
+  if b.fh then
+    local ok, err = b.fh:close()            -- flushes the last buffered bytes
+    b.fh = nil
+    if not ok then
+      os.remove(b.path)
+      self.dir_bytes = self.dir_bytes - (b.size - b.part_start)
+      b.part_start, b.skip = b.size, true
+      self.stats.write_errors = self.stats.write_errors + 1
+      self.host.errors:report("filex write error", b.path .. ": " .. tostring(err))
+      return
+    end
+  end
+  local path = b.path
+  local length = b.size - b.part_start
+  if is_chunk then
+    local part = ("%s.%d.part"):format(b.path, b.part_start)
+    os.rename(b.path, part)
+    path = part
+    self.stats.chunks = self.stats.chunks + 1
+  else
+    self.stats.files = self.stats.files + 1
+  end
+  self.sizes = self.sizes or {}
+  self.sizes[path] = length
+  self:ref(path)                           -- held while the hook runs
+  self:hook("onfile_http", self.engine, self.engine:timestamp(), st.flow, path, b.req, b.resp, length,
+    is_chunk and true or false)
+  self:unref(path)                         -- removed now unless a T.async task names it
+  b.part_start = b.size
+  if not final then b.fh = nil end
+end
+
+function F:write(st, b, p, n)
+  if self.dir_bytes + n > self.dir_cap then
+    if b.fh then b.fh:close(); b.fh = nil; os.remove(b.path); self.dir_bytes = self.dir_bytes - (b.size - b.part_start) end
+    b.skip = true
+    self.stats.skipped_cap = self.stats.skipped_cap + 1
+    return
+  end
+  local is_str = type(p) == "string"
+  local pos = 0
+  while pos < n do                          -- parts end exactly at multiples of chunk_size
+    local err
+    if not b.fh then b.fh, err = io.open(b.path, "wb") end
+    local k = math.min(n - pos, self.chunk_size - (b.size - b.part_start))
+    if b.fh then
+      local ok, werr = b.fh:write(is_str and ((pos == 0 and k == #p) and p or p:sub(pos + 1, pos + k))
+                                         or fstring(p + pos, k))
+      if not ok then err = b.path .. ": " .. tostring(werr) end
+    end
+    if err then                             -- e.g. ENOSPC: no partial file is handed to onfile_http
+      if b.fh then
+        b.fh:close(); b.fh = nil
+        os.remove(b.path)
+        self.dir_bytes = self.dir_bytes - (b.size - b.part_start)
+      end
+      b.skip = true
+      self.stats.write_errors = self.stats.write_errors + 1
+      self.host.errors:report("filex write error", tostring(err))
+      return
+    end
+    pos = pos + k
+    b.size = b.size + k
+    self.dir_bytes = self.dir_bytes + k
+    self.stats.bytes = self.stats.bytes + k
+    if b.size - b.part_start >= self.chunk_size then
+      b.chunked = true
+      self:emit(st, b, true, false)
+    end
+  end
+end
+
+-- ------------------------------------------------------------------ HTTP events
+
+--- The state of TCP connection `id` (created on its first packet), or nil when ignored.
+--- The lookup is separate from the creation so this per-packet function has no closures
+--- (closing upvalues is not compiled by LuaJIT and would abort every trace through it).
+function F:flow_state(id, pkt_d)
+  local st = self.flows[id]
+  if st ~= nil then return st end
+  if self.rejected[id] then return nil end
+  return self:new_flow_state(id, pkt_d)
+end
+
+function F:new_flow_state(id, pkt_d)
+  local flow = packet.flowid(pkt_d)
+  local ts = self.engine:timestamp()
+  if not self:hook("filter_flow", self.engine, ts, flow) then
+    self.rejected[id] = true
+    self.nrejected = self.nrejected + 1
+    self.stats.flows_rejected = self.stats.flows_rejected + 1
+    if self.nrejected > 65536 then self.rejected, self.nrejected = {}, 0 end
+    return nil
+  end
+  local st = { id = id, flow = flow, votes = {}, body = {} }
+  st.H = http.new({
+    on_request = function(req)
+      st.votes[req] = self:hook("filter", self.engine, self.engine:timestamp(), flow, req) and true or false
+    end,
+    on_response = function(req, resp)
+      if resp:get_status() >= 200 then
+        st.votes[resp] = self:hook("filter", self.engine, self.engine:timestamp(), flow, resp) and true or false
+      end
+    end,
+    on_body = function(dir, req, resp, p, n) self:body(st, dir, req, resp, p, n) end,
+    on_body_end = function(dir, req, resp, total, flags) self:body_end(st, dir, req, resp, total, flags) end,
+  })
+  self.flows[id] = st
+  self.stats.flows = self.stats.flows + 1
+  return st
+end
+
+function F:kept(st, dir, req, resp)
+  local v = st.votes[req] ~= false
+  if dir == 1 then v = v and st.votes[resp] ~= false end
+  return v
+end
+
+function F:body(st, dir, req, resp, p, n)
+  local b = st.body[dir]
+  if b == nil then
+    if not self:kept(st, dir, req, resp) then
+      b = { skip = true }
+      self.stats.skipped_filter = self.stats.skipped_filter + 1
+    else
+      b = self:new_file(st, dir, req, resp)
+    end
+    st.body[dir] = b
+  end
+  if b.skip then return end
+  if type(self.fx.onpayload_http) == "function" then
+    local buf = type(p) == "string" and buffer.from_string(n == #p and p or p:sub(1, n)) or buffer.new(p, n)
+    self:hook("onpayload_http", self.engine, self.engine:timestamp(), st.flow, b.path, req, resp, dir, b.size, buf)
+    if not self.file_mode then b.size = b.size + n end
+  end
+  if self.file_mode then self:write(st, b, p, n) end
+end
+
+function F:body_end(st, dir, req, resp, total, flags)
+  local b = st.body[dir]
+  st.body[dir] = nil
+  if b == nil or b.skip then return end
+  if flags and flags.truncated then self.stats.truncated = self.stats.truncated + 1 end
+  if type(self.fx.onpayload_http) == "function" then
+    self:hook("onpayload_http", self.engine, self.engine:timestamp(), st.flow, b.path, req, resp, dir, b.size,
+      buffer.from_string(""))
+  end
+  if self.file_mode and (b.fh or b.size > b.part_start) then
+    self:emit(st, b, b.chunked == true, true)
+  end
+end
+
+function F:data(id, dir, p, n)
+  local st = self.flows[id]
+  if st then st.H:data(dir, p, n) end
+end
+
+function F:close_flow(id)
+  local st = self.flows[id]
+  if not st then return end
+  st.H:close()
+  for dir = 0, 1 do                         -- a body the parser could not finish
+    local b = st.body[dir]
+    if b and not b.skip and b.fh then self:emit(st, b, b.chunked == true, true) end
+  end
+  self.flows[id] = nil
+  self:hook("onterminateflow", self.engine, self.engine:timestamp(), st.flow)
+  -- tcpreasm keeps a "closed" marker for the id (removed by R:expire / expire_idle): the trailing ACKs
+  -- and RSTs of this connection are ignored instead of starting a second filter_flow .. onterminateflow
+end
+
+-- ------------------------------------------------------------------ the batch walk
+
+--- Feed the TCP packets of a batch through reassembly and HTTP.
+function F:run_batch(batch, n)
+  local eng, R = self.engine, self.R
+  for i = 0, n - 1 do
+    local p = batch[i]
+    local d = p.d
+    if d.first[TCP] >= 0 and p.flow >= 0 then
+      eng:set_packet(batch, i)
+      local id = p.flow_uid
+      local f = R.flows[id]
+      local closed = f ~= nil and f.closed
+      if closed and band(d.tcp_flags, 0x12) == 0x02 then  -- SYN on a closed connection: 5-tuple reused
+        R:forget(id)
+        closed = false
+      end
+      if not closed and self:flow_state(id, d) then
+        local l4 = d.l4_offset
+        local data = p.data
+        R:packet(id, p.dir, be32(data, l4 + 4), d.tcp_flags, data + d.payload_offset, d.payload_length,
+          p.ts_sec, nil, be32(data, l4 + 8))
+      end
+    end
+  end
+  local now = n > 0 and batch[n - 1].ts_sec or 0
+  if now - self.last_expire >= 10 then
+    self.last_expire = now
+    R:expire_idle(now - self.idle_timeout)
+  end
+end
+
+--- End of input: close every flow (bodies read until close are delivered).
+function F:finish()
+  local ids = {}
+  for id in pairs(self.flows) do ids[#ids + 1] = id end
+  table.sort(ids)
+  for _, id in ipairs(ids) do self.R:expire(id) end
+end
+
+return M

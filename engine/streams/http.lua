@@ -1,0 +1,694 @@
+--[[
+luaprobe.engine.streams.http — HTTP/1.x message parser over the reassembled byte streams of
+one TCP flow (both directions), LuaJIT.
+
+    local http = require "luaprobe.engine.streams.http"
+    local H = http.new{
+      on_request  = function(req_hdr) end,
+      on_response = function(req_hdr, resp_hdr) end,        -- also for interim 1xx responses
+      on_body     = function(dir, req_hdr, resp_hdr, ptr_or_string, len) end,   -- decoded bytes
+      on_body_end = function(dir, req_hdr, resp_hdr, total_len, flags) end,
+    }
+    H:data(dir, ptr_or_string, len)   -- dir 0 = client->server, 1 = server->client (tcpreasm's)
+    H:gap(dir, len)                   -- len bytes of the direction were not captured
+    H:close()                         -- the TCP flow ended (FIN / RST / timeout)
+    H.stats                           -- requests, responses, interim, bodies, resyncs, errors
+
+Headers are HTTPHeader objects (luaprobe.engine.plugins.httpheader).  A response whose
+request was never seen (lost in a gap, capture started mid-flow) is matched
+with a placeholder request header (method "", path "").
+
+Messages are recognised by content, not by direction: a start line "HTTP/x.y
+NNN ..." is a response, "METHOD URI HTTP/x.y" a request; `dir` is only passed
+through to the body callbacks (0 for request bodies, 1 for response bodies
+when tcpreasm's convention holds).
+
+Bodies.
+  * Request body: Transfer-Encoding chunked, else Content-Length, else none.
+  * Response body: none for HEAD requests, 1xx, 204, 304; chunked; else
+    Content-Length; else read until the flow closes.  Each 206 response is its
+    own body (the range is in resp_hdr:get_value("Content-Range")); a
+    multipart/byteranges 206 is delivered as one body, as sent.
+  * Chunked: chunk extensions ignored; trailers are parsed and returned in
+    flags.trailers = {{name, value}, ...}.
+  * Content-Encoding gzip / x-gzip / deflate is inflated while streaming
+    (luaprobe.engine.streams.zlib); on_body receives decoded bytes and total_len counts them.
+    Other encodings (br, compress...) are delivered as sent, flags.encoding names them.
+    An inflate error stops decoding: flags.decode_error holds the message.
+  * Bodies whose declared length is 0 produce no on_body / on_body_end; a
+    chunked body with no data chunk ends with total_len 0.
+  * POST bodies, multipart included, are delivered raw as one body;
+    http.multipart(content_type, body) splits a whole multipart body into parts
+    ({headers = {{name, value}...}, name=, filename=, data=}) for callers that want
+    the parts as separate files.
+  * Interim responses: a 1xx other than 101 is reported with on_response and
+    the request stays queued for the final response (Expect: 100-continue).
+    101 Switching Protocols and a 2xx answer to CONNECT stop parsing: the rest of
+    the flow is a tunnel and is ignored.
+  * HTTP/0.9: a version-less "GET /path" line is a request without headers
+    (header _version "0.9"); the other direction's reply, if it does not start
+    with "HTTP/", is a body read until close under a synthetic response header
+    (status 200, no headers, _version "0.9").
+  * Pipelining: requests are queued in order; each final response takes the oldest.
+
+on_body_end flags: truncated (fewer bytes than announced, or a gap), gap (bytes
+of the body were lost), missing (raw bytes lost), decode_error, encoding, trailers.
+
+Gaps.  Inside a Content-Length body the missing bytes are counted (flags.gap,
+flags.truncated) and the body continues after the hole; a compressed body stops
+being decoded.  A gap in a chunked body or in headers, or one extending past
+the end of a body, loses the framing: the body ends truncated and the
+direction resynchronises at the next text that looks like a request line
+("METHOD URI HTTP/1.x" with a known method) or a status line ("HTTP/1.x NNN
+..."), searched anywhere in the data (a message may follow a body with no line
+break), including right at the end of the gap.  In a read-until-close body a gap
+is counted and reading continues.
+]]
+local ffi = require "ffi"
+local httpheader = require "luaprobe.engine.plugins.httpheader"
+local zlib = require "luaprobe.engine.streams.zlib"
+
+local fstring, cast = ffi.string, ffi.cast
+local u8p = ffi.typeof("const uint8_t *")
+local sfind, ssub, smatch, slower, sbyte = string.find, string.sub, string.match, string.lower, string.byte
+local tonumber = tonumber
+
+local MAX_HEADER = 65536
+local MAX_LINE = 4096
+
+-- modes
+local HDR, BODY_LEN, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER, BODY_CLOSE, RESYNC, TUNNEL =
+  1, 2, 3, 4, 5, 6, 7, 8, 9
+
+local M = {}
+local P = {}
+P.__index = P
+
+local NOP = function() end
+
+function M.new(cbs)
+  cbs = cbs or {}
+  local self = setmetatable({
+    on_request = cbs.on_request or NOP, on_response = cbs.on_response or NOP,
+    on_body = cbs.on_body or NOP, on_body_end = cbs.on_body_end or NOP,
+    queue = {}, qh = 1, qt = 0,
+    st = { [0] = { mode = HDR, hbuf = "", line = "" }, [1] = { mode = HDR, hbuf = "", line = "" } },
+    stats = { requests = 0, responses = 0, interim = 0, bodies = 0, resyncs = 0, errors = 0, gaps = 0 },
+    closed = false,
+  }, P)
+  return self
+end
+
+-- header parsing --------------------------------------------------------------------------------
+local function trim(s) return (smatch(s, "^[ \t]*(.-)[ \t\r]*$")) end
+
+local function start_kind(line)
+  if smatch(line, "^HTTP/%d%.%d +%d%d%d") then return "resp" end
+  if smatch(line, "^[%u][%u%-_]* +[^ ]+ +HTTP/%d%.%d[ \t\r]*$") then return "req" end
+  if smatch(line, "^GET +[^ ]+[ \t\r]*$") then return "req09" end
+  return nil
+end
+
+-- trim spaces, tabs and CRs at both ends without patterns (string.match is not compiled)
+local function btrim(s, i, j)
+  while i <= j do
+    local c = sbyte(s, i)
+    if c ~= 32 and c ~= 9 then break end
+    i = i + 1
+  end
+  while j >= i do
+    local c = sbyte(s, j)
+    if c ~= 32 and c ~= 9 and c ~= 13 then break end
+    j = j - 1
+  end
+  return ssub(s, i, j)
+end
+
+-- head: the text up to (excluding) the blank line.  -> header object, kind or nil
+local function parse_head(head)
+  local lines, n, pos, len = {}, 0, 1, #head
+  while pos <= len + 1 do                   -- split on "\n" with plain finds
+    local e = sfind(head, "\n", pos, true)
+    n = n + 1
+    if e == nil then lines[n] = ssub(head, pos); break end
+    lines[n] = ssub(head, pos, e - 1)
+    pos = e + 1
+    if pos > len then break end
+  end
+  local first = lines[1] or ""
+  first = (smatch(first, "^(.-)\r?$"))
+  local kind = start_kind(first)
+  if not kind then return nil end
+  local headers, nh = {}, 0
+  for i = 2, n do
+    local l = lines[i]
+    local c = sbyte(l, 1)
+    if (c == 32 or c == 9) and nh > 0 then
+      local h = headers[nh]
+      h[2] = h[2] .. " " .. btrim(l, 1, #l)
+    else
+      local colon = sfind(l, ":", 1, true)
+      if colon and colon > 1 then
+        nh = nh + 1
+        headers[nh] = { btrim(l, 1, colon - 1), btrim(l, colon + 1, #l) }
+      end
+    end
+  end
+  local h
+  if kind == "req09" then
+    h = httpheader.new{ is_request = true, method = "GET", path = smatch(first, "^GET +([^ \t\r]+)"), headers = {} }
+    h._version = "0.9"
+    return h, "req"
+  elseif kind == "resp" then
+    local major, minor, code = smatch(first, "^HTTP/(%d)%.(%d) +(%d%d%d)")
+    h = httpheader.new{ is_request = false, status = tonumber(code), headers = headers }
+    h._version = major .. "." .. minor
+    h._reason = smatch(first, "^HTTP/%d%.%d +%d%d%d ?(.-)[ \r]*$") or ""
+  else
+    local method, uri, ver = smatch(first, "^([^ ]+) +([^ ]+) +HTTP/(%d%.%d)")
+    h = httpheader.new{ is_request = true, method = method, path = uri, headers = headers }
+    h._version = ver
+  end
+  return h, kind
+end
+
+local function body_framing(h)
+  local te = h:get_value("Transfer-Encoding")
+  if te and sfind(slower(te), "chunked", 1, true) then return "chunked" end
+  local cl = h:get_value("Content-Length")
+  if cl then
+    local v = tonumber(smatch(cl, "^%s*(%d+)%s*$"))
+    if v then return "length", v end
+  end
+  return nil
+end
+
+-- body delivery ---------------------------------------------------------------------------------
+local function body_begin(self, st, dir, req, resp, hdr)
+  local b = { dir = dir, req = req, resp = resp, total = 0,
+              flags = { truncated = false, gap = false, missing = 0 } }
+  local ce = hdr:get_value("Content-Encoding")
+  if ce then
+    local e = slower(trim(ce))
+    if e == "gzip" or e == "x-gzip" then
+      b.z = zlib.inflater("gzip")
+    elseif e == "deflate" then
+      b.z = zlib.inflater("deflate")
+    elseif e ~= "" and e ~= "identity" then
+      b.flags.encoding = e
+    end
+  end
+  st.body = b
+  self.stats.bodies = self.stats.bodies + 1
+  return b
+end
+
+-- compressed body bytes: inflate and hand on (its closure lives here, not in
+-- body_data, so the plain path's function has no upvalues to close: UCLO is
+-- not compiled and would abort every trace through body_data)
+local function body_data_z(self, b, p, n)
+  if b.zdead then return end
+  local on_body, dir, req, resp = self.on_body, b.dir, b.req, b.resp
+  local ok, err = b.z:feed(p, n, function(op, on)
+    b.total = b.total + on
+    on_body(dir, req, resp, op, on)
+  end)
+  if not ok then
+    b.flags.decode_error = err
+    b.zdead = true
+    self.stats.errors = self.stats.errors + 1
+  end
+end
+
+local function body_data(self, b, p, n)
+  if n <= 0 then return end
+  if b.z then return body_data_z(self, b, p, n) end
+  b.total = b.total + n
+  self.on_body(b.dir, b.req, b.resp, p, n)
+end
+
+local function body_end(self, st, truncated)
+  local b = st.body
+  if not b then return end
+  st.body = nil
+  if truncated then b.flags.truncated = true end
+  if b.z then
+    if not b.zdead and not b.z.done and not b.flags.truncated and b.total >= 0 and b.z.total_in > 0 then
+      -- stream ended without the compressed end marker: still fine, what we have was delivered
+      b.flags.decode_incomplete = true
+    end
+    b.z:close()
+  end
+  self.on_body_end(b.dir, b.req, b.resp, b.total, b.flags)
+end
+
+-- request queue ---------------------------------------------------------------------------------
+local function placeholder()
+  local h = httpheader.new{ is_request = true, method = "", path = "", headers = {} }
+  h._placeholder = true
+  return h
+end
+
+local function q_push(self, req)
+  self.qt = self.qt + 1
+  self.queue[self.qt] = req
+  if self.qt - self.qh >= 1024 then          -- bound: drop the oldest unanswered request
+    self.queue[self.qh] = nil
+    self.qh = self.qh + 1
+  end
+end
+
+local function q_peek(self)
+  if self.qh <= self.qt then return self.queue[self.qh] end
+  return nil
+end
+
+local function q_pop(self)
+  if self.qh <= self.qt then
+    local r = self.queue[self.qh]
+    self.queue[self.qh] = nil
+    self.qh = self.qh + 1
+    return r
+  end
+  return nil
+end
+
+-- message start -----------------------------------------------------------------------------------
+local function start_message(self, dir, st, h, kind)
+  if kind == "req" then
+    self.req_dir = dir
+    self.stats.requests = self.stats.requests + 1
+    q_push(self, h)
+    self.on_request(h)
+    st.cur_req, st.cur_resp = h, nil
+    local fr, len = body_framing(h)
+    if fr == "chunked" then
+      body_begin(self, st, dir, h, nil, h)
+      st.mode, st.line = CHUNK_SIZE, ""
+    elseif fr == "length" and len > 0 then
+      body_begin(self, st, dir, h, nil, h)
+      st.mode, st.remaining = BODY_LEN, len
+    else
+      st.mode = HDR
+    end
+    return
+  end
+  -- response
+  local code = h:get_status()
+  local req
+  if code >= 100 and code < 200 and code ~= 101 then
+    self.stats.interim = self.stats.interim + 1
+    req = q_peek(self) or placeholder()
+    self.on_response(req, h)
+    st.mode = HDR
+    return
+  end
+  self.stats.responses = self.stats.responses + 1
+  req = q_pop(self) or placeholder()
+  self.on_response(req, h)
+  st.cur_req, st.cur_resp = req, h
+  if code == 101 or (req:is_method("CONNECT") and code >= 200 and code < 300) then
+    self.st[0].mode, self.st[1].mode = TUNNEL, TUNNEL
+    return
+  end
+  if req:is_method("HEAD") or code == 204 or code == 304 or code < 200 then
+    st.mode = HDR
+    return
+  end
+  local fr, len = body_framing(h)
+  if fr == "chunked" then
+    body_begin(self, st, dir, req, h, h)
+    st.mode, st.line = CHUNK_SIZE, ""
+  elseif fr == "length" then
+    if len > 0 then
+      body_begin(self, st, dir, req, h, h)
+      st.mode, st.remaining = BODY_LEN, len
+    else
+      st.mode = HDR
+    end
+  else
+    body_begin(self, st, dir, req, h, h)
+    st.mode = BODY_CLOSE
+  end
+end
+
+-- each mode handler consumes bytes from (p, n) and returns the count consumed ----------------------
+
+local function enter_resync(self, st)
+  if st.body then body_end(self, st, true) end
+  st.mode, st.line, st.hbuf = RESYNC, "", ""
+  self.stats.resyncs = self.stats.resyncs + 1
+end
+
+local function do_hdr(self, dir, st, p, n)
+  local s = fstring(p, n)
+  local old = st.hbuf
+  local lead = 0
+  if old == "" then
+    local a = sfind(s, "[^\r\n]")
+    if not a then return n end
+    lead = a - 1
+    if lead > 0 then s = ssub(s, a) end
+  end
+  local buf = old .. s
+  local from = #old - 3
+  if from < 1 then from = 1 end
+  -- HTTP/0.9: the answer to a version-less GET is the raw stream until close (no status line)
+  local q = q_peek(self)
+  if q and q._version == "0.9" and dir ~= self.req_dir and #buf >= 5 and ssub(buf, 1, 5) ~= "HTTP/" then
+    q_pop(self)
+    self.stats.responses = self.stats.responses + 1
+    local h = httpheader.new{ is_request = false, status = 200, headers = {} }
+    h._version = "0.9"
+    self.on_response(q, h)
+    st.cur_req, st.cur_resp = q, h
+    st.hbuf, st.first_ok = "", false
+    body_begin(self, st, dir, q, h, h)
+    st.mode = BODY_CLOSE
+    return lead
+  end
+  -- validate the first line as soon as it is complete
+  if not st.first_ok then
+    local nl = sfind(buf, "\n", 1, true)
+    if nl then
+      local kind0 = start_kind((smatch(ssub(buf, 1, nl - 1), "^(.-)\r?$")))
+      if kind0 == "req09" then
+        st.hbuf = ""
+        local h = parse_head(ssub(buf, 1, nl - 1))
+        start_message(self, dir, st, h, "req")
+        return lead + nl - #old
+      end
+      if not kind0 then
+        enter_resync(self, st, true)
+        self.stats.errors = self.stats.errors + 1
+        -- rescan this data (the text after the bad line may hold a valid start)
+        return 0, buf
+      end
+      st.first_ok = true
+    elseif #buf > MAX_LINE then
+      enter_resync(self, st, false)
+      return n
+    end
+  end
+  local i, j = sfind(buf, "\n\r?\n", from)
+  if not i then
+    if #buf > MAX_HEADER then
+      enter_resync(self, st, false)
+      self.stats.errors = self.stats.errors + 1
+      return n
+    end
+    st.hbuf = buf
+    return n
+  end
+  st.hbuf = ""
+  st.first_ok = false
+  local used = lead + j - #old
+  local h, kind = parse_head(ssub(buf, 1, i - 1))
+  if not h then
+    enter_resync(self, st, true)
+    return used
+  end
+  start_message(self, dir, st, h, kind)
+  return used
+end
+
+local function do_body_len(self, st, p, n)
+  local r = st.remaining
+  local k = n < r and n or r
+  body_data(self, st.body, p, k)
+  r = r - k
+  st.remaining = r
+  if r == 0 then
+    body_end(self, st, false)
+    st.mode = HDR
+  end
+  return k
+end
+
+-- read a line (up to \n) into st.line; returns consumed, complete_line_or_nil
+local function read_line(st, p, n)
+  for i = 0, n - 1 do
+    if p[i] == 10 then
+      local line = st.line .. fstring(p, i)
+      st.line = ""
+      return i + 1, (smatch(line, "^(.-)\r?$"))
+    end
+  end
+  st.line = st.line .. fstring(p, n)
+  return n, nil
+end
+
+local function do_chunk_size(self, st, p, n)
+  local k, line = read_line(st, p, n)
+  if not line then
+    if #st.line > MAX_LINE then enter_resync(self, st, false) end
+    return k
+  end
+  if line == "" and not st.chunk_seen_size then return k end   -- tolerate stray CRLF
+  local hex = smatch(line, "^[ \t]*(%x+)")
+  if not hex or #hex > 12 then
+    self.stats.errors = self.stats.errors + 1
+    enter_resync(self, st, true)
+    return k
+  end
+  local size = tonumber(hex, 16)
+  if size == 0 then
+    st.mode, st.trailers = TRAILER, nil
+  else
+    st.mode, st.remaining = CHUNK_DATA, size
+  end
+  return k
+end
+
+local function do_chunk_data(self, st, p, n)
+  local r = st.remaining
+  local k = n < r and n or r
+  body_data(self, st.body, p, k)
+  r = r - k
+  st.remaining = r
+  if r == 0 then st.mode, st.line = CHUNK_CRLF, "" end
+  return k
+end
+
+local function do_chunk_crlf(self, st, p, n)
+  local k, line = read_line(st, p, n)
+  if line then
+    if line ~= "" then
+      -- missing CRLF after the data: treat the line as the next size line
+      st.mode = CHUNK_SIZE
+      st.line = ""
+      local hex = smatch(line, "^[ \t]*(%x+)")
+      if not hex then
+        self.stats.errors = self.stats.errors + 1
+        enter_resync(self, st, true)
+        return k
+      end
+      local size = tonumber(hex, 16)
+      if size == 0 then st.mode, st.trailers = TRAILER, nil
+      else st.mode, st.remaining = CHUNK_DATA, size end
+    else
+      st.mode = CHUNK_SIZE
+    end
+  elseif #st.line > MAX_LINE then
+    enter_resync(self, st, false)
+  end
+  return k
+end
+
+local function do_trailer(self, st, p, n)
+  local k, line = read_line(st, p, n)
+  if not line then
+    if #st.line > MAX_LINE then body_end(self, st, true); enter_resync(self, st, false) end
+    return k
+  end
+  if line == "" then
+    if st.body and st.trailers then st.body.flags.trailers = st.trailers end
+    body_end(self, st, false)
+    st.mode, st.trailers = HDR, nil
+  else
+    local name, value = smatch(line, "^([^:]+):(.*)$")
+    if name then
+      st.trailers = st.trailers or {}
+      st.trailers[#st.trailers + 1] = { trim(name), trim(value) }
+    end
+  end
+  return k
+end
+
+-- RESYNC: look for the next request or status line anywhere in the data (a message may follow
+-- the previous body without a line break).  The scan window is the carried tail (up to
+-- RESYNC_CARRY bytes, so a start line split across calls is found) plus the new data.
+-- Returns consumed, replay: replay is the text from the start line on, to be parsed in HDR mode.
+local METHODS = { "GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+                  "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT", "SEARCH" }
+local RESYNC_CARRY = 512
+
+local function find_start(buf)
+  local best
+  local i = sfind(buf, "HTTP/1%.[01] %d%d%d[^\r\n]*\r?\n")
+  if i then best = i end
+  local init = 1
+  while true do
+    local j, _, m = sfind(buf, "(%u+) [^ \r\n]+ HTTP/1%.[01]\r?\n", init)
+    if not j or (best and j > best) then break end
+    for _, k in ipairs(METHODS) do
+      if #m >= #k and ssub(m, -#k) == k then
+        local pos = j + #m - #k
+        if not best or pos < best then best = pos end
+        break
+      end
+    end
+    if best and best <= j + #m then break end
+    init = j + 1
+  end
+  return best
+end
+
+local function do_resync(self, st, p, n)
+  local buf = st.line .. fstring(p, n)
+  local i = find_start(buf)
+  if i then
+    st.line = ""
+    st.mode, st.hbuf, st.first_ok = HDR, "", false
+    return n, ssub(buf, i)
+  end
+  st.line = #buf > RESYNC_CARRY and ssub(buf, -RESYNC_CARRY) or buf
+  return n
+end
+
+local function do_body_close(self, st, p, n)
+  body_data(self, st.body, p, n)
+  return n
+end
+
+function P:data(dir, data, n)
+  if self.closed then return end
+  local keep
+  if type(data) == "string" then
+    keep = data
+    n = n or #data
+    data = cast(u8p, data)
+  end
+  local st = self.st[dir]
+  local p = data
+  while n > 0 do
+    local mode = st.mode
+    local k, replay
+    if mode == BODY_LEN then k = do_body_len(self, st, p, n)
+    elseif mode == CHUNK_DATA then k = do_chunk_data(self, st, p, n)
+    elseif mode == HDR then k, replay = do_hdr(self, dir, st, p, n)
+    elseif mode == CHUNK_SIZE then k = do_chunk_size(self, st, p, n)
+    elseif mode == CHUNK_CRLF then k = do_chunk_crlf(self, st, p, n)
+    elseif mode == TRAILER then k = do_trailer(self, st, p, n)
+    elseif mode == BODY_CLOSE then k = do_body_close(self, st, p, n)
+    elseif mode == RESYNC then
+      local rp
+      k, rp = do_resync(self, st, p, n)
+      if rp then
+        -- a start line was found: parse from it in HDR mode
+        keep = rp
+        p, n = cast(u8p, keep), #keep
+        k = 0
+      end
+    else -- TUNNEL
+      k = n
+    end
+    if replay then
+      -- HDR rejected its first line: rescan the buffered text (old + new) in RESYNC mode
+      keep = ssub(replay, (sfind(replay, "\n", 1, true) or #replay) + 1)
+      p, n = cast(u8p, keep), #keep
+    else
+      p = p + k
+      n = n - k
+    end
+  end
+  local _ = keep
+end
+
+function P:gap(dir, len)
+  if self.closed or len <= 0 then return end
+  self.stats.gaps = self.stats.gaps + 1
+  local st = self.st[dir]
+  local mode = st.mode
+  if mode == TUNNEL then return end
+  local b = st.body
+  if mode == BODY_LEN then
+    b.flags.gap, b.flags.truncated = true, true
+    if b.z then b.zdead = true end
+    if len < st.remaining then
+      b.flags.missing = b.flags.missing + len
+      st.remaining = st.remaining - len
+      return
+    end
+    b.flags.missing = b.flags.missing + st.remaining
+    local rest = len - st.remaining
+    body_end(self, st, true)
+    if rest == 0 then
+      st.mode, st.hbuf, st.first_ok = HDR, "", false
+    else
+      enter_resync(self, st, true)
+    end
+    return
+  elseif mode == BODY_CLOSE then
+    b.flags.gap, b.flags.truncated = true, true
+    b.flags.missing = b.flags.missing + len
+    if b.z then b.zdead = true end
+    return
+  end
+  if b then
+    b.flags.gap = true
+    b.flags.missing = b.flags.missing + len
+  end
+  enter_resync(self, st, true)
+end
+
+function P:close()
+  if self.closed then return end
+  for dir = 0, 1 do
+    local st = self.st[dir]
+    if st.body then
+      body_end(self, st, st.mode ~= BODY_CLOSE)
+    end
+  end
+  self.closed = true
+end
+
+-- multipart helper ------------------------------------------------------------------------------
+-- http.multipart(content_type, body) -> list of parts {headers={{n,v}...}, name=, filename=, data=}
+-- or nil when the content type has no boundary.
+function M.multipart(ctype, body)
+  if not ctype then return nil end
+  local boundary = smatch(ctype, '[Bb]oundary="([^"]+)"') or smatch(ctype, "[Bb]oundary=([^;%s]+)")
+  if not boundary then return nil end
+  local delim = "--" .. boundary
+  local parts = {}
+  local pos = sfind(body, delim, 1, true)
+  while pos do
+    local after = pos + #delim
+    if ssub(body, after, after + 1) == "--" then break end
+    local hstart = sfind(body, "\n", after, true)
+    if not hstart then break end
+    local hi, hj = sfind(body, "\r?\n\r?\n", hstart)
+    if not hi then break end
+    local nextp = sfind(body, "\r\n" .. delim, hj + 1, true)
+    local dend = nextp and nextp - 1 or #body
+    local part = { headers = {}, data = ssub(body, hj + 1, dend) }
+    for l in ssub(body, hstart + 1, hi):gmatch("[^\r\n]+") do
+      local nm, v = smatch(l, "^([^:]+):%s*(.-)%s*$")
+      if nm then
+        part.headers[#part.headers + 1] = { nm, v }
+        if slower(nm) == "content-disposition" then
+          part.name = smatch(v, 'name="([^"]*)"')
+          part.filename = smatch(v, 'filename="([^"]*)"')
+        end
+      end
+    end
+    parts[#parts + 1] = part
+    if not nextp then break end
+    pos = nextp + 2
+  end
+  return parts
+end
+
+M._parse_head = parse_head
+return M

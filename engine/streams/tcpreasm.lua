@@ -1,0 +1,374 @@
+--[==[
+luaprobe.engine.streams.tcpreasm — TCP stream reassembly per flow and direction (LuaJIT).
+
+    local tcpreasm = require "luaprobe.engine.streams.tcpreasm"
+    local R = tcpreasm.new{
+      max_flow_bytes  = 4 << 20,   -- out-of-order bytes buffered per flow (both directions)
+      max_total_bytes = 256 << 20, -- out-of-order bytes buffered over all flows
+      max_gap         = 1 << 20,   -- out-of-order bytes buffered per direction before the hole
+                                   -- in front of them is given up (reported as a gap)
+      cb       = function(flow_id, dir, offset, ptr_or_string, len) end,  -- in-order bytes
+      cb_gap   = function(flow_id, dir, offset, missing_len) end,
+      cb_close = function(flow_id, reason) end,   -- reason "fin" | "rst" | "timeout"
+    }
+    R:packet(flow_id, pdir, seq, flags, payload_ptr, payload_len, ts[, cb[, ack]])
+    R:expire(flow_id)        -- timeout: flush holes (gaps), cb_close(id, "timeout"), forget the flow
+    R:forget(flow_id)        -- drop all state silently (flow-table record freed after a close)
+    R:client_dir(flow_id)    -- the flow-table dir (0/1) of the client, or nil
+    R.stats                  -- counters, see below
+    R.buffered               -- out-of-order bytes held now (all flows)
+
+Inputs.  flow_id: any Lua value unique per flow (flowtable entry(idx).id);
+pdir: the flow table's direction of the packet (0 = A->Z, 1 = Z->A); seq: the
+TCP sequence number (0..2^32-1); flags: the TCP flags byte; payload_ptr: a
+const uint8_t* (or a Lua string) valid during the call; ts: packet time.  The
+optional cb argument overrides the data callback for this call; the optional
+ack (the TCP acknowledgment number, used when flags has ACK) lets a hole be
+given up as soon as the peer acknowledges data beyond it (the bytes were sent
+but not captured: tshark's "ACKed segment that wasn't captured").
+
+Direction (pinned; see trisul-lua-api.md §11.4).  Callbacks receive dir 0 =
+client->server, 1 = server->client, the convention of fileextract.md /
+filex_monitor.  The client is the sender of a SYN (without ACK), or the
+receiver of a SYN+ACK; when the handshake was not captured the client is the
+flow table's A end, i.e. the end with the higher port (the flow key's rule:
+Z is the lower port, tie broken by address).  reassembly_handler scripts
+(reassembly.md, §4.4) number directions the other way (1 = client->server):
+the plug-in wiring flips dir for them.
+
+Offsets are stream offsets per direction: 0 is the first byte after the SYN,
+or the first payload byte seen when the flow was picked up mid-stream (its
+sequence number becomes the base).  All sequence arithmetic is 32-bit
+modular: a segment's position is the signed 32-bit difference from the next
+expected sequence number, added to a 53-bit stream offset, so wraparound is
+transparent.
+
+Delivery.  Bytes are delivered exactly once and in order.  An in-order segment
+is handed over zero-copy (the caller's pointer, advanced past any part already
+delivered); out-of-order segments are copied into Lua strings and delivered as
+strings when the hole in front of them is filled.
+
+Overlap policy: "first" (BSD / Linux): bytes received first win.  Bytes already
+delivered are never redelivered; a segment overlapping buffered out-of-order
+data only contributes the parts not already buffered.  Fully duplicate bytes
+count as retransmitted_bytes; a segment that is partly new and partly old
+counts one in overlaps (its old bytes also count as retransmitted_bytes).
+
+Gaps.  A hole is given up, reported as cb_gap(id, dir, offset, missing) and
+delivery continues after it, when (0) the peer's ACK covers data beyond the
+hole (ack argument), (a) the out-of-order bytes buffered for the
+direction exceed max_gap, (b) a memory cap is hit (below), or (c) the flow
+closes (FIN both ways, RST, expire) with data still buffered behind a hole,
+or with a FIN whose sequence number lies beyond the delivered bytes.
+
+Caps.  When buffering a segment would exceed max_flow_bytes for the flow or
+max_total_bytes overall, the direction's first hole is given up (a gap) to
+free memory; if the segment still does not fit it is dropped and counted
+(cap_drops_flow / cap_drops_total); the dropped bytes later show up as a gap.
+
+Close.  FIN in both directions (each delivered up to its FIN), RST in either
+direction, or R:expire(id).  cb_close is called once; the flow state is then
+kept as a small "closed" marker (later packets of the same id are ignored)
+until R:forget(id) or R:expire(id).
+
+R.stats: segments (segments with payload), bytes_delivered,
+retransmitted_bytes, overlaps, out_of_order (segments buffered out of order),
+gaps, gap_bytes, cap_drops_flow, cap_drops_total, flows (created), closed.
+]==]
+local ffi = require "ffi"
+local bit = require "bit"
+local band = bit.band
+local fstring = ffi.string
+local u8p = ffi.typeof("const uint8_t *")
+
+local SYN, FIN, RST, ACK = 0x02, 0x01, 0x04, 0x10
+local TWO32, TWO31 = 4294967296, 2147483648
+
+local M = {}
+local R = {}
+R.__index = R
+
+function M.new(opts)
+  opts = opts or {}
+  local self = setmetatable({
+    max_flow_bytes = opts.max_flow_bytes or 4 * 1048576,
+    max_total_bytes = opts.max_total_bytes or 256 * 1048576,
+    max_gap = opts.max_gap or 1048576,
+    cb = opts.cb, cb_gap = opts.cb_gap, cb_close = opts.cb_close,
+    flows = {},
+    buffered = 0,
+    stats = { segments = 0, bytes_delivered = 0, retransmitted_bytes = 0, overlaps = 0, out_of_order = 0,
+              gaps = 0, gap_bytes = 0, cap_drops_flow = 0, cap_drops_total = 0, flows = 0, closed = 0 },
+  }, R)
+  return self
+end
+
+-- signed 32-bit difference a - b
+local function sdiff(a, b)
+  local d = (a - b) % TWO32
+  if d >= TWO31 then d = d - TWO32 end
+  return d
+end
+
+local function new_stream()
+  -- started: base sequence known; nxt: next expected seq (uint32); off: stream offset of nxt
+  -- segs: sorted non-overlapping out-of-order segments {off, string}; fin_off: stream offset of FIN
+  return { started = false, nxt = 0, off = 0, segs = {}, nbuf = 0, fin_off = nil, done = false }
+end
+
+local function get_flow(self, id, pdir, flags)
+  local f = self.flows[id]
+  if f then return f end
+  -- client: SYN sender, SYN+ACK receiver, else the A end (pdir 0)
+  local client = 0
+  if band(flags, SYN) ~= 0 then
+    client = band(flags, ACK) ~= 0 and 1 - pdir or pdir
+  end
+  f = { client = client, s = { [0] = new_stream(), [1] = new_stream() }, nbuf = 0, closed = false, last_ts = 0 }
+  self.flows[id] = f
+  self.stats.flows = self.stats.flows + 1
+  return f
+end
+
+local function deliver(self, id, dir, s, p, n, cb)
+  local off = s.off
+  s.off = off + n
+  s.nxt = (s.nxt + n) % TWO32
+  self.stats.bytes_delivered = self.stats.bytes_delivered + n
+  if cb then cb(id, dir, off, p, n) end
+end
+
+-- deliver buffered segments that are now contiguous
+local function drain(self, id, dir, f, s, cb)
+  local segs = s.segs
+  while segs[1] do
+    local sg = segs[1]
+    local so, str = sg[1], sg[2]
+    local n = #str
+    if so > s.off then break end
+    table.remove(segs, 1)
+    s.nbuf = s.nbuf - n
+    f.nbuf = f.nbuf - n
+    self.buffered = self.buffered - n
+    local skip = s.off - so
+    if skip < n then
+      if skip > 0 then
+        deliver(self, id, dir, s, str:sub(skip + 1), n - skip, cb)
+      else
+        deliver(self, id, dir, s, str, n, cb)
+      end
+    end
+  end
+end
+
+-- give up the first hole of the direction (gap), deliver what follows it
+local function skip_hole(self, id, dir, f, s, cb)
+  local sg = s.segs[1]
+  if not sg then return false end
+  local missing = sg[1] - s.off
+  if missing > 0 then
+    self.stats.gaps = self.stats.gaps + 1
+    self.stats.gap_bytes = self.stats.gap_bytes + missing
+    if self.cb_gap then self.cb_gap(id, dir, s.off, missing) end
+    s.off = s.off + missing
+    s.nxt = (s.nxt + missing) % TWO32
+  end
+  drain(self, id, dir, f, s, cb)
+  return true
+end
+
+-- insert (abs, p, n) into the out-of-order list, first-received bytes win
+local function buffer_seg(self, f, s, abs, p, n)
+  local segs = s.segs
+  local st = self.stats
+  local pos, e = abs, abs + n
+  local i = 1
+  local added, overlapped = 0, false
+  while pos < e do
+    local sg = segs[i]
+    local so = sg and sg[1] or math.huge
+    if pos < so then
+      local stop = e < so and e or so
+      local piece = fstring(p + (pos - abs), stop - pos)
+      table.insert(segs, i, { pos, piece })
+      added = added + (stop - pos)
+      i = i + 1
+      pos = stop
+    else
+      local send = so + #sg[2]
+      if pos < send then
+        overlapped = true
+        local stop = e < send and e or send
+        st.retransmitted_bytes = st.retransmitted_bytes + (stop - pos)
+        pos = stop
+      end
+      i = i + 1
+    end
+  end
+  if overlapped and added > 0 then st.overlaps = st.overlaps + 1 end
+  s.nbuf = s.nbuf + added
+  f.nbuf = f.nbuf + added
+  self.buffered = self.buffered + added
+end
+
+local function close_flow(self, id, f, reason, cb)
+  if f.closed then return end
+  -- flush: give up every remaining hole
+  for dir = 0, 1 do
+    local s = f.s[dir]
+    while s.segs[1] do skip_hole(self, id, dir, f, s, cb) end
+    if s.fin_off and s.fin_off > s.off then
+      local missing = s.fin_off - s.off
+      self.stats.gaps = self.stats.gaps + 1
+      self.stats.gap_bytes = self.stats.gap_bytes + missing
+      if self.cb_gap then self.cb_gap(id, dir, s.off, missing) end
+      s.off = s.fin_off
+    end
+  end
+  f.closed = true
+  f.s = nil
+  self.stats.closed = self.stats.closed + 1
+  if self.cb_close then self.cb_close(id, reason) end
+end
+
+local function fin_check(self, id, f, cb)
+  local s0, s1 = f.s[0], f.s[1]
+  if s0.fin_off and s1.fin_off and s0.off >= s0.fin_off and s1.off >= s1.fin_off then
+    close_flow(self, id, f, "fin", cb)
+  end
+end
+
+-- the peer acknowledged up to `ack`: holes of direction `dir` below it were sent but not captured
+local function ack_check(self, id, dir, f, s, ack, cb)
+  local a = s.off + sdiff(ack, s.nxt)
+  while s.segs[1] and s.segs[1][1] <= a and a > s.off do
+    skip_hole(self, id, dir, f, s, cb)
+  end
+end
+
+function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
+  cb = cb or self.cb
+  local f = self.flows[id]
+  if f == nil then f = get_flow(self, id, pdir, flags) end
+  if f.closed then return end
+  f.last_ts = ts or f.last_ts
+  local dir = (pdir == f.client) and 0 or 1
+  local s = f.s[dir]
+  if ack and band(flags, ACK) ~= 0 then
+    local o = f.s[1 - dir]
+    if o.segs[1] then ack_check(self, id, 1 - dir, f, o, ack, cb) end
+  end
+  if type(p) == "string" then
+    local str = p
+    n = n or #str
+    p = ffi.cast(u8p, str)
+  end
+  if band(flags, SYN) ~= 0 then
+    if not s.started then
+      s.started = true
+      s.nxt = (seq + 1) % TWO32
+    end
+    seq = (seq + 1) % TWO32
+    -- data on a SYN (TFO) follows the SYN's own sequence number
+  end
+  if not s.started then
+    if n <= 0 and band(flags, FIN) == 0 then
+      if band(flags, RST) ~= 0 then close_flow(self, id, f, "rst", cb) end
+      return
+    end
+    s.started = true       -- mid-stream pickup: the first seen sequence number is offset 0
+    s.nxt = seq
+  end
+  local abs = s.off + sdiff(seq, s.nxt)
+  if n > 0 then
+    local st = self.stats
+    st.segments = st.segments + 1
+    local e = abs + n
+    if e <= s.off then
+      st.retransmitted_bytes = st.retransmitted_bytes + n
+    elseif abs <= s.off then
+      local skip = s.off - abs
+      if skip > 0 then
+        st.retransmitted_bytes = st.retransmitted_bytes + skip
+        st.overlaps = st.overlaps + 1
+      end
+      deliver(self, id, dir, s, p + skip, n - skip, cb)
+      if s.segs[1] then drain(self, id, dir, f, s, cb) end
+    else
+      -- out of order
+      st.out_of_order = st.out_of_order + 1
+      if f.nbuf + n > self.max_flow_bytes then
+        skip_hole(self, id, dir, f, s, cb)
+        if f.nbuf + n > self.max_flow_bytes and abs > s.off then
+          st.cap_drops_flow = st.cap_drops_flow + 1
+          n = 0
+        end
+      end
+      if n > 0 and self.buffered + n > self.max_total_bytes then
+        skip_hole(self, id, dir, f, s, cb)
+        if self.buffered + n > self.max_total_bytes and abs > s.off then
+          st.cap_drops_total = st.cap_drops_total + 1
+          n = 0
+        end
+      end
+      if n > 0 then
+        if abs <= s.off then
+          -- a forced skip made it in order
+          if e > s.off then
+            local skip = s.off - abs
+            deliver(self, id, dir, s, p + skip, n - skip, cb)
+            if s.segs[1] then drain(self, id, dir, f, s, cb) end
+          end
+        else
+          buffer_seg(self, f, s, abs, p, n)
+          while s.nbuf > self.max_gap and s.segs[1] do skip_hole(self, id, dir, f, s, cb) end
+        end
+      end
+    end
+  end
+  if band(flags, RST) ~= 0 then
+    close_flow(self, id, f, "rst", cb)
+    return
+  end
+  if band(flags, FIN) ~= 0 then
+    local fo = abs + (n > 0 and n or 0)
+    if not s.fin_off or fo < s.fin_off then s.fin_off = fo end
+  end
+  if s.fin_off then fin_check(self, id, f, cb) end
+end
+
+function R:expire(id, cb)
+  local f = self.flows[id]
+  if not f then return false end
+  if not f.closed then
+    close_flow(self, id, f, "timeout", cb or self.cb)
+  end
+  self.flows[id] = nil
+  return true
+end
+
+function R:forget(id)
+  local f = self.flows[id]
+  if not f then return end
+  if not f.closed then
+    self.buffered = self.buffered - f.nbuf
+  end
+  self.flows[id] = nil
+end
+
+function R:client_dir(id)
+  local f = self.flows[id]
+  return f and f.client
+end
+
+-- flows with no packet since `before` (packet time): expire them all; returns the count
+function R:expire_idle(before)
+  local ids = {}
+  for id, f in pairs(self.flows) do
+    if f.last_ts < before then ids[#ids + 1] = id end
+  end
+  for _, id in ipairs(ids) do self:expire(id) end
+  return #ids
+end
+
+return M

@@ -1,0 +1,138 @@
+--[[
+luaprobe.engine.streams.zlib — streaming gzip / zlib / raw-deflate inflation through the
+system libz (ffi.load "z", libz.so.1 on Debian).
+
+    local zlib = require "luaprobe.engine.streams.zlib"
+    local z = zlib.inflater(mode)     -- mode: "gzip" | "deflate" | "auto" (default)
+    local ok, err = z:feed(ptr_or_string, len, out)  -- out(ptr, n) per output piece (ptr valid only
+                                                      -- during the call)
+    z.done          -- true after the end of the compressed stream (later input is ignored)
+    z.failed        -- error string once decoding failed (later input is ignored)
+    z.total_in, z.total_out
+    z:close()       -- frees the z_stream (also done by the GC)
+    zlib.inflate(str[, mode]) -> whole output string or nil, err   (tests, small bodies)
+
+Modes.  inflateInit2 with windowBits 15+32 detects gzip and zlib headers
+automatically.  HTTP "Content-Encoding: deflate" is meant to be zlib-wrapped
+(RFC 9110) but many servers send raw deflate: for mode "deflate" (and "auto")
+the first inflate error before any output is produced restarts the stream as raw
+deflate (windowBits -15) and refeeds the bytes seen so far (they are kept only
+until the first output byte).
+]]
+local ffi = require "ffi"
+
+if not pcall(ffi.typeof, "lp_z_stream") then
+  ffi.cdef [[
+typedef struct lp_z_stream_s {
+  const uint8_t *next_in;  unsigned int avail_in;  unsigned long total_in;
+  uint8_t *next_out;       unsigned int avail_out; unsigned long total_out;
+  const char *msg;  void *state;
+  void *zalloc;  void *zfree;  void *opaque;
+  int data_type;  unsigned long adler;  unsigned long reserved;
+} lp_z_stream;
+const char *zlibVersion(void);
+int inflateInit2_(lp_z_stream *strm, int windowBits, const char *version, int stream_size);
+int inflate(lp_z_stream *strm, int flush);
+int inflateEnd(lp_z_stream *strm);
+]]
+end
+
+local Z = ffi.load("z")
+local Z_OK, Z_STREAM_END, Z_NEED_DICT, Z_BUF_ERROR = 0, 1, 2, -5
+local OUTSZ = 65536
+local u8p = ffi.typeof("const uint8_t *")
+local VERSION = Z.zlibVersion()
+local SSIZE = ffi.sizeof("lp_z_stream")
+
+local M = {}
+local Inf = {}
+Inf.__index = Inf
+
+local function init(self, wbits)
+  local strm = ffi.new("lp_z_stream")
+  local rc = Z.inflateInit2_(strm, wbits, VERSION, SSIZE)
+  if rc ~= Z_OK then error("inflateInit2 failed: " .. rc) end
+  self.strm = ffi.gc(strm, Z.inflateEnd)
+  self.wbits = wbits
+end
+
+function M.inflater(mode)
+  local self = setmetatable({ mode = mode or "auto", done = false, failed = nil,
+                              total_in = 0, total_out = 0, out = ffi.new("uint8_t[?]", OUTSZ),
+                              pending = {} }, Inf)
+  init(self, 15 + 32)
+  self.can_retry = (self.mode ~= "gzip")
+  return self
+end
+
+-- Run inflate over (p, n); returns true or nil, err.  Z_BUF_ERROR (no progress
+-- possible: more input needed) is not an error.
+local function run(self, p, n, out)
+  local strm, obuf = self.strm, self.out
+  strm.next_in = p
+  strm.avail_in = n
+  while true do
+    strm.next_out = obuf
+    strm.avail_out = OUTSZ
+    local rc = Z.inflate(strm, 0)
+    local produced = OUTSZ - strm.avail_out
+    if produced > 0 then
+      self.total_out = self.total_out + produced
+      if self.pending then self.pending = nil end   -- past the raw-deflate retry window
+      out(obuf, produced)
+    end
+    if rc == Z_STREAM_END then
+      self.done = true
+      return true
+    elseif rc == Z_BUF_ERROR then
+      return true
+    elseif rc ~= Z_OK then
+      return nil, (strm.msg ~= nil and ffi.string(strm.msg) or ("inflate error " .. rc))
+    end
+    if strm.avail_in == 0 and strm.avail_out ~= 0 then return true end
+  end
+end
+
+function Inf:feed(data, len, out)
+  if self.done or self.failed then return true end
+  local p, keep = data, nil
+  if type(data) == "string" then
+    len = len or #data
+    keep = data
+    p = ffi.cast(u8p, data)
+  end
+  if len <= 0 then return true end
+  self.total_in = self.total_in + len
+  if self.pending then self.pending[#self.pending + 1] = ffi.string(p, len) end
+  local ok, err = run(self, p, len, out)
+  if not ok and self.can_retry and self.pending and self.total_out == 0 then
+    -- retry once as raw deflate with everything seen so far
+    local all = table.concat(self.pending)
+    self.can_retry = false
+    init(self, -15)
+    self.pending = nil
+    ok, err = run(self, ffi.cast(u8p, all), #all, out)
+    keep = all
+  end
+  if not ok then self.failed = err; return nil, err end
+  local _ = keep
+  return true
+end
+
+function Inf:close()
+  if self.strm then
+    Z.inflateEnd(ffi.gc(self.strm, nil))
+    self.strm = nil
+  end
+end
+
+function M.inflate(s, mode)
+  local z = M.inflater(mode)
+  local parts = {}
+  local ok, err = z:feed(s, #s, function(p, n) parts[#parts + 1] = ffi.string(p, n) end)
+  z:close()
+  if not ok then return nil, err end
+  return table.concat(parts)
+end
+
+return M

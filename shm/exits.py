@@ -1,0 +1,38 @@
+"""Exit codes of every luaprobe process, and how a child's exit status is described (one table).
+
+The CLI's codes are documented in README.md ("Exit codes"); the supervisor and the worker pool
+describe a child's end with :func:`describe_exit`; child processes call :func:`die_with_parent`.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1     #: prctl(2)
+
+EXIT_OK = 0          #: success
+EXIT_INTERNAL = 1    #: internal error (a bug: the log has the traceback)
+EXIT_USAGE = 2       #: usage error: a bad flag, config key or argument
+EXIT_INPUT = 3       #: input error: a bad capture (the message names the file and byte offset)
+EXIT_PLUGIN = 4      #: plug-in error: a plug-in failed to load, or a hook failed on every call
+EXIT_RECYCLE = 75    #: a worker leaving on purpose (max tasks / RSS); the pool restarts it without backoff
+
+
+def describe_exit(rc: int) -> str:
+    """``rc`` as Popen.returncode gives it: 'exit status 1' or 'killed by SIGKILL'."""
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit status {rc}"
+
+
+def die_with_parent(ppid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG), and exit now
+    if the parent ``ppid`` is already gone (the process was reparented before the call)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != ppid:
+        os._exit(0)
