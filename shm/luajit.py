@@ -7,10 +7,17 @@ the _lpsync library that the Lua side loads with ``ffi.load``.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 
 from lupa import luajit21
+
+# C Lua modules (lsqlite3, luasocket, ...) are shared objects that expect the Lua C API (lua_pushinteger, ...) in
+# the process's global symbol namespace, as a `lua` executable provides it.  lupa statically links LuaJIT into
+# its extension module, which Python dlopens RTLD_LOCAL; re-opening it RTLD_GLOBAL | RTLD_NOLOAD promotes its
+# exported lua_* / luaL_* symbols to global, so `require "lsqlite3"` resolves against this very VM library.
+ctypes.CDLL(luajit21.__file__, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
 
 PACKAGES = ("engine", "workers", "shm")    #: luaprobe.<name> packages that hold Lua modules
 
@@ -56,6 +63,11 @@ def lua_path(dirs=()) -> str:
     return ";".join(parts)
 
 
+def lua_cpath(dirs=()) -> str:
+    """A package.cpath fragment: C modules (``?.so``) in the given plug-in directories, before the system ones."""
+    return ";".join(os.path.join(d, "?.so") for d in dirs)
+
+
 def new_runtime(search_dirs=(), encoding: str | None = None) -> luajit21.LuaRuntime:
     """A fresh LuaJIT VM with package.path set and luaprobe.config preloaded.
 
@@ -63,10 +75,11 @@ def new_runtime(search_dirs=(), encoding: str | None = None) -> luajit21.LuaRunt
     """
     lua = luajit21.LuaRuntime(unpack_returned_tuples=True, register_eval=False, encoding=encoding)
     setup = lua.eval(
-        "function(path, lpsync) package.path = path .. ';' .. package.path;"
+        "function(path, cpath, lpsync) package.path = path .. ';' .. package.path;"
+        " package.cpath = cpath .. ';' .. package.cpath;"
         " package.loaded['luaprobe.config'] = {lpsync = lpsync} end"
     )
-    setup(lua_path(search_dirs).encode(), lpsync_path().encode())
+    setup(lua_path(search_dirs).encode(), lua_cpath(search_dirs).encode(), lpsync_path().encode())
     lua.execute(_LOADER, table(lua, package_dirs()))
     return lua
 
