@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 LEVELS = ["EMERG", "FATAL", "ALERT", "CRIT", "ERROR", "WARN", "NOTICE", "INFO", "DEBUG"]
 _PY_LEVEL = {0: 50, 1: 50, 2: 50, 3: 50, 4: 40, 5: 30, 6: 20, 7: 20, 8: 10}
@@ -23,9 +24,16 @@ def lua_log(level, script, instance, msg) -> None:
 
 
 def lua_print(script, instance, line) -> None:
-    """Sink for Lua print(): stdout, each line tagged with script and instance."""
+    """Sink for Lua print() in plug-in VMs and workers: stdout, each line tagged ``[script#instance]``.
+
+    The whole line goes out in one write(2) (not through Python's buffer), so lines printed at the same time by
+    the fast path and by several worker processes sharing stdout never interleave within a line (a pipe keeps a
+    write of up to PIPE_BUF = 4096 bytes whole; a file or terminal keeps any single write whole)."""
     name = os.path.basename(_text(script)) if script else "lua"
-    print(f"[{name}#{_text(instance)}] {_text(line)}", flush=True)
+    data = f"[{name}#{_text(instance)}] {_text(line)}\n".encode("utf-8", "replace")
+    sys.stdout.flush()                       # keep order with anything Python printed before
+    while data:
+        data = data[os.write(sys.stdout.fileno(), data):]
 
 
 def setup(verbose: bool = False, json_lines: bool = False) -> None:

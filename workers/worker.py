@@ -37,7 +37,8 @@ def build_vm(script: str, lua_path, slot: int):
     from luaprobe.shm.luajit import new_runtime, table
 
     lua = new_runtime(plugin_dirs(script or None, lua_path))
-    install = lua.eval("function(opts) return require('luaprobe.engine.plugins.tlib').install(opts) end")
+    install = lua.eval("function(opts) local tlib = require('luaprobe.engine.plugins.tlib');"
+                       " local T = tlib.install(opts); tlib.wrap_print(opts); return T end")
     opts = table(lua, {
         "script": script or "worker",
         "instance": f"worker-{slot}",

@@ -1,4 +1,4 @@
-"""C Lua modules (the lsqlite3 / luasocket kind) load in plug-in VMs and in T.async workers (issue 14.6).
+"""Plug-in runtime: C Lua modules load in plug-in VMs and T.async workers (issue 14.6); print lines (14.7).
 
 A real C module is compiled here with gcc against the Lua C API (declared by hand: no Lua headers needed) and put
 beside the plug-in, where Trisul users keep their modules; the plug-in counts TCP packets under the key the C
@@ -73,3 +73,37 @@ def test_c_module_loads_in_plugin_and_worker(tmp_path):
     finally:
         db.close()
     assert rows == {"42": len(tcp), "async-1007": 1}
+
+
+PRINTER = """
+TrisulPlugin = { id = { name = "printer" }, request_async_workers = 3,
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(engine, layer)
+      n = (n or 0) + 1
+      print("front", n, string.rep("f", 3000))
+      for k = 1, 5 do
+        T.async:schedule({ data = n .. "." .. k,
+          onexecute = function(d) print("work", d, string.rep("w", 3000)) return nil end })
+      end
+    end } }
+"""
+
+
+def test_print_in_onexecute_is_tagged_and_whole(tmp_path):
+    """Issue 14.7: worker print lines carry [script#worker-N] like plug-in lines, and 3 workers plus the fast path
+    printing 3 KB lines at once into one pipe never interleave within a line."""
+    import re
+    plug = tmp_path / "printer.lua"
+    plug.write_text(PRINTER)
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(plug), "--pcap", SAMPLE,
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    tcp = int(subprocess.run(["tshark", "-r", SAMPLE, "-Y", "tcp", "-T", "fields", "-e", "frame.number"],
+                             capture_output=True, text=True, check=True).stdout.count("\n"))
+    front = re.compile(r"\[printer\.lua#[0-9A-F]+\] front\t(\d+)\t" + "f" * 3000)
+    work = re.compile(r"\[printer\.lua#worker-[123]\] work\t(\d+\.\d)\t" + "w" * 3000)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("[printer.lua#")]
+    assert all(front.fullmatch(x) or work.fullmatch(x) for x in lines)
+    assert sorted(int(front.fullmatch(x).group(1)) for x in lines if front.fullmatch(x)) == list(range(1, tcp + 1))
+    assert sorted(work.fullmatch(x).group(1) for x in lines if work.fullmatch(x)) == \
+        sorted(f"{n}.{k}" for n in range(1, tcp + 1) for k in range(1, 6))
