@@ -18,7 +18,10 @@ import psutil
 from luaprobe.shm import segment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PCAPS = os.path.join(REPO, "..", "shared", "pcaps")
+# The captures the tests read, shipped in the repository (tests/data/MANIFEST.md: source and licence).
+PCAPS = os.path.join(REPO, "tests", "data")
+# The optional larger corpus (captures no test needs beyond tests/test_pcapfile.py's pinned check).
+CORPUS = os.environ.get("LUAPROBE_CORPUS", os.path.join(REPO, "..", "shared", "pcaps"))
 
 
 def children() -> list[psutil.Process]:

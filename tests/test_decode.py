@@ -1,6 +1,6 @@
 """Tests for engine/fastpath/decode.lua (the LuaJIT ffi layer decoder).
 
-Real captures from /work/shared/pcaps are decoded and compared with
+Real captures from tests/data are decoded and compared with
 expectations derived once with tshark (Wireshark 4.x) and PINNED below, so
 tshark is not needed at test time.  The derivation (kept for reproduction:
 ``python tests/test_decode.py --derive FILE...`` with tshark installed) runs
@@ -31,7 +31,7 @@ import pytest
 from luaprobe.shm.luajit import new_runtime
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PCAPS = os.path.join(REPO_ROOT, '..', 'shared', 'pcaps')
+from tests.helpers import PCAPS  # noqa: E402  (tests/data)
 
 PROTO = dict(ETHERNET=1, VLAN=2, MPLS=3, SLL=4, SLL2=5, IPV4=6, IPV6=7, TCP=8, UDP=9, ICMP=10, ICMPV6=11,
              ARP=12, LOOPBACK=13, PPPOE=14)

@@ -3,7 +3,7 @@
 Most runs call ``FastPath(RunConfig(...)).run()`` in-process (it returns the summary dict); a few go
 through ``python -m luaprobe.engine.daemon.cli`` for exit codes and messages.  Every expected number comes from
 tshark/capinfos (Wireshark 4.0.17) and is pinned here with the command that produced it, so the tests
-never need tshark at run time.  ``$P`` below is tests/helpers.PCAPS (/work/shared/pcaps).
+never need tshark at run time.  ``$P`` below is tests/helpers.PCAPS (tests/data).
 
 Protocol filters: the decoder does not look inside ICMP error payloads, so "TCP packets" means
 ``tcp and not icmp and not icmpv6`` (tshark would otherwise count the TCP/UDP header an ICMP error

@@ -1,6 +1,6 @@
 """Tests for engine/fastpath/flowtable.lua (the bidirectional 5-tuple flow table).
 
-Real captures from /work/shared/pcaps are decoded, run through the table and
+Real captures from tests/data are decoded, run through the table and
 compared with tshark numbers derived once and PINNED below (tshark is not
 needed at test time).  Reproduce with tshark installed:
 
@@ -44,7 +44,7 @@ from luaprobe.engine.capture.pcapfile import open_capture
 from luaprobe.shm.luajit import new_runtime
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PCAPS = os.path.join(REPO_ROOT, '..', 'shared', 'pcaps')
+from tests.helpers import PCAPS  # noqa: E402  (tests/data)
 
 STATE = dict(INIT=0x1, SEEN_SYN=0x2, SEEN_SYN_ACK=0x4, SEEN_SYN_ACK_ACK=0x8, A_END_SERVER=0x10,
              Z_END_SERVER=0x20, SEEN_FIN=0x40, SEEN_RST=0x80, TIMEDOUT=0x100, TERMINATED=0x800)

@@ -1,6 +1,6 @@
 """Tests for engine/streams/http.lua (HTTP/1.x over reassembled TCP) and engine/streams/zlib.lua.
 
-Real captures from /work/shared/pcaps run through ONE Lua loop: pcapfile walker -> decode.lua ->
+Real captures from tests/data run through ONE Lua loop: pcapfile walker -> decode.lua ->
 flowtable.lua -> tcpreasm.lua -> http.lua; every decoded body (response bodies and request bodies,
 POST included) is written to a file and the multiset of their SHA-256s is compared with what tshark
 exports.  tshark is not needed at run time: its export sets are PINNED below, derived with

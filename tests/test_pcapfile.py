@@ -1,6 +1,7 @@
 """engine/capture/pcapfile.lua (record walker) and engine/capture/pcapfile.py (mmap + errors).
 
-Reference numbers for ../shared/pcaps were pinned with Wireshark 4.0.17
+Reference numbers for the captures in tests/data (and the two of the optional larger corpus,
+$LUAPROBE_CORPUS, that are not shipped) were pinned with Wireshark 4.0.17
 (`capinfos -M -c`, `tshark -T fields -e frame.cap_len -e frame.len -e frame.time_epoch
 -e frame.interface_id`) and agree record by record with the walker, except where noted:
 
@@ -28,8 +29,8 @@ from hypothesis import strategies as st
 from luaprobe.engine.capture.pcapfile import InputError, count_packets, open_capture
 from luaprobe.shm.luajit import new_runtime
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PCAPS = os.path.join(REPO, "..", "shared", "pcaps")
+from tests.helpers import CORPUS, PCAPS
+
 NS = 1_000_000_000
 
 
@@ -151,21 +152,33 @@ def records_of(data: bytes):
     return [r for r in txt.decode().split(";") if r], err, eoff
 
 
+# Pinned below but not shipped in tests/data (tests/data/MANIFEST.md): read from the optional corpus.
+OPTIONAL = {"ftp-pdf-exe.pcap", "trisul-tutorial.pcap"}
+
+
 def corpus():
-    if not os.path.isdir(PCAPS):
-        return []
     return sorted(f for f in os.listdir(PCAPS) if f.endswith((".pcap", ".pcapng")))
 
 
 def test_corpus_present_and_pinned():
-    files = corpus()
-    assert files, f"capture corpus not found at {PCAPS}"
-    assert set(files) == set(REFERENCE)
+    """Every shipped capture is pinned, and every pinned capture is shipped or known optional."""
+    files = set(corpus())
+    assert files == set(REFERENCE) - OPTIONAL
+
+
+def capture_path(name):
+    """tests/data/NAME, or the optional corpus's copy (the test is skipped when it is absent)."""
+    if name not in OPTIONAL:
+        return os.path.join(PCAPS, name)
+    path = os.path.join(CORPUS, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"{name} is in the optional corpus only ({CORPUS} not present)")
+    return path
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_corpus_file(name):
-    path = os.path.join(PCAPS, name)
+    path = capture_path(name)
     n, nbytes, first, last, lts, ifs, eoff = REFERENCE[name]
     s = summary(path)
     assert (s["n"], s["bytes"]) == (n, nbytes)

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(REPO, "tools", "bench"))
 from gen_capture import records  # noqa: E402  (one pcap record indexer for both bench tools)
 
 DATA = os.path.join(REPO, "tools", "bench", "data")
-SOURCE = os.path.join(REPO, "..", "shared", "pcaps", "http-website-keepalive.pcap")
+SOURCE = os.path.join(REPO, "tests", "data", "http-website-keepalive.pcap")
 CLIENT = bytes([10, 0, 2, 15])
 ETH_IP_SRC, ETH_IP_DST = 14 + 12, 14 + 16       # IPv4 addresses in an Ethernet frame (no VLAN)
 

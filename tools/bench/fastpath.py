@@ -28,7 +28,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 DATA = os.path.join(REPO, "tools", "bench", "data")
-SOURCE = os.path.join(REPO, "..", "shared", "pcaps", "tcp-echo-many-flows.pcap")
+SOURCE = os.path.join(REPO, "tests", "data", "tcp-echo-many-flows.pcap")
 
 PLUGIN = r"""
 TrisulPlugin = { id = { name = "dport counter" },
