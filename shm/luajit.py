@@ -8,8 +8,10 @@ the _lpsync library that the Lua side loads with ``ffi.load``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
+import struct
 
 from lupa import luajit21
 
@@ -55,6 +57,37 @@ def lpsync_path() -> str:
     return spec.origin
 
 
+class AhoCorasick:
+    """Multi-pattern search for T.ac (engine/plugins/ac.lua) on the maintained ahocorasick-rs library.
+
+    ``patterns`` is a Lua array of strings.  :meth:`find` returns, packed as little-endian uint32 pairs, the
+    1-based index of each pattern found and the 1-based position of its match's last byte (the reference's
+    ``pos``), the first occurrence of each pattern, in the order the matches end; ``one`` stops at the first."""
+
+    def __init__(self, patterns):
+        import ahocorasick_rs
+        pats = [bytes(patterns[k]) for k in range(1, len(patterns) + 1)]
+        self._ac = ahocorasick_rs.BytesAhoCorasick(pats) if pats else None
+
+    def find(self, text: bytes, one: bool) -> bytes:
+        if self._ac is None:
+            return b""
+        seen: dict[int, int] = {}
+        for idx, _start, end in self._ac.find_matches_as_indexes(bytes(text), overlapping=True):
+            if idx not in seen:
+                seen[idx] = end
+                if one:
+                    break
+        return struct.pack(f"<{2 * len(seen)}I", *(v for kv in seen.items() for v in (kv[0] + 1, kv[1])))
+
+
+@functools.cache
+def _lpre2_path() -> bytes | None:
+    """Path of the RE2 shim (engine/plugins/_lpre2.cc), or None when luaprobe was built without RE2."""
+    spec = importlib.util.find_spec("luaprobe.engine.plugins._lpre2")
+    return spec.origin.encode() if spec is not None and spec.origin else None
+
+
 def lua_path(dirs=()) -> str:
     """A package.path fragment for the given plug-in directories (luaprobe's own modules come from the loader)."""
     parts = []
@@ -75,11 +108,12 @@ def new_runtime(search_dirs=(), encoding: str | None = None) -> luajit21.LuaRunt
     """
     lua = luajit21.LuaRuntime(unpack_returned_tuples=True, register_eval=False, encoding=encoding)
     setup = lua.eval(
-        "function(path, cpath, lpsync) package.path = path .. ';' .. package.path;"
+        "function(path, cpath, lpsync, lpre2, ac) package.path = path .. ';' .. package.path;"
         " package.cpath = cpath .. ';' .. package.cpath;"
-        " package.loaded['luaprobe.config'] = {lpsync = lpsync} end"
+        " package.loaded['luaprobe.config'] = {lpsync = lpsync, lpre2 = lpre2, ac = ac} end"
     )
-    setup(lua_path(search_dirs).encode(), lua_cpath(search_dirs).encode(), lpsync_path().encode())
+    setup(lua_path(search_dirs).encode(), lua_cpath(search_dirs).encode(), lpsync_path().encode(), _lpre2_path(),
+          AhoCorasick)
     lua.execute(_LOADER, table(lua, package_dirs()))
     return lua
 

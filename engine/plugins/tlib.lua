@@ -235,6 +235,8 @@ function M.install(opts)
     T.contextname = T.context_name
     T.args = opts.args
     T.util = util
+    T.re2 = function(pattern, o) return require("luaprobe.engine.plugins.re2").new(pattern, o) end
+    T.ac = function(patterns) return require("luaprobe.engine.plugins.ac").new(patterns) end
 
     -- logging: T.log([level,] msg); a string level name ("ERROR") is accepted too
     local function emit(level, msg)
