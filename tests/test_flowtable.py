@@ -262,12 +262,12 @@ function H.check(ft)
   local flows, mask = ft.flows, ft.mask
   local n = 0
   for j = 0, ft.size - 1 do
-    local x = ft.slot_idx[j]
+    local x = ft.slots[j].idx
     if x >= 0 then
       n = n + 1
       local e = flows[x]
       if e.slot ~= j then return 'slot back-pointer ' .. j end
-      if ft.slot_hash[j] ~= e.hash then return 'slot hash ' .. j end
+      if ft.slots[j].hash ~= e.hash then return 'slot hash ' .. j end
       local h = flowtable._hash_key(e.key)
       if e.ports ~= bit.bor(bit.lshift(e.porta, 16), e.portz) or e.vproto ~= bit.bor(bit.lshift(e.ipver, 8), e.proto) then
         return 'key fields ' .. j
@@ -275,7 +275,7 @@ function H.check(ft)
       if h ~= e.hash then return 'stale hash ' .. j end
       local k = bit.band(h, mask)
       while k ~= j do          -- probe chain from the home slot must be unbroken
-        if ft.slot_idx[k] < 0 then return 'broken probe chain at ' .. k .. ' for slot ' .. j end
+        if ft.slots[k].idx < 0 then return 'broken probe chain at ' .. k .. ' for slot ' .. j end
         k = bit.band(k + 1, mask)
       end
     end

@@ -74,17 +74,18 @@ function Driver:fill()
     r:advance(len)
     n = n + 1
   end
-  -- flows in a second pass: two small traces compile where one big one aborts
+  -- Flows after the whole batch is decoded, in the flow table's own small
+  -- loops (lookup, insertion, counters: flowtable.lua "packet path"); one
+  -- loop doing everything aborted its traces (issue 10).  A step that must
+  -- see every packet before the flow table (IP reassembly) goes between the
+  -- loop above and this call.
+  ft:update_batch(b, n)
   local truncated, nonip, bytes = self.truncated, self.nonip, self.bytes
-  local flows = ft.flows
   for k = 0, n - 1 do
     local e = b[k]
     local d = e.d
-    local idx, dir = ft:update(d, e.ts_sec + e.ts_nsec * 1e-9, e.wirelen)
-    e.flow, e.dir = idx, dir or 0
-    e.flow_uid = idx >= 0 and flows[idx].id or 0
-    if d.truncated ~= 0 then truncated = truncated + 1 end
-    if d.ip_version == 0 then nonip = nonip + 1 end
+    truncated = truncated + d.truncated
+    nonip = nonip + (d.ip_version == 0 and 1 or 0)
     bytes = bytes + e.wirelen
   end
   self.truncated, self.nonip, self.bytes = truncated, nonip, bytes

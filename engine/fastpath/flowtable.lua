@@ -1,19 +1,19 @@
 --[[
 luaprobe.engine.fastpath.flowtable — bidirectional 5-tuple flow table (LuaJIT ffi).
 
-Used by the fast path once per decoded packet.  The packet path allocates no
-Lua table or string: the flow records, the hash index and the two expiry
-lists live in calloc'd ffi arrays (pages are touched only as flows arrive).
-JIT note: every data-dependent branch in update() becomes a side trace, and
-side traces of this large function have been seen to abort (error 34,
-register coalescing) and fall back to the interpreter, so the per-packet
-path is written branch-light; see the comments in update().
+Used by the fast path once per batch of decoded packets (update_batch).  The
+packet path allocates no Lua table or string: the flow records, the hash
+index and the two expiry lists live in calloc'd ffi arrays (pages are touched
+only as flows arrive).  JIT note: the batch is processed in three small loops
+(lookup, insertion, counters) so that every trace and side trace compiles
+whatever the traffic; see "packet path" below for why (issue 10).
 
     local flowtable = require "luaprobe.engine.fastpath.flowtable"
     local ft = flowtable.new{ capacity = 1<<20,       -- max live flows (power of two)
                               idle_timeout = 120,     -- s of packet time
                               active_timeout = 1800 } -- s of packet time
     local idx, dir, is_new = ft:update(d, ts, wirelen)
+    ft:update_batch(b, n)  -- the same for n lp_pkt (packet.lua): sets flow, dir, flow_uid
     ft:flowkey(idx)        -- Trisul flow id, == decode.flowkey(d) of its packets
     ft:flow_parts(idx)     -- proto, ipa, porta, ipz, portz (key format)
     ft:entry(idx)          -- the lp_flow record (fields below)
@@ -22,7 +22,7 @@ path is written branch-light; see the comments in update().
     ft:each(fn)            -- fn(idx) for every live flow, least recently used first
     ft:is_live(idx)
     ft.live, ft.created, ft.expired, ft.expired_idle, ft.expired_active,
-    ft.terminated, ft.full_drops, ft.capacity, ft.size (index slots = 2*capacity)
+    ft.terminated, ft.full_drops, ft.capacity, ft.size (index slots), ft.resizes
 
 update(d, ts, wirelen)
   d        lp_decoded filled by decode.decode
@@ -51,10 +51,14 @@ Layout.
   flows[capacity]    lp_flow records; idx indexes this array.  Free records
                      are handed out from a stack, then from a high-water mark
                      (so a fresh table touches no record memory).
-  slot_idx[size]     open-addressing index, size = 2 * capacity (load <= 0.5),
-  slot_hash[size]    linear probing; slot_idx = -1 is empty; slot_hash keeps
-                     the 32-bit hash so most collisions are rejected without
-                     touching the record.  Full key comparison on a hash match.
+  slots[size]        open-addressing index of lp_slot {idx, hash}, linear
+                     probing; idx = -1 is empty; hash keeps the 32-bit hash
+                     so most collisions are rejected without touching the
+                     record.  size starts at 1024 (or 2 * capacity if less)
+                     and doubles (rehash) whenever the live flows would make
+                     it more than half full, up to 2 * capacity: the index
+                     stays proportional to the live flows, so a few hundred
+                     flows probe a cache-resident index.  Full key comparison on a hash match.
                      Deletion is backward-shift (no tombstones): after
                      removing slot i, later entries of the cluster whose home
                      slot does not lie cyclically in (i, j] move back into the
@@ -69,8 +73,8 @@ Layout.
                      oldest first_ts.
   Both lists are circular, doubly linked through a sentinel record
   flows[capacity], so linking/unlinking is branch-free and terminate() is O(1).
-  Probing: the first three probes are unrolled in update(), longer chains
-  continue in probe_more() (a loop kept off the common path).
+  Probing: one loop, bounded because load <= 0.5 leaves an empty slot at the
+  end of every chain.
 
 Expiry.  expire(now, fn, max) pops the LRU head while now - last_ts >
 idle_timeout (state |= TIMEDOUT, fn(idx, flowtable.IDLE)), then the age head
@@ -144,12 +148,19 @@ typedef struct {
 } lp_flow;
 ]]
 end
+if not pcall(ffi.typeof, "lp_slot") then
+  ffi.cdef [[
+typedef struct { int32_t idx, hash; } lp_slot;              /* one index slot: flow, its hash */
+typedef struct { int32_t key[10]; int32_t hash, dir; } lp_fkey;   /* a packet's normalised key */
+]]
+end
 pcall(ffi.cdef, [[
 void *calloc(size_t nmemb, size_t size);
 void free(void *ptr);
 ]])
 
 local flow_ptr = ffi.typeof("lp_flow *")
+local slot_ptr = ffi.typeof("lp_slot *")
 local i32_ptr = ffi.typeof("int32_t *")
 local ci32_ptr = ffi.typeof("const int32_t *")
 local C = ffi.C
@@ -166,6 +177,7 @@ M.STATE = S
 M.IDLE, M.ACTIVE = 1, 2
 local IDLE, ACTIVE = M.IDLE, M.ACTIVE
 local TIMEDOUT, TERMINATED = S.TIMEDOUT, S.TERMINATED
+local MIN_SLOTS = 1024   -- smallest index (slots); it doubles as flows arrive
 
 local FT = {}
 FT.__index = FT
@@ -182,7 +194,7 @@ function M.new(opts)
   if cap < 1 or cap ~= math.floor(cap) or band(cap, cap - 1) ~= 0 or cap > 0x20000000 then
     error("flowtable: capacity must be a power of two <= 2^29", 2)
   end
-  local size = cap * 2
+  local size = math.min(cap * 2, MIN_SLOTS)    -- grows with the live flows (reserve)
   local self = setmetatable({
     capacity = cap,
     size = size,
@@ -190,21 +202,17 @@ function M.new(opts)
     idle_timeout = opts.idle_timeout or 120,
     active_timeout = opts.active_timeout or 1800,
     flows = alloc(flow_ptr, cap + 1, ffi.sizeof("lp_flow")),   -- [cap]: list sentinel
-    slot_idx = alloc(i32_ptr, size, 4),
-    slot_hash = alloc(i32_ptr, size, 4),
+    slots = alloc(slot_ptr, size, ffi.sizeof("lp_slot")),
     free_stack = alloc(i32_ptr, cap, 4),
     free_top = 0,        -- entries in free_stack
     hw = 0,              -- records [hw, cap) never used yet
     live = 0, created = 0, expired = 0, expired_idle = 0, expired_active = 0,
-    terminated = 0, full_drops = 0,
+    terminated = 0, full_drops = 0, resizes = 0,
     _scratch = decode.new(),
-    kbuf = ffi.new("int32_t[10]"),   -- normalised key of the current packet (written)
+    kone = ffi.new("lp_fkey"),       -- update()'s key
+    nkeys = 0,                       -- update_batch's scratch: keys[nkeys], miss[nkeys]
   }, FT)
-  -- the same words read through another pointer: the JIT cannot forward the
-  -- stores to these loads, so the 10 key words do not stay in registers
-  -- across the hash and the probes (register pressure -> side traces abort)
-  self.kread = ffi.cast(ci32_ptr, self.kbuf)
-  ffi.fill(self.slot_idx, size * 4, 0xff)   -- -1: empty
+  ffi.fill(self.slots, size * ffi.sizeof("lp_slot"), 0xff)   -- idx -1: empty
   local sen = self.flows[cap]                -- both lists are circular through it
   sen.lprev, sen.lnext, sen.aprev, sen.anext = cap, cap, cap, cap
   sen.slot = -1
@@ -286,13 +294,30 @@ local function age_append(flows, e, i, sen)
 end
 
 -- packet path ---------------------------------------------------------------------
--- The per-packet code is written to be (nearly) branch-free, because every
--- data-dependent branch becomes a side trace in LuaJIT, and a fast path full of
--- side traces hits register-coalescing limits and falls back to the
--- interpreter.  The direction picks words by index (src and dst, sport and
--- dport are adjacent in lp_decoded), IPv4 masks the upper address words,
--- per-direction counters are arrays indexed by dir, the lists use a sentinel
--- and the TCP state flags are bit arithmetic.
+-- Why it is shaped like this (issue 10).  LuaJIT compiles a loop into a root
+-- trace along the path the first hot iterations took, and every other path
+-- into a side trace.  The former single per-packet update() put key, hash,
+-- probe, insertion, LRU move and counters in one trace: when the root trace
+-- was recorded on a packet that started a new flow it baked in the "empty
+-- slot" outcome of the probe, every packet of a known flow then left the trace
+-- there, and the side trace for that exit carried ~26 live values, failed to
+-- compile (trace error 35, "NYI: register coalescing too complex") and was
+-- blacklisted after a few hundred tries: nearly every packet then ran the rest
+-- in the interpreter.  Which outcome the root trace saw depended on the share
+-- of new flows while the traces formed and on LuaJIT's randomised re-arming
+-- of hot counters, so the same file ran fast or 5x slower from run to run.
+--
+-- A batch is therefore processed in three small loops (update_batch), each
+-- with few live values, so whatever path a trace is recorded on, the side
+-- traces of the others are small and compile:
+--   1. lookup   key, direction and hash of every packet into a flat scratch
+--               array (lp_fkey), read-only probe of the index: the flow index
+--               or -1 (miss; the packet number goes on a miss list);
+--   2. insert   only the misses: probe again (an earlier packet of the same
+--               batch may have created the flow) and create the record;
+--   3. account  per packet: last_ts, LRU move, counters, TCP state.
+-- The probe loop is bounded: the index is kept at most half full, so a probe
+-- chain always ends at an empty slot.
 local W_SPORT = ffi.offsetof("lp_decoded", "sport") / 4
 local W_SRC = ffi.offsetof("lp_decoded", "src") / 4
 assert(ffi.offsetof("lp_decoded", "dport") == 4 * W_SPORT + 4)
@@ -323,18 +348,57 @@ local function key_eq(k, kb)
      and k[2] == kb[2] and k[3] == kb[3] and k[5] == kb[5] and k[6] == kb[6] and k[7] == kb[7]
 end
 
--- the rest of a long probe chain (rare at load <= 0.5: the first three
--- probes are unrolled in update).  Returns the slot and its entry (-1: empty).
-local function probe_more(self, kb, h, j)
-  local mask, slot_idx, slot_hash, flows = self.mask, self.slot_idx, self.slot_hash, self.flows
-  while true do
-    j = band(j + 1, mask)
-    local x = slot_idx[j]
-    if x < 0 or (slot_hash[j] == h and key_eq(flows[x].key, kb)) then return j, x end
+--- Normalised key of decoded packet d (ip_version v ~= 0) into kf (lp_fkey):
+--- key words, hash, dir (0 = the packet's source is the A end).
+local function make_key(kf, d, v)
+  local w = cast(ci32_ptr, d)
+  local sp, dp = w[W_SPORT], w[W_SPORT + 1]
+  -- dir 0: src is A (the higher port; same rule as decode.flowkey)
+  local m6 = -band(rshift(v, 1), 1)          -- -1 for IPv6, 0 for IPv4
+  local dir
+  if sp ~= dp then
+    dir = band(rshift(sp - dp, 31), 1)
+  else
+    dir = tie_dir(w, m6)
   end
+  local kb = kf.key
+  local ao = W_SRC + 4 * dir
+  local zo = W_SRC + 4 - 4 * dir
+  kb[0] = w[ao]
+  kb[1] = band(w[ao + 1], m6)
+  kb[2] = band(w[ao + 2], m6)
+  kb[3] = band(w[ao + 3], m6)
+  kb[4] = w[zo]
+  kb[5] = band(w[zo + 1], m6)
+  kb[6] = band(w[zo + 2], m6)
+  kb[7] = band(w[zo + 3], m6)
+  kb[8] = bor(lshift(w[W_SPORT + dir], 16), w[W_SPORT + 1 - dir])
+  kb[9] = bor(lshift(v, 8), d.ipproto)
+  kf.dir = dir
+  -- hash over the words read back through a second pointer: the JIT cannot
+  -- forward the stores above to these loads, so the 10 words do not stay
+  -- live in registers across the hash (register pressure)
+  kf.hash = hash_key(cast(ci32_ptr, kb))
 end
 
-local function new_flow(self, kb, h, j, ts)
+--- Probe the index for key kf: returns (slot, flow index) — the slot holding
+--- the flow, or the empty slot that ended the chain and -1.
+local function probe(self, kf)
+  local slots, flows, mask = self.slots, self.flows, self.mask
+  local h, kb = kf.hash, kf.key
+  local j = band(h, mask)
+  local x = slots[j].idx
+  -- bounded: the index is at most half full, so an empty slot ends every chain
+  while x >= 0 and not (slots[j].hash == h and key_eq(flows[x].key, kb)) do
+    j = band(j + 1, mask)
+    x = slots[j].idx
+  end
+  return j, x
+end
+
+--- Create the record for key kf in empty slot j at packet time ts (the
+--- caller made room with reserve()).  Returns its index, or -2 (table full).
+local function new_flow(self, kf, j, ts)
   local idx
   if self.free_top > 0 then
     local t = self.free_top - 1
@@ -350,15 +414,16 @@ local function new_flow(self, kb, h, j, ts)
   local flows = self.flows
   local e = flows[idx]
   ffi.fill(e, ffi.sizeof("lp_flow"))
-  local k = e.key
+  local k, kb = e.key, kf.key
   for i = 0, 9 do k[i] = kb[i] end
   e.porta, e.portz = rshift(kb[8], 16), band(kb[8], 0xffff)
   e.ipver, e.proto = rshift(kb[9], 8), band(kb[9], 0xff)
+  local h = kf.hash
   e.hash = h
   e.slot = j
   e.state = S.INIT
-  self.slot_idx[j] = idx
-  self.slot_hash[j] = h
+  local s = self.slots[j]
+  s.idx, s.hash = idx, h
   local created = self.created + 1
   self.created = created
   e.id = created
@@ -371,69 +436,40 @@ local function new_flow(self, kb, h, j, ts)
   return idx
 end
 
-function FT:update(d, ts, wirelen)
-  local v = d.ip_version
-  if v == 0 then return -1, 0, false end
-  local w = cast(ci32_ptr, d)
-  local sp, dp = w[W_SPORT], w[W_SPORT + 1]
-  -- dir 0: src is A (the higher port; same rule as decode.flowkey)
-  local m6 = -band(rshift(v, 1), 1)          -- -1 for IPv6, 0 for IPv4
-  local dir
-  if sp ~= dp then
-    dir = band(rshift(sp - dp, 31), 1)
-  else
-    dir = tie_dir(w, m6)
+--- Make the index big enough for `extra` more flows at load <= 0.5: doubles it
+--- (rehashing every live flow) as often as needed, up to 2 * capacity slots.
+--- The index starts small and grows with the live flow count, so a few
+--- hundred flows probe a cache-resident index, not one sized for a million.
+function FT:reserve(extra)
+  local want = math.min(self.live + extra, self.capacity) * 2
+  if want <= self.size then return end
+  local size = self.size
+  while size < want do size = size * 2 end
+  local slots = alloc(slot_ptr, size, ffi.sizeof("lp_slot"))
+  ffi.fill(slots, size * ffi.sizeof("lp_slot"), 0xff)    -- idx -1: empty
+  local mask, flows, sen = size - 1, self.flows, self.capacity
+  local i = flows[sen].lnext
+  while i ~= sen do                                      -- every live flow
+    local e = flows[i]
+    local j = band(e.hash, mask)
+    while slots[j].idx >= 0 do j = band(j + 1, mask) end
+    slots[j].idx, slots[j].hash = i, e.hash
+    e.slot = j
+    i = e.lnext
   end
-  -- normalised key into the scratch words
-  local kb = self.kbuf
-  local ao = W_SRC + 4 * dir
-  local zo = W_SRC + 4 - 4 * dir
-  kb[0] = w[ao]
-  kb[1] = band(w[ao + 1], m6)
-  kb[2] = band(w[ao + 2], m6)
-  kb[3] = band(w[ao + 3], m6)
-  kb[4] = w[zo]
-  kb[5] = band(w[zo + 1], m6)
-  kb[6] = band(w[zo + 2], m6)
-  kb[7] = band(w[zo + 3], m6)
-  kb[8] = bor(lshift(w[W_SPORT + dir], 16), w[W_SPORT + 1 - dir])
-  kb[9] = bor(lshift(v, 8), d.ipproto)
-  kb = self.kread
-  local h = hash_key(kb)
-  local mask = self.mask
-  local slot_idx, slot_hash, flows = self.slot_idx, self.slot_hash, self.flows
-  local j = band(h, mask)
-  -- linear probing, first three probes unrolled (no loop on the common path)
-  local x = slot_idx[j]
-  if x >= 0 and not (slot_hash[j] == h and key_eq(flows[x].key, kb)) then
-    j = band(j + 1, mask)
-    x = slot_idx[j]
-    if x >= 0 and not (slot_hash[j] == h and key_eq(flows[x].key, kb)) then
-      j = band(j + 1, mask)
-      x = slot_idx[j]
-      if x >= 0 and not (slot_hash[j] == h and key_eq(flows[x].key, kb)) then
-        j, x = probe_more(self, kb, h, j)
-      end
-    end
-  end
-  local idx = x
-  local is_new = false
-  local e
-  if idx >= 0 then
-    e = flows[idx]
-    e.last_ts = max(e.last_ts, ts)
-    -- move to the LRU tail (also correct when it already is the tail)
-    lru_unlink(flows, e)
-    lru_append(flows, e, idx, self.capacity)
-  else
-    -- new flow: j is the empty slot that ended the probe chain
-    idx = new_flow(self, kb, h, j, ts)
-    if idx < 0 then return idx, dir, false end
-    is_new = true
-    e = flows[idx]
-  end
+  self.slots, self.size, self.mask = slots, size, mask
+  self.resizes = self.resizes + 1
+end
+
+-- per-packet accounting of flow idx (the third loop): LRU move, counters, TCP state
+local function account(self, flows, idx, dir, ts, wirelen, d)
+  local e = flows[idx]
+  e.last_ts = max(e.last_ts, ts)
+  -- move to the LRU tail (also correct when it already is the tail)
+  lru_unlink(flows, e)
+  lru_append(flows, e, idx, self.capacity)
   e.packets[dir] = e.packets[dir] + 1
-  e.bytes[dir] = e.bytes[dir] + (wirelen or d.caplen)
+  e.bytes[dir] = e.bytes[dir] + wirelen
   e.payload[dir] = e.payload[dir] + d.payload_length
   -- TCP (decode leaves tcp_flags 0 for everything else, so no proto test)
   local fl = d.tcp_flags
@@ -446,14 +482,89 @@ function FT:update(d, ts, wirelen)
   -- first ACK (no SYN) from the client end once the SYN-ACK was seen
   local ack3 = band(ack, bnot(syn), rshift(st, 2), bnot(rshift(st, 3)),
                     bnot(rshift(band(st, srv), 4 + dir)), 1)
-  st = bor(st,
-           lshift(band(syn, bnot(ack)), 1),            -- SEEN_SYN 0x02
-           band(-synack, bor(0x04, srv)),              -- SEEN_SYN_ACK 0x04 + A/Z_END_SERVER
-           lshift(ack3, 3),                            -- SEEN_SYN_ACK_ACK 0x08
-           lshift(band(fl, 0x01), 6),                  -- SEEN_FIN 0x40
-           lshift(band(fl, 0x04), 5))                  -- SEEN_RST 0x80
-  e.state = st
-  return idx, dir, is_new
+  e.state = bor(st,
+                lshift(band(syn, bnot(ack)), 1),            -- SEEN_SYN 0x02
+                band(-synack, bor(0x04, srv)),              -- SEEN_SYN_ACK 0x04 + A/Z_END_SERVER
+                lshift(ack3, 3),                            -- SEEN_SYN_ACK_ACK 0x08
+                lshift(band(fl, 0x01), 6),                  -- SEEN_FIN 0x40
+                lshift(band(fl, 0x04), 5))                  -- SEEN_RST 0x80
+  return e
+end
+
+--- One packet (tools, tests and the single-packet users): the same three
+--- steps as update_batch.  d lp_decoded, ts packet time (s), wirelen bytes
+--- (default d.caplen).  Returns idx, dir, is_new (see the module doc).
+function FT:update(d, ts, wirelen)
+  local v = d.ip_version
+  if v == 0 then return -1, 0, false end
+  local kf = self.kone
+  make_key(kf, d, v)
+  self:reserve(1)
+  local j, idx = probe(self, kf)
+  local is_new = false
+  if idx < 0 then
+    idx = new_flow(self, kf, j, ts)
+    if idx < 0 then return idx, kf.dir, false end
+    is_new = true
+  end
+  account(self, self.flows, idx, kf.dir, ts, wirelen or d.caplen, d)
+  return idx, kf.dir, is_new
+end
+
+--- A batch of decoded packets (lp_pkt, engine/lua/packet.lua: reads d, ts_sec,
+--- ts_nsec, wirelen; writes flow, dir, flow_uid): the three loops described
+--- above.  flow = -1 for non-IP, -2 when the table was full.
+function FT:update_batch(b, n)
+  if n > self.nkeys then
+    self.keys, self.miss, self.nkeys = ffi.new("lp_fkey[?]", n), ffi.new("int32_t[?]", n), n
+  end
+  local keys, miss = self.keys, self.miss
+  -- 1. lookup (read-only)
+  local nmiss = 0
+  for k = 0, n - 1 do
+    local p = b[k]
+    local d = p.d
+    local v = d.ip_version
+    local x = -1
+    p.dir = 0
+    if v ~= 0 then
+      local kf = keys[k]
+      make_key(kf, d, v)
+      local _
+      _, x = probe(self, kf)
+      p.dir = kf.dir
+      if x < 0 then
+        miss[nmiss] = k
+        nmiss = nmiss + 1
+      end
+    end
+    p.flow = x
+  end
+  -- 2. insertion of the new flows (the index grows first, never while probing)
+  if nmiss > 0 then
+    self:reserve(nmiss)
+    for m = 0, nmiss - 1 do
+      local k = miss[m]
+      local kf = keys[k]
+      local j, x = probe(self, kf)
+      if x < 0 then
+        local p = b[k]
+        x = new_flow(self, kf, j, p.ts_sec + p.ts_nsec * 1e-9)
+      end
+      b[k].flow = x
+    end
+  end
+  -- 3. counters
+  local flows = self.flows
+  for k = 0, n - 1 do
+    local p = b[k]
+    local idx = p.flow
+    local uid = 0
+    if idx >= 0 then
+      uid = account(self, flows, idx, p.dir, p.ts_sec + p.ts_nsec * 1e-9, p.wirelen, p.d).id
+    end
+    p.flow_uid = uid
+  end
 end
 
 -- deletion -------------------------------------------------------------------------
@@ -463,14 +574,14 @@ local function free_flow(self, idx)
   local i = e.slot
   if i < 0 then return false end
   local mask = self.mask
-  local slot_idx, slot_hash = self.slot_idx, self.slot_hash
+  local slots = self.slots
   -- backward-shift deletion
   local j = i
   while true do
     j = band(j + 1, mask)
-    local x = slot_idx[j]
+    local x = slots[j].idx
     if x < 0 then break end
-    local k = band(slot_hash[j], mask)      -- home slot of the entry at j
+    local k = band(slots[j].hash, mask)     -- home slot of the entry at j
     -- the entry at j may move to the hole i unless its home lies cyclically in (i, j]
     local stay
     if i <= j then
@@ -479,13 +590,13 @@ local function free_flow(self, idx)
       stay = i < k or k <= j
     end
     if not stay then
-      slot_idx[i] = x
-      slot_hash[i] = slot_hash[j]
+      slots[i].idx = x
+      slots[i].hash = slots[j].hash
       flows[x].slot = i
       i = j
     end
   end
-  slot_idx[i] = -1
+  slots[i].idx = -1
   lru_unlink(flows, e)
   age_unlink(flows, e)
   e.slot = -1

@@ -269,6 +269,7 @@ class FastPath:
                 txt = _text(driver.ctl_text)
                 if kind == EOF:
                     self.files_done.append(txt)
+                    self._jit_mark(lua)
                 elif kind == ERROR:
                     off, msg, path = txt.split("\t", 2)
                     where = f"byte offset {off}: " if off else ""
@@ -378,6 +379,13 @@ class FastPath:
             self._tick(s)
         if self._stop == 2 and time.monotonic() > self._stop_deadline and capture.poll() is None:
             capture.kill()                                   # reported as "ended unexpectedly"
+
+    def _jit_mark(self, lua) -> None:
+        """End of an input file: the trace-abort counters (LUAPROBE_JIT_ABORTS, engine/lua/jitprof.lua) of
+        the driver and of every plug-in VM start a new phase, so warm-up and steady state count apart."""
+        if os.environ.get("LUAPROBE_JIT_ABORTS"):
+            for vm_lua in [lua] + [i.vm.lua for i in self.instances]:
+                vm_lua.execute("require('luaprobe.engine.plugins.jitprof').mark()")
 
     def _filex_dir(self) -> str:
         """The extraction directory (created 0700 on first use; removed at the end of the run)."""

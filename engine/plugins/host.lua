@@ -143,38 +143,43 @@ function Host:setup_simplecounter()
   return nil
 end
 
---- Run simplecounter.onpacket for every packet of the batch at `addr` that
---- has the plug-in's protocol.  Returns the number of hook calls.  One
---- xpcall covers the whole batch: after an error the walk resumes at the
---- next packet, so error isolation costs nothing per packet.
-function Host:run_batch(addr, n)
-  local batch = ffi.cast(packet.pktp, addr)
+-- The batch walk (issue 10: it must stay one compiled trace).  No closure is
+-- created per batch (bytecode FNEW aborts every trace through it), and each
+-- hook call has its own xpcall, which LuaJIT compiles inline, instead of one
+-- xpcall around the whole walk: a trace of the walk loop that ends by
+-- returning into an xpcall frame cannot be compiled ("NYI: return to lower
+-- frame"), and a retry loop around the xpcall made a second, outer root
+-- trace that aborted on the walk ("inner loop in root trace").  Called from
+-- Python, the loop's exit returns to a C frame, which LuaJIT handles.
+local function walk(self, batch, n)
   local proto, fn, eng = self.sc_proto, self.sc_fn, self.engine
   local pobj, lobj = self.pkt_obj, self.layer_obj
   local find, bind_packet, bind_layer, flowkey = decode.find, packet.bind_packet, packet.bind_layer, decode.flowkey
-  local calls, errors, i = 0, 0, 0
-  local function walk()
-    while i < n do
-      local k = i
-      local p = batch[k]
-      i = k + 1
-      eng:set_packet(batch, k)
-      if eng.nflow_counters > 0 and p.flow >= 0 then eng:apply_flow_counters(flowkey(p.d), p.dir) end
-      local li = find(p.d, proto)
-      if li >= 0 then
-        bind_layer(lobj, bind_packet(pobj, batch, k), li)
-        calls = calls + 1
-        fn(eng, lobj)
+  local calls, errors = 0, 0
+  for k = 0, n - 1 do
+    local p = batch[k]
+    eng:set_packet(batch, k)
+    if eng.nflow_counters > 0 and p.flow >= 0 then eng:apply_flow_counters(flowkey(p.d), p.dir) end
+    local li = find(p.d, proto)
+    if li >= 0 then
+      bind_layer(lobj, bind_packet(pobj, batch, k), li)
+      calls = calls + 1
+      local ok, err = xpcall(fn, traceback, eng, lobj)
+      if not ok then
+        errors = errors + 1
+        self.errors:report("simplecounter.onpacket error", err)
       end
     end
   end
-  while i < n do
-    local ok, err = xpcall(walk, traceback)
-    if not ok then
-      errors = errors + 1
-      self.errors:report("simplecounter.onpacket error", err)
-    end
-  end
+  return calls, errors
+end
+
+--- Run simplecounter.onpacket for every packet of the batch at `addr` that
+--- has the plug-in's protocol.  Returns the number of hook calls.  An error
+--- in the hook is counted and logged once per line; the walk goes on with
+--- the next packet.
+function Host:run_batch(addr, n)
+  local calls, errors = walk(self, ffi.cast(packet.pktp, addr), n)
   local hc, he = self.hook_calls, self.hook_errors
   hc["simplecounter.onpacket"] = (hc["simplecounter.onpacket"] or 0) + calls
   if errors > 0 then he["simplecounter.onpacket"] = (he["simplecounter.onpacket"] or 0) + errors end

@@ -1,31 +1,125 @@
 --[[
-luaprobe.engine.plugins.jitprof — developer aid: LUAPROBE_JIT_PROFILE=prefix samples a VM
-with jit.profile (and records trace aborts) and writes the hottest lines to
-`<prefix>.<tag>.txt` when stopped.  Off (a no-op) unless the variable is set.
+luaprobe.engine.plugins.jitprof — developer aids for LuaJIT's trace compiler, off (no-ops)
+unless their variable is set:
+
+  LUAPROBE_JIT_PROFILE=prefix   samples the VM with jit.profile (and records
+                                trace aborts); the hottest lines go to
+                                `<prefix>.<tag>.txt` when stopped.
+  LUAPROBE_JIT_ABORTS=prefix    counts trace aborts only (no sampling): one
+                                line per (phase, place, error) goes to
+                                `<prefix>.<tag>.aborts.tsv` when stopped:
+                                phase \t count \t code \t message \t file:line.
+                                The phase starts at 0 and M.mark() advances it
+                                (the fast path marks every end of an input
+                                file), so a run over the same file twice
+                                separates warm-up (phase 0) from steady state.
+
+A trace abort means LuaJIT gave up compiling a path: after repeated aborts at
+the same place it blacklists it and that path runs in the interpreter for
+good (10-50x slower), so aborts on a per-packet path are bugs (issue 10).
+The messages are LuaJIT's own (src/lj_traceerr.h, LuaJIT 2.1, in order;
+error codes are 0-based): lupa's LuaJIT ships no jit/vmdef.lua to name them.
 ]]
 local M = {}
 
---- Start profiling this VM; returns a function that stops and writes the report.
-function M.start(tag)
-  local prefix = os.getenv("LUAPROBE_JIT_PROFILE")
-  if not prefix or prefix == "" then return function() end end
-  local prof, jutil, counts = require("jit.profile"), require("jit.util"), {}
-  jit.attach(function(what, _, func, pc, code, info)
+M.TRACE_ERRORS = {
+  [0] = "error thrown or hook called during recording", "trace too short", "trace too long",
+  "trace too deep", "too many snapshots", "blacklisted", "retry recording", "NYI: bytecode %s",
+  "leaving loop in root trace", "inner loop in root trace", "loop unroll limit reached",
+  "bad argument type", "JIT compilation disabled for function", "call unroll limit reached",
+  "down-recursion, restarting", "NYI: unsupported variant of FastFunc %s", "NYI: return to lower frame",
+  "store with nil or NaN key", "missing metamethod", "looping index lookup", "NYI: mixed sparse/dense table",
+  "symbol not in cache", "NYI: unsupported C type conversion", "NYI: unsupported C function type",
+  "guard would always fail", "too many PHIs", "persistent type instability",
+  "failed to allocate mcode memory", "machine code too long", "hit mcode limit (retrying)",
+  "too many spill slots", "inconsistent register allocation", "NYI: cannot assemble IR instruction %d",
+  "NYI: PHI shuffling too complex", "NYI: register coalescing too complex",
+}
+
+--- LuaJIT bytecode names by number (src/lj_bc.h of the 2.1 lupa ships: FUNCF = 89; later 2.1
+--- sources insert bit-operation bytecodes before FUNCF), for "NYI: bytecode %s".
+M.BYTECODES = {}
+do
+  local names = "ISLT ISGE ISLE ISGT ISEQV ISNEV ISEQS ISNES ISEQN ISNEN ISEQP ISNEP ISTC ISFC IST ISF "
+    .. "ISTYPE ISNUM MOV NOT UNM LEN ADDVN SUBVN MULVN DIVVN MODVN ADDNV SUBNV MULNV DIVNV MODNV ADDVV "
+    .. "SUBVV MULVV DIVVV MODVV POW CAT KSTR KCDATA KSHORT KNUM KPRI KNIL UGET USETV USETS USETN USETP "
+    .. "UCLO FNEW TNEW TDUP GGET GSET TGETV TGETS TGETB TGETR TSETV TSETS TSETB TSETM TSETR CALLM CALL "
+    .. "CALLMT CALLT ITERC ITERN VARG ISNEXT RETM RET RET0 RET1 FORI JFORI FORL IFORL JFORL ITERL IITERL "
+    .. "JITERL LOOP ILOOP JLOOP JMP FUNCF IFUNCF JFUNCF FUNCV IFUNCV JFUNCV FUNCC FUNCCW"
+  local i = 0
+  for name in names:gmatch("%S+") do M.BYTECODES[i] = name; i = i + 1 end
+end
+
+--- "message" for trace error `code` with its argument `info` (as jit.v prints it).
+function M.message(code, info)
+  local fmt = M.TRACE_ERRORS[code]
+  if not fmt then return "trace error " .. tostring(code) end
+  if fmt:find("%%s") then
+    local arg = type(info) == "number" and M.BYTECODES[info] or nil
+    if code ~= 7 then arg = nil end
+    return (fmt:gsub("%%s", arg or tostring(info)))
+  end
+  if fmt:find("%%d") then return (fmt:gsub("%%d", tostring(info))) end
+  return fmt
+end
+
+local phase = 0
+
+--- Advance the abort counter's phase (a no-op when nothing counts).
+function M.mark() phase = phase + 1 end
+
+--- The abort counter: a table of "phase\tcode\tmessage\tplace" -> count, and the attach callback.
+local function abort_counter()
+  local jutil, counts = require("jit.util"), {}
+  local function on_trace(what, _, func, pc, code, info)
     if what == "abort" then
-      local key = ("trace abort at %s: error %s %s"):format(jutil.funcinfo(func, pc).loc or "?",
-        tostring(code), tostring(info))
+      local key = ("%d\t%s\t%s\t%s"):format(phase, tostring(code), M.message(code, info),
+        jutil.funcinfo(func, pc).loc or "?")
       counts[key] = (counts[key] or 0) + 1
     end
-  end, "trace")
+  end
+  return counts, on_trace
+end
+
+local function write_aborts(path, counts)
+  local f = io.open(path, "w")
+  if not f then return end
+  for k, v in pairs(counts) do
+    local ph, rest = k:match("^(%d+)\t(.*)$")
+    f:write(ph, "\t", v, "\t", rest, "\n")
+  end
+  f:close()
+end
+
+--- Start the tools the environment asks for in this VM (tag names the VM in the
+--- file names); returns a function that stops them and writes the reports.
+function M.start(tag)
+  local prefix = os.getenv("LUAPROBE_JIT_PROFILE")
+  local aprefix = os.getenv("LUAPROBE_JIT_ABORTS")
+  if (not prefix or prefix == "") and (not aprefix or aprefix == "") then return function() end end
+  local acounts, on_trace = abort_counter()
+  jit.attach(on_trace, "trace")
+  if not prefix or prefix == "" then
+    return function()
+      jit.attach(on_trace)                     -- detach
+      write_aborts(("%s.%s.aborts.tsv"):format(aprefix, tag), acounts)
+    end
+  end
+  local prof, counts = require("jit.profile"), {}
   prof.start("li1", function(th, samples, vmstate)
     local key = prof.dumpstack(th, "pl", 1) .. " [" .. vmstate .. "]"
     counts[key] = (counts[key] or 0) + samples
   end)
   return function()
     prof.stop()
-    jit.attach(function() end)
+    jit.attach(on_trace)
+    if aprefix and aprefix ~= "" then write_aborts(("%s.%s.aborts.tsv"):format(aprefix, tag), acounts) end
     local rows = {}
     for k, v in pairs(counts) do rows[#rows + 1] = { k, v } end
+    for k, v in pairs(acounts) do
+      local ph, code, msg, loc = k:match("^(%d+)\t([^\t]*)\t([^\t]*)\t(.*)$")
+      rows[#rows + 1] = { ("trace abort at %s (phase %s): error %s %s"):format(loc, ph, code, msg), v }
+    end
     table.sort(rows, function(a, b) return a[2] > b[2] end)
     local f = io.open(("%s.%s.txt"):format(prefix, tag), "w")
     if not f then return end

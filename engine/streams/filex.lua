@@ -5,7 +5,12 @@ plug-in VM: TCP reassembly (luaprobe.engine.streams.tcpreasm), HTTP/1.x messages
 
 Per batch the VM walks the TCP packets of the shared batch (like
 simplecounter's run_batch).  Hooks:
-  filter_flow(engine, ts, flow)            once per new TCP flow; false = ignore the flow
+  filter_flow(engine, ts, flow)            once per new TCP flow; false = ignore the flow.
+                                           The flow's first payload votes too: a flow
+                                           that does not start like HTTP/1.x is dropped
+                                           from reassembly at once (looks_http, not_http;
+                                           onterminateflow follows), so non-HTTP traffic
+                                           costs a table lookup per packet
   filter(engine, ts, flow, header)         request header, then response header;
                                            a request body is kept when the request vote is
                                            true, a response body when both votes are true
@@ -36,6 +41,7 @@ local fstring = ffi.string
 local TCP = decode.PROTO.TCP
 local M = {}
 local F = {}
+local REJECT_GEN = 65536     -- ignored flow ids remembered per generation (F:reject)
 F.__index = F
 
 local function be32(p, o)
@@ -57,8 +63,8 @@ function M.new(host, opts)
     dir = opts.dir, chunk_size = opts.chunk_size or 5 * 1048576, dir_cap = opts.dir_cap or 256 * 1048576,
     idle_timeout = opts.idle_timeout or 120,
     file_mode = type(fx.onfile_http) == "function",
-    flows = {}, rejected = {}, nrejected = 0, dir_bytes = 0, uid = 0, last_expire = 0,
-    stats = { flows = 0, flows_rejected = 0, files = 0, chunks = 0, bytes = 0, skipped_cap = 0,
+    flows = {}, rejected = {}, rejected_old = {}, nrejected = 0, dir_bytes = 0, uid = 0, last_expire = 0,
+    stats = { flows = 0, flows_rejected = 0, flows_not_http = 0, files = 0, chunks = 0, bytes = 0, skipped_cap = 0,
               skipped_filter = 0, truncated = 0, write_errors = 0 },
   }, F)
   self.R = tcpreasm.new({
@@ -194,20 +200,39 @@ function F:flow_state(id, pkt_d)
   local st = self.flows[id]
   if st ~= nil then return st end
   if self.rejected[id] then return nil end
+  if self.rejected_old[id] then return self:reject_again(id) end
   return self:new_flow_state(id, pkt_d)
+end
+
+--- Remember that flow `id` is ignored.  Two generations of at most REJECT_GEN
+--- ids each: when the newer one fills up, the older one is dropped, and an id
+--- found in the older one moves back to the newer (reject_again), so the
+--- flows that still send packets stay remembered and memory stays bounded.
+function F:reject(id)
+  self.rejected[id] = true
+  self.nrejected = self.nrejected + 1
+  if self.nrejected >= REJECT_GEN then
+    self.rejected_old, self.rejected, self.nrejected = self.rejected, {}, 0
+  end
+end
+
+function F:reject_again(id)
+  self:reject(id)
+  return nil
 end
 
 function F:new_flow_state(id, pkt_d)
   local flow = packet.flowid(pkt_d)
   local ts = self.engine:timestamp()
   if not self:hook("filter_flow", self.engine, ts, flow) then
-    self.rejected[id] = true
-    self.nrejected = self.nrejected + 1
+    self:reject(id)
     self.stats.flows_rejected = self.stats.flows_rejected + 1
-    if self.nrejected > 65536 then self.rejected, self.nrejected = {}, 0 end
     return nil
   end
-  local st = { id = id, flow = flow, votes = {}, body = {} }
+  -- http = nil until the first payload decides (see looks_http); handshake:
+  -- this flow's first packet was a SYN, so that payload starts the stream
+  local st = { id = id, flow = flow, votes = {}, body = {}, http = nil,
+               handshake = band(pkt_d.tcp_flags, 0x02) ~= 0 }
   st.H = http.new({
     on_request = function(req)
       st.votes[req] = self:hook("filter", self.engine, self.engine:timestamp(), flow, req) and true or false
@@ -284,6 +309,51 @@ function F:close_flow(id)
   -- and RSTs of this connection are ignored instead of starting a second filter_flow .. onterminateflow
 end
 
+-- ------------------------------------------------------------------ is it HTTP?
+
+local HTTP_SLASH = "HTTP/"
+
+--- Does a flow whose first payload is (p, n) carry HTTP/1.x?  true, false, or
+--- nil (too short to tell: the next payload decides).  HTTP when the payload
+--- starts with a request line's method token and a space (1-16 upper-case
+--- letters, '-' or '_', RFC 9110 §9: a token; the same pattern http.lua
+--- accepts) or with "HTTP/" (a response: the request was not captured).
+--- A flow picked up mid-stream (no SYN seen) may start inside a body, so
+--- "HTTP/1." anywhere in its first payload counts too.
+local function looks_http(p, n, handshake)
+  local c = p[0]
+  if c < 65 or c > 90 then                       -- not A-Z
+    return not handshake and fstring(p, n < 2048 and n or 2048):find("HTTP/1.", 1, true) ~= nil
+  end
+  local m = n < 17 and n or 17
+  for i = 1, m - 1 do
+    c = p[i]
+    if c == 32 then return true end              -- "TOKEN "
+    if c == 47 then                               -- "HTTP/"
+      return fstring(p, i + 1) == HTTP_SLASH or (not handshake and
+        fstring(p, n < 2048 and n or 2048):find("HTTP/1.", 1, true) ~= nil)
+    end
+    if not ((c >= 65 and c <= 90) or c == 45 or c == 95) then
+      return not handshake and fstring(p, n < 2048 and n or 2048):find("HTTP/1.", 1, true) ~= nil
+    end
+  end
+  if m < 17 then return nil end                   -- all token so far: wait for more
+  return false
+end
+M.looks_http = looks_http
+
+--- Flow `id` turned out not to carry HTTP: reassembly stops for good (the
+--- built-in vote of filter_flow, Trisul's "true = extract from this flow":
+--- nothing can be extracted from it).  The script saw filter_flow for the flow,
+--- so it gets onterminateflow to clean up its per-flow state.
+function F:not_http(id, st)
+  self.R:forget(id)
+  self.flows[id] = nil
+  self:reject(id)
+  self.stats.flows_not_http = self.stats.flows_not_http + 1
+  self:hook("onterminateflow", self.engine, self.engine:timestamp(), st.flow)
+end
+
 -- ------------------------------------------------------------------ the batch walk
 
 --- Feed the TCP packets of a batch through reassembly and HTTP.
@@ -301,11 +371,21 @@ function F:run_batch(batch, n)
         R:forget(id)
         closed = false
       end
-      if not closed and self:flow_state(id, d) then
-        local l4 = d.l4_offset
-        local data = p.data
-        R:packet(id, p.dir, be32(data, l4 + 4), d.tcp_flags, data + d.payload_offset, d.payload_length,
-          p.ts_sec, nil, be32(data, l4 + 8))
+      local st = not closed and self:flow_state(id, d)
+      if st then
+        local data, plen = p.data, d.payload_length
+        if st.http == nil and plen > 0 then       -- the flow's first payload decides
+          st.http = looks_http(data + d.payload_offset, plen, st.handshake)
+          if st.http == false then
+            self:not_http(id, st)
+            st = nil
+          end
+        end
+        if st then
+          local l4 = d.l4_offset
+          R:packet(id, p.dir, be32(data, l4 + 4), d.tcp_flags, data + d.payload_offset, plen,
+            p.ts_sec, nil, be32(data, l4 + 8))
+        end
       end
     end
   end
