@@ -109,32 +109,42 @@ local function state_text(st, reason)
   return "OPEN"
 end
 
---- A flows row: flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts,
---- packets_az, packets_za, bytes_az, bytes_za, state, tags.
-local function flow_row(ft, idx, reason)
+--- One flows row (docs/schema.md) as a line of tab-separated text:
+--- flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az,
+--- packets_za, bytes_az, bytes_za, state (tags are empty).  Text, not a Lua
+--- table per row: Python reads a whole chunk of rows with one string split
+--- instead of walking a table per row through lupa (engine/fastpath.py
+--- flow_rows parses it back).  Times with %.17g: exact doubles.
+local function flow_line(ft, idx, reason)
   local e = ft:entry(idx)
   local _, ipa, _, ipz = ft:flow_parts(idx)
-  return { ft:flowkey(idx), e.proto, ipa, e.porta, ipz, e.portz, e.first_ts, e.last_ts,
-           tonumber(e.packets_az), tonumber(e.packets_za), tonumber(e.bytes_az), tonumber(e.bytes_za),
-           state_text(e.state, reason), "" }
+  return ("%s\t%d\t%s\t%d\t%s\t%d\t%.17g\t%.17g\t%d\t%d\t%d\t%d\t%s"):format(
+    ft:flowkey(idx), e.proto, ipa, e.porta, ipz, e.portz, e.first_ts, e.last_ts,
+    e.packets_az, e.packets_za, e.bytes_az, e.bytes_za, state_text(e.state, reason))
 end
 
---- Rows of flows that timed out by packet time `now` (at most `max`).
+--- Rows of flows that timed out by packet time `now` (at most `max`), as
+--- newline-separated flow_line text ("" when none).
 function Driver:expire(now, max)
   local ft, out = self.ft, {}
-  ft:expire(now, function(idx, reason) out[#out + 1] = flow_row(ft, idx, reason) end, max)
-  return out
+  ft:expire(now, function(idx, reason) out[#out + 1] = flow_line(ft, idx, reason) end, max)
+  return table.concat(out, "\n")
 end
 
---- Rows of every live flow (end of input); the table is left empty.
-function Driver:flush_flows()
-  local ft, out, idxs = self.ft, {}, {}
-  ft:each(function(idx) idxs[#idxs + 1] = idx end)
-  for _, idx in ipairs(idxs) do
-    out[#out + 1] = flow_row(ft, idx, nil)
+--- End of input, streamed: rows of up to `max` live flows (least recently
+--- used first) as flow_line text, and those flows are freed; "" once the
+--- table is empty.  The caller repeats until then, so the export of a
+--- million flows never builds one huge table.
+function Driver:flush_flows(max)
+  local ft, out = self.ft, {}
+  local flows, sen = ft.flows, ft.capacity
+  for i = 1, max or 4096 do
+    local idx = flows[sen].lnext
+    if idx == sen then break end
+    out[i] = flow_line(ft, idx, nil)
     ft:terminate(idx)
   end
-  return out
+  return table.concat(out, "\n")
 end
 
 --- Counters for the run summary.

@@ -37,6 +37,22 @@ PKT, EOF, ERROR, END, STATS = 0, 1, 2, 3, 4
 MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
 
 
+FLOW_CHUNK = 4096          #: flows per chunk of the end-of-run flow export
+
+
+def flow_rows(text) -> list[tuple]:
+    """Rows of the flows table from the driver's flow_line text (engine/lua/fastpath.lua): one line per
+    flow, 13 tab-separated fields; tags are empty."""
+    if not text:
+        return []
+    rows = []
+    for line in _text(text).split("\n"):
+        k, proto, ipa, pa, ipz, pz, t0, t1, paz, pza, baz, bza, state = line.split("\t")
+        rows.append((k, int(proto), ipa, int(pa), ipz, int(pz), float(t0), float(t1), int(paz), int(pza),
+                     int(baz), int(bza), state, ""))
+    return rows
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Everything `luaprobe run` decides."""
@@ -165,7 +181,7 @@ class FastPath:
                 self._second(s)
         self.sec = sec
         self._collect(sec)
-        self._write("flows", self.driver_expire(self.driver, sec))
+        self._write("flows", flow_rows(self.driver_expire(self.driver, sec)))
 
     def _second(self, s: int) -> None:
         """Backend hooks for packet-time second `s`: window edge first, then the metronome."""
@@ -407,7 +423,12 @@ class FastPath:
         self.async_before = {id(i.vm): i.vm.async_stats() for i in self.instances}
         rt.drain_and_stop()
         self._collect(None)
-        self._write("flows", method(lua, "flush_flows")(self.driver))
+        flush = method(lua, "flush_flows")
+        while True:                                      # streamed, FLOW_CHUNK flows at a time
+            rows = flow_rows(flush(self.driver, FLOW_CHUNK))
+            if not rows:
+                break
+            self._write("flows", rows)
         self.driver_stats = {_text(k): v for k, v in method(lua, "stats")(self.driver).items()}
         method(lua, "stop_profile")(self.driver)
         for inst in self.instances:

@@ -383,12 +383,17 @@ class StoreWriter:
                 out[0] = out[0][n:]
 
     def _drain(self, timeout: float | None, until: int = 0) -> None:
-        """Block until the backlog is at most ``until`` bytes."""
+        """Block until the backlog is at most ``until`` bytes; ``timeout`` is the longest the writer may go
+        without accepting any data (a slow but working writer, e.g. a million flow rows at the end of a
+        run, is waited for; a stuck one is not)."""
         end = None if timeout is None else time.monotonic() + timeout
         while self._out and self._backlog > until:
+            before = self._backlog
             self._pump()
             if not self._out or self._backlog <= until:
                 break
+            if timeout is not None and self._backlog < before:
+                end = time.monotonic() + timeout          # progress: the writer is alive
             if self._proc.poll() is not None:
                 self._break(f"writer exited with code {self._proc.returncode}")
                 break
