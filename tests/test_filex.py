@@ -627,3 +627,38 @@ def test_write_error_is_counted_not_delivered(tmp_path):
     assert st["write_errors"] >= 1 and st["files"] == len(recs) == COUNTS["http-website-keepalive.pcap"] - st["write_errors"]
     assert all(int(r["length"]) == int(r["read"]) for r in recs)        # no partial file passed as whole
     assert collections.Counter(r["sha"] for r in recs) <= expected("http-website-keepalive.pcap")
+
+
+# ============================================================================ non-HTTP flows (issue 10)
+
+@pytest.mark.parametrize("name,conns", [("tcp-echo-many-flows.pcap", 500), ("tls12-handshake.pcap", 1)])
+def test_non_http_flows_leave_reassembly(tmp_path, name, conns):
+    """A TCP flow whose first payload is not HTTP/1.x is dropped from reassembly at that packet: filter_flow
+    and onterminateflow once per connection (`conns`: tshark -q -z conv,tcp, every one carries payload:
+    tshark -Y "tcp.len>0" -T fields -e tcp.stream | sort -u), no bytes reassembled, no file."""
+    plugin, out = make_plugin(tmp_path, COPY_PLUGIN, extra=FLOW_HOOKS)
+    summary = run(tmp_path, [plugin], [name])
+    rows = [line.split("\t") for line in open(os.path.join(out, "manifest.tsv")) if line.startswith(("filter_flow",
+                                                                                                     "onterm"))]
+    ff = collections.Counter(r[1].strip() for r in rows if r[0] == "filter_flow")
+    term = collections.Counter(r[1].strip() for r in rows if r[0] == "onterminateflow")
+    assert len(ff) == conns and set(ff.values()) == {1} and term == ff
+    st = fx(summary)
+    assert st["flows_not_http"] == conns and st["files"] == 0
+    assert st["tcp_bytes_delivered"] == 0 and st["tcp_segments"] <= 2 * conns   # at most the handshake
+
+
+def test_looks_http():
+    """The first-payload vote: request lines and status lines pass, other protocols do not."""
+    from luaprobe.shm.luajit import new_runtime
+    f = new_runtime().eval('function(s, hs) local ffi = require("ffi"); return '
+                           'require("luaprobe.engine.streams.filex").looks_http(ffi.cast("const uint8_t *", s), #s, hs) end')
+    for s in (b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.0\r\n", b"PROPFIND / HTTP/1.1", b"M-SEARCH * HTTP/1.1",
+              b"HTTP/1.1 200 OK\r\n", b"HTTP/1.0 404"):
+        assert f(s, True) is True, s
+    for s in (b"\x16\x03\x01\x02\x00\x01", b"SSH-2.0-OpenSSH_9.6\r\n", b"hello world", b"\x00\x00\x00\x00",
+              b"220 ftp.example.com ready", b"HTTPS/1.1 x", b"ABCDEFGHIJKLMNOPQRSTU"):
+        assert f(s, True) is False, s
+    assert f(b"GE", True) is None                                   # too short to tell: the next payload decides
+    assert f(b"\x00body bytes HTTP/1.1 200 OK", False) is True       # mid-stream: a status line further on
+    assert f(b"\x00body bytes HTTP/1.1 200 OK", True) is False       # after a SYN the stream start must be HTTP

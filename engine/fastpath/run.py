@@ -109,6 +109,7 @@ class FastPath:
         self.backend_reloads = 0
         self._last_stats = -1e9
         self._last_progress = -1e9
+        self.loop_start = self.loop_end = None   #: monotonic time of the first batch / after the last one
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "key_info": 0, "flows": 0}
 
     # ----------------------------------------------------------------- setup
@@ -261,11 +262,14 @@ class FastPath:
                     self._stop_capture(capture)
                 n = fill(driver)
                 if n:
+                    if self.loop_start is None:
+                        self.loop_start = time.monotonic()
                     sec = int(driver.sec)
                     if sec != self.sec and not (cfg.interface and self.sec is not None and sec < self.sec):
                         self._tick(sec)
                     for run_batch, host in zip(runners, hosts):
                         run_batch(host, batch_addr, n)
+                    self.loop_end = time.monotonic()
                     rt.service()
                     self._maybe_stats(rt, capture)
                     if self._reload:
@@ -494,6 +498,7 @@ class FastPath:
                             "hook_calls": calls, "hook_errors": errors, "async": stats})
         return {
             "elapsed_s": round(elapsed, 3),
+            "packet_loop_s": round((self.loop_end or 0) - (self.loop_start or 0), 4),
             "files": self.cfg.files, "files_done": self.files_done, "input_errors": self.input_errors,
             "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),
             "truncated_headers": d.get("truncated", 0), "non_ip": d.get("nonip", 0),

@@ -74,6 +74,9 @@ def make(shape: str, quick: bool = False, out: str = DATA, seed: int = 10) -> st
         subprocess.run([sys.executable, "-m", "luaprobe.engine.gen.traffic", "--out", tmp, "--seed", str(seed), "--packets", str(n),
                         "--rate", str(1_000_000 // GAP_US), *spec["gen"]], cwd=REPO, check=True,
                        stdout=subprocess.DEVNULL)
+        for side in (tmp + ".bodies.json",):           # the generator's body list: not needed here
+            if os.path.exists(side):
+                os.remove(side)
     else:
         write_pcap(tmp, build(spec, n, np.random.default_rng([seed, ORDER.index(shape)])))
     os.replace(tmp, path)

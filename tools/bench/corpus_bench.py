@@ -1,0 +1,168 @@
+"""Benchmark: the fast path over the benchmark corpus x plug-in shapes (issue 10).
+
+    python tools/bench/corpus_bench.py [--quick] [--runs 5] [--corpus a,b] [--shapes x,y]
+
+Every cell (traffic shape from tools/bench/corpus.py x plug-in shape from tools/bench/shapes.py)
+runs ``luaprobe run`` --runs times as a separate process and reports packets/s as
+min / median / max, the spread (max / min), and the ratio of the median to the LuaJIT walk of
+the same file measured in the same run.  Captures are made on first use (seeded, kept in
+tools/bench/data/corpus/, out of git); --quick uses the small variants.
+
+What is timed (the same for every cell):
+
+* **loop** — the run summary's ``packet_loop_s``: from the first batch of packets until the
+  plug-ins have walked the last one (capture process filling the packet ring, decoding, flow
+  table, every plug-in hook, counters and expired flows shipped to the SQLite writer, T.async
+  service).  Start-up and the end-of-run work are not in it.
+* **engine** — the run summary's ``elapsed_s``: FastPath.run from its start (store writer and
+  capture process started, plug-ins loaded) until the SQLite database is closed, so it includes
+  the capture process reading the file into the packet ring, decoding, the flow table, every
+  plug-in hook, counters and flow rows written to SQLite.  Not included: the Python
+  interpreter's start-up and imports (~0.3 s), which the wall column shows.
+* **wall** — the whole ``luaprobe run`` process, start-up included.
+* **walk** — a LuaJIT loop in this process over the same file, mapped in memory: each packet is
+  decoded with luaprobe's decoder and a Lua hook counts TCP destination ports in a table
+  (``hval``-like work).  No ring, no flow table, no second process, no database: the practical
+  upper bound of a per-packet Lua loop on this machine.  Median of --runs walks after one
+  warm-up walk; the file is in the page cache for both.
+* **RSS** — the peak resident set of the ``luaprobe run`` process tree (``wait4``), MB.
+
+Every run must report all packets of the file; a run that does not fails the benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from tools.bench import corpus, shapes  # noqa: E402
+
+WALK = r"""
+local pcapfile = require("luaprobe.engine.capture.pcapfile")
+local decode = require("luaprobe.engine.fastpath.decode")
+local TCP = decode.PROTO.TCP
+return function(addr, size)
+  local counts, n, d = {}, 0, decode.new()
+  local r = pcapfile.open(addr, size)
+  while true do
+    local p, caplen, _, _, _, linktype = r:next()
+    if p == nil then break end
+    n = n + 1
+    decode.decode(d, p, caplen, linktype)
+    if decode.find(d, TCP) >= 0 then
+      local k = d.dport
+      counts[k] = (counts[k] or 0) + 1
+    end
+  end
+  return n
+end
+"""
+
+#: traffic shapes whose captures are too big for every plug-in shape in a --quick run
+HEAVY = {"flows-1m": ("empty",)}
+
+
+def walk_rates(path: str, runs: int) -> tuple[int, list[float]]:
+    from luaprobe.engine.capture.pcapfile import open_capture
+    from luaprobe.shm.luajit import new_runtime
+    walk = new_runtime().execute(WALK)
+    rates = []
+    with open_capture(path) as cap:
+        n = int(walk(cap.address, cap.size))             # warm-up: page cache and traces
+        for _ in range(runs):
+            t = time.perf_counter()
+            walk(cap.address, cap.size)
+            rates.append(n / (time.perf_counter() - t))
+    return n, rates
+
+
+def luaprobe_run(path: str, plugdir: str, workdir: str) -> dict:
+    """One ``luaprobe run``: its summary plus wall seconds and peak RSS (MB)."""
+    out = os.path.join(workdir, "out")
+    shutil.rmtree(out, ignore_errors=True)
+    stats = os.path.join(workdir, "stats.json")
+    cmd = [sys.executable, "-m", "luaprobe.engine", "run", plugdir, "--pcap", path, "--out", out,
+           "--stats-json", stats, "-q"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stdout.close()
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise SystemExit(f"luaprobe run failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
+    with open(stats) as f:
+        summary = json.load(f)
+    return {"summary": summary, "wall": wall, "rss_mb": ru.ru_maxrss / 1024}
+
+
+def cell(path: str, n: int, shape: str, runs: int, workdir: str) -> dict:
+    plugdir = shapes.write(shape, os.path.join(workdir, "plugins-" + shape))
+    loop, engine, wall, rss = [], [], [], 0.0
+    for _ in range(runs):
+        r = luaprobe_run(path, plugdir, workdir)
+        s = r["summary"]
+        if s["packets"] != n:
+            raise SystemExit(f"{path} / {shape}: luaprobe saw {s['packets']} packets, the file has {n}")
+        loop.append(n / s["packet_loop_s"])
+        engine.append(n / s["elapsed_s"])
+        wall.append(n / r["wall"])
+        rss = max(rss, r["rss_mb"])
+    return {"loop": loop, "engine": engine, "wall": wall, "rss_mb": rss}
+
+
+def fmt(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.0f}k"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small captures (200k-1M packets)")
+    ap.add_argument("--runs", type=int, default=5, help="runs per cell (default 5)")
+    ap.add_argument("--corpus", default=",".join(corpus.ORDER), help="traffic shapes, comma-separated")
+    ap.add_argument("--shapes", default=",".join(shapes.ORDER), help="plug-in shapes, comma-separated")
+    a = ap.parse_args(argv)
+    traffic = [c for c in a.corpus.split(",") if c]
+    plugins = [s for s in a.shapes.split(",") if s]
+    for c in traffic:
+        if c not in corpus.SHAPES:
+            ap.error(f"unknown traffic shape {c!r}")
+    for s in plugins:
+        if s not in shapes.SHAPES:
+            ap.error(f"unknown plug-in shape {s!r}")
+    print(f"machine: {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f} at start; "
+          f"{a.runs} runs per cell; {'--quick' if a.quick else 'full'} corpus\n")
+    print("| traffic | packets | plug-in | loop packets/s min / median / max | spread | engine median "
+          "| wall median | walk median | loop / walk | engine / walk | RSS MB |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(prefix="lp-bench-") as work:
+        for c in traffic:
+            path = corpus.make(c, a.quick)
+            n, walk = walk_rates(path, a.runs)
+            wmed = statistics.median(walk)
+            for s in plugins:
+                if a.quick and c in HEAVY and s not in HEAVY[c]:
+                    continue
+                r = cell(path, n, s, a.runs, work)
+                lp, emed = r["loop"], statistics.median(r["engine"])
+                med = statistics.median(lp)
+                print(f"| {c} | {n:,} | {s} | {fmt(min(lp))} / {fmt(med)} / {fmt(max(lp))} | "
+                      f"{max(lp) / min(lp):.2f} | {fmt(emed)} | {fmt(statistics.median(r['wall']))} | {fmt(wmed)} | "
+                      f"{med / wmed:.0%} | {emed / wmed:.0%} | {r['rss_mb']:.0f} |", flush=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
