@@ -134,9 +134,17 @@ function Packet:timestamp()
 end
 function Packet:wire_length() return P(self).wirelen end
 function Packet:capture_length() return P(self).caplen end
+-- rawbytes(): one Buffer per Packet / Layer object, rebound on every call
+-- (a Buffer is valid only while the hook runs, buffer.lua), so a hook that
+-- reads bytes on every packet allocates nothing.
 function Packet:rawbytes()
-  local p = P(self)
-  return buffer.new(p.data, p.caplen)
+  local p, b = P(self), self._rb
+  if b == nil then
+    b = buffer.new(p.data, p.caplen)
+    self._rb = b
+    return b
+  end
+  return buffer.rebind(b, p.data, p.caplen)
 end
 function Packet:num_layers() return P(self).d.nlayers end
 function Packet:get_layer(i)
@@ -150,9 +158,35 @@ function Packet:find_layer(guid)
   if i < 0 then return nil end
   return M.layer(self, i)
 end
+-- FlowID objects of recent flows, by the flow record's unique id (flow_uid):
+-- a script calling packet:flowid() on every packet then formats the key
+-- string once per flow, not once per packet.  Two generations of at most
+-- FID_GEN flows each; an id found in the older one moves to the newer, so
+-- busy flows stay cached and memory stays bounded.  Sharing one FlowID per
+-- flow is safe: it is an immutable value object (only its parsed parts are
+-- filled in lazily).
+local FID_GEN = 65536
+local fid_new, fid_old, fid_n = {}, {}, 0
+
+local function cached_flowid(p)
+  local uid = p.flow_uid
+  if uid <= 0 then return M.flowid(p.d) end       -- non-IP / untracked: not cached
+  local f = fid_new[uid]
+  if f ~= nil then return f end
+  f = fid_old[uid] or M.flowid(p.d)
+  fid_new[uid] = f
+  fid_n = fid_n + 1
+  if fid_n >= FID_GEN then fid_old, fid_new, fid_n = fid_new, {}, 0 end
+  return f
+end
+
 function Packet:flowid()
-  if not self._flowid then self._flowid = M.flowid(P(self).d) end
-  return self._flowid
+  local f = self._flowid
+  if not f then
+    f = cached_flowid(P(self))
+    self._flowid = f
+  end
+  return f
 end
 function Packet:originid() return P(self).ifindex end
 function Packet:set_packetstore_policy() end
@@ -181,8 +215,13 @@ function Layer:protocol_id() return GUID[L(self).proto] end
 function Layer:total_bytes() return P(self._packet).wirelen end
 function Layer:packet() return self._packet end
 function Layer:rawbytes()
-  local p, off = P(self._packet), L(self).offset
-  return buffer.new(p.data + off, p.caplen - off)
+  local p, off, b = P(self._packet), L(self).offset, self._rb
+  if b == nil then
+    b = buffer.new(p.data + off, p.caplen - off)
+    self._rb = b
+    return b
+  end
+  return buffer.rebind(b, p.data + off, p.caplen - off)
 end
 function Layer:getbyte(off)
   local p, start = P(self._packet), L(self).offset
