@@ -37,7 +37,7 @@ Struct (all offsets/lengths in bytes from the start of the captured frame):
     ipproto             IPv4 protocol / IPv6 final next header (after the
                         extension headers); 0 for non-IP
     src[16], dst[16]    addresses, IPv4 in the first 4 bytes; zero for non-IP
-    first[16]           first[enum] = index of the first layer of that protocol, -1 if
+    first[32]           first[enum] = index of the first layer of that protocol, -1 if
                         absent (decode.find reads it: no loop per lookup)
     sport, dport        TCP/UDP ports (0 otherwise)
     tcp_flags           TCP flags byte (offset 13 of the header)
@@ -96,7 +96,7 @@ typedef struct {
   int32_t caplen;
   uint8_t src[16];
   uint8_t dst[16];
-  int8_t first[16];
+  int8_t first[32];
   lp_layer layer[16];
 } lp_decoded;
 ]]
@@ -139,6 +139,36 @@ local by_guid_tbl = {}
 for k, g in pairs(M.GUID) do
   by_guid_tbl[g:upper()] = k
   by_guid_tbl[g:upper():gsub("[{}]", "")] = k
+end
+
+--- Protocols of protocol_handler plug-ins (reference section 4.6) get enums CUSTOM_FIRST..CUSTOM_LAST, in the order
+--- the fast path registers them (the same order in every VM of a run, so the enum in a decoded packet means the same
+--- protocol in every VM that reads the batch).  register_protocol(guid, name) -> enum; the same GUID twice returns
+--- its enum; raises when all custom slots are taken.
+M.CUSTOM_FIRST, M.CUSTOM_LAST = 16, 31
+local next_custom = M.CUSTOM_FIRST
+function M.register_protocol(guid, name)
+  local have = M.by_guid(guid)
+  if have ~= nil then return have end
+  if next_custom > M.CUSTOM_LAST then error("too many protocol_handler protocols (at most 16)", 2) end
+  local e = next_custom
+  next_custom = e + 1
+  M.GUID[e], M.NAME[e] = guid, name or guid
+  by_guid_tbl[guid:upper()] = e
+  by_guid_tbl[guid:upper():gsub("[{}]", "")] = e
+  return e
+end
+
+--- Append a layer of protocol `proto` at byte `off`, `len` bytes, to an already decoded packet (a protocol_handler's
+--- parselayer result).  Returns false when the packet already has MAX_LAYERS layers.
+function M.append_layer(d, proto, off, len)
+  local n = d.nlayers
+  if n >= MAX_LAYERS then return false end
+  local l = d.layer[n]
+  if d.first[proto] < 0 then d.first[proto] = n end
+  l.proto, l.offset, l.length = proto, off, len
+  d.nlayers = n + 1
+  return true
 end
 
 --- GUID string (any case, braces optional) -> enum, or nil.
@@ -388,7 +418,7 @@ function M.decode(d, p, caplen, linktype)
   d.payload_length = 0
   d.caplen = caplen
   ffi.fill(d.src, 32)          -- src and dst are contiguous
-  ffi.fill(d.first, 16, 0xff)  -- first[proto] = index of the first layer of that protocol, -1 if none
+  ffi.fill(d.first, 32, 0xff)  -- first[proto] = index of the first layer of that protocol, -1 if none
   if linktype == 1 then
     if caplen < 14 then
       d.truncated = 1

@@ -99,6 +99,9 @@ class FastPath:
         self.instances: list[Instance] = []
         self.input_errors: list[str] = []
         self.plugin_problems: list[str] = []
+        self.protocols: list[tuple[str, str]] = []     #: protocol_handler (guid, name), registration order
+        self.pstore = self.pstore_lua = None              #: packet_storage: the store and its VM
+        self.packet_storage: dict = {}                    #: its counters at the end (stored, skipped, ...)
         self.files_done: list[str] = []
         self.sec = None
         self.window_start = None
@@ -120,6 +123,9 @@ class FastPath:
             raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
         self.infos = [probe(f, cfg.lua_path) for f in files]
         self.groups = {i.countergroup["guid"].upper(): i.countergroup for i in self.infos if i.countergroup}
+        # protocol_handler protocols, registered in this order in every VM (engine/plugins/protocol.lua)
+        self.protocols = [(i.protocol["guid"], i.protocol["name"]) for i in self.infos
+                          if i.protocol and not i.errors and "protocol_handler" in i.types]
         for info in self.infos:
             self.plugin_problems += info.problems
             if info.errors:
@@ -134,7 +140,7 @@ class FastPath:
     def _instantiate(self, rt, path, kind, pipeline, instance) -> None:
         try:
             vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups,
-                         start_workers="lazy")
+                         start_workers="lazy", protocols=self.protocols)
         except PluginError as e:
             self.plugin_problems.append(str(e))
             return
@@ -146,6 +152,22 @@ class FastPath:
                 rt.unload(vm)
                 return
             inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_batch(a, n) end")
+        elif kind == "protocol_handler":
+            problem = vm.lua.eval("function(h) return h:setup_protocol_handler() end")(vm.host)
+            if problem is not None:
+                self.plugin_problems.append(f"{path}: {_text(problem)}")
+                rt.unload(vm)
+                return
+            inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_protocol_batch(a, n) end")
+        elif kind == "packet_storage":
+            store = self._packet_store()
+            problem = vm.lua.eval("function(h, a, c) return h:setup_packet_storage(a, c) end")(
+                vm.host, store[b"votes_addr"], self.cfg.flow_capacity)
+            if problem is not None:
+                self.plugin_problems.append(f"{path}: {_text(problem)}")
+                rt.unload(vm)
+                return
+            inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_storage_batch(a, n) end")
         elif kind == "filex_monitor":
             opts = {b"dir": self._filex_dir().encode(), b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
                     b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"idle_timeout": self.cfg.idle_timeout}
@@ -253,8 +275,14 @@ class FastPath:
                 self._load_plugins(rt)
             self._write("counter_groups", group_rows(self.infos))
             batch_addr = int(self.driver.batch_addr)
-            runners = [i.run_batch for i in self.instances if i.run_batch is not None]
-            hosts = [i.vm.host for i in self.instances if i.run_batch is not None]
+            # protocol_handler instances first: they add their layers to the batch the others then read
+            walkers = sorted((i for i in self.instances if i.run_batch is not None),
+                             key=lambda i: i.kind != "protocol_handler")
+            runners = [i.run_batch for i in walkers]
+            hosts = [i.vm.host for i in walkers]
+            if self.pstore is not None:         # after every packet_storage vote: write what they let through
+                runners.append(self.pstore_lua.eval("function(s, a, n) return s:write_batch(a, n) end"))
+                hosts.append(self.pstore)
             driver = self.driver
             old_handlers = self._catch_stop_signals() if cfg.interface else {}
             while True:
@@ -407,6 +435,16 @@ class FastPath:
             for vm_lua in [lua] + [i.vm.lua for i in self.instances]:
                 vm_lua.execute("require('luaprobe.engine.plugins.jitprof').mark()")
 
+    def _packet_store(self):
+        """The run's packet store (engine/plugins/packetstore.lua), created with the first packet_storage
+        instance: its own LuaJIT VM, writing <out>/packets.pcapng; votes shared by address with the voters."""
+        if self.pstore is None:
+            self.pstore_lua = new_runtime()
+            mod = self.pstore_lua.eval("require('luaprobe.engine.plugins.packetstore')")
+            self.pstore = mod.new_store(os.path.join(self.cfg.out_dir, "packets.pcapng").encode(),
+                                        self.cfg.flow_capacity)
+        return self.pstore
+
     def _filex_dir(self) -> str:
         """The extraction directory (created 0700 on first use; removed at the end of the run)."""
         if getattr(self, "filex_dir", None) is None:
@@ -424,6 +462,9 @@ class FastPath:
             if inst.kind == "filex_monitor":
                 st = inst.vm.lua.eval("function(h) return h:filex_finish() end")(inst.vm.host)
                 self.filex_stats.append({"plugin": inst.vm.path, **{_text(k): v for k, v in st.items()}})
+        if self.pstore is not None:
+            st = self.pstore_lua.eval("function(s) return s:close() end")(self.pstore)
+            self.packet_storage = {_text(k): int(v) for k, v in st.items()}
         self.async_before = {id(i.vm): i.vm.async_stats() for i in self.instances}
         rt.drain_and_stop()
         self._collect(None)
@@ -508,5 +549,6 @@ class FastPath:
                 "kernel_packets": cs[3] if len(cs) > 3 else 0} if self.cfg.interface else {}),
             "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
             "filex": getattr(self, "filex_stats", []),
+            **({"packet_storage": self.packet_storage} if self.packet_storage else {}),
             "backend_reloads": self.backend_reloads,
         }

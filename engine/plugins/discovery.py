@@ -24,7 +24,7 @@ FRONTEND_TYPES = {"simplecounter", "countergroup", "filex_monitor", "reassembly_
 BACKEND_TYPES = {"engine_monitor", "sg_monitor", "resource_monitor", "fts_monitor", "cg_monitor",
                  "alert_monitor", "flowtracker"}
 #: types luaprobe runs today; the others are detected and reported as not supported yet
-SUPPORTED = {"simplecounter", "countergroup", "engine_monitor", "filex_monitor"}
+SUPPORTED = {"simplecounter", "countergroup", "engine_monitor", "filex_monitor", "protocol_handler", "packet_storage"}
 
 
 @dataclasses.dataclass
@@ -35,6 +35,7 @@ class PluginInfo:
     name: str = ""
     types: list = dataclasses.field(default_factory=list)
     countergroup: dict | None = None
+    protocol: dict | None = None      #: protocol_handler control: guid, name, host, ports
     errors: list = dataclasses.field(default_factory=list)        #: load failures (file:line text): it cannot run
     unsupported: list = dataclasses.field(default_factory=list)   #: detected script types luaprobe does not run
 
@@ -93,7 +94,9 @@ return function(path, log)
   local types = host:types()
   local cg, problem = host:countergroup()
   local name = type(host.plugin.id) == "table" and host.plugin.id.name or nil
-  return { types = types, countergroup = cg, problem = problem, name = name }, nil
+  local protocol, pproblem = nil, nil
+  if host.plugin.protocol_handler ~= nil then protocol, pproblem = host:protocol_control() end
+  return { types = types, countergroup = cg, problem = problem or pproblem, name = name, protocol = protocol }, nil
 end
 """
 
@@ -129,6 +132,7 @@ def probe(path: str, lua_path=()) -> PluginInfo:
     info.name = res.get("name") or info.name
     if res.get("problem"):
         info.errors.append(f"{path}: {res['problem']}")
+    info.protocol = res.get("protocol")
     cg = res.get("countergroup")
     if cg:
         cg["meters"] = cg.get("meters") or []

@@ -37,6 +37,7 @@ function M.boot(opts)
   tlib.install({ script = path, instance = instance, enginetype = opts.enginetype or "frontend",
                  log = opts.log, print = opts.print })
   tlib.wrap_print({ script = path, instance = instance, log = opts.log, print = opts.print })
+  for _, pr in ipairs(opts.protocols or {}) do decode.register_protocol(pr.guid, pr.name) end
   local self = setmetatable({ path = path, instance = instance, outputs = {}, hook_errors = {},
                               hook_calls = {} }, Host)
   self.errors = errlog.new(logf)
@@ -185,6 +186,21 @@ function Host:run_batch(addr, n)
   if errors > 0 then he["simplecounter.onpacket"] = (he["simplecounter.onpacket"] or 0) + errors end
   return calls
 end
+
+--- protocol_handler (engine/plugins/protocol.lua): its control block, setup, and the per-batch walk.
+function Host:protocol_control() return require("luaprobe.engine.plugins.protocol").control(self.plugin) end
+function Host:setup_protocol_handler() return require("luaprobe.engine.plugins.protocol").setup(self) end
+function Host:run_protocol_batch(addr, n) return require("luaprobe.engine.plugins.protocol").run_batch(self, addr, n) end
+function Host:protocol_stats()
+  local ph = self.ph
+  return ph and { added = ph.added, declined = ph.declined, full = ph.full, next_unknown = ph.next_unknown } or nil
+end
+
+--- packet_storage (engine/plugins/packetstore.lua): voting on flows into the run's shared votes array.
+function Host:setup_packet_storage(votes_addr, capacity)
+  return require("luaprobe.engine.plugins.packetstore").setup(self, votes_addr, capacity)
+end
+function Host:run_storage_batch(addr, n) return require("luaprobe.engine.plugins.packetstore").run_batch(self, addr, n) end
 
 --- Prepare the filex_monitor type (opts: dir, chunk_size, dir_cap, idle_timeout).
 function Host:setup_filex(opts)

@@ -23,7 +23,7 @@ class PluginVM:
 
     def __init__(self, path: str, *, instance: str = "0", enginetype: str = "frontend", lua_path=(),
                  async_config: AsyncConfig | None = None, bell=None, start_workers: bool | str = True,
-                 pipeline: str | None = None, groups: dict | None = None):
+                 pipeline: str | None = None, groups: dict | None = None, protocols=()):
         self.path = os.path.abspath(path)
         self.instance = instance
         self.lua_path = list(lua_path)
@@ -34,6 +34,7 @@ class PluginVM:
             "path": self.path, "instance": instance, "enginetype": enginetype,
             "log": logs.lua_log, "print": logs.lua_print, "overflow_limit": self.config.overflow_limit,
             "pipeline": pipeline, "groups": self._groups_table(groups) if pipeline else None,
+            "protocols": self.lua.table_from([table(self.lua, {"guid": g, "name": nm}) for g, nm in protocols]),
         }))
         if host is None:
             raise PluginError(_text(err))

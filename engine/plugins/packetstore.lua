@@ -1,0 +1,187 @@
+--[[
+luaprobe.engine.plugins.packetstore — packet_storage scripts (reference section 4.5) and the per-run pcapng they
+steer.
+
+    packet_storage = {
+      filter = function(engine, ts, flow) return -1 end,                               -- on a new flow
+      filter_payload = function(engine, ts, flow, dir, seekpos, buffer) return -1 end, -- first payload per direction
+    }
+
+Policy codes: -1 no opinion, 0 do not store, 1 full packets, 2 headers only, 3 first 1 MB, 4 first 100 KB,
+5 first 10 KB, 6 first 10 MB; any other value counts as -1.  When scripts disagree the most permissive wins
+(1 > 6 > 3 > 4 > 5 > 2 > 0); with no opinion at all a flow is stored in full (Trisul's default).  Choices where the
+reference is silent (docs/plugins.md):
+* `flow` is a FlowID; `ts` the packet time in seconds.  `filter` runs on the first packet of each flow record.
+* `filter_payload` runs once per direction, on the first packet of that direction that carries payload, with
+  `buffer` = that packet's payload and `seekpos` = 0 (luaprobe does not reassemble for this hook); `dir` is 0 for
+  the flow's A->Z direction as the flow table orients it, 1 for Z->A.
+* A vote applies to the packets that follow it.  "First N bytes" counts captured bytes of stored packets per flow;
+  the packet that crosses N is stored whole and later ones are not.  "Headers only" keeps each packet up to the start
+  of its payload.  Packets without a flow (non-IP) are stored in full.
+* Packets go to `<out>/packets.pcapng` (one interface block per link type seen, microsecond timestamps), written
+  only when a packet_storage script is loaded.
+
+Votes are shared between the packet_storage VMs of the fast path through one array indexed by flow-table slot
+(`lp_psvote`, allocated by the store, its address handed to each VM); the slot's flow uid tells a new flow apart.
+]]
+local ffi = require("ffi")
+local packet = require("luaprobe.engine.plugins.packet")
+local buffer = require("luaprobe.engine.plugins.buffer")
+local decode = require("luaprobe.engine.fastpath.decode")
+
+if not pcall(ffi.typeof, "lp_psvote") then
+  ffi.cdef [[ typedef struct { double uid; double stored; int32_t policy; int32_t pad; } lp_psvote; ]]
+end
+local votep = ffi.typeof("lp_psvote *")
+
+local M = {}
+local RANK = { [0] = 1, [2] = 2, [5] = 3, [4] = 4, [3] = 5, [6] = 6, [1] = 7 }      -- permissiveness
+local LIMIT = { [3] = 1048576, [4] = 102400, [5] = 10240, [6] = 10485760 }
+M.RANK, M.LIMIT = RANK, LIMIT
+
+-- ------------------------------------------------------------------ voting (in each packet_storage VM)
+
+--- Prepare a packet_storage instance on `host`: votes at address `votes_addr` (capacity slots).
+function M.setup(host, votes_addr, capacity)
+  local ps = host.plugin.packet_storage
+  local f, fp = ps.filter, ps.filter_payload
+  if type(f) ~= "function" and type(fp) ~= "function" then
+    return "packet_storage has neither filter nor filter_payload"
+  end
+  host.ps = { votes = ffi.cast(votep, votes_addr), capacity = capacity, filter = f, filter_payload = fp,
+              seen = ffi.new("double[?]", capacity), dirs = ffi.new("uint8_t[?]", capacity),
+              pobj = packet.new_packet() }
+  return nil
+end
+
+local function vote(v, code)
+  code = tonumber(code)
+  if code == nil or RANK[code] == nil then return end
+  if v.policy < 0 or RANK[code] > RANK[v.policy] then v.policy = code end
+end
+
+--- Walk a batch: `filter` on each new flow, `filter_payload` on the first payload of each direction.
+function M.run_batch(host, addr, n)
+  local ps, eng = host.ps, host.engine
+  local batch = ffi.cast(packet.pktp, addr)
+  local votes, seen, dirs, f, fp = ps.votes, ps.seen, ps.dirs, ps.filter, ps.filter_payload
+  local calls, errors, i = 0, 0, 0
+  local function walk()
+    while i < n do
+      local k = i
+      i = k + 1
+      local p = batch[k]
+      local slot = p.flow
+      if slot >= 0 and slot < ps.capacity then
+        local v = votes[slot]
+        if v.uid ~= p.flow_uid then v.uid, v.stored, v.policy = p.flow_uid, 0, -1 end
+        if seen[slot] ~= p.flow_uid then
+          seen[slot], dirs[slot] = p.flow_uid, 0
+          if f then
+            eng:set_packet(batch, k)
+            calls = calls + 1
+            vote(v, f(eng, p.ts_sec, packet.flowid(p.d)))
+          end
+        end
+        local bit = p.dir == 0 and 1 or 2
+        if fp and p.d.payload_length > 0 and dirs[slot] % (2 * bit) < bit then
+          dirs[slot] = dirs[slot] + bit
+          eng:set_packet(batch, k)
+          calls = calls + 1
+          vote(v, fp(eng, p.ts_sec, packet.flowid(p.d), p.dir, 0,
+                     buffer.new(p.data + p.d.payload_offset, p.d.payload_length)))
+        end
+      end
+    end
+  end
+  while i < n do
+    local ok, err = xpcall(walk, debug.traceback)
+    if not ok then
+      errors = errors + 1
+      host.errors:report("packet_storage hook error", err)
+    end
+  end
+  local hc, he = host.hook_calls, host.hook_errors
+  hc["packet_storage"] = (hc["packet_storage"] or 0) + calls
+  if errors > 0 then he["packet_storage"] = (he["packet_storage"] or 0) + errors end
+  return calls
+end
+
+-- ------------------------------------------------------------------ the store (one per run, its own VM)
+
+local Store = {}
+Store.__index = Store
+
+--- A store writing `path` (pcapng) for flow tables of `capacity` slots.  store.votes_addr is the votes array.
+function M.new_store(path, capacity)
+  local fh, err = io.open(path, "wb")
+  if not fh then error("packet_storage: cannot write " .. tostring(path) .. ": " .. tostring(err), 0) end
+  local votes = ffi.new("lp_psvote[?]", capacity)
+  local self = setmetatable({ fh = fh, votes = votes, votes_addr = tonumber(ffi.cast("intptr_t", votes)),
+                              capacity = capacity, ifaces = {}, nifaces = 0, stored = 0, skipped = 0,
+                              truncated = 0, bytes = 0, path = path }, Store)
+  -- Section Header Block: byte-order magic, version 1.0, section length unknown (-1)
+  fh:write(M.block(0x0A0D0D0A, ffi.string(ffi.new("uint32_t[1]", 0x1A2B3C4D), 4) ..
+                   ffi.string(ffi.new("uint16_t[2]", { 1, 0 }), 4) .. ffi.string(ffi.new("int64_t[1]", -1), 8)))
+  return self
+end
+
+--- One pcapng block of `btype` around `body` (padded to 32 bits), pcapng draft section 3.1.
+function M.block(btype, body)
+  local pad = (4 - #body % 4) % 4
+  local len = 12 + #body + pad
+  local u = ffi.new("uint32_t[2]", btype, len)
+  return ffi.string(u, 8) .. body .. string.rep("\0", pad) .. ffi.string(ffi.new("uint32_t[1]", len), 4)
+end
+
+function Store:iface(linktype)
+  local id = self.ifaces[linktype]
+  if id then return id end
+  id = self.nifaces
+  self.ifaces[linktype], self.nifaces = id, id + 1
+  -- Interface Description Block: link type, reserved, snaplen 0 (no limit); default if_tsresol = microseconds
+  self.fh:write(M.block(1, ffi.string(ffi.new("uint16_t[2]", { linktype, 0 }), 4) ..
+                           ffi.string(ffi.new("uint32_t[1]", 0), 4)))
+  return id
+end
+
+local epb_head = ffi.new("uint32_t[5]")
+
+--- Write the packets of a batch that their flow's policy lets through.
+function Store:write_batch(addr, n)
+  local batch = ffi.cast(packet.pktp, addr)
+  local votes, cap = self.votes, self.capacity
+  for k = 0, n - 1 do
+    local p = batch[k]
+    local len, policy, v = p.caplen, 1, nil
+    if p.flow >= 0 and p.flow < cap then
+      v = votes[p.flow]
+      if v.uid == p.flow_uid and v.policy >= 0 then policy = v.policy end
+    end
+    local limit = LIMIT[policy]
+    if policy == 0 or (limit and v and v.stored >= limit) then
+      self.skipped = self.skipped + 1
+    else
+      if policy == 2 and p.d.payload_offset > 0 and p.d.payload_offset < len then
+        len = p.d.payload_offset
+        self.truncated = self.truncated + 1
+      end
+      if v then v.stored = v.stored + len end
+      local usec = p.ts_sec * 1e6 + math.floor(p.ts_nsec / 1000)
+      epb_head[0] = self:iface(p.linktype)
+      epb_head[1] = math.floor(usec / 4294967296)
+      epb_head[2] = usec % 4294967296
+      epb_head[3], epb_head[4] = len, p.wirelen
+      self.fh:write(M.block(6, ffi.string(epb_head, 20) .. ffi.string(p.data, len)))
+      self.stored, self.bytes = self.stored + 1, self.bytes + len
+    end
+  end
+  return n
+end
+
+function Store:close()
+  if self.fh then self.fh:close(); self.fh = nil end
+  return { stored = self.stored, skipped = self.skipped, truncated = self.truncated, bytes = self.bytes }
+end
+
+return M

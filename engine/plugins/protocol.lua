@@ -1,0 +1,130 @@
+--[[
+luaprobe.engine.plugins.protocol — protocol_handler scripts (reference section 4.6): a Lua dissector that adds a
+layer of its own protocol to packets, so that simplecounter scripts attach to it by its GUID.
+
+    protocol_handler = {
+      control = { guid = "{...}", name = "SYSLOG",
+                  host_protocol_guid = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}",   -- UDP
+                  host_protocol_ports = { 514 } },                                 -- optional
+      parselayer = function(layer) return layer:layer_bytes(), nil end }
+
+How it runs (choices where the reference is silent, docs/plugins.md):
+* Every VM of a run registers the run's protocol_handler protocols in the same order (decode.register_protocol),
+  so a custom protocol has one enum in the whole fast-path process.
+* Per batch, protocol_handler instances run before every other frontend instance.  For each packet with the host
+  protocol (and, when host_protocol_ports is given and the host is TCP or UDP, one of those ports at either end) the
+  candidate layer starts where the host layer's header ends and runs to the end of the captured bytes; parselayer
+  sees it as `layer` (layer_bytes() = its length).  Returning nil means "not this protocol"; returning n >= 0 adds
+  a layer of the handler's protocol, n bytes long (clamped to what was captured), to the decoded packet in the
+  batch, where every later VM's simplecounter, Packet:find_layer and Layer:protocol_id see it.
+* The second return value (the next protocol's GUID) is honoured when it is another registered protocol_handler
+  protocol that has this one as host (a chain); otherwise it is counted as `next_unknown` and ignored (luaprobe
+  does not decode NetFlow/sFlow, which Trisul's redirectors hand packets to).
+* A handler without host_protocol_guid is attached through Trisul's UI "access points", which luaprobe has not:
+  `luaprobe check` reports it and it never runs.
+]]
+local ffi = require("ffi")
+local decode = require("luaprobe.engine.fastpath.decode")
+local packet = require("luaprobe.engine.plugins.packet")
+
+local M = {}
+local TCP, UDP = decode.PROTO.TCP, decode.PROTO.UDP
+
+--- The handler's control block, validated: {guid, name, host, ports} or nil, problem.
+function M.control(plugin)
+  local ph = plugin.protocol_handler
+  local c = type(ph) == "table" and ph.control or nil
+  if type(c) ~= "table" then return nil, "protocol_handler.control is missing" end
+  if type(c.guid) ~= "string" then return nil, "protocol_handler.control.guid is missing" end
+  if type(ph.parselayer) ~= "function" then return nil, "protocol_handler.parselayer is not a function" end
+  if type(c.host_protocol_guid) ~= "string" then
+    return nil, "protocol_handler without host_protocol_guid is attached through Trisul's access points, " ..
+                "which luaprobe has not; it will not run"
+  end
+  local ports = {}
+  for _, p in ipairs(type(c.host_protocol_ports) == "table" and c.host_protocol_ports or {}) do
+    ports[#ports + 1] = tonumber(p)
+  end
+  return { guid = c.guid, name = tostring(c.name or c.guid), host = c.host_protocol_guid, ports = ports }
+end
+
+--- Prepare a handler instance on `host` (a Host); returns nil or a problem description.
+function M.setup(host)
+  local c, problem = M.control(host.plugin)
+  if not c then return problem end
+  local proto, parent = decode.by_guid(c.guid), decode.by_guid(c.host)
+  if proto == nil then return "protocol " .. c.guid .. " is not registered" end
+  if parent == nil then return ("host_protocol_guid %s is not a protocol luaprobe decodes"):format(c.host) end
+  local portset = nil
+  if #c.ports > 0 and (parent == TCP or parent == UDP) then
+    portset = {}
+    for _, p in ipairs(c.ports) do portset[p] = true end
+  end
+  host.ph = { proto = proto, parent = parent, ports = portset, fn = host.plugin.protocol_handler.parselayer,
+              pobj = packet.new_packet(), lobj = packet.new_layer(), added = 0, declined = 0, full = 0,
+              next_unknown = 0 }
+  return nil
+end
+
+local function candidate(d, p, parent, ports)
+  local li = decode.find(d, parent)
+  if li < 0 then return nil end
+  if ports ~= nil and not (ports[d.sport] or ports[d.dport]) then return nil end
+  local l = d.layer[li]
+  local off = l.offset + l.length
+  if off > p.caplen then return nil end
+  return off
+end
+
+--- Run parselayer over the batch at addr (n packets): add this protocol's layer where it accepts.
+function M.run_batch(host, addr, n)
+  local ph = host.ph
+  local batch = ffi.cast(packet.pktp, addr)
+  local proto, parent, ports, fn = ph.proto, ph.parent, ph.ports, ph.fn
+  local pobj, lobj = ph.pobj, ph.lobj
+  local calls, errors, i = 0, 0, 0
+  local function walk()
+    while i < n do
+      local k = i
+      i = k + 1
+      local p = batch[k]
+      local d = p.d
+      local off = candidate(d, p, parent, ports)
+      if off ~= nil and d.nlayers < decode.MAX_LAYERS then
+        -- the candidate layer, appended tentatively so that Layer methods read it; kept only if accepted
+        decode.append_layer(d, proto, off, p.caplen - off)
+        local li = d.nlayers - 1
+        packet.bind_layer(lobj, packet.bind_packet(pobj, batch, k), li)
+        calls = calls + 1
+        local nbytes, nxt = fn(lobj)
+        if nbytes == nil then
+          d.nlayers, d.first[proto] = li, -1
+          ph.declined = ph.declined + 1
+        else
+          nbytes = math.max(0, math.min(tonumber(nbytes) or 0, p.caplen - off))
+          d.layer[li].length = nbytes
+          ph.added = ph.added + 1
+          if nxt ~= nil and decode.by_guid(nxt) == nil then ph.next_unknown = ph.next_unknown + 1 end
+        end
+      elseif off ~= nil then
+        ph.full = ph.full + 1
+      end
+    end
+  end
+  while i < n do
+    local ok, err = xpcall(walk, debug.traceback)
+    if not ok then
+      -- the packet whose parselayer failed keeps no layer of ours
+      local d = batch[i - 1].d
+      if d.nlayers > 0 and d.layer[d.nlayers - 1].proto == proto then d.nlayers, d.first[proto] = d.nlayers - 1, -1 end
+      errors = errors + 1
+      host.errors:report("protocol_handler.parselayer error", err)
+    end
+  end
+  local hc, he = host.hook_calls, host.hook_errors
+  hc["protocol_handler.parselayer"] = (hc["protocol_handler.parselayer"] or 0) + calls
+  if errors > 0 then he["protocol_handler.parselayer"] = (he["protocol_handler.parselayer"] or 0) + errors end
+  return calls
+end
+
+return M
