@@ -37,17 +37,20 @@ function M.control(r, kind, text, stop)
 end
 
 --- Copy every packet of one mapped file into ring `r`.  Returns packets,
---- bytes, and on corruption the error message and byte offset.
+--- bytes, on corruption the error message and byte offset, and true when
+--- stop() ended the walk before the end of the file (checked while waiting
+--- for ring space and every 4096 records).
 function M.file(r, addr, size, stop)
   local rd = pcapfile.open(addr, size)
-  local n, bytes, since = 0, 0, 0
+  local n, bytes, since, stopped = 0, 0, 0, false
   while true do
+    if n % 4096 == 4095 and stop() then stopped = true; break end
     local ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = rd:next()
     if ptr == nil then break end
     local p = r:reserve(REC + caplen)
     if p == nil then
       p = reserve(r, REC + caplen, stop)
-      if p == nil then break end
+      if p == nil then stopped = true; break end
     end
     local h = cast(recp, p)
     h.kind, h.ts_sec, h.ts_nsec, h.wirelen, h.caplen = packet.PKT, ts_sec, ts_nsec, wirelen, caplen
@@ -58,7 +61,7 @@ function M.file(r, addr, size, stop)
     if since >= 64 then r:publish(); since = 0 end
   end
   r:publish()
-  return n, bytes, rd.error, rd.error_offset
+  return n, bytes, rd.error, rd.error_offset, stopped
 end
 
 return M

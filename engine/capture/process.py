@@ -121,12 +121,14 @@ def main(argv=None) -> int:
         try:
             with open_capture(path) as c:
                 try:
-                    n, nbytes, err, off = run_file(ring, c.address, c.size, lambda: stop[0])
+                    n, nbytes, err, off, stopped = run_file(ring, c.address, c.size, lambda: stop[0])
                 except Exception as e:                      # a bad file header raises in Lua
                     off, msg = split_lua_error(e)
                     raise InputError(path, off, msg) from None
             if err is not None:
                 raise InputError(path, int(off), err.decode("utf-8", "replace"))
+            if stopped:                                     # not read to its end: no EOF (files_done)
+                break
             if not args.loop or path not in eof_sent:      # looping: one EOF per file (files_done stays small)
                 eof_sent.add(path)
                 control(ring, pkt.EOF, path.encode())

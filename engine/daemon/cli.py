@@ -7,7 +7,9 @@
     luaprobe demo               run the bundled example plug-ins on the bundled sample capture
     luaprobe shm clean|list     remove / list shared-memory segments (clean: those whose owner died)
 
-Exit codes: 0 ok, 2 usage error, 3 input error, 4 plug-in error, 1 internal error.
+Exit codes: 0 ok, 2 usage error, 3 input error, 4 plug-in error, 1 internal error or a hard stop (a second
+SIGINT/SIGTERM), 130 / 143 a file or --generate run stopped early by SIGINT / SIGTERM (graceful: everything up
+to the stop was processed and written; a live run's normal end is a signal, so it exits 0).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import argparse
 import os
 import sys
 
-from luaprobe.shm.exits import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_USAGE  # noqa: F401
+from luaprobe.shm.exits import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_STOPPED, EXIT_USAGE  # noqa: F401
 
 
 def _version() -> str:
@@ -190,7 +192,8 @@ def cmd_run(args) -> int:
         print(f"luaprobe run: plug-in error: {e}", file=sys.stderr)
         return EXIT_PLUGIN
     except KeyboardInterrupt:
-        print("luaprobe run: interrupted", file=sys.stderr)
+        print("luaprobe run: stopped hard by a second signal (workers and capture killed; rows already handed "
+              "to the store writer are committed, the rest is lost)", file=sys.stderr)
         return EXIT_INTERNAL
     except Exception as e:  # noqa: BLE001 - a user sees one line, the log has the traceback
         logs.log.debug("internal error", exc_info=True)
@@ -214,6 +217,10 @@ def cmd_run(args) -> int:
         return EXIT_INPUT
     if summary["plugin_problems"] and not summary["plugins"]:
         return EXIT_PLUGIN
+    if summary.get("stopped_by") in EXIT_STOPPED and not interface:
+        print(f"luaprobe run: stopped early by {summary['stopped_by']}: the input up to the stop was processed "
+              "and written", file=sys.stderr)
+        return EXIT_STOPPED[summary["stopped_by"]]
     return EXIT_OK
 
 

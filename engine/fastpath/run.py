@@ -107,7 +107,8 @@ class FastPath:
         self.window_start = None
         self.ticks = 0
         self.capture_stats = None       #: live: [seen, ring_drops, kernel_drops, kernel_packets, freeze_q]
-        self._stop = 0                  #: live: 1 = SIGINT/SIGTERM received, 2 = capture told to stop
+        self._stop = 0                  #: 1 = stop asked (signal / request_stop), 2 = capture told to stop
+        self.stopped_by = None          #: "SIGINT" / "SIGTERM" / "request" when the run was stopped early
         self._reload = False            #: set by request_reload_backends (SIGHUP under the supervisor)
         self.backend_reloads = 0
         self._last_stats = -1e9
@@ -248,7 +249,7 @@ class FastPath:
         self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
         rt = AsyncRuntime(cfg.async_config, lua_path=cfg.lua_path)
         ring_seg = capture = None
-        old_handlers = {}
+        old_handlers = self._catch_stop_signals()     # any source: first signal = graceful stop, second = hard
         try:
             if cfg.interface:                  # live: hooks ready before the first packet arrives
                 self._load_plugins(rt)
@@ -284,10 +285,12 @@ class FastPath:
                 runners.append(self.pstore_lua.eval("function(s, a, n) return s:write_batch(a, n) end"))
                 hosts.append(self.pstore)
             driver = self.driver
-            old_handlers = self._catch_stop_signals() if cfg.interface else {}
+            rt.abort = lambda: self._stop == 3
             while True:
                 if self._stop == 1:
                     self._stop_capture(capture)
+                elif self._stop == 3:               # a second signal seen inside a Lua callback
+                    raise KeyboardInterrupt
                 n = fill(driver)
                 if n:
                     if self.loop_start is None:
@@ -308,6 +311,8 @@ class FastPath:
                     rt.service()
                     if cfg.interface:
                         self._live_idle(capture)
+                    if self._stop == 2 and time.monotonic() > self._stop_deadline and capture.poll() is None:
+                        capture.kill()                   # reported as "ended unexpectedly"
                     self._maybe_stats(rt, capture)
                     if capture.poll() is not None and not ready(driver):
                         self.input_errors.append(f"capture process ended unexpectedly (status {capture.returncode})")
@@ -360,16 +365,26 @@ class FastPath:
         return ["--interface", cfg.interface, *(["--bpf", cfg.bpf] if cfg.bpf else [])]
 
     def _catch_stop_signals(self) -> dict:
-        """Live: SIGINT / SIGTERM ask for a clean stop (capture stops, the ring drains, outputs are written);
-        a second signal interrupts.  Returns the previous handlers."""
+        """Any source: SIGINT / SIGTERM ask for a graceful stop (the capture process stops reading and pushes
+        END, the packet ring drains, async tasks drain up to the drain deadline, onunload, outputs written,
+        summary with ``stopped_by``); a second signal is a hard stop (KeyboardInterrupt: workers and the
+        capture process killed, segments unlinked, rows already handed to the store writer committed).
+        Only signals nobody else handles (default disposition) are taken: the supervised child keeps its own
+        SIGTERM handler and its ignored SIGINT.  Returns the previous handlers."""
         if threading.current_thread() is not threading.main_thread():
             return {}
 
         def handler(signum, frame):
             if self._stop:
+                self._stop = 3
                 raise KeyboardInterrupt
             self._stop = 1
-        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.stopped_by = signal.Signals(signum).name
+        old = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+                old[s] = signal.signal(s, handler)
+        return old
 
     def request_reload_backends(self) -> None:
         """Reload backend (engine_monitor) scripts live at the next batch boundary (signal-safe)."""
@@ -410,12 +425,17 @@ class FastPath:
         SIGTERM): the capture process stops reading and pushes END, then drain, onunload, flush, unlink."""
         if not self._stop:
             self._stop = 1
+            self.stopped_by = self.stopped_by or "request"
 
     def _stop_capture(self, capture) -> None:
-        """Tell the live capture to stop: it drains the kernel ring, pushes its last STATS and END."""
+        """Tell the capture process to stop: live, it drains the kernel ring and pushes its last STATS and END;
+        files and the generator stop reading (no EOF for a file not read to its end) and push END.  A capture
+        process that has not ended 15 s later is killed."""
         self._stop = 2
         self._stop_deadline = time.monotonic() + 15
-        logs.log.info("stopping live capture on %s", self.cfg.interface)
+        src = f"live capture on {self.cfg.interface}" if self.cfg.interface else \
+            "the generator" if self.cfg.generate else "reading the capture files"
+        logs.log.info("stop requested (%s): stopping %s, then draining", self.stopped_by, src)
         if capture.poll() is None:
             capture.send_signal(signal.SIGTERM)
 
@@ -425,8 +445,6 @@ class FastPath:
         s = int(time.time() - 0.25)
         if self.sec is None or s > self.sec:
             self._tick(s)
-        if self._stop == 2 and time.monotonic() > self._stop_deadline and capture.poll() is None:
-            capture.kill()                                   # reported as "ended unexpectedly"
 
     def _jit_mark(self, lua) -> None:
         """End of an input file: the trace-abort counters (LUAPROBE_JIT_ABORTS, engine/lua/jitprof.lua) of
@@ -551,4 +569,5 @@ class FastPath:
             "filex": getattr(self, "filex_stats", []),
             **({"packet_storage": self.packet_storage} if self.packet_storage else {}),
             "backend_reloads": self.backend_reloads,
+            "stopped_by": self.stopped_by,
         }

@@ -28,6 +28,7 @@ class AsyncRuntime:
         self.bell = segment.create("bell", BELL_SIZE)
         self.vms: list[PluginVM] = []
         self.closed = False
+        self.abort = None               #: callable -> True when a hard stop was asked (checked while draining)
 
     def load(self, path: str, instance: str = "0", enginetype: str = "frontend", **kw) -> PluginVM:
         """Load a plug-in (its workers start now, or on first use with start_workers="lazy")."""
@@ -105,6 +106,8 @@ class AsyncRuntime:
         while self.pending():
             if time.monotonic() >= end:
                 return False
+            if self.abort is not None and self.abort():
+                raise KeyboardInterrupt
             if not self.service():
                 self.wait(min(0.02, max(0.0, end - time.monotonic())))
         return True
