@@ -126,7 +126,7 @@ function M.new(opts)
     bytecode = {},
     fname = {},
     nups = {},
-    max_record = 1e300,
+    max_record = opts.max_record or 1e300,   -- request-ring record limit (the pool's ring size)
     nfids = 0,
     stats = { scheduled = 0, ok = 0, nil_result = 0, error = 0, timeout = 0, dropped = 0,
               onresult_errors = 0, redispatched = 0 },
@@ -323,6 +323,15 @@ local function check_string(v, what, fname)
   error(("T.async:%s: %s must be a string (got %s)"):format(fname, what, t), 3)
 end
 
+--- A request must fit one request-ring record (the ring's limit, known before any worker starts):
+--- a Lua error at the call site naming the limit, never a failure later in the fast path.
+local function check_size(self, fname, what, data, aux)
+  if REQ + #data + #aux > self.max_record then
+    error(("T.async:%s: %s of %d bytes exceeds the request ring's record limit of %d bytes "
+           .. "(raise --ring-size)"):format(fname, what, #data, self.max_record - REQ - #aux), 3)
+  end
+end
+
 function Async:make_api()
   local self_ = self
   local api = {}
@@ -348,16 +357,14 @@ function Async:make_api()
     if onerr ~= nil and type(onerr) ~= "function" then error("T.async:schedule: onerror must be a function", 2) end
     local fid = self_:fid_of(fn)
     if fid == nil then error("T.async:schedule: onexecute must be a Lua function, not a C function", 2) end
+    check_size(self_, "schedule", "onexecute's bytecode", self_.bytecode[fid], self_.fname[fid])
     local aux = ""
     if self_.nups[fid] > 0 then           -- debug.* and pcall are not compiled: only pay when needed
       local ok, blob = pcall(upvalue_blob, fn)
       if not ok then error("T.async:schedule: " .. blob, 2) end
       aux = blob
     end
-    if REQ + #data + #aux > self_.max_record then
-      error(("T.async:schedule: data of %d bytes exceeds the request ring's record limit of %d bytes "
-             .. "(raise --ring-size)"):format(#data, self_.max_record - REQ - #aux), 2)
-    end
+    check_size(self_, "schedule", "data", data, aux)
     local r = self_:enqueue(P.EXEC, fid, data, aux, -1, onres, onerr, nil)
     return r
   end
@@ -370,18 +377,21 @@ function Async:make_api()
   function api.copy(a, b, c)
     local from, to = args(a, b, c)
     from, to = check_string(from, "from", "copy"), check_string(to, "to", "copy")
+    check_size(self_, "copy", "request", from, to)
     return file_op(P.COPY, from, to)
   end
 
   function api.cat(a, b, c)
     local from, to = args(a, b, c)
     from, to = check_string(from, "from", "cat"), check_string(to, "to", "cat")
+    check_size(self_, "cat", "request", from, to)
     return file_op(P.CAT, from, to)
   end
 
   function api.rm(a, b)
     local file = args(a, b)
     file = check_string(file, "file", "rm")
+    check_size(self_, "rm", "file name", file, "")
     local r = self_:enqueue(P.RM, 0, file, "", -1, nil, nil, file)
     return r
   end
@@ -396,6 +406,7 @@ function Async:make_api()
     if pos ~= nil and (type(pos) ~= "number" or pos < 0) then
       error("T.async:copybuffer: pos must be a non-negative number", 2)
     end
+    check_size(self_, "copybuffer", "buffer", bytes, file)
     local r = self_:enqueue(P.COPYBUF, 0, bytes, file, pos or -1, nil, nil, file)
     return r
   end

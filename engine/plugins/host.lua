@@ -48,6 +48,7 @@ function M.boot(opts)
     self.engine = recording_engine(instance, self.outputs)
   end
   self.async = async.new({ script = path, log = logf, overflow_limit = opts.overflow_limit,
+                           max_record = opts.max_record,
                            engine = self.engine })
   T.async = self.async.api
   local chunk, err = loadfile(path)

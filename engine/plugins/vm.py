@@ -33,6 +33,7 @@ class PluginVM:
         host, err = boot(table(self.lua, {
             "path": self.path, "instance": instance, "enginetype": enginetype,
             "log": logs.lua_log, "print": logs.lua_print, "overflow_limit": self.config.overflow_limit,
+            "max_record": self.config.ring_size // 2 - 8,          # shm/ring.lua: a record fits half the ring
             "pipeline": pipeline, "groups": self._groups_table(groups) if pipeline else None,
             "protocols": self.lua.table_from([table(self.lua, {"guid": g, "name": nm}) for g, nm in protocols]),
         }))
