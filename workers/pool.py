@@ -65,6 +65,7 @@ class AsyncConfig:
     drain_deadline: float = 10.0        #: seconds to finish pending tasks at shutdown
     backoff_initial: float = 0.05       #: first restart delay after a crash
     backoff_max: float = 5.0            #: restart delay cap
+    backoff_reset: float = 30.0         #: a worker that ran this long before crashing restarts after backoff_initial
     check_interval: float = 0.01        #: how often the pool looks at its processes
     worker_spin_us: float = 1500.0      #: a worker polls this long after a task before it sleeps (0 = sleep at once)
 
@@ -93,8 +94,38 @@ class Slot:
     restarts: int = 0
     crashes_in_row: int = 0
     restart_at: float = 0.0
+    started_at: float = 0.0             # time.monotonic() of the last spawn
     kill_reason: str | None = None      # set when we killed it on purpose
     timed_out_task: float = 0.0
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process in a worker's process group.  Only called while the worker (the group leader)
+    is alive or an unreaped zombie, so its pid, and with it the group id, cannot have been reused."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exited(proc: subprocess.Popen, timeout: float = 0.0) -> bool:
+    """True once ``proc`` has exited, without reaping it (waitid WNOWAIT), polling up to ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:          # already reaped elsewhere
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.005)
+
+
+def _reap(proc: subprocess.Popen) -> int:
+    """End the exited worker's process group, then reap the worker; returns its exit status."""
+    _kill_group(proc.pid)
+    return proc.wait()
 
 
 class WorkerPool:
@@ -158,13 +189,16 @@ class WorkerPool:
             struct.pack_into("<d", buf, off, 0.0)
         struct.pack_into("<I", buf, lay.exit_request, 0)
         del buf
-        slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True)
+        # its own process group: a timeout, a recycle or a crash ends everything the task started
+        # (os.execute children included) with killpg; the terminal's ^C does not reach it
+        slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, process_group=0)
         try:
             slot.ps = psutil.Process(slot.proc.pid)
         except psutil.Error:
             slot.ps = None
         slot.kill_reason = None
         slot.timed_out_task = 0.0
+        slot.started_at = time.monotonic()
 
     def pids(self) -> list[int]:
         """Pids of running workers."""
@@ -190,24 +224,27 @@ class WorkerPool:
                     self._spawn(slot)
                     self._worker_ready(self.async_obj, slot.k)
                 continue
-            rc = slot.proc.poll()
-            if rc is not None:
-                self._lost(slot, rc, now)
+            if _exited(slot.proc):
+                self._lost(slot, _reap(slot.proc), now)
                 continue
-            self._check_timeout(slot)
+            if self._check_timeout(slot):
+                continue
             if check_rss:
                 self._check_rss(slot)
 
-    def _check_timeout(self, slot: Slot) -> None:
+    def _check_timeout(self, slot: Slot) -> bool:
         cur_task, start, _ = self._control(slot)
         if cur_task and time.monotonic_ns() - start > self.config.task_timeout * 1e9:
             slot.kill_reason = f"task timed out after {self.config.task_timeout:g} s"
             slot.timed_out_task = cur_task
             log.warning("[%s] async worker %d (pid %d): %s; replacing it", os.path.basename(self.script),
                         slot.k, slot.proc.pid, slot.kill_reason)
-            slot.proc.kill()
-            slot.proc.wait()
+            _kill_group(slot.proc.pid)
+            _exited(slot.proc, 5.0)
             self.timeouts += 1
+            self._lost(slot, _reap(slot.proc), time.monotonic())
+            return True
+        return False
 
     def _check_rss(self, slot: Slot) -> None:
         try:
@@ -220,10 +257,16 @@ class WorkerPool:
             self._wake(self.async_obj, slot.k)
 
     def _lost(self, slot: Slot, rc: int, now: float) -> None:
+        # the task the worker was running when it died, read after its death: a task that timed out but
+        # finished just before the kill has published its result (delivered by worker_lost) and the worker
+        # may already run the next one; that one fails with the kill, it is not run a second time
         cur_task, _, _ = self._control(slot)
         planned = rc == EXIT_RECYCLE or (rc == 0 and slot.kill_reason and slot.kill_reason.startswith("recycled"))
-        if slot.timed_out_task:
-            reason, is_timeout, cur_task = slot.kill_reason, True, slot.timed_out_task
+        if slot.timed_out_task and cur_task == slot.timed_out_task:
+            reason, is_timeout = slot.kill_reason, True
+        elif slot.timed_out_task:
+            reason, is_timeout = ("worker killed: the task before this one timed out as it finished "
+                                  f"({slot.kill_reason})"), False
         else:
             reason, is_timeout = f"worker died ({describe_exit(rc)})", False
         # bytes: a Python str would reach Lua as userdata (the VMs have no encoding), and onerror
@@ -231,12 +274,14 @@ class WorkerPool:
         self._worker_lost(self.async_obj, slot.k, reason.encode(), cur_task, is_timeout)
         slot.proc, slot.ps = None, None
         slot.restarts += 1
-        if planned or is_timeout:
+        if planned or slot.timed_out_task:
             self.recycles += planned
             slot.crashes_in_row = 0
             slot.restart_at = now
         else:
             self.deaths += 1
+            if now - slot.started_at >= self.config.backoff_reset:
+                slot.crashes_in_row = 0          # it ran healthily for a while: not a crash loop
             slot.crashes_in_row += 1
             delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** (slot.crashes_in_row - 1))
             slot.restart_at = now + delay
@@ -250,18 +295,17 @@ class WorkerPool:
     def stop(self, timeout: float = 2.0) -> None:
         """Ask every worker to exit, kill what is left after ``timeout``, unlink the channels."""
         for slot in self.slots:
-            if slot.proc is not None and slot.proc.poll() is None:
+            if slot.proc is not None and not _exited(slot.proc):
                 struct.pack_into("<I", slot.channel.buf, self.layout.exit_request, 1)
                 self._wake(self.async_obj, slot.k)
         end = time.monotonic() + timeout
         for slot in self.slots:
             if slot.proc is None:
                 continue
-            try:
-                slot.proc.wait(max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if not _exited(slot.proc, max(0.0, end - time.monotonic())):
                 slot.proc.kill()
-                slot.proc.wait()
+            _exited(slot.proc, 5.0)
+            _reap(slot.proc)
             slot.proc = None
         for slot in self.slots:
             slot.channel.close()

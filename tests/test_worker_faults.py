@@ -1,0 +1,132 @@
+"""Worker faults that used to leak or repeat work (issue 13.4, 13.5): real workers, real processes.
+
+* every worker is its own process group: a task timeout, a crash and the pool's stop end whatever the task
+  started (os.execute children), checked against the process table;
+* the race where a task finishes just before its timeout kill: the next task on that worker fails with the
+  kill and is not run a second time (counted by the task itself, in a file);
+* the restart backoff starts again from backoff_initial after a healthy period.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+
+from tests import helpers
+from tests.test_async import drain, lst, open_gate, plugin, service_until
+
+CHILD = r'''
+done, errs = {}, {}
+function spawn(tag, background)
+  return T.async:schedule{ data = tag,
+    onexecute = function(d)
+      -- a grandchild that would outlive the worker: sh writes its pid, then becomes sleep
+      local cmd = "sh -c 'echo $$ > " .. DIR .. "/" .. d .. ".pid; exec sleep 60'"
+      if background then os.execute(cmd .. " &") ; return "spawned" end
+      os.execute(cmd)
+      return "slept"
+    end,
+    onresult = function(e, d, r) done[#done + 1] = d .. " " .. r end,
+    onerror = function(e, d, m) errs[#errs + 1] = d .. ": " .. m end }
+end
+'''
+
+
+def _pid_file(tmp_path, tag):
+    p = tmp_path / f"{tag}.pid"
+    return int(helpers.wait_for(lambda: p.exists() and p.read_text().strip() or None))
+
+
+def _gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_timeout_ends_the_tasks_children(runtime_factory, tmp_path):
+    rt = runtime_factory(workers=1, task_timeout=1.0)
+    vm = rt.load(plugin(tmp_path, CHILD))
+    assert vm.exec('return spawn("t1")') is True
+    child = _pid_file(tmp_path, "t1")
+    st = drain(rt, vm, timeout=30)
+    assert (st["timeout"], st["ok"]) == (1, 0), st
+    helpers.wait_for(lambda: _gone(child), timeout=5)
+
+
+def test_crash_ends_the_tasks_children(runtime_factory, tmp_path):
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, CHILD))
+    assert vm.exec('return spawn("c1")') is True
+    child = _pid_file(tmp_path, "c1")
+    os.kill(vm.pool.slots[0].proc.pid, signal.SIGKILL)
+    st = drain(rt, vm, timeout=30)
+    assert (st["error"], st["ok"]) == (1, 0), st
+    helpers.wait_for(lambda: _gone(child), timeout=5)
+
+
+def test_stop_ends_background_children(runtime_factory, tmp_path):
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, CHILD))
+    assert vm.exec('return spawn("b1", true)') is True
+    drain(rt, vm)
+    child = _pid_file(tmp_path, "b1")
+    assert not _gone(child)
+    rt.close()
+    helpers.wait_for(lambda: _gone(child), timeout=5)
+
+
+RACE = r'''
+done, errs = {}, {}
+function go()
+  T.async:schedule{ data = "A", onexecute = function(d) return d end,
+    onresult = function(e, d, r) done[#done + 1] = r end }
+  T.async:schedule{ data = "B",
+    onexecute = function(d)
+      local f = assert(io.open(DIR .. "/runs-B", "a")); f:write("run\n"); f:close()
+      require("gate").wait(GATE, DIR .. "/started-B")
+      return d
+    end,
+    onresult = function(e, d, r) done[#done + 1] = r end,
+    onerror = function(e, d, m) errs[#errs + 1] = d .. ": " .. m end }
+end
+'''
+
+
+def test_timeout_racing_with_the_end_of_a_task_runs_nothing_twice(runtime_factory, tmp_path):
+    """The pool read "task A running for too long", A finished, the worker started B, then the kill landed:
+    A's result is delivered once, B fails with the kill and is not re-run on the replacement worker."""
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, RACE))
+    vm.exec("go()")
+    service_until(rt, lambda: (tmp_path / "started-B").exists() and lst(vm, "done") == [b"A"])
+    slot = vm.pool.slots[0]
+    slot.timed_out_task, slot.kill_reason = 1.0, "task timed out after 60 s"   # the pool's verdict on A
+    os.kill(slot.proc.pid, signal.SIGKILL)                                     # ... lands while B runs
+    service_until(rt, lambda: vm.exec("return #errs") == 1)
+    open_gate(tmp_path)
+    st = drain(rt, vm)
+    assert (st["ok"], st["error"], st["timeout"]) == (1, 1, 0), st
+    assert lst(vm, "done") == [b"A"]
+    assert b"timed out as it finished" in lst(vm, "errs")[0]
+    assert (tmp_path / "runs-B").read_text() == "run\n"
+
+
+def test_backoff_resets_after_a_healthy_period(runtime_factory, tmp_path):
+    rt = runtime_factory(workers=1, backoff_initial=0.01, backoff_max=5.0, backoff_reset=0.5)
+    vm = rt.load(plugin(tmp_path, CHILD))
+    slot = vm.pool.slots[0]
+    for n in range(1, 5):                         # four crashes in a row: the delay doubles each time
+        pid = slot.proc.pid
+        os.kill(pid, signal.SIGKILL)
+        service_until(rt, lambda: slot.proc is not None and slot.proc.pid != pid, timeout=10)
+        assert slot.crashes_in_row == n
+    started = slot.started_at
+    helpers.wait_for(lambda: psutil.Process(slot.proc.pid).create_time() and
+                     __import__("time").monotonic() - started > 0.6, timeout=5)
+    pid = slot.proc.pid
+    os.kill(pid, signal.SIGKILL)
+    service_until(rt, lambda: slot.proc is not None and slot.proc.pid != pid, timeout=10)
+    assert slot.crashes_in_row == 1               # a healthy run in between: back to backoff_initial
+    assert vm.pool.deaths == 5
