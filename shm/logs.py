@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 LEVELS = ["EMERG", "FATAL", "ALERT", "CRIT", "ERROR", "WARN", "NOTICE", "INFO", "DEBUG"]
 _PY_LEVEL = {0: 50, 1: 50, 2: 50, 3: 50, 4: 40, 5: 30, 6: 20, 7: 20, 8: 10}
@@ -15,12 +18,19 @@ def _text(x) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, (bytes, bytearray)) else str(x)
 
 
+def safe_text(msg: str) -> str:
+    """A log message that cannot forge log lines: control characters other than tab and newline escaped
+    (``\\x1b``), continuation lines indented with ``  | ``."""
+    msg = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", msg)
+    return msg.replace("\n", "\n  | ")
+
+
 def lua_log(level, script, instance, msg) -> None:
-    """Sink for T.log* in any VM: one line tagged with script file name and instance."""
+    """Sink for T.log* in any VM: one line tagged with script file name and instance (see safe_text)."""
     level = int(level) if level is not None else 8
     name = os.path.basename(_text(script)) if script else "lua"
     log.log(_PY_LEVEL.get(level, 10), "[%s#%s] %s: %s", name, _text(instance),
-            LEVELS[level] if 0 <= level < len(LEVELS) else level, _text(msg))
+            LEVELS[level] if 0 <= level < len(LEVELS) else level, safe_text(_text(msg)))
 
 
 def lua_print(script, instance, line) -> None:

@@ -68,6 +68,7 @@ class AsyncConfig:
     backoff_reset: float = 30.0         #: a worker that ran this long before crashing restarts after backoff_initial
     check_interval: float = 0.01        #: how often the pool looks at its processes
     worker_spin_us: float = 1500.0      #: a worker polls this long after a task before it sleeps (0 = sleep at once)
+    file_roots: list = dataclasses.field(default_factory=list)   #: file helpers confined beneath these (docs/async.md)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -81,6 +82,10 @@ class AsyncConfig:
             raise ValueError("task_timeout must be > 0 and drain_deadline >= 0")
         if self.workers is not None and not 1 <= self.workers <= 256:
             raise ValueError(f"workers {self.workers}: must be between 1 and 256")
+        for r in self.file_roots:
+            if "\0" in r or not os.path.isdir(r):
+                raise ValueError(f"file root {r!r}: not a directory")
+        self.file_roots = [os.path.abspath(r) for r in self.file_roots]
 
 
 @dataclasses.dataclass
@@ -183,6 +188,8 @@ class WorkerPool:
             cmd += ["--script", self.script]
         for d in self.lua_path:
             cmd += ["--lua-path", d]
+        for d in self.config.file_roots:
+            cmd += ["--file-root", d]
         buf = slot.channel.buf
         lay = self.layout
         for off in (lay.pid, lay.cur_task, lay.cur_start_ns, lay.tasks_done):

@@ -44,6 +44,7 @@ return {
   FILE_OK = 4,   -- a file helper finished
   FILE_ERROR = 5,-- payload: what went wrong
   TIMEOUT = 6,   -- never sent: the fast path's verdict for a task that ran too long
+  KIND_NAME = { [3] = "copy", [4] = "cat", [5] = "rm", [6] = "copybuffer" },
   reqp = ffi.typeof("lp_req *"),
   resp = ffi.typeof("lp_res *"),
   ctlp = ffi.typeof("lp_ctl *"),

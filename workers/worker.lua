@@ -16,60 +16,18 @@ ffi.cdef[[ int getppid(void); ]]
 
 local M = {}
 
-local CHUNK = 1024 * 1024
+local fileops = require("workers.fileops")
 
-local function copy_file(from, to, mode)
-  local src, err = io.open(from, "rb")
-  if not src then return nil, err end
-  local dst
-  dst, err = io.open(to, mode)
-  if not dst then src:close(); return nil, err end
-  while true do
-    local block = src:read(CHUNK)
-    if not block then break end
-    local ok, werr = dst:write(block)
-    if not ok then src:close(); dst:close(); return nil, werr end
-  end
-  src:close()
-  local ok, cerr = dst:close()
-  if not ok then return nil, cerr end
-  return true
-end
-
-local function write_at(file, bytes, pos)
-  local f, err
-  if pos < 0 then
-    f, err = io.open(file, "ab")
-  else
-    f = io.open(file, "r+b")
-    if not f then f, err = io.open(file, "wb") end
-  end
-  if not f then return nil, err end
-  if pos >= 0 then
-    local ok, serr = f:seek("set", pos)
-    if not ok then f:close(); return nil, serr end
-  end
-  local ok, werr = f:write(bytes)
-  if not ok then f:close(); return nil, werr end
-  local cok, cerr = f:close()
-  if not cok then return nil, cerr end
-  return true
-end
-
---- Run one file helper; returns true or nil, message.
+--- Run one file helper (workers/fileops.lua: confined names); returns true or nil, message.
 local function file_op(kind, data, aux, arg)
-  if kind == P.COPY then return copy_file(data, aux, "wb") end
-  if kind == P.CAT then return copy_file(data, aux, "ab") end
-  if kind == P.RM then
-    local ok, err = os.remove(data)
-    if ok then return true end
-    local f = io.open(data, "rb")   -- a missing file is not an error ("delete if it exists")
-    if not f then return true end
-    f:close()
-    return nil, err
-  end
-  if kind == P.COPYBUF then return write_at(aux, data, arg) end
-  return nil, "unknown request kind " .. tostring(kind)
+  local ok, err
+  if kind == P.COPY then ok, err = fileops.copy(data, aux)
+  elseif kind == P.CAT then ok, err = fileops.cat(data, aux)
+  elseif kind == P.RM then ok, err = fileops.rm(data)
+  elseif kind == P.COPYBUF then ok, err = fileops.copybuffer(data, aux, arg)
+  else return nil, "unknown request kind " .. tostring(kind) end
+  if ok then return true end
+  return nil, P.KIND_NAME[kind] .. ": " .. tostring(err)
 end
 
 --- Load shipped onexecute bytecode as function #fid (a load failure
@@ -102,6 +60,7 @@ function M.serve(opts)
 end
 
 function M.loop(opts)
+  fileops.set_roots(opts.file_roots)
   local base = cast("uint8_t *", opts.channel)
   local ctl = cast(P.ctlp, base)
   local req = ring.attach(base + P.CONTROL)

@@ -50,7 +50,8 @@ def _async_config(args):
     from luaprobe.workers.pool import AsyncConfig
     cfg = AsyncConfig(workers=args.workers, overflow_limit=args.overflow_limit, task_timeout=args.task_timeout,
                       max_tasks=args.worker_max_tasks, max_rss_mb=args.worker_max_rss_mb, ring_size=args.ring_size,
-                      drain_deadline=args.drain_deadline, worker_spin_us=args.worker_spin_us)
+                      drain_deadline=args.drain_deadline, worker_spin_us=args.worker_spin_us,
+                      file_roots=args.file_root)
     cfg.validate()
     return cfg
 
@@ -276,6 +277,8 @@ def _run_options(p) -> None:
     p.add_argument("--worker-spin-us", type=float, default=1500.0, help="worker polling window after a task")
     p.add_argument("--ring-size", type=int, default=4 << 20, help="bytes per async ring (power of two)")
     p.add_argument("--drain-deadline", type=float, default=10.0, help="seconds to finish async tasks at the end")
+    p.add_argument("--file-root", action="append", default=[], metavar="DIR",
+                   help="confine T.async copy/cat/rm/copybuffer names beneath DIR (repeatable; docs/async.md)")
     p.add_argument("--backend-instances", type=int, default=2, help="engine_monitor instances (Trisul flushers)")
     p.add_argument("--batch", type=int, default=1024, help="packets per fast-path batch")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (T.logdebug lines too)")

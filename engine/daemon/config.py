@@ -26,7 +26,8 @@ SCHEMA: dict = {
                 "backend_instances": (int, 2, (1, 64))},
     "async": {"workers": (int, None, (1, 256)), "overflow_limit": (int, 100_000, (0, 100_000_000)),
               "task_timeout": (_NUM, 60.0, (0.001, 86400)), "drain_deadline": (_NUM, 10.0, (0, 3600)),
-              "max_tasks": (int, 0, (0, 1 << 40)), "max_rss_mb": (_NUM, 0.0, (0, 1 << 20))},
+              "max_tasks": (int, 0, (0, 1 << 40)), "max_rss_mb": (_NUM, 0.0, (0, 1 << 20)),
+              "file_roots": ("paths", [], None)},
     "supervise": {"restart_backoff_initial": (_NUM, 0.5, (0.01, 3600)),
                   "restart_backoff_max": (_NUM, 30.0, (0.01, 86400)),
                   "crash_loop_restarts": (int, 5, (1, 1000)), "crash_loop_window": (_NUM, 60.0, (1, 86400)),
@@ -66,7 +67,7 @@ class Config:
         a, s, p = self["async"], self["source"], self["plugins"]
         acfg = AsyncConfig(workers=a["workers"], overflow_limit=a["overflow_limit"],
                            task_timeout=float(a["task_timeout"]), drain_deadline=float(a["drain_deadline"]),
-                           max_tasks=a["max_tasks"], max_rss_mb=float(a["max_rss_mb"]))
+                           max_tasks=a["max_tasks"], max_rss_mb=float(a["max_rss_mb"]), file_roots=a["file_roots"])
         kw = dict(plugins=p["paths"], files=s["pcap"] or [], out_dir=self["run"]["out_dir"], lua_path=p["lua_path"],
                   async_config=acfg, backend_instances=p["backend_instances"], stats_file=stats_file,
                   stats_interval=float(self["stats"]["interval"]), loop=s["loop"])
@@ -184,6 +185,9 @@ def _cross_checks(v: dict, name: str, raw: dict) -> None:
     for d in p["lua_path"]:
         if not os.path.isdir(d):
             raise ConfigError(f"{name}: [plugins] lua_path: {d!r}: not a directory")
+    for d in v["async"]["file_roots"]:
+        if not os.path.isdir(d):
+            raise ConfigError(f"{name}: [async] file_roots: {d!r}: not a directory")
     sv = v["supervise"]
     if sv["restart_backoff_max"] < sv["restart_backoff_initial"]:
         raise ConfigError(f"{name}: [supervise] restart_backoff_max = {sv['restart_backoff_max']:g}: must be >= "

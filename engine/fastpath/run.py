@@ -469,6 +469,9 @@ class FastPath:
             d = self.cfg.filex_dir or os.path.join(segment.SHM_DIR, segment.make_name("files"))
             os.makedirs(d, mode=0o700, exist_ok=bool(self.cfg.filex_dir))
             self.filex_dir = d
+            roots = self.cfg.async_config.file_roots
+            if roots and os.path.abspath(d) not in roots:
+                roots.append(os.path.abspath(d))      # plug-ins copy extracted files out of it
         return self.filex_dir
 
     def _finish(self, rt, lua) -> None:

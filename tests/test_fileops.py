@@ -1,0 +1,120 @@
+"""T.async file helpers under hostile names (issue 13.10): real workers, the real file system as the truth.
+
+The rule (docs/async.md): no '..' component, no NUL, the last component never followed if it is a symlink,
+with file roots every component below the root opened without following symlinks; errors are errors (named,
+escaped), never silently truncated or reported as done.  Absolute destinations stay legal by default.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from tests import helpers
+from tests.test_async import drain, plugin, q
+
+OPS = r'''
+done, errs = {}, {}
+local function track(tag, ok)
+  return ok
+end
+function op(kind, a, b, c)
+  local r
+  if kind == "copy" then r = T.async:copy(a, b)
+  elseif kind == "cat" then r = T.async:cat(a, b)
+  elseif kind == "rm" then r = T.async:rm(a)
+  else r = T.async:copybuffer(a, b, c) end
+  return r
+end
+'''
+
+
+def lq(s: str) -> str:
+    """A Lua string literal for any string (NUL and control bytes as decimal escapes)."""
+    return '"' + "".join(c if c.isprintable() and c not in '"\\' else f"\\{ord(c):03d}" for c in s) + '"'
+
+
+def _run(rt, vm, calls):
+    for kind, *args in calls:
+        lua_args = ", ".join(lq(a) if isinstance(a, str) else str(a) for a in args)
+        assert vm.exec(f"return op({q(kind)}, {lua_args})") is True
+    return drain(rt, vm)
+
+
+def _files_under(d):
+    return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+
+
+def test_names_never_climb_out_and_absolute_destinations_work(runtime_factory, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="luaprobe")
+    base = tmp_path / "base"
+    (base / "sub").mkdir(parents=True)
+    (base / "src").write_text("SRC")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target").write_text("KEEP")
+    os.symlink(outside / "target", base / "link")
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, OPS))
+    calls = [
+        ("copybuffer", "x", f"{base}/sub/../../outside/climb1"),        # absolute with ..
+        ("copy", f"{base}/src", f"{base}/../outside/climb2"),
+        ("cat", f"{base}/src", f"{base}/sub/../../outside/climb3"),
+        ("copy", f"{base}/../outside/target", f"{base}/stolen"),          # a source climbing out
+        ("rm", f"{base}/../outside/target"),
+        ("copybuffer", "x", f"{base}/nul\0.txt"),                         # NUL: no truncated "nul" file
+        ("copybuffer", "EVIL", f"{base}/link"),                           # last component a symlink
+        ("rm", f"{base}/" + "n" * 300),                                   # ENAMETOOLONG is an error
+        ("copybuffer", "bad\nname", f"{base}/missing-dir/a\n2026-01-01 luaprobe FORGED"),
+        ("copybuffer", "ok", f"{base}/sub/abs.bin"),                      # absolute destination: legal
+        ("copy", f"{base}/src", f"{base}/copied"),
+        ("rm", f"{base}/never-existed"),                                  # missing file: not an error
+    ]
+    st = _run(rt, vm, calls)
+    assert (st["error"], st["ok"]) == (9, 3), st
+    assert _files_under(outside) == ["target"] and (outside / "target").read_text() == "KEEP"
+    assert _files_under(base) == ["copied", "link", "src", "sub/abs.bin"]
+    assert (base / "sub" / "abs.bin").read_text() == "ok" and (base / "copied").read_text() == "SRC"
+    msgs = [r.getMessage() for r in caplog.records if "file helper error" in r.getMessage()]
+    text = "\n".join(msgs)
+    assert "'..' is not allowed" in text and "NUL byte" in text and "symbolic link" in text
+    assert "File name too long" in text
+    assert not any("\n" in m for m in msgs) and "FORGED" in text and "a\\n2026" in text
+
+
+def test_file_roots_confine_every_component(runtime_factory, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    os.symlink(other, root / "escape")                                    # a directory symlink beneath the root
+    (root / "src").write_text("SRC")
+    monkeypatch.chdir(tmp_path)                                           # the workers' working directory
+    rt = runtime_factory(workers=1, file_roots=[str(root)])
+    vm = rt.load(plugin(tmp_path, OPS))
+    calls = [
+        ("copybuffer", "a", f"{root}/sub/ok.bin"),
+        ("copy", f"{root}/src", f"{root}/copy.bin"),
+        ("copybuffer", "b", f"{other}/no.bin"),                           # outside every root
+        ("copybuffer", "c", f"{root}/escape/no2.bin"),                    # through a symlink beneath the root
+        ("copy", f"{other}/../root/src", f"{root}/no3.bin"),
+        ("copybuffer", "d", "root/sub/rel.bin"),                          # relative: beneath the root too
+        ("copybuffer", "e", "other/rel.bin"),                             # relative, outside
+    ]
+    st = _run(rt, vm, calls)
+    assert (st["ok"], st["error"]) == (3, 4), st
+    assert _files_under(other) == []
+    assert sorted(_files_under(root)) == ["copy.bin", "src", "sub/ok.bin", "sub/rel.bin"]
+
+
+def test_lua_log_lines_cannot_be_forged(runtime_factory, tmp_path, caplog):
+    """T.log* text from a plug-in (often packet data): no raw control characters, no line that starts
+    like a log line of its own."""
+    caplog.set_level(logging.INFO, logger="luaprobe")
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, OPS))
+    vm.exec(r'T.logerror("host x\n2026-11-29 10:00:00,000 luaprobe[1] ERROR forged\r\027[2Jgone")')
+    msg = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
+    assert len(msg) == 1
+    lines = msg[0].split("\n")
+    assert lines[1].startswith("  | 2026-11-29") and "\r" not in msg[0] and "\x1b" not in msg[0]
+    assert "\\x0d\\x1b[2Jgone" in lines[1]

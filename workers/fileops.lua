@@ -1,0 +1,230 @@
+--[[
+workers.fileops — T.async's file helpers (copy, cat, rm, copybuffer) with
+confined, race-free path resolution.  Runs in a worker; names usually come
+from packets, so they are untrusted.
+
+The confinement rule (docs/async.md, "File helpers: where names may point"):
+  * a name with a NUL byte, an empty name, or a name with a ".." component
+    (relative or absolute) is refused;
+  * without file roots (the default) a name may be relative (to the run's
+    working directory) or absolute (Trisul scripts write to /tmp/...); its
+    directory part is opened as named, and the last component is opened with
+    O_NOFOLLOW relative to that directory's descriptor: a symbolic link there
+    is refused, never followed out of the directory named;
+  * with file roots (--file-root, [async] file_roots) the name, made absolute
+    against the working directory, must lie beneath one of the roots; every
+    component below the root is opened with openat(O_NOFOLLOW) from the
+    root's descriptor, so no symbolic link beneath a root is followed and a
+    concurrent rename cannot move the walk outside it.
+Every failure is an error result naming the helper, the (escaped) name and
+the reason (errno text); nothing is silently truncated or reported as done.
+]]
+local ffi = require("ffi")
+local bit = require("bit")
+
+ffi.cdef[[
+int openat(int dirfd, const char *path, int flags, ...);
+int close(int fd);
+long read(int fd, void *buf, size_t n);
+long write(int fd, const void *buf, size_t n);
+long pwrite(int fd, const void *buf, size_t n, long off);
+int unlinkat(int dirfd, const char *path, int flags);
+char *strerror(int errnum);
+char *getcwd(char *buf, size_t size);
+]]
+
+local C = ffi.C
+local bor = bit.bor
+
+-- Linux x86_64 / aarch64 values (asm-generic/fcntl.h)
+local O_RDONLY, O_WRONLY = 0, 1
+local O_CREAT, O_TRUNC, O_APPEND = 64, 512, 1024
+local O_DIRECTORY, O_NOFOLLOW, O_CLOEXEC = 65536, 131072, 524288
+local O_PATH = 2097152
+local AT_FDCWD = -100
+local ENOENT, EINTR = 2, 4
+if ffi.arch == "arm64" then O_DIRECTORY, O_NOFOLLOW = 16384, 32768 end
+
+local M = { roots = {} }
+
+--- A name for messages and logs: control characters and non-ASCII bytes escaped (\n, \x1b, ...).
+function M.escape(s)
+  return (s:gsub("[%z\1-\31\127-\255\\]", function(c)
+    local map = { ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t", ["\\"] = "\\\\" }
+    return map[c] or ("\\x%02x"):format(c:byte())
+  end))
+end
+
+local function errno_text(name, e)
+  e = e or ffi.errno()
+  return nil, ("%s: %s"):format(M.escape(name), ffi.string(C.strerror(e))), e
+end
+
+local function split(path)
+  local parts = {}
+  for p in path:gmatch("[^/]+") do
+    if p ~= "." then parts[#parts + 1] = p end
+  end
+  return parts
+end
+
+local function check_name(name)
+  if name == "" then return nil, "empty file name" end
+  if name:find("\0", 1, true) then return nil, M.escape(name) .. ": file name contains a NUL byte" end
+  for _, p in ipairs(split(name)) do
+    if p == ".." then return nil, M.escape(name) .. ": '..' is not allowed in file names" end
+  end
+  return true
+end
+
+--- Set the allow-list of directory roots (absolute, normalised).  An empty list: no roots.
+function M.set_roots(roots)
+  M.roots = {}
+  for _, r in ipairs(roots or {}) do
+    r = r:gsub("/+$", "")
+    M.roots[#M.roots + 1] = r == "" and "/" or r
+  end
+end
+
+local cwd
+local function absolute(name)
+  if name:sub(1, 1) == "/" then return name end
+  if not cwd then
+    local buf = ffi.new("char[4096]")
+    cwd = C.getcwd(buf, 4096) ~= nil and ffi.string(buf) or "/"
+  end
+  return cwd .. "/" .. name
+end
+
+--- Open the directory that holds `name`'s last component; returns dirfd (caller closes), last, or nil, err.
+local function open_parent(name)
+  local ok, err = check_name(name)
+  if not ok then return nil, err end
+  local parts = split(name)
+  if #parts == 0 then return nil, M.escape(name) .. ": names a directory, not a file" end
+  if name:sub(-1) == "/" then return nil, M.escape(name) .. ": names a directory, not a file" end
+  local last = table.remove(parts)
+  if #M.roots == 0 then
+    local dir = name:sub(1, 1) == "/" and "/" .. table.concat(parts, "/") or table.concat(parts, "/")
+    if dir == "" then dir = "." end
+    local fd = C.openat(AT_FDCWD, dir, bor(O_PATH, O_DIRECTORY, O_CLOEXEC))
+    if fd < 0 then return errno_text(name) end
+    return fd, last
+  end
+  local abs = split(absolute(name))
+  table.remove(abs)
+  for _, root in ipairs(M.roots) do
+    local rparts = split(root)
+    local beneath = #abs >= #rparts
+    for i = 1, #rparts do
+      if abs[i] ~= rparts[i] then beneath = false; break end
+    end
+    if beneath then
+      local fd = C.openat(AT_FDCWD, root, bor(O_PATH, O_DIRECTORY, O_CLOEXEC))
+      if fd < 0 then return errno_text(root) end
+      for i = #rparts + 1, #abs do          -- below the root: one component at a time, no symlink followed
+        local nfd = C.openat(fd, abs[i], bor(O_PATH, O_DIRECTORY, O_NOFOLLOW, O_CLOEXEC))
+        local e = ffi.errno()
+        C.close(fd)
+        if nfd < 0 then return errno_text(name, e) end
+        fd = nfd
+      end
+      return fd, last
+    end
+  end
+  return nil, M.escape(name) .. ": outside the allowed file roots (" .. table.concat(M.roots, ", ") .. ")"
+end
+
+--- open(2) of a confined name; returns fd or nil, err.
+local function open_file(name, flags, mode)
+  local dfd, last, e0 = open_parent(name)
+  if not dfd then return nil, last, e0 end
+  local fd = C.openat(dfd, last, bor(flags, O_NOFOLLOW, O_CLOEXEC), mode or 438)   -- 0666 & umask
+  local e = ffi.errno()
+  C.close(dfd)
+  if fd < 0 then
+    if e == 40 then return nil, M.escape(name) .. ": is a symbolic link (not followed)", e end
+    return errno_text(name, e)
+  end
+  return fd
+end
+
+local BUF = ffi.new("uint8_t[?]", 1048576)
+
+local function write_all(fd, p, n, name, off)
+  local done = 0
+  while done < n do
+    local w
+    if off then w = C.pwrite(fd, p + done, n - done, off + done) else w = C.write(fd, p + done, n - done) end
+    if w < 0 then
+      if ffi.errno() ~= EINTR then return errno_text(name) end
+    else
+      done = done + w
+    end
+  end
+  return true
+end
+
+local function close_checked(fd, name)
+  if C.close(fd) ~= 0 then return errno_text(name) end
+  return true
+end
+
+local function copy_file(from, to, flags)
+  local src, err = open_file(from, O_RDONLY)
+  if not src then return nil, err end
+  local dst
+  dst, err = open_file(to, bor(O_WRONLY, O_CREAT, flags))
+  if not dst then C.close(src); return nil, err end
+  while true do
+    local n = C.read(src, BUF, 1048576)
+    if n < 0 then
+      if ffi.errno() ~= EINTR then
+        local _, e = errno_text(from)
+        C.close(src); C.close(dst)
+        return nil, e
+      end
+    elseif n == 0 then
+      break
+    else
+      local ok, werr = write_all(dst, BUF, tonumber(n), to)
+      if not ok then C.close(src); C.close(dst); return nil, werr end
+    end
+  end
+  C.close(src)
+  return close_checked(dst, to)
+end
+
+--- copy(from, to): `to` truncated and overwritten.
+function M.copy(from, to) return copy_file(from, to, O_TRUNC) end
+
+--- cat(from, to): appended to `to` (created).
+function M.cat(from, to) return copy_file(from, to, O_APPEND) end
+
+--- rm(file): a missing file is not an error; every other failure is.
+function M.rm(name)
+  local dfd, last, e0 = open_parent(name)
+  if not dfd then
+    if e0 == ENOENT then return true end          -- its directory is missing: so is the file
+    return nil, last
+  end
+  local r = C.unlinkat(dfd, last, 0)
+  local e = ffi.errno()
+  C.close(dfd)
+  if r ~= 0 then
+    if e == ENOENT then return true end
+    return errno_text(name, e)
+  end
+  return true
+end
+
+--- copybuffer(bytes, file, pos): appended (pos < 0) or written at byte offset pos.
+function M.copybuffer(bytes, name, pos)
+  local fd, err = open_file(name, pos < 0 and bor(O_WRONLY, O_CREAT, O_APPEND) or bor(O_WRONLY, O_CREAT))
+  if not fd then return nil, err end
+  local ok, werr = write_all(fd, ffi.cast("const uint8_t *", bytes), #bytes, name, pos >= 0 and pos or nil)
+  if not ok then C.close(fd); return nil, werr end
+  return close_checked(fd, name)
+end
+
+return M
