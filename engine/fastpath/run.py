@@ -111,6 +111,7 @@ class FastPath:
         self.stopped_by = None          #: "SIGINT" / "SIGTERM" / "request" when the run was stopped early
         self._reload = False            #: set by request_reload_backends (SIGHUP under the supervisor)
         self.backend_reloads = 0
+        self.late_packets = 0           #: packets older than the engine's packet time (counted in the current bucket)
         self._last_stats = -1e9
         self._last_progress = -1e9
         self.loop_start = self.loop_end = None   #: monotonic time of the first batch / after the last one
@@ -296,8 +297,10 @@ class FastPath:
                     if self.loop_start is None:
                         self.loop_start = time.monotonic()
                     sec = int(driver.sec)
-                    if sec != self.sec and not (cfg.interface and self.sec is not None and sec < self.sec):
+                    if self.sec is None or sec > self.sec:
                         self._tick(sec)
+                    elif sec < self.sec:        # late (reordered / merged input): time never goes backwards
+                        self.late_packets += n
                     for run_batch, host in zip(runners, hosts):
                         run_batch(host, batch_addr, n)
                     self.loop_end = time.monotonic()
@@ -527,7 +530,7 @@ class FastPath:
             procs["store"] = self.store.pid
         return {"time": time.time(), "packet_time": self.sec, "packets": d.get("packets", 0),
                 "bytes": d.get("bytes", 0), "flows": d.get("flows_created", 0),
-                "flows_live": d.get("flows_live", 0),
+                "flows_live": d.get("flows_live", 0), "late_packets": self.late_packets,
                 "rings": {"packet": {"records": int(recs), "bytes": int(nbytes), "capacity": int(cap)}},
                 "drops": {"capture": (self.capture_stats or [0, 0, 0])[1], "packet_ring": 0,
                           "kernel": (self.capture_stats or [0, 0, 0])[2], "flow_table": d.get("flow_table_full", 0)},
@@ -573,4 +576,5 @@ class FastPath:
             **({"packet_storage": self.packet_storage} if self.packet_storage else {}),
             "backend_reloads": self.backend_reloads,
             "stopped_by": self.stopped_by,
+            "late_packets": self.late_packets,
         }

@@ -44,6 +44,7 @@ function M.new(opts)
     _plugin = opts.plugin or "?",
     _groups = opts.groups or {},
     _now = 0, _usec = 0,
+    _floor = 0,             -- engine time never goes below this (the last closed-bucket cut-off)
     _b = nil, _i = -1,       -- current packet: entry _i of batch _b (-1: none)
     counters = {},          -- [GUID][bucket][key][meter] = value ; [-1-meter] = sample count
     rows = { alerts = {}, resources = {}, key_info = {}, messages = {} },
@@ -67,9 +68,13 @@ local function frontend_only(self, name)
 end
 
 --- Fast path: the packet the next hook sees (entry i of batch b).
+--- A late packet (earlier than the engine's time: merged or reordered captures) counts in the current
+--- bucket and window: engine time never goes backwards, a flushed bucket is never reopened.
 function Engine:set_packet(b, i)
   self._b, self._i = b, i
-  self._now = b[i].ts_sec
+  local t = b[i].ts_sec
+  if t < self._floor then t = self._floor end
+  self._now = t
 end
 
 local function pkt(self)
@@ -132,6 +137,7 @@ end
 --- {guid, bucket, key, meter, value}; RATE_COUNTER is per second, AVERAGE the mean.
 function Engine:take_counters(now)
   local out, n = {}, 0
+  if now ~= nil and now > self._floor then self._floor = now end
   for g, gt in pairs(self.counters) do
     local grp = self._groups[g]
     local bs = grp and grp.bucketsize or 60
