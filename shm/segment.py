@@ -1,13 +1,21 @@
 """Named POSIX shared-memory segments, owner-only, with a sweep for dead owners.
 
-Every segment luaprobe creates is ``/dev/shm/luaprobe-<ownerpid>-<purpose>``,
-created ``O_EXCL`` with mode 0600 by the process that owns it.  The owner
-unlinks it when done; :func:`sweep` removes segments whose owner pid is gone
-(run at every start and by ``luaprobe shm clean``).
+Every segment luaprobe creates is ``/dev/shm/luaprobe-<ownerpid>-<purpose>.<n>.ns<tag>``,
+created ``O_EXCL`` with mode 0600 by the process that owns it; ``tag`` identifies the
+boot and the pid namespace (a pid means something only there).  The owner unlinks it
+when done; :func:`sweep` (run at every start and by ``luaprobe shm clean``) removes the
+segments that are ours and whose owner is gone:
+
+* ours: owned by this effective uid and named with this boot's and namespace's tag;
+  another user's or another container's segment is skipped, never judged by a pid
+  that means something else here (names without a tag, from older versions: by pid);
+* gone: no such process, a zombie (dead but not reaped), or a process started after
+  the segment was created (the pid was reused).
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import itertools
 import mmap
 import os
@@ -17,7 +25,26 @@ import shutil
 SHM_DIR = "/dev/shm"
 PREFIX = "luaprobe-"
 _NAME_RE = re.compile(r"^luaprobe-(\d+)-[A-Za-z0-9_.-]+$")
+_TAG_RE = re.compile(r"\.ns([0-9a-f]{8})$")
 _counter = itertools.count()
+_tag = None
+
+
+def identity_tag() -> str:
+    """8 hex digits naming this boot and this pid namespace (sha1 of boot_id and /proc/self/ns/pid)."""
+    global _tag
+    if _tag is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+        except OSError:
+            boot = "?"
+        try:
+            ns = os.readlink("/proc/self/ns/pid")
+        except OSError:
+            ns = "?"
+        _tag = hashlib.sha1(f"{boot} {ns}".encode()).hexdigest()[:8]
+    return _tag
 
 
 class Segment:
@@ -62,9 +89,9 @@ class Segment:
 
 
 def make_name(purpose: str, pid: int | None = None) -> str:
-    """A fresh segment name ``luaprobe-<pid>-<purpose>.<n>`` for this process."""
+    """A fresh segment name ``luaprobe-<pid>-<purpose>.<n>.ns<tag>`` for this process."""
     pid = os.getpid() if pid is None else pid
-    return f"{PREFIX}{pid}-{purpose}.{next(_counter)}"
+    return f"{PREFIX}{pid}-{purpose}.{next(_counter)}.ns{identity_tag()}"
 
 
 def create(purpose: str, size: int) -> Segment:
@@ -115,14 +142,31 @@ def owner_pid(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, created: float | None = None) -> bool:
+    """Is ``pid`` a running process (not a zombie) that could have created a segment at ``created``?"""
+    import psutil
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if created is not None and p.create_time() > created + 1.0:
+            return False                      # the pid was reused after the segment was made
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.Error:
         return True
     return True
+
+
+def ours(name: str) -> bool:
+    """Owned by this effective uid and (when tagged) made in this boot and pid namespace."""
+    m = _TAG_RE.search(name)
+    if m and m.group(1) != identity_tag():
+        return False
+    try:
+        return os.lstat(os.path.join(SHM_DIR, name)).st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def list_segments(pid: int | None = None) -> list[str]:
@@ -138,10 +182,22 @@ def list_segments(pid: int | None = None) -> list[str]:
 
 
 def sweep() -> list[str]:
-    """Unlink every luaprobe segment whose owner process is dead; return their names."""
+    """Unlink every luaprobe segment that is ours (:func:`ours`) and whose owner is gone (dead, a zombie, or
+    its pid reused); skip everything else, never raise for a segment we may not remove.  Returns the names."""
     removed = []
     for name in list_segments():
         pid = owner_pid(name)
-        if pid is not None and not _alive(pid) and unlink(name):
-            removed.append(name)
+        if pid is None or not ours(name):
+            continue
+        try:
+            created = os.lstat(os.path.join(SHM_DIR, name)).st_ctime
+        except OSError:
+            continue
+        if _alive(pid, created):
+            continue
+        try:
+            if unlink(name):
+                removed.append(name)
+        except OSError:                       # raced with its owner or another sweep, or not removable
+            pass
     return removed

@@ -1,0 +1,113 @@
+"""Shared-memory hygiene across users, containers and crashes (issue 13.9).
+
+Truth: the file system (/dev/shm entries, their owners) and the process table; another user is a real
+unprivileged uid (nobody) running the sweep in its own process.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from shm import segment
+from tests import helpers
+
+NOBODY = 65534
+
+
+def _dead_pid() -> int:
+    child = helpers.run_python("import os, sys; sys.stdout.write(str(os.getpid()))", stdout=subprocess.PIPE)
+    return int(child.communicate()[0])
+
+
+def _make(name: str, uid: int | None = None) -> str:
+    path = os.path.join(segment.SHM_DIR, name)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o600))
+    if uid is not None:
+        os.chown(path, uid, uid)
+    return path
+
+
+def _sweep_as(uid: int) -> list:
+    """segment.sweep() with this process's effective uid set to ``uid`` (the real uid stays root, so the test
+    gets its privileges back; the unprivileged python of another user could not even run the venv's python)."""
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        return segment.sweep()
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
+def test_other_users_segments_are_skipped_not_fatal(tmp_path):
+    dead = _dead_pid()
+    mine = _make(f"luaprobe-{dead}-stale.0.ns{segment.identity_tag()}")             # root's, stale
+    theirs = _make(f"luaprobe-{dead}-stale.1.ns{segment.identity_tag()}", NOBODY)   # nobody's, stale
+    try:
+        removed = _sweep_as(NOBODY)            # nobody may not remove root's segment: skipped, no error
+        assert removed == [os.path.basename(theirs)]
+        assert os.path.exists(mine) and not os.path.exists(theirs)
+        assert segment.sweep() == [os.path.basename(mine)]   # root removes its own only
+    finally:
+        for p in (mine, theirs):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def test_zombie_owner_is_dead_and_foreign_namespace_is_skipped():
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    helpers.wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
+    dead = _dead_pid()
+    of_zombie = _make(f"luaprobe-{zombie.pid}-ring.0.ns{segment.identity_tag()}")
+    foreign = _make(f"luaprobe-{dead}-ring.1.ns00000000"
+                    if segment.identity_tag() != "00000000" else f"luaprobe-{dead}-ring.1.ns11111111")
+    try:
+        removed = segment.sweep()
+        assert os.path.basename(of_zombie) in removed and not os.path.exists(of_zombie)
+        assert os.path.exists(foreign)         # another container's pid: not ours to judge
+    finally:
+        zombie.wait()
+        for p in (of_zombie, foreign):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def test_kill_9_of_the_whole_tree_then_the_next_start_cleans_up(tmp_path):
+    plug = helpers.write_plugin(tmp_path, r"""
+local marker, n = "%s", 0
+TrisulPlugin = { id = { name = "k9" }, request_async_workers = 3,
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(e, l)
+      n = n + 1
+      T.async:schedule { data = "x", onexecute = function(d) return d end }
+      if n == 3000 then local f = io.open(marker, "w"); f:close() end
+    end } }
+""" % (tmp_path / "running"))
+    p = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", plug, "--generate",
+                          "packets=50000000,flows=100,seed=1", "--out", str(tmp_path / "o"), "-q"],
+                         cwd=helpers.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    helpers.wait_for(lambda: (tmp_path / "running").exists(), timeout=60)
+    tree = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+    assert len(tree) >= 6                                   # fast path, capture, store, 3 workers
+    left = [n for n in segment.list_segments() if segment.owner_pid(n) in tree]
+    assert left
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.wait()
+    helpers.wait_for(lambda: all(not psutil.pid_exists(q) or psutil.Process(q).status() == psutil.STATUS_ZOMBIE
+                                 for q in tree), timeout=10)
+    assert all(os.path.exists(os.path.join(segment.SHM_DIR, n)) for n in left)   # the leftovers
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", "engine/examples/tcp_ports.lua", "--pcap",
+                        "engine/examples/sample.pcap", "--out", str(tmp_path / "o2"), "-q"], cwd=helpers.REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not [n for n in segment.list_segments() if segment.owner_pid(n) in tree]
