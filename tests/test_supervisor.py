@@ -421,3 +421,22 @@ def test_prometheus_endpoint_agrees_with_stats_json(daemon):
             socket.create_connection((addr, port), timeout=2).close()
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
+
+
+def test_run_dir_and_its_files_are_owner_only_whatever_existed(daemon, tmp_path):
+    """Issue 13.13: a run directory made 0755 beforehand and a 0644 log file left in it end up owner-only;
+    every file the daemon writes there (log, status, stats, pid file, socket) is 0600."""
+    os.makedirs(daemon.run_dir, mode=0o755)
+    os.chmod(daemon.run_dir, 0o755)
+    log = os.path.join(daemon.run_dir, control.LOG)
+    with open(log, "w") as f:
+        f.write("old\n")
+    os.chmod(log, 0o644)
+    daemon.start()
+    daemon.wait_packets()
+    helpers.wait_for(lambda: os.path.exists(os.path.join(daemon.run_dir, "stats.jsonl")), 20, 0.05)
+    assert stat.S_IMODE(os.stat(daemon.run_dir).st_mode) == 0o700
+    modes = {n: stat.S_IMODE(os.stat(os.path.join(daemon.run_dir, n)).st_mode) for n in os.listdir(daemon.run_dir)
+             if not n.startswith(".") and ".tmp" not in n}
+    assert len(modes) >= 4 and all(m & 0o077 == 0 for m in modes.values()), modes
+    assert daemon.cli("stop").returncode == 0

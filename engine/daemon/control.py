@@ -29,10 +29,24 @@ class NotRunning(Exception):
 
 
 def ensure_run_dir(run_dir: str) -> str:
-    """Create the run directory (mode 0700); return its absolute path."""
+    """Create the run directory, or take an existing one, owner-only (0700); return its absolute path."""
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    os.chmod(run_dir, 0o700)
     return run_dir
+
+
+def open_private(file: str, mode: str = "w", **kw):
+    """``open(file, mode)`` for a file only its owner may read (0600, also when it already exists):
+    status, statistics and log files name plug-ins, paths and traffic."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(file, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, mode, **kw)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def path(run_dir: str, name: str) -> str:
@@ -159,7 +173,7 @@ def request(run_dir: str, cmd: str, timeout: float = 10.0, **args) -> dict:
 def write_json(file: str, obj) -> None:
     """Atomic replace of a JSON file."""
     tmp = f"{file}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with open_private(tmp, "w") as f:
         json.dump(obj, f, default=str)
     os.replace(tmp, file)
 

@@ -29,7 +29,8 @@ class JsonLines:
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.f = open(path, "a", buffering=1)
+        from .control import open_private
+        self.f = open_private(path, "a", buffering=1)
 
     def write(self, snap: dict, rates: dict, status: dict) -> None:
         hook_calls = sum(sum(p.get("hook_calls", {}).values()) for p in snap.get("plugins", []))

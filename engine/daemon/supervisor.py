@@ -437,7 +437,7 @@ def cmd_start(args) -> int:
     if args.foreground:
         logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
         return Supervisor(cfg, run_dir).run()
-    with open(control.path(run_dir, control.LOG), "ab") as logf:
+    with control.open_private(control.path(run_dir, control.LOG), "ab") as logf:
         p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--config", cfg.path, "--run-dir", run_dir],
                              stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
                              cwd=os.path.dirname(cfg.path), close_fds=True)

@@ -550,7 +550,8 @@ class FastPath:
             return
         self._last_stats = now
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        from .control import open_private
+        with open_private(tmp, "w") as f:
             json.dump(self.snapshot(rt, capture), f, default=str)
         os.replace(tmp, path)
 
