@@ -51,7 +51,7 @@ TrisulPlugin = {
 def test_oversized_requests_fail_at_the_call_site(tmp_path):
     out = tmp_path / "calls.txt"
     plugin = helpers.write_plugin(tmp_path, PLUGIN % {"out": out, "n": LIMIT - REQ + 1})
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", plugin, "--pcap", "engine/examples/sample.pcap",
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", "engine/examples/sample.pcap",
                         "--ring-size", str(RING), "--out", str(tmp_path / "o"), "--json"], cwd=helpers.REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -75,7 +75,7 @@ def test_largest_request_that_fits_runs(tmp_path):
     body = (PLUGIN % {"out": out, "n": LIMIT - REQ}).replace('local calls = {', 'local calls = {}; local _ = {')
     plugin = helpers.write_plugin(tmp_path, body.replace(
         'T.async:schedule { data = "small"', 'T.async:schedule { data = big'))
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", plugin, "--pcap", "engine/examples/sample.pcap",
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", "engine/examples/sample.pcap",
                         "--ring-size", str(RING), "--out", str(tmp_path / "o"), "--json"], cwd=helpers.REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -52,7 +52,7 @@ def test_time_never_goes_backwards(tmp_path):
             f.write(struct.pack("<IIII", ts, 0, len(fr), len(fr)) + fr)
     ticks = tmp_path / "ticks.txt"
     plugin = helpers.write_plugin(tmp_path, PLUGIN % {"out": ticks, "guid": GUID})
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", plugin, "--pcap", str(cap), "--backend-instances",
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", str(cap), "--backend-instances",
                         "1", "--out", str(tmp_path / "o"), "--json"], cwd=helpers.REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -13,7 +13,7 @@ import sys
 import psutil
 import pytest
 
-from shm import segment
+from luaprobe.shm import segment
 from tests import helpers
 
 NOBODY = 65534
@@ -89,7 +89,7 @@ TrisulPlugin = { id = { name = "k9" }, request_async_workers = 3,
       if n == 3000 then local f = io.open(marker, "w"); f:close() end
     end } }
 """ % (tmp_path / "running"))
-    p = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", plug, "--generate",
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plug, "--generate",
                           "packets=50000000,flows=100,seed=1", "--out", str(tmp_path / "o"), "-q"],
                          cwd=helpers.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     helpers.wait_for(lambda: (tmp_path / "running").exists(), timeout=60)
@@ -106,7 +106,7 @@ TrisulPlugin = { id = { name = "k9" }, request_async_workers = 3,
     helpers.wait_for(lambda: all(not psutil.pid_exists(q) or psutil.Process(q).status() == psutil.STATUS_ZOMBIE
                                  for q in tree), timeout=10)
     assert all(os.path.exists(os.path.join(segment.SHM_DIR, n)) for n in left)   # the leftovers
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "run", "engine/examples/tcp_ports.lua", "--pcap",
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "engine/examples/tcp_ports.lua", "--pcap",
                         "engine/examples/sample.pcap", "--out", str(tmp_path / "o2"), "-q"], cwd=helpers.REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

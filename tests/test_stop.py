@@ -17,7 +17,7 @@ import sys
 import psutil
 import pytest
 
-from shm import segment
+from luaprobe.shm import segment
 from tests import helpers
 
 GUID = "{9A1B2C3D-4E5F-4A6B-8C7D-0E1F2A3B4C5D}"
@@ -66,7 +66,7 @@ def _plugin(tmp_path, onexecute=""):
 
 
 def _start(tmp_path, *args):
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(tmp_path / "stopper.lua"), *args,
+    return subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path / "stopper.lua"), *args,
                              "--out", str(tmp_path / "out"), "--json"], cwd=helpers.REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -107,7 +107,7 @@ def _stop_and_check(tmp_path, p, sig, total_packets):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_file_run_stops_gracefully(tmp_path, sig):
     cap = tmp_path / "big.pcap"
-    subprocess.run([sys.executable, "-m", "engine.cli", "gen", "--out", str(cap), "--packets", "300000",
+    subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "gen", "--out", str(cap), "--packets", "300000",
                     "--flows", "500", "--mix", "tcp=100"], cwd=helpers.REPO, check=True, capture_output=True)
     _plugin(tmp_path)
     p = _start(tmp_path, "--pcap", str(cap))

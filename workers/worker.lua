@@ -16,7 +16,7 @@ ffi.cdef[[ int getppid(void); ]]
 
 local M = {}
 
-local fileops = require("workers.fileops")
+local fileops = require("luaprobe.workers.fileops")
 
 --- Run one file helper (workers/fileops.lua: confined names); returns true or nil, message.
 local function file_op(kind, data, aux, arg)

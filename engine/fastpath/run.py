@@ -550,7 +550,7 @@ class FastPath:
             return
         self._last_stats = now
         tmp = path + ".tmp"
-        from .control import open_private
+        from ..daemon.control import open_private
         with open_private(tmp, "w") as f:
             json.dump(self.snapshot(rt, capture), f, default=str)
         os.replace(tmp, path)
