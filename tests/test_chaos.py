@@ -60,9 +60,10 @@ end
 '''
 
 
-def _live(slot) -> bool:
-    """The slot's worker is running (checked without reaping it: the pool reaps its own workers)."""
-    if slot.proc is None:
+def _live(slot, killed=()) -> bool:
+    """The slot's worker is running and not already sent its SIGKILL (an exit under load can lag the signal);
+    checked without reaping it: the pool reaps its own workers."""
+    if slot.proc is None or slot.proc.pid in killed:
         return False
     try:
         return os.waitid(os.P_PID, slot.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
@@ -76,7 +77,7 @@ def _chaos(runtime_factory, tmp_path, tasks: int, ticks: int, workers: int = 3):
                          task_timeout=600, drain_deadline=0)
     vm = rt.load(plugin(tmp_path, CHAOS % q(log)))
     per_tick = -(-tasks // ticks)
-    pids_seen, kills, submitted, k = set(vm.pool.pids()), 0, 0, 0
+    pids_seen, pids_killed, kills, submitted, k = set(vm.pool.pids()), set(), 0, 0, 0
     next_tick = time.monotonic()
     for tick in range(ticks):
         first, last = submitted + 1, min(tasks, submitted + per_tick)
@@ -87,13 +88,14 @@ def _chaos(runtime_factory, tmp_path, tasks: int, ticks: int, workers: int = 3):
             if not rt.service():
                 rt.wait(min(0.01, max(0.0, next_tick - time.monotonic())))
         next_tick += 0.1
-        live = [s for s in vm.pool.slots if _live(s)]
+        live = [s for s in vm.pool.slots if _live(s, pids_killed)]
         if not live:                                               # all restarting: wait for one
-            helpers.wait_for(lambda: rt.service() is not None and [s for s in vm.pool.slots if _live(s)], 30, 0.005)
-            live = [s for s in vm.pool.slots if _live(s)]
+            helpers.wait_for(lambda: rt.service() is not None and [s for s in vm.pool.slots if _live(s, pids_killed)], 30, 0.005)
+            live = [s for s in vm.pool.slots if _live(s, pids_killed)]
         victim = live[k % len(live)]
         k += 1
         pids_seen.add(victim.proc.pid)
+        pids_killed.add(victim.proc.pid)
         os.kill(victim.proc.pid, signal.SIGKILL)
         kills += 1
         pids_seen.update(vm.pool.pids())
