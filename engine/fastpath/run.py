@@ -81,6 +81,14 @@ class RunConfig:
     generate: str | None = None       #: the capture process runs the generator with this SPEC (engine/gen/stream.py)
 
 
+#: script type -> (Host setup method, Host per-batch method) for the types that walk every batch
+BATCH_WALKERS = {
+    "simplecounter": ("setup_simplecounter", "run_batch"),
+    "protocol_handler": ("setup_protocol_handler", "run_protocol_batch"),
+    "packet_storage": ("setup_packet_storage", "run_storage_batch"),
+}
+
+
 @dataclasses.dataclass
 class Instance:
     """One script-type instance: its VM and what it runs."""
@@ -147,29 +155,15 @@ class FastPath:
             self.plugin_problems.append(str(e))
             return
         inst = Instance(vm, kind, pipeline)
-        if kind == "simplecounter":
-            problem = vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host)
+        if kind in BATCH_WALKERS:
+            setup, walk = BATCH_WALKERS[kind]
+            args = (self._packet_store()[b"votes_addr"], self.cfg.flow_capacity) if kind == "packet_storage" else ()
+            problem = vm.lua.eval(f"function(h, ...) return h:{setup}(...) end")(vm.host, *args)
             if problem is not None:
                 self.plugin_problems.append(f"{path}: {_text(problem)}")
                 rt.unload(vm)
                 return
-            inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_batch(a, n) end")
-        elif kind == "protocol_handler":
-            problem = vm.lua.eval("function(h) return h:setup_protocol_handler() end")(vm.host)
-            if problem is not None:
-                self.plugin_problems.append(f"{path}: {_text(problem)}")
-                rt.unload(vm)
-                return
-            inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_protocol_batch(a, n) end")
-        elif kind == "packet_storage":
-            store = self._packet_store()
-            problem = vm.lua.eval("function(h, a, c) return h:setup_packet_storage(a, c) end")(
-                vm.host, store[b"votes_addr"], self.cfg.flow_capacity)
-            if problem is not None:
-                self.plugin_problems.append(f"{path}: {_text(problem)}")
-                rt.unload(vm)
-                return
-            inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_storage_batch(a, n) end")
+            inst.run_batch = vm.lua.eval(f"function(h, a, n) return h:{walk}(a, n) end")
         elif kind == "filex_monitor":
             opts = {b"dir": self._filex_dir().encode(), b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
                     b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"idle_timeout": self.cfg.idle_timeout}

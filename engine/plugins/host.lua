@@ -188,6 +188,13 @@ function Host:run_batch(addr, n)
   return calls
 end
 
+--- Add one batch's calls and errors of hook `name` to the instance's counters (hook_calls / hook_errors).
+function Host:count_hook(name, calls, errors)
+  local hc, he = self.hook_calls, self.hook_errors
+  hc[name] = (hc[name] or 0) + calls
+  if errors > 0 then he[name] = (he[name] or 0) + errors end
+end
+
 --- protocol_handler (engine/plugins/protocol.lua): its control block, setup, and the per-batch walk.
 function Host:protocol_control() return require("luaprobe.engine.plugins.protocol").control(self.plugin) end
 function Host:setup_protocol_handler() return require("luaprobe.engine.plugins.protocol").setup(self) end

@@ -101,9 +101,7 @@ function M.run_batch(host, addr, n)
       host.errors:report("packet_storage hook error", err)
     end
   end
-  local hc, he = host.hook_calls, host.hook_errors
-  hc["packet_storage"] = (hc["packet_storage"] or 0) + calls
-  if errors > 0 then he["packet_storage"] = (he["packet_storage"] or 0) + errors end
+  host:count_hook("packet_storage", calls, errors)
   return calls
 end
 

@@ -121,9 +121,7 @@ function M.run_batch(host, addr, n)
       host.errors:report("protocol_handler.parselayer error", err)
     end
   end
-  local hc, he = host.hook_calls, host.hook_errors
-  hc["protocol_handler.parselayer"] = (hc["protocol_handler.parselayer"] or 0) + calls
-  if errors > 0 then he["protocol_handler.parselayer"] = (he["protocol_handler.parselayer"] or 0) + errors end
+  host:count_hook("protocol_handler.parselayer", calls, errors)
   return calls
 end
 
