@@ -13,6 +13,7 @@ local ring = require("luaprobe.shm.ring")
 local decode = require("luaprobe.engine.fastpath.decode")
 local flowtable = require("luaprobe.engine.fastpath.flowtable")
 local packet = require("luaprobe.engine.plugins.packet")
+local ipreasm = require("luaprobe.engine.fastpath.ipreasm")
 
 local cast, fstring = ffi.cast, ffi.string
 local REC, recp, PKT = packet.REC_SIZE, packet.recp, packet.PKT
@@ -22,7 +23,8 @@ local M = {}
 local Driver = {}
 Driver.__index = Driver
 
---- opts: ring (address), batch (size), capacity/idle_timeout/active_timeout (flow table).
+--- opts: ring (address), batch (size), capacity/idle_timeout/active_timeout (flow table),
+--- frag_timeout / frag_max_bytes / frag_max_datagrams (engine.lua.ipreasm).
 function M.new(opts)
   local self = setmetatable({
     ring = ring.attach(opts.ring),
@@ -32,8 +34,11 @@ function M.new(opts)
     packets = 0, bytes = 0, truncated = 0, nonip = 0,
     sec = -1,               -- packet-time second of the current batch
     ctl_kind = nil, ctl_text = nil,
+    ipr = ipreasm.new({ timeout = opts.frag_timeout, max_bytes = opts.frag_max_bytes,
+                        max_datagrams = opts.frag_max_datagrams }),
+    reasm = {},             -- [batch index] = { frame, fragments } of this batch's reassembled datagrams
   }, Driver)
-  self.batch = packet.new_batch(self.nbatch)
+  self.batch = packet.new_batch(self.nbatch + 1)   -- + 1: a datagram completed by the last packet
   self.batch_addr = tonumber(ffi.cast("intptr_t", self.batch))
   if opts.bell then self.ring.data_bell = cast("uint32_t *", opts.bell) end
   self.stop_profile = require("luaprobe.engine.plugins.jitprof").start("driver")
@@ -47,6 +52,7 @@ function Driver:fill()
   local r, b, ft = self.ring, self.batch, self.ft
   r:release()
   self.ctl_kind = nil
+  if self.nreasm then self.reasm, self.nreasm = {}, nil end   -- frames of the previous batch
   local n, max = 0, self.nbatch
   local sec = self.sec
   while n < max do
@@ -65,6 +71,7 @@ function Driver:fill()
       if n > 0 then break end          -- start the new second in a new batch
       sec = ts
       self.sec = ts
+      if self.ipr.stats.pending > 0 then self.ipr:expire(ts) end
     end
     local e = b[n]
     e.data = p + REC
@@ -73,6 +80,7 @@ function Driver:fill()
     ddecode(e.d, e.data, h.caplen, h.linktype)
     r:advance(len)
     n = n + 1
+    if e.d.frag ~= 0 then n = self:fragment(e, n) end
   end
   -- Flows after the whole batch is decoded, in the flow table's own small
   -- loops (lookup, insertion, counters: flowtable.lua "packet path"); one
@@ -90,7 +98,44 @@ function Driver:fill()
   end
   self.truncated, self.nonip, self.bytes = truncated, nonip, bytes
   self.packets = self.packets + n
+  if self.nreasm then self:reasm_accounting() end
   return n
+end
+
+--- A fragment packet was put at batch[n - 1]: give it to the reassembler; when it
+--- completes a datagram, append the reassembled frame as batch[n] (d.frag = 2).
+--- Returns the new batch length.  Kept out of fill(): fragments are rare.
+function Driver:fragment(e, n)
+  local ipr = self.ipr
+  local frame, len, nfrags, wirelen = ipr:add(e, e.ts_sec + e.ts_nsec * 1e-9)
+  if not frame then return n end
+  local s = self.batch[n]
+  s.data = frame
+  s.ts_sec, s.ts_nsec, s.wirelen, s.caplen = e.ts_sec, e.ts_nsec, wirelen, len
+  s.linktype, s.ifindex = e.linktype, e.ifindex
+  ddecode(s.d, s.data, len, e.linktype)
+  s.d.frag = 2
+  self.reasm[n] = { frame, nfrags }
+  self.nreasm = true
+  return n + 1
+end
+
+--- After the flow table saw the batch (fragments have no flow: update_batch skips d.frag 1):
+--- each reassembled datagram (d.frag 2) counts in its flow as all its fragment packets, and
+--- is not a captured packet itself (its fragments were counted in packets, bytes, truncated).
+function Driver:reasm_accounting()
+  local ft, b = self.ft, self.batch
+  for k, r in pairs(self.reasm) do
+    local e = b[k]
+    self.packets = self.packets - 1
+    self.bytes = self.bytes - e.wirelen
+    self.truncated = self.truncated - e.d.truncated
+    if e.flow >= 0 then
+      local f = ft.flows[e.flow]
+      local extra = r[2] - 1                           -- the flow counts every fragment packet
+      if e.dir == 1 then f.packets_za = f.packets_za + extra else f.packets_az = f.packets_az + extra end
+    end
+  end
 end
 
 --- True when a record is waiting in the packet ring.
@@ -136,6 +181,7 @@ end
 --- table is empty.  The caller repeats until then, so the export of a
 --- million flows never builds one huge table.
 function Driver:flush_flows(max)
+  self.ipr:flush()
   local ft, out = self.ft, {}
   local flows, sen = ft.flows, ft.capacity
   for i = 1, max or 4096 do
@@ -150,8 +196,13 @@ end
 --- Counters for the run summary.
 function Driver:stats()
   local s = self.ft:stats()
+  local fs = self.ipr.stats
   return { packets = self.packets, bytes = self.bytes, truncated = self.truncated, nonip = self.nonip,
-           flows_created = s.created, flows_live = s.live, flow_table_full = s.full_drops }
+           flows_created = s.created, flows_live = s.live, flow_table_full = s.full_drops,
+           ip_fragments = fs.fragments, ip_datagrams = fs.datagrams, ip_frag_timeouts = fs.timeouts,
+           ip_frag_incomplete = fs.incomplete, ip_frag_overlaps = fs.overlaps,
+           ip_frag_duplicates = fs.duplicates, ip_frag_malformed = fs.malformed,
+           ip_frag_dropped_cap = fs.dropped_cap }
 end
 
 M.Driver = Driver

@@ -43,8 +43,10 @@ port tie the lower address (bytewise) is Z; if both are equal the destination
 is Z.  Both directions therefore map to one entry, and ft:flowkey(idx) is
 exactly decode.flowkey(d) for every packet of the flow.  Ports are 0 for
 everything that is not TCP/UDP, so ICMP is one flow per address pair and
-protocol, and non-first IP fragments (no L4 header) form their own ports-0
-flow, as in decode.flowkey.  IPv4 addresses use bytes 0..3 only (bytes 4..15
+protocol.  IP fragments (d.frag 1) get no flow in update_batch: the fast
+path reassembles them (ipreasm.lua) and the reassembled datagram (d.frag 2)
+is counted in its 5-tuple's flow; update() alone would give a non-first
+fragment the ports-0 key of decode.flowkey.  IPv4 addresses use bytes 0..3 only (bytes 4..15
 are ignored).  VLAN ids are not part of the key.
 
 Layout.
@@ -527,7 +529,7 @@ function FT:update_batch(b, n)
     local v = d.ip_version
     local x = -1
     p.dir = 0
-    if v ~= 0 then
+    if v ~= 0 and d.frag ~= 1 then     -- an IP fragment has no flow: its datagram (d.frag 2) counts it
       local kf = keys[k]
       make_key(kf, d, v)
       local _

@@ -140,6 +140,11 @@ function Host:setup_simplecounter()
   end
   if type(sc.onpacket) ~= "function" then return "simplecounter.onpacket is not a function" end
   self.sc_fn = sc.onpacket
+  -- a reassembled IP datagram (d.frag 2, engine.lua.ipreasm) is for L4 hooks only:
+  -- link and IP-layer hooks saw each of its fragment packets
+  local P = decode.PROTO
+  self.sc_l4 = self.sc_proto == P.TCP or self.sc_proto == P.UDP or self.sc_proto == P.ICMP
+               or self.sc_proto == P.ICMPV6
   self.pkt_obj = packet.new_packet()
   self.layer_obj = packet.new_layer()
   return nil
@@ -154,7 +159,7 @@ end
 -- trace that aborted on the walk ("inner loop in root trace").  Called from
 -- Python, the loop's exit returns to a C frame, which LuaJIT handles.
 local function walk(self, batch, n)
-  local proto, fn, eng = self.sc_proto, self.sc_fn, self.engine
+  local proto, fn, eng, l4 = self.sc_proto, self.sc_fn, self.engine, self.sc_l4
   local pobj, lobj = self.pkt_obj, self.layer_obj
   local find, bind_packet, bind_layer, flowkey = decode.find, packet.bind_packet, packet.bind_layer, decode.flowkey
   local calls, errors = 0, 0
@@ -163,7 +168,7 @@ local function walk(self, batch, n)
     eng:set_packet(batch, k)
     if eng.nflow_counters > 0 and p.flow >= 0 then eng:apply_flow_counters(flowkey(p.d), p.dir) end
     local li = find(p.d, proto)
-    if li >= 0 then
+    if li >= 0 and (l4 or p.d.frag ~= 2) then
       bind_layer(lobj, bind_packet(pobj, batch, k), li)
       calls = calls + 1
       local ok, err = xpcall(fn, traceback, eng, lobj)
