@@ -323,7 +323,9 @@ def test_capture_details(lua, X):
     assert hs['interim'] >= 1           # Expect: 100-continue answered by 100 Continue
     bodies, rs, hs, _, _ = run_capture(lua, X, 'http-ipv6-keepalive-gap.pcap')
     assert hs['requests'] == 1000 and hs['responses'] == 999 and hs['resyncs'] == 1
-    assert rs['gaps'] == 1 and rs['gap_bytes'] == 238 and rs['out_of_order'] == 1
+    # the ACKed hole waits for ack_window (64 KiB) of later segments before it is given up (mirror-port
+    # policy, docs/filex.md): those 155 segments are buffered out of order meanwhile
+    assert rs['gaps'] == 1 and rs['gap_bytes'] == 238 and rs['out_of_order'] == 155
     bodies, rs, hs, _, _ = run_capture(lua, X, 'http-website-keepalive.pcap')
     t = [b for b in bodies if b['truncated']]
     assert len(t) == 1 and t[0]['gap'] and t[0]['path'] == '/js/jquery.cycle.all.min.js'

@@ -14,7 +14,7 @@ SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
 LUA = r"""
 local tcpreasm = require 'luaprobe.engine.streams.tcpreasm'
 local T = {}
--- run a list of packets {pdir, seq, flags, data[, ack]} through one flow (id 7); returns the
+-- run a list of packets {pdir, seq, flags, data[, ack[, ts]]} through one flow (id 7); returns the
 -- delivered streams, the event log and the stats
 function T.run(pkts, opts, expire)
   opts = opts or {}
@@ -29,7 +29,8 @@ function T.run(pkts, opts, expire)
   local R = tcpreasm.new(opts)
   for _, k in ipairs(pkts) do
     local data = k[4] or ''
-    R:packet(k.id or 7, k[1], k[2], k[3], data, #data, 0, nil, k[5])
+    if k.restart and R:is_new_connection(k.id or 7, k[1], k[2], k[3]) then R:restart(k.id or 7) end
+    R:packet(k.id or 7, k[1], k[2], k[3], data, #data, k[6] or 0, nil, k[5])
   end
   if expire then R:expire(7) end
   return table.concat(streams[0]), table.concat(streams[1]), log, R.stats, R.buffered, R:client_dir(7)
@@ -44,9 +45,10 @@ def T():
     return lua, lua.execute(LUA)
 
 
-def run(T, pkts, expire=False, **opts):
+def run(T, pkts, expire=False, restart=False, **opts):
     lua, t = T
-    tbl = lua.table_from([lua.table_from(list(p)) for p in pkts])
+    tbl = lua.table_from([lua.table_from({**{i + 1: v for i, v in enumerate(p)}, b"restart": restart})
+                          for p in pkts])
     o = lua.table_from({k.encode(): v for k, v in opts.items()})
     s0, s1, log, st, buffered, client = t.run(tbl, o, expire)
     log = [x.decode() for x in log.values()]
@@ -134,11 +136,48 @@ def test_gap_reported_and_stream_continues(T):
     assert s0 == b'aaaaccccddddef'
     assert log == ['data 0 0 4', 'gap 0 4 4', 'data 0 8 4', 'data 0 12 4', 'data 0 16 1', 'data 0 17 1']
     assert st['gaps'] == 1 and st['gap_bytes'] == 4
-    # the peer's ACK beyond the hole: the bytes were sent but not captured -> gap at once
+    # the peer's ACK beyond the hole, and ack_timeout (2 s) later still no data: sent but not captured
     pk = handshake() + [(0, ISN_C + 1, ACK, b'aaaa'), (0, ISN_C + 9, ACK, b'cccc'),
-                        (1, ISN_S + 1, ACK, b'', ISN_C + 13), (0, ISN_C + 13, ACK, b'dd')]
+                        (1, ISN_S + 1, ACK, b'', ISN_C + 13, 0), (0, ISN_C + 13, ACK, b'dd', None, 1),
+                        (1, ISN_S + 1, ACK, b'', ISN_C + 15, 2)]
     s0, s1, log, st, buf, _ = run(T, pk)
     assert log == ['data 0 0 4', 'gap 0 4 4', 'data 0 8 4', 'data 0 12 2'] and buf == 0
+    # ... or ack_window bytes buffered after the ACKed hole
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'aaaa'), (0, ISN_C + 9, ACK, b'cccc'),
+                        (1, ISN_S + 1, ACK, b'', ISN_C + 13), (0, ISN_C + 13, ACK, b'dd'),
+                        (1, ISN_S + 1, ACK, b'', ISN_C + 15)]
+    s0, s1, log, st, buf, _ = run(T, pk, ack_window=2)
+    assert log == ['data 0 0 4', 'gap 0 4 4', 'data 0 8 4', 'data 0 12 2'] and buf == 0
+
+
+def test_mirror_port_ack_before_data(T):
+    """SPAN ports reorder: the ACK of a segment can come before the segment; it still fills the hole."""
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'aaaa'), (0, ISN_C + 9, ACK, b'cccc'),
+                        (1, ISN_S + 1, ACK, b'', ISN_C + 13), (1, ISN_S + 1, ACK, b'', ISN_C + 13),
+                        (0, ISN_C + 5, ACK, b'bbbb'), (0, ISN_C + 13, ACK, b'dd')]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert s0 == b'aaaabbbbccccdd' and st['gaps'] == 0 and st['late_fills'] == 1
+    assert st['retransmitted_bytes'] == 0 and buf == 0
+
+
+def test_port_reuse_new_syn_starts_new_connection(T):
+    """A SYN with a new ISN on an unclosed connection ends it ("reuse") and starts a new one;
+    a retransmitted SYN (same ISN) does not."""
+    old = handshake() + [(0, ISN_C + 1, ACK, b'one'), (0, ISN_C, SYN, b'')]         # not a reuse
+    s0, _, log, st, _, _ = run(T, old, restart=True)
+    assert s0 == b'one' and st['reused'] == 0
+    new_isn = 3_000_000_000
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'one'), (1, ISN_S + 1, ACK, b'ONE'),
+                        (0, new_isn, SYN, b''), (1, 77, SYN | ACK, b''), (0, new_isn + 1, ACK, b'two'),
+                        (1, 78, ACK, b'TWO')]
+    s0, s1, log, st, buf, client = run(T, pk, restart=True)
+    assert log == ['data 0 0 3', 'data 1 0 3', 'close reuse', 'data 0 0 3', 'data 1 0 3']
+    assert (s0, s1, st['reused'], st['flows'], client) == (b'onetwo', b'ONETWO', 1, 2, 0)
+    # from the other side (the old server sends the new SYN): the new client is the flow's Z end
+    pk = handshake() + [(0, ISN_C + 1, ACK, b'one'), (1, new_isn, SYN, b''), (0, 55, SYN | ACK, b''),
+                        (1, new_isn + 1, ACK, b'two')]
+    s0, s1, log, st, buf, client = run(T, pk, restart=True)
+    assert log == ['data 0 0 3', 'close reuse', 'data 0 0 3'] and client == 1 and s0 == b'onetwo'
 
 
 def test_hole_at_close_reported(T):

@@ -367,13 +367,20 @@ function F:run_batch(batch, n)
       local id = p.flow_uid
       local f = R.flows[id]
       local closed = f ~= nil and f.closed
-      if closed and band(d.tcp_flags, 0x12) == 0x02 then  -- SYN on a closed connection: 5-tuple reused
-        R:forget(id)
-        closed = false
+      local l4 = d.l4_offset
+      local data = p.data
+      local seq = be32(data, l4 + 4)
+      if f ~= nil and band(d.tcp_flags, 0x12) == 0x02 then  -- SYN: is the 5-tuple reused?
+        if closed then
+          R:forget(id)
+          closed = false
+        elseif R:is_new_connection(id, p.dir, seq, d.tcp_flags) then
+          R:restart(id)                    -- the old connection ends: its files, onterminateflow
+        end
       end
       local st = not closed and self:flow_state(id, d)
       if st then
-        local data, plen = p.data, d.payload_length
+        local plen = d.payload_length
         if st.http == nil and plen > 0 then       -- the flow's first payload decides
           st.http = looks_http(data + d.payload_offset, plen, st.handshake)
           if st.http == false then
@@ -382,8 +389,7 @@ function F:run_batch(batch, n)
           end
         end
         if st then
-          local l4 = d.l4_offset
-          R:packet(id, p.dir, be32(data, l4 + 4), d.tcp_flags, data + d.payload_offset, plen,
+          R:packet(id, p.dir, seq, d.tcp_flags, data + d.payload_offset, plen,
             p.ts_sec, nil, be32(data, l4 + 8))
         end
       end

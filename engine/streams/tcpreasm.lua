@@ -7,13 +7,17 @@ luaprobe.engine.streams.tcpreasm — TCP stream reassembly per flow and directio
       max_total_bytes = 256 << 20, -- out-of-order bytes buffered over all flows
       max_gap         = 1 << 20,   -- out-of-order bytes buffered per direction before the hole
                                    -- in front of them is given up (reported as a gap)
+      ack_timeout     = 2,         -- s of packet time an ACKed hole still waits for its data
+      ack_window      = 64 << 10,  -- out-of-order bytes buffered after an ACKed hole before it is given up
       cb       = function(flow_id, dir, offset, ptr_or_string, len) end,  -- in-order bytes
       cb_gap   = function(flow_id, dir, offset, missing_len) end,
-      cb_close = function(flow_id, reason) end,   -- reason "fin" | "rst" | "timeout"
+      cb_close = function(flow_id, reason) end,   -- reason "fin" | "rst" | "timeout" | "reuse"
     }
     R:packet(flow_id, pdir, seq, flags, payload_ptr, payload_len, ts[, cb[, ack]])
     R:expire(flow_id)        -- timeout: flush holes (gaps), cb_close(id, "timeout"), forget the flow
     R:forget(flow_id)        -- drop all state silently (flow-table record freed after a close)
+    R:is_new_connection(flow_id, pdir, seq)  -- a SYN (no ACK) with this seq starts a new connection
+    R:restart(flow_id)       -- close the connection (reason "reuse": holes become gaps, cb_close) and forget it
     R:client_dir(flow_id)    -- the flow-table dir (0/1) of the client, or nil
     R.stats                  -- counters, see below
     R.buffered               -- out-of-order bytes held now (all flows)
@@ -56,7 +60,11 @@ counts one in overlaps (its old bytes also count as retransmitted_bytes).
 
 Gaps.  A hole is given up, reported as cb_gap(id, dir, offset, missing) and
 delivery continues after it, when (0) the peer's ACK covers data beyond the
-hole (ack argument), (a) the out-of-order bytes buffered for the
+hole (ack argument) AND, since the first such ACK, ack_timeout seconds of
+packet time have passed or ack_window more out-of-order bytes were buffered
+for the direction (mirror / SPAN ports deliver an ACK before the data it
+acknowledges: the late segment still fills the hole; tshark's "ACKed segment
+that wasn't captured" is only certain after that), (a) the out-of-order bytes buffered for the
 direction exceed max_gap, (b) a memory cap is hit (below), or (c) the flow
 closes (FIN both ways, RST, expire) with data still buffered behind a hole,
 or with a FIN whose sequence number lies beyond the delivered bytes.
@@ -66,6 +74,14 @@ max_total_bytes overall, the direction's first hole is given up (a gap) to
 free memory; if the segment still does not fit it is dropped and counted
 (cap_drops_flow / cap_drops_total); the dropped bytes later show up as a gap.
 
+Connection reuse.  A SYN without ACK whose sequence number is not the ISN of
+its direction (the SYN already seen, or the sequence number before the first
+byte of a stream picked up mid-way) starts a new connection on the same
+5-tuple (RFC 9293 §3.10.7.4 lets a closed-but-not-forgotten or abandoned
+connection be replaced): the caller asks R:is_new_connection and calls
+R:restart (stats.reused), which closes the old connection like a timeout.
+A retransmitted SYN (same ISN) is not a new connection.
+
 Close.  FIN in both directions (each delivered up to its FIN), RST in either
 direction, or R:expire(id).  cb_close is called once; the flow state is then
 kept as a small "closed" marker (later packets of the same id are ignored)
@@ -73,7 +89,9 @@ until R:forget(id) or R:expire(id).
 
 R.stats: segments (segments with payload), bytes_delivered,
 retransmitted_bytes, overlaps, out_of_order (segments buffered out of order),
-gaps, gap_bytes, cap_drops_flow, cap_drops_total, flows (created), closed.
+gaps, gap_bytes, cap_drops_flow, cap_drops_total, flows (created), closed,
+reused (connections ended by a new SYN on the same 5-tuple), late_fills (ACKed
+holes later filled by their data: mirror-port reordering).
 ]==]
 local ffi = require "ffi"
 local bit = require "bit"
@@ -94,11 +112,14 @@ function M.new(opts)
     max_flow_bytes = opts.max_flow_bytes or 4 * 1048576,
     max_total_bytes = opts.max_total_bytes or 256 * 1048576,
     max_gap = opts.max_gap or 1048576,
+    ack_timeout = opts.ack_timeout or 2,
+    ack_window = opts.ack_window or 65536,
     cb = opts.cb, cb_gap = opts.cb_gap, cb_close = opts.cb_close,
     flows = {},
     buffered = 0,
     stats = { segments = 0, bytes_delivered = 0, retransmitted_bytes = 0, overlaps = 0, out_of_order = 0,
-              gaps = 0, gap_bytes = 0, cap_drops_flow = 0, cap_drops_total = 0, flows = 0, closed = 0 },
+              gaps = 0, gap_bytes = 0, cap_drops_flow = 0, cap_drops_total = 0, flows = 0, closed = 0,
+              reused = 0, late_fills = 0 },
   }, R)
   return self
 end
@@ -113,7 +134,10 @@ end
 local function new_stream()
   -- started: base sequence known; nxt: next expected seq (uint32); off: stream offset of nxt
   -- segs: sorted non-overlapping out-of-order segments {off, string}; fin_off: stream offset of FIN
-  return { started = false, nxt = 0, off = 0, segs = {}, nbuf = 0, fin_off = nil, done = false }
+  -- isn: the SYN's sequence number (or the one before the first byte of a mid-stream pickup)
+  -- ack_hole: stream offset of a hole the peer has ACKed (ack_ts / ack_nbuf: when, and nbuf then)
+  return { started = false, nxt = 0, off = 0, segs = {}, nbuf = 0, fin_off = nil, done = false, isn = nil,
+           ack_hole = nil, ack_ts = 0, ack_nbuf = 0 }
 end
 
 local function get_flow(self, id, pdir, flags)
@@ -238,12 +262,21 @@ local function fin_check(self, id, f, cb)
   end
 end
 
--- the peer acknowledged up to `ack`: holes of direction `dir` below it were sent but not captured
-local function ack_check(self, id, dir, f, s, ack, cb)
+-- the peer acknowledged up to `ack`: the hole of direction `dir` below it was sent; it is given
+-- up once ack_timeout s have passed or ack_window bytes were buffered since the first such ACK
+-- (on a mirror port the data may still come after its ACK)
+local function ack_check(self, id, dir, f, s, ack, ts, cb)
   local a = s.off + sdiff(ack, s.nxt)
+  if not (s.segs[1] and s.segs[1][1] <= a and a > s.off) then return end
+  if s.ack_hole ~= s.off then
+    s.ack_hole, s.ack_ts, s.ack_nbuf = s.off, ts or 0, s.nbuf
+    return
+  end
+  if (ts or 0) - s.ack_ts < self.ack_timeout and s.nbuf - s.ack_nbuf < self.ack_window then return end
   while s.segs[1] and s.segs[1][1] <= a and a > s.off do
     skip_hole(self, id, dir, f, s, cb)
   end
+  s.ack_hole = nil
 end
 
 function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
@@ -256,7 +289,7 @@ function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
   local s = f.s[dir]
   if ack and band(flags, ACK) ~= 0 then
     local o = f.s[1 - dir]
-    if o.segs[1] then ack_check(self, id, 1 - dir, f, o, ack, cb) end
+    if o.segs[1] then ack_check(self, id, 1 - dir, f, o, ack, ts, cb) end
   end
   if type(p) == "string" then
     local str = p
@@ -267,6 +300,7 @@ function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
     if not s.started then
       s.started = true
       s.nxt = (seq + 1) % TWO32
+      s.isn = seq
     end
     seq = (seq + 1) % TWO32
     -- data on a SYN (TFO) follows the SYN's own sequence number
@@ -278,6 +312,7 @@ function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
     end
     s.started = true       -- mid-stream pickup: the first seen sequence number is offset 0
     s.nxt = seq
+    s.isn = (seq - 1) % TWO32
   end
   local abs = s.off + sdiff(seq, s.nxt)
   if n > 0 then
@@ -292,6 +327,8 @@ function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
         st.retransmitted_bytes = st.retransmitted_bytes + skip
         st.overlaps = st.overlaps + 1
       end
+      if s.ack_hole == s.off then st.late_fills = st.late_fills + 1 end
+      s.ack_hole = nil
       deliver(self, id, dir, s, p + skip, n - skip, cb)
       if s.segs[1] then drain(self, id, dir, f, s, cb) end
     else
@@ -352,6 +389,28 @@ function R:forget(id)
   if not f then return end
   if not f.closed then
     self.buffered = self.buffered - f.nbuf
+  end
+  self.flows[id] = nil
+end
+
+--- True when a SYN without ACK (flags) with sequence number seq, direction pdir, on the live
+--- connection `id` starts a new connection: its seq is not the ISN of its direction.
+function R:is_new_connection(id, pdir, seq, flags)
+  if band(flags, SYN + ACK) ~= SYN then return false end
+  local f = self.flows[id]
+  if not f or f.closed then return false end
+  local s = f.s[(pdir == f.client) and 0 or 1]
+  return s.isn ~= nil and s.isn ~= seq
+end
+
+--- End connection `id` because its 5-tuple is reused: holes become gaps, cb_close(id, "reuse"),
+--- then the state is forgotten (the next packet starts a new connection).
+function R:restart(id, cb)
+  local f = self.flows[id]
+  if not f then return end
+  if not f.closed then
+    self.stats.reused = self.stats.reused + 1
+    close_flow(self, id, f, "reuse", cb or self.cb)
   end
   self.flows[id] = nil
 end
