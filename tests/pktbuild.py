@@ -169,10 +169,10 @@ def http_response(body: bytes, headers=(), status="200 OK") -> bytes:
     return head.encode() + body
 
 
-def write_pcap(path, frames, linktype=1, fcs=False, network=None) -> None:
+def write_pcap(path, frames, linktype=1, fcs=False, network=None, cut=0) -> None:
     """Classic pcap (usec).  fcs: append a 4-byte Ethernet FCS to each frame and set libpcap's FCS
     bits in the header (LT_FCS_DATALINK_EXT: 0x04000000 | (4 bytes / 2) << 28); ``network`` overrides
-    the header's whole link-type field."""
+    the header's whole link-type field; cut: bytes missing from the end of each captured frame (snaplen)."""
     if network is None:
         network = linktype | ((0x04000000 | (2 << 28)) if fcs else 0)
     out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, network)]
@@ -182,6 +182,6 @@ def write_pcap(path, frames, linktype=1, fcs=False, network=None) -> None:
             fr = fr + struct.pack("<I", zlib.crc32(fr) & 0xFFFFFFFF)
         sec = int(t)
         usec = int(round((t - sec) * 1e6))
-        out.append(struct.pack("<IIII", sec, usec, len(fr), len(fr)) + fr)
+        out.append(struct.pack("<IIII", sec, usec, len(fr) - cut, len(fr)) + fr[:len(fr) - cut])
     with open(path, "wb") as f:
         f.write(b"".join(out))

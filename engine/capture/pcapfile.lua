@@ -23,8 +23,11 @@ prefix) when the file header is not a usable pcap / pcapng header.
 Formats
   * classic pcap, both byte orders: magic a1b2c3d4 (usec), a1b23c4d (nsec) and
     a1b2cd34 (Kuznetzov "modified" pcap, usec, 24-byte record headers, as libpcap
-    reads it).  linktype = global header `network` & 0x0FFFFFFF (the top bits carry
-    FCS information); any value is passed through.  ifindex is always 0.
+    reads it).  linktype = global header `network` & 0x03FFFFFF (libpcap's
+    LT_LINKTYPE); any value is passed through.  The bits above carry FCS information
+    (libpcap's LT_FCS_DATALINK_EXT): when 0x04000000 is set, every frame ends in an FCS
+    of (network >> 28) * 2 bytes, which is removed (see "FCS" below); r.fcs_len.
+    ifindex is always 0.
   * pcapng: any number of sections, each with its own byte order; interface ids
     restart at 0 in each section.  IDB: link type, snaplen, if_tsresol (10^-k or
     2^-k, default 10^-6) and if_tsoffset (seconds).  Packets come from EPB (6), SPB
@@ -32,7 +35,13 @@ Formats
     Wireshark instead rejects an SPB whose room is below min(original length, snaplen))
     and the obsolete PB (2).  Every other block type is skipped.
     An SPB has no timestamp: it reports the previous packet's timestamp (0 if none),
-    so time never goes backwards because of it.
+    so time never goes backwards because of it.  IDB option if_fcslen (13, in bits,
+    pcapng draft §4.2 and Wireshark) gives the FCS length of the interface's frames.
+
+FCS.  A frame check sequence is not payload: with a known FCS length f, a record of
+wirelen w and caplen c is returned with wirelen w - f and caplen min(c, w - f) (the
+FCS bytes that were captured are cut off; with a snaplen the FCS may be partly or
+entirely absent already), as Wireshark does for Ethernet with FCS.
 
 Timestamps are always (ts_sec, ts_nsec) with 0 <= ts_nsec < 1e9: out-of-range
 fractions (usec >= 1e6, nsec >= 1e9, as written by broken tools) are carried into
@@ -102,6 +111,14 @@ local function fail(r, off, msg)
   return nil
 end
 
+-- lengths without an FCS of f bytes at the end of the frame (see "FCS")
+local function strip_fcs(caplen, wirelen, f)
+  local w = wirelen - f
+  if w < 0 then w = 0 end
+  if caplen > w then caplen = w end
+  return caplen, w
+end
+
 ---------------------------------------------------------------------------
 -- classic pcap
 ---------------------------------------------------------------------------
@@ -133,7 +150,9 @@ local function next_pcap(r)
   end
   r.offset = off + hl + caplen
   r.packets = r.packets + 1
-  return p + hl, caplen, rd32(p, 12, swap), sec, nsec, r.linktype, 0
+  local wirelen = rd32(p, 12, swap)
+  if r.fcs_len > 0 then caplen, wirelen = strip_fcs(caplen, wirelen, r.fcs_len) end
+  return p + hl, caplen, wirelen, sec, nsec, r.linktype, 0
 end
 
 ---------------------------------------------------------------------------
@@ -177,7 +196,7 @@ local function interface(r, p, blen)
   local swap = r.swap
   local linktype = rd16(p, 8, swap)
   local snaplen = rd32(p, 12, swap)
-  local kind, ups, mul, div, shift, tsoff = 1, 1e6, 1000, 1, 0, 0   -- default: 10^-6
+  local kind, ups, mul, div, shift, tsoff, fcs = 1, 1e6, 1000, 1, 0, 0, 0   -- default: 10^-6
   local pos, stop = 16, blen - 4
   while pos + 4 <= stop do
     local code, olen = rd16(p, pos, swap), rd16(p, pos + 2, swap)
@@ -197,6 +216,8 @@ local function interface(r, p, blen)
         ups = 10 ^ v
         if v <= 9 then kind, mul = 1, 10 ^ (9 - v) else kind, div = 2, 10 ^ (v - 9) end
       end
+    elseif code == 13 and olen >= 1 then          -- if_fcslen, in bits
+      fcs = rshift(p[pos + 4], 3)
     elseif code == 14 and olen == 8 then          -- if_tsoffset, int64 seconds
       local w0, w1 = rd32(p, pos + 4, swap), rd32(p, pos + 8, swap)
       local lo, hi
@@ -210,6 +231,7 @@ local function interface(r, p, blen)
   r.nif = i
   r.if_link[i], r.if_snap[i], r.if_kind[i], r.if_ups[i] = linktype, snaplen, kind, ups
   r.if_mul[i], r.if_div[i], r.if_shift[i], r.if_tsoff[i] = mul, div, shift, tsoff
+  r.if_fcs[i] = fcs
   return nil
 end
 
@@ -316,6 +338,7 @@ local function next_pcapng(r)
     end
     r.offset = off + blen
     r.packets = r.packets + 1
+    if r.if_fcs[1] > 0 then caplen, wirelen = strip_fcs(caplen, wirelen, r.if_fcs[1]) end
     return p + 12, caplen, wirelen, r.last_sec, r.last_nsec, r.if_link[1], 0
   end
   -- EPB or obsolete PB: same layout except a 16-bit interface id in the PB
@@ -337,7 +360,9 @@ local function next_pcapng(r)
   r.last_sec, r.last_nsec = sec, nsec
   r.offset = off + blen
   r.packets = r.packets + 1
-  return p + 28, caplen, rd32(p, 24, swap), sec, nsec, r.if_link[i], ifid
+  local wirelen = rd32(p, 24, swap)
+  if r.if_fcs[i] > 0 then caplen, wirelen = strip_fcs(caplen, wirelen, r.if_fcs[i]) end
+  return p + 28, caplen, wirelen, sec, nsec, r.if_link[i], ifid
 end
 
 ---------------------------------------------------------------------------
@@ -378,7 +403,12 @@ function M.open(addr, size)
     r.swap, r.tsmul, r.hdrlen = m[1], m[2], m[3]
     r.version_major, r.version_minor = rd16(base, 4, r.swap), rd16(base, 6, r.swap)
     r.snaplen = rd32(base, 16, r.swap)
-    r.linktype = band(rd32(base, 20, r.swap), 0x0FFFFFFF)
+    local network = rd32(base, 20, r.swap)
+    r.linktype = band(network, 0x03FFFFFF)                  -- LT_LINKTYPE
+    r.fcs_len = 0
+    if band(network, 0x04000000) ~= 0 then                   -- LT_FCS_LENGTH_PRESENT
+      r.fcs_len = rshift(network, 28) * 2                    -- LT_FCS_LENGTH, 16-bit units
+    end
     r.offset = 24
     r.next = next_pcap
     return r
@@ -387,7 +417,7 @@ function M.open(addr, size)
     r.format = "pcapng"
     r.sections, r.nif = 0, 0
     r.if_link, r.if_snap, r.if_kind, r.if_ups = {}, {}, {}, {}
-    r.if_mul, r.if_div, r.if_shift, r.if_tsoff = {}, {}, {}, {}
+    r.if_mul, r.if_div, r.if_shift, r.if_tsoff, r.if_fcs = {}, {}, {}, {}, {}
     r.last_sec, r.last_nsec = 0, 0
     local err = section(r, 0)
     if err then error("offset 0: " .. err, 0) end

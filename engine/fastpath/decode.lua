@@ -396,6 +396,10 @@ local function decode_rawip(d, p, o, caplen)
   end
 end
 
+--- Link types decode() knows (others give no layer: the fast path warns once per number).
+M.LINKTYPES = { [1] = "EN10MB", [113] = "LINUX_SLL", [276] = "LINUX_SLL2", [101] = "RAW", [12] = "RAW",
+                [14] = "RAW", [228] = "IPV4", [229] = "IPV6", [0] = "NULL", [108] = "LOOP" }
+
 --- Decode one packet. p: const uint8_t*, caplen: captured bytes, linktype:
 --- pcap LINKTYPE_*.  Returns d.nlayers.
 function M.decode(d, p, caplen, linktype)

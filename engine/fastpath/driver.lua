@@ -24,7 +24,7 @@ local Driver = {}
 Driver.__index = Driver
 
 --- opts: ring (address), batch (size), capacity/idle_timeout/active_timeout (flow table),
---- frag_timeout / frag_max_bytes / frag_max_datagrams (engine.lua.ipreasm).
+--- frag_timeout / frag_max_bytes / frag_max_datagrams (engine.lua.ipreasm), warn (function(msg)).
 function M.new(opts)
   local self = setmetatable({
     ring = ring.attach(opts.ring),
@@ -37,6 +37,8 @@ function M.new(opts)
     ipr = ipreasm.new({ timeout = opts.frag_timeout, max_bytes = opts.frag_max_bytes,
                         max_datagrams = opts.frag_max_datagrams }),
     reasm = {},             -- [batch index] = { frame, fragments } of this batch's reassembled datagrams
+    warn = opts.warn,       -- function(message): a warning for the run's log
+    unknown_linktypes = {}, unknown_linktype_packets = 0,   -- [link type] = packets
   }, Driver)
   self.batch = packet.new_batch(self.nbatch + 1)   -- + 1: a datagram completed by the last packet
   self.batch_addr = tonumber(ffi.cast("intptr_t", self.batch))
@@ -81,6 +83,7 @@ function Driver:fill()
     r:advance(len)
     n = n + 1
     if e.d.frag ~= 0 then n = self:fragment(e, n) end
+    if e.d.nlayers == 0 then self:no_layer(e) end
   end
   -- Flows after the whole batch is decoded, in the flow table's own small
   -- loops (lookup, insertion, counters: flowtable.lua "packet path"); one
@@ -100,6 +103,22 @@ function Driver:fill()
   self.packets = self.packets + n
   if self.nreasm then self:reasm_accounting() end
   return n
+end
+
+--- A packet with no decoded layer: count it when its link type is not one decode knows,
+--- and warn once per link type number (opts.warn).
+function Driver:no_layer(e)
+  local lt = e.linktype
+  if decode.LINKTYPES[lt] then return end
+  local u = self.unknown_linktypes
+  if u[lt] == nil then
+    u[lt] = 0
+    if self.warn then
+      self.warn(("link type %d is not one luaprobe decodes (packets are counted, not decoded)"):format(lt))
+    end
+  end
+  u[lt] = u[lt] + 1
+  self.unknown_linktype_packets = self.unknown_linktype_packets + 1
 end
 
 --- A fragment packet was put at batch[n - 1]: give it to the reassembler; when it
@@ -202,7 +221,8 @@ function Driver:stats()
            ip_fragments = fs.fragments, ip_datagrams = fs.datagrams, ip_frag_timeouts = fs.timeouts,
            ip_frag_incomplete = fs.incomplete, ip_frag_overlaps = fs.overlaps,
            ip_frag_duplicates = fs.duplicates, ip_frag_malformed = fs.malformed,
-           ip_frag_dropped_cap = fs.dropped_cap }
+           ip_frag_dropped_cap = fs.dropped_cap,
+           unknown_linktype_packets = self.unknown_linktype_packets, unknown_linktypes = self.unknown_linktypes }
 end
 
 M.Driver = Driver

@@ -99,6 +99,10 @@ class Instance:
     run_batch = None
 
 
+_IPR_KEYS = ("ip_fragments", "ip_datagrams", "ip_frag_timeouts", "ip_frag_incomplete", "ip_frag_overlaps",
+             "ip_frag_duplicates", "ip_frag_malformed", "ip_frag_dropped_cap")
+
+
 class FastPath:
     """Run plug-ins over capture files to completion; :meth:`run` returns the summary dict."""
 
@@ -255,7 +259,8 @@ class FastPath:
             self.driver = fp.new(lua.table_from({b"ring": ring_seg.address, b"bell": rt.bell.address,
                                                  b"batch": cfg.batch, b"capacity": cfg.flow_capacity,
                                                  b"idle_timeout": cfg.idle_timeout,
-                                                 b"active_timeout": cfg.active_timeout}))
+                                                 b"active_timeout": cfg.active_timeout,
+                                                 b"warn": lambda msg: logs.log.warning("%s", _text(msg))}))
             fill, ready = method(lua, "fill"), method(lua, "ready")
             self._driver_stats = method(lua, "stats")
             self._ring_fill = lua.eval("function(d) return d.ring:fill_records(), d.ring:fill_bytes(), d.ring.cap end")
@@ -562,6 +567,9 @@ class FastPath:
             "files": self.cfg.files, "files_done": self.files_done, "input_errors": self.input_errors,
             "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),
             "truncated_headers": d.get("truncated", 0), "non_ip": d.get("nonip", 0),
+            "unknown_linktype_packets": d.get("unknown_linktype_packets", 0),
+            "unknown_linktypes": {int(k): v for k, v in (d.get("unknown_linktypes") or {}).items()},
+            "ip_reassembly": {k.removeprefix("ip_frag_").removeprefix("ip_"): d.get(k, 0) for k in _IPR_KEYS},
             "flows": d.get("flows_created", 0), "flow_table_full_drops": d.get("flow_table_full", 0),
             "drops": {"capture": cs[1], "kernel": cs[2], "packet_ring": 0, "flow_table": d.get("flow_table_full", 0)},
             **({"interface": self.cfg.interface, "bpf": self.cfg.bpf, "captured_live": cs[0],

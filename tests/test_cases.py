@@ -1,0 +1,349 @@
+"""Inputs from other tools' bug reports (issue 12): every case of ../shared/cases, copied into
+tests/data/cases/ (sources in tests/data/cases/README.md), gives its expected result; and more
+inputs of each KIND, generated here (IPv6 as well as IPv4, the other direction, other spellings).
+
+Truth: the expected values of each case.md (tshark 4.0.17 / Python's gzip, as the case says), and
+for generated inputs the bytes the generator put in (hashlib), checked against tshark where it agrees.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+import sqlite3
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from tests import helpers
+from tests import pktbuild as pb
+
+CASES = os.path.join(helpers.REPO, "tests", "data", "cases")
+SHA = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+
+
+def luaprobe_run(plugin, pcap, out):
+    """`luaprobe run` as a user runs it; returns (stdout+stderr text, summary dict from --json)."""
+    import json
+    exe = os.path.join(os.path.dirname(sys.executable), "luaprobe")
+    r = subprocess.run([exe, "run", plugin, "--pcap", pcap, "--out", str(out), "--json"],
+                       capture_output=True, text=True, timeout=120, cwd=helpers.REPO)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout + r.stderr
+    summary = json.loads(r.stdout[re.search(r"^\{$", r.stdout, re.M).start():])
+    return text, summary
+
+
+def probe_files(text):
+    """FILE lines of a case's probe.lua: [{method, uri_len, uri, status, length, sha256, flow}]."""
+    out = []
+    for line in text.splitlines():
+        m = re.search(r"FILE \d+ (.*)", line)
+        if m:
+            out.append(dict(kv.split("=", 1) for kv in m.group(1).split(" ")))
+    return out
+
+
+def census(text):
+    """The SUMMARY line of the simplecounter VM of probe.lua (the one with onpacket > 0)."""
+    for line in text.splitlines():
+        m = re.search(r"SUMMARY (onpacket=\d+ .*)", line)
+        if m:
+            d = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split(" "))}
+            if d["onpacket"] > 0:
+                return d
+    return None
+
+
+def flows(out):
+    db = sqlite3.connect(os.path.join(out, "luaprobe.sqlite"))
+    try:
+        return db.execute("SELECT flowkey, packets_az + packets_za, state FROM flows ORDER BY flowkey").fetchall()
+    finally:
+        db.close()
+
+
+def case(name):
+    d = os.path.join(CASES, name)
+    return os.path.join(d, "probe.lua"), os.path.join(d, "input.pcap")
+
+
+# ============================================================================ the shared cases
+
+def test_case01_fcs_linktype(tmp_path):
+    text, s = luaprobe_run(*case("01-pcap-fcs-linktype"), tmp_path / "o")
+    assert census(text) == {"onpacket": 10, "eth": 10, "ipv4": 10, "ipv6": 0, "tcp": 10, "udp": 0, "files": 0}
+    (f,) = probe_files(text)
+    assert (f["uri"], f["length"]) == ("/fcs.txt", "912")
+    assert f["sha256"] == "f2134ab2f5b7a3e1b9ae149b63594f548d277340f9a22f71abf64b34981d4cff"
+    assert len(flows(tmp_path / "o")) == 1 and s["unknown_linktype_packets"] == 0
+
+
+def test_case02_ipv4_fragments_reversed(tmp_path):
+    text, s = luaprobe_run(*case("02-ipv4-frags-reversed-http"), tmp_path / "o")
+    (f,) = probe_files(text)
+    assert (f["uri"], f["length"]) == ("/frag.bin", "2560")
+    assert f["sha256"] == "e392378f849d67bbb1a7bbec84f1098ae3faa751049c009a850130ce6073d91a"
+    assert flows(tmp_path / "o") == [("06A:C0.00.02.0A:p-A029_C6.33.64.14:p-0050", 12, "CLOSED")]
+    # Ethernet/IPv4 hooks see all 12 captured packets; the 3 fragments carry no TCP layer
+    assert census(text) == {"onpacket": 12, "eth": 12, "ipv4": 12, "ipv6": 0, "tcp": 9, "udp": 0, "files": 0}
+    assert s["packets"] == 12 and s["ip_reassembly"]["fragments"] == 3 and s["ip_reassembly"]["datagrams"] == 1
+
+
+def test_case03_ack_before_data(tmp_path):
+    text, _ = luaprobe_run(*case("03-tcp-ack-before-data"), tmp_path / "o")
+    (f,) = probe_files(text)
+    assert (f["uri"], f["length"]) == ("/mirror.bin", "4000")
+    assert f["sha256"] == "f07b0629fa7df1e6894f9c2e1f0dbd93e6db9c4729ec3cdc64d3d93167bb42fa"
+
+
+def test_case04_port_reuse_without_close(tmp_path):
+    text, _ = luaprobe_run(*case("04-tcp-port-reuse-no-close"), tmp_path / "o")
+    files = [(f["uri"], f["length"], f["sha256"]) for f in probe_files(text)]
+    assert files == [("/one.txt", "660", "684a28f13e43564b69705a50d016a0331c8d313cbb6002772422f9d025c4f4f8"),
+                     ("/two.txt", "690", "e6330703948f4f11d050bdf01633b5818c837b751268a913507d135cccedb78a")]
+
+
+# ============================================================================ more of each kind
+
+RECORD = r"""
+local OUT = "%(out)s"
+local function rec(...)
+  local f = assert(io.open(OUT, "a"))
+  local t = {...}
+  for i = 1, select("#", ...) do t[i] = tostring(t[i]) end
+  f:write(table.concat(t, "\t"), "\n"); f:close()
+end
+local G = { tcp = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}", ipv4 = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",
+            ipv6 = "{85C0CCED-DA8D-4029-924A-A6AB87F62EF8}", eth = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}" }
+local n = { tcp = 0, ip = 0 }
+TrisulPlugin = {
+  id = { name = "kinds" },
+  filex_monitor = {
+    onfile_http = function(engine, ts, flow, path, req, resp, length, is_chunk)
+      local f = assert(io.open(path, "rb")); local body = f:read("*a"); f:close()
+      rec("FILE", req:get_method(), req:get_path(), resp and resp:get_status() or 0, #body,
+          require("engine.lua.sha256").hex(body), flow:id())
+    end,
+  },
+}
+"""
+
+COUNT_TCP = r"""
+TrisulPlugin = { id = { name = "count %(name)s" },
+  simplecounter = { protocol_guid = "%(guid)s",
+    onpacket = function(engine, layer)
+      local f = assert(io.open("%(out)s", "a")); f:write("%(name)s\t", layer:packet():wire_length(), "\n"); f:close()
+    end } }
+"""
+
+
+def run_kinds(tmp_path, frames_or_pcap, name="k", counters=(), **pcap_kw):
+    """Run the recording plug-in (+ simplecounters named in counters: 'tcp', 'ipv4', ...) over a
+    generated capture; returns (file records, {counter: [wirelen...]}, summary, out dir)."""
+    from engine.fastpath import FastPath, RunConfig
+    if isinstance(frames_or_pcap, str):
+        pcap = frames_or_pcap
+    else:
+        pcap = str(tmp_path / f"{name}.pcap")
+        pb.write_pcap(pcap, frames_or_pcap, **pcap_kw)
+    rec = tmp_path / f"{name}.tsv"
+    plugins = [tmp_path / f"{name}.lua"]
+    plugins[0].write_text(RECORD % {"out": str(rec)})
+    guids = {"tcp": "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}", "ipv4": "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",
+             "ipv6": "{85C0CCED-DA8D-4029-924A-A6AB87F62EF8}", "eth": "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+             "udp": "{14D7AB53-CC51-47e9-8814-9C06AAE60189}"}
+    for c in counters:
+        p = tmp_path / f"{name}-{c}.lua"
+        p.write_text(COUNT_TCP % {"name": c, "guid": guids[c], "out": str(rec)})
+        plugins.append(p)
+    out = str(tmp_path / f"{name}.out")
+    s = FastPath(RunConfig(plugins=[str(p) for p in plugins], files=[pcap], out_dir=out)).run()
+    assert s["input_errors"] == [] and s["plugin_problems"] == []
+    for p in s["plugins"]:
+        assert p["hook_errors"] == {}, p
+    files, counts = [], {c: [] for c in counters}
+    if rec.exists():
+        for line in rec.read_text().splitlines():
+            f = line.split("\t")
+            if f[0] == "FILE":
+                files.append(tuple(f[1:]))
+            else:
+                counts[f[0]].append(int(f[1]))
+    return files, counts, s, out
+
+
+def http_exchange(c: pb.Conv, path: str, body: bytes, fragment=None, order=None, headers=()):
+    """Request + response on Conv c; fragment=(direction 'resp'|'req', size): that message's single
+    segment goes as IP fragments in `order` (a permutation of fragment indexes)."""
+    req = pb.http_request(path, method="POST" if fragment and fragment[0] == "req" else "GET",
+                          headers=[("Content-Length", len(body))] if fragment and fragment[0] == "req" else (),
+                          body=body if fragment and fragment[0] == "req" else b"")
+    resp_body = b"" if fragment and fragment[0] == "req" else body
+    resp = pb.http_response(resp_body, [("Content-Length", len(resp_body)), *headers])
+    for from_client, msg in ((True, req), (False, resp)):
+        frag_this = fragment and (fragment[0] == "req") == from_client
+        if not frag_this:
+            c.send(from_client, msg)
+            continue
+        dg = c.segment(from_client, pb.PSH | pb.ACK, msg)
+        c.advance(from_client, len(msg))
+        if c.v6:
+            src, dst = c.cip, c.sip
+            if not from_client:
+                src, dst = dst, src
+            pieces = pb.frag6(src, dst, 6, dg[40:], 0x1234, fragment[1])
+        else:
+            pieces = pb.frag4(pb.ipv4(*(c.cip, c.sip) if from_client else (c.sip, c.cip), 6, dg[20:], ident=777,
+                                      flags_off=0), fragment[1])
+        for i in (order(len(pieces)) if order else range(len(pieces))):
+            c.add(pieces[i], from_client)
+        c.seg(not from_client, pb.ACK)
+
+
+@pytest.mark.parametrize("v6,direction,order", [
+    (True, "resp", "reverse"), (False, "req", "middle-first"), (True, "req", "dup-overlap"),
+])
+def test_ip_fragments_kind(tmp_path, v6, direction, order):
+    """Fragmented segments in IPv6 and IPv4, either direction, any order, with a duplicate: one flow
+    with every packet, the body whole, L4 hooks see the datagram once, IP hooks every fragment."""
+    body = bytes((i * 7) % 256 for i in range(5000))
+    c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
+                cport=45001)
+    c.handshake()
+    orders = {"reverse": lambda n: list(range(n))[::-1],
+              "middle-first": lambda n: [n // 2] + [i for i in range(n) if i != n // 2],
+              "dup-overlap": lambda n: [n - 1, 1, 1, *range(2, n - 1), 0]}
+    http_exchange(c, "/k.bin", body, fragment=(direction, 1232 if v6 else 1000), order=orders[order])
+    c.close()
+    ipc = "ipv6" if v6 else "ipv4"
+    files, counts, s, out = run_kinds(tmp_path, c.frames, counters=("tcp", ipc))
+    (f,) = files
+    assert (f[1], int(f[3]), f[4]) == ("/k.bin", len(body), SHA(body))
+    nfr = s["ip_reassembly"]["fragments"]
+    assert nfr >= 5 and s["ip_reassembly"]["datagrams"] == 1
+    (fl,) = flows(out)
+    assert fl[1] == len(c.frames) and fl[2] == "CLOSED"                 # no port-0 phantom flow
+    assert len(counts[ipc]) == len(c.frames)                            # IP hook: every captured packet
+    assert len(counts["tcp"]) == len(c.frames) - nfr + 1                 # TCP hook: the datagram once
+    if order == "dup-overlap":
+        assert s["ip_reassembly"]["duplicates"] == 1
+
+
+def test_ip_fragments_udp_and_timeout(tmp_path):
+    """A fragmented UDP datagram reaches a UDP hook once; an incomplete one never does (counted)."""
+    a, b = "192.0.2.1", "192.0.2.2"
+    whole = pb.ipv4(a, b, 17, pb.udp(a, b, 5000, 53, b"D" * 3000), ident=9, flags_off=0)
+    lost = pb.ipv4(a, b, 17, pb.udp(a, b, 5000, 53, b"L" * 3000), ident=10, flags_off=0)
+    fr = [(1700000000 + i * 0.01, pb.ether(x)) for i, x in enumerate(pb.frag4(whole, 1480)[::-1])]
+    fr += [(1700000001.0, pb.ether(pb.frag4(lost, 1480)[0]))]
+    _, counts, s, out = run_kinds(tmp_path, fr, counters=("udp", "ipv4"))
+    assert counts["udp"] == [sum(len(x) for _, x in fr[:3])]            # wire bytes of its 3 fragments
+    assert len(counts["ipv4"]) == 4
+    assert s["ip_reassembly"]["incomplete"] == 1 and s["ip_reassembly"]["datagrams"] == 1
+    assert flows(out) == [("11A:C0.00.02.01:p-1388_C0.00.02.02:p-0035", 3, "OPEN")]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_ack_before_data_kind(tmp_path, v6):
+    """Mirror-port order in the client->server direction (an upload): the server's ACK of S1..S4 comes
+    before S2; the body is whole."""
+    body = bytes(range(256)) * 16
+    c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
+                cport=45002)
+    c.handshake()
+    req = pb.http_request("/up", method="POST", headers=[("Content-Length", len(body))], body=body)
+    segs = []
+    for i in range(0, len(req), 1000):
+        segs.append((c.segment(True, pb.PSH | pb.ACK, req[i:i + 1000])))
+        c.advance(True, len(req[i:i + 1000]))
+    late = segs.pop(1)
+    for s_ in segs[:3]:
+        c.add(s_, True)
+    c.seg(False, pb.ACK)                        # acknowledges everything sent so far, S2 included
+    c.add(late, True)
+    for s_ in segs[3:]:
+        c.add(s_, True)
+    c.send(False, pb.http_response(b"ok", [("Content-Length", 2)]))
+    c.close()
+    # the upload is the request body: a filex plug-in gets it with the request as req
+    files, _, s, _ = run_kinds(tmp_path, c.frames)
+    up = [f for f in files if f[0] == "POST"]
+    assert up and int(up[0][3]) == len(body) and up[0][4] == SHA(body)
+    assert s["filex"][0]["tcp_gaps"] == 0 and s["filex"][0]["tcp_late_fills"] == 1
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_port_reuse_kind(tmp_path, v6):
+    """Connection 1 never closes and its response has no length (read until close): the new SYN ends it,
+    its file is delivered; connection 2's file too."""
+    cip, sip = ("2001:db8::10", "2001:db8:1::20") if v6 else ("192.0.2.10", "198.51.100.20")
+    c = pb.Conv(cip=cip, sip=sip, cport=45003, cisn=100000, sisn=900000)
+    c.handshake()
+    c.send(True, pb.http_request("/one"))
+    one = b"first connection body\n" * 30
+    c.send(False, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + one)
+    c2 = pb.Conv(cip=cip, sip=sip, cport=45003, cisn=3_000_000_000, sisn=7000, t0=c.t + 2)
+    c2.handshake()
+    two = b"second\n" * 50
+    c2.send(True, pb.http_request("/two"))
+    c2.send(False, pb.http_response(two, [("Content-Length", len(two))]))
+    c2.close()
+    files, _, s, _ = run_kinds(tmp_path, c.frames + c2.frames)
+    assert [(f[1], int(f[3]), f[4]) for f in files] == [("/one", len(one), SHA(one)), ("/two", len(two), SHA(two))]
+    assert s["filex"][0]["tcp_reused"] == 1
+
+
+def write_pcapng(path, frames, fcs_bits=0, linktype=1):
+    """pcapng: SHB, one IDB (if_fcslen option when fcs_bits), EPBs (usec)."""
+    def block(btype, body):
+        body += b"\0" * (-len(body) % 4)
+        n = len(body) + 12
+        return struct.pack("<II", btype, n) + body + struct.pack("<I", n)
+    out = [block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))]
+    opts = (struct.pack("<HHB3x", 13, 1, fcs_bits) if fcs_bits else b"") + struct.pack("<HH", 0, 0)
+    out.append(block(1, struct.pack("<HHI", linktype, 0, 0) + opts))
+    for t, fr in frames:
+        if fcs_bits:
+            fr = fr + b"\0" * max(0, 60 - len(fr))
+            fr += struct.pack("<I", pb.zlib.crc32(fr) & 0xFFFFFFFF)
+        us = int(round(t * 1e6))
+        out.append(block(6, struct.pack("<IIIII", 0, us >> 32, us & 0xFFFFFFFF, len(fr), len(fr)) + fr))
+    with open(path, "wb") as f:
+        f.write(b"".join(out))
+
+
+@pytest.mark.parametrize("container", ["pcap-ipv6", "pcapng-if_fcslen", "pcap-fcs-snaplen"])
+def test_fcs_kind(tmp_path, container):
+    """FCS announced by the pcap link-type bits or the pcapng if_fcslen option is not payload."""
+    v6 = container == "pcap-ipv6"
+    c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
+                cport=45004)
+    c.handshake()
+    body = b"0123456789abcdef" * 100                       # no Content-Length: read until close
+    c.send(True, pb.http_request("/fcs"))
+    c.send(False, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body)
+    c.close()
+    pcap = str(tmp_path / "f.cap")
+    if container == "pcapng-if_fcslen":
+        write_pcapng(pcap, c.frames, fcs_bits=32)
+    else:                                                   # snaplen: 2 of the 4 FCS bytes not captured
+        pb.write_pcap(pcap, c.frames, fcs=True, cut=2 if container == "pcap-fcs-snaplen" else 0)
+    files, _, s, out = run_kinds(tmp_path, pcap)
+    (f,) = files
+    assert (int(f[3]), f[4]) == (len(body), SHA(body))
+    assert s["bytes"] == sum(len(fr) for _, fr in c.frames) + sum(max(0, 60 - len(fr)) for _, fr in c.frames)
+
+
+def test_unknown_linktype_warned_once_and_counted(tmp_path):
+    c = pb.Conv()
+    c.handshake()
+    c.close()
+    pcap = str(tmp_path / "u.pcap")
+    pb.write_pcap(pcap, c.frames, network=147)             # LINKTYPE_USER0
+    text, s = luaprobe_run(os.path.join(CASES, "01-pcap-fcs-linktype", "probe.lua"), pcap, tmp_path / "o")
+    assert text.count("link type 147 is not one luaprobe decodes") == 1
+    assert s["unknown_linktype_packets"] == 6 and s["unknown_linktypes"] == {"147": 6}
