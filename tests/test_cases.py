@@ -107,6 +107,21 @@ def test_case04_port_reuse_without_close(tmp_path):
                      ("/two.txt", "690", "e6330703948f4f11d050bdf01633b5818c837b751268a913507d135cccedb78a")]
 
 
+def test_case08_gzip_multimember(tmp_path):
+    text, _ = luaprobe_run(*case("08-http-gzip-multimember"), tmp_path / "o")
+    (f,) = probe_files(text)
+    assert (f["uri"], f["length"]) == ("/logs/app.log", "3631")
+    assert f["sha256"] == "b05eba393490e1888d38566c8d2d49dba29efa502e2fc8d36773f032892d4d21"
+
+
+def test_case11_long_request_line(tmp_path):
+    text, _ = luaprobe_run(*case("11-http-long-request-line"), tmp_path / "o")
+    (f,) = probe_files(text)
+    assert (f["method"], f["uri_len"], f["uri"]) == ("GET", "6010", "/search?q=" + "x" * 30)
+    assert f["length"] == "600"
+    assert f["sha256"] == "682c1a9b6770541c197fbbd22676e4b70219a0c0a2747b687079f3f86876e61c"
+
+
 # ============================================================================ more of each kind
 
 RECORD = r"""
@@ -123,10 +138,10 @@ local n = { tcp = 0, ip = 0 }
 TrisulPlugin = {
   id = { name = "kinds" },
   filex_monitor = {
-    onfile_http = function(engine, ts, flow, path, req, resp, length, is_chunk)
+    onfile_http = function(engine, ts, flow, path, req, resp, length, is_chunk, incomplete)
       local f = assert(io.open(path, "rb")); local body = f:read("*a"); f:close()
       rec("FILE", req:get_method(), req:get_path(), resp and resp:get_status() or 0, #body,
-          require("engine.lua.sha256").hex(body), flow:id())
+          require("luaprobe.engine.plugins.sha256").hex(body), flow:id(), incomplete)
     end,
   },
 }
@@ -144,7 +159,7 @@ TrisulPlugin = { id = { name = "count %(name)s" },
 def run_kinds(tmp_path, frames_or_pcap, name="k", counters=(), **pcap_kw):
     """Run the recording plug-in (+ simplecounters named in counters: 'tcp', 'ipv4', ...) over a
     generated capture; returns (file records, {counter: [wirelen...]}, summary, out dir)."""
-    from engine.fastpath import FastPath, RunConfig
+    from luaprobe.engine.fastpath.run import FastPath, RunConfig
     if isinstance(frames_or_pcap, str):
         pcap = frames_or_pcap
     else:
@@ -347,3 +362,41 @@ def test_unknown_linktype_warned_once_and_counted(tmp_path):
     text, s = luaprobe_run(os.path.join(CASES, "01-pcap-fcs-linktype", "probe.lua"), pcap, tmp_path / "o")
     assert text.count("link type 147 is not one luaprobe decodes") == 1
     assert s["unknown_linktype_packets"] == 6 and s["unknown_linktypes"] == {"147": 6}
+
+
+def test_incomplete_files_flagged_with_reason(tmp_path):
+    """Bodies cut short reach onfile_http with the reason, counted per reason in the summary: a lost
+    segment (gap), a connection that ends before Content-Length (truncated), a truncated gzip stream
+    (decode_incomplete), an unknown coding (unknown_encoding); a whole body gets nil."""
+    frames = []
+    body = bytes(range(256)) * 12
+
+    def conn(port, resp_parts, drop=None, close=True):
+        c = pb.Conv(cport=port, t0=1700000000 + port - 46000)
+        c.handshake()
+        c.send(True, pb.http_request(f"/p{port}"))
+        for i, part in enumerate(resp_parts):
+            if i == drop:                                  # never captured
+                c.advance(False, len(part))
+                continue
+            c.seg(False, pb.PSH | pb.ACK, part)
+        if close:
+            c.close()
+        frames.extend(c.frames)
+
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    conn(46001, [head + body[:1000], body[1000:2000], body[2000:]], drop=1)                # gap
+    conn(46002, [head + body[:1000]])                                                       # truncated
+    gz = gzip.compress(body)[:-30]
+    conn(46003, [b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n" + gz])
+    conn(46004, [b"HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: 5\r\n\r\nabcde"])
+    conn(46005, [head + body])                                                              # whole
+    files, _, s, _ = run_kinds(tmp_path, frames)
+    got = {f[1]: (f[6], int(f[3])) for f in files}
+    assert got == {"/p46001": ("gap", len(body) - 1000), "/p46002": ("truncated", 1000),
+                   "/p46003": ("decode_incomplete", got["/p46003"][1]), "/p46004": ("unknown_encoding", 5),
+                   "/p46005": ("nil", len(body))}
+    fx = s["filex"][0]
+    assert {k: v for k, v in fx.items() if k.startswith("incomplete_")} == {
+        "incomplete_gap": 1, "incomplete_truncated": 1, "incomplete_decode_error": 0,
+        "incomplete_decode_incomplete": 1, "incomplete_unknown_encoding": 1}

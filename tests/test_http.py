@@ -222,7 +222,7 @@ function X.run(addr, size, opts, keep)
     cb_gap = function(fid, dir, off, n) parser(fid):gap(dir, n) end,
     cb_close = function(fid, reason)
       local H = parsers[fid]
-      if H then H:close(); for k, v in pairs(H.stats) do hstats[k] = hstats[k] + v end; parsers[fid] = nil end
+      if H then H:close(); for k, v in pairs(H.stats) do hstats[k] = (hstats[k] or 0) + v end; parsers[fid] = nil end
     end,
   }
   local bytes = 0

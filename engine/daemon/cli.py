@@ -84,6 +84,8 @@ def _rich_summary(s: dict) -> None:
     con.print(t)
     con.print(f"drops: capture {d['capture']}  kernel {d.get('kernel', 0)}  packet ring {d['packet_ring']}  "
               f"flow table {d['flow_table']}")
+    for line in _traffic_lines(s):
+        con.print(line)
     con.print("written: " + ", ".join(f"{k} {v}" for k, v in s["rows_written"].items()) + f"  -> {s['store']['path']}")
     for e in s["plugin_problems"]:
         print(f"plug-in problem: {e}", file=sys.stderr)
@@ -91,11 +93,29 @@ def _rich_summary(s: dict) -> None:
         print(f"input error: {e}", file=sys.stderr)
 
 
+def _traffic_lines(s: dict) -> list[str]:
+    """Lines for what the input held that needed a policy: IP fragments, unknown link types, incomplete files."""
+    out = []
+    ipr = s.get("ip_reassembly") or {}
+    if ipr.get("fragments"):
+        out.append("ip reassembly: " + "  ".join(f"{k} {v}" for k, v in ipr.items()))
+    for lt, n in (s.get("unknown_linktypes") or {}).items():
+        out.append(f"link type {lt} not decoded: {n} packets")
+    for fx in s.get("filex") or []:
+        inc = {k[len("incomplete_"):]: v for k, v in fx.items() if k.startswith("incomplete_") and v}
+        if inc:
+            out.append(f"{os.path.basename(fx['plugin'])}: incomplete files "
+                       + "  ".join(f"{k} {v}" for k, v in sorted(inc.items())))
+    return out
+
+
 def _plain_summary(s: dict) -> None:
     print(f"packets {s['packets']:,}  bytes {s['bytes']:,}  flows {s['flows']:,}  elapsed {s['elapsed_s']} s")
     d = s["drops"]
     print(f"drops: capture {d['capture']}  kernel {d.get('kernel', 0)}  packet ring {d['packet_ring']}"
           f"  flow table {d['flow_table']}")
+    for line in _traffic_lines(s):
+        print(line)
     for p in s["plugins"]:
         a = p["async"]
         calls = sum(p["hook_calls"].values())
@@ -180,7 +200,8 @@ def cmd_run(args) -> int:
     try:
         cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
                         async_config=_async_config(args), backend_instances=args.backend_instances,
-                        batch=args.batch, interface=interface, bpf=bpf, generate=generate)
+                        batch=args.batch, interface=interface, bpf=bpf, generate=generate,
+                        http_max_header=args.http_max_header)
     except ValueError as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -281,6 +302,8 @@ def _run_options(p) -> None:
                    help="confine T.async copy/cat/rm/copybuffer names beneath DIR (repeatable; docs/async.md)")
     p.add_argument("--backend-instances", type=int, default=2, help="engine_monitor instances (Trisul flushers)")
     p.add_argument("--batch", type=int, default=1024, help="packets per fast-path batch")
+    p.add_argument("--http-max-header", type=int, default=65536, metavar="BYTES",
+                   help="longest HTTP start line + header block kept (more is counted; docs/filex.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (T.logdebug lines too)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of text")

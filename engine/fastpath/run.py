@@ -75,6 +75,7 @@ class RunConfig:
     filex_dir: str | None = None      #: extracted files (default: a private directory under /dev/shm)
     filex_chunk_mb: float = 5.0       #: onfile_http chunk size (Trisul ChunkSizeMB)
     filex_dir_cap_mb: float = 256.0   #: extraction stops (counted) above this many bytes in the directory
+    http_max_header: int = 65536      #: bytes of an HTTP start line + header block kept (more: counted, docs/filex.md)
     interface: str | None = None      #: live capture from this interface instead of files (docs/live.md)
     bpf: str | None = None            #: tcpdump filter expression for the live capture
     loop: bool = False                #: repeat the files until stopped (soak runs; [source] loop in docs/operations.md)
@@ -170,7 +171,8 @@ class FastPath:
             inst.run_batch = vm.lua.eval(f"function(h, a, n) return h:{walk}(a, n) end")
         elif kind == "filex_monitor":
             opts = {b"dir": self._filex_dir().encode(), b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
-                    b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"idle_timeout": self.cfg.idle_timeout}
+                    b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"idle_timeout": self.cfg.idle_timeout,
+                    b"max_header": int(self.cfg.http_max_header)}
             vm.lua.eval("function(h, o) return h:setup_filex(o) end")(vm.host, vm.lua.table_from(opts))
             inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_filex_batch(a, n) end")
         ok, res = vm.call(None, "onload")

@@ -215,7 +215,7 @@ function Host:setup_packet_storage(votes_addr, capacity)
 end
 function Host:run_storage_batch(addr, n) return require("luaprobe.engine.plugins.packetstore").run_batch(self, addr, n) end
 
---- Prepare the filex_monitor type (opts: dir, chunk_size, dir_cap, idle_timeout).
+--- Prepare the filex_monitor type (opts: dir, chunk_size, dir_cap, idle_timeout, max_header).
 function Host:setup_filex(opts)
   self.filex = require("luaprobe.engine.streams.filex").new(self, opts)
   return nil
@@ -233,6 +233,7 @@ function Host:filex_finish()
   local out = {}
   for k, v in pairs(self.filex.stats) do out[k] = v end
   for k, v in pairs(self.filex.R.stats) do out["tcp_" .. k] = v end
+  for k, v in pairs(self.filex.hstats) do out["http_" .. k] = v end
   return out
 end
 

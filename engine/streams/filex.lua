@@ -17,9 +17,14 @@ simplecounter's run_batch).  Hooks:
   onpayload_http(engine, ts, flow, path, req, resp, dir, seekpos, buffer)
                                            decoded body bytes (streaming); a zero-length
                                            buffer ends the body
-  onfile_http(engine, ts, flow, path, req, resp, length, is_chunk)
+  onfile_http(engine, ts, flow, path, req, resp, length, is_chunk, incomplete)
                                            a whole file, or a chunk of chunk_size bytes
-                                           named <path>.<offset>.part
+                                           named <path>.<offset>.part; incomplete (luaprobe
+                                           extension, docs/filex.md) is nil for a whole body,
+                                           else why the file is not the whole content: "gap",
+                                           "truncated", "decode_error", "decode_incomplete",
+                                           "unknown_encoding" (counted per reason in
+                                           stats.incomplete_<reason>)
   onterminateflow(engine, ts, flow)        the TCP flow ended
 A hook that is absent votes true.  "File mode" (files written) only when the
 script defines onfile_http.  Direction: 0 = client->server (fileextract.md).
@@ -55,17 +60,20 @@ local function sanitize(s)
 end
 
 --- opts: host (luaprobe.engine.plugins.host object), dir (ramfs directory), chunk_size,
---- dir_cap (bytes), idle_timeout.
+--- dir_cap (bytes), idle_timeout, max_header (bytes of an HTTP header block kept, streams.http).
 function M.new(host, opts)
   local fx = host.plugin.filex_monitor
   local self = setmetatable({
     host = host, fx = fx, engine = host.engine, async = host.async,
     dir = opts.dir, chunk_size = opts.chunk_size or 5 * 1048576, dir_cap = opts.dir_cap or 256 * 1048576,
-    idle_timeout = opts.idle_timeout or 120,
+    idle_timeout = opts.idle_timeout or 120, max_header = opts.max_header,
+    hstats = {},           -- HTTP parser counters summed over closed flows (streams/http.lua stats)
     file_mode = type(fx.onfile_http) == "function",
     flows = {}, rejected = {}, rejected_old = {}, nrejected = 0, dir_bytes = 0, uid = 0, last_expire = 0,
     stats = { flows = 0, flows_rejected = 0, flows_not_http = 0, files = 0, chunks = 0, bytes = 0, skipped_cap = 0,
-              skipped_filter = 0, truncated = 0, write_errors = 0 },
+              skipped_filter = 0, truncated = 0, write_errors = 0,
+              incomplete_gap = 0, incomplete_truncated = 0, incomplete_decode_error = 0,
+              incomplete_decode_incomplete = 0, incomplete_unknown_encoding = 0 },
   }, F)
   self.R = tcpreasm.new({
     cb = function(id, dir, _, p, n) self:data(id, dir, p, n) end,
@@ -117,8 +125,8 @@ function F:unref(path)
   end
 end
 
---- Close the current file (or part) and hand it to onfile_http.
-function F:emit(st, b, is_chunk, final)
+--- Close the current file (or part) and hand it to onfile_http (incomplete: reason or nil).
+function F:emit(st, b, is_chunk, final, incomplete)
   if b.fh then
     local ok, err = b.fh:close()            -- flushes the last buffered bytes
     b.fh = nil
@@ -144,8 +152,12 @@ function F:emit(st, b, is_chunk, final)
   self.sizes = self.sizes or {}
   self.sizes[path] = length
   self:ref(path)                           -- held while the hook runs
+  if incomplete then
+    local k = "incomplete_" .. incomplete
+    self.stats[k] = (self.stats[k] or 0) + 1
+  end
   self:hook("onfile_http", self.engine, self.engine:timestamp(), st.flow, path, b.req, b.resp, length,
-    is_chunk and true or false)
+    is_chunk and true or false, incomplete)
   self:unref(path)                         -- removed now unless a T.async task names it
   b.part_start = b.size
   if not final then b.fh = nil end
@@ -234,6 +246,7 @@ function F:new_flow_state(id, pkt_d)
   local st = { id = id, flow = flow, votes = {}, body = {}, http = nil,
                handshake = band(pkt_d.tcp_flags, 0x02) ~= 0 }
   st.H = http.new({
+    max_header = self.max_header,
     on_request = function(req)
       st.votes[req] = self:hook("filter", self.engine, self.engine:timestamp(), flow, req) and true or false
     end,
@@ -286,7 +299,7 @@ function F:body_end(st, dir, req, resp, total, flags)
       buffer.from_string(""))
   end
   if self.file_mode and (b.fh or b.size > b.part_start) then
-    self:emit(st, b, b.chunked == true, true)
+    self:emit(st, b, b.chunked == true, true, flags and flags.incomplete)
   end
 end
 
@@ -301,8 +314,10 @@ function F:close_flow(id)
   st.H:close()
   for dir = 0, 1 do                         -- a body the parser could not finish
     local b = st.body[dir]
-    if b and not b.skip and b.fh then self:emit(st, b, b.chunked == true, true) end
+    if b and not b.skip and b.fh then self:emit(st, b, b.chunked == true, true, "truncated") end
   end
+  local hs = self.hstats
+  for k, v in pairs(st.H.stats) do hs[k] = (hs[k] or 0) + v end
   self.flows[id] = nil
   self:hook("onterminateflow", self.engine, self.engine:timestamp(), st.flow)
   -- tcpreasm keeps a "closed" marker for the id (removed by R:expire / expire_idle): the trailing ACKs

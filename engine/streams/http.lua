@@ -77,14 +77,15 @@ local MAX_HEADER = 65536
 local MAX_LINE = 4096
 
 -- modes
-local HDR, BODY_LEN, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER, BODY_CLOSE, RESYNC, TUNNEL =
-  1, 2, 3, 4, 5, 6, 7, 8, 9
+local HDR, BODY_LEN, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER, BODY_CLOSE, RESYNC, TUNNEL, SKIPHDR =
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 
 local M = {}
 local P = {}
 P.__index = P
 
 local NOP = function() end
+local framing_problem
 
 function M.new(cbs)
   cbs = cbs or {}
@@ -93,7 +94,10 @@ function M.new(cbs)
     on_body = cbs.on_body or NOP, on_body_end = cbs.on_body_end or NOP,
     queue = {}, qh = 1, qt = 0,
     st = { [0] = { mode = HDR, hbuf = "", line = "" }, [1] = { mode = HDR, hbuf = "", line = "" } },
-    stats = { requests = 0, responses = 0, interim = 0, bodies = 0, resyncs = 0, errors = 0, gaps = 0 },
+    stats = { requests = 0, responses = 0, interim = 0, bodies = 0, resyncs = 0, errors = 0, gaps = 0,
+              cl_te = 0, bad_content_length = 0, bad_transfer_encoding = 0, unknown_codings = 0,
+              oversize_headers = 0 },
+    max_header = cbs.max_header or MAX_HEADER,
     closed = false,
   }, P)
   return self
@@ -172,30 +176,115 @@ local function parse_head(head)
   return h, kind
 end
 
-local function body_framing(h)
-  local te = h:get_value("Transfer-Encoding")
-  if te and sfind(slower(te), "chunked", 1, true) then return "chunked" end
-  local cl = h:get_value("Content-Length")
+-- every value of header `name` (all its lines), split on commas, trimmed, lower-cased, empties dropped
+local function list_values(h, name)
+  local out, names, values = nil, h._names, h._values
+  local lname = slower(name)
+  for i = 1, #names do
+    if slower(names[i]) == lname then
+      for item in string.gmatch(values[i], "[^,]+") do
+        local v = slower(trim(item))
+        if v ~= "" then
+          out = out or {}
+          out[#out + 1] = v
+        end
+      end
+    end
+  end
+  return out
+end
+
+-- Message body framing, RFC 9112 §6.1-6.3.  Returns kind, length, te_codings, problem:
+--   "chunked" (Transfer-Encoding whose final coding is chunked; te_codings: the codings before it),
+--   "length", n (Content-Length: one value, or a list / repeated lines of equal values),
+--   "close" (a response with a Transfer-Encoding whose final coding is not chunked: read until close),
+--   "error" (a request with such a Transfer-Encoding, or Content-Length values that differ or are not
+--   a number: the framing cannot be known; RFC 9112 §6.3 items 4 and 5), nil (no body framing headers).
+-- problem "cl_te": both Transfer-Encoding and Content-Length (Transfer-Encoding wins, item 3).
+local function body_framing(h, is_request)
+  local te = list_values(h, "Transfer-Encoding")
+  local cl = list_values(h, "Content-Length")
+  if te then
+    local problem = cl and "cl_te" or nil
+    local codings = {}
+    for i = 1, #te - 1 do codings[i] = te[i] end
+    if te[#te] == "chunked" then return "chunked", nil, codings, problem end
+    codings[#codings + 1] = te[#te]
+    if is_request then return "error", nil, nil, "te_not_chunked" end
+    return "close", nil, codings, problem
+  end
   if cl then
-    local v = tonumber(smatch(cl, "^%s*(%d+)%s*$"))
-    if v then return "length", v end
+    local v
+    for i = 1, #cl do
+      local x = smatch(cl[i], "^%d+$") and tonumber(cl[i]) or nil
+      if x == nil or (v ~= nil and x ~= v) then return "error", nil, nil, "content_length" end
+      v = x
+    end
+    return "length", v
   end
   return nil
 end
 
 -- body delivery ---------------------------------------------------------------------------------
-local function body_begin(self, st, dir, req, resp, hdr)
+-- A chain of inflaters for stacked codings (RFC 9110 §8.4: listed in the order they were applied,
+-- decoded in reverse).  Same interface as one zlib inflater: feed, complete, close, total_in.
+local Chain = {}
+Chain.__index = Chain
+
+function Chain:feed(p, n, out)
+  local zs = self.zs
+  local function stage(i, q, k)
+    if i == 0 then out(q, k); return end
+    local ok, err = zs[i]:feed(q, k, function(op, on) stage(i - 1, op, on) end)
+    if not ok and not self.failed then self.failed = err end
+  end
+  if type(p) == "string" then n = n or #p end
+  self.total_in = self.total_in + n
+  stage(#zs, p, n)
+  if self.failed then return nil, self.failed end
+  return true
+end
+
+function Chain:complete()
+  for _, z in ipairs(self.zs) do if not z:complete() then return false end end
+  return true
+end
+
+function Chain:close() for _, z in ipairs(self.zs) do z:close() end end
+
+local CODINGS = { gzip = "gzip", ["x-gzip"] = "gzip", deflate = "deflate" }
+
+-- the decoder for a list of codings in the order applied, or nil, name of the first unknown coding
+local function decoder(codings)
+  local zs = {}
+  for _, c in ipairs(codings) do
+    if c ~= "identity" then
+      local mode = CODINGS[c]
+      if not mode then return nil, c end
+      zs[#zs + 1] = zlib.inflater(mode)
+    end
+  end
+  if #zs == 0 then return nil end
+  if #zs == 1 then return zs[1] end
+  return setmetatable({ zs = zs, total_in = 0 }, Chain)
+end
+
+-- te_codings: transfer codings other than chunked (applied after the content codings)
+local function body_begin(self, st, dir, req, resp, hdr, te_codings)
   local b = { dir = dir, req = req, resp = resp, total = 0,
               flags = { truncated = false, gap = false, missing = 0 } }
-  local ce = hdr:get_value("Content-Encoding")
-  if ce then
-    local e = slower(trim(ce))
-    if e == "gzip" or e == "x-gzip" then
-      b.z = zlib.inflater("gzip")
-    elseif e == "deflate" then
-      b.z = zlib.inflater("deflate")
-    elseif e ~= "" and e ~= "identity" then
-      b.flags.encoding = e
+  local codings = list_values(hdr, "Content-Encoding") or {}
+  if te_codings then
+    for _, c in ipairs(te_codings) do codings[#codings + 1] = c end
+  end
+  if #codings > 0 then
+    local z, unknown = decoder(codings)
+    if unknown then                          -- delivered as sent, flagged
+      b.flags.encoding = table.concat(codings, ", ")
+      b.flags.unknown_coding = unknown
+      self.stats.unknown_codings = self.stats.unknown_codings + 1
+    else
+      b.z = z
     end
   end
   st.body = b
@@ -232,14 +321,19 @@ local function body_end(self, st, truncated)
   if not b then return end
   st.body = nil
   if truncated then b.flags.truncated = true end
+  local f = b.flags
   if b.z then
-    if not b.zdead and not b.z.done and not b.flags.truncated and b.total >= 0 and b.z.total_in > 0 then
-      -- stream ended without the compressed end marker: still fine, what we have was delivered
-      b.flags.decode_incomplete = true
+    if not b.zdead and not b.z:complete() and not f.truncated and b.z.total_in > 0 then
+      -- stream ended without the compressed end marker (a truncated gzip): what we have was delivered
+      f.decode_incomplete = true
     end
+    if b.z.trailing and b.z.trailing > 0 then f.trailing = b.z.trailing end
     b.z:close()
   end
-  self.on_body_end(b.dir, b.req, b.resp, b.total, b.flags)
+  -- why the delivered body is not the whole content (nil: it is): first reason that applies
+  f.incomplete = f.gap and "gap" or f.decode_error and "decode_error" or f.truncated and "truncated"
+                 or f.decode_incomplete and "decode_incomplete" or f.unknown_coding and "unknown_encoding" or nil
+  self.on_body_end(b.dir, b.req, b.resp, b.total, f)
 end
 
 -- request queue ---------------------------------------------------------------------------------
@@ -273,6 +367,20 @@ local function q_pop(self)
   return nil
 end
 
+local function enter_resync(self, st)
+  if st.body then body_end(self, st, true) end
+  st.mode, st.line, st.hbuf = RESYNC, "", ""
+  self.stats.resyncs = self.stats.resyncs + 1
+end
+
+-- count a framing ambiguity (request smuggling / response splitting signs, RFC 9112 §6.3, §11.2)
+local FRAMING_STAT = { cl_te = "cl_te", content_length = "bad_content_length", te_not_chunked = "bad_transfer_encoding" }
+framing_problem = function(self, h, problem)
+  local k = FRAMING_STAT[problem]
+  self.stats[k] = self.stats[k] + 1
+  h._framing_problem = problem
+end
+
 -- message start -----------------------------------------------------------------------------------
 local function start_message(self, dir, st, h, kind)
   if kind == "req" then
@@ -281,13 +389,16 @@ local function start_message(self, dir, st, h, kind)
     q_push(self, h)
     self.on_request(h)
     st.cur_req, st.cur_resp = h, nil
-    local fr, len = body_framing(h)
+    local fr, len, tec, problem = body_framing(h, true)
+    if problem then framing_problem(self, h, problem) end
     if fr == "chunked" then
-      body_begin(self, st, dir, h, nil, h)
+      body_begin(self, st, dir, h, nil, h, tec)
       st.mode, st.line = CHUNK_SIZE, ""
     elseif fr == "length" and len > 0 then
       body_begin(self, st, dir, h, nil, h)
       st.mode, st.remaining = BODY_LEN, len
+    elseif fr == "error" then
+      enter_resync(self, st)                 -- RFC 9112 §6.3: the framing is unknown (server: 400)
     else
       st.mode = HDR
     end
@@ -315,9 +426,10 @@ local function start_message(self, dir, st, h, kind)
     st.mode = HDR
     return
   end
-  local fr, len = body_framing(h)
+  local fr, len, tec, problem = body_framing(h, false)
+  if problem then framing_problem(self, h, problem) end
   if fr == "chunked" then
-    body_begin(self, st, dir, req, h, h)
+    body_begin(self, st, dir, req, h, h, tec)
     st.mode, st.line = CHUNK_SIZE, ""
   elseif fr == "length" then
     if len > 0 then
@@ -326,18 +438,62 @@ local function start_message(self, dir, st, h, kind)
     else
       st.mode = HDR
     end
+  elseif fr == "error" then
+    enter_resync(self, st)                   -- RFC 9112 §6.3 item 5: unrecoverable, the response is discarded
   else
-    body_begin(self, st, dir, req, h, h)
+    body_begin(self, st, dir, req, h, h, tec)
     st.mode = BODY_CLOSE
   end
 end
 
 -- each mode handler consumes bytes from (p, n) and returns the count consumed ----------------------
 
-local function enter_resync(self, st)
-  if st.body then body_end(self, st, true) end
-  st.mode, st.line, st.hbuf = RESYNC, "", ""
-  self.stats.resyncs = self.stats.resyncs + 1
+-- A header block longer than max_header (start line included): what fits is kept (the start line,
+-- or for a longer request line its method and the URI's first max_header bytes, and the whole header
+-- lines) as a header marked truncated (h._truncated, stats.oversize_headers); the rest of the block is
+-- skipped up to its blank line, then the message goes on with the framing of the kept headers.
+local function oversize(self, st, buf, n)
+  self.stats.oversize_headers = self.stats.oversize_headers + 1
+  local head = ssub(buf, 1, self.max_header)
+  local h, kind
+  local last = nil
+  local pos = sfind(head, "\n", 1, true)
+  while pos do last = pos; pos = sfind(head, "\n", pos + 1, true) end
+  if last then
+    h, kind = parse_head(ssub(head, 1, last - 1))
+  else
+    local method, uri = smatch(head, "^([%u][%u%-_]*) +([^ \r\n]+)")
+    if method then
+      h, kind = httpheader.new{ is_request = true, method = method, path = uri, headers = {} }, "req"
+      h._version = "1.1"
+    end
+  end
+  if not h then
+    self.stats.errors = self.stats.errors + 1
+    enter_resync(self, st)
+    return n
+  end
+  h._truncated = true
+  st.hbuf, st.first_ok = "", false
+  st.pending_h, st.pending_kind = h, kind
+  st.mode, st.skip_tail = SKIPHDR, ssub(buf, -3)
+  return n
+end
+
+-- SKIPHDR: discard the rest of an oversize header block, then start its message
+local function do_skiphdr(self, dir, st, p, n)
+  local tail = st.skip_tail
+  local s = tail .. fstring(p, n)
+  local i, j = sfind(s, "\n\r?\n")
+  if not i then
+    st.skip_tail = ssub(s, -3)
+    return n
+  end
+  local h, kind = st.pending_h, st.pending_kind
+  st.pending_h, st.pending_kind, st.skip_tail = nil, nil, ""
+  st.mode = HDR
+  start_message(self, dir, st, h, kind)
+  return j - #tail
 end
 
 local function do_hdr(self, dir, st, p, n)
@@ -385,18 +541,13 @@ local function do_hdr(self, dir, st, p, n)
         return 0, buf
       end
       st.first_ok = true
-    elseif #buf > MAX_LINE then
-      enter_resync(self, st, false)
-      return n
+    elseif #buf > self.max_header then
+      return oversize(self, st, buf, n)
     end
   end
   local i, j = sfind(buf, "\n\r?\n", from)
   if not i then
-    if #buf > MAX_HEADER then
-      enter_resync(self, st, false)
-      self.stats.errors = self.stats.errors + 1
-      return n
-    end
+    if #buf > self.max_header then return oversize(self, st, buf, n) end
     st.hbuf = buf
     return n
   end
@@ -425,6 +576,16 @@ local function do_body_len(self, st, p, n)
   return k
 end
 
+-- chunk-size [ chunk-ext ] (RFC 9112 §7.1): hex digits, any number of leading zeros, then
+-- extensions (";name=value", BWS allowed) that are ignored.  nil when not a size or above 2^48.
+local function chunk_size(line)
+  local hex = smatch(line, "^[ \t]*(%x+)")
+  if not hex then return nil end
+  local digits = smatch(hex, "^0*(%x*)$")
+  if #digits > 12 then return nil end
+  return digits == "" and 0 or tonumber(digits, 16)
+end
+
 -- read a line (up to \n) into st.line; returns consumed, complete_line_or_nil
 local function read_line(st, p, n)
   for i = 0, n - 1 do
@@ -445,13 +606,12 @@ local function do_chunk_size(self, st, p, n)
     return k
   end
   if line == "" and not st.chunk_seen_size then return k end   -- tolerate stray CRLF
-  local hex = smatch(line, "^[ \t]*(%x+)")
-  if not hex or #hex > 12 then
+  local size = chunk_size(line)
+  if not size then
     self.stats.errors = self.stats.errors + 1
     enter_resync(self, st, true)
     return k
   end
-  local size = tonumber(hex, 16)
   if size == 0 then
     st.mode, st.trailers = TRAILER, nil
   else
@@ -477,13 +637,12 @@ local function do_chunk_crlf(self, st, p, n)
       -- missing CRLF after the data: treat the line as the next size line
       st.mode = CHUNK_SIZE
       st.line = ""
-      local hex = smatch(line, "^[ \t]*(%x+)")
-      if not hex then
+      local size = chunk_size(line)
+      if not size then
         self.stats.errors = self.stats.errors + 1
         enter_resync(self, st, true)
         return k
       end
-      local size = tonumber(hex, 16)
       if size == 0 then st.mode, st.trailers = TRAILER, nil
       else st.mode, st.remaining = CHUNK_DATA, size end
     else
@@ -581,6 +740,7 @@ function P:data(dir, data, n)
     elseif mode == CHUNK_CRLF then k = do_chunk_crlf(self, st, p, n)
     elseif mode == TRAILER then k = do_trailer(self, st, p, n)
     elseif mode == BODY_CLOSE then k = do_body_close(self, st, p, n)
+    elseif mode == SKIPHDR then k = do_skiphdr(self, dir, st, p, n)
     elseif mode == RESYNC then
       local rp
       k, rp = do_resync(self, st, p, n)

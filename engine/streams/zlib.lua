@@ -6,9 +6,13 @@ system libz (ffi.load "z", libz.so.1 on Debian).
     local z = zlib.inflater(mode)     -- mode: "gzip" | "deflate" | "auto" (default)
     local ok, err = z:feed(ptr_or_string, len, out)  -- out(ptr, n) per output piece (ptr valid only
                                                       -- during the call)
-    z.done          -- true after the end of the compressed stream (later input is ignored)
+    z.done          -- true after the end of the compressed stream (later input is ignored;
+                    -- gzip: only when what follows is not another gzip member)
+    z.members       -- gzip members decoded (RFC 1952 §2.2: a gzip file is a series of members)
+    z.trailing      -- bytes after the end of the stream that are not a gzip member (ignored, counted)
     z.failed        -- error string once decoding failed (later input is ignored)
     z.total_in, z.total_out
+    z:complete()    -- the input so far ends at the end of a stream / gzip member
     z:close()       -- frees the z_stream (also done by the GC)
     zlib.inflate(str[, mode]) -> whole output string or nil, err   (tests, small bodies)
 
@@ -18,6 +22,12 @@ automatically.  HTTP "Content-Encoding: deflate" is meant to be zlib-wrapped
 the first inflate error before any output is produced restarts the stream as raw
 deflate (windowBits -15) and refeeds the bytes seen so far (they are kept only
 until the first output byte).
+
+Multi-member gzip (what `cat a.gz b.gz`, pigz and some servers produce; gunzip and
+Python's gzip.decompress decode every member): at the end of a gzip member, input
+that follows starts a new member (inflateReset, the gzip header is detected again);
+if it is not a valid gzip header the stream is done and the rest is counted in
+z.trailing (gunzip's "trailing garbage ignored"), not an error.
 ]]
 local ffi = require "ffi"
 
@@ -35,6 +45,9 @@ int inflateInit2_(lp_z_stream *strm, int windowBits, const char *version, int st
 int inflate(lp_z_stream *strm, int flush);
 int inflateEnd(lp_z_stream *strm);
 ]]
+end
+if not pcall(function() return ffi.C.inflateReset end) then
+  pcall(ffi.cdef, "int inflateReset(lp_z_stream *strm);")
 end
 
 local Z = ffi.load("z")
@@ -59,7 +72,7 @@ end
 function M.inflater(mode)
   local self = setmetatable({ mode = mode or "auto", done = false, failed = nil,
                               total_in = 0, total_out = 0, out = ffi.new("uint8_t[?]", OUTSZ),
-                              pending = {} }, Inf)
+                              pending = {}, members = 0, trailing = 0, member_end = false }, Inf)
   init(self, 15 + 32)
   self.can_retry = (self.mode ~= "gzip")
   return self
@@ -82,9 +95,25 @@ local function run(self, p, n, out)
       out(obuf, produced)
     end
     if rc == Z_STREAM_END then
-      self.done = true
-      return true
+      self.members = self.members + 1
+      if self.wbits == -15 or self.gz == false then  -- raw deflate / zlib: one stream
+        self.trailing = self.trailing + strm.avail_in
+        self.done, self.in_trailer = true, true
+        return true
+      end
+      -- gzip: another member may follow (now or in a later feed)
+      self.end_in = self.total_in - strm.avail_in
+      self.member_end = true
+      if strm.avail_in == 0 then return true end
+      Z.inflateReset(strm)
+      self.member_end = false
+      self.member_start_out = self.total_out
     elseif rc == Z_BUF_ERROR then
+      return true
+    elseif rc ~= Z_OK and self.members > 0 and self.total_out == self.member_start_out then
+      -- not a gzip header after a member: trailing bytes, ignored and counted
+      self.trailing = self.total_in - self.end_in
+      self.done, self.in_trailer = true, true
       return true
     elseif rc ~= Z_OK then
       return nil, (strm.msg ~= nil and ffi.string(strm.msg) or ("inflate error " .. rc))
@@ -94,7 +123,10 @@ local function run(self, p, n, out)
 end
 
 function Inf:feed(data, len, out)
-  if self.done or self.failed then return true end
+  if self.done or self.failed then
+    if self.in_trailer then self.trailing = self.trailing + (len or #data) end
+    return true
+  end
   local p, keep = data, nil
   if type(data) == "string" then
     len = len or #data
@@ -102,6 +134,12 @@ function Inf:feed(data, len, out)
     p = ffi.cast(u8p, data)
   end
   if len <= 0 then return true end
+  if self.member_end then                  -- the previous feed ended exactly at a member's end
+    Z.inflateReset(self.strm)
+    self.member_end = false
+    self.member_start_out = self.total_out
+  end
+  if self.gz == nil then self.gz = (p[0] == 0x1f) end   -- gzip (members may follow) or zlib
   self.total_in = self.total_in + len
   if self.pending then self.pending[#self.pending + 1] = ffi.string(p, len) end
   local ok, err = run(self, p, len, out)
@@ -117,6 +155,11 @@ function Inf:feed(data, len, out)
   if not ok then self.failed = err; return nil, err end
   local _ = keep
   return true
+end
+
+--- True when the input so far ends exactly at the end of a stream / gzip member.
+function Inf:complete()
+  return self.done or self.member_end
 end
 
 function Inf:close()
