@@ -400,3 +400,63 @@ def test_incomplete_files_flagged_with_reason(tmp_path):
     assert {k: v for k, v in fx.items() if k.startswith("incomplete_")} == {
         "incomplete_gap": 1, "incomplete_truncated": 1, "incomplete_decode_error": 0,
         "incomplete_decode_incomplete": 1, "incomplete_unknown_encoding": 1}
+
+
+def test_case13_binary_resource(tmp_path):
+    text, _ = luaprobe_run(*case("13-lua-binary-resource"), tmp_path / "o")
+    db = sqlite3.connect(os.path.join(tmp_path / "o", "luaprobe.sqlite"))
+    db.text_factory = bytes
+    rows = db.execute("SELECT uri, typeof(contents), contents FROM resources ORDER BY id").fetchall()
+    db.close()
+    assert rows == [(b"direct", b"blob", bytes(range(256))), (b"async", b"blob", bytes(range(256)))]
+
+
+BYTES_PLUGIN = r"""
+local G = "{4A3F1C2B-0000-4000-8000-00000000B10C}"
+local RAW = "\xff\xfe\x80 caf\xe9 \x00 end"
+local n = 0
+TrisulPlugin = {
+  id = { name = "bytes everywhere" },
+  countergroup = { control = { guid = G, name = "bytes", bucketsize = 60 },
+                   meters = { { 0, T.K.vartype.COUNTER, 10, "n", "n", "n" } } },
+  simplecounter = { protocol_guid = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}",
+    onpacket = function(engine, layer)
+      n = n + 1
+      if n == 1 then
+        engine:update_counter(G, RAW .. "key", 0, 1)
+        engine:update_key_info(G, RAW .. "key", RAW .. "label", RAW .. "descr")
+        engine:add_alert(G, layer:flowkey(), RAW .. "sig", 1, RAW .. "msg")
+        engine:add_resource(G, layer:flowkey(), RAW .. "uri", "valid text")
+      else
+        T.async:schedule { data = RAW, onexecute = function(s) return s .. "async" end,
+          onresult = function(engine, s, r)
+            engine:add_alert(G, "", r, 1, r)
+            engine:update_counter(G, r, 0, 1)
+          end }
+      end
+    end } }
+"""
+
+
+def test_plugin_bytes_kept_exactly(tmp_path):
+    """Non-UTF-8 strings a plug-in stores (counter keys, key labels, alert ids and messages, resource
+    URIs), from a hook and from onresult, come back byte for byte (BLOB); UTF-8 ones stay TEXT."""
+    raw = b"\xff\xfe\x80 caf\xe9 \x00 end"
+    p = tmp_path / "b.lua"
+    p.write_text(BYTES_PLUGIN, encoding="latin-1")
+    a = pb.udp("192.0.2.1", "192.0.2.2", 1, 2, b"x")
+    frames = [(1700000000 + i, pb.ether(pb.ipv4("192.0.2.1", "192.0.2.2", 17, a))) for i in range(2)]
+    pcap = str(tmp_path / "b.pcap")
+    pb.write_pcap(pcap, frames)
+    text, _ = luaprobe_run(str(p), pcap, tmp_path / "o")
+    db = sqlite3.connect(os.path.join(tmp_path / "o", "luaprobe.sqlite"))
+    db.text_factory = bytes
+    keys = sorted(r[0] for r in db.execute("SELECT key FROM counters"))
+    assert keys == sorted([raw + b"key", raw + b"async"])
+    assert db.execute("SELECT typeof(key), key, label, description FROM key_info").fetchall() == [
+        (b"blob", raw + b"key", raw + b"label", raw + b"descr")]
+    assert sorted(db.execute("SELECT sigid, message FROM alerts").fetchall()) == sorted(
+        [(raw + b"sig", raw + b"msg"), (raw + b"async", raw + b"async")])
+    assert db.execute("SELECT uri, typeof(contents), contents FROM resources").fetchall() == [
+        (raw + b"uri", b"text", b"valid text")]
+    db.close()

@@ -235,8 +235,9 @@ class FastPath:
                     inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg.encode())
 
     def _write(self, kind: str, rows) -> None:
-        rows = [tuple(_text(x) if isinstance(x, bytes) else x for x in r.values()) for r in rows.values()] \
-            if hasattr(rows, "values") else rows
+        """Rows go to the writer with Lua strings as bytes: the store keeps a plug-in's non-UTF-8 strings
+        as BLOBs (exact bytes, docs/schema.md) and decodes the rest."""
+        rows = [tuple(r.values()) for r in rows.values()] if hasattr(rows, "values") else rows
         if rows:
             self.store.write(kind, rows)
             self.rows_written[kind] = self.rows_written.get(kind, 0) + len(rows)

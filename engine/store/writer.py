@@ -146,8 +146,9 @@ _SQL = {
     "run": (2, "INSERT INTO run (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
 }
 KINDS = tuple(_SQL)
-# Columns that may hold binary data (kept as BLOB when not valid UTF-8); others are decoded.
-_BLOB_OK = {"resources": {5}}
+# Columns a plug-in fills with its own strings: kept as BLOB when not valid UTF-8, so the exact bytes
+# come back (docs/schema.md "Text vs binary"); other columns are decoded with \xNN escapes.
+_BLOB_OK = {"resources": {4, 5}, "alerts": {4, 5, 7, 8}, "key_info": {1, 2, 3}, "counters": {2}}
 # JSON text columns: other values are JSON-encoded by the writer (e.g. a meters list given as a list).
 _JSON_COL = {"counter_groups": 4, "run": 1}
 # Default batch sizes (rows) before a batch is shipped; big-row kinds ship sooner.
@@ -574,12 +575,12 @@ class _Writer:
                     pass  # left as is: the insert rejects it and the row is reported
             if kind == "counters":
                 g, ts, key, meter, value = r
-                if (type(g) is not str or type(key) is not str or type(ts) is not int or type(meter) is not int
-                        or type(value) not in (int, float)):
+                if (type(g) is not str or type(key) not in (str, bytes) or type(ts) is not int
+                        or type(meter) is not int or type(value) not in (int, float)):
                     try:
-                        if type(g) is not str or not isinstance(key, (str, int)) or isinstance(value, (bool, str)):
+                        if type(g) is not str or not isinstance(key, (str, bytes, int)) or isinstance(value, (bool, str)):
                             raise TypeError
-                        r = (g, _as_int(ts), str(key), _as_int(meter), value + 0)
+                        r = (g, _as_int(ts), key if type(key) is bytes else str(key), _as_int(meter), value + 0)
                     except (TypeError, ValueError):
                         self.bad[kind] += 1
                         self.note(f"counters: bad row {_short(r)}: want (str guid, int bucket_ts, str key, "
