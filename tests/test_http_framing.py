@@ -1,4 +1,4 @@
-"""HTTP/1.x message framing and content codings of engine/lua/http.lua (RFC 9110 §8.4, §8.6;
+"""HTTP/1.x message framing and content codings of engine/streams/http.lua (RFC 9110 §8.4, §8.6;
 RFC 9112 §6, §7): generated messages (random chunking, stacked codings, multi-member gzip, header
 spellings, repeated / list-valued fields, segment boundaries) checked against Python's own gzip /
 zlib, and the ambiguous framings (CL+TE, differing Content-Lengths, oversize headers) counted.

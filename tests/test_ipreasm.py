@@ -1,4 +1,4 @@
-"""engine/lua/ipreasm.lua: IPv4 / IPv6 fragment reassembly (unit tests, and a hypothesis model test:
+"""engine/fastpath/ipreasm.lua: IPv4 / IPv6 fragment reassembly (unit tests, and a hypothesis model test:
 shuffled, duplicated, overlapping and gapped fragments against a first-wins byte model).
 
 End to end (flows, hooks, files from fragmented captures) is in tests/test_cases.py.

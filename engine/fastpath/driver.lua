@@ -24,7 +24,7 @@ local Driver = {}
 Driver.__index = Driver
 
 --- opts: ring (address), batch (size), capacity/idle_timeout/active_timeout (flow table),
---- frag_timeout / frag_max_bytes / frag_max_datagrams (engine.lua.ipreasm), warn (function(msg)).
+--- frag_timeout / frag_max_bytes / frag_max_datagrams (luaprobe.engine.fastpath.ipreasm), warn (function(msg)).
 function M.new(opts)
   local self = setmetatable({
     ring = ring.attach(opts.ring),

@@ -140,7 +140,7 @@ function Host:setup_simplecounter()
   end
   if type(sc.onpacket) ~= "function" then return "simplecounter.onpacket is not a function" end
   self.sc_fn = sc.onpacket
-  -- a reassembled IP datagram (d.frag 2, engine.lua.ipreasm) is for L4 hooks only:
+  -- a reassembled IP datagram (d.frag 2, engine/fastpath/ipreasm.lua) is for L4 hooks only:
   -- link and IP-layer hooks saw each of its fragment packets
   local P = decode.PROTO
   self.sc_l4 = self.sc_proto == P.TCP or self.sc_proto == P.UDP or self.sc_proto == P.ICMP
