@@ -1,4 +1,4 @@
-"""Fuzz: mutated real captures (tests/data/fuzz, tests/data/cases) through the pcap / pcapng reader and the
+"""Fuzz: mutated real captures (four of tests/data, and tests/data/cases) through the pcap / pcapng reader and the
 decoders (decode, IP reassembly, flow table) in-process, and a few through `luaprobe run`.
 
 What must hold for any bytes: no hang, no crash (no Lua error, no Python exception other than the
@@ -21,7 +21,8 @@ from luaprobe.engine.capture.pcapfile import InputError, open_capture
 from luaprobe.shm.luajit import new_runtime
 from tests import helpers
 
-SEEDS = sorted(glob.glob(os.path.join(helpers.REPO, "tests", "data", "fuzz", "*.pcap*"))
+SEEDS = sorted([os.path.join(helpers.PCAPS, f) for f in ("http-gzip-eicar.pcap", "pcapng-be-allblocks.pcapng",
+                                                           "sll2-linux.pcap", "ipv6-icmp6.pcap")]
                + glob.glob(os.path.join(helpers.REPO, "tests", "data", "cases", "*", "input.pcap")))
 
 LUA = r"""
