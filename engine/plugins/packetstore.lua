@@ -151,6 +151,7 @@ function Store:write_batch(addr, n)
   local votes, cap = self.votes, self.capacity
   for k = 0, n - 1 do
     local p = batch[k]
+    if p.d.frag == 2 then goto next_packet end   -- a reassembled IP datagram: its fragments are the capture
     local len, policy, v = p.caplen, 1, nil
     if p.flow >= 0 and p.flow < cap then
       v = votes[p.flow]
@@ -173,6 +174,7 @@ function Store:write_batch(addr, n)
       self.fh:write(M.block(6, ffi.string(epb_head, 20) .. ffi.string(p.data, len)))
       self.stored, self.bytes = self.stored + 1, self.bytes + len
     end
+    ::next_packet::
   end
   return n
 end
