@@ -10,13 +10,19 @@ def env_dirs() -> list[str]:
     return [d for d in raw.replace(";", ":").split(":") if d]
 
 
+#: Trisul's plugins/lua/helpers equivalent: modules scripts require from the probe (`debugger`)
+HELPERS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine", "plugins", "helpers")
+
+
 def plugin_dirs(script: str | None, lua_path=()) -> list[str]:
-    """package.path directories: the script's own directory, --lua-path dirs, TRISUL_LUA_PATHS."""
+    """package.path directories: the script's own directory, --lua-path dirs, TRISUL_LUA_PATHS, then the
+    helpers directory (engine/plugins/helpers: `debugger`; luaprobe/engine/plugins/helpers when installed)."""
     dirs = []
     if script:
         dirs.append(os.path.dirname(os.path.abspath(script)))
     dirs += [os.path.abspath(d) for d in lua_path]
     dirs += [os.path.abspath(d) for d in env_dirs()]
+    dirs.append(HELPERS_DIR)
     seen, out = set(), []
     for d in dirs:
         if d not in seen:

@@ -490,7 +490,7 @@ TrisulPlugin = {{
   simplecounter = {{
     protocol_guid = "{G_UDP}",
     onpacket = function(engine, layer)
-      engine:add_edge("{G_UDP}", "a", "{G_UDP}", "b")
+      engine:set_key_attribute("{G_UDP}", "a", "name", "value")
     end,
   }},
 }}
@@ -546,7 +546,7 @@ def test_error_isolation(tmp_path, caplog, trisul16):
     un = plugin_entries(summary, "g_unimpl.lua")[0]
     assert un["hook_errors"]["simplecounter.onpacket"] == udp
     msgs = luaprobe_records(caplog, "is not implemented by luaprobe")
-    assert any("g_unimpl.lua:7: engine:add_edge() is not implemented by luaprobe" in m for m in msgs), msgs
+    assert any("g_unimpl.lua:7: engine:set_key_attribute() is not implemented by luaprobe" in m for m in msgs), msgs
 
     # the packet path itself was unaffected
     assert summary["packets"] == trisul16[0]["packets"] == 7000

@@ -153,7 +153,7 @@ def records_of(data: bytes):
 
 
 # Pinned below but not shipped in tests/data (tests/data/MANIFEST.md): read from the optional corpus.
-OPTIONAL = {"ftp-pdf-exe.pcap", "trisul-tutorial.pcap"}
+OPTIONAL = {"ftp-pdf-exe.pcap"}
 
 
 def corpus():

@@ -55,6 +55,10 @@ def sample(path):
         flows=[("06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016", 6, "C0.A8.01.02", 2964, "D1.D8.F9.3A", 22,
                 1_700_000_000.5, 1_700_000_010.25, 10, 8, 1000, 800, "CLOSED", "ssh")],
         run=[("pcap", json.dumps("x.pcap")), ("stats", json.dumps({"packets": 18}))],
+        decl_groups=[("alert", "{aaaaaaaa-1111-2222-3333-444444444444}", "My Alerts", "mine")],
+        edges=[(1_700_000_004, "{aaaaaaaa-1111-2222-3333-444444444444}", "ja3", HOSTS.lower(), "C0.A8.01.02",
+                "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016", "jahash.lua")],
+        flow_toppers=[("Top TCP", 1_700_000_000, 1, "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016", 1800)],
     )
 
 
@@ -63,8 +67,16 @@ def test_round_trip_every_kind(dbfile):
     report = sample(dbfile)
     assert report["errors"] == [] and report["returncode"] == 0
     assert report["rows"] == {"counter_groups": 1, "counters": 3, "key_info": 1, "alerts": 1, "resources": 2,
-                              "flows": 1, "run": 2}
+                              "flows": 1, "run": 2, "decl_groups": 1, "edges": 1, "flow_toppers": 1}
     with Store(dbfile) as s:
+        assert s.decl_groups() == [{"kind": "alert", "guid": "{AAAAAAAA-1111-2222-3333-444444444444}",
+                                    "name": "My Alerts", "description": "mine"}]
+        (e,) = s.edges()
+        assert (e["s_guid"], e["s_key"], e["t_guid"], e["t_key"]) == (
+            "{AAAAAAAA-1111-2222-3333-444444444444}", "ja3", HOSTS, "C0.A8.01.02")
+        assert s.flow_toppers("top tcp") == [{"tracker": "Top TCP", "bucket_ts": 1_700_000_000, "rank": 1,
+                                              "flowkey": "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016",
+                                              "metric": 1800}]
         groups = s.counter_groups()
         assert [(g["guid"], g["name"], g["bucketsize"]) for g in groups] == [(MYGROUP.upper(), "My Group", 60)]
         assert groups[0]["meters"] == METERS

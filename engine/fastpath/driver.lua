@@ -39,6 +39,7 @@ function M.new(opts)
     reasm = {},             -- [batch index] = { frame, fragments } of this batch's reassembled datagrams
     warn = opts.warn,       -- function(message): a warning for the run's log
     unknown_linktypes = {}, unknown_linktype_packets = 0,   -- [link type] = packets
+    tags = {}, ntags = 0,   -- tag_flow: [flowkey] = {tag, ...} until the flow's row is written
   }, Driver)
   self.batch = packet.new_batch(self.nbatch + 1)   -- + 1: a datagram completed by the last packet
   self.batch_addr = tonumber(ffi.cast("intptr_t", self.batch))
@@ -173,25 +174,81 @@ local function state_text(st, reason)
   return "OPEN"
 end
 
+--- Tags from tag_flow, joined by spaces; at most 64 bytes per flow (reference §6.1: excess tags dropped).
+local function join_tags(list)
+  local s = ""
+  for _, t in ipairs(list) do
+    local c = s == "" and t or s .. " " .. t
+    if #c <= 64 then s = c end
+  end
+  return s
+end
+M.join_tags = join_tags
+
 --- One flows row (docs/schema.md) as a line of tab-separated text:
 --- flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az,
---- packets_za, bytes_az, bytes_za, state (tags are empty).  Text, not a Lua
---- table per row: Python reads a whole chunk of rows with one string split
---- instead of walking a table per row through lupa (engine/fastpath.py
---- flow_rows parses it back).  Times with %.17g: exact doubles.
-local function flow_line(ft, idx, reason)
+--- packets_za, bytes_az, bytes_za, state, tags, then (not stored; for the
+--- sg_monitor / flowtracker Flow object) state flags, payload_az, payload_za.
+--- Text, not a Lua table per row: Python reads a whole chunk of rows with one
+--- string split instead of walking a table per row through lupa
+--- (engine/fastpath/run.py flow_rows parses it back).  Times with %.17g:
+--- exact doubles.  `peek`: a new flow reported to sg_monitor.onnewflow (state
+--- OPEN, its tags stay for its final row).
+local function flow_line(self, ft, idx, reason, peek)
   local e = ft:entry(idx)
   local _, ipa, _, ipz = ft:flow_parts(idx)
-  return ("%s\t%d\t%s\t%d\t%s\t%d\t%.17g\t%.17g\t%d\t%d\t%d\t%d\t%s"):format(
-    ft:flowkey(idx), e.proto, ipa, e.porta, ipz, e.portz, e.first_ts, e.last_ts,
-    e.packets_az, e.packets_za, e.bytes_az, e.bytes_za, state_text(e.state, reason))
+  local key = ft:flowkey(idx)
+  local tags = ""
+  local tl = self.tags[key]
+  if tl then
+    tags = join_tags(tl)
+    if not peek then self.tags[key] = nil; self.ntags = self.ntags - 1 end
+  end
+  local st = e.state
+  if reason == flowtable.IDLE then st = bit.bor(st, 0x100) end
+  if not peek then st = bit.bor(st, 0x800) end
+  return ("%s\t%d\t%s\t%d\t%s\t%d\t%.17g\t%.17g\t%d\t%d\t%d\t%d\t%s\t%s\t%d\t%d\t%d"):format(
+    key, e.proto, ipa, e.porta, ipz, e.portz, e.first_ts, e.last_ts,
+    e.packets_az, e.packets_za, e.bytes_az, e.bytes_za, peek and "OPEN" or state_text(e.state, reason), tags,
+    st, e.payload_az, e.payload_za)
+end
+
+--- flow_line text (newline separated) of the flows created by the last batch (n packets): flow uids
+--- only grow, so a flow is new when its uid is above the last one reported.  Called between batches
+--- only when an sg_monitor defines onnewflow; the packet loop does not change.
+function Driver:new_flows(n)
+  local b, ft, out, last = self.batch, self.ft, {}, self.last_new_uid or 0
+  local top, seen = last, {}
+  for k = 0, n - 1 do
+    local e = b[k]
+    local uid = e.flow_uid
+    if e.flow >= 0 and uid > last and not seen[uid] and ft:entry(e.flow).id == uid then
+      seen[uid] = true
+      if uid > top then top = uid end
+      out[#out + 1] = flow_line(self, ft, e.flow, nil, true)
+    end
+  end
+  self.last_new_uid = top
+  return table.concat(out, "\n")
+end
+
+--- tag_flow from a plug-in VM (between batches): kept until the flow's row is written.  Tabs and
+--- newlines in a tag become spaces (the row is tab-separated text).
+function Driver:tag(flowkey, tag)
+  local tl = self.tags[flowkey]
+  if tl == nil then
+    if self.ntags >= 1048576 then return false end     -- bounded: tags of flows never seen are not kept forever
+    tl = {}; self.tags[flowkey] = tl; self.ntags = self.ntags + 1
+  end
+  tl[#tl + 1] = (tag:gsub("[\t\r\n]", " "))
+  return true
 end
 
 --- Rows of flows that timed out by packet time `now` (at most `max`), as
 --- newline-separated flow_line text ("" when none).
 function Driver:expire(now, max)
   local ft, out = self.ft, {}
-  ft:expire(now, function(idx, reason) out[#out + 1] = flow_line(ft, idx, reason) end, max)
+  ft:expire(now, function(idx, reason) out[#out + 1] = flow_line(self, ft, idx, reason) end, max)
   return table.concat(out, "\n")
 end
 
@@ -206,7 +263,7 @@ function Driver:flush_flows(max)
   for i = 1, max or 4096 do
     local idx = flows[sen].lnext
     if idx == sen then break end
-    out[i] = flow_line(ft, idx, nil)
+    out[i] = flow_line(self, ft, idx, nil)
     ft:terminate(idx)
   end
   return table.concat(out, "\n")

@@ -29,27 +29,31 @@ from luaprobe.workers.pool import AsyncConfig
 from luaprobe.shm import logs
 from luaprobe.engine.plugins.errors import text as lua_text
 from luaprobe.engine.plugins.vm import PluginError, PluginVM, _text
-from luaprobe.engine.plugins.discovery import discover, group_rows, probe
+from luaprobe.engine.plugins.discovery import decl_rows, discover, group_names, group_rows, keyinfo_rows, probe
+from luaprobe.engine.plugins.flowmon import FlowBackends
+from luaprobe.engine.streams.reasm import ReassemblyStage
 from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
 from luaprobe.engine.store.writer import StoreWriter
 
 PKT, EOF, ERROR, END, STATS = 0, 1, 2, 3, 4
+BACKEND_KINDS = ("engine_monitor", "sg_monitor", "flowtracker")   #: backend types run per backend instance
 MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
 
 
 FLOW_CHUNK = 4096          #: flows per chunk of the end-of-run flow export
 
 
-def flow_rows(text) -> list[tuple]:
-    """Rows of the flows table from the driver's flow_line text (engine/lua/fastpath.lua): one line per
-    flow, 13 tab-separated fields; tags are empty."""
+def flow_rows(text) -> list[list]:
+    """Flow records from the driver's flow_line text (engine/fastpath/driver.lua): one line per flow, 17
+    tab-separated fields: the 14 columns of the flows table (tags last), then the state flags and the
+    payload bytes a->z and z->a that only the sg_monitor / flowtracker Flow object reads."""
     if not text:
         return []
     rows = []
     for line in _text(text).split("\n"):
-        k, proto, ipa, pa, ipz, pz, t0, t1, paz, pza, baz, bza, state = line.split("\t")
-        rows.append((k, int(proto), ipa, int(pa), ipz, int(pz), float(t0), float(t1), int(paz), int(pza),
-                     int(baz), int(bza), state, ""))
+        k, proto, ipa, pa, ipz, pz, t0, t1, paz, pza, baz, bza, state, tags, st, pyaz, pyza = line.split("\t")
+        rows.append([k, int(proto), ipa, int(pa), ipz, int(pz), float(t0), float(t1), int(paz), int(pza),
+                     int(baz), int(bza), state, tags, int(st), int(pyaz), int(pyza)])
     return rows
 
 
@@ -129,6 +133,8 @@ class FastPath:
         self._last_progress = -1e9
         self.loop_start = self.loop_end = None   #: monotonic time of the first batch / after the last one
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "key_info": 0, "flows": 0}
+        self.stage = None               #: ReassemblyStage when a reassembly_handler is loaded
+        self.flowmon = None             #: FlowBackends (sg_monitor / flowtracker)
 
     # ----------------------------------------------------------------- setup
     def _load_plugins(self, rt: AsyncRuntime) -> None:
@@ -141,12 +147,15 @@ class FastPath:
         # protocol_handler protocols, registered in this order in every VM (engine/plugins/protocol.lua)
         self.protocols = [(i.protocol["guid"], i.protocol["name"]) for i in self.infos
                           if i.protocol and not i.errors and "protocol_handler" in i.types]
+        self.group_names = group_names(self.infos)
+        self.stage = ReassemblyStage(self.driver_lua, cfg.flow_capacity, cfg.idle_timeout)
+        self.flowmon = FlowBackends(self._write, {i.path: i.flowtracker for i in self.infos if i.flowtracker})
         for info in self.infos:
             self.plugin_problems += info.problems
             if info.errors:
                 continue                                   # cannot load: already reported
             for kind in info.runnable_types:
-                if kind == "engine_monitor":
+                if kind in BACKEND_KINDS:
                     for k in range(cfg.backend_instances):
                         self._instantiate(rt, info.path, kind, "backend", str(k))
                 else:
@@ -155,7 +164,7 @@ class FastPath:
     def _instantiate(self, rt, path, kind, pipeline, instance) -> None:
         try:
             vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups,
-                         start_workers="lazy", protocols=self.protocols)
+                         start_workers="lazy", protocols=self.protocols, group_names=self.group_names)
         except PluginError as e:
             self.plugin_problems.append(str(e))
             return
@@ -175,10 +184,21 @@ class FastPath:
                     b"max_header": int(self.cfg.http_max_header)}
             vm.lua.eval("function(h, o) return h:setup_filex(o) end")(vm.host, vm.lua.table_from(opts))
             inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_filex_batch(a, n) end")
+        elif kind == "reassembly_handler":
+            problem = self.stage.add(vm)
+            if problem is not None:
+                self.plugin_problems.append(f"{path}: {problem}")
+                rt.unload(vm)
+                return
+        elif kind in ("sg_monitor", "flowtracker"):
+            self.flowmon.add(inst)
         ok, res = vm.call(None, "onload")
         if not ok or res is False:
             why = "onload failed" if not ok else "onload returned false"
             logs.log.info("[%s#%s] %s: instance disabled", os.path.basename(path), instance, why)
+            if kind == "reassembly_handler":
+                self.stage.remove(vm)
+            self.flowmon.remove_vm(vm)
             rt.unload(vm)
             return
         vm.take_counters = method(vm.lua, "take_counters")
@@ -189,10 +209,13 @@ class FastPath:
 
     # ----------------------------------------------------------------- ticks
     def _backend(self, hook: str, *args) -> None:
+        if hook == "onendflush" and self.flowmon is not None and self.flowmon.active:
+            self._collect(args[0])                     # tags and records of the window reach the flow backends
+            self.flowmon.flush(args[0])
         for inst in self.instances:
-            if inst.kind == "engine_monitor":
+            if inst.kind in BACKEND_KINDS:
                 inst.vm.set_time(inst.vm.host.engine, args[0], 0)
-                inst.vm.call("engine_monitor", hook, inst.vm.host.engine, *args)
+                inst.vm.call(inst.kind, hook, inst.vm.host.engine, *args)
 
     def _tick(self, sec: int) -> None:
         """Packet time reached second `sec`: one metronome tick per second elapsed (seconds without
@@ -206,7 +229,7 @@ class FastPath:
                 self._second(s)
         self.sec = sec
         self._collect(sec)
-        self._write("flows", flow_rows(self.driver_expire(self.driver, sec)))
+        self._flows(flow_rows(self.driver_expire(self.driver, sec)))
 
     def _second(self, s: int) -> None:
         """Backend hooks for packet-time second `s`: window edge first, then the metronome."""
@@ -226,13 +249,30 @@ class FastPath:
             eng = vm.host.engine
             self._write("counters", vm.take_counters(eng, now))
             out = vm.take_outputs(eng)
-            for kind in ("alerts", "resources", "key_info"):
+            for kind in ("alerts", "resources", "key_info", "edges"):
                 self._write(kind, out[kind.encode()])
+            self._flows(out[b"flows"])
+            for r in out[b"flow_tags"].values():
+                fk, tag = _text(r[1]), _text(r[2])
+                if not (self.flowmon is not None and self.flowmon.tag(fk, tag)):
+                    self.driver_tag(self.driver, fk.encode(), tag.encode())
             messages += [tuple(_text(x) for x in r.values()) for r in out[b"messages"].values()]
         for pipeline, msgid, msg in messages:
             for inst in self.instances:
                 if inst.pipeline == pipeline:
                     inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg.encode())
+
+    def _flows(self, rows) -> None:
+        """Flow records (17-field rows from flow_rows, 14-field Lua rows from scripts): held for sg_monitor /
+        flowtracker when any is loaded, else written now."""
+        rows = [[_text(x) if isinstance(x, bytes) else x for x in r.values()] for r in rows.values()] \
+            if hasattr(rows, "values") else rows
+        if not rows:
+            return
+        if self.flowmon is not None and self.flowmon.active:
+            self.flowmon.hold([r + [0x800, 0, 0][len(r) - 14:] if len(r) < 17 else r for r in rows])
+        else:
+            self._write("flows", [tuple(r[:14]) for r in rows])
 
     def _write(self, kind: str, rows) -> None:
         """Rows go to the writer with Lua strings as bytes: the store keeps a plug-in's non-UTF-8 strings
@@ -253,8 +293,6 @@ class FastPath:
         ring_seg = capture = None
         old_handlers = self._catch_stop_signals()     # any source: first signal = graceful stop, second = hard
         try:
-            if cfg.interface:                  # live: hooks ready before the first packet arrives
-                self._load_plugins(rt)
             ring_seg = segment.create("pkt", region_size(cfg.packet_ring_size))
             lua = new_runtime()
             lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c) end")(ring_seg.address, cfg.packet_ring_size)
@@ -268,6 +306,10 @@ class FastPath:
             self._driver_stats = method(lua, "stats")
             self._ring_fill = lua.eval("function(d) return d.ring:fill_records(), d.ring:fill_bytes(), d.ring.cap end")
             self.driver_expire = method(lua, "expire")
+            self.driver_tag = method(lua, "tag")
+            self.driver_lua = lua
+            if cfg.interface:                  # live: hooks ready before the first packet arrives
+                self._load_plugins(rt)
             blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # capture.py unblocks it once
             try:                                                                    # its stop handler is in place
                 capture = subprocess.Popen(
@@ -278,6 +320,8 @@ class FastPath:
             if not cfg.interface:              # files: the capture process starts up meanwhile (backpressure)
                 self._load_plugins(rt)
             self._write("counter_groups", group_rows(self.infos))
+            self._write("key_info", keyinfo_rows(self.infos))
+            self._write("decl_groups", decl_rows(self.infos))
             batch_addr = int(self.driver.batch_addr)
             # protocol_handler instances first: they add their layers to the batch the others then read
             walkers = sorted((i for i in self.instances if i.run_batch is not None),
@@ -289,6 +333,8 @@ class FastPath:
                 hosts.append(self.pstore)
             driver = self.driver
             rt.abort = lambda: self._stop == 3
+            stage = self.stage if self.stage.handlers else None
+            new_flows = method(lua, "new_flows") if self.flowmon.wants_new else None
             while True:
                 if self._stop == 1:
                     self._stop_capture(capture)
@@ -303,8 +349,12 @@ class FastPath:
                         self._tick(sec)
                     elif sec < self.sec:        # late (reordered / merged input): time never goes backwards
                         self.late_packets += n
+                    if stage is not None:
+                        stage.batch(batch_addr, n)
                     for run_batch, host in zip(runners, hosts):
                         run_batch(host, batch_addr, n)
+                    if new_flows is not None:
+                        self.flowmon.new_flows(flow_rows(new_flows(driver, n)), sec)
                     self.loop_end = time.monotonic()
                     rt.service()
                     self._maybe_stats(rt, capture)
@@ -415,10 +465,16 @@ class FastPath:
         except PluginError as e:
             self.plugin_problems.append(f"backend reload: {e}")
             return
+        for inst in old:
+            self.flowmon.remove_vm(inst.vm)
+        self.flowmon.trackers.update({i.path: i.flowtracker for i in infos if i.flowtracker})
         for info in infos:
-            if "engine_monitor" in info.types and not info.errors:
-                for k in range(self.cfg.backend_instances):
-                    self._instantiate(rt, info.path, "engine_monitor", "backend", str(k))
+            if info.errors:
+                continue
+            for kind in info.runnable_types:
+                if kind in BACKEND_KINDS:
+                    for k in range(self.cfg.backend_instances):
+                        self._instantiate(rt, info.path, kind, "backend", str(k))
         self.backend_reloads += 1
         if self.window_start is not None:
             self._backend("onbeginflush", self.window_start)
@@ -480,7 +536,14 @@ class FastPath:
         return self.filex_dir
 
     def _finish(self, rt, lua) -> None:
-        """End of input: close the window and the HTTP flows, deliver async results, flush, onunload."""
+        """End of input: close the reassembled flows, the window and the HTTP flows, deliver async results,
+        flush, onunload.  With sg_monitor / flowtracker the open flows end before the last window closes."""
+        self.stage_stats = self.stage.finish() if self.stage is not None else {}
+        flows_done = False
+        if self.flowmon is not None and self.flowmon.active:
+            self._collect(None)
+            self._end_flows(lua)
+            flows_done = True
         if self.window_start is not None:
             self._backend("onendflush", self.window_start + self.cfg.window)
         self.filex_stats = []
@@ -494,12 +557,11 @@ class FastPath:
         self.async_before = {id(i.vm): i.vm.async_stats() for i in self.instances}
         rt.drain_and_stop()
         self._collect(None)
-        flush = method(lua, "flush_flows")
-        while True:                                      # streamed, FLOW_CHUNK flows at a time
-            rows = flow_rows(flush(self.driver, FLOW_CHUNK))
-            if not rows:
-                break
-            self._write("flows", rows)
+        if not flows_done:
+            self._end_flows(lua)
+        if self.flowmon is not None and self.flowmon.active:
+            self.flowmon.flush(self.window_start + self.cfg.window if self.window_start is not None else 0,
+                               final=True)
         self.driver_stats = {_text(k): v for k, v in method(lua, "stats")(self.driver).items()}
         method(lua, "stop_profile")(self.driver)
         for inst in self.instances:
@@ -511,6 +573,18 @@ class FastPath:
             self.hook_stats.append((i, {_text(k): v for k, v in calls.items()},
                                     {_text(k): v for k, v in errors.items()}))
         rt.unload_all()
+
+    def _end_flows(self, lua) -> None:
+        """Every flow still in the flow table (streamed, FLOW_CHUNK flows at a time), and every script-made
+        record not terminated, ends now."""
+        flush = method(lua, "flush_flows")
+        while True:
+            rows = flow_rows(flush(self.driver, FLOW_CHUNK))
+            if not rows:
+                break
+            self._flows(rows)
+        for inst in self.instances:
+            self._flows(inst.vm.lua.eval("function(h) return h.engine:take_open_flows() end")(inst.vm.host))
 
     # ----------------------------------------------------------------- live statistics
     def snapshot(self, rt, capture=None) -> dict:
@@ -580,6 +654,8 @@ class FastPath:
             "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
             "filex": getattr(self, "filex_stats", []),
             **({"packet_storage": self.packet_storage} if self.packet_storage else {}),
+            "reassembly": getattr(self, "stage_stats", {}),
+            "flow_backends": self.flowmon.stats if self.flowmon is not None and self.flowmon.active else {},
             "backend_reloads": self.backend_reloads,
             "stopped_by": self.stopped_by,
             "late_packets": self.late_packets,

@@ -24,7 +24,8 @@ FRONTEND_TYPES = {"simplecounter", "countergroup", "filex_monitor", "reassembly_
 BACKEND_TYPES = {"engine_monitor", "sg_monitor", "resource_monitor", "fts_monitor", "cg_monitor",
                  "alert_monitor", "flowtracker"}
 #: types luaprobe runs today; the others are detected and reported as not supported yet
-SUPPORTED = {"simplecounter", "countergroup", "engine_monitor", "filex_monitor", "protocol_handler", "packet_storage"}
+SUPPORTED = {"simplecounter", "countergroup", "engine_monitor", "filex_monitor", "protocol_handler", "packet_storage",
+             "reassembly_handler", "sg_monitor", "flowtracker", "alertgroup", "resourcegroup"}
 
 
 @dataclasses.dataclass
@@ -38,17 +39,19 @@ class PluginInfo:
     protocol: dict | None = None      #: protocol_handler control: guid, name, host, ports
     errors: list = dataclasses.field(default_factory=list)        #: load failures (file:line text): it cannot run
     unsupported: list = dataclasses.field(default_factory=list)   #: detected script types luaprobe does not run
+    declarations: list = dataclasses.field(default_factory=list)  #: [{kind, guid, name, description}]
+    flowtracker: dict | None = None                                #: {name, bucketsize, count}
 
     @property
     def problems(self) -> list[str]:
         """Every problem as a line of text: the load errors, then one line per unsupported type."""
-        return self.errors + [f"{self.path}: script type '{t}' is detected but not supported yet; it will not run"
+        return self.errors + [f"{self.path}: script type '{t}' is not supported; it will not run"
                               for t in self.unsupported]
 
     @property
     def runnable_types(self) -> list:
         """Detected types luaprobe instantiates (a file with no type gets one frontend instance)."""
-        t = [x for x in self.types if x in SUPPORTED]
+        t = [x for x in self.types if x in SUPPORTED and x not in ("alertgroup", "resourcegroup")]
         return t or ([] if self.types else ["frontend"])
 
 
@@ -96,7 +99,10 @@ return function(path, log)
   local name = type(host.plugin.id) == "table" and host.plugin.id.name or nil
   local protocol, pproblem = nil, nil
   if host.plugin.protocol_handler ~= nil then protocol, pproblem = host:protocol_control() end
-  return { types = types, countergroup = cg, problem = problem or pproblem, name = name, protocol = protocol }, nil
+  local decls, dproblem = host:declarations()
+  local ftc, fproblem = host:flowtracker_control()
+  return { types = types, countergroup = cg, problem = problem or pproblem or dproblem or fproblem, name = name,
+           protocol = protocol, declarations = decls, flowtracker = ftc }, nil
 end
 """
 
@@ -136,7 +142,10 @@ def probe(path: str, lua_path=()) -> PluginInfo:
     cg = res.get("countergroup")
     if cg:
         cg["meters"] = cg.get("meters") or []
+        cg["keyinfo"] = cg.get("keyinfo") or []
         info.countergroup = cg
+    info.declarations = res.get("declarations") or []
+    info.flowtracker = res.get("flowtracker")
     info.unsupported = [t for t in info.types if t not in SUPPORTED]
     return info
 
@@ -145,15 +154,59 @@ def describe(infos) -> str:
     """A `list lua`-style text listing of probed plug-ins."""
     lines = []
     for i in infos:
-        kind = ", ".join(i.types) if i.types else "(no script type: one frontend instance runs onload)"
+        kind = ", ".join(f"{t} ({'supported' if t in SUPPORTED else 'not supported'})" for t in i.types) \
+            if i.types else "(no script type: one frontend instance runs onload)"
         lines.append(f"{i.path}\n    name: {i.name}\n    types: {kind}")
         if i.countergroup:
             cg = i.countergroup
             lines.append(f"    countergroup: {cg['name']} {cg['guid']} bucket {cg['bucketsize']} s, "
                          f"{len(cg['meters'])} meter(s)")
+        for d in i.declarations:
+            lines.append(f"    {d['kind']}group: {d['name']} {d['guid']}")
+        if i.flowtracker:
+            ft = i.flowtracker
+            lines.append(f"    flowtracker: {ft['name']} bucket {ft['bucketsize']} s, top {ft['count']}")
         for p in i.problems:
             lines.append(f"    problem: {p}")
     return "\n".join(lines)
+
+
+def keyinfo_rows(infos) -> list[tuple]:
+    """key_info rows from countergroup keyinfo tables: (group_guid, key, label, description)."""
+    return [(i.countergroup["guid"], k[0], k[1], k[2] if len(k) > 2 else "")
+            for i in infos if i.countergroup for k in i.countergroup.get("keyinfo", [])]
+
+
+def group_names(infos) -> dict:
+    """{kind: {name: guid}} for T.countergroups / alertgroups / resourcegroups / ftsgroups / sessiongroups:
+    the well-known groups (reference §10) plus every declaration; a declaration wins over a built-in name."""
+    from luaprobe.engine.store.writer import (WELL_KNOWN_ALERT_GROUPS, WELL_KNOWN_FTS_GROUPS, WELL_KNOWN_GROUPS,
+                        WELL_KNOWN_RESOURCE_GROUPS, WELL_KNOWN_SESSION_GROUPS)
+    out = {"counter": {n: g for g, n in WELL_KNOWN_GROUPS.items()},
+           "alert": {n: g for g, n in WELL_KNOWN_ALERT_GROUPS.items()},
+           "resource": {n: g for g, n in WELL_KNOWN_RESOURCE_GROUPS.items()},
+           "fts": {n: g for g, n in WELL_KNOWN_FTS_GROUPS.items()},
+           "session": {n: g for g, n in WELL_KNOWN_SESSION_GROUPS.items()}}
+    for i in infos:
+        if i.countergroup:
+            out["counter"][i.countergroup["name"]] = i.countergroup["guid"]
+        for d in i.declarations:
+            out[d["kind"]][d["name"]] = d["guid"]
+    return out
+
+
+def decl_rows(infos) -> list[tuple]:
+    """decl_groups rows (kind, guid, name, description): built-in alert/resource/fts/session groups, then
+    the alertgroup / resourcegroup declarations (which replace a built-in row of the same GUID)."""
+    from luaprobe.engine.store.writer import (WELL_KNOWN_ALERT_GROUPS, WELL_KNOWN_FTS_GROUPS, WELL_KNOWN_RESOURCE_GROUPS,
+                        WELL_KNOWN_SESSION_GROUPS)
+    rows = []
+    for kind, table in (("alert", WELL_KNOWN_ALERT_GROUPS), ("resource", WELL_KNOWN_RESOURCE_GROUPS),
+                        ("fts", WELL_KNOWN_FTS_GROUPS), ("session", WELL_KNOWN_SESSION_GROUPS)):
+        rows += [(kind, g, n, "built-in") for g, n in table.items()]
+    for i in infos:
+        rows += [(d["kind"], d["guid"], d["name"], d["description"]) for d in i.declarations]
+    return rows
 
 
 def group_rows(infos) -> list[tuple]:

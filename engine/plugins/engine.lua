@@ -9,6 +9,7 @@ database sees one row per bucket.
 ]]
 local M = {}
 local Engine = {}
+local function packet() return require("luaprobe.engine.plugins.packet") end
 
 local VT = { COUNTER = 0, RATE_COUNTER = 1, GAUGE = 2, RUNNING_COUNTER = 3, AVERAGE = 4,
              DELTA_RATE_COUNTER = 5, MAXIMUM = 6, MINIMUM = 7 }
@@ -47,10 +48,12 @@ function M.new(opts)
     _floor = 0,             -- engine time never goes below this (the last closed-bucket cut-off)
     _b = nil, _i = -1,       -- current packet: entry _i of batch _b (-1: none)
     counters = {},          -- [GUID][bucket][key][meter] = value ; [-1-meter] = sample count
-    rows = { alerts = {}, resources = {}, key_info = {}, messages = {} },
+    rows = nil,
+    sflows = {},            -- script-made flow records [flowkey] = {fk, first, last, v[0..3], tags}
     flow_counters = {},     -- [flowkey] = { {guid, key, meter, direction}, ... }
     nflow_counters = 0,
   }, Engine)
+  self.rows = M.new_rows()
   return self
 end
 
@@ -115,6 +118,9 @@ local function add(self, g, key, meter, value)
   if vt == 2 then kt[meter] = value                                    -- GAUGE: last sample
   elseif vt == 6 then kt[meter] = (old == nil or value > old) and value or old
   elseif vt == 7 then kt[meter] = (old == nil or value < old) and value or old
+  elseif vt == 5 then                                                  -- DELTA_RATE: samples of a running total
+    kt[meter] = value                                                  -- last sample
+    if kt[-1 - meter] == nil then kt[-1 - meter] = value end           -- first sample of the bucket
   else
     kt[meter] = (old or 0) + value
     if vt == 4 then kt[-1 - meter] = (kt[-1 - meter] or 0) + 1 end      -- AVERAGE: count samples
@@ -133,29 +139,83 @@ function Engine:update_counter_bytes(guid, key, meter)
   add(self, norm(guid), key, tonumber(meter) or 0, p and p.wirelen or 0)
 end
 
+--- Carried state of RUNNING_COUNTER and DELTA_RATE_COUNTER meters: [GUID][key][meter] = value.
+local function carried(self, name, g)
+  local c = rawget(self, name)
+  if c == nil then c = {}; rawset(self, name, c) end
+  local t = c[g]
+  if t == nil then t = {}; c[g] = t end
+  return t
+end
+
+--- The stored value of one meter of a closing bucket (reference §7):
+--- COUNTER the sum; RATE_COUNTER sum / bucket seconds; GAUGE the last sample;
+--- RUNNING_COUNTER the running total (carried over from earlier buckets);
+--- AVERAGE the mean; DELTA_RATE_COUNTER (c2 - c1) / bucket seconds where c2 is
+--- the last sample of this bucket and c1 the last sample of the previous
+--- bucket (the first sample of this bucket when there is none); MAXIMUM / MINIMUM the extreme.
+local function closed_value(self, g, key, kt, meter, v, vt, bs)
+  if vt == 1 then return v / bs end
+  if vt == 4 then return v / kt[-1 - meter] end
+  if vt == 3 then
+    local run = carried(self, "_running", g)
+    local rk = run[key]
+    if rk == nil then rk = {}; run[key] = rk end
+    rk[meter] = (rk[meter] or 0) + v
+    return rk[meter]
+  end
+  if vt == 5 then
+    local last = carried(self, "_delta_last", g)
+    local lk = last[key]
+    if lk == nil then lk = {}; last[key] = lk end
+    local c1 = lk[meter] or kt[-1 - meter]
+    lk[meter] = v
+    return (v - c1) / bs
+  end
+  return v
+end
+
 --- Counter rows of buckets that ended at or before `now` (all when now is nil):
---- {guid, bucket, key, meter, value}; RATE_COUNTER is per second, AVERAGE the mean.
+--- {guid, bucket, key, meter, value}, oldest bucket first (RUNNING_COUNTER and
+--- DELTA_RATE_COUNTER depend on the previous bucket).  A RUNNING_COUNTER key
+--- that was not updated in a closing bucket of its group still gets a row
+--- (its carried total).
 function Engine:take_counters(now)
   local out, n = {}, 0
   if now ~= nil and now > self._floor then self._floor = now end
   for g, gt in pairs(self.counters) do
     local grp = self._groups[g]
     local bs = grp and grp.bucketsize or 60
-    for b, bt in pairs(gt) do
-      if now == nil or b + bs <= now then
-        for key, kt in pairs(bt) do
-          for meter, v in pairs(kt) do
-            if meter >= 0 then
-              local vt = grp and grp.vartypes[meter] or 0
-              if vt == 1 or vt == 5 then v = v / bs
-              elseif vt == 4 then v = v / kt[-1 - meter] end
+    local buckets = {}
+    for b in pairs(gt) do
+      if now == nil or b + bs <= now then buckets[#buckets + 1] = b end
+    end
+    table.sort(buckets)
+    for _, b in ipairs(buckets) do
+      local bt = gt[b]
+      for key, kt in pairs(bt) do
+        for meter, v in pairs(kt) do
+          if meter >= 0 then
+            local vt = grp and grp.vartypes[meter] or 0
+            n = n + 1
+            out[n] = { g, b, tostring(key), meter, closed_value(self, g, key, kt, meter, v, vt, bs) }
+          end
+        end
+      end
+      local run = rawget(self, "_running")
+      run = run and run[g]
+      if run then                                        -- RUNNING_COUNTER keys idle in this bucket
+        for key, rk in pairs(run) do
+          local kt = bt[key]
+          for meter, total in pairs(rk) do
+            if kt == nil or kt[meter] == nil then
               n = n + 1
-              out[n] = { g, b, tostring(key), meter, v }
+              out[n] = { g, b, tostring(key), meter, total }
             end
           end
         end
-        gt[b] = nil
       end
+      gt[b] = nil
     end
   end
   return out
@@ -235,15 +295,140 @@ function Engine:post_message_backend(a, b)
   else push(self.rows.messages, { "backend", norm(a), tostring(b) }) end
 end
 
--- accepted for compatibility; recorded nowhere yet (documented in docs/plugins.md)
-function Engine:tag_flow() end
-function Engine:disable_reassembly() frontend_only(self, "disable_reassembly") end
-function Engine:set_flow_duration() end
+-- ------------------------------------------------------------------ flows and edges
 
---- Move out recorded rows (alerts, resources, key_info, messages).
+--- tag_flow(flowkey, tag): a searchable tag on a flow (§6.1).  Tags of packet
+--- flows reach the fast path's flow table between batches and are written with
+--- the flow's `flows` row (and seen by sg_monitor's Flow:tags()); tags of a
+--- script-made flow record (new_flow_record / update_flow) go on that record.
+--- The 64-byte limit per flow is applied where the tags are joined.
+function Engine:tag_flow(flowkey, tag)
+  local fk = flowkey_of(flowkey)
+  local sf = self.sflows[fk]
+  if sf then sf.tags[#sf.tags + 1] = tostring(tag); return end
+  push(self.rows.flow_tags, { fk, tostring(tag) })
+end
+
+--- disable_reassembly(flowkey): this VM gets no more reassembly_handler events
+--- for the flow (engine/streams/handler.lua); reassembly stops when every
+--- handler disabled it.  Outside reassembly_handler VMs it has no effect.
+function Engine:disable_reassembly(flowkey)
+  frontend_only(self, "disable_reassembly")
+  if self.on_disable_reassembly then self.on_disable_reassembly(flowkey_of(flowkey)) end
+end
+
+--- add_edge(s_guid, s_key, t_guid, t_key): one directed edge (graph stream), stored in `edges`.
+function Engine:add_edge(sg, sk, tg, tk)
+  push(self.rows.edges, { self._now, norm(sg), tostring(sk or ""), norm(tg), tostring(tk or ""), "", self._plugin })
+end
+
+local HOSTS, HOSTS6, APPS = "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}", "{9807E97A-6CD2-442F-BB18-8C104C8EB204}",
+  "{C51B48D4-7876-479E-B0D9-BD9EFF03CE2E}"
+
+--- add_flow_edges(flowkey, guid, key): edges both ways between the vertex
+--- (guid, key) and the flow's two addresses (Hosts group, HostsIPv6 for IPv6
+--- flows) and its Z port (Apps group, the server port by the flow-key rule).
+function Engine:add_flow_edges(flowkey, guid, key)
+  local fk = flowkey_of(flowkey)
+  local f = packet().flowid_from_key(fk)
+  local ok, ipa, ipz, portz = pcall(function() return f:ipa(), f:ipz(), f:portz() end)
+  if not ok or ipa == nil then error(("add_flow_edges: %q is not a flow key"):format(fk), 2) end
+  local hosts = #ipa > 11 and HOSTS6 or HOSTS
+  local g, k = norm(guid), tostring(key or "")
+  for _, v in ipairs({ { hosts, ipa }, { hosts, ipz }, { APPS, portz } }) do
+    push(self.rows.edges, { self._now, g, k, v[1], v[2], fk, self._plugin })
+    push(self.rows.edges, { self._now, v[1], v[2], g, k, fk, self._plugin })
+  end
+end
+
+--- add_alert_ids(guid, flowkey, sigid, classification, priority, message): an
+--- IDS-style alert (socialalert.lua), stored like add_alert_full without status.
+function Engine:add_alert_ids(guid, flowkey, sigid, classification, priority, message)
+  self:add_alert_full(guid, flowkey, sigid, classification, priority, message, "")
+end
+
+-- Script-made flow records (flow import, NAT syslog): kept in this VM until
+-- terminate_flow or the end of the run, then written to `flows`.
+local function sflow(self, flowkey, create)
+  local fk = flowkey_of(flowkey)
+  local f = self.sflows[fk]
+  if f == nil and create then
+    f = { fk = fk, first = self._now, last = self._now, v = { [0] = 0, 0, 0, 0 }, tags = {} }
+    self.sflows[fk] = f
+  end
+  return f
+end
+
+--- new_flow_record(flowkey, bytes_az, bytes_za, packets_az, packets_za): a flow record with these totals.
+function Engine:new_flow_record(flowkey, baz, bza, paz, pza)
+  frontend_only(self, "new_flow_record")
+  local f = sflow(self, flowkey, true)
+  f.v[0], f.v[1], f.v[2], f.v[3] = tonumber(baz) or 0, tonumber(bza) or 0, tonumber(paz) or 0, tonumber(pza) or 0
+end
+
+--- update_flow(flowkey, meter, value): add to a flow record's meter 0 bytes
+--- a->z, 1 bytes z->a, 2 packets a->z, 3 packets z->a (§6.1); the record is
+--- created on first use.  Other meters raise an error.
+function Engine:update_flow(flowkey, meter, value)
+  frontend_only(self, "update_flow")
+  meter = tonumber(meter)
+  if meter == nil or meter < 0 or meter > 3 or meter % 1 ~= 0 then
+    error(("update_flow: meter %s is not one of 0..3 (bytes a>z, bytes z>a, packets a>z, packets z>a)")
+      :format(tostring(meter)), 2)
+  end
+  local f = sflow(self, flowkey, true)
+  f.v[meter] = f.v[meter] + (tonumber(value) or 0)
+  f.last = math.max(f.last, self._now)
+end
+Engine.update_flow_raw = Engine.update_flow
+
+--- set_flow_duration(flowkey, secs): last_ts = first_ts + secs.
+function Engine:set_flow_duration(flowkey, secs)
+  local f = sflow(self, flowkey, true)
+  f.last = f.first + (tonumber(secs) or 0)
+end
+
+local function sflow_row(f, state)
+  local id = packet().flowid_from_key(f.fk)
+  local ok, proto, ipa, porta, ipz, portz = pcall(function()
+    return tonumber(id:protocol(), 16), id:ipa(), tonumber(id:porta():sub(3), 16), id:ipz(),
+      tonumber(id:portz():sub(3), 16)
+  end)
+  if not ok then proto, ipa, porta, ipz, portz = 0, "", 0, "", 0 end
+  return { f.fk, proto or 0, ipa or "", porta or 0, ipz or "", portz or 0, f.first, f.last,
+           f.v[2], f.v[3], f.v[0], f.v[1], state, table.concat(f.tags, " ") }
+end
+
+--- terminate_flow(flowkey): the script-made record ends and is written (state TERMINATED).
+function Engine:terminate_flow(flowkey)
+  frontend_only(self, "terminate_flow")
+  local f = sflow(self, flowkey, false)
+  if f == nil then return end
+  self.sflows[f.fk] = nil
+  push(self.rows.flows, sflow_row(f, "TERMINATED"))
+end
+
+--- End of the run: every script-made record still open, as flows rows (state OPEN).
+function Engine:take_open_flows()
+  local out = {}
+  for fk, f in pairs(self.sflows) do out[#out + 1] = sflow_row(f, "OPEN") end
+  self.sflows = {}
+  return out
+end
+
+local ROWS = { "alerts", "resources", "key_info", "messages", "edges", "flow_tags", "flows" }
+
+local function new_rows()
+  local r = {}
+  for _, k in ipairs(ROWS) do r[k] = {} end
+  return r
+end
+M.new_rows = new_rows
+
+--- Move out recorded rows (alerts, resources, key_info, messages, edges, flow_tags, flows).
 function Engine:take_outputs()
   local r = self.rows
-  self.rows = { alerts = {}, resources = {}, key_info = {}, messages = {} }
+  self.rows = new_rows()
   return r
 end
 

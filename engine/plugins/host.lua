@@ -51,6 +51,11 @@ function M.boot(opts)
                            max_record = opts.max_record,
                            engine = self.engine })
   T.async = self.async.api
+  if opts.enginetype == "backend" and opts.group_names then    -- §7: {name = guid} maps, backend only
+    local g = opts.group_names
+    T.countergroups, T.alertgroups, T.resourcegroups = g.counter or {}, g.alert or {}, g.resource or {}
+    T.ftsgroups, T.sessiongroups = g.fts or {}, g.session or {}
+  end
   local chunk, err = loadfile(path)
   if not chunk then return nil, err end
   local ok, rerr = xpcall(chunk, traceback)
@@ -125,8 +130,41 @@ function Host:countergroup()
     if type(row) ~= "table" then return nil, ("countergroup.meters[%d] is not a table"):format(i) end
     meters[#meters + 1] = meter_row(row)
   end
+  local keyinfo = {}
+  for i, row in ipairs(type(cg.keyinfo) == "table" and cg.keyinfo or {}) do
+    if type(row) ~= "table" or row[1] == nil then
+      return nil, ("countergroup.keyinfo[%d] is not a {key, label} pair"):format(i)
+    end
+    keyinfo[#keyinfo + 1] = { tostring(row[1]), tostring(row[2] or ""), row[3] ~= nil and tostring(row[3]) or "" }
+  end
   return { guid = engine_mod.norm(c.guid), name = tostring(c.name or c.guid), description = tostring(c.description or ""),
-           bucketsize = tonumber(c.bucketsize) or 60, meters = meters }
+           bucketsize = tonumber(c.bucketsize) or 60, meters = meters, keyinfo = keyinfo }
+end
+
+--- alertgroup / resourcegroup declarations (§4.10): a list of {kind, guid, name, description},
+--- or nil and a problem description.
+function Host:declarations()
+  local out = {}
+  for _, kind in ipairs({ "alertgroup", "resourcegroup" }) do
+    local t = self.plugin[kind]
+    if type(t) == "table" then
+      local c = t.control
+      if type(c) ~= "table" or type(c.guid) ~= "string" then return nil, kind .. ".control.guid is missing" end
+      out[#out + 1] = { kind = kind == "alertgroup" and "alert" or "resource", guid = engine_mod.norm(c.guid),
+                        name = tostring(c.name or c.guid), description = tostring(c.description or "") }
+    end
+  end
+  return out
+end
+
+--- The flowtracker control block: {name, bucketsize, count}, or nil and a problem description.
+function Host:flowtracker_control()
+  local ft = self.plugin.flowtracker
+  if type(ft) ~= "table" then return nil end
+  local c = type(ft.control) == "table" and ft.control or {}
+  if type(ft.getmetric) ~= "function" then return nil, "flowtracker.getmetric is not a function" end
+  return { name = tostring(c.name or (self.plugin.id and self.plugin.id.name) or self.path:match("[^/]*$")),
+           bucketsize = tonumber(c.bucketsize) or 60, count = tonumber(c.count) or 10 }
 end
 
 --- Prepare the simplecounter hook; returns nil or a problem description.
@@ -236,6 +274,15 @@ function Host:filex_finish()
   for k, v in pairs(self.filex.hstats) do out["http_" .. k] = v end
   return out
 end
+
+--- Prepare the reassembly_handler type (opts: votes address, slot).
+function Host:setup_reassembly(opts)
+  self.rh = require("luaprobe.engine.streams.handler").new(self, opts)
+  return nil
+end
+
+function Host:rh_vote(addr, n) self.rh:vote(addr, n) end
+function Host:rh_events(addr, n) return self.rh:run_events(addr, n) end
 
 --- Deliver a message posted by some VM: broadcast (msgid "") or to subscribers.
 function Host:deliver_message(msgid, msg)

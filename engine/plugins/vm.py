@@ -23,7 +23,8 @@ class PluginVM:
 
     def __init__(self, path: str, *, instance: str = "0", enginetype: str = "frontend", lua_path=(),
                  async_config: AsyncConfig | None = None, bell=None, start_workers: bool | str = True,
-                 pipeline: str | None = None, groups: dict | None = None, protocols=()):
+                 pipeline: str | None = None, groups: dict | None = None, protocols=(),
+                 group_names: dict | None = None):
         self.path = os.path.abspath(path)
         self.instance = instance
         self.lua_path = list(lua_path)
@@ -36,6 +37,7 @@ class PluginVM:
             "max_record": self.config.ring_size // 2 - 8,          # shm/ring.lua: a record fits half the ring
             "pipeline": pipeline, "groups": self._groups_table(groups) if pipeline else None,
             "protocols": self.lua.table_from([table(self.lua, {"guid": g, "name": nm}) for g, nm in protocols]),
+            "group_names": self._names_table(group_names) if group_names else None,
         }))
         if host is None:
             raise PluginError(_text(err))
@@ -65,6 +67,13 @@ class PluginVM:
         for guid, g in (groups or {}).items():
             vt = self.lua.table_from({int(m["id"]): int(m["vartype"]) for m in g["meters"]})
             out[guid.upper().encode()] = table(self.lua, {"bucketsize": g["bucketsize"], "vartypes": vt})
+        return out
+
+    def _names_table(self, names):
+        """{kind: {name: guid}} as Lua tables (T.countergroups, T.alertgroups, ...)."""
+        out = self.lua.table()
+        for kind, m in names.items():
+            out[kind.encode()] = self.lua.table_from({n.encode(): g.encode() for n, g in m.items()})
         return out
 
     def call(self, sub: str | None, name: str, *args):

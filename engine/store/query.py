@@ -17,7 +17,7 @@ import sys
 from luaprobe.engine.store.writer import DB_NAME, Store, StoreError, db_path
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_OK, EXIT_USAGE
-WHAT = ("alerts", "resources", "counters", "flows", "keyinfo", "groups", "run")
+WHAT = ("alerts", "resources", "counters", "flows", "keyinfo", "groups", "decls", "edges", "toppers", "run")
 MAX_CELL = 60
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
 
@@ -94,6 +94,16 @@ def render(what: str, rows, store: Store) -> tuple[list[str], list[list], set[in
                 [[r["guid"], r["name"], r["bucketsize"],
                   ", ".join(f"{m.get('id')}:{m.get('name')}" for m in r["meters"] if isinstance(m, dict)),
                   r["description"]] for r in rows], {2})
+    if what == "decls":
+        return (["kind", "guid", "name", "description"],
+                [[r["kind"], r["guid"], r["name"], r["description"]] for r in rows], set())
+    if what == "edges":
+        return (["time (UTC)", "source", "target", "flowkey", "plugin"],
+                [[iso(r["ts_sec"]), f"{r['s_guid']} {r['s_key']}", f"{r['t_guid']} {r['t_key']}", r["flowkey"],
+                  r["plugin"]] for r in rows], set())
+    if what == "toppers":
+        return (["tracker", "bucket (UTC)", "rank", "flowkey", "metric"],
+                [[r["tracker"], iso(r["bucket_ts"]), r["rank"], r["flowkey"], r["metric"]] for r in rows], {2, 4})
     if what == "run":
         return (["key", "value"], [[r["key"], json.dumps(r["value"])] for r in rows], set())
     raise ValueError(what)
@@ -116,6 +126,12 @@ def fetch(store: Store, a) -> list[dict]:
         for r in rows:
             r.pop("meters_json", None)
         return rows[:a.limit] if a.limit is not None else rows
+    if a.what == "decls":
+        return store.decl_groups()[:a.limit] if a.limit is not None else store.decl_groups()
+    if a.what == "edges":
+        return store.edges(flowkey=a.key, limit=a.limit)
+    if a.what == "toppers":
+        return store.flow_toppers(tracker=a.group, limit=a.limit)
     rows = [{"key": k, "value": v} for k, v in store.run_info().items()]
     return rows[:a.limit] if a.limit is not None else rows
 

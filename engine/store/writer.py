@@ -114,6 +114,31 @@ CREATE TABLE IF NOT EXISTS flows (
     tags       TEXT,
     PRIMARY KEY (flowkey, first_ts)
 );
+CREATE TABLE IF NOT EXISTS decl_groups (
+    kind        TEXT NOT NULL,
+    guid        TEXT NOT NULL,
+    name        TEXT,
+    description TEXT,
+    PRIMARY KEY (kind, guid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS edges (
+    id      INTEGER PRIMARY KEY,
+    ts_sec  INTEGER,
+    s_guid  TEXT NOT NULL,
+    s_key   TEXT,
+    t_guid  TEXT NOT NULL,
+    t_key   TEXT,
+    flowkey TEXT,
+    plugin  TEXT
+);
+CREATE TABLE IF NOT EXISTS flow_toppers (
+    tracker   TEXT NOT NULL,
+    bucket_ts INTEGER NOT NULL,
+    rank      INTEGER NOT NULL,
+    flowkey   TEXT,
+    metric    NUMERIC,
+    PRIMARY KEY (tracker, bucket_ts, rank)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS run (
     key   TEXT PRIMARY KEY,
     value TEXT
@@ -136,6 +161,14 @@ _SQL = {
                    "message, status, plugin) VALUES (?, ?, upper(?), ?, ?, ?, ?, ?, ?, ?)"),
     "resources": (7, "INSERT INTO resources (ts_sec, ts_usec, resource_guid, flowkey, uri, contents, plugin) "
                      "VALUES (?, ?, upper(?), ?, ?, ?, ?)"),
+    "decl_groups": (4, "INSERT INTO decl_groups (kind, guid, name, description) VALUES (?, upper(?), ?, ?) "
+                       "ON CONFLICT (kind, guid) DO UPDATE SET name = excluded.name, "
+                       "description = excluded.description"),
+    "edges": (7, "INSERT INTO edges (ts_sec, s_guid, s_key, t_guid, t_key, flowkey, plugin) "
+                 "VALUES (?, upper(?), ?, upper(?), ?, ?, ?)"),
+    "flow_toppers": (5, "INSERT INTO flow_toppers (tracker, bucket_ts, rank, flowkey, metric) VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT (tracker, bucket_ts, rank) DO UPDATE SET flowkey = excluded.flowkey, "
+                        "metric = excluded.metric"),
     "flows": (14, "INSERT INTO flows (flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, "
                   "packets_za, bytes_az, bytes_za, state, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                   "ON CONFLICT (flowkey, first_ts) DO UPDATE SET proto = excluded.proto, ipa = excluded.ipa, "
@@ -181,6 +214,14 @@ WELL_KNOWN_RESOURCE_GROUPS = {
     "{4EF9DEB9-4332-4867-A667-6A30C5900E9E}": "URL",
     "{5AEE3F0B-9304-44BE-BBD0-0467052CF468}": "SSL Certs",
     "{9781DB2C-F78A-4F7F-A7E8-2B1A9A7BE71A}": "FileHash",
+}
+WELL_KNOWN_FTS_GROUPS = {
+    "{9FEB8ADE-ADBB-49AD-BC68-C6A02F389C71}": "SSL Certs",
+    "{28217924-E7A5-4523-993C-44B52758D5A8}": "HTTP Headers",
+    "{09B305DF-078C-4B9E-8E2F-EA64B7326880}": "DNS",
+}
+WELL_KNOWN_SESSION_GROUPS = {
+    "{99A78737-4B41-4387-8F31-8077DB917336}": "IP Flows",
 }
 
 
@@ -936,6 +977,35 @@ class Store:
             sql += " WHERE flowkey = ?"
             args.append(flowkey)
         sql += " ORDER BY first_ts, flowkey" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        return self._rows(sql, args)
+
+    def decl_groups(self, kind: str | None = None) -> list[dict]:
+        """Declared alert / resource / fts groups (alertgroup, resourcegroup scripts) and the built-in ones
+        luaprobe knows: {kind, guid, name, description}."""
+        sql = "SELECT kind, guid, name, description FROM decl_groups"
+        args = []
+        if kind is not None:
+            sql += " WHERE kind = ?"
+            args.append(kind)
+        return self._rows(sql + " ORDER BY kind, name", args)
+
+    def edges(self, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
+        """Graph edges (add_edge, add_flow_edges) in insertion order."""
+        sql = "SELECT ts_sec, s_guid, s_key, t_guid, t_key, flowkey, plugin FROM edges"
+        args = []
+        if flowkey is not None:
+            sql += " WHERE flowkey = ?"
+            args.append(flowkey)
+        return self._rows(sql + " ORDER BY id" + (f" LIMIT {int(limit)}" if limit is not None else ""), args)
+
+    def flow_toppers(self, tracker: str | None = None, limit: int | None = None) -> list[dict]:
+        """flowtracker top-K per bucket: {tracker, bucket_ts, rank (1 = highest), flowkey, metric}."""
+        sql = "SELECT tracker, bucket_ts, rank, flowkey, metric FROM flow_toppers"
+        args = []
+        if tracker is not None:
+            sql += " WHERE tracker = ? COLLATE NOCASE"
+            args.append(tracker)
+        sql += " ORDER BY tracker, bucket_ts, rank" + (f" LIMIT {int(limit)}" if limit is not None else "")
         return self._rows(sql, args)
 
     def run_info(self) -> dict:

@@ -173,6 +173,7 @@ local function parse_head(head)
     h = httpheader.new{ is_request = true, method = method, path = uri, headers = headers }
     h._version = ver
   end
+  h._raw = head                    -- the header text as sent, up to the blank line (HTTP-Header attribute)
   return h, kind
 end
 

@@ -1,0 +1,123 @@
+--[[
+engine.plugins.flowmon — the backend flow script types sg_monitor (§5.2) and
+flowtracker (§5.3) inside one plug-in VM, and the Flow object (§6.7).
+
+Flow records come from the fast path's flow table when a flow ends (idle or
+active timeout, end of input); Python hands each backend VM its share of
+the window's records once per window (rows as below), then calls the phases
+in order: begin (build Flow objects), terminate (sg_monitor.onterminate),
+filter (sg_monitor.flushfilter votes), flush (sg_monitor.onflush for the
+records kept), metric (flowtracker.getmetric), tags (tags added with
+Flow:add_tag, to be written with the record).
+
+Row (1-based): flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts,
+packets_az, packets_za, bytes_az, bytes_za, state text, tags (space
+separated), state flags (§6.7 bits), payload_az, payload_za.
+]]
+local packet = require("luaprobe.engine.plugins.packet")
+
+local M = {}
+local Flow = {}
+Flow.__index = Flow
+M.Flow = Flow
+
+--- A Flow object for a row (see above).
+function M.new_flow(row)
+  local tags = {}
+  for t in tostring(row[14] or ""):gmatch("%S+") do tags[#tags + 1] = t end
+  return setmetatable({ _r = row, _tags = tags, _added = {} }, Flow)
+end
+
+function Flow:key() return self._r[1] end
+Flow.id = Flow.key
+function Flow:flow()
+  if self._fid == nil then self._fid = packet.flowid_from_key(self._r[1]) end
+  return self._fid
+end
+function Flow:time_window() return self._r[7], self._r[8] end
+function Flow:state() return self._r[15] or 0 end
+function Flow:az_bytes() return self._r[11] end
+function Flow:za_bytes() return self._r[12] end
+function Flow:az_packets() return self._r[9] end
+function Flow:za_packets() return self._r[10] end
+function Flow:az_payload_bytes() return self._r[16] or 0 end
+function Flow:za_payload_bytes() return self._r[17] or 0 end
+--- Tags, pipe separated (§6.7).
+function Flow:tags() return table.concat(self._tags, "|") end
+--- Add a tag; it is written with the flow record (the 64-byte limit applies when tags are joined).
+function Flow:add_tag(s)
+  s = tostring(s)
+  self._tags[#self._tags + 1] = s
+  self._added[#self._added + 1] = s
+end
+--- The TCP handshake RTT is not measured by luaprobe's flow table: 0.
+function Flow:setup_rtt() return 0 end
+--- Retransmissions are not counted per flow by the flow table: 0.
+function Flow:retransmissions() return 0 end
+
+-- ------------------------------------------------------------------ phases (called from Python)
+
+function M.begin(host, rows)
+  local objs = {}
+  for i, row in ipairs(rows) do objs[i] = M.new_flow(row) end
+  host._flows = objs
+  return #objs
+end
+
+--- sg_monitor.onnewflow(engine, flow) for each row (flows created by the last batch).
+function M.newflow(host, rows)
+  local eng = host.engine
+  for _, row in ipairs(rows) do host:call("sg_monitor", "onnewflow", eng, M.new_flow(row)) end
+end
+
+--- sg_monitor.onterminate(engine, flow) for each record.
+function M.terminate(host)
+  local eng = host.engine
+  for _, f in ipairs(host._flows) do host:call("sg_monitor", "onterminate", eng, f) end
+end
+
+--- flushfilter votes: an array of booleans (true when the hook is absent or returns non-false;
+--- an error in the hook counts as true, so nothing is lost by a broken filter).
+function M.filter(host)
+  local out, eng = {}, host.engine
+  local has = type(host.plugin.sg_monitor.flushfilter) == "function"
+  for i, f in ipairs(host._flows) do
+    if has then
+      local ok, res = host:call("sg_monitor", "flushfilter", eng, f)
+      out[i] = not ok or res ~= false
+    else
+      out[i] = true
+    end
+  end
+  return out
+end
+
+--- sg_monitor.onflush(engine, flow) for the records whose keep[i] is true.
+function M.flush(host, keep)
+  local eng = host.engine
+  for i, f in ipairs(host._flows) do
+    if keep[i] then host:call("sg_monitor", "onflush", eng, f) end
+  end
+end
+
+--- flowtracker.getmetric(engine, flow): an array of numbers (0 when nil, not a number or an error).
+function M.metric(host)
+  local out, eng = {}, host.engine
+  for i, f in ipairs(host._flows) do
+    local ok, res = host:call("flowtracker", "getmetric", eng, f)
+    out[i] = ok and tonumber(res) or 0
+  end
+  return out
+end
+
+--- Tags added with Flow:add_tag: {index = "tag tag"}; the objects are released.
+function M.tags(host)
+  local out = {}
+  for i, f in ipairs(host._flows or {}) do
+    if #f._added > 0 then out[i] = table.concat(f._added, " ") end
+  end
+  host._flows = nil
+  return out
+end
+
+return M

@@ -1,0 +1,180 @@
+"""Backend flow script types: sg_monitor (reference §5.2) and flowtracker (§5.3), Python side.
+
+Flow records reach the backend when their flow ends in the fast path's flow table (idle or active timeout,
+end of input) or when a script-made record is terminated.  They are held until the backend window ends
+(``window`` seconds of packet time, like Trisul's 60 s flush); then, per window:
+
+1. each record is assigned to one backend instance (crc32 of the flow key modulo the number of instances);
+2. every sg_monitor instance runs ``onterminate(engine, flow)`` for its records, then ``flushfilter`` votes:
+   a record is stored unless every sg_monitor script votes false (§5: the item is kept unless all say no);
+3. ``onflush(engine, flow)`` runs for the kept records; tags added with ``flow:add_tag`` (and
+   ``engine:tag_flow`` calls made meanwhile) are written with the record;
+4. every flowtracker instance ranks its records with ``getmetric``; per tracker and ``bucketsize`` bucket
+   (by the record's last packet time) the top ``count`` flows are written to ``flow_toppers`` when the
+   bucket closes (metric 0 / nil excludes a flow, §11.9).
+
+Lua side: engine/plugins/flowmon.lua (Flow object, hook phases).  Nothing here runs when no sg_monitor or
+flowtracker is loaded: records are then written as soon as the flow ends.
+"""
+from __future__ import annotations
+
+import heapq
+import zlib
+
+FLOW_STORED_COLUMNS = 14
+
+
+def _text(x):
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else x
+
+
+class FlowBackends:
+    """The sg_monitor / flowtracker instances of a run and the records held for the current window."""
+
+    def __init__(self, write, trackers: dict):
+        self.write = write                       #: write(kind, rows) to the store
+        self.sg = []                             #: instances (kind sg_monitor)
+        self.ft = []                             #: instances (kind flowtracker)
+        self.trackers = trackers                 #: path -> {name, bucketsize, count}
+        self.held: list[list] = []
+        self.by_key: dict[str, list] = {}
+        self.buckets: dict[tuple, list] = {}     #: (tracker name, bucket_ts) -> [(metric, flowkey)]
+        self.stats = {"flows_flushed": 0, "flows_filtered_out": 0, "toppers_written": 0}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sg or self.ft)
+
+    @property
+    def wants_new(self) -> list:
+        """sg_monitor instances that define onnewflow."""
+        return [i for i in self.sg if i.has_newflow]
+
+    def new_flows(self, rows, now: int) -> None:
+        """onnewflow(engine, flow) for flows created by the last batch, in the instance owning each flow."""
+        if not rows:
+            return
+        by_path: dict[str, list] = {}
+        for inst in self.wants_new:
+            by_path.setdefault(inst.vm.path, []).append(inst)
+        for insts in by_path.values():
+            insts.sort(key=lambda i: i.vm.instance)
+            for k, inst in enumerate(insts):
+                mine = [r for r in rows if zlib.crc32(r[0].encode()) % len(insts) == k]
+                if mine:
+                    lua = inst.vm.lua
+                    inst.vm.set_time(inst.vm.host.engine, now, 0)
+                    inst.fm["newflow"](inst.vm.host, lua.table_from(
+                        [lua.table_from([x.encode() if isinstance(x, str) else x for x in r]) for r in mine]))
+
+    def add(self, inst) -> None:
+        (self.sg if inst.kind == "sg_monitor" else self.ft).append(inst)
+        lua = inst.vm.lua
+        fm = lua.eval("require('luaprobe.engine.plugins.flowmon')")
+        inst.fm = {k: fm[k.encode()] for k in ("begin", "newflow", "terminate", "filter", "flush", "metric", "tags")}
+        inst.has_newflow = inst.kind == "sg_monitor" and bool(lua.eval(
+            "function(h) return type(h.plugin.sg_monitor.onnewflow) == 'function' end")(inst.vm.host))
+
+    def remove_vm(self, vm) -> None:
+        self.sg = [i for i in self.sg if i.vm is not vm]
+        self.ft = [i for i in self.ft if i.vm is not vm]
+
+    def hold(self, rows) -> None:
+        """Records of flows that ended (full 17-field rows); written at the window end."""
+        for r in rows:
+            r = list(r)
+            self.held.append(r)
+            self.by_key[r[0]] = r
+
+    def tag(self, flowkey: str, tag: str) -> bool:
+        """tag_flow on a held record; False when the flow is not held here."""
+        r = self.by_key.get(flowkey)
+        if r is None:
+            return False
+        r[13] = _join_tags((r[13] + " " + tag).split())
+        return True
+
+    def _share(self, instances):
+        """{instance: [records]}: each record to one instance per script (crc32 of the flow key)."""
+        by_path: dict[str, list] = {}
+        for inst in instances:
+            by_path.setdefault(inst.vm.path, []).append(inst)
+        out = []
+        for path, insts in by_path.items():
+            insts.sort(key=lambda i: i.vm.instance)
+            parts = [[] for _ in insts]
+            for idx, r in enumerate(self.held):
+                parts[zlib.crc32(r[0].encode()) % len(insts)].append(idx)
+            out += [(inst, part) for inst, part in zip(insts, parts) if part]
+        return out
+
+    def flush(self, window_end: int, final: bool = False) -> None:
+        """The window ended at `window_end`: run the hooks on the held records, write them."""
+        held, keep = self.held, [True] * len(self.held)
+        if held:
+            shares = self._share(self.sg)
+            for inst, idxs in shares:
+                self._begin(inst, idxs, window_end)
+                inst.fm["terminate"](inst.vm.host)
+            if self.sg:
+                votes = [False] * len(held)
+                for inst, idxs in shares:
+                    res = inst.fm["filter"](inst.vm.host)
+                    for j, idx in enumerate(idxs):
+                        votes[idx] = votes[idx] or bool(res[j + 1])
+                keep = votes
+            for inst, idxs in shares:
+                inst.fm["flush"](inst.vm.host, inst.vm.lua.table_from([keep[i] for i in idxs]))
+                self._take_tags(inst, idxs)
+            for inst, idxs in self._share(self.ft):
+                self._begin(inst, idxs, window_end)
+                res = inst.fm["metric"](inst.vm.host)
+                info = self.trackers[inst.vm.path]
+                for j, idx in enumerate(idxs):
+                    m = res[j + 1]
+                    if m:
+                        b = int(held[idx][7]) - int(held[idx][7]) % int(info["bucketsize"])
+                        self.buckets.setdefault((info["name"], b), []).append((m, held[idx][0]))
+                inst.fm["tags"](inst.vm.host)
+        rows = [tuple(r[:FLOW_STORED_COLUMNS]) for r, k in zip(held, keep) if k]
+        self.stats["flows_flushed"] += len(rows)
+        self.stats["flows_filtered_out"] += len(held) - len(rows)
+        self.write("flows", rows)
+        self.held, self.by_key = [], {}
+        self._close_buckets(None if final else window_end)
+
+    def _begin(self, inst, idxs, window_end) -> None:
+        lua = inst.vm.lua
+        inst.vm.set_time(inst.vm.host.engine, window_end, 0)
+        rows = lua.table_from([lua.table_from([x.encode() if isinstance(x, str) else x for x in self.held[i]])
+                               for i in idxs])
+        inst.fm["begin"](inst.vm.host, rows)
+
+    def _take_tags(self, inst, idxs) -> None:
+        for k, v in inst.fm["tags"](inst.vm.host).items():
+            r = self.held[idxs[k - 1]]
+            r[13] = _join_tags((r[13] + " " + _text(v)).split())
+
+    def _close_buckets(self, now) -> None:
+        """Top-K rows of flowtracker buckets that ended by `now` (all when None)."""
+        out = []
+        counts = {info["name"]: int(info["count"]) for info in self.trackers.values()}
+        sizes = {info["name"]: int(info["bucketsize"]) for info in self.trackers.values()}
+        for key in sorted(self.buckets):
+            name, b = key
+            if now is not None and b + sizes[name] > now:
+                continue
+            top = heapq.nlargest(counts[name], self.buckets.pop(key), key=lambda x: (x[0], x[1]))
+            out += [(name, b, rank, fk, m) for rank, (m, fk) in enumerate(top, 1)]
+        self.stats["toppers_written"] += len(out)
+        self.write("flow_toppers", out)
+
+
+def _join_tags(tags) -> str:
+    """Tags joined by spaces, at most 64 bytes (excess tags dropped, §6.1)."""
+    s = ""
+    for t in tags:
+        c = t if not s else s + " " + t
+        if len(c.encode()) <= 64:
+            s = c
+    return s

@@ -1,0 +1,132 @@
+--[[
+luaprobe.engine.streams.handler — the reassembly_handler script type (reference §4.4)
+inside one plug-in VM.  The reassembly itself is shared (luaprobe.engine.streams.stage
+in the driver VM); this module votes on new flows and turns the stage's
+events into hooks:
+
+  filter(engine, ts, flow)              once per new TCP flow; the flow is reassembled unless every
+                                        handler returns false (a handler without filter votes yes)
+  onnewflow(engine, ts, flow)           a reassembled flow starts (every handler sees every
+                                        reassembled flow, as with Trisul's shared reassembly)
+  onpayload(engine, ts, flow, dir, seekpos, buffer)
+                                        new in-order bytes; dir 0 = server->client, 1 = client->server;
+                                        seekpos = stream offset of buffer's first byte in that direction
+  onattribute(engine, ts, flow, name, value)
+                                        HTTP-Header, Content-Type, User-Agent, Host, URI, TLS:RECORD,
+                                        TLS:O, TLS:CA:ROOT, TLS:CA:INTER, TLS:CIPHER, "" and "^D";
+                                        value is a Lua string
+  onterminateflow(engine, ts, flow)     FIN both ways, RST, idle timeout or end of input
+
+`flow` is a FlowID.  engine:disable_reassembly(flow) stops this VM's events
+for the flow; the stage stops delivering bytes when every handler disabled it.
+]]
+local ffi = require("ffi")
+local bit = require("bit")
+local buffer = require("luaprobe.engine.plugins.buffer")
+local packet = require("luaprobe.engine.plugins.packet")
+local decode = require("luaprobe.engine.fastpath.decode")
+local stage = require("luaprobe.engine.streams.stage")
+
+local band, bor, lshift = bit.band, bit.bor, bit.lshift
+local cast, fstring = ffi.cast, ffi.string
+local TCP = decode.PROTO.TCP
+local NEWFLOW, DATA, ATTR, CLOSE = stage.NEWFLOW, stage.DATA, stage.ATTR, stage.CLOSE
+local ATTRS = stage.ATTRS
+
+local M = {}
+local H = {}
+H.__index = H
+
+--- opts: votes (address of the stage's lp_svote array), slot (0..31: this handler's vote bit).
+function M.new(host, opts)
+  local rh = host.plugin.reassembly_handler
+  local self = setmetatable({
+    host = host, rh = rh, engine = host.engine,
+    votes = cast("lp_svote *", opts.votes), bit = lshift(1, opts.slot),
+    has_filter = type(rh.filter) == "function",
+    flows = {}, bykey = {}, buf = buffer.new(nil, 0),
+    want = { payload = type(rh.onpayload) == "function", attribute = type(rh.onattribute) == "function" },
+  }, H)
+  host.engine.on_disable_reassembly = function(fk) self:disable(fk) end
+  return self
+end
+
+function H:hook(name, ...)
+  if type(self.rh[name]) ~= "function" then return true, true end
+  return self.host:call("reassembly_handler", name, ...)
+end
+
+--- Vote on the TCP flows of the batch this handler has not seen yet.
+function H:vote(addr, n)
+  local batch = cast(packet.pktp, addr)
+  local votes, mybit, eng = self.votes, self.bit, self.engine
+  for i = 0, n - 1 do
+    local p = batch[i]
+    if p.flow >= 0 and p.d.first[TCP] >= 0 then
+      local v = votes[p.flow]
+      if v.uid ~= p.flow_uid then v.uid, v.asked, v.yes, v.disabled = p.flow_uid, 0, 0, 0 end
+      if band(v.asked, mybit) == 0 then
+        v.asked = bor(v.asked, mybit)
+        local yes = true
+        if self.has_filter then
+          eng:set_packet(batch, i)
+          local ok, res = self.host:call("reassembly_handler", "filter", eng, p.ts_sec, packet.flowid(p.d))
+          yes = ok and res and true or false
+        end
+        if yes then v.yes = v.yes + 1 end
+      end
+    end
+  end
+end
+
+function H:disable(fk)
+  local uid = self.bykey[fk]
+  local st = uid and self.flows[uid]
+  if st == nil or st.disabled then return end
+  st.disabled = true
+  local v = self.votes[st.idx]
+  if v.uid == uid then v.disabled = v.disabled + 1 end
+end
+
+--- Run the hooks for the stage's events (address, count).
+function H:run_events(addr, n)
+  local ev = cast("lp_sev *", addr)
+  local eng, flows, rh = self.engine, self.flows, self.rh
+  for i = 0, n - 1 do
+    local e = ev[i]
+    local uid = e.uid
+    local sec = math.floor(e.ts)
+    eng:set_time(sec, math.floor((e.ts - sec) * 1e6))
+    local kind = e.kind
+    if kind == NEWFLOW then
+      local key = fstring(e.p, e.len)
+      local st = { flow = packet.flowid_from_key(key), key = key, idx = e.idx, disabled = false }
+      flows[uid] = st
+      self.bykey[key] = uid
+      self:hook("onnewflow", eng, sec, st.flow)
+    else
+      local st = flows[uid]
+      if st ~= nil then
+        if kind == DATA then
+          if not st.disabled and self.want.payload then
+            buffer.rebind(self.buf, e.p, e.len)
+            self.host:call("reassembly_handler", "onpayload", eng, sec, st.flow, e.dir, e.off, self.buf)
+            buffer.invalidate(self.buf)
+          end
+        elseif kind == ATTR then
+          if not st.disabled and self.want.attribute then
+            self.host:call("reassembly_handler", "onattribute", eng, sec, st.flow, ATTRS[e.attr],
+                           fstring(e.p, e.len))
+          end
+        elseif kind == CLOSE then
+          flows[uid] = nil
+          self.bykey[st.key] = nil
+          self:hook("onterminateflow", eng, sec, st.flow)
+        end
+      end
+    end
+  end
+  return n
+end
+
+return M

@@ -1,0 +1,79 @@
+"""reassembly_handler orchestration (reference §4.4): one shared TCP reassembly in the driver VM
+(engine/streams/stage.lua) feeding every reassembly_handler plug-in VM (engine/streams/handler.lua).
+
+Per batch: every handler votes on new flows, the stage reassembles the voted flows and runs the attribute
+analysers, every handler walks the stage's events.  Nothing here runs when no reassembly_handler is loaded.
+"""
+from __future__ import annotations
+
+from luaprobe.shm.luajit import method
+
+from .certs import parse_cert
+
+MAX_HANDLERS = 32
+
+
+class ReassemblyStage:
+    """The stage in the driver VM `lua` plus the handler instances that read it."""
+
+    def __init__(self, lua, capacity: int, idle_timeout: float):
+        self.lua = lua
+        self._new = lua.eval("function(o) return require('luaprobe.engine.streams.stage').new(o) end")
+        self.capacity, self.idle_timeout = capacity, idle_timeout
+        self.stage = None
+        self.handlers = []          # (vote, events, host)
+
+    def votes_address(self) -> int:
+        """The shared vote array (created with the stage on first use)."""
+        if self.stage is None:
+            self.stage = self._new(self.lua.table_from({b"capacity": self.capacity, b"attributes": False,
+                                                        b"parse_cert": parse_cert,
+                                                        b"idle_timeout": self.idle_timeout}))
+            self._run = method(self.lua, "run")
+            self._finish = method(self.lua, "finish")
+            self._events = method(self.lua, "events")
+        return int(self.stage.votes_addr)
+
+    def add(self, vm) -> str | None:
+        """Attach a reassembly_handler VM; returns a problem text when it cannot be attached."""
+        if len(self.handlers) >= MAX_HANDLERS:
+            return f"more than {MAX_HANDLERS} reassembly_handler plug-ins: this one does not run"
+        addr = self.votes_address()
+        vm.lua.eval("function(h, a, k) return h:setup_reassembly({votes = a, slot = k}) end")(
+            vm.host, addr, len(self.handlers))
+        if vm.lua.eval("function(h) return type(h.plugin.reassembly_handler.onattribute) == 'function' end")(vm.host):
+            self.stage[b"attributes"] = True     # the analysers run only when some handler wants attributes
+        self.handlers.append((vm.lua.eval("function(h, a, n) h:rh_vote(a, n) end"),
+                              vm.lua.eval("function(h, a, n) return h:rh_events(a, n) end"), vm.host))
+        self.stage[b"nhandlers"] = len(self.handlers)
+        return None
+
+    def remove(self, vm) -> None:
+        """Detach a handler whose onload failed (its vote slot stays used)."""
+        self.handlers = [h for h in self.handlers if h[2] != vm.host]
+        if self.stage is not None:
+            self.stage[b"nhandlers"] = len(self.handlers)
+
+    def batch(self, addr: int, n: int) -> None:
+        """Vote, reassemble, deliver the events of one batch."""
+        for vote, _, host in self.handlers:
+            vote(host, addr, n)
+        if self._run(self.stage, addr, n):
+            self._deliver()
+
+    def finish(self) -> dict:
+        """End of input: close every reassembled flow (onterminateflow); returns the stage counters."""
+        if self.stage is None:
+            return {}
+        if self._finish(self.stage):
+            self._deliver()
+        st = self.lua.eval("function(s) return s:stats_table() end")(self.stage)
+        stats = {k.decode() if isinstance(k, bytes) else k: v for k, v in st.items()}
+        self.lua.eval("function(s) s:free() end")(self.stage)
+        self.stage = None
+        return stats
+
+    def _deliver(self) -> None:
+        addr, nev = self._events(self.stage)
+        for _, events, host in self.handlers:
+            events(host, addr, nev)

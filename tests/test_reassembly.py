@@ -1,0 +1,360 @@
+"""reassembly_handler end to end (engine/streams/stage.lua, handler.lua, tls.lua; reference §4.4).
+
+Real-shaped plug-ins run over the Trisul tutorial captures in tests/data (trisul-16minutes.pcap: FTP control
+and active-mode data connections; trisul-tutorial.pcap: HTTP and TLS 1.2 handshakes with certificates).
+Independent truth comes from tshark 4.0 (run by the tests):
+* payload bytes per direction: ``tshark -q -z follow,tcp,raw,N`` (Node 0 = the client);
+* HTTP attributes: ``http.request.uri``, ``http.host``, ``http.user_agent``, ``http.content_type``;
+* TLS: ``tls.handshake.ciphersuite`` of each ServerHello, the certificate bytes of each Certificate message
+  (``tls.handshake.certificate``) decoded with CPython's ``ssl`` module (OpenSSL, not the `cryptography`
+  package luaprobe uses), and the count of non-application-data records (``tls.record.content_type``).
+A hypothesis test checks the TLS record framing against the records it was built from, however the
+stream is cut.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import ssl
+import struct
+import subprocess
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from luaprobe.engine.fastpath.run import FastPath, RunConfig
+from luaprobe.engine.store.writer import Store
+from luaprobe.shm.luajit import new_runtime
+from tests import helpers
+
+DATA = os.path.join(helpers.REPO, "tests", "data")
+FTP = os.path.join(DATA, "trisul-16minutes.pcap")
+TUTORIAL = os.path.join(DATA, "trisul-tutorial.pcap")
+TSHARK = shutil.which("tshark")
+needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed (the independent truth)")
+
+
+def tshark(*args) -> str:
+    return subprocess.run([TSHARK, *args], capture_output=True, text=True, check=True).stdout
+
+
+def ipkey(ip: str) -> str:
+    return ".".join(f"{int(x):02X}" for x in ip.split("."))
+
+
+def flowkey(ip1, p1, ip2, p2, proto=6) -> str:
+    """Trisul flow id (§9): Z is the lower port; on a tie the lower address."""
+    a, z = (ip1, p1), (ip2, p2)
+    if p1 < p2 or (p1 == p2 and tuple(map(int, ip1.split("."))) < tuple(map(int, ip2.split(".")))):
+        a, z = z, a
+    return f"{proto:02X}A:{ipkey(a[0])}:p-{a[1]:04X}_{ipkey(z[0])}:p-{z[1]:04X}"
+
+
+def fill(template: str, *args) -> str:
+    """Substitute %q (a Lua long-string literal) and %s (raw Lua code) markers in order; %% is %."""
+    it = iter(args)
+
+    def sub(m):
+        return "%" if m.group(0) == "%%" else (f"[==[{next(it)}]==]" if m.group(0) == "%q" else str(next(it)))
+    return re.sub(r"%[qs%]", sub, template)
+
+
+def run(tmp_path, plugins, files, name="out", **kw) -> dict:
+    summary = FastPath(RunConfig(plugins=list(plugins), files=list(files), out_dir=str(tmp_path / name), **kw)).run()
+    assert summary["input_errors"] == [] and summary["plugin_problems"] == []
+    for p in summary["plugins"]:
+        assert p["hook_errors"] == {}, p
+    return summary
+
+
+# A payload saver shaped like trisul-scripts' savetcp.lua / ftp.lua: writetofile(file, seekpos) per
+# flow and direction, plus an event log (kind, flowkey, dir, seekpos, size) to check offsets and order.
+SAVER = r'''
+local OUT = %q
+TrisulPlugin = {
+  id = { name = "saver" },
+  onload = function() T.log_ = io.open(OUT .. "/events.tsv", "w") end,
+  onunload = function() T.log_:close() end,
+  reassembly_handler = {
+    filter = function(engine, ts, flow) return %s end,
+    onnewflow = function(engine, ts, flow) T.log_:write("new\t", flow:id(), "\n") end,
+    onpayload = function(engine, ts, flow, dir, seekpos, buf)
+      T.log_:write("data\t", flow:id(), "\t", dir, "\t", seekpos, "\t", buf:size(), "\n")
+      buf:writetofile(OUT .. "/" .. flow:id() .. "_" .. dir, seekpos)
+    end,
+    onterminateflow = function(engine, ts, flow) T.log_:write("end\t", flow:id(), "\n") end,
+  },
+}
+'''
+
+
+def events(out) -> list[list[str]]:
+    with open(os.path.join(out, "events.tsv")) as f:
+        return [line.rstrip("\n").split("\t") for line in f]
+
+
+def follow(pcap, stream) -> tuple[str, bytes, bytes]:
+    """(flowkey, client->server bytes, server->client bytes) of one TCP stream, from tshark."""
+    text = tshark("-r", pcap, "-q", "-z", f"follow,tcp,raw,{stream}")
+    nodes, c2s, s2c = [], [], []
+    for line in text.splitlines():
+        if line.startswith("Node "):
+            host, port = line.split(": ", 1)[1].rsplit(":", 1)
+            nodes.append((host, int(port)))
+        elif line.startswith("\t") and line.strip() and nodes:
+            s2c.append(bytes.fromhex(line.strip()))
+        elif line and all(c in "0123456789abcdef" for c in line) and nodes:
+            c2s.append(bytes.fromhex(line))
+    (ip0, p0), (ip1, p1) = nodes
+    return flowkey(ip0, p0, ip1, p1), b"".join(c2s), b"".join(s2c)
+
+
+@needs_tshark
+def test_ftp_payloads_match_tshark_follow(tmp_path):
+    """Every FTP control and data connection: the bytes written at seekpos per direction equal tshark's
+    reassembled stream; dir 1 is client->server (the USER command), offsets are contiguous."""
+    out = tmp_path / "files"
+    out.mkdir()
+    plugin = helpers.write_plugin(tmp_path, fill(SAVER, str(out), 'flow:id():match("p%-001[45]") ~= nil'))
+    summary = run(tmp_path, [plugin], [FTP])
+    streams = sorted({int(x) for x in tshark("-r", FTP, "-Y", "tcp.port==20 || tcp.port==21", "-T", "fields",
+                                              "-e", "tcp.stream").split()})
+    assert len(streams) == 7
+    ev = events(out)
+    news = [e[1] for e in ev if e[0] == "new"]
+    ends = [e[1] for e in ev if e[0] == "end"]
+    checked = 0
+    for s in streams:
+        key, c2s, s2c = follow(FTP, s)
+        assert key in news
+        for d, want in ((1, c2s), (0, s2c)):
+            path = out / f"{key}_{d}"
+            got = path.read_bytes() if path.exists() else b""
+            assert got == want, (key, d, len(got), len(want))
+            checked += len(want)
+            offs = [(int(e[3]), int(e[4])) for e in ev if e[0] == "data" and e[1] == key and int(e[2]) == d]
+            pos = 0
+            for off, size in offs:
+                assert off == pos
+                pos += size
+    assert checked > 10000                                  # 12 811 bytes in 7 connections
+    assert sorted(news) == sorted(ends)                     # every reassembled flow terminates once
+    assert b"USER anonymous" in (out / f"{follow(FTP, 276)[0]}_1").read_bytes()
+    # 7 connections, and the 4 refused SYN/RST attempts on 20<->20 are 4 connections (each RST ends one)
+    assert len(set(news)) == 7 and len(news) == 10
+    assert summary["reassembly"]["flows"] == len(news)
+
+
+HTTP_TLS = r'''
+local OUT = %q
+TrisulPlugin = {
+  id = { name = "attrs" },
+  onload = function() T.f = io.open(OUT, "w") end,
+  onunload = function() T.f:close() end,
+  reassembly_handler = {
+    onattribute = function(engine, ts, flow, name, value)
+      if name == "TLS:RECORD" then
+        T.f:write(flow:id(), "\tTLS:RECORD\t", value:byte(1), "\t", #value, "\n")
+      elseif name == "HTTP-Header" then
+        T.f:write(flow:id(), "\tHTTP-Header\t", value:match("^[^\r\n]*"), "\t", #value, "\n")
+      else
+        T.f:write(flow:id(), "\t", name, "\t", value, "\n")
+      end
+    end,
+  },
+}
+'''
+
+
+def attributes(path) -> dict:
+    out = collections.defaultdict(list)
+    with open(path) as f:
+        for line in f:
+            key, name, *rest = line.rstrip("\n").split("\t")
+            out[name].append((key, *rest))
+    return out
+
+
+def _org(cert_der: bytes) -> tuple[str, str, bool]:
+    """(subject O or CN, issuer O or CN, self-issued) decoded with CPython's ssl module (OpenSSL)."""
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as f:
+        f.write(ssl.DER_cert_to_PEM_cert(cert_der))
+    try:
+        d = ssl._ssl._test_decode_cert(f.name)
+    finally:
+        os.unlink(f.name)
+
+    def pick(name):
+        flat = dict(x for rdn in d[name] for x in rdn)
+        return flat.get("organizationName") or flat.get("commonName", "")
+    return pick("subject"), pick("issuer"), d["subject"] == d["issuer"]
+
+
+@needs_tshark
+def test_http_and_tls_attributes_match_tshark(tmp_path):
+    out = tmp_path / "attrs.tsv"
+    plugin = helpers.write_plugin(tmp_path, fill(HTTP_TLS, str(out)))
+    run(tmp_path, [plugin], [TUTORIAL])
+    got = attributes(out)
+
+    # HTTP: one URI / Host / User-Agent per request, Content-Type per response that has one
+    rows = [line.split("\t") for line in tshark("-r", TUTORIAL, "-Y", "http.request && tcp", "-T", "fields", "-e", "ip.src",
+                                                "-e", "tcp.srcport", "-e", "ip.dst", "-e", "tcp.dstport", "-e",
+                                                "http.request.uri", "-e", "http.host", "-e",
+                                                "http.user_agent").splitlines()]
+    want_uri = collections.Counter((flowkey(r[0], int(r[1]), r[2], int(r[3])), r[4]) for r in rows)
+    want_host = collections.Counter((flowkey(r[0], int(r[1]), r[2], int(r[3])), r[5]) for r in rows)
+    want_ua = collections.Counter((flowkey(r[0], int(r[1]), r[2], int(r[3])), r[6]) for r in rows if r[6])
+    assert len(rows) == 14                                   # (+ 4 SSDP requests over UDP: not reassembled)
+    assert collections.Counter(got["URI"]) == want_uri
+    assert collections.Counter(got["Host"]) == want_host
+    assert collections.Counter(got["User-Agent"]) == want_ua
+    ct = [line.split("\t") for line in tshark("-r", TUTORIAL, "-Y", "http.response && http.content_type && tcp", "-T",
+                                              "fields", "-e", "ip.src", "-e", "tcp.srcport", "-e", "ip.dst", "-e",
+                                              "tcp.dstport", "-e", "http.content_type").splitlines()]
+    assert collections.Counter(got["Content-Type"]) == collections.Counter(
+        (flowkey(r[0], int(r[1]), r[2], int(r[3])), r[4]) for r in ct)
+    heads = collections.Counter(h[1].split(" ")[0] for h in got["HTTP-Header"])
+    assert heads["HTTP/1.1"] == len(ct) or heads["HTTP/1.1"] >= len(ct)
+    assert sum(v for k, v in heads.items() if k != "HTTP/1.1") == len(rows)
+
+    # TLS:CIPHER: the ServerHello's cipher suite, 4 upper-case hex digits
+    sh = [line.split("\t") for line in tshark("-r", TUTORIAL, "-Y", "tls.handshake.type==2", "-T", "fields", "-e",
+                                              "ip.src", "-e", "tcp.srcport", "-e", "ip.dst", "-e", "tcp.dstport",
+                                              "-e", "tls.handshake.ciphersuite").splitlines()]
+    assert len(sh) == 10
+    assert sorted(got["TLS:CIPHER"]) == sorted((flowkey(r[0], int(r[1]), r[2], int(r[3])), f"{int(r[4], 16):04X}")
+                                               for r in sh)
+
+    # certificates: TLS:O = the server certificate's subject O (else CN); intermediates and the root
+    cm = [line.split("\t") for line in tshark("-r", TUTORIAL, "-Y", "tls.handshake.type==11", "-T", "fields", "-e",
+                                              "ip.src", "-e", "tcp.srcport", "-e", "ip.dst", "-e", "tcp.dstport",
+                                              "-e", "tls.handshake.certificate").splitlines()]
+    want_o, want_inter, want_root = [], [], []
+    for r in cm:
+        key = flowkey(r[0], int(r[1]), r[2], int(r[3]))
+        chain = [_org(bytes.fromhex(h)) for h in r[4].split(",")]
+        want_o.append((key, chain[0][0]))
+        for subj, _, root in chain[1:]:
+            (want_root if root else want_inter).append((key, subj))
+        if not chain[-1][2]:
+            want_root.append((key, chain[-1][1]))
+    assert len(want_o) == 10
+    assert sorted(got["TLS:O"]) == sorted(want_o)
+    assert sorted(got["TLS:CA:INTER"]) == sorted(want_inter)
+    assert sorted(got["TLS:CA:ROOT"]) == sorted(want_root)
+
+    # TLS:RECORD: every record that is not application data, whole (5-byte header included)
+    recs = collections.Counter()
+    for line in tshark("-r", TUTORIAL, "-o", "tls.desegment_ssl_records:TRUE", "-Y", "tls", "-T", "fields",
+                       "-e", "tls.record.content_type", "-e", "tls.record.length").splitlines():
+        types, lens = line.split("\t")
+        for t, n in zip(types.split(","), lens.split(",")):
+            if t and int(t) != 23:
+                recs[(int(t), int(n) + 5)] += 1
+    mine = collections.Counter((int(r[1]), int(r[2])) for r in got["TLS:RECORD"])
+    assert mine == recs
+
+
+VOTER = r'''
+local OUT = %q
+TrisulPlugin = {
+  id = { name = "%s" },
+  onload = function() T.f = io.open(OUT, "w") end,
+  onunload = function() T.f:close() end,
+  reassembly_handler = {
+    %s
+    onnewflow = function(engine, ts, flow) T.f:write("new\t", flow:id(), "\n") end,
+    onpayload = function(engine, ts, flow, dir, seekpos, buf)
+      T.f:write("data\t", flow:id(), "\t", buf:size(), "\n")
+      %s
+    end,
+  },
+}
+'''
+
+
+def lines(path):
+    with open(path) as f:
+        return [line.rstrip("\n").split("\t") for line in f]
+
+
+def test_filter_votes_and_disable(tmp_path):
+    """Reassembled unless every handler votes no (a handler without filter votes yes); every handler sees
+    every reassembled flow; disable_reassembly stops one handler's payloads only."""
+    a = helpers.write_plugin(tmp_path, fill(VOTER, str(tmp_path / "a.tsv"), "a",
+                                                'filter = function(e, ts, f) return f:id():match("p%-0015") ~= nil end,',
+                                                ""), "a.lua")
+    b = helpers.write_plugin(tmp_path, fill(VOTER, str(tmp_path / "b.tsv"), "b",
+                                                "filter = function() return false end,",
+                                                "engine:disable_reassembly(flow)"), "b.lua")
+    run(tmp_path, [a, b], [FTP], name="ab")
+    la, lb = lines(tmp_path / "a.tsv"), lines(tmp_path / "b.tsv")
+    new_a = {x[1] for x in la if x[0] == "new"}
+    assert len(new_a) == 2 and all(k.endswith("p-0015") for k in new_a)   # the two FTP control connections
+    assert {x[1] for x in lb if x[0] == "new"} == new_a                    # b voted no, still sees them
+    per_flow_b = collections.Counter(x[1] for x in lb if x[0] == "data")
+    assert set(per_flow_b.values()) == {1}                                  # disabled after its first payload
+    assert sum(1 for x in la if x[0] == "data") > 2 * len(new_a)
+
+    # every handler votes no: nothing is reassembled
+    c = helpers.write_plugin(tmp_path, fill(VOTER, str(tmp_path / "c.tsv"), "c", "filter = function() return false end,",
+                                                ""), "c.lua")
+    summary = run(tmp_path, [c], [FTP], name="c")
+    assert lines(tmp_path / "c.tsv") == [] and summary["reassembly"]["flows"] == 0
+
+    # no filter: every TCP flow, as many as tshark's TCP conversations
+    d = helpers.write_plugin(tmp_path, fill(VOTER, str(tmp_path / "d.tsv"), "d", "", ""), "d.lua")
+    run(tmp_path, [d], [FTP], name="d")
+    if TSHARK:
+        convs = [x for x in tshark("-r", FTP, "-q", "-z", "conv,tcp").splitlines() if "<->" in x]
+        assert len({x[1] for x in lines(tmp_path / "d.tsv") if x[0] == "new"}) == len(convs)
+
+
+# ---------------------------------------------------------------------------------------------- tls.lua framing
+
+def _records(draw_lens):
+    recs = []
+    for typ, n in draw_lens:
+        body = bytes((typ * 7 + i) % 256 for i in range(n))
+        recs.append(struct.pack(">BHH", typ, 0x0303, n) + body)
+    return recs
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([20, 21, 22, 23, 24]), st.integers(0, 3000)), min_size=1, max_size=12),
+       st.lists(st.integers(1, 4000), min_size=1, max_size=30))
+def test_tls_framing_any_segmentation(recspec, cuts):
+    """Records cut at arbitrary points come out whole, in order; application data (23) is skipped."""
+    recs = _records(recspec)
+    stream = b"".join(recs)
+    lua = new_runtime()
+    feed = lua.eval(r'''function(chunks)
+      local tls = require("luaprobe.engine.streams.tls")
+      local out = {}
+      local a = tls.new({ record = function(dir, rec) out[#out + 1] = rec end })
+      for i = 1, #chunks do a:data(0, chunks[i], #chunks[i]) end
+      return out, a.dead[0]
+    end''')
+    chunks, pos, i = [], 0, 0
+    while pos < len(stream):
+        n = cuts[i % len(cuts)]
+        chunks.append(stream[pos:pos + n])
+        pos += n
+        i += 1
+    out, dead = feed(lua.table_from(chunks))
+    assert not dead
+    assert [out[k] for k in range(1, len(out) + 1)] == [r for r in recs if r[0] != 23]
+
+
+def test_tls_not_tls_stops():
+    lua = new_runtime()
+    dead = lua.eval(r'''function(s)
+      local a = require("luaprobe.engine.streams.tls").new({})
+      a:data(1, s, #s)
+      return a.dead[1]
+    end''')(b"\x16\x03\x01\x00\x05hello" + b"GET / HTTP/1.1\r\n")
+    assert dead is True
