@@ -118,3 +118,28 @@ def test_lua_log_lines_cannot_be_forged(runtime_factory, tmp_path, caplog):
     lines = msg[0].split("\n")
     assert lines[1].startswith("  | 2026-11-29") and "\r" not in msg[0] and "\x1b" not in msg[0]
     assert "\\x0d\\x1b[2Jgone" in lines[1]
+
+
+def test_file_helper_error_flood_is_rate_limited_and_bounded(runtime_factory, tmp_path, caplog):
+    """Issue 13.11: 20 000 distinct failing names give a handful of log lines (one per kind of error, then
+    one a second), and the rate limiter's memory stays bounded (its keys leave the names out)."""
+    caplog.set_level(logging.INFO, logger="luaprobe")
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, OPS + r'''
+function flood(n, dir)
+  for i = 1, n do T.async:copybuffer("x", dir .. "/missing-dir/name-" .. i) end
+  for i = 1, 10 do T.async:rm(dir .. "/" .. string.rep("n", 300) .. i) end
+end
+'''))
+    t0 = __import__("time").monotonic()
+    vm.exec(f"flood(20000, {q(tmp_path)})")
+    st = drain(rt, vm, timeout=120)
+    elapsed = __import__("time").monotonic() - t0
+    assert (st["error"], st["ok"]) == (20010, 0), st
+    lines = [r.getMessage() for r in caplog.records if "file helper error" in r.getMessage()]
+    assert 2 <= len(lines) <= 2 * (2 + elapsed), len(lines)   # two kinds: first line each, then <= 1/s each
+    assert any("copybuffer: " in m and "No such file or directory" in m for m in lines)
+    assert any("rm: " in m and "File name too long" in m for m in lines)
+    keys = vm.lua.eval("function(a) local n = 0; for _ in pairs(a.errors.seen) do n = n + 1 end; return n end")(
+        vm.async_obj)
+    assert keys == 2
