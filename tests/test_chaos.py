@@ -135,6 +135,7 @@ def test_chaos_small(runtime_factory, tmp_path):
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 def test_chaos_soak(runtime_factory, tmp_path):
     """1M tasks, 600 kills at 10/s (docs/benchmarks.md, "Chaos soak")."""
     t0 = time.monotonic()
