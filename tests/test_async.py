@@ -651,8 +651,9 @@ end
     assert vm.exec("return hog(200)") is True
     for i in range(3):
         assert vm.exec(f"return quick('q{i}')") is True
-    service_until(rt, lambda: (vm.pool.slots[0].kill_reason or "").startswith("recycled"), timeout=20)
-    assert (tmp_path / "started-hog").exists()
+    # the pool may see the RSS between the hog's fill and its marker file: wait for both
+    service_until(rt, lambda: (vm.pool.slots[0].kill_reason or "").startswith("recycled")
+                  and (tmp_path / "started-hog").exists(), timeout=20)
     assert vm.pool.slots[0].proc.pid == pid
     open_gate(tmp_path)
     # the worker leaves right after the hog task; the queued ones run on its replacement

@@ -130,3 +130,45 @@ def test_backoff_resets_after_a_healthy_period(runtime_factory, tmp_path):
     service_until(rt, lambda: slot.proc is not None and slot.proc.pid != pid, timeout=10)
     assert slot.crashes_in_row == 1               # a healthy run in between: back to backoff_initial
     assert vm.pool.deaths == 5
+
+
+HOG = r'''
+done = {}
+local ffi = require("ffi")
+pcall(ffi.cdef, "int getpid(void);")
+function task(mb)
+  T.async:schedule{ data = tostring(mb), onexecute = function(d)
+      local ffi = require("ffi")
+      pcall(ffi.cdef, "int getpid(void);")
+      local n = tonumber(d) * 1000000
+      if n > 0 then HOG = ffi.new("uint8_t[?]", n); ffi.fill(HOG, n, 1) end   -- kept: a global
+      local f = io.open("/proc/self/statm"); local _, res = f:read("*n", "*n"); f:close()
+      return ffi.C.getpid() .. " " .. res * 4096
+    end,
+    onresult = function(e, d, r) done[#done + 1] = r end }
+end
+'''
+
+
+def test_rss_cap_is_enforced_after_every_task(runtime_factory, tmp_path):
+    """Issue 13.6: a worker whose task left it above max_rss_mb runs no further task: it is recycled at once
+    (not at the pool's next once-a-second look), so no worker ever exceeds the cap by more than one task's
+    allocation, however fast the tasks come (measured by the tasks themselves, /proc/self/statm)."""
+    rt = runtime_factory(workers=1, max_rss_mb=0)
+    vm = rt.load(plugin(tmp_path, HOG))
+    vm.exec("task(0)")
+    drain(rt, vm)
+    base_pid, base_rss = map(int, lst(vm, "done")[0].split())
+    cap = base_rss + 100e6
+    rt2 = runtime_factory(workers=1, max_rss_mb=cap / 1e6)
+    vm2 = rt2.load(plugin(tmp_path, HOG))
+    for _ in range(12):
+        vm2.exec("task(40)")                     # 40 MB kept per task
+    st = drain(rt2, vm2, timeout=120)
+    assert st["ok"] == 12, st
+    rows = [tuple(map(int, r.split())) for r in lst(vm2, "done")]
+    assert max(r[1] for r in rows) <= cap + 40e6 + 16e6, [r[1] - base_rss for r in rows]
+    per_pid = {}
+    for pid, _ in rows:
+        per_pid[pid] = per_pid.get(pid, 0) + 1
+    assert len(per_pid) >= 3 and vm2.pool.recycles == len(per_pid) - 1 and vm2.pool.deaths == 0

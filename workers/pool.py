@@ -181,6 +181,7 @@ class WorkerPool:
         cmd = [sys.executable, "-m", "luaprobe.workers.worker", "--channel", slot.channel.name,
                "--req-capacity", str(self.config.ring_size), "--slot", str(slot.k),
                "--ppid", str(os.getpid()), "--max-tasks", str(self.config.max_tasks),
+               "--max-rss-mb", str(self.config.max_rss_mb),
                "--spin-us", str(self.config.worker_spin_us)]
         if self.bell is not None:
             cmd += ["--bell", self.bell.name]

@@ -19,6 +19,17 @@ local M = {}
 local fileops = require("luaprobe.workers.fileops")
 
 --- Run one file helper (workers/fileops.lua: confined names); returns true or nil, message.
+--- Resident set size of this process in bytes (/proc/self/statm, second field, in pages).
+pcall(ffi.cdef, "long sysconf(int name);")
+local PAGE = tonumber(ffi.C.sysconf(30))      -- _SC_PAGESIZE
+local function rss_bytes()
+  local f = io.open("/proc/self/statm", "r")
+  if not f then return 0 end
+  local _, resident = f:read("*n", "*n")
+  f:close()
+  return (resident or 0) * PAGE
+end
+
 local function file_op(kind, data, aux, arg)
   local ok, err
   if kind == P.COPY then ok, err = fileops.copy(data, aux)
@@ -67,6 +78,7 @@ function M.loop(opts)
   local ret = ring.attach(base + P.CONTROL + ring.region_size(opts.req_capacity))
   if opts.bell then ret.data_bell = cast("uint32_t *", opts.bell) end
   local ppid, max_tasks = opts.ppid, opts.max_tasks or 0
+  local max_rss = opts.max_rss or 0          -- bytes; checked after every task (0 = no cap)
   local funcs, names = {}, {}
   local cur_task_p, cur_start_p = cast("double *", ctl) + 2, cast("double *", ctl) + 3
   local done_p, exit_p = cast("double *", ctl) + 4, cast("uint32_t *", ctl) + 10
@@ -151,6 +163,10 @@ function M.loop(opts)
         if (max_tasks > 0 and done >= max_tasks) or exit_requested() then
           req:release()
           return exit_requested() and "exit" or "recycle"
+        end
+        if max_rss > 0 and rss_bytes() > max_rss then   -- above the cap by at most this task's allocation
+          req:release()
+          return "recycle"
         end
       end
     end

@@ -26,6 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slot", type=int, default=0)
     p.add_argument("--ppid", type=int, required=True)
     p.add_argument("--max-tasks", type=int, default=0)
+    p.add_argument("--max-rss-mb", type=float, default=0.0, help="recycle after a task that left RSS above this")
     p.add_argument("--file-root", action="append", default=[], help="confine the file helpers beneath DIR")
     p.add_argument("--spin-us", type=float, default=0.0, help="poll this long after a task before sleeping")
     return p.parse_args(argv)
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
         "req_capacity": args.req_capacity,
         "ppid": args.ppid,
         "max_tasks": args.max_tasks,
+        "max_rss": args.max_rss_mb * 1e6,
         "slot": args.slot,
         "spin_ns": args.spin_us * 1e3,
         "file_roots": lua.table_from([r.encode() for r in args.file_root]),
