@@ -1,8 +1,9 @@
 """Chaos: a worker SIGKILLed every 100 ms while tasks stream in (issue 13, "Done when").
 
 Deterministic by construction, whatever the machine's load: the test feeds a fixed number of tasks per
-100 ms tick and kills exactly one live worker per tick, so the number of kills is exact and every kill lands
-while work is queued; it then waits (generously) for the queue to drain.  Only invariants are asserted:
+100 ms tick and kills exactly one serving worker per tick (one that has finished a task since it started; when
+none is, the tick waits until one is back), so the number of kills is exact and every kill lands on a worker
+in the middle of its stream; it then waits (generously) for the queue to drain.  Only invariants are asserted:
 
 * exact accounting: scheduled == ok + error, nothing dropped, timed out or left pending;
 * every task reaches exactly one of onresult / onerror (no duplicates, none missing), and each error is a
@@ -16,6 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import struct
 import time
 
 import psutil
@@ -60,10 +62,13 @@ end
 '''
 
 
-def _live(slot, killed=()) -> bool:
-    """The slot's worker is running and not already sent its SIGKILL (an exit under load can lag the signal);
-    checked without reaping it: the pool reaps its own workers."""
+def _live(slot, killed=(), layout=None) -> bool:
+    """The slot's worker is serving (it finished a task since it started: a kill lands mid-stream, not in its
+    start-up) and was not already sent its SIGKILL (an exit under load can lag the signal); checked without
+    reaping it: the pool reaps its own workers."""
     if slot.proc is None or slot.proc.pid in killed:
+        return False
+    if layout is not None and struct.unpack_from("<d", slot.channel.buf, layout.tasks_done)[0] < 1:
         return False
     try:
         return os.waitid(os.P_PID, slot.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
@@ -88,10 +93,12 @@ def _chaos(runtime_factory, tmp_path, tasks: int, ticks: int, workers: int = 3):
             if not rt.service():
                 rt.wait(min(0.01, max(0.0, next_tick - time.monotonic())))
         next_tick += 0.1
-        live = [s for s in vm.pool.slots if _live(s, pids_killed)]
-        if not live:                                               # all restarting: wait for one
-            helpers.wait_for(lambda: rt.service() is not None and [s for s in vm.pool.slots if _live(s, pids_killed)], 30, 0.005)
-            live = [s for s in vm.pool.slots if _live(s, pids_killed)]
+        def serving():
+            return [s for s in vm.pool.slots if _live(s, pids_killed, vm.pool.layout)]
+        if not serving():                                          # all restarting: kill the first one back
+            helpers.wait_for(lambda: rt.service() is not None and serving(), 60, 0.002)
+            next_tick = time.monotonic() + 0.1
+        live = serving()
         victim = live[k % len(live)]
         k += 1
         pids_seen.add(victim.proc.pid)
