@@ -8,6 +8,8 @@ capture() and copies every frame into the packet ring as a PKT record.
     local h = afp.open{ interface = "eth0", filter = "40 0 0 12\n21 0 1 2048\n...",  -- optional
                         block_size = 1 << 20, block_nr = 32, frame_size = 2048, retire_ms = 10,
                         promisc = true }
+    -- fanout = GROUP_ID (optional): join an AF_PACKET fanout group (PACKET_FANOUT_HASH with
+    -- PACKET_FANOUT_FLAG_DEFRAG), one socket per shard (engine/fastpath/shards.py)
     h:run(r, stop)      -- until stop() returns true; publishes STATS records every second
     h:close()
 
@@ -91,7 +93,7 @@ for _, decl in ipairs({
 
 local C = ffi.C
 local S = ring.lib                        -- _lpsync: lp_load32 / lp_store32 / lp_now_ns
-local band, bor, rshift = bit.band, bit.bor, bit.rshift
+local band, bor, rshift, lshift = bit.band, bit.bor, bit.rshift, bit.lshift
 local cast, copy = ffi.cast, ffi.copy
 local REC, recp, PKT = packet.REC_SIZE, packet.recp, packet.PKT
 
@@ -100,6 +102,7 @@ local M = {
   SOL_SOCKET = 1, SO_ATTACH_FILTER = 26,
   SOL_PACKET = 263, PACKET_ADD_MEMBERSHIP = 1, PACKET_RX_RING = 5, PACKET_STATISTICS = 6,
   PACKET_VERSION = 10, TPACKET_V3 = 2, PACKET_MR_PROMISC = 1,
+  PACKET_FANOUT = 18, PACKET_FANOUT_HASH = 0, PACKET_FANOUT_FLAG_DEFRAG = 0x8000,
   TP_STATUS_KERNEL = 0, TP_STATUS_USER = 1, TP_STATUS_VLAN_VALID = 16, TP_STATUS_VLAN_TPID_VALID = 64,
   POLLIN = 1, POLLERR = 8,
   STATS = packet.STATS or 4,
@@ -177,16 +180,30 @@ function M.open(opts)
     local m = C.mmap(nil, self.map_len, 3, 1, self.fd, 0)        -- PROT_READ|PROT_WRITE, MAP_SHARED
     if cast("intptr_t", m) == -1 then oserr("mmap(TPACKET_V3 ring)") end
     self.map = cast(u8p, m)
-    if opts.filter then
-      local prog, n = M.parse_filter(opts.filter)
+    local function attach(text)
+      local prog, n = M.parse_filter(text)
       local fprog = ffi.new("struct lp_sock_fprog")
       fprog.len, fprog.filter = n, prog
       setopt(self.fd, M.SOL_SOCKET, M.SO_ATTACH_FILTER, fprog, "setsockopt(SO_ATTACH_FILTER)")
-      self.filter_len = n
+      return n
     end
+    -- fanout: accept nothing until the socket is in its group (a bound socket outside the group
+    -- would see every packet, duplicating the other shards' share)
+    if opts.fanout then attach("6 0 0 0")
+    elseif opts.filter then self.filter_len = attach(opts.filter) end
     local sll = ffi.new("struct lp_sockaddr_ll")
     sll.sll_family, sll.sll_protocol, sll.sll_ifindex = M.AF_PACKET, htons(M.ETH_P_ALL), idx
     if C.bind(self.fd, sll, ffi.sizeof(sll)) ~= 0 then oserr(("bind(%s)"):format(ifname)) end
+    if opts.fanout then
+      -- PACKET_FANOUT_HASH: the kernel's symmetric flow hash picks the socket, so both directions of
+      -- a flow reach one shard; FLAG_DEFRAG reassembles IP fragments first, so a datagram's fragments
+      -- are hashed (and delivered) as one packet.  Group id: low 16 bits; type|flags: high 16 bits.
+      local v = bor(band(opts.fanout, 0xffff),
+                    lshift(bor(M.PACKET_FANOUT_HASH, M.PACKET_FANOUT_FLAG_DEFRAG), 16))
+      setopt(self.fd, M.SOL_PACKET, M.PACKET_FANOUT, ffi.new("int[1]", v), "setsockopt(PACKET_FANOUT)")
+      self.fanout = opts.fanout
+      self.filter_len = attach(opts.filter or "6 0 0 262144")      -- the real filter, or accept all
+    end
     if opts.promisc ~= false then
       local mr = ffi.new("struct lp_packet_mreq")
       mr.mr_ifindex, mr.mr_type = idx, M.PACKET_MR_PROMISC

@@ -3,15 +3,67 @@ luaprobe.engine.capture.capture — the capture process's loop: walk a mapped ca
 with luaprobe.engine.capture.pcapfile and copy each record into the packet ring.  From
 files the ring applies backpressure: when it is full the loop waits for
 space, so nothing is ever lost.
+
+Sharded runs (engine/fastpath/shards.py) hand the loops a *sharder* instead of one
+ring: `r:pick(ptr, caplen, linktype, ts_sec)` decodes the frame and returns
+the ring of the packet's shard (symmetric hash of the IP address pair, so
+both directions of a flow and every fragment of a datagram land on one
+shard; non-IP on shard 0), and sends a TIME record to the other shards when
+the packet opens a new second.  `publish` publishes every ring.
 ]]
 local ffi = require("ffi")
+local bit = require("bit")
 local ring = require("luaprobe.shm.ring")
 local pcapfile = require("luaprobe.engine.capture.pcapfile")
 local packet = require("luaprobe.engine.plugins.packet")
+local decode = require("luaprobe.engine.fastpath.decode")
 
 local cast, copy = ffi.cast, ffi.copy
 local REC, recp = packet.REC_SIZE, packet.recp
+local u32p = ffi.typeof("const uint32_t *")
+local bxor, rshift = bit.bxor, bit.rshift
 local M = {}
+
+--- Shard (0-based) of a decoded packet among `n`: XOR of the 32-bit words of both
+--- addresses (commutative, so A->B and B->A agree; fragments carry the same
+--- addresses as their datagram's first fragment), mixed by a 64-bit Fibonacci multiply.
+--- Non-IP: shard 0.
+function M.shard_of(d, n)
+  if d.ip_version == 0 then return 0 end
+  local s, t = cast(u32p, d.src), cast(u32p, d.dst)
+  local x = bxor(s[0], s[1], s[2], s[3], t[0], t[1], t[2], t[3])
+  local h = rshift(ffi.cast("uint64_t", ffi.cast("uint32_t", x)) * 0x9E3779B97F4A7C15ULL, 32)
+  return tonumber(h % n)
+end
+
+local Sharder = {}
+Sharder.__index = Sharder
+
+--- A sharder over the Lua array `rings` (ring i+1 belongs to shard i).
+function M.sharder(rings)
+  return setmetatable({ rings = rings, n = #rings, d = decode.new(), sec = -1, counts = {} }, Sharder)
+end
+
+--- The ring of this frame's shard; on a new packet-time second every other
+--- shard gets a TIME record first (waiting for space like packets do).
+function Sharder:pick(ptr, caplen, linktype, ts_sec, stop)
+  local d = self.d
+  decode.decode(d, ptr, caplen, linktype)
+  local k = M.shard_of(d, self.n)
+  if ts_sec ~= self.sec then
+    self.sec = ts_sec
+    local text = tostring(ts_sec)
+    for i = 1, self.n do
+      if i ~= k + 1 then M.control(self.rings[i], packet.TIME, text, stop, ts_sec) end
+    end
+  end
+  self.counts[k + 1] = (self.counts[k + 1] or 0) + 1
+  return self.rings[k + 1]
+end
+
+function Sharder:publish()
+  for i = 1, self.n do self.rings[i]:publish() end
+end
 
 local function reserve(r, n, stop)
   local p = r:reserve(n)
@@ -24,39 +76,51 @@ local function reserve(r, n, stop)
   return p
 end
 
---- Push a control record (EOF / ERROR / END) with a text payload.
-function M.control(r, kind, text, stop)
+--- Push a control record (EOF / ERROR / END / TIME) with a text payload.
+--- To a sharder: END goes to every shard, the others to shard 0.
+function M.control(r, kind, text, stop, ts_sec)
+  if r.rings then
+    if kind == packet.END then
+      for i = 1, r.n do M.control(r.rings[i], kind, text, stop) end
+      return
+    end
+    r = r.rings[1]
+  end
   local p = reserve(r, REC + #text, stop or function() return false end)
   if p == nil then return end
   local h = cast(recp, p)
   ffi.fill(h, REC, 0)
-  h.kind, h.caplen = kind, #text
+  h.kind, h.caplen, h.ts_sec = kind, #text, ts_sec or 0
   copy(p + REC, text, #text)
   r:commit()
   r:publish()
 end
 
---- Copy every packet of one mapped file into ring `r`.  Returns packets,
---- bytes, on corruption the error message and byte offset, and true when
---- stop() ended the walk before the end of the file (checked while waiting
---- for ring space and every 4096 records).
+--- Copy every packet of one mapped file into ring `r` (or a sharder).  Returns
+--- packets, bytes, on corruption the error message and byte offset, and true
+--- when stop() ended the walk before the end of the file (checked while
+--- waiting for ring space and every 4096 records).
 function M.file(r, addr, size, stop)
   local rd = pcapfile.open(addr, size)
   local n, bytes, since, stopped = 0, 0, 0, false
+  local sharded = r.rings ~= nil
   while true do
     if n % 4096 == 4095 and stop() then stopped = true; break end
     local ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = rd:next()
     if ptr == nil then break end
-    local p = r:reserve(REC + caplen)
+    local rr = r
+    if sharded then rr = r:pick(ptr, caplen, linktype, ts_sec, stop) end
+    local p = rr:reserve(REC + caplen)
     if p == nil then
-      p = reserve(r, REC + caplen, stop)
+      if sharded then r:publish() end
+      p = reserve(rr, REC + caplen, stop)
       if p == nil then stopped = true; break end
     end
     local h = cast(recp, p)
     h.kind, h.ts_sec, h.ts_nsec, h.wirelen, h.caplen = packet.PKT, ts_sec, ts_nsec, wirelen, caplen
     h.linktype, h.ifindex = linktype, ifindex
     copy(p + REC, ptr, caplen)
-    r:commit()
+    rr:commit()
     n, bytes, since = n + 1, bytes + wirelen, since + 1
     if since >= 64 then r:publish(); since = 0 end
   end

@@ -40,7 +40,7 @@ def _live(args, lua, ring, control, pkt, stop) -> int:
     try:
         flt = compile_bpf(args.bpf, link_type(args.interface), args.interface) if args.bpf else None
         h = lua.eval("function(o) return require('luaprobe.engine.capture.afpacket').open(o) end")(
-            table(lua, {"interface": args.interface, "filter": flt}))
+            table(lua, {"interface": args.interface, "filter": flt, "fanout": args.fanout}))
     except Exception as e:                                  # BpfError, or a LuaError from open()
         msg = e.args[0] if isinstance(e, BpfError) else split_lua_error(e)[1]
         control(ring, pkt.ERROR, f"\t{msg}\tinterface {args.interface}".encode())
@@ -74,9 +74,11 @@ def _generate(args, lua, ring, control, pkt, stop) -> int:
 def main(argv=None) -> int:
     """Read every file into the ring; exit 0, or 3 if some file had an input error."""
     ap = argparse.ArgumentParser(prog="luaprobe-capture")
-    ap.add_argument("--ring", required=True)
+    ap.add_argument("--ring", required=True, help="packet ring segment; files/--generate: several, comma-separated "
+                                                    "(one per shard: packets are hashed into them, engine/fastpath/shards.py)")
     ap.add_argument("--ppid", type=int, required=True)
-    ap.add_argument("--bell", default="", help="doorbell segment the consumer sleeps on")
+    ap.add_argument("--bell", default="", help="doorbell segment(s) the consumer(s) sleep on (one per ring)")
+    ap.add_argument("--fanout", type=int, help="live: join this AF_PACKET fanout group (PACKET_FANOUT_HASH)")
     ap.add_argument("--interface", help="capture live from this interface until SIGTERM")
     ap.add_argument("--bpf", help="tcpdump filter expression (with --interface)")
     ap.add_argument("--loop", action="store_true", help="repeat the files until SIGTERM (soak runs, supervisor)")
@@ -90,14 +92,19 @@ def main(argv=None) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})          # blocked by FastPath.run until now
     die_with_parent(args.ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    seg = segment.attach(args.ring)
+    names, bell_names = args.ring.split(","), args.bell.split(",") if args.bell else []
+    if (bell_names and len(bell_names) != len(names)) or (len(names) > 1 and args.interface):
+        ap.error("--bell needs one doorbell per ring; --interface takes one ring (one process per shard)")
+    segs = [segment.attach(n) for n in names]
+    bells = [segment.attach(n) for n in bell_names]
     lua = new_runtime()
     cap = lua.eval("require('luaprobe.engine.capture.capture')")
     attach = lua.eval("function(a) return require('luaprobe.shm.ring').attach(a) end")
-    ring = attach(seg.address)
-    bell = segment.attach(args.bell) if args.bell else None
-    if bell is not None:
-        lua.eval("function(r, a) r.data_bell = require('ffi').cast('uint32_t *', a) end")(ring, bell.address)
+    rings = [attach(seg.address) for seg in segs]
+    for r, bell in zip(rings, bells):
+        lua.eval("function(r, a) r.data_bell = require('ffi').cast('uint32_t *', a) end")(r, bell.address)
+    ring = rings[0] if len(rings) == 1 else lua.eval(
+        "function(t) return require('luaprobe.engine.capture.capture').sharder(t) end")(lua.table_from(rings))
     pkt = lua.eval("require('luaprobe.engine.plugins.packet')")
     control = lua.eval("function(r, k, t) require('luaprobe.engine.capture.capture').control(r, k, t) end")
     run_file = lua.eval("function(r, a, s, stop) return require('luaprobe.engine.capture.capture').file(r, a, s, stop) end")

@@ -165,7 +165,8 @@ def cmd_run(args) -> int:
     import json
 
     from luaprobe.shm import logs
-    from luaprobe.engine.fastpath.run import FastPath, RunConfig
+    from luaprobe.engine.fastpath.run import RunConfig
+    from luaprobe.engine.fastpath.shards import make_run
     from luaprobe.engine.plugins.vm import PluginError
     logs.setup(verbose=args.verbose)
     if args.quiet:
@@ -201,7 +202,9 @@ def cmd_run(args) -> int:
         cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
                         async_config=_async_config(args), backend_instances=args.backend_instances,
                         batch=args.batch, interface=interface, bpf=bpf, generate=generate,
-                        http_max_header=args.http_max_header)
+                        http_max_header=args.http_max_header, shards=getattr(args, "shards", 1))
+        if not 1 <= cfg.shards <= 64:
+            raise ValueError(f"--shards {cfg.shards}: must be between 1 and 64")
     except ValueError as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -209,7 +212,7 @@ def cmd_run(args) -> int:
     if bar is not None:
         cfg.progress = bar.update
     try:
-        summary = FastPath(cfg).run()
+        summary = make_run(cfg).run()
     except PluginError as e:
         print(f"luaprobe run: plug-in error: {e}", file=sys.stderr)
         return EXIT_PLUGIN
@@ -304,6 +307,8 @@ def _run_options(p) -> None:
     p.add_argument("--batch", type=int, default=1024, help="packets per fast-path batch")
     p.add_argument("--http-max-header", type=int, default=65536, metavar="BYTES",
                    help="longest HTTP start line + header block kept (more is counted; docs/filex.md)")
+    p.add_argument("--shards", type=int, default=1, metavar="N",
+                   help="N fast-path processes sharing the input by a symmetric flow hash (docs/scale.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (T.logdebug lines too)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of text")

@@ -19,7 +19,7 @@ _NUM = (int, float)
 # section -> key -> (type, default, check) ; check: (lo, hi) inclusive for numbers, a tuple of choices for str,
 # None for no check.  Type "path"/"paths" are strings / lists of strings resolved against the config dir.
 SCHEMA: dict = {
-    "run": {"out_dir": ("path", "out", None), "run_dir": ("path", "run", None)},
+    "run": {"out_dir": ("path", "out", None), "run_dir": ("path", "run", None), "shards": (int, 1, (1, 64))},
     "source": {"pcap": ("paths", None, None), "interface": (str, None, None), "bpf": (str, None, None),
                "loop": (bool, False, None)},
     "plugins": {"paths": ("paths", None, None), "lua_path": ("paths", [], None),
@@ -70,7 +70,7 @@ class Config:
                            max_tasks=a["max_tasks"], max_rss_mb=float(a["max_rss_mb"]), file_roots=a["file_roots"])
         kw = dict(plugins=p["paths"], files=s["pcap"] or [], out_dir=self["run"]["out_dir"], lua_path=p["lua_path"],
                   async_config=acfg, backend_instances=p["backend_instances"], stats_file=stats_file,
-                  stats_interval=float(self["stats"]["interval"]), loop=s["loop"])
+                  stats_interval=float(self["stats"]["interval"]), loop=s["loop"], shards=self["run"]["shards"])
         if s["interface"]:
             kw.update(interface=s["interface"], bpf=s["bpf"])
         return RunConfig(**kw)

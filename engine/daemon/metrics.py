@@ -116,6 +116,28 @@ class _Collector:
                 lat.add_metric(lv + ["0.99"], a.get("latency_p99_ns", 0) / 1e9)
             deaths.add_metric(lv, a.get("worker_deaths", 0))
         yield from (calls, errors, tasks, pending, lat, deaths)
+        yield from _shard_families(snap.get("shards", []))
+
+
+def _shard_families(shards: list):
+    """Per-shard figures of a sharded probe (engine/fastpath/shards.py); the unlabelled families above are the totals."""
+    if not shards:
+        return
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    fams = {"packets": CounterMetricFamily("luaprobe_shard_packets", "packets processed by one shard", labels=["shard"]),
+            "bytes": CounterMetricFamily("luaprobe_shard_bytes", "bytes processed by one shard", labels=["shard"]),
+            "flows": CounterMetricFamily("luaprobe_shard_flows", "flows created by one shard", labels=["shard"]),
+            "flows_live": GaugeMetricFamily("luaprobe_shard_flows_live", "flows in one shard's table", labels=["shard"]),
+            "restarts": CounterMetricFamily("luaprobe_shard_restarts", "restarts of one shard after a crash",
+                                            labels=["shard"])}
+    ring = GaugeMetricFamily("luaprobe_shard_ring_fill_bytes", "bytes waiting in one shard's packet ring",
+                             labels=["shard"])
+    for s in shards:
+        k = str(s.get("shard"))
+        for name, fam in fams.items():
+            fam.add_metric([k], s.get(name, 0) or 0)
+        ring.add_metric([k], s.get("rings", {}).get("packet", {}).get("bytes", 0))
+    yield from (*fams.values(), ring)
 
 
 class Exporter:

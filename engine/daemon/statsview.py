@@ -107,6 +107,13 @@ def tables(cur: dict, prev: dict | None) -> list[tuple[str, list[str], list[list
             [[str(st.get("state")), str(st.get("source")), str(st.get("restarts", 0)), _h(cur.get("packets")),
               _h(pps), _h(bps, "b/s"), _h(cur.get("bytes"), "B"), _h(cur.get("flows_live")), fill,
               " ".join(f"{k}={v}" for k, v in d.items())]])]
+    if cur.get("shards"):                  # a sharded probe: the row above is the total
+        out.append(("shards", ["shard", "pid", "restarts", "packets", "bytes", "flows", "flows live", "ring fill",
+                               "drops"],
+                    [[str(s["shard"]), str(s.get("pid")), str(s.get("restarts", 0)), _h(s.get("packets")),
+                      _h(s.get("bytes"), "B"), _h(s.get("flows")), _h(s.get("flows_live")),
+                      _h(s.get("rings", {}).get("packet", {}).get("bytes"), "B"),
+                      " ".join(f"{k}={v}" for k, v in s.get("drops", {}).items())] for s in cur["shards"]]))
     out.append(("processes", ["role", "pid", "cpu %", "rss", "threads", "ctx vol/invol", "read", "written"],
                 [[r["role"], str(r["pid"]), f"{r['cpu_percent']:.1f}", _mb(r["rss"]), str(r["threads"]),
                   f"{r['ctx_voluntary']}/{r['ctx_involuntary']}", _h(r.get("read_bytes"), "B"),
@@ -114,7 +121,8 @@ def tables(cur: dict, prev: dict | None) -> list[tuple[str, list[str], list[list
     rows = []
     for p in cur.get("plugins", []):
         a = p.get("async", {})
-        rows.append([f"{os.path.basename(p['plugin'])} [{p['type']}#{p['instance']}]",
+        shard = f" shard {p['shard']}" if "shard" in p else ""
+        rows.append([f"{os.path.basename(p['plugin'])} [{p['type']}#{p['instance']}]{shard}",
                      _h(sum(p.get("hook_calls", {}).values())), str(sum(p.get("hook_errors", {}).values())),
                      *(str(a.get(k, 0)) for k in ("scheduled", "pending", "ok", "nil_result", "error", "timeout",
                                                    "dropped")),

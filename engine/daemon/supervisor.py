@@ -363,7 +363,7 @@ def child_main(config_path: str, run_dir: str) -> int:
     import json
 
     from luaprobe.shm import logs
-    from luaprobe.engine.fastpath.run import FastPath
+    from luaprobe.engine.fastpath.shards import make_run
     from luaprobe.engine.plugins.vm import PluginError
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -378,7 +378,7 @@ def child_main(config_path: str, run_dir: str) -> int:
     cfg = config_mod.Config(active["path"], active["values"])
     logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
     stats_file = control.path(run_dir, control.STATS)
-    fp = FastPath(cfg.run_config(stats_file=stats_file))
+    fp = make_run(cfg.run_config(stats_file=stats_file))
     signal.signal(signal.SIGTERM, lambda *_: fp.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: fp.request_reload_backends())    # live backend reload
     if stop:

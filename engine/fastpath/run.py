@@ -35,7 +35,7 @@ from luaprobe.engine.streams.reasm import ReassemblyStage
 from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
 from luaprobe.engine.store.writer import StoreWriter
 
-PKT, EOF, ERROR, END, STATS = 0, 1, 2, 3, 4
+PKT, EOF, ERROR, END, STATS, TIME = 0, 1, 2, 3, 4, 5
 BACKEND_KINDS = ("engine_monitor", "sg_monitor", "flowtracker")   #: backend types run per backend instance
 MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
 
@@ -84,6 +84,9 @@ class RunConfig:
     bpf: str | None = None            #: tcpdump filter expression for the live capture
     loop: bool = False                #: repeat the files until stopped (soak runs; [source] loop in docs/operations.md)
     generate: str | None = None       #: the capture process runs the generator with this SPEC (engine/gen/stream.py)
+    shards: int = 1                   #: fast-path processes sharing the input by flow hash (engine/fastpath/shards.py)
+    shard: dict | None = None         #: in a shard process (set by engine/fastpath/shards.py): index, count, ring,
+                                      #: bell, summary_file, coordinator (pid); None in a single fast path
 
 
 #: script type -> (Host setup method, Host per-batch method) for the types that walk every batch
@@ -135,6 +138,8 @@ class FastPath:
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "key_info": 0, "flows": 0}
         self.stage = None               #: ReassemblyStage when a reassembly_handler is loaded
         self.flowmon = None             #: FlowBackends (sg_monitor / flowtracker)
+        self.shard_index = cfg.shard["index"] if cfg.shard else 0
+        self.messages_undelivered = 0   #: post_message_* with no instance of that pipeline in this process
 
     # ----------------------------------------------------------------- setup
     def _load_plugins(self, rt: AsyncRuntime) -> None:
@@ -156,6 +161,8 @@ class FastPath:
                 continue                                   # cannot load: already reported
             for kind in info.runnable_types:
                 if kind in BACKEND_KINDS:
+                    if kind == "engine_monitor" and self.shard_index:   # once for the probe: in shard 0
+                        continue
                     for k in range(cfg.backend_instances):
                         self._instantiate(rt, info.path, kind, "backend", str(k))
                 else:
@@ -164,7 +171,8 @@ class FastPath:
     def _instantiate(self, rt, path, kind, pipeline, instance) -> None:
         try:
             vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups,
-                         start_workers="lazy", protocols=self.protocols, group_names=self.group_names)
+                         start_workers="lazy", protocols=self.protocols, group_names=self.group_names,
+                         contextid=self.shard_index)
         except PluginError as e:
             self.plugin_problems.append(str(e))
             return
@@ -258,9 +266,11 @@ class FastPath:
                     self.driver_tag(self.driver, fk.encode(), tag.encode())
             messages += [tuple(_text(x) for x in r.values()) for r in out[b"messages"].values()]
         for pipeline, msgid, msg in messages:
-            for inst in self.instances:
-                if inst.pipeline == pipeline:
-                    inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg.encode())
+            targets = [inst for inst in self.instances if inst.pipeline == pipeline]
+            if not targets:          # e.g. to the backend from a shard other than 0 (docs/scale.md)
+                self.messages_undelivered += 1
+            for inst in targets:
+                inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg.encode())
 
     def _flows(self, rows) -> None:
         """Flow records (17-field rows from flow_rows, 14-field Lua rows from scripts): held for sg_monitor /
@@ -289,13 +299,19 @@ class FastPath:
         t0 = time.monotonic()
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
-        rt = AsyncRuntime(cfg.async_config, lua_path=cfg.lua_path)
+        shard = cfg.shard
+        rt = AsyncRuntime(cfg.async_config, lua_path=cfg.lua_path, bell_name=shard and shard["bell"])
         ring_seg = capture = None
-        old_handlers = self._catch_stop_signals()     # any source: first signal = graceful stop, second = hard
+        # any source: first signal = graceful stop, second = hard (a shard: shard_main's handlers, shards.py)
+        old_handlers = {} if shard else self._catch_stop_signals()
         try:
-            ring_seg = segment.create("pkt", region_size(cfg.packet_ring_size))
             lua = new_runtime()
-            lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c) end")(ring_seg.address, cfg.packet_ring_size)
+            if shard:                          # the ring and its producer belong to engine/fastpath/shards.py
+                ring_seg = segment.attach(shard["ring"])
+            else:
+                ring_seg = segment.create("pkt", region_size(cfg.packet_ring_size))
+                lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c) end")(ring_seg.address,
+                                                                                          cfg.packet_ring_size)
             fp = lua.eval("require('luaprobe.engine.fastpath.driver')")
             self.driver = fp.new(lua.table_from({b"ring": ring_seg.address, b"bell": rt.bell.address,
                                                  b"batch": cfg.batch, b"capacity": cfg.flow_capacity,
@@ -308,16 +324,10 @@ class FastPath:
             self.driver_expire = method(lua, "expire")
             self.driver_tag = method(lua, "tag")
             self.driver_lua = lua
-            if cfg.interface:                  # live: hooks ready before the first packet arrives
+            if cfg.interface or shard:         # live / shard: hooks ready before the first packet arrives
                 self._load_plugins(rt)
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # capture.py unblocks it once
-            try:                                                                    # its stop handler is in place
-                capture = subprocess.Popen(
-                    [sys.executable, "-m", "luaprobe.engine.capture.process", "--ring", ring_seg.name, "--bell", rt.bell.name,
-                     "--ppid", str(os.getpid()), *self._capture_args()], stdin=subprocess.DEVNULL)
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            if not cfg.interface:              # files: the capture process starts up meanwhile (backpressure)
+            capture = _Coordinator(shard["coordinator"]) if shard else self._start_capture(ring_seg, rt)
+            if not (cfg.interface or shard):   # files: the capture process starts up meanwhile (backpressure)
                 self._load_plugins(rt)
             self._write("counter_groups", group_rows(self.infos))
             self._write("key_info", keyinfo_rows(self.infos))
@@ -385,6 +395,10 @@ class FastPath:
                     logs.log.error("input error: %s: %s%s", path, where, msg)
                 elif kind == STATS:
                     self.capture_stats = [int(x) for x in txt.split("\t")]
+                elif kind == TIME:             # sharded input: another shard's packet opened second txt
+                    sec = int(txt)
+                    if sec != self.sec and not (cfg.interface and self.sec is not None and sec < self.sec):
+                        self._tick(sec)
                 elif kind == END:
                     break
             capture.wait(timeout=30)
@@ -404,10 +418,21 @@ class FastPath:
             if ring_seg is not None:
                 ring_seg.close()
         summary = self._summary(rt, time.monotonic() - t0)
-        self.store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
+        if not shard:                      # a sharded run's table holds the merged summary (engine/fastpath/shards.py)
+            self.store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
         report = self.store.close()
         summary["store"] = {"path": os.path.join(cfg.out_dir, "luaprobe.sqlite"), **(report or {})}
         return summary
+
+    def _start_capture(self, ring_seg, rt) -> subprocess.Popen:
+        """The capture process filling our packet ring (SIGTERM blocked until its handler is set)."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # capture.py unblocks it once
+        try:                                                                    # its stop handler is in place
+            return subprocess.Popen(
+                [sys.executable, "-m", "luaprobe.engine.capture.process", "--ring", ring_seg.name, "--bell", rt.bell.name,
+                 "--ppid", str(os.getpid()), *self._capture_args()], stdin=subprocess.DEVNULL)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     # ----------------------------------------------------------------- live capture (docs/live.md)
     def _capture_args(self) -> list:
@@ -493,6 +518,9 @@ class FastPath:
         files and the generator stop reading (no EOF for a file not read to its end) and push END.  A capture
         process that has not ended 15 s later is killed."""
         self._stop = 2
+        if self.cfg.shard:                 # a shard's input is stopped by engine/fastpath/shards.py: END follows
+            self._stop_deadline = float("inf")
+            return
         self._stop_deadline = time.monotonic() + 15
         src = f"live capture on {self.cfg.interface}" if self.cfg.interface else \
             "the generator" if self.cfg.generate else "reading the capture files"
@@ -520,7 +548,8 @@ class FastPath:
         if self.pstore is None:
             self.pstore_lua = new_runtime()
             mod = self.pstore_lua.eval("require('luaprobe.engine.plugins.packetstore')")
-            self.pstore = mod.new_store(os.path.join(self.cfg.out_dir, "packets.pcapng").encode(),
+            name = f"packets.shard-{self.shard_index}.pcapng" if self.cfg.shard else "packets.pcapng"
+            self.pstore = mod.new_store(os.path.join(self.cfg.out_dir, name).encode(),
                                         self.cfg.flow_capacity)
         return self.pstore
 
@@ -528,6 +557,8 @@ class FastPath:
         """The extraction directory (created 0700 on first use; removed at the end of the run)."""
         if getattr(self, "filex_dir", None) is None:
             d = self.cfg.filex_dir or os.path.join(segment.SHM_DIR, segment.make_name("files"))
+            if self.cfg.filex_dir and self.cfg.shard:       # shards: one subdirectory each
+                d = os.path.join(d, f"shard-{self.shard_index}")
             os.makedirs(d, mode=0o700, exist_ok=bool(self.cfg.filex_dir))
             self.filex_dir = d
             roots = self.cfg.async_config.file_roots
@@ -600,7 +631,7 @@ class FastPath:
                             "async": inst.vm.async_stats(),
                             "workers": inst.vm.pool.stats() if inst.vm.pool else []})
         procs = {"fastpath": os.getpid()}
-        if capture is not None and capture.poll() is None:
+        if capture is not None and capture.poll() is None and not self.cfg.shard:
             procs["capture"] = capture.pid
         if getattr(self.store, "pid", None):
             procs["store"] = self.store.pid
@@ -656,7 +687,30 @@ class FastPath:
             **({"packet_storage": self.packet_storage} if self.packet_storage else {}),
             "reassembly": getattr(self, "stage_stats", {}),
             "flow_backends": self.flowmon.stats if self.flowmon is not None and self.flowmon.active else {},
-            "backend_reloads": self.backend_reloads,
+            "backend_reloads": self.backend_reloads, "messages_undelivered": self.messages_undelivered,
             "stopped_by": self.stopped_by,
             "late_packets": self.late_packets,
         }
+
+
+class _Coordinator:
+    """A shard's stand-in for its capture process: the coordinator (engine/fastpath/shards.py) owns the input.
+    ``poll()`` returns None while the coordinator lives (it pushes END into our ring), else 1."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None and os.getppid() != self.pid:
+            self.returncode = 1
+        return self.returncode
+
+    def wait(self, timeout=None):
+        return self.poll()
+
+    def kill(self):
+        pass
+
+    def send_signal(self, sig):
+        pass

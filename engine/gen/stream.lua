@@ -96,21 +96,23 @@ function M.ring_writer(r, stop)
     while off + 16 <= n do
       local h = cast(cu32p, p + off)
       local caplen, wirelen = h[2], h[3]
-      local q = r:reserve(REC + caplen)
+      local rr = r                          -- a sharder (engine/capture/capture.lua) picks the shard's ring
+      if r.rings then rr = r:pick(p + off + 16, caplen, 1, h[0], stop) end
+      local q = rr:reserve(REC + caplen)
       while q == nil do
         r:publish()
-        r:wait_space(REC + caplen, 50e6)
+        rr:wait_space(REC + caplen, 50e6)
         if stop() then
           self.packets, self.bytes, self.stopped = np, nb, true
           error(M.STOP, 0)
         end
-        q = r:reserve(REC + caplen)
+        q = rr:reserve(REC + caplen)
       end
       local rec = cast(recp, q)
       rec.kind, rec.ts_sec, rec.ts_nsec, rec.wirelen, rec.caplen = PKT, h[0], h[1] * 1000, wirelen, caplen
       rec.linktype, rec.ifindex, rec.pad = 1, 0, 0
       copy(q + REC, p + off + 16, caplen)
-      r:commit()
+      rr:commit()
       np, nb, since = np + 1, nb + wirelen, since + 1
       if since >= 64 then r:publish(); since = 0 end
       off = off + 16 + caplen

@@ -20,12 +20,14 @@ BELL_SIZE = 4096
 class AsyncRuntime:
     """Plug-in VMs sharing one doorbell; call close() (or use as a context manager)."""
 
-    def __init__(self, config: AsyncConfig | None = None, lua_path=()):
+    def __init__(self, config: AsyncConfig | None = None, lua_path=(), bell_name: str | None = None):
+        """``bell_name``: attach this doorbell segment (a shard's, owned by engine/shards.py) instead of
+        creating one."""
         self.config = config or AsyncConfig()
         self.config.validate()
         self.lua_path = list(lua_path)
         segment.sweep()
-        self.bell = segment.create("bell", BELL_SIZE)
+        self.bell = segment.attach(bell_name) if bell_name else segment.create("bell", BELL_SIZE)
         self.vms: list[PluginVM] = []
         self.closed = False
         self.abort = None               #: callable -> True when a hard stop was asked (checked while draining)

@@ -35,7 +35,7 @@ function M.boot(opts)
   local path, instance = opts.path, opts.instance or "0"
   local function logf(level, msg) opts.log(level, path, instance, msg) end
   tlib.install({ script = path, instance = instance, enginetype = opts.enginetype or "frontend",
-                 log = opts.log, print = opts.print })
+                 log = opts.log, print = opts.print, contextid = opts.contextid })
   tlib.wrap_print({ script = path, instance = instance, log = opts.log, print = opts.print })
   for _, pr in ipairs(opts.protocols or {}) do decode.register_protocol(pr.guid, pr.name) end
   local self = setmetatable({ path = path, instance = instance, outputs = {}, hook_errors = {},

@@ -10,6 +10,9 @@ Packet ring record: lp_pktrec header, then caplen bytes of frame.
     kind END   end of all input
     kind STATS live capture counters (payload: "seen\tring_drops\tkernel_drops\t...",
                see engine/capture/afpacket.lua)
+    kind TIME  sharded input only: packet time reached second ts_sec (sent to the
+               shards that did not get the packet opening that second, so every
+               shard ticks the same seconds as one fast path would: engine/fastpath/shards.py)
 
 Batch: an array of lp_pkt in the fast-path driver's memory.  Each entry
 points at its frame inside the packet ring (zero copy: the ring space is
@@ -37,7 +40,7 @@ typedef struct {
 end
 
 local M = {
-  PKT = 0, EOF = 1, ERROR = 2, END = 3, STATS = 4,
+  PKT = 0, EOF = 1, ERROR = 2, END = 3, STATS = 4, TIME = 5,
   REC_SIZE = ffi.sizeof("lp_pktrec"),
   recp = ffi.typeof("lp_pktrec *"),
   pktp = ffi.typeof("lp_pkt *"),

@@ -1,0 +1,386 @@
+"""Flow-sharded fast paths: N fast-path processes share one probe's input (``--shards N``, docs/scale.md).
+
+    coordinator (this module, in the CLI / supervisor child)
+      ├─ capture process(es): files and --generate: one process hashes every packet into the shards'
+      │    packet rings (engine/capture/capture.lua sharder); live: one process per shard, each with its own
+      │    AF_PACKET socket in one fanout group (PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG)
+      └─ shard k = ``python -m luaprobe.engine.fastpath.shards SPEC``: a whole FastPath (decoder, flow table, plug-in VMs
+           with ``T.contextid = k``, async workers, store writer) on packet ring k
+
+The hash is symmetric: files and --generate hash the IP address pair (so both directions of a flow and
+every fragment of a datagram go to one shard; non-IP goes to shard 0); live capture uses the kernel's
+symmetric flow hash after defragmentation.  A shard therefore sees whole flows and produces exactly
+the flow rows one fast path would.  Outputs merge in the store: counters are upserted with
+``value = value + excluded.value`` per (group, bucket, key, meter), flows / alerts / resources are
+produced by exactly one shard each.  Backend ``engine_monitor`` instances run in shard 0 only, so
+windows and metronome fire once for the probe; TIME records (a new packet-time second, sent by the
+capture process to the shards the opening packet did not go to) keep every shard's clock, bucket
+closing and flow expiry on the global packet time.
+
+The coordinator owns the rings and doorbells, so a shard that crashes is restarted on its ring and
+continues where its last released batch ended (the batch in progress is processed again; the
+crashed process's unflushed counters, live flows and in-flight tasks are lost, as with a fast-path
+restart).  Other shards keep running.  Statistics: the merged snapshot has totals plus ``shards``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from luaprobe.engine.fastpath.run import RunConfig
+from luaprobe.engine.plugins.asyncruntime import BELL_SIZE
+from luaprobe.engine.plugins.vm import PluginError
+from luaprobe.shm import logs, segment
+from luaprobe.shm.luajit import new_runtime
+from luaprobe.shm.ring import region_size
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_PLUGIN = 0, 1, 3, 4
+MAX_RESTARTS = 5            #: restarts of one shard within RESTART_WINDOW s before the run fails
+RESTART_WINDOW = 60.0
+
+
+class ShardError(RuntimeError):
+    """A shard failed beyond restarting (crash loop)."""
+
+
+def _spec(cfg: RunConfig, shard: dict) -> dict:
+    d = dataclasses.asdict(dataclasses.replace(cfg, progress=None))
+    d["shard"] = shard
+    return d
+
+
+def _config(spec: dict) -> RunConfig:
+    from luaprobe.workers.pool import AsyncConfig
+    spec = dict(spec)
+    spec["async_config"] = AsyncConfig(**spec["async_config"])
+    return RunConfig(**spec)
+
+
+class ShardedRun:
+    """Run ``cfg.shards`` fast paths over one input; :meth:`run` returns the merged summary
+    (the layout of FastPath.run's, plus ``shards``: per-shard figures)."""
+
+    def __init__(self, cfg: RunConfig):
+        if cfg.shards < 2:
+            raise ValueError("ShardedRun needs shards >= 2")
+        self.cfg = cfg
+        self.n = cfg.shards
+        self._stop = False
+        self._reload = False
+        self.procs: list = [None] * self.n
+        self.restarts = [0] * self.n
+        self.restart_times: list[list] = [[] for _ in range(self.n)]
+        self.done = [False] * self.n
+        self.captures: list[subprocess.Popen] = []
+        self.capture_errors: list[str] = []
+        self._last_stats = -1e9
+        self._last_progress = -1e9
+
+    # ------------------------------------------------------------ control (signal-safe)
+    def request_stop(self) -> None:
+        """Stop the input (the capture processes push END); the shards drain and finish normally."""
+        self._stop = True
+
+    def request_reload_backends(self) -> None:
+        """Backends live in shard 0: it reloads them (SIGHUP)."""
+        self._reload = True
+
+    # ------------------------------------------------------------ processes
+    def _start_shard(self, k: int) -> None:
+        path = os.path.join(self.tmp, f"shard{k}.json")
+        with open(path, "w") as f:
+            json.dump(self.specs[k], f, default=str)
+        for stale in (self.specs[k]["shard"]["summary_file"], self.specs[k]["stats_file"]):
+            if os.path.exists(stale):
+                os.unlink(stale)
+        self.procs[k] = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.fastpath.shards", path],
+                                         stdin=subprocess.DEVNULL)
+        logs.log.debug("shard %d: pid %d", k, self.procs[k].pid)
+
+    def _start_captures(self) -> None:
+        cfg, me = self.cfg, str(os.getpid())
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # unblocked by the capture process
+        try:
+            if cfg.interface:
+                group = os.getpid() & 0xFFFF
+                for k in range(self.n):
+                    self.captures.append(subprocess.Popen(
+                        [sys.executable, "-m", "luaprobe.engine.capture.process", "--ring", self.rings[k].name,
+                         "--bell", self.bells[k].name, "--ppid", me, "--interface", cfg.interface,
+                         "--fanout", str(group), *(["--bpf", cfg.bpf] if cfg.bpf else [])],
+                        stdin=subprocess.DEVNULL))
+            else:
+                args = ["--generate", cfg.generate] if cfg.generate else ["--loop"] * bool(cfg.loop) + list(cfg.files)
+                self.captures.append(subprocess.Popen(
+                    [sys.executable, "-m", "luaprobe.engine.capture.process",
+                     "--ring", ",".join(r.name for r in self.rings),
+                     "--bell", ",".join(b.name for b in self.bells), "--ppid", me, *args],
+                    stdin=subprocess.DEVNULL))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def _captures_done(self) -> bool:
+        return all(c.poll() is not None for c in self.captures)
+
+    def _push_end(self, k: int) -> None:
+        """Become ring k's producer (only once every capture process has exited) and push END."""
+        self.lua.eval("function(a, k) local c = require('luaprobe.engine.capture.capture'); "
+                      "c.control(require('luaprobe.shm.ring').attach(a), k, '') end")(self.rings[k].address, 3)
+
+    def _check_shard(self, k: int) -> None:
+        p = self.procs[k]
+        rc = p.poll()
+        if rc is None or self.done[k]:
+            return
+        summ = self.specs[k]["shard"]["summary_file"]
+        if os.path.exists(summ):
+            self.done[k] = True
+            with open(summ) as f:
+                self.summaries[k] = json.load(f)
+            if self.summaries[k].get("plugin_error"):
+                raise PluginError(self.summaries[k]["plugin_error"])
+            return
+        now = time.monotonic()
+        self.restart_times[k] = [t for t in self.restart_times[k] if now - t < RESTART_WINDOW] + [now]
+        if len(self.restart_times[k]) > MAX_RESTARTS:
+            raise ShardError(f"shard {k} crashed {MAX_RESTARTS + 1} times within {RESTART_WINDOW:.0f} s "
+                             f"(last exit status {rc})")
+        self.restarts[k] += 1
+        logs.log.error("shard %d (pid %d) died (status %s): restarting it on its packet ring", k, p.pid, rc)
+        time.sleep(min(5.0, 0.05 * 2 ** (len(self.restart_times[k]) - 1)))
+        if self._captures_done():          # its END may have been consumed by the dead process
+            self._push_end(k)
+        self._start_shard(k)
+
+    def _check_captures(self) -> None:
+        """A capture process that died without END: count it and end the rings it fed."""
+        if self._ended_rings or not self._captures_done():
+            return
+        self._ended_rings = True
+        bad = [c.returncode for c in self.captures if c.returncode not in (0, EXIT_INPUT)]
+        if bad:
+            self.capture_errors.append(f"capture process ended unexpectedly (status {bad[0]})")
+            for k in range(self.n):
+                if not self.done[k]:
+                    self._push_end(k)
+
+    # ------------------------------------------------------------ run
+    def run(self) -> dict:
+        cfg = self.cfg
+        t0 = time.monotonic()
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        segment.sweep()
+        self.rings, self.bells, self.summaries = [], [], [None] * self.n
+        self._ended_rings = False
+        self.lua = new_runtime()
+        fmt = self.lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c) end")
+        with tempfile.TemporaryDirectory(prefix="luaprobe-shards-") as tmp:
+            os.chmod(tmp, 0o700)
+            self.tmp = tmp
+            try:
+                for k in range(self.n):
+                    self.rings.append(segment.create(f"pkt{k}", region_size(cfg.packet_ring_size)))
+                    fmt(self.rings[k].address, cfg.packet_ring_size)
+                    self.bells.append(segment.create(f"bell{k}", BELL_SIZE))
+                self.specs = [_spec(cfg, {"index": k, "count": self.n, "ring": self.rings[k].name,
+                                          "bell": self.bells[k].name, "coordinator": os.getpid(),
+                                          "summary_file": os.path.join(tmp, f"summary{k}.json")})
+                              | {"stats_file": os.path.join(tmp, f"stats{k}.json"),
+                                 "stats_interval": min(cfg.stats_interval, 0.25)}
+                              for k in range(self.n)]
+                for k in range(self.n):
+                    self._start_shard(k)
+                if cfg.interface:                 # hooks ready (first snapshot written) before packets flow
+                    while not all(os.path.exists(s["stats_file"]) for s in self.specs):
+                        for k in range(self.n):
+                            self._check_shard(k)
+                        time.sleep(0.02)
+                self._start_captures()
+                old_handlers = self._catch_stop_signals() if cfg.interface else {}
+                stopping = False
+                while not all(self.done):
+                    if self._stop and not stopping:
+                        stopping = True
+                        for c in self.captures:
+                            if c.poll() is None:
+                                c.send_signal(signal.SIGTERM)
+                    if self._reload:
+                        self._reload = False
+                        if self.procs[0].poll() is None:
+                            self.procs[0].send_signal(signal.SIGHUP)
+                    for k in range(self.n):
+                        self._check_shard(k)
+                    self._check_captures()
+                    self._maybe_stats()
+                    time.sleep(0.02)
+                for c in self.captures:
+                    c.wait(timeout=30)
+            finally:
+                for signum, handler in locals().get("old_handlers", {}).items():
+                    signal.signal(signum, handler)
+                self._kill_all()
+                for s in self.rings + self.bells:
+                    s.close()
+        summary = merge_summaries(self.summaries, time.monotonic() - t0, self.restarts, cfg)
+        summary["input_errors"] += self.capture_errors
+        from luaprobe.engine.store.writer import StoreWriter
+        store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
+        store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
+        report = store.close()
+        summary["store"] = {"path": os.path.join(cfg.out_dir, "luaprobe.sqlite"), **(report or {})}
+        return summary
+
+    def _catch_stop_signals(self) -> dict:
+        """Live: SIGINT / SIGTERM stop the input cleanly (as FastPath does); a second one interrupts."""
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop:
+                raise KeyboardInterrupt
+            self._stop = True
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _kill_all(self) -> None:
+        for p in [*self.procs, *self.captures]:
+            if p is not None and p.poll() is None:
+                p.kill()
+            if p is not None:
+                p.wait()
+
+    # ------------------------------------------------------------ statistics
+    def shard_snapshots(self) -> list:
+        out = []
+        for k, spec in enumerate(self.specs):
+            try:
+                with open(spec["stats_file"]) as f:
+                    snap = json.load(f)
+            except (OSError, ValueError):
+                snap = {}
+            out.append(snap)
+        return out
+
+    def snapshot(self) -> dict:
+        """Totals over the shards plus ``shards`` (each shard's FastPath.snapshot with shard/pid/restarts)."""
+        snaps = self.shard_snapshots()
+        tot = {"time": time.time(), "packet_time": max((s.get("packet_time") or 0 for s in snaps), default=0)}
+        for key in ("packets", "bytes", "flows", "flows_live"):
+            tot[key] = sum(s.get(key, 0) or 0 for s in snaps)
+        tot["rings"] = {"packet": {f: sum(s.get("rings", {}).get("packet", {}).get(f, 0) for s in snaps)
+                                   for f in ("records", "bytes", "capacity")}}
+        tot["drops"] = _sum_dicts([s.get("drops", {}) for s in snaps])
+        procs = {"fastpath": os.getpid(), "shards": [p.pid if p else None for p in self.procs]}
+        live = [c.pid for c in self.captures if c.poll() is None]
+        if live:
+            procs["capture"] = live[0] if len(live) == 1 else live
+        tot["processes"] = procs
+        tot["plugins"] = [dict(p, shard=k) for k, s in enumerate(snaps) for p in s.get("plugins", [])]
+        tot["shards"] = [{"shard": k, "pid": self.procs[k].pid if self.procs[k] else None,
+                          "restarts": self.restarts[k],
+                          **{f: s.get(f, 0) for f in ("packets", "bytes", "flows", "flows_live")},
+                          "packet_time": s.get("packet_time"), "rings": s.get("rings", {}),
+                          "drops": s.get("drops", {})} for k, s in enumerate(snaps)]
+        return tot
+
+    def _maybe_stats(self) -> None:
+        cfg, now = self.cfg, time.monotonic()
+        if cfg.progress is not None and now - self._last_progress >= 0.25:
+            self._last_progress = now
+            snaps = self.shard_snapshots()
+            cfg.progress(sum(s.get("packets", 0) for s in snaps), sum(s.get("bytes", 0) for s in snaps))
+        if cfg.stats_file and now - self._last_stats >= cfg.stats_interval:
+            self._last_stats = now
+            tmp = cfg.stats_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.snapshot(), f, default=str)
+            os.replace(tmp, cfg.stats_file)
+
+
+def _sum_dicts(ds: list) -> dict:
+    out: dict = {}
+    for d in ds:
+        for k, v in d.items():
+            if isinstance(v, (int, float)):
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def _unique(xs) -> list:
+    seen, out = set(), []
+    for x in xs:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig) -> dict:
+    """One run summary from the shards' (FastPath.run layout): counts summed, plug-in rows tagged with
+    their shard, problems and input errors once each, ``shards`` with each shard's own figures."""
+    parts = [p or {} for p in parts]
+    out = {"elapsed_s": round(elapsed, 3), "files": cfg.files,
+           "files_done": _unique(f for p in parts for f in p.get("files_done", [])),
+           "input_errors": _unique(e for p in parts for e in p.get("input_errors", []))}
+    for key in ("packets", "bytes", "truncated_headers", "non_ip", "flows", "flow_table_full_drops"):
+        out[key] = sum(p.get(key, 0) for p in parts)
+    out["drops"] = _sum_dicts([p.get("drops", {}) for p in parts])
+    if cfg.interface:
+        out.update(interface=cfg.interface, bpf=cfg.bpf, captured_live=sum(p.get("captured_live", 0) for p in parts),
+                   kernel_packets=sum(p.get("kernel_packets", 0) for p in parts))
+    out["plugin_problems"] = _unique(e for p in parts for e in p.get("plugin_problems", []))
+    out["plugins"] = [dict(pl, shard=k) for k, p in enumerate(parts) for pl in p.get("plugins", [])]
+    out["rows_written"] = _sum_dicts([p.get("rows_written", {}) for p in parts])
+    out["filex"] = [dict(x, shard=k) for k, p in enumerate(parts) for x in p.get("filex", [])]
+    out["backend_reloads"] = parts[0].get("backend_reloads", 0)
+    out["messages_undelivered"] = sum(p.get("messages_undelivered", 0) for p in parts)
+    out["shards"] = [{"shard": k, "restarts": restarts[k], "summary": p.get("packets") is not None,
+                      **{f: p.get(f, 0) for f in ("packets", "bytes", "flows", "elapsed_s")}}
+                     for k, p in enumerate(parts)]
+    return out
+
+
+def make_run(cfg: RunConfig):
+    """FastPath for one shard, ShardedRun for more (what the CLI and the supervisor child run)."""
+    if cfg.shards > 1:
+        return ShardedRun(cfg)
+    from luaprobe.engine.fastpath.run import FastPath
+    return FastPath(cfg)
+
+
+# ---------------------------------------------------------------- one shard process
+def shard_main(spec_path: str) -> int:
+    """``python -m luaprobe.engine.fastpath.shards SPEC``: run FastPath on shard ring; the summary goes to summary_file."""
+    import ctypes
+    from luaprobe.engine.fastpath.run import FastPath
+    with open(spec_path) as f:
+        cfg = _config(json.load(f))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)            # ^C reaches the coordinator, which stops the input
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)      # PR_SET_PDEATHSIG: coordinator gone -> finish
+    if os.getppid() != cfg.shard["coordinator"]:
+        return EXIT_INTERNAL
+    logs.setup(verbose=os.environ.get("LUAPROBE_VERBOSE") == "1")
+    fp = FastPath(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: fp.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: fp.request_reload_backends())
+    out = cfg.shard["summary_file"]
+    try:
+        summary = fp.run()
+    except PluginError as e:
+        summary, rc = {"plugin_error": str(e)}, EXIT_PLUGIN
+    else:
+        rc = EXIT_INPUT if summary["input_errors"] else EXIT_OK
+    with open(out + ".tmp", "w") as f:
+        json.dump(summary, f, default=str)
+    os.replace(out + ".tmp", out)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(shard_main(sys.argv[1]))

@@ -1,0 +1,335 @@
+"""Flow-sharded fast paths (engine/shards.py, docs/scale.md): N = 1, 2, 4 give the same per-flow results.
+
+Independent truths: tshark (pinned below and in tests/data/tshark-flows-*.tsv, commands in
+tests/data/MANIFEST.md), a Python model of the shard hash, and the N = 1 run.  ``$P`` is tests/helpers.PCAPS.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import sqlite3
+import struct
+
+import psutil
+import pytest
+
+from luaprobe.engine.fastpath.run import RunConfig
+from luaprobe.engine.fastpath.shards import make_run
+
+from .helpers import PCAPS, REPO, wait_for, write_plugin
+from .test_fastpath import (G_ETH, G_TCP, PROTO_GROUP, TEST_GROUP, cli, lua_str, read_monitor, write_counting_plugins,
+                            write_monitor_plugin)
+
+DATA = os.path.join(REPO, "tests", "data")
+FRAGS = os.path.join(DATA, "cases", "02-ipv4-frags-reversed-http", "input.pcap")
+FILES = ["mix-eth-tls-http-dns.pcap", "vlan-mpls-mixed.pcap", "ipv6-icmp6.pcap", "trisul-16minutes.pcap",
+         "tcp-echo-many-flows.pcap", FRAGS]
+# tshark -r F -T fields -e frame.len | awk '{n++; s+=$1} END {print n, s}'   (per file, summed)
+#   132 164607 / 47 16403 / 49 4548 / 7000 1819784 / 82582 5512362 / 12 3296
+FRAMES, FRAME_BYTES = 132 + 47 + 49 + 7000 + 82582 + 12, 164607 + 16403 + 4548 + 1819784 + 5512362 + 3296
+# tshark -r F -Y 'tcp.flags.syn==1 and tcp.flags.ack==0 and not icmp' | wc -l: 6 / 3 / 0 / 295 / 741 / 1
+SYNS = 6 + 3 + 0 + 295 + 741 + 1
+# tshark -r F -Y 'tcp and not icmp and not icmpv6' | wc -l: 118 / 47 / 0 / 5312 / 82582 / 10
+TCP_PACKETS = 118 + 47 + 0 + 5312 + 82582 + 10
+SYN_ALERT = "{AAAAAAAA-0000-4000-8000-0000000000A1}"
+
+
+def write_shard_plugins(d, outdir) -> None:
+    """Counting plug-ins, an engine_monitor, a SYN alert per TCP SYN, and packets per T.contextid."""
+    write_counting_plugins(d)
+    write_monitor_plugin(d, outdir)
+    (d / "syn_alert.lua").write_text(f'''
+TrisulPlugin = {{
+  id = {{ name = "syn alert" }},
+  simplecounter = {{
+    protocol_guid = "{G_TCP}",
+    onpacket = function(engine, layer)
+      local flags = layer:getbyte(13)
+      if flags % 4 >= 2 and flags % 32 < 16 then
+        engine:add_alert("{SYN_ALERT}", layer:packet():flowid():id(), "syn", 2, "SYN")
+      end
+    end,
+  }},
+}}
+''')
+    (d / "contexts.lua").write_text(f'''
+TrisulPlugin = {{
+  id = {{ name = "contexts" }},
+  simplecounter = {{
+    protocol_guid = "{G_ETH}",
+    onpacket = function(engine, layer)
+      engine:update_counter("{TEST_GROUP}", "ctx" .. T.contextid, 0, 1)
+    end,
+  }},
+}}
+''')
+
+
+def run_n(tmp_path, n, files=FILES, name=None, **kw) -> tuple[dict, str]:
+    out = str(tmp_path / (name or f"out{n}"))
+    plugins = tmp_path / f"plugins-{name or n}"
+    write_shard_plugins(plugins, out)
+    os.makedirs(out, exist_ok=True)
+    files = [f if os.path.isabs(f) else os.path.join(PCAPS, f) for f in files]
+    summary = make_run(RunConfig(plugins=[str(plugins)], files=files, out_dir=out, shards=n, **kw)).run()
+    return summary, out
+
+
+def dump(out) -> dict:
+    """Every output row (flows without their uid-free columns changed), sorted."""
+    with sqlite3.connect(f"file:{os.path.join(out, 'luaprobe.sqlite')}?mode=ro", uri=True) as c:
+        return {
+            "flows": sorted(c.execute("SELECT flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, "
+                                      "packets_za, bytes_az, bytes_za, state FROM flows")),
+            "counters": sorted(c.execute("SELECT group_guid, bucket_ts, key, meter, value FROM counters "
+                                         "WHERE group_guid != ?", (TEST_GROUP.upper(),))),
+            "alerts": sorted(c.execute("SELECT ts_sec, ts_usec, alert_guid, flowkey, sigid, priority, message "
+                                       "FROM alerts")),
+            "resources": sorted(c.execute("SELECT ts_sec, ts_usec, resource_guid, flowkey, uri FROM resources")),
+        }
+
+
+def key_of(addr: str) -> str:
+    """Our address key (docs/schema.md) for a tshark address."""
+    a = ipaddress.ip_address(addr)
+    return ".".join(f"{b:02X}" for b in a.packed) if a.version == 4 else a.packed.hex().upper()
+
+
+def shard_model(ipa: str, ipz: str, n: int) -> int:
+    """Python model of engine/capture/capture.lua shard_of: XOR of the little-endian 32-bit words of both
+    16-byte address fields, times 0x9E3779B97F4A7C15 mod 2^64, high 32 bits, mod n."""
+    def words(key):
+        raw = bytes.fromhex(key.replace(".", "")).ljust(16, b"\0")
+        return struct.unpack("<4I", raw)
+    x = 0
+    for w in words(ipa) + words(ipz):
+        x ^= w
+    return ((x * 0x9E3779B97F4A7C15) % (1 << 64) >> 32) % n
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shards")
+    return {n: run_n(tmp, n) for n in (1, 2, 4)}
+
+
+def test_outputs_identical_for_1_2_4_shards(runs):
+    base = dump(runs[1][1])
+    assert len(base["flows"]) > 600 and len(base["alerts"]) == SYNS
+    for n in (2, 4):
+        got = dump(runs[n][1])
+        for kind in base:
+            assert got[kind] == base[kind], f"{kind} differ between 1 and {n} shards"
+
+
+def test_merged_counts_match_independent_counts(runs):
+    for n, (summary, out) in runs.items():
+        assert summary["packets"] == FRAMES and summary["bytes"] == FRAME_BYTES
+        assert summary["input_errors"] == [] and summary["plugin_problems"] == []
+        with sqlite3.connect(os.path.join(out, "luaprobe.sqlite")) as c:
+            per = dict(c.execute("SELECT key, sum(value) FROM counters WHERE group_guid = ? AND meter = 0 "
+                                 "GROUP BY key", (PROTO_GROUP.upper(),)))
+            ctx = dict(c.execute("SELECT key, sum(value) FROM counters WHERE group_guid = ? GROUP BY key",
+                                 (TEST_GROUP.upper(),)))
+            stored = json.loads(dict(c.execute("SELECT key, value FROM run"))["shards"]) if n > 1 else None
+        assert per["eth"] == FRAMES and per["tcp"] == TCP_PACKETS
+        # T.contextid is the shard: each shard's ETH packets equal its own packet count
+        assert sum(ctx.values()) == FRAMES
+        if n > 1:
+            assert len(summary["shards"]) == n and stored == summary["shards"]
+            for s in summary["shards"]:
+                assert ctx.get(f"ctx{s['shard']}", 0) == s["packets"] and s["restarts"] == 0
+            assert sum(s["packets"] for s in summary["shards"]) == FRAMES
+            assert sum(s["flows"] for s in summary["shards"]) == summary["flows"] == runs[1][0]["flows"]
+        else:
+            assert set(ctx) == {"ctx0"}
+
+
+def test_every_flow_on_its_modelled_shard(runs):
+    """Each shard's flow rows are exactly the flows the hash model assigns it (both directions, fragments)."""
+    summary, out = runs[4]
+    with sqlite3.connect(os.path.join(out, "luaprobe.sqlite")) as c:
+        flows = list(c.execute("SELECT ipa, ipz, packets_az + packets_za FROM flows WHERE proto IN (6, 17, 1, 58)"))
+    per = [0] * 4
+    for ipa, ipz, pk in flows:
+        assert shard_model(ipa, ipz, 4) == shard_model(ipz, ipa, 4)
+        per[shard_model(ipa, ipz, 4)] += pk
+    # a shard's packets = its flows' packets + its non-flow packets (non-IP go to shard 0)
+    for s in summary["shards"]:
+        assert s["packets"] >= per[s["shard"]]
+    assert sum(1 for x in per if x) >= 3           # real captures spread over the shards
+
+
+def test_engine_monitor_windows_once_for_the_probe(runs):
+    """Backends run in shard 0 only and see the probe's packet time: the same windows and metronome as N=1."""
+    base = [read_monitor(runs[1][1], i) for i in ("0", "1")]
+    for n in (2, 4):
+        assert [read_monitor(runs[n][1], i) for i in ("0", "1")] == base
+        monitors = [p for p in runs[n][0]["plugins"] if p["plugin"].endswith("monitor.lua")]
+        assert sorted((p["shard"], p["instance"]) for p in monitors) == [(0, "0"), (0, "1")]
+
+
+def test_flows_match_tshark_conversations(runs):
+    """TCP/UDP flows of two captures against tshark's per-conversation packets and bytes (tests/data TSVs)."""
+    _, out = runs[2]
+    with sqlite3.connect(os.path.join(out, "luaprobe.sqlite")) as c:
+        ours = {}
+        for proto, ipa, pa, ipz, pz, pk, by in c.execute(
+                "SELECT proto, ipa, porta, ipz, portz, packets_az + packets_za, bytes_az + bytes_za FROM flows "
+                "WHERE proto IN (6, 17)"):
+            k = (proto, frozenset({(ipa, pa), (ipz, pz)}))
+            old = ours.get(k, (0, 0))
+            ours[k] = (old[0] + pk, old[1] + by)
+    for name in ("mix-eth-tls-http-dns", "tcp-echo-many-flows"):
+        with open(os.path.join(DATA, f"tshark-flows-{name}.tsv")) as f:
+            rows = [ln.split("\t") for ln in f.read().splitlines()]
+        assert rows
+        for proto, a, pa, z, pz, pk, by in rows:
+            k = (int(proto), frozenset({(key_of(a), int(pa)), (key_of(z), int(pz))}))
+            assert ours.get(k) == (int(pk), int(by)), (name, a, pa, z, pz)
+
+
+def test_cli_shards_json(tmp_path):
+    out = tmp_path / "out"
+    plugins = tmp_path / "plugins"
+    write_counting_plugins(plugins)
+    r = cli("run", str(plugins), "--pcap", os.path.join(PCAPS, "mix-eth-tls-http-dns.pcap"), "--out", str(out),
+            "--shards", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["packets"] == 132 and [x["shard"] for x in s["shards"]] == [0, 1]
+    r = cli("run", str(plugins), "--pcap", os.path.join(PCAPS, "mix-eth-tls-http-dns.pcap"), "--shards", "0")
+    assert r.returncode == 2 and r.stderr.strip() == "luaprobe run: --shards 0: must be between 1 and 64"
+
+
+def test_generate_sharded_equals_single(tmp_path):
+    spec = "packets=20000,flows=400,mix=tcp=50:udp=30:dns=20,seed=3"
+    s1, out1 = run_n(tmp_path, 1, files=[], name="g1", generate=spec)
+    a = dump(out1)
+    s2, out2 = run_n(tmp_path, 2, files=[], name="g2", generate=spec)
+    assert s2["packets"] == s1["packets"] > 19000 and s2["files_done"] == s1["files_done"] == [f"generate:{spec}"]
+    assert dump(out2) == a
+    assert min(s["packets"] for s in s2["shards"]) > 2000          # generated hosts spread over both
+
+
+def test_crashed_shard_restarts_others_keep_running(tmp_path):
+    """kill -9 of shard 1 mid-run: it restarts on its ring, the run completes, shard 0's flows are exactly
+    those of an undisturbed run (the model says which flows are shard 0's)."""
+    spec = "packets=300000,flows=2000,mix=tcp=70:udp=30,seed=5"
+    ref = dump(run_n(tmp_path, 2, files=[], name="ref", generate=spec)[1])
+    plugins = tmp_path / "plugins-kill"
+    out = str(tmp_path / "kill")
+    write_shard_plugins(plugins, out)
+    os.makedirs(out)
+    stats = os.path.join(out, "stats.json")
+    import threading
+    run = make_run(RunConfig(plugins=[str(plugins)], files=[], out_dir=out, shards=2, generate=spec,
+                             stats_file=stats, stats_interval=0.1))
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("s", run.run()))
+    t.start()
+    try:
+        def victim():
+            try:
+                with open(stats) as f:
+                    snap = json.load(f)
+            except (OSError, ValueError):
+                return None
+            sh = snap.get("shards", [])
+            return sh[1]["pid"] if len(sh) == 2 and sh[1]["packets"] > 20000 else None
+        pid = wait_for(victim, timeout=60)
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        t.join(120)
+    assert not t.is_alive()
+    s = box["s"]
+    assert [x["restarts"] for x in s["shards"]] == [0, 1]
+    got = dump(out)
+    mine = [f for f in got["flows"] if shard_model(f[2], f[4], 2) == 0]
+    assert mine == [f for f in ref["flows"] if shard_model(f[2], f[4], 2) == 0] and len(mine) > 500
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+# ---------------------------------------------------------------- live: AF_PACKET fanout, one socket per shard
+from .test_live import IP, needs_root, port_counts, run_live, send_udp, stop, veth, write_plugins  # noqa: E402,F401
+
+
+def bound_sockets(ifname) -> int:
+    """Packet sockets bound to ifname (ETH_P_ALL)."""
+    idx = int(open(f"/sys/class/net/{ifname}/ifindex").read())
+    with open("/proc/net/packet") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if len(r) > 4 and int(r[4]) == idx and r[3] == "0003")
+
+
+@pytest.mark.root
+@needs_root
+def test_live_fanout_every_packet_once(tmp_path, veth):
+    """--shards 2 --interface: two sockets in one PACKET_FANOUT_HASH group; every datagram of 20
+    destination ports counted exactly once in the merged counters, both shards get a share."""
+    ifname, ns = veth
+    write_plugins(tmp_path / "plugins")
+    proc, out, stats = run_live(tmp_path, ifname, "--shards", "2")
+    try:
+        def ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"luaprobe exited early ({proc.returncode}): {proc.communicate()}")
+            return bound_sockets(ifname) == 2
+        wait_for(ready, timeout=60, interval=0.05)
+        send_udp(ns, {9000 + k: 100 for k in range(20)})
+        rc, so, se = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert rc == 0, (so, se)
+    s = json.loads(stats.read_text())
+    assert s["input_errors"] == [] and s["drops"]["capture"] == 0 and s["drops"]["kernel"] == 0
+    assert port_counts(out) == {str(9000 + k): 100 for k in range(20)}
+    assert all(x["packets"] > 0 for x in s["shards"]), s["shards"]
+    metro = [p for p in s["plugins"] if p["plugin"].endswith("metronome.lua")]
+    assert {p["shard"] for p in metro} == {0}
+
+
+
+# ---------------------------------------------------------------- daemon: per-shard stats, Prometheus, shard restart
+def test_daemon_shards_stats_prometheus_and_shard_restart(tmp_path):
+    from luaprobe.engine.daemon import metrics
+
+    from .test_supervisor import Daemon, cli as sv_cli, free_port
+    d = Daemon(tmp_path)
+    port = free_port()
+    path = d.write_config(pcap=(os.path.join(PCAPS, "mix-wikipedia-dns-http.pcap"),), port=port)
+    with open(path) as f:
+        text = f.read().replace('run_dir = "run"\n', 'run_dir = "run"\nshards = 2\n', 1)
+    with open(path, "w") as f:
+        f.write(text)
+    try:
+        r = sv_cli("start", "--config", path)
+        assert r.returncode == 0, r.stderr
+        d.pids.add(int(r.stdout.split("supervisor pid ")[1].split()[0].rstrip(",;)")))
+        snap = d.wait_packets(2000)
+        assert [s["shard"] for s in snap["shards"]] == [0, 1]
+        assert sum(s["packets"] for s in snap["shards"]) == snap["packets"]
+        assert sum(s["flows"] for s in snap["shards"]) == snap["flows"]
+        assert min(s["packets"] for s in snap["shards"]) > 0           # this capture's hosts use both shards
+
+        m = metrics.scrape(port)              # one scrape reads one merged snapshot: totals = sum of shards
+        assert m['luaprobe_shard_packets_total{shard="0"}'] + m['luaprobe_shard_packets_total{shard="1"}'] \
+            == m["luaprobe_packets_total"] > 0
+        assert m['luaprobe_shard_restarts_total{shard="1"}'] == 0
+        st = d.status()
+        assert len(st["processes"]["shards"]) == 2
+        victim = snap["shards"][1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        snap = wait_for(lambda: (s := d.stats())["shards"][1]["restarts"] == 1
+                        and s["shards"][1]["pid"] != victim and s["shards"][1]["packets"] > 0 and s, 30, 0.1)
+        st = d.status()
+        assert st["state"] == "running" and st["restarts"] == 0     # the coordinator restarted the shard
+        assert snap["shards"][0]["restarts"] == 0
+        assert d.cli("stop").returncode == 0
+        assert not d.alive() and not d.segments()
+    finally:
+        d.cleanup()
