@@ -3,8 +3,8 @@
     .venv/bin/python tools/bench/shards.py [--packets 400000] [--iters 2000] [--repeat 3] [--shards 1,2,4]
 
 A CPU-heavy simplecounter (every Ethernet packet runs a loop of --iters xor/rotate steps in Lua:
-several µs per packet) over generated traffic (--generate: 2 000 flows between many hosts, so the
-shard hash has addresses to spread).  Each configuration runs `luaprobe run --shards N` as a
+several µs per packet) over a generated capture file (`luaprobe gen`, 2 000 flows between many hosts,
+so the shard hash has addresses to spread; written once, read from the page cache).  Each configuration runs `luaprobe run --shards N` as a
 subprocess; wall time is measured around it and CPU time is the RUSAGE_CHILDREN difference (the CLI,
 the coordinator, capture, shards, store writers: every process is waited for by its parent).
 The plug-in's own cost is measured as (CPU with it - CPU without it) / packets at one shard.
@@ -54,11 +54,11 @@ TrisulPlugin = {
 """
 
 
-def run_once(plugin_dir: str, spec: str, shards: int) -> dict:
+def run_once(plugin_dir: str, pcap: str, shards: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin_dir, "--generate", spec, "--out", out,
+        r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin_dir, "--pcap", pcap, "--out", out,
                             "--shards", str(shards), "--json"], cwd=REPO, capture_output=True, text=True)
         wall = time.monotonic() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -72,13 +72,16 @@ def run_once(plugin_dir: str, spec: str, shards: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--packets", type=int, default=400_000)
-    ap.add_argument("--iters", type=int, default=2000, help="Lua loop steps per packet in the heavy plug-in")
+    ap.add_argument("--packets", type=int, default=1_000_000)
+    ap.add_argument("--iters", type=int, default=5000, help="Lua loop steps per packet in the heavy plug-in")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--shards", default="1,2,4")
     args = ap.parse_args()
-    spec = f"packets={args.packets},flows=2000,mix=tcp=60:udp=40,seed=7"
     tmp = tempfile.mkdtemp(prefix="bench-shards-")
+    spec = os.path.join(tmp, "traffic.pcap")
+    subprocess.run([sys.executable, "-m", "engine.cli", "gen", "--out", spec, "--packets", str(args.packets),
+                    "--flows", "2000", "--mix", "tcp=60,udp=40", "--seed", "7"], cwd=REPO, check=True,
+                   capture_output=True)
     heavy, light = os.path.join(tmp, "heavy"), os.path.join(tmp, "light")
     for d, text in ((heavy, HEAVY % (G_ETH, args.iters)), (light, LIGHT % G_ETH)):
         os.makedirs(d)
