@@ -397,7 +397,7 @@ class FastPath:
                     self.capture_stats = [int(x) for x in txt.split("\t")]
                 elif kind == TIME:             # sharded input: another shard's packet opened second txt
                     sec = int(txt)
-                    if sec != self.sec and not (cfg.interface and self.sec is not None and sec < self.sec):
+                    if self.sec is None or sec > self.sec:
                         self._tick(sec)
                 elif kind == END:
                     break

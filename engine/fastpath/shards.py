@@ -72,6 +72,7 @@ class ShardedRun:
         self.cfg = cfg
         self.n = cfg.shards
         self._stop = False
+        self.stopped_by = None
         self._reload = False
         self.procs: list = [None] * self.n
         self.restarts = [0] * self.n
@@ -86,6 +87,7 @@ class ShardedRun:
     def request_stop(self) -> None:
         """Stop the input (the capture processes push END); the shards drain and finish normally."""
         self._stop = True
+        self.stopped_by = self.stopped_by or "request"
 
     def request_reload_backends(self) -> None:
         """Backends live in shard 0: it reloads them (SIGHUP)."""
@@ -202,7 +204,7 @@ class ShardedRun:
                             self._check_shard(k)
                         time.sleep(0.02)
                 self._start_captures()
-                old_handlers = self._catch_stop_signals() if cfg.interface else {}
+                old_handlers = self._catch_stop_signals()
                 stopping = False
                 while not all(self.done):
                     if self._stop and not stopping:
@@ -229,6 +231,7 @@ class ShardedRun:
                     s.close()
         summary = merge_summaries(self.summaries, time.monotonic() - t0, self.restarts, cfg)
         summary["input_errors"] += self.capture_errors
+        summary["stopped_by"] = self.stopped_by
         from luaprobe.engine.store.writer import StoreWriter
         store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
         store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
@@ -237,7 +240,8 @@ class ShardedRun:
         return summary
 
     def _catch_stop_signals(self) -> dict:
-        """Live: SIGINT / SIGTERM stop the input cleanly (as FastPath does); a second one interrupts."""
+        """SIGINT / SIGTERM stop the input cleanly, a second one interrupts (as FastPath does); only signals
+        nobody else handles are taken (the supervised child keeps its own).  Returns the previous handlers."""
         import threading
         if threading.current_thread() is not threading.main_thread():
             return {}
@@ -246,7 +250,9 @@ class ShardedRun:
             if self._stop:
                 raise KeyboardInterrupt
             self._stop = True
-        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.stopped_by = signal.Signals(signum).name
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler)}
 
     def _kill_all(self) -> None:
         for p in [*self.procs, *self.captures]:
@@ -339,7 +345,19 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
     out["rows_written"] = _sum_dicts([p.get("rows_written", {}) for p in parts])
     out["filex"] = [dict(x, shard=k) for k, p in enumerate(parts) for x in p.get("filex", [])]
     out["backend_reloads"] = parts[0].get("backend_reloads", 0)
-    out["messages_undelivered"] = sum(p.get("messages_undelivered", 0) for p in parts)
+    done = set(out) | {"store", "shards", "stopped_by", "packet_loop_s", "packet_storage"}
+    for key in [k for p in parts for k in p if k not in done]:    # other counts: summed
+        vals = [p[key] for p in parts if key in p]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[key] = sum(vals)
+        elif all(isinstance(v, dict) for v in vals):
+            out[key] = _sum_dicts(vals)
+        done.add(key)
+    out["packet_loop_s"] = max((p.get("packet_loop_s", 0) for p in parts), default=0)
+    out["stopped_by"] = next((p["stopped_by"] for p in parts if p.get("stopped_by")), None)
+    stores = [dict(p["packet_storage"], shard=k) for k, p in enumerate(parts) if p.get("packet_storage")]
+    if stores:
+        out["packet_storage"] = stores
     out["shards"] = [{"shard": k, "restarts": restarts[k], "summary": p.get("packets") is not None,
                       **{f: p.get(f, 0) for f in ("packets", "bytes", "flows", "elapsed_s")}}
                      for k, p in enumerate(parts)]
