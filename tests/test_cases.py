@@ -156,7 +156,7 @@ TrisulPlugin = { id = { name = "count %(name)s" },
 """
 
 
-def run_kinds(tmp_path, frames_or_pcap, name="k", counters=(), **pcap_kw):
+def run_kinds(tmp_path, frames_or_pcap, name="k", counters=(), cfg=None, **pcap_kw):
     """Run the recording plug-in (+ simplecounters named in counters: 'tcp', 'ipv4', ...) over a
     generated capture; returns (file records, {counter: [wirelen...]}, summary, out dir)."""
     from luaprobe.engine.fastpath.run import FastPath, RunConfig
@@ -176,7 +176,7 @@ def run_kinds(tmp_path, frames_or_pcap, name="k", counters=(), **pcap_kw):
         p.write_text(COUNT_TCP % {"name": c, "guid": guids[c], "out": str(rec)})
         plugins.append(p)
     out = str(tmp_path / f"{name}.out")
-    s = FastPath(RunConfig(plugins=[str(p) for p in plugins], files=[pcap], out_dir=out)).run()
+    s = FastPath(RunConfig(plugins=[str(p) for p in plugins], files=[pcap], out_dir=out, **(cfg or {}))).run()
     assert s["input_errors"] == [] and s["plugin_problems"] == []
     for p in s["plugins"]:
         assert p["hook_errors"] == {}, p
@@ -460,3 +460,16 @@ def test_plugin_bytes_kept_exactly(tmp_path):
     assert db.execute("SELECT uri, typeof(contents), contents FROM resources").fetchall() == [
         (raw + b"uri", b"text", b"valid text")]
     db.close()
+
+
+@pytest.mark.parametrize("timeout,datagrams", [(30.0, 0), (60.0, 1)])
+def test_ip_fragment_timeout_is_per_datagram(tmp_path, timeout, datagrams):
+    """Fragments 40 s apart: dropped with the default 30 s timeout (counted), reassembled with 60 s."""
+    a, b = "192.0.2.1", "192.0.2.2"
+    dg = pb.ipv4(a, b, 17, pb.udp(a, b, 5000, 53, b"T" * 3000), ident=11, flags_off=0)
+    fr = pb.frag4(dg, 1480)
+    frames = [(1700000000.0, pb.ether(fr[0])), (1700000040.0, pb.ether(fr[1])), (1700000040.5, pb.ether(fr[2]))]
+    _, counts, s, _ = run_kinds(tmp_path, frames, counters=("udp",), cfg={"frag_timeout": timeout})
+    ipr = s["ip_reassembly"]
+    assert (ipr["datagrams"], len(counts["udp"])) == (datagrams, datagrams)
+    assert (ipr["timeouts"], ipr["incomplete"]) == ((1, 1) if datagrams == 0 else (0, 0))

@@ -80,6 +80,8 @@ class RunConfig:
     filex_chunk_mb: float = 5.0       #: onfile_http chunk size (Trisul ChunkSizeMB)
     filex_dir_cap_mb: float = 256.0   #: extraction stops (counted) above this many bytes in the directory
     http_max_header: int = 65536      #: bytes of an HTTP start line + header block kept (more: counted, docs/filex.md)
+    frag_timeout: float = 30.0        #: s of packet time an IP datagram waits for its fragments (docs/filex.md)
+    frag_max_mb: float = 16.0         #: IP fragment bytes held over all datagrams; the oldest is dropped above
     interface: str | None = None      #: live capture from this interface instead of files (docs/live.md)
     bpf: str | None = None            #: tcpdump filter expression for the live capture
     loop: bool = False                #: repeat the files until stopped (soak runs; [source] loop in docs/operations.md)
@@ -317,6 +319,8 @@ class FastPath:
                                                  b"batch": cfg.batch, b"capacity": cfg.flow_capacity,
                                                  b"idle_timeout": cfg.idle_timeout,
                                                  b"active_timeout": cfg.active_timeout,
+                                                 b"frag_timeout": float(cfg.frag_timeout),
+                                                 b"frag_max_bytes": int(cfg.frag_max_mb * 1048576),
                                                  b"warn": lambda msg: logs.log.warning("%s", _text(msg))}))
             fill, ready = method(lua, "fill"), method(lua, "ready")
             self._driver_stats = method(lua, "stats")

@@ -181,7 +181,9 @@ end
 local function list_values(h, name)
   local out, names, values = nil, h._names, h._values
   local lname = slower(name)
-  for i = 1, #names do
+  local first = h._idx[lname]              -- first line of the field; nil: the field is absent
+  if first == nil then return nil end
+  for i = first, #names do
     if slower(names[i]) == lname then
       for item in string.gmatch(values[i], "[^,]+") do
         local v = slower(trim(item))
