@@ -440,3 +440,44 @@ def test_run_dir_and_its_files_are_owner_only_whatever_existed(daemon, tmp_path)
              if not n.startswith(".") and ".tmp" not in n}
     assert len(modes) >= 4 and all(m & 0o077 == 0 for m in modes.values()), modes
     assert daemon.cli("stop").returncode == 0
+
+
+STUCK = r"""
+local marker, n = "%s", 0
+TrisulPlugin = { id = { name = "stuck" },
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(e, l)
+      n = n + 1
+      if n == 50 then
+        local f = io.open(marker)
+        if not f then
+          f = io.open(marker, "w"); f:close()
+          local x = 0
+          while true do x = x + 1 end          -- compiled: no Lua error can interrupt this
+        end
+        f:close()
+      end
+    end } }
+"""
+
+
+def test_stalled_fastpath_is_restarted_and_status_says_why(daemon, tmp_path):
+    """Issue 13.3: a hook stuck in an endless compiled loop stops the fast path's heartbeat; the supervisor
+    kills and restarts it after [supervise] stall_timeout, and status names the reason."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    (plug / "stuck.lua").write_text(STUCK % (tmp_path / "stuck-once"))
+    daemon.write_config(plugins=(plug,))
+    text = open(daemon.config).read().replace("stop_deadline = 15", "stop_deadline = 15\nstall_timeout = 2")
+    open(daemon.config, "w").write(text)
+    r = cli("start", "--config", daemon.config)
+    assert r.returncode == 0, r.stderr
+    daemon.pids.add(control.read_pid(daemon.run_dir))
+    st = helpers.wait_for(lambda: (s := daemon.status()).get("restarts", 0) >= 1 and s, 60, 0.2)
+    assert "stalled: no heartbeat for" in st["last_exit"], st
+    assert (tmp_path / "stuck-once").exists()
+    daemon.wait_packets(100)                             # the restarted fast path makes progress
+    assert daemon.status()["state"] == "running"
+    log = open(os.path.join(daemon.run_dir, control.LOG)).read()
+    assert "stalled: no heartbeat" in log
+    assert daemon.cli("stop").returncode == 0

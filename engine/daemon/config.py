@@ -31,7 +31,7 @@ SCHEMA: dict = {
     "supervise": {"restart_backoff_initial": (_NUM, 0.5, (0.01, 3600)),
                   "restart_backoff_max": (_NUM, 30.0, (0.01, 86400)),
                   "crash_loop_restarts": (int, 5, (1, 1000)), "crash_loop_window": (_NUM, 60.0, (1, 86400)),
-                  "stop_deadline": (_NUM, 20.0, (1, 3600))},
+                  "stop_deadline": (_NUM, 20.0, (1, 3600)), "stall_timeout": (_NUM, 60.0, (0, 86400))},
     "stats": {"interval": (_NUM, 1.0, (0.1, 3600)), "json_lines_file": ("path", "", None),
               "prometheus_port": (int, 0, (0, 65535))},
     "log": {"format": (str, "text", ("text", "json")), "verbose": (bool, False, None)},
@@ -59,7 +59,7 @@ class Config:
             return f"interface {s['interface']}" + (f" (bpf {s['bpf']!r})" if s["bpf"] else "")
         return ", ".join(os.path.basename(p) for p in s["pcap"]) + (" (loop)" if s["loop"] else "")
 
-    def run_config(self, stats_file: str | None = None):
+    def run_config(self, stats_file: str | None = None, heartbeat_file: str | None = None):
         """The fast path's RunConfig for this configuration."""
         from luaprobe.workers.pool import AsyncConfig
 
@@ -70,6 +70,7 @@ class Config:
                            max_tasks=a["max_tasks"], max_rss_mb=float(a["max_rss_mb"]), file_roots=a["file_roots"])
         kw = dict(plugins=p["paths"], files=s["pcap"] or [], out_dir=self["run"]["out_dir"], lua_path=p["lua_path"],
                   async_config=acfg, backend_instances=p["backend_instances"], stats_file=stats_file,
+                  heartbeat_file=heartbeat_file,
                   stats_interval=float(self["stats"]["interval"]), loop=s["loop"], shards=self["run"]["shards"])
         if s["interface"]:
             kw.update(interface=s["interface"], bpf=s["bpf"])

@@ -36,6 +36,8 @@ from luaprobe.shm.logs import log
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, describe_exit  # noqa: F401
 
+HEARTBEAT = "heartbeat"     #: run-dir file the fast path touches while it makes progress ([supervise] stall_timeout)
+
 
 class Supervisor:
     """One daemon per run directory; :meth:`run` returns the process exit code."""
@@ -60,6 +62,8 @@ class Supervisor:
         self._prev: dict | None = None
         self._flags = {"stop": False, "reload": False}
         self.stats_path = control.path(self.run_dir, control.STATS)
+        self.heartbeat_path = control.path(self.run_dir, HEARTBEAT)
+        self.stalled: str | None = None         # why the current child was killed as stalled
         self.exporter = self.jsonl = None
 
     # ------------------------------------------------------------ child
@@ -75,6 +79,8 @@ class Supervisor:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.child_started = time.monotonic()
+        self.child_started_wall = time.time()
+        self.stalled = None
         self.restart_at = None
         self._set_state("running")
         log.info("fast path started (pid %d)", self.child.pid)
@@ -100,10 +106,29 @@ class Supervisor:
         psutil.wait_procs(procs, timeout=5)
         self.child.wait()
 
+    def _check_stall(self) -> None:
+        """A running fast path whose heartbeat (engine/fastpath/run.py _beat) is older than [supervise]
+        stall_timeout is stuck (a hook in an endless loop that no Lua error can interrupt, compiled code):
+        kill its tree; it is restarted like a crash, and status says why."""
+        limit = float(self.sv.get("stall_timeout", 0) or 0)
+        if not limit or self.child is None or self.mode != "run":
+            return
+        try:
+            beat = os.stat(self.heartbeat_path).st_mtime
+        except FileNotFoundError:
+            return                                           # not beating yet: still loading plug-ins
+        if beat < self.child_started_wall - 1:
+            return                                           # the previous child's heartbeat
+        age = time.time() - beat
+        if age > limit:
+            self.stalled = f"stalled: no heartbeat for {age:.0f} s (a hook stuck in a loop?); killed"
+            log.error("fast path (pid %d) %s", self.child.pid, self.stalled)
+            self._kill_tree()
+
     def _child_exited(self, rc: int) -> bool:
         """React to the child's exit; False when the supervisor is done."""
         now = time.monotonic()
-        desc = describe_exit(rc)
+        desc = self.stalled or describe_exit(rc)
         segment.sweep()                                         # what a killed fast path left behind
         self.child = None
         if self.mode == "stop":
@@ -309,6 +334,7 @@ class Supervisor:
                     next_stats = now + min(1.0, float(self.cfg["stats"]["interval"]))
                     self._poll_stats()
                 if self.child is not None:
+                    self._check_stall()
                     rc = self.child.poll()
                     if rc is None and self.stop_at is not None and self.mode in ("stop", "reload") and now > self.stop_at:
                         log.error("fast path did not stop within %g s: killing it", self.sv["stop_deadline"])
@@ -378,7 +404,7 @@ def child_main(config_path: str, run_dir: str) -> int:
     cfg = config_mod.Config(active["path"], active["values"])
     logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
     stats_file = control.path(run_dir, control.STATS)
-    fp = make_run(cfg.run_config(stats_file=stats_file))
+    fp = make_run(cfg.run_config(stats_file=stats_file, heartbeat_file=control.path(run_dir, HEARTBEAT)))
     signal.signal(signal.SIGTERM, lambda *_: fp.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: fp.request_reload_backends())    # live backend reload
     if stop:

@@ -74,6 +74,7 @@ class RunConfig:
     idle_timeout: float = 120.0
     active_timeout: float = 1800.0
     stats_file: str | None = None     #: a JSON snapshot (FastPath.snapshot) rewritten every stats_interval
+    heartbeat_file: str | None = None  #: touched every 0.5 s while the fast path makes progress (supervisor stall check)
     stats_interval: float = 1.0
     progress: object = None           #: callable(packets, bytes) every 0.25 s (the CLI's progress bar)
     filex_dir: str | None = None      #: extracted files (default: a private directory under /dev/shm)
@@ -347,6 +348,8 @@ class FastPath:
                 hosts.append(self.pstore)
             driver = self.driver
             rt.abort = lambda: self._stop == 3
+            rt.beat = self._beat
+            self._beat(force=True)
             stage = self.stage if self.stage.handlers else None
             new_flows = method(lua, "new_flows") if self.flowmon.wants_new else None
             while True:
@@ -647,9 +650,25 @@ class FastPath:
                           "kernel": (self.capture_stats or [0, 0, 0])[2], "flow_table": d.get("flow_table_full", 0)},
                 "processes": procs, "plugins": plugins}
 
+    def _beat(self, force: bool = False) -> None:
+        """Heartbeat: touch cfg.heartbeat_file at most every 0.5 s.  Called between batches, while idle and
+        while draining; a hook that never returns stops it, and the supervisor restarts the fast path."""
+        path = self.cfg.heartbeat_file
+        if not path:
+            return
+        now = time.monotonic()
+        if force or now - getattr(self, "_last_beat", -1e9) >= 0.5:
+            self._last_beat = now
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                from ..daemon.control import open_private
+                open_private(path, "w").close()
+
     def _maybe_stats(self, rt, capture) -> None:
         """Report progress (cfg.progress, every 0.25 s) and write the snapshot to cfg.stats_file every
         cfg.stats_interval seconds (atomic rename)."""
+        self._beat()
         now = time.monotonic()
         if self.cfg.progress is not None and now - self._last_progress >= 0.25:
             self._last_progress = now

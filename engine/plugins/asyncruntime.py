@@ -31,6 +31,7 @@ class AsyncRuntime:
         self.vms: list[PluginVM] = []
         self.closed = False
         self.abort = None               #: callable -> True when a hard stop was asked (checked while draining)
+        self.beat = None                #: callable: the fast path's heartbeat, called while draining
 
     def load(self, path: str, instance: str = "0", enginetype: str = "frontend", **kw) -> PluginVM:
         """Load a plug-in (its workers start now, or on first use with start_workers="lazy")."""
@@ -44,6 +45,8 @@ class AsyncRuntime:
         vm.stop_accepting()
         end = time.monotonic() + deadline
         while vm.pending() and time.monotonic() < end:
+            if self.beat is not None:
+                self.beat()
             if not self.service():
                 self.wait(0.02)
         vm.cut_off("reload: drain deadline passed")
@@ -110,6 +113,8 @@ class AsyncRuntime:
                 return False
             if self.abort is not None and self.abort():
                 raise KeyboardInterrupt
+            if self.beat is not None:
+                self.beat()
             if not self.service():
                 self.wait(min(0.02, max(0.0, end - time.monotonic())))
         return True
