@@ -1,0 +1,65 @@
+"""A/B benchmark of two checkouts of luaprobe on one capture: the same plug-in (the fast-path benchmark's
+TCP dport counter) run alternately by each checkout's own venv, N rounds; prints each run and
+min/median/max of the engine's elapsed time and of its packet loop (first batch .. last batch walked).
+
+    python tools/bench/ab_checkouts.py BEFORE_REPO AFTER_REPO CAPTURE [--rounds 6]
+
+Each repo needs its own `.venv` with luaprobe installed (`pip install -e .`).  Alternating the two sides
+spreads a busy machine's noise over both; compare medians, not single runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def plugin_text() -> str:
+    src = open(os.path.join(HERE, "fastpath.py")).read()
+    return re.search(r'PLUGIN = r"""(.*?)"""', src, re.S).group(1)
+
+
+def run_once(repo: str, capture: str, plugin: str, work: str) -> dict:
+    out, stats = os.path.join(work, "out"), os.path.join(work, "stats.json")
+    subprocess.run(["rm", "-rf", out], check=True)
+    p = subprocess.run([os.path.join(repo, ".venv", "bin", "python"), "-m", "luaprobe.engine.daemon.cli", "run",
+                        plugin, "--pcap", capture, "--out", out, "--stats-json", stats, "-q"],
+                       cwd=repo, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{repo}: exit {p.returncode}: {p.stderr.strip()}")
+    return json.load(open(stats))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("before")
+    ap.add_argument("after")
+    ap.add_argument("capture")
+    ap.add_argument("--rounds", type=int, default=6)
+    a = ap.parse_args(argv)
+    res = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as work:
+        plugin = os.path.join(work, "dport.lua")
+        open(plugin, "w").write(plugin_text())
+        for r in range(a.rounds):
+            for side, repo in (("before", a.before), ("after", a.after)):
+                s = run_once(repo, a.capture, plugin, work)
+                res[side].append((s["elapsed_s"], s.get("packet_loop_s"), s["packets"]))
+                print(side, r, "elapsed_s", s["elapsed_s"], "packet_loop_s", s.get("packet_loop_s"), flush=True)
+    for side, v in res.items():
+        el = [x[0] for x in v]
+        pl = [x[1] for x in v if x[1]]
+        print(f"{side}: {v[0][2]} packets  elapsed_s min/median/max {min(el)}/{statistics.median(el)}/{max(el)}"
+              + (f"  packet_loop_s {min(pl)}/{statistics.median(pl)}/{max(pl)}" if pl else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
