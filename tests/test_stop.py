@@ -143,3 +143,44 @@ def test_second_signal_hard_stops(tmp_path):
     assert not [n for n in segment.list_segments() if segment.owner_pid(n) in pids]
     helpers.wait_for(lambda: not [q for q in pids if psutil.pid_exists(q)
                                   and psutil.Process(q).status() != psutil.STATUS_ZOMBIE], timeout=5)
+
+
+STUCK = r"""
+local marker, n = "%s", 0
+TrisulPlugin = { id = { name = "stuck" }, request_async_workers = 1,
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(e, l)
+      n = n + 1
+      if n == 100 then T.async:schedule { data = "x", onexecute = function(d) return d end } end
+      if n == 2000 then
+        local f = io.open(marker, "w"); f:close()
+        local x = 0
+        while true do x = x + 1 end            -- compiled: no signal handler and no Lua error gets in
+      end
+    end } }
+"""
+
+
+def test_second_signal_stops_a_run_whose_hook_never_returns(tmp_path):
+    """The Python signal handler cannot run while a compiled hook loops; the second Ctrl-C still ends the
+    run within seconds, with nothing left running or in /dev/shm."""
+    plug = helpers.write_plugin(tmp_path, STUCK % (tmp_path / "stuck"), name="stuck.lua")
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plug, "--generate",
+                          "packets=50000000,flows=100,mix=tcp=100,seed=2", "--out", str(tmp_path / "out"), "-q"],
+                         cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    helpers.wait_for(lambda: (tmp_path / "stuck").exists(), timeout=60)
+    pids = _tree(p.pid)
+    assert len(pids) >= 4
+    p.send_signal(signal.SIGINT)
+    err = ""
+    for line in p.stderr:                     # the run says it saw the signal but the hook is still running
+        err += line
+        if "send the signal again to stop hard" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    out, rest = p.communicate(timeout=30)
+    err += rest
+    assert p.returncode == 1 and "stopped hard by a second signal while a hook did not return" in err, err
+    assert not [n for n in segment.list_segments() if segment.owner_pid(n) in pids]
+    helpers.wait_for(lambda: not [q for q in pids if psutil.pid_exists(q)
+                                  and psutil.Process(q).status() != psutil.STATUS_ZOMBIE], timeout=10)

@@ -100,6 +100,99 @@ BATCH_WALKERS = {
 }
 
 
+class _SignalWatch:
+    """The second SIGINT / SIGTERM must stop the run even when the main thread cannot run its Python signal
+    handler because a hook never returns (an endless compiled loop: LuaJIT cannot be interrupted there).
+    The C-level handler still writes each signal number to the wakeup fd; this thread reads it (lupa releases
+    the GIL while Lua runs) and, 2 s after a second stop signal the main thread has not handled, kills every
+    process of the run, unlinks its shared memory and exits 1 (what a handled hard stop also does)."""
+
+    GRACE = 2.0
+
+    def __init__(self, fp):
+        self.fp = fp
+        self.signals = 0
+        self.done = False
+
+    def start(self) -> bool:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            old = 0
+        if old != -1:                          # someone else's wakeup fd (or none possible): leave it
+            if old not in (0, -1):
+                signal.set_wakeup_fd(old)
+            os.close(r)
+            os.close(w)
+            return False
+        self.r, self.w = r, w
+        threading.Thread(target=self._run, name="luaprobe-signal-watch", daemon=True).start()
+        return True
+
+    def stop(self) -> None:
+        self.done = True
+        signal.set_wakeup_fd(-1)
+        os.close(self.w)                       # the thread's select sees EOF
+
+    def _run(self) -> None:
+        import select
+        first_at = second_at = None
+        hinted = False
+        while not self.done:
+            ready, _, _ = select.select([self.r], [], [], 0.25)
+            if ready:
+                data = os.read(self.r, 64)
+                if not data:
+                    break
+                self.signals += sum(1 for b in data if b in (signal.SIGINT, signal.SIGTERM))
+                if self.signals >= 1 and first_at is None:
+                    first_at = time.monotonic()
+                if self.signals >= 2 and second_at is None:
+                    second_at = time.monotonic()
+            if first_at is not None and not hinted and second_at is None and self.fp._stop == 0 \
+                    and time.monotonic() - first_at > 1.0:
+                hinted = True                  # the main thread has not seen the signal: a hook is running
+                sys.stderr.write("luaprobe run: stopping, but a plug-in hook has not returned for 1 s; "
+                                 "send the signal again to stop hard\n")
+                sys.stderr.flush()
+            if second_at is not None and time.monotonic() - second_at > self.GRACE and self.fp._stop != 3 \
+                    and not self.done:
+                self._hard_stop()
+        os.close(self.r)
+
+    def _hard_stop(self) -> None:
+        import psutil
+        sys.stderr.write("luaprobe run: stopped hard by a second signal while a hook did not return "
+                         "(workers and capture killed; rows already handed to the store writer are committed)\n")
+        try:
+            kids = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            kids = []
+        for k in kids:
+            try:
+                if k.pid != getattr(getattr(self.fp, "store", None), "pid", None):
+                    k.kill()
+            except psutil.Error:
+                pass
+        store = getattr(self.fp, "store", None)
+        proc = getattr(store, "_proc", None)
+        if proc is not None and proc.stdin:
+            try:
+                proc.stdin.close()             # EOF: the writer commits what it has and exits
+                proc.wait(10)
+            except Exception:                  # noqa: BLE001 - best effort on the way out
+                proc.kill()
+        psutil.wait_procs(kids, timeout=5)
+        for name in segment.list_segments(os.getpid()):
+            try:
+                segment.unlink(name)
+            except OSError:
+                pass
+        os._exit(1)
+
+
 @dataclasses.dataclass
 class Instance:
     """One script-type instance: its VM and what it runs."""
@@ -414,6 +507,8 @@ class FastPath:
             self.store.close(check=False)          # the writer process and its pipes, not left to GC
             raise
         finally:
+            if getattr(self, "_signal_watch", None) is not None:
+                self._signal_watch.stop()
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
             if capture is not None and capture.poll() is None:
@@ -471,6 +566,10 @@ class FastPath:
         for s in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
                 old[s] = signal.signal(s, handler)
+        if old:
+            self._signal_watch = _SignalWatch(self)
+            if not self._signal_watch.start():
+                self._signal_watch = None
         return old
 
     def request_reload_backends(self) -> None:
