@@ -358,3 +358,29 @@ def test_tls_not_tls_stops():
       return a.dead[1]
     end''')(b"\x16\x03\x01\x00\x05hello" + b"GET / HTTP/1.1\r\n")
     assert dead is True
+
+
+def test_port_reuse_and_fragments_in_reassembly_handler(tmp_path):
+    """Issue 12 inputs through reassembly_handler: a new SYN with a new ISN on an unclosed 5-tuple ends the
+    old connection (onterminateflow) and starts a new one with its own stream offsets (case 04); a TCP
+    segment that arrived as IP fragments in reverse order is one payload (case 02)."""
+    cases = os.path.join(DATA, "cases")
+    out = tmp_path / "files"
+    out.mkdir()
+    plugin = helpers.write_plugin(tmp_path, fill(SAVER, str(out), "true"))
+    run(tmp_path, [plugin], [os.path.join(cases, "04-tcp-port-reuse-no-close", "input.pcap")])
+    ev = events(out)
+    assert [e[0] for e in ev if e[0] != "data"] == ["new", "end", "new", "end"]
+    # connection 2's server stream starts at offset 0 again and holds /two.txt's response only
+    key = ev[0][1]
+    resp = (out / f"{key}_0").read_bytes()
+    assert resp.startswith(b"HTTP/1.1 200") and resp.count(b"HTTP/1.1 200") == 1
+    out2 = tmp_path / "files2"
+    out2.mkdir()
+    plugin2 = helpers.write_plugin(tmp_path, fill(SAVER, str(out2), "true"), name="p2.lua")
+    run(tmp_path, [plugin2], [os.path.join(cases, "02-ipv4-frags-reversed-http", "input.pcap")], name="out2")
+    ev = events(out2)
+    key = ev[0][1]
+    resp = (out2 / f"{key}_0").read_bytes()
+    assert len(resp) == 81 + 2560 and resp.endswith(bytes(range(256)) * 10)
+    assert [e[0] for e in ev if e[0] != "data"] == ["new", "end"]

@@ -230,7 +230,12 @@ function S:run(addr, n)
       if v.uid == id and v.yes > 0 then
         self.ts = p.ts_sec + p.ts_nsec * 1e-9
         local f = R.flows[id]
-        if f ~= nil and f.closed and band(d.tcp_flags, 0x12) == 0x02 then R:forget(id); f = nil end
+        if f ~= nil and band(d.tcp_flags, 0x12) == 0x02 then       -- SYN: is the 5-tuple reused?
+          if f.closed then R:forget(id); f = nil
+          elseif R:is_new_connection(id, p.dir, be32(p.data, d.l4_offset + 4), d.tcp_flags) then
+            R:restart(id); f = nil                                  -- the old connection's CLOSE, then NEWFLOW
+          end
+        end
         if f == nil or not f.closed then
           local st = self.flows[id]
           if st == nil then
