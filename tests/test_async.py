@@ -721,12 +721,13 @@ def test_shutdown_drains_then_unloads(runtime_factory, tmp_path):
     service_until(rt2, lambda: (tmp_path / "two" / "started-stuck").exists())
     rt2.shutdown(deadline=0.5)
     order = (tmp_path / "two" / "order.txt").read_text()
-    assert order == "queued:shutdown deadline passed,unload", order
+    lost = "still running at the drain deadline (0.5 s, --drain-deadline): result lost"
+    assert order == f"queued:{lost},unload", order
     st = vm2.async_stats()
     helpers.assert_accounting(st)
-    assert (st["ok"], st["timeout"], st["pending"]) == (0, 2, 0), st
+    assert (st["ok"], st["timeout"], st["lost_at_deadline"], st["pending"]) == (0, 2, 2, 0), st
     errs = [e.decode() for e in lst(vm2, "errs")]
-    assert errs == ["stuck: shutdown deadline passed"], errs
+    assert errs == [f"stuck: {lost}"], errs
 
     for pid in pids:
         assert not psutil.pid_exists(pid), pid

@@ -495,6 +495,16 @@ TrisulPlugin = {{
   }},
 }}
 """,
+    "h_typo.lua": f"""TrisulPlugin = {{
+  id = {{ name = "typo" }},
+  simplecounter = {{
+    protocol_guid = "{G_UDP}",
+    onpacket = function(engine, layer)
+      engine:add_alrt("{G_UDP}", nil, "k", 1, "m")
+    end,
+  }},
+}}
+""",
 }
 
 
@@ -545,8 +555,14 @@ def test_error_isolation(tmp_path, caplog, trisul16):
     # an unimplemented engine method says so
     un = plugin_entries(summary, "g_unimpl.lua")[0]
     assert un["hook_errors"]["simplecounter.onpacket"] == udp
-    msgs = luaprobe_records(caplog, "is not implemented by luaprobe")
-    assert any("g_unimpl.lua:7: engine:set_key_attribute() is not implemented by luaprobe" in m for m in msgs), msgs
+    msgs = luaprobe_records(caplog, "does not implement yet")
+    assert any("g_unimpl.lua:7: engine:set_key_attribute() is a Trisul engine method that luaprobe does not implement yet"
+               in m for m in msgs), msgs
+    # a misspelled one says so, with the closest method
+    assert plugin_entries(summary, "h_typo.lua")[0]["hook_errors"]["simplecounter.onpacket"] == udp
+    msgs = luaprobe_records(caplog, "is not a method of the engine object")
+    assert any("h_typo.lua:7: engine:add_alrt() is not a method of the engine object (did you mean "
+               "engine:add_alert?)" in m for m in msgs), msgs
 
     # the packet path itself was unaffected
     assert summary["packets"] == trisul16[0]["packets"] == 7000
@@ -614,9 +630,9 @@ def test_unreadable_pcap_argument(tmp_path, kind):
     path = str(tmp_path / "nope.pcap") if kind == "missing" else str(tmp_path / "plugins")
     r = cli("run", str(tmp_path / "plugins"), "--pcap", path, "--out", str(tmp_path / "out"))
     assert r.returncode == 3, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    want = "no such file" if kind == "missing" else "is a directory"
-    assert f"input error: {path}: byte offset 0: {want}" in r.stderr, r.stderr
+    want = "no such file" if kind == "missing" else "is a directory, not a capture file"
+    assert r.stderr == f"luaprobe run: --pcap {path}: {want}\n"      # one line, before anything started
+    assert not (tmp_path / "out").exists()
 
 
 def test_corrupt_file_between_good_ones(tmp_path):

@@ -160,6 +160,27 @@ class _progress_bar:
         self.p.stop()
 
 
+class _stdout_to_stderr:
+    """With --json, stdout carries the JSON document only: while the run goes, file descriptor 1 (plug-in
+    `print`, Lua and worker output, anything a library writes) points at stderr; it is restored after."""
+
+    def __init__(self, active: bool):
+        self.active, self.saved = active, None
+
+    def __enter__(self):
+        if self.active:
+            sys.stdout.flush()
+            self.saved = os.dup(1)
+            os.dup2(2, 1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            sys.stdout.flush()
+            os.dup2(self.saved, 1)
+            os.close(self.saved)
+
+
 def cmd_run(args) -> int:
     """`luaprobe run`: plug-ins over capture files, to completion."""
     import json
@@ -181,6 +202,15 @@ def cmd_run(args) -> int:
         except UsageError as e:
             print(f"luaprobe run: {e}", file=sys.stderr)
             return EXIT_USAGE
+    from .usage import InputProblem, UsageError, check_captures, check_new_file, check_out_dir
+    try:
+        check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new")
+        if args.stats_json:
+            check_new_file("--stats-json", args.stats_json)
+        check_captures(args.pcap or [])
+    except (UsageError, InputProblem) as e:
+        print(f"luaprobe run: {e}", file=sys.stderr)
+        return e.exit_code
     if bpf is not None and not interface:
         print("luaprobe run: --bpf needs --interface (capture files are not filtered)", file=sys.stderr)
         return EXIT_USAGE
@@ -212,10 +242,14 @@ def cmd_run(args) -> int:
     if bar is not None:
         cfg.progress = bar.update
     try:
-        summary = make_run(cfg).run()
+        with _stdout_to_stderr(args.json):
+            summary = make_run(cfg).run()
     except PluginError as e:
         print(f"luaprobe run: plug-in error: {e}", file=sys.stderr)
         return EXIT_PLUGIN
+    except UsageError as e:
+        print(f"luaprobe run: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("luaprobe run: stopped hard by a second signal (workers and capture killed; rows already handed "
               "to the store writer are committed, the rest is lost)", file=sys.stderr)
@@ -228,6 +262,8 @@ def cmd_run(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+    code, reasons = run_exit_code(summary)
+    summary["exit"] = {"code": code, "reasons": reasons}
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     elif not args.quiet:
@@ -236,17 +272,45 @@ def cmd_run(args) -> int:
         for e in summary["plugin_problems"] + summary["input_errors"]:
             print(e, file=sys.stderr)
     if args.stats_json:
-        with open(args.stats_json, "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+        try:
+            with open(args.stats_json, "w") as f:
+                json.dump(summary, f, indent=2, default=str)
+        except OSError as e:
+            print(f"luaprobe run: --stats-json {args.stats_json}: {e.strerror}", file=sys.stderr)
+            return code or EXIT_INTERNAL
+    for r in reasons:                      # plug-in problems and input errors were printed above
+        if r.startswith("stopped early"):
+            print(f"luaprobe run: {r}", file=sys.stderr)
+        elif not r.startswith(("plug-in problem:", "input error")) and not args.json:
+            print(f"luaprobe run: exit {code}: {r}", file=sys.stderr)
+    return code
+
+
+def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[str]]:
+    """The exit code a finished run owes its caller, and why (docs/operations.md "Exit codes").
+
+    3 when a capture file had an error; else 4 when any plug-in failed to load (a syntax error, a bad
+    definition, an error in onload), a hook failed on every one of its calls, or T.async results were lost
+    at the drain deadline; else 130/143 when a file or --generate run was stopped early by SIGINT/SIGTERM
+    (``stop_is_early``; the daemon's child is stopped that way normally); else 0.  Script types luaprobe does
+    not support yet are listed, not failures."""
     if summary["input_errors"]:
-        return EXIT_INPUT
-    if summary["plugin_problems"] and not summary["plugins"]:
-        return EXIT_PLUGIN
-    if summary.get("stopped_by") in EXIT_STOPPED and not interface:
-        print(f"luaprobe run: stopped early by {summary['stopped_by']}: the input up to the stop was processed "
-              "and written", file=sys.stderr)
-        return EXIT_STOPPED[summary["stopped_by"]]
-    return EXIT_OK
+        return EXIT_INPUT, [f"input error: {e}" for e in summary["input_errors"]]
+    reasons = [f"plug-in problem: {p}" for p in summary["plugin_problems"] if "not supported" not in p]
+    for p in summary["plugins"]:
+        name = f"{os.path.basename(p['plugin'])}#{p['instance']}"
+        for hook, n in p["hook_errors"].items():
+            if n and n == p["hook_calls"].get(hook):
+                reasons.append(f"{name}: {hook} failed on every call ({n})")
+        lost = p["async"].get("lost_at_deadline", 0)
+        if lost:
+            reasons.append(f"{name}: {lost} T.async result(s) lost at the drain deadline")
+    if reasons:
+        return EXIT_PLUGIN, reasons
+    if stop_is_early and summary.get("stopped_by") in EXIT_STOPPED and not summary.get("interface"):
+        return EXIT_STOPPED[summary["stopped_by"]], [f"stopped early by {summary['stopped_by']}: the input up to "
+                                                     "the stop was processed and written"]
+    return EXIT_OK, []
 
 
 def cmd_check(args) -> int:
@@ -285,30 +349,43 @@ def cmd_demo(args) -> int:
     """`luaprobe demo`: the bundled example plug-ins on the bundled sample capture."""
     args.plugins = [EXAMPLES]
     args.pcap = [os.path.join(EXAMPLES, "sample.pcap")]
+    args.overwrite = not args.append        # the demo replaces its own earlier output
     return cmd_run(args)
 
 
 def _run_options(p) -> None:
+    """Options shared by `run` and `demo`; every number is range-checked here (docs/operations.md)."""
+    from .usage import float_in, int_in, power_of_two
     p.add_argument("--out", default="out", help="output directory (SQLite database); default ./out")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--append", action="store_true", help="add this run to the database already in --out")
+    again.add_argument("--overwrite", action="store_true", help="replace the database already in --out")
     p.add_argument("--lua-path", action="append", default=[], metavar="DIR", help="extra Lua search directory")
     p.add_argument("--stats-json", metavar="FILE", help="write the run summary as JSON")
-    p.add_argument("--workers", type=int, default=None, help="async workers per plug-in (overrides "
-                   "TrisulPlugin.request_async_workers)")
-    p.add_argument("--overflow-limit", type=int, default=100_000, help="tasks queued beyond the rings per plug-in")
-    p.add_argument("--task-timeout", type=float, default=60.0, help="seconds one onexecute may run")
-    p.add_argument("--worker-max-tasks", type=int, default=0, help="recycle a worker after N tasks (0 = never)")
-    p.add_argument("--worker-max-rss-mb", type=float, default=0.0, help="recycle a worker above this RSS")
-    p.add_argument("--worker-spin-us", type=float, default=1500.0, help="worker polling window after a task")
-    p.add_argument("--ring-size", type=int, default=4 << 20, help="bytes per async ring (power of two)")
-    p.add_argument("--drain-deadline", type=float, default=10.0, help="seconds to finish async tasks at the end")
+    p.add_argument("--workers", type=int_in(1, 256), default=None, help="async workers per plug-in (overrides "
+                   "TrisulPlugin.request_async_workers), 1..256")
+    p.add_argument("--overflow-limit", type=int_in(0), default=100_000,
+                   help="tasks queued beyond the rings per plug-in (>= 0)")
+    p.add_argument("--task-timeout", type=float_in(0, lo_open=True), default=60.0,
+                   help="seconds one onexecute may run (> 0)")
+    p.add_argument("--worker-max-tasks", type=int_in(0), default=0, help="recycle a worker after N tasks (0 = never)")
+    p.add_argument("--worker-max-rss-mb", type=float_in(0), default=0.0,
+                   help="recycle a worker above this RSS in MiB (0 = never)")
+    p.add_argument("--worker-spin-us", type=float_in(0, 1e6), default=1500.0,
+                   help="worker polling window after a task, microseconds (0..1000000)")
+    p.add_argument("--ring-size", type=power_of_two(4096, 1 << 30), default=4 << 20,
+                   help="bytes per async ring (a power of two, 4096..1 GiB)")
+    p.add_argument("--drain-deadline", type=float_in(0), default=10.0,
+                   help="seconds to finish async tasks at the end (>= 0)")
     p.add_argument("--file-root", action="append", default=[], metavar="DIR",
                    help="confine T.async copy/cat/rm/copybuffer names beneath DIR (repeatable; docs/async.md)")
-    p.add_argument("--backend-instances", type=int, default=2, help="engine_monitor instances (Trisul flushers)")
-    p.add_argument("--batch", type=int, default=1024, help="packets per fast-path batch")
-    p.add_argument("--http-max-header", type=int, default=65536, metavar="BYTES",
-                   help="longest HTTP start line + header block kept (more is counted; docs/filex.md)")
-    p.add_argument("--shards", type=int, default=1, metavar="N",
-                   help="N fast-path processes sharing the input by a symmetric flow hash (docs/scale.md)")
+    p.add_argument("--backend-instances", type=int_in(0, 64), default=2,
+                   help="engine_monitor instances (Trisul flushers), 0..64; 0 only without engine_monitor scripts")
+    p.add_argument("--batch", type=int_in(1, 65536), default=1024, help="packets per fast-path batch (1..65536)")
+    p.add_argument("--http-max-header", type=int_in(1024, 1 << 24), default=65536, metavar="BYTES",
+                   help="longest HTTP start line + header block kept, 1024..16777216 (more is counted; docs/filex.md)")
+    p.add_argument("--shards", type=int_in(1, 64), default=1, metavar="N",
+                   help="N fast-path processes sharing the input by a symmetric flow hash, 1..64 (docs/scale.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (T.logdebug lines too)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of text")
@@ -323,7 +400,8 @@ def _daemon_command(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
-    p = argparse.ArgumentParser(prog="luaprobe", description="Run Trisul-style Lua plug-ins over network traffic.")
+    from .usage import Parser, int_in
+    p = Parser(prog="luaprobe", description="Run Trisul-style Lua plug-ins over network traffic.")
     p.add_argument("--version", action="version", version=f"luaprobe {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     shm = sub.add_parser("shm", help="inspect or clean luaprobe shared-memory segments")
@@ -362,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--json", action="store_true")
         if name == "stats":
             d.add_argument("--plain", action="store_true", help="plain text even when rich is installed")
-            d.add_argument("--count", type=int, default=0, metavar="N", help="stop after N refreshes")
+            d.add_argument("--count", type=int_in(0), default=0, metavar="N", help="stop after N refreshes")
         d.set_defaults(func=_daemon_command)
     query = sub.add_parser("query", help="print outputs: alerts|resources|counters|flows|keyinfo",
                            add_help=False)
@@ -380,8 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: sub-commands with their own parser: everything after the name goes to it (`luaprobe query --help` too)
+DELEGATED = {"query": cmd_query, "gen": cmd_gen, "loadtest": cmd_loadtest}
+
+
 def main(argv=None) -> int:
     """Entry point of the `luaprobe` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

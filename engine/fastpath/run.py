@@ -34,6 +34,7 @@ from luaprobe.engine.plugins.flowmon import FlowBackends
 from luaprobe.engine.streams.reasm import ReassemblyStage
 from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
 from luaprobe.engine.store.writer import StoreWriter
+from luaprobe.engine.daemon.usage import UsageError
 
 PKT, EOF, ERROR, END, STATS, TIME = 0, 1, 2, 3, 4, 5
 BACKEND_KINDS = ("engine_monitor", "sg_monitor", "flowtracker")   #: backend types run per backend instance
@@ -264,6 +265,19 @@ class FastPath:
                 else:
                     self._instantiate(rt, info.path, kind, "frontend", secrets.token_hex(4).upper()[:7])
 
+    def _preflight(self) -> None:
+        """Before anything starts: PluginError when there is no plug-in file, UsageError when engine_monitor
+        scripts would get no instance."""
+        files = discover(self.cfg.plugins, self.cfg.lua_path)
+        if not files:
+            raise PluginError("no plug-in files found in " + ", ".join(self.cfg.plugins))
+        if self.cfg.backend_instances >= 1:
+            return
+        for f in files:
+            if "engine_monitor" in probe(f, self.cfg.lua_path).runnable_types:
+                raise UsageError(f"--backend-instances {self.cfg.backend_instances}: {f} is an engine_monitor "
+                                 "script, which needs at least 1 backend instance")
+
     def _instantiate(self, rt, path, kind, pipeline, instance) -> None:
         try:
             vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups,
@@ -297,6 +311,10 @@ class FastPath:
         elif kind in ("sg_monitor", "flowtracker"):
             self.flowmon.add(inst)
         ok, res = vm.call(None, "onload")
+        if not ok:                                         # an error, not a deliberate `return false`
+            problem = f"{path}: onload failed: {_text(res).splitlines()[0] if res else '?'}"
+            if problem not in self.plugin_problems:
+                self.plugin_problems.append(problem)
         if not ok or res is False:
             why = "onload failed" if not ok else "onload returned false"
             logs.log.info("[%s#%s] %s: instance disabled", os.path.basename(path), instance, why)
@@ -393,6 +411,7 @@ class FastPath:
         """Process every input file; returns the summary (also stored in the run table)."""
         cfg = self.cfg
         t0 = time.monotonic()
+        self._preflight()
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
         shard = cfg.shard

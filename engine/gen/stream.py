@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from luaprobe.engine.gen.traffic import GenConfig, UsageError, _build_flows, _http_flow, _Pools, new_builder
+from luaprobe.engine.daemon.usage import Parser
 
 __all__ = ["parse_spec", "stream", "feed_ring", "send", "send_main"]
 
@@ -130,7 +131,7 @@ def send(interface: str, gen_kwargs: dict, rate: float | None = None, bitrate: f
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="luaprobe gen --interface", description="Send generated traffic onto an "
+    p = Parser(prog="luaprobe gen --interface", description="Send generated traffic onto an "
                                 "interface at a target packet or bit rate (AF_PACKET, sendmmsg, root).")
     p.add_argument("--interface", required=True, metavar="IF")
     r = p.add_mutually_exclusive_group(required=True)

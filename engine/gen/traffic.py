@@ -26,6 +26,8 @@ import zlib
 
 import numpy as np
 
+from luaprobe.engine.daemon.usage import Parser, UsageError, check_new_file  # UsageError: a bad option value, exit 2
+
 __all__ = ["GenConfig", "generate", "flow_key", "main", "parse_mix", "parse_size_dist"]
 
 KINDS = ("tcp", "udp", "icmp", "dns", "http")
@@ -62,10 +64,6 @@ _WORDS = (b"lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmo
 _TLDS = ("com", "net", "org", "io", "example")
 
 from luaprobe.shm.exits import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
-
-
-class UsageError(ValueError):
-    """A bad option value (exit code 2)."""
 
 
 # ---------------------------------------------------------------------------------------- options
@@ -508,7 +506,7 @@ def _http_flow(cfg, fl, j: int, size: int, ctype: str, enc: int, pools: _Pools):
 # ---------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="luaprobe gen", description="Write deterministic synthetic traffic to a "
+    p = Parser(prog="luaprobe gen", description="Write deterministic synthetic traffic to a "
                                 "pcap/pcapng file and an HTTP body manifest (FILE.bodies.json).")
     p.add_argument("--out", required=True, metavar="FILE", help="capture file to write")
     p.add_argument("--format", choices=["pcap", "pcapng"], default=None,
@@ -544,6 +542,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     fmt = args.format or ("pcapng" if args.out.lower().endswith(".pcapng") else "pcap")
     try:
+        check_new_file("--out", args.out)
         cfg = GenConfig(args.out, fmt, args.seed, args.flows, args.packets, args.mix, args.http_sizes,
                         args.http_types, args.chunked_fraction, args.gzip_fraction, args.ipv6_fraction, args.vlan,
                         args.size_dist, args.rate, args.mss, args.concurrency, args.start)

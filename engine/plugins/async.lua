@@ -129,7 +129,7 @@ function M.new(opts)
     max_record = opts.max_record or 1e300,   -- request-ring record limit (the pool's ring size)
     nfids = 0,
     stats = { scheduled = 0, ok = 0, nil_result = 0, error = 0, timeout = 0, dropped = 0,
-              onresult_errors = 0, redispatched = 0 },
+              onresult_errors = 0, redispatched = 0, lost_at_deadline = 0 },
     hist = ffi.new("double[?]", HIST),
     errors = nil,
     live_files = {},        -- path -> references (filex files kept for tasks naming them)
@@ -457,7 +457,7 @@ function Async:complete(w, status, payload)
     st.ok = st.ok + 1
   else
     if status == P.TIMEOUT then st.timeout = st.timeout + 1 else st.error = st.error + 1 end
-    local kind = status == P.FILE_ERROR and "file helper error" or "onexecute error"
+    local kind = status == P.FILE_ERROR and "file helper error" or self.cutting or "onexecute error"
     self.errors:report(kind, payload or "?")
     if onerr then self:call_hook("onerror", onerr, data, payload) end
   end
@@ -546,12 +546,16 @@ function Async:stop_accepting() self.accepting = false end
 
 --- Fail every task still pending as `timeout` (shutdown deadline passed).
 function Async:cut_off(reason)
+  local lost = self:pending()
+  self.cutting = "task lost"             -- logged as lost, not as an onexecute error
   for k = 1, self.nworkers do
     local w = self.workers[k]
     self.backlog = self.backlog - (w.tail - w.sent)
     w.sent = w.tail
     while w.head < w.tail do self:complete(w, P.TIMEOUT, reason) end
   end
+  self.cutting = nil
+  self.stats.lost_at_deadline = self.stats.lost_at_deadline + lost
 end
 
 --- Counters, the accounting identity's terms, and latency percentiles (ns).

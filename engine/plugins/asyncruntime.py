@@ -49,7 +49,7 @@ class AsyncRuntime:
                 self.beat()
             if not self.service():
                 self.wait(0.02)
-        vm.cut_off("reload: drain deadline passed")
+        vm.cut_off(f"still running at the reload drain deadline ({deadline:g} s): result lost")
 
     def unload(self, vm: PluginVM) -> None:
         """Drop a VM that will not run (disabled by onload, bad definition): no onunload."""
@@ -134,7 +134,7 @@ class AsyncRuntime:
             vm.stop_accepting()
         self.run_until_idle(deadline)
         for vm in self.vms:
-            vm.cut_off("shutdown deadline passed")
+            vm.cut_off(f"still running at the drain deadline ({deadline:g} s, --drain-deadline): result lost")
 
     def unload_all(self) -> None:
         """Call onunload in every VM (each at most once)."""

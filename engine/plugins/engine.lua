@@ -58,9 +58,46 @@ function M.new(opts)
 end
 
 Engine.__index = Engine
-setmetatable(Engine, { __index = function(_, name)      -- unknown methods fail loudly
+--- Edit distance of two short strings (a misspelled method name's suggestion).
+local function distance(a, b)
+  local prev = {}
+  for j = 0, #b do prev[j] = j end
+  for i = 1, #a do
+    local cur = { [0] = i }
+    for j = 1, #b do
+      local cost = a:byte(i) == b:byte(j) and 0 or 1
+      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+    end
+    prev = cur
+  end
+  return prev[#b]
+end
+
+--- "did you mean X?" for an unknown method name: the closest public method within a third of its length.
+local function suggestion(name)
+  local best, bestd = nil, math.max(2, math.floor(#name / 3)) + 1
+  for k, v in pairs(Engine) do
+    if type(k) == "string" and type(v) == "function" and k:sub(1, 1) ~= "_" then
+      local d = distance(name, k)
+      if d < bestd or (d == bestd and best and k < best) then best, bestd = k, d end
+    end
+  end
+  return best and (" (did you mean engine:%s?)"):format(best) or ""
+end
+
+--- Trisul engine methods (Trisul's engine object reference) that luaprobe does not implement (yet).
+local TRISUL_ONLY = { update_counter_raw = true, add_alert_ids = true, update_flow = true, update_flow_raw = true,
+                      terminate_flow = true, new_flow_record = true, add_edge = true, add_flow_edges = true,
+                      set_key_attribute = true, add_flow_attribute = true }
+
+setmetatable(Engine, { __index = function(_, name)      -- unknown methods fail loudly, with a suggestion
   return function()
-    error(("engine:%s() is not implemented by luaprobe"):format(tostring(name)), 2)
+    name = tostring(name)
+    if TRISUL_ONLY[name] and rawget(Engine, name) == nil then
+      error(("engine:%s() is a Trisul engine method that luaprobe does not implement yet"):format(name), 2)
+    end
+    error(("engine:%s() is not a method of the engine object%s (docs/reference.md lists them)")
+      :format(name, suggestion(name)), 2)
   end
 end })
 

@@ -15,6 +15,7 @@ import os
 import sys
 
 from luaprobe.engine.store.writer import DB_NAME, Store, StoreError, db_path
+from luaprobe.engine.daemon.usage import Parser, int_in
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_OK, EXIT_USAGE
 WHAT = ("alerts", "resources", "counters", "flows", "keyinfo", "groups", "decls", "edges", "toppers", "run")
@@ -137,7 +138,7 @@ def fetch(store: Store, a) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="luaprobe query", description="Query the output database of a luaprobe run.")
+    p = Parser(prog="luaprobe query", description="Query the output database of a luaprobe run.")
     p.add_argument("what", choices=WHAT, help="what to list")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--db", metavar="PATH", help="database file")
@@ -146,16 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", metavar="G", help="group name or GUID (counters, keyinfo, alerts, resources)")
     p.add_argument("--key", metavar="K", help="key or its label (counters, keyinfo); flowkey (alerts, resources, flows)")
     p.add_argument("--meter", metavar="M", help="meter id or name (counters)")
-    p.add_argument("--limit", metavar="N", type=int, help="at most N rows")
+    p.add_argument("--limit", metavar="N", type=int_in(0), help="at most N rows")
     return p
 
 
 def main(argv=None) -> int:
     """Entry point (`luaprobe query ...`); returns the exit code."""
     a = build_parser().parse_args(argv)
-    if a.limit is not None and a.limit < 0:
-        print("luaprobe query: --limit must be >= 0", file=sys.stderr)
-        return EXIT_USAGE
     path = a.db if a.db else db_path(a.out)
     try:
         with Store(path) as store:

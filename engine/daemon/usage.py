@@ -1,0 +1,186 @@
+"""What a user typed, checked before anything starts: one clear line and a documented exit code.
+
+Every mistake on the command line ends the same way: one line on stderr that names the option, the file
+(and the line or byte offset when there is one) and what would be accepted, then exit 2 (usage) or 3
+(input: a capture file that cannot be read), never a Python traceback and never a half-started run.
+
+* :class:`Parser`: an ``argparse.ArgumentParser`` whose errors are one line (``luaprobe run: --batch: ...
+  (luaprobe run --help)``) and that reports a misspelled option first, with the closest spelling, instead of
+  argparse's "one of --pcap ... is required".
+* ``int_in`` / ``float_in`` / ``power_of_two``: ``type=`` converters that say the accepted range.
+* :func:`check_out_dir`, :func:`check_new_file`, :func:`check_captures`: the file-system checks of a run.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import stat
+import sys
+
+from luaprobe.shm.exits import EXIT_INPUT, EXIT_USAGE
+
+#: the output database inside --out
+DB_NAME = "luaprobe.sqlite"
+
+#: first four bytes of the capture formats the walker reads (engine/capture/pcapfile.lua)
+CAPTURE_MAGICS = {b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d",
+                  b"\x0a\x0d\x0d\x0a"}
+
+
+class UsageError(ValueError):
+    """A bad option or option combination (exit code 2); ``str()`` is the one line shown."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputProblem(ValueError):
+    """An input file that cannot be used at all (exit code 3); ``str()`` names the file."""
+
+    exit_code = EXIT_INPUT
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and misspelled options reported first, with a suggestion."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} ({self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        self._check_spelling(args)
+        return super().parse_known_args(args, namespace)
+
+    def _check_spelling(self, args: list) -> None:
+        """Reject an option this parser does not know before argparse checks required options."""
+        if not self._option_string_actions or self.prefix_chars != "-":
+            return
+        known = list(self._option_string_actions)
+        sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+        for tok in args:
+            if tok == "--":
+                return
+            if sub is not None and tok in sub.choices:
+                return                                  # the sub-command's parser checks the rest
+            if not tok.startswith("-") or tok == "-" or _is_number(tok):
+                continue
+            name = tok.split("=", 1)[0]
+            if name in known or (name.startswith("--") and sum(k.startswith(name) for k in known) == 1):
+                continue                                # exact, or an unambiguous prefix argparse accepts
+            if not name.startswith("--") and len(name) > 2 and name[:2] in known:
+                continue                                # -qv, -n5
+            close = difflib.get_close_matches(name, [k for k in known if k.startswith("--")], n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            self.error(f"unknown option {name}{hint}")
+
+
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+        return True
+    except ValueError:
+        return False
+
+
+def int_in(lo: int, hi: int | None = None):
+    """``type=`` for an integer in ``lo..hi`` (``hi`` None: no upper bound)."""
+    def conv(text: str) -> int:
+        try:
+            v = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is out of range: {_range(lo, hi)}")
+        return v
+    conv.__name__ = "integer"
+    return conv
+
+
+def float_in(lo: float, hi: float | None = None, lo_open: bool = False):
+    """``type=`` for a number >= lo (> lo when ``lo_open``) and <= hi."""
+    def conv(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if v != v or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+            rng = f"> {lo:g}" if lo_open else f">= {lo:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {rng}"
+                                             + (f" and <= {hi:g}" if hi is not None else ""))
+        return v
+    conv.__name__ = "number"
+    return conv
+
+
+def power_of_two(lo: int, hi: int):
+    """``type=`` for a power of two in ``lo..hi`` (bytes)."""
+    def conv(text: str) -> int:
+        v = int_in(lo, hi)(text)
+        if v & (v - 1):
+            raise argparse.ArgumentTypeError(f"{v} is not a power of two ({lo}..{hi})")
+        return v
+    conv.__name__ = "power of two"
+    return conv
+
+
+def _range(lo, hi) -> str:
+    return f"must be >= {lo}" if hi is None else f"must be between {lo} and {hi}"
+
+
+def check_out_dir(out: str, mode: str) -> None:
+    """``--out DIR`` before a run: DIR may not be a file, and an earlier run's database there is refused
+    (``mode`` "new"), replaced ("overwrite") or added to ("append").  Raises :class:`UsageError`."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: exists and is not a directory (--out names the output directory)")
+    db = os.path.join(out, DB_NAME)
+    if mode == "new" and os.path.exists(db):
+        raise UsageError(f"--out {out}: already holds the results of an earlier run ({db}); use --overwrite to "
+                         "replace them, --append to add this run to them, or another --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out) and not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: the parent directory {parent} does not exist")
+    if mode == "overwrite":
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                os.unlink(db + suffix)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise UsageError(f"--out {out}: cannot remove {db + suffix}: {e.strerror}") from None
+
+
+def check_new_file(option: str, path: str) -> None:
+    """A file the command will write (``--stats-json``, ``gen --out``): its directory must exist and the path
+    may not be a directory.  Raises :class:`UsageError`."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory (give a file name)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{option} {path}: the directory {parent} is not writable")
+
+
+def check_captures(paths: list) -> None:
+    """Every ``--pcap`` exists, is a readable regular file and starts with a pcap or pcapng magic.
+    Damage further in is found by the walker during the run (reported with its byte offset).
+    Raises :class:`InputProblem` naming the first bad file."""
+    for p in paths:
+        try:
+            if not stat.S_ISREG(os.stat(p).st_mode) and not os.path.isdir(p):
+                raise InputProblem(f"--pcap {p}: not a regular file")      # a FIFO would block the check
+            with open(p, "rb") as f:
+                head = f.read(4)
+        except FileNotFoundError:
+            raise InputProblem(f"--pcap {p}: no such file") from None
+        except IsADirectoryError:
+            raise InputProblem(f"--pcap {p}: is a directory, not a capture file") from None
+        except PermissionError:
+            raise InputProblem(f"--pcap {p}: permission denied") from None
+        except OSError as e:
+            raise InputProblem(f"--pcap {p}: cannot read: {e.strerror}") from None
+        if not head:
+            raise InputProblem(f"--pcap {p}: empty file (no capture header)")
+        if head not in CAPTURE_MAGICS:
+            raise InputProblem(f"--pcap {p}: byte offset 0: not a pcap or pcapng file "
+                               f"(file magic 0x{head.hex()})")

@@ -1,0 +1,156 @@
+"""Every user mistake: one clear line on stderr, the documented exit code, nothing started, no traceback.
+
+The documented codes (README, docs/operations.md): 2 usage error, 3 input error, 4 plug-in error.  Each case
+below is a real `luaprobe` process; "nothing started" is checked on the file system (no --out directory,
+no database) and by the leak guard in conftest.py (no child process, no shared-memory segment left).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import helpers
+
+EX = os.path.join(helpers.REPO, "engine", "examples")
+PLUGIN = os.path.join(EX, "tcp_ports.lua")
+SAMPLE = os.path.join(EX, "sample.pcap")
+
+
+def luaprobe(*args, cwd=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=cwd or helpers.REPO,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+# (flag, a value out of range) for every numeric option of `luaprobe run` (docs/operations.md lists the ranges)
+OUT_OF_RANGE = [
+    ("--batch", "0"), ("--batch", "-5"), ("--batch", "1000000"), ("--batch", "abc"),
+    ("--workers", "0"), ("--workers", "257"), ("--overflow-limit", "-1"), ("--task-timeout", "0"),
+    ("--task-timeout", "-2"), ("--task-timeout", "nan"), ("--worker-max-tasks", "-1"),
+    ("--worker-max-rss-mb", "-1"), ("--worker-spin-us", "-1"), ("--worker-spin-us", "1e9"),
+    ("--ring-size", "1000"), ("--ring-size", "5000"), ("--ring-size", str(1 << 31)), ("--drain-deadline", "-1"),
+    ("--backend-instances", "-1"), ("--backend-instances", "65"),
+]
+
+
+def one_line(r, code: int, *fragments: str) -> None:
+    """Exit `code`, exactly one line on stderr holding every fragment, no traceback."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    assert r.stderr.endswith("\n") and r.stderr.count("\n") == 1, r.stderr
+    for f in fragments:
+        assert f in r.stderr, (f, r.stderr)
+
+
+@pytest.mark.parametrize("flag,value", OUT_OF_RANGE)
+def test_numeric_flag_out_of_range(tmp_path, flag, value):
+    out = tmp_path / "out"
+    r = luaprobe("run", PLUGIN, "--pcap", SAMPLE, "--out", str(out), flag, value)
+    one_line(r, 2, f"luaprobe run: argument {flag}: ", "(luaprobe run --help)")
+    assert not out.exists()
+
+
+def _fifo(tmp_path):
+    p = tmp_path / "fifo.pcap"
+    os.mkfifo(p)
+    return str(p)
+
+
+# (name, argv builder, exit code, fragments of the one line)
+MISTAKES = [
+    ("pcap missing", lambda t: ["run", PLUGIN, "--pcap", str(t / "nope.pcap")], 3,
+     ["luaprobe run: --pcap ", "nope.pcap: no such file"]),
+    ("pcap is a directory", lambda t: ["run", PLUGIN, "--pcap", str(t)], 3, ["is a directory, not a capture file"]),
+    ("pcap is not a capture", lambda t: ["run", PLUGIN, "--pcap", PLUGIN], 3,
+     ["tcp_ports.lua: byte offset 0: not a pcap or pcapng file"]),
+    ("pcap is a fifo", lambda t: ["run", PLUGIN, "--pcap", _fifo(t)], 3, ["fifo.pcap: not a regular file"]),
+    ("second pcap missing", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, str(t / "b.pcap")], 3, ["b.pcap: no such"]),
+    ("out is a file", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--out", PLUGIN], 2,
+     ["--out ", "exists and is not a directory"]),
+    ("out parent missing", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--out", str(t / "a" / "b")], 2,
+     ["does not exist"]),
+    ("stats-json dir missing", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--stats-json", str(t / "no" / "s.json")],
+     2, ["--stats-json ", "does not exist"]),
+    ("stats-json is a dir", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--stats-json", str(t)], 2,
+     ["is a directory"]),
+    ("misspelled flag", lambda t: ["run", PLUGIN, "--pcpa", SAMPLE], 2, ["unknown option --pcpa (did you mean --pcap?)"]),
+    ("misspelled flag, = form", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--wokers=2"], 2,
+     ["unknown option --wokers (did you mean --workers?)"]),
+    ("no source", lambda t: ["run", PLUGIN], 2, ["one of the arguments --pcap --interface --generate is required"]),
+    ("bpf without interface", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--bpf", "tcp"], 2, ["--bpf needs"]),
+    ("both append and overwrite", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--append", "--overwrite"], 2,
+     ["not allowed with argument"]),
+    ("backend instances 0 with engine_monitor", lambda t: ["run", EX, "--pcap", SAMPLE, "--backend-instances", "0"],
+     2, ["--backend-instances 0: ", "window_report.lua is an engine_monitor script"]),
+    ("unknown command", lambda t: ["runn"], 2, ["invalid choice: 'runn'"]),
+    ("no plug-in files", lambda t: ["run", str(t), "--pcap", SAMPLE], 4, ["no plug-in files found"]),
+    ("gen out is a directory", lambda t: ["gen", "--out", str(t), "--flows", "3"], 2,
+     ["luaprobe gen: --out ", "is a directory"]),
+    ("gen out dir missing", lambda t: ["gen", "--out", str(t / "no" / "x.pcap")], 2, ["does not exist"]),
+    ("gen misspelled flag", lambda t: ["gen", "--out", str(t / "x.pcap"), "--flws", "3"], 2,
+     ["unknown option --flws (did you mean --flows?)"]),
+    ("gen flows out of range", lambda t: ["gen", "--out", str(t / "x.pcap"), "--flows", "0"], 2, ["--flows"]),
+    ("query limit negative", lambda t: ["query", "alerts", "--out", str(t), "--limit", "-1"], 2, ["--limit"]),
+    ("query no database", lambda t: ["query", "alerts", "--out", str(t)], 3, ["luaprobe query: ", "work"]),
+    ("query unknown kind", lambda t: ["query", "alert"], 2, ["invalid choice: 'alert'"]),
+    ("check missing file", lambda t: ["check", str(t / "nope.lua")], 4, ["nope.lua"]),
+    ("shm bad action", lambda t: ["shm", "cleen"], 2, ["invalid choice: 'cleen'"]),
+    ("stats count negative", lambda t: ["stats", "--count", "-1", "--run-dir", str(t)], 2, ["--count"]),
+    ("start config missing", lambda t: ["start", "--config", str(t / "nope.toml")], 2, ["nope.toml"]),
+]
+
+
+@pytest.mark.parametrize("name,argv,code,fragments", MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_mistake(tmp_path, name, argv, code, fragments):
+    work = tmp_path / "work"
+    work.mkdir()
+    r = luaprobe(*argv(work), cwd=str(tmp_path))
+    one_line(r, code, *fragments)
+    assert not (tmp_path / "out").exists()                 # nothing started: the default --out is not created
+
+
+def test_earlier_results_are_refused_appended_or_overwritten(tmp_path):
+    """A second run into the same --out neither merges silently nor loses the first run by accident."""
+    out = str(tmp_path / "out")
+    assert luaprobe("run", PLUGIN, "--pcap", SAMPLE, "--out", out, "-q").returncode == 0
+    r = luaprobe("run", PLUGIN, "--pcap", SAMPLE, "--out", out, "-q")
+    one_line(r, 2, f"--out {out}: already holds the results of an earlier run", "--overwrite", "--append")
+    import sqlite3
+
+    def total():
+        with sqlite3.connect(os.path.join(out, "luaprobe.sqlite")) as db:
+            return db.execute("SELECT sum(value) FROM counters").fetchone()[0]
+    first = total()
+    assert first > 0
+    assert luaprobe("run", PLUGIN, "--pcap", SAMPLE, "--out", out, "-q", "--append").returncode == 0
+    assert total() == 2 * first                            # deliberately accumulated
+    assert luaprobe("run", PLUGIN, "--pcap", SAMPLE, "--out", out, "-q", "--overwrite").returncode == 0
+    assert total() == first                                # replaced
+    for _ in range(2):                                     # the demo replaces its own output every time
+        assert luaprobe("demo", "--out", out, "-q").returncode == 0
+
+
+@pytest.mark.parametrize("cmd", ["run", "demo", "check", "query", "gen", "start", "stop", "status", "reload", "stats",
+                                 "shm", "loadtest"])
+def test_help_of_every_command(cmd):
+    r = luaprobe(cmd, "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: luaprobe " + cmd) and r.stderr == ""
+
+
+# Bad invocations built from pieces: whatever the combination, the answer is a usage/input/plug-in code and no
+# traceback (a traceback is what a user must never see).
+PIECES = [["--batch", "-1"], ["--pcap"], ["--pcap", "/nonexistent"], ["--out"], ["--interface", "nosuchif0"],
+          ["--generate", "packets=x"], ["--generate", "flows=0"], ["--ring-size", "3"], ["--json", "--quiet"],
+          ["--lua-path"], ["--stats-json", "/proc/nope/x"], ["--=x"], ["-"], ["--"], ["\u00e9\u00e8"], ["-x"]]
+
+
+@pytest.mark.parametrize("a,b", list(itertools.combinations(range(len(PIECES)), 2))[::3])
+def test_no_traceback_for_combined_mistakes(tmp_path, a, b):
+    argv = ["run", PLUGIN, *PIECES[a], *PIECES[b]]
+    r = luaprobe(*argv, cwd=str(tmp_path), timeout=120)
+    assert "Traceback" not in r.stderr + r.stdout, (argv, r.stderr)
+    assert r.returncode in (0, 2, 3, 4), (argv, r.returncode, r.stderr)
