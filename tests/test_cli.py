@@ -32,3 +32,80 @@ def test_quiet_still_reports_input_errors(tmp_path):
                  "--out", str(tmp_path / "out"), "-q")
     assert r.returncode == 3
     assert r.stdout == "" and "byte offset 5035" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ exit codes tell the truth (docs/operations.md)
+
+UDP = "{0A2C724B-5B9F-4BA6-9C97-B05080558574}"   # sample.pcap: 121 UDP packets (tshark -r sample.pcap udp | wc -l)
+GOOD = f"""TrisulPlugin = {{ id = {{ name = "good" }},
+  simplecounter = {{ protocol_guid = "{UDP}", onpacket = function(engine, layer)
+    engine:update_counter("{{99A78737-4B41-4387-8F31-8077DB917336}}", "udp", 0, 1) end }} }}
+"""
+FAILING = {
+    "syntax.lua": "TrisulPlugin = { id = { name = 'x' }\n",
+    "onload.lua": f"""TrisulPlugin = {{ id = {{ name = "x" }}, onload = function() error("no config") end,
+  simplecounter = {{ protocol_guid = "{UDP}", onpacket = function(engine, layer) end }} }}
+""",
+    "every_call.lua": f"""TrisulPlugin = {{ id = {{ name = "x" }},
+  simplecounter = {{ protocol_guid = "{UDP}", onpacket = function(engine, layer)
+    engine:add_alrt("{UDP}", nil, "k", 1, "m") end }} }}
+""",
+}
+
+
+def _good_total(out):
+    import sqlite3
+    with sqlite3.connect(f"{out}/luaprobe.sqlite") as db:
+        return db.execute("SELECT sum(value) FROM counters WHERE key = 'udp'").fetchone()[0]
+
+
+def test_failing_plugin_exits_4_and_the_others_still_run(tmp_path):
+    sample = f"{helpers.REPO}/engine/examples/sample.pcap"
+    for name, body in FAILING.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "good.lua").write_text(GOOD)
+        (d / name).write_text(body)
+        out = tmp_path / ("out-" + name)
+        r = luaprobe("run", str(d), "--pcap", sample, "--out", str(out), "--json")
+        assert r.returncode == 4, (name, r.stderr)
+        s = json.loads(r.stdout)
+        assert s["exit"]["code"] == 4 and len(s["exit"]["reasons"]) >= 1, s["exit"]
+        assert name in " ".join(s["exit"]["reasons"]), s["exit"]
+        assert _good_total(out) == 121                    # the good plug-in's work is all there
+        assert "Traceback" not in r.stderr
+    # a hook that fails only sometimes is not a failed plug-in
+    d = tmp_path / "sometimes"
+    d.mkdir()
+    (d / "s.lua").write_text(GOOD.replace("engine:update_counter(", "n = (n or 0) + 1; if n % 2 == 0 then "
+                                          "error('odd') end; engine:update_counter("))
+    r = luaprobe("run", str(d), "--pcap", sample, "--out", str(tmp_path / "o2"), "-q")
+    assert r.returncode == 0, r.stderr
+
+
+def test_results_lost_at_the_drain_deadline_are_counted_and_exit_4(tmp_path):
+    (tmp_path / "slow.lua").write_text(f"""TrisulPlugin = {{ id = {{ name = "slow" }},
+  simplecounter = {{ protocol_guid = "{UDP}", onpacket = function(engine, layer)
+    T.async:schedule({{ data = "x", onexecute = function(d)
+      local t = os.clock() while os.clock() - t < 5 do end return d end }}) end }} }}
+""")
+    r = luaprobe("run", str(tmp_path / "slow.lua"), "--pcap", f"{helpers.REPO}/engine/examples/sample.pcap",
+                 "--out", str(tmp_path / "out"), "--drain-deadline", "0.2", "--overflow-limit", "1000", "--json")
+    assert r.returncode == 4, r.stderr
+    a = json.loads(r.stdout)["plugins"][0]["async"]
+    assert a["scheduled"] == 121 and a["lost_at_deadline"] == a["timeout"] == 121 - a["ok"] - a["dropped"], a
+    assert "onexecute error" not in r.stderr and "result lost" in r.stderr
+
+
+def test_json_stdout_is_only_json_whatever_plugins_print(tmp_path):
+    (tmp_path / "p.lua").write_text(f"""TrisulPlugin = {{ id = {{ name = "p" }},
+  onload = function() print("{{ not json") io.write("raw write\\n") end,
+  simplecounter = {{ protocol_guid = "{UDP}", onpacket = function(engine, layer)
+    print("packet") T.async:schedule({{ data = "x", onexecute = function(d) print("worker") return d end }}) end }} }}
+""")
+    r = luaprobe("run", str(tmp_path / "p.lua"), "--pcap", f"{helpers.REPO}/engine/examples/sample.pcap",
+                 "--out", str(tmp_path / "out"), "--json", "-v")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)                                   # the whole of stdout is one JSON document
+    assert s["packets"] == 136 and s["plugins"][0]["async"]["ok"] == 121
+    assert r.stderr.count("packet\n") == 121 and r.stderr.count("worker\n") == 121 and "raw write" in r.stderr
