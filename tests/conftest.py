@@ -9,6 +9,13 @@ from luaprobe.shm import segment
 from tests import helpers
 
 
+@pytest.fixture(autouse=True, scope="session")
+def daemon_registry(tmp_path_factory):
+    """Daemons started by tests register in a private directory, not the user's (engine/control.py)."""
+    os.environ["LUAPROBE_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request):
     """Kill new child processes and unlink new segments after each test; fail a passing test that leaked."""

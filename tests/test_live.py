@@ -200,7 +200,7 @@ def test_live_counts_every_udp_packet_and_stops_on_sigint(tmp_path, veth):
     assert s["packets"] >= 2300 and s["captured_live"] >= 2300
     assert s["drops"]["capture"] == 0 and s["drops"]["kernel"] == 0, s["drops"]
     assert hook_calls(s, "metronome.lua", "engine_monitor.onmetronome") >= 1, s["plugins"]
-    assert "drops: capture 0  kernel 0" in so
+    assert "drops: packet ring full 0  kernel 0" in so
     print(f"sent 2300 datagrams in {send_s:.3f} s")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -102,8 +103,8 @@ class Daemon:
 
     def stats(self) -> dict:
         r = self.cli("stats", "--json")
-        assert r.returncode == 0, r.stderr
         snap = json.loads(r.stdout)
+        assert r.returncode == (0 if snap["live"] else 3), r.stderr
         self.pids.update(p["pid"] for p in snap.get("process_info", []))
         return snap
 
@@ -284,7 +285,9 @@ def test_crash_loop_gives_up(daemon, tmp_path):
     (plug / "crash.lua").write_text('TrisulPlugin = { id = { name = "crash" },\n'
                                     '  onload = function() os.exit(1) end,\n'
                                     '  engine_monitor = { onmetronome = function() end } }\n')
-    daemon.start(plugins=[plug], crash_loop_restarts=2)
+    daemon.write_config(plugins=[plug], crash_loop_restarts=2)
+    r = cli("start", "--config", daemon.config)              # start waits for the plug-ins: it sees the crashes
+    assert r.returncode == 1 and "luaprobe start: fast path exit status 1" in r.stderr, r.stderr
     st = helpers.wait_for(lambda: (s := daemon.status())["state"].startswith("failed") and s, 30, 0.1)
     assert st["state"] == "failed: crash loop (last exit: exit status 1)"
     assert st["restarts"] == 2 and not st["live"]
@@ -384,7 +387,11 @@ def test_stats_json_equals_the_fastpath_counters(daemon):
     tcp = next(p for p in snap["plugins"] if p["plugin"].endswith("tcp_ports.lua") and p["type"] == "simplecounter")
     assert 0 < tcp["hook_calls"]["simplecounter.onpacket"] <= snap["packets"]
     text = daemon.cli("stats", "--plain", "--count", "1").stdout
-    assert "== source" in text and "== processes" in text and "dns_watch.lua [simplecounter#" in text
+    assert "== source" in text and "== processes" in text and re.search(r"dns_watch.lua#\w+ +simplecounter", text)
+    assert max(len(line) for line in text.splitlines()) <= 80, text      # readable on an 80-column terminal
+    assert "(file source: waits, no loss)" in text                         # a full ring is no alarm for files
+    fp_cpu = [line.split() for line in text.splitlines() if line.startswith("fastpath ")]
+    assert float(fp_cpu[0][2]) > 0, text                                   # real CPU % on the first sample
     assert daemon.cli("stop").returncode == 0
     # after the end: the final counters are the fast path's summary
     final = daemon.stats()
@@ -481,3 +488,73 @@ def test_stalled_fastpath_is_restarted_and_status_says_why(daemon, tmp_path):
     log = open(os.path.join(daemon.run_dir, control.LOG)).read()
     assert "stalled: no heartbeat" in log
     assert daemon.cli("stop").returncode == 0
+
+
+# ============================================================================ the daemon says what went wrong
+def test_start_reports_a_plugin_error_like_run_and_starts_nothing(daemon, tmp_path):
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    (plug / "bad.lua").write_text('TrisulPlugin = { id = { name = "bad" }\n')
+    (plug / "tcp_ports.lua").write_text(open(os.path.join(EXAMPLES, "tcp_ports.lua")).read())
+    want = "bad.lua:2: '}' expected (to close '{' at line 1) near '<eof>'"    # (LuaJIT may shorten the path)
+    run = cli("run", str(plug), "--pcap", SAMPLE, "--out", str(tmp_path / "o"), "-q")
+    assert run.returncode == 4 and want in run.stderr, run.stderr
+    daemon.write_config(plugins=[plug])
+    r = cli("start", "--config", daemon.config)
+    assert r.returncode == 4, r.stderr
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("luaprobe start: plug-in problem: ") and first.endswith(want), r.stderr
+    assert "Traceback" not in r.stderr
+    assert control.read_pid(daemon.run_dir) is None            # stopped again: nothing half-started
+    st = daemon.status()
+    assert want in st["last_error"] and not st["live"]
+    assert "last error: plug-in problem: " in daemon.cli("status").stdout
+    assert want in open(os.path.join(daemon.run_dir, control.LOG)).read()
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_start_reports_a_bad_capture_before_starting(tmp_path):
+    fake = tmp_path / "fake.pcap"
+    fake.write_text("not a capture\n")
+    (tmp_path / "c.toml").write_text(f'[source]\npcap = ["{fake}"]\n[plugins]\npaths = ["{EXAMPLES}"]\n')
+    r = cli("start", "--config", str(tmp_path / "c.toml"))
+    assert r.returncode == 2
+    assert r.stderr == (f"luaprobe start: {tmp_path / 'c.toml'}: [source] pcap: {fake}: byte offset 0: not a pcap or "
+                        "pcapng file (file magic 0x6e6f7420)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_status_and_stop_find_the_daemon_from_any_directory(daemon, tmp_path):
+    daemon.start()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def run_in(*args):
+        return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=str(elsewhere), capture_output=True,
+                              text=True, timeout=90, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    st = run_in("status")
+    assert st.returncode == 0 and f"run_dir:    {daemon.run_dir}" in st.stdout, st.stdout + st.stderr
+    assert run_in("stats", "--json").returncode == 0 and run_in("stats", "--count", "1").returncode == 0
+    r = run_in("stop")
+    assert r.returncode == 0 and r.stdout.startswith("stopped (fast path exit status 0;"), r.stdout + r.stderr
+    r = run_in("status")                                        # nothing runs: says where it looked
+    assert r.returncode == 3 and str(elsewhere / "run") in r.stdout and "no daemon is running" in r.stdout
+    r = run_in("stats")
+    assert r.returncode == 3 and r.stderr.startswith("luaprobe stats: no daemon is running (looked in ")
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_the_example_config_runs(daemon, tmp_path):
+    """engine/examples/probe.toml as shipped (in a copy of the examples folder: its paths are relative)."""
+    import shutil
+    ex = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, ex, ignore=shutil.ignore_patterns("out", "run"))
+    daemon.run_dir, daemon.out_dir = str(ex / "run"), str(ex / "out")
+    r = cli("start", "--config", str(ex / "probe.toml"))
+    assert r.returncode == 0 and r.stdout.startswith("started: "), r.stderr
+    daemon.pids.add(control.read_pid(daemon.run_dir))
+    snap = daemon.wait_packets(500)
+    assert {os.path.basename(p["plugin"]) for p in snap["plugins"]} == {"tcp_ports.lua", "dns_watch.lua",
+                                                                       "window_report.lua"}
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()

@@ -82,8 +82,7 @@ def _rich_summary(s: dict) -> None:
                                                                            "timeout", "dropped", "pending")))
     con = Console()
     con.print(t)
-    con.print(f"drops: capture {d['capture']}  kernel {d.get('kernel', 0)}  packet ring {d['packet_ring']}  "
-              f"flow table {d['flow_table']}")
+    con.print(f"drops: packet ring full {d['capture']}  kernel {d.get('kernel', 0)}  flow table {d['flow_table']}")
     for line in _traffic_lines(s):
         con.print(line)
     con.print("written: " + ", ".join(f"{k} {v}" for k, v in s["rows_written"].items()) + f"  -> {s['store']['path']}")
@@ -112,8 +111,7 @@ def _traffic_lines(s: dict) -> list[str]:
 def _plain_summary(s: dict) -> None:
     print(f"packets {s['packets']:,}  bytes {s['bytes']:,}  flows {s['flows']:,}  elapsed {s['elapsed_s']} s")
     d = s["drops"]
-    print(f"drops: capture {d['capture']}  kernel {d.get('kernel', 0)}  packet ring {d['packet_ring']}"
-          f"  flow table {d['flow_table']}")
+    print(f"drops: packet ring full {d['capture']}  kernel {d.get('kernel', 0)}  flow table {d['flow_table']}")
     for line in _traffic_lines(s):
         print(line)
     for p in s["plugins"]:
@@ -394,8 +392,15 @@ def _run_options(p) -> None:
 def _daemon_command(args) -> int:
     """start / stop / status / reload -> luaprobe.engine.daemon.supervisor.cmd_*, stats -> luaprobe.engine.daemon.statsview.cmd_stats."""
     import importlib
-    mod = importlib.import_module("luaprobe.engine.daemon.statsview" if args.command == "stats" else "luaprobe.engine.daemon.supervisor")
-    return getattr(mod, "cmd_" + args.command)(args)
+
+    from .control import Ambiguous
+    mod = importlib.import_module("luaprobe.engine.daemon.statsview" if args.command == "stats"
+                                  else "luaprobe.engine.daemon.supervisor")
+    try:
+        return getattr(mod, "cmd_" + args.command)(args)
+    except Ambiguous as e:
+        print(f"luaprobe {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,7 +59,7 @@ class Config:
             return f"interface {s['interface']}" + (f" (bpf {s['bpf']!r})" if s["bpf"] else "")
         return ", ".join(os.path.basename(p) for p in s["pcap"]) + (" (loop)" if s["loop"] else "")
 
-    def run_config(self, stats_file: str | None = None, heartbeat_file: str | None = None):
+    def run_config(self, stats_file: str | None = None, heartbeat_file: str | None = None, on_loaded=None):
         """The fast path's RunConfig for this configuration."""
         from luaprobe.workers.pool import AsyncConfig
 
@@ -71,7 +71,8 @@ class Config:
         kw = dict(plugins=p["paths"], files=s["pcap"] or [], out_dir=self["run"]["out_dir"], lua_path=p["lua_path"],
                   async_config=acfg, backend_instances=p["backend_instances"], stats_file=stats_file,
                   heartbeat_file=heartbeat_file,
-                  stats_interval=float(self["stats"]["interval"]), loop=s["loop"], shards=self["run"]["shards"])
+                  stats_interval=float(self["stats"]["interval"]), loop=s["loop"], shards=self["run"]["shards"],
+                  on_loaded=on_loaded)
         if s["interface"]:
             kw.update(interface=s["interface"], bpf=s["bpf"])
         return RunConfig(**kw)
@@ -161,6 +162,11 @@ def _cross_checks(v: dict, name: str, raw: dict) -> None:
         for f in s["pcap"]:
             if not os.path.isfile(f) or not os.access(f, os.R_OK):
                 raise ConfigError(f"{name}: [source] pcap: {f!r}: not a readable file")
+        from .usage import InputProblem, check_captures
+        try:
+            check_captures(s["pcap"])
+        except InputProblem as e:
+            raise ConfigError(f"{name}: [source] {str(e).replace('--pcap ', 'pcap: ', 1)}") from None
         if s["bpf"] is not None:
             raise ConfigError(f"{name}: [source] bpf = {_show(s['bpf'])}: only valid with interface")
     else:

@@ -8,6 +8,11 @@ Run directory (mode 0700), written by the supervisor:
     active_config.json  the validated configuration the fast-path child runs (written at each (re)start)
     stats.json        the fast path's snapshot (FastPath.snapshot), rewritten every [stats] interval
     supervisor.log    stdout/stderr of the supervisor and the fast path when daemonized
+    loaded.json       written by the fast path once its plug-ins are loaded: {"fastpath_pid", "problems"}
+    last_error.json   the fast path's last error: {"fastpath_pid", "exit_code", "error"} (what `luaprobe run` prints)
+
+Running daemons also register their run directory in a per-user directory (:func:`registry_dir`), so that
+``status``/``stop``/``stats``/``reload`` find a daemon from any working directory (:func:`find_run_dir`).
 
 Requests: ``{"cmd": "status"}``, ``{"cmd": "stats"}``, ``{"cmd": "reload"}``, ``{"cmd": "stop"}``.
 Replies always carry ``"ok": true|false``; errors carry ``"error"``.
@@ -16,11 +21,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
 
 PIDFILE, SOCKET, STATE, STATS, LOG = "supervisor.pid", "control.sock", "state.json", "stats.json", "supervisor.log"
+LOADED, LAST_ERROR = "loaded.json", "last_error.json"
 MAX_LINE = 1 << 20
 
 
@@ -185,3 +192,72 @@ def read_json(file: str):
             return json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+# ---------------------------------------------------------------- where the running daemons are
+def registry_dir() -> str:
+    """Per-user directory of running daemons' run directories (mode 0700): ``$LUAPROBE_STATE_DIR``, else
+    ``$XDG_RUNTIME_DIR/luaprobe``, else ``~/.local/state/luaprobe``; one file per daemon holding its run dir."""
+    d = os.environ.get("LUAPROBE_STATE_DIR") or (
+        os.path.join(os.environ["XDG_RUNTIME_DIR"], "luaprobe") if os.environ.get("XDG_RUNTIME_DIR")
+        else os.path.join(os.path.expanduser("~"), ".local", "state", "luaprobe"))
+    return os.path.join(d, "daemons")
+
+
+def _entry(run_dir: str) -> str:
+    return os.path.join(registry_dir(), hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16])
+
+
+def register(run_dir: str) -> None:
+    """Record a running daemon's run directory (the supervisor calls this once it holds the pidfile)."""
+    os.makedirs(registry_dir(), mode=0o700, exist_ok=True)
+    write_json(_entry(run_dir), {"run_dir": os.path.abspath(run_dir), "pid": os.getpid()})
+
+
+def unregister(run_dir: str) -> None:
+    try:
+        os.unlink(_entry(run_dir))
+    except FileNotFoundError:
+        pass
+
+
+def running_run_dirs() -> list[str]:
+    """Run directories of the daemons running now (stale entries are removed)."""
+    out = []
+    try:
+        names = sorted(os.listdir(registry_dir()))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        e = read_json(os.path.join(registry_dir(), name))
+        if e and read_pid(e["run_dir"]):
+            out.append(e["run_dir"])
+        elif e is not None:
+            try:
+                os.unlink(os.path.join(registry_dir(), name))
+            except FileNotFoundError:
+                pass
+    return out
+
+
+class Ambiguous(Exception):
+    """Several daemons run and no --run-dir says which one."""
+
+
+def find_run_dir(given: str | None) -> tuple[str, str]:
+    """The run directory a command means, and how it was found.
+
+    ``--run-dir`` when given; else ``./run`` when a daemon runs there (or ran there: it has a state.json);
+    else the one running daemon registered for this user; else ``./run`` (not running).  Raises
+    :class:`Ambiguous` naming them when several daemons run and ``./run`` is none of them."""
+    if given:
+        return os.path.abspath(given), "--run-dir"
+    local = os.path.abspath("run")
+    if read_pid(local):
+        return local, "./run"
+    running = running_run_dirs()
+    if len(running) == 1:
+        return running[0], "the running daemon"
+    if len(running) > 1:
+        raise Ambiguous("several daemons are running, give --run-dir: " + ", ".join(running))
+    return local, "./run (no daemon is running for this user: " + registry_dir() + " is empty)"

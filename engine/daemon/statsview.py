@@ -20,9 +20,22 @@ from luaprobe.engine.daemon import control
 _PS: dict[int, psutil.Process] = {}      # kept between refreshes so cpu_percent() measures an interval
 
 
-def process_info(pids: dict) -> list[dict]:
-    """psutil facts for {role: pid or [pids]}."""
+def process_info(pids: dict, prime_s: float = 0.2) -> list[dict]:
+    """psutil facts for {role: pid or [pids]}.  CPU % is measured over the time since the previous call; a
+    process seen for the first time is measured over ``prime_s`` seconds first (psutil says 0.0 otherwise)."""
     rows = []
+    new = []
+    for v in pids.values():
+        for pid in (v if isinstance(v, list) else [v]):
+            if pid and pid not in _PS:
+                try:
+                    _PS[pid] = psutil.Process(pid)
+                    _PS[pid].cpu_percent()
+                    new.append(pid)
+                except psutil.Error:
+                    pass
+    if new and prime_s > 0:
+        time.sleep(prime_s)
     for role, v in pids.items():
         for pid in (v if isinstance(v, list) else [v]):
             if not pid:
@@ -31,8 +44,9 @@ def process_info(pids: dict) -> list[dict]:
                 p = _PS.get(pid) or _PS.setdefault(pid, psutil.Process(pid))
                 with p.oneshot():
                     cs, ct = p.num_ctx_switches(), p.cpu_times()
-                    row = {"role": role, "pid": pid, "cpu_percent": p.cpu_percent(), "rss": p.memory_info().rss,
-                           "cpu_user_s": ct.user, "cpu_system_s": ct.system,    # cpu_percent: 0.0 on a first look
+                    cpu = p.cpu_percent() if pid not in new or prime_s > 0 else None   # None: not measured yet
+                    row = {"role": role, "pid": pid, "cpu_percent": cpu, "rss": p.memory_info().rss,
+                           "cpu_user_s": ct.user, "cpu_system_s": ct.system,
                            "threads": p.num_threads(), "ctx_voluntary": cs.voluntary,
                            "ctx_involuntary": cs.involuntary}
                     try:
@@ -46,7 +60,7 @@ def process_info(pids: dict) -> list[dict]:
     return rows
 
 
-def collect(run_dir: str) -> dict:
+def collect(run_dir: str, prime_s: float = 0.2) -> dict:
     """One snapshot: the fast path's counters, rates, supervisor status, per-process psutil facts."""
     try:
         r = control.request(run_dir, "stats", timeout=5)
@@ -63,7 +77,7 @@ def collect(run_dir: str) -> dict:
     pids = dict(status.get("processes", {})) if live else {}
     out.update(rates=rates, status={k: status.get(k) for k in ("state", "restarts", "reloads", "last_exit",
                                                                "source", "supervisor_pid", "fastpath_pid")},
-               process_info=process_info(pids), live=live)
+               process_info=process_info(pids, prime_s), live=live)
     return out
 
 
@@ -100,36 +114,41 @@ def tables(cur: dict, prev: dict | None) -> list[tuple[str, list[str], list[list
     bps = _rate(prev, cur, "bytes", 8)
     bps = rates.get("bits_per_s") if bps is None else bps
     ring = cur.get("rings", {}).get("packet", {})
-    fill = f"{100 * ring['bytes'] / ring['capacity']:.1f}%" if ring.get("capacity") else "-"
+    fill = f"{100 * ring['bytes'] / ring['capacity']:.0f}%" if ring.get("capacity") else "-"
+    if ring.get("capacity") and cur.get("source_kind") != "live":
+        fill += " (file source: waits, no loss)"
     d = cur.get("drops", {})
-    out = [("source", ["state", "source", "restarts", "packets", "packets/s", "bits/s", "bytes", "flows live",
-                       "ring fill", "drops"],
+    out = [("source", ["state", "source", "restarts", "packets", "packets/s", "bits/s", "flows live"],
             [[str(st.get("state")), str(st.get("source")), str(st.get("restarts", 0)), _h(cur.get("packets")),
-              _h(pps), _h(bps, "b/s"), _h(cur.get("bytes"), "B"), _h(cur.get("flows_live")), fill,
-              " ".join(f"{k}={v}" for k, v in d.items())]])]
+              _h(pps), _h(bps, "b/s"), _h(cur.get("flows_live"))]]),
+           ("rings and drops", ["packet ring fill", "drops"],
+            [[fill, " ".join(f"{k}={v}" for k, v in d.items()) or "-"]])]
     if cur.get("shards"):                  # a sharded probe: the row above is the total
-        out.append(("shards", ["shard", "pid", "restarts", "packets", "bytes", "flows", "flows live", "ring fill",
+        out.append(("shards", ["shard", "pid", "restarts", "packets", "bytes", "flows", "flows live", "ring",
                                "drops"],
                     [[str(s["shard"]), str(s.get("pid")), str(s.get("restarts", 0)), _h(s.get("packets")),
                       _h(s.get("bytes"), "B"), _h(s.get("flows")), _h(s.get("flows_live")),
                       _h(s.get("rings", {}).get("packet", {}).get("bytes"), "B"),
-                      " ".join(f"{k}={v}" for k, v in s.get("drops", {}).items())] for s in cur["shards"]]))
-    out.append(("processes", ["role", "pid", "cpu %", "rss", "threads", "ctx vol/invol", "read", "written"],
-                [[r["role"], str(r["pid"]), f"{r['cpu_percent']:.1f}", _mb(r["rss"]), str(r["threads"]),
+                      _h(sum(v or 0 for v in s.get("drops", {}).values()))] for s in cur["shards"]]))
+    out.append(("processes", ["role", "pid", "cpu %", "rss", "thr", "ctx vol/inv", "read", "written"],
+                [[r["role"], str(r["pid"]), "-" if r["cpu_percent"] is None else f"{r['cpu_percent']:.1f}", _mb(r["rss"]), str(r["threads"]),
                   f"{r['ctx_voluntary']}/{r['ctx_involuntary']}", _h(r.get("read_bytes"), "B"),
                   _h(r.get("write_bytes"), "B")] for r in cur.get("process_info", [])]))
-    rows = []
+    hooks, tasks = [], []
     for p in cur.get("plugins", []):
         a = p.get("async", {})
-        shard = f" shard {p['shard']}" if "shard" in p else ""
-        rows.append([f"{os.path.basename(p['plugin'])} [{p['type']}#{p['instance']}]{shard}",
-                     _h(sum(p.get("hook_calls", {}).values())), str(sum(p.get("hook_errors", {}).values())),
-                     *(str(a.get(k, 0)) for k in ("scheduled", "pending", "ok", "nil_result", "error", "timeout",
-                                                   "dropped")),
-                     f"{a.get('latency_p50_ns', 0) / 1e3:.0f}/{a.get('latency_p99_ns', 0) / 1e3:.0f}",
-                     str(a.get("worker_deaths", 0))])
-    out.append(("plug-ins", ["instance", "hook calls", "errors", "sched", "pend", "ok", "nil", "err", "t/o",
-                             "drop", "p50/p99 µs", "w.deaths"], rows))
+        name = f"{os.path.basename(p['plugin'])[:24]}#{p['instance']}"
+        hooks.append([name, p["type"], _h(sum(p.get("hook_calls", {}).values())),
+                      str(sum(p.get("hook_errors", {}).values()))])
+        if a.get("scheduled"):
+            tasks.append([name, *(_h(a.get(k, 0)) for k in ("scheduled", "pending", "ok", "nil_result", "error",
+                                                            "timeout", "dropped")),
+                          f"{a.get('latency_p50_ns', 0) / 1e6:.0f}/{a.get('latency_p99_ns', 0) / 1e6:.0f}",
+                          str(a.get("worker_deaths", 0))])
+    out.append(("plug-ins", ["instance", "type", "hook calls", "errors"], hooks))
+    if tasks:
+        out.append(("T.async", ["instance", "sched", "pend", "ok", "nil", "err", "t/o", "drop", "p50/99ms", "dead"],
+                    tasks))
     return out
 
 
@@ -158,10 +177,15 @@ def render_rich(cur: dict, prev: dict | None):
 
 def cmd_stats(args) -> int:
     """`luaprobe stats [--json] [--run-dir DIR] [--plain] [--count N]`."""
-    run_dir = os.path.abspath(args.run_dir or "run")
-    if args.json:
-        print(json.dumps(collect(run_dir), indent=2, default=str))
-        return 0
+    run_dir, how = control.find_run_dir(args.run_dir)
+    first = collect(run_dir, prime_s=0 if args.json else 0.2)   # --json: one quick snapshot (cpu_percent null)
+    if args.json:                       # after the end: the run's final counters, and exit 3 (not running)
+        print(json.dumps(first, indent=2, default=str))
+        return 0 if first["live"] else 3
+    if not first["live"]:
+        print(f"luaprobe stats: no daemon is running (looked in {run_dir}, found as {how}; last state: "
+              f"{first['status'].get('state') or 'never started'})", file=sys.stderr)
+        return 3
     use_rich = not args.plain and sys.stdout.isatty()
     if use_rich:
         try:
@@ -172,7 +196,7 @@ def cmd_stats(args) -> int:
     try:
         if use_rich:
             from rich.live import Live
-            with Live(render_rich(collect(run_dir), None), refresh_per_second=4, screen=False) as live:
+            with Live(render_rich(first, None), refresh_per_second=4, screen=False) as live:
                 while not args.count or n < args.count:
                     time.sleep(1.0)
                     cur = collect(run_dir)
@@ -180,7 +204,7 @@ def cmd_stats(args) -> int:
                     prev, n = cur, n + 1
         else:
             while not args.count or n < args.count:
-                cur = collect(run_dir)
+                cur = first if n == 0 else collect(run_dir)
                 if sys.stdout.isatty():
                     sys.stdout.write("\x1b[H\x1b[2J")
                 print(render_text(cur, prev), flush=True)

@@ -53,6 +53,8 @@ class Supervisor:
         self.restarts = 0
         self.reloads = 0
         self.last_exit: str | None = None
+        self.last_exit_code: int | None = None
+        self.last_error: str | None = None       #: the fast path's last error message (status, start)
         self.crashes: collections.deque = collections.deque()
         self.restart_at: float | None = None
         self.stop_at: float | None = None       # hard-stop deadline (monotonic) while stopping / reloading
@@ -68,6 +70,11 @@ class Supervisor:
 
     # ------------------------------------------------------------ child
     def _spawn(self) -> None:
+        for name in (control.LOADED, control.LAST_ERROR):
+            try:
+                os.unlink(control.path(self.run_dir, name))
+            except FileNotFoundError:
+                pass
         active = control.path(self.run_dir, "active_config.json")      # the child runs exactly what was validated
         control.write_json(active, {"path": self.cfg.path, "values": self.cfg.values})
         cmd = [sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--child", "--config", active, "--run-dir", self.run_dir]
@@ -129,6 +136,12 @@ class Supervisor:
         """React to the child's exit; False when the supervisor is done."""
         now = time.monotonic()
         desc = self.stalled or describe_exit(rc)
+        self.last_exit_code = rc
+        err = control.read_json(control.path(self.run_dir, control.LAST_ERROR))
+        if err and err.get("fastpath_pid") == self.child.pid:
+            self.last_error = err["error"]
+        elif rc != 0:
+            self.last_error = f"fast path {desc} (see {control.path(self.run_dir, control.LOG)})"
         segment.sweep()                                         # what a killed fast path left behind
         self.child = None
         if self.mode == "stop":
@@ -207,8 +220,16 @@ class Supervisor:
                 "restarts": self.restarts, "reloads": self.reloads, "last_exit": self.last_exit,
                 "source": self.cfg.source_text(), "config": self.cfg.path, "run_dir": self.run_dir,
                 "out_dir": self.cfg["run"]["out_dir"],
+                "last_error": self.last_error, "last_exit_code": self.last_exit_code, **self._loaded(),
                 "last_stats": {k: snap.get(k) for k in ("time", "packets", "bytes", "flows", "flows_live")}
                 | self.rates if snap else None}
+
+    def _loaded(self) -> dict:
+        """{"loaded": bool, "plugin_problems": [...]} of the running fast path (loaded.json)."""
+        ld = control.read_json(control.path(self.run_dir, control.LOADED)) if self.child is not None else None
+        if not ld or ld.get("fastpath_pid") != self.child.pid:
+            return {"loaded": False, "plugin_problems": []}
+        return {"loaded": True, "plugin_problems": ld.get("problems", [])}
 
     def _pids(self) -> dict:
         """Every process of this run: supervisor, fast path, capture, store, workers (from the snapshot)."""
@@ -283,6 +304,7 @@ class Supervisor:
         except RuntimeError as e:
             print(f"luaprobe: {e}", file=sys.stderr)
             return EXIT_INTERNAL
+        control.register(self.run_dir)
         sock = control.listen(self.run_dir)
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
@@ -371,6 +393,7 @@ class Supervisor:
                 signal.signal(s, h)
             os.close(rfd)
             os.close(wfd)
+            control.unregister(self.run_dir)
             pidfile.release()
             log.info("supervisor exiting: %s", self.state)
 
@@ -391,6 +414,7 @@ def child_main(config_path: str, run_dir: str) -> int:
     from luaprobe.shm import logs
     from luaprobe.engine.fastpath.shards import make_run
     from luaprobe.engine.plugins.vm import PluginError
+    from .usage import UsageError
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, signal.SIG_IGN)         # the supervisor turns ^C into SIGTERM
@@ -404,7 +428,27 @@ def child_main(config_path: str, run_dir: str) -> int:
     cfg = config_mod.Config(active["path"], active["values"])
     logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
     stats_file = control.path(run_dir, control.STATS)
-    fp = make_run(cfg.run_config(stats_file=stats_file, heartbeat_file=control.path(run_dir, HEARTBEAT)))
+
+    def failed(code: int, message: str) -> int:
+        """Log the error (supervisor.log), leave it for `status` and `start`, return the exit code."""
+        log.error("%s", message)
+        control.write_json(control.path(run_dir, control.LAST_ERROR),
+                           {"fastpath_pid": os.getpid(), "exit_code": code, "error": message, "time": time.time()})
+        return code
+
+    def loaded(problems: list) -> None:
+        for p in problems:
+            log.error("plug-in problem: %s", p)
+        control.write_json(control.path(run_dir, control.LOADED), {"fastpath_pid": os.getpid(), "problems": problems})
+
+    try:
+        rc = cfg.run_config(stats_file=stats_file, heartbeat_file=control.path(run_dir, HEARTBEAT),
+                             on_loaded=loaded)
+        fp = make_run(rc)
+    except ValueError as e:
+        return failed(EXIT_USAGE, str(e))
+    if rc.shards > 1:            # shard processes load their own plug-ins: `start` does not wait for them
+        loaded([])
     signal.signal(signal.SIGTERM, lambda *_: fp.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: fp.request_reload_backends())    # live backend reload
     if stop:
@@ -412,28 +456,29 @@ def child_main(config_path: str, run_dir: str) -> int:
     try:
         summary = fp.run()
     except PluginError as e:
-        log.error("plug-in error: %s", e)
-        return EXIT_PLUGIN
+        return failed(EXIT_PLUGIN, f"plug-in error: {e}")
+    except UsageError as e:
+        return failed(EXIT_USAGE, str(e))
     except Exception as e:  # noqa: BLE001
         from luaprobe.engine.plugins.errors import text
-        log.error("internal error: %s: %s", type(e).__name__, text(e), exc_info=True)
-        return EXIT_INTERNAL
+        log.debug("internal error", exc_info=True)
+        return failed(EXIT_INTERNAL, f"internal error: {type(e).__name__}: {text(e)}")
     control.write_json(stats_file, final_snapshot(summary))
     control.write_json(control.path(run_dir, "last_summary.json"), summary)
     log.info("fast path finished: %s", json.dumps({k: summary[k] for k in ("packets", "bytes", "flows",
                                                                            "elapsed_s", "input_errors")}))
-    if summary["input_errors"]:
-        return EXIT_INPUT
-    if summary["plugin_problems"] and not summary["plugins"]:
-        return EXIT_PLUGIN
-    return EXIT_OK
+    from .cli import run_exit_code
+    code, reasons = run_exit_code(summary, stop_is_early=False)
+    return failed(code, "; ".join(reasons)) if code else EXIT_OK
 
 
 # ---------------------------------------------------------------- luaprobe start / stop / status / reload
 def _run_dir(args, cfg=None) -> str:
-    if getattr(args, "run_dir", None):
-        return os.path.abspath(args.run_dir)
-    return cfg.run_dir if cfg is not None else os.path.abspath("run")
+    """`start`: --run-dir, else the config's [run] run_dir.  The others: --run-dir, else ./run when a daemon runs
+    there, else the one daemon running for this user (control.find_run_dir); Ambiguous when several run."""
+    if cfg is not None:
+        return os.path.abspath(args.run_dir) if getattr(args, "run_dir", None) else cfg.run_dir
+    return control.find_run_dir(getattr(args, "run_dir", None))[0]
 
 
 def _log_tail(run_dir: str, n: int = 15) -> str:
@@ -467,23 +512,57 @@ def cmd_start(args) -> int:
         p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--config", cfg.path, "--run-dir", run_dir],
                              stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
                              cwd=os.path.dirname(cfg.path), close_fds=True)
-    end = time.monotonic() + 30
+    code = _wait_loaded(run_dir, p, timeout=60)
+    p.returncode = p.returncode if p.poll() is not None else 0   # detached: not ours to reap (new session)
+    return code
+
+
+def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float) -> int:
+    """`start` waits until the fast path has loaded its plug-ins: 0 when it runs cleanly; else the error is
+    printed as `luaprobe run` prints it and the daemon is stopped (nothing half-started): 2, 3 or 4."""
+    log_path = control.path(run_dir, control.LOG)
+    end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if p.poll() is not None:
-            print(f"luaprobe start: the supervisor exited ({describe_exit(p.returncode)}); "
-                  f"{control.path(run_dir, control.LOG)} ends with:\n{_log_tail(run_dir)}", file=sys.stderr)
-            return EXIT_INTERNAL
+        if p.poll() is not None:                  # the supervisor is done already (input finished, or failed)
+            st = control.read_json(control.path(run_dir, control.STATE)) or {}
+            if st.get("state", "").startswith("stopped (input finished)") and not st.get("last_error"):
+                print(f"finished: the input was processed completely; outputs in {st.get('out_dir')}, "
+                      f"log {log_path}")
+                return EXIT_OK
+            err = st.get("last_error") or f"the supervisor exited ({describe_exit(p.returncode)})"
+            print(f"luaprobe start: {err}\n{log_path} ends with:\n{_log_tail(run_dir)}", file=sys.stderr)
+            return st.get("last_exit_code") or EXIT_INTERNAL
         try:
             st = control.request(run_dir, "status", timeout=5)
         except (control.NotRunning, OSError):
             time.sleep(0.05)
             continue
-        print(f"started: supervisor pid {st['supervisor_pid']}, fast path pid {st['fastpath_pid']}, "
-              f"run dir {run_dir}, log {control.path(run_dir, control.LOG)}")
-        p.returncode = 0            # detached: not ours to reap (start_new_session), keep Popen quiet
-        return EXIT_OK
-    print(f"luaprobe start: no answer on {control.path(run_dir, control.SOCKET)} within 30 s", file=sys.stderr)
+        if st.get("loaded") or st["state"].startswith(("stopped", "failed")):
+            problems = [x for x in st.get("plugin_problems", []) if "not supported" not in x]
+            if not problems and not st["state"].startswith("failed"):
+                print(f"started: supervisor pid {st['supervisor_pid']}, fast path pid {st['fastpath_pid']}, "
+                      f"run dir {run_dir}, log {log_path}")
+                return EXIT_OK
+            for x in problems:
+                print(f"luaprobe start: plug-in problem: {x}", file=sys.stderr)
+            if st["state"].startswith("failed"):
+                print(f"luaprobe start: {st.get('last_error') or st['state']}", file=sys.stderr)
+            _stop_quietly(run_dir, st)
+            print(f"luaprobe start: not started: fix the problem and start again (log {log_path})", file=sys.stderr)
+            return EXIT_PLUGIN if problems else (st.get("last_exit_code") or EXIT_INTERNAL)
+        time.sleep(0.05)
+    print(f"luaprobe start: the fast path did not finish loading its plug-ins within {timeout:g} s "
+          f"(it keeps running; see luaprobe status, {log_path})", file=sys.stderr)
     return EXIT_INTERNAL
+
+
+def _stop_quietly(run_dir: str, st: dict) -> None:
+    pid = control.read_pid(run_dir)
+    try:
+        reply = control.request(run_dir, "stop")
+    except control.NotRunning:
+        return
+    _wait_gone(run_dir, reply.get("stop_deadline", 20) + 15, pid)
 
 
 def _wait_gone(run_dir: str, timeout: float, pid: int | None = None) -> bool:
@@ -502,13 +581,13 @@ def _wait_gone(run_dir: str, timeout: float, pid: int | None = None) -> bool:
 
 def cmd_stop(args) -> int:
     """`luaprobe stop`: graceful stop; waits for the supervisor to exit."""
-    run_dir = _run_dir(args)
+    run_dir, how = control.find_run_dir(getattr(args, "run_dir", None))
     pid = control.read_pid(run_dir)
     try:
         reply = control.request(run_dir, "stop")
     except control.NotRunning:
         st = control.read_json(control.path(run_dir, control.STATE)) or {}
-        print(f"not running ({st.get('state', 'never started')}, run dir {run_dir})")
+        print(f"not running ({st.get('state', 'never started')}; looked in {run_dir}, found as {how})")
         return EXIT_OK
     if not _wait_gone(run_dir, reply.get("stop_deadline", 20) + 15, pid):
         print(f"luaprobe stop: the supervisor is still running (pid {control.read_pid(run_dir)})", file=sys.stderr)
@@ -528,6 +607,10 @@ def format_status(st: dict, live: bool) -> str:
     lines.append(f"restarts:   {st.get('restarts', 0)}  reloads: {st.get('reloads', 0)}  "
                  f"last exit: {st.get('last_exit') or '-'}")
     lines += [f"{k + ':':<11} {st[k]}" for k in ("source", "config", "run_dir", "out_dir") if st.get(k)]
+    if st.get("last_error"):
+        lines.append(f"last error: {st['last_error']}")
+    for p in st.get("plugin_problems") or []:
+        lines.append(f"plug-in problem: {p}")
     if ls:
         lines.append("last stats: " + "  ".join(f"{k} {v:,.0f}" if isinstance(v, (int, float)) and k != "time"
                                                 else f"{k} {time.strftime('%H:%M:%S', time.localtime(v))}"
@@ -538,13 +621,13 @@ def format_status(st: dict, live: bool) -> str:
 def cmd_status(args) -> int:
     """`luaprobe status`: 0 running, 3 stopped, 1 failed (LSB-like)."""
     import json
-    run_dir = _run_dir(args)
+    run_dir, how = control.find_run_dir(getattr(args, "run_dir", None))
     try:
         st, live = control.request(run_dir, "status"), True
     except control.NotRunning:
         st, live = control.read_json(control.path(run_dir, control.STATE)), False
         if st is None:
-            st = {"state": "stopped", "run_dir": run_dir}
+            st = {"state": f"stopped (never started in {run_dir}; looked there as {how})", "run_dir": run_dir}
         elif not st.get("state", "").startswith(("stopped", "failed")):
             st["state"] = f"stopped (supervisor gone; was {st.get('state')})"
     print(json.dumps(st | {"live": live}, indent=2) if getattr(args, "json", False) else format_status(st, live))

@@ -91,6 +91,7 @@ class RunConfig:
     shards: int = 1                   #: fast-path processes sharing the input by flow hash (engine/fastpath/shards.py)
     shard: dict | None = None         #: in a shard process (set by engine/fastpath/shards.py): index, count, ring,
                                       #: bell, summary_file, coordinator (pid); None in a single fast path
+    on_loaded: object = None          #: callable(problems: list[str]) once the plug-ins are loaded (the daemon)
 
 
 #: script type -> (Host setup method, Host per-batch method) for the types that walk every batch
@@ -446,6 +447,8 @@ class FastPath:
             capture = _Coordinator(shard["coordinator"]) if shard else self._start_capture(ring_seg, rt)
             if not (cfg.interface or shard):   # files: the capture process starts up meanwhile (backpressure)
                 self._load_plugins(rt)
+            if cfg.on_loaded is not None:
+                cfg.on_loaded(list(self.plugin_problems))
             self._write("counter_groups", group_rows(self.infos))
             self._write("key_info", keyinfo_rows(self.infos))
             self._write("decl_groups", decl_rows(self.infos))
@@ -761,10 +764,11 @@ class FastPath:
         if getattr(self.store, "pid", None):
             procs["store"] = self.store.pid
         return {"time": time.time(), "packet_time": self.sec, "packets": d.get("packets", 0),
+                "source_kind": "live" if self.cfg.interface else "generate" if self.cfg.generate else "files",
                 "bytes": d.get("bytes", 0), "flows": d.get("flows_created", 0),
                 "flows_live": d.get("flows_live", 0), "late_packets": self.late_packets,
                 "rings": {"packet": {"records": int(recs), "bytes": int(nbytes), "capacity": int(cap)}},
-                "drops": {"capture": (self.capture_stats or [0, 0, 0])[1], "packet_ring": 0,
+                "drops": {"capture": (self.capture_stats or [0, 0, 0])[1],
                           "kernel": (self.capture_stats or [0, 0, 0])[2], "flow_table": d.get("flow_table_full", 0)},
                 "processes": procs, "plugins": plugins}
 
@@ -820,7 +824,7 @@ class FastPath:
             "unknown_linktypes": {int(k): v for k, v in (d.get("unknown_linktypes") or {}).items()},
             "ip_reassembly": {k.removeprefix("ip_frag_").removeprefix("ip_"): d.get(k, 0) for k in _IPR_KEYS},
             "flows": d.get("flows_created", 0), "flow_table_full_drops": d.get("flow_table_full", 0),
-            "drops": {"capture": cs[1], "kernel": cs[2], "packet_ring": 0, "flow_table": d.get("flow_table_full", 0)},
+            "drops": {"capture": cs[1], "kernel": cs[2], "flow_table": d.get("flow_table_full", 0)},
             **({"interface": self.cfg.interface, "bpf": self.cfg.bpf, "captured_live": cs[0],
                 "kernel_packets": cs[3] if len(cs) > 3 else 0} if self.cfg.interface else {}),
             "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,

@@ -50,7 +50,7 @@ class ShardError(RuntimeError):
 
 
 def _spec(cfg: RunConfig, shard: dict) -> dict:
-    d = dataclasses.asdict(dataclasses.replace(cfg, progress=None))
+    d = dataclasses.asdict(dataclasses.replace(cfg, progress=None, on_loaded=None))
     d["shard"] = shard
     return d
 
