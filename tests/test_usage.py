@@ -154,3 +154,13 @@ def test_no_traceback_for_combined_mistakes(tmp_path, a, b):
     r = luaprobe(*argv, cwd=str(tmp_path), timeout=120)
     assert "Traceback" not in r.stderr + r.stdout, (argv, r.stderr)
     assert r.returncode in (0, 2, 3, 4), (argv, r.returncode, r.stderr)
+
+
+def test_quick_loadtest_never_writes_into_docs(tmp_path):
+    docs = os.path.join(helpers.REPO, "docs", "loadtest")
+    before = {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(docs) for f in fs}
+    r = luaprobe("loadtest", "overflow", "--quick", "--out", docs)
+    one_line(r, 2, "quick smoke runs never write into docs/")
+    assert {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(docs) for f in fs} == before
+    r = luaprobe("loadtest", "--help")                  # the default report directory is not docs/
+    assert r.returncode == 0 and "default ./loadtest-reports" in r.stdout

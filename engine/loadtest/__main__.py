@@ -15,7 +15,8 @@ import tempfile
 def main(argv=None) -> int:
     from luaprobe.engine.loadtest import common
     from luaprobe.engine.loadtest.scenarios import SCENARIOS
-    ap = argparse.ArgumentParser(prog="luaprobe loadtest", description="load tests with Markdown reports and plots")
+    from luaprobe.engine.daemon.usage import Parser
+    ap = Parser(prog="luaprobe loadtest", description="load tests with Markdown reports and plots")
     ap.add_argument("scenario", choices=[*SCENARIOS, "all"])
     ap.add_argument("--quick", action="store_true", help="a few seconds per scenario (smoke test)")
     ap.add_argument("--out", default=common.DEFAULT_OUT,
@@ -23,6 +24,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
+    if args.quick and "docs" in os.path.realpath(args.out).split(os.sep):
+        ap.error(f"--quick --out {args.out}: quick smoke runs never write into docs/ (the committed reports); "
+                 "give another --out")
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     work = args.work or tempfile.mkdtemp(prefix="luaprobe-loadtest-")
     results, rc = {}, 0

@@ -102,7 +102,7 @@ def run_luaprobe(capture: str, work: str) -> tuple[float, dict]:
     stats = os.path.join(work, "summary.json")
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", capture,
-                    "--out", os.path.join(work, "out"), "--stats-json", stats],
+                    "--out", os.path.join(work, "out"), "--overwrite", "--stats-json", stats],
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     wall = time.monotonic() - t0
     with open(stats) as f:

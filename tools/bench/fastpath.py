@@ -114,7 +114,7 @@ def bench_luaprobe(path: str, n: int, workdir: str) -> tuple[float, float]:
     t = time.perf_counter()
     stats = os.path.join(workdir, "stats.json")
     out = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", path, "--out",
-                          os.path.join(workdir, "out"), "--stats-json", stats], cwd=REPO, capture_output=True, text=True)
+                          os.path.join(workdir, "out"), "--overwrite", "--stats-json", stats], cwd=REPO, capture_output=True, text=True)
     dt = time.perf_counter() - t
     if out.returncode != 0:
         raise SystemExit(out.stdout + out.stderr)
