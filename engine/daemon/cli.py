@@ -470,10 +470,14 @@ DELEGATED = {"query": cmd_query, "gen": cmd_gen, "loadtest": cmd_loadtest}
 def main(argv=None) -> int:
     """Entry point of the `luaprobe` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in DELEGATED:
-        return DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        if argv and argv[0] in DELEGATED:
+            return DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:]))
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except BrokenPipeError:              # `luaprobe ... | head`: the reader left; quiet, like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -118,11 +118,11 @@ def tables(cur: dict, prev: dict | None) -> list[tuple[str, list[str], list[list
     if ring.get("capacity") and cur.get("source_kind") != "live":
         fill += " (file source: waits, no loss)"
     d = cur.get("drops", {})
-    out = [("source", ["state", "source", "restarts", "packets", "packets/s", "bits/s", "flows live"],
-            [[str(st.get("state")), str(st.get("source")), str(st.get("restarts", 0)), _h(cur.get("packets")),
-              _h(pps), _h(bps, "b/s"), _h(cur.get("flows_live"))]]),
-           ("rings and drops", ["packet ring fill", "drops"],
-            [[fill, " ".join(f"{k}={v}" for k, v in d.items()) or "-"]])]
+    out = [("source", ["state", "source", "restarts"],
+            [[str(st.get("state")), str(st.get("source")), str(st.get("restarts", 0))]]),
+           ("traffic", ["packets", "packets/s", "bits/s", "flows live", "packet ring fill"],
+            [[_h(cur.get("packets")), _h(pps), _h(bps, "b/s"), _h(cur.get("flows_live")), fill]]),
+           ("drops", [k.replace("_", " ") for k in d] or ["drops"], [[_h(v) for v in d.values()] or ["-"]])]
     if cur.get("shards"):                  # a sharded probe: the row above is the total
         out.append(("shards", ["shard", "pid", "restarts", "packets", "bytes", "flows", "flows live", "ring",
                                "drops"],
@@ -137,18 +137,16 @@ def tables(cur: dict, prev: dict | None) -> list[tuple[str, list[str], list[list
     hooks, tasks = [], []
     for p in cur.get("plugins", []):
         a = p.get("async", {})
-        name = f"{os.path.basename(p['plugin'])[:24]}#{p['instance']}"
+        name = f"{os.path.basename(p['plugin'])[:16]}#{p['instance'][:7]}"
         hooks.append([name, p["type"], _h(sum(p.get("hook_calls", {}).values())),
-                      str(sum(p.get("hook_errors", {}).values()))])
+                      _h(sum(p.get("hook_errors", {}).values())), _h(a.get("worker_deaths", 0))])
         if a.get("scheduled"):
             tasks.append([name, *(_h(a.get(k, 0)) for k in ("scheduled", "pending", "ok", "nil_result", "error",
                                                             "timeout", "dropped")),
-                          f"{a.get('latency_p50_ns', 0) / 1e6:.0f}/{a.get('latency_p99_ns', 0) / 1e6:.0f}",
-                          str(a.get("worker_deaths", 0))])
-    out.append(("plug-ins", ["instance", "type", "hook calls", "errors"], hooks))
+                          _h(round(a.get("latency_p99_ns", 0) / 1e6))])
+    out.append(("plug-ins", ["instance", "type", "hook calls", "errors", "worker deaths"], hooks))
     if tasks:
-        out.append(("T.async", ["instance", "sched", "pend", "ok", "nil", "err", "t/o", "drop", "p50/99ms", "dead"],
-                    tasks))
+        out.append(("T.async", ["instance", "sched", "pend", "ok", "nil", "err", "t/o", "drop", "p99 ms"], tasks))
     return out
 
 
