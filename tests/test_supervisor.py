@@ -551,7 +551,7 @@ def test_the_example_config_runs(daemon, tmp_path):
     shutil.copytree(EXAMPLES, ex, ignore=shutil.ignore_patterns("out", "run"))
     daemon.run_dir, daemon.out_dir = str(ex / "run"), str(ex / "out")
     r = cli("start", "--config", str(ex / "probe.toml"))
-    assert r.returncode == 0 and r.stdout.startswith("started: "), r.stderr
+    assert r.returncode == 0 and "started: supervisor pid " in r.stdout, r.stderr
     daemon.pids.add(control.read_pid(daemon.run_dir))
     snap = daemon.wait_packets(500)
     assert {os.path.basename(p["plugin"]) for p in snap["plugins"]} == {"tcp_ports.lua", "dns_watch.lua",
