@@ -137,7 +137,7 @@ def tables(cur: dict, prev: dict | None) -> list[tuple[str, list[str], list[list
     hooks, tasks = [], []
     for p in cur.get("plugins", []):
         a = p.get("async", {})
-        name = f"{os.path.basename(p['plugin'])[:16]}#{p['instance'][:7]}"
+        name = f"{os.path.basename(p['plugin'])[:16]}#{p['instance'][:7]}" + (f"@{p['shard']}" if "shard" in p else "")
         hooks.append([name, p["type"], _h(sum(p.get("hook_calls", {}).values())),
                       _h(sum(p.get("hook_errors", {}).values())), _h(a.get("worker_deaths", 0))])
         if a.get("scheduled"):
