@@ -201,7 +201,8 @@ def test_cli_shards_json(tmp_path):
     s = json.loads(r.stdout)
     assert s["packets"] == 132 and [x["shard"] for x in s["shards"]] == [0, 1]
     r = cli("run", str(plugins), "--pcap", os.path.join(PCAPS, "mix-eth-tls-http-dns.pcap"), "--shards", "0")
-    assert r.returncode == 2 and r.stderr.strip() == "luaprobe run: --shards 0: must be between 1 and 64"
+    assert r.returncode == 2 and r.stderr.strip() == ("luaprobe run: argument --shards: 0 is out of range: must be between "
+                                                  "1 and 64 (luaprobe run --help)")
 
 
 def test_generate_sharded_equals_single(tmp_path):
