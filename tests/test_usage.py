@@ -164,3 +164,16 @@ def test_quick_loadtest_never_writes_into_docs(tmp_path):
     assert {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(docs) for f in fs} == before
     r = luaprobe("loadtest", "--help")                  # the default report directory is not docs/
     assert r.returncode == 0 and "default ./loadtest-reports" in r.stdout
+
+
+def test_run_and_query_defaults_agree(tmp_path):
+    """`luaprobe run` writes ./out by default and `luaprobe query` reads ./out by default."""
+    assert luaprobe("run", PLUGIN, "--pcap", SAMPLE, "-q", cwd=str(tmp_path)).returncode == 0
+    assert (tmp_path / "out" / "luaprobe.sqlite").exists()
+    r = luaprobe("query", "counters", "--json", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    import json
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    import sqlite3
+    with sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite") as db:
+        assert len(rows) == db.execute("SELECT count(*) FROM counters").fetchone()[0] > 0

@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=WHAT, help="what to list")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--db", metavar="PATH", help="database file")
-    src.add_argument("--out", metavar="DIR", default=".", help=f"output directory holding {DB_NAME} (default .)")
+    src.add_argument("--out", metavar="DIR", default="out",
+                     help=f"output directory holding {DB_NAME} (default ./out, the same as luaprobe run's)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--group", metavar="G", help="group name or GUID (counters, keyinfo, alerts, resources)")
     p.add_argument("--key", metavar="K", help="key or its label (counters, keyinfo); flowkey (alerts, resources, flows)")
