@@ -1,0 +1,64 @@
+"""The shipped examples teach safe patterns: a crafted DNS name cannot move dns_watch.lua's result to another
+flow or invent an alert (its T.async data is length-prefixed, not joined with '|').
+
+The capture is built here byte by byte (Ethernet/IPv4/UDP/DNS, RFC 1035 section 4.1); the expected flow key
+is derived independently from the addresses and ports (Trisul flow-key format, docs/plugins.md).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+
+from tests import helpers
+
+EX = os.path.join(helpers.REPO, "engine", "examples")
+DNS_RESOURCES = "{D1E27FF0-6D66-4E57-BB91-99F76BB2143E}"
+
+
+def dns_query(labels: list[bytes], sport: int, txid: int) -> bytes:
+    qname = b"".join(bytes([len(x)]) + x for x in labels) + b"\0"
+    dns = struct.pack("!HHHHHH", txid, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
+    udp = struct.pack("!HHHH", sport, 53, 8 + len(dns), 0) + dns
+    src, dst = socket.inet_aton("10.1.2.3"), socket.inet_aton("10.9.9.9")
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), txid, 0, 64, 17, 0, src, dst)
+    csum = sum(struct.unpack("!10H", ip))
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    ip = ip[:10] + struct.pack("!H", ~((csum & 0xFFFF) + (csum >> 16)) & 0xFFFF) + ip[12:]
+    return b"\x00\x11\x22\x33\x44\x55\x66\x77\x88\x99\xaa\xbb\x08\x00" + ip + udp
+
+
+def flowkey(sport: int) -> str:
+    """Trisul flow key of UDP 10.1.2.3:sport -> 10.9.9.9:53 (Z end = the lower port)."""
+    return f"11A:0A.01.02.03:p-{sport:04X}_0A.09.09.09:p-0035"
+
+
+def test_dns_watch_keeps_crafted_names_on_their_flow(tmp_path):
+    decoy = flowkey(9999)                                         # a flow that never sends anything
+    names = [[b"upload", b"wikimedia", b"org"],                    # on the blocklist: a real alert
+             [b"upload", b"wikimedia", b"org|" + decoy.encode()],  # a '|' split would alert on the decoy flow
+             [b"a:b", b"c|d", b"x\nnl"]]
+    recs = [dns_query(n, 40000 + i, 7 + i) for i, n in enumerate(names)]
+    pcap = tmp_path / "crafted.pcap"
+    with open(pcap, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for i, r in enumerate(recs):
+            f.write(struct.pack("<IIII", 1700000000 + i, 0, len(r), len(r)) + r)
+    plugdir = tmp_path / "plugins"
+    plugdir.mkdir()
+    for name in ("dns_watch.lua", "blocklist.txt"):
+        (plugdir / name).write_bytes(open(os.path.join(EX, name), "rb").read())
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(plugdir), "--pcap", str(pcap),
+                        "--out", str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite") as db:
+        res = sorted(db.execute("SELECT flowkey, uri, contents FROM resources WHERE resource_guid = ?",
+                                (DNS_RESOURCES,)).fetchall())
+        alerts = db.execute("SELECT flowkey, message FROM alerts").fetchall()
+    want = sorted((flowkey(40000 + i), ".".join(x.decode() for x in n), "listed" if i == 0 else "clean")
+                  for i, n in enumerate(names))
+    assert res == want
+    assert alerts == [(flowkey(40000), "query for listed name upload.wikimedia.org")]
