@@ -3,7 +3,7 @@
     luaprobe run PLUGIN... --pcap FILE... [--out DIR] [--workers N] [--lua-path DIR] [--stats-json FILE]
     luaprobe run PLUGIN... --interface IF [--bpf EXPR] [...]   live capture until Ctrl-C / SIGTERM (docs/live.md)
     luaprobe check PLUGIN...    list detected script types and problems (like Trisul's `list lua`)
-    luaprobe query alerts|resources|counters|flows|keyinfo [--out DIR] [--json]
+    luaprobe query alerts|resources|counters|flows|keyinfo|decls|edges|toppers [--out DIR] [--json]
     luaprobe demo               run the bundled example plug-ins on the bundled sample capture
     luaprobe shm clean|list     remove / list shared-memory segments (clean: those whose owner died)
 
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--plain", action="store_true", help="plain text even when rich is installed")
             d.add_argument("--count", type=int_in(0), default=0, metavar="N", help="stop after N refreshes")
         d.set_defaults(func=_daemon_command)
-    query = sub.add_parser("query", help="print outputs: alerts|resources|counters|flows|keyinfo",
+    query = sub.add_parser("query", help="print outputs: alerts|resources|counters|flows|keyinfo|groups|decls|edges|toppers|run",
                            add_help=False)
     query.add_argument("rest", nargs=argparse.REMAINDER)
     query.set_defaults(func=cmd_query)

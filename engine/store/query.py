@@ -1,6 +1,6 @@
 """`luaprobe query`: read the output database of a run.
 
-    luaprobe query alerts|resources|counters|flows|keyinfo|groups|run
+    luaprobe query alerts|resources|counters|flows|keyinfo|groups|decls|edges|toppers|run
                    [--db PATH | --out DIR] [--json] [--group G] [--key K] [--meter M] [--limit N]
 
 Text output is an aligned table (long cells are shortened; use --json for full values); --json prints
