@@ -32,7 +32,10 @@ OUT_OF_RANGE = [
     ("--task-timeout", "-2"), ("--task-timeout", "nan"), ("--worker-max-tasks", "-1"),
     ("--worker-max-rss-mb", "-1"), ("--worker-spin-us", "-1"), ("--worker-spin-us", "1e9"),
     ("--ring-size", "1000"), ("--ring-size", "5000"), ("--ring-size", str(1 << 31)), ("--drain-deadline", "-1"),
-    ("--backend-instances", "-1"), ("--backend-instances", "65"),
+    ("--backend-instances", "-1"), ("--backend-instances", "65"), ("--packet-ring-mb", "3"), ("--packet-ring-mb", "0"),
+    ("--flow-capacity", "1000"), ("--idle-timeout", "0"), ("--active-timeout", "-1"), ("--window", "0"),
+    ("--frag-timeout", "0"), ("--frag-max-mb", "0"), ("--http-max-header", "10"), ("--filex-chunk-mb", "0"),
+    ("--filex-dir-cap-mb", "0"), ("--shards", "0"),
 ]
 
 
@@ -177,3 +180,22 @@ def test_run_and_query_defaults_agree(tmp_path):
     import sqlite3
     with sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite") as db:
         assert len(rows) == db.execute("SELECT count(*) FROM counters").fetchone()[0] > 0
+
+
+def test_every_fast_path_setting_has_a_flag_and_a_toml_key(tmp_path):
+    """engine/daemon/settings.py: each setting reaches RunConfig the same way from a flag and from TOML."""
+    from luaprobe.engine.daemon import cli, config, settings
+    flags, raw = [], {"source": {"pcap": [SAMPLE]}, "plugins": {"paths": [EX]}}
+    for field, flag, (section, key), kind, default, lo, hi, scale, _ in settings.SETTINGS:
+        v = str(tmp_path) if kind == "path" else hi            # a legal value that is not the default
+        flags += [flag, str(v)]
+        raw.setdefault(section, {})[key] = v
+    args = cli.build_parser().parse_args(["run", PLUGIN, "--pcap", SAMPLE, *flags])
+    from_flags = settings.from_args(args)
+    from_toml = config.validate(raw, str(tmp_path / "c.toml")).run_config()
+    assert set(from_flags) == {s[0] for s in settings.SETTINGS}
+    for field, value in from_flags.items():
+        assert getattr(from_toml, field) == value, field
+    assert from_toml.packet_ring_size == 4096 << 20 and from_toml.flow_capacity == 1 << 26
+    ac = config.validate({**raw, "async": {"ring_size": 1 << 16, "worker_spin_us": 7}}, "c.toml").run_config()
+    assert (ac.async_config.ring_size, ac.async_config.worker_spin_us) == (1 << 16, 7.0)

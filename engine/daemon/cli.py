@@ -185,6 +185,8 @@ def cmd_run(args) -> int:
 
     from luaprobe.shm import logs
     from luaprobe.engine.fastpath.run import RunConfig
+
+    from .settings import from_args
     from luaprobe.engine.fastpath.shards import make_run
     from luaprobe.engine.plugins.vm import PluginError
     logs.setup(verbose=args.verbose)
@@ -229,8 +231,8 @@ def cmd_run(args) -> int:
     try:
         cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
                         async_config=_async_config(args), backend_instances=args.backend_instances,
-                        batch=args.batch, interface=interface, bpf=bpf, generate=generate,
-                        http_max_header=args.http_max_header, shards=getattr(args, "shards", 1))
+                        interface=interface, bpf=bpf, generate=generate, shards=getattr(args, "shards", 1),
+                        **from_args(args))
         if not 1 <= cfg.shards <= 64:
             raise ValueError(f"--shards {cfg.shards}: must be between 1 and 64")
     except ValueError as e:
@@ -379,9 +381,8 @@ def _run_options(p) -> None:
                    help="confine T.async copy/cat/rm/copybuffer names beneath DIR (repeatable; docs/async.md)")
     p.add_argument("--backend-instances", type=int_in(0, 64), default=2,
                    help="engine_monitor instances (Trisul flushers), 0..64; 0 only without engine_monitor scripts")
-    p.add_argument("--batch", type=int_in(1, 65536), default=1024, help="packets per fast-path batch (1..65536)")
-    p.add_argument("--http-max-header", type=int_in(1024, 1 << 24), default=65536, metavar="BYTES",
-                   help="longest HTTP start line + header block kept, 1024..16777216 (more is counted; docs/filex.md)")
+    from .settings import add_flags
+    add_flags(p)                        # fast-path settings (engine/daemon/settings.py)
     p.add_argument("--shards", type=int_in(1, 64), default=1, metavar="N",
                    help="N fast-path processes sharing the input by a symmetric flow hash, 1..64 (docs/scale.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (T.logdebug lines too)")

@@ -10,6 +10,8 @@ import dataclasses
 import os
 import tomllib
 
+from . import settings as _settings
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key, the value and the valid range."""
@@ -27,7 +29,9 @@ SCHEMA: dict = {
     "async": {"workers": (int, None, (1, 256)), "overflow_limit": (int, 100_000, (0, 100_000_000)),
               "task_timeout": (_NUM, 60.0, (0.001, 86400)), "drain_deadline": (_NUM, 10.0, (0, 3600)),
               "max_tasks": (int, 0, (0, 1 << 40)), "max_rss_mb": (_NUM, 0.0, (0, 1 << 20)),
-              "file_roots": ("paths", [], None)},
+              "file_roots": ("paths", [], None), "ring_size": (int, 4 << 20, (4096, 1 << 30)),
+              "worker_spin_us": (_NUM, 1500.0, (0, 1_000_000))},
+    **{"fastpath": {}, "filex": {}},
     "supervise": {"restart_backoff_initial": (_NUM, 0.5, (0.01, 3600)),
                   "restart_backoff_max": (_NUM, 30.0, (0.01, 86400)),
                   "crash_loop_restarts": (int, 5, (1, 1000)), "crash_loop_window": (_NUM, 60.0, (1, 86400)),
@@ -36,6 +40,8 @@ SCHEMA: dict = {
               "prometheus_port": (int, 0, (0, 65535))},
     "log": {"format": (str, "text", ("text", "json")), "verbose": (bool, False, None)},
 }
+for _section, _keys in _settings.toml_schema().items():      # [fastpath], [filex]: engine/daemon/settings.py
+    SCHEMA[_section].update(_keys)
 
 
 @dataclasses.dataclass
@@ -67,12 +73,13 @@ class Config:
         a, s, p = self["async"], self["source"], self["plugins"]
         acfg = AsyncConfig(workers=a["workers"], overflow_limit=a["overflow_limit"],
                            task_timeout=float(a["task_timeout"]), drain_deadline=float(a["drain_deadline"]),
-                           max_tasks=a["max_tasks"], max_rss_mb=float(a["max_rss_mb"]), file_roots=a["file_roots"])
+                           max_tasks=a["max_tasks"], max_rss_mb=float(a["max_rss_mb"]), file_roots=a["file_roots"],
+                           ring_size=a["ring_size"], worker_spin_us=float(a["worker_spin_us"]))
         kw = dict(plugins=p["paths"], files=s["pcap"] or [], out_dir=self["run"]["out_dir"], lua_path=p["lua_path"],
                   async_config=acfg, backend_instances=p["backend_instances"], stats_file=stats_file,
                   heartbeat_file=heartbeat_file,
                   stats_interval=float(self["stats"]["interval"]), loop=s["loop"], shards=self["run"]["shards"],
-                  on_loaded=on_loaded)
+                  on_loaded=on_loaded, **_settings.from_toml(self.values))
         if s["interface"]:
             kw.update(interface=s["interface"], bpf=s["bpf"])
         return RunConfig(**kw)
@@ -151,6 +158,13 @@ def validate(raw: dict, path: str = "<config>") -> Config:
 
 
 def _cross_checks(v: dict, name: str, raw: dict) -> None:
+    try:
+        _settings.from_toml(v)                       # powers of two
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+    rs = v["async"]["ring_size"]
+    if rs & (rs - 1):
+        raise ConfigError(f"{name}: [async] ring_size = {rs}: must be a power of two between 4096 and 1073741824")
     s = v["source"]
     if s["pcap"] is not None and s["interface"] is not None:
         raise ConfigError(f"{name}: [source] give exactly one of pcap or interface, not both")

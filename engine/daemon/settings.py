@@ -1,0 +1,77 @@
+"""Fast-path settings an operator tunes: one table gives each its `luaprobe run` flag and its TOML key.
+
+Each row: RunConfig field, CLI flag, (TOML section, key), kind, default (in the flag's unit), lower and upper
+bound, the factor from the flag's unit to RunConfig's, and the help text.  ``kind`` is "int", "float",
+"pow2" (an integer power of two) or "path".  docs/operations.md lists the same table for operators.
+"""
+from __future__ import annotations
+
+MIB = 1 << 20
+
+SETTINGS = [
+    ("packet_ring_size", "--packet-ring-mb", ("fastpath", "packet_ring_mb"), "pow2", 32, 1, 4096, MIB,
+     "packet ring between the capture process and the fast path, MiB (a power of two); larger rides out "
+     "longer stalls of a live capture (docs/live.md)"),
+    ("flow_capacity", "--flow-capacity", ("fastpath", "flow_capacity"), "pow2", 1 << 20, 1024, 1 << 26, 1,
+     "flows tracked at once (a power of two); a full table counts drops.flow_table"),
+    ("idle_timeout", "--idle-timeout", ("fastpath", "idle_timeout"), "float", 120.0, 1, 86400, 1,
+     "seconds of packet time without packets before a flow is expired"),
+    ("active_timeout", "--active-timeout", ("fastpath", "active_timeout"), "float", 1800.0, 1, 604800, 1,
+     "seconds after which a long flow's record is written (and continued)"),
+    ("window", "--window", ("fastpath", "window"), "int", 60, 1, 3600, 1,
+     "backend window, seconds (Trisul StreamingWindowMSecs / 1000)"),
+    ("batch", "--batch", ("fastpath", "batch"), "int", 1024, 1, 65536, 1, "packets per fast-path batch"),
+    ("frag_timeout", "--frag-timeout", ("fastpath", "frag_timeout"), "float", 30.0, 0.1, 3600, 1,
+     "seconds of packet time an IP datagram waits for its fragments"),
+    ("frag_max_mb", "--frag-max-mb", ("fastpath", "frag_max_mb"), "float", 16.0, 0.1, 4096, 1,
+     "MiB of IP fragments held over all datagrams (the oldest is dropped above)"),
+    ("http_max_header", "--http-max-header", ("filex", "http_max_header"), "int", 65536, 1024, 1 << 24, 1,
+     "longest HTTP start line + header block kept, bytes (more is counted; docs/filex.md)"),
+    ("filex_dir", "--filex-dir", ("filex", "dir"), "path", None, None, None, 1,
+     "directory for extracted files (default: a private one under /dev/shm, removed at the end)"),
+    ("filex_chunk_mb", "--filex-chunk-mb", ("filex", "chunk_mb"), "float", 5.0, 0.001, 4096, 1,
+     "onfile_http chunk size, MiB (Trisul ChunkSizeMB)"),
+    ("filex_dir_cap_mb", "--filex-dir-cap-mb", ("filex", "dir_cap_mb"), "float", 256.0, 1, 1 << 20, 1,
+     "extraction stops (counted) above this many MiB in the directory"),
+]
+
+
+def add_flags(parser) -> None:
+    """Add every setting's flag to a `run`-like parser (range-checked by the converters of usage.py)."""
+    from .usage import float_in, int_in, power_of_two
+    for field, flag, _toml, kind, default, lo, hi, _scale, text in SETTINGS:
+        conv = {"int": lambda: int_in(lo, hi), "float": lambda: float_in(lo, hi),
+                "pow2": lambda: power_of_two(lo, hi), "path": lambda: str}[kind]()
+        rng = "" if kind == "path" else f" ({lo:g}..{hi:g}, default {default:g})"
+        parser.add_argument(flag, dest=field, type=conv, default=default, help=text + rng)
+
+
+def from_args(args) -> dict:
+    """RunConfig keyword arguments from parsed flags (units converted)."""
+    return {field: _scaled(getattr(args, field), scale) for field, _f, _t, _k, _d, _lo, _hi, scale, _x in SETTINGS}
+
+
+def toml_schema() -> dict:
+    """{section: {key: (type, default, check)}} in engine/daemon/config.py's SCHEMA form."""
+    out: dict = {}
+    for _field, _flag, (section, key), kind, default, lo, hi, _scale, _text in SETTINGS:
+        t = {"int": int, "pow2": int, "float": (int, float), "path": "path"}[kind]
+        out.setdefault(section, {})[key] = (t, default, None if kind == "path" else (lo, hi))
+    return out
+
+
+def from_toml(values: dict) -> dict:
+    """RunConfig keyword arguments from a validated configuration (raises ValueError for a non power of two)."""
+    kw = {}
+    for field, _flag, (section, key), kind, _d, lo, hi, scale, _x in SETTINGS:
+        v = values[section][key]
+        if kind == "pow2" and v & (v - 1):
+            raise ValueError(f"[{section}] {key} = {v}: must be a power of two between {lo} and {hi}")
+        kw[field] = _scaled(v, scale)
+    return kw
+
+
+def _scaled(v, scale):
+    if v is None or scale == 1:
+        return v
+    return int(v * scale)
