@@ -162,10 +162,10 @@ def _raw(**over):
 
 @pytest.mark.parametrize("raw, message", [
     (_raw(asynk={"workers": 2}),
-     "f.toml: unknown section [asynk] (valid: [run], [source], [plugins], [async], [supervise], [stats], [log])"),
+     "f.toml: unknown section [asynk] (valid: [run], [source], [plugins], [async], [fastpath], [filex], [supervise], [stats], [log])"),
     (_raw(**{"async": {"wrkers": 2}}),
      "f.toml: [async] unknown key 'wrkers' (valid: workers, overflow_limit, task_timeout, drain_deadline, "
-     "max_tasks, max_rss_mb, file_roots)"),
+     "max_tasks, max_rss_mb, file_roots, ring_size, worker_spin_us)"),
     (_raw(**{"async": {"workers": "2"}}), 'f.toml: [async] workers = "2": must be an integer between 1 and 256'),
     (_raw(**{"async": {"workers": 0}}), "f.toml: [async] workers = 0: must be an integer between 1 and 256"),
     (_raw(supervise={"stop_deadline": 0.5}), "f.toml: [supervise] stop_deadline = 0.5: must be a number between 1 "
