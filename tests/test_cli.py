@@ -36,19 +36,19 @@ def test_quiet_still_reports_input_errors(tmp_path):
 
 # ------------------------------------------------------------------ exit codes tell the truth (docs/operations.md)
 
-UDP = "{0A2C724B-5B9F-4BA6-9C97-B05080558574}"   # sample.pcap: 121 UDP packets (tshark -r sample.pcap udp | wc -l)
+IPV4 = "{0A2C724B-5B9F-4BA6-9C97-B05080558574}"  # sample.pcap: 121 IPv4 packets (tshark -r sample.pcap -Y ip | wc -l)
 GOOD = f"""TrisulPlugin = {{ id = {{ name = "good" }},
-  simplecounter = {{ protocol_guid = "{UDP}", onpacket = function(engine, layer)
+  simplecounter = {{ protocol_guid = "{IPV4}", onpacket = function(engine, layer)
     engine:update_counter("{{99A78737-4B41-4387-8F31-8077DB917336}}", "udp", 0, 1) end }} }}
 """
 FAILING = {
     "syntax.lua": "TrisulPlugin = { id = { name = 'x' }\n",
     "onload.lua": f"""TrisulPlugin = {{ id = {{ name = "x" }}, onload = function() error("no config") end,
-  simplecounter = {{ protocol_guid = "{UDP}", onpacket = function(engine, layer) end }} }}
+  simplecounter = {{ protocol_guid = "{IPV4}", onpacket = function(engine, layer) end }} }}
 """,
     "every_call.lua": f"""TrisulPlugin = {{ id = {{ name = "x" }},
-  simplecounter = {{ protocol_guid = "{UDP}", onpacket = function(engine, layer)
-    engine:add_alrt("{UDP}", nil, "k", 1, "m") end }} }}
+  simplecounter = {{ protocol_guid = "{IPV4}", onpacket = function(engine, layer)
+    engine:add_alrt("{IPV4}", nil, "k", 1, "m") end }} }}
 """,
 }
 
@@ -85,7 +85,7 @@ def test_failing_plugin_exits_4_and_the_others_still_run(tmp_path):
 
 def test_results_lost_at_the_drain_deadline_are_counted_and_exit_4(tmp_path):
     (tmp_path / "slow.lua").write_text(f"""TrisulPlugin = {{ id = {{ name = "slow" }},
-  simplecounter = {{ protocol_guid = "{UDP}", onpacket = function(engine, layer)
+  simplecounter = {{ protocol_guid = "{IPV4}", onpacket = function(engine, layer)
     T.async:schedule({{ data = "x", onexecute = function(d)
       local t = os.clock() while os.clock() - t < 5 do end return d end }}) end }} }}
 """)
@@ -100,7 +100,7 @@ def test_results_lost_at_the_drain_deadline_are_counted_and_exit_4(tmp_path):
 def test_json_stdout_is_only_json_whatever_plugins_print(tmp_path):
     (tmp_path / "p.lua").write_text(f"""TrisulPlugin = {{ id = {{ name = "p" }},
   onload = function() print("{{ not json") io.write("raw write\\n") end,
-  simplecounter = {{ protocol_guid = "{UDP}", onpacket = function(engine, layer)
+  simplecounter = {{ protocol_guid = "{IPV4}", onpacket = function(engine, layer)
     print("packet") T.async:schedule({{ data = "x", onexecute = function(d) print("worker") return d end }}) end }} }}
 """)
     r = luaprobe("run", str(tmp_path / "p.lua"), "--pcap", f"{helpers.REPO}/engine/examples/sample.pcap",

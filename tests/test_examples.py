@@ -62,3 +62,29 @@ def test_dns_watch_keeps_crafted_names_on_their_flow(tmp_path):
                   for i, n in enumerate(names))
     assert res == want
     assert alerts == [(flowkey(40000), "query for listed name upload.wikimedia.org")]
+
+
+def test_reference_lists_every_engine_method_and_protocol_guid():
+    """docs/reference.md is complete: every public engine method (engine/plugins/engine.lua), every Layer, Packet,
+    Buffer, FlowID and HTTPHeader method, and every protocol GUID of the decoder (engine/fastpath/decode.lua)."""
+    import re
+    doc = open(os.path.join(helpers.REPO, "docs", "reference.md")).read()
+    internal = {"set_packet", "set_time", "take_counters", "take_outputs", "take_open_flows", "apply_flow_counters"}
+    src = {f: open(os.path.join(helpers.REPO, "engine", f)).read() for f in
+           ("plugins/engine.lua", "plugins/packet.lua", "plugins/buffer.lua", "plugins/httpheader.lua",
+            "fastpath/decode.lua")}
+    methods = set()
+    for cls, f in (("Engine", "plugins/engine.lua"), ("Layer", "plugins/packet.lua"), ("Packet", "plugins/packet.lua"),
+                   ("FlowID", "plugins/packet.lua"), ("Buffer", "plugins/buffer.lua"),
+                   ("HTTPHeader", "plugins/httpheader.lua")):
+        methods |= {m for m in re.findall(rf"^(?:function {cls}[:.](\w+)|{cls}\.(\w+) = )", src[f], re.M)
+                    for m in m if m}
+    methods -= internal | {"__index", "__len", "__tostring", "bytes_ptr", "key"}
+    missing = sorted(m for m in methods if not re.search(rf"\b{m}\b", doc))
+    assert not missing, missing
+    guids = re.findall(r'"(\{[0-9A-Fa-f-]{36}\})"', src["fastpath/decode.lua"])
+    assert len(guids) == 14 and all(g in doc for g in guids)
+    plugins_md = open(os.path.join(helpers.REPO, "docs", "plugins.md")).read()
+    for t in ("simplecounter", "countergroup", "engine_monitor", "filex_monitor", "reassembly_handler",
+              "protocol_handler", "packet_storage", "sg_monitor", "flowtracker"):
+        assert f"| `{t}` |" in plugins_md, t
