@@ -35,12 +35,15 @@ end
 function M.produce(addr, count, seed)
   local r = ring.attach(addr)
   local hdr = ffi.new("uint32_t[2]")
+  local digest = 0
   for i = 1, count do
     local b = body(i, seed)
     hdr[0], hdr[1] = i, sum(b)
+    digest = (digest * 33 + hdr[1]) % 4294967291      -- over what was pushed: the consumer must agree
     local rec = ffi.string(hdr, 8) .. b
     while not r:try_push(rec) do r:wait_space(#rec, 50e6) end
   end
+  return digest
 end
 
 function M.consume(addr, count)
@@ -91,7 +94,7 @@ def main(argv) -> int:
     lua = new_runtime()
     mod = lua.execute(LUA)
     if role == "produce":
-        mod.produce(seg.address, int(argv[2]), int(argv[3]))
+        print(int(mod.produce(seg.address, int(argv[2]), int(argv[3]))))
     elif role == "consume":
         got, digest = mod.consume(seg.address, int(argv[2]))
         print(int(got), int(digest))

@@ -147,10 +147,11 @@ def test_api_both_call_styles(runtime_factory, tmp_path, caplog):
     rt = runtime_factory(workers=2)
     vm = rt.load(path)
 
-    for style in ("colon", "dot"):
+    for k, style in enumerate(("colon", "dot")):
         accepted, pending = vm.exec(f"return go_{style}({q(tmp_path)})")
         assert accepted == 12
-        assert 0 <= pending <= 24
+        # results are delivered only between hooks (poll): none of the tasks scheduled so far is finished yet
+        assert pending == 12 * (k + 1)
     st = drain(rt, vm)
     assert vm.exec("return T.async:pending_items()") == 0
     assert vm.exec("return T.async.pending_items()") == 0
@@ -619,7 +620,7 @@ def test_recycle_after_max_tasks(runtime_factory, tmp_path):
     st = drain(rt, vm)
     assert (st["ok"], st["error"], st["timeout"]) == (23, 0, 0), st
     assert sorted(lst(vm, "done")) == sorted(f"done q{i}".encode() for i in range(23))
-    assert vm.pool.recycles >= 4, vm.pool.recycles
+    assert vm.pool.recycles == 4, vm.pool.recycles      # after tasks 5, 10, 15, 20 (the 5th worker ran 3)
     assert vm.pool.deaths == 0
 
 

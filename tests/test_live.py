@@ -246,13 +246,11 @@ TrisulPlugin = {{
   }},
 }}
 ''')
-    from luaprobe.engine.fastpath.run import FastPath, RunConfig
     # a 64 KiB packet ring holds ~500 small frames; the slow plug-in takes 1 ms per packet
     code = (f"import json, sys; from luaprobe.engine.fastpath.run import FastPath, RunConfig; "
             f"s = FastPath(RunConfig(plugins=[{str(d)!r}], files=[], out_dir={str(tmp_path / 'out')!r}, "
             f"interface={ifname!r}, packet_ring_size=1 << 16)).run(); "
             f"json.dump(s, open({str(tmp_path / 's.json')!r}, 'w'), default=str)")
-    assert FastPath and RunConfig
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=helpers.REPO, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

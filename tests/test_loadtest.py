@@ -54,6 +54,8 @@ def test_worker_scaling_quick(tmp_path):
     assert [p["workers"] for p in res["points"]] == [1, 2, 3, 4]
     assert all(p["ok"] == res["tasks"] and p["tasks_per_s"] > 0 for p in res["points"])
     assert "scaling.png" in report
+    for p in res["points"]:                  # every requested worker process ran (psutil saw each)
+        assert p["procs"]["worker"]["procs"] == p["workers"], p
 
 
 @pytest.mark.timeout(300)
