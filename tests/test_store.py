@@ -213,20 +213,26 @@ def test_unwritable_location_error_surfaces_on_close(tmp_path, case):
         path = tmp_path / "afile" / DB_NAME
         hint = "is not a directory"
     else:
-        if os.geteuid() == 0:
-            pytest.skip("root can write to a mode 0500 directory")
         d = tmp_path / "ro"
         d.mkdir(mode=0o500)
         path = d / DB_NAME
         hint = "not writable"
-    w = StoreWriter(str(path))
-    w.write("counters", [(HOSTS, 0, "K", 0, 1)] * 10_000)   # never blocks or raises mid-run
-    w.flush()
-    with pytest.raises(StoreError) as ei:
-        w.close()
-    msg = str(ei.value)
-    assert str(path) in msg and "cannot open database" in msg and hint in msg
-    assert not path.exists()
+        if os.geteuid() == 0:          # root writes to a mode 0500 directory: make it a read-only file system
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)],
+                              capture_output=True).returncode != 0:
+                pytest.skip("root and no mount (CAP_SYS_ADMIN) here: no read-only directory to test with")
+    try:
+        w = StoreWriter(str(path))
+        w.write("counters", [(HOSTS, 0, "K", 0, 1)] * 10_000)   # never blocks or raises mid-run
+        w.flush()
+        with pytest.raises(StoreError) as ei:
+            w.close()
+        msg = str(ei.value)
+        assert str(path) in msg and "cannot open database" in msg and hint in msg
+        assert not path.exists()
+    finally:
+        if case == "readonly_dir" and os.geteuid() == 0:
+            subprocess.run(["umount", str(tmp_path / "ro")], capture_output=True)
 
 
 def test_wait_ready_reports_open_failure(tmp_path):
