@@ -595,9 +595,11 @@ FLOW_HOOKS = 'filter_flow = function(engine, ts, flow) record("filter_flow", flo
              'onterminateflow = function(engine, ts, flow) record("onterminateflow", flow:id()) end,'
 
 
-@pytest.mark.parametrize("name,conns", [("http-website-keepalive.pcap", 13), ("http-chunked-gzip-mix.pcap", 9)])
+@pytest.mark.parametrize("name,conns", [("http-website-keepalive.pcap", 8), ("http-chunked-gzip-mix.pcap", 9)])
 def test_flow_hooks_once_per_connection(tmp_path, name, conns):
-    """filter_flow and onterminateflow run once per TCP connection (tshark -q -z conv,tcp: `conns`), not
+    """filter_flow and onterminateflow run once per TCP connection that carries payload (filter_flow comes
+    with the first payload: tshark -Y "tcp.len>0" -T fields -e tcp.stream | sort -u: `conns`; the keepalive
+    capture has 13 connections, 5 of them opened by the browser and never used), not
     again for the ACK / RST packets that follow the close."""
     plugin, out = make_plugin(tmp_path, COPY_PLUGIN, extra=FLOW_HOOKS)
     summary = run(tmp_path, [plugin], [name])
@@ -633,19 +635,16 @@ def test_write_error_is_counted_not_delivered(tmp_path):
 
 @pytest.mark.parametrize("name,conns", [("tcp-echo-many-flows.pcap", 500), ("tls12-handshake.pcap", 1)])
 def test_non_http_flows_leave_reassembly(tmp_path, name, conns):
-    """A TCP flow whose first payload is not HTTP/1.x is dropped from reassembly at that packet: filter_flow
-    and onterminateflow once per connection (`conns`: tshark -q -z conv,tcp, every one carries payload:
-    tshark -Y "tcp.len>0" -T fields -e tcp.stream | sort -u), no bytes reassembled, no file."""
+    """A TCP flow whose first payload is not HTTP/1.x leaves reassembly at that packet, before any of its
+    bytes is reassembled, and no hook runs for it (`conns`: tshark -q -z conv,tcp; every one carries
+    payload: tshark -Y "tcp.len>0" -T fields -e tcp.stream | sort -u)."""
     plugin, out = make_plugin(tmp_path, COPY_PLUGIN, extra=FLOW_HOOKS)
     summary = run(tmp_path, [plugin], [name])
-    rows = [line.split("\t") for line in open(os.path.join(out, "manifest.tsv")) if line.startswith(("filter_flow",
-                                                                                                     "onterm"))]
-    ff = collections.Counter(r[1].strip() for r in rows if r[0] == "filter_flow")
-    term = collections.Counter(r[1].strip() for r in rows if r[0] == "onterminateflow")
-    assert len(ff) == conns and set(ff.values()) == {1} and term == ff
+    rows = [line for line in open(os.path.join(out, "manifest.tsv")) if line.startswith(("filter_flow", "onterm"))]
+    assert rows == []
     st = fx(summary)
-    assert st["flows_not_http"] == conns and st["files"] == 0
-    assert st["tcp_bytes_delivered"] == 0 and st["tcp_segments"] <= 2 * conns   # at most the handshake
+    assert st["flows_not_http"] == conns and st["flows"] == 0 and st["files"] == 0
+    assert st["tcp_bytes_delivered"] == 0
 
 
 def test_looks_http():
@@ -659,6 +658,6 @@ def test_looks_http():
     for s in (b"\x16\x03\x01\x02\x00\x01", b"SSH-2.0-OpenSSH_9.6\r\n", b"hello world", b"\x00\x00\x00\x00",
               b"220 ftp.example.com ready", b"HTTPS/1.1 x", b"ABCDEFGHIJKLMNOPQRSTU"):
         assert f(s, True) is False, s
-    assert f(b"GE", True) is None                                   # too short to tell: the next payload decides
+    assert f(b"GE", True) is True                                   # too short to tell: reassembly goes on
     assert f(b"\x00body bytes HTTP/1.1 200 OK", False) is True       # mid-stream: a status line further on
     assert f(b"\x00body bytes HTTP/1.1 200 OK", True) is False       # after a SYN the stream start must be HTTP

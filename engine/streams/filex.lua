@@ -5,12 +5,12 @@ plug-in VM: TCP reassembly (luaprobe.engine.streams.tcpreasm), HTTP/1.x messages
 
 Per batch the VM walks the TCP packets of the shared batch (like
 simplecounter's run_batch).  Hooks:
-  filter_flow(engine, ts, flow)            once per new TCP flow; false = ignore the flow.
-                                           The flow's first payload votes too: a flow
-                                           that does not start like HTTP/1.x is dropped
-                                           from reassembly at once (looks_http, not_http;
-                                           onterminateflow follows), so non-HTTP traffic
-                                           costs a table lookup per packet
+  filter_flow(engine, ts, flow)            once per TCP flow, at its first payload (before
+                                           any of it is reassembled); false = ignore it.
+                                           That payload votes first: a flow that does not
+                                           start like HTTP/1.x leaves reassembly at once and
+                                           gets no hook (looks_http, not_http), so non-HTTP
+                                           traffic costs a few table lookups per packet
   filter(engine, ts, flow, header)         request header, then response header;
                                            a request body is kept when the request vote is
                                            true, a response body when both votes are true
@@ -47,6 +47,7 @@ local TCP = decode.PROTO.TCP
 local M = {}
 local F = {}
 local REJECT_GEN = 65536     -- ignored flow ids remembered per generation (F:reject)
+local looks_http             -- the first-payload vote, defined in "is it HTTP?" below
 F.__index = F
 
 local function be32(p, o)
@@ -205,15 +206,23 @@ end
 
 -- ------------------------------------------------------------------ HTTP events
 
---- The state of TCP connection `id` (created on its first packet), or nil when ignored.
---- The lookup is separate from the creation so this per-packet function has no closures
---- (closing upvalues is not compiled by LuaJIT and would abort every trace through it).
-function F:flow_state(id, pkt_d)
-  local st = self.flows[id]
-  if st ~= nil then return st end
-  if self.rejected[id] then return nil end
+--- The state of TCP connection `id` for a packet without one yet: nil while
+--- undecided (no payload seen: the packet still goes to reassembly, which
+--- learns the handshake), false when the flow is ignored, else the new state.
+--- The flow's first payload decides (looks_http), then filter_flow votes.
+--- f is the reassembly record of the flow (nil before its first packet).
+--- Kept apart from the per-packet walk so that walk creates no closures
+--- (closing upvalues is not compiled by LuaJIT and would abort every trace).
+function F:pending(id, p, d, f)
+  if self.rejected[id] then return false end
   if self.rejected_old[id] then return self:reject_again(id) end
-  return self:new_flow_state(id, pkt_d)
+  local plen = d.payload_length
+  if plen == 0 then return nil end
+  if not looks_http(p.data + d.payload_offset, plen, f ~= nil and f.syn) then
+    self:not_http(id)
+    return false
+  end
+  return self:new_flow_state(id, d) or false
 end
 
 --- Remember that flow `id` is ignored.  Two generations of at most REJECT_GEN
@@ -237,14 +246,12 @@ function F:new_flow_state(id, pkt_d)
   local flow = packet.flowid(pkt_d)
   local ts = self.engine:timestamp()
   if not self:hook("filter_flow", self.engine, ts, flow) then
+    self.R:forget(id)
     self:reject(id)
     self.stats.flows_rejected = self.stats.flows_rejected + 1
     return nil
   end
-  -- http = nil until the first payload decides (see looks_http); handshake:
-  -- this flow's first packet was a SYN, so that payload starts the stream
-  local st = { id = id, flow = flow, votes = {}, body = {}, http = nil,
-               handshake = band(pkt_d.tcp_flags, 0x02) ~= 0 }
+  local st = { id = id, flow = flow, votes = {}, body = {} }
   st.H = http.new({
     max_header = self.max_header,
     on_request = function(req)
@@ -328,14 +335,14 @@ end
 
 local HTTP_SLASH = "HTTP/"
 
---- Does a flow whose first payload is (p, n) carry HTTP/1.x?  true, false, or
---- nil (too short to tell: the next payload decides).  HTTP when the payload
+--- Does a flow whose first payload is (p, n) carry HTTP/1.x?  HTTP when the payload
 --- starts with a request line's method token and a space (1-16 upper-case
 --- letters, '-' or '_', RFC 9110 §9: a token; the same pattern http.lua
 --- accepts) or with "HTTP/" (a response: the request was not captured).
 --- A flow picked up mid-stream (no SYN seen) may start inside a body, so
---- "HTTP/1." anywhere in its first payload counts too.
-local function looks_http(p, n, handshake)
+--- "HTTP/1." anywhere in its first payload counts too.  A payload too short
+--- to tell (a few upper-case letters) counts as HTTP: reassembly goes on.
+function looks_http(p, n, handshake)
   local c = p[0]
   if c < 65 or c > 90 then                       -- not A-Z
     return not handshake and fstring(p, n < 2048 and n or 2048):find("HTTP/1.", 1, true) ~= nil
@@ -352,21 +359,19 @@ local function looks_http(p, n, handshake)
       return not handshake and fstring(p, n < 2048 and n or 2048):find("HTTP/1.", 1, true) ~= nil
     end
   end
-  if m < 17 then return nil end                   -- all token so far: wait for more
+  if m < 17 then return true end                  -- all token so far: too short to tell
   return false
 end
 M.looks_http = looks_http
 
---- Flow `id` turned out not to carry HTTP: reassembly stops for good (the
---- built-in vote of filter_flow, Trisul's "true = extract from this flow":
---- nothing can be extracted from it).  The script saw filter_flow for the flow,
---- so it gets onterminateflow to clean up its per-flow state.
-function F:not_http(id, st)
+--- Flow `id` does not carry HTTP: reassembly stops for good before any of
+--- its payload is reassembled, and no hook runs for it (its filter_flow vote
+--- is taken for it: Trisul's "true = extract from this flow", and nothing can
+--- be extracted from it).
+function F:not_http(id)
   self.R:forget(id)
-  self.flows[id] = nil
   self:reject(id)
   self.stats.flows_not_http = self.stats.flows_not_http + 1
-  self:hook("onterminateflow", self.engine, self.engine:timestamp(), st.flow)
 end
 
 -- ------------------------------------------------------------------ the batch walk
@@ -393,18 +398,14 @@ function F:run_batch(batch, n)
           R:restart(id)                    -- the old connection ends: its files, onterminateflow
         end
       end
-      local st = not closed and self:flow_state(id, d)
-      if st then
-        local plen = d.payload_length
-        if st.http == nil and plen > 0 then       -- the flow's first payload decides
-          st.http = looks_http(data + d.payload_offset, plen, st.handshake)
-          if st.http == false then
-            self:not_http(id, st)
-            st = nil
-          end
-        end
-        if st then
-          R:packet(id, p.dir, seq, d.tcp_flags, data + d.payload_offset, plen,
+      if f == nil and band(d.tcp_flags, 0x12) == 0x02 then   -- a new connection on an ignored id
+        self.rejected[id], self.rejected_old[id] = nil, nil   -- gets a fresh vote
+      end
+      if not closed then
+        local st = self.flows[id]
+        if st == nil then st = self:pending(id, p, d, f) end
+        if st ~= false then                       -- a state, or undecided (no payload yet)
+          R:packet(id, p.dir, seq, d.tcp_flags, data + d.payload_offset, d.payload_length,
             p.ts_sec, nil, be32(data, l4 + 8))
         end
       end

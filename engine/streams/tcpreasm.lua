@@ -148,7 +148,9 @@ local function get_flow(self, id, pdir, flags)
   if band(flags, SYN) ~= 0 then
     client = band(flags, ACK) ~= 0 and 1 - pdir or pdir
   end
-  f = { client = client, s = { [0] = new_stream(), [1] = new_stream() }, nbuf = 0, closed = false, last_ts = 0 }
+  -- syn: the flow's first packet was a SYN (its stream starts are known)
+  f = { client = client, syn = band(flags, SYN) ~= 0, s = { [0] = new_stream(), [1] = new_stream() }, nbuf = 0,
+        closed = false, last_ts = 0 }
   self.flows[id] = f
   self.stats.flows = self.stats.flows + 1
   return f
