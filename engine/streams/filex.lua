@@ -334,6 +334,13 @@ end
 -- ------------------------------------------------------------------ is it HTTP?
 
 local HTTP_SLASH = "HTTP/"
+pcall(ffi.cdef, "void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen);")
+local memmem = ffi.C.memmem
+
+-- "HTTP/1." within the first 2048 bytes (no Lua string made from the payload)
+local function has_status_line(p, n)
+  return memmem(p, n < 2048 and n or 2048, "HTTP/1.", 7) ~= nil
+end
 
 --- Does a flow whose first payload is (p, n) carry HTTP/1.x?  HTTP when the payload
 --- starts with a request line's method token and a space (1-16 upper-case
@@ -345,18 +352,17 @@ local HTTP_SLASH = "HTTP/"
 function looks_http(p, n, handshake)
   local c = p[0]
   if c < 65 or c > 90 then                       -- not A-Z
-    return not handshake and fstring(p, n < 2048 and n or 2048):find("HTTP/1.", 1, true) ~= nil
+    return not handshake and has_status_line(p, n)
   end
   local m = n < 17 and n or 17
   for i = 1, m - 1 do
     c = p[i]
     if c == 32 then return true end              -- "TOKEN "
     if c == 47 then                               -- "HTTP/"
-      return fstring(p, i + 1) == HTTP_SLASH or (not handshake and
-        fstring(p, n < 2048 and n or 2048):find("HTTP/1.", 1, true) ~= nil)
+      return fstring(p, i + 1) == HTTP_SLASH or (not handshake and has_status_line(p, n))
     end
     if not ((c >= 65 and c <= 90) or c == 45 or c == 95) then
-      return not handshake and fstring(p, n < 2048 and n or 2048):find("HTTP/1.", 1, true) ~= nil
+      return not handshake and has_status_line(p, n)
     end
   end
   if m < 17 then return true end                  -- all token so far: too short to tell
