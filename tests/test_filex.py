@@ -650,8 +650,8 @@ def test_non_http_flows_leave_reassembly(tmp_path, name, conns):
 def test_looks_http():
     """The first-payload vote: request lines and status lines pass, other protocols do not."""
     from luaprobe.shm.luajit import new_runtime
-    f = new_runtime().eval('function(s, hs) local ffi = require("ffi"); return '
-                           'require("luaprobe.engine.streams.filex").looks_http(ffi.cast("const uint8_t *", s), #s, hs) end')
+    f = new_runtime().eval('function(s, hs) local ffi = require("ffi"); return require('
+                           '"luaprobe.engine.streams.filex").looks_http(ffi.cast("const uint8_t *", s), #s, hs) end')
     for s in (b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.0\r\n", b"PROPFIND / HTTP/1.1", b"M-SEARCH * HTTP/1.1",
               b"HTTP/1.1 200 OK\r\n", b"HTTP/1.0 404"):
         assert f(s, True) is True, s

@@ -71,9 +71,9 @@ def make(shape: str, quick: bool = False, out: str = DATA, seed: int = 10) -> st
     n = spec["quick"] if quick else spec["packets"]
     tmp = path + ".tmp"
     if "gen" in spec:
-        subprocess.run([sys.executable, "-m", "luaprobe.engine.gen.traffic", "--out", tmp, "--seed", str(seed), "--packets", str(n),
-                        "--rate", str(1_000_000 // GAP_US), *spec["gen"]], cwd=REPO, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "luaprobe.engine.gen.traffic", "--out", tmp, "--seed", str(seed),
+                        "--packets", str(n), "--rate", str(1_000_000 // GAP_US), *spec["gen"]], cwd=REPO,
+                       check=True, stdout=subprocess.DEVNULL)
         for side in (tmp + ".bodies.json",):           # the generator's body list: not needed here
             if os.path.exists(side):
                 os.remove(side)
@@ -111,8 +111,9 @@ def _flow_of_packets(spec: dict, n: int, rng) -> np.ndarray:
     return np.concatenate([first, rng.integers(0, nf, max(0, n - nf))])
 
 
-def build(spec: dict, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """(frames as one uint8 buffer, frame lengths) for n packets of a flow shape."""
+def build(spec: dict, n: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n packets of a flow shape: (headers (n x H uint8), header lengths, frame lengths); write_pcap
+    pads each frame with zero payload to its length."""
     nf = spec["flows"]
     v6 = rng.random(nf) < spec["v6"]
     tcp = rng.random(nf) < spec["tcp"]
