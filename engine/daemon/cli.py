@@ -3,7 +3,7 @@
     luaprobe run PLUGIN... --pcap FILE... [--out DIR] [--workers N] [--lua-path DIR] [--stats-json FILE]
     luaprobe run PLUGIN... --interface IF [--bpf EXPR] [...]   live capture until Ctrl-C / SIGTERM (docs/live.md)
     luaprobe check PLUGIN...    list detected script types and problems (like Trisul's `list lua`)
-    luaprobe query alerts|resources|counters|flows|keyinfo|decls|edges|toppers [--out DIR] [--json]
+    luaprobe query alerts|resources|fts|counters|flows|keyinfo|decls|edges|toppers [--out DIR] [--json]
     luaprobe demo               run the bundled example plug-ins on the bundled sample capture
     luaprobe shm clean|list     remove / list shared-memory segments (clean: those whose owner died)
 
@@ -189,6 +189,7 @@ def cmd_run(args) -> int:
     from .settings import from_args
     from luaprobe.engine.fastpath.shards import make_run
     from luaprobe.engine.plugins.vm import PluginError
+    from luaprobe.engine.analysers import parse_names as parse_analysers
     logs.setup(verbose=args.verbose)
     if args.quiet:
         logs.log.setLevel("WARNING")
@@ -232,7 +233,8 @@ def cmd_run(args) -> int:
         cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
                         async_config=_async_config(args), backend_instances=args.backend_instances,
                         interface=interface, bpf=bpf, generate=generate, shards=getattr(args, "shards", 1),
-                        **from_args(args))
+                        **from_args(args), analysers=args.analysers)
+        parse_analysers(args.analysers)
         if not 1 <= cfg.shards <= 64:
             raise ValueError(f"--shards {cfg.shards}: must be between 1 and 64")
     except ValueError as e:
@@ -385,6 +387,9 @@ def _run_options(p) -> None:
     add_flags(p)                        # fast-path settings (engine/daemon/settings.py)
     p.add_argument("--shards", type=int_in(1, 64), default=1, metavar="N",
                    help="N fast-path processes sharing the input by a symmetric flow hash, 1..64 (docs/scale.md)")
+    p.add_argument("--analysers", default="", metavar="LIST",
+                   help="built-in analysers whose outputs are stored even when no monitor script asks for them: "
+                        "all, none (default) or a comma list of counters,dns,http,tls (docs/plugins.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (T.logdebug lines too)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary (errors only)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON instead of text")
@@ -448,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--plain", action="store_true", help="plain text even when rich is installed")
             d.add_argument("--count", type=int_in(0), default=0, metavar="N", help="stop after N refreshes")
         d.set_defaults(func=_daemon_command)
-    query = sub.add_parser("query", help="print outputs: alerts|resources|counters|flows|keyinfo|groups|decls|edges|toppers|run",
+    query = sub.add_parser("query", help="print outputs: alerts|resources|fts|counters|flows|keyinfo|groups|decls|edges|toppers|run",
                            add_help=False)
     query.add_argument("rest", nargs=argparse.REMAINDER)
     query.set_defaults(func=cmd_query)

@@ -32,6 +32,8 @@ from luaprobe.engine.plugins.vm import PluginError, PluginVM, _text
 from luaprobe.engine.plugins.discovery import decl_rows, discover, group_names, group_rows, keyinfo_rows, probe
 from luaprobe.engine.plugins.flowmon import FlowBackends
 from luaprobe.engine.streams.reasm import ReassemblyStage
+from luaprobe.engine.analysers import Analysers, group_rows as analyser_group_rows, parse_names as parse_analysers
+from luaprobe.engine.plugins.monitors import TYPES as MONITOR_TYPES, Monitors, Script, group_names as monitor_group_names
 from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
 from luaprobe.engine.store.writer import StoreWriter
 from luaprobe.engine.daemon.usage import UsageError
@@ -92,6 +94,7 @@ class RunConfig:
     shard: dict | None = None         #: in a shard process (set by engine/fastpath/shards.py): index, count, ring,
                                       #: bell, summary_file, coordinator (pid); None in a single fast path
     on_loaded: object = None          #: callable(problems: list[str]) once the plug-ins are loaded (the daemon)
+    analysers: str = ""               #: built-in analysers to run and store: "all", "none" or "counters,dns,http,tls"
 
 
 #: script type -> (Host setup method, Host per-batch method) for the types that walk every batch
@@ -233,11 +236,13 @@ class FastPath:
         self._last_stats = -1e9
         self._last_progress = -1e9
         self.loop_start = self.loop_end = None   #: monotonic time of the first batch / after the last one
-        self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "key_info": 0, "flows": 0}
+        self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "fts": 0, "key_info": 0, "flows": 0}
         self.stage = None               #: ReassemblyStage when a reassembly_handler is loaded
         self.flowmon = None             #: FlowBackends (sg_monitor / flowtracker)
         self.shard_index = cfg.shard["index"] if cfg.shard else 0
         self.messages_undelivered = 0   #: post_message_* with no instance of that pipeline in this process
+        self.analysers = None
+        self.monitors = Monitors(cfg.backend_instances)
 
     # ----------------------------------------------------------------- setup
     def _load_plugins(self, rt: AsyncRuntime) -> None:
@@ -258,7 +263,9 @@ class FastPath:
             if info.errors:
                 continue                                   # cannot load: already reported
             for kind in info.runnable_types:
-                if kind in BACKEND_KINDS:
+                if kind in MONITOR_TYPES:          # every shard: each sees its own flows' items
+                    self._load_monitor(rt, info.path, kind)
+                elif kind in BACKEND_KINDS:
                     if kind == "engine_monitor" and self.shard_index:   # once for the probe: in shard 0
                         continue
                     for k in range(cfg.backend_instances):
@@ -279,7 +286,33 @@ class FastPath:
                 raise UsageError(f"--backend-instances {self.cfg.backend_instances}: {f} is an engine_monitor "
                                  "script, which needs at least 1 backend instance")
 
-    def _instantiate(self, rt, path, kind, pipeline, instance) -> None:
+    def _load_monitor(self, rt, path, kind) -> None:
+        """A resource/fts/alert/cg monitor: one Script per attached group, backend_instances VMs each."""
+        try:
+            probe_vm = rt.load(path, instance="0", enginetype="backend", pipeline="backend", groups=self.groups,
+                               start_workers=False, protocols=self.protocols, group_names=self.group_names,
+                               contextid=self.shard_index)
+        except PluginError as e:
+            self.plugin_problems.append(str(e))
+            return
+        try:
+            attached = Monitors.attachments(probe_vm, kind, monitor_group_names(self.groups))
+        finally:
+            rt.unload(probe_vm)
+        if not attached:
+            self.plugin_problems.append(f"{path}: {kind} attaches to no known group; it will not run")
+            return
+        for guid, name in attached:
+            script = Script(kind, path, guid, name)
+            for k in range(self.cfg.backend_instances):
+                inst = self._instantiate(rt, path, kind, "backend", str(k), group=(guid, name))
+                if inst is None:
+                    break
+                script.vms.append(inst.vm)
+            if len(script.vms) == max(1, self.cfg.backend_instances):
+                self.monitors.add(script)
+
+    def _instantiate(self, rt, path, kind, pipeline, instance, group=None):
         try:
             vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups,
                          start_workers="lazy", protocols=self.protocols, group_names=self.group_names,
@@ -288,6 +321,14 @@ class FastPath:
             self.plugin_problems.append(str(e))
             return
         inst = Instance(vm, kind, pipeline)
+        if kind in MONITOR_TYPES:
+            Monitors.prepare_vm(vm)
+            if kind == "cg_monitor":
+                vm.lua.eval("function(n, g) T.monitor_group_name = n; T.monitor_group_guid = g end")(
+                    group[1].encode(), group[0].encode())
+            mon = "function(...) return require('luaprobe.engine.plugins.monitor').%s(...) end"
+            for fn in ("run_items", "cg_filter", "cg_flush", "cg_toppers"):
+                setattr(vm, fn, vm.lua.eval(mon % fn))
         if kind in BATCH_WALKERS:
             setup, walk = BATCH_WALKERS[kind]
             args = (self._packet_store()[b"votes_addr"], self.cfg.flow_capacity) if kind == "packet_storage" else ()
@@ -323,20 +364,23 @@ class FastPath:
                 self.stage.remove(vm)
             self.flowmon.remove_vm(vm)
             rt.unload(vm)
-            return
+            return None
         vm.take_counters = method(vm.lua, "take_counters")
         vm.take_outputs = method(vm.lua, "take_outputs")
         vm.set_time = method(vm.lua, "set_time")
         vm.deliver_message = method(vm.lua, "deliver_message")
         self.instances.append(inst)
+        return inst
 
     # ----------------------------------------------------------------- ticks
     def _backend(self, hook: str, *args) -> None:
+        if hook == "onendflush":                       # monitors: the window's items first
+            self._monitor_flush(args[0])
         if hook == "onendflush" and self.flowmon is not None and self.flowmon.active:
             self._collect(args[0])                     # tags and records of the window reach the flow backends
             self.flowmon.flush(args[0])
         for inst in self.instances:
-            if inst.kind in BACKEND_KINDS:
+            if inst.kind in BACKEND_KINDS or inst.kind in MONITOR_TYPES:
                 inst.vm.set_time(inst.vm.host.engine, args[0], 0)
                 inst.vm.call(inst.kind, hook, inst.vm.host.engine, *args)
 
@@ -364,16 +408,28 @@ class FastPath:
         self.ticks += 1
         self._backend("onmetronome", s, self.ticks, 1)
 
+    def _start_analysers(self) -> None:
+        """The built-in analysers VM, when --analysers or a monitor script asks for one (else nothing runs)."""
+        names = parse_analysers(self.cfg.analysers) | self.monitors.producers()
+        if not names:
+            return
+        self.analysers = Analysers(names, idle_timeout=self.cfg.idle_timeout)
+        if "counters" in names:
+            self._write("counter_groups", analyser_group_rows())
+
     def _collect(self, now) -> None:
         """Move counters of closed buckets (all when now is None) and other outputs to the writer."""
+        if self.analysers is not None:
+            for kind, rows in self.analysers.take(now).items():
+                self._route(kind, rows, now)
         messages = []
         for inst in self.instances:
             vm = inst.vm
             eng = vm.host.engine
-            self._write("counters", vm.take_counters(eng, now))
+            self._route("counters", vm.take_counters(eng, now), now)
             out = vm.take_outputs(eng)
             for kind in ("alerts", "resources", "key_info", "edges"):
-                self._write(kind, out[kind.encode()])
+                self._route(kind, out[kind.encode()], now)
             self._flows(out[b"flows"])
             for r in out[b"flow_tags"].values():
                 fk, tag = _text(r[1]), _text(r[2])
@@ -398,6 +454,28 @@ class FastPath:
             self.flowmon.hold([r + [0x800, 0, 0][len(r) - 14:] if len(r) < 17 else r for r in rows])
         else:
             self._write("flows", [tuple(r[:14]) for r in rows])
+
+    def _route(self, kind: str, rows, now) -> None:
+        """Outputs on their way to the store: through the monitors watching their group, if any."""
+        if not self.monitors.scripts or kind not in ("counters", "alerts", "resources", "fts"):
+            self._write(kind, rows)
+            return
+        rows = [tuple(r.values()) for r in rows.values()] if hasattr(rows, "values") else list(rows)
+        g = 0 if kind == "counters" else 2                 # the group GUID as text; other bytes stay bytes
+        rows = [r[:g] + (_text(r[g]),) + r[g + 1:] if isinstance(r[g], bytes) else r for r in rows]
+        ts = now if now is not None else (self.sec or 0)
+        if kind == "counters":
+            self._write(kind, self.monitors.counters(rows, self.groups))
+        else:
+            self._write(kind, self.monitors.items(kind, rows, ts))
+
+    def _monitor_flush(self, ts) -> None:
+        """Window end: monitor votes and onflush, then the kept items go to the store."""
+        if not self.monitors.scripts:
+            return
+        self._collect(self.sec)
+        for kind, rows in self.monitors.flush(ts).items():
+            self._write(kind, rows)
 
     def _write(self, kind: str, rows) -> None:
         """Rows go to the writer with Lua strings as bytes: the store keeps a plug-in's non-UTF-8 strings
@@ -452,6 +530,7 @@ class FastPath:
             self._write("counter_groups", group_rows(self.infos))
             self._write("key_info", keyinfo_rows(self.infos))
             self._write("decl_groups", decl_rows(self.infos))
+            self._start_analysers()
             batch_addr = int(self.driver.batch_addr)
             # protocol_handler instances first: they add their layers to the batch the others then read
             walkers = sorted((i for i in self.instances if i.run_batch is not None),
@@ -461,6 +540,9 @@ class FastPath:
             if self.pstore is not None:         # after every packet_storage vote: write what they let through
                 runners.append(self.pstore_lua.eval("function(s, a, n) return s:write_batch(a, n) end"))
                 hosts.append(self.pstore)
+            if self.analysers is not None:          # first: monitors see this batch's items in the same tick
+                runners.insert(0, lambda _h, a, k, f=self.analysers.run_batch: f(a, k))
+                hosts.insert(0, None)
             driver = self.driver
             rt.abort = lambda: self._stop == 3
             rt.beat = self._beat
@@ -604,7 +686,7 @@ class FastPath:
         backend instances start in the current window (onload, then onbeginflush).  Frontend instances
         and per-flow state are untouched."""
         self._reload = False
-        old = [i for i in self.instances if i.pipeline == "backend"]
+        old = [i for i in self.instances if i.kind == "engine_monitor"]   # monitors are not reloaded live
         for inst in old:
             rt.retire(inst.vm, self.cfg.async_config.drain_deadline)
         self._collect(self.sec)
@@ -703,6 +785,8 @@ class FastPath:
             self._collect(None)
             self._end_flows(lua)
             flows_done = True
+        if self.analysers is not None:
+            self.analysers.finish()            # open HTTP/TLS flows end here: their items join the last window
         if self.window_start is not None:
             self._backend("onendflush", self.window_start + self.cfg.window)
         self.filex_stats = []
@@ -716,6 +800,10 @@ class FastPath:
         self.async_before = {id(i.vm): i.vm.async_stats() for i in self.instances}
         rt.drain_and_stop()
         self._collect(None)
+        if self.monitors.scripts:              # items produced after the last window edge (drain, last bucket)
+            for kind, rows in self.monitors.flush(self.window_start + self.cfg.window
+                                                  if self.window_start is not None else 0).items():
+                self._write(kind, rows)
         if not flows_done:
             self._end_flows(lua)
         if self.flowmon is not None and self.flowmon.active:
@@ -830,6 +918,8 @@ class FastPath:
             "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
             "filex": getattr(self, "filex_stats", []),
             **({"packet_storage": self.packet_storage} if self.packet_storage else {}),
+            "analysers": self.analysers.stats() if self.analysers is not None else {},
+            "monitors": dict(self.monitors.stats),
             "reassembly": getattr(self, "stage_stats", {}),
             "flow_backends": self.flowmon.stats if self.flowmon is not None and self.flowmon.active else {},
             "backend_reloads": self.backend_reloads, "messages_undelivered": self.messages_undelivered,

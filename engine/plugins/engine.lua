@@ -164,6 +164,8 @@ local function add(self, g, key, meter, value)
   end
 end
 
+M.add = add     -- (engine, GUID upper case, key, meter, value): the built-in analysers' direct path
+
 --- Keys may be strings or numbers (numbers become strings when written out).
 function Engine:update_counter(guid, key, meter, value)
   add(self, norm(guid), key, tonumber(meter) or 0, tonumber(value) or 0)

@@ -1,6 +1,6 @@
 """`luaprobe query`: read the output database of a run.
 
-    luaprobe query alerts|resources|counters|flows|keyinfo|groups|decls|edges|toppers|run
+    luaprobe query alerts|resources|fts|counters|flows|keyinfo|groups|decls|edges|toppers|run
                    [--db PATH | --out DIR] [--json] [--group G] [--key K] [--meter M] [--limit N]
 
 Text output is an aligned table (long cells are shortened; use --json for full values); --json prints
@@ -18,7 +18,7 @@ from luaprobe.engine.store.writer import DB_NAME, Store, StoreError, db_path
 from luaprobe.engine.daemon.usage import Parser, int_in
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_OK, EXIT_USAGE
-WHAT = ("alerts", "resources", "counters", "flows", "keyinfo", "groups", "decls", "edges", "toppers", "run")
+WHAT = ("alerts", "resources", "fts", "counters", "flows", "keyinfo", "groups", "decls", "edges", "toppers", "run")
 MAX_CELL = 60
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
 
@@ -84,6 +84,10 @@ def render(what: str, rows, store: Store) -> tuple[list[str], list[list], set[in
         return (["time (UTC)", "resource group", "flowkey", "uri", "contents", "plugin"],
                 [[iso(r["ts_sec"], r["ts_usec"]), r["resource_guid"], r["flowkey"], r["uri"], r["contents"],
                   r["plugin"]] for r in rows], set())
+    if what == "fts":
+        return (["time (UTC)", "fts group", "flowkey", "text", "plugin"],
+                [[iso(r["ts_sec"], r["ts_usec"]), r["fts_guid"], r["flowkey"], r["text"], r["plugin"]] for r in rows],
+                set())
     if what == "flows":
         return (["flowkey", "proto", "A", "Z", "first (UTC)", "last (UTC)", "pkts a>z", "pkts z>a", "bytes a>z",
                  "bytes z>a", "state", "tags"],
@@ -120,6 +124,8 @@ def fetch(store: Store, a) -> list[dict]:
         return store.alerts(guid=a.group, flowkey=a.key, limit=a.limit)
     if a.what == "resources":
         return store.resources(guid=a.group, flowkey=a.key, limit=a.limit)
+    if a.what == "fts":
+        return store.fts(guid=a.group, flowkey=a.key, limit=a.limit)
     if a.what == "flows":
         return store.flows(flowkey=a.key, limit=a.limit)
     if a.what == "groups":
@@ -145,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--out", metavar="DIR", default="out",
                      help=f"output directory holding {DB_NAME} (default ./out, the same as luaprobe run's)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--group", metavar="G", help="group name or GUID (counters, keyinfo, alerts, resources)")
+    p.add_argument("--group", metavar="G", help="group name or GUID (counters, keyinfo, alerts, resources, fts)")
     p.add_argument("--key", metavar="K", help="key or its label (counters, keyinfo); flowkey (alerts, resources, flows)")
     p.add_argument("--meter", metavar="M", help="meter id or name (counters)")
     p.add_argument("--limit", metavar="N", type=int_in(0), help="at most N rows")

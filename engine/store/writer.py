@@ -97,6 +97,16 @@ CREATE TABLE IF NOT EXISTS resources (
     plugin        TEXT
 );
 CREATE INDEX IF NOT EXISTS resources_guid_ts ON resources (resource_guid, ts_sec, ts_usec);
+CREATE TABLE IF NOT EXISTS fts (
+    id       INTEGER PRIMARY KEY,
+    ts_sec   INTEGER,
+    ts_usec  INTEGER,
+    fts_guid TEXT NOT NULL,
+    flowkey  TEXT,
+    text     TEXT,
+    plugin   TEXT
+);
+CREATE INDEX IF NOT EXISTS fts_guid_ts ON fts (fts_guid, ts_sec, ts_usec);
 CREATE TABLE IF NOT EXISTS flows (
     flowkey    TEXT NOT NULL,
     proto      INTEGER,
@@ -169,6 +179,7 @@ _SQL = {
     "flow_toppers": (5, "INSERT INTO flow_toppers (tracker, bucket_ts, rank, flowkey, metric) VALUES (?, ?, ?, ?, ?) "
                         "ON CONFLICT (tracker, bucket_ts, rank) DO UPDATE SET flowkey = excluded.flowkey, "
                         "metric = excluded.metric"),
+    "fts": (6, "INSERT INTO fts (ts_sec, ts_usec, fts_guid, flowkey, text, plugin) VALUES (?, ?, upper(?), ?, ?, ?)"),
     "flows": (14, "INSERT INTO flows (flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, "
                   "packets_za, bytes_az, bytes_za, state, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                   "ON CONFLICT (flowkey, first_ts) DO UPDATE SET proto = excluded.proto, ipa = excluded.ipa, "
@@ -185,7 +196,7 @@ _BLOB_OK = {"resources": {4, 5}, "alerts": {4, 5, 7, 8}, "key_info": {1, 2, 3}, 
 # JSON text columns: other values are JSON-encoded by the writer (e.g. a meters list given as a list).
 _JSON_COL = {"counter_groups": 4, "run": 1}
 # Default batch sizes (rows) before a batch is shipped; big-row kinds ship sooner.
-_BATCH = {"resources": 256, "alerts": 1024, "flows": 1024}
+_BATCH = {"resources": 256, "fts": 128, "alerts": 1024, "flows": 1024}
 
 # Well-known counter groups (docs/trisul-lua-api.md §10): name resolution when no script declared them.
 WELL_KNOWN_GROUPS = {
@@ -222,6 +233,13 @@ WELL_KNOWN_FTS_GROUPS = {
 }
 WELL_KNOWN_SESSION_GROUPS = {
     "{99A78737-4B41-4387-8F31-8077DB917336}": "IP Flows",
+}
+
+
+WELL_KNOWN_FTS_GROUPS = {
+    "{9FEB8ADE-ADBB-49AD-BC68-C6A02F389C71}": "SSL Certs",
+    "{28217924-E7A5-4523-993C-44B52758D5A8}": "HTTP Headers",
+    "{09B305DF-078C-4B9E-8E2F-EA64B7326880}": "DNS",
 }
 
 
@@ -963,6 +981,24 @@ class Store:
             where.append("flowkey = ?")
             args.append(flowkey)
         sql = "SELECT id, ts_sec, ts_usec, resource_guid, flowkey, uri, contents, plugin FROM resources"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts_sec, ts_usec, id" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        return self._rows(sql, args)
+
+    def fts(self, guid: str | None = None, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
+        """Full-text documents in time order (``guid``: FTS group GUID, any case, or a well-known name:
+        ``SSL Certs``, ``HTTP Headers``, ``DNS``).  Databases written before the table existed have none."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'fts'").fetchone():
+            return []
+        where, args = [], []
+        if guid is not None:
+            where.append("fts_guid = ?")
+            args.append(self._guid_arg(guid, WELL_KNOWN_FTS_GROUPS))
+        if flowkey is not None:
+            where.append("flowkey = ?")
+            args.append(flowkey)
+        sql = "SELECT id, ts_sec, ts_usec, fts_guid, flowkey, text, plugin FROM fts"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY ts_sec, ts_usec, id" + (f" LIMIT {int(limit)}" if limit is not None else "")

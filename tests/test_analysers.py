@@ -1,0 +1,249 @@
+"""Built-in analysers (engine/analysers) against independent truth: tshark's dissectors for DNS
+answers, HTTP requests/responses, TLS certificate bytes and per-host/MAC/protocol totals; OpenSSL's
+command line for certificate subjects; hashlib for fingerprints."""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+
+import pytest
+
+from luaprobe.engine.fastpath.run import FastPath, RunConfig
+from tests.helpers import PCAPS
+
+HOSTS, MAC, APPS, PROTOS = ("{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}", "{4B09BD22-3B99-40FC-8215-94A430EA0A35}",
+                            "{C51B48D4-7876-479E-B0D9-BD9EFF03CE2E}", "{E89BCD56-30AD-40F5-B1C8-8B7683F440BD}")
+RES_DNS, RES_URL, RES_SSL = ("{D1E27FF0-6D66-4E57-BB91-99F76BB2143E}", "{4EF9DEB9-4332-4867-A667-6A30C5900E9E}",
+                             "{5AEE3F0B-9304-44BE-BBD0-0467052CF468}")
+FTS_DNS, FTS_HTTP, FTS_SSL = ("{09B305DF-078C-4B9E-8E2F-EA64B7326880}", "{28217924-E7A5-4523-993C-44B52758D5A8}",
+                              "{9FEB8ADE-ADBB-49AD-BC68-C6A02F389C71}")
+
+
+def pcap(name):
+    return os.path.join(PCAPS, name)
+
+
+def tshark(path, *args) -> list[list[str]]:
+    out = subprocess.run(["tshark", "-r", path, "-n", *args], capture_output=True, text=True, check=True).stdout
+    return [line.split("\t") for line in out.splitlines() if line]
+
+
+def run(tmp_path, files, analysers="all", plugins=None, name="out", **kw):
+    d = tmp_path / (name + "-plugins")
+    d.mkdir(exist_ok=True)
+    if plugins is None:
+        (d / "noop.lua").write_text('TrisulPlugin = { id = { name = "noop" } }\n')
+        plugins = [str(d)]
+    out = str(tmp_path / name)
+    summary = FastPath(RunConfig(plugins=plugins, files=[pcap(f) for f in files], out_dir=out,
+                                 analysers=analysers, **kw)).run()
+    return summary, sqlite3.connect(os.path.join(out, "luaprobe.sqlite"))
+
+
+@pytest.fixture(scope="module")
+def trisul16(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("t16"), ["trisul-16minutes.pcap"], analysers="counters")
+
+
+# ------------------------------------------------------------------ counters
+
+def totals(db, guid, meter):
+    return dict(db.execute("SELECT key, sum(value) FROM counters WHERE group_guid = ? AND meter = ? GROUP BY key",
+                           (guid, meter)).fetchall())
+
+
+def ip_key(a):
+    return ".".join(f"{int(x):02X}" for x in a.split("."))
+
+
+def test_hosts_match_tshark_endpoints(trisul16):
+    """Hosts: meter 0 bytes, 1 received, 2 transmitted, 3 packets per IPv4 host == tshark's ip endpoints."""
+    _, db = trisul16
+    want = {}
+    for line in subprocess.run(["tshark", "-r", pcap("trisul-16minutes.pcap"), "-n", "-q", "-z", "endpoints,ip"],
+                               capture_output=True, text=True, check=True).stdout.splitlines():
+        f = line.split()
+        if len(f) >= 7 and f[0].count(".") == 3 and f[1].isdigit():
+            # Address Packets Bytes TxPackets TxBytes RxPackets RxBytes
+            want[ip_key(f[0])] = tuple(int(x) for x in f[1:7])
+    assert len(want) > 10
+    got_b, got_p = totals(db, HOSTS, 0), totals(db, HOSTS, 3)
+    got_tx, got_rx = totals(db, HOSTS, 2), totals(db, HOSTS, 1)
+    assert set(got_b) == set(want)
+    for k, (pk, by, _txp, txb, _rxp, rxb) in want.items():
+        assert (got_p[k], got_b[k], got_tx.get(k, 0), got_rx.get(k, 0)) == (pk, by, txb, rxb), k
+
+
+def test_mac_protocols_apps_match_tshark(trisul16):
+    _, db = trisul16
+    rows = tshark(pcap("trisul-16minutes.pcap"), "-T", "fields", "-e", "frame.len", "-e", "eth.src", "-e", "eth.dst",
+                  "-e", "ip.proto", "-e", "tcp.srcport", "-e", "tcp.dstport", "-e", "udp.srcport", "-e", "udp.dstport",
+                  "-e", "ip.flags.mf", "-e", "ip.frag_offset")
+    tx, rx, pb, pp, apps = (collections.Counter() for _ in range(5))
+    for r in rows:
+        r += [""] * (10 - len(r))
+        n = int(r[0])
+        tx[r[1].upper()] += n
+        rx[r[2].upper()] += n
+        if r[3]:
+            proto = f"{int(r[3].split(',')[0]):02X}"
+            pb[proto] += n
+            pp[proto] += 1
+            ports = (r[4], r[5]) if r[4] else (r[6], r[7])
+            if ports[0] and r[8] != "1" and r[9] in ("", "0"):
+                apps[f"p-{min(int(ports[0]), int(ports[1])):04X}"] += n
+    assert totals(db, MAC, 0) == dict(tx)
+    assert totals(db, MAC, 1) == dict(rx)
+    assert totals(db, PROTOS, 0) == dict(pb)
+    assert totals(db, PROTOS, 1) == dict(pp)
+    assert totals(db, APPS, 0) == dict(apps)
+    groups = dict(db.execute("SELECT guid, name FROM counter_groups").fetchall())
+    assert groups[HOSTS] == "Hosts" and groups[MAC] == "Mac"
+
+
+# ------------------------------------------------------------------ DNS
+
+@pytest.mark.parametrize("name", ["dns-udp-a-aaaa-mx.pcap", "mix-wikipedia-dns-http.pcap", "trisul-16minutes.pcap"])
+def test_dns_answers_match_tshark(tmp_path, name):
+    """One DNS resource per answer record: (question, owner, type, TTL) and A/AAAA data == tshark's."""
+    rows = tshark(pcap(name), "-Y", "udp.port == 53 && dns.flags.response == 1", "-T", "fields",
+                  "-E", "occurrence=a", "-E", "aggregator=|", "-e", "dns.qry.name", "-e", "dns.count.answers",
+                  "-e", "dns.resp.name", "-e", "dns.resp.type", "-e", "dns.resp.ttl", "-e", "dns.a", "-e", "dns.aaaa")
+    want, want_a = collections.Counter(), collections.Counter()
+    for r in rows:
+        r += [""] * (7 - len(r))
+        n = int(r[1])
+        names, types, ttls = (r[i].split("|")[:n] for i in (2, 3, 4))
+        for nm, t, ttl in zip(names, types, ttls):
+            want[(r[0].split("|")[0], nm, int(t), int(ttl))] += 1
+        data = {"1": iter(r[5].split("|")), "28": iter(r[6].split("|"))}   # in record order, all sections
+        for i, t in enumerate(r[3].split("|")):
+            if t in data:
+                a = next(data[t])
+                if i < n:
+                    want_a[a] += 1
+    _, db = run(tmp_path, [name], analysers="dns")
+    got, got_a = collections.Counter(), collections.Counter()
+    types = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28, "SRV": 33}
+    for uri, contents in db.execute("SELECT uri, contents FROM resources WHERE resource_guid = ?", (RES_DNS,)):
+        owner, ttl, _cls, typ, rdata = contents.split("\t")
+        got[(uri, owner.rstrip("."), types[typ] if typ in types else int(typ.replace("TYPE", "")), int(ttl))] += 1
+        if typ in ("A", "AAAA"):
+            got_a[rdata] += 1
+    assert sum(want.values()) > 0
+    assert got == want
+    assert got_a == want_a
+    ndns = len(tshark(pcap(name), "-Y", "udp.port == 53 && dns", "-T", "fields", "-e", "frame.number"))
+    docs = [t for (t,) in db.execute("SELECT text FROM fts WHERE fts_guid = ?", (FTS_DNS,))]
+    assert len(docs) == ndns
+    assert sum(d.startswith("RESPONSE") for d in docs) == len(rows)
+
+
+def test_dns_fts_feeds_real_trisul_patterns(tmp_path):
+    """The patterns of cu-dns-extractor.lua / passive-dns-creator.lua find the question and the A answers."""
+    import re
+    _, db = run(tmp_path, ["dns-udp-a-aaaa-mx.pcap"], analysers="dns")
+    doc = [t for (t,) in db.execute("SELECT text FROM fts WHERE fts_guid = ? AND text LIKE 'RESPONSE%'", (FTS_DNS,))][0]
+    assert re.search(r"Questions\s*\.([.\w-]*)\s*A\s*IN", doc).group(1) == "google.com"
+    a = re.findall(r"A\s*IN\s*([\d.]+)", doc)
+    want = [r[0] for r in tshark(pcap("dns-udp-a-aaaa-mx.pcap"), "-Y", "dns.a", "-T", "fields", "-E", "occurrence=a",
+                                 "-E", "separator=,", "-e", "dns.a")][0].split(",")
+    assert a == want
+
+
+# ------------------------------------------------------------------ HTTP
+
+HTTP_CAPTURES = ["mix-wikipedia-dns-http.pcap", "http-get-text.pcap", "http-pipelined-mozilla.pcap",
+                 "http-keepalive-splunk-ui.pcap", "trisul-16minutes.pcap"]
+
+
+@pytest.mark.parametrize("name", HTTP_CAPTURES)
+def test_url_resources_match_tshark(tmp_path, name):
+    """URL resources: (method, host, URI, status, response time in usec) == tshark's http request/response pairs.
+    The response time ends at the response's header (tshark without body reassembly), as luaprobe measures it."""
+    req = {}
+    for r in tshark(pcap(name), "-Y", "http.request", "-T", "fields", "-e", "frame.number", "-e", "http.request.method",
+                    "-e", "http.host", "-e", "http.request.uri", "-e", "ip.dst", "-e", "ipv6.dst"):
+        r += [""] * (6 - len(r))
+        req[r[0]] = [r[1], r[2] or r[4] or r[5], r[3]]       # no Host header: the server's address
+    want = collections.Counter()
+    answered = set()
+    for r in tshark(pcap(name), "-o", "http.desegment_body:FALSE", "-Y", "http.response && http.response.code >= 200",
+                    "-T", "fields",
+                    "-e", "http.request_in", "-e", "http.response.code", "-e", "http.time"):
+        if r[0] in req and float(r[2]) <= 120:    # later than the 120 s idle timeout: a new flow
+            m, h, u = (req[r[0]] + ["", "", ""])[:3]
+            want[(m, h, u, f"status:{r[1]} usec:{round(float(r[2]) * 1e6)}")] += 1
+            answered.add(r[0])
+    for f, (m, h, u, *_) in ((f, v + [""] * 3) for f, v in req.items()):
+        if f not in answered:
+            want[(m, h, u, "status:0")] += 1
+    summary, db = run(tmp_path, [name], analysers="http")
+    got = collections.Counter()
+    for uri, label in db.execute("SELECT uri, contents FROM resources WHERE resource_guid = ?", (RES_URL,)):
+        m, h, u = uri.split(" ", 2)
+        got[(m, h, u, label)] += 1
+    assert sum(want.values()) > 0
+    assert got == want
+
+
+def test_http_header_fts_match_tshark(tmp_path):
+    name = "mix-wikipedia-dns-http.pcap"
+    want = collections.Counter()
+    for r in tshark(pcap(name), "-Y", "http.request", "-T", "fields", "-e", "http.request.method",
+                    "-e", "http.request.uri", "-e", "http.request.version"):
+        want[" ".join(r)] += 1
+    for r in tshark(pcap(name), "-Y", "http.response", "-T", "fields", "-e", "http.response.version",
+                    "-e", "http.response.code", "-e", "http.response.phrase"):
+        want[" ".join(r)] += 1
+    _, db = run(tmp_path, [name], analysers="http")
+    docs = [t for (t,) in db.execute("SELECT text FROM fts WHERE fts_guid = ?", (FTS_HTTP,))]
+    assert collections.Counter(d.split("\r\n", 1)[0] for d in docs) == want
+    host = [r[0] for r in tshark(pcap(name), "-Y", "http.request", "-T", "fields", "-e", "http.host")]
+    assert sorted(host) == sorted(d.split("Host: ", 1)[1].split("\r\n", 1)[0] for d in docs if "Host: " in d)
+
+
+# ------------------------------------------------------------------ TLS
+
+@pytest.mark.parametrize("name", ["tls12-handshake.pcap", "mix-eth-tls-http-dns.pcap"])
+def test_tls_chains_match_tshark_and_openssl(tmp_path, name):
+    """The chain each server sent: count, SHA-1/SHA-256 of every certificate (hashlib over tshark's bytes),
+    the leaf's subject and issuer as OpenSSL's CLI prints them."""
+    chains = []
+    for (certs,) in tshark(pcap(name), "-Y", "tls.handshake.certificate", "-T", "fields", "-E", "occurrence=a",
+                           "-E", "aggregator=,", "-e", "tls.handshake.certificate"):
+        chains.append([bytes.fromhex(c.replace(":", "")) for c in certs.split(",")])
+    assert chains
+    _, db = run(tmp_path, [name], analysers="tls")
+    res = db.execute("SELECT uri, contents FROM resources WHERE resource_guid = ? ORDER BY id", (RES_SSL,)).fetchall()
+    docs = [t for (t,) in db.execute("SELECT text FROM fts WHERE fts_guid = ? ORDER BY id", (FTS_SSL,))]
+    assert len(res) == len(docs) == len(chains)
+    for chain, (uri, label), doc in zip(chains, res, docs):
+        leaf = chain[0]
+        assert f"SHA1:{hashlib.sha1(leaf).hexdigest().upper()}" in uri
+        assert uri.endswith(f"SHA256:{hashlib.sha256(leaf).hexdigest().upper()}")
+        assert label.count("-----BEGIN CERTIFICATE-----") == len(chain)
+        sha1s = [x.split("=")[1].replace(":", "") for x in doc.splitlines() if x.startswith("SHA1 Fingerprint=")]
+        assert sha1s == [hashlib.sha1(c).hexdigest().upper() for c in chain]
+        subj = subprocess.run(["openssl", "x509", "-inform", "DER", "-noout", "-subject", "-issuer"], input=leaf,
+                              capture_output=True, check=True).stdout.decode().splitlines()
+        assert uri.startswith(subj[0].split("=", 1)[1].strip() + " ISSUER:" + subj[1].split("=", 1)[1].strip() + " ")
+
+
+def test_no_analysers_no_vm(tmp_path):
+    """Nothing asked for: no analysers VM, no built-in rows."""
+    summary, db = run(tmp_path, ["dns-udp-a-aaaa-mx.pcap"], analysers="")
+    assert summary["analysers"] == {}
+    assert db.execute("SELECT count(*) FROM resources").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM counters").fetchone()[0] == 0
+
+
+def test_bad_analyser_name(tmp_path):
+    from luaprobe.engine.analysers import parse_names
+    with pytest.raises(ValueError, match="unknown analyser 'dnz'"):
+        parse_names("dns,dnz")
+    assert json.dumps(sorted(parse_names("all"))) == '["counters", "dns", "http", "tls"]'

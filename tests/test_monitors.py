@@ -1,0 +1,249 @@
+"""Backend monitors (engine/plugins/monitors.py) with real-shaped plug-ins: each sees exactly the items the
+analysers produce (counted independently with tshark), a flush filter returning false keeps an item
+out of the store, and Alert/Resource setters reach the store."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sqlite3
+import subprocess
+
+from luaprobe.engine.fastpath.run import FastPath, RunConfig
+from tests.helpers import PCAPS
+
+
+def pcap(name):
+    return os.path.join(PCAPS, name)
+
+
+def tshark_count(name, flt) -> int:
+    out = subprocess.run(["tshark", "-r", pcap(name), "-n", "-Y", flt, "-T", "fields", "-e", "frame.number"],
+                         capture_output=True, text=True, check=True).stdout
+    return len(out.split())
+
+
+def run(tmp_path, plugins: dict, files, **kw):
+    d = tmp_path / "plugins"
+    d.mkdir(exist_ok=True)
+    for name, body in plugins.items():
+        (d / name).write_text(body.replace("@OUT@", str(tmp_path)))
+    out = str(tmp_path / "out")
+    summary = FastPath(RunConfig(plugins=[str(d)], files=[pcap(f) for f in files], out_dir=out, **kw)).run()
+    assert summary["plugin_problems"] == []
+    for p in summary["plugins"]:
+        assert p["hook_errors"] == {}, p
+    return summary, sqlite3.connect(os.path.join(out, "luaprobe.sqlite"))
+
+
+def lines(tmp_path, prefix):
+    out = []
+    for f in sorted(tmp_path.glob(prefix + "*")):
+        out += f.read_text().splitlines()
+    return out
+
+
+RECORDER = """
+local function rec(engine, what, s)
+  local f = io.open("@OUT@/%s-" .. engine:instanceid(), "a"); f:write(what, "\\t", s, "\\n"); f:close()
+end
+"""
+
+DNS_RES = RECORDER % "dns" + """
+TrisulPlugin = { id = { name = "dyndns-shaped" },
+  resource_monitor = {
+    resource_guid = '{D1E27FF0-6D66-4E57-BB91-99F76BB2143E}',
+    onnewresource = function(engine, resource)
+      rec(engine, "new", resource:uri() .. "|" .. resource:label() .. "|" .. resource:flow():id())
+    end,
+    flushfilter = function(engine, resource)
+      return not resource:label():find("216.197.242.244", 1, true)
+    end,
+    onflush = function(engine, resource)
+      rec(engine, "flush", resource:label())
+      resource:set_label(resource:label() .. " checked")
+    end,
+  },
+}
+"""
+
+DNS_FTS = RECORDER % "fts" + """
+TrisulPlugin = { id = { name = "cu-dns-extractor-shaped" },
+  fts_monitor = {
+    fts_guid = function() return T.ftsgroups['DNS'] end,
+    onnewfts = function(engine, fts)
+      local doc = fts:text()
+      if doc:match("^RESPONSE") then
+        local q = doc:match("Questions%s*%.([%.%w%-]*)%s*A%s*IN")
+        local ips = {}
+        for s in doc:gmatch("A%s*IN%s*([%d%.]+)") do ips[#ips + 1] = s end
+        rec(engine, "response", (q or "?") .. "=" .. table.concat(ips, ","))
+      else
+        rec(engine, "query", fts:key())
+      end
+    end,
+  },
+}
+"""
+
+
+def test_resource_and_fts_monitors_see_every_dns_item(tmp_path):
+    name = "dns-udp-a-aaaa-mx.pcap"
+    summary, db = run(tmp_path, {"dns_res.lua": DNS_RES, "dns_fts.lua": DNS_FTS}, [name])
+    nanswers = sum(int(x) for x in subprocess.run(
+        ["tshark", "-r", pcap(name), "-n", "-Y", "dns.flags.response == 1", "-T", "fields", "-e",
+         "dns.count.answers"], capture_output=True, text=True, check=True).stdout.split())
+    new = [x for x in lines(tmp_path, "dns-") if x.startswith("new")]
+    assert len(new) == nanswers == 18
+    assert len({x.split("-")[-1] for x in map(str, tmp_path.glob("dns-*"))}) == 2     # both instances worked
+    flushed = [x for x in lines(tmp_path, "dns-") if x.startswith("flush")]
+    assert len(flushed) == nanswers - 1
+    stored = [c for (c,) in db.execute("SELECT contents FROM resources")]
+    assert len(stored) == nanswers - 1 and all(c.endswith(" checked") for c in stored)
+    assert not any("216.197.242.244" in c for c in stored)
+    fts = lines(tmp_path, "fts-")
+    assert sum(x.startswith("response") for x in fts) == tshark_count(name, "dns.flags.response == 1")
+    assert sum(x.startswith("query") for x in fts) == tshark_count(name, "dns.flags.response == 0")
+    a = [x for x in fts if x.startswith("response\tgoogle.com=216.")][0]
+    assert len(a.split("=")[1].split(",")) == 12
+    assert db.execute("SELECT count(*) FROM fts").fetchone()[0] == tshark_count(name, "dns")
+    assert summary["monitors"]["resources_filtered"] == 1
+
+
+URLMON = RECORDER % "url" + """
+TrisulPlugin = { id = { name = "urlmon-shaped" },
+  resource_monitor = {
+    resource_guid = '{4EF9DEB9-4332-4867-A667-6A30C5900E9E}',
+    onnewresource = function(engine, resource)
+      local l, k, v = resource:uri():match("(%S+)%s(%S+)%s([^%?%s]+)")
+      local usec = resource:label():match("usec:(%d+)")
+      rec(engine, "url", l .. "/" .. k .. v .. " " .. (usec or "-"))
+    end,
+  },
+}
+"""
+
+CERTS = RECORDER % "cert" + """
+TrisulPlugin = { id = { name = "printcertchain-shaped" },
+  resource_monitor = {
+    resource_guid = function()
+      for name, guid in pairs(T.resourcegroups) do if name:match("SSL") then return guid end end
+    end,
+    onnewresource = function(engine, r)
+      local n = 0
+      for cert in r:label():gmatch("%-*BEGIN CERTIFICATE.-END CERTIFICATE%-*") do n = n + 1 end
+      rec(engine, "chain", n .. " " .. r:uri():match("SHA1:(%w+)"))
+    end,
+  },
+}
+"""
+
+SSL_FTS = RECORDER % "sslfts" + """
+TrisulPlugin = { id = { name = "detect_sha1-shaped" },
+  fts_monitor = {
+    fts_guid = '{9FEB8ADE-ADBB-49AD-BC68-C6A02F389C71}',
+    onnewfts = function(engine, fts)
+      local certchain = fts:text()
+      for m, n, o in certchain:gmatch("NAME:([%S% ]+)\\n.-Issuer: ([%S% ]+)\\n.-Signature Algorithm: (%S+)") do
+        rec(engine, "cert", o)
+      end
+      local _, _, ski = certchain:find("X509v3 Subject Key Identifier:%s*(%S+)")
+      rec(engine, "ski", ski or "-")
+      for uri in certchain:gmatch("OCSP %- URI:(%S+)") do rec(engine, "ocsp", uri) end
+    end,
+  },
+}
+"""
+
+
+def test_url_cert_monitors(tmp_path):
+    import hashlib
+    summary, db = run(tmp_path, {"urlmon.lua": URLMON, "certs.lua": CERTS, "sslfts.lua": SSL_FTS},
+                      ["mix-wikipedia-dns-http.pcap", "tls12-handshake.pcap"])
+    urls = lines(tmp_path, "url-")
+    assert len(urls) == tshark_count("mix-wikipedia-dns-http.pcap", "http.request") == 15
+    assert all(u.split(" ")[-1].isdigit() for u in urls)
+    chains = lines(tmp_path, "cert-")
+    certs = subprocess.run(["tshark", "-r", pcap("tls12-handshake.pcap"), "-n", "-Y", "tls.handshake.certificate",
+                            "-T", "fields", "-E", "occurrence=a", "-E", "aggregator=,", "-e",
+                            "tls.handshake.certificate"], capture_output=True, text=True, check=True).stdout.split()
+    chain = [bytes.fromhex(c.replace(":", "")) for c in certs[0].split(",")]
+    assert chains == [f"chain\t{len(chain)} {hashlib.sha1(chain[0]).hexdigest().upper()}"]
+    fts = lines(tmp_path, "sslfts-")
+    assert [x for x in fts if x.startswith("cert")] == ["cert\tsha1WithRSAEncryption"] * len(chain)
+    assert any(x.startswith("ocsp\thttp://ocsp.comodoca.com") for x in fts)
+    assert [x for x in fts if x.startswith("ski")] != ["ski\t-"]
+
+
+ALERTS = """
+TrisulPlugin = { id = { name = "alert-source" },
+  simplecounter = {
+    protocol_guid = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}",
+    onpacket = function(engine, layer)
+      local sport = layer:packet():find_layer("{14D7AB53-CC51-47e9-8814-9C06AAE60189}"):getbyte(1)
+      engine:add_alert("{B5F1DECB-51D5-4395-B71B-6FA730B772D9}", layer:packet():flowid(),
+                       sport == 53 and "DNSRESP" or "DNSQ", 3, "udp packet")
+    end,
+  },
+}
+"""
+
+ALERTMON = RECORDER % "alert" + """
+TrisulPlugin = { id = { name = "alert_filter-shaped" },
+  alert_monitor = {
+    alert_guid = '{B5F1DECB-51D5-4395-B71B-6FA730B772D9}',
+    onnewalert = function(engine, alert)
+      rec(engine, "new", alert:sigid() .. " " .. alert:priority() .. " " .. alert:flow():id())
+      if alert:sigid() == "DNSRESP" then alert:set_priority(1); alert:set_message("answer seen") end
+    end,
+    flushfilter = function(engine, alert) return alert:sigid() ~= "DNSQ" end,
+    onflush = function(engine, alert) rec(engine, "flush", alert:message()) end,
+  },
+}
+"""
+
+
+def test_alert_monitor_filters_and_rewrites(tmp_path):
+    name = "dns-udp-a-aaaa-mx.pcap"
+    summary, db = run(tmp_path, {"src.lua": ALERTS, "mon.lua": ALERTMON}, [name])
+    new = [x for x in lines(tmp_path, "alert-") if x.startswith("new")]
+    assert len(new) == tshark_count(name, "udp")
+    rows = db.execute("SELECT sigid, priority, message FROM alerts").fetchall()
+    assert collections.Counter(rows) == {("DNSRESP", 1, "answer seen"): tshark_count(name, "udp.srcport == 53")}
+
+
+CGMON = RECORDER % "cg" + """
+TrisulPlugin = { id = { name = "cgmon-shaped" },
+  cg_monitor = {
+    counter_guid = "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}",
+    onflushfilter = function(engine, ts, key, metrics) return key ~= "C0.A8.01.01" end,
+    onflush = function(engine, ts, key, metrics)
+      rec(engine, "flush", ts .. " " .. key .. " " .. metrics[1] .. " " .. metrics[4] .. " " .. T.monitor_group_name)
+    end,
+    onnewkey = function(engine, ts, key) rec(engine, "newkey", key) end,
+    onbegintopperflush = function(engine, ts, meter) return meter == 0 end,
+    ontopperflush = function(engine, key, metric) rec(engine, "top", key .. " " .. metric) end,
+  },
+}
+"""
+
+
+def test_cg_monitor_hosts_trisul16(tmp_path):
+    summary, db = run(tmp_path, {"cg.lua": CGMON}, ["trisul-16minutes.pcap"])
+    flush = [x.split("\t")[1].split(" ") for x in lines(tmp_path, "cg-") if x.startswith("flush")]
+    got = {(int(ts) - 60, k): (int(b), int(p)) for ts, k, b, p, _ in flush if k != "SYS:GROUP_TOTALS"}
+    stored = collections.defaultdict(dict)
+    for b, k, m, v in db.execute("SELECT bucket_ts, key, meter, value FROM counters WHERE group_guid = ?",
+                                 ("{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}",)):
+        stored[(b, k)][m] = v
+    assert got == {bk: (v[0], v[3]) for bk, v in stored.items()}       # metrics[1] = meter 0
+    assert all(x[4] == "Hosts" for x in flush)
+    assert not any(k == "C0.A8.01.01" for _, k in stored) and summary["monitors"]["counter_keys_filtered"] > 0
+    newkeys = [x for x in lines(tmp_path, "cg-") if x.startswith("newkey")]
+    endpoints = subprocess.run(["tshark", "-r", pcap("trisul-16minutes.pcap"), "-n", "-q", "-z", "endpoints,ip"],
+                               capture_output=True, text=True, check=True).stdout
+    nhosts = sum(1 for ln in endpoints.splitlines() if ln.split() and ln.split()[0].count(".") == 3)
+    assert len(newkeys) == len(set(newkeys)) == nhosts
+    totals = [x for x in flush if x[1] == "SYS:GROUP_TOTALS"]
+    assert totals and json.dumps(totals[0][4]) == '"Hosts"'
+    assert any(x.startswith("top") for x in lines(tmp_path, "cg-"))
