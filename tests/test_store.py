@@ -54,6 +54,8 @@ def sample(path):
                    (1_700_000_003, 0, URL_RES, None, "GET /x", b"utf8 \xc3\xa9", "urls.lua")],
         flows=[("06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016", 6, "C0.A8.01.02", 2964, "D1.D8.F9.3A", 22,
                 1_700_000_000.5, 1_700_000_010.25, 10, 8, 1000, 800, "CLOSED", "ssh")],
+        fts=[(1_700_000_004, 7, "{28217924-e7a5-4523-993c-44b52758d5a8}", "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0050",
+              "GET / HTTP/1.1\r\nHost: example.com", "luaprobe")],
         run=[("pcap", json.dumps("x.pcap")), ("stats", json.dumps({"packets": 18}))],
         decl_groups=[("alert", "{aaaaaaaa-1111-2222-3333-444444444444}", "My Alerts", "mine")],
         edges=[(1_700_000_004, "{aaaaaaaa-1111-2222-3333-444444444444}", "ja3", HOSTS.lower(), "C0.A8.01.02",
@@ -67,7 +69,7 @@ def test_round_trip_every_kind(dbfile):
     report = sample(dbfile)
     assert report["errors"] == [] and report["returncode"] == 0
     assert report["rows"] == {"counter_groups": 1, "counters": 3, "key_info": 1, "alerts": 1, "resources": 2,
-                              "flows": 1, "run": 2, "decl_groups": 1, "edges": 1, "flow_toppers": 1}
+                              "fts": 1, "flows": 1, "run": 2, "decl_groups": 1, "edges": 1, "flow_toppers": 1}
     with Store(dbfile) as s:
         assert s.decl_groups() == [{"kind": "alert", "guid": "{AAAAAAAA-1111-2222-3333-444444444444}",
                                     "name": "My Alerts", "description": "mine"}]
@@ -107,6 +109,9 @@ def test_round_trip_every_kind(dbfile):
                      "last_ts": 1_700_000_010.25, "packets_az": 10, "packets_za": 8, "bytes_az": 1000,
                      "bytes_za": 800, "state": "CLOSED", "tags": "ssh"}
         assert s.run_info() == {"pcap": "x.pcap", "stats": {"packets": 18}}
+        (d,) = s.fts(guid="HTTP Headers")
+        assert (d["fts_guid"], d["text"], d["ts_usec"]) == ("{28217924-E7A5-4523-993C-44B52758D5A8}",
+                                                            "GET / HTTP/1.1\r\nHost: example.com", 7)
 
 
 def test_database_is_wal_with_documented_tables(dbfile):
@@ -417,7 +422,7 @@ def test_query_counters_text(tmp_path, dbfile):
 
 def test_query_json_every_kind(tmp_path, dbfile):
     sample(dbfile)
-    expect = {"alerts": 1, "resources": 2, "counters": 3, "flows": 1, "keyinfo": 1, "groups": 1, "run": 2}
+    expect = {"alerts": 1, "resources": 2, "fts": 1, "counters": 3, "flows": 1, "keyinfo": 1, "groups": 1, "run": 2}
     for what, n in expect.items():
         rc, out, err = run_query(what, "--db", dbfile, "--json")
         assert rc == 0, err

@@ -72,9 +72,11 @@ class Monitors:
     # ------------------------------------------------------------------ loading
     @staticmethod
     def prepare_vm(vm) -> None:
-        """T.resourcegroups / T.ftsgroups / T.alertgroups name the built-in groups (scripts resolve GUIDs
-        through them, e.g. ``T.ftsgroups['SSL Certs']``)."""
-        vm.lua.eval("function(r, f, a) T.resourcegroups = r; T.ftsgroups = f; T.alertgroups = a end")(
+        """T.resourcegroups / T.ftsgroups / T.alertgroups also name the built-in groups (scripts resolve GUIDs
+        through them, e.g. ``T.ftsgroups['SSL Certs']``); names already there (declared groups) are kept."""
+        vm.lua.eval("function(r, f, a) local function merge(name, t) local g = T[name] or {}; T[name] = g "
+                    "for k, v in pairs(t) do if g[k] == nil then g[k] = v end end end "
+                    "merge('resourcegroups', r); merge('ftsgroups', f); merge('alertgroups', a) end")(
             _lua_groups(vm.lua, RESOURCE_GROUPS), _lua_groups(vm.lua, FTS_GROUPS), _lua_groups(vm.lua, ALERT_GROUPS))
 
     @staticmethod
