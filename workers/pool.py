@@ -69,6 +69,9 @@ class AsyncConfig:
     check_interval: float = 0.01        #: how often the pool looks at its processes
     worker_spin_us: float = 1500.0      #: a worker polls this long after a task before it sleeps (0 = sleep at once)
     file_roots: list = dataclasses.field(default_factory=list)   #: file helpers confined beneath these (docs/async.md)
+    backend: str = "local"              #: "local" worker processes, or "ray" actors (workers/raybridge.py)
+    ray_address: str | None = None      #: an existing Ray cluster ("host:port"); None: a local one for the run
+    ray_actor_cpus: float = 1.0         #: CPUs Ray reserves per actor (I/O-bound tasks: a fraction)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -86,6 +89,10 @@ class AsyncConfig:
             if "\0" in r or not os.path.isdir(r):
                 raise ValueError(f"file root {r!r}: not a directory")
         self.file_roots = [os.path.abspath(r) for r in self.file_roots]
+        if self.backend not in ("local", "ray"):
+            raise ValueError(f"backend {self.backend!r}: must be \"local\" or \"ray\"")
+        if self.ray_actor_cpus < 0:
+            raise ValueError(f"ray_actor_cpus {self.ray_actor_cpus}: must be >= 0")
 
 
 @dataclasses.dataclass
@@ -141,7 +148,7 @@ class WorkerPool:
     """
 
     def __init__(self, lua, async_obj, *, nworkers: int, script: str, lua_path=(),
-                 bell: segment.Segment | None, config: AsyncConfig):
+                 bell: segment.Segment | None, config: AsyncConfig, remote: bool = False):
         self.lua = lua
         self.async_obj = async_obj
         self.nworkers = nworkers
@@ -149,6 +156,7 @@ class WorkerPool:
         self.lua_path = list(lua_path)
         self.bell = bell
         self.config = config
+        self.remote = remote and config.backend == "ray"   #: slots run bridges to Ray actors
         self.slots: list[Slot] = []
         self._last_check = 0.0
         self._last_rss = 0.0
@@ -178,7 +186,8 @@ class WorkerPool:
         return self
 
     def _spawn(self, slot: Slot) -> None:
-        cmd = [sys.executable, "-m", "luaprobe.workers.worker", "--channel", slot.channel.name,
+        module = "luaprobe.workers.raybridge" if self.remote else "luaprobe.workers.worker"
+        cmd = [sys.executable, "-m", module, "--channel", slot.channel.name,
                "--req-capacity", str(self.config.ring_size), "--slot", str(slot.k),
                "--ppid", str(os.getpid()), "--max-tasks", str(self.config.max_tasks),
                "--max-rss-mb", str(self.config.max_rss_mb),
@@ -191,6 +200,10 @@ class WorkerPool:
             cmd += ["--lua-path", d]
         for d in self.config.file_roots:
             cmd += ["--file-root", d]
+        if self.remote:
+            cmd += ["--ray-actor-cpus", str(self.config.ray_actor_cpus)]
+            if self.config.ray_address:
+                cmd += ["--ray-address", self.config.ray_address]
         buf = slot.channel.buf
         lay = self.layout
         for off in (lay.pid, lay.cur_task, lay.cur_start_ns, lay.tasks_done):

@@ -61,8 +61,34 @@ local function restore_upvalues(fn, blob)
   for i = 1, n do debug.setupvalue(fn, i, values[i]) end
 end
 
+--- Run onexecute functions outside the loop (a Ray actor: workers/raybridge.py).
+--- e:define(fid, bytecode, name); e:run(fid, data, aux) -> status, payload.
+function M.executor()
+  local e = { funcs = {}, names = {} }
+  function e.define(self, fid, bytecode, name) define(self.funcs, self.names, fid, bytecode, name) end
+  function e.run(self, fid, data, aux)
+    local fn = self.funcs[fid]
+    if fn == nil then return P.ERROR, "worker has no function #" .. fid end
+    if #aux > 0 then
+      local ok, err = pcall(restore_upvalues, fn, aux)
+      if not ok then return P.ERROR, err end
+    end
+    local ok, out = xpcall(fn, traceback, data)
+    if not ok then return P.ERROR, out end
+    local t = type(out)
+    if t == "string" then return P.OK, out end
+    if t == "nil" then return P.NIL, nil end
+    if t == "number" then return P.OK, tostring(out) end
+    return P.ERROR, ("onexecute (%s) returned a %s; expected a string or nil"):format(self.names[fid], t)
+  end
+  return e
+end
+
 --- Serve requests until asked to exit, the task budget is spent, or the
 --- parent dies.  Returns the reason ("exit", "recycle", "orphan").
+--- opts.remote (workers/raybridge.py): a function(op, fid, data, aux) that
+--- takes DEFINE ("define") and EXEC ("exec": returns a status byte followed
+--- by the payload) off the loop; file helpers always run here.
 function M.serve(opts)
   local stop_profile = require("luaprobe.engine.plugins.jitprof").start("worker-" .. tostring(opts.slot or 0))
   local reason = M.loop(opts)
@@ -79,7 +105,8 @@ function M.loop(opts)
   if opts.bell then ret.data_bell = cast("uint32_t *", opts.bell) end
   local ppid, max_tasks = opts.ppid, opts.max_tasks or 0
   local max_rss = opts.max_rss or 0          -- bytes; checked after every task (0 = no cap)
-  local funcs, names = {}, {}
+  local ex = M.executor()
+  local remote = opts.remote
   local cur_task_p, cur_start_p = cast("double *", ctl) + 2, cast("double *", ctl) + 3
   local done_p, exit_p = cast("double *", ctl) + 4, cast("uint32_t *", ctl) + 10
   local done, unreleased = 0, 0
@@ -104,19 +131,12 @@ function M.loop(opts)
   end
 
   local function execute(id, fid, data, aux)
-    local fn = funcs[fid]
-    if fn == nil then return push_result(id, P.ERROR, "worker has no function #" .. fid) end
-    if #aux > 0 then
-      local ok, err = pcall(restore_upvalues, fn, aux)
-      if not ok then return push_result(id, P.ERROR, err) end
+    if remote then
+      local r = remote("exec", fid, data, aux)
+      local payload = #r > 1 and r:sub(2) or nil
+      return push_result(id, r:byte(1), payload)
     end
-    local ok, out = xpcall(fn, traceback, data)
-    if not ok then return push_result(id, P.ERROR, out) end
-    local t = type(out)
-    if t == "string" then return push_result(id, P.OK, out) end
-    if t == "nil" then return push_result(id, P.NIL) end
-    if t == "number" then return push_result(id, P.OK, tostring(out)) end
-    return push_result(id, P.ERROR, ("onexecute (%s) returned a %s; expected a string or nil"):format(names[fid], t))
+    return push_result(id, ex:run(fid, data, aux))
   end
 
   -- after a task, keep polling for spin_ns before sleeping on the doorbell:
@@ -142,7 +162,7 @@ function M.loop(opts)
       req:advance(n)
       unreleased = unreleased + 1
       if kind == P.DEFINE then
-        define(funcs, names, fid, data, aux)
+        if remote then remote("define", fid, data, aux) else ex:define(fid, data, aux) end
       else
         C.lp_store_d(cur_start_p, C.lp_now_ns())
         C.lp_store_d(cur_task_p, id)             -- after cur_start: the monitor reads task, then start

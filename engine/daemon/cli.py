@@ -51,7 +51,8 @@ def _async_config(args):
     cfg = AsyncConfig(workers=args.workers, overflow_limit=args.overflow_limit, task_timeout=args.task_timeout,
                       max_tasks=args.worker_max_tasks, max_rss_mb=args.worker_max_rss_mb, ring_size=args.ring_size,
                       drain_deadline=args.drain_deadline, worker_spin_us=args.worker_spin_us,
-                      file_roots=args.file_root)
+                      file_roots=args.file_root, backend=args.async_backend, ray_address=args.ray_address,
+                      ray_actor_cpus=args.ray_actor_cpus)
     cfg.validate()
     return cfg
 
@@ -375,6 +376,10 @@ def _run_options(p) -> None:
                    help="recycle a worker above this RSS in MiB (0 = never)")
     p.add_argument("--worker-spin-us", type=float_in(0, 1e6), default=1500.0,
                    help="worker polling window after a task, microseconds (0..1000000)")
+    p.add_argument("--async-backend", choices=("local", "ray"), default="local",
+                   help="where schedule tasks run: local worker processes, or Ray actors (docs/async.md)")
+    p.add_argument("--ray-address", help="Ray cluster address (host:port); default: ray.init() for the run")
+    p.add_argument("--ray-actor-cpus", type=float_in(0), default=1.0, help="CPUs Ray reserves per actor (>= 0)")
     p.add_argument("--ring-size", type=power_of_two(4096, 1 << 30), default=4 << 20,
                    help="bytes per async ring (a power of two, 4096..1 GiB)")
     p.add_argument("--drain-deadline", type=float_in(0), default=10.0,

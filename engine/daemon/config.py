@@ -30,7 +30,9 @@ SCHEMA: dict = {
               "task_timeout": (_NUM, 60.0, (0.001, 86400)), "drain_deadline": (_NUM, 10.0, (0, 3600)),
               "max_tasks": (int, 0, (0, 1 << 40)), "max_rss_mb": (_NUM, 0.0, (0, 1 << 20)),
               "file_roots": ("paths", [], None), "ring_size": (int, 4 << 20, (4096, 1 << 30)),
-              "worker_spin_us": (_NUM, 1500.0, (0, 1_000_000))},
+              "worker_spin_us": (_NUM, 1500.0, (0, 1_000_000)),
+              "backend": (str, "local", ("local", "ray")), "ray_address": (str, "", None),
+              "ray_actor_cpus": (_NUM, 1.0, (0, 1024))},
     **{"fastpath": {}, "filex": {}},
     "supervise": {"restart_backoff_initial": (_NUM, 0.5, (0.01, 3600)),
                   "restart_backoff_max": (_NUM, 30.0, (0.01, 86400)),
@@ -74,7 +76,9 @@ class Config:
         acfg = AsyncConfig(workers=a["workers"], overflow_limit=a["overflow_limit"],
                            task_timeout=float(a["task_timeout"]), drain_deadline=float(a["drain_deadline"]),
                            max_tasks=a["max_tasks"], max_rss_mb=float(a["max_rss_mb"]), file_roots=a["file_roots"],
-                           ring_size=a["ring_size"], worker_spin_us=float(a["worker_spin_us"]))
+                           ring_size=a["ring_size"], worker_spin_us=float(a["worker_spin_us"]),
+                           backend=a["backend"], ray_address=a["ray_address"] or None,
+                           ray_actor_cpus=float(a["ray_actor_cpus"]))
         kw = dict(plugins=p["paths"], files=s["pcap"] or [], out_dir=self["run"]["out_dir"], lua_path=p["lua_path"],
                   async_config=acfg, backend_instances=p["backend_instances"], stats_file=stats_file,
                   heartbeat_file=heartbeat_file,

@@ -28,6 +28,9 @@ class AsyncRuntime:
         self.lua_path = list(lua_path)
         segment.sweep()
         self.bell = segment.attach(bell_name) if bell_name else segment.create("bell", BELL_SIZE)
+        self.ray_local = False
+        if self.config.backend == "ray" and not self.config.ray_address:
+            self._start_local_ray()
         self.vms: list[PluginVM] = []
         self.closed = False
         self.abort = None               #: callable -> True when a hard stop was asked (checked while draining)
@@ -143,6 +146,18 @@ class AsyncRuntime:
                 vm.unloaded = True
                 vm.call(None, "onunload")
 
+    def _start_local_ray(self) -> None:
+        """backend "ray" without an address: a local Ray instance for this run (this process is its
+        driver; the bridges connect to it; stopped by close())."""
+        try:
+            import ray
+        except ImportError:
+            raise ValueError('async backend "ray" needs the ray package (pip install \'luaprobe[ray]\')') from None
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=False,
+                 namespace="luaprobe")
+        self.config.ray_address = ray.get_runtime_context().gcs_address
+        self.ray_local = True
+
     def close(self) -> None:
         """Stop every worker and unlink every segment (no drain)."""
         if self.closed:
@@ -151,6 +166,10 @@ class AsyncRuntime:
         for vm in self.vms:
             vm.close()
         self.bell.close()
+        if self.ray_local:
+            import ray
+            ray.shutdown()
+            self.config.ray_address = None
 
     def __enter__(self):
         return self

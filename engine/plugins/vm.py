@@ -59,8 +59,10 @@ class PluginVM:
     def start_workers(self) -> None:
         """Start this VM's worker pool (called at load, or on the first task when lazy)."""
         if self.pool is None:
+            remote = self.lua.eval("function(h) return h.plugin.async_remote ~= false end")(self.host)
             self.pool = WorkerPool(self.lua, self.async_obj, nworkers=self.nworkers, script=self.path,
-                                   lua_path=self.lua_path, bell=self._bell, config=self.config).start()
+                                   lua_path=self.lua_path, bell=self._bell, config=self.config,
+                                   remote=bool(remote)).start()
 
     def _groups_table(self, groups):
         """{GUID: {bucketsize, vartypes}} as a Lua table for the engine object."""
