@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-
-from luaprobe.shm.exits import EXIT_RECYCLE, die_with_parent
 
 OK, NIL, ERROR = 1, 2, 3          # workers/protocol.lua result statuses
 
@@ -90,42 +87,21 @@ class Bridge:
             return bytes([ERROR]) + f"worker died (ray actor lost: {type(e).__name__}: {first[:200]})".encode()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from luaprobe.workers.worker import parse_args as worker_args
-    extra = [a for a in (argv if argv is not None else sys.argv[1:])]
+def main(argv=None) -> int:
+    """The local worker's main (workers/worker.py) with DEFINE / EXEC handed to the slot's actor."""
     p = argparse.ArgumentParser(prog="luaprobe-raybridge", add_help=False)
     p.add_argument("--ray-address", default=None)
     p.add_argument("--ray-actor-cpus", type=float, default=1.0)
-    ours, rest = p.parse_known_args(extra)
-    args = worker_args(rest)
-    args.ray_address, args.ray_actor_cpus = ours.ray_address, ours.ray_actor_cpus
-    return args
+    ours, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
 
-
-def main(argv=None) -> int:
-    """Run the slot's worker loop with EXEC / DEFINE on the actor, until told to exit or orphaned."""
-    args = parse_args(argv)
-    die_with_parent(args.ppid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from luaprobe.shm import logs, segment
-    from luaprobe.shm.luajit import table
-    from luaprobe.workers.worker import build_vm
-    import ray
-    logs.setup()
-    ray.init(address=args.ray_address, namespace="luaprobe", log_to_driver=False, logging_level="ERROR",
-             configure_logging=False)
-    channel = segment.attach(args.channel)
-    bell = segment.attach(args.bell) if args.bell else None
-    lua = build_vm(args.script, args.lua_path, args.slot)
-    bridge = Bridge(args)
-    serve = lua.eval("function(o) return require('luaprobe.workers.worker').serve(o) end")
-    reason = serve(table(lua, {
-        "channel": channel.address, "bell": bell.address if bell else None, "req_capacity": args.req_capacity,
-        "ppid": args.ppid, "max_tasks": args.max_tasks, "slot": args.slot, "spin_ns": args.spin_us * 1e3,
-        "remote": bridge.call,
-    }))
-    sys.stdout.flush()
-    return EXIT_RECYCLE if reason == b"recycle" else 0
+    def remote(args):
+        import ray
+        ray.init(address=ours.ray_address, namespace="luaprobe", log_to_driver=False, logging_level="ERROR",
+                 configure_logging=False)
+        args.ray_actor_cpus = ours.ray_actor_cpus
+        return Bridge(args).call
+    from luaprobe.workers.worker import main as worker_main
+    return worker_main(rest, remote=remote)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def build_vm(script: str, lua_path, slot: int):
     return lua
 
 
-def main(argv=None) -> int:
-    """Run the worker until told to exit, recycled, or orphaned."""
+def main(argv=None, remote=None) -> int:
+    """Run the worker until told to exit, recycled, or orphaned.  ``remote(args)`` (the Ray bridge,
+    workers/raybridge.py) returns the function worker.lua hands DEFINE and EXEC requests to."""
     args = parse_args(argv)
     die_with_parent(args.ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
         "slot": args.slot,
         "spin_ns": args.spin_us * 1e3,
         "file_roots": lua.table_from([r.encode() for r in args.file_root]),
+        "remote": remote(args) if remote else None,
     }))
     sys.stdout.flush()
     return EXIT_RECYCLE if reason == b"recycle" else 0
