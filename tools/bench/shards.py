@@ -79,7 +79,7 @@ def main() -> int:
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-shards-")
     spec = os.path.join(tmp, "traffic.pcap")
-    subprocess.run([sys.executable, "-m", "engine.cli", "gen", "--out", spec, "--packets", str(args.packets),
+    subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "gen", "--out", spec, "--packets", str(args.packets),
                     "--flows", "2000", "--mix", "tcp=60,udp=40", "--seed", "7"], cwd=REPO, check=True,
                    capture_output=True)
     heavy, light = os.path.join(tmp, "heavy"), os.path.join(tmp, "light")
