@@ -311,11 +311,12 @@ def test_daemon_shards_stats_prometheus_and_shard_restart(tmp_path):
         r = sv_cli("start", "--config", path)
         assert r.returncode == 0, r.stderr
         d.pids.add(int(r.stdout.split("supervisor pid ")[1].split()[0].rstrip(",;)")))
-        snap = d.wait_packets(2000)
+        # this capture's hosts use both shards (a busy machine may start one shard seconds after the other)
+        snap = wait_for(lambda: (s := d.stats()).get("packets", 0) >= 2000 and len(s.get("shards", [])) == 2
+                        and min(x["packets"] for x in s["shards"]) > 0 and s, 60, 0.1)
         assert [s["shard"] for s in snap["shards"]] == [0, 1]
         assert sum(s["packets"] for s in snap["shards"]) == snap["packets"]
         assert sum(s["flows"] for s in snap["shards"]) == snap["flows"]
-        assert min(s["packets"] for s in snap["shards"]) > 0           # this capture's hosts use both shards
 
         m = metrics.scrape(port)              # one scrape reads one merged snapshot: totals = sum of shards
         assert m['luaprobe_shard_packets_total{shard="0"}'] + m['luaprobe_shard_packets_total{shard="1"}'] \

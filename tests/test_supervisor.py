@@ -165,7 +165,7 @@ def _raw(**over):
      "f.toml: unknown section [asynk] (valid: [run], [source], [plugins], [async], [fastpath], [filex], [supervise], [stats], [log])"),
     (_raw(**{"async": {"wrkers": 2}}),
      "f.toml: [async] unknown key 'wrkers' (valid: workers, overflow_limit, task_timeout, drain_deadline, "
-     "max_tasks, max_rss_mb, file_roots, ring_size, worker_spin_us)"),
+     "max_tasks, max_rss_mb, file_roots, ring_size, worker_spin_us, backend, ray_address, ray_actor_cpus)"),
     (_raw(**{"async": {"workers": "2"}}), 'f.toml: [async] workers = "2": must be an integer between 1 and 256'),
     (_raw(**{"async": {"workers": 0}}), "f.toml: [async] workers = 0: must be an integer between 1 and 256"),
     (_raw(supervise={"stop_deadline": 0.5}), "f.toml: [supervise] stop_deadline = 0.5: must be a number between 1 "
