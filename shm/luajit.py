@@ -82,9 +82,10 @@ class AhoCorasick:
 
 
 @functools.cache
-def _lpre2_path() -> bytes | None:
-    """Path of the RE2 shim (engine/plugins/_lpre2.cc), or None when luaprobe was built without RE2."""
-    spec = importlib.util.find_spec("luaprobe.engine.plugins._lpre2")
+def _native_path(module: str) -> bytes | None:
+    """Path of a compiled helper library named by its module (e.g. luaprobe.engine.plugins._lpre2), or None when
+    it was not built (RE2 is optional)."""
+    spec = importlib.util.find_spec(module)
     return spec.origin.encode() if spec is not None and spec.origin else None
 
 
@@ -108,12 +109,12 @@ def new_runtime(search_dirs=(), encoding: str | None = None) -> luajit21.LuaRunt
     """
     lua = luajit21.LuaRuntime(unpack_returned_tuples=True, register_eval=False, encoding=encoding)
     setup = lua.eval(
-        "function(path, cpath, lpsync, lpre2, ac) package.path = path .. ';' .. package.path;"
+        "function(path, cpath, lpsync, lpre2, ac, lpwatch) package.path = path .. ';' .. package.path;"
         " package.cpath = cpath .. ';' .. package.cpath;"
-        " package.loaded['luaprobe.config'] = {lpsync = lpsync, lpre2 = lpre2, ac = ac} end"
+        " package.loaded['luaprobe.config'] = {lpsync = lpsync, lpre2 = lpre2, ac = ac, lpwatch = lpwatch} end"
     )
-    setup(lua_path(search_dirs).encode(), lua_cpath(search_dirs).encode(), lpsync_path().encode(), _lpre2_path(),
-          AhoCorasick)
+    setup(lua_path(search_dirs).encode(), lua_cpath(search_dirs).encode(), lpsync_path().encode(),
+          _native_path("luaprobe.engine.plugins._lpre2"), AhoCorasick, _native_path("luaprobe.engine.plugins._lpwatch"))
     lua.execute(_LOADER, table(lua, package_dirs()))
     return lua
 

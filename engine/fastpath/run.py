@@ -94,6 +94,7 @@ class RunConfig:
     shard: dict | None = None         #: in a shard process (set by engine/fastpath/shards.py): index, count, ring,
                                       #: bell, summary_file, coordinator (pid); None in a single fast path
     on_loaded: object = None          #: callable(problems: list[str]) once the plug-ins are loaded (the daemon)
+    hook_budget: float = 10.0         #: s a hook may run before it is interrupted (0 = off; docs/operations.md)
     analysers: str = ""               #: built-in analysers to run and store: "all", "none" or "counters,dns,http,tls"
 
 
@@ -321,6 +322,8 @@ class FastPath:
             self.plugin_problems.append(str(e))
             return
         inst = Instance(vm, kind, pipeline)
+        vm.lua.eval("function(h, s, l) h:set_budget(s, l) end")(
+            vm.host, float(self.cfg.hook_budget), f"{os.path.basename(path)} [{kind}#{instance}]".encode())
         if kind in MONITOR_TYPES:
             Monitors.prepare_vm(vm)
             if kind == "cg_monitor":
@@ -337,13 +340,13 @@ class FastPath:
                 self.plugin_problems.append(f"{path}: {_text(problem)}")
                 rt.unload(vm)
                 return
-            inst.run_batch = vm.lua.eval(f"function(h, a, n) return h:{walk}(a, n) end")
+            inst.run_batch = vm.lua.eval(f"function(h, a, n) return h:guard('{walk}', a, n) end")
         elif kind == "filex_monitor":
             opts = {b"dir": self._filex_dir().encode(), b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
                     b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"idle_timeout": self.cfg.idle_timeout,
                     b"max_header": int(self.cfg.http_max_header)}
             vm.lua.eval("function(h, o) return h:setup_filex(o) end")(vm.host, vm.lua.table_from(opts))
-            inst.run_batch = vm.lua.eval("function(h, a, n) return h:run_filex_batch(a, n) end")
+            inst.run_batch = vm.lua.eval("function(h, a, n) return h:guard('run_filex_batch', a, n) end")
         elif kind == "reassembly_handler":
             problem = self.stage.add(vm)
             if problem is not None:

@@ -81,7 +81,10 @@ function Host:call(sub, name, ...)
   if type(fn) ~= "function" then return true, nil end
   local key = sub and (sub .. "." .. name) or name
   self.hook_calls[key] = (self.hook_calls[key] or 0) + 1
+  local wd = self.watchdog
+  if wd then wd.arm(self.budget, self.budget_msg) end
   local ok, res = xpcall(fn, traceback, ...)
+  if wd then self:count_budget(wd.disarm()) end
   if not ok then
     self.hook_errors[key] = (self.hook_errors[key] or 0) + 1
     self.errors:report(key .. " error", res)
@@ -229,6 +232,31 @@ function Host:run_batch(addr, n)
   hc["simplecounter.onpacket"] = (hc["simplecounter.onpacket"] or 0) + calls
   if errors > 0 then he["simplecounter.onpacket"] = (he["simplecounter.onpacket"] or 0) + errors end
   return calls
+end
+
+--- The hook budget (engine/plugins/watchdog.lua): every hook of this instance that runs longer than `seconds`
+--- is interrupted with a Lua error naming `label` (plug-in and instance), the hook and the budget; 0 turns it off.
+function Host:set_budget(seconds, label)
+  local wd = seconds > 0 and require("luaprobe.engine.plugins.watchdog") or nil
+  self.watchdog = type(wd) == "table" and wd or nil
+  self.budget = seconds
+  self.budget_msg = ("%s: hook interrupted: it ran longer than the hook budget of %g s (--hook-budget)")
+                    :format(label, seconds)
+end
+
+function Host:count_budget(fired)
+  if fired > 0 then self.hook_errors.hook_budget = (self.hook_errors.hook_budget or 0) + fired end
+end
+
+--- self[method](self, ...) under the hook budget: the per-batch walkers' entry point from the fast path.
+function Host:guard(method, ...)
+  local wd = self.watchdog
+  if not wd then return self[method](self, ...) end
+  wd.arm(self.budget, self.budget_msg)
+  local ok, r = pcall(self[method], self, ...)
+  self:count_budget(wd.disarm())
+  if not ok then error(r, 0) end
+  return r
 end
 
 --- Add one batch's calls and errors of hook `name` to the instance's counters (hook_calls / hook_errors).

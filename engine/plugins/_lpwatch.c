@@ -1,0 +1,107 @@
+/*
+ * _lpwatch: the hook watchdog of a plug-in VM (issue 13.3).  A Lua C module (loaded with package.loadlib from
+ * engine/plugins/watchdog.lua; the Lua C API resolves against the process's LuaJIT, see shm/luajit.py):
+ *
+ *   wd.arm(seconds, message)   start the budget for the Lua code that runs next in this VM
+ *   wd.disarm() -> fired       stop it; returns how many times it fired since the last disarm
+ *
+ * When the budget runs out, SIGALRM's handler sets a count hook on the armed lua_State (lua_sethook is
+ * async-signal-safe, Lua 5.1 manual section 3.8); at the next instruction the interpreter executes, the hook
+ * re-arms the budget and raises `message` as a Lua error, which the hook's own xpcall reports and counts.  Code
+ * running inside a LuaJIT trace never reaches the hook: a compiled endless loop is left to the daemon's
+ * heartbeat watchdog (docs/operations.md).  One fast-path thread runs one VM at a time, so one armed state is
+ * enough; the timer is ITIMER_REAL with its own SIGALRM handler (SA_RESTART).
+ */
+#include <Python.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/time.h>
+
+typedef struct lua_State lua_State;
+typedef struct lua_Debug lua_Debug;
+typedef void (*lua_Hook)(lua_State *L, lua_Debug *ar);
+typedef int (*lua_CFunction)(lua_State *L);
+extern int lua_sethook(lua_State *L, lua_Hook f, int mask, int count);
+extern int luaL_error(lua_State *L, const char *fmt, ...);
+extern double lua_tonumber(lua_State *L, int idx);
+extern const char *lua_tolstring(lua_State *L, int idx, size_t *len);
+extern void lua_pushnumber(lua_State *L, double n);
+extern void lua_createtable(lua_State *L, int narr, int nrec);
+extern void lua_pushcclosure(lua_State *L, lua_CFunction fn, int n);
+extern void lua_setfield(lua_State *L, int idx, const char *k);
+
+#define LUA_MASKCALL 1
+#define LUA_MASKRET 2
+#define LUA_MASKCOUNT 8
+
+static lua_State *volatile armed_L = NULL;
+static volatile sig_atomic_t fired = 0;
+static double budget = 0;
+static char message[512];
+static int installed = 0;
+
+static void set_timer(double s) {
+  struct itimerval it;
+  memset(&it, 0, sizeof it);
+  it.it_value.tv_sec = (time_t)s;
+  it.it_value.tv_usec = (suseconds_t)((s - (double)(time_t)s) * 1e6);
+  if (s > 0 && it.it_value.tv_sec == 0 && it.it_value.tv_usec == 0) it.it_value.tv_usec = 1;
+  setitimer(ITIMER_REAL, &it, NULL);
+}
+
+static void budget_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  lua_sethook(L, NULL, 0, 0);
+  fired++;
+  set_timer(budget);                 /* the rest of the batch keeps a budget */
+  luaL_error(L, "%s", message);
+}
+
+static void on_alarm(int sig) {
+  (void)sig;
+  lua_State *L = armed_L;
+  if (L != NULL) lua_sethook(L, budget_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+}
+
+static int wd_arm(lua_State *L) {
+  if (!installed) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_alarm;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, NULL);
+    installed = 1;
+  }
+  budget = lua_tonumber(L, 1);
+  const char *m = lua_tolstring(L, 2, NULL);
+  snprintf(message, sizeof message, "%s", m ? m : "hook budget exceeded");
+  fired = 0;
+  armed_L = L;
+  set_timer(budget);
+  return 0;
+}
+
+static int wd_disarm(lua_State *L) {
+  set_timer(0);
+  armed_L = NULL;
+  lua_sethook(L, NULL, 0, 0);        /* a hook set after the code returned must not fire later */
+  lua_pushnumber(L, (double)fired);
+  fired = 0;
+  return 1;
+}
+
+int luaopen_lpwatch(lua_State *L) {
+  lua_createtable(L, 0, 2);
+  lua_pushcclosure(L, wd_arm, 0);
+  lua_setfield(L, -2, "arm");
+  lua_pushcclosure(L, wd_disarm, 0);
+  lua_setfield(L, -2, "disarm");
+  return 1;
+}
+
+static struct PyModuleDef lpwatch_module = {
+  PyModuleDef_HEAD_INIT, "_lpwatch", "Hook watchdog for LuaJIT plug-in VMs (a Lua C module).", -1,
+  NULL, NULL, NULL, NULL, NULL
+};
+PyMODINIT_FUNC PyInit__lpwatch(void) { return PyModule_Create(&lpwatch_module); }

@@ -1,0 +1,15 @@
+--[[
+luaprobe.engine.plugins.watchdog — the hook budget of a plug-in VM (issue 13.3; docs/operations.md).
+
+    local wd = require("luaprobe.engine.plugins.watchdog")
+    wd.arm(seconds, message); ...plug-in code...; local fired = wd.disarm()
+
+A hook still running `seconds` after arm() is interrupted with a Lua error carrying `message` at the next
+instruction the interpreter runs (engine/plugins/_lpwatch.c): the hook's xpcall counts and logs it and the run goes
+on.  Code compiled into a LuaJIT trace is not interruptible; the daemon's heartbeat covers that case.
+]]
+local config = require("luaprobe.config")
+if not config.lpwatch then return nil end
+local open = package.loadlib(config.lpwatch, "luaopen_lpwatch")
+if not open then return nil end
+return open()

@@ -1,0 +1,71 @@
+"""The hook budget (issue 13.3): a hook stuck in a loop is interrupted with a Lua error naming the plug-in, the
+hook and the budget, counted, and the run goes on.  Truth for "goes on": tshark's TCP packet count."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+from tests import helpers
+
+SAMPLE = os.path.join(helpers.REPO, "engine", "examples", "sample.pcap")
+GUID = "{1D2C3B4A-5E6F-4A7B-8C9D-0E1F2A3B4C5D}"
+
+STUCK = """
+TrisulPlugin = { id = { name = "stuck" },
+  countergroup = { control = { guid = "%(g)s", name = "seen", bucketsize = 3600 },
+                   meters = { { 0, T.K.vartype.COUNTER, 10, "packets", "Packets", "pkts" } } },
+  engine_monitor = {
+    onmetronome = function(engine, ts, tick)
+      if not stuck_backend then stuck_backend = true; while true do debug.getinfo(1) end end
+    end },
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(engine, layer)
+      if not stuck then
+        stuck = true
+        while true do debug.getinfo(1) end        -- never returns; debug.getinfo keeps it in the interpreter
+      end
+      engine:update_counter("%(g)s", "tcp", 0, 1)
+    end } }
+""" % {"g": GUID}
+
+
+def test_stuck_hooks_are_interrupted_and_the_run_goes_on(tmp_path):
+    plug = tmp_path / "stuck.lua"
+    plug.write_text(STUCK)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(plug), "--pcap", SAMPLE, "--out", str(out),
+                        "--hook-budget", "0.5", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    sc = next(p for p in summary["plugins"] if p["type"] == "simplecounter")
+    assert sc["hook_errors"] == {"simplecounter.onpacket": 1, "hook_budget": 1}
+    backend = [p for p in summary["plugins"] if p["type"] == "engine_monitor"]
+    assert backend and all(p["hook_errors"] == {"engine_monitor.onmetronome": 1, "hook_budget": 1} for p in backend)
+    assert "simplecounter.onpacket error" in r.stderr and "stuck.lua [simplecounter#" in r.stderr
+    assert "hook budget of 0.5 s" in r.stderr
+    tcp = subprocess.run(["tshark", "-r", SAMPLE, "-Y", "tcp", "-T", "fields", "-e", "frame.number"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    db = sqlite3.connect(out / "luaprobe.sqlite")
+    try:
+        (n,) = db.execute("SELECT sum(value) FROM counters WHERE group_guid = ?", (GUID,)).fetchone()
+    finally:
+        db.close()
+    assert n == len(tcp) - 1                          # every packet after the stuck one was counted
+
+
+def test_budget_zero_turns_the_watchdog_off(tmp_path):
+    plug = tmp_path / "slow.lua"
+    plug.write_text("""TrisulPlugin = { id = { name = "slow" }, simplecounter = {
+        protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+        onpacket = function(engine, layer)
+          if not done then done = true; local t = os.clock(); while os.clock() - t < 0.3 do debug.getinfo(1) end end
+        end } }""")
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(plug), "--pcap", SAMPLE, "--out",
+                        str(tmp_path / "out"), "--hook-budget", "0", "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    sc = next(p for p in json.loads(r.stdout)["plugins"] if p["type"] == "simplecounter")
+    assert sc["hook_errors"] == {}
