@@ -16,6 +16,7 @@
 #include <unistd.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
+#include <string.h>
 
 /* Ring positions are byte counts kept as uint64 in shared memory and handled as
  * doubles in Lua (exact below 2^53 bytes), so no 64-bit cdata boxing is needed. */
@@ -82,6 +83,60 @@ int lp_bell_sleep(uint32_t *bell, uint32_t seq, double timeout_ns) {
         rc = 1;
     __atomic_fetch_sub(&bell[0], 1, __ATOMIC_SEQ_CST);
     return rc;
+}
+
+/* ------------------------------------------------------------------------
+ * lp_fninfo(fn) -> key, nups, up1 .. up8      (a lua_CFunction for LuaJIT)
+ *
+ * T.async needs, for every onexecute closure, the identity of its prototype
+ * (closures created from one `function ... end` expression share their
+ * bytecode) and the values of its upvalues.  Lua can only get these through
+ * string.dump and debug.getupvalue, which cost ~120 ns and ~50 ns per call
+ * and are not compiled.  This function reads them from the closure:
+ *   key   the address of the prototype's bytecode (GCfuncL.pc), as a number:
+ *         equal for closures of one prototype, different otherwise, as long
+ *         as one closure of the prototype is kept alive (async.lua keeps one);
+ *   nups  the number of upvalues;
+ *   then the first min(nups, LP_FNINFO_UPS) upvalue values.
+ * A C function, or anything else, gives nil.
+ *
+ * It is loaded with package.loadlib (LuaJIT passes it its lua_State) and it
+ * reads LuaJIT 2.1's GC64 object layout (lj_obj.h: lua_State, GCfuncL,
+ * GCupval, TValue) without calling the Lua C API, whose symbols live in
+ * lupa's extension and are not visible to this library.  engine/lua/async.lua
+ * checks the layout on known closures before it trusts this function and
+ * falls back to string.dump / debug.getupvalue otherwise.
+ * ------------------------------------------------------------------------ */
+#define LP_FNINFO_UPS 8
+typedef uint64_t lj_tv;                       /* TValue in GC64 mode */
+typedef struct { uint64_t nextgc; uint8_t marked, gct, dummy_ffid, status;
+                 uint64_t glref, gclist; lj_tv *base, *top; } lj_state;
+typedef struct { uint64_t nextgc; uint8_t marked, gct, ffid, nupvalues;
+                 uint64_t env, gclist, pc; uint64_t uvptr[1]; } lj_funcL;
+typedef struct { uint64_t nextgc; uint8_t marked, gct, closed, immutable;
+                 uint64_t tv_or_prev, next; lj_tv *v; } lj_upval;
+#define LJ_GCVMASK ((((uint64_t)1) << 47) - 1)
+#define LJ_ITYPE(tv) ((int32_t)((int64_t)(tv) >> 47))
+#define LJ_TFUNC_ITYPE (-9)                   /* ~8u */
+#define LJ_NIL ((lj_tv)-1)
+
+static lj_tv lj_num(double d) { lj_tv t; memcpy(&t, &d, sizeof t); return t; }
+
+int lp_fninfo(void *Lv) {
+    lj_state *L = (lj_state *)Lv;
+    lj_tv *base = L->base, *top = L->top;
+    if (top <= base || LJ_ITYPE(base[0]) != LJ_TFUNC_ITYPE) { top[0] = LJ_NIL; L->top = top + 1; return 1; }
+    lj_funcL *fn = (lj_funcL *)(uintptr_t)(base[0] & LJ_GCVMASK);
+    if (fn->ffid != 0) { top[0] = LJ_NIL; L->top = top + 1; return 1; }     /* not a Lua function */
+    int n = fn->nupvalues, m = n < LP_FNINFO_UPS ? n : LP_FNINFO_UPS;
+    top[0] = lj_num((double)(fn->pc & LJ_GCVMASK));
+    top[1] = lj_num((double)n);
+    for (int i = 0; i < m; i++) {
+        lj_upval *uv = (lj_upval *)(uintptr_t)(fn->uvptr[i] & LJ_GCVMASK);
+        top[2 + i] = *uv->v;
+    }
+    L->top = top + 2 + m;
+    return 2 + m;
 }
 
 static struct PyModuleDef lpsync_module = {

@@ -179,6 +179,14 @@ function Ring:publish()
   C.lp_publish(self.tail_p, self.tail_local, self.data_bell)
 end
 
+--- Make every committed record visible without the doorbell check: a cheap
+--- release store.  A consumer that went to sleep meanwhile is woken by the next
+--- publish(), which the producer must still call (e.g. once per batch).
+function Ring:expose()
+  self.pushed_p[0] = self.pushed_local
+  C.lp_store(self.tail_p, self.tail_local)
+end
+
 --- Copy `n` bytes from `src` (string or pointer) as one record, committed but
 --- not yet published.  Returns false when the ring is full.
 function Ring:put(src, n)

@@ -14,13 +14,14 @@ the worker is restarted):
     CONTROL + ring.region(req_cap)   return ring   (worker -> fast path)
 
 Request record: lp_req header, then `data_len` bytes of data, then `aux_len`
-bytes of aux.  Result record: lp_res header, then `len` bytes.
+bytes of aux.  Result record: lp_res header (exec_ns: how long the task ran in the
+worker), then `len` bytes.
 ]]
 local ffi = require("ffi")
 
 ffi.cdef[[
 typedef struct { double task_id; double arg; uint32_t kind; uint32_t fid; uint32_t data_len; uint32_t aux_len; } lp_req;
-typedef struct { double task_id; uint32_t status; uint32_t len; } lp_res;
+typedef struct { double task_id; uint32_t status; uint32_t len; double exec_ns; } lp_res;
 typedef struct { double magic; double pid; double cur_task; double cur_start_ns; double tasks_done;
                  uint32_t exit_request; uint32_t state; } lp_ctl;
 ]]
@@ -32,7 +33,8 @@ return {
   RES_SIZE = ffi.sizeof("lp_res"),
   -- request kinds
   DEFINE = 1,    -- fid: data = bytecode, aux = chunk name
-  EXEC = 2,      -- fid: data = task data, aux = serialised upvalues ("" when none)
+  EXEC = 2,      -- fid: data = task data, aux = the function's new upvalues (string.buffer: n, v1..vn),
+                 --      "" when the worker already holds them
   COPY = 3,      -- data = from, aux = to
   CAT = 4,       -- data = from, aux = to
   RM = 5,        -- data = file

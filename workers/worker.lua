@@ -3,12 +3,18 @@ luaprobe.workers.worker — the loop of one async worker process (one LuaJIT VM)
 
 It pops request records from its request ring, runs them (onexecute bytecode
 or a built-in file helper, never a shell) and pushes one result record per
-task to its return ring, in request order.  The per-task path stays inside
+task to its return ring, in request order.  Each result is visible as soon as
+it is written (a release store); the doorbell is rung when the request ring is
+momentarily empty (so a lone task is answered at once) or every PUBLISH_EVERY
+results.  onexecute's upvalues are set on the loaded
+function when a request carries new values, not per task.  The per-task path stays inside
 LuaJIT; Python only starts the process and builds the VM (workers/worker.py).
 ]]
 local ffi = require("ffi")
 local ring = require("luaprobe.shm.ring")
 local P = require("luaprobe.workers.protocol")
+
+local sbuf = require("string.buffer")
 
 local C = ring.lib
 local cast, fstring, copy = ffi.cast, ffi.string, ffi.copy
@@ -41,37 +47,99 @@ local function file_op(kind, data, aux, arg)
   return nil, P.KIND_NAME[kind] .. ": " .. tostring(err)
 end
 
+-- Opcodes that store into an upvalue (USETV/USETS/USETN/USETP), learnt from
+-- probe functions so no opcode number is hard-coded.
+local USET
+do
+  local ok, jutil = pcall(require, "jit.util")
+  if ok then
+    local u
+    local probes = { function(x) u = x end, function() u = "s" end, function() u = 1 end,
+                     function() u = true end }
+    USET = {}
+    for _, f in ipairs(probes) do USET[bit.band(jutil.funcbc(f, 1), 0xff)] = true end
+    USET.util = jutil
+  end
+end
+
+--- True unless fn and the functions nested in it provably never assign an
+--- upvalue: then upvalues set once stay as shipped.
+local function writes_upvalues(fn)
+  if USET == nil then return true end
+  local jutil = USET.util
+  local function scan(f)
+    local info = jutil.funcinfo(f)
+    for pc = 1, info.bytecodes - 1 do
+      local ins = jutil.funcbc(f, pc)
+      if ins and USET[bit.band(ins, 0xff)] then return true end
+    end
+    for i = 1, info.children and 1e9 or 0 do
+      local child = jutil.funck(f, -i)
+      if child == nil then break end
+      if type(child) == "proto" and scan(child) then return true end
+    end
+    return false
+  end
+  local ok, res = pcall(scan, fn)
+  return not ok or res
+end
+
 --- Load shipped onexecute bytecode as function #fid (a load failure
 --- becomes a function that raises, so each task using it fails clearly).
-local function define(funcs, names, fid, bytecode, name)
+local function define(fns, fid, bytecode, name)
   local fn, err = loadstring(bytecode, name)
-  funcs[fid] = fn or function() error("cannot load onexecute " .. name .. ": " .. tostring(err)) end
-  names[fid] = name
+  fns.funcs[fid] = fn or function() error("cannot load onexecute " .. name .. ": " .. tostring(err)) end
+  fns.names[fid] = name
+  fns.ups[fid] = nil
+  fns.mutable[fid] = fn ~= nil and writes_upvalues(fn)
 end
 
 local function traceback(msg)
   return debug.traceback(tostring(msg), 2)
 end
 
---- Restore the upvalues shipped with a task (see engine/plugins/async.lua).
-local function restore_upvalues(fn, blob)
-  local loader, err = loadstring(blob, "=upvalues")
-  if not loader then error("bad upvalue blob: " .. tostring(err)) end
-  local n, values = loader()
-  for i = 1, n do debug.setupvalue(fn, i, values[i]) end
+local decoder = sbuf.new()
+
+--- Set the upvalues shipped with a task (see engine/plugins/async.lua) and keep
+--- them (and the blob: tables are decoded afresh for every task, since
+--- onexecute may have changed their contents).
+local function set_upvalues(fns, fid, fn, blob)
+  decoder:set(blob)
+  local n = decoder:decode()
+  local vals = { n = n, blob = blob, tables = false }
+  for i = 1, n do
+    local v = decoder:decode()
+    vals[i] = v
+    if type(v) == "table" then vals.tables = true end
+    debug.setupvalue(fn, i, v)
+  end
+  fns.ups[fid] = vals
 end
 
---- Run onexecute functions outside the loop (a Ray actor: workers/raybridge.py).
---- e:define(fid, bytecode, name); e:run(fid, data, aux) -> status, payload.
+--- Put back the shipped values of a function that assigns its upvalues.
+local function reset_upvalues(fn, vals)
+  for i = 1, vals.n do debug.setupvalue(fn, i, vals[i]) end
+end
+
+--- Run onexecute functions: the loop below, and a Ray actor (workers/raybridge.py).
+--- e:define(fid, bytecode, name); e:run(fid, data, aux) -> status, payload, where aux is
+--- the function's new upvalues (string.buffer blob) or "" to keep those it holds.
 function M.executor()
-  local e = { funcs = {}, names = {} }
-  function e.define(self, fid, bytecode, name) define(self.funcs, self.names, fid, bytecode, name) end
+  local fns = { funcs = {}, names = {}, ups = {}, mutable = {} }
+  local e = { fns = fns }
+  function e.define(self, fid, bytecode, name) define(fns, fid, bytecode, name) end
   function e.run(self, fid, data, aux)
-    local fn = self.funcs[fid]
+    local fn = fns.funcs[fid]
     if fn == nil then return P.ERROR, "worker has no function #" .. fid end
     if #aux > 0 then
-      local ok, err = pcall(restore_upvalues, fn, aux)
-      if not ok then return P.ERROR, err end
+      local ok, err = pcall(set_upvalues, fns, fid, fn, aux)
+      if not ok then return P.ERROR, "bad upvalues: " .. tostring(err) end
+    else
+      local u = fns.ups[fid]
+      if u ~= nil then
+        if u.tables then set_upvalues(fns, fid, fn, u.blob)
+        elseif fns.mutable[fid] then reset_upvalues(fn, u) end
+      end
     end
     local ok, out = xpcall(fn, traceback, data)
     if not ok then return P.ERROR, out end
@@ -79,7 +147,7 @@ function M.executor()
     if t == "string" then return P.OK, out end
     if t == "nil" then return P.NIL, nil end
     if t == "number" then return P.OK, tostring(out) end
-    return P.ERROR, ("onexecute (%s) returned a %s; expected a string or nil"):format(self.names[fid], t)
+    return P.ERROR, ("onexecute (%s) returned a %s; expected a string or nil"):format(fns.names[fid], t)
   end
   return e
 end
@@ -88,13 +156,16 @@ end
 --- parent dies.  Returns the reason ("exit", "recycle", "orphan").
 --- opts.remote (workers/raybridge.py): a function(op, fid, data, aux) that
 --- takes DEFINE ("define") and EXEC ("exec": returns a status byte followed
---- by the payload) off the loop; file helpers always run here.
+--- by the payload) off the loop; file helpers always run here.  A remote
+--- EXEC always carries the function's current upvalues (its actor may be new).
 function M.serve(opts)
   local stop_profile = require("luaprobe.engine.plugins.jitprof").start("worker-" .. tostring(opts.slot or 0))
   local reason = M.loop(opts)
   stop_profile()
   return reason
 end
+
+local PUBLISH_EVERY = 64
 
 function M.loop(opts)
   fileops.set_roots(opts.file_roots)
@@ -106,45 +177,54 @@ function M.loop(opts)
   local ppid, max_tasks = opts.ppid, opts.max_tasks or 0
   local max_rss = opts.max_rss or 0          -- bytes; checked after every task (0 = no cap)
   local ex = M.executor()
-  local remote = opts.remote
+  local remote, last_blob = opts.remote, {}
   local cur_task_p, cur_start_p = cast("double *", ctl) + 2, cast("double *", ctl) + 3
   local done_p, exit_p = cast("double *", ctl) + 4, cast("uint32_t *", ctl) + 10
-  local done, unreleased = 0, 0
+  local done, unreleased, unpublished = 0, 0, 0
   local function exit_requested() return C.lp_load32(exit_p) ~= 0 end
   C.lp_store_d(done_p, 0)
   ctl.state = 1
 
-  local function push_result(id, status, payload)
+  local function push_result(id, status, payload, exec_ns)
     local len = payload and #payload or 0
     local p = ret:reserve(P.RES_SIZE + len)
     while p == nil do                   -- the fast path drains between hooks: wait, never drop
       ret:publish()
+      unpublished = 0
       ret:wait_space(P.RES_SIZE + len, 50e6)
       if exit_requested() then return end
       p = ret:reserve(P.RES_SIZE + len)
     end
     local h = cast(P.resp, p)
-    h.task_id, h.status, h.len = id, status, len
+    h.task_id, h.status, h.len, h.exec_ns = id, status, len, exec_ns
     if len > 0 then copy(p + P.RES_SIZE, payload, len) end
     ret:commit()
-    ret:publish()
+    unpublished = unpublished + 1
+    -- visible at once (if this process dies in the next task, the fast path still has the
+    -- result: nothing runs twice); the doorbell is checked once per batch
+    if unpublished >= PUBLISH_EVERY then ret:publish(); unpublished = 0 else ret:expose() end
   end
 
-  local function execute(id, fid, data, aux)
+  --- Run an onexecute task; returns status, payload.
+  local function execute(fid, data, alen, p_aux)
+    local aux = alen > 0 and fstring(p_aux, alen) or ""
     if remote then
+      if alen > 0 then last_blob[fid] = aux else aux = last_blob[fid] or "" end
       local r = remote("exec", fid, data, aux)
-      local payload = #r > 1 and r:sub(2) or nil
-      return push_result(id, r:byte(1), payload)
+      return r:byte(1), #r > 1 and r:sub(2) or nil
     end
-    return push_result(id, ex:run(fid, data, aux))
+    return ex:run(fid, data, aux)
   end
 
   -- after a task, keep polling for spin_ns before sleeping on the doorbell:
   -- a steady trickle of tasks then never pays a futex wake-up
   local spin_ns, last_task = opts.spin_ns or 0, 0
+  local t_prev = nil              -- end of the previous task when the next one was already waiting
   while true do
     local p, n = req:peek()
     if p == nil then
+      t_prev = nil
+      if unpublished > 0 then ret:publish(); unpublished = 0 end
       if unreleased > 0 then req:release(); unreleased = 0 end   -- not on every idle poll (spin_ns)
       if exit_requested() then return "exit" end
       if max_tasks > 0 and done >= max_tasks then return "recycle" end
@@ -158,22 +238,31 @@ function M.loop(opts)
       local kind, id, fid, arg = h.kind, h.task_id, h.fid, h.arg
       local dlen, alen = h.data_len, h.aux_len
       local data = fstring(p + P.REQ_SIZE, dlen)
-      local aux = alen > 0 and fstring(p + P.REQ_SIZE + dlen, alen) or ""
-      req:advance(n)
-      unreleased = unreleased + 1
+      local p_aux = p + P.REQ_SIZE + dlen
       if kind == P.DEFINE then
-        if remote then remote("define", fid, data, aux) else ex:define(fid, data, aux) end
+        local name = fstring(p_aux, alen)
+        last_blob[fid] = nil
+        if remote then remote("define", fid, data, name) else ex:define(fid, data, name) end
+        req:advance(n)
+        unreleased = unreleased + 1
       else
-        C.lp_store_d(cur_start_p, C.lp_now_ns())
+        local t0 = t_prev or C.lp_now_ns()          -- one clock read per task while busy
+        C.lp_store_d(cur_start_p, t0)
         C.lp_store_d(cur_task_p, id)             -- after cur_start: the monitor reads task, then start
+        local status, payload
         if kind == P.EXEC then
-          execute(id, fid, data, aux)
+          status, payload = execute(fid, data, alen, p_aux)
         else
+          local aux = alen > 0 and fstring(p_aux, alen) or ""
           local ok, err = file_op(kind, data, aux, arg)
-          if ok then push_result(id, P.FILE_OK) else push_result(id, P.FILE_ERROR, tostring(err)) end
+          if ok then status = P.FILE_OK else status, payload = P.FILE_ERROR, tostring(err) end
         end
+        req:advance(n)
+        unreleased = unreleased + 1
+        local t1 = C.lp_now_ns()
+        push_result(id, status, payload, t1 - t0)
         C.lp_store_d(cur_task_p, 0)
-        if spin_ns > 0 then last_task = C.lp_now_ns() end
+        t_prev, last_task = t1, t1
         done = done + 1
         C.lp_store_d(done_p, done)
         if unreleased >= 64 then req:release(); unreleased = 0 end
@@ -181,10 +270,12 @@ function M.loop(opts)
         -- steady load the ring is never empty, and the tasks not started yet are re-dispatched
         -- to the replacement worker (Async:worker_lost)
         if (max_tasks > 0 and done >= max_tasks) or exit_requested() then
+          if unpublished > 0 then ret:publish(); unpublished = 0 end
           req:release()
           return exit_requested() and "exit" or "recycle"
         end
         if max_rss > 0 and rss_bytes() > max_rss then   -- above the cap by at most this task's allocation
+          if unpublished > 0 then ret:publish(); unpublished = 0 end
           req:release()
           return "recycle"
         end

@@ -14,6 +14,14 @@ Per worker, tasks live in one FIFO with three cursors:
 Results of one worker arrive in request order, so the head of the FIFO is
 always the task a result belongs to; no lookup table is needed.
 
+schedule() only stages: it checks the call, identifies onexecute's prototype
+and snapshots its upvalues, and appends the task to the FIFO as backlog.  The
+tasks reach the request ring in one compiled loop per batch (flush(), called by
+poll() between batches and before the fast path sleeps) with one publication
+and at most one doorbell per worker.  Upvalues cross only when they differ from
+the values last shipped for the same prototype (string.buffer serialisation);
+the worker keeps them set on its copy of the function.
+
 Accounting (per VM, at every moment):
     scheduled == ok + nil_result + error + timeout + dropped + pending
 ]]
@@ -21,6 +29,8 @@ local ffi = require("ffi")
 local ring = require("luaprobe.shm.ring")
 local P = require("luaprobe.workers.protocol")
 local errlog = require("luaprobe.engine.plugins.errlog")
+local sbuf = require("string.buffer")
+local config = require("luaprobe.config")
 
 local C = ring.lib
 local cast, fstring, copy = ffi.cast, ffi.string, ffi.copy
@@ -31,12 +41,15 @@ local M = {}
 local Async = {}
 Async.__index = Async
 
+local NOOP = function() end
 local HIST = 256            -- latency histogram: bucket = floor(4 * log2(ns))
 local LOG2 = log(2)
 
 -- ------------------------------------------------------------------ queue
 
-local FIELDS = { "id", "kind", "fid", "data", "aux", "arg", "onres", "onerr", "t0", "files" }
+-- t0: clock when the task entered the request ring (latency); ts: packet time (µs) at
+-- schedule; aux: for onexecute, the upvalue blob the task needs ("" when none)
+local FIELDS = { "id", "kind", "fid", "data", "aux", "arg", "onres", "onerr", "t0", "files", "ts" }
 
 local function new_queue(cap)
   local q = { cap = cap, head = 0, sent = 0, tail = 0 }
@@ -54,56 +67,72 @@ local function grow(q)
   q.cap = cap2
 end
 
--- ------------------------------------------------------------------ upvalues
+-- ------------------------------------------------------------------ prototype identity
 
-local function ser(v, seen, name, out)
-  local t = type(v)
-  if t == "nil" or t == "boolean" then
-    out[#out + 1] = tostring(v)
-  elseif t == "number" then
-    if v ~= v then out[#out + 1] = "0/0"
-    elseif v == math.huge then out[#out + 1] = "1/0"
-    elseif v == -math.huge then out[#out + 1] = "-1/0"
-    else out[#out + 1] = ("%.17g"):format(v) end
-  elseif t == "string" then
-    out[#out + 1] = ("%q"):format(v)
-  elseif t == "table" and getmetatable(v) == nil then
-    if seen[v] then error(("upvalue '%s' of onexecute is a cyclic table"):format(name), 0) end
-    seen[v] = true
-    out[#out + 1] = "{"
-    for k, val in pairs(v) do
-      out[#out + 1] = "["
-      ser(k, seen, name, out)
-      out[#out + 1] = "]="
-      ser(val, seen, name, out)
-      out[#out + 1] = ","
-    end
-    out[#out + 1] = "}"
-    seen[v] = nil
-  else
-    local what = t == "table" and "table with a metatable" or t
-    error(("upvalue '%s' of onexecute is a %s; only nil, booleans, numbers, strings and plain "
-           .. "acyclic tables of those cross to the worker"):format(name, what), 0)
-  end
+--- fninfo(fn) -> key, nups, up1 .. up8 (nil when fn is not a Lua function).
+--- `key` is equal for closures of one prototype.  The C version (shm/_lpsync.c
+--- lp_fninfo) reads the closure; it is used only after it gave the right answers
+--- on closures made here.  The fallback uses string.dump and debug.getupvalue.
+local function fninfo_lua(fn)
+  if type(fn) ~= "function" then return nil end
+  local ok, bc = pcall(string.dump, fn)
+  if not ok then return nil end
+  local n = debug.getinfo(fn, "u").nups
+  local u = {}
+  for i = 1, math.min(n, 8) do local _, v = debug.getupvalue(fn, i); u[i] = v end
+  return bc, n, u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8]
 end
 
---- The upvalues of fn as a Lua chunk "return n,{...}", or "" if it has none.
-local function upvalue_blob(fn)
-  local name, value = debug.getupvalue(fn, 1)
-  if name == nil then return "" end
-  local out, i = { "return " }, 1
-  local n = 0
-  while name ~= nil do n = i; i = i + 1; name = debug.getupvalue(fn, i) end
-  out[2] = tostring(n)
-  out[3] = ",{"
-  for j = 1, n do
-    name, value = debug.getupvalue(fn, j)
-    out[#out + 1] = "[" .. j .. "]="
-    ser(value, {}, name, out)
-    out[#out + 1] = ","
+local function load_fninfo()
+  if not ffi.abi("gc64") then return fninfo_lua, "not a GC64 LuaJIT" end
+  local f, err = package.loadlib(config.lpsync, "lp_fninfo")
+  if not f then return fninfo_lua, tostring(err) end
+  local a, b, c = "s", 7, {}
+  local function make() return function() return a, b, c end end
+  local f1, f2, g = make(), make(), function() return b end
+  local k1, n1, x1, x2, x3 = f(f1)
+  local k2, n2 = f(f2)
+  local k3, n3, y1 = f(g)
+  local ok = type(k1) == "number" and k1 == k2 and k1 ~= k3 and n1 == 3 and n2 == 3 and n3 == 1
+             and x1 == a and x2 == b and x3 == c and y1 == b and f(print) == nil and f(1) == nil
+  a = "t"                                                   -- a closed upvalue is read, not a copy
+  ok = ok and select(3, f(f1)) == "t"
+  if not ok then return fninfo_lua, "layout check failed" end
+  return f, nil
+end
+local fninfo, fninfo_fallback = load_fninfo()
+M.fninfo, M.fninfo_fallback = fninfo, fninfo_fallback
+
+-- ------------------------------------------------------------------ upvalues
+
+--- Raise an error naming upvalue `name` unless v is plain: nil, boolean,
+--- number, string, or a table without metatable or cycles holding those.
+local function check_plain(v, seen, name)
+  local t = type(v)
+  if t == "nil" or t == "boolean" or t == "number" or t == "string" then return end
+  if t == "table" and getmetatable(v) == nil then
+    if seen[v] then error(("upvalue '%s' of onexecute is a cyclic table"):format(name), 0) end
+    seen[v] = true
+    for k, val in pairs(v) do
+      check_plain(k, seen, name)
+      check_plain(val, seen, name)
+    end
+    seen[v] = nil
+    return
   end
-  out[#out + 1] = "}"
-  return table.concat(out)
+  local what = t == "table" and "table with a metatable" or t
+  error(("upvalue '%s' of onexecute is a %s; only nil, booleans, numbers, strings and plain "
+         .. "acyclic tables of those cross to the worker"):format(name, what), 0)
+end
+
+local encoder = sbuf.new()
+
+--- The upvalue blob for the worker: string.buffer encoding of n, v1 .. vn.
+local function encode_upvalues(vals, n)
+  encoder:reset()
+  encoder:encode(n)
+  for i = 1, n do encoder:encode(vals[i]) end
+  return encoder:tostring()
 end
 
 -- ------------------------------------------------------------------ object
@@ -121,19 +150,24 @@ function M.new(opts)
     nworkers = 0,
     backlog = 0,
     next_id = 0,
-    fid_by_fn = setmetatable({}, { __mode = "k" }),
-    fid_by_bc = {},
+    fid_by_key = {},        -- prototype key (fninfo) -> fid
+    keep_fn = {},           -- fid -> one closure: keeps the prototype (and so its key) alive
     bytecode = {},
     fname = {},
     nups = {},
+    upnames = {},           -- fid -> upvalue names
+    up_last = {},           -- fid -> values last snapshot (scalars compared, tables re-sent)
+    up_tables = {},         -- fid -> true when some upvalue is a table (snapshot every call)
+    up_blob = {},           -- fid -> string.buffer blob of the last snapshot (interned: equal values, same string)
     max_record = opts.max_record or 1e300,   -- request-ring record limit (the pool's ring size)
     nfids = 0,
     stats = { scheduled = 0, ok = 0, nil_result = 0, error = 0, timeout = 0, dropped = 0,
               onresult_errors = 0, redispatched = 0, lost_at_deadline = 0 },
     hist = ffi.new("double[?]", HIST),
+    stamp = opts.engine ~= nil and type(rawget(opts.engine, "_tus")) == "number",   -- packet-time stamping (real engine)
     errors = nil,
     live_files = {},        -- path -> references (filex files kept for tasks naming them)
-    file_done = function() end,
+    file_done = NOOP,       -- filex installs its own: then tasks may name live files
     last_drop_log = -1e18,
     drops_unlogged = 0,
   }, Async)
@@ -151,13 +185,17 @@ function Async:add_worker(k, channel_addr, req_capacity)
   w.req = ring.attach(base + P.CONTROL)
   w.ret = ring.attach(base + P.CONTROL + ring.region_size(req_capacity))
   w.defined = {}
+  w.up_sent = {}            -- fid -> upvalue blob this worker holds
   w.alive = true
   self.workers[k] = w
   if k > self.nworkers then self.nworkers = k end
   self.max_record = math.min(self.max_record, w.req.max_record)
 end
 
-function Async:set_engine(engine) self.engine = engine end
+function Async:set_engine(engine)
+  self.engine = engine
+  self.stamp = engine ~= nil and type(rawget(engine, "_tus")) == "number"
+end
 
 --- Start workers lazily: `fn` (called once, on the first task) must attach them.
 function Async:set_starter(fn) self.starter = fn end
@@ -177,28 +215,48 @@ local function put_record(r, kind, id, fid, arg, data, aux)
   return true
 end
 
---- Encode the task at w.sent into the request ring; false when it is full.
-function Async:send_one(w)
-  local s = w.sent % w.cap + 1
-  local kind, fid = w.kind[s], w.fid[s]
-  if kind == P.EXEC and not w.defined[fid] then
-    if not put_record(w.req, P.DEFINE, 0, fid, 0, self.bytecode[fid], self.fname[fid]) then return false end
-    w.defined[fid] = true
-  end
-  if not put_record(w.req, kind, w.id[s], fid, w.arg[s], w.data[s], w.aux[s]) then return false end
-  w.sent = w.sent + 1
-  return true
-end
-
---- Move backlog into the ring while it fits.
+--- Move w's backlog [sent, tail) into its request ring while it fits, then
+--- publish once (one doorbell at most).  Upvalues travel only when this worker
+--- does not hold the blob a task needs.  Returns how many tasks moved.
 function Async:drain(w)
+  local r, cap, defined, up_sent = w.req, w.cap, w.defined, w.up_sent
+  local sent, tail = w.sent, w.tail
+  local t0 = 0
   local moved = 0
-  while w.sent < w.tail and self:send_one(w) do moved = moved + 1 end
+  while sent < tail do
+    local s = sent % cap + 1
+    local kind, fid, aux = w.kind[s], w.fid[s], w.aux[s]
+    if kind == P.EXEC then
+      if not defined[fid] then
+        if not put_record(r, P.DEFINE, 0, fid, 0, self.bytecode[fid], self.fname[fid]) then break end
+        defined[fid] = true
+      end
+      local blob = aux
+      if up_sent[fid] == blob then aux = "" end
+      if not put_record(r, kind, w.id[s], fid, -1, w.data[s], aux) then break end
+      up_sent[fid] = blob
+    elseif not put_record(r, kind, w.id[s], fid, w.arg[s], w.data[s], aux) then
+      break
+    end
+    if t0 == 0 then t0 = C.lp_now_ns() end              -- one clock read per flush
+    w.t0[s] = t0
+    sent = sent + 1
+    moved = moved + 1
+  end
   if moved > 0 then
+    w.sent = sent
     self.backlog = self.backlog - moved
-    w.req:publish()
+    r:publish()
   end
   return moved
+end
+
+--- Write every staged task (and older backlog) that fits into the request rings.
+function Async:flush()
+  for k = 1, self.nworkers do
+    local w = self.workers[k]
+    if w.alive and w.sent < w.tail then self:drain(w) end
+  end
 end
 
 local function target_slot(self, target)
@@ -207,9 +265,11 @@ local function target_slot(self, target)
   return h % self.nworkers + 1
 end
 
---- Queue a task for worker k (or the least busy one) and try to send it now.
---- Returns true when accepted, false when dropped.
-function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target)
+--- Stage a task for worker k (or the least busy one); flush() sends it.
+--- Returns true when accepted, false when dropped.  The overflow queue is the
+--- backlog, staged tasks included: at the limit the backlog is flushed first,
+--- and a task is dropped only if the rings are still full.
+function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target, ts)
   local st = self.stats
   st.scheduled = st.scheduled + 1
   if self.nworkers == 0 and self.accepting and self.starter then
@@ -222,6 +282,8 @@ function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target)
   local w
   if target then
     w = self.workers[target_slot(self, target)]
+  elseif self.nworkers == 1 then
+    w = self.workers[1]
   else
     local best = 1e300
     for k = 1, self.nworkers do
@@ -231,29 +293,30 @@ function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target)
       if load < best then best, w = load, c end
     end
   end
-  local backlogged = w.sent < w.tail or not w.alive
-  if backlogged and self.backlog >= self.overflow_limit then
-    return self:drop("overflow queue full")
+  local full = self.backlog >= self.overflow_limit
+  if full then
+    self:flush()
+    full = self.backlog >= self.overflow_limit
+    if full and (w.sent < w.tail or not w.alive) then return self:drop("overflow queue full") end
   end
   if w.tail - w.head >= w.cap then grow(w) end
   local s = w.tail % w.cap + 1
   local id = self.next_id + 1
   self.next_id = id
   w.id[s], w.kind[s], w.fid[s], w.data[s], w.aux[s], w.arg[s] = id, kind, fid, data, aux, arg
-  w.onres[s], w.onerr[s], w.t0[s] = onres, onerr, C.lp_now_ns()
-  w.files[s] = next(self.live_files) ~= nil and self:files_named(data, aux) or nil
+  w.onres[s], w.onerr[s], w.ts[s] = onres, onerr, ts
+  if self.file_done ~= NOOP and next(self.live_files) ~= nil then w.files[s] = self:files_named(data, aux) end
   w.tail = w.tail + 1
-  if not backlogged and self:send_one(w) then
-    w.req:publish()
-    return true
-  end
-  if self.backlog >= self.overflow_limit then
-    -- the ring was full and the overflow queue too: take the task back
-    w.tail = w.tail - 1
-    self:clear_slot(w, s)
-    return self:drop("overflow queue full")
-  end
   self.backlog = self.backlog + 1
+  if full then                               -- limit 0: only straight into the ring
+    self:drain(w)
+    if w.sent < w.tail then
+      w.tail = w.tail - 1
+      self.backlog = self.backlog - 1
+      self:clear_slot(w, s)
+      return self:drop("overflow queue full")
+    end
+  end
   return true
 end
 
@@ -296,24 +359,43 @@ end
 
 -- ------------------------------------------------------------------ the API
 
---- onexecute's function id (bytecode shipped once per worker, then by id).
-function Async:fid_of(fn)
-  local fid = self.fid_by_fn[fn]
-  if fid then return fid end
-  local ok, bc = pcall(string.dump, fn)
-  if not ok then return nil end
-  fid = self.fid_by_bc[bc]
-  if not fid then
-    fid = self.nfids + 1
-    self.nfids = fid
-    self.fid_by_bc[bc] = fid
-    self.bytecode[fid] = bc
-    local info = debug.getinfo(fn, "Su")
-    self.fname[fid] = "=" .. info.short_src .. ":" .. info.linedefined
-    self.nups[fid] = info.nups
-  end
-  self.fid_by_fn[fn] = fid
+--- A new function id for the prototype `key` of closure fn (bytecode shipped
+--- once per worker, then referenced by id).
+function Async:new_fid(fn, key, nups)
+  local fid = self.nfids + 1
+  self.nfids = fid
+  self.fid_by_key[key] = fid
+  self.keep_fn[fid] = fn
+  self.bytecode[fid] = string.dump(fn)
+  local info = debug.getinfo(fn, "S")
+  self.fname[fid] = "=" .. info.short_src .. ":" .. info.linedefined
+  self.nups[fid] = nups
+  local names = {}
+  for i = 1, nups do names[i] = debug.getupvalue(fn, i) end
+  self.upnames[fid] = names
   return fid
+end
+
+--- Snapshot onexecute's upvalues (u1 .. u8 from fninfo): returns the blob the
+--- task needs, or nil and a message naming a non-plain upvalue.  (schedule
+--- first compares up to four scalars with the last snapshot; a new value, or
+--- any table (it may have been mutated), makes a new blob.)
+function Async:upvalues(fid, fn, n, u1, u2, u3, u4, u5, u6, u7, u8)
+  local vals = { u1, u2, u3, u4, u5, u6, u7, u8 }
+  for i = 9, n do local _, v = debug.getupvalue(fn, i); vals[i] = v end
+  local names, tables = self.upnames[fid], false
+  for i = 1, n do
+    local v = vals[i]
+    local t = type(v)
+    if t == "table" then tables = true end
+    if t ~= "nil" and t ~= "boolean" and t ~= "number" and t ~= "string" then
+      local ok, err = pcall(check_plain, v, {}, names[i])
+      if not ok then return nil, err end
+    end
+  end
+  local blob = encode_upvalues(vals, n)
+  self.up_blob[fid], self.up_last[fid], self.up_tables[fid] = blob, vals, tables
+  return blob
 end
 
 local function check_string(v, what, fname)
@@ -335,42 +417,59 @@ end
 function Async:make_api()
   local self_ = self
   local api = {}
+  local EXEC = P.EXEC
+  local up_last, up_tables, up_blob = self.up_last, self.up_tables, self.up_blob
   local function args(a, b, c, d)      -- accept both T.async:f(...) and T.async.f(...)
     if a == api then return b, c, d end
     return a, b, c
   end
 
+  --- Runs interpreted in most hooks (LuaJIT does not compile closure creation), so it does
+  --- little: checks, the prototype and upvalues through fninfo, then stage (enqueue).
   function api.schedule(a, b)
-    local task = args(a, b)
+    local task = b
+    if a ~= api then task = a end
     if type(task) ~= "table" then
       error(("T.async:schedule expects a task table {data=, onexecute=, onresult=} (got %s)"):format(type(task)), 2)
     end
     local data = task.data
-    local td = type(data)
-    if td == "number" then data = tostring(data)
-    elseif td ~= "string" then
-      error(("T.async:schedule: data must be a string (got %s)"):format(td), 2)
+    if type(data) ~= "string" then
+      if type(data) ~= "number" then
+        error(("T.async:schedule: data must be a string (got %s)"):format(type(data)), 2)
+      end
+      data = tostring(data)
     end
     local fn, onres, onerr = task.onexecute, task.onresult, task.onerror
-    if type(fn) ~= "function" then error("T.async:schedule: onexecute must be a function", 2) end
     if onres ~= nil and type(onres) ~= "function" then error("T.async:schedule: onresult must be a function", 2) end
     if onerr ~= nil and type(onerr) ~= "function" then error("T.async:schedule: onerror must be a function", 2) end
-    local fid = self_:fid_of(fn)
-    if fid == nil then error("T.async:schedule: onexecute must be a Lua function, not a C function", 2) end
+    local key, nups, u1, u2, u3, u4, u5, u6, u7, u8 = fninfo(fn)
+    if key == nil then
+      if type(fn) ~= "function" then error("T.async:schedule: onexecute must be a function", 2) end
+      error("T.async:schedule: onexecute must be a Lua function, not a C function", 2)
+    end
+    local fid = self_.fid_by_key[key]
+    if fid == nil then fid = self_:new_fid(fn, key, nups) end
     check_size(self_, "schedule", "onexecute's bytecode", self_.bytecode[fid], self_.fname[fid])
     local aux = ""
-    if self_.nups[fid] > 0 then           -- debug.* and pcall are not compiled: only pay when needed
-      local ok, blob = pcall(upvalue_blob, fn)
-      if not ok then error("T.async:schedule: " .. blob, 2) end
-      aux = blob
+    if nups > 0 then
+      local last = up_last[fid]
+      if last and nups <= 4 and not up_tables[fid]
+         and u1 == last[1] and u2 == last[2] and u3 == last[3] and u4 == last[4] then
+        aux = up_blob[fid]                                    -- unchanged: the worker may hold it
+      else
+        local err
+        aux, err = self_:upvalues(fid, fn, nups, u1, u2, u3, u4, u5, u6, u7, u8)
+        if aux == nil then error("T.async:schedule: " .. err, 2) end
+      end
     end
     check_size(self_, "schedule", "data", data, aux)
-    local r = self_:enqueue(P.EXEC, fid, data, aux, -1, onres, onerr, nil)
-    return r
+    local ts = nil
+    if self_.stamp then ts = self_.engine._tus end
+    return self_:enqueue(EXEC, fid, data, aux, -1, onres, onerr, nil, ts)
   end
 
   local function file_op(kind, from, to)
-    local r = self_:enqueue(kind, 0, from, to, -1, nil, nil, to)
+    local r = self_:enqueue(kind, 0, from, to, -1, nil, nil, to, nil)
     return r
   end
 
@@ -392,7 +491,7 @@ function Async:make_api()
     local file = args(a, b)
     file = check_string(file, "file", "rm")
     check_size(self_, "rm", "file name", file, "")
-    local r = self_:enqueue(P.RM, 0, file, "", -1, nil, nil, file)
+    local r = self_:enqueue(P.RM, 0, file, "", -1, nil, nil, file, nil)
     return r
   end
 
@@ -407,7 +506,7 @@ function Async:make_api()
       error("T.async:copybuffer: pos must be a non-negative number", 2)
     end
     check_size(self_, "copybuffer", "buffer", bytes, file)
-    local r = self_:enqueue(P.COPYBUF, 0, bytes, file, pos or -1, nil, nil, file)
+    local r = self_:enqueue(P.COPYBUF, 0, bytes, file, pos or -1, nil, nil, file, nil)
     return r
   end
 
@@ -428,29 +527,43 @@ end
 
 local function traceback(msg) return debug.traceback(tostring(msg), 2) end
 
-function Async:call_hook(kind, fn, data, arg)
-  local ok, err = xpcall(fn, traceback, self.engine, data, arg)
+--- Run onresult / onerror.  With a packet-time stamp `ts` (µs) the engine's
+--- clock reads ts for the hook (docs/async.md "Time"), then is restored.
+function Async:call_hook(kind, fn, data, arg, ts)
+  local e = self.engine
+  local b, i, now, usec, tus
+  if ts then
+    b, i, now, usec, tus = e._b, e._i, e._now, e._usec, e._tus
+    local sec = floor(ts / 1e6)
+    e._i, e._now, e._usec, e._tus = -1, sec, ts - sec * 1e6, ts
+  end
+  local ok, err = xpcall(fn, traceback, e, data, arg)
+  if ts then e._b, e._i, e._now, e._usec, e._tus = b, i, now, usec, tus end
   if not ok then
     self.stats.onresult_errors = self.stats.onresult_errors + 1
     self.errors:report(kind, err)
   end
 end
 
---- Retire the task at the head of w's FIFO with a result status.
-function Async:complete(w, status, payload)
+--- Retire the task at the head of w's FIFO with a result status; `now` is the
+--- poll's clock (latency), exec_ns the worker's measured execution time.
+function Async:complete(w, status, payload, now, exec_ns)
   local s = w.head % w.cap + 1
-  local data, onres, onerr, t0, files = w.data[s], w.onres[s], w.onerr[s], w.t0[s], w.files[s]
-  w.files[s] = nil                 -- released after the hooks below (onresult may read the file)
+  local data, onres, onerr, t0, files, ts = w.data[s], w.onres[s], w.onerr[s], w.t0[s], w.files[s], w.ts[s]
+  w.files[s], w.ts[s] = nil, nil   -- files released after the hooks below (onresult may read the file)
   self:clear_slot(w, s)
   w.head = w.head + 1
-  local lat = C.lp_now_ns() - t0
-  local b = lat > 1 and floor(4 * log(lat) / LOG2) or 0
-  if b >= HIST then b = HIST - 1 end
-  self.hist[b] = self.hist[b] + 1
+  if t0 then
+    local lat = (now or C.lp_now_ns()) - t0
+    local b = lat > 1 and floor(4 * log(lat) / LOG2) or 0
+    if b >= HIST then b = HIST - 1 end
+    self.hist[b] = self.hist[b] + 1
+  end
+  if ts then ts = ts + floor((exec_ns or 0) / 1000) end
   local st = self.stats
   if status == P.OK then
     st.ok = st.ok + 1
-    if onres then self:call_hook("onresult", onres, data, payload) end
+    if onres then self:call_hook("onresult", onres, data, payload, ts) end
   elseif status == P.NIL then
     st.nil_result = st.nil_result + 1
   elseif status == P.FILE_OK then
@@ -459,7 +572,7 @@ function Async:complete(w, status, payload)
     if status == P.TIMEOUT then st.timeout = st.timeout + 1 else st.error = st.error + 1 end
     local kind = status == P.FILE_ERROR and "file helper error" or self.cutting or "onexecute error"
     self.errors:report(kind, payload or "?")
-    if onerr then self:call_hook("onerror", onerr, data, payload) end
+    if onerr then self:call_hook("onerror", onerr, data, payload, ts) end
   end
   if files then
     for _, path in ipairs(files) do self.file_done(path) end
@@ -469,11 +582,13 @@ end
 --- Pop up to `max` results from one worker; returns how many.
 function Async:poll_worker(w, max)
   local got, r = 0, w.ret
+  local now
   while got < max do
     local p, n = r:peek()
     if p == nil then break end
+    if now == nil then now = C.lp_now_ns() end          -- one clock read per poll
     local h = cast(P.resp, p)
-    local id, status, len = h.task_id, h.status, h.len
+    local id, status, len, exec_ns = h.task_id, h.status, h.len, h.exec_ns
     local payload = len > 0 and fstring(p + RES, len) or nil
     r:advance(n)
     got = got + 1
@@ -482,21 +597,23 @@ function Async:poll_worker(w, max)
       self:log(3, ("T.async: worker %d returned task %d out of order; expected %s"):format(
         w.k, id, tostring(w.id[s])))
     else
-      self:complete(w, status, payload)
+      self:complete(w, status, payload, now, exec_ns)
     end
   end
   if got > 0 then r:release() end
   return got
 end
 
---- Deliver ready results of every worker (at most `max` each) and move
---- backlog into freed ring space.  Returns the number of results delivered.
+--- Send staged tasks, deliver ready results of every worker (at most `max`
+--- each) and move backlog into freed ring space.  Returns the number of
+--- results delivered.
 function Async:poll(max)
   max = max or 4096
   local total = 0
   for k = 1, self.nworkers do
     local w = self.workers[k]
     if w.ret then
+      if w.alive and w.sent < w.tail then self:drain(w) end
       total = total + self:poll_worker(w, max)
       if w.alive and w.sent < w.tail then self:drain(w) end
     end
@@ -504,8 +621,10 @@ function Async:poll(max)
   return total
 end
 
---- True when some worker has a published result waiting.
+--- Flush staged tasks (the fast path calls this before it sleeps), then
+--- true when some worker has a published result waiting.
 function Async:has_results()
+  if self.backlog > 0 then self:flush() end
   for k = 1, self.nworkers do
     local w = self.workers[k]
     if w.ret and C.lp_load_sc(w.ret.tail_p) ~= w.ret.head_local then return true end
@@ -529,6 +648,7 @@ function Async:worker_lost(k, reason, cur_task, is_timeout)
   self.backlog = self.backlog + unstarted
   w.sent = w.head
   w.defined = {}
+  w.up_sent = {}
   w.alive = false
   w.req:reset()
   w.ret:reset()

@@ -17,6 +17,7 @@ M.VT = VT
 
 local norm_cache = {}
 local upper = string.upper
+local floor = math.floor
 
 --- GUIDs compare case-insensitively: upper-case once per distinct string.
 local function norm(guid)
@@ -46,6 +47,7 @@ function M.new(opts)
     _groups = opts.groups or {},
     _now = 0, _usec = 0,
     _floor = 0,             -- engine time never goes below this (the last closed-bucket cut-off)
+    _tus = 0,               -- the engine time in µs since the epoch (T.async stamps tasks with it)
     _b = nil, _i = -1,       -- current packet: entry _i of batch _b (-1: none)
     counters = {},          -- [GUID][bucket][key][meter] = value ; [-1-meter] = sample count
     rows = nil,
@@ -112,8 +114,14 @@ end
 --- bucket and window: engine time never goes backwards, a flushed bucket is never reopened.
 function Engine:set_packet(b, i)
   self._b, self._i = b, i
-  local t = b[i].ts_sec
-  if t < self._floor then t = self._floor end
+  local p = b[i]
+  local t = p.ts_sec
+  if t < self._floor then
+    t = self._floor
+    self._tus = t * 1e6
+  else
+    self._tus = t * 1e6 + floor(p.ts_nsec / 1000)
+  end
   self._now = t
 end
 
@@ -126,6 +134,7 @@ end
 function Engine:set_time(sec, usec)
   self._i = -1
   self._now, self._usec = sec, usec or 0
+  self._tus = sec * 1e6 + (usec or 0)
 end
 
 function Engine:timestamp()
@@ -143,6 +152,7 @@ local function add(self, g, key, meter, value)
   local grp = self._groups[g]
   local bs = grp and grp.bucketsize or 60
   local now = self._now
+  if now < self._floor then now = self._floor end     -- an async result's time: no written bucket reopens
   local b = now - now % bs
   local gt = self.counters[g]
   if gt == nil then gt = {}; self.counters[g] = gt end

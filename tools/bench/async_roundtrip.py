@@ -1,6 +1,9 @@
-"""Benchmark: T.async round trips against what a user would pick instead, in one run.
+"""Benchmark: T.async round trips against what a user would pick instead, and the cost per task of
+both ways scripts write tasks, in one run.
 
     python tools/bench/async_roundtrip.py [--tasks 2000000] [--peer-tasks 100000] [--latency-tasks 3000]
+                                          [--runs 5] [--style-tasks 200000] [--e2e-packets 500000]
+                                          [--only roundtrip,styles,e2e]
 
 Every contender runs tiny tasks (64-byte data; the worker echoes it; the
 caller counts results) with one worker process:
@@ -11,20 +14,40 @@ caller counts results) with one worker process:
 
 It prints round trips/s (at most WINDOW tasks in flight), p50/p99 round-trip latency at a steady
 1 000 tasks/s, the ratio of each to luaprobe, and the CPU an idle luaprobe worker uses.
+
+Styles (issue 11): a *hoisted* task (one task table and onexecute function defined once, as in this
+benchmark's round trips) against a *fresh* one (the table and both closures created in the hook on
+every call, as Trisul's documentation and real scripts write it), each with 0, 1 and 4 plain
+upvalues:
+
+* in-process: fast-path CPU per task (thread CPU time of the hook calls, the flush and the result
+  delivery with onresult; the wait for the worker is not counted) and worker CPU per task (the worker
+  process's CPU time with worker_spin_us = 0, so it does not spin while idle);
+* end to end: `luaprobe run` on a capture with a simplecounter on TCP scheduling one task per packet,
+  minus the same run whose hook only counts (an overflow queue large enough that a slow worker never
+  makes the fast path drop): marginal µs per task on the engine's elapsed time, on
+  the CPU time of the `luaprobe run` process (the fast path) and on the CPU time of all its processes
+  (worker, capture and store writer included; the worker spins up to worker_spin_us while idle).
+
+Each figure is min / median / max over --runs runs.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import multiprocessing as mp
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
 
 DATA = b"x" * 64
 WINDOW = 1024
@@ -256,6 +279,168 @@ def bench_zmq(n, nlat):
     return rate, p50, p99
 
 
+# ---------------------------------------------------------------- styles: hoisted vs fresh closures
+STYLE_UPS = (0, 1, 4)
+EX = {0: "return d", 1: "return U1 and d", 4: "if U1 and U2 and U3 and U4 then return d end"}
+
+
+def style_lua() -> str:
+    """Hook functions for every style: hoisted[k] / fresh[k] schedule one task with k upvalues."""
+    out = ['local U1, U2, U3, U4 = "abc", 42, true, "xyz"',
+           "local function count(e, d, r) done = done + 1 end",
+           "hoisted, fresh = {}, {}"]
+    for k in STYLE_UPS:
+        out.append(f"do local task = {{ data = '', onexecute = function(d) {EX[k]} end, onresult = count }}\n"
+                   f"  hoisted[{k}] = function(data) task.data = data; T.async:schedule(task) end end")
+        out.append(f"fresh[{k}] = function(data) T.async:schedule({{ data = data, "
+                   f"onexecute = function(d) {EX[k]} end, onresult = function(e, d, r) done = done + 1 end }}) end")
+    return "\n".join(out)
+
+
+STYLE_PLUGIN = r"""
+TrisulPlugin = { id = { name = "bench styles" } }
+local ffi = require("ffi")
+local C = require("luaprobe.shm.ring").lib
+pcall(ffi.cdef, "struct lp_bench_ts { long s; long ns; }; int clock_gettime(int, struct lp_bench_ts *);")
+local tsb = ffi.new("struct lp_bench_ts")
+local function cpu_ns() ffi.C.clock_gettime(3, tsb); return tonumber(tsb.s) * 1e9 + tonumber(tsb.ns) end  -- thread CPU
+done = 0
+STYLES
+-- fast-path CPU ns per task: B hook calls + flush, then (not counted) wait for the worker, then delivery
+function fastpath_cost(style, nup, n, a, B)
+  local hook = (style == "fresh" and fresh or hoisted)[nup]
+  local data = string.rep("x", 64)
+  local w = a.workers[1]
+  done = 0
+  local spent, k = 0, 0
+  while k < n do
+    local t0 = cpu_ns()
+    for i = 1, B do hook(data) end
+    a:flush()
+    spent = spent + (cpu_ns() - t0)
+    k = k + B
+    while done < k do
+      while C.lp_load(w.ret.pushed_p) - w.ret.popped_local < k - done do end
+      local t1 = cpu_ns()
+      a:poll(1e9)
+      spent = spent + (cpu_ns() - t1)
+    end
+  end
+  return spent / n
+end
+"""
+
+
+def mmm(xs) -> str:
+    return f"{min(xs):.2f} / {statistics.median(xs):.2f} / {max(xs):.2f}"
+
+
+def bench_styles(n: int, runs: int) -> list:
+    """[(style, upvalues, fast-path µs list, worker µs list)] measured in-process."""
+    from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
+    from luaprobe.workers.pool import AsyncConfig
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "styles.lua")
+        with open(path, "w") as f:
+            f.write(STYLE_PLUGIN.replace("STYLES", style_lua()))
+        rt = AsyncRuntime(AsyncConfig(workers=1, worker_spin_us=0, ring_size=1 << 24))
+        try:
+            vm = rt.load(path)
+            cost = vm.lua.eval("function(s, u, n, a, b) return fastpath_cost(s, u, n, a, b) end")
+            worker = psutil.Process(vm.pool.pids()[0])
+            for style in ("hoisted", "fresh"):
+                for k in STYLE_UPS:
+                    cost(style.encode(), k, min(n, 50_000), vm.async_obj, WINDOW)          # warm-up
+                    fp, wk = [], []
+                    for _ in range(runs):
+                        c0 = sum(worker.cpu_times()[:2])
+                        fp.append(cost(style.encode(), k, n, vm.async_obj, WINDOW) / 1e3)
+                        wk.append((sum(worker.cpu_times()[:2]) - c0) / n * 1e6)
+                    rows.append((style, k, fp, wk))
+            st = vm.async_stats()
+            assert st["scheduled"] == st["ok"] + st["pending"] and st["error"] == 0, st
+        finally:
+            rt.shutdown()
+    return rows
+
+
+E2E_PLUGIN = r"""
+local DATA = string.rep("x", 64)
+counted = 0
+STYLES
+local hook = HOOK
+TrisulPlugin = { id = { name = "bench e2e" },
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(engine, layer) counted = counted + 1; if hook then hook(DATA) end end } }
+"""
+
+
+# `luaprobe run` in this process's child, reporting its own CPU time (the fast path's: plug-in hooks,
+# flush, result delivery) next to the summary; os.wait4 adds the children it waited for (workers,
+# capture, store writer)
+RUN_WRAPPER = r"""
+import json, resource, sys
+from luaprobe.engine.daemon.cli import main
+report = sys.argv.pop(1)
+rc = main(sys.argv[1:])
+ru = resource.getrusage(resource.RUSAGE_SELF)
+with open(report, "w") as f:
+    json.dump({"cpu_s": ru.ru_utime + ru.ru_stime}, f)
+sys.exit(rc)
+"""
+
+
+def bench_e2e(npackets: int, runs: int) -> tuple[list, list]:
+    """Marginal cost per task through `luaprobe run` against the same run without tasks:
+    ([(style, upvalues, {"elapsed": [µs], "fastpath_cpu": [µs], "all_cpu": [µs]})], baseline seconds)."""
+    sys.path.insert(0, os.path.join(REPO, "tools", "bench"))
+    from fastpath import make_capture
+    pcap = make_capture(npackets)
+
+    def one(hook: str, d: str) -> tuple[dict, dict]:
+        path = os.path.join(d, "e2e.lua")
+        with open(path, "w") as f:
+            f.write(E2E_PLUGIN.replace("STYLES", "done = 0\n" + style_lua()).replace("HOOK", hook))
+        stats, report = os.path.join(d, "stats.json"), os.path.join(d, "cpu.json")
+        proc = subprocess.Popen([sys.executable, "-c", RUN_WRAPPER, report, "run", path, "--pcap", pcap,
+                                 "--out", os.path.join(d, "out"), "--stats-json", stats, "--workers", "1",
+                                 "--overflow-limit", str(2 * npackets), "--quiet"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        output = proc.stdout.read()
+        _, status, ru = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise SystemExit(output.decode(errors="replace"))
+        with open(stats) as f:
+            summary = json.load(f)
+        with open(report) as f:
+            cpu = json.load(f)["cpu_s"]
+        return {"elapsed": summary["elapsed_s"], "fastpath_cpu": cpu, "all_cpu": ru.ru_utime + ru.ru_stime}, \
+            summary["plugins"][-1]
+
+    configs = [("none", None)] + [(s, k) for s in ("hoisted", "fresh") for k in STYLE_UPS]
+    times = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory() as d:
+        one("nil", tempfile.mkdtemp(dir=d))                              # warm page cache
+        for _ in range(runs):                                            # interleaved: load drifts alike
+            for style, k in configs:
+                hook = "nil" if style == "none" else f"{style}[{k}]"
+                m, plug = one(hook, tempfile.mkdtemp(dir=d))             # a fresh --out every run
+                tasks = plug["hook_calls"].get("simplecounter.onpacket", 0)
+                if style != "none":
+                    st = plug["async"]
+                    assert st["ok"] == tasks == st["scheduled"], st
+                times[(style, k)].append((m, tasks))
+    base = times[("none", None)]
+    rows = []
+    for style, k in configs[1:]:
+        per = {key: [(m[key] - b[key]) / t * 1e6 for (m, t), (b, _) in zip(times[(style, k)], base)]
+               for key in ("elapsed", "fastpath_cpu", "all_cpu")}
+        rows.append((style, k, per))
+    return rows, [b["elapsed"] for b, _ in base]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=2_000_000, help="luaprobe round trips")
@@ -263,8 +448,30 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-tasks", type=int, default=3000, help="paced round trips for latency")
     ap.add_argument("--spin-us", type=float, nargs="+", default=[1500.0, 0.0],
                     help="luaprobe worker spin windows to measure (AsyncConfig.worker_spin_us)")
+    ap.add_argument("--runs", type=int, default=5, help="runs per style figure (min / median / max)")
+    ap.add_argument("--style-tasks", type=int, default=200_000, help="tasks per in-process style run")
+    ap.add_argument("--e2e-packets", type=int, default=500_000, help="packets (= tasks) per luaprobe run")
+    ap.add_argument("--only", default="roundtrip,styles,e2e", help="comma-separated parts to run")
     args = ap.parse_args(argv)
+    parts = set(args.only.split(","))
     print(f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}, 1 worker, 64-byte tasks")
+    if "styles" in parts:
+        print(f"\nin-process, {args.style_tasks:,} tasks per run, min / median / max of {args.runs} runs:\n")
+        print("| style | upvalues | fast path µs/task | worker µs/task |")
+        print("|---|---:|---:|---:|")
+        for style, k, fp, wk in bench_styles(args.style_tasks, args.runs):
+            print(f"| {style} | {k} | {mmm(fp)} | {mmm(wk)} |", flush=True)
+    if "e2e" in parts:
+        rows, base = bench_e2e(args.e2e_packets, args.runs)
+        print(f"\nend to end, `luaprobe run` on {args.e2e_packets:,} TCP packets, one task per packet, "
+              f"minus the run without tasks ({mmm(base)} s); min / median / max of {args.runs} runs:\n")
+        print("| style | upvalues | elapsed µs/task | fast-path CPU µs/task | CPU of all processes µs/task |")
+        print("|---|---:|---:|---:|---:|")
+        for style, k, per in rows:
+            print(f"| {style} | {k} | {mmm(per['elapsed'])} | {mmm(per['fastpath_cpu'])} | "
+                  f"{mmm(per['all_cpu'])} |", flush=True)
+    if "roundtrip" not in parts:
+        return 0
     rows, idle = [], []
     for spin in args.spin_us:
         ours = bench_luaprobe(args.tasks, args.latency_tasks, spin)

@@ -1,0 +1,148 @@
+"""T.async with closures created per call (issue 11): prototype identity, upvalues by value at schedule
+time when they cross only on change, and lp_fninfo (shm/_lpsync.c) against the debug library.
+
+Real worker processes and rings as in tests/test_async.py; every run checks the accounting identity.
+"""
+from __future__ import annotations
+
+from tests.test_async import drain, lst, plugin
+
+FRESH = r'''
+got = {}
+local function keep(e, d, r) got[#got + 1] = r end
+local SAME = "same"
+-- a new closure per call; `v` differs per call, SAME never changes
+function fresh(n)
+  for i = 1, n do
+    local v = i
+    T.async:schedule{ data = tostring(i), onexecute = function(d) return d .. ":" .. v .. ":" .. SAME end,
+                      onresult = function(e, d, r) got[#got + 1] = r end }
+  end
+end
+-- the function assigns its upvalues in the worker: each task still starts from its schedule-time values
+local n, m = 0, 0
+local function bump(d)
+  n = n + 1
+  local function inner() m = m + 10 end
+  inner()
+  return n .. "/" .. m
+end
+function mutating(k)
+  for i = 1, k do T.async:schedule{ data = "", onexecute = bump, onresult = keep } end
+  n = 5
+  T.async:schedule{ data = "", onexecute = bump, onresult = keep }
+end
+-- a table upvalue mutated after schedule and before the flush (same hook): the task has the old content
+function tables()
+  local t = { x = 1 }
+  local function ex(d) return tostring(t.x) end
+  T.async:schedule{ data = "", onexecute = ex, onresult = keep }
+  t.x = 2
+  T.async:schedule{ data = "", onexecute = ex, onresult = keep }
+  t = { x = 3 }
+  T.async:schedule{ data = "", onexecute = ex, onresult = keep }
+end
+-- onexecute changes a table upvalue's contents in the worker: each task starts from its own snapshot
+function table_in_worker(k)
+  local cfg = { hits = 0 }
+  local function ex(d) cfg.hits = cfg.hits + 1; return tostring(cfg.hits) end
+  for i = 1, k do T.async:schedule{ data = "", onexecute = ex, onresult = keep } end
+end
+-- 300 prototypes made at run time and dropped: a collected prototype must never lend its identity
+function generated(k)
+  for i = 1, k do
+    local f = assert(loadstring("local c = " .. i .. "; return function(d) return d .. '=' .. c end"))()
+    T.async:schedule{ data = tostring(i), onexecute = f, onresult = keep }
+    f = nil
+    if i % 50 == 0 then collectgarbage() end
+  end
+end
+'''
+
+
+def results(vm) -> list[str]:
+    return [x.decode() for x in lst(vm, "got")]
+
+
+def test_fresh_closures_carry_their_own_upvalues(runtime_factory, tmp_path):
+    rt = runtime_factory(workers=2)
+    vm = rt.load(plugin(tmp_path, FRESH))
+    vm.exec("fresh(300)")
+    st = drain(rt, vm)
+    assert st["ok"] == 300 and st["error"] == 0, st
+    assert sorted(results(vm)) == sorted(f"{i}:{i}:same" for i in range(1, 301))
+    # one prototype: one function id (bytecode shipped once per worker), however many closures
+    assert vm.lua.eval("function(a) return a.nfids end")(vm.async_obj) == 1
+
+
+def test_upvalues_assigned_in_the_worker_do_not_leak_into_later_tasks(runtime_factory, tmp_path):
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, FRESH))
+    vm.exec("mutating(20)")
+    st = drain(rt, vm)
+    assert st["ok"] == 21, st
+    assert results(vm) == ["1/10"] * 20 + ["6/10"]          # one worker: FIFO
+
+
+def test_table_upvalues_are_snapshot_at_schedule(runtime_factory, tmp_path):
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, FRESH))
+    vm.exec("tables()")
+    st = drain(rt, vm)
+    assert st["ok"] == 3, st
+    assert results(vm) == ["1", "2", "3"]
+
+
+def test_table_contents_changed_in_the_worker_do_not_leak(runtime_factory, tmp_path):
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, FRESH))
+    vm.exec("table_in_worker(10)")
+    st = drain(rt, vm)
+    assert st["ok"] == 10, st
+    assert results(vm) == ["1"] * 10
+
+
+def test_prototypes_made_at_run_time(runtime_factory, tmp_path):
+    rt = runtime_factory(workers=2)
+    vm = rt.load(plugin(tmp_path, FRESH))
+    vm.exec("generated(300)")
+    st = drain(rt, vm)
+    assert st["ok"] == 300 and st["error"] == 0, st
+    assert sorted(results(vm)) == sorted(f"{i}={i}" for i in range(1, 301))
+
+
+FNINFO = r'''
+local async = require("luaprobe.engine.plugins.async")
+local fninfo = async.fninfo
+local a, b, c, d, e, f, g, h, i, j = 1, "two", true, nil, {}, 6.5, "7", 8, 9, 10
+local function mk() return function() return a, b, c, d, e, f, g, h, i, j end end
+local f1, f2 = mk(), mk()
+local z = function() return b end
+local out = {}
+local k1, n1 = fninfo(f1)
+out[#out + 1] = k1 == select(1, fninfo(f2)) and k1 ~= select(1, fninfo(z))
+out[#out + 1] = n1 == debug.getinfo(f1, "u").nups and select(2, fninfo(z)) == debug.getinfo(z, "u").nups
+local vals = { select(3, fninfo(f1)) }
+local same = #vals <= 8
+for idx = 1, 8 do same = same and vals[idx] == select(2, debug.getupvalue(f1, idx)) end
+out[#out + 1] = same
+b = "changed"                                  -- closed upvalues are read live
+out[#out + 1] = select(4, fninfo(f1)) == "changed"
+local function opener()                        -- an open upvalue (its variable still on the stack)
+  local live = "open"
+  local inner = function() return live end
+  local r = select(3, fninfo(inner))
+  live = "moved"
+  return r == "open" and select(3, fninfo(inner)) == "moved"
+end
+out[#out + 1] = opener()
+out[#out + 1] = fninfo(print) == nil and fninfo(nil) == nil and fninfo({}) == nil and fninfo("x") == nil
+out[#out + 1] = async.fninfo_fallback == nil
+return unpack(out)
+'''
+
+
+def test_lp_fninfo_agrees_with_the_debug_library(tmp_path):
+    from luaprobe.shm.luajit import new_runtime
+    lua = new_runtime()
+    assert list(lua.execute(FNINFO)) == [True] * 7
