@@ -89,6 +89,7 @@ function Host:call(sub, name, ...)
     self.hook_errors[key] = (self.hook_errors[key] or 0) + 1
     self.errors:report(key .. " error", res)
   end
+  if self.async.backlog > 0 then self.async:flush() end    -- tasks it scheduled go out now
   return ok, res
 end
 
@@ -332,7 +333,10 @@ function Host:hook_stats() return self.hook_calls, self.hook_errors end
 --- Run a Lua string inside this VM (tests and tools).
 function Host:exec(code)
   local f = assert(loadstring(code, "=exec"))
-  return f()
+  return (function(...)
+    if self.async.backlog > 0 then self.async:flush() end  -- like a hook: its tasks go out at the end
+    return ...
+  end)(f())
 end
 
 return M
