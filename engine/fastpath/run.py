@@ -207,6 +207,7 @@ class Instance:
     kind: str                          # simplecounter | countergroup | frontend | engine_monitor
     pipeline: str
     run_batch = None
+    budgeted = False                   # the hook budget (watchdog) is active for this instance
 
 
 _IPR_KEYS = ("ip_fragments", "ip_datagrams", "ip_frag_timeouts", "ip_frag_incomplete", "ip_frag_overlaps",
@@ -322,7 +323,7 @@ class FastPath:
             self.plugin_problems.append(str(e))
             return
         inst = Instance(vm, kind, pipeline)
-        vm.lua.eval("function(h, s, l) h:set_budget(s, l) end")(
+        inst.budgeted = vm.lua.eval("function(h, s, l) return h:set_budget(s, l) end")(
             vm.host, float(self.cfg.hook_budget), f"{os.path.basename(path)} [{kind}#{instance}]".encode())
         if kind in MONITOR_TYPES:
             Monitors.prepare_vm(vm)
@@ -340,13 +341,13 @@ class FastPath:
                 self.plugin_problems.append(f"{path}: {_text(problem)}")
                 rt.unload(vm)
                 return
-            inst.run_batch = vm.lua.eval(f"function(h, a, n) return h:guard('{walk}', a, n) end")
+            inst.run_batch = self._budgeted(inst, vm.lua.eval(f"function(h, a, n) return h:{walk}(a, n) end"))
         elif kind == "filex_monitor":
             opts = {b"dir": self._filex_dir().encode(), b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
                     b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"idle_timeout": self.cfg.idle_timeout,
                     b"max_header": int(self.cfg.http_max_header)}
             vm.lua.eval("function(h, o) return h:setup_filex(o) end")(vm.host, vm.lua.table_from(opts))
-            inst.run_batch = vm.lua.eval("function(h, a, n) return h:guard('run_filex_batch', a, n) end")
+            inst.run_batch = self._budgeted(inst, vm.lua.eval("function(h, a, n) return h:run_filex_batch(a, n) end"))
         elif kind == "reassembly_handler":
             problem = self.stage.add(vm)
             if problem is not None:
@@ -754,6 +755,23 @@ class FastPath:
         if os.environ.get("LUAPROBE_JIT_ABORTS"):
             for vm_lua in [lua] + [i.vm.lua for i in self.instances]:
                 vm_lua.execute("require('luaprobe.engine.plugins.jitprof').mark()")
+
+    @staticmethod
+    def _budgeted(inst, walk):
+        """``walk(host, addr, n)`` under the instance's hook budget (engine/plugins/watchdog.lua), armed and
+        disarmed from here so that the Lua walker itself stays a tail call (its traces keep compiling)."""
+        if not inst.budgeted:
+            return walk
+        arm = inst.vm.lua.eval("function(h) h:arm_budget() end")
+        disarm = inst.vm.lua.eval("function(h) h:disarm_budget() end")
+
+        def run(host, addr, n):
+            arm(host)
+            try:
+                return walk(host, addr, n)
+            finally:
+                disarm(host)
+        return run
 
     def _packet_store(self):
         """The run's packet store (engine/plugins/packetstore.lua), created with the first packet_storage

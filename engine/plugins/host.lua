@@ -243,22 +243,18 @@ function Host:set_budget(seconds, label)
   self.budget = seconds
   self.budget_msg = ("%s: hook interrupted: it ran longer than the hook budget of %g s (--hook-budget)")
                     :format(label, seconds)
+  return self.watchdog ~= nil
 end
 
 function Host:count_budget(fired)
   if fired > 0 then self.hook_errors.hook_budget = (self.hook_errors.hook_budget or 0) + fired end
 end
 
---- self[method](self, ...) under the hook budget: the per-batch walkers' entry point from the fast path.
-function Host:guard(method, ...)
-  local wd = self.watchdog
-  if not wd then return self[method](self, ...) end
-  wd.arm(self.budget, self.budget_msg)
-  local ok, r = pcall(self[method], self, ...)
-  self:count_budget(wd.disarm())
-  if not ok then error(r, 0) end
-  return r
-end
+--- Arm / disarm the budget around a per-batch walk.  The fast path calls these from Python around the walker, so
+--- the walker keeps being entered by a tail call: a Lua frame below it would end its traces on every return
+--- ("return to lower frame") and a vararg wrapper would not compile at all.
+function Host:arm_budget() self.watchdog.arm(self.budget, self.budget_msg) end
+function Host:disarm_budget() self:count_budget(self.watchdog.disarm()) end
 
 --- Add one batch's calls and errors of hook `name` to the instance's counters (hook_calls / hook_errors).
 function Host:count_hook(name, calls, errors)
