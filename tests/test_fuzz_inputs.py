@@ -138,7 +138,7 @@ def test_cli_reports_one_clear_error(tmp_path):
     line, N inside the file, and no traceback."""
     rng = random.Random(12)
     exe = os.path.join(os.path.dirname(sys.executable), "luaprobe")
-    plugin = os.path.join(helpers.REPO, "tests", "data", "cases", "02-ipv4-frags-reversed-http", "probe.lua")
+    plugin = os.path.join(helpers.REPO, "tests", "data", "cases", "probe.lua")
     seen_error = 0
     for k in range(6):
         seed = SEEDS[k % len(SEEDS)]
