@@ -54,8 +54,8 @@ def test_worker_scaling_quick(tmp_path):
     assert [p["workers"] for p in res["points"]] == [1, 2, 3, 4]
     assert all(p["ok"] == res["tasks"] and p["tasks_per_s"] > 0 for p in res["points"])
     assert "scaling.png" in report
-    for p in res["points"]:                  # every requested worker process ran (psutil saw each)
-        assert p["procs"]["worker"]["procs"] == p["workers"], p
+    # Not asserted: how many worker processes the psutil sampler saw. In --quick mode a point lasts a fraction of
+    # a second and a worker can start and finish between two samples (failed once in a fresh-clone CI run).
 
 
 @pytest.mark.timeout(300)
