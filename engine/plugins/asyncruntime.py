@@ -70,7 +70,11 @@ class AsyncRuntime:
 
     def wait(self, timeout: float, extra_ready=None) -> None:
         """Sleep until a worker publishes a result, the doorbell rings (e.g. the packet ring's
-        producer published) or ``timeout`` seconds pass.  ``extra_ready()`` is re-checked after arming."""
+        producer published) or ``timeout`` seconds pass.  ``extra_ready()`` is re-checked after arming.
+        A ``timeout`` <= 0 never sleeps (lp_bell_sleep takes 0 as "no timeout": a deadline reached exactly
+        would otherwise block until the next doorbell, possibly forever)."""
+        if timeout <= 0:
+            return
         for vm in self.vms:
             if vm.has_results():
                 return
