@@ -159,16 +159,30 @@ function M.register_protocol(guid, name)
   return e
 end
 
---- Append a layer of protocol `proto` at byte `off`, `len` bytes, to an already decoded packet (a protocol_handler's
---- parselayer result).  Returns false when the packet already has MAX_LAYERS layers.
-function M.append_layer(d, proto, off, len)
+--- One layer of protocol `proto` at byte `off`, `len` bytes, becomes d.layer[d.nlayers].  Returns false
+--- (nothing added) when the packet already has MAX_LAYERS layers.  `own`: a header the decoder itself
+--- found (add_layer): it also ends the decoded headers (payload_offset moves to its end) and one layer
+--- too many marks the packet malformed.  Not `own`: a protocol_handler's parselayer result
+--- (append_layer): payload_offset / payload_length keep describing the decoder's last header and a full
+--- layer array is not the packet's fault.
+local function put_layer(d, proto, off, len, own)
   local n = d.nlayers
-  if n >= MAX_LAYERS then return false end
+  if n >= MAX_LAYERS then
+    if own then d.malformed = 1 end
+    return false
+  end
   local l = d.layer[n]
   if d.first[proto] < 0 then d.first[proto] = n end
   l.proto, l.offset, l.length = proto, off, len
   d.nlayers = n + 1
+  if own then d.payload_offset = off + len end
   return true
+end
+
+--- Append a layer of protocol `proto` at byte `off`, `len` bytes, to an already decoded packet (a protocol_handler's
+--- parselayer result).  Returns false when the packet already has MAX_LAYERS layers.
+function M.append_layer(d, proto, off, len)
+  return put_layer(d, proto, off, len, false)
 end
 
 --- GUID string (any case, braces optional) -> enum, or nil.
@@ -193,20 +207,8 @@ local function be16(p, o)
   return bor(lshift(p[o], 8), p[o + 1])
 end
 
-local function add_layer(d, proto, off, len)
-  local n = d.nlayers
-  if n >= MAX_LAYERS then
-    d.malformed = 1
-    return false
-  end
-  local l = d.layer[n]
-  if d.first[proto] < 0 then d.first[proto] = n end
-  l.proto = proto
-  l.offset = off
-  l.length = len
-  d.nlayers = n + 1
-  d.payload_offset = off + len
-  return true
+local function add_layer(d, proto, off, len)   -- a header the decoder found (put_layer, `own`)
+  return put_layer(d, proto, off, len, true)
 end
 
 local function decode_l4(d, p, o, lim, proto)
