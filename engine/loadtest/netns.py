@@ -50,6 +50,10 @@ class VethPair:
             _no_ipv6(f"/proc/sys/net/ipv6/conf/{self.here}/disable_ipv6")
             _no_ipv6(f"/proc/sys/net/ipv6/conf/{self.there}/disable_ipv6")
             _sh(IP, "link", "set", self.there, "netns", self.ns)
+            # a device moved into a namespace takes that namespace's defaults: IPv6 is on again there, and
+            # it would send router and neighbour solicitations that the capture end sees
+            _sh(IP, "netns", "exec", self.ns, "sh", "-c",
+                f"echo 1 > /proc/sys/net/ipv6/conf/{self.there}/disable_ipv6")
             _sh(IP, "link", "set", self.here, "up")
             _sh(IP, "-n", self.ns, "link", "set", self.there, "up")
         except BaseException:
@@ -60,6 +64,12 @@ class VethPair:
     def netns_exec(self, *cmd) -> list:
         """The argv that runs cmd inside the namespace."""
         return [IP, "netns", "exec", self.ns, *cmd]
+
+    def rx_packets(self) -> int:
+        """The kernel's count of frames received on the capture end (sysfs `statistics/rx_packets`): a truth
+        kept apart from both the sender's and the probe's counters."""
+        with open(f"/sys/class/net/{self.here}/statistics/rx_packets") as f:
+            return int(f.read())
 
     def close(self):
         _sh(IP, "link", "del", self.here, check=False)      # deletes the peer too
