@@ -151,6 +151,8 @@ def test_cli_reports_one_clear_error(tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert "Traceback" not in r.stderr and r.returncode in (0, 3), (r.returncode, r.stderr)
         errs = [line for line in r.stderr.splitlines() if "input error" in line]
+        if k % 3 == 0:                        # cut inside a record: always an input error (exit 3)
+            assert r.returncode == 3, r.stderr
         if r.returncode == 3:
             seen_error += 1
             assert len(errs) == 1, r.stderr
