@@ -61,7 +61,7 @@ class AhoCorasick:
     """Multi-pattern search for T.ac (engine/plugins/ac.lua) on the maintained ahocorasick-rs library.
 
     ``patterns`` is a Lua array of strings.  :meth:`find` returns, packed as little-endian uint32 pairs, the
-    1-based index of each pattern found and the 1-based position of its match's last byte (the reference's
+    1-based index of each pattern found and the 1-based position of its match's last byte (Trisul's obj_ac
     ``pos``), the first occurrence of each pattern, in the order the matches end; ``one`` stops at the first."""
 
     def __init__(self, patterns):

@@ -29,7 +29,7 @@ PCAPS = helpers.PCAPS
 EXAMPLES = os.path.join(helpers.REPO, "engine", "examples")
 SAMPLE = os.path.join(EXAMPLES, "sample.pcap")
 
-# Trisul GUIDs (reference §10) and test-local groups
+# Trisul GUIDs (docs/reference.md "Protocol GUIDs") and test-local groups
 G_ETH = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}"
 G_IPV4 = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}"
 G_IPV6 = "{85C0CCED-DA8D-4029-924A-A6AB87F62EF8}"
@@ -881,7 +881,7 @@ TrisulPlugin = {{
         "raw_flags": "2", "getbyte13": "2",        # tcp.flags 0x0002 (SYN)
         "testbit_syn": "true",                     # byte 13, mask 0x80 >> 6 = 0x02
         "testbit_rst": "false", "testbit_ack": "false",
-        "flowkey": "06A:8D.8E.E4.05:p-E9D0_C0.96.BB.2B:p-0050",   # Z = the lower port (§9)
+        "flowkey": "06A:8D.8E.E4.05:p-E9D0_C0.96.BB.2B:p-0050",   # Z = the lower port (docs/reference.md conventions)
         "ts": "1362692526.869344", "engine_ts": "1362692526.869344",
         "wire_length": "78", "capture_length": "78",
         "num_layers": "3",

@@ -1,9 +1,9 @@
-"""sg_monitor, flowtracker, the Flow object, flow-record engine methods and declarations (reference §5.2, §5.3,
-§6.7, §4.10, §7), end to end on tests/data/trisul-tutorial.pcap.
+"""sg_monitor, flowtracker, the Flow object, flow-record engine methods and declarations (docs/plugins.md; Trisul's
+sg_monitor, flow_tracker, obj_engine, alert_group and obj_globalt pages), end to end on tests/data/trisul-tutorial.pcap.
 
 Independent truth: tshark's conversation tables (``-z conv,tcp`` / ``conv,udp``: frames and bytes per
 direction, start and duration) and its RST packets; the vartype test compares with a Python model of the
-reference's definitions fed the samples the plug-in logged.
+T.K.vartype definitions (docs/reference.md `T`) fed the samples the plug-in logged.
 """
 from __future__ import annotations
 
@@ -304,7 +304,7 @@ def test_declarations_and_vartypes(tmp_path):
     assert ("fts", "{9FEB8ADE-ADBB-49AD-BC68-C6A02F389C71}") in decls
     assert {("k", "the key"), ("j", "other key")} <= keyinfo
 
-    # model of §7 from the logged samples: bucket = 10 s
+    # model of the T.K.vartype rules (docs/reference.md `T`) from the logged samples: bucket = 10 s
     samples = [tuple(int(float(x)) for x in line.split("\t")) for line in open(log + ".samples")]
     by_bucket = collections.OrderedDict()
     for ts, total, tick in samples:
@@ -333,7 +333,7 @@ ALL_TYPES = "\n".join([
 
 
 def test_check_reports_every_script_type(tmp_path):
-    """Every type of the reference's catalogue (§3) is reported supported or not supported by name."""
+    """Every script type Trisul documents is reported supported or not supported by name."""
     plugin = helpers.write_plugin(tmp_path, ALL_TYPES, "all.lua")
     r = subprocess.run([os.path.join(helpers.REPO, ".venv", "bin", "luaprobe"), "check", plugin],
                        capture_output=True, text=True)

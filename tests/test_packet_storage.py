@@ -1,4 +1,4 @@
-"""packet_storage (reference section 4.5): votes per flow, the most permissive wins, and the per-run pcapng holds
+"""packet_storage (docs.trisul.org/docs/lua/packet_storage): votes per flow, the most permissive wins, and the per-run pcapng holds
 exactly the packets (and bytes) the policies let through (issue 14.5).  Truth: tshark's reading of the input,
 with the policy applied by a model here, against tshark's reading of the output."""
 from __future__ import annotations

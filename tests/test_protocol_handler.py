@@ -1,4 +1,4 @@
-"""protocol_handler (reference section 4.6): a Lua dissector adds its layer and simplecounter scripts attach to it
+"""protocol_handler (docs.trisul.org/docs/lua/protocol_handler): a Lua dissector adds its layer and simplecounter scripts attach to it
 by GUID, as the NAT-syslog pair of trisul-scripts does (issue 14.5).  Truth: tshark's UDP fields of the same
 capture, filtered in Python the way the handler's parselayer decides."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """T.re2 (Google RE2 through engine/plugins/_lpre2.cc) and T.ac (ahocorasick-rs) against independent models:
 Python's `re` for the patterns both engines read alike, and a naive str.find model for Aho-Corasick
-(issue 14.4, reference section 6.9)."""
+(issue 14.4; docs.trisul.org/docs/lua/obj_re2, obj_ac)."""
 from __future__ import annotations
 
 import re

@@ -1,4 +1,4 @@
-"""reassembly_handler end to end (engine/streams/stage.lua, handler.lua, tls.lua; reference §4.4).
+"""reassembly_handler end to end (engine/streams/stage.lua, handler.lua, tls.lua; docs.trisul.org/docs/lua/reassembly).
 
 Real-shaped plug-ins run over the Trisul tutorial captures in tests/data (trisul-16minutes.pcap: FTP control
 and active-mode data connections; trisul-tutorial.pcap: HTTP and TLS 1.2 handshakes with certificates).
@@ -45,7 +45,7 @@ def ipkey(ip: str) -> str:
 
 
 def flowkey(ip1, p1, ip2, p2, proto=6) -> str:
-    """Trisul flow id (§9): Z is the lower port; on a tie the lower address."""
+    """Trisul flow id (docs/reference.md conventions): Z is the lower port; on a tie the lower address."""
     a, z = (ip1, p1), (ip2, p2)
     if p1 < p2 or (p1 == p2 and tuple(map(int, ip1.split("."))) < tuple(map(int, ip2.split(".")))):
         a, z = z, a

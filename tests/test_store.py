@@ -167,7 +167,7 @@ def test_guids_case_insensitive_and_group_names(dbfile):
         assert len(want) == 2
         for spelling in (MYGROUP, MYGROUP.lower(), "My Group", "my group", "MY GROUP"):
             assert s.counters(group=spelling) == want, spelling
-        # Well-known groups resolve by name even though no script declared them (§10).
+        # Well-known groups resolve by name even though no script declared them (docs/reference.md "Well-known groups").
         assert [r["key"] for r in s.counters(group="hosts")] == ["0A.00.00.01"]
         assert [r["key"] for r in s.counters(group=HOSTS.lower())] == ["0A.00.00.01"]
         # key_info written with one spelling joins counters written with another.

@@ -9,7 +9,7 @@ fast path's batch like a plug-in VM (docs/plugins.md "Built-in analysers").
     A.engine:take_counters(now), A.engine:take_outputs()   -- like a plug-in VM's engine
     A:take_docs()                     -- { fts = {rows}, certs = {rows} }
 
-Analysers and their outputs (GUIDs: trisul-lua-api.md §10, meters: Trisul's ref/meters.md):
+Analysers and their outputs (GUIDs: docs/reference.md "Well-known groups", meters: docs.trisul.org/docs/ref/meters):
   counters  Hosts {4CD742B1-...} (IPv4 key C0.A8.01.02) and HostsIPv6 {6CD742B1-...} (32 hex digits):
               meter 0 bytes both ways, 1 bytes received (host is the destination), 2 bytes
               transmitted (host is the source), 3 packets both ways;

@@ -117,7 +117,7 @@ local ARP, LOOPBACK, PPPOE = P.ARP, P.LOOPBACK, P.PPPOE
 M.NAME = {}
 for k, v in pairs(P) do M.NAME[v] = k end
 
--- Trisul GUIDs (reference section 10) for Ethernet/IPv4/IPv6/ICMP/UDP/TCP;
+-- Trisul GUIDs (docs/reference.md "Protocol GUIDs") for Ethernet/IPv4/IPv6/ICMP/UDP/TCP;
 -- stable local GUIDs ("4C50" = "LP") for the others.
 M.GUID = {
   [ETHERNET] = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
@@ -141,7 +141,7 @@ for k, g in pairs(M.GUID) do
   by_guid_tbl[g:upper():gsub("[{}]", "")] = k
 end
 
---- Protocols of protocol_handler plug-ins (reference section 4.6) get enums CUSTOM_FIRST..CUSTOM_LAST, in the order
+--- Protocols of protocol_handler plug-ins (docs.trisul.org/docs/lua/protocol_handler) get enums CUSTOM_FIRST..CUSTOM_LAST, in the order
 --- the fast path registers them (the same order in every VM of a run, so the enum in a decoded packet means the same
 --- protocol in every VM that reads the batch).  register_protocol(guid, name) -> enum; the same GUID twice returns
 --- its enum; raises when all custom slots are taken.
@@ -485,7 +485,7 @@ end
 
 -- flow keys ------------------------------------------------------------------
 --[[
-Trisul flow id (reference section 9):
+Trisul flow id (docs.trisul.org/docs/lua/obj_flowid, docs/reference.md conventions):
     <proto 2 hex>A:<ipA>:p-<portA 4 hex>_<ipZ>:p-<portZ 4 hex>
 e.g. 06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016; 'B' and 32 hex digits per
 address for IPv6.

@@ -174,7 +174,7 @@ local function state_text(st, reason)
   return "OPEN"
 end
 
---- Tags from tag_flow, joined by spaces; at most 64 bytes per flow (reference §6.1: excess tags dropped).
+--- Tags from tag_flow, joined by spaces; at most 64 bytes per flow (docs.trisul.org/docs/lua/obj_engine tag_flow: excess tags dropped).
 local function join_tags(list)
   local s = ""
   for _, t in ipairs(list) do

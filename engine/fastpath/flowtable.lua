@@ -104,7 +104,7 @@ lp_flow fields (counters are doubles: exact up to 2^53, no boxed uint64):
   packets_az, packets_za, bytes_az, bytes_za    per direction, bytes = wirelen
   payload_az, payload_za                        L4 payload bytes (d.payload_length)
   tcp_flags_seen[2]    OR of the TCP flags, [0] A->Z, [1] Z->A
-  state                §6.7 flags: INIT 0x1 (every record), SEEN_SYN 0x2 (SYN
+  state                Flow state flags: INIT 0x1 (every record), SEEN_SYN 0x2 (SYN
                        without ACK), SEEN_SYN_ACK 0x4, SEEN_SYN_ACK_ACK 0x8 (an
                        ACK without SYN, after the SYN-ACK, from the end that did
                        not send it),

@@ -1,5 +1,5 @@
 --[[
-luaprobe.engine.plugins.ac — T.ac: Aho-Corasick multi-pattern search (reference section 6.9), on the maintained
+luaprobe.engine.plugins.ac — T.ac: Aho-Corasick multi-pattern search (docs.trisul.org/docs/lua/obj_ac), on the maintained
 ahocorasick-rs library (shm/luajit.py AhoCorasick) rather than a matcher of our own.
 
     local ac = T.ac({ "cmd.exe", "powershell", "/etc/passwd" })

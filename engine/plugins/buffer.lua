@@ -1,4 +1,4 @@
--- engine/plugins/buffer.lua: the Buffer object handed to hooks (reference section 6.4).
+-- engine/plugins/buffer.lua: the Buffer object handed to hooks (docs.trisul.org/docs/lua/obj_buffer).
 --
 -- A Buffer is a view (const uint8_t *, length) over memory the runtime owns: packet bytes in
 -- the ring, a reassembly buffer, ... It is valid only while the hook runs. Byte offsets are

@@ -180,7 +180,7 @@ def keyinfo_rows(infos) -> list[tuple]:
 
 def group_names(infos) -> dict:
     """{kind: {name: guid}} for T.countergroups / alertgroups / resourcegroups / ftsgroups / sessiongroups:
-    the well-known groups (reference §10) plus every declaration; a declaration wins over a built-in name."""
+    the well-known groups (docs/reference.md "Well-known groups") plus every declaration; a declaration wins over a built-in name."""
     from luaprobe.engine.store.writer import (WELL_KNOWN_ALERT_GROUPS, WELL_KNOWN_FTS_GROUPS, WELL_KNOWN_GROUPS,
                         WELL_KNOWN_RESOURCE_GROUPS, WELL_KNOWN_SESSION_GROUPS)
     out = {"counter": {n: g for g, n in WELL_KNOWN_GROUPS.items()},

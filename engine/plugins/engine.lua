@@ -1,5 +1,5 @@
 --[[
-luaprobe.engine.plugins.engine — the `engine` object passed to every hook (reference §6.1).
+luaprobe.engine.plugins.engine — the `engine` object passed to every hook (docs.trisul.org/docs/lua/obj_engine).
 
 Output methods record into per-VM tables; the fast path collects them
 between batches (take_outputs / take_counters) and hands them to the SQLite
@@ -197,7 +197,7 @@ local function carried(self, name, g)
   return t
 end
 
---- The stored value of one meter of a closing bucket (reference §7):
+--- The stored value of one meter of a closing bucket (T.K.vartype, docs.trisul.org/docs/lua/obj_globalt):
 --- COUNTER the sum; RATE_COUNTER sum / bucket seconds; GAUGE the last sample;
 --- RUNNING_COUNTER the running total (carried over from earlier buckets);
 --- AVERAGE the mean; DELTA_RATE_COUNTER (c2 - c1) / bucket seconds where c2 is
@@ -346,7 +346,7 @@ end
 
 -- ------------------------------------------------------------------ flows and edges
 
---- tag_flow(flowkey, tag): a searchable tag on a flow (§6.1).  Tags of packet
+--- tag_flow(flowkey, tag): a searchable tag on a flow (docs.trisul.org/docs/lua/obj_engine).  Tags of packet
 --- flows reach the fast path's flow table between batches and are written with
 --- the flow's `flows` row (and seen by sg_monitor's Flow:tags()); tags of a
 --- script-made flow record (new_flow_record / update_flow) go on that record.
@@ -416,7 +416,7 @@ function Engine:new_flow_record(flowkey, baz, bza, paz, pza)
 end
 
 --- update_flow(flowkey, meter, value): add to a flow record's meter 0 bytes
---- a->z, 1 bytes z->a, 2 packets a->z, 3 packets z->a (§6.1); the record is
+--- a->z, 1 bytes z->a, 2 packets a->z, 3 packets z->a (docs.trisul.org/docs/lua/obj_engine); the record is
 --- created on first use.  Other meters raise an error.
 function Engine:update_flow(flowkey, meter, value)
   frontend_only(self, "update_flow")

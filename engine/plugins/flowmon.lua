@@ -1,6 +1,6 @@
 --[[
-engine.plugins.flowmon — the backend flow script types sg_monitor (§5.2) and
-flowtracker (§5.3) inside one plug-in VM, and the Flow object (§6.7).
+engine.plugins.flowmon — the backend flow script types sg_monitor (docs.trisul.org/docs/lua/sg_monitor) and
+flowtracker (docs.trisul.org/docs/lua/flow_tracker) inside one plug-in VM, and the Flow object (docs/plugins.md).
 
 Flow records come from the fast path's flow table when a flow ends (idle or
 active timeout, end of input); Python hands each backend VM its share of
@@ -12,7 +12,7 @@ Flow:add_tag, to be written with the record).
 
 Row (1-based): flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts,
 packets_az, packets_za, bytes_az, bytes_za, state text, tags (space
-separated), state flags (§6.7 bits), payload_az, payload_za.
+separated), state flags (bits in docs/plugins.md, Flow state()), payload_az, payload_za.
 ]]
 local packet = require("luaprobe.engine.plugins.packet")
 
@@ -42,7 +42,7 @@ function Flow:az_packets() return self._r[9] end
 function Flow:za_packets() return self._r[10] end
 function Flow:az_payload_bytes() return self._r[16] or 0 end
 function Flow:za_payload_bytes() return self._r[17] or 0 end
---- Tags, pipe separated (§6.7).
+--- Tags, pipe separated (docs/plugins.md, Flow tags()).
 function Flow:tags() return table.concat(self._tags, "|") end
 --- Add a tag; it is written with the flow record (the 64-byte limit applies when tags are joined).
 function Flow:add_tag(s)

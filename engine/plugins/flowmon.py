@@ -1,4 +1,4 @@
-"""Backend flow script types: sg_monitor (reference §5.2) and flowtracker (§5.3), Python side.
+"""Backend flow script types: sg_monitor (docs.trisul.org/docs/lua/sg_monitor) and flowtracker (docs.trisul.org/docs/lua/flow_tracker), Python side.
 
 Flow records reach the backend when their flow ends in the fast path's flow table (idle or active timeout,
 end of input) or when a script-made record is terminated.  They are held until the backend window ends
@@ -6,12 +6,12 @@ end of input) or when a script-made record is terminated.  They are held until t
 
 1. each record is assigned to one backend instance (crc32 of the flow key modulo the number of instances);
 2. every sg_monitor instance runs ``onterminate(engine, flow)`` for its records, then ``flushfilter`` votes:
-   a record is stored unless every sg_monitor script votes false (§5: the item is kept unless all say no);
+   a record is stored unless every sg_monitor script votes false (Trisul's sg_monitor page: the item is kept unless all say no);
 3. ``onflush(engine, flow)`` runs for the kept records; tags added with ``flow:add_tag`` (and
    ``engine:tag_flow`` calls made meanwhile) are written with the record;
 4. every flowtracker instance ranks its records with ``getmetric``; per tracker and ``bucketsize`` bucket
    (by the record's last packet time) the top ``count`` flows are written to ``flow_toppers`` when the
-   bucket closes (metric 0 / nil excludes a flow, §11.9).
+   bucket closes (metric 0 / nil excludes a flow; Trisul's flow_tracker page is ambiguous, scripts return the metric).
 
 Lua side: engine/plugins/flowmon.lua (Flow object, hook phases).  Nothing here runs when no sg_monitor or
 flowtracker is loaded: records are then written as soon as the flow ends.
@@ -171,7 +171,7 @@ class FlowBackends:
 
 
 def _join_tags(tags) -> str:
-    """Tags joined by spaces, at most 64 bytes (excess tags dropped, §6.1)."""
+    """Tags joined by spaces, at most 64 bytes (excess tags dropped, docs.trisul.org/docs/lua/obj_engine tag_flow)."""
     s = ""
     for t in tags:
         c = t if not s else s + " " + t

@@ -51,7 +51,7 @@ function M.boot(opts)
                            max_record = opts.max_record,
                            engine = self.engine })
   T.async = self.async.api
-  if opts.enginetype == "backend" and opts.group_names then    -- §7: {name = guid} maps, backend only
+  if opts.enginetype == "backend" and opts.group_names then    -- docs.trisul.org/docs/lua/obj_globalt: {name = guid} maps, backend only
     local g = opts.group_names
     T.countergroups, T.alertgroups, T.resourcegroups = g.counter or {}, g.alert or {}, g.resource or {}
     T.ftsgroups, T.sessiongroups = g.fts or {}, g.session or {}
@@ -145,7 +145,7 @@ function Host:countergroup()
            bucketsize = tonumber(c.bucketsize) or 60, meters = meters, keyinfo = keyinfo }
 end
 
---- alertgroup / resourcegroup declarations (§4.10): a list of {kind, guid, name, description},
+--- alertgroup / resourcegroup declarations (docs.trisul.org/docs/lua/alert_group, resource_group): a list of {kind, guid, name, description},
 --- or nil and a problem description.
 function Host:declarations()
   local out = {}

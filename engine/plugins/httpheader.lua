@@ -1,4 +1,4 @@
--- engine/plugins/httpheader.lua: the HTTPHeader object of filex_monitor hooks (reference section 6.6).
+-- engine/plugins/httpheader.lua: the HTTPHeader object of filex_monitor hooks (docs.trisul.org/docs/lua/obj_httpheader).
 --
 --   local httpheader = require "luaprobe.engine.plugins.httpheader"
 --   local h = httpheader.new{ is_request = true, method = "GET", path = "/x", status = nil,

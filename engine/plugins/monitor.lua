@@ -1,5 +1,5 @@
 --[[
-luaprobe.engine.plugins.monitor — the backend item objects (reference §6.8) and the hook
+luaprobe.engine.plugins.monitor — the backend item objects (docs.trisul.org/docs/lua/resource_monitor, fts_monitor, alert_monitor) and the hook
 calls of resource_monitor, fts_monitor, alert_monitor and cg_monitor inside
 one plug-in VM.  engine/plugins/monitors.py decides which VM sees which item and when.
 

@@ -1,4 +1,4 @@
-"""Backend monitors (reference §5.4-5.6): resource_monitor, fts_monitor, alert_monitor, cg_monitor.
+"""Backend monitors (docs.trisul.org/docs/lua/resource_monitor, fts_monitor, alert_monitor, cg_monitor): resource_monitor, fts_monitor, alert_monitor, cg_monitor.
 
 Which VM sees which item, and when (docs/plugins.md "Monitors"):
 

@@ -1,7 +1,7 @@
 --[[
 luaprobe.engine.plugins.packet — the packet record in the packet ring, the decoded batch
 the fast path hands to every plug-in VM, and the Layer / Packet / FlowID
-objects scripts see (reference §6.2, §6.3, §6.5).
+objects scripts see (docs.trisul.org/docs/lua/obj_layer, obj_packet, obj_flowid).
 
 Packet ring record: lp_pktrec header, then caplen bytes of frame.
     kind PKT   a packet

@@ -1,5 +1,5 @@
 --[[
-luaprobe.engine.plugins.packetstore — packet_storage scripts (reference section 4.5) and the per-run pcapng they
+luaprobe.engine.plugins.packetstore — packet_storage scripts (docs.trisul.org/docs/lua/packet_storage) and the per-run pcapng they
 steer.
 
     packet_storage = {

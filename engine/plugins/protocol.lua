@@ -1,5 +1,5 @@
 --[[
-luaprobe.engine.plugins.protocol — protocol_handler scripts (reference section 4.6): a Lua dissector that adds a
+luaprobe.engine.plugins.protocol — protocol_handler scripts (docs.trisul.org/docs/lua/protocol_handler): a Lua dissector that adds a
 layer of its own protocol to packets, so that simplecounter scripts attach to it by its GUID.
 
     protocol_handler = {

@@ -1,5 +1,5 @@
 --[[
-luaprobe.engine.plugins.re2 — T.re2: Google RE2 regular expressions (reference section 6.9), through the
+luaprobe.engine.plugins.re2 — T.re2: Google RE2 regular expressions (docs.trisul.org/docs/lua/obj_re2), through the
 _lpre2 shim (engine/plugins/_lpre2.cc) and LuaJIT's ffi.  RE2 matches in time linear in the text whatever the
 pattern, so packet data can never drive a match into exponential time.
 

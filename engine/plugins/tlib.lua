@@ -16,7 +16,7 @@
 --   tlib.wrap_print(opts)   -- optional: global print -> opts.print or opts.log(DEBUG, ..., true)
 --
 -- install() must run BEFORE the plug-in chunk: chunks read T.K.vartype.* in table constructors.
--- Call styles follow the reference (section 7): T.util.* and T.env.* with a dot, T.host:* with a
+-- Call styles follow docs.trisul.org/docs/lua/obj_globalt: T.util.* and T.env.* with a dot, T.host:* with a
 -- colon (T.host.x(...) is tolerated too), T.log* with a dot.
 --
 -- Numbers: every T.util function that returns a 32-bit quantity returns it UNSIGNED (0..2^32-1),

@@ -198,7 +198,7 @@ _JSON_COL = {"counter_groups": 4, "run": 1}
 # Default batch sizes (rows) before a batch is shipped; big-row kinds ship sooner.
 _BATCH = {"resources": 256, "fts": 128, "alerts": 1024, "flows": 1024}
 
-# Well-known counter groups (docs/trisul-lua-api.md §10): name resolution when no script declared them.
+# Well-known counter groups (docs/reference.md "Well-known groups"): name resolution when no script declared them.
 WELL_KNOWN_GROUPS = {
     "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}": "Hosts",
     "{393B5EBC-AB41-4387-8F31-8077DB917336}": "Aggregates",

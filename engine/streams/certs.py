@@ -1,4 +1,4 @@
-"""X.509 certificate fields for the TLS attributes of reassembly_handler (reference §4.4: TLS:O, TLS:CA:ROOT,
+"""X.509 certificate fields for the TLS attributes of reassembly_handler (docs.trisul.org/docs/lua/reassembly: TLS:O, TLS:CA:ROOT,
 TLS:CA:INTER), parsed with the maintained `cryptography` library (RFC 5280 DER), never by hand.
 
 Called from Lua (engine/streams/stage.lua) once per certificate of a TLS Certificate message.

@@ -1,5 +1,5 @@
 --[[
-luaprobe.engine.streams.filex — the filex_monitor script type (reference §4.3) inside one
+luaprobe.engine.streams.filex — the filex_monitor script type (docs.trisul.org/docs/lua/fileextract) inside one
 plug-in VM: TCP reassembly (luaprobe.engine.streams.tcpreasm), HTTP/1.x messages
 (luaprobe.engine.streams.http) and file extraction into a RAM-backed directory.
 

@@ -1,5 +1,5 @@
 --[[
-luaprobe.engine.streams.handler — the reassembly_handler script type (reference §4.4)
+luaprobe.engine.streams.handler — the reassembly_handler script type (docs.trisul.org/docs/lua/reassembly)
 inside one plug-in VM.  The reassembly itself is shared (luaprobe.engine.streams.stage
 in the driver VM); this module votes on new flows and turns the stage's
 events into hooks:

@@ -1,4 +1,4 @@
-"""reassembly_handler orchestration (reference §4.4): one shared TCP reassembly in the driver VM
+"""reassembly_handler orchestration (docs.trisul.org/docs/lua/reassembly): one shared TCP reassembly in the driver VM
 (engine/streams/stage.lua) feeding every reassembly_handler plug-in VM (engine/streams/handler.lua).
 
 Per batch: every handler votes on new flows, the stage reassembles the voted flows and runs the attribute

@@ -1,6 +1,6 @@
 --[[
 luaprobe.engine.streams.stage — the shared TCP reassembly of reassembly_handler
-plug-ins (reference §4.4).  It lives in the fast path's driver VM, next to
+plug-ins (docs.trisul.org/docs/lua/reassembly).  It lives in the fast path's driver VM, next to
 the flow table, so a flow is reassembled once however many handler VMs
 watch it; the built-in attribute analysers (HTTP headers, TLS records,
 cipher and certificate chain: luaprobe.engine.streams.tls) read the same reassembled
@@ -50,7 +50,7 @@ pcall(ffi.cdef, "void free(void *);")
 
 local M = {}
 M.NEWFLOW, M.DATA, M.ATTR, M.CLOSE = 1, 2, 3, 4
---- Attribute names (§4.4); "" marks a flow's start and "^D" its end.
+--- Attribute names (docs.trisul.org/docs/lua/reassembly); "" marks a flow's start and "^D" its end.
 M.ATTRS = { [0] = "", "^D", "HTTP-Header", "Content-Type", "User-Agent", "Host", "URI",
             "TLS:RECORD", "TLS:O", "TLS:CA:ROOT", "TLS:CA:INTER", "TLS:CIPHER" }
 local A = {}

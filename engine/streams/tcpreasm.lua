@@ -31,13 +31,13 @@ ack (the TCP acknowledgment number, used when flags has ACK) lets a hole be
 given up as soon as the peer acknowledges data beyond it (the bytes were sent
 but not captured: tshark's "ACKed segment that wasn't captured").
 
-Direction (pinned; see trisul-lua-api.md §11.4).  Callbacks receive dir 0 =
+Direction (pinned; docs/filex.md "Direction": Trisul's pages disagree).  Callbacks receive dir 0 =
 client->server, 1 = server->client, the convention of fileextract.md /
 filex_monitor.  The client is the sender of a SYN (without ACK), or the
 receiver of a SYN+ACK; when the handshake was not captured the client is the
 flow table's A end, i.e. the end with the higher port (the flow key's rule:
 Z is the lower port, tie broken by address).  reassembly_handler scripts
-(reassembly.md, §4.4) number directions the other way (1 = client->server):
+(docs.trisul.org/docs/lua/reassembly) number directions the other way (1 = client->server):
 the plug-in wiring flips dir for them.
 
 Offsets are stream offsets per direction: 0 is the first byte after the SYN,

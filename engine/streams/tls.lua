@@ -17,7 +17,7 @@ version major 3, length <= 2^14 + 2048) and its body.  A record header that
 does not fit these rules stops the analysis of that direction (not TLS, or
 framing lost).  Application-data records (type 23) are skipped without
 copying their bodies.  `rec` passed to `record` is the whole record, header
-included (what the TLS:RECORD attribute carries, §4.4).  Handshake messages
+included (what the TLS:RECORD attribute carries, docs.trisul.org/docs/lua/reassembly).  Handshake messages
 are reassembled across records until the direction sends ChangeCipherSpec;
 a ServerHello yields the cipher suite, a Certificate message the DER
 certificates (parsed by the caller, one call per message).

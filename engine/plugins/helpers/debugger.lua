@@ -1,5 +1,5 @@
 --[[
-debugger — the `debugger` helper module Trisul ships in plugins/lua/helpers (reference §1.2: scripts do
+debugger — the `debugger` helper module Trisul ships in plugins/lua/helpers (docs.trisul.org/docs/lua/debugger: scripts do
 `local dbg = require'debugger'`), for a probe that runs without a terminal.
 
 Its API is that of the debugger.lua module Trisul bundles: `dbg()` sets a breakpoint, `dbg.error(msg)`,
