@@ -838,8 +838,9 @@ class FastPath:
         self.hook_stats = []
         for i in self.instances:
             calls, errors = i.vm.lua.eval("function(h) return h:hook_stats() end")(i.vm.host)
+            walk = i.vm.lua.eval("function(h) return h:walk_mode() end")(i.vm.host)
             self.hook_stats.append((i, {_text(k): v for k, v in calls.items()},
-                                    {_text(k): v for k, v in errors.items()}))
+                                    {_text(k): v for k, v in errors.items()}, walk and _text(walk)))
         rt.unload_all()
 
     def _end_flows(self, lua) -> None:
@@ -920,9 +921,10 @@ class FastPath:
         d = getattr(self, "driver_stats", {})
         cs = self.capture_stats or [0, 0, 0]
         plugins = []
-        for (inst, calls, errors), (_, stats) in zip(getattr(self, "hook_stats", []), getattr(self, "async_final", [])):
+        for (inst, calls, errors, walk), (_, stats) in zip(getattr(self, "hook_stats", []),
+                                                           getattr(self, "async_final", [])):
             plugins.append({"plugin": inst.vm.path, "type": inst.kind, "instance": inst.vm.instance,
-                            "hook_calls": calls, "hook_errors": errors, "async": stats})
+                            "hook_calls": calls, "hook_errors": errors, "async": stats, "walk": walk})
         return {
             "elapsed_s": round(elapsed, 3),
             "packet_loop_s": round((self.loop_end or 0) - (self.loop_start or 0), 4),

@@ -4,6 +4,7 @@
  *
  *   wd.arm(seconds, message)   start the budget for the Lua code that runs next in this VM
  *   wd.disarm() -> fired       stop it; returns how many times it fired since the last disarm
+ *   wd.xpcall(f, msgh, ...)    xpcall(f, msgh, ...) made by a classic C function (a "stitch point", below)
  *
  * When the budget runs out, SIGALRM's handler sets a count hook on the armed lua_State (lua_sethook is
  * async-signal-safe, Lua 5.1 manual section 3.8); at the next instruction the interpreter executes, the hook
@@ -11,6 +12,14 @@
  * running inside a LuaJIT trace never reaches the hook: a compiled endless loop is left to the daemon's
  * heartbeat watchdog (docs/operations.md).  One fast-path thread runs one VM at a time, so one armed state is
  * enough; the timer is ITIMER_REAL with its own SIGALRM handler (SA_RESTART).
+ *
+ * wd.xpcall exists for the per-packet walkers (engine/plugins/host.lua).  LuaJIT inlines a plug-in hook into the
+ * trace of the loop that calls it; a hook LuaJIT cannot compile (one that creates a closure per call, bytecode
+ * FNEW, as `T.async:schedule{ onexecute = function ... }` does) aborts that trace every time, and after a few
+ * aborts LuaJIT blacklists the loop itself: every packet then runs interpreted.  A classic C function is never
+ * inlined: LuaJIT 2.1 ends the trace at the call and starts a new one after it returns (trace stitching,
+ * lj_ffrecord.c recff_c), so the hook's own aborts stay with the hook and the loop keeps its traces.  Same
+ * results as xpcall: true and the hook's results, or false and what msgh returned for the error.
  */
 #include <Python.h>
 #include <signal.h>
@@ -29,6 +38,12 @@ extern void lua_pushnumber(lua_State *L, double n);
 extern void lua_createtable(lua_State *L, int narr, int nrec);
 extern void lua_pushcclosure(lua_State *L, lua_CFunction fn, int n);
 extern void lua_setfield(lua_State *L, int idx, const char *k);
+extern int lua_gettop(lua_State *L);
+extern void lua_pushvalue(lua_State *L, int idx);
+extern void lua_replace(lua_State *L, int idx);
+extern void lua_pushboolean(lua_State *L, int b);
+extern int lua_pcall(lua_State *L, int nargs, int nresults, int errfunc);
+#define LUA_MULTRET (-1)
 
 #define LUA_MASKCALL 1
 #define LUA_MASKRET 2
@@ -91,8 +106,23 @@ static int wd_disarm(lua_State *L) {
   return 1;
 }
 
+static int wd_xpcall(lua_State *L) {
+  int n = lua_gettop(L);
+  if (n < 2) return luaL_error(L, "xpcall: function and message handler expected");
+  lua_pushvalue(L, 1);               /* f, msgh, args -> msgh, f, args */
+  lua_pushvalue(L, 2);
+  lua_replace(L, 1);
+  lua_replace(L, 2);
+  int status = lua_pcall(L, n - 2, LUA_MULTRET, 1);
+  lua_pushboolean(L, status == 0);   /* msgh's slot takes the status: true, results / false, handled error */
+  lua_replace(L, 1);
+  return lua_gettop(L);
+}
+
 int luaopen_lpwatch(lua_State *L) {
-  lua_createtable(L, 0, 2);
+  lua_createtable(L, 0, 3);
+  lua_pushcclosure(L, wd_xpcall, 0);
+  lua_setfield(L, -2, "xpcall");
   lua_pushcclosure(L, wd_arm, 0);
   lua_setfield(L, -2, "arm");
   lua_pushcclosure(L, wd_disarm, 0);

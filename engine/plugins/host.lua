@@ -171,69 +171,161 @@ function Host:flowtracker_control()
            bucketsize = tonumber(c.bucketsize) or 60, count = tonumber(c.count) or 10 }
 end
 
---- Prepare the simplecounter hook; returns nil or a problem description.
-function Host:setup_simplecounter()
-  local sc = self.plugin.simplecounter
-  local guid = sc.protocol_guid
-  if type(guid) ~= "string" then return "simplecounter.protocol_guid is missing" end
-  self.sc_proto = decode.by_guid(guid)
-  if self.sc_proto == nil then
-    return ("simplecounter.protocol_guid %s is not a protocol luaprobe decodes"):format(guid)
-  end
-  if type(sc.onpacket) ~= "function" then return "simplecounter.onpacket is not a function" end
-  self.sc_fn = sc.onpacket
-  -- a reassembled IP datagram (d.frag 2, engine/fastpath/ipreasm.lua) is for L4 hooks only:
-  -- link and IP-layer hooks saw each of its fragment packets
-  local P = decode.PROTO
-  self.sc_l4 = self.sc_proto == P.TCP or self.sc_proto == P.UDP or self.sc_proto == P.ICMP
-               or self.sc_proto == P.ICMPV6
-  self.pkt_obj = packet.new_packet()
-  self.layer_obj = packet.new_layer()
-  return nil
-end
+-- ------------------------------------------------------------------ the per-packet batch walk
 
--- The batch walk (issue 10: it must stay one compiled trace).  No closure is
--- created per batch (bytecode FNEW aborts every trace through it), and each
--- hook call has its own xpcall, which LuaJIT compiles inline, instead of one
--- xpcall around the whole walk: a trace of the walk loop that ends by
--- returning into an xpcall frame cannot be compiled ("NYI: return to lower
--- frame"), and a retry loop around the xpcall made a second, outer root
--- trace that aborted on the walk ("inner loop in root trace").  Called from
+-- One walker for every script type that runs a hook per packet (simplecounter below, protocol_handler in
+-- protocol.lua, packet_storage in packetstore.lua).  It must stay one compiled trace (issue 10): no closure is
+-- created per batch (bytecode FNEW aborts every trace through it), and each hook call has its own xpcall, which
+-- LuaJIT compiles inline, instead of one xpcall around the whole walk: a trace of the walk loop that ends by
+-- returning into an xpcall frame cannot be compiled ("NYI: return to lower frame"), and a retry loop around the
+-- xpcall made a second, outer root trace that aborted on the walk ("inner loop in root trace").  Called from
 -- Python, the loop's exit returns to a C frame, which LuaJIT handles.
-local function walk(self, batch, n)
-  local proto, fn, eng, l4 = self.sc_proto, self.sc_fn, self.engine, self.sc_l4
-  local pobj, lobj = self.pkt_obj, self.layer_obj
-  local find, bind_packet, bind_layer, flowkey = decode.find, packet.bind_packet, packet.bind_layer, decode.flowkey
+--
+-- `w`, the instance's walk state (a table made by Host:new_walk):
+--   w.per                            hook calls at most per packet: call positions j = 0 .. n*per-1 (packet j//per)
+--   w.pick(w, batch, j) -> invoke    prepares position j (nil: no call there); invoke(w) calls the hook with its
+--                                    arguments, which pick left in w; w.invokes lists every invoke function
+--   w.done(w, batch, j, ok, r1, r2)  after the call: true and the hook's first two results, or false and the error
+--   w.hook, w.error_label            the hook's counter name and the prefix of its error lines
+--   w.call                           xpcall, or the C xpcall of _lpwatch.c when the hook cannot be compiled
+--                                    (a "stitch point": the hook is not inlined, so its trace aborts cannot
+--                                    blacklist this loop; issue 11)
+-- It has no upvalues: Host:new_walk loads a copy of it per walk state (its own prototype, hot counters and
+-- traces), and a second copy when the walk switches to the stitch point.
+local function walk(self, w, batch, n)
+  local pick, done, call, tb = w.pick, w.done, w.call, w.traceback
   local calls, errors = 0, 0
-  for k = 0, n - 1 do
-    local p = batch[k]
-    eng:set_packet(batch, k)
-    if eng.nflow_counters > 0 and p.flow >= 0 then eng:apply_flow_counters(flowkey(p.d), p.dir) end
-    local li = find(p.d, proto)
-    if li >= 0 and (l4 or p.d.frag ~= 2) then
-      bind_layer(lobj, bind_packet(pobj, batch, k), li)
+  for j = 0, n * w.per - 1 do
+    local invoke = pick(w, batch, j)
+    if invoke ~= nil then
       calls = calls + 1
-      local ok, err = xpcall(fn, traceback, eng, lobj)
+      local ok, r1, r2 = call(invoke, tb, w)
       if not ok then
         errors = errors + 1
-        self.errors:report("simplecounter.onpacket error", err)
+        self.errors:report(w.error_label, r1)
       end
+      done(w, batch, j, ok, r1, r2)
     end
   end
   return calls, errors
 end
 
---- Run simplecounter.onpacket for every packet of the batch at `addr` that
---- has the plug-in's protocol.  Returns the number of hook calls.  An error
---- in the hook is counted and logged once per line; the walk goes on with
---- the next packet.
-function Host:run_batch(addr, n)
-  local calls, errors = walk(self, ffi.cast(packet.pktp, addr), n)
-  local hc, he = self.hook_calls, self.hook_errors
-  hc["simplecounter.onpacket"] = (hc["simplecounter.onpacket"] or 0) + calls
-  if errors > 0 then he["simplecounter.onpacket"] = (he["simplecounter.onpacket"] or 0) + errors end
+local jutil = require("jit.util")
+local band = require("bit").band
+local OP = {}
+for i, name in pairs(require("luaprobe.engine.plugins.jitprof").BYTECODES) do OP[name] = i end
+local WALK_BYTECODE = string.dump(walk)
+local WALK_LOOP = nil                                      -- pc of the walker's FORL
+for pc = 1, jutil.funcinfo(walk).bytecodes - 1 do
+  if band(jutil.funcbc(walk, pc), 0xff) == OP.FORL then WALK_LOOP = pc end
+end
+
+--- True when `fn` or a function among its upvalues (`depth` levels deep) creates closures (bytecode FNEW):
+--- LuaJIT cannot compile such a hook, so it is called through the stitch point from the start.
+local function creates_closures(fn, depth)
+  if type(fn) ~= "function" then return false end
+  local info = jutil.funcinfo(fn)
+  if not info.bytecodes then return false end             -- a C function
+  for pc = 1, info.bytecodes - 1 do
+    if band(jutil.funcbc(fn, pc), 0xff) == OP.FNEW then return true end
+  end
+  if depth > 0 then
+    for i = 1, info.upvalues or 0 do
+      local _, v = debug.getupvalue(fn, i)
+      if v ~= fn and creates_closures(v, depth - 1) then return true end
+    end
+  end
+  return false
+end
+
+local stitch_xpcall = nil
+do
+  local ok, wd = pcall(require, "luaprobe.engine.plugins.watchdog")
+  if ok and type(wd) == "table" then stitch_xpcall = wd.xpcall end
+end
+
+local function use_stitch(w)
+  if stitch_xpcall == nil then return end                  -- _lpwatch not built: inline calls only
+  w.walker = assert(loadstring(WALK_BYTECODE))
+  w.call, w.stitched = stitch_xpcall, true
+  -- the invoke functions now run only below the stitch point; a trace started in one would record into the
+  -- hook and abort there again and again, so they are left to the interpreter (one VM per instance: no other
+  -- walk of this VM inlines them)
+  for _, invoke in ipairs(w.invokes) do jit.off(invoke) end
+end
+
+--- Complete walk state `w` (fields above) for `hooks`, the plug-in functions it calls: a copy of the walker
+--- of its own, calling the hooks inline, or through the stitch point when one of them creates closures.
+function Host:new_walk(w, hooks)
+  w.traceback, w.call, w.stitched = traceback, xpcall, false
+  w.walker = assert(loadstring(WALK_BYTECODE))
+  for i = 1, table.maxn(hooks) do                          -- a list with holes: packet_storage's optional hooks
+    if creates_closures(hooks[i], 2) then use_stitch(w); break end
+  end
+  return w
+end
+
+--- Walk the batch at `addr` (n packets) with walk state `w`; add its calls and errors to the hook counters.
+--- Returns the number of hook calls.  An error in a hook is counted and logged once per line; the walk goes on.
+--- After the walk: if LuaJIT blacklisted the walker's loop (a hook it could not compile, found only at run time)
+--- the next batches walk through the stitch point, with a fresh copy of the walker.
+function Host:walk_batch(w, addr, n)
+  local calls, errors = w.walker(self, w, ffi.cast(packet.pktp, addr), n)
+  self:count_hook(w.hook, calls, errors)
+  if not w.stitched and WALK_LOOP and band(jutil.funcbc(w.walker, WALK_LOOP), 0xff) == OP.IFORL then
+    use_stitch(w)
+  end
   return calls
 end
+
+--- How the hooks of this instance's walk are called: "inline", "stitched" or nil (no per-packet walk).
+function Host:walk_mode()
+  local w = self.sc or self.ph or self.ps
+  return w and (w.stitched and "stitched" or "inline") or nil
+end
+
+-- simplecounter: onpacket(engine, layer) for each packet with the plug-in's protocol
+local find, bind_packet, bind_layer, flowkey = decode.find, packet.bind_packet, packet.bind_layer, decode.flowkey
+
+local function sc_invoke(w) return w.fn(w.eng, w.lobj) end
+local function sc_done() end
+local function sc_pick(w, batch, k)
+  local p, eng = batch[k], w.eng
+  eng:set_packet(batch, k)
+  if eng.nflow_counters > 0 and p.flow >= 0 then eng:apply_flow_counters(flowkey(p.d), p.dir) end
+  local li = find(p.d, w.proto)
+  -- a reassembled IP datagram (d.frag 2, engine/fastpath/ipreasm.lua) is for L4 hooks only:
+  -- link and IP-layer hooks saw each of its fragment packets
+  if li >= 0 and (w.l4 or p.d.frag ~= 2) then
+    bind_layer(w.lobj, bind_packet(w.pobj, batch, k), li)
+    return sc_invoke
+  end
+  return nil
+end
+
+--- Prepare the simplecounter hook; returns nil or a problem description.
+function Host:setup_simplecounter()
+  local sc = self.plugin.simplecounter
+  local guid = sc.protocol_guid
+  if type(guid) ~= "string" then return "simplecounter.protocol_guid is missing" end
+  local proto = decode.by_guid(guid)
+  if proto == nil then
+    return ("simplecounter.protocol_guid %s is not a protocol luaprobe decodes"):format(guid)
+  end
+  if type(sc.onpacket) ~= "function" then return "simplecounter.onpacket is not a function" end
+  local P = decode.PROTO
+  self.sc = self:new_walk({ per = 1, pick = sc_pick, done = sc_done, invokes = { sc_invoke },
+                            hook = "simplecounter.onpacket",
+                            error_label = "simplecounter.onpacket error", fn = sc.onpacket, eng = self.engine,
+                            proto = proto, pobj = packet.new_packet(), lobj = packet.new_layer(),
+                            l4 = proto == P.TCP or proto == P.UDP or proto == P.ICMP or proto == P.ICMPV6 },
+                          { sc.onpacket })
+  return nil
+end
+
+--- Run simplecounter.onpacket for every packet of the batch at `addr` that has the plug-in's protocol.
+--- Returns the number of hook calls.
+function Host:run_batch(addr, n) return self:walk_batch(self.sc, addr, n) end
 
 --- The hook budget (engine/plugins/watchdog.lua): every hook of this instance that runs longer than `seconds`
 --- is interrupted with a Lua error naming `label` (plug-in and instance), the hook and the budget; 0 turns it off.
@@ -266,7 +358,7 @@ end
 --- protocol_handler (engine/plugins/protocol.lua): its control block, setup, and the per-batch walk.
 function Host:protocol_control() return require("luaprobe.engine.plugins.protocol").control(self.plugin) end
 function Host:setup_protocol_handler() return require("luaprobe.engine.plugins.protocol").setup(self) end
-function Host:run_protocol_batch(addr, n) return require("luaprobe.engine.plugins.protocol").run_batch(self, addr, n) end
+function Host:run_protocol_batch(addr, n) return self:walk_batch(self.ph, addr, n) end
 function Host:protocol_stats()
   local ph = self.ph
   return ph and { added = ph.added, declined = ph.declined, full = ph.full, next_unknown = ph.next_unknown } or nil
@@ -276,7 +368,7 @@ end
 function Host:setup_packet_storage(votes_addr, capacity)
   return require("luaprobe.engine.plugins.packetstore").setup(self, votes_addr, capacity)
 end
-function Host:run_storage_batch(addr, n) return require("luaprobe.engine.plugins.packetstore").run_batch(self, addr, n) end
+function Host:run_storage_batch(addr, n) return self:walk_batch(self.ps, addr, n) end
 
 --- Prepare the filex_monitor type (opts: dir, chunk_size, dir_cap, idle_timeout, max_header).
 function Host:setup_filex(opts)

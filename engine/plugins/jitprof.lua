@@ -8,7 +8,10 @@ unless their variable is set:
   LUAPROBE_JIT_ABORTS=prefix    counts trace aborts only (no sampling): one
                                 line per (phase, place, error) goes to
                                 `<prefix>.<tag>.aborts.tsv` when stopped:
-                                phase \t count \t code \t message \t file:line.
+                                phase \t count \t code \t message \t file:line
+                                \t start file:line (where the aborted trace
+                                began: LuaJIT penalises, then blacklists,
+                                that place).
                                 The phase starts at 0 and M.mark() advances it
                                 (the fast path marks every end of an input
                                 file), so a run over the same file twice
@@ -68,13 +71,15 @@ local phase = 0
 --- Advance the abort counter's phase (a no-op when nothing counts).
 function M.mark() phase = phase + 1 end
 
---- The abort counter: a table of "phase\tcode\tmessage\tplace" -> count, and the attach callback.
+--- The abort counter: a table of "phase\tcode\tmessage\tplace\tstart" -> count, and the attach callback.
 local function abort_counter()
-  local jutil, counts = require("jit.util"), {}
-  local function on_trace(what, _, func, pc, code, info)
-    if what == "abort" then
-      local key = ("%d\t%s\t%s\t%s"):format(phase, tostring(code), M.message(code, info),
-        jutil.funcinfo(func, pc).loc or "?")
+  local jutil, counts, starts = require("jit.util"), {}, {}
+  local function on_trace(what, tr, func, pc, code, info)
+    if what == "start" then
+      starts[tr] = jutil.funcinfo(func, pc).loc or "?"
+    elseif what == "abort" then
+      local key = ("%d\t%s\t%s\t%s\t%s"):format(phase, tostring(code), M.message(code, info),
+        jutil.funcinfo(func, pc).loc or "?", starts[tr] or "?")
       counts[key] = (counts[key] or 0) + 1
     end
   end
@@ -117,8 +122,9 @@ function M.start(tag)
     local rows = {}
     for k, v in pairs(counts) do rows[#rows + 1] = { k, v } end
     for k, v in pairs(acounts) do
-      local ph, code, msg, loc = k:match("^(%d+)\t([^\t]*)\t([^\t]*)\t(.*)$")
-      rows[#rows + 1] = { ("trace abort at %s (phase %s): error %s %s"):format(loc, ph, code, msg), v }
+      local ph, code, msg, loc, start = k:match("^(%d+)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$")
+      rows[#rows + 1] = { ("trace abort at %s (phase %s, trace from %s): error %s %s"):format(loc, ph, start, code,
+                                                                                            msg), v }
     end
     table.sort(rows, function(a, b) return a[2] > b[2] end)
     local f = io.open(("%s.%s.txt"):format(prefix, tag), "w")

@@ -27,12 +27,12 @@ Votes are shared between the packet_storage VMs of the fast path through one arr
 local ffi = require("ffi")
 local packet = require("luaprobe.engine.plugins.packet")
 local buffer = require("luaprobe.engine.plugins.buffer")
-local decode = require("luaprobe.engine.fastpath.decode")
 
 if not pcall(ffi.typeof, "lp_psvote") then
   ffi.cdef [[ typedef struct { double uid; double stored; int32_t policy; int32_t pad; } lp_psvote; ]]
 end
 local votep = ffi.typeof("lp_psvote *")
+local rshift, band = require("bit").rshift, require("bit").band
 
 local M = {}
 local RANK = { [0] = 1, [2] = 2, [5] = 3, [4] = 4, [3] = 5, [6] = 6, [1] = 7 }      -- permissiveness
@@ -41,68 +41,62 @@ M.RANK, M.LIMIT = RANK, LIMIT
 
 -- ------------------------------------------------------------------ voting (in each packet_storage VM)
 
---- Prepare a packet_storage instance on `host`: votes at address `votes_addr` (capacity slots).
-function M.setup(host, votes_addr, capacity)
-  local ps = host.plugin.packet_storage
-  local f, fp = ps.filter, ps.filter_payload
-  if type(f) ~= "function" and type(fp) ~= "function" then
-    return "packet_storage has neither filter nor filter_payload"
-  end
-  host.ps = { votes = ffi.cast(votep, votes_addr), capacity = capacity, filter = f, filter_payload = fp,
-              seen = ffi.new("double[?]", capacity), dirs = ffi.new("uint8_t[?]", capacity),
-              pobj = packet.new_packet() }
-  return nil
-end
-
 local function vote(v, code)
   code = tonumber(code)
   if code == nil or RANK[code] == nil then return end
   if v.policy < 0 or RANK[code] > RANK[v.policy] then v.policy = code end
 end
 
---- Walk a batch: `filter` on each new flow, `filter_payload` on the first payload of each direction.
-function M.run_batch(host, addr, n)
-  local ps, eng = host.ps, host.engine
-  local batch = ffi.cast(packet.pktp, addr)
-  local votes, seen, dirs, f, fp = ps.votes, ps.seen, ps.dirs, ps.filter, ps.filter_payload
-  local calls, errors, i = 0, 0, 0
-  local function walk()
-    while i < n do
-      local k = i
-      i = k + 1
-      local p = batch[k]
-      local slot = p.flow
-      if slot >= 0 and slot < ps.capacity then
-        local v = votes[slot]
-        if v.uid ~= p.flow_uid then v.uid, v.stored, v.policy = p.flow_uid, 0, -1 end
-        if seen[slot] ~= p.flow_uid then
-          seen[slot], dirs[slot] = p.flow_uid, 0
-          if f then
-            eng:set_packet(batch, k)
-            calls = calls + 1
-            vote(v, f(eng, p.ts_sec, packet.flowid(p.d)))
-          end
-        end
-        local bit = p.dir == 0 and 1 or 2
-        if fp and p.d.payload_length > 0 and dirs[slot] % (2 * bit) < bit then
-          dirs[slot] = dirs[slot] + bit
-          eng:set_packet(batch, k)
-          calls = calls + 1
-          vote(v, fp(eng, p.ts_sec, packet.flowid(p.d), p.dir, 0,
-                     buffer.new(p.data + p.d.payload_offset, p.d.payload_length)))
-        end
-      end
-    end
+local function invoke_filter(ps) return ps.filter(ps.eng, ps.ts, ps.flow) end
+local function invoke_payload(ps) return ps.filter_payload(ps.eng, ps.ts, ps.flow, ps.dir, 0, ps.buf) end
+
+-- the walk (host.lua, Host:walk_batch): two call positions per packet, j = 2k for `filter` on a new flow and
+-- j = 2k + 1 for `filter_payload` on the first payload of a direction
+local function pick(ps, batch, j)
+  local k = rshift(j, 1)
+  local p = batch[k]
+  local slot = p.flow
+  if slot < 0 or slot >= ps.capacity then return nil end
+  local v, seen, dirs = ps.votes[slot], ps.seen, ps.dirs
+  if band(j, 1) == 0 then
+    if v.uid ~= p.flow_uid then v.uid, v.stored, v.policy = p.flow_uid, 0, -1 end
+    if seen[slot] == p.flow_uid then return nil end
+    seen[slot], dirs[slot] = p.flow_uid, 0
+    if not ps.filter then return nil end
+    ps.eng:set_packet(batch, k)
+    ps.v, ps.ts, ps.flow = v, p.ts_sec, packet.flowid(p.d)
+    return invoke_filter
   end
-  while i < n do
-    local ok, err = xpcall(walk, debug.traceback)
-    if not ok then
-      errors = errors + 1
-      host.errors:report("packet_storage hook error", err)
-    end
+  local mask = p.dir == 0 and 1 or 2
+  if not ps.filter_payload or p.d.payload_length <= 0 or dirs[slot] % (2 * mask) >= mask then return nil end
+  dirs[slot] = dirs[slot] + mask
+  ps.eng:set_packet(batch, k)
+  ps.v, ps.ts, ps.flow, ps.dir = v, p.ts_sec, packet.flowid(p.d), p.dir
+  ps.buf = buffer.new(p.data + p.d.payload_offset, p.d.payload_length)
+  return invoke_payload
+end
+
+local function done(ps, _, _, ok, code)
+  if ok then vote(ps.v, code) end
+end
+
+--- Prepare a packet_storage instance on `host`: votes at address `votes_addr` (capacity slots); its walk state
+--- host.ps.  Returns nil or a problem description.
+function M.setup(host, votes_addr, capacity)
+  local ps = host.plugin.packet_storage
+  local f, fp = ps.filter, ps.filter_payload
+  if type(f) ~= "function" and type(fp) ~= "function" then
+    return "packet_storage has neither filter nor filter_payload"
   end
-  host:count_hook("packet_storage", calls, errors)
-  return calls
+  host.ps = host:new_walk({ per = 2, pick = pick, done = done, invokes = { invoke_filter, invoke_payload },
+                            hook = "packet_storage",
+                            error_label = "packet_storage hook error", eng = host.engine,
+                            votes = ffi.cast(votep, votes_addr), capacity = capacity,
+                            filter = type(f) == "function" and f or false,
+                            filter_payload = type(fp) == "function" and fp or false,
+                            seen = ffi.new("double[?]", capacity), dirs = ffi.new("uint8_t[?]", capacity),
+                            v = false, ts = 0, flow = false, dir = 0, buf = false }, { f, fp })
+  return nil
 end
 
 -- ------------------------------------------------------------------ the store (one per run, its own VM)

@@ -48,23 +48,7 @@ function M.control(plugin)
   return { guid = c.guid, name = tostring(c.name or c.guid), host = c.host_protocol_guid, ports = ports }
 end
 
---- Prepare a handler instance on `host` (a Host); returns nil or a problem description.
-function M.setup(host)
-  local c, problem = M.control(host.plugin)
-  if not c then return problem end
-  local proto, parent = decode.by_guid(c.guid), decode.by_guid(c.host)
-  if proto == nil then return "protocol " .. c.guid .. " is not registered" end
-  if parent == nil then return ("host_protocol_guid %s is not a protocol luaprobe decodes"):format(c.host) end
-  local portset = nil
-  if #c.ports > 0 and (parent == TCP or parent == UDP) then
-    portset = {}
-    for _, p in ipairs(c.ports) do portset[p] = true end
-  end
-  host.ph = { proto = proto, parent = parent, ports = portset, fn = host.plugin.protocol_handler.parselayer,
-              pobj = packet.new_packet(), lobj = packet.new_layer(), added = 0, declined = 0, full = 0,
-              next_unknown = 0 }
-  return nil
-end
+local function invoke(ph) return ph.fn(ph.lobj) end
 
 local function candidate(d, p, parent, ports)
   local li = decode.find(d, parent)
@@ -76,53 +60,56 @@ local function candidate(d, p, parent, ports)
   return off
 end
 
---- Run parselayer over the batch at addr (n packets): add this protocol's layer where it accepts.
-function M.run_batch(host, addr, n)
-  local ph = host.ph
-  local batch = ffi.cast(packet.pktp, addr)
-  local proto, parent, ports, fn = ph.proto, ph.parent, ph.ports, ph.fn
-  local pobj, lobj = ph.pobj, ph.lobj
-  local calls, errors, i = 0, 0, 0
-  local function walk()
-    while i < n do
-      local k = i
-      i = k + 1
-      local p = batch[k]
-      local d = p.d
-      local off = candidate(d, p, parent, ports)
-      if off ~= nil and d.nlayers < decode.MAX_LAYERS then
-        -- the candidate layer, appended tentatively so that Layer methods read it; kept only if accepted
-        decode.append_layer(d, proto, off, p.caplen - off)
-        local li = d.nlayers - 1
-        packet.bind_layer(lobj, packet.bind_packet(pobj, batch, k), li)
-        calls = calls + 1
-        local nbytes, nxt = fn(lobj)
-        if nbytes == nil then
-          d.nlayers, d.first[proto] = li, -1
-          ph.declined = ph.declined + 1
-        else
-          nbytes = math.max(0, math.min(tonumber(nbytes) or 0, p.caplen - off))
-          d.layer[li].length = nbytes
-          ph.added = ph.added + 1
-          if nxt ~= nil and decode.by_guid(nxt) == nil then ph.next_unknown = ph.next_unknown + 1 end
-        end
-      elseif off ~= nil then
-        ph.full = ph.full + 1
-      end
-    end
+-- the walk (host.lua, Host:walk_batch): parselayer on each candidate packet
+local function pick(ph, batch, k)
+  local p = batch[k]
+  local d = p.d
+  local off = candidate(d, p, ph.parent, ph.ports)
+  if off == nil then return nil end
+  if d.nlayers >= decode.MAX_LAYERS then
+    ph.full = ph.full + 1
+    return nil
   end
-  while i < n do
-    local ok, err = xpcall(walk, debug.traceback)
-    if not ok then
-      -- the packet whose parselayer failed keeps no layer of ours
-      local d = batch[i - 1].d
-      if d.nlayers > 0 and d.layer[d.nlayers - 1].proto == proto then d.nlayers, d.first[proto] = d.nlayers - 1, -1 end
-      errors = errors + 1
-      host.errors:report("protocol_handler.parselayer error", err)
-    end
+  -- the candidate layer, appended tentatively so that Layer methods read it; kept only if accepted
+  local proto = ph.proto
+  decode.append_layer(d, proto, off, p.caplen - off)
+  ph.li, ph.off = d.nlayers - 1, off
+  packet.bind_layer(ph.lobj, packet.bind_packet(ph.pobj, batch, k), ph.li)
+  return invoke
+end
+
+local function done(ph, batch, k, ok, nbytes, nxt)
+  local p = batch[k]
+  local d, li = p.d, ph.li
+  if not ok or nbytes == nil then                -- an error or "not this protocol": the layer goes
+    d.nlayers, d.first[ph.proto] = li, -1
+    if ok then ph.declined = ph.declined + 1 end
+    return
   end
-  host:count_hook("protocol_handler.parselayer", calls, errors)
-  return calls
+  d.layer[li].length = math.max(0, math.min(tonumber(nbytes) or 0, p.caplen - ph.off))
+  ph.added = ph.added + 1
+  if nxt ~= nil and decode.by_guid(nxt) == nil then ph.next_unknown = ph.next_unknown + 1 end
+end
+
+--- Prepare a handler instance on `host` (a Host): its walk state host.ph.  Returns nil or a problem description.
+function M.setup(host)
+  local c, problem = M.control(host.plugin)
+  if not c then return problem end
+  local proto, parent = decode.by_guid(c.guid), decode.by_guid(c.host)
+  if proto == nil then return "protocol " .. c.guid .. " is not registered" end
+  if parent == nil then return ("host_protocol_guid %s is not a protocol luaprobe decodes"):format(c.host) end
+  local portset = nil
+  if #c.ports > 0 and (parent == TCP or parent == UDP) then
+    portset = {}
+    for _, p in ipairs(c.ports) do portset[p] = true end
+  end
+  local fn = host.plugin.protocol_handler.parselayer
+  host.ph = host:new_walk({ per = 1, pick = pick, done = done, invokes = { invoke },
+                            hook = "protocol_handler.parselayer",
+                            error_label = "protocol_handler.parselayer error", proto = proto, parent = parent,
+                            ports = portset, fn = fn, pobj = packet.new_packet(), lobj = packet.new_layer(),
+                            li = 0, off = 0, added = 0, declined = 0, full = 0, next_unknown = 0 }, { fn })
+  return nil
 end
 
 return M

@@ -9,6 +9,9 @@ counter         ``engine:update_counter`` per TCP destination port (a countergro
 flowstate       ``layer:packet():flowid():id()`` keyed per-flow state in a Lua table
 five-layers     five simplecounters: Ethernet, IPv4, IPv6, TCP, UDP, each update_counter
 filex           a filex_monitor whose onfile_http counts files (like file_sha256.lua, no hashing)
+fresh-task      ``T.async:schedule{ data, onexecute = function ... end, onresult = function ... end }`` per TCP
+                packet, closures written inline as Trisul's documentation does (issue 11); not in ORDER: it
+                measures T.async as well (tools/bench/async_roundtrip.py)
 ==============  ==========================================================================
 """
 from __future__ import annotations
@@ -48,8 +51,13 @@ SHAPES = {
     "filex": {"filex.lua": 'local files = 0\nTrisulPlugin = { id = { name = "filex count" },\n'
                            '  filex_monitor = { onfile_http = function(engine, ts, flow, path, req, resp, length)\n'
                            '    files = files + 1 end } }\n'},
+    "fresh-task": {"fresh-task.lua": _simple(
+        "fresh task", "tcp", "      T.async:schedule({ data = tostring(layer:getbyte(3)),\n"
+        "        onexecute = function(d) return PREFIX .. d end,\n"
+        "        onresult = function(e, d, r) results = results + 1 end })",
+        prelude='local PREFIX, results = "port ", 0')},
 }
-ORDER = list(SHAPES)
+ORDER = [s for s in SHAPES if s != "fresh-task"]
 
 
 def write(shape: str, directory: str) -> str:
