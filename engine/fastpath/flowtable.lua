@@ -449,15 +449,18 @@ function FT:reserve(extra)
   while size < want do size = size * 2 end
   local slots = alloc(slot_ptr, size, ffi.sizeof("lp_slot"))
   ffi.fill(slots, size * ffi.sizeof("lp_slot"), 0xff)    -- idx -1: empty
-  local mask, flows, sen = size - 1, self.flows, self.capacity
-  local i = flows[sen].lnext
-  while i ~= sen do                                      -- every live flow
-    local e = flows[i]
-    local j = band(e.hash, mask)
-    while slots[j].idx >= 0 do j = band(j + 1, mask) end
-    slots[j].idx, slots[j].hash = i, e.hash
-    e.slot = j
-    i = e.lnext
+  local mask, flows, old = size - 1, self.flows, self.slots
+  -- every live flow, read from the old index in slot order (sequential; the LRU list would
+  -- visit the flow records in random memory order, one dependent cache miss per flow)
+  for i = 0, self.size - 1 do
+    local x = old[i].idx
+    if x >= 0 then
+      local h = old[i].hash
+      local j = band(h, mask)
+      while slots[j].idx >= 0 do j = band(j + 1, mask) end
+      slots[j].idx, slots[j].hash = x, h
+      flows[x].slot = j
+    end
   end
   self.slots, self.size, self.mask = slots, size, mask
   self.resizes = self.resizes + 1

@@ -238,6 +238,7 @@ class FastPath:
         self._last_stats = -1e9
         self._last_progress = -1e9
         self.loop_start = self.loop_end = None   #: monotonic time of the first batch / after the last one
+        self.loop_cpu_start = self.loop_cpu_end = None   #: this thread's CPU time at the same two points
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "fts": 0, "key_info": 0, "flows": 0}
         self.stage = None               #: ReassemblyStage when a reassembly_handler is loaded
         self.flowmon = None             #: FlowBackends (sg_monitor / flowtracker)
@@ -561,7 +562,7 @@ class FastPath:
                 n = fill(driver)
                 if n:
                     if self.loop_start is None:
-                        self.loop_start = time.monotonic()
+                        self.loop_start, self.loop_cpu_start = time.monotonic(), time.thread_time()
                     sec = int(driver.sec)
                     if self.sec is None or sec > self.sec:
                         self._tick(sec)
@@ -573,7 +574,7 @@ class FastPath:
                         run_batch(host, batch_addr, n)
                     if new_flows is not None:
                         self.flowmon.new_flows(flow_rows(new_flows(driver, n)), sec)
-                    self.loop_end = time.monotonic()
+                    self.loop_end, self.loop_cpu_end = time.monotonic(), time.thread_time()
                     rt.service()
                     self._maybe_stats(rt, capture)
                     if self._reload:
@@ -632,6 +633,7 @@ class FastPath:
             self.store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
         report = self.store.close()
         summary["store"] = {"path": os.path.join(cfg.out_dir, "luaprobe.sqlite"), **(report or {})}
+        summary["closed_s"] = round(time.monotonic() - t0, 3)   # elapsed_s + the writer's last rows and close
         return summary
 
     def _start_capture(self, ring_seg, rt) -> subprocess.Popen:
@@ -928,6 +930,7 @@ class FastPath:
         return {
             "elapsed_s": round(elapsed, 3),
             "packet_loop_s": round((self.loop_end or 0) - (self.loop_start or 0), 4),
+            "packet_loop_cpu_s": round((self.loop_cpu_end or 0) - (self.loop_cpu_start or 0), 4),
             "files": self.cfg.files, "files_done": self.files_done, "input_errors": self.input_errors,
             "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),
             "truncated_headers": d.get("truncated", 0), "non_ip": d.get("nonip", 0),

@@ -345,7 +345,7 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
     out["rows_written"] = _sum_dicts([p.get("rows_written", {}) for p in parts])
     out["filex"] = [dict(x, shard=k) for k, p in enumerate(parts) for x in p.get("filex", [])]
     out["backend_reloads"] = parts[0].get("backend_reloads", 0)
-    done = set(out) | {"store", "shards", "stopped_by", "packet_loop_s", "packet_storage"}
+    done = set(out) | {"store", "shards", "stopped_by", "packet_loop_s", "packet_storage", "closed_s"}
     for key in [k for p in parts for k in p if k not in done]:    # other counts: summed
         vals = [p[key] for p in parts if key in p]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
