@@ -51,16 +51,20 @@ local LOG2 = log(2)
 -- schedule; aux: for onexecute, the upvalue blob the task needs ("" when none)
 local FIELDS = { "id", "kind", "fid", "data", "aux", "arg", "onres", "onerr", "t0", "files", "ts" }
 
+-- the slot arrays are preallocated (table.new): slots are filled from any index on, which in a table
+-- without an array part goes to the hash part, rehashed again and again as the queue fills
+local new_table = require("table.new")
+
 local function new_queue(cap)
   local q = { cap = cap, head = 0, sent = 0, tail = 0 }
-  for _, f in ipairs(FIELDS) do q[f] = {} end
+  for _, f in ipairs(FIELDS) do q[f] = new_table(cap, 0) end
   return q
 end
 
 local function grow(q)
   local cap2 = q.cap * 2
   for _, f in ipairs(FIELDS) do
-    local old, new = q[f], {}
+    local old, new = q[f], new_table(cap2, 0)
     for i = q.head, q.tail - 1 do new[i % cap2 + 1] = old[i % q.cap + 1] end
     q[f] = new
   end
@@ -424,14 +428,11 @@ function Async:make_api()
     return a, b, c
   end
 
-  --- Runs interpreted in most hooks (LuaJIT does not compile closure creation), so it does
-  --- little: checks, the prototype and upvalues through fninfo, then stage (enqueue).
-  function api.schedule(a, b)
-    local task = b
-    if a ~= api then task = a end
-    if type(task) ~= "table" then
-      error(("T.async:schedule expects a task table {data=, onexecute=, onresult=} (got %s)"):format(type(task)), 2)
-    end
+  --- The part of schedule after fninfo, a function of its own: fninfo is a classic C function, and LuaJIT cannot
+  --- carry a trace across it back into the hook's frames (the trace stops there, "return to lower frame" below
+  --- a pcall), so the code after it would run interpreted.  Here it is entered by a call, and LuaJIT compiles it
+  --- as a trace of its own.  Error levels: stage is tail-called, so level 2 is still schedule's caller.
+  local function stage(task, key, nups, u1, u2, u3, u4, u5, u6, u7, u8)
     local data = task.data
     if type(data) ~= "string" then
       if type(data) ~= "number" then
@@ -442,7 +443,6 @@ function Async:make_api()
     local fn, onres, onerr = task.onexecute, task.onresult, task.onerror
     if onres ~= nil and type(onres) ~= "function" then error("T.async:schedule: onresult must be a function", 2) end
     if onerr ~= nil and type(onerr) ~= "function" then error("T.async:schedule: onerror must be a function", 2) end
-    local key, nups, u1, u2, u3, u4, u5, u6, u7, u8 = fninfo(fn)
     if key == nil then
       if type(fn) ~= "function" then error("T.async:schedule: onexecute must be a function", 2) end
       error("T.async:schedule: onexecute must be a Lua function, not a C function", 2)
@@ -466,6 +466,17 @@ function Async:make_api()
     local ts = nil
     if self_.stamp then ts = self_.engine._tus end
     return self_:enqueue(EXEC, fid, data, aux, -1, onres, onerr, nil, ts)
+  end
+
+  --- Runs interpreted in most hooks (LuaJIT does not compile closure creation), so it does
+  --- little: the prototype and upvalues of onexecute through fninfo, then stage (checks, enqueue).
+  function api.schedule(a, b)
+    local task = b
+    if a ~= api then task = a end
+    if type(task) ~= "table" then
+      error(("T.async:schedule expects a task table {data=, onexecute=, onresult=} (got %s)"):format(type(task)), 2)
+    end
+    return stage(task, fninfo(task.onexecute))
   end
 
   local function file_op(kind, from, to)

@@ -5,6 +5,9 @@ unless their variable is set:
   LUAPROBE_JIT_PROFILE=prefix   samples the VM with jit.profile (and records
                                 trace aborts); the hottest lines go to
                                 `<prefix>.<tag>.txt` when stopped.
+  LUAPROBE_JIT_PROFILE_ONLY=s   samples only the VMs whose tag contains s
+                                (jit.profile has one sampler per process:
+                                the VM started last takes it over)
   LUAPROBE_JIT_ABORTS=prefix    counts trace aborts only (no sampling): one
                                 line per (phase, place, error) goes to
                                 `<prefix>.<tag>.aborts.tsv` when stopped:
@@ -100,6 +103,8 @@ end
 --- file names); returns a function that stops them and writes the reports.
 function M.start(tag)
   local prefix = os.getenv("LUAPROBE_JIT_PROFILE")
+  local only = os.getenv("LUAPROBE_JIT_PROFILE_ONLY")
+  if only and only ~= "" and not tag:find(only, 1, true) then prefix = nil end
   local aprefix = os.getenv("LUAPROBE_JIT_ABORTS")
   if (not prefix or prefix == "") and (not aprefix or aprefix == "") then return function() end end
   local acounts, on_trace = abort_counter()
