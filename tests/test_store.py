@@ -53,7 +53,7 @@ def sample(path):
                     "http://example.com/", b"\x00\xffbinary", "urls.lua"),
                    (1_700_000_003, 0, URL_RES, None, "GET /x", b"utf8 \xc3\xa9", "urls.lua")],
         flows=[("06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016", 6, "C0.A8.01.02", 2964, "D1.D8.F9.3A", 22,
-                1_700_000_000.5, 1_700_000_010.25, 10, 8, 1000, 800, "CLOSED", "ssh")],
+                1_700_000_000.5, 1_700_000_010.25, 10, 8, 1000, 800, "CLOSED", "ssh", 1234, 0, 2)],
         fts=[(1_700_000_004, 7, "{28217924-e7a5-4523-993c-44b52758d5a8}", "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0050",
               "GET / HTTP/1.1\r\nHost: example.com", "luaprobe")],
         run=[("pcap", json.dumps("x.pcap")), ("stats", json.dumps({"packets": 18}))],
@@ -107,7 +107,8 @@ def test_round_trip_every_kind(dbfile):
         assert f == {"flowkey": "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016", "proto": 6, "ipa": "C0.A8.01.02",
                      "porta": 2964, "ipz": "D1.D8.F9.3A", "portz": 22, "first_ts": 1_700_000_000.5,
                      "last_ts": 1_700_000_010.25, "packets_az": 10, "packets_za": 8, "bytes_az": 1000,
-                     "bytes_za": 800, "state": "CLOSED", "tags": "ssh"}
+                     "bytes_za": 800, "state": "CLOSED", "tags": "ssh", "setup_rtt_us": 1234, "retrans_az": 0,
+                     "retrans_za": 2}
         assert s.run_info() == {"pcap": "x.pcap", "stats": {"packets": 18}}
         (d,) = s.fts(guid="HTTP Headers")
         assert (d["fts_guid"], d["text"], d["ts_usec"]) == ("{28217924-E7A5-4523-993C-44B52758D5A8}",
@@ -132,19 +133,46 @@ def test_upserts_key_info_groups_flows_run_last_wins(dbfile):
         w.write("key_info", [(HOSTS, "K", "old", None)])
         w.write("counter_groups", [(MYGROUP, "Old", "", 30, "[]")])
         w.write("run", [("state", '"running"')])
-        w.write("flows", [("F", 6, "A", 1, "Z", 2, 10.0, 11.0, 1, 0, 60, 0, "OPEN", "")])
+        w.write("flows", [("F", 6, "A", 1, "Z", 2, 10.0, 11.0, 1, 0, 60, 0, "OPEN", "", None, 0, 0)])
         w.flush(sync=True)
         w.write("key_info", [(HOSTS.lower(), "K", "new", "d")])
         w.write("counter_groups", [(MYGROUP.lower(), "New", "x", 60, "[]")])
         w.write("run", [("state", '"done"'), ("stats", {"packets": 3, "bytes": [1, 2]})])  # non-text: JSON-encoded
-        w.write("flows", [("F", 6, "A", 1, "Z", 2, 10.0, 19.0, 5, 4, 300, 200, "CLOSED", "t"),
-                          ("F", 6, "A", 1, "Z", 2, 50.0, 51.0, 1, 0, 60, 0, "OPEN", "")])  # port reuse: new flow
+        w.write("flows", [("F", 6, "A", 1, "Z", 2, 10.0, 19.0, 5, 4, 300, 200, "CLOSED", "t", 900, 1, 0),
+                          ("F", 6, "A", 1, "Z", 2, 50.0, 51.0, 1, 0, 60, 0, "OPEN", "", None, 0, 0)])  # port reuse
     with Store(dbfile) as s:
         assert [(k["key"], k["label"], k["description"]) for k in s.key_info()] == [("K", "new", "d")]
         assert [(g["name"], g["bucketsize"]) for g in s.counter_groups()] == [("New", 60)]
         assert s.run_info() == {"state": "done", "stats": {"packets": 3, "bytes": [1, 2]}}
-        assert [(f["first_ts"], f["last_ts"], f["packets_az"], f["state"]) for f in s.flows()] == [
-            (10.0, 19.0, 5, "CLOSED"), (50.0, 51.0, 1, "OPEN")]
+        assert [(f["first_ts"], f["last_ts"], f["packets_az"], f["state"], f["setup_rtt_us"], f["retrans_az"])
+                for f in s.flows()] == [(10.0, 19.0, 5, "CLOSED", 900, 1), (50.0, 51.0, 1, "OPEN", None, 0)]
+
+
+def test_older_flows_table_gets_the_added_columns(dbfile):
+    """A database written before setup_rtt_us / retrans_az / retrans_za existed: readable (NULL there), and
+    opening it for writing (--append, the daemon) adds the columns, keeping the old rows."""
+    old = sqlite3.connect(dbfile)
+    old.executescript(
+        "CREATE TABLE flows (flowkey TEXT NOT NULL, proto INTEGER, ipa TEXT, porta INTEGER, ipz TEXT, portz INTEGER,"
+        " first_ts REAL NOT NULL, last_ts REAL, packets_az INTEGER, packets_za INTEGER, bytes_az INTEGER,"
+        " bytes_za INTEGER, state TEXT, tags TEXT, PRIMARY KEY (flowkey, first_ts));"
+        "INSERT INTO flows VALUES ('F', 6, 'A', 1, 'Z', 2, 10.0, 11.0, 1, 0, 60, 0, 'OPEN', '');")
+    for t in ("counters", "counter_groups", "key_info", "alerts", "resources", "run"):
+        old.execute(f"CREATE TABLE {t} (x)")
+    old.commit()
+    old.close()
+    with Store(dbfile) as s:
+        (f,) = s.flows()
+        assert (f["packets_az"], f["setup_rtt_us"], f["retrans_az"], f["retrans_za"]) == (1, None, None, None)
+    rc, out, _ = run_query("flows", "--db", dbfile)
+    assert rc == 0 and "setup rtt us" in out
+    sqlite3.connect(dbfile).executescript("DROP TABLE counters; DROP TABLE counter_groups; DROP TABLE key_info;"
+                                          "DROP TABLE alerts; DROP TABLE resources; DROP TABLE run;")
+    with StoreWriter(dbfile) as w:
+        w.write("flows", [("G", 6, "A", 3, "Z", 2, 20.0, 21.0, 1, 1, 60, 60, "CLOSED", "", 5, 0, 1)])
+    with Store(dbfile) as s:
+        assert [(f["flowkey"], f["setup_rtt_us"], f["retrans_za"]) for f in s.flows()] == [("F", None, None),
+                                                                                            ("G", 5, 1)]
 
 
 # ------------------------------------------------------------------------------------------------ counters

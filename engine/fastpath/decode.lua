@@ -41,6 +41,10 @@ Struct (all offsets/lengths in bytes from the start of the captured frame):
                         absent (decode.find reads it: no loop per lookup)
     sport, dport        TCP/UDP ports (0 otherwise)
     tcp_flags           TCP flags byte (offset 13 of the header)
+    tcp_seq, tcp_ack    TCP sequence and acknowledgment numbers (RFC 9293
+                        §3.1) as int32 (the 32 bits, two's complement: use
+                        bit.tobit differences for sequence comparisons);
+                        0 when the packet has no TCP layer
     icmp_type, icmp_code  for ICMP/ICMPv6
     frag                1 if IPv4 (MF set or offset != 0) or IPv6 fragment
                         header (M set or offset != 0); non-first fragments
@@ -82,6 +86,8 @@ typedef struct {
   int32_t sport;
   int32_t dport;
   int32_t tcp_flags;
+  int32_t tcp_seq;
+  int32_t tcp_ack;
   int32_t icmp_type;
   int32_t icmp_code;
   int32_t frag;
@@ -207,6 +213,11 @@ local function be16(p, o)
   return bor(lshift(p[o], 8), p[o + 1])
 end
 
+-- big-endian 32 bits as an int32 (bit ops wrap: the sign bit is bit 31)
+local function be32s(p, o)
+  return bor(lshift(p[o], 24), lshift(p[o + 1], 16), lshift(p[o + 2], 8), p[o + 3])
+end
+
 local function add_layer(d, proto, off, len)   -- a header the decoder found (put_layer, `own`)
   return put_layer(d, proto, off, len, true)
 end
@@ -221,6 +232,8 @@ local function decode_l4(d, p, o, lim, proto)
     d.sport = be16(p, o)
     d.dport = be16(p, o + 2)
     d.tcp_flags = p[o + 13]
+    d.tcp_seq = be32s(p, o + 4)
+    d.tcp_ack = be32s(p, o + 8)
     add_layer(d, TCP, o, doff)
   elseif proto == 17 then
     if o + 8 > lim then d.truncated = 1; return end
@@ -411,6 +424,8 @@ function M.decode(d, p, caplen, linktype)
   d.sport = 0
   d.dport = 0
   d.tcp_flags = 0
+  d.tcp_seq = 0
+  d.tcp_ack = 0
   d.icmp_type = 0
   d.icmp_code = 0
   d.frag = 0

@@ -188,7 +188,9 @@ M.join_tags = join_tags
 --- One flows row (docs/schema.md) as a line of tab-separated text:
 --- flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az,
 --- packets_za, bytes_az, bytes_za, state, tags, then (not stored; for the
---- sg_monitor / flowtracker Flow object) state flags, payload_az, payload_za.
+--- sg_monitor / flowtracker Flow object) state flags, payload_az, payload_za,
+--- then (stored) setup_rtt_us (TCP handshake RTT in whole µs, "" when not
+--- measured), retrans_az, retrans_za (flowtable.lua tcp_track).
 --- Text, not a Lua table per row: Python reads a whole chunk of rows with one
 --- string split instead of walking a table per row through lupa
 --- (engine/fastpath/run.py flow_rows parses it back).  Times with %.17g:
@@ -207,10 +209,12 @@ local function flow_line(self, ft, idx, reason, peek)
   local st = e.state
   if reason == flowtable.IDLE then st = bit.bor(st, 0x100) end
   if not peek then st = bit.bor(st, 0x800) end
-  return ("%s\t%d\t%s\t%d\t%s\t%d\t%.17g\t%.17g\t%d\t%d\t%d\t%d\t%s\t%s\t%d\t%d\t%d"):format(
+  local rtt = e.rtt[1]
+  return ("%s\t%d\t%s\t%d\t%s\t%d\t%.17g\t%.17g\t%d\t%d\t%d\t%d\t%s\t%s\t%d\t%d\t%d\t%s\t%d\t%d"):format(
     key, e.proto, ipa, e.porta, ipz, e.portz, e.first_ts, e.last_ts,
     e.packets_az, e.packets_za, e.bytes_az, e.bytes_za, peek and "OPEN" or state_text(e.state, reason), tags,
-    st, e.payload_az, e.payload_za)
+    st, e.payload_az, e.payload_za, rtt < 0 and "" or ("%d"):format(math.floor(rtt + 0.5)),
+    e.retrans_az, e.retrans_za)
 end
 
 --- flow_line text (newline separated) of the flows created by the last batch (n packets): flow uids

@@ -111,6 +111,13 @@ lp_flow fields (counters are doubles: exact up to 2^53, no boxed uint64):
                        A_END_SERVER 0x10 / Z_END_SERVER 0x20 (which end sent
                        the SYN-ACK), SEEN_FIN 0x40, SEEN_RST 0x80, TIMEDOUT
                        0x100 (idle expiry), TERMINATED 0x800 (terminate())
+  rtt[1]               TCP setup RTT in µs (latest client SYN -> the ACK completing
+                       the handshake), -1 until measured
+  retrans_az, retrans_za   TCP segments occupying sequence space that do not start
+                       at or after the highest sequence end seen in that direction
+                       (keep-alives excepted): docs/plugins.md "Setup RTT and
+                       retransmissions"; tcp_next[2], tcp_dirs, syn_sec/syn_nsec
+                       are their working state
   ipver, proto, porta, portz, a[4], z[4]   the key (addresses as int32 words
                        holding the network-order bytes)
   slot                 index slot, -1 when the record is free
@@ -119,7 +126,8 @@ local ffi = require "ffi"
 local bit = require "bit"
 local decode = require "luaprobe.engine.fastpath.decode"
 
-local band, bor, bxor, rol, tobit, lshift = bit.band, bit.bor, bit.bxor, bit.rol, bit.tobit, bit.lshift
+local band, bor, bxor, rol, tobit, lshift, arshift = bit.band, bit.bor, bit.bxor, bit.rol, bit.tobit, bit.lshift,
+  bit.arshift
 local cast = ffi.cast
 
 if not pcall(ffi.typeof, "lp_flow") then
@@ -147,6 +155,12 @@ typedef struct {
   union { double packets[2]; struct { double packets_az, packets_za; }; };
   union { double bytes[2];   struct { double bytes_az, bytes_za; }; };
   union { double payload[2]; struct { double payload_az, payload_za; }; };
+  /* TCP (tcp_track): [1] is the value, [0] a scratch slot written when nothing changes (no branch) */
+  double syn_sec[2], syn_nsec[2];   /* [1] time of the latest SYN (no ACK) before the handshake completed */
+  double rtt[2];                     /* [1] setup RTT in µs, -1 until measured */
+  union { double retrans[2]; struct { double retrans_az, retrans_za; }; };
+  int32_t tcp_next[2];               /* highest sequence end seen per direction (int32, mod 2^32) */
+  int32_t tcp_dirs;                  /* bit dir set once a TCP segment was seen in that direction */
 } lp_flow;
 ]]
 end
@@ -179,6 +193,7 @@ M.STATE = S
 M.IDLE, M.ACTIVE = 1, 2
 local IDLE, ACTIVE = M.IDLE, M.ACTIVE
 local TIMEDOUT, TERMINATED = S.TIMEDOUT, S.TERMINATED
+local TCP = decode.PROTO.TCP
 local MIN_SLOTS = 1024   -- smallest index (slots); it doubles as flows arrive
 
 local FT = {}
@@ -317,7 +332,10 @@ end
 --               or -1 (miss; the packet number goes on a miss list);
 --   2. insert   only the misses: probe again (an earlier packet of the same
 --               batch may have created the flow) and create the record;
---   3. account  per packet: last_ts, LRU move, counters, TCP state.
+--   3. account  per packet: last_ts, LRU move, counters, TCP state; for TCP
+--               segments (one test) setup RTT and retransmissions (tcp_track),
+--               branch-free inside and called with few live values so its
+--               side trace compiles too.
 -- The probe loop is bounded: the index is kept at most half full, so a probe
 -- chain always ends at an empty slot.
 local W_SPORT = ffi.offsetof("lp_decoded", "sport") / 4
@@ -429,6 +447,7 @@ local function new_flow(self, kf, j, ts)
   local created = self.created + 1
   self.created = created
   e.id = created
+  e.rtt[1] = -1
   e.first_ts = ts
   e.last_ts = ts
   self.live = self.live + 1
@@ -466,8 +485,56 @@ function FT:reserve(extra)
   self.resizes = self.resizes + 1
 end
 
+-- 1 when the segment (flags fl, direction dir) is the first ACK without SYN from the client end
+-- once the SYN-ACK was seen (state st before it): the SEEN_SYN_ACK_ACK transition
+local function handshake_ack(st, fl, dir)
+  local syn = band(rshift(fl, 1), 1)
+  local ack = band(rshift(fl, 4), 1)
+  return band(ack, bnot(syn), rshift(st, 2), bnot(rshift(st, 3)),
+              bnot(rshift(band(st, lshift(0x10, dir)), 4 + dir)), 1)
+end
+
+-- TCP setup RTT and retransmissions of one segment (account(), TCP segments only: the caller's one
+-- test).  Branch-free inside: every choice is bit arithmetic or a store into a scratch slot [0], so
+-- the trace takes the same path for every segment; called with few live values (st is the state
+-- before this segment) so the side trace of the caller's test compiles.
+local function tcp_track(e, dir, sec, nsec, d, fl, st)
+  -- syn: a SYN without ACK before the handshake completed; hs: this segment completed it (the
+  -- SEEN_SYN_ACK_ACK transition) after a SYN (state SEEN_SYN)
+  local syn = band(rshift(fl, 1), bnot(rshift(fl, 4)), bnot(rshift(st, 3)), 1)
+  local hs = band(handshake_ack(st, fl, dir), rshift(st, 1))
+  -- setup RTT: the latest SYN before the handshake completes -> the client's completing ACK; from
+  -- seconds and nanoseconds apart (one double of epoch seconds is only good to ~0.2 µs)
+  e.syn_sec[syn] = sec
+  e.syn_nsec[syn] = nsec
+  e.rtt[hs] = (sec - e.syn_sec[1]) * 1e6 + (nsec - e.syn_nsec[1]) * 1e-3
+  -- retransmission: the segment occupies sequence space (payload, SYN, FIN: RFC 9293 §3.4) but does
+  -- not start at or beyond the highest sequence end already seen in its direction; a keep-alive
+  -- (no SYN/FIN, at most 1 byte, seq = that end - 1) is not counted
+  local pl = d.payload_length
+  local seq = d.tcp_seq
+  local sf = band(fl, 0x03)                                   -- SYN 0x02, FIN 0x01
+  local len = pl + band(sf, 1) + rshift(sf, 1)
+  local hi = e.tcp_next[dir]
+  local seen = band(rshift(e.tcp_dirs, dir), 1)
+  local behind = rshift(tobit(seq - hi), 31)                  -- seq before hi (mod 2^32): 1
+  local occ = rshift(-len, 31)                                -- len > 0: 1
+  local z = bxor(seq, tobit(hi - 1))
+  local ka = band(rshift(pl - 2, 31), rshift(sf - 1, 31), bnot(rshift(bor(z, -z), 31)), 1)
+  e.retrans[dir] = e.retrans[dir] + band(seen, behind, occ, bnot(ka))
+  -- the highest end, moved only by segments that occupy sequence space (a bare ACK carries a
+  -- sequence number but no data, and may be bogus): max(hi, seq + len) once seen, seq + len first
+  local fwd = tobit(seq + len)
+  local adv = tobit(fwd - hi)
+  local m = -seen
+  local nhi = bor(band(m, tobit(hi + band(adv, bnot(arshift(adv, 31))))), band(bnot(m), fwd))
+  local mo = -occ
+  e.tcp_next[dir] = bor(band(mo, nhi), band(bnot(mo), hi))
+  e.tcp_dirs = bor(e.tcp_dirs, lshift(occ, dir))
+end
+
 -- per-packet accounting of flow idx (the third loop): LRU move, counters, TCP state
-local function account(self, flows, idx, dir, ts, wirelen, d)
+local function account(self, flows, idx, dir, ts, wirelen, d, sec, nsec)
   local e = flows[idx]
   e.last_ts = max(e.last_ts, ts)
   -- move to the LRU tail (also correct when it already is the tail)
@@ -476,7 +543,7 @@ local function account(self, flows, idx, dir, ts, wirelen, d)
   e.packets[dir] = e.packets[dir] + 1
   e.bytes[dir] = e.bytes[dir] + wirelen
   e.payload[dir] = e.payload[dir] + d.payload_length
-  -- TCP (decode leaves tcp_flags 0 for everything else, so no proto test)
+  -- TCP state (decode leaves tcp_flags 0 for everything else, so no proto test)
   local fl = d.tcp_flags
   e.tcp_flags_seen[dir] = bor(e.tcp_flags_seen[dir], fl)
   local st = e.state
@@ -484,15 +551,16 @@ local function account(self, flows, idx, dir, ts, wirelen, d)
   local ack = band(rshift(fl, 4), 1)
   local srv = lshift(0x10, dir)              -- this packet's end as server bit
   local synack = band(syn, ack)
-  -- first ACK (no SYN) from the client end once the SYN-ACK was seen
-  local ack3 = band(ack, bnot(syn), rshift(st, 2), bnot(rshift(st, 3)),
-                    bnot(rshift(band(st, srv), 4 + dir)), 1)
+  local ack3 = handshake_ack(st, fl, dir)
   e.state = bor(st,
                 lshift(band(syn, bnot(ack)), 1),            -- SEEN_SYN 0x02
                 band(-synack, bor(0x04, srv)),              -- SEEN_SYN_ACK 0x04 + A/Z_END_SERVER
                 lshift(ack3, 3),                            -- SEEN_SYN_ACK_ACK 0x08
                 lshift(band(fl, 0x01), 6),                  -- SEEN_FIN 0x40
                 lshift(band(fl, 0x04), 5))                  -- SEEN_RST 0x80
+  if d.first[TCP] >= 0 then
+    tcp_track(e, dir, sec, nsec, d, fl, st)
+  end
   return e
 end
 
@@ -512,7 +580,8 @@ function FT:update(d, ts, wirelen)
     if idx < 0 then return idx, kf.dir, false end
     is_new = true
   end
-  account(self, self.flows, idx, kf.dir, ts, wirelen or d.caplen, d)
+  local sec = math.floor(ts)
+  account(self, self.flows, idx, kf.dir, ts, wirelen or d.caplen, d, sec, math.floor((ts - sec) * 1e9 + 0.5))
   return idx, kf.dir, is_new
 end
 
@@ -566,7 +635,8 @@ function FT:update_batch(b, n)
     local idx = p.flow
     local uid = 0
     if idx >= 0 then
-      uid = account(self, flows, idx, p.dir, p.ts_sec + p.ts_nsec * 1e-9, p.wirelen, p.d).id
+      local sec, nsec = p.ts_sec, p.ts_nsec
+      uid = account(self, flows, idx, p.dir, sec + nsec * 1e-9, p.wirelen, p.d, sec, nsec).id
     end
     p.flow_uid = uid
   end

@@ -108,6 +108,7 @@ local function strip_l4(d)
   end
   d.l4_offset = -1
   d.sport, d.dport, d.tcp_flags, d.icmp_type, d.icmp_code = 0, 0, 0, 0, 0
+  d.tcp_seq, d.tcp_ack = 0, 0
 end
 M.strip_l4 = strip_l4
 

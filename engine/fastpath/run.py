@@ -30,7 +30,7 @@ from luaprobe.shm import logs
 from luaprobe.engine.plugins.errors import text as lua_text
 from luaprobe.engine.plugins.vm import PluginError, PluginVM, _text
 from luaprobe.engine.plugins.discovery import decl_rows, discover, group_names, group_rows, keyinfo_rows, probe
-from luaprobe.engine.plugins.flowmon import FlowBackends
+from luaprobe.engine.plugins.flowmon import FlowBackends, full_row, stored
 from luaprobe.engine.streams.reasm import ReassemblyStage
 from luaprobe.engine.analysers import Analysers, group_rows as analyser_group_rows, parse_names as parse_analysers
 from luaprobe.engine.plugins.monitors import TYPES as MONITOR_TYPES, Monitors, Script, group_names as monitor_group_names
@@ -47,16 +47,19 @@ FLOW_CHUNK = 4096          #: flows per chunk of the end-of-run flow export
 
 
 def flow_rows(text) -> list[list]:
-    """Flow records from the driver's flow_line text (engine/fastpath/driver.lua): one line per flow, 17
-    tab-separated fields: the 14 columns of the flows table (tags last), then the state flags and the
-    payload bytes a->z and z->a that only the sg_monitor / flowtracker Flow object reads."""
+    """Flow records from the driver's flow_line text (engine/fastpath/driver.lua): one line per flow, 20
+    tab-separated fields: the first 14 columns of the flows table (tags last), then the state flags and the
+    payload bytes a->z and z->a that only the sg_monitor / flowtracker Flow object reads, then the stored
+    setup_rtt_us (None when not measured), retrans_az, retrans_za (flowmon.stored picks the stored ones)."""
     if not text:
         return []
     rows = []
     for line in _text(text).split("\n"):
-        k, proto, ipa, pa, ipz, pz, t0, t1, paz, pza, baz, bza, state, tags, st, pyaz, pyza = line.split("\t")
+        k, proto, ipa, pa, ipz, pz, t0, t1, paz, pza, baz, bza, state, tags, st, pyaz, pyza, rtt, raz, rza = \
+            line.split("\t")
         rows.append([k, int(proto), ipa, int(pa), ipz, int(pz), float(t0), float(t1), int(paz), int(pza),
-                     int(baz), int(bza), state, tags, int(st), int(pyaz), int(pyza)])
+                     int(baz), int(bza), state, tags, int(st), int(pyaz), int(pyza), int(rtt) if rtt else None,
+                     int(raz), int(rza)])
     return rows
 
 
@@ -449,16 +452,16 @@ class FastPath:
                 inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg.encode())
 
     def _flows(self, rows) -> None:
-        """Flow records (17-field rows from flow_rows, 14-field Lua rows from scripts): held for sg_monitor /
+        """Flow records (full rows from flow_rows, 14-field Lua rows from scripts): held for sg_monitor /
         flowtracker when any is loaded, else written now."""
         rows = [[_text(x) if isinstance(x, bytes) else x for x in r.values()] for r in rows.values()] \
             if hasattr(rows, "values") else rows
         if not rows:
             return
         if self.flowmon is not None and self.flowmon.active:
-            self.flowmon.hold([r + [0x800, 0, 0][len(r) - 14:] if len(r) < 17 else r for r in rows])
+            self.flowmon.hold([full_row(r) for r in rows])
         else:
-            self._write("flows", [tuple(r[:14]) for r in rows])
+            self._write("flows", [stored(full_row(r)) for r in rows])
 
     def _route(self, kind: str, rows, now) -> None:
         """Outputs on their way to the store: through the monitors watching their group, if any."""

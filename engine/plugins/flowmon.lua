@@ -12,7 +12,9 @@ Flow:add_tag, to be written with the record).
 
 Row (1-based): flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts,
 packets_az, packets_za, bytes_az, bytes_za, state text, tags (space
-separated), state flags (bits in docs/plugins.md, Flow state()), payload_az, payload_za.
+separated), state flags (bits in docs/plugins.md, Flow state()), payload_az, payload_za,
+setup RTT (µs, nil when not measured), retransmissions a->z, z->a
+(engine/fastpath/flowtable.lua tcp_track; docs/plugins.md "Setup RTT and retransmissions").
 ]]
 local packet = require("luaprobe.engine.plugins.packet")
 
@@ -50,10 +52,11 @@ function Flow:add_tag(s)
   self._tags[#self._tags + 1] = s
   self._added[#self._added + 1] = s
 end
---- The TCP handshake RTT is not measured by luaprobe's flow table: 0.
-function Flow:setup_rtt() return 0 end
---- Retransmissions are not counted per flow by the flow table: 0.
-function Flow:retransmissions() return 0 end
+--- TCP setup RTT in µs (docs/plugins.md "Setup RTT and retransmissions"): the latest client SYN to the client's ACK completing the handshake;
+--- 0 when not measured (not TCP, or no SYN / SYN-ACK / ACK seen in the record).
+function Flow:setup_rtt() return self._r[18] or 0 end
+--- Retransmitted TCP segments in both directions (docs/plugins.md for the rule); 0 for other protocols.
+function Flow:retransmissions() return (self._r[19] or 0) + (self._r[20] or 0) end
 
 -- ------------------------------------------------------------------ phases (called from Python)
 

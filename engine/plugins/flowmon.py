@@ -21,7 +21,21 @@ from __future__ import annotations
 import heapq
 import zlib
 
-FLOW_STORED_COLUMNS = 14
+FLOW_ROW_FIELDS = 20     #: a full record (engine/fastpath/run.py flow_rows)
+_SCRIPT_PAD = [0x800, 0, 0, None, 0, 0]   #: a script-made record's flags, payloads, setup RTT, retransmissions
+
+
+def stored(r) -> tuple:
+    """The flows-table columns (docs/schema.md) of a full record: fields 0-13, then setup_rtt_us, retrans_az,
+    retrans_za (fields 17-19); fields 14-16 (state flags, payload bytes) only feed the Flow object."""
+    return tuple(r[:14]) + tuple(r[17:20])
+
+
+def full_row(r) -> list:
+    """A record with all FLOW_ROW_FIELDS fields: a 14-field script-made record (engine.lua take_open_flows,
+    terminate_flow) gets state TERMINATED, no payload, no setup RTT (None) and no retransmissions."""
+    r = list(r)
+    return r + _SCRIPT_PAD[len(r) - 14:] if len(r) < FLOW_ROW_FIELDS else r
 
 
 def _text(x):
@@ -80,7 +94,7 @@ class FlowBackends:
         self.ft = [i for i in self.ft if i.vm is not vm]
 
     def hold(self, rows) -> None:
-        """Records of flows that ended (full 17-field rows); written at the window end."""
+        """Records of flows that ended (full rows, FLOW_ROW_FIELDS fields); written at the window end."""
         for r in rows:
             r = list(r)
             self.held.append(r)
@@ -136,7 +150,7 @@ class FlowBackends:
                         b = int(held[idx][7]) - int(held[idx][7]) % int(info["bucketsize"])
                         self.buckets.setdefault((info["name"], b), []).append((m, held[idx][0]))
                 inst.fm["tags"](inst.vm.host)
-        rows = [tuple(r[:FLOW_STORED_COLUMNS]) for r, k in zip(held, keep) if k]
+        rows = [stored(r) for r, k in zip(held, keep) if k]
         self.stats["flows_flushed"] += len(rows)
         self.stats["flows_filtered_out"] += len(held) - len(rows)
         self.write("flows", rows)

@@ -90,10 +90,10 @@ def render(what: str, rows, store: Store) -> tuple[list[str], list[list], set[in
                 set())
     if what == "flows":
         return (["flowkey", "proto", "A", "Z", "first (UTC)", "last (UTC)", "pkts a>z", "pkts z>a", "bytes a>z",
-                 "bytes z>a", "state", "tags"],
+                 "bytes z>a", "state", "tags", "setup rtt us", "retrans a>z", "retrans z>a"],
                 [[r["flowkey"], r["proto"], f"{r['ipa']}:{r['porta']}", f"{r['ipz']}:{r['portz']}", iso(r["first_ts"]),
                   iso(r["last_ts"]), r["packets_az"], r["packets_za"], r["bytes_az"], r["bytes_za"], r["state"],
-                  r["tags"]] for r in rows], {6, 7, 8, 9})
+                  r["tags"], r["setup_rtt_us"], r["retrans_az"], r["retrans_za"]] for r in rows], {6, 7, 8, 9, 12, 13, 14})
     if what == "groups":
         return (["guid", "name", "bucketsize", "meters", "description"],
                 [[r["guid"], r["name"], r["bucketsize"],

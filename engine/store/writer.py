@@ -122,6 +122,9 @@ CREATE TABLE IF NOT EXISTS flows (
     bytes_za   INTEGER,
     state      TEXT,
     tags       TEXT,
+    setup_rtt_us INTEGER,
+    retrans_az INTEGER,
+    retrans_za INTEGER,
     PRIMARY KEY (flowkey, first_ts)
 );
 CREATE TABLE IF NOT EXISTS decl_groups (
@@ -180,13 +183,15 @@ _SQL = {
                         "ON CONFLICT (tracker, bucket_ts, rank) DO UPDATE SET flowkey = excluded.flowkey, "
                         "metric = excluded.metric"),
     "fts": (6, "INSERT INTO fts (ts_sec, ts_usec, fts_guid, flowkey, text, plugin) VALUES (?, ?, upper(?), ?, ?, ?)"),
-    "flows": (14, "INSERT INTO flows (flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, "
-                  "packets_za, bytes_az, bytes_za, state, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "flows": (17, "INSERT INTO flows (flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, "
+                  "packets_za, bytes_az, bytes_za, state, tags, setup_rtt_us, retrans_az, retrans_za) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                   "ON CONFLICT (flowkey, first_ts) DO UPDATE SET proto = excluded.proto, ipa = excluded.ipa, "
                   "porta = excluded.porta, ipz = excluded.ipz, portz = excluded.portz, last_ts = excluded.last_ts, "
                   "packets_az = excluded.packets_az, packets_za = excluded.packets_za, "
                   "bytes_az = excluded.bytes_az, bytes_za = excluded.bytes_za, state = excluded.state, "
-                  "tags = excluded.tags"),
+                  "tags = excluded.tags, setup_rtt_us = excluded.setup_rtt_us, retrans_az = excluded.retrans_az, "
+                  "retrans_za = excluded.retrans_za"),
     "run": (2, "INSERT INTO run (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
 }
 KINDS = tuple(_SQL)
@@ -263,6 +268,19 @@ def db_path(outdir: str) -> str:
     return os.path.join(outdir, DB_NAME)
 
 
+# Columns added after a table first shipped: (table, column, type).  A database written by an earlier version
+# (--append, the daemon's continuous record) gets them with ALTER TABLE; its older rows read NULL there.
+_ADDED_COLUMNS = (("flows", "setup_rtt_us", "INTEGER"), ("flows", "retrans_az", "INTEGER"),
+                  ("flows", "retrans_za", "INTEGER"))
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    for table, col, typ in _ADDED_COLUMNS:
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if col not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
+
+
 def open_rw(path: str, max_page_count: int | None = None) -> sqlite3.Connection:
     """Open (creating if needed) the database for writing: WAL, synchronous=NORMAL, schema applied."""
     db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
@@ -273,6 +291,7 @@ def open_rw(path: str, max_page_count: int | None = None) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=30000")
         db.executescript(SCHEMA)
+        _add_columns(db)
         db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
                    (str(SCHEMA_VERSION),))
         if max_page_count:
@@ -1006,8 +1025,10 @@ class Store:
 
     def flows(self, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
         """Flow records ordered by first_ts."""
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(flows)")}
+        extra = "".join(f", {c}" if c in have else f", NULL AS {c}" for _t, c, _y in _ADDED_COLUMNS)
         sql = ("SELECT flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, packets_za, bytes_az, "
-               "bytes_za, state, tags FROM flows")
+               f"bytes_za, state, tags{extra} FROM flows")
         args = []
         if flowkey is not None:
             sql += " WHERE flowkey = ?"
