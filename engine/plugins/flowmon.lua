@@ -52,8 +52,9 @@ function Flow:add_tag(s)
   self._tags[#self._tags + 1] = s
   self._added[#self._added + 1] = s
 end
---- TCP setup RTT in µs (docs/plugins.md "Setup RTT and retransmissions"): the latest client SYN to the client's ACK completing the handshake;
---- 0 when not measured (not TCP, or no SYN / SYN-ACK / ACK seen in the record).
+--- TCP setup RTT in µs: the latest client SYN to the client's ACK completing the handshake; 0 when
+--- not measured (not TCP, or no SYN / SYN-ACK / ACK seen in the record).  docs/plugins.md "Setup RTT
+--- and retransmissions".
 function Flow:setup_rtt() return self._r[18] or 0 end
 --- Retransmitted TCP segments in both directions (docs/plugins.md for the rule); 0 for other protocols.
 function Flow:retransmissions() return (self._r[19] or 0) + (self._r[20] or 0) end
