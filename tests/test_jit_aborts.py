@@ -4,8 +4,9 @@ LuaJIT's trace compiler reports every trace it gives up on ("trace abort"); a pl
 aborting is blacklisted and runs in the interpreter from then on, 10-50x slower.  This test runs
 the fast path in-process with the abort counter of engine/lua/jitprof.lua attached to the
 driver VM and to every plug-in VM (LUAPROBE_JIT_ABORTS), over seeded captures of different
-shapes (tools/bench/corpus.py) with the benchmark's plug-in shapes (tools/bench/shapes.py)
-loaded together.  Each capture is given twice: the first pass is warm-up (phase 0), the second
+shapes (tools/bench/corpus.py: every shape of the benchmark corpus, smaller; 1M flows is
+checked by hand, see docs/benchmarks.md) with the benchmark's plug-in shapes
+(tools/bench/shapes.py) loaded together.  Each capture is given twice: the first pass is warm-up (phase 0), the second
 the steady state (phase 1), then the end of the run (phase 2: flow export, filex finish).
 The fresh-task shape schedules a T.async task with closures written inline per packet (issue 11):
 LuaJIT cannot compile its hook (bytecode FNEW), which must not blacklist the walk that calls it
@@ -20,8 +21,8 @@ from __future__ import annotations
 
 import glob
 import os
+import struct
 
-import numpy as np
 import pytest
 
 from luaprobe.engine.fastpath.run import FastPath, RunConfig
@@ -31,19 +32,43 @@ STEADY_MAX = 6           #: aborts in one VM after warm-up ("a handful")
 WARMUP_PLACE_MAX = 25    #: aborts at one place during warm-up (a blacklisting storm is hundreds)
 
 CAPTURES = {
-    # name: (shape parameters, packets)
+    # name: (shape parameters, packets); the corpus shapes of tools/bench/corpus.py, smaller
     "mixed-zipf": (dict(corpus.SHAPES["mixed-zipf"], flows=3000), 60_000),
     "concurrent": (dict(corpus.SHAPES["flows-100k"], flows=20_000), 60_000),
     "v6-vlan-mpls": (dict(corpus.SHAPES["vlan-mpls"], v6=0.5, flows=2000), 50_000),
     "small-few": (dict(corpus.SHAPES["small-few"]), 50_000),
+    "ipv6-heavy": (dict(corpus.SHAPES["ipv6"]), 50_000),
+    "dns": (dict(corpus.SHAPES["dns"]), 40_000),                   # luaprobe gen: DNS and other UDP
+    "http": (dict(corpus.SHAPES["http"]), 40_000),                 # luaprobe gen: HTTP/1.1 conversations
+    "flows-100k": (dict(corpus.SHAPES["flows-100k"]), 150_000),    # 100 000 flows start in the first pass
+}
+
+#: shapes whose failure is known and lies outside the packet path this test guards (driver, decode, flow
+#: table, batch walk): the filex_monitor VM's HTTP parser and TCP walk (engine/streams), reported in issue 10
+KNOWN = {
+    "http": "filex VM: http.lua:571 and :736 abort 484 times each in warm-up (error 34, blacklisted)",
+    "flows-100k": "filex VM: tcpreasm.lua:131 aborts ~590 times after warm-up at 100k flows (error 34)",
 }
 
 
 def _capture(tmp_path, name) -> str:
     spec, n = CAPTURES[name]
     path = str(tmp_path / f"{name}.pcap")
-    corpus.write_pcap(path, corpus.build(spec, n, np.random.default_rng(7)))
+    corpus.write(path, spec, n, 7)
     return path
+
+
+def _count_packets(path) -> int:
+    """Records in a classic little-endian pcap file, read with struct (not the Lua walker under test)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert struct.unpack_from("<I", data)[0] in (0xA1B2C3D4, 0xA1B23C4D)
+    off, n = 24, 0
+    while off < len(data):
+        off += 16 + struct.unpack_from("<I", data, off + 8)[0]
+        n += 1
+    assert off == len(data)
+    return n
 
 
 def _aborts(prefix) -> list[tuple]:
@@ -61,7 +86,8 @@ def _aborts(prefix) -> list[tuple]:
     return rows
 
 
-@pytest.mark.parametrize("name", list(CAPTURES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN[n], strict=False))
+                                  if n in KNOWN else n for n in CAPTURES])
 def test_hot_path_does_not_abort(tmp_path, monkeypatch, name):
     cap = _capture(tmp_path, name)
     plugdir = tmp_path / "plugins"
@@ -70,7 +96,7 @@ def test_hot_path_does_not_abort(tmp_path, monkeypatch, name):
     prefix = str(tmp_path / "aborts")
     monkeypatch.setenv("LUAPROBE_JIT_ABORTS", prefix)
     summary = FastPath(RunConfig(plugins=[str(plugdir)], files=[cap, cap], out_dir=str(tmp_path / "out"))).run()
-    assert summary["packets"] == 2 * CAPTURES[name][1]
+    assert summary["packets"] == 2 * _count_packets(cap)
     assert not summary["plugin_problems"] and not summary["input_errors"]
     hot = [p for p in summary["plugins"] if p["type"] in ("simplecounter", "filex_monitor")]
     assert len(hot) == 11                                    # ten simplecounters and the filex_monitor
@@ -79,7 +105,7 @@ def test_hot_path_does_not_abort(tmp_path, monkeypatch, name):
     assert [p["walk"] for p in hot if p["type"] == "simplecounter"] == \
         ["stitched" if p is fresh else "inline" for p in hot if p["type"] == "simplecounter"]
     tcp = fresh["hook_calls"]["simplecounter.onpacket"]
-    assert tcp > 0 and fresh["async"]["scheduled"] == fresh["async"]["ok"] == tcp, fresh
+    assert (tcp > 0 or name == "dns") and fresh["async"]["scheduled"] == fresh["async"]["ok"] == tcp, fresh  # dns: no TCP
     rows = _aborts(prefix)
     tags = {os.path.basename(p) for p in glob.glob(prefix + ".*.aborts.tsv") if ".worker-" not in p}
     assert len(tags) == len(summary["plugins"]) + 1, tags   # every VM and the driver wrote a report

@@ -37,28 +37,31 @@ GAP_US = 10                      #: packet-time spacing
 
 #: shape -> (flows, packets (full), packets (quick), frame sizes, ipv6 share, encapsulation, tcp share)
 SHAPES = {
-    "small-few":  dict(flows=500, packets=2_000_000, quick=200_000, sizes="small", v6=0.0, encap="none", tcp=1.0,
+    "small-few":  dict(flows=500, packets=2_000_000, quick=500_000, sizes="small", v6=0.0, encap="none", tcp=1.0,
                        popularity="uniform"),
-    "mixed-zipf": dict(flows=3_000, packets=1_000_000, quick=200_000, sizes="mixed", v6=0.0, encap="none", tcp=0.7,
+    "mixed-zipf": dict(flows=3_000, packets=1_000_000, quick=500_000, sizes="mixed", v6=0.0, encap="none", tcp=0.7,
                        popularity="zipf"),
     "flows-100k": dict(flows=100_000, packets=1_000_000, quick=300_000, sizes="mixed", v6=0.0, encap="none",
                        tcp=0.7, popularity="concurrent"),
     "flows-1m":   dict(flows=1_000_000, packets=2_000_000, quick=1_000_000, sizes="small", v6=0.0, encap="none",
                        tcp=0.7, popularity="concurrent"),
-    "ipv6":       dict(flows=3_000, packets=1_000_000, quick=200_000, sizes="mixed", v6=0.8, encap="none", tcp=0.7,
+    "ipv6":       dict(flows=3_000, packets=1_000_000, quick=500_000, sizes="mixed", v6=0.8, encap="none", tcp=0.7,
                        popularity="zipf"),
-    "vlan-mpls":  dict(flows=3_000, packets=1_000_000, quick=200_000, sizes="mixed", v6=0.0, encap="mixed", tcp=0.7,
+    "vlan-mpls":  dict(flows=3_000, packets=1_000_000, quick=500_000, sizes="mixed", v6=0.0, encap="mixed", tcp=0.7,
                        popularity="zipf"),
     "http":       dict(gen=["--mix", "http=100", "--http-sizes", "2000,20000,200000", "--flows", "3000",
-                            "--concurrency", "200"], packets=1_000_000, quick=200_000),
+                            "--concurrency", "200"], packets=1_000_000, quick=500_000),
     "dns":        dict(gen=["--mix", "dns=85,udp=15", "--flows", "60000", "--concurrency", "2000"],
-                       packets=1_000_000, quick=200_000),
+                       packets=1_000_000, quick=500_000),
 }
 ORDER = list(SHAPES)
 
 
 def path_for(shape: str, quick: bool, out: str = DATA) -> str:
-    return os.path.join(out, f"{shape}{'-quick' if quick else ''}.pcap")
+    """Where `shape`'s capture is kept: the packet count is in the name, so a changed size never
+    reuses an old file."""
+    spec = SHAPES[shape]
+    return os.path.join(out, f"{shape}-{spec['quick'] if quick else spec['packets']}.pcap")
 
 
 def make(shape: str, quick: bool = False, out: str = DATA, seed: int = 10) -> str:
@@ -68,19 +71,26 @@ def make(shape: str, quick: bool = False, out: str = DATA, seed: int = 10) -> st
         return path
     os.makedirs(out, exist_ok=True)
     spec = SHAPES[shape]
-    n = spec["quick"] if quick else spec["packets"]
     tmp = path + ".tmp"
-    if "gen" in spec:
-        subprocess.run([sys.executable, "-m", "luaprobe.engine.gen.traffic", "--out", tmp, "--seed", str(seed),
-                        "--packets", str(n), "--rate", str(1_000_000 // GAP_US), *spec["gen"]], cwd=REPO,
-                       check=True, stdout=subprocess.DEVNULL)
-        for side in (tmp + ".bodies.json",):           # the generator's body list: not needed here
-            if os.path.exists(side):
-                os.remove(side)
-    else:
-        write_pcap(tmp, build(spec, n, np.random.default_rng([seed, ORDER.index(shape)])))
+    write(tmp, spec, spec["quick"] if quick else spec["packets"], [seed, ORDER.index(shape)])
     os.replace(tmp, path)
     return path
+
+
+def write(path: str, spec: dict, n: int, seed) -> None:
+    """Write a capture of about `n` packets of shape `spec` (a SHAPES value, possibly changed) to
+    `path`; `seed` (an int or a list of ints) makes it reproducible.  Generator shapes (http, dns)
+    give the generator's packet count for `n` requested (whole conversations)."""
+    if "gen" in spec:
+        gseed = seed if isinstance(seed, int) else seed[0]
+        subprocess.run([sys.executable, "-m", "luaprobe.engine.gen.traffic", "--out", path, "--seed", str(gseed),
+                        "--packets", str(n), "--rate", str(1_000_000 // GAP_US), *spec["gen"]], cwd=REPO,
+                       check=True, stdout=subprocess.DEVNULL)
+        side = path + ".bodies.json"                   # the generator's body list: not needed here
+        if os.path.exists(side):
+            os.remove(side)
+    else:
+        write_pcap(path, build(spec, n, np.random.default_rng(seed)))
 
 
 # ------------------------------------------------------------------------------ flow-shape builder

@@ -1,6 +1,6 @@
 """Benchmark: the fast path over the benchmark corpus x plug-in shapes (issue 10).
 
-    python tools/bench/corpus_bench.py [--quick] [--runs 5] [--corpus a,b] [--shapes x,y]
+    python tools/bench/corpus_bench.py [--quick] [--runs 5] [--corpus a,b] [--shapes x,y] [--doc docs/benchmarks.md]
 
 Every cell (traffic shape from tools/bench/corpus.py x plug-in shape from tools/bench/shapes.py)
 runs ``luaprobe run`` --runs times as a separate process and reports packets/s as
@@ -14,18 +14,24 @@ What is timed (the same for every cell):
   plug-ins have walked the last one (capture process filling the packet ring, decoding, flow
   table, every plug-in hook, counters and expired flows shipped to the SQLite writer, T.async
   service).  Start-up and the end-of-run work are not in it.
-* **engine** — the run summary's ``elapsed_s``: FastPath.run from its start (store writer and
+* **loop CPU** — the run summary's ``packet_loop_cpu_s`` over the packets: CPU time of the fast
+  path's thread (decode, flow table, every plug-in VM's walk, the Python loop around them) during
+  the loop, ns per packet.  CPU time, not elapsed time: on a busy machine it grows much less than
+  the rates shrink.  The capture process's copy runs in parallel on the other core and is not in it.
+* **engine** — the run summary's ``closed_s``: FastPath.run from its start (store writer and
   capture process started, plug-ins loaded) until the SQLite database is closed, so it includes
   the capture process reading the file into the packet ring, decoding, the flow table, every
-  plug-in hook, counters and flow rows written to SQLite.  Not included: the Python
-  interpreter's start-up and imports (~0.3 s), which the wall column shows.
+  plug-in hook, counters and every flow row written to SQLite and committed.  Not included: the
+  Python interpreter's start-up and imports (~0.3 s), which the wall column shows.  (The
+  summary's ``elapsed_s`` stops earlier, before the writer's last rows and the close.)
 * **wall** — the whole ``luaprobe run`` process, start-up included.
 * **walk** — a LuaJIT loop in this process over the same file, mapped in memory: each packet is
   decoded with luaprobe's decoder and a Lua hook counts TCP destination ports in a table
   (``hval``-like work).  No ring, no flow table, no second process, no database: the practical
   upper bound of a per-packet Lua loop on this machine.  Median of --runs walks after one
   warm-up walk; the file is in the page cache for both.
-* **RSS** — the peak resident set of the ``luaprobe run`` process tree (``wait4``), MB.
+* **RSS** — the largest peak resident set of the ``luaprobe run`` process and the processes it
+  waited for (``wait4``'s ``ru_maxrss``: a maximum over the processes, not a sum), MB.
 
 Every run must report all packets of the file; a run that does not fails the benchmark.
 """
@@ -109,17 +115,18 @@ def luaprobe_run(path: str, plugdir: str, workdir: str) -> dict:
 
 def cell(path: str, n: int, shape: str, runs: int, workdir: str) -> dict:
     plugdir = shapes.write(shape, os.path.join(workdir, "plugins-" + shape))
-    loop, engine, wall, rss = [], [], [], 0.0
+    loop, cpu, engine, wall, rss = [], [], [], [], 0.0
     for _ in range(runs):
         r = luaprobe_run(path, plugdir, workdir)
         s = r["summary"]
         if s["packets"] != n:
             raise SystemExit(f"{path} / {shape}: luaprobe saw {s['packets']} packets, the file has {n}")
         loop.append(n / s["packet_loop_s"])
-        engine.append(n / s["elapsed_s"])
+        cpu.append(s["packet_loop_cpu_s"] / n * 1e9)
+        engine.append(n / s["closed_s"])
         wall.append(n / r["wall"])
         rss = max(rss, r["rss_mb"])
-    return {"loop": loop, "engine": engine, "wall": wall, "rss_mb": rss}
+    return {"loop": loop, "cpu": cpu, "engine": engine, "wall": wall, "rss_mb": rss}
 
 
 def fmt(x: float) -> str:
@@ -128,10 +135,11 @@ def fmt(x: float) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small captures (200k-1M packets)")
+    ap.add_argument("--quick", action="store_true", help="smaller captures (300k-1M packets)")
     ap.add_argument("--runs", type=int, default=5, help="runs per cell (default 5)")
     ap.add_argument("--corpus", default=",".join(corpus.ORDER), help="traffic shapes, comma-separated")
     ap.add_argument("--shapes", default=",".join(shapes.ORDER), help="plug-in shapes, comma-separated")
+    ap.add_argument("--doc", help="also write the table into this Markdown file, between the corpus_bench markers")
     a = ap.parse_args(argv)
     traffic = [c for c in a.corpus.split(",") if c]
     plugins = [s for s in a.shapes.split(",") if s]
@@ -141,11 +149,18 @@ def main(argv=None) -> int:
     for s in plugins:
         if s not in shapes.SHAPES:
             ap.error(f"unknown plug-in shape {s!r}")
-    print(f"machine: {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f} at start; "
-          f"{a.runs} runs per cell; {'--quick' if a.quick else 'full'} corpus\n")
-    print("| traffic | packets | plug-in | loop packets/s min / median / max | spread | engine median "
-          "| wall median | walk median | loop / walk | engine / walk | RSS MB |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out = []
+
+    def emit(line: str = "") -> None:
+        out.append(line)
+        print(line, flush=True)
+
+    start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load0 = os.getloadavg()[0]
+    emit("| traffic | packets | plug-in | loop packets/s min / median / max | spread | loop CPU ns/packet "
+         "| engine median | wall median | walk median | loop / walk | engine / walk | RSS MB |")
+    emit("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    res = {}                                  # (traffic, plug-in) -> cell() result + walk median
     with tempfile.TemporaryDirectory(prefix="lp-bench-") as work:
         for c in traffic:
             path = corpus.make(c, a.quick)
@@ -155,13 +170,69 @@ def main(argv=None) -> int:
                 if a.quick and c in HEAVY and s not in HEAVY[c]:
                     continue
                 r = cell(path, n, s, a.runs, work)
+                res[c, s] = dict(r, walk=wmed)
                 lp, emed = r["loop"], statistics.median(r["engine"])
                 med = statistics.median(lp)
-                print(f"| {c} | {n:,} | {s} | {fmt(min(lp))} / {fmt(med)} / {fmt(max(lp))} | "
-                      f"{max(lp) / min(lp):.2f} | {fmt(emed)} | {fmt(statistics.median(r['wall']))} | {fmt(wmed)} | "
-                      f"{med / wmed:.0%} | {emed / wmed:.0%} | {r['rss_mb']:.0f} |", flush=True)
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+                emit(f"| {c} | {n:,} | {s} | {fmt(min(lp))} / {fmt(med)} / {fmt(max(lp))} | "
+                     f"{max(lp) / min(lp):.2f} | {statistics.median(r['cpu']):.0f} | {fmt(emed)} | "
+                     f"{fmt(statistics.median(r['wall']))} | {fmt(wmed)} | "
+                     f"{med / wmed:.0%} | {emed / wmed:.0%} | {r['rss_mb']:.0f} |")
+    cmd = "tools/bench/corpus_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    note = (f"Measured {start} by `{cmd.strip()}`: {os.cpu_count()} CPUs, load average {load0:.1f} at the "
+            f"start and {os.getloadavg()[0]:.1f} at the end; {a.runs} runs per cell; "
+            f"{'--quick' if a.quick else 'full'} corpus.")
+    print("\n" + note)
+    goals = goal_lines(res)
+    print("\n".join(["", *goals]))
+    if a.doc:
+        write_doc(a.doc, note, out + [""] + goals)
     return 0
+
+
+LIGHT = ("empty", "hval", "counter", "flowstate")   #: the light hooks of the issue's first goal
+
+
+def goal_lines(res: dict) -> list:
+    """Issue 10's goals checked against this run's cells (loop medians), one Markdown bullet each."""
+    med = statistics.median
+    lines = ["Goals (issue 10) on this run, from the loop columns:"]
+    light = [(k, r) for k, r in res.items() if k[1] in LIGHT]
+    if light:
+        bad = [f"{t}/{s}" for (t, s), r in light
+               if not (med(r["loop"]) >= 4e6 and med(r["loop"]) >= 0.5 * r["walk"]
+                       and max(r["loop"]) / min(r["loop"]) <= 1.3)]
+        lines.append(f"* light hooks ({', '.join(LIGHT)}): >= 4M packets/s, >= 50 % of the walk and spread <= 1.3 "
+                     f"in {len(light) - len(bad)} of {len(light)} cells"
+                     + (f"; not met: {', '.join(bad)}" if bad else ""))
+    five = [(t, med(r["loop"]) / med(res[t, "counter"]["loop"])) for (t, s), r in res.items()
+            if s == "five-layers" and (t, "counter") in res]
+    if five:
+        lines.append("* five simplecounters >= 60 % of one (five-layers / counter): "
+                     + ", ".join(f"{t} {x:.0%}" for t, x in five))
+    fx = [(t, med(r["loop"]) / med(res[t, "empty"]["loop"])) for (t, s), r in res.items()
+          if s == "filex" and t != "http" and (t, "empty") in res]
+    if fx:
+        lines.append("* filex_monitor on non-HTTP traffic >= 80 % of the empty hook: "
+                     + ", ".join(f"{t} {x:.0%}" for t, x in fx))
+    if ("flows-1m", "empty") in res:
+        lines.append(f"* 1M concurrent flows: peak RSS {res['flows-1m', 'empty']['rss_mb']:.0f} MB "
+                     "(largest process; flow table bounded by its capacity, see below)")
+    return lines
+
+
+BEGIN, END = "<!-- corpus_bench table: begin -->", "<!-- corpus_bench table: end -->"
+
+
+def write_doc(path: str, note: str, lines: list) -> None:
+    """Replace the text between the BEGIN and END markers of `path` with `note` and the table."""
+    with open(path) as f:
+        text = f.read()
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < i:
+        raise SystemExit(f"{path}: no '{BEGIN}' ... '{END}' block to replace")
+    block = "\n".join([BEGIN, note, "", *lines, END])
+    with open(path, "w") as f:
+        f.write(text[:i] + block + text[j + len(END):])
 
 
 if __name__ == "__main__":
