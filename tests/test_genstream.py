@@ -87,7 +87,7 @@ def test_paced_send_rate_within_5_percent(mode, target):
                 rx.kill()
                 rx.communicate()
     span = (got["last_ns"] - got["first_ns"]) / 1e9
-    assert got["count"] == sent["sent"] and got["kernel_drops"] == 0, (got, sent)
+    assert got["count"] == sent["sent"] and got["kernel_drops"] == 0 == got["other"], (got, sent)   # no foreign frame
     if mode == "--rate":
         measured = (got["count"] - 1) / span
     else:
