@@ -230,7 +230,22 @@ def test_http_and_tls_attributes_match_tshark(tmp_path):
                                                for r in sh)
 
     # certificates: TLS:O = the server certificate's subject O (else CN); intermediates and the root
-    cm = [line.split("\t") for line in tshark("-r", TUTORIAL, "-Y", "tls.handshake.type==11", "-T", "fields", "-e",
+    want_o, want_inter, want_root = tls_cert_names(TUTORIAL)
+    assert len(want_o) == 10
+    assert sorted(got["TLS:O"]) == sorted(want_o)
+    assert sorted(got["TLS:CA:INTER"]) == sorted(want_inter)
+    assert sorted(got["TLS:CA:ROOT"]) == sorted(want_root)
+
+    # TLS:RECORD: every record that is not application data, whole (5-byte header included)
+    mine = collections.Counter((int(r[1]), int(r[2])) for r in got["TLS:RECORD"])
+    assert mine == tls_records(TUTORIAL)
+
+
+def tls_cert_names(path) -> tuple[list, list, list]:
+    """[(flowkey, name)] for TLS:O, TLS:CA:INTER and TLS:CA:ROOT from tshark's certificate bytes, decoded by
+    CPython's ssl module: the server certificate's subject O (else CN); each further certificate's subject,
+    as a root when self-issued; the last certificate's issuer as the root when the chain does not end in one."""
+    cm = [line.split("\t") for line in tshark("-r", path, "-Y", "tls.handshake.type==11", "-T", "fields", "-e",
                                               "ip.src", "-e", "tcp.srcport", "-e", "ip.dst", "-e", "tcp.dstport",
                                               "-e", "tls.handshake.certificate").splitlines()]
     want_o, want_inter, want_root = [], [], []
@@ -242,21 +257,93 @@ def test_http_and_tls_attributes_match_tshark(tmp_path):
             (want_root if root else want_inter).append((key, subj))
         if not chain[-1][2]:
             want_root.append((key, chain[-1][1]))
-    assert len(want_o) == 10
-    assert sorted(got["TLS:O"]) == sorted(want_o)
-    assert sorted(got["TLS:CA:INTER"]) == sorted(want_inter)
-    assert sorted(got["TLS:CA:ROOT"]) == sorted(want_root)
+    return want_o, want_inter, want_root
 
-    # TLS:RECORD: every record that is not application data, whole (5-byte header included)
+
+def tls_records(path) -> collections.Counter:
+    """{(content type, bytes with the 5-byte header): count} of every TLS record but application data (tshark)."""
     recs = collections.Counter()
-    for line in tshark("-r", TUTORIAL, "-o", "tls.desegment_ssl_records:TRUE", "-Y", "tls", "-T", "fields",
+    for line in tshark("-r", path, "-o", "tls.desegment_ssl_records:TRUE", "-Y", "tls", "-T", "fields",
                        "-e", "tls.record.content_type", "-e", "tls.record.length").splitlines():
         types, lens = line.split("\t")
         for t, n in zip(types.split(","), lens.split(",")):
             if t and int(t) != 23:
                 recs[(int(t), int(n) + 5)] += 1
-    mine = collections.Counter((int(r[1]), int(r[2])) for r in got["TLS:RECORD"])
-    assert mine == recs
+    return recs
+
+
+# The legacy onattribute order of trisul-scripts' socialalert.lua and tls-heartbeat-2.lua (a flow, then the
+# time, and a Buffer value), in their shape: T.re2 on the certificate organisation, add_alert_ids, Buffer
+# methods on TLS:RECORD; loaded next to a documented-order handler (HTTP_TLS) in the same run.
+LEGACY = r'''
+local OUT = %q
+TrisulPlugin = {
+  id = { name = "legacy order" },
+  onload = function()
+    T.f = io.open(OUT, "w")
+    TrisulPlugin.k = T.re2("github|google")
+  end,
+  onunload = function() T.f:close() end,
+  reassembly_handler = {
+    onattribute = function(engine,flow,timestamp, nm, valbuff)
+      if nm == "TLS:RECORD" then
+        T.f:write(flow:id(), "\tTLS:RECORD\t", valbuff:hval_8(0), "\t", valbuff:size(), "\t", type(timestamp), "\n")
+      elseif nm == "TLS:O" then
+        local v = valbuff:tostring():lower()
+        T.f:write(flow:id(), "\tTLS:O\t", valbuff:tostring(), "\n")
+        if TrisulPlugin.k:partial_match(v) then
+          engine:add_alert_ids("{9AFD8C08-07EB-47E0-BF05-28B4A7AE8DC9}", flow:id(), "sid-8000001", "lua-social", 1,
+                               "Detected social media usage")
+        end
+      end
+    end,
+  },
+}
+'''
+
+
+@needs_tshark
+def test_legacy_onattribute_order(tmp_path):
+    legacy_out, doc_out = tmp_path / "legacy.tsv", tmp_path / "doc.tsv"
+    a = helpers.write_plugin(tmp_path, fill(LEGACY, str(legacy_out)), "legacy.lua")
+    b = helpers.write_plugin(tmp_path, fill(HTTP_TLS, str(doc_out)), "doc.lua")
+    summary = run(tmp_path, [a, b], [TUTORIAL])
+    got, doc = attributes(legacy_out), attributes(doc_out)
+    recs = tls_records(TUTORIAL)
+    assert collections.Counter((int(r[1]), int(r[2])) for r in got["TLS:RECORD"]) == recs
+    assert {r[3] for r in got["TLS:RECORD"]} == {"number"}
+    assert collections.Counter((int(r[1]), int(r[2])) for r in doc["TLS:RECORD"]) == recs
+    want_o = tls_cert_names(TUTORIAL)[0]
+    assert sorted(got["TLS:O"]) == sorted(doc["TLS:O"]) == sorted(want_o)
+    hits = [k for k, o in want_o if re.search("github|google", o.lower())]
+    assert hits
+    with Store(str(tmp_path / "out")) as s:
+        alerts = s.alerts()
+    assert sorted(a["flowkey"] for a in alerts) == sorted(hits)
+    assert {a["sigid"] for a in alerts} == {"sid-8000001"}
+
+
+LEGACY_NAMES = r'''
+local h = require("luaprobe.engine.streams.handler")
+local stripped = loadstring(string.dump(function(engine, flow, ts, nm, v) end, true))
+return {
+  h.legacy_attribute_order(function(engine,flow,timestamp,attribute_name,attribute_value) end),  -- socialalert
+  h.legacy_attribute_order(function(engine,flow,timestamp, nm, valbuff) end),                  -- tls-heartbeat-2
+  h.legacy_attribute_order(function(engine, flowkey, ts, name, value) end),
+  h.legacy_attribute_order(function(engine, timestamp, flowkey, attr_name, attr_value) end),   -- jahash, skeleton
+  h.legacy_attribute_order(function(engine, time, flow, attr_type, attr_value) end),          -- flow_attributes
+  h.legacy_attribute_order(function(engine, ts, flow, name, value) end),                      -- the docs
+  h.legacy_attribute_order(function(e, a, b, c, d) end),
+  h.legacy_attribute_order(function(...) end),
+  h.legacy_attribute_order(stripped),
+  h.legacy_attribute_order(nil),
+}
+'''
+
+
+def test_legacy_onattribute_detection_by_parameter_names():
+    got = list(new_runtime().execute(LEGACY_NAMES).values())
+    assert got == [True, True, True, False, False, False, False, False, False, False]
 
 
 VOTER = r'''

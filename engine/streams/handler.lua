@@ -14,7 +14,10 @@ events into hooks:
   onattribute(engine, ts, flow, name, value)
                                         HTTP-Header, Content-Type, User-Agent, Host, URI, TLS:RECORD,
                                         TLS:O, TLS:CA:ROOT, TLS:CA:INTER, TLS:CIPHER, "" and "^D";
-                                        value is a Lua string
+                                        value is a Lua string.  The legacy order
+  onattribute(engine, flow, ts, name, buffer)
+                                        (older Trisul scripts; value a Buffer) is used when the hook's
+                                        parameter names say so (legacy_attribute_order below)
   onterminateflow(engine, ts, flow)     FIN both ways, RST, idle timeout or end of input
 
 `flow` is a FlowID.  engine:disable_reassembly(flow) stops this VM's events
@@ -37,6 +40,20 @@ local M = {}
 local H = {}
 H.__index = H
 
+--- True when hook f declares the legacy onattribute order (engine, flow, ts, name, buffer) by its
+--- parameter names: the 2nd names a flow (contains "flow") and the 3rd a time (contains "time", or is
+--- "ts").  Both orders have five parameters and live in the same reassembly_handler table, so the names
+--- are the only sign; any other naming, a vararg hook or stripped bytecode (no names) gets the
+--- documented order (engine, ts, flow, name, string).  docs/plugins.md "reassembly_handler".
+local function legacy_attribute_order(f)
+  if type(f) ~= "function" then return false end
+  local n2, n3 = debug.getlocal(f, 2), debug.getlocal(f, 3)
+  if type(n2) ~= "string" or type(n3) ~= "string" then return false end
+  n2, n3 = n2:lower(), n3:lower()
+  return n2:find("flow", 1, true) ~= nil and (n3:find("time", 1, true) ~= nil or n3 == "ts")
+end
+M.legacy_attribute_order = legacy_attribute_order
+
 --- opts: votes (address of the stage's lp_svote array), slot (0..31: this handler's vote bit).
 function M.new(host, opts)
   local rh = host.plugin.reassembly_handler
@@ -45,6 +62,7 @@ function M.new(host, opts)
     votes = cast("lp_svote *", opts.votes), bit = lshift(1, opts.slot),
     has_filter = type(rh.filter) == "function",
     flows = {}, bykey = {}, buf = buffer.new(nil, 0),
+    legacy = legacy_attribute_order(rh.onattribute),     -- onattribute(engine, flow, ts, name, buffer)
     want = { payload = type(rh.onpayload) == "function", attribute = type(rh.onattribute) == "function" },
   }, H)
   host.engine.on_disable_reassembly = function(fk) self:disable(fk) end
@@ -115,8 +133,14 @@ function H:run_events(addr, n)
           end
         elseif kind == ATTR then
           if not st.disabled and self.want.attribute then
-            self.host:call("reassembly_handler", "onattribute", eng, sec, st.flow, ATTRS[e.attr],
-                           fstring(e.p, e.len))
+            local v = fstring(e.p, e.len)
+            if self.legacy then
+              buffer.rebind(self.buf, v, #v, v)
+              self.host:call("reassembly_handler", "onattribute", eng, st.flow, sec, ATTRS[e.attr], self.buf)
+              buffer.invalidate(self.buf)
+            else
+              self.host:call("reassembly_handler", "onattribute", eng, sec, st.flow, ATTRS[e.attr], v)
+            end
           end
         elseif kind == CLOSE then
           flows[uid] = nil
