@@ -432,6 +432,8 @@ function Async:make_api()
   --- carry a trace across it back into the hook's frames (the trace stops there, "return to lower frame" below
   --- a pcall), so the code after it would run interpreted.  Here it is entered by a call, and LuaJIT compiles it
   --- as a trace of its own.  Error levels: stage is tail-called, so level 2 is still schedule's caller.
+  local last_fn, last_key = nil, nil     -- the last onexecute without upvalues and its prototype key
+
   local function stage(task, key, nups, u1, u2, u3, u4, u5, u6, u7, u8)
     local data = task.data
     if type(data) ~= "string" then
@@ -451,7 +453,9 @@ function Async:make_api()
     if fid == nil then fid = self_:new_fid(fn, key, nups) end
     check_size(self_, "schedule", "onexecute's bytecode", self_.bytecode[fid], self_.fname[fid])
     local aux = ""
-    if nups > 0 then
+    if nups == 0 then
+      last_fn, last_key = fn, key
+    else
       local last = up_last[fid]
       if last and nups <= 4 and not up_tables[fid]
          and u1 == last[1] and u2 == last[2] and u3 == last[3] and u4 == last[4] then
@@ -470,13 +474,17 @@ function Async:make_api()
 
   --- Runs interpreted in most hooks (LuaJIT does not compile closure creation), so it does
   --- little: the prototype and upvalues of onexecute through fninfo, then stage (checks, enqueue).
+  --- The same closure without upvalues as last time (a task written once, hoisted) needs no fninfo:
+  --- its prototype is the same and it has nothing to snapshot, and the hook's trace goes on compiled.
   function api.schedule(a, b)
     local task = b
     if a ~= api then task = a end
     if type(task) ~= "table" then
       error(("T.async:schedule expects a task table {data=, onexecute=, onresult=} (got %s)"):format(type(task)), 2)
     end
-    return stage(task, fninfo(task.onexecute))
+    local fn = task.onexecute
+    if fn == last_fn and fn ~= nil then return stage(task, last_key, 0) end
+    return stage(task, fninfo(fn))
   end
 
   local function file_op(kind, from, to)
