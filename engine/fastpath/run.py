@@ -347,11 +347,11 @@ class FastPath:
                 return
             inst.run_batch = self._budgeted(inst, vm.lua.eval(f"function(h, a, n) return h:{walk}(a, n) end"))
         elif kind == "filex_monitor":
+            events = self._budgeted(inst, vm.lua.eval("function(h, a, n) return h:run_filex_events(a, n) end"))
             opts = {b"dir": self._filex_dir().encode(), b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
-                    b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"idle_timeout": self.cfg.idle_timeout,
-                    b"max_header": int(self.cfg.http_max_header)}
+                    b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"max_header": int(self.cfg.http_max_header),
+                    b"votes": self.stage.add_filex(vm.host, events), b"batch": int(self.driver.batch_addr)}
             vm.lua.eval("function(h, o) return h:setup_filex(o) end")(vm.host, vm.lua.table_from(opts))
-            inst.run_batch = self._budgeted(inst, vm.lua.eval("function(h, a, n) return h:run_filex_batch(a, n) end"))
         elif kind == "reassembly_handler":
             problem = self.stage.add(vm)
             if problem is not None:
@@ -370,6 +370,8 @@ class FastPath:
             logs.log.info("[%s#%s] %s: instance disabled", os.path.basename(path), instance, why)
             if kind == "reassembly_handler":
                 self.stage.remove(vm)
+            elif kind == "filex_monitor":
+                self.stage.remove_filex(vm.host)
             self.flowmon.remove_vm(vm)
             rt.unload(vm)
             return None
@@ -555,7 +557,7 @@ class FastPath:
             rt.abort = lambda: self._stop == 3
             rt.beat = self._beat
             self._beat(force=True)
-            stage = self.stage if self.stage.handlers else None
+            stage = self.stage if self.stage.active else None
             new_flows = method(lua, "new_flows") if self.flowmon.wants_new else None
             while True:
                 if self._stop == 1:
@@ -819,7 +821,8 @@ class FastPath:
         for inst in self.instances:
             if inst.kind == "filex_monitor":
                 st = inst.vm.lua.eval("function(h) return h:filex_finish() end")(inst.vm.host)
-                self.filex_stats.append({"plugin": inst.vm.path, **{_text(k): v for k, v in st.items()}})
+                shared = {k: v for k, v in self.stage_stats.items() if k.startswith("tcp_") or k == "flows_not_http"}
+                self.filex_stats.append({"plugin": inst.vm.path, **{_text(k): v for k, v in st.items()}, **shared})
         if self.pstore is not None:
             st = self.pstore_lua.eval("function(s) return s:close() end")(self.pstore)
             self.packet_storage = {_text(k): int(v) for k, v in st.items()}

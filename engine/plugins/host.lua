@@ -376,18 +376,18 @@ function Host:setup_filex(opts)
   return nil
 end
 
---- Feed a batch to filex_monitor (reassembly, HTTP, hooks); errors are isolated per hook.
-function Host:run_filex_batch(addr, n)
-  self.filex:run_batch(ffi.cast(packet.pktp, addr), n)
+--- Feed the shared reassembly's events (luaprobe.engine.streams.stage) to filex_monitor (HTTP, hooks);
+--- errors are isolated per hook.
+function Host:run_filex_events(addr, n)
+  self.filex:run_events(addr, n)
   return n
 end
 
---- End of input for filex: close every flow; returns the filex counters.
+--- End of input for filex: close every flow; returns the filex counters (the reassembly's are the stage's).
 function Host:filex_finish()
   self.filex:finish()
   local out = {}
   for k, v in pairs(self.filex.stats) do out[k] = v end
-  for k, v in pairs(self.filex.R.stats) do out["tcp_" .. k] = v end
   for k, v in pairs(self.filex.hstats) do out["http_" .. k] = v end
   return out
 end

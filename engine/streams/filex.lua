@@ -1,16 +1,18 @@
 --[[
 luaprobe.engine.streams.filex — the filex_monitor script type (docs.trisul.org/docs/lua/fileextract) inside one
-plug-in VM: TCP reassembly (luaprobe.engine.streams.tcpreasm), HTTP/1.x messages
-(luaprobe.engine.streams.http) and file extraction into a RAM-backed directory.
+plug-in VM: HTTP/1.x messages (luaprobe.engine.streams.http) over the shared TCP
+reassembly (luaprobe.engine.streams.stage, in the driver VM: one reassembly per flow
+for every filex_monitor, reassembly_handler and attribute analyser) and file extraction
+into a RAM-backed directory.
 
-Per batch the VM walks the TCP packets of the shared batch (like
-simplecounter's run_batch).  Hooks:
-  filter_flow(engine, ts, flow)            once per TCP flow, at its first payload (before
-                                           any of it is reassembled); false = ignore it.
-                                           That payload votes first: a flow that does not
-                                           start like HTTP/1.x leaves reassembly at once and
-                                           gets no hook (looks_http, not_http), so non-HTTP
-                                           traffic costs a few table lookups per packet
+Per batch the VM walks the stage's events addressed to filex (F:run_events): FXNEW (an
+HTTP flow's first payload), DATA, GAP, CLOSE.  Hooks:
+  filter_flow(engine, ts, flow)            once per TCP connection, at its first payload (before
+                                           any of it reaches the HTTP parser); false = ignore it.
+                                           That payload votes first, in the stage: a flow that
+                                           does not start like HTTP/1.x (http.looks_http) leaves
+                                           reassembly at once and never reaches this VM, so
+                                           non-HTTP traffic costs one array read per packet
   filter(engine, ts, flow, header)         request header, then response header;
                                            a request body is kept when the request vote is
                                            true, a response body when both votes are true
@@ -35,24 +37,20 @@ then it is removed.  The directory has a size cap: a body that would exceed
 it is not extracted (counted in stats.skipped_cap), the fast path never waits.
 ]]
 local ffi = require("ffi")
-local tcpreasm = require("luaprobe.engine.streams.tcpreasm")
 local http = require("luaprobe.engine.streams.http")
+local stage = require("luaprobe.engine.streams.stage")
 local buffer = require("luaprobe.engine.plugins.buffer")
 local packet = require("luaprobe.engine.plugins.packet")
-local decode = require("luaprobe.engine.fastpath.decode")
 
 local band = require("bit").band
-local fstring = ffi.string
-local TCP = decode.PROTO.TCP
+local cast, fstring = ffi.cast, ffi.string
+local FXNEW, DATA, GAP, CLOSE, TO_FX = stage.FXNEW, stage.DATA, stage.GAP, stage.CLOSE, stage.TO_FILEX
 local M = {}
 local F = {}
-local REJECT_GEN = 65536     -- ignored flow ids remembered per generation (F:reject)
-local looks_http             -- the first-payload vote, defined in "is it HTTP?" below
 F.__index = F
 
-local function be32(p, o)
-  return ((p[o] * 256 + p[o + 1]) * 256 + p[o + 2]) * 256 + p[o + 3]
-end
+--- The first-payload vote (luaprobe.engine.streams.http.looks_http), taken by the stage.
+M.looks_http = http.looks_http
 
 local function sanitize(s)
   s = s:gsub("[^%w%._%-]", "_")
@@ -61,26 +59,24 @@ local function sanitize(s)
 end
 
 --- opts: host (luaprobe.engine.plugins.host object), dir (ramfs directory), chunk_size,
---- dir_cap (bytes), idle_timeout, max_header (bytes of an HTTP header block kept, streams.http).
+--- dir_cap (bytes), max_header (bytes of an HTTP header block kept, streams.http),
+--- votes (address of the stage's lp_svote array), batch (address of the fast path's packet batch).
 function M.new(host, opts)
   local fx = host.plugin.filex_monitor
   local self = setmetatable({
     host = host, fx = fx, engine = host.engine, async = host.async,
     dir = opts.dir, chunk_size = opts.chunk_size or 5 * 1048576, dir_cap = opts.dir_cap or 256 * 1048576,
-    idle_timeout = opts.idle_timeout or 120, max_header = opts.max_header,
+    max_header = opts.max_header,
+    votes = cast("lp_svote *", opts.votes), batch = cast(packet.pktp, opts.batch),
     hstats = {},           -- HTTP parser counters summed over closed flows (streams/http.lua stats)
     file_mode = type(fx.onfile_http) == "function",
-    flows = {}, rejected = {}, rejected_old = {}, nrejected = 0, dir_bytes = 0, uid = 0, last_expire = 0,
-    stats = { flows = 0, flows_rejected = 0, flows_not_http = 0, files = 0, chunks = 0, bytes = 0, skipped_cap = 0,
+    flows = {}, dir_bytes = 0, uid = 0,
+    -- flows_not_http and the tcp_* counters are the stage's (engine/fastpath/run.py adds them)
+    stats = { flows = 0, flows_rejected = 0, files = 0, chunks = 0, bytes = 0, skipped_cap = 0,
               skipped_filter = 0, truncated = 0, write_errors = 0,
               incomplete_gap = 0, incomplete_truncated = 0, incomplete_decode_error = 0,
               incomplete_decode_incomplete = 0, incomplete_unknown_encoding = 0 },
   }, F)
-  self.R = tcpreasm.new({
-    cb = function(id, dir, _, p, n) self:data(id, dir, p, n) end,
-    cb_gap = function(id, dir, _, missing) local st = self.flows[id]; if st then st.H:gap(dir, missing) end end,
-    cb_close = function(id) self:close_flow(id) end,
-  })
   -- T.async file lifetime: tasks naming a live file keep it until they finish
   self.async.file_done = function(path) self:unref(path) end
   return self
@@ -206,53 +202,28 @@ end
 
 -- ------------------------------------------------------------------ HTTP events
 
---- The state of TCP connection `id` for a packet without one yet: nil while
---- undecided (no payload seen: the packet still goes to reassembly, which
---- learns the handshake), false when the flow is ignored, else the new state.
---- The flow's first payload decides (looks_http), then filter_flow votes.
---- f is the reassembly record of the flow (nil before its first packet).
---- Kept apart from the per-packet walk so that walk creates no closures
---- (closing upvalues is not compiled by LuaJIT and would abort every trace).
-function F:pending(id, p, d, f)
-  if self.rejected[id] then return false end
-  if self.rejected_old[id] then return self:reject_again(id) end
-  local plen = d.payload_length
-  if plen == 0 then return nil end
-  if not looks_http(p.data + d.payload_offset, plen, f ~= nil and f.syn) then
-    self:not_http(id)
-    return false
-  end
-  return self:new_flow_state(id, d) or false
-end
-
---- Remember that flow `id` is ignored.  Two generations of at most REJECT_GEN
---- ids each: when the newer one fills up, the older one is dropped, and an id
---- found in the older one moves back to the newer (reject_again), so the
---- flows that still send packets stay remembered and memory stays bounded.
-function F:reject(id)
-  self.rejected[id] = true
-  self.nrejected = self.nrejected + 1
-  if self.nrejected >= REJECT_GEN then
-    self.rejected_old, self.rejected, self.nrejected = self.rejected, {}, 0
-  end
-end
-
-function F:reject_again(id)
-  self:reject(id)
-  return nil
-end
-
-function F:new_flow_state(id, pkt_d)
-  local flow = packet.flowid(pkt_d)
-  local ts = self.engine:timestamp()
-  if not self:hook("filter_flow", self.engine, ts, flow) then
-    self.R:forget(id)
-    self:reject(id)
+--- An HTTP flow's first payload (FXNEW event e): filter_flow votes; true = its state.  A false vote
+--- takes this VM's share of the stage's vote (lp_svote.fx): when every filex VM declined, the flow
+--- leaves reassembly.
+function F:new_flow_state(e)
+  local id = e.uid
+  local flow = packet.flowid_from_key(fstring(e.p, e.len))
+  if not self:hook("filter_flow", self.engine, self.engine:timestamp(), flow) then
+    local v = self.votes[e.idx]
+    if v.uid == id and v.fx > 0 then v.fx = v.fx > 1 and v.fx - 1 or -1 end
     self.stats.flows_rejected = self.stats.flows_rejected + 1
     return nil
   end
   local st = { id = id, flow = flow, votes = {}, body = {} }
-  st.H = http.new({
+  st.H = self:parser(st, flow)
+  self.flows[id] = st
+  self.stats.flows = self.stats.flows + 1
+  return st
+end
+
+--- The HTTP parser of flow state `st` (kept apart: closures are created here, not in the event walk).
+function F:parser(st, flow)
+  return http.new({
     max_header = self.max_header,
     on_request = function(req)
       st.votes[req] = self:hook("filter", self.engine, self.engine:timestamp(), flow, req) and true or false
@@ -265,9 +236,6 @@ function F:new_flow_state(id, pkt_d)
     on_body = function(dir, req, resp, p, n) self:body(st, dir, req, resp, p, n) end,
     on_body_end = function(dir, req, resp, total, flags) self:body_end(st, dir, req, resp, total, flags) end,
   })
-  self.flows[id] = st
-  self.stats.flows = self.stats.flows + 1
-  return st
 end
 
 function F:kept(st, dir, req, resp)
@@ -310,11 +278,6 @@ function F:body_end(st, dir, req, resp, total, flags)
   end
 end
 
-function F:data(id, dir, p, n)
-  local st = self.flows[id]
-  if st then st.H:data(dir, p, n) end
-end
-
 function F:close_flow(id)
   local st = self.flows[id]
   if not st then return end
@@ -327,109 +290,53 @@ function F:close_flow(id)
   for k, v in pairs(st.H.stats) do hs[k] = (hs[k] or 0) + v end
   self.flows[id] = nil
   self:hook("onterminateflow", self.engine, self.engine:timestamp(), st.flow)
-  -- tcpreasm keeps a "closed" marker for the id (removed by R:expire / expire_idle): the trailing ACKs
-  -- and RSTs of this connection are ignored instead of starting a second filter_flow .. onterminateflow
+  -- the stage's reassembly keeps a "closed" marker for the connection: its trailing ACKs and RSTs are
+  -- ignored instead of starting a second filter_flow .. onterminateflow
 end
 
--- ------------------------------------------------------------------ is it HTTP?
+-- ------------------------------------------------------------------ the event walk
 
-local HTTP_SLASH = "HTTP/"
-pcall(ffi.cdef, "void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen);")
-local memmem = ffi.C.memmem
-
--- "HTTP/1." within the first 2048 bytes (no Lua string made from the payload)
-local function has_status_line(p, n)
-  return memmem(p, n < 2048 and n or 2048, "HTTP/1.", 7) ~= nil
-end
-
---- Does a flow whose first payload is (p, n) carry HTTP/1.x?  HTTP when the payload
---- starts with a request line's method token and a space (1-16 upper-case
---- letters, '-' or '_', RFC 9110 §9: a token; the same pattern http.lua
---- accepts) or with "HTTP/" (a response: the request was not captured).
---- A flow picked up mid-stream (no SYN seen) may start inside a body, so
---- "HTTP/1." anywhere in its first payload counts too.  A payload too short
---- to tell (a few upper-case letters) counts as HTTP: reassembly goes on.
-function looks_http(p, n, handshake)
-  local c = p[0]
-  if c < 65 or c > 90 then                       -- not A-Z
-    return not handshake and has_status_line(p, n)
+--- The engine's time for event e: its packet, or (events outside the batch walk) its timestamp.
+function F:clock(e)
+  local bi = e.bi
+  if bi >= 0 then
+    self.engine:set_packet(self.batch, bi)
+  else
+    local sec = math.floor(e.ts)
+    self.engine:set_time(sec, math.floor((e.ts - sec) * 1e6))
   end
-  local m = n < 17 and n or 17
-  for i = 1, m - 1 do
-    c = p[i]
-    if c == 32 then return true end              -- "TOKEN "
-    if c == 47 then                               -- "HTTP/"
-      return fstring(p, i + 1) == HTTP_SLASH or (not handshake and has_status_line(p, n))
-    end
-    if not ((c >= 65 and c <= 90) or c == 45 or c == 95) then
-      return not handshake and has_status_line(p, n)
-    end
-  end
-  if m < 17 then return true end                  -- all token so far: too short to tell
-  return false
-end
-M.looks_http = looks_http
-
---- Flow `id` does not carry HTTP: reassembly stops for good before any of
---- its payload is reassembled, and no hook runs for it (its filter_flow vote
---- is taken for it: Trisul's "true = extract from this flow", and nothing can
---- be extracted from it).
-function F:not_http(id)
-  self.R:forget(id)
-  self:reject(id)
-  self.stats.flows_not_http = self.stats.flows_not_http + 1
 end
 
--- ------------------------------------------------------------------ the batch walk
-
---- Feed the TCP packets of a batch through reassembly and HTTP.
-function F:run_batch(batch, n)
-  local eng, R = self.engine, self.R
+--- Run the stage's events addressed to filex (address of the lp_sev array, count).
+function F:run_events(addr, n)
+  local ev = cast("lp_sev *", addr)
+  local flows = self.flows
   for i = 0, n - 1 do
-    local p = batch[i]
-    local d = p.d
-    if d.first[TCP] >= 0 and p.flow >= 0 then
-      eng:set_packet(batch, i)
-      local id = p.flow_uid
-      local f = R.flows[id]
-      local closed = f ~= nil and f.closed
-      local l4 = d.l4_offset
-      local data = p.data
-      local seq = be32(data, l4 + 4)
-      if f ~= nil and band(d.tcp_flags, 0x12) == 0x02 then  -- SYN: is the 5-tuple reused?
-        if closed then
-          R:forget(id)
-          closed = false
-        elseif R:is_new_connection(id, p.dir, seq, d.tcp_flags) then
-          R:restart(id)                    -- the old connection ends: its files, onterminateflow
-        end
-      end
-      if f == nil and band(d.tcp_flags, 0x12) == 0x02 then   -- a new connection on an ignored id
-        self.rejected[id], self.rejected_old[id] = nil, nil   -- gets a fresh vote
-      end
-      if not closed then
-        local st = self.flows[id]
-        if st == nil then st = self:pending(id, p, d, f) end
-        if st ~= false then                       -- a state, or undecided (no payload yet)
-          R:packet(id, p.dir, seq, d.tcp_flags, data + d.payload_offset, d.payload_length,
-            p.ts_sec, nil, be32(data, l4 + 8))
+    local e = ev[i]
+    if band(e.to, TO_FX) ~= 0 then
+      local kind = e.kind
+      if kind == FXNEW then
+        self:clock(e)
+        self:new_flow_state(e)
+      else
+        local st = flows[e.uid]
+        if st ~= nil then
+          self:clock(e)
+          if kind == DATA then st.H:data(1 - e.dir, e.p, e.len)   -- the stage's dir: 1 = client->server
+          elseif kind == GAP then st.H:gap(1 - e.dir, e.off)
+          elseif kind == CLOSE then self:close_flow(e.uid) end
         end
       end
     end
   end
-  local now = n > 0 and batch[n - 1].ts_sec or 0
-  if now - self.last_expire >= 10 then
-    self.last_expire = now
-    R:expire_idle(now - self.idle_timeout)
-  end
 end
 
---- End of input: close every flow (bodies read until close are delivered).
+--- End of input: close the flows still open (the stage's finish has closed them all before).
 function F:finish()
   local ids = {}
   for id in pairs(self.flows) do ids[#ids + 1] = id end
   table.sort(ids)
-  for _, id in ipairs(ids) do self.R:expire(id) end
+  for _, id in ipairs(ids) do self:close_flow(id) end
 end
 
 return M

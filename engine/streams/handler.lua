@@ -35,6 +35,7 @@ local cast, fstring = ffi.cast, ffi.string
 local TCP = decode.PROTO.TCP
 local NEWFLOW, DATA, ATTR, CLOSE = stage.NEWFLOW, stage.DATA, stage.ATTR, stage.CLOSE
 local ATTRS = stage.ATTRS
+local TO_H = stage.TO_HANDLER
 
 local M = {}
 local H = {}
@@ -82,7 +83,7 @@ function H:vote(addr, n)
     local p = batch[i]
     if p.flow >= 0 and p.d.first[TCP] >= 0 then
       local v = votes[p.flow]
-      if v.uid ~= p.flow_uid then v.uid, v.asked, v.yes, v.disabled = p.flow_uid, 0, 0, 0 end
+      if v.uid ~= p.flow_uid then v.uid, v.asked, v.yes, v.disabled, v.fx = p.flow_uid, 0, 0, 0, 0 end
       if band(v.asked, mybit) == 0 then
         v.asked = bor(v.asked, mybit)
         local yes = true
@@ -106,51 +107,55 @@ function H:disable(fk)
   if v.uid == uid then v.disabled = v.disabled + 1 end
 end
 
---- Run the hooks for the stage's events (address, count).
+--- Run the hooks for the stage's events (address, count) addressed to handlers.
 function H:run_events(addr, n)
   local ev = cast("lp_sev *", addr)
-  local eng, flows, rh = self.engine, self.flows, self.rh
   for i = 0, n - 1 do
     local e = ev[i]
-    local uid = e.uid
-    local sec = math.floor(e.ts)
-    eng:set_time(sec, math.floor((e.ts - sec) * 1e6))
-    local kind = e.kind
-    if kind == NEWFLOW then
-      local key = fstring(e.p, e.len)
-      local st = { flow = packet.flowid_from_key(key), key = key, idx = e.idx, disabled = false }
-      flows[uid] = st
-      self.bykey[key] = uid
-      self:hook("onnewflow", eng, sec, st.flow)
-    else
-      local st = flows[uid]
-      if st ~= nil then
-        if kind == DATA then
-          if not st.disabled and self.want.payload then
-            buffer.rebind(self.buf, e.p, e.len)
-            self.host:call("reassembly_handler", "onpayload", eng, sec, st.flow, e.dir, e.off, self.buf)
-            buffer.invalidate(self.buf)
-          end
-        elseif kind == ATTR then
-          if not st.disabled and self.want.attribute then
-            local v = fstring(e.p, e.len)
-            if self.legacy then
-              buffer.rebind(self.buf, v, #v, v)
-              self.host:call("reassembly_handler", "onattribute", eng, st.flow, sec, ATTRS[e.attr], self.buf)
-              buffer.invalidate(self.buf)
-            else
-              self.host:call("reassembly_handler", "onattribute", eng, sec, st.flow, ATTRS[e.attr], v)
-            end
-          end
-        elseif kind == CLOSE then
-          flows[uid] = nil
-          self.bykey[st.key] = nil
-          self:hook("onterminateflow", eng, sec, st.flow)
-        end
-      end
-    end
+    if band(e.to, TO_H) ~= 0 then self:event(e) end
   end
   return n
+end
+
+--- One event: NEWFLOW, DATA, ATTR or CLOSE.
+function H:event(e)
+  local eng, flows = self.engine, self.flows
+  local uid = e.uid
+  local sec = math.floor(e.ts)
+  eng:set_time(sec, math.floor((e.ts - sec) * 1e6))
+  local kind = e.kind
+  if kind == NEWFLOW then
+    local key = fstring(e.p, e.len)
+    local st = { flow = packet.flowid_from_key(key), key = key, idx = e.idx, disabled = false }
+    flows[uid] = st
+    self.bykey[key] = uid
+    self:hook("onnewflow", eng, sec, st.flow)
+    return
+  end
+  local st = flows[uid]
+  if st == nil then return end
+  if kind == DATA then
+    if not st.disabled and self.want.payload then
+      buffer.rebind(self.buf, e.p, e.len)
+      self.host:call("reassembly_handler", "onpayload", eng, sec, st.flow, e.dir, e.off, self.buf)
+      buffer.invalidate(self.buf)
+    end
+  elseif kind == ATTR then
+    if not st.disabled and self.want.attribute then
+      local v = fstring(e.p, e.len)
+      if self.legacy then
+        buffer.rebind(self.buf, v, #v, v)
+        self.host:call("reassembly_handler", "onattribute", eng, st.flow, sec, ATTRS[e.attr], self.buf)
+        buffer.invalidate(self.buf)
+      else
+        self.host:call("reassembly_handler", "onattribute", eng, sec, st.flow, ATTRS[e.attr], v)
+      end
+    end
+  elseif kind == CLOSE then
+    flows[uid] = nil
+    self.bykey[st.key] = nil
+    self:hook("onterminateflow", eng, sec, st.flow)
+  end
 end
 
 return M

@@ -853,5 +853,43 @@ function M.multipart(ctype, body)
   return parts
 end
 
+-- ------------------------------------------------------------------ is it HTTP? (a flow's first payload)
+
+pcall(ffi.cdef, "void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen);")
+local memmem = ffi.C.memmem
+
+-- "HTTP/1." within the first 2048 bytes (no Lua string made from the payload)
+local function has_status_line(p, n)
+  return memmem(p, n < 2048 and n or 2048, "HTTP/1.", 7) ~= nil
+end
+
+--- Does a TCP flow whose first payload is (p: const uint8_t *, n bytes) carry HTTP/1.x?
+--- True when the payload starts with a request line's method token and a space (1-16
+--- upper-case letters, '-' or '_': RFC 9110 §9 token, the pattern this parser accepts) or with
+--- "HTTP/" (a response whose request was not captured).  handshake: the flow's first packet was a
+--- SYN; without it the flow was picked up mid-stream and may start inside a body, so "HTTP/1."
+--- anywhere in the first 2048 bytes counts too.  A payload too short to tell (a few upper-case
+--- letters) counts as HTTP.  Used by the shared reassembly (engine/streams/stage.lua) to drop
+--- non-HTTP flows from file extraction at their first payload (docs/filex.md).
+function M.looks_http(p, n, handshake)
+  local c = p[0]
+  if c < 65 or c > 90 then                       -- not A-Z
+    return not handshake and has_status_line(p, n)
+  end
+  local m = n < 17 and n or 17
+  for i = 1, m - 1 do
+    c = p[i]
+    if c == 32 then return true end              -- "TOKEN "
+    if c == 47 then                               -- "HTTP/"
+      return fstring(p, i + 1) == "HTTP/" or (not handshake and has_status_line(p, n))
+    end
+    if not ((c >= 65 and c <= 90) or c == 45 or c == 95) then
+      return not handshake and has_status_line(p, n)
+    end
+  end
+  if m < 17 then return true end                  -- all token so far: too short to tell
+  return false
+end
+
 M._parse_head = parse_head
 return M

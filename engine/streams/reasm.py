@@ -1,8 +1,10 @@
-"""reassembly_handler orchestration (docs.trisul.org/docs/lua/reassembly): one shared TCP reassembly in the driver VM
-(engine/streams/stage.lua) feeding every reassembly_handler plug-in VM (engine/streams/handler.lua).
+"""The one TCP reassembly per flow (engine/streams/stage.lua, in the driver VM) and the plug-in VMs it feeds:
+every reassembly_handler (docs.trisul.org/docs/lua/reassembly, engine/streams/handler.lua) and every
+filex_monitor (docs.trisul.org/docs/lua/fileextract, engine/streams/filex.lua).
 
-Per batch: every handler votes on new flows, the stage reassembles the voted flows and runs the attribute
-analysers, every handler walks the stage's events.  Nothing here runs when no reassembly_handler is loaded.
+Per batch: every handler votes on new flows, the stage reassembles the voted flows and the flows a
+filex_monitor still wants (HTTP/1.x ones, decided at their first payload), runs the attribute analysers, and
+every handler and filex VM walks the stage's events.  Nothing here runs when neither type is loaded.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class ReassemblyStage:
         self.capacity, self.idle_timeout = capacity, idle_timeout
         self.stage = None
         self.handlers = []          # (vote, events, host)
+        self.filex = []             # (events, host)
 
     def votes_address(self) -> int:
         """The shared vote array (created with the stage on first use)."""
@@ -48,6 +51,24 @@ class ReassemblyStage:
         self.stage[b"nhandlers"] = len(self.handlers)
         return None
 
+    def add_filex(self, host, events) -> int:
+        """Attach a filex_monitor VM (its host and ``events(host, addr, n)``); returns the vote array's address."""
+        addr = self.votes_address()
+        self.filex.append((events, host))
+        self.stage[b"nfilex"] = len(self.filex)
+        return addr
+
+    def remove_filex(self, host) -> None:
+        """Detach a filex_monitor whose onload failed."""
+        self.filex = [f for f in self.filex if f[1] != host]
+        if self.stage is not None:
+            self.stage[b"nfilex"] = len(self.filex)
+
+    @property
+    def active(self) -> bool:
+        """True when some VM reads the stage (else it never runs)."""
+        return bool(self.handlers or self.filex)
+
     def remove(self, vm) -> None:
         """Detach a handler whose onload failed (its vote slot stays used)."""
         self.handlers = [h for h in self.handlers if h[2] != vm.host]
@@ -62,7 +83,8 @@ class ReassemblyStage:
             self._deliver()
 
     def finish(self) -> dict:
-        """End of input: close every reassembled flow (onterminateflow); returns the stage counters."""
+        """End of input: close every reassembled flow (onterminateflow, the last files); returns the stage
+        counters."""
         if self.stage is None:
             return {}
         if self._finish(self.stage):
@@ -76,4 +98,6 @@ class ReassemblyStage:
     def _deliver(self) -> None:
         addr, nev = self._events(self.stage)
         for _, events, host in self.handlers:
+            events(host, addr, nev)
+        for events, host in self.filex:
             events(host, addr, nev)

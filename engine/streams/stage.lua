@@ -1,25 +1,40 @@
 --[[
-luaprobe.engine.streams.stage — the shared TCP reassembly of reassembly_handler
-plug-ins (docs.trisul.org/docs/lua/reassembly).  It lives in the fast path's driver VM, next to
-the flow table, so a flow is reassembled once however many handler VMs
-watch it; the built-in attribute analysers (HTTP headers, TLS records,
-cipher and certificate chain: luaprobe.engine.streams.tls) read the same reassembled
-bytes.  Per batch:
+luaprobe.engine.streams.stage — the one TCP reassembly per flow of the fast path: it feeds
+reassembly_handler plug-ins (docs.trisul.org/docs/lua/reassembly), filex_monitor plug-ins
+(docs.trisul.org/docs/lua/fileextract) and the built-in attribute analysers.  It lives in the fast path's driver VM, next to the flow
+table, so a flow is reassembled once however many handler and filex VMs watch it; the
+attribute analysers (HTTP headers, TLS records, cipher and certificate chain:
+luaprobe.engine.streams.tls) read the same reassembled bytes.  Per batch:
 
   1. every handler VM votes on the batch's new TCP flows
      (luaprobe.engine.streams.handler: H:vote) into the shared `votes` array
      (lp_svote per flow-table index, reset when the flow's uid changes);
   2. stage:run(batch, n) feeds the TCP segments of flows with at least one
-     yes vote through luaprobe.engine.streams.tcpreasm and the analysers, appending events
-     to `ev` (C memory; its address and count are read by Python);
-  3. every handler VM walks the events (H:run_events) and calls its hooks.
+     yes vote, and of flows a filex_monitor still wants, through
+     luaprobe.engine.streams.tcpreasm and the analysers, appending events to `ev`
+     (C memory; its address and count are read by Python);
+  3. every handler VM (H:run_events) and every filex VM (luaprobe.engine.streams.filex:
+     F:run_events) walks the events addressed to it and calls its hooks.
 
-Events (lp_sev): NEWFLOW (p/len = the flow key), DATA (dir in the
-reassembly_handler convention 0 = server->client, 1 = client->server, off =
-stream offset, p/len = bytes), ATTR (attr = index into M.ATTRS, p/len =
-value), CLOSE.  Pointers stay valid until the next run: packet bytes live in
-the packet ring until the next batch is filled, copied bytes are anchored in
-`self.anchor` until the next run.
+filex_monitor votes (lp_svote.fx): 0 = undecided (no payload seen yet: handshake packets
+still go to reassembly, which learns the stream starts), -1 = not for file extraction,
+k > 0 = k filex VMs still want the flow.  The flow's first payload decides, in this VM and
+without calling any plug-in: a payload that does not look like HTTP/1.x
+(luaprobe.engine.streams.http.looks_http) sets -1 and, unless a handler voted for the
+flow, the flow leaves reassembly before any of its bytes is reassembled and costs one
+array read per packet from then on.  An HTTP flow gets an FXNEW event, each filex VM
+calls filter_flow and a false vote decrements fx (the last one sets -1: the flow leaves
+reassembly at the next packet).  A SYN starting a new connection on the 5-tuple, or the
+end of a filex flow, sets 0 again (a fresh vote).
+
+Events (lp_sev, `to` = audience bits: TO_HANDLER, TO_FILEX; bi = index in the batch of
+the packet that caused it, -1 outside the batch walk): NEWFLOW (p/len = the flow key;
+handlers), FXNEW (p/len = the flow key; filex), DATA (dir in the reassembly_handler
+convention 0 = server->client, 1 = client->server, off = stream offset, p/len = bytes),
+GAP (dir, off = bytes missing; filex), ATTR (attr = index into M.ATTRS, p/len = value;
+handlers), CLOSE.  Pointers stay valid until the next run: packet bytes live in the packet
+ring until the next batch is filled, copied bytes are anchored in `self.anchor` until the
+next run.
 
 Certificates are parsed by `opts.parse_cert(der)` (Python, the
 `cryptography` X.509 library: engine/streams/certs.py), once per
@@ -40,8 +55,8 @@ local TCP = decode.PROTO.TCP
 if not pcall(ffi.typeof, "lp_sev") then
   ffi.cdef [[
 typedef struct { double uid; double ts; double off; const uint8_t *p; int32_t len; int16_t kind; int16_t dir;
-                 int32_t idx; int32_t attr; } lp_sev;
-typedef struct { double uid; uint32_t asked; int32_t yes; int32_t disabled; int32_t pad; } lp_svote;
+                 int32_t idx; int16_t attr; int16_t to; int32_t bi; int32_t pad; } lp_sev;
+typedef struct { double uid; uint32_t asked; int32_t yes; int32_t disabled; int32_t fx; } lp_svote;
 ]]
 end
 pcall(ffi.cdef, "void *calloc(size_t, size_t);")
@@ -49,7 +64,9 @@ pcall(ffi.cdef, "void *realloc(void *, size_t);")
 pcall(ffi.cdef, "void free(void *);")
 
 local M = {}
-M.NEWFLOW, M.DATA, M.ATTR, M.CLOSE = 1, 2, 3, 4
+M.NEWFLOW, M.DATA, M.ATTR, M.CLOSE, M.FXNEW, M.GAP = 1, 2, 3, 4, 5, 6
+M.TO_HANDLER, M.TO_FILEX = 1, 2
+local TO_H, TO_FX = M.TO_HANDLER, M.TO_FILEX
 --- Attribute names (docs.trisul.org/docs/lua/reassembly); "" marks a flow's start and "^D" its end.
 M.ATTRS = { [0] = "", "^D", "HTTP-Header", "Content-Type", "User-Agent", "Host", "URI",
             "TLS:RECORD", "TLS:O", "TLS:CA:ROOT", "TLS:CA:INTER", "TLS:CIPHER" }
@@ -60,19 +77,23 @@ M.MAX_HANDLERS = 32
 local S = {}
 S.__index = S
 
+local looks_http = http.looks_http
+
 local function be32(p, o)
   return ((p[o] * 256 + p[o + 1]) * 256 + p[o + 2]) * 256 + p[o + 3]
 end
 
 --- opts: capacity (flow-table capacity), attributes (bool: run the analysers),
 --- parse_cert (function(der) -> "O\tCN\tissuerO\tissuerCN\tselfsigned" or nil),
---- idle_timeout (s of packet time).
+--- idle_timeout (s of packet time).  Fields set afterwards: nhandlers, nfilex (VMs attached).
 function M.new(opts)
   local self = setmetatable({
     capacity = opts.capacity, attributes = opts.attributes, parse_cert = opts.parse_cert,
-    idle_timeout = opts.idle_timeout or 120, nhandlers = 0,
-    flows = {}, anchor = {}, nev = 0, evcap = 4096, last_expire = 0,
-    stats = { flows = 0, events = 0, attributes = 0, certificates = 0, cert_errors = 0 },
+    idle_timeout = opts.idle_timeout or 120, nhandlers = 0, nfilex = 0,
+    flows = {}, anchor = {}, nev = 0, evcap = 4096, last_expire = 0, ts = 0, bi = -1,
+    -- flows: handler flows (NEWFLOW); filex_flows: FXNEW; flows_not_http: dropped at their first payload
+    stats = { flows = 0, filex_flows = 0, flows_not_http = 0, events = 0, attributes = 0, certificates = 0,
+              cert_errors = 0 },
   }, S)
   self.votes = cast("lp_svote *", ffi.C.calloc(opts.capacity, ffi.sizeof("lp_svote")))
   self.ev = cast("lp_sev *", ffi.C.calloc(self.evcap, ffi.sizeof("lp_sev")))
@@ -80,7 +101,7 @@ function M.new(opts)
   self.votes_addr = tonumber(cast("intptr_t", self.votes))
   self.R = tcpreasm.new({
     cb = function(id, dir, off, p, n) self:on_data(id, dir, off, p, n) end,
-    cb_gap = function(id, dir) self:on_gap(id, dir) end,
+    cb_gap = function(id, dir, _, missing) self:on_gap(id, dir, missing) end,
     cb_close = function(id) self:on_close(id) end,
   })
   return self
@@ -96,7 +117,7 @@ function S:events() return tonumber(cast("intptr_t", self.ev)), self.nev end
 
 -- ------------------------------------------------------------------ events
 
-function S:emit(kind, st, dir, off, p, n, attr)
+function S:emit(kind, st, dir, off, p, n, attr, to)
   local k = self.nev
   if k >= self.evcap then
     local cap = self.evcap * 2
@@ -112,6 +133,7 @@ function S:emit(kind, st, dir, off, p, n, attr)
   local e = self.ev[k]
   e.uid, e.ts, e.off, e.p, e.len, e.kind, e.dir, e.idx, e.attr = st.uid, self.ts, off or 0, p, n or 0, kind,
     dir or 0, st.idx, attr or 0
+  e.to, e.bi = to or TO_H, self.bi
   self.nev = k + 1
 end
 
@@ -125,7 +147,7 @@ end
 
 local METHODS = { "GET ", "POST ", "HEAD ", "PUT ", "DELETE ", "OPTIONS ", "PATCH ", "CONNECT ", "TRACE " }
 
-local function looks_http(s)
+local function request_start(s)
   for i = 1, #METHODS do
     local m = METHODS[i]
     if s:sub(1, #m) == m then return true end
@@ -166,7 +188,7 @@ function S:new_analyser(st, dir, first)
       certs = function(d, list) if d == 1 then self:on_certs(st, list) end end,
     })
   end
-  if looks_http(first) then
+  if request_start(first) then
     return http.new({
       on_request = function(req)
         self:attr(st, "HTTP-Header", (req._raw or "") .. "\r\n\r\n")
@@ -185,11 +207,15 @@ end
 
 -- ------------------------------------------------------------------ reassembly callbacks (dir: 0 = client->server)
 
+-- st (per reassembled flow): uid, idx (flow-table index), h (handlers voted for it), fx (filex VMs want it),
+-- quiet (no handler takes its bytes: all disabled it, or none voted), an (attribute analyser or false)
+
 function S:on_data(id, dir, off, p, n)
   local st = self.flows[id]
   if st == nil or n <= 0 then return end
-  if not st.quiet then self:emit(M.DATA, st, 1 - dir, off, p, n) end
-  if self.attributes then
+  local to = (st.quiet and 0 or TO_H) + (st.fx and TO_FX or 0)
+  if to ~= 0 then self:emit(M.DATA, st, 1 - dir, off, p, n, 0, to) end
+  if self.attributes and st.h then
     local a = st.an
     if a == nil then
       local first = type(p) == "string" and p:sub(1, 16) or fstring(p, n < 16 and n or 16)
@@ -200,63 +226,125 @@ function S:on_data(id, dir, off, p, n)
   end
 end
 
-function S:on_gap(id, dir)
+function S:on_gap(id, dir, missing)
   local st = self.flows[id]
-  if st and st.an then st.an:gap(dir, 0) end
+  if st == nil then return end
+  if st.an then st.an:gap(dir, 0) end
+  if st.fx then self:emit(M.GAP, st, 1 - dir, missing, nil, 0, 0, TO_FX) end
 end
 
 function S:on_close(id)
   local st = self.flows[id]
   if st == nil then return end
   if st.an and st.an.close then pcall(st.an.close, st.an) end
-  if self.attributes then self:emit(M.ATTR, st, 0, 0, "", 0, A["^D"]) end
-  self:emit(M.CLOSE, st)
+  if self.attributes and st.h then self:emit(M.ATTR, st, 0, 0, "", 0, A["^D"]) end
+  local to = (st.h and TO_H or 0) + (st.fx and TO_FX or 0)
+  if to ~= 0 then self:emit(M.CLOSE, st, 0, 0, nil, 0, 0, to) end
+  if st.fx then                                    -- the next connection on this flow gets a fresh vote
+    local v = self.votes[st.idx]
+    if v.uid == st.uid then v.fx = 0 end
+  end
   self.flows[id] = nil
 end
 
 -- ------------------------------------------------------------------ the batch walk
 
---- Reassemble the TCP segments of voted flows in the batch at `addr` (n packets); returns the event count.
+function S:new_flow(id, idx, d, h)
+  local st = { uid = id, idx = idx, h = h, fx = false, quiet = true }
+  self.flows[id] = st
+  if h then
+    self.stats.flows = self.stats.flows + 1
+    self:emit(M.NEWFLOW, st, 0, 0, decode.flowkey(d))
+    if self.attributes then self:emit(M.ATTR, st, 0, 0, "", 0, A[""]) end
+  end
+  return st
+end
+
+--- The first payload of a flow filex has not decided on: HTTP (FXNEW) or not (fx = -1).
+function S:filex_vote(id, p, d, v, st, f)
+  if looks_http(p.data + d.payload_offset, d.payload_length, f ~= nil and f.syn) then
+    if st == nil then st = self:new_flow(id, p.flow, d, false) end
+    st.fx = true
+    v.fx = self.nfilex
+    self.stats.filex_flows = self.stats.filex_flows + 1
+    self:emit(M.FXNEW, st, 0, 0, decode.flowkey(d), nil, 0, TO_FX)
+  else
+    v.fx = -1
+    self.stats.flows_not_http = self.stats.flows_not_http + 1
+  end
+  return st
+end
+
+--- One TCP packet of a flow someone wants (a handler voted for it, or filex has not said no).
+function S:packet(p, v)
+  local d = p.d
+  local id = p.flow_uid
+  local R = self.R
+  local flags = d.tcp_flags
+  local data, l4 = p.data, d.l4_offset
+  self.ts = p.ts_sec + p.ts_nsec * 1e-9
+  local f = R.flows[id]
+  if band(flags, 0x12) == 0x02 then                    -- SYN: is the 5-tuple reused?
+    if f ~= nil then
+      if f.closed then R:forget(id); f = nil
+      elseif R:is_new_connection(id, p.dir, be32(data, l4 + 4), flags) then
+        R:restart(id); f = nil                          -- the old connection's CLOSE, then a new flow
+      end
+    end
+    if f == nil and v.fx < 0 then v.fx = 0 end          -- a new connection: filex votes again
+  end
+  if f ~= nil and f.closed then return end
+  local st = self.flows[id]
+  if st == nil and v.yes > 0 then st = self:new_flow(id, p.flow, d, true) end
+  local fx = v.fx
+  if fx == 0 and self.nfilex > 0 then
+    if d.payload_length > 0 then
+      st = self:filex_vote(id, p, d, v, st, f)
+      fx = v.fx
+    elseif st == nil and f == nil and band(flags, 0x07) == 0 then
+      return                                           -- a bare ACK before any payload: nothing to learn
+    end
+  end
+  if st ~= nil and st.fx and fx < 0 then st.fx = false end   -- every filex_monitor declined it
+  if st == nil or not (st.h or st.fx) then
+    if fx < 0 or self.nfilex == 0 then                 -- nobody wants it: out of reassembly
+      if st ~= nil then self.flows[id] = nil end
+      if f ~= nil then R:forget(id) end
+      return
+    end
+  end
+  local quiet = true
+  if st ~= nil then
+    quiet = not st.h or v.disabled >= self.nhandlers
+    st.quiet = quiet
+  end
+  local n = d.payload_length
+  if quiet and (st == nil or (not st.fx and st.an == nil)) then n = 0 end
+  R:packet(id, p.dir, be32(data, l4 + 4), flags, data + d.payload_offset, n, p.ts_sec, nil, be32(data, l4 + 8))
+end
+
+--- Reassemble the TCP segments of wanted flows in the batch at `addr` (n packets); returns the event count.
 function S:run(addr, n)
   local batch = cast(packet.pktp, addr)
   self.nev, self.anchor = 0, {}
-  local votes, R, nh = self.votes, self.R, self.nhandlers
+  local votes = self.votes
+  local filex = self.nfilex > 0
   for i = 0, n - 1 do
     local p = batch[i]
-    local d = p.d
-    if d.first[TCP] >= 0 and p.flow >= 0 then
+    if p.flow >= 0 and p.d.first[TCP] >= 0 then
       local v = votes[p.flow]
-      local id = p.flow_uid
-      if v.uid == id and v.yes > 0 then
-        self.ts = p.ts_sec + p.ts_nsec * 1e-9
-        local f = R.flows[id]
-        if f ~= nil and band(d.tcp_flags, 0x12) == 0x02 then       -- SYN: is the 5-tuple reused?
-          if f.closed then R:forget(id); f = nil
-          elseif R:is_new_connection(id, p.dir, be32(p.data, d.l4_offset + 4), d.tcp_flags) then
-            R:restart(id); f = nil                                  -- the old connection's CLOSE, then NEWFLOW
-          end
-        end
-        if f == nil or not f.closed then
-          local st = self.flows[id]
-          if st == nil then
-            st = { uid = id, idx = p.flow }
-            self.flows[id] = st
-            self.stats.flows = self.stats.flows + 1
-            self:emit(M.NEWFLOW, st, 0, 0, decode.flowkey(d))
-            if self.attributes then self:emit(M.ATTR, st, 0, 0, "", 0, A[""]) end
-          end
-          st.quiet = v.disabled >= nh
-          local l4, data = d.l4_offset, p.data
-          R:packet(id, p.dir, be32(data, l4 + 4), d.tcp_flags, data + d.payload_offset,
-                   st.quiet and st.an == nil and 0 or d.payload_length, p.ts_sec, nil, be32(data, l4 + 8))
-        end
+      if v.uid ~= p.flow_uid then v.uid, v.asked, v.yes, v.disabled, v.fx = p.flow_uid, 0, 0, 0, 0 end
+      if v.yes > 0 or (filex and v.fx >= 0) then
+        self.bi = i
+        self:packet(p, v)
       end
     end
   end
+  self.bi = -1
   local now = n > 0 and batch[n - 1].ts_sec or 0
   if now - self.last_expire >= 10 then
     self.last_expire = now
-    R:expire_idle(now - self.idle_timeout)
+    self.R:expire_idle(now - self.idle_timeout)
   end
   self.stats.events = self.stats.events + self.nev
   return self.nev
@@ -264,7 +352,7 @@ end
 
 --- End of input: every open flow closes (CLOSE events); returns the event count.
 function S:finish()
-  self.nev, self.anchor = 0, {}
+  self.nev, self.anchor, self.bi = 0, {}, -1
   local ids = {}
   for id in pairs(self.flows) do ids[#ids + 1] = id end
   table.sort(ids)
