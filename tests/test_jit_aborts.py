@@ -47,7 +47,6 @@ CAPTURES = {
 #: table, batch walk): the filex_monitor VM's HTTP parser and TCP walk (engine/streams), reported in issue 10
 KNOWN = {
     "http": "filex VM: http.lua:571 and :736 abort 484 times each in warm-up (error 34, blacklisted)",
-    "flows-100k": "filex VM: tcpreasm.lua:131 aborts ~590 times after warm-up at 100k flows (error 34)",
 }
 
 
