@@ -33,15 +33,22 @@ M.Buffer = Buffer
 
 local EMPTY = ""
 
+-- The view's address is kept as a Lua number (`_p`, exact: addresses are below 2^53), not as a
+-- pointer cdata: a cdata stored in a table field is a heap object, so rebinding a Buffer per packet
+-- (Layer:rawbytes) would allocate one per call.  at(b) turns it back into a pointer inside the
+-- compiled trace, which allocates nothing.
+local intptr = ffi.typeof("intptr_t")
+local function addr(ptr) return tonumber(cast(intptr, cast(u8p, ptr))) end
+local function at(b) return cast(u8p, b._p) end
+
 function M.new(ptr, len, anchor)
     len = tonumber(len) or 0
     if len < 0 then error("buffer.new: negative length", 2) end
-    return setmetatable({ _p = ptr ~= nil and cast(u8p, ptr) or cast(u8p, EMPTY), _n = len,
-                          _a = anchor }, Buffer)
+    return setmetatable({ _p = addr(ptr ~= nil and ptr or EMPTY), _n = len, _a = anchor }, Buffer)
 end
 
 function M.rebind(b, ptr, len, anchor)
-    b._p = cast(u8p, ptr)
+    b._p = addr(ptr)
     b._n = tonumber(len) or 0
     b._a = anchor
     return b
@@ -55,7 +62,7 @@ end
 
 function M.from_string(s)
     s = tostring(s)
-    return setmetatable({ _p = cast(u8p, s), _n = #s, _a = s }, Buffer)
+    return setmetatable({ _p = addr(s), _n = #s, _a = s }, Buffer)
 end
 
 function M.is_buffer(x)
@@ -94,7 +101,7 @@ end
 
 function Buffer:tostring(off, len)
     off, len = range(self, "tostring", off, len)
-    return fstring(self._p + off, len)
+    return fstring(at(self) + off, len)
 end
 
 local function hval_check(self, name, off, w)
@@ -109,24 +116,24 @@ end
 
 function Buffer:hval_8(off)
     off = hval_check(self, "hval_8", off, 1)
-    return self._p[off]
+    return at(self)[off]
 end
 
 function Buffer:hval_16(off)
     off = hval_check(self, "hval_16", off, 2)
-    local p = self._p
+    local p = at(self)
     return p[off] * 256 + p[off + 1]
 end
 
 function Buffer:hval_24(off)
     off = hval_check(self, "hval_24", off, 3)
-    local p = self._p
+    local p = at(self)
     return (p[off] * 256 + p[off + 1]) * 256 + p[off + 2]
 end
 
 function Buffer:hval_32(off)
     off = hval_check(self, "hval_32", off, 4)
-    local p = self._p
+    local p = at(self)
     return ((p[off] * 256 + p[off + 1]) * 256 + p[off + 2]) * 256 + p[off + 3]
 end
 
@@ -142,7 +149,7 @@ for i = 0, 255 do ASC[i] = (i >= 32 and i < 127) and string.char(i) or "." end
 function Buffer:hexdump(off, len)
     off, len = range(self, "hexdump", off, len)
     if len == 0 then return off == 0 and "" or sfmt("%08x\n", off) end
-    local p = self._p
+    local p = at(self)
     local lines = {}
     local pos, stop = off, off + len
     while pos < stop do
@@ -175,7 +182,7 @@ function Buffer:appendtofile(file)
     check(self, "appendtofile")
     local f, err = io.open(file, "ab")
     if not f then return nil, err end
-    local ok, werr = f:write(fstring(self._p, self._n))
+    local ok, werr = f:write(fstring(at(self), self._n))
     f:close()
     if not ok then return nil, werr end
 end
@@ -192,14 +199,14 @@ function Buffer:writetofile(file, off)
     end
     local ok, serr = f:seek("set", off)
     if not ok then f:close(); return nil, serr end
-    local wok, werr = f:write(fstring(self._p, self._n))
+    local wok, werr = f:write(fstring(at(self), self._n))
     f:close()
     if not wok then return nil, werr end
 end
 
 function Buffer:bytes_ptr()
     check(self, "bytes_ptr")
-    return self._p, self._n
+    return at(self), self._n
 end
 
 Buffer.__len = function(self) return self._n end
