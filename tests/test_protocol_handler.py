@@ -3,6 +3,7 @@ by GUID, as the NAT-syslog pair of trisul-scripts does (issue 14.5).  Truth: tsh
 capture, filtered in Python the way the handler's parselayer decides."""
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import struct
@@ -71,18 +72,28 @@ def _capture(path):
             f.write(struct.pack("<IIII", 1_700_000_000 + k, 0, len(fr), len(fr)) + fr)
 
 
-def test_syslog_protocol_handler_feeds_a_simplecounter(tmp_path):
+# the same handler creating a closure per call: the batch walker calls it through its stitch point
+# (engine/plugins/host.lua), with the same layers as a result
+HANDLER_CLOSURE = HANDLER.replace("      if layer:layer_bytes() == 0", "      local n = function() return layer end\n"
+                                                                   "      if layer:layer_bytes() == 0")
+
+
+@pytest.mark.parametrize("handler,walk", [(HANDLER, "inline"), (HANDLER_CLOSURE, "stitched")],
+                         ids=["inline", "stitched"])
+def test_syslog_protocol_handler_feeds_a_simplecounter(tmp_path, handler, walk):
     pcap = tmp_path / "syslog.pcap"
     _capture(pcap)
     plugs = tmp_path / "plugins"
     plugs.mkdir()
     names = {"syslog": SYSLOG, "udp": UDP, "ipv4": IPV4, "cg": CG}
-    (plugs / "syslog-protocol.lua").write_text(HANDLER % names)
+    (plugs / "syslog-protocol.lua").write_text(handler % names)
     (plugs / "syslogctr.lua").write_text(COUNTER % names)
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(plugs), "--pcap", str(pcap),
-                        "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    (ph,) = [p for p in json.loads(r.stdout)["plugins"] if p["type"] == "protocol_handler"]
+    assert ph["walk"] == walk
     fields = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-E", "separator=,", "-e", "ip.src",
                              "-e", "udp.srcport", "-e", "udp.dstport", "-e", "udp.length"],
                             capture_output=True, text=True, check=True).stdout.split()

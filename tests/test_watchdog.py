@@ -8,6 +8,8 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
 
 SAMPLE = os.path.join(helpers.REPO, "engine", "examples", "sample.pcap")
@@ -31,16 +33,23 @@ TrisulPlugin = { id = { name = "stuck" },
     end } }
 """ % {"g": GUID}
 
+# the same hook creating a closure per call: called through the walker's stitch point (a C function's
+# lua_pcall, engine/plugins/_lpwatch.c), where the interruption must be caught and counted alike
+STUCK_CLOSURE = STUCK.replace("      engine:update_counter(", "      local f = function() return layer end\n"
+                                                           "      engine:update_counter(")
 
-def test_stuck_hooks_are_interrupted_and_the_run_goes_on(tmp_path):
+
+@pytest.mark.parametrize("src,walk", [(STUCK, "inline"), (STUCK_CLOSURE, "stitched")], ids=["inline", "stitched"])
+def test_stuck_hooks_are_interrupted_and_the_run_goes_on(tmp_path, src, walk):
     plug = tmp_path / "stuck.lua"
-    plug.write_text(STUCK)
+    plug.write_text(src)
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(plug), "--pcap", SAMPLE, "--out", str(out),
                         "--hook-budget", "0.5", "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     sc = next(p for p in summary["plugins"] if p["type"] == "simplecounter")
+    assert sc["walk"] == walk
     assert sc["hook_errors"] == {"simplecounter.onpacket": 1, "hook_budget": 1}
     backend = [p for p in summary["plugins"] if p["type"] == "engine_monitor"]
     assert backend and all(p["hook_errors"] == {"engine_monitor.onmetronome": 1, "hook_budget": 1} for p in backend)
