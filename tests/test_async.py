@@ -16,6 +16,8 @@ import signal
 import subprocess
 import time
 
+import hypothesis
+import hypothesis.strategies
 import psutil
 import pytest
 from lupa.luajit21 import LuaError
@@ -770,3 +772,29 @@ def test_workers_exit_when_parent_dies(tmp_path):
     still = [n for n in segs if os.path.exists(os.path.join(segment.SHM_DIR, n))]
     removed = segment.sweep()
     assert segment.list_segments(parent.pid) == [], (still, removed)
+
+
+# ============================================================================ latency histogram bucket
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(hypothesis.strategies.floats(min_value=1.0001, max_value=1e13))
+def test_latency_bucket_is_floor_of_4_log2(ns):
+    """The histogram bucket of a latency (ns) is floor(4 * log2(ns)) (docs/async.md latency percentiles),
+    computed from the exponent of ns^4 instead of math.log per result; the model: Python's math.log2."""
+    import math
+    lua = _bare_lua()
+    b = lua.eval("function(x) return require('luaprobe.engine.plugins.async').latency_bucket(x) end")(ns)
+    want = math.floor(4 * math.log2(ns))
+    # x^4 rounds to the nearest double: within one ulp of a bucket boundary either side is right
+    if b != want:
+        assert abs(4 * math.log2(ns) - round(4 * math.log2(ns))) < 1e-12, (ns, b, want)
+
+
+_LUA = []
+
+
+def _bare_lua():
+    if not _LUA:
+        from luaprobe.shm.luajit import new_runtime
+        _LUA.append(new_runtime())
+    return _LUA[0]

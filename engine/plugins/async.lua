@@ -34,7 +34,7 @@ local config = require("luaprobe.config")
 
 local C = ring.lib
 local cast, fstring, copy = ffi.cast, ffi.string, ffi.copy
-local floor, log = math.floor, math.log
+local floor = math.floor
 local REQ, RES = P.REQ_SIZE, P.RES_SIZE
 
 local M = {}
@@ -43,7 +43,15 @@ Async.__index = Async
 
 local NOOP = function() end
 local HIST = 256            -- latency histogram: bucket = floor(4 * log2(ns))
-local LOG2 = log(2)
+
+-- floor(4 * log2(x)) for x > 1 without math.log per result: it is the binary exponent of x^4 (IEEE 754 bits)
+local dbits = ffi.new("union { double d; uint64_t u; }")
+local rshift = require("bit").rshift
+local function bucket(x)
+  x = x * x
+  dbits.d = x * x
+  return tonumber(rshift(dbits.u, 52)) - 1023
+end
 
 -- ------------------------------------------------------------------ queue
 
@@ -574,7 +582,7 @@ function Async:complete(w, status, payload, now, exec_ns)
   w.head = w.head + 1
   if t0 then
     local lat = (now or C.lp_now_ns()) - t0
-    local b = lat > 1 and floor(4 * log(lat) / LOG2) or 0
+    local b = lat > 1 and bucket(lat) or 0
     if b >= HIST then b = HIST - 1 end
     self.hist[b] = self.hist[b] + 1
   end
@@ -723,4 +731,5 @@ function Async:snapshot()
 end
 
 M.Async = Async
+M.latency_bucket = bucket        -- (tests)
 return M
