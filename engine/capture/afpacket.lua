@@ -180,30 +180,32 @@ function M.open(opts)
     local m = C.mmap(nil, self.map_len, 3, 1, self.fd, 0)        -- PROT_READ|PROT_WRITE, MAP_SHARED
     if cast("intptr_t", m) == -1 then oserr("mmap(TPACKET_V3 ring)") end
     self.map = cast(u8p, m)
-    local function attach(text)
+    local function program(text)             -- a sock_fprog (kept alive by self.progs until attached)
       local prog, n = M.parse_filter(text)
       local fprog = ffi.new("struct lp_sock_fprog")
       fprog.len, fprog.filter = n, prog
+      self.progs = self.progs or {}
+      self.progs[#self.progs + 1] = prog
+      return fprog, n
+    end
+    local function attach(fprog)
       setopt(self.fd, M.SOL_SOCKET, M.SO_ATTACH_FILTER, fprog, "setsockopt(SO_ATTACH_FILTER)")
-      return n
     end
     -- fanout: accept nothing until the socket is in its group (a bound socket outside the group
-    -- would see every packet, duplicating the other shards' share)
-    if opts.fanout then attach("6 0 0 0")
-    elseif opts.filter then self.filter_len = attach(opts.filter) end
+    -- would see every packet, duplicating the other shards' share).  The real program is built
+    -- before the join, so joining and attaching it are two back-to-back system calls (see below).
+    if opts.fanout then
+      attach((program("6 0 0 0")))
+      self.join_prog, self.join_len = program(opts.filter or "6 0 0 262144")   -- the real filter, or all
+    elseif opts.filter then
+      local fprog, n = program(opts.filter)
+      attach(fprog)
+      self.filter_len = n
+    end
     local sll = ffi.new("struct lp_sockaddr_ll")
     sll.sll_family, sll.sll_protocol, sll.sll_ifindex = M.AF_PACKET, htons(M.ETH_P_ALL), idx
     if C.bind(self.fd, sll, ffi.sizeof(sll)) ~= 0 then oserr(("bind(%s)"):format(ifname)) end
-    if opts.fanout then
-      -- PACKET_FANOUT_HASH: the kernel's symmetric flow hash picks the socket, so both directions of
-      -- a flow reach one shard; FLAG_DEFRAG reassembles IP fragments first, so a datagram's fragments
-      -- are hashed (and delivered) as one packet.  Group id: low 16 bits; type|flags: high 16 bits.
-      local v = bor(band(opts.fanout, 0xffff),
-                    lshift(bor(M.PACKET_FANOUT_HASH, M.PACKET_FANOUT_FLAG_DEFRAG), 16))
-      setopt(self.fd, M.SOL_PACKET, M.PACKET_FANOUT, ffi.new("int[1]", v), "setsockopt(PACKET_FANOUT)")
-      self.fanout = opts.fanout
-      self.filter_len = attach(opts.filter or "6 0 0 262144")      -- the real filter, or accept all
-    end
+    if opts.fanout and opts.join ~= false then self:join(opts.fanout) end
     if opts.promisc ~= false then
       local mr = ffi.new("struct lp_packet_mreq")
       mr.mr_ifindex, mr.mr_type = idx, M.PACKET_MR_PROMISC
@@ -217,6 +219,27 @@ function M.open(opts)
   self.stlen = ffi.new("unsigned int[1]")
   self.cur = 0
   return self
+end
+
+--- Join fanout group `group` (open() does it unless opts.join == false; tests hold a socket bound but
+--- outside the group to check that it sees nothing meanwhile), then attach the real filter.
+--- PACKET_FANOUT_HASH: the kernel's symmetric flow hash picks the socket, so both directions of a flow
+--- reach one shard; FLAG_DEFRAG reassembles IP fragments first, so a datagram's fragments are hashed
+--- (and delivered) as one packet.  Group id: low 16 bits; type|flags: high 16 bits.
+--- Between the join and the real filter the kernel already hashes this socket's share to it and the
+--- drop-all program discards it, uncounted (a filter's verdict is not a tp_drop).  So both programs are
+--- built beforehand and the two calls are back to back, and the capture process reports "capturing"
+--- (its first STATS record) only after both (docs/scale.md, "Live start").
+function Live:join(group)
+  local v = ffi.new("int[1]", bor(band(group, 0xffff),
+                                  lshift(bor(M.PACKET_FANOUT_HASH, M.PACKET_FANOUT_FLAG_DEFRAG), 16)))
+  local prog = self.join_prog
+  local ok_join = C.setsockopt(self.fd, M.SOL_PACKET, M.PACKET_FANOUT, v, 4) == 0
+  local ok_filter = ok_join and C.setsockopt(self.fd, M.SOL_SOCKET, M.SO_ATTACH_FILTER, prog,
+                                             ffi.sizeof(prog)) == 0
+  if not ok_join then oserr("setsockopt(PACKET_FANOUT)") end
+  if not ok_filter then oserr("setsockopt(SO_ATTACH_FILTER)") end
+  self.fanout, self.filter_len = group, self.join_len
 end
 
 --- Read (and thereby reset) the kernel's counters, accumulating them.
@@ -311,7 +334,8 @@ end
 
 --- Capture into ring r until stop() returns true (checked at least every
 --- 100 ms: poll() waits at most 100 ms, and a busy loop looks at the clock
---- after every block).  A STATS record goes out every `stats_every` seconds.
+--- after every block).  A STATS record goes out at once (the fast path's
+--- snapshot then says "capturing") and every `stats_every` seconds.
 --- After stop, frames already received are drained (the kernel retires a
 --- partly filled block after retire_ms), then the final STATS record is
 --- pushed, waiting for room.
@@ -320,6 +344,7 @@ function Live:run(r, stop, stats_every)
   local now = S.lp_now_ns()
   local next_check, next_stats = now + 100e6, now + every
   local pfd = self.pfd
+  push_stats(self, r)              -- first STATS = "capturing": the socket is set up (and in its fanout group)
   while true do
     local n = self:drain(r, 8)
     now = S.lp_now_ns()

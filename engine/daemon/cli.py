@@ -292,11 +292,17 @@ def cmd_run(args) -> int:
 def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[str]]:
     """The exit code a finished run owes its caller, and why (docs/operations.md "Exit codes").
 
-    3 when a capture file had an error; else 4 when any plug-in failed to load (a syntax error, a bad
-    definition, an error in onload), a hook failed on every one of its calls, or T.async results were lost
+    1 when a shard process of a sharded run died (``shard_deaths``: it was restarted, and what it had not
+    yet written is lost); else 3 when a capture file had an error; else 4 when any plug-in failed to load
+    (a syntax error, a bad definition, an error in onload), a hook failed on every one of its calls, or T.async results were lost
     at the drain deadline; else 130/143 when a file or --generate run was stopped early by SIGINT/SIGTERM
     (``stop_is_early``; the daemon's child is stopped that way normally); else 0.  Script types luaprobe does
     not support yet are listed, not failures."""
+    deaths = [f"shard {d['shard']} (pid {d['pid']}) died (status {d['status']}) after {d['packets']} packets and "
+              "was restarted: its results not yet written (open counter buckets, live flows, in-flight T.async "
+              "tasks) are lost" for d in summary.get("shard_deaths", [])]
+    if deaths:
+        return EXIT_INTERNAL, deaths
     if summary["input_errors"]:
         return EXIT_INPUT, [f"input error: {e}" for e in summary["input_errors"]]
     reasons = [f"plug-in problem: {p}" for p in summary["plugin_problems"] if "not supported" not in p]

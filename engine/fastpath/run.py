@@ -559,6 +559,10 @@ class FastPath:
             self._beat(force=True)
             stage = self.stage if self.stage.active else None
             new_flows = method(lua, "new_flows") if self.flowmon.wants_new else None
+            progress = None
+            if shard:                           # packets taken, for the coordinator if this process dies
+                from luaprobe.engine.fastpath.shards import progress_word
+                progress = progress_word(rt.bell.address)
             while True:
                 if self._stop == 1:
                     self._stop_capture(capture)
@@ -579,6 +583,8 @@ class FastPath:
                         run_batch(host, batch_addr, n)
                     if new_flows is not None:
                         self.flowmon.new_flows(flow_rows(new_flows(driver, n)), sec)
+                    if progress is not None:
+                        progress.value = int(driver.packets)
                     self.loop_end, self.loop_cpu_end = time.monotonic(), time.thread_time()
                     rt.service()
                     self._maybe_stats(rt, capture)
@@ -888,7 +894,8 @@ class FastPath:
                 "rings": {"packet": {"records": int(recs), "bytes": int(nbytes), "capacity": int(cap)}},
                 "drops": {"capture": (self.capture_stats or [0, 0, 0])[1],
                           "kernel": (self.capture_stats or [0, 0, 0])[2], "flow_table": d.get("flow_table_full", 0)},
-                "processes": procs, "plugins": plugins}
+                "processes": procs, "plugins": plugins,
+                **({"capturing": self.capture_stats is not None} if self.cfg.interface else {})}
 
     def _beat(self, force: bool = False) -> None:
         """Heartbeat: touch cfg.heartbeat_file at most every 0.5 s.  Called between batches, while idle and

@@ -43,6 +43,14 @@ from luaprobe.shm.ring import region_size
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_PLUGIN = 0, 1, 3, 4
 MAX_RESTARTS = 5            #: restarts of one shard within RESTART_WINDOW s before the run fails
 RESTART_WINDOW = 60.0
+PROGRESS_OFFSET = 64        #: byte offset in a shard's doorbell segment of a uint64: packets its process has
+                            #: taken from its ring (written after every batch, read when the process dies)
+
+
+def progress_word(bell_address: int):
+    """The shard's packet counter in its doorbell segment (ctypes c_uint64 over shared memory)."""
+    import ctypes
+    return ctypes.c_uint64.from_address(bell_address + PROGRESS_OFFSET)
 
 
 class ShardError(RuntimeError):
@@ -78,6 +86,7 @@ class ShardedRun:
         self.restarts = [0] * self.n
         self.restart_times: list[list] = [[] for _ in range(self.n)]
         self.done = [False] * self.n
+        self.deaths: list[dict] = []   #: shard processes that died: their unwritten results are lost
         self.captures: list[subprocess.Popen] = []
         self.capture_errors: list[str] = []
         self._last_stats = -1e9
@@ -154,7 +163,11 @@ class ShardedRun:
             raise ShardError(f"shard {k} crashed {MAX_RESTARTS + 1} times within {RESTART_WINDOW:.0f} s "
                              f"(last exit status {rc})")
         self.restarts[k] += 1
-        logs.log.error("shard %d (pid %d) died (status %s): restarting it on its packet ring", k, p.pid, rc)
+        word = progress_word(self.bells[k].address)
+        packets, word.value = int(word.value), 0
+        self.deaths.append({"shard": k, "pid": p.pid, "status": rc, "packets": packets})
+        logs.log.error("shard %d (pid %d) died (status %s) after %d packets: restarting it on its packet ring; "
+                       "its results not yet written are lost", k, p.pid, rc, packets)
         time.sleep(min(5.0, 0.05 * 2 ** (len(self.restart_times[k]) - 1)))
         if self._captures_done():          # its END may have been consumed by the dead process
             self._push_end(k)
@@ -185,6 +198,7 @@ class ShardedRun:
         with tempfile.TemporaryDirectory(prefix="luaprobe-shards-") as tmp:
             os.chmod(tmp, 0o700)
             self.tmp = tmp
+            old_handlers = self._catch_stop_signals()     # a stop while starting up is graceful too
             try:
                 for k in range(self.n):
                     self.rings.append(segment.create(f"pkt{k}", region_size(cfg.packet_ring_size)))
@@ -199,12 +213,16 @@ class ShardedRun:
                 for k in range(self.n):
                     self._start_shard(k)
                 if cfg.interface:                 # hooks ready (first snapshot written) before packets flow
-                    while not all(os.path.exists(s["stats_file"]) for s in self.specs):
+                    while not all(os.path.exists(s["stats_file"]) for s in self.specs) and not self._stop:
                         for k in range(self.n):
                             self._check_shard(k)
                         time.sleep(0.02)
-                self._start_captures()
-                old_handlers = self._catch_stop_signals()
+                if self._stop:                    # stopped before any input: the rings just end
+                    self._ended_rings = True
+                    for k in range(self.n):
+                        self._push_end(k)
+                else:
+                    self._start_captures()
                 stopping = False
                 while not all(self.done):
                     if self._stop and not stopping:
@@ -224,13 +242,14 @@ class ShardedRun:
                 for c in self.captures:
                     c.wait(timeout=30)
             finally:
-                for signum, handler in locals().get("old_handlers", {}).items():
+                for signum, handler in old_handlers.items():
                     signal.signal(signum, handler)
                 self._kill_all()
                 for s in self.rings + self.bells:
                     s.close()
         summary = merge_summaries(self.summaries, time.monotonic() - t0, self.restarts, cfg)
         summary["input_errors"] += self.capture_errors
+        summary["shard_deaths"] = self.deaths
         summary["stopped_by"] = self.stopped_by
         from luaprobe.engine.store.writer import StoreWriter
         store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
@@ -282,6 +301,9 @@ class ShardedRun:
         tot["rings"] = {"packet": {f: sum(s.get("rings", {}).get("packet", {}).get(f, 0) for s in snaps)
                                    for f in ("records", "bytes", "capacity")}}
         tot["drops"] = _sum_dicts([s.get("drops", {}) for s in snaps])
+        if self.cfg.interface:                 # every capture socket is set up (in the fanout group)
+            tot["capturing"] = all(s.get("capturing") for s in snaps)
+        tot["shard_deaths"] = list(self.deaths)
         procs = {"fastpath": os.getpid(), "shards": [p.pid if p else None for p in self.procs]}
         live = [c.pid for c in self.captures if c.poll() is None]
         if live:
