@@ -46,7 +46,6 @@ CAPTURES = {
 #: shapes whose failure is known and lies outside the packet path this test guards (driver, decode, flow
 #: table, batch walk): the filex_monitor VM's HTTP parser and TCP walk (engine/streams), reported in issue 10
 KNOWN = {
-    "http": "filex VM: http.lua:571 and :736 abort 484 times each in warm-up (error 34, blacklisted)",
 }
 
 

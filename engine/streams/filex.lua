@@ -68,7 +68,7 @@ function M.new(host, opts)
     dir = opts.dir, chunk_size = opts.chunk_size or 5 * 1048576, dir_cap = opts.dir_cap or 256 * 1048576,
     max_header = opts.max_header,
     votes = cast("lp_svote *", opts.votes), batch = cast(packet.pktp, opts.batch),
-    hstats = {},           -- HTTP parser counters summed over closed flows (streams/http.lua stats)
+    hstats = {},           -- HTTP parser counters of every flow (each parser counts into it: streams/http.lua)
     file_mode = type(fx.onfile_http) == "function",
     flows = {}, dir_bytes = 0, uid = 0,
     -- flows_not_http and the tcp_* counters are the stage's (engine/fastpath/run.py adds them)
@@ -214,28 +214,35 @@ function F:new_flow_state(e)
     self.stats.flows_rejected = self.stats.flows_rejected + 1
     return nil
   end
-  local st = { id = id, flow = flow, votes = {}, body = {} }
-  st.H = self:parser(st, flow)
+  local st = { id = id, flow = flow, votes = {}, body = {}, fx = self }
+  st.H = self:parser(st)
   self.flows[id] = st
   self.stats.flows = self.stats.flows + 1
   return st
 end
 
---- The HTTP parser of flow state `st` (kept apart: closures are created here, not in the event walk).
-function F:parser(st, flow)
-  return http.new({
-    max_header = self.max_header,
-    on_request = function(req)
-      st.votes[req] = self:hook("filter", self.engine, self.engine:timestamp(), flow, req) and true or false
-    end,
-    on_response = function(req, resp)
-      if resp:get_status() >= 200 then
-        st.votes[resp] = self:hook("filter", self.engine, self.engine:timestamp(), flow, resp) and true or false
-      end
-    end,
-    on_body = function(dir, req, resp, p, n) self:body(st, dir, req, resp, p, n) end,
-    on_body_end = function(dir, req, resp, total, flags) self:body_end(st, dir, req, resp, total, flags) end,
-  })
+-- the HTTP parser's callbacks, one set for every flow (ctx = the flow state st, st.fx = the filex object):
+-- no closures per flow, so the event walk's traces compile through a new flow
+
+local function on_request(st, req)
+  local self = st.fx
+  st.votes[req] = self:hook("filter", self.engine, self.engine:timestamp(), st.flow, req) and true or false
+end
+
+local function on_response(st, req, resp)
+  if resp:get_status() >= 200 then
+    local self = st.fx
+    st.votes[resp] = self:hook("filter", self.engine, self.engine:timestamp(), st.flow, resp) and true or false
+  end
+end
+
+local function on_body(st, dir, req, resp, p, n) st.fx:body(st, dir, req, resp, p, n) end
+local function on_body_end(st, dir, req, resp, total, flags) st.fx:body_end(st, dir, req, resp, total, flags) end
+
+--- The HTTP parser of flow state `st`.
+function F:parser(st)
+  return http.new({ max_header = self.max_header, ctx = st, on_request = on_request, on_response = on_response,
+                    on_body = on_body, on_body_end = on_body_end, stats = self.hstats })
 end
 
 function F:kept(st, dir, req, resp)
@@ -278,16 +285,16 @@ function F:body_end(st, dir, req, resp, total, flags)
   end
 end
 
+function F:unfinished(st, b)
+  if b and not b.skip and b.fh then self:emit(st, b, b.chunked == true, true, "truncated") end
+end
+
 function F:close_flow(id)
   local st = self.flows[id]
   if not st then return end
   st.H:close()
-  for dir = 0, 1 do                         -- a body the parser could not finish
-    local b = st.body[dir]
-    if b and not b.skip and b.fh then self:emit(st, b, b.chunked == true, true, "truncated") end
-  end
-  local hs = self.hstats
-  for k, v in pairs(st.H.stats) do hs[k] = (hs[k] or 0) + v end
+  self:unfinished(st, st.body[0])           -- bodies the parser could not finish (no loop here: a loop per
+  self:unfinished(st, st.body[1])           -- closed flow aborted the event walk's traces)
   self.flows[id] = nil
   self:hook("onterminateflow", self.engine, self.engine:timestamp(), st.flow)
   -- the stage's reassembly keeps a "closed" marker for the connection: its trailing ACKs and RSTs are

@@ -8,6 +8,10 @@ one TCP flow (both directions), LuaJIT.
       on_response = function(req_hdr, resp_hdr) end,        -- also for interim 1xx responses
       on_body     = function(dir, req_hdr, resp_hdr, ptr_or_string, len) end,   -- decoded bytes
       on_body_end = function(dir, req_hdr, resp_hdr, total_len, flags) end,
+      stats = nil, -- a table to count into (shared by parsers; created when nil)
+      ctx = nil,   -- when set, every callback gets it as its first argument (on_request(ctx, req_hdr), ...):
+                   -- one set of functions serves every flow, no closures per parser (LuaJIT does not
+                   -- compile closure creation: a trace through it aborts)
     }
     H:data(dir, ptr_or_string, len)   -- dir 0 = client->server, 1 = server->client (tcpreasm's)
     H:gap(dir, len)                   -- len bytes of the direction were not captured
@@ -87,16 +91,34 @@ P.__index = P
 local NOP = function() end
 local framing_problem
 
+-- callbacks without ctx: the ctx is the table of the caller's functions
+local function plain_request(c, req) return c.on_request(req) end
+local function plain_response(c, req, resp) return c.on_response(req, resp) end
+local function plain_body(c, dir, req, resp, p, n) return c.on_body(dir, req, resp, p, n) end
+local function plain_body_end(c, dir, req, resp, total, flags) return c.on_body_end(dir, req, resp, total, flags) end
+
+-- the counters (into `t` when given: parsers can share one table)
+local function new_stats(t)
+  t = t or {}
+  t.requests, t.responses, t.interim, t.bodies, t.resyncs, t.errors, t.gaps = 0, 0, 0, 0, 0, 0, 0
+  t.cl_te, t.bad_content_length, t.bad_transfer_encoding, t.unknown_codings, t.oversize_headers = 0, 0, 0, 0, 0
+  return t
+end
+
 function M.new(cbs)
   cbs = cbs or {}
+  local ctx = cbs.ctx
+  local on_request, on_response = cbs.on_request or NOP, cbs.on_response or NOP
+  local on_body, on_body_end = cbs.on_body or NOP, cbs.on_body_end or NOP
+  if ctx == nil then
+    ctx = { on_request = on_request, on_response = on_response, on_body = on_body, on_body_end = on_body_end }
+    on_request, on_response, on_body, on_body_end = plain_request, plain_response, plain_body, plain_body_end
+  end
   local self = setmetatable({
-    on_request = cbs.on_request or NOP, on_response = cbs.on_response or NOP,
-    on_body = cbs.on_body or NOP, on_body_end = cbs.on_body_end or NOP,
+    ctx = ctx, on_request = on_request, on_response = on_response, on_body = on_body, on_body_end = on_body_end,
     queue = {}, qh = 1, qt = 0,
     st = { [0] = { mode = HDR, hbuf = "", line = "" }, [1] = { mode = HDR, hbuf = "", line = "" } },
-    stats = { requests = 0, responses = 0, interim = 0, bodies = 0, resyncs = 0, errors = 0, gaps = 0,
-              cl_te = 0, bad_content_length = 0, bad_transfer_encoding = 0, unknown_codings = 0,
-              oversize_headers = 0 },
+    stats = cbs.stats and cbs.stats.requests and cbs.stats or new_stats(cbs.stats),
     max_header = cbs.max_header or MAX_HEADER,
     closed = false,
   }, P)
@@ -300,10 +322,10 @@ end
 -- not compiled and would abort every trace through body_data)
 local function body_data_z(self, b, p, n)
   if b.zdead then return end
-  local on_body, dir, req, resp = self.on_body, b.dir, b.req, b.resp
+  local on_body, ctx, dir, req, resp = self.on_body, self.ctx, b.dir, b.req, b.resp
   local ok, err = b.z:feed(p, n, function(op, on)
     b.total = b.total + on
-    on_body(dir, req, resp, op, on)
+    on_body(ctx, dir, req, resp, op, on)
   end)
   if not ok then
     b.flags.decode_error = err
@@ -316,7 +338,7 @@ local function body_data(self, b, p, n)
   if n <= 0 then return end
   if b.z then return body_data_z(self, b, p, n) end
   b.total = b.total + n
-  self.on_body(b.dir, b.req, b.resp, p, n)
+  self.on_body(self.ctx, b.dir, b.req, b.resp, p, n)
 end
 
 local function body_end(self, st, truncated)
@@ -336,7 +358,7 @@ local function body_end(self, st, truncated)
   -- why the delivered body is not the whole content (nil: it is): first reason that applies
   f.incomplete = f.gap and "gap" or f.decode_error and "decode_error" or f.truncated and "truncated"
                  or f.decode_incomplete and "decode_incomplete" or f.unknown_coding and "unknown_encoding" or nil
-  self.on_body_end(b.dir, b.req, b.resp, b.total, f)
+  self.on_body_end(self.ctx, b.dir, b.req, b.resp, b.total, f)
 end
 
 -- request queue ---------------------------------------------------------------------------------
@@ -390,7 +412,7 @@ local function start_message(self, dir, st, h, kind)
     self.req_dir = dir
     self.stats.requests = self.stats.requests + 1
     q_push(self, h)
-    self.on_request(h)
+    self.on_request(self.ctx, h)
     st.cur_req, st.cur_resp = h, nil
     local fr, len, tec, problem = body_framing(h, true)
     if problem then framing_problem(self, h, problem) end
@@ -413,13 +435,13 @@ local function start_message(self, dir, st, h, kind)
   if code >= 100 and code < 200 and code ~= 101 then
     self.stats.interim = self.stats.interim + 1
     req = q_peek(self) or placeholder()
-    self.on_response(req, h)
+    self.on_response(self.ctx, req, h)
     st.mode = HDR
     return
   end
   self.stats.responses = self.stats.responses + 1
   req = q_pop(self) or placeholder()
-  self.on_response(req, h)
+  self.on_response(self.ctx, req, h)
   st.cur_req, st.cur_resp = req, h
   if code == 101 or (req:is_method("CONNECT") and code >= 200 and code < 300) then
     self.st[0].mode, self.st[1].mode = TUNNEL, TUNNEL
@@ -519,7 +541,7 @@ local function do_hdr(self, dir, st, p, n)
     self.stats.responses = self.stats.responses + 1
     local h = httpheader.new{ is_request = false, status = 200, headers = {} }
     h._version = "0.9"
-    self.on_response(q, h)
+    self.on_response(self.ctx, q, h)
     st.cur_req, st.cur_resp = q, h
     st.hbuf, st.first_ok = "", false
     body_begin(self, st, dir, q, h, h)

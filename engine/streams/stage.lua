@@ -90,7 +90,7 @@ function M.new(opts)
   local self = setmetatable({
     capacity = opts.capacity, attributes = opts.attributes, parse_cert = opts.parse_cert,
     idle_timeout = opts.idle_timeout or 120, nhandlers = 0, nfilex = 0,
-    flows = {}, anchor = {}, nev = 0, evcap = 4096, last_expire = 0, ts = 0, bi = -1,
+    flows = {}, anchor = {}, nev = 0, evcap = 4096, last_expire = 0, ts = 0, bi = -1, wantcap = 0,
     -- flows: handler flows (NEWFLOW); filex_flows: FXNEW; flows_not_http: dropped at their first payload
     stats = { flows = 0, filex_flows = 0, flows_not_http = 0, events = 0, attributes = 0, certificates = 0,
               cert_errors = 0 },
@@ -275,8 +275,13 @@ function S:filex_vote(id, p, d, v, st, f)
   return st
 end
 
---- One TCP packet of a flow someone wants (a handler voted for it, or filex has not said no).
-function S:packet(p, v)
+--- TCP packet i of the batch, of a flow someone wanted when the batch's votes were read (a handler voted
+--- for it, or filex had not said no; an earlier packet of the batch may have changed that).
+function S:packet(batch, i)
+  local p = batch[i]
+  local v = self.votes[p.flow]
+  if not (v.yes > 0 or (self.nfilex > 0 and v.fx >= 0)) then return end
+  self.bi = i
   local d = p.d
   local id = p.flow_uid
   local R = self.R
@@ -320,7 +325,9 @@ function S:packet(p, v)
   end
   local n = d.payload_length
   if quiet and (st == nil or (not st.fx and st.an == nil)) then n = 0 end
-  R:packet(id, p.dir, be32(data, l4 + 4), flags, data + d.payload_offset, n, p.ts_sec, nil, be32(data, l4 + 8))
+  -- a tail call: no slot of this frame stays live in the reassembly's side exits (with them, LuaJIT's
+  -- side traces there failed with "register coalescing too complex" and were blacklisted)
+  return R:packet(id, p.dir, be32(data, l4 + 4), flags, data + d.payload_offset, n, p.ts_sec, nil, be32(data, l4 + 8))
 end
 
 --- Reassemble the TCP segments of wanted flows in the batch at `addr` (n packets); returns the event count.
@@ -329,16 +336,26 @@ function S:run(addr, n)
   self.nev, self.anchor = 0, {}
   local votes = self.votes
   local filex = self.nfilex > 0
+  if n > self.wantcap then
+    self.wantcap = n
+    self.want = ffi.new("int32_t[?]", n)
+  end
+  -- two small loops (as the flow table's): the votes of every TCP packet, then the wanted packets
+  -- through reassembly; the first one's trace stays tiny, the second's carries no batch-walk state
+  local want, m = self.want, 0
   for i = 0, n - 1 do
     local p = batch[i]
     if p.flow >= 0 and p.d.first[TCP] >= 0 then
       local v = votes[p.flow]
       if v.uid ~= p.flow_uid then v.uid, v.asked, v.yes, v.disabled, v.fx = p.flow_uid, 0, 0, 0, 0 end
       if v.yes > 0 or (filex and v.fx >= 0) then
-        self.bi = i
-        self:packet(p, v)
+        want[m] = i
+        m = m + 1
       end
     end
+  end
+  for k = 0, m - 1 do
+    self:packet(batch, want[k])
   end
   self.bi = -1
   local now = n > 0 and batch[n - 1].ts_sec or 0
