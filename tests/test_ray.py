@@ -69,10 +69,12 @@ def cluster(tmp_path_factory):
         _ray("stop", "--force")
 
 
-def plugin(tmp_path, ntasks: int, sleep_ms: int) -> str:
+def plugin(tmp_path, ntasks: int, sleep_ms: int, slow: int = 0, slow_ms: int = 0, remote: bool = True,
+           error_text: str = "worker died") -> str:
     """A simplecounter scheduling one task for each of the first `ntasks` packets; onexecute sleeps
-    `sleep_ms` (I/O-bound), touches started/<data> and returns where it ran; onresult / onerror count per
-    node and per task."""
+    `sleep_ms` (I/O-bound; the first `slow` tasks `slow_ms`), touches started/<data> and returns where it
+    ran; onresult / onerror count per node and per task (onerror: key "err"; any other message than
+    `error_text` fails the hook).  ``remote=False`` sets TrisulPlugin.async_remote = false."""
     (tmp_path / "started").mkdir()
     d = tmp_path / "plugins"
     d.mkdir()
@@ -81,6 +83,7 @@ local n = 0
 TrisulPlugin = {{
   id = {{ name = "remote" }},
   request_async_workers = 4,
+  async_remote = {"true" if remote else "false"},
   simplecounter = {{
     protocol_guid = "{G_ETH}",
     onpacket = function(engine, layer)
@@ -91,7 +94,8 @@ TrisulPlugin = {{
           local ffi = require("ffi")
           pcall(ffi.cdef, "int usleep(unsigned int usec);")
           local f = io.open("{tmp_path}/started/" .. d, "w"); if f then f:close() end
-          ffi.C.usleep({sleep_ms} * 1000)
+          local ms = tonumber(d:sub(2)) <= {slow} and {slow_ms} or {sleep_ms}
+          while ms > 0 do local step = math.min(ms, 500); ffi.C.usleep(step * 1000); ms = ms - step end
           return (os.getenv("LUAPROBE_RAY_NODE") or "local"):sub(1, 8)
         end,
         onresult = function(e, d, r)
@@ -99,7 +103,7 @@ TrisulPlugin = {{
         end,
         onerror = function(e, d, m)
           e:update_counter("{NODES}", "err", 0, 1); e:update_counter("{TASKS}", d, 0, 1)
-          if not m:find("worker died", 1, true) then error("unexpected onerror: " .. m) end
+          if not m:find("{error_text}", 1, true) then error("unexpected onerror: " .. m) end
         end }}
     end,
   }},
@@ -114,13 +118,84 @@ def counts(out, group) -> dict:
                               (group.upper(),)))
 
 
-def run(tmp_path, address, ntasks, sleep_ms, stats_file=None, name="out") -> tuple[dict, str]:
+def run(tmp_path, address, ntasks, sleep_ms, stats_file=None, name="out", task_timeout=60, **kw) -> tuple[dict, str]:
     out = str(tmp_path / name)
     acfg = AsyncConfig(backend="ray", ray_address=address, ray_actor_cpus=0.25, drain_deadline=120,
-                       task_timeout=60)
-    cfg = RunConfig(plugins=[plugin(tmp_path, ntasks, sleep_ms)], out_dir=out, async_config=acfg,
+                       task_timeout=task_timeout)
+    cfg = RunConfig(plugins=[plugin(tmp_path, ntasks, sleep_ms, **kw)], out_dir=out, async_config=acfg,
                     files=[os.path.join(PCAPS, "trisul-16minutes.pcap")], stats_file=stats_file, stats_interval=0.1)
     return FastPath(cfg), out
+
+
+def _identity(a) -> bool:
+    return a["scheduled"] == a["ok"] + a["nil_result"] + a["error"] + a["timeout"] + a["dropped"] + a["pending"]
+
+
+def _descendants() -> set:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.mark.timeout(600)
+def test_no_address_starts_a_local_ray_for_the_run(tmp_path):
+    """backend "ray" without an address (first in this file: no cluster of the fixture exists yet): the fast
+    path starts a local Ray for the run, the tasks run in its actors (a Ray node id, not "local"), and
+    ray.shutdown() at the end leaves no Ray process of ours behind."""
+    before = _descendants()
+    fp, out = run(tmp_path, None, 40, 5)
+    seen = set()
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("s", fp.run()))
+    t.start()
+    def raylets():
+        for pid in _descendants() - before:
+            try:
+                if "raylet" in " ".join(psutil.Process(pid).cmdline()[:1]):
+                    seen.add(pid)
+            except psutil.Error:
+                pass
+        return not t.is_alive() or bool(seen)
+    try:
+        wait_for(raylets, timeout=300, interval=0.1)
+    finally:
+        t.join(300)
+    assert not t.is_alive()
+    a = next(p for p in box["s"]["plugins"] if p["plugin"].endswith("remote.lua"))["async"]
+    assert a["scheduled"] == a["ok"] == 40 and _identity(a), a
+    nodes = counts(out, NODES)
+    assert sum(nodes.values()) == 40 and "local" not in nodes and "err" not in nodes, nodes
+    assert seen, "no raylet was started by the run"
+    assert wait_for(lambda: not (seen & {p.pid for p in psutil.process_iter()}), timeout=60, interval=0.2)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.timeout(600)
+def test_task_timeout_reports_through_onerror_once(tmp_path, cluster):
+    """Two tasks run 6 s with a 2 s task timeout: each comes back through onerror exactly once ("timed out"),
+    counted as timeout; the other tasks succeed (on new actors where a bridge was killed); the accounting
+    identity holds and every task is delivered exactly once."""
+    address, _ = cluster
+    fp, out = run(tmp_path, address, 30, 10, task_timeout=2, slow=2, slow_ms=6000, error_text="timed out")
+    s = fp.run()
+    a = next(p for p in s["plugins"] if p["plugin"].endswith("remote.lua"))["async"]
+    assert a["scheduled"] == 30 and a["timeout"] == 2 and a["ok"] == 28, a
+    assert a["error"] == a["dropped"] == a["pending"] == 0 and _identity(a), a
+    assert counts(out, TASKS) == {f"t{i}": 1 for i in range(1, 31)}
+    nodes = counts(out, NODES)
+    assert nodes.get("err") == 2 and "local" not in nodes, nodes
+    hook_errors = next(p for p in s["plugins"] if p["plugin"].endswith("remote.lua"))["hook_errors"]
+    assert not any(hook_errors.values()), hook_errors        # onerror saw "timed out" every time
+
+
+@pytest.mark.timeout(600)
+def test_async_remote_false_keeps_tasks_on_local_workers(tmp_path, cluster):
+    """TrisulPlugin.async_remote = false with backend "ray": the tasks run on local worker processes
+    (LUAPROBE_RAY_NODE unset there), no Ray actor is created for the plug-in."""
+    address, _ = cluster
+    fp, out = run(tmp_path, address, 40, 5, remote=False)
+    s = fp.run()
+    a = next(p for p in s["plugins"] if p["plugin"].endswith("remote.lua"))["async"]
+    assert a["scheduled"] == a["ok"] == 40 and _identity(a), a
+    assert counts(out, NODES) == {"local": 40}
 
 
 @pytest.mark.timeout(600)
