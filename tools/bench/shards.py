@@ -8,7 +8,11 @@ so the shard hash has addresses to spread; written once, read from the page cach
 subprocess; wall time is measured around it and CPU time is the RUSAGE_CHILDREN difference (the CLI,
 the coordinator, capture, shards, store writers: every process is waited for by its parent).
 The plug-in's own cost is measured as (CPU with it - CPU without it) / packets at one shard.
-Prints a Markdown table with min / median / max of --repeat runs.
+Per-process CPU seconds (psutil, sampled every 0.1 s over the run's process tree; the last sample of each
+process, so a process's final < 0.1 s is missed) are summed per role: cli (the CLI = coordinator), capture,
+shard k, store writers, workers.  They show which process is the ceiling: with N shards on N free cores the
+packets/s can reach at most  packets / max(role CPU seconds),  whatever the machine's load.
+Prints Markdown tables with min / median / max of --repeat runs.
 """
 from __future__ import annotations
 
@@ -20,8 +24,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
+import psutil
+
+CORES = os.cpu_count() or 1
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 G_ETH = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}"
 
@@ -54,20 +62,99 @@ TrisulPlugin = {
 """
 
 
+def role(cmdline: list) -> str:
+    """Which part of a run a process is, from its command line."""
+    text = " ".join(cmdline)
+    if "luaprobe.engine.capture.process" in text:
+        return "capture"
+    if "luaprobe.engine.fastpath.shards" in text:
+        return "shard " + os.path.basename(cmdline[-1]).removeprefix("shard").removesuffix(".json")
+    if "luaprobe.engine.store.writer" in text:
+        return "store writers"
+    if "luaprobe.workers" in text:
+        return "workers"
+    return "cli"
+
+
+class TreeCPU:
+    """Samples user+system CPU seconds of every process under `pid` until stop(); per-role sums."""
+
+    def __init__(self, pid: int, every: float = 0.1):
+        self.root, self.every, self.last, self.roles = pid, every, {}, {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [psutil.Process(self.root)]
+                procs += procs[0].children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for p in procs:
+                try:
+                    with p.oneshot():
+                        t = p.cpu_times()
+                        key = (p.pid, p.create_time())
+                        if key not in self.roles:
+                            self.roles[key] = role(p.cmdline())
+                        self.last[key] = t.user + t.system
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    pass
+            self._stop.wait(self.every)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._t.join()
+        out: dict = {}
+        for key, cpu in self.last.items():
+            out[self.roles[key]] = out.get(self.roles[key], 0.0) + cpu
+        return out
+
+
 def run_once(plugin_dir: str, pcap: str, shards: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin_dir, "--pcap", pcap, "--out", out,
-                            "--shards", str(shards), "--json"], cwd=REPO, capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin_dir, "--pcap", pcap,
+                                 "--out", out, "--shards", str(shards), "--json"], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        sampler = TreeCPU(proc.pid)
+        so, se = proc.communicate()
         wall = time.monotonic() - t0
+        roles = sampler.stop()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if r.returncode != 0:
-        raise SystemExit(f"luaprobe run failed ({r.returncode}): {r.stderr}")
-    s = json.loads(r.stdout)
+    if proc.returncode != 0:
+        raise SystemExit(f"luaprobe run failed ({proc.returncode}): {se}")
+    s = json.loads(so)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"packets": s["packets"], "wall_s": wall, "engine_s": s["elapsed_s"], "cpu_s": cpu,
+    return {"packets": s["packets"], "wall_s": wall, "engine_s": s["elapsed_s"], "cpu_s": cpu, "roles": roles,
+            "loop_s": s.get("packet_loop_s"),
             "per_shard": [x["packets"] for x in s.get("shards", [])] or [s["packets"]]}
+
+
+def role_table(rows: dict) -> None:
+    """Per-process CPU seconds (median over the repeats) and the ceiling each role sets."""
+    print("\nCPU seconds per process (median of the runs; psutil samples):\n")
+    print("| shards | cli (coordinator; 1 shard: the fast path) | capture | fast path per shard | store writers |"
+          " busiest process | ceiling packets/s = packets / its CPU s | ceiling speed-up |"
+          f" bound on {CORES} cores: packets / max(busiest, all CPU / {CORES}) | bound speed-up |")
+    print("|---:|---:|---:|---|---:|---|---:|---:|---:|---:|")
+    ref_bound = None
+    ref = None
+    for n, rs in rows.items():
+        names = sorted({k for r in rs for k in r["roles"]})
+        med = {k: statistics.median(r["roles"].get(k, 0.0) for r in rs) for k in names}
+        shards = [med[k] for k in names if k.startswith("shard ")] or [med.get("cli", 0.0)]
+        busiest = max(med, key=med.get)
+        pk = rs[0]["packets"]
+        ceiling = pk / med[busiest]
+        bound = pk / max(med[busiest], sum(med.values()) / CORES)
+        ref, ref_bound = ref or ceiling, ref_bound or bound
+        print(f"| {n} | {med.get('cli', 0):.2f} | {med.get('capture', 0):.2f} | "
+              f"{' / '.join(f'{x:.2f}' for x in shards)} | {med.get('store writers', 0):.2f} | "
+              f"{busiest} | {ceiling:,.0f} | {ceiling / ref:.2f}x | {bound:,.0f} | {bound / ref_bound:.2f}x |")
 
 
 def main() -> int:
@@ -106,6 +193,7 @@ def main() -> int:
         print(f"| {n} | {pps[0]:,.0f} / {statistics.median(pps):,.0f} / {pps[-1]:,.0f} | "
               f"{statistics.median(pps) / ref:.2f}x | {cpu[0]:.2f} / {statistics.median(cpu):.2f} / {cpu[-1]:.2f} | "
               f"{rs[0]['per_shard']} |")
+    role_table({**rows, "1, light": base})
     bcpu = sorted(r["cpu_s"] / pk * 1e6 for r in base)
     bpps = sorted(pk / r["engine_s"] for r in base)
     print(f"| 1, light plug-in | {bpps[0]:,.0f} / {statistics.median(bpps):,.0f} / {bpps[-1]:,.0f} | - | "
