@@ -187,7 +187,7 @@ def test_every_fast_path_setting_has_a_flag_and_a_toml_key(tmp_path):
     from luaprobe.engine.daemon import cli, config, settings
     flags, raw = [], {"source": {"pcap": [SAMPLE]}, "plugins": {"paths": [EX]}}
     for field, flag, (section, key), kind, default, lo, hi, scale, _ in settings.SETTINGS:
-        v = str(tmp_path) if kind == "path" else hi            # a legal value that is not the default
+        v = str(tmp_path) if kind == "path" else "nobody" if kind == "name" else hi   # legal, not the default
         flags += [flag, str(v)]
         raw.setdefault(section, {})[key] = v
     args = cli.build_parser().parse_args(["run", PLUGIN, "--pcap", SAMPLE, *flags])

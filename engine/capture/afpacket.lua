@@ -8,6 +8,7 @@ capture() and copies every frame into the packet ring as a PKT record.
     local h = afp.open{ interface = "eth0", filter = "40 0 0 12\n21 0 1 2048\n...",  -- optional
                         block_size = 1 << 20, block_nr = 32, frame_size = 2048, retire_ms = 10,
                         promisc = true }
+    -- fd = N (optional): use this unbound AF_PACKET socket instead of opening one
     -- fanout = GROUP_ID (optional): join an AF_PACKET fanout group (PACKET_FANOUT_HASH with
     -- PACKET_FANOUT_FLAG_DEFRAG), one socket per shard (engine/fastpath/shards.py)
     h:run(r, stop)      -- until stop() returns true; publishes STATS records every second
@@ -168,7 +169,9 @@ function M.open(opts)
     self.linktype = M.LINKTYPES[hatype]
     if not self.linktype then error(("interface %s: unsupported link type (ARPHRD %d)"):format(ifname, hatype), 0) end
 
-    self.fd = C.socket(M.AF_PACKET, bor(M.SOCK_RAW, M.SOCK_CLOEXEC), 0)
+    -- opts.fd: a socket opened before a privilege drop (engine/daemon/privileges.py); nothing below
+    -- needs a privilege
+    self.fd = opts.fd or C.socket(M.AF_PACKET, bor(M.SOCK_RAW, M.SOCK_CLOEXEC), 0)
     if self.fd < 0 then oserr("socket(AF_PACKET, SOCK_RAW)") end
     setopt(self.fd, M.SOL_PACKET, M.PACKET_VERSION, ffi.new("int[1]", M.TPACKET_V3), "setsockopt(PACKET_VERSION, TPACKET_V3)")
     local req = ffi.new("struct tpacket_req3")

@@ -38,9 +38,10 @@ def _live(args, lua, ring, control, pkt, stop) -> int:
     """Capture from --interface (engine/capture/afpacket.lua) until SIGTERM, then END."""
     from luaprobe.shm.luajit import table
     try:
-        flt = compile_bpf(args.bpf, link_type(args.interface), args.interface) if args.bpf else None
+        flt = args.bpf_program or (compile_bpf(args.bpf, link_type(args.interface), args.interface)
+                                   if args.bpf else None)
         h = lua.eval("function(o) return require('luaprobe.engine.capture.afpacket').open(o) end")(
-            table(lua, {"interface": args.interface, "filter": flt, "fanout": args.fanout}))
+            table(lua, {"interface": args.interface, "filter": flt, "fanout": args.fanout, "fd": args.socket_fd}))
     except Exception as e:                                  # BpfError, or a LuaError from open()
         msg = e.args[0] if isinstance(e, BpfError) else split_lua_error(e)[1]
         control(ring, pkt.ERROR, f"\t{msg}\tinterface {args.interface}".encode())
@@ -81,6 +82,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fanout", type=int, help="live: join this AF_PACKET fanout group (PACKET_FANOUT_HASH)")
     ap.add_argument("--interface", help="capture live from this interface until SIGTERM")
     ap.add_argument("--bpf", help="tcpdump filter expression (with --interface)")
+    ap.add_argument("--bpf-program", help="live: the --bpf expression already compiled (\"code jt jf k\" lines; "
+                                          "compiled before a privilege drop, engine/daemon/privileges.py)")
+    ap.add_argument("--socket-fd", type=int, help="live: an inherited, unbound AF_PACKET socket to use instead of "
+                                                  "opening one (opened as root before a privilege drop)")
     ap.add_argument("--loop", action="store_true", help="repeat the files until SIGTERM (soak runs, supervisor)")
     ap.add_argument("--generate", metavar="SPEC", help="run the generator into the ring (engine/gen/stream.py)")
     ap.add_argument("files", nargs="*")

@@ -241,6 +241,12 @@ def cmd_run(args) -> int:
     except ValueError as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return EXIT_USAGE
+    from .privileges import enter_run
+    try:
+        enter_run(cfg, stats_json=args.stats_json)         # --user: sockets opened, then root dropped
+    except (UsageError, InputProblem) as e:
+        print(f"luaprobe run: {e}", file=sys.stderr)
+        return e.exit_code
     bar = None if args.quiet or args.json else _progress_bar(cfg)
     if bar is not None:
         cfg.progress = bar.update

@@ -2,7 +2,7 @@
 
 Each row: RunConfig field, CLI flag, (TOML section, key), kind, default (in the flag's unit), lower and upper
 bound, the factor from the flag's unit to RunConfig's, and the help text.  ``kind`` is "int", "float",
-"pow2" (an integer power of two) or "path".  docs/operations.md lists the same table for operators.
+"pow2" (an integer power of two), "path" or "name" (a user or group name, or a number).  docs/operations.md lists the same table for operators.
 """
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ SETTINGS = [
      "onfile_http chunk size, MiB (Trisul ChunkSizeMB)"),
     ("filex_dir_cap_mb", "--filex-dir-cap-mb", ("filex", "dir_cap_mb"), "float", 256.0, 1, 1 << 20, 1,
      "extraction stops (counted) above this many MiB in the directory"),
+    ("user", "--user", ("run", "user"), "name", None, None, None, 1,
+     "after opening the capture socket(s) as root, run everything (capture, fast path, workers, store writer) as "
+     "this user with no capability (default: stay root, with a warning for live capture; docs/live.md)"),
+    ("group", "--group", ("run", "group"), "name", None, None, None, 1,
+     "with --user: run with this group only (default: the user's primary and supplementary groups)"),
 ]
 
 
@@ -44,8 +49,8 @@ def add_flags(parser) -> None:
     from .usage import float_in, int_in, power_of_two
     for field, flag, _toml, kind, default, lo, hi, _scale, text in SETTINGS:
         conv = {"int": lambda: int_in(lo, hi), "float": lambda: float_in(lo, hi),
-                "pow2": lambda: power_of_two(lo, hi), "path": lambda: str}[kind]()
-        rng = "" if kind == "path" else f" ({lo:g}..{hi:g}, default {default:g})"
+                "pow2": lambda: power_of_two(lo, hi), "path": lambda: str, "name": lambda: str}[kind]()
+        rng = "" if kind in ("path", "name") else f" ({lo:g}..{hi:g}, default {default:g})"
         parser.add_argument(flag, dest=field, type=conv, default=default, help=text + rng)
 
 
@@ -58,8 +63,8 @@ def toml_schema() -> dict:
     """{section: {key: (type, default, check)}} in engine/daemon/config.py's SCHEMA form."""
     out: dict = {}
     for _field, _flag, (section, key), kind, default, lo, hi, _scale, _text in SETTINGS:
-        t = {"int": int, "pow2": int, "float": (int, float), "path": "path"}[kind]
-        out.setdefault(section, {})[key] = (t, default, None if kind == "path" else (lo, hi))
+        t = {"int": int, "pow2": int, "float": (int, float), "path": "path", "name": str}[kind]
+        out.setdefault(section, {})[key] = (t, default, None if kind in ("path", "name") else (lo, hi))
     return out
 
 

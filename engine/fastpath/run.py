@@ -99,6 +99,27 @@ class RunConfig:
     on_loaded: object = None          #: callable(problems: list[str]) once the plug-ins are loaded (the daemon)
     hook_budget: float = 10.0         #: s a hook may run before it is interrupted (0 = off; docs/operations.md)
     analysers: str = ""               #: built-in analysers to run and store: "all", "none" or "counters,dns,http,tls"
+    user: str | None = None           #: drop to this user after opening the capture socket(s) (docs/live.md)
+    group: str | None = None          #: with user: this group only
+    capture_fds: list | None = None   #: live, set by engine/daemon/privileges.py: AF_PACKET sockets opened before
+                                      #: the drop, one per capture process (passed with --socket-fd, then closed here)
+    bpf_program: str | None = None    #: the bpf expression compiled before the drop ("code jt jf k" lines)
+
+
+def capture_socket_args(cfg: RunConfig, k: int) -> list:
+    """Extra arguments of live capture process ``k`` when its socket was opened before a privilege drop."""
+    out = ["--bpf-program", cfg.bpf_program] if cfg.bpf_program else []
+    return out + (["--socket-fd", str(cfg.capture_fds[k])] if cfg.capture_fds else [])
+
+
+def close_fds(cfg: RunConfig) -> None:
+    """Close this process's copies of the capture sockets once the capture processes hold theirs."""
+    for fd in cfg.capture_fds or []:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    cfg.capture_fds = None
 
 
 #: script type -> (Host setup method, Host per-batch method) for the types that walk every batch
@@ -634,6 +655,7 @@ class FastPath:
             if capture is not None and capture.poll() is None:
                 capture.kill()
                 capture.wait()
+            close_fds(cfg)
             rt.close()
             if getattr(self, "filex_dir", None) and not self.cfg.filex_dir:
                 shutil.rmtree(self.filex_dir, ignore_errors=True)
@@ -650,12 +672,14 @@ class FastPath:
     def _start_capture(self, ring_seg, rt) -> subprocess.Popen:
         """The capture process filling our packet ring (SIGTERM blocked until its handler is set)."""
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # capture.py unblocks it once
-        try:                                                                    # its stop handler is in place
+        fds = self.cfg.capture_fds or []                                        # its stop handler is in place
+        try:
             return subprocess.Popen(
                 [sys.executable, "-m", "luaprobe.engine.capture.process", "--ring", ring_seg.name, "--bell", rt.bell.name,
-                 "--ppid", str(os.getpid()), *self._capture_args()], stdin=subprocess.DEVNULL)
+                 "--ppid", str(os.getpid()), *self._capture_args()], stdin=subprocess.DEVNULL, pass_fds=fds[:1])
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            close_fds(self.cfg)
 
     # ----------------------------------------------------------------- live capture (docs/live.md)
     def _capture_args(self) -> list:
@@ -665,7 +689,7 @@ class FastPath:
             return ["--generate", cfg.generate]
         if not cfg.interface:
             return ["--loop"] * bool(cfg.loop) + list(cfg.files)
-        return ["--interface", cfg.interface, *(["--bpf", cfg.bpf] if cfg.bpf else [])]
+        return ["--interface", cfg.interface, *(["--bpf", cfg.bpf] if cfg.bpf else []), *capture_socket_args(cfg, 0)]
 
     def _catch_stop_signals(self) -> dict:
         """Any source: SIGINT / SIGTERM ask for a graceful stop (the capture process stops reading and pushes

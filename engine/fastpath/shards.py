@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from luaprobe.engine.fastpath.run import RunConfig
+from luaprobe.engine.fastpath.run import RunConfig, capture_socket_args, close_fds
 from luaprobe.engine.plugins.asyncruntime import BELL_SIZE
 from luaprobe.engine.plugins.vm import PluginError
 from luaprobe.shm import logs, segment
@@ -58,7 +58,7 @@ class ShardError(RuntimeError):
 
 
 def _spec(cfg: RunConfig, shard: dict) -> dict:
-    d = dataclasses.asdict(dataclasses.replace(cfg, progress=None, on_loaded=None))
+    d = dataclasses.asdict(dataclasses.replace(cfg, progress=None, on_loaded=None, capture_fds=None))
     d["shard"] = shard
     return d
 
@@ -124,8 +124,9 @@ class ShardedRun:
                     self.captures.append(subprocess.Popen(
                         [sys.executable, "-m", "luaprobe.engine.capture.process", "--ring", self.rings[k].name,
                          "--bell", self.bells[k].name, "--ppid", me, "--interface", cfg.interface,
-                         "--fanout", str(group), *(["--bpf", cfg.bpf] if cfg.bpf else [])],
-                        stdin=subprocess.DEVNULL))
+                         "--fanout", str(group), *(["--bpf", cfg.bpf] if cfg.bpf else []),
+                         *capture_socket_args(cfg, k)],
+                        stdin=subprocess.DEVNULL, pass_fds=cfg.capture_fds[k:k + 1] if cfg.capture_fds else ()))
             else:
                 args = ["--generate", cfg.generate] if cfg.generate else ["--loop"] * bool(cfg.loop) + list(cfg.files)
                 self.captures.append(subprocess.Popen(
@@ -135,6 +136,7 @@ class ShardedRun:
                     stdin=subprocess.DEVNULL))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            close_fds(cfg)
 
     def _captures_done(self) -> bool:
         return all(c.poll() is not None for c in self.captures)
@@ -245,6 +247,7 @@ class ShardedRun:
                 for signum, handler in old_handlers.items():
                     signal.signal(signum, handler)
                 self._kill_all()
+                close_fds(cfg)
                 for s in self.rings + self.bells:
                     s.close()
         summary = merge_summaries(self.summaries, time.monotonic() - t0, self.restarts, cfg)

@@ -1,0 +1,263 @@
+"""Privilege drop (engine/daemon/privileges.py, docs/live.md "Privileges"): a live capture with --user runs every
+process as that user with no capability, on a real veth pair, and the daemon keeps only CAP_NET_RAW in its
+supervisor so that a restarted fast path can open its socket again.
+
+The truth each test checks against is the kernel's: uids, gids and capability sets from /proc/<pid>/status
+(psutil lists the process tree), owners and modes from stat(2), and the datagrams the sender wrote.
+
+Every process of a dropped run is started after the drop, so the Python interpreter must be one the user can
+run.  When the test's own interpreter is not (a pyenv Python under /root), the `user_python` fixture makes a
+venv from the system's Python of the same version that imports this environment's packages (a .pth line);
+the test skips, with the reason, only when no such interpreter exists or this checkout is not readable by the user.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import site
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from tests import helpers
+from tests.test_live import IP, PORT_GROUP, bound, needs_root, port_counts, send_udp, sh, veth, write_plugins  # noqa: F401
+
+CAP_NET_RAW = 1 << 13
+G_UDP = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}"
+
+UID_PROBE = f'''
+-- counts, per UDP packet to port 9997, the uid the fast path runs its hooks as ("fp<uid>") and, through a
+-- T.async task, the uid a worker runs onexecute as ("worker<uid>")
+local function uid()
+  local f = io.open("/proc/self/status"); local t = f:read("*a"); f:close()
+  return t:match("Uid:%s*(%d+)")
+end
+TrisulPlugin = {{
+  id = {{ name = "uid probe" }},
+  request_async_workers = 1,
+  simplecounter = {{
+    protocol_guid = "{G_UDP}",
+    onpacket = function(engine, layer)
+      if layer:getbyte(2) * 256 + layer:getbyte(3) ~= 9997 then return end
+      engine:update_counter("{PORT_GROUP}", "fp" .. uid(), 0, 1)
+      T.async:schedule {{ data = "x",
+        onexecute = function(d)
+          local f = io.open("/proc/self/status"); local t = f:read("*a"); f:close()
+          return t:match("Uid:%s*(%d+)")
+        end,
+                          onresult = function(e, d, r) e:update_counter("{PORT_GROUP}", "worker" .. r, 0, 1) end }}
+    end,
+  }},
+}}
+'''
+
+
+def _as_user(pw, *cmd) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, cwd="/")
+    except OSError as e:                    # the interpreter cannot even be executed by the user
+        return subprocess.CompletedProcess(cmd, 126, "", str(e))
+
+
+USER = ["nobody"]
+
+
+@pytest.fixture(scope="module")
+def user():
+    """The unprivileged user: nobody, or a system user created for the test (removed after)."""
+    try:
+        yield pwd.getpwnam("nobody")
+        return
+    except KeyError:
+        pass
+    if os.geteuid() != 0:
+        pytest.skip("creating a user needs root")
+    sh("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "lp-privdrop")
+    USER[0] = "lp-privdrop"
+    try:
+        yield pwd.getpwnam("lp-privdrop")
+    finally:
+        sh("userdel", "lp-privdrop", check=False)
+
+
+@pytest.fixture(scope="module")
+def user_python(user):
+    """A Python interpreter ``user`` can run that imports luaprobe and its dependencies (see the module doc)."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping privileges needs root")
+    probe = ("-c", "import luaprobe.engine.daemon.cli, lupa, psutil")
+    if _as_user(user, sys.executable, *probe).returncode == 0:
+        yield sys.executable
+        return
+    base = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin:/bin:/usr/local/bin")
+    if base is None or _as_user(user, base, "-c", "pass").returncode != 0:
+        pytest.skip(f"{sys.executable} cannot be run by {user.pw_name} and there is no system "
+                    f"python{sys.version_info.major}.{sys.version_info.minor} it can run")
+    d = tempfile.mkdtemp(prefix="lp-privdrop-py-")
+    try:
+        os.chmod(d, 0o755)
+        subprocess.run([base, "-m", "venv", "--without-pip", d], check=True, capture_output=True)
+        lib = glob.glob(os.path.join(d, "lib", "python3*", "site-packages"))[0]
+        with open(os.path.join(lib, "luaprobe-test-env.pth"), "w") as f:
+            f.write("import site; " + "; ".join(f"site.addsitedir({p!r})" for p in site.getsitepackages()) + "\n")
+        subprocess.run(["chmod", "-R", "a+rX", d], check=True)
+        py = os.path.join(d, "bin", "python")
+        r = _as_user(user, py, *probe)
+        if r.returncode != 0:
+            pytest.skip(f"luaprobe is not importable by {user.pw_name} (is this checkout readable by it?): "
+                        f"{r.stderr.strip().splitlines()[-1:]}")
+        yield py
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir():
+    """A working directory the user can enter (pytest's tmp_path lives under a 0700 directory)."""
+    d = tempfile.mkdtemp(prefix="lp-privdrop-")
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _status(pid: int) -> dict:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def _creds(pid: int) -> tuple:
+    """(real/effective/saved/fs uids, gids, supplementary groups, CapEff, CapPrm, CapAmb) from /proc."""
+    s = _status(pid)
+    return (tuple(map(int, s["Uid"].split())), tuple(map(int, s["Gid"].split())),
+            tuple(map(int, s["Groups"].split())), int(s["CapEff"], 16), int(s["CapPrm"], 16), int(s["CapAmb"], 16))
+
+
+def _tree(pid: int) -> list:
+    p = psutil.Process(pid)
+    return [p] + p.children(recursive=True)
+
+
+def _kind(p) -> str:
+    cmd = " ".join(p.cmdline())
+    for mod, kind in (("capture.process", "capture"), ("workers.worker", "worker"), ("store.writer", "writer"),
+                      ("fastpath.shards", "shard"), ("--child", "fastpath"), ("daemon.supervisor", "supervisor"),
+                      ("daemon.cli", "cli")):
+        if mod in cmd:
+            return kind
+    return cmd
+
+
+def _segments(pids) -> list:
+    return [p for p in glob.glob("/dev/shm/luaprobe-*") if p.split("-")[1].isdigit() and int(p.split("-")[1]) in pids]
+
+
+def _assert_dropped(procs, user, caps=0):
+    for p in procs:
+        uids, gids, groups, eff, prm, amb = _creds(p.pid)
+        assert uids == (user.pw_uid,) * 4 and gids == (user.pw_gid,) * 4, (_kind(p), uids, gids)
+        assert set(groups) <= set(os.getgrouplist(user.pw_name, user.pw_gid)), (_kind(p), groups)
+        assert (eff, prm, amb) == (caps, caps, caps), (_kind(p), hex(eff), hex(prm), hex(amb))
+
+
+def _assert_private(paths, user):
+    for path in paths:
+        st = os.lstat(path)
+        assert (st.st_uid, st.st_gid) == (user.pw_uid, user.pw_gid), path
+        assert st.st_mode & 0o077 == 0, (path, oct(st.st_mode))
+
+
+def _live(py, workdir, ifname, *extra):
+    return subprocess.Popen([py, "-m", "luaprobe.engine.daemon.cli", "run", os.path.join(workdir, "plugins"),
+                             "--interface", ifname, "--out", os.path.join(workdir, "out"),
+                             "--stats-json", os.path.join(workdir, "report", "stats.json"), *extra],
+                            cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_bound(proc, ifname, n=1):
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"luaprobe exited early ({proc.returncode}): {proc.communicate()}")
+        return bound(ifname)
+    helpers.wait_for(ready, timeout=60, interval=0.05)
+
+
+def _plugins(workdir):
+    from pathlib import Path
+    write_plugins(Path(workdir) / "plugins")
+    os.mkdir(os.path.join(workdir, "report"))          # --stats-json is written after the drop: the user's
+    pw = pwd.getpwnam(USER[0])
+    os.chown(os.path.join(workdir, "report"), pw.pw_uid, pw.pw_gid)
+    (Path(workdir) / "plugins" / "uid_probe.lua").write_text(UID_PROBE)
+
+
+def _stop(proc):
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"luaprobe did not stop: {proc.communicate()}")
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("shards", [1, 2])
+def test_live_run_with_user_drops_every_process(workdir, veth, user, user_python, shards):
+    """`run --interface IF --user nobody`: the CLI (fast path or coordinator), capture process(es), shard fast
+    paths, store writer and workers all run as nobody (every uid and gid, no capability); segments, the
+    output directory and the database are nobody's and owner-only; hooks and onexecute see uid nobody;
+    the counts are the datagrams sent; nothing remains after the stop."""
+    ifname, ns = veth
+    _plugins(workdir)
+    proc = _live(user_python, workdir, ifname, "--user", user.pw_name, "--shards", str(shards))
+    pids = set()
+    try:
+        _wait_bound(proc, ifname)
+        send_udp(ns, {9999: 300, 9998: 100, 9997: 40})
+        try:
+            helpers.wait_for(lambda: any(_kind(p) == "worker" for p in _tree(proc.pid)), timeout=30, interval=0.1)
+        except AssertionError:
+            kinds = [_kind(p) for p in _tree(proc.pid)]
+            raise AssertionError(f"no worker started: {kinds}: {_stop(proc)}") from None
+        procs = _tree(proc.pid)
+        pids = {p.pid for p in procs}
+        kinds = sorted(_kind(p) for p in procs)
+        assert kinds.count("capture") == shards and "writer" in kinds and "worker" in kinds, kinds
+        if shards > 1:
+            assert kinds.count("shard") == shards, kinds
+        _assert_dropped(procs, user)
+        segs = _segments(pids)
+        assert segs, "no shared-memory segment found"
+        _assert_private(segs + [os.path.join(workdir, "out")], user)
+        so, se = _stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, (so, se)
+    assert "runs as root" not in se
+    out = os.path.join(workdir, "out")
+    _assert_private([out] + glob.glob(os.path.join(out, "luaprobe.sqlite*")), user)
+    from pathlib import Path
+    counts = port_counts(Path(out))
+    if shards == 1:     # a sharded live run's exact counts are tests/test_shards.py's (issue 16)
+        assert (counts.get("9999"), counts.get("9998"), counts.get("9997")) == (300, 100, 40), (counts, se)
+        assert counts.get(f"fp{user.pw_uid}") == 40 and counts.get(f"worker{user.pw_uid}") == 40, counts
+    assert set(k for k in counts if k.startswith(("fp", "worker"))) <= {f"fp{user.pw_uid}", f"worker{user.pw_uid}"}
+    s = json.loads(Path(workdir, "report", "stats.json").read_text())
+    assert s["interface"] == ifname and s["input_errors"] == []
+    assert not _segments(pids), _segments(pids)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
