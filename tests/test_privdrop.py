@@ -22,15 +22,15 @@ import site
 import subprocess
 import sys
 import tempfile
-import time
 
 import psutil
 import pytest
 
 from tests import helpers
-from tests.test_live import IP, PORT_GROUP, bound, needs_root, port_counts, send_udp, sh, veth, write_plugins  # noqa: F401
+from tests.test_live import PORT_GROUP, bound, needs_root, port_counts, send_udp, sh, veth, write_plugins  # noqa: F401
 
 CAP_NET_RAW = 1 << 13
+EX = os.path.join(helpers.REPO, "engine", "examples")
 G_UDP = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}"
 
 UID_PROBE = f'''
@@ -261,3 +261,134 @@ def test_live_run_with_user_drops_every_process(workdir, veth, user, user_python
     assert not _segments(pids), _segments(pids)
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
+
+
+@pytest.mark.root
+@needs_root
+def test_daemon_with_user_keeps_net_raw_in_the_supervisor_only_and_restarts_capture(workdir, veth, user,
+                                                                                     user_python):
+    """`luaprobe start` with [run] user: the supervisor runs as the user with CAP_NET_RAW alone (permitted,
+    effective, ambient); the fast path and everything below it as the user with none; a fast path killed
+    with SIGKILL is restarted and captures again (its socket opened with the inherited capability); the run
+    directory and outputs are the user's; stop leaves no process and no segment."""
+    from luaprobe.engine.daemon import control
+    from pathlib import Path
+    ifname, ns = veth
+    _plugins(workdir)
+    cfg, run = os.path.join(workdir, "probe.toml"), os.path.join(workdir, "run")
+    Path(cfg).write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\nuser = "{user.pw_name}"\n'
+                         f'[source]\ninterface = "{ifname}"\n[plugins]\npaths = ["plugins"]\n'
+                         '[supervise]\nrestart_backoff_initial = 0.1\n')
+
+    def cli(*args):
+        return subprocess.run([user_python, "-m", "luaprobe.engine.daemon.cli", *args], cwd=workdir,
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+
+    def running(old_fp=None):
+        st = control.request(run, "status")
+        if not st.get("loaded") or st.get("fastpath_pid") in (None, old_fp):
+            return None
+        kids = [p for p in _tree(st["fastpath_pid"]) if _kind(p) == "capture"]
+        return bound(ifname) and kids and st
+
+    seen, sup = set(), None
+    r = cli("start", "--config", cfg)
+    try:
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        st = helpers.wait_for(running, timeout=60, interval=0.1)
+        sup = psutil.Process(st["supervisor_pid"])
+        _assert_dropped([sup], user, caps=CAP_NET_RAW)
+        procs = _tree(st["fastpath_pid"])
+        seen |= {p.pid for p in procs} | {sup.pid}
+        _assert_dropped(procs, user)
+        os.kill(st["fastpath_pid"], signal.SIGKILL)
+        st = helpers.wait_for(lambda: running(st["fastpath_pid"]), timeout=60, interval=0.1)
+        assert st["restarts"] == 1 and st["state"] == "running", st
+        send_udp(ns, {9996: 150, 9997: 20})
+        helpers.wait_for(lambda: any(_kind(p) == "worker" for p in _tree(st["fastpath_pid"])), timeout=30,
+                         interval=0.1)
+        procs = _tree(st["fastpath_pid"])
+        seen |= {p.pid for p in procs}
+        _assert_dropped(procs, user)
+        _assert_dropped([sup], user, caps=CAP_NET_RAW)
+        segs = _segments(seen)
+        assert segs
+        _assert_private(segs, user)
+        r = cli("stop", "--run-dir", run)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        helpers.wait_for(lambda: not sup.is_running() or sup.status() == psutil.STATUS_ZOMBIE, timeout=60)
+    finally:
+        if sup is not None and sup.is_running():
+            cli("stop", "--run-dir", run)
+        for pid in seen:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+    out = Path(workdir, "out")
+    counts = port_counts(out)
+    assert counts.get("9996") == 150 and counts.get("9997") == 20, counts
+    assert counts.get(f"fp{user.pw_uid}") == 20 and counts.get(f"worker{user.pw_uid}") == 20, counts
+    _assert_private([run, str(out)] + glob.glob(os.path.join(out, "luaprobe.sqlite*")), user)
+    for name in os.listdir(run):
+        st_ = os.lstat(os.path.join(run, name))
+        assert st_.st_uid == user.pw_uid, name
+    assert not _segments(seen), _segments(seen)
+    assert not [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_unknown_user_or_group_is_one_usage_line(tmp_path):
+    """An unknown user or group, or --group alone, stops `run` and `start` before anything starts (exit 2)."""
+    plugin, pcap = os.path.join(EX, "tcp_ports.lua"), os.path.join(EX, "sample.pcap")
+    base = [sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", pcap,
+            "--out", str(tmp_path / "out")]
+    for extra, line in ((["--user", "no-such-user-lp"], "luaprobe run: --user no-such-user-lp: no such user"),
+                        (["--user", "root", "--group", "no-such-group-lp"],
+                         "luaprobe run: --group no-such-group-lp: no such group"),
+                        (["--group", "root"], "luaprobe run: --group root: needs --user (the user to run as)")):
+        r = subprocess.run(base + extra, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert (r.returncode, r.stderr, r.stdout) == (2, line + "\n", ""), extra
+        assert not (tmp_path / "out").exists()
+    cfg = tmp_path / "probe.toml"
+    cfg.write_text(f'[run]\nuser = "no-such-user-lp"\n[source]\npcap = ["{pcap}"]\n[plugins]\npaths = ["{plugin}"]\n')
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "start", "--config", str(cfg)],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (2, f"luaprobe start: {cfg}: [run] user = no-such-user-lp: no such user\n")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.root
+def test_plugin_the_user_cannot_read_is_refused_after_the_drop(workdir, user, user_python):
+    """Plug-ins are loaded after the drop: one in a root-only directory is a usage error naming it (exit 2),
+    before any process, segment or database exists."""
+    private = os.path.join(workdir, "private")
+    os.mkdir(private, 0o700)
+    shutil.copy(os.path.join(EX, "tcp_ports.lua"), private)
+    r = subprocess.run([user_python, "-m", "luaprobe.engine.daemon.cli", "run", os.path.join(private, "tcp_ports.lua"),
+                        "--pcap", os.path.join(EX, "sample.pcap"), "--out",
+                        os.path.join(workdir, "out"), "--user", user.pw_name], cwd=workdir,
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    want = (f"luaprobe run: --user {user.pw_name}: plug-in path {private}/tcp_ports.lua is not readable by "
+            f"{user.pw_name} (the run uses it after dropping root; docs/live.md \"Privileges\")\n")
+    assert (r.returncode, r.stderr) == (2, want)
+    assert not os.path.exists(os.path.join(workdir, "out", "luaprobe.sqlite"))
+
+
+@pytest.mark.root
+@needs_root
+def test_live_as_root_without_user_warns_once(tmp_path, veth):
+    """A live capture that stays root says so in one warning line; the run itself is unchanged."""
+    from tests.test_live import run_live, stop, wait_bound
+    ifname, ns = veth
+    write_plugins(tmp_path / "plugins")
+    proc, out, stats = run_live(tmp_path, ifname)
+    try:
+        wait_bound(proc, ifname)
+        rc, so, se = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert rc == 0, se
+    warn = [line for line in se.splitlines() if "runs as root" in line]
+    assert len(warn) == 1 and "WARNING" in warn[0] and "--user NAME" in warn[0], se

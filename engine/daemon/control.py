@@ -215,9 +215,11 @@ def register(run_dir: str) -> None:
 
 
 def unregister(run_dir: str) -> None:
+    """Remove the entry; one left behind (a supervisor that dropped root cannot write root's registry) is
+    removed by the next :func:`running_run_dirs`."""
     try:
         os.unlink(_entry(run_dir))
-    except FileNotFoundError:
+    except OSError:
         pass
 
 

@@ -211,23 +211,32 @@ def check_access(target: Target, cfg, stats_json: str | None, where: str) -> Non
         need(os.path.dirname(os.path.abspath(stats_json)), os.W_OK | os.X_OK, "--stats-json directory")
 
 
+def check_target(user: str | None, group: str | None, where: tuple = ("--user", "--group")) -> Target | None:
+    """Before anything starts: ``user`` and ``group`` exist, ``group`` comes with ``user``, and this
+    process may become the user (it is root, or already the user).  Raises UsageError; returns the target."""
+    if group and not user:
+        raise UsageError(f"{where[1]} {group}: needs {where[0]} (the user to run as)")
+    if not user:
+        return None
+    target = resolve(user, group, where)
+    if os.geteuid() != 0 and os.geteuid() != target.uid:
+        raise UsageError(f"{where[0]} {target.name}: changing user needs root (this process runs as uid "
+                         f"{os.geteuid()})")
+    return target
+
+
 def enter_run(cfg, stats_json: str | None = None, where: tuple = ("--user", "--group")) -> Target | None:
     """Before a run starts any process: with ``cfg.user`` set, open the capture sockets (``cfg.capture_fds``)
     and compile the BPF program (``cfg.bpf_program``) while privileged, hand the output directory over, drop
     (:func:`drop`) and check the paths the run needs (:func:`check_access`).  Without ``cfg.user``: nothing,
     except one warning line when a live capture runs as root.  Returns the target, or None."""
-    if cfg.group and not cfg.user:
-        raise UsageError(f"{where[1]} {cfg.group}: needs {where[0]} (the user to run as)")
-    if not cfg.user:
+    target = check_target(cfg.user, cfg.group, where)
+    if target is None:
         if cfg.interface and os.geteuid() == 0:
             log.warning("live capture on %s runs as root: plug-ins, workers and file helpers keep root's rights "
                         "(give %s NAME to drop them after the capture socket is open; docs/live.md)",
                         cfg.interface, where[0])
         return None
-    target = resolve(cfg.user, cfg.group, where)
-    if os.geteuid() != 0 and os.geteuid() != target.uid:
-        raise UsageError(f"{where[0]} {target.name}: changing user needs root (this process runs as uid "
-                         f"{os.geteuid()})")
     _absolute(cfg)
     if os.geteuid() == 0:
         hand_over(cfg.out_dir, target, [DB_NAME + s for s in ("", "-wal", "-shm", "-journal")])
@@ -249,9 +258,9 @@ def enter_supervisor(cfg, run_dir: str) -> Target | None:
     """The daemon's supervisor with ``[run] user``: hand the run directory (every entry) and the output
     directory over, then drop to the user keeping only CAP_NET_RAW (live) for the children it starts."""
     run = cfg["run"]
-    if not run.get("user"):
+    target = check_target(run["user"], run["group"], ("[run] user =", "[run] group ="))
+    if target is None:
         return None
-    target = resolve(run["user"], run.get("group"), ("[run] user =", "[run] group ="))
     if os.geteuid() == 0:
         hand_over(run_dir, target, None)
         hand_over(run["out_dir"], target, [DB_NAME + s for s in ("", "-wal", "-shm", "-journal")])

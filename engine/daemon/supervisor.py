@@ -31,7 +31,8 @@ import psutil
 from luaprobe.shm import segment
 
 from luaprobe.engine.daemon import config as config_mod
-from luaprobe.engine.daemon import control
+from luaprobe.engine.daemon import control, privileges
+from luaprobe.engine.daemon.usage import UsageError
 from luaprobe.shm.logs import log
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, describe_exit  # noqa: F401
@@ -306,6 +307,14 @@ class Supervisor:
             return EXIT_INTERNAL
         control.register(self.run_dir)
         sock = control.listen(self.run_dir)
+        try:                                    # [run] user: drop now, keeping CAP_NET_RAW for the children
+            privileges.enter_supervisor(self.cfg, self.run_dir)
+        except (UsageError, OSError, RuntimeError) as e:
+            log.error("cannot drop privileges: %s", e)
+            sock.close()
+            control.unregister(self.run_dir)
+            pidfile.release()
+            return EXIT_USAGE
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
@@ -414,7 +423,7 @@ def child_main(config_path: str, run_dir: str) -> int:
     from luaprobe.shm import logs
     from luaprobe.engine.fastpath.shards import make_run
     from luaprobe.engine.plugins.vm import PluginError
-    from .usage import UsageError
+    from .usage import InputProblem
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, signal.SIG_IGN)         # the supervisor turns ^C into SIGTERM
@@ -444,9 +453,11 @@ def child_main(config_path: str, run_dir: str) -> int:
     try:
         rc = cfg.run_config(stats_file=stats_file, heartbeat_file=control.path(run_dir, HEARTBEAT),
                              on_loaded=loaded)
+        privileges.enter_run(rc, where=("[run] user =", "[run] group ="))   # sockets, then no capability
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)          # PR_SET_PDEATHSIG again (a credential change clears it)
         fp = make_run(rc)
-    except ValueError as e:
-        return failed(EXIT_USAGE, str(e))
+    except (ValueError, InputProblem) as e:
+        return failed(e.exit_code if isinstance(e, (UsageError, InputProblem)) else EXIT_USAGE, str(e))
     if rc.shards > 1:            # shard processes load their own plug-ins: `start` does not wait for them
         loaded([])
     signal.signal(signal.SIGTERM, lambda *_: fp.request_stop())
@@ -496,6 +507,12 @@ def cmd_start(args) -> int:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as e:
         print(f"luaprobe start: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if cfg["run"]["user"] or cfg["run"]["group"]:
+            privileges.check_target(cfg["run"]["user"], cfg["run"]["group"], ("[run] user =", "[run] group ="))
+    except UsageError as e:
+        print(f"luaprobe start: {cfg.path}: {e}", file=sys.stderr)
         return EXIT_USAGE
     run_dir = control.ensure_run_dir(_run_dir(args, cfg))
     pid = control.read_pid(run_dir)
