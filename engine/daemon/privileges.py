@@ -119,6 +119,8 @@ def drop(target: Target, keep_net_raw: bool = False) -> None:
     otherwise every capability goes and PR_SET_NO_NEW_PRIVS is set.  Already running as ``target``
     (a daemon child holding the supervisor's ambient CAP_NET_RAW): only the capabilities are dropped.
     Raises UsageError when this process is neither root nor ``target``; RuntimeError if the drop did not hold."""
+    if keep_net_raw and os.geteuid() != 0 and not capabilities()["CapPrm"] & (1 << CAP_NET_RAW):
+        keep_net_raw = False                 # nothing to keep: the children will report the missing privilege
     if os.getuid() != target.uid or os.geteuid() != target.uid:
         if os.geteuid() != 0:
             raise UsageError(f"--user {target.name}: changing user needs root (this process runs as uid "
@@ -148,12 +150,16 @@ def drop(target: Target, keep_net_raw: bool = False) -> None:
         raise RuntimeError(f"privilege drop did not hold: capabilities left {caps}")
 
 
-def hand_over(directory: str, target: Target, names=()) -> None:
+def hand_over(directory: str, target: Target, names=(), what: str = "--out") -> None:
     """Create ``directory`` if missing (mode 0700) and make it, and each existing entry of ``names`` in it,
     owned by ``target`` (``names=None``: every entry, for the daemon's private run directory).  Symbolic
     links are neither followed nor changed."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise UsageError(f"{what} {directory}: cannot hand it to {target.name}: {e.strerror} (a directory, not a "
+                         "symbolic link, is needed)") from None
     try:
         os.fchown(fd, target.uid, target.gid)
         for name in os.listdir(fd) if names is None else names:
@@ -262,8 +268,8 @@ def enter_supervisor(cfg, run_dir: str) -> Target | None:
     if target is None:
         return None
     if os.geteuid() == 0:
-        hand_over(run_dir, target, None)
-        hand_over(run["out_dir"], target, [DB_NAME + s for s in ("", "-wal", "-shm", "-journal")])
+        hand_over(run_dir, target, None, "run directory")
+        hand_over(run["out_dir"], target, [DB_NAME + s for s in ("", "-wal", "-shm", "-journal")], "[run] out_dir =")
     drop(target, keep_net_raw=bool(cfg["source"]["interface"]))
     os.umask(os.umask(0o077) | 0o077)
     log.info("supervisor running as %s (uid %d)%s", target.name, target.uid,
