@@ -158,6 +158,18 @@ def _kind(p) -> str:
     return cmd
 
 
+def _left(procs) -> list:
+    """The processes of ``procs`` still running (psutil compares the start time, so a reused pid is not one)."""
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
 def _segments(pids) -> list:
     return [p for p in glob.glob("/dev/shm/luaprobe-*") if p.split("-")[1].isdigit() and int(p.split("-")[1]) in pids]
 
@@ -170,10 +182,10 @@ def _assert_dropped(procs, user, caps=0):
         assert (eff, prm, amb) == (caps, caps, caps), (_kind(p), hex(eff), hex(prm), hex(amb))
 
 
-def _assert_private(paths, user):
+def _assert_private(paths, user, gid=None):
     for path in paths:
         st = os.lstat(path)
-        assert (st.st_uid, st.st_gid) == (user.pw_uid, user.pw_gid), path
+        assert (st.st_uid, st.st_gid) == (user.pw_uid, user.pw_gid if gid is None else gid), path
         assert st.st_mode & 0o077 == 0, (path, oct(st.st_mode))
 
 
@@ -222,7 +234,7 @@ def test_live_run_with_user_drops_every_process(workdir, veth, user, user_python
     ifname, ns = veth
     _plugins(workdir)
     proc = _live(user_python, workdir, ifname, "--user", user.pw_name, "--shards", str(shards))
-    pids = set()
+    pids, started = set(), []
     try:
         _wait_bound(proc, ifname)
         send_udp(ns, {9999: 300, 9998: 100, 9997: 40})
@@ -232,7 +244,7 @@ def test_live_run_with_user_drops_every_process(workdir, veth, user, user_python
             kinds = [_kind(p) for p in _tree(proc.pid)]
             raise AssertionError(f"no worker started: {kinds}: {_stop(proc)}") from None
         procs = _tree(proc.pid)
-        pids = {p.pid for p in procs}
+        pids, started = {p.pid for p in procs}, procs
         kinds = sorted(_kind(p) for p in procs)
         assert kinds.count("capture") == shards and "writer" in kinds and "worker" in kinds, kinds
         if shards > 1:
@@ -259,7 +271,7 @@ def test_live_run_with_user_drops_every_process(workdir, veth, user, user_python
     s = json.loads(Path(workdir, "report", "stats.json").read_text())
     assert s["interface"] == ifname and s["input_errors"] == []
     assert not _segments(pids), _segments(pids)
-    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not _left(started)
 
 
 
@@ -291,7 +303,7 @@ def test_daemon_with_user_keeps_net_raw_in_the_supervisor_only_and_restarts_capt
         kids = [p for p in _tree(st["fastpath_pid"]) if _kind(p) == "capture"]
         return bound(ifname) and kids and st
 
-    seen, sup = set(), None
+    seen, sup, started = set(), None, []
     r = cli("start", "--config", cfg)
     try:
         assert r.returncode == 0, (r.stdout, r.stderr)
@@ -300,6 +312,7 @@ def test_daemon_with_user_keeps_net_raw_in_the_supervisor_only_and_restarts_capt
         _assert_dropped([sup], user, caps=CAP_NET_RAW)
         procs = _tree(st["fastpath_pid"])
         seen |= {p.pid for p in procs} | {sup.pid}
+        started += procs + [sup]
         _assert_dropped(procs, user)
         os.kill(st["fastpath_pid"], signal.SIGKILL)
         st = helpers.wait_for(lambda: running(st["fastpath_pid"]), timeout=60, interval=0.1)
@@ -309,6 +322,7 @@ def test_daemon_with_user_keeps_net_raw_in_the_supervisor_only_and_restarts_capt
                          interval=0.1)
         procs = _tree(st["fastpath_pid"])
         seen |= {p.pid for p in procs}
+        started += procs
         _assert_dropped(procs, user)
         _assert_dropped([sup], user, caps=CAP_NET_RAW)
         segs = _segments(seen)
@@ -320,9 +334,9 @@ def test_daemon_with_user_keeps_net_raw_in_the_supervisor_only_and_restarts_capt
     finally:
         if sup is not None and sup.is_running():
             cli("stop", "--run-dir", run)
-        for pid in seen:
+        for p in _left(started):
             try:
-                psutil.Process(pid).kill()
+                p.kill()
             except psutil.Error:
                 pass
     out = Path(workdir, "out")
@@ -334,7 +348,7 @@ def test_daemon_with_user_keeps_net_raw_in_the_supervisor_only_and_restarts_capt
         st_ = os.lstat(os.path.join(run, name))
         assert st_.st_uid == user.pw_uid, name
     assert not _segments(seen), _segments(seen)
-    assert not [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not _left(started)
 
 
 def test_unknown_user_or_group_is_one_usage_line(tmp_path):
@@ -392,3 +406,41 @@ def test_live_as_root_without_user_warns_once(tmp_path, veth):
     assert rc == 0, se
     warn = [line for line in se.splitlines() if "runs as root" in line]
     assert len(warn) == 1 and "WARNING" in warn[0] and "--user NAME" in warn[0], se
+
+
+@pytest.mark.root
+def test_group_option_sets_the_only_group(workdir, user, user_python):
+    """--group: the run's gid is that group and the supplementary list holds only it (no root group kept);
+    read by a hook from /proc/self/status."""
+    import grp
+    group = grp.getgrnam("daemon") if "daemon" in [g.gr_name for g in grp.getgrall()] else grp.getgrgid(user.pw_gid)
+    os.mkdir(os.path.join(workdir, "plugins"))
+    with open(os.path.join(workdir, "plugins", "ids.lua"), "w") as f:
+        f.write(f'''
+local done = false
+TrisulPlugin = {{
+  id = {{ name = "ids" }},
+  simplecounter = {{
+    protocol_guid = "{{77E462AB-2E42-42ec-9A58-C1A6821D6B31}}",
+    onpacket = function(engine, layer)
+      if done then return end
+      done = true
+      local f = io.open("/proc/self/status"); local t = f:read("*a"); f:close()
+      engine:update_counter("{PORT_GROUP}", "uid " .. t:match("Uid:%s*([%d%s]-)\\n"), 0, 1)
+      engine:update_counter("{PORT_GROUP}", "gid " .. t:match("Gid:%s*([%d%s]-)\\n"), 0, 1)
+      engine:update_counter("{PORT_GROUP}", "groups " .. t:match("Groups:%s*([%d%s]-)\\n"), 0, 1)
+    end,
+  }},
+}}
+''')
+    out = os.path.join(workdir, "out")
+    r = subprocess.run([user_python, "-m", "luaprobe.engine.daemon.cli", "run", os.path.join(workdir, "plugins"),
+                        "--pcap", os.path.join(EX, "sample.pcap"), "--out", out, "--user", user.pw_name,
+                        "--group", group.gr_name, "-q"], cwd=workdir, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    from pathlib import Path
+    keys = {" ".join(k.split()) for k in port_counts(Path(out))}
+    u, g = user.pw_uid, group.gr_gid
+    assert keys == {f"uid {u} {u} {u} {u}", f"gid {g} {g} {g} {g}", f"groups {g}"}, keys
+    _assert_private([out, os.path.join(out, "luaprobe.sqlite")], user, gid=g)
