@@ -364,7 +364,8 @@ def test_unknown_user_or_group_is_one_usage_line(tmp_path):
     for extra, line in ((["--user", "no-such-user-lp"], "luaprobe run: --user no-such-user-lp: no such user"),
                         (["--user", "root", "--group", "no-such-group-lp"],
                          "luaprobe run: --group no-such-group-lp: no such group"),
-                        (["--group", "root"], "luaprobe run: --group root: needs --user (the user to run as)")):
+                        (["--group", "root"], "luaprobe run: --group root: needs --user (the user to run as)"),
+                        (["--user", "0"], "luaprobe run: --user 0: is root (name an unprivileged user to drop to)")):
         r = subprocess.run(base + extra, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         assert (r.returncode, r.stderr, r.stdout) == (2, line + "\n", ""), extra
         assert not (tmp_path / "out").exists()

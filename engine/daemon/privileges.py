@@ -225,6 +225,8 @@ def check_target(user: str | None, group: str | None, where: tuple = ("--user", 
     if not user:
         return None
     target = resolve(user, group, where)
+    if target.uid == 0:
+        raise UsageError(f"{where[0]} {user}: is root (name an unprivileged user to drop to)")
     if os.geteuid() != 0 and os.geteuid() != target.uid:
         raise UsageError(f"{where[0]} {target.name}: changing user needs root (this process runs as uid "
                          f"{os.geteuid()})")
