@@ -210,7 +210,7 @@ function F:new_flow_state(e)
   local flow = packet.flowid_from_key(fstring(e.p, e.len))
   if not self:hook("filter_flow", self.engine, self.engine:timestamp(), flow) then
     local v = self.votes[e.idx]
-    if v.uid == id and v.fx > 0 then v.fx = v.fx > 1 and v.fx - 1 or -1 end
+    if v.fxuid == id and v.fx > 0 then v.fx = v.fx > 1 and v.fx - 1 or -1 end
     self.stats.flows_rejected = self.stats.flows_rejected + 1
     return nil
   end

@@ -83,7 +83,7 @@ function H:vote(addr, n)
     local p = batch[i]
     if p.flow >= 0 and p.d.first[TCP] >= 0 then
       local v = votes[p.flow]
-      if v.uid ~= p.flow_uid then v.uid, v.asked, v.yes, v.disabled, v.fx = p.flow_uid, 0, 0, 0, 0 end
+      if v.uid ~= p.flow_uid then v.uid, v.asked, v.yes, v.disabled = p.flow_uid, 0, 0, 0 end
       if band(v.asked, mybit) == 0 then
         v.asked = bor(v.asked, mybit)
         local yes = true

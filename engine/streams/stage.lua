@@ -25,7 +25,19 @@ flow, the flow leaves reassembly before any of its bytes is reassembled and cost
 array read per packet from then on.  An HTTP flow gets an FXNEW event, each filex VM
 calls filter_flow and a false vote decrements fx (the last one sets -1: the flow leaves
 reassembly at the next packet).  A SYN starting a new connection on the 5-tuple, or the
-end of a filex flow, sets 0 again (a fresh vote).
+end of a filex flow, sets 0 again (a fresh vote).  fx, hs and the ISNs belong to the flow
+`fxuid` (reset by this VM when a slot gets a new flow; uid/asked/yes/disabled are the
+handlers', reset by their votes).
+
+Handshake record (lp_svote.hs, isn0, isn1): while only filex wants a flow and no payload
+came yet, the handshake is not fed to the reassembly (a Lua state per flow, allocated and
+dropped again for every short non-HTTP connection) but recorded in the vote: what
+tcpreasm would learn from it (the client, whether the first packet was a SYN, the SYN
+sequence numbers per flow-table direction).  An HTTP flow's reassembly state is created
+from the record at its first payload (tcpreasm R:seed); a FIN or RST before any payload
+creates it too (tcpreasm handles those).  A SYN without ACK whose sequence number is not
+the recorded ISN of its direction starts the record over (a new connection: counted in
+tcp_reused, as tcpreasm's restart does).
 
 Events (lp_sev, `to` = audience bits: TO_HANDLER, TO_FILEX; bi = index in the batch of
 the packet that caused it, -1 outside the batch walk): NEWFLOW (p/len = the flow key;
@@ -56,7 +68,8 @@ if not pcall(ffi.typeof, "lp_sev") then
   ffi.cdef [[
 typedef struct { double uid; double ts; double off; const uint8_t *p; int32_t len; int16_t kind; int16_t dir;
                  int32_t idx; int16_t attr; int16_t to; int32_t bi; int32_t pad; } lp_sev;
-typedef struct { double uid; uint32_t asked; int32_t yes; int32_t disabled; int32_t fx; } lp_svote;
+typedef struct { double uid; uint32_t asked; int32_t yes; int32_t disabled; int32_t fx;
+                 double fxuid; uint32_t isn0; uint32_t isn1; int32_t hs; int32_t pad; } lp_svote;
 ]]
 end
 pcall(ffi.cdef, "void *calloc(size_t, size_t);")
@@ -78,6 +91,9 @@ local S = {}
 S.__index = S
 
 local looks_http = http.looks_http
+-- lp_svote.hs bits: a packet recorded, the first one was a SYN, the client is the flow table's Z end (dir 1),
+-- the SYN sequence number of direction 0 / 1 is known
+local HS_SEEN, HS_SYN, HS_CLIENT1, HS_ISN0, HS_ISN1 = 1, 2, 4, 8, 16
 
 local function be32(p, o)
   return ((p[o] * 256 + p[o + 1]) * 256 + p[o + 2]) * 256 + p[o + 3]
@@ -242,7 +258,7 @@ function S:on_close(id)
   if to ~= 0 then self:emit(M.CLOSE, st, 0, 0, nil, 0, 0, to) end
   if st.fx then                                    -- the next connection on this flow gets a fresh vote
     local v = self.votes[st.idx]
-    if v.uid == st.uid then v.fx = 0 end
+    if v.fxuid == st.uid then v.fx, v.hs = 0, 0 end
   end
   self.flows[id] = nil
 end
@@ -260,9 +276,10 @@ function S:new_flow(id, idx, d, h)
   return st
 end
 
---- The first payload of a flow filex has not decided on: HTTP (FXNEW) or not (fx = -1).
-function S:filex_vote(id, p, d, v, st, f)
-  if looks_http(p.data + d.payload_offset, d.payload_length, f ~= nil and f.syn) then
+--- The first payload of a flow filex has not decided on: HTTP (FXNEW) or not (fx = -1).  handshake: the flow's
+--- first packet was a SYN.
+function S:filex_vote(id, p, d, v, st, handshake)
+  if looks_http(p.data + d.payload_offset, d.payload_length, handshake) then
     if st == nil then st = self:new_flow(id, p.flow, d, false) end
     st.fx = true
     v.fx = self.nfilex
@@ -273,6 +290,55 @@ function S:filex_vote(id, p, d, v, st, f)
     self.stats.flows_not_http = self.stats.flows_not_http + 1
   end
   return st
+end
+
+--- Record what the reassembly would learn from a packet without payload, FIN or RST before a flow's first
+--- payload (its get_flow and SYN handling, engine/streams/tcpreasm.lua).
+function S:handshake(v, pdir, flags, seq)
+  local hs = v.hs
+  local syn = band(flags, 0x02) ~= 0
+  if syn and hs ~= 0 and band(flags, 0x10) == 0 then    -- a SYN without ACK: a new connection?
+    if pdir == 0 then
+      if band(hs, HS_ISN0) ~= 0 and v.isn0 ~= seq then hs = 0 end
+    elseif band(hs, HS_ISN1) ~= 0 and v.isn1 ~= seq then hs = 0 end
+    if hs == 0 then self.R.stats.reused = self.R.stats.reused + 1 end
+  end
+  if hs == 0 then
+    hs = HS_SEEN
+    if syn then
+      hs = hs + HS_SYN
+      if (band(flags, 0x10) ~= 0 and 1 - pdir or pdir) == 1 then hs = hs + HS_CLIENT1 end
+    end
+  end
+  if syn then
+    if pdir == 0 then
+      if band(hs, HS_ISN0) == 0 then hs, v.isn0 = hs + HS_ISN0, seq end
+    elseif band(hs, HS_ISN1) == 0 then hs, v.isn1 = hs + HS_ISN1, seq end
+  end
+  v.hs = hs
+end
+
+--- The reassembly state of flow `id` from its handshake record (consumed).
+function S:seed(id, v)
+  local hs = v.hs
+  v.hs = 0
+  return self.R:seed(id, band(hs, HS_CLIENT1) ~= 0 and 1 or 0, band(hs, HS_SYN) ~= 0,
+                     band(hs, HS_ISN0) ~= 0 and v.isn0 or nil, band(hs, HS_ISN1) ~= 0 and v.isn1 or nil, self.ts)
+end
+
+--- The first payload (or FIN / RST) of a flow only filex wants, with nothing reassembled yet: the HTTP vote, then
+--- the reassembly state from the handshake record and this packet.
+function S:first_packet(p, v, id, plen)
+  local d = p.d
+  local st
+  if plen > 0 then
+    st = self:filex_vote(id, p, d, v, nil, band(v.hs, HS_SYN) ~= 0)
+    if v.fx < 0 then return end                        -- not HTTP: nothing was allocated for it
+  end
+  if v.hs ~= 0 then self:seed(id, v) end
+  local data, l4 = p.data, d.l4_offset
+  return self.R:packet(id, p.dir, be32(data, l4 + 4), d.tcp_flags, data + d.payload_offset, st and plen or 0,
+                       p.ts_sec, nil, be32(data, l4 + 8))
 end
 
 --- TCP packet i of the batch, of a flow someone wanted when the batch's votes were read (a handler voted
@@ -296,18 +362,22 @@ function S:packet(batch, i)
         R:restart(id); f = nil                          -- the old connection's CLOSE, then a new flow
       end
     end
-    if f == nil and v.fx < 0 then v.fx = 0 end          -- a new connection: filex votes again
+    if f == nil and v.fx < 0 then v.fx, v.hs = 0, 0 end   -- a new connection: filex votes again
   end
   if f ~= nil and f.closed then return end
   local st = self.flows[id]
   if st == nil and v.yes > 0 then st = self:new_flow(id, p.flow, d, true) end
   local fx = v.fx
   if fx == 0 and self.nfilex > 0 then
-    if d.payload_length > 0 then
-      st = self:filex_vote(id, p, d, v, st, f)
+    local plen = d.payload_length
+    if st == nil and f == nil then                     -- only filex wants it, nothing reassembled yet
+      if plen == 0 and band(flags, 0x05) == 0 then     -- no payload, FIN or RST: the handshake record
+        return self:handshake(v, p.dir, flags, be32(data, l4 + 4))
+      end
+      return self:first_packet(p, v, id, plen)         -- tail calls: see the end of this function
+    elseif plen > 0 then
+      st = self:filex_vote(id, p, d, v, st, f ~= nil and f.syn)
       fx = v.fx
-    elseif st == nil and f == nil and band(flags, 0x07) == 0 then
-      return                                           -- a bare ACK before any payload: nothing to learn
     end
   end
   if st ~= nil and st.fx and fx < 0 then st.fx = false end   -- every filex_monitor declined it
@@ -347,7 +417,7 @@ function S:run(addr, n)
     local p = batch[i]
     if p.flow >= 0 and p.d.first[TCP] >= 0 then
       local v = votes[p.flow]
-      if v.uid ~= p.flow_uid then v.uid, v.asked, v.yes, v.disabled, v.fx = p.flow_uid, 0, 0, 0, 0 end
+      if v.fxuid ~= p.flow_uid then v.fxuid, v.fx, v.hs = p.flow_uid, 0, 0 end
       if v.yes > 0 or (filex and v.fx >= 0) then
         want[m] = i
         m = m + 1

@@ -16,6 +16,7 @@ luaprobe.engine.streams.tcpreasm — TCP stream reassembly per flow and directio
     R:packet(flow_id, pdir, seq, flags, payload_ptr, payload_len, ts[, cb[, ack]])
     R:expire(flow_id)        -- timeout: flush holes (gaps), cb_close(id, "timeout"), forget the flow
     R:forget(flow_id)        -- drop all state silently (flow-table record freed after a close)
+    R:seed(flow_id, client, syn, isn0, isn1, ts)   -- the state a handshake recorded elsewhere would have built
     R:is_new_connection(flow_id, pdir, seq)  -- a SYN (no ACK) with this seq starts a new connection
     R:restart(flow_id)       -- close the connection (reason "reuse": holes become gaps, cb_close) and forget it
     R:client_dir(flow_id)    -- the flow-table dir (0/1) of the client, or nil
@@ -384,6 +385,26 @@ function R:expire(id, cb)
   end
   self.flows[id] = nil
   return true
+end
+
+--- Create the state of flow `id` from a handshake seen before it (engine/streams/stage.lua records it until
+--- the flow's first payload): client (flow-table dir of the client), syn (the first packet was a SYN), isn0 /
+--- isn1 (the SYN sequence numbers of flow-table directions 0 / 1, nil when not seen), ts (packet time).  The
+--- same state R:packet would have built from those packets.
+function R:seed(id, client, syn, isn0, isn1, ts)
+  local f = { client = client, syn = syn, s = { [0] = new_stream(), [1] = new_stream() }, nbuf = 0,
+              closed = false, last_ts = ts or 0 }
+  self.flows[id] = f
+  self.stats.flows = self.stats.flows + 1
+  if isn0 then
+    local s = f.s[client == 0 and 0 or 1]
+    s.started, s.nxt, s.isn = true, (isn0 + 1) % TWO32, isn0
+  end
+  if isn1 then
+    local s = f.s[client == 1 and 0 or 1]
+    s.started, s.nxt, s.isn = true, (isn1 + 1) % TWO32, isn1
+  end
+  return f
 end
 
 function R:forget(id)
