@@ -319,8 +319,14 @@ def test_legacy_onattribute_order(tmp_path):
     assert hits
     with Store(str(tmp_path / "out")) as s:
         alerts = s.alerts()
-    assert sorted(a["flowkey"] for a in alerts) == sorted(hits)
-    assert {a["sigid"] for a in alerts} == {"sid-8000001"}
+    assert sorted(x["flowkey"] for x in alerts) == sorted(hits)
+    assert {x["sigid"] for x in alerts} == {"sid-8000001"}
+    # luaprobe check says which order it will use
+    legacy_line = "reassembly_handler.onattribute: legacy argument order (engine, flow, ts, name, buffer)"
+    for path, legacy in ((a, True), (b, False)):
+        r = subprocess.run([os.path.join(helpers.REPO, ".venv", "bin", "luaprobe"), "check", path],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and (legacy_line in r.stdout) == legacy, r.stdout + r.stderr
 
 
 LEGACY_NAMES = r'''

@@ -42,6 +42,7 @@ class PluginInfo:
     unsupported: list = dataclasses.field(default_factory=list)   #: detected script types luaprobe does not run
     declarations: list = dataclasses.field(default_factory=list)  #: [{kind, guid, name, description}]
     flowtracker: dict | None = None                                #: {name, bucketsize, count}
+    legacy_onattribute: bool = False   #: reassembly_handler.onattribute named (engine, flow, ts, ...): legacy order
 
     @property
     def problems(self) -> list[str]:
@@ -102,8 +103,11 @@ return function(path, log)
   if host.plugin.protocol_handler ~= nil then protocol, pproblem = host:protocol_control() end
   local decls, dproblem = host:declarations()
   local ftc, fproblem = host:flowtracker_control()
+  local rh = host.plugin.reassembly_handler
+  local legacy = type(rh) == "table" and type(rh.onattribute) == "function"
+                 and require("luaprobe.engine.streams.handler").legacy_attribute_order(rh.onattribute)
   return { types = types, countergroup = cg, problem = problem or pproblem or dproblem or fproblem, name = name,
-           protocol = protocol, declarations = decls, flowtracker = ftc }, nil
+           protocol = protocol, declarations = decls, flowtracker = ftc, legacy_onattribute = legacy }, nil
 end
 """
 
@@ -147,6 +151,7 @@ def probe(path: str, lua_path=()) -> PluginInfo:
         info.countergroup = cg
     info.declarations = res.get("declarations") or []
     info.flowtracker = res.get("flowtracker")
+    info.legacy_onattribute = bool(res.get("legacy_onattribute"))
     info.unsupported = [t for t in info.types if t not in SUPPORTED]
     return info
 
@@ -167,6 +172,9 @@ def describe(infos) -> str:
         if i.flowtracker:
             ft = i.flowtracker
             lines.append(f"    flowtracker: {ft['name']} bucket {ft['bucketsize']} s, top {ft['count']}")
+        if i.legacy_onattribute:
+            lines.append("    reassembly_handler.onattribute: legacy argument order (engine, flow, ts, name, buffer), "
+                         "from its parameter names")
         for p in i.problems:
             lines.append(f"    problem: {p}")
     return "\n".join(lines)
