@@ -31,7 +31,8 @@ What is timed (the same for every cell):
   upper bound of a per-packet Lua loop on this machine.  Median of --runs walks after one
   warm-up walk; the file is in the page cache for both.
 * **RSS** — the largest peak resident set of the ``luaprobe run`` process and the processes it
-  waited for (``wait4``'s ``ru_maxrss``: a maximum over the processes, not a sum), MB.
+  waited for (``wait4``'s ``ru_maxrss``: a maximum over the processes, not a sum), MB; the capture
+  process's count includes the pages of the mapped capture file it has read.
 
 Every run must report all packets of the file; a run that does not fails the benchmark.
 """
