@@ -397,3 +397,40 @@ def test_fanout_join_order_no_duplicate_no_loss(veth):
     finally:
         lua.eval("function(h) h:close() end")(a)
         lua.eval("function(h) h:close() end")(b)
+
+
+@pytest.mark.root
+@needs_root
+def test_live_capturing_means_every_socket_joined(tmp_path, veth):
+    """The stats snapshot's `capturing` turns true only once every shard's socket is in the fanout group
+    with its real program (the kernel's view, ss), and traffic sent from then on is counted exactly once."""
+    import threading
+    ifname, ns = veth
+    write_plugins(tmp_path / "plugins")
+    out, stats = tmp_path / "out", str(tmp_path / "stats.json")
+    run = make_run(RunConfig(plugins=[str(tmp_path / "plugins")], files=[], out_dir=str(out), shards=2,
+                             interface=ifname, stats_file=stats, stats_interval=0.05))
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("s", run.run()))
+    t.start()
+    try:
+        def snap():
+            try:
+                with open(stats) as f:
+                    return json.load(f)
+            except (OSError, ValueError):
+                return {}
+
+        def ready():
+            return snap().get("capturing") is True or not t.is_alive()
+        wait_for(ready, timeout=60, interval=0.02)
+        assert capturing(ifname, 2), fanout_sockets(ifname)
+        send_udp(ns, {9000 + k: 50 for k in range(20)})
+    finally:
+        run.request_stop()
+        t.join(120)
+    assert not t.is_alive()
+    s = box["s"]
+    assert s["input_errors"] == [] and s["shard_deaths"] == [] and s["drops"]["capture"] == 0
+    assert port_counts(out) == {str(9000 + k): 50 for k in range(20)}
+    assert all(x["packets"] > 0 for x in s["shards"]), s["shards"]
