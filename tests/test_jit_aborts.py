@@ -30,6 +30,12 @@ from tools.bench import corpus, shapes
 
 STEADY_MAX = 6           #: aborts in one VM after warm-up ("a handful")
 WARMUP_PLACE_MAX = 25    #: aborts at one place during warm-up (a blacklisting storm is hundreds)
+#: each capture is given PASSES times; the first passes are warm-up, the last is the steady state.  Two
+#: warm-up passes: with one, a VM that runs per HTTP message rather than per packet (filex) could still be
+#: forming its trace tree in the second pass (LuaJIT re-arms penalised places at random), which made the
+#: http shape fail 2 runs in 9 with 7 "inner loop in root trace" aborts -- trace formation, not a storm.
+PASSES = 3
+STEADY_PHASE = PASSES - 1
 
 CAPTURES = {
     # name: (shape parameters, packets); the corpus shapes of tools/bench/corpus.py, smaller
@@ -93,8 +99,8 @@ def test_hot_path_does_not_abort(tmp_path, monkeypatch, name):
         shapes.write(shape, str(plugdir))
     prefix = str(tmp_path / "aborts")
     monkeypatch.setenv("LUAPROBE_JIT_ABORTS", prefix)
-    summary = FastPath(RunConfig(plugins=[str(plugdir)], files=[cap, cap], out_dir=str(tmp_path / "out"))).run()
-    assert summary["packets"] == 2 * _count_packets(cap)
+    summary = FastPath(RunConfig(plugins=[str(plugdir)], files=[cap] * PASSES, out_dir=str(tmp_path / "out"))).run()
+    assert summary["packets"] == PASSES * _count_packets(cap)
     assert not summary["plugin_problems"] and not summary["input_errors"]
     hot = [p for p in summary["plugins"] if p["type"] in ("simplecounter", "filex_monitor")]
     assert len(hot) == 11                                    # ten simplecounters and the filex_monitor
@@ -109,14 +115,14 @@ def test_hot_path_does_not_abort(tmp_path, monkeypatch, name):
     assert len(tags) == len(summary["plugins"]) + 1, tags   # every VM and the driver wrote a report
     steady: dict = {}
     for tag, phase, count, _code, _msg, _place, _start in rows:
-        if phase == 1:
+        if phase == STEADY_PHASE:
             steady[tag] = steady.get(tag, 0) + count
     bad = {t: n for t, n in steady.items() if n > STEADY_MAX}
-    assert not bad, "aborts after warm-up:\n" + "\n".join(map(str, sorted(r for r in rows if r[1] == 1)))
+    assert not bad, "aborts after warm-up:\n" + "\n".join(map(str, sorted(r for r in rows if r[1] == STEADY_PHASE)))
     # a hook LuaJIT cannot compile is blacklisted after a few dozen aborts of traces that start in the
     # plug-in's own code: its business, not a storm of the packet path (which starts in ours)
     ours = [r for r in rows if not r[6].startswith("fresh-task.lua:")]
-    storms = [r for r in ours if r[1] == 0 and r[2] > WARMUP_PLACE_MAX]
+    storms = [r for r in ours if r[1] < STEADY_PHASE and r[2] > WARMUP_PLACE_MAX]
     assert not storms, "repeated aborts at one place (blacklisting):\n" + "\n".join(map(str, storms))
     # the walk never records into the closure-making hook: no trace started in our code aborts in it
     inhook = [r for r in ours if r[5].startswith("fresh-task.lua:")]
@@ -144,11 +150,11 @@ def test_walk_switches_to_the_stitch_point(tmp_path, monkeypatch):
     (plugdir / "hidden.lua").write_text(HIDDEN)
     prefix = str(tmp_path / "aborts")
     monkeypatch.setenv("LUAPROBE_JIT_ABORTS", prefix)
-    summary = FastPath(RunConfig(plugins=[str(plugdir)], files=[cap, cap], out_dir=str(tmp_path / "out"))).run()
+    summary = FastPath(RunConfig(plugins=[str(plugdir)], files=[cap] * PASSES, out_dir=str(tmp_path / "out"))).run()
     assert not summary["plugin_problems"] and not summary["input_errors"]
     (plug,) = summary["plugins"]
     calls = plug["hook_calls"]["simplecounter.onpacket"]
     assert calls > 0 and plug["async"]["scheduled"] == plug["async"]["ok"] == calls
     assert plug["walk"] == "stitched"
-    steady = [r for r in _aborts(prefix) if r[1] == 1 and not r[6].startswith("hidden.lua:")]
+    steady = [r for r in _aborts(prefix) if r[1] == STEADY_PHASE and not r[6].startswith("hidden.lua:")]
     assert sum(r[2] for r in steady) <= STEADY_MAX, steady
