@@ -120,12 +120,14 @@ def test_generate_run_stops_gracefully(tmp_path):
     _stop_and_check(tmp_path, p, signal.SIGTERM, 50_000_000)
 
 
-def test_second_signal_hard_stops(tmp_path):
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_second_signal_hard_stops(tmp_path, shards):
     """A task that would run 120 s and a drain deadline of 100 s: the second signal ends the run at once,
-    with no process and no segment left behind."""
+    with no process and no segment left behind (with shards too: the coordinator SIGKILLs them and unlinks
+    the segments they owned)."""
     _plugin(tmp_path, onexecute='if d == "1000" then local t = os.time(); while os.time() - t < 120 do end end')
     p = _start(tmp_path, "--generate", "packets=50000000,flows=500,mix=tcp=100,seed=3", "--drain-deadline", "100",
-               "--task-timeout", "200")
+               "--task-timeout", "200", "--shards", shards)
     helpers.wait_for(lambda: (tmp_path / "running").exists(), timeout=60)
     pids = _tree(p.pid)
     p.send_signal(signal.SIGINT)

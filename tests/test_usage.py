@@ -6,6 +6,7 @@ no database) and by the leak guard in conftest.py (no child process, no shared-m
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import subprocess
@@ -88,6 +89,12 @@ MISTAKES = [
      ["not allowed with argument"]),
     ("backend instances 0 with engine_monitor", lambda t: ["run", EX, "--pcap", SAMPLE, "--backend-instances", "0"],
      2, ["--backend-instances 0: ", "window_report.lua is an engine_monitor script"]),
+    # with shards the same checks run in the coordinator, before any shard (each shard used to crash-loop on them)
+    ("backend instances 0 with engine_monitor, 2 shards",
+     lambda t: ["run", EX, "--pcap", SAMPLE, "--backend-instances", "0", "--shards", "2"],
+     2, ["--backend-instances 0: ", "window_report.lua is an engine_monitor script"]),
+    ("no plug-in files, 2 shards", lambda t: ["run", str(t), "--pcap", SAMPLE, "--shards", "2"], 4,
+     ["no plug-in files found"]),
     ("unknown command", lambda t: ["runn"], 2, ["invalid choice: 'runn'"]),
     ("no plug-in files", lambda t: ["run", str(t), "--pcap", SAMPLE], 4, ["no plug-in files found"]),
     ("gen out is a directory", lambda t: ["gen", "--out", str(t), "--flows", "3"], 2,
@@ -104,6 +111,16 @@ MISTAKES = [
     ("stats count negative", lambda t: ["stats", "--count", "-1", "--run-dir", str(t)], 2, ["--count"]),
     ("start config missing", lambda t: ["start", "--config", str(t / "nope.toml")], 2, ["nope.toml"]),
 ]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="ray is installed here")
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_ray_backend_without_ray_is_a_usage_line(tmp_path, shards):
+    """A missing optional dependency is the user's to install: one line naming it, exit 2, nothing started
+    (it was 'internal error' exit 1, and with shards a crash loop of every shard with tracebacks)."""
+    r = luaprobe("run", EX, "--pcap", SAMPLE, "--async-backend", "ray", "--shards", shards, cwd=str(tmp_path))
+    one_line(r, 2, "--async-backend ray: the ray package is not installed", "luaprobe[ray]")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name,argv,code,fragments", MISTAKES, ids=[m[0] for m in MISTAKES])

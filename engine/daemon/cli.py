@@ -247,6 +247,15 @@ def cmd_run(args) -> int:
     except (UsageError, InputProblem) as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return e.exit_code
+    from luaprobe.engine.fastpath.run import preflight
+    try:
+        preflight(cfg)                                     # here, not in each shard (which would crash-loop)
+    except PluginError as e:
+        print(f"luaprobe run: plug-in error: {e}", file=sys.stderr)
+        return EXIT_PLUGIN
+    except UsageError as e:
+        print(f"luaprobe run: {e}", file=sys.stderr)
+        return EXIT_USAGE
     bar = None if args.quiet or args.json else _progress_bar(cfg)
     if bar is not None:
         cfg.progress = bar.update

@@ -63,6 +63,25 @@ def flow_rows(text) -> list[list]:
     return rows
 
 
+def preflight(cfg) -> None:
+    """What must hold before anything starts (one fast path, or the shards' coordinator before it starts any
+    shard): PluginError when there is no plug-in file; UsageError when engine_monitor scripts would get no
+    backend instance, or when the async backend "ray" is asked for and the ray package is not installed."""
+    files = discover(cfg.plugins, cfg.lua_path)
+    if not files:
+        raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
+    if cfg.async_config.backend == "ray":
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError('--async-backend ray: the ray package is not installed (pip install \'luaprobe[ray]\')')
+    if cfg.backend_instances >= 1:
+        return
+    for f in files:
+        if "engine_monitor" in probe(f, cfg.lua_path).runnable_types:
+            raise UsageError(f"--backend-instances {cfg.backend_instances}: {f} is an engine_monitor "
+                             "script, which needs at least 1 backend instance")
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Everything `luaprobe run` decides."""
@@ -301,17 +320,7 @@ class FastPath:
                     self._instantiate(rt, info.path, kind, "frontend", secrets.token_hex(4).upper()[:7])
 
     def _preflight(self) -> None:
-        """Before anything starts: PluginError when there is no plug-in file, UsageError when engine_monitor
-        scripts would get no instance."""
-        files = discover(self.cfg.plugins, self.cfg.lua_path)
-        if not files:
-            raise PluginError("no plug-in files found in " + ", ".join(self.cfg.plugins))
-        if self.cfg.backend_instances >= 1:
-            return
-        for f in files:
-            if "engine_monitor" in probe(f, self.cfg.lua_path).runnable_types:
-                raise UsageError(f"--backend-instances {self.cfg.backend_instances}: {f} is an engine_monitor "
-                                 "script, which needs at least 1 backend instance")
+        preflight(self.cfg)
 
     def _load_monitor(self, rt, path, kind) -> None:
         """A resource/fts/alert/cg monitor: one Script per attached group, backend_instances VMs each."""

@@ -229,6 +229,10 @@ class ShardedRun:
                 while not all(self.done):
                     if self._stop and not stopping:
                         stopping = True
+                        src = f"live capture on {cfg.interface}" if cfg.interface else \
+                            "the generator" if cfg.generate else "reading the capture files"
+                        logs.log.info("stop requested (%s): stopping %s, then draining %d shards (send the signal "
+                                      "again to stop hard)", self.stopped_by, src, self.n)
                         for c in self.captures:
                             if c.poll() is None:
                                 c.send_signal(signal.SIGTERM)
@@ -247,6 +251,7 @@ class ShardedRun:
                 for signum, handler in old_handlers.items():
                     signal.signal(signum, handler)
                 self._kill_all()
+                segment.sweep()          # a hard stop SIGKILLs the shards: their files/worker rings are ours to unlink
                 close_fds(cfg)
                 for s in self.rings + self.bells:
                     s.close()
