@@ -248,18 +248,12 @@ def cmd_run(args) -> int:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return e.exit_code
     from luaprobe.engine.fastpath.run import preflight
+    bar = None
     try:
         preflight(cfg)                                     # here, not in each shard (which would crash-loop)
-    except PluginError as e:
-        print(f"luaprobe run: plug-in error: {e}", file=sys.stderr)
-        return EXIT_PLUGIN
-    except UsageError as e:
-        print(f"luaprobe run: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    bar = None if args.quiet or args.json else _progress_bar(cfg)
-    if bar is not None:
-        cfg.progress = bar.update
-    try:
+        bar = None if args.quiet or args.json else _progress_bar(cfg)
+        if bar is not None:
+            cfg.progress = bar.update
         with _stdout_to_stderr(args.json):
             summary = make_run(cfg).run()
     except PluginError as e:
