@@ -27,34 +27,33 @@ local function ep(self, which)
   return f[which](f)
 end
 
-local Resource = {}
-Resource.__index = Resource
-function Resource:timestamp() return self._ts, self._usec end
-Resource.flow = flow_of
-function Resource:source_ip() return ep(self, "ipa") end
-function Resource:source_port() return ep(self, "porta") end
-function Resource:destination_ip() return ep(self, "ipz") end
-function Resource:destination_port() return ep(self, "portz") end
+--- A monitored item's class: timestamp() and flow() for every kind; with `endpoints`, the flow's
+--- source/destination ip and port too (Resource and Alert objects have them, FTS documents do not).
+local function item_class(endpoints)
+  local C = {}
+  C.__index = C
+  function C:timestamp() return self._ts, self._usec end
+  C.flow = flow_of
+  if endpoints then
+    function C:source_ip() return ep(self, "ipa") end
+    function C:source_port() return ep(self, "porta") end
+    function C:destination_ip() return ep(self, "ipz") end
+    function C:destination_port() return ep(self, "portz") end
+  end
+  return C
+end
+
+local Resource = item_class(true)
 function Resource:uri() return self._uri end
 function Resource:label() return self._label end
 function Resource:set_uri(s) self._uri = tostring(s) end
 function Resource:set_label(s) self._label = tostring(s) end
 
-local FTS = {}
-FTS.__index = FTS
-function FTS:timestamp() return self._ts, self._usec end
+local FTS = item_class(false)
 function FTS:key() return self._key end
-FTS.flow = flow_of
 function FTS:text() return self._text end
 
-local Alert = {}
-Alert.__index = Alert
-function Alert:timestamp() return self._ts, self._usec end
-Alert.flow = flow_of
-function Alert:source_ip() return ep(self, "ipa") end
-function Alert:source_port() return ep(self, "porta") end
-function Alert:destination_ip() return ep(self, "ipz") end
-function Alert:destination_port() return ep(self, "portz") end
+local Alert = item_class(true)
 function Alert:sigid() return self._sigid end
 function Alert:classification() return self._classification end
 function Alert:priority() return self._priority end

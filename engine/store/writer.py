@@ -974,54 +974,38 @@ class Store:
                 return g
         return guid.strip().upper()
 
-    def alerts(self, guid: str | None = None, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
-        """Alerts in time order (``guid``: alert group GUID, any case, or a well-known group name)."""
+    def _timed(self, select: str, guid_col: str, names: dict, guid, flowkey, limit) -> list[dict]:
+        """Rows of ``select`` ("SELECT ... FROM table") in time order, filtered by group GUID (any case, or a
+        well-known name from ``names``) and flow key when given: the query behind alerts / resources / fts."""
         where, args = [], []
         if guid is not None:
-            where.append("alert_guid = ?")
-            args.append(self._guid_arg(guid, WELL_KNOWN_ALERT_GROUPS))
+            where.append(f"{guid_col} = ?")
+            args.append(self._guid_arg(guid, names))
         if flowkey is not None:
             where.append("flowkey = ?")
             args.append(flowkey)
-        sql = ("SELECT id, ts_sec, ts_usec, alert_guid, flowkey, sigid, classification, priority, message, status, "
-               "plugin FROM alerts")
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql = select + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY ts_sec, ts_usec, id" + (f" LIMIT {int(limit)}" if limit is not None else "")
         return self._rows(sql, args)
 
+    def alerts(self, guid: str | None = None, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
+        """Alerts in time order (``guid``: alert group GUID, any case, or a well-known group name)."""
+        return self._timed("SELECT id, ts_sec, ts_usec, alert_guid, flowkey, sigid, classification, priority, "
+                           "message, status, plugin FROM alerts", "alert_guid", WELL_KNOWN_ALERT_GROUPS,
+                           guid, flowkey, limit)
+
     def resources(self, guid: str | None = None, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
         """Resources in time order (``guid``: resource group GUID, any case, or a well-known group name)."""
-        where, args = [], []
-        if guid is not None:
-            where.append("resource_guid = ?")
-            args.append(self._guid_arg(guid, WELL_KNOWN_RESOURCE_GROUPS))
-        if flowkey is not None:
-            where.append("flowkey = ?")
-            args.append(flowkey)
-        sql = "SELECT id, ts_sec, ts_usec, resource_guid, flowkey, uri, contents, plugin FROM resources"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ts_sec, ts_usec, id" + (f" LIMIT {int(limit)}" if limit is not None else "")
-        return self._rows(sql, args)
+        return self._timed("SELECT id, ts_sec, ts_usec, resource_guid, flowkey, uri, contents, plugin FROM resources",
+                           "resource_guid", WELL_KNOWN_RESOURCE_GROUPS, guid, flowkey, limit)
 
     def fts(self, guid: str | None = None, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
         """Full-text documents in time order (``guid``: FTS group GUID, any case, or a well-known name:
         ``SSL Certs``, ``HTTP Headers``, ``DNS``).  Databases written before the table existed have none."""
         if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'fts'").fetchone():
             return []
-        where, args = [], []
-        if guid is not None:
-            where.append("fts_guid = ?")
-            args.append(self._guid_arg(guid, WELL_KNOWN_FTS_GROUPS))
-        if flowkey is not None:
-            where.append("flowkey = ?")
-            args.append(flowkey)
-        sql = "SELECT id, ts_sec, ts_usec, fts_guid, flowkey, text, plugin FROM fts"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ts_sec, ts_usec, id" + (f" LIMIT {int(limit)}" if limit is not None else "")
-        return self._rows(sql, args)
+        return self._timed("SELECT id, ts_sec, ts_usec, fts_guid, flowkey, text, plugin FROM fts", "fts_guid",
+                           WELL_KNOWN_FTS_GROUPS, guid, flowkey, limit)
 
     def flows(self, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
         """Flow records ordered by first_ts."""
