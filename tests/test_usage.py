@@ -36,7 +36,7 @@ OUT_OF_RANGE = [
     ("--backend-instances", "-1"), ("--backend-instances", "65"), ("--packet-ring-mb", "3"), ("--packet-ring-mb", "0"),
     ("--flow-capacity", "1000"), ("--idle-timeout", "0"), ("--active-timeout", "-1"), ("--window", "0"),
     ("--frag-timeout", "0"), ("--frag-max-mb", "0"), ("--http-max-header", "10"), ("--filex-chunk-mb", "0"),
-    ("--filex-dir-cap-mb", "0"), ("--shards", "0"),
+    ("--filex-dir-cap-mb", "0"), ("--shards", "0"), ("--backend-instances", "0"),
 ]
 
 
@@ -87,12 +87,21 @@ MISTAKES = [
     ("bpf without interface", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--bpf", "tcp"], 2, ["--bpf needs"]),
     ("both append and overwrite", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--append", "--overwrite"], 2,
      ["not allowed with argument"]),
-    ("backend instances 0 with engine_monitor", lambda t: ["run", EX, "--pcap", SAMPLE, "--backend-instances", "0"],
-     2, ["--backend-instances 0: ", "window_report.lua is an engine_monitor script"]),
-    # with shards the same checks run in the coordinator, before any shard (each shard used to crash-loop on them)
-    ("backend instances 0 with engine_monitor, 2 shards",
+    # one rule for the flag and the TOML key (engine/daemon/settings.py), checked before any shard starts
+    ("backend instances 0", lambda t: ["run", EX, "--pcap", SAMPLE, "--backend-instances", "0"],
+     2, ["luaprobe run: argument --backend-instances: 0 is out of range: must be between 1 and 64"]),
+    ("backend instances 0, 2 shards",
      lambda t: ["run", EX, "--pcap", SAMPLE, "--backend-instances", "0", "--shards", "2"],
-     2, ["--backend-instances 0: ", "window_report.lua is an engine_monitor script"]),
+     2, ["luaprobe run: argument --backend-instances: 0 is out of range: must be between 1 and 64"]),
+    ("lua-path missing", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--lua-path", "/nonexistent"], 2,
+     ["luaprobe run: --lua-path /nonexistent: no such directory"]),
+    ("lua-path missing, 2 shards", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--lua-path", "/nonexistent",
+                                              "--shards", "2"], 2,
+     ["luaprobe run: --lua-path /nonexistent: no such directory"]),
+    ("lua-path is a file", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--lua-path", PLUGIN], 2,
+     [f"luaprobe run: --lua-path {PLUGIN}: not a directory"]),
+    ("check lua-path missing", lambda t: ["check", PLUGIN, "--lua-path", "/nonexistent"], 2,
+     ["luaprobe check: --lua-path /nonexistent: no such directory"]),
     ("no plug-in files, 2 shards", lambda t: ["run", str(t), "--pcap", SAMPLE, "--shards", "2"], 4,
      ["no plug-in files found"]),
     ("unknown command", lambda t: ["runn"], 2, ["invalid choice: 'runn'"]),
@@ -216,3 +225,43 @@ def test_every_fast_path_setting_has_a_flag_and_a_toml_key(tmp_path):
     assert from_toml.packet_ring_size == 4096 << 20 and from_toml.flow_capacity == 1 << 26
     ac = config.validate({**raw, "async": {"ring_size": 1 << 16, "worker_spin_us": 7}}, "c.toml").run_config()
     assert (ac.async_config.ring_size, ac.async_config.worker_spin_us) == (1 << 16, 7.0)
+
+
+@pytest.mark.parametrize("value", [0, 65])
+def test_backend_instances_same_rule_in_toml(tmp_path, value):
+    """`[plugins] backend_instances` and `--backend-instances` come from one row of the settings table: the TOML
+    key refuses what the flag refuses, with the same bounds (the flag took 0, the key did not)."""
+    conf = tmp_path / "probe.toml"
+    conf.write_text(f'[source]\npcap = ["{SAMPLE}"]\n[plugins]\npaths = ["{EX}"]\nbackend_instances = {value}\n')
+    r = luaprobe("start", "--config", str(conf), "--run-dir", str(tmp_path / "run"))
+    one_line(r, 2, f"[plugins] backend_instances = {value}: must be an integer between 1 and 64")
+    r = luaprobe("run", EX, "--pcap", SAMPLE, "--backend-instances", str(value), "--out", str(tmp_path / "out"))
+    one_line(r, 2, f"argument --backend-instances: {value} is out of range: must be between 1 and 64")
+
+
+def test_run_help_shows_plain_numbers():
+    """Ranges and defaults in `run --help` are integers and decimals a person reads, never e-notation."""
+    import re
+    r = luaprobe("run", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())                  # undo argparse's wrapping
+    text = text[text.index(" options: "):]             # the option list, not the usage line
+    assert not re.search(r"\de[+-]\d", text), re.findall(r"\S*\de[+-]\d\S*", text)
+    for flag, rng in [("--flow-capacity", "(1024..67108864, default 1048576)"),
+                      ("--http-max-header", "(1024..16777216, default 65536)"),
+                      ("--filex-dir-cap-mb", "(1..1048576, default 256)"), ("--filex-chunk-mb", "(0.001..4096, default 5)"),
+                      ("--backend-instances", "(1..64, default 2)")]:
+        part = text[text.index(flag + " "):]
+        assert rng in part[:part.index(" --", 3)], (flag, part[:300])
+
+
+def test_readme_lists_every_query_subcommand():
+    """README's `luaprobe query` line names exactly the kinds `luaprobe query` accepts (its usage line)."""
+    import re
+    r = luaprobe("query", "--help")
+    kinds = re.search(r"\{([a-z,]+)\}", r.stdout).group(1).split(",")
+    line = next(x for x in open(os.path.join(helpers.REPO, "README.md")) if "luaprobe query " in x)
+    listed = [w.strip() for w in line.split("#", 1)[1].split(",")[0].split("|")]
+    assert listed == kinds, (listed, kinds)
+    top = luaprobe("--help").stdout
+    assert "printoutputs:" + "|".join(kinds) in "".join(top.split())      # argparse may wrap inside the list

@@ -3,7 +3,7 @@
     luaprobe run PLUGIN... --pcap FILE... [--out DIR] [--workers N] [--lua-path DIR] [--stats-json FILE]
     luaprobe run PLUGIN... --interface IF [--bpf EXPR] [...]   live capture until Ctrl-C / SIGTERM (docs/live.md)
     luaprobe check PLUGIN...    list detected script types and problems (like Trisul's `list lua`)
-    luaprobe query alerts|resources|fts|counters|flows|keyinfo|decls|edges|toppers [--out DIR] [--json]
+    luaprobe query alerts|resources|fts|counters|flows|keyinfo|groups|decls|edges|toppers|run [--out DIR] [--json]
     luaprobe demo               run the bundled example plug-ins on the bundled sample capture
     luaprobe shm clean|list     remove / list shared-memory segments (clean: those whose owner died)
 
@@ -204,8 +204,9 @@ def cmd_run(args) -> int:
         except UsageError as e:
             print(f"luaprobe run: {e}", file=sys.stderr)
             return EXIT_USAGE
-    from .usage import InputProblem, UsageError, check_captures, check_new_file, check_out_dir
+    from .usage import InputProblem, UsageError, check_captures, check_dirs, check_new_file, check_out_dir
     try:
+        check_dirs("--lua-path", args.lua_path)
         check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new")
         if args.stats_json:
             check_new_file("--stats-json", args.stats_json)
@@ -232,7 +233,7 @@ def cmd_run(args) -> int:
             return EXIT_USAGE
     try:
         cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
-                        async_config=_async_config(args), backend_instances=args.backend_instances,
+                        async_config=_async_config(args),
                         interface=interface, bpf=bpf, generate=generate, shards=getattr(args, "shards", 1),
                         **from_args(args), analysers=args.analysers)
         parse_analysers(args.analysers)
@@ -335,6 +336,12 @@ def cmd_check(args) -> int:
     """`luaprobe check`: probe plug-ins and list their types and problems."""
     from luaprobe.engine.plugins.vm import PluginError
     from luaprobe.engine.plugins.discovery import describe, discover, probe
+    from .usage import UsageError, check_dirs
+    try:
+        check_dirs("--lua-path", args.lua_path)
+    except UsageError as e:
+        print(f"luaprobe check: {e}", file=sys.stderr)
+        return e.exit_code
     try:
         infos = [probe(f, args.lua_path) for f in discover(args.plugins, args.lua_path)]
     except PluginError as e:
@@ -401,8 +408,6 @@ def _run_options(p) -> None:
                    help="seconds to finish async tasks at the end (>= 0)")
     p.add_argument("--file-root", action="append", default=[], metavar="DIR",
                    help="confine T.async copy/cat/rm/copybuffer names beneath DIR (repeatable; docs/async.md)")
-    p.add_argument("--backend-instances", type=int_in(0, 64), default=2,
-                   help="engine_monitor instances (Trisul flushers), 0..64; 0 only without engine_monitor scripts")
     from .settings import add_flags
     add_flags(p)                        # fast-path settings (engine/daemon/settings.py)
     p.add_argument("--shards", type=int_in(1, 64), default=1, metavar="N",
@@ -473,8 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--plain", action="store_true", help="plain text even when rich is installed")
             d.add_argument("--count", type=int_in(0), default=0, metavar="N", help="stop after N refreshes")
         d.set_defaults(func=_daemon_command)
-    query = sub.add_parser("query", help="print outputs: alerts|resources|fts|counters|flows|keyinfo|groups|decls|edges|toppers|run",
-                           add_help=False)
+    from luaprobe.engine.store.query import WHAT
+    query = sub.add_parser("query", help="print outputs: " + "|".join(WHAT), add_help=False)
     query.add_argument("rest", nargs=argparse.REMAINDER)
     query.set_defaults(func=cmd_query)
     # prefix_chars: every token after `gen` (even "--out") goes to luaprobe.engine.gen.traffic's own parser

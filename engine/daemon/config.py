@@ -24,8 +24,7 @@ SCHEMA: dict = {
     "run": {"out_dir": ("path", "out", None), "run_dir": ("path", "run", None), "shards": (int, 1, (1, 64))},
     "source": {"pcap": ("paths", None, None), "interface": (str, None, None), "bpf": (str, None, None),
                "loop": (bool, False, None)},
-    "plugins": {"paths": ("paths", None, None), "lua_path": ("paths", [], None),
-                "backend_instances": (int, 2, (1, 64))},
+    "plugins": {"paths": ("paths", None, None), "lua_path": ("paths", [], None)},   # + backend_instances
     "async": {"workers": (int, None, (1, 256)), "overflow_limit": (int, 100_000, (0, 100_000_000)),
               "task_timeout": (_NUM, 60.0, (0.001, 86400)), "drain_deadline": (_NUM, 10.0, (0, 3600)),
               "max_tasks": (int, 0, (0, 1 << 40)), "max_rss_mb": (_NUM, 0.0, (0, 1 << 20)),
@@ -42,7 +41,7 @@ SCHEMA: dict = {
               "prometheus_port": (int, 0, (0, 65535))},
     "log": {"format": (str, "text", ("text", "json")), "verbose": (bool, False, None)},
 }
-for _section, _keys in _settings.toml_schema().items():      # [fastpath], [filex]: engine/daemon/settings.py
+for _section, _keys in _settings.toml_schema().items():      # [fastpath], [filex], ...: engine/daemon/settings.py
     SCHEMA[_section].update(_keys)
 
 
@@ -80,7 +79,7 @@ class Config:
                            backend=a["backend"], ray_address=a["ray_address"] or None,
                            ray_actor_cpus=float(a["ray_actor_cpus"]))
         kw = dict(plugins=p["paths"], files=s["pcap"] or [], out_dir=self["run"]["out_dir"], lua_path=p["lua_path"],
-                  async_config=acfg, backend_instances=p["backend_instances"], stats_file=stats_file,
+                  async_config=acfg, stats_file=stats_file,
                   heartbeat_file=heartbeat_file,
                   stats_interval=float(self["stats"]["interval"]), loop=s["loop"], shards=self["run"]["shards"],
                   on_loaded=on_loaded, **_settings.from_toml(self.values))

@@ -1,4 +1,4 @@
-"""Fast-path settings an operator tunes: one table gives each its `luaprobe run` flag and its TOML key.
+"""Settings an operator tunes: one table gives each its `luaprobe run` flag, its TOML key and its range.
 
 Each row: RunConfig field, CLI flag, (TOML section, key), kind, default (in the flag's unit), lower and upper
 bound, the factor from the flag's unit to RunConfig's, and the help text.  ``kind`` is "int", "float",
@@ -9,6 +9,8 @@ from __future__ import annotations
 MIB = 1 << 20
 
 SETTINGS = [
+    ("backend_instances", "--backend-instances", ("plugins", "backend_instances"), "int", 2, 1, 64, 1,
+     "backend instances (Trisul flushers) of engine_monitor, sg_monitor, flowtracker and monitor scripts"),
     ("packet_ring_size", "--packet-ring-mb", ("fastpath", "packet_ring_mb"), "pow2", 32, 1, 4096, MIB,
      "packet ring between the capture process and the fast path, MiB (a power of two); larger rides out "
      "longer stalls of a live capture (docs/live.md)"),
@@ -50,8 +52,13 @@ def add_flags(parser) -> None:
     for field, flag, _toml, kind, default, lo, hi, _scale, text in SETTINGS:
         conv = {"int": lambda: int_in(lo, hi), "float": lambda: float_in(lo, hi),
                 "pow2": lambda: power_of_two(lo, hi), "path": lambda: str, "name": lambda: str}[kind]()
-        rng = "" if kind in ("path", "name") else f" ({lo:g}..{hi:g}, default {default:g})"
+        rng = "" if kind in ("path", "name") else f" ({number(lo)}..{number(hi)}, default {number(default)})"
         parser.add_argument(flag, dest=field, type=conv, default=default, help=text + rng)
+
+
+def number(v) -> str:
+    """A bound or default as a person reads it: ``67108864``, ``0.001``, never ``6.71089e+07``."""
+    return str(int(v)) if float(v).is_integer() else f"{v:.10g}"
 
 
 def from_args(args) -> dict:

@@ -8,7 +8,8 @@ Every mistake on the command line ends the same way: one line on stderr that nam
   (luaprobe run --help)``) and that reports a misspelled option first, with the closest spelling, instead of
   argparse's "one of --pcap ... is required".
 * ``int_in`` / ``float_in`` / ``power_of_two``: ``type=`` converters that say the accepted range.
-* :func:`check_out_dir`, :func:`check_new_file`, :func:`check_captures`: the file-system checks of a run.
+* :func:`check_out_dir`, :func:`check_new_file`, :func:`check_dirs`, :func:`check_captures`: the file-system
+  checks of a run.
 """
 from __future__ import annotations
 
@@ -159,6 +160,14 @@ def check_new_file(option: str, path: str) -> None:
         raise UsageError(f"{option} {path}: the directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{option} {path}: the directory {parent} is not writable")
+
+
+def check_dirs(option: str, paths: list) -> None:
+    """Every path given to a directory option (``--lua-path``) is an existing directory; a typo would otherwise
+    surface later as a `require` that fails inside a plug-in.  Raises :class:`UsageError` naming the first."""
+    for p in paths:
+        if not os.path.isdir(p):
+            raise UsageError(f"{option} {p}: " + ("not a directory" if os.path.exists(p) else "no such directory"))
 
 
 def check_captures(paths: list) -> None:

@@ -65,8 +65,8 @@ def flow_rows(text) -> list[list]:
 
 def preflight(cfg) -> None:
     """What must hold before anything starts (one fast path, or the shards' coordinator before it starts any
-    shard): PluginError when there is no plug-in file; UsageError when engine_monitor scripts would get no
-    backend instance, or when the async backend "ray" is asked for and the ray package is not installed."""
+    shard): PluginError when there is no plug-in file; UsageError when the async backend "ray" is asked for and
+    the ray package is not installed.  (Backend instances are 1..64 by the settings table, engine/daemon/settings.py.)"""
     files = discover(cfg.plugins, cfg.lua_path)
     if not files:
         raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
@@ -74,12 +74,6 @@ def preflight(cfg) -> None:
         import importlib.util
         if importlib.util.find_spec("ray") is None:
             raise UsageError('--async-backend ray: the ray package is not installed (pip install \'luaprobe[ray]\')')
-    if cfg.backend_instances >= 1:
-        return
-    for f in files:
-        if "engine_monitor" in probe(f, cfg.lua_path).runnable_types:
-            raise UsageError(f"--backend-instances {cfg.backend_instances}: {f} is an engine_monitor "
-                             "script, which needs at least 1 backend instance")
 
 
 @dataclasses.dataclass
