@@ -447,8 +447,8 @@ def test_flowkey_known_packet(dec, H):
 
 def test_flowkey_matches_python_rule(dec):
     rnd = random.Random(7)
-    for _ in range(300):
-        v6 = rnd.random() < 0.3
+    for _ in range(600):
+        v6 = rnd.random() < 0.4
         proto = rnd.choice([6, 17, 1 if not v6 else 58])
         sp, dp = (rnd.choice([0, 53, 80, 1024, 65535, rnd.randrange(65536)]) for _ in range(2))
         if rnd.random() < 0.2:
@@ -456,6 +456,10 @@ def test_flowkey_matches_python_rule(dec):
         if v6:
             s = str(ipaddress.IPv6Address(rnd.getrandbits(128)))
             d = s if rnd.random() < 0.1 else str(ipaddress.IPv6Address(rnd.getrandbits(128)))
+            if rnd.random() < 0.4:        # same prefix, so the tie-break reaches the later words of the address
+                keep = rnd.choice([4, 8, 12, 15])
+                d = str(ipaddress.IPv6Address(ipaddress.IPv6Address(s).packed[:keep]
+                                              + ipaddress.IPv6Address(d).packed[keep:]))
         else:
             s = str(ipaddress.IPv4Address(rnd.getrandbits(32)))
             d = s if rnd.random() < 0.1 else str(ipaddress.IPv4Address(rnd.getrandbits(32)))

@@ -158,3 +158,78 @@ def test_walk_switches_to_the_stitch_point(tmp_path, monkeypatch):
     assert plug["walk"] == "stitched"
     steady = [r for r in _aborts(prefix) if r[1] == STEADY_PHASE and not r[6].startswith("hidden.lua:")]
     assert sum(r[2] for r in steady) <= STEADY_MAX, steady
+
+
+PRIME_AND_WALK = r"""
+local frames, flen, nflows, host = ...
+local ffi = require("ffi")
+local packet = require("luaprobe.engine.plugins.packet")
+local decode = require("luaprobe.engine.fastpath.decode")
+local jutil = require("jit.util")
+local base = ffi.cast("const uint8_t *", frames)
+local batch = packet.new_batch(nflows)
+for k = 0, nflows - 1 do
+  local p = batch[k]
+  p.data, p.caplen, p.wirelen, p.linktype, p.ts_sec = base + k * flen, flen, flen, 1, 1000
+  p.flow, p.dir, p.flow_uid = k, 0, k + 1
+  decode.decode(p.d, p.data, flen, 1)
+end
+-- 1. every flow's first flowid() from the interpreter (as before the walk's loop is hot): LuaJIT may record a
+--    function-entry trace of the flowid binding on this new-flow path
+local pobj = packet.new_packet()
+local function prime(b, n) for k = 0, n - 1 do packet.bind_packet(pobj, b, k); pobj:flowid() end end
+jit.off(prime)
+prime(batch, nflows)
+-- 2. then the walk over packets of known flows; which trace does its loop become?
+local stops, walker = {}, host.sc.walker
+local function on_trace(what, tr, func, pc, parent)
+  if what == "start" and func == walker and parent == nil then stops[tr] = { loc = jutil.funcinfo(func, pc).loc }
+  elseif what == "stop" and stops[tr] then
+    local ti = jutil.traceinfo(tr)
+    stops[tr].link, stops[tr].linktype = ti.link, ti.linktype
+  end
+end
+jit.attach(on_trace, "trace")
+local addr = tonumber(ffi.cast("intptr_t", batch))
+for _ = 1, 20 do host:run_batch(addr, nflows) end
+jit.attach(on_trace)
+local out = {}
+for tr, s in pairs(stops) do
+  if s.linktype then out[#out + 1] = ("%s %s %s"):format(s.loc, s.linktype, s.link == tr and "self" or "other") end
+end
+table.sort(out)
+return table.concat(out, "\n"), frames
+"""
+
+
+def test_flowid_of_new_flows_keeps_the_walk_one_loop(tmp_path):
+    """Bimodality of the flowstate shape (``layer:packet():flowid():id()``): if LuaJIT recorded a trace at the
+    entry of the flowid binding on a flow's first packet (key formatted) before the walk's loop was hot, and that
+    path ran into a loop (the old key formatter's), the trace linked to the loop's trace; the walk's trace then
+    stopped at the binding instead of inlining it, and every later packet left compiled code there (side traces
+    from inside the hook cannot return into the hook's xpcall frame): 90 vs 350 ns per hook call, decided by
+    LuaJIT's hot-counter order in each run.  Here that order is forced (new flows first, from the interpreter):
+    the walk's trace must still be one loop, inlining the hook."""
+    from luaprobe.engine.plugins.vm import PluginVM
+    from tests import pktbuild as pb
+    plug = tmp_path / "flowstate.lua"
+    plug.write_text(shapes.SHAPES["flowstate"]["flowstate.lua"])
+    frames = [pb.ether(pb.ipv4(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 6,
+                                  pb.tcp(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 1024 + k, 80, 1, 0, pb.ACK)))
+              for k in range(600)]
+    assert len({len(f) for f in frames}) == 1
+    vm = PluginVM(str(plug), pipeline="frontend", start_workers=False)
+    try:
+        assert vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host) is None
+        walk_traces, _ = vm.lua.execute(PRIME_AND_WALK, b"".join(frames), len(frames[0]), len(frames), vm.host)
+        walk_traces = walk_traces.decode()
+        # the walker's root trace closes its own loop (it did not stop at a trace of the binding)
+        assert walk_traces.splitlines() and all(t.endswith(" loop self") for t in walk_traces.splitlines()), \
+            walk_traces
+        state = vm.lua.eval("function() local f, st = TrisulPlugin.simplecounter.onpacket; local i = 1 "
+                            "repeat local name, v = debug.getupvalue(f, i); if name == 'state' then st = v end; "
+                            "i = i + 1 until name == nil "
+                            "local n, c = 0, 0; for _, v in pairs(st) do n = n + 1; c = c + v end; return n, c end")
+        assert tuple(state()) == (600, 20 * 600)      # every packet counted once, under its own flow
+    finally:
+        vm.close()

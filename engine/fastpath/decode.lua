@@ -522,16 +522,30 @@ M.ZERO_FLOWKEY = "00A:00.00.00.00:p-0000_00.00.00.00:p-0000"
 local HEX = ffi.new("const uint8_t[16]", "0123456789ABCDEF")
 local kbuf = ffi.new("uint8_t[128]")
 
+-- No loops in the key functions: Packet:flowid() calls them from a plug-in's hook on a flow's first
+-- packet, and a LuaJIT trace that starts in a plug-in function and runs into a loop ends there, linked to
+-- the loop's trace; the batch walk's trace then stops at that function too instead of inlining it, and the
+-- flow's later packets leave compiled code there on every call (docs/benchmarks.md, "Light hooks").
+
+-- Address bytes i..i+3 as one number, big-endian (exact in a double; unsigned order).
+local function word(a, i)
+  return ((a[i] * 256 + a[i + 1]) * 256 + a[i + 2]) * 256 + a[i + 3]
+end
+
 -- true when src is the A end
 local function src_is_a(d)
   local sp, dp = d.sport, d.dport
   if sp ~= dp then return sp > dp end
-  local n = d.ip_version == 6 and 16 or 4
-  for i = 0, n - 1 do
-    local a, b = d.src[i], d.dst[i]
-    if a ~= b then return a > b end   -- src higher -> src is A, dst (lower) is Z
+  local s, t = d.src, d.dst
+  local a, b = word(s, 0), word(t, 0)                  -- the address bytewise, a word at a time
+  if a == b and d.ip_version == 6 then
+    a, b = word(s, 4), word(t, 4)
+    if a == b then
+      a, b = word(s, 8), word(t, 8)
+      if a == b then a, b = word(s, 12), word(t, 12) end
+    end
   end
-  return true
+  return a >= b                                        -- src higher (or equal) -> src is A, dst is Z
 end
 
 local function put_hex8(pos, v)
@@ -540,16 +554,23 @@ local function put_hex8(pos, v)
   return pos + 2
 end
 
+-- 4 address bytes at a[i] as hex, separated by `sep` (a byte) unless it is 0
+local function put_quad(pos, a, i, sep)
+  pos = put_hex8(pos, a[i])
+  if sep ~= 0 then kbuf[pos] = sep; pos = pos + 1 end
+  pos = put_hex8(pos, a[i + 1])
+  if sep ~= 0 then kbuf[pos] = sep; pos = pos + 1 end
+  pos = put_hex8(pos, a[i + 2])
+  if sep ~= 0 then kbuf[pos] = sep; pos = pos + 1 end
+  return put_hex8(pos, a[i + 3])
+end
+
 local function put_ip(pos, a, v6)
-  if v6 then
-    for i = 0, 15 do pos = put_hex8(pos, a[i]) end
-  else
-    for i = 0, 3 do
-      if i > 0 then kbuf[pos] = 46; pos = pos + 1 end   -- '.'
-      pos = put_hex8(pos, a[i])
-    end
-  end
-  return pos
+  if not v6 then return put_quad(pos, a, 0, 46) end    -- '.'
+  pos = put_quad(pos, a, 0, 0)
+  pos = put_quad(pos, a, 4, 0)
+  pos = put_quad(pos, a, 8, 0)
+  return put_quad(pos, a, 12, 0)
 end
 
 local function put_port(pos, port)
