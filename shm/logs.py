@@ -13,6 +13,10 @@ _PY_LEVEL = {0: 50, 1: 50, 2: 50, 3: 50, 4: 40, 5: 30, 6: 20, 7: 20, 8: 10}
 
 log = logging.getLogger("luaprobe")
 
+#: the log level a run's child processes start with (shards, workers, capture): `luaprobe run -q` / `-v` set it
+#: in the environment they inherit, so a sharded run is as quiet (or as verbose) as a single fast path
+LEVEL_ENV = "LUAPROBE_LOG_LEVEL"
+
 
 def _text(x) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, (bytes, bytearray)) else str(x)
@@ -46,8 +50,15 @@ def lua_print(script, instance, line) -> None:
         data = data[os.write(sys.stdout.fileno(), data):]
 
 
+def set_level(name: str) -> None:
+    """Set this process's level ("WARNING", "DEBUG", ...) and the level its children start with (LEVEL_ENV)."""
+    log.setLevel(name)
+    os.environ[LEVEL_ENV] = name
+
+
 def setup(verbose: bool = False, json_lines: bool = False) -> None:
-    """Configure the root luaprobe logger on stderr (text or JSON lines)."""
+    """Configure the root luaprobe logger on stderr (text or JSON lines); the level is DEBUG with ``verbose``,
+    else the one the parent asked for in LEVEL_ENV, else INFO."""
     if log.handlers:
         return
     handler = logging.StreamHandler()
@@ -62,4 +73,6 @@ def setup(verbose: bool = False, json_lines: bool = False) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s luaprobe[%(process)d] %(levelname)s %(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    inherited = os.environ.get(LEVEL_ENV, "")
+    log.setLevel(logging.DEBUG if verbose else inherited if inherited in ("DEBUG", "INFO", "WARNING", "ERROR")
+                 else logging.INFO)

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
 
 
@@ -21,17 +23,59 @@ def test_json_prints_the_summary_as_json(tmp_path):
     assert {p["type"] for p in s["plugins"]} >= {"simplecounter", "engine_monitor", "countergroup"}
 
 
-def test_quiet_prints_nothing_on_success(tmp_path):
-    r = luaprobe("demo", "--out", str(tmp_path / "out"), "-q")
-    assert r.returncode == 0
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_quiet_prints_nothing_on_success(tmp_path, shards):
+    """-q hides the plug-ins' INFO lines (window_report.lua logs one per window) in every process of the run:
+    shard processes inherit the level (they printed them under --shards before)."""
+    r = luaprobe("demo", "--out", str(tmp_path / "out"), "-q", "--shards", shards)
+    assert r.returncode == 0, r.stderr
     assert r.stdout == "" and r.stderr == ""
 
 
-def test_quiet_still_reports_input_errors(tmp_path):
-    r = luaprobe("run", "engine/examples/tcp_ports.lua", "--pcap", f"{helpers.PCAPS}/bad-huge-caplen-record.pcap",
-                 "--out", str(tmp_path / "out"), "-q")
-    assert r.returncode == 3
-    assert r.stdout == "" and "byte offset 5035" in r.stderr and "Traceback" not in r.stderr
+def _first_oversized_record(path: str, limit: int = 1 << 20) -> tuple[int, int]:
+    """(byte offset, caplen) of the first record whose caplen exceeds ``limit``, read with Python's struct
+    (classic pcap, either byte order): the independent truth for the walker's error line."""
+    import struct
+    data = open(path, "rb").read()
+    end = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    off = 24
+    while off + 16 <= len(data):
+        caplen = struct.unpack_from(end + "I", data, off + 8)[0]
+        if caplen > limit:
+            return off, caplen
+        off += 16 + caplen
+    raise AssertionError("no oversized record")
+
+
+@pytest.mark.parametrize("shards,quiet", [("1", True), ("1", False), ("2", True), ("2", False)])
+def test_bad_capture_is_one_line(tmp_path, shards, quiet):
+    """A damaged capture: exactly one stderr line naming the file and the record's byte offset, exit 3
+    (it was printed twice: a log line from the fast path and again from the summary)."""
+    path = f"{helpers.PCAPS}/bad-huge-caplen-record.pcap"
+    off, caplen = _first_oversized_record(path)
+    r = luaprobe("run", "engine/examples/tcp_ports.lua", "--pcap", path, "--out", str(tmp_path / "out"),
+                 "--shards", shards, *(["-q"] if quiet else []))
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.splitlines() == [f"luaprobe run: input error: {path}: byte offset {off}: caplen {caplen} "
+                                     "exceeds the maximum 1048576"], r.stderr
+    assert (r.stdout == "") == quiet
+
+
+def test_sharded_summary_has_one_line_per_plugin(tmp_path):
+    """--shards 2: the text summary merges each plug-in's rows over the shards (a frontend type once, with the
+    number of shards; a backend instance once, with its shard), and the merged hook calls are the whole
+    capture's: tcp_ports.lua's simplecounter runs once per TCP packet (tshark's count)."""
+    sample = "engine/examples/sample.pcap"
+    tcp = subprocess.run(["tshark", "-r", sample, "-Y", "tcp"], capture_output=True, text=True, cwd=helpers.REPO)
+    n_tcp = len(tcp.stdout.splitlines())
+    r = luaprobe("demo", "--out", str(tmp_path / "out"), "--shards", "2")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if " hook calls " in line]
+    labels = [line.split(" hook calls ")[0] for line in rows]
+    assert labels == ["dns_watch.lua [simplecounter, 2 shards]", "file_sha256.lua [filex_monitor, 2 shards]",
+                      "tcp_ports.lua [countergroup, 2 shards]", "tcp_ports.lua [simplecounter, 2 shards]",
+                      "window_report.lua [engine_monitor#0, shard 0]", "window_report.lua [engine_monitor#1, shard 0]"]
+    assert f"tcp_ports.lua [simplecounter, 2 shards] hook calls {n_tcp} errors 0" in rows
 
 
 # ------------------------------------------------------------------ exit codes tell the truth (docs/operations.md)

@@ -76,21 +76,56 @@ def _rich_summary(s: dict) -> None:
     for col in ("plug-in", "type#instance", "hook calls", "errors", "async sched", "ok", "nil", "error",
                 "timeout", "dropped", "pending"):
         t.add_column(col, justify="left" if col in ("plug-in", "type#instance") else "right")
-    for p in s["plugins"]:
-        a = p["async"]
-        t.add_row(os.path.basename(p["plugin"]), f"{p['type']}#{p['instance']}", f"{sum(p['hook_calls'].values()):,}",
-                  str(sum(p["hook_errors"].values())), *(str(a[k]) for k in ("scheduled", "ok", "nil_result", "error",
-                                                                           "timeout", "dropped", "pending")))
+    for name, label, calls, errs, a in plugin_rows(s):
+        t.add_row(name, label, f"{calls:,}", str(errs), *(str(a[k]) for k in ASYNC_COLUMNS))
     con = Console()
     con.print(t)
     con.print(f"drops: packet ring full {d['capture']}  kernel {d.get('kernel', 0)}  flow table {d['flow_table']}")
     for line in _traffic_lines(s):
         con.print(line)
     con.print("written: " + ", ".join(f"{k} {v}" for k, v in s["rows_written"].items()) + f"  -> {s['store']['path']}")
+    _print_problems(s)
+
+
+def _print_problems(s: dict) -> None:
+    """Plug-in problems and input errors on stderr, one line each (the only place a capture error is printed:
+    ``luaprobe run: input error: FILE: byte offset N: ...``)."""
     for e in s["plugin_problems"]:
         print(f"plug-in problem: {e}", file=sys.stderr)
     for e in s["input_errors"]:
-        print(f"input error: {e}", file=sys.stderr)
+        print(f"luaprobe run: input error: {e}", file=sys.stderr)
+
+
+ASYNC_COLUMNS = ("scheduled", "ok", "nil_result", "error", "timeout", "dropped", "pending")
+
+
+def plugin_rows(s: dict) -> list[tuple]:
+    """(file name, "type#instance" label, hook calls, hook errors, {async counter: n}) per row of the text summary.
+
+    A sharded run (``shards`` in the summary) has one VM per plug-in type in every shard; its rows are merged
+    per plug-in so that the operator reads totals: a frontend type once (``simplecounter, 2 shards``; its
+    instance ids differ per shard), a backend instance once per instance (``engine_monitor#0, shard 0``).
+    The per-shard rows stay in ``--json`` / ``--stats-json`` (``plugins``, each with its ``shard``)."""
+    def totals(p):
+        return sum(p["hook_calls"].values()), sum(p["hook_errors"].values()), {k: p["async"][k] for k in ASYNC_COLUMNS}
+    if not s.get("shards"):
+        return [(os.path.basename(p["plugin"]), f"{p['type']}#{p['instance']}", *totals(p)) for p in s["plugins"]]
+    from luaprobe.engine.plugins.discovery import BACKEND_TYPES
+    merged: dict = {}
+    for p in s["plugins"]:
+        key = (p["plugin"], p["type"], p["instance"] if p["type"] in BACKEND_TYPES else None)
+        calls, errs, a = totals(p)
+        m = merged.setdefault(key, [set(), 0, 0, dict.fromkeys(ASYNC_COLUMNS, 0)])
+        m[0].add(p.get("shard"))
+        m[1] += calls
+        m[2] += errs
+        for k in ASYNC_COLUMNS:
+            m[3][k] += a[k]
+    rows = []
+    for (plugin, kind, inst), (shards, calls, errs, a) in merged.items():
+        where = f"shard {min(shards)}" if len(shards) == 1 else f"{len(shards)} shards"
+        rows.append((os.path.basename(plugin), f"{kind}{'' if inst is None else '#' + inst}, {where}", calls, errs, a))
+    return rows
 
 
 def _traffic_lines(s: dict) -> list[str]:
@@ -115,19 +150,13 @@ def _plain_summary(s: dict) -> None:
     print(f"drops: packet ring full {d['capture']}  kernel {d.get('kernel', 0)}  flow table {d['flow_table']}")
     for line in _traffic_lines(s):
         print(line)
-    for p in s["plugins"]:
-        a = p["async"]
-        calls = sum(p["hook_calls"].values())
-        errs = sum(p["hook_errors"].values())
-        print(f"{os.path.basename(p['plugin'])} [{p['type']}#{p['instance']}] hook calls {calls:,} errors {errs}"
+    for name, label, calls, errs, a in plugin_rows(s):
+        print(f"{name} [{label}] hook calls {calls:,} errors {errs}"
               + (f"  async scheduled {a['scheduled']} ok {a['ok']} nil {a['nil_result']} error {a['error']}"
                  f" timeout {a['timeout']} dropped {a['dropped']} pending {a['pending']}" if a["scheduled"] else ""))
     rw = s["rows_written"]
     print("written: " + ", ".join(f"{k} {v}" for k, v in rw.items()) + f"  -> {s['store']['path']}")
-    for e in s["plugin_problems"]:
-        print(f"plug-in problem: {e}", file=sys.stderr)
-    for e in s["input_errors"]:
-        print(f"input error: {e}", file=sys.stderr)
+    _print_problems(s)
 
 
 class _progress_bar:
@@ -192,8 +221,8 @@ def cmd_run(args) -> int:
     from luaprobe.engine.plugins.vm import PluginError
     from luaprobe.engine.analysers import parse_names as parse_analysers
     logs.setup(verbose=args.verbose)
-    if args.quiet:
-        logs.log.setLevel("WARNING")
+    if args.quiet or args.verbose:          # the same level in every process of the run (shards, workers)
+        logs.set_level("WARNING" if args.quiet else "DEBUG")
     interface, bpf = getattr(args, "interface", None), getattr(args, "bpf", None)
     generate = getattr(args, "generate", None)
     if generate is not None:
@@ -282,8 +311,7 @@ def cmd_run(args) -> int:
     elif not args.quiet:
         _print_summary(summary)
     else:
-        for e in summary["plugin_problems"] + summary["input_errors"]:
-            print(e, file=sys.stderr)
+        _print_problems(summary)
     if args.stats_json:
         try:
             with open(args.stats_json, "w") as f:

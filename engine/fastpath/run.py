@@ -635,8 +635,8 @@ class FastPath:
                 elif kind == ERROR:
                     off, msg, path = txt.split("\t", 2)
                     where = f"byte offset {off}: " if off else ""
-                    self.input_errors.append(f"{path}: {where}{msg}")
-                    logs.log.error("input error: %s: %s%s", path, where, msg)
+                    self.input_errors.append(f"{path}: {where}{msg}")   # printed once, by whoever reports the
+                    logs.log.debug("input error: %s: %s%s", path, where, msg)   # summary (CLI, daemon child)
                 elif kind == STATS:
                     self.capture_stats = [int(x) for x in txt.split("\t")]
                 elif kind == TIME:             # sharded input: another shard's packet opened second txt

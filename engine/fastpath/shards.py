@@ -413,7 +413,7 @@ def shard_main(spec_path: str) -> int:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)      # PR_SET_PDEATHSIG: coordinator gone -> finish
     if os.getppid() != cfg.shard["coordinator"]:
         return EXIT_INTERNAL
-    logs.setup(verbose=os.environ.get("LUAPROBE_VERBOSE") == "1")
+    logs.setup()                                            # the level the CLI gave its children (-q, -v)
     fp = FastPath(cfg)
     signal.signal(signal.SIGTERM, lambda *_: fp.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: fp.request_reload_backends())
