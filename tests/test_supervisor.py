@@ -226,7 +226,8 @@ def test_start_status_stop_round_trip(daemon):
     st = daemon.status()
     assert st["state"] == "stopped" and not st["live"]
     assert daemon.cli("status").returncode == 3
-    assert daemon.cli("stop").stdout.startswith("not running (stopped")
+    r = daemon.cli("stop")                                  # nothing to stop: 3, as status/reload/stats
+    assert r.returncode == 3 and r.stderr.startswith("luaprobe stop: not running (stopped"), r.stderr
     assert not daemon.alive() and not daemon.segments()
     assert not os.path.exists(sock) and control.read_pid(daemon.run_dir) is None
     with sqlite3.connect(os.path.join(daemon.out_dir, "luaprobe.sqlite")) as c:

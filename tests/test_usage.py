@@ -265,3 +265,14 @@ def test_readme_lists_every_query_subcommand():
     assert listed == kinds, (listed, kinds)
     top = luaprobe("--help").stdout
     assert "printoutputs:" + "|".join(kinds) in "".join(top.split())      # argparse may wrap inside the list
+
+
+@pytest.mark.parametrize("cmd,says", [("stop", "not running"), ("reload", "not running"),
+                                      ("stats", "no daemon is running")])
+def test_daemon_commands_without_a_daemon_exit_3(tmp_path, cmd, says):
+    """No daemon in the run directory: `stop` answers like `status`, `reload` and `stats` (exit 3, one line
+    naming where it looked); it exited 0 before."""
+    run = tmp_path / "run"
+    r = luaprobe(cmd, "--run-dir", str(run), cwd=str(tmp_path))
+    one_line(r, 3, f"luaprobe {cmd}: {says}", str(run))
+    assert luaprobe("status", "--run-dir", str(run), cwd=str(tmp_path)).returncode == 3

@@ -16,6 +16,7 @@ import time
 import psutil
 
 from luaprobe.engine.daemon import control
+from luaprobe.shm.exits import EXIT_NOT_RUNNING, EXIT_OK
 
 _PS: dict[int, psutil.Process] = {}      # kept between refreshes so cpu_percent() measures an interval
 
@@ -179,11 +180,11 @@ def cmd_stats(args) -> int:
     first = collect(run_dir, prime_s=0 if args.json else 0.2)   # --json: one quick snapshot (cpu_percent null)
     if args.json:                       # after the end: the run's final counters, and exit 3 (not running)
         print(json.dumps(first, indent=2, default=str))
-        return 0 if first["live"] else 3
+        return EXIT_OK if first["live"] else EXIT_NOT_RUNNING
     if not first["live"]:
         print(f"luaprobe stats: no daemon is running (looked in {run_dir}, found as {how}; last state: "
               f"{first['status'].get('state') or 'never started'})", file=sys.stderr)
-        return 3
+        return EXIT_NOT_RUNNING
     use_rich = not args.plain and sys.stdout.isatty()
     if use_rich:
         try:

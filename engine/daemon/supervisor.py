@@ -35,7 +35,8 @@ from luaprobe.engine.daemon import control, privileges
 from luaprobe.engine.daemon.usage import UsageError
 from luaprobe.shm.logs import log
 
-from luaprobe.shm.exits import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_USAGE, describe_exit  # noqa: F401
+from luaprobe.shm.exits import (EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_RUNNING, EXIT_OK, EXIT_PLUGIN,  # noqa: F401
+                                EXIT_USAGE, describe_exit)
 
 HEARTBEAT = "heartbeat"     #: run-dir file the fast path touches while it makes progress ([supervise] stall_timeout)
 
@@ -597,15 +598,17 @@ def _wait_gone(run_dir: str, timeout: float, pid: int | None = None) -> bool:
 
 
 def cmd_stop(args) -> int:
-    """`luaprobe stop`: graceful stop; waits for the supervisor to exit."""
+    """`luaprobe stop`: graceful stop; waits for the supervisor to exit.  Exit 0 stopped, 3 nothing was running
+    (as `status`, `reload` and `stats`; docs/operations.md "Exit codes"), 1 still running after the wait."""
     run_dir, how = control.find_run_dir(getattr(args, "run_dir", None))
     pid = control.read_pid(run_dir)
     try:
         reply = control.request(run_dir, "stop")
     except control.NotRunning:
         st = control.read_json(control.path(run_dir, control.STATE)) or {}
-        print(f"not running ({st.get('state', 'never started')}; looked in {run_dir}, found as {how})")
-        return EXIT_OK
+        print(f"luaprobe stop: not running ({st.get('state', 'never started')}; looked in {run_dir}, found as "
+              f"{how})", file=sys.stderr)
+        return EXIT_NOT_RUNNING
     if not _wait_gone(run_dir, reply.get("stop_deadline", 20) + 15, pid):
         print(f"luaprobe stop: the supervisor is still running (pid {control.read_pid(run_dir)})", file=sys.stderr)
         return EXIT_INTERNAL
@@ -650,7 +653,7 @@ def cmd_status(args) -> int:
     print(json.dumps(st | {"live": live}, indent=2) if getattr(args, "json", False) else format_status(st, live))
     if live:
         return EXIT_OK
-    return EXIT_INTERNAL if st["state"].startswith("failed") else 3
+    return EXIT_INTERNAL if st["state"].startswith("failed") else EXIT_NOT_RUNNING
 
 
 def cmd_reload(args) -> int:
@@ -662,7 +665,7 @@ def cmd_reload(args) -> int:
         reply = control.request(run_dir, "reload")
     except control.NotRunning as e:
         print(f"luaprobe reload: not running ({e})", file=sys.stderr)
-        return 3
+        return EXIT_NOT_RUNNING
     if not reply.get("ok"):
         print(f"luaprobe reload: {reply.get('error')}", file=sys.stderr)
         return EXIT_USAGE
