@@ -111,3 +111,49 @@ TrisulPlugin = { id = { name = "k9" }, request_async_workers = 3,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert not [n for n in segment.list_segments() if segment.owner_pid(n) in tree]
+
+
+def test_kill_9_of_the_sharded_coordinator_then_shm_clean_removes_its_directory(tmp_path):
+    """`--shards N`: the coordinator's directory of shard specs and summaries is a segment name under /dev/shm
+    (it was /tmp/luaprobe-shards-*, left behind by a kill -9).  After a real SIGKILL of the coordinator alone
+    (its shards finish on their own: PR_SET_PDEATHSIG), `luaprobe shm clean` removes it with the rings, and
+    leaves another user's directory of the same form alone."""
+    plug = helpers.write_plugin(tmp_path, r"""
+local marker, n = "%s", 0
+TrisulPlugin = { id = { name = "k9s" },
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(e, l)
+      n = n + 1
+      if n == 3000 then local f = io.open(marker .. T.contextid, "w"); f:close() end
+    end } }
+""" % (tmp_path / "running"))
+    foreign = os.path.join(segment.SHM_DIR, f"luaprobe-{_dead_pid()}-shards.0.ns{segment.identity_tag()}")
+    os.mkdir(foreign, 0o700)
+    os.chown(foreign, NOBODY, NOBODY)
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plug, "--generate",
+                          "packets=50000000,flows=100,seed=1", "--shards", "2", "--out", str(tmp_path / "o"), "-q"],
+                         cwd=helpers.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree = []
+    try:
+        helpers.wait_for(lambda: (tmp_path / "running0").exists() and (tmp_path / "running1").exists(), timeout=90)
+        tree = psutil.Process(p.pid).children(recursive=True)
+        mine = [n for n in segment.list_segments(p.pid) if "-shards." in n]
+        assert len(mine) == 1, segment.list_segments(p.pid)
+        private = os.path.join(segment.SHM_DIR, mine[0])
+        assert os.path.isdir(private) and os.stat(private).st_mode & 0o777 == 0o700
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        _, alive = psutil.wait_procs(tree, timeout=60)      # the shards finish on their own, the capture dies
+        assert alive == [], alive
+        assert os.path.isdir(private)                       # the leftover
+        r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "shm", "clean"], cwd=helpers.REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and f"removed {mine[0]}" in r.stdout.splitlines(), r.stdout + r.stderr
+        assert not os.path.exists(private) and segment.list_segments(p.pid) == []
+        assert os.path.isdir(foreign)                       # another user's: not ours to judge
+    finally:
+        helpers.kill_tree(tree)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.rmdir(foreign)

@@ -29,9 +29,10 @@ import json
 import os
 import signal
 import subprocess
+import shutil
 import sys
-import tempfile
 import time
+from contextlib import contextmanager
 
 from luaprobe.engine.fastpath.run import RunConfig, capture_socket_args, close_fds
 from luaprobe.engine.plugins.asyncruntime import BELL_SIZE
@@ -51,6 +52,20 @@ def progress_word(bell_address: int):
     """The shard's packet counter in its doorbell segment (ctypes c_uint64 over shared memory)."""
     import ctypes
     return ctypes.c_uint64.from_address(bell_address + PROGRESS_OFFSET)
+
+
+@contextmanager
+def private_dir():
+    """The coordinator's directory for shard specs, summaries and stats files: a luaprobe segment name under
+    /dev/shm (``luaprobe-<pid>-shards.<n>.ns<tag>``, mode 0700), removed at the end; after a ``kill -9`` of the
+    coordinator the next run, ``luaprobe start`` or ``luaprobe shm clean`` removes it with the other segments of
+    dead owners (shm/segment.py ``sweep``: this user's only, pid reuse recognised)."""
+    path = os.path.join(segment.SHM_DIR, segment.make_name("shards"))
+    os.mkdir(path, 0o700)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class ShardError(RuntimeError):
@@ -197,8 +212,7 @@ class ShardedRun:
         self._ended_rings = False
         self.lua = new_runtime()
         fmt = self.lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c) end")
-        with tempfile.TemporaryDirectory(prefix="luaprobe-shards-") as tmp:
-            os.chmod(tmp, 0o700)
+        with private_dir() as tmp:
             self.tmp = tmp
             old_handlers = self._catch_stop_signals()     # a stop while starting up is graceful too
             try:
