@@ -100,6 +100,13 @@ MISTAKES = [
      ["luaprobe run: --lua-path /nonexistent: no such directory"]),
     ("lua-path is a file", lambda t: ["run", PLUGIN, "--pcap", SAMPLE, "--lua-path", PLUGIN], 2,
      [f"luaprobe run: --lua-path {PLUGIN}: not a directory"]),
+    ("filex-dir under a missing path", lambda t: ["run", EX, "--pcap", SAMPLE, "--filex-dir", str(t / "a" / "fx")],
+     2, ["luaprobe run: --filex-dir ", "fx: the parent directory ", "a does not exist"]),
+    ("filex-dir under a missing path, 2 shards",
+     lambda t: ["run", EX, "--pcap", SAMPLE, "--filex-dir", str(t / "a" / "fx"), "--shards", "2"],
+     2, ["luaprobe run: --filex-dir ", "fx: the parent directory ", "a does not exist"]),
+    ("filex-dir is a file", lambda t: ["run", EX, "--pcap", SAMPLE, "--filex-dir", PLUGIN], 2,
+     [f"luaprobe run: --filex-dir {PLUGIN}: exists and is not a directory"]),
     ("check lua-path missing", lambda t: ["check", PLUGIN, "--lua-path", "/nonexistent"], 2,
      ["luaprobe check: --lua-path /nonexistent: no such directory"]),
     ("no plug-in files, 2 shards", lambda t: ["run", str(t), "--pcap", SAMPLE, "--shards", "2"], 4,
@@ -276,3 +283,28 @@ def test_daemon_commands_without_a_daemon_exit_3(tmp_path, cmd, says):
     r = luaprobe(cmd, "--run-dir", str(run), cwd=str(tmp_path))
     one_line(r, 3, f"luaprobe {cmd}: {says}", str(run))
     assert luaprobe("status", "--run-dir", str(run), cwd=str(tmp_path)).returncode == 3
+
+
+HTTP = os.path.join(helpers.PCAPS, "http-get-text.pcap")
+
+
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_filex_dir_is_created_once_and_left_as_named(tmp_path, shards):
+    """--filex-dir naming a missing directory whose parent exists: created by the run, files extracted there and
+    removed after their hooks, the directory itself left empty, the same with and without shards (each shard
+    used to leave an empty shard-K subdirectory); nothing is created above it (see the mistakes above)."""
+    fx = tmp_path / "fx"
+    r = luaprobe("run", EX, "--pcap", HTTP, "--filex-dir", str(fx), "--out", str(tmp_path / "out"), "--shards",
+                 shards, "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+    files = sum(x["files"] for x in json.loads(r.stdout)["filex"])
+    assert files >= 1                                      # file_sha256.lua's onfile_http had a file there
+    assert fx.is_dir() and os.listdir(fx) == []
+
+
+def test_filex_dir_in_toml_under_a_missing_path(tmp_path):
+    conf = tmp_path / "probe.toml"
+    conf.write_text(f'[source]\npcap = ["{SAMPLE}"]\n[plugins]\npaths = ["{EX}"]\n[filex]\ndir = "a/fx"\n')
+    r = luaprobe("start", "--config", str(conf), "--run-dir", str(tmp_path / "run"))
+    one_line(r, 2, f"[filex] dir = {tmp_path / 'a' / 'fx'}: the parent directory {tmp_path / 'a'} does not exist")

@@ -233,9 +233,12 @@ def cmd_run(args) -> int:
         except UsageError as e:
             print(f"luaprobe run: {e}", file=sys.stderr)
             return EXIT_USAGE
-    from .usage import InputProblem, UsageError, check_captures, check_dirs, check_new_file, check_out_dir
+    from .usage import InputProblem, UsageError, check_captures, check_dir_target, check_dirs, check_new_file, \
+        check_out_dir
     try:
         check_dirs("--lua-path", args.lua_path)
+        if args.filex_dir:
+            check_dir_target("--filex-dir", args.filex_dir)
         check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new")
         if args.stats_json:
             check_new_file("--stats-json", args.stats_json)

@@ -209,6 +209,12 @@ def _cross_checks(v: dict, name: str, raw: dict) -> None:
     for d in p["lua_path"]:
         if not os.path.isdir(d):
             raise ConfigError(f"{name}: [plugins] lua_path: {d!r}: not a directory")
+    if v["filex"]["dir"]:
+        from .usage import UsageError, check_dir_target
+        try:
+            check_dir_target("dir =", v["filex"]["dir"])
+        except UsageError as e:
+            raise ConfigError(f"{name}: [filex] {e}") from None
     for d in v["async"]["file_roots"]:
         if not os.path.isdir(d):
             raise ConfigError(f"{name}: [async] file_roots: {d!r}: not a directory")

@@ -33,7 +33,8 @@ SETTINGS = [
     ("http_max_header", "--http-max-header", ("filex", "http_max_header"), "int", 65536, 1024, 1 << 24, 1,
      "longest HTTP start line + header block kept, bytes (more is counted; docs/filex.md)"),
     ("filex_dir", "--filex-dir", ("filex", "dir"), "path", None, None, None, 1,
-     "directory for extracted files (default: a private one under /dev/shm, removed at the end)"),
+     "directory for extracted files, created when missing (its parent must exist); files are removed after their "
+     "hooks (default: a private one under /dev/shm, removed at the end)"),
     ("filex_chunk_mb", "--filex-chunk-mb", ("filex", "chunk_mb"), "float", 5.0, 0.001, 4096, 1,
      "onfile_http chunk size, MiB (Trisul ChunkSizeMB)"),
     ("filex_dir_cap_mb", "--filex-dir-cap-mb", ("filex", "dir_cap_mb"), "float", 256.0, 1, 1 << 20, 1,

@@ -8,8 +8,8 @@ Every mistake on the command line ends the same way: one line on stderr that nam
   (luaprobe run --help)``) and that reports a misspelled option first, with the closest spelling, instead of
   argparse's "one of --pcap ... is required".
 * ``int_in`` / ``float_in`` / ``power_of_two``: ``type=`` converters that say the accepted range.
-* :func:`check_out_dir`, :func:`check_new_file`, :func:`check_dirs`, :func:`check_captures`: the file-system
-  checks of a run.
+* :func:`check_out_dir`, :func:`check_dir_target`, :func:`check_new_file`, :func:`check_dirs`,
+  :func:`check_captures`: the file-system checks of a run.
 """
 from __future__ import annotations
 
@@ -131,15 +131,11 @@ def _range(lo, hi) -> str:
 def check_out_dir(out: str, mode: str) -> None:
     """``--out DIR`` before a run: DIR may not be a file, and an earlier run's database there is refused
     (``mode`` "new"), replaced ("overwrite") or added to ("append").  Raises :class:`UsageError`."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out}: exists and is not a directory (--out names the output directory)")
+    check_dir_target("--out", out, "(--out names the output directory)")
     db = os.path.join(out, DB_NAME)
     if mode == "new" and os.path.exists(db):
         raise UsageError(f"--out {out}: already holds the results of an earlier run ({db}); use --overwrite to "
                          "replace them, --append to add this run to them, or another --out")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out) and not os.path.isdir(parent):
-        raise UsageError(f"--out {out}: the parent directory {parent} does not exist")
     if mode == "overwrite":
         for suffix in ("", "-wal", "-shm", "-journal"):
             try:
@@ -148,6 +144,16 @@ def check_out_dir(out: str, mode: str) -> None:
                 pass
             except OSError as e:
                 raise UsageError(f"--out {out}: cannot remove {db + suffix}: {e.strerror}") from None
+
+
+def check_dir_target(option: str, path: str, hint: str = "") -> None:
+    """A directory the run creates when missing (``--out``, ``--filex-dir``): it may not be a file, and its parent
+    must exist (the run creates one level, never a whole missing path).  Raises :class:`UsageError`."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{option} {path}: exists and is not a directory" + (f" {hint}" if hint else ""))
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(path) and not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: the parent directory {parent} does not exist")
 
 
 def check_new_file(option: str, path: str) -> None:

@@ -662,6 +662,11 @@ class FastPath:
             rt.close()
             if getattr(self, "filex_dir", None) and not self.cfg.filex_dir:
                 shutil.rmtree(self.filex_dir, ignore_errors=True)
+            elif getattr(self, "filex_dir", None) and self.cfg.shard:
+                try:                       # this shard's filex_dir/shard-K, when empty: the named directory is
+                    os.rmdir(self.filex_dir)   # left as a single fast path leaves it
+                except OSError:
+                    pass
             if ring_seg is not None:
                 ring_seg.close()
         summary = self._summary(rt, time.monotonic() - t0)
