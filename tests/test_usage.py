@@ -295,7 +295,7 @@ def test_filex_dir_is_created_once_and_left_as_named(tmp_path, shards):
     used to leave an empty shard-K subdirectory); nothing is created above it (see the mistakes above)."""
     fx = tmp_path / "fx"
     r = luaprobe("run", EX, "--pcap", HTTP, "--filex-dir", str(fx), "--out", str(tmp_path / "out"), "--shards",
-                 shards, "--json")
+                 shards, "--json", cwd=str(tmp_path))         # file_sha256.lua copies files to ./extracted
     assert r.returncode == 0, r.stderr
     import json
     files = sum(x["files"] for x in json.loads(r.stdout)["filex"])
