@@ -20,6 +20,7 @@ import shutil
 import ssl
 import struct
 import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -477,3 +478,35 @@ def test_port_reuse_and_fragments_in_reassembly_handler(tmp_path):
     resp = (out2 / f"{key}_0").read_bytes()
     assert len(resp) == 81 + 2560 and resp.endswith(bytes(range(256)) * 10)
     assert [e[0] for e in ev if e[0] != "data"] == ["new", "end"]
+
+
+def test_plugins_doc_example(tmp_path):
+    """The reassembly_handler example of docs/plugins.md, run as written by the CLI: its URIs are tshark's
+    ``http.request.uri`` in order, its byte counts tshark's TCP payload sums per direction (the client is the
+    end that sent the SYN; the capture has no retransmission, so payload bytes = reassembled bytes)."""
+    doc = open(os.path.join(helpers.REPO, "docs", "plugins.md")).read()
+    start = doc.index("```lua\n", doc.index("### Example: request URIs and reassembled bytes")) + len("```lua\n")
+    plugin = tmp_path / "uri_bytes.lua"
+    plugin.write_text(doc[start:doc.index("```", start)])
+    pcap = os.path.join(DATA, "http-keepalive-splunk-ui.pcap")
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "luaprobe"), "run", str(plugin),
+                        "--pcap", pcap, "--out", str(tmp_path / "out"), "-q"], capture_output=True, text=True,
+                       timeout=120, cwd=str(tmp_path))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = [line.split("] ", 1)[1] for line in r.stdout.splitlines()]
+    assert all(line.startswith("[uri_bytes.lua#") for line in r.stdout.splitlines())
+
+    def tshark(*args):
+        return subprocess.run(["tshark", "-r", pcap, *args], capture_output=True, text=True, check=True).stdout
+    uris = tshark("-Y", "http.request", "-T", "fields", "-e", "http.request.uri").split()
+    assert [x[4:] for x in lines if x.startswith("uri ")] == uris and len(uris) == 11
+    pkts = [x.split("\t") for x in tshark("-T", "fields", "-e", "ip.src", "-e", "tcp.srcport", "-e", "ip.dst",
+                                          "-e", "tcp.dstport", "-e", "tcp.flags.syn", "-e", "tcp.flags.ack",
+                                          "-e", "tcp.len").splitlines()]
+    client = next((p[0], p[1]) for p in pkts if p[4] == "1" and p[5] == "0")
+    up = sum(int(p[6]) for p in pkts if (p[0], p[1]) == client)
+    down = sum(int(p[6]) for p in pkts if (p[2], p[3]) == client)
+    assert not tshark("-Y", "tcp.analysis.retransmission or tcp.analysis.out_of_order").strip()
+    (got,) = [x for x in lines if x.startswith("bytes ")]
+    assert got.endswith(f"client->server {up} server->client {down}"), (got, up, down)
+    assert f"{client[0]}:{client[1]}" in got
