@@ -7,7 +7,8 @@
     luaprobe demo               run the bundled example plug-ins on the bundled sample capture
     luaprobe shm clean|list     remove / list shared-memory segments (clean: those whose owner died)
 
-Exit codes: 0 ok, 2 usage error, 3 input error, 4 plug-in error, 1 internal error or a hard stop (a second
+Exit codes (docs/operations.md): 0 ok, 2 usage error, 3 input error (status/stop/reload/stats: no daemon running),
+4 plug-in error, 1 internal error or a hard stop (a second
 SIGINT/SIGTERM), 130 / 143 a file or --generate run stopped early by SIGINT / SIGTERM (graceful: everything up
 to the stop was processed and written; a live run's normal end is a signal, so it exits 0).
 """
