@@ -31,6 +31,7 @@ local P = require("luaprobe.workers.protocol")
 local errlog = require("luaprobe.engine.plugins.errlog")
 local sbuf = require("string.buffer")
 local config = require("luaprobe.config")
+local gcpace = require("luaprobe.engine.plugins.gcpace")
 
 local C = ring.lib
 local cast, fstring, copy = ffi.cast, ffi.string, ffi.copy
@@ -173,6 +174,7 @@ function M.new(opts)
     up_blob = {},           -- fid -> string.buffer blob of the last snapshot (interned: equal values, same string)
     max_record = opts.max_record or 1e300,   -- request-ring record limit (the pool's ring size)
     nfids = 0,
+    polls = 0,              -- poll() calls: the collector's pace is checked every gcpace.CHECK_EVERY
     stats = { scheduled = 0, ok = 0, nil_result = 0, error = 0, timeout = 0, dropped = 0,
               onresult_errors = 0, redispatched = 0, lost_at_deadline = 0 },
     hist = ffi.new("double[?]", HIST),
@@ -637,6 +639,9 @@ end
 function Async:poll(max)
   max = max or 4096
   local total = 0
+  local polls = self.polls + 1
+  self.polls = polls
+  if polls % gcpace.CHECK_EVERY == 0 then gcpace.adjust() end
   for k = 1, self.nworkers do
     local w = self.workers[k]
     if w.ret then

@@ -5,6 +5,7 @@ chunk runs, loads the plug-in file, and calls its hooks with error isolation
 ]]
 local tlib = require("luaprobe.engine.plugins.tlib")
 local async = require("luaprobe.engine.plugins.async")
+local gcpace = require("luaprobe.engine.plugins.gcpace")
 local errlog = require("luaprobe.engine.plugins.errlog")
 local engine_mod = require("luaprobe.engine.plugins.engine")
 local packet = require("luaprobe.engine.plugins.packet")
@@ -33,6 +34,7 @@ end
 --- ("file:line: message") when the file cannot be loaded or run.
 function M.boot(opts)
   local path, instance = opts.path, opts.instance or "0"
+  gcpace.adjust()                                          -- the collector's pace (engine/plugins/gcpace.lua)
   local function logf(level, msg) opts.log(level, path, instance, msg) end
   tlib.install({ script = path, instance = instance, enginetype = opts.enginetype or "frontend",
                  log = opts.log, print = opts.print, contextid = opts.contextid })

@@ -388,9 +388,12 @@ t0 = time.thread_time()
 rc = main(sys.argv[1:])
 cpu = time.thread_time() - t0
 with open(report, "w") as f:
-    json.dump({"cpu_s": cpu}, f)
+    json.dump({"cpu_s": cpu, "process_cpu_s": time.process_time()}, f)
 sys.exit(rc)
 """
+
+
+E2E_KEYS = ("elapsed", "loop_cpu", "fastpath_cpu", "children_cpu", "all_cpu")
 
 
 def bench_e2e(npackets: int, runs: int) -> tuple[list, list]:
@@ -417,9 +420,10 @@ def bench_e2e(npackets: int, runs: int) -> tuple[list, list]:
         with open(stats) as f:
             summary = json.load(f)
         with open(report) as f:
-            cpu = json.load(f)["cpu_s"]
-        return {"elapsed": summary["elapsed_s"], "fastpath_cpu": cpu, "all_cpu": ru.ru_utime + ru.ru_stime}, \
-            summary["plugins"][-1]
+            cpu = json.load(f)
+        all_cpu = ru.ru_utime + ru.ru_stime
+        return {"elapsed": summary["elapsed_s"], "loop_cpu": summary["packet_loop_cpu_s"], "fastpath_cpu": cpu["cpu_s"],
+                "children_cpu": all_cpu - cpu["process_cpu_s"], "all_cpu": all_cpu}, summary["plugins"][-1]
 
     configs = [("none", None)] + [(s, k) for s in ("hoisted", "fresh") for k in STYLE_UPS]
     times = {c: [] for c in configs}
@@ -438,7 +442,7 @@ def bench_e2e(npackets: int, runs: int) -> tuple[list, list]:
     rows = []
     for style, k in configs[1:]:
         per = {key: [(m[key] - b[key]) / t * 1e6 for (m, t), (b, _) in zip(times[(style, k)], base)]
-               for key in ("elapsed", "fastpath_cpu", "all_cpu")}
+               for key in E2E_KEYS}
         rows.append((style, k, per))
     return rows, [b["elapsed"] for b, _ in base]
 
@@ -467,12 +471,11 @@ def main(argv=None) -> int:
         rows, base = bench_e2e(args.e2e_packets, args.runs)
         print(f"\nend to end, `luaprobe run` on {args.e2e_packets:,} TCP packets, one task per packet, "
               f"minus the run without tasks ({mmm(base)} s); min / median / max of {args.runs} runs:\n")
-        print("| style | upvalues | elapsed µs/task | fast-path CPU µs/task (main thread in main()) | "
-              "CPU of all processes µs/task |")
-        print("|---|---:|---:|---:|---:|")
+        print("| style | upvalues | elapsed µs/task | packet-loop CPU µs/task | fast-path CPU µs/task (main thread "
+              "in main(), drain included) | worker + capture + writer CPU µs/task | CPU of all processes µs/task |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for style, k, per in rows:
-            print(f"| {style} | {k} | {mmm(per['elapsed'])} | {mmm(per['fastpath_cpu'])} | "
-                  f"{mmm(per['all_cpu'])} |", flush=True)
+            print(f"| {style} | {k} | " + " | ".join(mmm(per[key]) for key in E2E_KEYS) + " |", flush=True)
     if "roundtrip" not in parts:
         return 0
     rows, idle = [], []
