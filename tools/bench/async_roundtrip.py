@@ -25,9 +25,12 @@ upvalues:
   process's CPU time with worker_spin_us = 0, so it does not spin while idle);
 * end to end: `luaprobe run` on a capture with a simplecounter on TCP scheduling one task per packet,
   minus the same run whose hook only counts (an overflow queue large enough that a slow worker never
-  makes the fast path drop): marginal µs per task on the engine's elapsed time, on
-  the CPU time of the `luaprobe run` process (the fast path) and on the CPU time of all its processes
-  (worker, capture and store writer included; the worker spins up to worker_spin_us while idle).
+  makes the fast path drop): marginal µs per task on the engine's elapsed time; on the packet loop's CPU
+  time (`packet_loop_cpu_s` of the summary: the main thread from the first batch to the last, the fast
+  path's time per task); on the CPU time of the main thread during main() (the drain of results after the
+  last packet included); on the CPU time of its child processes (worker, capture, store writer; the worker
+  spins up to worker_spin_us while idle); and on all of them together.  On a machine with C cores the
+  elapsed time is at least all processes' CPU / C.
 
 Each figure is min / median / max over --runs runs.
 """
