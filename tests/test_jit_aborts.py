@@ -233,3 +233,71 @@ def test_flowid_of_new_flows_keeps_the_walk_one_loop(tmp_path):
         assert tuple(state()) == (600, 20 * 600)      # every packet counted once, under its own flow
     finally:
         vm.close()
+
+
+ALLOC_WALK = r"""
+local frames, flen, nflows, host = ...
+local ffi = require("ffi")
+local packet = require("luaprobe.engine.plugins.packet")
+local decode = require("luaprobe.engine.fastpath.decode")
+local base = ffi.cast("const uint8_t *", frames)
+local batch = packet.new_batch(nflows)
+for k = 0, nflows - 1 do
+  local p = batch[k]
+  p.data, p.caplen, p.wirelen, p.linktype, p.ts_sec = base + k * flen, flen, flen, 1, 1000
+  p.flow, p.dir, p.flow_uid = k, 0, k + 1
+  decode.decode(p.d, p.data, flen, 1)
+end
+local addr = tonumber(ffi.cast("intptr_t", batch))
+for _ = 1, 10 do host:run_batch(addr, nflows) end       -- warm-up: traces, first flowid() and counter key per flow
+collectgarbage("collect")
+collectgarbage("stop")
+local before = collectgarbage("count")
+for _ = 1, 20 do host:run_batch(addr, nflows) end
+local grown = collectgarbage("count") - before
+collectgarbage("restart")
+return grown, frames
+"""
+
+EVERY_BINDING = """
+local sum = 0
+TrisulPlugin = { id = { name = "every binding" },
+  countergroup = { control = { guid = "{2B3C4D5E-6F70-4A1B-9C2D-3E4F5A6B7C8D}", name = "ports", bucketsize = 60 },
+                   meters = { { 0, T.K.vartype.COUNTER, 10, "packets", "Packets", "pkts" } } },
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(engine, layer)
+      local pkt = layer:packet()
+      local eth, tcp = pkt:get_layer(0), pkt:find_layer("{77E462AB-2E42-42ec-9A58-C1A6821D6B31}")
+      local port = layer:rawbytes():hval_16(2)
+      local s, us = pkt:timestamp()
+      local es = engine:timestamp()
+      sum = sum + port + tcp:rawbytes():hval_8(0) + eth:layer_bytes() + pkt:rawbytes():hval_8(0) + layer:getbyte(3)
+              + #pkt:flowid():id() + pkt:wire_length() + layer:layer_bytes() + s - es + us * 0
+      engine:update_counter("{2B3C4D5E-6F70-4A1B-9C2D-3E4F5A6B7C8D}", port, 0, 1)
+    end } }
+"""
+
+
+def test_bindings_allocate_nothing_per_hook_call(tmp_path):
+    """The objects a hook reaches per packet (Layer, Packet, get_layer / find_layer layers, Buffers, a known flow's
+    FlowID, counters of a known key) are rebound, not created: 12 000 hook calls after warm-up grow the Lua heap by
+    a few KB, per batch not per call (GC stopped while counting; new Layer tables per get_layer / find_layer call,
+    as before, grew it by 1.9 MB)."""
+    from luaprobe.engine.plugins.vm import PluginVM
+    from tests import pktbuild as pb
+    plug = tmp_path / "every.lua"
+    plug.write_text(EVERY_BINDING)
+    frames = [pb.ether(pb.ipv4(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 6,
+                                  pb.tcp(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 1024 + k, 80, 1, 0, pb.ACK)))
+              for k in range(600)]
+    vm = PluginVM(str(plug), pipeline="frontend", start_workers=False)
+    try:
+        assert vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host) is None
+        grown, _ = vm.lua.execute(ALLOC_WALK, b"".join(frames), len(frames[0]), len(frames), vm.host)
+        calls = vm.lua.eval("function(h) return h.hook_calls['simplecounter.onpacket'] end")(vm.host)
+        errors = vm.lua.eval("function(h) return h.hook_errors['simplecounter.onpacket'] end")(vm.host)
+        assert calls == 30 * 600 and errors is None
+        # 5.5 KB measured: a few hundred bytes per batch (the batch pointer's cdata, ...), nothing per call
+        assert grown < 16, f"{grown:.1f} KB for 12 000 hook calls"
+    finally:
+        vm.close()

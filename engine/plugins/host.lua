@@ -293,14 +293,19 @@ local function sc_invoke(w) return w.fn(w.eng, w.lobj) end
 local function sc_done() end
 local function sc_pick(w, batch, k)
   local p, eng = batch[k], w.eng
-  eng:set_packet(batch, k)
-  if eng.nflow_counters > 0 and p.flow >= 0 then eng:apply_flow_counters(flowkey(p.d), p.dir) end
   local li = find(p.d, w.proto)
   -- a reassembled IP datagram (d.frag 2, engine/fastpath/ipreasm.lua) is for L4 hooks only:
   -- link and IP-layer hooks saw each of its fragment packets
   if li >= 0 and (w.l4 or p.d.frag ~= 2) then
+    eng:set_packet(batch, k)
+    if eng.nflow_counters > 0 and p.flow >= 0 then eng:apply_flow_counters(flowkey(p.d), p.dir) end
     bind_layer(w.lobj, bind_packet(w.pobj, batch, k), li)
     return sc_invoke
+  end
+  -- no hook here: the engine's packet moves only for flow counters (and to the batch's last packet after the walk)
+  if eng.nflow_counters > 0 and p.flow >= 0 then
+    eng:set_packet(batch, k)
+    eng:apply_flow_counters(flowkey(p.d), p.dir)
   end
   return nil
 end
@@ -327,7 +332,13 @@ end
 
 --- Run simplecounter.onpacket for every packet of the batch at `addr` that has the plug-in's protocol.
 --- Returns the number of hook calls.
-function Host:run_batch(addr, n) return self:walk_batch(self.sc, addr, n) end
+--- Afterwards the engine's current packet is the batch's last, as if it had moved with every packet (what
+--- hooks outside the walk see: onmessage, engine:timestamp() between batches).
+function Host:run_batch(addr, n)
+  local calls = self:walk_batch(self.sc, addr, n)
+  if n > 0 then self.engine:set_packet(ffi.cast(packet.pktp, addr), n - 1) end
+  return calls
+end
 
 --- The hook budget (engine/plugins/watchdog.lua): every hook of this instance that runs longer than `seconds`
 --- is interrupted with a Lua error naming `label` (plug-in and instance), the hook and the budget; 0 turns it off.

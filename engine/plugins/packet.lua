@@ -149,17 +149,31 @@ function Packet:rawbytes()
   end
   return buffer.rebind(b, p.data, p.caplen)
 end
+-- get_layer / find_layer: one Layer object per (Packet object, layer index), made on first use and kept.  It
+-- reads the Packet object's current entry, so rebinding the Packet (once per hook call) rebinds it too: no
+-- allocation per call, and like the hook's own `layer` it is valid while the hook runs.
+local function layer_at(self, i)
+  local ls = self._layers
+  if ls == nil then ls = {}; self._layers = ls end
+  local l = ls[i + 1]
+  if l == nil then
+    l = setmetatable({ _packet = self, _i = i }, Layer)
+    ls[i + 1] = l
+  end
+  return l
+end
+
 function Packet:num_layers() return P(self).d.nlayers end
 function Packet:get_layer(i)
   if i < 0 or i >= P(self).d.nlayers then return nil end
-  return M.layer(self, i)
+  return layer_at(self, i)
 end
 function Packet:find_layer(guid)
   local proto = type(guid) == "string" and decode.by_guid(guid) or nil
   if proto == nil then return nil end
   local i = find(P(self).d, proto)
   if i < 0 then return nil end
-  return M.layer(self, i)
+  return layer_at(self, i)
 end
 -- FlowID objects of recent flows, by the flow record's unique id (flow_uid):
 -- a script calling packet:flowid() on every packet then formats the key
