@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import ipaddress
+import math
 import os
 import subprocess
 import sys
@@ -232,6 +233,32 @@ end
 
 function H.new(opts) return flowtable.new(opts) end
 
+-- the driver's shape: a batch of lp_pkt (engine/plugins/packet.lua), filled packet by packet, then update_batch
+local packet = require 'luaprobe.engine.plugins.packet'
+H.batch = packet.new_batch(64)
+function H.bset(k, v, proto, src, dst, sp, dp, flags, sec, nsec, wirelen, plen)
+  local p = H.batch[k]
+  local d = p.d
+  decode.decode(d, '', 0, 9999)
+  d.ip_version, d.ipproto = v, proto
+  ffi.copy(d.src, src, #src)
+  ffi.copy(d.dst, dst, #dst)
+  d.sport, d.dport = sp, dp
+  d.tcp_flags = proto == 6 and flags or 0
+  if proto == 6 then d.first[decode.PROTO.TCP] = 34 end
+  d.payload_length = plen
+  p.ts_sec, p.ts_nsec, p.wirelen = sec, nsec, wirelen
+end
+function H.bupdate(ft, n)
+  ft:update_batch(H.batch, n)
+  local out = {}
+  for k = 0, n - 1 do
+    local p = H.batch[k]
+    out[k + 1] = p.flow >= 0 and ft:flowkey(p.flow) or p.flow
+  end
+  return out
+end
+
 function H.expire(ft, now, max)
   local out = {}
   local n = ft:expire(now, function(idx, reason)
@@ -282,12 +309,16 @@ function H.check(ft)
   end
   if n ~= ft.live then return 'live ' .. ft.live .. ' but ' .. n .. ' slots used' end
   local sen = ft.capacity
-  for _, l in ipairs{{'lru', 'lprev', 'lnext', 'last_ts'}, {'age', 'aprev', 'anext', 'first_ts'}} do
+  -- the LRU list is ordered by lsec, the second of the packet that last moved the flow (the second of
+  -- last_ts for monotone packet time, which these tests use)
+  for _, l in ipairs{{'lru', 'lprev', 'lnext', 'lsec'}, {'age', 'aprev', 'anext', 'first_ts'}} do
     local c, prev, i = 0, sen, flows[sen][l[3]]
     while i ~= sen do
       local e = flows[i]
       if i < 0 or i >= sen then return l[1] .. ' bad link ' .. i end
       if e.slot < 0 then return l[1] .. ' list holds a free record' end
+      -- lsec is the second of last_ts; sec + nsec * 1e-9 may round up to sec + 1 in a double
+      if not (e.lsec <= e.last_ts and e.last_ts <= e.lsec + 1) then return 'lsec ' .. e.lsec .. ' last_ts ' .. e.last_ts end
       if e[l[2]] ~= prev then return l[1] .. ' prev link' end
       if prev ~= sen and flows[prev][l[4]] > e[l[4]] then return l[1] .. ' list out of time order' end
       c = c + 1
@@ -527,6 +558,11 @@ def model_key(v, proto, s, d, sp, dp):
 
 
 class Model:
+    """The flow table's documented behaviour.  LRU list: a flow is placed at the tail when it is created and
+    when a packet of a later second than its last one arrives (`mseq` orders the list, `lsec` is that second);
+    idle expiry walks it from the head, expires every idle flow, steps over a flow that is not idle while
+    now - lsec > idle (its last packet is in the boundary second) and stops at the first flow with
+    now - lsec <= idle.  Active expiry walks the creation order."""
     def __init__(self, cap, idle, active):
         self.cap, self.idle, self.active = cap, idle, active
         self.flows = {}
@@ -542,9 +578,11 @@ class Model:
                 return None, direction, False
             self.created += 1
             f = self.flows[key] = dict(id=self.created, first=ts, last=ts, c=[0, 0, 0, 0], pl=[0, 0],
-                                       state=STATE['INIT'], fl=[0, 0], cseq=self.seq)
+                                       state=STATE['INIT'], fl=[0, 0], cseq=self.seq, mseq=self.seq,
+                                       lsec=math.floor(ts))
         self.seq += 1
-        f['lseq'] = self.seq
+        if math.floor(ts) > f['lsec']:
+            f['lsec'], f['mseq'] = math.floor(ts), self.seq
         f['last'] = max(f['last'], ts)
         f['c'][2 * direction] += 1
         f['c'][2 * direction + 1] += wirelen
@@ -565,8 +603,12 @@ class Model:
 
     def expire(self, now, mx):
         out = []
-        for k in sorted(self.flows, key=lambda k: self.flows[k]['lseq']):
-            if len(out) >= mx or not now - self.flows[k]['last'] > self.idle:
+        for k in sorted(self.flows, key=lambda k: self.flows[k]['mseq']):
+            if len(out) >= mx:
+                break
+            if not now - self.flows[k]['last'] > self.idle:
+                if now - self.flows[k]['lsec'] > self.idle:
+                    continue
                 break
             f = self.flows.pop(k)
             f['state'] |= STATE['TIMEDOUT']
@@ -597,6 +639,19 @@ OPS = st.lists(st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cap_log=st.integers(0, 4), idle=st.integers(1, 20), active=st.integers(5, 60), ops=OPS)
 def test_model(H, lua, cap_log, idle, active, ops):
+    check_model(H, lua, cap_log, idle, active, ops, 1.0)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cap_log=st.integers(0, 4), idle=st.integers(4, 40), active=st.integers(20, 120), ops=OPS)
+def test_model_quarter_seconds(H, lua, cap_log, idle, active, ops):
+    """The same with packet times, expiry times and timeouts in quarter seconds: flows whose last packet is in the
+    second of now - idle but after it are stepped over by the idle walk (exact binary fractions)."""
+    check_model(H, lua, cap_log, idle / 4, active / 4, ops, 0.25)
+
+
+def check_model(H, lua, cap_log, idle, active, ops, step):
+    """ops against the table and the Model; times advance by step * dt."""
     cap = 1 << cap_log
     ft = H.new(lua_opts(lua, capacity=cap, idle_timeout=idle, active_timeout=active))
     m = Model(cap, idle, active)
@@ -606,7 +661,7 @@ def test_model(H, lua, cap_log, idle, active, ops):
     for op in ops:
         if op[0] == 'pkt':
             _, e, flags, dt, wl = op
-            now += dt
+            now += dt * step
             ep = ENDPOINTS[e]
             v, proto, s, d, sp, dp = ep
             plen = wl // 2
@@ -625,7 +680,7 @@ def test_model(H, lua, cap_log, idle, active, ops):
                 assert idx_of[mkey] == idx
         elif op[0] == 'expire':
             _, dt, mx = op
-            now += dt
+            now += dt * step
             n, out = H.expire(ft, now, mx)
             want = m.expire(now, mx if mx is not None else 1 << 30)
             got = [(r[1], r[2], r[3], r[4]) for r in out.values()]
@@ -650,11 +705,105 @@ def test_model(H, lua, cap_log, idle, active, ops):
     assert (live, created, full_drops, nterm) == (len(m.flows), m.created, m.full_drops, terminated)
     dump = [tuple(r.values()) for r in H.dump(ft).values()]
     want = []
-    for k in sorted(m.flows, key=lambda k: m.flows[k]['lseq']):
+    for k in sorted(m.flows, key=lambda k: m.flows[k]['mseq']):
         f = m.flows[k]
         want.append((fmt_key(k).encode(), idx_of[k], f['id'], f['first'], f['last'], *f['c'], f['state'], *f['fl'],
                      *f['pl']))
     assert dump == want
+
+
+def test_idle_walk_steps_over_boundary_second(lua, H):
+    """A flow whose last packet is in the boundary second but after now - idle stays, and the idle walk goes on past it:
+    F enters second 10 first, G after it, F's last packet is later than G's; at now = 15.5 (idle 5) G is idle, F not."""
+    ft = H.new(lua_opts(lua, capacity=8, idle_timeout=5, active_timeout=100))
+    a, b, c = bytes([1, 1, 1, 1]), bytes([2, 2, 2, 2]), bytes([3, 3, 3, 3])
+    f = H.upd(ft, 4, 17, a, b, 1000, 53, 0, 9.5, 60)
+    H.upd(ft, 4, 17, a, b, 1000, 53, 0, 10.0, 60)                 # F moves into second 10
+    g = H.upd(ft, 4, 17, a, c, 1000, 53, 0, 10.25, 60)            # G created in second 10, after F
+    H.upd(ft, 4, 17, a, b, 1000, 53, 0, 10.75, 60)                # F again, same second: no move
+    n, out = H.expire(ft, 15.5, None)
+    assert n == 1 and [r[1] for r in out.values()] == [g[4]]
+    assert H.check(ft) is None
+    n, out = H.expire(ft, 15.75, None)
+    assert n == 0
+    n, out = H.expire(ft, 15.8, None)
+    assert n == 1 and [r[1] for r in out.values()] == [f[4]]
+
+
+BATCH_PKTS = st.lists(st.tuples(st.integers(0, len(ENDPOINTS) - 1), st.sampled_from([0, 0x02, 0x12, 0x10, 0x11]),
+                                 st.sampled_from([0, 0, 0, 1, 2, 7]), st.integers(0, 999_999_999), st.integers(40, 1500)),
+                       min_size=1, max_size=300)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cap_log=st.integers(1, 5), idle=st.sampled_from([1, 2, 3, 2.5, 5]), active=st.sampled_from([4, 6, 7.5, 30]),
+       nbatch=st.sampled_from([1, 3, 64]), pkts=BATCH_PKTS)
+def test_batches_expire_per_second(H, lua, cap_log, idle, active, nbatch, pkts):
+    """The driver's use: packets in batches that never span a second (update_batch), then, at each new packet-time
+    second S, expire(S).  Against a model without any list: at S every flow with S - last_ts > idle is expired idle,
+    then every flow with S - first_ts > active active; the same set per second (with the same ids), every packet in
+    the flow of its key or dropped when the table is full, and the same counters at the end."""
+    cap = 1 << cap_log
+    ft = H.new(lua_opts(lua, capacity=cap, idle_timeout=idle, active_timeout=active))
+    flows, created, drops = {}, 0, 0
+    sec, nsecs = 1_700_000_000, []
+    for _e, _f, dsec, nsec, _w in pkts:
+        sec += dsec
+        nsecs.append((sec, nsec))
+    times = sorted(nsecs)                   # monotone packet time, several packets per second
+    pending = []
+
+    def run_batch():
+        nonlocal created, drops
+        for k, (ep, flags, (s, ns), wl) in enumerate(pending):
+            v, proto, a, b, sp, dp = ep
+            H.bset(k, v, proto, a, b, sp, dp, flags, s, ns, wl, wl // 2)
+        got = list(H.bupdate(ft, len(pending)).values())
+        for (ep, flags, (s, ns), wl), g in zip(pending, got):
+            key, direction = model_key(*ep)
+            ts = s + ns * 1e-9
+            f = flows.get(key)
+            if f is None:
+                if len(flows) >= cap:
+                    drops += 1
+                    assert g == -2
+                    continue
+                created += 1
+                f = flows[key] = dict(id=created, first=ts, last=ts, c=[0, 0, 0, 0])
+            assert g == fmt_key(key).encode()
+            f['last'] = max(f['last'], ts)
+            f['c'][2 * direction] += 1
+            f['c'][2 * direction + 1] += wl
+        pending.clear()
+
+    def tick(now):
+        n, out = H.expire(ft, now, None)
+        got = sorted((r[1], r[2], r[3]) for r in out.values())
+        want = []
+        for key in [k for k, f in flows.items() if now - f['last'] > idle]:
+            want.append((fmt_key(key).encode(), 1, flows.pop(key)['id']))
+        for key in [k for k, f in flows.items() if now - f['first'] > active]:
+            want.append((fmt_key(key).encode(), 2, flows.pop(key)['id']))
+        assert got == sorted(want) and n == len(want), now
+
+    last_tick = None
+    for (e, flags, _d, _n, wl), t in zip(pkts, times):
+        if pending and (t[0] != pending[0][2][0] or len(pending) == nbatch):
+            run_batch()
+        if last_tick is None or t[0] > last_tick:
+            if pending:
+                run_batch()
+            if last_tick is not None:
+                tick(t[0])
+            last_tick = t[0]
+        pending.append((ENDPOINTS[e], flags, t, wl))
+    run_batch()
+    tick(last_tick + 1)
+    assert H.check(ft) is None
+    live, n_created, _expired, full_drops, _nterm = H.counters(ft)
+    assert (live, n_created, full_drops) == (len(flows), created, drops)
+    dump = {r[0]: (r[2], r[5], r[6], r[7], r[8]) for r in (tuple(x.values()) for x in H.dump(ft).values())}
+    assert dump == {fmt_key(k).encode(): (f['id'], *f['c']) for k, f in flows.items()}
 
 
 def test_terminate_and_reuse(lua, H):

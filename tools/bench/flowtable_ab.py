@@ -1,14 +1,17 @@
 """A/B CPU time of the fast path's decode and flow-table update (update_batch) at two commits, in one process.
 
     python tools/bench/flowtable_ab.py [--before 305f0e9] [--after WORKTREE] [--packets 1000000] [--runs 7]
+    python tools/bench/flowtable_ab.py --before main --corpus flows-100k,dns,mixed-zipf [--capacity 1048576]
 
 Each side's engine/fastpath/decode.lua and flowtable.lua (read with `git show COMMIT:PATH`, or from the work
 tree for the after side) is loaded into its own LuaJIT state (lupa), so both run in the same process on the
 same packets; the sides alternate run by run.  Two seeded captures, built in memory: TCP (the records of
 tests/data/tcp-echo-many-flows.pcap repeated: 500 connections with handshakes) and UDP (2 000 seeded
-flows, 64-byte payloads: traffic without TCP).  Per run: decode every packet into a batch array (timed:
-decode), then a fresh flow table is fed the batches with update_batch (timed: flow table).  Times are
+flows, 64-byte payloads: traffic without TCP).  Per run a fresh flow table; per batch of 1 024 packets:
+decode them into the batch array (timed: decode), then update_batch (timed: flow table).  Times are
 os.clock() (CPU time of this process), ns per packet, min / median / max over the runs.
+`--corpus` replaces the two captures by the benchmark corpus's --quick captures (tools/bench/corpus.py, made on
+first use), fed in order with the flow table at the driver's default capacity (2^20 flows).
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ typedef struct {
 } bench_pkt;
 ]]
 -- frames: one Lua string of concatenated frames; lens, secs, usecs: Lua arrays; returns (decode s, update s)
-return function(frames, lens, secs, usecs)
+return function(frames, lens, secs, usecs, cap, linktype)
+  linktype = linktype or 1
   local n = #lens
   local b = ffi.new("bench_pkt[?]", n)
   local base = ffi.cast("const uint8_t *", frames)
@@ -48,22 +52,25 @@ return function(frames, lens, secs, usecs)
   for i = 0, n - 1 do
     local p = b[i]
     p.data = base + off
-    p.caplen, p.wirelen, p.linktype = lens[i + 1], lens[i + 1], 1
+    p.caplen, p.wirelen, p.linktype = lens[i + 1], lens[i + 1], linktype
     p.ts_sec, p.ts_nsec = secs[i + 1], usecs[i + 1] * 1000
     off = off + lens[i + 1]
   end
-  local t0 = os.clock()
-  for i = 0, n - 1 do
-    local p = b[i]
-    decode.decode(p.d, p.data, p.caplen, 1)
-  end
-  local t1 = os.clock()
-  local ft = flowtable.new{capacity = 65536}
+  -- per batch of 1024: decode it (timed: decode), then the flow table (timed: flow table), as the driver does
+  local ft = flowtable.new{capacity = cap or 65536}
+  local tdec, tupd = 0, 0
   for k = 0, n - 1, 1024 do
-    ft:update_batch(b + k, math.min(1024, n - k))
+    local m = math.min(1024, n - k)
+    local t0 = os.clock()
+    for i = k, k + m - 1 do
+      local p = b[i]
+      decode.decode(p.d, p.data, p.caplen, linktype)
+    end
+    local t1 = os.clock()
+    ft:update_batch(b + k, m)
+    tdec, tupd = tdec + t1 - t0, tupd + os.clock() - t1
   end
-  local t2 = os.clock()
-  return t1 - t0, t2 - t1, ft.created
+  return tdec, tupd, ft.created
 end
 '''
 
@@ -84,6 +91,19 @@ def side(commit, tree):
                                           "return assert(loadstring(src, '=' .. name))() end end")(
             source(commit, path, tree).encode(), name.encode())
     return lua, lua.execute(BENCH)
+
+
+def read_pcap(path: str, n: int | None = None):
+    """(sec, usec, frame) of the records of a little-endian microsecond pcap, and its link type."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    linktype = struct.unpack_from("<I", buf, 20)[0]
+    recs, pos = [], 24
+    while pos + 16 <= len(buf) and (n is None or len(recs) < n):
+        sec, usec, caplen, _ = struct.unpack_from("<IIII", buf, pos)
+        recs.append((sec, usec, buf[pos + 16:pos + 16 + caplen]))
+        pos += 16 + caplen
+    return recs, linktype
 
 
 def tcp_capture(n: int):
@@ -128,15 +148,26 @@ def main(argv=None) -> int:
     ap.add_argument("--after", default=REPO, help="work tree of the after side (default: this one)")
     ap.add_argument("--packets", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--corpus", help="comma-separated corpus shapes (--quick captures) instead of tcp/udp")
+    ap.add_argument("--capacity", type=int, help="flow table capacity (default 65536; 2^20 with --corpus)")
     a = ap.parse_args(argv)
     sides = {"before": side(a.before, REPO), "after": side(None, a.after)}
-    for name, pkts in (("tcp", tcp_capture(a.packets)), ("udp", udp_capture(a.packets))):
+    if a.corpus:
+        sys.path.insert(0, REPO)
+        from tools.bench import corpus
+        caps = ((c, *read_pcap(corpus.make(c, True))) for c in a.corpus.split(","))
+        cap = a.capacity or 1 << 20
+    else:
+        caps = (("tcp", tcp_capture(a.packets), 1), ("udp", udp_capture(a.packets), 1))
+        cap = a.capacity or 65536
+    for name, pkts, linktype in caps:
         frames = b"".join(p[2] for p in pkts)
         res = {s: ([], []) for s in sides}
         for _ in range(a.runs):
             for s, (lua, fn) in sides.items():
                 dec, upd, created = fn(frames, lua.table_from([len(p[2]) for p in pkts]),
-                                       lua.table_from([p[0] for p in pkts]), lua.table_from([p[1] for p in pkts]))
+                                       lua.table_from([p[0] for p in pkts]), lua.table_from([p[1] for p in pkts]),
+                                       cap, linktype)
                 res[s][0].append(dec * 1e9 / len(pkts))
                 res[s][1].append(upd * 1e9 / len(pkts))
         for s, (dec, upd) in res.items():
