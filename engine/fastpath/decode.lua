@@ -548,44 +548,46 @@ local function src_is_a(d)
   return a >= b                                        -- src higher (or equal) -> src is A, dst is Z
 end
 
-local function put_hex8(pos, v)
-  kbuf[pos] = HEX[rshift(v, 4)]
-  kbuf[pos + 1] = HEX[band(v, 15)]
+local function put_hex8(buf, pos, v)
+  buf[pos] = HEX[rshift(v, 4)]
+  buf[pos + 1] = HEX[band(v, 15)]
   return pos + 2
 end
 
 -- 4 address bytes at a[i] as hex, separated by `sep` (a byte) unless it is 0
-local function put_quad(pos, a, i, sep)
-  pos = put_hex8(pos, a[i])
-  if sep ~= 0 then kbuf[pos] = sep; pos = pos + 1 end
-  pos = put_hex8(pos, a[i + 1])
-  if sep ~= 0 then kbuf[pos] = sep; pos = pos + 1 end
-  pos = put_hex8(pos, a[i + 2])
-  if sep ~= 0 then kbuf[pos] = sep; pos = pos + 1 end
-  return put_hex8(pos, a[i + 3])
+local function put_quad(buf, pos, a, i, sep)
+  pos = put_hex8(buf, pos, a[i])
+  if sep ~= 0 then buf[pos] = sep; pos = pos + 1 end
+  pos = put_hex8(buf, pos, a[i + 1])
+  if sep ~= 0 then buf[pos] = sep; pos = pos + 1 end
+  pos = put_hex8(buf, pos, a[i + 2])
+  if sep ~= 0 then buf[pos] = sep; pos = pos + 1 end
+  return put_hex8(buf, pos, a[i + 3])
 end
 
-local function put_ip(pos, a, v6)
-  if not v6 then return put_quad(pos, a, 0, 46) end    -- '.'
-  pos = put_quad(pos, a, 0, 0)
-  pos = put_quad(pos, a, 4, 0)
-  pos = put_quad(pos, a, 8, 0)
-  return put_quad(pos, a, 12, 0)
+local function put_ip(buf, pos, a, v6)
+  if not v6 then return put_quad(buf, pos, a, 0, 46) end    -- '.'
+  pos = put_quad(buf, pos, a, 0, 0)
+  pos = put_quad(buf, pos, a, 4, 0)
+  pos = put_quad(buf, pos, a, 8, 0)
+  return put_quad(buf, pos, a, 12, 0)
 end
 
-local function put_port(pos, port)
-  kbuf[pos] = 112; kbuf[pos + 1] = 45                   -- 'p-'
-  pos = put_hex8(pos + 2, rshift(port, 8))
-  return put_hex8(pos, band(port, 255))
+local function put_port(buf, pos, port)
+  buf[pos] = 112; buf[pos + 1] = 45                     -- 'p-'
+  pos = put_hex8(buf, pos + 2, rshift(port, 8))
+  return put_hex8(buf, pos, band(port, 255))
 end
 
---- Trisul flow-id string for the decoded packet.
-function M.flowkey(d)
-  local v = d.ip_version
-  if v == 0 then return M.ZERO_FLOWKEY end
-  local v6 = v == 6
-  local pos = put_hex8(0, band(d.ipproto, 255))
-  kbuf[pos] = v6 and 66 or 65; kbuf[pos + 1] = 58      -- 'A'/'B', ':'
+--- Write the Trisul flow-id of an IP packet (d.ip_version 4 or 6) into `buf` (uint8_t[>= 83], no NUL
+--- added); returns its length: 41 bytes for IPv4, 83 for IPv6.  Layout: proto (2 hex digits), 'A' (IPv4)
+--- or 'B' (IPv6), ':', the A address (IPv4 "C0.A8.01.02", 11 bytes; IPv6 32 hex digits), ":p-" and the
+--- A port (4 hex digits), '_', the Z address, ":p-", the Z port.  So the A address is bytes [4, 4+L) and
+--- the Z address bytes [12+L, 12+2L), L = 11 or 32 (engine/fastpath/driver.lua exports them from there).
+function M.put_flowkey(buf, d)
+  local v6 = d.ip_version == 6
+  local pos = put_hex8(buf, 0, band(d.ipproto, 255))
+  buf[pos] = v6 and 66 or 65; buf[pos + 1] = 58        -- 'A'/'B', ':'
   pos = pos + 2
   local ia, pa, iz, pz
   if src_is_a(d) then
@@ -593,14 +595,20 @@ function M.flowkey(d)
   else
     ia, pa, iz, pz = d.dst, d.dport, d.src, d.sport
   end
-  pos = put_ip(pos, ia, v6)
-  kbuf[pos] = 58; pos = pos + 1                         -- ':'
-  pos = put_port(pos, pa)
-  kbuf[pos] = 95; pos = pos + 1                         -- '_'
-  pos = put_ip(pos, iz, v6)
-  kbuf[pos] = 58; pos = pos + 1
-  pos = put_port(pos, pz)
-  return ffi.string(kbuf, pos)
+  pos = put_ip(buf, pos, ia, v6)
+  buf[pos] = 58; pos = pos + 1                          -- ':'
+  pos = put_port(buf, pos, pa)
+  buf[pos] = 95; pos = pos + 1                          -- '_'
+  pos = put_ip(buf, pos, iz, v6)
+  buf[pos] = 58; pos = pos + 1
+  return put_port(buf, pos, pz)
+end
+local put_flowkey = M.put_flowkey
+
+--- Trisul flow-id string for the decoded packet.
+function M.flowkey(d)
+  if d.ip_version == 0 then return M.ZERO_FLOWKEY end
+  return ffi.string(kbuf, put_flowkey(kbuf, d))
 end
 
 --- proto, ipa, porta, ipz, portz in key format ("06", "C0.A8.01.02",
@@ -610,17 +618,17 @@ function M.flow_parts(d)
     return "00", "00.00.00.00", "p-0000", "00.00.00.00", "p-0000"
   end
   local v6 = d.ip_version == 6
-  local proto = ffi.string(kbuf, put_hex8(0, band(d.ipproto, 255)))
+  local proto = ffi.string(kbuf, put_hex8(kbuf, 0, band(d.ipproto, 255)))
   local ia, pa, iz, pz
   if src_is_a(d) then
     ia, pa, iz, pz = d.src, d.sport, d.dst, d.dport
   else
     ia, pa, iz, pz = d.dst, d.dport, d.src, d.sport
   end
-  local ipa = ffi.string(kbuf, put_ip(0, ia, v6))
-  local porta = ffi.string(kbuf, put_port(0, pa))
-  local ipz = ffi.string(kbuf, put_ip(0, iz, v6))
-  local portz = ffi.string(kbuf, put_port(0, pz))
+  local ipa = ffi.string(kbuf, put_ip(kbuf, 0, ia, v6))
+  local porta = ffi.string(kbuf, put_port(kbuf, 0, pa))
+  local ipz = ffi.string(kbuf, put_ip(kbuf, 0, iz, v6))
+  local portz = ffi.string(kbuf, put_port(kbuf, 0, pz))
   return proto, ipa, porta, ipz, portz
 end
 

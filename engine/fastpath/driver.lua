@@ -43,6 +43,10 @@ function M.new(opts)
   }, Driver)
   self.batch = packet.new_batch(self.nbatch + 1)   -- + 1: a datagram completed by the last packet
   self.batch_addr = tonumber(ffi.cast("intptr_t", self.batch))
+  self.exp_cap = math.max(M.EXPORT_ROWS, self.nbatch + 1)  -- exported flow records (put_row below)
+  self.exp = ffi.new("lp_flowrow[?]", self.exp_cap)
+  self.exp_addr = tonumber(ffi.cast("intptr_t", self.exp))
+  self.exp_tags = {}
   if opts.bell then self.ring.data_bell = cast("uint32_t *", opts.bell) end
   self.stop_profile = require("luaprobe.engine.plugins.jitprof").start("driver")
   return self
@@ -165,13 +169,47 @@ end
 
 local bit = require("bit")
 
---- Final state text (docs/schema.md): RESET or CLOSED from TCP flags, else
---- TIMEOUT when it expired, else OPEN (still open at the end of input).
-local function state_text(st, reason)
-  if bit.band(st, 0x80) ~= 0 then return "RESET" end
-  if bit.band(st, 0x40) ~= 0 then return "CLOSED" end
-  if reason == flowtable.IDLE or reason == flowtable.ACTIVE then return "TIMEOUT" end
-  return "OPEN"
+--- Exported flow records (engine/fastpath/flowrows.py reads them with numpy).  One lp_flowrow per flow,
+--- 256 bytes, in an array the driver owns (Driver.exp, capacity Driver.exp_cap):
+---   first_ts, last_ts                      packet time of the first / last packet (s, exact doubles)
+---   packets_az, packets_za, bytes_az, bytes_za, payload_az, payload_za   counters (doubles holding integers)
+---   setup_rtt_us                           TCP handshake RTT in whole µs, -1 when not measured
+---   retrans_az, retrans_za                 TCP retransmissions (flowtable.lua tcp_track)
+---   flags      lp_flow state flags, | TIMEDOUT (0x100) for an idle expiry, | TERMINATED (0x800) for a final record
+---   tags       0, or the 1-based index of this flow's tags (joined by spaces) in Driver.exp_tags
+---   porta, portz, proto                    the key's ports and IP protocol
+---   state      0 OPEN, 1 TIMEOUT, 2 CLOSED, 3 RESET (docs/schema.md; flowrows.STATE_TEXT)
+---   key        Trisul flow id, NUL-padded (41 bytes IPv4, 83 IPv6: decode.put_flowkey)
+---   ipa, ipz   the A / Z address as in the key ("C0.A8.01.02" or 32 hex digits), NUL-padded
+--- A contiguous struct array, not text: Python reads a whole chunk as numpy columns with no per-field
+--- parsing (issue 10: the text it replaces cost ~14 s of a 1M-flow export).
+if not pcall(ffi.typeof, "lp_flowrow") then ffi.cdef [[
+typedef struct {
+  double first_ts, last_ts;
+  double packets_az, packets_za, bytes_az, bytes_za;
+  double payload_az, payload_za;
+  double setup_rtt_us;
+  double retrans_az, retrans_za;
+  uint32_t flags;
+  int32_t tags;
+  uint16_t porta, portz;
+  uint8_t proto, state;
+  uint8_t pad_[2];
+  char key[84];
+  char ipa[32], ipz[32];
+} lp_flowrow;
+]] end
+M.ROW_SIZE = ffi.sizeof("lp_flowrow")
+M.EXPORT_ROWS = 4096          --- records per export call (at least the batch size: new_flows)
+local OPEN, TIMEOUT, CLOSED, RESET = 0, 1, 2, 3
+
+--- Final state (docs/schema.md): RESET or CLOSED from TCP flags, else TIMEOUT when it expired, else OPEN
+--- (still open at the end of input).
+local function state_code(st, reason)
+  if bit.band(st, 0x80) ~= 0 then return RESET end
+  if bit.band(st, 0x40) ~= 0 then return CLOSED end
+  if reason == flowtable.IDLE or reason == flowtable.ACTIVE then return TIMEOUT end
+  return OPEN
 end
 
 --- Tags from tag_flow, joined by spaces; at most 64 bytes per flow (docs.trisul.org/docs/lua/obj_engine tag_flow: excess tags dropped).
@@ -185,59 +223,68 @@ local function join_tags(list)
 end
 M.join_tags = join_tags
 
---- One flows row (docs/schema.md) as a line of tab-separated text:
---- flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az,
---- packets_za, bytes_az, bytes_za, state, tags, then (not stored; for the
---- sg_monitor / flowtracker Flow object) state flags, payload_az, payload_za,
---- then (stored) setup_rtt_us (TCP handshake RTT in whole µs, "" when not
---- measured), retrans_az, retrans_za (flowtable.lua tcp_track).
---- Text, not a Lua table per row: Python reads a whole chunk of rows with one
---- string split instead of walking a table per row through lupa
---- (engine/fastpath/run.py flow_rows parses it back).  Times with %.17g:
---- exact doubles.  `peek`: a new flow reported to sg_monitor.onnewflow (state
---- OPEN, its tags stay for its final row).
-local function flow_line(self, ft, idx, reason, peek)
-  local e = ft:entry(idx)
-  local _, ipa, _, ipz = ft:flow_parts(idx)
-  local key = ft:flowkey(idx)
-  local tags = ""
-  local tl = self.tags[key]
-  if tl then
-    tags = join_tags(tl)
-    if not peek then self.tags[key] = nil; self.ntags = self.ntags - 1 end
-  end
+--- Fill export record k with flow idx.  `peek`: a new flow reported to sg_monitor.onnewflow (state OPEN,
+--- not a final record, its tags stay for its final record).
+local function put_row(self, k, idx, reason, peek)
+  local ft = self.ft
+  local e, r = ft.flows[idx], self.exp[k]
+  ffi.fill(r, M.ROW_SIZE)
+  r.first_ts, r.last_ts = e.first_ts, e.last_ts
+  r.packets_az, r.packets_za, r.bytes_az, r.bytes_za = e.packets_az, e.packets_za, e.bytes_az, e.bytes_za
+  r.payload_az, r.payload_za = e.payload_az, e.payload_za
+  local rtt = e.rtt[1]
+  r.setup_rtt_us = rtt < 0 and -1 or math.floor(rtt + 0.5)
+  r.retrans_az, r.retrans_za = e.retrans_az, e.retrans_za
   local st = e.state
+  r.state = peek and OPEN or state_code(st, reason)
   if reason == flowtable.IDLE then st = bit.bor(st, 0x100) end
   if not peek then st = bit.bor(st, 0x800) end
-  local rtt = e.rtt[1]
-  return ("%s\t%d\t%s\t%d\t%s\t%d\t%.17g\t%.17g\t%d\t%d\t%d\t%d\t%s\t%s\t%d\t%d\t%d\t%s\t%d\t%d"):format(
-    key, e.proto, ipa, e.porta, ipz, e.portz, e.first_ts, e.last_ts,
-    e.packets_az, e.packets_za, e.bytes_az, e.bytes_za, peek and "OPEN" or state_text(e.state, reason), tags,
-    st, e.payload_az, e.payload_za, rtt < 0 and "" or ("%d"):format(math.floor(rtt + 0.5)),
-    e.retrans_az, e.retrans_za)
+  r.flags = st
+  r.porta, r.portz, r.proto = e.porta, e.portz, e.proto
+  local n = ft:put_key(idx, r.key)
+  local l = n == 41 and 11 or 32
+  ffi.copy(r.ipa, r.key + 4, l)
+  ffi.copy(r.ipz, r.key + 12 + l, l)
+  if self.ntags > 0 then
+    local key = fstring(r.key, n)
+    local tl = self.tags[key]
+    if tl then
+      local list = self.exp_tags
+      list[#list + 1] = join_tags(tl)
+      r.tags = #list
+      if not peek then self.tags[key] = nil; self.ntags = self.ntags - 1 end
+    end
+  end
 end
 
---- flow_line text (newline separated) of the flows created by the last batch (n packets): flow uids
---- only grow, so a flow is new when its uid is above the last one reported.  Called between batches
---- only when an sg_monitor defines onnewflow; the packet loop does not change.
+--- Start an export: no record, no tags.
+local function exp_reset(self)
+  self.exp_tags = {}
+end
+
+--- Export records of the flows created by the last batch (n packets): flow uids only grow, so a flow is
+--- new when its uid is above the last one reported.  Called between batches only when an sg_monitor
+--- defines onnewflow; the packet loop does not change.  Returns the number of records.
 function Driver:new_flows(n)
-  local b, ft, out, last = self.batch, self.ft, {}, self.last_new_uid or 0
+  exp_reset(self)
+  local b, ft, last, k = self.batch, self.ft, self.last_new_uid or 0, 0
   local top, seen = last, {}
-  for k = 0, n - 1 do
-    local e = b[k]
+  for j = 0, n - 1 do
+    local e = b[j]
     local uid = e.flow_uid
     if e.flow >= 0 and uid > last and not seen[uid] and ft:entry(e.flow).id == uid then
       seen[uid] = true
       if uid > top then top = uid end
-      out[#out + 1] = flow_line(self, ft, e.flow, nil, true)
+      put_row(self, k, e.flow, nil, true)
+      k = k + 1
     end
   end
   self.last_new_uid = top
-  return table.concat(out, "\n")
+  return k
 end
 
---- tag_flow from a plug-in VM (between batches): kept until the flow's row is written.  Tabs and
---- newlines in a tag become spaces (the row is tab-separated text).
+--- tag_flow from a plug-in VM (between batches): kept until the flow's record is exported.  Tabs and
+--- newlines in a tag become spaces (the stored tags are one space-separated line).
 function Driver:tag(flowkey, tag)
   local tl = self.tags[flowkey]
   if tl == nil then
@@ -248,29 +295,30 @@ function Driver:tag(flowkey, tag)
   return true
 end
 
---- Rows of flows that timed out by packet time `now` (at most `max`), as
---- newline-separated flow_line text ("" when none).
-function Driver:expire(now, max)
-  local ft, out = self.ft, {}
-  ft:expire(now, function(idx, reason) out[#out + 1] = flow_line(self, ft, idx, reason) end, max)
-  return table.concat(out, "\n")
+--- Export records of flows that timed out by packet time `now`, at most exp_cap of them (those flows are
+--- freed); the caller repeats while the result equals exp_cap.  Returns the number of records.
+function Driver:expire(now)
+  exp_reset(self)
+  local k = 0
+  self.ft:expire(now, function(idx, reason) put_row(self, k, idx, reason); k = k + 1 end, self.exp_cap)
+  return k
 end
 
---- End of input, streamed: rows of up to `max` live flows (least recently
---- used first) as flow_line text, and those flows are freed; "" once the
---- table is empty.  The caller repeats until then, so the export of a
+--- End of input, streamed: export records of up to exp_cap live flows (least recently used first), and
+--- those flows are freed; 0 once the table is empty.  The caller repeats until then, so the export of a
 --- million flows never builds one huge table.
-function Driver:flush_flows(max)
+function Driver:flush_flows()
   self.ipr:flush()
-  local ft, out = self.ft, {}
+  exp_reset(self)
+  local ft = self.ft
   local flows, sen = ft.flows, ft.capacity
-  for i = 1, max or 4096 do
+  for k = 0, self.exp_cap - 1 do
     local idx = flows[sen].lnext
-    if idx == sen then break end
-    out[i] = flow_line(self, ft, idx, nil)
+    if idx == sen then return k end
+    put_row(self, k, idx, nil)
     ft:terminate(idx)
   end
-  return table.concat(out, "\n")
+  return self.exp_cap
 end
 
 --- Counters for the run summary.

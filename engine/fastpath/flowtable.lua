@@ -17,6 +17,7 @@ compiles whatever the traffic; see "packet path" below for why (issue 10).
     ft:update_batch(b, n)  -- the same for n lp_pkt (packet.lua): sets flow, dir, flow_uid
     ft:flowkey(idx)        -- Trisul flow id, == decode.flowkey(d) of its packets
     ft:flow_parts(idx)     -- proto, ipa, porta, ipz, portz (key format)
+    ft:put_key(idx, buf)   -- flowkey(idx) written into a byte buffer, returns its length
     ft:entry(idx)          -- the lp_flow record (fields below)
     ft:expire(now, fn[, max])   -- fn(idx, reason) per timed-out flow, then frees it
     ft:terminate(idx)      -- explicit end (caller saw FIN/RST...): frees, no callback
@@ -883,6 +884,12 @@ end
 
 function FT:flow_parts(idx)
   return decode.flow_parts(to_scratch(self, idx))
+end
+
+--- Write flowkey(idx) into buf (uint8_t[>= 83]) without making a Lua string; returns its length
+--- (decode.put_flowkey: 41 bytes for IPv4, 83 for IPv6).
+function FT:put_key(idx, buf)
+  return decode.put_flowkey(buf, to_scratch(self, idx))
 end
 
 --- Counters as a plain table (tools / tests).

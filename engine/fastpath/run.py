@@ -31,6 +31,7 @@ from luaprobe.engine.plugins.errors import text as lua_text
 from luaprobe.engine.plugins.vm import PluginError, PluginVM, _text
 from luaprobe.engine.plugins.discovery import decl_rows, discover, group_names, group_rows, keyinfo_rows, probe
 from luaprobe.engine.plugins.flowmon import FlowBackends, full_row, stored
+from luaprobe.engine.fastpath import flowrows
 from luaprobe.engine.streams.reasm import ReassemblyStage
 from luaprobe.engine.analysers import Analysers, group_rows as analyser_group_rows, parse_names as parse_analysers
 from luaprobe.engine.plugins.monitors import TYPES as MONITOR_TYPES, Monitors, Script, group_names as monitor_group_names
@@ -41,26 +42,6 @@ from luaprobe.engine.daemon.usage import UsageError
 PKT, EOF, ERROR, END, STATS, TIME = 0, 1, 2, 3, 4, 5
 BACKEND_KINDS = ("engine_monitor", "sg_monitor", "flowtracker")   #: backend types run per backend instance
 MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
-
-
-FLOW_CHUNK = 4096          #: flows per chunk of the end-of-run flow export
-
-
-def flow_rows(text) -> list[list]:
-    """Flow records from the driver's flow_line text (engine/fastpath/driver.lua): one line per flow, 20
-    tab-separated fields: the first 14 columns of the flows table (tags last), then the state flags and the
-    payload bytes a->z and z->a that only the sg_monitor / flowtracker Flow object reads, then the stored
-    setup_rtt_us (None when not measured), retrans_az, retrans_za (flowmon.stored picks the stored ones)."""
-    if not text:
-        return []
-    rows = []
-    for line in _text(text).split("\n"):
-        k, proto, ipa, pa, ipz, pz, t0, t1, paz, pza, baz, bza, state, tags, st, pyaz, pyza, rtt, raz, rza = \
-            line.split("\t")
-        rows.append([k, int(proto), ipa, int(pa), ipz, int(pz), float(t0), float(t1), int(paz), int(pza),
-                     int(baz), int(bza), state, tags, int(st), int(pyaz), int(pyza), int(rtt) if rtt else None,
-                     int(raz), int(rza)])
-    return rows
 
 
 def preflight(cfg) -> None:
@@ -430,7 +411,8 @@ class FastPath:
                 self._second(s)
         self.sec = sec
         self._collect(sec)
-        self._flows(flow_rows(self.driver_expire(self.driver, sec)))
+        while self._exported(self.driver_expire(self.driver, sec)) == self.driver.exp_cap:
+            pass
 
     def _second(self, s: int) -> None:
         """Backend hooks for packet-time second `s`: window edge first, then the metronome."""
@@ -477,9 +459,20 @@ class FastPath:
             for inst in targets:
                 inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg.encode())
 
+    def _exported(self, n: int) -> int:
+        """The driver's last n exported flow records (engine/fastpath/flowrows.py) go where _flows sends
+        records: held for sg_monitor / flowtracker when any is loaded, else written now.  Returns n."""
+        if n:
+            cols = flowrows.columns(flowrows.view(self.exp_addr, n), self.driver.exp_tags)
+            if self.flowmon is not None and self.flowmon.active:
+                self.flowmon.hold(flowrows.full_rows(cols))
+            else:
+                self._write("flows", flowrows.stored_rows(cols))
+        return n
+
     def _flows(self, rows) -> None:
-        """Flow records (full rows from flow_rows, 14-field Lua rows from scripts): held for sg_monitor /
-        flowtracker when any is loaded, else written now."""
+        """Flow records (full rows, 14-field Lua rows from scripts): held for sg_monitor / flowtracker when
+        any is loaded, else written now."""
         rows = [[_text(x) if isinstance(x, bytes) else x for x in r.values()] for r in rows.values()] \
             if hasattr(rows, "values") else rows
         if not rows:
@@ -552,6 +545,7 @@ class FastPath:
             self._driver_stats = method(lua, "stats")
             self._ring_fill = lua.eval("function(d) return d.ring:fill_records(), d.ring:fill_bytes(), d.ring.cap end")
             self.driver_expire = method(lua, "expire")
+            self.exp_addr = int(self.driver.exp_addr)
             self.driver_tag = method(lua, "tag")
             self.driver_lua = lua
             if cfg.interface or shard:         # live / shard: hooks ready before the first packet arrives
@@ -606,7 +600,7 @@ class FastPath:
                     for run_batch, host in zip(runners, hosts):
                         run_batch(host, batch_addr, n)
                     if new_flows is not None:
-                        self.flowmon.new_flows(flow_rows(new_flows(driver, n)), sec)
+                        self.flowmon.new_flows(self._new_flows(new_flows(driver, n)), sec)
                     if progress is not None:
                         progress.value = int(driver.packets)
                     self.loop_end, self.loop_cpu_end = time.monotonic(), time.thread_time()
@@ -889,15 +883,18 @@ class FastPath:
                                     {_text(k): v for k, v in errors.items()}, walk and _text(walk)))
         rt.unload_all()
 
+    def _new_flows(self, n: int) -> list[list]:
+        """Full rows of the driver's last n exported records (new flows for sg_monitor onnewflow)."""
+        if not n:
+            return []
+        return flowrows.full_rows(flowrows.columns(flowrows.view(self.exp_addr, n), self.driver.exp_tags))
+
     def _end_flows(self, lua) -> None:
-        """Every flow still in the flow table (streamed, FLOW_CHUNK flows at a time), and every script-made
-        record not terminated, ends now."""
+        """Every flow still in the flow table (streamed, the driver's exp_cap flows at a time), and every
+        script-made record not terminated, ends now."""
         flush = method(lua, "flush_flows")
-        while True:
-            rows = flow_rows(flush(self.driver, FLOW_CHUNK))
-            if not rows:
-                break
-            self._flows(rows)
+        while self._exported(flush(self.driver)):
+            pass
         for inst in self.instances:
             self._flows(inst.vm.lua.eval("function(h) return h.engine:take_open_flows() end")(inst.vm.host))
 

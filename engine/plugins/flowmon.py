@@ -21,7 +21,8 @@ from __future__ import annotations
 import heapq
 import zlib
 
-FLOW_ROW_FIELDS = 20     #: a full record (engine/fastpath/run.py flow_rows)
+from luaprobe.engine.fastpath.flowrows import FIELDS as FLOW_ROW_FIELDS   #: a full record (flowrows.py)
+
 _SCRIPT_PAD = [0x800, 0, 0, None, 0, 0]   #: a script-made record's flags, payloads, setup RTT, retransmissions
 
 
