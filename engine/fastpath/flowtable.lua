@@ -228,6 +228,7 @@ local TIMEDOUT, TERMINATED = S.TIMEDOUT, S.TERMINATED
 local TCP = decode.PROTO.TCP
 local MIN_SLOTS = 1024   -- smallest index (slots); it doubles as flows arrive
 local FLOW_SIZE = ffi.sizeof("lp_flow")
+local TOUCH_FLOWS = 8192  -- live flows (2 MiB of records) from which update_batch touches before it works
 
 local FT = {}
 FT.__index = FT
@@ -676,21 +677,24 @@ function FT:update_batch(b, n)
     end
     p.flow = x
   end
-  -- b: touch the index slot of every packet, then the record each slot points to (both lines of the
-  -- hot half, and the TCP half): independent loads in loops of a few instructions, so the CPU
-  -- overlaps their cache misses across packets instead of paying them one after the other in the
-  -- probe (with 100 000 flows each is a miss; a stale key of a non-IP packet touches a valid slot)
-  local slots, mask = self.slots, self.mask
-  local t = 0
-  for k = 0, n - 1 do
-    t = bxor(t, slots[band(keys[k].hash, mask)].idx)
+  -- b: with more flows than the caches hold, touch the index slot of every packet, then the record
+  -- each slot points to (its first, third and fourth cache line: the second comes with the first
+  -- as an aligned pair): independent loads in loops of a few instructions, so the CPU overlaps
+  -- their cache misses across packets instead of paying them one after the other in the probe
+  -- (with 100 000 flows each is a miss; a stale key of a non-IP packet touches a valid slot)
+  if self.live >= TOUCH_FLOWS then
+    local slots, mask = self.slots, self.mask
+    local t = 0
+    for k = 0, n - 1 do
+      t = bxor(t, slots[band(keys[k].hash, mask)].idx)
+    end
+    for k = 0, n - 1 do
+      local x = slots[band(keys[k].hash, mask)].idx
+      local e = flows[band(x, bnot(arshift(x, 31)))]     -- an empty slot (-1): record 0
+      t = bxor(t, e.key[0], e.aprev, e.tcp_dirs)
+    end
+    self.touched = t
   end
-  for k = 0, n - 1 do
-    local x = slots[band(keys[k].hash, mask)].idx
-    local e = flows[band(x, bnot(arshift(x, 31)))]     -- an empty slot (-1): record 0
-    t = bxor(t, e.key[0], e.tcp_dirs)
-  end
-  self.touched = t
   -- c: probe
   local nmiss = 0
   for k = 0, n - 1 do
