@@ -308,3 +308,20 @@ def test_filex_dir_in_toml_under_a_missing_path(tmp_path):
     conf.write_text(f'[source]\npcap = ["{SAMPLE}"]\n[plugins]\npaths = ["{EX}"]\n[filex]\ndir = "a/fx"\n')
     r = luaprobe("start", "--config", str(conf), "--run-dir", str(tmp_path / "run"))
     one_line(r, 2, f"[filex] dir = {tmp_path / 'a' / 'fx'}: the parent directory {tmp_path / 'a'} does not exist")
+
+
+@pytest.mark.parametrize("section,key,flag,value,cli_says,toml_says", [
+    ("fastpath", "flow_capacity", "--flow-capacity", 3, "must be between 1024 and 67108864",
+     "must be an integer between 1024 and 67108864"),
+    ("filex", "dir_cap_mb", "--filex-dir-cap-mb", 0, "must be >= 1 and <= 1048576", "must be a number between 1 and 1048576"),
+    ("filex", "chunk_mb", "--filex-chunk-mb", 0, "must be >= 0.001 and <= 4096", "must be a number between 0.001 and 4096"),
+])
+def test_range_errors_show_plain_numbers(tmp_path, section, key, flag, value, cli_says, toml_says):
+    """The one-line range errors of the flag and of its TOML key name the bounds as plain numbers (they said
+    1.04858e+06 and 6.71089e+07)."""
+    r = luaprobe("run", PLUGIN, "--pcap", SAMPLE, flag, str(value), "--out", str(tmp_path / "out"))
+    one_line(r, 2, f"argument {flag}: {value} is out of range: {cli_says} (")
+    conf = tmp_path / "probe.toml"
+    conf.write_text(f'[source]\npcap = ["{SAMPLE}"]\n[plugins]\npaths = ["{EX}"]\n[{section}]\n{key} = {value}\n')
+    r = luaprobe("start", "--config", str(conf), "--run-dir", str(tmp_path / "run"))
+    one_line(r, 2, f"[{section}] {key} = {value}: {toml_says}")

@@ -11,6 +11,7 @@ import os
 import tomllib
 
 from . import settings as _settings
+from .usage import number
 
 
 class ConfigError(ValueError):
@@ -111,10 +112,12 @@ def _check_value(where: str, value, t, check):
     else:
         ok = isinstance(value, t)
     if not ok:
-        rng = f" between {check[0]:g} and {check[1]:g}" if isinstance(check, tuple) and t in (int, _NUM) else ""
+        numeric = isinstance(check, tuple) and t in (int, _NUM)
+        rng = f" between {number(check[0])} and {number(check[1])}" if numeric else ""
         raise ConfigError(bad + _type_name(t) + rng)
     if check is not None and t in (int, _NUM) and not check[0] <= value <= check[1]:
-        raise ConfigError(bad + f"{'an integer' if t is int else 'a number'} between {check[0]:g} and {check[1]:g}")
+        raise ConfigError(bad + f"{'an integer' if t is int else 'a number'} between {number(check[0])} and "
+                          f"{number(check[1])}")
     if check is not None and t is str and value not in check:
         raise ConfigError(bad + "one of " + ", ".join(f'"{c}"' for c in check))
     return value
@@ -220,8 +223,8 @@ def _cross_checks(v: dict, name: str, raw: dict) -> None:
             raise ConfigError(f"{name}: [async] file_roots: {d!r}: not a directory")
     sv = v["supervise"]
     if sv["restart_backoff_max"] < sv["restart_backoff_initial"]:
-        raise ConfigError(f"{name}: [supervise] restart_backoff_max = {sv['restart_backoff_max']:g}: must be >= "
-                          f"restart_backoff_initial ({sv['restart_backoff_initial']:g})")
+        raise ConfigError(f"{name}: [supervise] restart_backoff_max = {number(sv['restart_backoff_max'])}: must be >= "
+                          f"restart_backoff_initial ({number(sv['restart_backoff_initial'])})")
     if not v["run"]["run_dir"]:
         raise ConfigError(f"{name}: [run] run_dir = \"\": must name a directory")
 

@@ -49,17 +49,12 @@ SETTINGS = [
 
 def add_flags(parser) -> None:
     """Add every setting's flag to a `run`-like parser (range-checked by the converters of usage.py)."""
-    from .usage import float_in, int_in, power_of_two
+    from .usage import float_in, int_in, number, power_of_two
     for field, flag, _toml, kind, default, lo, hi, _scale, text in SETTINGS:
         conv = {"int": lambda: int_in(lo, hi), "float": lambda: float_in(lo, hi),
                 "pow2": lambda: power_of_two(lo, hi), "path": lambda: str, "name": lambda: str}[kind]()
         rng = "" if kind in ("path", "name") else f" ({number(lo)}..{number(hi)}, default {number(default)})"
         parser.add_argument(flag, dest=field, type=conv, default=default, help=text + rng)
-
-
-def number(v) -> str:
-    """A bound or default as a person reads it: ``67108864``, ``0.001``, never ``6.71089e+07``."""
-    return str(int(v)) if float(v).is_integer() else f"{v:.10g}"
 
 
 def from_args(args) -> dict:

@@ -83,6 +83,11 @@ def _is_number(tok: str) -> bool:
         return False
 
 
+def number(v) -> str:
+    """A bound or default as a person reads it: ``67108864``, ``0.001``, never ``6.71089e+07``."""
+    return str(int(v)) if float(v).is_integer() else f"{v:.10g}"
+
+
 def int_in(lo: int, hi: int | None = None):
     """``type=`` for an integer in ``lo..hi`` (``hi`` None: no upper bound)."""
     def conv(text: str) -> int:
@@ -105,9 +110,9 @@ def float_in(lo: float, hi: float | None = None, lo_open: bool = False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if v != v or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
-            rng = f"> {lo:g}" if lo_open else f">= {lo:g}"
+            rng = f"> {number(lo)}" if lo_open else f">= {number(lo)}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: must be {rng}"
-                                             + (f" and <= {hi:g}" if hi is not None else ""))
+                                             + (f" and <= {number(hi)}" if hi is not None else ""))
         return v
     conv.__name__ = "number"
     return conv
