@@ -13,9 +13,10 @@ _PY_LEVEL = {0: 50, 1: 50, 2: 50, 3: 50, 4: 40, 5: 30, 6: 20, 7: 20, 8: 10}
 
 log = logging.getLogger("luaprobe")
 
-#: the log level a run's child processes start with (shards, workers, capture): `luaprobe run -q` / `-v` set it
-#: in the environment they inherit, so a sharded run is as quiet (or as verbose) as a single fast path
+#: the log level and format a run's child processes start with (shards, workers): `luaprobe run -q` / `-v` and the
+#: daemon's `[log]` set them in the environment the children inherit, so a sharded run logs like a single fast path
 LEVEL_ENV = "LUAPROBE_LOG_LEVEL"
+FORMAT_ENV = "LUAPROBE_LOG_FORMAT"
 
 
 def _text(x) -> str:
@@ -56,12 +57,15 @@ def set_level(name: str) -> None:
     os.environ[LEVEL_ENV] = name
 
 
-def setup(verbose: bool = False, json_lines: bool = False) -> None:
-    """Configure the root luaprobe logger on stderr (text or JSON lines); the level is DEBUG with ``verbose``,
-    else the one the parent asked for in LEVEL_ENV, else INFO."""
+def setup(verbose: bool = False, json_lines: bool | None = None) -> None:
+    """Configure the root luaprobe logger on stderr, text or JSON lines (``json_lines`` None: the format the parent
+    asked for in FORMAT_ENV); the level is DEBUG with ``verbose``, else the parent's LEVEL_ENV, else INFO."""
     if log.handlers:
         return
     handler = logging.StreamHandler()
+    if json_lines is None:
+        json_lines = os.environ.get(FORMAT_ENV) == "json"
+    os.environ[FORMAT_ENV] = "json" if json_lines else "text"
     if json_lines:
         import json
 
@@ -76,3 +80,5 @@ def setup(verbose: bool = False, json_lines: bool = False) -> None:
     inherited = os.environ.get(LEVEL_ENV, "")
     log.setLevel(logging.DEBUG if verbose else inherited if inherited in ("DEBUG", "INFO", "WARNING", "ERROR")
                  else logging.INFO)
+    if verbose:
+        os.environ[LEVEL_ENV] = "DEBUG"

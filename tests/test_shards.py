@@ -434,3 +434,28 @@ def test_live_capturing_means_every_socket_joined(tmp_path, veth):
     assert s["input_errors"] == [] and s["shard_deaths"] == [] and s["drops"]["capture"] == 0
     assert port_counts(out) == {str(9000 + k): 50 for k in range(20)}
     assert all(x["packets"] > 0 for x in s["shards"]), s["shards"]
+
+
+def test_daemon_shards_log_in_the_configured_format(tmp_path):
+    """`[log] format = "json"` with `[run] shards = 2`: every line of supervisor.log is a JSON object, the shard
+    processes' lines too (they logged text lines into the JSON log before); shard 0's engine_monitor line is
+    among them (window_report.lua logs one per window)."""
+    from .test_supervisor import Daemon, cli as sv_cli
+    d = Daemon(tmp_path)
+    path = d.write_config(loop=False)
+    with open(path) as f:
+        text = f.read().replace('run_dir = "run"\n', 'run_dir = "run"\nshards = 2\n', 1) + '[log]\nformat = "json"\n'
+    with open(path, "w") as f:
+        f.write(text)
+    try:
+        r = sv_cli("start", "--config", path)
+        assert r.returncode == 0, r.stderr
+        d.pids.add(int(r.stdout.split("supervisor pid ")[1].split()[0].rstrip(",;)")))
+        wait_for(lambda: d.status()["state"].startswith("stopped"), 90, 0.2)
+        d.cli("stop")
+        lines = [x for x in open(os.path.join(d.run_dir, "supervisor.log")).read().splitlines() if x.strip()]
+        records = [json.loads(x) for x in lines]                # raises on a text line
+        assert any("[window_report.lua#0]" in r["msg"] for r in records), lines
+        assert len({r["pid"] for r in records}) >= 3            # supervisor, coordinator, shard 0 at least
+    finally:
+        d.cleanup()
