@@ -19,6 +19,14 @@ unless their variable is set:
                                 (the fast path marks every end of an input
                                 file), so a run over the same file twice
                                 separates warm-up (phase 0) from steady state.
+  LUAPROBE_JIT_TRACES=prefix    the trace tree: one line per trace event (start:
+                                where, parent trace and exit; stop: IR size,
+                                exits, link and link type; abort: where, error)
+                                in order, then the most frequent exits to the
+                                interpreter ("texit": a side exit without a
+                                compiled side trace), to `<prefix>.<tag>.traces.txt`.
+                                Two runs' files show whether they built the same
+                                tree (docs/benchmarks.md, "Light hooks").
 
 A trace abort means LuaJIT gave up compiling a path: after repeated aborts at
 the same place it blacklists it and that path runs in the interpreter for
@@ -99,9 +107,57 @@ local function write_aborts(path, counts)
   f:close()
 end
 
+--- The trace-tree log (LUAPROBE_JIT_TRACES): returns a function that detaches it and writes `path`.
+local function trace_log(path)
+  local jutil, lines, exits = require("jit.util"), {}, {}
+  local function loc(func, pc) return jutil.funcinfo(func, pc).loc or "?" end
+  local function on_trace(what, tr, func, pc, a, b)
+    if what == "start" then
+      lines[#lines + 1] = ("start %d %s%s"):format(tr, loc(func, pc), a and (" parent %d exit %d"):format(a, b) or "")
+    elseif what == "stop" then
+      local ti = jutil.traceinfo(tr)
+      lines[#lines + 1] = ("stop %d nins %d nexit %d link %d %s"):format(tr, ti.nins, ti.nexit, ti.link, ti.linktype)
+    elseif what == "abort" then
+      lines[#lines + 1] = ("abort %d %s error %s %s"):format(tr, loc(func, pc), tostring(a), M.message(a, b))
+    elseif what == "flush" then
+      lines[#lines + 1] = "flush"
+    end
+  end
+  local function on_exit(tr, ex)
+    local k = tr * 65536 + ex
+    exits[k] = (exits[k] or 0) + 1
+  end
+  jit.attach(on_trace, "trace")
+  jit.attach(on_exit, "texit")
+  return function()
+    jit.attach(on_trace)
+    jit.attach(on_exit)
+    local f = io.open(path, "w")
+    if not f then return end
+    for _, l in ipairs(lines) do f:write(l, "\n") end
+    local rows = {}
+    for k, v in pairs(exits) do rows[#rows + 1] = { k, v } end
+    table.sort(rows, function(x, y) return x[2] > y[2] end)
+    for i = 1, math.min(30, #rows) do
+      f:write(("exit to interpreter: trace %d exit %d: %d times\n"):format(math.floor(rows[i][1] / 65536),
+                                                                         rows[i][1] % 65536, rows[i][2]))
+    end
+    f:close()
+  end
+end
+
 --- Start the tools the environment asks for in this VM (tag names the VM in the
 --- file names); returns a function that stops them and writes the reports.
 function M.start(tag)
+  local tprefix = os.getenv("LUAPROBE_JIT_TRACES")
+  local stop_traces = (tprefix and tprefix ~= "") and trace_log(("%s.%s.traces.txt"):format(tprefix, tag)) or nil
+  local stop_rest = M.start_profile(tag)
+  if not stop_traces then return stop_rest end
+  return function() stop_traces(); stop_rest() end
+end
+
+--- LUAPROBE_JIT_PROFILE / LUAPROBE_JIT_ABORTS in this VM (M.start).
+function M.start_profile(tag)
   local prefix = os.getenv("LUAPROBE_JIT_PROFILE")
   local only = os.getenv("LUAPROBE_JIT_PROFILE_ONLY")
   if only and only ~= "" and not tag:find(only, 1, true) then prefix = nil end

@@ -158,7 +158,7 @@ def main(argv=None) -> int:
 
     start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
-    emit("| traffic | packets | plug-in | loop packets/s min / median / max | spread | loop CPU ns/packet "
+    emit("| traffic | packets | plug-in | loop packets/s min / median / max | spread | loop CPU ns/packet min / median / max "
          "| engine median | wall median | walk median | loop / walk | engine / walk | RSS MB |")
     emit("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     res = {}                                  # (traffic, plug-in) -> cell() result + walk median
@@ -175,7 +175,8 @@ def main(argv=None) -> int:
                 lp, emed = r["loop"], statistics.median(r["engine"])
                 med = statistics.median(lp)
                 emit(f"| {c} | {n:,} | {s} | {fmt(min(lp))} / {fmt(med)} / {fmt(max(lp))} | "
-                     f"{max(lp) / min(lp):.2f} | {statistics.median(r['cpu']):.0f} | {fmt(emed)} | "
+                     f"{max(lp) / min(lp):.2f} | {min(r['cpu']):.0f} / {statistics.median(r['cpu']):.0f} / {max(r['cpu']):.0f} | "
+                     f"{fmt(emed)} | "
                      f"{fmt(statistics.median(r['wall']))} | {fmt(wmed)} | "
                      f"{med / wmed:.0%} | {emed / wmed:.0%} | {r['rss_mb']:.0f} |")
     cmd = "tools/bench/corpus_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
