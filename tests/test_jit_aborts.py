@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import struct
 
 import pytest
@@ -301,3 +302,27 @@ def test_bindings_allocate_nothing_per_hook_call(tmp_path):
         assert grown < 16, f"{grown:.1f} KB for 12 000 hook calls"
     finally:
         vm.close()
+
+
+def test_trace_log_shows_the_walk_as_one_loop(tmp_path, monkeypatch):
+    """LUAPROBE_JIT_TRACES writes every fast-path VM's trace tree; on the flowstate shape the walker's root trace
+    (started at its `for` line) closes its own loop in the real pipeline too.  (With the old key formatter about
+    a third of the runs stopped it with a link to a trace of the flowid binding; the deterministic check of
+    that is test_flowid_of_new_flows_keeps_the_walk_one_loop.)"""
+    cap = _capture(tmp_path, "small-few")
+    plugdir = tmp_path / "plugins"
+    shapes.write("flowstate", str(plugdir))
+    prefix = str(tmp_path / "traces")
+    monkeypatch.setenv("LUAPROBE_JIT_TRACES", prefix)
+    summary = FastPath(RunConfig(plugins=[str(plugdir)], files=[cap], out_dir=str(tmp_path / "out"))).run()
+    assert summary["packets"] == _count_packets(cap)
+    files = {os.path.basename(p)[len("traces."):-len(".traces.txt")].split("-")[0]: p
+             for p in glob.glob(prefix + ".*.traces.txt")}
+    assert {"driver", "flowstate.lua"} <= set(files), files
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "engine", "plugins", "host.lua")).read().splitlines()
+    line = 1 + next(i for i, s in enumerate(src) if s.strip() == "for j = 0, n * w.per - 1 do")
+    log = open(files["flowstate.lua"]).read().splitlines()
+    roots = [m.group(1) for m in (re.fullmatch(rf"start (\d+) host\.lua:{line}", s) for s in log) if m]
+    stops = [s for s in log for t in roots if s.startswith(f"stop {t} ")]
+    assert stops and all(s.endswith(f"link {s.split()[1]} loop") for s in stops), "\n".join(log)
