@@ -145,11 +145,11 @@ TrisulPlugin = { id = { name = "k9s" },
         p.wait()
         _, alive = psutil.wait_procs(tree, timeout=60)      # the shards finish on their own, the capture dies
         assert alive == [], alive
-        assert os.path.isdir(private)                       # the leftover
+        # the leftover; any luaprobe started meanwhile on this machine (same user) may sweep it first: the same sweep
         r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "shm", "clean"], cwd=helpers.REPO,
                            capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0 and f"removed {mine[0]}" in r.stdout.splitlines(), r.stdout + r.stderr
-        assert not os.path.exists(private) and segment.list_segments(p.pid) == []
+        assert r.returncode == 0, r.stderr
+        assert not os.path.exists(private) and segment.list_segments(p.pid) == [], r.stdout
         assert os.path.isdir(foreign)                       # another user's: not ours to judge
     finally:
         helpers.kill_tree(tree)
