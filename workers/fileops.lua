@@ -139,7 +139,9 @@ end
 local function open_file(name, flags, mode)
   local dfd, last, e0 = open_parent(name)
   if not dfd then return nil, last, e0 end
-  local fd = C.openat(dfd, last, bor(flags, O_NOFOLLOW, O_CLOEXEC), mode or 438)   -- 0666 & umask
+  -- the mode goes through `...`: a plain Lua number would be passed as a double (garbage mode, 0000 seen);
+  -- an int cdata is passed as the int open(2) reads.  0666 & ~umask for a new file, as cp/cat do.
+  local fd = C.openat(dfd, last, bor(flags, O_NOFOLLOW, O_CLOEXEC), ffi.new("int", mode or 438))
   local e = ffi.errno()
   C.close(dfd)
   if fd < 0 then
