@@ -32,12 +32,21 @@ in the kernel (the TPACKET ring was full: tp_drops) come from getsockopt
 PACKET_STATISTICS, which resets on each read, so they are accumulated here.
 
 Counters go to the fast path as control records kind STATS with the text
-payload "seen\tring_drops\tkernel_drops\tkernel_packets\tfreeze_q":
-    seen           frames taken from the TPACKET ring (= pushed + ring_drops)
+payload "seen\tring_drops\tkernel_drops\tkernel_packets\tfreeze_q\tlooped":
+    seen           frames taken from the TPACKET ring (= pushed + ring_drops; loopback copies not included)
     ring_drops     frames dropped because the packet ring was full
     kernel_drops   tp_drops: frames the kernel could not put in the TPACKET ring
     kernel_packets tp_packets: frames the socket received (includes tp_drops)
     freeze_q       tp_freeze_q_cnt: times the kernel found the ring frozen (all blocks in user space)
+    looped         outgoing copies skipped on a loopback interface (see below): not packets, not loss
+
+Loopback (ARPHRD_LOOPBACK, e.g. `lo`): an AF_PACKET socket sees every frame sent on it twice, once
+as sent (sll_pkttype PACKET_OUTGOING) and once as received (PACKET_HOST).  Like libpcap
+(pcap-linux.c linux_check_direction: "If this is from the loopback device, reject it; we'll see the
+packet as an incoming packet as well") the PACKET_OUTGOING copy is skipped, so each datagram counts
+once.  On every other interface outgoing frames are kept, as libpcap keeps them (direction "out").
+The sockaddr_ll that says so follows the tpacket3_hdr at TPACKET_ALIGN(sizeof(tpacket3_hdr)) = 48
+(packet(7), PACKET_MMAP).
 
 Frames the kernel received with the VLAN tag stripped (hardware/veth offload,
 TP_STATUS_VLAN_VALID) get their 802.1Q tag re-inserted, so plug-ins see the
@@ -104,6 +113,7 @@ local M = {
   SOL_PACKET = 263, PACKET_ADD_MEMBERSHIP = 1, PACKET_RX_RING = 5, PACKET_STATISTICS = 6,
   PACKET_VERSION = 10, TPACKET_V3 = 2, PACKET_MR_PROMISC = 1,
   PACKET_FANOUT = 18, PACKET_FANOUT_HASH = 0, PACKET_FANOUT_FLAG_DEFRAG = 0x8000,
+  PACKET_OUTGOING = 4, ARPHRD_LOOPBACK = 772, SLL_OFFSET = 48,   -- TPACKET_ALIGN(sizeof(tpacket3_hdr))
   TP_STATUS_KERNEL = 0, TP_STATUS_USER = 1, TP_STATUS_VLAN_VALID = 16, TP_STATUS_VLAN_TPID_VALID = 64,
   POLLIN = 1, POLLERR = 8,
   STATS = packet.STATS or 4,
@@ -157,7 +167,7 @@ function M.open(opts)
     interface = ifname, fd = -1, map = nil,
     block_size = opts.block_size or 1048576, block_nr = opts.block_nr or 32,
     frame_size = opts.frame_size or 2048, retire_ms = opts.retire_ms or 10,
-    seen = 0, ring_drops = 0, kernel_drops = 0, kernel_packets = 0, freeze_q = 0, pushed = 0,
+    seen = 0, ring_drops = 0, kernel_drops = 0, kernel_packets = 0, freeze_q = 0, pushed = 0, looped = 0,
   }, Live)
   local ok, err = pcall(function()
     local idx = C.if_nametoindex(ifname)
@@ -167,6 +177,7 @@ function M.open(opts)
     local f = io.open(("/sys/class/net/%s/type"):format(ifname))
     if f then hatype = tonumber(f:read("*l")) or 1; f:close() end
     self.linktype = M.LINKTYPES[hatype]
+    self.loopback = hatype == M.ARPHRD_LOOPBACK
     if not self.linktype then error(("interface %s: unsupported link type (ARPHRD %d)"):format(ifname, hatype), 0) end
 
     -- opts.fd: a socket opened before a privilege drop (engine/daemon/privileges.py); nothing below
@@ -258,8 +269,8 @@ end
 
 --- The STATS payload text.
 function Live:stats_text()
-  return ("%d\t%d\t%d\t%d\t%d"):format(self.seen, self.ring_drops, self.kernel_drops, self.kernel_packets,
-                                      self.freeze_q)
+  return ("%d\t%d\t%d\t%d\t%d\t%d"):format(self.seen, self.ring_drops, self.kernel_drops, self.kernel_packets,
+                                          self.freeze_q, self.looped)
 end
 
 -- Push a STATS record without waiting (skipped when the ring is full: the next one carries the totals).
@@ -284,7 +295,8 @@ function Live:drain(r, max_blocks)
   local map, bsize, nblk, linktype, ifindex = self.map, self.block_size, self.block_nr, self.linktype, self.ifindex
   local max_rec = r.max_record - REC - 4
   local blk, done = self.cur, 0
-  local seen, drops, pushed = self.seen, self.ring_drops, self.pushed
+  local seen, drops, pushed, looped = self.seen, self.ring_drops, self.pushed, self.looped
+  local loopback, OUT, SLL = self.loopback, M.PACKET_OUTGOING, M.SLL_OFFSET + 10   -- + offsetof(sll_pkttype)
   while done < max_blocks do
     local base = map + blk * bsize
     local statusp = cast(u32p, base) + 2                      -- block_desc.bh1.block_status
@@ -293,34 +305,38 @@ function Live:drain(r, max_blocks)
     local off = bd.bh1.offset_to_first_pkt
     for _ = 1, bd.bh1.num_pkts do
       local t = cast(t3p, base + off)
-      local caplen, wirelen, src = t.tp_snaplen, t.tp_len, base + off + t.tp_mac
-      local vlan = band(t.tp_status, M.TP_STATUS_VLAN_VALID) ~= 0 and linktype == 1 and caplen >= 12
-      local n = vlan and caplen + 4 or caplen
-      if n > max_rec then n = max_rec end
-      seen = seen + 1
-      local p = r:reserve(REC + n)
-      if p == nil then
-        drops = drops + 1
+      if loopback and base[off + SLL] == OUT then
+        looped = looped + 1                                     -- the sent copy of a looped-back frame
       else
-        local h = cast(recp, p)
-        h.kind, h.ts_sec, h.ts_nsec = PKT, t.tp_sec, t.tp_nsec
-        h.linktype, h.ifindex, h.pad = linktype, ifindex, 0
-        local d = p + REC
-        if vlan then
-          local tpid = band(t.tp_status, M.TP_STATUS_VLAN_TPID_VALID) ~= 0 and t.tp_vlan_tpid or 0x8100
-          if tpid == 0 then tpid = 0x8100 end
-          local tci = t.tp_vlan_tci
-          copy(d, src, 12)
-          d[12], d[13], d[14], d[15] = rshift(tpid, 8), band(tpid, 0xff), band(rshift(tci, 8), 0xff), band(tci, 0xff)
-          copy(d + 16, src + 12, n - 16)
-          h.wirelen, h.caplen = wirelen + 4, n
+        local caplen, wirelen, src = t.tp_snaplen, t.tp_len, base + off + t.tp_mac
+        local vlan = band(t.tp_status, M.TP_STATUS_VLAN_VALID) ~= 0 and linktype == 1 and caplen >= 12
+        local n = vlan and caplen + 4 or caplen
+        if n > max_rec then n = max_rec end
+        seen = seen + 1
+        local p = r:reserve(REC + n)
+        if p == nil then
+          drops = drops + 1
         else
-          copy(d, src, n)
-          h.wirelen, h.caplen = wirelen, n
+          local h = cast(recp, p)
+          h.kind, h.ts_sec, h.ts_nsec = PKT, t.tp_sec, t.tp_nsec
+          h.linktype, h.ifindex, h.pad = linktype, ifindex, 0
+          local d = p + REC
+          if vlan then
+            local tpid = band(t.tp_status, M.TP_STATUS_VLAN_TPID_VALID) ~= 0 and t.tp_vlan_tpid or 0x8100
+            if tpid == 0 then tpid = 0x8100 end
+            local tci = t.tp_vlan_tci
+            copy(d, src, 12)
+            d[12], d[13], d[14], d[15] = rshift(tpid, 8), band(tpid, 0xff), band(rshift(tci, 8), 0xff), band(tci, 0xff)
+            copy(d + 16, src + 12, n - 16)
+            h.wirelen, h.caplen = wirelen + 4, n
+          else
+            copy(d, src, n)
+            h.wirelen, h.caplen = wirelen, n
+          end
+          r:commit()
+          pushed = pushed + 1
+          if pushed % 64 == 0 then r:publish() end
         end
-        r:commit()
-        pushed = pushed + 1
-        if pushed % 64 == 0 then r:publish() end
       end
       off = off + t.tp_next_offset
     end
@@ -330,7 +346,7 @@ function Live:drain(r, max_blocks)
     done = done + 1
   end
   self.cur = blk
-  self.seen, self.ring_drops, self.pushed = seen, drops, pushed
+  self.seen, self.ring_drops, self.pushed, self.looped = seen, drops, pushed, looped
   if done > 0 then r:publish() end
   return done
 end

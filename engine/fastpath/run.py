@@ -247,7 +247,7 @@ class FastPath:
         self.sec = None
         self.window_start = None
         self.ticks = 0
-        self.capture_stats = None       #: live: [seen, ring_drops, kernel_drops, kernel_packets, freeze_q]
+        self.capture_stats = None       #: live: [seen, ring_drops, kernel_drops, kernel_packets, freeze_q, looped]
         self._stop = 0                  #: 1 = stop asked (signal / request_stop), 2 = capture told to stop
         self.stopped_by = None          #: "SIGINT" / "SIGTERM" / "request" when the run was stopped early
         self._reload = False            #: set by request_reload_backends (SIGHUP under the supervisor)
@@ -982,7 +982,8 @@ class FastPath:
             "flows": d.get("flows_created", 0), "flow_table_full_drops": d.get("flow_table_full", 0),
             "drops": {"capture": cs[1], "kernel": cs[2], "flow_table": d.get("flow_table_full", 0)},
             **({"interface": self.cfg.interface, "bpf": self.cfg.bpf, "captured_live": cs[0],
-                "kernel_packets": cs[3] if len(cs) > 3 else 0} if self.cfg.interface else {}),
+                "kernel_packets": cs[3] if len(cs) > 3 else 0,
+                "loopback_outgoing": cs[5] if len(cs) > 5 else 0} if self.cfg.interface else {}),
             "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
             "filex": getattr(self, "filex_stats", []),
             **({"packet_storage": self.packet_storage} if self.packet_storage else {}),

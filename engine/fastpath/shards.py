@@ -383,7 +383,8 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
     out["drops"] = _sum_dicts([p.get("drops", {}) for p in parts])
     if cfg.interface:
         out.update(interface=cfg.interface, bpf=cfg.bpf, captured_live=sum(p.get("captured_live", 0) for p in parts),
-                   kernel_packets=sum(p.get("kernel_packets", 0) for p in parts))
+                   kernel_packets=sum(p.get("kernel_packets", 0) for p in parts),
+                   loopback_outgoing=sum(p.get("loopback_outgoing", 0) for p in parts))
     out["plugin_problems"] = _unique(e for p in parts for e in p.get("plugin_problems", []))
     out["plugins"] = [dict(pl, shard=k) for k, p in enumerate(parts) for pl in p.get("plugins", [])]
     out["rows_written"] = _sum_dicts([p.get("rows_written", {}) for p in parts])
