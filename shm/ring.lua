@@ -22,7 +22,11 @@ offset 0.  A record therefore needs at most capacity/2 bytes: MAX_RECORD.
 
 Memory ordering (the argument):
   * Only the producer writes `tail` and the record bytes beyond it; only the
-    consumer writes `head`.  Positions grow monotonically; index = pos % cap.
+    consumer writes `head`.  Positions grow monotonically; index = pos % cap,
+    computed as band(pos, cap - 1) (index() below): cap is a power of two up
+    to 2^32, and LuaJIT's bit operations take a number modulo 2^32 exactly
+    below 2^51 (BitOp semantics), so this holds for the first 2 PiB through a
+    ring.  (A float `%` is a division and a floor on the per-record path.)
   * The producer writes record bytes with plain stores, then publishes `tail`
     with a store-release (lp_publish, seq_cst).  The consumer reads `tail`
     with a load-acquire (lp_load) before reading record bytes: everything
@@ -64,6 +68,7 @@ typedef struct { uint32_t len; uint32_t flags; } lp_rec_hdr;
 
 local C = ffi.load(config.lpsync)
 local cast, copy, fstring = ffi.cast, ffi.copy, ffi.string
+local band = require("bit").band
 local u8p, u32p, u64p = ffi.typeof("uint8_t *"), ffi.typeof("uint32_t *"), ffi.typeof("uint64_t *")
 local hdrp = ffi.typeof("lp_rec_hdr *")
 
@@ -78,7 +83,15 @@ local M = {
 local Ring = {}
 Ring.__index = Ring
 
-local function align8(n) return n + ((8 - n % 8) % 8) end
+local function align8(n) return band(n + 7, -8) end     -- n < 2^31 - 7 (a record is at most cap / 2)
+
+--- pos % cap for a power-of-two cap <= 2^32 (mask = cap - 1): band gives a signed 32-bit result, negative only
+--- when cap is 2^32 (mask -1 as an int32)
+local function index(self, pos)
+  local i = band(pos, self.mask)
+  if i < 0 then i = i + 4294967296 end
+  return i
+end
 
 --- Size in bytes of a ring segment region holding `capacity` data bytes.
 function M.region_size(capacity) return M.HEADER + capacity end
@@ -103,10 +116,13 @@ function M.attach(addr)
   local h = cast(u64p, base)
   assert(tonumber(h[0]) == M.MAGIC, "not a luaprobe ring (bad magic)")
   local cap = tonumber(h[1])
+  assert(cap >= 64 and cap <= 2^32 and (cap == 2^32 or band(cap, cap - 1) == 0),
+         "ring capacity is not a power of two in 64 .. 2^32")
   local self = setmetatable({
     base = base,
     data = base + M.HEADER,
     cap = cap,
+    mask = cap - 1,                     -- index = band(pos, mask)
     max_record = cap / 2 - 8,
     tail_p = cast(u64p, base + 64),
     pushed_p = cast(u64p, base + 72),
@@ -145,7 +161,7 @@ function Ring:reserve(n)
   local need = 8 + align8(n)
   if need > self.cap / 2 then error(("record of %d bytes exceeds the ring's limit of %d"):format(n, self.max_record), 2) end
   local pos = self.tail_local
-  local idx = pos % self.cap
+  local idx = index(self, pos)
   local contiguous = self.cap - idx
   local total = need > contiguous and contiguous + need or need
   if pos + total - self.head_cache > self.cap then
@@ -231,7 +247,7 @@ function Ring:peek()
     self.tail_cache = C.lp_load(self.tail_p)
     if pos == self.tail_cache then return nil end
   end
-  local idx = pos % self.cap
+  local idx = index(self, pos)
   local hdr = cast(hdrp, self.data + idx)
   if hdr.flags == M.PAD then
     pos = pos + hdr.len + 8
@@ -309,7 +325,7 @@ end
 --- Bytes the next record of `n` payload bytes occupies (with a PAD if it must wrap).
 function Ring:footprint(n)
   local need = 8 + align8(n)
-  local contiguous = self.cap - self.tail_local % self.cap
+  local contiguous = self.cap - index(self, self.tail_local)
   if need > contiguous then return contiguous + need end
   return need
 end
@@ -326,5 +342,6 @@ function Ring:wait_space(n, timeout_ns)
 end
 
 M.Ring = Ring
+M.index = index                 -- (tests: index({ mask = cap - 1 }, pos) == pos % cap)
 M.now_ns = function() return C.lp_now_ns() end
 return M

@@ -106,6 +106,62 @@ def test_matches_a_fifo_model_through_wraparound(ops):
         ring.close()
 
 
+BIG_STARTS = [2**31 - 1024, 2**32 - 2048, 2**32 + 8, 2**33 - 4000, 2**50 + 64]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(BIG_STARTS), st.integers(0, 511),
+       st.lists(st.tuples(st.booleans(), st.integers(0, 900)), min_size=1, max_size=200))
+def test_fifo_model_holds_at_positions_past_32_bits(start, shift, ops):
+    """The ring's index is band(pos, cap - 1) (LuaJIT bit operations, 32-bit): the same pushes and pops as
+    the model above, from positions near and past 2^31, 2^32 and 2^50 bytes (a long run's counters),
+    against Python's exact integer arithmetic."""
+    cap = 4096
+    start = (start + 8 * shift) // 8 * 8
+    ring = Ring.create(cap)
+    try:
+        ring._lua.eval("function(r, p) local C = require('luaprobe.shm.ring').lib;"
+                       " C.lp_store(r.head_p, p); C.lp_store(r.tail_p, p); r:resync() end")(ring._ring, start)
+        model = collections.deque()
+        head = tail = start
+        for is_push, size in ops:
+            if is_push:
+                rec = os.urandom(size)
+                need = 8 + (size + 7) // 8 * 8
+                contiguous = cap - tail % cap
+                total = need if need <= contiguous else contiguous + need
+                fits = tail + total - head <= cap
+                assert ring.try_push(rec) == fits, (head, tail, need)
+                if fits:
+                    if need > contiguous:
+                        tail += contiguous
+                    model.append((tail, need, rec))
+                    tail += need
+            else:
+                got = ring.try_pop()
+                if model:
+                    pos, need, rec = model.popleft()
+                    head = pos + need
+                    assert got == rec
+                else:
+                    assert got is None
+        assert ring.fill() == (len(model), tail - head)
+        assert ring.try_pop_batch(10_000) == [r for _, _, r in model]
+    finally:
+        ring.close()
+
+
+def test_index_is_pos_mod_cap_for_every_capacity():
+    """index() for power-of-two capacities up to 2^32 (the packet ring's limit: --packet-ring-mb 4096), where the
+    mask no longer fits a positive int32, against Python's %."""
+    lua = new_runtime()
+    index = lua.eval("function(cap, pos) return require('luaprobe.shm.ring').index({ mask = cap - 1 }, pos) end")
+    positions = [0, 8, 2**31 - 8, 2**31, 2**32 - 8, 2**32, 2**32 + 4096, 2**40 + 123 * 8, 2**51 - 8]
+    for cap in (64, 4096, 2**20, 2**30, 2**31, 2**32):
+        for pos in positions:
+            assert index(cap, pos) == pos % cap, (cap, pos)
+
+
 def test_two_process_stress_with_checksums():
     """A producer process and a consumer process move 200k checksummed records through a 64 KiB ring."""
     r = Ring.create(1 << 16)

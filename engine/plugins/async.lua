@@ -64,8 +64,12 @@ local FIELDS = { "id", "kind", "fid", "data", "aux", "arg", "onres", "onerr", "t
 -- without an array part goes to the hash part, rehashed again and again as the queue fills
 local new_table = require("table.new")
 
+-- slot of FIFO position i: band(i, mask) + 1 (= i % cap + 1: cap is a power of two; a float `%` is a
+-- division and a floor, paid several times per task)
+local band = require("bit").band
+
 local function new_queue(cap)
-  local q = { cap = cap, head = 0, sent = 0, tail = 0 }
+  local q = { cap = cap, mask = cap - 1, head = 0, sent = 0, tail = 0 }
   for _, f in ipairs(FIELDS) do q[f] = new_table(cap, 0) end
   return q
 end
@@ -77,7 +81,7 @@ local function grow(q)
     for i = q.head, q.tail - 1 do new[i % cap2 + 1] = old[i % q.cap + 1] end
     q[f] = new
   end
-  q.cap = cap2
+  q.cap, q.mask = cap2, cap2 - 1
 end
 
 -- ------------------------------------------------------------------ prototype identity
@@ -233,12 +237,12 @@ end
 --- publish once (one doorbell at most).  Upvalues travel only when this worker
 --- does not hold the blob a task needs.  Returns how many tasks moved.
 function Async:drain(w)
-  local r, cap, defined, up_sent = w.req, w.cap, w.defined, w.up_sent
+  local r, mask, defined, up_sent = w.req, w.mask, w.defined, w.up_sent
   local sent, tail = w.sent, w.tail
   local t0 = 0
   local moved = 0
   while sent < tail do
-    local s = sent % cap + 1
+    local s = band(sent, mask) + 1
     local kind, fid, aux = w.kind[s], w.fid[s], w.aux[s]
     if kind == P.EXEC then
       if not defined[fid] then
@@ -314,7 +318,7 @@ function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target, ts)
     if full and (w.sent < w.tail or not w.alive) then return self:drop("overflow queue full") end
   end
   if w.tail - w.head >= w.cap then grow(w) end
-  local s = w.tail % w.cap + 1
+  local s = band(w.tail, w.mask) + 1
   local id = self.next_id + 1
   self.next_id = id
   w.id[s], w.kind[s], w.fid[s], w.data[s], w.aux[s], w.arg[s] = id, kind, fid, data, aux, arg
@@ -577,7 +581,7 @@ end
 --- Retire the task at the head of w's FIFO with a result status; `now` is the
 --- poll's clock (latency), exec_ns the worker's measured execution time.
 function Async:complete(w, status, payload, now, exec_ns)
-  local s = w.head % w.cap + 1
+  local s = band(w.head, w.mask) + 1
   local data, onres, onerr, t0, files, ts = w.data[s], w.onres[s], w.onerr[s], w.t0[s], w.files[s], w.ts[s]
   w.files[s], w.ts[s] = nil, nil   -- files released after the hooks below (onresult may read the file)
   self:clear_slot(w, s)
@@ -621,7 +625,7 @@ function Async:poll_worker(w, max)
     local payload = len > 0 and fstring(p + RES, len) or nil
     r:advance(n)
     got = got + 1
-    local s = w.head % w.cap + 1
+    local s = band(w.head, w.mask) + 1
     if w.head >= w.sent or w.id[s] ~= id then
       self:log(3, ("T.async: worker %d returned task %d out of order; expected %s"):format(
         w.k, id, tostring(w.id[s])))
@@ -672,7 +676,7 @@ end
 function Async:worker_lost(k, reason, cur_task, is_timeout)
   local w = self.workers[k]
   self:poll_worker(w, 1e300)
-  if cur_task ~= 0 and w.head < w.sent and w.id[w.head % w.cap + 1] == cur_task then
+  if cur_task ~= 0 and w.head < w.sent and w.id[band(w.head, w.mask) + 1] == cur_task then
     self:complete(w, is_timeout and P.TIMEOUT or P.ERROR, reason)
   end
   local unstarted = w.sent - w.head
