@@ -158,8 +158,9 @@ end
 --- write the payload to, or nil when the ring is full.  Nothing is visible to
 --- the consumer until commit() and publish().
 function Ring:reserve(n)
+  -- (n > max_record is need > cap / 2; checked on n, before align8's 32-bit arithmetic)
+  if n > self.max_record then error(("record of %d bytes exceeds the ring's limit of %d"):format(n, self.max_record), 2) end
   local need = 8 + align8(n)
-  if need > self.cap / 2 then error(("record of %d bytes exceeds the ring's limit of %d"):format(n, self.max_record), 2) end
   local pos = self.tail_local
   local idx = index(self, pos)
   local contiguous = self.cap - idx
