@@ -238,11 +238,11 @@ def cmd_run(args) -> int:
         check_out_dir
     try:
         check_dirs("--lua-path", args.lua_path)
-        if args.filex_dir:
-            check_dir_target("--filex-dir", args.filex_dir)
         check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new")
+        if args.filex_dir:                                 # beneath --out is fine: the run creates --out first
+            check_dir_target("--filex-dir", args.filex_dir, creating=[args.out])
         if args.stats_json:
-            check_new_file("--stats-json", args.stats_json)
+            check_new_file("--stats-json", args.stats_json, creating=[args.out])
         check_captures(args.pcap or [])
     except (UsageError, InputProblem) as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
@@ -312,6 +312,8 @@ def cmd_run(args) -> int:
     summary["exit"] = {"code": code, "reasons": reasons}
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
+        for e in summary["input_errors"]:          # stdout stays pure JSON; the one line goes to stderr as ever
+            print(f"luaprobe run: input error: {e}", file=sys.stderr)
     elif not args.quiet:
         _print_summary(summary)
     else:
@@ -478,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run plug-ins over capture files")
     run.add_argument("plugins", nargs="+", metavar="PLUGIN", help="plug-in files or directories")
     src = run.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pcap", nargs="+", metavar="FILE", help="pcap or pcapng files, in order")
+    src.add_argument("--pcap", nargs="+", action="extend", metavar="FILE",
+                     help="pcap or pcapng files, read in the order given (--pcap may be repeated)")
     src.add_argument("--interface", metavar="IF", help="capture live from this interface (root; stop with Ctrl-C)")
     src.add_argument("--generate", metavar="SPEC", help="generated traffic at full speed, nothing lost: gen options "
                      "as KEY=VALUE,... with ':' inside lists, e.g. 'packets=2000000,flows=1000,mix=tcp=60:udp=40,"

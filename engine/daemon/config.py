@@ -215,7 +215,7 @@ def _cross_checks(v: dict, name: str, raw: dict) -> None:
     if v["filex"]["dir"]:
         from .usage import UsageError, check_dir_target
         try:
-            check_dir_target("dir =", v["filex"]["dir"])
+            check_dir_target("dir =", v["filex"]["dir"], creating=[v["run"]["out_dir"]])
         except UsageError as e:
             raise ConfigError(f"{name}: [filex] {e}") from None
     for d in v["async"]["file_roots"]:

@@ -151,22 +151,31 @@ def check_out_dir(out: str, mode: str) -> None:
                 raise UsageError(f"--out {out}: cannot remove {db + suffix}: {e.strerror}") from None
 
 
-def check_dir_target(option: str, path: str, hint: str = "") -> None:
+def _created(parent: str, creating) -> bool:
+    """``parent`` (absolute) is one of the directories ``creating`` that the run itself creates (``--out``)."""
+    return any(parent == os.path.abspath(d) for d in creating if d)
+
+
+def check_dir_target(option: str, path: str, hint: str = "", creating=()) -> None:
     """A directory the run creates when missing (``--out``, ``--filex-dir``): it may not be a file, and its parent
-    must exist (the run creates one level, never a whole missing path).  Raises :class:`UsageError`."""
+    must exist or be one of ``creating`` (``--out``, itself checked and created first: ``--filex-dir out/files``
+    works in a new directory); the run creates one level, never a whole missing path.  Raises :class:`UsageError`."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{option} {path}: exists and is not a directory" + (f" {hint}" if hint else ""))
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(path) and not os.path.isdir(parent):
+    if not os.path.isdir(path) and not os.path.isdir(parent) and not _created(parent, creating):
         raise UsageError(f"{option} {path}: the parent directory {parent} does not exist")
 
 
-def check_new_file(option: str, path: str) -> None:
-    """A file the command will write (``--stats-json``, ``gen --out``): its directory must exist and the path
-    may not be a directory.  Raises :class:`UsageError`."""
+def check_new_file(option: str, path: str, creating=()) -> None:
+    """A file the command will write (``--stats-json``, ``gen --out``): its directory must exist, or be one of
+    ``creating`` (the ``--out`` directory the run creates: ``--stats-json out/stats.json`` in a new directory),
+    and the path may not be a directory.  Raises :class:`UsageError`."""
     if os.path.isdir(path):
         raise UsageError(f"{option} {path}: is a directory (give a file name)")
     parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) and _created(parent, creating):
+        return                                       # checked with --out; the run creates it before writing
     if not os.path.isdir(parent):
         raise UsageError(f"{option} {path}: the directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
