@@ -17,6 +17,7 @@ EXIT_USAGE = 2       #: usage error: a bad flag, config key or argument
 EXIT_INPUT = 3       #: input error: a bad capture (the message names the file and byte offset)
 EXIT_PLUGIN = 4      #: plug-in error: a plug-in failed to load, or a hook failed on every call
 EXIT_NOT_RUNNING = 3  #: `status` / `stop` / `reload` / `stats`: no daemon runs in the run directory (LSB's 3)
+EXIT_STOP_KILLED = 5  #: `stop` (and a foreground supervisor): the fast path missed stop_deadline and was SIGKILLed
 EXIT_RECYCLE = 75    #: a worker leaving on purpose (max tasks / RSS); the pool restarts it without backoff
 #: a file / --generate run stopped early by a signal (128 + signal number): graceful, everything up to the stop
 #: was processed and written (a live run's normal end is a signal: it exits 0); a second signal: EXIT_INTERNAL

@@ -559,3 +559,42 @@ def test_the_example_config_runs(daemon, tmp_path):
                                                                        "window_report.lua"}
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
+
+
+SLOW_UNLOAD = r"""
+TrisulPlugin = {
+  id = { name = "slow unload" },
+  onunload = function() os.execute("sleep 60") end,   -- a stop can only end by the supervisor's SIGKILL
+  engine_monitor = { onmetronome = function(engine, ts, tick, interval) end },
+}
+"""
+
+
+def test_stop_past_stop_deadline_exits_5_naming_what_was_killed(daemon, tmp_path):
+    """A fast path that misses [supervise] stop_deadline is SIGKILLed with its tree: `luaprobe stop` must not
+    say a plain "stopped" and exit 0, since what it had not written is lost (docs/operations.md "Exit codes")."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    (plug / "slow_unload.lua").write_text(SLOW_UNLOAD)
+    daemon.write_config(plugins=(plug,))
+    text = open(daemon.config).read().replace("stop_deadline = 15", "stop_deadline = 1")
+    open(daemon.config, "w").write(text)
+    r = cli("start", "--config", daemon.config)
+    assert r.returncode == 0, r.stderr
+    daemon.pids.add(control.read_pid(daemon.run_dir))
+    daemon.wait_packets(100)
+    st = daemon.status()
+    fp = st["processes"]["fastpath"]
+    tree = {p.pid for p in psutil.Process(fp).children(recursive=True)} | {fp}
+    daemon.pids |= tree
+    r = daemon.cli("stop")
+    assert r.returncode == 5, (r.stdout, r.stderr)
+    assert r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("luaprobe stop: the fast path did not stop within stop_deadline = 1 s: SIGKILLed "
+                               f"fastpath {fp}, "), r.stderr
+    assert "more process" in r.stderr and "is lost" in r.stderr      # the `sleep 60` onunload started
+    print(r.stderr)
+    assert not [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    st = daemon.status()
+    assert st["state"] == "stopped" and st["last_exit"] == "killed by SIGKILL" and not st["live"]
+    assert daemon.cli("stop").returncode == 3

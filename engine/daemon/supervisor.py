@@ -36,7 +36,7 @@ from luaprobe.engine.daemon.usage import UsageError
 from luaprobe.shm.logs import log
 
 from luaprobe.shm.exits import (EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_RUNNING, EXIT_OK, EXIT_PLUGIN,  # noqa: F401
-                                EXIT_USAGE, describe_exit)
+                                EXIT_STOP_KILLED, EXIT_USAGE, describe_exit)
 
 HEARTBEAT = "heartbeat"     #: run-dir file the fast path touches while it makes progress ([supervise] stall_timeout)
 
@@ -68,6 +68,7 @@ class Supervisor:
         self.stats_path = control.path(self.run_dir, control.STATS)
         self.heartbeat_path = control.path(self.run_dir, HEARTBEAT)
         self.stalled: str | None = None         # why the current child was killed as stalled
+        self.stop_killed: str | None = None     # what a stop past stop_deadline SIGKILLed (`luaprobe stop` exits 5)
         self.exporter = self.jsonl = None
 
     # ------------------------------------------------------------ child
@@ -98,14 +99,20 @@ class Supervisor:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(sig)
 
-    def _kill_tree(self) -> None:
-        """SIGKILL the child and everything under it, reap, remove the segments they owned."""
+    def _kill_tree(self) -> str:
+        """SIGKILL the child and everything under it, reap, remove the segments they owned.  Returns what was
+        killed: "fastpath 10, capture 11, store 12, workers 13 14 (+ 1 more process)"."""
         if self.child is None:
-            return
+            return ""
         try:
             procs = psutil.Process(self.child.pid).children(recursive=True)
         except psutil.Error:
             procs = []
+        roles = {k: v for k, v in self._pids().items() if k != "supervisor"}
+        known = {p for v in roles.values() for p in (v if isinstance(v, list) else [v])}
+        what = ", ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in roles.items())
+        more = sum(p.pid not in known for p in procs)
+        what += f" (+ {more} more process{'es' if more > 1 else ''})" if more else ""
         self._signal_child(signal.SIGKILL)
         for p in procs:
             try:
@@ -114,6 +121,7 @@ class Supervisor:
                 pass
         psutil.wait_procs(procs, timeout=5)
         self.child.wait()
+        return what
 
     def _check_stall(self) -> None:
         """A running fast path whose heartbeat (engine/fastpath/run.py _beat) is older than [supervise]
@@ -223,6 +231,7 @@ class Supervisor:
                 "source": self.cfg.source_text(), "config": self.cfg.path, "run_dir": self.run_dir,
                 "out_dir": self.cfg["run"]["out_dir"],
                 "last_error": self.last_error, "last_exit_code": self.last_exit_code, **self._loaded(),
+                "stop_killed": self.stop_killed,
                 "last_stats": {k: snap.get(k) for k in ("time", "packets", "bytes", "flows", "flows_live")}
                 | self.rates if snap else None}
 
@@ -370,7 +379,11 @@ class Supervisor:
                     rc = self.child.poll()
                     if rc is None and self.stop_at is not None and self.mode in ("stop", "reload") and now > self.stop_at:
                         log.error("fast path did not stop within %g s: killing it", self.sv["stop_deadline"])
-                        self._kill_tree()
+                        what = self._kill_tree()
+                        if self.mode == "stop":
+                            self.stop_killed = (f"the fast path did not stop within stop_deadline = "
+                                                f"{self.sv['stop_deadline']:g} s: SIGKILLed {what}")
+                            log.error("%s", self.stop_killed)
                         rc = self.child.returncode
                     if rc is not None:
                         self._poll_stats()                      # the run's final snapshot
@@ -382,7 +395,9 @@ class Supervisor:
                 elif self.restart_at is not None and now >= self.restart_at:
                     self.restarts += 1
                     self._spawn()
-            return EXIT_OK if not self.state.startswith("failed") else EXIT_INTERNAL
+            if self.state.startswith("failed"):
+                return EXIT_INTERNAL
+            return EXIT_STOP_KILLED if self.stop_killed else EXIT_OK
         finally:
             if self.child is not None and self.child.poll() is None:      # an exception above: no orphans
                 self._kill_tree()
@@ -599,7 +614,9 @@ def _wait_gone(run_dir: str, timeout: float, pid: int | None = None) -> bool:
 
 def cmd_stop(args) -> int:
     """`luaprobe stop`: graceful stop; waits for the supervisor to exit.  Exit 0 stopped, 3 nothing was running
-    (as `status`, `reload` and `stats`; docs/operations.md "Exit codes"), 1 still running after the wait."""
+    (as `status`, `reload` and `stats`; docs/operations.md "Exit codes"), 5 the fast path missed stop_deadline and
+    was SIGKILLed (what it had not written is lost; one line on stderr names what was killed), 1 still running
+    after the wait."""
     run_dir, how = control.find_run_dir(getattr(args, "run_dir", None))
     pid = control.read_pid(run_dir)
     try:
@@ -613,6 +630,10 @@ def cmd_stop(args) -> int:
         print(f"luaprobe stop: the supervisor is still running (pid {control.read_pid(run_dir)})", file=sys.stderr)
         return EXIT_INTERNAL
     st = control.read_json(control.path(run_dir, control.STATE)) or {}
+    if st.get("stop_killed"):
+        print(f"luaprobe stop: {st['stop_killed']}; what they had not written is lost (raise [supervise] "
+              f"stop_deadline; log {control.path(run_dir, control.LOG)})", file=sys.stderr)
+        return EXIT_STOP_KILLED
     print(f"stopped (fast path {st.get('last_exit')}; outputs in {st.get('out_dir')})")
     return EXIT_OK
 
