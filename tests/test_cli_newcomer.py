@@ -117,3 +117,80 @@ while off < {off}:
     off += 16 + struct.unpack_from('<I', d, off + 8)[0]; n += 1
 print(n)"""], capture_output=True, text=True).stdout
     assert s["packets"] == int(n_bad) + _tshark_count(good)
+
+
+# ------------------------------------------------------------------ 5. async errors in the text summary
+
+ERRS = f"""TrisulPlugin = {{ id = {{ name = "errs" }},
+  onunload = function() error("unload boom") end,
+  simplecounter = {{ protocol_guid = "{IPV4}", onpacket = function(engine, layer)
+    N = (N or 0) + 1
+    local bad = N % 2 == 0
+    T.async:schedule({{ data = "x", onexecute = function(d) return d end,
+      onresult = function(engine, d, r) if bad then error("onresult boom") end end }})
+  end }} }}
+"""
+
+
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_text_summary_shows_onresult_and_onunload_errors(tmp_path, shards):
+    """Every other onresult raises: the text line shows `onresult_errors` (tshark's IPv4 count / 2; they hid in
+    the JSON); onunload raising counts in `errors` (once per VM) and, its only call failing, exit 4."""
+    n_ip = len(subprocess.run(["tshark", "-r", SAMPLE, "-Y", "ip"], capture_output=True, text=True,
+                              cwd=helpers.REPO).stdout.splitlines())
+    plug = helpers.write_plugin(tmp_path, ERRS, "errs.lua")
+    sj = tmp_path / "s.json"
+    r = luaprobe("run", plug, "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "--shards", shards,
+                 "--stats-json", str(sj))
+    assert r.returncode == 4, r.stderr
+    import json
+    s = json.loads(sj.read_text())
+    vms = len(s["plugins"])
+    assert vms == int(shards)
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("errs.lua [")]
+    assert f"hook calls {n_ip + vms:,} errors {vms} " in line, line
+    assert f" ok {n_ip} " in line and line.endswith(f" onresult_errors {n_ip // 2}"), line
+    for p in s["plugins"]:
+        helpers.assert_accounting(p["async"])
+        assert p["hook_errors"] == {"onunload": 1} and p["hook_calls"]["onunload"] == 1
+    assert sum(p["async"]["onresult_errors"] for p in s["plugins"]) == n_ip // 2
+    assert r.stderr.count("onunload failed on every call (1)") == vms
+
+
+# ------------------------------------------------------------------ 6. --shards: the written line and filex lines
+
+def test_sharded_written_line_counts_distinct_groups_and_one_incomplete_line(tmp_path):
+    """--shards 2: `written:` says the number of groups the database holds (sqlite3 counts them), not the sum
+    of both shards' upserts; truncated HTTP bodies spread over both shards give one `incomplete files` line
+    with the number of connections built truncated."""
+    import json
+    import sqlite3
+    from tests import pktbuild as pb
+    frames, n = [], 8
+    body = bytes(range(256)) * 8
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    for i in range(n):          # each ends before its Content-Length (truncated); client addresses spread over shards
+        c = pb.Conv(cip=f"{10 + i * 23}.{i * 29}.{i * 3}.{i * 7 + 1}", cport=47000 + i, t0=1700000000 + i)
+        c.handshake()
+        c.send(True, pb.http_request(f"/t{i}"))
+        c.seg(False, pb.PSH | pb.ACK, head + body[:500])
+        c.close()
+        frames.extend(c.frames)
+    pcap = str(tmp_path / "t.pcap")
+    pb.write_pcap(pcap, frames)
+    sj = tmp_path / "s.json"
+    r = luaprobe("run", f"{helpers.REPO}/engine/examples", "--pcap", pcap, "--pcap", f"{helpers.REPO}/{SAMPLE}",
+                 "--out", str(tmp_path / "out"), "--shards", "2", "--stats-json", str(sj), cwd=tmp_path)  # extracted/ there
+    assert r.returncode == 0, r.stderr
+    s = json.loads(sj.read_text())
+    per_shard = [fx["incomplete_truncated"] for fx in s["filex"]]
+    assert len(per_shard) == 2 and all(per_shard) and sum(per_shard) == n, per_shard   # both shards saw some
+    inc = [x for x in r.stdout.splitlines() if "incomplete files" in x]
+    assert inc == [f"file_sha256.lua: incomplete files truncated {n}"], inc
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    groups = db.execute("SELECT count(*) FROM counter_groups").fetchone()[0]
+    decls = db.execute("SELECT count(*) FROM decl_groups").fetchone()[0]
+    db.close()
+    (written,) = [x for x in r.stdout.splitlines() if x.startswith("written: ")]
+    assert groups and decls and f"counter_groups {groups}," in written and f"decl_groups {decls} " in written
+    assert s["rows_written"]["counter_groups"] == groups and s["rows_written"]["decl_groups"] == decls

@@ -75,10 +75,10 @@ def _rich_summary(s: dict) -> None:
     t = Table(title=f"luaprobe: {s['packets']:,} packets, {s['bytes']:,} bytes, {s['flows']:,} flows "
                     f"in {s['elapsed_s']} s", title_justify="left")
     for col in ("plug-in", "type#instance", "hook calls", "errors", "async sched", "ok", "nil", "error",
-                "timeout", "dropped", "pending"):
+                "timeout", "dropped", "pending", "onresult errors"):
         t.add_column(col, justify="left" if col in ("plug-in", "type#instance") else "right")
     for name, label, calls, errs, a in plugin_rows(s):
-        t.add_row(name, label, f"{calls:,}", str(errs), *(str(a[k]) for k in ASYNC_COLUMNS))
+        t.add_row(name, label, f"{calls:,}", str(errs), *(str(a[k]) for k in ASYNC_COLUMNS + ASYNC_ERRORS))
     con = Console()
     con.print(t)
     con.print(f"drops: packet ring full {d['capture']}  kernel {d.get('kernel', 0)}  flow table {d['flow_table']}")
@@ -98,6 +98,7 @@ def _print_problems(s: dict) -> None:
 
 
 ASYNC_COLUMNS = ("scheduled", "ok", "nil_result", "error", "timeout", "dropped", "pending")
+ASYNC_ERRORS = ("onresult_errors",)     # errors raised by onresult (the task itself counts as ok/nil_result)
 
 
 def plugin_rows(s: dict) -> list[tuple]:
@@ -108,7 +109,8 @@ def plugin_rows(s: dict) -> list[tuple]:
     instance ids differ per shard), a backend instance once per instance (``engine_monitor#0, shard 0``).
     The per-shard rows stay in ``--json`` / ``--stats-json`` (``plugins``, each with its ``shard``)."""
     def totals(p):
-        return sum(p["hook_calls"].values()), sum(p["hook_errors"].values()), {k: p["async"][k] for k in ASYNC_COLUMNS}
+        return sum(p["hook_calls"].values()), sum(p["hook_errors"].values()), \
+            {k: p["async"].get(k, 0) for k in ASYNC_COLUMNS + ASYNC_ERRORS}
     if not s.get("shards"):
         return [(os.path.basename(p["plugin"]), f"{p['type']}#{p['instance']}", *totals(p)) for p in s["plugins"]]
     from luaprobe.engine.plugins.discovery import BACKEND_TYPES
@@ -116,11 +118,11 @@ def plugin_rows(s: dict) -> list[tuple]:
     for p in s["plugins"]:
         key = (p["plugin"], p["type"], p["instance"] if p["type"] in BACKEND_TYPES else None)
         calls, errs, a = totals(p)
-        m = merged.setdefault(key, [set(), 0, 0, dict.fromkeys(ASYNC_COLUMNS, 0)])
+        m = merged.setdefault(key, [set(), 0, 0, dict.fromkeys(ASYNC_COLUMNS + ASYNC_ERRORS, 0)])
         m[0].add(p.get("shard"))
         m[1] += calls
         m[2] += errs
-        for k in ASYNC_COLUMNS:
+        for k in ASYNC_COLUMNS + ASYNC_ERRORS:
             m[3][k] += a[k]
     rows = []
     for (plugin, kind, inst), (shards, calls, errs, a) in merged.items():
@@ -137,10 +139,15 @@ def _traffic_lines(s: dict) -> list[str]:
         out.append("ip reassembly: " + "  ".join(f"{k} {v}" for k, v in ipr.items()))
     for lt, n in (s.get("unknown_linktypes") or {}).items():
         out.append(f"link type {lt} not decoded: {n} packets")
+    incomplete: dict = {}                # per plug-in, summed over the shards of a sharded run
     for fx in s.get("filex") or []:
-        inc = {k[len("incomplete_"):]: v for k, v in fx.items() if k.startswith("incomplete_") and v}
+        inc = incomplete.setdefault(fx["plugin"], {})
+        for k, v in fx.items():
+            if k.startswith("incomplete_") and v:
+                inc[k[len("incomplete_"):]] = inc.get(k[len("incomplete_"):], 0) + v
+    for plugin, inc in incomplete.items():
         if inc:
-            out.append(f"{os.path.basename(fx['plugin'])}: incomplete files "
+            out.append(f"{os.path.basename(plugin)}: incomplete files "
                        + "  ".join(f"{k} {v}" for k, v in sorted(inc.items())))
     return out
 
@@ -154,7 +161,8 @@ def _plain_summary(s: dict) -> None:
     for name, label, calls, errs, a in plugin_rows(s):
         print(f"{name} [{label}] hook calls {calls:,} errors {errs}"
               + (f"  async scheduled {a['scheduled']} ok {a['ok']} nil {a['nil_result']} error {a['error']}"
-                 f" timeout {a['timeout']} dropped {a['dropped']} pending {a['pending']}" if a["scheduled"] else ""))
+                 f" timeout {a['timeout']} dropped {a['dropped']} pending {a['pending']}" if a["scheduled"] else "")
+              + (f" onresult_errors {a['onresult_errors']}" if a["onresult_errors"] else ""))
     rw = s["rows_written"]
     print("written: " + ", ".join(f"{k} {v}" for k, v in rw.items()) + f"  -> {s['store']['path']}")
     _print_problems(s)

@@ -57,6 +57,15 @@ def preflight(cfg) -> None:
             raise UsageError('--async-backend ray: the ray package is not installed (pip install \'luaprobe[ray]\')')
 
 
+def _upper(v) -> str:
+    return _text(v).upper()
+
+
+#: Declarations the store upserts (one row per group, docs/schema.md): rows_written counts distinct groups, and a
+#: sharded run's merged summary counts the union of its shards' (every shard declares the same groups).
+DECLARED = {"counter_groups": lambda r: _upper(r[0]), "decl_groups": lambda r: f"{_text(r[0])} {_upper(r[1])}"}
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Everything `luaprobe run` decides."""
@@ -258,6 +267,7 @@ class FastPath:
         self.loop_start = self.loop_end = None   #: monotonic time of the first batch / after the last one
         self.loop_cpu_start = self.loop_cpu_end = None   #: this thread's CPU time at the same two points
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "fts": 0, "key_info": 0, "flows": 0}
+        self.declared: dict = {}       # {kind: {group key}} for the DECLARED kinds (rows_written counts these)
         self.stage = None               #: ReassemblyStage when a reassembly_handler is loaded
         self.flowmon = None             #: FlowBackends (sg_monitor / flowtracker)
         self.shard_index = cfg.shard["index"] if cfg.shard else 0
@@ -510,7 +520,12 @@ class FastPath:
         rows = [tuple(r.values()) for r in rows.values()] if hasattr(rows, "values") else rows
         if rows:
             self.store.write(kind, rows)
-            self.rows_written[kind] = self.rows_written.get(kind, 0) + len(rows)
+            if kind in DECLARED:       # upserts by GUID: count the distinct groups the database holds
+                seen = self.declared.setdefault(kind, set())
+                seen.update(DECLARED[kind](r) for r in rows)
+                self.rows_written[kind] = len(seen)
+            else:
+                self.rows_written[kind] = self.rows_written.get(kind, 0) + len(rows)
 
     # ----------------------------------------------------------------- run
     def run(self) -> dict:
@@ -874,6 +889,7 @@ class FastPath:
         method(lua, "stop_profile")(self.driver)
         for inst in self.instances:
             inst.vm.lua.eval("function(h) h.stop_profile() end")(inst.vm.host)
+        rt.unload_all()                        # before the counts: an onunload error is a hook error like any other
         self.async_final = [(i, i.vm.async_stats()) for i in self.instances]
         self.hook_stats = []
         for i in self.instances:
@@ -881,7 +897,6 @@ class FastPath:
             walk = i.vm.lua.eval("function(h) return h:walk_mode() end")(i.vm.host)
             self.hook_stats.append((i, {_text(k): v for k, v in calls.items()},
                                     {_text(k): v for k, v in errors.items()}, walk and _text(walk)))
-        rt.unload_all()
 
     def _new_flows(self, n: int) -> list[list]:
         """Full rows of the driver's last n exported records (new flows for sg_monitor onnewflow)."""
@@ -985,6 +1000,7 @@ class FastPath:
                 "kernel_packets": cs[3] if len(cs) > 3 else 0,
                 "loopback_outgoing": cs[5] if len(cs) > 5 else 0} if self.cfg.interface else {}),
             "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
+            "declared_groups": {k: sorted(v) for k, v in self.declared.items()},
             "filex": getattr(self, "filex_stats", []),
             **({"packet_storage": self.packet_storage} if self.packet_storage else {}),
             "analysers": self.analysers.stats() if self.analysers is not None else {},

@@ -388,6 +388,11 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
     out["plugin_problems"] = _unique(e for p in parts for e in p.get("plugin_problems", []))
     out["plugins"] = [dict(pl, shard=k) for k, p in enumerate(parts) for pl in p.get("plugins", [])]
     out["rows_written"] = _sum_dicts([p.get("rows_written", {}) for p in parts])
+    out["declared_groups"] = {}
+    for kind in sorted({k for p in parts for k in p.get("declared_groups", {})}):   # upserts: the union, not a sum
+        union = sorted({g for p in parts for g in p.get("declared_groups", {}).get(kind, [])})
+        out["declared_groups"][kind] = union
+        out["rows_written"][kind] = len(union)
     out["filex"] = [dict(x, shard=k) for k, p in enumerate(parts) for x in p.get("filex", [])]
     out["backend_reloads"] = parts[0].get("backend_reloads", 0)
     done = set(out) | {"store", "shards", "stopped_by", "packet_loop_s", "packet_storage", "closed_s"}
