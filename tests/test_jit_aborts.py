@@ -184,7 +184,11 @@ prime(batch, nflows)
 -- 2. then the walk over packets of known flows; which trace does its loop become?
 local stops, walker = {}, host.sc.walker
 local function on_trace(what, tr, func, pc, parent)
-  if what == "start" and func == walker and parent == nil then stops[tr] = { loc = jutil.funcinfo(func, pc).loc }
+  -- root traces of the walker's loop; a trace from the function's entry (its first line) only runs the
+  -- prologue into the loop's trace (link 'root') and says nothing about the loop
+  local fi = jutil.funcinfo(func, pc)
+  if what == "start" and func == walker and parent == nil and fi.currentline ~= fi.linedefined then
+    stops[tr] = { loc = fi.loc }
   elseif what == "stop" and stops[tr] then
     local ti = jutil.traceinfo(tr)
     stops[tr].link, stops[tr].linktype = ti.link, ti.linktype
