@@ -161,12 +161,13 @@ def test_walk_switches_to_the_stitch_point(tmp_path, monkeypatch):
     assert sum(r[2] for r in steady) <= STEADY_MAX, steady
 
 
-PRIME_AND_WALK = r"""
+# A batch of ``nflows`` decoded frames of ``flen`` bytes (one flow each, packet time 1000) over the bytes
+# ``frames``; the chunks below walk it with ``host`` (a PluginVM's Host).
+BATCH_OF_FRAMES = r"""
 local frames, flen, nflows, host = ...
 local ffi = require("ffi")
 local packet = require("luaprobe.engine.plugins.packet")
 local decode = require("luaprobe.engine.fastpath.decode")
-local jutil = require("jit.util")
 local base = ffi.cast("const uint8_t *", frames)
 local batch = packet.new_batch(nflows)
 for k = 0, nflows - 1 do
@@ -175,6 +176,11 @@ for k = 0, nflows - 1 do
   p.flow, p.dir, p.flow_uid = k, 0, k + 1
   decode.decode(p.d, p.data, flen, 1)
 end
+"""
+
+
+PRIME_AND_WALK = BATCH_OF_FRAMES + r"""
+local jutil = require("jit.util")
 -- 1. every flow's first flowid() from the interpreter (as before the walk's loop is hot): LuaJIT may record a
 --    function-entry trace of the flowid binding on this new-flow path
 local pobj = packet.new_packet()
@@ -240,19 +246,7 @@ def test_flowid_of_new_flows_keeps_the_walk_one_loop(tmp_path):
         vm.close()
 
 
-ALLOC_WALK = r"""
-local frames, flen, nflows, host = ...
-local ffi = require("ffi")
-local packet = require("luaprobe.engine.plugins.packet")
-local decode = require("luaprobe.engine.fastpath.decode")
-local base = ffi.cast("const uint8_t *", frames)
-local batch = packet.new_batch(nflows)
-for k = 0, nflows - 1 do
-  local p = batch[k]
-  p.data, p.caplen, p.wirelen, p.linktype, p.ts_sec = base + k * flen, flen, flen, 1, 1000
-  p.flow, p.dir, p.flow_uid = k, 0, k + 1
-  decode.decode(p.d, p.data, flen, 1)
-end
+ALLOC_WALK = BATCH_OF_FRAMES + r"""
 local addr = tonumber(ffi.cast("intptr_t", batch))
 for _ = 1, 10 do host:run_batch(addr, nflows) end       -- warm-up: traces, first flowid() and counter key per flow
 collectgarbage("collect")

@@ -66,42 +66,50 @@ def test_batch_push_stops_when_full(ring):
     assert ring.try_pop_batch(100) == recs[:pushed]
 
 
+def run_against_fifo_model(ring, cap, start, ops, record):
+    """Apply ``ops`` ((is_push, size), ...) to ``ring`` (empty, head = tail = ``start``) and to a byte-level
+    model of it, asserting they agree at every step and at the end: a record takes 8 + its size rounded up
+    to 8 bytes, contiguously; one that does not fit before the end pads to the end and starts at 0; a push
+    succeeds exactly when that fits in the space the consumer has released (shm/ring.lua reserve).
+    ``record(seq, size)`` makes the pushed bytes."""
+    model = collections.deque()             # (start position, bytes taken, record)
+    head = tail = start
+    seq = 0
+    for is_push, size in ops:
+        if is_push:
+            seq += 1
+            rec = record(seq, size)
+            need = 8 + (size + 7) // 8 * 8
+            contiguous = cap - tail % cap
+            total = need if need <= contiguous else contiguous + need
+            fits = tail + total - head <= cap
+            assert ring.try_push(rec) == fits, (head, tail, need)
+            if fits:
+                if need > contiguous:
+                    tail += contiguous
+                model.append((tail, need, rec))
+                tail += need
+        else:
+            got = ring.try_pop()
+            if model:
+                pos, need, rec = model.popleft()
+                head = pos + need
+                assert got == rec
+            else:
+                assert got is None
+    assert ring.fill() == (len(model), tail - head)
+    assert ring.try_pop_batch(10_000) == [r for _, _, r in model]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 900)), min_size=1, max_size=400))
 def test_matches_a_fifo_model_through_wraparound(ops):
-    """Random pushes and pops of random sizes behave exactly like a byte-level model of the ring, across
-    many wraps: a record takes 8 + its size rounded up to 8 bytes, contiguously; one that does not fit
-    before the end pads to the end and starts at 0; a push succeeds exactly when that fits in the space
-    the consumer has released (shm/ring.lua reserve)."""
+    """Random pushes and pops of random sizes behave exactly like a byte-level model of the ring
+    (run_against_fifo_model), across many wraps."""
     cap = 4096
     ring = Ring.create(cap)                 # a fresh ring per example: the model starts at position 0
     try:
-        model = collections.deque()         # (start position, bytes taken, record)
-        head = tail = seq = 0
-        for is_push, size in ops:
-            if is_push:
-                seq += 1
-                rec = (seq.to_bytes(4, "little") * (size // 4 + 1))[:size]
-                need = 8 + (size + 7) // 8 * 8
-                contiguous = cap - tail % cap
-                total = need if need <= contiguous else contiguous + need
-                fits = tail + total - head <= cap
-                assert ring.try_push(rec) == fits, (head, tail, need)
-                if fits:
-                    if need > contiguous:
-                        tail += contiguous
-                    model.append((tail, need, rec))
-                    tail += need
-            else:
-                got = ring.try_pop()
-                if model:
-                    start, need, rec = model.popleft()
-                    head = start + need
-                    assert got == rec
-                else:
-                    assert got is None
-        assert ring.fill() == (len(model), tail - head)
-        assert ring.try_pop_batch(10_000) == [r for _, _, r in model]
+        run_against_fifo_model(ring, cap, 0, ops, lambda seq, size: (seq.to_bytes(4, "little") * (size // 4 + 1))[:size])
     finally:
         ring.close()
 
@@ -122,31 +130,7 @@ def test_fifo_model_holds_at_positions_past_32_bits(start, shift, ops):
     try:
         ring._lua.eval("function(r, p) local C = require('luaprobe.shm.ring').lib;"
                        " C.lp_store(r.head_p, p); C.lp_store(r.tail_p, p); r:resync() end")(ring._ring, start)
-        model = collections.deque()
-        head = tail = start
-        for is_push, size in ops:
-            if is_push:
-                rec = os.urandom(size)
-                need = 8 + (size + 7) // 8 * 8
-                contiguous = cap - tail % cap
-                total = need if need <= contiguous else contiguous + need
-                fits = tail + total - head <= cap
-                assert ring.try_push(rec) == fits, (head, tail, need)
-                if fits:
-                    if need > contiguous:
-                        tail += contiguous
-                    model.append((tail, need, rec))
-                    tail += need
-            else:
-                got = ring.try_pop()
-                if model:
-                    pos, need, rec = model.popleft()
-                    head = pos + need
-                    assert got == rec
-                else:
-                    assert got is None
-        assert ring.fill() == (len(model), tail - head)
-        assert ring.try_pop_batch(10_000) == [r for _, _, r in model]
+        run_against_fifo_model(ring, cap, start, ops, lambda seq, size: os.urandom(size))
     finally:
         ring.close()
 

@@ -115,6 +115,19 @@ def runs(tmp_path_factory):
     return {n: run_n(tmp, n) for n in (1, 2, 4)}
 
 
+
+def start_sharded_daemon(d, path, extra=""):
+    """Start the test daemon ``d`` (tests/test_supervisor.py Daemon) from its config ``path`` with
+    ``shards = 2`` in [run] and ``extra`` TOML appended; its supervisor pid joins ``d.pids`` for clean-up."""
+    from .test_supervisor import cli as sv_cli
+    with open(path) as f:
+        text = f.read().replace('run_dir = "run"\n', 'run_dir = "run"\nshards = 2\n', 1) + extra
+    with open(path, "w") as f:
+        f.write(text)
+    r = sv_cli("start", "--config", path)
+    assert r.returncode == 0, r.stderr
+    d.pids.add(int(r.stdout.split("supervisor pid ")[1].split()[0].rstrip(",;)")))
+
 def test_outputs_identical_for_1_2_4_shards(runs):
     base = dump(runs[1][1])
     assert len(base["flows"]) > 600 and len(base["alerts"]) == SYNS
@@ -323,18 +336,12 @@ def test_live_fanout_every_packet_once(tmp_path, veth):
 def test_daemon_shards_stats_prometheus_and_shard_restart(tmp_path):
     from luaprobe.engine.daemon import metrics
 
-    from .test_supervisor import Daemon, cli as sv_cli, free_port
+    from .test_supervisor import Daemon, free_port
     d = Daemon(tmp_path)
     port = free_port()
     path = d.write_config(pcap=(os.path.join(PCAPS, "mix-wikipedia-dns-http.pcap"),), port=port)
-    with open(path) as f:
-        text = f.read().replace('run_dir = "run"\n', 'run_dir = "run"\nshards = 2\n', 1)
-    with open(path, "w") as f:
-        f.write(text)
     try:
-        r = sv_cli("start", "--config", path)
-        assert r.returncode == 0, r.stderr
-        d.pids.add(int(r.stdout.split("supervisor pid ")[1].split()[0].rstrip(",;)")))
+        start_sharded_daemon(d, path)
         # this capture's hosts use both shards (a busy machine may start one shard seconds after the other)
         snap = wait_for(lambda: (s := d.stats()).get("packets", 0) >= 2000 and len(s.get("shards", [])) == 2
                         and min(x["packets"] for x in s["shards"]) > 0 and s, 60, 0.1)
@@ -440,17 +447,11 @@ def test_daemon_shards_log_in_the_configured_format(tmp_path):
     """`[log] format = "json"` with `[run] shards = 2`: every line of supervisor.log is a JSON object, the shard
     processes' lines too (they logged text lines into the JSON log before); shard 0's engine_monitor line is
     among them (window_report.lua logs one per window)."""
-    from .test_supervisor import Daemon, cli as sv_cli
+    from .test_supervisor import Daemon
     d = Daemon(tmp_path)
     path = d.write_config(loop=False)
-    with open(path) as f:
-        text = f.read().replace('run_dir = "run"\n', 'run_dir = "run"\nshards = 2\n', 1) + '[log]\nformat = "json"\n'
-    with open(path, "w") as f:
-        f.write(text)
     try:
-        r = sv_cli("start", "--config", path)
-        assert r.returncode == 0, r.stderr
-        d.pids.add(int(r.stdout.split("supervisor pid ")[1].split()[0].rstrip(",;)")))
+        start_sharded_daemon(d, path, '[log]\nformat = "json"\n')
         wait_for(lambda: d.status()["state"].startswith("stopped"), 90, 0.2)
         d.cli("stop")
         lines = [x for x in open(os.path.join(d.run_dir, "supervisor.log")).read().splitlines() if x.strip()]
