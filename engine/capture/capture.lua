@@ -26,14 +26,17 @@ local M = {}
 
 --- Shard (0-based) of a decoded packet among `n`: XOR of the 32-bit words of both
 --- addresses (commutative, so A->B and B->A agree; fragments carry the same
---- addresses as their datagram's first fragment), mixed by a 64-bit Fibonacci multiply.
+--- addresses as their datagram's first fragment), mixed by a 64-bit Fibonacci multiply
+--- whose TOP 32 bits pick the shard by multiply-shift (h * n / 2^32): Knuth's Fibonacci
+--- hashing takes the high bits, the well-mixed ones; taking `h mod n` (the low bits of the
+--- high half) put 12 of 16 neighbouring clients 192.0.2.10-25 -> one server on one of 2 shards.
 --- Non-IP: shard 0.
 function M.shard_of(d, n)
   if d.ip_version == 0 then return 0 end
   local s, t = cast(u32p, d.src), cast(u32p, d.dst)
   local x = bxor(s[0], s[1], s[2], s[3], t[0], t[1], t[2], t[3])
   local h = rshift(ffi.cast("uint64_t", ffi.cast("uint32_t", x)) * 0x9E3779B97F4A7C15ULL, 32)
-  return tonumber(h % n)
+  return tonumber(rshift(h * n, 32))
 end
 
 local Sharder = {}
