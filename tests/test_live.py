@@ -34,6 +34,12 @@ def sh(*args, check=True):
     return subprocess.run(args, check=check, capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
 
+def _carrier_ready(ip, dev, ns=None) -> bool:
+    """True once ``dev`` (in netns ``ns``) is UP with a real qdisc (``ip link show``: not "qdisc noop")."""
+    out = sh(ip, *(("-n", ns) if ns else ()), "link", "show", dev).stdout
+    return "state UP" in out and "qdisc noop" not in out
+
+
 @pytest.fixture
 def veth():
     """(capture interface, namespace): lp0-<pid> here, lp1-<pid> in netns lp-test-<pid>; removed at teardown."""
@@ -59,6 +65,10 @@ def veth():
         with open(f"/sys/class/net/{here}/address") as f:
             mac = f.read().strip()
         sh(IP, "-n", ns, "neigh", "replace", OUR_IP, "lladdr", mac, "dev", there, "nud", "permanent")
+        # "link set up" returns before the kernel's link watcher (rate-limited, up to 1 s) attaches the real
+        # qdiscs; until then both ends have noop_qdisc, which drops every frame sent (no capture can see it)
+        helpers.wait_for(lambda: _carrier_ready(IP, here) and _carrier_ready(IP, there, ns), timeout=10,
+                         interval=0.01)
         yield here, ns
     finally:
         sh(IP, "link", "del", here, check=False)            # deletes the peer too
