@@ -86,8 +86,12 @@ class Daemon:
     def cli(self, cmd, *args, **kw):
         return cli(cmd, "--run-dir", self.run_dir, *args, **kw)
 
-    def start(self, **cfg):
+    def start(self, supervise=None, **cfg):
+        """Write the config (``supervise``: text replacing its "stop_deadline = 15" line) and start a daemon."""
         self.write_config(**cfg)
+        if supervise is not None:
+            text = open(self.config).read().replace("stop_deadline = 15", supervise)
+            open(self.config, "w").write(text)
         r = cli("start", "--config", self.config)
         assert r.returncode == 0, r.stderr
         pid = control.read_pid(self.run_dir)
@@ -475,12 +479,7 @@ def test_stalled_fastpath_is_restarted_and_status_says_why(daemon, tmp_path):
     plug = tmp_path / "plugins"
     plug.mkdir()
     (plug / "stuck.lua").write_text(STUCK % (tmp_path / "stuck-once"))
-    daemon.write_config(plugins=(plug,))
-    text = open(daemon.config).read().replace("stop_deadline = 15", "stop_deadline = 15\nstall_timeout = 2")
-    open(daemon.config, "w").write(text)
-    r = cli("start", "--config", daemon.config)
-    assert r.returncode == 0, r.stderr
-    daemon.pids.add(control.read_pid(daemon.run_dir))
+    daemon.start(plugins=(plug,), supervise="stop_deadline = 15\nstall_timeout = 2")
     st = helpers.wait_for(lambda: (s := daemon.status()).get("restarts", 0) >= 1 and s, 60, 0.2)
     assert "stalled: no heartbeat for" in st["last_exit"], st
     assert (tmp_path / "stuck-once").exists()
@@ -576,12 +575,7 @@ def test_stop_past_stop_deadline_exits_5_naming_what_was_killed(daemon, tmp_path
     plug = tmp_path / "plugins"
     plug.mkdir()
     (plug / "slow_unload.lua").write_text(SLOW_UNLOAD)
-    daemon.write_config(plugins=(plug,))
-    text = open(daemon.config).read().replace("stop_deadline = 15", "stop_deadline = 1")
-    open(daemon.config, "w").write(text)
-    r = cli("start", "--config", daemon.config)
-    assert r.returncode == 0, r.stderr
-    daemon.pids.add(control.read_pid(daemon.run_dir))
+    daemon.start(plugins=(plug,), supervise="stop_deadline = 1")
     daemon.wait_packets(100)
     st = daemon.status()
     fp = st["processes"]["fastpath"]
