@@ -282,19 +282,38 @@ def _add_columns(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
 
 
+def _wal(db: sqlite3.Connection, wait: float = 30.0) -> str:
+    """Switch to WAL; returns the journal mode.  SQLite does not call the busy handler for this switch, so when
+    another connection (a shard's writer opening the same new database) holds the lock it is retried here for
+    up to ``wait`` seconds, like the busy timeout of every other statement."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 def open_rw(path: str, max_page_count: int | None = None) -> sqlite3.Connection:
     """Open (creating if needed) the database for writing: WAL, synchronous=NORMAL, schema applied."""
     db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
     try:
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = _wal(db)
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch to WAL journal mode (got {mode!r})")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=30000")
-        db.executescript(SCHEMA)
+        # Schema, migration and version in one write transaction taken up front (BEGIN IMMEDIATE waits on the
+        # busy timeout): in autocommit each statement read the schema and then upgraded to a write, and in WAL
+        # an upgrade after another writer committed fails at once with "database is locked" without waiting
+        # (SQLITE_BUSY_SNAPSHOT) -- the shards of one run open the same database at the same moment.
+        db.executescript("BEGIN IMMEDIATE;\n" + SCHEMA)
         _add_columns(db)
         db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
                    (str(SCHEMA_VERSION),))
+        db.execute("COMMIT")
         if max_page_count:
             db.execute(f"PRAGMA max_page_count={int(max_page_count)}")
     except BaseException:
