@@ -31,6 +31,7 @@ import sys
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 if __name__ == '__main__':  # pragma: no cover - allow running from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -424,6 +425,26 @@ def test_chunked_gzip_with_trailers(lua, S, step):
             + chunked(gz(payload), 100, b'X-Sum: 42\r\n'))
     log, st = syn(lua, S, [(0, b'GET /z HTTP/1.1\r\n\r\n'), (1, resp)], step)
     assert log[-1] == 'body 1 /z %d -- X-Sum=42; [%s]' % (len(payload), payload.decode())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=3000).map(str.encode), size=st.integers(1, 1500),
+       ext=st.integers(0, 20000), trailer=st.integers(0, 20000), step=st.sampled_from([None, 1400, 997]))
+def test_chunk_lines_as_long_as_a_header(lua, S, data, size, ext, trailer, step):
+    """Chunk-size lines with long extensions and long trailer lines (RFC 9112 §7.1.1/§7.1.2 set no
+    limit; up to max_header = 64 KiB is kept, as for header lines) keep the framing: the body is the
+    data sent, the trailer arrives, and a response after it is still parsed."""
+    body = b''
+    for i in range(0, len(data), size):
+        c = data[i:i + size]
+        body += b'%x;e="%s"\r\n' % (len(c), b'x' * ext) + c + b'\r\n'
+    body += b'0\r\nX-T: %s\r\n\r\n' % (b'y' * trailer)
+    resp = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n' + body
+    resp += b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok'
+    log, st_ = syn(lua, S, [(0, b'GET /c HTTP/1.1\r\n\r\nGET /d HTTP/1.1\r\n\r\n'), (1, resp)], step)
+    got = [x for x in log if x.startswith('body')]
+    assert got[0] == 'body 1 /c %d -- X-T=%s; [%s]' % (len(data), 'y' * trailer, data.decode())
+    assert got[1:] == ['body 1 /d 2 -- [ok]'] and st_['errors'] == 0
 
 
 def test_deflate_zlib_and_raw(lua, S):

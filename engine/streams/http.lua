@@ -34,7 +34,9 @@ Bodies.
     own body (the range is in resp_hdr:get_value("Content-Range")); a
     multipart/byteranges 206 is delivered as one body, as sent.
   * Chunked: chunk extensions ignored; trailers are parsed and returned in
-    flags.trailers = {{name, value}, ...}.
+    flags.trailers = {{name, value}, ...}.  A chunk-size line (extensions
+    included) or trailer line may be as long as a header block (max_header,
+    64 KiB; RFC 9112 §7.1.1 sets no limit): a longer one loses the framing.
   * Content-Encoding gzip / x-gzip / deflate is inflated while streaming
     (luaprobe.engine.streams.zlib); on_body receives decoded bytes and total_len counts them.
     Other encodings (br, compress...) are delivered as sent, flags.encoding names them.
@@ -78,7 +80,6 @@ local sfind, ssub, smatch, slower, sbyte = string.find, string.sub, string.match
 local tonumber = tonumber
 
 local MAX_HEADER = 65536
-local MAX_LINE = 4096
 
 -- modes
 local HDR, BODY_LEN, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER, BODY_CLOSE, RESYNC, TUNNEL, SKIPHDR =
@@ -627,7 +628,7 @@ end
 local function do_chunk_size(self, st, p, n)
   local k, line = read_line(st, p, n)
   if not line then
-    if #st.line > MAX_LINE then enter_resync(self, st, false) end
+    if #st.line > self.max_header then enter_resync(self, st, false) end
     return k
   end
   if line == "" and not st.chunk_seen_size then return k end   -- tolerate stray CRLF
@@ -673,7 +674,7 @@ local function do_chunk_crlf(self, st, p, n)
     else
       st.mode = CHUNK_SIZE
     end
-  elseif #st.line > MAX_LINE then
+  elseif #st.line > self.max_header then
     enter_resync(self, st, false)
   end
   return k
@@ -682,7 +683,7 @@ end
 local function do_trailer(self, st, p, n)
   local k, line = read_line(st, p, n)
   if not line then
-    if #st.line > MAX_LINE then body_end(self, st, true); enter_resync(self, st, false) end
+    if #st.line > self.max_header then body_end(self, st, true); enter_resync(self, st, false) end
     return k
   end
   if line == "" then
