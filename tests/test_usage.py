@@ -21,9 +21,10 @@ PLUGIN = os.path.join(EX, "tcp_ports.lua")
 SAMPLE = os.path.join(EX, "sample.pcap")
 
 
-def luaprobe(*args, cwd=None, timeout=60):
+def luaprobe(*args, cwd=None, timeout=60, env=None):
     return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=cwd or helpers.REPO,
-                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          env=None if env is None else {**os.environ, **env})
 
 
 # (flag, a value out of range) for every numeric option of `luaprobe run` (docs/operations.md lists the ranges)
@@ -122,11 +123,43 @@ MISTAKES = [
     ("query limit negative", lambda t: ["query", "alerts", "--out", str(t), "--limit", "-1"], 2, ["--limit"]),
     ("query no database", lambda t: ["query", "alerts", "--out", str(t)], 3, ["luaprobe query: ", "work"]),
     ("query unknown kind", lambda t: ["query", "alert"], 2, ["invalid choice: 'alert'"]),
-    ("check missing file", lambda t: ["check", str(t / "nope.lua")], 4, ["nope.lua"]),
+    # a PLUGIN path on the command line is what the user typed: usage error 2, not a plug-in error 4
+    ("check missing file", lambda t: ["check", str(t / "nope.lua")], 2,
+     ["luaprobe check: ", "nope.lua: no such plug-in file or directory"]),
+    ("run missing plug-in file", lambda t: ["run", "/nonexistent.lua", "--pcap", SAMPLE], 2,
+     ["luaprobe run: /nonexistent.lua: no such plug-in file or directory"]),
+    ("run missing plug-in file, 2 shards", lambda t: ["run", PLUGIN, str(t / "nope.lua"), "--pcap", SAMPLE,
+                                                      "--shards", "2"], 2,
+     ["luaprobe run: ", "nope.lua: no such plug-in file or directory"]),
+    ("run plug-in is a fifo", lambda t: ["run", _fifo(t), "--pcap", SAMPLE], 2,
+     ["luaprobe run: ", "fifo.pcap: not a regular file or a directory"]),
     ("shm bad action", lambda t: ["shm", "cleen"], 2, ["invalid choice: 'cleen'"]),
     ("stats count negative", lambda t: ["stats", "--count", "-1", "--run-dir", str(t)], 2, ["--count"]),
     ("start config missing", lambda t: ["start", "--config", str(t / "nope.toml")], 2, ["nope.toml"]),
 ]
+
+
+@pytest.mark.parametrize("cmd", ["run", "check"])
+@pytest.mark.parametrize("entry,says", [("/nonexistent", "no such directory"), (PLUGIN, "not a directory")])
+def test_trisul_lua_paths_checked_like_lua_path(tmp_path, cmd, entry, says):
+    """A TRISUL_LUA_PATHS entry gets --lua-path's rule and message, naming the variable (it was ignored and
+    surfaced later as a `require` failing inside a plug-in); good entries beside it are fine."""
+    argv = [cmd, PLUGIN] + (["--pcap", SAMPLE] if cmd == "run" else [])
+    r = luaprobe(*argv, cwd=str(tmp_path), env={"TRISUL_LUA_PATHS": f"{EX}:{entry}"})
+    one_line(r, 2, f"luaprobe {cmd}: TRISUL_LUA_PATHS {entry}: {says}")
+    assert not (tmp_path / "out").exists()
+    r = luaprobe(*argv, cwd=str(tmp_path), env={"TRISUL_LUA_PATHS": f"{EX};{tmp_path}"})
+    assert r.returncode == 0, r.stderr
+
+
+def test_trisul_lua_paths_checked_by_start(tmp_path):
+    """The daemon's config check applies the same rule (exit 2, one line, nothing started)."""
+    cfg = tmp_path / "probe.toml"
+    cfg.write_text(f'[run]\nout_dir = "{tmp_path / "out"}"\nrun_dir = "{tmp_path / "run"}"\n'
+                   f'[source]\npcap = ["{SAMPLE}"]\n[plugins]\npaths = ["{PLUGIN}"]\n')
+    r = luaprobe("start", "--config", str(cfg), cwd=str(tmp_path), env={"TRISUL_LUA_PATHS": "/nonexistent"})
+    one_line(r, 2, "TRISUL_LUA_PATHS /nonexistent: no such directory")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="ray is installed here")

@@ -242,10 +242,11 @@ def cmd_run(args) -> int:
         except UsageError as e:
             print(f"luaprobe run: {e}", file=sys.stderr)
             return EXIT_USAGE
-    from .usage import InputProblem, UsageError, check_captures, check_dir_target, check_dirs, check_new_file, \
-        check_out_dir
+    from .usage import InputProblem, UsageError, check_captures, check_dir_target, check_lua_paths, \
+        check_new_file, check_out_dir, check_plugins
     try:
-        check_dirs("--lua-path", args.lua_path)
+        check_plugins(args.plugins)
+        check_lua_paths(args.lua_path)
         check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new")
         if args.filex_dir:                                 # beneath --out is fine: the run creates --out first
             check_dir_target("--filex-dir", args.filex_dir, creating=[args.out])
@@ -378,9 +379,10 @@ def cmd_check(args) -> int:
     """`luaprobe check`: probe plug-ins and list their types and problems."""
     from luaprobe.engine.plugins.vm import PluginError
     from luaprobe.engine.plugins.discovery import describe, discover, probe
-    from .usage import UsageError, check_dirs
+    from .usage import UsageError, check_lua_paths, check_plugins
     try:
-        check_dirs("--lua-path", args.lua_path)
+        check_plugins(args.plugins)
+        check_lua_paths(args.lua_path)
     except UsageError as e:
         print(f"luaprobe check: {e}", file=sys.stderr)
         return e.exit_code

@@ -212,6 +212,12 @@ def _cross_checks(v: dict, name: str, raw: dict) -> None:
     for d in p["lua_path"]:
         if not os.path.isdir(d):
             raise ConfigError(f"{name}: [plugins] lua_path: {d!r}: not a directory")
+    from .usage import UsageError, check_dirs
+    from luaprobe.shm.searchpath import env_dirs
+    try:
+        check_dirs("TRISUL_LUA_PATHS", env_dirs())        # the daemon's plug-ins search them too
+    except UsageError as e:
+        raise ConfigError(f"{name}: {e} (environment)") from None
     if v["filex"]["dir"]:
         from .usage import UsageError, check_dir_target
         try:

@@ -9,7 +9,7 @@ Every mistake on the command line ends the same way: one line on stderr that nam
   argparse's "one of --pcap ... is required".
 * ``int_in`` / ``float_in`` / ``power_of_two``: ``type=`` converters that say the accepted range.
 * :func:`check_out_dir`, :func:`check_dir_target`, :func:`check_new_file`, :func:`check_dirs`,
-  :func:`check_captures`: the file-system checks of a run.
+  :func:`check_lua_paths`, :func:`check_plugins`, :func:`check_captures`: the file-system checks of a run.
 """
 from __future__ import annotations
 
@@ -188,6 +188,34 @@ def check_dirs(option: str, paths: list) -> None:
     for p in paths:
         if not os.path.isdir(p):
             raise UsageError(f"{option} {p}: " + ("not a directory" if os.path.exists(p) else "no such directory"))
+
+
+def check_lua_paths(lua_path: list) -> None:
+    """The Lua search directories of a run or check: every ``--lua-path`` and every ``TRISUL_LUA_PATHS`` entry
+    (shm/searchpath.py ``env_dirs``) is an existing directory, one rule and one message for both
+    (``TRISUL_LUA_PATHS /x: no such directory``).  Raises :class:`UsageError` naming the first bad one."""
+    from luaprobe.shm.searchpath import env_dirs
+    check_dirs("--lua-path", lua_path)
+    check_dirs("TRISUL_LUA_PATHS", env_dirs())
+
+
+def check_plugins(paths: list) -> None:
+    """Every PLUGIN argument exists and can be read: a file is opened, a directory listed.  A typo here is the
+    user's (exit 2, nothing started), not a plug-in that failed to load (exit 4).  Raises :class:`UsageError`
+    naming the first bad path: ``/x.lua: no such plug-in file or directory``."""
+    for p in paths:
+        try:
+            if os.path.isdir(p):
+                os.listdir(p)
+            elif not os.path.exists(p):
+                raise UsageError(f"{p}: no such plug-in file or directory")
+            elif not stat.S_ISREG(os.stat(p).st_mode):
+                raise UsageError(f"{p}: not a regular file or a directory (give a plug-in .lua file or a directory)")
+            else:
+                with open(p, "rb"):
+                    pass
+        except OSError as e:
+            raise UsageError(f"{p}: cannot read the plug-in: {e.strerror}") from None
 
 
 def check_captures(paths: list) -> None:
