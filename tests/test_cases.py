@@ -317,8 +317,9 @@ def test_port_reuse_kind(tmp_path, v6):
     assert s["filex"][0]["tcp_reused"] == 1
 
 
-def write_pcapng(path, frames, fcs_bits=0, linktype=1):
-    """pcapng: SHB, one IDB (if_fcslen option when fcs_bits), EPBs (usec)."""
+def write_pcapng(path, frames, fcs_bits=0, linktype=1, epb_fcs=0):
+    """pcapng: SHB, one IDB (if_fcslen option when fcs_bits), EPBs (usec); epb_fcs: every EPB ends in an FCS
+    of that many octets, announced by its epb_flags option (bits 5-8; the IDB may say otherwise)."""
     def block(btype, body):
         body += b"\0" * (-len(body) % 4)
         n = len(body) + 12
@@ -327,18 +328,22 @@ def write_pcapng(path, frames, fcs_bits=0, linktype=1):
     opts = (struct.pack("<HHB3x", 13, 1, fcs_bits) if fcs_bits else b"") + struct.pack("<HH", 0, 0)
     out.append(block(1, struct.pack("<HHI", linktype, 0, 0) + opts))
     for t, fr in frames:
-        if fcs_bits:
+        if fcs_bits or epb_fcs:
             fr = fr + b"\0" * max(0, 60 - len(fr))
             fr += struct.pack("<I", pb.zlib.crc32(fr) & 0xFFFFFFFF)
         us = int(round(t * 1e6))
-        out.append(block(6, struct.pack("<IIIII", 0, us >> 32, us & 0xFFFFFFFF, len(fr), len(fr)) + fr))
+        epb = struct.pack("<IIIII", 0, us >> 32, us & 0xFFFFFFFF, len(fr), len(fr)) + fr + b"\0" * (-len(fr) % 4)
+        if epb_fcs:                                   # options: a comment, then epb_flags, then opt_endofopt
+            epb += struct.pack("<HH4sHHIHH", 1, 4, b"note", 2, 4, (epb_fcs << 5) | 1, 0, 0)
+        out.append(block(6, epb))
     with open(path, "wb") as f:
         f.write(b"".join(out))
 
 
-@pytest.mark.parametrize("container", ["pcap-ipv6", "pcapng-if_fcslen", "pcap-fcs-snaplen"])
+@pytest.mark.parametrize("container", ["pcap-ipv6", "pcapng-if_fcslen", "pcap-fcs-snaplen", "pcapng-epb_flags"])
 def test_fcs_kind(tmp_path, container):
-    """FCS announced by the pcap link-type bits or the pcapng if_fcslen option is not payload."""
+    """FCS announced by the pcap link-type bits, the pcapng if_fcslen option or a packet's epb_flags FCS
+    length (which overrides if_fcslen) is not payload; tshark reads the same FCS length."""
     v6 = container == "pcap-ipv6"
     c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
                 cport=45004)
@@ -350,12 +355,19 @@ def test_fcs_kind(tmp_path, container):
     pcap = str(tmp_path / "f.cap")
     if container == "pcapng-if_fcslen":
         write_pcapng(pcap, c.frames, fcs_bits=32)
+    elif container == "pcapng-epb_flags":                  # the IDB says 2 octets, each packet 4
+        write_pcapng(pcap, c.frames, fcs_bits=16, epb_fcs=4)
     else:                                                   # snaplen: 2 of the 4 FCS bytes not captured
         pb.write_pcap(pcap, c.frames, fcs=True, cut=2 if container == "pcap-fcs-snaplen" else 0)
     files, _, s, out = run_kinds(tmp_path, pcap)
     (f,) = files
     assert (int(f[3]), f[4]) == (len(body), SHA(body))
     assert s["bytes"] == sum(len(fr) for _, fr in c.frames) + sum(max(0, 60 - len(fr)) for _, fr in c.frames)
+    if container.startswith("pcapng"):                     # tshark: frame length minus the FCS it shows
+        r = subprocess.run(["tshark", "-r", pcap, "-T", "fields", "-e", "frame.len", "-e", "eth.fcs"],
+                           capture_output=True, text=True, check=True)
+        rows = [line.split("\t") for line in r.stdout.splitlines()]
+        assert all(fcs for _, fcs in rows) and sum(int(n) - 4 for n, _ in rows) == s["bytes"]
 
 
 def test_unknown_linktype_warned_once_and_counted(tmp_path):

@@ -541,3 +541,27 @@ def test_fuzz_never_reads_outside(seed, cut, flips):
     n, nbytes, *_rest = res
     oob, offset = res[11], res[12]
     assert oob == 0 and 0 <= offset <= len(data)
+
+
+OPTS = st.lists(st.sampled_from([(1, b"comment!"), (3, b"\x00" * 8), (4, b"\x00" * 8 + b"\x01\x02"), (1, b"x")]),
+                max_size=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bo=st.sampled_from(["<", ">"]), if_fcs=st.sampled_from([0, 2, 4]), epb_fcs=st.integers(0, 15),
+       before=OPTS, after=OPTS, dlen=st.integers(20, 70), flags_low=st.integers(0, 31))
+def test_pcapng_epb_flags_fcs_length_overrides_if_fcslen(bo, if_fcs, epb_fcs, before, after, dlen, flags_low):
+    """An EPB's epb_flags option (pcapng draft §4.3.1: bits 5-8 = FCS length in octets) overrides the IDB's
+    if_fcslen (in bits) for that packet when non-zero, wherever it sits among the other options; EPBs without
+    the option keep the interface's FCS length."""
+    data = bytes(range(dlen))
+    fl = (epb_fcs << 5) | flags_low | (0x0000F000 if flags_low & 1 else 0)     # other bits set too
+    opts = b"".join(opt(c, v, bo) for c, v in before) + opt(2, struct.pack(bo + "I", fl), bo) \
+        + b"".join(opt(c, v, bo) for c, v in after) + opt(0, b"", bo)
+    body = struct.pack(bo + "IIIII", 0, 0, 5, dlen, dlen) + data + b"\0" * (-dlen % 4) + opts
+    idb_opts = opt(13, bytes([if_fcs * 8]), bo) if if_fcs else b""
+    cap = shb(bo) + idb(1, 0, idb_opts, bo) + blk(6, body, bo) + epb(0, 6, data, bo=bo)
+    recs, err, _ = records_of(cap)
+    f = epb_fcs or if_fcs
+    assert err is None
+    assert recs == [f"{dlen - f} {dlen - f} 0.000005000 1 0", f"{dlen - if_fcs} {dlen - if_fcs} 0.000006000 1 0"]

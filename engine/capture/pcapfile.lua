@@ -36,7 +36,9 @@ Formats
     and the obsolete PB (2).  Every other block type is skipped.
     An SPB has no timestamp: it reports the previous packet's timestamp (0 if none),
     so time never goes backwards because of it.  IDB option if_fcslen (13, in bits,
-    pcapng draft §4.2 and Wireshark) gives the FCS length of the interface's frames.
+    pcapng draft §4.2 and Wireshark) gives the FCS length of the interface's frames; an EPB's (or PB's)
+    epb_flags option with a non-zero FCS length (bits 5-8, in octets) overrides it for that packet, as
+    the draft says and Wireshark does.  Only blocks that carry options pay for reading them.
 
 FCS.  A frame check sequence is not payload: with a known FCS length f, a record of
 wirelen w and caplen c is returned with wirelen w - f and caplen min(c, w - f) (the
@@ -117,6 +119,23 @@ local function strip_fcs(caplen, wirelen, f)
   if w < 0 then w = 0 end
   if caplen > w then caplen = w end
   return caplen, w
+end
+
+-- The FCS length of one EPB / PB from its options: epb_flags (code 2, 4 bytes; pcapng draft §4.3.1,
+-- bits 5-8 = FCS length in octets, "overrides the if_fcslen option of the Interface Description
+-- Block") when non-zero, else the interface's `fcs`.  pos..stop: the options (bytes of the block).
+-- Called only for blocks that have options, so the per-packet path of option-less EPBs has no loop.
+local function block_fcs(p, pos, stop, swap, fcs)
+  while pos + 4 <= stop do
+    local code, olen = rd16(p, pos, swap), rd16(p, pos + 2, swap)
+    if code == 0 then break end
+    if code == 2 and olen == 4 and pos + 8 <= stop then
+      local f = band(rshift(rd32(p, pos + 4, swap), 5), 0x0F)
+      if f > 0 then return f end
+    end
+    pos = pos + 4 + olen + (4 - olen % 4) % 4
+  end
+  return fcs
 end
 
 ---------------------------------------------------------------------------
@@ -361,7 +380,10 @@ local function next_pcapng(r)
   r.offset = off + blen
   r.packets = r.packets + 1
   local wirelen = rd32(p, 24, swap)
-  if r.if_fcs[i] > 0 then caplen, wirelen = strip_fcs(caplen, wirelen, r.if_fcs[i]) end
+  local fcs = r.if_fcs[i]
+  local opts = 28 + caplen + (4 - caplen % 4) % 4             -- options start (after the padded data)
+  if opts + 4 <= blen - 4 then fcs = block_fcs(p, opts, blen - 4, swap, fcs) end
+  if fcs > 0 then caplen, wirelen = strip_fcs(caplen, wirelen, fcs) end
   return p + 28, caplen, wirelen, sec, nsec, r.if_link[i], ifid
 end
 
