@@ -798,3 +798,42 @@ def _bare_lua():
         from luaprobe.shm.luajit import new_runtime
         _LUA.append(new_runtime())
     return _LUA[0]
+
+
+# ============================================================================ the worker's spin window after a burst
+
+SPIN_PLUGIN = r'''
+got = 0
+function burst(n)
+  for i = 1, n do T.async:schedule{ data = "x", onexecute = function(d) return d end,
+                                     onresult = function() got = got + 1 end } end
+end
+'''
+
+
+def test_worker_sleeps_after_a_burst_but_spins_after_a_lone_task(runtime_factory, tmp_path):
+    """A worker keeps polling its ring for worker_spin_us after a lone task (the latency case), but after a burst
+    of >= BURST_TASKS tasks (a batch of packets' tasks) it sleeps within BURST_SPIN_NS: measured as the worker
+    process's CPU time (kernel accounting) over the idle half second that follows each, with a 2 s window."""
+    path = plugin(tmp_path, SPIN_PLUGIN)
+    rt = runtime_factory(workers=1, worker_spin_us=2_000_000)
+    vm = rt.load(path)
+    burst = vm.lua.eval("function(n) burst(n) end")
+    worker = None
+
+    def idle_cpu_after(n: int) -> float:
+        nonlocal worker
+        want = vm.exec("return got") + n
+        burst(n)
+        service_until(rt, lambda: vm.exec("return got") >= want)
+        worker = worker or psutil.Process(vm.pool.pids()[0])
+        c0 = sum(worker.cpu_times()[:2])
+        time.sleep(0.5)
+        return sum(worker.cpu_times()[:2]) - c0
+
+    after_burst = idle_cpu_after(500)
+    after_lone = idle_cpu_after(1)
+    after_burst_again = idle_cpu_after(500)
+    assert after_burst < 0.05 and after_burst_again < 0.05, (after_burst, after_burst_again, after_lone)
+    assert after_lone > 4 * max(after_burst, after_burst_again, 0.005), (after_lone, after_burst, after_burst_again)
+    helpers.assert_accounting(vm.async_stats())
