@@ -17,7 +17,7 @@ import time
 import psutil
 
 from luaprobe.shm.logs import log
-from luaprobe.shm import segment
+from luaprobe.shm import cpus, segment
 from luaprobe.shm.luajit import method
 
 from luaprobe.shm.exits import EXIT_RECYCLE, describe_exit
@@ -213,6 +213,7 @@ class WorkerPool:
         # its own process group: a timeout, a recycle or a crash ends everything the task started
         # (os.execute children included) with killpg; the terminal's ^C does not reach it
         slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, process_group=0)
+        cpus.unpin_child(slot.proc.pid)     # restarted from a pinned fast path: not on its CPU (shm/cpus.py)
         try:
             slot.ps = psutil.Process(slot.proc.pid)
         except psutil.Error:

@@ -2,7 +2,8 @@
 
 Each row: RunConfig field, CLI flag, (TOML section, key), kind, default (in the flag's unit), lower and upper
 bound, the factor from the flag's unit to RunConfig's, and the help text.  ``kind`` is "int", "float",
-"pow2" (an integer power of two), "path" or "name" (a user or group name, or a number).  docs/operations.md lists the same table for operators.
+"pow2" (an integer power of two), "path", "name" (a user or group name, or a number) or "cpus" (shm/cpus.py:
+"auto", "off" or "C,F").  docs/operations.md lists the same table for operators.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ SETTINGS = [
     ("window", "--window", ("fastpath", "window"), "int", 60, 1, 3600, 1,
      "backend window, seconds (Trisul StreamingWindowMSecs / 1000)"),
     ("batch", "--batch", ("fastpath", "batch"), "int", 1024, 1, 65536, 1, "packets per fast-path batch"),
+    ("pin_cpus", "--pin-cpus", ("fastpath", "pin_cpus"), "cpus", "auto", None, None, 1,
+     "CPU pinning: 'auto' puts the capture process and the fast path on two different CPUs when >= 2 are usable, "
+     "'off' pins nothing, 'C,F' puts capture on CPU C and the fast path on CPU F (shm/cpus.py)"),
     ("frag_timeout", "--frag-timeout", ("fastpath", "frag_timeout"), "float", 30.0, 0.1, 3600, 1,
      "seconds of packet time an IP datagram waits for its fragments"),
     ("frag_max_mb", "--frag-max-mb", ("fastpath", "frag_max_mb"), "float", 16.0, 0.1, 4096, 1,
@@ -49,11 +53,12 @@ SETTINGS = [
 
 def add_flags(parser) -> None:
     """Add every setting's flag to a `run`-like parser (range-checked by the converters of usage.py)."""
-    from .usage import float_in, int_in, number, power_of_two
+    from .usage import cpu_pins, float_in, int_in, number, power_of_two
     for field, flag, _toml, kind, default, lo, hi, _scale, text in SETTINGS:
         conv = {"int": lambda: int_in(lo, hi), "float": lambda: float_in(lo, hi),
-                "pow2": lambda: power_of_two(lo, hi), "path": lambda: str, "name": lambda: str}[kind]()
-        rng = "" if kind in ("path", "name") else f" ({number(lo)}..{number(hi)}, default {number(default)})"
+                "pow2": lambda: power_of_two(lo, hi), "path": lambda: str, "name": lambda: str,
+                "cpus": lambda: cpu_pins}[kind]()
+        rng = f" (default {default})" if kind == "cpus" else "" if kind in ("path", "name") else f" ({number(lo)}..{number(hi)}, default {number(default)})"
         parser.add_argument(flag, dest=field, type=conv, default=default, help=text + rng)
 
 
@@ -66,8 +71,8 @@ def toml_schema() -> dict:
     """{section: {key: (type, default, check)}} in engine/daemon/config.py's SCHEMA form."""
     out: dict = {}
     for _field, _flag, (section, key), kind, default, lo, hi, _scale, _text in SETTINGS:
-        t = {"int": int, "pow2": int, "float": (int, float), "path": "path", "name": str}[kind]
-        out.setdefault(section, {})[key] = (t, default, None if kind in ("path", "name") else (lo, hi))
+        t = {"int": int, "pow2": int, "float": (int, float), "path": "path", "name": str, "cpus": str}[kind]
+        out.setdefault(section, {})[key] = (t, default, None if kind in ("path", "name", "cpus") else (lo, hi))
     return out
 
 
@@ -78,6 +83,12 @@ def from_toml(values: dict) -> dict:
         v = values[section][key]
         if kind == "pow2" and v & (v - 1):
             raise ValueError(f"[{section}] {key} = {v}: must be a power of two between {lo} and {hi}")
+        if kind == "cpus":
+            from luaprobe.shm import cpus
+            try:
+                cpus.parse(v)
+            except ValueError as e:
+                raise ValueError(f"[{section}] {key} = {e}") from None
         kw[field] = _scaled(v, scale)
     return kw
 

@@ -129,6 +129,19 @@ def power_of_two(lo: int, hi: int):
     return conv
 
 
+def cpu_pins(text: str) -> str:
+    """``type=`` for --pin-cpus: "auto", "off" or "C,F" (shm/cpus.py), returned as given (lower case)."""
+    from luaprobe.shm import cpus
+    try:
+        cpus.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip().lower()
+
+
+cpu_pins.__name__ = "CPU pinning"
+
+
 def _range(lo, hi) -> str:
     return f"must be >= {lo}" if hi is None else f"must be between {lo} and {hi}"
 

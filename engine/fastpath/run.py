@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from luaprobe.shm import segment
+from luaprobe.shm import cpus, segment
 from luaprobe.shm.ring import region_size
 from luaprobe.shm.luajit import method, new_runtime
 from luaprobe.workers.pool import AsyncConfig
@@ -80,6 +80,7 @@ class RunConfig:
     batch: int = 1024
     packet_ring_size: int = 1 << 25
     flow_capacity: int = 1 << 20
+    pin_cpus: str = "auto"            #: capture process / fast-path thread CPU pinning (shm/cpus.py)
     idle_timeout: float = 120.0
     active_timeout: float = 1800.0
     stats_file: str | None = None     #: a JSON snapshot (FastPath.snapshot) rewritten every stats_interval
@@ -596,6 +597,7 @@ class FastPath:
             if shard:                           # packets taken, for the coordinator if this process dies
                 from luaprobe.engine.fastpath.shards import progress_word
                 progress = progress_word(rt.bell.address)
+            self._pin(capture)
             while True:
                 if self._stop == 1:
                     self._stop_capture(capture)
@@ -660,6 +662,7 @@ class FastPath:
             self.store.close(check=False)          # the writer process and its pipes, not left to GC
             raise
         finally:
+            cpus.unpin_thread()
             if getattr(self, "_signal_watch", None) is not None:
                 self._signal_watch.stop()
             for signum, handler in old_handlers.items():
@@ -685,6 +688,24 @@ class FastPath:
         summary["store"] = {"path": os.path.join(cfg.out_dir, "luaprobe.sqlite"), **(report or {})}
         summary["closed_s"] = round(time.monotonic() - t0, 3)   # elapsed_s + the writer's last rows and close
         return summary
+
+    def _pin(self, capture) -> None:
+        """``pin_cpus`` (shm/cpus.py): the capture process and this thread (driver and plug-in VMs) on two
+        CPUs of their own, just before the packet loop (children started before it keep every CPU; workers
+        restarted later get theirs back in workers/pool.py).  Sharded runs are left to the scheduler (N fast
+        paths and their captures); a CPU set too small or a refusal pins nothing, and never fails the run."""
+        self.pinned = None
+        if self.cfg.shard or not isinstance(capture, subprocess.Popen):
+            return
+        where, warning = cpus.plan(cpus.parse(self.cfg.pin_cpus), cpus.usable(), cpus.current_cpu())
+        if warning:
+            logs.log.warning("%s", warning)
+        if where is None:
+            return
+        c, f = where
+        if cpus.pin_thread(f):
+            cpus.pin_process(capture.pid, c)
+            self.pinned = {"capture": c, "fastpath": f}
 
     def _start_capture(self, ring_seg, rt) -> subprocess.Popen:
         """The capture process filling our packet ring (SIGTERM blocked until its handler is set)."""
@@ -988,6 +1009,7 @@ class FastPath:
             "elapsed_s": round(elapsed, 3),
             "packet_loop_s": round((self.loop_end or 0) - (self.loop_start or 0), 4),
             "packet_loop_cpu_s": round((self.loop_cpu_end or 0) - (self.loop_cpu_start or 0), 4),
+            "cpus_pinned": getattr(self, "pinned", None),   # {"capture": C, "fastpath": F} or None (shm/cpus.py)
             "files": self.cfg.files, "files_done": self.files_done, "input_errors": self.input_errors,
             "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),
             "truncated_headers": d.get("truncated", 0), "non_ip": d.get("nonip", 0),

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -92,13 +93,16 @@ def walk_rates(path: str, runs: int) -> tuple[int, list[float]]:
     return n, rates
 
 
+RUN_ARGS: list = []     #: extra `luaprobe run` flags (--run-args), e.g. ["--pin-cpus", "off"]
+
+
 def luaprobe_run(path: str, plugdir: str, workdir: str) -> dict:
-    """One ``luaprobe run``: its summary plus wall seconds and peak RSS (MB)."""
+    """One ``luaprobe run`` (with RUN_ARGS): its summary plus wall seconds and peak RSS (MB)."""
     out = os.path.join(workdir, "out")
     shutil.rmtree(out, ignore_errors=True)
     stats = os.path.join(workdir, "stats.json")
     cmd = [sys.executable, "-m", "luaprobe.engine", "run", plugdir, "--pcap", path, "--out", out,
-           "--stats-json", stats, "-q"]
+           "--stats-json", stats, "-q", *RUN_ARGS]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(proc.pid, 0)
@@ -141,7 +145,10 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", default=",".join(corpus.ORDER), help="traffic shapes, comma-separated")
     ap.add_argument("--shapes", default=",".join(shapes.ORDER), help="plug-in shapes, comma-separated")
     ap.add_argument("--doc", help="also write the table into this Markdown file, between the corpus_bench markers")
+    ap.add_argument("--run-args", default="", help="extra flags for every `luaprobe run`, one string "
+                    "(e.g. \"--pin-cpus off\" for an A/B run against the default)")
     a = ap.parse_args(argv)
+    RUN_ARGS[:] = shlex.split(a.run_args)
     traffic = [c for c in a.corpus.split(",") if c]
     plugins = [s for s in a.shapes.split(",") if s]
     for c in traffic:
