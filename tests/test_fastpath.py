@@ -667,7 +667,8 @@ def test_check_directory(tmp_path):
     assert "Traceback" not in r.stderr
     assert str(d / "good.lua") in r.stdout
     assert re.search(r"types: simplecounter\b", r.stdout), r.stdout
-    assert re.search(r"problem: .*broken\.lua:6:", r.stdout), r.stdout
+    assert re.fullmatch(r"luaprobe check: \S*broken\.lua:6: [^\n]*\n", r.stderr), r.stderr   # the error alone
+    assert "broken.lua" not in r.stdout
     assert "helper.lua" not in r.stdout
     # without the broken one: exit 0
     (d / "broken.lua").unlink()

@@ -391,7 +391,13 @@ def cmd_check(args) -> int:
     except PluginError as e:
         print(f"luaprobe check: {e}", file=sys.stderr)
         return EXIT_PLUGIN
-    print(describe(infos))
+    listing = describe(infos)
+    if listing:
+        print(listing)
+    for i in infos:                        # did not load: the error alone (file:line: message), no listing
+        if not i.loaded:
+            for e in i.errors:
+                print(f"luaprobe check: {e}", file=sys.stderr)
     bad = [p for i in infos for p in i.errors]
     return EXIT_PLUGIN if bad else EXIT_OK
 

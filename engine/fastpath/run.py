@@ -27,7 +27,7 @@ from luaprobe.shm.luajit import method, new_runtime
 from luaprobe.workers.pool import AsyncConfig
 
 from luaprobe.shm import logs
-from luaprobe.engine.plugins.errors import text as lua_text
+from luaprobe.engine.plugins.errors import first_line as _first_line, load_error, text as lua_text
 from luaprobe.engine.plugins.vm import PluginError, PluginVM, _text
 from luaprobe.engine.plugins.discovery import decl_rows, discover, group_names, group_rows, keyinfo_rows, probe
 from luaprobe.engine.plugins.flowmon import FlowBackends, full_row, stored
@@ -378,7 +378,7 @@ class FastPath:
             self.flowmon.add(inst)
         ok, res = vm.call(None, "onload")
         if not ok:                                         # an error, not a deliberate `return false`
-            problem = f"{path}: onload failed: {_text(res).splitlines()[0] if res else '?'}"
+            problem = f"{path}: onload failed: {_first_line(load_error(_text(res), path)) if res else '?'}"
             if problem not in self.plugin_problems:
                 self.plugin_problems.append(problem)
         if not ok or res is False:

@@ -15,6 +15,7 @@ import json
 import os
 
 from luaprobe.shm import logs
+from luaprobe.engine.plugins.errors import load_error
 from luaprobe.engine.plugins.vm import PluginError, _text
 from luaprobe.shm.searchpath import env_dirs, plugin_dirs
 
@@ -43,6 +44,7 @@ class PluginInfo:
     declarations: list = dataclasses.field(default_factory=list)  #: [{kind, guid, name, description}]
     flowtracker: dict | None = None                                #: {name, bucketsize, count}
     legacy_onattribute: bool = False   #: reassembly_handler.onattribute named (engine, flow, ts, ...): legacy order
+    loaded: bool = True                #: False: the file did not load (syntax error, failed require, ...): types unknown
 
     @property
     def problems(self) -> list[str]:
@@ -133,10 +135,12 @@ def probe(path: str, lua_path=()) -> PluginInfo:
         res, err = lua.execute(_PROBE)(path.encode(), logs.lua_log)
     except Exception as e:  # noqa: BLE001 - a Lua error while probing is a plug-in problem
         from luaprobe.engine.plugins.errors import text
-        info.errors.append(text(e))
+        info.errors.append(load_error(text(e), path))
+        info.loaded = False
         return info
     if res is None:
-        info.errors.append(_text(err))
+        info.errors.append(load_error(_text(err), path))
+        info.loaded = False
         return info
     res = _to_py(res)
     info.types = res.get("types") or []
@@ -157,9 +161,12 @@ def probe(path: str, lua_path=()) -> PluginInfo:
 
 
 def describe(infos) -> str:
-    """A `list lua`-style text listing of probed plug-ins."""
+    """A `list lua`-style text listing of probed plug-ins (those that loaded: a file that did not load has
+    no types to list, only its error, which `luaprobe check` prints alone)."""
     lines = []
     for i in infos:
+        if not i.loaded:
+            continue
         kind = ", ".join(f"{t} ({'supported' if t in SUPPORTED else 'not supported'})" for t in i.types) \
             if i.types else "(no script type: one frontend instance runs onload)"
         lines.append(f"{i.path}\n    name: {i.name}\n    types: {kind}")

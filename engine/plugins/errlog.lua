@@ -27,6 +27,9 @@ end
 --- Count an error of `kind` (e.g. "onresult error") and log it if due.
 function Log:report(kind, msg)
   msg = tostring(msg)
+  if msg:find("' not found:\n\t", 1, true) then       -- a failed require: not its ~20 "no file" lines (the
+    msg = msg:gsub("\n\tno [^\n]*", "")               -- run's plug-in problem names the directories searched)
+  end
   local site
   if msg:match("^[^\n]-:%d+:") then
     site = M.site(msg)

@@ -1,0 +1,106 @@
+"""A plug-in that does not load says so in one line (two for a failed `require`), through the real CLI.
+
+Independent truths: LuaJIT's own `loadfile` message for a syntax error (a fresh lupa VM, not luaprobe's), the line
+of the `require` counted in the file we wrote, and the directories we put on the search path ourselves.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from lupa import luajit21
+
+from luaprobe.engine.plugins.errors import load_error
+from tests import helpers
+
+SAMPLE = os.path.join(helpers.REPO, "engine", "examples", "sample.pcap")
+
+SYNTAX = """TrisulPlugin = { id = { name = "broken" },
+  onload = function()
+    local x = = 1
+  end }
+"""
+
+REQUIRE = """-- a plug-in whose helper module is not installed
+local helper = require "%s"
+TrisulPlugin = { id = { name = "needs a helper" },
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}", onpacket = function() end } }
+"""
+
+
+def luaprobe(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+
+
+def test_check_syntax_error_prints_only_the_error(tmp_path):
+    path = helpers.write_plugin(tmp_path, SYNTAX, name="broken.lua")
+    truth = luajit21.LuaRuntime().eval(f"select(2, loadfile({path!r}))")       # LuaJIT's own message
+    tail = truth.split(":3: ", 1)[1]             # LuaJIT shortens a long chunk name to "..."; we name it whole
+    assert truth.startswith(("...", path)) and tail == "unexpected symbol near '='"
+    truth = f"{path}:3: {tail}"
+    r = luaprobe("check", path, cwd=str(tmp_path))
+    assert r.returncode == 4, r                                                # docs/operations.md: plug-in error
+    assert r.stdout == ""                                                      # no "types: (no script type ...)"
+    assert r.stderr == f"luaprobe check: {truth}\n"
+
+
+def _require_plugin(tmp_path, module="no_such_helper"):
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    path = helpers.write_plugin(plug, REQUIRE % module, name="needs.lua")
+    line = next(i for i, t in enumerate(open(path).read().splitlines(), 1) if "require" in t and "--" not in t)
+    extra, env_dir = tmp_path / "lib", tmp_path / "envlib"
+    extra.mkdir()
+    env_dir.mkdir()
+    return path, line, str(extra), str(env_dir)
+
+
+def _assert_require_lines(lines, path, line, module, dirs):
+    assert len(lines) == 2, lines
+    assert lines[0].endswith(f'{path}:{line}: require "{module}": module not found'), lines
+    assert lines[1].startswith("    searched: ")
+    searched = lines[1][len("    searched: "):].split(", ")
+    pos = [searched.index(d) for d in dirs]                                    # each one, in search order
+    assert pos == sorted(pos), searched
+
+
+@pytest.mark.parametrize("module", ["no_such_helper", "vendor.no_such.helper"])
+def test_check_failed_require_is_one_line_plus_search_path(tmp_path, module):
+    path, line, extra, env_dir = _require_plugin(tmp_path, module)
+    r = luaprobe("check", path, "--lua-path", extra, cwd=str(tmp_path), env={"TRISUL_LUA_PATHS": env_dir})
+    assert r.returncode == 4 and r.stdout == ""
+    assert "traceback" not in r.stderr and "no file" not in r.stderr and "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("luaprobe check: ")
+    _assert_require_lines(lines, path, line, module, [os.path.dirname(path), extra, env_dir])
+
+
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_run_failed_require_is_one_problem_line(tmp_path, shards):
+    path, line, extra, env_dir = _require_plugin(tmp_path)
+    r = luaprobe("run", path, "--pcap", SAMPLE, "--lua-path", extra, "--out", str(tmp_path / "out"), "-q",
+                 "--shards", shards, cwd=str(tmp_path), env={"TRISUL_LUA_PATHS": env_dir})
+    assert r.returncode == 4, r.stderr
+    assert "traceback" not in r.stderr and "no file" not in r.stderr and "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("plug-in problem: ")
+    _assert_require_lines(lines, path, line, "no_such_helper", [os.path.dirname(path), extra, env_dir])
+
+
+def test_load_error_against_luajit_require(tmp_path):
+    """Real LuaJIT `require` messages for search paths we set: the directories come back in order, once each."""
+    dirs = [str(tmp_path / "a"), str(tmp_path / "b c"), "."]
+    lua = luajit21.LuaRuntime()
+    lua.execute(f"package.path = {';'.join(d + '/?.lua;' + d + '/?/init.lua' for d in dirs)!r}; "
+                f"package.cpath = {';'.join(d + '/?.so' for d in dirs)!r}")
+    for name in ("m", "x.y", "deep.er.mod"):
+        msg = lua.execute(f"local function f() local m = require({name!r}); return m end\n"
+                          "return select(2, xpcall(f, debug.traceback))")
+        assert "stack traceback" in msg
+        first, second = load_error(msg).split("\n")
+        assert first == f'[string "<python>"]:1: require "{name}": module not found'
+        assert second == "    searched: " + ", ".join(dirs)
+    assert load_error("x.lua:3: boom\nstack traceback:\n\tx.lua:3: in main chunk") == "x.lua:3: boom"
