@@ -20,7 +20,9 @@ FORMAT_ENV = "LUAPROBE_LOG_FORMAT"
 
 
 def _text(x) -> str:
-    return x.decode("utf-8", "replace") if isinstance(x, (bytes, bytearray)) else str(x)
+    """A Lua string (bytes) as log text: bytes that are not UTF-8 become ``\\xNN`` escapes (not U+FFFD:
+    the original bytes stay readable in the log)."""
+    return x.decode("utf-8", "backslashreplace") if isinstance(x, (bytes, bytearray)) else str(x)
 
 
 def safe_text(msg: str) -> str:
@@ -39,13 +41,15 @@ def lua_log(level, script, instance, msg) -> None:
 
 
 def lua_print(script, instance, line) -> None:
-    """Sink for Lua print() in plug-in VMs and workers: stdout, each line tagged ``[script#instance]``.
+    """Sink for Lua print() in plug-in VMs and workers: stdout, each line tagged ``[script#instance]``; the
+    printed bytes go out unchanged (a Lua string need not be UTF-8, as with print() in any Lua).
 
     The whole line goes out in one write(2) (not through Python's buffer), so lines printed at the same time by
     the fast path and by several worker processes sharing stdout never interleave within a line (a pipe keeps a
     write of up to PIPE_BUF = 4096 bytes whole; a file or terminal keeps any single write whole)."""
     name = os.path.basename(_text(script)) if script else "lua"
-    data = f"[{name}#{_text(instance)}] {_text(line)}\n".encode("utf-8", "replace")
+    body = bytes(line) if isinstance(line, (bytes, bytearray)) else str(line).encode("utf-8", "surrogateescape")
+    data = f"[{name}#{_text(instance)}] ".encode("utf-8", "backslashreplace") + body + b"\n"   # the bytes printed
     sys.stdout.flush()                       # keep order with anything Python printed before
     while data:
         data = data[os.write(sys.stdout.fileno(), data):]

@@ -490,3 +490,55 @@ def test_ip_fragment_timeout_is_per_datagram(tmp_path, timeout, datagrams):
     ipr = s["ip_reassembly"]
     assert (ipr["datagrams"], len(counts["udp"])) == (datagrams, datagrams)
     assert (ipr["timeouts"], ipr["incomplete"]) == ((1, 1) if datagrams == 0 else (0, 0))
+
+
+BYTES_OTHER = r"""
+local G = "{4A3F1C2B-0000-4000-8000-00000000B10D}"
+local RAW = "\xff\xfe\x80 caf\xe9 \x00 end"
+local n, got = 0, nil
+TrisulPlugin = {
+  id = { name = "bytes other paths" },
+  onmessage = function(msgid, msg) got = msg end,        -- between batches: the next packet stores it
+  simplecounter = { protocol_guid = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}",
+    onpacket = function(engine, layer)
+      n = n + 1
+      if n == 1 then
+        engine:tag_flow(layer:flowkey(), RAW)
+        engine:post_message_frontend(RAW .. "msg")
+        T.log(T.K.loglevel.INFO, RAW .. "log")
+        print(RAW .. "print")
+      else
+        engine:add_resource(G, "", "message", got)
+        T.async:schedule { data = RAW, onexecute = function(s) error(s .. "boom") end,
+                           onresult = function() end }
+        error(RAW .. "hook")
+      end
+    end } }
+"""
+
+
+def test_plugin_bytes_other_paths(tmp_path):
+    """Non-UTF-8 bytes in the other ways a plug-in's strings leave it: post_message content reaches onmessage
+    unchanged; a flow tag is stored with \\xNN escapes (docs/schema.md "Text vs binary": not U+FFFD); print()
+    writes the bytes; T.log and error messages (hook and T.async onexecute) show \\xNN escapes with nothing
+    after a NUL byte lost."""
+    raw = b"\xff\xfe\x80 caf\xe9 \x00 end"
+    p = tmp_path / "b.lua"
+    p.write_text(BYTES_OTHER, encoding="latin-1")
+    a = pb.udp("192.0.2.1", "192.0.2.2", 1, 2, b"x")
+    pb.write_pcap(str(tmp_path / "b.pcap"),
+                  [(1700000000 + i, pb.ether(pb.ipv4("192.0.2.1", "192.0.2.2", 17, a))) for i in range(2)])
+    exe = os.path.join(os.path.dirname(sys.executable), "luaprobe")
+    r = subprocess.run([exe, "run", str(p), "--pcap", str(tmp_path / "b.pcap"), "--out", str(tmp_path / "o")],
+                       capture_output=True, timeout=120, cwd=helpers.REPO)
+    assert r.returncode == 0, r.stderr
+    assert b"] " + raw + b"print\n" in r.stdout
+    esc = rb"\xff\xfe\x80 caf\xe9 \x00 end"
+    for tail in (b"log", b"boom", b"hook"):
+        assert esc + tail in r.stderr, tail
+    assert b"\xef\xbf\xbd" not in r.stdout + r.stderr                    # no U+FFFD anywhere
+    db = sqlite3.connect(os.path.join(tmp_path / "o", "luaprobe.sqlite"))
+    db.text_factory = bytes
+    assert db.execute("SELECT contents FROM resources WHERE uri = 'message'").fetchall() == [(raw + b"msg",)]
+    assert db.execute("SELECT tags FROM flows").fetchall() == [(raw.decode("utf-8", "backslashreplace").encode(),)]
+    db.close()

@@ -95,7 +95,7 @@ local function define(fns, fid, bytecode, name)
 end
 
 local function traceback(msg)
-  return debug.traceback(tostring(msg), 2)
+  return tostring(msg) .. debug.traceback("", 3)   -- not traceback(msg, 2) (a tail call, hence level 3 here): LuaJIT cuts msg at a NUL byte
 end
 
 local decoder = sbuf.new()

@@ -52,7 +52,7 @@ def columns(recs: np.ndarray, tags) -> list[list]:
     n = len(recs)
     tag_col = [""] * n
     if tags:
-        texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in _lua_list(tags)]
+        texts = [t.decode("utf-8", "backslashreplace") if isinstance(t, bytes) else t for t in _lua_list(tags)]
         for i in np.flatnonzero(recs["tags"]).tolist():
             tag_col[i] = texts[int(recs["tags"][i]) - 1]
     rtt = recs["setup_rtt_us"]

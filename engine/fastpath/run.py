@@ -39,6 +39,12 @@ from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
 from luaprobe.engine.store.writer import StoreWriter
 from luaprobe.engine.daemon.usage import UsageError
 
+
+def _bytes(x) -> bytes:
+    """A Lua string from a plug-in VM as the bytes it holds (numbers and the like as their text)."""
+    return x if isinstance(x, bytes) else str(x).encode()
+
+
 PKT, EOF, ERROR, END, STATS, TIME = 0, 1, 2, 3, 4, 5
 BACKEND_KINDS = ("engine_monitor", "sg_monitor", "flowtracker")   #: backend types run per backend instance
 MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
@@ -458,17 +464,17 @@ class FastPath:
             for kind in ("alerts", "resources", "key_info", "edges"):
                 self._route(kind, out[kind.encode()], now)
             self._flows(out[b"flows"])
-            for r in out[b"flow_tags"].values():
-                fk, tag = _text(r[1]), _text(r[2])
-                if not (self.flowmon is not None and self.flowmon.tag(fk, tag)):
-                    self.driver_tag(self.driver, fk.encode(), tag.encode())
-            messages += [tuple(_text(x) for x in r.values()) for r in out[b"messages"].values()]
-        for pipeline, msgid, msg in messages:
+            for r in out[b"flow_tags"].values():      # the tag's bytes as given (stored with \xNN escapes)
+                fk, tag = _text(r[1]), _bytes(r[2])
+                if not (self.flowmon is not None and self.flowmon.tag(fk, tag.decode("utf-8", "backslashreplace"))):
+                    self.driver_tag(self.driver, fk.encode(), tag)
+            messages += [(_text(p), _text(m), _bytes(x)) for p, m, x in (r.values() for r in out[b"messages"].values())]
+        for pipeline, msgid, msg in messages:       # msg: bytes, delivered unchanged (need not be UTF-8)
             targets = [inst for inst in self.instances if inst.pipeline == pipeline]
             if not targets:          # e.g. to the backend from a shard other than 0 (docs/scale.md)
                 self.messages_undelivered += 1
             for inst in targets:
-                inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg.encode())
+                inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg)
 
     def _exported(self, n: int) -> int:
         """The driver's last n exported flow records (engine/fastpath/flowrows.py) go where _flows sends

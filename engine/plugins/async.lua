@@ -558,7 +558,8 @@ function Async:pending()
   return n
 end
 
-local function traceback(msg) return debug.traceback(tostring(msg), 2) end
+-- not debug.traceback(msg, 2) (a tail call, hence level 3 here): LuaJIT cuts msg at its first NUL byte
+local function traceback(msg) return tostring(msg) .. debug.traceback("", 3) end
 
 --- Run onresult / onerror.  With a packet-time stamp `ts` (µs) the engine's
 --- clock reads ts for the hook (docs/async.md "Time"), then is restored.

@@ -40,7 +40,7 @@ def full_row(r) -> list:
 
 
 def _text(x):
-    return x.decode("utf-8", "replace") if isinstance(x, bytes) else x
+    return x.decode("utf-8", "backslashreplace") if isinstance(x, bytes) else x
 
 
 class FlowBackends:

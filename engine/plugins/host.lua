@@ -16,7 +16,8 @@ local M = {}
 local Host = {}
 Host.__index = Host
 
-local function traceback(msg) return debug.traceback(tostring(msg), 2) end
+-- not debug.traceback(msg, 2) (a tail call, hence level 3 here): LuaJIT cuts msg at its first NUL byte
+local function traceback(msg) return tostring(msg) .. debug.traceback("", 3) end
 
 --- Minimal engine object until the packet path provides the real one:
 --- instanceid/id/timestamp plus a recorder for every output method.
