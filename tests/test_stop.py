@@ -186,3 +186,71 @@ def test_second_signal_stops_a_run_whose_hook_never_returns(tmp_path):
     assert not [n for n in segment.list_segments() if segment.owner_pid(n) in pids]
     helpers.wait_for(lambda: not [q for q in pids if psutil.pid_exists(q)
                                   and psutil.Process(q).status() != psutil.STATUS_ZOMBIE], timeout=10)
+
+
+SLOW_TASK = r"""
+local n = 0
+TrisulPlugin = { id = { name = "slow task" }, request_async_workers = 1,
+  onunload = function() local f = assert(io.open("%(dir)s/unloaded." .. T.contextid, "w")); f:close() end,
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",   -- TCP
+    onpacket = function(e, l)
+      n = n + 1
+      if n == 1 then T.async:schedule { data = "x", onexecute = function(d)
+          local t = os.time(); while os.time() - t < 120 do end; return d end,
+        onresult = function() end } end
+    end } }
+"""
+
+
+def _pcap_records(path) -> int:
+    """Records of a classic little-endian pcap, walked here (not by luaprobe)."""
+    import struct
+    data = open(path, "rb").read()
+    assert data[:4] == b"\xd4\xc3\xb2\xa1"
+    off, n = 24, 0
+    while off + 16 <= len(data):
+        off += 16 + struct.unpack_from("<I", data, off + 8)[0]
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("shards", ["1", "2"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_the_final_drain_is_named_and_exits_128_plus_sig(tmp_path, sig, shards):
+    """A signal while the run waits for T.async results at the end of input (here a task that would run 120 s,
+    --drain-deadline 100) ends the wait: exit 128+signal (it was 4, 'lost at the drain deadline', with the
+    signal named nowhere), exit.reasons names the signal, the lost tasks are counted as lost_at_stop (the T.async
+    identity holds), the whole input was processed, onunload ran, nothing is left running or in /dev/shm."""
+    sample = os.path.join(helpers.REPO, "engine", "examples", "sample.pcap")
+    helpers.write_plugin(tmp_path, SLOW_TASK % {"dir": str(tmp_path)}, name="slow.lua")
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path / "slow.lua"),
+                          "--pcap", sample, "--out", str(tmp_path / "out"), "--json", "--drain-deadline", "100",
+                          "--task-timeout", "200", "--shards", shards], cwd=helpers.REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = ""
+    for line in p.stderr:                     # the run says it is waiting for the drain
+        err += line
+        if "end of input: waiting up to 100 s" in line:
+            break
+    pids = _tree(p.pid)
+    p.send_signal(sig)
+    out, rest = p.communicate(timeout=60)
+    err += rest
+    name = signal.Signals(sig).name
+    assert p.returncode == 128 + sig, err
+    assert "Traceback" not in err
+    s = json.loads(out)
+    assert s["exit"]["code"] == 128 + sig and s["stopped_by"] == name and s["stopped_during"] == "drain"
+    assert len(s["exit"]["reasons"]) == 1 and f"stopped early by {name} during the T.async drain" in \
+        s["exit"]["reasons"][0]
+    assert f"luaprobe run: stopped early by {name} during the T.async drain" in err
+    assert s["packets"] == _pcap_records(sample) and s["files_done"] == [sample]
+    a = [pl["async"] for pl in s["plugins"] if pl["async"]["scheduled"]]
+    assert a and all(x["lost_at_stop"] == x["scheduled"] == x["timeout"] and x["lost_at_deadline"] == 0 for x in a)
+    for x in a:
+        helpers.assert_accounting(x)
+    assert len(list(tmp_path.glob("unloaded.*"))) == int(shards)     # onunload ran in every shard
+    assert s["elapsed_s"] < 60
+    assert not [n for n in segment.list_segments() if segment.owner_pid(n) in pids]
+    helpers.wait_for(lambda: not [q for q in pids if psutil.pid_exists(q)
+                                  and psutil.Process(q).status() != psutil.STATUS_ZOMBIE], timeout=10)

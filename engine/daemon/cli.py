@@ -348,7 +348,8 @@ def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[
     1 when a shard process of a sharded run died (``shard_deaths``: it was restarted, and what it had not
     yet written is lost); else 3 when a capture file had an error; else 4 when any plug-in failed to load
     (a syntax error, a bad definition, an error in onload), a hook failed on every one of its calls, or T.async results were lost
-    at the drain deadline; else 130/143 when a file or --generate run was stopped early by SIGINT/SIGTERM
+    at the drain deadline; else 130/143 when a file or --generate run was stopped early by SIGINT/SIGTERM (also
+    during the T.async drain at the end of input: the drain ends there, results not returned are ``lost_at_stop``)
     (``stop_is_early``; the daemon's child is stopped that way normally); else 0.  Script types luaprobe does
     not support yet are listed, not failures."""
     deaths = [f"shard {d['shard']} (pid {d['pid']}) died (status {d['status']}) after {d['packets']} packets and "
@@ -359,6 +360,7 @@ def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[
     if summary["input_errors"]:
         return EXIT_INPUT, [f"input error: {e}" for e in summary["input_errors"]]
     reasons = [f"plug-in problem: {p}" for p in summary["plugin_problems"] if "not supported" not in p]
+    at_stop = []
     for p in summary["plugins"]:
         name = f"{os.path.basename(p['plugin'])}#{p['instance']}"
         for hook, n in p["hook_errors"].items():
@@ -367,11 +369,18 @@ def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[
         lost = p["async"].get("lost_at_deadline", 0)
         if lost:
             reasons.append(f"{name}: {lost} T.async result(s) lost at the drain deadline")
+        if p["async"].get("lost_at_stop", 0):
+            at_stop.append(f"{name}: {p['async']['lost_at_stop']}")
     if reasons:
         return EXIT_PLUGIN, reasons
-    if stop_is_early and summary.get("stopped_by") in EXIT_STOPPED and not summary.get("interface"):
-        return EXIT_STOPPED[summary["stopped_by"]], [f"stopped early by {summary['stopped_by']}: the input up to "
-                                                     "the stop was processed and written"]
+    sig = summary.get("stopped_by")
+    if stop_is_early and sig in EXIT_STOPPED and not summary.get("interface"):
+        if summary.get("stopped_during") == "drain":
+            lost = f"T.async results not yet returned were lost ({', '.join(at_stop)})" if at_stop else \
+                "no T.async result was lost"
+            return EXIT_STOPPED[sig], [f"stopped early by {sig} during the T.async drain at the end of input: the "
+                                       f"whole input was processed and written; {lost}"]
+        return EXIT_STOPPED[sig], [f"stopped early by {sig}: the input up to the stop was processed and written"]
     return EXIT_OK, []
 
 

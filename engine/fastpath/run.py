@@ -266,6 +266,9 @@ class FastPath:
         self.capture_stats = None       #: live: [seen, ring_drops, kernel_drops, kernel_packets, freeze_q, looped]
         self._stop = 0                  #: 1 = stop asked (signal / request_stop), 2 = capture told to stop
         self.stopped_by = None          #: "SIGINT" / "SIGTERM" / "request" when the run was stopped early
+        self.draining = False           #: in the T.async drain at the end of input (_finish)
+        self._end_drain = False         #: a shard told by its coordinator: the input is all read, do not wait
+        self.stopped_during = None      #: "drain": the stop came during that drain (the whole input was read)
         self._reload = False            #: set by request_reload_backends (SIGHUP under the supervisor)
         self.backend_reloads = 0
         self.late_packets = 0           #: packets older than the engine's packet time (counted in the current bucket)
@@ -751,6 +754,8 @@ class FastPath:
                 raise KeyboardInterrupt
             self._stop = 1
             self.stopped_by = signal.Signals(signum).name
+            if self.draining:
+                self.stopped_during = "drain"
         old = {}
         for s in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
@@ -801,12 +806,27 @@ class FastPath:
         logs.log.info("backend scripts reloaded (%d instance(s))",
                       sum(1 for i in self.instances if i.pipeline == "backend"))
 
-    def request_stop(self) -> None:
+    def _drain_stopped(self) -> str | None:
+        """The reason the end-of-input drain ends early: a stop (signal) that arrived during it, else None."""
+        if self.stopped_during == "drain":
+            by = f" by {self.stopped_by}" if self.stopped_by in ("SIGINT", "SIGTERM") else " by a signal"
+            return f"the run was stopped{by} during the drain"
+        return None
+
+    def request_stop(self, end_drain: bool = False) -> None:
         """Finish early and normally, any source (safe in a signal handler; the supervised child calls it on
-        SIGTERM): the capture process stops reading and pushes END, then drain, onunload, flush, unlink."""
+        SIGTERM): the capture process stops reading and pushes END, then drain, onunload, flush, unlink.
+        ``end_drain`` (a shard, told by its coordinator after the whole input was read): do not wait in the
+        T.async drain at the end either (results not returned are ``lost_at_stop``)."""
+        if end_drain:
+            self._end_drain = True
+            if self.draining:
+                self.stopped_during = "drain"
         if not self._stop:
             self._stop = 1
             self.stopped_by = self.stopped_by or "request"
+            if self.draining:
+                self.stopped_during = "drain"
 
     def _stop_capture(self, capture) -> None:
         """Tell the capture process to stop: live, it drains the kernel ring and pushes its last STATS and END;
@@ -901,7 +921,18 @@ class FastPath:
             st = self.pstore_lua.eval("function(s) return s:close() end")(self.pstore)
             self.packet_storage = {_text(k): int(v) for k, v in st.items()}
         self.async_before = {id(i.vm): i.vm.async_stats() for i in self.instances}
-        rt.drain_and_stop()
+        self.draining = True                   # a first signal from here on ends the drain (what is left to stop)
+        if self._end_drain and not self.stopped_during:
+            self.stopped_during = "drain"
+        pending = rt.pending()
+        if pending and not self.stopped_during:
+            logs.log.info("end of input: waiting up to %g s (--drain-deadline) for %d T.async task(s); a signal "
+                          "ends the wait (their results are lost), a second one stops hard",
+                          self.cfg.async_config.drain_deadline, pending)
+        rt.drain_and_stop(stop=self._drain_stopped)
+        if self.stopped_during == "drain" and pending:
+            logs.log.info("%s (the end of input): T.async tasks not yet returned are lost (lost_at_stop); onunload "
+                          "runs and everything else is written", self._drain_stopped())
         self._collect(None)
         if self.monitors.scripts:              # items produced after the last window edge (drain, last bucket)
             for kind, rows in self.monitors.flush(self.window_start + self.cfg.window
@@ -1036,7 +1067,7 @@ class FastPath:
             "reassembly": getattr(self, "stage_stats", {}),
             "flow_backends": self.flowmon.stats if self.flowmon is not None and self.flowmon.active else {},
             "backend_reloads": self.backend_reloads, "messages_undelivered": self.messages_undelivered,
-            "stopped_by": self.stopped_by,
+            "stopped_by": self.stopped_by, "stopped_during": self.stopped_during,
             "late_packets": self.late_packets,
         }
 

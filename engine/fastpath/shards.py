@@ -250,6 +250,11 @@ class ShardedRun:
                         for c in self.captures:
                             if c.poll() is None:
                                 c.send_signal(signal.SIGTERM)
+                        if self.stopped_by in ("SIGINT", "SIGTERM") and self._captures_done() \
+                                and not self.capture_errors:        # a signal after the whole input was read:
+                            for k, p in enumerate(self.procs):      # the shards end their T.async drain
+                                if not self.done[k] and p is not None and p.poll() is None:
+                                    p.send_signal(signal.SIGTERM)
                     if self._reload:
                         self._reload = False
                         if self.procs[0].poll() is None:
@@ -395,7 +400,8 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
         out["rows_written"][kind] = len(union)
     out["filex"] = [dict(x, shard=k) for k, p in enumerate(parts) for x in p.get("filex", [])]
     out["backend_reloads"] = parts[0].get("backend_reloads", 0)
-    done = set(out) | {"store", "shards", "stopped_by", "packet_loop_s", "packet_storage", "closed_s"}
+    done = set(out) | {"store", "shards", "stopped_by", "stopped_during", "packet_loop_s", "packet_storage",
+                       "closed_s"}
     for key in [k for p in parts for k in p if k not in done]:    # other counts: summed
         vals = [p[key] for p in parts if key in p]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
@@ -405,6 +411,7 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
         done.add(key)
     out["packet_loop_s"] = max((p.get("packet_loop_s", 0) for p in parts), default=0)
     out["stopped_by"] = next((p["stopped_by"] for p in parts if p.get("stopped_by")), None)
+    out["stopped_during"] = "drain" if any(p.get("stopped_during") == "drain" for p in parts) else None
     stores = [dict(p["packet_storage"], shard=k) for k, p in enumerate(parts) if p.get("packet_storage")]
     if stores:
         out["packet_storage"] = stores
@@ -435,7 +442,7 @@ def shard_main(spec_path: str) -> int:
         return EXIT_INTERNAL
     logs.setup()                                            # the level the CLI gave its children (-q, -v)
     fp = FastPath(cfg)
-    signal.signal(signal.SIGTERM, lambda *_: fp.request_stop())
+    signal.signal(signal.SIGTERM, lambda *_: fp.request_stop(end_drain=True))   # the coordinator's, or PDEATHSIG
     signal.signal(signal.SIGHUP, lambda *_: fp.request_reload_backends())
     out = cfg.shard["summary_file"]
     try:

@@ -180,7 +180,7 @@ function M.new(opts)
     nfids = 0,
     polls = 0,              -- poll() calls: the collector's pace is checked every gcpace.CHECK_EVERY
     stats = { scheduled = 0, ok = 0, nil_result = 0, error = 0, timeout = 0, dropped = 0,
-              onresult_errors = 0, redispatched = 0, lost_at_deadline = 0 },
+              onresult_errors = 0, redispatched = 0, lost_at_deadline = 0, lost_at_stop = 0 },
     hist = ffi.new("double[?]", HIST),
     stamp = opts.engine ~= nil and type(rawget(opts.engine, "_tus")) == "number",   -- packet-time stamping (real engine)
     errors = nil,
@@ -701,8 +701,10 @@ end
 --- Stop accepting new tasks (shutdown): later calls are counted as dropped.
 function Async:stop_accepting() self.accepting = false end
 
---- Fail every task still pending as `timeout` (shutdown deadline passed).
-function Async:cut_off(reason)
+--- Fail every task still pending as `timeout` (shutdown deadline passed, or the run stopped by a signal during
+--- the drain); they are counted in stats[counter] ("lost_at_deadline", the default, or "lost_at_stop").
+function Async:cut_off(reason, counter)
+  counter = counter or "lost_at_deadline"
   local lost = self:pending()
   self.cutting = "task lost"             -- logged as lost, not as an onexecute error
   for k = 1, self.nworkers do
@@ -712,7 +714,7 @@ function Async:cut_off(reason)
     while w.head < w.tail do self:complete(w, P.TIMEOUT, reason) end
   end
   self.cutting = nil
-  self.stats.lost_at_deadline = self.stats.lost_at_deadline + lost
+  self.stats[counter] = self.stats[counter] + lost
 end
 
 --- Counters, the accounting identity's terms, and latency percentiles (ns).

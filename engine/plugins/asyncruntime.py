@@ -113,11 +113,11 @@ class AsyncRuntime:
         """Tasks pending in all VMs."""
         return sum(vm.pending() for vm in self.vms)
 
-    def run_until_idle(self, timeout: float = 30.0) -> bool:
-        """Service until no task is pending (True) or ``timeout`` passes (False)."""
+    def run_until_idle(self, timeout: float = 30.0, stop=None) -> bool:
+        """Service until no task is pending (True) or ``timeout`` passes or ``stop()`` is true (False)."""
         end = time.monotonic() + timeout
         while self.pending():
-            if time.monotonic() >= end:
+            if time.monotonic() >= end or (stop is not None and stop()):
                 return False
             if self.abort is not None and self.abort():
                 raise KeyboardInterrupt
@@ -145,14 +145,20 @@ class AsyncRuntime:
         self.unload_all()
         self.close()
 
-    def drain_and_stop(self, deadline: float | None = None) -> None:
-        """Stop accepting tasks, deliver results up to the deadline, count the rest as timeout."""
+    def drain_and_stop(self, deadline: float | None = None, stop=None) -> None:
+        """Stop accepting tasks, deliver results up to the deadline, count the rest as timeout
+        (``lost_at_deadline``).  ``stop()`` -> a reason string (a signal during the drain) ends the drain
+        early: the rest is counted as ``lost_at_stop`` with that reason."""
         deadline = self.config.drain_deadline if deadline is None else deadline
         for vm in self.vms:
             vm.stop_accepting()
-        self.run_until_idle(deadline)
+        self.run_until_idle(deadline, stop)
+        why = stop() if stop is not None else None
         for vm in self.vms:
-            vm.cut_off(f"still running at the drain deadline ({deadline:g} s, --drain-deadline): result lost")
+            if why:
+                vm.cut_off(f"{why}: result lost", "lost_at_stop")
+            else:
+                vm.cut_off(f"still running at the drain deadline ({deadline:g} s, --drain-deadline): result lost")
 
     def unload_all(self) -> None:
         """Call onunload in every VM (each at most once)."""

@@ -116,9 +116,10 @@ class PluginVM:
         """Refuse new tasks from now on (they count as dropped)."""
         self.lua.eval("function(a) a:stop_accepting() end")(self.async_obj)
 
-    def cut_off(self, reason: str) -> None:
-        """Fail every pending task as timeout with ``reason``."""
-        self.lua.eval("function(a, r) a:cut_off(r) end")(self.async_obj, reason.encode())
+    def cut_off(self, reason: str, counter: str = "lost_at_deadline") -> None:
+        """Fail every pending task as timeout with ``reason``, counted in the async stats' ``counter``
+        (``lost_at_deadline`` or ``lost_at_stop``)."""
+        self.lua.eval("function(a, r, c) a:cut_off(r, c) end")(self.async_obj, reason.encode(), counter.encode())
 
     def close(self) -> None:
         """Stop the workers and unlink their channels (no drain: see EngineRuntime.shutdown)."""
