@@ -239,6 +239,50 @@ def test_cli_shards_json(tmp_path):
                                                   "1 and 64 (luaprobe run --help)")
 
 
+# tshark -r mix-eth-tls-http-dns.pcap -Y 'tcp and not icmp' -T fields -e tcp.dstport | sort -un
+MIX_TCP_DST_PORTS = {"80", "443", "49158", "49365", "49366", "49367", "49368", "49369"}
+KEYINFO_GROUP = "{5C0FFEE0-1111-4222-8333-444455556666}"
+
+
+def test_key_info_counts_a_label_per_key_like_one_fast_path(tmp_path):
+    """key_info is a label per (group, key), upserted: a 2-shard run's rows_written.key_info is the number of
+    distinct keys, equal to the single-shard run's and to the store's rows (it was summed over the shards, and
+    counted once per update_key_info call): static keyinfo (written by every shard) + every TCP destination port."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "labels.lua").write_text(f'''
+TrisulPlugin = {{
+  id = {{ name = "labels" }},
+  countergroup = {{
+    control = {{ guid = "{KEYINFO_GROUP}", name = "labelled ports", bucketsize = 60 }},
+    meters = {{ {{ 0, T.K.vartype.COUNTER, 10, 0, "packets", "Packets", "pkts" }} }},
+    keyinfo = {{ {{ "static-a", "A" }}, {{ "static-b", "B" }}, {{ "80", "http (static)" }} }},
+  }},
+  simplecounter = {{
+    protocol_guid = "{G_TCP}",
+    onpacket = function(engine, layer)
+      local port = tostring(layer:getbyte(2) * 256 + layer:getbyte(3))
+      engine:update_counter("{KEYINFO_GROUP}", port, 0, 1)
+      engine:update_key_info("{KEYINFO_GROUP}", port, "port " .. port)     -- every packet: many calls per key
+    end,
+  }},
+}}
+''')
+    truth = len(MIX_TCP_DST_PORTS | {"static-a", "static-b", "80"})
+    got = {}
+    for n in ("1", "2", "4"):
+        out = tmp_path / f"out{n}"
+        r = cli("run", str(plugins), "--pcap", os.path.join(PCAPS, "mix-eth-tls-http-dns.pcap"), "--out", str(out),
+                "--shards", n, "--json")
+        assert r.returncode == 0, r.stderr
+        with sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True) as c:
+            rows = dict(c.execute("SELECT key, label FROM key_info WHERE group_guid = ?", (KEYINFO_GROUP,)))
+            run_row = json.loads(c.execute("SELECT value FROM run WHERE key = 'rows_written'").fetchone()[0])
+        got[n] = json.loads(r.stdout)["rows_written"]["key_info"]
+        assert got[n] == len(rows) == truth == run_row["key_info"], (n, got, rows)
+        assert rows["443"] == "port 443" and rows["static-a"] == "A"
+
+
 def test_generate_sharded_equals_single(tmp_path):
     spec = "packets=20000,flows=400,mix=tcp=50:udp=30:dns=20,seed=3"
     s1, out1 = run_n(tmp_path, 1, files=[], name="g1", generate=spec)

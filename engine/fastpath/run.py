@@ -67,6 +67,18 @@ def _upper(v) -> str:
     return _text(v).upper()
 
 
+def _info_key(row) -> str:
+    """A key_info row's identity in the store, (group GUID, key), as one string: the key as text, or its bytes
+    in hex behind a NUL when they are not UTF-8 (the store keeps those as a BLOB: docs/schema.md)."""
+    key = row[1]
+    if isinstance(key, bytes):
+        try:
+            key = key.decode("utf-8")
+        except UnicodeDecodeError:
+            key = "\0" + key.hex()
+    return f"{_upper(row[0])} {key}"
+
+
 #: Declarations the store upserts (one row per group, docs/schema.md): rows_written counts distinct groups, and a
 #: sharded run's merged summary counts the union of its shards' (every shard declares the same groups).
 DECLARED = {"counter_groups": lambda r: _upper(r[0]), "decl_groups": lambda r: f"{_text(r[0])} {_upper(r[1])}"}
@@ -278,6 +290,7 @@ class FastPath:
         self.loop_cpu_start = self.loop_cpu_end = None   #: this thread's CPU time at the same two points
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "fts": 0, "key_info": 0, "flows": 0}
         self.declared: dict = {}       # {kind: {group key}} for the DECLARED kinds (rows_written counts these)
+        self.info_keys: set = set()    # (group, key) of every key_info row: the store keeps one row (label) per key
         self.stage = None               #: ReassemblyStage when a reassembly_handler is loaded
         self.flowmon = None             #: FlowBackends (sg_monitor / flowtracker)
         self.shard_index = cfg.shard["index"] if cfg.shard else 0
@@ -534,6 +547,9 @@ class FastPath:
                 seen = self.declared.setdefault(kind, set())
                 seen.update(DECLARED[kind](r) for r in rows)
                 self.rows_written[kind] = len(seen)
+            elif kind == "key_info":   # upserts per (group, key): a label per key, not one per call
+                self.info_keys.update(_info_key(r) for r in rows)
+                self.rows_written[kind] = len(self.info_keys)
             else:
                 self.rows_written[kind] = self.rows_written.get(kind, 0) + len(rows)
 
@@ -1060,6 +1076,7 @@ class FastPath:
                 "loopback_outgoing": cs[5] if len(cs) > 5 else 0} if self.cfg.interface else {}),
             "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
             "declared_groups": {k: sorted(v) for k, v in self.declared.items()},
+            **({"key_info_keys": sorted(self.info_keys)} if self.cfg.shard else {}),   # merged by the coordinator
             "filex": getattr(self, "filex_stats", []),
             **({"packet_storage": self.packet_storage} if self.packet_storage else {}),
             "analysers": self.analysers.stats() if self.analysers is not None else {},

@@ -398,10 +398,12 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
         union = sorted({g for p in parts for g in p.get("declared_groups", {}).get(kind, [])})
         out["declared_groups"][kind] = union
         out["rows_written"][kind] = len(union)
+    if any("key_info_keys" in p for p in parts):      # one label per (group, key) in the store: the union
+        out["rows_written"]["key_info"] = len({k for p in parts for k in p.get("key_info_keys", [])})
     out["filex"] = [dict(x, shard=k) for k, p in enumerate(parts) for x in p.get("filex", [])]
     out["backend_reloads"] = parts[0].get("backend_reloads", 0)
     done = set(out) | {"store", "shards", "stopped_by", "stopped_during", "packet_loop_s", "packet_storage",
-                       "closed_s"}
+                       "closed_s", "key_info_keys"}
     for key in [k for p in parts for k in p if k not in done]:    # other counts: summed
         vals = [p[key] for p in parts if key in p]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
