@@ -82,3 +82,16 @@ def assert_accounting(stats: dict) -> None:
     """The accounting identity of T.async."""
     terms = ("ok", "nil_result", "error", "timeout", "dropped", "pending")
     assert stats["scheduled"] == sum(stats[t] for t in terms), stats
+
+
+def pcap_records(path) -> int:
+    """Records of a classic little-endian pcap file, walked here (an independent count, not luaprobe's)."""
+    import struct
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b"\xd4\xc3\xb2\xa1", "classic little-endian pcap expected"
+    off, n = 24, 0
+    while off + 16 <= len(data):
+        off += 16 + struct.unpack_from("<I", data, off + 8)[0]
+        n += 1
+    return n

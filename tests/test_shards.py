@@ -19,6 +19,7 @@ from luaprobe.engine.fastpath.run import RunConfig
 from luaprobe.engine.fastpath.shards import make_run
 
 from .helpers import PCAPS, REPO, wait_for, write_plugin
+from .helpers import pcap_records as helpers_pcap_records
 from .test_fastpath import (G_ETH, G_TCP, PROTO_GROUP, TEST_GROUP, cli, lua_str, read_monitor, write_counting_plugins,
                             write_monitor_plugin)
 
@@ -332,10 +333,75 @@ def test_crashed_shard_restarts_others_keep_running(tmp_path):
     from luaprobe.engine.daemon.cli import run_exit_code
     code, reasons = run_exit_code(s)
     assert code == 1 and reasons[0].startswith(f"shard 1 (pid {pid}) died (status -9) after {death['packets']} packets")
+    assert s["packets_read"] == s["packets"] + s["packets_lost"] and s["packets_lost"] == death["packets"]
     got = dump(out)
     mine = [f for f in got["flows"] if shard_model(f[2], f[4], 2) == 0]
     assert mine == [f for f in ref["flows"] if shard_model(f[2], f[4], 2) == 0] and len(mine) > 500
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+HOLD = r"""
+local dir, n = "%s", 0
+local function exists(name)
+  local f = io.open(dir .. "/" .. name); if f then f:close(); return true end; return false
+end
+TrisulPlugin = { id = { name = "hold shard 1" },
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",   -- TCP
+    onpacket = function(engine, layer)
+      n = n + 1
+      if T.contextid == 1 and n == 20000 and not exists("held") then   -- once: its successor runs through
+        local f = assert(io.open(dir .. "/held", "w")); f:close()
+        while true do end                                              -- until the test kills this process
+      end
+    end } }
+"""
+
+
+def test_kill_9_of_a_shard_accounts_for_every_packet(tmp_path):
+    """`kill -9` of a shard process in a CLI run: exit 1 (docs/operations.md), one line stating the loss, and
+    every packet of the capture (counted by walking the file here) is either walked by a shard process that
+    finished or lost with the dead one: packets_read == packets + packets_lost, per shard too, and the loss is the
+    dead process's own count of the packets it had released.  Before, its packets appeared only in shard_deaths."""
+    import subprocess
+    import sys
+    cap = tmp_path / "big.pcap"
+    subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "gen", "--out", str(cap), "--packets",
+                    "200000", "--flows", "2000", "--mix", "tcp=70,udp=30", "--seed", "5"], cwd=REPO, check=True,
+                   capture_output=True)
+    truth = helpers_pcap_records(cap)
+    (tmp_path / "hold.lua").write_text(HOLD % tmp_path)
+    stats = tmp_path / "summary.json"
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path / "hold.lua"),
+                          "--pcap", str(cap), "--out", str(tmp_path / "out"), "--shards", "2", "-q",
+                          "--stats-json", str(stats)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        wait_for(lambda: (tmp_path / "held").exists(), timeout=120)
+        [victim] = [c for c in psutil.Process(p.pid).children()
+                    if "luaprobe.engine.fastpath.shards" in c.cmdline() and c.cmdline()[-1].endswith("shard1.json")]
+        victim.kill()
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 1, err
+    assert "Traceback" not in err
+    s = json.loads(stats.read_text())
+    [death] = s["shard_deaths"]
+    assert death["shard"] == 1 and death["pid"] == victim.pid and death["status"] == -signal.SIGKILL
+    assert s["packets_read"] == truth == s["packets"] + s["packets_lost"]
+    assert s["packets_lost"] == death["packets"] > 0
+    sh = {x["shard"]: x for x in s["shards"]}
+    assert sum(x["read"] for x in sh.values()) == truth
+    assert all(x["read"] == x["packets"] + x["lost"] for x in sh.values())
+    assert sh[0]["lost"] == 0 and sh[1]["lost"] == s["packets_lost"]
+    assert s["exit"]["code"] == 1 and len(s["exit"]["reasons"]) == 1
+    lines = [ln for ln in err.splitlines() if "lost" in ln]
+    assert lines == [f"luaprobe run: exit 1: shard 1 (pid {victim.pid}) died (status -9) after {death['packets']} "
+                     f"packets and was restarted: of {truth} packets read, {s['packets']} were walked by the shard "
+                     f"processes that finished and {s['packets_lost']} by the dead one, whose results not yet "
+                     "written (open counter buckets, live flows, in-flight T.async tasks) are lost"], err
 
 
 # ---------------------------------------------------------------- live: AF_PACKET fanout, one socket per shard

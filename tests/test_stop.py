@@ -202,18 +202,6 @@ TrisulPlugin = { id = { name = "slow task" }, request_async_workers = 1,
 """
 
 
-def _pcap_records(path) -> int:
-    """Records of a classic little-endian pcap, walked here (not by luaprobe)."""
-    import struct
-    data = open(path, "rb").read()
-    assert data[:4] == b"\xd4\xc3\xb2\xa1"
-    off, n = 24, 0
-    while off + 16 <= len(data):
-        off += 16 + struct.unpack_from("<I", data, off + 8)[0]
-        n += 1
-    return n
-
-
 @pytest.mark.parametrize("shards", ["1", "2"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_the_final_drain_is_named_and_exits_128_plus_sig(tmp_path, sig, shards):
@@ -244,7 +232,7 @@ def test_signal_during_the_final_drain_is_named_and_exits_128_plus_sig(tmp_path,
     assert len(s["exit"]["reasons"]) == 1 and f"stopped early by {name} during the T.async drain" in \
         s["exit"]["reasons"][0]
     assert f"luaprobe run: stopped early by {name} during the T.async drain" in err
-    assert s["packets"] == _pcap_records(sample) and s["files_done"] == [sample]
+    assert s["packets"] == helpers.pcap_records(sample) and s["files_done"] == [sample]
     a = [pl["async"] for pl in s["plugins"] if pl["async"]["scheduled"]]
     assert a and all(x["lost_at_stop"] == x["scheduled"] == x["timeout"] and x["lost_at_deadline"] == 0 for x in a)
     for x in a:

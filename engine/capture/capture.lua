@@ -42,9 +42,14 @@ end
 local Sharder = {}
 Sharder.__index = Sharder
 
---- A sharder over the Lua array `rings` (ring i+1 belongs to shard i).
-function M.sharder(rings)
-  return setmetatable({ rings = rings, n = #rings, d = decode.new(), sec = -1, counts = {} }, Sharder)
+--- A sharder over the Lua array `rings` (ring i+1 belongs to shard i).  `pushed` (optional): an array of
+--- n uint64_t pointers where publish() stores the packets committed to each ring so far (the shards'
+--- doorbell segments, engine/fastpath/shards.py PUSHED_OFFSET: the capture side of the loss accounting).
+function M.sharder(rings, pushed)
+  local counts = {}
+  for i = 1, #rings do counts[i] = 0 end
+  return setmetatable({ rings = rings, n = #rings, d = decode.new(), sec = -1, counts = counts, last = 1,
+                        pushed = pushed }, Sharder)
 end
 
 --- The ring of this frame's shard; on a new packet-time second every other
@@ -60,12 +65,22 @@ function Sharder:pick(ptr, caplen, linktype, ts_sec, stop)
       if i ~= k + 1 then M.control(self.rings[i], packet.TIME, text, stop, ts_sec) end
     end
   end
-  self.counts[k + 1] = (self.counts[k + 1] or 0) + 1
+  self.last = k + 1
   return self.rings[k + 1]
 end
 
+--- The packet from the last pick() was committed to its ring: count it.
+function Sharder:committed()
+  local i = self.last
+  self.counts[i] = self.counts[i] + 1
+end
+
 function Sharder:publish()
-  for i = 1, self.n do self.rings[i]:publish() end
+  local pushed, counts = self.pushed, self.counts
+  for i = 1, self.n do
+    self.rings[i]:publish()
+    if pushed then pushed[i][0] = counts[i] end
+  end
 end
 
 local function reserve(r, n, stop)
@@ -124,6 +139,7 @@ function M.file(r, addr, size, stop)
     h.linktype, h.ifindex = linktype, ifindex
     copy(p + REC, ptr, caplen)
     rr:commit()
+    if sharded then r:committed() end
     n, bytes, since = n + 1, bytes + wirelen, since + 1
     if since >= 64 then r:publish(); since = 0 end
   end

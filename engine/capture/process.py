@@ -24,6 +24,11 @@ from luaprobe.engine.plugins.errors import split_lua_error
 from luaprobe.shm.exits import EXIT_INPUT, die_with_parent
 
 
+#: byte offset in a shard's doorbell segment of a uint64: packets the capture process has committed to that shard's
+#: ring (files / --generate; stored at every publish).  The shard's own counter is at 64 (shards.PROGRESS_OFFSET).
+PUSHED_OFFSET = 72
+
+
 def link_type(interface: str) -> int:
     """pcap linktype of the frames an AF_PACKET SOCK_RAW socket on ``interface`` delivers."""
     try:
@@ -109,7 +114,10 @@ def main(argv=None) -> int:
     for r, bell in zip(rings, bells):
         lua.eval("function(r, a) r.data_bell = require('ffi').cast('uint32_t *', a) end")(r, bell.address)
     ring = rings[0] if len(rings) == 1 else lua.eval(
-        "function(t) return require('luaprobe.engine.capture.capture').sharder(t) end")(lua.table_from(rings))
+        "function(t, bells, off) local ffi = require('ffi'); local p = {}; "
+        "for i, a in ipairs(bells) do p[i] = ffi.cast('uint64_t *', a + off) end; "
+        "return require('luaprobe.engine.capture.capture').sharder(t, #p > 0 and p or nil) end")(
+            lua.table_from(rings), lua.table_from([b.address for b in bells]), PUSHED_OFFSET)
     pkt = lua.eval("require('luaprobe.engine.plugins.packet')")
     control = lua.eval("function(r, k, t) require('luaprobe.engine.capture.capture').control(r, k, t) end")
     run_file = lua.eval("function(r, a, s, stop) return require('luaprobe.engine.capture.capture').file(r, a, s, stop) end")

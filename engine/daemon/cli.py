@@ -342,6 +342,22 @@ def cmd_run(args) -> int:
     return code
 
 
+def shard_loss_line(summary: dict) -> str:
+    """The one line that states what dead shard processes cost (docs/scale.md "Faults"): who died, and for files
+    and --generate the capture side's count split exactly into packets walked by the shard processes that
+    finished and packets lost with the dead ones (``packets_read`` == ``packets`` + ``packets_lost``)."""
+    deaths = summary["shard_deaths"]
+    who = "; ".join(f"shard {d['shard']} (pid {d['pid']}) died (status {d['status']}) after {d['packets']} packets"
+                    for d in deaths)
+    one = len(deaths) == 1
+    what = "results not yet written (open counter buckets, live flows, in-flight T.async tasks)"
+    if "packets_read" in summary:
+        return (f"{who} and {'was' if one else 'were'} restarted: of {summary['packets_read']} packets read, "
+                f"{summary['packets']} were walked by the shard processes that finished and {summary['packets_lost']} "
+                f"by the dead {'one' if one else 'ones'}, whose {what} are lost")
+    return f"{who} and {'was' if one else 'were'} restarted: {'its' if one else 'their'} {what} are lost"
+
+
 def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[str]]:
     """The exit code a finished run owes its caller, and why (docs/operations.md "Exit codes").
 
@@ -352,11 +368,9 @@ def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[
     during the T.async drain at the end of input: the drain ends there, results not returned are ``lost_at_stop``)
     (``stop_is_early``; the daemon's child is stopped that way normally); else 0.  Script types luaprobe does
     not support yet are listed, not failures."""
-    deaths = [f"shard {d['shard']} (pid {d['pid']}) died (status {d['status']}) after {d['packets']} packets and "
-              "was restarted: its results not yet written (open counter buckets, live flows, in-flight T.async "
-              "tasks) are lost" for d in summary.get("shard_deaths", [])]
+    deaths = summary.get("shard_deaths") or []
     if deaths:
-        return EXIT_INTERNAL, deaths
+        return EXIT_INTERNAL, [shard_loss_line(summary)]
     if summary["input_errors"]:
         return EXIT_INPUT, [f"input error: {e}" for e in summary["input_errors"]]
     reasons = [f"plug-in problem: {p}" for p in summary["plugin_problems"] if "not supported" not in p]

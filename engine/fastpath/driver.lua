@@ -31,7 +31,7 @@ function M.new(opts)
     nbatch = opts.batch or packet.BATCH,
     ft = flowtable.new({ capacity = opts.capacity or 1048576, idle_timeout = opts.idle_timeout or 120,
                          active_timeout = opts.active_timeout or 1800 }),
-    packets = 0, bytes = 0, truncated = 0, nonip = 0,
+    packets = 0, bytes = 0, truncated = 0, nonip = 0, released = 0,
     sec = -1,               -- packet-time second of the current batch
     ctl_kind = nil, ctl_text = nil,
     ipr = ipreasm.new({ timeout = opts.frag_timeout, max_bytes = opts.frag_max_bytes,
@@ -57,6 +57,10 @@ end
 --- The previous batch's ring space is released here, not before.
 function Driver:fill()
   local r, b, ft = self.ring, self.batch, self.ft
+  local released = self.packets          -- every packet counted so far is in the batch released now
+  self.released = released
+  local pp = self.progress_p             -- a shard: published for its coordinator (engine/fastpath/shards.py),
+  if pp ~= nil then pp[0] = released end -- next to the release, so a kill -9 falls between them only by chance
   r:release()
   self.ctl_kind = nil
   if self.nreasm then self.reasm, self.nreasm = {}, nil end   -- frames of the previous batch

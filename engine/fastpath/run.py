@@ -618,10 +618,10 @@ class FastPath:
             self._beat(force=True)
             stage = self.stage if self.stage.active else None
             new_flows = method(lua, "new_flows") if self.flowmon.wants_new else None
-            progress = None
-            if shard:                           # packets taken, for the coordinator if this process dies
-                from luaprobe.engine.fastpath.shards import progress_word
-                progress = progress_word(rt.bell.address)
+            if shard:                           # packets released, for the coordinator if this process dies
+                from luaprobe.engine.fastpath.shards import PROGRESS_OFFSET
+                lua.eval("function(d, a) d.progress_p = require('ffi').cast('uint64_t *', a) end")(
+                    driver, rt.bell.address + PROGRESS_OFFSET)
             self._pin(capture)
             while True:
                 if self._stop == 1:
@@ -643,8 +643,6 @@ class FastPath:
                         run_batch(host, batch_addr, n)
                     if new_flows is not None:
                         self.flowmon.new_flows(self._new_flows(new_flows(driver, n)), sec)
-                    if progress is not None:
-                        progress.value = int(driver.packets)
                     self.loop_end, self.loop_cpu_end = time.monotonic(), time.thread_time()
                     rt.service()
                     self._maybe_stats(rt, capture)

@@ -34,6 +34,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+from luaprobe.engine.capture.process import PUSHED_OFFSET
 from luaprobe.engine.fastpath.run import RunConfig, capture_socket_args, close_fds
 from luaprobe.engine.plugins.asyncruntime import BELL_SIZE
 from luaprobe.engine.plugins.vm import PluginError
@@ -45,7 +46,8 @@ EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_PLUGIN = 0, 1, 3, 4
 MAX_RESTARTS = 5            #: restarts of one shard within RESTART_WINDOW s before the run fails
 RESTART_WINDOW = 60.0
 PROGRESS_OFFSET = 64        #: byte offset in a shard's doorbell segment of a uint64: packets its process has
-                            #: taken from its ring (written after every batch, read when the process dies)
+                            #: released from its ring (written after every fill, read when the process dies);
+                            #: the capture side's count is at capture.process.PUSHED_OFFSET
 
 
 def progress_word(bell_address: int):
@@ -106,6 +108,7 @@ class ShardedRun:
         self.capture_errors: list[str] = []
         self._last_stats = -1e9
         self._last_progress = -1e9
+        self.pushed = None          #: files / --generate: packets the capture process committed to each ring
 
     # ------------------------------------------------------------ control (signal-safe)
     def request_stop(self) -> None:
@@ -183,8 +186,8 @@ class ShardedRun:
         word = progress_word(self.bells[k].address)
         packets, word.value = int(word.value), 0
         self.deaths.append({"shard": k, "pid": p.pid, "status": rc, "packets": packets})
-        logs.log.error("shard %d (pid %d) died (status %s) after %d packets: restarting it on its packet ring; "
-                       "its results not yet written are lost", k, p.pid, rc, packets)
+        logs.log.warning("shard %d (pid %d) ended with status %s after %d packets: restarting it on its packet "
+                         "ring (the run's last line states the loss)", k, p.pid, rc, packets)
         time.sleep(min(5.0, 0.05 * 2 ** (len(self.restart_times[k]) - 1)))
         if self._captures_done():          # its END may have been consumed by the dead process
             self._push_end(k)
@@ -266,6 +269,10 @@ class ShardedRun:
                     time.sleep(0.02)
                 for c in self.captures:
                     c.wait(timeout=30)
+                if not cfg.interface:
+                    import ctypes
+                    self.pushed = [int(ctypes.c_uint64.from_address(b.address + PUSHED_OFFSET).value)
+                                   for b in self.bells]
             finally:
                 for signum, handler in old_handlers.items():
                     signal.signal(signum, handler)
@@ -277,6 +284,8 @@ class ShardedRun:
         summary = merge_summaries(self.summaries, time.monotonic() - t0, self.restarts, cfg)
         summary["input_errors"] += self.capture_errors
         summary["shard_deaths"] = self.deaths
+        if self.pushed is not None:
+            summary.update(packet_accounting(self.pushed, summary["shards"]))
         summary["stopped_by"] = self.stopped_by
         from luaprobe.engine.store.writer import StoreWriter
         store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
@@ -421,6 +430,19 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
                       **{f: p.get(f, 0) for f in ("packets", "bytes", "flows", "elapsed_s")}}
                      for k, p in enumerate(parts)]
     return out
+
+
+def packet_accounting(pushed: list, shards: list) -> dict:
+    """Where every packet the capture process read went (files and --generate; docs/scale.md "Faults"):
+    ``packets_read`` (committed to the shards' rings, counted by the capture process) == ``packets`` (walked by
+    the shard processes that finished, whose results are written) + ``packets_lost`` (released from the ring by
+    shard processes that died: their results not yet written are lost).  Per shard in ``shards``:
+    ``read`` / ``packets`` / ``lost``.  Exact: a restarted shard continues at its predecessor's release point."""
+    lost = 0
+    for sh, read in zip(shards, pushed):
+        sh["read"], sh["lost"] = read, read - sh["packets"]
+        lost += sh["lost"]
+    return {"packets_read": sum(pushed), "packets_lost": lost}
 
 
 def make_run(cfg: RunConfig):

@@ -113,6 +113,7 @@ function M.ring_writer(r, stop)
       rec.linktype, rec.ifindex, rec.pad = 1, 0, 0
       copy(q + REC, p + off + 16, caplen)
       rr:commit()
+      if rr ~= r then r:committed() end
       np, nb, since = np + 1, nb + wirelen, since + 1
       if since >= 64 then r:publish(); since = 0 end
       off = off + 16 + caplen
