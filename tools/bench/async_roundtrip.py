@@ -339,7 +339,10 @@ def mmm(xs) -> str:
 
 
 def bench_styles(n: int, runs: int) -> list:
-    """[(style, upvalues, fast-path µs list, worker µs list)] measured in-process."""
+    """[(style, upvalues, fast-path µs list, worker µs list)] measured in-process, each style and upvalue count in a
+    plug-in VM (and worker) of its own: LuaJIT specialises the traces of schedule and of result delivery to the first
+    onexecute / onresult prototypes they see, and in one shared VM the styles measured later ran through side traces
+    (80-200 ns more per task), which made the figures depend on the order of the styles."""
     from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
     from luaprobe.workers.pool import AsyncConfig
     rows = []
@@ -347,13 +350,13 @@ def bench_styles(n: int, runs: int) -> list:
         path = os.path.join(d, "styles.lua")
         with open(path, "w") as f:
             f.write(STYLE_PLUGIN.replace("STYLES", style_lua()))
-        rt = AsyncRuntime(AsyncConfig(workers=1, worker_spin_us=0, ring_size=1 << 24))
-        try:
-            vm = rt.load(path)
-            cost = vm.lua.eval("function(s, u, n, a, b) return fastpath_cost(s, u, n, a, b) end")
-            worker = psutil.Process(vm.pool.pids()[0])
-            for style in ("hoisted", "fresh"):
-                for k in STYLE_UPS:
+        for style in ("hoisted", "fresh"):
+            for k in STYLE_UPS:
+                rt = AsyncRuntime(AsyncConfig(workers=1, worker_spin_us=0, ring_size=1 << 24))
+                try:
+                    vm = rt.load(path)
+                    cost = vm.lua.eval("function(s, u, n, a, b) return fastpath_cost(s, u, n, a, b) end")
+                    worker = psutil.Process(vm.pool.pids()[0])
                     cost(style.encode(), k, min(n, 50_000), vm.async_obj, WINDOW)          # warm-up
                     fp, wk = [], []
                     for _ in range(runs):
@@ -361,10 +364,10 @@ def bench_styles(n: int, runs: int) -> list:
                         fp.append(cost(style.encode(), k, n, vm.async_obj, WINDOW) / 1e3)
                         wk.append((sum(worker.cpu_times()[:2]) - c0) / n * 1e6)
                     rows.append((style, k, fp, wk))
-            st = vm.async_stats()
-            assert st["scheduled"] == st["ok"] + st["pending"] and st["error"] == 0, st
-        finally:
-            rt.shutdown()
+                    st = vm.async_stats()
+                    assert st["scheduled"] == st["ok"] + st["pending"] and st["error"] == 0, st
+                finally:
+                    rt.shutdown()
     return rows
 
 
