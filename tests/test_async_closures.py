@@ -146,3 +146,42 @@ def test_lp_fninfo_agrees_with_the_debug_library(tmp_path):
     from luaprobe.shm.luajit import new_runtime
     lua = new_runtime()
     assert list(lua.execute(FNINFO)) == [True] * 7
+
+
+GROWING = r'''
+order = {}
+-- fresh closures with a changing upvalue, scheduled in rounds between services: the FIFO wraps around and
+-- grows (1 024 slots at first) while tasks of earlier rounds are still in it
+function round(first, k)
+  for i = first, first + k - 1 do
+    local u = i % 7
+    T.async:schedule{ data = tostring(i), onexecute = function(d) return d .. "/" .. u end,
+                      onresult = function(e, d, r) order[#order + 1] = d .. "=" .. r end }
+  end
+end
+'''
+
+
+def test_fifo_growth_keeps_every_task_with_its_data_and_order(runtime_factory, tmp_path):
+    """One worker returns results in request order, so onresult sees exactly the schedule order (the model), each
+    task with its own data and upvalue, across FIFO wrap-around and growth (engine/plugins/async.lua grow)."""
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, GROWING))
+    rnd = vm.lua.eval("function(a, k) round(a, k) end")
+    first = 1
+    # after a full drain the FIFO's head is past slot 1 (the next growth copies wrapped positions); after one
+    # service only some results are in (growth with tasks of earlier rounds still queued)
+    for k, full in ((700, True), (1500, False), (700, True), (3000, False), (9000, False)):
+        rnd(first, k)
+        first += k
+        if full:
+            drain(rt, vm)
+        else:
+            rt.service()
+    st = drain(rt, vm)
+    n = first - 1
+    assert st["ok"] == n == st["scheduled"], st
+    got = [x.decode() for x in lst(vm, "order")] if n < 2000 else \
+        vm.lua.eval("function() return table.concat(order, ',') end")().decode().split(",")
+    assert got == [f"{i}={i}/{i % 7}" for i in range(1, n + 1)]
+    assert vm.lua.eval("function(a) return a.workers[1].cap end")(vm.async_obj) >= 8192   # it did grow

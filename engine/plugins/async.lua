@@ -76,12 +76,13 @@ end
 
 local function grow(q)
   local cap2 = q.cap * 2
+  local head, tail, mask, mask2 = q.head, q.tail, q.mask, cap2 - 1
   for _, f in ipairs(FIELDS) do
     local old, new = q[f], new_table(cap2, 0)
-    for i = q.head, q.tail - 1 do new[i % cap2 + 1] = old[i % q.cap + 1] end
+    for i = head, tail - 1 do new[band(i, mask2) + 1] = old[band(i, mask) + 1] end
     q[f] = new
   end
-  q.cap, q.mask = cap2, cap2 - 1
+  q.cap, q.mask = cap2, mask2
 end
 
 -- ------------------------------------------------------------------ prototype identity
