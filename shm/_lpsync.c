@@ -139,6 +139,58 @@ int lp_fninfo(void *Lv) {
     return 2 + m;
 }
 
+/* ------------------------------------------------------------------------
+ * lp_fnaddr(fn) -> the address of closure fn (a lua_CFunction, like lp_fninfo;
+ * nil for anything but a Lua function), and the upvalue check of one closure:
+ *
+ * T.async (engine/plugins/async.lua) snapshots onexecute's upvalues at every
+ * schedule call.  A task table written once (one closure, called again and
+ * again) mostly has the same upvalue values as last time; lp_uvc_same() says
+ * so without a lua_CFunction call (which ends the caller's LuaJIT trace):
+ *   fn    the closure's address (async.lua keeps the closure alive: GC objects
+ *         do not move, and the closure keeps its upvalue objects alive);
+ *   n     its number of upvalues (at most LP_UVC_UPS);
+ *   bits  the raw TValues of those upvalues when lp_uvc_take() last ran.
+ * Equal bits are the same value: the same number (bit for bit), boolean or
+ * nil, or the same object (strings are interned: an equal string is the same
+ * object).  Unequal bits only cost the full snapshot.  Called through the FFI:
+ * the call is opaque to the JIT, so the loads are never hoisted out of a loop
+ * that assigns the upvalue.  Same GC64 layout as lp_fninfo (async.lua checks
+ * both on known closures before it uses them).
+ * ------------------------------------------------------------------------ */
+#define LP_UVC_UPS 4
+typedef struct { uint64_t fn; uint64_t bits[LP_UVC_UPS]; int32_t n; } lp_uvc;
+
+static lj_tv *lp_uv_slot(const lj_funcL *fn, int i) {
+    lj_upval *uv = (lj_upval *)(uintptr_t)(fn->uvptr[i] & LJ_GCVMASK);
+    return uv->v;
+}
+
+int lp_uvc_same(const lp_uvc *c) {
+    const lj_funcL *fn = (const lj_funcL *)(uintptr_t)c->fn;
+    if (fn == NULL) return 0;
+    for (int i = 0; i < c->n; i++)
+        if (*lp_uv_slot(fn, i) != c->bits[i]) return 0;
+    return 1;
+}
+
+void lp_uvc_take(lp_uvc *c) {
+    const lj_funcL *fn = (const lj_funcL *)(uintptr_t)c->fn;
+    if (fn == NULL) return;
+    for (int i = 0; i < c->n; i++) c->bits[i] = *lp_uv_slot(fn, i);
+}
+
+int lp_fnaddr(void *Lv) {
+    lj_state *L = (lj_state *)Lv;
+    lj_tv *base = L->base, *top = L->top;
+    if (top <= base || LJ_ITYPE(base[0]) != LJ_TFUNC_ITYPE) { top[0] = LJ_NIL; L->top = top + 1; return 1; }
+    lj_funcL *fn = (lj_funcL *)(uintptr_t)(base[0] & LJ_GCVMASK);
+    if (fn->ffid != 0) { top[0] = LJ_NIL; L->top = top + 1; return 1; }
+    top[0] = lj_num((double)(uintptr_t)fn);
+    L->top = top + 1;
+    return 1;
+}
+
 static struct PyModuleDef lpsync_module = {
     PyModuleDef_HEAD_INIT, "_lpsync",
     "Atomic loads/stores, fences and futex calls for LuaJIT FFI (use via ffi.load).",

@@ -185,3 +185,68 @@ def test_fifo_growth_keeps_every_task_with_its_data_and_order(runtime_factory, t
         vm.lua.eval("function() return table.concat(order, ',') end")().decode().split(",")
     assert got == [f"{i}={i}/{i % 7}" for i in range(1, n + 1)]
     assert vm.lua.eval("function(a) return a.workers[1].cap end")(vm.async_obj) >= 8192   # it did grow
+
+
+HOISTED = r'''
+got = {}
+local U, S, F = 0, "a", true
+local T5a, T5b, T5c, T5d, T5e = 1, 2, 3, 4, 5
+local tbl = { n = 0 }
+local function keep(e, d, r) got[#got + 1] = r end
+local one = { data = "", onexecute = function(d) return d .. ":" .. U .. ":" .. S .. ":" .. tostring(F) end, onresult = keep }
+local other = { data = "", onexecute = function(d) return d .. "/" .. U end, onresult = keep }
+local five = { data = "", onexecute = function(d) return d .. "=" .. T5a + T5b + T5c + T5d + T5e end, onresult = keep }
+local withtable = { data = "", onexecute = function(d) return d .. "#" .. tbl.n .. U end, onresult = keep }
+-- one task table written once, its upvalues changed between calls in a loop LuaJIT compiles
+function hoisted(n)
+  for i = 1, n do
+    if i % 3 == 0 then U = U + 1 end
+    if i % 50 == 0 then S = (i % 100 == 0) and "a" or ("b" .. tostring(i % 7 == 8)):sub(1, 1) end
+    if i % 40 == 0 then F = not F end
+    if i % 11 == 0 then U = U + 0.5 end
+    one.data = tostring(i)
+    T.async:schedule(one)
+    if i % 97 == 0 then other.data = tostring(i); T.async:schedule(other) end
+    if i % 5 == 0 then T5c = T5c + 1; five.data = tostring(i); T.async:schedule(five) end
+    if i % 13 == 0 then tbl.n = tbl.n + 1; withtable.data = tostring(i); T.async:schedule(withtable) end
+  end
+end
+'''
+
+
+def _fmt(x: float) -> str:
+    """Lua's tostring of a number (%.14g)."""
+    return "%.14g" % x
+
+
+def test_hoisted_closure_ships_the_values_of_each_schedule_call(runtime_factory, tmp_path):
+    """The same closure scheduled again and again from a compiled loop that changes its upvalues in between: every
+    task runs with the values of its own schedule call (lp_uvc_same / lp_uvc_take skip the snapshot only while the
+    raw values are unchanged); against a model of the loop.  With one worker results come in schedule order."""
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, HOISTED))
+    n = 3000
+    vm.exec(f"hoisted({n})")
+    st = drain(rt, vm)
+    want, u, s, f, t5c, tn = [], 0.0, "a", True, 3, 0
+    for i in range(1, n + 1):
+        if i % 3 == 0:
+            u += 1
+        if i % 50 == 0:
+            s = "a" if i % 100 == 0 else "b"
+        if i % 40 == 0:
+            f = not f
+        if i % 11 == 0:
+            u += 0.5
+        want.append(f"{i}:{_fmt(u)}:{s}:{str(f).lower()}")
+        if i % 97 == 0:
+            want.append(f"{i}/{_fmt(u)}")
+        if i % 5 == 0:
+            t5c += 1
+            want.append(f"{i}={_fmt(1 + 2 + t5c + 4 + 5)}")
+        if i % 13 == 0:
+            tn += 1
+            want.append(f"{i}#{tn}{_fmt(u)}")
+    assert st["ok"] == len(want) and st["error"] == 0, st
+    got = vm.lua.eval("function() return table.concat(got, ',') end")().decode().split(",")
+    assert got == want

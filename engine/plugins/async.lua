@@ -121,6 +121,41 @@ end
 local fninfo, fninfo_fallback = load_fninfo()
 M.fninfo, M.fninfo_fallback = fninfo, fninfo_fallback
 
+-- The upvalue check of a closure seen before (shm/_lpsync.c lp_uvc_same): nil unless lp_fninfo is in use and the
+-- check gives the right answers on closures made here (then schedule falls back to fninfo for every call).
+pcall(ffi.cdef, [[
+typedef struct { uint64_t fn; uint64_t bits[4]; int32_t n; } lp_uvc;
+int lp_uvc_same(const lp_uvc *c);
+void lp_uvc_take(lp_uvc *c);
+]])
+local UVC_UPS = 4
+local function load_uvc()
+  if fninfo_fallback then return nil, "no lp_fninfo" end
+  local addr = package.loadlib(config.lpsync, "lp_fnaddr")
+  if not addr then return nil, "no lp_fnaddr" end
+  local ok, res = pcall(function()
+    local a, b, c = "s", 7, true
+    local f = function() return a, b, c end
+    local u = ffi.new("lp_uvc")
+    u.fn, u.n = addr(f), 3
+    C.lp_uvc_take(u)
+    local same1 = C.lp_uvc_same(u) == 1
+    b = 8
+    local differs = C.lp_uvc_same(u) == 0
+    b = 7
+    a = ("S"):lower()                                        -- an equal string made afresh: the same object
+    local same2 = C.lp_uvc_same(u) == 1
+    c = false
+    local differs2 = C.lp_uvc_same(u) == 0
+    c = true
+    return same1 and differs and same2 and differs2 and addr(print) == nil and addr(1) == nil
+  end)
+  if not (ok and res) then return nil, "layout check failed" end
+  return addr
+end
+local fnaddr = load_uvc()
+M.uvc = fnaddr ~= nil
+
 -- ------------------------------------------------------------------ upvalues
 
 --- Raise an error naming upvalue `name` unless v is plain: nil, boolean,
@@ -448,6 +483,12 @@ function Async:make_api()
   --- a pcall), so the code after it would run interpreted.  Here it is entered by a call, and LuaJIT compiles it
   --- as a trace of its own.  Error levels: stage is tail-called, so level 2 is still schedule's caller.
   local last_fn, last_key = nil, nil     -- the last onexecute without upvalues and its prototype key
+  -- The last closure with 1-4 upvalues met twice in a row (a task table written once, hoisted), its prototype key,
+  -- upvalue count and the blob of the values recorded in `uvc`: while lp_uvc_same says they still hold those values,
+  -- schedule reuses the blob without fninfo (SAME in stage's u1).  prev_fn: the closure of the previous snapshot.
+  local up_fn, up_key, up_nups, up_aux, prev_fn = nil, nil, 0, "", nil
+  local uvc = fnaddr and ffi.new("lp_uvc") or nil
+  local SAME = {}
 
   local function stage(task, key, nups, u1, u2, u3, u4, u5, u6, u7, u8)
     local data = task.data
@@ -470,6 +511,8 @@ function Async:make_api()
     local aux = ""
     if nups == 0 then
       last_fn, last_key = fn, key
+    elseif u1 == SAME then
+      aux = up_aux                                            -- the same closure, its upvalues unchanged
     else
       local last = up_last[fid]
       if last and nups <= 4 and not up_tables[fid]
@@ -479,6 +522,17 @@ function Async:make_api()
         local err
         aux, err = self_:upvalues(fid, fn, nups, u1, u2, u3, u4, u5, u6, u7, u8)
         if aux == nil then error("T.async:schedule: " .. err, 2) end
+      end
+      if uvc and nups <= UVC_UPS and not up_tables[fid] then
+        if fn == prev_fn then                                 -- twice in a row: record its values with the blob
+          if fn ~= up_fn then
+            up_fn, up_key, up_nups = fn, key, nups
+            uvc.fn, uvc.n = fnaddr(fn), nups
+          end
+          C.lp_uvc_take(uvc)
+          up_aux = aux
+        end
+        prev_fn = fn
       end
     end
     check_size(self_, "schedule", "data", data, aux)
@@ -491,6 +545,8 @@ function Async:make_api()
   --- little: the prototype and upvalues of onexecute through fninfo, then stage (checks, enqueue).
   --- The same closure without upvalues as last time (a task written once, hoisted) needs no fninfo:
   --- its prototype is the same and it has nothing to snapshot, and the hook's trace goes on compiled.
+  --- Nor does the same closure with 1-4 upvalues whose values are those of its last snapshot (lp_uvc_same, an FFI
+  --- call that LuaJIT compiles into the hook's trace, compares their raw values).
   function api.schedule(a, b)
     local task = b
     if a ~= api then task = a end
@@ -499,6 +555,7 @@ function Async:make_api()
     end
     local fn = task.onexecute
     if fn == last_fn and fn ~= nil then return stage(task, last_key, 0) end
+    if fn == up_fn and fn ~= nil and C.lp_uvc_same(uvc) ~= 0 then return stage(task, up_key, up_nups, SAME) end
     return stage(task, fninfo(fn))
   end
 
