@@ -11,6 +11,7 @@ compiles whatever the traffic; see "packet path" below for why (issue 10).
 
     local flowtable = require "luaprobe.engine.fastpath.flowtable"
     local ft = flowtable.new{ capacity = 1<<20,       -- max live flows (power of two)
+                              batch = 1025,           -- update_batch scratch (grows when a batch is larger)
                               idle_timeout = 120,     -- s of packet time
                               active_timeout = 1800 } -- s of packet time
     local idx, dir, is_new = ft:update(d, ts, wirelen)
@@ -278,10 +279,13 @@ function M.new(opts)
     terminated = 0, full_drops = 0, resizes = 0,
     _scratch = decode.new(),
     kone = ffi.new("lp_fkey"),       -- update()'s key
-    nkeys = 0,                       -- update_batch's scratch: keys[nkeys], miss[nkeys]
+    nkeys = 0,                       -- update_batch's scratch: keys[nkeys], miss[nkeys] (made below)
     touched = 0,                     -- update_batch's touch loops' result (kept, so the loads are)
   }, FT)
   ffi.fill(self.slots, size * ffi.sizeof("lp_slot"), 0xff)   -- idx -1: empty
+  self.fw = cast(i32_ptr, self.flows)        -- the records as int32 words (probe, new_flow)
+  local nb = opts.batch or 1025              -- the driver's batch (1024) + a reassembled datagram; grown on demand
+  self.keys, self.miss, self.nkeys = ffi.new("lp_fkey[?]", nb), ffi.new("int32_t[?]", nb), nb
   local sen = self.flows[cap]                -- both lists are circular through it
   sen.lprev, sen.lnext, sen.aprev, sen.anext = cap, cap, cap, cap
   sen.slot = -1
@@ -388,14 +392,21 @@ end
 --               goes on a miss list);
 --   2. insert   only the misses: probe again (an earlier packet of the same
 --               batch may have created the flow) and create the record;
---   3. account  per packet: last_ts, counters, TCP state; for TCP
---               segments (one test) setup RTT and retransmissions (tcp_track),
---               branch-free inside and called with few live values so its
---               side trace compiles too;
+--   3. account  a: per packet, straight line: last_ts, packets, bytes,
+--               payload; b: per TCP segment (one test), in packet order:
+--               flags seen, state, setup RTT and retransmissions
+--               (tcp_state, tcp_track), branch-free inside;
 --   4. LRU      per packet: the move to the list tail when the packet's
 --               second is later than the flow's lsec (lru_touch).
 -- The probe loop is bounded: the index is kept at most half full, so a probe
 -- chain always ends at an empty slot.
+-- Two hidden costs of a trace exit, avoided throughout (tests/test_flowtable_jit.py
+-- counts both): a guard nobody wrote (unary minus of an integer is guarded
+-- by "not 0", so negation is written 0 - x), and a cdata reference live at
+-- an exit that is taken often, which is allocated each time: the probe and
+-- new_flow read keys and records as int32 words (kw, fw), the loops index
+-- b[k] again after a call instead of keeping the entry, and record
+-- references are made after a test, not before it.
 local W_SPORT = ffi.offsetof("lp_decoded", "sport") / 4
 local W_SRC = ffi.offsetof("lp_decoded", "src") / 4
 assert(ffi.offsetof("lp_decoded", "dport") == 4 * W_SPORT + 4)
@@ -421,9 +432,13 @@ local function tie_dir(w, m6)
   return c < 0 and 1 or 0
 end
 
-local function key_eq(k, kb)
-  return k[0] == kb[0] and k[4] == kb[4] and k[8] == kb[8] and k[9] == kb[9] and k[1] == kb[1]
-     and k[2] == kb[2] and k[3] == kb[3] and k[5] == kb[5] and k[6] == kb[6] and k[7] == kb[7]
+-- the 10 key words of record x (at word 64 * x of the records) equal those of the key at word o of kw: plain
+-- int32 loads through two pointers, no cdata reference made (a reference to a record's key array or to an
+-- lp_fkey that a side exit has to materialise is an allocation per packet)
+local function key_eq(fw, f, kw, o)
+  return fw[f] == kw[o] and fw[f + 4] == kw[o + 4] and fw[f + 8] == kw[o + 8] and fw[f + 9] == kw[o + 9]
+     and fw[f + 1] == kw[o + 1] and fw[f + 2] == kw[o + 2] and fw[f + 3] == kw[o + 3]
+     and fw[f + 5] == kw[o + 5] and fw[f + 6] == kw[o + 6] and fw[f + 7] == kw[o + 7]
 end
 
 --- Normalised key of decoded packet d (ip_version v ~= 0) into kf (lp_fkey):
@@ -432,7 +447,7 @@ local function make_key(kf, d, v)
   local w = cast(ci32_ptr, d)
   local sp, dp = w[W_SPORT], w[W_SPORT + 1]
   -- dir 0: src is A (the higher port; same rule as decode.flowkey)
-  local m6 = -band(rshift(v, 1), 1)          -- -1 for IPv6, 0 for IPv4
+  local m6 = 0 - band(rshift(v, 1), 1)       -- -1 for IPv6, 0 for IPv4 (0 - x: see tcp_track)
   local dir
   if sp ~= dp then
     dir = band(rshift(sp - dp, 31), 1)
@@ -459,24 +474,28 @@ local function make_key(kf, d, v)
   kf.hash = hash_key(cast(ci32_ptr, kb))
 end
 
---- Probe the index for key kf: returns (slot, flow index) — the slot holding
---- the flow, or the empty slot that ended the chain and -1.
-local function probe(self, kf)
-  local slots, flows, mask = self.slots, self.flows, self.mask
-  local h, kb = kf.hash, kf.key
+--- Probe the index for the key at word o of kw (an lp_fkey array as int32_t *: key words o .. o + 9, hash
+--- at o + 10): returns (slot, flow index) — the slot holding the flow, or the empty slot that ended the
+--- chain and -1.
+local KEY_WORDS = ffi.sizeof("lp_fkey") / 4
+local FLOW_WORDS = FLOW_SIZE / 4
+assert(ffi.offsetof("lp_fkey", "hash") == 40 and ffi.offsetof("lp_flow", "key") == 0)
+local function probe(self, kw, o)
+  local slots, fw, mask = self.slots, self.fw, self.mask
+  local h = kw[o + 10]
   local j = band(h, mask)
   local x = slots[j].idx
   -- bounded: the index is at most half full, so an empty slot ends every chain
-  while x >= 0 and not (slots[j].hash == h and key_eq(flows[x].key, kb)) do
+  while x >= 0 and not (slots[j].hash == h and key_eq(fw, x * FLOW_WORDS, kw, o)) do
     j = band(j + 1, mask)
     x = slots[j].idx
   end
   return j, x
 end
 
---- Create the record for key kf in empty slot j at packet time ts, second sec (the
---- caller made room with reserve()).  Returns its index, or -2 (table full).
-local function new_flow(self, kf, j, ts, sec)
+--- Create the record for the key at word o of kw (as probe) in empty slot j at packet time ts, second sec
+--- (the caller made room with reserve()).  Returns its index, or -2 (table full).
+local function new_flow(self, kw, o, j, ts, sec)
   local idx
   local flows = self.flows
   if self.free_top > 0 then
@@ -492,11 +511,13 @@ local function new_flow(self, kf, j, ts, sec)
     return -2
   end
   local e = flows[idx]
-  local k, kb = e.key, kf.key
-  for i = 0, 9 do k[i] = kb[i] end
-  e.porta, e.portz = rshift(kb[8], 16), band(kb[8], 0xffff)
-  e.ipver, e.proto = rshift(kb[9], 8), band(kb[9], 0xff)
-  local h = kf.hash
+  local fw, f = self.fw, idx * FLOW_WORDS
+  fw[f], fw[f + 1], fw[f + 2], fw[f + 3], fw[f + 4] = kw[o], kw[o + 1], kw[o + 2], kw[o + 3], kw[o + 4]  -- no loop:
+  fw[f + 5], fw[f + 6], fw[f + 7], fw[f + 8], fw[f + 9] = kw[o + 5], kw[o + 6], kw[o + 7], kw[o + 8], kw[o + 9]  -- inlined
+  local ports, vproto = kw[o + 8], kw[o + 9]
+  e.porta, e.portz = rshift(ports, 16), band(ports, 0xffff)
+  e.ipver, e.proto = rshift(vproto, 8), band(vproto, 0xff)
+  local h = kw[o + 10]
   e.hash = h
   e.slot = j
   e.state = S.INIT
@@ -553,15 +574,23 @@ local function handshake_ack(st, fl, dir)
               bnot(rshift(band(st, lshift(0x10, dir)), 4 + dir)), 1)
 end
 
+-- Negation is written 0 - x throughout: LuaJIT records unary minus of an integer that is not 0 as an integer
+-- subtraction guarded by x ~= 0 (-0 is not an integer), so a trace recorded on, say, a segment with payload
+-- left at every bare ACK (len 0) through that guard; its side trace carries ~20 live values, failed with
+-- error 34 ("register coalescing too complex") and was blacklisted, and every such segment then ran in the
+-- interpreter (issue 10: the `http` corpus, ~90 bytes of garbage and ~300 ns per packet).  Binary 0 - x has
+-- only an overflow guard, never taken for these values.
 -- TCP setup RTT and retransmissions of one segment (account(), TCP segments only: the caller's one
 -- test).  Branch-free inside: every choice is bit arithmetic or a store into a scratch slot [0], so
 -- the trace takes the same path for every segment; called with few live values (st is the state
 -- before this segment) so the side trace of the caller's test compiles.
-local function tcp_track(e, dir, sec, nsec, d, fl, st)
+local function tcp_track(flows, idx, dir, sec, nsec, pl, seq, fl, st, t)
+  local e = flows[idx]
+  -- t: 1 for a TCP segment, 0 for anything else (then nothing below changes: every choice is masked by it)
   -- syn: a SYN without ACK before the handshake completed; hs: this segment completed it (the
   -- SEEN_SYN_ACK_ACK transition) after a SYN (state SEEN_SYN)
-  local syn = band(rshift(fl, 1), bnot(rshift(fl, 4)), bnot(rshift(st, 3)), 1)
-  local hs = band(handshake_ack(st, fl, dir), rshift(st, 1))
+  local syn = band(rshift(fl, 1), bnot(rshift(fl, 4)), bnot(rshift(st, 3)), t)
+  local hs = band(handshake_ack(st, fl, dir), rshift(st, 1), t)
   -- setup RTT: the latest SYN before the handshake completes -> the client's completing ACK; from
   -- seconds and nanoseconds apart (one double of epoch seconds is only good to ~0.2 µs)
   e.syn_sec[syn] = sec
@@ -570,24 +599,22 @@ local function tcp_track(e, dir, sec, nsec, d, fl, st)
   -- retransmission: the segment occupies sequence space (payload, SYN, FIN: RFC 9293 §3.4) but does
   -- not start at or beyond the highest sequence end already seen in its direction; a keep-alive
   -- (no SYN/FIN, at most 1 byte, seq = that end - 1) is not counted
-  local pl = d.payload_length
-  local seq = d.tcp_seq
   local sf = band(fl, 0x03)                                   -- SYN 0x02, FIN 0x01
   local len = pl + band(sf, 1) + rshift(sf, 1)
   local hi = e.tcp_next[dir]
   local seen = band(rshift(e.tcp_dirs, dir), 1)
   local behind = rshift(tobit(seq - hi), 31)                  -- seq before hi (mod 2^32): 1
-  local occ = rshift(-len, 31)                                -- len > 0: 1
+  local occ = band(rshift(0 - len, 31), t)                    -- len > 0 (and TCP): 1
   local z = bxor(seq, tobit(hi - 1))
-  local ka = band(rshift(pl - 2, 31), rshift(sf - 1, 31), bnot(rshift(bor(z, -z), 31)), 1)
+  local ka = band(rshift(pl - 2, 31), rshift(sf - 1, 31), bnot(rshift(bor(z, tobit(0 - z)), 31)), 1)
   e.retrans[dir] = e.retrans[dir] + band(seen, behind, occ, bnot(ka))
   -- the highest end, moved only by segments that occupy sequence space (a bare ACK carries a
   -- sequence number but no data, and may be bogus): max(hi, seq + len) once seen, seq + len first
   local fwd = tobit(seq + len)
   local adv = tobit(fwd - hi)
-  local m = -seen
+  local m = 0 - seen
   local nhi = bor(band(m, tobit(hi + band(adv, bnot(arshift(adv, 31))))), band(bnot(m), fwd))
-  local mo = -occ
+  local mo = 0 - occ
   e.tcp_next[dir] = bor(band(mo, nhi), band(bnot(mo), hi))
   e.tcp_dirs = bor(e.tcp_dirs, lshift(occ, dir))
 end
@@ -595,23 +622,32 @@ end
 -- the LRU move of flow idx (record e) for a packet of second sec (the fourth loop): to the tail at its
 -- first packet of a later second, so the list stays ordered by the second of each flow's last packet
 -- (lsec) while most packets of a flow touch no neighbour record (module doc, "LRU list")
-local function lru_touch(flows, e, idx, sec, sen)
-  if sec > e.lsec then
+local function lru_touch(flows, idx, sec, sen)
+  if sec > flows[idx].lsec then
+    local e = flows[idx]        -- made after the test: no reference live at its exit (see account)
     e.lsec = sec
     lru_unlink(flows, e)
     lru_append(flows, e, idx, sen)
   end
 end
 
--- per-packet accounting of flow idx (the third loop): counters, TCP state
-local function account(self, flows, idx, dir, ts, wirelen, d, sec, nsec)
+-- per-packet counters of flow idx (loop 3a): last_ts, packets, bytes, payload; returns the flow's id.  Straight
+-- line: nothing here depends on the protocol.
+local function account(flows, idx, dir, ts, wirelen, pl)
   local e = flows[idx]
   e.last_ts = max(e.last_ts, ts)
   e.packets[dir] = e.packets[dir] + 1
   e.bytes[dir] = e.bytes[dir] + wirelen
-  e.payload[dir] = e.payload[dir] + d.payload_length
-  -- TCP state (decode leaves tcp_flags 0 for everything else, so no proto test)
-  local fl = d.tcp_flags
+  e.payload[dir] = e.payload[dir] + pl
+  return e.id
+end
+
+-- TCP state of one packet of flow idx (loop 3b: TCP segments, and any packet with TCP flags, which decode gives
+-- only TCP segments; a packet with neither changes nothing here): flags seen, state flags, then tcp_track
+-- with the state before this segment (t: 1 for a TCP segment).  Branch-free, so the loop's one test is its
+-- only exit.
+local function tcp_state(flows, idx, dir, sec, nsec, pl, fl, seq, t)
+  local e = flows[idx]
   e.tcp_flags_seen[dir] = bor(e.tcp_flags_seen[dir], fl)
   local st = e.state
   local syn = band(rshift(fl, 1), 1)
@@ -621,14 +657,11 @@ local function account(self, flows, idx, dir, ts, wirelen, d, sec, nsec)
   local ack3 = handshake_ack(st, fl, dir)
   e.state = bor(st,
                 lshift(band(syn, bnot(ack)), 1),            -- SEEN_SYN 0x02
-                band(-synack, bor(0x04, srv)),              -- SEEN_SYN_ACK 0x04 + A/Z_END_SERVER
+                band(0 - synack, bor(0x04, srv)),              -- SEEN_SYN_ACK 0x04 + A/Z_END_SERVER
                 lshift(ack3, 3),                            -- SEEN_SYN_ACK_ACK 0x08
                 lshift(band(fl, 0x01), 6),                  -- SEEN_FIN 0x40
                 lshift(band(fl, 0x04), 5))                  -- SEEN_RST 0x80
-  if d.first[TCP] >= 0 then
-    tcp_track(e, dir, sec, nsec, d, fl, st)
-  end
-  return e
+  tcp_track(flows, idx, dir, sec, nsec, pl, seq, fl, st, t)
 end
 
 --- One packet (tools, tests and the single-packet users): the same
@@ -640,16 +673,22 @@ function FT:update(d, ts, wirelen)
   local kf = self.kone
   make_key(kf, d, v)
   self:reserve(1)
-  local j, idx = probe(self, kf)
+  local kw = cast(i32_ptr, kf)
+  local j, idx = probe(self, kw, 0)
   local is_new = false
   local sec = math.floor(ts)
   if idx < 0 then
-    idx = new_flow(self, kf, j, ts, sec)
+    idx = new_flow(self, kw, 0, j, ts, sec)
     if idx < 0 then return idx, kf.dir, false end
     is_new = true
   end
-  local e = account(self, self.flows, idx, kf.dir, ts, wirelen or d.caplen, d, sec, math.floor((ts - sec) * 1e9 + 0.5))
-  lru_touch(self.flows, e, idx, sec, self.capacity)
+  account(self.flows, idx, kf.dir, ts, wirelen or d.caplen, d.payload_length)
+  local tf = d.first[TCP]
+  if bor(d.tcp_flags, 1 + tf) ~= 0 then
+    tcp_state(self.flows, idx, kf.dir, sec, math.floor((ts - sec) * 1e9 + 0.5), d.payload_length, d.tcp_flags,
+              d.tcp_seq, band(rshift(bnot(tf), 31), 1))
+  end
+  lru_touch(self.flows, idx, sec, self.capacity)
   return idx, kf.dir, is_new
 end
 
@@ -661,6 +700,7 @@ function FT:update_batch(b, n)
     self.keys, self.miss, self.nkeys = ffi.new("lp_fkey[?]", n), ffi.new("int32_t[?]", n), n
   end
   local keys, miss = self.keys, self.miss
+  local kw = cast(i32_ptr, keys)
   local flows = self.flows
   -- 1. lookup (read-only).  a: keys and hashes; p.flow = 0 marks a packet to look up
   for k = 0, n - 1 do
@@ -686,10 +726,10 @@ function FT:update_batch(b, n)
     local slots, mask = self.slots, self.mask
     local t = 0
     for k = 0, n - 1 do
-      t = bxor(t, slots[band(keys[k].hash, mask)].idx)
+      t = bxor(t, slots[band(kw[k * KEY_WORDS + 10], mask)].idx)
     end
     for k = 0, n - 1 do
-      local x = slots[band(keys[k].hash, mask)].idx
+      local x = slots[band(kw[k * KEY_WORDS + 10], mask)].idx
       local e = flows[band(x, bnot(arshift(x, 31)))]     -- an empty slot (-1): record 0
       t = bxor(t, e.key[0], e.aprev, e.tcp_dirs)
     end
@@ -698,14 +738,13 @@ function FT:update_batch(b, n)
   -- c: probe
   local nmiss = 0
   for k = 0, n - 1 do
-    local p = b[k]
-    if p.flow == 0 then
-      local _, x = probe(self, keys[k])
+    if b[k].flow == 0 then     -- no reference to b[k] kept across the probe (see probe)
+      local _, x = probe(self, kw, k * KEY_WORDS)
       if x < 0 then
         miss[nmiss] = k
         nmiss = nmiss + 1
       end
-      p.flow = x
+      b[k].flow = x
     end
   end
   -- 2. insertion of the new flows (the index grows first, never while probing)
@@ -713,32 +752,39 @@ function FT:update_batch(b, n)
     self:reserve(nmiss)
     for m = 0, nmiss - 1 do
       local k = miss[m]
-      local kf = keys[k]
-      local j, x = probe(self, kf)
+      local j, x = probe(self, kw, k * KEY_WORDS)
       if x < 0 then
         local p = b[k]
-        x = new_flow(self, kf, j, p.ts_sec + p.ts_nsec * 1e-9, p.ts_sec)
+        x = new_flow(self, kw, k * KEY_WORDS, j, p.ts_sec + p.ts_nsec * 1e-9, p.ts_sec)
       end
       b[k].flow = x
     end
   end
-  -- 3. counters
+  -- 3. counters: a, every packet's; b, the TCP state of TCP segments, in packet order
   for k = 0, n - 1 do
     local p = b[k]
     local idx = p.flow
     local uid = 0
     if idx >= 0 then
-      local sec, nsec = p.ts_sec, p.ts_nsec
-      uid = account(self, flows, idx, p.dir, sec + nsec * 1e-9, p.wirelen, p.d, sec, nsec).id
+      uid = account(flows, idx, p.dir, p.ts_sec + p.ts_nsec * 1e-9, p.wirelen, p.d.payload_length)
     end
     p.flow_uid = uid
+  end
+  for k = 0, n - 1 do
+    local idx = b[k].flow
+    local tf = b[k].d.first[TCP]               -- -1: not TCP
+    if idx >= 0 and bor(b[k].d.tcp_flags, 1 + tf) ~= 0 then
+      local p = b[k]
+      local d = p.d
+      tcp_state(flows, idx, p.dir, p.ts_sec, p.ts_nsec, d.payload_length, d.tcp_flags, d.tcp_seq,
+                band(rshift(bnot(tf), 31), 1))
+    end
   end
   -- 4. LRU moves (a flow's first packet of a later second)
   local sen = self.capacity
   for k = 0, n - 1 do
-    local p = b[k]
-    local idx = p.flow
-    if idx >= 0 then lru_touch(flows, flows[idx], idx, p.ts_sec, sen) end
+    local idx = b[k].flow
+    if idx >= 0 then lru_touch(flows, idx, b[k].ts_sec, sen) end
   end
 end
 
