@@ -1,6 +1,7 @@
 """Logging for the engine and for Lua code (T.log*, print), tagged with plug-in and VM instance."""
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import re
@@ -23,6 +24,45 @@ def _text(x) -> str:
     """A Lua string (bytes) as log text: bytes that are not UTF-8 become ``\\xNN`` escapes (not U+FFFD:
     the original bytes stay readable in the log)."""
     return x.decode("utf-8", "backslashreplace") if isinstance(x, (bytes, bytearray)) else str(x)
+
+
+def path_text(path) -> str:
+    """A file name (str from argv or the OS, possibly holding surrogate escapes; or bytes) as printable text:
+    bytes that are not UTF-8 become ``\\xNN`` escapes, so ``/tmp/x\\xff.pcap`` prints and fits in JSON/SQLite.
+    The name to open stays the original (``os.fsencode`` gives the bytes back)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _escape_name_bytes(err):
+    """Codec error handler ``luaprobe-escape``: a surrogate escape (an undecodable byte of a file name) as
+    ``\\xNN``, any other unencodable character as ``\\uNNNN``."""
+    chunk = err.object[err.start:err.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("ascii", "backslashreplace").decode() for c in chunk), err.end
+
+
+codecs.register_error("luaprobe-escape", _escape_name_bytes)
+
+
+def printable(obj):
+    """``obj`` (a summary: dicts, lists, str) with every str that holds surrogate escapes (file names from argv
+    or the OS that are not UTF-8) shown as :func:`path_text` shows them, so JSON, SQLite and terminals get
+    valid text."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "luaprobe-escape").decode("utf-8")
+    if isinstance(obj, dict):
+        return {printable(k): printable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(printable(x) for x in obj)
+    return obj
+
+
+def install_escapes() -> None:
+    """Make the process's stdout and stderr print undecodable file-name bytes as ``\\xNN`` (never a traceback,
+    never raw bytes that could be terminal controls)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="luaprobe-escape")
 
 
 def safe_text(msg: str) -> str:

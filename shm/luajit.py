@@ -86,7 +86,7 @@ def _native_path(module: str) -> bytes | None:
     """Path of a compiled helper library named by its module (e.g. luaprobe.engine.plugins._lpre2), or None when
     it was not built (RE2 is optional)."""
     spec = importlib.util.find_spec(module)
-    return spec.origin.encode() if spec is not None and spec.origin else None
+    return os.fsencode(spec.origin) if spec is not None and spec.origin else None
 
 
 def lua_path(dirs=()) -> str:
@@ -113,15 +113,16 @@ def new_runtime(search_dirs=(), encoding: str | None = None) -> luajit21.LuaRunt
         " package.cpath = cpath .. ';' .. package.cpath;"
         " package.loaded['luaprobe.config'] = {lpsync = lpsync, lpre2 = lpre2, ac = ac, lpwatch = lpwatch} end"
     )
-    setup(lua_path(search_dirs).encode(), lua_cpath(search_dirs).encode(), lpsync_path().encode(),
+    setup(os.fsencode(lua_path(search_dirs)), os.fsencode(lua_cpath(search_dirs)), os.fsencode(lpsync_path()),
           _native_path("luaprobe.engine.plugins._lpre2"), AhoCorasick, _native_path("luaprobe.engine.plugins._lpwatch"))
     lua.execute(_LOADER, table(lua, package_dirs()))
     return lua
 
 
 def table(lua, mapping: dict):
-    """A Lua table from a dict, with str keys and values encoded as UTF-8 Lua strings."""
-    enc = {(k.encode() if isinstance(k, str) else k): (v.encode() if isinstance(v, str) else v)
+    """A Lua table from a dict, with str keys and values encoded as UTF-8 Lua strings (surrogate escapes, as in
+    file names from argv, back to their original bytes: ``os.fsencode``)."""
+    enc = {(os.fsencode(k) if isinstance(k, str) else k): (os.fsencode(v) if isinstance(v, str) else v)
            for k, v in mapping.items() if v is not None}
     return lua.table_from(enc)
 

@@ -5,8 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! .venv/bin/python -c "import luaprobe.engine.daemon.cli" 2>/dev/null; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[test]'
+  # -qq: errors only (a site's pip.conf may add index locations that do not exist here; pip warns about each)
+  echo "setting up .venv (pip install -e '.[test]', first time only)"
+  .venv/bin/pip install -qq --upgrade pip
+  .venv/bin/pip install -qq -e '.[test]'
 fi
 .venv/bin/luaprobe demo --out out
 echo

@@ -77,7 +77,7 @@ def main(argv=None, remote=None) -> int:
         "max_rss": args.max_rss_mb * 1e6,
         "slot": args.slot,
         "spin_ns": args.spin_us * 1e3,
-        "file_roots": lua.table_from([r.encode() for r in args.file_root]),
+        "file_roots": lua.table_from([os.fsencode(r) for r in args.file_root]),
         "remote": remote(args) if remote else None,
     }))
     sys.stdout.flush()

@@ -151,10 +151,10 @@ def main(argv=None) -> int:
                 break
             if not args.loop or path not in eof_sent:      # looping: one EOF per file (files_done stays small)
                 eof_sent.add(path)
-                control(ring, pkt.EOF, path.encode())
+                control(ring, pkt.EOF, os.fsencode(path))   # the name as given, any bytes
         except InputError as e:
             failed = True
-            control(ring, pkt.ERROR, f"{e.offset}\t{e.message}\t{e.path}".encode())
+            control(ring, pkt.ERROR, f"{e.offset}\t{e.message}\t".encode() + os.fsencode(e.path))
     control(ring, pkt.END, b"")
     del cap
     return EXIT_INPUT if failed else 0

@@ -575,6 +575,8 @@ DELEGATED = {"query": cmd_query, "gen": cmd_gen, "loadtest": cmd_loadtest}
 def main(argv=None) -> int:
     """Entry point of the `luaprobe` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    from luaprobe.shm import logs
+    logs.install_escapes()               # file names that are not UTF-8 print as \xNN
     try:
         if argv and argv[0] in DELEGATED:
             return DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:]))

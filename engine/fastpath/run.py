@@ -366,7 +366,7 @@ class FastPath:
             return
         inst = Instance(vm, kind, pipeline)
         inst.budgeted = vm.lua.eval("function(h, s, l) return h:set_budget(s, l) end")(
-            vm.host, float(self.cfg.hook_budget), f"{os.path.basename(path)} [{kind}#{instance}]".encode())
+            vm.host, float(self.cfg.hook_budget), f"{logs.path_text(os.path.basename(path))} [{kind}#{instance}]".encode())
         if kind in MONITOR_TYPES:
             Monitors.prepare_vm(vm)
             if kind == "cg_monitor":
@@ -662,12 +662,14 @@ class FastPath:
                         break
                     rt.wait(0.05, extra_ready=lambda: ready(driver))
                     continue
-                txt = _text(driver.ctl_text)
-                if kind == EOF:
-                    self.files_done.append(txt)
+                raw = driver.ctl_text
+                txt = _text(raw)
+                if kind == EOF:                    # a file name: any bytes (shown escaped: logs.path_text)
+                    self.files_done.append(logs.path_text(raw))
                     self._jit_mark(lua)
                 elif kind == ERROR:
                     off, msg, path = txt.split("\t", 2)
+                    path = logs.path_text(raw.split(b"\t", 2)[2])
                     where = f"byte offset {off}: " if off else ""
                     self.input_errors.append(f"{path}: {where}{msg}")   # printed once, by whoever reports the
                     logs.log.debug("input error: %s: %s%s", path, where, msg)   # summary (CLI, daemon child)
@@ -895,7 +897,7 @@ class FastPath:
             self.pstore_lua = new_runtime()
             mod = self.pstore_lua.eval("require('luaprobe.engine.plugins.packetstore')")
             name = f"packets.shard-{self.shard_index}.pcapng" if self.cfg.shard else "packets.pcapng"
-            self.pstore = mod.new_store(os.path.join(self.cfg.out_dir, name).encode(),
+            self.pstore = mod.new_store(os.fsencode(os.path.join(self.cfg.out_dir, name)),
                                         self.cfg.flow_capacity)
         return self.pstore
 
@@ -1056,7 +1058,7 @@ class FastPath:
                                                            getattr(self, "async_final", [])):
             plugins.append({"plugin": inst.vm.path, "type": inst.kind, "instance": inst.vm.instance,
                             "hook_calls": calls, "hook_errors": errors, "async": stats, "walk": walk})
-        return {
+        return logs.printable({   # file names that are not UTF-8 as \xNN (shm/logs.py)
             "elapsed_s": round(elapsed, 3),
             "packet_loop_s": round((self.loop_end or 0) - (self.loop_start or 0), 4),
             "packet_loop_cpu_s": round((self.loop_cpu_end or 0) - (self.loop_cpu_start or 0), 4),
@@ -1084,7 +1086,7 @@ class FastPath:
             "backend_reloads": self.backend_reloads, "messages_undelivered": self.messages_undelivered,
             "stopped_by": self.stopped_by, "stopped_during": self.stopped_during,
             "late_packets": self.late_packets,
-        }
+        })
 
 
 class _Coordinator:

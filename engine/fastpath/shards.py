@@ -429,7 +429,7 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
     out["shards"] = [{"shard": k, "restarts": restarts[k], "summary": p.get("packets") is not None,
                       **{f: p.get(f, 0) for f in ("packets", "bytes", "flows", "elapsed_s")}}
                      for k, p in enumerate(parts)]
-    return out
+    return logs.printable(out)            # file names that are not UTF-8 as \xNN (shm/logs.py)
 
 
 def packet_accounting(pushed: list, shards: list) -> dict:

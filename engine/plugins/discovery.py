@@ -132,7 +132,7 @@ def probe(path: str, lua_path=()) -> PluginInfo:
     info = PluginInfo(path=path, name=os.path.basename(path))
     lua = new_runtime(plugin_dirs(path, lua_path))
     try:
-        res, err = lua.execute(_PROBE)(path.encode(), logs.lua_log)
+        res, err = lua.execute(_PROBE)(os.fsencode(path), logs.lua_log)
     except Exception as e:  # noqa: BLE001 - a Lua error while probing is a plug-in problem
         from luaprobe.engine.plugins.errors import text
         info.errors.append(load_error(text(e), path))
