@@ -53,7 +53,8 @@ function M.new(opts)
 end
 
 --- Fill the batch.  Returns the number of packets (0 when the ring is empty
---- or a control record is next: then ctl_kind / ctl_text are set).
+--- or a control record is next: then ctl_kind / ctl_text are set) and the
+--- batch's packet-time second (self.sec: one call from Python, not two).
 --- The previous batch's ring space is released here, not before.
 function Driver:fill()
   local r, b, ft = self.ring, self.batch, self.ft
@@ -111,7 +112,7 @@ function Driver:fill()
   self.truncated, self.nonip, self.bytes = truncated, nonip, bytes
   self.packets = self.packets + n
   if self.nreasm then self:reasm_accounting() end
-  return n
+  return n, self.sec
 end
 
 --- A packet with no decoded layer: count it when its link type is not one decode knows,
