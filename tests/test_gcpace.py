@@ -50,3 +50,28 @@ def test_pace_follows_the_heap_size_at_each_check(tmp_path):
         assert pause(vm) == 400                              # small again
     finally:
         vm.close()
+
+
+def test_fast_path_polls_a_vm_without_workers_every_64th_time_with_the_check(tmp_path):
+    """AsyncRuntime.service (once per batch) skips the lupa call for a VM that has no worker pool, except every
+    CHECK_EVERY-th time, when the pace is checked: LuaJIT's own pause and heap size show the check happens on that
+    call and not before; the VM's poll counter shows the skipped calls."""
+    from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
+    rt = AsyncRuntime()
+    try:
+        vm = rt.load(helpers.write_plugin(tmp_path, PLUGIN), start_workers="lazy")
+        every = int(vm.exec("return require('luaprobe.engine.plugins.gcpace').CHECK_EVERY"))
+        before = vm.lua.eval("function(a) return a.polls end")(vm.async_obj)
+        for _ in range(every):
+            rt.service()
+        assert vm.lua.eval("function(a) return a.polls end")(vm.async_obj) == before + 1
+        vm.exec("collectgarbage(); LIMIT = collectgarbage('count') + 2048;"
+                " require('luaprobe.engine.plugins.gcpace').LARGE_KB = LIMIT")
+        vm.exec("BIG = {} for i = 1, 4096 do BIG[i] = string.rep(string.char(i % 251), 1024) .. i end")
+        for _ in range(every - 1):
+            rt.service()
+        assert pause(vm) == 400 and vm.pool is None         # not polled: no check yet
+        rt.service()
+        assert pause(vm) == 200                             # the 64th: polled, checked
+    finally:
+        rt.close()

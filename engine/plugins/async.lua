@@ -698,13 +698,14 @@ end
 
 --- Send staged tasks, deliver ready results of every worker (at most `max`
 --- each) and move backlog into freed ring space.  Returns the number of
---- results delivered.
-function Async:poll(max)
+--- results delivered.  `pace`: check the collector's pace now (the fast path polls a VM with no worker only
+--- every gcpace.CHECK_EVERY-th time and asks for the check then: engine/plugins/asyncruntime.py).
+function Async:poll(max, pace)
   max = max or 4096
   local total = 0
   local polls = self.polls + 1
   self.polls = polls
-  if polls % gcpace.CHECK_EVERY == 0 then gcpace.adjust() end
+  if polls % gcpace.CHECK_EVERY == 0 or pace then gcpace.adjust() end
   for k = 1, self.nworkers do
     local w = self.workers[k]
     if w.ret then

@@ -46,7 +46,7 @@ class PluginVM:
         self.async_obj = host[b'async']
         self.pool = None
         self.nworkers = self.config.workers or int(host.requested_workers(host))
-        self._poll = self.lua.eval("function(a, n) return a:poll(n) end")
+        self._poll = self.lua.eval("function(a, n, pace) return a:poll(n, pace) end")
         self._has = self.lua.eval("function(a) return a:has_results() end")
         self._pending = self.lua.eval("function(a) return a:pending() end")
         self._call = self.lua.eval("function(h, sub, name, ...) return h:call(sub, name, ...) end")
@@ -90,9 +90,10 @@ class PluginVM:
         """Run Lua code in this VM (tests, tools)."""
         return self.lua.eval("function(h, c) return h:exec(c) end")(self.host, code.encode())
 
-    def poll(self, max_results: int = 4096) -> int:
-        """Deliver ready async results (onresult runs here); returns how many."""
-        return int(self._poll(self.async_obj, max_results))
+    def poll(self, max_results: int = 4096, pace: bool = False) -> int:
+        """Deliver ready async results (onresult runs here); returns how many.  ``pace``: check the collector's
+        pace now (engine/plugins/gcpace.lua) instead of at every 64th poll."""
+        return int(self._poll(self.async_obj, max_results, pace))
 
     def has_results(self) -> bool:
         """True if a worker has published a result not yet delivered."""
