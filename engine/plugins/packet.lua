@@ -60,7 +60,7 @@ function M.new_batch(n) return ffi.new("lp_pkt[?]", n or M.BATCH) end
 
 -- A FlowID is a table {key, uid}: the flow-id string at [1] and, for one the cache below handed out, the flow
 -- record's unique id at [2] (0 otherwise); both in its array part, which LuaJIT allocates together with the
--- table itself (table.new with a small array), so reading a cached FlowID touches one cache line, not two.
+-- table itself (a small array part is colocated), so reading a cached FlowID touches one cache line, not two.
 local FlowID = {}
 FlowID.__index = FlowID
 
@@ -110,9 +110,9 @@ FlowID.__tostring = FlowID.id
 
 --- A FlowID for a flow-id string (a plain value object: scripts may keep it).
 function M.flowid_from_key(key, uid)
-  local f = table_new(2, 0)
-  f[1], f[2] = key, uid or 0
-  return setmetatable(f, FlowID)
+  -- a constructor, not table.new: LuaJIT compiles it (TNEW), while table.new is a C function that ends the
+  -- trace of the hook that formats a new flow's key
+  return setmetatable({ key, uid or 0 }, FlowID)
 end
 
 --- A FlowID for a decoded packet (the key string is computed now).
