@@ -645,8 +645,11 @@ function Async:complete(w, status, payload, now, exec_ns)
   w.files[s], w.ts[s] = nil, nil   -- files released after the hooks below (onresult may read the file)
   self:clear_slot(w, s)
   w.head = w.head + 1
-  if t0 then
-    local lat = (now or C.lp_now_ns()) - t0
+  -- latency: only of a task that completed in the worker (ok, nil_result, a file helper's ok) and whose result the
+  -- poll just read (now); a task failed by the engine (lost at the deadline, timed out, worker died) has none,
+  -- so latency_samples == ok + nil_result
+  if t0 and now and (status == P.OK or status == P.NIL or status == P.FILE_OK) then
+    local lat = now - t0
     local b = lat > 1 and bucket(lat) or 0
     if b >= HIST then b = HIST - 1 end
     self.hist[b] = self.hist[b] + 1
@@ -797,7 +800,7 @@ function Async:snapshot()
   end
   out.latency_p50_ns = pct(0.5)
   out.latency_p99_ns = pct(0.99)
-  out.latency_samples = total
+  out.latency_samples = total          -- = ok + nil_result: the completed tasks (complete)
   return out
 end
 
