@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from tests import helpers
@@ -78,3 +79,41 @@ def test_budget_zero_turns_the_watchdog_off(tmp_path):
     assert r.returncode == 0, r.stderr
     sc = next(p for p in json.loads(r.stdout)["plugins"] if p["type"] == "simplecounter")
     assert sc["hook_errors"] == {}
+
+
+COMPILED = """
+TrisulPlugin = { id = { name = "compiled" },
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(engine, layer) %s end } }
+"""
+
+
+@pytest.mark.parametrize("body", ["while true do end",                                 # an empty compiled loop
+                                  "local x = 0 while true do x = x + math.floor(1.5) end",  # a fast function, inlined
+                                  "local s = '' while true do s = s .. 'x' if #s > 64 then s = '' end end"],
+                         ids=["empty", "fastfunc", "strings"])
+def test_compiled_endless_loop_ends_the_run_as_a_plugin_error(tmp_path, body):
+    """A loop LuaJIT compiled into a trace never reaches the interrupt: `run` must not spin forever (it did, for
+    11 minutes with --hook-budget 1).  Truth: the documented code 4, one line naming the plug-in and the budget,
+    no process and no /dev/shm segment of the run left; it ends within the budget + 2 s grace (+ load time)."""
+    plug = tmp_path / "compiled.lua"
+    plug.write_text(COMPILED % body)
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine", "run", str(plug), "--pcap", SAMPLE,
+                          "--out", str(tmp_path / "out"), "--hook-budget", "0.5"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kids = []
+    try:
+        helpers.wait_for(lambda: psutil.Process(p.pid).children(recursive=True), timeout=60)
+        kids = psutil.Process(p.pid).children(recursive=True)
+        _out, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 4, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("luaprobe run:")]
+    assert len(lines) == 1, err
+    assert "compiled.lua [simplecounter#" in lines[0] and "hook budget of 0.5 s" in lines[0]
+    assert "Traceback" not in err
+    assert not psutil.wait_procs(kids, timeout=10)[1]
+    assert not helpers.our_segments([p.pid])

@@ -32,8 +32,8 @@ SETTINGS = [
     ("frag_max_mb", "--frag-max-mb", ("fastpath", "frag_max_mb"), "float", 16.0, 0.1, 4096, 1,
      "MiB of IP fragments held over all datagrams (the oldest is dropped above)"),
     ("hook_budget", "--hook-budget", ("fastpath", "hook_budget"), "float", 10.0, 0, 86400, 1,
-     "seconds a plug-in hook may run before it is interrupted with a Lua error (0 = off; compiled endless loops "
-     "are left to the daemon's heartbeat, docs/operations.md)"),
+     "seconds a plug-in hook may run before it is interrupted with a Lua error (0 = off; a compiled endless loop "
+     "cannot be interrupted: `run` then stops hard with exit 4, the daemon restarts; docs/operations.md)"),
     ("http_max_header", "--http-max-header", ("filex", "http_max_header"), "int", 65536, 1024, 1 << 24, 1,
      "longest HTTP start line + header block kept, bytes (more is counted; docs/filex.md)"),
     ("filex_dir", "--filex-dir", ("filex", "dir"), "path", None, None, None, 1,

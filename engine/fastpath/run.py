@@ -22,6 +22,7 @@ import threading
 import time
 
 from luaprobe.shm import cpus, segment
+from luaprobe.shm.exits import EXIT_PLUGIN
 from luaprobe.shm.ring import region_size
 from luaprobe.shm.luajit import method, new_runtime
 from luaprobe.workers.pool import AsyncConfig
@@ -160,6 +161,7 @@ class _SignalWatch:
     process of the run, unlinks its shared memory and exits 1 (what a handled hard stop also does)."""
 
     GRACE = 2.0
+    STUCK_GRACE = 2.0                  #: s past the hook budget before a hook that was not interrupted ends the run
 
     def __init__(self, fp):
         self.fp = fp
@@ -212,11 +214,26 @@ class _SignalWatch:
             if second_at is not None and time.monotonic() - second_at > self.GRACE and self.fp._stop != 3 \
                     and not self.done:
                 self._hard_stop()
+            self._check_budget()
         os.close(self.r)
 
-    def _hard_stop(self) -> None:
+    def _check_budget(self) -> None:
+        """A hook past its budget that the watchdog's interrupt cannot reach (a loop LuaJIT compiled into a trace
+        never returns to the interpreter; a long C call) for STUCK_GRACE s: the fast-path thread is lost, so the
+        run ends here as a plug-in error (exit 4), the way a hard stop does (engine/plugins/_lpwatch.c)."""
+        if self.fp.cfg.hook_budget <= 0 or self.done:
+            return
+        from luaprobe.engine.plugins import _lpwatch
+        late = _lpwatch.stuck_for()
+        if late > self.STUCK_GRACE:
+            self._hard_stop(
+                f"luaprobe run: plug-in error: {_lpwatch.message()}, and {late:.0f} s later it still runs in code "
+                "the interrupt cannot reach (a loop LuaJIT compiled, or a C function): stopped hard (workers and "
+                "capture killed; rows already handed to the store writer are committed; no summary)\n", EXIT_PLUGIN)
+
+    def _hard_stop(self, line: str | None = None, code: int = 1) -> None:
         import psutil
-        sys.stderr.write("luaprobe run: stopped hard by a second signal while a hook did not return "
+        sys.stderr.write(line or "luaprobe run: stopped hard by a second signal while a hook did not return "
                          "(workers and capture killed; rows already handed to the store writer are committed)\n")
         try:
             kids = psutil.Process().children(recursive=True)
@@ -242,7 +259,8 @@ class _SignalWatch:
                 segment.unlink(name)
             except OSError:
                 pass
-        os._exit(1)
+        sys.stderr.flush()
+        os._exit(code)
 
 
 @dataclasses.dataclass

@@ -25,9 +25,16 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/time.h>
+#include <time.h>
 
 typedef struct lua_State lua_State;
-typedef struct lua_Debug lua_Debug;
+typedef struct lua_Debug {             /* LuaJIT's lua.h (Lua 5.1 layout) */
+  int event;
+  const char *name, *namewhat, *what, *source;
+  int currentline, nups, linedefined, lastlinedefined;
+  char short_src[60];
+  int i_ci;
+} lua_Debug;
 typedef void (*lua_Hook)(lua_State *L, lua_Debug *ar);
 typedef int (*lua_CFunction)(lua_State *L);
 extern int lua_sethook(lua_State *L, lua_Hook f, int mask, int count);
@@ -43,6 +50,8 @@ extern void lua_pushvalue(lua_State *L, int idx);
 extern void lua_replace(lua_State *L, int idx);
 extern void lua_pushboolean(lua_State *L, int b);
 extern int lua_pcall(lua_State *L, int nargs, int nresults, int errfunc);
+extern int lua_getstack(lua_State *L, int level, lua_Debug *ar);
+extern int lua_getinfo(lua_State *L, const char *what, lua_Debug *ar);
 #define LUA_MULTRET (-1)
 
 #define LUA_MASKCALL 1
@@ -54,6 +63,31 @@ static volatile sig_atomic_t fired = 0;
 static double budget = 0;
 static char message[512];
 static int installed = 0;
+static char pkgroot[1024];             /* "@<luaprobe package dir>/": frames of luaprobe's own Lua modules */
+static size_t pkgroot_len = 0;
+static volatile double alarm_at = 0;   /* CLOCK_MONOTONIC s when the budget ran out and no interrupt landed yet */
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);  /* async-signal-safe */
+  return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Is a plug-in's own Lua function on the stack?  Plug-in code runs only inside the protected call of a hook
+ * (Host:call's xpcall, the walker's xpcall or wd.xpcall), so an error raised there is caught and counted; the
+ * luaprobe code around it (the walker between two hooks, arm/disarm, the Python-called wrappers) is not
+ * protected: an interrupt there would end the whole batch as an internal error. */
+static int in_plugin_code(lua_State *L) {
+  lua_Debug ar;
+  for (int level = 0; lua_getstack(L, level, &ar); level++) {
+    if (!lua_getinfo(L, "S", &ar) || ar.source == NULL) continue;
+    if (ar.source[0] != '@') continue;                       /* C, loadstring'ed chunks (walker copies) */
+    if (pkgroot_len && strncmp(ar.source, pkgroot, pkgroot_len) == 0
+        && strncmp(ar.source + pkgroot_len, "engine/examples/", 16) != 0) continue;
+    return 1;
+  }
+  return 0;
+}
 
 static void set_timer(double s) {
   struct itimerval it;
@@ -66,7 +100,9 @@ static void set_timer(double s) {
 
 static void budget_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
+  if (!in_plugin_code(L)) return;    /* the hook stays set: it lands at the next instruction of plug-in code */
   lua_sethook(L, NULL, 0, 0);
+  alarm_at = 0;
   fired++;
   set_timer(budget);                 /* the rest of the batch keeps a budget */
   luaL_error(L, "%s", message);
@@ -75,6 +111,7 @@ static void budget_hook(lua_State *L, lua_Debug *ar) {
 static void on_alarm(int sig) {
   (void)sig;
   lua_State *L = armed_L;
+  if (L != NULL && alarm_at == 0) alarm_at = now_s();
   if (L != NULL) lua_sethook(L, budget_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
@@ -90,6 +127,12 @@ static int wd_arm(lua_State *L) {
   }
   budget = lua_tonumber(L, 1);
   const char *m = lua_tolstring(L, 2, NULL);
+  const char *root = lua_tolstring(L, 3, NULL);
+  if (root && !pkgroot_len) {
+    snprintf(pkgroot, sizeof pkgroot, "@%s", root);
+    pkgroot_len = strlen(pkgroot);
+  }
+  alarm_at = 0;
   snprintf(message, sizeof message, "%s", m ? m : "hook budget exceeded");
   fired = 0;
   armed_L = L;
@@ -100,6 +143,7 @@ static int wd_arm(lua_State *L) {
 static int wd_disarm(lua_State *L) {
   set_timer(0);
   armed_L = NULL;
+  alarm_at = 0;
   lua_sethook(L, NULL, 0, 0);        /* a hook set after the code returned must not fire later */
   lua_pushnumber(L, (double)fired);
   fired = 0;
@@ -130,8 +174,28 @@ int luaopen_lpwatch(lua_State *L) {
   return 1;
 }
 
+/* Python side (the fast path's watch thread, engine/fastpath/run.py): seconds since the budget ran out while
+ * the interrupt has not landed (0.0: none pending).  The hook cannot land while the VM runs a compiled LuaJIT
+ * trace or a C function; the same .so is loaded by Python and by package.loadlib, so the state is shared. */
+static PyObject *py_stuck_for(PyObject *self, PyObject *args) {
+  (void)self; (void)args;
+  double at = alarm_at;
+  return PyFloat_FromDouble(at > 0 && armed_L != NULL ? now_s() - at : 0.0);
+}
+
+static PyObject *py_message(PyObject *self, PyObject *args) {
+  (void)self; (void)args;
+  return PyUnicode_DecodeUTF8(message, strlen(message), "replace");
+}
+
+static PyMethodDef lpwatch_methods[] = {
+  {"stuck_for", py_stuck_for, METH_NOARGS, "seconds the armed hook has run past its budget uninterrupted (0.0: none)"},
+  {"message", py_message, METH_NOARGS, "the armed budget's message (plug-in, instance, budget)"},
+  {NULL, NULL, 0, NULL}
+};
+
 static struct PyModuleDef lpwatch_module = {
   PyModuleDef_HEAD_INIT, "_lpwatch", "Hook watchdog for LuaJIT plug-in VMs (a Lua C module).", -1,
-  NULL, NULL, NULL, NULL, NULL
+  lpwatch_methods, NULL, NULL, NULL, NULL
 };
 PyMODINIT_FUNC PyInit__lpwatch(void) { return PyModule_Create(&lpwatch_module); }

@@ -76,6 +76,10 @@ function Host:requested_workers()
   return math.floor(n)
 end
 
+-- the luaprobe package directory ("<dir>/", this file is <dir>/engine/plugins/host.lua): the watchdog lands its
+-- interrupt only in a plug-in's own code (frames outside it, or in engine/examples/), always inside a hook's xpcall
+local PKGROOT = (debug.getinfo(1, "S").source:match("^@(.*/)engine/plugins/[^/]*$"))
+
 --- Call TrisulPlugin[sub][name](...) (or TrisulPlugin[name] when sub is nil).
 --- Returns ok, result.  Errors are counted per hook and logged.
 function Host:call(sub, name, ...)
@@ -85,7 +89,7 @@ function Host:call(sub, name, ...)
   local key = sub and (sub .. "." .. name) or name
   self.hook_calls[key] = (self.hook_calls[key] or 0) + 1
   local wd = self.watchdog
-  if wd then wd.arm(self.budget, self.budget_msg) end
+  if wd then wd.arm(self.budget, self.budget_msg, PKGROOT) end
   local ok, res = xpcall(fn, traceback, ...)
   if wd then self:count_budget(wd.disarm()) end
   if not ok then
@@ -426,7 +430,7 @@ end
 --- Arm / disarm the budget around a per-batch walk.  The fast path calls these from Python around the walker, so
 --- the walker keeps being entered by a tail call: a Lua frame below it would end its traces on every return
 --- ("return to lower frame") and a vararg wrapper would not compile at all.
-function Host:arm_budget() self.watchdog.arm(self.budget, self.budget_msg) end
+function Host:arm_budget() self.watchdog.arm(self.budget, self.budget_msg, PKGROOT) end
 function Host:disarm_budget() self:count_budget(self.watchdog.disarm()) end
 
 --- Add one batch's calls and errors of hook `name` to the instance's counters (hook_calls / hook_errors).
