@@ -121,6 +121,7 @@ class RunConfig:
                                       #: bell, summary_file, coordinator (pid); None in a single fast path
     on_loaded: object = None          #: callable(problems: list[str]) once the plug-ins are loaded (the daemon)
     hook_budget: float = 10.0         #: s a hook may run before it is interrupted (0 = off; docs/operations.md)
+    plugin_memory_mb: int = 4096      #: MiB of Lua memory per plug-in VM (0 = no limit; docs/operations.md)
     analysers: str = ""               #: built-in analysers to run and store: "all", "none" or "counters,dns,http,tls"
     user: str | None = None           #: drop to this user after opening the capture socket(s) (docs/live.md)
     group: str | None = None          #: with user: this group only
@@ -272,6 +273,8 @@ class Instance:
     pipeline: str
     run_batch = None
     budgeted = False                   # the hook budget (watchdog) is active for this instance
+    disabled = None                    # why the fast path stopped calling it (its memory limit), else None
+    batches_skipped = 0                # batches not walked since it was disabled
 
 
 _IPR_KEYS = ("ip_fragments", "ip_datagrams", "ip_frag_timeouts", "ip_frag_incomplete", "ip_frag_overlaps",
@@ -351,7 +354,7 @@ class FastPath:
     def _load_monitor(self, rt, path, kind) -> None:
         """A resource/fts/alert/cg monitor: one Script per attached group, backend_instances VMs each."""
         try:
-            probe_vm = rt.load(path, instance="0", enginetype="backend", pipeline="backend", groups=self.groups,
+            probe_vm = rt.load(path, instance="0", enginetype="backend", pipeline="backend", groups=self.groups, max_memory=self._max_memory(),
                                start_workers=False, protocols=self.protocols, group_names=self.group_names,
                                contextid=self.shard_index)
         except PluginError as e:
@@ -376,15 +379,18 @@ class FastPath:
 
     def _instantiate(self, rt, path, kind, pipeline, instance, group=None):
         try:
-            vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups,
+            vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups, max_memory=self._max_memory(),
                          start_workers="lazy", protocols=self.protocols, group_names=self.group_names,
                          contextid=self.shard_index)
         except PluginError as e:
             self.plugin_problems.append(str(e))
             return
         inst = Instance(vm, kind, pipeline)
+        label = f"{logs.path_text(os.path.basename(path))} [{kind}#{instance}]".encode()
         inst.budgeted = vm.lua.eval("function(h, s, l) return h:set_budget(s, l) end")(
-            vm.host, float(self.cfg.hook_budget), f"{logs.path_text(os.path.basename(path))} [{kind}#{instance}]".encode())
+            vm.host, float(self.cfg.hook_budget), label)
+        if self.cfg.plugin_memory_mb:
+            vm.lua.eval("function(h, m, l) h:set_memory_limit(m, l) end")(vm.host, int(self.cfg.plugin_memory_mb), label)
         if kind in MONITOR_TYPES:
             Monitors.prepare_vm(vm)
             if kind == "cg_monitor":
@@ -895,22 +901,55 @@ class FastPath:
             for vm_lua in [lua] + [i.vm.lua for i in self.instances]:
                 vm_lua.execute("require('luaprobe.engine.plugins.jitprof').mark()")
 
-    @staticmethod
-    def _budgeted(inst, walk):
+    def _max_memory(self) -> int | None:
+        """Bytes of Lua memory a plug-in VM may use (--plugin-memory-mb), None = no limit."""
+        return self.cfg.plugin_memory_mb * 1048576 if self.cfg.plugin_memory_mb else None
+
+    def _budgeted(self, inst, walk):
         """``walk(host, addr, n)`` under the instance's hook budget (engine/plugins/watchdog.lua), armed and
-        disarmed from here so that the Lua walker itself stays a tail call (its traces keep compiling)."""
-        if not inst.budgeted:
+        disarmed from here so that the Lua walker itself stays a tail call (its traces keep compiling), and under
+        its memory limit: a walk that hit it (LUA_ERRMEM caught in a hook, or raised in the walker) disables the
+        instance (its later batches are skipped, counted in its summary's `disabled`)."""
+        if not inst.budgeted and not self.cfg.plugin_memory_mb:
             return walk
-        arm = inst.vm.lua.eval("function(h) h:arm_budget() end")
-        disarm = inst.vm.lua.eval("function(h) h:disarm_budget() end")
+        arm = inst.vm.lua.eval("function(h) h:arm_budget() end") if inst.budgeted else None
+        after = inst.vm.lua.eval("function(h) return h:after_batch() end")
+        from lupa.luajit21 import LuaMemoryError
 
         def run(host, addr, n):
-            arm(host)
+            if inst.disabled is not None:
+                inst.batches_skipped += 1
+                return 0
+            exceeded = None
             try:
+                if arm is not None:
+                    arm(host)
                 return walk(host, addr, n)
+            except LuaMemoryError:          # raised in luaprobe's code of the walk, outside a hook's xpcall
+                inst.vm.lua.set_max_memory(self._max_memory() + (256 << 20))
+                exceeded = (f"{os.path.basename(inst.vm.path)} [{inst.kind}#{inst.vm.instance}]: memory limit "
+                            f"{self.cfg.plugin_memory_mb} MiB exceeded (--plugin-memory-mb); instance disabled")
+                return 0
             finally:
-                disarm(host)
+                try:
+                    exceeded = after(host) or exceeded
+                except LuaMemoryError:
+                    inst.vm.lua.set_max_memory(self._max_memory() + (256 << 20))
+                    exceeded = after(host) or exceeded
+                if exceeded is not None:
+                    self._disable(inst, _text(exceeded))
         return run
+
+    def _disable(self, inst, why: str) -> None:
+        """Stop calling `inst` (over its memory limit): one ERROR line, a plug-in problem (exit 4), its VM kept
+        with headroom so that its counters and outputs are still written."""
+        if inst.disabled is not None:
+            return
+        inst.disabled = why
+        inst.vm.lua.set_max_memory(self._max_memory() + (256 << 20))
+        inst.vm.lua.execute("collectgarbage()")
+        logs.log.error("%s", why)
+        self.plugin_problems.append(why)
 
     def _packet_store(self):
         """The run's packet store (engine/plugins/packetstore.lua), created with the first packet_storage
@@ -1079,7 +1118,8 @@ class FastPath:
         for (inst, calls, errors, walk), (_, stats) in zip(getattr(self, "hook_stats", []),
                                                            getattr(self, "async_final", [])):
             plugins.append({"plugin": inst.vm.path, "type": inst.kind, "instance": inst.vm.instance,
-                            "hook_calls": calls, "hook_errors": errors, "async": stats, "walk": walk})
+                            "hook_calls": calls, "hook_errors": errors, "async": stats, "walk": walk,
+                            "disabled": inst.disabled, "batches_skipped": inst.batches_skipped})
         return logs.printable({   # file names that are not UTF-8 as \xNN (shm/logs.py)
             "elapsed_s": round(elapsed, 3),
             "packet_loop_s": round((self.loop_end or 0) - (self.loop_start or 0), 4),

@@ -44,6 +44,17 @@ function M.boot(opts)
   local self = setmetatable({ path = path, instance = instance, outputs = {}, hook_errors = {},
                               hook_calls = {} }, Host)
   self.errors = errlog.new(logf)
+  local report = self.errors.report
+  self.errors.report = function(log, kind, msg)               -- LuaJIT's LUA_ERRMEM: the VM's memory limit
+    if self.memory_limit and type(msg) == "string" and msg:find("^not enough memory") then  -- (lupa's allocator,
+                                                              -- --plugin-memory-mb) was hit; msg may carry a traceback
+      collectgarbage()                                        -- the hook's garbage: room for the message
+      self.memory_exceeded = self.memory_exceeded or ("%s: memory limit %d MiB exceeded in %s (--plugin-memory-mb); "
+        .. "instance disabled"):format(self.memory_label, self.memory_limit, kind:gsub(" error$", ""))
+      msg = self.memory_exceeded
+    end
+    return report(log, kind, msg)
+  end
   if opts.pipeline then
     self.engine = engine_mod.new({ instance = instance, pipeline = opts.pipeline, groups = opts.groups,
                                    plugin = path:match("[^/]*$") })
@@ -83,6 +94,7 @@ local PKGROOT = (debug.getinfo(1, "S").source:match("^@(.*/)engine/plugins/[^/]*
 --- Call TrisulPlugin[sub][name](...) (or TrisulPlugin[name] when sub is nil).
 --- Returns ok, result.  Errors are counted per hook and logged.
 function Host:call(sub, name, ...)
+  if self.memory_exceeded then return true, nil end       -- disabled: over its memory limit
   local t = sub and self.plugin[sub] or self.plugin
   local fn = t and t[name]
   if type(fn) ~= "function" then return true, nil end
@@ -421,6 +433,18 @@ function Host:set_budget(seconds, label)
   self.budget_msg = ("%s: hook interrupted: it ran longer than the hook budget of %g s (--hook-budget)")
                     :format(label, seconds)
   return self.watchdog ~= nil
+end
+
+--- The VM's memory limit (PluginVM max_memory, lupa's allocator): `mib` for the message naming `label`.
+function Host:set_memory_limit(mib, label)
+  self.memory_limit, self.memory_label = mib, label
+end
+
+--- After a per-batch walk (called from Python): the budget disarmed when armed; the memory-limit message when the
+--- limit was hit (the instance is then disabled), else nil.
+function Host:after_batch()
+  if self.watchdog then self:count_budget(self.watchdog.disarm()) end
+  return self.memory_exceeded
 end
 
 function Host:count_budget(fired)

@@ -24,12 +24,12 @@ class PluginVM:
     def __init__(self, path: str, *, instance: str = "0", enginetype: str = "frontend", lua_path=(),
                  async_config: AsyncConfig | None = None, bell=None, start_workers: bool | str = True,
                  pipeline: str | None = None, groups: dict | None = None, protocols=(),
-                 group_names: dict | None = None, contextid: int = 0):
+                 group_names: dict | None = None, contextid: int = 0, max_memory: int | None = None):
         self.path = os.path.abspath(path)
         self.instance = instance
         self.lua_path = list(lua_path)
         self.config = async_config or AsyncConfig()
-        self.lua = new_runtime(plugin_dirs(self.path, self.lua_path))
+        self.lua = new_runtime(plugin_dirs(self.path, self.lua_path), max_memory=max_memory)
         boot = self.lua.eval("function(o) return require('luaprobe.engine.plugins.host').boot(o) end")
         host, err = boot(table(self.lua, {
             "path": self.path, "instance": instance, "enginetype": enginetype,
