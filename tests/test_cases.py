@@ -7,6 +7,7 @@ for generated inputs the bytes the generator put in (hashlib), checked against t
 """
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
 import os
@@ -108,6 +109,8 @@ def test_case04_port_reuse_without_close(tmp_path):
     files = [(f["uri"], f["length"], f["sha256"]) for f in probe_files(text)]
     assert files == [("/one.txt", "660", "684a28f13e43564b69705a50d016a0331c8d313cbb6002772422f9d025c4f4f8"),
                      ("/two.txt", "690", "e6330703948f4f11d050bdf01633b5818c837b751268a913507d135cccedb78a")]
+    # tshark 4.0.17: two tcp.streams of 7 and 10 packets; the first never closed
+    assert sorted((n, st) for _, n, st in flows(tmp_path / "o")) == [(7, "REUSED"), (10, "CLOSED")]
 
 
 def test_case08_gzip_multimember(tmp_path):
@@ -542,3 +545,62 @@ def test_plugin_bytes_other_paths(tmp_path):
     assert db.execute("SELECT contents FROM resources WHERE uri = 'message'").fetchall() == [(raw + b"msg",)]
     assert db.execute("SELECT tags FROM flows").fetchall() == [(raw.decode("utf-8", "backslashreplace").encode(),)]
     db.close()
+
+
+def reuse_capture():
+    """Connections reusing 5-tuples (client port: [(how the connection ends, client ISN), ...]): never closed,
+    FIN one way only, RST, quick reuse 50 ms after a FIN with an ISN just above the old one, a lower ISN, the
+    sequence space wrapping, IPv6; a retransmitted SYN; a refused connection retried with the same ISN."""
+    frames = []
+    shapes = {48001: [("none", 100000), ("fin", 3_000_000_000)], 48002: [("fin1", 100000), ("fin", 50)],
+              48003: [("rst", 100000), ("fin", 105000)], 48004: [("fin", 100000), ("fin", 100009)],
+              48005: [("none", 2**32 - 100), ("none", 5), ("fin", 9_999)]}
+    t = 1700000000.0
+    for port, conns in shapes.items():
+        for k, (end, isn) in enumerate(conns):
+            v6 = port == 48005
+            c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
+                        cport=port, cisn=isn, sisn=isn + 77, t0=t + k * (0.05 if port == 48004 else 2))
+            c.handshake()
+            c.send(True, pb.http_request(f"/p{port}"))
+            c.send(False, pb.http_response(b"x" * 700, [("Content-Length", 700)]))
+            if end == "fin":
+                c.close()
+            elif end == "fin1":
+                c.seg(True, pb.FIN | pb.ACK); c.cseq += 1; c.seg(False, pb.ACK)
+            elif end == "rst":
+                c.seg(True, pb.RST | pb.ACK)
+            frames += c.frames
+        t += 10
+    c = pb.Conv(cport=48006, t0=t)                                 # SYN retransmitted: one connection
+    c.seg(True, pb.SYN); c.seg(True, pb.SYN); c.cseq += 1
+    c.seg(False, pb.SYN | pb.ACK); c.sseq += 1; c.seg(True, pb.ACK); c.close()
+    frames += c.frames
+    c = pb.Conv(cport=48007, t0=t + 1)                             # refused, retried with the same ISN
+    for _ in range(2):
+        c.seg(True, pb.SYN); c.seg(False, pb.RST | pb.ACK)
+    frames += c.frames
+    return sorted(frames, key=lambda x: x[0])
+
+
+def test_port_reuse_gives_a_flow_record_per_connection(tmp_path):
+    """A new connection on a 5-tuple (a SYN with a new sequence number, closed or not) gets its own flow
+    record, as tshark 4.0.17 starts a new tcp.stream ("TCP Port numbers reused"): the packets per
+    conversation equal tshark's; the old record's state says how it ended (REUSED when it never closed);
+    every connection's file is extracted."""
+    pcap = str(tmp_path / "r.pcap")
+    pb.write_pcap(pcap, reuse_capture())
+    files, _, s, out = run_kinds(tmp_path, pcap)
+    rows = flows(out)
+    ours = sorted((int(k.split(":p-")[1][:4], 16), n) for k, n, _ in rows)
+    r = subprocess.run(["tshark", "-r", pcap, "-q", "-z", "conv,tcp"], capture_output=True, text=True, check=True)
+    theirs = sorted((int(line.split()[0].rsplit(":", 1)[1]), int(line.split("<->")[1].split()[7]))
+                    for line in r.stdout.splitlines() if "<->" in line)
+    assert ours == theirs and len(ours) == 13
+    by_port = collections.defaultdict(list)
+    for k, _, st in sorted(rows, key=lambda x: x[0]):
+        by_port[int(k.split(":p-")[1][:4], 16)].append(st)
+    assert sorted(by_port[48001]) == ["CLOSED", "REUSED"] and sorted(by_port[48003]) == ["CLOSED", "RESET"]
+    assert s["flows"] == 13                                              # the summary counts records
+    assert sorted(f[1] for f in files) == sorted(f"/p{p}" for p in (48001, 48001, 48002, 48002, 48003, 48003, 48004,
+                                                                      48004, 48005, 48005, 48005))

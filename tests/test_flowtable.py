@@ -769,11 +769,18 @@ def test_batches_expire_per_second(H, lua, cap_log, idle, active, nbatch, pkts):
                     assert g == -2
                     continue
                 created += 1
-                f = flows[key] = dict(id=created, first=ts, last=ts, c=[0, 0, 0, 0])
+                f = flows[key] = dict(id=created, first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None])
+            elif key[1] == 6 and flags & 0x12 == 0x02 and f['hi'][direction] not in (None, 1):
+                # port reuse (flowtable.lua): a SYN whose sequence number (0 here) is not the direction's
+                # highest sequence end - 1 starts the record again, same id (counted in ft.renewed)
+                f.update(first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None])
             assert g == fmt_key(key).encode()
             f['last'] = max(f['last'], ts)
             f['c'][2 * direction] += 1
             f['c'][2 * direction + 1] += wl
+            n_seq = wl // 2 + (flags & 1) + (flags >> 1 & 1) if key[1] == 6 else 0    # sequence space used
+            if n_seq:
+                f['hi'][direction] = max(f['hi'][direction] or 0, n_seq)
         pending.clear()
 
     def tick(now):

@@ -47,6 +47,10 @@ function M.new(opts)
   self.exp = ffi.new("lp_flowrow[?]", self.exp_cap)
   self.exp_addr = tonumber(ffi.cast("intptr_t", self.exp))
   self.exp_tags = {}
+  -- rows of records ended by port reuse (pend_row), exported first by the next expire / flush_flows
+  self.pend_cap, self.npend, self.pend_tags, self.renewed = 64, 0, {}, {}
+  self.pend = ffi.new("lp_flowrow[?]", self.pend_cap)
+  self.ft.on_renew = function(idx) self:pend_row(idx) end
   if opts.bell then self.ring.data_bell = cast("uint32_t *", opts.bell) end
   self.stop_profile = require("luaprobe.engine.plugins.jitprof").start("driver")
   return self
@@ -65,6 +69,7 @@ function Driver:fill()
   r:release()
   self.ctl_kind = nil
   if self.nreasm then self.reasm, self.nreasm = {}, nil end   -- frames of the previous batch
+  if #self.renewed > 0 then self.renewed = {} end             -- the previous batch's renewed records
   local n, max = 0, self.nbatch
   local sec = self.sec
   while n < max do
@@ -183,7 +188,7 @@ local bit = require("bit")
 ---   flags      lp_flow state flags, | TIMEDOUT (0x100) for an idle expiry, | TERMINATED (0x800) for a final record
 ---   tags       0, or the 1-based index of this flow's tags (joined by spaces) in Driver.exp_tags
 ---   porta, portz, proto                    the key's ports and IP protocol
----   state      0 OPEN, 1 TIMEOUT, 2 CLOSED, 3 RESET (docs/schema.md; flowrows.STATE_TEXT)
+---   state      0 OPEN, 1 TIMEOUT, 2 CLOSED, 3 RESET, 4 REUSED (docs/schema.md; flowrows.STATE_TEXT)
 ---   key        Trisul flow id, NUL-padded (41 bytes IPv4, 83 IPv6: decode.put_flowkey)
 ---   ipa, ipz   the A / Z address as in the key ("C0.A8.01.02" or 32 hex digits), NUL-padded
 --- A contiguous struct array, not text: Python reads a whole chunk as numpy columns with no per-field
@@ -206,14 +211,16 @@ typedef struct {
 ]] end
 M.ROW_SIZE = ffi.sizeof("lp_flowrow")
 M.EXPORT_ROWS = 4096          --- records per export call (at least the batch size: new_flows)
-local OPEN, TIMEOUT, CLOSED, RESET = 0, 1, 2, 3
+local OPEN, TIMEOUT, CLOSED, RESET, REUSED = 0, 1, 2, 3, 4
+local RENEW = "renew"         -- put_row's reason for a record ended by a new connection (flowtable "Port reuse")
 
---- Final state (docs/schema.md): RESET or CLOSED from TCP flags, else TIMEOUT when it expired, else OPEN
---- (still open at the end of input).
+--- Final state (docs/schema.md): RESET or CLOSED from TCP flags, else TIMEOUT when it expired, REUSED when a
+--- new connection on its 5-tuple ended it, else OPEN (still open at the end of input).
 local function state_code(st, reason)
   if bit.band(st, 0x80) ~= 0 then return RESET end
   if bit.band(st, 0x40) ~= 0 then return CLOSED end
   if reason == flowtable.IDLE or reason == flowtable.ACTIVE then return TIMEOUT end
+  if reason == RENEW then return REUSED end
   return OPEN
 end
 
@@ -228,11 +235,14 @@ local function join_tags(list)
 end
 M.join_tags = join_tags
 
---- Fill export record k with flow idx.  `peek`: a new flow reported to sg_monitor.onnewflow (state OPEN,
+--- Fill export record k with flow idx (or the row `r` given instead: a pending row, whose tags are then
+--- returned instead of listed).  `peek`: a new flow reported to sg_monitor.onnewflow (state OPEN,
 --- not a final record, its tags stay for its final record).
-local function put_row(self, k, idx, reason, peek)
+local function put_row(self, k, idx, reason, peek, r)
   local ft = self.ft
-  local e, r = ft.flows[idx], self.exp[k]
+  local own = r ~= nil
+  local e = ft.flows[idx]
+  r = r or self.exp[k]
   ffi.fill(r, M.ROW_SIZE)
   r.first_ts, r.last_ts = e.first_ts, e.last_ts
   r.packets_az, r.packets_za, r.bytes_az, r.bytes_za = e.packets_az, e.packets_za, e.bytes_az, e.bytes_za
@@ -254,12 +264,47 @@ local function put_row(self, k, idx, reason, peek)
     local key = fstring(r.key, n)
     local tl = self.tags[key]
     if tl then
+      if not peek then self.tags[key] = nil; self.ntags = self.ntags - 1 end
+      if own then return join_tags(tl) end
       local list = self.exp_tags
       list[#list + 1] = join_tags(tl)
       r.tags = #list
-      if not peek then self.tags[key] = nil; self.ntags = self.ntags - 1 end
     end
   end
+end
+
+--- flowtable on_renew: the record of flow idx ends because a new connection reuses its 5-tuple; its row is
+--- kept (in order) until the next export, which sends it first.
+function Driver:pend_row(idx)
+  local n = self.npend
+  if n == self.pend_cap then
+    local cap = self.pend_cap * 2
+    local a = ffi.new("lp_flowrow[?]", cap)
+    ffi.copy(a, self.pend, n * M.ROW_SIZE)
+    self.pend, self.pend_cap = a, cap
+  end
+  self.pend_tags[n + 1] = put_row(self, nil, idx, RENEW, false, self.pend[n]) or false
+  self.npend = n + 1
+  local rn = self.renewed
+  rn[#rn + 1] = idx
+end
+
+--- Move pending rows (pend_row) into the export array from row 0; returns how many (at most exp_cap).
+local function drain_pending(self)
+  local n = math.min(self.npend, self.exp_cap)
+  if n == 0 then return 0 end
+  ffi.copy(self.exp, self.pend, n * M.ROW_SIZE)
+  local list = self.exp_tags
+  for i = 0, n - 1 do
+    local t = self.pend_tags[i + 1]
+    if t then list[#list + 1] = t; self.exp[i].tags = #list end
+  end
+  local rest = self.npend - n
+  if rest > 0 then ffi.copy(self.pend, self.pend + n, rest * M.ROW_SIZE) end
+  local tags = {}
+  for i = 1, rest do tags[i] = self.pend_tags[n + i] end
+  self.pend_tags, self.npend = tags, rest
+  return n
 end
 
 --- Start an export: no record, no tags.
@@ -284,6 +329,14 @@ function Driver:new_flows(n)
       k = k + 1
     end
   end
+  for _, idx in ipairs(self.renewed) do                -- records started again by a new connection
+    local uid = ft:entry(idx).id
+    if not seen[uid] and ft:is_live(idx) then
+      seen[uid] = true
+      put_row(self, k, idx, nil, true)
+      k = k + 1
+    end
+  end
   self.last_new_uid = top
   return k
 end
@@ -304,8 +357,8 @@ end
 --- freed); the caller repeats while the result equals exp_cap.  Returns the number of records.
 function Driver:expire(now)
   exp_reset(self)
-  local k = 0
-  self.ft:expire(now, function(idx, reason) put_row(self, k, idx, reason); k = k + 1 end, self.exp_cap)
+  local k = drain_pending(self)
+  self.ft:expire(now, function(idx, reason) put_row(self, k, idx, reason); k = k + 1 end, self.exp_cap - k)
   return k
 end
 
@@ -317,7 +370,7 @@ function Driver:flush_flows()
   exp_reset(self)
   local ft = self.ft
   local flows, sen = ft.flows, ft.capacity
-  for k = 0, self.exp_cap - 1 do
+  for k = drain_pending(self), self.exp_cap - 1 do
     local idx = flows[sen].lnext
     if idx == sen then return k end
     put_row(self, k, idx, nil)
@@ -331,7 +384,7 @@ function Driver:stats()
   local s = self.ft:stats()
   local fs = self.ipr.stats
   return { packets = self.packets, bytes = self.bytes, truncated = self.truncated, nonip = self.nonip,
-           flows_created = s.created, flows_live = s.live, flow_table_full = s.full_drops,
+           flows_created = s.created + s.renewed, flows_live = s.live, flow_table_full = s.full_drops,
            ip_fragments = fs.fragments, ip_datagrams = fs.datagrams, ip_frag_timeouts = fs.timeouts,
            ip_frag_incomplete = fs.incomplete, ip_frag_overlaps = fs.overlaps,
            ip_frag_duplicates = fs.duplicates, ip_frag_malformed = fs.malformed,

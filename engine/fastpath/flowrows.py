@@ -19,7 +19,7 @@ import ctypes
 import numpy as np
 
 FIELDS = 20                      #: fields of a full row
-STATE_TEXT = np.array(["OPEN", "TIMEOUT", "CLOSED", "RESET"], dtype=object)   #: lp_flowrow.state -> flows.state
+STATE_TEXT = np.array(["OPEN", "TIMEOUT", "CLOSED", "RESET", "REUSED"], dtype=object)   #: lp_flowrow.state -> flows.state
 
 #: lp_flowrow (driver.lua), field for field; tests/test_flowrows.py checks it against LuaJIT's offsets.
 ROW_DTYPE = np.dtype([

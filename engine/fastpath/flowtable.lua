@@ -25,7 +25,8 @@ compiles whatever the traffic; see "packet path" below for why (issue 10).
     ft:each(fn)            -- fn(idx) for every live flow, LRU list order (oldest second first)
     ft:is_live(idx)
     ft.live, ft.created, ft.expired, ft.expired_idle, ft.expired_active,
-    ft.terminated, ft.full_drops, ft.capacity, ft.size (index slots), ft.resizes
+    ft.terminated, ft.full_drops, ft.capacity, ft.size (index slots), ft.resizes,
+    ft.renewed (records started again by a new connection: "Port reuse"), ft.on_renew = fn(idx)
 
 update(d, ts, wirelen)
   d        lp_decoded filled by decode.decode
@@ -119,6 +120,18 @@ every record the caller reports covers at most active_timeout seconds, each
 byte is reported once, and a caller keeping per-flow state initialises it
 on is_new in both cases.  fn is called before the record is freed, so it can
 read entry(idx), flowkey(idx)...; fn may call terminate(idx) itself.
+
+Port reuse.  A TCP SYN without ACK on a flow whose direction already carried a segment starts a new
+connection on the same 5-tuple when its sequence number is not the one a retransmitted SYN would
+repeat (the direction's highest sequence end - 1), whether or not the old one closed: RFC 9293
+§3.10.7.4; tshark 4.0 starts a new tcp.stream there ("TCP Port numbers reused": a SYN whose sequence
+number differs from the stream's first; a SYN retried with the same one after a RST stays in the
+stream, here too).  The old record is handed to on_renew(idx) (when set: the driver exports it as a
+row of its own), then the record starts again in place for this packet: same key, index slot and id
+(reassembly, keyed by id, finds the new connection itself from the SYN), counters, state and TCP
+tracking from zero, first_ts = the SYN's time (moved to its place in the age list); ft.renewed counts
+it (ft.created counts new_flow's records, whose ids it numbers).  update_batch looks for SYN-without-ACK
+packets in one small branch-free loop; only a batch holding one runs loop 3 packet by packet with the check.
 
 lp_flow fields (counters are doubles: exact up to 2^53, no boxed uint64):
   id                   unique increasing number per flow record (1, 2, ...)
@@ -277,7 +290,8 @@ function M.new(opts)
     free_top = 0,        -- entries in free_stack
     hw = 0,              -- records [hw, cap) never used yet
     live = 0, created = 0, expired = 0, expired_idle = 0, expired_active = 0,
-    terminated = 0, full_drops = 0, resizes = 0,
+    terminated = 0, full_drops = 0, resizes = 0, renewed = 0,
+    on_renew = nil,                  -- function(idx): a record about to start again (port reuse)
     _scratch = decode.new(),
     kone = ffi.new("lp_fkey"),       -- update()'s key
     nkeys = 0,                       -- update_batch's scratch: keys[nkeys], miss[nkeys] (made below)
@@ -677,6 +691,57 @@ local function tcp_state(flows, idx, dir, sec, nsec, pl, fl, seq, t)
   tcp_track(flows, idx, dir, sec, nsec, pl, seq, fl, st, t)
 end
 
+-- A SYN (no ACK) of a new connection on flow idx's 5-tuple (module doc, "Port reuse"): the old record
+-- goes to on_renew, then starts again in place.  Only called for SYN-without-ACK packets, before the
+-- packet's own counters and TCP state.
+local function renew_if_reused(self, flows, idx, dir, seq, ts)
+  local e = flows[idx]
+  if band(rshift(e.tcp_dirs, dir), 1) == 0 then return end           -- nothing sent this way yet
+  if tobit(seq - e.tcp_next[dir]) == -1 then return end                -- the same SYN again
+  if self.on_renew then self.on_renew(idx) end
+  e.packets_az, e.packets_za, e.bytes_az, e.bytes_za, e.payload_az, e.payload_za = 0, 0, 0, 0, 0, 0
+  e.tcp_flags_seen[0], e.tcp_flags_seen[1] = 0, 0
+  e.state = S.INIT
+  e.syn_sec[0], e.syn_sec[1], e.syn_nsec[0], e.syn_nsec[1] = 0, 0, 0, 0
+  e.rtt[0], e.rtt[1] = 0, -1
+  e.retrans_az, e.retrans_za = 0, 0
+  e.tcp_next[0], e.tcp_next[1], e.tcp_dirs = 0, 0, 0
+  e.first_ts, e.last_ts = ts, ts
+  -- back into the age list in first_ts order: behind the flows this batch's insertion loop already
+  -- appended with a later first packet (a few at most), so the walk from the tail is short
+  local sen = self.capacity
+  age_unlink(flows, e)
+  local t = flows[sen].aprev
+  while t ~= sen and flows[t].first_ts > ts do t = flows[t].aprev end
+  local n = flows[t].anext
+  e.aprev, e.anext = t, n
+  flows[t].anext = idx
+  flows[n].aprev = idx
+  self.renewed = self.renewed + 1
+end
+
+-- Loop 3 packet by packet (a batch holding a SYN without ACK): the port-reuse check of each such packet,
+-- then its counters and TCP state, in packet order (the same results as loops 3a and 3b otherwise).
+local function counters_in_order(self, flows, b, n)
+  for k = 0, n - 1 do
+    local p = b[k]
+    local idx = p.flow
+    local uid = 0
+    if idx >= 0 then
+      local d = p.d
+      local ts = p.ts_sec + p.ts_nsec * 1e-9
+      if band(d.tcp_flags, 0x12) == 0x02 then renew_if_reused(self, flows, idx, p.dir, d.tcp_seq, ts) end
+      uid = account(flows, idx, p.dir, ts, p.wirelen, d.payload_length)
+      local tf = d.first[TCP]
+      if bor(d.tcp_flags, 1 + tf) ~= 0 then
+        tcp_state(flows, idx, p.dir, p.ts_sec, p.ts_nsec, d.payload_length, d.tcp_flags, d.tcp_seq,
+                  band(rshift(bnot(tf), 31), 1))
+      end
+    end
+    p.flow_uid = uid
+  end
+end
+
 --- One packet (tools, tests and the single-packet users): the same
 --- steps as update_batch.  d lp_decoded, ts packet time (s), wirelen bytes
 --- (default d.caplen).  Returns idx, dir, is_new (see the module doc).
@@ -694,6 +759,8 @@ function FT:update(d, ts, wirelen)
     idx = new_flow(self, kw, 0, j, ts, sec)
     if idx < 0 then return idx, kf.dir, false end
     is_new = true
+  elseif band(d.tcp_flags, 0x12) == 0x02 then
+    renew_if_reused(self, self.flows, idx, kf.dir, d.tcp_seq, ts)
   end
   account(self.flows, idx, kf.dir, ts, wirelen or d.caplen, d.payload_length)
   local tf = d.first[TCP]
@@ -773,24 +840,34 @@ function FT:update_batch(b, n)
       b[k].flow = x
     end
   end
-  -- 3. counters: a, every packet's; b, the TCP state of TCP segments, in packet order
+  -- 3. counters: a, every packet's; b, the TCP state of TCP segments, in packet order.  A batch holding a
+  -- SYN without ACK (port reuse is checked for it: "Port reuse") does both packet by packet instead
+  local syns = 0
   for k = 0, n - 1 do
-    local p = b[k]
-    local idx = p.flow
-    local uid = 0
-    if idx >= 0 then
-      uid = account(flows, idx, p.dir, p.ts_sec + p.ts_nsec * 1e-9, p.wirelen, p.d.payload_length)
-    end
-    p.flow_uid = uid
+    local fl = b[k].d.tcp_flags
+    syns = bor(syns, band(fl, bnot(rshift(fl, 3)), 0x02))     -- 2 for SYN without ACK (ACK 0x10 >> 3 = 0x02)
   end
-  for k = 0, n - 1 do
-    local idx = b[k].flow
-    local tf = b[k].d.first[TCP]               -- -1: not TCP
-    if idx >= 0 and bor(b[k].d.tcp_flags, 1 + tf) ~= 0 then
+  if syns ~= 0 then
+    counters_in_order(self, flows, b, n)
+  else
+    for k = 0, n - 1 do
       local p = b[k]
-      local d = p.d
-      tcp_state(flows, idx, p.dir, p.ts_sec, p.ts_nsec, d.payload_length, d.tcp_flags, d.tcp_seq,
-                band(rshift(bnot(tf), 31), 1))
+      local idx = p.flow
+      local uid = 0
+      if idx >= 0 then
+        uid = account(flows, idx, p.dir, p.ts_sec + p.ts_nsec * 1e-9, p.wirelen, p.d.payload_length)
+      end
+      p.flow_uid = uid
+    end
+    for k = 0, n - 1 do
+      local idx = b[k].flow
+      local tf = b[k].d.first[TCP]               -- -1: not TCP
+      if idx >= 0 and bor(b[k].d.tcp_flags, 1 + tf) ~= 0 then
+        local p = b[k]
+        local d = p.d
+        tcp_state(flows, idx, p.dir, p.ts_sec, p.ts_nsec, d.payload_length, d.tcp_flags, d.tcp_seq,
+                  band(rshift(bnot(tf), 31), 1))
+      end
     end
   end
   -- 4. LRU moves (a flow's first packet of a later second)
@@ -960,7 +1037,7 @@ function FT:stats()
   return {
     live = self.live, created = self.created, expired = self.expired,
     expired_idle = self.expired_idle, expired_active = self.expired_active,
-    terminated = self.terminated, full_drops = self.full_drops,
+    terminated = self.terminated, full_drops = self.full_drops, renewed = self.renewed,
     capacity = self.capacity, size = self.size,
   }
 end
