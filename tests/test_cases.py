@@ -604,3 +604,38 @@ def test_port_reuse_gives_a_flow_record_per_connection(tmp_path):
     assert s["flows"] == 13                                              # the summary counts records
     assert sorted(f[1] for f in files) == sorted(f"/p{p}" for p in (48001, 48001, 48002, 48002, 48003, 48003, 48004,
                                                                       48004, 48005, 48005, 48005))
+
+
+@pytest.mark.parametrize("shape", ["request-line-9k", "request-line-70k", "header-line-10k", "post-after-70k-headers",
+                                   "chunk-extension-5k", "status-line-6k"])
+def test_long_lines_kind(tmp_path, shape):
+    """Case 11's kind, other spellings, through filex: start lines and header lines above 8 KiB and 64 KiB,
+    a POST body behind a 70 KiB header block (its Content-Length is past the 64 KiB kept), a 5 KiB chunk
+    extension, a 6 KiB status line; every body is the bytes sent (hashlib), the request keeps its method and
+    the URI (its first 64 KiB when longer)."""
+    body = bytes(range(256)) * 20
+    c = pb.Conv(cport=46500)
+    c.handshake()
+    uri, method, resp = "/k", "GET", pb.http_response(body, [("Content-Length", len(body))])
+    headers, req_body = [], b""
+    if shape.startswith("request-line"):
+        uri = "/q?" + "a" * (9000 if shape.endswith("9k") else 70000)
+    elif shape == "header-line-10k":
+        headers = [("Cookie", "c" * 10000)]
+    elif shape == "post-after-70k-headers":
+        method, headers, req_body = "POST", [(f"X-F{i}", "f" * 999) for i in range(70)], body
+        headers.append(("Content-Length", len(body)))
+        resp = pb.http_response(b"ok", [("Content-Length", 2)])
+    elif shape == "chunk-extension-5k":
+        resp = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"%x;e=%s\r\n" % (len(body), b"x" * 5000) + body + b"\r\n0\r\n\r\n")
+    else:
+        resp = b"HTTP/1.1 200 " + b"O" * 6000 + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    c.send(True, pb.http_request(uri, method=method, headers=headers, body=req_body))
+    c.send(False, resp)
+    c.close()
+    files, _, s, _ = run_kinds(tmp_path, c.frames)
+    want = [(method, uri[:65532], len(body), SHA(body))]
+    if method == "POST":
+        want.append((method, uri, 2, SHA(b"ok")))
+    assert [(f[0], f[1], int(f[3]), f[4]) for f in files] == want

@@ -447,6 +447,36 @@ def test_chunk_lines_as_long_as_a_header(lua, S, data, size, ext, trailer, step)
     assert got[1:] == ['body 1 /d 2 -- [ok]'] and st_['errors'] == 0
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(before=st.integers(0, 90), line=st.sampled_from([100, 999, 5000]), after=st.integers(0, 20),
+       framing=st.sampled_from(['cl', 'chunked', 'gzip-cl']), step=st.sampled_from([None, 1448, 333]),
+       long_uri=st.booleans())
+def test_oversize_header_block_keeps_body_framing(lua, S, before, line, after, framing, step, long_uri):
+    """A request header block above max_header (64 KiB), its framing header (Content-Length,
+    Transfer-Encoding, Content-Encoding) anywhere, before or after the 64 KiB point, or after a request
+    line itself longer than 64 KiB: the body is still framed and decoded, the response after it matched."""
+    import gzip as pygzip
+    body = bytes(range(32, 127)) * 40
+    if framing == 'cl':
+        frame, sent = [b'Content-Length: %d' % len(body)], body
+    elif framing == 'chunked':
+        frame, sent = [b'Transfer-Encoding: chunked'], chunked(body, 1000)
+    else:
+        z = pygzip.compress(body, mtime=0)
+        frame, sent = [b'Content-Encoding: gzip', b'Content-Length: %d' % len(z)], z
+    filler = [b'X-F%d: %s' % (i, b'f' * line) for i in range(before)]
+    tail = [b'X-T%d: t' % i for i in range(after)]
+    uri = b'/up?' + (b'u' * 70000 if long_uri else b'x')
+    req = b'POST ' + uri + b' HTTP/1.1\r\n' + b'\r\n'.join(filler + frame + tail) + b'\r\n\r\n' + sent
+    resp = b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok'
+    log, st_ = syn(lua, S, [(0, req + b'GET /next HTTP/1.1\r\n\r\n'), (1, resp + resp)], step)
+    bodies = [x for x in log if x.startswith('body')]
+    assert [b.split(' ')[3] for b in bodies] == [str(len(body)), '2', '2']
+    assert bodies[0].endswith('[%s]' % body.decode())
+    assert 'req GET /next' in log and log[-2:] == ['resp 200 for /next', 'body 1 /next 2 -- [ok]']
+    assert st_['errors'] == 0
+
+
 def test_deflate_zlib_and_raw(lua, S):
     import zlib as pz
     data = b'deflate me ' * 100

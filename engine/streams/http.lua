@@ -474,10 +474,47 @@ end
 
 -- each mode handler consumes bytes from (p, n) and returns the count consumed ----------------------
 
+-- Header lines of the skipped part of an oversize block that are still kept (the body's framing and
+-- coding: without them a request body after 64 KiB of headers would be lost).
+local SKIP_KEEP = { ["content-length"] = true, ["transfer-encoding"] = true, ["content-encoding"] = true }
+local SKIP_LINE = 4096         -- a longer skipped line is dropped whole (no framing header is that long)
+
+-- the complete lines of `s` (from a skipped header part) that SKIP_KEEP names go into header h;
+-- returns the position after the blank line ending the block, or nil and the unfinished last line
+local function skip_lines(st, h, s)
+  local pos = 1
+  while true do
+    local e = sfind(s, "\n", pos, true)
+    if not e then break end
+    local a = pos
+    pos = e + 1
+    if st.skip_drop then
+      st.skip_drop = false                       -- the end of an over-long line
+    elseif e == a or (e == a + 1 and sbyte(s, a) == 13) then
+      return pos
+    else
+      local colon = sfind(s, ":", a, true)
+      if colon and colon > a and colon < e then
+        local name = btrim(s, a, colon - 1)
+        local lk = slower(name)
+        if SKIP_KEEP[lk] then
+          local k = #h._names + 1
+          h._names[k], h._values[k] = name, btrim(s, colon + 1, e - 1)
+          if h._idx[lk] == nil then h._idx[lk] = k end
+        end
+      end
+    end
+  end
+  local rest = ssub(s, pos)
+  if #rest > SKIP_LINE then rest, st.skip_drop = "", true end
+  return nil, rest
+end
+
 -- A header block longer than max_header (start line included): what fits is kept (the start line,
 -- or for a longer request line its method and the URI's first max_header bytes, and the whole header
 -- lines) as a header marked truncated (h._truncated, stats.oversize_headers); the rest of the block is
--- skipped up to its blank line, then the message goes on with the framing of the kept headers.
+-- skipped up to its blank line, keeping only its Content-Length, Transfer-Encoding and
+-- Content-Encoding lines (SKIP_KEEP), then the message goes on with the framing of the kept headers.
 local function oversize(self, st, buf, n)
   self.stats.oversize_headers = self.stats.oversize_headers + 1
   local head = ssub(buf, 1, self.max_header)
@@ -502,24 +539,27 @@ local function oversize(self, st, buf, n)
   h._truncated = true
   st.hbuf, st.first_ok = "", false
   st.pending_h, st.pending_kind = h, kind
-  st.mode, st.skip_tail = SKIPHDR, ssub(buf, -3)
+  -- the skipped part so far: whole lines after the last kept one (buf holds no blank line), or the
+  -- rest of an over-long start line
+  st.skip_drop = last == nil
+  local _, rest = skip_lines(st, h, last and ssub(buf, last + 1) or "")
+  st.mode, st.skip_line = SKIPHDR, rest
   return n
 end
 
--- SKIPHDR: discard the rest of an oversize header block, then start its message
+-- SKIPHDR: discard the rest of an oversize header block (keeping its SKIP_KEEP lines), then start its message
 local function do_skiphdr(self, dir, st, p, n)
-  local tail = st.skip_tail
-  local s = tail .. fstring(p, n)
-  local i, j = sfind(s, "\n\r?\n")
-  if not i then
-    st.skip_tail = ssub(s, -3)
+  local carry = st.skip_line
+  local h, kind = st.pending_h, st.pending_kind
+  local stop, rest = skip_lines(st, h, carry .. fstring(p, n))
+  if not stop then
+    st.skip_line = rest
     return n
   end
-  local h, kind = st.pending_h, st.pending_kind
-  st.pending_h, st.pending_kind, st.skip_tail = nil, nil, ""
+  st.pending_h, st.pending_kind, st.skip_line, st.skip_drop = nil, nil, "", false
   st.mode = HDR
   start_message(self, dir, st, h, kind)
-  return j - #tail
+  return stop - 1 - #carry
 end
 
 local function do_hdr(self, dir, st, p, n)
