@@ -189,11 +189,12 @@ def test_fifo_growth_keeps_every_task_with_its_data_and_order(runtime_factory, t
 
 HOISTED = r'''
 got = {}
-local U, S, F = 0, "a", true
+local U, S, F, Z = 0, "a", true, 0
 local T5a, T5b, T5c, T5d, T5e = 1, 2, 3, 4, 5
 local tbl = { n = 0 }
 local function keep(e, d, r) got[#got + 1] = r end
-local one = { data = "", onexecute = function(d) return d .. ":" .. U .. ":" .. S .. ":" .. tostring(F) end, onresult = keep }
+local one = { data = "", onexecute = function(d) return d .. ":" .. U .. ":" .. S .. ":" .. tostring(F) .. ":" .. Z end,
+              onresult = keep }
 local other = { data = "", onexecute = function(d) return d .. "/" .. U end, onresult = keep }
 local five = { data = "", onexecute = function(d) return d .. "=" .. T5a + T5b + T5c + T5d + T5e end, onresult = keep }
 local withtable = { data = "", onexecute = function(d) return d .. "#" .. tbl.n .. U end, onresult = keep }
@@ -204,6 +205,7 @@ function hoisted(n)
     if i % 50 == 0 then S = (i % 100 == 0) and "a" or ("b" .. tostring(i % 7 == 8)):sub(1, 1) end
     if i % 40 == 0 then F = not F end
     if i % 11 == 0 then U = U + 0.5 end
+    if i % 7 == 0 then Z = -Z end                        -- 0 and -0 are equal, but tostring(-0) is "-0"
     one.data = tostring(i)
     T.async:schedule(one)
     if i % 97 == 0 then other.data = tostring(i); T.async:schedule(other) end
@@ -228,7 +230,7 @@ def test_hoisted_closure_ships_the_values_of_each_schedule_call(runtime_factory,
     n = 3000
     vm.exec(f"hoisted({n})")
     st = drain(rt, vm)
-    want, u, s, f, t5c, tn = [], 0.0, "a", True, 3, 0
+    want, u, s, f, z, t5c, tn = [], 0.0, "a", True, 0.0, 3, 0
     for i in range(1, n + 1):
         if i % 3 == 0:
             u += 1
@@ -238,7 +240,9 @@ def test_hoisted_closure_ships_the_values_of_each_schedule_call(runtime_factory,
             f = not f
         if i % 11 == 0:
             u += 0.5
-        want.append(f"{i}:{_fmt(u)}:{s}:{str(f).lower()}")
+        if i % 7 == 0:
+            z = -z
+        want.append(f"{i}:{_fmt(u)}:{s}:{str(f).lower()}:{_fmt(z)}")
         if i % 97 == 0:
             want.append(f"{i}/{_fmt(u)}")
         if i % 5 == 0:

@@ -516,7 +516,9 @@ function Async:make_api()
     else
       local last = up_last[fid]
       if last and nups <= 4 and not up_tables[fid]
-         and u1 == last[1] and u2 == last[2] and u3 == last[3] and u4 == last[4] then
+         and u1 == last[1] and u2 == last[2] and u3 == last[3] and u4 == last[4]
+         and (u1 ~= 0 or 1 / u1 == 1 / last[1]) and (u2 ~= 0 or 1 / u2 == 1 / last[2])   -- 0 == -0, but
+         and (u3 ~= 0 or 1 / u3 == 1 / last[3]) and (u4 ~= 0 or 1 / u4 == 1 / last[4]) then  -- tostring differs
         aux = up_blob[fid]                                    -- unchanged: the worker may hold it
       else
         local err
