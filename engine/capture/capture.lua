@@ -22,6 +22,8 @@ local cast, copy = ffi.cast, ffi.copy
 local REC, recp = packet.REC_SIZE, packet.recp
 local u32p = ffi.typeof("const uint32_t *")
 local bxor, rshift = bit.bxor, bit.rshift
+pcall(ffi.cdef, "void *memmove(void *dest, const void *src, size_t n);")
+local C = ffi.C
 local M = {}
 
 --- Shard (0-based) of a decoded packet among `n`: XOR of the 32-bit words of both
@@ -114,12 +116,9 @@ function M.control(r, kind, text, stop, ts_sec)
   r:publish()
 end
 
---- Copy every packet of one mapped file into ring `r` (or a sharder).  Returns
---- packets, bytes, on corruption the error message and byte offset, and true
---- when stop() ended the walk before the end of the file (checked while
---- waiting for ring space and every 4096 records).
-function M.file(r, addr, size, stop)
-  local rd = pcapfile.open(addr, size)
+-- Copy the records reader rd returns into ring r (or a sharder) until it returns nil or stop() says so:
+-- packets, bytes, stopped (stop is checked while waiting for ring space and every 4096 records)
+local function push(r, rd, stop)
   local n, bytes, since, stopped = 0, 0, 0, false
   local sharded = r.rings ~= nil
   while true do
@@ -144,7 +143,66 @@ function M.file(r, addr, size, stop)
     if since >= 64 then r:publish(); since = 0 end
   end
   r:publish()
+  return n, bytes, stopped
+end
+
+--- Copy every packet of one mapped file into ring `r` (or a sharder).  Returns
+--- packets, bytes, on corruption the error message and byte offset, and true
+--- when stop() ended the walk before the end of the file (checked while
+--- waiting for ring space and every 4096 records).
+function M.file(r, addr, size, stop)
+  local rd = pcapfile.open(addr, size)
+  local n, bytes, stopped = push(r, rd, stop)
   return n, bytes, rd.error, rd.error_offset, stopped
+end
+
+--- A capture read sequentially (stdin, a FIFO: engine/capture/process.py feeds it), in a buffer of `cap`
+--- bytes at `addr` that the caller fills: S:space() compacts (drops the records already walked) and returns
+--- the offset and room where the next bytes go; S:feed(r, n, eof, stop) takes n new bytes and walks the
+--- complete records among them into ring r.  Offsets in errors count from the start of the stream.
+local Stream = {}
+Stream.__index = Stream
+
+function M.stream(addr, cap)
+  return setmetatable({ base = cast("uint8_t *", addr), cap = tonumber(cap), filled = 0, consumed = 0,
+                        rd = nil, packets = 0, bytes = 0 }, Stream)
+end
+
+function Stream:space()
+  local rd = self.rd
+  if rd and rd.offset > 0 then
+    local keep = self.filled - rd.offset
+    C.memmove(self.base, self.base + rd.offset, keep)
+    self.consumed = self.consumed + rd.offset
+    self.filled, rd.offset = keep, 0
+  end
+  return self.filled, self.cap - self.filled
+end
+
+--- Returns error message (or nil), its stream offset, stopped, and whether the reader waits for more bytes
+--- (false after eof or an error).  open()'s header errors are raised as "offset N: message".
+function Stream:feed(r, n, eof, stop)
+  self.filled = self.filled + n
+  local rd = self.rd
+  if rd == nil then
+    if self.filled == 0 and eof then error("offset 0: empty stream (no capture header)", 0) end
+    local need = pcapfile.header_need(self.base, self.filled)
+    if need > self.filled then
+      if eof then rd = pcapfile.open(self.base, self.filled) end     -- raises the header error
+      if need > self.cap then error("offset 0: capture header of " .. need .. " bytes exceeds the stream buffer", 0) end
+      return nil, nil, false, true
+    end
+    rd = pcapfile.open(self.base, self.filled)
+    self.rd = rd
+  end
+  rd.size = eof and self.filled or pcapfile.complete_end(rd, self.filled)
+  local k, b, stopped = push(r, rd, stop)
+  self.packets, self.bytes = self.packets + k, self.bytes + b
+  if rd.error then return rd.error, rd.error_offset + self.consumed, stopped, false end
+  if not eof and rd.offset == 0 and self.filled == self.cap then
+    return "record of more than " .. self.cap .. " bytes (the stream buffer)", self.consumed, stopped, false
+  end
+  return nil, nil, stopped, not eof
 end
 
 return M

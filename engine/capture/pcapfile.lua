@@ -449,6 +449,54 @@ function M.open(addr, size)
   error(string.format("offset 0: unknown file magic 0x%08x (not pcap or pcapng)", magic), 0)
 end
 
+--- Streams (a pipe, stdin: engine/capture/capture.lua stream): bytes needed before open() can parse the
+--- capture header of the `filled` bytes at addr (24 for pcap; the whole SHB for pcapng); at most `filled`
+--- when enough are there or the magic is unknown (open() then reports it).
+function M.header_need(addr, filled)
+  if filled < 12 then return 12 end
+  local p = cast(u8p, addr)
+  local magic = cast(u32p, p)[0]
+  if PCAP_MAGICS[magic] then return 24 end
+  if magic ~= SHB then return filled end
+  local bom = cast(u32p, p + 8)[0]
+  if bom ~= BOM and bom ~= BOM_SWAPPED then return filled end
+  local blen = rd32(p, 4, bom == BOM_SWAPPED)
+  if blen < 12 or blen > 16777216 then return filled end
+  return blen
+end
+
+--- Streams: the end of the complete records (pcap) or blocks (pcapng) among the first `filled` bytes of the
+--- reader's buffer, from r.offset on; the walker is given only those (r.size), so a record still arriving is
+--- never taken for a truncated one.  A header that can never become valid (caplen above MAX_CAPLEN, a bad
+--- block length or byte-order magic) returns `filled`: the walker reports it at its offset.
+function M.complete_end(r, filled)
+  local base, pos = r.base, r.offset
+  if r.format == "pcap" then
+    local hl, swap = r.hdrlen, r.swap
+    while pos + hl <= filled do
+      local caplen = rd32(base + pos, 8, swap)
+      if caplen > MAX_CAPLEN then return filled end
+      if pos + hl + caplen > filled then break end
+      pos = pos + hl + caplen
+    end
+    return pos
+  end
+  local swap = r.swap
+  while pos + 12 <= filled do
+    local p = base + pos
+    if cast(u32p, p)[0] == SHB then
+      local bom = cast(u32p, p + 8)[0]
+      if bom ~= BOM and bom ~= BOM_SWAPPED then return filled end
+      swap = bom == BOM_SWAPPED
+    end
+    local blen = rd32(p, 4, swap)
+    if blen % 4 ~= 0 or blen < 12 then return filled end
+    if pos + blen > filled then break end
+    pos = pos + blen
+  end
+  return pos
+end
+
 --- Walk the whole capture in one call: packets, captured bytes, error, error offset, format.
 function M.count(addr, size)
   local r = M.open(addr, size)

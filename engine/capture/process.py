@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import stat
 import struct
 import sys
 
@@ -77,6 +78,62 @@ def _generate(args, lua, ring, control, pkt, stop) -> int:
     return 0
 
 
+STREAM_BUFFER = 8 << 20      #: bytes of a stream's read buffer (a record or pcapng block must fit)
+
+
+def is_stream(path) -> bool:
+    """``-`` (standard input) or a FIFO: read sequentially instead of mapped (docs/operations.md)."""
+    if path == "-":
+        return True
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_stream(path, lua, ring, stop) -> bool:
+    """Walk the pcap/pcapng stream on stdin (``-``) or the FIFO ``path`` into the ring as it arrives
+    (capture.lua stream); True when stop ended it early.  Raises InputError naming the stream offset."""
+    import numpy as np
+    import select
+    buf = np.empty(STREAM_BUFFER, np.uint8)
+    view = memoryview(buf)
+    s = lua.eval("function(a, n) return require('luaprobe.engine.capture.capture').stream(a, n) end")(
+        int(buf.ctypes.data), STREAM_BUFFER)
+    space = lua.eval("function(s) return s:space() end")
+    feed = lua.eval("function(s, r, n, eof, stop) return s:feed(r, n, eof, stop) end")
+    try:
+        fd = 0 if path == "-" else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise InputError(path, 0, f"cannot open: {e.strerror}") from None
+    try:
+        while True:
+            if stop[0]:
+                return True
+            if not select.select([fd], [], [], 0.2)[0]:      # SIGTERM is noticed while the writer is quiet
+                continue
+            off, room = space(s)
+            try:
+                n = os.readv(fd, [view[off:off + room]])
+            except OSError as e:
+                raise InputError(path, int(s.consumed) + off, f"read error: {e.strerror}") from None
+            try:
+                err, eoff, stopped, more = feed(s, ring, n, n == 0, lambda: stop[0])
+            except Exception as e:                          # a bad capture header raises in Lua
+                eoff, msg = split_lua_error(e)
+                raise InputError(path, eoff, msg) from None
+            if err is not None:
+                raise InputError(path, int(eoff), err.decode("utf-8", "replace"))
+            if stopped:
+                return True
+            if not more:
+                return False
+    finally:
+        if path != "-":
+            os.close(fd)
+        del view
+
+
 def main(argv=None) -> int:
     """Read every file into the ring; exit 0, or 3 if some file had an input error."""
     ap = argparse.ArgumentParser(prog="luaprobe-capture")
@@ -139,6 +196,12 @@ def main(argv=None) -> int:
                 return
     for path in files():
         try:
+            if is_stream(path):
+                if _read_stream(path, lua, ring, stop):
+                    break
+                eof_sent.add(path)
+                control(ring, pkt.EOF, os.fsencode(path))
+                continue
             with open_capture(path) as c:
                 try:
                     n, nbytes, err, off, stopped = run_file(ring, c.address, c.size, lambda: stop[0])

@@ -232,13 +232,21 @@ def check_plugins(paths: list) -> None:
 
 
 def check_captures(paths: list) -> None:
-    """Every ``--pcap`` exists, is a readable regular file and starts with a pcap or pcapng magic.
+    """Every ``--pcap`` exists, is a readable regular file and starts with a pcap or pcapng magic; ``-`` (stdin,
+    at most once) and FIFOs are streams, checked by the capture process as they are read.
     Damage further in is found by the walker during the run (reported with its byte offset).
     Raises :class:`InputProblem` naming the first bad file."""
+    if paths.count("-") > 1:
+        raise UsageError("--pcap -: standard input can be read only once")
     for p in paths:
+        if p == "-":                                                       # stdin: read as a stream
+            continue
         try:
-            if not stat.S_ISREG(os.stat(p).st_mode) and not os.path.isdir(p):
-                raise InputProblem(f"--pcap {p}: not a regular file")      # a FIFO would block the check
+            mode = os.stat(p).st_mode
+            if stat.S_ISFIFO(mode):                                        # read as a stream; peeking would
+                continue                                                   # take its first bytes
+            if not stat.S_ISREG(mode) and not os.path.isdir(p):
+                raise InputProblem(f"--pcap {p}: not a regular file (nor a FIFO or -)")
             with open(p, "rb") as f:
                 head = f.read(4)
         except FileNotFoundError:

@@ -767,7 +767,8 @@ class FastPath:
         try:
             return subprocess.Popen(
                 [sys.executable, "-m", "luaprobe.engine.capture.process", "--ring", ring_seg.name, "--bell", rt.bell.name,
-                 "--ppid", str(os.getpid()), *self._capture_args()], stdin=subprocess.DEVNULL, pass_fds=fds[:1])
+                 "--ppid", str(os.getpid()), *self._capture_args()], pass_fds=fds[:1],
+                stdin=None if "-" in (self.cfg.files or ()) else subprocess.DEVNULL)   # --pcap -: our stdin
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             close_fds(self.cfg)

@@ -151,7 +151,7 @@ class ShardedRun:
                     [sys.executable, "-m", "luaprobe.engine.capture.process",
                      "--ring", ",".join(r.name for r in self.rings),
                      "--bell", ",".join(b.name for b in self.bells), "--ppid", me, *args],
-                    stdin=subprocess.DEVNULL))
+                    stdin=None if "-" in (cfg.files or ()) else subprocess.DEVNULL))   # --pcap -: our stdin
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             close_fds(cfg)
