@@ -11,7 +11,7 @@ import collections
 import random
 
 from tests.pktbuild import ACK, PSH, Conv, write_pcap
-from tests.test_flow_tcp_metrics import check_flow_objects, ip_of, needs_tshark, ours, run, tshark_truth
+from tests.test_flow_tcp_metrics import check_flow_objects, needs_tshark, ours, run, tshark_truth
 
 RST = 0x04
 
@@ -63,12 +63,9 @@ def test_reused_ports_are_new_connections_not_retransmissions(tmp_path):
     rows, objs = run(tmp_path, [path])
     check_flow_objects(rows, objs)
     o_retrans, _ = ours(rows)
-    assert len(rows) == 24
+    assert len(rows) == sum(len(s) for s in streams.values())                 # a row per connection, as tshark
     for (ends, src) in set(t_retrans) | set(o_retrans):
         assert o_retrans[(ends, src)] == t_retrans[(ends, src)] == truth[(ends, src)], (sorted(ends), src)
-    for r in rows:                                                            # per direction, against the construction
-        a, z = (ip_of(r["ipa"]), r["porta"]), (ip_of(r["ipz"]), r["portz"])
-        assert (r["retrans_az"], r["retrans_za"]) == (truth[(frozenset([a, z]), a)], truth[(frozenset([a, z]), z)]), r
 
 
 @needs_tshark
@@ -86,4 +83,4 @@ def test_the_case_of_a_reuse_without_close(tmp_path):
     t_retrans, _, _ = tshark_truth(path)
     rows, _ = run(tmp_path, [path])
     assert sum(t_retrans.values()) == 0
-    assert [(r["retrans_az"], r["retrans_za"]) for r in rows] == [(0, 0)]
+    assert [(r["retrans_az"], r["retrans_za"]) for r in rows] == [(0, 0), (0, 0)]          # two connections

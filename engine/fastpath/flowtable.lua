@@ -151,8 +151,8 @@ lp_flow fields (counters are doubles: exact up to 2^53, no boxed uint64):
   retrans_az, retrans_za   TCP segments occupying sequence space that do not start
                        at or after the highest sequence end seen in that direction
                        (keep-alives excepted): docs/plugins.md "Setup RTT and
-                       retransmissions"; tcp_next[2], tcp_dirs, tcp_isn[2] (port
-                       reuse), syn_sec/syn_nsec are their working state
+                       retransmissions"; tcp_next[2], tcp_dirs, syn_sec/syn_nsec
+                       are their working state
   ipver, proto, porta, portz, a[4], z[4]   the key (addresses as int32 words
                        holding the network-order bytes)
   slot                 index slot, -1 when the record is free
@@ -202,8 +202,7 @@ typedef struct {
   union { double retrans[2]; struct { double retrans_az, retrans_za; }; };
   int32_t tcp_next[2];               /* highest sequence end seen per direction (int32, mod 2^32) */
   int32_t tcp_dirs;                  /* bit dir set once a TCP segment was seen in that direction */
-  int32_t tcp_isn[2];                /* per direction: the latest SYN's sequence number (else first seq - 1) */
-  uint8_t pad_[20];
+  uint8_t pad_[28];
 } lp_flow;
 ]]
 end
@@ -618,18 +617,6 @@ local function tcp_track(flows, idx, dir, sec, nsec, pl, seq, fl, st, t)
   local len = pl + band(sf, 1) + rshift(sf, 1)
   local hi = e.tcp_next[dir]
   local seen = band(rshift(e.tcp_dirs, dir), 1)
-  -- port reuse: a SYN whose sequence number is not this direction's ISN opens a new connection on the
-  -- same 5-tuple (Wireshark's "TCP Port numbers reused"): its segments are not the old one's resends.
-  -- A SYN forgets both directions' marks, a SYN/ACK its own; the SYN and what follows start afresh
-  local synf = band(rshift(fl, 1), t)                          -- SYN, with or without ACK
-  local isn = e.tcp_isn[dir]
-  local dz = bxor(seq, isn)
-  local reuse = band(synf, seen, rshift(bor(dz, tobit(0 - dz)), 31))
-  e.tcp_dirs = band(e.tcp_dirs, bnot(band(0 - reuse, bor(lshift(1, dir), band(0 - band(bnot(rshift(fl, 4)), 1), 3)))))
-  seen = band(seen, bnot(reuse))
-  -- the ISN: a SYN's sequence number; before any SYN the first segment's minus one (Wireshark's base_seq)
-  local ms, mf = 0 - synf, band(0 - t, bnot(0 - seen))
-  e.tcp_isn[dir] = bor(band(ms, seq), band(bnot(ms), bor(band(mf, tobit(seq - 1)), band(bnot(mf), isn))))
   local behind = rshift(tobit(seq - hi), 31)                  -- seq before hi (mod 2^32): 1
   local occ = band(rshift(0 - len, 31), t)                    -- len > 0 (and TCP): 1
   local z = bxor(seq, tobit(hi - 1))
