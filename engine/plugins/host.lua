@@ -211,22 +211,10 @@ end
 --                                    blacklist this loop; issue 11)
 -- It has no upvalues: Host:new_walk loads a copy of it per walk state (its own prototype, hot counters and
 -- traces), and a second copy when the walk switches to the stitch point.
---
--- `sel`, `m` (simplecounter only): walk only the m call positions sel[0 .. m-1] (an int32 array) instead of every
--- one; the walk stops early, returning the index i of the first position not walked as a third result, once the
--- instance's engine has a flow counter (those apply to every packet of a flow, hook or not: Host:run_batch walks
--- the rest of the batch in full).
-local function walk(self, w, batch, n, sel, m)
+local function walk(self, w, batch, n)
   local pick, done, call, tb = w.pick, w.done, w.call, w.traceback
   local calls, errors = 0, 0
-  local last = n * w.per - 1
-  if sel ~= nil then last = m - 1 end
-  for i = 0, last do
-    local j = i
-    if sel ~= nil then
-      if w.eng.nflow_counters > 0 then return calls, errors, i end
-      j = sel[i]
-    end
+  for j = 0, n * w.per - 1 do
     local invoke = pick(w, batch, j)
     if invoke ~= nil then
       calls = calls + 1
@@ -277,7 +265,7 @@ end
 
 local function use_stitch(w)
   if stitch_xpcall == nil then return end                  -- _lpwatch not built: inline calls only
-  w.walker, w.walker_sel = assert(loadstring(WALK_BYTECODE)), assert(loadstring(WALK_BYTECODE))
+  w.walker = assert(loadstring(WALK_BYTECODE))
   w.call, w.stitched = stitch_xpcall, true
   -- the invoke functions now run only below the stitch point; a trace started in one would record into the
   -- hook and abort there again and again, so they are left to the interpreter (one VM per instance: no other
@@ -289,8 +277,7 @@ end
 --- of its own, calling the hooks inline, or through the stitch point when one of them creates closures.
 function Host:new_walk(w, hooks)
   w.traceback, w.call, w.stitched = traceback, xpcall, false
-  -- two copies: every position, and a position list (sel); each keeps its own loop trace
-  w.walker, w.walker_sel = assert(loadstring(WALK_BYTECODE)), assert(loadstring(WALK_BYTECODE))
+  w.walker = assert(loadstring(WALK_BYTECODE))
   for i = 1, table.maxn(hooks) do                          -- a list with holes: packet_storage's optional hooks
     if creates_closures(hooks[i], 2) then use_stitch(w); break end
   end
@@ -302,22 +289,9 @@ end
 --- After the walk: if LuaJIT blacklisted the walker's loop (a hook it could not compile, found only at run time)
 --- the next batches walk through the stitch point, with a fresh copy of the walker.
 function Host:walk_batch(w, addr, n)
-  return self:walk_cast(w, ffi.cast(packet.pktp, addr), n)
-end
-
---- walk_batch on a batch pointer (lp_pkt *); `sel`, `m`: the walker's optional position list (above).
-function Host:walk_cast(w, batch, n, sel, m)
-  local walker = sel ~= nil and w.walker_sel or w.walker
-  local calls, errors, stopped = walker(self, w, batch, n, sel, m)
-  if stopped ~= nil then                    -- a hook added a flow counter: every packet after its own from now on
-    local from = stopped > 0 and sel[stopped - 1] + 1 or 0
-    if from < n then
-      local c, e = w.walker(self, w, batch + from, n - from)
-      calls, errors = calls + c, errors + e
-    end
-  end
+  local calls, errors = w.walker(self, w, ffi.cast(packet.pktp, addr), n)
   self:count_hook(w.hook, calls, errors)
-  if not w.stitched and WALK_LOOP and band(jutil.funcbc(walker, WALK_LOOP), 0xff) == OP.IFORL then
+  if not w.stitched and WALK_LOOP and band(jutil.funcbc(w.walker, WALK_LOOP), 0xff) == OP.IFORL then
     use_stitch(w)
   end
   return calls
@@ -353,34 +327,6 @@ local function sc_pick(w, batch, k)
   return nil
 end
 
--- The packets of a batch with the plug-in's protocol, in a loop of their own (no call, no side trace: branch-free),
--- so the walk calls the hook on each without a per-packet test that takes a side exit on mixed traffic (issue 10:
--- an empty TCP hook on 70 % TCP cost twice what it costs on TCP only), and a VM whose protocol a batch lacks walks
--- nothing.  Same rule as sc_pick: the layer is present, and a reassembled IP datagram (d.frag 2) only for L4 hooks.
-local arshift, rshift_, bband = require("bit").arshift, require("bit").rshift, require("bit").band
-local function sc_select(w, batch, n)
-  local sel = w.sel
-  if n > w.sel_cap then
-    w.sel_cap = n
-    sel = ffi.new("int32_t[?]", n)
-    w.sel = sel
-  end
-  local proto, m = w.proto, 0
-  if w.l4 then
-    for k = 0, n - 1 do
-      sel[m] = k
-      m = m + 1 + arshift(batch[k].d.first[proto], 31)        -- first[] is -1 when absent
-    end
-  else
-    for k = 0, n - 1 do
-      local d = batch[k].d
-      sel[m] = k                                                -- keep: present and frag ~= 2 (frag is 0, 1 or 2)
-      m = m + bband(1 + arshift(d.first[proto], 31), 1 - rshift_(d.frag, 1))
-    end
-  end
-  return m
-end
-
 --- Prepare the simplecounter hook; returns nil or a problem description.
 function Host:setup_simplecounter()
   local sc = self.plugin.simplecounter
@@ -396,8 +342,7 @@ function Host:setup_simplecounter()
                             hook = "simplecounter.onpacket",
                             error_label = "simplecounter.onpacket error", fn = sc.onpacket, eng = self.engine,
                             proto = proto, pobj = packet.new_packet(), lobj = packet.new_layer(),
-                            l4 = proto == P.TCP or proto == P.UDP or proto == P.ICMP or proto == P.ICMPV6,
-                            sel = ffi.new("int32_t[?]", packet.BATCH + 1), sel_cap = packet.BATCH + 1, mixed = false, batches = -1 },
+                            l4 = proto == P.TCP or proto == P.UDP or proto == P.ICMP or proto == P.ICMPV6 },
                           { sc.onpacket })
   return nil
 end
@@ -407,19 +352,7 @@ end
 --- Afterwards the engine's current packet is the batch's last, as if it had moved with every packet (what
 --- hooks outside the walk see: onmessage, engine:timestamp() between batches).
 function Host:run_batch(addr, n)
-  local w, b, calls = self.sc, ffi.cast(packet.pktp, addr), nil
-  w.batches = w.batches + 1
-  -- The list pays on mixed batches: in the full walk every packet that takes the less frequent side of the
-  -- protocol test leaves the loop's trace by a side exit and re-enters it from the top (~13 ns each).  It costs
-  -- ~2 ns per packet, more than those exits when (nearly) every packet or (nearly) none has the protocol: after
-  -- such a batch (> 90 % or < 10 %) the next 15 walk in full.
-  if self.engine.nflow_counters == 0 and (w.mixed or w.batches % 16 == 0) then
-    local m = sc_select(w, b, n)
-    w.mixed = m * 10 > n and m * 10 < n * 9
-    calls = self:walk_cast(w, b, n, w.sel, m)
-  else                                      -- (flow counters: every packet; sc_pick applies them)
-    calls = self:walk_cast(w, b, n)
-  end
+  local calls = self:walk_batch(self.sc, addr, n)
   if n > 0 then self.engine:set_packet(ffi.cast(packet.pktp, addr), n - 1) end
   return calls
 end
