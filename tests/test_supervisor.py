@@ -370,6 +370,21 @@ def test_reload_refuses_an_invalid_config_and_keeps_running(daemon):
 FASTPATH_KEYS = ("packets", "bytes", "flows")
 
 
+def stats_layout(text: str) -> list:
+    """The sections of `luaprobe stats --plain` output and the column names of each (the values vary)."""
+    lines = text.splitlines()
+    return [(line[3:], [c.strip() for c in re.split(r"\s{2,}", lines[i + 1].strip())])
+            for i, line in enumerate(lines) if line.startswith("== ")]
+
+
+def docs_stats_example() -> str:
+    """The `luaprobe stats --plain --count 1` output shown in docs/operations.md "A session"."""
+    with open(os.path.join(helpers.REPO, "docs", "operations.md")) as f:
+        doc = f.read()
+    block = doc.split("$ luaprobe stats --plain --count 1", 1)[1].split("\n$ ", 1)[0]
+    return block.split("\n", 1)[1]
+
+
 def test_stats_json_equals_the_fastpath_counters(daemon):
     # Snapshots every 3 s, so that a CLI call on a busy 2-core machine fits between two of them and the
     # comparison below is exact (with 0.2 s it rarely did under load).
@@ -395,6 +410,7 @@ def test_stats_json_equals_the_fastpath_counters(daemon):
     assert "== source" in text and "== processes" in text and re.search(r"dns_watch.lua#\w+ +simplecounter", text), text
     assert max(len(line) for line in text.splitlines()) <= 80, text      # readable on an 80-column terminal
     assert "(file source: waits, no loss)" in text                         # a full ring is no alarm for files
+    assert stats_layout(text) == stats_layout(docs_stats_example())       # docs/operations.md shows these tables
     fp_cpu = [line.split() for line in text.splitlines() if line.startswith("fastpath ")]
     assert float(fp_cpu[0][2]) > 0, text                                   # real CPU % on the first sample
     assert daemon.cli("stop").returncode == 0
