@@ -852,7 +852,15 @@ class FastPath:
                       sum(1 for i in self.instances if i.pipeline == "backend"))
 
     def _drain_stopped(self) -> str | None:
-        """The reason the end-of-input drain ends early: a stop (signal) that arrived during it, else None."""
+        """The reason the end-of-input drain ends early: a stop (signal) that arrived during it, else None.
+        Called at every drain step: after 1 s of waiting it says once what the run waits for (a short drain,
+        the usual case, says nothing)."""
+        if not self._drain_said and time.monotonic() - self._drain_t0 >= 1.0 and not self.stopped_during \
+                and self._drain_pending():
+            self._drain_said = True
+            logs.log.info("end of input: waiting up to %g s (--drain-deadline) for %d T.async task(s); a signal "
+                          "ends the wait (their results are lost), a second one stops hard",
+                          self.cfg.async_config.drain_deadline, self._drain_pending())
         if self.stopped_during == "drain":
             by = f" by {self.stopped_by}" if self.stopped_by in ("SIGINT", "SIGTERM") else " by a signal"
             return f"the run was stopped{by} during the drain"
@@ -1003,10 +1011,7 @@ class FastPath:
         if self._end_drain and not self.stopped_during:
             self.stopped_during = "drain"
         pending = rt.pending()
-        if pending and not self.stopped_during:
-            logs.log.info("end of input: waiting up to %g s (--drain-deadline) for %d T.async task(s); a signal "
-                          "ends the wait (their results are lost), a second one stops hard",
-                          self.cfg.async_config.drain_deadline, pending)
+        self._drain_t0, self._drain_said, self._drain_pending = time.monotonic(), False, rt.pending
         rt.drain_and_stop(stop=self._drain_stopped)
         if self.stopped_during == "drain" and pending:
             logs.log.info("%s (the end of input): T.async tasks not yet returned are lost (lost_at_stop); onunload "
