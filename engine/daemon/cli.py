@@ -84,7 +84,7 @@ def _rich_summary(s: dict) -> None:
     con.print(f"drops: packet ring full {d['capture']}  kernel {d.get('kernel', 0)}  flow table {d['flow_table']}")
     for line in _traffic_lines(s):
         con.print(line)
-    con.print("written: " + ", ".join(f"{k} {v}" for k, v in s["rows_written"].items()) + f"  -> {s['store']['path']}")
+    con.print(_written_line(s), markup=False)
     _print_problems(s)
 
 
@@ -152,6 +152,17 @@ def _traffic_lines(s: dict) -> list[str]:
     return out
 
 
+def _written_line(s: dict) -> str:
+    """'written: counters N, alerts N, ...  -> DB'.  Sharded: counters are the shards' row updates, which the store
+    adds into one row per (group, bucket, key, meter), so the line also says how many rows they made."""
+    rw = dict(s["rows_written"])
+    parts = [f"{k} {v}" for k, v in rw.items()]
+    if len(s.get("shards") or ()) > 1 and "counter_rows_new" in s and "counters" in rw:
+        parts[list(rw).index("counters")] = (f"counters {rw['counters']} (updates from {len(s['shards'])} shards, "
+                                             f"added into {s['counter_rows_new']} new rows)")
+    return "written: " + ", ".join(parts) + f"  -> {s['store']['path']}"
+
+
 def _plain_summary(s: dict) -> None:
     print(f"packets {s['packets']:,}  bytes {s['bytes']:,}  flows {s['flows']:,}  elapsed {s['elapsed_s']} s")
     d = s["drops"]
@@ -163,8 +174,7 @@ def _plain_summary(s: dict) -> None:
               + (f"  async scheduled {a['scheduled']} ok {a['ok']} nil {a['nil_result']} error {a['error']}"
                  f" timeout {a['timeout']} dropped {a['dropped']} pending {a['pending']}" if a["scheduled"] else "")
               + (f" onresult_errors {a['onresult_errors']}" if a["onresult_errors"] else ""))
-    rw = s["rows_written"]
-    print("written: " + ", ".join(f"{k} {v}" for k, v in rw.items()) + f"  -> {s['store']['path']}")
+    print(_written_line(s))
     _print_problems(s)
 
 

@@ -210,6 +210,7 @@ class ShardedRun:
         cfg = self.cfg
         t0 = time.monotonic()
         os.makedirs(cfg.out_dir, exist_ok=True)
+        rows_before = _counter_rows(cfg.out_dir)
         segment.sweep()
         self.rings, self.bells, self.summaries = [], [], [None] * self.n
         self._ended_rings = False
@@ -284,6 +285,8 @@ class ShardedRun:
         summary = merge_summaries(self.summaries, time.monotonic() - t0, self.restarts, cfg)
         summary["input_errors"] += self.capture_errors
         summary["shard_deaths"] = self.deaths
+        # the shards' counter updates of one (group, bucket, key, meter) add into one row (upsert as sums)
+        summary["counter_rows_new"] = _counter_rows(cfg.out_dir) - rows_before
         if self.pushed is not None:
             summary.update(packet_accounting(self.pushed, summary["shards"]))
         summary["stopped_by"] = self.stopped_by
@@ -383,6 +386,22 @@ def _unique(xs) -> list:
             seen.add(x)
             out.append(x)
     return out
+
+
+def _counter_rows(out_dir: str) -> int:
+    """Rows of the store's counters table (0 before the first run): the coordinator counts them before and after a
+    run, since the shards' updates of one row are added into it."""
+    import sqlite3
+    path = os.path.join(out_dir, "luaprobe.sqlite")
+    if not os.path.exists(path):
+        return 0
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute("SELECT COUNT(*) FROM counters").fetchone()[0]
+    except sqlite3.OperationalError:                     # no counters table yet
+        return 0
+    finally:
+        con.close()
 
 
 def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig) -> dict:
