@@ -51,27 +51,23 @@ local find, flowkey, flow_parts = decode.find, decode.flowkey, decode.flow_parts
 local GUID = decode.GUID
 local band, rshift = bit.band, bit.rshift
 local fstring = ffi.string
-local table_new = require("table.new")
 
 --- A new batch array (keep the returned cdata alive while its address is used).
 function M.new_batch(n) return ffi.new("lp_pkt[?]", n or M.BATCH) end
 
 -- ---------------------------------------------------------------- FlowID
 
--- A FlowID is a table {key, uid}: the flow-id string at [1] and, for one the cache below handed out, the flow
--- record's unique id at [2] (0 otherwise); both in its array part, which LuaJIT allocates together with the
--- table itself (a small array part is colocated), so reading a cached FlowID touches one cache line, not two.
 local FlowID = {}
 FlowID.__index = FlowID
 
 local function parts(self)
   if not self._proto then
-    local proto, t, ipa, pa, ipz, pz = self[1]:match("^(%x%x)(%u):([%x.]+):(p%-%x+)_([%x.]+):(p%-%x+)")
+    local proto, t, ipa, pa, ipz, pz = self._id:match("^(%x%x)(%u):([%x.]+):(p%-%x+)_([%x.]+):(p%-%x+)")
     self._proto, self._type, self._ipa, self._porta, self._ipz, self._portz = proto, t, ipa, pa, ipz, pz
   end
 end
 
-function FlowID:id() return self[1] end
+function FlowID:id() return self._id end
 FlowID.key = FlowID.id
 function FlowID:protocol() parts(self); return self._proto end
 function FlowID:ipa() parts(self); return self._ipa end
@@ -109,11 +105,7 @@ end
 FlowID.__tostring = FlowID.id
 
 --- A FlowID for a flow-id string (a plain value object: scripts may keep it).
-function M.flowid_from_key(key, uid)
-  -- a constructor, not table.new: LuaJIT compiles it (TNEW), while table.new is a C function that ends the
-  -- trace of the hook that formats a new flow's key
-  return setmetatable({ key, uid or 0 }, FlowID)
-end
+function M.flowid_from_key(key) return setmetatable({ _id = key }, FlowID) end
 
 --- A FlowID for a decoded packet (the key string is computed now).
 function M.flowid(d) return M.flowid_from_key(flowkey(d)) end
@@ -183,32 +175,25 @@ function Packet:find_layer(guid)
   if i < 0 then return nil end
   return layer_at(self, i)
 end
--- FlowID objects of live flows, by the flow record's index (p.flow): a script calling packet:flowid() on
--- every packet formats the key string once per flow, not once per packet.  A direct-mapped cache of
--- FID_SLOTS entries: slot band(flow index, FID_SLOTS - 1) holds the FlowID of the last flow seen there, and
--- it is the packet's flow when its unique id (FlowID [2]) is the packet's flow_uid; a packet of another flow
--- in that slot (the record was reused, or a second flow's index maps there) replaces it.  The flow table
--- hands out record indexes densely (freed ones first, then the next never-used one), so every live flow keeps
--- its own slot while at most FID_SLOTS flows are live: with 100 000 flows each key is formatted once per
--- flow (the former two generations of 65 536 ids, refilled by every flow's packets, reformatted a third to a
--- half of them each round), and a known flow costs one array slot and the FlowID's own line.  Memory stays
--- bounded by FID_SLOTS FlowIDs (the bound of the two generations).  Sharing one FlowID per flow is safe: it
--- is an immutable value object (only its parsed parts are filled in lazily).
-local FID_SLOTS = 131072
-local FID_MASK = FID_SLOTS - 1
-local fid, fid_made = {}, false       -- [slot + 1]: FlowID or nil; an array of FID_SLOTS made on first use
+-- FlowID objects of recent flows, by the flow record's unique id (flow_uid):
+-- a script calling packet:flowid() on every packet then formats the key
+-- string once per flow, not once per packet.  Two generations of at most
+-- FID_GEN flows each; an id found in the older one moves to the newer, so
+-- busy flows stay cached and memory stays bounded.  Sharing one FlowID per
+-- flow is safe: it is an immutable value object (only its parsed parts are
+-- filled in lazily).
+local FID_GEN = 65536
+local fid_new, fid_old, fid_n = {}, {}, 0
 
 local function cached_flowid(p)
   local uid = p.flow_uid
   if uid <= 0 then return M.flowid(p.d) end       -- non-IP / untracked: not cached
-  local s = band(p.flow, FID_MASK) + 1
-  local f = fid[s]
-  if f and f[2] == uid then return f end
-  if not fid_made then                            -- first use in this VM: 1 MiB of array slots
-    fid, fid_made = table_new(FID_SLOTS, 0), true -- [0 .. FID_SLOTS]: every slot in the array part
-  end
-  f = M.flowid_from_key(flowkey(p.d), uid)
-  fid[s] = f
+  local f = fid_new[uid]
+  if f ~= nil then return f end
+  f = fid_old[uid] or M.flowid(p.d)
+  fid_new[uid] = f
+  fid_n = fid_n + 1
+  if fid_n >= FID_GEN then fid_old, fid_new, fid_n = fid_new, {}, 0 end
   return f
 end
 
