@@ -41,3 +41,26 @@ def die_with_parent(ppid: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != ppid:
         os._exit(0)
+
+
+class StartupStop(KeyboardInterrupt):
+    """SIGINT / SIGTERM before a command took over its signals (start-up: imports, checks, loading)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+def early_stop(signum, frame):
+    """The CLI's first SIGINT / SIGTERM handler: raise :class:`StartupStop`, which main() reports as one line
+    and exit 128 + signum (130 / 143); `luaprobe run` replaces it with its graceful stop once it can."""
+    raise StartupStop(signum)
+
+
+def install_early_stop() -> None:
+    """Take SIGINT and SIGTERM when nobody else has (default disposition or Python's KeyboardInterrupt)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(s, early_stop)
+

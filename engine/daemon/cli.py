@@ -19,6 +19,10 @@ import os
 import sys
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_STOPPED, EXIT_USAGE  # noqa: F401
+from luaprobe.shm.exits import StartupStop, install_early_stop
+
+if os.path.basename(sys.argv[0]) == "luaprobe":    # the console script: a stop signal from now on is one line
+    install_early_stop()
 
 
 def _version() -> str:
@@ -315,6 +319,8 @@ def cmd_run(args) -> int:
     except UsageError as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except StartupStop as e:
+        return _startup_stop(["run"], e)
     except KeyboardInterrupt:
         print("luaprobe run: stopped hard by a second signal (workers and capture killed; rows already handed "
               "to the store writer are committed, the rest is lost)", file=sys.stderr)
@@ -582,16 +588,30 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED = {"query": cmd_query, "gen": cmd_gen, "loadtest": cmd_loadtest}
 
 
+def _startup_stop(argv, e: StartupStop) -> int:
+    """One line for a SIGINT / SIGTERM that arrived while the command was starting; exit 130 / 143."""
+    import signal
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)          # the one line is the last word, whatever comes next
+    cmd = argv[0] if argv and not argv[0].startswith("-") else ""
+    print(f"luaprobe{' ' + cmd if cmd else ''}: stopped by {e.name} while starting, before any packet was "
+          "processed (processes started so far were stopped, shared memory removed)", file=sys.stderr)
+    return 128 + e.signum
+
+
 def main(argv=None) -> int:
     """Entry point of the `luaprobe` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    from luaprobe.shm import logs
-    logs.install_escapes()               # file names that are not UTF-8 print as \xNN
+    install_early_stop()
     try:
+        from luaprobe.shm import logs
+        logs.install_escapes()           # file names that are not UTF-8 print as \xNN
         if argv and argv[0] in DELEGATED:
             return DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:]))
         args = build_parser().parse_args(argv)
         return args.func(args)
+    except StartupStop as e:             # before the command took over its signals: nothing was processed
+        return _startup_stop(argv, e)
     except BrokenPipeError:              # `luaprobe ... | head`: the reader left; quiet, like other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

@@ -22,7 +22,7 @@ import threading
 import time
 
 from luaprobe.shm import cpus, segment
-from luaprobe.shm.exits import EXIT_PLUGIN
+from luaprobe.shm.exits import EXIT_PLUGIN, early_stop
 from luaprobe.shm.ring import region_size
 from luaprobe.shm.luajit import method, new_runtime
 from luaprobe.workers.pool import AsyncConfig
@@ -803,7 +803,7 @@ class FastPath:
                 self.stopped_during = "drain"
         old = {}
         for s in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+            if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler, early_stop):
                 old[s] = signal.signal(s, handler)
         if old:
             self._signal_watch = _SignalWatch(self)

@@ -1,0 +1,62 @@
+"""SIGINT / SIGTERM while `luaprobe run` starts (newcomer pass, defect 4): it printed a Python KeyboardInterrupt
+traceback and died by the signal (-2), or died silently (-15).  README: 130 / 143, one line, nothing left behind.
+The moment the CLI owns the signals is read from the kernel (/proc/PID/status SigCgt), not guessed with a sleep;
+the signal then comes at several delays from there, through plug-in loading into the run.  (A signal during the
+interpreter's own start-up, before luaprobe's first module runs, ~0.1-0.25 s here, is Python's.)"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from tests import helpers
+
+EXAMPLES = os.path.join(helpers.REPO, "engine", "examples")
+LUAPROBE = os.path.join(os.path.dirname(__import__("sys").executable), "luaprobe")
+
+
+def _caught(pid: int, signum: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("delay", [0.0, 0.1, 0.3, 0.7, 1.2])
+def test_a_stop_signal_while_starting_is_one_line_and_its_exit_code(tmp_path, signum, delay):
+    exe = LUAPROBE if os.path.exists(LUAPROBE) else "luaprobe"
+    p = subprocess.Popen([exe, "run", EXAMPLES, "--pcap", os.path.join(EXAMPLES, "sample.pcap"),
+                          "--out", str(tmp_path / "out"), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    kids = []
+    try:
+        # SIGTERM: Python leaves it alone, luaprobe takes SIGINT and SIGTERM together (SIGINT is Python's from init)
+        helpers.wait_for(lambda: _caught(p.pid, signal.SIGTERM) or p.poll() is not None, timeout=30)
+        if delay == 0.0:                # taken early: before LuaJIT (lupa) is even loaded, not at the run's start
+            with open(f"/proc/{p.pid}/maps") as f:
+                assert "lupa" not in f.read()
+        time.sleep(delay)
+        try:
+            kids = psutil.Process(p.pid).children(recursive=True)
+        except psutil.Error:
+            pass
+        p.send_signal(signum)
+        _out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode in (128 + signum, 0), err        # 0: the run finished before the signal came
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("luaprobe")]
+    if p.returncode:
+        assert len(lines) == 1 and signal.Signals(signum).name in lines[0], err
+    assert not psutil.wait_procs(kids, timeout=10)[1]
+    assert not helpers.our_segments([p.pid])
