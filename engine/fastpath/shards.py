@@ -39,6 +39,7 @@ from luaprobe.engine.fastpath.run import RunConfig, capture_socket_args, close_f
 from luaprobe.engine.plugins.asyncruntime import BELL_SIZE
 from luaprobe.engine.plugins.vm import PluginError
 from luaprobe.shm import logs, segment
+from luaprobe.shm.exits import early_stop
 from luaprobe.shm.luajit import new_runtime
 from luaprobe.shm.ring import region_size
 
@@ -310,7 +311,7 @@ class ShardedRun:
             self._stop = True
             self.stopped_by = signal.Signals(signum).name
         return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler)}
+                if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler, early_stop)}
 
     def _kill_all(self) -> None:
         for p in [*self.procs, *self.captures]:
