@@ -339,6 +339,8 @@ def cmd_run(args) -> int:
         print(json.dumps(summary, indent=2, default=str))
         for e in summary["input_errors"]:          # stdout stays pure JSON; the one line goes to stderr as ever
             print(f"luaprobe run: input error: {e}", file=sys.stderr)
+        if summary.get("capture_death"):
+            print(f"luaprobe run: exit {code}: {reasons[0]}", file=sys.stderr)
     elif not args.quiet:
         _print_summary(summary)
     else:
@@ -387,6 +389,12 @@ def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[
     deaths = summary.get("shard_deaths") or []
     if deaths:
         return EXIT_INTERNAL, [shard_loss_line(summary)]
+    dead = summary.get("capture_death")
+    if dead:                               # like a dead shard: a process of the run died (docs/operations.md)
+        how = ("was " if dead["status"] < 0 else "ended with ") + dead["how"]
+        return EXIT_INTERNAL, [f"the capture process (pid {dead['pid']}) {how} "
+                               f"after {dead['packets']} packets: every packet it had put in the packet ring was "
+                               f"walked ({dead['packets']}), the rest of the input was not read"]
     if summary["input_errors"]:
         return EXIT_INPUT, [f"input error: {e}" for e in summary["input_errors"]]
     reasons = [f"plug-in problem: {p}" for p in summary["plugin_problems"] if "not supported" not in p]

@@ -22,7 +22,7 @@ import threading
 import time
 
 from luaprobe.shm import cpus, segment
-from luaprobe.shm.exits import EXIT_PLUGIN, early_stop
+from luaprobe.shm.exits import EXIT_PLUGIN, describe_exit, early_stop
 from luaprobe.shm.ring import region_size
 from luaprobe.shm.luajit import method, new_runtime
 from luaprobe.workers.pool import AsyncConfig
@@ -684,9 +684,15 @@ class FastPath:
                         self._live_idle(capture)
                     if self._stop == 2 and time.monotonic() > self._stop_deadline and capture.poll() is None:
                         capture.kill()                   # reported as "ended unexpectedly"
+                        self._capture_killed_at_stop = True
                     self._maybe_stats(rt, capture)
                     if capture.poll() is not None and not ready(driver):
-                        self.input_errors.append(f"capture process ended unexpectedly (status {capture.returncode})")
+                        if getattr(self, "_capture_killed_at_stop", False):
+                            self.input_errors.append(f"capture process ended unexpectedly (status {capture.returncode})")
+                        else:                            # killed or crashed: every packet it put in the ring is walked
+                            self.capture_death = {"pid": capture.pid, "status": capture.returncode,
+                                                  "how": describe_exit(capture.returncode),
+                                                  "packets": int(self.driver.packets)}
                         break
                     rt.wait(0.05, extra_ready=lambda: ready(driver))
                     continue
@@ -1142,7 +1148,8 @@ class FastPath:
             **({"interface": self.cfg.interface, "bpf": self.cfg.bpf, "captured_live": cs[0],
                 "kernel_packets": cs[3] if len(cs) > 3 else 0,
                 "loopback_outgoing": cs[5] if len(cs) > 5 else 0} if self.cfg.interface else {}),
-            "plugin_problems": self.plugin_problems, "plugins": plugins, "rows_written": self.rows_written,
+            "plugin_problems": self.plugin_problems, "capture_death": getattr(self, "capture_death", None),
+            "plugins": plugins, "rows_written": self.rows_written,
             "declared_groups": {k: sorted(v) for k, v in self.declared.items()},
             **({"key_info_keys": sorted(self.info_keys)} if self.cfg.shard else {}),   # merged by the coordinator
             "filex": getattr(self, "filex_stats", []),
