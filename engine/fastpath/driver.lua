@@ -172,6 +172,36 @@ function Driver:reasm_accounting()
   end
 end
 
+--- After a stop (SIGINT / SIGTERM of a file or --generate run): release the previous batch and pass over the
+--- packet records in the ring up to the next control record (then ctl_kind / ctl_text are set, as fill does) or
+--- the ring's end, without decoding them.  Returns how many were passed over; they are counted in
+--- self.not_walked (the run's not_walked_at_stop), so packets read = packets + not_walked.
+function Driver:skip()
+  local r = self.ring
+  self.released = self.packets
+  local pp = self.progress_p
+  if pp ~= nil then pp[0] = self.packets end
+  r:release()
+  self.ctl_kind = nil
+  local n = 0
+  while true do
+    local p, len = r:peek()
+    if p == nil then break end
+    local h = cast(recp, p)
+    if h.kind ~= PKT then
+      if n == 0 then
+        self.ctl_kind, self.ctl_text = h.kind, fstring(p + REC, h.caplen)
+        r:advance(len)
+      end
+      break
+    end
+    r:advance(len)
+    n = n + 1
+  end
+  self.not_walked = (self.not_walked or 0) + n
+  return n
+end
+
 --- True when a record is waiting in the packet ring.
 function Driver:ready()
   return ring.lib.lp_load_sc(self.ring.tail_p) ~= self.ring.head_local

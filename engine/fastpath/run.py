@@ -637,6 +637,9 @@ class FastPath:
                 runners.insert(0, lambda _h, a, k, f=self.analysers.run_batch: f(a, k))
                 hosts.insert(0, None)
             driver = self.driver
+            # files and --generate: packets still in the ring at a stop are not walked (not_walked_at_stop); live
+            # and shard runs drain theirs (docs/operations.md)
+            skip = None if (cfg.interface or shard) else method(lua, "skip")
             rt.abort = lambda: self._stop == 3
             rt.beat = self._beat
             self._beat(force=True)
@@ -653,7 +656,13 @@ class FastPath:
                     self._stop_capture(capture)
                 elif self._stop == 3:               # a second signal seen inside a Lua callback
                     raise KeyboardInterrupt
-                n, sec = fill(driver)
+                if self._stop and skip is not None:  # a stop ends the walk: the rest of the ring is counted
+                    if skip(driver):
+                        self._maybe_stats(rt, capture)
+                        continue
+                    n = 0
+                else:
+                    n, sec = fill(driver)
                 if n:
                     if self.loop_start is None:
                         self.loop_start, self.loop_cpu_start = time.monotonic(), time.thread_time()
@@ -1132,8 +1141,11 @@ class FastPath:
             plugins.append({"plugin": inst.vm.path, "type": inst.kind, "instance": inst.vm.instance,
                             "hook_calls": calls, "hook_errors": errors, "async": stats, "walk": walk,
                             "disabled": inst.disabled, "batches_skipped": inst.batches_skipped})
+        driver = getattr(self, "driver", None)
+        not_walked = int((driver.not_walked if driver is not None else 0) or 0)
         return logs.printable({   # file names that are not UTF-8 as \xNN (shm/logs.py)
             "elapsed_s": round(elapsed, 3),
+            "not_walked_at_stop": not_walked,    # packets in the ring at a stop, passed over (Driver:skip)
             "packet_loop_s": round((self.loop_end or 0) - (self.loop_start or 0), 4),
             "packet_loop_cpu_s": round((self.loop_cpu_end or 0) - (self.loop_cpu_start or 0), 4),
             "cpus_pinned": getattr(self, "pinned", None),   # {"capture": C, "fastpath": F} or None (shm/cpus.py)
