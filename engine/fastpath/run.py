@@ -204,6 +204,9 @@ class _SignalWatch:
                 self.signals += sum(1 for b in data if b in (signal.SIGINT, signal.SIGTERM))
                 if self.signals >= 1 and first_at is None:
                     first_at = time.monotonic()
+                    if self.fp.cfg.hook_budget > 0:     # a hook slowed down to its budget stops now, not later
+                        from luaprobe.engine.plugins import _lpwatch
+                        _lpwatch.stop_now()
                 if self.signals >= 2 and second_at is None:
                     second_at = time.monotonic()
             if first_at is not None and not hinted and second_at is None and self.fp._stop == 0 \

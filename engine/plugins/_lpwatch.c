@@ -65,7 +65,8 @@ static char message[512];
 static int installed = 0;
 static char pkgroot[1024];             /* "@<luaprobe package dir>/": frames of luaprobe's own Lua modules */
 static size_t pkgroot_len = 0;
-static volatile double alarm_at = 0;   /* CLOCK_MONOTONIC s when the budget ran out and no interrupt landed yet */
+static volatile double alarm_at = 0;
+static volatile sig_atomic_t stopping = 0;  /* a stop signal: interrupt every hook until the walk is disarmed */   /* CLOCK_MONOTONIC s when the budget ran out and no interrupt landed yet */
 
 static double now_s(void) {
   struct timespec ts;
@@ -101,9 +102,10 @@ static void set_timer(double s) {
 static void budget_hook(lua_State *L, lua_Debug *ar) {
   (void)ar;
   if (!in_plugin_code(L)) return;    /* the hook stays set: it lands at the next instruction of plug-in code */
-  lua_sethook(L, NULL, 0, 0);
   alarm_at = 0;
   fired++;
+  if (stopping) luaL_error(L, "%s", "hook interrupted by the stop signal (the batch under way ends now)");
+  lua_sethook(L, NULL, 0, 0);
   set_timer(budget);                 /* the rest of the batch keeps a budget */
   luaL_error(L, "%s", message);
 }
@@ -143,6 +145,7 @@ static int wd_arm(lua_State *L) {
 static int wd_disarm(lua_State *L) {
   set_timer(0);
   armed_L = NULL;
+  stopping = 0;
   alarm_at = 0;
   lua_sethook(L, NULL, 0, 0);        /* a hook set after the code returned must not fire later */
   lua_pushnumber(L, (double)fired);
@@ -188,7 +191,20 @@ static PyObject *py_message(PyObject *self, PyObject *args) {
   return PyUnicode_DecodeUTF8(message, strlen(message), "replace");
 }
 
+/* Python side: a stop signal arrived (the run's signal watch thread).  The hook running now and every hook of the
+ * walk under way are interrupted at their next plug-in instruction, so the stop takes effect within ~one hook
+ * call instead of a batch of hooks each running up to the budget; disarm ends it (onunload runs normally). */
+static PyObject *py_stop_now(PyObject *self, PyObject *args) {
+  (void)self; (void)args;
+  if (installed && armed_L != NULL) {
+    stopping = 1;
+    raise(SIGALRM);
+  }
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef lpwatch_methods[] = {
+  {"stop_now", py_stop_now, METH_NOARGS, "interrupt the armed walk's hooks now (a stop signal)"},
   {"stuck_for", py_stuck_for, METH_NOARGS, "seconds the armed hook has run past its budget uninterrupted (0.0: none)"},
   {"message", py_message, METH_NOARGS, "the armed budget's message (plug-in, instance, budget)"},
   {NULL, NULL, 0, NULL}
