@@ -113,7 +113,7 @@ static void budget_hook(lua_State *L, lua_Debug *ar) {
 static void on_alarm(int sig) {
   (void)sig;
   lua_State *L = armed_L;
-  if (L != NULL && alarm_at == 0) alarm_at = now_s();
+  if (L != NULL && alarm_at == 0 && !stopping) alarm_at = now_s();   /* a stop is not a budget overrun */
   if (L != NULL) lua_sethook(L, budget_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
