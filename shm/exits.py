@@ -58,9 +58,12 @@ def early_stop(signum, frame):
     raise StartupStop(signum)
 
 
-def install_early_stop() -> None:
-    """Take SIGINT and SIGTERM when nobody else has (default disposition or Python's KeyboardInterrupt)."""
+def install_early_stop() -> dict:
+    """Take SIGINT and SIGTERM when nobody else has (default disposition or Python's KeyboardInterrupt);
+    returns {signal: previous handler} of those taken."""
+    old = {}
     for s in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
-            signal.signal(s, early_stop)
+            old[s] = signal.signal(s, early_stop)
+    return old
 

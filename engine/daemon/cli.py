@@ -19,7 +19,7 @@ import os
 import sys
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_STOPPED, EXIT_USAGE  # noqa: F401
-from luaprobe.shm.exits import StartupStop, install_early_stop
+from luaprobe.shm.exits import StartupStop, early_stop, install_early_stop
 
 if os.path.basename(sys.argv[0]) == "luaprobe":    # the console script: a stop signal from now on is one line
     install_early_stop()
@@ -610,7 +610,7 @@ def _startup_stop(argv, e: StartupStop) -> int:
 def main(argv=None) -> int:
     """Entry point of the `luaprobe` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    install_early_stop()
+    previous = install_early_stop()      # given back at the end (main() called in-process, e.g. by tests)
     try:
         from luaprobe.shm import logs
         logs.install_escapes()           # file names that are not UTF-8 print as \xNN
@@ -623,6 +623,11 @@ def main(argv=None) -> int:
     except BrokenPipeError:              # `luaprobe ... | head`: the reader left; quiet, like other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    finally:
+        import signal
+        for s, h in previous.items():
+            if signal.getsignal(s) is early_stop:
+                signal.signal(s, h)
 
 
 if __name__ == "__main__":
