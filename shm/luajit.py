@@ -102,16 +102,12 @@ def lua_cpath(dirs=()) -> str:
     return ";".join(os.path.join(d, "?.so") for d in dirs)
 
 
-def new_runtime(search_dirs=(), encoding: str | None = None, max_memory: int | None = None) -> luajit21.LuaRuntime:
+def new_runtime(search_dirs=(), encoding: str | None = None) -> luajit21.LuaRuntime:
     """A fresh LuaJIT VM with package.path set and luaprobe.config preloaded.
-
-    ``max_memory`` (bytes, None = unlimited): lupa's allocator refuses allocations above it; LuaJIT raises
-    "not enough memory" (LUA_ERRMEM) in the code that allocated.
 
     With the default ``encoding=None`` Lua strings reach Python as bytes.
     """
-    lua = luajit21.LuaRuntime(unpack_returned_tuples=True, register_eval=False, encoding=encoding,
-                              max_memory=max_memory)
+    lua = luajit21.LuaRuntime(unpack_returned_tuples=True, register_eval=False, encoding=encoding)
     setup = lua.eval(
         "function(path, cpath, lpsync, lpre2, ac, lpwatch) package.path = path .. ';' .. package.path;"
         " package.cpath = cpath .. ';' .. package.cpath;"

@@ -953,7 +953,7 @@ class FastPath:
                     arm(host)
                 return walk(host, addr, n)
             except LuaMemoryError:          # raised in luaprobe's code of the walk, outside a hook's xpcall
-                inst.vm.lua.set_max_memory(self._max_memory() + (256 << 20))
+                inst.vm.set_memory_limit(self._max_memory() + (256 << 20))
                 exceeded = (f"{os.path.basename(inst.vm.path)} [{inst.kind}#{inst.vm.instance}]: memory limit "
                             f"{self.cfg.plugin_memory_mb} MiB exceeded (--plugin-memory-mb); instance disabled")
                 return 0
@@ -961,7 +961,7 @@ class FastPath:
                 try:
                     exceeded = after(host) or exceeded
                 except LuaMemoryError:
-                    inst.vm.lua.set_max_memory(self._max_memory() + (256 << 20))
+                    inst.vm.set_memory_limit(self._max_memory() + (256 << 20))
                     exceeded = after(host) or exceeded
                 if exceeded is not None:
                     self._disable(inst, _text(exceeded))
@@ -973,7 +973,7 @@ class FastPath:
         if inst.disabled is not None:
             return
         inst.disabled = why
-        inst.vm.lua.set_max_memory(self._max_memory() + (256 << 20))
+        inst.vm.set_memory_limit(self._max_memory() + (256 << 20))
         inst.vm.lua.execute("collectgarbage()")
         logs.log.error("%s", why)
         self.plugin_problems.append(why)

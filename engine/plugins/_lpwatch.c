@@ -50,6 +50,16 @@ extern void lua_pushvalue(lua_State *L, int idx);
 extern void lua_replace(lua_State *L, int idx);
 extern void lua_pushboolean(lua_State *L, int b);
 extern int lua_pcall(lua_State *L, int nargs, int nresults, int errfunc);
+typedef void *(*lua_Alloc)(void *ud, void *ptr, size_t osize, size_t nsize);
+extern lua_Alloc lua_getallocf(lua_State *L, void **ud);
+extern void lua_setallocf(lua_State *L, lua_Alloc f, void *ud);
+extern int lua_gc(lua_State *L, int what, int data);
+#define LUA_GCCOUNT 3
+#define LUA_GCCOUNTB 4
+#include <stdlib.h>
+extern void *lua_newuserdata(lua_State *L, size_t sz);
+extern int lua_setmetatable(lua_State *L, int objindex);
+#define LUA_REGISTRYINDEX (-10000)
 extern int lua_getstack(lua_State *L, int level, lua_Debug *ar);
 extern int lua_getinfo(lua_State *L, const char *what, lua_Debug *ar);
 #define LUA_MULTRET (-1)
@@ -166,8 +176,63 @@ static int wd_xpcall(lua_State *L) {
   return lua_gettop(L);
 }
 
+/* The memory limit of a plug-in VM (--plugin-memory-mb): LuaJIT's own allocator (fast) wrapped with a byte count;
+ * an allocation that would go above the limit returns NULL and LuaJIT raises "not enough memory" (LUA_ERRMEM)
+ * in the code that allocated.  wd.limit_memory(bytes) wraps on the first call and sets the limit on later ones. */
+typedef struct { lua_Alloc f; void *ud; long long used, limit; } memlimit;
+
+static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  memlimit *m = (memlimit *)ud;
+  long long old = ptr ? (long long)osize : 0;
+  long long grow = (long long)nsize - old;
+  if (nsize > 0 && grow > 0 && m->used + grow > m->limit) return NULL;
+  void *q = m->f(m->ud, ptr, osize, nsize);
+  if (q != NULL || nsize == 0) m->used += grow;
+  return q;
+}
+
+/* Finalizer of the registry anchor: lua_close runs finalizers before it frees the state, and close_state only
+ * destroys LuaJIT's allocator arena when g->allocf is still LuaJIT's own, so the original is put back here. */
+static int memlimit_gc(lua_State *L) {
+  void *ud;
+  if (lua_getallocf(L, &ud) == limited_alloc) {
+    memlimit *m = (memlimit *)ud;
+    lua_setallocf(L, m->f, m->ud);
+  }
+  return 0;
+}
+
+static int wd_limit_memory(lua_State *L) {
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  memlimit *m;
+  if (f == limited_alloc) {
+    m = (memlimit *)ud;
+  } else {
+    m = (memlimit *)calloc(1, sizeof *m);        /* lives as long as the VM (never freed: one per plug-in VM) */
+    if (m == NULL) return luaL_error(L, "limit_memory: out of memory");
+    m->f = f;
+    m->ud = ud;
+    m->used = (long long)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + lua_gc(L, LUA_GCCOUNTB, 0);
+    m->limit = (long long)lua_tonumber(L, 1);
+    lua_newuserdata(L, 1);                       /* anchor: its __gc gives the allocator back at lua_close */
+    lua_createtable(L, 0, 1);
+    lua_pushcclosure(L, memlimit_gc, 0);
+    lua_setfield(L, -2, "__gc");
+    lua_setmetatable(L, -2);
+    lua_setfield(L, LUA_REGISTRYINDEX, "luaprobe.memlimit");
+    m->used = (long long)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + lua_gc(L, LUA_GCCOUNTB, 0);
+    lua_setallocf(L, limited_alloc, m);
+  }
+  m->limit = (long long)lua_tonumber(L, 1);
+  lua_pushnumber(L, (double)m->used);
+  return 1;
+}
+
 int luaopen_lpwatch(lua_State *L) {
-  lua_createtable(L, 0, 3);
+  lua_createtable(L, 0, 4);
+  lua_pushcclosure(L, wd_limit_memory, 0);
+  lua_setfield(L, -2, "limit_memory");
   lua_pushcclosure(L, wd_xpcall, 0);
   lua_setfield(L, -2, "xpcall");
   lua_pushcclosure(L, wd_arm, 0);

@@ -29,7 +29,12 @@ class PluginVM:
         self.instance = instance
         self.lua_path = list(lua_path)
         self.config = async_config or AsyncConfig()
-        self.lua = new_runtime(plugin_dirs(self.path, self.lua_path), max_memory=max_memory)
+        self.lua = new_runtime(plugin_dirs(self.path, self.lua_path))
+        self._limit = None
+        if max_memory:                   # LuaJIT's allocator with a byte count (engine/plugins/_lpwatch.c)
+            self._limit = self.lua.eval("function(n) return require('luaprobe.engine.plugins.watchdog')"
+                                        ".limit_memory(n) end")
+            self.set_memory_limit(max_memory)
         boot = self.lua.eval("function(o) return require('luaprobe.engine.plugins.host').boot(o) end")
         host, err = boot(table(self.lua, {
             "path": self.path, "instance": instance, "enginetype": enginetype,
@@ -55,6 +60,11 @@ class PluginVM:
             self.lua.eval("function(a, f) a:set_starter(f) end")(self.async_obj, self.start_workers)
         elif start_workers:
             self.start_workers()
+
+    def set_memory_limit(self, nbytes: int) -> None:
+        """Allocations of this VM above `nbytes` fail with LUA_ERRMEM ("not enough memory") (a VM created
+        with max_memory; the function is made before the limit, so raising it needs no new memory)."""
+        self._limit(nbytes)
 
     def start_workers(self) -> None:
         """Start this VM's worker pool (called at load, or on the first task when lazy)."""
