@@ -65,6 +65,7 @@ Nothing beyond caplen is ever read.
 local ffi = require "ffi"
 local bit = require "bit"
 local band, bor, rshift, lshift = bit.band, bit.bor, bit.rshift, bit.lshift
+local min, max = math.min, math.max
 
 local M = {}
 
@@ -532,20 +533,31 @@ local function word(a, i)
   return ((a[i] * 256 + a[i + 1]) * 256 + a[i + 2]) * 256 + a[i + 3]
 end
 
--- true when src is the A end
-local function src_is_a(d)
-  local sp, dp = d.sport, d.dport
-  if sp ~= dp then return sp > dp end
+-- The key functions make no tail calls (`return (f(x))`): LuaJIT counts the tail calls of a trace
+-- towards its loop unroll limit (15), and the hook's trace, which runs through the walk, the
+-- Packet/FlowID bindings and all of these helpers, aborted with "loop unroll limit reached" once
+-- they were added up.
+
+-- -1, 0 or 1 for x < 0, x == 0, x > 0 (math.min/max compile to branch-free instructions)
+local function sign(x)
+  return (max(-1, min(1, x)))
+end
+
+-- 1 when the source is the Z end, else 0 (the rule above), computed without a branch on the ports or
+-- addresses: a branch there is a side exit of the hook's trace taken by about every other flow (which
+-- end has the lower port), and the side trace starting there had to take over the hook's and the walk's
+-- live registers -- with all registers live it aborted ("NYI: register coalescing too complex") hundreds
+-- of times on mixed traffic, so new flows' keys were formatted in the interpreter.  c orders (port,
+-- address words) lexicographically: each term outweighs all the later ones together.  The one branch,
+-- on v6 (d.ip_version == 6), repeats the caller's guard on it: no new exit.
+local function src_is_z(d, v6)
   local s, t = d.src, d.dst
-  local a, b = word(s, 0), word(t, 0)                  -- the address bytewise, a word at a time
-  if a == b and d.ip_version == 6 then
-    a, b = word(s, 4), word(t, 4)
-    if a == b then
-      a, b = word(s, 8), word(t, 8)
-      if a == b then a, b = word(s, 12), word(t, 12) end
-    end
+  local c = 16 * sign(d.sport - d.dport) + 8 * sign(word(s, 0) - word(t, 0))
+  if v6 then
+    c = c + 4 * sign(word(s, 4) - word(t, 4)) + 2 * sign(word(s, 8) - word(t, 8))
+      + sign(word(s, 12) - word(t, 12))
   end
-  return a >= b                                        -- src higher (or equal) -> src is A, dst is Z
+  return -min(0, sign(c))                              -- c < 0: src lower -> src is Z
 end
 
 local function put_hex8(buf, pos, v)
@@ -562,21 +574,22 @@ local function put_quad(buf, pos, a, i, sep)
   if sep ~= 0 then buf[pos] = sep; pos = pos + 1 end
   pos = put_hex8(buf, pos, a[i + 2])
   if sep ~= 0 then buf[pos] = sep; pos = pos + 1 end
-  return put_hex8(buf, pos, a[i + 3])
+  return (put_hex8(buf, pos, a[i + 3]))
 end
 
-local function put_ip(buf, pos, a, v6)
-  if not v6 then return put_quad(buf, pos, a, 0, 46) end    -- '.'
-  pos = put_quad(buf, pos, a, 0, 0)
-  pos = put_quad(buf, pos, a, 4, 0)
-  pos = put_quad(buf, pos, a, 8, 0)
-  return put_quad(buf, pos, a, 12, 0)
+-- the address at a[i], i = 0 or 16 (d.src or d.dst)
+local function put_ip(buf, pos, a, i, v6)
+  if not v6 then return (put_quad(buf, pos, a, i, 46)) end    -- '.'
+  pos = put_quad(buf, pos, a, i, 0)
+  pos = put_quad(buf, pos, a, i + 4, 0)
+  pos = put_quad(buf, pos, a, i + 8, 0)
+  return (put_quad(buf, pos, a, i + 12, 0))
 end
 
 local function put_port(buf, pos, port)
   buf[pos] = 112; buf[pos + 1] = 45                     -- 'p-'
   pos = put_hex8(buf, pos + 2, rshift(port, 8))
-  return put_hex8(buf, pos, band(port, 255))
+  return (put_hex8(buf, pos, band(port, 255)))
 end
 
 --- Write the Trisul flow-id of an IP packet (d.ip_version 4 or 6) into `buf` (uint8_t[>= 83], no NUL
@@ -589,19 +602,17 @@ function M.put_flowkey(buf, d)
   local pos = put_hex8(buf, 0, band(d.ipproto, 255))
   buf[pos] = v6 and 66 or 65; buf[pos + 1] = 58        -- 'A'/'B', ':'
   pos = pos + 2
-  local ia, pa, iz, pz
-  if src_is_a(d) then
-    ia, pa, iz, pz = d.src, d.sport, d.dst, d.dport
-  else
-    ia, pa, iz, pz = d.dst, d.dport, d.src, d.sport
-  end
-  pos = put_ip(buf, pos, ia, v6)
+  -- the A and Z ends picked without a branch (src_is_z); d.dst follows d.src in the struct (16 bytes)
+  local z = src_is_z(d, v6)
+  local sp, dp = d.sport, d.dport
+  local s = d.src
+  pos = put_ip(buf, pos, s, 16 * z, v6)
   buf[pos] = 58; pos = pos + 1                          -- ':'
-  pos = put_port(buf, pos, pa)
+  pos = put_port(buf, pos, sp + (dp - sp) * z)
   buf[pos] = 95; pos = pos + 1                          -- '_'
-  pos = put_ip(buf, pos, iz, v6)
+  pos = put_ip(buf, pos, s, 16 - 16 * z, v6)
   buf[pos] = 58; pos = pos + 1
-  return put_port(buf, pos, pz)
+  return (put_port(buf, pos, dp + (sp - dp) * z))
 end
 local put_flowkey = M.put_flowkey
 
@@ -619,16 +630,13 @@ function M.flow_parts(d)
   end
   local v6 = d.ip_version == 6
   local proto = ffi.string(kbuf, put_hex8(kbuf, 0, band(d.ipproto, 255)))
-  local ia, pa, iz, pz
-  if src_is_a(d) then
-    ia, pa, iz, pz = d.src, d.sport, d.dst, d.dport
-  else
-    ia, pa, iz, pz = d.dst, d.dport, d.src, d.sport
-  end
-  local ipa = ffi.string(kbuf, put_ip(kbuf, 0, ia, v6))
-  local porta = ffi.string(kbuf, put_port(kbuf, 0, pa))
-  local ipz = ffi.string(kbuf, put_ip(kbuf, 0, iz, v6))
-  local portz = ffi.string(kbuf, put_port(kbuf, 0, pz))
+  local z = src_is_z(d, v6)
+  local sp, dp = d.sport, d.dport
+  local s = d.src
+  local ipa = ffi.string(kbuf, put_ip(kbuf, 0, s, 16 * z, v6))
+  local porta = ffi.string(kbuf, put_port(kbuf, 0, sp + (dp - sp) * z))
+  local ipz = ffi.string(kbuf, put_ip(kbuf, 0, s, 16 - 16 * z, v6))
+  local portz = ffi.string(kbuf, put_port(kbuf, 0, dp + (sp - dp) * z))
   return proto, ipa, porta, ipz, portz
 end
 
