@@ -69,6 +69,36 @@ def run_python(code: str, *args, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, **kw)
 
 
+SLOW_WALK = """
+local n = 0
+TrisulPlugin = { id = { name = "slow" },
+  simplecounter = { protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",
+    onpacket = function()
+      n = n + 1
+      if n == 100 then local f = io.open("%s", "w"); f:close() end          -- the walk has begun
+      local t = os.clock() while os.clock() - t < %s do end
+    end } }
+"""
+
+
+def start_slow_walk(tmp_path, hook_s: float, *args: str):
+    """`luaprobe run --json` of a TCP simplecounter spending `hook_s` s per packet over a generated capture
+    (12,000 TCP packets, 100 flows, seed 7) with extra CLI `args`.  Returns (Popen with text stdout/stderr
+    pipes, tshark's frame.len per record, path of the file the hook creates at its 100th packet)."""
+    pcap = tmp_path / "synth.pcap"
+    subprocess.run([sys.executable, "-m", "luaprobe.engine", "gen", "--out", str(pcap), "--flows", "100",
+                    "--packets", "12000", "--seed", "7", "--mix", "tcp=100"], check=True, capture_output=True)
+    sizes = [int(x) for x in subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.len"],
+                                            capture_output=True, text=True, check=True).stdout.split()]
+    walking = tmp_path / "walking"
+    plug = tmp_path / "slow.lua"
+    plug.write_text(SLOW_WALK % (walking, hook_s))
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine", "run", str(plug), "--pcap", str(pcap), "--out",
+                          str(tmp_path / "out"), "--json", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return p, sizes, walking
+
+
 def write_plugin(tmp_path, body: str, name: str = "plugin.lua") -> str:
     """Write a plug-in file (a TrisulPlugin with an id is prepended when missing)."""
     if "TrisulPlugin" not in body:

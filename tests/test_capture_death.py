@@ -5,38 +5,14 @@ Truth: the kernel's signal, and tshark's frame sizes - the bytes walked equal th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 
 import psutil
 
 from tests import helpers
 
-SLOW = """
-local n = 0
-TrisulPlugin = { id = { name = "slow" },
-  simplecounter = { protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",
-    onpacket = function()
-      n = n + 1
-      if n == 100 then local f = io.open("%s", "w"); f:close() end          -- the walk has begun
-      local t = os.clock() while os.clock() - t < 0.0005 do end
-    end } }
-"""
-
 
 def test_capture_killed_is_a_dead_process_not_an_input_error(tmp_path):
-    pcap = tmp_path / "synth.pcap"
-    subprocess.run([sys.executable, "-m", "luaprobe.engine", "gen", "--out", str(pcap), "--flows", "100",
-                    "--packets", "12000", "--seed", "7", "--mix", "tcp=100"], check=True, capture_output=True)
-    sizes = [int(x) for x in subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.len"],
-                                            capture_output=True, text=True, check=True).stdout.split()]
-    plug = tmp_path / "slow.lua"
-    plug.write_text(SLOW % (tmp_path / "walking"))
-    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine", "run", str(plug), "--pcap", str(pcap), "--out",
-                          str(tmp_path / "out"), "--json", "--packet-ring-mb", "1"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.0005, "--packet-ring-mb", "1")
     try:
         def capture():
             for k in psutil.Process(p.pid).children(recursive=True):
@@ -44,7 +20,7 @@ def test_capture_killed_is_a_dead_process_not_an_input_error(tmp_path):
                     return k
         cap = helpers.wait_for(capture, timeout=60)
         kids = psutil.Process(p.pid).children(recursive=True)
-        helpers.wait_for(lambda: (tmp_path / "walking").exists(), timeout=120)
+        helpers.wait_for(walking.exists, timeout=120)
         assert cap.is_running()
         cap.kill()
         out, err = p.communicate(timeout=300)
