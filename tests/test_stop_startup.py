@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -61,17 +60,3 @@ def test_a_stop_signal_while_starting_is_one_line_and_its_exit_code(tmp_path, si
         assert len(lines) == 1 and signal.Signals(signum).name in lines[0], err
     assert not psutil.wait_procs(kids, timeout=10)[1]
     assert not helpers.our_segments([p.pid])
-
-
-def test_the_console_script_ignores_stop_signals_once_its_exit_code_is_decided():
-    """After main() returned (the interpreter is exiting with the command's code) a SIGTERM used to kill the
-    process with the default disposition: status -15 after a clean run.  Truth: the dispositions the kernel
-    reports for the process (/proc/PID/status SigIgn) right after main() returned, as the console script calls it."""
-    code = ("import os, sys; from luaprobe.engine.daemon.cli import main; "
-            f"sys.argv = ['luaprobe', 'check', {os.path.join(EXAMPLES, 'tcp_ports.lua')!r}]; rc = main(); "
-            "print(rc, [ln for ln in open('/proc/self/status') if ln.startswith('SigIgn')][0].split()[1])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    rc, sigign = r.stdout.split()[-2:]
-    assert rc == "0", r.stderr
-    mask = int(sigign, 16)
-    assert mask >> (signal.SIGTERM - 1) & 1 and mask >> (signal.SIGINT - 1) & 1, sigign
