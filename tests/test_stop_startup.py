@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -53,10 +54,26 @@ def test_a_stop_signal_while_starting_is_one_line_and_its_exit_code(tmp_path, si
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode in (128 + signum, 0), err        # 0: the run finished before the signal came
+    # 0: the run finished before the signal came; -signum: it came while the interpreter was exiting after the
+    # run finished (Python's finalisation puts the default disposition back; seen once in CI at 0.7 s, load ~2)
+    assert p.returncode in (128 + signum, 0, -signum), err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     lines = [ln for ln in err.splitlines() if ln.startswith("luaprobe")]
-    if p.returncode:
+    if p.returncode > 0:
         assert len(lines) == 1 and signal.Signals(signum).name in lines[0], err
     assert not psutil.wait_procs(kids, timeout=10)[1]
     assert not helpers.our_segments([p.pid])
+
+
+def test_the_console_script_ignores_stop_signals_once_its_exit_code_is_decided():
+    """After main() returned (the interpreter is exiting with the command's code) a SIGTERM used to kill the
+    process with the default disposition: status -15 after a clean run.  Truth: the dispositions the kernel
+    reports for the process (/proc/PID/status SigIgn) right after main() returned, as the console script calls it."""
+    code = ("import os, sys; from luaprobe.engine.daemon.cli import main; "
+            f"sys.argv = ['luaprobe', 'check', {os.path.join(EXAMPLES, 'tcp_ports.lua')!r}]; rc = main(); "
+            "print(rc, [ln for ln in open('/proc/self/status') if ln.startswith('SigIgn')][0].split()[1])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    rc, sigign = r.stdout.split()[-2:]
+    assert rc == "0", r.stderr
+    mask = int(sigign, 16)
+    assert mask >> (signal.SIGTERM - 1) & 1 and mask >> (signal.SIGINT - 1) & 1, sigign

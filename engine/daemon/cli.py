@@ -609,8 +609,9 @@ def _startup_stop(argv, e: StartupStop) -> int:
 
 def main(argv=None) -> int:
     """Entry point of the `luaprobe` console script."""
+    in_process = argv is not None        # main() called in-process (tests), not as the console script
     argv = sys.argv[1:] if argv is None else list(argv)
-    previous = install_early_stop()      # given back at the end (main() called in-process, e.g. by tests)
+    previous = install_early_stop()      # given back at the end when in-process
     try:
         from luaprobe.shm import logs
         logs.install_escapes()           # file names that are not UTF-8 print as \xNN
@@ -627,7 +628,9 @@ def main(argv=None) -> int:
         import signal
         for s, h in previous.items():
             if signal.getsignal(s) is early_stop:
-                signal.signal(s, h)
+                # the console script's exit code is decided: a stop signal while the interpreter exits is
+                # ignored (with the default disposition it killed the process, status -15, after a clean run)
+                signal.signal(s, h if in_process else signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -736,13 +736,15 @@ class FastPath:
             cpus.unpin_thread()
             if getattr(self, "_signal_watch", None) is not None:
                 self._signal_watch.stop()
-            for signum, handler in old_handlers.items():
-                signal.signal(signum, handler)
+            for signum in old_handlers:     # the clean-up below is not cut short by a late stop signal
+                signal.signal(signum, signal.SIG_IGN)
             if capture is not None and capture.poll() is None:
                 capture.kill()
                 capture.wait()
             close_fds(cfg)
-            rt.close()
+            rt.close()                      # workers stopped, shared memory unlinked
+            for signum, handler in old_handlers.items():
+                signal.signal(signum, handler)
             if getattr(self, "filex_dir", None) and not self.cfg.filex_dir:
                 shutil.rmtree(self.filex_dir, ignore_errors=True)
             elif getattr(self, "filex_dir", None) and self.cfg.shard:
