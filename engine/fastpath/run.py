@@ -585,15 +585,17 @@ class FastPath:
         """Process every input file; returns the summary (also stored in the run table)."""
         cfg = self.cfg
         t0 = time.monotonic()
-        self._preflight()
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
         shard = cfg.shard
-        rt = AsyncRuntime(cfg.async_config, lua_path=cfg.lua_path, bell_name=shard and shard["bell"])
-        ring_seg = capture = None
-        # any source: first signal = graceful stop, second = hard (a shard: shard_main's handlers, shards.py)
+        rt = ring_seg = capture = self.store = None
+        # any source: first signal = graceful stop, second = hard (a shard: shard_main's handlers, shards.py);
+        # taken before anything that owns a process or a segment is made, all of which the finally below
+        # undoes: a stop signal during start-up left the doorbell segment behind (CI, test_stop_startup)
         old_handlers = {} if shard else self._catch_stop_signals()
         try:
+            self._preflight()
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
+            rt = AsyncRuntime(cfg.async_config, lua_path=cfg.lua_path, bell_name=shard and shard["bell"])
             lua = new_runtime()
             if shard:                          # the ring and its producer belong to engine/fastpath/shards.py
                 ring_seg = segment.attach(shard["ring"])
@@ -730,7 +732,8 @@ class FastPath:
             capture.wait(timeout=30)
             self._finish(rt, lua)
         except BaseException:
-            self.store.close(check=False)          # the writer process and its pipes, not left to GC
+            if self.store is not None:
+                self.store.close(check=False)      # the writer process and its pipes, not left to GC
             raise
         finally:
             cpus.unpin_thread()
@@ -742,7 +745,8 @@ class FastPath:
                 capture.kill()
                 capture.wait()
             close_fds(cfg)
-            rt.close()                      # workers stopped, shared memory unlinked
+            if rt is not None:
+                rt.close()                  # workers stopped, shared memory unlinked
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
             if getattr(self, "filex_dir", None) and not self.cfg.filex_dir:

@@ -32,7 +32,11 @@ class AsyncRuntime:
         self.bell = segment.attach(bell_name) if bell_name else segment.create("bell", BELL_SIZE)
         self.ray_local = False
         if self.config.backend == "ray" and not self.config.ray_address:
-            self._start_local_ray()
+            try:
+                self._start_local_ray()
+            except BaseException:
+                self.bell.close()              # nobody holds this runtime to close it
+                raise
         self.vms: list[PluginVM] = []
         self.closed = False
         self.abort = None               #: callable -> True when a hard stop was asked (checked while draining)
