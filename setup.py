@@ -11,7 +11,8 @@ from setuptools import Extension, setup
 
 exts = [Extension("luaprobe.shm._lpsync", ["shm/_lpsync.c"], extra_compile_args=["-O2"]),
         # the hook watchdog, a Lua C module (its lua_* symbols resolve against lupa's LuaJIT at load time)
-        Extension("luaprobe.engine.plugins._lpwatch", ["engine/plugins/_lpwatch.c"], extra_compile_args=["-O2"])]
+        Extension("luaprobe.engine.plugins._lpwatch", ["engine/plugins/_lpwatch.c"], extra_compile_args=["-O2"],
+                  libraries=["rt"])]
 if any(os.path.exists(os.path.join(d, "re2", "re2.h")) for d in ("/usr/include", "/usr/local/include")):
     exts.append(Extension("luaprobe.engine.plugins._lpre2", ["engine/plugins/_lpre2.cc"], libraries=["re2"],
                           language="c++", extra_compile_args=["-O2", "-std=c++17"]))

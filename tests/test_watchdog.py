@@ -117,3 +117,35 @@ def test_compiled_endless_loop_ends_the_run_as_a_plugin_error(tmp_path, body):
     assert "Traceback" not in err
     assert not psutil.wait_procs(kids, timeout=10)[1]
     assert not helpers.our_segments([p.pid])
+
+
+OUTER_ALARM = """
+import signal, sys, time
+from luaprobe.engine.daemon.cli import main
+fired = []
+signal.signal(signal.SIGALRM, lambda s, f: fired.append(time.monotonic()))
+t0 = time.monotonic()
+signal.setitimer(signal.ITIMER_REAL, %(x)r)
+rc = main(sys.argv[1:])
+ran = time.monotonic() - t0
+left = signal.getitimer(signal.ITIMER_REAL)[0]
+while not fired and time.monotonic() < t0 + %(x)r + 5:
+    time.sleep(0.05)                              # the alarm's handler interrupts the sleep
+print(rc, ran, left, fired[0] - t0 if fired else -1)
+"""
+
+
+def test_an_outer_alarm_survives_the_runs_watchdog(tmp_path):
+    """An embedding application's (or pytest-timeout's) ITIMER_REAL alarm, armed before an in-process run, still
+    fires at its time, into its own SIGALRM handler, after the run's hooks armed and disarmed the budget many
+    times (the watchdog's disarm used to cancel it: setitimer(ITIMER_REAL, 0), and its arm took SIGALRM).
+    Truth: the kernel's remaining time of the alarm (getitimer) and the moment the Python handler ran."""
+    x = 8.0
+    r = subprocess.run([sys.executable, "-c", OUTER_ALARM % {"x": x}, "run", os.path.dirname(SAMPLE), "--pcap",
+                        SAMPLE, "--out", str(tmp_path / "out"), "-q", "--hook-budget", "5"],
+                       capture_output=True, text=True, timeout=120)
+    rc, ran, left, fired = r.stdout.split()[-4:]
+    assert rc == "0", r.stderr
+    if float(ran) < x:                            # the usual case: the run ended before the alarm's time
+        assert 0 < float(left) <= x - float(ran) + 0.01
+    assert x - 0.01 <= float(fired) < x + 1.0     # fired, at its time (+ the handler's scheduling)

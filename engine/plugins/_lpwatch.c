@@ -6,12 +6,16 @@
  *   wd.disarm() -> fired       stop it; returns how many times it fired since the last disarm
  *   wd.xpcall(f, msgh, ...)    xpcall(f, msgh, ...) made by a classic C function (a "stitch point", below)
  *
- * When the budget runs out, SIGALRM's handler sets a count hook on the armed lua_State (lua_sethook is
+ * When the budget runs out, the timer signal's handler sets a count hook on the armed lua_State (lua_sethook is
  * async-signal-safe, Lua 5.1 manual section 3.8); at the next instruction the interpreter executes, the hook
  * re-arms the budget and raises `message` as a Lua error, which the hook's own xpcall reports and counts.  Code
  * running inside a LuaJIT trace never reaches the hook: a compiled endless loop is left to the daemon's
  * heartbeat watchdog (docs/operations.md).  One fast-path thread runs one VM at a time, so one armed state is
- * enough; the timer is ITIMER_REAL with its own SIGALRM handler (SA_RESTART).
+ * enough.  The timer is a POSIX timer of its own (timer_create, CLOCK_MONOTONIC) that signals WD_SIGNAL, a
+ * real-time signal, not ITIMER_REAL / SIGALRM: arm and disarm leave the process's alarm(), setitimer timers and
+ * SIGALRM handler alone (an embedding application's or pytest-timeout's).  The WD_SIGNAL handler is installed on
+ * the first arm and stays (a signal generated just before disarm may still be delivered after it); a WD_SIGNAL
+ * that is not the watchdog's (not its timer, no stop pending) goes to the handler installed before, if any.
  *
  * wd.xpcall exists for the per-packet walkers (engine/plugins/host.lua).  LuaJIT inlines a plug-in hook into the
  * trace of the loop that calls it; a hook LuaJIT cannot compile (one that creates a closure per call, bytecode
@@ -26,6 +30,9 @@
 #include <string.h>
 #include <sys/time.h>
 #include <time.h>
+#include <unistd.h>
+
+#define WD_SIGNAL (SIGRTMIN + 3)        /* the watchdog's timer signal (SIGRTMIN: glibc's first free one) */
 
 typedef struct lua_State lua_State;
 typedef struct lua_Debug {             /* LuaJIT's lua.h (Lua 5.1 layout) */
@@ -73,6 +80,10 @@ static volatile sig_atomic_t fired = 0;
 static double budget = 0;
 static char message[512];
 static int installed = 0;
+static struct sigaction previous;      /* WD_SIGNAL's disposition before the watchdog took it (chained to) */
+static timer_t timer;
+static pid_t timer_pid = 0;            /* the process that created `timer` (POSIX timers do not survive fork) */
+static int timer_tag;                  /* sival_ptr of the watchdog's timer signals: &timer_tag */
 static char pkgroot[1024];             /* "@<luaprobe package dir>/": frames of luaprobe's own Lua modules */
 static size_t pkgroot_len = 0;
 static volatile double alarm_at = 0;
@@ -101,12 +112,22 @@ static int in_plugin_code(lua_State *L) {
 }
 
 static void set_timer(double s) {
-  struct itimerval it;
+  if (timer_pid != getpid()) {
+    if (s <= 0) return;                /* nothing armed in this process yet */
+    struct sigevent ev;
+    memset(&ev, 0, sizeof ev);
+    ev.sigev_notify = SIGEV_SIGNAL;
+    ev.sigev_signo = WD_SIGNAL;
+    ev.sigev_value.sival_ptr = &timer_tag;
+    if (timer_create(CLOCK_MONOTONIC, &ev, &timer) != 0) return;   /* no timer: the budget is not enforced */
+    timer_pid = getpid();
+  }
+  struct itimerspec it;
   memset(&it, 0, sizeof it);
   it.it_value.tv_sec = (time_t)s;
-  it.it_value.tv_usec = (suseconds_t)((s - (double)(time_t)s) * 1e6);
-  if (s > 0 && it.it_value.tv_sec == 0 && it.it_value.tv_usec == 0) it.it_value.tv_usec = 1;
-  setitimer(ITIMER_REAL, &it, NULL);
+  it.it_value.tv_nsec = (long)((s - (double)(time_t)s) * 1e9);
+  if (s > 0 && it.it_value.tv_sec == 0 && it.it_value.tv_nsec == 0) it.it_value.tv_nsec = 1;
+  timer_settime(timer, 0, &it, NULL);  /* async-signal-safe (POSIX.1-2008) */
 }
 
 static void budget_hook(lua_State *L, lua_Debug *ar) {
@@ -120,8 +141,16 @@ static void budget_hook(lua_State *L, lua_Debug *ar) {
   luaL_error(L, "%s", message);
 }
 
-static void on_alarm(int sig) {
-  (void)sig;
+static void on_alarm(int sig, siginfo_t *info, void *ctx) {
+  int ours = stopping || (info != NULL && info->si_code == SI_TIMER && info->si_value.sival_ptr == &timer_tag);
+  if (!ours) {                       /* somebody else's WD_SIGNAL: their handler, as if the watchdog were not here */
+    if (previous.sa_flags & SA_SIGINFO) {
+      if (previous.sa_sigaction != NULL) previous.sa_sigaction(sig, info, ctx);
+    } else if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN && previous.sa_handler != NULL) {
+      previous.sa_handler(sig);
+    }
+    return;
+  }
   lua_State *L = armed_L;
   if (L != NULL && alarm_at == 0 && !stopping) alarm_at = now_s();   /* a stop is not a budget overrun */
   if (L != NULL) lua_sethook(L, budget_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
@@ -131,10 +160,10 @@ static int wd_arm(lua_State *L) {
   if (!installed) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_alarm;
-    sa.sa_flags = SA_RESTART;
+    sa.sa_sigaction = on_alarm;
+    sa.sa_flags = SA_RESTART | SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
-    sigaction(SIGALRM, &sa, NULL);
+    sigaction(WD_SIGNAL, &sa, &previous);
     installed = 1;
   }
   budget = lua_tonumber(L, 1);
@@ -263,7 +292,7 @@ static PyObject *py_stop_now(PyObject *self, PyObject *args) {
   (void)self; (void)args;
   if (installed && armed_L != NULL) {
     stopping = 1;
-    raise(SIGALRM);
+    raise(WD_SIGNAL);
   }
   Py_RETURN_NONE;
 }
