@@ -65,20 +65,32 @@ def test_a_stop_signal_while_starting_is_one_line_and_its_exit_code(tmp_path, si
     assert not helpers.our_segments([p.pid])
 
 
+def _tree(pid: int) -> set[int]:
+    try:
+        return {pid} | {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return {pid}
+
+
+@pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_stop_signal_the_moment_the_first_segment_exists_leaves_none(tmp_path, signum):
-    """The first shared-memory segment (the doorbell) appears while the run still starts up; a signal sent as
-    soon as /dev/shm shows it (polled without sleeping) must still end in one line, 130 / 143 or a graceful
-    stop, and no segment (CI once saw the doorbell left behind at a 0.3 s delay)."""
+def test_a_stop_signal_the_moment_the_first_segment_exists_leaves_none(tmp_path, signum, shards):
+    """The first shared-memory segment (the doorbell; sharded: the coordinator's private directory) appears while
+    the run still starts up; a signal sent as soon as /dev/shm shows it (polled without sleeping) must still end in
+    one line, 130 / 143 or a graceful stop, and no segment of the run's processes (CI once saw the doorbell left
+    behind at a 0.3 s delay)."""
     exe = LUAPROBE if os.path.exists(LUAPROBE) else "luaprobe"
     p = subprocess.Popen([exe, "run", EXAMPLES, "--pcap", os.path.join(EXAMPLES, "sample.pcap"),
-                          "--out", str(tmp_path / "out"), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                          "--out", str(tmp_path / "out"), "-q", "--shards", str(shards)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = {p.pid}
     try:
         end = time.monotonic() + 60
         while not helpers.our_segments([p.pid]) and p.poll() is None and time.monotonic() < end:
             pass                                  # busy poll: the window is a few ms wide
         p.send_signal(signum)
+        while p.poll() is None and time.monotonic() < end:
+            pids |= _tree(p.pid)                  # the shard, capture and worker processes (segment owners)
         _out, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
@@ -86,7 +98,7 @@ def test_a_stop_signal_the_moment_the_first_segment_exists_leaves_none(tmp_path,
             p.wait()
     assert p.returncode in (128 + signum, 0, -signum), err
     assert "Traceback" not in err, err
-    assert not helpers.our_segments([p.pid])
+    assert not helpers.our_segments(pids)
 
 
 def test_the_console_script_ignores_stop_signals_once_its_exit_code_is_decided():

@@ -49,6 +49,9 @@ RESTART_WINDOW = 60.0
 PROGRESS_OFFSET = 64        #: byte offset in a shard's doorbell segment of a uint64: packets its process has
                             #: released from its ring (written after every fill, read when the process dies);
                             #: the capture side's count is at capture.process.PUSHED_OFFSET
+#: a shard's control signals, blocked until shard_main handles them: SIGTERM stop and end the T.async drain (the
+#: input was all read, or the coordinator is gone), SIGHUP reload the backends
+SHARD_SIGNALS = {signal.SIGTERM, signal.SIGHUP}
 
 
 def progress_word(bell_address: int):
@@ -129,8 +132,14 @@ class ShardedRun:
         for stale in (self.specs[k]["shard"]["summary_file"], self.specs[k]["stats_file"]):
             if os.path.exists(stale):
                 os.unlink(stale)
-        self.procs[k] = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.fastpath.shards", path],
-                                         stdin=subprocess.DEVNULL)
+        # SIGTERM / SIGHUP blocked until shard_main has its handlers: one sent while the shard still starts up (a stop
+        # before any input, PDEATHSIG) waits for them instead of killing it, which looked like a crash (restarted)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SHARD_SIGNALS)
+        try:
+            self.procs[k] = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.fastpath.shards", path],
+                                             stdin=subprocess.DEVNULL)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         logs.log.debug("shard %d: pid %d", k, self.procs[k].pid)
 
     def _start_captures(self) -> None:
@@ -217,72 +226,15 @@ class ShardedRun:
         self._ended_rings = False
         self.lua = new_runtime()
         fmt = self.lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c) end")
-        with private_dir() as tmp:
-            self.tmp = tmp
-            old_handlers = self._catch_stop_signals()     # a stop while starting up is graceful too
-            try:
-                for k in range(self.n):
-                    self.rings.append(segment.create(f"pkt{k}", region_size(cfg.packet_ring_size)))
-                    fmt(self.rings[k].address, cfg.packet_ring_size)
-                    self.bells.append(segment.create(f"bell{k}", BELL_SIZE))
-                self.specs = [_spec(cfg, {"index": k, "count": self.n, "ring": self.rings[k].name,
-                                          "bell": self.bells[k].name, "coordinator": os.getpid(),
-                                          "summary_file": os.path.join(tmp, f"summary{k}.json")})
-                              | {"stats_file": os.path.join(tmp, f"stats{k}.json"),
-                                 "stats_interval": min(cfg.stats_interval, 0.25)}
-                              for k in range(self.n)]
-                for k in range(self.n):
-                    self._start_shard(k)
-                if cfg.interface:                 # hooks ready (first snapshot written) before packets flow
-                    while not all(os.path.exists(s["stats_file"]) for s in self.specs) and not self._stop:
-                        for k in range(self.n):
-                            self._check_shard(k)
-                        time.sleep(0.02)
-                if self._stop:                    # stopped before any input: the rings just end
-                    self._ended_rings = True
-                    for k in range(self.n):
-                        self._push_end(k)
-                else:
-                    self._start_captures()
-                stopping = False
-                while not all(self.done):
-                    if self._stop and not stopping:
-                        stopping = True
-                        src = f"live capture on {cfg.interface}" if cfg.interface else \
-                            "the generator" if cfg.generate else "reading the capture files"
-                        logs.log.info("stop requested (%s): stopping %s, then draining %d shards (send the signal "
-                                      "again to stop hard)", self.stopped_by, src, self.n)
-                        for c in self.captures:
-                            if c.poll() is None:
-                                c.send_signal(signal.SIGTERM)
-                        if self.stopped_by in ("SIGINT", "SIGTERM") and self._captures_done() \
-                                and not self.capture_errors:        # a signal after the whole input was read:
-                            for k, p in enumerate(self.procs):      # the shards end their T.async drain
-                                if not self.done[k] and p is not None and p.poll() is None:
-                                    p.send_signal(signal.SIGTERM)
-                    if self._reload:
-                        self._reload = False
-                        if self.procs[0].poll() is None:
-                            self.procs[0].send_signal(signal.SIGHUP)
-                    for k in range(self.n):
-                        self._check_shard(k)
-                    self._check_captures()
-                    self._maybe_stats()
-                    time.sleep(0.02)
-                for c in self.captures:
-                    c.wait(timeout=30)
-                if not cfg.interface:
-                    import ctypes
-                    self.pushed = [int(ctypes.c_uint64.from_address(b.address + PUSHED_OFFSET).value)
-                                   for b in self.bells]
-            finally:
-                for signum, handler in old_handlers.items():
-                    signal.signal(signum, handler)
-                self._kill_all()
-                segment.sweep()          # a hard stop SIGKILLs the shards: their files/worker rings are ours to unlink
-                close_fds(cfg)
-                for s in self.rings + self.bells:
-                    s.close()
+        # a stop while starting up is graceful too; taken before the private directory (a segment) exists: the CLI's
+        # start-up handler raised between its mkdir and the try that removes it (test_stop_startup, --shards 2)
+        old_handlers = self._catch_stop_signals()
+        try:
+            with private_dir() as tmp:
+                self._run_in(tmp, fmt, old_handlers)
+        finally:
+            for signum, handler in old_handlers.items():
+                signal.signal(signum, handler)
         summary = merge_summaries(self.summaries, time.monotonic() - t0, self.restarts, cfg)
         summary["input_errors"] += self.capture_errors
         summary["shard_deaths"] = self.deaths
@@ -297,6 +249,75 @@ class ShardedRun:
         report = store.close()
         summary["store"] = {"path": os.path.join(cfg.out_dir, "luaprobe.sqlite"), **(report or {})}
         return summary
+
+    def _run_in(self, tmp: str, fmt, old_handlers: dict) -> None:
+        """The run proper, in the private directory ``tmp``: rings, shards, captures, until every shard is done;
+        the finally kills what is left and unlinks every segment (stop signals ignored meanwhile)."""
+        cfg = self.cfg
+        self.tmp = tmp
+        try:
+            for k in range(self.n):
+                self.rings.append(segment.create(f"pkt{k}", region_size(cfg.packet_ring_size)))
+                fmt(self.rings[k].address, cfg.packet_ring_size)
+                self.bells.append(segment.create(f"bell{k}", BELL_SIZE))
+            self.specs = [_spec(cfg, {"index": k, "count": self.n, "ring": self.rings[k].name,
+                                      "bell": self.bells[k].name, "coordinator": os.getpid(),
+                                      "summary_file": os.path.join(tmp, f"summary{k}.json")})
+                          | {"stats_file": os.path.join(tmp, f"stats{k}.json"),
+                             "stats_interval": min(cfg.stats_interval, 0.25)}
+                          for k in range(self.n)]
+            for k in range(self.n):
+                self._start_shard(k)
+            if cfg.interface:                 # hooks ready (first snapshot written) before packets flow
+                while not all(os.path.exists(s["stats_file"]) for s in self.specs) and not self._stop:
+                    for k in range(self.n):
+                        self._check_shard(k)
+                    time.sleep(0.02)
+            if self._stop:                    # stopped before any input: the rings just end
+                self._ended_rings = True
+                for k in range(self.n):
+                    self._push_end(k)
+            else:
+                self._start_captures()
+            stopping = False
+            while not all(self.done):
+                if self._stop and not stopping:
+                    stopping = True
+                    src = f"live capture on {cfg.interface}" if cfg.interface else \
+                        "the generator" if cfg.generate else "reading the capture files"
+                    logs.log.info("stop requested (%s): stopping %s, then draining %d shards (send the signal "
+                                  "again to stop hard)", self.stopped_by, src, self.n)
+                    for c in self.captures:
+                        if c.poll() is None:
+                            c.send_signal(signal.SIGTERM)
+                    if self.stopped_by in ("SIGINT", "SIGTERM") and self._captures_done() \
+                            and not self.capture_errors:        # a signal after the whole input was read:
+                        for k, p in enumerate(self.procs):      # the shards end their T.async drain
+                            if not self.done[k] and p is not None and p.poll() is None:
+                                p.send_signal(signal.SIGTERM)
+                if self._reload:
+                    self._reload = False
+                    if self.procs[0].poll() is None:
+                        self.procs[0].send_signal(signal.SIGHUP)
+                for k in range(self.n):
+                    self._check_shard(k)
+                self._check_captures()
+                self._maybe_stats()
+                time.sleep(0.02)
+            for c in self.captures:
+                c.wait(timeout=30)
+            if not cfg.interface:
+                import ctypes
+                self.pushed = [int(ctypes.c_uint64.from_address(b.address + PUSHED_OFFSET).value)
+                               for b in self.bells]
+        finally:
+            for signum, handler in old_handlers.items():
+                signal.signal(signum, handler)
+            self._kill_all()
+            segment.sweep()          # a hard stop SIGKILLs the shards: their files/worker rings are ours to unlink
+            close_fds(cfg)
+            for s in self.rings + self.bells:
+                s.close()
 
     def _catch_stop_signals(self) -> dict:
         """SIGINT / SIGTERM stop the input cleanly, a second one interrupts (as FastPath does); only signals
@@ -488,6 +509,7 @@ def shard_main(spec_path: str) -> int:
     fp = FastPath(cfg)
     signal.signal(signal.SIGTERM, lambda *_: fp.request_stop(end_drain=True))   # the coordinator's, or PDEATHSIG
     signal.signal(signal.SIGHUP, lambda *_: fp.request_reload_backends())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHARD_SIGNALS)   # blocked by ShardedRun._start_shard
     out = cfg.shard["summary_file"]
     try:
         summary = fp.run()
