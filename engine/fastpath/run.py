@@ -642,9 +642,9 @@ class FastPath:
                 runners.insert(0, lambda _h, a, k, f=self.analysers.run_batch: f(a, k))
                 hosts.insert(0, None)
             driver = self.driver
-            # files and --generate: packets still in the ring at a stop are not walked (not_walked_at_stop); live
-            # and shard runs drain theirs (docs/operations.md)
-            skip = None if (cfg.interface or shard) else method(lua, "skip")
+            # files and --generate (sharded too): packets still in the ring at a stop are not walked
+            # (not_walked_at_stop); live runs walk what was captured before the stop (docs/live.md, operations.md)
+            skip = None if cfg.interface else method(lua, "skip")
             rt.abort = lambda: self._stop == 3
             rt.beat = self._beat
             self._beat(force=True)

@@ -49,9 +49,10 @@ RESTART_WINDOW = 60.0
 PROGRESS_OFFSET = 64        #: byte offset in a shard's doorbell segment of a uint64: packets its process has
                             #: released from its ring (written after every fill, read when the process dies);
                             #: the capture side's count is at capture.process.PUSHED_OFFSET
-#: a shard's control signals, blocked until shard_main handles them: SIGTERM stop and end the T.async drain (the
-#: input was all read, or the coordinator is gone), SIGHUP reload the backends
-SHARD_SIGNALS = {signal.SIGTERM, signal.SIGHUP}
+#: a shard's control signals, blocked until shard_main handles them: SIGUSR1 stop (files / --generate: the walk
+#: ends after the batch under way, the rest of the ring is not_walked_at_stop), SIGTERM stop and end the T.async
+#: drain (the input was all read, or the coordinator is gone), SIGHUP reload the backends
+SHARD_SIGNALS = {signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP}
 
 
 def progress_word(bell_address: int):
@@ -141,6 +142,8 @@ class ShardedRun:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         logs.log.debug("shard %d: pid %d", k, self.procs[k].pid)
+        if self._stop and not self.cfg.interface:     # restarted after a stop: it stops walking too
+            self.procs[k].send_signal(signal.SIGUSR1)
 
     def _start_captures(self) -> None:
         cfg, me = self.cfg, str(os.getpid())
@@ -290,6 +293,10 @@ class ShardedRun:
                     for c in self.captures:
                         if c.poll() is None:
                             c.send_signal(signal.SIGTERM)
+                    if not cfg.interface:                   # files / --generate: each shard ends its walk after
+                        for k, p in enumerate(self.procs):  # the batch under way, as one fast path does (live:
+                            if not self.done[k] and p is not None and p.poll() is None:   # the ring is walked)
+                                p.send_signal(signal.SIGUSR1)
                     if self.stopped_by in ("SIGINT", "SIGTERM") and self._captures_done() \
                             and not self.capture_errors:        # a signal after the whole input was read:
                         for k, p in enumerate(self.procs):      # the shards end their T.async drain
@@ -468,7 +475,7 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
     if stores:
         out["packet_storage"] = stores
     out["shards"] = [{"shard": k, "restarts": restarts[k], "summary": p.get("packets") is not None,
-                      **{f: p.get(f, 0) for f in ("packets", "bytes", "flows", "elapsed_s")}}
+                      **{f: p.get(f, 0) for f in ("packets", "not_walked_at_stop", "bytes", "flows", "elapsed_s")}}
                      for k, p in enumerate(parts)]
     return logs.printable(out)            # file names that are not UTF-8 as \xNN (shm/logs.py)
 
@@ -476,12 +483,13 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
 def packet_accounting(pushed: list, shards: list) -> dict:
     """Where every packet the capture process read went (files and --generate; docs/scale.md "Faults"):
     ``packets_read`` (committed to the shards' rings, counted by the capture process) == ``packets`` (walked by
-    the shard processes that finished, whose results are written) + ``packets_lost`` (released from the ring by
-    shard processes that died: their results not yet written are lost).  Per shard in ``shards``:
-    ``read`` / ``packets`` / ``lost``.  Exact: a restarted shard continues at its predecessor's release point."""
+    the shard processes that finished, whose results are written) + ``not_walked_at_stop`` (passed over after a
+    stop by those processes) + ``packets_lost`` (released from the ring by shard processes that died: their
+    results not yet written are lost).  Per shard in ``shards``: ``read`` / ``packets`` / ``not_walked_at_stop`` /
+    ``lost``.  Exact: a restarted shard continues at its predecessor's release point."""
     lost = 0
     for sh, read in zip(shards, pushed):
-        sh["read"], sh["lost"] = read, read - sh["packets"]
+        sh["read"], sh["lost"] = read, read - sh["packets"] - sh.get("not_walked_at_stop", 0)
         lost += sh["lost"]
     return {"packets_read": sum(pushed), "packets_lost": lost}
 
@@ -509,6 +517,7 @@ def shard_main(spec_path: str) -> int:
     fp = FastPath(cfg)
     signal.signal(signal.SIGTERM, lambda *_: fp.request_stop(end_drain=True))   # the coordinator's, or PDEATHSIG
     signal.signal(signal.SIGHUP, lambda *_: fp.request_reload_backends())
+    signal.signal(signal.SIGUSR1, lambda *_: fp.request_stop())                  # the coordinator's stop (files)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SHARD_SIGNALS)   # blocked by ShardedRun._start_shard
     out = cfg.shard["summary_file"]
     try:
