@@ -19,6 +19,7 @@ filter_flow / filter votes, the directory size cap, and gaps / pipelining / chun
 from __future__ import annotations
 
 import collections
+import gzip as gzip_mod
 import glob
 import hashlib
 import ipaddress
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib as zlib_mod
 
 import pytest
 
@@ -729,3 +731,32 @@ def test_one_reassembly_for_filex_and_handler(tmp_path, handler_reads):
                 got = {k: v for k, v in got.items() if k[0] != key}
         assert len(want) >= 2 * 8 - 2                        # 8 connections carry payload (test above)
     assert got == want
+
+
+def test_bytes_after_the_gzip_data_are_counted_and_logged(tmp_path, caplog):
+    """A gzip body followed by bytes that are no gzip member: curl delivers the decoded body and fails (error 23),
+    Python's gzip.decompress raises, zlib's decompressobj returns the body and the rest as unused_data.  luaprobe
+    delivers the decoded body, counts the body and the bytes (http_gzip_trailing, http_gzip_trailing_bytes) and
+    logs one line naming the flow.  Truth: Python's zlib (47: gzip or zlib header, as Content-Encoding allows)."""
+    from tests import pktbuild
+    body = os.urandom(3000).hex().encode()
+    sent = gzip_mod.compress(body) + b"trailing garbage, not a gzip member\n"
+    z = zlib_mod.decompressobj(47)
+    decoded = z.decompress(sent)
+    c = pktbuild.Conv(cip="192.0.2.10", cport=40000, sip="198.51.100.20", sport=80)
+    c.handshake()
+    c.send(True, pktbuild.http_request("/data.json"))
+    c.send(False, pktbuild.http_response(sent, headers=[("Content-Encoding", "gzip"),
+                                                         ("Content-Length", str(len(sent)))]))
+    c.close()
+    pcap = tmp_path / "gzip-trailing.pcap"
+    pktbuild.write_pcap(pcap, c.frames)
+    with caplog.at_level("WARNING", logger="luaprobe"):
+        summary, recs = copy_run(tmp_path, str(pcap))
+    assert [open(r["copy"], "rb").read() for r in recs] == [decoded]          # the body, whole
+    st = fx(summary)
+    assert st["http_gzip_trailing"] == 1 and st["http_gzip_trailing_bytes"] == len(z.unused_data)
+    lines = [r.getMessage() for r in caplog.records if "after the end of its compressed data" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "192.0.2.10" in lines[0] and "198.51.100.20" in lines[0] and "/data.json" in lines[0]
+    assert f"{len(z.unused_data)} bytes" in lines[0]

@@ -169,8 +169,10 @@ def test_gzip_trailing_garbage_flagged_not_lost(T):
     body = b"x" * 500
     data = gzip.compress(body) + b"\0\0\0\0"
     msg = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
-    (b,), _, _ = run(T, [(0, REQ), (1, msg)])
-    assert b[1] == body and b[5] == 4
+    (b,), _, stats = run(T, [(0, REQ), (1, msg)])
+    z = zlib.decompressobj(47)                      # Python's zlib: the body, and the rest as unused_data
+    assert b[1] == z.decompress(data) == body and b[5] == len(z.unused_data) == 4
+    assert stats["gzip_trailing"] == 1 and stats["gzip_trailing_bytes"] == 4
 
 
 def test_truncated_gzip_is_incomplete(T):

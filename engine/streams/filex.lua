@@ -271,7 +271,24 @@ function F:body(st, dir, req, resp, p, n)
   if self.file_mode then self:write(st, b, p, n) end
 end
 
+local TRAILING_LINES = 10                   -- log lines per filex VM; the rest only counted (http_gzip_trailing)
+
+--- Bytes after a body's compressed data (flags.trailing, streams/http.lua): one WARN line naming the flow.
+function F:trailing(st, dir, req, n)
+  self.trailing_logged = (self.trailing_logged or 0) + 1
+  if self.trailing_logged > TRAILING_LINES then return end
+  local f = st.flow
+  local ok, who = pcall(function()
+    return ("%s:%s <-> %s:%s"):format(f:ipa_readable(), f:porta_readable(), f:ipz_readable(), f:portz_readable())
+  end)
+  self.host.errors.logf(5, ("filex: %s body of %s %s in flow %s: %d bytes after the end of its compressed data "
+    .. "not decoded (ignored; the decoded body is delivered; counted in http_gzip_trailing)%s"):format(
+    dir == 0 and "request" or "response", req:get_method() ~= "" and req:get_method() or "(unseen request)",
+    req:get_path(), ok and who or f:id(), n, self.trailing_logged == TRAILING_LINES and "; further ones are only counted" or ""))
+end
+
 function F:body_end(st, dir, req, resp, total, flags)
+  if flags and flags.trailing then self:trailing(st, dir, req, flags.trailing) end
   local b = st.body[dir]
   st.body[dir] = nil
   if b == nil or b.skip then return end

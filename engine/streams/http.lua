@@ -16,7 +16,7 @@ one TCP flow (both directions), LuaJIT.
     H:data(dir, ptr_or_string, len)   -- dir 0 = client->server, 1 = server->client (tcpreasm's)
     H:gap(dir, len)                   -- len bytes of the direction were not captured
     H:close()                         -- the TCP flow ended (FIN / RST / timeout)
-    H.stats                           -- requests, responses, interim, bodies, resyncs, errors
+    H.stats                           -- requests, responses, interim, bodies, resyncs, errors, gzip_trailing...
 
 Headers are HTTPHeader objects (luaprobe.engine.plugins.httpheader).  A response whose
 request was never seen (lost in a gap, capture started mid-flow) is matched
@@ -40,7 +40,9 @@ Bodies.
   * Content-Encoding gzip / x-gzip / deflate is inflated while streaming
     (luaprobe.engine.streams.zlib); on_body receives decoded bytes and total_len counts them.
     Other encodings (br, compress...) are delivered as sent, flags.encoding names them.
-    An inflate error stops decoding: flags.decode_error holds the message.
+    An inflate error stops decoding: flags.decode_error holds the message.  Bytes after the end of the
+    compressed data (after the last gzip member) are not decoded: flags.trailing counts them, and
+    stats.gzip_trailing / gzip_trailing_bytes count the bodies and bytes; the decoded body is delivered.
   * Bodies whose declared length is 0 produce no on_body / on_body_end; a
     chunked body with no data chunk ends with total_len 0.
   * POST bodies, multipart included, are delivered raw as one body;
@@ -103,6 +105,7 @@ local function new_stats(t)
   t = t or {}
   t.requests, t.responses, t.interim, t.bodies, t.resyncs, t.errors, t.gaps = 0, 0, 0, 0, 0, 0, 0
   t.cl_te, t.bad_content_length, t.bad_transfer_encoding, t.unknown_codings, t.oversize_headers = 0, 0, 0, 0, 0
+  t.gzip_trailing, t.gzip_trailing_bytes = 0, 0   -- bodies with bytes after their compressed data, those bytes
   return t
 end
 
@@ -353,7 +356,11 @@ local function body_end(self, st, truncated)
       -- stream ended without the compressed end marker (a truncated gzip): what we have was delivered
       f.decode_incomplete = true
     end
-    if b.z.trailing and b.z.trailing > 0 then f.trailing = b.z.trailing end
+    if b.z.trailing and b.z.trailing > 0 then      -- not decoded, not delivered (curl: error 23 after the body;
+      f.trailing = b.z.trailing                      -- Python: zlib's unused_data, gzip.decompress raises)
+      self.stats.gzip_trailing = self.stats.gzip_trailing + 1
+      self.stats.gzip_trailing_bytes = self.stats.gzip_trailing_bytes + b.z.trailing
+    end
     b.z:close()
   end
   -- why the delivered body is not the whole content (nil: it is): first reason that applies
