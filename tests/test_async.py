@@ -191,6 +191,28 @@ def test_api_both_call_styles(runtime_factory, tmp_path, caplog):
     helpers.assert_accounting(st)
 
 
+def test_empty_string_result_reaches_onresult(runtime_factory, tmp_path):
+    """docs/async.md / Trisul T.async: a string return means onresult gets that string, the empty one too.
+    Truth: the rule itself, checked with strings of every length Python builds (not our own output)."""
+    values = ["", "x", "\0", "a\0b", "\0" * 3]
+    lits = ", ".join('"' + "".join(f"\\{ord(c)}" for c in v) + '"' for v in values)
+    path = plugin(tmp_path, f'''
+out = {{}}
+function go()
+  for _, v in ipairs({{ {lits} }}) do
+    T.async:schedule{{ data = v, onexecute = function(d) return d end,
+      onresult = function(e, d, r) out[#out + 1] = type(r) .. ":" .. tostring(r == d) .. ":" .. #d end }}
+  end
+end
+''')
+    rt = runtime_factory(workers=1)
+    vm = rt.load(path)
+    vm.exec("go()")
+    st = drain(rt, vm)
+    assert (st["ok"], st["nil_result"], st["error"]) == (len(values), 0, 0), st
+    assert sorted(x.decode() for x in lst(vm, "out")) == sorted(f"string:true:{len(v)}" for v in values)
+
+
 # ============================================================================ 2. snapshot at schedule time
 
 def test_schedule_snapshots_the_task_table(runtime_factory, tmp_path):

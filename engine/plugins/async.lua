@@ -660,7 +660,8 @@ function Async:complete(w, status, payload, now, exec_ns)
   local st = self.stats
   if status == P.OK then
     st.ok = st.ok + 1
-    if onres then self:call_hook("onresult", onres, data, payload, ts) end
+    -- an empty string travels as a zero-length record: onresult still gets "" (docs/async.md)
+    if onres then self:call_hook("onresult", onres, data, payload or "", ts) end
   elseif status == P.NIL then
     st.nil_result = st.nil_result + 1
   elseif status == P.FILE_OK then
