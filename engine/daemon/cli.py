@@ -434,7 +434,8 @@ def cmd_check(args) -> int:
         print(f"luaprobe check: {e}", file=sys.stderr)
         return e.exit_code
     try:
-        infos = [probe(f, args.lua_path) for f in discover(args.plugins, args.lua_path)]
+        from luaprobe.shm.searchpath import search_path
+        infos = [probe(f, search_path(args.plugins, args.lua_path)) for f in discover(args.plugins, args.lua_path)]
     except PluginError as e:
         print(f"luaprobe check: {e}", file=sys.stderr)
         return EXIT_PLUGIN

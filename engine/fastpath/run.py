@@ -25,6 +25,7 @@ from luaprobe.shm import cpus, segment
 from luaprobe.shm.exits import EXIT_PLUGIN, describe_exit, early_stop
 from luaprobe.shm.ring import region_size
 from luaprobe.shm.luajit import method, new_runtime
+from luaprobe.shm.searchpath import search_path
 from luaprobe.workers.pool import AsyncConfig
 
 from luaprobe.shm import logs
@@ -328,7 +329,7 @@ class FastPath:
         files = discover(cfg.plugins, cfg.lua_path)
         if not files:
             raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
-        self.infos = [probe(f, cfg.lua_path) for f in files]
+        self.infos = [probe(f, search_path(cfg.plugins, cfg.lua_path)) for f in files]
         self.groups = {i.countergroup["guid"].upper(): i.countergroup for i in self.infos if i.countergroup}
         # protocol_handler protocols, registered in this order in every VM (engine/plugins/protocol.lua)
         self.protocols = [(i.protocol["guid"], i.protocol["name"]) for i in self.infos
@@ -595,7 +596,7 @@ class FastPath:
             self._preflight()
             os.makedirs(cfg.out_dir, exist_ok=True)
             self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
-            rt = AsyncRuntime(cfg.async_config, lua_path=cfg.lua_path, bell_name=shard and shard["bell"])
+            rt = AsyncRuntime(cfg.async_config, lua_path=search_path(cfg.plugins, cfg.lua_path), bell_name=shard and shard["bell"])
             lua = new_runtime()
             if shard:                          # the ring and its producer belong to engine/fastpath/shards.py
                 ring_seg = segment.attach(shard["ring"])
@@ -855,7 +856,7 @@ class FastPath:
             rt.unload(inst.vm)
             self.instances.remove(inst)
         try:
-            infos = [probe(f, self.cfg.lua_path) for f in discover(self.cfg.plugins, self.cfg.lua_path)]
+            infos = [probe(f, search_path(self.cfg.plugins, self.cfg.lua_path)) for f in discover(self.cfg.plugins, self.cfg.lua_path)]
         except PluginError as e:
             self.plugin_problems.append(f"backend reload: {e}")
             return
