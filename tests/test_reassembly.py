@@ -510,3 +510,64 @@ def test_plugins_doc_example(tmp_path):
     (got,) = [x for x in lines if x.startswith("bytes ")]
     assert got.endswith(f"client->server {up} server->client {down}"), (got, up, down)
     assert f"{client[0]}:{client[1]}" in got
+
+
+# engine:add_flow_counter from reassembly_handler hooks (Trisul: "every later packet of the flow adds its length").
+# Per TLS flow: three counters at the flow's first client payload (the ClientHello), both ways / client->server /
+# server->client, and one at onnewflow (both ways: every packet after the flow's first one).
+FLOW_COUNTERS = r'''
+local G = "{7C1E0A52-3F11-4D5A-9B1E-6A2C55F0D001}"
+TrisulPlugin = {
+  id = { name = "flow counters" },
+  countergroup = { control = { guid = G, name = "FC", bucketsize = 30 },
+                   meters = { { 0, T.K.vartype.COUNTER, 10, "bytes", "bytes", "B" } } },
+  onload = function() T.seen = {} end,
+  reassembly_handler = {
+    onnewflow = function(engine, ts, flow)
+      if flow:id():find("p-01BB", 1, true) then engine:add_flow_counter(flow, G, flow:id() .. "|new", 0, 0) end
+    end,
+    onpayload = function(engine, ts, flow, dir, seekpos, buf)
+      local id = flow:id()
+      if dir == 1 and not T.seen[id] and id:find("p-01BB", 1, true) then
+        T.seen[id] = true
+        engine:add_flow_counter(id, G, id .. "|both", 0, 0)
+        engine:add_flow_counter(id, G, id .. "|az", 0, 1)
+        engine:add_flow_counter(id, G, id .. "|za", 0, 2)
+      end
+    end,
+  },
+}
+'''
+
+
+@needs_tshark
+@pytest.mark.parametrize("batch", [1, 3, 1024])
+def test_add_flow_counter_from_reassembly_handler(tmp_path, batch):
+    """add_flow_counter called in onnewflow / onpayload counts the wire length of every later packet of the
+    flow (the packet whose event made the call excluded; direction 1 = client->server, the A->Z of the flow
+    key, 2 = server->client), whatever the batch size cuts the batch at.  Truth: tshark's frame.len per TCP
+    stream after the stream's first frame / after the frame with the first client payload.  Counted nothing
+    before (the counters were applied only in simplecounter's packet walk)."""
+    plugin = helpers.write_plugin(tmp_path, FLOW_COUNTERS, "fc.lua")
+    run(tmp_path, [plugin], [TUTORIAL], batch=batch)
+    rows = [x.split("\t") for x in tshark("-r", TUTORIAL, "-Y", "tcp.port == 443", "-T", "fields", "-e",
+                                          "frame.number", "-e", "frame.len", "-e", "ip.src", "-e", "tcp.srcport",
+                                          "-e", "ip.dst", "-e", "tcp.dstport", "-e", "tcp.len").splitlines()]
+    want = collections.Counter()
+    flows = collections.defaultdict(list)
+    for num, flen, src, sp, dst, dp, tlen in rows:
+        flows[flowkey(src, int(sp), dst, int(dp))].append((int(num), int(flen), dp == "443", int(tlen)))
+    for key, pkts in flows.items():
+        first = min(n for n, _, _, _ in pkts)
+        hello = min((n for n, _, up, tl in pkts if up and tl > 0), default=None)
+        want[key + "|new"] = sum(ln for n, ln, _, _ in pkts if n > first)
+        if hello is not None:
+            want[key + "|both"] = sum(ln for n, ln, _, _ in pkts if n > hello)
+            want[key + "|az"] = sum(ln for n, ln, up, _ in pkts if n > hello and up)
+            want[key + "|za"] = sum(ln for n, ln, up, _ in pkts if n > hello and not up)
+    with Store(str(tmp_path / "out")) as s:
+        got = collections.Counter()
+        for r in s.counters(group="FC", meter=0):
+            got[r["key"]] += r["value"]
+    assert len(flows) >= 8 and sum(want.values()) > 500_000
+    assert got == +want

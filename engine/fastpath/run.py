@@ -636,6 +636,10 @@ class FastPath:
                              key=lambda i: i.kind != "protocol_handler")
             runners = [i.run_batch for i in walkers]
             hosts = [i.vm.host for i in walkers]
+            for i in self.instances:            # frontend VMs without a packet walk: engine:add_flow_counter's
+                if i.pipeline == "frontend" and i.run_batch is None:   # counters (engine.lua flow_counter_batch)
+                    runners.append(i.vm.lua.eval("function(h, a, n) return h.engine:flow_counter_batch(a, n) end"))
+                    hosts.append(i.vm.host)
             if self.pstore is not None:         # after every packet_storage vote: write what they let through
                 runners.append(self.pstore_lua.eval("function(s, a, n) return s:write_batch(a, n) end"))
                 hosts.append(self.pstore)

@@ -49,12 +49,14 @@ function M.new(opts)
     _floor = 0,             -- engine time never goes below this (the last closed-bucket cut-off)
     _tus = 0,               -- the engine time in µs since the epoch (T.async stamps tasks with it)
     _b = nil, _i = -1,       -- current packet: entry _i of batch _b (-1: none)
+    _pos = -1,              -- index in the batch under way of the packet whose hooks run (-1: before its packets)
     counters = {},          -- [GUID][bucket][key][meter] = value ; [-1-meter] = sample count
     _cur = {},              -- [GUID] = { now, bt = counters[GUID][bucket of now], vt = the group's vartypes }
     rows = nil,
     sflows = {},            -- script-made flow records [flowkey] = {fk, first, last, v[0..3], tags}
     flow_counters = {},     -- [flowkey] = { {guid, key, meter, direction}, ... }
     nflow_counters = 0,
+    _fcbatch = 0,           -- flow_counter_batch calls so far (a flow counter records the value when added)
   }, Engine)
   self.rows = M.new_rows()
   return self
@@ -114,7 +116,7 @@ end
 --- A late packet (earlier than the engine's time: merged or reordered captures) counts in the current
 --- bucket and window: engine time never goes backwards, a flushed bucket is never reopened.
 function Engine:set_packet(b, i)
-  self._b, self._i = b, i
+  self._b, self._i, self._pos = b, i, i
   local p = b[i]
   local t = p.ts_sec
   if t < self._floor then
@@ -133,7 +135,7 @@ end
 
 --- Backend (and ticks): the current time without a packet.
 function Engine:set_time(sec, usec)
-  self._i = -1
+  self._i, self._pos = -1, -1
   self._now, self._usec = sec, usec or 0
   self._tus = sec * 1e6 + (usec or 0)
 end
@@ -326,13 +328,17 @@ function Engine:add_resource(guid, flowkey, uri, contents)
 end
 
 --- Every later packet of the flow adds its wire length to (guid, key, meter);
---- direction 0 both, 1 A->Z (the SYN side), 2 Z->A.
+--- direction 0 both, 1 A->Z (the SYN side), 2 Z->A.  "Later": after the packet whose hook (or whose
+--- reassembly event) made the call; a call between batches counts from the next batch's first packet.
+--- A simplecounter VM applies its flow counters in its own packet walk (Host sc_pick); every other
+--- frontend VM in flow_counter_batch, once per batch after all hooks of the batch ran.
 function Engine:add_flow_counter(flowkey, guid, key, meter, direction)
   frontend_only(self, "add_flow_counter")
   local fk = flowkey_of(flowkey)
   local list = self.flow_counters[fk]
   if list == nil then list = {}; self.flow_counters[fk] = list end
-  list[#list + 1] = { norm(guid), tostring(key), tonumber(meter) or 0, tonumber(direction) or 0 }
+  list[#list + 1] = { norm(guid), tostring(key), tonumber(meter) or 0, tonumber(direction) or 0,
+                      self._pos, self._fcbatch }
   self.nflow_counters = self.nflow_counters + 1
 end
 
@@ -352,6 +358,40 @@ function Engine:apply_flow_counters(flowkey, dir)
     local fc = list[i]
     if fc[4] == 0 or fc[4] == dir + 1 then add(self, fc[1], fc[2], fc[3], len) end
   end
+end
+
+local pktp, batch_flowkey = nil, nil
+
+--- Fast path, once per batch (n packets at address addr), after every hook of the batch ran, for a frontend VM
+--- without a packet walk of its own (reassembly_handler, filex_monitor, ...): its flow counters get the
+--- batch's packets of their flows, each packet at its time (bucket).  A counter added during this batch by the
+--- hook of packet k (self._pos = k: set_packet, or the stage event's packet index) counts from packet k + 1.
+--- Afterwards the engine's position is "before the next batch" (-1).  Returns the number of packets counted.
+function Engine:flow_counter_batch(addr, n)
+  local counted = 0
+  if self.nflow_counters > 0 then
+    if pktp == nil then
+      pktp = packet().pktp
+      batch_flowkey = require("luaprobe.engine.fastpath.decode").flowkey
+    end
+    local batch = require("ffi").cast(pktp, addr)
+    local fcs, this = self.flow_counters, self._fcbatch
+    for k = 0, n - 1 do
+      local p = batch[k]
+      local list = p.flow >= 0 and fcs[batch_flowkey(p.d)]
+      if list then
+        self:set_packet(batch, k)
+        local len, dir = p.wirelen, p.dir + 1
+        for i = 1, #list do
+          local fc = list[i]
+          if (fc[6] ~= this or fc[5] < k) and (fc[4] == 0 or fc[4] == dir) then add(self, fc[1], fc[2], fc[3], len) end
+        end
+        counted = counted + 1
+      end
+    end
+  end
+  self._fcbatch, self._pos = self._fcbatch + 1, -1
+  return counted
 end
 
 --- post_message_frontend([msgid,] msg): to all onmessage holders (1 arg) or subscribers of msgid.

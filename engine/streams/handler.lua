@@ -123,6 +123,7 @@ function H:event(e)
   local uid = e.uid
   local sec = math.floor(e.ts)
   eng:set_time(sec, math.floor((e.ts - sec) * 1e6))
+  eng._pos = e.bi             -- the batch packet that caused the event: add_flow_counter counts the ones after it
   local kind = e.kind
   if kind == NEWFLOW then
     local key = fstring(e.p, e.len)
