@@ -52,3 +52,77 @@ def test_parent_search_directory_on_package_path(tmp_path):
         assert r.returncode == 0, r
         lines = [ln.split("] ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("[p.lua#")]
         assert lines == ["LOAD root-module", "RESULT root-module outside=false"], r.stdout
+
+
+# ============================================================================ T.env.get_config directories
+
+ENV_PLUGIN = """local KEYS = { "App>DataDirectory", "App>DBRoot", "App>RunStateDirectory" }
+local function touch(dir, name) local f = assert(io.open(dir .. "/" .. name, "w")); f:write(name); f:close() end
+TrisulPlugin = { id = { name = "env" },
+  onload = function()
+    for i, k in ipairs(KEYS) do print("VM " .. k .. " " .. T.env.get_config(k)); touch(T.env.get_config(k), "vm" .. i) end
+    print("DATAPATH " .. T.host:get_datapath())
+  end,
+  simplecounter = { protocol_guid = "%s",
+    onpacket = function(engine, layer)
+      if DONE then return end
+      DONE = true
+      T.async:schedule{ data = "w", onexecute = function(d)
+          local out = {}
+          for i, k in ipairs(KEYS) do
+            out[#out + 1] = k .. " " .. T.env.get_config(k)
+            local f = assert(io.open(T.env.get_config(k) .. "/" .. d .. i, "w")); f:write(d .. i); f:close()
+          end
+          return table.concat(out, ";")
+        end,
+        onresult = function(e, d, r) print("WORKER " .. r) end }
+    end } }
+""" % TCP
+
+
+def _env_lines(stdout: str) -> dict:
+    out = {}
+    for ln in stdout.splitlines():
+        if ln.startswith("[env.lua#"):
+            kind, rest = ln.split("] ", 1)[1].split(" ", 1)
+            out.setdefault(kind, []).append(rest)
+    return out
+
+
+def test_env_directories_exist_are_distinct_and_configurable(tmp_path):
+    """Trisul API (T.env): get_config("App>DataDirectory" / "App>DBRoot" / "App>RunStateDirectory") name the
+    probe's data, database and run-state directories; scripts create files and bind unix sockets in them, so they
+    must exist.  Defaults: three distinct directories under --out, mode 0700; each can be set by a flag.  The plug-in
+    VM and its async worker answer the same; files the Lua side made are found by Python at those paths."""
+    path = tmp_path / "env.lua"
+    path.write_text(ENV_PLUGIN)
+    out = tmp_path / "out"
+    r = luaprobe("run", str(path), "--pcap", PCAP, "--out", str(out), cwd=str(tmp_path))
+    assert r.returncode == 0, r
+    got = _env_lines(r.stdout)
+    want = {"App>DataDirectory": out / "trisul" / "data", "App>DBRoot": out / "trisul" / "dbroot",
+            "App>RunStateDirectory": out / "trisul" / "run"}
+    assert got["VM"] == [f"{k} {v}" for k, v in want.items()], r.stdout
+    assert got["WORKER"] == [";".join(f"{k} {v}" for k, v in want.items())]
+    assert got["DATAPATH"] == [str(want["App>DataDirectory"])]
+    assert len(set(want.values())) == 3
+    for i, d in enumerate(want.values(), 1):
+        assert d.is_dir() and (d.stat().st_mode & 0o777) == 0o700, d
+        assert (d / f"vm{i}").read_text() == f"vm{i}" and (d / f"w{i}").read_text() == f"w{i}"
+
+    # set by flags: a missing directory is made (its parent exists), an existing one is used as it is
+    mine = {"--data-dir": tmp_path / "d", "--db-root": tmp_path / "db", "--run-state-dir": tmp_path / "rs"}
+    (tmp_path / "db").mkdir()
+    flags = [x for k, v in mine.items() for x in (k, str(v))]
+    r = luaprobe("run", str(path), "--pcap", PCAP, "--out", str(tmp_path / "out2"), *flags, cwd=str(tmp_path))
+    assert r.returncode == 0, r
+    got = _env_lines(r.stdout)
+    assert got["VM"] == [f"{k} {v}" for k, v in zip(want, mine.values())], r.stdout
+    for i, d in enumerate(mine.values(), 1):
+        assert (d / f"vm{i}").exists() and (d / f"w{i}").exists()
+    # a directory whose parent does not exist: a usage error naming the flag, nothing started
+    r = luaprobe("run", str(path), "--pcap", PCAP, "--out", str(tmp_path / "out3"), "--run-state-dir",
+                 str(tmp_path / "no" / "such"), cwd=str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip().endswith(f"--run-state-dir {tmp_path}/no/such: the parent "
+                                                           f"directory {tmp_path}/no does not exist"), r
+    assert not (tmp_path / "out3").exists()

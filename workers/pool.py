@@ -198,6 +198,9 @@ class WorkerPool:
             cmd += ["--script", self.script]
         for d in self.lua_path:
             cmd += ["--lua-path", d]
+        from luaprobe.engine.plugins import tenv
+        for k, v in tenv.config().items():
+            cmd += ["--env", f"{k}={v}"]
         for d in self.config.file_roots:
             cmd += ["--file-root", d]
         if self.remote:

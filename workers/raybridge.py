@@ -31,11 +31,11 @@ class LuaActor:
     """A Ray actor holding one worker VM (workers/worker.lua ``executor``).  Sets LUAPROBE_RAY_NODE to its
     node id, so onexecute can tell where it ran (``os.getenv``)."""
 
-    def __init__(self, script: str, lua_path: list, slot: int):
+    def __init__(self, script: str, lua_path: list, slot: int, env=()):
         import ray
         os.environ["LUAPROBE_RAY_NODE"] = ray.get_runtime_context().get_node_id()
         from luaprobe.workers.worker import build_vm
-        self.lua = build_vm(script, lua_path, slot)
+        self.lua = build_vm(script, lua_path, slot, env)
         self.ex = self.lua.eval("function() return require('luaprobe.workers.worker').executor() end")()
         self._define = self.lua.eval("function(e, fid, b, n) e:define(fid, b, n) end")
         self._run = self.lua.eval("function(e, fid, d, a) return e:run(fid, d, a) end")
@@ -67,7 +67,7 @@ class Bridge:
         if self.actor is None:
             self.actor = self.remote_cls.options(num_cpus=self.args.ray_actor_cpus,
                                                  scheduling_strategy="SPREAD").remote(
-                self.args.script, self.args.lua_path, self.args.slot)
+                self.args.script, self.args.lua_path, self.args.slot, self.args.env)
             for fid, (code, name) in sorted(self.defines.items()):
                 self.actor.define.remote(fid, code, name)
         return self.actor

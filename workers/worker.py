@@ -23,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--req-capacity", type=int, required=True)
     p.add_argument("--script", default="")
     p.add_argument("--lua-path", action="append", default=[])
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="T.env.get_config answer (engine/plugins/tenv.py)")
     p.add_argument("--slot", type=int, default=0)
     p.add_argument("--ppid", type=int, required=True)
     p.add_argument("--max-tasks", type=int, default=0)
@@ -32,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_vm(script: str, lua_path, slot: int):
+def build_vm(script: str, lua_path, slot: int, env=()):
     """A LuaJIT VM with T (T.util, T.log*, T.K, T.host) and the plug-in's package.path."""
     from luaprobe.shm import logs
     from luaprobe.shm.searchpath import plugin_dirs
@@ -48,6 +50,11 @@ def build_vm(script: str, lua_path, slot: int):
         "log": logs.lua_log,
         "print": logs.lua_print,
     })
+    from luaprobe.engine.plugins.tenv import parse
+    conf = parse(env)
+    if conf:
+        opts[b"config"] = table(lua, conf)
+        opts[b"datapath"] = conf.get("App>DataDirectory", "").encode() or None
     install(opts)
     return lua
 
@@ -64,7 +71,7 @@ def main(argv=None, remote=None) -> int:
     logs.setup()
     channel = segment.attach(args.channel)
     bell = segment.attach(args.bell) if args.bell else None
-    lua = build_vm(args.script, args.lua_path, args.slot)
+    lua = build_vm(args.script, args.lua_path, args.slot, args.env)
     from luaprobe.shm.luajit import table
 
     serve = lua.eval("function(o) return require('luaprobe.workers.worker').serve(o) end")

@@ -264,6 +264,9 @@ def cmd_run(args) -> int:
         check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new")
         if args.filex_dir:                                 # beneath --out is fine: the run creates --out first
             check_dir_target("--filex-dir", args.filex_dir, creating=[args.out])
+        for opt in ("data_dir", "db_root", "run_state_dir"):     # T.env directories (engine/plugins/tenv.py)
+            if getattr(args, opt):
+                check_dir_target("--" + opt.replace("_", "-"), getattr(args, opt), creating=[args.out])
         if args.stats_json:
             check_new_file("--stats-json", args.stats_json, creating=[args.out])
         check_captures(args.pcap or [])

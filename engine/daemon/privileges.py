@@ -194,6 +194,9 @@ def _absolute(cfg) -> None:
     cfg.lua_path = [os.path.abspath(p) for p in cfg.lua_path]
     if cfg.filex_dir:
         cfg.filex_dir = os.path.abspath(cfg.filex_dir)
+    for f in ("data_dir", "db_root", "run_state_dir"):
+        if getattr(cfg, f, None):
+            setattr(cfg, f, os.path.abspath(getattr(cfg, f)))
 
 
 def check_access(target: Target, cfg, stats_json: str | None, where: str) -> None:

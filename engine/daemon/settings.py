@@ -46,6 +46,14 @@ SETTINGS = [
      "onfile_http chunk size, MiB (Trisul ChunkSizeMB)"),
     ("filex_dir_cap_mb", "--filex-dir-cap-mb", ("filex", "dir_cap_mb"), "float", 256.0, 1, 1 << 20, 1,
      "extraction stops (counted) above this many MiB in the directory"),
+    ("data_dir", "--data-dir", ("plugins", "data_dir"), "path", None, None, None, 1,
+     "T.env.get_config(\"App>DataDirectory\") and T.host:get_datapath() of plug-ins (default: OUT/trisul/data, "
+     "created 0700; docs/reference.md \"T.env\")"),
+    ("db_root", "--db-root", ("plugins", "db_root"), "path", None, None, None, 1,
+     "T.env.get_config(\"App>DBRoot\") (default: OUT/trisul/dbroot, created 0700)"),
+    ("run_state_dir", "--run-state-dir", ("plugins", "run_state_dir"), "path", None, None, None, 1,
+     "T.env.get_config(\"App>RunStateDirectory\"), where scripts put sockets and state files (default: "
+     "OUT/trisul/run, created 0700)"),
     ("user", "--user", ("run", "user"), "name", None, None, None, 1,
      "after opening the capture socket(s) as root, run everything (capture, fast path, workers, store writer) as "
      "this user with no capability (default: stay root, with a warning for live capture; docs/live.md)"),

@@ -26,6 +26,7 @@ from luaprobe.shm.exits import EXIT_PLUGIN, describe_exit, early_stop
 from luaprobe.shm.ring import region_size
 from luaprobe.shm.luajit import method, new_runtime
 from luaprobe.shm.searchpath import search_path
+from luaprobe.engine.plugins import tenv
 from luaprobe.workers.pool import AsyncConfig
 
 from luaprobe.shm import logs
@@ -108,6 +109,9 @@ class RunConfig:
     stats_interval: float = 1.0
     progress: object = None           #: callable(packets, bytes) every 0.25 s (the CLI's progress bar)
     filex_dir: str | None = None      #: extracted files (default: a private directory under /dev/shm)
+    data_dir: str | None = None       #: T.env App>DataDirectory (default OUT/trisul/data: engine/plugins/tenv.py)
+    db_root: str | None = None        #: T.env App>DBRoot (default OUT/trisul/dbroot)
+    run_state_dir: str | None = None  #: T.env App>RunStateDirectory (default OUT/trisul/run)
     filex_chunk_mb: float = 5.0       #: onfile_http chunk size (Trisul ChunkSizeMB)
     filex_dir_cap_mb: float = 256.0   #: extraction stops (counted) above this many bytes in the directory
     http_max_header: int = 65536      #: bytes of an HTTP start line + header block kept (more: counted, docs/filex.md)
@@ -595,6 +599,7 @@ class FastPath:
         try:
             self._preflight()
             os.makedirs(cfg.out_dir, exist_ok=True)
+            tenv.configure(tenv.prepare(cfg.out_dir, cfg.data_dir, cfg.db_root, cfg.run_state_dir))
             self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
             rt = AsyncRuntime(cfg.async_config, lua_path=search_path(cfg.plugins, cfg.lua_path), bell_name=shard and shard["bell"])
             lua = new_runtime()

@@ -38,7 +38,8 @@ function M.boot(opts)
   gcpace.adjust()                                          -- the collector's pace (engine/plugins/gcpace.lua)
   local function logf(level, msg) opts.log(level, path, instance, msg) end
   tlib.install({ script = path, instance = instance, enginetype = opts.enginetype or "frontend",
-                 log = opts.log, print = opts.print, contextid = opts.contextid })
+                 log = opts.log, print = opts.print, contextid = opts.contextid,
+                 config = opts.config, datapath = opts.config and opts.config["App>DataDirectory"] })
   tlib.wrap_print({ script = path, instance = instance, log = opts.log, print = opts.print })
   for _, pr in ipairs(opts.protocols or {}) do decode.register_protocol(pr.guid, pr.name) end
   local self = setmetatable({ path = path, instance = instance, outputs = {}, hook_errors = {},

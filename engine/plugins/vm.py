@@ -8,6 +8,7 @@ from luaprobe.workers.pool import AsyncConfig, WorkerPool
 
 from luaprobe.shm import logs
 from luaprobe.shm.searchpath import plugin_dirs
+from luaprobe.engine.plugins import tenv
 
 
 class PluginError(Exception):
@@ -44,6 +45,7 @@ class PluginVM:
             "protocols": self.lua.table_from([table(self.lua, {"guid": g, "name": nm}) for g, nm in protocols]),
             "group_names": self._names_table(group_names) if group_names else None,
             "contextid": contextid,
+            "config": table(self.lua, tenv.config()) if tenv.config() else None,
         }))
         if host is None:
             raise PluginError(_text(err))
