@@ -126,3 +126,35 @@ def test_env_directories_exist_are_distinct_and_configurable(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().endswith(f"--run-state-dir {tmp_path}/no/such: the parent "
                                                            f"directory {tmp_path}/no does not exist"), r
     assert not (tmp_path / "out3").exists()
+
+
+# ============================================================================ an error inside a helper's require chain
+
+def test_error_in_required_helper_names_the_plugin_and_the_require(tmp_path):
+    """A plug-in whose require chain fails inside a helper (haSSH: ssh-spy.lua requires ssh-dissect, which
+    requires md5ffi, which raises) is named, with the line of its require and the module it asked for, followed
+    by the helper's own error as LuaJIT reports it (a fresh lupa VM requiring the same module is the truth)."""
+    from lupa import luajit21
+    d = tmp_path / "plugins"
+    d.mkdir()
+    (d / "inner.lua").write_text('local x = 1\nerror("no libcrypto here")\nreturn {}\n')
+    (d / "middle.lua").write_text('local M = {}\nM.inner = require("inner")\nreturn M\n')
+    (d / "missing_dep.lua").write_text('local m = require "no_such_module_anywhere"\nreturn m\n')
+    plug = d / "spy.lua"
+    plug.write_text('-- a plug-in\nlocal P = { }\nlocal D = require\'middle\'\n'
+                    'TrisulPlugin = { id = { name = "spy" }, onload = function() end }\n')
+    plug2 = d / "spy2.lua"
+    plug2.write_text('local M = require "missing_dep"\nTrisulPlugin = { id = { name = "spy2" } }\n')
+    lua = luajit21.LuaRuntime()
+    lua.execute(f"package.path = {str(d)!r} .. '/?.lua;' .. package.path")
+    truth = lua.eval("select(2, pcall(require, 'middle'))")
+    assert truth.endswith("inner.lua:2: no libcrypto here")
+    r = luaprobe("check", str(plug), cwd=str(d))
+    assert r.returncode == 4, r
+    assert r.stderr == f'luaprobe check: {plug}:3: require "middle" failed: {truth}\n', r.stderr
+    r = luaprobe("check", str(plug2), cwd=str(d))
+    assert r.returncode == 4, r
+    first = r.stderr.splitlines()[0]
+    assert first.startswith(f'luaprobe check: {plug2}:1: require "missing_dep" failed: '), r.stderr
+    assert first.endswith('missing_dep.lua:1: require "no_such_module_anywhere": module not found'), r.stderr
+    assert r.stderr.splitlines()[1].startswith(f"    searched: {d}, ")

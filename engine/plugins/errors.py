@@ -46,7 +46,52 @@ def load_error(msg: str, path: str | None = None) -> str:
 
     Any other error is returned without its traceback; with ``path`` (the plug-in file) a chunk name LuaJIT
     shortened is made whole again (:func:`full_path`)."""
-    msg = full_path(msg.split("\nstack traceback:", 1)[0].rstrip(), path)
+    head, _, tb = msg.partition("\nstack traceback:")
+    msg = full_path(head.rstrip(), path)
+    return _through_plugin(_fold_not_found(msg), tb, path)
+
+
+def _frame_line(tb: str, path: str) -> tuple[int, bool] | None:
+    """(line, called require) of the plug-in's main-chunk frame in a Lua traceback, None when absent (LuaJIT may
+    shorten the chunk name to "..." and its tail)."""
+    frames = [f.strip() for f in tb.splitlines() if f.strip()]
+    for k, f in enumerate(frames):
+        m = re.match(r"(.*):(\d+): in main chunk$", f)
+        if m and (m.group(1) == path or (m.group(1).startswith("...") and path.endswith(m.group(1)[3:]))):
+            return int(m.group(2)), k > 0 and frames[k - 1] == "[C]: in function 'require'"
+    return None
+
+
+def _required_name(path: str, line: int) -> str | None:
+    """The first module name `require`d on ``line`` of the plug-in file, None when it cannot be read there."""
+    try:
+        with open(path, "rb") as f:
+            text_ = f.read().decode("utf-8", "replace").splitlines()[line - 1]
+    except (OSError, IndexError):
+        return None
+    m = re.search(r"""\brequire\s*\(?\s*(?:"([^"]+)"|'([^']+)'|\[\[([^\]]+)\]\])""", text_)
+    return m and (m.group(1) or m.group(2) or m.group(3))
+
+
+def _through_plugin(msg: str, tb: str, path: str | None) -> str:
+    """An error raised in a helper module while the plug-in's main chunk ran (a `require` chain: ssh-spy.lua
+    requires ssh-dissect, which requires md5ffi, which raises) names the plug-in first::
+
+        /p/ssh-spy.lua:10: require "ssh-dissect" failed: /p/md5ffi.lua:10: Cant load FFI libcrypto version
+
+    An error located in the plug-in itself, or with no plug-in frame in the traceback, is left as it is."""
+    if not path or not tb or msg.startswith(path + ":"):
+        return msg
+    frame = _frame_line(tb, path)
+    if frame is None:
+        return msg
+    line, via_require = frame
+    name = _required_name(path, line) if via_require else None
+    return f'{path}:{line}: ' + (f'require "{name}" failed: ' if name else "") + msg
+
+
+def _fold_not_found(msg: str) -> str:
+    """Lua 5.1's "module 'x' not found:" and its "no file" lines as one line plus the directories searched."""
     m = _NOT_FOUND.match(msg)
     if not m:
         return msg
