@@ -158,3 +158,114 @@ def test_error_in_required_helper_names_the_plugin_and_the_require(tmp_path):
     assert first.startswith(f'luaprobe check: {plug2}:1: require "missing_dep" failed: '), r.stderr
     assert first.endswith('missing_dep.lua:1: require "no_such_module_anywhere": module not found'), r.stderr
     assert r.stderr.splitlines()[1].startswith(f"    searched: {d}, ")
+
+
+# ============================================================================ require 'JSON' (helpers)
+
+import json  # noqa: E402
+
+import hypothesis  # noqa: E402
+import hypothesis.strategies as st  # noqa: E402
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+_SCALAR = st.one_of(st.booleans(), st.integers(-2**53, 2**53), _TEXT,
+                    st.floats(allow_nan=False, allow_infinity=False))
+#: JSON values Lua tables represent one way only: no null, no empty array/object (both are an empty table)
+_VALUE = st.recursive(_SCALAR, lambda kids: st.one_of(st.lists(kids, min_size=1, max_size=4),
+                                                      st.dictionaries(_TEXT, kids, min_size=1, max_size=4)),
+                      max_leaves=12)
+
+
+def _json_vm():
+    from luaprobe.shm.luajit import new_runtime
+    from luaprobe.shm.searchpath import plugin_dirs
+    lua = new_runtime(plugin_dirs(None))
+    return lua, lua.eval("require('JSON')")
+
+
+def _to_py(lua, v):
+    """A decoded Lua value as Python: a table with keys 1..n is a list, else a dict of str keys."""
+    from lupa import luajit21 as lupa
+    if lupa.lua_type(v) != "table":
+        return v.decode("utf-8") if isinstance(v, bytes) else v
+    items = list(v.items())
+    keys = [k for k, _ in items]
+    if keys and all(isinstance(k, int) for k in keys) and sorted(keys) == list(range(1, len(keys) + 1)):
+        return [_to_py(lua, v[k]) for k in range(1, len(keys) + 1)]
+    return {k.decode("utf-8"): _to_py(lua, x) for k, x in items}
+
+
+def _num_eq(a, b):
+    """Equal as JSON values (Lua has one number type: 1 and 1.0 are the same number)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_num_eq(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_num_eq(a[k], b[k]) for k in a)
+    return a == b
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(_VALUE, st.booleans())
+def test_json_helper_decodes_what_python_encodes(value, ascii_only):
+    """Trisul scripts `require'JSON'` (plugins/lua/helpers) and call JSON:decode: any JSON text Python's json writes
+    (\\u escapes and surrogate pairs with ensure_ascii, raw UTF-8 without) decodes to the same value."""
+    lua, J = _json_vm()
+    text = json.dumps(value, ensure_ascii=ascii_only).encode()
+    got = _to_py(lua, lua.eval("function(J, s) return J:decode(s) end")(J, text))
+    assert _num_eq(got, value), (text, got)
+
+
+_ENC_SCALAR = st.one_of(st.booleans(), st.integers(-2**31, 2**31), _TEXT)
+_ENC_VALUE = st.recursive(_ENC_SCALAR, lambda kids: st.one_of(st.lists(kids, min_size=1, max_size=4),
+                                                              st.dictionaries(_TEXT, kids, min_size=1, max_size=4)),
+                          max_leaves=12)
+
+
+def _to_lua(lua, v):
+    if isinstance(v, list):
+        return lua.table_from([_to_lua(lua, x) for x in v])
+    if isinstance(v, dict):
+        return lua.table_from({k.encode(): _to_lua(lua, x) for k, x in v.items()})
+    return v.encode() if isinstance(v, str) else v
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(_ENC_VALUE)
+def test_json_helper_encodes_what_python_decodes(value):
+    """JSON:encode of a Lua table gives text Python's json.loads reads back as the same value."""
+    lua, J = _json_vm()
+    out = lua.eval("function(J, v) return J:encode(v) end")(J, _to_lua(lua, value))
+    assert _num_eq(json.loads(out.decode("utf-8")), value), out
+
+
+def test_json_helper_in_a_plugin_and_its_worker(tmp_path):
+    """A plug-in's `require'JSON'` at load and inside onexecute (the worker VM has the helpers directory too),
+    as malware-cymru-alert.lua / ocsp_check_async.lua do; a bad text raises a Lua error the plug-in can pcall."""
+    path = tmp_path / "j.lua"
+    path.write_text("""local JSON = require'JSON'
+TrisulPlugin = { id = { name = "j" },
+  onload = function()
+    print("LOAD " .. JSON:encode({ a = { 1, 2, "x" } }) .. " " .. tostring(pcall(JSON.decode, JSON, "{bad")))
+  end,
+  simplecounter = { protocol_guid = "%s",
+    onpacket = function(engine, layer)
+      if DONE then return end
+      DONE = true
+      T.async:schedule{ data = JSON:encode({ n = 41 }), onexecute = function(d)
+          local JSON = require'JSON'
+          local t = JSON:decode(d)
+          return JSON:encode({ n = t.n + 1 })
+        end,
+        onresult = function(e, d, r) print("RESULT " .. r) end }
+    end } }
+""" % TCP)
+    r = luaprobe("run", str(path), "--pcap", PCAP, "--out", str(tmp_path / "out"), cwd=str(tmp_path))
+    assert r.returncode == 0, r
+    lines = [ln.split("] ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("[j.lua#")]
+    load = lines[0].split(" ")
+    assert json.loads(load[1]) == {"a": [1, 2, "x"]} and load[2] == "false", lines
+    assert json.loads(lines[1].split(" ", 1)[1]) == {"n": 42}, lines
