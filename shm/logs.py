@@ -81,15 +81,17 @@ def lua_log(level, script, instance, msg) -> None:
 
 
 def lua_print(script, instance, line) -> None:
-    """Sink for Lua print() in plug-in VMs and workers: stdout, each line tagged ``[script#instance]``; the
-    printed bytes go out unchanged (a Lua string need not be UTF-8, as with print() in any Lua).
+    """Sink for Lua print() in plug-in VMs and workers: stdout, each line tagged ``[script#instance]`` (every line
+    of a print whose text holds newlines: Trisul tags each line of a script's output); the printed bytes go out
+    unchanged (a Lua string need not be UTF-8, as with print() in any Lua).
 
     The whole line goes out in one write(2) (not through Python's buffer), so lines printed at the same time by
     the fast path and by several worker processes sharing stdout never interleave within a line (a pipe keeps a
     write of up to PIPE_BUF = 4096 bytes whole; a file or terminal keeps any single write whole)."""
     name = os.path.basename(_text(script)) if script else "lua"
     body = bytes(line) if isinstance(line, (bytes, bytearray)) else str(line).encode("utf-8", "surrogateescape")
-    data = f"[{name}#{_text(instance)}] ".encode("utf-8", "backslashreplace") + body + b"\n"   # the bytes printed
+    tag = f"[{name}#{_text(instance)}] ".encode("utf-8", "backslashreplace")
+    data = b"".join(tag + ln + b"\n" for ln in body.split(b"\n"))   # every line of a multi-line print tagged
     sys.stdout.flush()                       # keep order with anything Python printed before
     while data:
         data = data[os.write(sys.stdout.fileno(), data):]

@@ -269,3 +269,22 @@ TrisulPlugin = { id = { name = "j" },
     load = lines[0].split(" ")
     assert json.loads(load[1]) == {"a": [1, 2, "x"]} and load[2] == "false", lines
     assert json.loads(lines[1].split(" ", 1)[1]) == {"n": 42}, lines
+
+
+# ============================================================================ print: every line tagged
+
+def test_multiline_print_tags_every_line(tmp_path):
+    """Trisul: each line a script prints is tagged with the script and its instance (printcertchain.lua prints a
+    certificate chain with embedded newlines in one print).  Truth: Python's split of the same text."""
+    text = "subject: CN=a\n  issuer: CN=b\n\n\tserial 01\nend"
+    lit = text.replace("\n", "\\n").replace("\t", "\\t")
+    path = tmp_path / "pc.lua"
+    path.write_text('TrisulPlugin = { id = { name = "pc" }, onload = function() print("%s") print("x", "y") end }\n'
+                    % lit)
+    r = luaprobe("run", str(path), "--pcap", PCAP, "--out", str(tmp_path / "out"), cwd=str(tmp_path))
+    assert r.returncode == 0, r
+    mine = [ln for ln in r.stdout.split("\n") if ln.startswith("[pc.lua#")]
+    tag = mine[0].split("] ", 1)[0] + "] "
+    assert all(ln.startswith(tag) for ln in mine)
+    assert [ln[len(tag):] for ln in mine] == text.split("\n") + ["x\ty"], r.stdout
+    assert not [ln for ln in r.stdout.split("\n") if ln.strip() and ln.strip() in text.split("\n")], r.stdout
