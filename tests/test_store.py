@@ -321,6 +321,42 @@ def test_writer_crash_surfaces_on_close(dbfile):
         w.close()
 
 
+def _db_rows(path) -> int:
+    """Rows in the database, counted by SQLite itself (the independent truth for rows_lost)."""
+    with sqlite3.connect(path) as db:
+        return sum(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("counters", "resources"))
+
+
+def test_check_sees_a_killed_writer_at_once_and_counts_the_rows_lost(dbfile):
+    """Operations "Faults": a writer killed mid-run is seen by the non-blocking check (not only at close), and
+    rows_lost = rows handed to the writer - rows SQLite has (failed before: no check, nothing counted)."""
+    w = StoreWriter(dbfile)
+    w.wait_ready()
+    w.write("counters", [(HOSTS, t, "K", 0, 1) for t in range(5000)])
+    w.flush(sync=True)
+    assert w.check() is None and w.rows_lost() == 0
+    w.write("counters", [(HOSTS, t, "K", 1, 1) for t in range(70_000)])   # shipped, partly in an open transaction
+    w.flush()
+    os.kill(w.pid, signal.SIGKILL)
+    why = helpers.wait_for(w.check, timeout=10)
+    assert why == f"store writer (pid {w.pid}) was killed by SIGKILL"
+    w.write("counters", [(HOSTS, 0, "K", 2, 1)] * 10)     # queued after the death: lost too
+    w.close(check=False)
+    assert w.rows_lost() == 75_010 - _db_rows(dbfile) and w.rows_lost() >= 10
+
+
+def test_check_sees_a_full_disk_and_counts_the_rows_lost(dbfile):
+    w = StoreWriter(dbfile, max_page_count=40)            # ~160 KiB database: "database or disk is full"
+    w.write("counters", [(HOSTS, 0, "K", 0, 1)])
+    w.flush(sync=True)
+    w.write("resources", [(1, 0, URL_RES, None, f"u{i}", "x" * 4000, "p") for i in range(200)])
+    w.flush()
+    why = helpers.wait_for(w.check, timeout=10)
+    assert why.startswith(f"store writer (pid {w.pid}) failed: ") and "full" in why, why
+    w.close(check=False)
+    assert _db_rows(dbfile) == 1 and w.rows_lost() == 200
+
+
 def test_unknown_kind_rejected_at_call(dbfile):
     with StoreWriter(dbfile) as w:
         with pytest.raises(ValueError, match="unknown store kind"):

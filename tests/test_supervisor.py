@@ -266,6 +266,32 @@ def test_killed_fastpath_is_restarted(daemon):
     assert not daemon.alive() and not daemon.segments()
 
 
+def test_killed_store_writer_is_seen_logged_counted_and_restarted(daemon):
+    """Operations "Faults": kill -9 of the SQLite store writer is a crash of the fast path (it cannot write any
+    more): ended at once, one log line with the cause, restarted with backoff, the rows lost in status and
+    stats.jsonl; the restarted run writes again (failed before: state running with the dead pid, no restart,
+    no log line, nothing written)."""
+    daemon.start()
+    st = helpers.wait_for(lambda: (s := daemon.status())["processes"].get("store") and s, 30, 0.1)
+    store, old = st["processes"]["store"], st["fastpath_pid"]
+    os.kill(store, signal.SIGKILL)
+    st = helpers.wait_for(lambda: (s := daemon.status())["restarts"] == 1 and s["state"] == "running"
+                          and s["fastpath_pid"] != old and s, 30, 0.1)
+    assert st["last_exit"] == "exit status 1"
+    assert f"store writer (pid {store}) was killed by SIGKILL" in st["last_error"], st
+    lost = st["store_rows_lost"]
+    assert isinstance(lost, int) and f"; {lost} rows handed to it are not in the database" in st["last_error"]
+    assert st["processes"].get("store") != store
+    log = open(os.path.join(daemon.run_dir, control.LOG)).read().splitlines()
+    assert len([x for x in log if f"store writer (pid {store})" in x]) == 1
+    helpers.wait_for(lambda: any(json.loads(x).get("store_rows_lost") == lost and json.loads(x)["restarts"] == 1
+                                 for x in open(os.path.join(daemon.run_dir, "stats.jsonl"))), 30, 0.1)
+    assert daemon.cli("stop").returncode == 0
+    with sqlite3.connect(os.path.join(daemon.out_dir, "luaprobe.sqlite")) as db:
+        assert db.execute("SELECT count(*) FROM flows").fetchone()[0] > 0
+    assert not daemon.alive() and not daemon.segments()
+
+
 def test_killed_worker_is_restarted_by_the_pool(daemon):
     daemon.start()
     snap = daemon.wait_packets()

@@ -308,6 +308,7 @@ def cmd_run(args) -> int:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return e.exit_code
     from luaprobe.engine.fastpath.run import preflight
+    from luaprobe.engine.store.writer import StoreDied
     bar = None
     try:
         preflight(cfg)                                     # here, not in each shard (which would crash-loop)
@@ -322,6 +323,9 @@ def cmd_run(args) -> int:
     except UsageError as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except StoreDied as e:
+        print(f"luaprobe run: exit 1: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
     except StartupStop as e:
         return _startup_stop(["run"], e)
     except KeyboardInterrupt:

@@ -40,7 +40,7 @@ class JsonLines:
                 "bytes": snap.get("bytes"), "flows": snap.get("flows"), "flows_live": snap.get("flows_live"),
                 **rates, "packet_ring_bytes": snap.get("rings", {}).get("packet", {}).get("bytes"),
                 "drops": snap.get("drops"), "hook_calls": hook_calls, "hook_errors": hook_errors,
-                "async": totals(snap)}
+                "async": totals(snap), "store_rows_lost": status.get("store_rows_lost", 0)}
         self.f.write(json.dumps(line, default=str) + "\n")
 
     def close(self) -> None:

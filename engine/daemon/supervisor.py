@@ -57,6 +57,7 @@ class Supervisor:
         self.last_exit: str | None = None
         self.last_exit_code: int | None = None
         self.last_error: str | None = None       #: the fast path's last error message (status, start)
+        self.store_rows_lost = 0                 #: rows lost by store writers that died (all fast paths so far)
         self.crashes: collections.deque = collections.deque()
         self.restart_at: float | None = None
         self.stop_at: float | None = None       # hard-stop deadline (monotonic) while stopping / reloading
@@ -150,6 +151,7 @@ class Supervisor:
         err = control.read_json(control.path(self.run_dir, control.LAST_ERROR))
         if err and err.get("fastpath_pid") == self.child.pid:
             self.last_error = err["error"]
+            self.store_rows_lost += int(err.get("store_rows_lost") or 0)
         elif rc != 0:
             self.last_error = f"fast path {desc} (see {control.path(self.run_dir, control.LOG)})"
         segment.sweep()                                         # what a killed fast path left behind
@@ -231,7 +233,7 @@ class Supervisor:
                 "source": self.cfg.source_text(), "config": self.cfg.path, "run_dir": self.run_dir,
                 "out_dir": self.cfg["run"]["out_dir"],
                 "last_error": self.last_error, "last_exit_code": self.last_exit_code, **self._loaded(),
-                "stop_killed": self.stop_killed,
+                "stop_killed": self.stop_killed, "store_rows_lost": self.store_rows_lost,
                 "last_stats": {k: snap.get(k) for k in ("time", "packets", "bytes", "flows", "flows_live")}
                 | self.rates if snap else None}
 
@@ -439,6 +441,7 @@ def child_main(config_path: str, run_dir: str) -> int:
     from luaprobe.shm import logs
     from luaprobe.engine.fastpath.shards import make_run
     from luaprobe.engine.plugins.vm import PluginError
+    from luaprobe.engine.store.writer import StoreDied
     from .usage import InputProblem
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -454,11 +457,12 @@ def child_main(config_path: str, run_dir: str) -> int:
     logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
     stats_file = control.path(run_dir, control.STATS)
 
-    def failed(code: int, message: str) -> int:
+    def failed(code: int, message: str, **extra) -> int:
         """Log the error (supervisor.log), leave it for `status` and `start`, return the exit code."""
         log.error("%s", message)
         control.write_json(control.path(run_dir, control.LAST_ERROR),
-                           {"fastpath_pid": os.getpid(), "exit_code": code, "error": message, "time": time.time()})
+                           {"fastpath_pid": os.getpid(), "exit_code": code, "error": message, "time": time.time(),
+                            **extra})
         return code
 
     def loaded(problems: list) -> None:
@@ -486,6 +490,8 @@ def child_main(config_path: str, run_dir: str) -> int:
         return failed(EXIT_PLUGIN, f"plug-in error: {e}")
     except UsageError as e:
         return failed(EXIT_USAGE, str(e))
+    except StoreDied as e:              # killed, disk full: the supervisor restarts the fast path (a crash)
+        return failed(EXIT_INTERNAL, str(e), store_rows_lost=e.rows_lost)
     except Exception as e:  # noqa: BLE001
         from luaprobe.engine.plugins.errors import text
         log.debug("internal error", exc_info=True)

@@ -39,7 +39,7 @@ from luaprobe.engine.streams.reasm import ReassemblyStage
 from luaprobe.engine.analysers import Analysers, group_rows as analyser_group_rows, parse_names as parse_analysers
 from luaprobe.engine.plugins.monitors import TYPES as MONITOR_TYPES, Monitors, Script, group_names as monitor_group_names
 from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
-from luaprobe.engine.store.writer import StoreWriter
+from luaprobe.engine.store.writer import StoreDied, StoreWriter
 from luaprobe.engine.daemon.usage import UsageError
 
 
@@ -315,6 +315,7 @@ class FastPath:
         self.late_packets = 0           #: packets older than the engine's packet time (counted in the current bucket)
         self._last_stats = -1e9
         self._last_progress = -1e9
+        self._last_store_check = -1e9    #: _maybe_stats: when the store writer was last looked at
         self.loop_start = self.loop_end = None   #: monotonic time of the first batch / after the last one
         self.loop_cpu_start = self.loop_cpu_end = None   #: this thread's CPU time at the same two points
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "fts": 0, "key_info": 0, "flows": 0}
@@ -1133,9 +1134,17 @@ class FastPath:
 
     def _maybe_stats(self, rt, capture) -> None:
         """Report progress (cfg.progress, every 0.25 s) and write the snapshot to cfg.stats_file every
-        cfg.stats_interval seconds (atomic rename)."""
+        cfg.stats_interval seconds (atomic rename).  Every 0.25 s it also looks at the store writer: a dead one
+        (killed, disk full) ends the run at once with StoreDied (exit 1; the supervisor restarts the fast path)."""
         self._beat()
         now = time.monotonic()
+        if self.store is not None and now - self._last_store_check >= 0.25:
+            self._last_store_check = now
+            why = self.store.check()
+            if why:
+                lost = self.store.rows_lost()
+                raise StoreDied(f"the SQLite {why}; {lost} rows handed to it are not in the database and the "
+                                f"run ended (database {self.store.path})", lost, self.store.pid)
         if self.cfg.progress is not None and now - self._last_progress >= 0.25:
             self._last_progress = now
             self.cfg.progress(int(self.driver.packets), int(self.driver.bytes))

@@ -36,6 +36,8 @@ import urllib.parse
 
 import msgpack
 
+from luaprobe.shm.exits import describe_exit
+
 DB_NAME = "luaprobe.sqlite"
 SCHEMA_VERSION = 1
 
@@ -260,6 +262,18 @@ class StoreError(RuntimeError):
         self.report = report or {}
 
 
+class StoreDied(StoreError):
+    """The writer process died or hit a fatal SQLite error (killed, disk full) while the run was going on:
+    what it was handed and had not committed, and everything after, can no longer be written.
+    ``rows_lost``: rows handed to :class:`StoreWriter` that are not in the database (shipped or still queued,
+    minus the writer's last reported commit and its rejected rows); ``pid``: the writer's pid."""
+
+    def __init__(self, message: str, rows_lost: int, pid: int):
+        super().__init__(message)
+        self.rows_lost = rows_lost
+        self.pid = pid
+
+
 class StoreNotFound(StoreError, FileNotFoundError):
     """No database at the given path."""
 
@@ -347,6 +361,9 @@ class StoreWriter:
         self._broken: str | None = None  # why the pipe to the writer is unusable
         self._closed = False
         self._report: dict | None = None
+        self._shipped = 0              # rows handed to the pipe (rows_lost)
+        self._committed = 0            # rows committed + rejected, as the writer last said ("committed")
+        self._dead: str | None = None  # why the writer no longer writes (check)
         env = dict(os.environ)
         argv = [python, "-m", "luaprobe.engine.store.writer", "--serve", self.path, "--ppid", str(os.getpid())]
         if max_page_count:
@@ -401,6 +418,36 @@ class StoreWriter:
         """Block until the writer opened the database; raise :class:`StoreError` if it could not."""
         self._wait_msg(lambda m: m[0] == "ready", timeout)
 
+    def check(self) -> str | None:
+        """Non-blocking look at the writer (a waitpid and a select; call it a few times a second): None while
+        it works, else why it no longer can: ``"store writer (pid 12) was killed by SIGKILL"`` or ``"store
+        writer (pid 12) failed: OperationalError: database or disk is full (database ...; N uncommitted rows
+        lost)"``.  Once dead, every message it wrote is read, so :meth:`rows_lost` is final."""
+        if self._dead is not None or self._report is not None:
+            return self._dead
+        alive = self._read_msgs(0)
+        fatal = next((m for m in self._msgs if m[0] == "fatal"), None)
+        rc = self._proc.poll()
+        if fatal is None and rc is None and alive and not self._broken:
+            return None
+        if rc is not None:
+            while self._read_msgs(0.2):         # the rest of what it said before it died (EOF ends it)
+                pass
+            fatal = fatal or next((m for m in self._msgs if m[0] == "fatal"), None)
+        if fatal is not None:
+            why = f"failed: {fatal[1]}"
+        elif rc is not None:
+            why = f"was {describe_exit(rc).replace('exit status', 'exited with status')}"
+        else:
+            why = self._broken or "closed its output"
+        self._dead = f"store writer (pid {self._proc.pid}) {why}"
+        return self._dead
+
+    def rows_lost(self) -> int:
+        """Rows handed to :meth:`write` that the writer has not reported committed (or rejected): after a
+        death, the rows lost.  A SIGKILL between a COMMIT and its report counts that transaction as lost."""
+        return self._shipped + sum(map(len, self._pending.values())) - self._committed
+
     def close(self, timeout: float = 60.0, check: bool = True) -> dict:
         """Flush, stop the writer and return its report; raise :class:`StoreError` on any failure
         (unless ``check`` is false, in which case the report's ``errors`` list says what went wrong)."""
@@ -439,6 +486,7 @@ class StoreWriter:
     def _ship(self, kind: str) -> None:
         rows = self._pending[kind]
         self._pending[kind] = []
+        self._shipped += len(rows)
         try:
             data = self._packer.pack(["w", kind, rows])
         except (TypeError, ValueError, OverflowError):
@@ -451,6 +499,7 @@ class StoreWriter:
                 except (TypeError, ValueError, OverflowError) as e:
                     bad.append(f"{kind}: unencodable row {_short(r)}: {e}")
             data = self._packer.pack(["w", kind, good])
+            self._shipped -= len(bad)
             if bad:
                 self._enqueue(self._packer.pack(["e", len(bad), bad[:MAX_ERRORS_KEPT]]))
         self._enqueue(data)
@@ -514,9 +563,17 @@ class StoreWriter:
         data = os.read(self._rfd, 65536)
         if not data:
             return False
-        self._unpacker.feed(data)
-        self._msgs.extend(self._unpacker)
+        self._take(data)
         return True
+
+    def _take(self, data: bytes) -> None:
+        """Parse the writer's messages; "committed" ones only update the count (they are not kept)."""
+        self._unpacker.feed(data)
+        for m in self._unpacker:
+            if m[0] == "committed":
+                self._committed = m[1]
+            else:
+                self._msgs.append(m)
 
     def _wait_msg(self, pred, timeout: float):
         end = time.monotonic() + timeout
@@ -549,8 +606,7 @@ class StoreWriter:
             proc.kill()
             out, err = proc.communicate()
             errors.append(f"writer did not finish within {timeout} s and was killed")
-        self._unpacker.feed(out or b"")
-        self._msgs.extend(self._unpacker)
+        self._take(out or b"")
         report = {"rows": {}, "bad_rows": {}, "errors": errors}
         done = [m for m in self._msgs if m[0] == "done"]
         if done:
@@ -698,6 +754,8 @@ class _Writer:
                 self.db.execute("COMMIT")
                 self.commits += 1
                 self.tx_kind.clear()
+                # best effort, never blocks: the parent's rows_lost after a death (StoreWriter.check)
+                _send(["committed", sum(self.rows.values()) + sum(self.bad.values())], drop_ok=True)
             except sqlite3.Error as e:
                 self.fail(e)
         self.in_tx = False
@@ -750,11 +808,22 @@ def _as_int(v) -> int:
     raise TypeError
 
 
-def _send(msg) -> None:
-    try:
-        os.write(1, msgpack.packb(msg, use_bin_type=True))
-    except OSError:
-        pass  # the parent is gone; nobody to tell
+def _send(msg, drop_ok: bool = False) -> None:
+    """Write a message to the parent (stdout, non-blocking: serve).  ``drop_ok``: skip it when the pipe is full
+    (a parent that does not read progress reports must not stall the writer); else wait for room."""
+    data = memoryview(msgpack.packb(msg, use_bin_type=True))
+    whole = len(data)
+    while data:
+        try:
+            n = os.write(1, data)
+        except BlockingIOError:
+            if drop_ok and len(data) == whole:
+                return          # nothing of it written yet (a pipe write <= PIPE_BUF is all or nothing)
+            select.select([], [1], [], 1.0)
+            continue
+        except OSError:
+            return  # the parent is gone; nobody to tell
+        data = data[n:]
 
 
 def _drain_until_eof(fd: int, ppid: int) -> None:
@@ -785,6 +854,7 @@ def serve(path: str, ppid: int, max_page_count: int | None = None) -> int:
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, on_term)
     fd = 0
+    os.set_blocking(1, False)          # _send: progress reports never block the writer
     try:
         w = _Writer(path, max_page_count)
     except (sqlite3.Error, OSError) as e:
