@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from luaprobe.engine.store import query
-from luaprobe.engine.store.writer import DB_NAME, KINDS, Store, StoreError, StoreNotFound, StoreWriter
+from luaprobe.engine.store.writer import DB_NAME, KINDS, Store, StoreError, StoreNotFound, StoreWriter, SCHEMA_VERSION
 from tests import helpers
 
 HOSTS = "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}"
@@ -104,7 +104,7 @@ def test_round_trip_every_kind(dbfile):
         raw = sqlite3.connect(dbfile).execute("SELECT contents FROM resources ORDER BY id").fetchall()
         assert raw == [(b"\x00\xffbinary",), ("utf8 é",)]   # binary kept exactly, valid UTF-8 stored as text
         (f,) = s.flows()
-        assert f == {"flowkey": "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016", "proto": 6, "ipa": "C0.A8.01.02",
+        assert f == {"id": 1, "flowkey": "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016", "proto": 6, "ipa": "C0.A8.01.02",
                      "porta": 2964, "ipz": "D1.D8.F9.3A", "portz": 22, "first_ts": 1_700_000_000.5,
                      "last_ts": 1_700_000_010.25, "packets_az": 10, "packets_za": 8, "bytes_az": 1000,
                      "bytes_za": 800, "state": "CLOSED", "tags": "ssh", "setup_rtt_us": 1234, "retrans_az": 0,
@@ -128,7 +128,7 @@ def test_database_is_wal_with_documented_tables(dbfile):
             assert f"`{col}`" in doc, (t, col)
 
 
-def test_upserts_key_info_groups_flows_run_last_wins(dbfile):
+def test_upserts_key_info_groups_run_last_wins_flows_all_kept(dbfile):
     with StoreWriter(dbfile) as w:
         w.write("key_info", [(HOSTS, "K", "old", None)])
         w.write("counter_groups", [(MYGROUP, "Old", "", 30, "[]")])
@@ -140,12 +140,15 @@ def test_upserts_key_info_groups_flows_run_last_wins(dbfile):
         w.write("run", [("state", '"done"'), ("stats", {"packets": 3, "bytes": [1, 2]})])  # non-text: JSON-encoded
         w.write("flows", [("F", 6, "A", 1, "Z", 2, 10.0, 19.0, 5, 4, 300, 200, "CLOSED", "t", 900, 1, 0),
                           ("F", 6, "A", 1, "Z", 2, 50.0, 51.0, 1, 0, 60, 0, "OPEN", "", None, 0, 0)])  # port reuse
+        # every flow record is a row (a replayed flow with the same key and first_ts included), in write order
     with Store(dbfile) as s:
         assert [(k["key"], k["label"], k["description"]) for k in s.key_info()] == [("K", "new", "d")]
         assert [(g["name"], g["bucketsize"]) for g in s.counter_groups()] == [("New", 60)]
         assert s.run_info() == {"state": "done", "stats": {"packets": 3, "bytes": [1, 2]}}
         assert [(f["first_ts"], f["last_ts"], f["packets_az"], f["state"], f["setup_rtt_us"], f["retrans_az"])
-                for f in s.flows()] == [(10.0, 19.0, 5, "CLOSED", 900, 1), (50.0, 51.0, 1, "OPEN", None, 0)]
+                for f in s.flows()] == [(10.0, 11.0, 1, "OPEN", None, 0), (10.0, 19.0, 5, "CLOSED", 900, 1),
+                                        (50.0, 51.0, 1, "OPEN", None, 0)]
+        assert [f["id"] for f in s.flows()] == [1, 2, 3]
 
 
 def test_older_flows_table_gets_the_added_columns(dbfile):
@@ -553,6 +556,6 @@ def test_writers_opening_one_new_database_at_once_all_succeed(tmp_path):
             p.join(60)
         assert [p.exitcode for p in procs] == [0] * 6, i
         con = sqlite3.connect(path)
-        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [("1",)]
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [(str(SCHEMA_VERSION),)]
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         con.close()

@@ -89,11 +89,11 @@ def render(what: str, rows, store: Store) -> tuple[list[str], list[list], set[in
                 [[iso(r["ts_sec"], r["ts_usec"]), r["fts_guid"], r["flowkey"], r["text"], r["plugin"]] for r in rows],
                 set())
     if what == "flows":
-        return (["flowkey", "proto", "A", "Z", "first (UTC)", "last (UTC)", "pkts a>z", "pkts z>a", "bytes a>z",
+        return (["id", "flowkey", "proto", "A", "Z", "first (UTC)", "last (UTC)", "pkts a>z", "pkts z>a", "bytes a>z",
                  "bytes z>a", "state", "tags", "setup rtt us", "retrans a>z", "retrans z>a"],
-                [[r["flowkey"], r["proto"], f"{r['ipa']}:{r['porta']}", f"{r['ipz']}:{r['portz']}", iso(r["first_ts"]),
+                [[r["id"], r["flowkey"], r["proto"], f"{r['ipa']}:{r['porta']}", f"{r['ipz']}:{r['portz']}", iso(r["first_ts"]),
                   iso(r["last_ts"]), r["packets_az"], r["packets_za"], r["bytes_az"], r["bytes_za"], r["state"],
-                  r["tags"], r["setup_rtt_us"], r["retrans_az"], r["retrans_za"]] for r in rows], {6, 7, 8, 9, 12, 13, 14})
+                  r["tags"], r["setup_rtt_us"], r["retrans_az"], r["retrans_za"]] for r in rows], {0, 7, 8, 9, 10, 13, 14, 15})
     if what == "groups":
         return (["guid", "name", "bucketsize", "meters", "description"],
                 [[r["guid"], r["name"], r["bucketsize"],

@@ -39,7 +39,7 @@ import msgpack
 from luaprobe.shm.exits import describe_exit
 
 DB_NAME = "luaprobe.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2         # 2: flows rows have their own id (was primary key (flowkey, first_ts))
 
 COMMIT_ROWS = 200_000      # writer: commit at least this often (rows)
 CACHE_KIB = 65536          # writer: page cache (KiB); holds the flows index of ~1M rows, see _Writer
@@ -111,6 +111,7 @@ CREATE TABLE IF NOT EXISTS fts (
 );
 CREATE INDEX IF NOT EXISTS fts_guid_ts ON fts (fts_guid, ts_sec, ts_usec);
 CREATE TABLE IF NOT EXISTS flows (
+    id         INTEGER PRIMARY KEY,
     flowkey    TEXT NOT NULL,
     proto      INTEGER,
     ipa        TEXT,
@@ -127,8 +128,7 @@ CREATE TABLE IF NOT EXISTS flows (
     tags       TEXT,
     setup_rtt_us INTEGER,
     retrans_az INTEGER,
-    retrans_za INTEGER,
-    PRIMARY KEY (flowkey, first_ts)
+    retrans_za INTEGER
 );
 CREATE TABLE IF NOT EXISTS decl_groups (
     kind        TEXT NOT NULL,
@@ -188,13 +188,7 @@ _SQL = {
     "fts": (6, "INSERT INTO fts (ts_sec, ts_usec, fts_guid, flowkey, text, plugin) VALUES (?, ?, upper(?), ?, ?, ?)"),
     "flows": (17, "INSERT INTO flows (flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, "
                   "packets_za, bytes_az, bytes_za, state, tags, setup_rtt_us, retrans_az, retrans_za) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                  "ON CONFLICT (flowkey, first_ts) DO UPDATE SET proto = excluded.proto, ipa = excluded.ipa, "
-                  "porta = excluded.porta, ipz = excluded.ipz, portz = excluded.portz, last_ts = excluded.last_ts, "
-                  "packets_az = excluded.packets_az, packets_za = excluded.packets_za, "
-                  "bytes_az = excluded.bytes_az, bytes_za = excluded.bytes_za, state = excluded.state, "
-                  "tags = excluded.tags, setup_rtt_us = excluded.setup_rtt_us, retrans_az = excluded.retrans_az, "
-                  "retrans_za = excluded.retrans_za"),
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
     "run": (2, "INSERT INTO run (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
 }
 KINDS = tuple(_SQL)
@@ -296,6 +290,26 @@ def _add_columns(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
 
 
+_FLOW_COLS = ("flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, packets_za, bytes_az, "
+              "bytes_za, state, tags, setup_rtt_us, retrans_az, retrans_za")
+
+
+def _flows_table(db: sqlite3.Connection) -> None:
+    """Every flow record the engine writes is its own row (``id``, schema version 2): a database of schema 1,
+    whose flows had the primary key (flowkey, first_ts) so that a replayed or duplicated flow replaced the
+    earlier record, is rebuilt with its rows kept (ids in their old rowid order).  Then the flowkey index."""
+    have = [r[1] for r in db.execute("PRAGMA table_info(flows)")]
+    if "id" not in have:
+        db.execute("DROP INDEX IF EXISTS flows_flowkey")
+        db.execute("ALTER TABLE flows RENAME TO flows_v1")
+        db.execute(SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS flows"):
+                          SCHEMA.index("CREATE TABLE IF NOT EXISTS decl_groups")].strip().rstrip(";"))
+        db.execute(f"INSERT INTO flows ({_FLOW_COLS}) SELECT {_FLOW_COLS} FROM flows_v1 ORDER BY rowid")
+        db.execute("DROP TABLE flows_v1")
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+    db.execute("CREATE INDEX IF NOT EXISTS flows_flowkey ON flows (flowkey)")
+
+
 def _wal(db: sqlite3.Connection, wait: float = 30.0) -> str:
     """Switch to WAL; returns the journal mode.  SQLite does not call the busy handler for this switch, so when
     another connection (a shard's writer opening the same new database) holds the lock it is retried here for
@@ -325,6 +339,7 @@ def open_rw(path: str, max_page_count: int | None = None) -> sqlite3.Connection:
         # (SQLITE_BUSY_SNAPSHOT) -- the shards of one run open the same database at the same moment.
         db.executescript("BEGIN IMMEDIATE;\n" + SCHEMA)
         _add_columns(db)
+        _flows_table(db)
         db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
                    (str(SCHEMA_VERSION),))
         db.execute("COMMIT")
@@ -1103,16 +1118,17 @@ class Store:
                            WELL_KNOWN_FTS_GROUPS, guid, flowkey, limit)
 
     def flows(self, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
-        """Flow records ordered by first_ts."""
+        """Flow records ordered by first_ts, flowkey and id: dicts with ``id`` (the record's row id, unique in the
+        database; a flow seen twice, e.g. a capture replayed, is two records) and the ``flows`` columns."""
         have = {r[1] for r in self.db.execute("PRAGMA table_info(flows)")}
         extra = "".join(f", {c}" if c in have else f", NULL AS {c}" for _t, c, _y in _ADDED_COLUMNS)
-        sql = ("SELECT flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, packets_za, bytes_az, "
-               f"bytes_za, state, tags{extra} FROM flows")
+        sql = ("SELECT rowid AS id, flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, packets_za, "
+               f"bytes_az, bytes_za, state, tags{extra} FROM flows")
         args = []
         if flowkey is not None:
             sql += " WHERE flowkey = ?"
             args.append(flowkey)
-        sql += " ORDER BY first_ts, flowkey" + (f" LIMIT {int(limit)}" if limit is not None else "")
+        sql += " ORDER BY first_ts, flowkey, rowid" + (f" LIMIT {int(limit)}" if limit is not None else "")
         return self._rows(sql, args)
 
     def decl_groups(self, kind: str | None = None) -> list[dict]:
