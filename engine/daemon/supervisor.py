@@ -41,6 +41,24 @@ from luaprobe.shm.exits import (EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_RUNNING, EXI
 HEARTBEAT = "heartbeat"     #: run-dir file the fast path touches while it makes progress ([supervise] stall_timeout)
 
 
+# Settings the supervisor itself holds from its start: a reload keeps the running value and says so.
+RESTART_ONLY = (("stats", "prometheus_port"), ("stats", "json_lines_file"), ("run", "run_dir"))
+
+
+def plugin_errors(cfg) -> list[str]:
+    """Probe the configured plug-ins as `luaprobe check` does: one ``file:line: message`` per plug-in that
+    fails to load (syntax error, bad definition); [] when all load."""
+    from luaprobe.engine.plugins.discovery import discover, probe
+    from luaprobe.engine.plugins.vm import PluginError
+    from luaprobe.shm.searchpath import search_path
+    p = cfg["plugins"]
+    try:
+        return [e for f in discover(p["paths"], p["lua_path"])
+                for e in probe(f, search_path(p["paths"], p["lua_path"])).errors]
+    except PluginError as e:
+        return [str(e)]
+
+
 class Supervisor:
     """One daemon per run directory; :meth:`run` returns the process exit code."""
 
@@ -199,13 +217,34 @@ class Supervisor:
         self._signal_child(signal.SIGTERM)
 
     def request_reload(self) -> dict:
+        """Re-validate the config and the plug-ins, then reload (docs/operations.md "Reload").  A reply
+        ``{"ok": False, "error": ..., "exit": code}`` leaves the running fast path alone: an invalid config
+        (exit 2) or a plug-in that fails to load (exit 4, ``errors``: one ``file:line: message`` each).
+        ``notes``: settings that only take effect at the next start (RESTART_ONLY)."""
         try:
             cfg = config_mod.load(self.cfg.path)
         except config_mod.ConfigError as e:
             log.error("reload refused: %s", e)
-            return {"ok": False, "error": f"reload refused, configuration invalid: {e}"}
+            return {"ok": False, "error": f"reload refused, configuration invalid: {e}", "exit": EXIT_USAGE}
         if self.mode != "run":
-            return {"ok": False, "error": f"cannot reload while {self.state}"}
+            return {"ok": False, "error": f"cannot reload while {self.state}", "exit": EXIT_USAGE}
+        errors = plugin_errors(cfg)
+        if errors:
+            for e in errors:
+                log.error("reload refused, a plug-in failed to load (the running fast path is kept): %s", e)
+            return {"ok": False, "exit": EXIT_PLUGIN, "errors": errors,
+                    "error": "reload refused, a plug-in failed to load (the running fast path and its plug-ins "
+                             "are kept): " + "; ".join(errors)}
+        notes = []
+        for section, key in RESTART_ONLY:
+            was, now = self.cfg[section][key], cfg[section][key]
+            if was != now:
+                cfg.values[section][key] = was
+                notes.append(f"[{section}] {key} changed ({config_mod._show(was)} -> {config_mod._show(now)}): "
+                             f"takes effect at the next start (stop, then start); the daemon keeps "
+                             f"{config_mod._show(was)}")
+        for n in notes:
+            log.warning("reload: %s", n)
         same_config = cfg.values == self.cfg.values
         self.cfg, self.sv = cfg, cfg["supervise"]
         if self.child is None:                  # waiting for a restart: start now with the new scripts
@@ -214,13 +253,13 @@ class Supervisor:
         elif same_config:                       # only scripts changed: backend scripts reload live
             self.reloads += 1
             self._signal_child(signal.SIGHUP)
-            return {"ok": True, "reloads_before": self.reloads - 1, "mode": "live backend reload"}
+            return {"ok": True, "reloads_before": self.reloads - 1, "mode": "live backend reload", "notes": notes}
         else:                                   # settings changed: graceful restart with the new ones
             self.mode = "reload"
             self.stop_at = time.monotonic() + self.sv["stop_deadline"]
             self._set_state("reloading")
             self._signal_child(signal.SIGTERM)
-        return {"ok": True, "reloads_before": self.reloads}
+        return {"ok": True, "reloads_before": self.reloads, "notes": notes}
 
     def status(self) -> dict:
         snap = self.snapshot or {}
@@ -694,8 +733,14 @@ def cmd_reload(args) -> int:
         print(f"luaprobe reload: not running ({e})", file=sys.stderr)
         return EXIT_NOT_RUNNING
     if not reply.get("ok"):
-        print(f"luaprobe reload: {reply.get('error')}", file=sys.stderr)
-        return EXIT_USAGE
+        for line in reply.get("errors") or [reply.get("error")]:
+            print(f"luaprobe reload: {'refused: ' if reply.get('errors') else ''}{line}", file=sys.stderr)
+        if reply.get("errors"):
+            print("luaprobe reload: the running fast path and its plug-ins are kept (fix the file, reload again)",
+                  file=sys.stderr)
+        return reply.get("exit", EXIT_USAGE)
+    for n in reply.get("notes") or []:
+        print(f"luaprobe reload: note: {n}", file=sys.stderr)
     if reply.get("mode") == "live backend reload":
         print(f"reloaded: backend scripts reload live in fast path pid {before['fastpath_pid']} "
               "(frontend scripts and settings need a restart: change the config or stop/start)")

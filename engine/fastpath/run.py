@@ -851,11 +851,25 @@ class FastPath:
         self._reload = True
 
     def _reload_backends(self, rt) -> None:
-        """Trisul's live backend reload: every backend instance drains its T.async tasks (up to the
-        drain deadline), writes its outputs and runs onunload; the plug-in files are probed again and new
-        backend instances start in the current window (onload, then onbeginflush).  Frontend instances
-        and per-flow state are untouched."""
+        """Trisul's live backend reload: the plug-in files are probed again first; when any of them fails to
+        load (syntax error, bad definition: ``file:line: message``) the reload is refused: one ERROR log line
+        per problem, a ``plugin_problems`` entry, and the running backend instances keep running unchanged.
+        Otherwise every backend instance drains its T.async tasks (up to the drain deadline), writes its
+        outputs and runs onunload, and new backend instances start in the current window (onload, then
+        onbeginflush).  Frontend instances and per-flow state are untouched."""
         self._reload = False
+        try:
+            infos = [probe(f, search_path(self.cfg.plugins, self.cfg.lua_path))
+                     for f in discover(self.cfg.plugins, self.cfg.lua_path)]
+            bad = [e for i in infos for e in i.errors]
+        except PluginError as e:
+            bad = [str(e)]
+        if bad:
+            for e in bad:
+                msg = f"backend reload refused, the running backend instances are kept: {e}"
+                logs.log.error("%s", msg)
+                self.plugin_problems.append(msg)
+            return
         old = [i for i in self.instances if i.kind == "engine_monitor"]   # monitors are not reloaded live
         for inst in old:
             rt.retire(inst.vm, self.cfg.async_config.drain_deadline)
@@ -865,17 +879,10 @@ class FastPath:
             inst.vm.unloaded = True
             rt.unload(inst.vm)
             self.instances.remove(inst)
-        try:
-            infos = [probe(f, search_path(self.cfg.plugins, self.cfg.lua_path)) for f in discover(self.cfg.plugins, self.cfg.lua_path)]
-        except PluginError as e:
-            self.plugin_problems.append(f"backend reload: {e}")
-            return
         for inst in old:
             self.flowmon.remove_vm(inst.vm)
         self.flowmon.trackers.update({i.path: i.flowtracker for i in infos if i.flowtracker})
         for info in infos:
-            if info.errors:
-                continue
             for kind in info.runnable_types:
                 if kind in BACKEND_KINDS:
                     for k in range(self.cfg.backend_instances):
