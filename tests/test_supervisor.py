@@ -86,11 +86,13 @@ class Daemon:
     def cli(self, cmd, *args, **kw):
         return cli(cmd, "--run-dir", self.run_dir, *args, **kw)
 
-    def start(self, supervise=None, **cfg):
-        """Write the config (``supervise``: text replacing its "stop_deadline = 15" line) and start a daemon."""
+    def start(self, supervise=None, stats=None, **cfg):
+        """Write the config (``supervise``: text replacing its "stop_deadline = 15" line; ``stats``: lines added
+        to [stats]) and start a daemon."""
         self.write_config(**cfg)
-        if supervise is not None:
-            text = open(self.config).read().replace("stop_deadline = 15", supervise)
+        if supervise is not None or stats is not None:
+            text = open(self.config).read().replace("stop_deadline = 15", supervise or "stop_deadline = 15")
+            text = text.replace("[stats]\n", f"[stats]\n{stats or ''}\n")
             open(self.config, "w").write(text)
         r = cli("start", "--config", self.config)
         assert r.returncode == 0, r.stderr
@@ -290,6 +292,71 @@ def test_killed_store_writer_is_seen_logged_counted_and_restarted(daemon):
     with sqlite3.connect(os.path.join(daemon.out_dir, "luaprobe.sqlite")) as db:
         assert db.execute("SELECT count(*) FROM flows").fetchone()[0] > 0
     assert not daemon.alive() and not daemon.segments()
+
+
+@pytest.fixture
+def small_run_fs(tmp_path):
+    """tmp_path/run as a 1 MiB tmpfs of its own (root only), unmounted after the daemon fixture's clean-up."""
+    run = tmp_path / "run"
+    run.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(run)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield run
+    subprocess.run(["umount", "-l", str(run)], check=True)
+
+
+def fill(path) -> None:
+    """Write zeros to ``path`` until the filesystem is full (ENOSPC)."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == 28, e
+
+
+def test_full_run_dir_filesystem_is_survived(small_run_fs, daemon):
+    """Operations "Faults": a full run directory (ENOSPC on state.json, stats.jsonl, stats.json, the log) does not
+    kill the supervisor: it says so in status, leaves no state.json.tmpPID, keeps the fast path running and
+    writes again once there is room (failed before: the supervisor died with a traceback in _save_state)."""
+    daemon.start()
+    daemon.wait_packets()
+    sup = control.read_pid(daemon.run_dir)
+    filler = small_run_fs / "filler"
+    fill(filler)
+    st = helpers.wait_for(lambda: (s := daemon.status()).get("file_errors", {}).get("state.json") and s, 30, 0.1)
+    assert "No space left on device" in st["file_errors"]["state.json"]
+    before = st["last_stats"]["time"] if st.get("last_stats") else 0
+    assert st["state"] == "running" and psutil.pid_exists(sup)
+    assert not [n for n in os.listdir(daemon.run_dir) if ".tmp" in n]
+    os.unlink(filler)
+    st = helpers.wait_for(lambda: (s := daemon.status()).get("file_errors") == {} and s, 30, 0.1)
+    helpers.wait_for(lambda: (control.read_json(os.path.join(daemon.run_dir, control.STATE)) or {}).get(
+        "saved", 0) > time.time() - 5 and daemon.stats()["time"] > before, 30, 0.1)
+    assert daemon.status()["state"] == "running" and daemon.status()["supervisor_pid"] == sup
+    assert "state.json written again" in open(os.path.join(daemon.run_dir, control.LOG)).read()
+    assert daemon.cli("stop").returncode == 0
+    assert not [n for n in os.listdir(daemon.run_dir) if ".tmp" in n]
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_stats_jsonl_rotates_by_size(daemon):
+    """[stats] json_lines_max_mb / json_lines_backups: stats.jsonl is rotated by the standard library's
+    RotatingFileHandler; each file stays below the size (+ one line), whole JSON lines, owner-only, at most
+    json_lines_backups old files (failed before: the keys did not exist and the file grew without bound)."""
+    daemon.start(stats="json_lines_max_mb = 0.002\njson_lines_backups = 2", interval=0.1)
+    jl = os.path.join(daemon.run_dir, "stats.jsonl")
+    helpers.wait_for(lambda: os.path.exists(jl + ".2") and os.path.getsize(jl) > 0, 60, 0.1)
+    assert daemon.cli("stop").returncode == 0
+    files = sorted(n for n in os.listdir(daemon.run_dir) if n.startswith("stats.jsonl"))
+    assert files == ["stats.jsonl", "stats.jsonl.1", "stats.jsonl.2"]
+    for n in files:
+        p = os.path.join(daemon.run_dir, n)
+        lines = open(p).read().splitlines()
+        assert lines and all(json.loads(x)["ts"] for x in lines)
+        assert os.path.getsize(p) <= 2048 + max(map(len, lines)) + 1
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
 
 
 def test_killed_worker_is_restarted_by_the_pool(daemon):

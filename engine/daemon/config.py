@@ -39,6 +39,7 @@ SCHEMA: dict = {
                   "crash_loop_restarts": (int, 5, (1, 1000)), "crash_loop_window": (_NUM, 60.0, (1, 86400)),
                   "stop_deadline": (_NUM, 20.0, (1, 3600)), "stall_timeout": (_NUM, 60.0, (0, 86400))},
     "stats": {"interval": (_NUM, 1.0, (0.1, 3600)), "json_lines_file": ("path", "", None),
+              "json_lines_max_mb": (_NUM, 64.0, (0.001, 1 << 20)), "json_lines_backups": (int, 3, (1, 1000)),
               "prometheus_port": (int, 0, (0, 65535))},
     "log": {"format": (str, "text", ("text", "json")), "verbose": (bool, False, None)},
 }

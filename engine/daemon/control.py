@@ -178,11 +178,19 @@ def request(run_dir: str, cmd: str, timeout: float = 10.0, **args) -> dict:
 
 # ---------------------------------------------------------------- files
 def write_json(file: str, obj) -> None:
-    """Atomic replace of a JSON file."""
+    """Atomic replace of a JSON file; on an error (OSError: a full disk) the temporary file is removed and the
+    error raised, ``file`` keeps its previous content."""
     tmp = f"{file}.tmp{os.getpid()}"
-    with open_private(tmp, "w") as f:
-        json.dump(obj, f, default=str)
-    os.replace(tmp, file)
+    try:
+        with open_private(tmp, "w") as f:
+            json.dump(obj, f, default=str)
+        os.replace(tmp, file)
+    except BaseException:               # a full disk (ENOSPC): no half-written tmp file left behind
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def read_json(file: str):

@@ -8,7 +8,10 @@ the fast path restarts (Prometheus' rate()/increase() handle counter resets).
 from __future__ import annotations
 
 import json
+import logging
+import logging.handlers
 import os
+import sys
 import threading
 
 from luaprobe.engine.daemon import control
@@ -24,13 +27,35 @@ def totals(snap: dict) -> dict:
     return out
 
 
-class JsonLines:
-    """Appends one JSON line per snapshot to ``path`` ([stats] json_lines_file); rotate with copytruncate."""
+class _Rotating(logging.handlers.RotatingFileHandler):
+    """The standard library's size-based rotation (stats.jsonl -> stats.jsonl.1 ... .N), with files made
+    owner-only like every run-dir file (control.open_private), and the last write error kept instead of printed."""
 
-    def __init__(self, path: str):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    error: BaseException | None = None
+
+    def _open(self):
         from .control import open_private
-        self.f = open_private(path, "a", buffering=1)
+        return open_private(self.baseFilename, "a", encoding="utf-8", buffering=1)
+
+    def handleError(self, record) -> None:
+        self.error = sys.exc_info()[1]
+        try:                                    # drop the half-written buffer; the next line reopens the file
+            if self.stream is not None:
+                self.stream.close()
+        except OSError:
+            pass
+        self.stream = None
+
+
+class JsonLines:
+    """Appends one JSON line per snapshot to ``path`` ([stats] json_lines_file), rotated above ``max_bytes``
+    ([stats] json_lines_max_mb) keeping ``backups`` older files (json_lines_backups).  ``write`` raises the
+    OSError of a failed write (a full disk: the caller logs it and goes on; the next write tries again)."""
+
+    def __init__(self, path: str, max_bytes: int = 64 << 20, backups: int = 3):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.handler = _Rotating(path, maxBytes=max_bytes, backupCount=backups, delay=True)
+        self.handler.setFormatter(logging.Formatter("%(message)s"))
 
     def write(self, snap: dict, rates: dict, status: dict) -> None:
         hook_calls = sum(sum(p.get("hook_calls", {}).values()) for p in snap.get("plugins", []))
@@ -41,10 +66,16 @@ class JsonLines:
                 **rates, "packet_ring_bytes": snap.get("rings", {}).get("packet", {}).get("bytes"),
                 "drops": snap.get("drops"), "hook_calls": hook_calls, "hook_errors": hook_errors,
                 "async": totals(snap), "store_rows_lost": status.get("store_rows_lost", 0)}
-        self.f.write(json.dumps(line, default=str) + "\n")
+        self.handler.error = None
+        self.handler.handle(logging.makeLogRecord({"msg": json.dumps(line, default=str), "args": None}))
+        if self.handler.error is not None:
+            raise self.handler.error
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.handler.close()
+        except OSError:
+            pass
 
 
 def _labels(p: dict) -> dict:

@@ -89,6 +89,7 @@ class Supervisor:
         self.stalled: str | None = None         # why the current child was killed as stalled
         self.stop_killed: str | None = None     # what a stop past stop_deadline SIGKILLed (`luaprobe stop` exits 5)
         self.exporter = self.jsonl = None
+        self.file_errors: dict = {}             # run-dir file -> its write error (full disk), while it lasts
 
     # ------------------------------------------------------------ child
     def _spawn(self) -> None:
@@ -273,6 +274,7 @@ class Supervisor:
                 "out_dir": self.cfg["run"]["out_dir"],
                 "last_error": self.last_error, "last_exit_code": self.last_exit_code, **self._loaded(),
                 "stop_killed": self.stop_killed, "store_rows_lost": self.store_rows_lost,
+                "file_errors": dict(self.file_errors),
                 "last_stats": {k: snap.get(k) for k in ("time", "packets", "bytes", "flows", "flows_live")}
                 | self.rates if snap else None}
 
@@ -305,7 +307,24 @@ class Supervisor:
         self._save_state()
 
     def _save_state(self) -> None:
-        control.write_json(control.path(self.run_dir, control.STATE), self.status() | {"saved": time.time()})
+        try:
+            control.write_json(control.path(self.run_dir, control.STATE), self.status() | {"saved": time.time()})
+        except OSError as e:
+            self._file_error("state.json", e)
+        else:
+            self._file_ok("state.json")
+
+    def _file_error(self, what: str, e: OSError) -> None:
+        """A run-dir file could not be written (a full disk): one log line per episode; the probe keeps running
+        and the next write (state: every change and stats interval; stats.jsonl: every snapshot) tries again."""
+        if what not in self.file_errors:
+            self.file_errors[what] = str(e)
+            log.error("cannot write %s in %s: %s; the probe keeps running, retrying at the next write",
+                      what, self.run_dir, e.strerror or e)
+
+    def _file_ok(self, what: str) -> None:
+        if self.file_errors.pop(what, None) is not None:
+            log.info("%s written again", what)
 
     def _handle(self, conn) -> None:
         try:
@@ -345,7 +364,12 @@ class Supervisor:
                               "bits_per_s": round((snap["bytes"] - prev["bytes"]) * 8 / dt, 1)}
         self._prev = self.snapshot = snap
         if self.jsonl is not None:
-            self.jsonl.write(snap, self.rates, self.status())
+            try:
+                self.jsonl.write(snap, self.rates, self.status())
+            except OSError as e:
+                self._file_error("stats.jsonl", e)
+            else:
+                self._file_ok("stats.jsonl")
         self._save_state()
 
     # ------------------------------------------------------------ main loop
@@ -380,7 +404,8 @@ class Supervisor:
         try:
             st = self.cfg["stats"]
             if st["json_lines_file"]:
-                self.jsonl = metrics.JsonLines(st["json_lines_file"])
+                self.jsonl = metrics.JsonLines(st["json_lines_file"], int(st["json_lines_max_mb"] * 1048576),
+                                               st["json_lines_backups"])
             if st["prometheus_port"]:
                 self.exporter = metrics.start_prometheus(st["prometheus_port"], self.stats_path, self.status)
             try:

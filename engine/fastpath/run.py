@@ -1163,9 +1163,21 @@ class FastPath:
         self._last_stats = now
         tmp = path + ".tmp"
         from ..daemon.control import open_private
-        with open_private(tmp, "w") as f:
-            json.dump(self.snapshot(rt, capture), f, default=str)
-        os.replace(tmp, path)
+        try:
+            with open_private(tmp, "w") as f:
+                json.dump(self.snapshot(rt, capture), f, default=str)
+            os.replace(tmp, path)
+        except OSError as e:             # a full run directory: the run goes on, the next interval tries again
+            if not getattr(self, "_stats_error", None):
+                logs.log.error("cannot write %s: %s; the run goes on, retrying every stats interval", path,
+                               e.strerror or e)
+            self._stats_error = str(e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        else:
+            self._stats_error = None
 
     def _summary(self, rt, elapsed: float) -> dict:
         d = getattr(self, "driver_stats", {})
