@@ -355,7 +355,7 @@ end
 # ============================================================================ 5. onerror, counting, rate-limited logging
 
 def test_onerror_and_rate_limited_log(runtime_factory, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="luaprobe")
+    caplog.set_level(logging.DEBUG, logger="luaprobe")
     path = plugin(tmp_path, r'''
 errs = {}
 function go(n)
@@ -387,8 +387,13 @@ end
         assert e[3] == b"0"
 
     lines = luaprobe_records(caplog, "onexecute error")
-    full = [m for m in lines if "stack traceback:" in m]
-    assert len(full) == 1, lines
+    # the first error: one line naming plugin.lua:line at ERROR; its traceback at DEBUG only (-v)
+    tbs = [r.getMessage() for r in caplog.records if r.name == "luaprobe" and "stack traceback:" in r.getMessage()]
+    assert len(tbs) == 1 and all(r.levelno == logging.DEBUG for r in caplog.records
+                                 if r.name == "luaprobe" and "stack traceback:" in r.getMessage()), tbs
+    lines = [m for m in lines if m not in tbs]
+    full = [m for m in lines if " more at " not in m]
+    assert len(full) == 1 and "\n" not in full[0], lines
     assert f"plugin.lua:{boom}: boom d" in full[0]
     summaries = [m for m in lines if m not in full]
     if elapsed < 1.0:

@@ -14,9 +14,39 @@ local M = { MAX_KEYS = 256 }
 local Log = {}
 Log.__index = Log
 
---- logf(level, msg) receives the lines (level 4 = ERROR).
-function M.new(logf)
-  return setmetatable({ logf = logf, seen = {}, nkeys = 0 }, Log)
+--- logf(level, msg) receives the lines (level 4 = ERROR, 8 = DEBUG); path: the plug-in file, named when an
+--- error is raised outside it (a helper module, luaprobe's engine) with the plug-in's line from the traceback.
+--- now_ns: the clock (default the monotonic lp_now_ns; tests give their own).
+function M.new(logf, path, now_ns)
+  return setmetatable({ logf = logf, seen = {}, nkeys = 0, path = path, now_ns = now_ns or C.lp_now_ns }, Log)
+end
+
+local function plain(s) return (s:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0")) end
+
+--- "file:line" of the first traceback frame in the plug-in file `path` (LuaJIT may shorten a long chunk name
+--- to "..." and its tail), or nil.
+function M.plugin_frame(tb, path)
+  if not (tb and path) then return nil end
+  for frame in tb:gmatch("\n\t([^\n]+)") do
+    local name, line = frame:match("^(.-):(%d+):")
+    if name and (name == path or (name:sub(1, 3) == "..." and path:find(plain(name:sub(4)) .. "$"))) then
+      return path .. ":" .. line
+    end
+  end
+  return nil
+end
+
+--- One line for the log: the message without its traceback, naming the plug-in's file:line first when the
+--- error was raised elsewhere; and the traceback (nil when none), logged at debug level only.
+function Log:split(msg)
+  local head, tb = msg:match("^(.-)(\nstack traceback:.*)$")
+  head = head or msg
+  local path = self.path
+  if path and head:sub(1, #path + 1) ~= path .. ":" then
+    local at = M.plugin_frame(tb, path)
+    if at then head = at .. ": " .. head end
+  end
+  return head, tb
 end
 
 --- "file:line" at the start of an error message, else its first line.
@@ -39,20 +69,27 @@ function Log:report(kind, msg)
   end
   local key = kind .. "@" .. site
   local e = self.seen[key]
-  local now = C.lp_now_ns()
+  local now = self.now_ns()
   if e == nil and self.nkeys >= M.MAX_KEYS then
     key, site = kind .. "@*", "other places"
     e = self.seen[key]
   end
+  local head, tb = self:split(msg)
   if e == nil then
     self.nkeys = self.nkeys + 1
     self.seen[key] = { count = 1, unlogged = 0, last = now }
-    self.logf(4, ("%s: %s"):format(kind, msg))
+    self.logf(4, ("%s: %s"):format(kind, head))
+    if tb then self.logf(8, ("%s: %s%s"):format(kind, head:match("^[^\n]*"), tb)) end   -- -v shows it
     return
   end
   e.count, e.unlogged = e.count + 1, e.unlogged + 1
   if now - e.last >= 1e9 then
-    self.logf(4, ("%s: %d more at %s (last: %s)"):format(kind, e.unlogged, site, msg:match("^[^\n]*")))
+    local last = head:match("^[^\n]*")
+    if site:match(":%d+$") and last:sub(1, #site + 1) == site .. ":" then
+      self.logf(4, ("%s: %d more at %s (last:%s)"):format(kind, e.unlogged, site, last:sub(#site + 2)))
+    else                                      -- no source line ("returned a non-boolean"), or another place
+      self.logf(4, ("%s: %d more: %s"):format(kind, e.unlogged, last))
+    end
     e.unlogged, e.last = 0, now
   end
 end

@@ -44,7 +44,7 @@ function M.boot(opts)
   for _, pr in ipairs(opts.protocols or {}) do decode.register_protocol(pr.guid, pr.name) end
   local self = setmetatable({ path = path, instance = instance, outputs = {}, hook_errors = {},
                               hook_calls = {} }, Host)
-  self.errors = errlog.new(logf)
+  self.errors = errlog.new(logf, path)
   local report = self.errors.report
   self.errors.report = function(log, kind, msg)               -- LuaJIT's LUA_ERRMEM: the VM's memory limit
     if self.memory_limit and type(msg) == "string" and msg:find("^not enough memory") then  -- (lupa's allocator,
