@@ -361,3 +361,35 @@ def test_repeated_error_summary_reads_as_a_sentence():
     assert count(nb) <= 9 and count(boom) <= 9 and len(nb) > 1
     assert [m for lv, m in lines if lv == 8] == ["simplecounter.onpacket error: /p/x.lua:7: boom 0\nstack traceback:"
                                                  "\n\t/p/x.lua:7: in f"]
+
+
+# ============================================================================ only unsupported script types: exit 4
+
+FLOWMONITOR = """TrisulPlugin = { id = { name = "fm" },
+  flowmonitor = { onflowattribute = function() end } }
+"""
+GOOD = """TrisulPlugin = { id = { name = "good" },
+  simplecounter = { protocol_guid = "%s", onpacket = function() end } }
+""" % TCP
+
+
+def test_only_unsupported_types_is_a_plugin_error(tmp_path):
+    """README exit codes: 4 is a plug-in error.  A run or check whose only plug-in has a script type luaprobe does
+    not run (a flowmonitor, as techniques/httplog.lua) has nothing to run: exit 4 with the reason; a directory where
+    another plug-in runs keeps exit 0 (the unsupported one is listed)."""
+    alone, mixed = tmp_path / "alone", tmp_path / "mixed"
+    for d in (alone, mixed):
+        d.mkdir()
+        (d / "fm.lua").write_text(FLOWMONITOR)
+    (mixed / "good.lua").write_text(GOOD)
+    r = luaprobe("check", str(alone), cwd=str(tmp_path))
+    assert r.returncode == 4 and "not supported" in r.stdout, r
+    assert r.stderr.startswith("luaprobe check: no plug-in here can run") and len(r.stderr.splitlines()) == 1, r
+    r = luaprobe("check", str(mixed), cwd=str(tmp_path))
+    assert r.returncode == 0 and "flowmonitor (not supported)" in r.stdout, r
+    r = luaprobe("run", str(alone), "--pcap", PCAP, "--out", str(tmp_path / "o1"), cwd=str(tmp_path))
+    assert r.returncode == 4, r
+    assert "luaprobe run: exit 4: no plug-in of this run can run" in r.stderr, r
+    r = luaprobe("run", str(mixed), "--pcap", PCAP, "--out", str(tmp_path / "o2"), cwd=str(tmp_path))
+    assert r.returncode == 0 and "not supported" in r.stdout + r.stderr, r
+

@@ -392,7 +392,7 @@ def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[
     at the drain deadline; else 130/143 when a file or --generate run was stopped early by SIGINT/SIGTERM (also
     during the T.async drain at the end of input: the drain ends there, results not returned are ``lost_at_stop``)
     (``stop_is_early``; the daemon's child is stopped that way normally); else 0.  Script types luaprobe does
-    not support yet are listed, not failures."""
+    not support yet are listed, not failures, unless no plug-in instance of the run can run at all (4)."""
     deaths = summary.get("shard_deaths") or []
     if deaths:
         return EXIT_INTERNAL, [shard_loss_line(summary)]
@@ -405,6 +405,10 @@ def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[
     if summary["input_errors"]:
         return EXIT_INPUT, [f"input error: {e}" for e in summary["input_errors"]]
     reasons = [f"plug-in problem: {p}" for p in summary["plugin_problems"] if "not supported" not in p]
+    unsupported = [p for p in summary["plugin_problems"] if "not supported" in p]
+    if unsupported and not summary["plugins"]:     # nothing asked for can run: a failure, not a listing
+        reasons.append(f"no plug-in of this run can run: every script type found is unsupported "
+                       f"({len(unsupported)} listed above; docs/plugins.md)")
     at_stop = []
     for p in summary["plugins"]:
         name = f"{os.path.basename(p['plugin'])}#{p['instance']}"
@@ -454,6 +458,10 @@ def cmd_check(args) -> int:
             for e in i.errors:
                 print(f"luaprobe check: {e}", file=sys.stderr)
     bad = [p for i in infos for p in i.errors]
+    if not bad and infos and not any(i.runnable_types for i in infos):   # only unsupported types: nothing runs
+        print("luaprobe check: no plug-in here can run (" + "; ".join(p for i in infos for p in i.problems) + ")",
+              file=sys.stderr)
+        return EXIT_PLUGIN
     return EXIT_PLUGIN if bad else EXIT_OK
 
 
