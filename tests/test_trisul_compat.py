@@ -393,3 +393,27 @@ def test_only_unsupported_types_is_a_plugin_error(tmp_path):
     r = luaprobe("run", str(mixed), "--pcap", PCAP, "--out", str(tmp_path / "o2"), cwd=str(tmp_path))
     assert r.returncode == 0 and "not supported" in r.stdout + r.stderr, r
 
+
+# ============================================================================ cg_monitor.onupdate: old argument order
+
+CGMON = """TrisulPlugin = { id = { name = "cgm" },
+  cg_monitor = { counter_guid = "{889900CC-0063-11A5-8380-FEBDBABBDBEA}",
+    onupdate = function(%s) end } }
+"""
+
+
+def test_check_warns_for_the_old_onupdate_argument_order(tmp_path):
+    """Trisul documents cg_monitor onupdate(engine, ts, key, metrics); cgmon_2.lua names (dbengine, key, tvsec,
+    metrics) and then fails on every call.  check lists a warning naming the parameters, as it does for the legacy
+    onattribute order; the documented naming (and the skeleton's) gets none."""
+    cases = {"old.lua": "dbengine, key, tvsec, metrics", "doc.lua": "engine, ts, key, metrics",
+             "skel.lua": "engine, timestamp, key, arrayofmetrics"}
+    for name, params in cases.items():
+        (tmp_path / name).write_text(CGMON % params)
+    r = luaprobe("check", str(tmp_path), cwd=str(tmp_path))
+    assert r.returncode == 0, r
+    warnings = [ln.strip() for ln in r.stdout.splitlines() if ln.strip().startswith("warning:")]
+    assert warnings == [f"warning: {tmp_path}/old.lua: cg_monitor.onupdate(dbengine, key, tvsec, metrics) names its "
+                        "parameters in the old order (engine, key, ts, metrics); Trisul documents onupdate(engine, ts, "
+                        "key, metrics) and luaprobe calls it so: the 2nd argument is the timestamp (docs/plugins.md "
+                        "\"Monitors\")"], r.stdout

@@ -32,7 +32,8 @@ from luaprobe.workers.pool import AsyncConfig
 from luaprobe.shm import logs
 from luaprobe.engine.plugins.errors import first_line as _first_line, load_error, text as lua_text
 from luaprobe.engine.plugins.vm import PluginError, PluginVM, _text
-from luaprobe.engine.plugins.discovery import decl_rows, discover, group_names, group_rows, keyinfo_rows, probe
+from luaprobe.engine.plugins.discovery import decl_rows, discover, group_names, group_rows, keyinfo_rows, \
+    old_onupdate_warning, probe
 from luaprobe.engine.plugins.flowmon import FlowBackends, full_row, stored
 from luaprobe.engine.fastpath import flowrows
 from luaprobe.engine.streams.reasm import ReassemblyStage
@@ -335,6 +336,9 @@ class FastPath:
         if not files:
             raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
         self.infos = [probe(f, search_path(cfg.plugins, cfg.lua_path)) for f in files]
+        for i in self.infos:                 # warned, not adapted: see discovery.old_onupdate_warning
+            if i.old_onupdate:
+                logs.log.warning(old_onupdate_warning(i))
         self.groups = {i.countergroup["guid"].upper(): i.countergroup for i in self.infos if i.countergroup}
         # protocol_handler protocols, registered in this order in every VM (engine/plugins/protocol.lua)
         self.protocols = [(i.protocol["guid"], i.protocol["name"]) for i in self.infos

@@ -44,6 +44,7 @@ class PluginInfo:
     declarations: list = dataclasses.field(default_factory=list)  #: [{kind, guid, name, description}]
     flowtracker: dict | None = None                                #: {name, bucketsize, count}
     legacy_onattribute: bool = False   #: reassembly_handler.onattribute named (engine, flow, ts, ...): legacy order
+    old_onupdate: str | None = None    #: cg_monitor.onupdate's parameter names when they say (engine, key, ts, ...)
     loaded: bool = True                #: False: the file did not load (syntax error, failed require, ...): types unknown
 
     @property
@@ -108,8 +109,24 @@ return function(path, log)
   local rh = host.plugin.reassembly_handler
   local legacy = type(rh) == "table" and type(rh.onattribute) == "function"
                  and require("luaprobe.engine.streams.handler").legacy_attribute_order(rh.onattribute)
+  -- cg_monitor.onupdate(engine, key, ts, metrics) (cgmon_2.lua): key and time swapped against the documented
+  -- onupdate(engine, ts, key, metrics), told by the parameter names as for onattribute
+  local cgm, old_onupdate = host.plugin.cg_monitor, nil
+  if type(cgm) == "table" and type(cgm.onupdate) == "function" then
+    local n2, n3 = debug.getlocal(cgm.onupdate, 2), debug.getlocal(cgm.onupdate, 3)
+    if type(n2) == "string" and type(n3) == "string" then
+      local l3 = n3:lower()
+      if n2:lower():find("key", 1, true) and (l3:find("time", 1, true) or l3:find("ts", 1, true) or l3:find("tv", 1, true)
+                                              or l3:find("sec", 1, true)) then
+        local names = {}
+        for i = 1, 8 do local nm = debug.getlocal(cgm.onupdate, i); if not nm then break end; names[i] = nm end
+        old_onupdate = table.concat(names, ", ")
+      end
+    end
+  end
   return { types = types, countergroup = cg, problem = problem or pproblem or dproblem or fproblem, name = name,
-           protocol = protocol, declarations = decls, flowtracker = ftc, legacy_onattribute = legacy }, nil
+           protocol = protocol, declarations = decls, flowtracker = ftc, legacy_onattribute = legacy,
+           old_onupdate = old_onupdate }, nil
 end
 """
 
@@ -156,6 +173,7 @@ def probe(path: str, lua_path=()) -> PluginInfo:
     info.declarations = res.get("declarations") or []
     info.flowtracker = res.get("flowtracker")
     info.legacy_onattribute = bool(res.get("legacy_onattribute"))
+    info.old_onupdate = res.get("old_onupdate") or None
     info.unsupported = [t for t in info.types if t not in SUPPORTED]
     return info
 
@@ -182,9 +200,18 @@ def describe(infos) -> str:
         if i.legacy_onattribute:
             lines.append("    reassembly_handler.onattribute: legacy argument order (engine, flow, ts, name, buffer), "
                          "from its parameter names")
+        if i.old_onupdate:
+            lines.append("    warning: " + old_onupdate_warning(i))
         for p in i.problems:
             lines.append(f"    problem: {p}")
     return "\n".join(lines)
+
+
+def old_onupdate_warning(info) -> str:
+    """The line for a cg_monitor.onupdate whose parameter names give the old order (cgmon_2.lua)."""
+    return (f"{info.path}: cg_monitor.onupdate({info.old_onupdate}) names its parameters in the old order "
+            "(engine, key, ts, metrics); Trisul documents onupdate(engine, ts, key, metrics) and luaprobe calls it "
+            "so: the 2nd argument is the timestamp (docs/plugins.md \"Monitors\")")
 
 
 def keyinfo_rows(infos) -> list[tuple]:
