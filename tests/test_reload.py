@@ -121,3 +121,97 @@ def test_reload_says_which_settings_need_a_restart(daemon):
     assert "luaprobe_up" in body                                       # the old port still serves
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
+
+
+SLOW_MONITOR = """
+local ffi = require("ffi")
+pcall(ffi.cdef, "int usleep(unsigned int);")
+local DIR, VERSION = %r, %r
+local function mark(s) local f = io.open(DIR .. "/marks.txt", "a"); f:write(s, "\\n"); f:close() end
+local scheduled = false
+TrisulPlugin = {
+  id = { name = "slow monitor" },
+  onunload = function() mark(VERSION .. " unload") end,
+  engine_monitor = {
+    onbeginflush = function(engine, ts)
+      if VERSION ~= "v1" or scheduled then return end
+      scheduled = true
+      T.async:schedule {
+        data = DIR,
+        onexecute = function(dir)           -- waits until the test opens the gate (no timing)
+          local ffi = require("ffi")
+          pcall(ffi.cdef, "int usleep(unsigned int);")
+          while not io.open(dir .. "/gate.open") do ffi.C.usleep(2000) end
+          return "done"
+        end,
+        onresult = function(engine, d, r) mark(VERSION .. " result " .. r) end,
+      }
+    end,
+  },
+}
+"""
+
+
+def _slow_daemon(daemon, tmp_path):
+    """A daemon running SLOW_MONITOR v1 (one backend instance, drain_deadline 600 s) whose task is pending;
+    then the script changed to v2 and reloaded; returns once the stats show v1 retiring with its task."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    script = plug / "slow.lua"
+    script.write_text(SLOW_MONITOR % (str(tmp_path), "v1"))
+    daemon.write_config(plugins=[plug])
+    text = open(daemon.config).read().replace("drain_deadline = 5", "drain_deadline = 600")
+    text = text.replace("[plugins]", "[plugins]\nbackend_instances = 1")
+    open(daemon.config, "w").write(text)
+    r = daemon.cli("start", "--config", daemon.config)
+    assert r.returncode == 0, r.stderr
+    daemon.pids.add(control.read_pid(daemon.run_dir))
+    helpers.wait_for(lambda: any(p["async"]["pending"] == 1 for p in slow(daemon, False)), 60, 0.1)
+    script.write_text(SLOW_MONITOR % (str(tmp_path), "v2"))
+    assert daemon.cli("reload").returncode == 0
+    return helpers.wait_for(lambda: (s := daemon.stats()) and any(
+        p["plugin"].endswith("slow.lua") and p.get("retiring") and p["async"]["pending"] == 1
+        for p in s["plugins"]) and s, 60, 0.1)
+
+
+def slow(daemon, retiring):
+    return [p for p in daemon.stats()["plugins"]
+            if p["plugin"].endswith("slow.lua") and p.get("retiring", False) == retiring]
+
+
+def marks(tmp_path) -> list:
+    f = tmp_path / "marks.txt"
+    return f.read_text().splitlines() if f.exists() else []
+
+
+def test_live_backend_reload_drains_while_packets_keep_being_walked(daemon, tmp_path):
+    """The replaced backend's T.async drain runs between batches: while its task is still pending (held by a
+    gate the test opens), the stats show it retiring and the packet counter moving; when the gate opens its
+    result is delivered in the old VM, then its onunload runs (docs/operations.md "Reload")."""
+    first = _slow_daemon(daemon, tmp_path)
+    # the packet loop goes on during the drain: a later snapshot, the old instance still retiring and pending
+    later = helpers.wait_for(lambda: (s := daemon.stats())["packets"] >= first["packets"] + 2000 and s, 60, 0.1)
+    (old,) = [p for p in later["plugins"] if p["plugin"].endswith("slow.lua") and p.get("retiring")]
+    assert old["async"]["pending"] == 1
+    assert [p["instance"] for p in slow(daemon, False)] == ["0"]      # the new instance runs meanwhile
+    assert marks(tmp_path) == []
+    (tmp_path / "gate.open").write_text("")
+    helpers.wait_for(lambda: "v1 unload" in marks(tmp_path), 60, 0.1)
+    assert marks(tmp_path) == ["v1 result done", "v1 unload"]
+    helpers.wait_for(lambda: not slow(daemon, True), 30, 0.1)
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_stop_during_the_reload_drain_delivers_then_unloads_the_replaced_backend(daemon, tmp_path):
+    """A stop while a replaced backend still drains: it drains with the end-of-run drain (its result is
+    delivered in the old VM), then its onunload runs with the others'; the stop exits 0."""
+    _slow_daemon(daemon, tmp_path)
+    stop = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "stop", "--run-dir", daemon.run_dir],
+                            cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    helpers.wait_for(lambda: daemon.status().get("state") == "stopping", 60, 0.05)
+    (tmp_path / "gate.open").write_text("")
+    out, err = stop.communicate(timeout=120)
+    assert stop.returncode == 0, err
+    assert marks(tmp_path)[:2] == ["v1 result done", "v1 unload"] and "v2 unload" in marks(tmp_path)
+    assert not daemon.alive() and not daemon.segments()

@@ -312,6 +312,7 @@ class FastPath:
         self._end_drain = False         #: a shard told by its coordinator: the input is all read, do not wait
         self.stopped_during = None      #: "drain": the stop came during that drain (the whole input was read)
         self._reload = False            #: set by request_reload_backends (SIGHUP under the supervisor)
+        self._retiring: list = []       #: [(instance, monotonic deadline)]: replaced backends still draining
         self.backend_reloads = 0
         self.late_packets = 0           #: packets older than the engine's packet time (counted in the current bucket)
         self._last_stats = -1e9
@@ -503,13 +504,14 @@ class FastPath:
         if "counters" in names:
             self._write("counter_groups", analyser_group_rows())
 
-    def _collect(self, now) -> None:
-        """Move counters of closed buckets (all when now is None) and other outputs to the writer."""
-        if self.analysers is not None:
+    def _collect(self, now, instances=None) -> None:
+        """Move counters of closed buckets (all when now is None) and other outputs to the writer: of the
+        analysers and every instance, or of ``instances`` only (a replaced backend, _retire_step)."""
+        if self.analysers is not None and instances is None:
             for kind, rows in self.analysers.take(now).items():
                 self._route(kind, rows, now)
         messages = []
-        for inst in self.instances:
+        for inst in self.instances if instances is None else instances:
             vm = inst.vm
             eng = vm.host.engine
             self._route("counters", vm.take_counters(eng, now), now)
@@ -700,8 +702,8 @@ class FastPath:
                     loop_open = True            # its end is read once the ring has no batch (loop_end below)
                     rt.service()
                     self._maybe_stats(rt, capture)
-                    if self._reload:
-                        self._reload_backends(rt)
+                    if self._reload or self._retiring:
+                        self._reload_step(rt)
                     continue
                 if loop_open:                   # after the last batch of a run of batches: two clock reads (~2 us,
                     loop_open = False           # not vDSO here) once, not per batch (issue 10)
@@ -709,6 +711,8 @@ class FastPath:
                 kind = driver.ctl_kind
                 if kind is None:
                     rt.service()
+                    if self._reload or self._retiring:
+                        self._reload_step(rt)
                     if cfg.interface:
                         self._live_idle(capture)
                     if self._stop == 2 and time.monotonic() > self._stop_deadline and capture.poll() is None:
@@ -854,12 +858,21 @@ class FastPath:
         """Reload backend (engine_monitor) scripts live at the next batch boundary (signal-safe)."""
         self._reload = True
 
+    def _reload_step(self, rt) -> None:
+        """Between batches and while idle: a requested reload, then the replaced backends' drain."""
+        if self._reload:
+            self._reload_backends(rt)
+        if self._retiring:
+            self._retire_step(rt)
+
     def _reload_backends(self, rt) -> None:
         """Trisul's live backend reload: the plug-in files are probed again first; when any of them fails to
         load (syntax error, bad definition: ``file:line: message``) the reload is refused: one ERROR log line
         per problem, a ``plugin_problems`` entry, and the running backend instances keep running unchanged.
-        Otherwise every backend instance drains its T.async tasks (up to the drain deadline), writes its
-        outputs and runs onunload, and new backend instances start in the current window (onload, then
+        Otherwise every backend instance stops taking T.async tasks and leaves the packet path (no more
+        hooks) but keeps receiving its results between batches while the packet loop goes on, until none is
+        pending or the drain deadline passes (_retire_step: the rest are cut off, then its outputs are written
+        and onunload runs); new backend instances start at once in the current window (onload, then
         onbeginflush).  Frontend instances and per-flow state are untouched."""
         self._reload = False
         try:
@@ -875,16 +888,12 @@ class FastPath:
                 self.plugin_problems.append(msg)
             return
         old = [i for i in self.instances if i.kind == "engine_monitor"]   # monitors are not reloaded live
+        end = time.monotonic() + self.cfg.async_config.drain_deadline
         for inst in old:
-            rt.retire(inst.vm, self.cfg.async_config.drain_deadline)
-        self._collect(self.sec)
-        for inst in old:
-            inst.vm.call(None, "onunload")
-            inst.vm.unloaded = True
-            rt.unload(inst.vm)
+            inst.vm.stop_accepting()
             self.instances.remove(inst)
-        for inst in old:
             self.flowmon.remove_vm(inst.vm)
+            self._retiring.append((inst, end))
         self.flowmon.trackers.update({i.path: i.flowtracker for i in infos if i.flowtracker})
         for info in infos:
             for kind in info.runnable_types:
@@ -894,8 +903,28 @@ class FastPath:
         self.backend_reloads += 1
         if self.window_start is not None:
             self._backend("onbeginflush", self.window_start)
-        logs.log.info("backend scripts reloaded (%d instance(s))",
-                      sum(1 for i in self.instances if i.pipeline == "backend"))
+        logs.log.info("backend scripts reloaded (%d instance(s)); %d replaced instance(s) drain their T.async tasks "
+                      "for up to %g s while packets go on", sum(1 for i in self.instances if i.pipeline == "backend"),
+                      len(old), self.cfg.async_config.drain_deadline)
+        self._retire_step(rt)
+
+    def _retire_step(self, rt, final: bool = False) -> None:
+        """Replaced backend instances whose tasks all returned, or whose drain deadline passed, or all of them
+        (``final``: after the end-of-run drain, which drained them with the others): tasks still pending are
+        cut off (timeout, onerror), onunload runs, their outputs are written, the VM is closed."""
+        now = time.monotonic()
+        for item in list(self._retiring):
+            inst, end = item
+            if inst.vm.pending() and now < end and not final:
+                continue
+            deadline = self.cfg.async_config.drain_deadline
+            inst.vm.cut_off(f"still running at the reload drain deadline ({deadline:g} s): result lost")
+            inst.vm.call(None, "onunload")
+            inst.vm.unloaded = True
+            self._collect(None, [inst])
+            rt.unload(inst.vm)
+            self._retiring.remove(item)
+            logs.log.info("replaced backend instance %s#%s drained and unloaded", inst.vm.path, inst.vm.instance)
 
     def _drain_stopped(self) -> str | None:
         """The reason the end-of-input drain ends early: a stop (signal) that arrived during it, else None.
@@ -1059,6 +1088,7 @@ class FastPath:
         pending = rt.pending()
         self._drain_t0, self._drain_said, self._drain_pending = time.monotonic(), False, rt.pending
         rt.drain_and_stop(stop=self._drain_stopped)
+        self._retire_step(rt, final=True)      # backends replaced by a reload drained with the rest: now unloaded
         if self.stopped_during == "drain" and pending:
             logs.log.info("%s (the end of input): T.async tasks not yet returned are lost (lost_at_stop); onunload "
                           "runs and everything else is written", self._drain_stopped())
@@ -1106,13 +1136,15 @@ class FastPath:
         d = {_text(k): v for k, v in self._driver_stats(self.driver).items()}
         recs, nbytes, cap = self._ring_fill(self.driver)
         plugins = []
-        for inst in self.instances:
+        for inst in self.instances + [i for i, _end in self._retiring]:
             calls, errors = inst.vm.lua.eval("function(h) return h:hook_stats() end")(inst.vm.host)
             plugins.append({"plugin": inst.vm.path, "type": inst.kind, "instance": inst.vm.instance,
                             "hook_calls": {_text(k): v for k, v in calls.items()},
                             "hook_errors": {_text(k): v for k, v in errors.items()},
                             "async": inst.vm.async_stats(),
                             "workers": inst.vm.pool.stats() if inst.vm.pool else []})
+            if inst not in self.instances:       # replaced by a reload, draining its T.async tasks
+                plugins[-1]["retiring"] = True
         procs = {"fastpath": os.getpid()}
         if capture is not None and capture.poll() is None and not self.cfg.shard:
             procs["capture"] = capture.pid
