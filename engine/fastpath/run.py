@@ -421,9 +421,9 @@ class FastPath:
                 self.plugin_problems.append(f"{path}: {_text(problem)}")
                 rt.unload(vm)
                 return
-            inst.run_batch = self._budgeted(inst, vm.lua.eval(f"function(h, a, n) return h:{walk}(a, n) end"))
+            inst.run_batch = self._budgeted(inst, walk)
         elif kind == "filex_monitor":
-            events = self._budgeted(inst, vm.lua.eval("function(h, a, n) return h:run_filex_events(a, n) end"))
+            events = self._budgeted(inst, "run_filex_events")
             opts = {b"dir": self._filex_dir().encode(), b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
                     b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"max_header": int(self.cfg.http_max_header),
                     b"votes": self.stage.add_filex(vm.host, events), b"batch": int(self.driver.batch_addr)}
@@ -989,39 +989,39 @@ class FastPath:
         """Bytes of Lua memory a plug-in VM may use (--plugin-memory-mb), None = no limit."""
         return self.cfg.plugin_memory_mb * 1048576 if self.cfg.plugin_memory_mb else None
 
-    def _budgeted(self, inst, walk):
-        """``walk(host, addr, n)`` under the instance's hook budget (engine/plugins/watchdog.lua), armed and
-        disarmed from here so that the Lua walker itself stays a tail call (its traces keep compiling), and under
-        its memory limit: a walk that hit it (LUA_ERRMEM caught in a hook, or raised in the walker) disables the
-        instance (its later batches are skipped, counted in its summary's `disabled`)."""
+    def _headroom(self, inst) -> None:
+        """Raise `inst`'s memory limit by 256 MiB over --plugin-memory-mb: the room a VM over its limit gets to
+        report it, disarm its budget and still write its counters and outputs."""
+        inst.vm.set_memory_limit(self._max_memory() + (256 << 20))
+
+    def _budgeted(self, inst, method: str):
+        """``run(host, addr, n)``: the instance's per-batch walk, Host method `method` (engine/plugins/host.lua), in
+        one lupa call per batch.  With a hook budget or a memory limit that call is ``Host:walk_budgeted``: the
+        budget (engine/plugins/watchdog.lua) armed and disarmed around the walk, and a walk that hit the memory
+        limit (LUA_ERRMEM caught in a hook, or raised in the walker) disables the instance (its later batches are
+        skipped, counted in its summary's `batches_skipped`; the line is built in host.lua `memory_hit`)."""
+        lua = inst.vm.lua
         if not inst.budgeted and not self.cfg.plugin_memory_mb:
-            return walk
-        arm = inst.vm.lua.eval("function(h) h:arm_budget() end") if inst.budgeted else None
-        after = inst.vm.lua.eval("function(h) return h:after_batch() end")
-        from lupa.luajit21 import LuaMemoryError
+            return lua.eval(f"function(h, a, n) return h:{method}(a, n) end")
+        batch = lua.eval(f"function(h, a, n) return h:walk_budgeted(h.{method}, a, n) end")
+        after = lua.eval("function(h, e) return h:after_walk(e) end")
+        from lupa.luajit21 import LuaError, LuaMemoryError
 
         def run(host, addr, n):
             if inst.disabled is not None:
                 inst.batches_skipped += 1
                 return 0
-            exceeded = None
             try:
-                if arm is not None:
-                    arm(host)
-                return walk(host, addr, n)
+                res, exceeded = batch(host, addr, n)
             except LuaMemoryError:          # raised in luaprobe's code of the walk, outside a hook's xpcall
-                inst.vm.set_memory_limit(self._max_memory() + (256 << 20))
-                exceeded = (f"{os.path.basename(inst.vm.path)} [{inst.kind}#{inst.vm.instance}]: memory limit "
-                            f"{self.cfg.plugin_memory_mb} MiB exceeded (--plugin-memory-mb); instance disabled")
-                return 0
-            finally:
-                try:
-                    exceeded = after(host) or exceeded
-                except LuaMemoryError:
-                    inst.vm.set_memory_limit(self._max_memory() + (256 << 20))
-                    exceeded = after(host) or exceeded
-                if exceeded is not None:
-                    self._disable(inst, _text(exceeded))
+                self._headroom(inst)
+                res, exceeded = 0, after(host, "not enough memory")
+            except LuaError:                # the walker's own error: the budget is disarmed, the error goes on
+                after(host, None)
+                raise
+            if exceeded is not None:
+                self._disable(inst, _text(exceeded))
+            return res
         return run
 
     def _disable(self, inst, why: str) -> None:
@@ -1030,7 +1030,7 @@ class FastPath:
         if inst.disabled is not None:
             return
         inst.disabled = why
-        inst.vm.set_memory_limit(self._max_memory() + (256 << 20))
+        self._headroom(inst)
         inst.vm.lua.execute("collectgarbage()")
         logs.log.error("%s", why)
         self.plugin_problems.append(why)

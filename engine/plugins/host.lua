@@ -16,6 +16,9 @@ local M = {}
 local Host = {}
 Host.__index = Host
 
+-- LuaJIT's LUA_ERRMEM message: the VM's memory limit (--plugin-memory-mb, engine/plugins/_lpwatch.c) was hit
+local function is_memory_error(err) return type(err) == "string" and err:find("^not enough memory") ~= nil end
+
 -- not debug.traceback(msg, 2) (a tail call, hence level 3 here): LuaJIT cuts msg at its first NUL byte
 local function traceback(msg) return tostring(msg) .. debug.traceback("", 3) end
 
@@ -47,12 +50,8 @@ function M.boot(opts)
   self.errors = errlog.new(logf, path)
   local report = self.errors.report
   self.errors.report = function(log, kind, msg)               -- LuaJIT's LUA_ERRMEM: the VM's memory limit
-    if self.memory_limit and type(msg) == "string" and msg:find("^not enough memory") then  -- (lupa's allocator,
-                                                              -- --plugin-memory-mb) was hit; msg may carry a traceback
-      collectgarbage()                                        -- the hook's garbage: room for the message
-      self.memory_exceeded = self.memory_exceeded or ("%s: memory limit %d MiB exceeded in %s (--plugin-memory-mb); "
-        .. "instance disabled"):format(self.memory_label, self.memory_limit, kind:gsub(" error$", ""))
-      msg = self.memory_exceeded
+    if self.memory_limit and is_memory_error(msg) then        -- (--plugin-memory-mb) was hit; msg may carry a
+      msg = self:memory_hit((kind:gsub(" error$", "")))       -- traceback
     end
     return report(log, kind, msg)
   end
@@ -369,15 +368,20 @@ function Host:set_budget(seconds, label)
   return self.watchdog ~= nil
 end
 
---- The VM's memory limit (PluginVM max_memory, lupa's allocator): `mib` for the message naming `label`.
+--- The VM's memory limit (--plugin-memory-mb, PluginVM max_memory): `mib` for the message naming `label`.
 function Host:set_memory_limit(mib, label)
   self.memory_limit, self.memory_label = mib, label
 end
 
---- After a per-batch walk (called from Python): the budget disarmed when armed; the memory-limit message when the
---- limit was hit (the instance is then disabled), else nil.
-function Host:after_batch()
-  if self.watchdog then self:count_budget(self.watchdog.disarm()) end
+--- The VM hit its memory limit (LUA_ERRMEM) in hook `where`, or in luaprobe's code of a walk (`where` nil): the
+--- instance is disabled from here on.  Returns the one line the run logs (ERROR, exit 4); built here only, for
+--- both places (engine/fastpath/run.py shows it).
+function Host:memory_hit(where)
+  collectgarbage()                                          -- the failed code's garbage: room for the message
+  if not self.memory_exceeded then
+    self.memory_exceeded = ("%s: memory limit %d MiB exceeded%s (--plugin-memory-mb); instance disabled"):format(
+      tostring(self.memory_label or self.path), self.memory_limit or 0, where and (" in " .. where) or "")
+  end
   return self.memory_exceeded
 end
 
@@ -385,11 +389,30 @@ function Host:count_budget(fired)
   if fired > 0 then self.hook_errors.hook_budget = (self.hook_errors.hook_budget or 0) + fired end
 end
 
---- Arm / disarm the budget around a per-batch walk.  The fast path calls these from Python around the walker, so
---- the walker keeps being entered by a tail call: a Lua frame below it would end its traces on every return
---- ("return to lower frame") and a vararg wrapper would not compile at all.
-function Host:arm_budget() self.watchdog.arm(self.budget, self.budget_msg, PKGROOT) end
-function Host:disarm_budget() self:count_budget(self.watchdog.disarm()) end
+--- One batch of a per-batch walk, in one call from Python (engine/fastpath/run.py `_budgeted`; a lupa call costs
+--- 1-3 µs, and this was three: arm, walk, check): `walk(self, addr, n)` (a Host method: run_batch,
+--- run_protocol_batch, run_storage_batch, run_filex_events) with the hook budget armed around it, under the VM's
+--- memory limit.  Returns the walk's result (hook calls, events) and the memory-limit line when the VM hit its limit
+--- in a hook (the instance is then disabled), else nil.  An error raised by the walker itself (LUA_ERRMEM outside a
+--- hook's xpcall included) goes to Python, which then calls after_walk alone.  A plain call, not a pcall: a trace
+--- that starts in the walked code and returns through a pcall frame aborts ("NYI: return to lower frame", seen for
+--- filex events in tests/test_jit_aborts.py), one that returns into a Lua frame does not.
+function Host:walk_budgeted(walk, addr, n)
+  local wd = self.watchdog
+  if wd then wd.arm(self.budget, self.budget_msg, PKGROOT) end
+  local res = walk(self, addr, n)
+  if wd then self:count_budget(wd.disarm()) end
+  return res, self.memory_exceeded
+end
+
+--- After a walk_budgeted that raised (`err`: its error): the budget disarmed, its firings counted.  Returns the
+--- memory-limit line when `err` is LUA_ERRMEM (the instance is then disabled), else nil (Python raises `err` again).
+function Host:after_walk(err)
+  local wd = self.watchdog
+  if wd then self:count_budget(wd.disarm()) end
+  if is_memory_error(err) then return self:memory_hit(nil) end
+  return nil
+end
 
 --- Add one batch's calls and errors of hook `name` to the instance's counters (hook_calls / hook_errors).
 function Host:count_hook(name, calls, errors)
