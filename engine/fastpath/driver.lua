@@ -56,18 +56,32 @@ function M.new(opts)
   return self
 end
 
+--- Release the previous batch's ring space (fill, skip): every packet counted so far was in it.  A shard publishes
+--- that count for its coordinator (engine/fastpath/shards.py) next to the release, so a kill -9 falls between
+--- them only by chance.
+local function release_batch(self)
+  local released = self.packets
+  self.released = released
+  local pp = self.progress_p
+  if pp ~= nil then pp[0] = released end
+  self.ring:release()
+  self.ctl_kind = nil
+end
+
+--- The ring's next record (at p, header h, len bytes) is a control record, met before any packet of the
+--- batch: it becomes ctl_kind / ctl_text and leaves the ring.
+local function take_control(self, p, h, len)
+  self.ctl_kind, self.ctl_text = h.kind, fstring(p + REC, h.caplen)
+  self.ring:advance(len)
+end
+
 --- Fill the batch.  Returns the number of packets (0 when the ring is empty
 --- or a control record is next: then ctl_kind / ctl_text are set) and the
 --- batch's packet-time second (self.sec: one call from Python, not two).
 --- The previous batch's ring space is released here, not before.
 function Driver:fill()
   local r, b, ft = self.ring, self.batch, self.ft
-  local released = self.packets          -- every packet counted so far is in the batch released now
-  self.released = released
-  local pp = self.progress_p             -- a shard: published for its coordinator (engine/fastpath/shards.py),
-  if pp ~= nil then pp[0] = released end -- next to the release, so a kill -9 falls between them only by chance
-  r:release()
-  self.ctl_kind = nil
+  release_batch(self)
   if self.nreasm then self.reasm, self.nreasm = {}, nil end   -- frames of the previous batch
   if #self.renewed > 0 then self.renewed = {} end             -- the previous batch's renewed records
   local n, max = 0, self.nbatch
@@ -77,10 +91,7 @@ function Driver:fill()
     if p == nil then break end
     local h = cast(recp, p)
     if h.kind ~= PKT then
-      if n == 0 then
-        self.ctl_kind, self.ctl_text = h.kind, fstring(p + REC, h.caplen)
-        r:advance(len)
-      end
+      if n == 0 then take_control(self, p, h, len) end
       break
     end
     local ts = h.ts_sec
@@ -178,21 +189,14 @@ end
 --- self.not_walked (the run's not_walked_at_stop), so packets read = packets + not_walked.
 function Driver:skip()
   local r = self.ring
-  self.released = self.packets
-  local pp = self.progress_p
-  if pp ~= nil then pp[0] = self.packets end
-  r:release()
-  self.ctl_kind = nil
+  release_batch(self)
   local n = 0
   while true do
     local p, len = r:peek()
     if p == nil then break end
     local h = cast(recp, p)
     if h.kind ~= PKT then
-      if n == 0 then
-        self.ctl_kind, self.ctl_text = h.kind, fstring(p + REC, h.caplen)
-        r:advance(len)
-      end
+      if n == 0 then take_control(self, p, h, len) end
       break
     end
     r:advance(len)
@@ -265,14 +269,12 @@ local function join_tags(list)
 end
 M.join_tags = join_tags
 
---- Fill export record k with flow idx (or the row `r` given instead: a pending row, whose tags are then
---- returned instead of listed).  `peek`: a new flow reported to sg_monitor.onnewflow (state OPEN,
---- not a final record, its tags stay for its final record).
-local function put_row(self, k, idx, reason, peek, r)
+--- Write flow idx's record into row `r` (an lp_flowrow).  `peek`: a new flow reported to sg_monitor.onnewflow
+--- (state OPEN, not a final record, its tags stay for its final record).  Returns the flow's tags joined
+--- (join_tags), or nil; r.tags is left 0 (the caller lists them: put_row, drain_pending).
+local function write_row(self, r, idx, reason, peek)
   local ft = self.ft
-  local own = r ~= nil
   local e = ft.flows[idx]
-  r = r or self.exp[k]
   ffi.fill(r, M.ROW_SIZE)
   r.first_ts, r.last_ts = e.first_ts, e.last_ts
   r.packets_az, r.packets_za, r.bytes_az, r.bytes_za = e.packets_az, e.packets_za, e.bytes_az, e.bytes_za
@@ -290,16 +292,22 @@ local function put_row(self, k, idx, reason, peek, r)
   local l = n == 41 and 11 or 32
   ffi.copy(r.ipa, r.key + 4, l)
   ffi.copy(r.ipz, r.key + 12 + l, l)
-  if self.ntags > 0 then
-    local key = fstring(r.key, n)
-    local tl = self.tags[key]
-    if tl then
-      if not peek then self.tags[key] = nil; self.ntags = self.ntags - 1 end
-      if own then return join_tags(tl) end
-      local list = self.exp_tags
-      list[#list + 1] = join_tags(tl)
-      r.tags = #list
-    end
+  if self.ntags == 0 then return nil end
+  local key = fstring(r.key, n)
+  local tl = self.tags[key]
+  if tl == nil then return nil end
+  if not peek then self.tags[key] = nil; self.ntags = self.ntags - 1 end
+  return join_tags(tl)
+end
+
+--- Fill export record k with flow idx (write_row); its tags, if any, go to Driver.exp_tags.
+local function put_row(self, k, idx, reason, peek)
+  local r = self.exp[k]
+  local tags = write_row(self, r, idx, reason, peek)
+  if tags then
+    local list = self.exp_tags
+    list[#list + 1] = tags
+    r.tags = #list
   end
 end
 
@@ -313,7 +321,7 @@ function Driver:pend_row(idx)
     ffi.copy(a, self.pend, n * M.ROW_SIZE)
     self.pend, self.pend_cap = a, cap
   end
-  self.pend_tags[n + 1] = put_row(self, nil, idx, RENEW, false, self.pend[n]) or false
+  self.pend_tags[n + 1] = write_row(self, self.pend[n], idx, RENEW, false) or false
   self.npend = n + 1
   local rn = self.renewed
   rn[#rn + 1] = idx
