@@ -36,8 +36,8 @@ def one_run(path: str, plugdir: str, workdir: str) -> dict:
     acc: dict = {}
     original = runmod.FastPath.__dict__["_budgeted"]
 
-    def budgeted(inst, walk):
-        inner = original.__func__(inst, walk)
+    def budgeted(self, inst, walk):
+        inner = original(self, inst, walk)
         name = os.path.basename(inst.vm.path)
 
         def timed(host, addr, n):
@@ -47,7 +47,7 @@ def one_run(path: str, plugdir: str, workdir: str) -> dict:
             return r
         return timed
 
-    runmod.FastPath._budgeted = staticmethod(budgeted)
+    runmod.FastPath._budgeted = budgeted
     try:
         out = os.path.join(workdir, "out")
         shutil.rmtree(out, ignore_errors=True)

@@ -51,8 +51,8 @@ def one_run(path: str, plugdir: str, workdir: str, batch: int) -> dict:
             return r
         return fill
 
-    def timed_budgeted(inst, walk):
-        inner = budgeted.__func__(inst, walk)
+    def timed_budgeted(self, inst, walk):
+        inner = budgeted(self, inst, walk)
 
         def run(host, addr, n):
             t = time.thread_time_ns()
@@ -61,7 +61,7 @@ def one_run(path: str, plugdir: str, workdir: str, batch: int) -> dict:
             return r
         return run
 
-    runmod.method, runmod.FastPath._budgeted = timed_method, staticmethod(timed_budgeted)
+    runmod.method, runmod.FastPath._budgeted = timed_method, timed_budgeted
     try:
         out = os.path.join(workdir, "out")
         shutil.rmtree(out, ignore_errors=True)
