@@ -599,6 +599,49 @@ def test_stalled_fastpath_is_restarted_and_status_says_why(daemon, tmp_path):
     assert daemon.cli("stop").returncode == 0
 
 
+@pytest.mark.parametrize("role", ["capture", "store"])
+def test_stopped_capture_or_store_is_a_stall(daemon, role):
+    """[supervise] stall_timeout also covers what the heartbeat cannot see: a SIGSTOPped capture process (the
+    fast path idles and keeps beating; a file source stops advancing) or store writer (state T in /proc) is
+    killed with the tree and the fast path restarted, and status names the stopped process (failed before:
+    packets/s 0, state running, no restart)."""
+    daemon.start(supervise="stop_deadline = 15\nstall_timeout = 3")
+    st = helpers.wait_for(lambda: (s := daemon.status())["processes"].get(role) and s, 30, 0.1)
+    pid, old = st["processes"][role], st["fastpath_pid"]
+    daemon.wait_packets()
+    os.kill(pid, signal.SIGSTOP)
+    st = helpers.wait_for(lambda: (s := daemon.status())["restarts"] == 1 and s["state"] == "running" and s, 40, 0.1)
+    assert st["last_exit"].startswith("stalled: ") and st["last_exit"].endswith("; killed"), st
+    assert f"pid {pid}" in st["last_exit"] and st["fastpath_pid"] != old
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    daemon.wait_packets(100)                             # the restarted fast path makes progress
+    log = open(os.path.join(daemon.run_dir, control.LOG)).read()
+    assert len([x for x in log.splitlines() if f"ERROR fast path (pid {old}) stalled: " in x and f"pid {pid}" in x]) == 1
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_stopped_shard_is_a_stall(daemon):
+    """shards = 3, one shard process SIGSTOPped: the input stops advancing (its ring fills, the capture waits);
+    the supervisor kills the tree after stall_timeout and restarts it, naming the stopped shard."""
+    daemon.write_config()
+    text = open(daemon.config).read().replace('run_dir = "run"', 'run_dir = "run"\nshards = 3')
+    open(daemon.config, "w").write(text.replace("stop_deadline = 15", "stop_deadline = 15\nstall_timeout = 3"))
+    assert cli("start", "--config", daemon.config).returncode == 0
+    daemon.pids.add(control.read_pid(daemon.run_dir))
+    st = helpers.wait_for(lambda: (s := daemon.status())["processes"].get("shards") and all(
+        s["processes"]["shards"]) and s, 30, 0.1)
+    daemon.wait_packets()
+    pid = st["processes"]["shards"][1]
+    daemon.pids |= {p.pid for p in psutil.Process(st["fastpath_pid"]).children(recursive=True)}
+    os.kill(pid, signal.SIGSTOP)
+    st = helpers.wait_for(lambda: (s := daemon.status())["restarts"] == 1 and s["state"] == "running" and s, 40, 0.1)
+    assert st["last_exit"].startswith("stalled: ") and f"shard process (pid {pid}) stopped" in st["last_exit"], st
+    daemon.wait_packets(100)
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
 # ============================================================================ the daemon says what went wrong
 def test_start_reports_a_plugin_error_like_run_and_starts_nothing(daemon, tmp_path):
     plug = tmp_path / "plugins"

@@ -112,6 +112,9 @@ class Supervisor:
         self.child_started_wall = time.time()
         self.stalled = None
         self.restart_at = None
+        self._stopped, self._progress = {}, None       # _check_stuck_input
+        self._files_only = bool(self.cfg["source"]["pcap"]) and all(
+            os.path.isfile(os.path.join(os.path.dirname(self.cfg.path), p)) for p in self.cfg["source"]["pcap"])
         self._set_state("running")
         log.info("fast path started (pid %d)", self.child.pid)
 
@@ -159,6 +162,45 @@ class Supervisor:
         age = time.time() - beat
         if age > limit:
             self.stalled = f"stalled: no heartbeat for {age:.0f} s (a hook stuck in a loop?); killed"
+            log.error("fast path (pid %d) %s", self.child.pid, self.stalled)
+            self._kill_tree()
+
+    def _check_stuck_input(self) -> None:
+        """The rest of the stall rule ([supervise] stall_timeout; docs/operations.md "Faults"), for what the
+        heartbeat cannot see, because the fast path itself keeps beating while it waits for packets:
+        * any process of the run (capture, shard, store, fast path) found stopped (state T/t in /proc: SIGSTOP,
+          a debugger) on every look for stall_timeout s;
+        * a source of regular files (looping or not), whose capture always keeps the packet ring full: the fast
+          path's packet count unchanged for stall_timeout s after its first packet, while its snapshots keep
+          coming (its loop runs idle; a stuck hook stops them, and the heartbeat rule applies).
+          A live interface (or a FIFO / stdin) with no packets is a quiet source, not a stall.
+        Either kills the tree; the fast path is restarted like a crash and status says why."""
+        limit = float(self.sv.get("stall_timeout", 0) or 0)
+        if not limit or self.child is None or self.mode != "run":
+            return
+        now = time.monotonic()
+        stopped, why = {}, None
+        for role, v in self._pids().items():
+            for pid in (v if isinstance(v, list) else [v]):
+                if role != "supervisor" and pid and _proc_state(pid) in ("T", "t"):
+                    stopped[pid] = since = self._stopped.get(pid, now)
+                    if now - since >= limit:
+                        name = {"shards": "shard", "workers": "worker"}.get(role, role)
+                        why = f"{name} process (pid {pid}) stopped (state T) for {now - since:.0f} s"
+        self._stopped = stopped
+        snap = self.snapshot or {}
+        if (why is None and self._files_only and not snap.get("final")
+                and snap.get("processes", {}).get("fastpath") == self.child.pid):
+            packets, t = snap.get("packets"), snap.get("time")
+            if not packets or self._progress is None or packets != self._progress[0]:   # 0: still starting
+                self._progress = (packets, now)
+            elif (now - self._progress[1] >= limit       # the fast path still writes snapshots: its loop idles
+                  and time.time() - (t or 0) <= 2 * float(self.cfg["stats"]["interval"]) + 1):
+                names = ", ".join(f"pid {p} is stopped" for p in stopped)
+                why = (f"no packets for {now - self._progress[1]:.0f} s from a file source while the fast path "
+                       f"idles (capture stuck?{' ' + names if names else ''})")
+        if why:
+            self.stalled = f"stalled: {why}; killed"
             log.error("fast path (pid %d) %s", self.child.pid, self.stalled)
             self._kill_tree()
 
@@ -442,6 +484,8 @@ class Supervisor:
                     self._poll_stats()
                 if self.child is not None:
                     self._check_stall()
+                    if self.child.poll() is None:
+                        self._check_stuck_input()
                     rc = self.child.poll()
                     if rc is None and self.stop_at is not None and self.mode in ("stop", "reload") and now > self.stop_at:
                         log.error("fast path did not stop within %g s: killing it", self.sv["stop_deadline"])
@@ -487,6 +531,15 @@ class Supervisor:
             control.unregister(self.run_dir)
             pidfile.release()
             log.info("supervisor exiting: %s", self.state)
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, T stopped, t traced, Z ...); None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
 
 
 # ---------------------------------------------------------------- the child: one fast-path run
