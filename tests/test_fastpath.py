@@ -802,6 +802,48 @@ TrisulPlugin = {{
         assert plugin_entries(summary, f"{name}.lua")[0]["hook_calls"]["onmessage"] == len(got(name))
 
 
+def test_message_delivery_between_batches(tmp_path):
+    """post_message_frontend reaches every frontend instance between batches (docs/plugins.md "Messages"), not
+    when packet time reaches a new second: with --batch 1, a message the sender's onpacket posts at its TCP
+    packet k reaches its own onmessage and another simplecounter's before either hook sees packet k + 1.  The
+    posting packets are chosen by tshark so that packet k + 1 is in the same second (before: delivered at the
+    first packet of the next second, k + 1 or later)."""
+    pcap = os.path.join(PCAPS, "trisul-16minutes.pcap")
+    secs = [int(float(x)) for x in subprocess.run(["tshark", "-r", pcap, "-Y", "tcp", "-T", "fields", "-e",
+                                                   "frame.time_epoch"], capture_output=True, text=True,
+                                                  check=True).stdout.split()]
+    # 1-based TCP packet numbers k whose successor is in the same second (and the one before in another second,
+    # so that delivery at the next second would come several packets late)
+    same = [k for k in range(2, len(secs)) if secs[k - 1] == secs[k] and secs[k - 2] != secs[k - 1]]
+    ks = [k for k in same if k > 10][:5]
+    assert len(ks) == 5
+    d = tmp_path / "plugins"
+    d.mkdir()
+    for name, posts in (("sender", "{" + ",".join(f"[{k}]=true" for k in ks) + "}"), ("listener", "{}")):
+        (d / f"{name}.lua").write_text(f"""
+local POSTS, got = {posts}, {{}}
+TrisulPlugin = {{
+  id = {{ name = "{name}" }},
+  onmessage = function(msgid, msg) got[#got + 1] = msg .. " " .. (T.n or 0) end,
+  onunload = function()
+    local f = assert(io.open({lua_str(str(tmp_path))} .. "/{name}.txt", "w")); f:write(table.concat(got, "\\n")); f:close()
+  end,
+  simplecounter = {{
+    protocol_guid = "{G_TCP}",
+    onpacket = function(engine, layer)
+      T.n = (T.n or 0) + 1
+      if POSTS[T.n] then engine:post_message_frontend("at " .. T.n) end
+    end,
+  }},
+}}
+""")
+    summary, _ = run(tmp_path, [d], [pcap], batch=1)
+    assert summary["plugin_problems"] == []
+    want = [f"at {k} {k}" for k in ks]
+    assert (tmp_path / "sender.txt").read_text().split("\n") == want
+    assert (tmp_path / "listener.txt").read_text().split("\n") == want
+
+
 # ============================================================================ 10. objects in onpacket
 
 def test_layer_packet_flowid_buffer_methods(tmp_path):

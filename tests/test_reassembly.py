@@ -571,3 +571,61 @@ def test_add_flow_counter_from_reassembly_handler(tmp_path, batch):
             got[r["key"]] += r["value"]
     assert len(flows) >= 8 and sum(want.values()) > 500_000
     assert got == +want
+
+
+# ftp.lua's pattern (trisul-scripts reassembly/ftp.lua): the control connection's PORT command is broadcast with
+# post_message_frontend, every instance (the sender included) learns the data endpoint in onmessage, and the data
+# connection's payload is saved only when its endpoint is known by then.
+FTP_MESSAGES = r'''
+local OUT = %q
+TrisulPlugin = {
+  id = { name = "ftp ports" },
+  onload = function() T.ports, T.log = {}, {} end,
+  onmessage = function(msgid, msg)
+    local ep = msg:match("^PORT (%S+)$")
+    if ep then T.ports[ep] = true end
+  end,
+  onunload = function()
+    local f = assert(io.open(OUT .. "/log.txt", "w")); f:write(table.concat(T.log, "\n")); f:close()
+  end,
+  reassembly_handler = {
+    onpayload = function(engine, ts, flow, dir, seekpos, buf)
+      local id = flow:id()
+      if id:find("p-0015", 1, true) then
+        local o = buf:tostring():match("PORT (%d+,%d+,%d+,%d+,%d+,%d+)")
+        if o then
+          local a, b, c, d, p0, p1 = o:match("(%d+),(%d+),(%d+),(%d+),(%d+),(%d+)")
+          engine:post_message_frontend(("PORT %02X.%02X.%02X.%02X:p-%04X"):format(a, b, c, d, p0 * 256 + p1))
+        end
+      elseif T.ports[id:sub(24)] or T.ports[id:sub(5, 22)] then
+        buf:writetofile(OUT .. "/" .. id .. "_" .. dir, seekpos)
+      elseif id:find("p-0014", 1, true) then                 -- ftp-data whose endpoint is not known yet
+        T.log[#T.log + 1] = "unknown " .. id .. " " .. seekpos
+      end
+    end,
+  },
+}
+'''
+
+
+@needs_tshark
+@pytest.mark.parametrize("batch", [1, 1024])
+def test_message_reaches_sender_before_its_next_event(tmp_path, batch):
+    """A message posted by a reassembly_handler hook reaches the same instance's onmessage before its next hook
+    (the sender's own instances receive their broadcasts), so the active-mode FTP data connections that start
+    milliseconds after their PORT command (trisul-16minutes.pcap: /bin/ls listings and report42.doc.gz) are saved
+    whole, at any batch size: each saved stream equals tshark's follow-stream bytes of that connection.  Before,
+    messages waited for packet time to reach a new second and the data connections' payloads were unknown."""
+    out = tmp_path / "files"
+    out.mkdir()
+    plugin = helpers.write_plugin(tmp_path, fill(FTP_MESSAGES, str(out)), "ftpports.lua")
+    run(tmp_path, [plugin], [FTP], batch=batch)
+    streams = tshark("-r", FTP, "-Y", "tcp.srcport == 20 and tcp.len > 0", "-T", "fields", "-e", "tcp.stream")
+    streams = sorted({int(x) for x in streams.split()})
+    assert len(streams) >= 4
+    assert (out / "log.txt").read_text() == ""
+    for s in streams:
+        key, c2s, s2c = follow(FTP, s)
+        # Node 0 is the client (port 20 opened the connection): its bytes travel client -> server (dir 1)
+        assert (out / f"{key}_1").read_bytes() == c2s and len(c2s) > 0, s
+        assert not (out / f"{key}_0").exists() and s2c == b""

@@ -286,6 +286,15 @@ class Instance:
     batches_skipped = 0                # batches not walked since it was disabled
 
 
+def _message_rows(sender, rows) -> list:
+    """(sender, pipeline, msgid, msg bytes, already delivered to the sender) of a VM's posted message rows."""
+    out = []
+    for r in rows.values():
+        v = list(r.values())
+        out.append((sender, _text(v[0]), _text(v[1]), _bytes(v[2]), len(v) > 3 and bool(v[3])))
+    return out
+
+
 _IPR_KEYS = ("ip_fragments", "ip_datagrams", "ip_frag_timeouts", "ip_frag_incomplete", "ip_frag_overlaps",
              "ip_frag_duplicates", "ip_frag_malformed", "ip_frag_dropped_cap")
 
@@ -327,6 +336,7 @@ class FastPath:
         self.flowmon = None             #: FlowBackends (sg_monitor / flowtracker)
         self.shard_index = cfg.shard["index"] if cfg.shard else 0
         self.messages_undelivered = 0   #: post_message_* with no instance of that pipeline in this process
+        self._posted = False            #: a message was posted since the last delivery (_on_post)
         self.analysers = None
         self.monitors = Monitors(cfg.backend_instances)
 
@@ -455,6 +465,8 @@ class FastPath:
         vm.take_outputs = method(vm.lua, "take_outputs")
         vm.set_time = method(vm.lua, "set_time")
         vm.deliver_message = method(vm.lua, "deliver_message")
+        vm.take_messages = method(vm.lua, "take_messages")
+        vm.lua.eval("function(h, f) h.engine.on_post = f end")(vm.host, self._on_post)
         self.instances.append(inst)
         return inst
 
@@ -523,13 +535,31 @@ class FastPath:
                 fk, tag = _text(r[1]), _bytes(r[2])
                 if not (self.flowmon is not None and self.flowmon.tag(fk, tag.decode("utf-8", "backslashreplace"))):
                     self.driver_tag(self.driver, fk.encode(), tag)
-            messages += [(_text(p), _text(m), _bytes(x)) for p, m, x in (r.values() for r in out[b"messages"].values())]
-        for pipeline, msgid, msg in messages:       # msg: bytes, delivered unchanged (need not be UTF-8)
+            messages += _message_rows(inst, out[b"messages"])
+        self._dispatch(messages)
+
+    def _on_post(self) -> None:
+        """A plug-in posted a message (engine.lua post): delivered after the batch under way."""
+        self._posted = True
+
+    def _deliver_messages(self) -> None:
+        """Between batches: the messages posted since the last delivery reach their pipeline's instances."""
+        self._posted = False
+        messages = []
+        for inst in self.instances:
+            messages += _message_rows(inst, inst.vm.take_messages(inst.vm.host.engine))
+        self._dispatch(messages)
+
+    def _dispatch(self, messages) -> None:
+        """Deliver (sender, pipeline, msgid, msg, delivered_to_sender) rows to every instance of the pipeline
+        (the sender's own VM unless Host:deliver_own gave it the message already)."""
+        for sender, pipeline, msgid, msg, own in messages:   # msg: bytes, delivered unchanged (need not be UTF-8)
             targets = [inst for inst in self.instances if inst.pipeline == pipeline]
             if not targets:          # e.g. to the backend from a shard other than 0 (docs/scale.md)
                 self.messages_undelivered += 1
             for inst in targets:
-                inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg)
+                if not (own and inst is sender):
+                    inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg)
 
     def _exported(self, n: int) -> int:
         """The driver's last n exported flow records (engine/fastpath/flowrows.py) go where _flows sends
@@ -699,6 +729,8 @@ class FastPath:
                         run_batch(host, batch_addr, n)
                     if new_flows is not None:
                         self.flowmon.new_flows(self._new_flows(new_flows(driver, n)), sec)
+                    if self._posted:            # post_message_*: delivered between batches
+                        self._deliver_messages()
                     loop_open = True            # its end is read once the ring has no batch (loop_end below)
                     rt.service()
                     self._maybe_stats(rt, capture)

@@ -394,16 +394,24 @@ function Engine:flow_counter_batch(addr, n)
   return counted
 end
 
---- post_message_frontend([msgid,] msg): to all onmessage holders (1 arg) or subscribers of msgid.
-function Engine:post_message_frontend(a, b)
-  if b == nil then push(self.rows.messages, { "frontend", "", tostring(a) })
-  else push(self.rows.messages, { "frontend", norm(a), tostring(b) }) end
+-- A posted message: a row {pipeline, msgid ("" = broadcast), msg} in rows.messages; the fast path delivers it
+-- between batches (engine/fastpath/run.py _deliver_messages, told by on_post) to every instance of the pipeline.
+-- One for this VM's own pipeline also sets own_pending: Host:call delivers it to this VM as soon as the posting
+-- hook returns (Host:deliver_own, which marks the row [4] = true so the fast path skips this VM).
+local function post(self, pipeline, a, b)
+  local row
+  if b == nil then row = { pipeline, "", tostring(a) } else row = { pipeline, norm(a), tostring(b) } end
+  push(self.rows.messages, row)
+  if pipeline == self._pipeline then self.own_pending = true end
+  local f = self.on_post
+  if f then f() end
 end
 
-function Engine:post_message_backend(a, b)
-  if b == nil then push(self.rows.messages, { "backend", "", tostring(a) })
-  else push(self.rows.messages, { "backend", norm(a), tostring(b) }) end
-end
+--- post_message_frontend([msgid,] msg): to all onmessage holders (1 arg) or subscribers of msgid.
+function Engine:post_message_frontend(a, b) post(self, "frontend", a, b) end
+
+--- post_message_backend([msgid,] msg): the same for the backend pipeline's instances.
+function Engine:post_message_backend(a, b) post(self, "backend", a, b) end
 
 -- ------------------------------------------------------------------ flows and edges
 
@@ -539,7 +547,17 @@ M.new_rows = new_rows
 function Engine:take_outputs()
   local r = self.rows
   self.rows = new_rows()
+  self.own_pending = false
   return r
+end
+
+--- Move out the posted messages only ({pipeline, msgid, msg[, true when already delivered to this VM]} rows).
+function Engine:take_messages()
+  local m = self.rows.messages
+  if #m == 0 then return m end
+  self.rows.messages = {}
+  self.own_pending = false
+  return m
 end
 
 return M

@@ -109,7 +109,27 @@ function Host:call(sub, name, ...)
     self.errors:report(key .. " error", res)
   end
   if self.async.backlog > 0 then self.async:flush() end    -- tasks it scheduled go out now
+  if self.engine.own_pending and not self.delivering then self:deliver_own() end
   return ok, res
+end
+
+--- Messages this VM posted to its own pipeline reach its onmessage as soon as the posting hook returned (before
+--- its next hook: Trisul's ftp.lua posts "FTP PORT" in onpayload and needs it at the data connection's first
+--- payload); the fast path then delivers them to the pipeline's other instances only.  Messages posted by an
+--- onmessage called here are not delivered here (no recursion): they reach this VM after its next hook or with
+--- the fast path's delivery, whichever comes first.
+function Host:deliver_own()
+  local eng = self.engine
+  eng.own_pending = false
+  local rows, pipeline = eng.rows.messages, eng._pipeline
+  local todo = {}
+  for i = 1, #rows do
+    local r = rows[i]
+    if r[4] == nil and r[1] == pipeline then r[4] = true; todo[#todo + 1] = r end
+  end
+  self.delivering = true
+  for i = 1, #todo do self:deliver_message(todo[i][2], todo[i][3]) end
+  self.delivering = false
 end
 
 -- ------------------------------------------------------------------ script types
