@@ -151,6 +151,32 @@ def test_sg_monitor_flows_match_tshark(tmp_path):
     assert len(udp) > 0
 
 
+SG_UDP_NO = r"""
+TrisulPlugin = { id = { name = "sg drops udp" },
+  sg_monitor = { flushfilter = function(engine, flow) return flow:flow():protocol() ~= "11" end } }
+"""
+SG_WATCH = r"""
+TrisulPlugin = { id = { name = "sg watches" },
+  sg_monitor = { onflush = function(engine, flow) T.n = (T.n or 0) + 1 end } }
+"""
+
+
+@needs_tshark
+def test_sg_monitor_without_flushfilter_casts_no_vote(tmp_path):
+    """Trisul's flushfilter rule for sg_monitor: a flow record is stored unless every script that has a
+    flushfilter votes false; a second sg_monitor with only onflush does not vote, so the UDP records the first
+    one drops stay out (before: the watcher's missing filter kept every record).  TCP conversations: tshark's."""
+    a = helpers.write_plugin(tmp_path, SG_UDP_NO, "udpno.lua")
+    b = helpers.write_plugin(tmp_path, SG_WATCH, "watch.lua")
+    summary, out = run(tmp_path, [a, b])
+    with Store(out) as s:
+        stored = {f["flowkey"] for f in s.flows()}
+    udp = conversations("udp")
+    assert len(udp) > 0 and not any(k[:2] == "11" for k in stored)
+    assert {k for k in stored if k[2] == "A" and k[:2] == "06"} == set(conversations("tcp"))
+    assert summary["flow_backends"]["flows_filtered_out"] >= len(udp)
+
+
 FT = r'''
 TrisulPlugin = { id = { name = "ft test" },
   flowtracker = {

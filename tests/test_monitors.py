@@ -247,3 +247,74 @@ def test_cg_monitor_hosts_trisul16(tmp_path):
     totals = [x for x in flush if x[1] == "SYS:GROUP_TOTALS"]
     assert totals and json.dumps(totals[0][4]) == '"Hosts"'
     assert any(x.startswith("top") for x in lines(tmp_path, "cg-"))
+
+
+# Trisul's flushfilter rule (a script without the filter hook casts no vote), with the shapes of
+# trisul-scripts' alerts/alert_filter.lua (drops ALIENVAULT in the Blacklist group) and print_alerts.lua
+# (onnewalert only) watching the same group, and a cg_monitor pair the same way.
+GEN = """
+TrisulPlugin = { id = { name = "gen" },
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(engine, layer)
+      if layer:testbit(110) and not layer:testbit(107) then              -- SYN without ACK
+        T.n = (T.n or 0) + 1
+        local sig = (T.n % 2 == 0) and "ALIENVAULT" or "OTHER"
+        engine:add_alert_full("{5E97C3A3-41DB-4E34-92C3-87C904FAB83E}", layer:flowkey(), sig, "cls", 2, "bl " .. T.n)
+        engine:add_alert_full("{9AFD8C08-07EB-47E0-BF05-28B4A7AE8DC9}", layer:flowkey(), "IDS-" .. T.n, "cls", 1,
+                              "ids " .. T.n, "ALARM")
+      end
+    end } }
+"""
+ALERT_FILTER = """
+TrisulPlugin = { id = { name = "alert_filter-shaped" },
+  alert_monitor = { alert_guid = '{5E97C3A3-41DB-4E34-92C3-87C904FAB83E}',
+    flushfilter = function(engine, alert) return alert:sigid() ~= "ALIENVAULT" end } }
+"""
+PRINTER = """
+TrisulPlugin = { id = { name = "print_alerts-shaped" },
+  alert_monitor = { alert_guid = %s, onnewalert = function(engine, alert) T.seen = (T.seen or 0) + 1 end } }
+"""
+CG_DROP = """
+TrisulPlugin = { id = { name = "cg drop" },
+  cg_monitor = { counter_guid = "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}",
+    onflushfilter = function(engine, ts, key, metrics) return key ~= "C0.A8.01.01" end } }
+"""
+CG_WATCH = """
+TrisulPlugin = { id = { name = "cg watch" },
+  cg_monitor = { counter_guid = "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}",
+    onflush = function(engine, ts, key, metrics) T.n = (T.n or 0) + 1 end } }
+"""
+
+
+def test_monitor_without_flushfilter_casts_no_vote(tmp_path):
+    """An item is stored unless every attached script's flushfilter returns false; a script without the hook does
+    not vote.  alert_filter-shaped + print_alerts-shaped on the Blacklist group: the ALIENVAULT alerts (every
+    second SYN without ACK, counted by tshark) stay out, the OTHER ones are stored; the External IDS group
+    watched only by a printer (no vote at all) keeps all its alerts; a cg_monitor without onflushfilter does not
+    keep the Hosts key the other one drops.  Before: the printer counted as 'keep' and every alert was stored."""
+    name = "trisul-tutorial.pcap"
+    syns = tshark_count(name, "tcp.flags.syn == 1 and tcp.flags.ack == 0")
+    summary, db = run(tmp_path, {"gen.lua": GEN, "alert_filter.lua": ALERT_FILTER,
+                                 "print_alerts.lua": PRINTER % "'{5E97C3A3-41DB-4e34-92C3-87C904FAB83E}'",
+                                 "print_ids.lua": PRINTER % "'{9AFD8C08-07EB-47E0-BF05-28B4A7AE8DC9}'"}, [name])
+    rows = collections.Counter(db.execute("SELECT alert_guid, sigid FROM alerts").fetchall())
+    bl = {s: n for (g, s), n in rows.items() if g == "{5E97C3A3-41DB-4E34-92C3-87C904FAB83E}"}
+    ids = sum(n for (g, _), n in rows.items() if g == "{9AFD8C08-07EB-47E0-BF05-28B4A7AE8DC9}")
+    assert syns >= 10
+    assert bl == {"OTHER": syns - syns // 2}
+    assert ids == syns
+    assert summary["monitors"]["alerts_filtered"] == syns // 2
+
+
+def test_cg_monitor_without_onflushfilter_casts_no_vote(tmp_path):
+    """cg_monitor: onflushfilter drops key C0.A8.01.01 of Hosts in one script; a second script on the same group
+    with only onflush does not keep it (before: its missing filter voted 'keep').  Every other key is stored."""
+    summary, db = run(tmp_path, {"drop.lua": CG_DROP, "watch.lua": CG_WATCH}, ["trisul-16minutes.pcap"])
+    keys = {k for (k,) in db.execute("SELECT DISTINCT key FROM counters WHERE group_guid = ?",
+                                     ("{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}",))}
+    endpoints = subprocess.run(["tshark", "-r", pcap("trisul-16minutes.pcap"), "-n", "-q", "-z", "endpoints,ip"],
+                               capture_output=True, text=True, check=True).stdout
+    hosts = {".".join(f"{int(x):02X}" for x in ln.split()[0].split(".")) for ln in endpoints.splitlines()
+             if ln.split() and ln.split()[0].count(".") == 3}
+    assert "C0.A8.01.01" in hosts
+    assert keys == hosts - {"C0.A8.01.01"}

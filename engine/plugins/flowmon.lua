@@ -80,17 +80,17 @@ function M.terminate(host)
   for _, f in ipairs(host._flows) do host:call("sg_monitor", "onterminate", eng, f) end
 end
 
---- flushfilter votes: an array of booleans (true when the hook is absent or returns non-false;
---- an error in the hook counts as true, so nothing is lost by a broken filter).
+--- flushfilter votes: an array of 1 (keep: the hook returned non-false, or raised an error, so nothing is lost by
+--- a broken filter), 0 (drop) or -1 (no flushfilter hook: no vote; engine/plugins/monitors.py kept()).
 function M.filter(host)
   local out, eng = {}, host.engine
   local has = type(host.plugin.sg_monitor.flushfilter) == "function"
   for i, f in ipairs(host._flows) do
     if has then
       local ok, res = host:call("sg_monitor", "flushfilter", eng, f)
-      out[i] = not ok or res ~= false
+      out[i] = (not ok or res ~= false) and 1 or 0
     else
-      out[i] = true
+      out[i] = -1
     end
   end
   return out

@@ -6,7 +6,8 @@ end of input) or when a script-made record is terminated.  They are held until t
 
 1. each record is assigned to one backend instance (crc32 of the flow key modulo the number of instances);
 2. every sg_monitor instance runs ``onterminate(engine, flow)`` for its records, then ``flushfilter`` votes:
-   a record is stored unless every sg_monitor script votes false (Trisul's sg_monitor page: the item is kept unless all say no);
+   a record is stored unless every sg_monitor script that has a flushfilter votes false (a script without one
+   does not vote: engine/plugins/monitors.py ``kept``, Trisul's rule for every backend flushfilter);
 3. ``onflush(engine, flow)`` runs for the kept records; tags added with ``flow:add_tag`` (and
    ``engine:tag_flow`` calls made meanwhile) are written with the record;
 4. every flowtracker instance ranks its records with ``getmetric``; per tracker and ``bucketsize`` bucket
@@ -21,6 +22,7 @@ from __future__ import annotations
 import heapq
 import zlib
 
+from luaprobe.engine.plugins.monitors import kept
 from luaprobe.engine.fastpath.flowrows import FIELDS as FLOW_ROW_FIELDS   #: a full record (flowrows.py)
 
 _SCRIPT_PAD = [0x800, 0, 0, None, 0, 0]   #: a script-made record's flags, payloads, setup RTT, retransmissions
@@ -132,12 +134,12 @@ class FlowBackends:
                 self._begin(inst, idxs, window_end)
                 inst.fm["terminate"](inst.vm.host)
             if self.sg:
-                votes = [False] * len(held)
+                votes = [[] for _ in held]         # per record: one vote per sg_monitor script (None: no filter)
                 for inst, idxs in shares:
                     res = inst.fm["filter"](inst.vm.host)
                     for j, idx in enumerate(idxs):
-                        votes[idx] = votes[idx] or bool(res[j + 1])
-                keep = votes
+                        votes[idx].append({1: True, 0: False}.get(res[j + 1]))
+                keep = [kept(v) for v in votes]
             for inst, idxs in shares:
                 inst.fm["flush"](inst.vm.host, inst.vm.lua.table_from([keep[i] for i in idxs]))
                 self._take_tags(inst, idxs)

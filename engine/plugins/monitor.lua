@@ -96,7 +96,7 @@ local NEW = { resources = "onnewresource", fts = "onnewfts", alerts = "onnewaler
 
 --- Run the item hook `which` ("new" | "filter" | "flush") for a list of rows of one kind.
 --- Returns {vote, changed fields...} per row (vote: 1 keep, 0 drop from the flushfilter; -1 when the
---- script has no flushfilter, which counts as "keep").
+--- script has no flushfilter: no vote, engine/plugins/monitors.py kept()).
 function M.run_items(host, kind, which, rows, ts)
   local sub = SUB[kind]
   local t = host.plugin[sub]

@@ -19,8 +19,9 @@ Which VM sees which item, and when (docs/plugins.md "Monitors"):
   before ``onendflush``; then the kept items are written.  cg_monitor hooks run when a counter bucket
   closes (``onnewkey``, ``onflushfilter``, ``onupdate``, ``onflush`` per key, the ``SYS:GROUP_TOTALS``
   key, then toppers per meter).
-* Votes.  An item is stored unless every attached script's filter returns false (a script without the
-  filter hook, or whose filter raised an error, votes to keep).  cg_monitor ``onflushfilter`` overrides
+* Votes (:func:`kept`).  ``flushfilter`` votes on storing an item: it is stored unless every attached script
+  that has the filter hook returns false; a script without the hook does not vote (an item no script votes on
+  is stored), a filter that raised an error votes to keep.  cg_monitor ``onflushfilter`` overrides
   (``overrides[i]`` replaces meter i-1 when >= 0) apply to the stored row.
 * Changes.  ``set_uri`` / ``set_label`` (Resource) and ``set_priority`` / ``set_message`` /
   ``set_extra_message`` (Alert) made in any hook are carried to the next script and to the store.
@@ -46,6 +47,14 @@ TOTALS_KEY = "SYS:GROUP_TOTALS"
 
 def _lua_groups(lua, d: dict):
     return lua.table_from({k.encode(): v.encode() for k, v in d.items()})
+
+
+def kept(votes) -> bool:
+    """Trisul's flushfilter rule (reference: "kept unless all attached scripts return false"; the filter is
+    what votes): ``votes`` holds one entry per attached script, True / False from its filter, None when it has
+    no filter hook (no vote).  True unless at least one script voted and every vote was False."""
+    cast = [v for v in votes if v is not None]
+    return not cast or any(cast)
 
 
 class Script:
@@ -162,7 +171,7 @@ class Monitors:
             keep_rows = []
             for item in q:
                 votes = [self._run(s, table, "filter", item, ts) for s in item["scripts"]]
-                if votes and all(v is False for v in votes):
+                if not kept(votes):
                     self.stats[f"{table}_filtered"] += 1
                     continue
                 for s in item["scripts"]:
@@ -221,8 +230,8 @@ class Monitors:
                         verdict.setdefault(key, []).append(vote)
                         if len(v) > 1 and v[1] is not None:
                             overrides[key] = [x for x in v[1].values()]
-            kept = [key for key in sorted(keys) if not (verdict.get(key) and all(x is False for x in verdict[key]))]
-            self.stats["counter_keys_filtered"] += len(keys) - len(kept)
+            kept_keys = [key for key in sorted(keys) if kept(verdict.get(key, ()))]
+            self.stats["counter_keys_filtered"] += len(keys) - len(kept_keys)
             for key, ov in overrides.items():
                 for i, x in enumerate(ov):
                     if isinstance(x, (int, float)) and x >= 0:
@@ -231,7 +240,7 @@ class Monitors:
             for s in scripts:
                 for k, klist in shard.items():
                     vm = s.vms[k]
-                    mine = [key for key in klist if key in set(kept)]
+                    mine = [key for key in klist if key in set(kept_keys)]
                     if k == 0:
                         mine = mine + [TOTALS_KEY]
                     vals = {**keys, TOTALS_KEY: dict(enumerate(totals))}
@@ -239,11 +248,11 @@ class Monitors:
                         [vals[key].get(m, 0) for m in range(nmeters)])]) for key in mine]))
                 vm0 = s.vms[0]
                 for m in range(nmeters):
-                    top = sorted(((keys[k].get(m, 0), k) for k in kept if keys[k].get(m, 0) > 0), reverse=True)
+                    top = sorted(((keys[k].get(m, 0), k) for k in kept_keys if keys[k].get(m, 0) > 0), reverse=True)
                     top = top[:topn.get(m, 10)]
                     vm0.cg_toppers(vm0.host, ts, m, vm0.lua.table_from(
                         [vm0.lua.table_from([k.encode(), v]) for v, k in top]))
-            for key in kept:
+            for key in kept_keys:
                 for m, v in keys[key].items():
                     out.append((guid, b, key, m, v))
         return out
