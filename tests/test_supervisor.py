@@ -248,8 +248,34 @@ def test_start_status_stop_round_trip(daemon):
 def test_second_start_is_refused(daemon):
     daemon.start()
     r = cli("start", "--config", daemon.config)
-    assert r.returncode == 1 and "already running (supervisor pid" in r.stderr
+    assert r.returncode == 2 and "already running (supervisor pid" in r.stderr   # documented: nothing started
     assert daemon.cli("stop").returncode == 0
+
+
+def test_stop_reports_a_fast_path_that_ended_with_an_error(daemon, tmp_path):
+    """A fast path ending with a plug-in error at the stop (onunload fails: exit 4, docs "Exit codes"): `stop`
+    says so in one line and exits 4 (failed before: "stopped (fast path exit status 4 ...)", exit 0)."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    (plug / "bad_unload.lua").write_text(BAD_UNLOAD)
+    daemon.start(plugins=(plug,))
+    daemon.wait_packets(100)
+    r = daemon.cli("stop")
+    assert r.returncode == 4 and r.stdout == "", (r.stdout, r.stderr)
+    assert len(r.stderr.splitlines()) == 1 and "exit status 4" in r.stderr and "onunload" in r.stderr, r.stderr
+
+
+def test_stop_after_the_supervisor_was_killed(daemon):
+    """kill -9 of the supervisor: its fast path stops by itself (PR_SET_PDEATHSIG); `stop` exits 3 and says the
+    supervisor is gone instead of "not running (running; ...)"."""
+    daemon.start()
+    st = daemon.status()
+    fp = psutil.Process(st["fastpath_pid"])
+    os.kill(st["supervisor_pid"], signal.SIGKILL)
+    psutil.wait_procs([fp], timeout=60)
+    r = daemon.cli("stop")
+    assert r.returncode == 3 and "the supervisor is gone (killed?) while running" in r.stderr, r.stderr
+    assert "(running;" not in r.stderr
 
 
 def test_killed_fastpath_is_restarted(daemon):
@@ -562,6 +588,12 @@ def test_run_dir_and_its_files_are_owner_only_whatever_existed(daemon, tmp_path)
     assert len(modes) >= 4 and all(m & 0o077 == 0 for m in modes.values()), modes
     assert daemon.cli("stop").returncode == 0
 
+
+BAD_UNLOAD = r"""
+TrisulPlugin = { id = { name = "bad_unload" },
+  onunload = function() error("boom at unload") end,
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}", onpacket = function(e, l) end } }
+"""
 
 STUCK = r"""
 local marker, n = "%s", 0

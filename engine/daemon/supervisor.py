@@ -656,8 +656,9 @@ def cmd_start(args) -> int:
     run_dir = control.ensure_run_dir(_run_dir(args, cfg))
     pid = control.read_pid(run_dir)
     if pid:
-        print(f"luaprobe start: already running (supervisor pid {pid}, run dir {run_dir})", file=sys.stderr)
-        return EXIT_INTERNAL
+        print(f"luaprobe start: already running (supervisor pid {pid}, run dir {run_dir}): nothing started "
+              "(stop it first, or give another [run] run_dir / --run-dir)", file=sys.stderr)
+        return EXIT_USAGE
     removed = segment.sweep()
     if removed:
         print(f"removed {len(removed)} stale shared-memory segment(s)")
@@ -746,8 +747,11 @@ def cmd_stop(args) -> int:
         reply = control.request(run_dir, "stop")
     except control.NotRunning:
         st = control.read_json(control.path(run_dir, control.STATE)) or {}
-        print(f"luaprobe stop: not running ({st.get('state', 'never started')}; looked in {run_dir}, found as "
-              f"{how})", file=sys.stderr)
+        state = st.get("state", "never started")
+        if not state.startswith(("stopped", "failed", "never")):     # state.json of a supervisor that was killed
+            state = (f"stopped: the supervisor is gone (killed?) while {state}; its fast path got SIGTERM from the "
+                     "kernel and stopped by itself")
+        print(f"luaprobe stop: not running ({state}; looked in {run_dir}, found as {how})", file=sys.stderr)
         return EXIT_NOT_RUNNING
     if not _wait_gone(run_dir, reply.get("stop_deadline", 20) + 15, pid):
         print(f"luaprobe stop: the supervisor is still running (pid {control.read_pid(run_dir)})", file=sys.stderr)
@@ -757,6 +761,11 @@ def cmd_stop(args) -> int:
         print(f"luaprobe stop: {st['stop_killed']}; what they had not written is lost (raise [supervise] "
               f"stop_deadline; log {control.path(run_dir, control.LOG)})", file=sys.stderr)
         return EXIT_STOP_KILLED
+    code = st.get("last_exit_code") or 0
+    if code > 0:                        # it ended with an error (docs/operations.md "Exit codes"): say so
+        print(f"luaprobe stop: stopped, but the fast path ended with {st.get('last_exit')}: "
+              f"{st.get('last_error') or '-'} (log {control.path(run_dir, control.LOG)})", file=sys.stderr)
+        return code if code in (EXIT_INTERNAL, EXIT_PLUGIN) else EXIT_INTERNAL   # 3 would read as "not running"
     print(f"stopped (fast path {st.get('last_exit')}; outputs in {st.get('out_dir')})")
     return EXIT_OK
 

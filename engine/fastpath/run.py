@@ -1002,6 +1002,7 @@ class FastPath:
         logs.log.info("stop requested (%s): stopping %s, then draining", self.stopped_by, src)
         if capture.poll() is None:
             capture.send_signal(signal.SIGTERM)
+            capture.send_signal(signal.SIGCONT)     # a stopped capture (kill -STOP) must run to take the stop
 
     def _live_idle(self, capture) -> None:
         """Live, packet ring empty: wall-clock ticks keep metronome, buckets and flow expiry going.
