@@ -493,7 +493,8 @@ def test_daemon_shards_stats_prometheus_and_shard_restart(tmp_path):
         st = d.status()
         assert st["state"] == "running" and st["restarts"] == 0     # the coordinator restarted the shard
         assert snap["shards"][0]["restarts"] == 0
-        assert d.cli("stop").returncode == 0
+        r = d.cli("stop")      # the dead shard's unwritten results are lost: the run's exit 1, which stop reports
+        assert r.returncode == 1 and "exit status 1" in r.stderr and f"(pid {victim}) died" in r.stderr, r.stderr
         assert not d.alive() and not d.segments()
     finally:
         d.cleanup()
