@@ -342,6 +342,33 @@ def fill(path) -> None:
             assert e.errno == 28, e
 
 
+@pytest.fixture
+def small_out_fs(tmp_path):
+    """tmp_path/out as a 200 KiB tmpfs of its own (root only), unmounted after the daemon fixture's clean-up."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(out)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield out
+    subprocess.run(["umount", "-l", str(out)], check=True)
+
+
+def test_full_out_dir_is_reported_with_the_rows_lost(small_out_fs, daemon):
+    """out_dir on a full disk (200 KiB tmpfs, loop = true; the rows that fill it are the flows written at the stop):
+    the store writer's failure ends the fast path with exit 1, and `stop` says so in one line with the SQLite error
+    and the rows lost, which state.json keeps as store_rows_lost (failed before: "stopped (fast path exit status 1
+    ...)", exit 0, nothing counted)."""
+    daemon.start()
+    daemon.wait_packets()
+    r = daemon.cli("stop")
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, (r.stdout, r.stderr)
+    assert "store writer (pid " in r.stderr and "database or disk is full" in r.stderr, r.stderr
+    st = control.read_json(os.path.join(daemon.run_dir, control.STATE))
+    assert st["store_rows_lost"] > 0 and f"; {st['store_rows_lost']} rows handed to it" in r.stderr
+    assert not daemon.alive() and not daemon.segments()
+
+
 def test_full_run_dir_filesystem_is_survived(small_run_fs, daemon):
     """Operations "Faults": a full run directory (ENOSPC on state.json, stats.jsonl, stats.json, the log) does not
     kill the supervisor: it says so in status, leaves no state.json.tmpPID, keeps the fast path running and

@@ -40,7 +40,7 @@ from luaprobe.engine.streams.reasm import ReassemblyStage
 from luaprobe.engine.analysers import Analysers, group_rows as analyser_group_rows, parse_names as parse_analysers
 from luaprobe.engine.plugins.monitors import TYPES as MONITOR_TYPES, Monitors, Script, group_names as monitor_group_names
 from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
-from luaprobe.engine.store.writer import StoreDied, StoreWriter
+from luaprobe.engine.store.writer import StoreDied, StoreError, StoreWriter
 from luaprobe.engine.daemon.usage import UsageError
 
 
@@ -812,7 +812,12 @@ class FastPath:
         summary = self._summary(rt, time.monotonic() - t0)
         if not shard:                      # a sharded run's table holds the merged summary (engine/fastpath/shards.py)
             self.store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
-        report = self.store.close()
+        try:
+            report = self.store.close()
+        except StoreError as e:         # e.g. the disk filled with the last rows (flows, counters) of the run
+            lost = self.store.rows_lost()
+            raise StoreDied(f"the SQLite store writer (pid {self.store.pid}) failed at the end of the run: {e}; "
+                            f"{lost} rows handed to it are not in the database", lost, self.store.pid) from e
         summary["store"] = {"path": os.path.join(cfg.out_dir, "luaprobe.sqlite"), **(report or {})}
         summary["closed_s"] = round(time.monotonic() - t0, 3)   # elapsed_s + the writer's last rows and close
         return summary
