@@ -32,6 +32,14 @@ upvalues:
   spins up to worker_spin_us while idle); and on all of them together.  On a machine with C cores the
   elapsed time is at least all processes' CPU / C.
 
+*limit* rows: the same hooks with `T.async:schedule(task)` replaced by a store of the task into a table (the
+script's own work: the task table, the closures, their garbage; for fresh closures also the interpreter, since
+LuaJIT does not compile closure creation, and end to end the walker's stitch point); each style row shows its
+median minus its limit's (and the ratio): what T.async itself costs.  In-process the fast path is split into the
+hook calls, the flush and the delivery; end to end the packet loop's CPU has the T.async service's share
+(the plug-in VM's Async:poll, timed by the bench plug-in while packets come) and the result latency p50 (how
+far the worker is behind).
+
 Each figure is min / median / max over --runs runs.
 """
 from __future__ import annotations
@@ -288,15 +296,22 @@ EX = {0: "return d", 1: "return U1 and d", 4: "if U1 and U2 and U3 and U4 then r
 
 
 def style_lua() -> str:
-    """Hook functions for every style: hoisted[k] / fresh[k] schedule one task with k upvalues."""
+    """Hook functions for every style: hoisted[k] / fresh[k] schedule one task with k upvalues; limit_hoisted[k] /
+    limit_fresh[k] are the same hooks with `T.async:schedule(task)` replaced by a store of the task into a table of
+    the last 1 024 tasks (what the script's own code costs, and LuaJIT's limit for it: the same table, closures and
+    garbage, no T.async)."""
     out = ['local U1, U2, U3, U4 = "abc", 42, true, "xyz"',
            "local function count(e, d, r) done = done + 1 end",
-           "hoisted, fresh = {}, {}"]
+           "local KEEP, kept = {}, 0",
+           "local function keep(task) kept = kept + 1; KEEP[bit.band(kept, 1023) + 1] = task end",
+           "hoisted, fresh, limit_hoisted, limit_fresh = {}, {}, {}, {}"]
     for k in STYLE_UPS:
         out.append(f"do local task = {{ data = '', onexecute = function(d) {EX[k]} end, onresult = count }}\n"
-                   f"  hoisted[{k}] = function(data) task.data = data; T.async:schedule(task) end end")
-        out.append(f"fresh[{k}] = function(data) T.async:schedule({{ data = data, "
-                   f"onexecute = function(d) {EX[k]} end, onresult = function(e, d, r) done = done + 1 end }}) end")
+                   f"  hoisted[{k}] = function(data) task.data = data; T.async:schedule(task) end\n"
+                   f"  limit_hoisted[{k}] = function(data) task.data = data; keep(task) end end")
+        for name, call in (("fresh", "T.async:schedule"), ("limit_fresh", "keep")):
+            out.append(f"{name}[{k}] = function(data) {call}({{ data = data, onexecute = function(d) {EX[k]} end, "
+                       f"onresult = function(e, d, r) done = done + 1 end }}) end")
     return "\n".join(out)
 
 
@@ -309,37 +324,58 @@ local tsb = ffi.new("struct lp_bench_ts")
 local function cpu_ns() ffi.C.clock_gettime(3, tsb); return tonumber(tsb.s) * 1e9 + tonumber(tsb.ns) end  -- thread CPU
 done = 0
 STYLES
--- fast-path CPU ns per task: B hook calls + flush, then (not counted) wait for the worker, then delivery
+-- fast-path CPU ns per task: B hook calls, the flush, then (not counted) the wait for the worker, then the
+-- delivery; returned apart (hooks, flush, delivery).  A limit_* style schedules nothing (no flush, no results).
 function fastpath_cost(style, nup, n, a, B)
-  local hook = (style == "fresh" and fresh or hoisted)[nup]
+  local hook = _G[style][nup]
+  local limit = style:sub(1, 5) == "limit"
   local data = string.rep("x", 64)
   local w = a.workers[1]
   done = 0
-  local spent, k = 0, 0
+  local th, tf, td, k = 0, 0, 0, 0
   while k < n do
     local t0 = cpu_ns()
     for i = 1, B do hook(data) end
+    local t1 = cpu_ns()
     a:flush()
-    spent = spent + (cpu_ns() - t0)
+    local t2 = cpu_ns()
+    th, tf = th + (t1 - t0), tf + (t2 - t1)
     k = k + B
-    while done < k do
+    while not limit and done < k do
       while C.lp_load(w.ret.pushed_p) - w.ret.popped_local < k - done do end
-      local t1 = cpu_ns()
+      local t3 = cpu_ns()
       a:poll(1e9)
-      spent = spent + (cpu_ns() - t1)
+      td = td + (cpu_ns() - t3)
     end
   end
-  return spent / n
+  return th / n, tf / n, td / n
 end
 """
+
+
+def limit_of(style: str, k: int):
+    """The limit row a style row is compared with: the same hook with schedule replaced by a table store."""
+    if style == "fresh":
+        return ("limit_fresh", k)
+    return ("limit_hoisted", 0) if style == "hoisted" else None
+
+
+def vs_limit(x: float, limit: float) -> str:
+    """"+d (r x)": a median minus its limit row's median, and their ratio when the limit is not ~0."""
+    return f"{x - limit:+.2f}" + (f" ({x / limit:.1f}x)" if limit >= 0.05 else "")
 
 
 def mmm(xs) -> str:
     return f"{min(xs):.2f} / {statistics.median(xs):.2f} / {max(xs):.2f}"
 
 
+STYLES_INPROC = [(s, k) for s in ("hoisted", "fresh") for k in STYLE_UPS] + [("limit_hoisted", 0)] + \
+    [("limit_fresh", k) for k in STYLE_UPS]
+
+
 def bench_styles(n: int, runs: int) -> list:
-    """[(style, upvalues, fast-path µs list, worker µs list)] measured in-process, each style and upvalue count in a
+    """[(style, upvalues, fast-path µs list, worker µs list, (hook, flush, delivery) µs lists)] measured in-process
+    (limit_* rows: the same hooks with schedule replaced by a table store), each style and upvalue count in a
     plug-in VM (and worker) of its own: LuaJIT specialises the traces of schedule and of result delivery to the first
     onexecute / onresult prototypes they see, and in one shared VM the styles measured later ran through side traces
     (80-200 ns more per task), which made the figures depend on the order of the styles."""
@@ -350,24 +386,28 @@ def bench_styles(n: int, runs: int) -> list:
         path = os.path.join(d, "styles.lua")
         with open(path, "w") as f:
             f.write(STYLE_PLUGIN.replace("STYLES", style_lua()))
-        for style in ("hoisted", "fresh"):
-            for k in STYLE_UPS:
-                rt = AsyncRuntime(AsyncConfig(workers=1, worker_spin_us=0, ring_size=1 << 24))
-                try:
-                    vm = rt.load(path)
-                    cost = vm.lua.eval("function(s, u, n, a, b) return fastpath_cost(s, u, n, a, b) end")
-                    worker = psutil.Process(vm.pool.pids()[0])
-                    cost(style.encode(), k, min(n, 50_000), vm.async_obj, WINDOW)          # warm-up
-                    fp, wk = [], []
-                    for _ in range(runs):
-                        c0 = sum(worker.cpu_times()[:2])
-                        fp.append(cost(style.encode(), k, n, vm.async_obj, WINDOW) / 1e3)
-                        wk.append((sum(worker.cpu_times()[:2]) - c0) / n * 1e6)
-                    rows.append((style, k, fp, wk))
-                    st = vm.async_stats()
-                    assert st["scheduled"] == st["ok"] + st["pending"] and st["error"] == 0, st
-                finally:
-                    rt.shutdown()
+        for style, k in STYLES_INPROC:
+            rt = AsyncRuntime(AsyncConfig(workers=1, worker_spin_us=0, ring_size=1 << 24))
+            try:
+                vm = rt.load(path)
+                if style.startswith("limit"):                        # the worker exists, as for the others
+                    vm.lua.execute("T.async:schedule{ data = 'x', onexecute = function(d) return d end }")
+                cost = vm.lua.eval("function(s, u, n, a, b) return fastpath_cost(s, u, n, a, b) end")
+                worker = psutil.Process(vm.pool.pids()[0])
+                cost(style.encode(), k, min(n, 50_000), vm.async_obj, WINDOW)          # warm-up
+                fp, wk, parts = [], [], ([], [], [])
+                for _ in range(runs):
+                    c0 = sum(worker.cpu_times()[:2])
+                    split = cost(style.encode(), k, n, vm.async_obj, WINDOW)
+                    fp.append(sum(split) / 1e3)
+                    for lst, x in zip(parts, split):
+                        lst.append(x / 1e3)
+                    wk.append((sum(worker.cpu_times()[:2]) - c0) / n * 1e6)
+                rows.append((style, k, fp, wk, parts))
+                st = vm.async_stats()
+                assert st["scheduled"] == st["ok"] + st["pending"] and st["error"] == 0, st
+            finally:
+                rt.shutdown()
     return rows
 
 
@@ -376,7 +416,32 @@ local DATA = string.rep("x", 64)
 counted = 0
 STYLES
 local hook = HOOK
+-- The T.async service's share of the packet loop: the CPU time of the plug-in VM's Async:poll (flush of the staged
+-- tasks into the request ring, result delivery with onresult), timed while packets still come (the drain after
+-- the last packet is not the packet loop).  The Async object is the upvalue self_ of T.async.pending_items.
+local ffi = require("ffi")
+pcall(ffi.cdef, "struct lp_bench_ts { long s; long ns; }; int clock_gettime(int, struct lp_bench_ts *);")
+local tsb = ffi.new("struct lp_bench_ts")
+local function cpu_ns() ffi.C.clock_gettime(3, tsb); return tonumber(tsb.s) * 1e9 + tonumber(tsb.ns) end
+local service_ns, NPKT = 0, NPACKETS
+do
+  local i, name, a = 1, debug.getupvalue(T.async.pending_items, 1)
+  while name and name ~= "self_" do i = i + 1; name, a = debug.getupvalue(T.async.pending_items, i) end
+  local poll = a.poll
+  a.poll = function(self, ...)
+    if counted >= NPKT then return poll(self, ...) end
+    local t = cpu_ns()
+    local r = poll(self, ...)
+    service_ns = service_ns + (cpu_ns() - t)
+    return r
+  end
+end
 TrisulPlugin = { id = { name = "bench e2e" },
+  onunload = function()
+    local f = assert(io.open(os.getenv("LUAPROBE_BENCH_SERVICE"), "w"))
+    f:write(string.format("%d", service_ns))
+    f:close()
+  end,
   simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
     onpacket = function(engine, layer) counted = counted + 1; if hook then hook(DATA) end end } }
 """
@@ -399,7 +464,10 @@ sys.exit(rc)
 """
 
 
-E2E_KEYS = ("elapsed", "loop_cpu", "fastpath_cpu", "children_cpu", "all_cpu")
+E2E_KEYS = ("elapsed", "loop_cpu", "service_cpu", "fastpath_cpu", "children_cpu", "all_cpu")
+#: e2e configurations: (style, upvalues); ("none", None) is the run whose hook only counts
+E2E_CONFIGS = [("none", None)] + [(s, k) for s in ("hoisted", "fresh") for k in STYLE_UPS] + \
+    [("limit_hoisted", 0)] + [("limit_fresh", k) for k in STYLE_UPS]
 
 
 def bench_e2e(npackets: int, runs: int) -> tuple[list, list]:
@@ -412,12 +480,15 @@ def bench_e2e(npackets: int, runs: int) -> tuple[list, list]:
     def one(hook: str, d: str) -> tuple[dict, dict]:
         path = os.path.join(d, "e2e.lua")
         with open(path, "w") as f:
-            f.write(E2E_PLUGIN.replace("STYLES", "done = 0\n" + style_lua()).replace("HOOK", hook))
+            f.write(E2E_PLUGIN.replace("STYLES", "done = 0\n" + style_lua()).replace("HOOK", hook)
+                    .replace("NPACKETS", str(npackets)))
         stats, report = os.path.join(d, "stats.json"), os.path.join(d, "cpu.json")
+        service = os.path.join(d, "service.txt")
         proc = subprocess.Popen([sys.executable, "-c", RUN_WRAPPER, report, "run", path, "--pcap", pcap,
                                  "--out", os.path.join(d, "out"), "--stats-json", stats, "--workers", "1",
                                  "--overflow-limit", str(2 * npackets), "--quiet"],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, LUAPROBE_BENCH_SERVICE=service))
         output = proc.stdout.read()
         _, status, ru = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -427,11 +498,14 @@ def bench_e2e(npackets: int, runs: int) -> tuple[list, list]:
             summary = json.load(f)
         with open(report) as f:
             cpu = json.load(f)
+        with open(service) as f:
+            service_s = int(f.read()) / 1e9
         all_cpu = ru.ru_utime + ru.ru_stime
-        return {"elapsed": summary["elapsed_s"], "loop_cpu": summary["packet_loop_cpu_s"], "fastpath_cpu": cpu["cpu_s"],
-                "children_cpu": all_cpu - cpu["process_cpu_s"], "all_cpu": all_cpu}, summary["plugins"][-1]
+        return {"elapsed": summary["elapsed_s"], "loop_cpu": summary["packet_loop_cpu_s"], "service_cpu": service_s,
+                "fastpath_cpu": cpu["cpu_s"], "children_cpu": all_cpu - cpu["process_cpu_s"],
+                "all_cpu": all_cpu}, summary["plugins"][-1]
 
-    configs = [("none", None)] + [(s, k) for s in ("hoisted", "fresh") for k in STYLE_UPS]
+    configs = E2E_CONFIGS
     times = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as d:
         one("nil", tempfile.mkdtemp(dir=d))                              # warm page cache
@@ -440,15 +514,17 @@ def bench_e2e(npackets: int, runs: int) -> tuple[list, list]:
                 hook = "nil" if style == "none" else f"{style}[{k}]"
                 m, plug = one(hook, tempfile.mkdtemp(dir=d))             # a fresh --out every run
                 tasks = plug["hook_calls"].get("simplecounter.onpacket", 0)
-                if style != "none":
+                if style in ("hoisted", "fresh"):
                     st = plug["async"]
                     assert st["ok"] == tasks == st["scheduled"], st
+                    m["latency_p50"] = st["latency_p50_ns"] / 1e6
                 times[(style, k)].append((m, tasks))
     base = times[("none", None)]
     rows = []
     for style, k in configs[1:]:
         per = {key: [(m[key] - b[key]) / t * 1e6 for (m, t), (b, _) in zip(times[(style, k)], base)]
                for key in E2E_KEYS}
+        per["latency_p50"] = [m.get("latency_p50", 0.0) for m, _ in times[(style, k)]]
         rows.append((style, k, per))
     return rows, [b["elapsed"] for b, _ in base]
 
@@ -469,19 +545,35 @@ def main(argv=None) -> int:
     print(f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}, 1 worker, 64-byte tasks")
     if "styles" in parts:
         print(f"\nin-process, {args.style_tasks:,} tasks per run, min / median / max of {args.runs} runs:\n")
-        print("| style | upvalues | fast path µs/task | worker µs/task |")
-        print("|---|---:|---:|---:|")
-        for style, k, fp, wk in bench_styles(args.style_tasks, args.runs):
-            print(f"| {style} | {k} | {mmm(fp)} | {mmm(wk)} |", flush=True)
+        print("| style | upvalues | fast path µs/task | of which hooks / flush / delivery (medians) | minus its limit "
+              "| worker µs/task |")
+        print("|---|---:|---:|---:|---:|---:|")
+        rows = bench_styles(args.style_tasks, args.runs)
+        med = {(style, k): statistics.median(fp) for style, k, fp, _, _ in rows}
+        for style, k, fp, wk, split_parts in rows:
+            split = " / ".join(f"{statistics.median(x):.2f}" for x in split_parts)
+            lim = med.get(limit_of(style, k))
+            ratio = vs_limit(statistics.median(fp), lim) if lim is not None else "—"
+            print(f"| {style} | {k} | {mmm(fp)} | {split} | {ratio} | {mmm(wk) if not style.startswith('limit') else '—'} |",
+                  flush=True)
     if "e2e" in parts:
         rows, base = bench_e2e(args.e2e_packets, args.runs)
         print(f"\nend to end, `luaprobe run` on {args.e2e_packets:,} TCP packets, one task per packet, "
               f"minus the run without tasks ({mmm(base)} s); min / median / max of {args.runs} runs:\n")
-        print("| style | upvalues | elapsed µs/task | packet-loop CPU µs/task | fast-path CPU µs/task (main thread "
-              "in main(), drain included) | worker + capture + writer CPU µs/task | CPU of all processes µs/task |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("| style | upvalues | elapsed µs/task | packet-loop CPU µs/task | of which T.async service (flush, "
+              "results) | fast-path CPU µs/task (main thread in main(), drain included) | worker + capture + writer "
+              "CPU µs/task | CPU of all processes µs/task | result latency p50 ms | minus its limit (loop CPU; elapsed) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        med = {(style, k): per for style, k, per in rows}
         for style, k, per in rows:
-            print(f"| {style} | {k} | " + " | ".join(mmm(per[key]) for key in E2E_KEYS) + " |", flush=True)
+            lim = med.get(limit_of(style, k))
+            ratio = "—"
+            if lim:
+                ratio = "; ".join(vs_limit(statistics.median(per[key]), statistics.median(lim[key]))
+                                  for key in ("loop_cpu", "elapsed"))
+            lat = mmm(per["latency_p50"]) if not style.startswith("limit") else "—"
+            print(f"| {style} | {k} | " + " | ".join(mmm(per[key]) for key in E2E_KEYS) + f" | {lat} | {ratio} |",
+                  flush=True)
     if "roundtrip" not in parts:
         return 0
     rows, idle = [], []
