@@ -106,7 +106,7 @@ def test_reload_says_which_settings_need_a_restart(daemon):
     other = free_port()
     text = open(daemon.config).read()
     text = text.replace(f"prometheus_port = {port}", f"prometheus_port = {other}")
-    text = text.replace('json_lines_file = "run/stats.jsonl"', 'json_lines_file = "run/other.jsonl"')
+    text = text.replace('json_lines_file = "stats.jsonl"', 'json_lines_file = "other.jsonl"')
     open(daemon.config, "w").write(text)
     r = daemon.cli("reload")
     assert r.returncode == 0, r.stderr

@@ -60,7 +60,7 @@ crash_loop_window = 60
 stop_deadline = 15
 [stats]
 interval = {interval}
-json_lines_file = "run/stats.jsonl"
+json_lines_file = "stats.jsonl"
 prometheus_port = {port}
 """
 
@@ -208,7 +208,7 @@ def test_start_refuses_a_bad_config_before_starting_anything(tmp_path):
                                        % (SAMPLE, EXAMPLES))
     r = cli("start", "--config", str(tmp_path / "bad.toml"))
     assert r.returncode == 2
-    assert r.stderr.strip() == (f"luaprobe start: {tmp_path / 'bad.toml'}: [async] workers = -1: must be an integer "
+    assert r.stderr.strip() == (f"luaprobe start: {tmp_path / 'bad.toml'}:6: [async] workers = -1: must be an integer "
                                 "between 1 and 256")
     assert not (tmp_path / "run").exists()
 
@@ -730,7 +730,7 @@ def test_start_reports_a_bad_capture_before_starting(tmp_path):
     (tmp_path / "c.toml").write_text(f'[source]\npcap = ["{fake}"]\n[plugins]\npaths = ["{EXAMPLES}"]\n')
     r = cli("start", "--config", str(tmp_path / "c.toml"))
     assert r.returncode == 2
-    assert r.stderr == (f"luaprobe start: {tmp_path / 'c.toml'}: [source] pcap: {fake}: byte offset 0: not a pcap or "
+    assert r.stderr == (f"luaprobe start: {tmp_path / 'c.toml'}:2: [source] pcap: {fake}: byte offset 0: not a pcap or "
                         "pcapng file (file magic 0x6e6f7420)\n")
     assert not (tmp_path / "run").exists()
 

@@ -540,6 +540,10 @@ def _daemon_command(args) -> int:
     from .control import Ambiguous
     mod = importlib.import_module("luaprobe.engine.daemon.statsview" if args.command == "stats"
                                   else "luaprobe.engine.daemon.supervisor")
+    rd = getattr(args, "run_dir", None)
+    if rd and os.path.exists(rd) and not os.path.isdir(rd):
+        print(f"luaprobe {args.command}: --run-dir {rd}: exists and is not a directory", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return getattr(mod, "cmd_" + args.command)(args)
     except Ambiguous as e:

@@ -2,12 +2,17 @@
 
 Everything is checked before any process starts; each error names the file, the key, the bad value
 and what is valid, e.g. ``f.toml: [async] workers = 0: must be an integer between 1 and 256``.
-Relative paths are resolved against the directory of the configuration file.
+Relative paths are resolved against the directory of the configuration file, except ``[stats]
+json_lines_file``, which is resolved against the run directory (``[run] run_dir``).  Directories and files
+the daemon writes (out_dir, run_dir, json_lines_file) are tried for writing here, so that a bad one is one
+line at ``start`` (exit 2), not a crash loop.  Errors name the line of the key when the file has one.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import tempfile
 import tomllib
 
 from . import settings as _settings
@@ -156,7 +161,8 @@ def validate(raw: dict, path: str = "<config>") -> Config:
         for key, (t, default, check) in keys.items():
             v = _check_value(f"{name}: [{section}] {key}", given[key], t, check) if key in given else default
             if t == "path" and v:
-                v = os.path.normpath(os.path.join(base, os.path.expanduser(v)))
+                rel = base if (section, key) != ("stats", "json_lines_file") else values["run"]["run_dir"]
+                v = os.path.normpath(os.path.join(rel, os.path.expanduser(v)))
             elif t == "paths" and v is not None:
                 v = [os.path.normpath(os.path.join(base, os.path.expanduser(x))) for x in v]
             out[key] = v
@@ -241,15 +247,97 @@ def _cross_checks(v: dict, name: str, raw: dict) -> None:
                           f"restart_backoff_initial ({number(sv['restart_backoff_initial'])})")
     if not v["run"]["run_dir"]:
         raise ConfigError(f"{name}: [run] run_dir = \"\": must name a directory")
+    for key in ("out_dir", "run_dir"):
+        problem = writable_dir(v["run"][key])
+        if problem:
+            raise ConfigError(f"{name}: [run] {key} = {_show(v['run'][key])}: {problem}")
+    jl = v["stats"]["json_lines_file"]
+    if jl:
+        problem = writable_file(jl, creating=[v["run"]["run_dir"]])
+        if problem:
+            raise ConfigError(f"{name}: [stats] json_lines_file = {_show(jl)}: {problem}")
+
+
+def writable_dir(path: str) -> str | None:
+    """Why the daemon could not use ``path`` as a directory it writes into (creating it, one level, when
+    missing), or None.  Tried for real (a temporary file, a directory made and removed): permission bits say
+    nothing for root, a read-only mount or /proc."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "exists and is not a directory"
+    parent = os.path.dirname(path)
+    try:
+        if os.path.isdir(path):
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        elif not os.path.isdir(parent):
+            return f"the parent directory {parent} does not exist"
+        else:
+            os.mkdir(path, 0o700)
+            os.rmdir(path)
+    except OSError as e:
+        return f"cannot write there: {e.strerror}"
+    return None
+
+
+def writable_file(path: str, creating=()) -> str | None:
+    """Why the daemon could not append to the file ``path``, or None; its directory may be one of
+    ``creating`` (the run directory, made at start)."""
+    if os.path.isdir(path):
+        return "is a directory (give a file name)"
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        return None if parent in creating and not writable_dir(parent) else \
+            f"the directory {parent} does not exist"
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+        if not existed:
+            os.unlink(path)
+    except OSError as e:
+        return f"cannot write there: {e.strerror}"
+    return None
 
 
 def load(path: str) -> Config:
-    """Read and validate a TOML file (ConfigError on any problem, including TOML syntax)."""
+    """Read and validate a TOML file (ConfigError on any problem, including TOML syntax and bytes that are
+    not UTF-8, which TOML requires: the byte offset and line are named)."""
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            data = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: byte offset {e.start}: byte 0x{data[e.start]:02X} is not UTF-8 "
+                          "(a TOML file must be UTF-8)") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return validate(raw, path)
+    try:
+        return validate(raw, path)
+    except ConfigError as e:
+        raise ConfigError(_with_line(str(e), path, text)) from None
+
+
+def _with_line(msg: str, path: str, text: str) -> str:
+    """``path: [section] key ...`` -> ``path:LINE: [section] key ...`` when the key's line is found."""
+    m = re.match(re.escape(path) + r": (?:unknown section \[([\w-]+)\]|\[([\w-]+)\] (?:unknown key '([\w-]+)'|([\w-]+)))",
+                 msg)
+    if not m:
+        return msg
+    section, key = m[1] or m[2], m[3] or m[4]
+    current = None
+    for n, line in enumerate(text.splitlines(), 1):
+        t = line.strip()
+        h = re.match(r"\[\s*([\w-]+)\s*\]", t)
+        if h:
+            current = h[1]
+            if m[1] and current == section:
+                return f"{path}:{n}:" + msg[len(path) + 1:]
+        elif current == section and key and re.match(re.escape(key) + r"\s*=", t):
+            return f"{path}:{n}:" + msg[len(path) + 1:]
+    return msg

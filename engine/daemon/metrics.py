@@ -196,6 +196,19 @@ def start_prometheus(port: int, stats_path: str, status_fn) -> Exporter:
     return Exporter(server, thread)
 
 
+def port_problem(port: int) -> str | None:
+    """Why /metrics could not be served on 127.0.0.1:port (e.g. "Address already in use"), or None.  A bind
+    tried and closed at once, as http.server binds (SO_REUSEADDR)."""
+    import socket
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
 def scrape(port: int, timeout: float = 5.0) -> dict:
     """{'name{labels}': value} from 127.0.0.1:port/metrics (tests, `luaprobe stats` diagnostics)."""
     import urllib.request

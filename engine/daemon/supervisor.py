@@ -653,11 +653,22 @@ def cmd_start(args) -> int:
     except UsageError as e:
         print(f"luaprobe start: {cfg.path}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    run_dir = control.ensure_run_dir(_run_dir(args, cfg))
+    try:
+        run_dir = control.ensure_run_dir(_run_dir(args, cfg))
+    except OSError as e:
+        print(f"luaprobe start: run directory {_run_dir(args, cfg)}: {e.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     pid = control.read_pid(run_dir)
     if pid:
         print(f"luaprobe start: already running (supervisor pid {pid}, run dir {run_dir}): nothing started "
               "(stop it first, or give another [run] run_dir / --run-dir)", file=sys.stderr)
+        return EXIT_USAGE
+    from luaprobe.engine.daemon import metrics
+    port = cfg["stats"]["prometheus_port"]
+    problem = port and metrics.port_problem(port)
+    if problem:
+        print(f"luaprobe start: {cfg.path}: [stats] prometheus_port = {port}: cannot serve /metrics on "
+              f"127.0.0.1:{port}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     removed = segment.sweep()
     if removed:

@@ -1,0 +1,104 @@
+"""Config problems of `luaprobe start` are one line naming the file (and the line when there is one), exit 2,
+nothing started (docs/operations.md "Configuration"): an out_dir / run_dir / json_lines_file that cannot be
+written, a prometheus_port in use, a byte that is not UTF-8, --run-dir naming a file.  Before: a 22 s crash
+loop ending in "internal error: FileExistsError", or a Python traceback."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from luaprobe.engine.daemon import config, control
+from tests import helpers
+from tests.test_supervisor import EXAMPLES, SAMPLE, daemon  # noqa: F401 - the fixture
+
+BASE = f"""[run]
+out_dir = "out"
+run_dir = "run"
+[source]
+pcap = [{json.dumps(SAMPLE)}]
+[plugins]
+paths = [{json.dumps(EXAMPLES)}]
+"""
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=helpers.REPO,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def start_refused(tmp_path, text: str | bytes) -> str:
+    path = tmp_path / "c.toml"
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    r = cli("start", "--config", str(path))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert control.read_pid(str(tmp_path / "run")) is None                  # nothing started
+    return r.stderr.strip()
+
+
+@pytest.mark.parametrize("value, line, reason", [
+    ("afile", 2, "exists and is not a directory"),
+    ("/proc/x/y", 2, "the parent directory /proc/x does not exist"),
+    ("/proc/luaprobe-test-dir", 2, "cannot write there: "),
+])
+def test_out_dir_that_cannot_be_written(tmp_path, value, line, reason):
+    (tmp_path / "afile").write_text("")
+    text = BASE.replace('out_dir = "out"', f"out_dir = {json.dumps(value)}")
+    err = start_refused(tmp_path, text)
+    assert err.startswith(f"luaprobe start: {tmp_path / 'c.toml'}:{line}: [run] out_dir = ") and reason in err, err
+
+
+def test_run_dir_naming_a_file(tmp_path):
+    (tmp_path / "afile").write_text("")
+    err = start_refused(tmp_path, BASE.replace('run_dir = "run"', 'run_dir = "afile"'))
+    assert f":3: [run] run_dir = \"{tmp_path / 'afile'}\": exists and is not a directory" in err
+    for cmd in ("status", "stats", "stop", "reload"):
+        r = cli(cmd, "--run-dir", str(tmp_path / "afile"))
+        assert r.returncode == 2 and r.stderr == f"luaprobe {cmd}: --run-dir {tmp_path / 'afile'}: exists and is not a " \
+                                                 "directory\n", (cmd, r.stderr)
+
+
+def test_json_lines_file_that_cannot_be_written_and_relative_to_the_run_dir(tmp_path):
+    err = start_refused(tmp_path, BASE + '[stats]\njson_lines_file = "/proc/x.jsonl"\n')
+    assert err.startswith(f"luaprobe start: {tmp_path / 'c.toml'}:9: [stats] json_lines_file = \"/proc/x.jsonl\": "
+                          "cannot write there: "), err
+    (tmp_path / "c.toml").write_text(BASE + '[stats]\njson_lines_file = "s.jsonl"\n')
+    cfg = config.load(str(tmp_path / "c.toml"))
+    assert cfg["stats"]["json_lines_file"] == str(tmp_path / "run" / "s.jsonl")
+
+
+def test_prometheus_port_in_use(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        err = start_refused(tmp_path, BASE + f"[stats]\nprometheus_port = {port}\n")
+    assert err == (f"luaprobe start: {tmp_path / 'c.toml'}: [stats] prometheus_port = {port}: cannot serve /metrics "
+                   f"on 127.0.0.1:{port}: Address already in use")
+
+
+def test_semantic_error_names_the_line(tmp_path):
+    err = start_refused(tmp_path, BASE + "[async]\n# a comment\nworkers = 0\n")
+    assert err == f"luaprobe start: {tmp_path / 'c.toml'}:10: [async] workers = 0: must be an integer between 1 and 256"
+
+
+def test_latin1_byte_is_named_with_its_offset_at_start_and_reload(tmp_path, daemon):  # noqa: F811
+    raw = BASE.encode() + b"# caf\xe9\n"
+    err = start_refused(tmp_path, raw)
+    offset = raw.index(b"\xe9")
+    assert err == (f"luaprobe start: {tmp_path / 'c.toml'}:8: byte offset {offset}: byte 0xE9 is not UTF-8 "
+                   "(a TOML file must be UTF-8)")
+    daemon.start()
+    with open(daemon.config, "ab") as f:
+        f.write(b"# caf\xe9\n")
+    r = daemon.cli("reload")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{daemon.config}:" in r.stderr and "byte 0xE9 is not UTF-8" in r.stderr, r.stderr
+    assert daemon.status()["state"] == "running"
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
