@@ -308,7 +308,7 @@ def cmd_run(args) -> int:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return e.exit_code
     from luaprobe.engine.fastpath.run import preflight
-    from luaprobe.engine.store.writer import StoreDied
+    from luaprobe.engine.store.writer import StoreError
     bar = None
     try:
         preflight(cfg)                                     # here, not in each shard (which would crash-loop)
@@ -323,7 +323,7 @@ def cmd_run(args) -> int:
     except UsageError as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except StoreDied as e:
+    except StoreError as e:                            # died, or failed: disk full, read-only, I/O (names the file)
         print(f"luaprobe run: exit 1: {e}", file=sys.stderr)
         return EXIT_INTERNAL
     except StartupStop as e:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 import tomllib
 
 from . import settings as _settings
-from .usage import number
+from .usage import number, writable_dir
 
 
 class ConfigError(ValueError):
@@ -256,27 +255,6 @@ def _cross_checks(v: dict, name: str, raw: dict) -> None:
         problem = writable_file(jl, creating=[v["run"]["run_dir"]])
         if problem:
             raise ConfigError(f"{name}: [stats] json_lines_file = {_show(jl)}: {problem}")
-
-
-def writable_dir(path: str) -> str | None:
-    """Why the daemon could not use ``path`` as a directory it writes into (creating it, one level, when
-    missing), or None.  Tried for real (a temporary file, a directory made and removed): permission bits say
-    nothing for root, a read-only mount or /proc."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        return "exists and is not a directory"
-    parent = os.path.dirname(path)
-    try:
-        if os.path.isdir(path):
-            with tempfile.TemporaryFile(dir=path):
-                pass
-        elif not os.path.isdir(parent):
-            return f"the parent directory {parent} does not exist"
-        else:
-            os.mkdir(path, 0o700)
-            os.rmdir(path)
-    except OSError as e:
-        return f"cannot write there: {e.strerror}"
-    return None
 
 
 def writable_file(path: str, creating=()) -> str | None:

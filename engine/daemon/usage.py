@@ -18,6 +18,7 @@ import difflib
 import os
 import stat
 import sys
+import tempfile
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_USAGE
 
@@ -150,6 +151,9 @@ def check_out_dir(out: str, mode: str) -> None:
     """``--out DIR`` before a run: DIR may not be a file, and an earlier run's database there is refused
     (``mode`` "new"), replaced ("overwrite") or added to ("append").  Raises :class:`UsageError`."""
     check_dir_target("--out", out, "(--out names the output directory)")
+    problem = writable_dir(os.path.abspath(out))
+    if problem:
+        raise UsageError(f"--out {out}: {problem}")
     db = os.path.join(out, DB_NAME)
     if mode == "new" and os.path.exists(db):
         raise UsageError(f"--out {out}: already holds the results of an earlier run ({db}); use --overwrite to "
@@ -162,6 +166,27 @@ def check_out_dir(out: str, mode: str) -> None:
                 pass
             except OSError as e:
                 raise UsageError(f"--out {out}: cannot remove {db + suffix}: {e.strerror}") from None
+
+
+def writable_dir(path: str) -> str | None:
+    """Why the daemon could not use ``path`` as a directory it writes into (creating it, one level, when
+    missing), or None.  Tried for real (a temporary file, a directory made and removed): permission bits say
+    nothing for root, a read-only mount or /proc."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "exists and is not a directory"
+    parent = os.path.dirname(path)
+    try:
+        if os.path.isdir(path):
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        elif not os.path.isdir(parent):
+            return f"the parent directory {parent} does not exist"
+        else:
+            os.mkdir(path, 0o700)
+            os.rmdir(path)
+    except OSError as e:
+        return f"cannot write there: {e.strerror}"
+    return None
 
 
 def _created(parent: str, creating) -> bool:

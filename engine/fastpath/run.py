@@ -635,7 +635,10 @@ class FastPath:
         old_handlers = {} if shard else self._catch_stop_signals()
         try:
             self._preflight()
-            os.makedirs(cfg.out_dir, exist_ok=True)
+            try:
+                os.makedirs(cfg.out_dir, exist_ok=True)
+            except OSError as e:             # checked before (usage.check_out_dir), but the disk may change
+                raise UsageError(f"--out {cfg.out_dir}: cannot create it: {e.strerror}") from None
             tenv.configure(tenv.prepare(cfg.out_dir, cfg.data_dir, cfg.db_root, cfg.run_state_dir))
             self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
             rt = AsyncRuntime(cfg.async_config, lua_path=search_path(cfg.plugins, cfg.lua_path), bell_name=shard and shard["bell"])
