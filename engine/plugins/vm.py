@@ -10,6 +10,8 @@ from luaprobe.shm import logs
 from luaprobe.shm.searchpath import plugin_dirs
 from luaprobe.engine.plugins import tenv
 
+MAX_WORKERS = 256       #: request_async_workers above this is clamped (one warning), the range of --workers
+
 
 class PluginError(Exception):
     """A plug-in that cannot be loaded; the message names file:line."""
@@ -52,7 +54,7 @@ class PluginVM:
         self.host = host
         self.async_obj = host[b'async']
         self.pool = None
-        self.nworkers = self.config.workers or int(host.requested_workers(host))
+        self.nworkers = self.config.workers or self._requested_workers(host)
         self._poll = self.lua.eval("function(a, n, pace) return a:poll(n, pace) end")
         self._has = self.lua.eval("function(a) return a:has_results() end")
         self._pending = self.lua.eval("function(a) return a:pending() end")
@@ -120,6 +122,16 @@ class PluginVM:
         out["worker_recycles"] = pool.recycles if pool else 0
         out["worker_timeouts"] = pool.timeouts if pool else 0
         return out
+
+    def _requested_workers(self, host) -> int:
+        """TrisulPlugin.request_async_workers (default 1), at most MAX_WORKERS: a larger request is clamped
+        with one WARNING line naming the plug-in (each worker is a process with its own rings)."""
+        n = int(host.requested_workers(host))
+        if n > MAX_WORKERS:
+            logs.log.warning("%s: request_async_workers = %d is above the maximum %d: %d workers", self.path, n,
+                             MAX_WORKERS, MAX_WORKERS)
+            n = MAX_WORKERS
+        return n
 
     def pending(self) -> int:
         """Tasks scheduled and not finished."""
