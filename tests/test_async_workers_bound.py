@@ -29,3 +29,34 @@ def test_request_async_workers_above_the_maximum_is_clamped_with_one_warning(tmp
     lines = [x for x in r.stderr.splitlines() if "request_async_workers" in x]
     assert len(lines) == 1 and lines[0].endswith(
         f"{p}: request_async_workers = 100000 is above the maximum 256: 256 workers"), r.stderr
+
+
+UDP_ASYNC = """
+TrisulPlugin = {
+  id = { name = "udp async" },
+  request_async_workers = 16,
+  simplecounter = {
+    protocol_guid = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}",
+    onpacket = function(engine, layer)
+      T.async:schedule { data = "x", onexecute = function(d) return d end, onresult = function(e, d, r) end }
+    end,
+  },
+}
+"""
+
+
+def test_accounting_holds_when_the_hook_budget_interrupts_the_worker_start(tmp_path):
+    """The first schedule starts 16 workers (lazy start); the hook budget (0.2 s) interrupts it while it does on
+    a loaded machine: that task is counted as dropped, so scheduled = ok + ... + dropped + pending (before:
+    scheduled 48, ok 47, the rest 0).  On a machine fast enough to start them within the budget nothing is
+    interrupted and the identity holds all the same."""
+    import json
+    p = tmp_path / "udp.lua"
+    p.write_text(UDP_ASYNC)
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(p), "--pcap", SAMPLE,
+                        "--out", str(tmp_path / "o"), "-q", "--json", "--hook-budget", "0.2"], cwd=helpers.REPO,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    summary = json.loads(r.stdout)
+    (plugin,) = summary["plugins"]
+    helpers.assert_accounting(plugin["async"])
+    assert plugin["async"]["scheduled"] == 48                 # UDP packets of sample.pcap (tshark: 48 udp)

@@ -378,7 +378,11 @@ function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target, ts)
   if self.nworkers == 0 and self.accepting and self.starter then
     local starter = self.starter            -- workers start on first use (Python: WorkerPool.start)
     self.starter = nil
-    starter()
+    local ok, err = pcall(starter)
+    if not ok then                          -- e.g. the hook budget interrupted the start: this task is
+      st.dropped = st.dropped + 1           -- dropped (scheduled = ok + ... + dropped + pending), the error
+      error(err, 0)                         -- still ends the hook
+    end
   end
   if not self.accepting then return self:drop("engine is stopping") end
   if self.nworkers == 0 then return self:drop("no async workers could be started") end
