@@ -149,3 +149,27 @@ def test_an_outer_alarm_survives_the_runs_watchdog(tmp_path):
     if float(ran) < x:                            # the usual case: the run ended before the alarm's time
         assert 0 < float(left) <= x - float(ran) + 0.01
     assert x - 0.01 <= float(fired) < x + 1.0     # fired, at its time (+ the handler's scheduling)
+
+
+def test_a_shorter_budget_after_a_longer_one_is_kept(tmp_path):
+    """The watchdog's timer runs on across disarm / arm (no syscall per hook call or batch); a budget shorter than
+    the running timer's (another in-process run's --hook-budget) must still end the hook at its own time.
+    Truth: the monotonic clock around the interrupted loop, against the 30 s budget armed first."""
+    import time
+    from luaprobe.shm.luajit import new_runtime
+    lua = new_runtime()
+    f = lua.execute("""
+    local wd = require("luaprobe.engine.plugins.watchdog")
+    local loop = load("return function() while true do debug.getinfo(1) end end", "@/plug-in/stuck.lua")()
+    return function()
+      wd.arm(30, "long", "/no/such/root/"); wd.disarm()
+      wd.arm(0.3, "short budget", "/no/such/root/")
+      local ok, err = pcall(loop)
+      return ok, tostring(err), wd.disarm()
+    end""")
+    t0 = time.monotonic()
+    ok, err, fired = f()
+    took = time.monotonic() - t0
+    err = err.decode() if isinstance(err, bytes) else err
+    assert not ok and "short budget" in err and fired == 1
+    assert 0.25 <= took < 10, took

@@ -16,6 +16,8 @@
  * SIGALRM handler alone (an embedding application's or pytest-timeout's).  The WD_SIGNAL handler is installed on
  * the first arm and stays (a signal generated just before disarm may still be delivered after it); a WD_SIGNAL
  * that is not the watchdog's (not its timer, no stop pending) goes to the handler installed before, if any.
+ * Arm and disarm make no syscall while the timer runs (it is set again from its handler when it expires before
+ * the current budget's end), so a hook call's budget costs a clock read, not two timer syscalls.
  *
  * wd.xpcall exists for the per-packet walkers (engine/plugins/host.lua).  LuaJIT inlines a plug-in hook into the
  * trace of the loop that calls it; a hook LuaJIT cannot compile (one that creates a closure per call, bytecode
@@ -30,6 +32,8 @@
 #include <string.h>
 #include <sys/time.h>
 #include <time.h>
+#include <dlfcn.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #define WD_SIGNAL (SIGRTMIN + 3)        /* the watchdog's timer signal (SIGRTMIN: glibc's first free one) */
@@ -82,7 +86,7 @@ static char message[512];
 static int installed = 0;
 static struct sigaction previous;      /* WD_SIGNAL's disposition before the watchdog took it (chained to) */
 static timer_t timer;
-static pid_t timer_pid = 0;            /* the process that created `timer` (POSIX timers do not survive fork) */
+static int timer_pid = 0;              /* `timer` exists in this process (reset in a forked child) */
 static int timer_tag;                  /* sival_ptr of the watchdog's timer signals: &timer_tag */
 static char pkgroot[1024];             /* "@<luaprobe package dir>/": frames of luaprobe's own Lua modules */
 static size_t pkgroot_len = 0;
@@ -111,23 +115,44 @@ static int in_plugin_code(lua_State *L) {
   return 0;
 }
 
-static void set_timer(double s) {
-  if (timer_pid != getpid()) {
-    if (s <= 0) return;                /* nothing armed in this process yet */
+/* The timer is not stopped at disarm nor re-set at every arm (a syscall each, per hook call and per batch): arm
+ * moves `deadline`, and starts the timer only when it is not running; when it fires before the deadline of the
+ * budget armed now (or with nothing armed) the handler sets it again for the rest (or lets it stop). */
+static volatile double deadline = 0;   /* CLOCK_MONOTONIC s when the armed budget runs out */
+static volatile sig_atomic_t timer_running = 0;
+static volatile double timer_at = 0;   /* CLOCK_MONOTONIC s when the running timer expires */
+
+static void start_timer(double s) {    /* also from the signal handler: timer_settime is async-signal-safe */
+  struct itimerspec it;
+  memset(&it, 0, sizeof it);
+  it.it_value.tv_sec = (time_t)s;
+  it.it_value.tv_nsec = (long)((s - (double)(time_t)s) * 1e9);
+  if (it.it_value.tv_sec == 0 && it.it_value.tv_nsec < 1000) it.it_value.tv_nsec = 1000;
+  timer_at = now_s() + s;
+  timer_running = 1;
+  timer_settime(timer, 0, &it, NULL);
+}
+
+static void forked_child(void) { timer_pid = 0; timer_running = 0; }   /* POSIX timers are not inherited */
+
+static void ensure_timer(double s) {   /* the timer runs (it expires by the budget's end at the latest) */
+  if (s <= 0 || (timer_running && timer_at <= deadline + 0.0005)) return;   /* a shorter budget than the
+                                                 running timer's (another run's --hook-budget): set it again */
+  if (timer_pid == 0) {
     struct sigevent ev;
     memset(&ev, 0, sizeof ev);
     ev.sigev_notify = SIGEV_SIGNAL;
     ev.sigev_signo = WD_SIGNAL;
     ev.sigev_value.sival_ptr = &timer_tag;
     if (timer_create(CLOCK_MONOTONIC, &ev, &timer) != 0) return;   /* no timer: the budget is not enforced */
-    timer_pid = getpid();
+    timer_pid = 1;
   }
-  struct itimerspec it;
-  memset(&it, 0, sizeof it);
-  it.it_value.tv_sec = (time_t)s;
-  it.it_value.tv_nsec = (long)((s - (double)(time_t)s) * 1e9);
-  if (s > 0 && it.it_value.tv_sec == 0 && it.it_value.tv_nsec == 0) it.it_value.tv_nsec = 1;
-  timer_settime(timer, 0, &it, NULL);  /* async-signal-safe (POSIX.1-2008) */
+  start_timer(s);
+}
+
+static void set_timer(double s) {      /* the armed budget: s seconds from now (0: none) */
+  deadline = s > 0 ? now_s() + s : 0;
+  ensure_timer(s);
 }
 
 static void budget_hook(lua_State *L, lua_Debug *ar) {
@@ -142,8 +167,8 @@ static void budget_hook(lua_State *L, lua_Debug *ar) {
 }
 
 static void on_alarm(int sig, siginfo_t *info, void *ctx) {
-  int ours = stopping || (info != NULL && info->si_code == SI_TIMER && info->si_value.sival_ptr == &timer_tag);
-  if (!ours) {                       /* somebody else's WD_SIGNAL: their handler, as if the watchdog were not here */
+  int timer = info != NULL && info->si_code == SI_TIMER && info->si_value.sival_ptr == &timer_tag;
+  if (!timer && !stopping) {                       /* somebody else's WD_SIGNAL: their handler, as if the watchdog were not here */
     if (previous.sa_flags & SA_SIGINFO) {
       if (previous.sa_sigaction != NULL) previous.sa_sigaction(sig, info, ctx);
     } else if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN && previous.sa_handler != NULL) {
@@ -152,7 +177,13 @@ static void on_alarm(int sig, siginfo_t *info, void *ctx) {
     return;
   }
   lua_State *L = armed_L;
-  if (L != NULL && alarm_at == 0 && !stopping) alarm_at = now_s();   /* a stop is not a budget overrun */
+  if (timer) {                       /* the timer: the armed budget's end, or an earlier one's */
+    timer_running = 0;
+    if (L == NULL || deadline == 0) return;               /* nothing armed: the timer stops */
+    double left = deadline - now_s();
+    if (left > 0.0005 && !stopping) { start_timer(left); return; }   /* armed again since: not over yet */
+    if (alarm_at == 0 && !stopping) alarm_at = now_s();   /* a stop is not a budget overrun */
+  }
   if (L != NULL) lua_sethook(L, budget_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
 }
 
@@ -164,6 +195,10 @@ static int wd_arm(lua_State *L) {
     sa.sa_flags = SA_RESTART | SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
     sigaction(WD_SIGNAL, &sa, &previous);
+    pthread_atfork(NULL, NULL, forked_child);
+    Dl_info self;                    /* the handler stays installed and the timer may still run: this library
+                                      * must stay mapped when its Lua state closes (package.loadlib unloads) */
+    if (dladdr((void *)on_alarm, &self) && self.dli_fname) dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
     installed = 1;
   }
   budget = lua_tonumber(L, 1);
@@ -176,14 +211,14 @@ static int wd_arm(lua_State *L) {
   alarm_at = 0;
   snprintf(message, sizeof message, "%s", m ? m : "hook budget exceeded");
   fired = 0;
+  deadline = budget > 0 ? now_s() + budget : 0;   /* before armed_L: an expiry between them sees this budget */
   armed_L = L;
-  set_timer(budget);
+  ensure_timer(budget);
   return 0;
 }
 
 static int wd_disarm(lua_State *L) {
-  set_timer(0);
-  armed_L = NULL;
+  armed_L = NULL;                    /* the timer runs on: it stops at its next expiry (on_alarm) */
   stopping = 0;
   alarm_at = 0;
   lua_sethook(L, NULL, 0, 0);        /* a hook set after the code returned must not fire later */
