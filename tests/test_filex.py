@@ -25,6 +25,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -760,3 +761,87 @@ def test_bytes_after_the_gzip_data_are_counted_and_logged(tmp_path, caplog):
     assert len(lines) == 1, lines
     assert "192.0.2.10" in lines[0] and "198.51.100.20" in lines[0] and "/data.json" in lines[0]
     assert f"{len(z.unused_data)} bytes" in lines[0]
+
+
+# ============================================================================ bodies read until close
+CLOSE_PLUGIN = r"""
+local OUT = %(out)s
+TrisulPlugin = {
+  id = { name = "close-delimited" },
+  filex_monitor = {
+    onfile_http = function(engine, ts, flow, path, req, resp, length, is_chunk, incomplete)
+      local f = assert(io.open(path, "rb")); local data = f:read("*a"); f:close()
+      local g = assert(io.open(OUT .. "/" .. flow:id() .. ".body", "ab")); g:write(data); g:close()
+      local m = assert(io.open(OUT .. "/manifest.tsv", "a"))
+      m:write(flow:id(), "\t", length, "\t", tostring(incomplete), "\n"); m:close()
+    end,
+  },
+}
+"""
+
+
+def _close_delimited(pcap: str) -> dict:
+    """{tcp stream: (flowkey, server bytes per tshark's follow-stream, header length, server FIN seen)} of the
+    port-80 connections holding one response without Content-Length or Transfer-Encoding (a body read until
+    the connection closes), judged on tshark's follow-stream bytes (tshark's HTTP dissector shows no response
+    whose close never came); one tshark pass for the streams, one for all their follow-streams."""
+    from tests.test_reassembly import flowkey
+
+    def tshark(*args):
+        return subprocess.run([TSHARK_BIN, "-r", pcap, *args], capture_output=True, text=True, check=True).stdout
+    streams = sorted({int(x) for x in tshark("-Y", "tcp.port == 80 and tcp.len > 0", "-T", "fields", "-e",
+                                            "tcp.stream").split()})
+    fins = {int(x) for x in tshark("-Y", "tcp.srcport == 80 and tcp.flags.fin == 1", "-T", "fields", "-e",
+                                   "tcp.stream").split()}
+    args = ["-q"]
+    for s in streams:
+        args += ["-z", f"follow,tcp,raw,{s}"]
+    out = {}
+    for block in tshark(*args).split("Follow: tcp,raw")[1:]:
+        lines = block.splitlines()
+        s = int(lines[1].split(" eq ")[1])
+        nodes = [ln.split(": ", 1)[1].rsplit(":", 1) for ln in lines if ln.startswith("Node ")]
+        data = [ln for ln in lines[4:] if ln.strip() and set(ln.strip()) <= set("0123456789abcdef")]
+        s2c = b"".join(bytes.fromhex(ln.strip()) for ln in data if ln.startswith("\t"))
+        c2s = b"".join(bytes.fromhex(ln) for ln in data if not ln.startswith("\t"))
+        (ip0, p0), (ip1, p1) = nodes
+        end = re.search(rb"\r?\n\r?\n", s2c)           # the header's end (a bare-LF header: trisul-tutorial 400)
+        head = s2c[:end.start()].lower() if end else b""
+        status = head.split(b" ")[1] if head.count(b" ") else b""
+        if (s2c.startswith(b"HTTP/1.") and s2c.count(b"HTTP/1.") == 1 and end
+                and b"\ncontent-length:" not in head and b"\ntransfer-encoding:" not in head
+                and not status.startswith(b"1") and status not in (b"204", b"304") and not c2s.startswith(b"HEAD ")):
+            out[s] = (flowkey(ip0, int(p0), ip1, int(p1)), s2c, end.end(), s in fins)
+    return out
+
+
+@pytest.mark.skipif(TSHARK_BIN is None, reason="tshark is not installed (the independent truth)")
+@pytest.mark.parametrize("capture", ["trisul-16minutes.pcap", "trisul-tutorial.pcap"])
+def test_body_until_close_is_complete_only_at_the_server_fin(tmp_path, capture):
+    """A response body read until the connection closes (HTTP/1.0, no Content-Length) is complete only when the
+    server's FIN ended it (RFC 9112 §6.3).  trisul-16minutes.pcap: 404/400/403 pages closed by the server: complete,
+    bytes = tshark's follow-stream after the header.  trisul-tutorial.pcap 06A:C0.A8.03.64:p-CCF3_C0.1E.FC.99:p-0050:
+    the client sent FIN, then a RST after the server's first segment; the server sent 14,240 bytes that the
+    capture shows after that RST (tshark's follow-stream) but the connection ended at the RST: the 1,332 bytes
+    delivered are the start of tshark's body and the file is incomplete "truncated" (before: complete)."""
+    pcap = os.path.join(helpers.PCAPS, capture)
+    plugin, out = make_plugin(tmp_path, CLOSE_PLUGIN, name="close.lua")
+    run(tmp_path, [plugin], [pcap])
+    got = {}
+    with open(os.path.join(out, "manifest.tsv")) as f:
+        for line in f:
+            k, n, inc = line.rstrip("\n").split("\t")
+            got[k] = (int(n), inc)
+    truth = _close_delimited(pcap)
+    assert truth
+    for s, (key, s2c, hlen, fin) in truth.items():
+        body = open(os.path.join(out, key + ".body"), "rb").read()
+        n, inc = got[key]
+        assert n == len(body) and body == s2c[hlen:hlen + n], (s, key)
+        if fin:
+            assert inc == "nil" and n == len(s2c) - hlen, (s, key)
+        else:
+            assert inc == "truncated", (s, key, n, len(s2c) - hlen)
+    if capture == "trisul-tutorial.pcap":
+        key = "06A:C0.A8.03.64:p-CCF3_C0.1E.FC.99:p-0050"
+        assert got[key] == (1332, "truncated") and len(truth[20][1]) == 14240 and not truth[20][3]

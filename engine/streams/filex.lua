@@ -306,10 +306,18 @@ function F:unfinished(st, b)
   if b and not b.skip and b.fh then self:emit(st, b, b.chunked == true, true, "truncated") end
 end
 
-function F:close_flow(id)
+--- The connection of flow `id` ended; ends: the stage's CLOSE bits (1: the server->client stream ended with the
+--- server's FIN, 2: the client->server one), nil when not known.  A response body read until close is complete
+--- only when the server's FIN ended it (RFC 9112 §6.3: "octets received prior to the server closing the
+--- connection"); ended by a RST, the idle timeout or the end of input it is incomplete ("truncated").
+function F:close_flow(id, ends)
   local st = self.flows[id]
   if not st then return end
-  st.H:close()
+  if ends then
+    st.H:close({ [0] = band(ends, 2) ~= 0, [1] = band(ends, 1) ~= 0 })   -- the parser's dir 0 = client->server
+  else
+    st.H:close()
+  end
   self:unfinished(st, st.body[0])           -- bodies the parser could not finish (no loop here: a loop per
   self:unfinished(st, st.body[1])           -- closed flow aborted the event walk's traces)
   self.flows[id] = nil
@@ -348,7 +356,7 @@ function F:run_events(addr, n)
           self:clock(e)
           if kind == DATA then st.H:data(1 - e.dir, e.p, e.len)   -- the stage's dir: 1 = client->server
           elseif kind == GAP then st.H:gap(1 - e.dir, e.off)
-          elseif kind == CLOSE then self:close_flow(e.uid) end
+          elseif kind == CLOSE then self:close_flow(e.uid, e.attr) end
         end
       end
     end

@@ -15,7 +15,7 @@ one TCP flow (both directions), LuaJIT.
     }
     H:data(dir, ptr_or_string, len)   -- dir 0 = client->server, 1 = server->client (tcpreasm's)
     H:gap(dir, len)                   -- len bytes of the direction were not captured
-    H:close()                         -- the TCP flow ended (FIN / RST / timeout)
+    H:close([fin])                    -- the TCP flow ended (FIN / RST / timeout); fin[dir]: that direction's FIN seen
     H.stats                           -- requests, responses, interim, bodies, resyncs, errors, gzip_trailing...
 
 Headers are HTTPHeader objects (luaprobe.engine.plugins.httpheader).  A response whose
@@ -875,12 +875,15 @@ function P:gap(dir, len)
   enter_resync(self, st, true)
 end
 
-function P:close()
+--- The TCP connection ended.  fin (optional): fin[dir] true when direction dir's stream ended with its FIN; a body
+--- read until close then ends complete only in a direction whose FIN was seen (a RST or timeout truncates it).
+--- Without fin every read-until-close body ends complete.
+function P:close(fin)
   if self.closed then return end
   for dir = 0, 1 do
     local st = self.st[dir]
     if st.body then
-      body_end(self, st, st.mode ~= BODY_CLOSE)
+      body_end(self, st, st.mode ~= BODY_CLOSE or (fin ~= nil and not fin[dir]))
     end
   end
   self.closed = true

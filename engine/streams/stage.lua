@@ -44,7 +44,7 @@ the packet that caused it, -1 outside the batch walk): NEWFLOW (p/len = the flow
 handlers), FXNEW (p/len = the flow key; filex), DATA (dir in the reassembly_handler
 convention 0 = server->client, 1 = client->server, off = stream offset, p/len = bytes),
 GAP (dir, off = bytes missing; filex), ATTR (attr = index into M.ATTRS, p/len = value;
-handlers), CLOSE.  Pointers stay valid until the next run: packet bytes live in the packet
+handlers), CLOSE (attr: bit 1 = the server->client stream ended with its FIN, bit 2 = the client->server one).  Pointers stay valid until the next run: packet bytes live in the packet
 ring until the next batch is filled, copied bytes are anchored in `self.anchor` until the
 next run.
 
@@ -118,7 +118,7 @@ function M.new(opts)
   self.R = tcpreasm.new({
     cb = function(id, dir, off, p, n) self:on_data(id, dir, off, p, n) end,
     cb_gap = function(id, dir, _, missing) self:on_gap(id, dir, missing) end,
-    cb_close = function(id) self:on_close(id) end,
+    cb_close = function(id, _, fins) self:on_close(id, fins) end,
   })
   return self
 end
@@ -249,13 +249,17 @@ function S:on_gap(id, dir, missing)
   if st.fx then self:emit(M.GAP, st, 1 - dir, missing, nil, 0, 0, TO_FX) end
 end
 
-function S:on_close(id)
+--- A reassembled connection ended; fins (tcpreasm's bits: 1 client->server, 2 server->client ended with their FIN)
+--- go to the CLOSE event's attr in this module's direction convention: 1 server->client (dir 0), 2 client->server.
+function S:on_close(id, fins)
   local st = self.flows[id]
   if st == nil then return end
   if st.an and st.an.close then pcall(st.an.close, st.an) end
   if self.attributes and st.h then self:emit(M.ATTR, st, 0, 0, "", 0, A["^D"]) end
   local to = (st.h and TO_H or 0) + (st.fx and TO_FX or 0)
-  if to ~= 0 then self:emit(M.CLOSE, st, 0, 0, nil, 0, 0, to) end
+  fins = fins or 0
+  local ends = (band(fins, 2) ~= 0 and 1 or 0) + (band(fins, 1) ~= 0 and 2 or 0)
+  if to ~= 0 then self:emit(M.CLOSE, st, 0, 0, nil, 0, ends, to) end
   if st.fx then                                    -- the next connection on this flow gets a fresh vote
     local v = self.votes[st.idx]
     if v.fxuid == st.uid then v.fx, v.hs = 0, 0 end

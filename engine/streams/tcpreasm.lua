@@ -11,7 +11,9 @@ luaprobe.engine.streams.tcpreasm — TCP stream reassembly per flow and directio
       ack_window      = 64 << 10,  -- out-of-order bytes buffered after an ACKed hole before it is given up
       cb       = function(flow_id, dir, offset, ptr_or_string, len) end,  -- in-order bytes
       cb_gap   = function(flow_id, dir, offset, missing_len) end,
-      cb_close = function(flow_id, reason) end,   -- reason "fin" | "rst" | "timeout" | "reuse"
+      cb_close = function(flow_id, reason, fins) end,   -- reason "fin" | "rst" | "timeout" | "reuse"; fins: bit 0
+                                                        -- / 1 set when direction 0 (client->server) / 1 ended with
+                                                        -- its FIN (every byte before it delivered or a gap)
     }
     R:packet(flow_id, pdir, seq, flags, payload_ptr, payload_len, ts[, cb[, ack]])
     R:expire(flow_id)        -- timeout: flush holes (gaps), cb_close(id, "timeout"), forget the flow
@@ -252,10 +254,11 @@ local function close_flow(self, id, f, reason, cb)
       s.off = s.fin_off
     end
   end
+  local fins = (f.s[0].fin_off and 1 or 0) + (f.s[1].fin_off and 2 or 0)
   f.closed = true
   f.s = nil
   self.stats.closed = self.stats.closed + 1
-  if self.cb_close then self.cb_close(id, reason) end
+  if self.cb_close then self.cb_close(id, reason, fins) end
 end
 
 local function fin_check(self, id, f, cb)
