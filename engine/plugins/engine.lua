@@ -57,6 +57,7 @@ function M.new(opts)
     flow_counters = {},     -- [flowkey] = { {guid, key, meter, direction}, ... }
     nflow_counters = 0,
     _fcbatch = 0,           -- flow_counter_batch calls so far (a flow counter records the value when added)
+    own_pending = false,    -- a message to this VM's own pipeline waits for Host:deliver_own
   }, Engine)
   self.rows = M.new_rows()
   return self
