@@ -12,8 +12,10 @@ import psutil
 from tests import helpers
 
 
-def test_a_stop_passes_over_the_rest_of_the_ring_and_counts_it(tmp_path):
-    p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.001, "--batch", "64")
+def _stop_a_slow_walk(tmp_path, *extra):
+    """SIGTERM a run whose 1 ms hook walks in batches of 64, once it walks; checks what every stop must give (143,
+    no traceback, no process or segment left, walk ended early) and returns (summary, the capture's frame sizes)."""
+    p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.001, "--batch", "64", *extra)
     kids = []
     try:
         helpers.wait_for(walking.exists, timeout=120)
@@ -25,15 +27,20 @@ def test_a_stop_passes_over_the_rest_of_the_ring_and_counts_it(tmp_path):
             p.kill()
             p.wait()
     assert p.returncode == 143, err
-    s = json.loads(out)
-    walked, skipped = s["packets"], s["not_walked_at_stop"]
-    assert s["stopped_by"] == "SIGTERM"
-    assert walked < len(sizes) // 2 and skipped > 0                  # the walk ended early, the rest is counted
-    assert walked + skipped <= len(sizes)                           # read = walked + not walked, no more
-    assert s["bytes"] == sum(sizes[:walked])                        # the walked ones are the first records
     assert "Traceback" not in err
     assert not psutil.wait_procs(kids, timeout=10)[1]
-    assert not helpers.our_segments([p.pid])
+    assert not helpers.our_segments([p.pid] + [k.pid for k in kids])
+    s = json.loads(out)
+    assert s["stopped_by"] == "SIGTERM"
+    assert s["packets"] < len(sizes) // 2 and s["not_walked_at_stop"] > 0   # the walk ended early, the rest counted
+    return s, sizes
+
+
+def test_a_stop_passes_over_the_rest_of_the_ring_and_counts_it(tmp_path):
+    s, sizes = _stop_a_slow_walk(tmp_path)
+    walked, skipped = s["packets"], s["not_walked_at_stop"]
+    assert walked + skipped <= len(sizes)                           # read = walked + not walked, no more
+    assert s["bytes"] == sum(sizes[:walked])                        # the walked ones are the first records
 
 
 def test_a_sharded_stop_passes_over_the_rest_of_each_ring_and_counts_it(tmp_path):
@@ -41,29 +48,12 @@ def test_a_sharded_stop_passes_over_the_rest_of_each_ring_and_counts_it(tmp_path
     now each shard ends after its batch under way, like one fast path.  Truth: the capture's frame count and bytes
     (tshark), and the capture process's own count of packets committed to each ring (packets_read), which must
     be exactly walked + not walked, shard by shard."""
-    p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.001, "--batch", "64", "--shards", "2")
-    kids = []
-    try:
-        helpers.wait_for(walking.exists, timeout=120)
-        kids = psutil.Process(p.pid).children(recursive=True)
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 143, err
-    s = json.loads(out)
+    s, sizes = _stop_a_slow_walk(tmp_path, "--shards", "2")
     walked, skipped = s["packets"], s["not_walked_at_stop"]
-    assert s["stopped_by"] == "SIGTERM"
-    assert walked < len(sizes) // 2 and skipped > 0                  # the walk ended early, the rest is counted
     assert s["packets_lost"] == 0 and s["packets_read"] == walked + skipped <= len(sizes)
     for sh in s["shards"]:
         assert sh["read"] == sh["packets"] + sh["not_walked_at_stop"] and sh["lost"] == 0, sh
     assert walked == sum(sh["packets"] for sh in s["shards"]) and s["bytes"] < sum(sizes)
-    assert "Traceback" not in err
-    assert not psutil.wait_procs(kids, timeout=10)[1]
-    assert not helpers.our_segments([p.pid] + [k.pid for k in kids])
 
 
 def test_sigterm_with_a_stopped_capture_process_is_a_graceful_stop(tmp_path):

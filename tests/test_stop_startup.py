@@ -29,13 +29,18 @@ def _caught(pid: int, signum: int) -> bool:
     return bool(mask >> (signum - 1) & 1)
 
 
+def _start_run(tmp_path, *extra, **popen) -> subprocess.Popen:
+    """`luaprobe run` of the examples on sample.pcap (quiet), stdout and stderr piped as text."""
+    exe = LUAPROBE if os.path.exists(LUAPROBE) else "luaprobe"
+    return subprocess.Popen([exe, "run", EXAMPLES, "--pcap", os.path.join(EXAMPLES, "sample.pcap"),
+                             "--out", str(tmp_path / "out"), "-q", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("delay", [0.0, 0.1, 0.3, 0.7, 1.2])
 def test_a_stop_signal_while_starting_is_one_line_and_its_exit_code(tmp_path, signum, delay):
-    exe = LUAPROBE if os.path.exists(LUAPROBE) else "luaprobe"
-    p = subprocess.Popen([exe, "run", EXAMPLES, "--pcap", os.path.join(EXAMPLES, "sample.pcap"),
-                          "--out", str(tmp_path / "out"), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = _start_run(tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     kids = []
     try:
         # SIGTERM: Python leaves it alone, luaprobe takes SIGINT and SIGTERM together (SIGINT is Python's from init)
@@ -79,10 +84,7 @@ def test_a_stop_signal_the_moment_the_first_segment_exists_leaves_none(tmp_path,
     the run still starts up; a signal sent as soon as /dev/shm shows it (polled without sleeping) must still end in
     one line, 130 / 143 or a graceful stop, and no segment of the run's processes (CI once saw the doorbell left
     behind at a 0.3 s delay)."""
-    exe = LUAPROBE if os.path.exists(LUAPROBE) else "luaprobe"
-    p = subprocess.Popen([exe, "run", EXAMPLES, "--pcap", os.path.join(EXAMPLES, "sample.pcap"),
-                          "--out", str(tmp_path / "out"), "-q", "--shards", str(shards)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = _start_run(tmp_path, "--shards", str(shards))
     pids = {p.pid}
     try:
         end = time.monotonic() + 60
