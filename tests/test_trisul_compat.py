@@ -363,6 +363,28 @@ def test_repeated_error_summary_reads_as_a_sentence():
                                                  "\n\t/p/x.lua:7: in f"]
 
 
+def test_a_long_plugin_path_reads_the_same():
+    """LuaJIT shortens a chunk name longer than 60 bytes to "..." and its tail: the first line and the summaries of
+    an error in such a plug-in still name the full path and read "N more at FILE:LINE" (test_error_isolation failed
+    when pytest's tmp_path made the path long: the summary said "N more: ...").  A clock we drive."""
+    from luaprobe.shm.luajit import new_runtime
+    path = "/tmp/" + "d" * 70 + "/x.lua"
+    lua = new_runtime()
+    lines, clock = [], [0]
+    log = lua.eval("function(logf, p, now) return require('luaprobe.engine.plugins.errlog').new(logf, p, now) end")(
+        lambda level, msg: lines.append((level, msg.decode())), path.encode(), lambda: clock[0])
+    report = lua.eval("function(l, k, m) l:report(k, m) end")
+    short = "..." + path[-50:]                                    # what LuaJIT puts in the message
+    for i in range(4):
+        clock[0] = i * 1_100_000_000
+        report(log, b"simplecounter.onpacket error", f"{short}:7: boom {i}\nstack traceback:\n\t{short}:7: in f".encode())
+    errs = [m for lv, m in lines if lv == 4]
+    assert errs[0] == f"simplecounter.onpacket error: {path}:7: boom 0", errs
+    for m in errs[1:]:
+        assert m.startswith(f"simplecounter.onpacket error: 1 more at {path}:7 (last: boom "), m
+    assert len(errs) == 4
+
+
 # ============================================================================ only unsupported script types: exit 4
 
 FLOWMONITOR = """TrisulPlugin = { id = { name = "fm" },

@@ -43,8 +43,13 @@ function Log:split(msg)
   head = head or msg
   local path = self.path
   if path and head:sub(1, #path + 1) ~= path .. ":" then
-    local at = M.plugin_frame(tb, path)
-    if at then head = at .. ": " .. head end
+    local short, rest = head:match("^(%.%.%.[^\n]-):(%d+:.*)$")
+    if short and path:find(plain(short:sub(4)) .. "$") then
+      head = path .. ":" .. rest                -- LuaJIT shortened the plug-in's own name (a path > 60 bytes)
+    else
+      local at = M.plugin_frame(tb, path)
+      if at then head = at .. ": " .. head end
+    end
   end
   return head, tb
 end
@@ -85,9 +90,10 @@ function Log:report(kind, msg)
   e.count, e.unlogged = e.count + 1, e.unlogged + 1
   if now - e.last >= 1e9 then
     local last = head:match("^[^\n]*")
-    if site:match(":%d+$") and last:sub(1, #site + 1) == site .. ":" then
-      self.logf(4, ("%s: %d more at %s (last:%s)"):format(kind, e.unlogged, site, last:sub(#site + 2)))
-    else                                      -- no source line ("returned a non-boolean"), or another place
+    local at, rest = last:match("^([^\n]-:%d+):(.*)$")   -- the line's own file:line, as its first report gave it
+    if at and site ~= "other places" then
+      self.logf(4, ("%s: %d more at %s (last:%s)"):format(kind, e.unlogged, at, rest))
+    else                                      -- no source line ("returned a non-boolean"), or many places
       self.logf(4, ("%s: %d more: %s"):format(kind, e.unlogged, last))
     end
     e.unlogged, e.last = 0, now
