@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import sqlite3
 import struct
@@ -402,6 +403,19 @@ def test_kill_9_of_a_shard_accounts_for_every_packet(tmp_path):
                      f"packets and was restarted: of {truth} packets read, {s['packets']} were walked by the shard "
                      f"processes that finished and {s['packets_lost']} by the dead one, whose results not yet "
                      "written (open counter buckets, live flows, in-flight T.async tasks) are lost"], err
+
+
+def test_the_shard_loss_line_accounts_for_packets_passed_over_at_a_stop():
+    """A shard that died during a stop: the line's numbers must add up to packets_read (walked + not walked at the
+    stop + lost with the dead one); it left out not_walked_at_stop, so they did not."""
+    from luaprobe.engine.daemon.cli import shard_loss_line
+    s = {"shard_deaths": [{"shard": 1, "pid": 42, "status": -9, "packets": 300}], "packets_read": 1000,
+         "packets": 500, "not_walked_at_stop": 200, "packets_lost": 300}
+    line = shard_loss_line(s)
+    nums = [int(n) for n in re.findall(r"(\d+) (?:were walked|were not walked|by the dead)", line)]
+    assert sum(nums) == s["packets_read"] and len(nums) == 3, line
+    s["not_walked_at_stop"], s["packets"] = 0, 700
+    assert "not walked" not in shard_loss_line(s)
 
 
 # ---------------------------------------------------------------- live: AF_PACKET fanout, one socket per shard

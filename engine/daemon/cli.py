@@ -370,16 +370,19 @@ def cmd_run(args) -> int:
 def shard_loss_line(summary: dict) -> str:
     """The one line that states what dead shard processes cost (docs/scale.md "Faults"): who died, and for files
     and --generate the capture side's count split exactly into packets walked by the shard processes that
-    finished and packets lost with the dead ones (``packets_read`` == ``packets`` + ``packets_lost``)."""
+    finished, packets passed over at a stop (``not_walked_at_stop``, named when non-zero) and packets lost with the
+    dead ones (``packets_read`` == ``packets`` + ``not_walked_at_stop`` + ``packets_lost``)."""
     deaths = summary["shard_deaths"]
     who = "; ".join(f"shard {d['shard']} (pid {d['pid']}) died (status {d['status']}) after {d['packets']} packets"
                     for d in deaths)
     one = len(deaths) == 1
     what = "results not yet written (open counter buckets, live flows, in-flight T.async tasks)"
     if "packets_read" in summary:
+        skipped = summary.get("not_walked_at_stop") or 0
+        passed = f", {skipped} were not walked at the stop" if skipped else ""
         return (f"{who} and {'was' if one else 'were'} restarted: of {summary['packets_read']} packets read, "
-                f"{summary['packets']} were walked by the shard processes that finished and {summary['packets_lost']} "
-                f"by the dead {'one' if one else 'ones'}, whose {what} are lost")
+                f"{summary['packets']} were walked by the shard processes that finished{passed} and "
+                f"{summary['packets_lost']} by the dead {'one' if one else 'ones'}, whose {what} are lost")
     return f"{who} and {'was' if one else 'were'} restarted: {'its' if one else 'their'} {what} are lost"
 
 
