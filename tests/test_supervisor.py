@@ -333,8 +333,8 @@ def small_run_fs(tmp_path):
 
 
 def fill(path) -> None:
-    """Write zeros to ``path`` until the filesystem is full (ENOSPC)."""
-    with open(path, "wb", buffering=0) as f:
+    """Append zeros to ``path`` until the filesystem is full (ENOSPC); again to take pages freed since."""
+    with open(path, "ab", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 4096)
@@ -377,8 +377,10 @@ def test_full_run_dir_filesystem_is_survived(small_run_fs, daemon):
     daemon.wait_packets()
     sup = control.read_pid(daemon.run_dir)
     filler = small_run_fs / "filler"
-    fill(filler)
-    st = helpers.wait_for(lambda: (s := daemon.status()).get("file_errors", {}).get("state.json") and s, 30, 0.1)
+    # kept full while waiting: a page freed after the first fill (a failed writer's temporary file unlinked)
+    # lets state.json's write-and-rename succeed for ever (each rename frees the old copy's page)
+    st = helpers.wait_for(lambda: (fill(filler), s := daemon.status())[0] is None and s.get(
+        "file_errors", {}).get("state.json") and s, 30, 0.1)
     assert "No space left on device" in st["file_errors"]["state.json"]
     before = st["last_stats"]["time"] if st.get("last_stats") else 0
     assert st["state"] == "running" and psutil.pid_exists(sup)

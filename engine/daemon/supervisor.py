@@ -90,6 +90,7 @@ class Supervisor:
         self.stop_killed: str | None = None     # what a stop past stop_deadline SIGKILLed (`luaprobe stop` exits 5)
         self.exporter = self.jsonl = None
         self.file_errors: dict = {}             # run-dir file -> its write error (full disk), while it lasts
+        self._saved_at = 0.0                    # time.monotonic() of the last state.json write attempt
 
     # ------------------------------------------------------------ child
     def _spawn(self) -> None:
@@ -349,6 +350,7 @@ class Supervisor:
         self._save_state()
 
     def _save_state(self) -> None:
+        self._saved_at = time.monotonic()
         try:
             control.write_json(control.path(self.run_dir, control.STATE), self.status() | {"saved": time.time()})
         except OSError as e:
@@ -392,6 +394,10 @@ class Supervisor:
     def _poll_stats(self) -> None:
         snap = control.read_json(self.stats_path)
         if not snap or (self.snapshot and snap.get("time") == self.snapshot.get("time")):
+            # no new snapshot (e.g. a full run directory stops the fast path's stats.json too): state.json is still
+            # written once a stats interval, so a write error shows in status and the saved time stays current
+            if time.monotonic() - self._saved_at >= float(self.cfg["stats"]["interval"]):
+                self._save_state()
             return
         if self.child is None or snap.get("processes", {}).get("fastpath") not in (self.child.pid, None):
             return                                              # a previous child's file
