@@ -373,15 +373,17 @@ end
 --- backlog, staged tasks included: at the limit the backlog is flushed first,
 --- and a task is dropped only if the rings are still full.
 function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target, ts)
+  -- scheduled is counted where the task's fate is decided (queued: next to w.tail's increment; dropped: in drop),
+  -- so an error raised asynchronously in between (the hook budget's interrupt, e.g. while the workers start)
+  -- leaves the identity scheduled = ok + ... + dropped + pending exact: the task then was never scheduled
   local st = self.stats
-  st.scheduled = st.scheduled + 1
   if self.nworkers == 0 and self.accepting and self.starter then
     local starter = self.starter            -- workers start on first use (Python: WorkerPool.start)
     self.starter = nil
     local ok, err = pcall(starter)
     if not ok then                          -- e.g. the hook budget interrupted the start: this task is
-      st.dropped = st.dropped + 1           -- dropped (scheduled = ok + ... + dropped + pending), the error
-      error(err, 0)                         -- still ends the hook
+      self:drop("the workers' start was interrupted")   -- dropped, the error still ends the hook
+      error(err, 0)
     end
   end
   if not self.accepting then return self:drop("engine is stopping") end
@@ -413,13 +415,13 @@ function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target, ts)
   c.id[s], c.kind[s], c.fid[s], c.data[s], c.aux[s], c.arg[s] = id, kind, fid, data, aux, arg
   c.onres[s], c.onerr[s], c.ts[s] = onres, onerr, ts
   if self.file_done ~= NOOP and next(self.live_files) ~= nil then c.files[s] = self:files_named(data, aux) end
-  w.tail = w.tail + 1
+  w.tail = w.tail + 1; st.scheduled = st.scheduled + 1
   if s == CHUNK then chunk_for_tail(w) end          -- the next task's chunk
   self.backlog = self.backlog + 1
   if full then                               -- limit 0: only straight into the ring
     self:drain(w)
     if w.sent < w.tail then
-      w.tail = w.tail - 1
+      w.tail = w.tail - 1; st.scheduled = st.scheduled - 1     -- (drop counts it, as dropped)
       self.backlog = self.backlog - 1
       w.tc = c                             -- (the next chunk, made if s == CHUNK, stays for the next task)
       self:clear_slot(c, s)
@@ -455,7 +457,7 @@ end
 
 function Async:drop(why)
   local st = self.stats
-  st.dropped = st.dropped + 1
+  st.scheduled, st.dropped = st.scheduled + 1, st.dropped + 1
   self.drops_unlogged = self.drops_unlogged + 1
   local now = C.lp_now_ns()
   if now - self.last_drop_log >= 1e9 then
