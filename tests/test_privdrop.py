@@ -27,7 +27,8 @@ import psutil
 import pytest
 
 from tests import helpers
-from tests.test_live import PORT_GROUP, bound, needs_root, port_counts, send_udp, sh, veth, write_plugins  # noqa: F401
+from tests.test_live import (PORT_GROUP, bound, needs_root, port_counts, rx_packets, send_udp, sh, veth,  # noqa: F401
+                             wait_delivered, write_plugins)
 
 CAP_NET_RAW = 1 << 13
 EX = os.path.join(helpers.REPO, "engine", "examples")
@@ -239,8 +240,10 @@ def test_live_run_with_user_drops_every_process(workdir, veth, user, user_python
     pids, started = set(), []
     try:
         _wait_bound(proc, ifname)
+        before = rx_packets(ifname)
         send_udp(ns, {9999: 300, 9998: 100, 9997: 40})
-        try:
+        wait_delivered(ifname, before, 440)    # the kernel received them (CI once saw 0 packets in 30 s: this
+        try:                                   # tells a veth that dropped them from a capture that did not read)
             helpers.wait_for(lambda: any(_kind(p) == "worker" for p in _tree(proc.pid)), timeout=30, interval=0.1)
         except AssertionError:
             kinds = [_kind(p) for p in _tree(proc.pid)]
