@@ -8,12 +8,14 @@ because a leak in a test is a leak a user would hit.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 
 import psutil
+import pytest
 
 from luaprobe.shm import segment
 
@@ -125,3 +127,19 @@ def pcap_records(path) -> int:
         off += 16 + struct.unpack_from("<I", data, off + 8)[0]
         n += 1
     return n
+
+
+@contextlib.contextmanager
+def tmpfs(path, options: str):
+    """``path`` (made if missing) as a tmpfs of its own with mount ``options`` ("size=1m", "ro,size=1m"); skips the
+    test where mounting is not allowed (root and CAP_SYS_ADMIN needed); unmounted (lazily: a process may still
+    hold it) on exit."""
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if r.returncode:
+        pytest.skip("cannot mount a tmpfs here (root and CAP_SYS_ADMIN needed): "
+                    + r.stderr.decode(errors="replace").strip())
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

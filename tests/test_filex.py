@@ -620,14 +620,8 @@ def test_flow_hooks_once_per_connection(tmp_path, name, conns):
 def test_write_error_is_counted_not_delivered(tmp_path):
     """A body that cannot be written completely (ENOSPC: the extraction directory is on a 64 KiB tmpfs) is
     counted in write_errors and never handed to onfile_http as a whole file.  Needs mount (root)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root and CAP_SYS_ADMIN)")
-    try:
+    with helpers.tmpfs(tmp_path / "tiny", "size=64k") as mnt:
         summary, recs = copy_run(tmp_path, "http-website-keepalive.pcap", filex_dir=str(mnt / "fx"))
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
     st = fx(summary)
     assert st["write_errors"] >= 1 and st["files"] == len(recs) == COUNTS["http-website-keepalive.pcap"] - st["write_errors"]
     assert all(int(r["length"]) == int(r["read"]) for r in recs)        # no partial file passed as whole

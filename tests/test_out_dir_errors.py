@@ -5,6 +5,7 @@ error: OSError: 30" without a path, "internal error: StoreError ...".  The read-
 tmpfs mounts (skipped where mounting is not allowed)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -27,19 +28,9 @@ def run(out, *extra, pcap=SAMPLE):
 @pytest.fixture
 def tmpfs(tmp_path):
     """mount(options) -> a fresh tmpfs directory; unmounted at teardown."""
-    mounted = []
-
-    def mount(options):
-        d = tmp_path / f"fs{len(mounted)}"
-        d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)], capture_output=True)
-        if r.returncode:
-            pytest.skip("cannot mount a tmpfs here: " + r.stderr.decode(errors="replace").strip())
-        mounted.append(d)
-        return d
-    yield mount
-    for d in mounted:
-        subprocess.run(["umount", str(d)], check=True)
+    with contextlib.ExitStack() as stack:
+        n = iter(range(1 << 30))
+        yield lambda options: stack.enter_context(helpers.tmpfs(tmp_path / f"fs{next(n)}", options))
 
 
 @pytest.mark.parametrize("out, reason", [("/proc/luaprobe-o", "No such file or directory"),

@@ -323,13 +323,8 @@ def test_killed_store_writer_is_seen_logged_counted_and_restarted(daemon):
 @pytest.fixture
 def small_run_fs(tmp_path):
     """tmp_path/run as a 1 MiB tmpfs of its own (root only), unmounted after the daemon fixture's clean-up."""
-    run = tmp_path / "run"
-    run.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(run)],
-                                           capture_output=True).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    yield run
-    subprocess.run(["umount", "-l", str(run)], check=True)
+    with helpers.tmpfs(tmp_path / "run", "size=1m") as run:
+        yield run
 
 
 def fill(path) -> None:
@@ -345,13 +340,8 @@ def fill(path) -> None:
 @pytest.fixture
 def small_out_fs(tmp_path):
     """tmp_path/out as a 200 KiB tmpfs of its own (root only), unmounted after the daemon fixture's clean-up."""
-    out = tmp_path / "out"
-    out.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(out)],
-                                           capture_output=True).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    yield out
-    subprocess.run(["umount", "-l", str(out)], check=True)
+    with helpers.tmpfs(tmp_path / "out", "size=200k") as out:
+        yield out
 
 
 def test_full_out_dir_is_reported_with_the_rows_lost(small_out_fs, daemon):
