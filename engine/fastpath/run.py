@@ -41,6 +41,7 @@ from luaprobe.engine.analysers import Analysers, group_rows as analyser_group_ro
 from luaprobe.engine.plugins.monitors import TYPES as MONITOR_TYPES, Monitors, Script, group_names as monitor_group_names
 from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
 from luaprobe.engine.store.writer import StoreDied, StoreError, StoreWriter
+from luaprobe.engine.daemon.control import write_json
 from luaprobe.engine.daemon.usage import UsageError
 
 
@@ -284,6 +285,7 @@ class Instance:
     budgeted = False                   # the hook budget (watchdog) is active for this instance
     disabled = None                    # why the fast path stopped calling it (its memory limit), else None
     batches_skipped = 0                # batches not walked since it was disabled
+    flow_counters = False              # engine:add_flow_counter was called (a VM without a packet walk of its own)
 
 
 def _message_rows(sender, rows) -> list:
@@ -538,6 +540,17 @@ class FastPath:
             messages += _message_rows(inst, out[b"messages"])
         self._dispatch(messages)
 
+    @staticmethod
+    def _flow_counter_runner(inst):
+        """The per-batch call of engine.lua flow_counter_batch for `inst`, made only once the VM added a flow
+        counter (engine.on_flow_counters sets inst.flow_counters; a lupa call per batch costs 1-3 us, and most
+        VMs never add one) and while the instance is not disabled (its memory limit)."""
+        lua = inst.vm.lua
+        lua.eval("function(h, f) h.engine.on_flow_counters = f end")(
+            inst.vm.host, lambda: setattr(inst, "flow_counters", True))
+        count = lua.eval("function(h, a, n) return h.engine:flow_counter_batch(a, n) end")
+        return lambda h, a, n: count(h, a, n) if inst.flow_counters and inst.disabled is None else 0
+
     def _on_post(self) -> None:
         """A plug-in posted a message (engine.lua post): delivered after the batch under way."""
         self._posted = True
@@ -682,8 +695,8 @@ class FastPath:
             runners = [i.run_batch for i in walkers]
             hosts = [i.vm.host for i in walkers]
             for i in self.instances:            # frontend VMs without a packet walk: engine:add_flow_counter's
-                if i.pipeline == "frontend" and i.run_batch is None:   # counters (engine.lua flow_counter_batch)
-                    runners.append(i.vm.lua.eval("function(h, a, n) return h.engine:flow_counter_batch(a, n) end"))
+                if i.pipeline == "frontend" and i.run_batch is None:   # counters (engine.lua flow_counter_batch),
+                    runners.append(self._flow_counter_runner(i))       # called once the VM has any
                     hosts.append(i.vm.host)
             if self.pstore is not None:         # after every packet_storage vote: write what they let through
                 runners.append(self.pstore_lua.eval("function(s, a, n) return s:write_batch(a, n) end"))
@@ -1238,21 +1251,13 @@ class FastPath:
         if now - self._last_stats < self.cfg.stats_interval:
             return
         self._last_stats = now
-        tmp = path + ".tmp"
-        from ..daemon.control import open_private
         try:
-            with open_private(tmp, "w") as f:
-                json.dump(self.snapshot(rt, capture), f, default=str)
-            os.replace(tmp, path)
+            write_json(path, self.snapshot(rt, capture))
         except OSError as e:             # a full run directory: the run goes on, the next interval tries again
             if not getattr(self, "_stats_error", None):
                 logs.log.error("cannot write %s: %s; the run goes on, retrying every stats interval", path,
                                e.strerror or e)
             self._stats_error = str(e)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
         else:
             self._stats_error = None
 

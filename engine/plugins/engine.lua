@@ -57,7 +57,7 @@ function M.new(opts)
     flow_counters = {},     -- [flowkey] = { {guid, key, meter, direction}, ... }
     nflow_counters = 0,
     _fcbatch = 0,           -- flow_counter_batch calls so far (a flow counter records the value when added)
-    own_pending = false,    -- a message to this VM's own pipeline waits for Host:deliver_own
+    own_pending = false,    -- messages to this VM's own pipeline waiting for Host:deliver_own (a list), or false
   }, Engine)
   self.rows = M.new_rows()
   return self
@@ -340,7 +340,8 @@ function Engine:add_flow_counter(flowkey, guid, key, meter, direction)
   if list == nil then list = {}; self.flow_counters[fk] = list end
   list[#list + 1] = { norm(guid), tostring(key), tonumber(meter) or 0, tonumber(direction) or 0,
                       self._pos, self._fcbatch }
-  self.nflow_counters = self.nflow_counters + 1
+  if self.nflow_counters == 0 and self.on_flow_counters then self.on_flow_counters() end   -- the fast path now
+  self.nflow_counters = self.nflow_counters + 1                    -- calls flow_counter_batch every batch
 end
 
 function Engine:reset_flow_counter(flowkey)
@@ -397,16 +398,21 @@ end
 
 -- A posted message: a row {pipeline, msgid ("" = broadcast), msg} in rows.messages; the fast path delivers it
 -- between batches (engine/fastpath/run.py _deliver_messages, told by on_post) to every instance of the pipeline.
--- One for this VM's own pipeline also sets own_pending: Host:call delivers it to this VM as soon as the posting
+-- One for this VM's own pipeline is also queued in own_pending: Host:call delivers it to this VM as soon as the posting
 -- hook returns (Host:deliver_own, which marks the row [4] = true so the fast path skips this VM).
 local function post(self, pipeline, a, b)
   local row
   if b == nil then row = { pipeline, "", tostring(a) } else row = { pipeline, norm(a), tostring(b) } end
-  push(self.rows.messages, row)
-  if pipeline == self._pipeline then self.own_pending = true end
+  local rows = self.rows.messages
+  push(rows, row)
+  if pipeline == self._pipeline then
+    local q = self.own_pending
+    if not q then q = {}; self.own_pending = q end
+    q[#q + 1] = row
+  end
   local f = self.on_post
-  if f then f() end
-end
+  if f and #rows == 1 then f() end     -- the first row since the fast path took them (a Python call per message
+end                                    -- cost a lupa call each for a plug-in posting per packet)
 
 --- post_message_frontend([msgid,] msg): to all onmessage holders (1 arg) or subscribers of msgid.
 function Engine:post_message_frontend(a, b) post(self, "frontend", a, b) end

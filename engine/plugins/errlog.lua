@@ -79,8 +79,8 @@ function Log:report(kind, msg)
     key, site = kind .. "@*", "other places"
     e = self.seen[key]
   end
-  local head, tb = self:split(msg)
   if e == nil then
+    local head, tb = self:split(msg)       -- (only for a line that is logged: an error on every packet is counted)
     self.nkeys = self.nkeys + 1
     self.seen[key] = { count = 1, unlogged = 0, last = now }
     self.logf(4, ("%s: %s"):format(kind, head))
@@ -89,7 +89,7 @@ function Log:report(kind, msg)
   end
   e.count, e.unlogged = e.count + 1, e.unlogged + 1
   if now - e.last >= 1e9 then
-    local last = head:match("^[^\n]*")
+    local last = self:split(msg):match("^[^\n]*")
     local at, rest = last:match("^([^\n]-:%d+):(.*)$")   -- the line's own file:line, as its first report gave it
     if at and site ~= "other places" then
       self.logf(4, ("%s: %d more at %s (last:%s)"):format(kind, e.unlogged, at, rest))

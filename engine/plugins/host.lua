@@ -29,6 +29,7 @@ local function recording_engine(instance, outputs)
     instanceid = function() return instance end,
     id = function() return instance end,
     timestamp = function() return os.time(), 0 end,
+    own_pending = false,                  -- read by Host:call (the real engine's field: engine.lua post)
   }, { __index = function(_, name)
     return function(_, ...) outputs[#outputs + 1] = { name, ... } end
   end })
@@ -109,8 +110,7 @@ function Host:call(sub, name, ...)
     self.errors:report(key .. " error", res)
   end
   if self.async.backlog > 0 then self.async:flush() end    -- tasks it scheduled go out now
-  if rawget(self.engine, "own_pending") and not self.delivering then self:deliver_own() end   -- (rawget: a VM's
-                                                     -- recording engine answers every name with a function)
+  if self.engine.own_pending and not self.delivering then self:deliver_own() end
   return ok, res
 end
 
@@ -121,13 +121,9 @@ end
 --- the fast path's delivery, whichever comes first.
 function Host:deliver_own()
   local eng = self.engine
+  local todo = eng.own_pending                 -- rows of eng.rows.messages, in posting order (engine.lua post)
   eng.own_pending = false
-  local rows, pipeline = eng.rows.messages, eng._pipeline
-  local todo = {}
-  for i = 1, #rows do
-    local r = rows[i]
-    if r[4] == nil and r[1] == pipeline then r[4] = true; todo[#todo + 1] = r end
-  end
+  for i = 1, #todo do todo[i][4] = true end    -- delivered here: the fast path skips this VM for them
   self.delivering = true
   for i = 1, #todo do self:deliver_message(todo[i][2], todo[i][3]) end
   self.delivering = false

@@ -114,7 +114,8 @@ function H:run_events(addr, n)
     local e = ev[i]
     if band(e.to, TO_H) ~= 0 then self:event(e) end
   end
-  return n
+  self.engine._pos = -1       -- between batches (flow_counter_batch, which also resets it, runs only for VMs
+  return n                    -- that added a flow counter)
 end
 
 --- One event: NEWFLOW, DATA, ATTR or CLOSE.
