@@ -35,6 +35,7 @@ import time
 from contextlib import contextmanager
 
 from luaprobe.engine.capture.process import PUSHED_OFFSET
+from luaprobe.engine.daemon.control import write_json
 from luaprobe.engine.fastpath.run import RunConfig, capture_socket_args, close_fds
 from luaprobe.engine.plugins.asyncruntime import BELL_SIZE
 from luaprobe.engine.plugins.vm import PluginError
@@ -318,8 +319,8 @@ class ShardedRun:
                 self.pushed = [int(ctypes.c_uint64.from_address(b.address + PUSHED_OFFSET).value)
                                for b in self.bells]
         finally:
-            for signum, handler in old_handlers.items():
-                signal.signal(signum, handler)
+            for signum in old_handlers:     # the clean-up is not cut short by a late stop signal; run() gives the
+                signal.signal(signum, signal.SIG_IGN)   # handlers back once the private directory is gone too
             self._kill_all()
             segment.sweep()          # a hard stop SIGKILLs the shards: their files/worker rings are ours to unlink
             close_fds(cfg)
@@ -393,10 +394,7 @@ class ShardedRun:
             cfg.progress(sum(s.get("packets", 0) for s in snaps), sum(s.get("bytes", 0) for s in snaps))
         if cfg.stats_file and now - self._last_stats >= cfg.stats_interval:
             self._last_stats = now
-            tmp = cfg.stats_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.snapshot(), f, default=str)
-            os.replace(tmp, cfg.stats_file)
+            write_json(cfg.stats_file, self.snapshot())     # owner-only, atomic (engine/daemon/control.py)
 
 
 def _sum_dicts(ds: list) -> dict:

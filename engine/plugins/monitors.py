@@ -237,10 +237,11 @@ class Monitors:
                     if isinstance(x, (int, float)) and x >= 0:
                         keys[key][i] = x
             totals = [sum(keys[k].get(m, 0) for k in keys) for m in range(nmeters)]
+            kept_set = set(kept_keys)
             for s in scripts:
                 for k, klist in shard.items():
                     vm = s.vms[k]
-                    mine = [key for key in klist if key in set(kept_keys)]
+                    mine = [key for key in klist if key in kept_set]
                     if k == 0:
                         mine = mine + [TOTALS_KEY]
                     vals = {**keys, TOTALS_KEY: dict(enumerate(totals))}
