@@ -470,6 +470,38 @@ E2E_CONFIGS = [("none", None)] + [(s, k) for s in ("hoisted", "fresh") for k in 
     [("limit_hoisted", 0)] + [("limit_fresh", k) for k in STYLE_UPS]
 
 
+def e2e_run(pcap: str, npackets: int, hook: str, d: str, extra=()) -> tuple[dict, dict]:
+    """One `luaprobe run` of E2E_PLUGIN with `hook` ("nil", "fresh[1]", "hoisted[0]", a limit style) on `pcap`
+    (npackets TCP packets) in directory d, `extra` CLI arguments added: ({"elapsed", "loop_cpu", "service_cpu",
+    "fastpath_cpu", "children_cpu", "all_cpu"} in seconds, the summary's last plug-in entry)."""
+    path = os.path.join(d, "e2e.lua")
+    with open(path, "w") as f:
+        f.write(E2E_PLUGIN.replace("STYLES", "done = 0\n" + style_lua()).replace("HOOK", hook)
+                .replace("NPACKETS", str(npackets)))
+    stats, report = os.path.join(d, "stats.json"), os.path.join(d, "cpu.json")
+    service = os.path.join(d, "service.txt")
+    proc = subprocess.Popen([sys.executable, "-c", RUN_WRAPPER, report, "run", path, "--pcap", pcap,
+                             "--out", os.path.join(d, "out"), "--stats-json", stats, "--workers", "1",
+                             "--overflow-limit", str(2 * npackets), "--quiet", *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, LUAPROBE_BENCH_SERVICE=service))
+    output = proc.stdout.read()
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(output.decode(errors="replace"))
+    with open(stats) as f:
+        summary = json.load(f)
+    with open(report) as f:
+        cpu = json.load(f)
+    with open(service) as f:
+        service_s = int(f.read()) / 1e9
+    all_cpu = ru.ru_utime + ru.ru_stime
+    return {"elapsed": summary["elapsed_s"], "loop_cpu": summary["packet_loop_cpu_s"], "service_cpu": service_s,
+            "fastpath_cpu": cpu["cpu_s"], "children_cpu": all_cpu - cpu["process_cpu_s"],
+            "all_cpu": all_cpu}, summary["plugins"][-1]
+
+
 def bench_e2e(npackets: int, runs: int) -> tuple[list, list]:
     """Marginal cost per task through `luaprobe run` against the same run without tasks:
     ([(style, upvalues, {"elapsed": [µs], "fastpath_cpu": [µs], "all_cpu": [µs]})], baseline seconds)."""
@@ -478,32 +510,7 @@ def bench_e2e(npackets: int, runs: int) -> tuple[list, list]:
     pcap = make_capture(npackets)
 
     def one(hook: str, d: str) -> tuple[dict, dict]:
-        path = os.path.join(d, "e2e.lua")
-        with open(path, "w") as f:
-            f.write(E2E_PLUGIN.replace("STYLES", "done = 0\n" + style_lua()).replace("HOOK", hook)
-                    .replace("NPACKETS", str(npackets)))
-        stats, report = os.path.join(d, "stats.json"), os.path.join(d, "cpu.json")
-        service = os.path.join(d, "service.txt")
-        proc = subprocess.Popen([sys.executable, "-c", RUN_WRAPPER, report, "run", path, "--pcap", pcap,
-                                 "--out", os.path.join(d, "out"), "--stats-json", stats, "--workers", "1",
-                                 "--overflow-limit", str(2 * npackets), "--quiet"],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, LUAPROBE_BENCH_SERVICE=service))
-        output = proc.stdout.read()
-        _, status, ru = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            raise SystemExit(output.decode(errors="replace"))
-        with open(stats) as f:
-            summary = json.load(f)
-        with open(report) as f:
-            cpu = json.load(f)
-        with open(service) as f:
-            service_s = int(f.read()) / 1e9
-        all_cpu = ru.ru_utime + ru.ru_stime
-        return {"elapsed": summary["elapsed_s"], "loop_cpu": summary["packet_loop_cpu_s"], "service_cpu": service_s,
-                "fastpath_cpu": cpu["cpu_s"], "children_cpu": all_cpu - cpu["process_cpu_s"],
-                "all_cpu": all_cpu}, summary["plugins"][-1]
+        return e2e_run(pcap, npackets, hook, d)
 
     configs = E2E_CONFIGS
     times = {c: [] for c in configs}

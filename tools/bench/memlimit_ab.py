@@ -8,7 +8,7 @@ alternating (order flipped every run: load drifts alike).  Prints packet-loop CP
 packet_loop_cpu_s, CPU of the fast-path thread) per task minus the same mode's no-task run, min / median / max
 µs, and the raw seconds.  docs/benchmarks.md (issue 11).
 """
-import json, os, subprocess, sys, tempfile
+import os, sys, tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 runs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 300_000
@@ -17,16 +17,9 @@ import async_roundtrip as ar
 from fastpath import make_capture
 pcap = make_capture(n)
 def one(hook, d, extra):
-    path = os.path.join(d, "e2e.lua")
-    with open(path, "w") as f:
-        f.write(ar.E2E_PLUGIN.replace("STYLES", "done = 0\n" + ar.style_lua()).replace("HOOK", hook))
-    stats = os.path.join(d, "stats.json")
-    p = subprocess.run([sys.executable, "-c", ar.RUN_WRAPPER, os.path.join(d, "cpu.json"), "run", path, "--pcap", pcap,
-                        "--out", os.path.join(d, "out"), "--stats-json", stats, "--workers", "1",
-                        "--overflow-limit", str(2 * n), "--quiet"] + extra, cwd=REPO, capture_output=True)
-    assert p.returncode == 0, p.stdout + p.stderr
-    s = json.load(open(stats))
-    return s["packet_loop_cpu_s"], s["plugins"][-1]["hook_calls"].get("simplecounter.onpacket", 0)
+    """(packet-loop CPU s, hook calls) of one run (async_roundtrip.e2e_run, the end-to-end benchmark's own run)."""
+    m, plug = ar.e2e_run(pcap, n, hook, d, extra)
+    return m["loop_cpu"], plug["hook_calls"].get("simplecounter.onpacket", 0)
 modes = {"limit": [], "nolimit": ["--plugin-memory-mb", "0"]}
 hooks = ["nil", "fresh[1]", "hoisted[0]"]
 res = {(m, h): [] for m in modes for h in hooks}
