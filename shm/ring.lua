@@ -13,7 +13,23 @@ Layout of a ring (offsets from the ring base, all little-endian):
     136  popped u64  records ever released
     192  data bell   {sleepers u32, seq u32}  the consumer sleeps here
     256  space bell  {sleepers u32, seq u32}  the producer sleeps here
+    16   hint slots u64  0, or the number of prefetch hint slots (below)
     4096 data area, `capacity` bytes
+    4096 + capacity  hints: `hint slots` u32 (only in a ring formatted with hints)
+
+Prefetch hints (the packet ring, issue 10).  The consumer finds each record
+from the previous one's header, so with records of a few hundred bytes that
+left its caches since the producer wrote them, each record's first load is a
+cache miss that waits for the one before it: one memory latency per record,
+in series.  A ring formatted with hints has a u32 array after the data area;
+reserve() writes the index of record k's header into slot k % slots (k =
+records ever pushed), and the consumer reads the slots of the records it is
+about to pop to touch their headers all at once, so the misses overlap
+(Ring:hint_at).  A hint is only ever used as an address to load from inside
+the data area (masked): a stale or torn slot costs a wasted load, never a
+wrong record, so the hints need no ordering of their own.  slots = capacity
+/ 64: the hints of the next records stay unwritten-over while the ring holds
+fewer than that many records (average record >= 64 bytes when full).
 
 A record is an 8-byte header {len u32, flags u32} followed by len bytes,
 padded to 8.  A record never wraps: if it does not fit before the end of the
@@ -68,7 +84,7 @@ typedef struct { uint32_t len; uint32_t flags; } lp_rec_hdr;
 
 local C = ffi.load(config.lpsync)
 local cast, copy, fstring = ffi.cast, ffi.copy, ffi.string
-local band = require("bit").band
+local band, bxor = require("bit").band, require("bit").bxor
 local u8p, u32p, u64p = ffi.typeof("uint8_t *"), ffi.typeof("uint32_t *"), ffi.typeof("uint64_t *")
 local hdrp = ffi.typeof("lp_rec_hdr *")
 
@@ -93,11 +109,21 @@ local function index(self, pos)
   return i
 end
 
---- Size in bytes of a ring segment region holding `capacity` data bytes.
-function M.region_size(capacity) return M.HEADER + capacity end
+--- Prefetch hint slots of a ring of `capacity` data bytes formatted with hints (module doc), 0 when the ring
+--- cannot have them (capacity above 2^30: the consumer's masked index arithmetic is 32-bit).
+function M.hint_slots(capacity)
+  if capacity > 1073741824 then return 0 end
+  return capacity / 64
+end
 
---- Format a fresh ring at address `addr` (a number or pointer).
-function M.format(addr, capacity)
+--- Size in bytes of a ring segment region holding `capacity` data bytes (and its prefetch hints when `hints`).
+function M.region_size(capacity, hints)
+  return M.HEADER + capacity + (hints and 4 * M.hint_slots(capacity) or 0)
+end
+
+--- Format a fresh ring at address `addr` (a number or pointer); `hints`: with prefetch hints (module doc: the
+--- region must be region_size(capacity, true) bytes).
+function M.format(addr, capacity, hints)
   assert(capacity >= 64 and capacity % 2 == 0 and math.floor(math.log(capacity) / math.log(2) + 0.5)
          == math.log(capacity) / math.log(2), "ring capacity must be a power of two >= 64")
   local base = cast(u8p, addr)
@@ -105,6 +131,7 @@ function M.format(addr, capacity)
   local h = cast(u64p, base)
   h[0] = M.MAGIC
   h[1] = capacity
+  h[2] = hints and M.hint_slots(capacity) or 0
   C.lp_fence()
   return M.attach(addr)
 end
@@ -130,7 +157,14 @@ function M.attach(addr)
     popped_p = cast(u64p, base + 136),
     data_bell = cast(u32p, base + 192),
     space_bell = cast(u32p, base + 256),
+    hint = nil,                         -- prefetch hints (module doc): u32 per record, or nil
+    hint_mask = 0,
   }, Ring)
+  local slots = tonumber(h[2])
+  if slots > 0 then
+    assert(slots == M.hint_slots(cap), "ring hint slots do not match its capacity")
+    self.hint, self.hint_mask = cast(u32p, self.data + cap), slots - 1
+  end
   self:resync()
   return self
 end
@@ -181,6 +215,8 @@ function Ring:reserve(n)
   hdr.len = n
   hdr.flags = 0
   self.pending_need = need
+  local hint = self.hint
+  if hint ~= nil then hint[band(self.pushed_local, self.hint_mask)] = idx end
   return self.data + idx + 8
 end
 
@@ -258,6 +294,31 @@ function Ring:peek()
     hdr = cast(hdrp, self.data)
   end
   return self.data + idx + 8, hdr.len
+end
+
+--- The prefetch hint of the k-th record after the next one to pop (k = 0: the next): the index of its header in
+--- the data area, masked into it, or -1 when the ring has no hints.  Only an address to touch (module doc): the
+--- record may not be published yet, or the slot may be stale.
+function Ring:hint_at(k)
+  local hint = self.hint
+  if hint == nil then return -1 end
+  return band(hint[band(self.popped_local + k, self.hint_mask)], self.mask)
+end
+
+--- Touch the first bytes (header and the frame's first headers: 3 cache lines) of the next `k` records, or of as
+--- many as are published, with independent loads so their cache misses overlap (prefetch hints, module doc).
+--- Returns a value the caller keeps (so the loads are not dropped); nothing is read without hints.
+function Ring:touch_ahead(k)
+  local hint = self.hint
+  if hint == nil then return 0 end
+  local avail = C.lp_load(self.pushed_p) - self.popped_local
+  if avail < k then k = avail end
+  local data, mask, hmask, j0, t = self.data, self.mask, self.hint_mask, self.popped_local, 0
+  for j = 0, k - 1 do
+    local x = band(hint[band(j0 + j, hmask)], mask)
+    t = bxor(t, data[x], data[band(x + 60, mask)], data[band(x + 120, mask)])
+  end
+  return t
 end
 
 --- Consume the record returned by the last peek (visible to the producer at

@@ -18,21 +18,28 @@ def _header() -> int:
     return int(luajit.new_runtime().eval('require("luaprobe.shm.ring").HEADER'))
 
 
-def region_size(capacity: int) -> int:
-    """Bytes a ring of ``capacity`` data bytes occupies: its header (shm/ring.lua HEADER) plus the data area."""
-    return _header() + capacity
+@functools.cache
+def _hint_slots(capacity: int) -> int:
+    return int(luajit.new_runtime().eval('require("luaprobe.shm.ring").hint_slots')(capacity))
+
+
+def region_size(capacity: int, hints: bool = False) -> int:
+    """Bytes a ring of ``capacity`` data bytes occupies: its header (shm/ring.lua HEADER) plus the data area, plus
+    4 bytes per prefetch hint slot when ``hints`` (shm/ring.lua "Prefetch hints": the packet ring)."""
+    return _header() + capacity + (4 * _hint_slots(capacity) if hints else 0)
 
 
 class Ring:
     """One SPSC ring.  Use :meth:`create` (owner) or :meth:`attach` (peer)."""
 
-    def __init__(self, seg: segment.Segment, offset: int = 0, fmt: bool = False, capacity: int = 0):
+    def __init__(self, seg: segment.Segment, offset: int = 0, fmt: bool = False, capacity: int = 0,
+                 hints: bool = False):
         self.segment = seg
         self.offset = offset
         self._lua = luajit.new_runtime()
         mod = self._lua.eval('require("luaprobe.shm.ring")')
         addr = seg.address + offset
-        self._ring = mod.format(addr, capacity) if fmt else mod.attach(addr)
+        self._ring = mod.format(addr, capacity, hints) if fmt else mod.attach(addr)
         self.capacity = int(self._ring.cap)
         self.max_record = int(self._ring.max_record)
         g = self._lua.eval
@@ -45,11 +52,12 @@ class Ring:
         self._fill = g("function(r) return r:fill_records(), r:fill_bytes() end")
 
     @classmethod
-    def create(cls, capacity: int = DEFAULT_CAPACITY, purpose: str = "ring") -> "Ring":
-        """Create a segment holding one formatted ring of ``capacity`` data bytes."""
-        seg = segment.create(purpose, region_size(capacity))
+    def create(cls, capacity: int = DEFAULT_CAPACITY, purpose: str = "ring", hints: bool = False) -> "Ring":
+        """Create a segment holding one formatted ring of ``capacity`` data bytes (with prefetch hints when
+        ``hints``: shm/ring.lua)."""
+        seg = segment.create(purpose, region_size(capacity, hints))
         try:
-            return cls(seg, 0, fmt=True, capacity=capacity)
+            return cls(seg, 0, fmt=True, capacity=capacity, hints=hints)
         except BaseException:
             seg.close()
             raise

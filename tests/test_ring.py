@@ -66,7 +66,7 @@ def test_batch_push_stops_when_full(ring):
     assert ring.try_pop_batch(100) == recs[:pushed]
 
 
-def run_against_fifo_model(ring, cap, start, ops, record):
+def run_against_fifo_model(ring, cap, start, ops, record, hints=False):
     """Apply ``ops`` ((is_push, size), ...) to ``ring`` (empty, head = tail = ``start``) and to a byte-level
     model of it, asserting they agree at every step and at the end: a record takes 8 + its size rounded up
     to 8 bytes, contiguously; one that does not fit before the end pads to the end and starts at 0; a push
@@ -75,7 +75,12 @@ def run_against_fifo_model(ring, cap, start, ops, record):
     model = collections.deque()             # (start position, bytes taken, record)
     head = tail = start
     seq = 0
+    hint_at = ring._lua.eval("function(r, k) return r:hint_at(k) end")
+    slots = cap // 64
     for is_push, size in ops:
+        if hints:      # the hint of each pending record not yet written over (the newest `slots`) is its header
+            for k in range(max(0, len(model) - slots), len(model)):
+                assert hint_at(ring._ring, k) == model[k][0] % cap, (k, len(model))
         if is_push:
             seq += 1
             rec = record(seq, size)
@@ -110,6 +115,21 @@ def test_matches_a_fifo_model_through_wraparound(ops):
     ring = Ring.create(cap)                 # a fresh ring per example: the model starts at position 0
     try:
         run_against_fifo_model(ring, cap, 0, ops, lambda seq, size: (seq.to_bytes(4, "little") * (size // 4 + 1))[:size])
+    finally:
+        ring.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 300)), min_size=1, max_size=400))
+def test_prefetch_hints_name_each_pending_record(ops):
+    """A ring formatted with prefetch hints (the packet ring, shm/ring.lua "Prefetch hints"): the FIFO model holds as
+    without them, and before every push and pop the hint of each pending record (the newest cap / 64 of them; older
+    slots are written over) is the index of that record's header in the model, across wraps and pads."""
+    cap = 4096
+    ring = Ring.create(cap, hints=True)
+    try:
+        assert ring.segment.size >= cap + 4096 + 4 * (cap // 64)
+        run_against_fifo_model(ring, cap, 0, ops, lambda seq, size: os.urandom(size), hints=True)
     finally:
         ring.close()
 

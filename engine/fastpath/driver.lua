@@ -32,6 +32,7 @@ function M.new(opts)
     ft = flowtable.new({ capacity = opts.capacity or 1048576, idle_timeout = opts.idle_timeout or 120,
                          active_timeout = opts.active_timeout or 1800 }),
     packets = 0, bytes = 0, truncated = 0, nonip = 0, released = 0,
+    big_records = false, touched = 0,   -- fill: touch the next records first (TOUCH_BYTES), the touches' result
     sec = -1,               -- packet-time second of the current batch
     ctl_kind = nil, ctl_text = nil,
     ipr = ipreasm.new({ timeout = opts.frag_timeout, max_bytes = opts.frag_max_bytes,
@@ -75,6 +76,11 @@ local function take_control(self, p, h, len)
   self.ring:advance(len)
 end
 
+--- Mean ring bytes per packet of the last batch above which fill touches the next batch's records first
+--- (Ring:touch_ahead): with smaller records the next headers share cache lines and the hardware prefetcher
+--- streams them, and the touch loop only costs (issue 10: +11 ns/packet at 104 bytes per record).
+local TOUCH_BYTES = 192
+
 --- Fill the batch.  Returns the number of packets (0 when the ring is empty
 --- or a control record is next: then ctl_kind / ctl_text are set) and the
 --- batch's packet-time second (self.sec: one call from Python, not two).
@@ -86,6 +92,10 @@ function Driver:fill()
   if #self.renewed > 0 then self.renewed = {} end             -- the previous batch's renewed records
   local n, max = 0, self.nbatch
   local sec = self.sec
+  local head0 = r.head_local
+  -- records of a few hundred bytes: their headers are cache misses in series (each record's position is in the
+  -- previous one's header); touched first from the ring's prefetch hints, they overlap (issue 10, shm/ring.lua)
+  if self.big_records then self.touched = r:touch_ahead(max) end
   while n < max do
     local p, len = r:peek()
     if p == nil then break end
@@ -127,6 +137,7 @@ function Driver:fill()
   end
   self.truncated, self.nonip, self.bytes = truncated, nonip, bytes
   self.packets = self.packets + n
+  self.big_records = r.head_local - head0 > TOUCH_BYTES * n
   if self.nreasm then self:reasm_accounting() end
   return n, self.sec
 end

@@ -659,9 +659,9 @@ class FastPath:
             if shard:                          # the ring and its producer belong to engine/fastpath/shards.py
                 ring_seg = segment.attach(shard["ring"])
             else:
-                ring_seg = segment.create("pkt", region_size(cfg.packet_ring_size))
-                lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c) end")(ring_seg.address,
-                                                                                          cfg.packet_ring_size)
+                ring_seg = segment.create("pkt", region_size(cfg.packet_ring_size, hints=True))
+                lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c, true) end")(
+                    ring_seg.address, cfg.packet_ring_size)
             fp = lua.eval("require('luaprobe.engine.fastpath.driver')")
             self.driver = fp.new(lua.table_from({b"ring": ring_seg.address, b"bell": rt.bell.address,
                                                  b"batch": cfg.batch, b"capacity": cfg.flow_capacity,

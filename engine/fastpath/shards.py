@@ -229,7 +229,7 @@ class ShardedRun:
         self.rings, self.bells, self.summaries = [], [], [None] * self.n
         self._ended_rings = False
         self.lua = new_runtime()
-        fmt = self.lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c) end")
+        fmt = self.lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c, true) end")
         # a stop while starting up is graceful too; taken before the private directory (a segment) exists: the CLI's
         # start-up handler raised between its mkdir and the try that removes it (test_stop_startup, --shards 2)
         old_handlers = self._catch_stop_signals()
@@ -261,7 +261,7 @@ class ShardedRun:
         self.tmp = tmp
         try:
             for k in range(self.n):
-                self.rings.append(segment.create(f"pkt{k}", region_size(cfg.packet_ring_size)))
+                self.rings.append(segment.create(f"pkt{k}", region_size(cfg.packet_ring_size, hints=True)))
                 fmt(self.rings[k].address, cfg.packet_ring_size)
                 self.bells.append(segment.create(f"bell{k}", BELL_SIZE))
             self.specs = [_spec(cfg, {"index": k, "count": self.n, "ring": self.rings[k].name,

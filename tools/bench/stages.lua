@@ -49,10 +49,11 @@ end
 -- fill ns (flow table excluded), flow-table ns.
 local function pipeline(addr, size, opts)
   local cap = opts.ring or 33554432
-  local mem = ffi.new("uint8_t[?]", ring.HEADER + cap + 64)
+  local hints = not opts.no_hints               -- the packet ring's prefetch hints, as the fast path formats it
+  local mem = ffi.new("uint8_t[?]", ring.region_size(cap, hints) + 64)
   local base = tonumber(ffi.cast("intptr_t", mem))
   base = base + (64 - base % 64) % 64
-  local prod = ring.format(base, cap)
+  local prod = ring.format(base, cap, hints)
   local drv = driver.new({ ring = base, batch = opts.batch or packet.BATCH, capacity = opts.capacity })
   local ft, t_flows = drv.ft, 0
   local update_batch = getmetatable(ft).update_batch

@@ -27,13 +27,13 @@ sys.path.insert(0, REPO)
 from tools.bench import corpus  # noqa: E402
 
 
-def measure(path: str, runs: int, ahead: int) -> dict:
+def measure(path: str, runs: int, ahead: int, no_hints: bool = False) -> dict:
     from luaprobe.engine.capture.pcapfile import open_capture
     from luaprobe.shm.luajit import new_runtime
     lua = new_runtime()
     stages = lua.execute(f"return dofile({os.path.join(REPO, 'tools', 'bench', 'stages.lua')!r})")
     with open_capture(path) as cap:
-        r = stages.run(cap.address, cap.size, lua.table_from({b"runs": runs, b"ahead": ahead}))
+        r = stages.run(cap.address, cap.size, lua.table_from({b"runs": runs, b"ahead": ahead, b"no_hints": no_hints}))
         return {k.decode() if isinstance(k, bytes) else k: float(v) for k, v in r.items()}
 
 
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the small captures")
     ap.add_argument("--runs", type=int, default=5, help="passes per measurement; the minimum is kept")
     ap.add_argument("--corpus", default=",".join(c for c in corpus.ORDER if c != "flows-1m"))
+    ap.add_argument("--no-hints", action="store_true",
+                    help="the packet ring without prefetch hints (shm/ring.lua), as before 2026-11-30 11:30 (A/B)")
     a = ap.parse_args(argv)
     print("CPU ns/packet (thread CPU time, minimum of %d passes); near = producer one batch ahead, "
           "far = a full 32 MiB ring ahead\n" % a.runs)
@@ -49,8 +51,8 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in a.corpus.split(","):
         path = corpus.make(c, a.quick)
-        near = measure(path, a.runs, 64 * 1024)
-        far = measure(path, a.runs, 0)
+        near = measure(path, a.runs, 64 * 1024, a.no_hints)
+        far = measure(path, a.runs, 0, a.no_hints)
         n = int(near["packets"])
         frame = (os.path.getsize(path) - 24) / n - 16
         print(f"| {c} | {n:,} | {frame:.0f} | {near['walk']:.0f} | {near['copy']:.0f} | {near['fill']:.0f} | "
