@@ -348,7 +348,7 @@ function fastpath_cost(style, nup, n, a, B)
       td = td + (cpu_ns() - t3)
     end
   end
-  return th / n, tf / n, td / n
+  return th / k, tf / k, td / k                 -- k: the tasks run (n rounded up to whole windows)
 end
 """
 
@@ -373,12 +373,15 @@ STYLES_INPROC = [(s, k) for s in ("hoisted", "fresh") for k in STYLE_UPS] + [("l
     [("limit_fresh", k) for k in STYLE_UPS]
 
 
-def bench_styles(n: int, runs: int) -> list:
+def bench_styles(n: int, runs: int, window: int = WINDOW) -> list:
     """[(style, upvalues, fast-path µs list, worker µs list, (hook, flush, delivery) µs lists)] measured in-process
     (limit_* rows: the same hooks with schedule replaced by a table store), each style and upvalue count in a
     plug-in VM (and worker) of its own: LuaJIT specialises the traces of schedule and of result delivery to the first
     onexecute / onresult prototypes they see, and in one shared VM the styles measured later ran through side traces
-    (80-200 ns more per task), which made the figures depend on the order of the styles."""
+    (80-200 ns more per task), which made the figures depend on the order of the styles.  `window`: tasks scheduled
+    (and so in flight) before the flush and the delivery; end to end the worker runs behind and tens of thousands of
+    tasks are in flight (their onresult closures and data live: a larger heap for the collector to mark, colder
+    caches for the delivery), which a window of that size reproduces in-process."""
     from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
     from luaprobe.workers.pool import AsyncConfig
     rows = []
@@ -387,18 +390,18 @@ def bench_styles(n: int, runs: int) -> list:
         with open(path, "w") as f:
             f.write(STYLE_PLUGIN.replace("STYLES", style_lua()))
         for style, k in STYLES_INPROC:
-            rt = AsyncRuntime(AsyncConfig(workers=1, worker_spin_us=0, ring_size=1 << 24))
+            rt = AsyncRuntime(AsyncConfig(workers=1, worker_spin_us=0, ring_size=max(1 << 24, window * 512)))
             try:
                 vm = rt.load(path)
                 if style.startswith("limit"):                        # the worker exists, as for the others
                     vm.lua.execute("T.async:schedule{ data = 'x', onexecute = function(d) return d end }")
                 cost = vm.lua.eval("function(s, u, n, a, b) return fastpath_cost(s, u, n, a, b) end")
                 worker = psutil.Process(vm.pool.pids()[0])
-                cost(style.encode(), k, min(n, 50_000), vm.async_obj, WINDOW)          # warm-up
+                cost(style.encode(), k, min(n, 50_000), vm.async_obj, window)          # warm-up
                 fp, wk, parts = [], [], ([], [], [])
                 for _ in range(runs):
                     c0 = sum(worker.cpu_times()[:2])
-                    split = cost(style.encode(), k, n, vm.async_obj, WINDOW)
+                    split = cost(style.encode(), k, n, vm.async_obj, window)
                     fp.append(sum(split) / 1e3)
                     for lst, x in zip(parts, split):
                         lst.append(x / 1e3)
@@ -545,17 +548,20 @@ def main(argv=None) -> int:
                     help="luaprobe worker spin windows to measure (AsyncConfig.worker_spin_us)")
     ap.add_argument("--runs", type=int, default=5, help="runs per style figure (min / median / max)")
     ap.add_argument("--style-tasks", type=int, default=200_000, help="tasks per in-process style run")
+    ap.add_argument("--style-window", type=int, default=WINDOW,
+                    help="in-process styles: tasks in flight per round (65536 reproduces the end-to-end backlog)")
     ap.add_argument("--e2e-packets", type=int, default=500_000, help="packets (= tasks) per luaprobe run")
     ap.add_argument("--only", default="roundtrip,styles,e2e", help="comma-separated parts to run")
     args = ap.parse_args(argv)
     parts = set(args.only.split(","))
     print(f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}, 1 worker, 64-byte tasks")
     if "styles" in parts:
-        print(f"\nin-process, {args.style_tasks:,} tasks per run, min / median / max of {args.runs} runs:\n")
+        print(f"\nin-process, {args.style_tasks:,} tasks per run, {args.style_window:,} in flight per round, "
+              f"min / median / max of {args.runs} runs:\n")
         print("| style | upvalues | fast path µs/task | of which hooks / flush / delivery (medians) | minus its limit "
               "| worker µs/task |")
         print("|---|---:|---:|---:|---:|---:|")
-        rows = bench_styles(args.style_tasks, args.runs)
+        rows = bench_styles(args.style_tasks, args.runs, args.style_window)
         med = {(style, k): statistics.median(fp) for style, k, fp, _, _ in rows}
         for style, k, fp, wk, split_parts in rows:
             split = " / ".join(f"{statistics.median(x):.2f}" for x in split_parts)
