@@ -426,7 +426,7 @@ def test_crash_loop_gives_up(daemon, tmp_path):
     plug = tmp_path / "plugins"
     plug.mkdir()
     (plug / "crash.lua").write_text('TrisulPlugin = { id = { name = "crash" },\n'
-                                    '  onload = function() os.exit(1) end,\n'
+                                    '  onload = function() local ffi = require("ffi"); ffi.cdef("void _exit(int)"); ffi.C._exit(1) end,\n'
                                     '  engine_monitor = { onmetronome = function() end } }\n')
     daemon.write_config(plugins=[plug], crash_loop_restarts=2)
     r = cli("start", "--config", daemon.config)              # start waits for the plug-ins: it sees the crashes

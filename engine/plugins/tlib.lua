@@ -323,9 +323,22 @@ function M.install(opts)
         end,
     }
 
+    rawset(os, "exit", M.refused_exit)
     M.installed_opts = opts
     rawset(_G, "T", T)
     return T
+end
+
+--- os.exit in a plug-in, backend or T.async worker VM (every VM that installs T): refused with a Lua error at the
+--- caller's line.  Trisul runs plug-ins inside its engine process, where os.exit would end the whole probe with
+--- nothing written; here it ended `luaprobe run` silently with the plug-in's code and left shared memory behind.
+--- So it is a plug-in error like any other (docs/plugins.md "os.exit"): in a hook it is counted and logged (a hook
+--- failing on every call ends the run with exit 4), at a script's top level or in onload it is a load error (4),
+--- in onexecute the task fails (onerror).  A plug-in that wants to stop disables itself: onload returns false.
+function M.refused_exit(code)
+    error(("os.exit(%s) refused: a plug-in cannot end luaprobe's process (its results and shared memory would be "
+           .. "lost); return from the hook instead, or return false from onload to disable the instance")
+          :format(code == nil and "" or tostring(code)), 2)
 end
 
 -- wrap_print(opts): replace the global print. Each call becomes one line: the tostring()'d
