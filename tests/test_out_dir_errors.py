@@ -6,7 +6,9 @@ tmpfs mounts (skipped where mounting is not allowed)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import sqlite3
 import subprocess
 import sys
 
@@ -62,3 +64,60 @@ def test_disk_full_during_the_run(tmpfs):
     (line,) = r.stderr.splitlines()
     assert line.startswith("luaprobe run: exit 1: ") and "internal error" not in line, line
     assert str(full / "o" / "luaprobe.sqlite") in line and "database or disk is full" in line, line
+
+
+def _fifo_with_reader(tmp_path, proc):
+    """A FIFO as ``--pcap``; returns (path, write end) once ``proc`` has it open for reading (it then holds --out:
+    the claim comes before anything starts).  O_WRONLY | O_NONBLOCK fails with ENXIO until a reader exists."""
+    fifo = tmp_path / "in.pcap"
+    os.mkfifo(fifo)
+    p = proc(fifo)
+
+    def opened():
+        assert p.poll() is None, p.communicate()
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            return None
+    fd = helpers.wait_for(opened, timeout=60)
+    os.set_blocking(fd, True)
+    return p, fd
+
+
+def _rows(db, sql):
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        return c.execute(sql).fetchall()
+
+
+@pytest.mark.parametrize("mode", ["new", "append"])
+def test_two_runs_into_one_out_the_second_is_refused(tmp_path, mode):
+    """Before: both runs of `run --out o & run --out o` exited 0 and every flow and alert was in the database
+    twice (the claim of --out was check-then-create).  Now --out is locked for the whole run: the second is refused
+    while the first holds it, with --append too (two appends would interleave their rows and run keys)."""
+    out = tmp_path / "o"
+    extra = ("--append",) if mode == "append" else ()
+    if mode == "append":
+        assert run(out).returncode == 0
+    first, fd = _fifo_with_reader(tmp_path, lambda fifo: subprocess.Popen(
+        [sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", PLUGIN, "--pcap", str(fifo), "--out", str(out),
+         "-q", *extra], cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=helpers.REPO)))
+    try:
+        second = run(out, *extra)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr == (f"luaprobe run: --out {out}: another luaprobe run or daemon is writing into it now "
+                                 "(it is locked); wait for it to finish, or write elsewhere\n")
+        with open(SAMPLE, "rb") as f:
+            os.write(fd, f.read())
+    finally:
+        os.close(fd)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    db = str(out / "luaprobe.sqlite")
+    (packets,), = _rows(db, "SELECT value FROM run WHERE key = 'packets'")
+    assert int(packets) == helpers.pcap_records(SAMPLE)          # the run table describes one run, walked here
+    copies = {n for (n,) in _rows(db, "SELECT COUNT(*) FROM flows GROUP BY flowkey")}
+    assert copies == {2 if mode == "append" else 1}              # each flow once per run that was let in
+    assert run(out).returncode == 2                              # after it: refused as an earlier run's database

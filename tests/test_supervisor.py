@@ -252,6 +252,21 @@ def test_second_start_is_refused(daemon):
     assert daemon.cli("stop").returncode == 0
 
 
+def test_a_running_daemon_holds_its_out_dir(daemon, tmp_path):
+    """The daemon's [run] out_dir is locked while it runs (usage.claim_out_dir): an appending `luaprobe run` into it
+    and a second daemon with another run directory but the same out_dir are refused (exit 2), nothing started."""
+    daemon.start()
+    locked = "another luaprobe run or daemon is writing into it now (it is locked)"
+    r = cli("run", EXAMPLES, "--pcap", SAMPLE, "--out", daemon.out_dir, "--append", "-q")
+    assert r.returncode == 2 and r.stderr.startswith(f"luaprobe run: --out {daemon.out_dir}: {locked}"), r.stderr
+    r = cli("start", "--config", daemon.config, "--run-dir", str(tmp_path / "run2"))
+    assert r.returncode == 2 and f"[run] out_dir = {daemon.out_dir}: {locked}" in r.stderr, r.stderr
+    assert control.read_pid(str(tmp_path / "run2")) is None
+    assert daemon.cli("stop").returncode == 0
+    r = cli("run", EXAMPLES, "--pcap", SAMPLE, "--out", daemon.out_dir, "--append", "-q")
+    assert r.returncode == 0, r.stderr                  # stopped: its database is free to append to
+
+
 def test_stop_reports_a_fast_path_that_ended_with_an_error(daemon, tmp_path):
     """A fast path ending with a plug-in error at the stop (onunload fails: exit 4, docs "Exit codes"): `stop`
     says so in one line and exits 4 (failed before: "stopped (fast path exit status 4 ...)", exit 0)."""

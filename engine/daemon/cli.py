@@ -233,7 +233,17 @@ class _stdout_to_stderr:
 
 
 def cmd_run(args) -> int:
-    """`luaprobe run`: plug-ins over capture files, to completion."""
+    """`luaprobe run`: plug-ins over capture files, to completion.  The ``--out`` directory is claimed (locked,
+    usage.check_out_dir) for the whole run and released at the end, however the run ends."""
+    args.out_claim = None
+    try:
+        return _run(args)
+    finally:
+        if args.out_claim is not None:
+            args.out_claim.release()
+
+
+def _run(args) -> int:
     import json
 
     from luaprobe.shm import logs
@@ -261,7 +271,6 @@ def cmd_run(args) -> int:
     try:
         check_plugins(args.plugins)
         check_lua_paths(args.lua_path)
-        check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new")
         if args.filex_dir:                                 # beneath --out is fine: the run creates --out first
             check_dir_target("--filex-dir", args.filex_dir, creating=[args.out])
         for opt in ("data_dir", "db_root", "run_state_dir"):     # T.env directories (engine/plugins/tenv.py)
@@ -270,6 +279,8 @@ def cmd_run(args) -> int:
         if args.stats_json:
             check_new_file("--stats-json", args.stats_json, creating=[args.out])
         check_captures(args.pcap or [])
+        # last: claims (creates and locks) --out, checked against an earlier run's database under the lock
+        args.out_claim = check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new")
     except (UsageError, InputProblem) as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return e.exit_code

@@ -32,7 +32,7 @@ from luaprobe.shm import segment
 
 from luaprobe.engine.daemon import config as config_mod
 from luaprobe.engine.daemon import control, privileges
-from luaprobe.engine.daemon.usage import UsageError
+from luaprobe.engine.daemon.usage import UsageError, claim_out_dir
 from luaprobe.shm.logs import log
 
 from luaprobe.shm.exits import (EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_RUNNING, EXIT_OK, EXIT_PLUGIN,  # noqa: F401
@@ -428,6 +428,12 @@ class Supervisor:
         except RuntimeError as e:
             print(f"luaprobe: {e}", file=sys.stderr)
             return EXIT_INTERNAL
+        try:                                    # one daemon's database is its own: held until it exits
+            out_claim = claim_out_dir(self.cfg["run"]["out_dir"], "[run] out_dir =")
+        except UsageError as e:
+            print(f"luaprobe: {self.cfg.path}: {e}", file=sys.stderr)
+            pidfile.release()
+            return EXIT_USAGE
         control.register(self.run_dir)
         sock = control.listen(self.run_dir)
         try:                                    # [run] user: drop now, keeping CAP_NET_RAW for the children
@@ -436,6 +442,7 @@ class Supervisor:
             log.error("cannot drop privileges: %s", e)
             sock.close()
             control.unregister(self.run_dir)
+            out_claim.release()
             pidfile.release()
             return EXIT_USAGE
         rfd, wfd = os.pipe()
@@ -535,6 +542,7 @@ class Supervisor:
             os.close(rfd)
             os.close(wfd)
             control.unregister(self.run_dir)
+            out_claim.release()
             pidfile.release()
             log.info("supervisor exiting: %s", self.state)
 
@@ -668,6 +676,11 @@ def cmd_start(args) -> int:
     if pid:
         print(f"luaprobe start: already running (supervisor pid {pid}, run dir {run_dir}): nothing started "
               "(stop it first, or give another [run] run_dir / --run-dir)", file=sys.stderr)
+        return EXIT_USAGE
+    try:                                          # a run or another daemon writing there: said here, once
+        claim_out_dir(cfg["run"]["out_dir"], "[run] out_dir =").release()   # (the supervisor holds it)
+    except UsageError as e:
+        print(f"luaprobe start: {cfg.path}: {e}", file=sys.stderr)
         return EXIT_USAGE
     from luaprobe.engine.daemon import metrics
     port = cfg["stats"]["prometheus_port"]

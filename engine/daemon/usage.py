@@ -147,25 +147,79 @@ def _range(lo, hi) -> str:
     return f"must be >= {lo}" if hi is None else f"must be between {lo} and {hi}"
 
 
-def check_out_dir(out: str, mode: str) -> None:
-    """``--out DIR`` before a run: DIR may not be a file, and an earlier run's database there is refused
-    (``mode`` "new"), replaced ("overwrite") or added to ("append").  Raises :class:`UsageError`."""
+class OutClaim:
+    """An ``--out`` directory held by one run (or one daemon) for its whole life: an exclusive ``flock`` on the
+    directory itself, so two runs into one ``--out`` can never both decide that it is theirs (the second is
+    refused, exit 2).  The lock goes with the file descriptor: the kernel drops it when the process ends, however
+    it ends, so a crashed run never leaves a stale claim.  ``release()`` unlocks, and removes the directory when the
+    claim made it and it is still empty (a run refused later, before it wrote anything, leaves nothing behind)."""
+
+    def __init__(self, path: str, fd: int, made: bool):
+        self.path, self.fd, self.made = path, fd, made
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        os.close(self.fd)
+        self.fd = None
+        if self.made:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass                                 # not empty: the run wrote there
+
+
+def claim_out_dir(out: str, what: str = "--out") -> OutClaim:
+    """Create ``out`` (one level) when missing and lock it (``flock(LOCK_EX | LOCK_NB)`` on the directory).
+    Raises :class:`UsageError` ``WHAT OUT: another luaprobe run or daemon is writing into it ...`` when it is held."""
+    import fcntl
+    made = False
+    try:
+        if not os.path.isdir(out):
+            try:
+                os.mkdir(out)
+                made = True
+            except FileExistsError:
+                pass                                 # made by another run at the same moment: the lock decides
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise UsageError(f"{what} {out}: cannot write there: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"{what} {out}: another luaprobe run or daemon is writing into it now (it is "
+                         "locked); wait for it to finish, or write elsewhere") from None
+    return OutClaim(out, fd, made)
+
+
+def check_out_dir(out: str, mode: str) -> OutClaim:
+    """``--out DIR`` before a run: DIR may not be a file, it is claimed (:func:`claim_out_dir`: created, locked for the
+    run), and under that lock an earlier run's database there is refused (``mode`` "new"), replaced ("overwrite") or
+    added to ("append").  Returns the claim, which the caller holds until the run has ended.  Raises
+    :class:`UsageError` (nothing claimed)."""
     check_dir_target("--out", out, "(--out names the output directory)")
     problem = writable_dir(os.path.abspath(out))
     if problem:
         raise UsageError(f"--out {out}: {problem}")
-    db = os.path.join(out, DB_NAME)
-    if mode == "new" and os.path.exists(db):
-        raise UsageError(f"--out {out}: already holds the results of an earlier run ({db}); use --overwrite to "
-                         "replace them, --append to add this run to them, or another --out")
-    if mode == "overwrite":
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            try:
-                os.unlink(db + suffix)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise UsageError(f"--out {out}: cannot remove {db + suffix}: {e.strerror}") from None
+    claim = claim_out_dir(out)
+    try:
+        db = os.path.join(out, DB_NAME)
+        if mode == "new" and os.path.exists(db):
+            raise UsageError(f"--out {out}: already holds the results of an earlier run ({db}); use --overwrite to "
+                             "replace them, --append to add this run to them, or another --out")
+        if mode == "overwrite":
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                try:
+                    os.unlink(db + suffix)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    raise UsageError(f"--out {out}: cannot remove {db + suffix}: {e.strerror}") from None
+    except UsageError:
+        claim.release()
+        raise
+    return claim
 
 
 def writable_dir(path: str) -> str | None:
