@@ -53,6 +53,22 @@ def test_out_dir_that_cannot_be_written(tmp_path, value, line, reason):
     assert err.startswith(f"luaprobe start: {tmp_path / 'c.toml'}:{line}: [run] out_dir = ") and reason in err, err
 
 
+@pytest.mark.parametrize("section, key", [("filex", "dir"), ("plugins", "data_dir"), ("plugins", "db_root"),
+                                          ("plugins", "run_state_dir")])
+def test_directories_the_fast_path_writes_are_tried_at_start(tmp_path, section, key):
+    """Before: [filex] dir or [plugins] data_dir on a read-only filesystem passed validation, then the fast path
+    crash-looped 6 times and `start` exited 1.  Now they are tried for writing like out_dir: exit 2, one line."""
+    with helpers.tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        text = BASE.replace("[plugins]\n", "[plugins]\n" + (f"{key} = {json.dumps(str(ro / 'x'))}\n"
+                                                            if section == "plugins" else ""))
+        if section == "filex":
+            text += f"[filex]\ndir = {json.dumps(str(ro / 'x'))}\n"
+        err = start_refused(tmp_path, text)
+    assert err.startswith(f"luaprobe start: {tmp_path / 'c.toml'}") and \
+        err.endswith(f"[{section}] {key} = {ro / 'x'}: cannot write there: Read-only file system"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_dir_naming_a_file(tmp_path):
     (tmp_path / "afile").write_text("")
     err = start_refused(tmp_path, BASE.replace('run_dir = "run"', 'run_dir = "afile"'))

@@ -121,3 +121,18 @@ def test_two_runs_into_one_out_the_second_is_refused(tmp_path, mode):
     copies = {n for (n,) in _rows(db, "SELECT COUNT(*) FROM flows GROUP BY flowkey")}
     assert copies == {2 if mode == "append" else 1}              # each flow once per run that was let in
     assert run(out).returncode == 2                              # after it: refused as an earlier run's database
+
+
+@pytest.mark.parametrize("option", ["--filex-dir", "--data-dir", "--db-root", "--run-state-dir"])
+def test_directory_options_that_cannot_be_written(tmpfs, tmp_path, option):
+    """Before: "internal error: OSError: 30" (FileNotFoundError: 2 under /proc), exit 1, no path named, after the
+    run had made an empty out/luaprobe.sqlite that refused the next run.  Now: exit 2 naming the option and the OS
+    reason, before anything starts, and nothing in --out (the directory the refused run would have made is gone)."""
+    ro = tmpfs("ro,size=1m")
+    out = tmp_path / "o"
+    for path, reason in ((ro / "x", "Read-only file system"), (ro, "Read-only file system"),
+                         ("/proc/luaprobe-x", "No such file or directory")):
+        r = run(out, option, str(path))
+        assert (r.returncode, r.stderr) == (2, f"luaprobe run: {option} {path}: cannot write there: {reason}\n")
+        assert not out.exists()
+    assert run(out).returncode == 0                     # the next run is not refused

@@ -227,14 +227,14 @@ def _cross_checks(v: dict, name: str, raw: dict) -> None:
     if v["filex"]["dir"]:
         from .usage import UsageError, check_dir_target
         try:
-            check_dir_target("dir =", v["filex"]["dir"], creating=[v["run"]["out_dir"]])
+            check_dir_target("dir =", v["filex"]["dir"], creating=[v["run"]["out_dir"]], write=True)
         except UsageError as e:
             raise ConfigError(f"{name}: [filex] {e}") from None
     for key in ("data_dir", "db_root", "run_state_dir"):       # T.env directories (engine/plugins/tenv.py)
         if v["plugins"].get(key):
             from .usage import UsageError, check_dir_target
             try:
-                check_dir_target(key + " =", v["plugins"][key], creating=[v["run"]["out_dir"]])
+                check_dir_target(key + " =", v["plugins"][key], creating=[v["run"]["out_dir"]], write=True)
             except UsageError as e:
                 raise ConfigError(f"{name}: [plugins] {e}") from None
     for d in v["async"]["file_roots"]:

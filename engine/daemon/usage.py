@@ -248,15 +248,23 @@ def _created(parent: str, creating) -> bool:
     return any(parent == os.path.abspath(d) for d in creating if d)
 
 
-def check_dir_target(option: str, path: str, hint: str = "", creating=()) -> None:
+def check_dir_target(option: str, path: str, hint: str = "", creating=(), write: bool = False) -> None:
     """A directory the run creates when missing (``--out``, ``--filex-dir``): it may not be a file, and its parent
     must exist or be one of ``creating`` (``--out``, itself checked and created first: ``--filex-dir out/files``
-    works in a new directory); the run creates one level, never a whole missing path.  Raises :class:`UsageError`."""
+    works in a new directory); the run creates one level, never a whole missing path.  With ``write`` (the run
+    writes there: ``--filex-dir``, the T.env directories) writing is tried for real, :func:`writable_dir` (a
+    read-only mount, /proc), unless the parent is one of ``creating`` (tried with it).  Raises :class:`UsageError`
+    ``OPTION PATH: problem``."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{option} {path}: exists and is not a directory" + (f" {hint}" if hint else ""))
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(path) and not os.path.isdir(parent) and not _created(parent, creating):
+    if not os.path.isdir(path) and not os.path.isdir(parent):
+        if _created(parent, creating):
+            return
         raise UsageError(f"{option} {path}: the parent directory {parent} does not exist")
+    problem = write and writable_dir(os.path.abspath(path))
+    if problem:
+        raise UsageError(f"{option} {path}: {problem}")
 
 
 def check_new_file(option: str, path: str, creating=()) -> None:
