@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import sqlite3
 import subprocess
@@ -136,3 +137,39 @@ def test_directory_options_that_cannot_be_written(tmpfs, tmp_path, option):
         assert (r.returncode, r.stderr) == (2, f"luaprobe run: {option} {path}: cannot write there: {reason}\n")
         assert not out.exists()
     assert run(out).returncode == 0                     # the next run is not refused
+
+
+def _fill(directory) -> None:
+    """Fill the filesystem of ``directory`` to the last byte (ENOSPC seen)."""
+    fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def test_stats_json_that_cannot_be_written_is_refused_before_the_run(tmpfs, tmp_path):
+    """Before: `--stats-json /proc/s.json` or a directory was found after the whole run (exit 1, "internal error"),
+    and on a full filesystem the file was left truncated to 0 bytes.  Now: exit 2 before anything starts (no
+    --out made), and an existing file is replaced whole (temp + rename) or not touched."""
+    out = tmp_path / "o"
+    (tmp_path / "adir").mkdir()
+    full = tmpfs("size=64k")
+    old = full / "s.json"
+    old.write_text('{"packets": 1}')
+    _fill(full)
+    for path, reason in (("/proc/s.json", "cannot write there: No such file or directory"),
+                         (tmp_path / "adir", "is a directory (give a file name)"),
+                         (old, "cannot write there: No space left on device")):
+        r = run(out, "--stats-json", str(path))
+        assert (r.returncode, r.stderr) == (2, f"luaprobe run: --stats-json {path}: {reason}\n")
+        assert not out.exists()
+    assert old.read_text() == '{"packets": 1}'                  # never truncated
+    os.unlink(full / "filler")
+    r = run(out, "--stats-json", str(old))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(old.read_text())["packets"] == helpers.pcap_records(SAMPLE)
+    assert sorted(os.listdir(full)) == ["s.json"]                # no temporary file left beside it

@@ -365,8 +365,8 @@ def _run(args) -> int:
         _print_problems(summary)
     if args.stats_json:
         try:
-            with open(args.stats_json, "w") as f:
-                json.dump(summary, f, indent=2, default=str)
+            from .usage import write_file_atomic      # never a truncated file (a full disk: the old one stays)
+            write_file_atomic(args.stats_json, json.dumps(summary, indent=2, default=str).encode())
         except OSError as e:
             print(f"luaprobe run: --stats-json {args.stats_json}: {e.strerror}", file=sys.stderr)
             return code or EXIT_INTERNAL

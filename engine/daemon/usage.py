@@ -270,7 +270,9 @@ def check_dir_target(option: str, path: str, hint: str = "", creating=(), write:
 def check_new_file(option: str, path: str, creating=()) -> None:
     """A file the command will write (``--stats-json``, ``gen --out``): its directory must exist, or be one of
     ``creating`` (the ``--out`` directory the run creates: ``--stats-json out/stats.json`` in a new directory),
-    and the path may not be a directory.  Raises :class:`UsageError`."""
+    and the path may not be a directory.  Writing is tried for real, as the file will be written (a temporary
+    file beside it, replaced by a rename: :func:`write_file_atomic`): a 4 KiB block written and removed, so a
+    read-only or full filesystem, or /proc, is found before the run, not after it.  Raises :class:`UsageError`."""
     if os.path.isdir(path):
         raise UsageError(f"{option} {path}: is a directory (give a file name)")
     parent = os.path.dirname(os.path.abspath(path))
@@ -278,8 +280,35 @@ def check_new_file(option: str, path: str, creating=()) -> None:
         return                                       # checked with --out; the run creates it before writing
     if not os.path.isdir(parent):
         raise UsageError(f"{option} {path}: the directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{option} {path}: the directory {parent} is not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix="." + os.path.basename(path) + ".") as f:
+            f.write(bytes(4096))
+            f.flush()
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write there: {e.strerror}") from None
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file in its directory, then ``os.replace``.  On an error
+    (OSError: a full disk) the temporary file is removed and the error raised; ``path`` keeps what it held."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix="." + os.path.basename(path) + ".")
+    try:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)      # a file replaced keeps its mode
+        except FileNotFoundError:
+            mask = os.umask(0)
+            os.umask(mask)
+            mode = 0o666 & ~mask                            # a new one gets open()'s
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def check_dirs(option: str, paths: list) -> None:
