@@ -8,6 +8,8 @@ tools/bench/shapes.py loaded together, and splits the run's ``packet_loop_cpu_s`
 from the first batch to the last) per packet into
 
 * **fill**  — ``Driver:fill`` calls that returned a batch: ring pop, decode, flow table, plus the lupa call;
+* **flows** — of fill, the flow table's ``update_batch`` (timed in the driver VM with the thread CPU clock, two
+  clock reads per batch), so fill - flows is the ring, the decoder and the batch bookkeeping;
 * **walk**  — every plug-in VM's batch walk (hooks included), plus its lupa call;
 * **rest**  — the loop between batches: ticks, T.async polling, stats, clocks (loop CPU minus the two above).
 
@@ -31,18 +33,40 @@ sys.path.insert(0, REPO)
 from tools.bench import corpus, shapes  # noqa: E402
 
 
+# wraps the driver's flow table update_batch with the thread CPU clock; FLOWS_NS holds the sum
+WRAP_FLOWS = """
+function(d)
+  local ffi = require('ffi')
+  pcall(ffi.cdef, "typedef struct { long tv_sec; long tv_nsec; } lp_bench_ts; int clock_gettime(int, lp_bench_ts *);")
+  local ts = ffi.new("lp_bench_ts")
+  local function cpu_ns() ffi.C.clock_gettime(3, ts); return tonumber(ts.tv_sec) * 1e9 + tonumber(ts.tv_nsec) end
+  local update_batch = getmetatable(d.ft).update_batch
+  FLOWS_NS = 0
+  d.ft.update_batch = function(self, b, n)
+    local t = cpu_ns()
+    update_batch(self, b, n)
+    FLOWS_NS = FLOWS_NS + cpu_ns() - t
+  end
+end
+"""
+
+
 def one_run(path: str, plugdir: str, workdir: str, batch: int) -> dict:
-    """One in-process fast-path run: {fill, walk, rest, loop: CPU ns per packet, per_batch: packets}."""
+    """One in-process fast-path run: {fill, flows, walk, rest, loop: CPU ns per packet, per_batch: packets}."""
     from luaprobe.engine.fastpath import run as runmod
-    acc = {"fill": 0, "walk": 0, "batches": 0}
+    acc = {"fill": 0, "walk": 0, "batches": 0, "lua": None, "wrapped": False}
     method, budgeted = runmod.method, runmod.FastPath.__dict__["_budgeted"]
 
     def timed_method(lua, name):
         f = method(lua, name)
         if name != "fill":
             return f
+        acc["lua"] = lua
 
         def fill(d):
+            if not acc["wrapped"]:
+                lua.eval(WRAP_FLOWS)(d)
+                acc["wrapped"] = True
             t = time.thread_time_ns()
             r = f(d)
             if (r[0] if isinstance(r, tuple) else r):
@@ -70,7 +94,8 @@ def one_run(path: str, plugdir: str, workdir: str, batch: int) -> dict:
         runmod.method, runmod.FastPath._budgeted = method, budgeted
     n = s["packets"]
     loop = s["packet_loop_cpu_s"] * 1e9 / n
-    return {"loop": loop, "fill": acc["fill"] / n, "walk": acc["walk"] / n,
+    return {"loop": loop, "fill": acc["fill"] / n, "flows": float(acc["lua"].eval("FLOWS_NS")) / n,
+            "walk": acc["walk"] / n,
             "rest": loop - (acc["fill"] + acc["walk"]) / n, "per_batch": n / max(1, acc["batches"])}
 
 
@@ -81,7 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1024, help="packets per batch (luaprobe run --batch)")
     a = ap.parse_args(argv)
-    print("| traffic | plug-ins | loop | fill | walk | rest | packets per batch |\n|---|---|---:|---:|---:|---:|---:|")
+    print("| traffic | plug-ins | loop | fill | of which flows | walk | rest | packets per batch |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|")
     for c in a.corpus.split(","):
         path = corpus.make(c, True)
         with tempfile.TemporaryDirectory(prefix="lp-loopsplit-") as work:
@@ -90,7 +116,7 @@ def main(argv=None) -> int:
                 shapes.write(s, plugdir)
             runs = [one_run(path, plugdir, work, a.batch) for _ in range(a.runs)]
         cols = " | ".join(f"{min(r[k] for r in runs):.1f} / {statistics.median(r[k] for r in runs):.1f}"
-                          for k in ("loop", "fill", "walk", "rest"))
+                          for k in ("loop", "fill", "flows", "walk", "rest"))
         print(f"| {c} | {a.shapes} | {cols} | {statistics.median(r['per_batch'] for r in runs):.0f} |", flush=True)
     return 0
 
