@@ -173,3 +173,18 @@ def test_stats_json_that_cannot_be_written_is_refused_before_the_run(tmpfs, tmp_
     assert r.returncode == 0, r.stderr
     assert json.loads(old.read_text())["packets"] == helpers.pcap_records(SAMPLE)
     assert sorted(os.listdir(full)) == ["s.json"]                # no temporary file left beside it
+
+
+def test_append_to_a_file_that_is_not_a_database(tmp_path):
+    """Before: the run started, then exited 1 ("store writer ... file is not a database").  Now: exit 2 before
+    anything starts, naming the file; the file is left as it was."""
+    out = tmp_path / "o"
+    out.mkdir()
+    db = out / "luaprobe.sqlite"
+    db.write_bytes(b"not a database, just text " * 100)
+    r = run(out, "--append")
+    assert (r.returncode, r.stderr) == (2, f"luaprobe run: --out {out}: cannot --append to {db}: file is not a "
+                                           "database (SQLite); use --overwrite to replace it, or another --out\n")
+    assert db.read_bytes() == b"not a database, just text " * 100 and sorted(os.listdir(out)) == ["luaprobe.sqlite"]
+    assert run(out, "--overwrite").returncode == 0 and run(out, "--append").returncode == 0
+

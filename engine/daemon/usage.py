@@ -205,6 +205,11 @@ def check_out_dir(out: str, mode: str) -> OutClaim:
     claim = claim_out_dir(out)
     try:
         db = os.path.join(out, DB_NAME)
+        if mode == "append" and os.path.exists(db):
+            problem = not_a_database(db)
+            if problem:
+                raise UsageError(f"--out {out}: cannot --append to {db}: {problem}; use --overwrite to replace it, "
+                                 "or another --out")
         if mode == "new" and os.path.exists(db):
             raise UsageError(f"--out {out}: already holds the results of an earlier run ({db}); use --overwrite to "
                              "replace them, --append to add this run to them, or another --out")
@@ -220,6 +225,22 @@ def check_out_dir(out: str, mode: str) -> OutClaim:
         claim.release()
         raise
     return claim
+
+
+def not_a_database(db: str) -> str | None:
+    """Why ``db`` cannot be opened as an SQLite database (``file is not a database``, read-only, nothing written),
+    or None.  Checked before an --append starts, so that the store writer does not find it after the run began."""
+    import pathlib
+    import sqlite3
+    try:
+        con = sqlite3.connect(pathlib.Path(os.path.abspath(db)).as_uri() + "?mode=ro", uri=True)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        return f"{e} (SQLite)"
+    return None
 
 
 def writable_dir(path: str) -> str | None:
