@@ -188,3 +188,15 @@ def test_append_to_a_file_that_is_not_a_database(tmp_path):
     assert db.read_bytes() == b"not a database, just text " * 100 and sorted(os.listdir(out)) == ["luaprobe.sqlite"]
     assert run(out, "--overwrite").returncode == 0 and run(out, "--append").returncode == 0
 
+
+@pytest.mark.parametrize("target", ["missing", "missing/deeper"])
+def test_out_as_a_symbolic_link_to_nothing(tmp_path, target):
+    """Before: "cannot write there: File exists" (mkdir of the link's own name).  Now the true reason: the link
+    and its missing target.  The same for the other directory options (--filex-dir)."""
+    link = tmp_path / "o"
+    link.symlink_to(tmp_path / target)
+    for opt in ("--out", "--filex-dir"):
+        r = run(tmp_path / "out2" if opt != "--out" else link, *((opt, str(link)) if opt != "--out" else ()))
+        assert (r.returncode, r.stderr) == (2, f"luaprobe run: {opt} {link}: is a symbolic link to {tmp_path / target}, "
+                                               "which does not exist (create it, or give another path)\n")
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "out2").exists()

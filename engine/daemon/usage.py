@@ -243,10 +243,20 @@ def not_a_database(db: str) -> str | None:
     return None
 
 
+def dangling_link(path: str) -> str | None:
+    """"is a symbolic link to T, which does not exist" when ``path`` is a link whose target is missing (else
+    None): the true reason, where creating ``path`` would fail with "File exists"."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist (create it, or give another path)"
+    return None
+
+
 def writable_dir(path: str) -> str | None:
     """Why the daemon could not use ``path`` as a directory it writes into (creating it, one level, when
     missing), or None.  Tried for real (a temporary file, a directory made and removed): permission bits say
     nothing for root, a read-only mount or /proc."""
+    if dangling_link(path):
+        return dangling_link(path)
     if os.path.exists(path) and not os.path.isdir(path):
         return "exists and is not a directory"
     parent = os.path.dirname(path)
@@ -276,6 +286,8 @@ def check_dir_target(option: str, path: str, hint: str = "", creating=(), write:
     writes there: ``--filex-dir``, the T.env directories) writing is tried for real, :func:`writable_dir` (a
     read-only mount, /proc), unless the parent is one of ``creating`` (tried with it).  Raises :class:`UsageError`
     ``OPTION PATH: problem``."""
+    if dangling_link(path):
+        raise UsageError(f"{option} {path}: {dangling_link(path)}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{option} {path}: exists and is not a directory" + (f" {hint}" if hint else ""))
     parent = os.path.dirname(os.path.abspath(path))
