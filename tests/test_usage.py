@@ -361,3 +361,56 @@ def test_range_errors_show_plain_numbers(tmp_path, section, key, flag, value, cl
     conf.write_text(f'[source]\npcap = ["{SAMPLE}"]\n[plugins]\npaths = ["{EX}"]\n[{section}]\n{key} = {value}\n')
     r = luaprobe("start", "--config", str(conf), "--run-dir", str(tmp_path / "run"))
     one_line(r, 2, f"[{section}] {key} = {value}: {toml_says}")
+
+
+#: every numeric flag of `luaprobe run` and its TOML key: [async] keys by name, the settings table by its rows
+_ASYNC_FLAGS = {"--workers": "workers", "--overflow-limit": "overflow_limit", "--task-timeout": "task_timeout",
+                "--worker-max-tasks": "max_tasks", "--worker-max-rss-mb": "max_rss_mb",
+                "--worker-spin-us": "worker_spin_us", "--ray-actor-cpus": "ray_actor_cpus",
+                "--drain-deadline": "drain_deadline"}
+
+
+def _numeric_pairs():
+    from luaprobe.engine.daemon.settings import SETTINGS
+    pairs = [(flag, ("async", key)) for flag, key in _ASYNC_FLAGS.items()]
+    pairs += [(flag, toml) for _f, flag, toml, kind, *_ in SETTINGS if kind in ("int", "float")]
+    return pairs
+
+
+@pytest.mark.parametrize("flag, toml", _numeric_pairs())
+def test_flag_and_toml_key_take_the_same_values(tmp_path, flag, toml):
+    """Before: `--task-timeout inf` was accepted while `task_timeout = inf` was refused (0.001..86400), and other
+    async flags had no upper bound.  Each flag and its TOML key now accept and refuse the same values: both bounds,
+    just outside them, inf, -inf and nan (docs/operations.md "Exit codes": the same ranges as the TOML keys)."""
+    import math
+
+    from luaprobe.engine.daemon import config as config_mod
+    from luaprobe.engine.daemon.cli import build_parser
+    section, key = toml
+    t, _default, (lo, hi) = config_mod.SCHEMA[section][key]
+    is_int = t is int
+
+    def flag_ok(v) -> bool:
+        try:
+            build_parser().parse_args(["run", "p.lua", "--pcap", "x.pcap", flag, repr(v) if not is_int else str(v)])
+            return True
+        except SystemExit as e:
+            assert e.code == 2
+            return False
+
+    def toml_ok(v) -> bool:
+        raw = {"source": {"pcap": [SAMPLE]}, "plugins": {"paths": [EX]}}
+        raw.setdefault(section, {})[key] = v
+        try:
+            config_mod.validate(raw, str(tmp_path / "c.toml"))
+            return True
+        except config_mod.ConfigError as e:
+            assert f"{key} = " in str(e)
+            return False
+    below = lo - 1 if is_int else math.nextafter(lo, -math.inf)
+    above = hi + 1 if is_int else math.nextafter(hi, math.inf)
+    values = [lo, hi, below, above] + ([] if is_int else [math.inf, -math.inf, math.nan])
+    seen = {repr(v): (flag_ok(v), toml_ok(v)) for v in values}
+    assert all(f == k for f, k in seen.values()), seen
+    assert seen[repr(lo)] == seen[repr(hi)] == (True, True) and seen[repr(below)] == seen[repr(above)] == (False, False)
+    assert is_int or not any(seen[repr(v)][0] for v in (math.inf, -math.inf, math.nan))

@@ -507,32 +507,39 @@ def cmd_demo(args) -> int:
 
 def _run_options(p) -> None:
     """Options shared by `run` and `demo`; every number is range-checked here (docs/operations.md)."""
-    from .usage import float_in, int_in, power_of_two
+    from .usage import float_in, int_in, number, power_of_two
     p.add_argument("--out", default="out", help="output directory (SQLite database); default ./out")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--append", action="store_true", help="add this run to the database already in --out")
     again.add_argument("--overwrite", action="store_true", help="replace the database already in --out")
     p.add_argument("--lua-path", action="append", default=[], metavar="DIR", help="extra Lua search directory")
     p.add_argument("--stats-json", metavar="FILE", help="write the run summary as JSON")
-    p.add_argument("--workers", type=int_in(1, 256), default=None, help="async workers per plug-in (overrides "
-                   "TrisulPlugin.request_async_workers), 1..256")
-    p.add_argument("--overflow-limit", type=int_in(0), default=100_000,
-                   help="tasks queued beyond the rings per plug-in (>= 0)")
-    p.add_argument("--task-timeout", type=float_in(0, lo_open=True), default=60.0,
-                   help="seconds one onexecute may run (> 0)")
-    p.add_argument("--worker-max-tasks", type=int_in(0), default=0, help="recycle a worker after N tasks (0 = never)")
-    p.add_argument("--worker-max-rss-mb", type=float_in(0), default=0.0,
-                   help="recycle a worker above this RSS in MiB (0 = never)")
-    p.add_argument("--worker-spin-us", type=float_in(0, 1e6), default=1500.0,
-                   help="worker polling window after a task, microseconds (0..1000000)")
+    from .config import SCHEMA
+    a = {k: v[2] for k, v in SCHEMA["async"].items()}      # [async] key -> (lo, hi): one range for flag and key
+
+    def rng(key):
+        return f"{number(a[key][0])}..{number(a[key][1])}"
+    p.add_argument("--workers", type=int_in(*a["workers"]), default=None, help="async workers per plug-in (overrides "
+                   f"TrisulPlugin.request_async_workers), {rng('workers')}")
+    p.add_argument("--overflow-limit", type=int_in(*a["overflow_limit"]), default=100_000,
+                   help=f"tasks queued beyond the rings per plug-in, {rng('overflow_limit')}")
+    p.add_argument("--task-timeout", type=float_in(*a["task_timeout"]), default=60.0,
+                   help=f"seconds one onexecute may run, {rng('task_timeout')}")
+    p.add_argument("--worker-max-tasks", type=int_in(*a["max_tasks"]), default=0,
+                   help=f"recycle a worker after N tasks (0 = never), {rng('max_tasks')}")
+    p.add_argument("--worker-max-rss-mb", type=float_in(*a["max_rss_mb"]), default=0.0,
+                   help=f"recycle a worker above this RSS in MiB (0 = never), {rng('max_rss_mb')}")
+    p.add_argument("--worker-spin-us", type=float_in(*a["worker_spin_us"]), default=1500.0,
+                   help=f"worker polling window after a task, microseconds, {rng('worker_spin_us')}")
     p.add_argument("--async-backend", choices=("local", "ray"), default="local",
                    help="where schedule tasks run: local worker processes, or Ray actors (docs/async.md)")
     p.add_argument("--ray-address", help="Ray cluster address (host:port); default: ray.init() for the run")
-    p.add_argument("--ray-actor-cpus", type=float_in(0), default=1.0, help="CPUs Ray reserves per actor (>= 0)")
-    p.add_argument("--ring-size", type=power_of_two(4096, 1 << 30), default=4 << 20,
+    p.add_argument("--ray-actor-cpus", type=float_in(*a["ray_actor_cpus"]), default=1.0,
+                   help=f"CPUs Ray reserves per actor, {rng('ray_actor_cpus')}")
+    p.add_argument("--ring-size", type=power_of_two(*a["ring_size"]), default=4 << 20,
                    help="bytes per async ring (a power of two, 4096..1 GiB)")
-    p.add_argument("--drain-deadline", type=float_in(0), default=10.0,
-                   help="seconds to finish async tasks at the end (>= 0)")
+    p.add_argument("--drain-deadline", type=float_in(*a["drain_deadline"]), default=10.0,
+                   help=f"seconds to finish async tasks at the end, {rng('drain_deadline')}")
     p.add_argument("--file-root", action="append", default=[], metavar="DIR",
                    help="confine T.async copy/cat/rm/copybuffer names beneath DIR (repeatable; docs/async.md)")
     from .settings import add_flags

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import stat
 import sys
@@ -110,7 +111,7 @@ def float_in(lo: float, hi: float | None = None, lo_open: bool = False):
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if v != v or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+        if not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
             rng = f"> {number(lo)}" if lo_open else f">= {number(lo)}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: must be {rng}"
                                              + (f" and <= {number(hi)}" if hi is not None else ""))
