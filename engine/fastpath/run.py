@@ -28,6 +28,7 @@ from luaprobe.shm.luajit import method, new_runtime
 from luaprobe.shm.searchpath import search_path
 from luaprobe.engine.plugins import tenv
 from luaprobe.workers.pool import AsyncConfig
+from luaprobe.engine.store import meters
 
 from luaprobe.shm import logs
 from luaprobe.engine.plugins.errors import first_line as _first_line, load_error, text as lua_text
@@ -525,10 +526,12 @@ class FastPath:
             for kind, rows in self.analysers.take(now).items():
                 self._route(kind, rows, now)
         messages = []
+        counters = []
         for inst in self.instances if instances is None else instances:
             vm = inst.vm
             eng = vm.host.engine
-            self._route("counters", vm.take_counters(eng, now), now)
+            rows = vm.take_counters(eng, now)
+            counters += [tuple(r.values()) for r in rows.values()]
             out = vm.take_outputs(eng)
             for kind in ("alerts", "resources", "key_info", "edges"):
                 self._route(kind, out[kind.encode()], now)
@@ -538,6 +541,8 @@ class FastPath:
                 if not (self.flowmon is not None and self.flowmon.tag(fk, tag.decode("utf-8", "backslashreplace"))):
                     self.driver_tag(self.driver, fk.encode(), tag)
             messages += _message_rows(inst, out[b"messages"])
+        if counters:      # parts of one counter from several VMs (backend instances, script types): merged by type
+            self._route("counters", meters.merge_rows(counters), now)
         self._dispatch(messages)
 
     @staticmethod

@@ -10,8 +10,8 @@
 The hash is symmetric: files and --generate hash the IP address pair (so both directions of a flow and
 every fragment of a datagram go to one shard; non-IP goes to shard 0); live capture uses the kernel's
 symmetric flow hash after defragmentation.  A shard therefore sees whole flows and produces exactly
-the flow rows one fast path would.  Outputs merge in the store: counters are upserted with
-``value = value + excluded.value`` per (group, bucket, key, meter), flows / alerts / resources are
+the flow rows one fast path would.  Outputs merge in the store: counters are upserted per
+(group, bucket, key, meter), the shards' parts combined by meter type (engine/store/meters.py), flows / alerts / resources are
 produced by exactly one shard each.  Backend ``engine_monitor`` instances run in shard 0 only, so
 windows and metronome fire once for the probe; TIME records (a new packet-time second, sent by the
 capture process to the shards the opening packet did not go to) keep every shard's clock, bucket
@@ -242,7 +242,7 @@ class ShardedRun:
         summary = merge_summaries(self.summaries, time.monotonic() - t0, self.restarts, cfg)
         summary["input_errors"] += self.capture_errors
         summary["shard_deaths"] = self.deaths
-        # the shards' counter updates of one (group, bucket, key, meter) add into one row (upsert as sums)
+        # the shards' counter updates of one (group, bucket, key, meter) combine into one row (upsert by meter type)
         summary["counter_rows_new"] = _counter_rows(cfg.out_dir) - rows_before
         if self.pushed is not None:
             summary.update(packet_accounting(self.pushed, summary["shards"]))

@@ -188,7 +188,10 @@ local function add(self, g, key, meter, value)
   if kt == nil then kt = {}; bt[key] = kt end
   local vt = c.vt[meter] or 0
   local old = kt[meter]
-  if vt == 2 then kt[meter] = value                                    -- GAUGE: last sample
+  if vt == 2 then                                                      -- GAUGE: last sample, and its time (µs)
+    kt[meter] = value
+    local s, us = self:timestamp()
+    kt[-1 - meter] = s * 1000000 + us
   elseif vt == 6 then kt[meter] = (old == nil or value > old) and value or old
   elseif vt == 7 then kt[meter] = (old == nil or value < old) and value or old
   elseif vt == 5 then                                                  -- DELTA_RATE: samples of a running total
@@ -229,9 +232,13 @@ end
 --- AVERAGE the mean; DELTA_RATE_COUNTER (c2 - c1) / bucket seconds where c2 is
 --- the last sample of this bucket and c1 the last sample of the previous
 --- bucket (the first sample of this bucket when there is none); MAXIMUM / MINIMUM the extreme.
+--- Every type but COUNTER and RUNNING_COUNTER also returns what merging parts of the counter from several
+--- VMs, shards or runs needs (engine/store/meters.py): vartype, total, divisor, sample_us.
 local function closed_value(self, g, key, kt, meter, v, vt, bs)
-  if vt == 1 then return v / bs end
-  if vt == 4 then return v / kt[-1 - meter] end
+  if vt == 1 then return v / bs, vt, v, bs, 0 end
+  if vt == 4 then return v / kt[-1 - meter], vt, v, kt[-1 - meter], 0 end
+  if vt == 2 then return v, vt, 0, 0, kt[-1 - meter] end
+  if vt == 6 or vt == 7 then return v, vt, 0, 0, 0 end
   if vt == 3 then
     local run = carried(self, "_running", g)
     local rk = run[key]
@@ -245,13 +252,14 @@ local function closed_value(self, g, key, kt, meter, v, vt, bs)
     if lk == nil then lk = {}; last[key] = lk end
     local c1 = lk[meter] or kt[-1 - meter]
     lk[meter] = v
-    return (v - c1) / bs
+    return (v - c1) / bs, vt, v - c1, bs, 0
   end
   return v
 end
 
 --- Counter rows of buckets that ended at or before `now` (all when now is nil):
---- {guid, bucket, key, meter, value}, oldest bucket first (RUNNING_COUNTER and
+--- {guid, bucket, key, meter, value}, and for meter types other than COUNTER and RUNNING_COUNTER
+--- {guid, bucket, key, meter, value, vartype, total, divisor, sample_us} (engine/store/meters.py), oldest bucket first (RUNNING_COUNTER and
 --- DELTA_RATE_COUNTER depend on the previous bucket).  A RUNNING_COUNTER key
 --- that was not updated in a closing bucket of its group still gets a row
 --- (its carried total).
@@ -274,7 +282,7 @@ function Engine:take_counters(now)
           if meter >= 0 then
             local vt = grp and grp.vartypes[meter] or 0
             n = n + 1
-            out[n] = { g, b, tostring(key), meter, closed_value(self, g, key, kt, meter, v, vt, bs) }
+            out[n] = { g, b, tostring(key), meter, closed_value(self, g, key, kt, meter, v, vt, bs) }  -- 5 or 9
           end
         end
       end

@@ -202,8 +202,12 @@ class Monitors:
     def _cg_group(self, guid: str, rows: list, groups: dict) -> list:
         scripts = self._for("cg_monitor", guid)
         buckets = collections.defaultdict(lambda: collections.defaultdict(dict))
-        for g, b, key, meter, value in rows:
+        state = {}     # (bucket, key, meter) -> the row's merge state (engine/store/meters.py), when it has one
+        for r in rows:
+            g, b, key, meter, value = r[:5]
             buckets[b][_text(key)][int(meter)] = value
+            if len(r) > 5:
+                state[(b, _text(key), int(meter))] = r[5:]
         out = []
         nmeters = max([m for b in buckets.values() for k in b.values() for m in k] + [0]) + 1
         meters = (groups.get(guid) or {}).get("meters") or []
@@ -255,8 +259,19 @@ class Monitors:
                         [vm0.lua.table_from([k.encode(), v]) for v, k in top]))
             for key in kept_keys:
                 for m, v in keys[key].items():
-                    out.append((guid, b, key, m, v))
+                    st = state.get((b, key, m))
+                    out.append((guid, b, key, m, v) if st is None else (guid, b, key, m, v, *_rescaled(st, v)))
         return out
+
+
+def _rescaled(state: tuple, value) -> tuple:
+    """A row's merge state (vartype, total, divisor, sample_us; engine/store/meters.py) after a cg_monitor
+    override set its value: a mean or rate keeps its divisor and gets total = value * divisor, so a later
+    merge (another shard's part) weighs the overridden value as the original."""
+    vt, total, divisor, us = state
+    if divisor:
+        total = value * divisor
+    return vt, total, divisor, us
 
 
 def group_names(declared: dict) -> dict:

@@ -36,6 +36,7 @@ import urllib.parse
 
 import msgpack
 
+from luaprobe.engine.store import meters
 from luaprobe.shm.exits import describe_exit
 
 DB_NAME = "luaprobe.sqlite"
@@ -66,6 +67,10 @@ CREATE TABLE IF NOT EXISTS counters (
     key        TEXT    NOT NULL,
     meter      INTEGER NOT NULL,
     value      NUMERIC NOT NULL,
+    vartype    INTEGER,
+    total      NUMERIC,
+    divisor    NUMERIC,
+    sample_us  INTEGER,
     PRIMARY KEY (group_guid, bucket_ts, key, meter)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS key_info (
@@ -163,9 +168,9 @@ CREATE TABLE IF NOT EXISTS run (
 
 # kind -> (number of columns, INSERT statement).  GUIDs are upper-cased by SQLite's upper().
 _SQL = {
-    "counters": (5, "INSERT INTO counters (group_guid, bucket_ts, key, meter, value) "
-                    "VALUES (upper(?), ?, ?, ?, ?) "
-                    "ON CONFLICT (group_guid, bucket_ts, key, meter) DO UPDATE SET value = value + excluded.value"),
+    "counters": (9, "INSERT INTO counters (group_guid, bucket_ts, key, meter, value, vartype, total, divisor, "
+                    "sample_us) VALUES (upper(?), ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (group_guid, bucket_ts, key, meter) DO UPDATE SET " + meters.UPSERT_SET),
     "counter_groups": (5, "INSERT INTO counter_groups (guid, name, description, bucketsize, meters_json) "
                           "VALUES (upper(?), ?, ?, ?, ?) ON CONFLICT (guid) DO UPDATE SET "
                           "name = excluded.name, description = excluded.description, "
@@ -280,7 +285,9 @@ def db_path(outdir: str) -> str:
 # Columns added after a table first shipped: (table, column, type).  A database written by an earlier version
 # (--append, the daemon's continuous record) gets them with ALTER TABLE; its older rows read NULL there.
 _ADDED_COLUMNS = (("flows", "setup_rtt_us", "INTEGER"), ("flows", "retrans_az", "INTEGER"),
-                  ("flows", "retrans_za", "INTEGER"))
+                  ("flows", "retrans_za", "INTEGER"), ("counters", "vartype", "INTEGER"),
+                  ("counters", "total", "NUMERIC"), ("counters", "divisor", "NUMERIC"),
+                  ("counters", "sample_us", "INTEGER"))
 
 
 def _add_columns(db: sqlite3.Connection) -> None:
@@ -728,9 +735,12 @@ class _Writer:
         blob_ok = _BLOB_OK.get(kind, ())
         out = []
         for r in rows:
+            if ncol == 9 and kind == "counters" and isinstance(r, (list, tuple)) and len(r) == 5:
+                r = (*r, None, None, None, None)       # COUNTER / RUNNING_COUNTER: no merge state (meters.py)
             if not isinstance(r, (list, tuple)) or len(r) != ncol:
                 self.bad[kind] += 1
-                self.note(f"{kind}: bad row {_short(r)}: expected {ncol} fields")
+                want = "5 fields (9 with merge state, engine/store/meters.py)" if kind == "counters" else f"{ncol} fields"
+                self.note(f"{kind}: bad row {_short(r)}: expected {want}")
                 continue
             if bytes in map(type, r):                  # C-level scan: no generator frame per row
                 r = list(r)
@@ -748,13 +758,14 @@ class _Writer:
                 except (TypeError, ValueError):
                     pass  # left as is: the insert rejects it and the row is reported
             if kind == "counters":
-                g, ts, key, meter, value = r
+                g, ts, key, meter, value = r[:5]
                 if (type(g) is not str or type(key) not in (str, bytes) or type(ts) is not int
                         or type(meter) is not int or type(value) not in (int, float)):
                     try:
                         if type(g) is not str or not isinstance(key, (str, bytes, int)) or isinstance(value, (bool, str)):
                             raise TypeError
-                        r = (g, _as_int(ts), key if type(key) is bytes else str(key), _as_int(meter), value + 0)
+                        r = (g, _as_int(ts), key if type(key) is bytes else str(key), _as_int(meter), value + 0,
+                             *r[5:])
                     except (TypeError, ValueError):
                         self.bad[kind] += 1
                         self.note(f"counters: bad row {_short(r)}: want (str guid, int bucket_ts, str key, "
@@ -1121,7 +1132,7 @@ class Store:
         """Flow records ordered by first_ts, flowkey and id: dicts with ``id`` (the record's row id, unique in the
         database; a flow seen twice, e.g. a capture replayed, is two records) and the ``flows`` columns."""
         have = {r[1] for r in self.db.execute("PRAGMA table_info(flows)")}
-        extra = "".join(f", {c}" if c in have else f", NULL AS {c}" for _t, c, _y in _ADDED_COLUMNS)
+        extra = "".join(f", {c}" if c in have else f", NULL AS {c}" for t, c, _y in _ADDED_COLUMNS if t == "flows")
         sql = ("SELECT rowid AS id, flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, packets_za, "
                f"bytes_az, bytes_za, state, tags{extra} FROM flows")
         args = []
