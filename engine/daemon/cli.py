@@ -460,7 +460,10 @@ def cmd_check(args) -> int:
         return e.exit_code
     try:
         from luaprobe.shm.searchpath import search_path
-        infos = [probe(f, search_path(args.plugins, args.lua_path)) for f in discover(args.plugins, args.lua_path)]
+        from luaprobe.engine.plugins.loadwatch import LoadWatch
+        with LoadWatch("luaprobe check", EXIT_PLUGIN):      # a top level stuck in a compiled loop: exit 4
+            infos = [probe(f, search_path(args.plugins, args.lua_path), args.hook_budget)
+                     for f in discover(args.plugins, args.lua_path)]
     except PluginError as e:
         print(f"luaprobe check: {e}", file=sys.stderr)
         return EXIT_PLUGIN
@@ -599,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="list plug-ins, their script types and problems")
     check.add_argument("plugins", nargs="+", metavar="PLUGIN")
     check.add_argument("--lua-path", action="append", default=[], metavar="DIR")
+    check.add_argument("--hook-budget", type=float, default=10.0, metavar="S",
+                       help="seconds a plug-in's top level may run while it loads (default 10, as run's; 0 = off)")
     check.set_defaults(func=cmd_check)
     # daemon mode (docs/operations.md): luaprobe.engine.daemon.supervisor, luaprobe.engine.daemon.statsview
     for name, what in (("start", "validate a TOML config and start the supervisor (daemon)"),

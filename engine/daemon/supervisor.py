@@ -38,6 +38,7 @@ from luaprobe.shm.logs import log
 from luaprobe.shm.exits import (EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_RUNNING, EXIT_OK, EXIT_PLUGIN,  # noqa: F401
                                 EXIT_STOP_KILLED, EXIT_USAGE, describe_exit)
 
+LOADING_STOP_GRACE = 5.0    #: s a fast path still loading its plug-ins gets to take a stop before it is killed
 HEARTBEAT = "heartbeat"     #: run-dir file the fast path touches while it makes progress ([supervise] stall_timeout)
 
 
@@ -54,7 +55,7 @@ def plugin_errors(cfg) -> list[str]:
     p = cfg["plugins"]
     try:
         return [e for f in discover(p["paths"], p["lua_path"])
-                for e in probe(f, search_path(p["paths"], p["lua_path"])).errors]
+                for e in probe(f, search_path(p["paths"], p["lua_path"]), cfg["fastpath"]["hook_budget"]).errors]
     except PluginError as e:
         return [str(e)]
 
@@ -157,12 +158,16 @@ class Supervisor:
         try:
             beat = os.stat(self.heartbeat_path).st_mtime
         except FileNotFoundError:
-            return                                           # not beating yet: still loading plug-ins
-        if beat < self.child_started_wall - 1:
-            return                                           # the previous child's heartbeat
+            beat = 0.0
+        if beat < self.child_started_wall - 1:               # not beating yet (the child imports: at most 2x + 10 s
+            beat, limit = self.child_started_wall, 2 * limit + 10   # before it beats), or the previous child's
         age = time.time() - beat
         if age > limit:
-            self.stalled = f"stalled: no heartbeat for {age:.0f} s (a hook stuck in a loop?); killed"
+            loading = not self._loaded()["loaded"]   # the fast path beats before each plug-in it loads: one's top
+            self.stalled = (f"stalled while loading its plug-ins: no heartbeat for {age:.0f} s (a plug-in's top "
+                            "level stuck in a loop?); killed" if loading else
+                            f"stalled: no heartbeat for {age:.0f} s (a hook stuck in a loop?); killed")
+            self.stalled_loading = loading           # level stuck in a loop: a plug-in error, not retried
             log.error("fast path (pid %d) %s", self.child.pid, self.stalled)
             self._kill_tree()
 
@@ -220,6 +225,10 @@ class Supervisor:
         self.child = None
         if self.mode == "stop":
             self.last_exit = desc
+            if getattr(self, "stop_while_loading", False) and rc < 0 and self.stalled:
+                self.last_exit_code = EXIT_PLUGIN
+                self.last_error = (f"plug-in error: a plug-in's top level ran on for {LOADING_STOP_GRACE:g} s after "
+                                   "the stop (stuck in a loop?); the fast path was killed before it processed anything")
             self._set_state("stopped")
             return False
         if self.mode == "reload":
@@ -233,6 +242,12 @@ class Supervisor:
         src = self.cfg["source"]
         if rc == 0 and src["pcap"] and not src["loop"]:
             self._set_state("stopped (input finished)")
+            return False
+        if getattr(self, "stalled_loading", False):   # it would loop again at every restart
+            self.stalled_loading = False
+            self.last_exit_code = EXIT_PLUGIN
+            self.last_error = f"plug-in error: the fast path {self.stalled}"
+            self._set_state(f"failed: plug-in error ({desc})")
             return False
         if rc in (EXIT_USAGE, EXIT_PLUGIN) or (rc == EXIT_INPUT and src["pcap"]):
             self._set_state(f"failed: {'input' if rc == EXIT_INPUT else 'plug-in or usage'} error ({desc})")
@@ -257,6 +272,10 @@ class Supervisor:
             return
         self.mode = "stop"
         self.stop_at = time.monotonic() + self.sv["stop_deadline"]
+        if self.child is not None and self.child.poll() is None and not self._loaded()["loaded"]:
+            # still loading: nothing processed yet, and a top level stuck in a compiled loop never takes the stop
+            self.stop_at = min(self.stop_at, time.monotonic() + LOADING_STOP_GRACE)
+            self.stop_while_loading = True
         self._set_state("stopping")
         self._signal_child(signal.SIGTERM)
 
@@ -501,9 +520,14 @@ class Supervisor:
                         self._check_stuck_input()
                     rc = self.child.poll()
                     if rc is None and self.stop_at is not None and self.mode in ("stop", "reload") and now > self.stop_at:
-                        log.error("fast path did not stop within %g s: killing it", self.sv["stop_deadline"])
-                        what = self._kill_tree()
-                        if self.mode == "stop":
+                        if getattr(self, "stop_while_loading", False):
+                            self.stalled = f"killed: still loading its plug-ins {LOADING_STOP_GRACE:g} s after the stop"
+                            log.error("fast path (pid %d) %s", self.child.pid, self.stalled)
+                            self._kill_tree()
+                        else:
+                            log.error("fast path did not stop within %g s: killing it", self.sv["stop_deadline"])
+                            what = self._kill_tree()
+                        if self.mode == "stop" and not getattr(self, "stop_while_loading", False):
                             self.stop_killed = (f"the fast path did not stop within stop_deadline = "
                                                 f"{self.sv['stop_deadline']:g} s: SIGKILLed {what}")
                             log.error("%s", self.stop_killed)
@@ -604,6 +628,7 @@ def child_main(config_path: str, run_dir: str) -> int:
     try:
         rc = cfg.run_config(stats_file=stats_file, heartbeat_file=control.path(run_dir, HEARTBEAT),
                              on_loaded=loaded)
+        rc.on_fatal = lambda code, line: failed(code, line)   # a plug-in stuck while loading (fastpath/run.py)
         privileges.enter_run(rc, where=("[run] user =", "[run] group ="))   # sockets, then no capability
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)          # PR_SET_PDEATHSIG again (a credential change clears it)
         fp = make_run(rc)
@@ -699,9 +724,32 @@ def cmd_start(args) -> int:
         p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--config", cfg.path, "--run-dir", run_dir],
                              stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
                              cwd=os.path.dirname(cfg.path), close_fds=True)
-    code = _wait_loaded(run_dir, p, timeout=60)
+    from luaprobe.shm.exits import StartupStop
+    try:
+        code = _wait_loaded(run_dir, p, timeout=60)
+    except StartupStop as e:                  # the daemon started here is stopped too (it runs in its own session)
+        return _stop_started(run_dir, p, e)
     p.returncode = p.returncode if p.poll() is not None else 0   # detached: not ours to reap (new session)
     return code
+
+
+def _stop_started(run_dir: str, p: subprocess.Popen, e) -> int:
+    """SIGINT / SIGTERM to `start` while it waits for the fast path to load: the supervisor it started (a new
+    session, which the signal did not reach) is stopped as `luaprobe stop` would, and the line says so; 130 / 143."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)          # the stop below is the last word
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)             # the supervisor's graceful stop (stop_deadline, then SIGKILL)
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+    gone = p.poll() is not None
+    print(f"luaprobe start: stopped by {e.name} while the fast path was loading its plug-ins: the daemon it started "
+          + ("was stopped (" + describe_exit(p.returncode) + ")" if gone else
+             f"did not stop within 60 s (supervisor pid {p.pid}; luaprobe stop --run-dir {run_dir})"),
+          file=sys.stderr)
+    return 128 + e.signum
 
 
 def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float) -> int:

@@ -128,6 +128,7 @@ class RunConfig:
     shard: dict | None = None         #: in a shard process (set by engine/fastpath/shards.py): index, count, ring,
                                       #: bell, summary_file, coordinator (pid); None in a single fast path
     on_loaded: object = None          #: callable(problems: list[str]) once the plug-ins are loaded (the daemon)
+    on_fatal: object = None           #: callable(code, line) before the process ends itself (the daemon's last_error)
     hook_budget: float = 10.0         #: s a hook may run before it is interrupted (0 = off; docs/operations.md)
     plugin_memory_mb: int = 4096      #: MiB of Lua memory per plug-in VM (0 = no limit; docs/operations.md)
     analysers: str = ""               #: built-in analysers to run and store: "all", "none" or "counters,dns,http,tls"
@@ -172,12 +173,17 @@ class _SignalWatch:
     GRACE = 2.0
     STUCK_GRACE = 2.0                  #: s past the hook budget before a hook that was not interrupted ends the run
 
-    def __init__(self, fp):
+    def __init__(self, fp, signals: bool = True):
         self.fp = fp
         self.signals = 0
         self.done = False
+        self.take_signals = signals    #: False: only the budget while plug-ins load (the daemon's child)
+        self.r = None
 
     def start(self) -> bool:
+        if not self.take_signals:
+            threading.Thread(target=self._run, name="luaprobe-load-watch", daemon=True).start()
+            return True
         r, w = os.pipe()
         os.set_blocking(w, False)
         try:
@@ -196,6 +202,8 @@ class _SignalWatch:
 
     def stop(self) -> None:
         self.done = True
+        if self.r is None:
+            return
         signal.set_wakeup_fd(-1)
         os.close(self.w)                       # the thread's select sees EOF
 
@@ -204,6 +212,10 @@ class _SignalWatch:
         first_at = second_at = None
         hinted = False
         while not self.done:
+            if self.r is None:                 # budget only
+                time.sleep(0.25)
+                self._check_budget()
+                continue
             ready, _, _ = select.select([self.r], [], [], 0.25)
             if ready:
                 data = os.read(self.r, 64)
@@ -233,7 +245,7 @@ class _SignalWatch:
         """A hook past its budget that the watchdog's interrupt cannot reach (a loop LuaJIT compiled into a trace
         never returns to the interpreter; a long C call) for STUCK_GRACE s: the fast-path thread is lost, so the
         run ends here as a plug-in error (exit 4), the way a hard stop does (engine/plugins/_lpwatch.c)."""
-        if self.fp.cfg.hook_budget <= 0 or self.done:
+        if self.fp.cfg.hook_budget <= 0 or self.done or (not self.take_signals and not self.fp.loading):
             return
         from luaprobe.engine.plugins import _lpwatch
         late = _lpwatch.stuck_for()
@@ -245,6 +257,11 @@ class _SignalWatch:
 
     def _hard_stop(self, line: str | None = None, code: int = 1) -> None:
         import psutil
+        if line and self.fp.cfg.on_fatal is not None:
+            try:
+                self.fp.cfg.on_fatal(code, line.strip().removeprefix("luaprobe run: "))
+            except Exception:                  # noqa: BLE001 - best effort on the way out
+                pass
         sys.stderr.write(line or "luaprobe run: stopped hard by a second signal while a hook did not return "
                          "(workers and capture killed; rows already handed to the store writer are committed)\n")
         try:
@@ -342,6 +359,7 @@ class FastPath:
         self._posted = False            #: a message was posted since the last delivery (_on_post)
         self.analysers = None
         self.monitors = Monitors(cfg.backend_instances)
+        self.loading = True             #: plug-ins are being loaded (the load watch of _SignalWatch acts only then)
 
     # ----------------------------------------------------------------- setup
     def _load_plugins(self, rt: AsyncRuntime) -> None:
@@ -349,7 +367,10 @@ class FastPath:
         files = discover(cfg.plugins, cfg.lua_path)
         if not files:
             raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
-        self.infos = [probe(f, search_path(cfg.plugins, cfg.lua_path)) for f in files]
+        self.infos = []
+        for f in files:                      # each top level under the hook budget (engine/plugins/host.lua boot)
+            self._beat(force=True)           # the daemon's stall rule watches loading too (supervisor._check_stall)
+            self.infos.append(probe(f, search_path(cfg.plugins, cfg.lua_path), cfg.hook_budget))
         for i in self.infos:                 # warned, not adapted: see discovery.old_onupdate_warning
             if i.old_onupdate:
                 logs.log.warning(old_onupdate_warning(i))
@@ -381,7 +402,7 @@ class FastPath:
     def _load_monitor(self, rt, path, kind) -> None:
         """A resource/fts/alert/cg monitor: one Script per attached group, backend_instances VMs each."""
         try:
-            probe_vm = rt.load(path, instance="0", enginetype="backend", pipeline="backend", groups=self.groups, max_memory=self._max_memory(),
+            probe_vm = rt.load(path, instance="0", enginetype="backend", pipeline="backend", groups=self.groups, max_memory=self._max_memory(), load_budget=self.cfg.hook_budget,
                                start_workers=False, protocols=self.protocols, group_names=self.group_names,
                                contextid=self.shard_index)
         except PluginError as e:
@@ -406,7 +427,8 @@ class FastPath:
 
     def _instantiate(self, rt, path, kind, pipeline, instance, group=None):
         try:
-            vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups, max_memory=self._max_memory(),
+            self._beat(force=True)
+            vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups, max_memory=self._max_memory(), load_budget=self.cfg.hook_budget,
                          start_workers="lazy", protocols=self.protocols, group_names=self.group_names,
                          contextid=self.shard_index)
         except PluginError as e:
@@ -651,6 +673,9 @@ class FastPath:
         # taken before anything that owns a process or a segment is made, all of which the finally below
         # undoes: a stop signal during start-up left the doorbell segment behind (CI, test_stop_startup)
         old_handlers = {} if shard else self._catch_stop_signals()
+        if not shard and getattr(self, "_signal_watch", None) is None and cfg.hook_budget > 0:
+            self._signal_watch = _SignalWatch(self, signals=False)   # the daemon's child: a plug-in's top level
+            self._signal_watch.start()                                # stuck in a compiled loop ends it (exit 4)
         try:
             self._preflight()
             try:
@@ -687,6 +712,7 @@ class FastPath:
             capture = _Coordinator(shard["coordinator"]) if shard else self._start_capture(ring_seg, rt)
             if not (cfg.interface or shard):   # files: the capture process starts up meanwhile (backpressure)
                 self._load_plugins(rt)
+            self.loading = False
             if cfg.on_loaded is not None:
                 cfg.on_loaded(list(self.plugin_problems))
             self._write("counter_groups", group_rows(self.infos))
@@ -934,7 +960,7 @@ class FastPath:
         onbeginflush).  Frontend instances and per-flow state are untouched."""
         self._reload = False
         try:
-            infos = [probe(f, search_path(self.cfg.plugins, self.cfg.lua_path))
+            infos = [probe(f, search_path(self.cfg.plugins, self.cfg.lua_path), self.cfg.hook_budget)
                      for f in discover(self.cfg.plugins, self.cfg.lua_path)]
             bad = [e for i in infos for e in i.errors]
         except PluginError as e:

@@ -94,10 +94,10 @@ def _mentions_plugin(path: str) -> bool:
 
 
 _PROBE = r"""
-return function(path, log)
+return function(path, log, budget)
   local host_mod = require("luaprobe.engine.plugins.host")
   local host, err = host_mod.boot({ path = path, instance = "probe", enginetype = "frontend", log = log,
-                                     print = function() end })
+                                     print = function() end, budget = budget })
   if not host then return nil, err end
   local types = host:types()
   local cg, problem = host:countergroup()
@@ -143,13 +143,15 @@ def _to_py(x):
     return x
 
 
-def probe(path: str, lua_path=()) -> PluginInfo:
-    """Load `path` once to learn its types; load errors land in .errors (file:line), unsupported types in .unsupported."""
+def probe(path: str, lua_path=(), budget: float = 0.0) -> PluginInfo:
+    """Load `path` once to learn its types; load errors land in .errors (file:line), unsupported types in .unsupported.
+    ``budget``: seconds the file's top level may run (the hook budget, engine/plugins/host.lua boot; 0 = off): an
+    endless loop there is a load error, or, compiled, ends the process (engine/plugins/loadwatch.py)."""
     from luaprobe.shm.luajit import new_runtime
     info = PluginInfo(path=path, name=os.path.basename(path))
     lua = new_runtime(plugin_dirs(path, lua_path))
     try:
-        res, err = lua.execute(_PROBE)(os.fsencode(path), logs.lua_log)
+        res, err = lua.execute(_PROBE)(os.fsencode(path), logs.lua_log, float(budget))
     except Exception as e:  # noqa: BLE001 - a Lua error while probing is a plug-in problem
         from luaprobe.engine.plugins.errors import text
         info.errors.append(load_error(text(e), path))

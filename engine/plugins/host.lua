@@ -35,6 +35,16 @@ local function recording_engine(instance, outputs)
   end })
 end
 
+-- the luaprobe package directory ("<dir>/", this file is <dir>/engine/plugins/host.lua): the watchdog lands its
+-- interrupt only in a plug-in's own code (frames outside it, or in engine/examples/), always inside a hook's xpcall
+local PKGROOT = (debug.getinfo(1, "S").source:match("^@(.*/)engine/plugins/[^/]*$"))
+
+--- The watchdog module (engine/plugins/watchdog.lua), or nil when _lpwatch is not built.
+function M.watchdog()
+  local ok, wd = pcall(require, "luaprobe.engine.plugins.watchdog")
+  return ok and type(wd) == "table" and wd or nil
+end
+
 --- Boot a VM for `opts.path`.  Returns a Host, or nil and an error message
 --- ("file:line: message") when the file cannot be loaded or run.
 function M.boot(opts)
@@ -73,7 +83,15 @@ function M.boot(opts)
   end
   local chunk, err = loadfile(path)
   if not chunk then return nil, err end
+  -- the top level runs under the hook budget too (opts.budget s, 0/nil: off): an endless loop there is interrupted
+  -- like one in a hook, or, compiled, ends the process from the Python side (engine/plugins/loadwatch.py)
+  local wd = (opts.budget or 0) > 0 and M.watchdog() or nil
+  if wd then
+    wd.arm(opts.budget, ("the top level of %s ran longer than the hook budget of %g s (--hook-budget) while "
+                         .. "loading"):format(path, opts.budget), PKGROOT)
+  end
   local ok, rerr = xpcall(chunk, traceback)
+  if wd then wd.disarm() end
   if not ok then return nil, rerr end
   if type(TrisulPlugin) ~= "table" then return nil, path .. ": no TrisulPlugin table" end
   self.plugin = TrisulPlugin
@@ -88,9 +106,6 @@ function Host:requested_workers()
   return math.floor(n)
 end
 
--- the luaprobe package directory ("<dir>/", this file is <dir>/engine/plugins/host.lua): the watchdog lands its
--- interrupt only in a plug-in's own code (frames outside it, or in engine/examples/), always inside a hook's xpcall
-local PKGROOT = (debug.getinfo(1, "S").source:match("^@(.*/)engine/plugins/[^/]*$"))
 
 --- Call TrisulPlugin[sub][name](...) (or TrisulPlugin[name] when sub is nil).
 --- Returns ok, result.  Errors are counted per hook and logged.

@@ -27,7 +27,8 @@ class PluginVM:
     def __init__(self, path: str, *, instance: str = "0", enginetype: str = "frontend", lua_path=(),
                  async_config: AsyncConfig | None = None, bell=None, start_workers: bool | str = True,
                  pipeline: str | None = None, groups: dict | None = None, protocols=(),
-                 group_names: dict | None = None, contextid: int = 0, max_memory: int | None = None):
+                 group_names: dict | None = None, contextid: int = 0, max_memory: int | None = None,
+                 load_budget: float = 0.0):
         self.path = os.path.abspath(path)
         self.instance = instance
         self.lua_path = list(lua_path)
@@ -46,7 +47,7 @@ class PluginVM:
             "pipeline": pipeline, "groups": self._groups_table(groups) if pipeline else None,
             "protocols": self.lua.table_from([table(self.lua, {"guid": g, "name": nm}) for g, nm in protocols]),
             "group_names": self._names_table(group_names) if group_names else None,
-            "contextid": contextid,
+            "contextid": contextid, "budget": float(load_budget),     # the top level's budget (s, 0 = off)
             "config": table(self.lua, tenv.config()) if tenv.config() else None,
         }))
         if host is None:

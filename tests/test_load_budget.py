@@ -1,0 +1,95 @@
+"""A plug-in whose top level never returns (issue: `-- TrisulPlugin` + `while true do end` hung run, check and start).
+Loading runs under the hook budget (engine/plugins/host.lua boot): an interpreted loop is interrupted as a load error,
+a compiled one ends the process as a plug-in error (engine/fastpath/run.py _SignalWatch, engine/plugins/loadwatch.py);
+the daemon's stall rule covers loading, and a stop or a signal to `start` during loading ends promptly.
+Every test runs real processes and asserts that none of them and none of their segments is left."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests import helpers, proc_tools
+
+SAMPLE = os.path.join(helpers.REPO, "engine", "examples", "sample.pcap")
+COMPILED = "-- TrisulPlugin\nwhile true do end\n"
+INTERPRETED = "-- TrisulPlugin\nlocal n = 0\nwhile true do n = n + #debug.getinfo(1).source end\n"
+
+
+def finish(p, tag, timeout=60):
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        proc_tools.assert_nothing_left(tag, [p.pid])
+    return p.returncode, err
+
+
+@pytest.mark.parametrize("src,line", [(COMPILED, ""), (INTERPRETED, ":3:")], ids=["compiled", "interpreted"])
+@pytest.mark.parametrize("cmd", ["run", "check"])
+def test_a_top_level_loop_is_a_plugin_error(tmp_path, src, line, cmd):
+    plug = tmp_path / "loop.lua"
+    plug.write_text(src)
+    env, tag = proc_tools.tagged_env()
+    args = [cmd, str(plug), "--hook-budget", "1"]
+    if cmd == "run":
+        args += ["--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q"]
+    t0 = time.monotonic()
+    p = proc_tools.start(args, env=env)
+    rc, err = finish(p, tag)
+    assert rc == 4, err
+    assert time.monotonic() - t0 < 30
+    mine = [x for x in err.splitlines() if "top level of" in x]
+    assert len(mine) == 1, err
+    assert f"{plug}{line}" in mine[0] and "hook budget of 1 s" in mine[0] and "Traceback" not in err
+
+
+def daemon_config(tmp_path, budget, stall):
+    plug = tmp_path / "pl"
+    plug.mkdir()
+    (plug / "loop.lua").write_text(COMPILED)
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\n[plugins]\n'
+                   f'paths = ["pl"]\n[fastpath]\nhook_budget = {budget}\n[supervise]\nstall_timeout = {stall}\n'
+                   'stop_deadline = 20\n')
+    return str(cfg), str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("budget,stall,why", [(1, 60, "top level of"), (0, 3, "stalled while loading")],
+                         ids=["budget", "stall-rule"])
+def test_daemon_start_fails_as_a_plugin_error(tmp_path, budget, stall, why):
+    cfg, run_dir = daemon_config(tmp_path, budget, stall)
+    env, tag = proc_tools.tagged_env()
+    p = proc_tools.start(["start", "--config", cfg], env=env)
+    rc, err = finish(p, tag, timeout=90)
+    assert rc == 4, err
+    assert why in err and "loop.lua" in err, err
+    st = proc_tools.start(["status", "--run-dir", run_dir, "--json"])
+    out, _ = st.communicate(timeout=30)
+    assert '"failed: ' in out and "restarts\": 0" in out
+
+
+def test_daemon_stop_while_loading_is_prompt(tmp_path):
+    cfg, run_dir = daemon_config(tmp_path, 0, 120)
+    env, tag = proc_tools.tagged_env()
+    p = proc_tools.start(["start", "--config", cfg], env=env)
+    helpers.wait_for(lambda: os.path.exists(os.path.join(run_dir, "heartbeat")), 30, 0.05)
+    t0 = time.monotonic()
+    s = proc_tools.start(["stop", "--run-dir", run_dir], env=env)
+    _, err = s.communicate(timeout=60)
+    took = time.monotonic() - t0
+    rc, _ = finish(p, tag)
+    assert s.returncode == 4 and "before it processed anything" in err, err
+    assert took < 15, took                               # not stop_deadline (20 s) and exit 5
+
+
+def test_a_signal_to_start_stops_the_daemon_it_started(tmp_path):
+    cfg, run_dir = daemon_config(tmp_path, 0, 120)
+    env, tag = proc_tools.tagged_env()
+    p = proc_tools.start(["start", "--config", cfg], env=env)
+    helpers.wait_for(lambda: os.path.exists(os.path.join(run_dir, "heartbeat")), 30, 0.05)
+    p.send_signal(signal.SIGTERM)
+    rc, err = finish(p, tag)
+    assert rc == 143, err
+    assert "the daemon it started was stopped" in err, err
