@@ -164,7 +164,12 @@ class Supervisor:
         age = time.time() - beat
         if age > limit:
             loading = not self._loaded()["loaded"]   # the fast path beats before each plug-in it loads: one's top
-            self.stalled = (f"stalled while loading its plug-ins: no heartbeat for {age:.0f} s (a plug-in's top "
+            try:
+                with open(self.heartbeat_path, encoding="utf-8", errors="replace") as f:
+                    what = f.read().strip() or "its plug-ins"
+            except OSError:
+                what = "its plug-ins"
+            self.stalled = (f"stalled while loading {what}: no heartbeat for {age:.0f} s (a plug-in's top "
                             "level stuck in a loop?); killed" if loading else
                             f"stalled: no heartbeat for {age:.0f} s (a hook stuck in a loop?); killed")
             self.stalled_loading = loading           # level stuck in a loop: a plug-in error, not retried

@@ -369,7 +369,7 @@ class FastPath:
             raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
         self.infos = []
         for f in files:                      # each top level under the hook budget (engine/plugins/host.lua boot)
-            self._beat(force=True)           # the daemon's stall rule watches loading too (supervisor._check_stall)
+            self._beat(force=True, loading=f)   # the daemon's stall rule watches loading too (supervisor._check_stall)
             self.infos.append(probe(f, search_path(cfg.plugins, cfg.lua_path), cfg.hook_budget))
         for i in self.infos:                 # warned, not adapted: see discovery.old_onupdate_warning
             if i.old_onupdate:
@@ -427,7 +427,7 @@ class FastPath:
 
     def _instantiate(self, rt, path, kind, pipeline, instance, group=None):
         try:
-            self._beat(force=True)
+            self._beat(force=True, loading=path)
             vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups, max_memory=self._max_memory(), load_budget=self.cfg.hook_budget,
                          start_workers="lazy", protocols=self.protocols, group_names=self.group_names,
                          contextid=self.shard_index)
@@ -1245,14 +1245,19 @@ class FastPath:
                 "processes": procs, "plugins": plugins,
                 **({"capturing": self.capture_stats is not None} if self.cfg.interface else {})}
 
-    def _beat(self, force: bool = False) -> None:
+    def _beat(self, force: bool = False, loading: str | None = None) -> None:
         """Heartbeat: touch cfg.heartbeat_file at most every 0.5 s.  Called between batches, while idle and
         while draining; a hook that never returns stops it, and the supervisor restarts the fast path."""
         path = self.cfg.heartbeat_file
         if not path:
             return
         now = time.monotonic()
-        if force or now - getattr(self, "_last_beat", -1e9) >= 0.5:
+        if loading is not None:              # the file about to load: named by a stall while loading
+            from ..daemon.control import open_private
+            with open_private(path, "w") as f:
+                f.write(loading)
+            self._last_beat = now
+        elif force or now - getattr(self, "_last_beat", -1e9) >= 0.5:
             self._last_beat = now
             try:
                 os.utime(path)
