@@ -1,6 +1,7 @@
 """Tests for engine/plugins/tlib.lua (the T table), engine/plugins/buffer.lua and engine/plugins/httpheader.lua."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -252,6 +253,54 @@ def test_ntop_pton_roundtrip(n):
     s = v.ntop(n)
     assert s == socket.inet_ntoa(struct.pack("!I", n)).encode()
     assert v.pton(s) == n
+
+
+@given(st.integers(0, 2**32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_ntop_every_ipv4_form_like_ipaddress(n):
+    """ntop takes the forms Trisul scripts pass (a u32 number, signed int32, its decimal string: silk.lua,
+    kiwisyslog.lua) and a Hosts key ("C0.A8.01.02"); each gives Python's ipaddress text."""
+    v = _shared_vm()
+    text = str(ipaddress.IPv4Address(n)).encode()
+    key = "{:02X}.{:02X}.{:02X}.{:02X}".format(*ipaddress.IPv4Address(n).packed)
+    signed = n - 2**32 if n >= 2**31 else n
+    assert v.ntop(n) == v.ntop(signed) == v.ntop(str(n).encode()) == v.ntop(key.encode()) == v.ntop(key.lower().encode()) == text
+
+
+_group = st.one_of(st.just(0), st.just(0), st.integers(0, 0xFFFF))
+
+
+@given(st.lists(_group, min_size=8, max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_ntop_ipv6_key_like_ipaddress(groups):
+    """A HostsIPv6 key (32 hex digits) -> RFC 5952 text, as Python's ipaddress writes it (IPv4-mapped
+    addresses, which newer Pythons write with a dotted tail, are left out); pton has no u32 for IPv6: nil."""
+    n = int.from_bytes(b"".join(g.to_bytes(2, "big") for g in groups), "big")
+    text = str(ipaddress.IPv6Address(n))
+    if "." in text:
+        return
+    v = _shared_vm()
+    assert v.ntop(f"{n:032X}".encode()) == v.ntop(f"{n:032x}".encode()) == text.encode()
+    assert v.pton(text.encode()) is None
+
+
+@given(st.text(alphabet="0123456789.", min_size=1, max_size=20))
+@settings(max_examples=400, deadline=None)
+def test_pton_accepts_what_ipaddress_accepts(s):
+    """pton gives the u32 of exactly the strings ipaddress.IPv4Address accepts (dotted quads of decimal octets
+    without leading zeros), nil for the rest."""
+    try:
+        want = int(ipaddress.IPv4Address(s))
+    except ValueError:
+        want = None
+    assert _shared_vm().pton(s.encode()) == want
+
+
+def test_ntop_pton_refuse_other_values(vm):
+    for expr in ("T.util.ntop('192.168.1.2')", "T.util.ntop('C0.A8.01')", "T.util.ntop(2^32)",
+                 "T.util.ntop(1.5)", "T.util.ntop('0x10')", "T.util.ntop({})", "T.util.ntop(nil)",
+                 "T.util.pton('2001:db8::1')", "T.util.pton('C0.A8.01.02')", "T.util.pton(3232235778)"):
+        assert vm.ev(expr) is None, expr
 
 
 @pytest.mark.parametrize("s,d,expected", [

@@ -53,20 +53,59 @@ local DEBUG = M.loglevel.DEBUG
 
 local util = {}
 
--- ntop(u32) -> "a.b.c.d"  (accepts signed int32 too)
+-- IPv6 text of a 32-hex-digit key (RFC 5952 section 4: lower case, no leading zeros in a group, the longest
+-- run of two or more zero groups as "::", the first such run on a tie; IPv4-mapped addresses stay in hex)
+local function ntop6(key)
+    local g = {}
+    for i = 1, 8 do g[i] = tonumber(key:sub(i * 4 - 3, i * 4), 16) end
+    local best, bestn, i = 0, 1, 1
+    while i <= 8 do
+        if g[i] == 0 then
+            local j = i
+            while j < 8 and g[j + 1] == 0 do j = j + 1 end
+            if j - i + 1 > bestn then best, bestn = i, j - i + 1 end
+            i = j + 1
+        else
+            i = i + 1
+        end
+    end
+    local function hex(a, b)
+        local t = {}
+        for k = a, b do t[#t + 1] = sfmt("%x", g[k]) end
+        return table.concat(t, ":")
+    end
+    if best == 0 then return hex(1, 8) end
+    return hex(1, best - 1) .. "::" .. hex(best + bestn, 8)
+end
+
+-- ntop(ip) -> text address, or nil.  Trisul (obj_globalt): ntop(u32) -> "a.b.c.d"; a u32 (signed int32 too)
+-- may come as a number or as its decimal string (kiwisyslog.lua passes log fields).  luaprobe also takes a
+-- Trisul host key: "C0.A8.01.02" -> "192.168.1.2", 32 hex digits -> IPv6 text ("2001:db8::1").
 function util.ntop(n)
+    if type(n) == "string" then
+        local a, b, c, d = n:match("^(%x%x)%.(%x%x)%.(%x%x)%.(%x%x)$")
+        if a then
+            return sfmt("%d.%d.%d.%d", tonumber(a, 16), tonumber(b, 16), tonumber(c, 16), tonumber(d, 16))
+        end
+        if #n == 32 and not n:find("%X") then return ntop6(n) end
+        if not n:match("^%s*%-?%d+%s*$") then return nil end
+    end
     n = tonumber(n)
-    if not n then return nil end
+    if not n or n % 1 ~= 0 or n < -2147483648 or n > 4294967295 then return nil end
     n = u32(n)
     return sfmt("%d.%d.%d.%d", band(rshift(n, 24), 255), band(rshift(n, 16), 255),
                 band(rshift(n, 8), 255), band(n, 255))
 end
 
--- pton("a.b.c.d") -> u32, or nil for anything that is not a dotted quad
+-- pton("a.b.c.d") -> u32 (Trisul obj_globalt), or nil for anything that is not a dotted quad of decimal
+-- octets 0..255 without leading zeros (as inet_pton(AF_INET)); IPv6 has no u32 form: nil
 function util.pton(s)
     if type(s) ~= "string" then return nil end
     local a, b, c, d = s:match("^%s*(%d+)%.(%d+)%.(%d+)%.(%d+)%s*$")
     if not a then return nil end
+    for _, o in ipairs({ a, b, c, d }) do
+        if #o > 3 or (#o > 1 and o:sub(1, 1) == "0") then return nil end
+    end
     a, b, c, d = tonumber(a), tonumber(b), tonumber(c), tonumber(d)
     if a > 255 or b > 255 or c > 255 or d > 255 then return nil end
     return ((a * 256 + b) * 256 + c) * 256 + d
