@@ -21,7 +21,9 @@ EXIT_STOP_KILLED = 5  #: `stop` (and a foreground supervisor): the fast path mis
 EXIT_RECYCLE = 75    #: a worker leaving on purpose (max tasks / RSS); the pool restarts it without backoff
 #: a file / --generate run stopped early by a signal (128 + signal number): graceful, everything up to the stop
 #: was processed and written (a live run's normal end is a signal: it exits 0); a second signal: EXIT_INTERNAL
-EXIT_STOPPED = {"SIGINT": 130, "SIGTERM": 143}
+#: SIGHUP (the terminal went away, or `kill -HUP`) is the same graceful stop as SIGTERM (docs/operations.md)
+EXIT_STOPPED = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   #: what stops a run (the first: gracefully)
 
 
 def describe_exit(rc: int) -> str:
@@ -62,7 +64,7 @@ def install_early_stop() -> dict:
     """Take SIGINT and SIGTERM when nobody else has (default disposition or Python's KeyboardInterrupt);
     returns {signal: previous handler} of those taken."""
     old = {}
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in STOP_SIGNALS:
         if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
             old[s] = signal.signal(s, early_stop)
     return old

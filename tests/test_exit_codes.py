@@ -35,10 +35,10 @@ def table_codes() -> dict[int, str]:
 
 def test_table_matches_shm_exits():
     codes = table_codes()
-    assert set(codes) == {0, 1, 2, 3, 4, 5, 130, 143}, codes
+    assert set(codes) == {0, 1, 2, 3, 4, 5, 130, 143, 129}, codes
     assert (exits.EXIT_OK, exits.EXIT_INTERNAL, exits.EXIT_USAGE, exits.EXIT_INPUT, exits.EXIT_PLUGIN,
             exits.EXIT_STOP_KILLED) == (0, 1, 2, 3, 4, 5)
-    assert exits.EXIT_STOPPED == {"SIGINT": 130, "SIGTERM": 143}
+    assert exits.EXIT_STOPPED == {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
     assert codes[2].startswith("usage error") and codes[3].startswith("input error")
     assert codes[4].startswith("plug-in error") and codes[1].startswith("internal error")
 
@@ -71,6 +71,7 @@ ELSEWHERE = {
     5: "tests/test_supervisor.py::test_stop_past_stop_deadline_exits_5_naming_what_was_killed",
     130: "tests/test_stop.py::test_signal_during_the_final_drain_is_named_and_exits_128_plus_sig",
     143: "tests/test_stop.py::test_file_run_stops_gracefully",
+    129: "tests/test_sighup.py::test_sighup_stops_run_gracefully",
 }
 
 

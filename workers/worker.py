@@ -65,6 +65,7 @@ def main(argv=None, remote=None) -> int:
     args = parse_args(argv)
     die_with_parent(args.ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a terminal's hangup too
     from luaprobe.shm import logs
     from luaprobe.shm import segment
 

@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})          # blocked by FastPath.run until now
     die_with_parent(args.ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)        # a terminal's hangup: the fast path stops us (SIGTERM)
     names, bell_names = args.ring.split(","), args.bell.split(",") if args.bell else []
     if (bell_names and len(bell_names) != len(names)) or (len(names) > 1 and args.interface):
         ap.error("--bell needs one doorbell per ring; --interface takes one ring (one process per shard)")

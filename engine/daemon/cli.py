@@ -9,7 +9,7 @@
 
 Exit codes (docs/operations.md): 0 ok, 2 usage error, 3 input error (status/stop/reload/stats: no daemon running),
 4 plug-in error, 1 internal error or a hard stop (a second
-SIGINT/SIGTERM), 130 / 143 a file or --generate run stopped early by SIGINT / SIGTERM (graceful: everything up
+SIGINT/SIGTERM), 130 / 143 / 129 a file or --generate run stopped early by SIGINT / SIGTERM / SIGHUP (graceful: everything up
 to the stop was processed and written; a live run's normal end is a signal, so it exits 0).
 """
 from __future__ import annotations
@@ -645,7 +645,8 @@ DELEGATED = {"query": cmd_query, "gen": cmd_gen, "loadtest": cmd_loadtest}
 def _startup_stop(argv, e: StartupStop) -> int:
     """One line for a SIGINT / SIGTERM that arrived while the command was starting; exit 130 / 143."""
     import signal
-    for s in (signal.SIGINT, signal.SIGTERM):
+    from luaprobe.shm.exits import STOP_SIGNALS
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)          # the one line is the last word, whatever comes next
     cmd = argv[0] if argv and not argv[0].startswith("-") else ""
     print(f"luaprobe{' ' + cmd if cmd else ''}: stopped by {e.name} while starting, before any packet was "

@@ -22,7 +22,7 @@ import threading
 import time
 
 from luaprobe.shm import cpus, segment
-from luaprobe.shm.exits import EXIT_PLUGIN, describe_exit, early_stop
+from luaprobe.shm.exits import EXIT_PLUGIN, EXIT_STOPPED, STOP_SIGNALS, describe_exit, early_stop
 from luaprobe.shm.ring import region_size
 from luaprobe.shm.luajit import method, new_runtime
 from luaprobe.shm.searchpath import search_path
@@ -221,7 +221,7 @@ class _SignalWatch:
                 data = os.read(self.r, 64)
                 if not data:
                     break
-                self.signals += sum(1 for b in data if b in (signal.SIGINT, signal.SIGTERM))
+                self.signals += sum(1 for b in data if b in STOP_SIGNALS)
                 if self.signals >= 1 and first_at is None:
                     first_at = time.monotonic()
                     if self.fp.cfg.hook_budget > 0:     # a hook slowed down to its budget stops now, not later
@@ -929,7 +929,7 @@ class FastPath:
             if self.draining:
                 self.stopped_during = "drain"
         old = {}
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in STOP_SIGNALS:              # SIGHUP: a hangup stops like SIGTERM (exit 129)
             if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler, early_stop):
                 old[s] = signal.signal(s, handler)
         if old:
@@ -1021,7 +1021,7 @@ class FastPath:
                           "ends the wait (their results are lost), a second one stops hard",
                           self.cfg.async_config.drain_deadline, self._drain_pending())
         if self.stopped_during == "drain":
-            by = f" by {self.stopped_by}" if self.stopped_by in ("SIGINT", "SIGTERM") else " by a signal"
+            by = f" by {self.stopped_by}" if self.stopped_by in EXIT_STOPPED else " by a signal"
             return f"the run was stopped{by} during the drain"
         return None
 

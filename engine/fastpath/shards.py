@@ -40,7 +40,7 @@ from luaprobe.engine.fastpath.run import RunConfig, capture_socket_args, close_f
 from luaprobe.engine.plugins.asyncruntime import BELL_SIZE
 from luaprobe.engine.plugins.vm import PluginError
 from luaprobe.shm import logs, segment
-from luaprobe.shm.exits import early_stop
+from luaprobe.shm.exits import EXIT_STOPPED, STOP_SIGNALS, early_stop
 from luaprobe.shm.luajit import new_runtime
 from luaprobe.shm.ring import region_size
 
@@ -298,7 +298,7 @@ class ShardedRun:
                         for k, p in enumerate(self.procs):  # the batch under way, as one fast path does (live:
                             if not self.done[k] and p is not None and p.poll() is None:   # the ring is walked)
                                 p.send_signal(signal.SIGUSR1)
-                    if self.stopped_by in ("SIGINT", "SIGTERM") and self._captures_done() \
+                    if self.stopped_by in EXIT_STOPPED and self._captures_done() \
                             and not self.capture_errors:        # a signal after the whole input was read:
                         for k, p in enumerate(self.procs):      # the shards end their T.async drain
                             if not self.done[k] and p is not None and p.poll() is None:
@@ -339,7 +339,7 @@ class ShardedRun:
                 raise KeyboardInterrupt
             self._stop = True
             self.stopped_by = signal.Signals(signum).name
-        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+        return {s: signal.signal(s, handler) for s in STOP_SIGNALS
                 if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler, early_stop)}
 
     def _kill_all(self) -> None:

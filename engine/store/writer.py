@@ -875,6 +875,7 @@ def _drain_until_eof(fd: int, ppid: int) -> None:
 def serve(path: str, ppid: int, max_page_count: int | None = None) -> int:
     """The writer process: read batches from stdin until close/EOF; report on stdout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)        # a terminal's hangup is the fast path's to handle
 
     def on_term(signum, frame):
         raise SystemExit(0)
