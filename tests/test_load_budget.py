@@ -93,3 +93,30 @@ def test_a_signal_to_start_stops_the_daemon_it_started(tmp_path):
     rc, err = finish(p, tag)
     assert rc == 143, err
     assert "the daemon it started was stopped" in err, err
+
+
+def test_two_racing_starts_one_runs_the_other_exits_2(tmp_path):
+    """Both pass start's pidfile check; the supervisor that loses the flock exits 2 and its `start` says already
+    running (docs/operations.md: `start` exits 2 when a supervisor already runs in the run directory)."""
+    plug = tmp_path / "pl"
+    plug.mkdir()
+    (plug / "ok.lua").write_text('TrisulPlugin = { id = { name = "ok" }, engine_monitor = {\n'
+                                 '  onmetronome = function() end } }\n')
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\nloop = true\n'
+                   '[plugins]\npaths = ["pl"]\n')
+    env, tag = proc_tools.tagged_env()
+    a, b = (proc_tools.start(["start", "--config", str(cfg)], env=env) for _ in range(2))
+    try:
+        ra, rb = (p.communicate(timeout=90) + (p.returncode,) for p in (a, b))
+        codes = sorted([ra[2], rb[2]])
+        loser = ra if ra[2] == 2 else rb
+        if codes == [0, 2]:                      # the race happened in the supervisors (else in start's check)
+            assert "luaprobe start: already running (supervisor pid" in loser[1], loser
+        assert codes == [0, 2], (ra, rb)
+        s = proc_tools.start(["stop", "--run-dir", str(tmp_path / "run")], env=env)
+        s.communicate(timeout=60)
+        assert s.returncode == 0
+    finally:
+        helpers.wait_for(lambda: not proc_tools.tagged_processes(tag), 30, 0.1)
+        proc_tools.assert_nothing_left(tag, [a.pid, b.pid])

@@ -449,9 +449,9 @@ class Supervisor:
         pidfile = control.PidFile(self.run_dir)
         try:
             pidfile.acquire()
-        except RuntimeError as e:
+        except RuntimeError as e:              # another supervisor won a race of two `start`s: nothing started
             print(f"luaprobe: {e}", file=sys.stderr)
-            return EXIT_INTERNAL
+            return EXIT_USAGE
         try:                                    # one daemon's database is its own: held until it exits
             out_claim = claim_out_dir(self.cfg["run"]["out_dir"], "[run] out_dir =")
         except UsageError as e:
@@ -764,6 +764,11 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float) -> int:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if p.poll() is not None:                  # the supervisor is done already (input finished, or failed)
+            other = control.read_pid(run_dir)
+            if p.returncode == EXIT_USAGE and other and other != p.pid:   # another `start` won the pidfile
+                print(f"luaprobe start: already running (supervisor pid {other}, run dir {run_dir}): nothing started "
+                      "(stop it first, or give another [run] run_dir / --run-dir)", file=sys.stderr)
+                return EXIT_USAGE
             st = control.read_json(control.path(run_dir, control.STATE)) or {}
             if st.get("state", "").startswith("stopped (input finished)") and not st.get("last_error"):
                 print(f"finished: the input was processed completely; outputs in {st.get('out_dir')}, "
