@@ -559,3 +559,39 @@ def test_writers_opening_one_new_database_at_once_all_succeed(tmp_path):
         assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [(str(SCHEMA_VERSION),)]
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         con.close()
+
+
+def test_query_json_tells_blob_from_text(dbfile):
+    """`luaprobe query --json`: a BLOB (a script's non-UTF-8 string) is {"hex": ...} of its bytes, a TEXT value a
+    JSON string, so the 1-byte BLOB 0xFF and the 4-character text '\\xff' differ (both printed "\\\\xff" before).
+    Truth: SQLite's own typeof() and hex() of the stored values."""
+    with StoreWriter(dbfile) as w:
+        w.write("counters", [(HOSTS, 60, b"\xff", 0, 1), (HOSTS, 60, "\\xff", 0, 2), (HOSTS, 60, b"\x00a\xfe", 0, 3)])
+        w.write("resources", [(1, 0, URL_RES, None, b"GET \xff", "\\xff", "p"),
+                              (2, 0, URL_RES, None, "GET /", b"\xff", "p")])
+        w.write("alerts", [(1, 0, USER_ALERTS, None, b"sig\xff", None, 1, b"m\xc3", "ALARM", "p")])
+    raw = sqlite3.connect(dbfile)
+    truth = {}
+    for table, cols in (("counters", ("key",)), ("resources", ("uri", "contents")), ("alerts", ("sigid", "message"))):
+        for row in raw.execute(f"SELECT {', '.join(f'typeof({c}), hex({c})' for c in cols)} FROM {table}"):
+            for typ, hx in zip(row[::2], row[1::2]):
+                if typ == "blob":
+                    truth.setdefault(table, []).append({"hex": hx.lower()})
+                else:
+                    truth.setdefault(table, []).append(bytes.fromhex(hx).decode("utf-8"))
+    got = {}
+    for what, table, cols in (("counters", "counters", ("key",)), ("resources", "resources", ("uri", "contents")),
+                              ("alerts", "alerts", ("sigid", "message"))):
+        r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "query", what, "--db", dbfile, "--json"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        for line in r.stdout.splitlines():
+            row = json.loads(line)
+            got.setdefault(table, []).extend(row[c] for c in cols)
+    assert sorted(map(json.dumps, got["counters"])) == sorted(map(json.dumps, truth["counters"]))
+    assert got["resources"] == truth["resources"] and got["alerts"] == truth["alerts"]
+    assert {"hex": "ff"} in got["counters"] and "\\xff" in got["counters"]
+    with Store(dbfile) as s:                      # the default reader keeps its escaped text
+        assert sorted(r["key"] for r in s.counters()) == ["\x00a\\xfe", "\\xff", "\\xff"]
+    with Store(dbfile, blobs="bytes") as s:
+        assert sorted(r["key"] for r in s.counters() if isinstance(r["key"], bytes)) == [b"\x00a\xfe", b"\xff"]

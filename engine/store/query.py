@@ -23,6 +23,14 @@ MAX_CELL = 60
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
 
 
+def json_value(v):
+    """--json: a BLOB (bytes: a script's string that is not UTF-8) is {"hex": "<its bytes, lower-case hex>"},
+    so it never reads like a TEXT value (docs/schema.md "luaprobe query"); anything else not JSON: its str()."""
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return {"hex": bytes(v).hex()}
+    return str(v)
+
+
 def iso(sec, usec=None) -> str:
     """ISO-8601 UTC time of an epoch value (``usec`` adds microseconds)."""
     if sec is None:
@@ -163,10 +171,10 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     path = a.db if a.db else db_path(a.out)
     try:
-        with Store(path) as store:
+        with Store(path, blobs="bytes" if a.json else "text") as store:
             rows = fetch(store, a)
             if a.json:
-                text = "\n".join(json.dumps(r, ensure_ascii=False, default=str) for r in rows)
+                text = "\n".join(json.dumps(r, ensure_ascii=False, default=json_value) for r in rows)
             else:
                 headers, cells, numeric = render(a.what, rows, store)
                 text = table(headers, cells, numeric) + f"\n({len(rows)} row{'s' if len(rows) != 1 else ''})"

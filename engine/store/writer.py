@@ -957,9 +957,16 @@ def _text(v):
 
 
 class Store:
-    """Read-only access to a luaprobe database.  Every query returns a list of dicts."""
+    """Read-only access to a luaprobe database.  Every query returns a list of dicts.
 
-    def __init__(self, path: str):
+    A BLOB (a script's string that is not UTF-8, docs/schema.md "Text vs binary") is returned as text with
+    ``\\xNN`` escapes by default; with ``blobs="bytes"`` as the ``bytes`` it holds, so it cannot be mistaken for
+    a TEXT value that happens to contain a backslash (``luaprobe query --json`` reads it that way)."""
+
+    def __init__(self, path: str, blobs: str = "text"):
+        if blobs not in ("text", "bytes"):
+            raise ValueError(f"blobs must be 'text' or 'bytes', not {blobs!r}")
+        self._blob = _text if blobs == "text" else (lambda v: v)
         if os.path.isdir(path):
             path = db_path(path)
         self.path = os.path.abspath(path)
@@ -988,7 +995,8 @@ class Store:
         self.close()
 
     def _rows(self, sql: str, args=()) -> list[dict]:
-        return [{k: _text(r[k]) for k in r.keys()} for r in self.db.execute(sql, args)]
+        blob = self._blob
+        return [{k: blob(r[k]) for k in r.keys()} for r in self.db.execute(sql, args)]
 
     # -- counter groups
     def counter_groups(self) -> list[dict]:
@@ -1179,7 +1187,7 @@ class Store:
             try:
                 out[r[0]] = json.loads(r[1])
             except (TypeError, ValueError):
-                out[r[0]] = _text(r[1])
+                out[r[0]] = self._blob(r[1])
         return out
 
 
