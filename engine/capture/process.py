@@ -103,7 +103,12 @@ def _read_stream(path, lua, ring, stop) -> bool:
     space = lua.eval("function(s) return s:space() end")
     feed = lua.eval("function(s, r, n, eof, stop) return s:feed(r, n, eof, stop) end")
     try:
-        fd = 0 if path == "-" else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # a FIFO is opened without waiting for its writer (open(2) would block until one comes, and a stop signal
+        # could not end the wait: the fast path killed us after 15 s and reported an input error); the select
+        # below waits for it instead, noticing a stop every 0.2 s (Linux reports no hang-up before a first writer)
+        fd = 0 if path == "-" else os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        if path != "-":
+            os.set_blocking(fd, True)
     except OSError as e:
         raise InputError(path, 0, f"cannot open: {e.strerror}") from None
     try:
