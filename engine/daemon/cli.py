@@ -113,7 +113,8 @@ def plugin_rows(s: dict) -> list[tuple]:
     instance ids differ per shard), a backend instance once per instance (``engine_monitor#0, shard 0``).
     The per-shard rows stay in ``--json`` / ``--stats-json`` (``plugins``, each with its ``shard``)."""
     def totals(p):
-        return sum(p["hook_calls"].values()), sum(p["hook_errors"].values()), \
+        # hook_errors["hook_budget"] counts those of the hooks' errors that were budget interrupts: not added twice
+        return sum(p["hook_calls"].values()), sum(v for k, v in p["hook_errors"].items() if k != "hook_budget"), \
             {k: p["async"].get(k, 0) for k in ASYNC_COLUMNS + ASYNC_ERRORS}
     if not s.get("shards"):
         return [(os.path.basename(p["plugin"]), f"{p['type']}#{p['instance']}", *totals(p)) for p in s["plugins"]]
