@@ -281,7 +281,8 @@ def _run(args) -> int:
             check_new_file("--stats-json", args.stats_json, creating=[args.out])
         check_captures(args.pcap or [])
         # last: claims (creates and locks) --out, checked against an earlier run's database under the lock
-        args.out_claim = check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new")
+        args.out_claim = check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new",
+                                       private=bool(getattr(args, "user", None) or getattr(args, "group", None)))
     except (UsageError, InputProblem) as e:
         print(f"luaprobe run: {e}", file=sys.stderr)
         return e.exit_code

@@ -453,7 +453,8 @@ class Supervisor:
             print(f"luaprobe: {e}", file=sys.stderr)
             return EXIT_USAGE
         try:                                    # one daemon's database is its own: held until it exits
-            out_claim = claim_out_dir(self.cfg["run"]["out_dir"], "[run] out_dir =")
+            out_claim = claim_out_dir(self.cfg["run"]["out_dir"], "[run] out_dir =",
+                                      private=bool(self.cfg["run"]["user"] or self.cfg["run"]["group"]))
         except UsageError as e:
             print(f"luaprobe: {self.cfg.path}: {e}", file=sys.stderr)
             pidfile.release()

@@ -170,15 +170,16 @@ class OutClaim:
                 pass                                 # not empty: the run wrote there
 
 
-def claim_out_dir(out: str, what: str = "--out") -> OutClaim:
-    """Create ``out`` (one level) when missing and lock it (``flock(LOCK_EX | LOCK_NB)`` on the directory).
+def claim_out_dir(out: str, what: str = "--out", private: bool = False) -> OutClaim:
+    """Create ``out`` (one level; mode 0700 when ``private``: a run that drops root to ``--user``, docs/live.md)
+    when missing and lock it (``flock(LOCK_EX | LOCK_NB)`` on the directory).
     Raises :class:`UsageError` ``WHAT OUT: another luaprobe run or daemon is writing into it ...`` when it is held."""
     import fcntl
     made = False
     try:
         if not os.path.isdir(out):
             try:
-                os.mkdir(out)
+                os.mkdir(out, 0o700 if private else 0o777)
                 made = True
             except FileExistsError:
                 pass                                 # made by another run at the same moment: the lock decides
@@ -194,7 +195,7 @@ def claim_out_dir(out: str, what: str = "--out") -> OutClaim:
     return OutClaim(out, fd, made)
 
 
-def check_out_dir(out: str, mode: str) -> OutClaim:
+def check_out_dir(out: str, mode: str, private: bool = False) -> OutClaim:
     """``--out DIR`` before a run: DIR may not be a file, it is claimed (:func:`claim_out_dir`: created, locked for the
     run), and under that lock an earlier run's database there is refused (``mode`` "new"), replaced ("overwrite") or
     added to ("append").  Returns the claim, which the caller holds until the run has ended.  Raises
@@ -203,7 +204,7 @@ def check_out_dir(out: str, mode: str) -> OutClaim:
     problem = writable_dir(os.path.abspath(out))
     if problem:
         raise UsageError(f"--out {out}: {problem}")
-    claim = claim_out_dir(out)
+    claim = claim_out_dir(out, private=private)
     try:
         db = os.path.join(out, DB_NAME)
         if mode == "append" and os.path.exists(db):
