@@ -709,9 +709,12 @@ def cmd_start(args) -> int:
               "(stop it first, or give another [run] run_dir / --run-dir)", file=sys.stderr)
         return EXIT_USAGE
     try:                                          # a run or another daemon writing there: said here, once
-        claim_out_dir(cfg["run"]["out_dir"], "[run] out_dir =").release()   # (the supervisor holds it)
+        claim_out_dir(cfg["run"]["out_dir"], "[run] out_dir =", shared=True).release()   # (the supervisor holds it)
     except UsageError as e:
-        print(f"luaprobe start: {cfg.path}: {e}", file=sys.stderr)
+        pid = control.read_pid(run_dir)           # a start racing this one won: its supervisor holds out_dir
+        print(f"luaprobe start: already running (supervisor pid {pid}, run dir {run_dir}): nothing started (stop it "
+              "first, or give another [run] run_dir / --run-dir)" if pid else f"luaprobe start: {cfg.path}: {e}",
+              file=sys.stderr)
         return EXIT_USAGE
     from luaprobe.engine.daemon import metrics
     port = cfg["stats"]["prometheus_port"]

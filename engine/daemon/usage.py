@@ -170,9 +170,10 @@ class OutClaim:
                 pass                                 # not empty: the run wrote there
 
 
-def claim_out_dir(out: str, what: str = "--out", private: bool = False) -> OutClaim:
+def claim_out_dir(out: str, what: str = "--out", private: bool = False, shared: bool = False) -> OutClaim:
     """Create ``out`` (one level; mode 0700 when ``private``: a run that drops root to ``--user``, docs/live.md)
-    when missing and lock it (``flock(LOCK_EX | LOCK_NB)`` on the directory).
+    when missing and lock it (``flock(LOCK_EX | LOCK_NB)`` on the directory; ``shared``: LOCK_SH, a look that two
+    `start` commands may take at once, refused only by a holder).
     Raises :class:`UsageError` ``WHAT OUT: another luaprobe run or daemon is writing into it ...`` when it is held."""
     import fcntl
     made = False
@@ -187,7 +188,7 @@ def claim_out_dir(out: str, what: str = "--out", private: bool = False) -> OutCl
     except OSError as e:
         raise UsageError(f"{what} {out}: cannot write there: {e.strerror}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise UsageError(f"{what} {out}: another luaprobe run or daemon is writing into it now (it is "
