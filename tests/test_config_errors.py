@@ -118,3 +118,16 @@ def test_latin1_byte_is_named_with_its_offset_at_start_and_reload(tmp_path, daem
     assert daemon.status()["state"] == "running"
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
+
+
+def test_run_dir_flag_is_the_run_dir_config_checks_and_resolves_against(tmp_path):
+    """--run-dir overrides [run] run_dir for every use: the writability check names the flag, and a relative
+    json_lines_file is relative to the run directory actually used (before: to [run] run_dir even then)."""
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "c.toml").write_text(BASE + '[stats]\njson_lines_file = "s.jsonl"\n')
+    cfg = config.load(str(tmp_path / "c.toml"), run_dir=str(tmp_path / "other"))
+    assert cfg.run_dir == str(tmp_path / "other") and cfg["run"]["run_dir"] == str(tmp_path / "run")
+    assert cfg["stats"]["json_lines_file"] == str(tmp_path / "other" / "s.jsonl")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(tmp_path / "c.toml"), run_dir=str(tmp_path / "afile"))
+    assert str(e.value) == f"{tmp_path / 'c.toml'}: --run-dir {tmp_path / 'afile'}: exists and is not a directory"

@@ -3,7 +3,8 @@
 Everything is checked before any process starts; each error names the file, the key, the bad value
 and what is valid, e.g. ``f.toml: [async] workers = 0: must be an integer between 1 and 256``.
 Relative paths are resolved against the directory of the configuration file, except ``[stats]
-json_lines_file``, which is resolved against the run directory (``[run] run_dir``).  Directories and files
+json_lines_file``, which is resolved against the run directory actually used (``--run-dir``, else ``[run] run_dir``:
+:attr:`Config.run_dir`, the one resolution every command and the supervisor use).  Directories and files
 the daemon writes (out_dir, run_dir, json_lines_file) are tried for writing here, so that a bad one is one
 line at ``start`` (exit 2), not a crash loop.  Errors name the line of the key when the file has one.
 """
@@ -57,13 +58,15 @@ class Config:
 
     path: str
     values: dict
+    run_dir_given: str | None = None     #: ``--run-dir`` (absolute), which overrides ``[run] run_dir``
 
     def __getitem__(self, section: str) -> dict:
         return self.values[section]
 
     @property
     def run_dir(self) -> str:
-        return self.values["run"]["run_dir"]
+        """The run directory used: ``--run-dir`` when given, else ``[run] run_dir`` (absolute)."""
+        return self.run_dir_given or self.values["run"]["run_dir"]
 
     def source_text(self) -> str:
         """One line naming the input, for status and stats."""
@@ -140,8 +143,9 @@ def _show(v) -> str:
     return str(v)
 
 
-def validate(raw: dict, path: str = "<config>") -> Config:
-    """Check a parsed TOML document completely; raise ConfigError with ``path: [section] key = value: ...``."""
+def validate(raw: dict, path: str = "<config>", run_dir: str | None = None) -> Config:
+    """Check a parsed TOML document completely; raise ConfigError with ``path: [section] key = value: ...``.
+    ``run_dir``: ``--run-dir``, overriding ``[run] run_dir`` (json_lines_file is relative to the one used)."""
     name = path
     base = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
     for section in raw:
@@ -151,6 +155,7 @@ def validate(raw: dict, path: str = "<config>") -> Config:
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{name}: {section} = {_show(raw[section])}: must be a table [{section}]")
     values: dict = {}
+    given_rd = os.path.abspath(run_dir) if run_dir else None
     for section, keys in SCHEMA.items():
         given = raw.get(section, {})
         for key in given:
@@ -160,16 +165,18 @@ def validate(raw: dict, path: str = "<config>") -> Config:
         for key, (t, default, check) in keys.items():
             v = _check_value(f"{name}: [{section}] {key}", given[key], t, check) if key in given else default
             if t == "path" and v:
-                rel = base if (section, key) != ("stats", "json_lines_file") else values["run"]["run_dir"]
+                rel = base if (section, key) != ("stats", "json_lines_file") else given_rd or values["run"]["run_dir"]
                 v = os.path.normpath(os.path.join(rel, os.path.expanduser(v)))
             elif t == "paths" and v is not None:
                 v = [os.path.normpath(os.path.join(base, os.path.expanduser(x))) for x in v]
             out[key] = v
-    _cross_checks(values, name, raw)
-    return Config(os.path.abspath(path) if path != "<config>" else path, values)
+    cfg = Config(os.path.abspath(path) if path != "<config>" else path, values, given_rd)
+    _cross_checks(cfg, name)
+    return cfg
 
 
-def _cross_checks(v: dict, name: str, raw: dict) -> None:
+def _cross_checks(cfg: Config, name: str) -> None:
+    v = cfg.values
     try:
         _settings.from_toml(v)                       # powers of two
     except ValueError as e:
@@ -244,15 +251,18 @@ def _cross_checks(v: dict, name: str, raw: dict) -> None:
     if sv["restart_backoff_max"] < sv["restart_backoff_initial"]:
         raise ConfigError(f"{name}: [supervise] restart_backoff_max = {number(sv['restart_backoff_max'])}: must be >= "
                           f"restart_backoff_initial ({number(sv['restart_backoff_initial'])})")
-    if not v["run"]["run_dir"]:
+    if not cfg.run_dir:
         raise ConfigError(f"{name}: [run] run_dir = \"\": must name a directory")
-    for key in ("out_dir", "run_dir"):
-        problem = writable_dir(v["run"][key])
-        if problem:
-            raise ConfigError(f"{name}: [run] {key} = {_show(v['run'][key])}: {problem}")
+    problem = writable_dir(v["run"]["out_dir"])
+    if problem:
+        raise ConfigError(f"{name}: [run] out_dir = {_show(v['run']['out_dir'])}: {problem}")
+    problem = writable_dir(cfg.run_dir)
+    if problem:
+        raise ConfigError(f"{name}: " + (f"--run-dir {cfg.run_dir}" if cfg.run_dir_given else
+                                          f"[run] run_dir = {_show(cfg.run_dir)}") + f": {problem}")
     jl = v["stats"]["json_lines_file"]
     if jl:
-        problem = writable_file(jl, creating=[v["run"]["run_dir"]])
+        problem = writable_file(jl, creating=[cfg.run_dir])
         if problem:
             raise ConfigError(f"{name}: [stats] json_lines_file = {_show(jl)}: {problem}")
 
@@ -277,9 +287,9 @@ def writable_file(path: str, creating=()) -> str | None:
     return None
 
 
-def load(path: str) -> Config:
+def load(path: str, run_dir: str | None = None) -> Config:
     """Read and validate a TOML file (ConfigError on any problem, including TOML syntax and bytes that are
-    not UTF-8, which TOML requires: the byte offset and line are named)."""
+    not UTF-8, which TOML requires: the byte offset and line are named); ``run_dir``: ``--run-dir``."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -296,7 +306,7 @@ def load(path: str) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
-        return validate(raw, path)
+        return validate(raw, path, run_dir)
     except ConfigError as e:
         raise ConfigError(_with_line(str(e), path, text)) from None
 

@@ -63,9 +63,9 @@ def plugin_errors(cfg) -> list[str]:
 class Supervisor:
     """One daemon per run directory; :meth:`run` returns the process exit code."""
 
-    def __init__(self, cfg: config_mod.Config, run_dir: str | None = None):
+    def __init__(self, cfg: config_mod.Config):
         self.cfg = cfg
-        self.run_dir = control.ensure_run_dir(run_dir or cfg.run_dir)
+        self.run_dir = control.ensure_run_dir(cfg.run_dir)
         self.sv = cfg["supervise"]
         self.state = "starting"
         self.child: subprocess.Popen | None = None
@@ -290,7 +290,7 @@ class Supervisor:
         (exit 2) or a plug-in that fails to load (exit 4, ``errors``: one ``file:line: message`` each).
         ``notes``: settings that only take effect at the next start (RESTART_ONLY)."""
         try:
-            cfg = config_mod.load(self.cfg.path)
+            cfg = config_mod.load(self.cfg.path, run_dir=self.run_dir)
         except config_mod.ConfigError as e:
             log.error("reload refused: %s", e)
             return {"ok": False, "error": f"reload refused, configuration invalid: {e}", "exit": EXIT_USAGE}
@@ -668,14 +668,6 @@ def child_main(config_path: str, run_dir: str) -> int:
 
 
 # ---------------------------------------------------------------- luaprobe start / stop / status / reload
-def _run_dir(args, cfg=None) -> str:
-    """`start`: --run-dir, else the config's [run] run_dir.  The others: --run-dir, else ./run when a daemon runs
-    there, else the one daemon running for this user (control.find_run_dir); Ambiguous when several run."""
-    if cfg is not None:
-        return os.path.abspath(args.run_dir) if getattr(args, "run_dir", None) else cfg.run_dir
-    return control.find_run_dir(getattr(args, "run_dir", None))[0]
-
-
 def _log_tail(run_dir: str, n: int = 15) -> str:
     try:
         with open(control.path(run_dir, control.LOG), "rb") as f:
@@ -688,7 +680,7 @@ def cmd_start(args) -> int:
     """`luaprobe start --config FILE [--foreground]`: validate, sweep, daemonize, wait until it answers."""
     from luaprobe.shm import logs
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(args.config, run_dir=getattr(args, "run_dir", None))
     except config_mod.ConfigError as e:
         print(f"luaprobe start: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -699,9 +691,9 @@ def cmd_start(args) -> int:
         print(f"luaprobe start: {cfg.path}: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        run_dir = control.ensure_run_dir(_run_dir(args, cfg))
+        run_dir = control.ensure_run_dir(cfg.run_dir)   # tried by config.load; the disk may have changed since
     except OSError as e:
-        print(f"luaprobe start: run directory {_run_dir(args, cfg)}: {e.strerror}", file=sys.stderr)
+        print(f"luaprobe start: run directory {cfg.run_dir}: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE
     pid = control.read_pid(run_dir)
     if pid:
@@ -728,7 +720,7 @@ def cmd_start(args) -> int:
         print(f"removed {len(removed)} stale shared-memory segment(s)")
     if args.foreground:
         logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
-        return Supervisor(cfg, run_dir).run()
+        return Supervisor(cfg).run()
     with control.open_private(control.path(run_dir, control.LOG), "ab") as logf:
         p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--config", cfg.path, "--run-dir", run_dir],
                              stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
@@ -904,7 +896,7 @@ def cmd_status(args) -> int:
 def cmd_reload(args) -> int:
     """`luaprobe reload`: re-validate the config; if only scripts changed, backend scripts reload live
     (SIGHUP to the fast path); if settings changed, restart the fast path gracefully and wait until it runs."""
-    run_dir = _run_dir(args)
+    run_dir = control.find_run_dir(getattr(args, "run_dir", None))[0]
     try:
         before = control.request(run_dir, "status")
         reply = control.request(run_dir, "reload")
@@ -948,12 +940,12 @@ def main(argv=None) -> int:
         return child_main(args.config, args.run_dir)
     from luaprobe.shm import logs
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(args.config, run_dir=args.run_dir)
     except config_mod.ConfigError as e:
         print(f"luaprobe: {e}", file=sys.stderr)
         return EXIT_USAGE
     logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
-    return Supervisor(cfg, args.run_dir).run()
+    return Supervisor(cfg).run()
 
 
 if __name__ == "__main__":
