@@ -269,14 +269,13 @@ def _run(args) -> int:
             return EXIT_USAGE
     from .usage import InputProblem, UsageError, check_captures, check_dir_target, check_lua_paths, \
         check_new_file, check_out_dir, check_plugins
+    from .settings import dirs
     try:
         check_plugins(args.plugins)
         check_lua_paths(args.lua_path)
-        if args.filex_dir:                                 # beneath --out is fine: the run creates --out first
-            check_dir_target("--filex-dir", args.filex_dir, creating=[args.out], write=True)
-        for opt in ("data_dir", "db_root", "run_state_dir"):     # T.env directories (engine/plugins/tenv.py)
-            if getattr(args, opt):
-                check_dir_target("--" + opt.replace("_", "-"), getattr(args, opt), creating=[args.out], write=True)
+        for field, flag, _toml in dirs():        # --filex-dir, T.env directories: beneath --out is fine
+            if getattr(args, field):             # (the run creates --out first)
+                check_dir_target(flag, getattr(args, field), creating=[args.out], write=True)
         if args.stats_json:
             check_new_file("--stats-json", args.stats_json, creating=[args.out])
         check_captures(args.pcap or [])

@@ -231,19 +231,13 @@ def _cross_checks(cfg: Config, name: str) -> None:
         check_dirs("TRISUL_LUA_PATHS", env_dirs())        # the daemon's plug-ins search them too
     except UsageError as e:
         raise ConfigError(f"{name}: {e} (environment)") from None
-    if v["filex"]["dir"]:
-        from .usage import UsageError, check_dir_target
-        try:
-            check_dir_target("dir =", v["filex"]["dir"], creating=[v["run"]["out_dir"]], write=True)
-        except UsageError as e:
-            raise ConfigError(f"{name}: [filex] {e}") from None
-    for key in ("data_dir", "db_root", "run_state_dir"):       # T.env directories (engine/plugins/tenv.py)
-        if v["plugins"].get(key):
-            from .usage import UsageError, check_dir_target
+    from .usage import check_dir_target
+    for _field, _flag, (section, key) in _settings.dirs():   # [filex] dir, the T.env directories
+        if v[section][key]:
             try:
-                check_dir_target(key + " =", v["plugins"][key], creating=[v["run"]["out_dir"]], write=True)
+                check_dir_target(key + " =", v[section][key], creating=[v["run"]["out_dir"]], write=True)
             except UsageError as e:
-                raise ConfigError(f"{name}: [plugins] {e}") from None
+                raise ConfigError(f"{name}: [{section}] {e}") from None
     for d in v["async"]["file_roots"]:
         if not os.path.isdir(d):
             raise ConfigError(f"{name}: [async] file_roots: {d!r}: not a directory")

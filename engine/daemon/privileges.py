@@ -192,9 +192,8 @@ def _absolute(cfg) -> None:
     cfg.out_dir = os.path.abspath(cfg.out_dir)
     cfg.plugins = [os.path.abspath(p) for p in cfg.plugins]
     cfg.lua_path = [os.path.abspath(p) for p in cfg.lua_path]
-    if cfg.filex_dir:
-        cfg.filex_dir = os.path.abspath(cfg.filex_dir)
-    for f in ("data_dir", "db_root", "run_state_dir"):
+    from .settings import dirs
+    for f, _flag, _toml in dirs():                     # --filex-dir, the T.env directories
         if getattr(cfg, f, None):
             setattr(cfg, f, os.path.abspath(getattr(cfg, f)))
 

@@ -62,6 +62,13 @@ SETTINGS = [
 ]
 
 
+def dirs() -> list[tuple[str, str, tuple[str, str]]]:
+    """(RunConfig field, flag, (TOML section, key)) of every "path" row: the directories a run creates when
+    missing (--filex-dir, the T.env directories of engine/plugins/tenv.py), checked by the CLI and the config
+    (usage.check_dir_target) and made absolute before a privilege drop (privileges.py)."""
+    return [(field, flag, toml) for field, flag, toml, kind, *_rest in SETTINGS if kind == "path"]
+
+
 def add_flags(parser) -> None:
     """Add every setting's flag to a `run`-like parser (range-checked by the converters of usage.py)."""
     from .usage import cpu_pins, float_in, int_in, number, power_of_two
