@@ -451,7 +451,7 @@ def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[
 def cmd_check(args) -> int:
     """`luaprobe check`: probe plug-ins and list their types and problems."""
     from luaprobe.engine.plugins.vm import PluginError
-    from luaprobe.engine.plugins.discovery import describe, discover, probe
+    from luaprobe.engine.plugins.discovery import describe, probe_all
     from .usage import UsageError, check_lua_paths, check_plugins
     try:
         check_plugins(args.plugins)
@@ -460,11 +460,9 @@ def cmd_check(args) -> int:
         print(f"luaprobe check: {e}", file=sys.stderr)
         return e.exit_code
     try:
-        from luaprobe.shm.searchpath import search_path
         from luaprobe.engine.plugins.loadwatch import LoadWatch
         with LoadWatch("luaprobe check", EXIT_PLUGIN):      # a top level stuck in a compiled loop: exit 4
-            infos = [probe(f, search_path(args.plugins, args.lua_path), args.hook_budget)
-                     for f in discover(args.plugins, args.lua_path)]
+            infos = probe_all(args.plugins, args.lua_path, args.hook_budget)
     except PluginError as e:
         print(f"luaprobe check: {e}", file=sys.stderr)
         return EXIT_PLUGIN

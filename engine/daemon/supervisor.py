@@ -49,13 +49,11 @@ RESTART_ONLY = (("stats", "prometheus_port"), ("stats", "json_lines_file"), ("ru
 def plugin_errors(cfg) -> list[str]:
     """Probe the configured plug-ins as `luaprobe check` does: one ``file:line: message`` per plug-in that
     fails to load (syntax error, bad definition); [] when all load."""
-    from luaprobe.engine.plugins.discovery import discover, probe
+    from luaprobe.engine.plugins.discovery import probe_all
     from luaprobe.engine.plugins.vm import PluginError
-    from luaprobe.shm.searchpath import search_path
-    p = cfg["plugins"]
     try:
-        return [e for f in discover(p["paths"], p["lua_path"])
-                for e in probe(f, search_path(p["paths"], p["lua_path"]), cfg["fastpath"]["hook_budget"]).errors]
+        return [e for i in probe_all(cfg["plugins"]["paths"], cfg["plugins"]["lua_path"], cfg["fastpath"]["hook_budget"])
+                for e in i.errors]
     except PluginError as e:
         return [str(e)]
 

@@ -34,7 +34,7 @@ from luaprobe.shm import logs
 from luaprobe.engine.plugins.errors import first_line as _first_line, load_error, text as lua_text
 from luaprobe.engine.plugins.vm import PluginError, PluginVM, _text
 from luaprobe.engine.plugins.discovery import decl_rows, discover, group_names, group_rows, keyinfo_rows, \
-    old_onupdate_warning, probe
+    old_onupdate_warning, probe_all
 from luaprobe.engine.plugins.flowmon import FlowBackends, full_row, stored
 from luaprobe.engine.fastpath import flowrows
 from luaprobe.engine.streams.reasm import ReassemblyStage
@@ -364,13 +364,12 @@ class FastPath:
     # ----------------------------------------------------------------- setup
     def _load_plugins(self, rt: AsyncRuntime) -> None:
         cfg = self.cfg
-        files = discover(cfg.plugins, cfg.lua_path)
-        if not files:
+        # each top level under the hook budget (engine/plugins/host.lua boot); the daemon's stall rule watches
+        # loading too (supervisor._check_stall): a beat naming each file before it loads
+        self.infos = probe_all(cfg.plugins, cfg.lua_path, cfg.hook_budget,
+                               before=lambda f: self._beat(force=True, loading=f))
+        if not self.infos:
             raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
-        self.infos = []
-        for f in files:                      # each top level under the hook budget (engine/plugins/host.lua boot)
-            self._beat(force=True, loading=f)   # the daemon's stall rule watches loading too (supervisor._check_stall)
-            self.infos.append(probe(f, search_path(cfg.plugins, cfg.lua_path), cfg.hook_budget))
         for i in self.infos:                 # warned, not adapted: see discovery.old_onupdate_warning
             if i.old_onupdate:
                 logs.log.warning(old_onupdate_warning(i))
@@ -960,8 +959,7 @@ class FastPath:
         onbeginflush).  Frontend instances and per-flow state are untouched."""
         self._reload = False
         try:
-            infos = [probe(f, search_path(self.cfg.plugins, self.cfg.lua_path), self.cfg.hook_budget)
-                     for f in discover(self.cfg.plugins, self.cfg.lua_path)]
+            infos = probe_all(self.cfg.plugins, self.cfg.lua_path, self.cfg.hook_budget)
             bad = [e for i in infos for e in i.errors]
         except PluginError as e:
             bad = [str(e)]

@@ -180,6 +180,21 @@ def probe(path: str, lua_path=(), budget: float = 0.0) -> PluginInfo:
     return info
 
 
+def probe_all(plugins, lua_path=(), budget: float = 0.0, before=None) -> list[PluginInfo]:
+    """Discover and :func:`probe` every plug-in of ``plugins`` (files or directories) with their Lua search path
+    (shm/searchpath.py ``search_path``) and top-level ``budget``: one :class:`PluginInfo` each, in discovery order
+    ([] when none); ``before(file)`` is called before each probe (the fast path's heartbeat).  Raises PluginError
+    as :func:`discover` does.  Used by `luaprobe check`, a run's load and both reloads."""
+    from luaprobe.shm.searchpath import search_path
+    path = search_path(plugins, lua_path)
+    infos = []
+    for f in discover(plugins, lua_path):
+        if before is not None:
+            before(f)
+        infos.append(probe(f, path, budget))
+    return infos
+
+
 def describe(infos) -> str:
     """A `list lua`-style text listing of probed plug-ins (those that loaded: a file that did not load has
     no types to list, only its error, which `luaprobe check` prints alone)."""
