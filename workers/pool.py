@@ -21,6 +21,7 @@ from luaprobe.shm import cpus, segment
 from luaprobe.shm.luajit import method
 
 from luaprobe.shm.exits import EXIT_RECYCLE, describe_exit
+from luaprobe.workers.limits import MAX_WORKERS
 
 # The channel layout (control block lp_ctl, then the request and return rings) is defined once, in
 # workers/protocol.lua and shm/ring.lua; Python reads the sizes and offsets from LuaJIT's ffi (_layout).
@@ -83,8 +84,8 @@ class AsyncConfig:
                 raise ValueError(f"{name} {getattr(self, name)}: must be >= 0")
         if self.task_timeout <= 0 or self.drain_deadline < 0:
             raise ValueError("task_timeout must be > 0 and drain_deadline >= 0")
-        if self.workers is not None and not 1 <= self.workers <= 256:
-            raise ValueError(f"workers {self.workers}: must be between 1 and 256")
+        if self.workers is not None and not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers {self.workers}: must be between 1 and {MAX_WORKERS}")
         for r in self.file_roots:
             if "\0" in r or not os.path.isdir(r):
                 raise ValueError(f"file root {r!r}: not a directory")

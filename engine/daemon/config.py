@@ -15,6 +15,8 @@ import os
 import re
 import tomllib
 
+from luaprobe.workers.limits import MAX_WORKERS
+
 from . import settings as _settings
 from .usage import number, writable_dir
 
@@ -31,7 +33,7 @@ SCHEMA: dict = {
     "source": {"pcap": ("paths", None, None), "interface": (str, None, None), "bpf": (str, None, None),
                "loop": (bool, False, None)},
     "plugins": {"paths": ("paths", None, None), "lua_path": ("paths", [], None)},   # + backend_instances
-    "async": {"workers": (int, None, (1, 256)), "overflow_limit": (int, 100_000, (0, 100_000_000)),
+    "async": {"workers": (int, None, (1, MAX_WORKERS)), "overflow_limit": (int, 100_000, (0, 100_000_000)),
               "task_timeout": (_NUM, 60.0, (0.001, 86400)), "drain_deadline": (_NUM, 10.0, (0, 3600)),
               "max_tasks": (int, 0, (0, 1 << 40)), "max_rss_mb": (_NUM, 0.0, (0, 1 << 20)),
               "file_roots": ("paths", [], None), "ring_size": (int, 4 << 20, (4096, 1 << 30)),

@@ -9,8 +9,7 @@ from luaprobe.workers.pool import AsyncConfig, WorkerPool
 from luaprobe.shm import logs
 from luaprobe.shm.searchpath import plugin_dirs
 from luaprobe.engine.plugins import tenv
-
-MAX_WORKERS = 256       #: request_async_workers above this is clamped (one warning), the range of --workers
+from luaprobe.workers.limits import MAX_WORKERS
 
 
 class PluginError(Exception):
