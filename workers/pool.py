@@ -73,6 +73,8 @@ class AsyncConfig:
     backend: str = "local"              #: "local" worker processes, or "ray" actors (workers/raybridge.py)
     ray_address: str | None = None      #: an existing Ray cluster ("host:port"); None: a local one for the run
     ray_actor_cpus: float = 1.0         #: CPUs Ray reserves per actor (I/O-bound tasks: a fraction)
+    env: dict = dataclasses.field(default_factory=dict)   #: T.env.get_config answers of the run's VMs and workers
+                                        #: ({"App>DataDirectory": dir, ...}: engine/plugins/tenv.py prepares them)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -199,8 +201,7 @@ class WorkerPool:
             cmd += ["--script", self.script]
         for d in self.lua_path:
             cmd += ["--lua-path", d]
-        from luaprobe.engine.plugins import tenv
-        for k, v in tenv.config().items():
+        for k, v in self.config.env.items():
             cmd += ["--env", f"{k}={v}"]
         for d in self.config.file_roots:
             cmd += ["--file-root", d]

@@ -50,8 +50,7 @@ def build_vm(script: str, lua_path, slot: int, env=()):
         "log": logs.lua_log,
         "print": logs.lua_print,
     })
-    from luaprobe.engine.plugins.tenv import parse
-    conf = parse(env)
+    conf = dict(p.split("=", 1) for p in env)       # --env KEY=VALUE: T.env.get_config (AsyncConfig.env)
     if conf:
         opts[b"config"] = table(lua, conf)
         opts[b"datapath"] = conf.get("App>DataDirectory", "").encode() or None

@@ -681,9 +681,9 @@ class FastPath:
                 os.makedirs(cfg.out_dir, exist_ok=True)
             except OSError as e:             # checked before (usage.check_out_dir), but the disk may change
                 raise UsageError(f"--out {cfg.out_dir}: cannot create it: {e.strerror}") from None
-            tenv.configure(tenv.prepare(cfg.out_dir, cfg.data_dir, cfg.db_root, cfg.run_state_dir))
+            acfg = dataclasses.replace(cfg.async_config, env=tenv.prepare(cfg))   # T.env for VMs and workers
             self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
-            rt = AsyncRuntime(cfg.async_config, lua_path=search_path(cfg.plugins, cfg.lua_path), bell_name=shard and shard["bell"])
+            rt = AsyncRuntime(acfg, lua_path=search_path(cfg.plugins, cfg.lua_path), bell_name=shard and shard["bell"])
             lua = new_runtime()
             if shard:                          # the ring and its producer belong to engine/fastpath/shards.py
                 ring_seg = segment.attach(shard["ring"])

@@ -8,7 +8,6 @@ from luaprobe.workers.pool import AsyncConfig, WorkerPool
 
 from luaprobe.shm import logs
 from luaprobe.shm.searchpath import plugin_dirs
-from luaprobe.engine.plugins import tenv
 from luaprobe.workers.limits import MAX_WORKERS
 
 
@@ -47,7 +46,7 @@ class PluginVM:
             "protocols": self.lua.table_from([table(self.lua, {"guid": g, "name": nm}) for g, nm in protocols]),
             "group_names": self._names_table(group_names) if group_names else None,
             "contextid": contextid, "budget": float(load_budget),     # the top level's budget (s, 0 = off)
-            "config": table(self.lua, tenv.config()) if tenv.config() else None,
+            "config": table(self.lua, self.config.env) if self.config.env else None,   # T.env (tenv.py)
         }))
         if host is None:
             raise PluginError(_text(err))
