@@ -167,6 +167,12 @@ CREATE TABLE IF NOT EXISTS run (
 """
 
 # kind -> (number of columns, INSERT statement).  GUIDs are upper-cased by SQLite's upper().
+#: the columns of a flows row as the engine writes it (SCHEMA's flows table without id; docs/schema.md), in the
+#: order of a stored row (engine/fastpath/flowrows.py): the writer's INSERT, the schema-1 rebuild and the query side
+FLOW_COLUMNS = ("flowkey", "proto", "ipa", "porta", "ipz", "portz", "first_ts", "last_ts", "packets_az", "packets_za",
+                "bytes_az", "bytes_za", "state", "tags", "setup_rtt_us", "retrans_az", "retrans_za")
+_FLOW_COLS = ", ".join(FLOW_COLUMNS)
+
 _SQL = {
     "counters": (9, "INSERT INTO counters (group_guid, bucket_ts, key, meter, value, vartype, total, divisor, "
                     "sample_us) VALUES (upper(?), ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -191,9 +197,7 @@ _SQL = {
                         "ON CONFLICT (tracker, bucket_ts, rank) DO UPDATE SET flowkey = excluded.flowkey, "
                         "metric = excluded.metric"),
     "fts": (6, "INSERT INTO fts (ts_sec, ts_usec, fts_guid, flowkey, text, plugin) VALUES (?, ?, upper(?), ?, ?, ?)"),
-    "flows": (17, "INSERT INTO flows (flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, "
-                  "packets_za, bytes_az, bytes_za, state, tags, setup_rtt_us, retrans_az, retrans_za) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+    "flows": (len(FLOW_COLUMNS), f"INSERT INTO flows ({_FLOW_COLS}) VALUES ({', '.join('?' * len(FLOW_COLUMNS))})"),
     "run": (2, "INSERT INTO run (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
 }
 KINDS = tuple(_SQL)
@@ -295,10 +299,6 @@ def _add_columns(db: sqlite3.Connection) -> None:
         have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
         if col not in have:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
-
-
-_FLOW_COLS = ("flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, packets_za, bytes_az, "
-              "bytes_za, state, tags, setup_rtt_us, retrans_az, retrans_za")
 
 
 def _flows_table(db: sqlite3.Connection) -> None:
@@ -1141,9 +1141,8 @@ class Store:
         """Flow records ordered by first_ts, flowkey and id: dicts with ``id`` (the record's row id, unique in the
         database; a flow seen twice, e.g. a capture replayed, is two records) and the ``flows`` columns."""
         have = {r[1] for r in self.db.execute("PRAGMA table_info(flows)")}
-        extra = "".join(f", {c}" if c in have else f", NULL AS {c}" for t, c, _y in _ADDED_COLUMNS if t == "flows")
-        sql = ("SELECT rowid AS id, flowkey, proto, ipa, porta, ipz, portz, first_ts, last_ts, packets_az, packets_za, "
-               f"bytes_az, bytes_za, state, tags{extra} FROM flows")
+        cols = ", ".join(c if c in have else f"NULL AS {c}" for c in FLOW_COLUMNS)   # older databases: _ADDED_COLUMNS
+        sql = f"SELECT rowid AS id, {cols} FROM flows"
         args = []
         if flowkey is not None:
             sql += " WHERE flowkey = ?"
