@@ -26,13 +26,19 @@ def split_lua_error(e) -> tuple[int, str]:
     return 0, t
 
 
+def same_chunk(name: str, path: str) -> bool:
+    """The chunk name ``name`` in a Lua message or traceback is the file ``path``: the same, or LuaJIT's
+    shortening of a name longer than LUA_IDSIZE (60): "..." and a tail of ``path``.  (errlog.lua has the Lua twin.)"""
+    return name == path or (name.startswith("...") and path.endswith(name[3:]))
+
+
 def full_path(msg: str, path: str | None) -> str:
-    """LuaJIT shortens a chunk name longer than LUA_IDSIZE (60) to "..." and its tail: put ``path`` back
+    """A message located in a chunk whose name LuaJIT shortened (:func:`same_chunk`): put ``path`` back
     ("...est/x.lua:3: boom" -> "/very/long/test/x.lua:3: boom")."""
     if path and msg.startswith("..."):
-        m = re.match(r"\.\.\.([^\n:]*):(\d+):", msg)
-        if m and path.endswith(m.group(1)):
-            return path + msg[3 + len(m.group(1)):]
+        m = re.match(r"(\.\.\.[^\n:]*):(\d+):", msg)
+        if m and same_chunk(m.group(1), path):
+            return path + msg[len(m.group(1)):]
     return msg
 
 
@@ -57,7 +63,7 @@ def _frame_line(tb: str, path: str) -> tuple[int, bool] | None:
     frames = [f.strip() for f in tb.splitlines() if f.strip()]
     for k, f in enumerate(frames):
         m = re.match(r"(.*):(\d+): in main chunk$", f)
-        if m and (m.group(1) == path or (m.group(1).startswith("...") and path.endswith(m.group(1)[3:]))):
+        if m and same_chunk(m.group(1), path):
             return int(m.group(2)), k > 0 and frames[k - 1] == "[C]: in function 'require'"
     return None
 
