@@ -22,7 +22,17 @@ from .usage import number, writable_dir
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message names the key, the value and the valid range."""
+    """A configuration problem; the message names the key, the value and the valid range.  ``section`` and
+    ``key`` locate it (``key`` None: the section header): :func:`load` names their line."""
+
+    def __init__(self, message: str, section: str | None = None, key: str | None = None):
+        super().__init__(message)
+        self.section, self.key = section, key
+
+
+def _bad(name: str, section: str, key: str, rest: str) -> ConfigError:
+    """``name: [section] key<rest>``, located at that key."""
+    return ConfigError(f"{name}: [{section}] {key}{rest}", section, key)
 
 
 _NUM = (int, float)
@@ -104,9 +114,11 @@ def _type_name(t) -> str:
             int: "an integer", _NUM: "a number"}[t]
 
 
-def _check_value(where: str, value, t, check):
+def _check_value(name: str, section: str, key: str, value, t, check):
     """Type and range check of one value; returns it (paths are resolved later)."""
-    bad = f"{where} = {_show(value)}: must be "
+    def bad(rest: str) -> ConfigError:
+        return _bad(name, section, key, f" = {_show(value)}: must be {rest}")
+
     if t == "path":
         ok = isinstance(value, str)
     elif t == "paths":
@@ -124,12 +136,11 @@ def _check_value(where: str, value, t, check):
     if not ok:
         numeric = isinstance(check, tuple) and t in (int, _NUM)
         rng = f" between {number(check[0])} and {number(check[1])}" if numeric else ""
-        raise ConfigError(bad + _type_name(t) + rng)
+        raise bad(_type_name(t) + rng)
     if check is not None and t in (int, _NUM) and not check[0] <= value <= check[1]:
-        raise ConfigError(bad + f"{'an integer' if t is int else 'a number'} between {number(check[0])} and "
-                          f"{number(check[1])}")
+        raise bad(f"{'an integer' if t is int else 'a number'} between {number(check[0])} and {number(check[1])}")
     if check is not None and t is str and value not in check:
-        raise ConfigError(bad + "one of " + ", ".join(f'"{c}"' for c in check))
+        raise bad("one of " + ", ".join(f'"{c}"' for c in check))
     return value
 
 
@@ -153,7 +164,7 @@ def validate(raw: dict, path: str = "<config>", run_dir: str | None = None) -> C
     for section in raw:
         if section not in SCHEMA:
             raise ConfigError(f"{name}: unknown section [{section}] (valid: "
-                              + ", ".join(f"[{s}]" for s in SCHEMA) + ")")
+                              + ", ".join(f"[{s}]" for s in SCHEMA) + ")", section)
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{name}: {section} = {_show(raw[section])}: must be a table [{section}]")
     values: dict = {}
@@ -162,10 +173,10 @@ def validate(raw: dict, path: str = "<config>", run_dir: str | None = None) -> C
         given = raw.get(section, {})
         for key in given:
             if key not in keys:
-                raise ConfigError(f"{name}: [{section}] unknown key {key!r} (valid: {', '.join(keys)})")
+                raise ConfigError(f"{name}: [{section}] unknown key {key!r} (valid: {', '.join(keys)})", section, key)
         out = values[section] = {}
         for key, (t, default, check) in keys.items():
-            v = _check_value(f"{name}: [{section}] {key}", given[key], t, check) if key in given else default
+            v = _check_value(name, section, key, given[key], t, check) if key in given else default
             if t == "path" and v:
                 rel = base if (section, key) != ("stats", "json_lines_file") else given_rd or values["run"]["run_dir"]
                 v = os.path.normpath(os.path.join(rel, os.path.expanduser(v)))
@@ -181,11 +192,11 @@ def _cross_checks(cfg: Config, name: str) -> None:
     v = cfg.values
     try:
         _settings.from_toml(v)                       # powers of two
-    except ValueError as e:
-        raise ConfigError(f"{name}: {e}") from None
+    except _settings.SettingError as e:
+        raise ConfigError(f"{name}: {e}", e.section, e.key) from None
     rs = v["async"]["ring_size"]
     if rs & (rs - 1):
-        raise ConfigError(f"{name}: [async] ring_size = {rs}: must be a power of two between 4096 and 1073741824")
+        raise _bad(name, "async", "ring_size", f" = {rs}: must be a power of two between 4096 and 1073741824")
     s = v["source"]
     if s["pcap"] is not None and s["interface"] is not None:
         raise ConfigError(f"{name}: [source] give exactly one of pcap or interface, not both")
@@ -193,40 +204,40 @@ def _cross_checks(cfg: Config, name: str) -> None:
         raise ConfigError(f"{name}: [source] missing: give pcap = [\"file.pcap\", ...] or interface = \"eth0\"")
     if s["pcap"] is not None:
         if not s["pcap"]:
-            raise ConfigError(f"{name}: [source] pcap = []: must name at least one file")
+            raise _bad(name, "source", "pcap", " = []: must name at least one file")
         for f in s["pcap"]:
             if not os.path.isfile(f) or not os.access(f, os.R_OK):
-                raise ConfigError(f"{name}: [source] pcap: {f!r}: not a readable file")
+                raise _bad(name, "source", "pcap", f": {f!r}: not a readable file")
         from .usage import InputProblem, check_captures
         try:
             check_captures(s["pcap"])
         except InputProblem as e:
-            raise ConfigError(f"{name}: [source] {str(e).replace('--pcap ', 'pcap: ', 1)}") from None
+            raise _bad(name, "source", "pcap", ": " + str(e).replace("--pcap ", "", 1)) from None
         if s["bpf"] is not None:
-            raise ConfigError(f"{name}: [source] bpf = {_show(s['bpf'])}: only valid with interface")
+            raise _bad(name, "source", "bpf", f" = {_show(s['bpf'])}: only valid with interface")
     else:
         if not s["interface"] or "/" in s["interface"]:
-            raise ConfigError(f"{name}: [source] interface = {_show(s['interface'])}: must be an interface name")
+            raise _bad(name, "source", "interface", f" = {_show(s['interface'])}: must be an interface name")
         if not os.path.exists(f"/sys/class/net/{s['interface']}"):
             have = sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []
-            raise ConfigError(f"{name}: [source] interface = {_show(s['interface'])}: no such interface "
-                              f"(have: {', '.join(have)})")
+            raise _bad(name, "source", "interface", f" = {_show(s['interface'])}: no such interface "
+                       f"(have: {', '.join(have)})")
         if s["loop"]:
-            raise ConfigError(f"{name}: [source] loop = true: only valid with pcap")
+            raise _bad(name, "source", "loop", " = true: only valid with pcap")
         import dataclasses as dc
 
         from luaprobe.engine.fastpath.run import RunConfig
         if "interface" not in {f.name for f in dc.fields(RunConfig)}:
-            raise ConfigError(f"{name}: [source] interface: live capture is not available in this build")
+            raise _bad(name, "source", "interface", ": live capture is not available in this build")
     p = v["plugins"]
     if not p["paths"]:
-        raise ConfigError(f"{name}: [plugins] paths: missing: give the plug-in files or directories")
+        raise _bad(name, "plugins", "paths", ": missing: give the plug-in files or directories")
     for d in p["paths"]:
         if not os.path.exists(d):
-            raise ConfigError(f"{name}: [plugins] paths: {d!r}: no such file or directory")
+            raise _bad(name, "plugins", "paths", f": {d!r}: no such file or directory")
     for d in p["lua_path"]:
         if not os.path.isdir(d):
-            raise ConfigError(f"{name}: [plugins] lua_path: {d!r}: not a directory")
+            raise _bad(name, "plugins", "lua_path", f": {d!r}: not a directory")
     from .usage import UsageError, check_dirs
     from luaprobe.shm.searchpath import env_dirs
     try:
@@ -239,28 +250,29 @@ def _cross_checks(cfg: Config, name: str) -> None:
             try:
                 check_dir_target(key + " =", v[section][key], creating=[v["run"]["out_dir"]], write=True)
             except UsageError as e:
-                raise ConfigError(f"{name}: [{section}] {e}") from None
+                raise ConfigError(f"{name}: [{section}] {e}", section, key) from None
     for d in v["async"]["file_roots"]:
         if not os.path.isdir(d):
-            raise ConfigError(f"{name}: [async] file_roots: {d!r}: not a directory")
+            raise _bad(name, "async", "file_roots", f": {d!r}: not a directory")
     sv = v["supervise"]
     if sv["restart_backoff_max"] < sv["restart_backoff_initial"]:
-        raise ConfigError(f"{name}: [supervise] restart_backoff_max = {number(sv['restart_backoff_max'])}: must be >= "
-                          f"restart_backoff_initial ({number(sv['restart_backoff_initial'])})")
+        raise _bad(name, "supervise", "restart_backoff_max", f" = {number(sv['restart_backoff_max'])}: must be >= "
+                   f"restart_backoff_initial ({number(sv['restart_backoff_initial'])})")
     if not cfg.run_dir:
-        raise ConfigError(f"{name}: [run] run_dir = \"\": must name a directory")
+        raise _bad(name, "run", "run_dir", ' = "": must name a directory')
     problem = writable_dir(v["run"]["out_dir"])
     if problem:
-        raise ConfigError(f"{name}: [run] out_dir = {_show(v['run']['out_dir'])}: {problem}")
+        raise _bad(name, "run", "out_dir", f" = {_show(v['run']['out_dir'])}: {problem}")
     problem = writable_dir(cfg.run_dir)
     if problem:
-        raise ConfigError(f"{name}: " + (f"--run-dir {cfg.run_dir}" if cfg.run_dir_given else
-                                          f"[run] run_dir = {_show(cfg.run_dir)}") + f": {problem}")
+        if cfg.run_dir_given:
+            raise ConfigError(f"{name}: --run-dir {cfg.run_dir}: {problem}")
+        raise _bad(name, "run", "run_dir", f" = {_show(cfg.run_dir)}: {problem}")
     jl = v["stats"]["json_lines_file"]
     if jl:
         problem = writable_file(jl, creating=[cfg.run_dir])
         if problem:
-            raise ConfigError(f"{name}: [stats] json_lines_file = {_show(jl)}: {problem}")
+            raise _bad(name, "stats", "json_lines_file", f" = {_show(jl)}: {problem}")
 
 
 def writable_file(path: str, creating=()) -> str | None:
@@ -304,24 +316,20 @@ def load(path: str, run_dir: str | None = None) -> Config:
     try:
         return validate(raw, path, run_dir)
     except ConfigError as e:
-        raise ConfigError(_with_line(str(e), path, text)) from None
+        n = e.section and _line_of(text, e.section, e.key)        # validate's messages start "path: "
+        raise ConfigError(f"{path}:{n}:{str(e)[len(path) + 1:]}" if n else str(e), e.section, e.key) from None
 
 
-def _with_line(msg: str, path: str, text: str) -> str:
-    """``path: [section] key ...`` -> ``path:LINE: [section] key ...`` when the key's line is found."""
-    m = re.match(re.escape(path) + r": (?:unknown section \[([\w-]+)\]|\[([\w-]+)\] (?:unknown key '([\w-]+)'|([\w-]+)))",
-                 msg)
-    if not m:
-        return msg
-    section, key = m[1] or m[2], m[3] or m[4]
+def _line_of(text: str, section: str, key: str | None) -> int | None:
+    """The line of ``key = ...`` in ``[section]`` of the TOML ``text`` (``key`` None: of the header), or None."""
     current = None
     for n, line in enumerate(text.splitlines(), 1):
         t = line.strip()
         h = re.match(r"\[\s*([\w-]+)\s*\]", t)
         if h:
             current = h[1]
-            if m[1] and current == section:
-                return f"{path}:{n}:" + msg[len(path) + 1:]
+            if key is None and current == section:
+                return n
         elif current == section and key and re.match(re.escape(key) + r"\s*=", t):
-            return f"{path}:{n}:" + msg[len(path) + 1:]
-    return msg
+            return n
+    return None

@@ -62,6 +62,14 @@ SETTINGS = [
 ]
 
 
+class SettingError(ValueError):
+    """A setting's value out of its rule: ``[section] key = value: ...``; ``section`` and ``key`` say where."""
+
+    def __init__(self, message: str, section: str, key: str):
+        super().__init__(message)
+        self.section, self.key = section, key
+
+
 def dirs() -> list[tuple[str, str, tuple[str, str]]]:
     """(RunConfig field, flag, (TOML section, key)) of every "path" row: the directories a run creates when
     missing (--filex-dir, the T.env directories of engine/plugins/tenv.py), checked by the CLI and the config
@@ -95,18 +103,19 @@ def toml_schema() -> dict:
 
 
 def from_toml(values: dict) -> dict:
-    """RunConfig keyword arguments from a validated configuration (raises ValueError for a non power of two)."""
+    """RunConfig keyword arguments from a validated configuration (raises SettingError, a ValueError, for a non power
+    of two or a bad CPU pinning)."""
     kw = {}
     for field, _flag, (section, key), kind, _d, lo, hi, scale, _x in SETTINGS:
         v = values[section][key]
         if kind == "pow2" and v & (v - 1):
-            raise ValueError(f"[{section}] {key} = {v}: must be a power of two between {lo} and {hi}")
+            raise SettingError(f"[{section}] {key} = {v}: must be a power of two between {lo} and {hi}", section, key)
         if kind == "cpus":
             from luaprobe.shm import cpus
             try:
                 cpus.parse(v)
             except ValueError as e:
-                raise ValueError(f"[{section}] {key} = {e}") from None
+                raise SettingError(f"[{section}] {key} = {e}", section, key) from None
         kw[field] = _scaled(v, scale)
     return kw
 
