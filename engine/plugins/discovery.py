@@ -110,19 +110,12 @@ return function(path, log, budget)
   local legacy = type(rh) == "table" and type(rh.onattribute) == "function"
                  and require("luaprobe.engine.streams.handler").legacy_attribute_order(rh.onattribute)
   -- cg_monitor.onupdate(engine, key, ts, metrics) (cgmon_2.lua): key and time swapped against the documented
-  -- onupdate(engine, ts, key, metrics), told by the parameter names as for onattribute
+  -- onupdate(engine, ts, key, metrics), told by the parameter names as for onattribute (host.swapped_order)
   local cgm, old_onupdate = host.plugin.cg_monitor, nil
-  if type(cgm) == "table" and type(cgm.onupdate) == "function" then
-    local n2, n3 = debug.getlocal(cgm.onupdate, 2), debug.getlocal(cgm.onupdate, 3)
-    if type(n2) == "string" and type(n3) == "string" then
-      local l3 = n3:lower()
-      if n2:lower():find("key", 1, true) and (l3:find("time", 1, true) or l3:find("ts", 1, true) or l3:find("tv", 1, true)
-                                              or l3:find("sec", 1, true)) then
-        local names = {}
-        for i = 1, 8 do local nm = debug.getlocal(cgm.onupdate, i); if not nm then break end; names[i] = nm end
-        old_onupdate = table.concat(names, ", ")
-      end
-    end
+  if type(cgm) == "table" and host_mod.swapped_order(cgm.onupdate, "key") then
+    local names = {}
+    for i = 1, 8 do local nm = debug.getlocal(cgm.onupdate, i); if not nm then break end; names[i] = nm end
+    old_onupdate = table.concat(names, ", ")
   end
   return { types = types, countergroup = cg, problem = problem or pproblem or dproblem or fproblem, name = name,
            protocol = protocol, declarations = decls, flowtracker = ftc, legacy_onattribute = legacy,

@@ -608,4 +608,19 @@ function Host:exec(code)
   end)(f())
 end
 
+--- True when hook f's parameter names say (engine, <second>, <time>, ...): its 2nd parameter's name contains
+--- `second` ("flow", "key") and its 3rd names a time ("ts", or containing "time", "tv" or "sec": timestamp,
+--- tvsec).  Trisul scripts written for an older argument order are told apart from the documented
+--- (engine, ts, ...) only so; a vararg hook or stripped bytecode (no names) says nothing (false).
+--- The one detector behind reassembly_handler.onattribute's legacy order (engine/streams/handler.lua) and
+--- `luaprobe check`'s warning for cg_monitor.onupdate(engine, key, ts, metrics) (engine/plugins/discovery.py).
+function M.swapped_order(f, second)
+  if type(f) ~= "function" then return false end
+  local n2, n3 = debug.getlocal(f, 2), debug.getlocal(f, 3)
+  if type(n2) ~= "string" or type(n3) ~= "string" then return false end
+  n2, n3 = n2:lower(), n3:lower()
+  return n2:find(second, 1, true) ~= nil and (n3 == "ts" or n3:find("time", 1, true) ~= nil
+                                              or n3:find("tv", 1, true) ~= nil or n3:find("sec", 1, true) ~= nil)
+end
+
 return M

@@ -42,16 +42,12 @@ local H = {}
 H.__index = H
 
 --- True when hook f declares the legacy onattribute order (engine, flow, ts, name, buffer) by its
---- parameter names: the 2nd names a flow (contains "flow") and the 3rd a time (contains "time", or is
---- "ts").  Both orders have five parameters and live in the same reassembly_handler table, so the names
+--- parameter names: the 2nd names a flow (contains "flow") and the 3rd a time (host.lua swapped_order).
+--- Both orders have five parameters and live in the same reassembly_handler table, so the names
 --- are the only sign; any other naming, a vararg hook or stripped bytecode (no names) gets the
 --- documented order (engine, ts, flow, name, string).  docs/plugins.md "reassembly_handler".
 local function legacy_attribute_order(f)
-  if type(f) ~= "function" then return false end
-  local n2, n3 = debug.getlocal(f, 2), debug.getlocal(f, 3)
-  if type(n2) ~= "string" or type(n3) ~= "string" then return false end
-  n2, n3 = n2:lower(), n3:lower()
-  return n2:find("flow", 1, true) ~= nil and (n3:find("time", 1, true) ~= nil or n3 == "ts")
+  return require("luaprobe.engine.plugins.host").swapped_order(f, "flow")
 end
 M.legacy_attribute_order = legacy_attribute_order
 
