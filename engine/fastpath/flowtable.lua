@@ -156,6 +156,8 @@ lp_flow fields (counters are doubles: exact up to 2^53, no boxed uint64):
   ipver, proto, porta, portz, a[4], z[4]   the key (addresses as int32 words
                        holding the network-order bytes)
   slot                 index slot, -1 when the record is free
+  stage_off            written by the shared TCP reassembly only (engine/streams/stage.lua): 1 once no
+                       handler and no filex_monitor wants the flow, for good; 0 in every new record
   lsec                 packet-time second that last placed the flow in the LRU list
 --]]
 local ffi = require "ffi"
@@ -202,7 +204,8 @@ typedef struct {
   union { double retrans[2]; struct { double retrans_az, retrans_za; }; };
   int32_t tcp_next[2];               /* highest sequence end seen per direction (int32, mod 2^32) */
   int32_t tcp_dirs;                  /* bit dir set once a TCP segment was seen in that direction */
-  uint8_t pad_[28];
+  uint8_t stage_off;                 /* 1: no reassembly for this record (engine/streams/stage.lua sets it) */
+  uint8_t pad_[27];
 } lp_flow;
 ]]
 end

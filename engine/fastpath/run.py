@@ -378,7 +378,7 @@ class FastPath:
         self.protocols = [(i.protocol["guid"], i.protocol["name"]) for i in self.infos
                           if i.protocol and not i.errors and "protocol_handler" in i.types]
         self.group_names = group_names(self.infos)
-        self.stage = ReassemblyStage(self.driver_lua, cfg.flow_capacity, cfg.idle_timeout)
+        self.stage = ReassemblyStage(self.driver_lua, cfg.flow_capacity, cfg.idle_timeout, self.driver.ft.flows)
         self.flowmon = FlowBackends(self._write, {i.path: i.flowtracker for i in self.infos if i.flowtracker})
         for info in self.infos:
             self.plugin_problems += info.problems

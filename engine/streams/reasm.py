@@ -18,8 +18,11 @@ MAX_HANDLERS = 32
 class ReassemblyStage:
     """The stage in the driver VM `lua` plus the handler instances that read it."""
 
-    def __init__(self, lua, capacity: int, idle_timeout: float):
+    def __init__(self, lua, capacity: int, idle_timeout: float, records):
+        """`lua`: the driver VM; `records`: its flow table's records (``lp_flow *``, engine/fastpath/flowtable.lua),
+        whose ``stage_off`` byte the stage sets for flows nobody wants reassembled."""
         self.lua = lua
+        self.records = records
         self._new = lua.eval("function(o) return require('luaprobe.engine.streams.stage').new(o) end")
         self.capacity, self.idle_timeout = capacity, idle_timeout
         self.stage = None
@@ -30,7 +33,7 @@ class ReassemblyStage:
         """The shared vote array (created with the stage on first use)."""
         if self.stage is None:
             self.stage = self._new(self.lua.table_from({b"capacity": self.capacity, b"attributes": False,
-                                                        b"parse_cert": parse_cert,
+                                                        b"parse_cert": parse_cert, b"records": self.records,
                                                         b"idle_timeout": self.idle_timeout}))
             self._run = method(self.lua, "run")
             self._finish = method(self.lua, "finish")

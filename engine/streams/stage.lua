@@ -101,7 +101,9 @@ end
 
 --- opts: capacity (flow-table capacity), attributes (bool: run the analysers),
 --- parse_cert (function(der) -> "O\tCN\tissuerO\tissuerCN\tselfsigned" or nil),
---- idle_timeout (s of packet time).  Fields set afterwards: nhandlers, nfilex (VMs attached).
+--- idle_timeout (s of packet time), records (the flow table's `lp_flow *`: the stage sets a record's stage_off
+--- once neither a handler nor filex wants the flow, and from then on skips its packets without reading its
+--- vote, a random access into the vote array per packet).  Fields set afterwards: nhandlers, nfilex (VMs attached).
 function M.new(opts)
   local self = setmetatable({
     capacity = opts.capacity, attributes = opts.attributes, parse_cert = opts.parse_cert,
@@ -115,6 +117,7 @@ function M.new(opts)
   self.ev = cast("lp_sev *", ffi.C.calloc(self.evcap, ffi.sizeof("lp_sev")))
   assert(self.votes ~= nil and self.ev ~= nil, "stage: out of memory")
   self.votes_addr = tonumber(cast("intptr_t", self.votes))
+  self.recs = assert(opts.records, "stage: the flow table's records are required")
   self.R = tcpreasm.new({
     cb = function(id, dir, off, p, n) self:on_data(id, dir, off, p, n) end,
     cb_gap = function(id, dir, _, missing) self:on_gap(id, dir, missing) end,
@@ -337,7 +340,10 @@ function S:first_packet(p, v, id, plen)
   local st
   if plen > 0 then
     st = self:filex_vote(id, p, d, v, nil, band(v.hs, HS_SYN) ~= 0)
-    if v.fx < 0 then return end                        -- not HTTP: nothing was allocated for it
+    if v.fx < 0 then                                   -- not HTTP: nothing was allocated for it
+      self.recs[p.flow].stage_off = 1                  -- (and no handler voted for it: st == nil)
+      return
+    end
   end
   if v.hs ~= 0 then self:seed(id, v) end
   local data, l4 = p.data, d.l4_offset
@@ -389,6 +395,7 @@ function S:packet(batch, i)
     if fx < 0 or self.nfilex == 0 then                 -- nobody wants it: out of reassembly
       if st ~= nil then self.flows[id] = nil end
       if f ~= nil then R:forget(id) end
+      if v.yes == 0 then self.recs[p.flow].stage_off = 1 end
       return
     end
   end
@@ -417,10 +424,12 @@ function S:run(addr, n)
   -- two small loops (as the flow table's): the votes of every TCP packet, then the wanted packets
   -- through reassembly; the first one's trace stays tiny, the second's carries no batch-walk state
   local want, m = self.want, 0
+  local recs = self.recs
   for i = 0, n - 1 do
     local p = batch[i]
-    if p.flow >= 0 and p.d.first[TCP] >= 0 then
-      local v = votes[p.flow]
+    local fi = p.flow
+    if fi >= 0 and p.d.first[TCP] >= 0 and recs[fi].stage_off == 0 then
+      local v = votes[fi]
       if v.fxuid ~= p.flow_uid then v.fxuid, v.fx, v.hs = p.flow_uid, 0, 0 end
       if v.yes > 0 or (filex and v.fx >= 0) then
         want[m] = i
