@@ -3,9 +3,9 @@
     python tools/bench/walkcost.py [--corpus small-few,mixed-zipf] [--shape empty] [--packets 2048] [--rep 100] [--runs 5]
 
 Decodes the first --packets packets of each --quick corpus capture (tools/bench/corpus.py) into one batch array
-(lp_pkt, engine/plugins/packet.lua; flow fields set as if 3 000 flows), loads the plug-in shape
-(tools/bench/shapes.py) in a PluginVM and calls its ``Host:run_batch`` over the array 1 024 packets at a time,
---rep times per run.  Prints the thread CPU time per packet walked (min / median of --runs).  2 048 packets
+(lp_pkt, engine/plugins/packet.lua; flow fields set as if 3 000 flows), loads each plug-in file of the shape
+(tools/bench/shapes.py) in a PluginVM of its own and calls its ``Host:run_batch`` over the array 1 024 packets at
+a time, --rep times per run (the VMs of a shape one after the other; five-layers also prints their sum).  Prints the thread CPU time per packet walked (min / median of --runs).  2 048 packets
 (768 KiB) stay in the core's L2 cache: the walk's own cost; 16 384 (6 MiB) do not.  The fast path's walk in the
 real pipeline (tools/bench/hookcost.py) also pays for whatever the driver evicted.
 """
@@ -43,8 +43,9 @@ BUILD = """function(addr, size, max)
 end"""
 
 
-def measure(path: str, shape: str, packets: int, rep: int, runs: int) -> list:
-    """Walk CPU ns per packet of each run."""
+def measure(path: str, shape: str, packets: int, rep: int, runs: int) -> dict:
+    """Walk CPU ns per packet of each run, per plug-in file of the shape (five-layers: five VMs, each walked on
+    its own, in turn, within every run)."""
     from luaprobe.engine.capture.pcapfile import open_capture
     from luaprobe.engine.plugins.vm import PluginVM
     from luaprobe.shm.luajit import new_runtime
@@ -53,22 +54,27 @@ def measure(path: str, shape: str, packets: int, rep: int, runs: int) -> list:
         keep, addr, n, size = lua.eval(BUILD)(cap.address, cap.size, packets)
         n = n // 1024 * 1024
         shapes.write(shape, d)
-        f = sorted(os.path.join(d, x) for x in os.listdir(d))[0]
-        vm = PluginVM(f, start_workers=False, enginetype="frontend", pipeline="frontend", groups={})
+        vms = []
         try:
-            assert vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host) is None
-            walk = vm.lua.eval("function(h, a, n) return h:run_batch(a, n) end")
-            out = []
+            for f in sorted(os.listdir(d)):
+                vm = PluginVM(os.path.join(d, f), start_workers=False, enginetype="frontend", pipeline="frontend",
+                              groups={})
+                vms.append((f, vm))
+                assert vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host) is None
+            walks = [(f, vm, vm.lua.eval("function(h, a, n) return h:run_batch(a, n) end")) for f, vm in vms]
+            out: dict = {f: [] for f, _ in vms}
             for _ in range(runs):
-                t = time.thread_time_ns()
-                for _ in range(rep):
-                    for k in range(0, n, 1024):
-                        walk(vm.host, addr + k * size, 1024)
-                out.append((time.thread_time_ns() - t) / (n * rep))
+                for f, vm, walk in walks:
+                    t = time.thread_time_ns()
+                    for _ in range(rep):
+                        for k in range(0, n, 1024):
+                            walk(vm.host, addr + k * size, 1024)
+                    out[f].append((time.thread_time_ns() - t) / (n * rep))
             del keep
             return out
         finally:
-            vm.close()
+            for _, vm in vms:
+                vm.close()
 
 
 def main(argv=None) -> int:
@@ -79,10 +85,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=100, help="walks over them per run")
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args(argv)
-    print("| traffic | shape | packets | walk CPU ns/packet min / median |\n|---|---|---:|---:|")
+    print("| traffic | shape | VM | packets | walk CPU ns/packet min / median |\n|---|---|---|---:|---:|")
     for c in a.corpus.split(","):
-        xs = measure(corpus.make(c, True), a.shape, a.packets, a.rep, a.runs)
-        print(f"| {c} | {a.shape} | {a.packets} | {min(xs):.1f} / {statistics.median(xs):.1f} |", flush=True)
+        per_vm = measure(corpus.make(c, True), a.shape, a.packets, a.rep, a.runs)
+        for f, xs in per_vm.items():
+            print(f"| {c} | {a.shape} | {f} | {a.packets} | {min(xs):.1f} / {statistics.median(xs):.1f} |", flush=True)
+        if len(per_vm) > 1:                  # the shape's whole cost per packet: the sum over its VMs, run by run
+            tot = [sum(xs) for xs in zip(*per_vm.values())]
+            print(f"| {c} | {a.shape} | all {len(per_vm)} | {a.packets} | {min(tot):.1f} / "
+                  f"{statistics.median(tot):.1f} |", flush=True)
     return 0
 
 
