@@ -22,7 +22,7 @@ k > 0 = k filex VMs still want the flow.  The flow's first payload decides, in t
 without calling any plug-in: a payload that does not look like HTTP/1.x
 (luaprobe.engine.streams.http.looks_http) sets -1 and, unless a handler voted for the
 flow, the flow leaves reassembly before any of its bytes is reassembled and costs one
-array read per packet from then on.  An HTTP flow gets an FXNEW event, each filex VM
+byte read per packet from then on (its flow record's stage_off: the vote is not read).  An HTTP flow gets an FXNEW event, each filex VM
 calls filter_flow and a false vote decrements fx (the last one sets -1: the flow leaves
 reassembly at the next packet).  A SYN starting a new connection on the 5-tuple, or the
 end of a filex flow, sets 0 again (a fresh vote).  fx, hs and the ISNs belong to the flow
