@@ -113,3 +113,16 @@ def test_memory_limit_caps_the_ceiling_at_half_the_limit(tmp_path):
         assert pause(vm) == expected(live, 1024) < 1000                # without the limit: 1000
     finally:
         vm.close()
+
+
+def test_the_live_heap_estimate_survives_a_plugin_removing_newproxy(tmp_path):
+    """The finaliser re-arms itself with the newproxy it captured at load: a plug-in's globals do not break it."""
+    vm = PluginVM(helpers.write_plugin(tmp_path, 'newproxy = nil\n' + PLUGIN), start_workers=False)
+    try:
+        before = vm.exec("collectgarbage(); return require('luaprobe.engine.plugins.gcpace').live_kb()")
+        vm.exec("BIG = {} for i = 1, 2048 do BIG[i] = string.rep(string.char(i % 251), 1024) .. i end")
+        after, now = vm.exec("collectgarbage(); collectgarbage(); return"
+                             " require('luaprobe.engine.plugins.gcpace').live_kb(), collectgarbage('count')")
+        assert after > before + 2000 and abs(after - now) < 16
+    finally:
+        vm.close()

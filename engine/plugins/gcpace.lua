@@ -23,6 +23,7 @@ VM booted.  `adjust()` runs when the VM boots and then every CHECK_EVERY polls (
 batches); a new pause takes effect from the collector's next cycle.
 ]]
 local M = {}
+local newproxy, collectgarbage, getmetatable = newproxy, collectgarbage, getmetatable   -- a plug-in's globals aside
 
 M.PAUSE_MAX = 1000         -- % of the live heap: small live heaps (most plug-ins)
 M.PAUSE_MIN = 200          -- LuaJIT's default: live heaps above CEILING_KB / 2
