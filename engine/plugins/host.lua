@@ -484,8 +484,6 @@ end
 --- The VM's memory limit (--plugin-memory-mb, PluginVM max_memory): `mib` for the message naming `label`.
 function Host:set_memory_limit(mib, label)
   self.memory_limit, self.memory_label = mib, label
-  gcpace.limit_kb = mib > 0 and mib * 1024 or nil          -- the collector's ceiling: at most half the limit
-  gcpace.adjust()
 end
 
 --- The VM hit its memory limit (LUA_ERRMEM) in hook `where`, or in luaprobe's code of a walk (`where` nil): the

@@ -9,8 +9,8 @@ closures and data stay live until their results return, so the collector marks t
 delivery meets them cold.  This reproduces it in-process: tools/bench/async_roundtrip.py's fastpath_cost with
 `window` tasks scheduled before each flush and delivery (fast-path thread CPU per task: hooks + flush + delivery),
 each configuration in a plug-in VM and worker of its own, the two paces alternating (order flipped every round),
-two measurements of 262 144 tasks per VM.  "fixed" pins the pause (the rule before 2026-11-30 12:00 was pause 400
-below a 64 MiB heap).  Prints min / median / max ns per task and the pause in force at the end.
+two measurements of 262 144 tasks per VM.  "fixed" pins the pause at --fixed-pause (gcpace's rule: pause 400 below
+64 MiB of heap; a pace of 1000 was tried and reverted, docs/benchmarks.md "The backlog and the collector").  Prints min / median / max ns per task and the pause in force at the end.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--style", default="fresh", choices=["fresh", "hoisted"])
     ap.add_argument("--upvalues", type=int, default=1, choices=list(ar.STYLE_UPS))
     ap.add_argument("--windows", default="1024,16384,65536", help="tasks in flight per round, comma-separated")
-    ap.add_argument("--fixed-pause", type=int, default=400, help="the pause the gcpace rule is compared with")
+    ap.add_argument("--fixed-pause", type=int, default=1000, help="the pause the gcpace rule is compared with")
     args = ap.parse_args(argv)
     windows = [int(x) for x in args.windows.split(",")]
     res: dict = {}
