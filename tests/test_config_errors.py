@@ -88,6 +88,17 @@ def test_json_lines_file_that_cannot_be_written_and_relative_to_the_run_dir(tmp_
     assert cfg["stats"]["json_lines_file"] == str(tmp_path / "run" / "s.jsonl")
 
 
+def test_json_lines_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    """A FIFO as json_lines_file: the write check opened it for appending, which blocks until a reader
+    comes, so `start` hung; the file is rotated by renaming, which a FIFO cannot take.  Now exit 2, one
+    line, at once (the timeout of start_refused's subprocess would fail the test on a hang)."""
+    os.mkfifo(tmp_path / "s.fifo")
+    err = start_refused(tmp_path, BASE + f'[stats]\njson_lines_file = "{tmp_path / "s.fifo"}"\n')
+    assert err.endswith(f'[stats] json_lines_file = "{tmp_path / "s.fifo"}": is not a regular file (a FIFO or '
+                        "device cannot be rotated; give a file name)"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_prometheus_port_in_use(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -280,6 +280,10 @@ def writable_file(path: str, creating=()) -> str | None:
     ``creating`` (the run directory, made at start)."""
     if os.path.isdir(path):
         return "is a directory (give a file name)"
+    if os.path.exists(path) and not os.path.isfile(path):
+        # A FIFO or device: opening it for the check would block until a reader comes, and the file is
+        # rotated by renaming (RotatingFileHandler), which only a regular file can take.
+        return "is not a regular file (a FIFO or device cannot be rotated; give a file name)"
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         return None if parent in creating and not writable_dir(parent) else \
