@@ -200,3 +200,22 @@ def test_out_as_a_symbolic_link_to_nothing(tmp_path, target):
         assert (r.returncode, r.stderr) == (2, f"luaprobe run: {opt} {link}: is a symbolic link to {tmp_path / target}, "
                                                "which does not exist (create it, or give another path)\n")
     assert not (tmp_path / "missing").exists() and not (tmp_path / "out2").exists()
+
+
+def test_out_on_a_filesystem_without_flock_is_written_unlocked(tmp_path, monkeypatch, capsys):
+    """NFS without a lock daemon answers flock with ENOLCK (some FUSE filesystems EOPNOTSUPP): the claim escaped
+    as a raw OSError (a traceback, the directory it made left behind); such an --out is written unlocked, as
+    before locks were taken, with one warning line.  The kernel's answer is stood in for: no such filesystem here."""
+    import errno
+    import fcntl
+    from luaprobe.engine.daemon import usage
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    claim = usage.claim_out_dir(str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert err == f"luaprobe: --out {tmp_path / 'o'}: not locked (No locks available: the filesystem takes no " \
+                  "flock); two runs into it at once are not kept apart\n", err
+    claim.release()
+    assert not (tmp_path / "o").exists()                       # made by the claim, still empty: removed

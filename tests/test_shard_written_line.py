@@ -33,7 +33,7 @@ def test_sharded_written_line_matches_the_store(tmp_path):
                            text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr
         (line,) = [x for x in r.stdout.splitlines() if x.startswith("written: ")]
-        m = re.match(r"written: counters (\d+) \(updates from 2 shards, added into (\d+) new rows\)", line)
+        m = re.match(r"written: counters (\d+) \(updates from 2 shards, combined into (\d+) new rows\)", line)
         assert m, line
         after = rows(out)
         assert int(m.group(2)) == after - before

@@ -159,12 +159,13 @@ def _traffic_lines(s: dict) -> list[str]:
 
 def _written_line(s: dict) -> str:
     """'written: counters N, alerts N, ...  -> DB'.  Sharded: counters are the shards' row updates, which the store
-    adds into one row per (group, bucket, key, meter), so the line also says how many rows they made."""
+    combines by meter type into one row per (group, bucket, key, meter),
+    so the line also says how many rows they made."""
     rw = dict(s["rows_written"])
     parts = [f"{k} {v}" for k, v in rw.items()]
     if len(s.get("shards") or ()) > 1 and "counter_rows_new" in s and "counters" in rw:
         parts[list(rw).index("counters")] = (f"counters {rw['counters']} (updates from {len(s['shards'])} shards, "
-                                             f"added into {s['counter_rows_new']} new rows)")
+                                             f"combined into {s['counter_rows_new']} new rows)")
     return "written: " + ", ".join(parts) + f"  -> {s['store']['path']}"
 
 

@@ -161,13 +161,13 @@ class OutClaim:
     def release(self) -> None:
         if self.fd is None:
             return
-        os.close(self.fd)
-        self.fd = None
-        if self.made:
-            try:
+        if self.made:                                # removed while still locked: a run that opened it meanwhile
+            try:                                     # finds it gone once it holds the lock (claim_out_dir retries)
                 os.rmdir(self.path)
             except OSError:
                 pass                                 # not empty: the run wrote there
+        os.close(self.fd)
+        self.fd = None
 
 
 def claim_out_dir(out: str, what: str = "--out", private: bool = False, shared: bool = False) -> OutClaim:
@@ -175,6 +175,17 @@ def claim_out_dir(out: str, what: str = "--out", private: bool = False, shared: 
     when missing and lock it (``flock(LOCK_EX | LOCK_NB)`` on the directory; ``shared``: LOCK_SH, a look that two
     `start` commands may take at once, refused only by a holder).
     Raises :class:`UsageError` ``WHAT OUT: another luaprobe run or daemon is writing into it ...`` when it is held."""
+    for _ in range(8):                               # the holder may remove the directory as we lock it
+        claim = _try_claim(out, what, private, shared)
+        if claim is not None:
+            return claim
+    raise UsageError(f"{what} {out}: cannot write there: it keeps being removed and made again by another run")
+
+
+def _try_claim(out: str, what: str, private: bool, shared: bool) -> OutClaim | None:
+    """One attempt of :func:`claim_out_dir`; None when the directory locked is no longer the one at ``out``.  A
+    filesystem without flock (ENOLCK, EOPNOTSUPP, EBADF, EINVAL: NFS without a lock daemon, some FUSE ones) is
+    written unlocked, with one warning line on stderr, as before locks were taken."""
     import fcntl
     made = False
     try:
@@ -193,6 +204,17 @@ def claim_out_dir(out: str, what: str = "--out", private: bool = False, shared: 
         os.close(fd)
         raise UsageError(f"{what} {out}: another luaprobe run or daemon is writing into it now (it is "
                          "locked); wait for it to finish, or write elsewhere") from None
+    except OSError as e:
+        print(f"luaprobe: {what} {out}: not locked ({e.strerror}: the filesystem takes no flock); two runs "
+              "into it at once are not kept apart", file=sys.stderr)
+    try:
+        here = os.stat(out)
+    except OSError:
+        here = None
+    st = os.fstat(fd)
+    if here is None or (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)                                 # removed (and perhaps made again) before we held it
+        return None
     return OutClaim(out, fd, made)
 
 

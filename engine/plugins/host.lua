@@ -256,7 +256,7 @@ local function walk(self, w, batch, n)
         self.errors:report(w.error_label, r1)
         -- over its memory limit (memory_hit): the rest of the batch is not walked (each call would fill the VM up
         -- to the limit again, or to the hook budget: a 50-packet batch took 56 s); the instance is disabled after it
-        if self.memory_exceeded then return calls, errors end
+        if self.memory_exceeded then done(w, batch, j, ok, r1, r2) return calls, errors end
       end
       done(w, batch, j, ok, r1, r2)
     end
