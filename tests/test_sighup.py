@@ -30,7 +30,8 @@ def syn(tmp_path_factory):
 def test_sighup_stops_run_gracefully(tmp_path, syn, group):
     out = tmp_path / "out"
     env, tag = proc_tools.tagged_env()
-    p = proc_tools.start(["run", EXAMPLES, "--pcap", syn, "--out", str(out), "--json"], env=env)
+    p = proc_tools.start(["run", EXAMPLES, "--pcap", syn, "--out", str(out), "--json"], env=env,
+                         cwd=tmp_path)                                    # file_sha256.lua copies to ./extracted
     # the capture process, the store writer and the workers run: the packet loop is under way
     helpers.wait_for(lambda: len(proc_tools.tagged_processes(tag)) >= 4, 60, 0.05)
     pids = [x.pid for x in proc_tools.tagged_processes(tag)]
