@@ -490,6 +490,7 @@ class FastPath:
         vm.set_time = method(vm.lua, "set_time")
         vm.deliver_message = method(vm.lua, "deliver_message")
         vm.take_messages = method(vm.lua, "take_messages")
+        vm.flows_ended = method(vm.lua, "flows_ended")
         vm.lua.eval("function(h, f) h.engine.on_post = f end")(vm.host, self._on_post)
         self.instances.append(inst)
         return inst
@@ -609,6 +610,9 @@ class FastPath:
                 self.flowmon.hold(flowrows.full_rows(cols))
             else:
                 self._write("flows", flowrows.stored_rows(cols))
+            for inst in self.instances:          # per-flow plug-in state ends with its flow (engine.lua flows_ended)
+                if inst.vm.host.engine.nflow_counters:
+                    inst.vm.flows_ended(inst.vm.host.engine, self.exp_addr, n)
         return n
 
     def _flows(self, rows) -> None:

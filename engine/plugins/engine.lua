@@ -344,13 +344,18 @@ end
 --- reassembly event) made the call; a call between batches counts from the next batch's first packet.
 --- A simplecounter VM applies its flow counters in its own packet walk (Host sc_pick); every other
 --- frontend VM in flow_counter_batch, once per batch after all hooks of the batch ran.
+--- The counter's state lives until its flow record ends (a row of the `flows` table: idle or active timeout, a
+--- new connection on the same 5-tuple, end of input): the fast path then drops it (flows_ended), so it never
+--- outlives its flow.  Until that record is exported (the next packet-time second) a new connection on the same
+--- 5-tuple (port reuse) is still counted by it.
 function Engine:add_flow_counter(flowkey, guid, key, meter, direction)
   frontend_only(self, "add_flow_counter")
   local fk = flowkey_of(flowkey)
   local list = self.flow_counters[fk]
   if list == nil then list = {}; self.flow_counters[fk] = list end
+  -- { guid, key, meter, direction, batch position, batch number, engine time in µs when added (flows_ended) }
   list[#list + 1] = { norm(guid), tostring(key), tonumber(meter) or 0, tonumber(direction) or 0,
-                      self._pos, self._fcbatch }
+                      self._pos, self._fcbatch, self._tus }
   if self.nflow_counters == 0 and self.on_flow_counters then self.on_flow_counters() end   -- the fast path now
   self.nflow_counters = self.nflow_counters + 1                    -- calls flow_counter_batch every batch
 end
@@ -371,6 +376,42 @@ function Engine:apply_flow_counters(flowkey, dir)
     local fc = list[i]
     if fc[4] == 0 or fc[4] == dir + 1 then add(self, fc[1], fc[2], fc[3], len) end
   end
+end
+
+local rowp, TERMINATED = nil, nil
+
+--- Fast path, after each export of flow records (engine/fastpath/run.py _exported): the n lp_flowrow records at
+--- address addr (engine/fastpath/flowrow.lua); the flow counters of every final record among them (idle or active
+--- timeout, port reuse, end of input) are dropped: those added at or before the engine time of its last packet.
+--- One added later for the same 5-tuple belongs to a newer record (a reused 5-tuple) and stays.  Returns how many were
+--- dropped.  Without it this table grew by every flow that ever had a counter (a long run of short flows).
+function Engine:flows_ended(addr, n)
+  if self.nflow_counters == 0 then return 0 end
+  local ffi = require("ffi")
+  if rowp == nil then
+    local fr = require("luaprobe.engine.fastpath.flowrow")
+    rowp, TERMINATED = ffi.typeof("lp_flowrow *"), fr.TERMINATED
+  end
+  local rows, fcs, dropped = ffi.cast(rowp, addr), self.flow_counters, 0
+  for i = 0, n - 1 do
+    local r = rows[i]
+    if require("bit").band(r.flags, TERMINATED) ~= 0 then
+      local fk = ffi.string(r.key)
+      local list = fcs[fk]
+      if list then
+        local last = math.floor(r.last_ts * 1e6 + 0.5)
+        local keep = {}
+        for j = 1, #list do
+          local fc = list[j]
+          if fc[7] > last then keep[#keep + 1] = fc end
+        end
+        dropped = dropped + #list - #keep
+        fcs[fk] = #keep > 0 and keep or nil
+      end
+    end
+  end
+  self.nflow_counters = self.nflow_counters - dropped
+  return dropped
 end
 
 local pktp, batch_flowkey = nil, nil
