@@ -98,3 +98,51 @@ def test_votes_policies_and_the_pcapng(tmp_path, walk):
     finally:
         db.close()
     assert calls == {"ok": len(dirs)}                  # once per direction that carries payload, seekpos 0
+
+
+# ============================================================================ votes apply from their packet on
+
+# A vote cast on packet k of a batch reaches packet k and the later ones, never the packets before k in the same
+# batch (they were decided before it): the pcapng must not depend on --batch.  Shapes of trisul-scripts'
+# packetstore/skip-ssh.lua (`filter`) and nopcap_tls.lua (`filter_payload` on a TLS handshake record), with two
+# scripts voting at different packets of the same flow: "skip" on the flow's first packet, "full" on its first
+# TLS payload (the most permissive vote wins from there on).
+ORDER_SCRIPTS = {
+    "skip_443.lua": """TrisulPlugin = { id = { name = "skip 443" }, packet_storage = {
+        filter = function(engine, ts, flow) if flow:portz_readable() == "443" then return 0 end return -1 end } }""",
+    "keep_tls.lua": """TrisulPlugin = { id = { name = "keep from the TLS handshake on" }, packet_storage = {
+        filter_payload = function(engine, ts, flow, dir, seekpos, buff)
+          if flow:id():find("p-01BB") and buff:hval_8(0) == 22 and buff:hval_8(1) == 3 then return 1 end
+          return -1
+        end } }""",
+}
+TUTORIAL = os.path.join(helpers.PCAPS, "trisul-tutorial.pcap")
+
+
+@pytest.mark.parametrize("batch", [1, 5, 1024])
+def test_vote_applies_from_its_packet_on(tmp_path, batch):
+    plugs = tmp_path / "plugins"
+    plugs.mkdir()
+    for name, body in ORDER_SCRIPTS.items():
+        (plugs / name).write_text(body)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(plugs), "--pcap", TUTORIAL, "--out",
+                        str(out), "--batch", str(batch)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # the model, on tshark's reading: a TCP flow with port 443 is skipped from its first packet (the flow's first
+    # packet in the capture) up to its first TLS handshake payload, which is stored with everything after it
+    want, kept, skipped = [], set(), set()
+    for ts, cap, stream, sport, dport, tlen, payload in _tshark(TUTORIAL, "frame.time_epoch", "frame.cap_len",
+                                                                "tcp.stream", "tcp.srcport", "tcp.dstport",
+                                                                "tcp.len", "tcp.payload"):
+        if stream and "443" in (sport, dport) and stream not in kept:
+            head = bytes.fromhex(payload[:4]) if payload else b""
+            if int(tlen or 0) > 0 and head[:1] == b"\x16" and head[1:2] == b"\x03":
+                kept.add(stream)
+            else:
+                skipped.add(stream)
+                continue
+        want.append((ts, int(cap)))
+    assert len(kept) >= 10 and skipped >= kept           # the capture has TLS flows with a handshake before it
+    got = [(t, int(c)) for t, c in _tshark(str(out / "packets.pcapng"), "frame.time_epoch", "frame.cap_len")]
+    assert got == want

@@ -544,8 +544,8 @@ function Host:protocol_stats()
 end
 
 --- packet_storage (engine/plugins/packetstore.lua): voting on flows into the run's shared votes array.
-function Host:setup_packet_storage(votes_addr, capacity)
-  return require("luaprobe.engine.plugins.packetstore").setup(self, votes_addr, capacity)
+function Host:setup_packet_storage(store_addr, capacity)
+  return require("luaprobe.engine.plugins.packetstore").setup(self, store_addr, capacity)
 end
 function Host:run_storage_batch(addr, n) return self:walk_batch(self.ps, addr, n) end
 

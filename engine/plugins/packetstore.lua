@@ -15,23 +15,35 @@ reference is silent (docs/plugins.md):
 * `filter_payload` runs once per direction, on the first packet of that direction that carries payload, with
   `buffer` = that packet's payload and `seekpos` = 0 (luaprobe does not reassemble for this hook); `dir` is 0 for
   the flow's A->Z direction as the flow table orients it, 1 for Z->A.
-* A vote applies to the packets that follow it.  "First N bytes" counts captured bytes of stored packets per flow;
+* A vote applies to the packet it was cast on and the packets that follow it, whatever the batch size: a vote cast on
+  packet k of a batch does not reach the earlier packets of that batch (the store applies the votes in packet
+  order).  "First N bytes" counts captured bytes of stored packets per flow;
   the packet that crosses N is stored whole and later ones are not.  "Headers only" keeps each packet up to the start
   of its payload.  Packets without a flow (non-IP) are stored in full.
 * Packets go to `<out>/packets.pcapng` (one interface block per link type seen, microsecond timestamps), written
   only when a packet_storage script is loaded.
 
-Votes are shared between the packet_storage VMs of the fast path through one array indexed by flow-table slot
-(`lp_psvote`, allocated by the store, its address handed to each VM); the slot's flow uid tells a new flow apart.
+Votes are shared between the packet_storage VMs of the fast path through the store's `lp_psstore` (allocated by the
+store, its address handed to each VM): a queue of vote events (`lp_psev`: packet index in the batch, slot, flow uid,
+code; C memory that a VM grows with realloc) that the VMs append to while they walk a batch, and the policy per
+flow-table slot (`lp_psvote`) that the store keeps, applying the events in packet order as it writes the batch;
+the slot's flow uid tells a new flow apart.
 ]]
 local ffi = require("ffi")
 local packet = require("luaprobe.engine.plugins.packet")
 local buffer = require("luaprobe.engine.plugins.buffer")
 
 if not pcall(ffi.typeof, "lp_psvote") then
-  ffi.cdef [[ typedef struct { double uid; double stored; int32_t policy; int32_t pad; } lp_psvote; ]]
+  ffi.cdef [[
+    typedef struct { double uid; double stored; int32_t policy; int32_t pad; } lp_psvote;
+    typedef struct { double uid; int32_t k; int32_t slot; int32_t code; int32_t seq; } lp_psev;
+    typedef struct { lp_psev *ev; int32_t count; int32_t cap; lp_psvote votes[?]; } lp_psstore;
+  ]]
 end
-local votep = ffi.typeof("lp_psvote *")
+pcall(ffi.cdef, "void *realloc(void *, size_t); void free(void *);")
+local storep = ffi.typeof("lp_psstore *")
+local evp = ffi.typeof("lp_psev *")
+local RESET = -2                 -- an event code: the slot holds a new flow from this packet on
 local rshift, band = require("bit").rshift, require("bit").band
 
 local M = {}
@@ -42,9 +54,21 @@ M.RANK, M.LIMIT = RANK, LIMIT
 -- ------------------------------------------------------------------ voting (in each packet_storage VM)
 
 local function vote(v, code)
-  code = tonumber(code)
-  if code == nil or RANK[code] == nil then return end
   if v.policy < 0 or RANK[code] > RANK[v.policy] then v.policy = code end
+end
+
+-- append an event to the store's queue (grown with realloc: the queue's C memory belongs to no VM)
+local function push(st, k, slot, uid, code)
+  local n = st.count
+  if n == st.cap then
+    local cap = math.max(64, n * 2)
+    local ev = ffi.C.realloc(st.ev, cap * ffi.sizeof("lp_psev"))
+    if ev == nil then error("packet_storage: out of memory for the vote queue", 0) end
+    st.ev, st.cap = ffi.cast(evp, ev), cap
+  end
+  local e = st.ev[n]
+  e.uid, e.k, e.slot, e.code, e.seq = uid, k, slot, code, n
+  st.count = n + 1
 end
 
 local function invoke_filter(ps) return ps.filter(ps.eng, ps.ts, ps.flow) end
@@ -57,32 +81,33 @@ local function pick(ps, batch, j)
   local p = batch[k]
   local slot = p.flow
   if slot < 0 or slot >= ps.capacity then return nil end
-  local v, seen, dirs = ps.votes[slot], ps.seen, ps.dirs
+  local seen, dirs = ps.seen, ps.dirs
   if band(j, 1) == 0 then
-    if v.uid ~= p.flow_uid then v.uid, v.stored, v.policy = p.flow_uid, 0, -1 end
     if seen[slot] == p.flow_uid then return nil end
+    push(ps.store, k, slot, p.flow_uid, RESET)
     seen[slot], dirs[slot] = p.flow_uid, 0
     if not ps.filter then return nil end
     ps.eng:set_packet(batch, k)
-    ps.v, ps.ts, ps.flow = v, p.ts_sec, packet.flowid(p.d)
+    ps.k, ps.slot, ps.uid, ps.ts, ps.flow = k, slot, p.flow_uid, p.ts_sec, packet.flowid(p.d)
     return invoke_filter
   end
   local mask = p.dir == 0 and 1 or 2
   if not ps.filter_payload or p.d.payload_length <= 0 or dirs[slot] % (2 * mask) >= mask then return nil end
   dirs[slot] = dirs[slot] + mask
   ps.eng:set_packet(batch, k)
-  ps.v, ps.ts, ps.flow, ps.dir = v, p.ts_sec, packet.flowid(p.d), p.dir
+  ps.k, ps.slot, ps.uid, ps.ts, ps.flow, ps.dir = k, slot, p.flow_uid, p.ts_sec, packet.flowid(p.d), p.dir
   ps.buf = buffer.new(p.data + p.d.payload_offset, p.d.payload_length)
   return invoke_payload
 end
 
 local function done(ps, _, _, ok, code)
-  if ok then vote(ps.v, code) end
+  code = ok and tonumber(code)
+  if code and RANK[code] then push(ps.store, ps.k, ps.slot, ps.uid, code) end
 end
 
---- Prepare a packet_storage instance on `host`: votes at address `votes_addr` (capacity slots); its walk state
---- host.ps.  Returns nil or a problem description.
-function M.setup(host, votes_addr, capacity)
+--- Prepare a packet_storage instance on `host`: the store's lp_psstore at address `store_addr` (capacity slots);
+--- its walk state host.ps.  Returns nil or a problem description.
+function M.setup(host, store_addr, capacity)
   local ps = host.plugin.packet_storage
   local f, fp = ps.filter, ps.filter_payload
   if type(f) ~= "function" and type(fp) ~= "function" then
@@ -91,11 +116,11 @@ function M.setup(host, votes_addr, capacity)
   host.ps = host:new_walk({ per = 2, pick = pick, done = done, invokes = { invoke_filter, invoke_payload },
                             hook = "packet_storage",
                             error_label = "packet_storage hook error", eng = host.engine,
-                            votes = ffi.cast(votep, votes_addr), capacity = capacity,
+                            store = ffi.cast(storep, store_addr), capacity = capacity,
                             filter = type(f) == "function" and f or false,
                             filter_payload = type(fp) == "function" and fp or false,
                             seen = ffi.new("double[?]", capacity), dirs = ffi.new("uint8_t[?]", capacity),
-                            v = false, ts = 0, flow = false, dir = 0, buf = false }, { f, fp })
+                            k = 0, slot = 0, uid = 0, ts = 0, flow = false, dir = 0, buf = false }, { f, fp })
   return nil
 end
 
@@ -104,12 +129,13 @@ end
 local Store = {}
 Store.__index = Store
 
---- A store writing `path` (pcapng) for flow tables of `capacity` slots.  store.votes_addr is the votes array.
+--- A store writing `path` (pcapng) for flow tables of `capacity` slots.  store.votes_addr is the address of its
+--- lp_psstore (the vote queue and the votes per slot) that M.setup takes.
 function M.new_store(path, capacity)
   local fh, err = io.open(path, "wb")
   if not fh then error("packet_storage: cannot write " .. tostring(path) .. ": " .. tostring(err), 0) end
-  local votes = ffi.new("lp_psvote[?]", capacity)
-  local self = setmetatable({ fh = fh, votes = votes, votes_addr = tonumber(ffi.cast("intptr_t", votes)),
+  local st = ffi.new("lp_psstore", capacity)
+  local self = setmetatable({ fh = fh, st = st, votes = st.votes, votes_addr = tonumber(ffi.cast("intptr_t", ffi.cast(storep, st))),
                               capacity = capacity, ifaces = {}, nifaces = 0, stored = 0, skipped = 0,
                               truncated = 0, bytes = 0, path = path }, Store)
   -- Section Header Block: byte-order magic, version 1.0, section length unknown (-1)
@@ -139,12 +165,33 @@ end
 
 local epb_head = ffi.new("uint32_t[5]")
 
---- Write the packets of a batch that their flow's policy lets through.
+-- the events of the batch in packet order (the VMs walked the batch one after the other), queue order within a packet
+local function ordered(st)
+  local ev, list = st.ev, {}
+  for i = 0, st.count - 1 do list[i + 1] = ev[i] end
+  table.sort(list, function(a, b) return a.k < b.k or (a.k == b.k and a.seq < b.seq) end)
+  return list
+end
+
+local function apply(votes, e)
+  local v = votes[e.slot]
+  if e.code == RESET then
+    if v.uid ~= e.uid then v.uid, v.stored, v.policy = e.uid, 0, -1 end
+  elseif v.uid == e.uid then
+    vote(v, e.code)
+  end
+end
+
+--- Write the packets of a batch that their flow's policy lets through: the votes cast on packet k (in any
+--- packet_storage VM) apply from packet k on.
 function Store:write_batch(addr, n)
   local batch = ffi.cast(packet.pktp, addr)
-  local votes, cap = self.votes, self.capacity
+  local votes, cap, st = self.votes, self.capacity, self.st
+  local events, ne, ei = nil, st.count, 1
+  if ne > 0 then events = ordered(st) end
   for k = 0, n - 1 do
     local p = batch[k]
+    while ei <= ne and events[ei].k <= k do apply(votes, events[ei]); ei = ei + 1 end
     if p.d.frag == 2 then goto next_packet end   -- a reassembled IP datagram: its fragments are the capture
     local len, policy, v = p.caplen, 1, nil
     if p.flow >= 0 and p.flow < cap then
@@ -170,11 +217,14 @@ function Store:write_batch(addr, n)
     end
     ::next_packet::
   end
+  while ei <= ne do apply(votes, events[ei]); ei = ei + 1 end
+  st.count = 0
   return n
 end
 
 function Store:close()
   if self.fh then self.fh:close(); self.fh = nil end
+  if self.st.ev ~= nil then ffi.C.free(self.st.ev); self.st.ev, self.st.cap = nil, 0 end
   return { stored = self.stored, skipped = self.skipped, truncated = self.truncated, bytes = self.bytes }
 end
 
