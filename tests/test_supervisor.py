@@ -236,6 +236,8 @@ def test_start_status_stop_round_trip(daemon):
     assert r.returncode == 3 and r.stderr.startswith("luaprobe stop: not running (stopped"), r.stderr
     assert not daemon.alive() and not daemon.segments()
     assert not os.path.exists(sock) and control.read_pid(daemon.run_dir) is None
+    log = open(os.path.join(daemon.run_dir, "supervisor.log")).read()
+    assert "Traceback" not in log, log         # the fast path's load watch thread ended with a TypeError here
     with sqlite3.connect(os.path.join(daemon.out_dir, "luaprobe.sqlite")) as c:
         packets = json.loads(c.execute("SELECT value FROM run WHERE key = 'packets'").fetchone()[0])
         errors = json.loads(c.execute("SELECT value FROM run WHERE key = 'input_errors'").fetchone()[0])

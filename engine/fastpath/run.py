@@ -239,7 +239,8 @@ class _SignalWatch:
                     and not self.done:
                 self._hard_stop()
             self._check_budget()
-        os.close(self.r)
+        if self.r is not None:                 # the budget-only watch (the daemon's child) has no pipe
+            os.close(self.r)
 
     def _check_budget(self) -> None:
         """A hook past its budget that the watchdog's interrupt cannot reach (a loop LuaJIT compiled into a trace
