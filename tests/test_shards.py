@@ -606,3 +606,54 @@ def test_daemon_shards_log_in_the_configured_format(tmp_path):
         assert len({r["pid"] for r in records}) >= 3            # supervisor, coordinator, shard 0 at least
     finally:
         d.cleanup()
+
+
+def test_a_shard_whose_store_writer_dies_counts_the_rows_it_lost(tmp_path):
+    """kill -9 of shard 1's SQLite store writer: the shard ends (StoreDied, as a single fast path does) and is
+    restarted, and the rows its writer lost reach the run's totals: the death in shard_deaths carries them
+    (``store_rows_lost``, the writer's own count: rows handed to it minus rows SQLite has, tests/test_store.py),
+    the summary and the stats snapshot sum them, the exit line names them, and every packet is still accounted
+    for.  Before, the shard died with a traceback and its lost rows appeared nowhere (summary, stats, supervisor)."""
+    spec = "packets=300000,flows=2000,mix=tcp=70:udp=30,seed=5"
+    plugins = tmp_path / "plugins"
+    out = str(tmp_path / "out")
+    write_shard_plugins(plugins, out)
+    os.makedirs(out)
+    stats = os.path.join(out, "stats.json")
+    import threading
+    run = make_run(RunConfig(plugins=[str(plugins)], files=[], out_dir=out, shards=2, generate=spec,
+                             stats_file=stats, stats_interval=0.1, idle_timeout=1))
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("s", run.run()))
+    t.start()
+    try:
+        def victim():
+            try:
+                with open(stats) as f:
+                    snap = json.load(f)
+            except (OSError, ValueError):
+                return None
+            sh = snap.get("shards", [])
+            if not (len(sh) == 2 and sh[1]["packets"] > 20000):
+                return None
+            kids = [c for c in psutil.Process(sh[1]["pid"]).children() if "luaprobe.engine.store.writer" in c.cmdline()]
+            return kids[0] if kids else None
+        writer = wait_for(victim, timeout=60)
+        writer.kill()
+        seen = wait_for(lambda: (snap := json.load(open(stats))).get("shard_deaths") and snap, timeout=60)
+    finally:
+        t.join(120)
+    assert not t.is_alive()
+    s = box["s"]
+    assert [x["restarts"] for x in s["shards"]] == [0, 1]
+    [death] = s["shard_deaths"]
+    assert death["shard"] == 1 and death["status"] == 1
+    assert f"store writer (pid {writer.pid}) was killed by SIGKILL" in death["error"]
+    lost = death["store_rows_lost"]
+    assert lost > 0                      # idle timeout 1 s: flow rows were on their way to it
+    assert f"; {lost} rows handed to it are not in the database" in death["error"]
+    assert s["store_rows_lost"] == lost and seen["store_rows_lost"] == lost
+    from luaprobe.engine.daemon.cli import run_exit_code
+    code, reasons = run_exit_code(s)
+    assert code == 1 and f"(its SQLite store writer died: {lost} rows handed to it are not in the database)" in reasons[0]
+    assert s["packets_read"] == s["packets"] + s["packets_lost"] and s["packets_lost"] == death["packets"]

@@ -387,7 +387,8 @@ def shard_loss_line(summary: dict) -> str:
     dead ones (``packets_read`` == ``packets`` + ``not_walked_at_stop`` + ``packets_lost``)."""
     deaths = summary["shard_deaths"]
     who = "; ".join(f"shard {d['shard']} (pid {d['pid']}) died (status {d['status']}) after {d['packets']} packets"
-                    for d in deaths)
+                    + (f" (its SQLite store writer died: {d['store_rows_lost']} rows handed to it are not in the "
+                       "database)" if d.get("error") else "") for d in deaths)
     one = len(deaths) == 1
     what = "results not yet written (open counter buckets, live flows, in-flight T.async tasks)"
     if "packets_read" in summary:

@@ -338,10 +338,19 @@ class Supervisor:
                 "source": self.cfg.source_text(), "config": self.cfg.path, "run_dir": self.run_dir,
                 "out_dir": self.cfg["run"]["out_dir"],
                 "last_error": self.last_error, "last_exit_code": self.last_exit_code, **self._loaded(),
-                "stop_killed": self.stop_killed, "store_rows_lost": self.store_rows_lost,
+                "stop_killed": self.stop_killed,
+                # the finished fast paths' (last_error) and the running one's shards' (their dead store writers)
+                "store_rows_lost": self.store_rows_lost + self._running_rows_lost(snap),
                 "file_errors": dict(self.file_errors),
                 "last_stats": {k: snap.get(k) for k in ("time", "packets", "bytes", "flows", "flows_live")}
                 | self.rates if snap else None}
+
+    def _running_rows_lost(self, snap: dict) -> int:
+        """Rows lost so far by the store writers of the running fast path's shards (its snapshot; a single fast path
+        whose writer dies ends, and its last_error carries them)."""
+        if self.child is None or snap.get("processes", {}).get("fastpath") != self.child.pid:
+            return 0
+        return int(snap.get("store_rows_lost") or 0)
 
     def _loaded(self) -> dict:
         """{"loaded": bool, "plugin_problems": [...]} of the running fast path (loaded.json)."""
@@ -662,7 +671,7 @@ def child_main(config_path: str, run_dir: str) -> int:
                                                                            "elapsed_s", "input_errors")}))
     from .cli import run_exit_code
     code, reasons = run_exit_code(summary, stop_is_early=False)
-    return failed(code, "; ".join(reasons)) if code else EXIT_OK
+    return failed(code, "; ".join(reasons), store_rows_lost=summary.get("store_rows_lost", 0)) if code else EXIT_OK
 
 
 # ---------------------------------------------------------------- luaprobe start / stop / status / reload

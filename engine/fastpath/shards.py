@@ -45,6 +45,7 @@ from luaprobe.shm.luajit import new_runtime
 from luaprobe.shm.ring import region_size
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_PLUGIN = 0, 1, 3, 4
+DIED = ".died"      #: beside a shard's summary file: {store_rows_lost, error} of a shard whose store writer died
 MAX_RESTARTS = 5            #: restarts of one shard within RESTART_WINDOW s before the run fails
 RESTART_WINDOW = 60.0
 PROGRESS_OFFSET = 64        #: byte offset in a shard's doorbell segment of a uint64: packets its process has
@@ -199,7 +200,15 @@ class ShardedRun:
         self.restarts[k] += 1
         word = progress_word(self.bells[k].address)
         packets, word.value = int(word.value), 0
-        self.deaths.append({"shard": k, "pid": p.pid, "status": rc, "packets": packets})
+        death = {"shard": k, "pid": p.pid, "status": rc, "packets": packets, "store_rows_lost": 0}
+        try:                               # its store writer died (shard_main): the rows it lost
+            with open(summ + DIED) as f:
+                note = json.load(f)
+            os.unlink(summ + DIED)
+            death.update(store_rows_lost=int(note["store_rows_lost"]), error=note["error"])
+        except (OSError, ValueError, KeyError):
+            pass
+        self.deaths.append(death)
         logs.log.warning("shard %d (pid %d) ended with status %s after %d packets: restarting it on its packet "
                          "ring (the run's last line states the loss)", k, p.pid, rc, packets)
         time.sleep(min(5.0, 0.05 * 2 ** (len(self.restart_times[k]) - 1)))
@@ -242,6 +251,7 @@ class ShardedRun:
         summary = merge_summaries(self.summaries, time.monotonic() - t0, self.restarts, cfg)
         summary["input_errors"] += self.capture_errors
         summary["shard_deaths"] = self.deaths
+        summary["store_rows_lost"] = sum(d["store_rows_lost"] for d in self.deaths)   # rows dead writers lost
         # the shards' counter updates of one (group, bucket, key, meter) combine into one row (upsert by meter type)
         summary["counter_rows_new"] = _counter_rows(cfg.out_dir) - rows_before
         if self.pushed is not None:
@@ -373,6 +383,7 @@ class ShardedRun:
         if self.cfg.interface:                 # every capture socket is set up (in the fanout group)
             tot["capturing"] = all(s.get("capturing") for s in snaps)
         tot["shard_deaths"] = list(self.deaths)
+        tot["store_rows_lost"] = sum(d["store_rows_lost"] for d in self.deaths)
         procs = {"fastpath": os.getpid(), "shards": [p.pid if p else None for p in self.procs]}
         live = [c.pid for c in self.captures if c.poll() is None]
         if live:
@@ -505,6 +516,7 @@ def shard_main(spec_path: str) -> int:
     """``python -m luaprobe.engine.fastpath.shards SPEC``: run FastPath on shard ring; the summary goes to summary_file."""
     import ctypes
     from luaprobe.engine.fastpath.run import FastPath
+    from luaprobe.engine.store.writer import StoreDied
     with open(spec_path) as f:
         cfg = _config(json.load(f))
     signal.signal(signal.SIGINT, signal.SIG_IGN)            # ^C reaches the coordinator, which stops the input
@@ -522,12 +534,20 @@ def shard_main(spec_path: str) -> int:
         summary = fp.run()
     except PluginError as e:
         summary, rc = {"plugin_error": str(e)}, EXIT_PLUGIN
+    except StoreDied as e:          # its writer died (killed, disk full): a crash the coordinator restarts and counts
+        logs.log.error("shard %d: %s", cfg.shard["index"], e)
+        _write_json(out + DIED, {"store_rows_lost": e.rows_lost, "error": str(e)})
+        return EXIT_INTERNAL
     else:
         rc = EXIT_INPUT if summary["input_errors"] else EXIT_OK
-    with open(out + ".tmp", "w") as f:
-        json.dump(summary, f, default=str)
-    os.replace(out + ".tmp", out)
+    _write_json(out, summary)
     return rc
+
+
+def _write_json(path: str, value) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, default=str)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
