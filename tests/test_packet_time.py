@@ -66,3 +66,59 @@ def test_time_never_goes_backwards(tmp_path):
     db.close()
     # bucket 960: the five packets of 1000..1003; bucket 1020: 1061, the late 1000 (counted now), 1062
     assert rows == [(960, 5), (1020, 3)]
+
+
+# ============================================================================ late packets: every hook's outputs
+
+LATE_PLUGIN = r"""
+local A, R = "{B5F1DECB-51D5-4395-B71B-6FA730B772D9}", "{4EF9DEB9-4332-4867-A667-6A30C5900E9E}"
+TrisulPlugin = { id = { name = "late stamps" },
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(engine, layer)
+      engine:add_alert(A, layer:flowkey(), "SC", 3, tostring((layer:packet():timestamp())))
+    end },
+  reassembly_handler = {
+    onpayload = function(engine, ts, flow, dir, seekpos, buff)
+      engine:add_alert(A, flow:id(), "RH", 3, tostring(ts))
+      engine:add_resource(R, flow:id(), "RH " .. ts, "")
+    end },
+  filex_monitor = {
+    onfile_http = function(engine, ts, flow, path, req, resp, length, is_chunk)
+      engine:add_alert(A, flow:id(), "FX", 3, tostring(ts))
+      engine:add_resource(R, flow:id(), "FX " .. ts, "")
+    end },
+}
+"""
+
+
+def test_late_packets_outputs_of_every_hook_are_stamped_now(tmp_path):
+    """docs/plugins.md "Time never goes backwards": the alerts and resources a late packet's hooks make are stamped
+    with the engine's current second, not the packet's, from a simplecounter and also from reassembly_handler and
+    filex_monitor hooks (run by event time); the hook's own `ts` still shows the packet's time.  Truth: the
+    captures' timestamps (written here)."""
+    from tests import pktbuild as pb
+    caps = []
+    for name, t0, port in (("now.pcap", 2000.0, 40001), ("old.pcap", 1000.0, 40002)):
+        c = pb.Conv(cport=port, t0=t0)
+        c.handshake()
+        c.send(True, pb.http_request("/x"))
+        c.send(False, pb.http_response(b"y" * 100, [("Content-Length", 100)]))
+        c.close()
+        pb.write_pcap(tmp_path / name, c.frames)
+        caps.append(str(tmp_path / name))
+    plugin = helpers.write_plugin(tmp_path, LATE_PLUGIN)
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", caps[0], "--pcap",
+                        caps[1], "--out", str(tmp_path / "o"), "--json"], cwd=helpers.REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["late_packets"] == 10
+    db = sqlite3.connect(tmp_path / "o" / "luaprobe.sqlite")
+    alerts = db.execute("SELECT sigid, ts_sec, message FROM alerts").fetchall()
+    resources = db.execute("SELECT uri, ts_sec FROM resources").fetchall()
+    db.close()
+    old = [(sig, ts) for sig, ts, msg in alerts if msg.startswith("1000")]
+    assert {sig for sig, _ in old} == {"SC", "RH", "FX"}
+    assert all(ts >= 2000 for _, ts in old), old                   # never the late packet's own second
+    assert {ts for _, ts in old} == {ts for sig, ts in old if sig == "SC"}
+    late_res = [ts for uri, ts in resources if uri.split()[1].startswith("1000")]
+    assert len(late_res) == 3 and all(ts >= 2000 for ts in late_res), resources

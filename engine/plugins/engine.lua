@@ -314,28 +314,37 @@ local function usec(self)
   return u
 end
 
+-- the second an alert or resource is stamped with: the engine's time, never below the last closed bucket's cut-off
+-- (a late packet's hook, also a reassembly_handler or filex_monitor hook run for it by time rather than by packet,
+-- writes in the current second, as its counters do; docs/plugins.md "Time never goes backwards")
+local function now(self)
+  local t = self._now
+  if t < self._floor then return self._floor end
+  return t
+end
+
 function Engine:update_key_info(guid, key, label, description)
   push(self.rows.key_info, { norm(guid), tostring(key), tostring(label or ""), description and tostring(description) or "" })
 end
 
 function Engine:add_alert(guid, flowkey, alert_key, priority, message)
-  push(self.rows.alerts, { self._now, usec(self), norm(guid), flowkey_of(flowkey), tostring(alert_key or ""),
+  push(self.rows.alerts, { now(self), usec(self), norm(guid), flowkey_of(flowkey), tostring(alert_key or ""),
     "", tonumber(priority) or 3, tostring(message or ""), "", self._plugin })
 end
 
 function Engine:add_alert_full(guid, flowkey, alert_key, classification, priority, message, status)
-  push(self.rows.alerts, { self._now, usec(self), norm(guid), flowkey_of(flowkey), tostring(alert_key or ""),
+  push(self.rows.alerts, { now(self), usec(self), norm(guid), flowkey_of(flowkey), tostring(alert_key or ""),
     tostring(classification or ""), tonumber(priority) or 3, tostring(message or ""), tostring(status or ""),
     self._plugin })
 end
 
 function Engine:add_alert_tca(guid, tca_id, status, message)
-  push(self.rows.alerts, { self._now, usec(self), norm(guid), "", tostring(tca_id or ""), "TCA",
+  push(self.rows.alerts, { now(self), usec(self), norm(guid), "", tostring(tca_id or ""), "TCA",
     1, tostring(message or ""), tostring(status or ""), self._plugin })
 end
 
 function Engine:add_resource(guid, flowkey, uri, contents)
-  push(self.rows.resources, { self._now, usec(self), norm(guid), flowkey_of(flowkey), tostring(uri or ""),
+  push(self.rows.resources, { now(self), usec(self), norm(guid), flowkey_of(flowkey), tostring(uri or ""),
     contents and tostring(contents) or "", self._plugin })
 end
 
@@ -496,7 +505,7 @@ end
 
 --- add_edge(s_guid, s_key, t_guid, t_key): one directed edge (graph stream), stored in `edges`.
 function Engine:add_edge(sg, sk, tg, tk)
-  push(self.rows.edges, { self._now, norm(sg), tostring(sk or ""), norm(tg), tostring(tk or ""), "", self._plugin })
+  push(self.rows.edges, { now(self), norm(sg), tostring(sk or ""), norm(tg), tostring(tk or ""), "", self._plugin })
 end
 
 local HOSTS, HOSTS6, APPS = "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}", "{9807E97A-6CD2-442F-BB18-8C104C8EB204}",
@@ -513,8 +522,8 @@ function Engine:add_flow_edges(flowkey, guid, key)
   local hosts = #ipa > 11 and HOSTS6 or HOSTS
   local g, k = norm(guid), tostring(key or "")
   for _, v in ipairs({ { hosts, ipa }, { hosts, ipz }, { APPS, portz } }) do
-    push(self.rows.edges, { self._now, g, k, v[1], v[2], fk, self._plugin })
-    push(self.rows.edges, { self._now, v[1], v[2], g, k, fk, self._plugin })
+    push(self.rows.edges, { now(self), g, k, v[1], v[2], fk, self._plugin })
+    push(self.rows.edges, { now(self), v[1], v[2], g, k, fk, self._plugin })
   end
 end
 
