@@ -677,6 +677,8 @@ class FastPath:
         # taken before anything that owns a process or a segment is made, all of which the finally below
         # undoes: a stop signal during start-up left the doorbell segment behind (CI, test_stop_startup)
         old_handlers = {} if shard else self._catch_stop_signals()
+        mine = {s: signal.getsignal(s) for s in old_handlers}
+        finished = False
         if not shard and getattr(self, "_signal_watch", None) is None and cfg.hook_budget > 0:
             self._signal_watch = _SignalWatch(self, signals=False)   # the daemon's child: a plug-in's top level
             self._signal_watch.start()                                # stuck in a compiled loop ends it (exit 4)
@@ -833,6 +835,7 @@ class FastPath:
                     break
             capture.wait(timeout=30)
             self._finish(rt, lua)
+            finished = True
         except BaseException:
             if self.store is not None:
                 self.store.close(check=False)      # the writer process and its pipes, not left to GC
@@ -849,7 +852,9 @@ class FastPath:
             close_fds(cfg)
             if rt is not None:
                 rt.close()                  # workers stopped, shared memory unlinked
-            for signum, handler in old_handlers.items():
+            # the run's own handlers stay until the last rows are committed (below): a stop signal while the
+            # writer commits them is not a start-up stop (early_stop: "before any packet was processed")
+            for signum, handler in (mine if finished else old_handlers).items():
                 signal.signal(signum, handler)
             if getattr(self, "filex_dir", None) and not self.cfg.filex_dir:
                 shutil.rmtree(self.filex_dir, ignore_errors=True)
@@ -860,15 +865,19 @@ class FastPath:
                     pass
             if ring_seg is not None:
                 ring_seg.close()
-        summary = self._summary(rt, time.monotonic() - t0)
-        if not shard:                      # a sharded run's table holds the merged summary (engine/fastpath/shards.py)
-            self.store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
         try:
-            report = self.store.close()
-        except StoreError as e:         # e.g. the disk filled with the last rows (flows, counters) of the run
-            lost = self.store.rows_lost()
-            raise StoreDied(f"the SQLite store writer (pid {self.store.pid}) failed at the end of the run: {e}; "
-                            f"{lost} rows handed to it are not in the database", lost, self.store.pid) from e
+            summary = self._summary(rt, time.monotonic() - t0)
+            if not shard:                  # a sharded run's table holds the merged summary (engine/fastpath/shards.py)
+                self.store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
+            try:
+                report = self.store.close()    # a stop signal now: the writer is resumed (SIGCONT) and finishes
+            except StoreError as e:        # e.g. the disk filled with the last rows (flows, counters) of the run
+                lost = self.store.rows_lost()
+                raise StoreDied(f"the SQLite store writer (pid {self.store.pid}) failed at the end of the run: "
+                                f"{e}; {lost} rows handed to it are not in the database", lost, self.store.pid) from e
+        finally:
+            for signum, handler in old_handlers.items():
+                signal.signal(signum, handler)
         summary["store"] = {"path": os.path.join(cfg.out_dir, "luaprobe.sqlite"), **(report or {})}
         summary["closed_s"] = round(time.monotonic() - t0, 3)   # elapsed_s + the writer's last rows and close
         return summary
@@ -925,6 +934,9 @@ class FastPath:
             return {}
 
         def handler(signum, frame):
+            store = getattr(self, "store", None)
+            if store is not None:          # a writer stopped with kill -STOP must run to take the stop, like
+                store.resume()             # the capture process (it commits what it has and exits on EOF)
             if self._stop:
                 self._stop = 3
                 raise KeyboardInterrupt

@@ -465,6 +465,15 @@ class StoreWriter:
         self._dead = f"store writer (pid {self._proc.pid}) {why}"
         return self._dead
 
+    def resume(self) -> None:
+        """SIGCONT the writer (signal-safe; nothing when it is gone): one stopped with ``kill -STOP`` must run
+        to commit what it was handed and exit, not be left behind stopped when the run ends."""
+        if self._proc.returncode is None:
+            try:
+                os.kill(self._proc.pid, signal.SIGCONT)
+            except OSError:
+                pass
+
     def rows_lost(self) -> int:
         """Rows handed to :meth:`write` that the writer has not reported committed (or rejected): after a
         death, the rows lost.  A SIGKILL between a COMMIT and its report counts that transaction as lost."""
@@ -628,6 +637,9 @@ class StoreWriter:
             proc.kill()
             out, err = proc.communicate()
             errors.append(f"writer did not finish within {timeout} s and was killed")
+        except BaseException:          # a hard stop while waiting: the writer (EOF sent) finishes on its own,
+            self.resume()              # never left behind stopped (kill -STOP) as an orphan
+            raise
         self._take(out or b"")
         report = {"rows": {}, "bad_rows": {}, "errors": errors}
         done = [m for m in self._msgs if m[0] == "done"]
