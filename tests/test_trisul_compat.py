@@ -439,3 +439,47 @@ def test_check_warns_for_the_old_onupdate_argument_order(tmp_path):
                         "parameters in the old order (engine, key, ts, metrics); Trisul documents onupdate(engine, ts, "
                         "key, metrics) and luaprobe calls it so: the 2nd argument is the timestamp (docs/plugins.md "
                         "\"Monitors\")"], r.stdout
+
+
+# ============================================================================ T.contextid: one per backend instance
+
+# trisul-scripts' backend_scripts/flows/sg3.lua (and sg2.lua): an sg_monitor opens "/tmp/fdetails.<T.contextid>"
+# for writing in onload and writes one line per flushed flow.  Trisul runs the backend instances as separate
+# flusher threads, each its own context; when all instances had T.contextid 0 they truncated and overwrote one
+# file and about half the flows were lost.
+SG_LOG = """TrisulPlugin = { id = { name = "sg3 shape" },
+  onload = function() T.flowlogfile = io.open("%s/fdetails." .. T.contextid, "w") end,
+  onunload = function() T.flowlogfile:close() end,
+  sg_monitor = {
+    onflush = function(engine, flw)
+      local f = flw:flow()
+      T.flowlogfile:write(string.format("%%s %%s %%s %%s %%s\\n", tonumber(f:protocol(), 16), f:ipa_readable(),
+        f:porta_readable(), f:ipz_readable(), f:portz_readable()))
+    end } }
+"""
+
+
+def test_backend_instances_have_their_own_contextid(tmp_path):
+    import ipaddress
+    """Every flow reaches one instance's file, each instance writes its own; truth: tshark's conversations
+    (tests/data/tshark-flows-mix-eth-tls-http-dns.tsv: proto, address, port, address, port, ...)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    plugin = helpers.write_plugin(tmp_path, SG_LOG % logs, name="sg3shape.lua")
+    cap = os.path.join(helpers.PCAPS, "mix-eth-tls-http-dns.pcap")
+    r = luaprobe("run", plugin, "--pcap", cap, "--out", str(tmp_path / "out"), "--backend-instances", "3",
+                 cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in logs.iterdir()) == ["fdetails.0", "fdetails.1", "fdetails.2"]
+    got = []
+    for p in logs.iterdir():
+        for line in p.read_text().splitlines():
+            proto, a, pa, z, pz = line.split()
+            a, z = str(ipaddress.ip_address(a)), str(ipaddress.ip_address(z))
+            got.append((proto, *sorted([(a, pa), (z, pz)])))
+    want = []
+    with open(os.path.join(helpers.PCAPS, "tshark-flows-mix-eth-tls-http-dns.tsv")) as f:
+        for row in f:
+            proto, a, pa, z, pz = row.split("\t")[:5]
+            want.append((proto, *sorted([(a, pa), (z, pz)])))
+    assert sorted(got) == sorted(want)

@@ -425,12 +425,20 @@ class FastPath:
             if len(script.vms) == max(1, self.cfg.backend_instances):
                 self.monitors.add(script)
 
+    def _contextid(self, pipeline, instance) -> int:
+        """T.contextid of a VM: the shard for the frontend; for backend instance i of shard s of N shards,
+        s + i * N, so that the backend instances of a script, which run side by side as Trisul's flusher threads
+        do, each have their own (sg3.lua and sg2.lua name their log files /tmp/fdetails.<contextid>)."""
+        if pipeline != "backend":
+            return self.shard_index
+        return self.shard_index + int(instance) * (self.cfg.shard["count"] if self.cfg.shard else 1)
+
     def _instantiate(self, rt, path, kind, pipeline, instance, group=None):
         try:
             self._beat(force=True, loading=path)
             vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups, max_memory=self._max_memory(), load_budget=self.cfg.hook_budget,
                          start_workers="lazy", protocols=self.protocols, group_names=self.group_names,
-                         contextid=self.shard_index)
+                         contextid=self._contextid(pipeline, instance))
         except PluginError as e:
             self.plugin_problems.append(str(e))
             return
