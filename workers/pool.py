@@ -74,6 +74,8 @@ class AsyncConfig:
     ray_address: str | None = None      #: an existing Ray cluster ("host:port"); None: a local one for the run
     ray_actor_cpus: float = 1.0         #: CPUs Ray reserves per actor (I/O-bound tasks: a fraction)
     env: dict = dataclasses.field(default_factory=dict)   #: T.env.get_config answers of the run's VMs and workers
+    memory_mb: int = 0                  #: MiB of Lua memory per worker VM, as per plug-in VM (0 = no limit; the
+                                        #: run's --plugin-memory-mb / [plugins] memory_mb: set by the fast path)
                                         #: ({"App>DataDirectory": dir, ...}: engine/plugins/tenv.py prepares them)
 
     def validate(self) -> None:
@@ -193,7 +195,7 @@ class WorkerPool:
         cmd = [sys.executable, "-m", module, "--channel", slot.channel.name,
                "--req-capacity", str(self.config.ring_size), "--slot", str(slot.k),
                "--ppid", str(os.getpid()), "--max-tasks", str(self.config.max_tasks),
-               "--max-rss-mb", str(self.config.max_rss_mb),
+               "--max-rss-mb", str(self.config.max_rss_mb), "--max-memory-mb", str(self.config.memory_mb),
                "--spin-us", str(self.config.worker_spin_us)]
         if self.bell is not None:
             cmd += ["--bell", self.bell.name]

@@ -142,7 +142,15 @@ function M.executor()
       end
     end
     local ok, out = xpcall(fn, traceback, data)
-    if not ok then return P.ERROR, out end
+    if not ok then
+      if out == "not enough memory" then     -- LUA_ERRMEM (no handler runs): the VM's limit (--max-memory-mb)
+        out = nil                             -- LuaJIT has no emergency GC: free the task's garbage now, or the
+        collectgarbage("collect")             -- worker's own next allocation fails outside any pcall
+        return P.ERROR, ("onexecute (%s): not enough memory: the worker VM's Lua memory limit was reached "
+                         .. "(--plugin-memory-mb / [plugins] memory_mb)"):format(fns.names[fid])
+      end
+      return P.ERROR, out
+    end
     local t = type(out)
     if t == "string" then return P.OK, out end
     if t == "nil" then return P.NIL, nil end

@@ -29,13 +29,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ppid", type=int, required=True)
     p.add_argument("--max-tasks", type=int, default=0)
     p.add_argument("--max-rss-mb", type=float, default=0.0, help="recycle after a task that left RSS above this")
+    p.add_argument("--max-memory-mb", type=int, default=0,
+                   help="MiB of Lua memory the VM may hold (0 = no limit): an onexecute above it fails")
     p.add_argument("--file-root", action="append", default=[], help="confine the file helpers beneath DIR")
     p.add_argument("--spin-us", type=float, default=0.0, help="poll this long after a task before sleeping")
     return p.parse_args(argv)
 
 
-def build_vm(script: str, lua_path, slot: int, env=()):
-    """A LuaJIT VM with T (T.util, T.log*, T.K, T.host) and the plug-in's package.path."""
+def build_vm(script: str, lua_path, slot: int, env=(), max_memory_mb: int = 0):
+    """A LuaJIT VM with T (T.util, T.log*, T.K, T.host) and the plug-in's package.path; with
+    ``max_memory_mb`` its allocations above that many MiB fail with "not enough memory" (the fast path's
+    --plugin-memory-mb per plug-in VM, engine/plugins/_lpwatch.c), so an onexecute allocating without bound
+    fails as a task error instead of growing the worker until task_timeout or the machine's OOM killer."""
     from luaprobe.shm import logs
     from luaprobe.shm.searchpath import plugin_dirs
     from luaprobe.shm.luajit import new_runtime, table
@@ -55,6 +60,9 @@ def build_vm(script: str, lua_path, slot: int, env=()):
         opts[b"config"] = table(lua, conf)
         opts[b"datapath"] = conf.get("App>DataDirectory", "").encode() or None
     install(opts)
+    if max_memory_mb:
+        lua.eval("function(n) return require('luaprobe.engine.plugins.watchdog').limit_memory(n) end")(
+            max_memory_mb * 1048576)
     return lua
 
 
@@ -71,7 +79,7 @@ def main(argv=None, remote=None) -> int:
     logs.setup()
     channel = segment.attach(args.channel)
     bell = segment.attach(args.bell) if args.bell else None
-    lua = build_vm(args.script, args.lua_path, args.slot, args.env)
+    lua = build_vm(args.script, args.lua_path, args.slot, args.env, args.max_memory_mb)
     from luaprobe.shm.luajit import table
 
     serve = lua.eval("function(o) return require('luaprobe.workers.worker').serve(o) end")

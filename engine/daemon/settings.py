@@ -36,7 +36,8 @@ SETTINGS = [
      "cannot be interrupted: `run` then stops hard with exit 4, the daemon restarts; docs/operations.md)"),
     ("plugin_memory_mb", "--plugin-memory-mb", ("plugins", "memory_mb"), "int", 4096, 0, 1 << 20, 1,
      "MiB of Lua memory each plug-in VM may use (0 = no limit); a hook that goes above gets a Lua error and the "
-     "instance is disabled with one line naming it (exit 4; docs/operations.md)"),
+     "instance is disabled with one line naming it (exit 4; docs/operations.md); each T.async worker VM has the "
+     "same limit: an onexecute above it fails as a task error"),
     ("http_max_header", "--http-max-header", ("filex", "http_max_header"), "int", 65536, 1024, 1 << 24, 1,
      "longest HTTP start line + header block kept, bytes (more is counted; docs/filex.md)"),
     ("filex_dir", "--filex-dir", ("filex", "dir"), "path", None, None, None, 1,

@@ -696,7 +696,8 @@ class FastPath:
                 os.makedirs(cfg.out_dir, exist_ok=True)
             except OSError as e:             # checked before (usage.check_out_dir), but the disk may change
                 raise UsageError(f"--out {cfg.out_dir}: cannot create it: {e.strerror}") from None
-            acfg = dataclasses.replace(cfg.async_config, env=tenv.prepare(cfg))   # T.env for VMs and workers
+            acfg = dataclasses.replace(cfg.async_config, env=tenv.prepare(cfg),   # T.env for VMs and workers
+                                       memory_mb=cfg.plugin_memory_mb)            # worker VMs: the same limit
             self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
             rt = AsyncRuntime(acfg, lua_path=search_path(cfg.plugins, cfg.lua_path), bell_name=shard and shard["bell"])
             lua = new_runtime()
