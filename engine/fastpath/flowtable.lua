@@ -132,7 +132,7 @@ row of its own), then the record starts again in place for this packet: same key
 (reassembly, keyed by id, finds the new connection itself from the SYN), counters, state and TCP
 tracking from zero, first_ts = the SYN's time (moved to its place in the age list); ft.renewed counts
 it (ft.created counts new_flow's records, whose ids it numbers).  update_batch looks for SYN-without-ACK
-packets in one small branch-free loop; only a batch holding one runs loop 3 packet by packet with the check.
+packets in the key loop (loop 1, branch-free); only a batch holding one runs loop 3 packet by packet with the check.
 
 lp_flow fields (counters are doubles: exact up to 2^53, no boxed uint64):
   id                   unique increasing number per flow record (1, 2, ...)
@@ -389,12 +389,16 @@ end
 --               goes on a miss list);
 --   2. insert   only the misses: probe again (an earlier packet of the same
 --               batch may have created the flow) and create the record;
---   3. account  a: per packet, straight line: last_ts, packets, bytes,
---               payload; b: per TCP segment (one test), in packet order:
---               flags seen, state, setup RTT and retransmissions
---               (tcp_state, tcp_track), branch-free inside;
---   4. LRU      per packet: the move to the list tail when the packet's
---               second is later than the flow's lsec (lru_touch).
+--   3. account  per packet, in packet order: last_ts, packets, bytes,
+--               payload (account, straight line); for a TCP segment (one
+--               test) flags seen, state, setup RTT and retransmissions
+--               (tcp_state, tcp_track, branch-free inside); then the LRU
+--               move to the list tail when the packet's second is later
+--               than the flow's lsec (lru_touch).  One loop: each packet's
+--               batch entry, decoded fields and record are read once (they
+--               were four loops, each reading them again: ~10-20 ns/packet).
+--               Whether the batch holds a SYN without ACK (port reuse) is
+--               found in loop 1, which reads the TCP flags anyway.
 -- The probe loop is bounded: the index is kept at most half full, so a probe
 -- chain always ends at an empty slot.
 -- Two hidden costs of a trace exit, avoided throughout (tests/test_flowtable_jit.py
@@ -616,7 +620,7 @@ local function tcp_track(flows, idx, dir, sec, nsec, pl, seq, fl, st, t)
   e.tcp_dirs = bor(e.tcp_dirs, lshift(occ, dir))
 end
 
--- the LRU move of flow idx (record e) for a packet of second sec (the fourth loop): to the tail at its
+-- the LRU move of flow idx (record e) for a packet of second sec (loop 3, last): to the tail at its
 -- first packet of a later second, so the list stays ordered by the second of each flow's last packet
 -- (lsec) while most packets of a flow touch no neighbour record (module doc, "LRU list")
 local function lru_touch(flows, idx, sec, sen)
@@ -628,7 +632,7 @@ local function lru_touch(flows, idx, sec, sen)
   end
 end
 
--- per-packet counters of flow idx (loop 3a): last_ts, packets, bytes, payload; returns the flow's id.  Straight
+-- per-packet counters of flow idx (loop 3, first): last_ts, packets, bytes, payload; returns the flow's id.  Straight
 -- line: nothing here depends on the protocol.
 local function account(flows, idx, dir, ts, wirelen, pl)
   local e = flows[idx]
@@ -639,7 +643,7 @@ local function account(flows, idx, dir, ts, wirelen, pl)
   return e.id
 end
 
--- TCP state of one packet of flow idx (loop 3b: TCP segments, and any packet with TCP flags, which decode gives
+-- TCP state of one packet of flow idx (loop 3 for TCP segments, and any packet with TCP flags, which decode gives
 -- only TCP segments; a packet with neither changes nothing here): flags seen, state flags, then tcp_track
 -- with the state before this segment (t: 1 for a TCP segment).  Branch-free, so the loop's one test is its
 -- only exit.
@@ -691,7 +695,7 @@ local function renew_if_reused(self, flows, idx, dir, seq, ts)
 end
 
 -- Loop 3 packet by packet (a batch holding a SYN without ACK): the port-reuse check of each such packet,
--- then its counters and TCP state, in packet order (the same results as loops 3a and 3b otherwise).
+-- then its counters and TCP state, in packet order (the same results as loop 3 otherwise; the LRU moves follow).
 local function counters_in_order(self, flows, b, n)
   for k = 0, n - 1 do
     local p = b[k]
@@ -752,11 +756,15 @@ function FT:update_batch(b, n)
   local keys, miss = self.keys, self.miss
   local kw = cast(i32_ptr, keys)
   local flows = self.flows
-  -- 1. lookup (read-only).  a: keys and hashes; p.flow = 0 marks a packet to look up
+  -- 1. lookup (read-only).  a: keys and hashes; p.flow = 0 marks a packet to look up; syns: 2 when the batch
+  -- holds a SYN without ACK (ACK 0x10 >> 3 = 0x02), for loop 3
+  local syns = 0
   for k = 0, n - 1 do
     local p = b[k]
     local d = p.d
     local v = d.ip_version
+    local fl = d.tcp_flags
+    syns = bor(syns, band(fl, bnot(rshift(fl, 3)), 0x02))
     local x = -1
     p.dir = 0
     if v ~= 0 and d.frag ~= 1 then     -- an IP fragment has no flow: its datagram (d.frag 2) counts it
@@ -810,41 +818,33 @@ function FT:update_batch(b, n)
       b[k].flow = x
     end
   end
-  -- 3. counters: a, every packet's; b, the TCP state of TCP segments, in packet order.  A batch holding a
-  -- SYN without ACK (port reuse is checked for it: "Port reuse") does both packet by packet instead
-  local syns = 0
-  for k = 0, n - 1 do
-    local fl = b[k].d.tcp_flags
-    syns = bor(syns, band(fl, bnot(rshift(fl, 3)), 0x02))     -- 2 for SYN without ACK (ACK 0x10 >> 3 = 0x02)
-  end
+  -- 3. per packet, in packet order: counters, the TCP state of a TCP segment, the LRU move (a flow's first
+  -- packet of a later second).  A batch holding a SYN without ACK (port reuse is checked for it: "Port reuse")
+  -- does the counters and TCP state packet by packet with the check, then the LRU moves
+  local sen = self.capacity
   if syns ~= 0 then
     counters_in_order(self, flows, b, n)
-  else
-    for k = 0, n - 1 do
-      local p = b[k]
-      local idx = p.flow
-      local uid = 0
-      if idx >= 0 then
-        uid = account(flows, idx, p.dir, p.ts_sec + p.ts_nsec * 1e-9, p.wirelen, p.d.payload_length)
-      end
-      p.flow_uid = uid
-    end
     for k = 0, n - 1 do
       local idx = b[k].flow
-      local tf = b[k].d.first[TCP]               -- -1: not TCP
-      if idx >= 0 and bor(b[k].d.tcp_flags, 1 + tf) ~= 0 then
-        local p = b[k]
-        local d = p.d
-        tcp_state(flows, idx, p.dir, p.ts_sec, p.ts_nsec, d.payload_length, d.tcp_flags, d.tcp_seq,
-                  band(rshift(bnot(tf), 31), 1))
-      end
+      if idx >= 0 then lru_touch(flows, idx, b[k].ts_sec, sen) end
     end
+    return
   end
-  -- 4. LRU moves (a flow's first packet of a later second)
-  local sen = self.capacity
   for k = 0, n - 1 do
     local idx = b[k].flow
-    if idx >= 0 then lru_touch(flows, idx, b[k].ts_sec, sen) end
+    local uid = 0
+    if idx >= 0 then
+      local p = b[k]
+      local d = p.d
+      local tf = d.first[TCP]               -- -1: not TCP
+      local sec, nsec, pl, dir = p.ts_sec, p.ts_nsec, d.payload_length, p.dir
+      uid = account(flows, idx, dir, sec + nsec * 1e-9, p.wirelen, pl)
+      if bor(d.tcp_flags, 1 + tf) ~= 0 then
+        tcp_state(flows, idx, dir, sec, nsec, pl, d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1))
+      end
+      lru_touch(flows, idx, sec, sen)
+    end
+    b[k].flow_uid = uid
   end
 end
 
