@@ -66,7 +66,11 @@ Layout.
                      so most collisions are rejected without touching the
                      record.  size starts at 1024 (or 2 * capacity if less)
                      and doubles (rehash) whenever the live flows would make
-                     it more than half full, up to 2 * capacity: the index
+                     it more than a quarter full, up to 2 * capacity (so at
+                     most half full at capacity; a lookup of a live flow
+                     reads 1.17 slots on average at load 1/4, 1.5 at 1/2
+                     (Knuth), and each further slot is a side trace of the
+                     probe loop): the index
                      stays proportional to the live flows, so a few hundred
                      flows probe a cache-resident index.  Full key comparison on a hash match.
                      Deletion is backward-shift (no tombstones): after
@@ -245,6 +249,7 @@ local IDLE, ACTIVE = M.IDLE, M.ACTIVE
 local TIMEDOUT, TERMINATED = S.TIMEDOUT, S.TERMINATED
 local TCP = decode.PROTO.TCP
 local MIN_SLOTS = 1024   -- smallest index (slots); it doubles as flows arrive
+local SLOTS_PER_FLOW = 4  -- index slots per live flow (load <= 1/4) until the index reaches 2 * capacity
 local FLOW_SIZE = ffi.sizeof("lp_flow")
 local TOUCH_FLOWS = 8192  -- live flows (2 MiB of records) from which update_batch touches before it works
 
@@ -433,13 +438,13 @@ local function tie_dir(w, m6)
   return c < 0 and 1 or 0
 end
 
--- the 10 key words of record x (at word 64 * x of the records) equal those of the key at word o of kw: plain
--- int32 loads through two pointers, no cdata reference made (a reference to a record's key array or to an
--- lp_fkey that a side exit has to materialise is an allocation per packet)
+-- the 10 key words of record x (at word 64 * x of the records) equal those of the key at word o of kw: read as
+-- five uint64 words through two pointers, xored and ored together, one test (the probe's; no branch per word,
+-- and no cdata reference made: a reference to a record's key array or to an lp_fkey that a side exit has to
+-- materialise is an allocation per packet)
 local function key_eq(fw, f, kw, o)
-  return fw[f] == kw[o] and fw[f + 4] == kw[o + 4] and fw[f + 8] == kw[o + 8] and fw[f + 9] == kw[o + 9]
-     and fw[f + 1] == kw[o + 1] and fw[f + 2] == kw[o + 2] and fw[f + 3] == kw[o + 3]
-     and fw[f + 5] == kw[o + 5] and fw[f + 6] == kw[o + 6] and fw[f + 7] == kw[o + 7]
+  local a, k = cast(u64_ptr, fw + f), cast(u64_ptr, kw + o)
+  return bor(bxor(a[0], k[0]), bxor(a[1], k[1]), bxor(a[2], k[2]), bxor(a[3], k[3]), bxor(a[4], k[4])) == 0ULL
 end
 
 --- Normalised key of decoded packet d (ip_version v ~= 0) into kf (lp_fkey):
@@ -538,12 +543,13 @@ local function new_flow(self, kw, o, j, ts, sec)
   return idx
 end
 
---- Make the index big enough for `extra` more flows at load <= 0.5: doubles it
+--- Make the index big enough for `extra` more flows at load <= 1/4 (<= 1/2 once it has 2 * capacity slots): doubles it
 --- (rehashing every live flow) as often as needed, up to 2 * capacity slots.
 --- The index starts small and grows with the live flow count, so a few
 --- hundred flows probe a cache-resident index, not one sized for a million.
 function FT:reserve(extra)
-  local want = math.min(self.live + extra, self.capacity) * 2
+  local cap = self.capacity
+  local want = math.min(math.min(self.live + extra, cap) * SLOTS_PER_FLOW, cap * 2)
   if want <= self.size then return end
   local size = self.size
   while size < want do size = size * 2 end
