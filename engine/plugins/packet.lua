@@ -231,14 +231,29 @@ function Layer:layer_bytes() return L(self).length end
 function Layer:protocol_id() return GUID[L(self).proto] end
 function Layer:total_bytes() return P(self._packet).wirelen end
 function Layer:packet() return self._packet end
+--- Where the bytes of a layer that starts at `off` end: the end of the IP datagram (its total / payload length)
+--- for the IP layer and the layers inside it, so that an Ethernet trailer or the padding of a short frame (tshark's
+--- eth.padding / eth.trailer) is not read as TCP, UDP or ICMP payload; the captured bytes' end otherwise.
+local function layer_end(p, off)
+  local d = p.d
+  if d.ip_version ~= 0 and d.l3_offset >= 0 and off >= d.l3_offset then
+    local e = d.payload_offset + d.payload_length
+    if e < p.caplen then return e end
+  end
+  return p.caplen
+end
+M.layer_end = layer_end
+
 function Layer:rawbytes()
   local p, off, b = P(self._packet), L(self).offset, self._rb
+  local n = layer_end(p, off) - off
+  if n < 0 then n = 0 end
   if b == nil then
-    b = buffer.new(p.data + off, p.caplen - off)
+    b = buffer.new(p.data + off, n)
     self._rb = b
     return b
   end
-  return buffer.rebind(b, p.data + off, p.caplen - off)
+  return buffer.rebind(b, p.data + off, n)
 end
 function Layer:getbyte(off)
   local p, start = P(self._packet), L(self).offset

@@ -56,7 +56,7 @@ local function candidate(d, p, parent, ports)
   if ports ~= nil and not (ports[d.sport] or ports[d.dport]) then return nil end
   local l = d.layer[li]
   local off = l.offset + l.length
-  if off > p.caplen then return nil end
+  if off > packet.layer_end(p, off) then return nil end
   return off
 end
 
@@ -72,7 +72,7 @@ local function pick(ph, batch, k)
   end
   -- the candidate layer, appended tentatively so that Layer methods read it; kept only if accepted
   local proto = ph.proto
-  decode.append_layer(d, proto, off, p.caplen - off)
+  decode.append_layer(d, proto, off, packet.layer_end(p, off) - off)
   ph.li, ph.off = d.nlayers - 1, off
   packet.bind_layer(ph.lobj, packet.bind_packet(ph.pobj, batch, k), ph.li)
   return invoke
@@ -86,7 +86,7 @@ local function done(ph, batch, k, ok, nbytes, nxt)
     if ok then ph.declined = ph.declined + 1 end
     return
   end
-  d.layer[li].length = math.max(0, math.min(tonumber(nbytes) or 0, p.caplen - ph.off))
+  d.layer[li].length = math.max(0, math.min(tonumber(nbytes) or 0, packet.layer_end(p, ph.off) - ph.off))
   ph.added = ph.added + 1
   if nxt ~= nil and decode.by_guid(nxt) == nil then ph.next_unknown = ph.next_unknown + 1 end
 end
