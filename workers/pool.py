@@ -153,8 +153,11 @@ class WorkerPool:
     """
 
     def __init__(self, lua, async_obj, *, nworkers: int, script: str, lua_path=(),
-                 bell: segment.Segment | None, config: AsyncConfig, remote: bool = False):
+                 bell: segment.Segment | None, config: AsyncConfig, remote: bool = False, spare=None):
+        """``spare``: a :class:`luaprobe.workers.spare.SpareWorker` whose warm process the first local worker
+        started takes over (None: every worker starts cold)."""
         self.lua = lua
+        self.spare = spare
         self.async_obj = async_obj
         self.nworkers = nworkers
         self.script = script
@@ -219,7 +222,9 @@ class WorkerPool:
         del buf
         # its own process group: a timeout, a recycle or a crash ends everything the task started
         # (os.execute children included) with killpg; the terminal's ^C does not reach it
-        slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, process_group=0)
+        slot.proc = self.spare.take(cmd[3:]) if self.spare is not None and not self.remote else None
+        if slot.proc is None:
+            slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, process_group=0)
         cpus.unpin_child(slot.proc.pid)     # restarted from a pinned fast path: not on its CPU (shm/cpus.py)
         try:
             slot.ps = psutil.Process(slot.proc.pid)

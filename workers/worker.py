@@ -4,10 +4,14 @@ Started by :class:`luaprobe.workers.pool.WorkerPool` as ``python -m luaprobe.wor
 The VM gets the same ``T`` and ``package.path`` as the plug-in that owns the
 pool, so ``require`` works inside onexecute; it never runs the plug-in chunk.
 Exit codes: 0 asked to exit or parent gone, 75 recycled after max tasks.
+
+``python -m luaprobe.workers.worker --spare --ppid PID`` is a warm spare (workers/spare.py): it does its imports,
+then reads its arguments as one line (a JSON array) from stdin and runs as a worker with them; EOF instead: exit 0.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -66,9 +70,32 @@ def build_vm(script: str, lua_path, slot: int, env=(), max_memory_mb: int = 0):
     return lua
 
 
+def wait_as_spare(argv) -> list | None:
+    """A spare (``--spare --ppid PID``): the imports a worker needs, then its arguments from stdin (one line, a
+    JSON array of strings; None at EOF: the run ended without using it).  stdin is /dev/null afterwards, as for a
+    worker started directly."""
+    die_with_parent(int(argv[argv.index("--ppid") + 1]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from luaprobe.shm import logs, segment, luajit, searchpath  # noqa: F401  (warm: the slow part of a start)
+    luajit.new_runtime([])
+    line = sys.stdin.buffer.readline()
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(fd, 0)
+    os.close(fd)
+    if not line:
+        return None
+    return [str(a) for a in json.loads(line)]
+
+
 def main(argv=None, remote=None) -> int:
     """Run the worker until told to exit, recycled, or orphaned.  ``remote(args)`` (the Ray bridge,
     workers/raybridge.py) returns the function worker.lua hands DEFINE and EXEC requests to."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--spare":
+        argv = wait_as_spare(argv)
+        if argv is None:
+            return 0
     args = parse_args(argv)
     die_with_parent(args.ppid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop

@@ -700,6 +700,7 @@ class FastPath:
                                        memory_mb=cfg.plugin_memory_mb)            # worker VMs: the same limit
             self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
             rt = AsyncRuntime(acfg, lua_path=search_path(cfg.plugins, cfg.lua_path), bell_name=shard and shard["bell"])
+            rt.prestart_worker()               # warm before the first task (workers/spare.py, issue 11)
             lua = new_runtime()
             if shard:                          # the ring and its producer belong to engine/fastpath/shards.py
                 ring_seg = segment.attach(shard["ring"])

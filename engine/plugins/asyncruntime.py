@@ -41,11 +41,20 @@ class AsyncRuntime:
         self.closed = False
         self.abort = None               #: callable -> True when a hard stop was asked (checked while draining)
         self.beat = None                #: callable: the fast path's heartbeat, called while draining
+        self.spare = None               #: workers/spare.py SpareWorker (prestart_worker)
+
+    def prestart_worker(self) -> None:
+        """Start a warm spare worker process now (workers/spare.py); the first local worker any VM loaded
+        after this starts takes it over instead of starting cold in the middle of the packet loop.  No-op with
+        the Ray backend (its slots are bridges)."""
+        if self.config.backend == "local" and self.spare is None:
+            from luaprobe.workers.spare import SpareWorker
+            self.spare = SpareWorker().start()
 
     def load(self, path: str, instance: str = "0", enginetype: str = "frontend", **kw) -> PluginVM:
         """Load a plug-in (its workers start now, or on first use with start_workers="lazy")."""
         vm = PluginVM(path, instance=instance, enginetype=enginetype, lua_path=self.lua_path,
-                      async_config=self.config, bell=self.bell, **kw)
+                      async_config=self.config, bell=self.bell, spare=self.spare, **kw)
         self.vms.append(vm)
         return vm
 
@@ -196,6 +205,8 @@ class AsyncRuntime:
         if self.closed:
             return
         self.closed = True
+        if self.spare is not None:
+            self.spare.close()
         for vm in self.vms:
             vm.close()
         self.bell.close()

@@ -26,7 +26,8 @@ class PluginVM:
                  async_config: AsyncConfig | None = None, bell=None, start_workers: bool | str = True,
                  pipeline: str | None = None, groups: dict | None = None, protocols=(),
                  group_names: dict | None = None, contextid: int = 0, max_memory: int | None = None,
-                 load_budget: float = 0.0):
+                 load_budget: float = 0.0, spare=None):
+        self._spare = spare              # workers/spare.py: the run's warm worker process, for the first worker
         self.path = os.path.abspath(path)
         self.instance = instance
         self.lua_path = list(lua_path)
@@ -75,7 +76,7 @@ class PluginVM:
             remote = self.lua.eval("function(h) return h.plugin.async_remote ~= false end")(self.host)
             self.pool = WorkerPool(self.lua, self.async_obj, nworkers=self.nworkers, script=self.path,
                                    lua_path=self.lua_path, bell=self._bell, config=self.config,
-                                   remote=bool(remote)).start()
+                                   remote=bool(remote), spare=self._spare).start()
 
     def _groups_table(self, groups):
         """{GUID: {bucketsize, vartypes}} as a Lua table for the engine object."""

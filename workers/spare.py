@@ -1,0 +1,71 @@
+"""A warm spare worker process: started with the run, adopted by the first worker pool that starts a worker.
+
+Plug-in VMs start their T.async workers on their first task (engine/fastpath/run.py loads them with
+``start_workers="lazy"``), so in `luaprobe run` the first worker starts while packets already flow.  A worker
+process needs ~60 ms of CPU before it runs a task (the interpreter, site, the imports, lupa; building its VM is
+~7 ms of it), and during the packet loop it gets that CPU from the same cores as the capture process and the fast
+path: on 2 cores its first result came 0.2-0.25 s after the first task, 50 000-160 000 tasks behind, and the
+plug-in VM's collector re-marked that backlog (the onresult closures and data of every task in flight) at every
+cycle (issue 11, tools/bench/async_e2e_trace.py).
+
+:class:`SpareWorker` starts ``python -m luaprobe.workers.worker --spare --ppid PID`` before the plug-ins load:
+the process does its imports, then blocks reading one line from its stdin.  :meth:`SpareWorker.take` hands it
+the worker's arguments (the line: a JSON array of the strings :func:`luaprobe.workers.worker.parse_args` takes)
+and returns its ``Popen``; from there it is an ordinary worker (own process group, ``PR_SET_PDEATHSIG``).
+Only the first worker started is warm (no spare is started again: a spare started during the packet loop would
+take the same CPU a cold start does).  :meth:`close` ends an unused spare (EOF on its stdin: exit 0).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+class SpareWorker:
+    """At most one warm worker process waiting for its arguments; close() when the run ends."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "SpareWorker":
+        """Start the spare (its own process group, stdin a pipe, no other descriptor inherited)."""
+        self.proc = subprocess.Popen([sys.executable, "-m", "luaprobe.workers.worker", "--spare",
+                                      "--ppid", str(os.getpid())],
+                                     stdin=subprocess.PIPE, close_fds=True, process_group=0)
+        return self
+
+    def take(self, args: list[str]) -> subprocess.Popen | None:
+        """The spare, now a worker with ``args`` (worker command-line arguments), or None when there is no live
+        spare (never started, already taken, died): the caller then starts a worker itself."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            try:
+                proc.stdin.write(json.dumps(list(args)).encode() + b"\n")
+                proc.stdin.close()
+                return proc
+            except (BrokenPipeError, OSError):
+                pass
+        _end(proc)
+        return None
+
+    def close(self, timeout: float = 2.0) -> None:
+        """End an unused spare: EOF on its stdin (it exits 0), SIGKILL after ``timeout`` s; reaped."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            _end(proc, timeout)
+
+
+def _end(proc: subprocess.Popen, timeout: float = 0.0) -> None:
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
