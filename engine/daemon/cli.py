@@ -338,6 +338,17 @@ def _run(args) -> int:
         return EXIT_USAGE
     except StoreError as e:                            # died, or failed: disk full, read-only, I/O (names the file)
         print(f"luaprobe run: exit 1: {e}", file=sys.stderr)
+        summary = getattr(e, "summary", None)          # StoreDied: the counters up to the death (not in the database)
+        if summary is not None:
+            summary["exit"] = {"code": EXIT_INTERNAL, "reasons": [str(e)]}
+            if args.json:
+                print(json.dumps(summary, indent=2, default=str))
+            if args.stats_json:
+                try:
+                    from .usage import write_file_atomic
+                    write_file_atomic(args.stats_json, json.dumps(summary, indent=2, default=str).encode())
+                except OSError as oe:                  # e.g. the same full disk: the line above already says why
+                    print(f"luaprobe run: --stats-json {args.stats_json}: {oe.strerror}", file=sys.stderr)
         return EXIT_INTERNAL
     except StartupStop as e:
         return _startup_stop(["run"], e)

@@ -660,6 +660,8 @@ def child_main(config_path: str, run_dir: str) -> int:
     except UsageError as e:
         return failed(EXIT_USAGE, str(e))
     except StoreDied as e:              # killed, disk full: the supervisor restarts the fast path (a crash)
+        if getattr(e, "summary", None) is not None:                 # the counters up to the death
+            control.write_json(control.path(run_dir, "last_summary.json"), e.summary)
         return failed(EXIT_INTERNAL, str(e), store_rows_lost=e.rows_lost)
     except Exception as e:  # noqa: BLE001
         from luaprobe.engine.plugins.errors import text

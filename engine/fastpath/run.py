@@ -687,6 +687,7 @@ class FastPath:
         old_handlers = {} if shard else self._catch_stop_signals()
         mine = {s: signal.getsignal(s) for s in old_handlers}
         finished = False
+        store_died = None
         if not shard and getattr(self, "_signal_watch", None) is None and cfg.hook_budget > 0:
             self._signal_watch = _SignalWatch(self, signals=False)   # the daemon's child: a plug-in's top level
             self._signal_watch.start()                                # stuck in a compiled loop ends it (exit 4)
@@ -846,6 +847,10 @@ class FastPath:
             capture.wait(timeout=30)
             self._finish(rt, lua)
             finished = True
+        except StoreDied as e:                 # nothing more can be written, but the run's counters still reach
+            store_died = e                     # --json / --stats-json (the summary below, on the exception)
+            self._counts_at_death()
+            self.store.close(check=False)
         except BaseException:
             if self.store is not None:
                 self.store.close(check=False)      # the writer process and its pipes, not left to GC
@@ -875,6 +880,11 @@ class FastPath:
                     pass
             if ring_seg is not None:
                 ring_seg.close()
+        if store_died is not None:
+            store_died.summary = self._summary(rt, time.monotonic() - t0)
+            store_died.summary["store_death"] = {"pid": store_died.pid, "rows_lost": store_died.rows_lost,
+                                                 "error": str(store_died)}
+            raise store_died
         try:
             summary = self._summary(rt, time.monotonic() - t0)
             if not shard:                  # a sharded run's table holds the merged summary (engine/fastpath/shards.py)
@@ -883,8 +893,10 @@ class FastPath:
                 report = self.store.close()    # a stop signal now: the writer is resumed (SIGCONT) and finishes
             except StoreError as e:        # e.g. the disk filled with the last rows (flows, counters) of the run
                 lost = self.store.rows_lost()
-                raise StoreDied(f"the SQLite store writer (pid {self.store.pid}) failed at the end of the run: "
-                                f"{e}; {lost} rows handed to it are not in the database", lost, self.store.pid) from e
+                died = StoreDied(f"the SQLite store writer (pid {self.store.pid}) failed at the end of the run: "
+                                 f"{e}; {lost} rows handed to it are not in the database", lost, self.store.pid)
+                died.summary = {**summary, "store_death": {"pid": died.pid, "rows_lost": lost, "error": str(died)}}
+                raise died from e
         finally:
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
@@ -1224,6 +1236,25 @@ class FastPath:
             walk = i.vm.lua.eval("function(h) return h:walk_mode() end")(i.vm.host)
             self.hook_stats.append((i, {_text(k): v for k, v in calls.items()},
                                     {_text(k): v for k, v in errors.items()}, walk and _text(walk)))
+
+    def _counts_at_death(self) -> None:
+        """The counters of a run whose store writer died or failed (StoreDied) as they stand, for its summary:
+        packets, hooks and T.async (tasks still out count as ``pending``: no drain and no onunload ran, since
+        nothing after the death could be written).  Best effort: a failure here leaves the figure out."""
+        try:
+            if getattr(self, "driver", None) is not None and not getattr(self, "driver_stats", None):
+                self.driver_stats = {_text(k): v for k, v in self._driver_stats(self.driver).items()}
+            if not getattr(self, "async_final", None):
+                self.async_final = [(i, i.vm.async_stats()) for i in self.instances]
+            if not getattr(self, "hook_stats", None):
+                self.hook_stats = []
+                for i in self.instances:
+                    calls, errors = i.vm.lua.eval("function(h) return h:hook_stats() end")(i.vm.host)
+                    walk = i.vm.lua.eval("function(h) return h:walk_mode() end")(i.vm.host)
+                    self.hook_stats.append((i, {_text(k): v for k, v in calls.items()},
+                                            {_text(k): v for k, v in errors.items()}, walk and _text(walk)))
+        except Exception:                      # noqa: BLE001 - the summary goes out without that figure
+            logs.log.debug("counts at the store writer's death", exc_info=True)
 
     def _new_flows(self, n: int) -> list[list]:
         """Full rows of the driver's last n exported records (new flows for sg_monitor onnewflow)."""
