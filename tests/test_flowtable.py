@@ -294,7 +294,7 @@ function H.check(ft)
     if x >= 0 then
       n = n + 1
       local e = flows[x]
-      if e.slot ~= j then return 'slot back-pointer ' .. j end
+      if e.live ~= 1 then return 'index slot ' .. j .. ' holds a free record' end
       if ft.slots[j].hash ~= e.hash then return 'slot hash ' .. j end
       local h = flowtable._hash_key(e.key)
       if e.ports ~= bit.bor(bit.lshift(e.porta, 16), e.portz) or e.vproto ~= bit.bor(bit.lshift(e.ipver, 8), e.proto) then
@@ -317,7 +317,7 @@ function H.check(ft)
     while i ~= sen do
       local e = flows[i]
       if i < 0 or i >= sen then return l[1] .. ' bad link ' .. i end
-      if e.slot < 0 then return l[1] .. ' list holds a free record' end
+      if e.live == 0 then return l[1] .. ' list holds a free record' end
       -- lsec is the second of last_ts; sec + nsec * 1e-9 may round up to sec + 1 in a double
       if not (e.lsec <= e.last_ts and e.last_ts <= e.lsec + 1) then return 'lsec ' .. e.lsec .. ' last_ts ' .. e.last_ts end
       if e[l[2]] ~= prev then return l[1] .. ' prev link' end
@@ -330,7 +330,7 @@ function H.check(ft)
     if c ~= ft.live then return l[1] .. ' list length ' .. c end
   end
   for t = 0, ft.free_top - 1 do
-    if flows[ft.free_stack[t]].slot >= 0 then return 'free stack holds a live record' end
+    if flows[ft.free_stack[t]].live ~= 0 then return 'free stack holds a live record' end
   end
   if ft.free_top + ft.live ~= ft.hw then return 'record accounting' end
   return nil

@@ -160,7 +160,9 @@ lp_flow fields (counters are doubles: exact up to 2^53, no boxed uint64):
                        are their working state
   ipver, proto, porta, portz, a[4], z[4]   the key (addresses as int32 words
                        holding the network-order bytes)
-  slot                 index slot, -1 when the record is free
+  live                 1 while the record holds a flow, 0 when it is free (or never used).  The record
+                       does not know its index slot: free_flow finds it by probing from the hash, so
+                       an index doubling writes no record (issue 10: one cache miss per live flow each)
   stage_off            written by the shared TCP reassembly only (engine/streams/stage.lua): 1 once no
                        handler and no filex_monitor wants the flow, for good; 0 in every new record
   lsec                 packet-time second that last placed the flow in the LRU list
@@ -201,7 +203,7 @@ typedef struct {
   /* bytes 128-255: creation, expiry and index bookkeeping; TCP segments only (tcp_track) */
   double first_ts;
   int32_t hash;
-  int32_t slot;
+  int32_t live;                      /* 1: holds a flow; 0: free */
   int32_t aprev, anext;
   /* TCP (tcp_track): [1] is the value, [0] a scratch slot written when nothing changes (no branch) */
   double syn_sec[2], syn_nsec[2];   /* [1] time of the latest SYN (no ACK) before the handshake completed */
@@ -311,7 +313,7 @@ function M.new(opts)
   self.keys, self.miss, self.nkeys = ffi.new("lp_fkey[?]", nb), ffi.new("int32_t[?]", nb), nb
   local sen = self.flows[cap]                -- both lists are circular through it
   sen.lprev, sen.lnext, sen.aprev, sen.anext = cap, cap, cap, cap
-  sen.slot = -1
+  sen.live = 0
   return self
 end
 
@@ -525,7 +527,7 @@ local function new_flow(self, kw, o, j, ts, sec)
   e.ipver, e.proto = rshift(vproto, 8), band(vproto, 0xff)
   local h = kw[o + 10]
   e.hash = h
-  e.slot = j
+  e.live = 1
   e.state = S.INIT
   local s = self.slots[j]
   s.idx, s.hash = idx, h
@@ -557,7 +559,8 @@ function FT:reserve(extra)
   ffi.fill(slots, size * ffi.sizeof("lp_slot"), 0xff)    -- idx -1: empty
   local mask, flows, old = size - 1, self.flows, self.slots
   -- every live flow, read from the old index in slot order (sequential; the LRU list would
-  -- visit the flow records in random memory order, one dependent cache miss per flow)
+  -- visit the flow records in random memory order, one dependent cache miss per flow); no record is
+  -- written (a record does not store its slot)
   for i = 0, self.size - 1 do
     local x = old[i].idx
     if x >= 0 then
@@ -565,7 +568,6 @@ function FT:reserve(extra)
       local j = band(h, mask)
       while slots[j].idx >= 0 do j = band(j + 1, mask) end
       slots[j].idx, slots[j].hash = x, h
-      flows[x].slot = j
     end
   end
   self.slots, self.size, self.mask = slots, size, mask
@@ -858,10 +860,11 @@ end
 local function free_flow(self, idx)
   local flows = self.flows
   local e = flows[idx]
-  local i = e.slot
-  if i < 0 then return false end
+  if e.live == 0 then return false end
   local mask = self.mask
   local slots = self.slots
+  local i = band(e.hash, mask)               -- its slot: on the probe chain from its home slot
+  while slots[i].idx ~= idx do i = band(i + 1, mask) end
   -- backward-shift deletion
   local j = i
   while true do
@@ -879,14 +882,13 @@ local function free_flow(self, idx)
     if not stay then
       slots[i].idx = x
       slots[i].hash = slots[j].hash
-      flows[x].slot = i
       i = j
     end
   end
   slots[i].idx = -1
   lru_unlink(flows, e)
   age_unlink(flows, e)
-  e.slot = -1
+  e.live = 0
   e.lprev, e.lnext, e.aprev, e.anext = -1, -1, -1, -1
   local t = self.free_top
   self.free_stack[t] = idx
@@ -896,7 +898,7 @@ local function free_flow(self, idx)
 end
 
 function FT:is_live(idx)
-  return idx >= 0 and idx < self.hw and self.flows[idx].slot >= 0
+  return idx >= 0 and idx < self.hw and self.flows[idx].live ~= 0
 end
 
 --- Explicit end of a flow (the caller saw FIN/RST...): sets TERMINATED and
@@ -933,7 +935,7 @@ function FT:expire(now, fn, max)
       local id = e.id
       e.state = bor(e.state, TIMEDOUT)
       if fn then fn(i, IDLE) end
-      if e.slot >= 0 and e.id == id then free_flow(self, i) end
+      if e.live ~= 0 and e.id == id then free_flow(self, i) end
       n = n + 1
       self.expired_idle = self.expired_idle + 1
     elseif now - e.lsec > idle then
@@ -949,7 +951,7 @@ function FT:expire(now, fn, max)
     if not (now - e.first_ts > active) then break end
     local id = e.id
     if fn then fn(i, ACTIVE) end
-    if e.slot >= 0 and e.id == id then free_flow(self, i) end
+    if e.live ~= 0 and e.id == id then free_flow(self, i) end
     n = n + 1
     self.expired_active = self.expired_active + 1
   end
