@@ -812,3 +812,47 @@ def test_stop_past_stop_deadline_exits_5_naming_what_was_killed(daemon, tmp_path
     st = daemon.status()
     assert st["state"] == "stopped" and st["last_exit"] == "killed by SIGKILL" and not st["live"]
     assert daemon.cli("stop").returncode == 3
+
+
+CHATTY = """
+local n = 0
+TrisulPlugin = { id = { name = "chatty" },
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(engine, layer)
+      n = n + 1
+      if n % 20 == 0 then T.logwarning("chatty " .. n) end
+    end } }
+"""
+
+
+def test_supervisor_log_is_rotated_by_size(daemon, tmp_path):
+    """[log] max_mb / backups: supervisor.log (the output of every process of the daemon) is rotated like stats.jsonl,
+    by the standard library's RotatingFileHandler in the supervisor (engine/daemon/logfile.py): .1 .. .N kept, each
+    file near max_mb, owner-only, and no line split or lost at a rotation (format = "json": every line of every file
+    parses, and the fast path's numbered lines run on across the files).  Before, it grew without bound."""
+    plugins = tmp_path / "chatty"
+    plugins.mkdir()
+    (plugins / "chatty.lua").write_text(CHATTY)
+    daemon.write_config(plugins=(plugins,))
+    with open(daemon.config, "a") as f:
+        f.write('[log]\nformat = "json"\nmax_mb = 0.01\nbackups = 2\n')
+    r = cli("start", "--config", daemon.config)
+    assert r.returncode == 0, r.stderr
+    daemon.pids.add(control.read_pid(daemon.run_dir))
+    log = os.path.join(daemon.run_dir, control.LOG)
+    helpers.wait_for(lambda: os.path.exists(log + ".2") and os.path.getsize(log) > 2000, 60, 0.1)
+    assert daemon.cli("stop").returncode == 0
+    assert not os.path.exists(log + ".3")
+    numbers = []
+    for path in (log + ".2", log + ".1", log):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        text = open(path).read()
+        assert len(text) <= 10486 + 400 and text.endswith("\n"), path
+        for line in text.splitlines():
+            rec = json.loads(line)                            # a whole line: never split by a rotation
+            m = re.fullmatch(r".*chatty (\d+)", rec.get("msg", rec.get("message", "")))
+            if m:
+                numbers.append(int(m.group(1)))
+    assert len(numbers) > 100
+    for a, b in zip(numbers, numbers[1:]):
+        assert b == a + 20, (a, b)                           # none lost, none out of order

@@ -58,7 +58,8 @@ SCHEMA: dict = {
     "stats": {"interval": (_NUM, 1.0, (0.1, 3600)), "json_lines_file": ("path", "", None),
               "json_lines_max_mb": (_NUM, 64.0, (0.001, 1 << 20)), "json_lines_backups": (int, 3, (1, 1000)),
               "prometheus_port": (int, 0, (0, 65535))},
-    "log": {"format": (str, "text", ("text", "json")), "verbose": (bool, False, None)},
+    "log": {"format": (str, "text", ("text", "json")), "verbose": (bool, False, None),
+            "max_mb": (_NUM, 64.0, (0.001, 1 << 20)), "backups": (int, 3, (1, 1000))},
 }
 for _section, _keys in _settings.toml_schema().items():      # [fastpath], [filex], ...: engine/daemon/settings.py
     SCHEMA[_section].update(_keys)

@@ -27,8 +27,8 @@ def totals(snap: dict) -> dict:
     return out
 
 
-class _Rotating(logging.handlers.RotatingFileHandler):
-    """The standard library's size-based rotation (stats.jsonl -> stats.jsonl.1 ... .N), with files made
+class RotatingHandler(logging.handlers.RotatingFileHandler):
+    """The standard library's size-based rotation (stats.jsonl or supervisor.log -> .1 ... .N), with files made
     owner-only like every run-dir file (control.open_private), and the last write error kept instead of printed."""
 
     error: BaseException | None = None
@@ -54,7 +54,7 @@ class JsonLines:
 
     def __init__(self, path: str, max_bytes: int = 64 << 20, backups: int = 3):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.handler = _Rotating(path, maxBytes=max_bytes, backupCount=backups, delay=True)
+        self.handler = RotatingHandler(path, maxBytes=max_bytes, backupCount=backups, delay=True)
         self.handler.setFormatter(logging.Formatter("%(message)s"))
 
     def write(self, snap: dict, rates: dict, status: dict) -> None:

@@ -731,7 +731,8 @@ def cmd_start(args) -> int:
         logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
         return Supervisor(cfg).run()
     with control.open_private(control.path(run_dir, control.LOG), "ab") as logf:
-        p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--config", cfg.path, "--run-dir", run_dir],
+        p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--config", cfg.path,
+                              "--run-dir", run_dir, "--log-file", control.path(run_dir, control.LOG)],
                              stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
                              cwd=os.path.dirname(cfg.path), close_fds=True)
     from luaprobe.shm.exits import StartupStop
@@ -944,6 +945,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir")
     ap.add_argument("--child", action="store_true", help="run the fast path once (started by the supervisor; "
                     "--config is then the validated active_config.json)")
+    ap.add_argument("--log-file", help="own this log file (started by `start`): every process's output is copied "
+                    "into it, rotated by [log] max_mb / backups (engine/daemon/logfile.py)")
     args = ap.parse_args(argv)
     if args.child:
         return child_main(args.config, args.run_dir)
@@ -953,8 +956,16 @@ def main(argv=None) -> int:
     except config_mod.ConfigError as e:
         print(f"luaprobe: {e}", file=sys.stderr)
         return EXIT_USAGE
+    pump = None
+    if args.log_file:
+        from .logfile import LogPump
+        pump = LogPump(args.log_file, int(cfg["log"]["max_mb"] * 1048576), cfg["log"]["backups"])
     logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
-    return Supervisor(cfg).run()
+    try:
+        return Supervisor(cfg).run()
+    finally:
+        if pump is not None:
+            pump.close()
 
 
 if __name__ == "__main__":
