@@ -216,3 +216,69 @@ def test_stop_during_the_reload_drain_delivers_then_unloads_the_replaced_backend
     assert stop.returncode == 0, err
     assert marks(tmp_path)[:2] == ["v1 result done", "v1 unload"] and "v2 unload" in marks(tmp_path)
     assert not daemon.alive() and not daemon.segments()
+
+
+LOOPING = """
+local f = io.open(%r, "w"); f:close()            -- the test waits for this, then the top level never returns
+local x = 0
+while true do x = x + 1 end
+""" + MONITOR
+
+
+def test_reload_of_a_backend_whose_top_level_never_returns_is_bounded(daemon, tmp_path):
+    """A backend script changed into a compiled endless loop at its top level: `luaprobe reload` probes it in a
+    child process under the hook budget and its load watch (engine/daemon/supervisor.py plugin_errors), so the
+    reload is refused within the budget + grace (exit 4, the file named) and the supervisor and its fast path go on.
+    Before, the supervisor probed in its own process, which never came back (and answered nothing any more)."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    script = plug / "monitor.lua"
+    script.write_text(MONITOR)
+    daemon.write_config(plugins=[plug])
+    with open(daemon.config, "a") as f:
+        f.write("[fastpath]\nhook_budget = 1\n")
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "start", "--config", daemon.config],
+                       cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    daemon.pids.add(control.read_pid(daemon.run_dir))
+    helpers.wait_for(lambda: len(instances(daemon, "monitor.lua")) == 2, 30, 0.1)
+    before = daemon.status()
+    script.write_text(LOOPING % str(tmp_path / "looping"))
+    r = daemon.cli("reload", timeout=60)
+    assert (tmp_path / "looping").exists()              # the loop did run
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert str(script) in r.stderr and "still runs in code the interrupt cannot reach" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    st = daemon.status()
+    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    assert len(instances(daemon, "monitor.lua")) == 2
+    assert daemon.cli("stop").returncode == 0                # the fast path never saw the refused scripts
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_one_signal_stops_a_run_whose_plugin_top_level_never_returns(tmp_path):
+    """`luaprobe run --hook-budget 0` with a plug-in whose top level loops for ever: the first SIGTERM ends the run
+    (nothing was read yet, so nothing is lost) within the grace, exit 143, one line naming the file, no process or
+    /dev/shm segment left.  Before, the first signal only printed "send the signal again"."""
+    import psutil
+    from luaprobe.shm import segment
+    script = tmp_path / "loop.lua"
+    script.write_text(LOOPING % str(tmp_path / "looping"))
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(script), "--pcap",
+                          os.path.join(helpers.REPO, "tests", "data", "http-get-text.pcap"), "--out",
+                          str(tmp_path / "out"), "--hook-budget", "0"], cwd=helpers.REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        helpers.wait_for(lambda: (tmp_path / "looping").exists(), 60, 0.05)
+        kids = psutil.Process(p.pid).children(recursive=True)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 143, err
+    assert err.splitlines() == [f"luaprobe run: stopped by SIGTERM while loading plug-ins: the top level of {script} "
+                                "has not returned for 2 s (an endless loop?); nothing was read"], err
+    assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+    assert not [n for n in segment.list_segments() if segment.owner_pid(n) == p.pid]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import json
 import os
 import selectors
 import signal
@@ -46,16 +47,54 @@ HEARTBEAT = "heartbeat"     #: run-dir file the fast path touches while it makes
 RESTART_ONLY = (("stats", "prometheus_port"), ("stats", "json_lines_file"), ("run", "run_dir"))
 
 
+RELOAD_PROBE_DEADLINE = 30.0    #: s a reload's plug-in probe may take with [fastpath] hook_budget = 0 (no budget)
+PROBE_SLACK = 10.0               #: s added to hook budget + the load watch's grace (interpreter start-up, imports)
+
+
 def plugin_errors(cfg) -> list[str]:
     """Probe the configured plug-ins as `luaprobe check` does: one ``file:line: message`` per plug-in that
-    fails to load (syntax error, bad definition); [] when all load."""
-    from luaprobe.engine.plugins.discovery import probe_all
-    from luaprobe.engine.plugins.vm import PluginError
+    fails to load (syntax error, bad definition); [] when all load.  The probe runs in a child process
+    (``--probe-plugins``) with a deadline: a top level that never returns (an endless loop, compiled by LuaJIT where
+    the hook budget's interrupt cannot reach it, or with hook_budget = 0 not interrupted at all) is killed and named
+    instead of hanging the supervisor (docs/operations.md "Reload")."""
+    budget = float(cfg["fastpath"]["hook_budget"])
+    deadline = budget + 2.0 + PROBE_SLACK if budget > 0 else RELOAD_PROBE_DEADLINE
+    spec = json.dumps({"paths": cfg["plugins"]["paths"], "lua_path": cfg["plugins"]["lua_path"], "budget": budget})
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--probe-plugins", spec],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=os.path.dirname(cfg.path) or None)
     try:
-        return [e for i in probe_all(cfg["plugins"]["paths"], cfg["plugins"]["lua_path"], cfg["fastpath"]["hook_budget"])
-                for e in i.errors]
+        out, err = p.communicate(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        loading = [ln[len("loading "):] for ln in out.splitlines() if ln.startswith("loading ")]
+        where = loading[-1] if loading else "a plug-in"
+        return [f"{where}: its top level did not return within {deadline:g} s (an endless loop?)"]
+    lines = out.splitlines()
+    if p.returncode == 0 and lines and lines[-1].startswith("["):
+        return json.loads(lines[-1])
+    return [err.strip().splitlines()[-1].removeprefix("luaprobe reload: plug-in error: ") if err.strip()
+            else f"the plug-in probe ended with {describe_exit(p.returncode)}"]
+
+
+def probe_main(spec: str) -> int:
+    """``--probe-plugins SPEC`` (plugin_errors' child): "loading FILE" before each file, then the errors as one JSON
+    list; a top level stuck in a compiled loop past the budget ends it as `luaprobe check` does (LoadWatch)."""
+    from luaprobe.engine.plugins.discovery import probe_all
+    from luaprobe.engine.plugins.loadwatch import LoadWatch
+    from luaprobe.engine.plugins.vm import PluginError
+    a = json.loads(spec)
+
+    def before(f):
+        print(f"loading {f}", flush=True)
+    try:
+        with LoadWatch("luaprobe reload", EXIT_PLUGIN):
+            errors = [e for i in probe_all(a["paths"], a["lua_path"], a["budget"], before=before) for e in i.errors]
     except PluginError as e:
-        return [str(e)]
+        errors = [str(e)]
+    print(json.dumps(errors), flush=True)
+    return EXIT_OK
 
 
 class Supervisor:
@@ -941,13 +980,18 @@ def cmd_reload(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="luaprobe-supervisor")
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config")
     ap.add_argument("--run-dir")
     ap.add_argument("--child", action="store_true", help="run the fast path once (started by the supervisor; "
                     "--config is then the validated active_config.json)")
     ap.add_argument("--log-file", help="own this log file (started by `start`): every process's output is copied "
                     "into it, rotated by [log] max_mb / backups (engine/daemon/logfile.py)")
+    ap.add_argument("--probe-plugins", metavar="SPEC", help="probe plug-ins for a reload (plugin_errors)")
     args = ap.parse_args(argv)
+    if args.probe_plugins:
+        return probe_main(args.probe_plugins)
+    if not args.config:
+        ap.error("--config is required")
     if args.child:
         return child_main(args.config, args.run_dir)
     from luaprobe.shm import logs

@@ -221,16 +221,20 @@ class _SignalWatch:
                 data = os.read(self.r, 64)
                 if not data:
                     break
-                self.signals += sum(1 for b in data if b in STOP_SIGNALS)
+                stops = [b for b in data if b in STOP_SIGNALS]
+                self.signals += len(stops)
                 if self.signals >= 1 and first_at is None:
-                    first_at = time.monotonic()
+                    first_at, first_sig = time.monotonic(), stops[0]
                     if self.fp.cfg.hook_budget > 0:     # a hook slowed down to its budget stops now, not later
                         from luaprobe.engine.plugins import _lpwatch
                         _lpwatch.stop_now()
                 if self.signals >= 2 and second_at is None:
                     second_at = time.monotonic()
+            if first_at is not None and self.fp.loading and self.fp._stop == 0 and not self.done \
+                    and time.monotonic() - first_at > self.GRACE:
+                self._stopped_loading(first_sig)   # nothing to lose yet: one signal is enough
             if first_at is not None and not hinted and second_at is None and self.fp._stop == 0 \
-                    and time.monotonic() - first_at > 1.0:
+                    and not self.fp.loading and time.monotonic() - first_at > 1.0:
                 hinted = True                  # the main thread has not seen the signal: a hook is running
                 sys.stderr.write("luaprobe run: stopping, but a plug-in hook has not returned for 1 s; "
                                  "send the signal again to stop hard\n")
@@ -255,6 +259,15 @@ class _SignalWatch:
                 f"luaprobe run: plug-in error: {_lpwatch.message()}, and {late:.0f} s later it still runs in code "
                 "the interrupt cannot reach (a loop LuaJIT compiled, or a C function): stopped hard (workers and "
                 "capture killed; rows already handed to the store writer are committed; no summary)\n", EXIT_PLUGIN)
+
+    def _stopped_loading(self, signum: int) -> None:
+        """A stop signal the main thread has not taken for GRACE s while a plug-in's top level runs (an endless
+        loop, which --hook-budget 0 never interrupts, or a compiled one the budget cannot reach): no packet has been
+        read, so one signal ends the run, as a stop during start-up does (128 + signal number)."""
+        name = signal.Signals(signum).name
+        where = getattr(self.fp, "loading_file", None) or "a plug-in"
+        self._hard_stop(f"luaprobe run: stopped by {name} while loading plug-ins: the top level of {where} has not "
+                        f"returned for {self.GRACE:g} s (an endless loop?); nothing was read\n", 128 + signum)
 
     def _hard_stop(self, line: str | None = None, code: int = 1) -> None:
         import psutil
@@ -367,8 +380,7 @@ class FastPath:
         cfg = self.cfg
         # each top level under the hook budget (engine/plugins/host.lua boot); the daemon's stall rule watches
         # loading too (supervisor._check_stall): a beat naming each file before it loads
-        self.infos = probe_all(cfg.plugins, cfg.lua_path, cfg.hook_budget,
-                               before=lambda f: self._beat(force=True, loading=f))
+        self.infos = probe_all(cfg.plugins, cfg.lua_path, cfg.hook_budget, before=self._loading)
         if not self.infos:
             raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
         for i in self.infos:                 # warned, not adapted: see discovery.old_onupdate_warning
@@ -435,7 +447,7 @@ class FastPath:
 
     def _instantiate(self, rt, path, kind, pipeline, instance, group=None):
         try:
-            self._beat(force=True, loading=path)
+            self._loading(path)
             vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups, max_memory=self._max_memory(), load_budget=self.cfg.hook_budget,
                          start_workers="lazy", protocols=self.protocols, group_names=self.group_names,
                          contextid=self._contextid(pipeline, instance))
@@ -1300,6 +1312,11 @@ class FastPath:
                           "kernel": (self.capture_stats or [0, 0, 0])[2], "flow_table": d.get("flow_table_full", 0)},
                 "processes": procs, "plugins": plugins,
                 **({"capturing": self.capture_stats is not None} if self.cfg.interface else {})}
+
+    def _loading(self, path: str) -> None:
+        """probe_all is about to load ``path``: named by a stop or a stall while it loads."""
+        self.loading_file = path
+        self._beat(force=True, loading=path)
 
     def _beat(self, force: bool = False, loading: str | None = None) -> None:
         """Heartbeat: touch cfg.heartbeat_file at most every 0.5 s.  Called between batches, while idle and
