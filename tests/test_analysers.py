@@ -15,6 +15,7 @@ import pytest
 from luaprobe.engine.fastpath.run import FastPath, RunConfig
 from tests.helpers import PCAPS
 
+AGGREGATES = "{393B5EBC-AB41-4387-8F31-8077DB917336}"
 HOSTS, MAC, APPS, PROTOS = ("{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}", "{4B09BD22-3B99-40FC-8215-94A430EA0A35}",
                             "{C51B48D4-7876-479E-B0D9-BD9EFF03CE2E}", "{E89BCD56-30AD-40F5-B1C8-8B7683F440BD}")
 RES_DNS, RES_URL, RES_SSL = ("{D1E27FF0-6D66-4E57-BB91-99F76BB2143E}", "{4EF9DEB9-4332-4867-A667-6A30C5900E9E}",
@@ -107,9 +108,59 @@ def test_mac_protocols_apps_match_tshark(trisul16):
 
 # ------------------------------------------------------------------ DNS
 
+def _fragmented_dns(path):
+    """DNS responses too big for one frame, in IPv4 fragments (in order and reversed) and IPv6 fragments, and one
+    in a single frame (pktbuild; RFC 1035 message layout)."""
+    import struct
+    from tests import pktbuild as pb
+    frames, t = [], [1700000000.0]
+
+    def add(ip, src=pb.SMAC, dst=pb.CMAC):
+        t[0] += 0.001
+        frames.append((t[0], pb.ether(ip, src, dst)))
+
+    def response(qid, n):
+        q = b"".join(bytes([len(x)]) + x.encode() for x in ("big", "example", "net")) + b"\0"
+        answers = b"".join(b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60 + i, 4) + bytes([10, 1, i // 256, i % 256])
+                           for i in range(n))
+        return struct.pack("!HHHHHH", qid, 0x8180, 1, n, 0, 0) + q + struct.pack("!HH", 1, 1) + answers
+
+    c, s, c6, s6 = "192.0.2.10", "198.51.100.53", "2001:db8::10", "2001:db8::53"
+    for k, (n, how) in enumerate(((100, "v4"), (60, "v4 reversed"), (80, "v6"), (30, "whole"))):
+        msg = pb.udp(s6 if how == "v6" else s, c6 if how == "v6" else c, 53, 34000 + k, response(k, n))
+        if how == "v6":
+            for f in pb.frag6(s6, c6, 17, msg, 0x4000 + k, 512):
+                add(f)
+        elif how == "whole":
+            add(pb.ipv4(s, c, 17, msg))
+        else:
+            frags = pb.frag4(pb.ipv4(s, c, 17, msg, ident=900 + k, flags_off=0), 504)
+            for f in (reversed(frags) if "reversed" in how else frags):
+                add(f)
+    pb.write_pcap(path, frames)
+
+
+def test_dns_in_ip_fragments_and_counters_count_frames_once(tmp_path):
+    """A DNS response in IP fragments is reassembled (engine/fastpath/ipreasm.lua) and parsed once, as tshark does;
+    the counters count each fragment frame once and not the reassembled datagram again (Aggregates: every frame).
+    Truth: tshark's DNS answers, frame count and bytes."""
+    cap = str(tmp_path / "dns-frags.pcap")
+    _fragmented_dns(cap)
+    check_dns_answers(tmp_path, cap)
+    _, db = run(tmp_path, [cap], analysers="counters", name="counters")
+    frames = tshark(cap, "-T", "fields", "-e", "frame.len")
+    assert totals(db, AGGREGATES, 1) == {"TOTALBW": len(frames)}
+    assert totals(db, AGGREGATES, 0) == {"TOTALBW": sum(int(x) for (x,) in frames)}
+    v4 = len(tshark(cap, "-Y", "ip", "-T", "fields", "-e", "frame.number"))
+    assert totals(db, HOSTS, 3) == {ip_key("192.0.2.10"): v4, ip_key("198.51.100.53"): v4}
+
 @pytest.mark.parametrize("name", ["dns-udp-a-aaaa-mx.pcap", "mix-wikipedia-dns-http.pcap", "trisul-16minutes.pcap"])
 def test_dns_answers_match_tshark(tmp_path, name):
     """One DNS resource per answer record: (question, owner, type, TTL) and A/AAAA data == tshark's."""
+    check_dns_answers(tmp_path, name)
+
+
+def check_dns_answers(tmp_path, name):
     rows = tshark(pcap(name), "-Y", "udp.port == 53 && dns.flags.response == 1", "-T", "fields",
                   "-E", "occurrence=a", "-E", "aggregator=|", "-e", "dns.qry.name", "-e", "dns.count.answers",
                   "-e", "dns.resp.name", "-e", "dns.resp.type", "-e", "dns.resp.ttl", "-e", "dns.a", "-e", "dns.aaaa")

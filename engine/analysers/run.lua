@@ -346,9 +346,12 @@ function A:run_batch(addr, n)
   local counters, dnson, stream = on.counters, on.dns, self.stream
   for i = 0, n - 1 do
     local e = batch[i]
-    if counters then self.engine:set_packet(batch, i); self:count(e) end
     local d = e.d
-    if dnson and d.first[UDP] >= 0 and (d.sport == 53 or d.dport == 53) and d.frag == 0 then
+    -- an IP datagram reassembled from fragments (d.frag 2, engine/fastpath/ipreasm.lua) follows its fragments in
+    -- the batch: the fragments are the frames counted; the datagram is the DNS message (a fragment, d.frag 1, is
+    -- only a piece of one)
+    if counters and d.frag ~= 2 then self.engine:set_packet(batch, i); self:count(e) end
+    if dnson and d.first[UDP] >= 0 and (d.sport == 53 or d.dport == 53) and d.frag ~= 1 then
       self:dns(e, batch, i)
     end
     if stream and d.first[TCP] >= 0 and e.flow >= 0 then self:tcp(e, batch, i) end
