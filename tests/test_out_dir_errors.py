@@ -58,6 +58,19 @@ def test_out_on_a_read_only_filesystem(tmpfs):
     assert r.returncode == 2
 
 
+def test_out_on_a_full_filesystem_is_refused_before_the_run(tmpfs):
+    """Before: the start-up check wrote an empty temporary file, which fits on a full filesystem, so the run
+    started and ended with the store writer's "cannot open database ...: database or disk is full" (exit 1).  Now
+    a 4 KiB block is written: exit 2 before anything starts, as --stats-json in the same place, nothing made."""
+    full = tmpfs("size=64k")
+    _fill(full)
+    for out in (full / "o", full):                  # to be created there, and the existing directory itself
+        r = run(out)
+        assert (r.returncode, r.stderr) == (2, f"luaprobe run: --out {out}: cannot write there: No space left on "
+                                               "device\n")
+    assert sorted(os.listdir(full)) == ["filler"]    # no directory, database or temporary file made
+
+
 def test_disk_full_during_the_run(tmpfs):
     full = tmpfs("size=200k")
     r = run(full / "o", pcap=MANY)

@@ -278,24 +278,32 @@ def dangling_link(path: str) -> str | None:
 
 def writable_dir(path: str) -> str | None:
     """Why the daemon could not use ``path`` as a directory it writes into (creating it, one level, when
-    missing), or None.  Tried for real (a temporary file, a directory made and removed): permission bits say
-    nothing for root, a read-only mount or /proc."""
+    missing), or None.  Tried for real (a directory made and removed, a temporary file with a 4 KiB block written
+    in it): permission bits say nothing for root, a read-only mount or /proc, and an empty file fits on a full
+    filesystem (the run then started and its store writer failed: exit 1 instead of 2)."""
     if dangling_link(path):
         return dangling_link(path)
     if os.path.exists(path) and not os.path.isdir(path):
         return "exists and is not a directory"
     parent = os.path.dirname(path)
+    if not os.path.isdir(path) and not os.path.isdir(parent):
+        return f"the parent directory {parent} does not exist"
+    made = False
     try:
-        if os.path.isdir(path):
-            with tempfile.TemporaryFile(dir=path):
-                pass
-        elif not os.path.isdir(parent):
-            return f"the parent directory {parent} does not exist"
-        else:
+        if not os.path.isdir(path):
             os.mkdir(path, 0o700)
-            os.rmdir(path)
+            made = True
+        with tempfile.TemporaryFile(dir=path) as f:
+            f.write(bytes(4096))
+            f.flush()
     except OSError as e:
         return f"cannot write there: {e.strerror}"
+    finally:
+        if made:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
     return None
 
 
