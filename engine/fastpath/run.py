@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -54,6 +55,20 @@ def _bytes(x) -> bytes:
 PKT, EOF, ERROR, END, STATS, TIME = 0, 1, 2, 3, 4, 5
 BACKEND_KINDS = ("engine_monitor", "sg_monitor", "flowtracker")   #: backend types run per backend instance
 MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
+
+
+def _thread_rusage():
+    """getrusage(RUSAGE_THREAD) of the calling thread (Linux)."""
+    return resource.getrusage(resource.RUSAGE_THREAD)
+
+
+def _rusage_delta(a, b) -> dict:
+    """The fast-path thread's counts between two _thread_rusage() reads: minor / major page faults, voluntary
+    context switches (waits) and involuntary ones (another task took the CPU: the machine's share of a run's
+    spread, docs/benchmarks.md); {} when the loop never ran."""
+    if a is None or b is None:
+        return {}
+    return {k: getattr(b, "ru_" + k) - getattr(a, "ru_" + k) for k in ("minflt", "majflt", "nvcsw", "nivcsw")}
 
 
 def preflight(cfg) -> None:
@@ -363,6 +378,7 @@ class FastPath:
         self._last_store_check = -1e9    #: _maybe_stats: when the store writer was last looked at
         self.loop_start = self.loop_end = None   #: monotonic time of the first batch / after the last one
         self.loop_cpu_start = self.loop_cpu_end = None   #: this thread's CPU time at the same two points
+        self.loop_ru_start = self.loop_ru_end = None     #: and its getrusage (page faults, context switches)
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "fts": 0, "key_info": 0, "flows": 0}
         self.declared: dict = {}       # {kind: {group key}} for the DECLARED kinds (rows_written counts these)
         self.info_keys: set = set()    # (group, key) of every key_info row: the store keeps one row (label) per key
@@ -790,10 +806,12 @@ class FastPath:
                         continue
                     n = 0
                 else:
+                    if self.loop_start is None:     # the first batch's fill is in the loop (it holds most of
+                        before = time.monotonic(), time.thread_time(), _thread_rusage()   # LuaJIT's first traces)
                     n, sec = fill(driver)
                 if n:
                     if self.loop_start is None:
-                        self.loop_start, self.loop_cpu_start = time.monotonic(), time.thread_time()
+                        self.loop_start, self.loop_cpu_start, self.loop_ru_start = before
                     sec = int(sec)
                     if self.sec is None or sec > self.sec:
                         self._tick(sec)
@@ -816,6 +834,7 @@ class FastPath:
                 if loop_open:                   # after the last batch of a run of batches: two clock reads (~2 us,
                     loop_open = False           # not vDSO here) once, not per batch (issue 10)
                     self.loop_end, self.loop_cpu_end = time.monotonic(), time.thread_time()
+                    self.loop_ru_end = _thread_rusage()
                 kind = driver.ctl_kind
                 if kind is None:
                     rt.service()
@@ -1386,6 +1405,7 @@ class FastPath:
             "not_walked_at_stop": not_walked,    # packets in the ring at a stop, passed over (Driver:skip)
             "packet_loop_s": round((self.loop_end or 0) - (self.loop_start or 0), 4),
             "packet_loop_cpu_s": round((self.loop_cpu_end or 0) - (self.loop_cpu_start or 0), 4),
+            "packet_loop_rusage": _rusage_delta(self.loop_ru_start, self.loop_ru_end),   # the same interval
             "cpus_pinned": getattr(self, "pinned", None),   # {"capture": C, "fastpath": F} or None (shm/cpus.py)
             "files": self.cfg.files, "files_done": self.files_done, "input_errors": self.input_errors,
             "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),
