@@ -133,3 +133,16 @@ got = {}
     assert got == ["spare"] * 78
     st = json.loads(stats.read_text())["plugins"][-1]["async"]
     assert (st["scheduled"], st["ok"], st["pending"]) == (78, 78, 0), st
+
+
+def test_spare_only_for_plugins_naming_async(tmp_path):
+    """The run starts a spare only when a plug-in file names async (engine/fastpath/run.py mentions_async);
+    an unreadable file counts as naming it (the spare is only a head start)."""
+    from luaprobe.engine.fastpath.run import mentions_async
+    plain = tmp_path / "plain.lua"
+    plain.write_text('TrisulPlugin = { id = { name = "p" } }\n')
+    user = tmp_path / "user.lua"
+    user.write_text('local A = T.async\nTrisulPlugin = { id = { name = "u" } }\n')
+    assert not mentions_async([str(plain)])
+    assert mentions_async([str(plain), str(user)])
+    assert mentions_async([str(tmp_path / "missing.lua")])

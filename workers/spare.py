@@ -8,7 +8,8 @@ path: on 2 cores its first result came 0.2-0.25 s after the first task, 50 000-1
 plug-in VM's collector re-marked that backlog (the onresult closures and data of every task in flight) at every
 cycle (issue 11, tools/bench/async_e2e_trace.py).
 
-:class:`SpareWorker` starts ``python -m luaprobe.workers.worker --spare --ppid PID`` before the plug-ins load:
+:class:`SpareWorker` starts ``python -m luaprobe.workers.worker --spare --ppid PID`` before the plug-ins load
+(engine/fastpath/run.py, when a plug-in file names ``async``: ``mentions_async``):
 the process does its imports, then blocks reading one line from its stdin.  :meth:`SpareWorker.take` hands it
 the worker's arguments (the line: a JSON array of the strings :func:`luaprobe.workers.worker.parse_args` takes)
 and returns its ``Popen``; from there it is an ordinary worker (own process group, ``PR_SET_PDEATHSIG``).

@@ -84,6 +84,22 @@ def preflight(cfg) -> None:
             raise UsageError('--async-backend ray: the ray package is not installed (pip install \'luaprobe[ray]\')')
 
 
+def mentions_async(files) -> bool:
+    """True when one of the plug-in files names ``async`` (``T.async:schedule``, ``T.async.copy``, ``local A =
+    T.async``): the run then starts a warm spare worker (workers/spare.py) before it loads them.  Only when the
+    first worker starts depends on it, never what runs: a plug-in that reaches T.async only through a module it
+    requires starts its first worker cold, as every worker did before issue 11; a file that names it without
+    scheduling anything leaves a spare idle until the run ends.  An unreadable file counts as naming it."""
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                if b"async" in f.read():
+                    return True
+        except OSError:
+            return True
+    return False
+
+
 def _upper(v) -> str:
     return _text(v).upper()
 
@@ -729,7 +745,8 @@ class FastPath:
                                        memory_mb=cfg.plugin_memory_mb)            # worker VMs: the same limit
             self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
             rt = AsyncRuntime(acfg, lua_path=search_path(cfg.plugins, cfg.lua_path), bell_name=shard and shard["bell"])
-            rt.prestart_worker()               # warm before the first task (workers/spare.py, issue 11)
+            if mentions_async(discover(cfg.plugins, cfg.lua_path)):
+                rt.prestart_worker()           # warm before the first task (workers/spare.py, issue 11)
             lua = new_runtime()
             if shard:                          # the ring and its producer belong to engine/fastpath/shards.py
                 ring_seg = segment.attach(shard["ring"])
