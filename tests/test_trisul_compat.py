@@ -460,7 +460,6 @@ SG_LOG = """TrisulPlugin = { id = { name = "sg3 shape" },
 
 
 def test_backend_instances_have_their_own_contextid(tmp_path):
-    import ipaddress
     """Every flow reaches one instance's file, each instance writes its own; truth: tshark's conversations
     (tests/data/tshark-flows-mix-eth-tls-http-dns.tsv: proto, address, port, address, port, ...)."""
     logs = tmp_path / "logs"
@@ -475,7 +474,6 @@ def test_backend_instances_have_their_own_contextid(tmp_path):
     for p in logs.iterdir():
         for line in p.read_text().splitlines():
             proto, a, pa, z, pz = line.split()
-            a, z = str(ipaddress.ip_address(a)), str(ipaddress.ip_address(z))
             got.append((proto, *sorted([(a, pa), (z, pz)])))
     want = []
     with open(os.path.join(helpers.PCAPS, "tshark-flows-mix-eth-tls-http-dns.tsv")) as f:
@@ -483,3 +481,28 @@ def test_backend_instances_have_their_own_contextid(tmp_path):
             proto, a, pa, z, pz = row.split("\t")[:5]
             want.append((proto, *sorted([(a, pa), (z, pz)])))
     assert sorted(got) == sorted(want)
+
+
+# ============================================================================ FlowID readable addresses
+
+READABLE = """TrisulPlugin = { id = { name = "readable" },
+  simplecounter = { protocol_guid = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}",
+    onpacket = function(engine, layer)
+      local f = layer:packet():flowid()
+      print("ENDS " .. f:ipa_readable() .. " " .. f:ipz_readable())
+    end } }
+"""
+
+
+def test_flowid_readable_ipv6_is_rfc5952_text(tmp_path):
+    """ipa_readable()/ipz_readable() of an IPv6 flow are the text tshark prints and T.util.ntop gives (RFC 5952:
+    ff02::fb, not ff02:0:0:0:0:0:0:fb), so a script can compare them with an address it was given."""
+    cap = os.path.join(helpers.PCAPS, "mix-eth-tls-http-dns.pcap")
+    r = luaprobe("run", helpers.write_plugin(tmp_path, READABLE), "--pcap", cap, "--out", str(tmp_path / "out"),
+                 cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    got = {frozenset(ln.split("ENDS ", 1)[1].split()) for ln in r.stdout.splitlines() if "ENDS " in ln}
+    out = subprocess.run(["tshark", "-r", cap, "-Y", "udp", "-T", "fields", "-e", "ip.src", "-e", "ip.dst", "-e",
+                          "ipv6.src", "-e", "ipv6.dst"], capture_output=True, text=True, check=True).stdout
+    want = {frozenset(x for x in ln.split("\t") if x) for ln in out.splitlines()}
+    assert any(":" in a for pair in want for a in pair) and got == want

@@ -76,14 +76,12 @@ function FlowID:porta() parts(self); return self._porta end
 function FlowID:portz() parts(self); return self._portz end
 function FlowID:flow_type() parts(self); return self._type end
 
+-- "C0.A8.01.02" -> "192.168.1.2"; an IPv6 key (32 hex digits) -> RFC 5952 text ("2001:db8::1"), as T.util.ntop
+-- and the DNS analyser write it and tshark prints it (a script compares it with an address it was configured with)
+local ntop
 local function readable_ip(k)
-  if #k == 11 then
-    return ("%d.%d.%d.%d"):format(tonumber(k:sub(1, 2), 16), tonumber(k:sub(4, 5), 16),
-      tonumber(k:sub(7, 8), 16), tonumber(k:sub(10, 11), 16))
-  end
-  local g = {}
-  for i = 1, 32, 4 do g[#g + 1] = ("%x"):format(tonumber(k:sub(i, i + 3), 16)) end
-  return table.concat(g, ":")
+  ntop = ntop or require("luaprobe.engine.plugins.tlib").util.ntop
+  return ntop(k) or k
 end
 
 local function readable_port(k) return tostring(tonumber(k:sub(3), 16)) end
