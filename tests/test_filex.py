@@ -839,3 +839,51 @@ def test_body_until_close_is_complete_only_at_the_server_fin(tmp_path, capture):
     if capture == "trisul-tutorial.pcap":
         key = "06A:C0.A8.03.64:p-CCF3_C0.1E.FC.99:p-0050"
         assert got[key] == (1332, "truncated") and len(truth[20][1]) == 14240 and not truth[20][3]
+
+
+# ============================================================================ a new connection on a declined 5-tuple
+
+def two_connections(tmp_path, first: bytes, close_first: bool) -> tuple[str, bytes]:
+    """A capture of two TCP connections on one 5-tuple (tests/pktbuild.py): the first carries ``first`` (client to
+    server) and ends with FIN or not at all; the second, a new SYN with a new ISN 1 s later, carries an HTTP GET
+    and a 200 response with a 3000-byte body.  Returns (path, body)."""
+    from tests import pktbuild as pb
+    body = bytes(range(256)) * 11 + b"end of body\n"
+    a = pb.Conv(cport=40123, sport=80, cisn=1000, sisn=9000, t0=1700000000.0)
+    a.handshake()
+    a.send(True, first)
+    a.send(False, b"x" * 200)
+    if close_first:
+        a.close()
+    b = pb.Conv(cport=40123, sport=80, cisn=777777, sisn=555555, t0=a.t + 1.0)
+    b.handshake()
+    b.send(True, pb.http_request("/second.bin"))
+    b.send(False, pb.http_response(body, headers=[("Content-Length", str(len(body))),
+                                                  ("Content-Type", "application/octet-stream")]))
+    b.close()
+    path = str(tmp_path / "reuse.pcap")
+    pb.write_pcap(path, a.frames + b.frames)
+    return path, body
+
+
+@pytest.mark.parametrize("first,close_first", [(b"SSH-2.0-OpenSSH_9.6\r\n", True), (b"SSH-2.0-OpenSSH_9.6\r\n", False),
+                                               (b"GET /declined HTTP/1.1\r\nHost: a\r\n\r\n", True)])
+def test_a_new_connection_on_a_declined_5tuple_is_voted_on_again(tmp_path, first, close_first):
+    """docs/filex.md "Only HTTP flows are reassembled": a SYN starting a new connection on the same 5-tuple lets a
+    flow filex had declined (not HTTP, or filter_flow said no) vote again: the second connection's HTTP body is
+    extracted byte for byte (the truth: the body built into the capture) and filter_flow runs once per connection.
+    Before, the declined flow was out of the stage for good (stage_off) and the new connection's file was lost."""
+    path, body = two_connections(tmp_path, first, close_first)
+    decline = ('filter_flow = function(engine, ts, flow) record("filter_flow", flow:id()); '
+               'return ts >= 1700000001 end,')           # no to the first connection, yes to the second
+    plugin, out = make_plugin(tmp_path, COPY_PLUGIN, extra=decline)
+    summary = run(tmp_path, [plugin], [path])
+    st = fx(summary)
+    recs = [r for r in records(out) if r.get("copy")]
+    assert [open(r["copy"], "rb").read() for r in recs] == [body], (st, recs)
+    http_first = first.startswith(b"GET")
+    assert st["flows_not_http"] == (0 if http_first else 1)
+    assert st["flows_rejected"] == (1 if http_first else 0)
+    calls = [line for line in open(os.path.join(out, "manifest.tsv"))
+             if line.startswith("filter_flow")]
+    assert len(calls) == (2 if http_first else 1)

@@ -164,7 +164,8 @@ lp_flow fields (counters are doubles: exact up to 2^53, no boxed uint64):
                        does not know its index slot: free_flow finds it by probing from the hash, so
                        an index doubling writes no record (issue 10: one cache miss per live flow each)
   stage_off            written by the shared TCP reassembly only (engine/streams/stage.lua): 1 once no
-                       handler and no filex_monitor wants the flow, for good; 0 in every new record
+                       handler and no filex_monitor wants the flow, for good; 0 in every new record and
+                       when a new connection renews the record (port reuse)
   lsec                 packet-time second that last placed the flow in the LRU list
 --]]
 local ffi = require "ffi"
@@ -689,6 +690,7 @@ local function renew_if_reused(self, flows, idx, dir, seq, ts)
   e.retrans_az, e.retrans_za = 0, 0
   e.tcp_next[0], e.tcp_next[1], e.tcp_dirs = 0, 0, 0
   e.first_ts, e.last_ts = ts, ts
+  e.stage_off = 0                      -- a new connection: the reassembly stage decides about it again
   -- back into the age list in first_ts order: behind the flows this batch's insertion loop already
   -- appended with a later first packet (a few at most), so the walk from the tail is short
   local sen = self.capacity

@@ -430,7 +430,11 @@ function S:run(addr, n)
     local fi = p.flow
     if fi >= 0 and p.d.first[TCP] >= 0 and recs[fi].stage_off == 0 then
       local v = votes[fi]
-      if v.fxuid ~= p.flow_uid then v.fxuid, v.fx, v.hs = p.flow_uid, 0, 0 end
+      if v.fxuid ~= p.flow_uid then
+        v.fxuid, v.fx, v.hs = p.flow_uid, 0, 0
+      elseif v.fx < 0 and band(p.d.tcp_flags, 0x12) == 0x02 and recs[fi].first_ts == p.ts_sec + p.ts_nsec * 1e-9 then
+        v.fx, v.hs = 0, 0            -- the flow table renewed the record at this SYN (port reuse): filex votes again
+      end
       if v.yes > 0 or (filex and v.fx >= 0) then
         want[m] = i
         m = m + 1
