@@ -689,22 +689,26 @@ def test_stopped_capture_or_store_is_a_stall(daemon, role):
     assert not daemon.alive() and not daemon.segments()
 
 
-def test_stopped_shard_is_a_stall(daemon):
+@pytest.mark.parametrize("role", ["shards", "store"])
+def test_stopped_shard_is_a_stall(daemon, role):
     """shards = 3, one shard process SIGSTOPped: the input stops advancing (its ring fills, the capture waits);
-    the supervisor kills the tree after stall_timeout and restarts it, naming the stopped shard."""
+    the supervisor kills the tree after stall_timeout and restarts it, naming the stopped shard.  The same for one
+    shard's SQLite store writer (before: the sharded snapshot named no store, so a stopped one was never seen;
+    `stop` then missed stop_deadline, exit 5, and what the shards had not written was lost)."""
     daemon.write_config()
     text = open(daemon.config).read().replace('run_dir = "run"', 'run_dir = "run"\nshards = 3')
     open(daemon.config, "w").write(text.replace("stop_deadline = 15", "stop_deadline = 15\nstall_timeout = 3"))
     assert cli("start", "--config", daemon.config).returncode == 0
     daemon.pids.add(control.read_pid(daemon.run_dir))
-    st = helpers.wait_for(lambda: (s := daemon.status())["processes"].get("shards") and all(
-        s["processes"]["shards"]) and s, 30, 0.1)
+    st = helpers.wait_for(lambda: (s := daemon.status())["processes"].get(role) and len(
+        s["processes"][role]) == 3 and all(s["processes"][role]) and s, 30, 0.1)
     daemon.wait_packets()
-    pid = st["processes"]["shards"][1]
+    pid = st["processes"][role][1]
     daemon.pids |= {p.pid for p in psutil.Process(st["fastpath_pid"]).children(recursive=True)}
     os.kill(pid, signal.SIGSTOP)
     st = helpers.wait_for(lambda: (s := daemon.status())["restarts"] == 1 and s["state"] == "running" and s, 40, 0.1)
-    assert st["last_exit"].startswith("stalled: ") and f"shard process (pid {pid}) stopped" in st["last_exit"], st
+    name = {"shards": "shard"}.get(role, role)
+    assert st["last_exit"].startswith("stalled: ") and f"{name} process (pid {pid}) stopped" in st["last_exit"], st
     daemon.wait_packets(100)
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()

@@ -388,6 +388,9 @@ class ShardedRun:
         live = [c.pid for c in self.captures if c.poll() is None]
         if live:
             procs["capture"] = live[0] if len(live) == 1 else live
+        stores = [s.get("processes", {}).get("store") for s in snaps]   # each shard's SQLite writer: the daemon's
+        if any(stores):                                                  # stall rule looks for stopped ones too
+            procs["store"] = [p for p in stores if p]
         tot["processes"] = procs
         tot["plugins"] = [dict(p, shard=k) for k, s in enumerate(snaps) for p in s.get("plugins", [])]
         tot["shards"] = [{"shard": k, "pid": self.procs[k].pid if self.procs[k] else None,
