@@ -506,3 +506,41 @@ def test_flowid_readable_ipv6_is_rfc5952_text(tmp_path):
                           "ipv6.src", "-e", "ipv6.dst"], capture_output=True, text=True, check=True).stdout
     want = {frozenset(x for x in ln.split("\t") if x) for ln in out.splitlines()}
     assert any(":" in a for pair in want for a in pair) and got == want
+
+
+# ============================================================================ reset_flow_counter re-attaches
+
+RESET_FC = """local G = "{6A7B8C9D-0E1F-4A2B-8C3D-4E5F6A7B8C9D}"
+local n = 0
+TrisulPlugin = { id = { name = "reset fc" },
+  countergroup = { control = { guid = G, name = "server", bucketsize = 3600 },
+                   meters = { { 0, T.K.vartype.COUNTER, 10, 0, "bytes", "bytes", "B" } } },
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(engine, layer)
+      n = n + 1
+      if n == 1 then engine:add_flow_counter(layer:flowkey(), G, "k0", 0, 0) end
+      if n == 3 then engine:reset_flow_counter(layer:flowkey(), G, "k1", 0) end
+      if n == 9 then engine:reset_flow_counter(layer:flowkey(), G, "k2", 0) end
+      if n == 12 then engine:reset_flow_counter(layer:flowkey(), G) end
+    end } }
+"""
+
+
+def test_reset_flow_counter_replaces_the_flow_counter(tmp_path):
+    """trisul-scripts' httpserver/httpsvr.lua: "reset flow counter attaches a counter to flow so each packet is
+    automatically metered with this info until the next reset flow counter is called for that flow" — it passes
+    (flowkey, guid, key, meter).  Without key it only removes.  Truth: tshark's frame lengths of the one flow."""
+    cap = os.path.join(helpers.PCAPS, "http-get-text.pcap")
+    r = luaprobe("run", helpers.write_plugin(tmp_path, RESET_FC), "--pcap", cap, "--out", str(tmp_path / "out"),
+                 cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    lens = [int(x) for x in subprocess.run(["tshark", "-r", cap, "-T", "fields", "-e", "frame.len"],
+                                           capture_output=True, text=True, check=True).stdout.split()]
+    assert len(lens) == 14
+    import sqlite3
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    got = dict(db.execute("SELECT key, sum(value) FROM counters WHERE group_guid = ? GROUP BY key",
+                          ("{6A7B8C9D-0E1F-4A2B-8C3D-4E5F6A7B8C9D}",)))
+    db.close()
+    # a counter counts the packets after the one whose hook added it: k0 packets 2-3, k1 4-9, k2 10-12, none after
+    assert got == {"k0": sum(lens[1:3]), "k1": sum(lens[3:9]), "k2": sum(lens[9:12])}

@@ -369,11 +369,23 @@ function Engine:add_flow_counter(flowkey, guid, key, meter, direction)
   self.nflow_counters = self.nflow_counters + 1                    -- calls flow_counter_batch every batch
 end
 
-function Engine:reset_flow_counter(flowkey)
+--- Remove the flow's counters of group `guid` (all its counters when guid is nil); with `key`, then attach the
+--- counter (guid, key, meter, both directions) in their place, as add_flow_counter does.  Trisul's httpsvr.lua:
+--- "reset flow counter attaches a counter to flow so each packet is automatically metered with this info until
+--- the next reset flow counter is called for that flow" (it passes flowkey, guid, key, meter).
+function Engine:reset_flow_counter(flowkey, guid, key, meter)
   frontend_only(self, "reset_flow_counter")
   local fk = flowkey_of(flowkey)
   local list = self.flow_counters[fk]
-  if list then self.nflow_counters = self.nflow_counters - #list; self.flow_counters[fk] = nil end
+  if list then
+    local g, kept = guid and norm(guid), {}
+    for i = 1, #list do
+      if g ~= nil and list[i][1] ~= g then kept[#kept + 1] = list[i] end
+    end
+    self.nflow_counters = self.nflow_counters - (#list - #kept)
+    self.flow_counters[fk] = #kept > 0 and kept or nil
+  end
+  if guid ~= nil and key ~= nil then self:add_flow_counter(flowkey, guid, key, meter, 0) end
 end
 
 --- Apply registered flow counters to the current packet (fast path, when any exist).
