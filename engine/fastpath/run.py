@@ -55,6 +55,9 @@ def _bytes(x) -> bytes:
 PKT, EOF, ERROR, END, STATS, TIME = 0, 1, 2, 3, 4, 5
 BACKEND_KINDS = ("engine_monitor", "sg_monitor", "flowtracker")   #: backend types run per backend instance
 MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
+#: batches at the start of the packet loop that the summary's packet_loop_warmup accounts for apart: LuaJIT records
+#: and compiles most of the driver's and the plug-in VMs' traces in them, a cost per run, not per packet (issue 10)
+WARMUP_BATCHES = 64
 
 
 def _thread_rusage():
@@ -395,6 +398,8 @@ class FastPath:
         self.loop_start = self.loop_end = None   #: monotonic time of the first batch / after the last one
         self.loop_cpu_start = self.loop_cpu_end = None   #: this thread's CPU time at the same two points
         self.loop_ru_start = self.loop_ru_end = None     #: and its getrusage (page faults, context switches)
+        self.loop_batches = 0           #: batches walked
+        self.warmup = None              #: (monotonic, thread CPU, packets) after the first WARMUP_BATCHES batches
         self.rows_written = {"counters": 0, "alerts": 0, "resources": 0, "fts": 0, "key_info": 0, "flows": 0}
         self.declared: dict = {}       # {kind: {group key}} for the DECLARED kinds (rows_written counts these)
         self.info_keys: set = set()    # (group, key) of every key_info row: the store keeps one row (label) per key
@@ -847,6 +852,9 @@ class FastPath:
                     self._maybe_stats(rt, capture)
                     if self._reload or self._retiring:
                         self._reload_step(rt)
+                    self.loop_batches += 1
+                    if self.loop_batches == WARMUP_BATCHES:     # the first batches' share of the loop (summary)
+                        self.warmup = time.monotonic(), time.thread_time(), int(driver.packets)
                     continue
                 if loop_open:                   # after the last batch of a run of batches: two clock reads (~2 us,
                     loop_open = False           # not vDSO here) once, not per batch (issue 10)
@@ -1406,6 +1414,17 @@ class FastPath:
         else:
             self._stats_error = None
 
+    def _warmup_summary(self) -> dict:
+        """The first WARMUP_BATCHES batches of the packet loop: their packets and the loop's wall / thread CPU
+        seconds up to their end (from the same start as packet_loop_s / packet_loop_cpu_s), so that the rest of the
+        loop per packet, without the JIT warm-up, is (packet_loop_cpu_s - cpu_s) / (packets - warmup packets)
+        (tools/bench/corpus_bench.py "loop CPU after warm-up").  {} when the loop had fewer batches."""
+        if self.warmup is None or self.loop_start is None:
+            return {}
+        t, c, p = self.warmup
+        return {"batches": WARMUP_BATCHES, "packets": p, "s": round(t - self.loop_start, 4),
+                "cpu_s": round(c - self.loop_cpu_start, 4)}
+
     def _summary(self, rt, elapsed: float) -> dict:
         d = getattr(self, "driver_stats", {})
         cs = self.capture_stats or [0, 0, 0]
@@ -1423,6 +1442,7 @@ class FastPath:
             "packet_loop_s": round((self.loop_end or 0) - (self.loop_start or 0), 4),
             "packet_loop_cpu_s": round((self.loop_cpu_end or 0) - (self.loop_cpu_start or 0), 4),
             "packet_loop_rusage": _rusage_delta(self.loop_ru_start, self.loop_ru_end),   # the same interval
+            "packet_loop_warmup": self._warmup_summary(),
             "cpus_pinned": getattr(self, "pinned", None),   # {"capture": C, "fastpath": F} or None (shm/cpus.py)
             "files": self.cfg.files, "files_done": self.files_done, "input_errors": self.input_errors,
             "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),

@@ -18,6 +18,9 @@ What is timed (the same for every cell):
   path's thread (decode, flow table, every plug-in VM's walk, the Python loop around them) during
   the loop, ns per packet.  CPU time, not elapsed time: on a busy machine it grows much less than
   the rates shrink.  The capture process's copy runs in parallel on the other core and is not in it.
+* **after warm-up** — the same without the loop's first 64 batches (the summary's ``packet_loop_warmup``):
+  LuaJIT records and compiles most traces there, a cost per run (5-15 ms) that a 250 000-packet
+  capture spreads as 20-60 ns over each packet; this column is the per-packet cost.
 * **engine** — the run summary's ``closed_s``: FastPath.run from its start (store writer and
   capture process started, plug-ins loaded) until the SQLite database is closed, so it includes
   the capture process reading the file into the packet ring, decoding, the flow table, every
@@ -120,7 +123,7 @@ def luaprobe_run(path: str, plugdir: str, workdir: str) -> dict:
 
 def cell(path: str, n: int, shape: str, runs: int, workdir: str) -> dict:
     plugdir = shapes.write(shape, os.path.join(workdir, "plugins-" + shape))
-    loop, cpu, engine, wall, rss = [], [], [], [], 0.0
+    loop, cpu, steady, engine, wall, rss = [], [], [], [], [], 0.0
     for _ in range(runs):
         r = luaprobe_run(path, plugdir, workdir)
         s = r["summary"]
@@ -128,10 +131,13 @@ def cell(path: str, n: int, shape: str, runs: int, workdir: str) -> dict:
             raise SystemExit(f"{path} / {shape}: luaprobe saw {s['packets']} packets, the file has {n}")
         loop.append(n / s["packet_loop_s"])
         cpu.append(s["packet_loop_cpu_s"] / n * 1e9)
+        w = s.get("packet_loop_warmup") or {}
+        if w:       # the loop after its first batches (LuaJIT's warm-up: a cost per run): engine/fastpath/run.py
+            steady.append((s["packet_loop_cpu_s"] - w["cpu_s"]) / (n - w["packets"]) * 1e9)
         engine.append(n / s["closed_s"])
         wall.append(n / r["wall"])
         rss = max(rss, r["rss_mb"])
-    return {"loop": loop, "cpu": cpu, "engine": engine, "wall": wall, "rss_mb": rss}
+    return {"loop": loop, "cpu": cpu, "steady": steady or [float("nan")], "engine": engine, "wall": wall, "rss_mb": rss}
 
 
 def fmt(x: float) -> str:
@@ -166,8 +172,8 @@ def main(argv=None) -> int:
     start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
     emit("| traffic | packets | plug-in | loop packets/s min / median / max | spread | loop CPU ns/packet min / median / max "
-         "| engine median | wall median | walk median | loop / walk | engine / walk | RSS MB |")
-    emit("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+         "| after warm-up | engine median | wall median | walk median | loop / walk | engine / walk | RSS MB |")
+    emit("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     res = {}                                  # (traffic, plug-in) -> cell() result + walk median
     with tempfile.TemporaryDirectory(prefix="lp-bench-") as work:
         for c in traffic:
@@ -183,6 +189,7 @@ def main(argv=None) -> int:
                 med = statistics.median(lp)
                 emit(f"| {c} | {n:,} | {s} | {fmt(min(lp))} / {fmt(med)} / {fmt(max(lp))} | "
                      f"{max(lp) / min(lp):.2f} | {min(r['cpu']):.0f} / {statistics.median(r['cpu']):.0f} / {max(r['cpu']):.0f} | "
+                     f"{min(r['steady']):.0f} / {statistics.median(r['steady']):.0f} / {max(r['steady']):.0f} | "
                      f"{fmt(emed)} | "
                      f"{fmt(statistics.median(r['wall']))} | {fmt(wmed)} | "
                      f"{med / wmed:.0%} | {emed / wmed:.0%} | {r['rss_mb']:.0f} |")
