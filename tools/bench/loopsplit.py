@@ -14,7 +14,10 @@ from the first batch to the last) per packet into
 * **flows** — of fill, the flow table's ``update_batch`` (timed in the driver VM with the thread CPU clock, two
   clock reads per batch), so fill - flows is the ring, the decoder and the batch bookkeeping;
 * **walk**  — every plug-in VM's batch walk (hooks included), plus its lupa call;
-* **rest**  — the loop between batches: ticks, T.async polling, stats, clocks (loop CPU minus the two above).
+* **rest**  — the loop between batches: ticks, T.async polling, stats, clocks (loop CPU minus the two above);
+  of it, **between** — from each batch's last walk to the next fill call (one pass of the Python loop), and
+  **idle** — fill calls that found no batch after the first (the ring empty: the capture process behind), with
+  their count; the remainder is the idle loop around those (waits, service, stats).
 
 and, batch by batch (the thread CPU of each batch's fill and walks), the same loop CPU as
 
@@ -116,7 +119,8 @@ def one_run(path: str, plugdir: str, workdir: str, batch: int, ring_mb: int = 32
     """One in-process fast-path run: {fill, flows, walk, rest, loop: CPU ns per packet, per_batch: packets}."""
     from luaprobe.engine.fastpath import run as runmod
     acc = {"fill": 0, "walk": 0, "batches": 0, "lua": None, "wrapped": False, "per": [],
-           "thp": 0, "thp_at": 0.0}
+           "thp": 0, "thp_at": 0.0,
+           "gaps": [], "last_end": 0, "fill0": 0, "nfill0": 0}
     method, budgeted = runmod.method, runmod.FastPath.__dict__["_budgeted"]
 
     def timed_method(lua, name):
@@ -131,11 +135,17 @@ def one_run(path: str, plugdir: str, workdir: str, batch: int, ring_mb: int = 32
                 acc["wrapped"] = True
                 time.sleep(producer_first)     # the capture process fills the ring before the first batch
             t = time.thread_time_ns()
+            if acc["per"] and acc["last_end"]:
+                acc["gaps"].append((len(acc["per"]), t - acc["last_end"]))   # the loop between batches
+                acc["last_end"] = 0
             r = f(d)
             k = r[0] if isinstance(r, tuple) else r
             if not k and acc["batches"] and time.monotonic() - acc["thp_at"] > 0.1:
                 acc["thp_at"] = time.monotonic()          # idle or end of input: the flow table's huge pages now
                 acc["thp"] = max(acc["thp"], anon_huge_kib())
+            if not k and acc["batches"]:
+                acc["fill0"] += time.thread_time_ns() - t
+                acc["nfill0"] += 1
             if k:
                 dt = time.thread_time_ns() - t
                 acc["fill"] += dt
@@ -150,7 +160,9 @@ def one_run(path: str, plugdir: str, workdir: str, batch: int, ring_mb: int = 32
         def run(host, addr, n):
             t = time.thread_time_ns()
             r = inner(host, addr, n)
-            dt = time.thread_time_ns() - t
+            t2 = time.thread_time_ns()
+            dt = t2 - t
+            acc["last_end"] = t2
             acc["walk"] += dt
             if acc["per"]:
                 acc["per"][-1][2] += dt
@@ -175,7 +187,8 @@ def one_run(path: str, plugdir: str, workdir: str, batch: int, ring_mb: int = 32
     warm_x = (per[0][2] + sum(f + w - steady * k for k, f, w in warm)) / n
     late = [f + w - steady * k for k, f, w in per[WARM_BATCHES:]]
     slow_x = sum(x for x in late if x > SLOW * steady * 1024) / n   # batches far above the typical one
-    return {"all": sum(f + w for _k, f, w in per) / n,     # every batch's fill and walks, the first one's included
+    return {"gaps": acc["gaps"], "between": sum(x for _, x in acc["gaps"]) / n,
+            "fill0": acc["fill0"] / n, "nfill0": acc["nfill0"], "all": sum(f + w for _k, f, w in per) / n,     # every batch's fill and walks, the first one's included
             "traces": traces, "thp_mib": acc["thp"] / 1024, "pinned": s.get("cpus_pinned"),
             "nivcsw": s.get("packet_loop_rusage", {}).get("nivcsw"),
             "steady": steady, "warm": warm_x, "slow": slow_x, "per": per,
@@ -199,8 +212,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     print("CPU ns per packet of the fast-path thread, min / median of the runs\n")
     print("| traffic | plug-ins | all batches | loop | fill | of which flows | walk | rest | steady | warm-up | slow batches "
-          "| driver JIT ms (traces / aborts) | release (wakes) | packets per batch |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| between | idle (polls) | driver JIT ms (traces / aborts) | release (wakes) | packets per batch |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in a.corpus.split(","):
         path = corpus.make(c, True)
         with tempfile.TemporaryDirectory(prefix="lp-loopsplit-") as work:
@@ -211,8 +224,10 @@ def main(argv=None) -> int:
         cols = " | ".join(f"{min(r[k] for r in runs):.1f} / {statistics.median(r[k] for r in runs):.1f}"
                           for k in ("all", "loop", "fill", "flows", "walk", "rest", "steady", "warm", "slow"))
         med = {k: statistics.median(r[k] for r in runs) for k in ("nslow", "jit_ms", "jit_traces", "jit_aborts",
-                                                                   "release", "wakes", "per_batch")}
-        print(f"| {c} | {a.shapes} | {cols} ({med['nslow']:.0f}) | {med['jit_ms']:.1f} ({med['jit_traces']:.0f} / "
+                                                                   "release", "wakes", "per_batch", "between",
+                                                                   "fill0", "nfill0")}
+        print(f"| {c} | {a.shapes} | {cols} ({med['nslow']:.0f}) | {med['between']:.1f} | {med['fill0']:.1f} "
+              f"({med['nfill0']:.0f}) | {med['jit_ms']:.1f} ({med['jit_traces']:.0f} / "
               f"{med['jit_aborts']:.0f}) | {med['release']:.1f} ({med['wakes']:.0f}) | {med['per_batch']:.0f} |",
               flush=True)
     return 0
