@@ -118,6 +118,8 @@ end
 
 -- Copy the records reader rd returns into ring r (or a sharder) until it returns nil or stop() says so:
 -- packets, bytes, stopped (stop is checked while waiting for ring space and every 4096 records)
+M.clipped = 0    --- records cut to the packet ring's record limit (engine/capture/process.py warns)
+
 local function push(r, rd, stop)
   local n, bytes, since, stopped = 0, 0, 0, false
   local sharded = r.rings ~= nil
@@ -127,6 +129,10 @@ local function push(r, rd, stop)
     if ptr == nil then break end
     local rr = r
     if sharded then rr = r:pick(ptr, caplen, linktype, ts_sec, stop) end
+    if REC + caplen > rr.max_record then     -- longer than half the packet ring (--packet-ring-mb 1: 512 KiB): cut
+      caplen = rr.max_record - REC           -- to fit, as a smaller snaplen would (wirelen kept); was an input error
+      M.clipped = M.clipped + 1              -- that named capture.lua and ended the file at "byte offset 0"
+    end
     local p = rr:reserve(REC + caplen)
     if p == nil then
       if sharded then r:publish() end

@@ -200,10 +200,23 @@ def main(argv=None) -> int:
                 yield path
             if not args.loop or failed:
                 return
+    def warn_clipped(path) -> None:
+        n = int(cap.clipped)
+        if n:
+            cap.clipped = 0
+            limit = int(lua.eval("function(r) return (r.rings and r.rings[1] or r).max_record end")(ring)) - int(pkt.REC_SIZE)
+            from luaprobe.shm import logs
+            logs.setup()
+            logs.log.warning("%s: %d packet record(s) longer than the packet ring's record limit were cut to %d "
+                             "captured bytes (wire length kept; raise --packet-ring-mb / [fastpath] packet_ring_mb)",
+                             logs.path_text(os.fsencode(path)), n, limit)
+
     for path in files():
         try:
             if is_stream(path):
-                if _read_stream(path, lua, ring, stop):
+                stopped = _read_stream(path, lua, ring, stop)
+                warn_clipped(path)
+                if stopped:
                     break
                 eof_sent.add(path)
                 control(ring, pkt.EOF, os.fsencode(path))
@@ -214,6 +227,7 @@ def main(argv=None) -> int:
                 except Exception as e:                      # a bad file header raises in Lua
                     off, msg = split_lua_error(e)
                     raise InputError(path, off, msg) from None
+            warn_clipped(path)
             if err is not None:
                 raise InputError(path, int(off), err.decode("utf-8", "replace"))
             if stopped:                                     # not read to its end: no EOF (files_done)
