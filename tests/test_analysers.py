@@ -298,3 +298,24 @@ def test_bad_analyser_name(tmp_path):
     with pytest.raises(ValueError, match="unknown analyser 'dnz'"):
         parse_names("dns,dnz")
     assert json.dumps(sorted(parse_names("all"))) == '["counters", "dns", "http", "tls"]'
+
+
+def test_analysers_alone_without_a_plugin(tmp_path):
+    """docs/plugins.md: `luaprobe run --analysers ...` stores the analysers' output even without scripts: no PLUGIN
+    is needed then (exit 0, the DNS answers tshark shows); without PLUGIN and without an analyser it is a usage
+    error (exit 2, one line, nothing created)."""
+    import sys
+    cap = pcap("dns-udp-a-aaaa-mx.pcap")
+    cli = [sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "--pcap", cap]
+    r = subprocess.run(cli + ["--analysers", "dns", "--out", str(tmp_path / "a")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    answers = sum(int(n) for (n,) in tshark(cap, "-Y", "dns.flags.response == 1", "-T", "fields", "-e",
+                                            "dns.count.answers"))
+    db = sqlite3.connect(tmp_path / "a" / "luaprobe.sqlite")
+    assert db.execute("SELECT count(*) FROM resources WHERE resource_guid = ?", (RES_DNS,)).fetchone() == (answers,)
+    db.close()
+    for extra in ([], ["--analysers", "none"]):
+        r = subprocess.run(cli + extra + ["--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().startswith("luaprobe run: give a PLUGIN"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()

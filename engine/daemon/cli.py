@@ -271,6 +271,10 @@ def _run(args) -> int:
     from .usage import InputProblem, UsageError, check_captures, check_dir_target, check_lua_paths, \
         check_new_file, check_out_dir, check_plugins
     from .settings import dirs
+    if not args.plugins and not _analysers_asked(args.analysers):
+        print("luaprobe run: give a PLUGIN file or directory (or --analysers LIST to store only the built-in "
+              "analysers' output; docs/plugins.md)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         check_plugins(args.plugins)
         check_lua_paths(args.lua_path)
@@ -587,6 +591,15 @@ def _daemon_command(args) -> int:
         return EXIT_USAGE
 
 
+def _analysers_asked(spec) -> bool:
+    """--analysers names at least one analyser (a bad name is reported later, with the other run options)."""
+    from luaprobe.engine.analysers import parse_names
+    try:
+        return bool(parse_names(spec))
+    except ValueError:
+        return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     from .usage import Parser, int_in
@@ -597,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     shm.add_argument("action", choices=["clean", "list"])
     shm.set_defaults(func=cmd_shm)
     run = sub.add_parser("run", help="run plug-ins over capture files")
-    run.add_argument("plugins", nargs="+", metavar="PLUGIN", help="plug-in files or directories")
+    run.add_argument("plugins", nargs="*", metavar="PLUGIN",
+                     help="plug-in files or directories (none: only the --analysers' output is stored)")
     src = run.add_mutually_exclusive_group(required=True)
     src.add_argument("--pcap", nargs="+", action="extend", metavar="FILE",
                      help="pcap or pcapng files, read in the order given (--pcap may be repeated)")

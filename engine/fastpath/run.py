@@ -79,7 +79,7 @@ def preflight(cfg) -> None:
     shard): PluginError when there is no plug-in file; UsageError when the async backend "ray" is asked for and
     the ray package is not installed.  (Backend instances are 1..64 by the settings table, engine/daemon/settings.py.)"""
     files = discover(cfg.plugins, cfg.lua_path)
-    if not files:
+    if not files and cfg.plugins:           # no PLUGIN at all: a run of the --analysers alone (cli.py checks)
         raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
     if cfg.async_config.backend == "ray":
         import importlib.util
@@ -418,7 +418,7 @@ class FastPath:
         # each top level under the hook budget (engine/plugins/host.lua boot); the daemon's stall rule watches
         # loading too (supervisor._check_stall): a beat naming each file before it loads
         self.infos = probe_all(cfg.plugins, cfg.lua_path, cfg.hook_budget, before=self._loading)
-        if not self.infos:
+        if not self.infos and cfg.plugins:
             raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
         for i in self.infos:                 # warned, not adapted: see discovery.old_onupdate_warning
             if i.old_onupdate:
