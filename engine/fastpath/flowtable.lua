@@ -135,8 +135,8 @@ stream, here too).  The old record is handed to on_renew(idx) (when set: the dri
 row of its own), then the record starts again in place for this packet: same key, index slot and id
 (reassembly, keyed by id, finds the new connection itself from the SYN), counters, state and TCP
 tracking from zero, first_ts = the SYN's time (moved to its place in the age list); ft.renewed counts
-it (ft.created counts new_flow's records, whose ids it numbers).  update_batch looks for SYN-without-ACK
-packets in the key loop (loop 1, branch-free); only a batch holding one runs loop 3 packet by packet with the check.
+it (ft.created counts new_flow's records, whose ids it numbers).  update_batch checks each SYN-without-ACK
+packet in loop 3, in packet order, before its counters.
 
 lp_flow fields (counters are doubles: exact up to 2^53, no boxed uint64):
   id                   unique increasing number per flow record (1, 2, ...)
@@ -397,16 +397,17 @@ end
 --               goes on a miss list);
 --   2. insert   only the misses: probe again (an earlier packet of the same
 --               batch may have created the flow) and create the record;
---   3. account  per packet, in packet order: last_ts, packets, bytes,
---               payload (account, straight line); for a TCP segment (one
---               test) flags seen, state, setup RTT and retransmissions
---               (tcp_state, tcp_track, branch-free inside); then the LRU
---               move to the list tail when the packet's second is later
---               than the flow's lsec (lru_touch).  One loop: each packet's
---               batch entry, decoded fields and record are read once (they
---               were four loops, each reading them again: ~10-20 ns/packet).
---               Whether the batch holds a SYN without ACK (port reuse) is
---               found in loop 1, which reads the TCP flags anyway.
+--   3. account  per packet, in packet order: for a SYN without ACK (one
+--               test) the port-reuse check (renew_if_reused); last_ts,
+--               packets, bytes, payload (account, straight line); for a TCP
+--               segment (one test) flags seen, state, setup RTT and
+--               retransmissions (tcp_state, tcp_track, branch-free inside);
+--               then the LRU move to the list tail when the packet's second
+--               is later than the flow's lsec (lru_touch).  One loop: each
+--               packet's batch entry, decoded fields and record are read
+--               once (they were a SYN scan and three loops, or a packet-by-
+--               packet variant for batches holding a SYN, each reading them
+--               again: ~10-20 ns/packet).
 -- The probe loop is bounded: the index is kept at most half full, so a probe
 -- chain always ends at an empty slot.
 -- Two hidden costs of a trace exit, avoided throughout (tests/test_flowtable_jit.py
@@ -704,28 +705,6 @@ local function renew_if_reused(self, flows, idx, dir, seq, ts)
   self.renewed = self.renewed + 1
 end
 
--- Loop 3 packet by packet (a batch holding a SYN without ACK): the port-reuse check of each such packet,
--- then its counters and TCP state, in packet order (the same results as loop 3 otherwise; the LRU moves follow).
-local function counters_in_order(self, flows, b, n)
-  for k = 0, n - 1 do
-    local p = b[k]
-    local idx = p.flow
-    local uid = 0
-    if idx >= 0 then
-      local d = p.d
-      local ts = p.ts_sec + p.ts_nsec * 1e-9
-      if band(d.tcp_flags, 0x12) == 0x02 then renew_if_reused(self, flows, idx, p.dir, d.tcp_seq, ts) end
-      uid = account(flows, idx, p.dir, ts, p.wirelen, d.payload_length)
-      local tf = d.first[TCP]
-      if bor(d.tcp_flags, 1 + tf) ~= 0 then
-        tcp_state(flows, idx, p.dir, p.ts_sec, p.ts_nsec, d.payload_length, d.tcp_flags, d.tcp_seq,
-                  band(rshift(bnot(tf), 31), 1))
-      end
-    end
-    p.flow_uid = uid
-  end
-end
-
 --- One packet (tools, tests and the single-packet users): the same
 --- steps as update_batch.  d lp_decoded, ts packet time (s), wirelen bytes
 --- (default d.caplen).  Returns idx, dir, is_new (see the module doc).
@@ -766,15 +745,11 @@ function FT:update_batch(b, n)
   local keys, miss = self.keys, self.miss
   local kw = cast(i32_ptr, keys)
   local flows = self.flows
-  -- 1. lookup (read-only).  a: keys and hashes; p.flow = 0 marks a packet to look up; syns: 2 when the batch
-  -- holds a SYN without ACK (ACK 0x10 >> 3 = 0x02), for loop 3
-  local syns = 0
+  -- 1. lookup (read-only).  a: keys and hashes; p.flow = 0 marks a packet to look up
   for k = 0, n - 1 do
     local p = b[k]
     local d = p.d
     local v = d.ip_version
-    local fl = d.tcp_flags
-    syns = bor(syns, band(fl, bnot(rshift(fl, 3)), 0x02))
     local x = -1
     p.dir = 0
     if v ~= 0 and d.frag ~= 1 then     -- an IP fragment has no flow: its datagram (d.frag 2) counts it
@@ -828,22 +803,16 @@ function FT:update_batch(b, n)
       b[k].flow = x
     end
   end
-  -- 3. per packet, in packet order: counters, the TCP state of a TCP segment, the LRU move (a flow's first
-  -- packet of a later second).  A batch holding a SYN without ACK (port reuse is checked for it: "Port reuse")
-  -- does the counters and TCP state packet by packet with the check, then the LRU moves
+  -- 3. per packet, in packet order: the port-reuse check of a SYN without ACK ("Port reuse"), counters, the
+  -- TCP state of a TCP segment, the LRU move (a flow's first packet of a later second)
   local sen = self.capacity
-  if syns ~= 0 then
-    counters_in_order(self, flows, b, n)
-    for k = 0, n - 1 do
-      local idx = b[k].flow
-      if idx >= 0 then lru_touch(flows, idx, b[k].ts_sec, sen) end
-    end
-    return
-  end
   for k = 0, n - 1 do
     local idx = b[k].flow
     local uid = 0
     if idx >= 0 then
+      if band(b[k].d.tcp_flags, 0x12) == 0x02 then     -- no reference to b[k] kept across the call
+        renew_if_reused(self, flows, idx, b[k].dir, b[k].d.tcp_seq, b[k].ts_sec + b[k].ts_nsec * 1e-9)
+      end
       local p = b[k]
       local d = p.d
       local tf = d.first[TCP]               -- -1: not TCP
