@@ -372,3 +372,50 @@ def test_check_reports_every_script_type(tmp_path):
         assert f"{t} (not supported)" in r.stdout and f"script type '{t}' is not supported" in r.stdout, t
     # simplecounter without protocol_guid etc. is a problem of the file, named, exit 4 (not a crash)
     assert r.returncode == 4, r.stdout
+
+
+FT_UDP = r'''
+TrisulPlugin = { id = { name = "top udp" },
+  flowtracker = {
+    control = { name = "Top UDP", description = "udp flows by bytes", bucketsize = 300, count = 4 },
+    getmetric = function(engine, f)
+      if f:flow():protocol() == "11" then return f:az_bytes() + f:za_bytes() end
+    end } }
+'''
+
+
+@needs_tshark
+def test_flowtracker_bucket_ranked_again_when_a_late_flow_ends(tmp_path):
+    """A flow's record arrives when it ends (120 s idle), often after the bucket of its last packet was written
+    (300 s buckets of trisul-16minutes.pcap): the bucket is ranked again with its earlier top-K; before, the late
+    record's rows replaced rank 1.. of the bucket (the flow_toppers rows are keyed by rank), losing the best flows.
+    Truth: tshark's UDP frames, split into records at 120 s idle, ranked per bucket of the last packet."""
+    cap = os.path.join(DATA, "trisul-16minutes.pcap")
+    plugin = helpers.write_plugin(tmp_path, FT_UDP, "ftudp.lua")
+    summary, out = run(tmp_path, [plugin], files=(cap,))
+    records, open_ = [], {}
+    for line in tshark("-r", cap, "-Y", "ip && udp && !icmp", "-T", "fields", "-e", "frame.time_epoch", "-e", "ip.src",
+                       "-e", "udp.srcport", "-e", "ip.dst", "-e", "udp.dstport", "-e", "frame.len").splitlines():
+        t, src, sp, dst, dp, ln = line.split("\t")
+        key, t = flowkey(src, int(sp), dst, int(dp), 17), float(t)
+        cur = open_.get(key)
+        if cur is None or t - cur[1] > 120:
+            if cur is not None:
+                records.append((key, cur))
+            cur = open_[key] = [0, t]
+        cur[0] += int(ln)
+        cur[1] = t
+    records += list(open_.items())
+    buckets = collections.defaultdict(list)
+    for key, (nbytes, last) in records:
+        last = int(last)
+        buckets[last - last % 300].append((nbytes, key))
+    want = []
+    for b in sorted(buckets):
+        want += [("Top UDP", b, rank, key, m) for rank, (m, key) in enumerate(heapq.nlargest(4, buckets[b]), 1)]
+    with Store(out) as s:
+        got = sorted((r["tracker"], int(r["bucket_ts"]), int(r["rank"]), r["flowkey"], int(r["metric"]))
+                     for r in s.flow_toppers())
+    assert got == want
+    st = summary["flow_backends"]
+    assert st["toppers_written"] == len(want) and st["toppers_rewritten"] > 0 and st["toppers_late"] == 0

@@ -25,6 +25,8 @@ import zlib
 from luaprobe.engine.plugins.monitors import kept
 from luaprobe.engine.fastpath.flowrows import FIELDS as FLOW_ROW_FIELDS   #: a full record (flowrows.py)
 
+TOPPER_HORIZON = 12     #: closed flowtracker buckets kept for late records (a flow's record comes idle/active timeout
+                        #: after its last packet: 120 s / 1800 s, within 12 buckets of 300 s)
 _SCRIPT_PAD = [0x800, 0, 0, None, 0, 0]   #: a script-made record's flags, payloads, setup RTT, retransmissions
 
 
@@ -56,7 +58,13 @@ class FlowBackends:
         self.held: list[list] = []
         self.by_key: dict[str, list] = {}
         self.buckets: dict[tuple, list] = {}     #: (tracker name, bucket_ts) -> [(metric, flowkey)]
-        self.stats = {"flows_flushed": 0, "flows_filtered_out": 0, "toppers_written": 0}
+        #: (tracker name, bucket_ts) -> its written top-K, kept TOPPER_HORIZON buckets after it closed: a record
+        #: whose last packet falls in a closed bucket (a flow ends idle_timeout after its last packet, often after
+        #: its bucket closed) is ranked with them and the bucket's ranks are written again
+        self.closed: dict[tuple, list] = {}
+        self.closed_upto: dict[str, int] = {}   #: tracker name -> the newest bucket closed so far
+        self.stats = {"flows_flushed": 0, "flows_filtered_out": 0, "toppers_written": 0, "toppers_rewritten": 0,
+                      "toppers_late": 0}
 
     @property
     def active(self) -> bool:
@@ -173,7 +181,10 @@ class FlowBackends:
             r[13] = _join_tags((r[13] + " " + _text(v)).split())
 
     def _close_buckets(self, now) -> None:
-        """Top-K rows of flowtracker buckets that ended by `now` (all when None)."""
+        """Top-K rows of flowtracker buckets that ended by `now` (all when None).  A bucket that receives records
+        after it closed is ranked again with its earlier top-K and all its ranks are rewritten (the rows are
+        keyed by rank: writing only the late records would replace the best flows); records for a bucket closed
+        more than TOPPER_HORIZON buckets ago are counted in toppers_late and not ranked."""
         out = []
         counts = {info["name"]: int(info["count"]) for info in self.trackers.values()}
         sizes = {info["name"]: int(info["bucketsize"]) for info in self.trackers.values()}
@@ -181,9 +192,19 @@ class FlowBackends:
             name, b = key
             if now is not None and b + sizes[name] > now:
                 continue
-            top = heapq.nlargest(counts[name], self.buckets.pop(key), key=lambda x: (x[0], x[1]))
+            new = self.buckets.pop(key)
+            if key not in self.closed and b <= self.closed_upto.get(name, b - 1):
+                self.stats["toppers_late"] += len(new)
+                continue
+            before = self.closed.get(key, [])
+            top = heapq.nlargest(counts[name], before + new, key=lambda x: (x[0], x[1]))
+            self.stats["toppers_rewritten"] += len(before)
+            self.stats["toppers_written"] += len(top) - len(before)
+            self.closed[key] = top
+            self.closed_upto[name] = max(b, self.closed_upto.get(name, b))
             out += [(name, b, rank, fk, m) for rank, (m, fk) in enumerate(top, 1)]
-        self.stats["toppers_written"] += len(out)
+        for key in [k for k in self.closed if k[1] < self.closed_upto[k[0]] - TOPPER_HORIZON * sizes[k[0]]]:
+            del self.closed[key]
         self.write("flow_toppers", out)
 
 
