@@ -295,37 +295,54 @@ def test_generate_sharded_equals_single(tmp_path):
     assert min(s["packets"] for s in s2["shards"]) > 2000          # generated hosts spread over both
 
 
+def read_stats(path: str) -> dict:
+    """The coordinator's stats snapshot ({} while it has not written one whole)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def run_killing(tmp_path, out: str, spec: str, pick, **kw) -> tuple[dict, psutil.Process, dict]:
+    """A 2-shard --generate run (the shard plug-ins) in a thread; the process ``pick(stats snapshot)`` names, once
+    it names one, gets SIGKILL.  Returns (the run's summary, that process, the first snapshot listing a shard
+    death)."""
+    import threading
+    plugins = tmp_path / "plugins-kill"
+    write_shard_plugins(plugins, out)
+    os.makedirs(out)
+    stats = os.path.join(out, "stats.json")
+    run = make_run(RunConfig(plugins=[str(plugins)], files=[], out_dir=out, shards=2, generate=spec,
+                             stats_file=stats, stats_interval=0.1, **kw))
+
+    def snap():
+        return read_stats(stats)
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("s", run.run()))
+    t.start()
+    try:
+        victim = wait_for(lambda: pick(snap()), timeout=60)
+        victim.kill()
+        seen = wait_for(lambda: (sn := snap()).get("shard_deaths") and sn, timeout=60)
+    finally:
+        t.join(120)
+    assert not t.is_alive()
+    return box["s"], victim, seen
+
+
 def test_crashed_shard_restarts_others_keep_running(tmp_path):
     """kill -9 of shard 1 mid-run: it restarts on its ring, the run completes, shard 0's flows are exactly
     those of an undisturbed run (the model says which flows are shard 0's)."""
     spec = "packets=300000,flows=2000,mix=tcp=70:udp=30,seed=5"
     ref = dump(run_n(tmp_path, 2, files=[], name="ref", generate=spec)[1])
-    plugins = tmp_path / "plugins-kill"
     out = str(tmp_path / "kill")
-    write_shard_plugins(plugins, out)
-    os.makedirs(out)
-    stats = os.path.join(out, "stats.json")
-    import threading
-    run = make_run(RunConfig(plugins=[str(plugins)], files=[], out_dir=out, shards=2, generate=spec,
-                             stats_file=stats, stats_interval=0.1))
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("s", run.run()))
-    t.start()
-    try:
-        def victim():
-            try:
-                with open(stats) as f:
-                    snap = json.load(f)
-            except (OSError, ValueError):
-                return None
-            sh = snap.get("shards", [])
-            return sh[1]["pid"] if len(sh) == 2 and sh[1]["packets"] > 20000 else None
-        pid = wait_for(victim, timeout=60)
-        os.kill(pid, signal.SIGKILL)
-    finally:
-        t.join(120)
-    assert not t.is_alive()
-    s = box["s"]
+
+    def shard1(snap):
+        sh = snap.get("shards", [])
+        return psutil.Process(sh[1]["pid"]) if len(sh) == 2 and sh[1]["packets"] > 20000 else None
+    s, victim, _ = run_killing(tmp_path, out, spec, shard1)
+    pid = victim.pid
     assert [x["restarts"] for x in s["shards"]] == [0, 1]
     # the loss is counted and fails the run: the dead process's packets (from its shared progress word)
     [death] = s["shard_deaths"]
@@ -568,11 +585,7 @@ def test_live_capturing_means_every_socket_joined(tmp_path, veth):
     t.start()
     try:
         def snap():
-            try:
-                with open(stats) as f:
-                    return json.load(f)
-            except (OSError, ValueError):
-                return {}
+            return read_stats(stats)
 
         def ready():
             return snap().get("capturing") is True or not t.is_alive()
@@ -615,36 +628,14 @@ def test_a_shard_whose_store_writer_dies_counts_the_rows_it_lost(tmp_path):
     the summary and the stats snapshot sum them, the exit line names them, and every packet is still accounted
     for.  Before, the shard died with a traceback and its lost rows appeared nowhere (summary, stats, supervisor)."""
     spec = "packets=300000,flows=2000,mix=tcp=70:udp=30,seed=5"
-    plugins = tmp_path / "plugins"
-    out = str(tmp_path / "out")
-    write_shard_plugins(plugins, out)
-    os.makedirs(out)
-    stats = os.path.join(out, "stats.json")
-    import threading
-    run = make_run(RunConfig(plugins=[str(plugins)], files=[], out_dir=out, shards=2, generate=spec,
-                             stats_file=stats, stats_interval=0.1, idle_timeout=1))
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("s", run.run()))
-    t.start()
-    try:
-        def victim():
-            try:
-                with open(stats) as f:
-                    snap = json.load(f)
-            except (OSError, ValueError):
-                return None
-            sh = snap.get("shards", [])
-            if not (len(sh) == 2 and sh[1]["packets"] > 20000):
-                return None
-            kids = [c for c in psutil.Process(sh[1]["pid"]).children() if "luaprobe.engine.store.writer" in c.cmdline()]
-            return kids[0] if kids else None
-        writer = wait_for(victim, timeout=60)
-        writer.kill()
-        seen = wait_for(lambda: (snap := json.load(open(stats))).get("shard_deaths") and snap, timeout=60)
-    finally:
-        t.join(120)
-    assert not t.is_alive()
-    s = box["s"]
+
+    def writer1(snap):
+        sh = snap.get("shards", [])
+        if not (len(sh) == 2 and sh[1]["packets"] > 20000):
+            return None
+        kids = [c for c in psutil.Process(sh[1]["pid"]).children() if "luaprobe.engine.store.writer" in c.cmdline()]
+        return kids[0] if kids else None
+    s, writer, seen = run_killing(tmp_path, str(tmp_path / "out"), spec, writer1, idle_timeout=1)
     assert [x["restarts"] for x in s["shards"]] == [0, 1]
     [death] = s["shard_deaths"]
     assert death["shard"] == 1 and death["status"] == 1

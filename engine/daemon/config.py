@@ -18,7 +18,7 @@ import tomllib
 from luaprobe.workers.limits import MAX_WORKERS
 
 from . import settings as _settings
-from .usage import number, writable_dir
+from .usage import file_problem, number, writable_dir
 
 
 class ConfigError(ValueError):
@@ -271,33 +271,9 @@ def _cross_checks(cfg: Config, name: str) -> None:
         raise _bad(name, "run", "run_dir", f" = {_show(cfg.run_dir)}: {problem}")
     jl = v["stats"]["json_lines_file"]
     if jl:
-        problem = writable_file(jl, creating=[cfg.run_dir])
+        problem = file_problem(jl, creating=[cfg.run_dir], append=True)
         if problem:
             raise _bad(name, "stats", "json_lines_file", f" = {_show(jl)}: {problem}")
-
-
-def writable_file(path: str, creating=()) -> str | None:
-    """Why the daemon could not append to the file ``path``, or None; its directory may be one of
-    ``creating`` (the run directory, made at start)."""
-    if os.path.isdir(path):
-        return "is a directory (give a file name)"
-    if os.path.exists(path) and not os.path.isfile(path):
-        # A FIFO or device: opening it for the check would block until a reader comes, and the file is
-        # rotated by renaming (RotatingFileHandler), which only a regular file can take.
-        return "is not a regular file (a FIFO or device cannot be rotated; give a file name)"
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        return None if parent in creating and not writable_dir(parent) else \
-            f"the directory {parent} does not exist"
-    existed = os.path.exists(path)
-    try:
-        with open(path, "ab"):
-            pass
-        if not existed:
-            os.unlink(path)
-    except OSError as e:
-        return f"cannot write there: {e.strerror}"
-    return None
 
 
 def load(path: str, run_dir: str | None = None) -> Config:

@@ -189,8 +189,8 @@ class Supervisor:
         """A running fast path whose heartbeat (engine/fastpath/run.py _beat) is older than [supervise]
         stall_timeout is stuck (a hook in an endless loop that no Lua error can interrupt, compiled code):
         kill its tree; it is restarted like a crash, and status says why."""
-        limit = float(self.sv.get("stall_timeout", 0) or 0)
-        if not limit or self.child is None or self.mode != "run":
+        limit = self._stall_limit()
+        if not limit:
             return
         try:
             beat = os.stat(self.heartbeat_path).st_mtime
@@ -206,12 +206,21 @@ class Supervisor:
                     what = f.read().strip() or "its plug-ins"
             except OSError:
                 what = "its plug-ins"
-            self.stalled = (f"stalled while loading {what}: no heartbeat for {age:.0f} s (a plug-in's top "
-                            "level stuck in a loop?); killed" if loading else
-                            f"stalled: no heartbeat for {age:.0f} s (a hook stuck in a loop?); killed")
             self.stalled_loading = loading           # level stuck in a loop: a plug-in error, not retried
-            log.error("fast path (pid %d) %s", self.child.pid, self.stalled)
-            self._kill_tree()
+            self._stalled(f"stalled while loading {what}: no heartbeat for {age:.0f} s (a plug-in's top level stuck "
+                          "in a loop?); killed" if loading else
+                          f"stalled: no heartbeat for {age:.0f} s (a hook stuck in a loop?); killed")
+
+    def _stall_limit(self) -> float:
+        """[supervise] stall_timeout in s while a fast path runs (not while it stops or reloads), else 0 (off)."""
+        limit = float(self.sv.get("stall_timeout", 0) or 0)
+        return limit if self.child is not None and self.mode == "run" else 0.0
+
+    def _stalled(self, why: str) -> None:
+        """A stall rule fired: status and the log say ``why``; the fast path's tree is killed (restarted like a crash)."""
+        self.stalled = why
+        log.error("fast path (pid %d) %s", self.child.pid, why)
+        self._kill_tree()
 
     def _check_stuck_input(self) -> None:
         """The rest of the stall rule ([supervise] stall_timeout; docs/operations.md "Faults"), for what the
@@ -223,8 +232,8 @@ class Supervisor:
           coming (its loop runs idle; a stuck hook stops them, and the heartbeat rule applies).
           A live interface (or a FIFO / stdin) with no packets is a quiet source, not a stall.
         Either kills the tree; the fast path is restarted like a crash and status says why."""
-        limit = float(self.sv.get("stall_timeout", 0) or 0)
-        if not limit or self.child is None or self.mode != "run":
+        limit = self._stall_limit()
+        if not limit:
             return
         now = time.monotonic()
         stopped, why = {}, None
@@ -248,9 +257,7 @@ class Supervisor:
                 why = (f"no packets for {now - self._progress[1]:.0f} s from a file source while the fast path "
                        f"idles (capture stuck?{' ' + names if names else ''})")
         if why:
-            self.stalled = f"stalled: {why}; killed"
-            log.error("fast path (pid %d) %s", self.child.pid, self.stalled)
-            self._kill_tree()
+            self._stalled(f"stalled: {why}; killed")
 
     def _child_exited(self, rc: int) -> bool:
         """React to the child's exit; False when the supervisor is done."""

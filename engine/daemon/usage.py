@@ -223,10 +223,7 @@ def check_out_dir(out: str, mode: str, private: bool = False) -> OutClaim:
     run), and under that lock an earlier run's database there is refused (``mode`` "new"), replaced ("overwrite") or
     added to ("append").  Returns the claim, which the caller holds until the run has ended.  Raises
     :class:`UsageError` (nothing claimed)."""
-    check_dir_target("--out", out, "(--out names the output directory)")
-    problem = writable_dir(os.path.abspath(out))
-    if problem:
-        raise UsageError(f"--out {out}: {problem}")
+    check_dir_target("--out", out, "(--out names the output directory)", write=True)
     claim = claim_out_dir(out, private=private)
     try:
         db = os.path.join(out, DB_NAME)
@@ -276,18 +273,27 @@ def dangling_link(path: str) -> str | None:
     return None
 
 
-def writable_dir(path: str) -> str | None:
-    """Why the daemon could not use ``path`` as a directory it writes into (creating it, one level, when
-    missing), or None.  Tried for real (a directory made and removed, a temporary file with a 4 KiB block written
-    in it): permission bits say nothing for root, a read-only mount or /proc, and an empty file fits on a full
+NOT_A_DIRECTORY = "exists and is not a directory"
+
+
+def dir_problem(path: str, creating=(), write: bool = False) -> str | None:
+    """Why ``path`` cannot be a directory the run creates when missing (``--out``, ``--filex-dir``, the daemon's
+    run directory), or None: not a dangling link, not a file, its parent existing or one of ``creating`` (made by
+    the run first: ``--filex-dir out/files`` in a new ``--out``; the run creates one level, never a whole missing
+    path).  With ``write`` (the run writes there) writing is tried for real, unless the parent is one of
+    ``creating``: the directory made (and removed) when missing, a temporary file with a 4 KiB block written in it,
+    since permission bits say nothing for root, a read-only mount or /proc, and an empty file fits on a full
     filesystem (the run then started and its store writer failed: exit 1 instead of 2)."""
+    path = os.path.abspath(path)
     if dangling_link(path):
         return dangling_link(path)
     if os.path.exists(path) and not os.path.isdir(path):
-        return "exists and is not a directory"
+        return NOT_A_DIRECTORY
     parent = os.path.dirname(path)
     if not os.path.isdir(path) and not os.path.isdir(parent):
-        return f"the parent directory {parent} does not exist"
+        return None if _created(parent, creating) else f"the parent directory {parent} does not exist"
+    if not write:
+        return None
     made = False
     try:
         if not os.path.isdir(path):
@@ -307,51 +313,56 @@ def writable_dir(path: str) -> str | None:
     return None
 
 
+def writable_dir(path: str) -> str | None:
+    """Why the daemon could not use ``path`` as a directory it writes into, or None (:func:`dir_problem`)."""
+    return dir_problem(path, write=True)
+
+
 def _created(parent: str, creating) -> bool:
     """``parent`` (absolute) is one of the directories ``creating`` that the run itself creates (``--out``)."""
     return any(parent == os.path.abspath(d) for d in creating if d)
 
 
 def check_dir_target(option: str, path: str, hint: str = "", creating=(), write: bool = False) -> None:
-    """A directory the run creates when missing (``--out``, ``--filex-dir``): it may not be a file, and its parent
-    must exist or be one of ``creating`` (``--out``, itself checked and created first: ``--filex-dir out/files``
-    works in a new directory); the run creates one level, never a whole missing path.  With ``write`` (the run
-    writes there: ``--filex-dir``, the T.env directories) writing is tried for real, :func:`writable_dir` (a
-    read-only mount, /proc), unless the parent is one of ``creating`` (tried with it).  Raises :class:`UsageError`
-    ``OPTION PATH: problem``."""
-    if dangling_link(path):
-        raise UsageError(f"{option} {path}: {dangling_link(path)}")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{option} {path}: exists and is not a directory" + (f" {hint}" if hint else ""))
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(path) and not os.path.isdir(parent):
-        if _created(parent, creating):
-            return
-        raise UsageError(f"{option} {path}: the parent directory {parent} does not exist")
-    problem = write and writable_dir(os.path.abspath(path))
+    """:func:`dir_problem` as a :class:`UsageError` ``OPTION PATH: problem`` (``hint`` after "exists and is not a
+    directory")."""
+    problem = dir_problem(path, creating, write)
     if problem:
-        raise UsageError(f"{option} {path}: {problem}")
+        raise UsageError(f"{option} {path}: {problem}" + (f" {hint}" if hint and problem == NOT_A_DIRECTORY else ""))
 
 
-def check_new_file(option: str, path: str, creating=()) -> None:
-    """A file the command will write (``--stats-json``, ``gen --out``): its directory must exist, or be one of
-    ``creating`` (the ``--out`` directory the run creates: ``--stats-json out/stats.json`` in a new directory),
-    and the path may not be a directory.  Writing is tried for real, as the file will be written (a temporary
-    file beside it, replaced by a rename: :func:`write_file_atomic`): a 4 KiB block written and removed, so a
-    read-only or full filesystem, or /proc, is found before the run, not after it.  Raises :class:`UsageError`."""
+def file_problem(path: str, creating=(), append: bool = False) -> str | None:
+    """Why the command could not write the file ``path``, or None: not a directory, its directory existing or one of
+    ``creating`` (the ``--out`` or run directory the run creates first).  Writing is tried for real: a temporary
+    file beside it with a 4 KiB block (the file is replaced by a rename, :func:`write_file_atomic`, or rotated by
+    renaming), so a read-only or full filesystem, or /proc, is found before the run, not after it.  ``append`` (a
+    file appended to and rotated: [stats] json_lines_file): a FIFO or device there is refused (opening it would block
+    until a reader comes, and only a regular file can be renamed) and an existing file must open for appending."""
     if os.path.isdir(path):
-        raise UsageError(f"{option} {path}: is a directory (give a file name)")
+        return "is a directory (give a file name)"
+    if append and os.path.exists(path) and not os.path.isfile(path):
+        return "is not a regular file (a FIFO or device cannot be rotated; give a file name)"
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent) and _created(parent, creating):
-        return                                       # checked with --out; the run creates it before writing
     if not os.path.isdir(parent):
-        raise UsageError(f"{option} {path}: the directory {parent} does not exist")
+        return None if _created(parent, creating) else f"the directory {parent} does not exist"
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix="." + os.path.basename(path) + ".") as f:
             f.write(bytes(4096))
             f.flush()
+        if append and os.path.exists(path):
+            with open(path, "ab"):
+                pass
     except OSError as e:
-        raise UsageError(f"{option} {path}: cannot write there: {e.strerror}") from None
+        return f"cannot write there: {e.strerror}"
+    return None
+
+
+def check_new_file(option: str, path: str, creating=()) -> None:
+    """A file the command will write (``--stats-json``, ``gen --out``): :func:`file_problem` as a
+    :class:`UsageError` ``OPTION PATH: problem``."""
+    problem = file_problem(path, creating)
+    if problem:
+        raise UsageError(f"{option} {path}: {problem}")
 
 
 def write_file_atomic(path: str, data: bytes) -> None:

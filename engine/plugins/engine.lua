@@ -11,10 +11,6 @@ local M = {}
 local Engine = {}
 local function packet() return require("luaprobe.engine.plugins.packet") end
 
-local VT = { COUNTER = 0, RATE_COUNTER = 1, GAUGE = 2, RUNNING_COUNTER = 3, AVERAGE = 4,
-             DELTA_RATE_COUNTER = 5, MAXIMUM = 6, MINIMUM = 7 }
-M.VT = VT
-
 local norm_cache = {}
 local upper = string.upper
 local floor = math.floor
