@@ -447,6 +447,7 @@ TrisulPlugin = {
         engine:update_key_info(G, RAW .. "key", RAW .. "label", RAW .. "descr")
         engine:add_alert(G, layer:flowkey(), RAW .. "sig", 1, RAW .. "msg")
         engine:add_resource(G, layer:flowkey(), RAW .. "uri", "valid text")
+        engine:add_edge(G, RAW .. "key", G, "text key")
       else
         T.async:schedule { data = RAW, onexecute = function(s) return s .. "async" end,
           onresult = function(engine, s, r)
@@ -473,6 +474,10 @@ def test_plugin_bytes_kept_exactly(tmp_path):
     db.text_factory = bytes
     keys = sorted(r[0] for r in db.execute("SELECT key FROM counters"))
     assert keys == sorted([raw + b"key", raw + b"async"])
+    # an edge's vertex is a counter key: the same bytes, so edges join counters (docs/schema.md "edges")
+    assert db.execute("SELECT typeof(s_key), s_key, typeof(t_key), t_key FROM edges").fetchall() == [
+        (b"blob", raw + b"key", b"text", b"text key")]
+    assert db.execute("SELECT count(*) FROM edges JOIN counters ON counters.key = edges.s_key").fetchone() == (1,)
     assert db.execute("SELECT typeof(key), key, label, description FROM key_info").fetchall() == [
         (b"blob", raw + b"key", raw + b"label", raw + b"descr")]
     assert sorted(db.execute("SELECT sigid, message FROM alerts").fetchall()) == sorted(

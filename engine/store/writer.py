@@ -203,7 +203,7 @@ _SQL = {
 KINDS = tuple(_SQL)
 # Columns a plug-in fills with its own strings: kept as BLOB when not valid UTF-8, so the exact bytes
 # come back (docs/schema.md "Text vs binary"); other columns are decoded with \xNN escapes.
-_BLOB_OK = {"resources": {4, 5}, "alerts": {4, 5, 7, 8}, "key_info": {1, 2, 3}, "counters": {2}}
+_BLOB_OK = {"resources": {4, 5}, "alerts": {4, 5, 7, 8}, "key_info": {1, 2, 3}, "counters": {2}, "edges": {2, 4}}
 # JSON text columns: other values are JSON-encoded by the writer (e.g. a meters list given as a list).
 _JSON_COL = {"counter_groups": 4, "run": 1}
 # Default batch sizes (rows) before a batch is shipped; big-row kinds ship sooner.
