@@ -122,11 +122,26 @@ function F:unref(path)
   end
 end
 
+--- true when the file at `path` holds exactly `want` bytes, else nil and why (a write lost on the way).
+local function on_disk(path, want)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local size = f:seek("end")
+  f:close()
+  if size ~= want then
+    return nil, ("%d of %d bytes on disk (a buffered write failed: full disk?)"):format(size or -1, want)
+  end
+  return true
+end
+
 --- Close the current file (or part) and hand it to onfile_http (incomplete: reason or nil).
 function F:emit(st, b, is_chunk, final, incomplete)
   if b.fh then
     local ok, err = b.fh:close()            -- flushes the last buffered bytes
     b.fh = nil
+    if ok then                              -- stdio can lose a buffer whose flush failed (ENOSPC) and still report
+      ok, err = on_disk(b.path, b.size - b.part_start)   -- later writes and the close as done: check the size
+    end
     if not ok then
       os.remove(b.path)
       self.dir_bytes = self.dir_bytes - (b.size - b.part_start)
