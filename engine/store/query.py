@@ -14,6 +14,9 @@ import json
 import os
 import sys
 
+import re
+
+from luaprobe.engine.store import writer as _w
 from luaprobe.engine.store.writer import DB_NAME, Store, StoreError, db_path
 from luaprobe.engine.daemon.usage import Parser, int_in
 
@@ -151,6 +154,30 @@ def fetch(store: Store, a) -> list[dict]:
     return rows[:a.limit] if a.limit is not None else rows
 
 
+#: which kinds each filter applies to (any other: a usage error, not a filter silently ignored)
+FILTERS = {"group": ("counters", "keyinfo", "alerts", "resources", "fts", "toppers"),
+           "key": ("counters", "keyinfo", "alerts", "resources", "fts", "flows", "edges"),
+           "meter": ("counters",)}
+GUID = re.compile(r"^\{?[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}\}?$")
+
+
+def group_problem(store: Store, a) -> str | None:
+    """Why ``--group`` names no group of ``a.what`` (a GUID is always taken: a group with no rows yet), or None."""
+    if a.group is None or a.what == "toppers" or GUID.match(a.group.strip()):
+        return None
+    if a.what in ("counters", "keyinfo"):
+        names = [g["name"] for g in store.counter_groups()] + list(_w.WELL_KNOWN_GROUPS.values())
+    else:
+        kind = {"alerts": "alert", "resources": "resource", "fts": "fts"}[a.what]
+        known = {"alerts": _w.WELL_KNOWN_ALERT_GROUPS, "resources": _w.WELL_KNOWN_RESOURCE_GROUPS,
+                 "fts": _w.WELL_KNOWN_FTS_GROUPS}[a.what]
+        names = [g["name"] for g in store.decl_groups(kind)] + list(known.values())
+    names = sorted({n for n in names if n}, key=str.lower)
+    if a.group.strip().lower() in {n.lower() for n in names}:
+        return None
+    return f"--group {a.group!r}: no {a.what} group of that name (names: {', '.join(names) or 'none'}; or give a GUID)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="luaprobe query", description="Query the output database of a luaprobe run.")
     p.add_argument("what", choices=WHAT, help="what to list")
@@ -168,10 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point (`luaprobe query ...`); returns the exit code."""
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    for f, kinds in FILTERS.items():
+        if getattr(a, f) is not None and a.what not in kinds:
+            p.error(f"--{f} does not filter {a.what} (it filters {', '.join(kinds)})")
     path = a.db if a.db else db_path(a.out)
     try:
         with Store(path, blobs="bytes" if a.json else "text") as store:
+            problem = group_problem(store, a)
+            if problem:
+                print(f"luaprobe query: {problem}", file=sys.stderr)
+                return EXIT_USAGE
             rows = fetch(store, a)
             if a.json:
                 text = "\n".join(json.dumps(r, ensure_ascii=False, default=json_value) for r in rows)

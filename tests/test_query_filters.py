@@ -1,0 +1,61 @@
+"""`luaprobe query` filters that cannot apply are refused, not silently ignored or matched against nothing.
+
+Found by the operator's chaos pass: `query flows --group x` listed every flow (the filter was ignored) and
+`query alerts --group nosuch` printed "(0 rows)" with exit 0, so a misspelled group looked like an empty one.
+Now: a filter on a kind it does not filter is a usage error (exit 2) and a group name that names no group of the
+kind is one line listing the names (exit 2); a GUID is always taken.  Truth: the database read with sqlite3.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from tests import helpers
+
+EXAMPLES = os.path.join(helpers.REPO, "engine", "examples")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "out"
+    r = cli("run", os.path.join(EXAMPLES, "tcp_ports.lua"), os.path.join(EXAMPLES, "dns_watch.lua"),
+            "--pcap", os.path.join(EXAMPLES, "sample.pcap"), "--out", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=EXAMPLES,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("what, flag", [("flows", "--group"), ("edges", "--group"), ("flows", "--meter"),
+                                        ("alerts", "--meter"), ("run", "--key")])
+def test_a_filter_on_a_kind_it_does_not_filter_is_refused(out, what, flag):
+    r = cli("query", what, "--out", str(out), flag, "x")
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.startswith(f"luaprobe query: {flag} does not filter {what} (it filters "), r.stderr
+
+
+def test_a_group_name_that_names_nothing_is_refused_with_the_names(out):
+    db = sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True)
+    alerts = db.execute("SELECT count(*) FROM alerts").fetchone()[0]
+    tcp = db.execute("SELECT count(*) FROM counters c JOIN counter_groups g ON g.guid = c.group_guid "
+                     "WHERE g.name = 'TCP ports'").fetchone()[0]
+    db.close()
+    assert alerts > 0 and tcp > 0
+    r = cli("query", "alerts", "--out", str(out), "--group", "nosuch")
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r
+    assert "--group 'nosuch': no alerts group of that name (names: " in r.stderr and "User Alerts" in r.stderr
+    r = cli("query", "counters", "--out", str(out), "--group", "tcpports")
+    assert r.returncode == 2 and "TCP ports" in r.stderr, r
+    r = cli("query", "alerts", "--out", str(out), "--group", "user alerts", "--json")       # names: any case
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == alerts, r
+    r = cli("query", "counters", "--out", str(out), "--group", "TCP ports", "--json")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == tcp, r
+    r = cli("query", "alerts", "--out", str(out), "--group", "{00000000-0000-4000-8000-000000000000}")
+    assert r.returncode == 0 and r.stdout.endswith("(0 rows)\n"), r                     # a GUID: taken as is
