@@ -1,7 +1,8 @@
 """engine:add_flow_counter state lives as long as its flow record (engine/plugins/engine.lua flows_ended): after
 many short flows have expired the engine holds the counters of the live flows only, and a counter counts exactly
-the later packets of the flow record it was added on, not those of a later flow on the same 5-tuple after that
-record expired.
+the later packets of the connection it was added on, not those of a later one on the same 5-tuple: after that
+record expired, or a new SYN with a new ISN while it was live (port reuse: the flow table starts the record again,
+and engine.lua new_connection drops the old connection's counters at that SYN).
 
 Independent truths: the capture as built here (tests/pktbuild.py): which frames belong to which connection and
 their lengths; the counters are read back from the run's SQLite database."""
@@ -36,7 +37,8 @@ TrisulPlugin = { id = { name = "fclife" },
 
 def build(seed: int, n: int = 300):
     """Frames and {"c<client ISN>": wire bytes of that connection after its SYN}: n 5-tuples one second apart,
-    every third carries a second connection (new ISN) 6-9 s after the first (its record expired: idle 5 s)."""
+    every third carries a second connection (new ISN), half of them 6-9 s after the first (its record expired: idle
+    5 s), half 5-40 ms after it (the same record started again: port reuse, mostly within the same second)."""
     rng = random.Random(seed)
     frames, truth = [], {}
     for i in range(n):
@@ -53,7 +55,7 @@ def build(seed: int, n: int = 300):
                 c.close()
             truth["c%d" % isn] = sum(len(f) for _, f in c.frames[1:])
             frames += c.frames
-            t = c.t + rng.uniform(6, 9)
+            t = c.t + (rng.uniform(6, 9) if i % 2 else rng.uniform(0.005, 0.04))
     frames.sort(key=lambda f: f[0])
     return frames, truth
 

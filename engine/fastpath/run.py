@@ -549,6 +549,7 @@ class FastPath:
         vm.deliver_message = method(vm.lua, "deliver_message")
         vm.take_messages = method(vm.lua, "take_messages")
         vm.flows_ended = method(vm.lua, "flows_ended")
+        vm.host.engine.flow_records = self._flow_records()      # engine.lua new_connection reads first_ts there
         vm.lua.eval("function(h, f) h.engine.on_post = f end")(vm.host, self._on_post)
         self.instances.append(inst)
         return inst
@@ -658,6 +659,17 @@ class FastPath:
             for inst in targets:
                 if not (own and inst is sender):
                     inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg)
+
+    def _flow_records(self) -> int | bool:
+        """The address of the driver's flow-record array (engine/fastpath/flowtable.lua lp_flow, fixed for the run),
+        or False before the driver exists."""
+        if getattr(self, "_records_addr", None) is None:
+            lua = getattr(self, "driver_lua", None)
+            if lua is None:
+                return False
+            self._records_addr = int(lua.eval("function(d) return tonumber(require('ffi').cast('intptr_t', "
+                                              "d.ft.flows)) end")(self.driver))
+        return self._records_addr
 
     def _exported(self, n: int) -> int:
         """The driver's last n exported flow records (engine/fastpath/flowrows.py) go where _flows sends

@@ -50,7 +50,8 @@ function M.new(opts)
     _cur = {},              -- [GUID] = { now, bt = counters[GUID][bucket of now], vt = the group's vartypes }
     rows = nil,
     sflows = {},            -- script-made flow records [flowkey] = {fk, first, last, v[0..3], tags}
-    flow_counters = {},     -- [flowkey] = { {guid, key, meter, direction}, ... }
+    flow_counters = {},     -- [flowkey] = { {guid, key, meter, direction, ...}, ... } (add_flow_counter)
+    flow_records = false,   -- address of the flow table's lp_flow array (the fast path sets it: new_connection)
     nflow_counters = 0,
     _fcbatch = 0,           -- flow_counter_batch calls so far (a flow counter records the value when added)
     own_pending = false,    -- messages to this VM's own pipeline waiting for Host:deliver_own (a list), or false
@@ -351,8 +352,7 @@ end
 --- frontend VM in flow_counter_batch, once per batch after all hooks of the batch ran.
 --- The counter's state lives until its flow record ends (a row of the `flows` table: idle or active timeout, a
 --- new connection on the same 5-tuple, end of input): the fast path then drops it (flows_ended), so it never
---- outlives its flow.  Until that record is exported (the next packet-time second) a new connection on the same
---- 5-tuple (port reuse) is still counted by it.
+--- outlives its flow; a new connection on the 5-tuple drops it at its SYN (new_connection), so it is not counted.
 function Engine:add_flow_counter(flowkey, guid, key, meter, direction)
   frontend_only(self, "add_flow_counter")
   local fk = flowkey_of(flowkey)
@@ -384,11 +384,39 @@ function Engine:reset_flow_counter(flowkey, guid, key, meter)
   if guid ~= nil and key ~= nil then self:add_flow_counter(flowkey, guid, key, meter, 0) end
 end
 
+local flowp, band = nil, require("bit").band
+
+--- The engine's current packet p is a SYN without ACK that starts its flow record: the flow table created the record
+--- at it or started it again (a new connection on the 5-tuple, engine/fastpath/flowtable.lua "Port reuse"; the record
+--- array's address is engine.flow_records, set by the fast path).  The flow's counters added before this packet
+--- belong to the earlier connection and are dropped now (flows_ended drops them only when that record is exported,
+--- at the next packet-time second).  Returns the flow's list left (nil when none is).
+local function new_connection(self, fk, list, p)
+  if band(p.d.tcp_flags, 0x12) ~= 0x02 or not self.flow_records then return list end
+  local ffi = require("ffi")
+  if flowp == nil then
+    require("luaprobe.engine.fastpath.flowtable")          -- the lp_flow layout
+    flowp = ffi.typeof("lp_flow *")
+  end
+  if ffi.cast(flowp, self.flow_records)[p.flow].first_ts ~= p.ts_sec + p.ts_nsec * 1e-9 then return list end
+  local now, keep = self._tus - 1, {}       -- 1 µs: an event's time (e.ts, a double) may round down a microsecond
+  for i = 1, #list do
+    if list[i][7] >= now then keep[#keep + 1] = list[i] end   -- added at this packet (its hook or event) or later
+  end
+  self.nflow_counters = self.nflow_counters - (#list - #keep)
+  list = #keep > 0 and keep or nil
+  self.flow_counters[fk] = list
+  return list
+end
+
 --- Apply registered flow counters to the current packet (fast path, when any exist).
 function Engine:apply_flow_counters(flowkey, dir)
   local list = self.flow_counters[flowkey]
   if list == nil then return end
-  local len = pkt(self).wirelen
+  local p = pkt(self)
+  list = new_connection(self, flowkey, list, p)
+  if list == nil then return end
+  local len = p.wirelen
   for i = 1, #list do
     local fc = list[i]
     if fc[4] == 0 or fc[4] == dir + 1 then add(self, fc[1], fc[2], fc[3], len) end
@@ -412,7 +440,7 @@ function Engine:flows_ended(addr, n)
   local rows, fcs, dropped = ffi.cast(rowp, addr), self.flow_counters, 0
   for i = 0, n - 1 do
     local r = rows[i]
-    if require("bit").band(r.flags, TERMINATED) ~= 0 then
+    if band(r.flags, TERMINATED) ~= 0 then
       local fk = ffi.string(r.key)
       local list = fcs[fk]
       if list then
@@ -449,9 +477,13 @@ function Engine:flow_counter_batch(addr, n)
     local fcs, this = self.flow_counters, self._fcbatch
     for k = 0, n - 1 do
       local p = batch[k]
-      local list = p.flow >= 0 and fcs[batch_flowkey(p.d)]
+      local fk = p.flow >= 0 and batch_flowkey(p.d)
+      local list = fk and fcs[fk]
       if list then
         self:set_packet(batch, k)
+        list = new_connection(self, fk, list, p)
+      end
+      if list then
         local len, dir = p.wirelen, p.dir + 1
         for i = 1, #list do
           local fc = list[i]
