@@ -61,3 +61,20 @@ def assert_nothing_left(tag: str, pids) -> None:
             pass
     assert not alive, f"processes left running: {[(p.pid, p.cmdline()) for p in alive]}"
     assert not segs, f"shared memory left: {segs}"
+
+
+def worker_running(procs) -> bool:
+    """True when one of ``procs`` is a T.async worker serving a plug-in: started as one, or the run's warm spare
+    (workers/spare.py, started before the plug-ins load) once a pool took it over (its stdin is then /dev/null,
+    not the pipe it waits on).  A worker runs only after a plug-in's first task: the packet loop is under way."""
+    for p in procs:
+        try:
+            cmd = p.cmdline()
+            if "luaprobe.workers.worker" not in cmd:
+                continue
+            if "--spare" not in cmd or os.readlink(f"/proc/{p.pid}/fd/0") == os.devnull:
+                return True
+        except (psutil.Error, OSError):
+            continue
+    return False
+

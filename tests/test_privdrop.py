@@ -26,7 +26,7 @@ import tempfile
 import psutil
 import pytest
 
-from tests import helpers
+from tests import helpers, proc_tools
 from tests.test_live import (PORT_GROUP, bound, needs_root, port_counts, rx_packets, send_udp, sh, veth,  # noqa: F401
                              wait_delivered, write_plugins)
 
@@ -244,7 +244,7 @@ def test_live_run_with_user_drops_every_process(workdir, veth, user, user_python
         send_udp(ns, {9999: 300, 9998: 100, 9997: 40})
         wait_delivered(ifname, before, 440)    # the kernel received them (CI once saw 0 packets in 30 s: this
         try:                                   # tells a veth that dropped them from a capture that did not read)
-            helpers.wait_for(lambda: any(_kind(p) == "worker" for p in _tree(proc.pid)), timeout=30, interval=0.1)
+            helpers.wait_for(lambda: proc_tools.worker_running(_tree(proc.pid)), timeout=30, interval=0.1)
         except AssertionError:
             kinds = [_kind(p) for p in _tree(proc.pid)]
             raise AssertionError(f"no worker started: {kinds}: {_stop(proc)}") from None

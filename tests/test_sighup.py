@@ -33,7 +33,7 @@ def test_sighup_stops_run_gracefully(tmp_path, syn, group):
     p = proc_tools.start(["run", EXAMPLES, "--pcap", syn, "--out", str(out), "--json"], env=env,
                          cwd=tmp_path)                                    # file_sha256.lua copies to ./extracted
     # the capture process, the store writer and the workers run: the packet loop is under way
-    helpers.wait_for(lambda: len(proc_tools.tagged_processes(tag)) >= 4, 60, 0.05)
+    helpers.wait_for(lambda: proc_tools.worker_running(proc_tools.tagged_processes(tag)), 60, 0.05)
     pids = [x.pid for x in proc_tools.tagged_processes(tag)]
     if group:
         os.killpg(p.pid, signal.SIGHUP)
