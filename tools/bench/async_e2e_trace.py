@@ -134,6 +134,8 @@ def report(samples, tr, summary, timeline: bool) -> dict:
           f"packet_loop_cpu {summary['packet_loop_cpu_s']:.3f} s; in flight max {max(x[1] for x in tr):,}, "
           f"median {statistics.median(x[1] for x in tr):,.0f}")
     for r in roles:
+        if r == "gone" or r.startswith("other:"):   # exited between listing and reading, or short-lived helpers
+            continue
         pts = [s[r] for s in samples if r in s]
 
         def at(t):                       # the last sample at or before t (or the first)
