@@ -61,14 +61,22 @@ def test_first_worker_is_the_spare_the_rest_start_cold(runtime_factory, tmp_path
         assert _results(vm) == [f"{pid} nil"] * 50
 
 
-def test_unused_spare_exits_cleanly(runtime_factory):
-    """A spare no pool took exits 0 at close (EOF on its stdin) and is reaped: no process left."""
+def test_unused_spare_ends_at_close(runtime_factory):
+    """A spare no pool took is ended and reaped at close, at once even while it still imports: no process left."""
     rt = runtime_factory(workers=1)
     rt.prestart_worker()
     proc = rt.spare.proc
     rt.close()
-    assert proc.returncode == 0
+    assert proc.returncode is not None
     assert not psutil.pid_exists(proc.pid) or psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_spare_exits_0_at_eof():
+    """A spare whose stdin reaches EOF without arguments (its parent closed the pipe) exits 0, running nothing."""
+    from luaprobe.workers.spare import SpareWorker
+    proc = SpareWorker().start().proc
+    proc.stdin.close()
+    assert proc.wait(60) == 0
 
 
 def test_dead_spare_falls_back_to_a_cold_start(runtime_factory, tmp_path):

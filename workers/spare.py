@@ -14,7 +14,8 @@ the process does its imports, then blocks reading one line from its stdin.  :met
 the worker's arguments (the line: a JSON array of the strings :func:`luaprobe.workers.worker.parse_args` takes)
 and returns its ``Popen``; from there it is an ordinary worker (own process group, ``PR_SET_PDEATHSIG``).
 Only the first worker started is warm (no spare is started again: a spare started during the packet loop would
-take the same CPU a cold start does).  :meth:`close` ends an unused spare (EOF on its stdin: exit 0).
+take the same CPU a cold start does).  :meth:`close` ends an unused spare (SIGKILL: it holds nothing yet); EOF on its stdin also
+ends it (exit 0).
 """
 from __future__ import annotations
 
@@ -53,20 +54,19 @@ class SpareWorker:
         _end(proc)
         return None
 
-    def close(self, timeout: float = 2.0) -> None:
-        """End an unused spare: EOF on its stdin (it exits 0), SIGKILL after ``timeout`` s; reaped."""
+    def close(self) -> None:
+        """End an unused spare (SIGKILL: it holds nothing yet, and a run ending, even at a second stop signal,
+        does not wait for its imports to finish) and reap it."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            _end(proc, timeout)
+            _end(proc)
 
 
-def _end(proc: subprocess.Popen, timeout: float = 0.0) -> None:
+def _end(proc: subprocess.Popen) -> None:
     try:
         proc.stdin.close()
     except OSError:
         pass
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
+    if proc.poll() is None:
         proc.kill()
-        proc.wait()
+    proc.wait()
