@@ -7,7 +7,8 @@ capture (tools/bench/corpus.py) with one plug-in shape (tools/bench/shapes.py), 
 (``LUAPROBE_JIT_TRACES``, engine/plugins/jitprof.lua) and the system's THP counters read around it, and prints per
 run:
 
-* **loop CPU** — the summary's ``packet_loop_cpu_s`` per packet (ns), and the loop's wall time per packet;
+* **loop CPU** — the summary's ``packet_loop_cpu_s`` per packet (ns), the same after the loop's first 64 batches
+  (``packet_loop_warmup``: LuaJIT's warm-up, a cost per run) and their CPU, and the loop's wall time per packet;
 * **preempted** — involuntary context switches of the fast-path thread during the loop (the summary's
   ``packet_loop_rusage``: another task took its CPU), and its minor page faults;
 * **CPUs** — where ``--pin-cpus`` put the capture process and the fast path (the summary's ``cpus_pinned``);
@@ -83,7 +84,10 @@ def one_run(cap: str, plugdir: str, work: str, run_args: list, wrap: list = ()) 
     drv = tree(next(f for f in files if ".driver." in f))
     plug = [tree(f) for f in files if ".driver." not in f]
     pin = s.get("cpus_pinned")
-    return {"cpu": s["packet_loop_cpu_s"] * 1e9 / n, "wall": s["packet_loop_s"] * 1e9 / n,
+    w = s.get("packet_loop_warmup") or {}
+    steady = (s["packet_loop_cpu_s"] - w["cpu_s"]) * 1e9 / (n - w["packets"]) if w else float("nan")
+    return {"cpu": s["packet_loop_cpu_s"] * 1e9 / n, "wall": s["packet_loop_s"] * 1e9 / n, "steady": steady,
+            "warm_ms": w.get("cpu_s", float("nan")) * 1e3,
             "nivcsw": ru.get("nivcsw"), "minflt": ru.get("minflt"),
             "cpus": f"capture {pin['capture']} fastpath {pin['fastpath']}" if pin else "not pinned",
             "driver": drv, "plugin": plug[0] if plug else (0, 0, "-"),
@@ -92,9 +96,10 @@ def one_run(cap: str, plugdir: str, work: str, run_args: list, wrap: list = ()) 
 
 
 def summary(label: str, runs: list) -> str:
-    c = [r["cpu"] for r in runs]
+    c, st = [r["cpu"] for r in runs], [r["steady"] for r in runs]
     return (f"{label}: {len(c)} runs, loop CPU {min(c):.0f} / {statistics.median(c):.0f} / {max(c):.0f} ns/packet, "
-            f"max/min {max(c) / min(c):.2f}")
+            f"max/min {max(c) / min(c):.2f}; after warm-up {min(st):.0f} / {statistics.median(st):.0f} / "
+            f"{max(st):.0f}, max/min {max(st) / min(st):.2f}")
 
 
 def main(argv=None) -> int:
@@ -111,13 +116,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="lp-spread-") as work:
         plugdir = os.path.join(work, "plugins")
         shapes.write(a.shape, plugdir)
-        print("| run | loop CPU ns/packet | loop wall ns/packet | preempted | minor faults | CPUs | driver traces / "
+        print("| run | loop CPU ns/packet | after warm-up | warm-up CPU ms | loop wall ns/packet | preempted | minor faults | CPUs | driver traces / "
               "aborts / tree | plug-in traces / aborts / tree | THP given / refused |\n"
-              "|---:|---:|---:|---:|---:|---|---|---|---|")
+              "|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|")
         for k in range(a.runs):
             r = one_run(cap, plugdir, work, shlex.split(a.run_args), shlex.split(a.wrap))
             runs.append(r)
-            print(f"| {k} | {r['cpu']:.0f} | {r['wall']:.0f} | {r['nivcsw']} | {r['minflt']} | {r['cpus']} | "
+            print(f"| {k} | {r['cpu']:.0f} | {r['steady']:.0f} | {r['warm_ms']:.1f} | {r['wall']:.0f} | {r['nivcsw']} | {r['minflt']} | {r['cpus']} | "
                   f"{' / '.join(map(str, r['driver']))} | {' / '.join(map(str, r['plugin']))} | "
                   f"{r['thp'][0]} / {r['thp'][1]} |", flush=True)
     print()
