@@ -687,10 +687,10 @@ function Async:call_hook(kind, fn, data, arg, ts)
   if ts then
     b, i, now, usec, tus = e._b, e._i, e._now, e._usec, e._tus
     local sec = floor(ts / 1e6)
-    e._i, e._now, e._usec, e._tus = -1, sec, ts - sec * 1e6, ts
+    e._i, e._now, e._usec, e._tus, e._result = -1, sec, ts - sec * 1e6, ts, true
   end
   local ok, err = xpcall(fn, traceback, e, data, arg)
-  if ts then e._b, e._i, e._now, e._usec, e._tus = b, i, now, usec, tus end
+  if ts then e._b, e._i, e._now, e._usec, e._tus, e._result = b, i, now, usec, tus, false end
   if not ok then
     self.stats.onresult_errors = self.stats.onresult_errors + 1
     self.errors:report(kind, err)

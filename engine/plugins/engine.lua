@@ -43,6 +43,7 @@ function M.new(opts)
     _groups = opts.groups or {},
     _now = 0, _usec = 0,
     _floor = 0,             -- engine time never goes below this (the last closed-bucket cut-off)
+    _result = false,        -- true while an onresult / onerror hook runs (Async:call_hook): rows keep its time
     _tus = 0,               -- the engine time in µs since the epoch (T.async stamps tasks with it)
     _b = nil, _i = -1,       -- current packet: entry _i of batch _b (-1: none)
     _pos = -1,              -- index in the batch under way of the packet whose hooks run (-1: before its packets)
@@ -314,9 +315,11 @@ end
 -- the second an alert or resource is stamped with: the engine's time, never below the last closed bucket's cut-off
 -- (a late packet's hook, also a reassembly_handler or filex_monitor hook run for it by time rather than by packet,
 -- writes in the current second, as its counters do; docs/plugins.md "Time never goes backwards")
+-- (an onresult / onerror hook is the exception: its rows carry the result's time, docs/async.md "Time"; only its
+-- counter updates move to the current bucket, in add())
 local function now(self)
   local t = self._now
-  if t < self._floor then return self._floor end
+  if t < self._floor and not self._result then return self._floor end
   return t
 end
 
