@@ -595,3 +595,18 @@ def test_query_json_tells_blob_from_text(dbfile):
         assert sorted(r["key"] for r in s.counters()) == ["\x00a\\xfe", "\\xff", "\\xff"]
     with Store(dbfile, blobs="bytes") as s:
         assert sorted(r["key"] for r in s.counters() if isinstance(r["key"], bytes)) == [b"\x00a\xfe", b"\xff"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
+def test_writer_survives_a_terminal_signal_during_its_startup(dbfile, sig):
+    """A hangup or Ctrl-C to the process group is the fast path's to handle (a graceful stop), also while the
+    writer's interpreter is still starting: it is born with those signals blocked and ignores them once serving.
+    The signal is sent right after Popen returned (the writer's Python start-up takes tens of ms), then rows are
+    written and committed: the writer must still be there and report every row."""
+    with StoreWriter(dbfile) as w:
+        os.kill(w.pid, sig)
+        w.write("alerts", [(1_700_000_001, 0, USER_ALERTS, "", "k", "", 1, "m", "", "t.lua")])
+        report = w.close()
+    assert report["errors"] == [] and report["returncode"] == 0 and report["rows"]["alerts"] == 1, report
+    with sqlite3.connect(dbfile) as db:
+        assert db.execute("SELECT count(*) FROM alerts").fetchone()[0] == 1

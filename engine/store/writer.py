@@ -390,8 +390,14 @@ class StoreWriter:
         argv = [python, "-m", "luaprobe.engine.store.writer", "--serve", self.path, "--ppid", str(os.getpid())]
         if max_page_count:
             argv += ["--max-page-count", str(int(max_page_count))]
-        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, bufsize=0, env=env, close_fds=True)
+        # born with the terminal's signals blocked: a SIGHUP / SIGINT to the process group while the interpreter
+        # starts would kill it before serve() ignores them (serve unblocks them once its handlers are set)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_SIGNALS)
+        try:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, bufsize=0, env=env, close_fds=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self._wfd = self._proc.stdin.fileno()
         self._rfd = self._proc.stdout.fileno()
         os.set_blocking(self._wfd, False)
@@ -884,6 +890,9 @@ def _drain_until_eof(fd: int, ppid: int) -> None:
                 return
 
 
+_STARTUP_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM}   # blocked from the writer's birth to serve()
+
+
 def serve(path: str, ppid: int, max_page_count: int | None = None) -> int:
     """The writer process: read batches from stdin until close/EOF; report on stdout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -892,6 +901,7 @@ def serve(path: str, ppid: int, max_page_count: int | None = None) -> int:
     def on_term(signum, frame):
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, on_term)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_SIGNALS)     # blocked by StoreWriter until now
     fd = 0
     os.set_blocking(1, False)          # _send: progress reports never block the writer
     try:
