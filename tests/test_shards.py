@@ -639,7 +639,10 @@ def test_a_shard_whose_store_writer_dies_counts_the_rows_it_lost(tmp_path):
     assert [x["restarts"] for x in s["shards"]] == [0, 1]
     [death] = s["shard_deaths"]
     assert death["shard"] == 1 and death["status"] == 1
-    assert f"store writer (pid {writer.pid}) was killed by SIGKILL" in death["error"]
+    # noticed while the shard runs (its writer check) or, when the kill lands in its last second, at its close
+    assert (f"store writer (pid {writer.pid}) was killed by SIGKILL" in death["error"]
+            or f"SQLite store writer (pid {writer.pid}) failed at the end of the run" in death["error"]
+            and "writer exited (signal 9)" in death["error"]), death["error"]
     lost = death["store_rows_lost"]
     assert lost > 0                      # idle timeout 1 s: flow rows were on their way to it
     assert f"; {lost} rows handed to it are not in the database" in death["error"]
