@@ -1298,12 +1298,17 @@ class FastPath:
             inst.vm.lua.eval("function(h) h.stop_profile() end")(inst.vm.host)
         rt.unload_all()                        # before the counts: an onunload error is a hook error like any other
         self.async_final = [(i, i.vm.async_stats()) for i in self.instances]
-        self.hook_stats = []
+        self.hook_stats = self._hook_counts()
+
+    def _hook_counts(self) -> list[tuple]:
+        """Per plug-in instance: (instance, hook calls {hook: n}, hook errors {hook: n}, walk mode or None)."""
+        counts = []
         for i in self.instances:
             calls, errors = i.vm.lua.eval("function(h) return h:hook_stats() end")(i.vm.host)
             walk = i.vm.lua.eval("function(h) return h:walk_mode() end")(i.vm.host)
-            self.hook_stats.append((i, {_text(k): v for k, v in calls.items()},
-                                    {_text(k): v for k, v in errors.items()}, walk and _text(walk)))
+            counts.append((i, {_text(k): v for k, v in calls.items()},
+                           {_text(k): v for k, v in errors.items()}, walk and _text(walk)))
+        return counts
 
     def _counts_at_death(self) -> None:
         """The counters of a run whose store writer died or failed (StoreDied) as they stand, for its summary:
@@ -1315,12 +1320,7 @@ class FastPath:
             if not getattr(self, "async_final", None):
                 self.async_final = [(i, i.vm.async_stats()) for i in self.instances]
             if not getattr(self, "hook_stats", None):
-                self.hook_stats = []
-                for i in self.instances:
-                    calls, errors = i.vm.lua.eval("function(h) return h:hook_stats() end")(i.vm.host)
-                    walk = i.vm.lua.eval("function(h) return h:walk_mode() end")(i.vm.host)
-                    self.hook_stats.append((i, {_text(k): v for k, v in calls.items()},
-                                            {_text(k): v for k, v in errors.items()}, walk and _text(walk)))
+                self.hook_stats = self._hook_counts()
         except Exception:                      # noqa: BLE001 - the summary goes out without that figure
             logs.log.debug("counts at the store writer's death", exc_info=True)
 
