@@ -319,3 +319,37 @@ def test_analysers_alone_without_a_plugin(tmp_path):
         r = subprocess.run(cli + extra + ["--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.strip().startswith("luaprobe run: give a PLUGIN"), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def test_dns_records_before_a_bad_one_are_kept(tmp_path):
+    """A response whose third answer's owner name is a compression pointer to itself (a loop, RFC 1035 §4.1.4):
+    the message is malformed (counted in dns_errors, not dns_messages), but its question and the two answers before
+    the bad record still give their resources and the message's FTS document.  Before, the whole message was
+    dropped.  Truth: tshark's dns.a of the response (tshark also reads the bad record's data past its looping name;
+    luaprobe stops at the bad record, docs/plugins.md)."""
+    import struct
+    from tests import pktbuild as pb
+    q = b"".join(bytes([len(x)]) + x.encode() for x in ("loop", "example", "net")) + b"\0"
+    head = struct.pack("!HHHHHH", 0x4242, 0x8180, 1, 3, 0, 0) + q + struct.pack("!HH", 1, 1)
+    good = b"".join(b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + bytes([192, 0, 2, i]) for i in (1, 2))
+    at = len(head) + len(good)                                  # the bad record's owner points at itself
+    bad = struct.pack("!H", 0xC000 | at) + struct.pack("!HHIH", 1, 1, 300, 4) + bytes([192, 0, 2, 3])
+    msg = head + good + bad
+    cap = str(tmp_path / "dns-loop.pcap")
+    query = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + q + struct.pack("!HH", 1, 1)
+    pb.write_pcap(cap, [(1700000000.0, pb.ether(pb.ipv4("192.0.2.10", "198.51.100.53", 17,
+                                                            pb.udp("192.0.2.10", "198.51.100.53", 40000, 53, query)))),
+                        (1700000000.01, pb.ether(pb.ipv4("198.51.100.53", "192.0.2.10", 17,
+                                                             pb.udp("198.51.100.53", "192.0.2.10", 53, 40000, msg)),
+                                                 pb.SMAC, pb.CMAC))])
+    truth = [a for (r,) in tshark(cap, "-Y", "dns.flags.response == 1", "-T", "fields", "-E", "occurrence=a",
+                                  "-E", "aggregator=|", "-e", "dns.a") for a in r.split("|") if a]
+    assert truth == ["192.0.2.1", "192.0.2.2", "192.0.2.3"]     # tshark reads on past the looping name
+    summary, db = run(tmp_path, [cap], analysers="dns")
+    rows = db.execute("SELECT uri, contents FROM resources WHERE resource_guid = ?", (RES_DNS,)).fetchall()
+    got = sorted((uri, (c.decode() if isinstance(c, bytes) else c).split("\t")[-1]) for uri, c in rows)
+    assert got == [("loop.example.net", a) for a in truth[:2]]  # the records before the bad one
+    docs = [t for (t,) in db.execute("SELECT text FROM fts WHERE fts_guid = ?", (FTS_DNS,))]
+    assert len(docs) == 2 and sum(d.startswith("RESPONSE") for d in docs) == 1   # the query and the partial response
+    st = summary["analysers"]
+    assert (st["dns_messages"], st["dns_errors"], st["dns_records"]) == (1, 1, 2)   # the query whole, the response not

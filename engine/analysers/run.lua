@@ -171,10 +171,15 @@ end
 function A:dns(e, batch, i)
   local d = e.d
   local n = d.payload_length
-  local m, err = dns.parse(e.data + d.payload_offset, n)
+  local m, _, partial = dns.parse(e.data + d.payload_offset, n)
   local st = self.stats
-  if not m then st.dns_errors = st.dns_errors + 1; return end
-  st.dns_messages = st.dns_messages + 1
+  if not m then
+    st.dns_errors = st.dns_errors + 1
+    m = partial                   -- a bad record: the questions and the records before it still count
+    if not m then return end
+  else
+    st.dns_messages = st.dns_messages + 1
+  end
   local eng = self.engine
   eng:set_packet(batch, i)
   local sec, usec = eng:timestamp()

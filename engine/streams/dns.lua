@@ -17,7 +17,10 @@ RFC 3597 unknown types), LuaJIT.
 Names are returned without the trailing dot, as scripts compare them ("google.com").
 Compression pointers must point backwards (RFC 1035 §4.1.4); a loop, a pointer
 forward, a label past the end or a name over 255 bytes makes the message invalid.
-Bad input returns nil and a message naming the byte offset; nothing is read past len.
+Bad input returns nil and a message naming the byte offset; nothing is read past len.  When the header and
+every question were read but a record was not, a third value is the message as far as it was read (the records
+before the bad one; its section counts are those of the header), as tshark shows the records before a malformed
+one: `m, err, partial = dns.parse(p, n)`.
 ]]
 local ffi = require("ffi")
 local bit = require("bit")
@@ -199,11 +202,11 @@ function M.parse(p, n)
   end
   local err
   o, err = parse_rrs(p, n, o, an, m.answers, "answer")
-  if not o then return nil, err end
+  if not o then return nil, err, m end
   o, err = parse_rrs(p, n, o, ns, m.authority, "authority")
-  if not o then return nil, err end
+  if not o then return nil, err, m end
   o, err = parse_rrs(p, n, o, ar, m.additional, "additional")
-  if not o then return nil, err end
+  if not o then return nil, err, m end
   return m
 end
 
