@@ -154,12 +154,31 @@ TrisulPlugin = {
 ''')
 
 
-def bound(ifname) -> bool:
-    """True once a packet socket is bound to ifname (luaprobe's capture is listening)."""
+def bound(ifname, proc=None) -> bool:
+    """True once a packet socket is bound to ifname; with `proc`, one held by luaprobe's capture process (a
+    descendant of proc running luaprobe.engine.capture.process), so a socket of another process (an earlier
+    run's, or a probe) cannot make a test send before its capture listens."""
     idx = int(open(f"/sys/class/net/{ifname}/ifindex").read())
     with open("/proc/net/packet") as f:
         rows = [line.split() for line in f.readlines()[1:]]
-    return any(len(r) > 4 and int(r[4]) == idx and r[3] == "0003" for r in rows)
+    inodes = {r[8] for r in rows if len(r) > 8 and int(r[4]) == idx and r[3] == "0003"}
+    if proc is None or not inodes:
+        return bool(inodes)
+    import psutil
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return False
+    for k in kids:
+        try:
+            if "luaprobe.engine.capture.process" not in k.cmdline():
+                continue
+            for fd in os.listdir(f"/proc/{k.pid}/fd"):
+                if os.readlink(f"/proc/{k.pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
+                    return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
+            continue
+    return False
 
 
 def run_live(tmp_path, ifname, *extra):
@@ -186,7 +205,7 @@ def wait_bound(proc, ifname):
     def ready():
         if proc.poll() is not None:
             raise AssertionError(f"luaprobe exited early ({proc.returncode}): {proc.communicate()}")
-        return bound(ifname)
+        return bound(ifname, proc)
     helpers.wait_for(ready, timeout=60, interval=0.05)
 
 
