@@ -389,6 +389,20 @@ end
 
 local flowp, band = nil, require("bit").band
 
+--- Keep the flow fk's counters (list) added after engine time t (µs, field 7) and drop the others from the engine's
+--- table and count (new_connection, flows_ended).  Returns the list left (nil when none is) and how many were dropped.
+local function keep_added_after(self, fk, list, t)
+  local keep = {}
+  for i = 1, #list do
+    if list[i][7] > t then keep[#keep + 1] = list[i] end
+  end
+  local dropped = #list - #keep
+  self.nflow_counters = self.nflow_counters - dropped
+  list = #keep > 0 and keep or nil
+  self.flow_counters[fk] = list
+  return list, dropped
+end
+
 --- The engine's current packet p is a SYN without ACK that starts its flow record: the flow table created the record
 --- at it or started it again (a new connection on the 5-tuple, engine/fastpath/flowtable.lua "Port reuse"; the record
 --- array's address is engine.flow_records, set by the fast path).  The flow's counters added before this packet
@@ -402,14 +416,9 @@ local function new_connection(self, fk, list, p)
     flowp = ffi.typeof("lp_flow *")
   end
   if ffi.cast(flowp, self.flow_records)[p.flow].first_ts ~= p.ts_sec + p.ts_nsec * 1e-9 then return list end
-  local now, keep = self._tus - 1, {}       -- 1 µs: an event's time (e.ts, a double) may round down a microsecond
-  for i = 1, #list do
-    if list[i][7] >= now then keep[#keep + 1] = list[i] end   -- added at this packet (its hook or event) or later
-  end
-  self.nflow_counters = self.nflow_counters - (#list - #keep)
-  list = #keep > 0 and keep or nil
-  self.flow_counters[fk] = list
-  return list
+  -- added at this packet (its hook or event) or later (times are whole µs; 1 µs slack: an event's time, e.ts
+  -- a double, may round down a microsecond)
+  return keep_added_after(self, fk, list, self._tus - 2)
 end
 
 --- Apply registered flow counters to the current packet (fast path, when any exist).
@@ -447,18 +456,11 @@ function Engine:flows_ended(addr, n)
       local fk = ffi.string(r.key)
       local list = fcs[fk]
       if list then
-        local last = math.floor(r.last_ts * 1e6 + 0.5)
-        local keep = {}
-        for j = 1, #list do
-          local fc = list[j]
-          if fc[7] > last then keep[#keep + 1] = fc end
-        end
-        dropped = dropped + #list - #keep
-        fcs[fk] = #keep > 0 and keep or nil
+        local _, d = keep_added_after(self, fk, list, math.floor(r.last_ts * 1e6 + 0.5))
+        dropped = dropped + d
       end
     end
   end
-  self.nflow_counters = self.nflow_counters - dropped
   return dropped
 end
 
