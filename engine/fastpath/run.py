@@ -507,7 +507,7 @@ class FastPath:
                 setattr(vm, fn, vm.lua.eval(mon % fn))
         if kind in BATCH_WALKERS:
             setup, walk = BATCH_WALKERS[kind]
-            args = (self._packet_store()[b"votes_addr"], self.cfg.flow_capacity) if kind == "packet_storage" else ()
+            args = (self._packet_store()[b"store_addr"], self.cfg.flow_capacity) if kind == "packet_storage" else ()
             problem = vm.lua.eval(f"function(h, ...) return h:{setup}(...) end")(vm.host, *args)
             if problem is not None:
                 self.plugin_problems.append(f"{path}: {_text(problem)}")

@@ -129,13 +129,13 @@ end
 local Store = {}
 Store.__index = Store
 
---- A store writing `path` (pcapng) for flow tables of `capacity` slots.  store.votes_addr is the address of its
+--- A store writing `path` (pcapng) for flow tables of `capacity` slots.  store.store_addr is the address of its
 --- lp_psstore (the vote queue and the votes per slot) that M.setup takes.
 function M.new_store(path, capacity)
   local fh, err = io.open(path, "wb")
   if not fh then error("packet_storage: cannot write " .. tostring(path) .. ": " .. tostring(err), 0) end
   local st = ffi.new("lp_psstore", capacity)
-  local self = setmetatable({ fh = fh, st = st, votes = st.votes, votes_addr = tonumber(ffi.cast("intptr_t", ffi.cast(storep, st))),
+  local self = setmetatable({ fh = fh, st = st, votes = st.votes, store_addr = tonumber(ffi.cast("intptr_t", ffi.cast(storep, st))),
                               capacity = capacity, ifaces = {}, nifaces = 0, stored = 0, skipped = 0,
                               truncated = 0, bytes = 0, path = path }, Store)
   -- Section Header Block: byte-order magic, version 1.0, section length unknown (-1)
