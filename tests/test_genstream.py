@@ -53,6 +53,19 @@ def test_run_generate_bad_spec_is_a_usage_error(tmp_path):
     assert r.returncode == 2 and "packets: bad value 'lots'" in r.stderr
 
 
+@pytest.mark.parametrize("spec,key", [("packets=-5", "packets"), ("flows=0", "flows"), ("seed=1,mss=3", "mss"),
+                                      ("vlan=5000", "vlan"), ("ipv6-fraction=2", "ipv6-fraction"),
+                                      ("mix=tcp=-1", "mix"), ("size-dist=fixed:9", "size-dist")])
+def test_run_generate_out_of_range_value_names_generate_and_the_key(tmp_path, spec, key):
+    """A value out of range is a usage error that names --generate and the spec's key, not a flag of `luaprobe
+    gen` the user never typed (it said "--packets: must be >= 1" for packets=-5)."""
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path), "--generate", spec],
+                       cwd=helpers.REPO, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"luaprobe run: --generate: {key}") and f"--{key}" not in line, line
+
+
 RX = """
 import json, sys
 from luaprobe.shm.luajit import new_runtime, table

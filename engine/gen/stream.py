@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
@@ -52,7 +53,10 @@ def parse_spec(spec: str) -> dict:
             out[key] = _SPEC_KEYS[key](val)
         except ValueError:
             raise UsageError(f"--generate: {key.replace('_', '-')}: bad value {val!r}") from None
-    GenConfig("<stream>", **out)                  # validates every value (raises UsageError)
+    try:
+        GenConfig("<stream>", **out)              # validates every value (raises UsageError)
+    except UsageError as e:                       # its messages name gen's own flags: "--packets: must be >= 1"
+        raise UsageError("--generate: " + re.sub(r"--([a-z][a-z-]*)", r"\1", str(e))) from None
     return out
 
 
