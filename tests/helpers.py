@@ -54,6 +54,18 @@ def kill_tree(procs) -> list[int]:
     return alive
 
 
+def finish(proc: subprocess.Popen, timeout: float):
+    """Wait up to ``timeout`` seconds for ``proc`` to end and return its ``(stdout, stderr)`` (Popen.communicate).
+    When it has not ended by then, or the wait is interrupted, kill it, reap it and re-raise (TimeoutExpired).
+    A test that fails before it gets here leaves the process to the autouse no_leaks fixture (conftest.py)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def wait_for(cond, timeout: float = 10.0, interval: float = 0.005):
     """Poll ``cond()`` until it returns a truthy value (returned) or fail after ``timeout`` seconds."""
     end = time.monotonic() + timeout

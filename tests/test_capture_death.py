@@ -13,21 +13,16 @@ from tests import helpers
 
 def test_capture_killed_is_a_dead_process_not_an_input_error(tmp_path):
     p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.0005, "--packet-ring-mb", "1")
-    try:
-        def capture():
-            for k in psutil.Process(p.pid).children(recursive=True):
-                if "luaprobe.engine.capture.process" in " ".join(k.cmdline()):
-                    return k
-        cap = helpers.wait_for(capture, timeout=60)
-        kids = psutil.Process(p.pid).children(recursive=True)
-        helpers.wait_for(walking.exists, timeout=120)
-        assert cap.is_running()
-        cap.kill()
-        out, err = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    def capture():
+        for k in psutil.Process(p.pid).children(recursive=True):
+            if "luaprobe.engine.capture.process" in " ".join(k.cmdline()):
+                return k
+    cap = helpers.wait_for(capture, timeout=60)
+    kids = psutil.Process(p.pid).children(recursive=True)
+    helpers.wait_for(walking.exists, timeout=120)
+    assert cap.is_running()
+    cap.kill()
+    out, err = helpers.finish(p, 300)
     assert p.returncode == 1, err
     summary = json.loads(out)
     n = summary["packets"]

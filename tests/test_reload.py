@@ -268,15 +268,10 @@ def test_one_signal_stops_a_run_whose_plugin_top_level_never_returns(tmp_path):
                           os.path.join(helpers.REPO, "tests", "data", "http-get-text.pcap"), "--out",
                           str(tmp_path / "out"), "--hook-budget", "0"], cwd=helpers.REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    try:
-        helpers.wait_for(lambda: (tmp_path / "looping").exists(), 60, 0.05)
-        kids = psutil.Process(p.pid).children(recursive=True)
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    helpers.wait_for(lambda: (tmp_path / "looping").exists(), 60, 0.05)
+    kids = psutil.Process(p.pid).children(recursive=True)
+    p.send_signal(signal.SIGTERM)
+    out, err = helpers.finish(p, 30)
     assert p.returncode == 143, err
     assert err.splitlines() == [f"luaprobe run: stopped by SIGTERM while loading plug-ins: the top level of {script} "
                                 "has not returned for 2 s (an endless loop?); nothing was read"], err

@@ -19,7 +19,7 @@ import pytest
 from luaprobe.engine.fastpath.run import RunConfig
 from luaprobe.engine.fastpath.shards import make_run
 
-from .helpers import PCAPS, REPO, wait_for, write_plugin
+from .helpers import PCAPS, REPO, finish, wait_for, write_plugin
 from .helpers import pcap_records as helpers_pcap_records
 from .test_fastpath import (G_ETH, G_TCP, PROTO_GROUP, TEST_GROUP, cli, lua_str, read_monitor, write_counting_plugins,
                             write_monitor_plugin)
@@ -393,16 +393,11 @@ def test_kill_9_of_a_shard_accounts_for_every_packet(tmp_path):
                           "--pcap", str(cap), "--out", str(tmp_path / "out"), "--shards", "2", "-q",
                           "--stats-json", str(stats)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    try:
-        wait_for(lambda: (tmp_path / "held").exists(), timeout=120)
-        [victim] = [c for c in psutil.Process(p.pid).children()
-                    if "luaprobe.engine.fastpath.shards" in c.cmdline() and c.cmdline()[-1].endswith("shard1.json")]
-        victim.kill()
-        out, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    wait_for(lambda: (tmp_path / "held").exists(), timeout=120)
+    [victim] = [c for c in psutil.Process(p.pid).children()
+                if "luaprobe.engine.fastpath.shards" in c.cmdline() and c.cmdline()[-1].endswith("shard1.json")]
+    victim.kill()
+    out, err = finish(p, 120)
     assert p.returncode == 1, err
     assert "Traceback" not in err
     s = json.loads(stats.read_text())

@@ -16,16 +16,10 @@ def _stop_a_slow_walk(tmp_path, *extra):
     """SIGTERM a run whose 1 ms hook walks in batches of 64, once it walks; checks what every stop must give (143,
     no traceback, no process or segment left, walk ended early) and returns (summary, the capture's frame sizes)."""
     p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.001, "--batch", "64", *extra)
-    kids = []
-    try:
-        helpers.wait_for(walking.exists, timeout=120)
-        kids = psutil.Process(p.pid).children(recursive=True)
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    helpers.wait_for(walking.exists, timeout=120)
+    kids = psutil.Process(p.pid).children(recursive=True)
+    p.send_signal(signal.SIGTERM)
+    out, err = helpers.finish(p, 300)
     assert p.returncode == 143, err
     assert "Traceback" not in err
     assert not psutil.wait_procs(kids, timeout=10)[1]
@@ -61,20 +55,14 @@ def test_sigterm_with_a_stopped_capture_process_is_a_graceful_stop(tmp_path):
     the capture is continued so that it takes the stop; exit 143, stopped_by SIGTERM (failed before: the capture
     was killed after 15 s and the run exited 3 "capture process ended unexpectedly (status -9)")."""
     p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.001, "--batch", "64", "--packet-ring-mb", "1")
-    kids = []
-    try:
-        helpers.wait_for(walking.exists, timeout=120)
-        kids = psutil.Process(p.pid).children(recursive=True)
-        capture = [k for k in kids if "luaprobe.engine.capture.process" in " ".join(k.cmdline())]
-        assert len(capture) == 1 and capture[0].status() != psutil.STATUS_ZOMBIE
-        capture[0].send_signal(signal.SIGSTOP)
-        helpers.wait_for(lambda: capture[0].status() == psutil.STATUS_STOPPED, timeout=10)
-        p.send_signal(signal.SIGTERM)
-        out, err = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    helpers.wait_for(walking.exists, timeout=120)
+    kids = psutil.Process(p.pid).children(recursive=True)
+    capture = [k for k in kids if "luaprobe.engine.capture.process" in " ".join(k.cmdline())]
+    assert len(capture) == 1 and capture[0].status() != psutil.STATUS_ZOMBIE
+    capture[0].send_signal(signal.SIGSTOP)
+    helpers.wait_for(lambda: capture[0].status() == psutil.STATUS_STOPPED, timeout=10)
+    p.send_signal(signal.SIGTERM)
+    out, err = helpers.finish(p, 300)
     assert p.returncode == 143, err
     s = json.loads(out)
     assert s["stopped_by"] == "SIGTERM" and not s["input_errors"] and not s["capture_death"]

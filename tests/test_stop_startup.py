@@ -42,23 +42,18 @@ def _start_run(tmp_path, *extra, **popen) -> subprocess.Popen:
 def test_a_stop_signal_while_starting_is_one_line_and_its_exit_code(tmp_path, signum, delay):
     p = _start_run(tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     kids = []
+    # SIGTERM: Python leaves it alone, luaprobe takes SIGINT and SIGTERM together (SIGINT is Python's from init)
+    helpers.wait_for(lambda: _caught(p.pid, signal.SIGTERM) or p.poll() is not None, timeout=30)
+    if delay == 0.0:                # taken early: before LuaJIT (lupa) is even loaded, not at the run's start
+        with open(f"/proc/{p.pid}/maps") as f:
+            assert "lupa" not in f.read()
+    time.sleep(delay)
     try:
-        # SIGTERM: Python leaves it alone, luaprobe takes SIGINT and SIGTERM together (SIGINT is Python's from init)
-        helpers.wait_for(lambda: _caught(p.pid, signal.SIGTERM) or p.poll() is not None, timeout=30)
-        if delay == 0.0:                # taken early: before LuaJIT (lupa) is even loaded, not at the run's start
-            with open(f"/proc/{p.pid}/maps") as f:
-                assert "lupa" not in f.read()
-        time.sleep(delay)
-        try:
-            kids = psutil.Process(p.pid).children(recursive=True)
-        except psutil.Error:
-            pass
-        p.send_signal(signum)
-        _out, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        kids = psutil.Process(p.pid).children(recursive=True)
+    except psutil.Error:
+        pass
+    p.send_signal(signum)
+    _out, err = helpers.finish(p, 120)
     # 0: the run finished before the signal came; -signum: it came while the interpreter was exiting after the
     # run finished (Python's finalisation puts the default disposition back; seen once in CI at 0.7 s, load ~2)
     assert p.returncode in (128 + signum, 0, -signum), err
@@ -86,18 +81,13 @@ def test_a_stop_signal_the_moment_the_first_segment_exists_leaves_none(tmp_path,
     behind at a 0.3 s delay)."""
     p = _start_run(tmp_path, "--shards", str(shards))
     pids = {p.pid}
-    try:
-        end = time.monotonic() + 60
-        while not helpers.our_segments([p.pid]) and p.poll() is None and time.monotonic() < end:
-            pass                                  # busy poll: the window is a few ms wide
-        p.send_signal(signum)
-        while p.poll() is None and time.monotonic() < end:
-            pids |= _tree(p.pid)                  # the shard, capture and worker processes (segment owners)
-        _out, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    end = time.monotonic() + 60
+    while not helpers.our_segments([p.pid]) and p.poll() is None and time.monotonic() < end:
+        pass                                  # busy poll: the window is a few ms wide
+    p.send_signal(signum)
+    while p.poll() is None and time.monotonic() < end:
+        pids |= _tree(p.pid)                  # the shard, capture and worker processes (segment owners)
+    _out, err = helpers.finish(p, 120)
     assert p.returncode in (128 + signum, 0, -signum), err
     assert "Traceback" not in err, err
     assert not helpers.our_segments(pids)

@@ -61,21 +61,16 @@ def test_stop_signal_while_the_writer_commits_the_last_rows(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", SAMPLE,
                           "--out", str(out), "-q", "--hook-budget", "0"], cwd=helpers.REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        helpers.wait_for(lambda: (tmp_path / "unloading").exists(), timeout=60)
-        writer = next(c for c in psutil.Process(p.pid).children()
-                      if "luaprobe.engine.store.writer" in " ".join(c.cmdline()))
-        pids = [p.pid, writer.pid]
-        writer.send_signal(signal.SIGSTOP)
-        helpers.wait_for(lambda: writer.status() == psutil.STATUS_STOPPED, timeout=10)
-        (tmp_path / "go").write_text("")
-        helpers.wait_for(lambda: _blocked_in_poll(p.pid), timeout=30)     # in the final close, waiting
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    helpers.wait_for(lambda: (tmp_path / "unloading").exists(), timeout=60)
+    writer = next(c for c in psutil.Process(p.pid).children()
+                  if "luaprobe.engine.store.writer" in " ".join(c.cmdline()))
+    pids = [p.pid, writer.pid]
+    writer.send_signal(signal.SIGSTOP)
+    helpers.wait_for(lambda: writer.status() == psutil.STATUS_STOPPED, timeout=10)
+    (tmp_path / "go").write_text("")
+    helpers.wait_for(lambda: _blocked_in_poll(p.pid), timeout=30)     # in the final close, waiting
+    p.send_signal(signal.SIGINT)
+    _, err = helpers.finish(p, 60)
     assert "while starting" not in err and "Traceback" not in err, err
     assert p.returncode == 0, err             # every packet was processed before the signal, and is written
     assert not psutil.pid_exists(writer.pid) or writer.status() == psutil.STATUS_ZOMBIE, \

@@ -49,18 +49,13 @@ def test_summary_reaches_json_and_stats_json_when_the_store_writer_dies(tmp_path
                           "--generate", "packets=2000000,flows=500,mix=tcp=100,seed=3", "--out", str(tmp_path / "out"),
                           "--json", "--stats-json", str(stats), "--hook-budget", "0"], cwd=helpers.REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        helpers.wait_for(lambda: (tmp_path / "running").exists(), timeout=60)
-        writer = next(c for c in psutil.Process(p.pid).children()
-                      if "luaprobe.engine.store.writer" in " ".join(c.cmdline()))
-        writer.send_signal(signal.SIGKILL)
-        helpers.wait_for(lambda: not writer.is_running() or writer.status() == psutil.STATUS_ZOMBIE, timeout=10)
-        (tmp_path / "go").write_text("")
-        out, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    helpers.wait_for(lambda: (tmp_path / "running").exists(), timeout=60)
+    writer = next(c for c in psutil.Process(p.pid).children()
+                  if "luaprobe.engine.store.writer" in " ".join(c.cmdline()))
+    writer.send_signal(signal.SIGKILL)
+    helpers.wait_for(lambda: not writer.is_running() or writer.status() == psutil.STATUS_ZOMBIE, timeout=10)
+    (tmp_path / "go").write_text("")
+    out, err = helpers.finish(p, 120)
     assert p.returncode == 1, err
     line = f"luaprobe run: exit 1: the SQLite store writer (pid {writer.pid}) was killed by SIGKILL; "
     assert line in err and "Traceback" not in err, err

@@ -101,15 +101,9 @@ def test_compiled_endless_loop_ends_the_run_as_a_plugin_error(tmp_path, body):
     p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine", "run", str(plug), "--pcap", SAMPLE,
                           "--out", str(tmp_path / "out"), "--hook-budget", "0.5"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    kids = []
-    try:
-        helpers.wait_for(lambda: psutil.Process(p.pid).children(recursive=True), timeout=60)
-        kids = psutil.Process(p.pid).children(recursive=True)
-        _out, err = p.communicate(timeout=90)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    helpers.wait_for(lambda: psutil.Process(p.pid).children(recursive=True), timeout=60)
+    kids = psutil.Process(p.pid).children(recursive=True)
+    _out, err = helpers.finish(p, 90)
     assert p.returncode == 4, err
     lines = [ln for ln in err.splitlines() if ln.startswith("luaprobe run:")]
     assert len(lines) == 1, err
