@@ -142,3 +142,30 @@ def test_run_dir_flag_is_the_run_dir_config_checks_and_resolves_against(tmp_path
     with pytest.raises(config.ConfigError) as e:
         config.load(str(tmp_path / "c.toml"), run_dir=str(tmp_path / "afile"))
     assert str(e.value) == f"{tmp_path / 'c.toml'}: --run-dir {tmp_path / 'afile'}: exists and is not a directory"
+
+
+# The line each problem is on is marked "#<-" in the text; the test finds it there (not in luaprobe's output).
+STRAY_AND_TWICE = [
+    ("[run]\nout_dir = 'o'\nbogus = 1  #<-\n", "[run] unknown key 'bogus'"),
+    ("[run]\nout_dir = 'o'\n\"bogus\" = 1  #<-\n", "[run] unknown key 'bogus'"),
+    ("[run]\nout_dir = 'o'\nbogus.deep = 1  #<-\n", "[run] unknown key 'bogus'"),
+    ("[run]\nout_dir = 'o'\n\n[run.bogus]  #<-\nx = 1\n", "[run] unknown key 'bogus'"),
+    ("\n# a comment\nbogus = 1  #<-\n[run]\nout_dir = 'o'\n", "unknown key 'bogus' before any section"),
+    ("\n\nrun = { out_dir = 'o', bogus = 1 }  #<-\n", "[run] unknown key 'bogus'"),
+    ("[stats]\ninterval = 1\nrun.bogus = 2  #<-\n", "[stats] unknown key 'run'"),
+    ("[run]\nout_dir = 'o'\nout_dir = 'p'  #<-\n", "not valid TOML: key out_dir is given twice"),
+    ("[run]\nout_dir = 'o'\n[stats]\ninterval = 1\n[run]  #<-\nshards = 2\n", "not valid TOML: table [run] is declared twice"),
+    ("[log]\nverbose = true\n\n\"verbose\" = false  #<-\n", 'not valid TOML: key "verbose" is given twice'),
+]
+
+
+@pytest.mark.parametrize("body, what", STRAY_AND_TWICE)
+def test_a_stray_or_twice_given_key_names_its_file_and_line(tmp_path, body, what):
+    """A key luaprobe does not know, however it is spelled (quoted, dotted, inline table, [section.key], before
+    any section), and a key or table given twice name the file and the line (before: an unknown key written
+    other than `key =` and every duplicate, tomllib's "Cannot overwrite a value (at line 3, column 14)", had
+    no file:line)."""
+    text = body + BASE[BASE.index("[source]"):]
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if t.endswith("#<-"))
+    err = start_refused(tmp_path, text)
+    assert err.startswith(f"luaprobe start: {tmp_path / 'c.toml'}:{line}:") and what in err, (line, err)

@@ -163,11 +163,13 @@ def validate(raw: dict, path: str = "<config>", run_dir: str | None = None) -> C
     name = path
     base = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
     for section in raw:
+        sections = ", ".join(f"[{s}]" for s in SCHEMA)
+        if section not in SCHEMA and isinstance(raw[section], dict):
+            raise ConfigError(f"{name}: unknown section [{section}] (valid: {sections})", section)
         if section not in SCHEMA:
-            raise ConfigError(f"{name}: unknown section [{section}] (valid: "
-                              + ", ".join(f"[{s}]" for s in SCHEMA) + ")", section)
+            raise ConfigError(f"{name}: unknown key {section!r} before any section (valid: {sections})", section)
         if not isinstance(raw[section], dict):
-            raise ConfigError(f"{name}: {section} = {_show(raw[section])}: must be a table [{section}]")
+            raise ConfigError(f"{name}: {section} = {_show(raw[section])}: must be a table [{section}]", section)
     values: dict = {}
     given_rd = os.path.abspath(run_dir) if run_dir else None
     for section, keys in SCHEMA.items():
@@ -293,7 +295,7 @@ def load(path: str, run_dir: str | None = None) -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(_toml_problem(path, text, str(e))) from None
     try:
         return validate(raw, path, run_dir)
     except ConfigError as e:
@@ -301,10 +303,33 @@ def load(path: str, run_dir: str | None = None) -> Config:
         raise ConfigError(f"{path}:{n}:{str(e)[len(path) + 1:]}" if n else str(e), e.section, e.key) from None
 
 
+def _toml_problem(path: str, text: str, message: str) -> str:
+    """One line for a tomllib error ``message`` (Python 3.11's TOMLDecodeError has its place only in the text:
+    "... (at line L, column C)"): ``path:L:C: not valid TOML: ...``; a key or table given twice names the key."""
+    m = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message, re.S)
+    if not m:
+        return f"{path}: not valid TOML: {message}"
+    what, line, col = m[1], int(m[2]), int(m[3])
+    lines = text.splitlines()
+    src = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+    twice = re.fullmatch(r"Cannot declare \((.*)\) twice", what)
+    if what == "Cannot overwrite a value":           # tomllib's words for a key given twice (TOML 1.0 "Keys")
+        k = re.match(r"([^=\[]+?)\s*=", src)
+        what = (f"key {k[1]} is given twice" if k else
+                f"{src} names a key given before" if src.startswith("[") else "a key is given twice")
+    elif twice:                                      # "Cannot declare ('run',) twice"
+        what = "table [" + ".".join(re.findall(r"'([^']*)'", twice[1])) + "] is declared twice"
+    return f"{path}:{line}:{col}: not valid TOML: {what}"
+
+
 def _line_of(text: str, section: str, key: str | None) -> int | None:
-    """The line of ``key = ...`` in ``[section]`` of the TOML ``text`` (``key`` None: of the header), or None."""
+    """The line of ``key = ...`` in ``[section]`` of the TOML ``text`` (``key`` None: of the header, or of a
+    top-level key ``section``), or None.  A plain ``key =`` line or ``[section]`` header is found as written;
+    any other spelling (a quoted or dotted key, an inline table, ``[section.key]``, a top-level key) is found by
+    parsing ever longer prefixes of the text: the first that holds the key ends on its line."""
     current = None
-    for n, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         t = line.strip()
         h = re.match(r"\[\s*([\w-]+)\s*\]", t)
         if h:
@@ -312,5 +337,12 @@ def _line_of(text: str, section: str, key: str | None) -> int | None:
             if key is None and current == section:
                 return n
         elif current == section and key and re.match(re.escape(key) + r"\s*=", t):
+            return n
+    for n in range(1, len(lines) + 1):
+        try:
+            d = tomllib.loads("\n".join(lines[:n]))
+        except tomllib.TOMLDecodeError:
+            continue                                  # a prefix ending inside a multi-line value
+        if section in d and (key is None or isinstance(d[section], dict) and key in d[section]):
             return n
     return None
