@@ -312,21 +312,23 @@ function H.check(ft)
   local sen = ft.capacity
   -- the LRU list is ordered by lsec, the second of the packet that last moved the flow (the second of
   -- last_ts for monotone packet time, which these tests use)
-  for _, l in ipairs{{'lru', 'lprev', 'lnext', 'lsec'}, {'age', 'aprev', 'anext', 'first_ts'}} do
-    local c, prev, i = 0, sen, flows[sen][l[3]]
+  -- the LRU links live in ft.lru (lp_link: prev, next), the age links in the records
+  for _, l in ipairs{{'lru', 'prev', 'next', 'lsec', ft.lru}, {'age', 'aprev', 'anext', 'first_ts', flows}} do
+    local links = l[5]
+    local c, prev, i = 0, sen, links[sen][l[3]]
     while i ~= sen do
       local e = flows[i]
       if i < 0 or i >= sen then return l[1] .. ' bad link ' .. i end
       if e.live == 0 then return l[1] .. ' list holds a free record' end
       -- lsec is the second of last_ts; sec + nsec * 1e-9 may round up to sec + 1 in a double
       if not (e.lsec <= e.last_ts and e.last_ts <= e.lsec + 1) then return 'lsec ' .. e.lsec .. ' last_ts ' .. e.last_ts end
-      if e[l[2]] ~= prev then return l[1] .. ' prev link' end
+      if links[i][l[2]] ~= prev then return l[1] .. ' prev link' end
       if prev ~= sen and flows[prev][l[4]] > e[l[4]] then return l[1] .. ' list out of time order' end
       c = c + 1
       if c > ft.live then return l[1] .. ' list cycle' end
-      prev, i = i, e[l[3]]
+      prev, i = i, links[i][l[3]]
     end
-    if prev ~= flows[sen][l[2]] then return l[1] .. ' tail' end
+    if prev ~= links[sen][l[2]] then return l[1] .. ' tail' end
     if c ~= ft.live then return l[1] .. ' list length ' .. c end
   end
   for t = 0, ft.free_top - 1 do

@@ -395,7 +395,7 @@ function Driver:flush_flows()
   local ft = self.ft
   local flows, sen = ft.flows, ft.capacity
   for k = drain_pending(self), self.exp_cap - 1 do
-    local idx = flows[sen].lnext
+    local idx = ft.lru[sen].next
     if idx == sen then return k end
     put_row(self, k, idx, nil)
     ft:terminate(idx)

@@ -34,12 +34,12 @@ for i = 1, N do
 end
 local rows = ffi.new("lp_flowrow[?]", 4096)
 local function lua_keys()
-  local flows, sen, k = ft.flows, ft.capacity, 0
-  local i = flows[sen].lnext
+  local lru, sen, k = ft.lru, ft.capacity, 0
+  local i = lru[sen].next
   while i ~= sen do
     ft:put_key(i, rows[k % 4096].key)
     k = k + 1
-    i = flows[i].lnext
+    i = lru[i].next
   end
   return k
 end
