@@ -15,8 +15,13 @@ local flowtable = require("luaprobe.engine.fastpath.flowtable")
 local packet = require("luaprobe.engine.plugins.packet")
 local ipreasm = require("luaprobe.engine.fastpath.ipreasm")
 
-local cast, fstring = ffi.cast, ffi.string
+local cast, copy, fstring = ffi.cast, ffi.copy, ffi.string
 local REC, recp, PKT = packet.REC_SIZE, packet.recp, packet.PKT
+local u8p = ffi.typeof("uint8_t *")
+-- a packet record's header (lp_pktrec) and a batch entry (lp_pkt) hold ts_sec, ts_nsec, wirelen, caplen,
+-- linktype, ifindex as consecutive u32s: fill copies them as one block
+local PKT_HDR, REC_HDR, HDR_BYTES = ffi.offsetof("lp_pkt", "ts_sec"), ffi.offsetof("lp_pktrec", "ts_sec"), 24
+assert(ffi.offsetof("lp_pkt", "ifindex") - PKT_HDR == 20 and ffi.offsetof("lp_pktrec", "ifindex") - REC_HDR == 20)
 local ddecode = decode.decode
 
 local M = {}
@@ -96,6 +101,9 @@ function Driver:fill()
   -- records of a few hundred bytes: their headers are cache misses in series (each record's position is in the
   -- previous one's header); touched first from the ring's prefetch hints, they overlap (issue 10, shm/ring.lua)
   if self.big_records then self.touched = r:touch_ahead(max) end
+  -- counters of the ring's packets, kept in the loop (no second pass over the batch); a datagram completed by
+  -- IP reassembly is appended to the batch but is not a captured packet (its fragments were counted)
+  local got, truncated, nonip, bytes = 0, self.truncated, self.nonip, self.bytes
   while n < max do
     local p, len = r:peek()
     if p == nil then break end
@@ -112,14 +120,20 @@ function Driver:fill()
       if self.ipr.stats.pending > 0 then self.ipr:expire(ts) end
     end
     local e = b[n]
-    e.data = p + REC
-    e.ts_sec, e.ts_nsec, e.wirelen, e.caplen = ts, h.ts_nsec, h.wirelen, h.caplen
-    e.linktype, e.ifindex = h.linktype, h.ifindex
-    ddecode(e.d, e.data, h.caplen, h.linktype)
+    local data = p + REC
+    e.data = data
+    copy(cast(u8p, e) + PKT_HDR, p + REC_HDR, HDR_BYTES)   -- ts_sec .. ifindex: the same u32s in both layouts
+    local caplen = h.caplen
+    local d = e.d
+    ddecode(d, data, caplen, h.linktype)
     r:advance(len)
     n = n + 1
-    if e.d.frag ~= 0 then n = self:fragment(e, n) end
-    if e.d.nlayers == 0 then self:no_layer(e) end
+    got = got + 1
+    bytes = bytes + h.wirelen
+    truncated = truncated + d.truncated
+    if d.ip_version == 0 then nonip = nonip + 1 end
+    if d.frag ~= 0 then n = self:fragment(e, n) end
+    if d.nlayers == 0 then self:no_layer(e) end
   end
   -- Flows after the whole batch is decoded, in the flow table's own small
   -- loops (lookup, insertion, counters: flowtable.lua "packet path"); one
@@ -127,16 +141,8 @@ function Driver:fill()
   -- see every packet before the flow table (IP reassembly) goes between the
   -- loop above and this call.
   ft:update_batch(b, n)
-  local truncated, nonip, bytes = self.truncated, self.nonip, self.bytes
-  for k = 0, n - 1 do
-    local e = b[k]
-    local d = e.d
-    truncated = truncated + d.truncated
-    nonip = nonip + (d.ip_version == 0 and 1 or 0)
-    bytes = bytes + e.wirelen
-  end
   self.truncated, self.nonip, self.bytes = truncated, nonip, bytes
-  self.packets = self.packets + n
+  self.packets = self.packets + got
   self.big_records = r.head_local - head0 > TOUCH_BYTES * n
   if self.nreasm then self:reasm_accounting() end
   return n, self.sec
@@ -177,15 +183,12 @@ function Driver:fragment(e, n)
 end
 
 --- After the flow table saw the batch (fragments have no flow: update_batch skips d.frag 1):
---- each reassembled datagram (d.frag 2) counts in its flow as all its fragment packets, and
---- is not a captured packet itself (its fragments were counted in packets, bytes, truncated).
+--- each reassembled datagram (d.frag 2) counts in its flow as all its fragment packets.  It is not a
+--- captured packet itself: fill counts only the ring's packets in packets, bytes, truncated.
 function Driver:reasm_accounting()
   local ft, b = self.ft, self.batch
   for k, r in pairs(self.reasm) do
     local e = b[k]
-    self.packets = self.packets - 1
-    self.bytes = self.bytes - e.wirelen
-    self.truncated = self.truncated - e.d.truncated
     if e.flow >= 0 then
       local f = ft.flows[e.flow]
       local extra = r[2] - 1                           -- the flow counts every fragment packet
