@@ -300,6 +300,49 @@ def test_ack_before_data_kind(tmp_path, v6):
 
 
 @pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("shape", ["response-starts-first", "whole-response-first", "second-request-late"])
+def test_request_captured_after_its_response_kind(tmp_path, v6, shape):
+    """Kind 03 the other way round (mirror ports): the client's request is captured after the server's ACK of
+    it, and after the start (or the whole) of the response. The response is still paired with its request:
+    onfile_http gets the request's method and URI, not the placeholder of a response without one. tshark
+    (-o tcp.reassemble_out_of_order:TRUE, as case 03) names the exported object after the URI when the
+    response ends after the request was captured."""
+    c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
+                cport=45010)
+    c.handshake()
+    body = bytes(range(256)) * 20
+    resp = pb.http_response(body, [("Content-Length", len(body))])
+    want = [("GET", "/late", len(body), SHA(body))]
+    if shape == "second-request-late":
+        c.send(True, pb.http_request("/first"))
+        c.send(False, pb.http_response(b"one", [("Content-Length", 3)]))
+        want.insert(0, ("GET", "/first", 3, SHA(b"one")))
+    req = pb.http_request("/late")
+    late = c.segment(True, pb.PSH | pb.ACK, req)
+    c.advance(True, len(req))
+    c.seg(False, pb.ACK)                                   # the server acknowledges the request, not captured yet
+    if shape == "response-starts-first":
+        c.seg(False, pb.PSH | pb.ACK, resp[:1400])
+        c.add(late, True)
+        c.seg(False, pb.PSH | pb.ACK, resp[1400:])
+    else:
+        c.seg(False, pb.PSH | pb.ACK, resp)
+        c.add(late, True)
+    c.seg(True, pb.ACK)
+    c.close()
+    files, _, s, _ = run_kinds(tmp_path, c.frames)
+    assert [(f[0], f[1], int(f[3]), f[4]) for f in files] == want
+    assert all(f[6] == "nil" for f in files) and s["filex"][0]["tcp_gaps"] == 0
+    if shape == "response-starts-first":
+        pcap = str(tmp_path / "t.pcap")
+        pb.write_pcap(pcap, c.frames)
+        subprocess.run(["tshark", "-o", "tcp.reassemble_out_of_order:TRUE", "-r", pcap, "-q", "--export-objects",
+                        f"http,{tmp_path / 'objs'}"], capture_output=True, check=True)
+        with open(tmp_path / "objs" / "late", "rb") as fh:
+            assert fh.read() == body
+
+
+@pytest.mark.parametrize("v6", [False, True])
 def test_port_reuse_kind(tmp_path, v6):
     """Connection 1 never closes and its response has no length (read until close): the new SYN ends it,
     its file is delivered; connection 2's file too."""

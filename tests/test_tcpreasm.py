@@ -160,6 +160,36 @@ def test_mirror_port_ack_before_data(T):
     assert st['retransmitted_bytes'] == 0 and buf == 0
 
 
+def test_mirror_port_reply_before_the_data_it_answers(T):
+    """SPAN ports reorder the other way too: the server's reply (acknowledging 4 client bytes) comes before
+    those bytes; the reply is held until they come, so each direction's bytes follow the peer bytes they
+    answer (a request before its response). Bytes never captured: after ack_timeout (2 s of packet time)
+    or ack_window held bytes they become a gap and the held reply goes on."""
+    pk = handshake() + [(1, ISN_S + 1, ACK, b'RESP', ISN_C + 5), (1, ISN_S + 5, ACK, b'ONSE', ISN_C + 5),
+                        (0, ISN_C + 1, ACK, b'REQ!', ISN_S + 1)]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert (s0, s1) == (b'REQ!', b'RESPONSE') and st['held'] == 2 and st['gaps'] == 0
+    assert log == ['data 0 0 4', 'data 1 0 4', 'data 1 4 4']
+    # the client's FIN is acknowledged too (ack = FIN + 1): nothing is missing, nothing held
+    pk = handshake() + [(0, ISN_C + 1, ACK | FIN, b'REQ!', ISN_S + 1), (1, ISN_S + 1, ACK, b'RESP', ISN_C + 6)]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert log == ['data 0 0 4', 'data 1 0 4'] and st['held'] == 0
+    # never captured: 2 s later the 4 client bytes are a gap and the reply is delivered
+    pk = handshake() + [(1, ISN_S + 1, ACK, b'RESP', ISN_C + 5, 0), (1, ISN_S + 5, ACK, b'ONSE', ISN_C + 5, 1),
+                        (1, ISN_S + 9, ACK, b'!', ISN_C + 5, 2)]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert log == ['gap 0 0 4', 'data 1 0 4', 'data 1 4 4', 'data 1 8 1'] and st['gap_bytes'] == 4
+    # ... or ack_window bytes held; and the end of the flow delivers what is held
+    s0, s1, log, st, buf, _ = run(T, pk[:-1], ack_window=8)
+    assert log == ['gap 0 0 4', 'data 1 0 4', 'data 1 4 4'] and s1 == b'RESPONSE'
+    s0, s1, log, st, buf, _ = run(T, pk[:-2], expire=True)
+    assert log == ['gap 0 0 4', 'data 1 0 4', 'close timeout']
+    # an ACK far beyond anything plausible (more than max_gap ahead) holds nothing
+    pk = handshake() + [(1, ISN_S + 1, ACK, b'RESP', ISN_C + 5 + (1 << 20))]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert log == ['data 1 0 4'] and st['held'] == 0
+
+
 def test_port_reuse_new_syn_starts_new_connection(T):
     """A SYN with a new ISN on an unclosed connection ends it ("reuse") and starts a new one;
     a retransmitted SYN (same ISN) does not."""

@@ -94,7 +94,9 @@ R.stats: segments (segments with payload), bytes_delivered,
 retransmitted_bytes, overlaps, out_of_order (segments buffered out of order),
 gaps, gap_bytes, cap_drops_flow, cap_drops_total, flows (created), closed,
 reused (connections ended by a new SYN on the same 5-tuple), late_fills (ACKed
-holes later filled by their data: mirror-port reordering).
+holes later filled by their data: mirror-port reordering), held (segments
+held because their ACK covers peer bytes not captured yet: the peer's data is
+delivered first, docs/filex.md "Mirror / SPAN ports").
 ]==]
 local ffi = require "ffi"
 local bit = require "bit"
@@ -120,9 +122,10 @@ function M.new(opts)
     cb = opts.cb, cb_gap = opts.cb_gap, cb_close = opts.cb_close,
     flows = {},
     buffered = 0,
+    held_bytes = 0,
     stats = { segments = 0, bytes_delivered = 0, retransmitted_bytes = 0, overlaps = 0, out_of_order = 0,
               gaps = 0, gap_bytes = 0, cap_drops_flow = 0, cap_drops_total = 0, flows = 0, closed = 0,
-              reused = 0, late_fills = 0 },
+              reused = 0, late_fills = 0, held = 0 },
   }, R)
   return self
 end
@@ -240,7 +243,10 @@ local function buffer_seg(self, f, s, abs, p, n)
   self.buffered = self.buffered + added
 end
 
+local release
 local function close_flow(self, id, f, reason, cb)
+  if f.closed then return end
+  if f.held then release(self, id, f, true) end   -- held segments first (they may close it)
   if f.closed then return end
   -- flush: give up every remaining hole
   for dir = 0, 1 do
@@ -285,13 +291,7 @@ local function ack_check(self, id, dir, f, s, ack, ts, cb)
   s.ack_hole = nil
 end
 
-function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
-  cb = cb or self.cb
-  local f = self.flows[id]
-  if f == nil then f = get_flow(self, id, pdir, flags) end
-  if f.closed then return end
-  f.last_ts = ts or f.last_ts
-  local dir = (pdir == f.client) and 0 or 1
+local function segment(self, id, f, dir, seq, flags, p, n, ts, cb, ack)
   local s = f.s[dir]
   if ack and band(flags, ACK) ~= 0 then
     local o = f.s[1 - dir]
@@ -380,6 +380,90 @@ function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
   if s.fin_off then fin_check(self, id, f, cb) end
 end
 
+-- Peer bytes a segment answers that were not captured yet (mirror ports, the other way round: the
+-- server's ACK of a request, even its response, is captured before the request): how far the ACK
+-- is beyond the peer's delivered bytes (its FIN excluded); 0 when it is not, or not plausibly, ahead.
+local function peer_behind(self, o, ack)
+  if not o.started then return 0 end
+  local a = o.off + sdiff(ack, o.nxt)
+  if o.fin_off and a == o.fin_off + 1 then a = o.fin_off end
+  local behind = a - o.off
+  if behind <= 0 or behind > self.max_gap then return 0 end
+  return behind
+end
+
+-- hand the held segments of flow f to segment() again, in their order; forced (ack_timeout, ack_window,
+-- memory, RST, close): the peer bytes they wait for are given up first (a gap, as an ACKed hole is)
+function release(self, id, f, forced)
+  local q, dir = f.held, f.hdir
+  f.held = nil
+  self.held_bytes = self.held_bytes - f.hbytes
+  if forced then
+    local o = f.s[1 - dir]
+    local a = f.hneed
+    while o.segs[1] and o.segs[1][1] <= a and a > o.off do skip_hole(self, id, 1 - dir, f, o, f.hcb) end
+    if a > o.off then
+      local missing = a - o.off
+      self.stats.gaps = self.stats.gaps + 1
+      self.stats.gap_bytes = self.stats.gap_bytes + missing
+      if self.cb_gap then self.cb_gap(id, 1 - dir, o.off, missing) end
+      o.off = a
+      o.nxt = (o.nxt + missing) % TWO32
+    end
+  end
+  for i = 1, #q do
+    local it = q[i]
+    if f.closed then break end
+    if f.held then                                 -- an earlier one waits again: the rest queue behind it
+      f.held[#f.held + 1] = it
+      f.hbytes = f.hbytes + it[4]
+      self.held_bytes = self.held_bytes + it[4]
+    else
+      self:packet(id, it[1], it[2], it[3], it[5], it[4], it[6], it[7], it[8])
+    end
+  end
+end
+
+function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
+  cb = cb or self.cb
+  local f = self.flows[id]
+  if f == nil then f = get_flow(self, id, pdir, flags) end
+  if f.closed then return end
+  f.last_ts = ts or f.last_ts
+  local dir = (pdir == f.client) and 0 or 1
+  if f.held then
+    if (ts or 0) - f.hts >= self.ack_timeout or band(flags, RST) ~= 0 then
+      release(self, id, f, true)
+      if f.closed then return end
+    elseif dir == f.hdir and (n > 0 or band(flags, FIN) ~= 0) then
+      local str = type(p) == "string" and p or fstring(p, n)
+      f.held[#f.held + 1] = { pdir, seq, flags, n, str, ts, cb, ack }
+      f.hbytes = f.hbytes + n
+      self.held_bytes = self.held_bytes + n
+      self.stats.held = self.stats.held + 1
+      if f.hbytes >= self.ack_window or self.held_bytes + self.buffered > self.max_total_bytes then
+        release(self, id, f, true)
+      end
+      return
+    end
+  elseif ack and (n > 0 or band(flags, FIN) ~= 0) and band(flags, ACK + SYN + RST) == ACK then
+    local behind = peer_behind(self, f.s[1 - dir], ack)
+    if behind > 0 then
+      local o = f.s[1 - dir]
+      local str = type(p) == "string" and p or fstring(p, n)
+      f.held, f.hdir, f.hneed, f.hts, f.hbytes, f.hcb = { { pdir, seq, flags, n, str, ts, cb, ack } }, dir,
+        o.off + behind, ts or 0, n, cb
+      self.held_bytes = self.held_bytes + n
+      self.stats.held = self.stats.held + 1
+      return
+    end
+  end
+  segment(self, id, f, dir, seq, flags, p, n, ts, cb, ack)
+  if f.held and not f.closed and dir ~= f.hdir and f.s[1 - f.hdir].off >= f.hneed then
+    release(self, id, f, false)
+  end
+end
+
 function R:expire(id, cb)
   local f = self.flows[id]
   if not f then return false end
@@ -415,6 +499,7 @@ function R:forget(id)
   if not f then return end
   if not f.closed then
     self.buffered = self.buffered - f.nbuf
+    if f.held then self.held_bytes = self.held_bytes - f.hbytes end
   end
   self.flows[id] = nil
 end
