@@ -119,7 +119,7 @@ def one_run(path: str, plugdir: str, workdir: str, batch: int, ring_mb: int = 32
     """One in-process fast-path run: {fill, flows, walk, rest, loop: CPU ns per packet, per_batch: packets}."""
     from luaprobe.engine.fastpath import run as runmod
     acc = {"fill": 0, "walk": 0, "batches": 0, "lua": None, "wrapped": False, "per": [],
-           "thp": 0, "thp_at": 0.0,
+           "thp": 0,
            "gaps": [], "last_end": 0, "fill0": 0, "nfill0": 0}
     method, budgeted = runmod.method, runmod.FastPath.__dict__["_budgeted"]
 
@@ -140,9 +140,6 @@ def one_run(path: str, plugdir: str, workdir: str, batch: int, ring_mb: int = 32
                 acc["last_end"] = 0
             r = f(d)
             k = r[0] if isinstance(r, tuple) else r
-            if not k and acc["batches"] and time.monotonic() - acc["thp_at"] > 0.1:
-                acc["thp_at"] = time.monotonic()          # idle or end of input: the flow table's huge pages now
-                acc["thp"] = max(acc["thp"], anon_huge_kib())
             if not k and acc["batches"]:
                 acc["fill0"] += time.thread_time_ns() - t
                 acc["nfill0"] += 1
@@ -176,6 +173,8 @@ def one_run(path: str, plugdir: str, workdir: str, batch: int, ring_mb: int = 32
         fp = runmod.FastPath(runmod.RunConfig(plugins=[plugdir], files=[path], out_dir=out, batch=batch,
                                               packet_ring_size=ring_mb << 20))
         s = fp.run()
+        acc["thp"] = anon_huge_kib()     # the flow table's huge pages (read after the loop: ~1.5 ms per read, which
+                                         # was inside the loop CPU and the idle column before 2026-11-30 17:40)
         traces = [count_traces(fp.driver_lua)] + [count_traces(i.vm.lua) for i in fp.instances]
     finally:
         runmod.method, runmod.FastPath._budgeted = method, budgeted
