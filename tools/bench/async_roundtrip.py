@@ -34,7 +34,9 @@ upvalues:
 
 *limit* rows: the same hooks with `T.async:schedule(task)` replaced by a store of the task into a table (the
 script's own work: the task table, the closures, their garbage; for fresh closures also the interpreter, since
-LuaJIT does not compile closure creation, and end to end the walker's stitch point); each style row shows its
+LuaJIT does not compile closure creation, and end to end the walker's stitch point); `limit_interp` is a hook that
+creates one empty closure and does nothing else (end to end: the stitch point and the interpreted `onpacket` and hook
+alone, the part of `limit_fresh` that any closure-creating hook pays); each style row shows its
 median minus its limit's (and the ratio): what T.async itself costs.  In-process the fast path is split into the
 hook calls, the flush and the delivery; end to end the packet loop's CPU has the T.async service's share
 (the plug-in VM's Async:poll, timed by the bench plug-in while packets come) and the result latency p50 (how
@@ -299,12 +301,15 @@ def style_lua() -> str:
     """Hook functions for every style: hoisted[k] / fresh[k] schedule one task with k upvalues; limit_hoisted[k] /
     limit_fresh[k] are the same hooks with `T.async:schedule(task)` replaced by a store of the task into a table of
     the last 1 024 tasks (what the script's own code costs, and LuaJIT's limit for it: the same table, closures and
-    garbage, no T.async)."""
+    garbage, no T.async); limit_interp[0] creates one empty closure and nothing else: end to end, what any hook that
+    creates a closure costs for being one (the walker calls it through its stitch point, and it and `onpacket` run
+    interpreted), without the task table, the task's closures or T.async."""
     out = ['local U1, U2, U3, U4 = "abc", 42, true, "xyz"',
            "local function count(e, d, r) done = done + 1 end",
            "local KEEP, kept = {}, 0",
            "local function keep(task) kept = kept + 1; KEEP[bit.band(kept, 1023) + 1] = task end",
-           "hoisted, fresh, limit_hoisted, limit_fresh = {}, {}, {}, {}"]
+           "hoisted, fresh, limit_hoisted, limit_fresh = {}, {}, {}, {}",
+           "limit_interp = { [0] = function(data) local f = function() end end }"]
     for k in STYLE_UPS:
         out.append(f"do local task = {{ data = '', onexecute = function(d) {EX[k]} end, onresult = count }}\n"
                    f"  hoisted[{k}] = function(data) task.data = data; T.async:schedule(task) end\n"
@@ -370,7 +375,7 @@ def mmm(xs) -> str:
 
 
 STYLES_INPROC = [(s, k) for s in ("hoisted", "fresh") for k in STYLE_UPS] + [("limit_hoisted", 0)] + \
-    [("limit_fresh", k) for k in STYLE_UPS]
+    [("limit_fresh", k) for k in STYLE_UPS] + [("limit_interp", 0)]
 
 
 def bench_styles(n: int, runs: int, window: int = WINDOW) -> list:
@@ -470,7 +475,7 @@ sys.exit(rc)
 E2E_KEYS = ("elapsed", "loop_cpu", "service_cpu", "fastpath_cpu", "children_cpu", "all_cpu")
 #: e2e configurations: (style, upvalues); ("none", None) is the run whose hook only counts
 E2E_CONFIGS = [("none", None)] + [(s, k) for s in ("hoisted", "fresh") for k in STYLE_UPS] + \
-    [("limit_hoisted", 0)] + [("limit_fresh", k) for k in STYLE_UPS]
+    [("limit_hoisted", 0)] + [("limit_fresh", k) for k in STYLE_UPS] + [("limit_interp", 0)]
 
 
 def e2e_run(pcap: str, npackets: int, hook: str, d: str, extra=()) -> tuple[dict, dict]:
