@@ -343,6 +343,62 @@ def test_request_captured_after_its_response_kind(tmp_path, v6, shape):
 
 
 @pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("late", ["request", "response"])
+def test_first_payload_captured_out_of_order_kind(tmp_path, v6, late):
+    """The first segment of a message is captured after the second (reordered, or lost and retransmitted), so
+    the connection's first payload starts inside the message, not with a request or status line. It is still
+    HTTP: the request's header tail (request), the body's middle, before the request too (response). tshark
+    (-o tcp.reassemble_out_of_order:TRUE, as case 03) exports the object under its URI."""
+    c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
+                cport=45020)
+    c.handshake()
+    body = bytes(range(256)) * 20
+    req = pb.http_request("/ooo", headers=[("Cookie", "c" * 1500)])
+    resp = pb.http_response(body, [("Content-Length", len(body))])
+    segs = {}
+    for from_client, msg in ((True, req), (False, resp)):
+        segs[from_client] = []
+        for i in range(0, len(msg), 1000):
+            segs[from_client].append((c.segment(from_client, pb.PSH | pb.ACK, msg[i:i + 1000]), from_client))
+            c.advance(from_client, len(msg[i:i + 1000]))
+    if late == "request":                      # the request's second segment first
+        order = [segs[True][1], segs[True][0], *segs[True][2:], *segs[False]]
+    else:                                      # the response's second segment, then the request (mirror port)
+        order = [segs[False][1], *segs[True], segs[False][0], *segs[False][2:]]
+    for ip, from_client in order:
+        c.add(ip, from_client)
+    c.seg(True, pb.ACK)
+    c.close()
+    files, _, s, _ = run_kinds(tmp_path, c.frames)
+    assert [(f[0], f[1], int(f[3]), f[4], f[6]) for f in files] == [("GET", "/ooo", len(body), SHA(body), "nil")]
+    assert s["filex"][0]["flows_not_http"] == 0
+    pcap = str(tmp_path / "t.pcap")
+    pb.write_pcap(pcap, c.frames)
+    subprocess.run(["tshark", "-o", "tcp.reassemble_out_of_order:TRUE", "-r", pcap, "-q", "--export-objects",
+                    f"http,{tmp_path / 'objs'}"], capture_output=True, check=True)
+    with open(tmp_path / "objs" / "ooo", "rb") as fh:
+        assert fh.read() == body
+
+
+def test_out_of_order_first_payload_of_other_traffic_gives_no_file(tmp_path):
+    """A non-HTTP connection whose first payload is out of order is reassembled for filex (it cannot tell) and
+    still gives no file."""
+    c = pb.Conv(cport=45021, sport=25)
+    c.handshake()
+    msg = b"220 mail.example ESMTP\r\n" + b"x" * 2000
+    a, b = c.segment(False, pb.PSH | pb.ACK, msg[:1000]), None
+    c.advance(False, 1000)
+    b = c.segment(False, pb.PSH | pb.ACK, msg[1000:])
+    c.advance(False, len(msg) - 1000)
+    c.add(b, False)
+    c.add(a, False)
+    c.seg(True, pb.ACK)
+    c.close()
+    files, _, s, _ = run_kinds(tmp_path, c.frames)
+    assert files == [] and s["filex"][0]["tcp_gaps"] == 0
+
+
+@pytest.mark.parametrize("v6", [False, True])
 def test_port_reuse_kind(tmp_path, v6):
     """Connection 1 never closes and its response has no length (read until close): the new SYN ends it,
     its file is delivered; connection 2's file too."""

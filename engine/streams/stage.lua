@@ -284,9 +284,10 @@ function S:new_flow(id, idx, d, h)
 end
 
 --- The first payload of a flow filex has not decided on: HTTP (FXNEW) or not (fx = -1).  handshake: the flow's
---- first packet was a SYN.
-function S:filex_vote(id, p, d, v, st, handshake)
-  if looks_http(p.data + d.payload_offset, d.payload_length, handshake) then
+--- first packet was a SYN; later: the payload was captured ahead of bytes of its stream still to come (its SYN
+--- was seen and it does not follow it), so it cannot tell and counts as HTTP, like a payload too short to tell.
+function S:filex_vote(id, p, d, v, st, handshake, later)
+  if later or looks_http(p.data + d.payload_offset, d.payload_length, handshake) then
     if st == nil then st = self:new_flow(id, p.flow, d, false) end
     st.fx = true
     v.fx = self.nfilex
@@ -339,7 +340,10 @@ function S:first_packet(p, v, id, plen)
   local d = p.d
   local st
   if plen > 0 then
-    st = self:filex_vote(id, p, d, v, nil, band(v.hs, HS_SYN) ~= 0)
+    local hs, seq = v.hs, be32(p.data, d.l4_offset + 4)
+    local later = (p.dir == 0 and band(hs, HS_ISN0) ~= 0 and seq ~= (v.isn0 + 1) % 4294967296)
+               or (p.dir == 1 and band(hs, HS_ISN1) ~= 0 and seq ~= (v.isn1 + 1) % 4294967296)
+    st = self:filex_vote(id, p, d, v, nil, band(hs, HS_SYN) ~= 0, later)
     if v.fx < 0 then                                   -- not HTTP: nothing was allocated for it
       self.recs[p.flow].stage_off = 1                  -- (and no handler voted for it: st == nil)
       return
@@ -386,7 +390,7 @@ function S:packet(batch, i)
       end
       return self:first_packet(p, v, id, plen)         -- tail calls: see the end of this function
     elseif plen > 0 then
-      st = self:filex_vote(id, p, d, v, st, f ~= nil and f.syn)
+      st = self:filex_vote(id, p, d, v, st, f ~= nil and f.syn, f ~= nil and R:out_of_order(id, p.dir, be32(data, l4 + 4)))
       fx = v.fx
     end
   end

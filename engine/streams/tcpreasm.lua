@@ -526,6 +526,15 @@ function R:restart(id, cb)
   self.flows[id] = nil
 end
 
+--- True when a segment of flow `id` (flow-table direction pdir) starting at sequence number seq is not the next
+--- byte of its started stream (captured out of order: bytes before it are still to come).
+function R:out_of_order(id, pdir, seq)
+  local f = self.flows[id]
+  if not f or f.closed then return false end
+  local s = f.s[(pdir == f.client) and 0 or 1]
+  return s.started and sdiff(seq, s.nxt) > 0
+end
+
 function R:client_dir(id)
   local f = self.flows[id]
   return f and f.client
