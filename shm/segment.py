@@ -94,14 +94,21 @@ def make_name(purpose: str, pid: int | None = None) -> str:
     return f"{PREFIX}{pid}-{purpose}.{next(_counter)}.ns{identity_tag()}"
 
 
-def create(purpose: str, size: int) -> Segment:
-    """Create (O_EXCL, mode 0600) and map a zero-filled segment owned by this process."""
+#: mmap flag that maps every page at once (Linux; 0 elsewhere, where the pages are mapped as they are touched)
+POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def create(purpose: str, size: int, populate: bool = False) -> Segment:
+    """Create (O_EXCL, mode 0600) and map a zero-filled segment owned by this process.  ``populate``: allocate and
+    map every page now (MAP_POPULATE), so that touching it later takes no page fault: the packet ring, which the
+    fast path reads through once per run (32 MiB: ~2 ms here at start-up instead of ~510 faults, 1.3 ms of the
+    packet loop's CPU: docs/benchmarks.md, issue 10)."""
     name = make_name(purpose)
     fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
         os.ftruncate(fd, size)
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED | (POPULATE if populate else 0), mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.close(fd)
         unlink(name)
@@ -110,14 +117,14 @@ def create(purpose: str, size: int) -> Segment:
     return Segment(name, size, mm, owner=True)
 
 
-def attach(name: str) -> Segment:
-    """Map an existing segment created by another process (not owned here)."""
+def attach(name: str, populate: bool = False) -> Segment:
+    """Map an existing segment created by another process (not owned here); ``populate`` as in :func:`create`."""
     if not _NAME_RE.match(name):
         raise ValueError(f"not a luaprobe segment name: {name!r}")
     fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
     try:
         size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED | (POPULATE if populate else 0), mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     return Segment(name, size, mm, owner=False)

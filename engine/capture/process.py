@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     names, bell_names = args.ring.split(","), args.bell.split(",") if args.bell else []
     if (bell_names and len(bell_names) != len(names)) or (len(names) > 1 and args.interface):
         ap.error("--bell needs one doorbell per ring; --interface takes one ring (one process per shard)")
-    segs = [segment.attach(n) for n in names]
+    segs = [segment.attach(n, populate=True) for n in names]     # packet rings: no page fault in the copy loop
     bells = [segment.attach(n) for n in bell_names]
     lua = new_runtime()
     cap = lua.eval("require('luaprobe.engine.capture.capture')")

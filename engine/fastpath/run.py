@@ -766,9 +766,9 @@ class FastPath:
                 rt.prestart_worker()           # warm before the first task (workers/spare.py, issue 11)
             lua = new_runtime()
             if shard:                          # the ring and its producer belong to engine/fastpath/shards.py
-                ring_seg = segment.attach(shard["ring"])
+                ring_seg = segment.attach(shard["ring"], populate=True)
             else:
-                ring_seg = segment.create("pkt", region_size(cfg.packet_ring_size, hints=True))
+                ring_seg = segment.create("pkt", region_size(cfg.packet_ring_size, hints=True), populate=True)
                 lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c, true) end")(
                     ring_seg.address, cfg.packet_ring_size)
             fp = lua.eval("require('luaprobe.engine.fastpath.driver')")
