@@ -1,9 +1,10 @@
 """packet:flowid() under a flow table that reuses record indexes (engine/plugins/packet.lua, cached_flowid).
 
-The plug-in VM caches FlowID objects by the flow's unique id.  A model of the flow table drives it: flows are
-created at record indexes (reused indexes, and indexes 2^17 apart, included), packets of live flows arrive in any
-order, and every flowid():id() must equal the key of that packet's own addresses by an independent
-implementation of Trisul's key rule (tests/test_decode.py ``_py_flowkey``), whatever was cached before.
+The plug-in VM caches FlowID objects by the flow's record index (2^17 slots), each checked against the flow's
+unique id.  A model of the flow table drives it: flows are created at record indexes (reused indexes, and
+indexes 2^17 apart, included), packets of live flows arrive in any order, and every flowid():id() must equal
+the key of that packet's own addresses by an independent implementation of Trisul's key rule
+(tests/test_decode.py ``_py_flowkey``), whatever was cached before.
 """
 from __future__ import annotations
 

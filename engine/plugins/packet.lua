@@ -60,14 +60,17 @@ function M.new_batch(n) return ffi.new("lp_pkt[?]", n or M.BATCH) end
 local FlowID = {}
 FlowID.__index = FlowID
 
+-- A FlowID is { key string, flow unique id (0: none) } with the FlowID metatable: two array slots, allocated
+-- with the table itself (LuaJIT colocates a small array part), so making one is one allocation and reading its
+-- key one cache line; the parsed parts below are filled in lazily.
 local function parts(self)
   if not self._proto then
-    local proto, t, ipa, pa, ipz, pz = self._id:match("^(%x%x)(%u):([%x.]+):(p%-%x+)_([%x.]+):(p%-%x+)")
+    local proto, t, ipa, pa, ipz, pz = self[1]:match("^(%x%x)(%u):([%x.]+):(p%-%x+)_([%x.]+):(p%-%x+)")
     self._proto, self._type, self._ipa, self._porta, self._ipz, self._portz = proto, t, ipa, pa, ipz, pz
   end
 end
 
-function FlowID:id() return self._id end
+function FlowID:id() return self[1] end
 FlowID.key = FlowID.id
 function FlowID:protocol() parts(self); return self._proto end
 function FlowID:ipa() parts(self); return self._ipa end
@@ -103,7 +106,7 @@ end
 FlowID.__tostring = FlowID.id
 
 --- A FlowID for a flow-id string (a plain value object: scripts may keep it).
-function M.flowid_from_key(key) return setmetatable({ _id = key }, FlowID) end
+function M.flowid_from_key(key) return setmetatable({ key, 0 }, FlowID) end
 
 --- A FlowID for a decoded packet (the key string is computed now).
 function M.flowid(d) return M.flowid_from_key(flowkey(d)) end
@@ -173,25 +176,24 @@ function Packet:find_layer(guid)
   if i < 0 then return nil end
   return layer_at(self, i)
 end
--- FlowID objects of recent flows, by the flow record's unique id (flow_uid):
--- a script calling packet:flowid() on every packet then formats the key
--- string once per flow, not once per packet.  Two generations of at most
--- FID_GEN flows each; an id found in the older one moves to the newer, so
--- busy flows stay cached and memory stays bounded.  Sharing one FlowID per
--- flow is safe: it is an immutable value object (only its parsed parts are
--- filled in lazily).
-local FID_GEN = 65536
-local fid_new, fid_old, fid_n = {}, {}, 0
+-- FlowID objects of recent flows, direct-mapped by the flow's record index in the flow table (p.flow, modulo
+-- FID_SLOTS), each holding the flow's unique id (p.flow_uid, never reused): a script calling packet:flowid()
+-- on every packet formats the key string once per flow, not once per packet, and a known flow's FlowID is one
+-- array load and one compare away (no hash of the unique id, no table growing or rotating).  A record index the
+-- flow table reuses for a new flow, or one FID_SLOTS apart, replaces the slot's object: the old one stays valid
+-- for a script that kept it (an immutable value object: only its parsed parts are filled in lazily).  Memory
+-- stays bounded: at most FID_SLOTS objects.
+local FID_SLOTS = 131072
+local fid = {}
 
 local function cached_flowid(p)
   local uid = p.flow_uid
   if uid <= 0 then return M.flowid(p.d) end       -- non-IP / untracked: not cached
-  local f = fid_new[uid]
-  if f ~= nil then return f end
-  f = fid_old[uid] or M.flowid(p.d)
-  fid_new[uid] = f
-  fid_n = fid_n + 1
-  if fid_n >= FID_GEN then fid_old, fid_new, fid_n = fid_new, {}, 0 end
+  local s = band(p.flow, FID_SLOTS - 1)
+  local f = fid[s]
+  if f ~= nil and f[2] == uid then return f end
+  f = setmetatable({ flowkey(p.d), uid }, FlowID)
+  fid[s] = f
   return f
 end
 
