@@ -331,23 +331,33 @@ done = 0
 STYLES
 -- fast-path CPU ns per task: B hook calls, the flush, then (not counted) the wait for the worker, then the
 -- delivery; returned apart (hooks, flush, delivery).  A limit_* style schedules nothing (no flush, no results).
-function fastpath_cost(style, nup, n, a, B)
+-- pollute_kb (optional): KiB of memory written (one byte per 64-byte line, not counted) after the hooks and before
+-- each delivery, as the packet path end to end evicts the queue, the tasks and the rings from the caches between them.
+local POLLUTE, npollute = nil, 0
+local function pollute(kb)
+  if kb * 1024 > npollute then npollute = kb * 1024; POLLUTE = ffi.new("uint8_t[?]", npollute) end
+  for j = 0, kb * 1024 - 1, 64 do POLLUTE[j] = POLLUTE[j] + 1 end
+end
+function fastpath_cost(style, nup, n, a, B, pollute_kb)
   local hook = _G[style][nup]
   local limit = style:sub(1, 5) == "limit"
   local data = string.rep("x", 64)
   local w = a.workers[1]
+  local kb = pollute_kb or 0
   done = 0
   local th, tf, td, k = 0, 0, 0, 0
   while k < n do
     local t0 = cpu_ns()
     for i = 1, B do hook(data) end
     local t1 = cpu_ns()
+    th = th + (t1 - t0)
+    if kb > 0 then pollute(kb); t1 = cpu_ns() end
     a:flush()
-    local t2 = cpu_ns()
-    th, tf = th + (t1 - t0), tf + (t2 - t1)
+    tf = tf + (cpu_ns() - t1)
     k = k + B
     while not limit and done < k do
       while C.lp_load(w.ret.pushed_p) - w.ret.popped_local < k - done do end
+      if kb > 0 then pollute(kb) end
       local t3 = cpu_ns()
       a:poll(1e9)
       td = td + (cpu_ns() - t3)
@@ -378,7 +388,7 @@ STYLES_INPROC = [(s, k) for s in ("hoisted", "fresh") for k in STYLE_UPS] + [("l
     [("limit_fresh", k) for k in STYLE_UPS] + [("limit_interp", 0)]
 
 
-def bench_styles(n: int, runs: int, window: int = WINDOW) -> list:
+def bench_styles(n: int, runs: int, window: int = WINDOW, pollute_kb: int = 0) -> list:
     """[(style, upvalues, fast-path µs list, worker µs list, (hook, flush, delivery) µs lists)] measured in-process
     (limit_* rows: the same hooks with schedule replaced by a table store), each style and upvalue count in a
     plug-in VM (and worker) of its own: LuaJIT specialises the traces of schedule and of result delivery to the first
@@ -386,7 +396,8 @@ def bench_styles(n: int, runs: int, window: int = WINDOW) -> list:
     (80-200 ns more per task), which made the figures depend on the order of the styles.  `window`: tasks scheduled
     (and so in flight) before the flush and the delivery; end to end the worker runs behind and tens of thousands of
     tasks are in flight (their onresult closures and data live: a larger heap for the collector to mark, colder
-    caches for the delivery), which a window of that size reproduces in-process."""
+    caches for the delivery), which a window of that size reproduces in-process.  `pollute_kb`: KiB of memory written
+    after the hooks and before each delivery (not counted), as the packet path evicts the caches end to end."""
     from luaprobe.engine.plugins.asyncruntime import AsyncRuntime
     from luaprobe.workers.pool import AsyncConfig
     rows = []
@@ -400,13 +411,13 @@ def bench_styles(n: int, runs: int, window: int = WINDOW) -> list:
                 vm = rt.load(path)
                 if style.startswith("limit"):                        # the worker exists, as for the others
                     vm.lua.execute("T.async:schedule{ data = 'x', onexecute = function(d) return d end }")
-                cost = vm.lua.eval("function(s, u, n, a, b) return fastpath_cost(s, u, n, a, b) end")
+                cost = vm.lua.eval("function(s, u, n, a, b, kb) return fastpath_cost(s, u, n, a, b, kb) end")
                 worker = psutil.Process(vm.pool.pids()[0])
-                cost(style.encode(), k, min(n, 50_000), vm.async_obj, window)          # warm-up
+                cost(style.encode(), k, min(n, 50_000), vm.async_obj, window, pollute_kb)          # warm-up
                 fp, wk, parts = [], [], ([], [], [])
                 for _ in range(runs):
                     c0 = sum(worker.cpu_times()[:2])
-                    split = cost(style.encode(), k, n, vm.async_obj, window)
+                    split = cost(style.encode(), k, n, vm.async_obj, window, pollute_kb)
                     fp.append(sum(split) / 1e3)
                     for lst, x in zip(parts, split):
                         lst.append(x / 1e3)
@@ -555,6 +566,9 @@ def main(argv=None) -> int:
     ap.add_argument("--style-tasks", type=int, default=200_000, help="tasks per in-process style run")
     ap.add_argument("--style-window", type=int, default=WINDOW,
                     help="in-process styles: tasks in flight per round (65536 reproduces the end-to-end backlog)")
+    ap.add_argument("--style-pollute-kb", type=int, default=0,
+                    help="in-process styles: KiB of memory written after the hooks and before each delivery (4096 "
+                         "reproduces the end-to-end flush and delivery cost: the packet path evicts the caches)")
     ap.add_argument("--e2e-packets", type=int, default=500_000, help="packets (= tasks) per luaprobe run")
     ap.add_argument("--only", default="roundtrip,styles,e2e", help="comma-separated parts to run")
     args = ap.parse_args(argv)
@@ -562,11 +576,11 @@ def main(argv=None) -> int:
     print(f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}, 1 worker, 64-byte tasks")
     if "styles" in parts:
         print(f"\nin-process, {args.style_tasks:,} tasks per run, {args.style_window:,} in flight per round, "
-              f"min / median / max of {args.runs} runs:\n")
+              f"{args.style_pollute_kb:,} KiB written between rounds, min / median / max of {args.runs} runs:\n")
         print("| style | upvalues | fast path µs/task | of which hooks / flush / delivery (medians) | minus its limit "
               "| worker µs/task |")
         print("|---|---:|---:|---:|---:|---:|")
-        rows = bench_styles(args.style_tasks, args.runs, args.style_window)
+        rows = bench_styles(args.style_tasks, args.runs, args.style_window, args.style_pollute_kb)
         med = {(style, k): statistics.median(fp) for style, k, fp, _, _ in rows}
         for style, k, fp, wk, split_parts in rows:
             split = " / ".join(f"{statistics.median(x):.2f}" for x in split_parts)
