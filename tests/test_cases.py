@@ -343,6 +343,35 @@ def test_request_captured_after_its_response_kind(tmp_path, v6, shape):
 
 
 @pytest.mark.parametrize("v6", [False, True])
+def test_reset_captured_before_the_data_it_acknowledges_kind(tmp_path, v6):
+    """Mirror port: the client's RST, acknowledging the whole response, is captured before the response's last
+    segment. The RST ends the connection after that segment, so the body is whole (it ended it before: a
+    truncated body). tshark (-o tcp.reassemble_out_of_order:TRUE) exports the whole object too."""
+    c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
+                cport=45030)
+    c.handshake()
+    c.send(True, pb.http_request("/rst"))
+    body = bytes(range(256)) * 20
+    resp = pb.http_response(body, [("Content-Length", len(body))])
+    segs = []
+    for i in range(0, len(resp), 1400):
+        segs.append(c.segment(False, pb.PSH | pb.ACK, resp[i:i + 1400]))
+        c.advance(False, len(resp[i:i + 1400]))
+    for s_ in segs[:-1]:
+        c.add(s_, False)
+    c.seg(True, pb.RST | pb.ACK)
+    c.add(segs[-1], False)
+    files, _, s, _ = run_kinds(tmp_path, c.frames)
+    assert [(f[1], int(f[3]), f[4], f[6]) for f in files] == [("/rst", len(body), SHA(body), "nil")]
+    pcap = str(tmp_path / "t.pcap")
+    pb.write_pcap(pcap, c.frames)
+    subprocess.run(["tshark", "-o", "tcp.reassemble_out_of_order:TRUE", "-r", pcap, "-q", "--export-objects",
+                    f"http,{tmp_path / 'objs'}"], capture_output=True, check=True)
+    with open(tmp_path / "objs" / "rst", "rb") as fh:
+        assert fh.read() == body
+
+
+@pytest.mark.parametrize("v6", [False, True])
 @pytest.mark.parametrize("late", ["request", "response"])
 def test_first_payload_captured_out_of_order_kind(tmp_path, v6, late):
     """The first segment of a message is captured after the second (reordered, or lost and retransmitted), so

@@ -184,6 +184,21 @@ def test_mirror_port_reply_before_the_data_it_answers(T):
     assert log == ['gap 0 0 4', 'data 1 0 4', 'data 1 4 4'] and s1 == b'RESPONSE'
     s0, s1, log, st, buf, _ = run(T, pk[:-2], expire=True)
     assert log == ['gap 0 0 4', 'data 1 0 4', 'close timeout']
+    # a RST acknowledging peer bytes not captured yet waits for them too (the connection then ends with them)
+    pk = handshake() + [(1, ISN_S + 1, ACK, b'RESP', ISN_C + 1), (0, ISN_C + 1, RST | ACK, b'', ISN_S + 9),
+                        (1, ISN_S + 5, ACK, b'ONSE', ISN_C + 1)]
+    s0, s1, log, st, buf, _ = run(T, pk)
+    assert log == ['data 1 0 4', 'data 1 4 4', 'close rst'] and st['held'] == 1 and st['gaps'] == 0
+    # ... and when nothing more of the flow comes, the next idle sweep (expire_idle with the packet time) ends
+    # the wait once ack_timeout passed: the missing bytes are a gap, then the RST
+    lua, t = T
+    R = lua.eval("require('luaprobe.engine.streams.tcpreasm').new({cb_gap = function(id, dir, off, n) _G.gaps = "
+                 "(_G.gaps or '') .. dir .. ':' .. off .. ':' .. n end, cb_close = function(id, why) _G.why = why end})")
+    for pdir, seq, flags, data, *rest in handshake() + [(1, ISN_S + 1, ACK, b'RESP', ISN_C + 1, 0),
+                                                        (0, ISN_C + 1, RST | ACK, b'', ISN_S + 9, 0)]:
+        R.packet(R, 7, pdir, seq, flags, data, len(data), rest[1] if rest else 0, None, rest[0] if rest else None)
+    assert R.expire_idle(R, -100, 1) == 0 and lua.globals().why is None
+    assert R.expire_idle(R, -100, 2) == 0 and (lua.globals().gaps, lua.globals().why) == (b'1:4:4', b'rst')
     # an ACK far beyond anything plausible (more than max_gap ahead) holds nothing
     pk = handshake() + [(1, ISN_S + 1, ACK, b'RESP', ISN_C + 5 + (1 << 20))]
     s0, s1, log, st, buf, _ = run(T, pk)

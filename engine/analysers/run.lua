@@ -366,7 +366,7 @@ function A:run_batch(addr, n)
     local now = batch[n - 1].ts_sec
     if now - self.last_expire >= 10 then
       self.last_expire = now
-      self.R:expire_idle(now - self.idle_timeout)
+      self.R:expire_idle(now - self.idle_timeout, now)
     end
   end
   return n

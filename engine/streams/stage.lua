@@ -452,7 +452,7 @@ function S:run(addr, n)
   local now = n > 0 and batch[n - 1].ts_sec or 0
   if now - self.last_expire >= 10 then
     self.last_expire = now
-    self.R:expire_idle(now - self.idle_timeout)
+    self.R:expire_idle(now - self.idle_timeout, now)
   end
   self.stats.events = self.stats.events + self.nev
   return self.nev

@@ -123,6 +123,7 @@ function M.new(opts)
     flows = {},
     buffered = 0,
     held_bytes = 0,
+    holding = {},      -- flow id -> flow, of the flows with held segments
     stats = { segments = 0, bytes_delivered = 0, retransmitted_bytes = 0, overlaps = 0, out_of_order = 0,
               gaps = 0, gap_bytes = 0, cap_drops_flow = 0, cap_drops_total = 0, flows = 0, closed = 0,
               reused = 0, late_fills = 0, held = 0 },
@@ -397,6 +398,7 @@ end
 function release(self, id, f, forced)
   local q, dir = f.held, f.hdir
   f.held = nil
+  self.holding[id] = nil
   self.held_bytes = self.held_bytes - f.hbytes
   if forced then
     local o = f.s[1 - dir]
@@ -432,10 +434,10 @@ function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
   f.last_ts = ts or f.last_ts
   local dir = (pdir == f.client) and 0 or 1
   if f.held then
-    if (ts or 0) - f.hts >= self.ack_timeout or band(flags, RST) ~= 0 then
+    if (ts or 0) - f.hts >= self.ack_timeout or (dir ~= f.hdir and band(flags, RST) ~= 0) then
       release(self, id, f, true)
       if f.closed then return end
-    elseif dir == f.hdir and (n > 0 or band(flags, FIN) ~= 0) then
+    elseif dir == f.hdir and (n > 0 or band(flags, FIN + RST) ~= 0) then
       local str = type(p) == "string" and p or fstring(p, n)
       f.held[#f.held + 1] = { pdir, seq, flags, n, str, ts, cb, ack }
       f.hbytes = f.hbytes + n
@@ -446,13 +448,14 @@ function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
       end
       return
     end
-  elseif ack and (n > 0 or band(flags, FIN) ~= 0) and band(flags, ACK + SYN + RST) == ACK then
+  elseif ack and (n > 0 or band(flags, FIN + RST) ~= 0) and band(flags, ACK + SYN) == ACK then
     local behind = peer_behind(self, f.s[1 - dir], ack)
     if behind > 0 then
       local o = f.s[1 - dir]
       local str = type(p) == "string" and p or fstring(p, n)
       f.held, f.hdir, f.hneed, f.hts, f.hbytes, f.hcb = { { pdir, seq, flags, n, str, ts, cb, ack } }, dir,
         o.off + behind, ts or 0, n, cb
+      self.holding[id] = f
       self.held_bytes = self.held_bytes + n
       self.stats.held = self.stats.held + 1
       return
@@ -501,6 +504,7 @@ function R:forget(id)
     self.buffered = self.buffered - f.nbuf
     if f.held then self.held_bytes = self.held_bytes - f.hbytes end
   end
+  self.holding[id] = nil
   self.flows[id] = nil
 end
 
@@ -540,9 +544,20 @@ function R:client_dir(id)
   return f and f.client
 end
 
--- flows with no packet since `before` (packet time): expire them all; returns the count
-function R:expire_idle(before)
+-- flows with no packet since `before` (packet time): expire them all; returns the count.  now (packet time,
+-- optional): held segments waiting since ack_timeout before it go on first (their flow may get no more packets)
+function R:expire_idle(before, now)
   local ids = {}
+  if now and next(self.holding) then
+    for id, f in pairs(self.holding) do
+      if now - f.hts >= self.ack_timeout then ids[#ids + 1] = id end
+    end
+    for _, id in ipairs(ids) do
+      local f = self.holding[id]
+      if f and f.held and not f.closed then release(self, id, f, true) end
+    end
+    ids = {}
+  end
   for id, f in pairs(self.flows) do
     if f.last_ts < before then ids[#ids + 1] = id end
   end
