@@ -47,7 +47,7 @@ function M.new(opts)
     _tus = 0,               -- the engine time in µs since the epoch (T.async stamps tasks with it)
     _b = nil, _i = -1,       -- current packet: entry _i of batch _b (-1: none)
     _pos = -1,              -- index in the batch under way of the packet whose hooks run (-1: before its packets)
-    counters = {},          -- [GUID][bucket][key][meter] = value ; [-1-meter] = sample count
+    counters = {},          -- [GUID][bucket][meter][key] = value ; [-1-meter][key] = the meter's second value
     _cur = {},              -- [GUID] = { now, bt = counters[GUID][bucket of now], vt = the group's vartypes }
     rows = nil,
     sflows = {},            -- script-made flow records [flowkey] = {fk, first, last, v[0..3], tags}
@@ -176,28 +176,43 @@ local function open_bucket(self, g, now)
   return c
 end
 
+-- A bucket holds one table per meter, keyed by counter key (bt[meter][key] = value), and per meter type that
+-- needs a second value one more at bt[-1 - meter] (GAUGE: the sample's time in µs; AVERAGE: the sample count;
+-- DELTA_RATE: the bucket's first sample).  Meter-major, not key-major: a key's first update in a bucket stores a
+-- number in the meter's table instead of making a table for the key (issue 10: a hook counting by port or host
+-- on 100 000 flows made a table per key and bucket).
+local function meter_table(bt, m)
+  local mt = bt[m]
+  if mt == nil then mt = {}; bt[m] = mt end
+  return mt
+end
+
 local function add(self, g, key, meter, value)
   local now = self._now
   if now < self._floor then now = self._floor end     -- an async result's time: no written bucket reopens
   local c = self._cur[g]
   if c == nil or c.now ~= now then c = open_bucket(self, g, now) end
   local bt = c.bt
-  local kt = bt[key]
-  if kt == nil then kt = {}; bt[key] = kt end
+  local mt = bt[meter]
+  if mt == nil then mt = meter_table(bt, meter) end
   local vt = c.vt[meter] or 0
-  local old = kt[meter]
+  local old = mt[key]
   if vt == 2 then                                                      -- GAUGE: last sample, and its time (µs)
-    kt[meter] = value
+    mt[key] = value
     local s, us = self:timestamp()
-    kt[-1 - meter] = s * 1000000 + us
-  elseif vt == 6 then kt[meter] = (old == nil or value > old) and value or old
-  elseif vt == 7 then kt[meter] = (old == nil or value < old) and value or old
+    meter_table(bt, -1 - meter)[key] = s * 1000000 + us
+  elseif vt == 6 then mt[key] = (old == nil or value > old) and value or old
+  elseif vt == 7 then mt[key] = (old == nil or value < old) and value or old
   elseif vt == 5 then                                                  -- DELTA_RATE: samples of a running total
-    kt[meter] = value                                                  -- last sample
-    if kt[-1 - meter] == nil then kt[-1 - meter] = value end           -- first sample of the bucket
+    mt[key] = value                                                    -- last sample
+    local first = meter_table(bt, -1 - meter)                          -- first sample of the bucket
+    if first[key] == nil then first[key] = value end
   else
-    kt[meter] = (old or 0) + value
-    if vt == 4 then kt[-1 - meter] = (kt[-1 - meter] or 0) + 1 end      -- AVERAGE: count samples
+    mt[key] = (old or 0) + value
+    if vt == 4 then                                                    -- AVERAGE: count samples
+      local n = meter_table(bt, -1 - meter)
+      n[key] = (n[key] or 0) + 1
+    end
   end
 end
 
@@ -232,10 +247,10 @@ end
 --- bucket (the first sample of this bucket when there is none); MAXIMUM / MINIMUM the extreme.
 --- Every type but COUNTER and RUNNING_COUNTER also returns what merging parts of the counter from several
 --- VMs, shards or runs needs (engine/store/meters.py): vartype, total, divisor, sample_us.
-local function closed_value(self, g, key, kt, meter, v, vt, bs)
+local function closed_value(self, g, key, aux, meter, v, vt, bs)
   if vt == 1 then return v / bs, vt, v, bs, 0 end
-  if vt == 4 then return v / kt[-1 - meter], vt, v, kt[-1 - meter], 0 end
-  if vt == 2 then return v, vt, 0, 0, kt[-1 - meter] end
+  if vt == 4 then return v / aux[key], vt, v, aux[key], 0 end
+  if vt == 2 then return v, vt, 0, 0, aux[key] end
   if vt == 6 or vt == 7 then return v, vt, 0, 0, 0 end
   if vt == 3 then
     local run = carried(self, "_running", g)
@@ -248,7 +263,7 @@ local function closed_value(self, g, key, kt, meter, v, vt, bs)
     local last = carried(self, "_delta_last", g)
     local lk = last[key]
     if lk == nil then lk = {}; last[key] = lk end
-    local c1 = lk[meter] or kt[-1 - meter]
+    local c1 = lk[meter] or aux[key]
     lk[meter] = v
     return (v - c1) / bs, vt, v - c1, bs, 0
   end
@@ -275,12 +290,13 @@ function Engine:take_counters(now)
     table.sort(buckets)
     for _, b in ipairs(buckets) do
       local bt = gt[b]
-      for key, kt in pairs(bt) do
-        for meter, v in pairs(kt) do
-          if meter >= 0 then
-            local vt = grp and grp.vartypes[meter] or 0
+      for meter, mt in pairs(bt) do
+        if meter >= 0 then
+          local vt = grp and grp.vartypes[meter] or 0
+          local aux = bt[-1 - meter]
+          for key, v in pairs(mt) do
             n = n + 1
-            out[n] = { g, b, tostring(key), meter, closed_value(self, g, key, kt, meter, v, vt, bs) }  -- 5 or 9
+            out[n] = { g, b, tostring(key), meter, closed_value(self, g, key, aux, meter, v, vt, bs) }  -- 5 or 9
           end
         end
       end
@@ -288,9 +304,9 @@ function Engine:take_counters(now)
       run = run and run[g]
       if run then                                        -- RUNNING_COUNTER keys idle in this bucket
         for key, rk in pairs(run) do
-          local kt = bt[key]
           for meter, total in pairs(rk) do
-            if kt == nil or kt[meter] == nil then
+            local mt = bt[meter]
+            if mt == nil or mt[key] == nil then
               n = n + 1
               out[n] = { g, b, tostring(key), meter, total }
             end
