@@ -2,7 +2,8 @@
 both ways scripts write tasks, in one run.
 
     python tools/bench/async_roundtrip.py [--tasks 2000000] [--peer-tasks 100000] [--latency-tasks 3000]
-                                          [--runs 5] [--style-tasks 200000] [--e2e-packets 500000]
+                                          [--runs 5] [--style-tasks 200000] [--style-window 1024]
+                                          [--style-pollute-kb 0] [--e2e-packets 500000]
                                           [--only roundtrip,styles,e2e]
 
 Every contender runs tiny tasks (64-byte data; the worker echoes it; the
