@@ -384,15 +384,9 @@ TrisulPlugin = { id = { name = "top udp" },
 '''
 
 
-@needs_tshark
-def test_flowtracker_bucket_ranked_again_when_a_late_flow_ends(tmp_path):
-    """A flow's record arrives when it ends (120 s idle), often after the bucket of its last packet was written
-    (300 s buckets of trisul-16minutes.pcap): the bucket is ranked again with its earlier top-K; before, the late
-    record's rows replaced rank 1.. of the bucket (the flow_toppers rows are keyed by rank), losing the best flows.
-    Truth: tshark's UDP frames, split into records at 120 s idle, ranked per bucket of the last packet."""
-    cap = os.path.join(DATA, "trisul-16minutes.pcap")
-    plugin = helpers.write_plugin(tmp_path, FT_UDP, "ftudp.lua")
-    summary, out = run(tmp_path, [plugin], files=(cap,))
+def udp_toppers(cap: str) -> list[tuple]:
+    """FT_UDP's rows (tracker, bucket_ts, rank, flowkey, metric) for ``cap`` from tshark: its UDP frames split
+    into records at 120 s idle, each record's bytes ranked in the 300 s bucket of its last packet, top 4."""
     records, open_ = [], {}
     for line in tshark("-r", cap, "-Y", "ip && udp && !icmp", "-T", "fields", "-e", "frame.time_epoch", "-e", "ip.src",
                        "-e", "udp.srcport", "-e", "ip.dst", "-e", "udp.dstport", "-e", "frame.len").splitlines():
@@ -413,9 +407,47 @@ def test_flowtracker_bucket_ranked_again_when_a_late_flow_ends(tmp_path):
     want = []
     for b in sorted(buckets):
         want += [("Top UDP", b, rank, key, m) for rank, (m, key) in enumerate(heapq.nlargest(4, buckets[b]), 1)]
+    return want
+
+
+def toppers(out: str) -> list[tuple]:
     with Store(out) as s:
-        got = sorted((r["tracker"], int(r["bucket_ts"]), int(r["rank"]), r["flowkey"], int(r["metric"]))
-                     for r in s.flow_toppers())
-    assert got == want
+        return sorted((r["tracker"], int(r["bucket_ts"]), int(r["rank"]), r["flowkey"], int(r["metric"]))
+                      for r in s.flow_toppers())
+
+
+@needs_tshark
+def test_flowtracker_bucket_ranked_again_when_a_late_flow_ends(tmp_path):
+    """A flow's record arrives when it ends (120 s idle), often after the bucket of its last packet was written
+    (300 s buckets of trisul-16minutes.pcap): the bucket is ranked again with its earlier top-K; before, the late
+    record's rows replaced rank 1.. of the bucket (the flow_toppers rows are keyed by rank), losing the best flows.
+    Truth: tshark's UDP frames, split into records at 120 s idle, ranked per bucket of the last packet."""
+    cap = os.path.join(DATA, "trisul-16minutes.pcap")
+    plugin = helpers.write_plugin(tmp_path, FT_UDP, "ftudp.lua")
+    summary, out = run(tmp_path, [plugin], files=(cap,))
+    want = udp_toppers(cap)
+    assert toppers(out) == want
     st = summary["flow_backends"]
     assert st["toppers_written"] == len(want) and st["toppers_rewritten"] > 0 and st["toppers_late"] == 0
+
+
+@needs_tshark
+@pytest.mark.parametrize("shards", [2, 3])
+def test_flowtracker_ranks_of_a_sharded_run_are_the_whole_probes(tmp_path, shards):
+    """With --shards N every shard ranks its own flows; the store ranks the shards' parts of each bucket into one
+    top-K (engine/store/writer.py _rank_toppers).  Before, each shard's rank 1.. overwrote the others' (rows are
+    keyed by rank): 85 rows of 88 for 2 shards on this capture, with the best flows of a bucket lost.
+    Truth: tshark's UDP records ranked per bucket (udp_toppers), as for one fast path above."""
+    cap = os.path.join(DATA, "trisul-16minutes.pcap")
+    plugin = helpers.write_plugin(tmp_path, FT_UDP, "ftudp.lua")
+    out, stats = str(tmp_path / "out"), tmp_path / "s.json"
+    r = subprocess.run([os.path.join(helpers.REPO, ".venv", "bin", "luaprobe"), "run", plugin, "--pcap", cap,
+                        "--out", out, "--shards", str(shards), "-q", "--stats-json", str(stats)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(stats.read_text())
+    assert [x["packets"] > 0 for x in s["shards"]] == [True] * shards       # the flows are spread
+    want = udp_toppers(cap)
+    assert toppers(out) == want
+    fb = s["flow_backends"]
+    assert fb["toppers_late"] == 0 and fb["toppers_written"] >= len(want)

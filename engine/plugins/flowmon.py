@@ -11,8 +11,11 @@ end of input) or when a script-made record is terminated.  They are held until t
 3. ``onflush(engine, flow)`` runs for the kept records; tags added with ``flow:add_tag`` (and
    ``engine:tag_flow`` calls made meanwhile) are written with the record;
 4. every flowtracker instance ranks its records with ``getmetric``; per tracker and ``bucketsize`` bucket
-   (by the record's last packet time) the top ``count`` flows are written to ``flow_toppers`` when the
-   bucket closes (metric 0 / nil excludes a flow; Trisul's flow_tracker page is ambiguous, scripts return the metric).
+   (by the record's last packet time) the top ``count`` flows are written when the bucket closes (metric 0 / nil
+   excludes a flow; Trisul's flow_tracker page is ambiguous, scripts return the metric).  They are this fast
+   path's (shard's) part of the bucket: the store ranks every shard's part into ``flow_toppers``
+   (engine/store/writer.py ``_rank_toppers``); a flow is on one shard, so the top ``count`` of the parts is the
+   top ``count`` of all flows.
 
 Lua side: engine/plugins/flowmon.lua (Flow object, hook phases).  Nothing here runs when no sg_monitor or
 flowtracker is loaded: records are then written as soon as the flow ends.
@@ -50,8 +53,9 @@ def _text(x):
 class FlowBackends:
     """The sg_monitor / flowtracker instances of a run and the records held for the current window."""
 
-    def __init__(self, write, trackers: dict):
+    def __init__(self, write, trackers: dict, shard: int = 0):
         self.write = write                       #: write(kind, rows) to the store
+        self.shard = shard                       #: this fast path's shard number (its part of each bucket)
         self.sg = []                             #: instances (kind sg_monitor)
         self.ft = []                             #: instances (kind flowtracker)
         self.trackers = trackers                 #: path -> {name, bucketsize, count}
@@ -62,7 +66,9 @@ class FlowBackends:
         #: whose last packet falls in a closed bucket (a flow ends idle_timeout after its last packet, often after
         #: its bucket closed) is ranked with them and the bucket's ranks are written again
         self.closed: dict[tuple, list] = {}
-        self.closed_upto: dict[str, int] = {}   #: tracker name -> the newest bucket closed so far
+        #: tracker name -> the start of the newest bucket ended by the last window end (packet time: every shard
+        #: ends the same windows, so every shard calls the same records late)
+        self.closed_upto: dict[str, int] = {}
         self.stats = {"flows_flushed": 0, "flows_filtered_out": 0, "toppers_written": 0, "toppers_rewritten": 0,
                       "toppers_late": 0}
 
@@ -183,8 +189,9 @@ class FlowBackends:
     def _close_buckets(self, now) -> None:
         """Top-K rows of flowtracker buckets that ended by `now` (all when None).  A bucket that receives records
         after it closed is ranked again with its earlier top-K and all its ranks are rewritten (the rows are
-        keyed by rank: writing only the late records would replace the best flows); records for a bucket closed
-        more than TOPPER_HORIZON buckets ago are counted in toppers_late and not ranked."""
+        keyed by rank: writing only the late records would replace the best flows); records for a bucket that
+        ended more than TOPPER_HORIZON buckets before the last window end are counted in toppers_late and not
+        ranked.  Rows: (tracker, bucket_ts, rank, flowkey, metric, shard, count), this shard's part."""
         out = []
         counts = {info["name"]: int(info["count"]) for info in self.trackers.values()}
         sizes = {info["name"]: int(info["bucketsize"]) for info in self.trackers.values()}
@@ -193,7 +200,7 @@ class FlowBackends:
             if now is not None and b + sizes[name] > now:
                 continue
             new = self.buckets.pop(key)
-            if key not in self.closed and b <= self.closed_upto.get(name, b - 1):
+            if b < self.closed_upto.get(name, b) - TOPPER_HORIZON * sizes[name]:
                 self.stats["toppers_late"] += len(new)
                 continue
             before = self.closed.get(key, [])
@@ -201,9 +208,11 @@ class FlowBackends:
             self.stats["toppers_rewritten"] += len(before)
             self.stats["toppers_written"] += len(top) - len(before)
             self.closed[key] = top
-            self.closed_upto[name] = max(b, self.closed_upto.get(name, b))
-            out += [(name, b, rank, fk, m) for rank, (m, fk) in enumerate(top, 1)]
-        for key in [k for k in self.closed if k[1] < self.closed_upto[k[0]] - TOPPER_HORIZON * sizes[k[0]]]:
+            out += [(name, b, rank, fk, m, self.shard, counts[name]) for rank, (m, fk) in enumerate(top, 1)]
+        if now is not None:
+            for name, size in sizes.items():
+                self.closed_upto[name] = max(self.closed_upto.get(name, 0), now - now % size - size)
+        for key in [k for k in self.closed if k[1] < self.closed_upto.get(k[0], k[1]) - TOPPER_HORIZON * sizes[k[0]]]:
             del self.closed[key]
         self.write("flow_toppers", out)
 

@@ -160,6 +160,16 @@ CREATE TABLE IF NOT EXISTS flow_toppers (
     metric    NUMERIC,
     PRIMARY KEY (tracker, bucket_ts, rank)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flow_topper_parts (
+    tracker   TEXT NOT NULL,
+    bucket_ts INTEGER NOT NULL,
+    shard     INTEGER NOT NULL,
+    rank      INTEGER NOT NULL,
+    flowkey   TEXT,
+    metric    NUMERIC,
+    count     INTEGER,
+    PRIMARY KEY (tracker, bucket_ts, shard, rank)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS run (
     key   TEXT PRIMARY KEY,
     value TEXT
@@ -193,9 +203,10 @@ _SQL = {
                        "description = excluded.description"),
     "edges": (7, "INSERT INTO edges (ts_sec, s_guid, s_key, t_guid, t_key, flowkey, plugin) "
                  "VALUES (?, upper(?), ?, upper(?), ?, ?, ?)"),
-    "flow_toppers": (5, "INSERT INTO flow_toppers (tracker, bucket_ts, rank, flowkey, metric) VALUES (?, ?, ?, ?, ?) "
-                        "ON CONFLICT (tracker, bucket_ts, rank) DO UPDATE SET flowkey = excluded.flowkey, "
-                        "metric = excluded.metric"),
+    # a shard's part of a flowtracker bucket (engine/plugins/flowmon.py); _rank_toppers then ranks all parts
+    "flow_toppers": (7, "INSERT INTO flow_topper_parts (tracker, bucket_ts, rank, flowkey, metric, shard, count) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tracker, bucket_ts, shard, rank) DO UPDATE SET "
+                        "flowkey = excluded.flowkey, metric = excluded.metric, count = excluded.count"),
     "fts": (6, "INSERT INTO fts (ts_sec, ts_usec, fts_guid, flowkey, text, plugin) VALUES (?, ?, upper(?), ?, ?, ?)"),
     "flows": (len(FLOW_COLUMNS), f"INSERT INTO flows ({_FLOW_COLS}) VALUES ({', '.join('?' * len(FLOW_COLUMNS))})"),
     "run": (2, "INSERT INTO run (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
@@ -742,11 +753,28 @@ class _Writer:
                             OverflowError, ValueError, TypeError) as e:
                         self.bad[kind] += 1
                         self.note(f"{kind}: bad row {_short(r)}: {e}")
+            if kind == "flow_toppers":
+                self._rank_toppers({(r[0], r[1]) for r in rows})
             self.rows[kind] += n
             self.tx_rows += n
             self.tx_kind[kind] = self.tx_kind.get(kind, 0) + n
         except sqlite3.Error as e:
             self.fail(e)
+
+    def _rank_toppers(self, buckets) -> None:
+        """Rewrite the flow_toppers rows of each (tracker, bucket_ts) in ``buckets`` from every shard's part
+        (flow_topper_parts): the top ``count`` by metric, the greater flow key first on a tie (flowmon.py's
+        order), ranked 1...  Each flow is ranked in one shard only, so the top ``count`` of the parts' top-``count``
+        lists is the top ``count`` of all the bucket's flows, as one fast path ranks them.  Runs in the writer's
+        transaction, which holds SQLite's write lock: it sees every part the other shards' writers committed."""
+        for tracker, bucket in buckets:
+            self.db.execute("DELETE FROM flow_toppers WHERE tracker = ? AND bucket_ts = ?", (tracker, bucket))
+            self.db.execute(
+                "INSERT INTO flow_toppers (tracker, bucket_ts, rank, flowkey, metric) "
+                "SELECT tracker, bucket_ts, row_number() OVER (ORDER BY metric DESC, flowkey DESC), flowkey, metric "
+                "FROM flow_topper_parts WHERE tracker = ?1 AND bucket_ts = ?2 ORDER BY metric DESC, flowkey DESC "
+                "LIMIT coalesce((SELECT max(count) FROM flow_topper_parts WHERE tracker = ?1 AND bucket_ts = ?2), -1)",
+                (tracker, bucket))
 
     def clean(self, kind: str, ncol: int, rows: list) -> list:
         """Check arity and types; decode bytes (Lua strings) to text.  Bad rows are reported, not written."""
@@ -755,6 +783,8 @@ class _Writer:
         for r in rows:
             if ncol == 9 and kind == "counters" and isinstance(r, (list, tuple)) and len(r) == 5:
                 r = (*r, None, None, None, None)       # COUNTER / RUNNING_COUNTER: no merge state (meters.py)
+            elif kind == "flow_toppers" and isinstance(r, (list, tuple)) and len(r) == 5:
+                r = (*r, 0, None)                      # a whole ranking (one part, shard 0, no count limit)
             if not isinstance(r, (list, tuple)) or len(r) != ncol:
                 self.bad[kind] += 1
                 want = "5 fields (9 with merge state, engine/store/meters.py)" if kind == "counters" else f"{ncol} fields"
