@@ -18,9 +18,13 @@ $LUAPROBE_CORPUS, that are not shipped) were pinned with Wireshark 4.0.17
 * SPB has no timestamp: the walker repeats the previous packet's timestamp.
 """
 import ctypes
+import math
 import mmap
 import os
 import struct
+import subprocess
+import sys
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings, HealthCheck
@@ -29,7 +33,7 @@ from hypothesis import strategies as st
 from luaprobe.engine.capture.pcapfile import InputError, count_packets, open_capture
 from luaprobe.shm.luajit import new_runtime
 
-from tests.helpers import CORPUS, PCAPS
+from tests.helpers import CORPUS, PCAPS, REPO
 
 NS = 1_000_000_000
 
@@ -374,6 +378,52 @@ def test_pcapng_timestamp_resolutions_and_offset(bo):
         f"60 60 {t}.123456000 1 0", f"60 60 {t}.123456789 228 1",
         f"60 60 {t - 100}.500000000 101 2", "60 60 10000000.123456789 113 3",
         f"60 60 {2**33 + 5}.007000000 1 4", f"60 60 {t}.750000000 1 5", "20 20 7.000000001 228 1"]
+
+
+def _exact_ts(res: int, ticks: int) -> tuple[int, int]:
+    """(sec, nsec) of ``ticks`` at if_tsresol byte ``res``, by exact fractions (nsec rounded down, as the reader)."""
+    t = Fraction(ticks, 2 ** (res & 0x7F) if res & 0x80 else 10 ** res)
+    return math.floor(t), math.floor((t - math.floor(t)) * 10**9)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(res=st.one_of(st.integers(0, 19), st.integers(0x80, 0x80 + 63)), data=st.data())
+def test_pcapng_every_representable_tsresol_is_exact(res, data):
+    """Every if_tsresol libpcap and Wireshark read (10^-0..10^-19, 2^-0..2^-63) gives the exact time of any 64-bit
+    tick count (nanoseconds rounded down) up to 2^53 s, where the reader's seconds (a Lua number) end; truth:
+    Python's exact fractions."""
+    ups = 2 ** (res & 0x7F) if res & 0x80 else 10 ** res
+    ticks = data.draw(st.integers(0, min(2**64, ups * 2**53) - 1), label="ticks")
+    recs, err, _ = records_of(shb() + idb(1, 0, opt(9, bytes([res]))) + epb(0, ticks, PKT))
+    sec, nsec = _exact_ts(res, ticks)
+    assert err is None and recs == [f"60 60 {sec}.{nsec:09d} 1 0"], (res, ticks)
+
+
+@pytest.mark.parametrize("res, text", [(20, "10^-20"), (127, "10^-127"), (0x80 | 64, "2^-64"),
+                                       (0xFF, "2^-127")])
+def test_pcapng_tsresol_too_fine_is_refused_at_the_idb(res, text):
+    """An if_tsresol whose units per second do not fit in 64 bits is refused as libpcap (sf-pcapng.c: "if_tsresol
+    option resolution 10^-%u is too high") and Wireshark (wiretap/pcapng.c: "IDB power-of-10 time stamp resolution
+    %u > 19") refuse it: the packets before the IDB are read, the error names its byte offset."""
+    head = shb() + idb(1) + epb(0, 5 * 10**6, PKT)
+    recs, err, eoff = records_of(head + idb(1, 0, opt(9, bytes([res]))) + epb(1, 10**6, PKT))
+    assert recs == ["60 60 5.000000000 1 0"] and eoff == len(head)
+    assert err.decode().startswith(f"if_tsresol {text} s is finer than "), err
+
+
+def test_pcapng_tsresol_too_fine_is_one_line_naming_the_offset(tmp_path):
+    """luaprobe run on such a file: one line naming the file and the IDB's byte offset, exit 3 (input error)."""
+    path = tmp_path / "fine.pcapng"
+    path.write_bytes(shb() + idb(1, 0, opt(9, bytes([127]))) + epb(0, 10**6, PKT))
+    plugin = tmp_path / "p.lua"
+    plugin.write_text('TrisulPlugin = { id = { name = "p" }, simplecounter = { protocol_guid = '
+                      '"{974FB098-DE46-45db-94DA-8D64A3BBCDE5}", onpacket = function(e, l) end } }')
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(plugin), "--pcap", str(path),
+                        "--out", str(tmp_path / "out"), "-q"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.splitlines() == [f"luaprobe run: input error: {path}: byte offset 28: if_tsresol 10^-127 s is "
+                                     "finer than 10^-19 s, the finest a 64-bit tick count can hold a second of "
+                                     "(libpcap and Wireshark refuse it too)"], r.stderr
 
 
 def test_pcapng_spb_caplen_and_skipped_blocks():

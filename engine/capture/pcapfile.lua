@@ -57,7 +57,9 @@ Corruption (sets r.error / r.error_offset = offset of the record or block):
     larger than the bytes left, or different from the trailing copy
   * EPB / PB with an interface id no IDB of the section declared, SPB without IDB 0
   * bad SHB byte-order magic or major version, IDB options overrunning the block,
-    unsupported if_tsresol
+    an if_tsresol finer than 10^-19 or 2^-63 s: the units per second would not fit in
+    64 bits (libpcap's sf-pcapng.c and Wireshark's wiretap/pcapng.c refuse the file at
+    the same limits; the offset is the IDB's, the packets before it are read)
   The snaplen is NOT enforced (caplen > snaplen is accepted): writers often put 0 or a
   wrong value there; MAX_CAPLEN and the file / block bounds keep the walker safe.
   The standard magic always means 16-byte record headers, as in libpcap (Wireshark
@@ -228,10 +230,12 @@ local function interface(r, p, blen)
       local v = p[pos + 4]
       if band(v, 0x80) ~= 0 then
         local k = band(v, 0x7f)
-        if k > 63 then return "unsupported if_tsresol 2^-" .. k end
+        if k > 63 then return "if_tsresol 2^-" .. k .. " s is finer than 2^-63 s, the finest a 64-bit tick count can "
+                              .. "hold a second of (libpcap and Wireshark refuse it too)" end
         kind, ups, mul, shift = 3, 2 ^ k, 1e9 / 2 ^ k, k
       else
-        if v > 19 then return "unsupported if_tsresol 10^-" .. v end
+        if v > 19 then return "if_tsresol 10^-" .. v .. " s is finer than 10^-19 s, the finest a 64-bit tick count can "
+                              .. "hold a second of (libpcap and Wireshark refuse it too)" end
         ups = 10 ^ v
         if v <= 9 then kind, mul = 1, 10 ^ (9 - v) else kind, div = 2, 10 ^ (v - 9) end
       end
