@@ -258,7 +258,16 @@ local function interface(r, p, blen)
   return nil
 end
 
--- Convert the 64-bit tick count hi:lo of interface i (1-based) to (sec, nsec).
+-- floor(rem * 10^9 / 2^k) for 0 <= rem < 2^k, k <= 63, exactly: rem * 10^9 needs up to 93 bits, so rem is
+-- split at 2^32 (a * 2^32 + b): (a*10^9 + (b*10^9 >> 32)) is below 2^62, then the shift (see ticks_to_ts).
+local function binary_nsec(rem, k)
+  rem = cast(u64, rem)
+  if k < 32 then return tonumber(rshift(rem * 1000000000ULL, k)) end
+  local z = rshift(rem, 32) * 1000000000ULL + rshift(band(rem, 0xFFFFFFFFULL) * 1000000000ULL, 32)
+  return tonumber(rshift(z, k - 32))
+end
+
+-- Convert the 64-bit tick count hi:lo of interface i (1-based) to (sec, nsec), nsec exact (rounded down).
 local function ticks_to_ts(r, i, hi, lo)
   local kind, ups = r.if_kind[i], r.if_ups[i]
   local sec, nsec
@@ -267,16 +276,16 @@ local function ticks_to_ts(r, i, hi, lo)
     sec = floor(t / ups)                      -- may round up by one, never down
     local rem = t - sec * ups
     if rem < 0 then sec, rem = sec - 1, rem + ups end
-    if kind == 1 then nsec = rem * r.if_mul[i]
-    elseif kind == 2 then nsec = floor(rem / r.if_div[i])
-    else nsec = floor(rem * r.if_mul[i]) end
+    if kind == 1 then nsec = rem * r.if_mul[i]                 -- exact: below 10^9
+    elseif kind == 2 then nsec = tonumber(cast(u64, rem) / cast(u64, r.if_div[i]))   -- integer division
+    else nsec = binary_nsec(rem, r.if_shift[i]) end
   else                                       -- e.g. nanosecond ticks: 64-bit integers
     local t = cast(u64, hi) * 4294967296 + lo
     if kind == 3 then
       local k = r.if_shift[i]
       local s = rshift(t, k)
       sec = tonumber(s)
-      nsec = floor(tonumber(t - s * ups) * r.if_mul[i])
+      nsec = binary_nsec(t - s * ups, k)
     else
       local d = cast(u64, ups)
       local s = t / d
