@@ -404,7 +404,9 @@ end
 --               the cache misses of the whole batch overlap (with 100 000
 --               flows nearly each is a miss); then the read-only probe of
 --               the index: the flow index or -1 (miss; the packet number
---               goes on a miss list);
+--               goes on a miss list); then, with as many flows, a loop
+--               touching the LRU links of each packet's flow and of its
+--               two list neighbours (what loop 3 writes when it moves it);
 --   2. insert   only the misses: probe again (an earlier packet of the same
 --               batch may have created the flow) and create the record;
 --   3. account  per packet, in packet order: for a SYN without ACK (one
