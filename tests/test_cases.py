@@ -448,6 +448,46 @@ def test_port_reuse_kind(tmp_path, v6):
     assert s["filex"][0]["tcp_reused"] == 1
 
 
+
+@pytest.mark.parametrize("shape", ["synack-only", "synack-only-v6", "server-side-only", "old-closed", "old-reset"])
+def test_port_reuse_seen_from_the_server_side_kind(tmp_path, shape):
+    """Kind 04 seen from the other side: the new connection's SYN is not captured (asymmetric routing, a tap on
+    the server's side), only the server's SYN+ACK with a new ISN; the old connection never closed (or closed by
+    FIN / RST). Both connections' files come out; a retransmitted SYN+ACK (same ISN) changes nothing. Truth:
+    the bytes put in (tshark 4.0 merges the two into one tcp.stream and exports only /one)."""
+    v6 = shape.endswith("v6")
+    c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
+                cport=45040, cisn=100000, sisn=900000)
+    one, two = b"1" * 660, b"2" * 690
+
+    def conn(path, body, syn):
+        if syn:
+            c.seg(True, pb.SYN)
+            c.cseq += 1
+        c.seg(False, pb.SYN | pb.ACK)
+        c.seg(False, pb.SYN | pb.ACK)                       # retransmitted: the same ISN
+        c.sseq += 1
+        c.seg(True, pb.ACK)
+        c.send(True, pb.http_request(path))
+        c.send(False, pb.http_response(body, [("Content-Length", len(body))]))
+
+    conn("/one", one, True)
+    if shape == "old-closed":
+        c.close()
+    elif shape == "old-reset":
+        c.seg(True, pb.RST | pb.ACK)
+    c.cseq, c.sseq, c.t = 3_000_000_000, 7000, c.t + 2
+    conn("/two", two, False)
+    c.close()
+    frames = c.frames
+    if shape == "server-side-only":                        # and only the server's packets at all
+        frames = [(t, f) for t, f in frames if f[6:12] != pb.CMAC]
+    files, _, s, _ = run_kinds(tmp_path, frames)
+    uris = ("", "") if shape == "server-side-only" else ("/one", "/two")
+    assert [(f[1], int(f[3]), f[4], f[6]) for f in files] == [(uris[0], len(one), SHA(one), "nil"),
+                                                              (uris[1], len(two), SHA(two), "nil")]
+    assert s["filex"][0]["tcp_gaps"] == 0
+
 def write_pcapng(path, frames, fcs_bits=0, linktype=1, epb_fcs=0):
     """pcapng: SHB, one IDB (if_fcslen option when fcs_bits), EPBs (usec); epb_fcs: every EPB ends in an FCS
     of that many octets, announced by its epb_flags option (bits 5-8; the IDB may say otherwise)."""

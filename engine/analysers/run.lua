@@ -331,7 +331,7 @@ function A:tcp(e, batch, i)
   local data = e.data
   local seq = be32(data, l4 + 4)
   self.engine:set_packet(batch, i)
-  if f ~= nil and band(d.tcp_flags, 0x12) == 0x02 then      -- SYN: is the 5-tuple reused? (as filex)
+  if f ~= nil and band(d.tcp_flags, 0x02) ~= 0 then        -- SYN or SYN+ACK: is the 5-tuple reused? (as filex)
     if closed then R:forget(id); closed = false
     elseif R:is_new_connection(id, e.dir, seq, d.tcp_flags) then R:restart(id) end
   end

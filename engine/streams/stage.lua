@@ -305,7 +305,7 @@ end
 function S:handshake(v, pdir, flags, seq)
   local hs = v.hs
   local syn = band(flags, 0x02) ~= 0
-  if syn and hs ~= 0 and band(flags, 0x10) == 0 then    -- a SYN without ACK: a new connection?
+  if syn and hs ~= 0 then                               -- a SYN (or SYN+ACK) with a new ISN: a new connection?
     if pdir == 0 then
       if band(hs, HS_ISN0) ~= 0 and v.isn0 ~= seq then hs = 0 end
     elseif band(hs, HS_ISN1) ~= 0 and v.isn1 ~= seq then hs = 0 end
@@ -369,14 +369,14 @@ function S:packet(batch, i)
   local data, l4 = p.data, d.l4_offset
   self.ts = p.ts_sec + p.ts_nsec * 1e-9
   local f = R.flows[id]
-  if band(flags, 0x12) == 0x02 then                    -- SYN: is the 5-tuple reused?
+  if band(flags, 0x02) ~= 0 then                       -- SYN (or SYN+ACK): is the 5-tuple reused?
     if f ~= nil then
       if f.closed then R:forget(id); f = nil
       elseif R:is_new_connection(id, p.dir, be32(data, l4 + 4), flags) then
         R:restart(id); f = nil                          -- the old connection's CLOSE, then a new flow
       end
     end
-    if f == nil and v.fx < 0 then v.fx, v.hs = 0, 0 end   -- a new connection: filex votes again
+    if f == nil and v.fx < 0 and band(flags, 0x10) == 0 then v.fx, v.hs = 0, 0 end   -- a new connection: filex votes again
   end
   if f ~= nil and f.closed then return end
   local st = self.flows[id]

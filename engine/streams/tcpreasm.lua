@@ -508,10 +508,12 @@ function R:forget(id)
   self.flows[id] = nil
 end
 
---- True when a SYN without ACK (flags) with sequence number seq, direction pdir, on the live
---- connection `id` starts a new connection: its seq is not the ISN of its direction.
+--- True when a SYN (flags; with or without ACK) with sequence number seq, direction pdir, on the live
+--- connection `id` starts a new connection: its seq is not the ISN of its direction.  A SYN+ACK counts too:
+--- when the new connection's SYN was not captured (asymmetric routing, a server-side tap), the server's
+--- SYN+ACK with a new ISN is the first sign of it.
 function R:is_new_connection(id, pdir, seq, flags)
-  if band(flags, SYN + ACK) ~= SYN then return false end
+  if band(flags, SYN) == 0 then return false end
   local f = self.flows[id]
   if not f or f.closed then return false end
   local s = f.s[(pdir == f.client) and 0 or 1]
