@@ -454,6 +454,7 @@ end
 function Host:run_batch(addr, n)
   local w, eng, calls = self.sc, self.engine, nil
   w.batches = w.batches + 1
+  packet.touch_flowids(ffi.cast(packet.pktp, addr), n)
   -- The list pays on mixed batches (~2 ns per packet to make; each packet on the rare side of the full walk's
   -- test costs a side exit, ~13 ns).  After a batch where (nearly) every packet or (nearly) none has the
   -- protocol (> 90 % or < 10 %), the next 15 walk in full.
@@ -537,7 +538,10 @@ end
 --- protocol_handler (engine/plugins/protocol.lua): its control block, setup, and the per-batch walk.
 function Host:protocol_control() return require("luaprobe.engine.plugins.protocol").control(self.plugin) end
 function Host:setup_protocol_handler() return require("luaprobe.engine.plugins.protocol").setup(self) end
-function Host:run_protocol_batch(addr, n) return self:walk_batch(self.ph, addr, n) end
+function Host:run_protocol_batch(addr, n)
+  packet.touch_flowids(ffi.cast(packet.pktp, addr), n)
+  return self:walk_batch(self.ph, addr, n)
+end
 function Host:protocol_stats()
   local ph = self.ph
   return ph and { added = ph.added, declined = ph.declined, full = ph.full, next_unknown = ph.next_unknown } or nil

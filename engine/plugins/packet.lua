@@ -185,6 +185,8 @@ end
 -- stays bounded: at most FID_SLOTS objects.
 local FID_SLOTS = 131072
 local fid = {}
+local fid_made = 0       -- FlowIDs made and cached so far (touch_flowids works from TOUCH_FROM on)
+local TOUCH_FROM = 16384  -- ~16 000 flows' FlowIDs and keys (~2.5 MiB) no longer stay in a core's cache
 
 local function cached_flowid(p)
   local uid = p.flow_uid
@@ -194,7 +196,25 @@ local function cached_flowid(p)
   if f ~= nil and f[2] == uid then return f end
   f = setmetatable({ flowkey(p.d), uid }, FlowID)
   fid[s] = f
+  fid_made = fid_made + 1
   return f
+end
+
+--- Load the cached FlowIDs of packets 0 .. n-1 of batch b (lp_pkt *), and their key strings, before a walk
+--- (issue 10).  With many flows each is a cache miss or three (the slot, the object, the string a script
+--- indexes its state by); here the loads of different packets do not depend on each other, so the CPU overlaps
+--- their misses, and the hook's flowid():id() then finds them in cache (the flow table's touch loops do the same,
+--- engine/fastpath/flowtable.lua).  Only once this VM has made TOUCH_FROM FlowIDs: with fewer flows they stay in
+--- cache and the loop would only cost (~5 ns per packet).  The sum it makes is kept in M.touched so that the
+--- loads are not optimised away.
+function M.touch_flowids(b, n)
+  if fid_made < TOUCH_FROM then return end
+  local t, s = fid, 0
+  for k = 0, n - 1 do
+    local f = t[band(b[k].flow, FID_SLOTS - 1)]
+    if f then s = s + f[2] + #f[1] end
+  end
+  M.touched = s
 end
 
 function Packet:flowid()
