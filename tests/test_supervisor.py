@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -860,3 +861,36 @@ def test_supervisor_log_is_rotated_by_size(daemon, tmp_path):
     assert len(numbers) > 100
     for a, b in zip(numbers, numbers[1:]):
         assert b == a + 20, (a, b)                           # none lost, none out of order
+
+
+@pytest.mark.parametrize("cause", ["stuck hook", "stopped store"])
+def test_stop_of_a_stalled_fastpath_acts_on_the_stall_not_at_the_deadline(daemon, tmp_path, cause):
+    """A stop that finds the fast path stalled (a hook stuck in a compiled loop: no heartbeat; or its store writer
+    SIGSTOPped: state T) acts when the stall rule's stall_timeout is reached, counting the stall from before the
+    stop, not after the whole stop_deadline: the tree is SIGKILLed, `stop` exits 5 and its line names the stall.
+    Before, the stall rules were off while stopping: `stop` took the whole 60 s stop_deadline."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    if cause == "stuck hook":
+        (plug / "stuck.lua").write_text(STUCK % (tmp_path / "stuck-once"))
+    else:
+        shutil.copy(os.path.join(EXAMPLES, "tcp_ports.lua"), plug)
+    daemon.start(plugins=(plug,), supervise="stop_deadline = 60\nstall_timeout = 8")
+    st = helpers.wait_for(lambda: (s := daemon.status())["processes"].get("store") and s, 30, 0.1)
+    if cause == "stuck hook":
+        helpers.wait_for((tmp_path / "stuck-once").exists, 30, 0.05)
+    else:
+        daemon.wait_packets()
+        os.kill(st["processes"]["store"], signal.SIGSTOP)
+        helpers.wait_for(lambda: psutil.Process(st["processes"]["store"]).status() == psutil.STATUS_STOPPED, 10)
+    daemon.pids |= {p.pid for p in psutil.Process(st["fastpath_pid"]).children(recursive=True)}
+    t0 = time.monotonic()
+    r = daemon.cli("stop")
+    took = time.monotonic() - t0
+    log = open(os.path.join(daemon.run_dir, control.LOG)).read()
+    assert r.returncode == 5, (r.stdout, r.stderr, log[-3000:])
+    [line] = r.stderr.splitlines()
+    assert line.startswith("luaprobe stop: the fast path stalled while stopping: ") and "SIGKILLed fastpath" in line
+    assert ("no heartbeat for" if cause == "stuck hook" else "store process") in line, line
+    assert took < 40, took                          # the stall (8 s), not stop_deadline (60 s)
+    assert not daemon.alive() and not daemon.segments()

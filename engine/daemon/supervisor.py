@@ -212,15 +212,22 @@ class Supervisor:
                           f"stalled: no heartbeat for {age:.0f} s (a hook stuck in a loop?); killed")
 
     def _stall_limit(self) -> float:
-        """[supervise] stall_timeout in s while a fast path runs (not while it stops or reloads), else 0 (off)."""
+        """[supervise] stall_timeout in s while a fast path runs or stops (a stall found during a stop ends the stop
+        at once instead of at stop_deadline), else 0 (off: while it reloads, or stops while still loading, which
+        has its own LOADING_STOP_GRACE)."""
         limit = float(self.sv.get("stall_timeout", 0) or 0)
-        return limit if self.child is not None and self.mode == "run" else 0.0
+        on = self.mode == "run" or (self.mode == "stop" and not getattr(self, "stop_while_loading", False))
+        return limit if self.child is not None and on else 0.0
 
     def _stalled(self, why: str) -> None:
-        """A stall rule fired: status and the log say ``why``; the fast path's tree is killed (restarted like a crash)."""
+        """A stall rule fired: status and the log say ``why``; the fast path's tree is killed (restarted like a
+        crash; during a stop, the stop ends as one past stop_deadline does: `luaprobe stop` exits 5)."""
         self.stalled = why
         log.error("fast path (pid %d) %s", self.child.pid, why)
-        self._kill_tree()
+        what = self._kill_tree()
+        if self.mode == "stop":
+            self.stop_killed = f"the fast path stalled while stopping: {why.removeprefix('stalled: ').removesuffix('; killed')}: SIGKILLed {what}"
+            log.error("%s", self.stop_killed)
 
     def _check_stuck_input(self) -> None:
         """The rest of the stall rule ([supervise] stall_timeout; docs/operations.md "Faults"), for what the
@@ -246,7 +253,7 @@ class Supervisor:
                         why = f"{name} process (pid {pid}) stopped (state T) for {now - since:.0f} s"
         self._stopped = stopped
         snap = self.snapshot or {}
-        if (why is None and self._files_only and not snap.get("final")
+        if (why is None and self._files_only and self.mode == "run" and not snap.get("final")
                 and snap.get("processes", {}).get("fastpath") == self.child.pid):
             packets, t = snap.get("packets"), snap.get("time")
             if not packets or self._progress is None or packets != self._progress[0]:   # 0: still starting
@@ -878,9 +885,9 @@ def _wait_gone(run_dir: str, timeout: float, pid: int | None = None) -> bool:
 
 def cmd_stop(args) -> int:
     """`luaprobe stop`: graceful stop; waits for the supervisor to exit.  Exit 0 stopped, 3 nothing was running
-    (as `status`, `reload` and `stats`; docs/operations.md "Exit codes"), 5 the fast path missed stop_deadline and
-    was SIGKILLed (what it had not written is lost; one line on stderr names what was killed), 1 still running
-    after the wait."""
+    (as `status`, `reload` and `stats`; docs/operations.md "Exit codes"), 5 the fast path missed stop_deadline or
+    stalled while stopping and was SIGKILLed (what it had not written is lost; one line on stderr names what was
+    killed), 1 still running after the wait."""
     run_dir, how = control.find_run_dir(getattr(args, "run_dir", None))
     pid = control.read_pid(run_dir)
     try:
@@ -898,8 +905,10 @@ def cmd_stop(args) -> int:
         return EXIT_INTERNAL
     st = control.read_json(control.path(run_dir, control.STATE)) or {}
     if st.get("stop_killed"):
-        print(f"luaprobe stop: {st['stop_killed']}; what they had not written is lost (raise [supervise] "
-              f"stop_deadline; log {control.path(run_dir, control.LOG)})", file=sys.stderr)
+        rule = "the stall rule, [supervise] stall_timeout" if "stalled" in st["stop_killed"] else \
+            "raise [supervise] stop_deadline"
+        print(f"luaprobe stop: {st['stop_killed']}; what they had not written is lost ({rule}; "
+              f"log {control.path(run_dir, control.LOG)})", file=sys.stderr)
         return EXIT_STOP_KILLED
     code = st.get("last_exit_code") or 0
     if code > 0:                        # it ended with an error (docs/operations.md "Exit codes"): say so

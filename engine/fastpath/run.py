@@ -1254,7 +1254,8 @@ class FastPath:
         """End of input: close the reassembled flows, the window and the HTTP flows, deliver async results,
         flush, onunload.  With sg_monitor / flowtracker the open flows end before the last window closes."""
         self.stage_stats = self.stage.finish() if self.stage is not None else {}
-        flows_done = False
+        self._beat()                           # between the steps of the end too: a stop is stalled only when one
+        flows_done = False                     # step makes no progress for [supervise] stall_timeout
         if self.flowmon is not None and self.flowmon.active:
             self._collect(None)
             self._end_flows(lua)
@@ -1263,6 +1264,7 @@ class FastPath:
             self.analysers.finish()            # open HTTP/TLS flows end here: their items join the last window
         if self.window_start is not None:
             self._backend("onendflush", self.window_start + self.cfg.window)
+        self._beat()
         self.filex_stats = []
         for inst in self.instances:
             if inst.kind == "filex_monitor":
@@ -1280,6 +1282,7 @@ class FastPath:
         self._drain_t0, self._drain_said, self._drain_pending = time.monotonic(), False, rt.pending
         rt.drain_and_stop(stop=self._drain_stopped)
         self._retire_step(rt, final=True)      # backends replaced by a reload drained with the rest: now unloaded
+        self._beat()
         if self.stopped_during == "drain" and pending:
             logs.log.info("%s (the end of input): T.async tasks not yet returned are lost (lost_at_stop); onunload "
                           "runs and everything else is written", self._drain_stopped())
@@ -1290,6 +1293,7 @@ class FastPath:
                 self._write(kind, rows)
         if not flows_done:
             self._end_flows(lua)
+        self._beat()
         if self.flowmon is not None and self.flowmon.active:
             self.flowmon.flush(self.window_start + self.cfg.window if self.window_start is not None else 0,
                                final=True)
@@ -1298,6 +1302,7 @@ class FastPath:
         for inst in self.instances:
             inst.vm.lua.eval("function(h) h.stop_profile() end")(inst.vm.host)
         rt.unload_all()                        # before the counts: an onunload error is a hook error like any other
+        self._beat()
         self.async_final = [(i, i.vm.async_stats()) for i in self.instances]
         self.hook_stats = self._hook_counts()
 
