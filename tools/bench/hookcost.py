@@ -12,7 +12,9 @@ walk and the empty hook's is what the plug-in's own code and its bindings cost p
 
 The walk is timed by wrapping ``FastPath._budgeted`` (the function every batch walker passes through); the
 wrapper costs two clock reads per VM and batch, ~0.1 ns per packet.  Set LUAPROBE_JIT_TRACES=prefix to get
-each VM's trace tree per run (engine/plugins/jitprof.lua) and compare runs.
+each VM's trace tree per run (engine/plugins/jitprof.lua) and compare runs.  --engine-dir DIR runs the Lua modules
+of luaprobe.engine from DIR, in the driver and the plug-in VMs (a copy of engine/ with other versions of some
+files: an A/B of Lua changes in one checkout, alternating; tools/bench/hookwalk.py has the same option).
 """
 from __future__ import annotations
 
@@ -65,7 +67,11 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", default="small-few", help="traffic shapes (--quick captures), comma-separated")
     ap.add_argument("--shapes", default="empty,hval,counter,flowstate", help="plug-in shapes loaded together")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--engine-dir", help="luaprobe.engine's Lua modules from this folder")
     a = ap.parse_args(argv)
+    if a.engine_dir:
+        from tools.bench.hookwalk import use_engine_dir
+        use_engine_dir(a.engine_dir)
     print("| traffic | VM | walk CPU ns/packet min / median / max |\n|---|---|---:|")
     for c in a.corpus.split(","):
         path = corpus.make(c, True)
