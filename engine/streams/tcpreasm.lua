@@ -95,8 +95,10 @@ retransmitted_bytes, overlaps, out_of_order (segments buffered out of order),
 gaps, gap_bytes, cap_drops_flow, cap_drops_total, flows (created), closed,
 reused (connections ended by a new SYN on the same 5-tuple), late_fills (ACKed
 holes later filled by their data: mirror-port reordering), held (segments
-held because their ACK covers peer bytes not captured yet: the peer's data is
-delivered first, docs/filex.md "Mirror / SPAN ports").
+held because their ACK covers peer bytes not delivered yet: the peer's bytes
+go first, docs/filex.md "Mirror / SPAN ports"; both directions may wait, each
+segment for its own peer bytes; after ack_timeout / ack_window held bytes / the
+memory cap / the flow's end they go on as if never held).
 ]==]
 local ffi = require "ffi"
 local bit = require "bit"
@@ -393,37 +395,48 @@ local function peer_behind(self, o, ack)
   return behind
 end
 
--- hand the held segments of flow f to segment() again, in their order; forced (ack_timeout, ack_window,
--- memory, RST, close): the peer bytes they wait for are given up first (a gap, as an ACKed hole is)
+-- the held segments of flow f become q (arrival order; nil or empty: none)
+local function set_held(self, id, f, q)
+  if f.held then self.held_bytes = self.held_bytes - f.hbytes end
+  if q == nil or q[1] == nil then
+    f.held = nil
+    self.holding[id] = nil
+    return
+  end
+  local nb = 0
+  for i = 1, #q do nb = nb + q[i][4] end
+  f.held, f.hts, f.hbytes = q, q[1][6] or 0, nb
+  self.held_bytes = self.held_bytes + nb
+  self.holding[id] = f
+end
+
+-- hand held segments of flow f to R:packet again, in their arrival order: those whose peer bytes have come
+-- (until no more do); forced (ack_timeout, ack_window, memory, the flow's end): all of them, as if never held
 function release(self, id, f, forced)
-  local q, dir = f.held, f.hdir
-  f.held = nil
-  self.holding[id] = nil
-  self.held_bytes = self.held_bytes - f.hbytes
-  if forced then
-    local o = f.s[1 - dir]
-    local a = f.hneed
-    while o.segs[1] and o.segs[1][1] <= a and a > o.off do skip_hole(self, id, 1 - dir, f, o, f.hcb) end
-    if a > o.off then
-      local missing = a - o.off
-      self.stats.gaps = self.stats.gaps + 1
-      self.stats.gap_bytes = self.stats.gap_bytes + missing
-      if self.cb_gap then self.cb_gap(id, 1 - dir, o.off, missing) end
-      o.off = a
-      o.nxt = (o.nxt + missing) % TWO32
+  repeat
+    local q, keep, progress = f.held, {}, false
+    if q == nil then return end
+    set_held(self, id, f, nil)
+    f.replaying = true
+    for i = 1, #q do
+      local it = q[i]
+      if f.closed then break end
+      if forced or it[9] <= f.s[1 - it[10]].off then
+        if forced then                             -- no more waiting for those peer bytes
+          local w = f.waived or { [0] = -1, [1] = -1 }
+          if it[9] > w[1 - it[10]] then w[1 - it[10]] = it[9] end
+          f.waived = w
+        end
+        self:packet(id, it[1], it[2], it[3], it[5], it[4], it[6], it[7], it[8])
+        progress = true
+      else
+        keep[#keep + 1] = it
+      end
     end
-  end
-  for i = 1, #q do
-    local it = q[i]
-    if f.closed then break end
-    if f.held then                                 -- an earlier one waits again: the rest queue behind it
-      f.held[#f.held + 1] = it
-      f.hbytes = f.hbytes + it[4]
-      self.held_bytes = self.held_bytes + it[4]
-    else
-      self:packet(id, it[1], it[2], it[3], it[5], it[4], it[6], it[7], it[8])
-    end
-  end
+    f.replaying = false
+    if f.closed then return end
+    set_held(self, id, f, keep)
+  until forced or not progress
 end
 
 function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
@@ -433,38 +446,27 @@ function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
   if f.closed then return end
   f.last_ts = ts or f.last_ts
   local dir = (pdir == f.client) and 0 or 1
-  if f.held then
-    if (ts or 0) - f.hts >= self.ack_timeout or (dir ~= f.hdir and band(flags, RST) ~= 0) then
-      release(self, id, f, true)
-      if f.closed then return end
-    elseif dir == f.hdir and (n > 0 or band(flags, FIN + RST) ~= 0) then
-      local str = type(p) == "string" and p or fstring(p, n)
-      f.held[#f.held + 1] = { pdir, seq, flags, n, str, ts, cb, ack }
-      f.hbytes = f.hbytes + n
-      self.held_bytes = self.held_bytes + n
+  if f.held and (ts or 0) - f.hts >= self.ack_timeout then
+    release(self, id, f, true)
+    if f.closed then return end
+  end
+  if ack and not f.replaying and (n > 0 or band(flags, FIN + RST) ~= 0) and band(flags, ACK + SYN) == ACK then
+    local o = f.s[1 - dir]
+    local behind = peer_behind(self, o, ack)
+    if behind > 0 and not (f.waived and o.off + behind <= f.waived[1 - dir]) then
+      local it = { pdir, seq, flags, n, type(p) == "string" and p or fstring(p, n), ts, cb, ack, o.off + behind, dir }
       self.stats.held = self.stats.held + 1
+      local q = f.held or {}
+      q[#q + 1] = it
+      set_held(self, id, f, q)
       if f.hbytes >= self.ack_window or self.held_bytes + self.buffered > self.max_total_bytes then
         release(self, id, f, true)
       end
       return
     end
-  elseif ack and (n > 0 or band(flags, FIN + RST) ~= 0) and band(flags, ACK + SYN) == ACK then
-    local behind = peer_behind(self, f.s[1 - dir], ack)
-    if behind > 0 then
-      local o = f.s[1 - dir]
-      local str = type(p) == "string" and p or fstring(p, n)
-      f.held, f.hdir, f.hneed, f.hts, f.hbytes, f.hcb = { { pdir, seq, flags, n, str, ts, cb, ack } }, dir,
-        o.off + behind, ts or 0, n, cb
-      self.holding[id] = f
-      self.held_bytes = self.held_bytes + n
-      self.stats.held = self.stats.held + 1
-      return
-    end
   end
   segment(self, id, f, dir, seq, flags, p, n, ts, cb, ack)
-  if f.held and not f.closed and dir ~= f.hdir and f.s[1 - f.hdir].off >= f.hneed then
-    release(self, id, f, false)
-  end
+  if f.held and not f.replaying and not f.closed then release(self, id, f, false) end
 end
 
 function R:expire(id, cb)
