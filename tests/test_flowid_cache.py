@@ -9,6 +9,7 @@ the key of that packet's own addresses by an independent implementation of Trisu
 from __future__ import annotations
 
 import ipaddress
+import random
 
 from hypothesis import given, settings, strategies as st
 
@@ -72,3 +73,43 @@ def test_flowid_is_the_packets_own_flow_whatever_the_slot_held(steps):
         want = _py_flowkey(proto, 4, str(ipaddress.IPv4Address(s)), str(ipaddress.IPv4Address(d)), sp, dp)
         assert key.decode() == want
         assert obj is not None
+
+
+TOUCH = r"""
+local ffi = require("ffi")
+local packet = require("luaprobe.engine.plugins.packet")
+local decode = require("luaprobe.engine.fastpath.decode")
+local frame, nflows, picks = ...
+local one = packet.new_batch(1)
+local pobj = packet.new_packet()
+local p = one[0]
+p.data, p.caplen, p.wirelen, p.linktype = ffi.cast("const uint8_t *", frame), #frame, #frame, 1
+decode.decode(p.d, p.data, #frame, 1)
+-- flow k: record index k, unique id k + 1, its own source port and address (so its own key)
+for k = 0, nflows - 1 do
+  p.flow, p.flow_uid, p.d.sport, p.d.src[3] = k, k + 1, 1024 + k % 60000, math.floor(k / 60000)
+  packet.bind_packet(pobj, one, 0)
+  assert(#pobj:flowid():id() == 41)
+end
+local b = packet.new_batch(#picks)
+for i = 1, #picks do b[i - 1].flow = picks[i] end
+local aborts = 0
+jit.attach(function(what) if what == "abort" then aborts = aborts + 1 end end, "trace")
+for _ = 1, 300 do packet.touch_flowids(b, #picks) end
+jit.attach(function() end)
+return packet.touched, aborts
+"""
+
+
+def test_touch_flowids_loads_every_cached_flowid_of_the_batch_and_compiles():
+    """packet.touch_flowids, from 16 384 cached FlowIDs on: it reads the unique id and the key of the FlowID cached
+    in each packet's slot and nothing else (the sum it keeps: uid + 41 per packet of a cached flow, 0 for a
+    record index with nothing cached or a packet without a flow), and its loop compiles without a trace abort."""
+    nflows = 20000
+    rng = random.Random(7)
+    picks = [rng.randrange(-1, nflows + 5000) for _ in range(1024)]
+    frame = _frame(6, 0x0A000001, 0xAC100001, 1024, 80)
+    lua = new_runtime()
+    touched, aborts = lua.execute(TOUCH, frame, nflows, lua.table_from(picks))
+    assert touched == sum(f + 1 + 41 for f in picks if 0 <= f < nflows)
+    assert aborts == 0
