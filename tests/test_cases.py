@@ -385,6 +385,29 @@ def test_keepalive_exchanges_in_any_mirror_order(tmp_path_factory, seed, v6, swa
     assert [(f[1], int(f[3]), f[4], f[6]) for f in files] == want
 
 
+@pytest.mark.parametrize("first", [b"\r\n", b"\r\n\r\n", b"\n"])
+def test_empty_lines_before_the_first_request_kind(tmp_path, first):
+    """A connection whose first payload has empty lines before its request line (RFC 9112 §2.2: a server
+    ignores at least one) is HTTP; before, the first-payload vote dropped it and its file was lost. tshark
+    exports the object under its URI after one CRLF (the bytes put in are the truth for the others)."""
+    c = pb.Conv(cport=45060)
+    c.handshake()
+    body = bytes(range(256)) * 4
+    c.send(True, first + pb.http_request("/lead"))
+    c.send(False, pb.http_response(body, [("Content-Length", len(body))]))
+    c.close()
+    files, _, s, _ = run_kinds(tmp_path, c.frames)
+    assert [(f[0], f[1], int(f[3]), f[4], f[6]) for f in files] == [("GET", "/lead", len(body), SHA(body), "nil")]
+    if first != b"\r\n":
+        return                                             # tshark 4.0 reads past one CRLF only
+    pcap = str(tmp_path / "t.pcap")
+    pb.write_pcap(pcap, c.frames)
+    subprocess.run(["tshark", "-r", pcap, "-q", "--export-objects", f"http,{tmp_path / 'objs'}"],
+                   capture_output=True, check=True)
+    with open(tmp_path / "objs" / "lead", "rb") as fh:
+        assert fh.read() == body
+
+
 @pytest.mark.parametrize("v6", [False, True])
 def test_reset_captured_before_the_data_it_acknowledges_kind(tmp_path, v6):
     """Mirror port: the client's RST, acknowledging the whole response, is captured before the response's last

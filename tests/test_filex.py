@@ -656,6 +656,10 @@ def test_looks_http():
               b"220 ftp.example.com ready", b"HTTPS/1.1 x", b"ABCDEFGHIJKLMNOPQRSTU"):
         assert f(s, True) is False, s
     assert f(b"GE", True) is True                                   # too short to tell: reassembly goes on
+    # empty lines before the request line (RFC 9112 §2.2; tshark reads past them), the 17-letter method of RFC 4437
+    for s in (b"\r\nGET /lead HTTP/1.1\r\n", b"\n\nPOST / HTTP/1.1", b"\r\n", b"UPDATEREDIRECTREF /x HTTP/1.1\r\n"):
+        assert f(s, True) is True, s
+    assert f(b"\r\nhello world", True) is False
     assert f(b"\x00body bytes HTTP/1.1 200 OK", False) is True       # mid-stream: a status line further on
     assert f(b"\x00body bytes HTTP/1.1 200 OK", True) is False       # after a SYN the stream start must be HTTP
 

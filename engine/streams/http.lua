@@ -937,8 +937,10 @@ local function has_status_line(p, n)
 end
 
 --- Does a TCP flow whose first payload is (p: const uint8_t *, n bytes) carry HTTP/1.x?
---- True when the payload starts with a request line's method token and a space (1-16
---- upper-case letters, '-' or '_': RFC 9110 §9 token, the pattern this parser accepts) or with
+--- True when the payload starts with a request line's method token and a space (1-20
+--- upper-case letters, '-' or '_': RFC 9110 §9 token, the pattern this parser accepts; the longest
+--- registered method, UPDATEREDIRECTREF of RFC 4437, has 17), after any empty lines (CR / LF: RFC 9112
+--- §2.2, a server ignores at least one before a request line; so does tshark), or with
 --- "HTTP/" (a response whose request was not captured).  handshake: the flow's first packet was a
 --- SYN; without it the flow was picked up mid-stream and may start inside a body, so "HTTP/1."
 --- anywhere in the first 2048 bytes counts too.  A payload too short to tell (a few upper-case
@@ -946,10 +948,16 @@ end
 --- non-HTTP flows from file extraction at their first payload (docs/filex.md).
 function M.looks_http(p, n, handshake)
   local c = p[0]
+  if c == 13 or c == 10 then                     -- empty lines before the request line
+    local k = 1
+    while k < n and k < 16 and (p[k] == 13 or p[k] == 10) do k = k + 1 end
+    if k == n then return true end               -- nothing else yet: too short to tell
+    p, n, c = p + k, n - k, p[k]
+  end
   if c < 65 or c > 90 then                       -- not A-Z
     return not handshake and has_status_line(p, n)
   end
-  local m = n < 17 and n or 17
+  local m = n < 21 and n or 21
   for i = 1, m - 1 do
     c = p[i]
     if c == 32 then return true end              -- "TOKEN "
@@ -960,7 +968,7 @@ function M.looks_http(p, n, handshake)
       return not handshake and has_status_line(p, n)
     end
   end
-  if m < 17 then return true end                  -- all token so far: too short to tell
+  if m < 21 then return true end                  -- all token so far: too short to tell
   return false
 end
 
