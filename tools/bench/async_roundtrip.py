@@ -370,9 +370,12 @@ end
 
 
 def limit_of(style: str, k: int):
-    """The limit row a style row is compared with: the same hook with schedule replaced by a table store."""
+    """The limit row a style row is compared with: the same hook with schedule replaced by a table store; for the
+    limit_fresh rows, limit_interp (so their difference is the idiom's task table and closures alone)."""
     if style == "fresh":
         return ("limit_fresh", k)
+    if style == "limit_fresh":
+        return ("limit_interp", 0)
     return ("limit_hoisted", 0) if style == "hoisted" else None
 
 
