@@ -198,6 +198,18 @@ def run_kinds(tmp_path, frames_or_pcap, name="k", counters=(), cfg=None, **pcap_
     return files, counts, s, out
 
 
+def tshark_http_object(tmp_path, frames, name: str, out_of_order: bool = True) -> bytes:
+    """The HTTP object `name` as tshark exports it (--export-objects http) from `frames` written as a pcap: the
+    independent truth of the kind tests.  ``out_of_order``: tshark's TCP out-of-order reassembly on (off by default)."""
+    pcap = str(tmp_path / "t.pcap")
+    pb.write_pcap(pcap, frames)
+    opts = ["-o", "tcp.reassemble_out_of_order:TRUE"] if out_of_order else []
+    subprocess.run(["tshark", *opts, "-r", pcap, "-q", "--export-objects", f"http,{tmp_path / 'objs'}"],
+                   capture_output=True, check=True)
+    with open(tmp_path / "objs" / name, "rb") as fh:
+        return fh.read()
+
+
 def http_exchange(c: pb.Conv, path: str, body: bytes, fragment=None, order=None, headers=()):
     """Request + response on Conv c; fragment=(direction 'resp'|'req', size): that message's single
     segment goes as IP fragments in `order` (a permutation of fragment indexes)."""
@@ -335,12 +347,7 @@ def test_request_captured_after_its_response_kind(tmp_path, v6, shape):
     assert [(f[0], f[1], int(f[3]), f[4]) for f in files] == want
     assert all(f[6] == "nil" for f in files) and s["filex"][0]["tcp_gaps"] == 0
     if shape == "response-starts-first":
-        pcap = str(tmp_path / "t.pcap")
-        pb.write_pcap(pcap, c.frames)
-        subprocess.run(["tshark", "-o", "tcp.reassemble_out_of_order:TRUE", "-r", pcap, "-q", "--export-objects",
-                        f"http,{tmp_path / 'objs'}"], capture_output=True, check=True)
-        with open(tmp_path / "objs" / "late", "rb") as fh:
-            assert fh.read() == body
+        assert tshark_http_object(tmp_path, c.frames, "late") == body
 
 
 @hypothesis.settings(max_examples=25, deadline=None, derandomize=True,
@@ -400,12 +407,7 @@ def test_empty_lines_before_the_first_request_kind(tmp_path, first):
     assert [(f[0], f[1], int(f[3]), f[4], f[6]) for f in files] == [("GET", "/lead", len(body), SHA(body), "nil")]
     if first != b"\r\n":
         return                                             # tshark 4.0 reads past one CRLF only
-    pcap = str(tmp_path / "t.pcap")
-    pb.write_pcap(pcap, c.frames)
-    subprocess.run(["tshark", "-r", pcap, "-q", "--export-objects", f"http,{tmp_path / 'objs'}"],
-                   capture_output=True, check=True)
-    with open(tmp_path / "objs" / "lead", "rb") as fh:
-        assert fh.read() == body
+    assert tshark_http_object(tmp_path, c.frames, "lead", out_of_order=False) == body
 
 
 @pytest.mark.parametrize("v6", [False, True])
@@ -429,12 +431,7 @@ def test_reset_captured_before_the_data_it_acknowledges_kind(tmp_path, v6):
     c.add(segs[-1], False)
     files, _, s, _ = run_kinds(tmp_path, c.frames)
     assert [(f[1], int(f[3]), f[4], f[6]) for f in files] == [("/rst", len(body), SHA(body), "nil")]
-    pcap = str(tmp_path / "t.pcap")
-    pb.write_pcap(pcap, c.frames)
-    subprocess.run(["tshark", "-o", "tcp.reassemble_out_of_order:TRUE", "-r", pcap, "-q", "--export-objects",
-                    f"http,{tmp_path / 'objs'}"], capture_output=True, check=True)
-    with open(tmp_path / "objs" / "rst", "rb") as fh:
-        assert fh.read() == body
+    assert tshark_http_object(tmp_path, c.frames, "rst") == body
 
 
 @pytest.mark.parametrize("v6", [False, True])
@@ -467,12 +464,7 @@ def test_first_payload_captured_out_of_order_kind(tmp_path, v6, late):
     files, _, s, _ = run_kinds(tmp_path, c.frames)
     assert [(f[0], f[1], int(f[3]), f[4], f[6]) for f in files] == [("GET", "/ooo", len(body), SHA(body), "nil")]
     assert s["filex"][0]["flows_not_http"] == 0
-    pcap = str(tmp_path / "t.pcap")
-    pb.write_pcap(pcap, c.frames)
-    subprocess.run(["tshark", "-o", "tcp.reassemble_out_of_order:TRUE", "-r", pcap, "-q", "--export-objects",
-                    f"http,{tmp_path / 'objs'}"], capture_output=True, check=True)
-    with open(tmp_path / "objs" / "ooo", "rb") as fh:
-        assert fh.read() == body
+    assert tshark_http_object(tmp_path, c.frames, "ooo") == body
 
 
 def test_out_of_order_first_payload_of_other_traffic_gives_no_file(tmp_path):
