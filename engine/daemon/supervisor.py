@@ -200,6 +200,11 @@ class Supervisor:
             beat, limit = self.child_started_wall, 2 * limit + 10   # before it beats), or the previous child's
         age = time.time() - beat
         if age > limit:
+            if stopped := self._stopped_processes():       # a stopped process (the store, say) holds the fast path
+                name, pid = stopped[0]                     # up: that is the cause the operator needs to see
+                self._stalled(f"stalled: {name} process (pid {pid}) stopped (state T); no heartbeat for {age:.0f} s; "
+                              "killed")
+                return
             loading = not self._loaded()["loaded"]   # the fast path beats before each plug-in it loads: one's top
             try:
                 with open(self.heartbeat_path, encoding="utf-8", errors="replace") as f:
@@ -210,6 +215,16 @@ class Supervisor:
             self._stalled(f"stalled while loading {what}: no heartbeat for {age:.0f} s (a plug-in's top level stuck "
                           "in a loop?); killed" if loading else
                           f"stalled: no heartbeat for {age:.0f} s (a hook stuck in a loop?); killed")
+
+    def _stopped_processes(self) -> list[tuple[str, int]]:
+        """The run's processes found stopped now (state T/t in /proc: SIGSTOP, a debugger), as (role, pid):
+        [("store", 12)]; role in the singular ("shard", "worker")."""
+        found = []
+        for role, v in self._pids().items():
+            for pid in (v if isinstance(v, list) else [v]):
+                if role != "supervisor" and pid and _proc_state(pid) in ("T", "t"):
+                    found.append(({"shards": "shard", "workers": "worker"}.get(role, role), pid))
+        return found
 
     def _stall_limit(self) -> float:
         """[supervise] stall_timeout in s while a fast path runs or stops (a stall found during a stop ends the stop
@@ -244,13 +259,10 @@ class Supervisor:
             return
         now = time.monotonic()
         stopped, why = {}, None
-        for role, v in self._pids().items():
-            for pid in (v if isinstance(v, list) else [v]):
-                if role != "supervisor" and pid and _proc_state(pid) in ("T", "t"):
-                    stopped[pid] = since = self._stopped.get(pid, now)
-                    if now - since >= limit:
-                        name = {"shards": "shard", "workers": "worker"}.get(role, role)
-                        why = f"{name} process (pid {pid}) stopped (state T) for {now - since:.0f} s"
+        for name, pid in self._stopped_processes():
+            stopped[pid] = since = self._stopped.get(pid, now)
+            if now - since >= limit:
+                why = f"{name} process (pid {pid}) stopped (state T) for {now - since:.0f} s"
         self._stopped = stopped
         snap = self.snapshot or {}
         if (why is None and self._files_only and self.mode == "run" and not snap.get("final")
