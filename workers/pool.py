@@ -114,6 +114,7 @@ class Slot:
     started_at: float = 0.0             # time.monotonic() of the last spawn
     kill_reason: str | None = None      # set when we killed it on purpose
     timed_out_task: float = 0.0
+    attached: bool = False              # formatted and known to the Lua side (Async:add_worker)
 
 
 def _kill_group(pgid: int) -> None:
@@ -183,14 +184,19 @@ class WorkerPool:
 
     # ----------------------------------------------------------- lifecycle
     def start(self) -> "WorkerPool":
-        """Create the channels and start every worker."""
+        """Create the channels and start every worker.  Resumable: a start interrupted by a Lua error (the hook
+        budget firing in the Lua calls below while a hook's first task starts the pool) leaves every channel
+        it made in ``self.slots`` (so :meth:`stop` removes it) and the next call goes on from there."""
         cap = self.config.ring_size
         for k in range(1, self.nworkers + 1):
-            seg = segment.create(f"w{k}", self.layout.segment_size(cap))
-            self._format(seg.address, cap, 0)
-            self.slots.append(Slot(k, seg))
-            self._add_worker(self.async_obj, k, seg.address, cap)
-            self._spawn(self.slots[-1])
+            if k > len(self.slots):
+                self.slots.append(Slot(k, segment.create(f"w{k}", self.layout.segment_size(cap))))
+            slot = self.slots[k - 1]
+            if not slot.attached:
+                self._format(slot.channel.address, cap, 0)
+                self._add_worker(self.async_obj, k, slot.channel.address, cap)
+                slot.attached = True
+                self._spawn(slot)
         return self
 
     def _spawn(self, slot: Slot) -> None:

@@ -377,14 +377,13 @@ function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target, ts)
   -- so an error raised asynchronously in between (the hook budget's interrupt, e.g. while the workers start)
   -- leaves the identity scheduled = ok + ... + dropped + pending exact: the task then was never scheduled
   local st = self.stats
-  if self.nworkers == 0 and self.accepting and self.starter then
-    local starter = self.starter            -- workers start on first use (Python: WorkerPool.start)
-    self.starter = nil
-    local ok, err = pcall(starter)
-    if not ok then                          -- e.g. the hook budget interrupted the start: this task is
-      self:drop("the workers' start was interrupted")   -- dropped, the error still ends the hook
-      error(err, 0)
+  if self.starter and self.accepting then
+    local ok, err = pcall(self.starter)     -- workers start on first use (Python: PluginVM.start_workers)
+    if not ok then                          -- e.g. the hook budget interrupted the start: this task is dropped,
+      self:drop("the workers' start was interrupted")   -- the error still ends the hook, and the next task
+      error(err, 0)                         -- completes the start
     end
+    self.starter = nil
   end
   if not self.accepting then return self:drop("engine is stopping") end
   if self.nworkers == 0 then return self:drop("no async workers could be started") end

@@ -71,12 +71,14 @@ class PluginVM:
         self._limit(nbytes)
 
     def start_workers(self) -> None:
-        """Start this VM's worker pool (called at load, or on the first task when lazy)."""
+        """Start this VM's worker pool (called at load, or on the first task when lazy; again after a start a Lua
+        error interrupted, which it completes)."""
         if self.pool is None:
             remote = self.lua.eval("function(h) return h.plugin.async_remote ~= false end")(self.host)
             self.pool = WorkerPool(self.lua, self.async_obj, nworkers=self.nworkers, script=self.path,
                                    lua_path=self.lua_path, bell=self._bell, config=self.config,
-                                   remote=bool(remote), spare=self._spare).start()
+                                   remote=bool(remote), spare=self._spare)
+        self.pool.start()      # held before it starts: an interrupted start's channels are closed at stop
 
     def _groups_table(self, groups):
         """{GUID: {bucketsize, vartypes}} as a Lua table for the engine object."""
