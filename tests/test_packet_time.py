@@ -122,3 +122,45 @@ def test_late_packets_outputs_of_every_hook_are_stamped_now(tmp_path):
     assert {ts for _, ts in old} == {ts for sig, ts in old if sig == "SC"}
     late_res = [ts for uri, ts in resources if uri.split()[1].startswith("1000")]
     assert len(late_res) == 3 and all(ts >= 2000 for ts in late_res), resources
+
+
+def _late_by_model(times: list[float]) -> int:
+    """Packets older than the packet time already reached: their second is below the largest second before them."""
+    late, top = 0, None
+    for t in times:
+        if top is not None and int(t) < top:
+            late += 1
+        top = int(t) if top is None else max(top, int(t))
+    return late
+
+
+def test_late_packets_are_named_in_the_printed_summary(tmp_path):
+    """Two captures given newest first (`--pcap now.pcap --pcap old.pcap`): every packet of the older one is
+    restamped into the current bucket (docs/plugins.md "Time never goes backwards"). The printed summary, the only
+    thing a user reads, says so on one line with the count (it was only in --json / --stats-json, so a whole file's
+    counters moved to another time without a word). Truth: the timestamps written here, through _late_by_model."""
+    from tests import pktbuild as pb
+    caps, times = [], []
+    for name, t0, port in (("now.pcap", 2000.0, 40001), ("old.pcap", 1000.0, 40002), ("mid.pcap", 1500.0, 40003)):
+        c = pb.Conv(cport=port, t0=t0)
+        c.handshake()
+        c.send(True, pb.http_request("/x"))
+        c.close()
+        pb.write_pcap(tmp_path / name, c.frames)
+        caps += ["--pcap", str(tmp_path / name)]
+        times += [t for t, _ in c.frames]
+    expected = _late_by_model(times)
+    assert expected == len(times) * 2 // 3               # the second and third files: all of them late
+    plugin = helpers.write_plugin(tmp_path, LATE_PLUGIN)
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, *caps,
+                        "--out", str(tmp_path / "o")], cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("late packets")]
+    assert len(lines) == 1, r.stdout
+    assert lines[0].startswith(f"late packets {expected}: ") and "current bucket" in lines[0], lines[0]
+    # in time order nothing is late, and the line is not printed
+    in_order = ["--pcap", caps[3], "--pcap", caps[5], "--pcap", caps[1]]      # old, mid, now
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, *in_order,
+                        "--out", str(tmp_path / "o2")], cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "late packets" not in r.stdout, r.stdout

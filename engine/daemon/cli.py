@@ -137,8 +137,13 @@ def plugin_rows(s: dict) -> list[tuple]:
 
 
 def _traffic_lines(s: dict) -> list[str]:
-    """Lines for what the input held that needed a policy: IP fragments, unknown link types, incomplete files."""
+    """Lines for what the input held that needed a policy: late packets, IP fragments, unknown link types,
+    incomplete files."""
     out = []
+    if s.get("late_packets"):           # e.g. --pcap files given newest first: a whole file restamped
+        out.append(f"late packets {s['late_packets']:,}: older than the packet time already reached (reordered or "
+                   "merged input, --pcap files not in time order): counted in the current bucket, not their own "
+                   "(docs/plugins.md \"Time never goes backwards\")")
     ipr = s.get("ip_reassembly") or {}
     if ipr.get("fragments"):
         out.append("ip reassembly: " + "  ".join(f"{k} {v}" for k, v in ipr.items()))
