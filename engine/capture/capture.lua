@@ -119,14 +119,21 @@ end
 -- Copy the records reader rd returns into ring r (or a sharder) until it returns nil or stop() says so:
 -- packets, bytes, stopped (stop is checked while waiting for ring space and every 4096 records)
 M.clipped = 0    --- records cut to the packet ring's record limit (engine/capture/process.py warns)
+--- A looped replay (engine/capture/process.py --loop): seconds added to every packet's time (0: none), and the
+--- first packet's own second and the newest second pushed so far (after the shift), nil before any packet.
+M.shift, M.first_sec, M.max_sec = 0, nil, nil
 
 local function push(r, rd, stop)
   local n, bytes, since, stopped = 0, 0, 0, false
   local sharded = r.rings ~= nil
+  local shift, top, first = M.shift, M.max_sec or -1, M.first_sec
   while true do
     if n % 4096 == 4095 and stop() then stopped = true; break end
     local ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = rd:next()
     if ptr == nil then break end
+    if first == nil then first = ts_sec end
+    ts_sec = ts_sec + shift
+    if ts_sec > top then top = ts_sec end
     local rr = r
     if sharded then rr = r:pick(ptr, caplen, linktype, ts_sec, stop) end
     if REC + caplen > rr.max_record then     -- longer than half the packet ring (--packet-ring-mb 1: 512 KiB): cut
@@ -149,7 +156,17 @@ local function push(r, rd, stop)
     if since >= 64 then r:publish(); since = 0 end
   end
   r:publish()
+  if top >= 0 then M.max_sec = top end
+  M.first_sec = first
   return n, bytes, stopped
+end
+
+--- Before a looped replay's next pass: shift its packets so that its first packet comes one second after the
+--- newest packet pushed so far, keeping their spacing (packet time goes on as in a live feed; without it every
+--- pass after the first was "late" and its counters piled into the first pass's last bucket, nothing flushed
+--- until the stop).
+function M.next_pass()
+  if M.first_sec ~= nil then M.shift = M.max_sec + 1 - M.first_sec end
 end
 
 --- Copy every packet of one mapped file into ring `r` (or a sharder).  Returns

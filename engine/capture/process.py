@@ -200,6 +200,7 @@ def main(argv=None) -> int:
                 yield path
             if not args.loop or failed:
                 return
+            cap.next_pass()                                 # the next pass's packet time goes on from this one's
     def warn_clipped(path) -> None:
         n = int(cap.clipped)
         if n:
