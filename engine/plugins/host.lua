@@ -264,11 +264,47 @@ local function walk(self, w, batch, n)
   return calls, errors
 end
 
+-- The walker of the stitch point (issue 11): the same loop, but the hook is called by the C function directly,
+-- with its arguments, instead of through the invoke function: w.args[invoke](w) gives the argument count k, the
+-- hook and its k arguments (what invoke would pass it), and w.call is wd.hcall (xpcall with the message handler
+-- first: one stack move in C instead of wd.xpcall's four).  The invoke function was one more interpreted frame below
+-- the C call (docs/benchmarks.md, issue 11: ~110 fewer instructions per hook call under callgrind).  One call site
+-- per count: each passes exactly k arguments, as invoke did.
+local function walk_direct(self, w, batch, n)
+  local pick, done, call, tb, args = w.pick, w.done, w.call, w.traceback, w.args
+  local calls, errors = 0, 0
+  for j = 0, n * w.per - 1 do
+    local invoke = pick(w, batch, j)
+    if invoke ~= nil then
+      calls = calls + 1
+      local ok, r1, r2
+      local k, f, x1, x2, x3, x4, x5, x6 = args[invoke](w)
+      if k == 2 then
+        ok, r1, r2 = call(tb, f, x1, x2)
+      elseif k == 1 then
+        ok, r1, r2 = call(tb, f, x1)
+      elseif k == 3 then
+        ok, r1, r2 = call(tb, f, x1, x2, x3)
+      else
+        ok, r1, r2 = call(tb, f, x1, x2, x3, x4, x5, x6)
+      end
+      if not ok then
+        errors = errors + 1
+        self.errors:report(w.error_label, r1)
+        if self.memory_exceeded then done(w, batch, j, ok, r1, r2) return calls, errors end
+      end
+      done(w, batch, j, ok, r1, r2)
+    end
+  end
+  return calls, errors
+end
+
 local jutil = require("jit.util")
 local band = require("bit").band
 local OP = {}
 for i, name in pairs(require("luaprobe.engine.plugins.jitprof").BYTECODES) do OP[name] = i end
 local WALK_BYTECODE = string.dump(walk)
+local WALK_DIRECT_BYTECODE = string.dump(walk_direct)
 local WALK_LOOP = nil                                      -- pc of the walker's FORL
 for pc = 1, jutil.funcinfo(walk).bytecodes - 1 do
   if band(jutil.funcbc(walk, pc), 0xff) == OP.FORL then WALK_LOOP = pc end
@@ -292,16 +328,20 @@ local function creates_closures(fn, depth)
   return false
 end
 
-local stitch_xpcall = nil
+local stitch_xpcall, stitch_hcall = nil, nil
 do
   local ok, wd = pcall(require, "luaprobe.engine.plugins.watchdog")
-  if ok and type(wd) == "table" then stitch_xpcall = wd.xpcall end
+  if ok and type(wd) == "table" then stitch_xpcall, stitch_hcall = wd.xpcall, wd.hcall end
 end
 
 local function use_stitch(w)
   if stitch_xpcall == nil then return end                  -- _lpwatch not built: inline calls only
-  w.walker = assert(loadstring(WALK_BYTECODE))
-  w.call, w.stitched = stitch_xpcall, true
+  if w.args and stitch_hcall then                          -- walk_direct (an older _lpwatch build: walk)
+    w.walker, w.call = assert(loadstring(WALK_DIRECT_BYTECODE)), stitch_hcall
+  else
+    w.walker, w.call = assert(loadstring(WALK_BYTECODE)), stitch_xpcall
+  end
+  w.stitched = true
   -- the invoke functions now run only below the stitch point; a trace started in one would record into the
   -- hook and abort there again and again, so they are left to the interpreter (one VM per instance: no other
   -- walk of this VM inlines them)
@@ -344,6 +384,7 @@ end
 local find, bind_packet, bind_layer, flowkey = decode.find, packet.bind_packet, packet.bind_layer, decode.flowkey
 
 local function sc_invoke(w) return w.fn(w.eng, w.lobj) end
+local function sc_args(w) return 2, w.fn, w.eng, w.lobj end           -- sc_invoke's call, for walk_direct
 local function sc_done() end
 local function sc_pick(w, batch, k)
   local p, eng = batch[k], w.eng
@@ -433,6 +474,7 @@ function Host:setup_simplecounter()
   if type(sc.onpacket) ~= "function" then return "simplecounter.onpacket is not a function" end
   local P = decode.PROTO
   self.sc = self:new_walk({ per = 1, pick = sc_pick, done = sc_done, invokes = { sc_invoke },
+                            args = { [sc_invoke] = sc_args },
                             hook = "simplecounter.onpacket",
                             error_label = "simplecounter.onpacket error", fn = sc.onpacket, eng = self.engine,
                             proto = proto, pobj = packet.new_packet(), lobj = packet.new_layer(),
@@ -441,7 +483,7 @@ function Host:setup_simplecounter()
                           { sc.onpacket })
   local w, ws = self.sc, {}
   for k, v in pairs(w) do ws[k] = v end
-  ws.pick, ws.walker = sc_pick_sel, assert(loadstring(WALK_BYTECODE))
+  ws.pick, ws.walker = sc_pick_sel, assert(loadstring(ws.call == stitch_hcall and WALK_DIRECT_BYTECODE or WALK_BYTECODE))
   ws.sel, ws.sel_cap = ffi.new("int32_t[?]", packet.BATCH + 1), packet.BATCH + 1
   w.twin, ws.twin = ws, w
   return nil

@@ -73,6 +73,9 @@ end
 
 local function invoke_filter(ps) return ps.filter(ps.eng, ps.ts, ps.flow) end
 local function invoke_payload(ps) return ps.filter_payload(ps.eng, ps.ts, ps.flow, ps.dir, 0, ps.buf) end
+-- the invokes' calls, for host.lua's walk_direct (the stitch point): argument count, hook, arguments
+local function args_filter(ps) return 3, ps.filter, ps.eng, ps.ts, ps.flow end
+local function args_payload(ps) return 6, ps.filter_payload, ps.eng, ps.ts, ps.flow, ps.dir, 0, ps.buf end
 
 -- the walk (host.lua, Host:walk_batch): two call positions per packet, j = 2k for `filter` on a new flow and
 -- j = 2k + 1 for `filter_payload` on the first payload of a direction
@@ -114,6 +117,7 @@ function M.setup(host, store_addr, capacity)
     return "packet_storage has neither filter nor filter_payload"
   end
   host.ps = host:new_walk({ per = 2, pick = pick, done = done, invokes = { invoke_filter, invoke_payload },
+                            args = { [invoke_filter] = args_filter, [invoke_payload] = args_payload },
                             hook = "packet_storage",
                             error_label = "packet_storage hook error", eng = host.engine,
                             store = ffi.cast(storep, store_addr), capacity = capacity,

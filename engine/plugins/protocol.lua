@@ -49,6 +49,7 @@ function M.control(plugin)
 end
 
 local function invoke(ph) return ph.fn(ph.lobj) end
+local function invoke_args(ph) return 1, ph.fn, ph.lobj end           -- invoke's call (host.lua walk_direct)
 
 local function candidate(d, p, parent, ports)
   local li = decode.find(d, parent)
@@ -104,7 +105,7 @@ function M.setup(host)
     for _, p in ipairs(c.ports) do portset[p] = true end
   end
   local fn = host.plugin.protocol_handler.parselayer
-  host.ph = host:new_walk({ per = 1, pick = pick, done = done, invokes = { invoke },
+  host.ph = host:new_walk({ per = 1, pick = pick, done = done, invokes = { invoke }, args = { [invoke] = invoke_args },
                             hook = "protocol_handler.parselayer",
                             error_label = "protocol_handler.parselayer error", proto = proto, parent = parent,
                             ports = portset, fn = fn, pobj = packet.new_packet(), lobj = packet.new_layer(),

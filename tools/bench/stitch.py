@@ -8,8 +8,10 @@ stitches a new trace after it, so the hook's aborts cannot blacklist the walk.  
 LuaJIT VM, thread CPU ns per call of loops that differ in one thing each (min / median / max over --runs runs,
 the variants alternating):
 
-* `compiled loop, wd.xpcall`: the walker's way (a compiled loop, the C xpcall, an interpreted `invoke(w)` that
-  calls the hook, as host.lua's sc_invoke);
+* `compiled loop, wd.hcall`: the walker's way since issue 11's tenth session (host.lua walk_direct: a compiled
+  loop, the C function called with the handler, the hook and its arguments, `wd.hcall(tb, hook, x)`);
+* `compiled loop, wd.xpcall`: the walker's way before (a compiled loop, the C xpcall, an interpreted `invoke(w)`
+  that calls the hook, as host.lua's sc_invoke);
 * `interpreted loop, xpcall`: everything in the interpreter with LuaJIT's built-in xpcall (what the walk would cost
   per call if it ran interpreted, its own work aside);
 * `interpreted loop, wd.xpcall`: the C xpcall's own price over the built-in one;
@@ -43,13 +45,14 @@ local function idiom(x) local t = { d = x, f = function() end, g = function() en
 local function invoke(w) return w.fn(w.x) end
 jit.off(invoke)
 local LOOP_CALL = "local call, invoke, tb, w, n = ... ; for i = 1, n do call(invoke, tb, w) end"
+local LOOP_HCALL = "local call, invoke, tb, w, n = ... ; for i = 1, n do call(tb, w.fn, w.x) end"
 local LOOP_C = "local cfn, n = ... ; for i = 1, n do cfn(1) end"
 --- ns per call of variant `v` (see the module docstring) with hook `hook` ("trivial" / "idiom"), n calls.
 function measure(v, hook, n)
   local w = { fn = hook == "idiom" and idiom or trivial, x = 1 }
-  local f = assert(loadstring(v:find("C function") and LOOP_C or LOOP_CALL))
+  local f = assert(loadstring(v:find("C function") and LOOP_C or v:find("wd.hcall") and LOOP_HCALL or LOOP_CALL))
   if v:find("^interpreted") then jit.off(f) end
-  local call = v:find("wd.xpcall") and wd.xpcall or xpcall
+  local call = v:find("wd.xpcall") and wd.xpcall or v:find("wd.hcall") and wd.hcall or xpcall
   local function go(k)
     if v:find("C function") then f(cfn, k) else f(call, invoke, tb, w, k) end
   end
@@ -60,9 +63,11 @@ function measure(v, hook, n)
 end
 """
 
-VARIANTS = [("compiled loop, wd.xpcall", "trivial"), ("interpreted loop, xpcall", "trivial"),
+VARIANTS = [("compiled loop, wd.hcall", "trivial"), ("compiled loop, wd.xpcall", "trivial"),
+            ("interpreted loop, xpcall", "trivial"),
             ("interpreted loop, wd.xpcall", "trivial"), ("compiled loop, trivial C function", "-"),
-            ("interpreted loop, trivial C function", "-"), ("compiled loop, wd.xpcall", "idiom"),
+            ("interpreted loop, trivial C function", "-"), ("compiled loop, wd.hcall", "idiom"),
+            ("compiled loop, wd.xpcall", "idiom"),
             ("interpreted loop, xpcall", "idiom"), ("interpreted loop, wd.xpcall", "idiom")]
 
 
