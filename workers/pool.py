@@ -259,6 +259,8 @@ class WorkerPool:
         if check_rss:
             self._last_rss = now
         for slot in self.slots:
+            if not slot.attached:                   # an interrupted start's channel: start() completes it
+                continue
             if slot.proc is None:
                 if now >= slot.restart_at:
                     self._spawn(slot)
