@@ -899,7 +899,8 @@ def cmd_stop(args) -> int:
     """`luaprobe stop`: graceful stop; waits for the supervisor to exit.  Exit 0 stopped, 3 nothing was running
     (as `status`, `reload` and `stats`; docs/operations.md "Exit codes"), 5 the fast path missed stop_deadline or
     stalled while stopping and was SIGKILLed (what it had not written is lost; one line on stderr names what was
-    killed), 1 still running after the wait."""
+    killed), 1 still running after the wait, or the fast path ended with an error, or a store writer of the run
+    failed (disk full) and the rows it was handed are missing, even when a restarted fast path ended well."""
     run_dir, how = control.find_run_dir(getattr(args, "run_dir", None))
     pid = control.read_pid(run_dir)
     try:
@@ -927,6 +928,12 @@ def cmd_stop(args) -> int:
         print(f"luaprobe stop: stopped, but the fast path ended with {st.get('last_exit')}: "
               f"{st.get('last_error') or '-'} (log {control.path(run_dir, control.LOG)})", file=sys.stderr)
         return code if code in (EXIT_INTERNAL, EXIT_PLUGIN) else EXIT_INTERNAL   # 3 would read as "not running"
+    lost = int(st.get("store_rows_lost") or 0)
+    if lost:                            # an earlier fast path's store writer failed (disk full): rows are missing
+        print(f"luaprobe stop: stopped, but {lost} rows handed to the store writers of earlier fast paths are not in "
+              f"the database (restarts {st.get('restarts', 0)}; last error: {st.get('last_error') or '-'}) "
+              f"(log {control.path(run_dir, control.LOG)})", file=sys.stderr)
+        return EXIT_INTERNAL
     print(f"stopped (fast path {st.get('last_exit')}; outputs in {st.get('out_dir')})")
     return EXIT_OK
 
