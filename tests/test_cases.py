@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import gzip
 import hashlib
+import json
 import os
 import re
 import sqlite3
@@ -711,6 +712,45 @@ def test_plugin_bytes_kept_exactly(tmp_path):
     assert db.execute("SELECT uri, typeof(contents), contents FROM resources").fetchall() == [
         (raw + b"uri", b"text", b"valid text")]
     db.close()
+
+
+BYTES_DECLARED = r"""
+local G = "{4A3F1C2B-0000-4000-8000-00000000B10D}"
+local RAW = "\xff\xfe\x80 caf\xe9 \x00 end"
+TrisulPlugin = {
+  id = { name = "bytes declared" },
+  countergroup = { control = { guid = G, name = RAW .. "name", description = RAW .. "descr", bucketsize = 60 },
+                   meters = { { 0, T.K.vartype.COUNTER, 10, 0, RAW .. "meter", "d", "u" } },
+                   keyinfo = { { RAW .. "key", RAW .. "label" }, { "text key", "text label" } } },
+  simplecounter = { protocol_guid = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}",
+    onpacket = function(engine, layer) engine:update_counter(G, RAW .. "key", 0, 1) end } }
+"""
+
+
+def test_plugin_bytes_in_a_countergroup_declaration(tmp_path):
+    """Case 13's kind through a countergroup's own table: a `keyinfo` entry whose key and label are not UTF-8 is
+    stored as the same bytes (BLOB), so it joins the counters of that key as update_key_info's rows do; the
+    group's name, description and meter names keep their bytes readable as \\xNN escapes (docs/schema.md "Text vs
+    binary"). Before, the definition was read through a U+FFFD decode: the key_info row's key matched no counter
+    and the bytes could not be read back. Truth: the bytes written in the plug-in (RAW here)."""
+    raw = b"\xff\xfe\x80 caf\xe9 \x00 end"
+    p = tmp_path / "d.lua"
+    p.write_text(BYTES_DECLARED, encoding="latin-1")
+    a = pb.udp("192.0.2.1", "192.0.2.2", 1, 2, b"x")
+    pcap = str(tmp_path / "d.pcap")
+    pb.write_pcap(pcap, [(1700000000 + i, pb.ether(pb.ipv4("192.0.2.1", "192.0.2.2", 17, a))) for i in range(2)])
+    text, _ = luaprobe_run(str(p), pcap, tmp_path / "o")
+    db = sqlite3.connect(os.path.join(tmp_path / "o", "luaprobe.sqlite"))
+    db.text_factory = bytes
+    assert sorted(db.execute("SELECT typeof(key), key, typeof(label), label FROM key_info").fetchall()) == [
+        (b"blob", raw + b"key", b"blob", raw + b"label"), (b"text", b"text key", b"text", b"text label")]
+    assert db.execute("SELECT count(*) FROM counters JOIN key_info USING (group_guid, key)").fetchone() == (1,)
+    esc = raw.decode("utf-8", "backslashreplace").encode()
+    name, descr, meters = db.execute("SELECT name, description, meters_json FROM counter_groups").fetchone()
+    db.close()
+    assert (name, descr) == (esc + b"name", esc + b"descr")
+    assert json.loads(meters)[0]["name"] == (esc + b"meter").decode()
+    assert b"\xef\xbf\xbd" not in name + descr + meters                      # no U+FFFD
 
 
 @pytest.mark.parametrize("timeout,datagrams", [(30.0, 0), (60.0, 1)])

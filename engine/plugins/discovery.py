@@ -124,15 +124,20 @@ end
 """
 
 
-def _to_py(x):
-    """Lua tables/strings from a probe into plain Python values."""
+def _to_py(x, keep_bytes: bool = False):
+    """Lua tables/strings from a probe into plain Python values.  A string that is not UTF-8 becomes text with
+    \\xNN escapes (docs/schema.md "Text vs binary": never U+FFFD, the bytes can be read back), or stays bytes with
+    ``keep_bytes`` (the store keeps those as a BLOB of exactly those bytes)."""
     if isinstance(x, bytes):
-        return x.decode("utf-8", "replace")
+        try:
+            return x.decode("utf-8")
+        except UnicodeDecodeError:
+            return x if keep_bytes else x.decode("utf-8", "backslashreplace")
     if hasattr(x, "items"):
         items = list(x.items())
         if items and all(isinstance(k, int) for k, _ in items):
-            return [_to_py(v) for _, v in sorted(items)]
-        return {_to_py(k): _to_py(v) for k, v in items}
+            return [_to_py(v, keep_bytes) for _, v in sorted(items)]
+        return {_to_py(k): _to_py(v, keep_bytes) for k, v in items}
     return x
 
 
@@ -154,6 +159,7 @@ def probe(path: str, lua_path=(), budget: float = 0.0) -> PluginInfo:
         info.errors.append(load_error(_text(err), path))
         info.loaded = False
         return info
+    raw_cg = res[b"countergroup"]
     res = _to_py(res)
     info.types = res.get("types") or []
     info.name = res.get("name") or info.name
@@ -163,7 +169,9 @@ def probe(path: str, lua_path=(), budget: float = 0.0) -> PluginInfo:
     cg = res.get("countergroup")
     if cg:
         cg["meters"] = cg.get("meters") or []
-        cg["keyinfo"] = cg.get("keyinfo") or []
+        # keys and labels as given: a key that is not UTF-8 must join the counters of that key (a BLOB of the same
+        # bytes, update_key_info's path), so it is not turned into text here
+        cg["keyinfo"] = (_to_py(raw_cg[b"keyinfo"], keep_bytes=True) if raw_cg[b"keyinfo"] is not None else None) or []
         info.countergroup = cg
     info.declarations = res.get("declarations") or []
     info.flowtracker = res.get("flowtracker")
