@@ -104,3 +104,36 @@ def test_load_error_against_luajit_require(tmp_path):
         assert first == f'[string "<python>"]:1: require "{name}": module not found'
         assert second == "    searched: " + ", ".join(dirs)
     assert load_error("x.lua:3: boom\nstack traceback:\n\tx.lua:3: in main chunk") == "x.lua:3: boom"
+
+
+BROKEN_HELPER = """local M = {}
+function M.f( return 1 end
+return M
+"""
+
+
+@pytest.mark.parametrize("deep", [False, True])
+@pytest.mark.parametrize("cmd", ["check", "run"])
+def test_syntax_error_in_a_required_helper_is_one_line(tmp_path, cmd, deep):
+    """A helper module that is found but does not compile (Lua's loader: "error loading module 'm' from file 'F':"
+    then a newline, a tab and the syntax error) is ONE line naming the plug-in's `require` line, the module and the
+    module's own file and line (was two lines, the second starting with a tab). ``deep``: a directory path longer
+    than LuaJIT's 60-byte chunk names, which it shortens to "...": named whole. Truth: LuaJIT's own `loadfile`
+    message for the helper (a fresh lupa VM) and the `require` line counted in the file we wrote."""
+    plugdir = tmp_path / ("d" * 40 + "/" + "e" * 40 if deep else "plugins")
+    plugdir.mkdir(parents=True)
+    (plugdir / "broken_helper.lua").write_text(BROKEN_HELPER)
+    path = helpers.write_plugin(plugdir, REQUIRE % "broken_helper", name="needs.lua")
+    line = next(i for i, t in enumerate(open(path).read().splitlines(), 1) if "require" in t and "--" not in t)
+    helper = str(plugdir / "broken_helper.lua")
+    truth = luajit21.LuaRuntime().eval(f"select(2, loadfile({helper!r}))")
+    assert truth.startswith(("...", helper)) and (not deep or truth.startswith("...")), truth
+    truth = helper + ":2: " + truth.split(":2: ", 1)[1]
+    if cmd == "check":
+        r = luaprobe("check", path, cwd=str(tmp_path))
+        want = f'luaprobe check: {path}:{line}: require "broken_helper" failed: {truth}'
+    else:
+        r = luaprobe("run", path, "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
+        want = f'plug-in problem: {path}:{line}: require "broken_helper" failed: {truth}'
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.splitlines() == [want], r.stderr

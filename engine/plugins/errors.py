@@ -7,6 +7,9 @@ _OFFSET = re.compile(r"offset (\d+): (.*)", re.S)
 #: Lua 5.1's `require` failure (loadlib.c ll_require): "<where>: module 'name' not found:" then one "\n\tno ..." per try
 _NOT_FOUND = re.compile(r"^(?:(?P<where>[^\n]*?): )?module '(?P<name>[^']+)' not found:(?P<tries>.*)$", re.S)
 _TRIED = re.compile(r"no file '([^']*)'")
+#: Lua 5.1's Lua-file loader failing on a module it found (loadlib.c loaderror: a syntax error, an unreadable file):
+#: "error loading module 'name' from file 'F':" then "\n\t" and luaL_loadfile's message ("F:2: ..." for a syntax error)
+_LOADING = re.compile(r"error loading module '(?P<name>[^']+)' from file '(?P<file>[^']+)':\n\t(?P<msg>.*)$", re.S)
 
 
 def text(e) -> str:
@@ -54,7 +57,25 @@ def load_error(msg: str, path: str | None = None) -> str:
     shortened is made whole again (:func:`full_path`)."""
     head, _, tb = msg.partition("\nstack traceback:")
     msg = full_path(head.rstrip(), path)
-    return _through_plugin(_fold_not_found(msg), tb, path)
+    return _through_plugin(_fold_loading(_fold_not_found(msg)), tb, path)
+
+
+def _fold_loading(msg: str) -> str:
+    """A module that was found but does not load (a syntax error in a helper) in one line: Lua's two-line
+    "error loading module 'm' from file '/p/m.lua':\\n\\t/p/m.lua:2: <name> expected near 'return'" becomes
+    "/p/m.lua:2: <name> expected near 'return'" (the module's own file and line; a name LuaJIT shortened is made
+    whole from the file Lua names), and any other reason is kept after the file: "error loading module 'm' from
+    file '/p/m.lua': cannot read /p/m.lua"."""
+    m = _LOADING.search(msg)
+    if not m:
+        return msg
+    inner, file = " ".join(m.group("msg").split()), m.group("file")
+    located = re.match(r"([^\n]*?):(\d+): ", inner)
+    if located and same_chunk(located.group(1), file):
+        inner = file + inner[len(located.group(1)):]
+    else:
+        inner = f"error loading module '{m.group('name')}' from file '{file}': {inner}"
+    return msg[:m.start()] + inner
 
 
 def _frame_line(tb: str, path: str) -> tuple[int, bool] | None:
