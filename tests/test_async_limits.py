@@ -7,6 +7,7 @@ fits half the ring), so the test computes it from the flag, not from the engine.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -80,3 +81,59 @@ def test_largest_request_that_fits_runs(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "calls.txt.ok").read_text() == "x" * (LIMIT - REQ) + "!"
+
+
+RES = 24                      # workers/protocol.lua lp_res: 2 doubles + 2 uint32
+
+RESULT_PLUGIN = r"""
+local out = "%(out)s"
+local n = 0
+TrisulPlugin = {
+  id = { name = "big results" },
+  simplecounter = {
+    protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(engine, layer)
+      n = n + 1
+      if n > 4 then return end
+      local sizes = { %(fits)d, %(over)d, %(over)d, 3 }   -- fits, too big (result), too big (error), small
+      T.async:schedule { data = tostring(n) .. ":" .. sizes[n],
+        onexecute = function(d)
+          local k, size = d:match("^(%%d+):(%%d+)$")
+          if k == "3" then error(string.rep("e", tonumber(size))) end
+          return string.rep("r", tonumber(size))
+        end,
+        onresult = function(e, d, r) local f = io.open(out, "a"); f:write("OK ", d, " ", #r, "\n"); f:close() end,
+        onerror = function(e, d, msg) local f = io.open(out, "a"); f:write("ERR ", d, " ", #msg, " ", (msg:sub(1, 300) .. " | " .. msg:sub(-90)):gsub("\n", " "), "\n"); f:close() end }
+    end,
+  },
+}
+"""
+
+
+def test_oversized_results_are_task_errors_not_worker_deaths(tmp_path):
+    """A result (or an error message) larger than the result ring's record limit: the task gets an error naming
+    onexecute's line, the result's size and the limit (an error message is cut to its start instead), and the
+    worker goes on: no Python traceback, no worker death or restart, the next task runs on the same worker. Before,
+    the record raised in ring.reserve and ended the worker with a traceback on stderr ("worker died (exit status
+    1)", then a restart). Truth: the limit from --ring-size alone (half the ring minus the record's 8-byte header,
+    minus the 24-byte result header) and the sizes asked for; the largest result that fits comes back whole."""
+    out = tmp_path / "results.txt"
+    limit = LIMIT - RES
+    plugin = helpers.write_plugin(tmp_path, RESULT_PLUGIN % {"out": out, "fits": limit, "over": limit + 1})
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap",
+                        "engine/examples/sample.pcap", "--ring-size", str(RING), "--workers", "1", "--out",
+                        str(tmp_path / "o"), "--json"], cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "worker died" not in r.stderr and "restarting" not in r.stderr, r.stderr
+    lines = sorted(out.read_text().splitlines())
+    assert lines[0] == f"ERR 2:{limit + 1} " + lines[0].split(" ", 2)[2]
+    msg = lines[0].split(" ", 3)[3]
+    assert msg.startswith("onexecute (=") and "plugin.lua:" in msg and f"a result of {limit + 1} bytes" in msg \
+        and f"record limit of {limit} bytes" in msg and "--ring-size" in msg, msg
+    assert lines[1].startswith(f"ERR 3:{limit + 1} ") and "plugin.lua:" in lines[1] and "eeee" in lines[1], lines[1]
+    assert int(lines[1].split(" ")[2]) <= limit, lines[1]                 # the message as cut fits the ring
+    assert re.search(r"\.\.\. \(an error message of \d+ bytes, cut to fit the result ring\)$", lines[1]), lines[1]
+    assert lines[2:] == [f"OK 1:{limit} {limit}", "OK 4:3 3"], lines
+    s = json.loads(r.stdout)
+    a = next(p["async"] for p in s["plugins"] if p["async"]["scheduled"])
+    assert a["scheduled"] == 4 and a["ok"] == 2 and a["error"] == 2, a

@@ -160,6 +160,18 @@ function M.executor()
   return e
 end
 
+--- The error a task gets instead of a result larger than the result ring's record limit (`limit` bytes of
+--- payload): pushed, it raised in ring.reserve and ended the worker with a Python traceback.
+--- An error message too long is cut to its start instead (an error stays an error, with its location).
+local function too_big(ex, fid, status, payload, limit)
+  if status == P.ERROR then
+    local tail = ("... (an error message of %d bytes, cut to fit the result ring)"):format(#payload)
+    return payload:sub(1, math.max(0, math.min(4096, limit - #tail))) .. tail
+  end
+  return ("onexecute (%s) returned a result of %d bytes, more than the result ring's record limit of %d bytes "
+          .. "(raise --ring-size / [async] ring_size)"):format(ex.fns.names[fid] or ("#" .. fid), #payload, limit)
+end
+
 --- Serve requests until asked to exit, the task budget is spent, or the
 --- parent dies.  Returns the reason ("exit", "recycle", "orphan").
 --- opts.remote (workers/raybridge.py): a function(op, fid, data, aux) that
@@ -273,6 +285,9 @@ function M.loop(opts)
         local status, payload
         if kind == P.EXEC then
           status, payload = execute(fid, data, alen, p_aux)
+          if payload and P.RES_SIZE + #payload > ret.max_record then   -- would end the worker (ring.reserve)
+            status, payload = P.ERROR, too_big(ex, fid, status, payload, ret.max_record - P.RES_SIZE)
+          end
         else
           local aux = alen > 0 and fstring(p_aux, alen) or ""
           local ok, err = file_op(kind, data, aux, arg)

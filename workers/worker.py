@@ -110,7 +110,19 @@ def main(argv=None, remote=None) -> int:
     from luaprobe.shm.luajit import table
 
     serve = lua.eval("function(o) return require('luaprobe.workers.worker').serve(o) end")
-    reason = serve(table(lua, {
+    try:
+        reason = _serve(serve, table, lua, args, channel, bell, remote)
+    except Exception as e:  # noqa: BLE001 - a fault of the loop itself: one log line, not a Python traceback
+        from luaprobe.engine.plugins.errors import text
+        logs.log.error("async worker %s: %s (the worker ends; its task is reported as an error)", args.slot, text(e))
+        return 1
+    sys.stdout.flush()
+    return EXIT_RECYCLE if reason == b"recycle" else 0
+
+
+def _serve(serve, table, lua, args, channel, bell, remote):
+    """workers/worker.lua serve with this process's options; returns its reason to stop."""
+    return serve(table(lua, {
         "channel": channel.address,
         "bell": bell.address if bell else None,
         "req_capacity": args.req_capacity,
@@ -122,8 +134,6 @@ def main(argv=None, remote=None) -> int:
         "file_roots": lua.table_from([os.fsencode(r) for r in args.file_root]),
         "remote": remote(args) if remote else None,
     }))
-    sys.stdout.flush()
-    return EXIT_RECYCLE if reason == b"recycle" else 0
 
 
 if __name__ == "__main__":
