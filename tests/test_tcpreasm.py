@@ -376,3 +376,142 @@ def test_reassembly_matches_model(model_run, plan):
         pos += n
     st_ = {k.decode(): v for k, v in stats.items()}
     assert st_['bytes_delivered'] == len(want) and st_['gap_bytes'] == sum(n for _, n in holes)
+
+
+# --------------------------------------------------------------------------- held segments (hypothesis)
+HELD_LUA = r"""
+local tcpreasm = require 'luaprobe.engine.streams.tcpreasm'
+-- packets {id, pdir, seq, flags, data, ack}, all at packet time 0, then every flow expired.  After every packet
+-- the reassembler's held-byte totals are checked against a re-count of its queues (R.held_bytes = the sum of
+-- f.hbytes over R.holding = the sum of the held payloads' lengths, and no flow outside R.holding holds).
+-- Returns the delivery log ({'d', id, dir, off, bytes, peer delivered offset then} | {'g', id, dir, off, n}
+-- in callback order), the gap lengths, close log
+-- {id, reason}, stats, the largest held_bytes seen, and R.held_bytes / R.buffered at the end.
+return function(pkts)
+  local dlog, glog, clog = {}, {}, {}
+  local R
+  local function peer_off(id, dir)
+    local f = R.flows[id]
+    return f and f.s and f.s[1 - dir].off or -1
+  end
+  R = tcpreasm.new{
+    cb = function(id, dir, off, p, n)
+      local s = type(p) == 'string' and p:sub(1, n) or require('ffi').string(p, n)
+      dlog[#dlog + 1] = { 'd', id, dir, off, s, peer_off(id, dir) }
+    end,
+    cb_gap = function(id, dir, off, n) dlog[#dlog + 1] = { 'g', id, dir, off, n }; glog[#glog + 1] = n end,
+    cb_close = function(id, reason) clog[#clog + 1] = { id, reason } end,
+  }
+  local maxheld = 0
+  local function check()
+    local total = 0
+    for id, f in pairs(R.flows) do
+      if f.held then
+        assert(R.holding[id] == f, 'a flow with held segments is not in R.holding')
+        local nb = 0
+        for _, it in ipairs(f.held) do nb = nb + #it.data end
+        assert(nb == f.hbytes, string.format('flow %s: hbytes %s, held payloads %d', id, tostring(f.hbytes), nb))
+        total = total + nb
+      else
+        assert(R.holding[id] == nil, 'a flow without held segments is in R.holding')
+      end
+    end
+    assert(total == R.held_bytes, string.format('held_bytes %d, held payloads %d', R.held_bytes, total))
+    if total > maxheld then maxheld = total end
+  end
+  for _, k in ipairs(pkts) do
+    R:packet(k[1], k[2], k[3], k[4], k[5], #k[5], 0, nil, k[6])
+    check()
+  end
+  for id in pairs(R.flows) do R:expire(id) end
+  check()
+  return dlog, glog, clog, R.stats, maxheld, R.held_bytes, R.buffered
+end
+"""
+
+
+@st.composite
+def held_plans(draw):
+    """Keep-alive connections (1-3, flow ids 1..): a handshake, then 1-4 exchanges (a request of 1-3 segments
+    of 1-300 bytes, a response of 1-4 segments of 1-1400 bytes), then FIN both ways, every segment
+    acknowledging the peer bytes sent before it.  The handshakes come first, in order; every later packet of
+    all the connections is captured in any order (mirror ports); with `drop`, some are not captured at all.
+    Returns (packets, {(id, dir): stream bytes}, {(id, dir, offset): need}, {(id, dir): offsets of dropped
+    bytes}): need is the peer stream offset a segment's ACK covers."""
+    n_conns = draw(st.integers(1, 3))
+    drop = draw(st.booleans())
+    hand, rest, streams, needs, dropped = [], [], {}, {}, {}
+    for cid in range(1, n_conns + 1):
+        isn = [draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1))]
+        hand += [(cid, 0, isn[0], SYN, b'', None), (cid, 1, isn[1], SYN | ACK, b'', (isn[0] + 1) % 2**32),
+                 (cid, 0, (isn[0] + 1) % 2**32, ACK, b'', (isn[1] + 1) % 2**32)]
+        sent = [0, 0]
+        streams[cid, 0], streams[cid, 1] = b'', b''
+        dropped[cid, 0], dropped[cid, 1] = set(), set()
+
+        def seg(d, data, flags=ACK):
+            seqno = (isn[d] + 1 + sent[d]) % 2**32
+            ack = (isn[1 - d] + 1 + sent[1 - d] + (1 if flags & FIN and d == 1 else 0)) % 2**32
+            pk = (cid, d, seqno, flags, data, ack)
+            if data:
+                needs[cid, d, sent[d]] = sent[1 - d]
+                streams[cid, d] += data
+            if drop and data and draw(st.integers(0, 9)) == 0:
+                dropped[cid, d].update(range(sent[d], sent[d] + len(data)))
+            else:
+                rest.append(pk)
+            sent[d] += len(data)
+
+        for _ in range(draw(st.integers(1, 4))):
+            for d, most, count in ((0, 300, 3), (1, 1400, 4)):
+                for _ in range(draw(st.integers(1, count))):
+                    seg(d, draw(st.binary(min_size=1, max_size=most)))
+        seg(0, b'', ACK | FIN)
+        seg(1, b'', ACK | FIN)
+    order = draw(st.permutations(range(len(rest))))
+    return hand + [rest[i] for i in order], streams, needs, dropped
+
+
+@pytest.fixture(scope='module')
+def held_run():
+    lua = new_runtime(encoding=None)
+    return lua, lua.execute(HELD_LUA)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(plan=held_plans())
+def test_held_segments_against_model(held_run, plan):
+    """Both directions of keep-alive connections in any capture order, against the connection that was sent:
+    the held-byte totals stay exact after every packet (an independent re-count of the queues) and end at 0;
+    every stream is delivered once, in order, its uncaptured bytes as gaps; with everything captured there is
+    no gap and every byte is delivered only after the peer bytes its segment acknowledges (the wait is never
+    given up: each segment only waits for bytes sent before it), and each connection closes with its FINs."""
+    pkts, streams, needs, dropped = plan
+    lua, fn = held_run
+    tbl = lua.table_from([lua.table_from(list(p[:5]) + ([p[5]] if p[5] is not None else [])) for p in pkts])
+    dlog, glog, clog, stats, maxheld, held_end, buffered_end = fn(tbl)
+    assert held_end == 0 and buffered_end == 0
+    got = {k: bytearray() for k in streams}
+    seg_need = {}                                                # (id, dir) -> sorted [(start, need)]
+    for (cid, d, start), need in needs.items():
+        seg_need.setdefault((cid, d), []).append((start, need))
+    for v in seg_need.values():
+        v.sort()
+    for e in dlog.values():                                      # in callback order
+        kind, cid, d, off, x, peer = e[1], e[2], e[3], e[4], e[5], e[6]
+        assert off == len(got[cid, d])
+        if kind == b'g':
+            assert all(o in dropped[cid, d] for o in range(off, off + x))
+            got[cid, d] += streams[cid, d][off:off + x]
+            continue
+        assert x == streams[cid, d][off:off + len(x)]
+        if not any(dropped.values()):
+            for o in range(off, off + len(x)):                   # the segment holding byte o waited for its need
+                need = max(n for s, n in seg_need[cid, d] if s <= o)
+                assert peer >= need, (cid, d, o, need, peer)
+        got[cid, d] += x
+    assert all(bytes(got[k]) == streams[k] for k in streams)
+    if not any(dropped.values()):
+        assert len(glog) == 0 and stats[b'gaps'] == 0
+        assert sorted((c[1], c[2]) for c in clog.values()) == [(cid, b'fin') for cid in sorted({k[0] for k in streams})]

@@ -387,7 +387,7 @@ end
 -- server's ACK of a request, even its response, is captured before the request): how far the ACK
 -- is beyond the peer's delivered bytes (its FIN excluded); 0 when it is not, or not plausibly, ahead.
 local function peer_behind(self, o, ack)
-  if not o.started then return 0 end
+  if ack == o.nxt or not o.started then return 0 end     -- ack == nxt: exactly the delivered bytes (in order)
   local a = o.off + sdiff(ack, o.nxt)
   if o.fin_off and a == o.fin_off + 1 then a = o.fin_off end
   local behind = a - o.off
@@ -395,39 +395,53 @@ local function peer_behind(self, o, ack)
   return behind
 end
 
--- the held segments of flow f become q (arrival order; nil or empty: none)
-local function set_held(self, id, f, q)
-  if f.held then self.held_bytes = self.held_bytes - f.hbytes end
-  if q == nil or q[1] == nil then
-    f.held = nil
-    self.holding[id] = nil
-    return
+-- A held segment: the arguments of its R:packet call (pdir, seq, flags, n, data: its payload copied to a string,
+-- ts, cb, ack), need: the peer stream offset its ACK covers (it goes on once the peer's delivered bytes reach it),
+-- dir: its reassembly direction (0 = client->server).  A flow's held segments: f.held (arrival order), f.hbytes
+-- (the sum of their n), f.hts (ts of the first); self.held_bytes is the sum of f.hbytes over self.holding.
+
+-- append held segment `it` to flow f's queue (the totals grow by its bytes)
+local function hold(self, id, f, it)
+  local q = f.held
+  if q == nil then
+    q = {}
+    f.held, f.hts, f.hbytes = q, it.ts or 0, 0
+    self.holding[id] = f
   end
-  local nb = 0
-  for i = 1, #q do nb = nb + q[i][4] end
-  f.held, f.hts, f.hbytes = q, q[1][6] or 0, nb
-  self.held_bytes = self.held_bytes + nb
-  self.holding[id] = f
+  q[#q + 1] = it
+  f.hbytes = f.hbytes + it.n
+  self.held_bytes = self.held_bytes + it.n
+end
+
+-- flow f holds nothing any more; returns its queue (nil: none)
+local function take_held(self, id, f)
+  local q = f.held
+  if q == nil then return nil end
+  self.held_bytes = self.held_bytes - f.hbytes
+  f.held, f.hbytes = nil, 0
+  self.holding[id] = nil
+  return q
 end
 
 -- hand held segments of flow f to R:packet again, in their arrival order: those whose peer bytes have come
 -- (until no more do); forced (ack_timeout, ack_window, memory, the flow's end): all of them, as if never held
 function release(self, id, f, forced)
   repeat
-    local q, keep, progress = f.held, {}, false
+    local q = take_held(self, id, f)
     if q == nil then return end
-    set_held(self, id, f, nil)
+    local keep, progress = {}, false
     f.replaying = true
     for i = 1, #q do
       local it = q[i]
       if f.closed then break end
-      if forced or it[9] <= f.s[1 - it[10]].off then
+      local peer = 1 - it.dir
+      if forced or it.need <= f.s[peer].off then
         if forced then                             -- no more waiting for those peer bytes
           local w = f.waived or { [0] = -1, [1] = -1 }
-          if it[9] > w[1 - it[10]] then w[1 - it[10]] = it[9] end
+          if it.need > w[peer] then w[peer] = it.need end
           f.waived = w
         end
-        self:packet(id, it[1], it[2], it[3], it[5], it[4], it[6], it[7], it[8])
+        self:packet(id, it.pdir, it.seq, it.flags, it.data, it.n, it.ts, it.cb, it.ack)
         progress = true
       else
         keep[#keep + 1] = it
@@ -435,7 +449,7 @@ function release(self, id, f, forced)
     end
     f.replaying = false
     if f.closed then return end
-    set_held(self, id, f, keep)
+    for i = 1, #keep do hold(self, id, f, keep[i]) end
   until forced or not progress
 end
 
@@ -454,11 +468,9 @@ function R:packet(id, pdir, seq, flags, p, n, ts, cb, ack)
     local o = f.s[1 - dir]
     local behind = peer_behind(self, o, ack)
     if behind > 0 and not (f.waived and o.off + behind <= f.waived[1 - dir]) then
-      local it = { pdir, seq, flags, n, type(p) == "string" and p or fstring(p, n), ts, cb, ack, o.off + behind, dir }
       self.stats.held = self.stats.held + 1
-      local q = f.held or {}
-      q[#q + 1] = it
-      set_held(self, id, f, q)
+      hold(self, id, f, { pdir = pdir, seq = seq, flags = flags, n = n, data = type(p) == "string" and p or fstring(p, n),
+                          ts = ts, cb = cb, ack = ack, need = o.off + behind, dir = dir })
       if f.hbytes >= self.ack_window or self.held_bytes + self.buffered > self.max_total_bytes then
         release(self, id, f, true)
       end
