@@ -9,6 +9,27 @@ from luaprobe.shm import segment
 from tests import helpers
 
 
+def _ignore(signum, frame):
+    """A handler that does nothing: this process keeps ignoring the signal, the processes it starts do not."""
+
+
+def pytest_configure(config):
+    """Every process a test starts begins with SIGINT, SIGQUIT and SIGHUP at their defaults.
+
+    A non-interactive shell starts a background job (`pytest ... &`, a CI runner's subshell) with SIGINT and
+    SIGQUIT ignored, nohup ignores SIGHUP, and an ignored disposition is inherited through fork and exec.
+    luaprobe rightly keeps a stop signal it was started with ignored (shm/exits.py install_early_stop, as
+    shells and nohup expect), so every test that stops a run with SIGINT / SIGHUP then waited for nothing: in a
+    full run started that way test_live's four SIGINT stops failed ("luaprobe did not stop after SIGINT") and
+    the loadtest's points hung until the test timed out, while each passed in the foreground.  The tests are
+    about luaprobe's handling of a signal it was given, not about the caller's dispositions.  A Python handler
+    (unlike SIG_IGN) is reset to the default at exec, so this process still ignores what it was told to."""
+    import signal
+    for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        if signal.getsignal(s) == signal.SIG_IGN:
+            signal.signal(s, _ignore)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def daemon_registry(tmp_path_factory):
     """Daemons started by tests register in a private directory, not the user's (engine/control.py)."""
