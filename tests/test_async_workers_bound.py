@@ -46,17 +46,34 @@ TrisulPlugin = {
 
 
 def test_accounting_holds_when_the_hook_budget_interrupts_the_worker_start(tmp_path):
-    """The first schedule starts 16 workers (lazy start); the hook budget (0.2 s) interrupts it while it does on
-    a loaded machine: that task is counted as dropped, so scheduled = ok + ... + dropped + pending (before:
+    """The first schedule starts 16 workers (lazy start); on a loaded machine the hook budget (0.2 s) runs out
+    while it does: that task is counted as dropped, so scheduled = ok + ... + dropped + pending (before:
     scheduled 48, ok 47, the rest 0).  On a machine fast enough to start them within the budget nothing is
-    interrupted and the identity holds all the same."""
+    interrupted and the identity holds all the same.
+
+    Where the interrupt lands is timing: the budget's hook fires at the next Lua instruction of the hook after
+    the timer expired (engine/plugins/_lpwatch.c), and the start is mostly Python.  When the timer expires during
+    its last Python steps, the interrupt lands in Async:enqueue after the start succeeded, before the task's fate
+    is decided: that task was never scheduled (docs/async.md; the identity holds, scheduled is 47).  So the
+    exact truth is per hook: each of the 48 onpacket calls (tshark: 48 UDP packets) that the budget did not
+    interrupt scheduled one task that ran (ok), each one it interrupted scheduled at most one (dropped).  The
+    drop of an interrupted start is checked deterministically in tests/test_worker_faults.py, and so is the
+    product race this run also met at load ~14 before 55c38de (the pool's check started a worker for the
+    interrupted slot: 'luaprobe run: internal error', exit 1, no summary)."""
     import json
     p = tmp_path / "udp.lua"
     p.write_text(UDP_ASYNC)
     r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(p), "--pcap", SAMPLE,
                         "--out", str(tmp_path / "o"), "-q", "--json", "--hook-budget", "0.2"], cwd=helpers.REPO,
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     (plugin,) = summary["plugins"]
-    helpers.assert_accounting(plugin["async"])
-    assert plugin["async"]["scheduled"] == 48                 # UDP packets of sample.pcap (tshark: 48 udp)
+    a = plugin["async"]
+    helpers.assert_accounting(a)
+    assert plugin["hook_calls"] == {"simplecounter.onpacket": 48}          # UDP packets of sample.pcap (tshark)
+    interrupted = plugin["hook_errors"].get("hook_budget", 0)
+    assert plugin["hook_errors"] == ({"hook_budget": interrupted, "simplecounter.onpacket": interrupted}
+                                     if interrupted else {}), plugin
+    assert a["ok"] == 48 - interrupted and a["dropped"] <= interrupted, a
+    assert a["scheduled"] == a["ok"] + a["dropped"], a
