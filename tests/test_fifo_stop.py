@@ -8,20 +8,48 @@ import os
 import signal
 import time
 
+import psutil
+
 from tests import helpers, proc_tools
 
 EXAMPLES = os.path.join(helpers.REPO, "engine", "examples")
 SAMPLE = os.path.join(EXAMPLES, "sample.pcap")
 
 
+def capture_holds_open(tag, path) -> bool:
+    """True once the run's capture process has `path` open (the FIFO opened, its writer awaited in select):
+    the state a stop must end promptly.  Before that it may still be starting (imports take seconds on a loaded
+    machine), which is not what the test times."""
+    for x in proc_tools.tagged_processes(tag):
+        try:
+            if "luaprobe.engine.capture.process" not in " ".join(x.cmdline()):
+                continue
+            fds = os.listdir(f"/proc/{x.pid}/fd")      # psutil's open_files() lists regular files only
+            if any(os.readlink(f"/proc/{x.pid}/fd/{fd}") == str(path) for fd in fds):
+                return True
+        except (psutil.Error, OSError):
+            continue
+    return False
+
+
 def test_sigint_on_a_fifo_without_writer_is_prompt(tmp_path):
+    """The stop is timed from the moment the capture process has the FIFO open and waits for its writer (the old
+    code never got there: open(2) blocked until a writer came, so the wait below fails on it; a stop then
+    took the 15 s SIGKILL and an input error, exit 3).  Timed from the capture process's mere existence, as
+    before, the 10 s also counted its start-up (the interpreter, numpy, lupa, attaching the ring: 0.55-0.64 s
+    at load 10.7, more on a slower machine), which is not what a prompt stop is about."""
     fifo = tmp_path / "ff"
     os.mkfifo(fifo)
     env, tag = proc_tools.tagged_env()
     p = proc_tools.start(["run", EXAMPLES, "--pcap", str(fifo), "--out", str(tmp_path / "out")], env=env)
-    # the capture process is up and waiting for the FIFO's writer
-    helpers.wait_for(lambda: any("luaprobe.engine.capture.process" in " ".join(x.cmdline())
-                                 for x in proc_tools.tagged_processes(tag)), 60, 0.05)
+    try:
+        helpers.wait_for(lambda: capture_holds_open(tag, fifo), 60, 0.05)
+    except BaseException:
+        p.kill()                                  # the run's tree goes with it; its reason stays the failure
+        p.communicate()
+        for x in proc_tools.tagged_processes(tag):
+            x.kill()
+        raise
     pids = [x.pid for x in proc_tools.tagged_processes(tag)]
     t0 = time.monotonic()
     p.send_signal(signal.SIGINT)
