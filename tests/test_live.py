@@ -133,7 +133,9 @@ for i in range({count}):
     sh(IP, "netns", "exec", ns, sys.executable, "-c", code)
 
 
-def write_plugins(d, monitor_out=None):
+def write_plugins(d, monitor_out=None, ticks=None):
+    """udp_ports.lua (packets per UDP destination port) and metronome.lua in folder d; with `ticks`, the metronome
+    appends each call's ts (packet or wall-clock seconds) to that file, one line per call."""
     d.mkdir()
     (d / "udp_ports.lua").write_text(f'''
 TrisulPlugin = {{
@@ -146,11 +148,13 @@ TrisulPlugin = {{
   }},
 }}
 ''')
-    (d / "metronome.lua").write_text('''
-TrisulPlugin = {
-  id = { name = "metronome" },
-  engine_monitor = { onmetronome = function(engine, ts, tick, interval) end },
-}
+    record = (f'local f = io.open({str(ticks)!r}, "a"); f:write(string.format("%.3f\\n", ts)); f:close()'
+              if ticks else "")
+    (d / "metronome.lua").write_text(f'''
+TrisulPlugin = {{
+  id = {{ name = "metronome" }},
+  engine_monitor = {{ onmetronome = function(engine, ts, tick, interval) {record} end }},
+}}
 ''')
 
 
@@ -223,7 +227,8 @@ def hook_calls(summary, name, hook) -> int:
 @needs_root
 def test_live_counts_every_udp_packet_and_stops_on_sigint(tmp_path, veth):
     ifname, ns = veth
-    write_plugins(tmp_path / "plugins")
+    ticks = tmp_path / "ticks"
+    write_plugins(tmp_path / "plugins", ticks=ticks)
     proc, out, stats = run_live(tmp_path, ifname)
     try:
         wait_bound(proc, ifname)
@@ -231,7 +236,12 @@ def test_live_counts_every_udp_packet_and_stops_on_sigint(tmp_path, veth):
         t0 = time.monotonic()
         send_udp(ns, {9999: 2000, 9998: 300})
         send_s = time.monotonic() - t0
-        time.sleep(2.5)                         # idle: wall-clock ticks must keep the metronome going
+        sent_at = time.time()
+        # idle: wall-clock ticks must keep the metronome going.  A tick of a second that began after the last
+        # packet (+0.5 s of slack for its kernel timestamp) comes from the wall clock, not from packet time (was
+        # a 2.5 s sleep: a fast path starved that long on a loaded machine had not ticked yet)
+        helpers.wait_for(lambda: ticks.exists() and any(float(x) > sent_at + 0.5 for x in ticks.read_text().split()),
+                         timeout=60, interval=0.05)
         rc, so, se = stop(proc)
     finally:
         if proc.poll() is None:
@@ -275,16 +285,24 @@ def test_bpf_filter_lets_only_matching_packets_in(tmp_path, veth):
 @needs_root
 def test_full_packet_ring_drops_and_counts(tmp_path, veth):
     """The packet ring is never waited on: a slow plug-in makes the capture drop, and every packet is
-    accounted for: seen = processed + ring-full drops."""
+    accounted for: seen = processed + ring-full drops.  The plug-in's first packet waits until the kernel has
+    received all 3000 (the `go` file): before, the drops depended on the sender outpacing a 1 ms/packet hook,
+    which a loaded machine that slows the sender (2 ms pauses per 100) more than the fast path need not do."""
     ifname, ns = veth
     d = tmp_path / "plugins"
+    go = tmp_path / "go"
     write_plugins(d)
     (d / "slow.lua").write_text(f'''
+local waited = false
 TrisulPlugin = {{
   id = {{ name = "slow" }},
   simplecounter = {{
     protocol_guid = "{G_UDP}",
     onpacket = function(engine, layer)
+      while not waited do
+        local f = io.open({str(go)!r})
+        if f then f:close(); waited = true else local t = os.clock() + 0.002; while os.clock() < t do end end
+      end
       local t = os.clock() + 0.001
       while os.clock() < t do end
     end,
@@ -294,7 +312,7 @@ TrisulPlugin = {{
     # a 64 KiB packet ring holds ~500 small frames; the slow plug-in takes 1 ms per packet
     code = (f"import json, sys; from luaprobe.engine.fastpath.run import FastPath, RunConfig; "
             f"s = FastPath(RunConfig(plugins=[{str(d)!r}], files=[], out_dir={str(tmp_path / 'out')!r}, "
-            f"interface={ifname!r}, packet_ring_size=1 << 16)).run(); "
+            f"interface={ifname!r}, packet_ring_size=1 << 16, hook_budget=0)).run(); "
             f"json.dump(s, open({str(tmp_path / 's.json')!r}, 'w'), default=str)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=helpers.REPO, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -303,6 +321,7 @@ TrisulPlugin = {{
         rx0 = rx_packets(ifname)
         send_udp(ns, {9999: 3000})
         wait_delivered(ifname, rx0, 3000)
+        go.touch()                                   # (hook_budget=0: the wait is not interrupted)
         rc, so, se = stop(proc)
     finally:
         if proc.poll() is None:
