@@ -610,3 +610,60 @@ def test_writer_survives_a_terminal_signal_during_its_startup(dbfile, sig):
     assert report["errors"] == [] and report["returncode"] == 0 and report["rows"]["alerts"] == 1, report
     with sqlite3.connect(dbfile) as db:
         assert db.execute("SELECT count(*) FROM alerts").fetchone()[0] == 1
+
+
+def _flow(i: int, **kw) -> tuple:
+    """A flows row (writer.FLOW_COLUMNS order) with values of every documented type, numbered i."""
+    row = dict(flowkey=f"06A:0A.00.00.{i % 256:02X}:p-{i:04X}_0A.00.00.FE:p-0050", proto=6, ipa=f"0A.00.00.{i % 256:02X}",
+               porta=i, ipz="0A.00.00.FE", portz=80, first_ts=1.7e9 + i / 3, last_ts=1.7e9 + i, packets_az=i,
+               packets_za=2 ** 40 + i, bytes_az=60 * i, bytes_za=0, state="CLOSED" if i % 2 else "OPEN",
+               tags="" if i % 3 else "NAT RST", setup_rtt_us=None if i % 2 else 1000 + i, retrans_az=i % 5,
+               retrans_za=0)
+    row.update(kw)
+    return tuple(row.values())
+
+
+def _flows_table(path) -> list[tuple]:
+    """Every flows row with each value's SQLite storage class, in id order."""
+    cols = ", ".join(f"{c}, typeof({c})" for c in ("id", "flowkey", "proto", "ipa", "porta", "ipz", "portz",
+                                                   "first_ts", "last_ts", "packets_az", "packets_za", "bytes_az",
+                                                   "bytes_za", "state", "tags", "setup_rtt_us", "retrans_az",
+                                                   "retrans_za"))
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(f"SELECT {cols} FROM flows ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def test_built_flow_rows_are_stored_as_checked_rows_in_write_order(tmp_path):
+    """Rows written ``built`` (the engine's flow export: no per-row check, no savepoint in the writer) end up
+    exactly as the same rows through the checked path -- values, storage classes and ids in write order, built
+    and checked batches interleaved (the truth: the second database, written all checked)."""
+    rows = [_flow(i) for i in range(5000)]
+    parts = [(rows[:10], False), (rows[10:3000], True), (rows[3000:3001], False), (rows[3001:], True)]
+    with StoreWriter(str(tmp_path / "a.sqlite"), batch_rows=512) as w:
+        for part, built in parts:
+            w.write("flows", part, built=built)
+        report = w.close()
+    assert report["rows"]["flows"] == 5000 and not report["errors"]
+    write_all(str(tmp_path / "b.sqlite"), flows=rows)
+    got = _flows_table(tmp_path / "a.sqlite")
+    assert got == _flows_table(tmp_path / "b.sqlite")
+    assert [r[0] for r in got] == list(range(1, 5001)) and got[0][2] == rows[0][0]
+
+
+def test_a_bad_built_row_is_rejected_alone(dbfile):
+    """Built rows cannot fail by construction; should one fail all the same (here a NULL flowkey: NOT NULL), the
+    rows before it stay in once (no savepoint to roll back to), it is reported, and the rows after it are
+    written: the same table and report as the checked path gives."""
+    rows = [_flow(i) for i in range(300)]
+    rows[150] = _flow(150, flowkey=None)
+    w = StoreWriter(dbfile)
+    w.write("flows", rows, built=True)
+    report = w.close(check=False)
+    assert report["rows"]["flows"] == 299 and report["bad_rows"] == {"flows": 1}
+    assert "NOT NULL constraint failed: flows.flowkey" in report["errors"][0]
+    got = _flows_table(dbfile)
+    assert [r[2] for r in got] == [r[0] for r in rows if r[0] is not None]
+    assert [r[0] for r in got] == list(range(1, 300))

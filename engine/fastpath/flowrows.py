@@ -46,27 +46,40 @@ def _ints(col: np.ndarray) -> list:
     return col.astype(np.int64).tolist()
 
 
-def columns(recs: np.ndarray, tags) -> list[list]:
-    """The FIELDS columns of the records as Python lists (str, int, float; setup_rtt_us None when not
-    measured).  ``tags``: the driver's exp_tags (1-based sequence of strings, Lua table or list)."""
-    n = len(recs)
-    tag_col = [""] * n
+def _text(col: np.ndarray) -> list[str]:
+    """A NUL-padded ASCII column (key, ipa, ipz: hex digits, dots, colons) as str: numpy's ``tolist`` strips the
+    padding into bytes, ``bytes.decode`` runs per item in C (~40 % cheaper than ``astype("U84")``, issue 10)."""
+    return list(map(bytes.decode, col.tolist()))
+
+
+def _tags(recs: np.ndarray, tags) -> list[str]:
+    tag_col = [""] * len(recs)
     if tags:
         texts = [t.decode("utf-8", "backslashreplace") if isinstance(t, bytes) else t for t in _lua_list(tags)]
         for i in np.flatnonzero(recs["tags"]).tolist():
             tag_col[i] = texts[int(recs["tags"][i]) - 1]
+    return tag_col
+
+
+def _rtt(recs: np.ndarray) -> list:
     rtt = recs["setup_rtt_us"]
     rtt_col = _ints(rtt)
     if (rtt < 0).any():
         rtt_col = [None if v < 0 else v for v in rtt_col]
+    return rtt_col
+
+
+def columns(recs: np.ndarray, tags) -> list[list]:
+    """The FIELDS columns of the records as Python lists (str, int, float; setup_rtt_us None when not
+    measured).  ``tags``: the driver's exp_tags (1-based sequence of strings, Lua table or list)."""
     return [
-        recs["key"].astype("U84").tolist(), recs["proto"].tolist(), recs["ipa"].astype("U32").tolist(),
-        recs["porta"].tolist(), recs["ipz"].astype("U32").tolist(), recs["portz"].tolist(),
+        _text(recs["key"]), recs["proto"].tolist(), _text(recs["ipa"]),
+        recs["porta"].tolist(), _text(recs["ipz"]), recs["portz"].tolist(),
         recs["first_ts"].tolist(), recs["last_ts"].tolist(),
         _ints(recs["packets_az"]), _ints(recs["packets_za"]), _ints(recs["bytes_az"]), _ints(recs["bytes_za"]),
-        STATE_TEXT[recs["state"]].tolist(), tag_col,
+        STATE_TEXT[recs["state"]].tolist(), _tags(recs, tags),
         recs["flags"].tolist(), _ints(recs["payload_az"]), _ints(recs["payload_za"]),
-        rtt_col, _ints(recs["retrans_az"]), _ints(recs["retrans_za"]),
+        _rtt(recs), _ints(recs["retrans_az"]), _ints(recs["retrans_za"]),
     ]
 
 
@@ -85,3 +98,17 @@ def stored_rows(cols: list[list]) -> list[tuple]:
     """The flows-table rows (docs/schema.md, 17 columns) from :func:`columns`: fields 0-13, then
     setup_rtt_us, retrans_az, retrans_za (fields 17-19); same as flowmon.stored of each full row."""
     return list(zip(*(cols[:14] + cols[17:])))
+
+
+def stored(recs: np.ndarray, tags) -> list[tuple]:
+    """The flows-table rows of the records (``stored_rows(columns(recs, tags))`` without the three columns only
+    sg_monitor reads): 17-tuples whose values are str, int, float or None by construction, so the store writer
+    inserts them unchecked (StoreWriter.write ``built``; tests/test_flowrows_stored.py checks both against a
+    struct decode of the raw records)."""
+    return list(zip(
+        _text(recs["key"]), recs["proto"].tolist(), _text(recs["ipa"]),
+        recs["porta"].tolist(), _text(recs["ipz"]), recs["portz"].tolist(),
+        recs["first_ts"].tolist(), recs["last_ts"].tolist(),
+        _ints(recs["packets_az"]), _ints(recs["packets_za"]), _ints(recs["bytes_az"]), _ints(recs["bytes_za"]),
+        STATE_TEXT[recs["state"]].tolist(), _tags(recs, tags),
+        _rtt(recs), _ints(recs["retrans_az"]), _ints(recs["retrans_za"])))

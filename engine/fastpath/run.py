@@ -676,11 +676,11 @@ class FastPath:
         """The driver's last n exported flow records (engine/fastpath/flowrows.py) go where _flows sends
         records: held for sg_monitor / flowtracker when any is loaded, else written now.  Returns n."""
         if n:
-            cols = flowrows.columns(flowrows.view(self.exp_addr, n), self.driver.exp_tags)
+            recs = flowrows.view(self.exp_addr, n)
             if self.flowmon is not None and self.flowmon.active:
-                self.flowmon.hold(flowrows.full_rows(cols))
-            else:
-                self._write("flows", flowrows.stored_rows(cols))
+                self.flowmon.hold(flowrows.full_rows(flowrows.columns(recs, self.driver.exp_tags)))
+            else:      # str / int / float / None by construction: the writer skips its per-row check
+                self._write("flows", flowrows.stored(recs, self.driver.exp_tags), built=True)
             for inst in self.instances:          # per-flow plug-in state ends with its flow (engine.lua flows_ended)
                 if inst.vm.host.engine.nflow_counters:
                     inst.vm.flows_ended(inst.vm.host.engine, self.exp_addr, n)
@@ -720,12 +720,12 @@ class FastPath:
         for kind, rows in self.monitors.flush(ts).items():
             self._write(kind, rows)
 
-    def _write(self, kind: str, rows) -> None:
+    def _write(self, kind: str, rows, built: bool = False) -> None:
         """Rows go to the writer with Lua strings as bytes: the store keeps a plug-in's non-UTF-8 strings
-        as BLOBs (exact bytes, docs/schema.md) and decodes the rest."""
+        as BLOBs (exact bytes, docs/schema.md) and decodes the rest.  ``built``: StoreWriter.write's."""
         rows = [tuple(r.values()) for r in rows.values()] if hasattr(rows, "values") else rows
         if rows:
-            self.store.write(kind, rows)
+            self.store.write(kind, rows, built)
             if kind in DECLARED:       # upserts by GUID: count the distinct groups the database holds
                 seen = self.declared.setdefault(kind, set())
                 seen.update(DECLARED[kind](r) for r in rows)

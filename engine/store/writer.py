@@ -9,6 +9,8 @@ and commits when its input goes idle, every ``COMMIT_ROWS`` rows or every ``COMM
 
 Wire protocol (parent -> writer, a stream of msgpack arrays on the writer's stdin):
     ["w", kind, rows]    rows of one kind
+    ["b", kind, rows]    rows of one kind built by the engine with the right arity and value types (str, int, float,
+                         None; no bytes): inserted without the per-row check (``write(..., built=True)``)
     ["s", seq]           commit, then answer ["ack", seq, error_or_None]
     ["c"]                commit, close the database, answer ["done", report], exit
 Writer -> parent (stdout): ["ready"] | ["fatal", message] | ["ack", seq, error] | ["done", report].
@@ -384,6 +386,7 @@ class StoreWriter:
         self.path = os.path.abspath(path)
         self._batch = {k: min(batch_rows, _BATCH.get(k, batch_rows)) for k in KINDS}
         self._pending: dict[str, list] = {k: [] for k in KINDS}
+        self._built: dict[str, bool] = {k: False for k in KINDS}   # the pending rows of a kind are all built rows
         self._max_backlog = max_backlog_bytes
         self._out: collections.deque = collections.deque()
         self._backlog = 0
@@ -424,13 +427,21 @@ class StoreWriter:
         """The writer process id."""
         return self._proc.pid
 
-    def write(self, kind: str, rows) -> None:
-        """Queue rows (a list of tuples in the documented order for ``kind``)."""
+    def write(self, kind: str, rows, built: bool = False) -> None:
+        """Queue rows (a list of tuples in the documented order for ``kind``).  ``built``: the engine made them
+        with the documented arity and value types by construction (str, int, float, None; no bytes: e.g.
+        engine/fastpath/flowrows.stored), so the writer inserts them without its per-row check and conversion
+        (``_Writer.clean``, ~1.5 us per flow row, issue 10).  Rows keep their order across built and other rows
+        of the same kind (a batch is shipped whenever the flag changes)."""
         pending = self._pending.get(kind)
         if pending is None:
             raise ValueError(f"unknown store kind {kind!r} (expected one of {', '.join(KINDS)})")
         if self._closed:
             raise StoreError("StoreWriter is closed")
+        if pending and self._built[kind] != built:
+            self._ship(kind)
+            pending = self._pending[kind]
+        self._built[kind] = built
         pending.extend(rows)
         if len(pending) >= self._batch[kind]:
             self._ship(kind)
@@ -535,8 +546,9 @@ class StoreWriter:
         rows = self._pending[kind]
         self._pending[kind] = []
         self._shipped += len(rows)
+        op = "b" if self._built[kind] else "w"
         try:
-            data = self._packer.pack(["w", kind, rows])
+            data = self._packer.pack([op, kind, rows])
         except (TypeError, ValueError, OverflowError):
             # A value msgpack cannot encode: ship row by row so only the bad rows are lost (and reported).
             good, bad = [], []
@@ -546,7 +558,7 @@ class StoreWriter:
                     good.append(r)
                 except (TypeError, ValueError, OverflowError) as e:
                     bad.append(f"{kind}: unencodable row {_short(r)}: {e}")
-            data = self._packer.pack(["w", kind, good])
+            data = self._packer.pack([op, kind, good])
             self._shipped -= len(bad)
             if bad:
                 self._enqueue(self._packer.pack(["e", len(bad), bad[:MAX_ERRORS_KEPT]]))
@@ -717,7 +729,11 @@ class _Writer:
         elif len(self.errors) == MAX_ERRORS_KEPT:
             self.errors.append("(further errors not shown)")
 
-    def apply(self, kind: str, rows: list) -> None:
+    def apply(self, kind: str, rows: list, built: bool = False) -> None:
+        """Insert rows of one kind in a savepoint of the open transaction (one is begun if none is open); a batch
+        that fails is retried row by row, bad rows counted and noted.  ``built``: rows of the wire's "b" op, whose
+        arity and types hold by construction: not cleaned (clean would return them unchanged) and inserted
+        without a savepoint (_insert_built)."""
         if self.fatal:
             self.discarded += len(rows)
             return
@@ -728,31 +744,26 @@ class _Writer:
             self.note(f"unknown kind {kind!r} ({len(rows)} rows dropped)")
             return
         ncol, sql = spec
-        rows = self.clean(kind, ncol, rows)
+        if not built:
+            rows = self.clean(kind, ncol, rows)
         if not rows:
             return
         try:
             if not self.in_tx:
                 self.db.execute("BEGIN")
                 self.in_tx, self.tx_rows, self.tx_start = True, 0, time.monotonic()
-            self.db.execute("SAVEPOINT batch")
-            try:
-                self.db.executemany(sql, rows)
-                self.db.execute("RELEASE batch")
-                n = len(rows)
-            except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
-                    OverflowError, ValueError, TypeError):
-                self.db.execute("ROLLBACK TO batch")
-                self.db.execute("RELEASE batch")
-                n = 0
-                for r in rows:  # one statement at a time: a failing statement rolls back alone
-                    try:
-                        self.db.execute(sql, r)
-                        n += 1
-                    except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
-                            OverflowError, ValueError, TypeError) as e:
-                        self.bad[kind] += 1
-                        self.note(f"{kind}: bad row {_short(r)}: {e}")
+            if built:
+                n = self._insert_built(kind, sql, rows)
+            else:
+                self.db.execute("SAVEPOINT batch")
+                try:
+                    self.db.executemany(sql, rows)
+                    self.db.execute("RELEASE batch")
+                    n = len(rows)
+                except _ROW_ERRORS:
+                    self.db.execute("ROLLBACK TO batch")
+                    self.db.execute("RELEASE batch")
+                    n = self._row_by_row(kind, sql, rows)
             if kind == "flow_toppers":
                 self._rank_toppers({(r[0], r[1]) for r in rows})
             self.rows[kind] += n
@@ -760,6 +771,35 @@ class _Writer:
             self.tx_kind[kind] = self.tx_kind.get(kind, 0) + n
         except sqlite3.Error as e:
             self.fail(e)
+
+    def _row_by_row(self, kind: str, sql: str, rows) -> int:
+        """One statement at a time (a failing statement rolls back alone): bad rows counted and noted.  Returns the
+        rows inserted."""
+        n = 0
+        for r in rows:
+            try:
+                self.db.execute(sql, r)
+                n += 1
+            except _ROW_ERRORS as e:
+                self.bad[kind] += 1
+                self.note(f"{kind}: bad row {_short(r)}: {e}")
+        return n
+
+    def _insert_built(self, kind: str, sql: str, rows) -> int:
+        """Built rows (the wire's "b" op) without a savepoint.  A savepoint makes SQLite copy every page the batch
+        first modifies into its statement sub-journal (a temporary file): with a million flow rows arriving in
+        random flowkey order that was nearly one 4 KiB index page per row, 3.9 GB written and ~2 s of system CPU
+        for 1M rows (issue 10, docs/benchmarks.md "End-of-run flow export").  Built rows cannot fail by
+        construction; should one fail all the same, each INSERT is its own atomic statement, so the rows before it
+        are in (``total_changes`` counts them: every kind's statement changes one row per row, none is DO
+        NOTHING) and the rest go row by row, as after a failed savepoint.  Returns the rows inserted."""
+        before = self.db.total_changes
+        try:
+            self.db.executemany(sql, rows)
+            return len(rows)
+        except _ROW_ERRORS:
+            done = self.db.total_changes - before
+            return done + self._row_by_row(kind, sql, rows[done:])
 
     def _rank_toppers(self, buckets) -> None:
         """Rewrite the flow_toppers rows of each (tracker, bucket_ts) in ``buckets`` from every shard's part
@@ -872,6 +912,11 @@ class _Writer:
                 self.fail(e)
 
 
+#: a row's own fault (bad arity, type, constraint): the row is rejected and reported, the batch goes on
+_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, OverflowError, ValueError,
+               TypeError)
+
+
 def _as_int(v) -> int:
     if type(v) is int:
         return v
@@ -970,6 +1015,8 @@ def serve(path: str, ppid: int, max_page_count: int | None = None) -> int:
                 op = msg[0]
                 if op == "w":
                     w.apply(msg[1], msg[2])
+                elif op == "b":
+                    w.apply(msg[1], msg[2], built=True)
                 elif op == "s":
                     w.commit()
                     _send(["ack", msg[1], w.fatal])
