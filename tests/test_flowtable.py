@@ -270,6 +270,7 @@ function H.expire(ft, now, max)
 end
 
 function H.terminate(ft, idx) return ft:terminate(idx) end
+function H.clear(ft) ft:clear() end
 
 function H.dump(ft)
   local out = {}
@@ -636,6 +637,7 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just('expire'), st.integers(0, 40), st.sampled_from([1, 2, 5, None])),
     st.tuples(st.just('terminate'), st.integers(0, 1000)),
     st.tuples(st.just('check'),),
+    st.tuples(st.just('clear'),),      # every flow ends at once (FT:clear, after the driver's flush_flows)
 ), min_size=30, max_size=250)
 
 
@@ -702,6 +704,11 @@ def check_model(H, lua, cap_log, idle, active, ops, step):
             del m.flows[k]
             del idx_of[k]
             terminated += 1
+        elif op[0] == 'clear':
+            H.clear(ft)
+            terminated += len(m.flows)
+            m.flows.clear()
+            idx_of.clear()
         err = H.check(ft)
         assert err is None, err
     live, created, _expired, full_drops, nterm = H.counters(ft)

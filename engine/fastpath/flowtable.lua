@@ -910,6 +910,23 @@ function FT:terminate(idx)
   return true
 end
 
+--- Every flow ends at once (the end of input, after the driver exported them all by walking the LRU list
+--- without freeing each: Driver:flush_flows): the table is emptied as new, its counters as after n terminate()
+--- calls (n = the live flows).  Freeing a flow one at a time costs its index slot, its LRU and age neighbours
+--- (two random records) and a free-list push; here a memset of the used records (256 bytes each), their LRU
+--- links and the index (issue 10: tools/bench/flush_cost.py, docs/benchmarks.md "End-of-run flow export").
+function FT:clear()
+  local cap = self.capacity
+  self.terminated = self.terminated + self.live
+  ffi.fill(self.flows, self.hw * FLOW_SIZE)             -- records [0, hw): zero, as never used (new_flow)
+  ffi.fill(self.lru, self.hw * ffi.sizeof("lp_link"))
+  ffi.fill(self.slots, self.size * ffi.sizeof("lp_slot"), 0xff)
+  self.hw, self.free_top, self.live = 0, 0, 0
+  local sen = self.flows[cap]
+  sen.aprev, sen.anext = cap, cap
+  self.lru[cap].prev, self.lru[cap].next = cap, cap
+end
+
 --- Report and free flows idle for more than idle_timeout, then flows older
 --- than active_timeout; fn(idx, flowtable.IDLE | flowtable.ACTIVE) is called
 --- before each is freed (fn may be nil).  At most `max` flows per call.
