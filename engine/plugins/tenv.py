@@ -30,7 +30,10 @@ def prepare(cfg) -> dict[str, str]:
         d = os.path.abspath(given or os.path.join(cfg.out_dir, "trisul", sub))
         if not given:
             os.makedirs(os.path.dirname(d), mode=0o700, exist_ok=True)
-        if not os.path.isdir(d):
+        try:
             os.mkdir(d, 0o700)
+        except FileExistsError:                  # made before, or just now by another shard of the run
+            if not os.path.isdir(d):
+                raise
         out[key] = d
     return out
