@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import collections
 import os
+import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -279,25 +281,51 @@ def test_segments_are_owner_only_and_named_for_their_owner():
         segment.attach("not-ours")
 
 
-def test_sweep_removes_only_segments_of_dead_owners():
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped (a Python child that printed its pid)."""
     child = helpers.run_python("import os, sys; sys.stdout.write(str(os.getpid()))", stdout=subprocess.PIPE)
-    dead_pid = int(child.communicate()[0])
-    dead = f"luaprobe-{dead_pid}-stale.0"
+    return int(child.communicate()[0])
+
+
+def test_sweep_removes_only_segments_of_dead_owners(monkeypatch, tmp_path):
+    """In a segment directory of the test's own: in /dev/shm any other luaprobe process of this user that starts
+    meanwhile (every run sweeps, engine/plugins/asyncruntime.py) may remove the stale segment first, and then
+    `dead in removed` failed (a load-dependent race on a machine shared with other runs)."""
+    monkeypatch.setattr(segment, "SHM_DIR", str(tmp_path))
+    dead = f"luaprobe-{dead_pid()}-stale.0"
     fd = os.open(os.path.join(segment.SHM_DIR, dead), os.O_CREAT | os.O_RDWR, 0o600)
     os.close(fd)
     live = segment.create("live", 4096)
     try:
         removed = segment.sweep()
-        assert dead in removed
+        assert removed == [dead]
         assert not os.path.exists(os.path.join(segment.SHM_DIR, dead))
         assert os.path.exists(live.path)
     finally:
         live.close()
 
 
+CAN_UNSHARE = os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
 def test_shm_clean_command_sweeps():
-    child = helpers.run_python("import os, sys; sys.stdout.write(str(os.getpid()))", stdout=subprocess.PIPE)
-    dead = f"luaprobe-{int(child.communicate()[0])}-stale.1"
+    """`luaprobe shm clean` removes a segment whose owner is dead and keeps one whose owner lives.  As root it
+    runs in a mount namespace of its own with a private /dev/shm (unshare): in the shared /dev/shm any other
+    luaprobe run of this user starting meanwhile sweeps the stale segment first, and `shm clean` then had
+    nothing to report (load-flaky on a machine shared with other runs).  Otherwise the shared /dev/shm."""
+    dead = f"luaprobe-{dead_pid()}-stale.1"
+    cmd = f"{shlex.quote(sys.executable)} -m luaprobe.engine.daemon.cli shm clean"
+    if CAN_UNSHARE:
+        # the shell is alive while `shm clean` runs and older than its segment: that one must stay
+        script = (f"set -e; mount -t tmpfs -o mode=1777 tmpfs /dev/shm; umask 077; : > /dev/shm/{dead}; "
+                  f"live=luaprobe-$$-live.1; : > /dev/shm/$live; {cmd}; echo ---; ls /dev/shm; echo $live")
+        out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                             cwd=helpers.REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        report, after = out.stdout.split("---\n")
+        *left, live = after.split()
+        assert dead in report and left == [live], out.stdout
+        return
     os.close(os.open(os.path.join(segment.SHM_DIR, dead), os.O_CREAT | os.O_RDWR, 0o600))
     out = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "shm", "clean"], cwd=helpers.REPO,
                          capture_output=True, text=True, timeout=60)
