@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import psutil
 import pytest
@@ -46,8 +47,21 @@ def _sweep_as(uid: int) -> list:
         os.setegid(0)
 
 
+@pytest.fixture
+def own_shm_dir(monkeypatch):
+    """segment.SHM_DIR pointed at a directory of the test's own inside /dev/shm, with its permissions (tmpfs, 1777:
+    anyone may create, only the owner may remove).  Every luaprobe process of this user on the machine sweeps the
+    segments of dead owners in /dev/shm when it starts, so one starting during a test removed the test's stale
+    segment before the test's own sweep (`removed` came back empty: seen with other test suites running)."""
+    d = tempfile.mkdtemp(prefix="lp-test-shm-", dir=segment.SHM_DIR)     # not a segment name: nobody sweeps it
+    os.chmod(d, 0o1777)
+    monkeypatch.setattr(segment, "SHM_DIR", d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
-def test_other_users_segments_are_skipped_not_fatal(tmp_path):
+def test_other_users_segments_are_skipped_not_fatal(tmp_path, own_shm_dir):
     dead = _dead_pid()
     mine = _make(f"luaprobe-{dead}-stale.0.ns{segment.identity_tag()}")             # root's, stale
     theirs = _make(f"luaprobe-{dead}-stale.1.ns{segment.identity_tag()}", NOBODY)   # nobody's, stale
@@ -62,7 +76,7 @@ def test_other_users_segments_are_skipped_not_fatal(tmp_path):
                 os.unlink(p)
 
 
-def test_zombie_owner_is_dead_and_foreign_namespace_is_skipped():
+def test_zombie_owner_is_dead_and_foreign_namespace_is_skipped(own_shm_dir):
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     helpers.wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
     dead = _dead_pid()
