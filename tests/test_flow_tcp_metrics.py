@@ -266,8 +266,8 @@ return function(frames)      -- {ts, frame, ts, frame, ...}: {porta, retrans_az,
   end
   local out = {}
   ft:each(function(idx)
-    local e = ft:entry(idx)
-    out[#out + 1] = {e.porta, e.retrans_az, e.retrans_za, e.rtt[1]}
+    local c = ft:cold_entry(idx)
+    out[#out + 1] = {c.porta, c.retrans_az, c.retrans_za, c.rtt}
   end)
   return out
 end
@@ -337,3 +337,72 @@ def test_model_retransmissions_and_rtt(track, cisn, sisn, delay_us, ops):
     assert porta == 40000
     assert (raz, rza) == tuple(want)
     assert round(rtt) == want_rtt
+
+
+# ------------------------------------------------------------------------------ the cold record stays cold
+COLD = r'''
+local ffi = require "ffi"
+local decode = require "luaprobe.engine.fastpath.decode"
+local flowtable = require "luaprobe.engine.fastpath.flowtable"
+return function(frames)      -- {ts, frame, ...}: per packet {flow index, cold records 0 and 1 (64 bytes each) after it}
+  local ft = flowtable.new{capacity = 64}
+  local d = decode.new()
+  local out = {}
+  for i = 1, #frames, 2 do
+    local s = frames[i + 1]
+    decode.decode(d, ffi.cast("const uint8_t *", s), #s, 1)
+    local idx = ft:update(d, frames[i], #s)
+    local n = ffi.sizeof("lp_flow_cold")
+    out[#out + 1] = {idx, ffi.string(ft:cold_entry(0), n), ffi.string(ft:cold_entry(1), n)}
+  end
+  return out
+end
+'''
+
+
+def test_cold_record_written_only_by_the_segments_that_change_it():
+    """The flow record is split (flowtable.lua "Layout"): a TCP segment writes its flow's cold record
+    (first_ts, setup RTT, SYN time, retransmissions) only when it changes it — the flow's first packet, the
+    ACK completing the handshake, a retransmission — and never another flow's (but for the age link a flow's
+    creation writes into the newest one); every other segment (data,
+    bare ACKs, a keep-alive, the SYN-ACK, FINs) leaves all its bytes as they were.  Two connections
+    interleaved, with retransmissions in both directions; the expected writers come from the construction."""
+    convs = [Conv(cport=40000 + k, sport=443, cisn=1000 + 7 * k, sisn=2**32 - 5 + k, t0=1700000000.0 + k * 1e-4)
+             for k in range(2)]
+    expect = ([], [])          # per connection: True where the segment must write its cold record
+    for c, e in zip(convs, expect):
+        c.seg(True, SYN); c.cseq += 1; e.append(True)                    # creates the flow
+        c.seg(False, SYN | ACK); c.sseq += 1; e.append(False)
+        c.seg(True, ACK); e.append(True)                                 # completes the handshake: RTT
+        c.seg(True, PSH | ACK, bytes(100)); e.append(False)
+        c.seg(False, ACK); e.append(False)
+        c.seg(False, PSH | ACK, bytes(300)); e.append(False)              # server data (sequence wraps)
+        keep = c.cseq
+        c.cseq -= 100
+        c.seg(True, PSH | ACK, bytes(100)); e.append(True)                # client retransmission
+        c.cseq = keep
+        c.cseq -= 1
+        c.seg(True, ACK, b"\0"); e.append(False)                          # keep-alive
+        c.cseq = keep
+        keep = c.sseq
+        c.sseq -= 300
+        c.seg(False, PSH | ACK, bytes(300)); e.append(True)               # server retransmission
+        c.sseq = keep
+        c.seg(True, ACK); e.append(False)
+        c.close(); e += [False, False, False]
+    frames = sorted(((t, k, i, fr) for k, c in enumerate(convs) for i, (t, fr) in enumerate(c.frames)))
+    lua = new_runtime(encoding=None)
+    args = []
+    for t, _k, _i, fr in frames:
+        args += [t, fr]
+    res = [tuple(r.values()) for r in lua.execute(COLD)(lua.table_from(args)).values()]
+    assert len(res) == len(frames)
+    flow_of = {}               # connection -> flow index (0 or 1)
+    last = (bytes(64), bytes(64))
+    for (_t, k, i, _fr), (idx, *cold) in zip(frames, res):
+        assert flow_of.setdefault(k, idx) == idx and idx in (0, 1)
+        assert (cold[idx] != last[idx]) == expect[k][i], (k, i)
+        if i > 0:              # (a new flow links itself behind the newest one: that one's age link changes)
+            assert cold[1 - idx] == last[1 - idx], (k, i)     # the other flow's record: untouched
+        last = tuple(cold)
+    assert sorted(flow_of.values()) == [0, 1]

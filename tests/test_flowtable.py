@@ -162,7 +162,7 @@ local H = {}
 local function row(ft, idx, reason)
   local e = ft:entry(idx)
   return string.format('%s %d %d %d %d %d %.9f %.9f %d %d %d', ft:flowkey(idx), e.packets_az, e.bytes_az,
-                       e.packets_za, e.bytes_za, reason, e.first_ts, e.last_ts, e.state, e.id,
+                       e.packets_za, e.bytes_za, reason, ft:cold_entry(idx).first_ts, e.last_ts, e.state, e.id,
                        e.tcp_flags_seen[0] + 256 * e.tcp_flags_seen[1])
 end
 
@@ -201,7 +201,7 @@ function H.run(addr, size, opts, expire_every)
       local e = ft:entry(idx)
       local a_ip = dir == 0 and d.src or d.dst
       local a_port = dir == 0 and d.sport or d.dport
-      if e.porta ~= a_port or ffi.string(e.a, 16) ~= ffi.string(a_ip, 16) then st.bad_dir = st.bad_dir + 1 end
+      if ft:cold_entry(idx).porta ~= a_port or ffi.string(e.a, 16) ~= ffi.string(a_ip, 16) then st.bad_dir = st.bad_dir + 1 end
       if is_new ~= (live_keys[key] == nil) then st.bad_new = st.bad_new + 1 end
       live_keys[key] = true
     end
@@ -276,7 +276,7 @@ function H.dump(ft)
   local out = {}
   ft:each(function(idx)
     local e = ft:entry(idx)
-    out[#out + 1] = {ft:flowkey(idx), idx, e.id, e.first_ts, e.last_ts, e.packets_az, e.bytes_az, e.packets_za,
+    out[#out + 1] = {ft:flowkey(idx), idx, e.id, ft:cold_entry(idx).first_ts, e.last_ts, e.packets_az, e.bytes_az, e.packets_za,
                      e.bytes_za, e.state, e.tcp_flags_seen[0], e.tcp_flags_seen[1], e.payload_az, e.payload_za}
   end)
   return out
@@ -288,20 +288,19 @@ end
 
 -- structural invariants; returns nil or an error string
 function H.check(ft)
-  local flows, mask = ft.flows, ft.mask
+  local flows, cold, mask = ft.flows, ft.cold, ft.mask
   local n = 0
   for j = 0, ft.size - 1 do
     local x = ft.slots[j].idx
     if x >= 0 then
       n = n + 1
-      local e = flows[x]
+      local e, c = flows[x], cold[x]
       if e.live ~= 1 then return 'index slot ' .. j .. ' holds a free record' end
-      if ft.slots[j].hash ~= e.hash then return 'slot hash ' .. j end
       local h = flowtable._hash_key(e.key)
-      if e.ports ~= bit.bor(bit.lshift(e.porta, 16), e.portz) or e.vproto ~= bit.bor(bit.lshift(e.ipver, 8), e.proto) then
+      if e.ports ~= bit.bor(bit.lshift(c.porta, 16), c.portz) or e.vproto ~= bit.bor(bit.lshift(c.ipver, 8), c.proto) then
         return 'key fields ' .. j
       end
-      if h ~= e.hash then return 'stale hash ' .. j end
+      if h ~= ft.slots[j].hash then return 'stale hash ' .. j end
       local k = bit.band(h, mask)
       while k ~= j do          -- probe chain from the home slot must be unbroken
         if ft.slots[k].idx < 0 then return 'broken probe chain at ' .. k .. ' for slot ' .. j end
@@ -313,8 +312,9 @@ function H.check(ft)
   local sen = ft.capacity
   -- the LRU list is ordered by lsec, the second of the packet that last moved the flow (the second of
   -- last_ts for monotone packet time, which these tests use)
-  -- the LRU links live in ft.lru (lp_link: prev, next), the age links in the records
-  for _, l in ipairs{{'lru', 'prev', 'next', 'lsec', ft.lru}, {'age', 'aprev', 'anext', 'first_ts', flows}} do
+  -- the LRU links live in ft.lru (lp_link: prev, next) and the LRU second in the hot records, the age links and
+  -- first_ts in the cold records
+  for _, l in ipairs{{'lru', 'prev', 'next', 'lsec', ft.lru, flows}, {'age', 'aprev', 'anext', 'first_ts', cold, cold}} do
     local links = l[5]
     local c, prev, i = 0, sen, links[sen][l[3]]
     while i ~= sen do
@@ -324,7 +324,7 @@ function H.check(ft)
       -- lsec is the second of last_ts; sec + nsec * 1e-9 may round up to sec + 1 in a double
       if not (e.lsec <= e.last_ts and e.last_ts <= e.lsec + 1) then return 'lsec ' .. e.lsec .. ' last_ts ' .. e.last_ts end
       if links[i][l[2]] ~= prev then return l[1] .. ' prev link' end
-      if prev ~= sen and flows[prev][l[4]] > e[l[4]] then return l[1] .. ' list out of time order' end
+      if prev ~= sen and l[6][prev][l[4]] > l[6][i][l[4]] then return l[1] .. ' list out of time order' end
       c = c + 1
       if c > ft.live then return l[1] .. ' list cycle' end
       prev, i = i, links[i][l[3]]

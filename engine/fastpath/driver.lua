@@ -263,20 +263,20 @@ M.join_tags = join_tags
 --- (join_tags), or nil; r.tags is left 0 (the caller lists them: put_row, drain_pending).
 local function write_row(self, r, idx, reason, peek)
   local ft = self.ft
-  local e = ft.flows[idx]
+  local e, c = ft.flows[idx], ft.cold[idx]
   ffi.fill(r, M.ROW_SIZE)
-  r.first_ts, r.last_ts = e.first_ts, e.last_ts
+  r.first_ts, r.last_ts = c.first_ts, e.last_ts
   r.packets_az, r.packets_za, r.bytes_az, r.bytes_za = e.packets_az, e.packets_za, e.bytes_az, e.bytes_za
   r.payload_az, r.payload_za = e.payload_az, e.payload_za
-  local rtt = e.rtt[1]
+  local rtt = c.rtt
   r.setup_rtt_us = rtt < 0 and -1 or math.floor(rtt + 0.5)
-  r.retrans_az, r.retrans_za = e.retrans_az, e.retrans_za
+  r.retrans_az, r.retrans_za = c.retrans_az, c.retrans_za
   local st = e.state
   r.state = peek and OPEN or state_code(st, reason)
   if reason == flowtable.IDLE then st = bit.bor(st, 0x100) end
   if not peek then st = bit.bor(st, 0x800) end
   r.flags = st
-  r.porta, r.portz, r.proto = e.porta, e.portz, e.proto
+  r.porta, r.portz, r.proto = c.porta, c.portz, c.proto
   local n = ft:put_key(idx, r.key)
   local l = n == 41 and 11 or 32
   ffi.copy(r.ipa, r.key + 4, l)

@@ -20,7 +20,8 @@ compiles whatever the traffic; see "packet path" below for why (issue 10).
     ft:flowkey(idx)        -- Trisul flow id, == decode.flowkey(d) of its packets
     ft:flow_parts(idx)     -- proto, ipa, porta, ipz, portz (key format)
     ft:put_key(idx, buf)   -- flowkey(idx) written into a byte buffer, returns its length
-    ft:entry(idx)          -- the lp_flow record (fields below)
+    ft:entry(idx)          -- the lp_flow (hot) record (fields below)
+    ft:cold_entry(idx)     -- the lp_flow_cold record (fields below)
     ft:expire(now, fn[, max])   -- fn(idx, reason) per timed-out flow, then frees it
     ft:terminate(idx)      -- explicit end (caller saw FIN/RST...): frees, no callback
     ft:each(fn)            -- fn(idx) for every live flow, LRU list order (oldest second first)
@@ -55,10 +56,24 @@ fragment the ports-0 key of decode.flowkey.  IPv4 addresses use bytes 0..3 only 
 are ignored).  VLAN ids are not part of the key.
 
 Layout.
-  flows[capacity]    lp_flow records (256 bytes, 64-byte aligned: what every
-                     packet reads and writes in the first 128, the rest only
-                     for TCP segments and at creation and expiry); idx
-                     indexes this array.  Free records are handed out from a
+  flows[capacity]    lp_flow hot records (128 bytes, two cache lines, 64-byte
+                     aligned from 2 MiB of records on): everything a packet
+                     of a known flow reads or writes, TCP segments included
+                     (key, state, LRU second, TCP sequence tracking; then
+                     last_ts, id and the counters); idx indexes this array.
+  cold[capacity + 17] lp_flow_cold records (64 bytes, cold[i] belongs to
+                     flows[i]): first_ts, setup RTT and its SYN time,
+                     retransmissions, the age links, the key's ports and
+                     protocol.  Written at creation, read at expiry and
+                     export; a TCP segment writes its flow's cold record only
+                     when it changes it (a client SYN, the ACK completing the
+                     handshake, a retransmission), else the same stores go to
+                     a scratch record, cold[capacity + 1 + idx % 16]
+                     (tcp_track: no branch; 16 of them, so consecutive
+                     segments of different flows rarely chain through one
+                     read-modify-write in memory).  So the per-packet working set is 128 bytes a
+                     flow, not the 256 of the single record this split
+                     replaced (issue 10).  Free records are handed out from a
                      stack, then from a high-water mark (so a fresh table
                      touches no record memory, and a never-used record needs
                      no clearing).
@@ -98,9 +113,9 @@ Layout.
                      flow then touch no neighbour record (issue 10: moving
                      on every packet cost two cache misses per packet with
                      100 000 flows).
-  age list           (aprev, anext): creation order, so the head has the
-                     oldest first_ts.
-  Both lists are circular, doubly linked through a sentinel, flows[capacity]
+  age list           (cold[i].aprev, cold[i].anext): creation order, so the
+                     head has the oldest first_ts.
+  Both lists are circular, doubly linked through a sentinel, cold[capacity]
   and lru[capacity], so linking/unlinking is branch-free and terminate() is O(1).
   Probing: one loop, bounded because load <= 0.5 leaves an empty slot at the
   end of every chain.
@@ -145,9 +160,9 @@ tracking from zero, first_ts = the SYN's time (moved to its place in the age lis
 it (ft.created counts new_flow's records, whose ids it numbers).  update_batch checks each SYN-without-ACK
 packet in loop 3, in packet order, before its counters.
 
-lp_flow fields (counters are doubles: exact up to 2^53, no boxed uint64):
+lp_flow fields (hot; counters are doubles: exact up to 2^53, no boxed uint64):
   id                   unique increasing number per flow record (1, 2, ...)
-  first_ts, last_ts    packet time of the first / latest packet
+  last_ts              packet time of the latest packet
   packets_az, packets_za, bytes_az, bytes_za    per direction, bytes = wirelen
   payload_az, payload_za                        L4 payload bytes (d.payload_length)
   tcp_flags_seen[2]    OR of the TCP flags, [0] A->Z, [1] Z->A
@@ -158,22 +173,27 @@ lp_flow fields (counters are doubles: exact up to 2^53, no boxed uint64):
                        A_END_SERVER 0x10 / Z_END_SERVER 0x20 (which end sent
                        the SYN-ACK), SEEN_FIN 0x40, SEEN_RST 0x80, TIMEDOUT
                        0x100 (idle expiry), TERMINATED 0x800 (terminate())
-  rtt[1]               TCP setup RTT in µs (latest client SYN -> the ACK completing
-                       the handshake), -1 until measured
-  retrans_az, retrans_za   TCP segments occupying sequence space that do not start
-                       at or after the highest sequence end seen in that direction
-                       (keep-alives excepted): docs/plugins.md "Setup RTT and
-                       retransmissions"; tcp_next[2], tcp_dirs, syn_sec/syn_nsec
-                       are their working state
-  ipver, proto, porta, portz, a[4], z[4]   the key (addresses as int32 words
-                       holding the network-order bytes)
+  tcp_next[2], tcp_dirs   working state of the retransmission count (cold)
+  a[4], z[4], ports, vproto   the key (addresses as int32 words holding the network-order bytes;
+                       ports = porta << 16 | portz, vproto = ipver << 8 | proto)
   live                 1 while the record holds a flow, 0 when it is free (or never used).  The record
-                       does not know its index slot: free_flow finds it by probing from the hash, so
-                       an index doubling writes no record (issue 10: one cache miss per live flow each)
+                       does not know its index slot nor keep its hash: free_flow hashes its key again
+                       and probes from there, so an index doubling writes no record (issue 10: one cache
+                       miss per live flow each)
   stage_off            written by the shared TCP reassembly only (engine/streams/stage.lua): 1 once no
                        handler and no filex_monitor wants the flow, for good; 0 in every new record and
                        when a new connection renews the record (port reuse)
   lsec                 packet-time second that last placed the flow in the LRU list
+lp_flow_cold fields:
+  first_ts             packet time of the first packet
+  rtt                  TCP setup RTT in µs (latest client SYN -> the ACK completing
+                       the handshake), -1 until measured; syn_sec, syn_nsec: that SYN's time
+  retrans_az, retrans_za   TCP segments occupying sequence space that do not start
+                       at or after the highest sequence end seen in that direction
+                       (keep-alives excepted): docs/plugins.md "Setup RTT and
+                       retransmissions"
+  ipver, proto, porta, portz   the key's (as in the hot record's ports, vproto)
+  aprev, anext         age list links
 --]]
 local ffi = require "ffi"
 local bit = require "bit"
@@ -186,8 +206,8 @@ local cast = ffi.cast
 if not pcall(ffi.typeof, "lp_flow") then
   ffi.cdef [[
 typedef struct {
-  /* bytes 0-127, what every packet reads and writes: the key the probe compares, the state and the
-     counters (two cache lines; records are 256 bytes, 64-byte aligned) */
+  /* the hot record (128 bytes, two cache lines, 64-byte aligned): all that a packet of a known flow reads or
+     writes.  Line 1: the key the probe compares, state, LRU second, TCP sequence tracking; line 2: counters */
   union {
     int32_t key[10];
     struct {
@@ -197,30 +217,32 @@ typedef struct {
       int32_t vproto;
     };
   };
-  int32_t hash;
-  int32_t live;                      /* 1: holds a flow; 0: free */
   uint32_t state;
   uint32_t lsec;                     /* packet-time second that put the flow where it is in the LRU list */
+  int32_t tcp_next[2];               /* highest sequence end seen per direction (int32, mod 2^32) */
+  int32_t tcp_dirs;                  /* bit dir set once a TCP segment was seen in that direction */
   uint8_t tcp_flags_seen[2];
-  uint8_t ipver, proto;
-  uint16_t porta, portz;
-  double id;
+  uint8_t live;                      /* 1: holds a flow; 0: free */
+  uint8_t stage_off;                 /* 1: no reassembly for this record (engine/streams/stage.lua sets it) */
   double last_ts;
+  double id;
   union { double packets[2]; struct { double packets_az, packets_za; }; };
   union { double bytes[2];   struct { double bytes_az, bytes_za; }; };
   union { double payload[2]; struct { double payload_az, payload_za; }; };
-  /* bytes 128-255: creation, expiry and index bookkeeping; TCP segments only (tcp_track) */
-  double first_ts;
-  int32_t aprev, anext;
-  /* TCP (tcp_track): [1] is the value, [0] a scratch slot written when nothing changes (no branch) */
-  double syn_sec[2], syn_nsec[2];   /* [1] time of the latest SYN (no ACK) before the handshake completed */
-  double rtt[2];                     /* [1] setup RTT in µs, -1 until measured */
-  union { double retrans[2]; struct { double retrans_az, retrans_za; }; };
-  int32_t tcp_next[2];               /* highest sequence end seen per direction (int32, mod 2^32) */
-  int32_t tcp_dirs;                  /* bit dir set once a TCP segment was seen in that direction */
-  uint8_t stage_off;                 /* 1: no reassembly for this record (engine/streams/stage.lua sets it) */
-  uint8_t pad_[35];
 } lp_flow;
+typedef struct {
+  /* the cold record (64 bytes, one cache line, cold[i] belongs to flows[i]): written at creation, read at
+     expiry and export; a TCP segment writes it only when it changes it (a client SYN, the ACK completing the
+     handshake, a retransmission: tcp_track), else the same stores go to a scratch record */
+  double first_ts;
+  double rtt;                        /* setup RTT in µs, -1 until measured */
+  union { double retrans[2]; struct { double retrans_az, retrans_za; }; };
+  double syn_sec, syn_nsec;          /* time of the latest SYN (no ACK) before the handshake completed */
+  int32_t aprev, anext;              /* age list (creation order) */
+  uint16_t porta, portz;             /* the key's ports and protocol, as in key words ports / vproto */
+  uint8_t ipver, proto;
+  uint8_t pad_[2];
+} lp_flow_cold;
 ]]
 end
 if not pcall(ffi.typeof, "lp_slot") then
@@ -237,9 +259,10 @@ void free(void *ptr);
 pcall(ffi.cdef, "void *mmap(void *addr, size_t len, int prot, int flags, int fd, long off);")
 pcall(ffi.cdef, "int munmap(void *addr, size_t len);")
 pcall(ffi.cdef, "int madvise(void *addr, size_t len, int advice);")
-assert(ffi.sizeof("lp_flow") == 256 and ffi.offsetof("lp_flow", "first_ts") == 128)
+assert(ffi.sizeof("lp_flow") == 128 and ffi.offsetof("lp_flow", "last_ts") == 64 and ffi.sizeof("lp_flow_cold") == 64)
 
 local flow_ptr = ffi.typeof("lp_flow *")
+local cold_ptr = ffi.typeof("lp_flow_cold *")
 local link_ptr = ffi.typeof("lp_link *")
 local slot_ptr = ffi.typeof("lp_slot *")
 local i32_ptr = ffi.typeof("int32_t *")
@@ -262,6 +285,8 @@ local TCP = decode.PROTO.TCP
 local MIN_SLOTS = 1024   -- smallest index (slots); it doubles as flows arrive
 local SLOTS_PER_FLOW = 4  -- index slots per live flow (load <= 1/4) until the index reaches 2 * capacity
 local FLOW_SIZE = ffi.sizeof("lp_flow")
+local COLD_SIZE = ffi.sizeof("lp_flow_cold")
+local SCRATCH = 16        -- scratch cold records (tcp_track), cold[capacity + 1 + idx % 16] for flow idx
 local TOUCH_FLOWS = 8192  -- live flows (2 MiB of records) from which update_batch touches before it works
 
 local FT = {}
@@ -304,7 +329,9 @@ function M.new(opts)
     idle_timeout = opts.idle_timeout or 120,
     active_timeout = opts.active_timeout or 1800,
     touch_flows = opts.touch_flows or TOUCH_FLOWS,   -- update_batch's touch loops from this many live flows on
-    flows = alloc(flow_ptr, cap + 1, ffi.sizeof("lp_flow")),   -- [cap]: list sentinel
+    flows = alloc(flow_ptr, cap + 1, ffi.sizeof("lp_flow")),   -- hot records, [cap]: what an empty slot touches
+    cold = alloc(cold_ptr, cap + 1 + SCRATCH, ffi.sizeof("lp_flow_cold")),   -- cold records, [cap]: age list sentinel,
+                                                                   -- [cap + 1 ..]: tcp_track's scratch records
     lru = alloc(link_ptr, cap + 1, ffi.sizeof("lp_link")),     -- LRU links of flows[i], [cap]: sentinel
     slots = alloc(slot_ptr, size, ffi.sizeof("lp_slot")),
     free_stack = alloc(i32_ptr, cap, 4),
@@ -322,10 +349,10 @@ function M.new(opts)
   self.fw = cast(i32_ptr, self.flows)        -- the records as int32 words (probe, new_flow)
   local nb = opts.batch or 1025              -- the driver's batch (1024) + a reassembled datagram; grown on demand
   self.keys, self.miss, self.nkeys = ffi.new("lp_fkey[?]", nb), ffi.new("int32_t[?]", nb), nb
-  local sen = self.flows[cap]                -- both lists are circular through it
+  local sen = self.cold[cap]                 -- the age list is circular through it
   sen.aprev, sen.anext = cap, cap
   self.lru[cap].prev, self.lru[cap].next = cap, cap
-  sen.live = 0
+  self.flows[cap].live = 0
   return self
 end
 
@@ -366,18 +393,18 @@ local function lru_append(lru, i, sen)
   lru[sen].prev = i
 end
 
-local function age_unlink(flows, e)
-  local p, n = e.aprev, e.anext
-  flows[p].anext = n
-  flows[n].aprev = p
+local function age_unlink(cold, c)
+  local p, n = c.aprev, c.anext
+  cold[p].anext = n
+  cold[n].aprev = p
 end
 
-local function age_append(flows, e, i, sen)
-  local s = flows[sen]
+local function age_append(cold, c, i, sen)
+  local s = cold[sen]
   local t = s.aprev
-  e.aprev = t
-  e.anext = sen
-  flows[t].anext = i
+  c.aprev = t
+  c.anext = sen
+  cold[t].anext = i
   s.aprev = i
 end
 
@@ -519,12 +546,13 @@ end
 --- (the caller made room with reserve()).  Returns its index, or -2 (table full).
 local function new_flow(self, kw, o, j, ts, sec)
   local idx
-  local flows = self.flows
+  local flows, cold = self.flows, self.cold
   if self.free_top > 0 then
     local t = self.free_top - 1
     self.free_top = t
     idx = self.free_stack[t]
     ffi.fill(flows[idx], FLOW_SIZE)
+    ffi.fill(cold[idx], COLD_SIZE)
   elseif self.hw < self.capacity then
     idx = self.hw                      -- never used: still zero from the allocation
     self.hw = idx + 1
@@ -536,11 +564,11 @@ local function new_flow(self, kw, o, j, ts, sec)
   local fw, f = self.fw, idx * FLOW_WORDS
   fw[f], fw[f + 1], fw[f + 2], fw[f + 3], fw[f + 4] = kw[o], kw[o + 1], kw[o + 2], kw[o + 3], kw[o + 4]  -- no loop:
   fw[f + 5], fw[f + 6], fw[f + 7], fw[f + 8], fw[f + 9] = kw[o + 5], kw[o + 6], kw[o + 7], kw[o + 8], kw[o + 9]  -- inlined
+  local c = cold[idx]
   local ports, vproto = kw[o + 8], kw[o + 9]
-  e.porta, e.portz = rshift(ports, 16), band(ports, 0xffff)
-  e.ipver, e.proto = rshift(vproto, 8), band(vproto, 0xff)
+  c.porta, c.portz = rshift(ports, 16), band(ports, 0xffff)
+  c.ipver, c.proto = rshift(vproto, 8), band(vproto, 0xff)
   local h = kw[o + 10]
-  e.hash = h
   e.live = 1
   e.state = S.INIT
   local s = self.slots[j]
@@ -548,14 +576,14 @@ local function new_flow(self, kw, o, j, ts, sec)
   local created = self.created + 1
   self.created = created
   e.id = created
-  e.rtt[1] = -1
-  e.first_ts = ts
+  c.rtt = -1
+  c.first_ts = ts
   e.last_ts = ts
   e.lsec = sec
   self.live = self.live + 1
   local sen = self.capacity
   lru_append(self.lru, idx, sen)
-  age_append(flows, e, idx, sen)
+  age_append(cold, c, idx, sen)
   return idx
 end
 
@@ -603,12 +631,20 @@ end
 -- error 34 ("register coalescing too complex") and was blacklisted, and every such segment then ran in the
 -- interpreter (issue 10: the `http` corpus, ~90 bytes of garbage and ~300 ns per packet).  Binary 0 - x has
 -- only an overflow guard, never taken for these values.
+-- i when bit c is 1, else scr (no branch): the cold record a tcp_track store goes to
+local function pick(c, i, scr)
+  return scr + band(i - scr, 0 - c)
+end
+
 -- TCP setup RTT and retransmissions of one segment (account(), TCP segments only: the caller's one
--- test).  Branch-free inside: every choice is bit arithmetic or a store into a scratch slot [0], so
--- the trace takes the same path for every segment; called with few live values (st is the state
--- before this segment) so the side trace of the caller's test compiles.
-local function tcp_track(flows, idx, dir, sec, nsec, pl, seq, fl, st, t)
+-- test).  Branch-free inside: every choice is bit arithmetic or a store into the scratch cold record
+-- cold[scr] (pick), so the trace takes the same path for every segment and the flow's own cold record
+-- is touched only by the segments that change it (a client SYN, the ACK completing the handshake, a
+-- retransmission); called with few live values (st is the state before this segment) so the side
+-- trace of the caller's test compiles.
+local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, st, t, scr)
   local e = flows[idx]
+  scr = scr + band(idx, SCRATCH - 1)
   -- t: 1 for a TCP segment, 0 for anything else (then nothing below changes: every choice is masked by it)
   -- syn: a SYN without ACK before the handshake completed; hs: this segment completed it (the
   -- SEEN_SYN_ACK_ACK transition) after a SYN (state SEEN_SYN)
@@ -616,9 +652,11 @@ local function tcp_track(flows, idx, dir, sec, nsec, pl, seq, fl, st, t)
   local hs = band(handshake_ack(st, fl, dir), rshift(st, 1), t)
   -- setup RTT: the latest SYN before the handshake completes -> the client's completing ACK; from
   -- seconds and nanoseconds apart (one double of epoch seconds is only good to ~0.2 µs)
-  e.syn_sec[syn] = sec
-  e.syn_nsec[syn] = nsec
-  e.rtt[hs] = (sec - e.syn_sec[1]) * 1e6 + (nsec - e.syn_nsec[1]) * 1e-3
+  local cs = pick(syn, idx, scr)
+  cold[cs].syn_sec = sec
+  cold[cs].syn_nsec = nsec
+  local ch = pick(hs, idx, scr)
+  cold[ch].rtt = (sec - cold[ch].syn_sec) * 1e6 + (nsec - cold[ch].syn_nsec) * 1e-3
   -- retransmission: the segment occupies sequence space (payload, SYN, FIN: RFC 9293 §3.4) but does
   -- not start at or beyond the highest sequence end already seen in its direction; a keep-alive
   -- (no SYN/FIN, at most 1 byte, seq = that end - 1) is not counted
@@ -630,7 +668,9 @@ local function tcp_track(flows, idx, dir, sec, nsec, pl, seq, fl, st, t)
   local occ = band(rshift(0 - len, 31), t)                    -- len > 0 (and TCP): 1
   local z = bxor(seq, tobit(hi - 1))
   local ka = band(rshift(pl - 2, 31), rshift(sf - 1, 31), bnot(rshift(bor(z, tobit(0 - z)), 31)), 1)
-  e.retrans[dir] = e.retrans[dir] + band(seen, behind, occ, bnot(ka))
+  local r = band(seen, behind, occ, bnot(ka))
+  local cr = pick(r, idx, scr)
+  cold[cr].retrans[dir] = cold[cr].retrans[dir] + r
   -- the highest end, moved only by segments that occupy sequence space (a bare ACK carries a
   -- sequence number but no data, and may be bogus): max(hi, seq + len) once seen, seq + len first
   local fwd = tobit(seq + len)
@@ -668,7 +708,7 @@ end
 -- only TCP segments; a packet with neither changes nothing here): flags seen, state flags, then tcp_track
 -- with the state before this segment (t: 1 for a TCP segment).  Branch-free, so the loop's one test is its
 -- only exit.
-local function tcp_state(flows, idx, dir, sec, nsec, pl, fl, seq, t)
+local function tcp_state(flows, cold, idx, dir, sec, nsec, pl, fl, seq, t, scr)
   local e = flows[idx]
   e.tcp_flags_seen[dir] = bor(e.tcp_flags_seen[dir], fl)
   local st = e.state
@@ -683,7 +723,7 @@ local function tcp_state(flows, idx, dir, sec, nsec, pl, fl, seq, t)
                 lshift(ack3, 3),                            -- SEEN_SYN_ACK_ACK 0x08
                 lshift(band(fl, 0x01), 6),                  -- SEEN_FIN 0x40
                 lshift(band(fl, 0x04), 5))                  -- SEEN_RST 0x80
-  tcp_track(flows, idx, dir, sec, nsec, pl, seq, fl, st, t)
+  tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, st, t, scr)
 end
 
 -- A SYN (no ACK) of a new connection on flow idx's 5-tuple (module doc, "Port reuse"): the old record
@@ -691,28 +731,30 @@ end
 -- packet's own counters and TCP state.
 local function renew_if_reused(self, flows, idx, dir, seq, ts)
   local e = flows[idx]
+  local cold = self.cold
+  local c = cold[idx]
   if band(rshift(e.tcp_dirs, dir), 1) == 0 then return end           -- nothing sent this way yet
   if tobit(seq - e.tcp_next[dir]) == -1 then return end                -- the same SYN again
   if self.on_renew then self.on_renew(idx) end
   e.packets_az, e.packets_za, e.bytes_az, e.bytes_za, e.payload_az, e.payload_za = 0, 0, 0, 0, 0, 0
   e.tcp_flags_seen[0], e.tcp_flags_seen[1] = 0, 0
   e.state = S.INIT
-  e.syn_sec[0], e.syn_sec[1], e.syn_nsec[0], e.syn_nsec[1] = 0, 0, 0, 0
-  e.rtt[0], e.rtt[1] = 0, -1
-  e.retrans_az, e.retrans_za = 0, 0
+  c.syn_sec, c.syn_nsec = 0, 0
+  c.rtt = -1
+  c.retrans_az, c.retrans_za = 0, 0
   e.tcp_next[0], e.tcp_next[1], e.tcp_dirs = 0, 0, 0
-  e.first_ts, e.last_ts = ts, ts
+  c.first_ts, e.last_ts = ts, ts
   e.stage_off = 0                      -- a new connection: the reassembly stage decides about it again
   -- back into the age list in first_ts order: behind the flows this batch's insertion loop already
   -- appended with a later first packet (a few at most), so the walk from the tail is short
   local sen = self.capacity
-  age_unlink(flows, e)
-  local t = flows[sen].aprev
-  while t ~= sen and flows[t].first_ts > ts do t = flows[t].aprev end
-  local n = flows[t].anext
-  e.aprev, e.anext = t, n
-  flows[t].anext = idx
-  flows[n].aprev = idx
+  age_unlink(cold, c)
+  local t = cold[sen].aprev
+  while t ~= sen and cold[t].first_ts > ts do t = cold[t].aprev end
+  local n = cold[t].anext
+  c.aprev, c.anext = t, n
+  cold[t].anext = idx
+  cold[n].aprev = idx
   self.renewed = self.renewed + 1
 end
 
@@ -739,8 +781,8 @@ function FT:update(d, ts, wirelen)
   account(self.flows, idx, kf.dir, ts, wirelen or d.caplen, d.payload_length)
   local tf = d.first[TCP]
   if bor(d.tcp_flags, 1 + tf) ~= 0 then
-    tcp_state(self.flows, idx, kf.dir, sec, math.floor((ts - sec) * 1e9 + 0.5), d.payload_length, d.tcp_flags,
-              d.tcp_seq, band(rshift(bnot(tf), 31), 1))
+    tcp_state(self.flows, self.cold, idx, kf.dir, sec, math.floor((ts - sec) * 1e9 + 0.5), d.payload_length,
+              d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1), self.capacity + 1)
   end
   lru_touch(self.flows, self.lru, idx, sec, self.capacity)
   return idx, kf.dir, is_new
@@ -755,7 +797,7 @@ function FT:update_batch(b, n)
   end
   local keys, miss = self.keys, self.miss
   local kw = cast(i32_ptr, keys)
-  local flows = self.flows
+  local flows, cold = self.flows, self.cold
   -- 1. lookup (read-only).  a: keys and hashes; p.flow = 0 marks a packet to look up
   for k = 0, n - 1 do
     local p = b[k]
@@ -771,9 +813,8 @@ function FT:update_batch(b, n)
     end
     p.flow = x
   end
-  -- b: with more flows than the caches hold, touch the index slot of every packet, then the record
-  -- each slot points to (its first, third and fourth cache line: the second comes with the first
-  -- as an aligned pair) and its LRU links: independent loads in loops of a few instructions, so the
+  -- b: with more flows than the caches hold, touch the index slot of every packet, then the hot record
+  -- each slot points to (both its cache lines) and its LRU links: independent loads in loops of a few instructions, so the
   -- CPU overlaps their cache misses across packets instead of paying them one after the other in the
   -- probe (with 100 000 flows each is a miss; a stale key of a non-IP packet touches a valid slot;
   -- an empty slot, idx -1, touches the sentinel: x + band(arshift(x, 31), sen - x) is sen for x < 0)
@@ -785,11 +826,12 @@ function FT:update_batch(b, n)
     for k = 0, n - 1 do
       t = bxor(t, slots[band(kw[k * KEY_WORDS + 10], mask)].idx)
     end
+    local fw = self.fw
     for k = 0, n - 1 do
       local x = slots[band(kw[k * KEY_WORDS + 10], mask)].idx
       local i = x + band(arshift(x, 31), sen - x)
-      local e = flows[i]
-      t = bxor(t, e.key[0], e.aprev, e.tcp_dirs, lru[i].prev)
+      local f = i * FLOW_WORDS
+      t = bxor(t, fw[f], fw[f + 16], lru[i].prev)
     end
     self.touched = t
   end
@@ -845,7 +887,7 @@ function FT:update_batch(b, n)
       local sec, nsec, pl, dir = p.ts_sec, p.ts_nsec, d.payload_length, p.dir
       uid = account(flows, idx, dir, sec + nsec * 1e-9, p.wirelen, pl)
       if bor(d.tcp_flags, 1 + tf) ~= 0 then
-        tcp_state(flows, idx, dir, sec, nsec, pl, d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1))
+        tcp_state(flows, cold, idx, dir, sec, nsec, pl, d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1), sen + 1)
       end
       lru_touch(flows, lru, idx, sec, sen)
     end
@@ -860,7 +902,7 @@ local function free_flow(self, idx)
   if e.live == 0 then return false end
   local mask = self.mask
   local slots = self.slots
-  local i = band(e.hash, mask)               -- its slot: on the probe chain from its home slot
+  local i = band(hash_key(e.key), mask)      -- its slot: on the probe chain from its home slot
   while slots[i].idx ~= idx do i = band(i + 1, mask) end
   -- backward-shift deletion
   local j = i
@@ -885,9 +927,10 @@ local function free_flow(self, idx)
   slots[i].idx = -1
   local lru = self.lru
   lru_unlink(lru, idx)
-  age_unlink(flows, e)
+  local c = self.cold[idx]
+  age_unlink(self.cold, c)
   e.live = 0
-  lru[idx].prev, lru[idx].next, e.aprev, e.anext = -1, -1, -1, -1
+  lru[idx].prev, lru[idx].next, c.aprev, c.anext = -1, -1, -1, -1
   local t = self.free_top
   self.free_stack[t] = idx
   self.free_top = t + 1
@@ -937,7 +980,8 @@ function FT:expire(now, fn, max)
   local n = 0
   local idle, active = self.idle_timeout, self.active_timeout
   local cap = self.capacity
-  local sen = flows[cap]
+  local cold = self.cold
+  local sen = cold[cap]
   local lru = self.lru
   -- the LRU list is ordered by lsec, and lsec <= last_ts: once now - lsec <= idle no later flow can
   -- be idle.  Flows before that point that are not idle (their last packet is in that boundary
@@ -964,7 +1008,7 @@ function FT:expire(now, fn, max)
     local i = sen.anext
     if i == self.capacity then break end
     local e = flows[i]
-    if not (now - e.first_ts > active) then break end
+    if not (now - cold[i].first_ts > active) then break end
     local id = e.id
     if fn then fn(i, ACTIVE) end
     if e.live ~= 0 and e.id == id then free_flow(self, i) end
@@ -996,15 +1040,21 @@ function FT:entry(idx)
   return self.flows[idx]
 end
 
+--- The lp_flow_cold record of idx (first_ts, rtt, retrans_az/za, porta, portz, ipver, proto...), as entry.
+function FT:cold_entry(idx)
+  if idx < 0 or idx >= self.capacity then error("flowtable: bad flow index " .. tostring(idx), 2) end
+  return self.cold[idx]
+end
+
 -- keys: rebuilt into a scratch lp_decoded (src = A, dst = Z) and formatted by
 -- decode itself, so the strings are identical to decode.flowkey's.
 local function to_scratch(self, idx)
-  local e = self:entry(idx)
+  local e, c = self:entry(idx), self.cold[idx]
   local d = self._scratch
-  d.ip_version = e.ipver
-  d.ipproto = e.proto
-  d.sport = e.porta
-  d.dport = e.portz
+  d.ip_version = c.ipver
+  d.ipproto = c.proto
+  d.sport = c.porta
+  d.dport = c.portz
   local sw, dw = ffi.cast(i32_ptr, d.src), ffi.cast(i32_ptr, d.dst)
   for k = 0, 3 do
     sw[k] = e.a[k]

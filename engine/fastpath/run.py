@@ -428,7 +428,8 @@ class FastPath:
         self.protocols = [(i.protocol["guid"], i.protocol["name"]) for i in self.infos
                           if i.protocol and not i.errors and "protocol_handler" in i.types]
         self.group_names = group_names(self.infos)
-        self.stage = ReassemblyStage(self.driver_lua, cfg.flow_capacity, cfg.idle_timeout, self.driver.ft.flows)
+        self.stage = ReassemblyStage(self.driver_lua, cfg.flow_capacity, cfg.idle_timeout, self.driver.ft.flows,
+                                          self.driver.ft.cold)
         self.flowmon = FlowBackends(self._write, {i.path: i.flowtracker for i in self.infos if i.flowtracker},
                                     self.shard_index)
         for info in self.infos:
@@ -662,14 +663,14 @@ class FastPath:
                     inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg)
 
     def _flow_records(self) -> int | bool:
-        """The address of the driver's flow-record array (engine/fastpath/flowtable.lua lp_flow, fixed for the run),
-        or False before the driver exists."""
+        """The address of the driver's cold flow-record array (engine/fastpath/flowtable.lua lp_flow_cold: first_ts;
+        fixed for the run), or False before the driver exists."""
         if getattr(self, "_records_addr", None) is None:
             lua = getattr(self, "driver_lua", None)
             if lua is None:
                 return False
             self._records_addr = int(lua.eval("function(d) return tonumber(require('ffi').cast('intptr_t', "
-                                              "d.ft.flows)) end")(self.driver))
+                                              "d.ft.cold)) end")(self.driver))
         return self._records_addr
 
     def _exported(self, n: int) -> int:

@@ -52,7 +52,7 @@ function M.new(opts)
     rows = nil,
     sflows = {},            -- script-made flow records [flowkey] = {fk, first, last, v[0..3], tags}
     flow_counters = {},     -- [flowkey] = { {guid, key, meter, direction, ...}, ... } (add_flow_counter)
-    flow_records = false,   -- address of the flow table's lp_flow array (the fast path sets it: new_connection)
+    flow_records = false,   -- address of the flow table's lp_flow_cold array (the fast path sets it: new_connection)
     nflow_counters = 0,
     _fcbatch = 0,           -- flow_counter_batch calls so far (a flow counter records the value when added)
     own_pending = false,    -- messages to this VM's own pipeline waiting for Host:deliver_own (a list), or false
@@ -428,8 +428,8 @@ local function new_connection(self, fk, list, p)
   if band(p.d.tcp_flags, 0x12) ~= 0x02 or not self.flow_records then return list end
   local ffi = require("ffi")
   if flowp == nil then
-    require("luaprobe.engine.fastpath.flowtable")          -- the lp_flow layout
-    flowp = ffi.typeof("lp_flow *")
+    require("luaprobe.engine.fastpath.flowtable")          -- the lp_flow_cold layout
+    flowp = ffi.typeof("lp_flow_cold *")
   end
   if ffi.cast(flowp, self.flow_records)[p.flow].first_ts ~= p.ts_sec + p.ts_nsec * 1e-9 then return list end
   -- added at this packet (its hook or event) or later (times are whole µs; 1 µs slack: an event's time, e.ts

@@ -101,9 +101,9 @@ end
 
 --- opts: capacity (flow-table capacity), attributes (bool: run the analysers),
 --- parse_cert (function(der) -> "O\tCN\tissuerO\tissuerCN\tselfsigned" or nil),
---- idle_timeout (s of packet time), records (the flow table's `lp_flow *`: the stage sets a record's stage_off
---- once neither a handler nor filex wants the flow, and from then on skips its packets without reading its
---- vote, a random access into the vote array per packet).  Fields set afterwards: nhandlers, nfilex (VMs attached).
+--- idle_timeout (s of packet time), records (the flow table's hot records, `lp_flow *`: the stage sets a record's
+--- stage_off once neither a handler nor filex wants the flow, and from then on skips its packets without reading
+--- its vote, a random access into the vote array per packet), cold (its cold records, `lp_flow_cold *`: first_ts).  Fields set afterwards: nhandlers, nfilex (VMs attached).
 function M.new(opts)
   local self = setmetatable({
     capacity = opts.capacity, attributes = opts.attributes, parse_cert = opts.parse_cert,
@@ -118,6 +118,7 @@ function M.new(opts)
   assert(self.votes ~= nil and self.ev ~= nil, "stage: out of memory")
   self.votes_addr = tonumber(cast("intptr_t", self.votes))
   self.recs = assert(opts.records, "stage: the flow table's records are required")
+  self.cold = assert(opts.cold, "stage: the flow table's cold records are required")
   self.R = tcpreasm.new({
     cb = function(id, dir, off, p, n) self:on_data(id, dir, off, p, n) end,
     cb_gap = function(id, dir, _, missing) self:on_gap(id, dir, missing) end,
@@ -436,7 +437,7 @@ function S:run(addr, n)
       local v = votes[fi]
       if v.fxuid ~= p.flow_uid then
         v.fxuid, v.fx, v.hs = p.flow_uid, 0, 0
-      elseif v.fx < 0 and band(p.d.tcp_flags, 0x12) == 0x02 and recs[fi].first_ts == p.ts_sec + p.ts_nsec * 1e-9 then
+      elseif v.fx < 0 and band(p.d.tcp_flags, 0x12) == 0x02 and self.cold[fi].first_ts == p.ts_sec + p.ts_nsec * 1e-9 then
         v.fx, v.hs = 0, 0            -- the flow table renewed the record at this SYN (port reuse): filex votes again
       end
       if v.yes > 0 or (filex and v.fx >= 0) then

@@ -1,6 +1,7 @@
 """A/B benchmark of two checkouts of luaprobe on one capture: the same plug-in (the fast-path benchmark's
 TCP dport counter) run alternately by each checkout's own venv, N rounds; prints each run and
-min/median/max of the engine's elapsed time and of its packet loop (first batch .. last batch walked).
+min/median/max of the engine's elapsed time, of its packet loop (first batch .. last batch walked) and of the
+loop's CPU time per packet (the summary's packet_loop_cpu_s: the fast path thread's CPU, less sensitive to load).
 
     python tools/bench/ab_checkouts.py BEFORE_REPO AFTER_REPO CAPTURE [--rounds 6]
 
@@ -51,13 +52,18 @@ def main(argv=None) -> int:
         for r in range(a.rounds):
             for side, repo in (("before", a.before), ("after", a.after)):
                 s = run_once(repo, a.capture, plugin, work)
-                res[side].append((s["elapsed_s"], s.get("packet_loop_s"), s["packets"]))
-                print(side, r, "elapsed_s", s["elapsed_s"], "packet_loop_s", s.get("packet_loop_s"), flush=True)
+                cpu = s.get("packet_loop_cpu_s")
+                ns = cpu / s["packets"] * 1e9 if cpu else None
+                res[side].append((s["elapsed_s"], s.get("packet_loop_s"), s["packets"], ns))
+                print(side, r, "elapsed_s", s["elapsed_s"], "packet_loop_s", s.get("packet_loop_s"),
+                      "loop CPU ns/packet", ns and round(ns), flush=True)
     for side, v in res.items():
         el = [x[0] for x in v]
         pl = [x[1] for x in v if x[1]]
+        ns = [x[3] for x in v if x[3]]
         print(f"{side}: {v[0][2]} packets  elapsed_s min/median/max {min(el)}/{statistics.median(el)}/{max(el)}"
-              + (f"  packet_loop_s {min(pl)}/{statistics.median(pl)}/{max(pl)}" if pl else ""))
+              + (f"  packet_loop_s {min(pl)}/{statistics.median(pl)}/{max(pl)}" if pl else "")
+              + (f"  loop CPU ns/packet {min(ns):.0f}/{statistics.median(ns):.0f}/{max(ns):.0f}" if ns else ""))
     return 0
 
 

@@ -44,19 +44,22 @@ local function lua_keys()
   return k
 end
 return ft, lua_keys, tonumber(ffi.cast("intptr_t", ft.flows)), ffi.sizeof("lp_flow"),
-  ffi.offsetof("lp_flow", "a"), ffi.offsetof("lp_flow", "z"), ffi.offsetof("lp_flow", "porta"), ffi.offsetof("lp_flow", "ipver"),
-  ffi.offsetof("lp_flow", "proto"), ft.hw
+  ffi.offsetof("lp_flow", "a"), ffi.offsetof("lp_flow", "z"), ffi.offsetof("lp_flow", "ports"),
+  ffi.offsetof("lp_flow", "vproto"), ft.hw
 ''', N)
-ft, lua_keys, addr, size, oa, oz, op, ov, opr, hw = setup
+ft, lua_keys, addr, size, oa, oz, op, ov, hw = setup
 hw = int(hw)
-dt = np.dtype({"names": ["a", "z", "porta", "portz", "ipver", "proto"],
-               "formats": [("u1", 16), ("u1", 16), "<u2", "<u2", "u1", "u1"],
-               "offsets": [oa, oz, op, op + 2, ov, opr], "itemsize": size})
+# the hot record's key words: ports = porta << 16 | portz, vproto = ipver << 8 | proto (flowtable.lua lp_flow)
+dt = np.dtype({"names": ["a", "z", "ports", "vproto"],
+               "formats": [("u1", 16), ("u1", 16), "<u4", "<u4"],
+               "offsets": [oa, oz, op, ov], "itemsize": size})
 flows = np.frombuffer((ctypes.c_char * (size * hw)).from_address(addr), dt)
 HEX = np.frombuffer(b"0123456789ABCDEF", np.uint8)
 
-def np_keys(f):
-    n = len(f)
+def np_keys(rec):
+    n = len(rec)
+    f = {"a": rec["a"], "z": rec["z"], "porta": rec["ports"] >> 16, "portz": rec["ports"] & 0xFFFF,
+         "ipver": rec["vproto"] >> 8, "proto": rec["vproto"] & 0xFF}
     out = np.zeros((n, 84), np.uint8)
     out[:, 0] = HEX[f["proto"] >> 4]; out[:, 1] = HEX[f["proto"] & 15]
     v6 = f["ipver"] == 6
@@ -66,7 +69,7 @@ def np_keys(f):
     def port(p):
         return np.stack([HEX[(p >> s) & 15] for s in (12, 8, 4, 0)], 1)
     for sel, L in ((~v6, 11), (v6, 32)):
-        g = f[sel]
+        g = {k: v[sel] for k, v in f.items()}
         ha, hz = hexes(g["a"]), hexes(g["z"])
         o = out[sel]
         if L == 11:
