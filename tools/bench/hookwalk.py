@@ -78,10 +78,21 @@ def use_engine_dir(path: str) -> None:
     lj.package_dirs = dirs
 
 
+def load_walks(plugdir: str, vms: list) -> list:
+    """Load every plug-in file of ``plugdir`` (sorted by name) into its own frontend VM, appended to ``vms`` as it
+    is made (the caller closes them, also after an error); returns [(host, run_batch(host, addr, n))] per VM."""
+    from luaprobe.engine.plugins.vm import PluginVM
+    for f in sorted(os.listdir(plugdir)):
+        vm = PluginVM(os.path.join(plugdir, f), start_workers=False, enginetype="frontend",
+                      pipeline="frontend", groups={})
+        vms.append(vm)
+        assert vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host) is None
+    return [(vm.host, vm.lua.eval("function(h, a, n) return h:run_batch(a, n) end")) for vm in vms]
+
+
 def measure(capture: str, plugdir: str, runs: int, warm: bool) -> list:
     """Walk CPU ns per packet of the capture, one value per run (fresh VMs each run)."""
     from luaprobe.engine.capture.pcapfile import open_capture
-    from luaprobe.engine.plugins.vm import PluginVM
     from luaprobe.shm.luajit import new_runtime
     lua = new_runtime()
     out = []
@@ -90,12 +101,7 @@ def measure(capture: str, plugdir: str, runs: int, warm: bool) -> list:
         for _ in range(runs):
             vms = []
             try:
-                for f in sorted(os.listdir(plugdir)):
-                    vm = PluginVM(os.path.join(plugdir, f), start_workers=False, enginetype="frontend",
-                                  pipeline="frontend", groups={})
-                    vms.append(vm)
-                    assert vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host) is None
-                walks = [(vm.host, vm.lua.eval("function(h, a, n) return h:run_batch(a, n) end")) for vm in vms]
+                walks = load_walks(plugdir, vms)
                 if warm:
                     for host, walk in walks:
                         for k in range(0, n, 1024):

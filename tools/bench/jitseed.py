@@ -93,21 +93,15 @@ def walk(capture: str, plugdir: str, traces: str) -> int:
     sys.path.insert(0, REPO)
     os.environ["LUAPROBE_JIT_TRACES"] = traces
     from luaprobe.engine.capture.pcapfile import open_capture
-    from luaprobe.engine.plugins.vm import PluginVM
     from luaprobe.shm.luajit import new_runtime
-    from tools.bench.hookwalk import BUILD
+    from tools.bench.hookwalk import BUILD, load_walks
     lua = new_runtime()
     stop = lua.eval("function() return require('luaprobe.engine.plugins.jitprof').start('build') end")()
     with open_capture(capture) as cap:
         keep, addr, n, size, hot, stage = lua.eval(BUILD)(cap.address, cap.size, 262144)
         vms = []
         try:
-            for f in sorted(os.listdir(plugdir)):
-                vm = PluginVM(os.path.join(plugdir, f), start_workers=False, enginetype="frontend",
-                              pipeline="frontend", groups={})
-                vms.append(vm)
-                assert vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host) is None
-            walks = [(vm.host, vm.lua.eval("function(h, a, n) return h:run_batch(a, n) end")) for vm in vms]
+            walks = load_walks(plugdir, vms)
             for k in range(0, n, 1024):
                 m = min(1024, n - k)
                 stage(k, m)
