@@ -962,10 +962,11 @@ function FT:clear()
   local cap = self.capacity
   self.terminated = self.terminated + self.live
   ffi.fill(self.flows, self.hw * FLOW_SIZE)             -- records [0, hw): zero, as never used (new_flow)
+  ffi.fill(self.cold, self.hw * COLD_SIZE)
   ffi.fill(self.lru, self.hw * ffi.sizeof("lp_link"))
   ffi.fill(self.slots, self.size * ffi.sizeof("lp_slot"), 0xff)
   self.hw, self.free_top, self.live = 0, 0, 0
-  local sen = self.flows[cap]
+  local sen = self.cold[cap]                            -- the age list's links are in the cold part (68b83d0)
   sen.aprev, sen.anext = cap, cap
   self.lru[cap].prev, self.lru[cap].next = cap, cap
 end
