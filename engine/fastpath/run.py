@@ -395,6 +395,7 @@ class FastPath:
         self._last_stats = -1e9
         self._last_progress = -1e9
         self._last_store_check = -1e9    #: _maybe_stats: when the store writer was last looked at
+        self._stats_due = -1e9           #: monotonic s when _maybe_stats has anything to do next (_next_due)
         self.loop_start = self.loop_end = None   #: monotonic time of the first batch / after the last one
         self.loop_cpu_start = self.loop_cpu_end = None   #: this thread's CPU time at the same two points
         self.loop_ru_start = self.loop_ru_end = None     #: and its getrusage (page faults, context switches)
@@ -831,6 +832,7 @@ class FastPath:
                     driver, rt.bell.address + PROGRESS_OFFSET)
             self._pin(capture)
             loop_open = False                   # batches walked since loop_end was last read
+            monotonic, service = time.monotonic, rt.service
             while True:
                 if self._stop == 1:
                     self._stop_capture(capture)
@@ -862,8 +864,9 @@ class FastPath:
                     if self._posted:            # post_message_*: delivered between batches
                         self._deliver_messages()
                     loop_open = True            # its end is read once the ring has no batch (loop_end below)
-                    rt.service()
-                    self._maybe_stats(rt, capture)
+                    service()
+                    if monotonic() >= self._stats_due:   # heartbeat / store check / progress / stats: due times
+                        self._maybe_stats(rt, capture)   # only (a call per batch was ~1 us of ~1 020 packets)
                     if self._reload or self._retiring:
                         self._reload_step(rt)
                     self.loop_batches += 1
@@ -1401,10 +1404,34 @@ class FastPath:
                 from ..daemon.control import open_private
                 open_private(path, "w").close()
 
+    def _next_due(self) -> float:
+        """Monotonic s of the earliest thing _maybe_stats does next (heartbeat, store check, progress, stats
+        snapshot; inf when none is on).  The batch loop calls _maybe_stats only from then on: a call that is not
+        due does nothing, so the times at which each one happens are those of a call per batch.  A time moved
+        elsewhere (``_beat(force=True)``) only makes the next call earlier than needed, which is harmless."""
+        cfg, due = self.cfg, float("inf")
+        if cfg.heartbeat_file:
+            due = getattr(self, "_last_beat", -1e9) + 0.5
+        if self.store is not None:
+            due = min(due, self._last_store_check + 0.25)
+        if cfg.progress is not None:
+            due = min(due, self._last_progress + 0.25)
+        if cfg.stats_file:
+            due = min(due, self._last_stats + cfg.stats_interval)
+        return due
+
     def _maybe_stats(self, rt, capture) -> None:
         """Report progress (cfg.progress, every 0.25 s) and write the snapshot to cfg.stats_file every
         cfg.stats_interval seconds (atomic rename).  Every 0.25 s it also looks at the store writer: a dead one
-        (killed, disk full) ends the run at once with StoreDied (exit 1; the supervisor restarts the fast path)."""
+        (killed, disk full) ends the run at once with StoreDied (exit 1; the supervisor restarts the fast path).
+        Sets ``_stats_due`` (_next_due) for the batch loop."""
+        try:
+            self._stats_step(rt, capture)
+        finally:
+            self._stats_due = self._next_due()
+
+    def _stats_step(self, rt, capture) -> None:
+        """_maybe_stats' work: each of its steps that is due now."""
         self._beat()
         now = time.monotonic()
         if self.store is not None and now - self._last_store_check >= 0.25:

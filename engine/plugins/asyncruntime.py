@@ -38,6 +38,7 @@ class AsyncRuntime:
                 self.bell.close()              # nobody holds this runtime to close it
                 raise
         self.vms: list[PluginVM] = []
+        self._services = 0              #: service() calls (a VM without workers is polled every 64th)
         self.closed = False
         self.abort = None               #: callable -> True when a hard stop was asked (checked while draining)
         self.beat = None                #: callable: the fast path's heartbeat, called while draining
@@ -76,7 +77,7 @@ class AsyncRuntime:
     def service(self, max_results: int = 4096) -> int:
         """Deliver ready results in every VM and watch the workers; returns results delivered."""
         n = 0
-        self._services = k = getattr(self, "_services", 0) + 1
+        self._services = k = self._services + 1
         for vm in self.vms:
             # a VM with no worker pool has scheduled no task (its first one starts the pool): nothing to send or
             # deliver, only the collector's pace to check (gcpace.lua, every 64 polls), so it is polled every 64th

@@ -3,7 +3,10 @@ TCP dport counter) run alternately by each checkout's own venv, N rounds; prints
 min/median/max of the engine's elapsed time, of its packet loop (first batch .. last batch walked) and of the
 loop's CPU time per packet (the summary's packet_loop_cpu_s: the fast path thread's CPU, less sensitive to load).
 
-    python tools/bench/ab_checkouts.py BEFORE_REPO AFTER_REPO CAPTURE [--rounds 6]
+    python tools/bench/ab_checkouts.py BEFORE_REPO AFTER_REPO CAPTURE [--rounds 6] [--shape empty]
+
+``--shape NAME`` runs a plug-in shape of tools/bench/shapes.py (e.g. ``empty``: the corpus benchmark's empty TCP
+hook) instead of the dport counter.  The side that runs first alternates from round to round.
 
 Each repo needs its own `.venv` with luaprobe installed (`pip install -e .`).  Alternating the two sides
 spreads a busy machine's noise over both; compare medians, not single runs.
@@ -20,6 +23,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 
 def plugin_text() -> str:
@@ -44,13 +48,19 @@ def main(argv=None) -> int:
     ap.add_argument("after")
     ap.add_argument("capture")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--shape", help="a plug-in shape of tools/bench/shapes.py instead of the dport counter")
     a = ap.parse_args(argv)
     res = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as work:
-        plugin = os.path.join(work, "dport.lua")
-        open(plugin, "w").write(plugin_text())
+        if a.shape:
+            from tools.bench import shapes
+            plugin = shapes.write(a.shape, os.path.join(work, "plugins"))
+        else:
+            plugin = os.path.join(work, "dport.lua")
+            open(plugin, "w").write(plugin_text())
         for r in range(a.rounds):
-            for side, repo in (("before", a.before), ("after", a.after)):
+            sides = (("before", a.before), ("after", a.after))
+            for side, repo in sides if r % 2 == 0 else sides[::-1]:
                 s = run_once(repo, a.capture, plugin, work)
                 cpu = s.get("packet_loop_cpu_s")
                 ns = cpu / s["packets"] * 1e9 if cpu else None
