@@ -326,3 +326,24 @@ def test_trace_log_shows_the_walk_as_one_loop(tmp_path, monkeypatch):
     roots = [m.group(1) for m in (re.fullmatch(rf"start (\d+) host\.lua:{line}", s) for s in log) if m]
     stops = [s for s in log for t in roots if s.startswith(f"stop {t} ")]
     assert stops and all(s.endswith(f"link {s.split()[1]} loop") for s in stops), "\n".join(log)
+
+
+def test_trace_log_and_abort_counter_together(tmp_path, monkeypatch):
+    """LUAPROBE_JIT_TRACES and LUAPROBE_JIT_ABORTS set together: both get every trace event.  LuaJIT keeps one
+    handler per VM event, so the abort counter's jit.attach replaced the trace log's (its file held only the exit
+    counts; found by the slow-mode helper).  Truth: a loop that LuaJIT compiles (a root trace that starts and
+    stops) and a loop that makes a closure per pass (FNEW is not compiled by LuaJIT 2.1: an abort)."""
+    from luaprobe.shm.luajit import new_runtime
+    monkeypatch.setenv("LUAPROBE_JIT_TRACES", str(tmp_path / "t"))
+    monkeypatch.setenv("LUAPROBE_JIT_ABORTS", str(tmp_path / "a"))
+    new_runtime().execute("""
+        local stop = require("luaprobe.engine.plugins.jitprof").start("both")
+        local s = 0
+        for i = 1, 100000 do s = s + i % 7 end
+        for i = 1, 100000 do local f = function() return i end; s = s + f() end
+        stop()""")
+    log = open(tmp_path / "t.both.traces.txt").read().splitlines()
+    assert any(x.startswith("start ") for x in log) and any(x.startswith("stop ") for x in log), log
+    assert any(x.startswith("abort ") and "FNEW" in x for x in log), log
+    aborts = open(tmp_path / "a.both.aborts.tsv").read()
+    assert "FNEW" in aborts, aborts

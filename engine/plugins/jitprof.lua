@@ -82,6 +82,26 @@ local phase = 0
 --- Advance the abort counter's phase (a no-op when nothing counts).
 function M.mark() phase = phase + 1 end
 
+-- LuaJIT keeps one handler per VM event (lib_jit.c jit_attach: the event's registry slot): a second
+-- jit.attach(f, "trace") replaced the first, so the trace log and the abort counter together lost the log's
+-- entries.  Both attach through this one dispatcher instead.
+local trace_handlers = {}
+local function dispatch(...)
+  for i = 1, #trace_handlers do trace_handlers[i](...) end
+end
+
+local function attach_trace(fn)
+  trace_handlers[#trace_handlers + 1] = fn
+  if #trace_handlers == 1 then jit.attach(dispatch, "trace") end
+end
+
+local function detach_trace(fn)
+  for i = #trace_handlers, 1, -1 do
+    if trace_handlers[i] == fn then table.remove(trace_handlers, i) end
+  end
+  if #trace_handlers == 0 then jit.attach(dispatch) end
+end
+
 --- The abort counter: a table of "phase\tcode\tmessage\tplace\tstart" -> count, and the attach callback.
 local function abort_counter()
   local jutil, counts, starts = require("jit.util"), {}, {}
@@ -127,10 +147,10 @@ local function trace_log(path)
     local k = tr * 65536 + ex
     exits[k] = (exits[k] or 0) + 1
   end
-  jit.attach(on_trace, "trace")
+  attach_trace(on_trace)
   jit.attach(on_exit, "texit")
   return function()
-    jit.attach(on_trace)
+    detach_trace(on_trace)
     jit.attach(on_exit)
     local f = io.open(path, "w")
     if not f then return end
@@ -164,10 +184,10 @@ function M.start_profile(tag)
   local aprefix = os.getenv("LUAPROBE_JIT_ABORTS")
   if (not prefix or prefix == "") and (not aprefix or aprefix == "") then return function() end end
   local acounts, on_trace = abort_counter()
-  jit.attach(on_trace, "trace")
+  attach_trace(on_trace)
   if not prefix or prefix == "" then
     return function()
-      jit.attach(on_trace)                     -- detach
+      detach_trace(on_trace)
       write_aborts(("%s.%s.aborts.tsv"):format(aprefix, tag), acounts)
     end
   end
@@ -178,7 +198,7 @@ function M.start_profile(tag)
   end)
   return function()
     prof.stop()
-    jit.attach(on_trace)
+    detach_trace(on_trace)
     if aprefix and aprefix ~= "" then write_aborts(("%s.%s.aborts.tsv"):format(aprefix, tag), acounts) end
     local rows = {}
     for k, v in pairs(counts) do rows[#rows + 1] = { k, v } end
