@@ -119,6 +119,14 @@ def new_runtime(search_dirs=(), encoding: str | None = None) -> luajit21.LuaRunt
     return lua
 
 
+def error_text(e) -> str:
+    """The first line-block of a LuaError (without the stack traceback) as str."""
+    msg = e.args[0] if getattr(e, "args", None) else str(e)
+    if isinstance(msg, bytes):
+        msg = msg.decode("utf-8", "replace")
+    return str(msg).split("\nstack traceback:", 1)[0]
+
+
 def table(lua, mapping: dict):
     """A Lua table from a dict, with str keys and values encoded as UTF-8 Lua strings (surrogate escapes, as in
     file names from argv, back to their original bytes: ``os.fsencode``)."""

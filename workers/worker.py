@@ -113,8 +113,9 @@ def main(argv=None, remote=None) -> int:
     try:
         reason = _serve(serve, table, lua, args, channel, bell, remote)
     except Exception as e:  # noqa: BLE001 - a fault of the loop itself: one log line, not a Python traceback
-        from luaprobe.engine.plugins.errors import text
-        logs.log.error("async worker %s: %s (the worker ends; its task is reported as an error)", args.slot, text(e))
+        from luaprobe.shm.luajit import error_text
+        logs.log.error("async worker %s: %s (the worker ends; its task is reported as an error)", args.slot,
+                       error_text(e))
         return 1
     sys.stdout.flush()
     return EXIT_RECYCLE if reason == b"recycle" else 0

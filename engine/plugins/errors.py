@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from luaprobe.shm.luajit import error_text
+
 _OFFSET = re.compile(r"offset (\d+): (.*)", re.S)
 #: Lua 5.1's `require` failure (loadlib.c ll_require): "<where>: module 'name' not found:" then one "\n\tno ..." per try
 _NOT_FOUND = re.compile(r"^(?:(?P<where>[^\n]*?): )?module '(?P<name>[^']+)' not found:(?P<tries>.*)$", re.S)
@@ -12,12 +14,7 @@ _TRIED = re.compile(r"no file '([^']*)'")
 _LOADING = re.compile(r"error loading module '(?P<name>[^']+)' from file '(?P<file>[^']+)':\n\t(?P<msg>.*)$", re.S)
 
 
-def text(e) -> str:
-    """The first line-block of a LuaError (without the stack traceback) as str."""
-    msg = e.args[0] if getattr(e, "args", None) else str(e)
-    if isinstance(msg, bytes):
-        msg = msg.decode("utf-8", "replace")
-    return str(msg).split("\nstack traceback:", 1)[0]
+text = error_text      #: the first line-block of a LuaError as str (shm/luajit.py, which workers/ may import)
 
 
 def split_lua_error(e) -> tuple[int, str]:
