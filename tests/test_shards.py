@@ -334,7 +334,7 @@ def run_killing(tmp_path, out: str, spec: str, pick, **kw) -> tuple[dict, psutil
 def test_crashed_shard_restarts_others_keep_running(tmp_path):
     """kill -9 of shard 1 mid-run: it restarts on its ring, the run completes, shard 0's flows are exactly
     those of an undisturbed run (the model says which flows are shard 0's)."""
-    spec = "packets=300000,flows=2000,mix=tcp=70:udp=30,seed=5"
+    spec = "packets=2000000,flows=2000,mix=tcp=70:udp=30,seed=5"   # long enough that the kill lands mid-run
     ref = dump(run_n(tmp_path, 2, files=[], name="ref", generate=spec)[1])
     out = str(tmp_path / "kill")
 
@@ -622,7 +622,9 @@ def test_a_shard_whose_store_writer_dies_counts_the_rows_it_lost(tmp_path):
     (``store_rows_lost``, the writer's own count: rows handed to it minus rows SQLite has, tests/test_store.py),
     the summary and the stats snapshot sum them, the exit line names them, and every packet is still accounted
     for.  Before, the shard died with a traceback and its lost rows appeared nowhere (summary, stats, supervisor)."""
-    spec = "packets=300000,flows=2000,mix=tcp=70:udp=30,seed=5"
+    # 2M packets: the kill must land mid-run (a 300k-packet run took ~0.15 s on a fast machine, shorter than the
+    # 0.1 s stats snapshots that name the writer: the kill landed after the writer's last commit, 0 rows lost)
+    spec = "packets=2000000,flows=2000,mix=tcp=70:udp=30,seed=5"
 
     def writer1(snap):
         sh = snap.get("shards", [])

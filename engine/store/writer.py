@@ -603,7 +603,7 @@ class StoreWriter:
             if timeout is not None and self._backlog < before:
                 end = time.monotonic() + timeout          # progress: the writer is alive
             if self._proc.poll() is not None:
-                self._break(f"writer exited with code {self._proc.returncode}")
+                self._break(f"writer exited ({_exit_how(self._proc.returncode)})")
                 break
             left = 0.5 if end is None else min(0.5, end - time.monotonic())
             if left <= 0:
@@ -678,15 +678,19 @@ class StoreWriter:
             errors.extend(d.get("errors", []))
         else:
             errors.extend(f"{m[1]}" for m in self._msgs if m[0] == "fatal")
-            rc = proc.returncode
-            how = f"signal {-rc}" if rc is not None and rc < 0 else f"code {rc}"
-            errors.append(f"writer exited ({how}) without a final report" + (": " + _tail(err) if err else ""))
+            errors.append(f"writer exited ({_exit_how(proc.returncode)}) without a final report"
+                          + (": " + _tail(err) if err else ""))
         if self._broken and not done:
             errors.append(self._broken)
         report["returncode"] = proc.returncode
         if proc.returncode and not errors:
-            errors.append(f"writer exited with code {proc.returncode}")
+            errors.append(f"writer exited ({_exit_how(proc.returncode)})")
         return report
+
+
+def _exit_how(rc: int | None) -> str:
+    """"signal 9" for a writer a signal ended (Popen.returncode -9), else "code N"."""
+    return f"signal {-rc}" if rc is not None and rc < 0 else f"code {rc}"
 
 
 def _tail(err: bytes, n: int = 800) -> str:
