@@ -287,21 +287,45 @@ def dir_problem(path: str, creating=(), write: bool = False) -> str | None:
     path = os.path.abspath(path)
     if dangling_link(path):
         return dangling_link(path)
-    if os.path.exists(path) and not os.path.isdir(path):
+    try:                                             # one stat: a racing command's probe may remove it meanwhile
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        is_dir = None                                # missing
+    if is_dir is False:
         return NOT_A_DIRECTORY
     parent = os.path.dirname(path)
     if not os.path.isdir(path) and not os.path.isdir(parent):
         return None if _created(parent, creating) else f"the parent directory {parent} does not exist"
     if not write:
         return None
+    for _ in range(8):             # two commands at once (racing `luaprobe start`s): each may make and remove it
+        problem = _try_write(path)
+        if problem != "":
+            return problem
+    return "cannot write there: it keeps being made and removed by another command"
+
+
+def _try_write(path: str) -> str | None:
+    """One write probe of :func:`dir_problem`: None (writable), its problem, or "" when another command made or
+    removed the directory (its own probe) between our steps: look again."""
     made = False
     try:
         if not os.path.isdir(path):
-            os.mkdir(path, 0o700)
-            made = True
+            try:
+                os.mkdir(path, 0o700)
+                made = True
+            except FileExistsError:
+                pass                                 # made by another command this moment
+    except OSError as e:
+        return f"cannot write there: {e.strerror}"
+    try:
         with tempfile.TemporaryFile(dir=path) as f:
             f.write(bytes(4096))
             f.flush()
+    except FileNotFoundError as e:
+        if not made and not os.path.exists(path):
+            return ""                                # removed by that command's probe as we wrote
+        return f"cannot write there: {e.strerror}"
     except OSError as e:
         return f"cannot write there: {e.strerror}"
     finally:
