@@ -201,9 +201,8 @@ class Supervisor:
         age = time.time() - beat
         if age > limit:
             if stopped := self._stopped_processes():       # a stopped process (the store, say) holds the fast path
-                name, pid = stopped[0]                     # up: that is the cause the operator needs to see
-                self._stalled(f"stalled: {name} process (pid {pid}) stopped (state T); no heartbeat for {age:.0f} s; "
-                              "killed")
+                self._stalled(                             # up: that is the cause the operator needs to see
+                    f"stalled: {_stopped_text(*stopped[0])}; no heartbeat for {age:.0f} s; killed")
                 return
             loading = not self._loaded()["loaded"]   # the fast path beats before each plug-in it loads: one's top
             try:
@@ -262,7 +261,7 @@ class Supervisor:
         for name, pid in self._stopped_processes():
             stopped[pid] = since = self._stopped.get(pid, now)
             if now - since >= limit:
-                why = f"{name} process (pid {pid}) stopped (state T) for {now - since:.0f} s"
+                why = f"{_stopped_text(name, pid)} for {now - since:.0f} s"
         self._stopped = stopped
         snap = self.snapshot or {}
         if (why is None and self._files_only and self.mode == "run" and not snap.get("final")
@@ -647,6 +646,12 @@ class Supervisor:
             out_claim.release()
             pidfile.release()
             log.info("supervisor exiting: %s", self.state)
+
+
+def _stopped_text(role: str, pid: int) -> str:
+    """How both stall rules name a process found stopped (Supervisor._stopped_processes): "store process (pid 12)
+    stopped (state T)"; the rule adds how long ("; no heartbeat for 5 s" or " for 5 s")."""
+    return f"{role} process (pid {pid}) stopped (state T)"
 
 
 def _proc_state(pid: int) -> str | None:
