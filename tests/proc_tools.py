@@ -2,6 +2,7 @@
 inherit it, orphans reparented to init too), and its shared memory by the owner pid in the segment names."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -45,22 +46,61 @@ def start(args, *, cwd=None, env=None, **kw) -> subprocess.Popen:
                             text=True, start_new_session=True, **kw)
 
 
-def assert_nothing_left(tag: str, pids) -> None:
-    """No process of the run alive (orphans included) and no segment of ``pids``; kills what it finds."""
-    alive = tagged_processes(tag)
+def reap(tag: str, pids=(), grace: float = 0.0) -> tuple[list, list]:
+    """End every process carrying ``tag`` and unlink the segments they and ``pids`` own.
+
+    Waits up to ``grace`` s for the processes to end by themselves (a `stop` that returned may leave its processes
+    exiting), then SIGKILLs and reaps what is still running: orphans re-parented to init and the processes of a
+    daemonized supervisor too, which the autouse leak guard (conftest.py no_leaks) cannot see.  The owners whose
+    segments are looked for are ``pids`` and every tagged process seen while waiting, so the segments of a fast
+    path killed here are found.  Returns ([(pid, cmdline)] killed, [segment names] unlinked)."""
+    import time
+    seen, end = set(pids), time.monotonic() + grace
+    while True:
+        alive = tagged_processes(tag)
+        seen |= {p.pid for p in alive}
+        if not alive or time.monotonic() >= end:
+            break
+        time.sleep(0.1)
+    killed = []
     for p in alive:
         try:
+            killed.append((p.pid, p.cmdline()))
             p.kill()
         except psutil.Error:
             pass
-    segs = segments_of(pids)
+    psutil.wait_procs(alive, timeout=10)
+    segs = segments_of(seen)
     for n in segs:
         try:
             segment.unlink(n)
         except OSError:
             pass
-    assert not alive, f"processes left running: {[(p.pid, p.cmdline()) for p in alive]}"
+    return killed, segs
+
+
+def assert_nothing_left(tag: str, pids, grace: float = 0.0) -> None:
+    """No process of the run alive (orphans included) and no segment of ``pids`` or of a process of the run;
+    kills and unlinks what it finds (:func:`reap`)."""
+    killed, segs = reap(tag, pids, grace)
+    assert not killed, f"processes left running: {killed}"
     assert not segs, f"shared memory left: {segs}"
+
+
+@contextlib.contextmanager
+def reaped(tag: str, pids=(), grace: float = 30.0):
+    """``with reaped(tag) as pids:`` -- whatever the body does, no process carrying ``tag`` and no segment of
+    theirs (or of a pid the body adds to ``pids``) is left after it.  A body that raised: everything is killed at
+    once and its own exception goes on (a cleanup that waited for a stop that never came, and raised, left
+    the daemons running: the next test found two).  A body that ended well: the processes get ``grace`` s to end
+    by themselves, then what was left is killed and the test fails naming it (:func:`reap`)."""
+    pids = set(pids)
+    try:
+        yield pids
+    except BaseException:
+        reap(tag, pids)
+        raise
+    assert_nothing_left(tag, pids, grace)
 
 
 def worker_running(procs) -> bool:

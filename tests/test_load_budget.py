@@ -18,11 +18,10 @@ COMPILED = "-- TrisulPlugin\nwhile true do end\n"
 INTERPRETED = "-- TrisulPlugin\nlocal n = 0\nwhile true do n = n + #debug.getinfo(1).source end\n"
 
 
-def finish(p, tag, timeout=60):
-    try:
-        out, err = p.communicate(timeout=timeout)
-    finally:
-        proc_tools.assert_nothing_left(tag, [p.pid])
+def finish(p, timeout=60):
+    """(exit code, stderr) of ``p`` once it ended; the test's ``with proc_tools.reaped(tag, grace=0)`` then finds
+    nothing of the run left at that moment, and kills all of it (daemons included) whatever the test's outcome."""
+    out, err = p.communicate(timeout=timeout)
     return p.returncode, err
 
 
@@ -36,8 +35,10 @@ def test_a_top_level_loop_is_a_plugin_error(tmp_path, src, line, cmd):
     if cmd == "run":
         args += ["--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q"]
     t0 = time.monotonic()
-    p = proc_tools.start(args, env=env)
-    rc, err = finish(p, tag)
+    with proc_tools.reaped(tag, grace=0) as pids:
+        p = proc_tools.start(args, env=env)
+        pids.add(p.pid)
+        rc, err = finish(p)
     assert rc == 4, err
     assert time.monotonic() - t0 < 30
     mine = [x for x in err.splitlines() if "top level of" in x]
@@ -61,8 +62,10 @@ def daemon_config(tmp_path, budget, stall):
 def test_daemon_start_fails_as_a_plugin_error(tmp_path, budget, stall, why):
     cfg, run_dir = daemon_config(tmp_path, budget, stall)
     env, tag = proc_tools.tagged_env()
-    p = proc_tools.start(["start", "--config", cfg], env=env)
-    rc, err = finish(p, tag, timeout=90)
+    with proc_tools.reaped(tag, grace=0) as pids:
+        p = proc_tools.start(["start", "--config", cfg], env=env)
+        pids.add(p.pid)
+        rc, err = finish(p, timeout=90)
     assert rc == 4, err
     assert why in err and "loop.lua" in err, err
     st = proc_tools.start(["status", "--run-dir", run_dir, "--json"])
@@ -73,13 +76,15 @@ def test_daemon_start_fails_as_a_plugin_error(tmp_path, budget, stall, why):
 def test_daemon_stop_while_loading_is_prompt(tmp_path):
     cfg, run_dir = daemon_config(tmp_path, 0, 120)
     env, tag = proc_tools.tagged_env()
-    p = proc_tools.start(["start", "--config", cfg], env=env)
-    helpers.wait_for(lambda: os.path.exists(os.path.join(run_dir, "heartbeat")), 30, 0.05)
-    t0 = time.monotonic()
-    s = proc_tools.start(["stop", "--run-dir", run_dir], env=env)
-    _, err = s.communicate(timeout=60)
-    took = time.monotonic() - t0
-    rc, _ = finish(p, tag)
+    with proc_tools.reaped(tag, grace=0) as pids:
+        p = proc_tools.start(["start", "--config", cfg], env=env)
+        pids.add(p.pid)
+        helpers.wait_for(lambda: os.path.exists(os.path.join(run_dir, "heartbeat")), 30, 0.05)
+        t0 = time.monotonic()
+        s = proc_tools.start(["stop", "--run-dir", run_dir], env=env)
+        _, err = s.communicate(timeout=60)
+        took = time.monotonic() - t0
+        finish(p)
     assert s.returncode == 4 and "before it processed anything" in err, err
     assert took < 15, took                               # not stop_deadline (20 s) and exit 5
 
@@ -87,10 +92,12 @@ def test_daemon_stop_while_loading_is_prompt(tmp_path):
 def test_a_signal_to_start_stops_the_daemon_it_started(tmp_path):
     cfg, run_dir = daemon_config(tmp_path, 0, 120)
     env, tag = proc_tools.tagged_env()
-    p = proc_tools.start(["start", "--config", cfg], env=env)
-    helpers.wait_for(lambda: os.path.exists(os.path.join(run_dir, "heartbeat")), 30, 0.05)
-    p.send_signal(signal.SIGTERM)
-    rc, err = finish(p, tag)
+    with proc_tools.reaped(tag, grace=0) as pids:
+        p = proc_tools.start(["start", "--config", cfg], env=env)
+        pids.add(p.pid)
+        helpers.wait_for(lambda: os.path.exists(os.path.join(run_dir, "heartbeat")), 30, 0.05)
+        p.send_signal(signal.SIGTERM)
+        rc, err = finish(p)
     assert rc == 143, err
     assert "the daemon it started was stopped" in err, err
 
@@ -106,8 +113,9 @@ def test_two_racing_starts_one_runs_the_other_exits_2(tmp_path):
     cfg.write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\nloop = true\n'
                    '[plugins]\npaths = ["pl"]\n')
     env, tag = proc_tools.tagged_env()
-    a, b = (proc_tools.start(["start", "--config", str(cfg)], env=env) for _ in range(2))
-    try:
+    with proc_tools.reaped(tag) as pids:       # both daemons and all theirs gone, whatever the assertions said
+        a, b = (proc_tools.start(["start", "--config", str(cfg)], env=env) for _ in range(2))
+        pids |= {a.pid, b.pid}
         ra, rb = (p.communicate(timeout=90) + (p.returncode,) for p in (a, b))
         codes = sorted([ra[2], rb[2]])
         loser = ra if ra[2] == 2 else rb
@@ -117,6 +125,34 @@ def test_two_racing_starts_one_runs_the_other_exits_2(tmp_path):
         s = proc_tools.start(["stop", "--run-dir", str(tmp_path / "run")], env=env)
         s.communicate(timeout=60)
         assert s.returncode == 0
-    finally:
-        helpers.wait_for(lambda: not proc_tools.tagged_processes(tag), 30, 0.1)
-        proc_tools.assert_nothing_left(tag, [a.pid, b.pid])
+
+
+def test_a_failing_daemon_test_leaves_nothing_and_keeps_its_error(tmp_path):
+    """The clean-up the daemon tests above run in (proc_tools.reaped): a body that fails while its daemon runs
+    (here: raises after the daemon's fast path, capture and segments exist) ends with that daemon and every
+    process and segment of it gone, and with the body's own error, not one of the clean-up's.  Before, the
+    racing-starts test waited 30 s in its `finally` for a stop that never came, raised there, and left its
+    daemons running: the next test (test_supervisor's status from any directory) found two."""
+    plug = tmp_path / "pl"
+    plug.mkdir()
+    (plug / "ok.lua").write_text('TrisulPlugin = { id = { name = "ok" }, engine_monitor = {\n'
+                                 '  onmetronome = function() end } }\n')
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\nloop = true\n'
+                   '[plugins]\npaths = ["pl"]\n')
+    env, tag = proc_tools.tagged_env()
+    seen = set()
+
+    def running():
+        procs = proc_tools.tagged_processes(tag)
+        seen.update(p.pid for p in procs)
+        return proc_tools.segments_of(seen) and any("capture" in " ".join(p.cmdline()) for p in procs)
+    with pytest.raises(RuntimeError, match="^the body's own error$"):
+        with proc_tools.reaped(tag) as pids:
+            p = proc_tools.start(["start", "--config", str(cfg)], env=env)
+            pids.add(p.pid)
+            assert finish(p, timeout=90)[0] == 0
+            helpers.wait_for(running, 30, 0.1)
+            raise RuntimeError("the body's own error")
+    assert not proc_tools.tagged_processes(tag)
+    assert not proc_tools.segments_of(seen), proc_tools.segments_of(seen)
