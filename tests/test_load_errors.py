@@ -137,3 +137,37 @@ def test_syntax_error_in_a_required_helper_is_one_line(tmp_path, cmd, deep):
         want = f'plug-in problem: {path}:{line}: require "broken_helper" failed: {truth}'
     assert r.returncode == 4, r.stderr
     assert r.stderr.splitlines() == [want], r.stderr
+
+
+BAD_COUNTERGROUP = """TrisulPlugin = { id = { name = "bad declaration" },
+  countergroup = { control = { guid = "{11111111-2222-3333-4444-555555555556}", name = "g"%s }, meters = %s } }
+"""
+
+
+@pytest.mark.parametrize("control,meters,problem", [
+    ("", '{ { "zero", T.K.vartype.COUNTER, 10, "m", "d", "u" } }', 'countergroup.meters[1] id is "zero", not a meter number'),
+    ("", '{ { 0, "COUNTER", 10, "m", "d", "u" } }', 'countergroup.meters[1] vartype is "COUNTER", not a T.K.vartype number'),
+    ("", '{ { 0, 0, 10, 0, "m" }, { 1.5, 0, 10, 0, "n" } }', "countergroup.meters[2] id is 1.5, not a meter number"),
+    ("", '{ { 0, 0, "ten", 0, "m", "d", "u" } }', 'countergroup.meters[1] topn is "ten", not a number'),
+    ("", '{ { 0, 0, 10, 0, {}, "d", "u" } }', "countergroup.meters[1] name is a table, not a string"),
+    ("", "5", "countergroup.meters is a number, not a table of meters"),
+    (', bucketsize = "sixty"', "{}", 'countergroup.control.bucketsize is "sixty", not a number of seconds > 0'),
+    (", bucketsize = -5", "{}", "countergroup.control.bucketsize is -5, not a number of seconds > 0"),
+])
+@pytest.mark.parametrize("cmd", ["check", "run"])
+def test_a_bad_countergroup_declaration_is_one_problem_line(tmp_path, cmd, control, meters, problem):
+    """A countergroup whose meters or bucket size have the wrong type is a plug-in problem (exit 4, one line naming
+    the file and the field; README "Exit codes"). Before: a meter id or vartype that is not a number was an internal
+    error (exit 1, "ValueError: invalid literal for int()", no file named), `meters = 5` blamed host.lua's own line,
+    and a bucket size that is not a positive number was taken as 60 s in silence. Truth: the declaration we wrote
+    (docs/reference.md: meters are {id, vartype, topN, bottomN, name, description, units} of numbers and strings)."""
+    path = helpers.write_plugin(tmp_path, BAD_COUNTERGROUP % (control, meters), name="bad_cg.lua")
+    if cmd == "check":        # the listing on stdout, with its problem line (as for any declaration problem)
+        r = luaprobe("check", path, cwd=str(tmp_path))
+        lines, want = [t for t in r.stdout.splitlines() if "problem" in t], f"    problem: {path}: {problem}"
+    else:
+        r = luaprobe("run", path, "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
+        lines, want = r.stderr.splitlines(), f"plug-in problem: {path}: {problem}"
+    assert r.returncode == 4, r.stderr
+    assert len(lines) == 1 and lines[0].startswith(want), (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout and "host.lua" not in r.stderr + r.stdout

@@ -162,14 +162,30 @@ function Host:types()
   return out
 end
 
-local function meter_row(row)
-  -- 7 fields {id, vartype, topN, bottomN, name, description, units} or 6 without bottomN
+--- One row of countergroup.meters normalised, or nil and what is wrong with it (i: its index, for the message).
+--- 7 fields {id, vartype, topN, bottomN, name, description, units} or 6 without bottomN; id a meter number
+--- (0, 1, ...), vartype a T.K.vartype number, topN/bottomN numbers, the texts strings (or nil).
+local function meter_row(row, i)
+  local m
   if type(row[4]) == "number" then
-    return { id = row[1], vartype = row[2], topn = row[3], bottomn = row[4], name = row[5],
-             description = row[6], units = row[7] }
+    m = { id = row[1], vartype = row[2], topn = row[3], bottomn = row[4], name = row[5],
+          description = row[6], units = row[7] }
+  else
+    m = { id = row[1], vartype = row[2], topn = row[3], bottomn = 0, name = row[4], description = row[5],
+          units = row[6] }
   end
-  return { id = row[1], vartype = row[2], topn = row[3], bottomn = 0, name = row[4], description = row[5],
-           units = row[6] }
+  local function bad(field, want)
+    local v = m[field]
+    return nil, ("countergroup.meters[%d] %s is %s, not %s"):format(i, field,
+      type(v) == "string" and ("%q"):format(v) or type(v) == "number" and tostring(v) or "a " .. type(v), want)
+  end
+  if type(m.id) ~= "number" or m.id < 0 or m.id % 1 ~= 0 then return bad("id", "a meter number (0, 1, ...)") end
+  if type(m.vartype) ~= "number" or m.vartype % 1 ~= 0 then return bad("vartype", "a T.K.vartype number") end
+  if m.topn ~= nil and type(m.topn) ~= "number" then return bad("topn", "a number") end
+  for _, f in ipairs({ "name", "description", "units" }) do
+    if m[f] ~= nil and type(m[f]) ~= "string" then return bad(f, "a string") end
+  end
+  return m
 end
 
 --- The countergroup definition, normalised, or nil and a problem description.
@@ -180,10 +196,20 @@ function Host:countergroup()
   if type(c) ~= "table" or type(c.guid) ~= "string" then
     return nil, "countergroup.control.guid is missing"
   end
+  if cg.meters ~= nil and type(cg.meters) ~= "table" then
+    return nil, ("countergroup.meters is a %s, not a table of meters"):format(type(cg.meters))
+  end
+  if c.bucketsize ~= nil and not ((tonumber(c.bucketsize) or 0) > 0) then
+    return nil, ("countergroup.control.bucketsize is %s, not a number of seconds > 0"):format(
+      type(c.bucketsize) == "string" and ("%q"):format(c.bucketsize) or type(c.bucketsize) == "number"
+      and tostring(c.bucketsize) or "a " .. type(c.bucketsize))
+  end
   local meters = {}
   for i, row in ipairs(cg.meters or {}) do
     if type(row) ~= "table" then return nil, ("countergroup.meters[%d] is not a table"):format(i) end
-    meters[#meters + 1] = meter_row(row)
+    local m, problem = meter_row(row, i)
+    if not m then return nil, problem end
+    meters[#meters + 1] = m
   end
   local keyinfo = {}
   for i, row in ipairs(type(cg.keyinfo) == "table" and cg.keyinfo or {}) do
