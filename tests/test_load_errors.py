@@ -171,3 +171,41 @@ def test_a_bad_countergroup_declaration_is_one_problem_line(tmp_path, cmd, contr
     assert r.returncode == 4, r.stderr
     assert len(lines) == 1 and lines[0].startswith(want), (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr + r.stdout and "host.lua" not in r.stderr + r.stdout
+
+
+ASYNC_REQUIRE = """local n = 0
+TrisulPlugin = { id = { name = "requires a helper in its worker" },
+  simplecounter = { protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",
+    onpacket = function(engine, layer)
+      n = n + 1
+      if n == 1 then
+        T.async:schedule{ data = "x",
+          onexecute = function(d)
+            local m = require "broken_helper"
+            return d
+          end }
+      end
+    end } }
+"""
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_syntax_error_in_a_helper_required_by_a_worker_is_one_line(tmp_path, deep):
+    """The same helper required inside T.async onexecute (in the worker's VM, workers/worker.lua): its error is
+    logged as ONE line naming the plug-in's `require` line, the module and the module's own file and line, as
+    the load error above (was two lines: "error loading module 'broken_helper' from file '...':" then a tab and
+    the syntax error).  Truth: LuaJIT's own `loadfile` message for the helper (a fresh lupa VM), the `require`
+    line counted in the file we wrote."""
+    plugdir = tmp_path / ("d" * 40 + "/" + "e" * 40 if deep else "plugins")
+    plugdir.mkdir(parents=True)
+    (plugdir / "broken_helper.lua").write_text(BROKEN_HELPER)
+    path = helpers.write_plugin(plugdir, ASYNC_REQUIRE, name="needs.lua")
+    line = next(i for i, t in enumerate(open(path).read().splitlines(), 1) if 'require "broken_helper"' in t)
+    helper = str(plugdir / "broken_helper.lua")
+    truth = luajit21.LuaRuntime().eval(f"select(2, loadfile({helper!r}))")
+    truth = helper + ":2: " + truth.split(":2: ", 1)[1]
+    r = luaprobe("run", path, "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr                     # a task's error is the plug-in's business, not the run's
+    mine = [x for x in r.stderr.splitlines() if "broken_helper" in x or x.startswith(("  |", "\t"))]
+    want = f'T.async onexecute error: {path}:{line}: require "broken_helper" failed: {truth}'
+    assert len(mine) == 1 and mine[0].endswith(want), r.stderr

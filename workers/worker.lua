@@ -94,8 +94,40 @@ local function define(fns, fid, bytecode, name)
   fns.mutable[fid] = fn ~= nil and writes_upvalues(fn)
 end
 
+--- Lua 5.1's Lua-file loader failing on a module it found (loadlib.c loaderror: a syntax error in a helper, an
+--- unreadable file): "error loading module 'm' from file 'F':" then a newline, a tab and luaL_loadfile's message.
+--- Called from the message handler below: in one line, in the style of a plug-in's load error (the Python twin
+--- is engine/plugins/errors.py _fold_loading), naming the file and line of the `require` (its caller's frame on
+--- the stack, whole even where LuaJIT shortens chunk names to "...") and the module's own file and line:
+---   /p/plug.lua:7: require "m" failed: /p/m.lua:2: <name> or '...' expected near 'return'
+--- Another reason is kept after the file: ... require "m" failed: error loading module 'm' from file 'F': cannot
+--- read F.  Any other message is returned as it is.
+local function fold_loading(msg)
+  local pre, name, file, inner = msg:match("^(.-)error loading module '([^']+)' from file '([^']+)':\n\t(.*)$")
+  if not name then return msg end
+  inner = inner:gsub("%s+", " ")
+  local at, rest = inner:match("^(.-):(%d+: .*)$")
+  if at and (at == file or (at:sub(1, 3) == "..." and file:sub(-(#at - 3)) == at:sub(4))) then
+    inner = file .. ":" .. rest
+  else
+    inner = ("error loading module '%s' from file '%s': %s"):format(name, file, inner)
+  end
+  for level = 2, 64 do                         -- the frame that called require (level 1: this handler's caller)
+    local f = debug.getinfo(level, "fn")
+    if f == nil then break end
+    if f.func == require or f.name == "require" then
+      local c = debug.getinfo(level + 1, "Sl")
+      if c and c.currentline > 0 and c.source:sub(1, 1) == "@" then
+        return ("%s:%d: require \"%s\" failed: %s"):format(c.source:sub(2), c.currentline, name, inner)
+      end
+      break
+    end
+  end
+  return pre .. ("require \"%s\" failed: %s"):format(name, inner)
+end
+
 local function traceback(msg)
-  return tostring(msg) .. debug.traceback("", 3)   -- not traceback(msg, 2) (a tail call, hence level 3 here): LuaJIT cuts msg at a NUL byte
+  return fold_loading(tostring(msg)) .. debug.traceback("", 3)   -- not traceback(msg, 2) (a tail call, hence level 3 here): LuaJIT cuts msg at a NUL byte
 end
 
 local decoder = sbuf.new()
