@@ -1175,9 +1175,10 @@ class FastPath:
 
     def _jit_mark(self, lua) -> None:
         """End of an input file: the trace-abort counters (LUAPROBE_JIT_ABORTS, engine/lua/jitprof.lua) of
-        the driver and of every plug-in VM start a new phase, so warm-up and steady state count apart."""
+        the driver, of every plug-in VM and of the packet store's VM start a new phase, so warm-up and steady
+        state count apart."""
         if os.environ.get("LUAPROBE_JIT_ABORTS"):
-            for vm_lua in [lua] + [i.vm.lua for i in self.instances]:
+            for vm_lua in [lua] + [i.vm.lua for i in self.instances] + ([self.pstore_lua] if self.pstore_lua else []):
                 vm_lua.execute("require('luaprobe.engine.plugins.jitprof').mark()")
 
     def _max_memory(self) -> int | None:
