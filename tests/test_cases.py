@@ -17,6 +17,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import zlib
 
 import hypothesis
 import pytest
@@ -910,3 +911,31 @@ def test_long_lines_kind(tmp_path, shape):
     if method == "POST":
         want.append((method, uri, 2, SHA(b"ok")))
     assert [(f[0], f[1], int(f[3]), f[4]) for f in files] == want
+
+
+@pytest.mark.parametrize("coding,framing", [("gzip", "length"), ("gzip", "chunked"), ("deflate", "length"),
+                                            ("gzip, gzip", "length")])
+def test_compressed_body_that_decodes_to_nothing_is_an_empty_file(tmp_path, coding, framing):
+    """Case 08's kind (gzip bodies): a body whose compressed bytes decode to nothing (the gzip of an empty file,
+    20 bytes on the wire) is a file of 0 bytes, whole. Before, filex opened a file only at the first decoded byte,
+    so onfile_http was never called for such a response. Truth: Python's decoders give b"" for the body we sent,
+    and tshark's --export-objects http writes an empty object for the gzip cases."""
+    enc = {"gzip": lambda b: gzip.compress(b, mtime=0), "deflate": zlib.compress,
+           "gzip, gzip": lambda b: gzip.compress(gzip.compress(b, mtime=0), mtime=0)}[coding]
+    wire = enc(b"")
+    assert len(wire) > 0
+    assert (zlib.decompress(wire) if coding == "deflate" else gzip.decompress(gzip.decompress(wire))
+            if coding == "gzip, gzip" else gzip.decompress(wire)) == b""
+    c = pb.Conv(cport=46500)
+    c.handshake()
+    c.send(True, pb.http_request("/empty.txt"))
+    if framing == "chunked":
+        body, hdrs = b"%x\r\n%s\r\n0\r\n\r\n" % (len(wire), wire), [("Transfer-Encoding", "chunked")]
+    else:
+        body, hdrs = wire, [("Content-Length", len(wire))]
+    c.send(False, pb.http_response(body, [("Content-Encoding", coding), *hdrs]))
+    c.close()
+    files, _, _, _ = run_kinds(tmp_path, c.frames)
+    assert [(f[1], f[3], f[4], f[6]) for f in files] == [("/empty.txt", "0", SHA(b""), "nil")]
+    if coding == "gzip":
+        assert tshark_http_object(tmp_path, c.frames, "empty.txt") == b""

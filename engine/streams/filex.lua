@@ -305,6 +305,12 @@ end
 function F:body_end(st, dir, req, resp, total, flags)
   if flags and flags.trailing then self:trailing(st, dir, req, flags.trailing) end
   local b = st.body[dir]
+  if b == nil and total == 0 and flags and (flags.coded or 0) > 0 then
+    -- a compressed body that decodes to nothing (the gzip of an empty file): an empty file, as tshark exports it
+    self:body(st, dir, req, resp, "", 0)
+    b = st.body[dir]
+    if self.file_mode and not b.skip then b.fh = io.open(b.path, "wb") end
+  end
   st.body[dir] = nil
   if b == nil or b.skip then return end
   if flags and flags.truncated then self.stats.truncated = self.stats.truncated + 1 end

@@ -59,8 +59,8 @@ Bodies.
     (status 200, no headers, _version "0.9").
   * Pipelining: requests are queued in order; each final response takes the oldest.
 
-on_body_end flags: truncated (fewer bytes than announced, or a gap), gap (bytes
-of the body were lost), missing (raw bytes lost), decode_error, encoding, trailers.
+on_body_end flags: coded (a compressed body: its bytes before decoding), truncated (fewer bytes than
+announced, or a gap), gap (bytes of the body were lost), missing (raw bytes lost), decode_error, encoding, trailers.
 
 Gaps.  Inside a Content-Length body the missing bytes are counted (flags.gap,
 flags.truncated) and the body continues after the hole; a compressed body stops
@@ -361,6 +361,7 @@ local function body_end(self, st, truncated)
       self.stats.gzip_trailing = self.stats.gzip_trailing + 1
       self.stats.gzip_trailing_bytes = self.stats.gzip_trailing_bytes + b.z.trailing
     end
+    f.coded = b.z.total_in                         -- compressed bytes the body had (decoded: total)
     b.z:close()
   end
   -- why the delivered body is not the whole content (nil: it is): first reason that applies
