@@ -151,8 +151,9 @@ BAD_COUNTERGROUP = """TrisulPlugin = { id = { name = "bad declaration" },
     ("", '{ { 0, 0, "ten", 0, "m", "d", "u" } }', 'countergroup.meters[1] topn is "ten", not a number'),
     ("", '{ { 0, 0, 10, 0, {}, "d", "u" } }', "countergroup.meters[1] name is a table, not a string"),
     ("", "5", "countergroup.meters is a number, not a table of meters"),
-    (', bucketsize = "sixty"', "{}", 'countergroup.control.bucketsize is "sixty", not a number of seconds > 0'),
-    (", bucketsize = -5", "{}", "countergroup.control.bucketsize is -5, not a number of seconds > 0"),
+    (', bucketsize = "sixty"', "{}", 'countergroup.control.bucketsize is "sixty", not a number of seconds >= 1'),
+    (", bucketsize = -5", "{}", "countergroup.control.bucketsize is -5, not a number of seconds >= 1"),
+    (", bucketsize = 0.5", "{}", "countergroup.control.bucketsize is 0.5, not a number of seconds >= 1"),
 ])
 @pytest.mark.parametrize("cmd", ["check", "run"])
 def test_a_bad_countergroup_declaration_is_one_problem_line(tmp_path, cmd, control, meters, problem):
@@ -209,3 +210,20 @@ def test_syntax_error_in_a_helper_required_by_a_worker_is_one_line(tmp_path, dee
     mine = [x for x in r.stderr.splitlines() if "broken_helper" in x or x.startswith(("  |", "\t"))]
     want = f'T.async onexecute error: {path}:{line}: require "broken_helper" failed: {truth}'
     assert len(mine) == 1 and mine[0].endswith(want), r.stderr
+
+
+@pytest.mark.parametrize("control,problem", [
+    ("bucketsize = 0", "flowtracker.control.bucketsize is 0, not a number of seconds >= 1"),
+    ("bucketsize = 0.001", "flowtracker.control.bucketsize is 0.001, not a number of seconds >= 1"),
+    ('bucketsize = "x"', 'flowtracker.control.bucketsize is "x", not a number of seconds >= 1'),
+    ("count = 0", "flowtracker.control.count is 0, not a number of flows >= 1"),
+])
+def test_a_bad_flowtracker_control_is_one_problem_line(tmp_path, control, problem):
+    """A flowtracker whose bucket size is below one second was an internal error at the end of the run (exit 1,
+    "ZeroDivisionError: integer modulo by zero", flowmon.py), a negative one or a count of 0 gave no toppers in
+    silence. Now a plug-in problem: exit 4, one line naming the file and the field (README "Exit codes")."""
+    path = helpers.write_plugin(tmp_path, 'TrisulPlugin = { id = { name = "ft" }, flowtracker = { control = { name = "t", '
+                                f'{control} }}, getmetric = function(engine, flow) return 1 end }} }}', name="ft.lua")
+    r = luaprobe("run", path, "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.splitlines() == [f"plug-in problem: {path}: {problem}"], r.stderr

@@ -125,3 +125,61 @@ def test_check_reports_a_handler_without_host_protocol(tmp_path):
         parselayer = function(layer) return 0, nil end } }""")
     r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "check", str(p)], capture_output=True, text=True)
     assert "access points" in r.stdout + r.stderr
+
+
+BAD_ANSWER = """
+TrisulPlugin = { id = { name = "SYSLOG" },
+  protocol_handler = {
+    control = { guid = "%(syslog)s", name = "SYSLOG", host_protocol_guid = '%(udp)s', host_protocol_ports = { 514 } },
+    parselayer = function(layer)
+      if layer:layer_bytes() == 0 or layer:getbyte(0) ~= 60 then return nil end
+      local ip = layer:packet():find_layer("%(ipv4)s")
+      if ip:getbyte(12) == 192 and ip:getbyte(15) == 2 then return %(bad)s end   -- 192.0.2.2: a wrong answer
+      return layer:layer_bytes(), nil
+    end } }
+"""
+
+
+@pytest.mark.parametrize("bad,said", [("true", "a boolean"), ("{}", "a table"), ('"abc"', 'the string "abc"'),
+                                      ("0/0", "NaN")])
+def test_a_parselayer_answer_that_is_not_a_number_adds_no_layer_and_is_a_hook_error(tmp_path, bad, said):
+    """parselayer must answer nil or a number of bytes (docs/plugins.md). Any other answer adds no layer, counts
+    as a hook error and is logged naming the hook's file and line. Before, `true`, a table or "abc" added a layer
+    of 0 bytes and NaN one of every captured byte, with no sign. Truth: tshark's fields of the capture, filtered
+    in Python the way the handler decides (the syslog packets of 192.0.2.2 are the wrong answers)."""
+    pcap = tmp_path / "syslog.pcap"
+    _capture(pcap)
+    plugs = tmp_path / "plugins"
+    plugs.mkdir()
+    names = {"syslog": SYSLOG, "udp": UDP, "ipv4": IPV4, "cg": CG, "bad": bad}
+    (plugs / "syslog-protocol.lua").write_text(BAD_ANSWER % names)
+    (plugs / "syslogctr.lua").write_text(COUNTER % names)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(plugs), "--pcap", str(pcap),
+                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    fields = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-E", "separator=,", "-e", "ip.src",
+                             "-e", "udp.srcport", "-e", "udp.dstport", "-e", "udp.payload"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    want: dict[str, int] = {}
+    wrong = 0
+    for line in fields:
+        src, sport, dport, payload = line.split(",")
+        if 514 in (int(sport), int(dport)) and bytes.fromhex(payload)[:1] == b"<":
+            if src == "192.0.2.2":
+                wrong += 1
+            else:
+                want[src] = want.get(src, 0) + 1
+    (ph,) = [p for p in json.loads(r.stdout)["plugins"] if p["type"] == "protocol_handler"]
+    assert wrong > 0 and ph["hook_errors"] == {"protocol_handler.parselayer": wrong}, ph
+    handler = plugs / "syslog-protocol.lua"
+    errors = [t for t in r.stderr.splitlines() if "parselayer error" in t]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"parselayer ({handler}:5) returned {said}; expected a number of bytes or nil"), r.stderr
+    db = sqlite3.connect(out / "luaprobe.sqlite")
+    try:
+        got = dict(db.execute("SELECT key, sum(value) FROM counters WHERE group_guid = ? AND meter = 0 GROUP BY key",
+                              (CG,)).fetchall())
+    finally:
+        db.close()
+    assert want and got == want

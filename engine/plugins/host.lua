@@ -188,6 +188,16 @@ local function meter_row(row, i)
   return m
 end
 
+--- A problem description when control[field] is given but is not a number >= 1 (bucket sizes and counts: the
+--- Python side takes them as whole seconds / entries, and 0 divided by zero), else nil.  name: the field's full
+--- name, want: what it should be.
+local function bad_number(control, field, name, want)
+  local v = control[field]
+  if v == nil or (tonumber(v) or 0) >= 1 then return nil end
+  return ("%s is %s, not %s"):format(name, type(v) == "string" and ("%q"):format(v) or type(v) == "number"
+    and tostring(v) or "a " .. type(v), want)
+end
+
 --- The countergroup definition, normalised, or nil and a problem description.
 function Host:countergroup()
   local cg = self.plugin.countergroup
@@ -199,11 +209,8 @@ function Host:countergroup()
   if cg.meters ~= nil and type(cg.meters) ~= "table" then
     return nil, ("countergroup.meters is a %s, not a table of meters"):format(type(cg.meters))
   end
-  if c.bucketsize ~= nil and not ((tonumber(c.bucketsize) or 0) > 0) then
-    return nil, ("countergroup.control.bucketsize is %s, not a number of seconds > 0"):format(
-      type(c.bucketsize) == "string" and ("%q"):format(c.bucketsize) or type(c.bucketsize) == "number"
-      and tostring(c.bucketsize) or "a " .. type(c.bucketsize))
-  end
+  local problem = bad_number(c, "bucketsize", "countergroup.control.bucketsize", "a number of seconds >= 1")
+  if problem then return nil, problem end
   local meters = {}
   for i, row in ipairs(cg.meters or {}) do
     if type(row) ~= "table" then return nil, ("countergroup.meters[%d] is not a table"):format(i) end
@@ -244,6 +251,9 @@ function Host:flowtracker_control()
   if type(ft) ~= "table" then return nil end
   local c = type(ft.control) == "table" and ft.control or {}
   if type(ft.getmetric) ~= "function" then return nil, "flowtracker.getmetric is not a function" end
+  local problem = bad_number(c, "bucketsize", "flowtracker.control.bucketsize", "a number of seconds >= 1")
+    or bad_number(c, "count", "flowtracker.control.count", "a number of flows >= 1")
+  if problem then return nil, problem end
   return { name = tostring(c.name or (self.plugin.id and self.plugin.id.name) or self.path:match("[^/]*$")),
            bucketsize = tonumber(c.bucketsize) or 60, count = tonumber(c.count) or 10 }
 end
@@ -608,7 +618,13 @@ function Host:protocol_control() return require("luaprobe.engine.plugins.protoco
 function Host:setup_protocol_handler() return require("luaprobe.engine.plugins.protocol").setup(self) end
 function Host:run_protocol_batch(addr, n)
   packet.touch_flowids(ffi.cast(packet.pktp, addr), n)
-  return self:walk_batch(self.ph, addr, n)
+  local ph = self.ph
+  local calls = self:walk_batch(ph, addr, n)
+  if ph.bad_returns > 0 then                 -- parselayer answers that were not a number of bytes: hook errors too
+    self:count_hook(ph.hook, 0, ph.bad_returns)
+    ph.bad_returns = 0
+  end
+  return calls
 end
 function Host:protocol_stats()
   local ph = self.ph

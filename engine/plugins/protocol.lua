@@ -16,7 +16,9 @@ How it runs (choices where the reference is silent, docs/plugins.md):
   candidate layer starts where the host layer's header ends and runs to the end of the captured bytes; parselayer
   sees it as `layer` (layer_bytes() = its length).  Returning nil means "not this protocol"; returning n >= 0 adds
   a layer of the handler's protocol, n bytes long (clamped to what was captured), to the decoded packet in the
-  batch, where every later VM's simplecounter, Packet:find_layer and Layer:protocol_id see it.
+  batch, where every later VM's simplecounter, Packet:find_layer and Layer:protocol_id see it.  Any other value
+  (a string that is not a number, a table, a boolean, NaN) adds no layer and is a hook error (counted, logged
+  naming the hook's file and line).
 * The second return value (the next protocol's GUID) is honoured when it is another registered protocol_handler
   protocol that has this one as host (a chain); otherwise it is counted as `next_unknown` and ignored (luaprobe
   does not decode NetFlow/sFlow, which Trisul's redirectors hand packets to).
@@ -87,7 +89,16 @@ local function done(ph, batch, k, ok, nbytes, nxt)
     if ok then ph.declined = ph.declined + 1 end
     return
   end
-  d.layer[li].length = math.max(0, math.min(tonumber(nbytes) or 0, packet.layer_end(p, ph.off) - ph.off))
+  local n = tonumber(nbytes)
+  if n == nil or n ~= n then                     -- not a number of bytes (a table, true, NaN...): the layer goes
+    d.nlayers, d.first[ph.proto] = li, -1
+    ph.bad_returns = ph.bad_returns + 1
+    ph.errors:report(ph.error_label, ("%s returned %s; expected a number of bytes or nil"):format(
+      ph.where, n ~= n and "NaN" or type(nbytes) == "string" and ("the string %q"):format(nbytes:sub(1, 40))
+      or "a " .. type(nbytes)))
+    return
+  end
+  d.layer[li].length = math.max(0, math.min(n, packet.layer_end(p, ph.off) - ph.off))
   ph.added = ph.added + 1
   if nxt ~= nil and decode.by_guid(nxt) == nil then ph.next_unknown = ph.next_unknown + 1 end
 end
@@ -105,11 +116,14 @@ function M.setup(host)
     for _, p in ipairs(c.ports) do portset[p] = true end
   end
   local fn = host.plugin.protocol_handler.parselayer
+  local info = debug.getinfo(fn, "S")
+  local where = ("parselayer (%s:%d)"):format(info.source:gsub("^[=@]", ""), info.linedefined)
   host.ph = host:new_walk({ per = 1, pick = pick, done = done, invokes = { invoke }, args = { [invoke] = invoke_args },
                             hook = "protocol_handler.parselayer",
                             error_label = "protocol_handler.parselayer error", proto = proto, parent = parent,
                             ports = portset, fn = fn, pobj = packet.new_packet(), lobj = packet.new_layer(),
-                            li = 0, off = 0, added = 0, declined = 0, full = 0, next_unknown = 0 }, { fn })
+                            li = 0, off = 0, added = 0, declined = 0, full = 0, next_unknown = 0,
+                            errors = host.errors, where = where, bad_returns = 0 }, { fn })
   return nil
 end
 
