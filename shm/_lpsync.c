@@ -54,6 +54,31 @@ int lp_publish(uint64_t *pos, double v, uint32_t *bell) {
     return 1;
 }
 
+/* The consumer's release with refill slack (shm/ring.lua, "Refill slack"): publish the consumer position `v` like
+ * lp_publish, but wake the producer sleeping on `bell` only once v >= *want, the position it asked for (stored
+ * seq_cst by Ring:wait_space before it armed the bell).  The waker claims that wake by swapping *want to
+ * UINT64_MAX (compare-and-swap from the value it read): later releases of the same sleep see UINT64_MAX and make
+ * no second FUTEX_WAKE, so there is at most one wake per sleep.  No wakeup is lost, by the same seq_cst argument
+ * as lp_publish: either this store of the position precedes the sleeper's re-check (which then sees v >= want and
+ * does not sleep), or the sleeper's arm precedes the load of bell[0] here, and then want (stored before the arm)
+ * is the value read here.  A claim by an earlier release bumped bell[1] after the position that satisfied want
+ * was stored: the sleeper's FUTEX_WAIT returns at once (sequence changed) or its re-check sees that position.
+ * With want 0 (a fresh ring) every release wakes a sleeper, as lp_publish does. */
+int lp_release(uint64_t *pos, double v, uint32_t *bell, uint64_t *want) {
+    uint64_t p = (uint64_t)v;
+    __atomic_store_n(pos, p, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&bell[0], __ATOMIC_SEQ_CST) == 0) return 0;
+    uint64_t w = __atomic_load_n(want, __ATOMIC_SEQ_CST);
+    if (p < w) return 0;
+    if (!__atomic_compare_exchange_n(want, &w, UINT64_MAX, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) return 0;
+    __atomic_fetch_add(&bell[1], 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, &bell[1], FUTEX_WAKE, 0x7fffffff, NULL, NULL, 0);
+    return 1;
+}
+
+/* A seq_cst store of a position (Ring:wait_space's `want`, before it arms the bell). */
+void lp_store_sc(uint64_t *p, double v) { __atomic_store_n(p, (uint64_t)v, __ATOMIC_SEQ_CST); }
+
 /* Ring a doorbell unconditionally (used to interrupt a sleeper, e.g. at stop). */
 void lp_bell_ring(uint32_t *bell) {
     __atomic_fetch_add(&bell[1], 1, __ATOMIC_SEQ_CST);

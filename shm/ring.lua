@@ -13,6 +13,7 @@ Layout of a ring (offsets from the ring base, all little-endian):
     136  popped u64  records ever released
     192  data bell   {sleepers u32, seq u32}  the consumer sleeps here
     256  space bell  {sleepers u32, seq u32}  the producer sleeps here
+    264  want   u64  the head position a sleeping producer waits for (refill slack, below)
     16   hint slots u64  0, or the number of prefetch hint slots (below)
     4096 data area, `capacity` bytes
     4096 + capacity  hints: `hint slots` u32 (only in a ring formatted with hints)
@@ -35,6 +36,21 @@ A record is an 8-byte header {len u32, flags u32} followed by len bytes,
 padded to 8.  A record never wraps: if it does not fit before the end of the
 data area, a PAD header (flags = 1) fills the rest and the record starts at
 offset 0.  A record therefore needs at most capacity/2 bytes: MAX_RECORD.
+
+Refill slack (issue 10).  A producer faster than its consumer (a capture
+file read into the packet ring) finds the ring full again right after every
+release, and sleeping until its next record fits meant one futex wake per
+consumer batch.  Ring:wait_space(n, timeout, slack) stores at `want` the
+head position at which the record fits with `slack` more bytes free (want =
+tail + footprint - cap + slack, slack cut to cap - footprint so that want <=
+tail: an emptied ring always satisfies it), then arms the space bell; the
+consumer's release (lp_release in _lpsync.c) wakes it only once head >= want,
+and claims the wake (want := UINT64_MAX), so one sleep costs at most one
+wake.  Each wake therefore follows at least `slack` released bytes: wakes <=
+bytes released / slack + 1 per run.  The seq word of the space bell counts
+the wakes (Ring:space_wakes).  slack 0 is the plain protocol (woken once the
+record fits); live capture does not wait for space at all (afpacket.lua
+drops), and only the file / stream / generator producers pass a slack.
 
 Memory ordering (the argument):
   * Only the producer writes `tail` and the record bytes beyond it; only the
@@ -73,6 +89,8 @@ uint32_t lp_load32(const uint32_t *p);
 void lp_store32(uint32_t *p, uint32_t v);
 void lp_store_d(double *p, double v);
 void lp_fence(void);
+void lp_store_sc(uint64_t *p, double v);
+int lp_release(uint64_t *pos, double v, uint32_t *bell, uint64_t *want);
 double lp_now_ns(void);
 int lp_publish(uint64_t *pos, double v, uint32_t *bell);
 void lp_bell_ring(uint32_t *bell);
@@ -157,6 +175,7 @@ function M.attach(addr)
     popped_p = cast(u64p, base + 136),
     data_bell = cast(u32p, base + 192),
     space_bell = cast(u32p, base + 256),
+    want_p = cast(u64p, base + 264),
     hint = nil,                         -- prefetch hints (module doc): u32 per record, or nil
     hint_mask = 0,
   }, Ring)
@@ -328,10 +347,11 @@ function Ring:advance(n)
   self.popped_local = self.popped_local + 1
 end
 
---- Hand consumed space back to the producer and wake it if it sleeps.
+--- Hand consumed space back to the producer and wake it if it sleeps and the space it waits for (its record and
+--- its refill slack, module doc) is free now.
 function Ring:release()
   self.popped_p[0] = self.popped_local
-  C.lp_publish(self.head_p, self.head_local, self.space_bell)
+  C.lp_release(self.head_p, self.head_local, self.space_bell, self.want_p)
 end
 
 --- try_pop: one record as a Lua string, or nil when empty.
@@ -392,15 +412,26 @@ function Ring:footprint(n)
   return need
 end
 
---- Producer: wait until a record of `n` payload bytes fits or `timeout_ns` passes.
-function Ring:wait_space(n, timeout_ns)
+--- Producer: wait until a record of `n` payload bytes fits or `timeout_ns` passes (0 or nil: no limit).  Once it
+--- sleeps, it is woken only when `slack` bytes more than the record needs are free too (refill slack, module doc;
+--- default 0), or at the timeout.  Returns true when the record fits.
+function Ring:wait_space(n, timeout_ns, slack)
   local total = self:footprint(n)
   local function fits(load) return self.tail_local + total - load(self.head_p) <= self.cap end
   for _ = 1, M.SPIN do if fits(C.lp_load) then return true end end
+  slack = math.min(slack or 0, self.cap - total)
+  local want = self.tail_local + total - self.cap + slack       -- <= tail_local: an empty ring satisfies it
+  C.lp_store_sc(self.want_p, want)                              -- before the arm (lp_release's argument)
   local seq = C.lp_bell_arm(self.space_bell)
-  if fits(C.lp_load_sc) then C.lp_bell_disarm(self.space_bell); return true end
+  if C.lp_load_sc(self.head_p) >= want then C.lp_bell_disarm(self.space_bell); return true end
   C.lp_bell_sleep(self.space_bell, seq, timeout_ns or 0)
   return fits(C.lp_load)
+end
+
+--- Producer wakes so far: how many times a release woke a producer sleeping for space (plus lp_bell_ring calls on
+--- the space bell): the space bell's sequence word, modulo 2^32.
+function Ring:space_wakes()
+  return C.lp_load32(self.space_bell + 1)
 end
 
 M.Ring = Ring

@@ -4,6 +4,8 @@
     python -m tests.ringpeer consume SEGMENT COUNT        pop COUNT records, verify, print a digest
     python -m tests.ringpeer push-after SEGMENT DELAY_MS  push one record after a delay
     python -m tests.ringpeer idle-wait SEGMENT SECONDS    block in wait_data, print CPU seconds used
+    python -m tests.ringpeer drain SEGMENT COUNT          once the producer sleeps on the space bell, pop COUNT
+                                                          records, release once, print how many were popped
 """
 from __future__ import annotations
 
@@ -83,6 +85,19 @@ function M.idle_wait(addr, seconds)
   end
   return false
 end
+function M.drain(addr, count)
+  local r = ring.attach(addr)
+  while ring.lib.lp_load32(r.space_bell) == 0 do end     -- the producer is armed (it then sleeps or re-checks)
+  local got = 0
+  for _ = 1, count do
+    local p, n = r:peek()
+    if p == nil then break end
+    r:advance(n)
+    got = got + 1
+  end
+  r:release()
+  return got
+end
 return M
 """
 
@@ -100,6 +115,8 @@ def main(argv) -> int:
         print(int(got), int(digest))
     elif role == "push-after":
         mod.push_after(seg.address, float(argv[2]))
+    elif role == "drain":
+        print(int(mod.drain(seg.address, int(argv[2]))))
     elif role == "idle-wait":
         woke = mod.idle_wait(seg.address, float(argv[2]))
         ru = resource.getrusage(resource.RUSAGE_SELF)

@@ -432,7 +432,8 @@ function Driver:stats()
            ip_frag_incomplete = fs.incomplete, ip_frag_overlaps = fs.overlaps,
            ip_frag_duplicates = fs.duplicates, ip_frag_malformed = fs.malformed,
            ip_frag_dropped_cap = fs.dropped_cap,
-           unknown_linktype_packets = self.unknown_linktype_packets, unknown_linktypes = self.unknown_linktypes }
+           unknown_linktype_packets = self.unknown_linktype_packets, unknown_linktypes = self.unknown_linktypes,
+           ring_space_wakes = self.ring:space_wakes() }
 end
 
 M.Driver = Driver

@@ -1490,6 +1490,8 @@ class FastPath:
             "packet_loop_cpu_s": round((self.loop_cpu_end or 0) - (self.loop_cpu_start or 0), 4),
             "packet_loop_rusage": _rusage_delta(self.loop_ru_start, self.loop_ru_end),   # the same interval
             "packet_loop_warmup": self._warmup_summary(),
+            # times a ring release woke the capture process sleeping for space (shm/ring.lua "Refill slack")
+            "packet_ring_space_wakes": d.get("ring_space_wakes", 0),
             "cpus_pinned": getattr(self, "pinned", None),   # {"capture": C, "fastpath": F} or None (shm/cpus.py)
             "files": self.cfg.files, "files_done": self.files_done, "input_errors": self.input_errors,
             "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),

@@ -89,6 +89,7 @@ end
 --- waits for space; stop() is checked while waiting).
 function M.ring_writer(r, stop)
   local w = { packets = 0, bytes = 0, header_seen = false, stopped = false }
+  local slack = require("luaprobe.engine.capture.capture").refill_slack(r)   -- a quarter ring; 0 for a sharder
   function w.write(self, s)
     local p, n = cast(cu8p, s), #s
     local off = start_of(self, p, n)
@@ -101,7 +102,7 @@ function M.ring_writer(r, stop)
       local q = rr:reserve(REC + caplen)
       while q == nil do
         r:publish()
-        rr:wait_space(REC + caplen, 50e6)
+        rr:wait_space(REC + caplen, 50e6, slack)
         if stop() then
           self.packets, self.bytes, self.stopped = np, nb, true
           error(M.STOP, 0)
