@@ -89,8 +89,9 @@ function(d)
   RELEASE_NS, RELEASE_WAKES = 0, 0
   d.ring.release = function(self)
     local t = cpu_ns()
-    if self.space_bell[0] ~= 0 then RELEASE_WAKES = RELEASE_WAKES + 1 end   -- the producer sleeps: a futex wake
+    local seq = self.space_bell[1]              -- the space bell's futex word: bumped by every wake
     release(self)
+    if self.space_bell[1] ~= seq then RELEASE_WAKES = RELEASE_WAKES + 1 end   -- this release woke the producer
     RELEASE_NS = RELEASE_NS + cpu_ns() - t
   end
 end
