@@ -114,6 +114,16 @@ def test_semantic_error_names_the_line(tmp_path):
     assert err == f"luaprobe start: {tmp_path / 'c.toml'}:10: [async] workers = 0: must be an integer between 1 and 256"
 
 
+@pytest.mark.parametrize("value, shown, must", [
+    ('"maybe"', '"maybe"', 'one of "auto", "on", "off"'), ('"ON"', '"ON"', 'one of "auto", "on", "off"'),
+    ("true", "true", "a string"), ("1", "1", "a string")])
+def test_huge_pages_value_names_the_line(tmp_path, value, shown, must):
+    """[fastpath] huge_pages (engine/fastpath/hugepages.py): anything but "auto" / "on" / "off" is one line naming the
+    file and the key's line, exit 2, nothing started."""
+    err = start_refused(tmp_path, BASE + f"[fastpath]\nbatch = 512\nhuge_pages = {value}\n")
+    assert err == f"luaprobe start: {tmp_path / 'c.toml'}:10: [fastpath] huge_pages = {shown}: must be {must}", err
+
+
 def test_latin1_byte_is_named_with_its_offset_at_start_and_reload(tmp_path, daemon):  # noqa: F811
     raw = BASE.encode() + b"# caf\xe9\n"
     err = start_refused(tmp_path, raw)

@@ -39,6 +39,7 @@ OUT_OF_RANGE = [
     ("--frag-timeout", "0"), ("--frag-max-mb", "0"), ("--http-max-header", "10"), ("--filex-chunk-mb", "0"),
     ("--filex-dir-cap-mb", "0"), ("--shards", "0"), ("--backend-instances", "0"),
     ("--pin-cpus", "1"), ("--pin-cpus", "1,1"), ("--pin-cpus", "x,2"), ("--pin-cpus", "on"),
+    ("--huge-pages", "maybe"), ("--huge-pages", "1"), ("--huge-pages", ""),
 ]
 
 
@@ -256,7 +257,7 @@ def test_every_fast_path_setting_has_a_flag_and_a_toml_key(tmp_path):
     flags, raw = [], {"source": {"pcap": [SAMPLE]}, "plugins": {"paths": [EX]}}
     for field, flag, (section, key), kind, default, lo, hi, scale, _ in settings.SETTINGS:
         v = (str(tmp_path) if kind == "path" else "nobody" if kind == "name" else "1,0" if kind == "cpus"
-             else hi)                                                                   # legal, not the default
+             else "off" if kind == "pages" else hi)                                     # legal, not the default
         flags += [flag, str(v)]
         raw.setdefault(section, {})[key] = v
     args = cli.build_parser().parse_args(["run", PLUGIN, "--pcap", SAMPLE, *flags])

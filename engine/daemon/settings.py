@@ -2,8 +2,9 @@
 
 Each row: RunConfig field, CLI flag, (TOML section, key), kind, default (in the flag's unit), lower and upper
 bound, the factor from the flag's unit to RunConfig's, and the help text.  ``kind`` is "int", "float",
-"pow2" (an integer power of two), "path", "name" (a user or group name, or a number) or "cpus" (shm/cpus.py:
-"auto", "off" or "C,F").  docs/operations.md lists the same table for operators.
+"pow2" (an integer power of two), "path", "name" (a user or group name, or a number), "cpus" (shm/cpus.py:
+"auto", "off" or "C,F") or "pages" (engine/fastpath/hugepages.py: "auto", "on" or "off").  docs/operations.md
+lists the same table for operators.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ SETTINGS = [
     ("pin_cpus", "--pin-cpus", ("fastpath", "pin_cpus"), "cpus", "auto", None, None, 1,
      "CPU pinning: 'auto' puts the capture process and the fast path on two different CPUs when >= 2 are usable, "
      "'off' pins nothing, 'C,F' puts capture on CPU C and the fast path on CPU F (shm/cpus.py)"),
+    ("huge_pages", "--huge-pages", ("fastpath", "huge_pages"), "pages", "on", None, None, 1,
+     "flow table pages: 'on' (transparent huge pages, MADV_HUGEPAGE), 'off' (4 KiB pages, MADV_NOHUGEPAGE) or "
+     "'auto': 'off' on a virtual machine whose virtio balloon reports free memory to its host (the first write to "
+     "a fresh huge page then costs 0.07-1.8 ms), else 'on' (engine/fastpath/hugepages.py; the summary's "
+     "flow_table_pages says what was done)"),
     ("frag_timeout", "--frag-timeout", ("fastpath", "frag_timeout"), "float", 30.0, 0.1, 3600, 1,
      "seconds of packet time an IP datagram waits for its fragments"),
     ("frag_max_mb", "--frag-max-mb", ("fastpath", "frag_max_mb"), "float", 16.0, 0.1, 4096, 1,
@@ -80,12 +86,12 @@ def dirs() -> list[tuple[str, str, tuple[str, str]]]:
 
 def add_flags(parser) -> None:
     """Add every setting's flag to a `run`-like parser (range-checked by the converters of usage.py)."""
-    from .usage import cpu_pins, float_in, int_in, number, power_of_two
+    from .usage import cpu_pins, float_in, huge_pages, int_in, number, power_of_two
     for field, flag, _toml, kind, default, lo, hi, _scale, text in SETTINGS:
         conv = {"int": lambda: int_in(lo, hi), "float": lambda: float_in(lo, hi),
                 "pow2": lambda: power_of_two(lo, hi), "path": lambda: str, "name": lambda: str,
-                "cpus": lambda: cpu_pins}[kind]()
-        rng = f" (default {default})" if kind == "cpus" else "" if kind in ("path", "name") else f" ({number(lo)}..{number(hi)}, default {number(default)})"
+                "cpus": lambda: cpu_pins, "pages": lambda: huge_pages}[kind]()
+        rng = f" (default {default})" if kind in ("cpus", "pages") else "" if kind in ("path", "name") else f" ({number(lo)}..{number(hi)}, default {number(default)})"
         parser.add_argument(flag, dest=field, type=conv, default=default, help=text + rng)
 
 
@@ -98,8 +104,9 @@ def toml_schema() -> dict:
     """{section: {key: (type, default, check)}} in engine/daemon/config.py's SCHEMA form."""
     out: dict = {}
     for _field, _flag, (section, key), kind, default, lo, hi, _scale, _text in SETTINGS:
-        t = {"int": int, "pow2": int, "float": (int, float), "path": "path", "name": str, "cpus": str}[kind]
-        out.setdefault(section, {})[key] = (t, default, None if kind in ("path", "name", "cpus") else (lo, hi))
+        t = {"int": int, "pow2": int, "float": (int, float), "path": "path", "name": str, "cpus": str, "pages": str}[kind]
+        check = None if kind in ("path", "name", "cpus") else ("auto", "on", "off") if kind == "pages" else (lo, hi)
+        out.setdefault(section, {})[key] = (t, default, check)
     return out
 
 

@@ -144,6 +144,18 @@ def cpu_pins(text: str) -> str:
 cpu_pins.__name__ = "CPU pinning"
 
 
+def huge_pages(text: str) -> str:
+    """``type=`` for --huge-pages: "auto", "on" or "off" (engine/fastpath/hugepages.py), lower case."""
+    from luaprobe.engine.fastpath import hugepages
+    try:
+        return hugepages.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+huge_pages.__name__ = "huge pages setting"
+
+
 def _range(lo, hi) -> str:
     return f"must be >= {lo}" if hi is None else f"must be between {lo} and {hi}"
 

@@ -28,14 +28,14 @@ local M = {}
 local Driver = {}
 Driver.__index = Driver
 
---- opts: ring (address), batch (size), capacity/idle_timeout/active_timeout (flow table),
+--- opts: ring (address), batch (size), capacity/idle_timeout/active_timeout/huge_pages (flow table),
 --- frag_timeout / frag_max_bytes / frag_max_datagrams (luaprobe.engine.fastpath.ipreasm), warn (function(msg)).
 function M.new(opts)
   local self = setmetatable({
     ring = ring.attach(opts.ring),
     nbatch = opts.batch or packet.BATCH,
     ft = flowtable.new({ capacity = opts.capacity or 1048576, idle_timeout = opts.idle_timeout or 120,
-                         active_timeout = opts.active_timeout or 1800 }),
+                         active_timeout = opts.active_timeout or 1800, huge_pages = opts.huge_pages }),
     packets = 0, bytes = 0, truncated = 0, nonip = 0, released = 0,
     big_records = false, touched = 0,   -- fill: touch the next records first (TOUCH_BYTES), the touches' result
     sec = -1,               -- packet-time second of the current batch

@@ -4,8 +4,8 @@ luaprobe.engine.fastpath.flowtable — bidirectional 5-tuple flow table (LuaJIT 
 Used by the fast path once per batch of decoded packets (update_batch).  The
 packet path allocates no Lua table or string: the flow records, the hash
 index and the two expiry lists live in zero-filled ffi arrays (anonymous
-mappings advised for transparent huge pages from 2 MiB on; pages are touched
-only as flows arrive).  JIT note: the batch is processed in small loops
+mappings from 2 MiB on, advised for transparent huge pages or against them by
+`huge_pages`; pages are touched only as flows arrive).  JIT note: the batch is processed in small loops
 (lookup, insertion, counters, LRU moves) so that every trace and side trace
 compiles whatever the traffic; see "packet path" below for why (issue 10).
 
@@ -14,7 +14,8 @@ compiles whatever the traffic; see "packet path" below for why (issue 10).
                               batch = 1025,           -- update_batch scratch (grows when a batch is larger)
                               idle_timeout = 120,     -- s of packet time
                               active_timeout = 1800,  -- s of packet time
-                              touch_flows = 8192 }    -- live flows from which update_batch touches first
+                              touch_flows = 8192,     -- live flows from which update_batch touches first
+                              huge_pages = true }     -- false: 4 KiB pages (MADV_NOHUGEPAGE; engine/fastpath/hugepages.py)
     local idx, dir, is_new = ft:update(d, ts, wirelen)
     ft:update_batch(b, n)  -- the same for n lp_pkt (packet.lua): sets flow, dir, flow_uid
     ft:flowkey(idx)        -- Trisul flow id, == decode.flowkey(d) of its packets
@@ -293,13 +294,16 @@ local FT = {}
 FT.__index = FT
 
 local HUGE = 2097152           -- bytes in a transparent huge page (x86-64, arm64 with 4 KiB pages)
-local MADV_HUGEPAGE = 14
+local MADV_HUGEPAGE, MADV_NOHUGEPAGE = 14, 15
 
 --- n zeroed items of `size` bytes.  From 2 MiB on: a private anonymous mapping (the kernel
 --- zero-fills pages as they are first written, so untouched records cost no memory), aligned to
---- 2 MiB and advised MADV_HUGEPAGE: with 100 000 flows the records span 25 MB, and with 4 KiB
---- pages nearly every record access also missed the TLB.  Smaller: calloc.
-local function alloc(ctype_ptr, n, size)
+--- 2 MiB and advised MADV_HUGEPAGE when `huge` (with 100 000 flows the records span 25 MB, and with
+--- 4 KiB pages nearly every record access also missed the TLB), else MADV_NOHUGEPAGE, so that a kernel
+--- with transparent huge pages "always" gives 4 KiB pages too (on a VM whose balloon reports free
+--- memory to its host, a first write to a fresh 2 MiB page costs 0.07-1.8 ms: docs/benchmarks.md,
+--- "The flow table's huge_pages setting").  Smaller: calloc.
+local function alloc(ctype_ptr, n, size, huge)
   local bytes = n * size
   if bytes < HUGE then
     local p = C.calloc(n, size)
@@ -311,7 +315,9 @@ local function alloc(ctype_ptr, n, size)
   if cast("intptr_t", m) == -1 then error("flowtable: out of memory mapping " .. len .. " bytes", 3) end
   local a = tonumber(cast("uintptr_t", m))
   local p = cast("uint8_t *", m) + (HUGE - a % HUGE) % HUGE
-  C.madvise(p, bytes, MADV_HUGEPAGE)            -- advice only: a kernel without THP ignores it
+  -- advice only: a kernel without THP ignores it.  The whole mapping (the alignment slack too), so that
+  -- the kernel keeps it one area with one set of flags (/proc/PID/smaps VmFlags hg / nh).
+  C.madvise(m, len, huge and MADV_HUGEPAGE or MADV_NOHUGEPAGE)
   return ffi.gc(cast(ctype_ptr, p), function() C.munmap(m, len) end)
 end
 
@@ -322,6 +328,7 @@ function M.new(opts)
     error("flowtable: capacity must be a power of two <= 2^29", 2)
   end
   local size = math.min(cap * 2, MIN_SLOTS)    -- grows with the live flows (reserve)
+  local huge = opts.huge_pages ~= false
   local self = setmetatable({
     capacity = cap,
     size = size,
@@ -329,12 +336,13 @@ function M.new(opts)
     idle_timeout = opts.idle_timeout or 120,
     active_timeout = opts.active_timeout or 1800,
     touch_flows = opts.touch_flows or TOUCH_FLOWS,   -- update_batch's touch loops from this many live flows on
-    flows = alloc(flow_ptr, cap + 1, ffi.sizeof("lp_flow")),   -- hot records, [cap]: what an empty slot touches
-    cold = alloc(cold_ptr, cap + 1 + SCRATCH, ffi.sizeof("lp_flow_cold")),   -- cold records, [cap]: age list sentinel,
-                                                                   -- [cap + 1 ..]: tcp_track's scratch records
-    lru = alloc(link_ptr, cap + 1, ffi.sizeof("lp_link")),     -- LRU links of flows[i], [cap]: sentinel
-    slots = alloc(slot_ptr, size, ffi.sizeof("lp_slot")),
-    free_stack = alloc(i32_ptr, cap, 4),
+    huge_pages = huge,   -- mappings advised MADV_HUGEPAGE (true) or MADV_NOHUGEPAGE (false)
+    flows = alloc(flow_ptr, cap + 1, ffi.sizeof("lp_flow"), huge),   -- hot records, [cap]: what an empty slot touches
+    cold = alloc(cold_ptr, cap + 1 + SCRATCH, ffi.sizeof("lp_flow_cold"), huge),   -- cold records, [cap]: age list
+                                                                   -- sentinel, [cap + 1 ..]: tcp_track's scratch records
+    lru = alloc(link_ptr, cap + 1, ffi.sizeof("lp_link"), huge),     -- LRU links of flows[i], [cap]: sentinel
+    slots = alloc(slot_ptr, size, ffi.sizeof("lp_slot"), huge),
+    free_stack = alloc(i32_ptr, cap, 4, huge),
     free_top = 0,        -- entries in free_stack
     hw = 0,              -- records [hw, cap) never used yet
     live = 0, created = 0, expired = 0, expired_idle = 0, expired_active = 0,
@@ -597,7 +605,7 @@ function FT:reserve(extra)
   if want <= self.size then return end
   local size = self.size
   while size < want do size = size * 2 end
-  local slots = alloc(slot_ptr, size, ffi.sizeof("lp_slot"))
+  local slots = alloc(slot_ptr, size, ffi.sizeof("lp_slot"), self.huge_pages)
   ffi.fill(slots, size * ffi.sizeof("lp_slot"), 0xff)    -- idx -1: empty
   local mask, flows, old = size - 1, self.flows, self.slots
   -- every live flow, read from the old index in slot order (sequential; the LRU list would

@@ -37,7 +37,7 @@ from luaprobe.engine.plugins.vm import PluginError, PluginVM, _text
 from luaprobe.engine.plugins.discovery import decl_rows, discover, group_names, group_rows, keyinfo_rows, \
     old_onupdate_warning, probe_all
 from luaprobe.engine.plugins.flowmon import FlowBackends, full_row, stored
-from luaprobe.engine.fastpath import flowrows
+from luaprobe.engine.fastpath import flowrows, hugepages
 from luaprobe.engine.streams.reasm import ReassemblyStage
 from luaprobe.engine.analysers import Analysers, group_rows as analyser_group_rows, parse_names as parse_analysers
 from luaprobe.engine.plugins.monitors import TYPES as MONITOR_TYPES, Monitors, Script, group_names as monitor_group_names
@@ -139,6 +139,7 @@ class RunConfig:
     packet_ring_size: int = 1 << 25
     flow_capacity: int = 1 << 20
     pin_cpus: str = "auto"            #: capture process / fast-path thread CPU pinning (shm/cpus.py)
+    huge_pages: str = "on"            #: the flow table's pages: "auto" | "on" | "off" (engine/fastpath/hugepages.py)
     idle_timeout: float = 120.0
     active_timeout: float = 1800.0
     stats_file: str | None = None     #: a JSON snapshot (FastPath.snapshot) rewritten every stats_interval
@@ -775,8 +776,10 @@ class FastPath:
                 lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c, true) end")(
                     ring_seg.address, cfg.packet_ring_size)
             fp = lua.eval("require('luaprobe.engine.fastpath.driver')")
+            self.pages = hugepages.decide(cfg.huge_pages)
             self.driver = fp.new(lua.table_from({b"ring": ring_seg.address, b"bell": rt.bell.address,
                                                  b"batch": cfg.batch, b"capacity": cfg.flow_capacity,
+                                                 b"huge_pages": self.pages["huge_pages"],
                                                  b"idle_timeout": cfg.idle_timeout,
                                                  b"active_timeout": cfg.active_timeout,
                                                  b"frag_timeout": float(cfg.frag_timeout),
@@ -1493,6 +1496,7 @@ class FastPath:
             # times a ring release woke the capture process sleeping for space (shm/ring.lua "Refill slack")
             "packet_ring_space_wakes": d.get("ring_space_wakes", 0),
             "cpus_pinned": getattr(self, "pinned", None),   # {"capture": C, "fastpath": F} or None (shm/cpus.py)
+            "flow_table_pages": getattr(self, "pages", None),   # {"setting", "huge_pages", "reason"} (hugepages.py)
             "files": self.cfg.files, "files_done": self.files_done, "input_errors": self.input_errors,
             "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),
             "truncated_headers": d.get("truncated", 0), "non_ip": d.get("nonip", 0),

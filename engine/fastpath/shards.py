@@ -471,6 +471,7 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
         out["rows_written"]["key_info"] = len({k for p in parts for k in p.get("key_info_keys", [])})
     out["filex"] = [dict(x, shard=k) for k, p in enumerate(parts) for x in p.get("filex", [])]
     out["backend_reloads"] = parts[0].get("backend_reloads", 0)
+    out["flow_table_pages"] = next((p["flow_table_pages"] for p in parts if p.get("flow_table_pages")), None)
     done = set(out) | {"store", "shards", "stopped_by", "stopped_during", "packet_loop_s", "packet_storage",
                        "closed_s", "key_info_keys"}
     for key in [k for p in parts for k in p if k not in done]:    # other counts: summed

@@ -1,0 +1,81 @@
+"""Benchmark: the flow table's huge_pages setting, sides alternating (docs/benchmarks.md "The flow table's huge_pages
+setting").
+
+    python tools/bench/hugepages_ab.py [--corpus flows-1m,flows-100k,dns,mixed-zipf,small-few] [--shape empty]
+        [--runs 8] [--sides on,off]
+
+For each --quick corpus capture (tools/bench/corpus.py) and one plug-in shape (tools/bench/shapes.py), --runs rounds
+of one fresh ``luaprobe run --huge-pages SIDE`` per side (tools/bench/corpus_bench.py's run), the order of the sides
+flipped every round so that a drifting load falls on both.  Per run: loop CPU (the summary's ``packet_loop_cpu_s``
+per packet, ns: the fast-path thread's CPU, what tools/bench/corpus_bench.py reports as "loop CPU"), the same after
+the first 64 batches, the loop's minor page faults, and the huge pages the kernel gave during the run
+(``thp_fault_alloc`` of /proc/vmstat: system-wide, so another program's show too).  Then per cell and side: loop CPU
+min / median / max and max/min.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from tools.bench import corpus, corpus_bench, shapes  # noqa: E402
+
+
+def thp_allocs() -> int:
+    with open("/proc/vmstat") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("thp_fault_alloc "))
+
+
+def one(path: str, n: int, plugdir: str, work: str, side: str) -> dict:
+    """One run with --huge-pages side: loop CPU ns/packet, after warm-up, minor faults, THP given."""
+    corpus_bench.RUN_ARGS[:] = ["--huge-pages", side]
+    t0 = thp_allocs()
+    s = corpus_bench.luaprobe_run(path, plugdir, work)["summary"]
+    thp = thp_allocs() - t0
+    if s["packets"] != n:
+        raise SystemExit(f"{path}: luaprobe saw {s['packets']} packets, the file has {n}")
+    w = s.get("packet_loop_warmup") or {}
+    steady = (s["packet_loop_cpu_s"] - w["cpu_s"]) / (n - w["packets"]) * 1e9 if w else float("nan")
+    return {"cpu": s["packet_loop_cpu_s"] / n * 1e9, "steady": steady,
+            "minflt": (s.get("packet_loop_rusage") or {}).get("minflt"), "thp": thp,
+            "huge": s["flow_table_pages"]["huge_pages"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", default="flows-1m,flows-100k,dns,mixed-zipf,small-few")
+    ap.add_argument("--shape", default="empty")
+    ap.add_argument("--runs", type=int, default=8)
+    ap.add_argument("--sides", default="on,off", help="huge_pages values to alternate (auto, on, off)")
+    a = ap.parse_args(argv)
+    sides = a.sides.split(",")
+    res: dict = {}
+    with tempfile.TemporaryDirectory(prefix="hugepages-ab-") as work:
+        plugdir = shapes.write(a.shape, os.path.join(work, "plugins"))
+        for c in a.corpus.split(","):
+            path = corpus.make(c, True)
+            n = int(os.path.basename(path).rsplit("-", 1)[1].split(".")[0])      # corpus.path_for: SHAPE-PACKETS.pcap
+            for r in range(a.runs):
+                for side in (sides if r % 2 == 0 else sides[::-1]):
+                    x = one(path, n, plugdir, work, side)
+                    res.setdefault((c, side), []).append(x)
+                    print(f"{c} {side:4} round {r}: loop CPU {x['cpu']:.0f} ns/packet, after warm-up {x['steady']:.0f}, "
+                          f"minflt {x['minflt']}, THP given {x['thp']} (huge_pages {x['huge']})", flush=True)
+    print("\n| cell | " + " | ".join(f"{s}: min / median / max" for s in sides) + " | "
+          + " | ".join(f"{s} max/min" for s in sides) + " |")
+    print("|---|" + "---:|" * (2 * len(sides)))
+    for c in a.corpus.split(","):
+        row = [res[(c, s)] for s in sides]
+        cpu = [[x["cpu"] for x in r] for r in row]
+        print(f"| {c} {a.shape} | " + " | ".join(f"{min(v):.0f} / {statistics.median(v):.0f} / {max(v):.0f}" for v in cpu)
+              + " | " + " | ".join(f"{max(v) / min(v):.2f}" for v in cpu) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
