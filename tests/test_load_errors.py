@@ -227,3 +227,19 @@ def test_a_bad_flowtracker_control_is_one_problem_line(tmp_path, control, proble
     r = luaprobe("run", path, "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
     assert r.returncode == 4, r.stderr
     assert r.stderr.splitlines() == [f"plug-in problem: {path}: {problem}"], r.stderr
+
+
+@pytest.mark.parametrize("content", [None, "readme.txt"])
+def test_check_of_a_directory_without_plug_ins_says_so_like_run(tmp_path, content):
+    """`luaprobe check DIR` on a directory holding no plug-in (empty, or only a text file) printed nothing and
+    exited 0, while `luaprobe run DIR` of the same directory exits 4 ("no plug-in files found"). Now check says
+    the same line and exits 4 too. Truth: run's own answer for that directory (README "Exit codes": 4)."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    if content:
+        (d / content).write_text("not a plug-in\n")
+    run = luaprobe("run", str(d), "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
+    assert run.returncode == 4 and f"no plug-in files found in {d}" in run.stderr, run.stderr
+    r = luaprobe("check", str(d), cwd=str(tmp_path))
+    assert r.returncode == run.returncode, (r.stdout, r.stderr)
+    assert r.stdout == "" and r.stderr == f"luaprobe check: no plug-in files found in {d}\n"

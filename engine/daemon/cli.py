@@ -488,6 +488,9 @@ def cmd_check(args) -> int:
     except PluginError as e:
         print(f"luaprobe check: {e}", file=sys.stderr)
         return EXIT_PLUGIN
+    if not infos:                          # as `luaprobe run` says of the same directories (fastpath/run.py preflight)
+        print("luaprobe check: no plug-in files found in " + ", ".join(args.plugins), file=sys.stderr)
+        return EXIT_PLUGIN
     listing = describe(infos)
     if listing:
         print(listing)
