@@ -415,3 +415,38 @@ def test_flag_and_toml_key_take_the_same_values(tmp_path, flag, toml):
     assert all(f == k for f, k in seen.values()), seen
     assert seen[repr(lo)] == seen[repr(hi)] == (True, True) and seen[repr(below)] == seen[repr(above)] == (False, False)
     assert is_int or not any(seen[repr(v)][0] for v in (math.inf, -math.inf, math.nan))
+
+
+@pytest.mark.parametrize("packer,tool", [("gzip", "zcat"), ("xz", "xzcat"), ("bzip2", "bzcat")])
+def test_a_compressed_capture_is_named_with_the_command_that_reads_it(tmp_path, packer, tool):
+    """A .pcap.gz (Wireshark reads those itself; libpcap and luaprobe do not) was "not a pcap or pcapng file (file
+    magic 0x1f8b0800)" and nothing more. Now the line says which compression it is and how to stream it, and that
+    command reads it: the same packets as tshark counts in the file. Truth: Python's own compressors (gzip, lzma,
+    bz2) and tshark's packet count; the stream form names it too (with the bytes in file order, as the file form)."""
+    import bz2
+    import gzip
+    import lzma
+    raw = open(SAMPLE, "rb").read()
+    comp = {"gzip": gzip.compress, "xz": lzma.compress, "bzip2": bz2.compress}[packer](raw)
+    f = tmp_path / f"sample.pcap.{packer}"
+    f.write_bytes(comp)
+    out = tmp_path / "out"
+    r = luaprobe("run", PLUGIN, "--pcap", str(f), "--out", str(out))
+    one_line(r, 3, f"luaprobe run: --pcap {f}: byte offset 0: not a pcap or pcapng file (file magic 0x{comp[:4].hex()})"
+                   f"; it is {packer}-compressed: decompress it first, or stream it: {tool} {f} | luaprobe run ... "
+                   "--pcap -")
+    assert not out.exists()
+    exe = os.path.join(os.path.dirname(sys.executable), "luaprobe")
+    ok = subprocess.run(f"{tool} {f} | {exe} run {PLUGIN} --pcap - --out {out} --json", shell=True, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    tshark = subprocess.run(["tshark", "-r", SAMPLE, "-T", "fields", "-e", "frame.number"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    import json
+    assert json.loads(ok.stdout)["packets"] == len(tshark)
+    bad = subprocess.run([exe, "run", PLUGIN, "--pcap", "-", "--out", str(tmp_path / "o2")], input=comp,
+                         capture_output=True, timeout=120)
+    assert bad.returncode == 3
+    assert (f"luaprobe run: input error: -: byte offset 0: unknown file magic 0x{comp[:4].hex()} (not pcap or pcapng)"
+            + f"; it is {packer}-compressed: decompress it first").encode() \
+        in bad.stderr, bad.stderr

@@ -459,7 +459,15 @@ function M.open(addr, size)
     r.next = next_pcapng
     return r
   end
-  error(string.format("offset 0: unknown file magic 0x%08x (not pcap or pcapng)", magic), 0)
+  -- the bytes in file order, as `luaprobe run` names a file's magic (engine/daemon/usage.py); a compressed
+  -- stream (Wireshark reads gzip / zstd / lz4 captures itself, libpcap does not) is named
+  local packer = (base[0] == 0x1f and base[1] == 0x8b) and "gzip"
+                 or (base[0] == 0x28 and base[1] == 0xb5 and base[2] == 0x2f and base[3] == 0xfd) and "zstd"
+                 or (base[0] == 0x04 and base[1] == 0x22 and base[2] == 0x4d and base[3] == 0x18) and "lz4"
+                 or (base[0] == 0xfd and base[1] == 0x37 and base[2] == 0x7a and base[3] == 0x58) and "xz"
+                 or (base[0] == 0x42 and base[1] == 0x5a and base[2] == 0x68) and "bzip2" or nil
+  error(string.format("offset 0: unknown file magic 0x%02x%02x%02x%02x (not pcap or pcapng)%s", base[0], base[1],
+    base[2], base[3], packer and ("; it is " .. packer .. "-compressed: decompress it first") or ""), 0)
 end
 
 --- Streams (a pipe, stdin: engine/capture/capture.lua stream): bytes needed before open() can parse the

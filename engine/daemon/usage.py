@@ -29,6 +29,10 @@ DB_NAME = "luaprobe.sqlite"
 #: first four bytes of the capture formats the walker reads (engine/capture/pcapfile.lua)
 CAPTURE_MAGICS = {b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d",
                   b"\x0a\x0d\x0d\x0a"}
+# compressed captures (Wireshark reads gzip, zstd and lz4 ones itself; libpcap does not): their magic -> packer
+COMPRESSED_MAGICS = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"),
+                     (b"\xfd7zX", "xz"), (b"BZh", "bzip2"))
+COMPRESSED_TOOLS = {"gzip": "zcat", "zstd": "zstdcat", "lz4": "lz4cat", "xz": "xzcat", "bzip2": "bzcat"}
 
 
 class UsageError(ValueError):
@@ -489,5 +493,8 @@ def check_captures(paths: list) -> None:
         if not head:
             raise InputProblem(f"--pcap {p}: empty file (no capture header)")
         if head not in CAPTURE_MAGICS:
+            packer = next((name for magic, name in COMPRESSED_MAGICS if head.startswith(magic)), None)
+            hint = (f"; it is {packer}-compressed: decompress it first, or stream it: "
+                    f"{COMPRESSED_TOOLS[packer]} {p} | luaprobe run ... --pcap -") if packer else ""
             raise InputProblem(f"--pcap {p}: byte offset 0: not a pcap or pcapng file "
-                               f"(file magic 0x{head.hex()})")
+                               f"(file magic 0x{head.hex()}){hint}")
