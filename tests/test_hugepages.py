@@ -83,15 +83,17 @@ def test_flow_table_mappings_carry_the_advice(tmp_path, value):
         assert all(m["AnonHugePages"] == 0 for m in maps.values()), maps
 
 
-def test_cli_flag_reaches_the_flow_table_and_the_summary(tmp_path):
-    """`luaprobe run --huge-pages off`: the summary (--stats-json) names the setting, the decision and its reason."""
+@pytest.mark.parametrize("flag, setting", [(["--huge-pages", "OFF"], "off"), ([], "auto")])
+def test_cli_flag_reaches_the_flow_table_and_the_summary(tmp_path, flag, setting):
+    """`luaprobe run --huge-pages off`: the summary (--stats-json) names the setting, the decision and its reason;
+    without the flag the setting is auto (the default since the A/B of docs/benchmarks.md "The flow table's
+    huge_pages setting") and its decision is the sysfs rule's on this machine."""
     stats = tmp_path / "s.json"
     r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", PLUGIN, "--pcap", PCAP, "--out",
-                        str(tmp_path / "out"), "--huge-pages", "OFF", "--stats-json", str(stats), "-q"],
+                        str(tmp_path / "out"), *flag, "--stats-json", str(stats), "-q"],
                        cwd=helpers.REPO, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
-    assert json.loads(stats.read_text())["flow_table_pages"] == {"setting": "off", "huge_pages": False,
-                                                                  "reason": "huge_pages = off"}
+    assert json.loads(stats.read_text())["flow_table_pages"] == hugepages.decide(setting)
 
 
 def virtio(root, name: str, device: int, features: str, bound: bool = True) -> None:

@@ -28,7 +28,7 @@ SETTINGS = [
     ("pin_cpus", "--pin-cpus", ("fastpath", "pin_cpus"), "cpus", "auto", None, None, 1,
      "CPU pinning: 'auto' puts the capture process and the fast path on two different CPUs when >= 2 are usable, "
      "'off' pins nothing, 'C,F' puts capture on CPU C and the fast path on CPU F (shm/cpus.py)"),
-    ("huge_pages", "--huge-pages", ("fastpath", "huge_pages"), "pages", "on", None, None, 1,
+    ("huge_pages", "--huge-pages", ("fastpath", "huge_pages"), "pages", "auto", None, None, 1,
      "flow table pages: 'on' (transparent huge pages, MADV_HUGEPAGE), 'off' (4 KiB pages, MADV_NOHUGEPAGE) or "
      "'auto': 'off' on a virtual machine whose virtio balloon reports free memory to its host (the first write to "
      "a fresh huge page then costs 0.07-1.8 ms), else 'on' (engine/fastpath/hugepages.py; the summary's "

@@ -5,14 +5,17 @@ anonymous mappings that the kernel zero-fills as flows first write them (engine/
 ``alloc``).  With transparent huge pages each first write to a 2 MiB page clears the whole page at once and
 later record accesses miss the TLB less; on a virtual machine whose balloon hands free memory back to its host
 (virtio balloon *free page reporting*), that first write also faults in the host, and costs from run to run
-anywhere between 0.07 and 1.8 ms per 2 MiB (docs/benchmarks.md "The flow table's huge_pages setting": flows-1m
-146-650 ns per packet with huge pages, 218-241 with 4 KiB pages).
+anywhere between 0.07 and 1.8 ms per 2 MiB.  Measured there (docs/benchmarks.md "The flow table's huge_pages setting",
+10 alternating runs a side, loop CPU ns per packet min / median / max): flows-1m 148 / 570 / 653 with huge pages
+against 231 / 237 / 265 with 4 KiB pages, flows-100k 177 / 337 / 415 against 215 / 225 / 236, dns 93 / 164 / 194
+against 105 / 112 / 123, mixed-zipf and small-few the same either way; so ``auto`` takes 4 KiB pages there.  A
+machine without free page reporting keeps the huge pages' best case (their TLB reach) every run.
 
 Setting values (a string):
 
-* ``on`` (default): ``MADV_HUGEPAGE`` (the kernel gives huge pages when its THP mode is ``always`` or ``madvise``).
+* ``on``: ``MADV_HUGEPAGE`` (the kernel gives huge pages when its THP mode is ``always`` or ``madvise``).
 * ``off``: ``MADV_NOHUGEPAGE``: 4 KiB pages even when the kernel's THP mode is ``always``.
-* ``auto``: ``off`` when the machine reports free memory to its host (a virtio balloon device,
+* ``auto`` (default): ``off`` when the machine reports free memory to its host (a virtio balloon device,
   bound to its driver, that negotiated ``VIRTIO_BALLOON_F_REPORTING``, feature bit 5, in
   ``/sys/bus/virtio/devices/*/features``), else ``on``.
 

@@ -139,7 +139,7 @@ class RunConfig:
     packet_ring_size: int = 1 << 25
     flow_capacity: int = 1 << 20
     pin_cpus: str = "auto"            #: capture process / fast-path thread CPU pinning (shm/cpus.py)
-    huge_pages: str = "on"            #: the flow table's pages: "auto" | "on" | "off" (engine/fastpath/hugepages.py)
+    huge_pages: str = "auto"          #: the flow table's pages: "auto" | "on" | "off" (engine/fastpath/hugepages.py)
     idle_timeout: float = 120.0
     active_timeout: float = 1800.0
     stats_file: str | None = None     #: a JSON snapshot (FastPath.snapshot) rewritten every stats_interval

@@ -31,17 +31,18 @@ def thp_allocs() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("thp_fault_alloc "))
 
 
-def one(path: str, n: int, plugdir: str, work: str, side: str) -> dict:
+def one(path: str, n: int | None, plugdir: str, work: str, side: str) -> dict:
     """One run with --huge-pages side: loop CPU ns/packet, after warm-up, minor faults, THP given."""
     corpus_bench.RUN_ARGS[:] = ["--huge-pages", side]
     t0 = thp_allocs()
     s = corpus_bench.luaprobe_run(path, plugdir, work)["summary"]
     thp = thp_allocs() - t0
-    if s["packets"] != n:
-        raise SystemExit(f"{path}: luaprobe saw {s['packets']} packets, the file has {n}")
+    if n is not None and s["packets"] != n:
+        raise SystemExit(f"{path}: luaprobe saw {s['packets']} packets, an earlier run {n}")
+    n = s["packets"]
     w = s.get("packet_loop_warmup") or {}
     steady = (s["packet_loop_cpu_s"] - w["cpu_s"]) / (n - w["packets"]) * 1e9 if w else float("nan")
-    return {"cpu": s["packet_loop_cpu_s"] / n * 1e9, "steady": steady,
+    return {"packets": n, "cpu": s["packet_loop_cpu_s"] / n * 1e9, "steady": steady,
             "minflt": (s.get("packet_loop_rusage") or {}).get("minflt"), "thp": thp,
             "huge": s["flow_table_pages"]["huge_pages"]}
 
@@ -59,10 +60,11 @@ def main(argv=None) -> int:
         plugdir = shapes.write(a.shape, os.path.join(work, "plugins"))
         for c in a.corpus.split(","):
             path = corpus.make(c, True)
-            n = int(os.path.basename(path).rsplit("-", 1)[1].split(".")[0])      # corpus.path_for: SHAPE-PACKETS.pcap
+            n = None                # the packets of the cell's first run; every other run must see as many
             for r in range(a.runs):
                 for side in (sides if r % 2 == 0 else sides[::-1]):
                     x = one(path, n, plugdir, work, side)
+                    n = x["packets"]
                     res.setdefault((c, side), []).append(x)
                     print(f"{c} {side:4} round {r}: loop CPU {x['cpu']:.0f} ns/packet, after warm-up {x['steady']:.0f}, "
                           f"minflt {x['minflt']}, THP given {x['thp']} (huge_pages {x['huge']})", flush=True)
