@@ -16,6 +16,9 @@ http           ``luaprobe gen`` HTTP/1.1 conversations (handshakes, requests, bo
 dns            ``luaprobe gen`` 85 % DNS queries/answers, 15 % other UDP
 =============  =============================================================================
 
+A shape's ``layer`` (default ``"tcp"``) is the transport the benchmark's light plug-in hooks are put on
+(tools/bench/shapes.py): ``dns`` carries no TCP, so its hooks are on UDP.
+
 The flow-shape captures are built here with numpy (Ethernet, optional VLAN/MPLS, IPv4 with a
 valid header checksum or IPv6, TCP with ACK/PSH flags or UDP, zero payload up to the frame
 size; one packet every 10 µs of packet time).  The http and dns shapes come from the
@@ -52,7 +55,7 @@ SHAPES = {
     "http":       dict(gen=["--mix", "http=100", "--http-sizes", "2000,20000,200000", "--flows", "3000",
                             "--concurrency", "200"], packets=1_000_000, quick=500_000),
     "dns":        dict(gen=["--mix", "dns=85,udp=15", "--flows", "60000", "--concurrency", "2000"],
-                       packets=1_000_000, quick=500_000),
+                       packets=1_000_000, quick=500_000, layer="udp"),
 }
 ORDER = list(SHAPES)
 

@@ -135,8 +135,8 @@ def luaprobe_run(path: str, plugdir: str, workdir: str) -> dict:
     return {"summary": summary, "wall": wall, "rss_mb": rss_kb / 1024}
 
 
-def cell(path: str, n: int, shape: str, runs: int, workdir: str) -> dict:
-    plugdir = shapes.write(shape, os.path.join(workdir, "plugins-" + shape))
+def cell(path: str, n: int, shape: str, runs: int, workdir: str, layer: str = "tcp") -> dict:
+    plugdir = shapes.write(shape, os.path.join(workdir, f"plugins-{shape}-{layer}"), layer)
     loop, cpu, steady, engine, wall, rss, calls = [], [], [], [], [], 0.0, 0
     for _ in range(runs):
         r = luaprobe_run(path, plugdir, workdir)
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
             for s in plugins:
                 if a.quick and c in HEAVY and s not in HEAVY[c]:
                     continue
-                r = cell(path, n, s, a.runs, work)
+                r = cell(path, n, s, a.runs, work, corpus.SHAPES[c].get("layer", "tcp"))
                 res[c, s] = dict(r, walk=wmed)
                 lp, emed = r["loop"], statistics.median(r["engine"])
                 med = statistics.median(lp)

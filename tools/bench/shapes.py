@@ -13,6 +13,11 @@ fresh-task      ``T.async:schedule{ data, onexecute = function ... end, onresult
                 packet, closures written inline as Trisul's documentation does (issue 11); not in ORDER: it
                 measures T.async as well (tools/bench/async_roundtrip.py)
 ==============  ==========================================================================
+
+The light shapes (empty, hval, counter, flowstate, fresh-task) hook TCP by default.  ``write(..., layer="udp")``
+hooks UDP instead, for traffic that carries no TCP (the corpus's ``dns``: ``layer`` in tools/bench/corpus.py):
+a hook that is never called measures nothing.  Destination port at offset 2 is the same in both headers
+(RFC 793 / RFC 768).
 """
 from __future__ import annotations
 
@@ -39,31 +44,37 @@ def _counter(layer: str, k: int) -> str:
                    group=guid)
 
 
-SHAPES = {
-    "empty": {"empty.lua": _simple("empty", "tcp", "")},
-    "hval": {"hval.lua": _simple("hval", "tcp", "      local k = layer:rawbytes():hval_16(2)\n"
-                                 "      seen[k] = (seen[k] or 0) + 1", prelude="local seen = {}")},
-    "counter": {"counter.lua": _simple("counter", "tcp", f'      engine:update_counter("{GROUP}", '
-                                       "layer:getbyte(2) * 256 + layer:getbyte(3), 0, 1)", group=GROUP)},
-    "flowstate": {"flowstate.lua": _simple("flowstate", "tcp", "      local id = layer:packet():flowid():id()\n"
-                                           "      state[id] = (state[id] or 0) + 1", prelude="local state = {}")},
-    "five-layers": {f"{ly}.lua": _counter(ly, k) for k, ly in enumerate(("eth", "ipv4", "ipv6", "tcp", "udp"))},
-    "filex": {"filex.lua": 'local files = 0\nTrisulPlugin = { id = { name = "filex count" },\n'
-                           '  filex_monitor = { onfile_http = function(engine, ts, flow, path, req, resp, length)\n'
-                           '    files = files + 1 end } }\n'},
-    "fresh-task": {"fresh-task.lua": _simple(
-        "fresh task", "tcp", "      T.async:schedule({ data = tostring(layer:getbyte(3)),\n"
-        "        onexecute = function(d) return PREFIX .. d end,\n"
-        "        onresult = function(e, d, r) results = results + 1 end })",
-        prelude='local PREFIX, results = "port ", 0')},
-}
+def _shapes(t: str) -> dict:
+    """The shapes with their light hooks on transport layer `t` ("tcp" or "udp")."""
+    return {
+        "empty": {"empty.lua": _simple("empty", t, "")},
+        "hval": {"hval.lua": _simple("hval", t, "      local k = layer:rawbytes():hval_16(2)\n"
+                                     "      seen[k] = (seen[k] or 0) + 1", prelude="local seen = {}")},
+        "counter": {"counter.lua": _simple("counter", t, f'      engine:update_counter("{GROUP}", '
+                                           "layer:getbyte(2) * 256 + layer:getbyte(3), 0, 1)", group=GROUP)},
+        "flowstate": {"flowstate.lua": _simple("flowstate", t, "      local id = layer:packet():flowid():id()\n"
+                                               "      state[id] = (state[id] or 0) + 1", prelude="local state = {}")},
+        "five-layers": {f"{ly}.lua": _counter(ly, k) for k, ly in enumerate(("eth", "ipv4", "ipv6", "tcp", "udp"))},
+        "filex": {"filex.lua": 'local files = 0\nTrisulPlugin = { id = { name = "filex count" },\n'
+                               '  filex_monitor = { onfile_http = function(engine, ts, flow, path, req, resp, length)\n'
+                               '    files = files + 1 end } }\n'},
+        "fresh-task": {"fresh-task.lua": _simple(
+            "fresh task", t, "      T.async:schedule({ data = tostring(layer:getbyte(3)),\n"
+            "        onexecute = function(d) return PREFIX .. d end,\n"
+            "        onresult = function(e, d, r) results = results + 1 end })",
+            prelude='local PREFIX, results = "port ", 0')},
+    }
+
+
+SHAPES = _shapes("tcp")
 ORDER = [s for s in SHAPES if s != "fresh-task"]
 
 
-def write(shape: str, directory: str) -> str:
-    """Write the plug-in files of `shape` into `directory` (created); returns it."""
+def write(shape: str, directory: str, layer: str = "tcp") -> str:
+    """Write the plug-in files of `shape` into `directory` (created), its light hooks on transport `layer`
+    ("tcp" or "udp"); returns the directory."""
     os.makedirs(directory, exist_ok=True)
-    for name, src in SHAPES[shape].items():
+    for name, src in _shapes(layer)[shape].items():
         with open(os.path.join(directory, name), "w") as f:
             f.write(src)
     return directory
