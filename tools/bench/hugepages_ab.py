@@ -4,7 +4,8 @@ setting").
     python tools/bench/hugepages_ab.py [--corpus flows-1m,flows-100k,dns,mixed-zipf,small-few] [--shape empty]
         [--runs 8] [--sides on,off]
 
-For each --quick corpus capture (tools/bench/corpus.py) and one plug-in shape (tools/bench/shapes.py), --runs rounds
+For each --quick corpus capture (tools/bench/corpus.py) and one plug-in shape (tools/bench/shapes.py; its light hooks
+on the capture's transport, as tools/bench/corpus_bench.py puts them), --runs rounds
 of one fresh ``luaprobe run --huge-pages SIDE`` per side (tools/bench/corpus_bench.py's run), the order of the sides
 flipped every round so that a drifting load falls on both.  Per run: loop CPU (the summary's ``packet_loop_cpu_s``
 per packet, ns: the fast-path thread's CPU, what tools/bench/corpus_bench.py reports as "loop CPU"), the same after
@@ -57,8 +58,9 @@ def main(argv=None) -> int:
     sides = a.sides.split(",")
     res: dict = {}
     with tempfile.TemporaryDirectory(prefix="hugepages-ab-") as work:
-        plugdir = shapes.write(a.shape, os.path.join(work, "plugins"))
         for c in a.corpus.split(","):
+            layer = corpus.SHAPES[c].get("layer", "tcp")          # as corpus_bench.py: dns's hooks on UDP
+            plugdir = shapes.write(a.shape, os.path.join(work, f"plugins-{layer}"), layer)
             path = corpus.make(c, True)
             n = None                # the packets of the cell's first run; every other run must see as many
             for r in range(a.runs):
