@@ -601,6 +601,53 @@ def test_fcs_kind(tmp_path, container):
         assert all(fcs for _, fcs in rows) and sum(int(n) - 4 for n, _ in rows) == s["bytes"]
 
 
+
+@pytest.mark.parametrize("container,orig", [("pcap", 0), ("pcap", 10), ("pcapng-if_fcslen", 0),
+                                            ("pcapng-epb_flags", 10)])
+def test_fcs_kind_with_an_original_length_below_the_captured_one(tmp_path, container, orig):
+    """Case 01's kind (FCS announced by the container) in records whose original length is 0 or shorter than what
+    was captured (written by broken tools): the FCS is the last 4 captured bytes. Before, the FCS cut took
+    min(caplen, orig_len - 4) bytes, so every frame was cut to nothing: 0 decoded packets, no flow, no file, no
+    warning. Truth: tshark decodes the captured bytes (eth.fcs shown, frame.len = the file's orig_len) and exports
+    the object; the body is the bytes the generator put in."""
+    c = pb.Conv(cport=45011)
+    c.handshake()
+    body = bytes(range(256)) * 5
+    c.send(True, pb.http_request("/short.bin"))
+    c.send(False, pb.http_response(body, [("Content-Length", len(body))]))
+    c.close()
+    pcap = str(tmp_path / "f.cap")
+    if container == "pcap":
+        pb.write_pcap(pcap, c.frames, fcs=True)
+        raw = bytearray(open(pcap, "rb").read())
+        off = 24
+        while off < len(raw):                                  # every record's orig_len set to `orig`
+            caplen = struct.unpack_from("<I", raw, off + 8)[0]
+            struct.pack_into("<I", raw, off + 12, orig)
+            off += 16 + caplen
+    else:
+        write_pcapng(pcap, c.frames, fcs_bits=32) if container == "pcapng-if_fcslen" else \
+            write_pcapng(pcap, c.frames, fcs_bits=16, epb_fcs=4)
+        raw = bytearray(open(pcap, "rb").read())
+        off = 0
+        while off < len(raw):                                  # every EPB's original length set to `orig`
+            btype, blen = struct.unpack_from("<II", raw, off)
+            if btype == 6:
+                struct.pack_into("<I", raw, off + 24, orig)
+            off += blen
+    with open(pcap, "wb") as fh:
+        fh.write(raw)
+    rows = [ln.split("\t") for ln in subprocess.run(
+        ["tshark", "-r", pcap, "-T", "fields", "-e", "frame.len", "-e", "eth.fcs", "-e", "tcp.srcport"],
+        capture_output=True, text=True, check=True).stdout.splitlines()]
+    assert len(rows) == len(c.frames) and all(n == str(orig) and fcs and port for n, fcs, port in rows)
+    objs = tmp_path / "objs"
+    subprocess.run(["tshark", "-r", pcap, "-q", "--export-objects", f"http,{objs}"], capture_output=True, check=True)
+    assert (objs / "short.bin").read_bytes() == body
+    files, counts, s, out = run_kinds(tmp_path, pcap, counters=("tcp",))
+    assert [(f[1], int(f[3]), f[4], f[6]) for f in files] == [("/short.bin", len(body), SHA(body), "nil")]
+    assert len(counts["tcp"]) == len(c.frames) and s["flows"] == 1
+
 def test_unknown_linktype_warned_once_and_counted(tmp_path):
     c = pb.Conv()
     c.handshake()

@@ -43,7 +43,9 @@ Formats
 FCS.  A frame check sequence is not payload: with a known FCS length f, a record of
 wirelen w and caplen c is returned with wirelen w - f and caplen min(c, w - f) (the
 FCS bytes that were captured are cut off; with a snaplen the FCS may be partly or
-entirely absent already), as Wireshark does for Ethernet with FCS.
+entirely absent already), as Wireshark does for Ethernet with FCS.  A record whose
+original length is below its captured length (orig_len 0 from broken writers) has the
+FCS as its last f captured bytes: caplen c - f, wirelen w - f.
 
 Timestamps are always (ts_sec, ts_nsec) with 0 <= ts_nsec < 1e9: out-of-range
 fractions (usec >= 1e6, nsec >= 1e9, as written by broken tools) are carried into
@@ -119,7 +121,12 @@ end
 local function strip_fcs(caplen, wirelen, f)
   local w = wirelen - f
   if w < 0 then w = 0 end
-  if caplen > w then caplen = w end
+  if caplen > wirelen then                  -- an original length below the captured one (0 or short, from broken
+    caplen = caplen - f                     -- writers): the captured bytes end with the FCS, as Wireshark reads
+    if caplen < 0 then caplen = 0 end       -- them (it shows eth.fcs from them); the file's length is kept as
+  elseif caplen > w then                    -- frame.len, as without an FCS
+    caplen = w
+  end
   return caplen, w
 end
 
