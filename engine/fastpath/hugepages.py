@@ -8,8 +8,10 @@ later record accesses miss the TLB less; on a virtual machine whose balloon hand
 anywhere between 0.07 and 1.8 ms per 2 MiB.  Measured there (docs/benchmarks.md "The flow table's huge_pages setting",
 10 alternating runs a side, loop CPU ns per packet min / median / max): flows-1m 148 / 570 / 653 with huge pages
 against 231 / 237 / 265 with 4 KiB pages, flows-100k 177 / 337 / 415 against 215 / 225 / 236, dns 93 / 164 / 194
-against 105 / 112 / 123, mixed-zipf and small-few the same either way; so ``auto`` takes 4 KiB pages there.  A
-machine without free page reporting keeps the huge pages' best case (their TLB reach) every run.
+against 105 / 112 / 123, mixed-zipf and small-few the same either way (a second round, where the slow mode was rarer:
+dns 99 / 115.5 / 196 against 115 / 123.5 / 125, i.e. 4 KiB pages give up the huge pages' best case, ~7 % of median
+there, for a spread <= 1.21 in every cell); so ``auto`` takes 4 KiB pages there.  A machine without free page
+reporting keeps the huge pages' best case (their TLB reach) every run.
 
 Setting values (a string):
 
