@@ -353,3 +353,53 @@ def test_dns_records_before_a_bad_one_are_kept(tmp_path):
     assert len(docs) == 2 and sum(d.startswith("RESPONSE") for d in docs) == 1   # the query and the partial response
     st = summary["analysers"]
     assert (st["dns_messages"], st["dns_errors"], st["dns_records"]) == (1, 1, 2)   # the query whole, the response not
+
+
+HEADER_ATTR = r"""
+TrisulPlugin = { id = { name = "headers" }, reassembly_handler = {
+  onattribute = function(engine, ts, flow, name, value)
+    if name == "HTTP-Header" then
+      local f = assert(io.open("%s", "ab")); f:write(("%%08d"):format(#value), value); f:close()
+    end
+  end } }
+"""
+
+
+@pytest.mark.parametrize("eol", ["crlf", "lf", "latin1"])
+def test_http_header_blocks_are_the_bytes_as_sent(tmp_path, eol):
+    r"""The HTTP-Header attribute is "the header block as sent, up to and including the blank line" and the HTTP
+    headers FTS document "the bytes as sent, start line to the last header line (CRLFs kept, blank line
+    excluded)" (docs/plugins.md). Before: the attribute was the block cut at the last line's LF plus "\r\n\r\n"
+    ("Host: h\r\r\n\r\n", and CRLFs added to a bare-LF message), the document lacked the last line's LF, and a
+    byte that is not UTF-8 (a Latin-1 header value) became U+FFFD in it (docs/schema.md: \xNN escapes). Truth:
+    tshark's TCP payload of the segment carrying each header block (one block per segment here)."""
+    from tests import pktbuild as pb
+    nl = b"\n" if eol == "lf" else b"\r\n"
+    val = b"caf\xe9" if eol == "latin1" else b"plain"
+    req = b"GET /h.txt HTTP/1.1" + nl + b"Host: files.example" + nl + b"X-Note: " + val + nl + nl
+    resp = b"HTTP/1.1 200 OK" + nl + b"Content-Type: text/plain" + nl + b"Content-Length: 5" + nl + nl
+    c = pb.Conv(cport=47700)
+    c.handshake()
+    c.send(True, req)
+    c.send(False, resp + b"hello")
+    c.close()
+    cap = str(tmp_path / "h.pcap")
+    pb.write_pcap(cap, c.frames)
+    payloads = [bytes.fromhex(p) for (p,) in tshark(cap, "-Y", "tcp.len > 0", "-T", "fields", "-e", "tcp.payload")]
+    blocks = [p[:p.index(nl + nl) + 2 * len(nl)] for p in payloads]
+    assert blocks == [req, resp]
+    attrs = tmp_path / "attrs.bin"
+    d = tmp_path / "plugins"
+    d.mkdir()
+    (d / "headers.lua").write_text(HEADER_ATTR % attrs)
+    _, db = run(tmp_path, [cap], analysers="http", plugins=[str(d)])
+    raw, got = attrs.read_bytes(), []
+    while raw:
+        n = int(raw[:8])
+        got.append(raw[8:8 + n])
+        raw = raw[8 + n:]
+    assert got == blocks
+    db.text_factory = bytes
+    docs = [t for (t,) in db.execute("SELECT text FROM fts WHERE fts_guid = ? ORDER BY id", (FTS_HTTP,))]
+    want = [b[:-len(nl)].decode("utf-8", "backslashreplace").encode() for b in blocks]
+    assert docs == want and all("\ufffd".encode() not in t for t in docs)

@@ -112,12 +112,13 @@ class Analysers:
 
 
 def _rows(t, text: bool = True) -> list[tuple]:
-    """Lua array of arrays -> list of tuples (Lua strings decoded as UTF-8 text when `text`)."""
+    """Lua array of arrays -> list of tuples (Lua strings decoded as UTF-8 text when `text`; bytes that are not
+    UTF-8, e.g. a Latin-1 header value, as \\xNN escapes: docs/schema.md "Text vs binary", never U+FFFD)."""
     out = []
     for r in t.values():
         vals = list(r.values())
         if text:
-            vals = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in vals]
+            vals = [v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else v for v in vals]
         else:
             vals = [v for v in vals]
         out.append(tuple(vals))

@@ -267,7 +267,7 @@ function A:header_doc(st, h)
   if h._raw == nil then return end
   local sec, usec = self.engine:timestamp()
   local fts = self.docs.fts
-  fts[#fts + 1] = { sec, usec, G.FTS_HTTP, st.fk, h._raw, "luaprobe" }
+  fts[#fts + 1] = { sec, usec, G.FTS_HTTP, st.fk, http.lines(h), "luaprobe" }
 end
 
 function A:url_resource(st, req, status, rt)

@@ -633,6 +633,7 @@ local function do_hdr(self, dir, st, p, n)
     enter_resync(self, st, true)
     return used
   end
+  h._term = ssub(buf, i, j)        -- "\n\r\n" or "\n\n": _raw .. _term is the block as sent, blank line included
   start_message(self, dir, st, h, kind)
   return used
 end
@@ -974,4 +975,19 @@ function M.looks_http(p, n, handshake)
 end
 
 M._parse_head = parse_head
+
+--- The header block of h as sent, start line to the blank line included (the HTTP-Header attribute): the text
+--- and its terminator as found ("\n\r\n" or "\n\n"); a block kept only in part (oversize, HTTP/0.9) ends with
+--- the line ending its last line used (CRLF when that line ended with CR) and a CRLF blank line.
+function M.block(h)
+  local raw = h._raw or ""
+  return raw .. (h._term or (sbyte(raw, -1) == 13 and "\n\r\n" or "\r\n\r\n"))
+end
+
+--- The header block of h without its blank line (start line to the last header line, line endings kept: the
+--- HTTP headers FTS document).
+function M.lines(h)
+  local raw = h._raw or ""
+  return raw .. ((h._term and ssub(h._term, 1, 1)) or (sbyte(raw, -1) == 13 and "\n" or "\r\n"))
+end
 return M

@@ -211,13 +211,13 @@ function S:new_analyser(st, dir, first)
   if request_start(first) then
     return http.new({
       on_request = function(req)
-        self:attr(st, "HTTP-Header", (req._raw or "") .. "\r\n\r\n")
+        self:attr(st, "HTTP-Header", http.block(req))
         self:attr(st, "URI", req:get_path())
         self:attr(st, "Host", req:get_value("Host"))
         self:attr(st, "User-Agent", req:get_value("User-Agent"))
       end,
       on_response = function(_, resp)
-        self:attr(st, "HTTP-Header", (resp._raw or "") .. "\r\n\r\n")
+        self:attr(st, "HTTP-Header", http.block(resp))
         self:attr(st, "Content-Type", resp:get_value("Content-Type"))
       end,
     })
