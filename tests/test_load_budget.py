@@ -102,9 +102,8 @@ def test_a_signal_to_start_stops_the_daemon_it_started(tmp_path):
     assert "the daemon it started was stopped" in err, err
 
 
-def test_two_racing_starts_one_runs_the_other_exits_2(tmp_path):
-    """Both pass start's pidfile check; the supervisor that loses the flock exits 2 and its `start` says already
-    running (docs/operations.md: `start` exits 2 when a supervisor already runs in the run directory)."""
+def looping_config(tmp_path):
+    """A daemon config in tmp_path that runs until stopped: sample.pcap looped, one plug-in that loads at once."""
     plug = tmp_path / "pl"
     plug.mkdir()
     (plug / "ok.lua").write_text('TrisulPlugin = { id = { name = "ok" }, engine_monitor = {\n'
@@ -112,6 +111,13 @@ def test_two_racing_starts_one_runs_the_other_exits_2(tmp_path):
     cfg = tmp_path / "p.toml"
     cfg.write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\nloop = true\n'
                    '[plugins]\npaths = ["pl"]\n')
+    return cfg
+
+
+def test_two_racing_starts_one_runs_the_other_exits_2(tmp_path):
+    """Both pass start's pidfile check; the supervisor that loses the flock exits 2 and its `start` says already
+    running (docs/operations.md: `start` exits 2 when a supervisor already runs in the run directory)."""
+    cfg = looping_config(tmp_path)
     env, tag = proc_tools.tagged_env()
     with proc_tools.reaped(tag) as pids:       # both daemons and all theirs gone, whatever the assertions said
         a, b = (proc_tools.start(["start", "--config", str(cfg)], env=env) for _ in range(2))
@@ -133,13 +139,7 @@ def test_a_failing_daemon_test_leaves_nothing_and_keeps_its_error(tmp_path):
     process and segment of it gone, and with the body's own error, not one of the clean-up's.  Before, the
     racing-starts test waited 30 s in its `finally` for a stop that never came, raised there, and left its
     daemons running: the next test (test_supervisor's status from any directory) found two."""
-    plug = tmp_path / "pl"
-    plug.mkdir()
-    (plug / "ok.lua").write_text('TrisulPlugin = { id = { name = "ok" }, engine_monitor = {\n'
-                                 '  onmetronome = function() end } }\n')
-    cfg = tmp_path / "p.toml"
-    cfg.write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\nloop = true\n'
-                   '[plugins]\npaths = ["pl"]\n')
+    cfg = looping_config(tmp_path)
     env, tag = proc_tools.tagged_env()
     seen = set()
 
