@@ -441,6 +441,31 @@ end
     assert len(logged) == 1 and "no/such/dir/x" in logged[0], logged
 
 
+def test_copy_and_cat_argument_errors_name_the_plugin_line(runtime_factory, tmp_path):
+    """T.async:copy / :cat with a name that is not a string raise at the plug-in's call (both call styles), naming
+    the helper and the argument; nothing is scheduled.  (The two share one checked builder, async.lua from_to.)"""
+    path = plugin(tmp_path, r'''
+function bad(helper, style, which)
+  local a, b = "/tmp/x", "/tmp/y"
+  if which == "from" then a = nil else b = {} end
+  local r
+  if style == "colon" then r = T.async[helper](T.async, a, b)   -- T.async:HELPER(...)  -- CALL COLON
+  else r = T.async[helper](a, b) end                             -- T.async.HELPER(...)  -- CALL DOT
+  return r
+end
+''')
+    rt = runtime_factory(workers=1)
+    vm = rt.load(path)
+    for helper in ("copy", "cat"):
+        for style, marker in (("colon", "-- CALL COLON"), ("dot", "-- CALL DOT")):
+            for which, got in (("from", "nil"), ("to", "table")):
+                ok, msg = vm.exec(f"return pcall(bad, {q(helper)}, {q(style)}, {q(which)})")
+                assert ok is False
+                want = f"plugin.lua:{line_of(path, marker)}: T.async:{helper}: {which} must be a string (got {got})"
+                assert want in msg.decode(), msg
+    assert vm.async_stats()["scheduled"] == 0
+
+
 def test_file_helpers_keep_fifo_order_per_target(runtime_factory, tmp_path):
     chunks = tmp_path / "chunks"
     chunks.mkdir()

@@ -623,19 +623,17 @@ function Async:make_api()
     return r
   end
 
-  function api.copy(a, b, c)
-    local from, to = args(a, b, c)
-    from, to = check_string(from, "from", "copy"), check_string(to, "to", "copy")
-    check_size(self_, "copy", "request", from, to)
-    return file_op(P.COPY, from, to)
+  --- T.async:copy(from, to) and T.async:cat(from, to): the same checks (an error names `name` and the plug-in's
+  --- line: the returned function is the one the plug-in calls), then one file request of `kind`
+  local function from_to(kind, name)
+    return function(a, b, c)
+      local from, to = args(a, b, c)
+      from, to = check_string(from, "from", name), check_string(to, "to", name)
+      check_size(self_, name, "request", from, to)
+      return file_op(kind, from, to)
+    end
   end
-
-  function api.cat(a, b, c)
-    local from, to = args(a, b, c)
-    from, to = check_string(from, "from", "cat"), check_string(to, "to", "cat")
-    check_size(self_, "cat", "request", from, to)
-    return file_op(P.CAT, from, to)
-  end
+  api.copy, api.cat = from_to(P.COPY, "copy"), from_to(P.CAT, "cat")
 
   function api.rm(a, b)
     local file = args(a, b)
