@@ -154,16 +154,39 @@ def check_inline_vs_async(res):
 def test_inline_vs_async_quick(tmp_path):
     res, report = run_scenario(tmp_path, "inline-vs-async")
     check_inline_vs_async(res)
+    check_async_does_not_stall(res)
+
+
+#: the least share of what it could process (:func:`rate_share`) ASYNC must process at every offered rate, and the
+#: most INLINE (the stall itself) may at the highest: below it, a stall is told apart on this machine in this run.
+#: Measured with two busy-loop burners and the other jobs of a shared 2-core machine (load 5-10), 10 runs: ASYNC
+#: 0.82 / 0.985 / 1.40 (min / median / max) at 100 000 packets/s, INLINE 0.20 / 0.21 / 0.33; T.async made to
+#: stall the packet path (a 50 ms wait added to Async:enqueue) fell to INLINE's level, 0.20 / 0.23 / 0.25.
+ASYNC_SHARE_MIN, STALL_SHARE_MAX = 0.6, 0.5
+
+
+def rate_share(pts, kind, rate) -> float:
+    """The fast path's packet rate with plug-in ``kind`` (packets handed to the plug-ins / the sender's send time)
+    over what it could have been in that run: the rate the sender managed for it, or the baseline's fast-path rate
+    at the same offered rate if that is lower (the machine's capacity then).  On a loaded machine the sender's own
+    rate varies from run to run (55 000 to 100 000 packets/s when 100 000 are offered), and the drops with it,
+    while a stall of 50 ms per 1000 packets caps the rate at 20 000 whatever the load."""
+    p, base = pts[(kind, rate)], pts[("baseline", rate)]
+    return p["fastpath_pps"] / min(p["sent_pps"], base["fastpath_pps"])
+
+
+def check_async_does_not_stall(res):
+    """The promise (docs/loadtest): slow work in T.async never stalls the packet path.  The baseline is the ASYNC
+    plug-in's own hook without T.async (scenarios.py _live_plugins), so only what T.async adds is compared.  The old
+    test (a hookless baseline; ASYNC's drops at most 2 points above its) failed 3 runs in 5 under the load above
+    (ASYNC 5.3-11.7 % against 1.2-4.4 %): the hook's own CPU was read as T.async stalling; with the fair baseline
+    that drop rule still failed 4 runs in 10, the sender's rate moving the drops.  INLINE must show a stall at the
+    highest offered rate, else this run could not tell one apart."""
     pts = {(p["plugin"], p["offered_pps"]): p for p in res["points"]}
     hi = res["rates"][-1]
-    # The promise (docs/loadtest): slow work in T.async never stalls the packet path, so async loses no more
-    # than the no-script baseline measured in the same run on the same machine; one 50 ms stall per 1000
-    # packets would cost tens of percent.  2 points absorb the noise of two shared cores.
+    assert rate_share(pts, "inline", hi) < STALL_SHARE_MAX, (pts[("baseline", hi)], pts[("inline", hi)])
     for rate in res["rates"]:
-        base, asy = pts[("baseline", rate)], pts[("async", rate)]
-        assert asy["drop_pct"] <= base["drop_pct"] + 2.0, (base, asy)
-    # 100k packets/s against a plug-in that can do ~20k: inline must drop (1 MiB packet ring)
-    assert pts[("inline", hi)]["drop_pct"] > pts[("baseline", hi)]["drop_pct"] + 10, pts[("inline", hi)]
+        assert rate_share(pts, "async", rate) >= ASYNC_SHARE_MIN, (pts[("baseline", rate)], pts[("async", rate)])
 
 
 @pytest.mark.soak
@@ -174,6 +197,7 @@ def test_full_scenarios(tmp_path, name):
     res, _ = run_scenario(tmp_path, name, quick=False, timeout=3000)
     if name == "inline-vs-async":
         check_inline_vs_async(res)
+        check_async_does_not_stall(res)
         assert res["async_no_drops_where_baseline_clean"] and res["async_vs_baseline_min_pct"] >= 98
     elif name == "overflow":
         check_overflow(res, overflow_packets(tmp_path, quick=False))
