@@ -53,9 +53,4 @@ def plugin_dirs(script: str | None, lua_path=()) -> list[str]:
     dirs += [os.path.abspath(d) for d in lua_path]
     dirs += [os.path.abspath(d) for d in env_dirs()]
     dirs.append(HELPERS_DIR)
-    seen, out = set(), []
-    for d in dirs:
-        if d not in seen:
-            seen.add(d)
-            out.append(d)
-    return out
+    return list(dict.fromkeys(dirs))            # each once, where it first comes

@@ -241,6 +241,23 @@ def test_cli_shards_json(tmp_path):
                                                   "1 and 64 (luaprobe run --help)")
 
 
+def test_merged_problems_errors_and_files_once_each_in_first_order():
+    """merge_summaries: a plug-in problem, an input error or a finished file that several shards report is in the
+    run's summary once, where it first came (shard order, then each shard's own order); counts are summed.
+    Truth: the three shard summaries written here."""
+    from luaprobe.engine.fastpath.shards import merge_summaries
+    parts = [{"packets": 3, "files_done": ["a.pcap", "b.pcap"], "plugin_problems": ["p.lua:3: x"],
+              "input_errors": ["b.pcap: offset 24: cut"]},
+             {"packets": 4, "files_done": ["b.pcap", "a.pcap", "c.pcap"], "plugin_problems": ["q.lua:1: y", "p.lua:3: x"],
+              "input_errors": ["b.pcap: offset 24: cut"]},
+             None]                                                  # a shard that died before its summary
+    out = merge_summaries(parts, 1.0, [0, 0, 1], RunConfig(plugins=[], files=["a.pcap", "b.pcap", "c.pcap"]))
+    assert out["files_done"] == ["a.pcap", "b.pcap", "c.pcap"]
+    assert out["plugin_problems"] == ["p.lua:3: x", "q.lua:1: y"]
+    assert out["input_errors"] == ["b.pcap: offset 24: cut"]
+    assert out["packets"] == 7 and [x["restarts"] for x in out["shards"]] == [0, 0, 1]
+
+
 # tshark -r mix-eth-tls-http-dns.pcap -Y 'tcp and not icmp' -T fields -e tcp.dstport | sort -un
 MIX_TCP_DST_PORTS = {"80", "443", "49158", "49365", "49366", "49367", "49368", "49369"}
 KEYINFO_GROUP = "{5C0FFEE0-1111-4222-8333-444455556666}"

@@ -155,6 +155,21 @@ def test_trisul_lua_paths_checked_like_lua_path(tmp_path, cmd, entry, says):
     assert r.returncode == 0, r.stderr
 
 
+def test_plugin_search_dirs_each_once_in_order(tmp_path, monkeypatch):
+    """package.path's directories (shm/searchpath.py plugin_dirs): the script's own directory, its parent search
+    directory, --lua-path, TRISUL_LUA_PATHS, the helpers; a directory named twice (the script's own directory also
+    given as --lua-path and in TRISUL_LUA_PATHS) comes once, where it first comes.  Truth: the directories made here."""
+    from luaprobe.shm.searchpath import HELPERS_DIR, plugin_dirs
+    root, extra = tmp_path / "root", tmp_path / "extra"
+    (root / "sub").mkdir(parents=True)
+    extra.mkdir()
+    script = root / "sub" / "p.lua"
+    script.write_text("")
+    monkeypatch.setenv("TRISUL_LUA_PATHS", f"{root / 'sub'}:{extra}:{root}")
+    dirs = plugin_dirs(str(script), [str(root / "sub"), str(root), str(extra)])
+    assert dirs == [str(root / "sub"), str(root), str(extra), HELPERS_DIR]
+
+
 def test_trisul_lua_paths_checked_by_start(tmp_path):
     """The daemon's config check applies the same rule (exit 2, one line, nothing started)."""
     cfg = tmp_path / "probe.toml"

@@ -420,15 +420,6 @@ def _sum_dicts(ds: list) -> dict:
     return out
 
 
-def _unique(xs) -> list:
-    seen, out = set(), []
-    for x in xs:
-        if x not in seen:
-            seen.add(x)
-            out.append(x)
-    return out
-
-
 def _counter_rows(out_dir: str) -> int:
     """Rows of the store's counters table (0 before the first run): the coordinator counts them before and after a
     run, since the shards' updates of one row are added into it."""
@@ -450,8 +441,8 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
     their shard, problems and input errors once each, ``shards`` with each shard's own figures."""
     parts = [p or {} for p in parts]
     out = {"elapsed_s": round(elapsed, 3), "files": cfg.files,
-           "files_done": _unique(f for p in parts for f in p.get("files_done", [])),
-           "input_errors": _unique(e for p in parts for e in p.get("input_errors", []))}
+           "files_done": list(dict.fromkeys(f for p in parts for f in p.get("files_done", []))),
+           "input_errors": list(dict.fromkeys(e for p in parts for e in p.get("input_errors", [])))}
     for key in ("packets", "bytes", "truncated_headers", "non_ip", "flows", "flow_table_full_drops"):
         out[key] = sum(p.get(key, 0) for p in parts)
     out["drops"] = _sum_dicts([p.get("drops", {}) for p in parts])
@@ -459,7 +450,7 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
         out.update(interface=cfg.interface, bpf=cfg.bpf, captured_live=sum(p.get("captured_live", 0) for p in parts),
                    kernel_packets=sum(p.get("kernel_packets", 0) for p in parts),
                    loopback_outgoing=sum(p.get("loopback_outgoing", 0) for p in parts))
-    out["plugin_problems"] = _unique(e for p in parts for e in p.get("plugin_problems", []))
+    out["plugin_problems"] = list(dict.fromkeys(e for p in parts for e in p.get("plugin_problems", [])))
     out["plugins"] = [dict(pl, shard=k) for k, p in enumerate(parts) for pl in p.get("plugins", [])]
     out["rows_written"] = _sum_dicts([p.get("rows_written", {}) for p in parts])
     out["declared_groups"] = {}
