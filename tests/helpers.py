@@ -66,6 +66,18 @@ def finish(proc: subprocess.Popen, timeout: float):
             proc.communicate()
 
 
+@contextlib.contextmanager
+def killed_when_left(proc: subprocess.Popen):
+    """``with killed_when_left(proc):`` -- whatever the body's outcome, ``proc`` still running after it is
+    SIGKILLed and reaped (its pipes read to the end); a body that stopped it (and read its output) leaves it be."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def wait_for(cond, timeout: float = 10.0, interval: float = 0.005):
     """Poll ``cond()`` until it returns a truthy value (returned) or fail after ``timeout`` seconds."""
     end = time.monotonic() + timeout

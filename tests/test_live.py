@@ -230,7 +230,7 @@ def test_live_counts_every_udp_packet_and_stops_on_sigint(tmp_path, veth):
     ticks = tmp_path / "ticks"
     write_plugins(tmp_path / "plugins", ticks=ticks)
     proc, out, stats = run_live(tmp_path, ifname)
-    try:
+    with helpers.killed_when_left(proc):
         wait_bound(proc, ifname)
         rx0 = rx_packets(ifname)
         t0 = time.monotonic()
@@ -243,10 +243,6 @@ def test_live_counts_every_udp_packet_and_stops_on_sigint(tmp_path, veth):
         helpers.wait_for(lambda: ticks.exists() and any(float(x) > sent_at + 0.5 for x in ticks.read_text().split()),
                          timeout=60, interval=0.05)
         rc, so, se = stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert rc == 0, (so, se)
     s = json.loads(stats.read_text())
     assert s["interface"] == ifname and s["input_errors"] == []
@@ -264,16 +260,12 @@ def test_bpf_filter_lets_only_matching_packets_in(tmp_path, veth):
     ifname, ns = veth
     write_plugins(tmp_path / "plugins")
     proc, out, stats = run_live(tmp_path, ifname, "--bpf", "udp port 9999")
-    try:
+    with helpers.killed_when_left(proc):
         wait_bound(proc, ifname)
         rx0 = rx_packets(ifname)
         send_udp(ns, {9999: 500, 9998: 700, 53: 100})
         wait_delivered(ifname, rx0, 1300)
         rc, so, se = stop(proc, signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert rc == 0, (so, se)
     s = json.loads(stats.read_text())
     assert port_counts(out) == {"9999": 500}
@@ -316,17 +308,13 @@ TrisulPlugin = {{
             f"json.dump(s, open({str(tmp_path / 's.json')!r}, 'w'), default=str)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=helpers.REPO, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with helpers.killed_when_left(proc):
         wait_bound(proc, ifname)
         rx0 = rx_packets(ifname)
         send_udp(ns, {9999: 3000})
         wait_delivered(ifname, rx0, 3000)
         go.touch()                                   # (hook_budget=0: the wait is not interrupted)
         rc, so, se = stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert rc == 0, (so, se)
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["drops"]["capture"] > 0, s["drops"]
@@ -361,16 +349,12 @@ TrisulPlugin = {{
 }}
 ''')
     proc, out, stats = run_live(tmp_path, ifname, "--bpf", "vlan and udp port 9997")
-    try:
+    with helpers.killed_when_left(proc):
         wait_bound(proc, ifname)
         rx0 = rx_packets(ifname)
         send_vlan_frames(ns, there, ifname, vid=7, port=9997, count=200, size=100)
         wait_delivered(ifname, rx0, 200)
         rc, so, se = stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert rc == 0, (so, se)
     assert port_counts(out) == {"9997": 200}
     with sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True) as c:

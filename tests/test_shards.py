@@ -19,7 +19,7 @@ import pytest
 from luaprobe.engine.fastpath.run import RunConfig
 from luaprobe.engine.fastpath.shards import make_run
 
-from .helpers import PCAPS, REPO, finish, wait_for, write_plugin
+from .helpers import PCAPS, REPO, finish, killed_when_left, wait_for, write_plugin
 from .helpers import pcap_records as helpers_pcap_records
 from .test_fastpath import (G_ETH, G_TCP, PROTO_GROUP, TEST_GROUP, cli, lua_str, read_monitor, write_counting_plugins,
                             write_monitor_plugin)
@@ -483,7 +483,7 @@ def test_live_fanout_every_packet_once(tmp_path, veth):
     ifname, ns = veth
     write_plugins(tmp_path / "plugins")
     proc, out, stats = run_live(tmp_path, ifname, "--shards", "2")
-    try:
+    with killed_when_left(proc):
         def ready():
             if proc.poll() is not None:
                 raise AssertionError(f"luaprobe exited early ({proc.returncode}): {proc.communicate()}")
@@ -491,10 +491,6 @@ def test_live_fanout_every_packet_once(tmp_path, veth):
         wait_for(ready, timeout=60, interval=0.05)
         send_udp(ns, {9000 + k: 100 for k in range(20)})
         rc, so, se = stop(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert rc == 0, (so, se)
     s = json.loads(stats.read_text())
     assert s["input_errors"] == [] and s["drops"]["capture"] == 0 and s["drops"]["kernel"] == 0
