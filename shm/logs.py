@@ -65,6 +65,20 @@ def install_escapes() -> None:
             stream.reconfigure(errors="luaprobe-escape")
 
 
+_CONTROL_NL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_SEARCHED = "\n    searched: "
+
+
+def one_line(msg: str) -> str:
+    """A problem or error line for the terminal that stays one line whatever file names it holds (a plug-in
+    directory named "x\\nplug-in problem: ..." must not print a second, forged problem line): control characters,
+    newline included, escaped (``\\x0a``); only the documented second line of a failed ``require``
+    ("\\n    searched: DIRS", engine/plugins/errors.py load_error) is kept as a line."""
+    head, sep, tail = msg.partition(_SEARCHED)
+    esc = lambda t: _CONTROL_NL.sub(lambda m: f"\\x{ord(m.group()):02x}", t)   # noqa: E731
+    return esc(head) + (sep + esc(tail) if sep else "")
+
+
 def safe_text(msg: str) -> str:
     """A log message that cannot forge log lines: control characters other than tab and newline escaped
     (``\\x1b``), continuation lines indented with ``  | ``."""

@@ -243,3 +243,26 @@ def test_check_of_a_directory_without_plug_ins_says_so_like_run(tmp_path, conten
     r = luaprobe("check", str(d), cwd=str(tmp_path))
     assert r.returncode == run.returncode, (r.stdout, r.stderr)
     assert r.stdout == "" and r.stderr == f"luaprobe check: no plug-in files found in {d}\n"
+
+
+@pytest.mark.parametrize("cmd", ["check", "run"])
+def test_a_plug_in_path_holding_a_newline_cannot_forge_a_second_problem_line(tmp_path, cmd):
+    """Bad input gives ONE clear line (README "Exit codes"): a plug-in directory named "evil<newline>plug-in
+    problem: fake.lua" printed its syntax error as two lines, the second a forged "plug-in problem: fake.lua/..."
+    line. Now control characters in problem lines are escaped (\\x0a), as log lines already were; the one
+    documented two-line problem, a failed require's "searched:" line, is kept (test_check_failed_require_...).
+    Truth: LuaJIT's own loadfile message for the file (a fresh lupa VM), its chunk name escaped."""
+    d = tmp_path / "evil\nplug-in problem: fake.lua"
+    d.mkdir()
+    path = helpers.write_plugin(d, SYNTAX, name="p.lua")
+    truth = luajit21.LuaRuntime().eval(f"select(2, loadfile({path!r}))")
+    tail = truth.split(":3: ", 1)[1]
+    shown = path.replace("\n", "\\x0a")
+    if cmd == "check":
+        r = luaprobe("check", path, cwd=str(tmp_path))
+        want = f"luaprobe check: {shown}:3: {tail}"
+    else:
+        r = luaprobe("run", path, "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
+        want = f"plug-in problem: {shown}:3: {tail}"
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.splitlines() == [want], r.stderr

@@ -95,10 +95,11 @@ def _rich_summary(s: dict) -> None:
 def _print_problems(s: dict) -> None:
     """Plug-in problems and input errors on stderr, one line each (the only place a capture error is printed:
     ``luaprobe run: input error: FILE: byte offset N: ...``)."""
+    from luaprobe.shm.logs import one_line
     for e in s["plugin_problems"]:
-        print(f"plug-in problem: {e}", file=sys.stderr)
+        print(f"plug-in problem: {one_line(e)}", file=sys.stderr)
     for e in s["input_errors"]:
-        print(f"luaprobe run: input error: {e}", file=sys.stderr)
+        print(f"luaprobe run: input error: {one_line(e)}", file=sys.stderr)
 
 
 ASYNC_COLUMNS = ("scheduled", "ok", "nil_result", "error", "timeout", "dropped", "pending")
@@ -474,6 +475,7 @@ def cmd_check(args) -> int:
     """`luaprobe check`: probe plug-ins and list their types and problems."""
     from luaprobe.engine.plugins.vm import PluginError
     from luaprobe.engine.plugins.discovery import describe, probe_all
+    from luaprobe.shm.logs import one_line
     from .usage import UsageError, check_lua_paths, check_plugins
     try:
         check_plugins(args.plugins)
@@ -497,7 +499,7 @@ def cmd_check(args) -> int:
     for i in infos:                        # did not load: the error alone (file:line: message), no listing
         if not i.loaded:
             for e in i.errors:
-                print(f"luaprobe check: {e}", file=sys.stderr)
+                print(f"luaprobe check: {one_line(e)}", file=sys.stderr)
     bad = [p for i in infos for p in i.errors]
     if not bad and infos and not any(i.runnable_types for i in infos):   # only unsupported types: nothing runs
         print("luaprobe check: no plug-in here can run (" + "; ".join(p for i in infos for p in i.problems) + ")",

@@ -205,7 +205,7 @@ def describe(infos) -> str:
             continue
         kind = ", ".join(f"{t} ({'supported' if t in SUPPORTED else 'not supported'})" for t in i.types) \
             if i.types else "(no script type: one frontend instance runs onload)"
-        lines.append(f"{i.path}\n    name: {i.name}\n    types: {kind}")
+        lines.append(f"{logs.one_line(i.path)}\n    name: {logs.one_line(str(i.name))}\n    types: {kind}")
         if i.countergroup:
             cg = i.countergroup
             lines.append(f"    countergroup: {cg['name']} {cg['guid']} bucket {cg['bucketsize']} s, "
@@ -221,7 +221,7 @@ def describe(infos) -> str:
         if i.old_onupdate:
             lines.append("    warning: " + old_onupdate_warning(i))
         for p in i.problems:
-            lines.append(f"    problem: {p}")
+            lines.append(f"    problem: {logs.one_line(p)}")
     return "\n".join(lines)
 
 

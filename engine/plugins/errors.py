@@ -36,9 +36,9 @@ def full_path(msg: str, path: str | None) -> str:
     """A message located in a chunk whose name LuaJIT shortened (:func:`same_chunk`): put ``path`` back
     ("...est/x.lua:3: boom" -> "/very/long/test/x.lua:3: boom")."""
     if path and msg.startswith("..."):
-        m = re.match(r"(\.\.\.[^\n:]*):(\d+):", msg)
-        if m and same_chunk(m.group(1), path):
-            return path + msg[len(m.group(1)):]
+        for m in re.finditer(r":\d+:", msg):      # the name may hold ':' or a newline itself (a directory name)
+            if same_chunk(msg[:m.start()], path):
+                return path + msg[m.start():]
     return msg
 
 
