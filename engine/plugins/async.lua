@@ -264,7 +264,7 @@ function M.new(opts)
     stats = { scheduled = 0, ok = 0, nil_result = 0, error = 0, timeout = 0, dropped = 0,
               onresult_errors = 0, redispatched = 0, lost_at_deadline = 0, lost_at_stop = 0 },
     hist = ffi.new("double[?]", HIST),
-    stamp = opts.engine ~= nil and type(rawget(opts.engine, "_tus")) == "number",   -- packet-time stamping (real engine)
+    stamp = opts.engine ~= nil and type(rawget(opts.engine, "_t")) == "cdata",   -- packet-time stamping (real engine)
     errors = nil,
     live_files = {},        -- path -> references (filex files kept for tasks naming them)
     file_done = NOOP,       -- filex installs its own: then tasks may name live files
@@ -294,7 +294,7 @@ end
 
 function Async:set_engine(engine)
   self.engine = engine
-  self.stamp = engine ~= nil and type(rawget(engine, "_tus")) == "number"
+  self.stamp = engine ~= nil and type(rawget(engine, "_t")) == "cdata"
 end
 
 --- Start workers lazily: `fn` (called once, on the first task) must attach them.
@@ -596,7 +596,7 @@ function Async:make_api()
     end
     check_size(self_, "schedule", "data", data, aux)
     local ts = nil
-    if self_.stamp then ts = self_.engine._tus end
+    if self_.stamp then ts = self_.engine._t.tus end
     return self_:enqueue(EXEC, fid, data, aux, -1, onres, onerr, nil, ts)
   end
 
@@ -682,12 +682,18 @@ function Async:call_hook(kind, fn, data, arg, ts)
   local e = self.engine
   local b, i, now, usec, tus
   if ts then
-    b, i, now, usec, tus = e._b, e._i, e._now, e._usec, e._tus
+    local c = e._t
+    b, i, now, usec, tus = c.b, c.i, c.now, c.usec, c.tus
     local sec = floor(ts / 1e6)
-    e._i, e._now, e._usec, e._tus, e._result = -1, sec, ts - sec * 1e6, ts, true
+    c.i, c.now, c.usec, c.tus = -1, sec, ts - sec * 1e6, ts
+    e._result = true
   end
   local ok, err = xpcall(fn, traceback, e, data, arg)
-  if ts then e._b, e._i, e._now, e._usec, e._tus, e._result = b, i, now, usec, tus, false end
+  if ts then
+    local c = e._t
+    c.b, c.i, c.now, c.usec, c.tus = b, i, now, usec, tus
+    e._result = false
+  end
   if not ok then
     self.stats.onresult_errors = self.stats.onresult_errors + 1
     self.errors:report(kind, err)

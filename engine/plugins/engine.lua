@@ -7,9 +7,12 @@ writer process.  Counters are aggregated in Lua per (group, bucket, key,
 meter), so a busy simplecounter costs a few table lookups per call and the
 database sees one row per bucket.
 ]]
+local ffi = require("ffi")
+local packetmod = require("luaprobe.engine.plugins.packet")   -- lp_pkt, lp_engine_clock
 local M = {}
 local Engine = {}
-local function packet() return require("luaprobe.engine.plugins.packet") end
+local function packet() return packetmod end
+local new_clock = ffi.typeof("lp_engine_clock")
 
 local norm_cache = {}
 local upper = string.upper
@@ -41,12 +44,15 @@ function M.new(opts)
     _pipeline = opts.pipeline or "frontend",
     _plugin = opts.plugin or "?",
     _groups = opts.groups or {},
-    _now = 0, _usec = 0,
-    _floor = 0,             -- engine time never goes below this (the last closed-bucket cut-off)
+    -- the engine's clock and current packet, per packet (set_packet): one FFI struct (lp_engine_clock,
+    -- engine/plugins/packet.lua) rather than Lua fields, so that a hook's store into its own table with a
+    -- string key (LuaJIT cannot tell it from these fields) does not make the walk redo their lookups per packet
+    -- (issue 10, docs/benchmarks.md 2026-12-01).  Fields: now, usec (engine time: s, µs), floor (engine time never
+    -- goes below this: the last closed-bucket cut-off), tus (engine time in µs since the epoch: T.async stamps
+    -- tasks with it), b, i (current packet: entry i of batch b, i = -1: none), pos (index in the batch under way
+    -- of the packet whose hooks run, -1: before its packets).
+    _t = new_clock({ i = -1, pos = -1 }),
     _result = false,        -- true while an onresult / onerror hook runs (Async:call_hook): rows keep its time
-    _tus = 0,               -- the engine time in µs since the epoch (T.async stamps tasks with it)
-    _b = nil, _i = -1,       -- current packet: entry _i of batch _b (-1: none)
-    _pos = -1,              -- index in the batch under way of the packet whose hooks run (-1: before its packets)
     counters = {},          -- [GUID][bucket][meter][key] = value ; [-1-meter][key] = the meter's second value
     _cur = {},              -- [GUID] = { now, bt = counters[GUID][bucket of now], vt = the group's vartypes }
     rows = nil,
@@ -117,35 +123,40 @@ end
 --- Fast path: the packet the next hook sees (entry i of batch b).
 --- A late packet (earlier than the engine's time: merged or reordered captures) counts in the current
 --- bucket and window: engine time never goes backwards, a flushed bucket is never reopened.
+--- Called by the walks as a plain function (M.set_packet), not through the object's __index.
 function Engine:set_packet(b, i)
-  self._b, self._i, self._pos = b, i, i
+  local c = self._t
+  c.b, c.i, c.pos = b, i, i
   local p = b[i]
   local t = p.ts_sec
-  if t < self._floor then
-    t = self._floor
-    self._tus = t * 1e6
+  if t < c.floor then
+    t = c.floor
+    c.tus = t * 1e6
   else
-    self._tus = t * 1e6 + floor(p.ts_nsec / 1000)
+    c.tus = t * 1e6 + floor(p.ts_nsec / 1000)
   end
-  self._now = t
+  c.now = t
 end
+M.set_packet = Engine.set_packet
 
 local function pkt(self)
-  if self._i < 0 then return nil end
-  return self._b[self._i]
+  local c = self._t
+  if c.i < 0 then return nil end
+  return c.b[c.i]
 end
 
 --- Backend (and ticks): the current time without a packet.
 function Engine:set_time(sec, usec)
-  self._i, self._pos = -1, -1
-  self._now, self._usec = sec, usec or 0
-  self._tus = sec * 1e6 + (usec or 0)
+  local c = self._t
+  c.i, c.pos = -1, -1
+  c.now, c.usec = sec, usec or 0
+  c.tus = sec * 1e6 + (usec or 0)
 end
 
 function Engine:timestamp()
   local p = pkt(self)
   if p ~= nil then return p.ts_sec, math.floor(p.ts_nsec / 1000) end
-  return self._now, self._usec
+  return self._t.now, self._t.usec
 end
 function Engine:instanceid() return self._instance end
 function Engine:id() return self._instance end
@@ -188,8 +199,9 @@ local function meter_table(bt, m)
 end
 
 local function add(self, g, key, meter, value)
-  local now = self._now
-  if now < self._floor then now = self._floor end     -- an async result's time: no written bucket reopens
+  local c = self._t
+  local now, fl = c.now, c.floor
+  if now < fl then now = fl end     -- an async result's time: no written bucket reopens
   local c = self._cur[g]
   if c == nil or c.now ~= now then c = open_bucket(self, g, now) end
   local bt = c.bt
@@ -278,7 +290,7 @@ end
 --- (its carried total).
 function Engine:take_counters(now)
   local out, n = {}, 0
-  if now ~= nil and now > self._floor then self._floor = now end
+  if now ~= nil and now > self._t.floor then self._t.floor = now end
   if next(self.counters) ~= nil then self._cur = {} end   -- buckets may close below: forget the current ones
   for g, gt in pairs(self.counters) do
     local grp = self._groups[g]
@@ -334,8 +346,8 @@ end
 -- (an onresult / onerror hook is the exception: its rows carry the result's time, docs/async.md "Time"; only its
 -- counter updates move to the current bucket, in add())
 local function now(self)
-  local t = self._now
-  if t < self._floor and not self._result then return self._floor end
+  local t = self._t.now
+  if t < self._t.floor and not self._result then return self._t.floor end
   return t
 end
 
@@ -379,7 +391,7 @@ function Engine:add_flow_counter(flowkey, guid, key, meter, direction)
   if list == nil then list = {}; self.flow_counters[fk] = list end
   -- { guid, key, meter, direction, batch position, batch number, engine time in µs when added (flows_ended) }
   list[#list + 1] = { norm(guid), tostring(key), tonumber(meter) or 0, tonumber(direction) or 0,
-                      self._pos, self._fcbatch, self._tus }
+                      self._t.pos, self._fcbatch, self._t.tus }
   if self.nflow_counters == 0 and self.on_flow_counters then self.on_flow_counters() end   -- the fast path now
   self.nflow_counters = self.nflow_counters + 1                    -- calls flow_counter_batch every batch
 end
@@ -434,7 +446,7 @@ local function new_connection(self, fk, list, p)
   if ffi.cast(flowp, self.flow_records)[p.flow].first_ts ~= p.ts_sec + p.ts_nsec * 1e-9 then return list end
   -- added at this packet (its hook or event) or later (times are whole µs; 1 µs slack: an event's time, e.ts
   -- a double, may round down a microsecond)
-  return keep_added_after(self, fk, list, self._tus - 2)
+  return keep_added_after(self, fk, list, self._t.tus - 2)
 end
 
 --- Apply registered flow counters to the current packet (fast path, when any exist).
@@ -485,7 +497,7 @@ local pktp, batch_flowkey = nil, nil
 --- Fast path, once per batch (n packets at address addr), after every hook of the batch ran, for a frontend VM
 --- without a packet walk of its own (reassembly_handler, filex_monitor, ...): its flow counters get the
 --- batch's packets of their flows, each packet at its time (bucket).  A counter added during this batch by the
---- hook of packet k (self._pos = k: set_packet, or the stage event's packet index) counts from packet k + 1.
+--- hook of packet k (self._t.pos = k: set_packet, or the stage event's packet index) counts from packet k + 1.
 --- Afterwards the engine's position is "before the next batch" (-1).  Returns the number of packets counted.
 function Engine:flow_counter_batch(addr, n)
   local counted = 0
@@ -514,7 +526,8 @@ function Engine:flow_counter_batch(addr, n)
       end
     end
   end
-  self._fcbatch, self._pos = self._fcbatch + 1, -1
+  self._fcbatch = self._fcbatch + 1
+  self._t.pos = -1
   return counted
 end
 
@@ -600,7 +613,7 @@ local function sflow(self, flowkey, create)
   local fk = flowkey_of(flowkey)
   local f = self.sflows[fk]
   if f == nil and create then
-    f = { fk = fk, first = self._now, last = self._now, v = { [0] = 0, 0, 0, 0 }, tags = {} }
+    f = { fk = fk, first = self._t.now, last = self._t.now, v = { [0] = 0, 0, 0, 0 }, tags = {} }
     self.sflows[fk] = f
   end
   return f
@@ -625,7 +638,7 @@ function Engine:update_flow(flowkey, meter, value)
   end
   local f = sflow(self, flowkey, true)
   f.v[meter] = f.v[meter] + (tonumber(value) or 0)
-  f.last = math.max(f.last, self._now)
+  f.last = math.max(f.last, self._t.now)
 end
 Engine.update_flow_raw = Engine.update_flow
 

@@ -418,6 +418,7 @@ end
 
 -- simplecounter: onpacket(engine, layer) for each packet with the plug-in's protocol
 local find, bind_packet, bind_layer, flowkey = decode.find, packet.bind_packet, packet.bind_layer, decode.flowkey
+local set_packet = engine_mod.set_packet   -- a plain call: no __index lookup per packet (issue 10)
 
 local function sc_invoke(w) return w.fn(w.eng, w.lobj) end
 local function sc_args(w) return 2, w.fn, w.eng, w.lobj end           -- sc_invoke's call, for walk_direct
@@ -428,14 +429,14 @@ local function sc_pick(w, batch, k)
   -- a reassembled IP datagram (d.frag 2, engine/fastpath/ipreasm.lua) is for L4 hooks only:
   -- link and IP-layer hooks saw each of its fragment packets
   if li >= 0 and (w.l4 or p.d.frag ~= 2) then
-    eng:set_packet(batch, k)
+    set_packet(eng, batch, k)
     if eng.nflow_counters > 0 and p.flow >= 0 then eng:apply_flow_counters(flowkey(p.d), p.dir) end
     bind_layer(w.lobj, bind_packet(w.pobj, batch, k), li)
     return sc_invoke
   end
   -- no hook here: the engine's packet moves only for flow counters (and to the batch's last packet after the walk)
   if eng.nflow_counters > 0 and p.flow >= 0 then
-    eng:set_packet(batch, k)
+    set_packet(eng, batch, k)
     eng:apply_flow_counters(flowkey(p.d), p.dir)
   end
   return nil
@@ -459,7 +460,7 @@ local function sc_catch_up(w, batch, from, to)
   for k = from, to - 1 do
     local p = batch[k]
     if p.flow >= 0 then
-      eng:set_packet(batch, k)
+      set_packet(eng, batch, k)
       eng:apply_flow_counters(flowkey(p.d), p.dir)
     end
   end

@@ -38,6 +38,18 @@ typedef struct {
 } lp_pkt;
 ]]
 end
+-- Per-packet state of the objects hooks see, in FFI structs rather than Lua fields (issue 10): a hook's store
+-- into its own table with a string key (`state[id] = ...`) may alias any Lua table field with a string key as far
+-- as LuaJIT can tell, so every such field the walk writes or reads per packet would be looked up again per packet;
+-- FFI field loads and stores do not alias Lua table stores.  The objects stay Lua tables with the Trisul methods.
+if not pcall(ffi.typeof, "lp_pobj") then
+  ffi.cdef[[
+typedef struct { lp_pkt *b; int32_t i; int32_t fid_ok; } lp_pobj;          /* Packet: entry i of batch b */
+typedef struct { lp_pobj *p; int32_t i; } lp_lobj;                         /* Layer: layer i of packet p */
+typedef struct { lp_pkt *b; int32_t i, pos; double now, usec, floor, tus; } lp_engine_clock;   /* engine.lua */
+]]
+end
+local new_pobj, new_lobj = ffi.typeof("lp_pobj"), ffi.typeof("lp_lobj")
 
 local M = {
   PKT = 0, EOF = 1, ERROR = 2, END = 3, STATS = 4, TIME = 5,
@@ -119,18 +131,21 @@ local Layer = {}
 Layer.__index = Layer
 
 --- Bind the reusable packet object of a VM to entry i of batch b.  Objects
---- keep (batch pointer, index), never a per-packet pointer: storing a fresh
+--- keep (batch pointer, index) in their lp_pobj struct (field _c), never a per-packet pointer: storing a fresh
 --- cdata pointer in a table would allocate for every packet.
 function M.bind_packet(obj, b, i)
-  obj._b, obj._i = b, i
-  obj._flowid = nil
+  local c = obj._c
+  c.b, c.i, c.fid_ok = b, i, 0     -- fid_ok 0: obj._flowid is another packet's (Packet:flowid)
   return obj
 end
 
-local function P(self) return self._b[self._i] end
+local function P(self)
+  local c = self._c
+  return c.b[c.i]
+end
 M.entry = P
 
-function M.new_packet() return setmetatable({}, Packet) end
+function M.new_packet() return setmetatable({ _c = new_pobj(nil, -1, 0) }, Packet) end
 
 function Packet:timestamp()
   local p = P(self)
@@ -158,7 +173,7 @@ local function layer_at(self, i)
   if ls == nil then ls = {}; self._layers = ls end
   local l = ls[i + 1]
   if l == nil then
-    l = setmetatable({ _packet = self, _i = i }, Layer)
+    l = M.layer(self, i)
     ls[i + 1] = l
   end
   return l
@@ -218,11 +233,10 @@ function M.touch_flowids(b, n)
 end
 
 function Packet:flowid()
-  local f = self._flowid
-  if not f then
-    f = cached_flowid(P(self))
-    self._flowid = f
-  end
+  local c = self._c
+  if c.fid_ok ~= 0 then return self._flowid end
+  local f = cached_flowid(c.b[c.i])
+  self._flowid, c.fid_ok = f, 1
   return f
 end
 function Packet:originid() return P(self).ifindex end
@@ -232,24 +246,36 @@ function Packet:set_timestamp(sec, usec)
   P(self).ts_nsec = (usec or 0) * 1000
 end
 
---- A Layer object for layer i of a bound packet object.
+--- A Layer object for layer i of a bound packet object: _packet (the Packet object, for Layer:packet()) and an
+--- lp_lobj struct _c pointing at the packet object's struct (kept alive by _packet).
 function M.layer(packet, i)
-  return setmetatable({ _packet = packet, _i = i }, Layer)
+  return setmetatable({ _packet = packet, _c = new_lobj(packet._c, i) }, Layer)
 end
 
 --- Rebind a reusable Layer to (packet object, layer index).
 function M.bind_layer(layer, packet, i)
-  layer._packet, layer._i = packet, i
+  local c = layer._c
+  if layer._packet ~= packet then layer._packet = packet end
+  c.p, c.i = packet._c, i
   return layer
 end
 
-function M.new_layer() return setmetatable({}, Layer) end
+function M.new_layer() return setmetatable({ _c = new_lobj(nil, -1) }, Layer) end
 
-local function L(self) return P(self._packet).d.layer[self._i] end
+-- The layer's lp_layer record and its packet's lp_pkt entry.
+local function L(self)
+  local c = self._c
+  local pc = c.p
+  return pc.b[pc.i].d.layer[c.i]
+end
+local function LP(self)
+  local pc = self._c.p
+  return pc.b[pc.i]
+end
 
 function Layer:layer_bytes() return L(self).length end
 function Layer:protocol_id() return GUID[L(self).proto] end
-function Layer:total_bytes() return P(self._packet).wirelen end
+function Layer:total_bytes() return LP(self).wirelen end
 function Layer:packet() return self._packet end
 --- Where the bytes of a layer that starts at `off` end: the end of the IP datagram (its total / payload length)
 --- for the IP layer and the layers inside it, so that an Ethernet trailer or the padding of a short frame (tshark's
@@ -265,7 +291,7 @@ end
 M.layer_end = layer_end
 
 function Layer:rawbytes()
-  local p, off, b = P(self._packet), L(self).offset, self._rb
+  local p, off, b = LP(self), L(self).offset, self._rb
   local n = layer_end(p, off) - off
   if n < 0 then n = 0 end
   if b == nil then
@@ -276,17 +302,17 @@ function Layer:rawbytes()
   return buffer.rebind(b, p.data + off, n)
 end
 function Layer:getbyte(off)
-  local p, start = P(self._packet), L(self).offset
+  local p, start = LP(self), L(self).offset
   if off < 0 or start + off >= p.caplen then error(("Layer:getbyte(%d): out of range"):format(off), 2) end
   return p.data[start + off]
 end
 function Layer:testbit(n)
-  local p, start = P(self._packet), L(self).offset
+  local p, start = LP(self), L(self).offset
   local byte = math.floor(n / 8)
   if n < 0 or start + byte >= p.caplen then return false end
   return band(p.data[start + byte], rshift(0x80, n % 8)) ~= 0
 end
-function Layer:flowkey() return flowkey(P(self._packet).d) end
+function Layer:flowkey() return flowkey(LP(self).d) end
 
 M.Packet, M.Layer, M.FlowID = Packet, Layer, FlowID
 return M

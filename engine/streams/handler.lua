@@ -110,7 +110,7 @@ function H:run_events(addr, n)
     local e = ev[i]
     if band(e.to, TO_H) ~= 0 then self:event(e) end
   end
-  self.engine._pos = -1       -- between batches (flow_counter_batch, which also resets it, runs only for VMs
+  self.engine._t.pos = -1     -- between batches (flow_counter_batch, which also resets it, runs only for VMs
   return n                    -- that added a flow counter)
 end
 
@@ -120,7 +120,7 @@ function H:event(e)
   local uid = e.uid
   local sec = math.floor(e.ts)
   eng:set_time(sec, math.floor((e.ts - sec) * 1e6))
-  eng._pos = e.bi             -- the batch packet that caused the event: add_flow_counter counts the ones after it
+  eng._t.pos = e.bi           -- the batch packet that caused the event: add_flow_counter counts the ones after it
   local kind = e.kind
   if kind == NEWFLOW then
     local key = fstring(e.p, e.len)

@@ -1,6 +1,6 @@
 """Benchmark: what each plug-in VM's batch walk costs per packet, in the real fast path (issue 10).
 
-    python tools/bench/hookcost.py [--corpus small-few] [--shapes empty,hval,counter,flowstate] [--runs 5]
+    python tools/bench/hookcost.py [--corpus small-few] [--shapes empty,hval,counter,flowstate] [--runs 5] [--layer udp]
 
 Runs the fast path in this process (``FastPath``: capture process, driver, plug-in VMs, SQLite writer, as
 ``luaprobe run`` does) over a --quick corpus capture (tools/bench/corpus.py) with the plug-in shapes of
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="empty,hval,counter,flowstate", help="plug-in shapes loaded together")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--engine-dir", help="luaprobe.engine's Lua modules from this folder")
+    ap.add_argument("--layer", choices=("tcp", "udp"), default="tcp",
+                    help="transport the light shapes hook (udp for the dns corpus, which has no TCP)")
     a = ap.parse_args(argv)
     if a.engine_dir:
         from tools.bench.hookwalk import use_engine_dir
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="lp-hookcost-") as work:
             plugdir = os.path.join(work, "plugins")
             for s in a.shapes.split(","):
-                shapes.write(s, plugdir)
+                shapes.write(s, plugdir, a.layer)
             runs = [one_run(path, plugdir, work) for _ in range(a.runs)]
         for k in sorted(runs[0], key=lambda k: (k == "loop", k)):
             xs = [r[k] for r in runs]

@@ -1,0 +1,43 @@
+"""The walk does not redo the bindings' field lookups per packet when a hook stores into its own table (issue 10).
+
+A hook that counts into a Lua table with a string key (``state[id] = (state[id] or 0) + 1``, the way real
+scripts keep per-flow state) makes a store LuaJIT's alias analysis cannot tell apart from any other Lua table
+field with a string key.  Every such field the walk and the object bindings read or write per packet
+(Engine:set_packet's clock and position, bind_packet's and bind_layer's batch entry and layer index, the
+``set_packet`` method found through ``__index``) is then looked up again on every packet: an HREFK (and its
+load or store) after the trace's LOOP instruction.  engine/plugins/engine.lua and packet.lua keep that state in
+one FFI struct per object (FFI loads and stores do not alias Lua table stores) and the walk calls set_packet as
+a plain function, so at most one lookup per object is left.
+
+The truth is LuaJIT's own IR of the compiled walk loop (``jit.util.traceir`` through tools/bench/walkir.py, on
+the small-few --quick corpus capture): deterministic, measures no time.  The old bindings redid 12 such lookups
+per packet (``set_packet _pos _i _b _floor _tus _now``, ``_i _b _flowid``, ``_i _packet``), these redo 6.
+"""
+from __future__ import annotations
+
+import os
+
+from tools.bench import corpus, shapes, walkir
+
+#: HREFKs per packet of the walk loop on the bindings' and engine's private fields (keys starting with one "_")
+#: and the set_packet method; the script's own method lookups (``__index``, ``packet``, ``flowid``, ``id``) and
+#: the walk's per-batch state are not counted.
+MAX_BINDING_LOOKUPS = 8
+
+
+def _binding_lookups(ir: list) -> list:
+    names = [op for op, _ in ir]
+    assert "LOOP" in names, "no compiled walk loop"
+    return [k for op, k in ir[names.index("LOOP") + 1:] if op == "HREFK" and k is not None
+            and ((k.startswith("_") and not k.startswith("__")) or k == "set_packet")]
+
+
+def test_string_keyed_state_keeps_binding_lookups_out_of_the_loop(tmp_path):
+    capture = corpus.make("small-few", True)
+    with open(os.path.join(tmp_path, "flowstate.lua"), "w") as f:
+        f.write(shapes._simple("flowstate", "tcp", "      local id = layer:packet():flowid():id()\n"
+                               "      state[id] = (state[id] or 0) + 1", prelude="local state = {}"))
+    ir = walkir.walk_ir(capture, str(tmp_path))
+    keys = _binding_lookups(ir)
+    assert len(keys) <= MAX_BINDING_LOOKUPS, f"walk loop redoes {len(keys)} binding lookups per packet: {keys}"
+    assert "set_packet" not in keys, "set_packet is looked up through __index on every packet"
