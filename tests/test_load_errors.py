@@ -245,7 +245,7 @@ def test_check_of_a_directory_without_plug_ins_says_so_like_run(tmp_path, conten
     assert r.stdout == "" and r.stderr == f"luaprobe check: no plug-in files found in {d}\n"
 
 
-@pytest.mark.parametrize("cmd", ["check", "run"])
+@pytest.mark.parametrize("cmd", ["check", "run", "start"])
 def test_a_plug_in_path_holding_a_newline_cannot_forge_a_second_problem_line(tmp_path, cmd):
     """Bad input gives ONE clear line (README "Exit codes"): a plug-in directory named "evil<newline>plug-in
     problem: fake.lua" printed its syntax error as two lines, the second a forged "plug-in problem: fake.lua/..."
@@ -261,8 +261,23 @@ def test_a_plug_in_path_holding_a_newline_cannot_forge_a_second_problem_line(tmp
     if cmd == "check":
         r = luaprobe("check", path, cwd=str(tmp_path))
         want = f"luaprobe check: {shown}:3: {tail}"
-    else:
+    elif cmd == "run":
         r = luaprobe("run", path, "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
         want = f"plug-in problem: {shown}:3: {tail}"
+    else:                                      # the daemon refuses to start: its line, then where the log is
+        toml = tmp_path / "probe.toml"
+        toml.write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\n'
+                        f'[plugins]\npaths = ["{path.replace(chr(10), "{LF}")}"]\n'.replace("{LF}", "\\n"))
+        r = luaprobe("start", "--config", str(toml), cwd=str(tmp_path))
+        want = f"luaprobe start: plug-in problem: {shown}:3: {tail}"
+        assert r.stderr.splitlines()[1:] == [f"luaprobe start: not started: fix the problem and start again "
+                                             f"(log {tmp_path / 'run' / 'supervisor.log'})"], r.stderr
+        st = luaprobe("status", "--run-dir", str(tmp_path / "run"), cwd=str(tmp_path))
+        lines = st.stdout.splitlines()
+        assert f"last error: plug-in problem: {shown}:3: {tail}" in lines, st.stdout
+        assert not any(t.startswith("plug-in problem: fake.lua") for t in lines), st.stdout
+        assert r.returncode == 4, r.stderr
+        assert r.stderr.splitlines()[0] == want, r.stderr
+        return
     assert r.returncode == 4, r.stderr
     assert r.stderr.splitlines() == [want], r.stderr

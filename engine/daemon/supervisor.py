@@ -34,7 +34,7 @@ from luaprobe.shm import segment
 from luaprobe.engine.daemon import config as config_mod
 from luaprobe.engine.daemon import control, privileges
 from luaprobe.engine.daemon.usage import UsageError, claim_out_dir
-from luaprobe.shm.logs import log
+from luaprobe.shm.logs import log, one_line
 
 from luaprobe.shm.exits import (EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_RUNNING, EXIT_OK, EXIT_PLUGIN,  # noqa: F401
                                 EXIT_STOP_KILLED, EXIT_USAGE, describe_exit)
@@ -865,9 +865,9 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float) -> int:
                       f"run dir {run_dir}, log {log_path}")
                 return EXIT_OK
             for x in problems:
-                print(f"luaprobe start: plug-in problem: {x}", file=sys.stderr)
+                print(f"luaprobe start: plug-in problem: {one_line(x)}", file=sys.stderr)
             if st["state"].startswith("failed"):
-                print(f"luaprobe start: {st.get('last_error') or st['state']}", file=sys.stderr)
+                print(f"luaprobe start: {one_line(st.get('last_error') or st['state'])}", file=sys.stderr)
             _stop_quietly(run_dir, st)
             print(f"luaprobe start: not started: fix the problem and start again (log {log_path})", file=sys.stderr)
             return EXIT_PLUGIN if problems else (st.get("last_exit_code") or EXIT_INTERNAL)
@@ -954,9 +954,9 @@ def format_status(st: dict, live: bool) -> str:
                  f"last exit: {st.get('last_exit') or '-'}")
     lines += [f"{k + ':':<11} {st[k]}" for k in ("source", "config", "run_dir", "out_dir") if st.get(k)]
     if st.get("last_error"):
-        lines.append(f"last error: {st['last_error']}")
+        lines.append(f"last error: {one_line(st['last_error'])}")
     for p in st.get("plugin_problems") or []:
-        lines.append(f"plug-in problem: {p}")
+        lines.append(f"plug-in problem: {one_line(p)}")
     if ls:
         lines.append("last stats: " + "  ".join(f"{k} {v:,.0f}" if isinstance(v, (int, float)) and k != "time"
                                                 else f"{k} {time.strftime('%H:%M:%S', time.localtime(v))}"
