@@ -429,6 +429,31 @@ def test_files_live_until_async_tasks_finish(tmp_path):
         assert +complete == exp
 
 
+def test_two_plugins_with_tasks_each_keep_their_own_files(tmp_path):
+    """Two filex_monitor scripts in one run (trisul-scripts' fileextract folder: saveall.lua + save_exe.lua, each
+    T.async:copy-ing every path) each get their own files: no path is handed to both, and every task of either
+    reads its whole body (tshark's --export-objects set).  Before the instance number was in the name both wrote
+    the same path, and the first hook's unref removed the file the other's task still named ("No such file")."""
+    a, out_a = make_plugin(tmp_path, ASYNC_PLUGIN, name="a.lua", wait="0.02")
+    b, out_b = make_plugin(tmp_path, ASYNC_PLUGIN, name="b.lua", wait="0.02")
+    summary = run(tmp_path, [a, b], ["http-keepalive-splunk-ui.pcap"], filex_dir=str(tmp_path / "fx"))
+    paths = []
+    for out in (out_a, out_b):
+        recs = records(out, ("kind", "path", "a", "b"))
+        files = {r["path"] for r in recs if r["kind"] == "file"}
+        results = {r["path"]: r["a"] for r in recs if r["kind"] == "result"}
+        assert len(files) == COUNTS["http-keepalive-splunk-ui.pcap"] and set(results) == files
+        assert collections.Counter(results.values()) == expected("http-keepalive-splunk-ui.pcap")
+        paths.append(files)
+    assert not paths[0] & paths[1]
+    for plug in summary["plugins"]:
+        assert plug["async"]["ok"] == COUNTS["http-keepalive-splunk-ui.pcap"], plug
+    assert os.listdir(tmp_path / "fx") == []
+    if TSHARK_BIN:
+        assert expected("http-keepalive-splunk-ui.pcap") == tshark_export("http-keepalive-splunk-ui.pcap",
+                                                                            str(tmp_path))
+
+
 def test_files_removed_after_hook_without_tasks(tmp_path):
     """No task names the path: gone at the next onfile_http (and in the explicit directory after the run)."""
     fxdir = tmp_path / "fx"

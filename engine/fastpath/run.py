@@ -520,7 +520,10 @@ class FastPath:
             inst.run_batch = self._budgeted(inst, walk)
         elif kind == "filex_monitor":
             events = self._budgeted(inst, "run_filex_events")
-            opts = {b"dir": self._filex_dir().encode(), b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
+            # one number per filex_monitor instance of this run, in its file names: every instance writes its own
+            # copy of a body into the shared directory, and two instances must never share (and remove) one file
+            self._filex_seq = getattr(self, "_filex_seq", 0) + 1
+            opts = {b"dir": self._filex_dir().encode(), b"instance": self._filex_seq, b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
                     b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"max_header": int(self.cfg.http_max_header),
                     b"votes": self.stage.add_filex(vm.host, events), b"batch": int(self.driver.batch_addr)}
             vm.lua.eval("function(h, o) return h:setup_filex(o) end")(vm.host, vm.lua.table_from(opts))

@@ -58,14 +58,16 @@ local function sanitize(s)
   return s
 end
 
---- opts: host (luaprobe.engine.plugins.host object), dir (ramfs directory), chunk_size,
+--- opts: host (luaprobe.engine.plugins.host object), dir (ramfs directory, shared by every filex_monitor
+--- instance of the run), instance (this instance's number in the run: file names are
+--- <dir>/<host><uri>-<instance>-<stream id>-<n>, so no two instances ever write or remove one file), chunk_size,
 --- dir_cap (bytes), max_header (bytes of an HTTP header block kept, streams.http),
 --- votes (address of the stage's lp_svote array), batch (address of the fast path's packet batch).
 function M.new(host, opts)
   local fx = host.plugin.filex_monitor
   local self = setmetatable({
     host = host, fx = fx, engine = host.engine, async = host.async,
-    dir = opts.dir, chunk_size = opts.chunk_size or 5 * 1048576, dir_cap = opts.dir_cap or 256 * 1048576,
+    dir = opts.dir, instance = opts.instance or 1, chunk_size = opts.chunk_size or 5 * 1048576, dir_cap = opts.dir_cap or 256 * 1048576,
     max_header = opts.max_header,
     votes = cast("lp_svote *", opts.votes), batch = cast(packet.pktp, opts.batch),
     hstats = {},           -- HTTP parser counters of every flow (each parser counts into it: streams/http.lua)
@@ -98,8 +100,8 @@ function F:new_file(st, dir, req, resp)
   local host = req:get_value("Host") or "nohost"
   local path = req:get_path()
   self.uid = self.uid + 1
-  local name = ("%s/%s%s-%d-%d"):format(self.dir, sanitize(host), sanitize(path ~= "" and path or "/"),
-    st.id, self.uid)
+  local name = ("%s/%s%s-%d-%d-%d"):format(self.dir, sanitize(host), sanitize(path ~= "" and path or "/"),
+    self.instance, st.id, self.uid)
   return { path = name, size = 0, part_start = 0, fh = nil, req = req, resp = resp, dir = dir }
 end
 
