@@ -416,6 +416,31 @@ def test_only_unsupported_types_is_a_plugin_error(tmp_path):
     assert r.returncode == 0 and "not supported" in r.stdout + r.stderr, r
 
 
+ALERTGROUP = """TrisulPlugin = { id = { name = "decl" },
+  alertgroup = { control = { guid = "{23794772-EDEB-421E-BD92-B5C62E7F2346}", name = "Decl Alerts",
+    description = "declared only" } } }
+"""
+
+
+def test_declarations_alone_check_and_run_agree(tmp_path):
+    """A directory whose only script declares an alertgroup (trisul-scripts' custom_alerts/my-alerts.lua) has no
+    unsupported type: docs/plugins.md says declarations are stored in decl_groups, so `run` stores it and exits 0,
+    and `check` must agree (exit 0, the declaration listed) instead of 'no plug-in here can run ()'."""
+    d = tmp_path / "decl"
+    d.mkdir()
+    (d / "my-alerts.lua").write_text(ALERTGROUP)
+    r = luaprobe("check", str(d), cwd=str(tmp_path))
+    assert r.returncode == 0 and r.stderr == "", r
+    assert "alertgroup: Decl Alerts {23794772-EDEB-421E-BD92-B5C62E7F2346}" in r.stdout, r
+    r = luaprobe("run", str(d), "--pcap", PCAP, "--out", str(tmp_path / "o"), cwd=str(tmp_path))
+    assert r.returncode == 0, r
+    import sqlite3
+    with sqlite3.connect(str(tmp_path / "o" / "luaprobe.sqlite")) as db:
+        names = [row[0] for row in db.execute("select * from decl_groups")
+                 if "23794772-EDEB-421E-BD92-B5C62E7F2346" in str(row).upper()]
+    assert names, "the alertgroup is not in decl_groups"
+
+
 # ============================================================================ cg_monitor.onupdate: old argument order
 
 CGMON = """TrisulPlugin = { id = { name = "cgm" },

@@ -501,7 +501,9 @@ def cmd_check(args) -> int:
             for e in i.errors:
                 print(f"luaprobe check: {one_line(e)}", file=sys.stderr)
     bad = [p for i in infos for p in i.errors]
-    if not bad and infos and not any(i.runnable_types for i in infos):   # only unsupported types: nothing runs
+    # only unsupported types: nothing runs (as `run` decides); a file of declarations alone (custom_alerts/
+    # my-alerts.lua, an alertgroup) has no unsupported type and is not a problem: `run` stores it, exit 0
+    if not bad and not any(i.runnable_types for i in infos) and any(i.unsupported for i in infos):
         print("luaprobe check: no plug-in here can run (" + "; ".join(p for i in infos for p in i.problems) + ")",
               file=sys.stderr)
         return EXIT_PLUGIN
