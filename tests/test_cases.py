@@ -986,3 +986,26 @@ def test_compressed_body_that_decodes_to_nothing_is_an_empty_file(tmp_path, codi
     assert [(f[1], f[3], f[4], f[6]) for f in files] == [("/empty.txt", "0", SHA(b""), "nil")]
     if coding == "gzip":
         assert tshark_http_object(tmp_path, c.frames, "empty.txt") == b""
+
+
+@pytest.mark.parametrize("framing,want_file", [("chunked", True), ("length", False)])
+def test_an_empty_chunked_body_is_an_empty_file_and_a_zero_length_is_none(tmp_path, framing, want_file):
+    """Case 08's kind (body framing): a chunked response of only its last chunk ("0\\r\\n\\r\\n") was sent as a
+    body, so it is a file of 0 bytes, as tshark's --export-objects http writes it; "Content-Length: 0" declares
+    no body, and tshark writes no object for it.  Before, both gave no file."""
+    c = pb.Conv(cport=46600)
+    c.handshake()
+    c.send(True, pb.http_request("/nothing.txt"))
+    if framing == "chunked":
+        c.send(False, pb.http_response(b"0\r\n\r\n", [("Transfer-Encoding", "chunked")]))
+    else:
+        c.send(False, pb.http_response(b"", [("Content-Length", 0)]))
+    c.close()
+    files, _, _, _ = run_kinds(tmp_path, c.frames)
+    try:
+        tshark_obj = tshark_http_object(tmp_path, c.frames, "nothing.txt")
+    except FileNotFoundError:
+        tshark_obj = None
+    assert tshark_obj == (b"" if want_file else None)
+    want = [("/nothing.txt", "0", SHA(b""), "nil")] if want_file else []
+    assert [(f[1], f[3], f[4], f[6]) for f in files] == want

@@ -307,8 +307,9 @@ end
 function F:body_end(st, dir, req, resp, total, flags)
   if flags and flags.trailing then self:trailing(st, dir, req, flags.trailing) end
   local b = st.body[dir]
-  if b == nil and total == 0 and flags and (flags.coded or 0) > 0 then
-    -- a compressed body that decodes to nothing (the gzip of an empty file): an empty file, as tshark exports it
+  if b == nil and total == 0 and flags and ((flags.coded or 0) > 0 or flags.chunked and not flags.incomplete) then
+    -- a body that was sent but holds nothing (the gzip of an empty file; a chunked body of only its last
+    -- chunk, "0\r\n\r\n"): an empty file, as tshark exports it.  A declared length of 0 is no body (no file).
     self:body(st, dir, req, resp, "", 0)
     b = st.body[dir]
     if self.file_mode and not b.skip then b.fh = io.open(b.path, "wb") end

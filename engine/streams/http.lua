@@ -44,7 +44,7 @@ Bodies.
     compressed data (after the last gzip member) are not decoded: flags.trailing counts them, and
     stats.gzip_trailing / gzip_trailing_bytes count the bodies and bytes; the decoded body is delivered.
   * Bodies whose declared length is 0 produce no on_body / on_body_end; a
-    chunked body with no data chunk ends with total_len 0.
+    chunked body with no data chunk ends with total_len 0 (flags.chunked).
   * POST bodies, multipart included, are delivered raw as one body;
     http.multipart(content_type, body) splits a whole multipart body into parts
     ({headers = {{name, value}...}, name=, filename=, data=}) for callers that want
@@ -59,7 +59,7 @@ Bodies.
     (status 200, no headers, _version "0.9").
   * Pipelining: requests are queued in order; each final response takes the oldest.
 
-on_body_end flags: coded (a compressed body: its bytes before decoding), truncated (fewer bytes than
+on_body_end flags: coded (a compressed body: its bytes before decoding), chunked (chunked framing), truncated (fewer bytes than
 announced, or a gap), gap (bytes of the body were lost), missing (raw bytes lost), decode_error, encoding, trailers.
 
 Gaps.  Inside a Content-Length body the missing bytes are counted (flags.gap,
@@ -426,7 +426,7 @@ local function start_message(self, dir, st, h, kind)
     local fr, len, tec, problem = body_framing(h, true)
     if problem then framing_problem(self, h, problem) end
     if fr == "chunked" then
-      body_begin(self, st, dir, h, nil, h, tec)
+      body_begin(self, st, dir, h, nil, h, tec).flags.chunked = true
       st.mode, st.line = CHUNK_SIZE, ""
     elseif fr == "length" and len > 0 then
       body_begin(self, st, dir, h, nil, h)
@@ -463,7 +463,7 @@ local function start_message(self, dir, st, h, kind)
   local fr, len, tec, problem = body_framing(h, false)
   if problem then framing_problem(self, h, problem) end
   if fr == "chunked" then
-    body_begin(self, st, dir, req, h, h, tec)
+    body_begin(self, st, dir, req, h, h, tec).flags.chunked = true
     st.mode, st.line = CHUNK_SIZE, ""
   elseif fr == "length" then
     if len > 0 then
