@@ -129,6 +129,33 @@ def test_env_directories_exist_are_distinct_and_configurable(tmp_path):
     assert not (tmp_path / "out3").exists()
 
 
+DBCONFIG_PLUGIN = """TrisulPlugin = { id = { name = "dbc" },
+  onload = function()
+    local p = T.env.get_config("App>DBRoot") .. "/config/mydb.level"
+    local f, err = io.open(p, "w")
+    print("OPEN " .. (f and "ok" or tostring(err)))
+    if f then f:write("x"); f:close() end
+  end }
+"""
+
+
+def test_dbroot_has_trisuls_config_subdirectory(tmp_path):
+    """Trisul's App>DBRoot is the context directory (.../context0) whose config/ subdirectory always holds the
+    context's configuration (the API reference's search directory .../context0/config/local-lua); scripts keep their
+    own files there (passive-dns-creator.lua opens <DBRoot>/config/PassiveDNSDB.level with LevelDB, which makes
+    one directory level only).  Both the default and a --db-root given have it, owner-only."""
+    path = tmp_path / "dbc.lua"
+    path.write_text(DBCONFIG_PLUGIN)
+    for k, extra in enumerate(([], ["--db-root", str(tmp_path / "mydb")])):
+        out = tmp_path / f"out{k}"
+        r = luaprobe("run", str(path), "--pcap", PCAP, "--out", str(out), *extra, cwd=str(tmp_path))
+        assert r.returncode == 0, r
+        assert [ln.split("] ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("[dbc.lua")] == ["OPEN ok"]
+        root = tmp_path / "mydb" if extra else out / "trisul" / "dbroot"
+        assert (root / "config" / "mydb.level").read_text() == "x"
+        assert ((root / "config").stat().st_mode & 0o777) == 0o700
+
+
 # ============================================================================ an error inside a helper's require chain
 
 def test_error_in_required_helper_names_the_plugin_and_the_require(tmp_path):

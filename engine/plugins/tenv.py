@@ -22,8 +22,8 @@ KEYS = {
 def prepare(cfg) -> dict[str, str]:
     """{T.env key: absolute directory} for a RunConfig ``cfg`` (its ``out_dir`` and the fields of :data:`KEYS`):
     the given ones (created when missing, one level: the CLI and the config check their parent,
-    engine/daemon/usage.check_dir_target), else OUT/trisul/{data,dbroot,run} (created with OUT/trisul).
-    Mode 0700 for each directory made.  Raises OSError when one cannot be created."""
+    engine/daemon/usage.check_dir_target), else OUT/trisul/{data,dbroot,run} (created with OUT/trisul), and the
+    database root's ``config`` subdirectory, as Trisul's.  Mode 0700 for each directory made.  Raises OSError when one cannot be created."""
     out = {}
     for key, (field, sub) in KEYS.items():
         given = getattr(cfg, field)
@@ -36,4 +36,13 @@ def prepare(cfg) -> dict[str, str]:
             if not os.path.isdir(d):
                 raise
         out[key] = d
+    # Trisul's DBRoot is the context directory (.../context0), whose config/ subdirectory always exists (the
+    # context's configuration, local-lua): scripts keep their own files there (passive-dns-creator.lua's
+    # <DBRoot>/config/PassiveDNSDB.level, which LevelDB creates only one level deep; save_exe_streaming.lua's
+    # <DBRoot>/config/trisulnsm_save_exe.config.lua)
+    try:
+        os.mkdir(os.path.join(out["App>DBRoot"], "config"), 0o700)
+    except FileExistsError:
+        if not os.path.isdir(os.path.join(out["App>DBRoot"], "config")):
+            raise
     return out
