@@ -156,6 +156,29 @@ def test_dbroot_has_trisuls_config_subdirectory(tmp_path):
         assert ((root / "config").stat().st_mode & 0o777) == 0o700
 
 
+ENGINEID_PLUGIN = """TrisulPlugin = { id = { name = "eid" },
+  onload = function() print("LOAD " .. T.enginetype .. " " .. tostring(T.backend_engineid)) end,
+  simplecounter = { protocol_guid = "%s", onpacket = function() end },
+  engine_monitor = { onbeginflush = function(engine, ts)
+      if not SEEN then SEEN = true; print("FLUSH " .. engine:instanceid() .. " " .. math.type_or(T.backend_engineid)) end
+    end } }
+function math.type_or(x) return type(x) .. ":" .. tostring(x) end
+""" % TCP
+
+
+def test_backend_engineid_is_the_backend_instance(tmp_path):
+    """API reference §7: T.backend_engineid is the backend flusher id, a number, in backend VMs (the frontend has
+    none); luaprobe's backend instances are engine:instanceid() "0", "1", ... (--backend-instances)."""
+    path = tmp_path / "eid.lua"
+    path.write_text(ENGINEID_PLUGIN)
+    r = luaprobe("run", str(path), "--pcap", PCAP, "--out", str(tmp_path / "o"), "--backend-instances", "3",
+                 cwd=str(tmp_path))
+    assert r.returncode == 0, r
+    lines = sorted(ln.split("] ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("[eid.lua"))
+    assert lines == ["FLUSH 0 number:0", "FLUSH 1 number:1", "FLUSH 2 number:2",
+                     "LOAD backend 0", "LOAD backend 1", "LOAD backend 2", "LOAD frontend nil"], r.stdout
+
+
 # ============================================================================ an error inside a helper's require chain
 
 def test_error_in_required_helper_names_the_plugin_and_the_require(tmp_path):

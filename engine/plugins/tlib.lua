@@ -273,6 +273,8 @@ function M.install(opts)
     T.context_name = opts.context_name or "context0"
     T.contextname = T.context_name
     T.args = opts.args
+    -- backend flusher id (API reference §7, a number): the backend instance, engine:instanceid() "0", "1", ...
+    if T.enginetype == "backend" then T.backend_engineid = tonumber(instance) or 0 end
     T.util = util
     T.re2 = function(pattern, o) return require("luaprobe.engine.plugins.re2").new(pattern, o) end
     T.ac = function(patterns) return require("luaprobe.engine.plugins.ac").new(patterns) end
