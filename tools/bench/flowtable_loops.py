@@ -1,14 +1,15 @@
 """CPU time of each loop of the flow table's update_batch, at two versions, in one process (issue 10).
 
     python tools/bench/flowtable_loops.py --before ba2feac [--after WORKTREE] \
-        --corpus flows-100k,flows-1m,mixed-zipf,small-few,dns [--runs 7] [--passes 2]
+        --corpus flows-100k,flows-1m,mixed-zipf,small-few,dns [--runs 7] [--passes 2] [--huge-pages off]
 
 Each side's engine/fastpath/flowtable.lua (``git show COMMIT:PATH``, or the after side's work tree) is loaded
 into its own LuaJIT state (lupa) with a timer call inserted before the comment that opens each loop of
 update_batch ("-- 1. lookup", "-- b:", "-- c: probe", "-- d:", "-- 2. insertion", the insertion loop itself,
 "-- 3. per packet"); a version without one of those comments shows 0 in that column and its time in the
 column before.  decode.lua is this work tree's for both sides.  Per run a fresh flow table at the driver's
-default capacity (2^20 flows) gets the --quick capture of each corpus shape (tools/bench/corpus.py) in
+default capacity (2^20 flows; its arrays on 4 KiB pages, `--huge-pages off`, what `auto` gives on this
+machine: docs/benchmarks.md "The flow table's huge_pages setting"; `on` as before 2026-12-01) gets the --quick capture of each corpus shape (tools/bench/corpus.py) in
 1 024-packet batches: decode (not timed), then update_batch (timed).  Pass 1 is the capture as it is; pass 2
 gives the same packets to the same table again, --passes - 1 times, each time 1 s + the capture's span later
 in packet time (every flow known, the LRU moves as in pass 1).  The sides alternate run by run, the first
@@ -59,7 +60,7 @@ local last, tl = 8, 0
 -- the timer the marks call: the time since the previous mark goes to that mark's part
 function LOOPS_MARK(i) local t = clock(); acc[last] = acc[last] + t - tl; last = i; tl = t end
 -- returns {pass = {total, part 1 .. 7}} in seconds
-return function(frames, lens, secs, usecs, cap, linktype, passes)
+return function(frames, lens, secs, usecs, cap, linktype, passes, huge)
   local n = #lens
   local b = ffi.new("loops_pkt[?]", n)
   local base = ffi.cast("const uint8_t *", frames)
@@ -72,7 +73,7 @@ return function(frames, lens, secs, usecs, cap, linktype, passes)
     off = off + lens[i + 1]
   end
   local span = secs[n] - secs[1] + 1
-  local ft = flowtable.new{capacity = cap}
+  local ft = flowtable.new{capacity = cap, huge_pages = huge}
   local res = {}
   for pass = 1, passes do
     for i = 1, 8 do acc[i] = 0 end
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", default="flows-100k,flows-1m,mixed-zipf,small-few,dns")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--huge-pages", choices=("on", "off"), default="off",
+                    help="the flow table's page size (flowtable.new's huge_pages); default off (4 KiB pages)")
     a = ap.parse_args(argv)
     sides = {"before": side(a.before, REPO), "after": side(None, a.after)}
     print("CPU ns/packet: total min/median/max | median of " + " ".join(COLUMNS))
@@ -132,7 +135,8 @@ def main(argv=None) -> int:
                 for other, _fn in sides.values():       # no table of an earlier run still mapped
                     other.execute("collectgarbage(); collectgarbage()")
                 out = fn(frames, lua.table_from([len(p[2]) for p in pkts]), lua.table_from([p[0] for p in pkts]),
-                         lua.table_from([p[1] for p in pkts]), 1 << 20, linktype, a.passes)
+                         lua.table_from([p[1] for p in pkts]), 1 << 20, linktype, a.passes,
+                         a.huge_pages == "on")
                 res[s].append([[v * 1e9 / len(pkts) for v in out[p + 1].values()] for p in range(a.passes)])
         for s, runs in res.items():
             for p in range(a.passes):
