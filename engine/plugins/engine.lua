@@ -384,14 +384,25 @@ end
 --- The counter's state lives until its flow record ends (a row of the `flows` table: idle or active timeout, a
 --- new connection on the same 5-tuple, end of input): the fast path then drops it (flows_ended), so it never
 --- outlives its flow; a new connection on the 5-tuple drops it at its SYN (new_connection), so it is not counted.
+--- The real time (µs) of the engine's current packet, or of the event or tick when there is none: a flow counter's
+--- time of addition and the SYN it is compared with (new_connection, flows_ended) are both packet times as
+--- captured.  Not _t.tus, which a late packet's walk clamps to the engine's time (set_packet) while a
+--- reassembly event's time (set_time) is not clamped: mixed, a counter added for a late flow's later packet
+--- looked older than that flow's own SYN and was dropped there (two --pcap files out of time order).
+local function real_tus(self)
+  local p = pkt(self)
+  if p ~= nil then return p.ts_sec * 1e6 + floor(p.ts_nsec / 1000) end
+  return self._t.tus
+end
+
 function Engine:add_flow_counter(flowkey, guid, key, meter, direction)
   frontend_only(self, "add_flow_counter")
   local fk = flowkey_of(flowkey)
   local list = self.flow_counters[fk]
   if list == nil then list = {}; self.flow_counters[fk] = list end
-  -- { guid, key, meter, direction, batch position, batch number, engine time in µs when added (flows_ended) }
+  -- { guid, key, meter, direction, batch position, batch number, packet time in µs when added (real_tus) }
   list[#list + 1] = { norm(guid), tostring(key), tonumber(meter) or 0, tonumber(direction) or 0,
-                      self._t.pos, self._fcbatch, self._t.tus }
+                      self._t.pos, self._fcbatch, real_tus(self) }
   if self.nflow_counters == 0 and self.on_flow_counters then self.on_flow_counters() end   -- the fast path now
   self.nflow_counters = self.nflow_counters + 1                    -- calls flow_counter_batch every batch
 end
@@ -446,7 +457,7 @@ local function new_connection(self, fk, list, p)
   if ffi.cast(flowp, self.flow_records)[p.flow].first_ts ~= p.ts_sec + p.ts_nsec * 1e-9 then return list end
   -- added at this packet (its hook or event) or later (times are whole µs; 1 µs slack: an event's time, e.ts
   -- a double, may round down a microsecond)
-  return keep_added_after(self, fk, list, self._t.tus - 2)
+  return keep_added_after(self, fk, list, real_tus(self) - 2)
 end
 
 --- Apply registered flow counters to the current packet (fast path, when any exist).
