@@ -114,6 +114,32 @@ def _files_out_of_time_order(tmp_path, seed):
     return paths, truth
 
 
+WALK_PLUGIN = '''
+TrisulPlugin = { id = { name = "fclate" },
+  countergroup = { control = { guid = "%(g)s", name = "fclate", bucketsize = 60 },
+                   meters = { { 0, T.K.vartype.COUNTER, 10, "bytes", "Bytes", "B" } } },
+  simplecounter = { protocol_guid = "%(tcp)s",
+    onpacket = function(engine, layer)
+      if layer:rawbytes():hval_8(13) == 2 then        -- a SYN: count every later packet of the connection
+        local id = layer:packet():flowid():id()
+        engine:add_flow_counter(id, "%(g)s", id, 0, 0)
+      end
+    end } }
+'''
+
+
+def test_flow_counters_of_late_connections_added_by_a_packet_hook(tmp_path):
+    """The same two captures with the counter added by a simplecounter hook at the SYN (the walk's own flow
+    counters, Host sc_pick): every late connection counts its later packets too."""
+    paths, truth = _files_out_of_time_order(tmp_path, 20261202)
+    plug = tmp_path / "fclate.lua"
+    plug.write_text(WALK_PLUGIN % {"g": GROUP, "tcp": TCP})
+    out = tmp_path / "out"
+    s = FastPath(RunConfig(plugins=[str(plug)], files=paths, out_dir=str(out))).run()
+    assert s["late_packets"] > 0
+    assert {k: v[0] for k, v in counter_sums(str(out), GROUP).items()} == truth
+
+
 def test_flow_counters_of_late_connections_added_by_a_reassembly_hook(tmp_path):
     """A reassembly_handler adds a counter at each connection's NEWFLOW (its SYN), and the connections of the second
     --pcap file are a year older than the first's (trisul-scripts' tlsversions.lua over trisul-tutorial.pcap then
