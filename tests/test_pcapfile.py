@@ -21,6 +21,7 @@ import ctypes
 import math
 import mmap
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -496,6 +497,7 @@ def tmpfile(tmp_path):
     (b"\xd4\xc3", "too short"),
     (b"GET / HTTP/1.1\r\n\r\n" * 3, "unknown file magic"),
     (struct.pack("<IHH", 0xA1B2C3D4, 2, 4), "truncated pcap file header"),
+    (struct.pack("<IHHiIII", 0xA1B2C3D4, 1, 0, 0, 0, 65535, 1), "archaic pcap savefile format (version 1.0"),
     (blk(0x0A0D0D0A, struct.pack("<IHHq", 0x01020304, 1, 0, -1)), "byte-order magic"),
     (b"\x0a\x0d\x0d\x0a\x1c\0\0\0", "truncated section header"),
 ])
@@ -506,6 +508,17 @@ def test_bad_headers_raise(tmpfile, data, fragment):
     e = ei.value
     assert e.path == path and e.offset == 0 and fragment in e.message
     assert str(e) == f"{path}: byte offset 0: {e.message}"
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark")
+def test_archaic_pcap_is_refused_as_tshark_refuses_it(tmpfile):
+    """A pcap header with major version 1 (before libpcap's 2.x): libpcap and tshark refuse the file; luaprobe
+    names it instead of reading records it cannot vouch for (before, it was read as 2.4)."""
+    path = tmpfile(struct.pack("<IHHiIII", 0xA1B2C3D4, 1, 0, 0, 0, 65535, 1) + pcap([(1, 0, PKT, 60)])[24:])
+    t = subprocess.run(["tshark", "-r", path], capture_output=True, text=True)
+    assert t.returncode != 0
+    with pytest.raises(InputError, match="archaic pcap savefile format"):
+        count_packets(path)
 
 
 def test_truncated_record_reported_with_path(tmpfile):

@@ -444,6 +444,10 @@ function M.open(addr, size)
     r.format = "pcap"
     r.swap, r.tsmul, r.hdrlen = m[1], m[2], m[3]
     r.version_major, r.version_minor = rd16(base, 4, r.swap), rd16(base, 6, r.swap)
+    if r.version_major < 2 then                              -- libpcap sf-pcap.c: "archaic pcap savefile format"
+      error(("offset 0: archaic pcap savefile format (version %d.%d; libpcap and Wireshark read 2.x)")
+            :format(r.version_major, r.version_minor), 0)
+    end
     r.snaplen = rd32(base, 16, r.swap)
     local network = rd32(base, 20, r.swap)
     r.linktype = band(network, 0x03FFFFFF)                  -- LT_LINKTYPE
