@@ -78,20 +78,27 @@ HANDLER_CLOSURE = HANDLER.replace("      if layer:layer_bytes() == 0", "      lo
                                                                    "      if layer:layer_bytes() == 0")
 
 
-@pytest.mark.parametrize("handler,walk", [(HANDLER, "inline"), (HANDLER_CLOSURE, "stitched")],
-                         ids=["inline", "stitched"])
-def test_syslog_protocol_handler_feeds_a_simplecounter(tmp_path, handler, walk):
+def _run_syslog(tmp_path, handler: str, extra: dict):
+    """`luaprobe run --json` of the syslog capture with `handler` (a template over the layer GUIDs and `extra`)
+    and the syslog counter; returns (pcap path, out dir, the finished process), after checking exit 0."""
     pcap = tmp_path / "syslog.pcap"
     _capture(pcap)
     plugs = tmp_path / "plugins"
     plugs.mkdir()
-    names = {"syslog": SYSLOG, "udp": UDP, "ipv4": IPV4, "cg": CG}
+    names = {"syslog": SYSLOG, "udp": UDP, "ipv4": IPV4, "cg": CG, **extra}
     (plugs / "syslog-protocol.lua").write_text(handler % names)
     (plugs / "syslogctr.lua").write_text(COUNTER % names)
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(plugs), "--pcap", str(pcap),
                         "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    return pcap, out, r
+
+
+@pytest.mark.parametrize("handler,walk", [(HANDLER, "inline"), (HANDLER_CLOSURE, "stitched")],
+                         ids=["inline", "stitched"])
+def test_syslog_protocol_handler_feeds_a_simplecounter(tmp_path, handler, walk):
+    pcap, out, r = _run_syslog(tmp_path, handler, {})
     (ph,) = [p for p in json.loads(r.stdout)["plugins"] if p["type"] == "protocol_handler"]
     assert ph["walk"] == walk
     fields = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-E", "separator=,", "-e", "ip.src",
@@ -147,17 +154,7 @@ def test_a_parselayer_answer_that_is_not_a_number_adds_no_layer_and_is_a_hook_er
     as a hook error and is logged naming the hook's file and line. Before, `true`, a table or "abc" added a layer
     of 0 bytes and NaN one of every captured byte, with no sign. Truth: tshark's fields of the capture, filtered
     in Python the way the handler decides (the syslog packets of 192.0.2.2 are the wrong answers)."""
-    pcap = tmp_path / "syslog.pcap"
-    _capture(pcap)
-    plugs = tmp_path / "plugins"
-    plugs.mkdir()
-    names = {"syslog": SYSLOG, "udp": UDP, "ipv4": IPV4, "cg": CG, "bad": bad}
-    (plugs / "syslog-protocol.lua").write_text(BAD_ANSWER % names)
-    (plugs / "syslogctr.lua").write_text(COUNTER % names)
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(plugs), "--pcap", str(pcap),
-                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    pcap, out, r = _run_syslog(tmp_path, BAD_ANSWER, {"bad": bad})
     fields = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-E", "separator=,", "-e", "ip.src",
                              "-e", "udp.srcport", "-e", "udp.dstport", "-e", "udp.payload"],
                             capture_output=True, text=True, check=True).stdout.split()
@@ -172,7 +169,7 @@ def test_a_parselayer_answer_that_is_not_a_number_adds_no_layer_and_is_a_hook_er
                 want[src] = want.get(src, 0) + 1
     (ph,) = [p for p in json.loads(r.stdout)["plugins"] if p["type"] == "protocol_handler"]
     assert wrong > 0 and ph["hook_errors"] == {"protocol_handler.parselayer": wrong}, ph
-    handler = plugs / "syslog-protocol.lua"
+    handler = tmp_path / "plugins" / "syslog-protocol.lua"
     errors = [t for t in r.stderr.splitlines() if "parselayer error" in t]
     assert len(errors) == 1 and errors[0].endswith(
         f"parselayer ({handler}:5) returned {said}; expected a number of bytes or nil"), r.stderr
