@@ -187,7 +187,7 @@ class OutClaim:
 
 
 def claim_out_dir(out: str, what: str = "--out", private: bool = False, shared: bool = False) -> OutClaim:
-    """Create ``out`` (one level; mode 0700 when ``private``: a run that drops root to ``--user``, docs/live.md)
+    """Create ``out`` (one level; mode 0700 whatever the umask: it holds traffic data; ``private`` is kept for callers)
     when missing and lock it (``flock(LOCK_EX | LOCK_NB)`` on the directory; ``shared``: LOCK_SH, a look that two
     `start` commands may take at once, refused only by a holder).
     Raises :class:`UsageError` ``WHAT OUT: another luaprobe run or daemon is writing into it ...`` when it is held."""
@@ -207,7 +207,7 @@ def _try_claim(out: str, what: str, private: bool, shared: bool) -> OutClaim | N
     try:
         if not os.path.isdir(out):
             try:
-                os.mkdir(out, 0o700 if private else 0o777)
+                os.mkdir(out, 0o700)              # owner-only whatever the umask: traffic data
                 made = True
             except FileExistsError:
                 pass                                 # made by another run at the same moment: the lock decides
@@ -243,6 +243,10 @@ def check_out_dir(out: str, mode: str, private: bool = False) -> OutClaim:
     claim = claim_out_dir(out, private=private)
     try:
         db = os.path.join(out, DB_NAME)
+        for suffix in ("", "-wal", "-shm", "-journal"):     # never followed (a link planted in a shared --out)
+            if mode != "overwrite" and os.path.islink(db + suffix):
+                raise UsageError(f"--out {out}: {db + suffix} is a symbolic link (not followed); remove it, or "
+                                 "use --overwrite to replace it, or another --out")
         if mode == "append" and os.path.exists(db):
             problem = not_a_database(db)
             if problem:

@@ -26,6 +26,7 @@ Read side: :class:`Store` opens the database read-only (works while a run is sti
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
 import select
@@ -344,8 +345,30 @@ def _wal(db: sqlite3.Connection, wait: float = 30.0) -> str:
             time.sleep(0.005)
 
 
+DB_SUFFIXES = ("", "-wal", "-shm")
+
+
+def create_private(path: str) -> None:
+    """Create the database file and its ``-wal`` / ``-shm`` companions, when missing, owner-only (0600) and
+    without following a symbolic link at any of their names (``O_NOFOLLOW``): SQLite opens all three with plain
+    ``open(O_CREAT)``, which follows a link planted in a shared ``--out`` and makes files 0644 whatever the
+    umask.  SQLite keeps files it finds, so the ones made here are the ones it writes.  Raises OSError (ELOOP:
+    a link; its message names the file)."""
+    for suffix in DB_SUFFIXES:
+        name = path + suffix
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OSError(e.errno, f"{name} is a symbolic link (not followed)") from None
+            raise
+        os.close(fd)
+
+
 def open_rw(path: str, max_page_count: int | None = None) -> sqlite3.Connection:
-    """Open (creating if needed) the database for writing: WAL, synchronous=NORMAL, schema applied."""
+    """Open (creating if needed, owner-only: :func:`create_private`) the database for writing: WAL,
+    synchronous=NORMAL, schema applied."""
+    create_private(path)
     db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
     try:
         mode = _wal(db)
