@@ -30,12 +30,13 @@ Struct (all offsets/lengths in bytes from the start of the captured frame):
                         VLAN 4 per tag (one layer per tag), MPLS 4 * labels
                         (one layer for the whole label stack), SLL 16,
                         SLL2 20, LOOPBACK 4, PPPOE 8 (PPPoE + PPP protocol),
-                        IPv4 IHL*4 (with options), IPv6 40 + extension
-                        headers, TCP data offset*4, UDP 8, ICMP/ICMPv6 8,
+                        IPv4 IHL*4 (with options) + IPsec AH headers,
+                        IPv6 40 + extension headers (AH included), TCP data offset*4, UDP 8, ICMP/ICMPv6 8,
                         ARP (also RARP 0x8035) 8 + 2*hlen + 2*plen
     ip_version          0 (not IP) / 4 / 6
     ipproto             IPv4 protocol / IPv6 final next header (after the
-                        extension headers); 0 for non-IP
+                        extension headers; after AH headers in IPv4 too);
+                        0 for non-IP
     src[16], dst[16]    addresses, IPv4 in the first 4 bytes; zero for non-IP
     first[32]           first[enum] = index of the first layer of that protocol, -1 if
                         absent (decode.find reads it: no loop per lookup)
@@ -251,6 +252,27 @@ local function decode_l4(d, p, o, lim, proto)
   end
 end
 
+-- IPsec AH headers (RFC 4302, protocol 51) right after the IPv4 header at o (which ends at q): like IPv6's
+-- extension headers (decode_ipv6) they become part of the IP layer, whose length grows by theirs, and
+-- d.ipproto becomes the protocol after them, so AH-protected TCP is a TCP flow with a TCP layer, as tshark
+-- shows it.  An AH cut short (by caplen or the datagram) sets d.truncated; the layer then ends after the
+-- last whole AH and d.ipproto stays 51.  Returns the offset after the last whole AH.  Only IPv4 packets
+-- with protocol 51 come here: the common path pays one comparison.
+local function skip_ah4(d, p, o, q, lim)
+  local nh = 51
+  while nh == 51 do
+    if q + 8 > lim then d.truncated = 1; break end
+    local len = lshift(p[q + 1] + 2, 2)
+    if q + len > lim then d.truncated = 1; break end
+    nh = p[q]
+    q = q + len
+  end
+  d.ipproto = nh
+  d.layer[d.nlayers - 1].length = q - o
+  d.payload_offset = q
+  return q
+end
+
 local function decode_ipv4(d, p, o, caplen)
   if o + 20 > caplen then d.truncated = 1; return end
   local b0 = p[o]
@@ -280,7 +302,14 @@ local function decode_ipv4(d, p, o, caplen)
   local off = band(fo, 0x1fff)
   if off ~= 0 or band(fo, 0x2000) ~= 0 then d.frag = 1 end
   if off ~= 0 then return end
-  decode_l4(d, p, o + ihl, lim, proto)
+  local q = o + ihl
+  if proto == 51 then
+    q = skip_ah4(d, p, o, q, lim)
+    d.payload_length = lim - q
+    if d.truncated ~= 0 then return end
+    proto = d.ipproto
+  end
+  decode_l4(d, p, q, lim, proto)
   d.payload_length = lim - d.payload_offset
 end
 
