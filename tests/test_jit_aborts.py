@@ -48,7 +48,10 @@ CAPTURES = {
     "dns": (dict(corpus.SHAPES["dns"]), 40_000),                   # luaprobe gen: DNS and other UDP
     "http": (dict(corpus.SHAPES["http"]), 40_000),                 # luaprobe gen: HTTP/1.1 conversations
     "flows-100k": (dict(corpus.SHAPES["flows-100k"]), 150_000),    # 100 000 flows start in the first pass
+    "mixed-ah": (dict(corpus.SHAPES["mixed-zipf"], flows=3000), 60_000),  # about half the flows under IPsec AH
 }
+#: captures rewritten after corpus.write: name -> function(path)
+REWRITE = {"mixed-ah": lambda path: _with_ah(path)}
 
 #: shapes whose failure is known and lies outside the packet path this test guards (driver, decode, flow
 #: table, batch walk): the filex_monitor VM's HTTP parser and TCP walk (engine/streams), reported in issue 10
@@ -60,7 +63,35 @@ def _capture(tmp_path, name) -> str:
     spec, n = CAPTURES[name]
     path = str(tmp_path / f"{name}.pcap")
     corpus.write(path, spec, n, 7)
+    if name in REWRITE:
+        REWRITE[name](path)
     return path
+
+
+def _with_ah(path) -> None:
+    """Put a 24-byte IPsec AH header (RFC 4302) between the IPv4 header and the TCP/UDP header of every
+    packet whose ports' XOR is even (both directions of a flow alike: about half the flows), so the
+    decoder's AH path (engine/fastpath/decode.lua skip_ah4) runs mixed with plain IPv4 in one loop."""
+    with open(path, "rb") as f:
+        data = f.read()
+    out, off = [data[:24]], 24
+    while off < len(data):
+        sec, usec, cap, wire = struct.unpack_from("<IIII", data, off)
+        fr = data[off + 16:off + 16 + cap]
+        off += 16 + cap
+        if len(fr) >= 38 and fr[12:14] == b"\x08\x00" and fr[23] in (6, 17):
+            ihl = (fr[14] & 15) * 4
+            sp, dp = struct.unpack_from(">HH", fr, 14 + ihl)
+            if (sp ^ dp) & 1 == 0:
+                ip = bytearray(fr[14:14 + ihl])
+                struct.pack_into(">H", ip, 2, struct.unpack_from(">H", ip, 2)[0] + 24)
+                ip[9] = 51
+                ah = struct.pack(">BBHII", fr[23], 4, 0, 0x100, 1) + bytes(12)
+                fr = fr[:14] + bytes(ip) + ah + fr[14 + ihl:]
+                cap, wire = cap + 24, wire + 24
+        out.append(struct.pack("<IIII", sec, usec, cap, wire) + fr)
+    with open(path, "wb") as f:
+        f.write(b"".join(out))
 
 
 def _count_packets(path) -> int:
