@@ -523,7 +523,7 @@ class FastPath:
             # one number per filex_monitor instance of this run, in its file names: every instance writes its own
             # copy of a body into the shared directory, and two instances must never share (and remove) one file
             self._filex_seq = getattr(self, "_filex_seq", 0) + 1
-            opts = {b"dir": self._filex_dir().encode(), b"instance": self._filex_seq, b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
+            opts = {b"dir": self._filex_dir(rt).encode(), b"instance": self._filex_seq, b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
                     b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"max_header": int(self.cfg.http_max_header),
                     b"votes": self.stage.add_filex(vm.host, events), b"batch": int(self.driver.batch_addr)}
             vm.lua.eval("function(h, o) return h:setup_filex(o) end")(vm.host, vm.lua.table_from(opts))
@@ -1248,17 +1248,20 @@ class FastPath:
                                         self.cfg.flow_capacity)
         return self.pstore
 
-    def _filex_dir(self) -> str:
-        """The extraction directory (created 0700 on first use; removed at the end of the run)."""
+    def _filex_dir(self, rt=None) -> str:
+        """The extraction directory (created 0700 on first use; removed at the end of the run).  With file roots
+        it joins them (docs/async.md), in the running AsyncRuntime ``rt``'s own list: AsyncConfig.validate gave the
+        runtime a copy, so the list of ``cfg.async_config`` alone never reached the workers' ``--file-root``."""
         if getattr(self, "filex_dir", None) is None:
             d = self.cfg.filex_dir or os.path.join(segment.SHM_DIR, segment.make_name("files"))
             if self.cfg.filex_dir and self.cfg.shard:       # shards: one subdirectory each
                 d = os.path.join(d, f"shard-{self.shard_index}")
             os.makedirs(d, mode=0o700, exist_ok=bool(self.cfg.filex_dir))
             self.filex_dir = d
-            roots = self.cfg.async_config.file_roots
-            if roots and os.path.abspath(d) not in roots:
-                roots.append(os.path.abspath(d))      # plug-ins copy extracted files out of it
+            for roots in {id(r): r for r in (self.cfg.async_config.file_roots,
+                                             rt.config.file_roots if rt is not None else [])}.values():
+                if roots and os.path.abspath(d) not in roots:
+                    roots.append(os.path.abspath(d))      # plug-ins copy extracted files out of it
         return self.filex_dir
 
     def _finish(self, rt, lua) -> None:

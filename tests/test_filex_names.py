@@ -1,0 +1,79 @@
+"""Traffic-derived names through filex and the T.async file helpers (security rule: traffic is not trusted, paths
+confined): a real `luaprobe run` over a capture whose URLs, Host and Content-Disposition hold `..`, absolute
+paths, percent-encoded `../`, backslashes, control characters and 600-byte names.  The truth is the file system
+(realpath of every extracted path, files created anywhere else) and the log lines on stderr."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests import helpers
+from tests import pktbuild as pb
+
+NASTY = ["/../../etc/x", "/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/" + "A" * 600, "/a\\b\\..\\..\\c", "/a\x1b[31mred",
+         "/x\rINJECT", "//abs/path", "/..", "/%00nul", "/ok.bin"]
+
+PLUGIN = r"""
+local SAVE, REC = os.getenv("LP_SAVE"), os.getenv("LP_REC")
+TrisulPlugin = { id = { name = "fxnames" },
+  filex_monitor = {
+    onfile_http = function(engine, ts, flow, path, req, resp, length, is_chunk, incomplete)
+      local f = assert(io.open(REC, "a")); f:write(path, "\n"); f:close()
+      T.log(T.K.loglevel.INFO, "URL " .. req:get_path() .. " HOST " .. tostring(req:get_value("Host")))
+      local fn = (resp:get_value("Content-Disposition") or ""):match('filename="([^"]*)"') or "none"
+      T.async:copy(path, SAVE .. "/" .. fn)              -- names straight from the packets
+      T.async:copy(path, SAVE .. req:get_path())
+      T.async:copy(path, req:get_path())                 -- absolute, from the URL: outside every root
+    end } }
+"""
+
+
+def capture(path, tmp_path):
+    frames = []
+    for i, url in enumerate(NASTY):
+        c = pb.Conv(cport=41000 + i)
+        c.handshake()
+        body = b"body-%d" % i
+        c.send(True, pb.http_request(url, host="../../h" if i % 2 else "h\x1b]0;t\x07\rFORGED"))
+        fn = "ok-%d" % i if url == "/ok.bin" else f"../../{tmp_path.name}/ESCAPE{i}"
+        c.send(False, pb.http_response(body, headers=[("Content-Length", len(body)),
+                                                      ("Content-Disposition", f'attachment; filename="{fn}"')]))
+        c.close()
+        frames += c.frames
+    pb.write_pcap(path, sorted(frames, key=lambda f: f[0]))
+
+
+def test_traffic_names_stay_confined_with_file_root(tmp_path):
+    """Every extracted file lies in the run's filex directory; helper copies land only beneath --file-root, and the
+    copy out of the extraction directory works (docs/async.md: that directory joins the roots).  Before the fix
+    the directory never reached the workers' roots: every copy of an extracted file failed with 'outside the
+    allowed file roots', so this test's ok-9 was missing."""
+    pcap, save, fxdir, rec = tmp_path / "n.pcap", tmp_path / "save", tmp_path / "fx", tmp_path / "rec.txt"
+    capture(str(pcap), tmp_path)
+    save.mkdir()
+    fxdir.mkdir()
+    plug = tmp_path / "fxnames.lua"
+    plug.write_text(PLUGIN)
+    before = set(os.listdir("/"))
+    env = dict(os.environ, PYTHONPATH=helpers.REPO, LP_SAVE=str(save), LP_REC=str(rec))
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(plug), "--pcap", str(pcap),
+                        "--out", str(tmp_path / "out"), "--filex-dir", str(fxdir), "--file-root", str(save),
+                        "--workers", "1"], capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr
+    paths = rec.read_text().splitlines()
+    assert len(paths) == len(NASTY)
+    for p in paths:                                   # one component, in the run's filex directory
+        assert os.path.dirname(os.path.realpath(p)) == os.path.realpath(fxdir), p
+    assert set(os.listdir("/")) == before             # the absolute URL copies were refused
+    made = sorted(os.listdir(save))
+    assert "ok-9" in made and (save / "ok-9").read_bytes() == b"body-9"
+    for name in made:                                 # only plain names beneath the root, nothing escaped it
+        assert os.path.realpath(save / name).startswith(str(os.path.realpath(save)) + os.sep)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("ESCAPE")]
+    assert "outside the allowed file roots" in r.stderr and "'..' is not allowed" in r.stderr
+    # one packet, one log line: the CR and escape sequences of URL and Host are escaped, no forged line
+    lines = r.stderr.splitlines()
+    assert not [ln for ln in lines if ln.startswith(("FORGED", "INJECT"))]
+    assert not [ln for ln in lines if "\r" in ln or "\x1b" in ln]
+    assert sum(" URL " in ln for ln in lines) == len(NASTY)
