@@ -1,8 +1,9 @@
 """Decoder coverage of encapsulations users meet, checked against tshark on the same generated packets.
 
-Each case is one packet built here byte by byte (IPsec AH in IPv4 and IPv6, GRE plain and with key and
-sequence number, VXLAN, Geneve, 6in4, 4in6, QinQ 0x88a8/0x9100, MPLS label stacks carrying IPv4 / IPv6 /
-an Ethernet pseudowire, PPPoE with IPv6, Linux SLL and SLL2).  All cases go into one pcap per link type,
+Each case is one packet built here byte by byte (IPsec AH in IPv4 and IPv6, ESP, GRE plain, with key and
+sequence number, over IPv6, VXLAN, Geneve, 6in4, 4in6, IP-in-IP, QinQ 0x88a8/0x9100, MPLS label stacks
+carrying IPv4 / IPv6 / an Ethernet pseudowire, PPPoE session with IPv4/IPv6 and discovery, Linux SLL and
+SLL2); test_random_ah_chains_match_tshark adds 300 seeded AH chains (IPv4 with options, IPv6).  All cases go into one pcap per link type,
 tshark (4.x) dissects it once (``-T fields -E occurrence=a``), and for every packet the decoder's layers,
 ipproto, ports and Trisul flow key must match what tshark shows, read by the coverage rule of
 docs/reference.md "What the decoder covers":
@@ -107,7 +108,10 @@ CASES = {
     'gre_ipv6': (1, eth(ip4(47, gre(0x86dd, INNER6)))),
     'vxlan': (1, eth(ip4(17, udp(51000, 4789, struct.pack('>II', 0x08000000, 42 << 8) + eth(INNER4))))),
     'geneve': (1, eth(ip4(17, udp(51001, 6081, struct.pack('>HHI', 0, 0x6558, 43 << 8) + eth(INNER4))))),
+    'gre_over_ipv6': (1, eth(ip6(47, gre(0x0800, INNER4)), 0x86dd)),
     '6in4': (1, eth(ip4(41, INNER6))),
+    'ipip': (1, eth(ip4(4, INNER4))),
+    'pppoe_discovery': (1, eth(struct.pack('>BBHH', 0x11, 0x09, 0, 4) + struct.pack('>HH', 0x0101, 0), 0x8863)),
     '4in6': (1, eth(ip6(4, INNER4), 0x86dd)),
     'qinq_88a8': (1, eth(struct.pack('>HH', 100, 0x8100) + struct.pack('>HH', 200, 0x0800)
                          + ip4(6, tcp(40003, 80)), 0x88a8)),
@@ -130,7 +134,8 @@ CASES = {
 TS_FIELDS = ['frame.protocols', 'ip.src', 'ip.dst', 'ip.proto', 'ipv6.src', 'ipv6.dst', 'ipv6.nxt',
              'tcp.srcport', 'tcp.dstport', 'udp.srcport', 'udp.dstport']
 L4 = {'tcp': ('TCP', 6), 'udp': ('UDP', 17), 'icmp': ('ICMP', 1), 'icmpv6': ('ICMPV6', 58)}
-OWN = {'eth': 'ETHERNET', 'vlan': 'VLAN', 'ieee8021ad': 'VLAN', 'mpls': 'MPLS', 'pppoes': 'PPPOE', 'ip': 'IPV4', 'ipv6': 'IPV6'}
+OWN = {'eth': 'ETHERNET', 'vlan': 'VLAN', 'ieee8021ad': 'VLAN', 'mpls': 'MPLS', 'pppoes': 'PPPOE', 'ip': 'IPV4',
+       'ipv6': 'IPV6'}
 NO_LAYER = {'ethertype', 'ppp', 'ah'}
 
 
@@ -227,3 +232,57 @@ def test_ah_in_ipv4_layers(dec):
     frag[14 + 6:14 + 8] = struct.pack('>H', 100)
     r = dec(bytes(frag))
     assert r.protos == ['ETHERNET', 'IPV4'] and r.ipproto == 51 and r.frag == 1
+
+
+def _random_ah_frames(n, seed):
+    """n seeded AH packets: IPv4 (with 0-3 words of NOP options) or IPv6, 1-3 AH headers of random ICV
+    sizes (0-7 words), then TCP, UDP or ICMP/ICMPv6 with random ports and addresses."""
+    import random
+    rng = random.Random(seed)
+    frames = []
+    for _ in range(n):
+        v6 = rng.random() < 0.3
+        kind = rng.choice(['tcp', 'udp', 'icmp'])
+        if kind == 'tcp':
+            l4, nh = tcp(rng.randrange(1, 65536), rng.randrange(1, 65536), b'x' * rng.randrange(0, 40)), 6
+        elif kind == 'udp':
+            l4, nh = udp(rng.randrange(1, 65536), rng.randrange(1, 65536)), 17
+        else:
+            l4, nh = (struct.pack('>BBHHH', 128, 0, 0, 1, 1), 58) if v6 else (icmp_echo(), 1)
+        body = l4
+        for _k in range(rng.randrange(1, 4)):
+            body = ah(nh, 4 * rng.randrange(0, 8)) + body
+            nh = 51
+        if v6:
+            a = [str(ipaddress.IPv6Address(rng.getrandbits(128))) for _i in range(2)]
+            frames.append(eth(ip6(51, body, *a), 0x86dd))
+        else:
+            a = [str(ipaddress.IPv4Address(rng.getrandbits(32) | 0x01000000)) for _i in range(2)]
+            opts = b'\x01' * (4 * rng.randrange(0, 4))
+            pkt = bytearray(ip4(51, opts + body, *a))
+            pkt[0] = 0x45 + len(opts) // 4
+            frames.append(eth(bytes(pkt)))
+    return frames
+
+
+def test_random_ah_chains_match_tshark(dec, tmp_path):
+    """300 seeded AH variants in one capture, dissected by tshark once: every packet's layers, ipproto
+    and flow key read from tshark by the same rule as the cases above."""
+    frames = _random_ah_frames(300, 4302)
+    path = str(tmp_path / 'ah.pcap')
+    write_pcap(path, [(1.0 + i, f) for i, f in enumerate(frames)])
+    cmd = [TSHARK, '-r', path, '-o', 'ip.defragment:FALSE', '-T', 'fields', '-E', 'occurrence=a',
+           '-E', 'aggregator=,']
+    for f in TS_FIELDS:
+        cmd += ['-e', f]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120)
+    lines = res.stdout.rstrip('\n').split('\n')
+    assert len(lines) == len(frames)
+    for i, (frame, line) in enumerate(zip(frames, lines)):
+        vals = line.split('\t')
+        t = {f: (v.split(',') if v else []) for f, v in zip(TS_FIELDS, vals)}
+        t['frame.protocols'], t['linktype'] = vals[0].split(':'), 1
+        chain, proto, key = expected(t)
+        assert chain[-1] in ('TCP', 'UDP', 'ICMP', 'ICMPV6'), (i, vals[0])
+        r = dec(frame)
+        assert (r.protos, r.ipproto, r.flowkey, r.truncated, r.malformed) == (chain, proto, key, 0, 0), (i, vals[0])
