@@ -744,7 +744,7 @@ def _tshark_chain(protos):
                 break
             seen_ip = True
             out.append('IPV4' if t == 'ip' else 'IPV6')
-        elif t.startswith('ipv6.') or t == 'ethertype':
+        elif t.startswith('ipv6.') or t in ('ethertype', 'ah'):   # AH: part of the IP layer (decode.lua)
             continue
         else:
             if seen_ip and t in l4:

@@ -3,10 +3,10 @@
 Each case is one packet built here byte by byte (IPsec AH in IPv4 and IPv6, ESP, GRE plain, with key and
 sequence number, over IPv6, VXLAN, Geneve, 6in4, 4in6, IP-in-IP, QinQ 0x88a8/0x9100, MPLS label stacks
 carrying IPv4 / IPv6 / an Ethernet pseudowire, PPPoE session with IPv4/IPv6 and discovery, Linux SLL and
-SLL2); test_random_ah_chains_match_tshark adds 300 seeded AH chains (IPv4 with options, IPv6).  All cases go into one pcap per link type,
-tshark (4.x) dissects it once (``-T fields -E occurrence=a``), and for every packet the decoder's layers,
-ipproto, ports and Trisul flow key must match what tshark shows, read by the coverage rule of
-docs/reference.md "What the decoder covers":
+SLL2); test_random_ah_chains_match_tshark adds 300 seeded AH chains (IPv4 with options, IPv6).  All cases
+go into one pcap per link type, tshark (4.x) dissects it once (``-T fields -E occurrence=a``), and for every
+packet the decoder's layers, ipproto, ports and Trisul flow key must match what tshark shows, read by the
+coverage rule of docs/reference.md "What the decoder covers":
 
 * tshark's protocol chain is followed from the link layer; ``ethertype``, ``ppp`` (part of the PPPOE layer),
   IPv6 extension headers and ``ah`` (part of the IPv4 / IPv6 layer, RFC 4302) have no layer of their own;
