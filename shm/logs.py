@@ -7,7 +7,16 @@ import os
 import re
 import sys
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+#: characters that end or rewrite a line somewhere: C0 controls and DEL, the C1 controls U+0080-U+009F (U+0085 NEL
+#: is a newline for xterm and str.splitlines, U+009B a CSI), U+2028 / U+2029 (line / paragraph separators)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _esc(m) -> str:
+    """``\\xNN`` for a C0 control or DEL, ``\\uNNNN`` for the others (``\\xNN`` stays the notation of a byte that is
+    not UTF-8, _text)."""
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x80 else f"\\u{c:04x}"
 
 LEVELS = ["EMERG", "FATAL", "ALERT", "CRIT", "ERROR", "WARN", "NOTICE", "INFO", "DEBUG"]
 _PY_LEVEL = {0: 50, 1: 50, 2: 50, 3: 50, 4: 40, 5: 30, 6: 20, 7: 20, 8: 10}
@@ -65,7 +74,7 @@ def install_escapes() -> None:
             stream.reconfigure(errors="luaprobe-escape")
 
 
-_CONTROL_NL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL_NL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 _SEARCHED = "\n    searched: "
 
 
@@ -75,14 +84,14 @@ def one_line(msg: str) -> str:
     newline included, escaped (``\\x0a``); only the documented second line of a failed ``require``
     ("\\n    searched: DIRS", engine/plugins/errors.py load_error) is kept as a line."""
     head, sep, tail = msg.partition(_SEARCHED)
-    esc = lambda t: _CONTROL_NL.sub(lambda m: f"\\x{ord(m.group()):02x}", t)   # noqa: E731
+    esc = lambda t: _CONTROL_NL.sub(_esc, t)   # noqa: E731
     return esc(head) + (sep + esc(tail) if sep else "")
 
 
 def safe_text(msg: str) -> str:
     """A log message that cannot forge log lines: control characters other than tab and newline escaped
     (``\\x1b``), continuation lines indented with ``  | ``."""
-    msg = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", msg)
+    msg = _CONTROL.sub(_esc, msg)
     return msg.replace("\n", "\n  | ")
 
 

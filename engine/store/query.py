@@ -24,6 +24,7 @@ from luaprobe.shm.exits import EXIT_INPUT, EXIT_OK, EXIT_USAGE
 WHAT = ("alerts", "resources", "fts", "counters", "flows", "keyinfo", "groups", "decls", "edges", "toppers", "run")
 MAX_CELL = 60
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: "\\t"}
+_CONTROL |= {c: f"\\u{c:04x}" for c in [*range(0x80, 0xA0), 0x2028, 0x2029]}   # C1, line separators (shm/logs.py)
 
 
 def json_value(v):
