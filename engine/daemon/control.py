@@ -36,18 +36,37 @@ class NotRunning(Exception):
 
 
 def ensure_run_dir(run_dir: str) -> str:
-    """Create the run directory, or take an existing one, owner-only (0700); return its absolute path."""
+    """Create the run directory, or take an existing one, owner-only (0700); return its absolute path.  Only the
+    daemon's own files belong there: a symbolic link in it (planted while the directory was open to others, to
+    have root write the pidfile or log through it) is refused with OSError ELOOP naming it."""
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     os.chmod(run_dir, 0o700)
+    with os.scandir(run_dir) as it:
+        for entry in it:
+            if entry.is_symlink():
+                raise OSError(errno.ELOOP, f"{entry.path} is a symbolic link (not followed; remove it)")
     return run_dir
+
+
+def _open_nofollow(file: str, flags: int) -> int:
+    """``os.open(file, flags | O_NOFOLLOW, 0o600)``; a symbolic link there: OSError(ELOOP, 'FILE is a symbolic link
+    (not followed)')."""
+    try:
+        return os.open(file, flags | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{file} is a symbolic link (not followed)") from None
+        raise
 
 
 def open_private(file: str, mode: str = "w", **kw):
     """``open(file, mode)`` for a file only its owner may read (0600, also when it already exists):
-    status, statistics and log files name plug-ins, paths and traffic."""
+    status, statistics and log files name plug-ins, paths and traffic.  A symbolic link at ``file`` is not followed
+    (``O_NOFOLLOW``: one planted in a run directory that was open to others would have root truncate, append to and
+    chmod its target): OSError ELOOP naming the file."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if "a" in mode else os.O_TRUNC)
-    fd = os.open(file, flags, 0o600)
+    fd = _open_nofollow(file, flags)
     try:
         os.fchmod(fd, 0o600)
         return os.fdopen(fd, mode, **kw)
@@ -70,7 +89,7 @@ class PidFile:
 
     def acquire(self) -> None:
         """Lock and write our pid; raise RuntimeError naming the running pid if another supervisor holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = _open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

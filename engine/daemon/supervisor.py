@@ -523,6 +523,9 @@ class Supervisor:
         except RuntimeError as e:              # another supervisor won a race of two `start`s: nothing started
             print(f"luaprobe: {e}", file=sys.stderr)
             return EXIT_USAGE
+        except OSError as e:                   # a symbolic link planted at the pidfile's name (control.PidFile)
+            print(f"luaprobe: pidfile: {e.strerror}; nothing started", file=sys.stderr)
+            return EXIT_USAGE
         try:                                    # one daemon's database is its own: held until it exits
             out_claim = claim_out_dir(self.cfg["run"]["out_dir"], "[run] out_dir =",
                                       private=bool(self.cfg["run"]["user"] or self.cfg["run"]["group"]))

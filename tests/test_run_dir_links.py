@@ -1,0 +1,70 @@
+"""Symbolic links planted in a daemon's run directory (security rule: no following of a pre-planted link at a
+predictable path).  docs/operations.md takes a pre-existing run directory with open modes (made 0700), so another
+user may have left links at the pidfile's or log's name there: root's `luaprobe start` truncated the pidfile's
+target to its pid, appended its log to the log's target and chmod'ed both 0600.  Real `luaprobe start`; the truth
+is the link targets' bytes and modes."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from luaprobe.engine.daemon import control
+from tests import helpers
+
+CONFIG = """
+[run]
+out_dir = "out"
+run_dir = "run"
+[source]
+pcap = ["{pcap}"]
+[plugins]
+paths = ["{plugin}"]
+"""
+
+
+def cli(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=helpers.REPO)
+    return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=cwd, env=env)
+
+
+@pytest.mark.parametrize("name", ["supervisor.pid", "supervisor.log", "heartbeat", "state.json"])
+def test_start_refuses_a_link_planted_in_an_open_run_dir(tmp_path, name):
+    cfg = tmp_path / "probe.toml"
+    cfg.write_text(CONFIG.format(pcap=os.path.join(helpers.REPO, "engine/examples/sample.pcap"),
+                                 plugin=os.path.join(helpers.REPO, "engine/examples/tcp_ports.lua")))
+    run = tmp_path / "run"
+    run.mkdir()
+    os.chmod(run, 0o777)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    os.chmod(victim, 0o644)
+    os.symlink(victim, run / name)
+    try:
+        r = cli("start", "--config", str(cfg), cwd=str(tmp_path))
+    finally:
+        cli("stop", "--run-dir", str(run), cwd=str(tmp_path))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.splitlines() == [f"luaprobe start: run directory {run}: {run / name} is a symbolic link (not "
+                                     "followed; remove it)"]
+    assert victim.read_bytes() == b"precious\n" and stat.S_IMODE(os.stat(victim).st_mode) == 0o644
+    assert not os.path.exists(run / "control.sock")
+
+
+def test_pidfile_and_private_files_never_open_through_a_link(tmp_path):
+    """The backstop for a link made after the run directory was checked: O_NOFOLLOW on the pidfile and on every
+    status / stats / log file (control.open_private)."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    os.symlink(victim, tmp_path / control.PIDFILE)
+    os.symlink(victim, tmp_path / "state.json")
+    with pytest.raises(OSError, match="supervisor.pid is a symbolic link"):
+        control.PidFile(str(tmp_path)).acquire()
+    for mode in ("w", "ab"):
+        with pytest.raises(OSError, match="state.json is a symbolic link"):
+            control.open_private(str(tmp_path / "state.json"), mode)
+    assert victim.read_bytes() == b"precious\n"
