@@ -77,3 +77,37 @@ def test_traffic_names_stay_confined_with_file_root(tmp_path):
     assert not [ln for ln in lines if ln.startswith(("FORGED", "INJECT"))]
     assert not [ln for ln in lines if "\r" in ln or "\x1b" in ln]
     assert sum(" URL " in ln for ln in lines) == len(NASTY)
+
+
+def test_shared_filex_dir_is_refused(tmp_path):
+    """A --filex-dir others can write (here 1777, like /tmp): extracted files have predictable names
+    (<host><uri>-1-1-1) and were opened following links, so a link planted there had the run write the response
+    body (traffic bytes) to its target.  Now refused before anything starts, by `run` and by `start`."""
+    pcap, fxdir, victim = tmp_path / "n.pcap", tmp_path / "shared", tmp_path / "victim"
+    capture(str(pcap), tmp_path)
+    fxdir.mkdir()
+    os.chmod(fxdir, 0o1777)
+    os.symlink(victim, fxdir / "h__0_t__FORGED_.._.._etc_x-1-1-1")
+    plug = tmp_path / "fxnames.lua"
+    plug.write_text("TrisulPlugin = { id = { name = 'r' }, filex_monitor = { onfile_http = function() end } }")
+    env = dict(os.environ, PYTHONPATH=helpers.REPO)
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(plug), "--pcap", str(pcap),
+                        "--out", str(tmp_path / "out"), "--filex-dir", str(fxdir)], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [
+        f"luaprobe run: --filex-dir {fxdir}: writable by other users (mode 1777): a symbolic link planted at an "
+        "extracted file's name (they are predictable) would redirect the traffic's bytes; give a directory only its "
+        "owner can write (chmod go-w)"]
+    assert not os.path.lexists(victim) and not os.path.exists(tmp_path / "out")
+    cfg = tmp_path / "probe.toml"
+    cfg.write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\n[source]\npcap = ["{pcap}"]\n[plugins]\n'
+                   f'paths = ["{plug}"]\n[filex]\ndir = "{fxdir}"\n')
+    try:
+        s = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "start", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    finally:
+        subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "stop", "--run-dir",
+                        str(tmp_path / "run")], capture_output=True, timeout=120, env=env)
+    assert s.returncode == 2 and "[filex] dir = " in s.stderr and "writable by other users" in s.stderr, s.stderr
+    assert not os.path.lexists(victim)

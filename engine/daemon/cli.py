@@ -275,7 +275,7 @@ def _run(args) -> int:
             print(f"luaprobe run: {e}", file=sys.stderr)
             return EXIT_USAGE
     from .usage import InputProblem, UsageError, check_captures, check_dir_target, check_lua_paths, \
-        check_new_file, check_out_dir, check_plugins
+        check_new_file, check_out_dir, check_plugins, check_private_dir
     from .settings import dirs
     if not args.plugins and not _analysers_asked(args.analysers):
         print("luaprobe run: give a PLUGIN file or directory (or --analysers LIST to store only the built-in "
@@ -287,6 +287,8 @@ def _run(args) -> int:
         for field, flag, _toml in dirs():        # --filex-dir, T.env directories: beneath --out is fine
             if getattr(args, field):             # (the run creates --out first)
                 check_dir_target(flag, getattr(args, field), creating=[args.out], write=True)
+                if field == "filex_dir":
+                    check_private_dir(flag, getattr(args, field))
         if args.stats_json:
             check_new_file("--stats-json", args.stats_json, creating=[args.out])
         check_captures(args.pcap or [])

@@ -247,11 +247,13 @@ def _cross_checks(cfg: Config, name: str) -> None:
         check_dirs("TRISUL_LUA_PATHS", env_dirs())        # the daemon's plug-ins search them too
     except UsageError as e:
         raise ConfigError(f"{name}: {e} (environment)") from None
-    from .usage import check_dir_target
+    from .usage import check_dir_target, check_private_dir
     for _field, _flag, (section, key) in _settings.dirs():   # [filex] dir, the T.env directories
         if v[section][key]:
             try:
                 check_dir_target(key + " =", v[section][key], creating=[v["run"]["out_dir"]], write=True)
+                if _field == "filex_dir":
+                    check_private_dir(key + " =", v[section][key])
             except UsageError as e:
                 raise ConfigError(f"{name}: [{section}] {e}", section, key) from None
     for d in v["async"]["file_roots"]:

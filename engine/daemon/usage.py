@@ -296,6 +296,22 @@ def dangling_link(path: str) -> str | None:
 NOT_A_DIRECTORY = "exists and is not a directory"
 
 
+def check_private_dir(what: str, path: str) -> None:
+    """``--filex-dir`` / ``[filex] dir``: extracted files get predictable names built from the traffic
+    (engine/streams/filex.lua ``<host><uri>-<instance>-<stream>-<n>``) and are opened by plain ``io.open``, so in
+    a directory other users can write, a symbolic link planted at such a name would have the run (root) write the
+    packet's bytes wherever it points.  Raises :class:`UsageError` for an existing directory writable by group or
+    others (sticky or not); a missing one is made 0700 by the run."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022:
+        raise UsageError(f"{what} {path}: writable by other users (mode {stat.S_IMODE(st.st_mode):o}): a symbolic "
+                         "link planted at an extracted file's name (they are predictable) would redirect the "
+                         "traffic's bytes; give a directory only its owner can write (chmod go-w)")
+
+
 def dir_problem(path: str, creating=(), write: bool = False) -> str | None:
     """Why ``path`` cannot be a directory the run creates when missing (``--out``, ``--filex-dir``, the daemon's
     run directory), or None: not a dangling link, not a file, its parent existing or one of ``creating`` (made by
