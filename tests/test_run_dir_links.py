@@ -68,3 +68,27 @@ def test_pidfile_and_private_files_never_open_through_a_link(tmp_path):
         with pytest.raises(OSError, match="state.json is a symbolic link"):
             control.open_private(str(tmp_path / "state.json"), mode)
     assert victim.read_bytes() == b"precious\n"
+
+
+@pytest.mark.parametrize("name", ["luaprobe.sqlite", "luaprobe.sqlite-wal"])
+def test_start_refuses_a_link_planted_at_the_databases_name_in_out_dir(tmp_path, name):
+    """A link at the database's names in [run] out_dir: the store writer never follows it (a1891e8), so the daemon
+    started and its fast path died and restarted over and over.  `start` now refuses it with one line, exit 2,
+    and starts nothing; the link's target is untouched."""
+    cfg = tmp_path / "probe.toml"
+    cfg.write_text(CONFIG.format(pcap=os.path.join(helpers.REPO, "engine/examples/sample.pcap"),
+                                 plugin=os.path.join(helpers.REPO, "engine/examples/tcp_ports.lua")))
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    os.symlink(victim, out / name)
+    try:
+        r = cli("start", "--config", str(cfg), cwd=str(tmp_path))
+    finally:
+        cli("stop", "--run-dir", str(tmp_path / "run"), cwd=str(tmp_path))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.splitlines() == [f"luaprobe start: {cfg}: [run] out_dir = {out}: {name} is a symbolic "
+                                     "link (not followed); remove it, or give another out_dir"]
+    assert victim.read_bytes() == b"precious\n"
+    assert not os.path.exists(tmp_path / "run" / "control.sock")

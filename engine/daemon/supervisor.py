@@ -33,7 +33,7 @@ from luaprobe.shm import segment
 
 from luaprobe.engine.daemon import config as config_mod
 from luaprobe.engine.daemon import control, privileges
-from luaprobe.engine.daemon.usage import UsageError, claim_out_dir
+from luaprobe.engine.daemon.usage import UsageError, claim_out_dir, db_link
 from luaprobe.shm.logs import log, one_line
 
 from luaprobe.shm.exits import (EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_RUNNING, EXIT_OK, EXIT_PLUGIN,  # noqa: F401
@@ -789,6 +789,11 @@ def cmd_start(args) -> int:
         print(f"luaprobe start: already running (supervisor pid {pid}, run dir {run_dir}): nothing started (stop it "
               "first, or give another [run] run_dir / --run-dir)" if pid else f"luaprobe start: {cfg.path}: {e}",
               file=sys.stderr)
+        return EXIT_USAGE
+    link = db_link(cfg["run"]["out_dir"])         # the store writer would refuse it and the daemon restart forever
+    if link:
+        print(f"luaprobe start: {cfg.path}: [run] out_dir = {cfg['run']['out_dir']}: {os.path.basename(link)} is a symbolic link "
+              "(not followed); remove it, or give another out_dir", file=sys.stderr)
         return EXIT_USAGE
     from luaprobe.engine.daemon import metrics
     port = cfg["stats"]["prometheus_port"]

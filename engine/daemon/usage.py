@@ -234,6 +234,16 @@ def _try_claim(out: str, what: str, private: bool, shared: bool) -> OutClaim | N
     return OutClaim(out, fd, made)
 
 
+def db_link(out: str) -> str | None:
+    """The first of the database's names in ``out`` (``luaprobe.sqlite`` and its ``-wal`` / ``-shm`` / ``-journal``)
+    that is a symbolic link, or None: such a link, planted in a shared output directory, is never followed."""
+    db = os.path.join(out, DB_NAME)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        if os.path.islink(db + suffix):
+            return db + suffix
+    return None
+
+
 def check_out_dir(out: str, mode: str, private: bool = False) -> OutClaim:
     """``--out DIR`` before a run: DIR may not be a file, it is claimed (:func:`claim_out_dir`: created, locked for the
     run), and under that lock an earlier run's database there is refused (``mode`` "new"), replaced ("overwrite") or
@@ -243,10 +253,10 @@ def check_out_dir(out: str, mode: str, private: bool = False) -> OutClaim:
     claim = claim_out_dir(out, private=private)
     try:
         db = os.path.join(out, DB_NAME)
-        for suffix in ("", "-wal", "-shm", "-journal"):     # never followed (a link planted in a shared --out)
-            if mode != "overwrite" and os.path.islink(db + suffix):
-                raise UsageError(f"--out {out}: {db + suffix} is a symbolic link (not followed); remove it, or "
-                                 "use --overwrite to replace it, or another --out")
+        link = db_link(out) if mode != "overwrite" else None
+        if link:
+            raise UsageError(f"--out {out}: {link} is a symbolic link (not followed); remove it, or "
+                             "use --overwrite to replace it, or another --out")
         if mode == "append" and os.path.exists(db):
             problem = not_a_database(db)
             if problem:
