@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
 from tests import pktbuild as pb
 
@@ -111,3 +113,32 @@ def test_shared_filex_dir_is_refused(tmp_path):
                         str(tmp_path / "run")], capture_output=True, timeout=120, env=env)
     assert s.returncode == 2 and "[filex] dir = " in s.stderr and "writable by other users" in s.stderr, s.stderr
     assert not os.path.lexists(victim)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory to another user")
+def test_filex_dir_owned_by_another_user_is_refused_unless_it_is_the_run_user(tmp_path):
+    """A --filex-dir that only its owner can write (0755) but whose owner is another user: that user can plant a
+    link at an extracted file's (predictable) name, as in a shared directory.  Refused, unless the owner is the
+    --user the run drops to.  Truth: the file system (the planted link's target stays absent)."""
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    pcap, fxdir, victim = tmp_path / "n.pcap", tmp_path / "theirs", tmp_path / "victim"
+    capture(str(pcap), tmp_path)
+    fxdir.mkdir()
+    os.chmod(fxdir, 0o755)
+    os.symlink(victim, fxdir / "h__0_t__FORGED_.._.._etc_x-1-1-1")
+    os.lchown(fxdir, nobody.pw_uid, nobody.pw_gid)
+    plug = tmp_path / "fxnames.lua"
+    plug.write_text("TrisulPlugin = { id = { name = 'r' }, filex_monitor = { onfile_http = function() end } }")
+    env = dict(os.environ, PYTHONPATH=helpers.REPO)
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(plug), "--pcap", str(pcap),
+                        "--out", str(tmp_path / "out"), "--filex-dir", str(fxdir)], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [
+        f"luaprobe run: --filex-dir {fxdir}: owned by another user (uid {nobody.pw_uid}): its owner could plant a "
+        "symbolic link at an extracted file's name (they are predictable) and redirect the traffic's bytes; give a "
+        "directory owned by this user, root or the --user the run drops to"]
+    assert not os.path.lexists(victim)
+    from luaprobe.engine.daemon.usage import check_private_dir
+    check_private_dir("--filex-dir", str(fxdir), "nobody")      # the run's own --user: its directory is fine

@@ -288,7 +288,7 @@ def _run(args) -> int:
             if getattr(args, field):             # (the run creates --out first)
                 check_dir_target(flag, getattr(args, field), creating=[args.out], write=True)
                 if field == "filex_dir":
-                    check_private_dir(flag, getattr(args, field))
+                    check_private_dir(flag, getattr(args, field), getattr(args, "user", None))
         if args.stats_json:
             check_new_file("--stats-json", args.stats_json, creating=[args.out])
         check_captures(args.pcap or [])

@@ -253,7 +253,7 @@ def _cross_checks(cfg: Config, name: str) -> None:
             try:
                 check_dir_target(key + " =", v[section][key], creating=[v["run"]["out_dir"]], write=True)
                 if _field == "filex_dir":
-                    check_private_dir(key + " =", v[section][key])
+                    check_private_dir(key + " =", v[section][key], v["run"]["user"])
             except UsageError as e:
                 raise ConfigError(f"{name}: [{section}] {e}", section, key) from None
     for d in v["async"]["file_roots"]:

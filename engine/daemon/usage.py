@@ -306,20 +306,40 @@ def dangling_link(path: str) -> str | None:
 NOT_A_DIRECTORY = "exists and is not a directory"
 
 
-def check_private_dir(what: str, path: str) -> None:
+def check_private_dir(what: str, path: str, user: str | None = None) -> None:
     """``--filex-dir`` / ``[filex] dir``: extracted files get predictable names built from the traffic
     (engine/streams/filex.lua ``<host><uri>-<instance>-<stream>-<n>``) and are opened by plain ``io.open``, so in
     a directory other users can write, a symbolic link planted at such a name would have the run (root) write the
     packet's bytes wherever it points.  Raises :class:`UsageError` for an existing directory writable by group or
-    others (sticky or not); a missing one is made 0700 by the run."""
+    others (sticky or not), or owned by a user other than root, this user and ``user`` (the ``--user`` /
+    ``[run] user`` the run drops to): its owner can plant links too.  A missing one is made 0700 by the run."""
     try:
         st = os.stat(path)
     except OSError:
         return
-    if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022:
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    if st.st_mode & 0o022:
         raise UsageError(f"{what} {path}: writable by other users (mode {stat.S_IMODE(st.st_mode):o}): a symbolic "
                          "link planted at an extracted file's name (they are predictable) would redirect the "
                          "traffic's bytes; give a directory only its owner can write (chmod go-w)")
+    if st.st_uid not in _trusted_uids(user):
+        raise UsageError(f"{what} {path}: owned by another user (uid {st.st_uid}): its owner could plant a symbolic "
+                         "link at an extracted file's name (they are predictable) and redirect the traffic's bytes; "
+                         "give a directory owned by this user, root or the --user the run drops to")
+
+
+def _trusted_uids(user: str | None) -> set:
+    """root, the effective user and the user a run drops to (when it resolves; an unknown one is reported by
+    its own check)."""
+    uids = {0, os.geteuid()}
+    if user:
+        from .privileges import resolve
+        try:
+            uids.add(resolve(user).uid)
+        except UsageError:
+            pass
+    return uids
 
 
 def dir_problem(path: str, creating=(), write: bool = False) -> str | None:
