@@ -81,21 +81,31 @@ def test_traffic_names_stay_confined_with_file_root(tmp_path):
     assert sum(" URL " in ln for ln in lines) == len(NASTY)
 
 
-def test_shared_filex_dir_is_refused(tmp_path):
-    """A --filex-dir others can write (here 1777, like /tmp): extracted files have predictable names
-    (<host><uri>-1-1-1) and were opened following links, so a link planted there had the run write the response
-    body (traffic bytes) to its target.  Now refused before anything starts, by `run` and by `start`."""
-    pcap, fxdir, victim = tmp_path / "n.pcap", tmp_path / "shared", tmp_path / "victim"
+def _run_on_planted_filex_dir(tmp_path, name: str, mode: int, owner=None):
+    """`luaprobe run --filex-dir DIR` over the forged-names capture, DIR made with `mode` (and given to `owner`, a
+    pwd entry) and a link planted at the first extracted file's name pointing at tmp_path/victim.  Returns
+    (pcap, DIR, victim, plug-in, env, the finished process)."""
+    pcap, fxdir, victim = tmp_path / "n.pcap", tmp_path / name, tmp_path / "victim"
     capture(str(pcap), tmp_path)
     fxdir.mkdir()
-    os.chmod(fxdir, 0o1777)
+    os.chmod(fxdir, mode)
     os.symlink(victim, fxdir / "h__0_t__FORGED_.._.._etc_x-1-1-1")
+    if owner is not None:
+        os.lchown(fxdir, owner.pw_uid, owner.pw_gid)
     plug = tmp_path / "fxnames.lua"
     plug.write_text("TrisulPlugin = { id = { name = 'r' }, filex_monitor = { onfile_http = function() end } }")
     env = dict(os.environ, PYTHONPATH=helpers.REPO)
     r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(plug), "--pcap", str(pcap),
                         "--out", str(tmp_path / "out"), "--filex-dir", str(fxdir)], capture_output=True, text=True,
                        timeout=300, env=env)
+    return pcap, fxdir, victim, plug, env, r
+
+
+def test_shared_filex_dir_is_refused(tmp_path):
+    """A --filex-dir others can write (here 1777, like /tmp): extracted files have predictable names
+    (<host><uri>-1-1-1) and were opened following links, so a link planted there had the run write the response
+    body (traffic bytes) to its target.  Now refused before anything starts, by `run` and by `start`."""
+    pcap, fxdir, victim, plug, env, r = _run_on_planted_filex_dir(tmp_path, "shared", 0o1777)
     assert r.returncode == 2, r.stderr
     assert r.stderr.splitlines() == [
         f"luaprobe run: --filex-dir {fxdir}: writable by other users (mode 1777): a symbolic link planted at an "
@@ -122,18 +132,7 @@ def test_filex_dir_owned_by_another_user_is_refused_unless_it_is_the_run_user(tm
     --user the run drops to.  Truth: the file system (the planted link's target stays absent)."""
     import pwd
     nobody = pwd.getpwnam("nobody")
-    pcap, fxdir, victim = tmp_path / "n.pcap", tmp_path / "theirs", tmp_path / "victim"
-    capture(str(pcap), tmp_path)
-    fxdir.mkdir()
-    os.chmod(fxdir, 0o755)
-    os.symlink(victim, fxdir / "h__0_t__FORGED_.._.._etc_x-1-1-1")
-    os.lchown(fxdir, nobody.pw_uid, nobody.pw_gid)
-    plug = tmp_path / "fxnames.lua"
-    plug.write_text("TrisulPlugin = { id = { name = 'r' }, filex_monitor = { onfile_http = function() end } }")
-    env = dict(os.environ, PYTHONPATH=helpers.REPO)
-    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(plug), "--pcap", str(pcap),
-                        "--out", str(tmp_path / "out"), "--filex-dir", str(fxdir)], capture_output=True, text=True,
-                       timeout=300, env=env)
+    _, fxdir, victim, _, _, r = _run_on_planted_filex_dir(tmp_path, "theirs", 0o755, nobody)
     assert r.returncode == 2, r.stderr
     assert r.stderr.splitlines() == [
         f"luaprobe run: --filex-dir {fxdir}: owned by another user (uid {nobody.pw_uid}): its owner could plant a "
