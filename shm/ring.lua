@@ -101,10 +101,6 @@ typedef struct { uint32_t len; uint32_t flags; } lp_rec_hdr;
 ]]
 
 local C = ffi.load(config.lpsync)
--- A _lpsync built before refill slack (a tree updated without `pip install -e .`: the .so is built in place) has
--- no lp_release: the ring then keeps the plain protocol (every release wakes a sleeping producer; wait_space's
--- slack is 0), which is correct, only not the wake count tests/test_ring_slack.py checks.
-local SLACK = pcall(function() return C.lp_release, C.lp_store_sc end)
 local cast, copy, fstring = ffi.cast, ffi.copy, ffi.string
 local band, bxor = require("bit").band, require("bit").bxor
 local u8p, u32p, u64p = ffi.typeof("uint8_t *"), ffi.typeof("uint32_t *"), ffi.typeof("uint64_t *")
@@ -357,12 +353,6 @@ function Ring:release()
   self.popped_p[0] = self.popped_local
   C.lp_release(self.head_p, self.head_local, self.space_bell, self.want_p)
 end
-if not SLACK then
-  function Ring:release()
-    self.popped_p[0] = self.popped_local
-    C.lp_publish(self.head_p, self.head_local, self.space_bell)
-  end
-end
 
 --- try_pop: one record as a Lua string, or nil when empty.
 function Ring:try_pop()
@@ -429,9 +419,9 @@ function Ring:wait_space(n, timeout_ns, slack)
   local total = self:footprint(n)
   local function fits(load) return self.tail_local + total - load(self.head_p) <= self.cap end
   for _ = 1, M.SPIN do if fits(C.lp_load) then return true end end
-  slack = SLACK and math.min(slack or 0, self.cap - total) or 0
+  slack = math.min(slack or 0, self.cap - total)
   local want = self.tail_local + total - self.cap + slack       -- <= tail_local: an empty ring satisfies it
-  if SLACK then C.lp_store_sc(self.want_p, want) end            -- before the arm (lp_release's argument)
+  C.lp_store_sc(self.want_p, want)                              -- before the arm (lp_release's argument)
   local seq = C.lp_bell_arm(self.space_bell)
   if C.lp_load_sc(self.head_p) >= want then C.lp_bell_disarm(self.space_bell); return true end
   C.lp_bell_sleep(self.space_bell, seq, timeout_ns or 0)
