@@ -1248,20 +1248,19 @@ class FastPath:
                                         self.cfg.flow_capacity)
         return self.pstore
 
-    def _filex_dir(self, rt=None) -> str:
+    def _filex_dir(self, rt) -> str:
         """The extraction directory (created 0700 on first use; removed at the end of the run).  With file roots
-        it joins them (docs/async.md), in the running AsyncRuntime ``rt``'s own list: AsyncConfig.validate gave the
-        runtime a copy, so the list of ``cfg.async_config`` alone never reached the workers' ``--file-root``."""
+        it joins them (docs/async.md), in the running AsyncRuntime ``rt``'s own list, the one its workers get as
+        ``--file-root`` (AsyncConfig.validate gave the runtime a copy of ``cfg.async_config``'s)."""
         if getattr(self, "filex_dir", None) is None:
             d = self.cfg.filex_dir or os.path.join(segment.SHM_DIR, segment.make_name("files"))
             if self.cfg.filex_dir and self.cfg.shard:       # shards: one subdirectory each
                 d = os.path.join(d, f"shard-{self.shard_index}")
             os.makedirs(d, mode=0o700, exist_ok=bool(self.cfg.filex_dir))
             self.filex_dir = d
-            for roots in {id(r): r for r in (self.cfg.async_config.file_roots,
-                                             rt.config.file_roots if rt is not None else [])}.values():
-                if roots and os.path.abspath(d) not in roots:
-                    roots.append(os.path.abspath(d))      # plug-ins copy extracted files out of it
+            roots = rt.config.file_roots
+            if roots and os.path.abspath(d) not in roots:
+                roots.append(os.path.abspath(d))          # plug-ins copy extracted files out of it
         return self.filex_dir
 
     def _finish(self, rt, lua) -> None:

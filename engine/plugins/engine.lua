@@ -11,7 +11,6 @@ local ffi = require("ffi")
 local packetmod = require("luaprobe.engine.plugins.packet")   -- lp_pkt, lp_engine_clock
 local M = {}
 local Engine = {}
-local function packet() return packetmod end
 local new_clock = ffi.typeof("lp_engine_clock")
 
 local norm_cache = {}
@@ -514,7 +513,7 @@ function Engine:flow_counter_batch(addr, n)
   local counted = 0
   if self.nflow_counters > 0 then
     if pktp == nil then
-      pktp = packet().pktp
+      pktp = packetmod.pktp
       batch_flowkey = require("luaprobe.engine.fastpath.decode").flowkey
     end
     local batch = require("ffi").cast(pktp, addr)
@@ -601,7 +600,7 @@ local HOSTS, HOSTS6, APPS = "{4CD742B1-C1CA-4708-BE78-0FCA2EB01A86}", "{9807E97A
 --- flows) and its Z port (Apps group, the server port by the flow-key rule).
 function Engine:add_flow_edges(flowkey, guid, key)
   local fk = flowkey_of(flowkey)
-  local f = packet().flowid_from_key(fk)
+  local f = packetmod.flowid_from_key(fk)
   local ok, ipa, ipz, portz = pcall(function() return f:ipa(), f:ipz(), f:portz() end)
   if not ok or ipa == nil then error(("add_flow_edges: %q is not a flow key"):format(fk), 2) end
   local hosts = #ipa > 11 and HOSTS6 or HOSTS
@@ -660,7 +659,7 @@ function Engine:set_flow_duration(flowkey, secs)
 end
 
 local function sflow_row(f, state)
-  local id = packet().flowid_from_key(f.fk)
+  local id = packetmod.flowid_from_key(f.fk)
   local ok, proto, ipa, porta, ipz, portz = pcall(function()
     return tonumber(id:protocol(), 16), id:ipa(), tonumber(id:porta():sub(3), 16), id:ipz(),
       tonumber(id:portz():sub(3), 16)
