@@ -171,7 +171,9 @@ def send_reply(conn: socket.socket, reply: dict) -> None:
 
 
 def request(run_dir: str, cmd: str, timeout: float = 10.0, **args) -> dict:
-    """Send one request to the supervisor of ``run_dir``; NotRunning if nobody answers."""
+    """Send one request to the supervisor of ``run_dir``; NotRunning if nobody answers, also when the supervisor
+    exits between our connect and its reply (it closes its listening socket with our connection still queued:
+    ECONNRESET / EPIPE here)."""
     p = path(run_dir, SOCKET)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -180,14 +182,16 @@ def request(run_dir: str, cmd: str, timeout: float = 10.0, **args) -> dict:
     except (FileNotFoundError, ConnectionRefusedError) as e:
         s.close()
         raise NotRunning(f"no supervisor on {p} ({e.strerror})") from None
+    buf = b""
     try:
         s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        buf = b""
         while b"\n" not in buf:
             chunk = s.recv(65536)
             if not chunk:
                 break
             buf += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        buf = b""                       # the supervisor closed its socket with this connection still queued
     finally:
         s.close()
     if not buf:
