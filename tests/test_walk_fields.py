@@ -11,7 +11,12 @@ a plain function, so at most one lookup per object is left.
 
 The truth is LuaJIT's own IR of the compiled walk loop (``jit.util.traceir`` through tools/bench/walkir.py, on
 the small-few --quick corpus capture): deterministic, measures no time.  The old bindings redid 12 such lookups
-per packet (``set_packet _pos _i _b _floor _tus _now``, ``_i _b _flowid``, ``_i _packet``), these redo 6.
+per packet (``set_packet _pos _i _b _floor _tus _now``, ``_i _b _flowid``, ``_i _packet``), then 6
+(``_t _c _c _packet _c _flowid``), these 3 (``_packet _c _flowid``: the hook's own calls Layer:packet and
+Packet:flowid).  The walk keeps the engine's and the objects' structs itself (host.lua sc_pick), reads the flow
+counter count from the engine's struct (``nflow_counters`` was a lookup per packet), and the Packet and Layer
+objects carry their methods as fields of their own: ``layer:packet()`` is one HREFK, where it was a lookup that
+missed the object (an HREF: a hash search per packet) and then ``__index`` and the class table.
 """
 from __future__ import annotations
 
@@ -22,7 +27,10 @@ from tools.bench import corpus, shapes, walkir
 #: HREFKs per packet of the walk loop on the bindings' and engine's private fields (keys starting with one "_")
 #: and the set_packet method; the script's own method lookups (``__index``, ``packet``, ``flowid``, ``id``) and
 #: the walk's per-batch state are not counted.
-MAX_BINDING_LOOKUPS = 8
+MAX_BINDING_LOOKUPS = 4
+
+FLOWSTATE = ("      local id = layer:packet():flowid():id()\n"
+             "      state[id] = (state[id] or 0) + 1")
 
 
 def _binding_lookups(ir: list) -> list:
@@ -35,9 +43,28 @@ def _binding_lookups(ir: list) -> list:
 def test_string_keyed_state_keeps_binding_lookups_out_of_the_loop(tmp_path):
     capture = corpus.make("small-few", True)
     with open(os.path.join(tmp_path, "flowstate.lua"), "w") as f:
-        f.write(shapes._simple("flowstate", "tcp", "      local id = layer:packet():flowid():id()\n"
-                               "      state[id] = (state[id] or 0) + 1", prelude="local state = {}"))
+        f.write(shapes._simple("flowstate", "tcp", FLOWSTATE, prelude="local state = {}"))
     ir = walkir.walk_ir(capture, str(tmp_path))
     keys = _binding_lookups(ir)
     assert len(keys) <= MAX_BINDING_LOOKUPS, f"walk loop redoes {len(keys)} binding lookups per packet: {keys}"
     assert "set_packet" not in keys, "set_packet is looked up through __index on every packet"
+
+
+def _per_packet(ir: list) -> list:
+    names = [op for op, _ in ir]
+    assert "LOOP" in names, "no compiled walk loop"
+    return ir[names.index("LOOP") + 1:]
+
+
+def test_walk_reads_no_engine_field_and_misses_no_method(tmp_path):
+    """The flowstate hook's walk loop: no Lua field of the engine read per packet (its clock struct and the flow
+    counter count come from the walk state), and no method looked up by a miss in the object's own table (an HREF by
+    a constant key: ``packet``, ``flowid``); the hook's own ``state[id]`` is an HREF by a variable key."""
+    capture = corpus.make("small-few", True)
+    with open(os.path.join(tmp_path, "flowstate.lua"), "w") as f:
+        f.write(shapes._simple("flowstate", "tcp", FLOWSTATE, prelude="local state = {}"))
+    part = _per_packet(walkir.walk_ir(capture, str(tmp_path)))
+    hrefk = [k for op, k in part if op == "HREFK"]
+    misses = [k for op, k in part if op == "HREF" and k is not None]
+    assert not {"nflow_counters", "_t"} & set(hrefk), f"engine fields looked up per packet: {hrefk}"
+    assert misses == [], f"methods looked up by a miss per packet: {misses}"

@@ -49,7 +49,8 @@ function M.new(opts)
     -- (issue 10, docs/benchmarks.md 2026-12-01).  Fields: now, usec (engine time: s, µs), floor (engine time never
     -- goes below this: the last closed-bucket cut-off), tus (engine time in µs since the epoch: T.async stamps
     -- tasks with it), b, i (current packet: entry i of batch b, i = -1: none), pos (index in the batch under way
-    -- of the packet whose hooks run, -1: before its packets).
+    -- of the packet whose hooks run, -1: before its packets), nfc (nflow_counters below, read per packet by the
+    -- walks: host.lua sc_pick).
     _t = new_clock({ i = -1, pos = -1 }),
     _result = false,        -- true while an onresult / onerror hook runs (Async:call_hook): rows keep its time
     counters = {},          -- [GUID][bucket][meter][key] = value ; [-1-meter][key] = the meter's second value
@@ -58,7 +59,7 @@ function M.new(opts)
     sflows = {},            -- script-made flow records [flowkey] = {fk, first, last, v[0..3], tags}
     flow_counters = {},     -- [flowkey] = { {guid, key, meter, direction, ...}, ... } (add_flow_counter)
     flow_records = false,   -- address of the flow table's lp_flow_cold array (the fast path sets it: new_connection)
-    nflow_counters = 0,
+    nflow_counters = 0,     -- flow counters registered (add_flow_counter); kept in _t.nfc too (set_nflow)
     _fcbatch = 0,           -- flow_counter_batch calls so far (a flow counter records the value when added)
     own_pending = false,    -- messages to this VM's own pipeline waiting for Host:deliver_own (a list), or false
     on_flow_counters = false,   -- function called at the VM's first flow counter (a VM without a packet walk:
@@ -119,12 +120,13 @@ local function frontend_only(self, name)
   end
 end
 
---- Fast path: the packet the next hook sees (entry i of batch b).
+--- Fast path: the packet the next hook sees (entry i of batch b), on the engine's clock struct c (engine._t):
+--- Engine:set_packet(b, i), or M.set_clock(c, b, i) with the struct the simplecounter walk keeps (host.lua sc_pick:
+--- one Lua table lookup fewer per packet).
 --- A late packet (earlier than the engine's time: merged or reordered captures) counts in the current
 --- bucket and window: engine time never goes backwards, a flushed bucket is never reopened.
---- Called by the walks as a plain function (M.set_packet), not through the object's __index.
-function Engine:set_packet(b, i)
-  local c = self._t
+--- Called by the walks as a plain function (M.set_packet, M.set_clock), not through the object's __index.
+local function set_clock(c, b, i)
   c.b, c.i, c.pos = b, i, i
   local p = b[i]
   local t = p.ts_sec
@@ -136,6 +138,9 @@ function Engine:set_packet(b, i)
   end
   c.now = t
 end
+M.set_clock = set_clock
+
+function Engine:set_packet(b, i) set_clock(self._t, b, i) end
 M.set_packet = Engine.set_packet
 
 local function pkt(self)
@@ -394,6 +399,13 @@ local function real_tus(self)
   return self._t.tus
 end
 
+--- The count of registered flow counters: the field nflow_counters and its copy in the clock struct (_t.nfc), which
+--- the walks read per packet (a Lua field there is looked up again per packet after a hook's own table store).
+local function set_nflow(self, n)
+  self.nflow_counters = n
+  self._t.nfc = n
+end
+
 function Engine:add_flow_counter(flowkey, guid, key, meter, direction)
   frontend_only(self, "add_flow_counter")
   local fk = flowkey_of(flowkey)
@@ -403,7 +415,7 @@ function Engine:add_flow_counter(flowkey, guid, key, meter, direction)
   list[#list + 1] = { norm(guid), tostring(key), tonumber(meter) or 0, tonumber(direction) or 0,
                       self._t.pos, self._fcbatch, real_tus(self) }
   if self.nflow_counters == 0 and self.on_flow_counters then self.on_flow_counters() end   -- the fast path now
-  self.nflow_counters = self.nflow_counters + 1                    -- calls flow_counter_batch every batch
+  set_nflow(self, self.nflow_counters + 1)                         -- calls flow_counter_batch every batch
 end
 
 --- Remove the flow's counters of group `guid` (all its counters when guid is nil); with `key`, then attach the
@@ -419,7 +431,7 @@ function Engine:reset_flow_counter(flowkey, guid, key, meter)
     for i = 1, #list do
       if g ~= nil and list[i][1] ~= g then kept[#kept + 1] = list[i] end
     end
-    self.nflow_counters = self.nflow_counters - (#list - #kept)
+    set_nflow(self, self.nflow_counters - (#list - #kept))
     self.flow_counters[fk] = #kept > 0 and kept or nil
   end
   if guid ~= nil and key ~= nil then self:add_flow_counter(flowkey, guid, key, meter, 0) end
@@ -435,7 +447,7 @@ local function keep_added_after(self, fk, list, t)
     if list[i][7] > t then keep[#keep + 1] = list[i] end
   end
   local dropped = #list - #keep
-  self.nflow_counters = self.nflow_counters - dropped
+  set_nflow(self, self.nflow_counters - dropped)
   list = #keep > 0 and keep or nil
   self.flow_counters[fk] = list
   return list, dropped

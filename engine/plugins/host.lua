@@ -417,27 +417,34 @@ function Host:walk_mode()
 end
 
 -- simplecounter: onpacket(engine, layer) for each packet with the plug-in's protocol
-local find, bind_packet, bind_layer, flowkey = decode.find, packet.bind_packet, packet.bind_layer, decode.flowkey
-local set_packet = engine_mod.set_packet   -- a plain call: no __index lookup per packet (issue 10)
+local find, bind_layer, flowkey = decode.find, packet.bind_layer, decode.flowkey
+-- plain calls: no __index lookup per packet (issue 10)
+local set_clock, bind_struct = engine_mod.set_clock, packet.bind_struct
 
 local function sc_invoke(w) return w.fn(w.eng, w.lobj) end
 local function sc_args(w) return 2, w.fn, w.eng, w.lobj end           -- sc_invoke's call, for walk_direct
 local function sc_done() end
+-- The per-packet state goes straight into the FFI structs of the engine and the two objects, which the walk state
+-- keeps (w.tc = engine._t, w.pc = the Packet's _c, w.lc = the Layer's _c; w.lobj is bound to w.pobj once, in
+-- setup_simplecounter): a Lua table field read here (engine.nflow_counters, engine._t, pobj._c, lobj._c) would be
+-- looked up again on every packet after a hook's store into a string-keyed table of its own (issue 10,
+-- tests/test_walk_fields.py).
 local function sc_pick(w, batch, k)
-  local p, eng = batch[k], w.eng
+  local p, tc = batch[k], w.tc
   local li = find(p.d, w.proto)
   -- a reassembled IP datagram (d.frag 2, engine/fastpath/ipreasm.lua) is for L4 hooks only:
   -- link and IP-layer hooks saw each of its fragment packets
   if li >= 0 and (w.l4 or p.d.frag ~= 2) then
-    set_packet(eng, batch, k)
-    if eng.nflow_counters > 0 and p.flow >= 0 then eng:apply_flow_counters(flowkey(p.d), p.dir) end
-    bind_layer(w.lobj, bind_packet(w.pobj, batch, k), li)
+    set_clock(tc, batch, k)
+    if tc.nfc > 0 and p.flow >= 0 then w.eng:apply_flow_counters(flowkey(p.d), p.dir) end
+    bind_struct(w.pc, batch, k)
+    w.lc.i = li
     return sc_invoke
   end
   -- no hook here: the engine's packet moves only for flow counters (and to the batch's last packet after the walk)
-  if eng.nflow_counters > 0 and p.flow >= 0 then
-    set_packet(eng, batch, k)
-    eng:apply_flow_counters(flowkey(p.d), p.dir)
+  if tc.nfc > 0 and p.flow >= 0 then
+    set_clock(tc, batch, k)
+    w.eng:apply_flow_counters(flowkey(p.d), p.dir)
   end
   return nil
 end
@@ -460,7 +467,7 @@ local function sc_catch_up(w, batch, from, to)
   for k = from, to - 1 do
     local p = batch[k]
     if p.flow >= 0 then
-      set_packet(eng, batch, k)
+      set_clock(w.tc, batch, k)
       eng:apply_flow_counters(flowkey(p.d), p.dir)
     end
   end
@@ -470,7 +477,7 @@ end
 local function sc_pick_sel(w, batch, j)
   local sel = w.sel
   local k = sel[j]
-  if w.eng.nflow_counters > 0 then sc_catch_up(w, batch, j > 0 and sel[j - 1] + 1 or 0, k) end
+  if w.tc.nfc > 0 then sc_catch_up(w, batch, j > 0 and sel[j - 1] + 1 or 0, k) end
   return sc_pick(w, batch, k)
 end
 
@@ -510,12 +517,14 @@ function Host:setup_simplecounter()
   end
   if type(sc.onpacket) ~= "function" then return "simplecounter.onpacket is not a function" end
   local P = decode.PROTO
+  local pobj, lobj = packet.new_packet(), packet.new_layer()
+  bind_layer(lobj, pobj, -1)                 -- for good: sc_pick sets only the layer index (w.lc.i)
   self.sc = self:new_walk({ per = 1, pick = sc_pick, done = sc_done, invokes = { sc_invoke },
                             args = { [sc_invoke] = sc_args },
                             hook = "simplecounter.onpacket",
                             error_label = "simplecounter.onpacket error", fn = sc.onpacket, eng = self.engine,
-                            proto = proto, pobj = packet.new_packet(), lobj = packet.new_layer(),
-                            l4 = proto == P.TCP or proto == P.UDP or proto == P.ICMP or proto == P.ICMPV6,
+                            proto = proto, pobj = pobj, lobj = lobj, tc = self.engine._t, pc = pobj._c,
+                            lc = lobj._c, l4 = proto == P.TCP or proto == P.UDP or proto == P.ICMP or proto == P.ICMPV6,
                             mixed = false, batches = -1 },
                           { sc.onpacket })
   local w, ws = self.sc, {}

@@ -46,7 +46,7 @@ if not pcall(ffi.typeof, "lp_pobj") then
   ffi.cdef[[
 typedef struct { lp_pkt *b; int32_t i; int32_t fid_ok; } lp_pobj;          /* Packet: entry i of batch b */
 typedef struct { lp_pobj *p; int32_t i; } lp_lobj;                         /* Layer: layer i of packet p */
-typedef struct { lp_pkt *b; int32_t i, pos; double now, usec, floor, tus; } lp_engine_clock;   /* engine.lua */
+typedef struct { lp_pkt *b; int32_t i, pos; double now, usec, floor, tus; int32_t nfc; } lp_engine_clock;   /* engine.lua */
 ]]
 end
 local new_pobj, new_lobj = ffi.typeof("lp_pobj"), ffi.typeof("lp_lobj")
@@ -130,12 +130,29 @@ Packet.__index = Packet
 local Layer = {}
 Layer.__index = Layer
 
+-- Each Packet and Layer object carries its class's methods as fields of its own (issue 10): `layer:packet()` is
+-- then one lookup of a key present in the object's table (LuaJIT: HREFK), not a lookup that misses (HREF, a hash
+-- search) followed by the metatable's __index and the class table.  After a hook's store into its own table with a
+-- string key, LuaJIT redoes those lookups on every packet (tests/test_walk_fields.py).  The metatable stays.
+local function with_methods(obj, class)
+  for k, v in pairs(class) do
+    if type(v) == "function" and k:sub(1, 2) ~= "__" then obj[k] = v end
+  end
+  return setmetatable(obj, class)
+end
+
+--- Point a Packet object's struct c (lp_pobj, the object's _c) at entry i of batch b: bind_packet without the
+--- object (the simplecounter walk keeps the struct: host.lua sc_pick).
+local function bind_struct(c, b, i)
+  c.b, c.i, c.fid_ok = b, i, 0     -- fid_ok 0: the object's _flowid is another packet's (Packet:flowid)
+end
+M.bind_struct = bind_struct
+
 --- Bind the reusable packet object of a VM to entry i of batch b.  Objects
 --- keep (batch pointer, index) in their lp_pobj struct (field _c), never a per-packet pointer: storing a fresh
 --- cdata pointer in a table would allocate for every packet.
 function M.bind_packet(obj, b, i)
-  local c = obj._c
-  c.b, c.i, c.fid_ok = b, i, 0     -- fid_ok 0: obj._flowid is another packet's (Packet:flowid)
+  bind_struct(obj._c, b, i)
   return obj
 end
 
@@ -145,7 +162,7 @@ local function P(self)
 end
 M.entry = P
 
-function M.new_packet() return setmetatable({ _c = new_pobj(nil, -1, 0) }, Packet) end
+function M.new_packet() return with_methods({ _c = new_pobj(nil, -1, 0) }, Packet) end
 
 function Packet:timestamp()
   local p = P(self)
@@ -249,7 +266,7 @@ end
 --- A Layer object for layer i of a bound packet object: _packet (the Packet object, for Layer:packet()) and an
 --- lp_lobj struct _c pointing at the packet object's struct (kept alive by _packet).
 function M.layer(packet, i)
-  return setmetatable({ _packet = packet, _c = new_lobj(packet._c, i) }, Layer)
+  return with_methods({ _packet = packet, _c = new_lobj(packet._c, i) }, Layer)
 end
 
 --- Rebind a reusable Layer to (packet object, layer index).
@@ -260,7 +277,7 @@ function M.bind_layer(layer, packet, i)
   return layer
 end
 
-function M.new_layer() return setmetatable({ _c = new_lobj(nil, -1) }, Layer) end
+function M.new_layer() return with_methods({ _c = new_lobj(nil, -1) }, Layer) end
 
 -- The layer's lp_layer record and its packet's lp_pkt entry.
 local function L(self)

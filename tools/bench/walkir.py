@@ -11,7 +11,9 @@ with the hook inlined) with ``jit.util.traceir`` and prints:
   iteration (what it could not hoist out of the loop or forward from an earlier store);
 * the most frequent IR operations of that part;
 * the keys of its ``HREFK`` (a table field looked up by a constant key: the walk's and the bindings' own fields,
-  method lookups through ``__index``), each a load and a guard redone per packet.
+  method lookups through ``__index``), each a load and a guard redone per packet;
+* the keys of its ``HREF`` by a constant key: a lookup of a key the table does not hold (a hash search), e.g. a
+  method looked up in an object before its metatable's ``__index``.
 
 Comparing two bodies shows what a hook's code does to the walk around it: e.g. a store into a script's table
 with a key LuaJIT cannot tell apart from the walk's own fields (``s[id] = ...`` with a string id) makes it redo
@@ -39,8 +41,9 @@ IR_NAMES = (
     "SNEW XSNEW TNEW TDUP CNEW CNEWI BUFHDR BUFPUT BUFSTR TBAR OBAR XBAR CONV TOBIT TOSTR STRTO CALLN CALLA "
     "CALLL CALLS CALLXS CARG").split()
 
-# The VM's largest trace that loops: its IR operations in order, with the key of each HREFK ("op" or "op:key").
-DUMP = r'''function(HREFK)
+# The VM's largest trace that loops: its IR operations in order, with the key of each HREFK and of each HREF by a
+# constant key ("op" or "op:key").
+DUMP = r'''function(HREFK, HREF)
   local ju = require("jit.util")
   local best, bn = nil, 0
   for tr = 1, 65535 do
@@ -54,7 +57,8 @@ DUMP = r'''function(HREFK)
     local m, ot, _, op2 = ju.traceir(best, ref)
     if m then
       local op = math.floor(ot / 256)
-      ops[#ops + 1] = op == HREFK and (op .. ":" .. tostring((ju.tracek(best, op2)))) or tostring(op)
+      local keyed = op == HREFK or (op == HREF and op2 < 0)
+      ops[#ops + 1] = keyed and (op .. ":" .. tostring((ju.tracek(best, op2)))) or tostring(op)
     end
   end
   return table.concat(ops, ",")
@@ -63,7 +67,8 @@ end'''
 
 def walk_ir(capture: str, plugdir: str) -> list:
     """Walk `capture` with the plug-ins of `plugdir` (hookwalk.py's staging), then the IR of the first VM's walk
-    loop trace: [(operation name, HREFK key or None)], empty when no loop trace was compiled."""
+    loop trace: [(operation name, key of an HREFK or of an HREF by a constant key, else None)], empty when no loop
+    trace was compiled."""
     from luaprobe.engine.capture.pcapfile import open_capture
     from luaprobe.shm.luajit import new_runtime
     lua = new_runtime()
@@ -77,7 +82,7 @@ def walk_ir(capture: str, plugdir: str) -> list:
                 stage(k, m)
                 for host, walk in walks:
                     walk(host, hot, m)
-            raw = vms[0].lua.eval(DUMP)(IR_NAMES.index("HREFK"))
+            raw = vms[0].lua.eval(DUMP)(IR_NAMES.index("HREFK"), IR_NAMES.index("HREF"))
         finally:
             for vm in vms:
                 vm.close()
@@ -111,7 +116,9 @@ def main(argv=None) -> int:
         ops = collections.Counter(op for op, _ in part)
         print(f"{b}\n  nins {len(ir)}, per packet {len(part)}: "
               + ", ".join(f"{op} {c}" for op, c in ops.most_common(10))
-              + f"\n  HREFK per packet: {', '.join(k for op, k in part if op == 'HREFK') or 'none'}", flush=True)
+              + f"\n  HREFK per packet: {', '.join(k for op, k in part if op == 'HREFK') or 'none'}"
+              + f"\n  HREF by a constant key per packet: {', '.join(k for op, k in part if op == 'HREF' and k) or 'none'}",
+              flush=True)
     return 0
 
 
