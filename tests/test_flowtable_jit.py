@@ -104,3 +104,63 @@ def test_update_batch_steady_state_is_compiled_and_allocation_free(tmp_path, sha
     # guards against: 12 % of HTTP packets); what remains on this capture (66-75 in 5 754 packets, 300 flows
     # inserted, each batch holding SYNs: "Port reuse") is per new flow or per batch, not per packet
     assert texits < n // 50, f"{shape}: {texits} exits to the interpreter in {n} packets"
+
+
+# The lookup of a known flow and of a new one take the same path through the probe loop's trace: with side traces
+# switched off (hotexit above what a snapshot's 8-bit exit count reaches), every exit from that trace is an exit to
+# the interpreter ("texit"), so the count of them is the count of lookups that left the trace.
+PROBE_HARNESS = r"""
+local addr, size, loopline, batches = ...
+jit.opt.start("hotexit=1000")
+local ffi = require("ffi")
+local ju = require("jit.util")
+local pcapfile = require("luaprobe.engine.capture.pcapfile")
+local decode = require("luaprobe.engine.fastpath.decode")
+local flowtable = require("luaprobe.engine.fastpath.flowtable")
+local packet = require("luaprobe.engine.plugins.packet")
+local ft = flowtable.new{capacity = 65536}
+local r, b = pcapfile.open(addr, size), packet.new_batch(1024)
+local roots, counting, exits, lookups = {}, false, 0, 0
+jit.attach(function(what, tr, func, pc, parent)
+  if what == "start" and parent == nil and ju.funcinfo(func, pc).loc == loopline then roots[tr] = true end
+end, "trace")
+local function texit(tr) if counting and roots[tr] then exits = exits + 1 end end
+jit.attach(texit, "texit")
+for batch = 1, batches do
+  local m = 0
+  while m < 1024 do
+    local p, caplen, wirelen, ts_sec, ts_nsec, linktype = r:next()
+    if p == nil then break end
+    local e = b[m]
+    e.data, e.caplen, e.wirelen, e.ts_sec, e.ts_nsec, e.linktype = p, caplen, wirelen, ts_sec, ts_nsec, linktype
+    decode.decode(e.d, p, caplen, linktype)
+    m = m + 1
+  end
+  counting = batch > 4                      -- the first batches: nearly every packet starts a flow
+  if counting then lookups = lookups + m end
+  ft:update_batch(b, m)
+end
+counting = false
+jit.attach(texit)
+local nroots = 0
+for _ in pairs(roots) do nroots = nroots + 1 end
+return exits, lookups, nroots, ft.live
+"""
+
+
+def test_probe_loop_trace_serves_known_flows(tmp_path):
+    """small-few (500 flows): the probe loop's root trace is recorded in the first batch, where nearly every packet
+    is a new flow; later every packet is a known flow's.  Only a home slot held by another key may leave the trace
+    (~7 % of the lookups at the index's load <= 1/4).  The probe with `if` tests left it on every known flow's
+    packet (an exit per lookup)."""
+    import os
+    from luaprobe.engine.capture.pcapfile import open_capture
+    from tools.bench import corpus
+    src = open(os.path.join(os.path.dirname(__file__), "..", "engine", "fastpath", "flowtable.lua")).read().split("\n")
+    start = next(i for i, line in enumerate(src) if line.strip().startswith("-- c: probe"))
+    line = next(i for i in range(start, len(src)) if src[i].strip().startswith("for k = 0, n - 1 do")) + 1
+    lua = new_runtime()
+    with open_capture(corpus.make("small-few", True)) as cap:
+        exits, lookups, roots, live = lua.execute(PROBE_HARNESS, cap.address, cap.size, f"flowtable.lua:{line}".encode(), 40)
+    assert roots >= 1 and live == 500 and lookups == 36 * 1024
+    assert exits < lookups * 0.15, f"{exits} of {lookups} lookups left the probe loop's trace"

@@ -517,6 +517,14 @@ local function key_eq(fw, f, kw, o)
   return bor(bxor(a[0], k[0]), bxor(a[1], k[1]), bxor(a[2], k[2]), bxor(a[3], k[3]), bxor(a[4], k[4])) == 0ULL
 end
 
+-- the same comparison as a number, no test: 0 when the keys are equal, else not 0 (the two 32-bit halves of the
+-- ored differences ored together)
+local function key_diff(fw, f, kw, o)
+  local a, k = cast(u64_ptr, fw + f), cast(u64_ptr, kw + o)
+  local v = bor(bxor(a[0], k[0]), bxor(a[1], k[1]), bxor(a[2], k[2]), bxor(a[3], k[3]), bxor(a[4], k[4]))
+  return tobit(bor(v, shr(v, 32)))
+end
+
 --- Normalised key of decoded packet d (ip_version v ~= 0) into kf (lp_fkey):
 --- key words, hash, dir (0 = the packet's source is the A end).
 local function make_key(kf, d, v)
@@ -553,6 +561,13 @@ end
 --- Probe the index for the key at word o of kw (an lp_fkey array as int32_t *: key words o .. o + 9, hash
 --- at o + 10): returns (slot, flow index) — the slot holding the flow, or the empty slot that ended the
 --- chain and -1.
+---
+--- The home slot is decided without a branch (issue 10): the flow found there and an empty slot (a new flow)
+--- take the same path, and only a slot held by another key (~7 % of the lookups on small-few, at the index's
+--- load <= 1/4) goes on to the loop.  With `if` tests there, the loops' traces, recorded in the first batch where
+--- nearly every packet starts a flow, kept the empty-slot path, and every later packet of a known flow left them
+--- by a side exit into a side trace that re-entered the loop's trace at its start (flowtable_loops.py: probe 11
+--- ns a packet on small-few's 500 flows; tests/test_flowtable_jit.py).
 local KEY_WORDS = ffi.sizeof("lp_fkey") / 4
 local FLOW_WORDS = FLOW_SIZE / 4
 assert(ffi.offsetof("lp_fkey", "hash") == 40 and ffi.offsetof("lp_flow", "key") == 0)
@@ -561,10 +576,16 @@ local function probe(self, kw, o)
   local h = kw[o + 10]
   local j = band(h, mask)
   local x = slots[j].idx
-  -- bounded: the index is at most half full, so an empty slot ends every chain
-  while x >= 0 and not (slots[j].hash == h and key_eq(fw, x * FLOW_WORDS, kw, o)) do
-    j = band(j + 1, mask)
-    x = slots[j].idx
+  -- the home slot: other = 1 when it holds another key (occupied, and its hash or key differs); an empty slot's
+  -- record index -1 reads record 0 instead (a valid address; its comparison is masked out)
+  local diff = bor(bxor(slots[j].hash, h), key_diff(fw, band(x, bnot(arshift(x, 31))) * FLOW_WORDS, kw, o))
+  local other = band(bnot(rshift(x, 31)), rshift(bor(diff, 0 - diff), 31))
+  if other ~= 0 then
+    -- bounded: the index is at most half full, so an empty slot ends every chain
+    repeat
+      j = band(j + 1, mask)
+      x = slots[j].idx
+    until x < 0 or (slots[j].hash == h and key_eq(fw, x * FLOW_WORDS, kw, o))
   end
   return j, x
 end
@@ -886,10 +907,8 @@ function FT:update_batch(b, n)
   for k = 0, n - 1 do
     if b[k].flow == 0 then     -- no reference to b[k] kept across the probe (see probe)
       local _, x = probe(self, kw, k * KEY_WORDS)
-      if x < 0 then
-        miss[nmiss] = k
-        nmiss = nmiss + 1
-      end
+      miss[nmiss] = k                         -- kept when x < 0 (a new flow); no branch: see probe
+      nmiss = nmiss + rshift(x, 31)
       b[k].flow = x
     end
   end
