@@ -216,6 +216,107 @@ int lp_fnaddr(void *Lv) {
     return 1;
 }
 
+/* ------------------------------------------------------------------------
+ * The flow table's prefault helper (engine/fastpath/flowtable.lua, FT:prefault / start_prefaulter).
+ *
+ * A thread that maps the pages of never-used flow records ahead of the fast path: madvise(MADV_POPULATE_WRITE)
+ * (Linux 5.14), the kernel zero-filling them, on this thread's CPU instead of the packet loop's (a fresh 4 KiB page
+ * costs ~1.5 us on the benchmark VM: docs/benchmarks.md "The flow table's fresh pages").  A C thread, not a Python
+ * one: it never takes the GIL that the fast path's thread holds between its Lua calls.
+ *
+ * Protocol: the fast path (one thread) stores a higher `goal` (records [0, goal) wanted mapped) and calls
+ * lp_prefault_kick (an eventfd write); the thread, woken, maps records [max(done, self), goal) of each array in one
+ * madvise call each and stores `done = goal` (release).  `self`: records the fast path mapped itself (when the
+ * helper was behind: it never waits for it).  Mapping a page twice is harmless (a present page is left as it is).
+ * A refusal (EINVAL on a kernel before 5.14) stops the thread with `err` = errno; the fast path then maps as before.
+ * ------------------------------------------------------------------------ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+#define LP_PF_ARRAYS 4
+
+typedef struct {
+    int64_t goal, done, self, stop;       /* shared words (see above); goal / self / stop written by the fast path */
+    int64_t pages, calls, err;            /* the helper's work: 4 KiB pages mapped, madvise calls, errno of a refusal */
+    double cpu_ns;                        /* the helper thread's CPU time (CLOCK_THREAD_CPUTIME_ID) after its last wake */
+    int64_t cap;                          /* records per array */
+    uint64_t addr[LP_PF_ARRAYS], size[LP_PF_ARRAYS];
+    int32_t narrays, efd;
+    pthread_t thread;
+} lp_prefaulter;
+
+static void *lp_prefault_main(void *arg) {
+    lp_prefaulter *p = arg;
+    uint64_t v;
+    struct timespec ts;
+    for (;;) {
+        if (read(p->efd, &v, sizeof v) != sizeof v) {
+            if (errno == EINTR) continue;
+            break;                            /* the eventfd is gone: nothing will wake this thread again */
+        }
+        if (__atomic_load_n(&p->stop, __ATOMIC_ACQUIRE)) break;
+        int64_t goal = __atomic_load_n(&p->goal, __ATOMIC_ACQUIRE);
+        int64_t first = __atomic_load_n(&p->done, __ATOMIC_RELAXED);
+        int64_t own = __atomic_load_n(&p->self, __ATOMIC_ACQUIRE);
+        if (own > first) first = own;
+        if (goal > p->cap) goal = p->cap;
+        if (goal > first && p->err == 0) {
+            for (int i = 0; i < p->narrays; i++) {
+                uint64_t a = p->addr[i] + (uint64_t)first * p->size[i];
+                uint64_t start = a & ~(uint64_t)4095;
+                uint64_t len = a - start + (uint64_t)(goal - first) * p->size[i];
+                if (madvise((void *)(uintptr_t)start, len, MADV_POPULATE_WRITE) != 0) {
+                    p->err = errno;
+                    break;
+                }
+                p->calls++;
+                p->pages += (int64_t)((len + 4095) / 4096);
+            }
+            if (p->err == 0) __atomic_store_n(&p->done, goal, __ATOMIC_RELEASE);
+        }
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+        p->cpu_ns = (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+    }
+    return NULL;
+}
+
+/* Start a helper for `narrays` arrays of `cap` records (addr[i], size[i] bytes a record); done = self = goal =
+ * `from` (records already mapped).  NULL when no thread or eventfd could be made (the fast path maps by itself). */
+lp_prefaulter *lp_prefault_start(int64_t cap, int64_t from, int32_t narrays, const double *addr, const double *size) {
+    if (narrays < 1 || narrays > LP_PF_ARRAYS) return NULL;
+    lp_prefaulter *p = calloc(1, sizeof *p);
+    if (p == NULL) return NULL;
+    p->cap = cap;
+    p->goal = p->done = p->self = from;
+    p->narrays = narrays;
+    for (int i = 0; i < narrays; i++) { p->addr[i] = (uint64_t)addr[i]; p->size[i] = (uint64_t)size[i]; }
+    p->efd = eventfd(0, EFD_CLOEXEC);
+    if (p->efd < 0) { free(p); return NULL; }
+    if (pthread_create(&p->thread, NULL, lp_prefault_main, p) != 0) { close(p->efd); free(p); return NULL; }
+    return p;
+}
+
+/* Wake the helper after raising p->goal (one eventfd write: the wakes coalesce until it reads). */
+void lp_prefault_kick(lp_prefaulter *p) {
+    uint64_t one = 1;
+    if (write(p->efd, &one, sizeof one) < 0) { /* the counter cannot overflow at one write per wake */ }
+}
+
+/* Stop and join the helper, then free it (p is invalid afterwards).  Before the arrays it maps are unmapped. */
+void lp_prefault_stop(lp_prefaulter *p) {
+    if (p == NULL) return;
+    __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
+    lp_prefault_kick(p);
+    pthread_join(p->thread, NULL);
+    close(p->efd);
+    free(p);
+}
+
 static struct PyModuleDef lpsync_module = {
     PyModuleDef_HEAD_INIT, "_lpsync",
     "Atomic loads/stores, fences and futex calls for LuaJIT FFI (use via ffi.load).",

@@ -28,7 +28,8 @@ local M = {}
 local Driver = {}
 Driver.__index = Driver
 
---- opts: ring (address), batch (size), capacity/idle_timeout/active_timeout/huge_pages (flow table),
+--- opts: ring (address), batch (size), capacity/idle_timeout/active_timeout/huge_pages (flow table), prefault_ahead
+--- (records whose pages a helper thread maps ahead: FT:start_prefaulter; 0 / nil: none),
 --- frag_timeout / frag_max_bytes / frag_max_datagrams (luaprobe.engine.fastpath.ipreasm), warn (function(msg)).
 function M.new(opts)
   local self = setmetatable({
@@ -47,6 +48,10 @@ function M.new(opts)
     unknown_linktypes = {}, unknown_linktype_packets = 0,   -- [link type] = packets
     tags = {}, ntags = 0,   -- tag_flow: [flowkey] = {tag, ...} until the flow's row is written
   }, Driver)
+  if (opts.prefault_ahead or 0) > 0 then                -- new flows' pages mapped by a thread (FT:start_prefaulter)
+    local ok, why = self.ft:start_prefaulter(opts.prefault_ahead)
+    if not ok then self.prefault_off = why end
+  end
   self.batch = packet.new_batch(self.nbatch + 1)   -- + 1: a datagram completed by the last packet
   self.batch_addr = tonumber(ffi.cast("intptr_t", self.batch))
   self.exp_cap = math.max(M.EXPORT_ROWS, self.nbatch + 1)  -- exported flow records (put_row below)
@@ -416,6 +421,7 @@ function Driver:flush_flows()
   end
   self.flush_next = idx
   if idx == sen and k0 + n < self.exp_cap then
+    self.prefault_done = ft:stop_prefaulter() or self.prefault_done   -- no new flow after the end of input
     ft:clear()                                     -- all exported: the table empties at once (FT:clear)
     self.flush_next = nil
   end
@@ -433,7 +439,8 @@ function Driver:stats()
            ip_frag_duplicates = fs.duplicates, ip_frag_malformed = fs.malformed,
            ip_frag_dropped_cap = fs.dropped_cap,
            unknown_linktype_packets = self.unknown_linktype_packets, unknown_linktypes = self.unknown_linktypes,
-           ring_space_wakes = self.ring:space_wakes() }
+           ring_space_wakes = self.ring:space_wakes(),
+           prefault = self.prefault_done or self.ft:prefaulter_stats(), prefault_off = self.prefault_off }
 end
 
 M.Driver = Driver

@@ -298,6 +298,7 @@ local HUGE = 2097152           -- bytes in a transparent huge page (x86-64, arm6
 local MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_POPULATE_WRITE = 14, 15, 23
 local PAGE = 4096              -- base page: the rounding of populate()'s start address
 local PREFAULT = 1024          -- records whose pages prefault() maps at once ahead of the high-water mark
+local AHEAD = 16384            -- with a prefault helper: records requested ahead of the high-water mark (3.2 MB)
 
 --- Map the pages of bytes [from, to) of the array at p writable now, in one madvise(MADV_POPULATE_WRITE)
 --- call (Linux 5.14+) instead of one page fault per 4 KiB page at the first write.  On the benchmark VM a fresh
@@ -363,6 +364,8 @@ function M.new(opts)
     free_top = 0,        -- entries in free_stack
     hw = 0,              -- records [hw, cap) never used yet
     faulted = 0,         -- records [0, faulted) have their pages mapped (prefault)
+    pf = nil,            -- the prefault helper (start_prefaulter: lp_prefaulter *), pf_lib its library
+    kicks = 0, self_faulted = 0,   -- with a helper: its wake-ups, records the fast path still mapped itself
     mapped = (cap + 1) * FLOW_SIZE >= HUGE,   -- the records are a mapping of their own (alloc), not calloc's
     live = 0, created = 0, expired = 0, expired_idle = 0, expired_active = 0,
     terminated = 0, full_drops = 0, resizes = 0, renewed = 0,
@@ -671,15 +674,96 @@ end
 --- 128 KiB hot, 64 KiB cold, 8 KiB links).  Records reused from the free stack are mapped already; an array
 --- small enough for calloc (alloc: under 2 MiB) is left alone, and so is a table whose hot records are.
 --- RSS: at most PREFAULT records beyond the high-water mark.
+---
+--- With a prefault helper (FT:start_prefaulter: a thread of its own that maps the pages in the fast path's place),
+--- the records' pages are requested up to `ahead` records beyond the high-water mark and mapped by the helper; the
+--- fast path maps a chunk itself only when the helper is behind (never waits for it).
 function FT:prefault(extra)
   local want = self.hw + extra
-  if want <= self.faulted or not self.mapped then return end
-  local from, n = self.faulted, self.capacity + 1
-  local to = math.min(self.capacity, want + PREFAULT - 1 - (want + PREFAULT - 1) % PREFAULT)
-  populate(self.flows, from * FLOW_SIZE, to * FLOW_SIZE)
-  if (n + SCRATCH) * COLD_SIZE >= HUGE then populate(self.cold, from * COLD_SIZE, to * COLD_SIZE) end
-  if n * 8 >= HUGE then populate(self.lru, from * 8, to * 8) end
-  self.faulted = to
+  if not self.mapped then return end
+  local pf = self.pf
+  if pf ~= nil then
+    local done = tonumber(pf.done)                    -- records the helper has mapped
+    if done > self.faulted then self.faulted = done end
+  end
+  if want > self.faulted then                        -- the fast path maps the chunk it needs now itself
+    local from, n = self.faulted, self.capacity + 1
+    local to = math.min(self.capacity, want + PREFAULT - 1 - (want + PREFAULT - 1) % PREFAULT)
+    populate(self.flows, from * FLOW_SIZE, to * FLOW_SIZE)
+    if (n + SCRATCH) * COLD_SIZE >= HUGE then populate(self.cold, from * COLD_SIZE, to * COLD_SIZE) end
+    if n * 8 >= HUGE then populate(self.lru, from * 8, to * 8) end
+    self.faulted = to
+    if pf ~= nil then pf.self = to; self.self_faulted = self.self_faulted + (to - from) end
+  end
+  if pf ~= nil then
+    -- as far ahead as the records in use, up to `ahead` (a table of a few thousand flows maps no 16 384 records)
+    local span = math.min(self.pf_ahead, math.max(PREFAULT, self.hw))
+    local goal = tonumber(pf.goal)
+    if 2 * (goal - want) < span and goal < self.capacity then
+      pf.goal = math.min(self.capacity, want + span)
+      self.pf_lib.lp_prefault_kick(pf)               -- one eventfd write per span / 2 records
+      self.kicks = self.kicks + 1
+    end
+  end
+end
+
+--- Start the prefault helper (shm/_lpsync.c lp_prefault_start: a C thread, the protocol is there): from now on
+--- prefault() sets its goal min(`ahead`, max(1 024, records in use)) records beyond the high-water mark (`ahead`:
+--- default 16 384), wakes it whenever less than half of that is left, and maps a chunk itself only when the helper
+--- is behind (it never waits).  RSS: at most that many records (~200 bytes each) beyond the flows seen.  Returns true when started; false with a reason when the records are
+--- calloc'd (a small table: nothing to map) or no thread could be made.  stop_prefaulter() (or the table's
+--- collection) joins it.
+function FT:start_prefaulter(ahead)
+  if self.pf ~= nil then return true end
+  if not self.mapped then return false, "the flow records are not a mapping of their own (under 2 MiB)" end
+  local ok, lib = pcall(function() return ffi.load(require("luaprobe.config").lpsync) end)
+  if not ok then return false, "shm/_lpsync not loadable: " .. tostring(lib) end
+  pcall(ffi.cdef, [[
+typedef struct {
+  int64_t goal, done, self, stop;
+  int64_t pages, calls, err;
+  double cpu_ns;
+  int64_t cap;
+  uint64_t addr[4], size[4];
+  int32_t narrays, efd;
+} lp_prefaulter;
+lp_prefaulter *lp_prefault_start(int64_t cap, int64_t from, int32_t narrays, const double *addr, const double *size);
+void lp_prefault_kick(lp_prefaulter *p);
+void lp_prefault_stop(lp_prefaulter *p);
+]])
+  local n = self.capacity + 1
+  local addr, size, k = ffi.new("double[4]"), ffi.new("double[4]"), 0
+  local function add(p, bytes) addr[k], size[k], k = tonumber(cast("uintptr_t", p)), bytes, k + 1 end
+  add(self.flows, FLOW_SIZE)
+  if (n + SCRATCH) * COLD_SIZE >= HUGE then add(self.cold, COLD_SIZE) end
+  if n * 8 >= HUGE then add(self.lru, 8) end
+  local pf = lib.lp_prefault_start(self.capacity, self.faulted, k, addr, size)
+  if pf == nil then return false, "lp_prefault_start: no thread or eventfd" end
+  self.pf = ffi.gc(pf, lib.lp_prefault_stop)   -- joined before the arrays it maps go (they are the table's too)
+  self.pf_lib = lib
+  self.pf_ahead = math.max(PREFAULT, ahead or AHEAD)
+  return true
+end
+
+--- Stop and join the prefault helper (if any); returns its work: pages mapped, madvise calls, CPU seconds, errno of a
+--- refusal (0), the wake-ups and the records the fast path mapped itself meanwhile.  prefault() maps by itself again.
+function FT:stop_prefaulter()
+  local pf = self.pf
+  if pf == nil then return nil end
+  local out = {pages = tonumber(pf.pages), calls = tonumber(pf.calls), cpu_s = pf.cpu_ns * 1e-9,
+               err = tonumber(pf.err), kicks = self.kicks, self_faulted = self.self_faulted}
+  self.faulted = math.max(self.faulted, tonumber(pf.done))
+  self.pf = nil
+  self.pf_lib.lp_prefault_stop(ffi.gc(pf, nil))
+  return out
+end
+
+--- The prefault helper's work so far (as stop_prefaulter's result), or nil without a helper.
+function FT:prefaulter_stats()
+  local pf = self.pf
+  if pf == nil then return nil end
+  return {pages = tonumber(pf.pages), calls = tonumber(pf.calls), cpu_s = pf.cpu_ns * 1e-9, err = tonumber(pf.err),
+          kicks = self.kicks, self_faulted = self.self_faulted}
 end
 
 -- 1 when the segment (flags fl, direction dir) is the first ACK without SYN from the client end

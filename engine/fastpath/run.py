@@ -65,6 +65,17 @@ def _thread_rusage():
     return resource.getrusage(resource.RUSAGE_THREAD)
 
 
+def _prefault_summary(d: dict) -> dict | None:
+    """The summary's ``flow_prefault`` from the driver's stats: the helper thread's pages mapped, madvise calls, CPU
+    seconds (the kernel's zeroing of new flows' pages, off the packet loop's thread), errno of a refusal, the fast
+    path's wake-ups of it and the records it still mapped itself (helper behind); None without a helper."""
+    p = d.get("prefault")
+    if not p:
+        return {"helper": False, "reason": _text(d.get("prefault_off") or b"")} if "prefault_off" in d else None
+    return {"helper": True, "pages": int(p[b"pages"]), "calls": int(p[b"calls"]), "cpu_s": round(p[b"cpu_s"], 4),
+            "errno": int(p[b"err"]), "wakeups": int(p[b"kicks"]), "records_mapped_by_fast_path": int(p[b"self_faulted"])}
+
+
 def _rusage_delta(a, b) -> dict:
     """The fast-path thread's counts between two _thread_rusage() reads: minor / major page faults, voluntary
     context switches (waits) and involuntary ones (another task took the CPU: the machine's share of a run's
@@ -140,6 +151,7 @@ class RunConfig:
     flow_capacity: int = 1 << 20
     pin_cpus: str = "auto"            #: capture process / fast-path thread CPU pinning (shm/cpus.py)
     huge_pages: str = "auto"          #: the flow table's pages: "auto" | "on" | "off" (engine/fastpath/hugepages.py)
+    prefault_ahead: int = 16384       #: flow records a helper thread maps ahead (flowtable.lua start_prefaulter); 0: none
     idle_timeout: float = 120.0
     active_timeout: float = 1800.0
     stats_file: str | None = None     #: a JSON snapshot (FastPath.snapshot) rewritten every stats_interval
@@ -783,6 +795,7 @@ class FastPath:
             self.driver = fp.new(lua.table_from({b"ring": ring_seg.address, b"bell": rt.bell.address,
                                                  b"batch": cfg.batch, b"capacity": cfg.flow_capacity,
                                                  b"huge_pages": self.pages["huge_pages"],
+                                                 b"prefault_ahead": cfg.prefault_ahead,
                                                  b"idle_timeout": cfg.idle_timeout,
                                                  b"active_timeout": cfg.active_timeout,
                                                  b"frag_timeout": float(cfg.frag_timeout),
@@ -1502,6 +1515,7 @@ class FastPath:
             "packet_ring_space_wakes": d.get("ring_space_wakes", 0),
             "cpus_pinned": getattr(self, "pinned", None),   # {"capture": C, "fastpath": F} or None (shm/cpus.py)
             "flow_table_pages": getattr(self, "pages", None),   # {"setting", "huge_pages", "reason"} (hugepages.py)
+            "flow_prefault": _prefault_summary(d),   # the record-page helper's work (flowtable.lua start_prefaulter)
             "files": self.cfg.files, "files_done": self.files_done, "input_errors": self.input_errors,
             "packets": d.get("packets", 0), "bytes": d.get("bytes", 0),
             "truncated_headers": d.get("truncated", 0), "non_ip": d.get("nonip", 0),

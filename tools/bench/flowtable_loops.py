@@ -1,7 +1,8 @@
 """CPU time of each loop of the flow table's update_batch, at two versions, in one process (issue 10).
 
     python tools/bench/flowtable_loops.py --before ba2feac [--after WORKTREE] \
-        --corpus flows-100k,flows-1m,mixed-zipf,small-few,dns [--runs 7] [--passes 2] [--huge-pages off]
+        --corpus flows-100k,flows-1m,mixed-zipf,small-few,dns [--runs 7] [--passes 2] [--huge-pages off] \
+        [--prefault-ahead 16384]
 
 Each side's engine/fastpath/flowtable.lua (``git show COMMIT:PATH``, or the after side's work tree) is loaded
 into its own LuaJIT state (lupa) with a timer call inserted before the comment that opens each loop of
@@ -17,7 +18,11 @@ one alternately before and after (with 1M flows the side run second was ~30 % sl
 code: the kernel's zero-filling of fresh record pages), each after a full collection in both Lua states
 (no earlier table still mapped).
 
-Columns, CPU ns per packet of the pass (os.clock: process CPU time, the kernel's page zeroing included):
+``--prefault-ahead N``: the tables of a side whose flowtable.lua has ``start_prefaulter`` start the prefault helper
+thread (what the engine does by default since it exists; shm/_lpsync.c), N records ahead; default 0, none.
+
+Columns, CPU ns per packet of the pass (this thread's CPU time, CLOCK_THREAD_CPUTIME_ID: the kernel's page zeroing
+done in the loops' thread included, a prefault helper thread's not; before 2026-12-01 03:00 os.clock, the process's):
 total min / median / max over the runs, then the median of each part: key (keys and hashes), touch (slots
 and records touched), probe, lru (LRU neighbours touched), reserve (index growth), new (flow creation),
 loop3 (counters, TCP state, LRU moves).
@@ -54,13 +59,18 @@ typedef struct {
   lp_decoded d;
 } loops_pkt;
 ]]
-local clock = os.clock
+pcall(ffi.cdef, "typedef struct { long tv_sec, tv_nsec; } loops_ts; int clock_gettime(int clk, loops_ts *ts);")
+local ts_ = ffi.new("loops_ts")
+local function clock()        -- this thread's CPU seconds (CLOCK_THREAD_CPUTIME_ID)
+  ffi.C.clock_gettime(3, ts_)
+  return tonumber(ts_.tv_sec) + tonumber(ts_.tv_nsec) * 1e-9
+end
 local acc = {}
 local last, tl = 8, 0
 -- the timer the marks call: the time since the previous mark goes to that mark's part
 function LOOPS_MARK(i) local t = clock(); acc[last] = acc[last] + t - tl; last = i; tl = t end
 -- returns {pass = {total, part 1 .. 7}} in seconds
-return function(frames, lens, secs, usecs, cap, linktype, passes, huge)
+return function(frames, lens, secs, usecs, cap, linktype, passes, huge, ahead)
   local n = #lens
   local b = ffi.new("loops_pkt[?]", n)
   local base = ffi.cast("const uint8_t *", frames)
@@ -74,6 +84,7 @@ return function(frames, lens, secs, usecs, cap, linktype, passes, huge)
   end
   local span = secs[n] - secs[1] + 1
   local ft = flowtable.new{capacity = cap, huge_pages = huge}
+  if ahead > 0 and ft.start_prefaulter then assert(ft:start_prefaulter(ahead)) end
   local res = {}
   for pass = 1, passes do
     for i = 1, 8 do acc[i] = 0 end
@@ -93,6 +104,7 @@ return function(frames, lens, secs, usecs, cap, linktype, passes, huge)
     end
     res[pass] = {total, acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]}
   end
+  if ft.stop_prefaulter then ft:stop_prefaulter() end
   return res
 end
 '''
@@ -104,7 +116,9 @@ def side(commit: str | None, tree: str):
     for mark, i in MARKS:
         if mark in src:
             src = src.replace(mark, f"  LOOPS_MARK({i})\n{mark}", 1)
+    from luaprobe.shm.luajit import lpsync_path
     lua = lupa.LuaRuntime(encoding=None)
+    lua.eval("function(p) package.loaded['luaprobe.config'] = {lpsync = p} end")(lpsync_path().encode())
     preload = lua.eval("package.preload")
     loader = lua.eval("function(src, name) return function() return assert(loadstring(src, '=' .. name))() end end")
     preload[b"luaprobe.engine.fastpath.decode"] = loader(
@@ -122,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--huge-pages", choices=("on", "off"), default="off",
                     help="the flow table's page size (flowtable.new's huge_pages); default off (4 KiB pages)")
+    ap.add_argument("--prefault-ahead", type=int, default=0,
+                    help="start the prefault helper thread, N records ahead, where the side's flow table has one")
     a = ap.parse_args(argv)
     sides = {"before": side(a.before, REPO), "after": side(None, a.after)}
     print("CPU ns/packet: total min/median/max | median of " + " ".join(COLUMNS))
@@ -136,7 +152,7 @@ def main(argv=None) -> int:
                     other.execute("collectgarbage(); collectgarbage()")
                 out = fn(frames, lua.table_from([len(p[2]) for p in pkts]), lua.table_from([p[0] for p in pkts]),
                          lua.table_from([p[1] for p in pkts]), 1 << 20, linktype, a.passes,
-                         a.huge_pages == "on")
+                         a.huge_pages == "on", a.prefault_ahead)
                 res[s].append([[v * 1e9 / len(pkts) for v in out[p + 1].values()] for p in range(a.passes)])
         for s, runs in res.items():
             for p in range(a.passes):

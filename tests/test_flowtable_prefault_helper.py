@@ -1,0 +1,137 @@
+"""The flow table's prefault helper (FT:start_prefaulter, shm/_lpsync.c lp_prefault_start, `--prefault-ahead`).
+
+A C thread maps the pages of the never-used flow records ahead of the high-water mark so that the fast path's
+thread does not (docs/benchmarks.md "Fresh pages off the packet loop's thread").  Independent truths: the kernel's
+residency map of the record arrays (mincore(2), as tests/test_flowtable_prefault.py), the thread list of this
+process (/proc/self/task) and, for the records' contents, a second table fed the same packets without a helper.
+Waiting for the helper is a bounded wait for its own `done` word to reach the goal the fast path set (a condition,
+not a sleep).  Before: no helper; start_prefaulter did not exist and the fast path mapped every chunk itself.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from luaprobe.engine.fastpath.run import FastPath, RunConfig
+from luaprobe.shm.luajit import new_runtime
+from tests import helpers
+from tests.test_flowtable_prefault import LUA, PREFAULT, resident
+
+AHEAD = 8192
+
+
+PF = r"""
+-- the helper's words as numbers: done, goal, errno
+function H.pf(ft) return tonumber(ft.pf.done), tonumber(ft.pf.goal), tonumber(ft.pf.err) end
+return H"""
+
+
+@pytest.fixture(scope="module")
+def H():
+    return new_runtime(encoding=None).execute(LUA.replace("return H", PF))
+
+
+def threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def wait_helper(H, ft, timeout=20.0) -> None:
+    """Until the helper has mapped every record the fast path asked for (its done word reaches the goal)."""
+    end = time.monotonic() + timeout
+    while H.pf(ft)[0] < H.pf(ft)[1]:
+        assert time.monotonic() < end and H.pf(ft)[2] == 0, H.pf(ft)
+        time.sleep(0.001)
+
+
+def test_helper_maps_records_ahead_so_the_fast_path_does_not(H):
+    t0 = threads()
+    ft = H.new()
+    assert ft.start_prefaulter(ft, AHEAD) is True
+    assert threads() == t0 + 1
+    H.batch(ft, 0, 1)
+    # the first chunk: the helper had mapped nothing yet, the fast path mapped it itself (it never waits); the goal
+    # is as many records ahead as are in use, at least 1 024
+    assert ft.self_faulted == PREFAULT and H.pf(ft)[1] == 1 + PREFAULT
+    wait_helper(H, ft)
+    # flows up to what the helper has mapped, then wait for it, again and again: every page they need is the
+    # helper's, the fast path maps nothing itself (without a helper: a chunk per 1 024 records), and the span
+    # ahead grows with the records in use up to AHEAD
+    goals = []
+    while ft.hw < 30000:
+        done = H.pf(ft)[0]
+        H.batch(ft, ft.hw, min(done, 30000))
+        assert ft.self_faulted == PREFAULT, (ft.hw, ft.self_faulted)
+        wait_helper(H, ft)
+        goals.append(H.pf(ft)[1] - ft.hw)
+    assert ft.live == 30000 and H.pf(ft)[2] == 0
+    assert AHEAD // 2 < max(goals) <= AHEAD and goals[0] < PREFAULT, goals
+    goal = H.pf(ft)[1]
+    # the pages of every record up to the goal are resident in all three arrays; nothing well beyond it
+    assert all(r == n for r, n in resident(H, ft, 0, goal - 64)), resident(H, ft, 0, goal - 64)
+    assert all(r == 0 for r, _ in resident(H, ft, goal + 2 * PREFAULT, goal + 4 * AHEAD))
+    st = ft.stop_prefaulter(ft)
+    assert st[b"err"] == 0 and st[b"pages"] >= (goal - PREFAULT) * (128 + 64 + 8) // 4096 and st[b"calls"] >= 6
+    assert ft.pf is None and threads() == t0          # joined: no thread left behind
+    assert ft.faulted >= goal                         # prefault() goes on from what the helper mapped
+    H.batch(ft, 30000, 30100)
+    assert ft.self_faulted == PREFAULT                # a helper stopped: nothing to map yet
+    assert ft.stop_prefaulter(ft) is None
+
+
+def test_helper_leaves_every_record_as_without_it(H):
+    """Two tables, the same 20 000 flows (two packets each), one with a helper that maps pages
+    under records the fast path has written: every record's key, counters and id are the same."""
+    lua = new_runtime(encoding=None)
+    cmp = lua.execute(LUA.replace("return H", PF.replace("return H", "") + r"""
+function H.same(a, b)
+  assert(a.hw == b.hw and a.live == b.live and a.created == b.created)
+  for i = 0, a.hw - 1 do
+    local x, y = a.flows[i], b.flows[i]
+    for k = 0, 9 do assert(x.key[k] == y.key[k], i) end
+    assert(x.id == y.id and x.packets_az == y.packets_az and x.packets_za == y.packets_za and x.bytes_az == y.bytes_az
+           and x.last_ts == y.last_ts and x.live == y.live and a.cold[i].first_ts == b.cold[i].first_ts, i)
+  end
+  return a.hw
+end
+return H"""))
+    plain, helped = cmp.new(), cmp.new()
+    assert helped.start_prefaulter(helped, 2048) is True
+    for lo in range(0, 20000, 2500):
+        for ft in (plain, helped):
+            cmp.batch(ft, lo, lo + 2500)
+            cmp.batch(ft, lo, lo + 2500)          # a second packet of each flow
+    wait_helper(cmp, helped)          # it ran (on a loaded machine the thread may not be scheduled before a stop)
+    assert cmp.same(plain, helped) == 20000
+    assert helped.stop_prefaulter(helped)[b"pages"] > 0
+
+
+def test_small_table_has_no_helper(H):
+    lua = new_runtime(encoding=None)
+    ft = lua.execute('return require("luaprobe.engine.fastpath.flowtable").new{capacity = 1024}')
+    ok, why = ft.start_prefaulter(ft, AHEAD)
+    assert ok is False and b"2 MiB" in why and ft.pf is None
+
+
+@pytest.mark.parametrize("ahead", [16384, 0])
+def test_run_summary_states_the_helpers_work(tmp_path, ahead):
+    """A real fast-path run: with the default --prefault-ahead the summary's flow_prefault gives the helper's pages
+    and CPU, with 0 there is no helper; the flows are the same; the thread is gone after the run."""
+    t0 = threads()
+    s = FastPath(RunConfig(plugins=[os.path.join(helpers.REPO, "engine", "examples", "tcp_ports.lua")],
+                           files=[os.path.join(helpers.PCAPS, "tcp-echo-many-flows.pcap")],
+                           out_dir=str(tmp_path / "out"), prefault_ahead=ahead)).run()
+    assert s["flows"] == 500 and not s["input_errors"]
+    fp = s["flow_prefault"]
+    if ahead:
+        # 500 flows: the fast path mapped the first chunk itself, the helper (woken once or twice, as the batches
+        # fall) at most the pages of records [1 024, 2 048): the goal is 1 024 records (at least) beyond what the
+        # batch may create, its packets that missed the index, at most 1 024 (the helper may not even have been
+        # scheduled before the run ended on a loaded machine: pages >= 0)
+        assert fp["helper"] is True and fp["errno"] == 0 and 1 <= fp["wakeups"] <= 2, fp
+        assert fp["records_mapped_by_fast_path"] == PREFAULT
+        assert fp["pages"] <= (PREFAULT * (128 + 64 + 8)) // 4096 + 6 and fp["calls"] <= 3 * fp["wakeups"], fp
+    else:
+        assert fp is None
+    assert threads() == t0
