@@ -731,6 +731,10 @@ lp_prefaulter *lp_prefault_start(int64_t cap, int64_t from, int32_t narrays, con
 void lp_prefault_kick(lp_prefaulter *p);
 void lp_prefault_stop(lp_prefaulter *p);
 ]])
+  -- a _lpsync built before the helper existed (a tree updated without `pip install -e .`): no helper, as with 0
+  if not pcall(function() return lib.lp_prefault_start end) then
+    return false, "shm/_lpsync has no lp_prefault_start (built before it: run `pip install -e .`)"
+  end
   local n = self.capacity + 1
   local addr, size, k = ffi.new("double[4]"), ffi.new("double[4]"), 0
   local function add(p, bytes) addr[k], size[k], k = tonumber(cast("uintptr_t", p)), bytes, k + 1 end
