@@ -1,8 +1,11 @@
 """The collector's pace in plug-in VMs (engine/plugins/gcpace.lua): pause 400 while the heap is small, LuaJIT's
-default 200 above gcpace.LARGE_KB, checked every gcpace.CHECK_EVERY polls between batches.
+default 200 above gcpace.LARGE_KB, checked every gcpace.CHECK_EVERY polls between batches; twice that after a
+cycle that found the heap mostly live (a heap growing with live data: many new flows' keys and FlowIDs).
 
 The independent truth is LuaJIT itself: collectgarbage("setpause", p) returns the pause in force before the
-call (Lua 5.1 manual, section 5.1), and collectgarbage("count") the heap size the rule compares.
+call (Lua 5.1 manual, section 5.1), and collectgarbage("count") the heap size the rule compares.  The size-rule
+tests set gcpace.BOOST = 1 (their own big table is live data); the boost tests count the collector's cycles with
+a finalizer of their own (LuaJIT runs a userdata's __gc at the end of the cycle that finds it unreachable).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ def test_pace_follows_the_heap_size_at_each_check(tmp_path):
     try:
         every = int(vm.exec("return require('luaprobe.engine.plugins.gcpace').CHECK_EVERY"))
         polls(vm, every)                                     # aligned: the next check is `every` polls away
+        vm.exec("require('luaprobe.engine.plugins.gcpace').BOOST = 1")
         vm.exec("collectgarbage(); LIMIT = collectgarbage('count') + 2048;"
                 " require('luaprobe.engine.plugins.gcpace').LARGE_KB = LIMIT")
         vm.exec("BIG = {} for i = 1, 4096 do BIG[i] = string.rep(string.char(i % 251), 1024) .. i end")
@@ -65,6 +69,7 @@ def test_fast_path_polls_a_vm_without_workers_every_64th_time_with_the_check(tmp
         for _ in range(every):
             rt.service()
         assert vm.lua.eval("function(a) return a.polls end")(vm.async_obj) == before + 1
+        vm.exec("require('luaprobe.engine.plugins.gcpace').BOOST = 1")
         vm.exec("collectgarbage(); LIMIT = collectgarbage('count') + 2048;"
                 " require('luaprobe.engine.plugins.gcpace').LARGE_KB = LIMIT")
         vm.exec("BIG = {} for i = 1, 4096 do BIG[i] = string.rep(string.char(i % 251), 1024) .. i end")
@@ -75,3 +80,61 @@ def test_fast_path_polls_a_vm_without_workers_every_64th_time_with_the_check(tmp
         assert pause(vm) == 200                             # the 64th: polled, checked
     finally:
         rt.close()
+
+
+# The test's own count of the collector's cycles: a sentinel userdata finalized at the end of each cycle, which
+# makes the next one (independent of gcpace's sentinel).
+CYCLES = """
+CYCLES = 0
+local proto = newproxy(true)
+getmetatable(proto).__gc = function() CYCLES = CYCLES + 1; newproxy(proto) end
+PROTO = proto
+newproxy(proto)
+"""
+# ~35 MB of objects that stay: a flow id string and a two-slot table per "flow", as packet.lua's FlowIDs
+GROW = ("KEEP = KEEP or {} for i = #KEEP + 1, #KEEP + 200000 do"
+        " KEEP[i] = { ('06A:C0.A8.%06X:p-0050_0A.00.00.01:p-0050'):format(i), i } end")
+# garbage only: 40 x 100 000 small tables dropped at once
+CHURN = "for r = 1, 40 do local t = {} for i = 1, 100000 do t[i] = { i } end end"
+
+
+def test_a_heap_growing_with_live_data_gets_twice_the_pause_and_garbage_brings_it_back(tmp_path):
+    """After a cycle that ends with the heap grown to >= GREW x pause x its size at the end of the cycle before,
+    the next cycle starts at BOOST x the size rule's pause (800); a cycle that frees most of the heap sets 400
+    again.  LuaJIT's own pause (setpause's return value) is the truth."""
+    vm = PluginVM(helpers.write_plugin(tmp_path, PLUGIN), start_workers=False)
+    try:
+        vm.exec(CYCLES)
+        assert pause(vm) == 400
+        vm.exec(GROW)
+        assert vm.exec("return CYCLES") >= 1
+        assert pause(vm) == 800
+        vm.exec(CHURN)
+        assert pause(vm) == 400
+        assert vm.exec("return require('luaprobe.engine.plugins.gcpace').stats().cycles") == vm.exec("return CYCLES")
+    finally:
+        vm.close()
+
+
+def test_the_boost_saves_cycles_while_live_data_grows_and_keeps_memory_bounded_under_garbage(tmp_path):
+    """The same growth (5 x 200 000 flows' objects, ~170 MB live) and then the same garbage, once at the size
+    rule's pace (BOOST = 1) and once with the boost: fewer cycles while the heap grows, and under garbage the heap
+    never goes above BOOST x what the size rule allows (its peak sampled after every 100 000 tables)."""
+    res = {}
+    for boost in (1, 2):
+        vm = PluginVM(helpers.write_plugin(tmp_path, PLUGIN), start_workers=False)
+        try:
+            vm.exec(f"require('luaprobe.engine.plugins.gcpace').BOOST = {boost}")
+            vm.exec(CYCLES)
+            for _ in range(5):
+                vm.exec(GROW)
+                vm.exec("require('luaprobe.engine.plugins.gcpace').adjust()")      # the fast path's check
+            grown = vm.exec("return CYCLES")
+            vm.exec("KEEP = nil")
+            peak = vm.exec("local peak = 0 for r = 1, 60 do local t = {} for i = 1, 100000 do t[i] = { i } end"
+                           " peak = math.max(peak, collectgarbage('count')) end return peak")
+            res[boost] = (grown, peak)
+        finally:
+            vm.close()
+    assert res[2][0] < res[1][0]
+    assert res[2][1] <= 2 * res[1][1]
