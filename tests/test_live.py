@@ -441,9 +441,13 @@ def test_loopback_counts_each_packet_once(tmp_path):
           if dumpcap else None)
     try:
         def ready():
+            # luaprobe: its capture process's socket (bound after its ring and filter are set up); not any packet
+            # socket of the run: `run` compiles --bpf on a live libpcap handle, a socket bound to lo for a moment,
+            # which made this test send while the capture was not yet there (0 packets counted, CI 11a).
+            # dumpcap: its output file's header, written once its capture is open and filtered
             if proc.poll() is not None:
                 raise AssertionError(f"luaprobe exited early ({proc.returncode}): {proc.communicate()}")
-            return packet_socket_inodes(proc.pid) and (dc is None or packet_socket_inodes(dc.pid))
+            return bound("lo", proc) and (dc is None or (pcap.exists() and pcap.stat().st_size > 0))
         helpers.wait_for(ready, timeout=60, interval=0.05)
         tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         got = 0
@@ -483,3 +487,32 @@ def test_loopback_counts_each_packet_once(tmp_path):
             r = subprocess.run([tshark, "-r", str(pcap), "-Y", f"udp.dstport == {port}", "-T", "fields",
                                 "-e", "frame.number"], capture_output=True, text=True, check=True)
             assert len(r.stdout.split()) == n
+
+
+@pytest.mark.root
+@needs_root
+def test_a_bpf_run_compiles_its_filter_once_and_the_capture_opens_no_libpcap_handle(tmp_path):
+    """`luaprobe run --interface lo --bpf EXPR` compiles EXPR on a live libpcap handle (Linux VLAN semantics) to
+    check it; the capture process then compiled it again the same way, opening a second libpcap handle: a packet
+    socket bound to the interface for a moment, which a test (or an operator) takes for the capture being
+    there.  Now the capture process gets the program text (--bpf-program), equal to what libpcap compiles on a
+    live handle for lo, and holds one packet socket: its own."""
+    from luaprobe.engine.capture.bpf import compile_bpf
+    write_plugins(tmp_path / "plugins")
+    proc, _out, _stats = run_live(tmp_path, "lo", "--bpf", "udp port 9")
+    try:
+        wait_bound(proc, "lo")
+
+        def capture():
+            import psutil
+            return next(k for k in psutil.Process(proc.pid).children(recursive=True)
+                        if "luaprobe.engine.capture.process" in k.cmdline())
+        cmd = capture().cmdline()
+        rc, so, se = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert rc == 0, (so, se)
+    assert "--bpf-program" in cmd, cmd
+    assert cmd[cmd.index("--bpf-program") + 1] == compile_bpf("udp port 9", 1, "lo")

@@ -301,14 +301,16 @@ def _run(args) -> int:
     if bpf is not None and not interface:
         print("luaprobe run: --bpf needs --interface (capture files are not filtered)", file=sys.stderr)
         return EXIT_USAGE
+    bpf_program = None
     if interface:
         import socket
 
         from luaprobe.engine.capture.process import BpfError, compile_bpf, link_type
         try:
             socket.if_nametoindex(interface)
-            if bpf is not None:
-                compile_bpf(bpf, link_type(interface), interface)
+            if bpf is not None:         # compiled once, here: the capture process takes the program (--bpf-program)
+                bpf_program = compile_bpf(bpf, link_type(interface), interface)   # instead of opening a second
+                #                         libpcap handle, a packet socket bound to the interface, while it starts
         except OSError:
             print(f"luaprobe run: --interface {interface}: no such network interface", file=sys.stderr)
             return EXIT_USAGE
@@ -318,7 +320,8 @@ def _run(args) -> int:
     try:
         cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
                         async_config=_async_config(args),
-                        interface=interface, bpf=bpf, generate=generate, shards=getattr(args, "shards", 1),
+                        interface=interface, bpf=bpf, bpf_program=bpf_program, generate=generate,
+                        shards=getattr(args, "shards", 1),
                         **from_args(args), analysers=args.analysers)
         parse_analysers(args.analysers)
         if not 1 <= cfg.shards <= 64:

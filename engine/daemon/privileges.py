@@ -254,7 +254,7 @@ def enter_run(cfg, stats_json: str | None = None, where: tuple = ("--user", "--g
         from luaprobe.engine.capture.bpf import compile_bpf
         from luaprobe.engine.capture.process import link_type
         if cfg.bpf:
-            cfg.bpf_program = compile_bpf(cfg.bpf, link_type(cfg.interface), cfg.interface)
+            cfg.bpf_program = cfg.bpf_program or compile_bpf(cfg.bpf, link_type(cfg.interface), cfg.interface)
         cfg.capture_fds = open_capture_sockets(cfg.interface, max(1, cfg.shards))
     drop(target)
     os.umask(os.umask(0o077) | 0o077)          # what the run creates is the user's alone (root reads it anyway)
