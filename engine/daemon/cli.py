@@ -594,7 +594,7 @@ def _daemon_command(args) -> int:
     """start / stop / status / reload -> luaprobe.engine.daemon.supervisor.cmd_*, stats -> luaprobe.engine.daemon.statsview.cmd_stats."""
     import importlib
 
-    from .control import Ambiguous
+    from .control import Ambiguous, ControlError
     mod = importlib.import_module("luaprobe.engine.daemon.statsview" if args.command == "stats"
                                   else "luaprobe.engine.daemon.supervisor")
     rd = getattr(args, "run_dir", None)
@@ -606,6 +606,9 @@ def _daemon_command(args) -> int:
     except Ambiguous as e:
         print(f"luaprobe {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except ControlError as e:           # a supervisor that did not answer in time (control.NoAnswer), or a socket
+        print(f"luaprobe {args.command}: {e}", file=sys.stderr)    # we may not use: one line, never a traceback
+        return EXIT_INTERNAL
 
 
 def _analysers_asked(spec) -> bool:

@@ -25,14 +25,30 @@ import hashlib
 import json
 import os
 import socket
+import struct
+import time
 
 PIDFILE, SOCKET, STATE, STATS, LOG = "supervisor.pid", "control.sock", "state.json", "stats.json", "supervisor.log"
 LOADED, LAST_ERROR = "loaded.json", "last_error.json"
 MAX_LINE = 1 << 20
 
 
-class NotRunning(Exception):
+class ControlError(Exception):
+    """A request to the supervisor failed; the message is one line naming the socket (the CLI prints it)."""
+
+
+class NotRunning(ControlError):
     """No supervisor answers on the run directory's socket."""
+
+
+class NoAnswer(ControlError):
+    """A supervisor holds the socket but did not answer within the request's timeout (busy, or stopped).
+    ``sent``: the request was sent (it stays queued and is acted on when the supervisor reads it), else the
+    connect itself timed out (the backlog stayed full) and nothing was asked."""
+
+    def __init__(self, message: str, sent: bool):
+        super().__init__(message)
+        self.sent = sent
 
 
 def ensure_run_dir(run_dir: str) -> str:
@@ -146,7 +162,7 @@ def listen(run_dir: str) -> socket.socket:
     finally:
         os.umask(old)
     os.chmod(p, 0o600)
-    s.listen(8)
+    s.listen(64)                        # `status` pollers queue while the supervisor is busy (a reload's probe)
     s.setblocking(False)
     return s
 
@@ -171,32 +187,75 @@ def send_reply(conn: socket.socket, reply: dict) -> None:
 
 
 def request(run_dir: str, cmd: str, timeout: float = 10.0, **args) -> dict:
-    """Send one request to the supervisor of ``run_dir``; NotRunning if nobody answers, also when the supervisor
-    exits between our connect and its reply (it closes its listening socket with our connection still queued:
-    ECONNRESET / EPIPE here)."""
+    """Send one request to the supervisor of ``run_dir`` and return its reply (a dict with ``"ok"``).
+
+    Raises :class:`NotRunning` if nobody answers: no socket, nobody listening, or the supervisor exits between our
+    connect and its reply (it closes its listening socket with our connection still queued: ECONNRESET / EPIPE
+    here; or it dies while it writes the reply).  Raises :class:`NoAnswer` when a supervisor holds the socket but
+    no reply comes within ``timeout`` seconds (it is busy, or stopped by SIGSTOP / a debugger): the connect waits
+    while its backlog is full (``SO_SNDTIMEO``, instead of failing at once with EAGAIN), then send and receive
+    share what is left of ``timeout``.  Other errors (a socket we may not open: EACCES) are :class:`ControlError`.
+    A request that timed out stays queued: the supervisor reads and acts on it when it gets to it."""
     p = path(run_dir, SOCKET)
+    end = time.monotonic() + timeout
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
     try:
-        s.connect(p)
-    except (FileNotFoundError, ConnectionRefusedError) as e:
-        s.close()
-        raise NotRunning(f"no supervisor on {p} ({e.strerror})") from None
-    buf = b""
-    try:
-        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        while b"\n" not in buf:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    except (ConnectionResetError, BrokenPipeError):
-        buf = b""                       # the supervisor closed its socket with this connection still queued
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                     struct.pack("ll", int(timeout), int(timeout % 1 * 1e6)))
+        try:
+            s.connect(p)                        # blocking: waits up to SO_SNDTIMEO while the backlog is full
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise NotRunning(f"no supervisor on {p} ({e.strerror})") from None
+        except (BlockingIOError, TimeoutError):
+            raise NoAnswer(_no_answer(run_dir, timeout, "its queue of requests stayed full"), False) from None
+        except OSError as e:
+            raise ControlError(f"cannot connect to {p}: {e.strerror}") from None
+        buf = b""
+        try:
+            s.settimeout(max(0.001, end - time.monotonic()))
+            s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            while b"\n" not in buf:
+                s.settimeout(max(0.001, end - time.monotonic()))
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            buf = b""                           # the supervisor closed its socket with this connection still queued
+        except TimeoutError:
+            raise NoAnswer(_no_answer(run_dir, timeout, "no reply"), True) from None
+        except OSError as e:
+            raise ControlError(f"the request to {p} failed: {e.strerror}") from None
     finally:
         s.close()
-    if not buf:
+    if b"\n" not in buf:                        # nothing, or a reply cut short by the supervisor's death
         raise NotRunning(f"the supervisor on {p} closed the connection without a reply")
-    return json.loads(buf.split(b"\n", 1)[0])
+    try:
+        reply = json.loads(buf.split(b"\n", 1)[0])
+    except ValueError as e:
+        raise ControlError(f"the supervisor on {p} replied with something that is not JSON ({e})") from None
+    if not isinstance(reply, dict) or (not reply.get("ok") and str(reply.get("error", "")).startswith("bad request")):
+        # our line did not reach it whole within its read timeout (Supervisor._handle): no answer to our request
+        raise NoAnswer(f"the supervisor on {p} did not get the request: "
+                       f"{reply.get('error') if isinstance(reply, dict) else reply!r}", False)
+    return reply
+
+
+def _no_answer(run_dir: str, timeout: float, what: str) -> str:
+    """The text of :class:`NoAnswer`: "the supervisor (pid N) on SOCK did not answer within T s (...)"; the state
+    letter of a stopped process (T, t) is named, as the stall rule names it."""
+    pid = read_pid(run_dir)
+    state = ""
+    if pid:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+        except (OSError, IndexError):
+            pass
+    why = (f"it is stopped (state {state}: SIGSTOP or a debugger)" if state in ("T", "t")
+           else "it is busy, or stopped by SIGSTOP or a debugger")
+    who = f"the supervisor (pid {pid})" if pid else "the supervisor"
+    return f"{who} on {path(run_dir, SOCKET)} did not answer within {timeout:g} s ({what}; {why})"
 
 
 # ---------------------------------------------------------------- files
@@ -217,11 +276,11 @@ def write_json(file: str, obj) -> None:
 
 
 def read_json(file: str):
-    """The JSON in ``file`` or None (missing or being replaced)."""
+    """The JSON in ``file`` or None (missing, being replaced, or damaged: not JSON, not UTF-8)."""
     try:
         with open(file) as f:
             return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError):     # json.JSONDecodeError, UnicodeDecodeError
         return None
 
 

@@ -51,6 +51,24 @@ RELOAD_PROBE_DEADLINE = 30.0    #: s a reload's plug-in probe may take with [fas
 PROBE_SLACK = 10.0               #: s added to hook budget + the load watch's grace (interpreter start-up, imports)
 
 
+def probe_deadline(budget: float) -> float:
+    """s the reload's plug-in probe (:func:`plugin_errors`) may run with [fastpath] hook_budget = ``budget`` s."""
+    return budget + 2.0 + PROBE_SLACK if budget > 0 else RELOAD_PROBE_DEADLINE
+
+
+def reload_timeout(status: dict) -> float:
+    """s `luaprobe reload` waits for the supervisor's reply: it answers after probing the plug-ins under the hook
+    budget of the configuration as it is on disk now (``status["config"]``, read here as the supervisor will read
+    it), so the wait is that probe's deadline plus the time to start it and to validate the configuration.  An
+    unreadable or invalid configuration is refused before any probe: the default budget's deadline is enough."""
+    try:
+        budget = float(config_mod.load(status["config"], run_dir=status.get("run_dir"))["fastpath"]["hook_budget"])
+    except (config_mod.ConfigError, KeyError, TypeError, ValueError, OSError):
+        from .settings import SETTINGS
+        budget = float(next(row[4] for row in SETTINGS if row[2] == ("fastpath", "hook_budget")))
+    return probe_deadline(budget) + PROBE_SLACK
+
+
 def plugin_errors(cfg) -> list[str]:
     """Probe the configured plug-ins as `luaprobe check` does: one ``file:line: message`` per plug-in that
     fails to load (syntax error, bad definition); [] when all load.  The probe runs in a child process
@@ -58,7 +76,7 @@ def plugin_errors(cfg) -> list[str]:
     the hook budget's interrupt cannot reach it, or with hook_budget = 0 not interrupted at all) is killed and named
     instead of hanging the supervisor (docs/operations.md "Reload")."""
     budget = float(cfg["fastpath"]["hook_budget"])
-    deadline = budget + 2.0 + PROBE_SLACK if budget > 0 else RELOAD_PROBE_DEADLINE
+    deadline = probe_deadline(budget)
     spec = json.dumps({"paths": cfg["plugins"]["paths"], "lua_path": cfg["plugins"]["lua_path"], "budget": budget})
     p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--probe-plugins", spec],
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -863,7 +881,7 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float) -> int:
             return st.get("last_exit_code") or EXIT_INTERNAL
         try:
             st = control.request(run_dir, "status", timeout=5)
-        except (control.NotRunning, OSError):
+        except control.ControlError:            # not listening yet, or busy: the deadline above decides
             time.sleep(0.05)
             continue
         if st.get("loaded") or st["state"].startswith(("stopped", "failed")):
@@ -918,6 +936,11 @@ def cmd_stop(args) -> int:
     pid = control.read_pid(run_dir)
     try:
         reply = control.request(run_dir, "stop")
+    except control.NoAnswer as e:
+        print(f"luaprobe stop: {e}; " + ("the stop request stays queued (it stops when it reads it)" if e.sent else
+                                         "nothing was asked of it") + f"; or kill -TERM {pid or 'the supervisor'}",
+              file=sys.stderr)
+        return EXIT_INTERNAL
     except control.NotRunning:
         st = control.read_json(control.path(run_dir, control.STATE)) or {}
         state = st.get("state", "never started")
@@ -953,7 +976,8 @@ def cmd_stop(args) -> int:
 
 def format_status(st: dict, live: bool) -> str:
     ls = st.get("last_stats") or {}
-    lines = [f"state:      {st.get('state')}" + ("" if live else "  (supervisor not running)")]
+    lines = [f"state:      {st.get('state')}" + ("" if live or st.get("answering") is False
+                                                  else "  (supervisor not running)")]
     if live:
         procs = ", ".join(f"{k} {v}" for k, v in st.get("processes", {}).items())
         lines += [f"pids:       {procs}",
@@ -973,11 +997,18 @@ def format_status(st: dict, live: bool) -> str:
 
 
 def cmd_status(args) -> int:
-    """`luaprobe status`: 0 running, 3 stopped, 1 failed (LSB-like)."""
+    """`luaprobe status`: 0 running, 3 stopped, 1 failed (LSB-like), or a supervisor that holds its socket but did
+    not answer within 10 s (control.NoAnswer: its last saved state is shown, and one line on stderr says so)."""
     import json
     run_dir, how = control.find_run_dir(getattr(args, "run_dir", None))
     try:
         st, live = control.request(run_dir, "status"), True
+    except control.NoAnswer as e:               # running, but frozen or busy: its last saved state, and exit 1
+        st = control.read_json(control.path(run_dir, control.STATE)) or {"run_dir": run_dir}
+        st |= {"state": f"not answering (last saved state: {st.get('state', 'none')})", "answering": False}
+        print(json.dumps(st | {"live": False}, indent=2) if getattr(args, "json", False) else format_status(st, False))
+        print(f"luaprobe status: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
     except control.NotRunning:
         st, live = control.read_json(control.path(run_dir, control.STATE)), False
         if st is None:
@@ -996,10 +1027,13 @@ def cmd_reload(args) -> int:
     run_dir = control.find_run_dir(getattr(args, "run_dir", None))[0]
     try:
         before = control.request(run_dir, "status")
-        reply = control.request(run_dir, "reload")
+        reply = control.request(run_dir, "reload", timeout=reload_timeout(before))
     except control.NotRunning as e:
         print(f"luaprobe reload: not running ({e})", file=sys.stderr)
         return EXIT_NOT_RUNNING
+    except control.NoAnswer as e:
+        print(f"luaprobe reload: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
     if not reply.get("ok"):
         for line in reply.get("errors") or [reply.get("error")]:
             print(f"luaprobe reload: {'refused: ' if reply.get('errors') else ''}{line}", file=sys.stderr)
@@ -1015,7 +1049,14 @@ def cmd_reload(args) -> int:
         return EXIT_OK
     end = time.monotonic() + 120
     while time.monotonic() < end:
-        st = control.request(run_dir, "status")
+        try:
+            st = control.request(run_dir, "status")
+        except control.NotRunning:              # it ended while the fast path restarted: its last word
+            st = control.read_json(control.path(run_dir, control.STATE)) or {}
+            print(f"luaprobe reload: the supervisor exited while the fast path restarted (state "
+                  f"{st.get('state', 'unknown')}; last error: {one_line(st.get('last_error') or '-')}; log "
+                  f"{control.path(run_dir, control.LOG)})", file=sys.stderr)
+            return EXIT_INTERNAL
         if st["reloads"] > before["reloads"] and st["state"] == "running":
             print(f"reloaded: fast path pid {before['fastpath_pid']} -> {st['fastpath_pid']} (reloads {st['reloads']})")
             return EXIT_OK

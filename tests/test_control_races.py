@@ -1,0 +1,192 @@
+"""CLI clients racing a daemon that is busy, frozen, reloading or exiting (engine/daemon/control.py request,
+supervisor.py cmd_*): every path ends with one clear line and a documented exit code, never a traceback.
+
+The interleavings are forced, not hoped for: the supervisor is frozen with SIGSTOP (its socket still listening,
+so a client connects and then waits: control.request's timeout), its listen backlog is filled with connections
+nobody accepts (a client's connect then waits too), and a `reload` client is frozen with SIGSTOP at a moment the
+test checks (between two of its status polls: no socket open) while the supervisor it polls exits.  Real
+processes and sockets; the daemon fixture of tests/test_supervisor.py removes every process and segment."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from luaprobe.engine.daemon import control
+from tests import helpers
+from tests.test_supervisor import EXAMPLES, cli, daemon  # noqa: F401 - the fixture
+
+CLIENTS = (("status",), ("status", "--json"), ("stop",), ("reload",), ("stats", "--json"))
+
+
+def run_clients(d) -> list[tuple[tuple, int, str, str]]:
+    """Every client command of CLIENTS at once against daemon ``d``: [(args, exit code, stdout, stderr)]."""
+    procs = [(a, subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", *a, "--run-dir", d.run_dir],
+                                  cwd=helpers.REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)) for a in CLIENTS]
+    done = [(a, helpers.finish(p, 120)) for a, p in procs]
+    return [(a, p.returncode, *r) for (a, p), (_, r) in zip(procs, done)]
+
+
+def fill_backlog(sock_path: str) -> list[socket.socket]:
+    """Connect to ``sock_path`` (non-blocking) until its listen backlog is full (EAGAIN); the connections."""
+    held = []
+    for _ in range(4096):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(sock_path)
+        except BlockingIOError:
+            c.close()
+            return held
+        held.append(c)
+    raise AssertionError(f"{sock_path}: the backlog never filled ({len(held)} connections)")
+
+
+@pytest.mark.parametrize("backlog_full", [False, True], ids=["no-reply", "backlog-full"])
+def test_clients_of_a_frozen_supervisor_say_so_in_one_line(daemon, backlog_full):  # noqa: F811
+    """SIGSTOP on the supervisor: status, stop, reload and stats each wait out their timeout and then print one
+    line naming the supervisor's pid, the socket and its state T, exit 1 (docs/operations.md "Exit codes");
+    `status` also shows the last saved state.  Before: `status` / `stop` / `reload` died with a TimeoutError
+    traceback after 10 s, and with a full backlog every client died at once with BlockingIOError (EAGAIN)."""
+    daemon.start()
+    st = daemon.status()
+    pid = st["supervisor_pid"]
+    held = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        helpers.wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 10)
+        if backlog_full:
+            held = fill_backlog(control.path(daemon.run_dir, control.SOCKET))
+        t0 = time.monotonic()
+        results = run_clients(daemon)
+        took = time.monotonic() - t0
+    finally:
+        for c in held:
+            c.close()
+        os.kill(pid, signal.SIGCONT)
+    sock = control.path(daemon.run_dir, control.SOCKET)
+    for args, rc, out, err in results:
+        assert "Traceback" not in err, (args, err)
+        assert rc == 1, (args, rc, out, err)
+        line = err.splitlines()[-1]
+        assert len(err.splitlines()) == 1, (args, err)
+        assert line.startswith(f"luaprobe {args[0]}: the supervisor (pid {pid}) on {sock} did not answer within"), \
+            (args, line)
+        assert "stopped (state T: SIGSTOP or a debugger)" in line, (args, line)
+        assert ("its queue of requests stayed full" in line) == backlog_full, (args, line)
+    assert took >= 5, took                     # each waited (status: 10 s, stats: 5 s), none failed at once
+    by = {a: (out, err) for a, _, out, err in results}
+    assert json.loads(by[("status", "--json")][0])["state"] == "not answering (last saved state: running)"
+    assert by[("status",)][0].startswith("state:      not answering (last saved state: running)")
+    assert ("the stop request stays queued" if not backlog_full else "nothing was asked of it") in by[("stop",)][1]
+    if backlog_full:                           # no request got through: stop it now
+        assert daemon.cli("stop").returncode == 0
+    # thawed, it serves what stayed queued (the reload, the stop): it stops by itself
+    assert helpers.wait_for(lambda: not psutil.pid_exists(pid) or
+                            psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 90, 0.1)
+    assert not daemon.alive() and not daemon.segments()
+
+
+def socket_fds(pid: int) -> int:
+    """Unix sockets ``pid`` has open now (a CLI client holds one only while a request is under way)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def test_a_reload_whose_supervisor_exits_while_it_polls_says_so(daemon):  # noqa: F811
+    """`luaprobe reload` with changed settings polls status until the new fast path runs.  A supervisor that exits
+    meanwhile (a `luaprobe stop` by someone else) left it with NotRunning from a poll: a traceback.  Forced: the
+    fast path is frozen so the reload stays in state "reloading"; the reload client is frozen between two polls
+    (checked: it got the reload reply, as the state says, and holds no socket); the daemon is stopped; the client
+    is thawed.  It must print one line saying the supervisor exited during the reload, with its last state, exit 1."""
+    daemon.start()
+    st = daemon.status()
+    fastpath = st["fastpath_pid"]
+    text = open(daemon.config).read()
+    open(daemon.config, "w").write(text.replace("drain_deadline = 5", "drain_deadline = 6"))   # a setting: restart
+    os.kill(fastpath, signal.SIGSTOP)          # its graceful stop waits: the reload stays in "reloading"
+    client = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "reload", "--run-dir",
+                               daemon.run_dir], cwd=helpers.REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    with helpers.killed_when_left(client):
+        try:
+            state = lambda: (control.read_json(control.path(daemon.run_dir, control.STATE)) or {}).get("state")  # noqa: E731
+            helpers.wait_for(lambda: state() == "reloading" or (client.poll() is not None and pytest.fail(str(client.communicate()))), 60, 0.01)
+
+            def frozen_between_polls():
+                os.kill(client.pid, signal.SIGSTOP)
+                helpers.wait_for(lambda: psutil.Process(client.pid).status() == psutil.STATUS_STOPPED, 10, 0.001)
+                if socket_fds(client.pid) == 0:
+                    return True
+                os.kill(client.pid, signal.SIGCONT)    # inside a request: let it finish, freeze it again
+                time.sleep(0.01)
+                return False
+            helpers.wait_for(frozen_between_polls, 30, 0)
+            stopper = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "stop", "--run-dir",
+                                        daemon.run_dir], cwd=helpers.REPO, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            with helpers.killed_when_left(stopper):
+                helpers.wait_for(lambda: state() == "stopping", 60, 0.01)
+                os.kill(fastpath, signal.SIGCONT)   # the stop takes its graceful course
+                helpers.finish(stopper, 90)
+            assert stopper.returncode == 0, stopper.returncode
+        finally:
+            for p in (fastpath,):
+                try:
+                    os.kill(p, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            os.kill(client.pid, signal.SIGCONT)
+        out, err = helpers.finish(client, 60)
+    assert "Traceback" not in err, err
+    assert client.returncode == 1, (client.returncode, out, err)
+    assert err.splitlines() == [f"luaprobe reload: the supervisor exited while the fast path restarted (state "
+                                f"stopped; last error: -; log {control.path(daemon.run_dir, control.LOG)})"], err
+    assert not daemon.alive() and not daemon.segments()
+
+
+LOOPING = """
+local f = io.open(%r, "w"); f:close()
+local x = 0
+while true do x = x + 1 end                        -- compiled: the hook budget's interrupt cannot reach it
+TrisulPlugin = { id = { name = "never" }, engine_monitor = { onmetronome = function() end } }
+"""
+
+
+def test_a_reload_whose_probe_outlasts_ten_seconds_gets_its_answer(daemon, tmp_path):  # noqa: F811
+    """The supervisor answers a reload after probing the plug-ins, which may take the hook budget (10 s by default)
+    plus its grace; the client waited 10 s and died with a TimeoutError traceback while the supervisor was about to
+    refuse the reload.  Now it waits for the probe deadline of the configuration on disk: exit 4, the file named."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    script = plug / "monitor.lua"
+    script.write_text('TrisulPlugin = { id = { name = "m" }, engine_monitor = { onmetronome = function() end } }\n')
+    daemon.start(plugins=[plug])                 # [fastpath] hook_budget: the default, 10 s
+    before = daemon.status()
+    script.write_text(LOOPING % str(tmp_path / "looping"))
+    t0 = time.monotonic()
+    r = daemon.cli("reload", timeout=120)
+    took = time.monotonic() - t0
+    assert (tmp_path / "looping").exists()
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 4, (r.returncode, r.stderr)
+    assert str(script) in r.stderr and "still runs in code the interrupt cannot reach" in r.stderr, r.stderr
+    assert took > 10, took                      # the probe did outlast the old 10 s timeout
+    st = daemon.status()
+    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
