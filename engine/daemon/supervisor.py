@@ -539,29 +539,25 @@ class Supervisor:
         try:
             pidfile.acquire()
         except RuntimeError as e:              # another supervisor won a race of two `start`s: nothing started
-            print(f"luaprobe: {e}", file=sys.stderr)
-            return EXIT_USAGE
+            return refuse(str(e))
         except OSError as e:                   # a symbolic link planted at the pidfile's name (control.PidFile)
-            print(f"luaprobe: pidfile: {e.strerror}; nothing started", file=sys.stderr)
-            return EXIT_USAGE
+            return refuse(f"pidfile: {e.strerror}")
         try:                                    # one daemon's database is its own: held until it exits
             out_claim = claim_out_dir(self.cfg["run"]["out_dir"], "[run] out_dir =",
                                       private=bool(self.cfg["run"]["user"] or self.cfg["run"]["group"]))
         except UsageError as e:
-            print(f"luaprobe: {self.cfg.path}: {e}", file=sys.stderr)
             pidfile.release()
-            return EXIT_USAGE
+            return refuse(f"{self.cfg.path}: {e}")
         control.register(self.run_dir)
         sock = control.listen(self.run_dir)
         try:                                    # [run] user: drop now, keeping CAP_NET_RAW for the children
             privileges.enter_supervisor(self.cfg, self.run_dir)
         except (UsageError, OSError, RuntimeError) as e:
-            log.error("cannot drop privileges: %s", e)
             sock.close()
             control.unregister(self.run_dir)
             out_claim.release()
             pidfile.release()
-            return EXIT_USAGE
+            return refuse(f"cannot drop privileges: {e}")
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
@@ -643,6 +639,11 @@ class Supervisor:
             if self.state.startswith("failed"):
                 return EXIT_INTERNAL
             return EXIT_STOP_KILLED if self.stop_killed else EXIT_OK
+        except Exception as e:                  # a bug: its traceback in the log, and state.json says so
+            log.exception("supervisor internal error")
+            self.last_error = f"supervisor internal error: {type(e).__name__}: {e}"
+            self.state = f"failed: {self.last_error}"
+            return EXIT_INTERNAL
         finally:
             if self.child is not None and self.child.poll() is None:      # an exception above: no orphans
                 self._kill_tree()
@@ -826,16 +827,24 @@ def cmd_start(args) -> int:
     if args.foreground:
         logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
         return Supervisor(cfg).run()
-    with control.open_private(control.path(run_dir, control.LOG), "ab") as logf:
-        p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--config", cfg.path,
-                              "--run-dir", run_dir, "--log-file", control.path(run_dir, control.LOG)],
-                             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-                             cwd=os.path.dirname(cfg.path), close_fds=True)
+    refusals, wfd = os.pipe()                 # the supervisor's refusal line, if it refuses to start (refuse())
+    try:
+        with control.open_private(control.path(run_dir, control.LOG), "ab") as logf:
+            p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--config", cfg.path,
+                                  "--run-dir", run_dir, "--log-file", control.path(run_dir, control.LOG),
+                                  "--refusal-fd", str(wfd)],
+                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                                 cwd=os.path.dirname(cfg.path), close_fds=True, pass_fds=(wfd,))
+    finally:
+        os.close(wfd)
+    os.set_blocking(refusals, False)
     from luaprobe.shm.exits import StartupStop
     try:
-        code = _wait_loaded(run_dir, p, timeout=60)
+        code = _wait_loaded(run_dir, p, timeout=60, refusals=refusals)
     except StartupStop as e:                  # the daemon started here is stopped too (it runs in its own session)
         return _stop_started(run_dir, p, e)
+    finally:
+        os.close(refusals)
     p.returncode = p.returncode if p.poll() is not None else 0   # detached: not ours to reap (new session)
     return code
 
@@ -859,9 +868,11 @@ def _stop_started(run_dir: str, p: subprocess.Popen, e) -> int:
     return 128 + e.signum
 
 
-def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float) -> int:
+def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: int | None = None) -> int:
     """`start` waits until the fast path has loaded its plug-ins: 0 when it runs cleanly; else the error is
-    printed as `luaprobe run` prints it and the daemon is stopped (nothing half-started): 2, 3 or 4."""
+    printed as `luaprobe run` prints it and the daemon is stopped (nothing half-started): 2, 3 or 4.
+    ``refusals``: the read end of the supervisor's ``--refusal-fd`` pipe: a supervisor that refused to start (a
+    link planted in the run directory after the checks here, say) wrote its one line there and exited 2."""
     log_path = control.path(run_dir, control.LOG)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -870,6 +881,10 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float) -> int:
             if p.returncode == EXIT_USAGE and other and other != p.pid:   # another `start` won the pidfile
                 print(f"luaprobe start: already running (supervisor pid {other}, run dir {run_dir}): nothing started "
                       "(stop it first, or give another [run] run_dir / --run-dir)", file=sys.stderr)
+                return EXIT_USAGE
+            refused = _read_refusal(refusals) if p.returncode == EXIT_USAGE else ""
+            if refused:                           # nothing started: its line, and exit 2 (not the state of another)
+                print(f"luaprobe start: {refused}; nothing started", file=sys.stderr)
                 return EXIT_USAGE
             st = control.read_json(control.path(run_dir, control.STATE)) or {}
             if st.get("state", "").startswith("stopped (input finished)") and not st.get("last_error"):
@@ -901,6 +916,38 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float) -> int:
     print(f"luaprobe start: the fast path did not finish loading its plug-ins within {timeout:g} s "
           f"(it keeps running; see luaprobe status, {log_path})", file=sys.stderr)
     return EXIT_INTERNAL
+
+
+def _read_refusal(fd: int | None) -> str:
+    """The last line a supervisor that refused to start wrote to its refusal pipe (non-blocking read end), or ""."""
+    if fd is None:
+        return ""
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    lines = data.decode("utf-8", "backslashreplace").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+_refusal_fd: int | None = None      #: --refusal-fd: where refuse() also writes its line (the `start` waiting)
+
+
+def refuse(message: str) -> int:
+    """The supervisor refuses to start (nothing started): ``luaprobe: MESSAGE`` on stderr (the log), the message on
+    the refusal pipe of the `start` that spawned it; returns 2."""
+    print(f"luaprobe: {message}", file=sys.stderr, flush=True)
+    if _refusal_fd is not None:
+        try:
+            os.write(_refusal_fd, message.encode("utf-8", "backslashreplace") + b"\n")
+        except OSError:
+            pass                            # that `start` is gone
+    return EXIT_USAGE
 
 
 def _stop_quietly(run_dir: str, st: dict) -> None:
@@ -1076,7 +1123,11 @@ def main(argv=None) -> int:
     ap.add_argument("--log-file", help="own this log file (started by `start`): every process's output is copied "
                     "into it, rotated by [log] max_mb / backups (engine/daemon/logfile.py)")
     ap.add_argument("--probe-plugins", metavar="SPEC", help="probe plug-ins for a reload (plugin_errors)")
+    ap.add_argument("--refusal-fd", type=int, help="write the line of a refusal to start here (the `start` that "
+                    "spawned this supervisor reads it: refuse())")
     args = ap.parse_args(argv)
+    global _refusal_fd
+    _refusal_fd = args.refusal_fd
     if args.probe_plugins:
         return probe_main(args.probe_plugins)
     if not args.config:
@@ -1087,15 +1138,18 @@ def main(argv=None) -> int:
     try:
         cfg = config_mod.load(args.config, run_dir=args.run_dir)
     except config_mod.ConfigError as e:
-        print(f"luaprobe: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return refuse(str(e))
     pump = None
     if args.log_file:
         from .logfile import LogPump
         pump = LogPump(args.log_file, int(cfg["log"]["max_mb"] * 1048576), cfg["log"]["backups"])
     logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
     try:
-        return Supervisor(cfg).run()
+        try:
+            sup = Supervisor(cfg)
+        except OSError as e:    # control.ensure_run_dir: a link planted in the run directory after `start` checked it
+            return refuse(f"run directory {cfg.run_dir}: {e.strerror}")
+        return sup.run()
     finally:
         if pump is not None:
             pump.close()
