@@ -190,3 +190,72 @@ def test_a_reload_whose_probe_outlasts_ten_seconds_gets_its_answer(daemon, tmp_p
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
 
+
+HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, getattr(fcntl, sys.argv[2]))
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def hold_pidfile(run_dir: str, how: str) -> subprocess.Popen:
+    """A process holding ``run_dir``/supervisor.pid flocked (``how``: LOCK_SH, a `status` between its probe's two
+    calls; LOCK_EX on an empty file, a supervisor between its flock and its write) until its stdin closes."""
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, control.path(run_dir, control.PIDFILE), how],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "locked\n"
+    return p
+
+
+def flock_waiters(file: str) -> list[int]:
+    """Pids waiting for an exclusive flock on ``file`` (/proc/locks "N: -> FLOCK ADVISORY WRITE PID DEV:INO ...")."""
+    st = os.stat(file)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with open("/proc/locks") as f:
+        return [int(w[5]) for w in (line.split() for line in f)
+                if len(w) > 6 and w[1] == "->" and w[2] == "FLOCK" and w[4] == "WRITE" and w[6] == dev]
+
+
+def test_a_start_whose_pidfile_a_status_is_probing_starts(daemon):  # noqa: F811
+    """`status` / `stop` / a racing `start` probe the pidfile with a shared flock for a moment (control.read_pid).
+    A supervisor taking the lock at that moment failed at once ("already running (pid None, ...)": nothing ran,
+    `start` exited 1).  Forced: a process holds the shared lock; the supervisor must wait for it (seen waiting in
+    /proc/locks), then start when it is let go: exit 0."""
+    daemon.write_config()
+    holder = hold_pidfile(daemon.run_dir, "LOCK_SH")
+    with helpers.killed_when_left(holder):
+        start = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "start", "--config",
+                                  daemon.config], cwd=helpers.REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        with helpers.killed_when_left(start):
+            pidfile = control.path(daemon.run_dir, control.PIDFILE)
+            helpers.wait_for(lambda: flock_waiters(pidfile) or start.poll() is not None, 60, 0.005)
+            assert start.poll() is None, start.communicate()
+            holder.communicate("go\n", timeout=30)          # the probe is over
+            out, err = helpers.finish(start, 120)
+    assert start.returncode == 0, (start.returncode, out, err)
+    pid = control.read_pid(daemon.run_dir)
+    daemon.pids.add(pid)
+    assert out.startswith(f"started: supervisor pid {pid}, "), out
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_a_start_while_a_supervisor_has_locked_but_not_yet_written_its_pidfile_says_already_running(daemon):  # noqa: F811
+    """A supervisor writes its pid just after it takes the pidfile's lock.  A `start` (or `status`) between the
+    two read "locked, no pid" as "nobody": `start` went on, spawned a supervisor that lost the lock, and exited
+    1 with "the supervisor exited".  Forced: a process holds the lock on an empty pidfile; `start` must say
+    already running, naming that process (the kernel's lock table), and exit 2, starting nothing."""
+    daemon.write_config()
+    holder = hold_pidfile(daemon.run_dir, "LOCK_EX")
+    with helpers.killed_when_left(holder):
+        assert control.read_pid(daemon.run_dir) == holder.pid
+        r = cli("start", "--config", daemon.config)
+        holder.communicate("go\n", timeout=30)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.startswith(f"luaprobe start: already running (supervisor pid {holder.pid}, run dir "
+                               f"{daemon.run_dir}): nothing started"), r.stderr
+    assert not os.path.exists(control.path(daemon.run_dir, control.SOCKET))

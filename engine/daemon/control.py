@@ -103,16 +103,24 @@ class PidFile:
         self.path = path(run_dir, PIDFILE)
         self.fd = None
 
-    def acquire(self) -> None:
-        """Lock and write our pid; raise RuntimeError naming the running pid if another supervisor holds it."""
+    def acquire(self, reader_wait: float = 5.0) -> None:
+        """Lock and write our pid; raise RuntimeError naming the running pid if another supervisor holds it.
+
+        :func:`read_pid` probes the lock with a shared flock for a moment (`status`, `stop`, a racing `start`):
+        found held only by such readers (no exclusive holder in /proc/locks), the lock is waited for, at most
+        ``reader_wait`` s, instead of taking them for a running supervisor."""
         fd = _open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if _lock_holder(os.fstat(fd)) is not None or not _flock_wait(fd, reader_wait):
+                    raise RuntimeError(f"already running (pid {read_pid(os.path.dirname(self.path))}, "
+                                       f"{self.path})") from None
+        except BaseException:
             os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise RuntimeError(f"already running (pid {read_pid(os.path.dirname(self.path))}, "
-                                   f"{self.path})") from None
             raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -128,8 +136,41 @@ class PidFile:
             self.fd = None
 
 
+def _flock_wait(fd: int, timeout: float) -> bool:
+    """``flock(fd, LOCK_EX)``, waiting at most ``timeout`` s (SIGALRM ends the wait; main thread only); True when
+    taken.  While it waits, /proc/locks lists the request ("-> FLOCK ADVISORY WRITE ...")."""
+    import signal
+
+    class _Late(Exception):
+        pass
+
+    def late(_signum, _frame):
+        raise _Late
+
+    try:
+        old = signal.signal(signal.SIGALRM, late)
+    except ValueError:                  # not the main thread: no waiting
+        return False
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        return True
+    except _Late:
+        return False
+    finally:
+        signal.signal(signal.SIGALRM, old)
+
+
 def read_pid(run_dir: str) -> int | None:
-    """The pid in the pidfile, if a live supervisor holds its lock; else None."""
+    """The pid of the live supervisor holding the pidfile's lock; None when nobody holds it (a stale file).
+
+    A supervisor writes its pid just after it takes the lock (:meth:`PidFile.acquire`): a file found locked but
+    still empty (or with a stale pid being replaced) is read from the kernel's lock table instead
+    (:func:`_lock_holder`), so that a `start` or `status` at that moment does not take a running supervisor for
+    none."""
     p = path(run_dir, PIDFILE)
     try:
         fd = os.open(p, os.O_RDONLY)
@@ -139,12 +180,31 @@ def read_pid(run_dir: str) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            data = os.read(fd, 64).decode().strip()
-            return int(data) if data.isdigit() else None
+            data = os.read(fd, 64).decode(errors="replace").strip()
+            holder = _lock_holder(os.fstat(fd))
+            if holder is not None and str(holder) != data:
+                return holder
+            return int(data) if data.isdigit() else holder
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None                     # nobody holds it: stale
     finally:
         os.close(fd)
+
+
+def _lock_holder(st: os.stat_result) -> int | None:
+    """The pid holding an exclusive flock on the file of ``st``, from /proc/locks ("1: FLOCK ADVISORY WRITE PID
+    MAJ:MIN:INODE 0 EOF", major and minor in hex); None when it is not found there (no /proc)."""
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                w = line.split()
+                if len(w) >= 6 and w[1] == "FLOCK" and w[3] == "WRITE" and w[5] == dev and w[4].isdigit() \
+                        and int(w[4]) > 0:
+                    return int(w[4])
+    except OSError:
+        pass
+    return None
 
 
 # ---------------------------------------------------------------- socket
