@@ -105,3 +105,24 @@ def test_the_console_script_ignores_stop_signals_once_its_exit_code_is_decided()
     assert rc == "0", r.stderr
     mask = int(sigign, 16)
     assert mask >> (signal.SIGTERM - 1) & 1 and mask >> (signal.SIGINT - 1) & 1, sigign
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_between_the_import_and_main_is_one_line(signum):
+    """The console script imports engine/daemon/cli.py, which takes SIGINT / SIGTERM at once, then runs its own
+    line (``sys.argv[0] = re.sub(...)``) before main(): a signal there raised StartupStop outside main(), a
+    traceback and exit 1 (CI under load: test_a_stop_signal_while_starting...[0.0-SIGINT]).  The signal is put
+    exactly there: the console script's steps, with the process signalling itself between the import and main().
+    It must be one line and 128 + signum."""
+    code = ("import os, signal, sys\n"
+            "sys.argv = ['luaprobe', 'check', %r]\n"
+            "from luaprobe.engine.daemon.cli import main\n"
+            "os.kill(os.getpid(), %d)\n"
+            "sys.exit(main())\n") % (os.path.join(EXAMPLES, "tcp_ports.lua"), signum)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 128 + signum, (r.returncode, r.stderr)
+    assert r.stderr.splitlines() == [f"luaprobe check: stopped by {signal.Signals(signum).name} while starting, "
+                                     "before any packet was processed (processes started so far were stopped, "
+                                     "shared memory removed)"], r.stderr

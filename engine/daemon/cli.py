@@ -19,10 +19,24 @@ import os
 import sys
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_STOPPED, EXIT_USAGE  # noqa: F401
-from luaprobe.shm.exits import StartupStop, early_stop, install_early_stop
+from luaprobe.shm.exits import STOP_SIGNALS, StartupStop, early_stop, install_early_stop
+
+_pending_stop: list[int] = []      #: stop signals that came between this module's import and main() (_defer_stop)
+
+
+def _defer_stop(signum, _frame):
+    """The console script's SIGINT / SIGTERM handler from this module's import until main() runs: the signal is
+    kept (main() reports it as one line, 130 / 143).  Raising here, as :func:`early_stop` does, would escape
+    the console script's own lines around main() (``sys.argv[0] = re.sub(...)``) as a traceback, exit 1."""
+    _pending_stop.append(signum)
+
 
 if os.path.basename(sys.argv[0]) == "luaprobe":    # the console script: a stop signal from now on is one line
-    install_early_stop()
+    import signal as _signal
+    from luaprobe.shm.exits import STOP_SIGNALS as _STOP_SIGNALS
+    for _s in _STOP_SIGNALS:
+        if _signal.getsignal(_s) in (_signal.SIG_DFL, _signal.default_int_handler):
+            _signal.signal(_s, _defer_stop)
 
 
 def _version() -> str:
@@ -704,8 +718,16 @@ def main(argv=None) -> int:
     """Entry point of the `luaprobe` console script."""
     in_process = argv is not None        # main() called in-process (tests), not as the console script
     argv = sys.argv[1:] if argv is None else list(argv)
-    previous = install_early_stop()      # given back at the end when in-process
+    import signal
+    previous = {}                        # given back at the end when in-process
+    for s in STOP_SIGNALS:               # the console script's handler since import: from now on, raise
+        if signal.getsignal(s) is _defer_stop:
+            signal.signal(s, early_stop)
+            previous[s] = signal.SIG_DFL
+    previous |= install_early_stop()
     try:
+        if _pending_stop:                # a stop signal between the import and now
+            raise StartupStop(_pending_stop[0])
         from luaprobe.shm import logs
         logs.install_escapes()           # file names that are not UTF-8 print as \xNN
         if argv and argv[0] in DELEGATED:
