@@ -2,7 +2,7 @@
 table, each batch staged in one hot batch array as the driver leaves it (issue 10).
 
     python tools/bench/hookwalk.py [--corpus flows-100k] [--shapes empty,flowstate] [--runs 5]
-        [--body 'PRELUDE|BODY'] [--warm] [--engine-dir DIR]
+        [--body 'PRELUDE|BODY'] [--warm] [--engine-dir DIR] [--layer udp]
 
 Decodes every packet of the capture (tools/bench/corpus.py) into an lp_pkt array (engine/plugins/packet.lua) and
 runs the real flow table over it (engine/fastpath/flowtable.lua: flow, dir, flow_uid as the fast path sets them).
@@ -130,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--warm", action="store_true", help="walk the capture once, untimed, before each timed walk")
     ap.add_argument("--engine-dir", help="luaprobe.engine's Lua modules from this folder")
+    ap.add_argument("--layer", choices=("tcp", "udp"), default="tcp",
+                    help="transport the shapes and --body hook (udp for the dns corpus, which has no TCP)")
     a = ap.parse_args(argv)
     if a.engine_dir:
         use_engine_dir(a.engine_dir)
@@ -141,10 +143,10 @@ def main(argv=None) -> int:
                 if a.body:
                     pre, _, body = a.body.partition("|")
                     with open(os.path.join(d, "body.lua"), "w") as f:
-                        f.write(shapes._simple("body", "tcp", body, prelude=pre))
+                        f.write(shapes._simple("body", a.layer, body, prelude=pre))
                     s = "body"
                 else:
-                    shapes.write(s, d)
+                    shapes.write(s, d, layer=a.layer)
                 xs = measure(capture, d, a.runs, a.warm)
             print(f"| {c} | {s} | {min(xs):.0f} / {statistics.median(xs):.0f} / {max(xs):.0f} |", flush=True)
     return 0
