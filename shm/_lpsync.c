@@ -228,6 +228,8 @@ int lp_fnaddr(void *Lv) {
  * lp_prefault_kick (an eventfd write); the thread, woken, maps records [max(done, self), goal) of each array in one
  * madvise call each and stores `done = goal` (release).  `self`: records the fast path mapped itself (when the
  * helper was behind: it never waits for it).  Mapping a page twice is harmless (a present page is left as it is).
+ * A second job of the same kind: bytes [ix_done, ix_goal) of the index's mapping at ix_addr (the slots its next
+ * doubling will use, flowtable.lua FT:reserve), stored by the fast path before a kick like `goal`.
  * A refusal (EINVAL on a kernel before 5.14) stops the thread with `err` = errno; the fast path then maps as before.
  * ------------------------------------------------------------------------ */
 #include <pthread.h>
@@ -247,6 +249,9 @@ typedef struct {
     int64_t cap;                          /* records per array */
     uint64_t addr[LP_PF_ARRAYS], size[LP_PF_ARRAYS];
     int32_t narrays, efd;
+    /* a second job, the flow table's index: bytes [ix_done, ix_goal) of the mapping at ix_addr (its next doubling) */
+    uint64_t ix_addr;
+    int64_t ix_goal, ix_done;
     pthread_t thread;
 } lp_prefaulter;
 
@@ -278,6 +283,19 @@ static void *lp_prefault_main(void *arg) {
                 p->pages += (int64_t)((len + 4095) / 4096);
             }
             if (p->err == 0) __atomic_store_n(&p->done, goal, __ATOMIC_RELEASE);
+        }
+        int64_t ig = __atomic_load_n(&p->ix_goal, __ATOMIC_ACQUIRE);
+        int64_t id = __atomic_load_n(&p->ix_done, __ATOMIC_RELAXED);
+        if (ig > id && p->err == 0 && p->ix_addr != 0) {
+            uint64_t a = p->ix_addr + (uint64_t)id, start = a & ~(uint64_t)4095;
+            uint64_t len = a - start + (uint64_t)(ig - id);
+            if (madvise((void *)(uintptr_t)start, len, MADV_POPULATE_WRITE) != 0) {
+                p->err = errno;
+            } else {
+                p->calls++;
+                p->pages += (int64_t)((len + 4095) / 4096);
+                __atomic_store_n(&p->ix_done, ig, __ATOMIC_RELEASE);
+            }
         }
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
         p->cpu_ns = (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;

@@ -90,7 +90,11 @@ Layout.
                      (Knuth), and each further slot is a side trace of the
                      probe loop): the index
                      stays proportional to the live flows, so a few hundred
-                     flows probe a cache-resident index.  Full key comparison on a hash match.
+                     flows probe a cache-resident index.  When its largest
+                     size is 2 MiB or more (capacity >= 131 072) it is one
+                     mapping of that size grown in place (grow_in_place: only
+                     the new half of a doubling is fresh memory, mapped ahead
+                     by the prefault helper when one runs).  Full key comparison on a hash match.
                      Deletion is backward-shift (no tombstones): after
                      removing slot i, later entries of the cluster whose home
                      slot does not lie cyclically in (i, j] move back into the
@@ -287,6 +291,7 @@ local TCP = decode.PROTO.TCP
 local MIN_SLOTS = 1024   -- smallest index (slots); it doubles as flows arrive
 local SLOTS_PER_FLOW = 4  -- index slots per live flow (load <= 1/4) until the index reaches 2 * capacity
 local FLOW_SIZE = ffi.sizeof("lp_flow")
+local SLOT_SIZE = 8       -- lp_slot (defined below)
 local COLD_SIZE = ffi.sizeof("lp_flow_cold")
 local SCRATCH = 16        -- scratch cold records (tcp_track), cold[capacity + 1 + idx % 16] for flow idx
 local TOUCH_FLOWS = 8192  -- live flows (2 MiB of records) from which update_batch touches before it works
@@ -359,7 +364,11 @@ function M.new(opts)
     cold = alloc(cold_ptr, cap + 1 + SCRATCH, ffi.sizeof("lp_flow_cold"), huge),   -- cold records, [cap]: age list
                                                                    -- sentinel, [cap + 1 ..]: tcp_track's scratch records
     lru = alloc(link_ptr, cap + 1, ffi.sizeof("lp_link"), huge),     -- LRU links of flows[i], [cap]: sentinel
-    slots = alloc(slot_ptr, size, ffi.sizeof("lp_slot"), huge),
+    -- the index: one mapping of its largest size (2 * capacity slots) grown in place when that is 2 MiB or more
+    -- (reserve: the pages of a doubling's first half are mapped already), else calloc'd anew at each doubling
+    slot_map = cap * 2 * SLOT_SIZE >= HUGE,
+    slots_mapped = 0,    -- bytes of the index mapping whose pages are mapped (slot_map)
+    slots = alloc(slot_ptr, cap * 2 * SLOT_SIZE >= HUGE and cap * 2 or size, SLOT_SIZE, huge),
     free_stack = alloc(i32_ptr, cap, 4, huge),
     free_top = 0,        -- entries in free_stack
     hw = 0,              -- records [hw, cap) never used yet
@@ -375,6 +384,10 @@ function M.new(opts)
     nkeys = 0,                       -- update_batch's scratch: keys[nkeys], miss[nkeys] (made below)
     touched = 0,                     -- update_batch's touch loops' result (kept, so the loads are)
   }, FT)
+  if self.slot_map then
+    populate(self.slots, 0, size * SLOT_SIZE)
+    self.slots_mapped = size * SLOT_SIZE
+  end
   ffi.fill(self.slots, size * ffi.sizeof("lp_slot"), 0xff)   -- idx -1: empty
   self.fw = cast(i32_ptr, self.flows)        -- the records as int32 words (probe, new_flow)
   local nb = opts.batch or 1025              -- the driver's batch (1024) + a reassembled datagram; grown on demand
@@ -648,6 +661,7 @@ function FT:reserve(extra)
   if want <= self.size then return end
   local size = self.size
   while size < want do size = size * 2 end
+  if self.slot_map then return self:grow_in_place(size) end
   local slots = alloc(slot_ptr, size, ffi.sizeof("lp_slot"), self.huge_pages)
   if size * ffi.sizeof("lp_slot") >= HUGE then populate(slots, 0, size * ffi.sizeof("lp_slot")) end
   ffi.fill(slots, size * ffi.sizeof("lp_slot"), 0xff)    -- idx -1: empty
@@ -666,6 +680,58 @@ function FT:reserve(extra)
   end
   self.slots, self.size, self.mask = slots, size, mask
   self.resizes = self.resizes + 1
+end
+
+--- reserve() of an index that is one mapping of its largest size (slot_map): the live entries are copied out in slot
+--- order (sequential) into a scratch array, slots [0, size) are emptied and the entries inserted again.  Only the
+--- pages of the new part [old size, size) are fresh memory (a new mapping per doubling wrote 2x the final index in
+--- fresh pages: 32 MiB at 1M flows), and with a prefault helper they were mapped by it after the previous doubling
+--- (the index's next doubling: its second job, shm/_lpsync.c), so the fast path's thread maps none.
+function FT:grow_in_place(size)
+  local slots, old, live = self.slots, self.size, self.live
+  -- the scratch: malloc'd and freed here (from 128 KiB on glibc maps it and unmaps it at free), not kept: RSS
+  local raw = C.calloc(math.max(live, 1), SLOT_SIZE)
+  if raw == nil then error("flowtable: out of memory growing the index", 3) end
+  local tmp, m = cast(slot_ptr, raw), 0
+  for i = 0, old - 1 do
+    local x = slots[i].idx
+    if x >= 0 then
+      tmp[m].idx, tmp[m].hash = x, slots[i].hash
+      m = m + 1
+    end
+  end
+  local bytes = size * SLOT_SIZE
+  local pf = self.pf
+  if self.slots_mapped < bytes then
+    local from = math.max(self.slots_mapped, pf ~= nil and tonumber(pf.ix_done) or 0)
+    populate(slots, from, bytes)                  -- the part the helper has not mapped (none when it is ahead)
+    self.slots_mapped = bytes
+  end
+  ffi.fill(slots, bytes, 0xff)                    -- idx -1: empty
+  local mask = size - 1
+  for r = 0, m - 1 do
+    local h = tmp[r].hash
+    local j = band(h, mask)
+    while slots[j].idx >= 0 do j = band(j + 1, mask) end
+    slots[j].idx, slots[j].hash = tmp[r].idx, h
+  end
+  C.free(raw)
+  self.size, self.mask = size, mask
+  self.resizes = self.resizes + 1
+  self:prefault_index()
+end
+
+-- with a prefault helper: the slots of the index's next doubling mapped by it now (RSS: the index mapped up to twice
+-- the size in use, at most the 2 * capacity slots of its mapping)
+function FT:prefault_index()
+  local pf = self.pf
+  if pf == nil or not self.slot_map then return end
+  local goal = math.min(2 * self.size, 2 * self.capacity) * SLOT_SIZE
+  if goal > tonumber(pf.ix_goal) and goal > self.slots_mapped then
+    pf.ix_goal = goal
+    self.pf_lib.lp_prefault_kick(pf)
+    self.kicks = self.kicks + 1
+  end
 end
 
 --- Map the pages of the next `extra` never-used records (hot, cold, LRU links) before new_flow writes
@@ -726,6 +792,8 @@ typedef struct {
   int64_t cap;
   uint64_t addr[4], size[4];
   int32_t narrays, efd;
+  uint64_t ix_addr;
+  int64_t ix_goal, ix_done;
 } lp_prefaulter;
 lp_prefaulter *lp_prefault_start(int64_t cap, int64_t from, int32_t narrays, const double *addr, const double *size);
 void lp_prefault_kick(lp_prefaulter *p);
@@ -746,6 +814,11 @@ void lp_prefault_stop(lp_prefaulter *p);
   self.pf = ffi.gc(pf, lib.lp_prefault_stop)   -- joined before the arrays it maps go (they are the table's too)
   self.pf_lib = lib
   self.pf_ahead = math.max(PREFAULT, ahead or AHEAD)
+  if self.slot_map then                         -- its second job: the index's next doubling (grow_in_place)
+    pf.ix_addr = tonumber(cast("uintptr_t", self.slots))
+    pf.ix_done, pf.ix_goal = self.slots_mapped, self.slots_mapped
+    self:prefault_index()
+  end
   return true
 end
 
@@ -757,6 +830,7 @@ function FT:stop_prefaulter()
   local out = {pages = tonumber(pf.pages), calls = tonumber(pf.calls), cpu_s = pf.cpu_ns * 1e-9,
                err = tonumber(pf.err), kicks = self.kicks, self_faulted = self.self_faulted}
   self.faulted = math.max(self.faulted, tonumber(pf.done))
+  if self.slot_map then self.slots_mapped = math.max(self.slots_mapped, tonumber(pf.ix_done)) end
   self.pf = nil
   self.pf_lib.lp_prefault_stop(ffi.gc(pf, nil))
   return out
