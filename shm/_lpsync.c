@@ -253,6 +253,7 @@ typedef struct {
     uint64_t ix_addr;
     int64_t ix_goal, ix_done;
     pthread_t thread;
+    pid_t pid;                            /* the process that started the thread (a forked child has no such thread) */
 } lp_prefaulter;
 
 static void *lp_prefault_main(void *arg) {
@@ -315,6 +316,7 @@ lp_prefaulter *lp_prefault_start(int64_t cap, int64_t from, int32_t narrays, con
     for (int i = 0; i < narrays; i++) { p->addr[i] = (uint64_t)addr[i]; p->size[i] = (uint64_t)size[i]; }
     p->efd = eventfd(0, EFD_CLOEXEC);
     if (p->efd < 0) { free(p); return NULL; }
+    p->pid = getpid();
     if (pthread_create(&p->thread, NULL, lp_prefault_main, p) != 0) { close(p->efd); free(p); return NULL; }
     return p;
 }
@@ -328,6 +330,7 @@ void lp_prefault_kick(lp_prefaulter *p) {
 /* Stop and join the helper, then free it (p is invalid afterwards).  Before the arrays it maps are unmapped. */
 void lp_prefault_stop(lp_prefaulter *p) {
     if (p == NULL) return;
+    if (getpid() != p->pid) { free(p); return; }   /* a forked child's copy: the thread and its wake are the parent's */
     __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
     lp_prefault_kick(p);
     pthread_join(p->thread, NULL);
