@@ -321,6 +321,11 @@ lp_prefaulter *lp_prefault_start(int64_t cap, int64_t from, int32_t narrays, con
     return p;
 }
 
+/* The layout of lp_prefaulter that flowtable.lua's cdef must match: 2 since the index job (ix_addr, ix_goal, ix_done).
+ * A library without this function has layout 1 (flowtable.lua then starts no helper: its cdef would write ix_addr
+ * over `thread`). */
+int lp_prefault_abi(void) { return 2; }
+
 /* Wake the helper after raising p->goal (one eventfd write: the wakes coalesce until it reads). */
 void lp_prefault_kick(lp_prefaulter *p) {
     uint64_t one = 1;

@@ -304,6 +304,7 @@ local MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_POPULATE_WRITE = 14, 15, 23
 local PAGE = 4096              -- base page: the rounding of populate()'s start address
 local PREFAULT = 1024          -- records whose pages prefault() maps at once ahead of the high-water mark
 local AHEAD = 16384            -- with a prefault helper: records requested ahead of the high-water mark (3.2 MB)
+local PREFAULT_ABI = 2         -- the lp_prefaulter layout of the cdef in start_prefaulter (shm/_lpsync.c lp_prefault_abi)
 
 --- Map the pages of bytes [from, to) of the array at p writable now, in one madvise(MADV_POPULATE_WRITE)
 --- call (Linux 5.14+) instead of one page fault per 4 KiB page at the first write.  On the benchmark VM a fresh
@@ -799,9 +800,12 @@ lp_prefaulter *lp_prefault_start(int64_t cap, int64_t from, int32_t narrays, con
 void lp_prefault_kick(lp_prefaulter *p);
 void lp_prefault_stop(lp_prefaulter *p);
 ]])
-  -- a _lpsync built before the helper existed (a tree updated without `pip install -e .`): no helper, as with 0
-  if not pcall(function() return lib.lp_prefault_start end) then
-    return false, "shm/_lpsync has no lp_prefault_start (built before it: run `pip install -e .`)"
+  -- a _lpsync built before the helper or before its current layout (a tree updated without `pip install -e .`):
+  -- no helper, as with 0 (the cdef below would not match the library's struct)
+  pcall(ffi.cdef, "int lp_prefault_abi(void);")
+  local abi_ok, abi = pcall(function() return lib.lp_prefault_abi() end)
+  if not abi_ok or abi ~= PREFAULT_ABI then
+    return false, "shm/_lpsync was built before this flowtable.lua's prefault helper (run `pip install -e .`)"
   end
   local n = self.capacity + 1
   local addr, size, k = ffi.new("double[4]"), ffi.new("double[4]"), 0
