@@ -27,6 +27,9 @@ local dir = "%(dir)s"
 local function touch(name, text)
   local f = assert(io.open(dir .. "/" .. name, "w")); f:write(text or ""); f:close()
 end
+local function mark(name)                     -- one line per plug-in instance (one per shard process)
+  local f = assert(io.open(dir .. "/" .. name, "a")); f:write("x\n"); f:close()
+end
 local function exists(name)
   local f = io.open(dir .. "/" .. name); if f then f:close(); return true end; return false
 end
@@ -51,7 +54,7 @@ TrisulPlugin = {
           onresult = function(e, d, r) results = results + 1 end }
       end
       if seen == 5000 then
-        touch("running")
+        mark("running")
         while not exists("go") do end         -- hold the fast path until the test has signalled
       end
     end,
@@ -128,7 +131,10 @@ def test_second_signal_hard_stops(tmp_path, shards):
     _plugin(tmp_path, onexecute='if d == "1000" then local t = os.time(); while os.time() - t < 120 do end end')
     p = _start(tmp_path, "--generate", "packets=50000000,flows=500,mix=tcp=100,seed=3", "--drain-deadline", "100",
                "--task-timeout", "200", "--shards", shards)
-    helpers.wait_for(lambda: (tmp_path / "running").exists(), timeout=60)
+    # every shard holds a stuck task (its 1000th packet's) before the stop: a shard started late under load that
+    # had not scheduled it drained at once and ran onunload before the second signal came ("unloaded" existed)
+    running = tmp_path / "running"
+    helpers.wait_for(lambda: running.exists() and len(running.read_text().splitlines()) >= int(shards), timeout=60)
     pids = _tree(p.pid)
     p.send_signal(signal.SIGINT)
     (tmp_path / "go").write_text("")
