@@ -64,7 +64,7 @@ def process_info(pids: dict, prime_s: float = 0.2) -> list[dict]:
 def collect(run_dir: str, prime_s: float = 0.2) -> dict:
     """One snapshot: the fast path's counters, rates, supervisor status, per-process psutil facts."""
     try:
-        r = control.request(run_dir, "stats", timeout=5)
+        r = control.request(run_dir, "stats")      # 10 s, as status: a busy supervisor (killing a tree) answers late
         snap, rates, status = r.get("snapshot"), r.get("rates") or {}, r.get("status") or {}
         live = True
     except control.NotRunning:
