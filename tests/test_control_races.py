@@ -259,3 +259,45 @@ def test_a_start_while_a_supervisor_has_locked_but_not_yet_written_its_pidfile_s
     assert r.stderr.startswith(f"luaprobe start: already running (supervisor pid {holder.pid}, run dir "
                                f"{daemon.run_dir}): nothing started"), r.stderr
     assert not os.path.exists(control.path(daemon.run_dir, control.SOCKET))
+
+
+def test_status_answers_while_a_reload_probes_a_script_that_never_returns(daemon, tmp_path):  # noqa: F811
+    """The supervisor probed a reload's plug-ins in its own loop and answered nothing meanwhile: with
+    [fastpath] hook_budget = 0 and a top level in a compiled endless loop, for 30 s (RELOAD_PROBE_DEADLINE);
+    `status` then said "did not answer within 10 s" (a traceback before ea2066b).  Now the probe runs while the
+    loop goes on: status answers at once (state running, the probe's pid), and a stop during the probe kills
+    it and tells the waiting `reload` (one line, exit 2)."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    script = plug / "monitor.lua"
+    script.write_text('TrisulPlugin = { id = { name = "m" }, engine_monitor = { onmetronome = function() end } }\n')
+    daemon.write_config(plugins=[plug])
+    with open(daemon.config, "a") as f:
+        f.write("[fastpath]\nhook_budget = 0\n")
+    r = cli("start", "--config", daemon.config)
+    assert r.returncode == 0, r.stderr
+    daemon.pids.add(control.read_pid(daemon.run_dir))
+    before = daemon.status()
+    script.write_text(LOOPING % str(tmp_path / "looping"))
+    reload = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "reload", "--run-dir",
+                               daemon.run_dir], cwd=helpers.REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    with helpers.killed_when_left(reload):
+        helpers.wait_for(lambda: (tmp_path / "looping").exists() or reload.poll() is not None, 60, 0.01)
+        assert reload.poll() is None, reload.communicate()
+        t0 = time.monotonic()
+        st = daemon.cli("status", "--json")
+        took = time.monotonic() - t0
+        assert st.returncode == 0, (st.returncode, st.stdout, st.stderr)
+        st = json.loads(st.stdout)
+        assert st["state"] == "running" and st["fastpath_pid"] == before["fastpath_pid"], st
+        probe = st["reload_probe"]["pid"]
+        assert "--probe-plugins" in psutil.Process(probe).cmdline()
+        assert took < 10, took
+        stop = daemon.cli("stop")
+        out, err = helpers.finish(reload, 60)
+    assert stop.returncode == 0, stop.stderr
+    assert reload.returncode == 2, (reload.returncode, out, err)
+    assert err.splitlines() == ["luaprobe reload: reload cancelled: the daemon is stopping"], err
+    assert not psutil.pid_exists(probe) or psutil.Process(probe).status() == psutil.STATUS_ZOMBIE
+    assert not daemon.alive() and not daemon.segments()

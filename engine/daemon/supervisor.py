@@ -69,31 +69,74 @@ def reload_timeout(status: dict) -> float:
     return probe_deadline(budget) + PROBE_SLACK
 
 
+class PluginProbe:
+    """Probe the configured plug-ins as `luaprobe check` does, in a child process (``--probe-plugins``) with a
+    deadline (:func:`probe_deadline`): a top level that never returns (an endless loop, compiled by LuaJIT where the
+    hook budget's interrupt cannot reach it, or with hook_budget = 0 not interrupted at all) is killed and named
+    instead of hanging the supervisor (docs/operations.md "Reload").  Started here; the supervisor's loop asks
+    :meth:`done` and then :meth:`errors`, and keeps answering status meanwhile.  The child's output goes to
+    temporary files (no pipe to keep drained)."""
+
+    def __init__(self, cfg):
+        import tempfile
+        budget = float(cfg["fastpath"]["hook_budget"])
+        self.deadline = probe_deadline(budget)
+        self.end = time.monotonic() + self.deadline
+        self.started = time.time()
+        spec = json.dumps({"paths": cfg["plugins"]["paths"], "lua_path": cfg["plugins"]["lua_path"],
+                           "budget": budget})
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--probe-plugins", spec],
+                                  stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err, text=True,
+                                  cwd=os.path.dirname(cfg.path) or None)
+
+    def done(self) -> bool:
+        """The probe ended, or its deadline has passed."""
+        return self.p.poll() is not None or time.monotonic() >= self.end
+
+    def errors(self) -> list[str]:
+        """One ``file:line: message`` per plug-in that fails to load, [] when all load (killed first when past its
+        deadline)."""
+        timed_out = self.p.poll() is None
+        if timed_out:
+            self.p.kill()
+        self.p.wait()
+        out, err = self._read()
+        if timed_out:
+            loading = [ln[len("loading "):] for ln in out.splitlines() if ln.startswith("loading ")]
+            where = loading[-1] if loading else "a plug-in"
+            return [f"{where}: its top level did not return within {self.deadline:g} s (an endless loop?)"]
+        lines = out.splitlines()
+        if self.p.returncode == 0 and lines and lines[-1].startswith("["):
+            return json.loads(lines[-1])
+        return [err.strip().splitlines()[-1].removeprefix("luaprobe reload: plug-in error: ") if err.strip()
+                else f"the plug-in probe ended with {describe_exit(self.p.returncode)}"]
+
+    def cancel(self) -> None:
+        """Kill and reap the probe (a stop while it runs)."""
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait()
+        self._read()
+
+    def _read(self) -> tuple[str, str]:
+        texts = []
+        for f in (self.out, self.err):
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+        return texts[0], texts[1]
+
+
 def plugin_errors(cfg) -> list[str]:
-    """Probe the configured plug-ins as `luaprobe check` does: one ``file:line: message`` per plug-in that
-    fails to load (syntax error, bad definition); [] when all load.  The probe runs in a child process
-    (``--probe-plugins``) with a deadline: a top level that never returns (an endless loop, compiled by LuaJIT where
-    the hook budget's interrupt cannot reach it, or with hook_budget = 0 not interrupted at all) is killed and named
-    instead of hanging the supervisor (docs/operations.md "Reload")."""
-    budget = float(cfg["fastpath"]["hook_budget"])
-    deadline = probe_deadline(budget)
-    spec = json.dumps({"paths": cfg["plugins"]["paths"], "lua_path": cfg["plugins"]["lua_path"], "budget": budget})
-    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--probe-plugins", spec],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=os.path.dirname(cfg.path) or None)
+    """:class:`PluginProbe`, waited for: one ``file:line: message`` per plug-in that fails to load; [] when all
+    load."""
+    probe = PluginProbe(cfg)
     try:
-        out, err = p.communicate(timeout=deadline)
+        probe.p.wait(timeout=probe.deadline)
     except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        loading = [ln[len("loading "):] for ln in out.splitlines() if ln.startswith("loading ")]
-        where = loading[-1] if loading else "a plug-in"
-        return [f"{where}: its top level did not return within {deadline:g} s (an endless loop?)"]
-    lines = out.splitlines()
-    if p.returncode == 0 and lines and lines[-1].startswith("["):
-        return json.loads(lines[-1])
-    return [err.strip().splitlines()[-1].removeprefix("luaprobe reload: plug-in error: ") if err.strip()
-            else f"the plug-in probe ended with {describe_exit(p.returncode)}"]
+        pass
+    return probe.errors()
 
 
 def probe_main(spec: str) -> int:
@@ -146,6 +189,9 @@ class Supervisor:
         self.stop_killed: str | None = None     # what a stop past stop_deadline SIGKILLed (`luaprobe stop` exits 5)
         self.exporter = self.jsonl = None
         self.file_errors: dict = {}             # run-dir file -> its write error (full disk), while it lasts
+        self.probe: PluginProbe | None = None   # a reload's plug-in probe under way (request_reload)
+        self.probe_cfg = None                   # the configuration that reload validated
+        self.reload_waiters: list = []          # client connections waiting for that reload's reply
         self._saved_at = 0.0                    # time.monotonic() of the last state.json write attempt
 
     # ------------------------------------------------------------ child
@@ -356,6 +402,7 @@ class Supervisor:
         if self.mode == "stop":
             return
         self.mode = "stop"
+        self._cancel_reload("reload cancelled: the daemon is stopping")
         self.stop_at = time.monotonic() + self.sv["stop_deadline"]
         if self.child is not None and self.child.poll() is None and not self._loaded()["loaded"]:
             # still loading: nothing processed yet, and a top level stuck in a compiled loop never takes the stop
@@ -364,11 +411,15 @@ class Supervisor:
         self._set_state("stopping")
         self._signal_child(signal.SIGTERM)
 
-    def request_reload(self) -> dict:
+    def request_reload(self, conn=None) -> dict | None:
         """Re-validate the config and the plug-ins, then reload (docs/operations.md "Reload").  A reply
         ``{"ok": False, "error": ..., "exit": code}`` leaves the running fast path alone: an invalid config
         (exit 2) or a plug-in that fails to load (exit 4, ``errors``: one ``file:line: message`` each).
-        ``notes``: settings that only take effect at the next start (RESTART_ONLY)."""
+        ``notes``: settings that only take effect at the next start (RESTART_ONLY).
+        The plug-ins are probed in a child process (:class:`PluginProbe`) while the loop goes on (status answered,
+        the fast path watched): None is returned then, and the reply goes to ``conn`` (a client's connection,
+        kept open; None: SIGHUP) when the probe is done (:meth:`_poll_reload`).  A reload asked while one is being
+        probed waits for that one's reply."""
         try:
             cfg = config_mod.load(self.cfg.path, run_dir=self.run_dir)
         except config_mod.ConfigError as e:
@@ -376,7 +427,41 @@ class Supervisor:
             return {"ok": False, "error": f"reload refused, configuration invalid: {e}", "exit": EXIT_USAGE}
         if self.mode != "run":
             return {"ok": False, "error": f"cannot reload while {self.state}", "exit": EXIT_USAGE}
-        errors = plugin_errors(cfg)
+        if conn is not None:
+            self.reload_waiters.append(conn)
+        if self.probe is None:
+            self.probe, self.probe_cfg = PluginProbe(cfg), cfg
+            log.info("reload: probing the plug-ins (pid %d, deadline %g s)", self.probe.p.pid, self.probe.deadline)
+        return None
+
+    def _poll_reload(self) -> None:
+        """A reload's probe that is done: apply the reload (:meth:`_apply_reload`), reply to every waiting client."""
+        if self.probe is None or not self.probe.done():
+            return
+        errors, cfg = self.probe.errors(), self.probe_cfg
+        self.probe = self.probe_cfg = None
+        if self.mode != "run":
+            reply = {"ok": False, "error": f"cannot reload while {self.state}", "exit": EXIT_USAGE}
+        else:
+            reply = self._apply_reload(cfg, errors)
+        self._reply_waiters(reply)
+
+    def _cancel_reload(self, why: str) -> None:
+        """Kill a reload's probe under way; its clients get ``why`` (exit 2)."""
+        if self.probe is not None:
+            self.probe.cancel()
+            self.probe = self.probe_cfg = None
+            log.info("%s", why)
+        self._reply_waiters({"ok": False, "error": why, "exit": EXIT_USAGE})
+
+    def _reply_waiters(self, reply: dict) -> None:
+        for conn in self.reload_waiters:
+            control.send_reply(conn, reply)
+            conn.close()
+        self.reload_waiters = []
+
+    def _apply_reload(self, cfg, errors: list[str]) -> dict:
+        """The reload itself, once ``cfg`` was validated and its plug-ins probed (``errors``)."""
         if errors:
             for e in errors:
                 log.error("reload refused, a plug-in failed to load (the running fast path is kept): %s", e)
@@ -423,6 +508,7 @@ class Supervisor:
                 "stop_killed": self.stop_killed,
                 # the finished fast paths' (last_error) and the running one's shards' (their dead store writers)
                 "store_rows_lost": self.store_rows_lost + self._running_rows_lost(snap),
+                "reload_probe": {"pid": self.probe.p.pid, "since": self.probe.started} if self.probe else None,
                 "file_errors": dict(self.file_errors),
                 "last_stats": {k: snap.get(k) for k in ("time", "packets", "bytes", "flows", "flows_live")}
                 | self.rates if snap else None}
@@ -495,7 +581,9 @@ class Supervisor:
                 self.request_stop()
                 reply = {"ok": True, "state": self.state, "stop_deadline": self.sv["stop_deadline"]}
             elif cmd == "reload":
-                reply = self.request_reload()
+                reply = self.request_reload(conn)
+                if reply is None:               # answered when its plug-in probe is done (_poll_reload)
+                    return
             else:
                 reply = {"ok": False, "error": f"unknown command {cmd!r} (status, stats, stop, reload)"}
         except (OSError, ValueError) as e:
@@ -603,7 +691,8 @@ class Supervisor:
                 if self._flags["reload"]:
                     self._flags["reload"] = False
                     log.info("reload requested by SIGHUP")
-                    self.request_reload()
+                    self.request_reload()       # its reply (a refusal, or the probe's result) is logged
+                self._poll_reload()
                 now = time.monotonic()
                 if now >= next_stats:
                     next_stats = now + min(1.0, float(self.cfg["stats"]["interval"]))
@@ -645,6 +734,7 @@ class Supervisor:
             self.state = f"failed: {self.last_error}"
             return EXIT_INTERNAL
         finally:
+            self._cancel_reload("reload cancelled: the supervisor is exiting")
             if self.child is not None and self.child.poll() is None:      # an exception above: no orphans
                 self._kill_tree()
             segment.sweep()
