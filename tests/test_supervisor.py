@@ -758,7 +758,10 @@ def test_start_reports_a_bad_capture_before_starting(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_status_and_stop_find_the_daemon_from_any_directory(daemon, tmp_path):
+def test_status_and_stop_find_the_daemon_from_any_directory(daemon, tmp_path, monkeypatch):
+    # a registry of its own: a daemon of an earlier test still being reaped (or leaked by a failed one: CI 10d,
+    # test_two_racing_starts_...) made "several daemons are running" here, exit 2
+    monkeypatch.setenv("LUAPROBE_STATE_DIR", str(tmp_path / "state"))
     daemon.start()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
