@@ -103,7 +103,7 @@ class PidFile:
         self.path = path(run_dir, PIDFILE)
         self.fd = None
 
-    def acquire(self, reader_wait: float = 5.0) -> None:
+    def acquire(self, reader_wait: float = 10.0) -> None:
         """Lock and write our pid; raise RuntimeError naming the running pid if another supervisor holds it.
 
         :func:`read_pid` probes the lock with a shared flock for a moment (`status`, `stop`, a racing `start`):
