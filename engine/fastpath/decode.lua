@@ -111,6 +111,24 @@ typedef struct {
 end
 
 local lp_decoded = ffi.typeof("lp_decoded")
+local cast = ffi.cast
+local u32p, cu32p, i64p = ffi.typeof("uint32_t *"), ffi.typeof("const uint32_t *"), ffi.typeof("int64_t *")
+
+-- The addresses and the src/dst reset are typed loads and stores, not ffi.copy / ffi.fill: those compile to the
+-- same moves but end with a barrier (IR XBAR) after which LuaJIT forwards no earlier store of the struct to a later
+-- load, so every put_layer re-read d.nlayers from memory (a store-to-load round trip feeding the next layer's
+-- address) instead of knowing it (issue 10; tools/bench/fillir.py, tests/test_fill_ir.py).  The one ffi.fill
+-- left, first[] at the top of decode(), puts its barrier before all other stores, so those still forward: with
+-- first[] reset by typed stores as well, the fill loop's side trace for IPv4 AH packets (decode_ipv4's proto 51
+-- exit) failed to compile ("register coalescing too complex", tests/test_jit_aborts.py mixed-ah).  Unaligned
+-- 32-bit loads from the frame are fine on x86-64 and arm64.
+local function copy4(dst, src)                 -- 4 bytes
+  cast(u32p, dst)[0] = cast(cu32p, src)[0]
+end
+local function copy16(dst, src)                -- 16 bytes
+  local a, b = cast(u32p, dst), cast(cu32p, src)
+  a[0], a[1], a[2], a[3] = b[0], b[1], b[2], b[3]
+end
 
 -- protocol enum ----------------------------------------------------------
 local P = {
@@ -295,8 +313,8 @@ local function decode_ipv4(d, p, o, caplen)
   d.l3_offset = o
   local proto = p[o + 9]
   d.ipproto = proto
-  ffi.copy(d.src, p + o + 12, 4)   -- constant-size copies compile to plain loads/stores
-  ffi.copy(d.dst, p + o + 16, 4)   -- (a loop here would split the caller's trace)
+  copy4(d.src, p + o + 12)         -- no loop here: it would split the caller's trace
+  copy4(d.dst, p + o + 16)
   d.payload_length = lim - (o + ihl)
   local fo = be16(p, o + 6)
   local off = band(fo, 0x1fff)
@@ -326,8 +344,8 @@ local function decode_ipv6(d, p, o, caplen)
   end
   d.ip_version = 6
   d.l3_offset = o
-  ffi.copy(d.src, p + o + 8, 16)
-  ffi.copy(d.dst, p + o + 24, 16)
+  copy16(d.src, p + o + 8)
+  copy16(d.dst, p + o + 24)
   local nh = p[o + 6]
   local q = o + 40
   local nofrag_l4 = false
@@ -448,6 +466,7 @@ M.LINKTYPES = { [1] = "EN10MB", [113] = "LINUX_SLL", [276] = "LINUX_SLL2", [101]
 --- Decode one packet. p: const uint8_t*, caplen: captured bytes, linktype:
 --- pcap LINKTYPE_*.  Returns d.nlayers.
 function M.decode(d, p, caplen, linktype)
+  ffi.fill(d.first, 32, 0xff)  -- first[proto] = index of the first layer of that protocol, -1 if none (first: above)
   d.nlayers = 0
   d.ip_version = 0
   d.ipproto = 0
@@ -468,8 +487,8 @@ function M.decode(d, p, caplen, linktype)
   d.payload_offset = 0
   d.payload_length = 0
   d.caplen = caplen
-  ffi.fill(d.src, 32)          -- src and dst are contiguous
-  ffi.fill(d.first, 32, 0xff)  -- first[proto] = index of the first layer of that protocol, -1 if none
+  local z = cast(i64p, d.src)   -- src and dst are contiguous: 32 zero bytes
+  z[0], z[1], z[2], z[3] = 0, 0, 0, 0
   if linktype == 1 then
     if caplen < 14 then
       d.truncated = 1
