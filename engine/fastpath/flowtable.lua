@@ -544,6 +544,17 @@ end
 
 --- Normalised key of decoded packet d (ip_version v ~= 0) into kf (lp_fkey):
 --- key words, hash, dir (0 = the packet's source is the A end).
+---
+--- The key is built as five 64-bit words (the layout of the 10 int32 key words on a little-endian CPU: A address
+--- words 0-3, Z address 4-7, ports, version and protocol), each read from d as one 64-bit load (an address pair),
+--- masked, stored once and hashed from the registers (hash_words).  Built as 10 int32 stores that the hash then
+--- read back as five 64-bit loads, each load spanned two stores still in the CPU's store buffer: the store could
+--- not be forwarded and the load waited for both stores to reach the cache, five times per packet (issue 10:
+--- tools/bench/stages_ab.py, flows column; tests/test_fill_ir.py counts the key loop's loads and stores).
+local cu64_ptr, u64_ptr_w = ffi.typeof("const uint64_t *"), ffi.typeof("uint64_t *")
+local Q_SRC = W_SRC / 2                        -- d.src as a uint64_t index (d.dst follows it: Q_SRC + 2)
+assert(W_SRC % 2 == 0)
+local LOW32 = 0xFFFFFFFFULL
 local function make_key(kf, d, v)
   local w = cast(ci32_ptr, d)
   local sp, dp = w[W_SPORT], w[W_SPORT + 1]
@@ -555,24 +566,22 @@ local function make_key(kf, d, v)
   else
     dir = tie_dir(w, m6)
   end
-  local kb = kf.key
-  local ao = W_SRC + 4 * dir
-  local zo = W_SRC + 4 - 4 * dir
-  kb[0] = w[ao]
-  kb[1] = band(w[ao + 1], m6)
-  kb[2] = band(w[ao + 2], m6)
-  kb[3] = band(w[ao + 3], m6)
-  kb[4] = w[zo]
-  kb[5] = band(w[zo + 1], m6)
-  kb[6] = band(w[zo + 2], m6)
-  kb[7] = band(w[zo + 3], m6)
-  kb[8] = bor(lshift(w[W_SPORT + dir], 16), w[W_SPORT + 1 - dir])
-  kb[9] = bor(lshift(v, 8), d.ipproto)
+  -- address words 1-3 are zero for IPv4 (only the first 4 bytes of d.src / d.dst are its address)
+  local m1 = m6 + 0LL                         -- mask of the second pair (words 2, 3): 0 (IPv4) or all ones
+  local m0 = bor(LOW32, m1)                   -- of the first (words 0, 1): word 0 always
+  local q = cast(cu64_ptr, d)
+  local ao = Q_SRC + 2 * dir
+  local zo = Q_SRC + 2 - 2 * dir
+  local k0, k1 = band(q[ao], m0), band(q[ao + 1], m1)
+  local k2, k3 = band(q[zo], m0), band(q[zo + 1], m1)
+  local ports = bor(lshift(w[W_SPORT + dir], 16), w[W_SPORT + 1 - dir])
+  local k4 = bor(band(ports, LOW32), lshift(bor(lshift(v, 8), d.ipproto) + 0ULL, 32))
+  local kq = cast(u64_ptr_w, kf.key)
+  kq[0], kq[1], kq[2], kq[3], kq[4] = k0, k1, k2, k3, k4
   kf.dir = dir
-  -- hash over the words read back through a second pointer: the JIT cannot
-  -- forward the stores above to these loads, so the 10 words do not stay
-  -- live in registers across the hash (register pressure)
-  kf.hash = hash_key(cast(ci32_ptr, kb))
+  local h = k0 * H0 + k1 * H1 + k2 * H2 + k3 * H3 + k4 * H4   -- hash_key's, from the registers
+  h = bxor(h, shr(h, 29)) * HF
+  kf.hash = tobit(bxor(h, shr(h, 32)))
 end
 
 --- Probe the index for the key at word o of kw (an lp_fkey array as int32_t *: key words o .. o + 9, hash
