@@ -315,6 +315,54 @@ function Ring:peek()
   return self.data + idx + 8, hdr.len
 end
 
+--- Batch pop: peek / advance with the consumer's state in the caller's locals instead of the ring's fields, for a
+--- loop that pops many records before it releases them (the fast path's Driver:fill).  With peek / advance each
+--- record cost two loads and two stores of table fields (head_local, popped_local), which a compiled loop redoes
+--- per record (a table store is not sunk out of a loop), and a reload of tail_cache; here the loop carries three
+--- numbers and the ring is written once per batch (Ring:pop_commit).  Between pop_cursor() and pop_commit() only peek_at may
+--- read the ring's consumer side.
+---   local pos, tail = r:pop_cursor()
+---   local p, len; p, len, pos, tail = r:peek_at(pos, tail)   -- p nil: nothing published beyond pos
+---   pos = M.next_pos(pos, len); popped = popped + 1           -- consume it
+---   r:pop_commit(pos, tail, popped)
+--- Returns the consumer position and the producer position last seen (bytes ever, as head_local / tail_cache).
+function Ring:pop_cursor()
+  return self.head_local, self.tail_cache
+end
+
+--- The record at consumer position pos (a pop_cursor's), given the producer position last seen: (record pointer,
+--- length, position of that record's header, producer position), or (nil, 0, pos, producer position) when the
+--- ring holds nothing beyond pos.  The producer position is reloaded (load-acquire) only when pos reached the
+--- one last seen, as peek does; a PAD record is skipped (the returned position is then past it).
+local PAD = M.PAD
+function Ring:peek_at(pos, tail)
+  if pos == tail then
+    tail = C.lp_load(self.tail_p)
+    if pos == tail then return nil, 0, pos, tail end
+  end
+  local data = self.data
+  local idx = index(self, pos)
+  local hdr = cast(hdrp, data + idx)
+  if hdr.flags == PAD then
+    pos = pos + hdr.len + 8                           -- a pad is always followed by a record
+    idx = 0
+    hdr = cast(hdrp, data)
+  end
+  return data + idx + 8, hdr.len, pos, tail
+end
+
+--- The consumer position after the record of `len` bytes at pos (peek_at's).
+function M.next_pos(pos, len)
+  return pos + 8 + align8(len)
+end
+
+--- End a batch pop: the cursor's position, producer position seen and the number of records it consumed become
+--- the ring's (as `popped` calls of advance would have left them); visible to the producer at the next release().
+function Ring:pop_commit(pos, tail, popped)
+  self.head_local, self.tail_cache = pos, tail
+  self.popped_local = self.popped_local + popped
+end
+
 --- The prefetch hint of the k-th record after the next one to pop (k = 0: the next): the index of its header in
 --- the data area, masked into it, or -1 when the ring has no hints.  Only an address to touch (module doc): the
 --- record may not be published yet, or the slot may be stale.
