@@ -138,3 +138,41 @@ def test_the_boost_saves_cycles_while_live_data_grows_and_keeps_memory_bounded_u
             vm.close()
     assert res[2][0] < res[1][0]
     assert res[2][1] <= 2 * res[1][1]
+
+
+def test_a_scripts_own_pause_holds_while_live_data_grows_and_is_dropped(tmp_path):
+    """docs/plugins.md: a script's own collectgarbage("setpause", n) holds until its heap crosses LARGE_KB.  Live
+    data growing below LARGE_KB (one GROW, ~35 MB) and then garbage: the boost verdict flips twice, and the pause in
+    force stays the script's (LuaJIT's setpause return value is the truth).  Before: 300 -> 800 -> 400 and
+    1000 -> 800 -> 400 (the boost's setpause overrode it)."""
+    for own in (300, 1000):
+        vm = PluginVM(helpers.write_plugin(tmp_path, PLUGIN + f'collectgarbage("setpause", {own})\n'),
+                      start_workers=False)
+        try:
+            vm.exec(CYCLES)
+            assert pause(vm) == own
+            vm.exec(GROW)
+            vm.exec("require('luaprobe.engine.plugins.gcpace').adjust()")      # the fast path's check
+            assert vm.exec("return collectgarbage('count')") < vm.exec(
+                "return require('luaprobe.engine.plugins.gcpace').LARGE_KB")
+            assert vm.exec("return CYCLES") >= 1
+            assert pause(vm) == own
+            vm.exec("KEEP = nil")
+            vm.exec(CHURN)
+            vm.exec("require('luaprobe.engine.plugins.gcpace').adjust()")
+            assert vm.exec("return CYCLES") >= 2
+            assert pause(vm) == own
+        finally:
+            vm.close()
+    # the size rule still takes over once the heap crosses LARGE_KB, as documented (and back below it)
+    vm = PluginVM(helpers.write_plugin(tmp_path, PLUGIN + 'collectgarbage("setpause", 300)\n'), start_workers=False)
+    try:
+        vm.exec("require('luaprobe.engine.plugins.gcpace').BOOST = 1")
+        vm.exec("collectgarbage(); LIMIT = collectgarbage('count') + 2048;"
+                " require('luaprobe.engine.plugins.gcpace').LARGE_KB = LIMIT")
+        vm.exec("BIG = {} for i = 1, 4096 do BIG[i] = string.rep(string.char(i % 251), 1024) .. i end")
+        assert vm.exec("require('luaprobe.engine.plugins.gcpace').adjust() return collectgarbage('count')") > \
+            vm.exec("return LIMIT")
+        assert pause(vm) == 200
+    finally:
+        vm.close()

@@ -44,12 +44,23 @@ local boosted = false      -- the last cycle found the heap mostly live
 local last_end = nil       -- collectgarbage("count") at the end of the last cycle (KiB; at boot before the first)
 local cycles = 0           -- cycles ended since the VM booted (sentinel finalizers run)
 
+local large = nil          -- the heap was >= LARGE_KB when `current` was set
+
+-- The pause from the heap size and the last cycle's verdict.  A script's own collectgarbage("setpause", n) holds
+-- until its heap crosses LARGE_KB (docs/plugins.md): when the pause in force is not the one set here last and the
+-- heap is on the same side of LARGE_KB, it is put back (setpause returns the pause in force: the only way to read
+-- it) and returned.  Without that check a boost verdict flipping overrode a script's pause at any heap size.
 local function set_pause()
-  local p = collectgarbage("count") < M.LARGE_KB and M.PAUSE_SMALL or M.PAUSE_LARGE
+  local big = collectgarbage("count") >= M.LARGE_KB
+  local p = big and M.PAUSE_LARGE or M.PAUSE_SMALL
   if boosted then p = p * M.BOOST end
   if p ~= current then
-    collectgarbage("setpause", p)
-    current = p
+    local was = collectgarbage("setpause", p)
+    if big == large and was ~= current then
+      collectgarbage("setpause", was)
+      return was
+    end
+    current, large = p, big
   end
   return p
 end
