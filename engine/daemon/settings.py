@@ -34,9 +34,10 @@ SETTINGS = [
      "a fresh huge page then costs 0.07-1.8 ms), else 'on' (engine/fastpath/hugepages.py; the summary's "
      "flow_table_pages says what was done)"),
     ("prefault_ahead", "--prefault-ahead", ("fastpath", "prefault_ahead"), "int", 16384, 0, 1 << 24, 1,
-     "flow records whose fresh pages a helper thread maps ahead of the fast path (engine/fastpath/prefault.py: the "
-     "kernel's zeroing of the pages of new flows' records moves off the packet loop's thread; RSS at most ~200 bytes "
-     "x this beyond the flows seen); 0: no helper, the fast path maps them itself, 1 024 records at a time"),
+     "flow records whose fresh pages a helper thread maps ahead of the fast path (engine/fastpath/flowtable.lua "
+     "start_prefaulter, shm/_lpsync.c: the kernel's zeroing of the pages of new flows' records moves off the "
+     "packet loop's thread; RSS at most ~200 bytes x this beyond the flows seen); 0: no helper, the fast path "
+     "maps them itself, 1 024 records at a time"),
     ("frag_timeout", "--frag-timeout", ("fastpath", "frag_timeout"), "float", 30.0, 0.1, 3600, 1,
      "seconds of packet time an IP datagram waits for its fragments"),
     ("frag_max_mb", "--frag-max-mb", ("fastpath", "frag_max_mb"), "float", 16.0, 0.1, 4096, 1,
