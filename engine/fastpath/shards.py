@@ -420,6 +420,30 @@ def _sum_dicts(ds: list) -> dict:
     return out
 
 
+PREFAULT_COUNTS = ("pages", "calls", "cpu_s", "wakeups", "records_mapped_by_fast_path")
+
+
+def merge_prefault(vals: list) -> dict | None:
+    """The shards' ``flow_prefault`` (run.py _prefault_summary: one prefault helper thread per shard process) as one:
+    ``helper`` true when every shard ran one, its counts summed, ``errno`` the first shard's refusal (0: none),
+    ``reason`` the first shard's why-not.  None when no shard reported one.  (Summed as plain counts, True + True
+    was ``"helper": 2``, two EINVALs ``"errno": 44``, and the reason was dropped.)"""
+    vals = [v for v in vals if v]
+    if not vals:
+        return None
+    out: dict = {"helper": all(v.get("helper") is True for v in vals)}
+    for k in PREFAULT_COUNTS:
+        nums = [v[k] for v in vals if k in v]
+        if nums:
+            out[k] = round(sum(nums), 4) if k == "cpu_s" else sum(nums)
+    if any("errno" in v for v in vals):
+        out["errno"] = next((v["errno"] for v in vals if v.get("errno")), 0)
+    reason = next((v["reason"] for v in vals if v.get("reason")), None)
+    if reason is not None:
+        out["reason"] = reason
+    return out
+
+
 def _counter_rows(out_dir: str) -> int:
     """Rows of the store's counters table (0 before the first run): the coordinator counts them before and after a
     run, since the shards' updates of one row are added into it."""
@@ -463,6 +487,7 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
     out["filex"] = [dict(x, shard=k) for k, p in enumerate(parts) for x in p.get("filex", [])]
     out["backend_reloads"] = parts[0].get("backend_reloads", 0)
     out["flow_table_pages"] = next((p["flow_table_pages"] for p in parts if p.get("flow_table_pages")), None)
+    out["flow_prefault"] = merge_prefault([p.get("flow_prefault") for p in parts if "flow_prefault" in p])
     done = set(out) | {"store", "shards", "stopped_by", "stopped_during", "packet_loop_s", "packet_storage",
                        "closed_s", "key_info_keys"}
     for key in [k for p in parts for k in p if k not in done]:    # other counts: summed
