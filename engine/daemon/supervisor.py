@@ -84,7 +84,7 @@ class PluginProbe:
         self.end = time.monotonic() + self.deadline
         self.started = time.time()
         spec = json.dumps({"paths": cfg["plugins"]["paths"], "lua_path": cfg["plugins"]["lua_path"],
-                           "budget": budget})
+                           "budget": budget, "parent": os.getpid()})
         self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         self.p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--probe-plugins", spec],
                                   stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err, text=True,
@@ -146,6 +146,11 @@ def probe_main(spec: str) -> int:
     from luaprobe.engine.plugins.loadwatch import LoadWatch
     from luaprobe.engine.plugins.vm import PluginError
     a = json.loads(spec)
+    # the supervisor gone (SIGKILL, a crash) -> this probe goes too: SIGKILL, since a top level in a compiled loop
+    # (hook_budget = 0) runs no Python signal handler and would spin on as an orphan for ever
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)      # PR_SET_PDEATHSIG
+    if a.get("parent") is not None and os.getppid() != a["parent"]:
+        return EXIT_INTERNAL                                   # it died before the prctl: nobody reads the answer
 
     def before(f):
         print(f"loading {f}", flush=True)
