@@ -364,20 +364,22 @@ TrisulPlugin = {{
 
 
 def test_run_needs_exactly_one_source(tmp_path):
+    # cwd tmp_path: the default --out (./out) is the test's own, not the repository's (another run of these tests
+    # at the same moment held it: "another luaprobe run or daemon is writing into it now")
     r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path), "--pcap", "x.pcap",
-                        "--interface", "lo"], cwd=helpers.REPO, capture_output=True, text=True)
+                        "--interface", "lo"], cwd=str(tmp_path), capture_output=True, text=True)
     assert r.returncode == 2 and "not allowed with" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path)], cwd=helpers.REPO,
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path)], cwd=str(tmp_path),
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--pcap --interface" in r.stderr
     r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path), "--interface", "nosuch0if"],
-                       cwd=helpers.REPO, capture_output=True, text=True)
+                       cwd=str(tmp_path), capture_output=True, text=True)
     assert r.returncode == 2 and "nosuch0if: no such network interface" in r.stderr
 
 
 def test_bad_bpf_expression_is_a_usage_error_naming_it(tmp_path):
     r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(tmp_path), "--interface", "lo",
-                        "--bpf", "udp prot 9999"], cwd=helpers.REPO, capture_output=True, text=True)
+                        "--bpf", "udp prot 9999"], cwd=str(tmp_path), capture_output=True, text=True)
     assert r.returncode == 2
     assert "cannot compile BPF filter 'udp prot 9999'" in r.stderr and "syntax error" in r.stderr
 
