@@ -663,6 +663,62 @@ def test_fuzz_never_reads_beyond_caplen(dec):
         assert 0 <= a.payload_length and a.payload_offset + a.payload_length <= max(L, 0)
 
 
+# --------------------------------------------------------------------------- every field written
+STALE_LUA = r"""
+local ffi = require 'ffi'
+local decode = require 'luaprobe.engine.fastpath.decode'
+local clean, stale = decode.new(), decode.new()
+local LAYER0 = ffi.offsetof('lp_decoded', 'layer')
+-- the struct's bytes up to the end of its last decoded layer (the layers after it are not part of the result)
+local function used(d) return ffi.string(d, LAYER0 + ffi.sizeof('lp_layer') * d.nlayers) end
+-- decode s into a fresh struct and into one full of another packet's leftovers (every byte 0xA5, then the
+-- previous packet's fields): the same bytes, or the first differing byte offset
+return function(s, lt, caplen)
+  local p = ffi.cast('const uint8_t*', s)
+  ffi.fill(clean, ffi.sizeof(clean), 0)
+  decode.decode(clean, p, caplen, lt)
+  ffi.fill(stale, ffi.sizeof(stale), 0xa5)
+  decode.decode(stale, p, caplen, lt)
+  local a, b = used(clean), used(stale)
+  if a == b then return -1 end
+  for i = 1, math.max(#a, #b) do
+    if a:byte(i) ~= b:byte(i) then return i - 1 end
+  end
+  return 0
+end
+"""
+
+
+def test_decode_writes_every_field(lua):
+    """decode() resets only the fields no path is sure to write and each path writes the IP and L4 fields itself
+    (issue 10: a reset then the real value were two stores): whatever the struct held before -- 0xA5 bytes --
+    decoding gives the same bytes as into a zeroed struct (the test captures, every truncation of the TRUNC_CASES
+    and mutated frames, every link type).  A path that forgets a field shows as the byte offset that differs."""
+    same = lua.execute(STALE_LUA)
+    rnd = random.Random(77)
+    cases = [(lt, d) for f in sorted(os.listdir(PCAPS)) if f.endswith('.pcap')
+             for lt, _c, _w, d in list(iter_pcap(os.path.join(PCAPS, f)))[:200]]
+    synth = [eth(ipv6(44, ext(6, 'frag', frag_off=100) + b'x' * 16), 0x86dd),   # non-first fragments: no L4
+             eth(ipv6(44, ext(17, 'frag', more=1) + udp(1, 2, b'y')), 0x86dd),
+             eth(ipv4(6, b'z' * 24, flags_off=100)), eth(ipv4(6, tcp(1, 2), flags_off=0x2000)),
+             eth(ipv4(51, ext(6, 'ah') + tcp(3, 4))), eth(ipv4(51, ext(51, 'ah') + ext(17, 'ah') + udp(5, 6))),
+             eth(ipv4(1, icmp(8, 0))), eth(ipv6(58, icmp(128, 0)), 0x86dd), eth(ipv4(47, b'\x00\x00\x08\x00' * 6)),
+             eth(ipv6(0, ext(6, 'hop', 6) + tcp(1, 2)), 0x86dd), eth(ipv4(6, tcp(1, 2), tot=8)),
+             eth(ipv4(17, udp(53, 9), opts=b'\x01' * 4)), eth(ipv6(6, tcp(1, 2, opts=b'\x01' * 4)), 0x86dd)]
+    for pkt, lt in [(p, 1) for p in synth] + [(c[1], c[2]) for c in TRUNC_CASES]:
+        cases += [(lt, pkt[:L]) for L in range(len(pkt) + 1)]
+    seeds = list(cases)
+    for _ in range(3000):
+        lt, pkt = rnd.choice(seeds)
+        b = bytearray(pkt[:rnd.randrange(len(pkt) + 1)])
+        for _ in range(rnd.randrange(1, 6)):
+            if b:
+                b[rnd.randrange(min(len(b), 90))] = rnd.randrange(256)
+        cases.append((rnd.choice([lt, lt, 0, 101, 113, 228, 229, 276]), bytes(b)))
+    for lt, pkt in cases:
+        assert same(pkt, lt, len(pkt)) == -1, (lt, pkt.hex())
+
+
 # --------------------------------------------------------------------------- rate
 BENCH_LUA = r"""
 local ffi = require 'ffi'

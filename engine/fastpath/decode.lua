@@ -113,6 +113,7 @@ end
 local lp_decoded = ffi.typeof("lp_decoded")
 local cast = ffi.cast
 local u32p, cu32p, i64p = ffi.typeof("uint32_t *"), ffi.typeof("const uint32_t *"), ffi.typeof("int64_t *")
+local u64p = ffi.typeof("uint64_t *")
 
 -- The addresses and the src/dst reset are typed loads and stores, not ffi.copy / ffi.fill: those compile to the
 -- same moves but end with a barrier (IR XBAR) after which LuaJIT forwards no earlier store of the struct to a later
@@ -122,12 +123,25 @@ local u32p, cu32p, i64p = ffi.typeof("uint32_t *"), ffi.typeof("const uint32_t *
 -- first[] reset by typed stores as well, the fill loop's side trace for IPv4 AH packets (decode_ipv4's proto 51
 -- exit) failed to compile ("register coalescing too complex", tests/test_jit_aborts.py mixed-ah).  Unaligned
 -- 32-bit loads from the frame are fine on x86-64 and arm64.
-local function copy4(dst, src)                 -- 4 bytes
-  cast(u32p, dst)[0] = cast(cu32p, src)[0]
-end
 local function copy16(dst, src)                -- 16 bytes
   local a, b = cast(u32p, dst), cast(cu32p, src)
   a[0], a[1], a[2], a[3] = b[0], b[1], b[2], b[3]
+end
+
+-- d.src / d.dst of an IPv4 packet: the 4 address bytes then 12 zero bytes, as two 64-bit stores each (the flow
+-- table's make_key reads the first 8 bytes as one 64-bit load: a load spanning two smaller stores still in the
+-- store buffer is not forwarded by the CPU).  The u32 widened to u64 puts the address bytes first on a
+-- little-endian CPU; a big-endian one takes the u32 store and a u32 zero.
+local LE = ffi.abi("le")
+local function put4_zero12(dst, src)
+  local w = cast(u64p, dst)
+  if LE then
+    w[0] = cast(cu32p, src)[0]
+  else
+    local a = cast(u32p, dst)
+    a[0], a[1] = cast(cu32p, src)[0], 0
+  end
+  w[1] = 0
 end
 
 -- protocol enum ----------------------------------------------------------
@@ -242,31 +256,50 @@ local function add_layer(d, proto, off, len)   -- a header the decoder found (pu
   return put_layer(d, proto, off, len, true)
 end
 
+-- The L4 group (l4_offset, sport, dport, tcp_flags, tcp_seq, tcp_ack, icmp_type, icmp_code) is written exactly
+-- once per packet: by decode_l4 on every path through it, by no_l4 on an IP path that stops before L4, by no_ip
+-- when the packet has no IP layer.  decode() resets no field that a path writes anyway: LuaJIT does not remove a
+-- store overwritten later when frame loads come between (it cannot tell the frame from the lp_decoded), so a reset
+-- followed by the real value was two stores per field (issue 10, tests/test_fill_ir.py).
+local function no_l4(d, l4_offset)
+  d.l4_offset = l4_offset
+  d.sport, d.dport = 0, 0
+  d.tcp_flags, d.tcp_seq, d.tcp_ack = 0, 0, 0
+  d.icmp_type, d.icmp_code = 0, 0
+end
+
 local function decode_l4(d, p, o, lim, proto)
-  d.l4_offset = o
   if proto == 6 then
-    if o + 20 > lim then d.truncated = 1; return end
+    if o + 20 > lim then d.truncated = 1; no_l4(d, o); return end
     local doff = lshift(rshift(p[o + 12], 4), 2)
-    if doff < 20 then d.malformed = 1; return end
-    if o + doff > lim then d.truncated = 1; return end
+    if doff < 20 then d.malformed = 1; no_l4(d, o); return end
+    if o + doff > lim then d.truncated = 1; no_l4(d, o); return end
+    d.l4_offset = o
     d.sport = be16(p, o)
     d.dport = be16(p, o + 2)
     d.tcp_flags = p[o + 13]
     d.tcp_seq = be32s(p, o + 4)
     d.tcp_ack = be32s(p, o + 8)
+    d.icmp_type, d.icmp_code = 0, 0
     add_layer(d, TCP, o, doff)
   elseif proto == 17 then
-    if o + 8 > lim then d.truncated = 1; return end
+    if o + 8 > lim then d.truncated = 1; no_l4(d, o); return end
+    d.l4_offset = o
     d.sport = be16(p, o)
     d.dport = be16(p, o + 2)
+    d.tcp_flags, d.tcp_seq, d.tcp_ack = 0, 0, 0
+    d.icmp_type, d.icmp_code = 0, 0
     add_layer(d, UDP, o, 8)
   elseif proto == 1 or proto == 58 then
-    if o + 8 > lim then d.truncated = 1; return end
+    if o + 8 > lim then d.truncated = 1; no_l4(d, o); return end
+    d.l4_offset = o
+    d.sport, d.dport = 0, 0
+    d.tcp_flags, d.tcp_seq, d.tcp_ack = 0, 0, 0
     d.icmp_type = p[o]
     d.icmp_code = p[o + 1]
     add_layer(d, proto == 1 and ICMP or ICMPV6, o, 8)
   else
-    d.l4_offset = -1
+    no_l4(d, -1)
   end
 end
 
@@ -291,49 +324,59 @@ local function skip_ah4(d, p, o, q, lim)
   return q
 end
 
+-- decode_ipv4 / decode_ipv6 return true when they wrote the IP group (ip_version, ipproto, l3_offset, src, dst,
+-- payload_length) and the L4 group (no_l4), false when they wrote neither (the header did not fit, was invalid, or
+-- found no room in the layer array): decode() then writes both as no_ip.
 local function decode_ipv4(d, p, o, caplen)
-  if o + 20 > caplen then d.truncated = 1; return end
+  if o + 20 > caplen then d.truncated = 1; return false end
   local b0 = p[o]
-  if rshift(b0, 4) ~= 4 then d.malformed = 1; return end
+  if rshift(b0, 4) ~= 4 then d.malformed = 1; return false end
   local ihl = lshift(band(b0, 15), 2)
-  if ihl < 20 then d.malformed = 1; return end
-  if o + ihl > caplen then d.truncated = 1; return end
+  if ihl < 20 then d.malformed = 1; return false end
+  if o + ihl > caplen then d.truncated = 1; return false end
   local tot = be16(p, o + 2)
   local lim
   if tot == 0 then            -- TSO / offloaded: length unknown
     lim = caplen
   elseif tot < ihl then
-    d.malformed = 1; return
+    d.malformed = 1; return false
   else
     lim = o + tot
     if lim > caplen then lim = caplen end
   end
-  if not add_layer(d, IPV4, o, ihl) then return end
+  if not add_layer(d, IPV4, o, ihl) then return false end
   d.ip_version = 4
   d.l3_offset = o
   local proto = p[o + 9]
   d.ipproto = proto
-  copy4(d.src, p + o + 12)         -- no loop here: it would split the caller's trace
-  copy4(d.dst, p + o + 16)
-  d.payload_length = lim - (o + ihl)
+  put4_zero12(d.src, p + o + 12)   -- no loop here: it would split the caller's trace
+  put4_zero12(d.dst, p + o + 16)
   local fo = be16(p, o + 6)
   local off = band(fo, 0x1fff)
   if off ~= 0 or band(fo, 0x2000) ~= 0 then d.frag = 1 end
-  if off ~= 0 then return end
   local q = o + ihl
+  if off ~= 0 then
+    d.payload_length = lim - q
+    no_l4(d, -1)
+    return true
+  end
   if proto == 51 then
     q = skip_ah4(d, p, o, q, lim)
-    d.payload_length = lim - q
-    if d.truncated ~= 0 then return end
+    if d.truncated ~= 0 then
+      d.payload_length = lim - q
+      no_l4(d, -1)
+      return true
+    end
     proto = d.ipproto
   end
   decode_l4(d, p, q, lim, proto)
   d.payload_length = lim - d.payload_offset
+  return true
 end
 
 local function decode_ipv6(d, p, o, caplen)
-  if o + 40 > caplen then d.truncated = 1; return end
-  if rshift(p[o], 4) ~= 6 then d.malformed = 1; return end
+  if o + 40 > caplen then d.truncated = 1; return false end
+  if rshift(p[o], 4) ~= 6 then d.malformed = 1; return false end
   local plen = be16(p, o + 4)
   local lim
   if plen == 0 then           -- jumbogram or offloaded
@@ -346,6 +389,7 @@ local function decode_ipv6(d, p, o, caplen)
   d.l3_offset = o
   copy16(d.src, p + o + 8)
   copy16(d.dst, p + o + 24)
+  -- from here on every exit writes payload_length and the L4 group (decode_ipv4's note)
   local nh = p[o + 6]
   local q = o + 40
   local nofrag_l4 = false
@@ -355,7 +399,9 @@ local function decode_ipv6(d, p, o, caplen)
       d.ipproto = nh
       d.truncated = 1
       add_layer(d, IPV6, o, q - o)
-      return
+      d.payload_length = 0
+      no_l4(d, -1)
+      return true
     end
     local len
     if nh == 44 then
@@ -372,17 +418,27 @@ local function decode_ipv6(d, p, o, caplen)
       d.ipproto = nh
       d.truncated = 1
       add_layer(d, IPV6, o, q - o)
-      return
+      d.payload_length = 0
+      no_l4(d, -1)
+      return true
     end
     nh = p[q]
     q = q + len
   end
   d.ipproto = nh
-  if not add_layer(d, IPV6, o, q - o) then return end
-  d.payload_length = lim - q
-  if nofrag_l4 then return end
+  if not add_layer(d, IPV6, o, q - o) then
+    d.payload_length = 0
+    no_l4(d, -1)
+    return true
+  end
+  if nofrag_l4 then
+    d.payload_length = lim - q
+    no_l4(d, -1)
+    return true
+  end
   decode_l4(d, p, q, lim, nh)
   d.payload_length = lim - d.payload_offset
+  return true
 end
 
 local function decode_arp(d, p, o, caplen)
@@ -398,65 +454,75 @@ local decode_ethertype
 local function decode_mpls(d, p, o, caplen)
   local q = o
   while true do
-    if q + 4 > caplen then d.truncated = 1; return end
+    if q + 4 > caplen then d.truncated = 1; return false end
     local bos = band(p[q + 2], 1)
     q = q + 4
     if bos ~= 0 then break end
-    if q - o >= 64 then d.malformed = 1; return end
+    if q - o >= 64 then d.malformed = 1; return false end
   end
-  if not add_layer(d, MPLS, o, q - o) then return end
-  if q + 1 > caplen then d.truncated = 1; return end
+  if not add_layer(d, MPLS, o, q - o) then return false end
+  if q + 1 > caplen then d.truncated = 1; return false end
   local v = rshift(p[q], 4)
   if v == 4 then
-    decode_ipv4(d, p, q, caplen)
+    return (decode_ipv4(d, p, q, caplen))
   elseif v == 6 then
-    decode_ipv6(d, p, q, caplen)
+    return (decode_ipv6(d, p, q, caplen))
   end
-  -- else: pseudowire / Ethernet-over-MPLS: not decoded further
+  return false   -- pseudowire / Ethernet-over-MPLS: not decoded further
 end
 
--- ethertype dispatch at offset o (VLAN tags loop here).
+-- ethertype dispatch at offset o (VLAN tags loop here).  Returns decode_ipv4's truth (true: the IP and L4 groups
+-- are written).
 decode_ethertype = function(d, p, o, caplen, et)
   while et == 0x8100 or et == 0x88a8 or et == 0x9100 do
-    if o + 4 > caplen then d.truncated = 1; return end
+    if o + 4 > caplen then d.truncated = 1; return false end
     local tci = be16(p, o)
     if d.nvlan == 0 then d.vlan = band(tci, 0x0fff) end
     d.nvlan = d.nvlan + 1
-    if not add_layer(d, VLAN, o, 4) then return end
+    if not add_layer(d, VLAN, o, 4) then return false end
     et = be16(p, o + 2)
     o = o + 4
   end
   if et == 0x0800 then
-    decode_ipv4(d, p, o, caplen)
+    return (decode_ipv4(d, p, o, caplen))
   elseif et == 0x86dd then
-    decode_ipv6(d, p, o, caplen)
+    return (decode_ipv6(d, p, o, caplen))
   elseif et == 0x0806 or et == 0x8035 then   -- ARP, RARP (same layout)
     decode_arp(d, p, o, caplen)
   elseif et == 0x8847 or et == 0x8848 then
-    decode_mpls(d, p, o, caplen)
+    return (decode_mpls(d, p, o, caplen))
   elseif et == 0x8864 then
     -- PPPoE session: 6-byte header + 2-byte PPP protocol
-    if o + 8 > caplen then d.truncated = 1; return end
-    if not add_layer(d, PPPOE, o, 8) then return end
+    if o + 8 > caplen then d.truncated = 1; return false end
+    if not add_layer(d, PPPOE, o, 8) then return false end
     local pp = be16(p, o + 6)
     if pp == 0x0021 then
-      decode_ipv4(d, p, o + 8, caplen)
+      return (decode_ipv4(d, p, o + 8, caplen))
     elseif pp == 0x0057 then
-      decode_ipv6(d, p, o + 8, caplen)
+      return (decode_ipv6(d, p, o + 8, caplen))
     end
   end
+  return false
 end
 
 local function decode_rawip(d, p, o, caplen)
-  if o + 1 > caplen then d.truncated = 1; return end
+  if o + 1 > caplen then d.truncated = 1; return false end
   local v = rshift(p[o], 4)
   if v == 4 then
-    decode_ipv4(d, p, o, caplen)
+    return (decode_ipv4(d, p, o, caplen))
   elseif v == 6 then
-    decode_ipv6(d, p, o, caplen)
-  else
-    d.malformed = 1
+    return (decode_ipv6(d, p, o, caplen))
   end
+  d.malformed = 1
+  return false
+end
+
+-- A packet without an IP layer (decode_ipv4's false): the IP and L4 groups' values, written once.
+local function no_ip(d)
+  d.ip_version, d.ipproto, d.l3_offset = 0, 0, -1
+  local z = cast(i64p, d.src)   -- src and dst are contiguous: 32 zero bytes
+  z[0], z[1], z[2], z[3] = 0, 0, 0, 0
+  no_l4(d, -1)
 end
 
 --- Link types decode() knows (others give no layer: the fast path warns once per number).
@@ -467,35 +533,24 @@ M.LINKTYPES = { [1] = "EN10MB", [113] = "LINUX_SLL", [276] = "LINUX_SLL2", [101]
 --- pcap LINKTYPE_*.  Returns d.nlayers.
 function M.decode(d, p, caplen, linktype)
   ffi.fill(d.first, 32, 0xff)  -- first[proto] = index of the first layer of that protocol, -1 if none (first: above)
+  -- only the fields no path is sure to write: the IP and L4 groups are written once, by the path (decode_ipv4) or
+  -- by no_ip below
   d.nlayers = 0
-  d.ip_version = 0
-  d.ipproto = 0
-  d.sport = 0
-  d.dport = 0
-  d.tcp_flags = 0
-  d.tcp_seq = 0
-  d.tcp_ack = 0
-  d.icmp_type = 0
-  d.icmp_code = 0
   d.frag = 0
   d.truncated = 0
   d.malformed = 0
   d.vlan = -1
   d.nvlan = 0
-  d.l3_offset = -1
-  d.l4_offset = -1
   d.payload_offset = 0
-  d.payload_length = 0
   d.caplen = caplen
-  local z = cast(i64p, d.src)   -- src and dst are contiguous: 32 zero bytes
-  z[0], z[1], z[2], z[3] = 0, 0, 0, 0
+  local ip = false
   if linktype == 1 then
     if caplen < 14 then
       d.truncated = 1
     else
       add_layer(d, ETHERNET, 0, 14)
       local et = be16(p, 12)
-      if et >= 0x0600 then decode_ethertype(d, p, 14, caplen, et) end
+      if et >= 0x0600 then ip = decode_ethertype(d, p, 14, caplen, et) end
       -- else 802.3 length field (LLC/SNAP): not decoded further
     end
   elseif linktype == 113 then
@@ -503,21 +558,21 @@ function M.decode(d, p, caplen, linktype)
       d.truncated = 1
     else
       add_layer(d, SLL, 0, 16)
-      decode_ethertype(d, p, 16, caplen, be16(p, 14))
+      ip = decode_ethertype(d, p, 16, caplen, be16(p, 14))
     end
   elseif linktype == 276 then
     if caplen < 20 then
       d.truncated = 1
     else
       add_layer(d, SLL2, 0, 20)
-      decode_ethertype(d, p, 20, caplen, be16(p, 0))
+      ip = decode_ethertype(d, p, 20, caplen, be16(p, 0))
     end
   elseif linktype == 101 or linktype == 12 or linktype == 14 then
-    decode_rawip(d, p, 0, caplen)
+    ip = decode_rawip(d, p, 0, caplen)
   elseif linktype == 228 then
-    decode_ipv4(d, p, 0, caplen)
+    ip = decode_ipv4(d, p, 0, caplen)
   elseif linktype == 229 then
-    decode_ipv6(d, p, 0, caplen)
+    ip = decode_ipv6(d, p, 0, caplen)
   elseif linktype == 0 or linktype == 108 then
     -- BSD null/loopback: 4-byte address family in the capturing host's
     -- byte order (LOOP, 108: network order); accept either order.
@@ -528,18 +583,18 @@ function M.decode(d, p, caplen, linktype)
       local le = bor(p[0], lshift(p[1], 8), lshift(p[2], 16), lshift(p[3], 24))
       local be = bor(p[3], lshift(p[2], 8), lshift(p[1], 16), lshift(p[0], 24))
       if le == 2 or be == 2 then
-        decode_ipv4(d, p, 4, caplen)
+        ip = decode_ipv4(d, p, 4, caplen)
       elseif le == 24 or le == 28 or le == 30 or be == 24 or be == 28 or be == 30 then
-        decode_ipv6(d, p, 4, caplen)
+        ip = decode_ipv6(d, p, 4, caplen)
       end
     end
   end
-  local n = d.nlayers
-  if d.ip_version == 0 then
+  if not ip then
+    no_ip(d)
     d.payload_length = caplen - d.payload_offset
   end
   if d.payload_length < 0 then d.payload_length = 0 end
-  return n
+  return d.nlayers
 end
 
 --- Index (0-based) of the first layer with this enum, or -1.

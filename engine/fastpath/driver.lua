@@ -20,7 +20,7 @@ local REC, recp, PKT = packet.REC_SIZE, packet.recp, packet.PKT
 local u8p = ffi.typeof("uint8_t *")
 -- a packet record's header (lp_pktrec) and a batch entry (lp_pkt) hold ts_sec, ts_nsec, wirelen, caplen,
 -- linktype, ifindex as consecutive u32s: fill copies them as one block (its barrier, IR XBAR, comes before decode's
--- stores, so it does not keep LuaJIT from forwarding those: decode.lua copy4; six u32 moves measured no better)
+-- stores, so it does not keep LuaJIT from forwarding those: decode.lua copy16; six u32 moves measured no better)
 local PKT_HDR, REC_HDR, HDR_BYTES = ffi.offsetof("lp_pkt", "ts_sec"), ffi.offsetof("lp_pktrec", "ts_sec"), 24
 assert(ffi.offsetof("lp_pkt", "ifindex") - PKT_HDR == 20 and ffi.offsetof("lp_pktrec", "ifindex") - REC_HDR == 20)
 local ddecode = decode.decode
