@@ -230,7 +230,8 @@ int lp_fnaddr(void *Lv) {
  * helper was behind: it never waits for it).  Mapping a page twice is harmless (a present page is left as it is).
  * A second job of the same kind: bytes [ix_done, ix_goal) of the index's mapping at ix_addr (the slots its next
  * doubling will use, flowtable.lua FT:reserve), stored by the fast path before a kick like `goal`.
- * A refusal (EINVAL on a kernel before 5.14) stops the thread with `err` = errno; the fast path then maps as before.
+ * A refusal (EINVAL on a kernel before 5.14) ends the thread with `err` = errno (release); the fast path then maps
+ * as before and wakes it no more (flowtable.lua reads `err`); lp_prefault_stop joins the ended thread as any other.
  * ------------------------------------------------------------------------ */
 #include <pthread.h>
 #include <stdlib.h>
@@ -277,7 +278,7 @@ static void *lp_prefault_main(void *arg) {
                 uint64_t start = a & ~(uint64_t)4095;
                 uint64_t len = a - start + (uint64_t)(goal - first) * p->size[i];
                 if (madvise((void *)(uintptr_t)start, len, MADV_POPULATE_WRITE) != 0) {
-                    p->err = errno;
+                    __atomic_store_n(&p->err, (int64_t)errno, __ATOMIC_RELEASE);
                     break;
                 }
                 p->calls++;
@@ -291,7 +292,7 @@ static void *lp_prefault_main(void *arg) {
             uint64_t a = p->ix_addr + (uint64_t)id, start = a & ~(uint64_t)4095;
             uint64_t len = a - start + (uint64_t)(ig - id);
             if (madvise((void *)(uintptr_t)start, len, MADV_POPULATE_WRITE) != 0) {
-                p->err = errno;
+                __atomic_store_n(&p->err, (int64_t)errno, __ATOMIC_RELEASE);
             } else {
                 p->calls++;
                 p->pages += (int64_t)((len + 4095) / 4096);
@@ -300,6 +301,7 @@ static void *lp_prefault_main(void *arg) {
         }
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
         p->cpu_ns = (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+        if (p->err != 0) break;               /* refused: every later call would be refused too */
     }
     return NULL;
 }

@@ -10,6 +10,9 @@ not a sleep).  Before: no helper; start_prefaulter did not exist and the fast pa
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -167,3 +170,47 @@ def test_a_forked_child_does_not_wait_for_the_parents_helper(H):
     H.batch(ft, 100, 3000)                         # the parent's helper still answers
     wait_helper(H, ft)
     assert H.pf(ft)[2] == 0 and ft.stop_prefaulter(ft)[b"pages"] > 0
+
+
+REFUSED = r"""
+import time
+from luaprobe.shm.luajit import new_runtime
+from tests.test_flowtable_prefault import LUA
+from tests.test_flowtable_prefault_helper import PF, threads
+H = new_runtime(encoding=None).execute(LUA.replace("return H", PF))
+t0 = threads()
+ft = H.new()
+ok = ft.start_prefaulter(ft, 8192)  # (its first wake, the index's next doubling, may end it before we count)
+assert ok is True, ok
+H.batch(ft, 0, 1)                  # a wake for records: at the latest here its first madvise is refused
+end = time.monotonic() + 60
+while H.pf(ft)[2] == 0:            # its errno, stored when it was refused
+    assert time.monotonic() < end
+    time.sleep(0.001)
+while threads() != t0:             # the helper thread ended (it would be refused every time)
+    assert time.monotonic() < end, ("helper thread still there", threads(), t0)
+    time.sleep(0.001)
+kicks = ft.kicks
+H.batch(ft, 1, 30000)
+assert ft.kicks == kicks, ("the fast path still wakes an ended helper", kicks, ft.kicks)
+assert ft.self_faulted >= 29000 and ft.live == 30000     # it maps (tries to) every chunk itself; every flow is there
+st = ft.stop_prefaulter(ft)                              # joins the ended thread
+assert st[b"err"] == 22 and st[b"pages"] == 0 and ft.pf is None and threads() == t0, st
+print("ok")
+"""
+
+
+@pytest.mark.skipif((shutil.which("cc") or shutil.which("gcc")) is None, reason="needs a C compiler")
+def test_a_kernel_that_refuses_the_advice_ends_the_helper_and_the_fast_path_stops_waking_it(tmp_path):
+    """A kernel before 5.14 refuses MADV_POPULATE_WRITE (EINVAL; made here by an LD_PRELOAD madvise, in a process of
+    its own).  The helper ends at its first refusal (its errno stored) and the fast path, which reads it, wakes it no
+    more: 30 000 flows after that, no eventfd write.  Truth: /proc/self/task and the fast path's own count of wakes.
+    Before: the thread stayed, woken for nothing every span / 2 new flows (27 wakes on flows-100k)."""
+    from tests.test_shards_prefault import NOPOP
+    src, lib = tmp_path / "nopop.c", tmp_path / "nopop.so"
+    src.write_text(NOPOP)
+    subprocess.run([shutil.which("cc") or shutil.which("gcc"), "-shared", "-fPIC", "-O2", "-o", str(lib), str(src),
+                    "-ldl"], check=True)
+    r = subprocess.run([sys.executable, "-c", REFUSED], cwd=helpers.REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, LD_PRELOAD=str(lib)), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

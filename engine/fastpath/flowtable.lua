@@ -737,7 +737,7 @@ function FT:prefault_index()
   local pf = self.pf
   if pf == nil or not self.slot_map then return end
   local goal = math.min(2 * self.size, 2 * self.capacity) * SLOT_SIZE
-  if goal > tonumber(pf.ix_goal) and goal > self.slots_mapped then
+  if goal > tonumber(pf.ix_goal) and goal > self.slots_mapped and pf.err == 0 then   -- err: the helper has ended
     pf.ix_goal = goal
     self.pf_lib.lp_prefault_kick(pf)
     self.kicks = self.kicks + 1
@@ -775,7 +775,7 @@ function FT:prefault(extra)
     -- as far ahead as the records in use, up to `ahead` (a table of a few thousand flows maps no 16 384 records)
     local span = math.min(self.pf_ahead, math.max(PREFAULT, self.hw))
     local goal = tonumber(pf.goal)
-    if 2 * (goal - want) < span and goal < self.capacity then
+    if 2 * (goal - want) < span and goal < self.capacity and pf.err == 0 then   -- err: refused, the helper ended
       pf.goal = math.min(self.capacity, want + span)
       self.pf_lib.lp_prefault_kick(pf)               -- one eventfd write per span / 2 records
       self.kicks = self.kicks + 1
