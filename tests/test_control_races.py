@@ -8,6 +8,7 @@ test checks (between two of its status polls: no socket open) while the supervis
 processes and sockets; the daemon fixture of tests/test_supervisor.py removes every process and segment."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -165,6 +166,33 @@ while true do x = x + 1 end                        -- compiled: the hook budget'
 TrisulPlugin = { id = { name = "never" }, engine_monitor = { onmetronome = function() end } }
 """
 
+@contextlib.contextmanager
+def reloading_into_a_looping_probe(daemon, tmp_path):  # noqa: F811
+    """Start ``daemon`` with one engine_monitor plug-in and [fastpath] hook_budget = 0, rewrite the plug-in into
+    LOOPING (a top level in a compiled endless loop) and run `luaprobe reload`; yields ``(reload, before)`` (the
+    reload client's Popen, still waiting on the probe, and the status before it) once the probe is in its loop.
+    The reload client is killed on the way out if it is still there."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    script = plug / "monitor.lua"
+    script.write_text('TrisulPlugin = { id = { name = "m" }, engine_monitor = { onmetronome = function() end } }\n')
+    daemon.write_config(plugins=[plug])
+    with open(daemon.config, "a") as f:
+        f.write("[fastpath]\nhook_budget = 0\n")
+    r = cli("start", "--config", daemon.config)
+    assert r.returncode == 0, r.stderr
+    daemon.pids.add(control.read_pid(daemon.run_dir))
+    before = daemon.status()
+    script.write_text(LOOPING % str(tmp_path / "looping"))
+    reload = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "reload", "--run-dir",
+                               daemon.run_dir], cwd=helpers.REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    with helpers.killed_when_left(reload):
+        helpers.wait_for(lambda: (tmp_path / "looping").exists() or reload.poll() is not None, 60, 0.01)
+        assert reload.poll() is None, reload.communicate()
+        yield reload, before
+
+
 
 def test_a_reload_whose_probe_outlasts_ten_seconds_gets_its_answer(daemon, tmp_path):  # noqa: F811
     """The supervisor answers a reload after probing the plug-ins, which may take the hook budget (10 s by default)
@@ -267,24 +295,7 @@ def test_status_answers_while_a_reload_probes_a_script_that_never_returns(daemon
     `status` then said "did not answer within 10 s" (a traceback before ea2066b).  Now the probe runs while the
     loop goes on: status answers at once (state running, the probe's pid), and a stop during the probe kills
     it and tells the waiting `reload` (one line, exit 2)."""
-    plug = tmp_path / "plugins"
-    plug.mkdir()
-    script = plug / "monitor.lua"
-    script.write_text('TrisulPlugin = { id = { name = "m" }, engine_monitor = { onmetronome = function() end } }\n')
-    daemon.write_config(plugins=[plug])
-    with open(daemon.config, "a") as f:
-        f.write("[fastpath]\nhook_budget = 0\n")
-    r = cli("start", "--config", daemon.config)
-    assert r.returncode == 0, r.stderr
-    daemon.pids.add(control.read_pid(daemon.run_dir))
-    before = daemon.status()
-    script.write_text(LOOPING % str(tmp_path / "looping"))
-    reload = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "reload", "--run-dir",
-                               daemon.run_dir], cwd=helpers.REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    with helpers.killed_when_left(reload):
-        helpers.wait_for(lambda: (tmp_path / "looping").exists() or reload.poll() is not None, 60, 0.01)
-        assert reload.poll() is None, reload.communicate()
+    with reloading_into_a_looping_probe(daemon, tmp_path) as (reload, before):
         t0 = time.monotonic()
         st = daemon.cli("status", "--json")
         took = time.monotonic() - t0

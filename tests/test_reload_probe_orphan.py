@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 
 import psutil
 
 from luaprobe.engine.daemon import control
 from tests import helpers
-from tests.test_control_races import LOOPING
-from tests.test_supervisor import cli, daemon  # noqa: F401 - the fixture
+from tests.test_control_races import reloading_into_a_looping_probe
+from tests.test_supervisor import daemon  # noqa: F401 - the fixture
 
 
 def gone(pid: int) -> bool:
@@ -26,25 +24,8 @@ def gone(pid: int) -> bool:
 
 
 def test_a_reload_probe_dies_with_its_killed_supervisor(daemon, tmp_path):  # noqa: F811
-    plug = tmp_path / "plugins"
-    plug.mkdir()
-    script = plug / "monitor.lua"
-    script.write_text('TrisulPlugin = { id = { name = "m" }, engine_monitor = { onmetronome = function() end } }\n')
-    daemon.write_config(plugins=[plug])
-    with open(daemon.config, "a") as f:
-        f.write("[fastpath]\nhook_budget = 0\n")
-    r = cli("start", "--config", daemon.config)
-    assert r.returncode == 0, r.stderr
-    sup = control.read_pid(daemon.run_dir)
-    daemon.pids.add(sup)
-    fastpath = daemon.status()["fastpath_pid"]
-    script.write_text(LOOPING % str(tmp_path / "looping"))
-    reload = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "reload", "--run-dir",
-                               daemon.run_dir], cwd=helpers.REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    with helpers.killed_when_left(reload):
-        helpers.wait_for(lambda: (tmp_path / "looping").exists() or reload.poll() is not None, 60, 0.01)
-        assert reload.poll() is None, reload.communicate()
+    with reloading_into_a_looping_probe(daemon, tmp_path) as (reload, before):
+        sup, fastpath = control.read_pid(daemon.run_dir), before["fastpath_pid"]
         probes = [p for p in psutil.Process(sup).children() if "--probe-plugins" in p.cmdline()]
         assert len(probes) == 1, probes
         probe = probes[0].pid
