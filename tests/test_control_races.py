@@ -312,3 +312,38 @@ def test_status_answers_while_a_reload_probes_a_script_that_never_returns(daemon
     assert err.splitlines() == ["luaprobe reload: reload cancelled: the daemon is stopping"], err
     assert not psutil.pid_exists(probe) or psutil.Process(probe).status() == psutil.STATUS_ZOMBIE
     assert not daemon.alive() and not daemon.segments()
+
+
+def test_two_starts_racing_for_a_probed_pidfile_one_starts_the_other_says_already_running(daemon):  # noqa: F811
+    """Two `start`s on one run directory while a `status` probes its pidfile (LOCK_SH): both pass their checks
+    and both supervisors wait for the lock (PidFile.acquire, up to 10 s).  The one that gets it runs; the other
+    waits on, then refuses.  Meanwhile the loser's `start` polled the socket and took the winner's status for its
+    own: "started: supervisor pid WINNER", exit 0 (or, with the winner failing, stopped the winner's daemon).
+    Forced: the shared lock held until both supervisors are seen waiting in /proc/locks.  Exactly one `start`
+    must exit 0 naming its own supervisor; the other exits 2, "already running", naming the winner."""
+    daemon.write_config()
+    holder = hold_pidfile(daemon.run_dir, "LOCK_SH")
+    starts = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(helpers.killed_when_left(holder))
+        for _ in range(2):
+            s = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "start", "--config",
+                                  daemon.config], cwd=helpers.REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+            stack.enter_context(helpers.killed_when_left(s))
+            starts.append(s)
+        pidfile = control.path(daemon.run_dir, control.PIDFILE)
+        helpers.wait_for(lambda: len(flock_waiters(pidfile)) == 2 or any(s.poll() is not None for s in starts),
+                         60, 0.005)
+        assert all(s.poll() is None for s in starts), [s.communicate() for s in starts]
+        daemon.pids.update(flock_waiters(pidfile))           # both supervisors: the leak check covers the loser
+        holder.communicate("go\n", timeout=30)              # the probe is over: one supervisor takes the lock
+        results = [helpers.finish(s, 120) for s in starts]
+    pid = control.read_pid(daemon.run_dir)
+    daemon.pids.add(pid)
+    codes = sorted((s.returncode, out, err) for s, (out, err) in zip(starts, results))
+    assert [c for c, _, _ in codes] == [0, 2], codes
+    assert codes[0][1].startswith(f"started: supervisor pid {pid}, "), codes
+    assert codes[1][2].startswith(f"luaprobe start: already running (supervisor pid {pid}, "), codes
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()

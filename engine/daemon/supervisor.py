@@ -994,6 +994,9 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
         except control.ControlError:            # not listening yet, or busy: the deadline above decides
             time.sleep(0.05)
             continue
+        if st.get("supervisor_pid") != p.pid:   # another supervisor's socket: a racing `start` won the pidfile
+            time.sleep(0.05)                    # while ours waits for it (PidFile.acquire); ours decides (above)
+            continue
         if st.get("loaded") or st["state"].startswith(("stopped", "failed")):
             problems = [x for x in st.get("plugin_problems", []) if "not supported" not in x]
             if not problems and not st["state"].startswith("failed"):
