@@ -419,7 +419,7 @@ def test_stats_jsonl_rotates_by_size(daemon):
     json_lines_backups old files (failed before: the keys did not exist and the file grew without bound)."""
     daemon.start(stats="json_lines_max_mb = 0.002\njson_lines_backups = 2", interval=0.1)
     jl = os.path.join(daemon.run_dir, "stats.jsonl")
-    helpers.wait_for(lambda: os.path.exists(jl + ".2") and os.path.getsize(jl) > 0, 60, 0.1)
+    helpers.wait_for(lambda: os.path.exists(jl + ".2") and size_or_0(jl) > 0, 60, 0.1)
     assert daemon.cli("stop").returncode == 0
     files = sorted(n for n in os.listdir(daemon.run_dir) if n.startswith("stats.jsonl"))
     assert files == ["stats.jsonl", "stats.jsonl.1", "stats.jsonl.2"]
@@ -842,6 +842,14 @@ TrisulPlugin = { id = { name = "chatty" },
 """
 
 
+def size_or_0(path: str) -> int:
+    """The size of ``path``, 0 while it is missing (between a rotation's rename and the new file's creation)."""
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
 def test_supervisor_log_is_rotated_by_size(daemon, tmp_path):
     """[log] max_mb / backups: supervisor.log (the output of every process of the daemon) is rotated like stats.jsonl,
     by the standard library's RotatingFileHandler in the supervisor (engine/daemon/logfile.py): .1 .. .N kept, each
@@ -857,7 +865,7 @@ def test_supervisor_log_is_rotated_by_size(daemon, tmp_path):
     assert r.returncode == 0, r.stderr
     daemon.pids.add(control.read_pid(daemon.run_dir))
     log = os.path.join(daemon.run_dir, control.LOG)
-    helpers.wait_for(lambda: os.path.exists(log + ".2") and os.path.getsize(log) > 2000, 60, 0.1)
+    helpers.wait_for(lambda: os.path.exists(log + ".2") and size_or_0(log) > 2000, 60, 0.1)
     assert daemon.cli("stop").returncode == 0
     assert not os.path.exists(log + ".3")
     numbers = []
