@@ -301,17 +301,20 @@ def request(run_dir: str, cmd: str, timeout: float = 10.0, **args) -> dict:
     return reply
 
 
+def proc_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, T stopped, t traced, Z ...); None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
+
+
 def _no_answer(run_dir: str, timeout: float, what: str) -> str:
     """The text of :class:`NoAnswer`: "the supervisor (pid N) on SOCK did not answer within T s (...)"; the state
     letter of a stopped process (T, t) is named, as the stall rule names it."""
     pid = read_pid(run_dir)
-    state = ""
-    if pid:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0].decode()
-        except (OSError, IndexError):
-            pass
+    state = proc_state(pid) if pid else None
     why = (f"it is stopped (state {state}: SIGSTOP or a debugger)" if state in ("T", "t")
            else "it is busy, or stopped by SIGSTOP or a debugger")
     who = f"the supervisor (pid {pid})" if pid else "the supervisor"

@@ -290,7 +290,7 @@ class Supervisor:
         found = []
         for role, v in self._pids().items():
             for pid in (v if isinstance(v, list) else [v]):
-                if role != "supervisor" and pid and _proc_state(pid) in ("T", "t"):
+                if role != "supervisor" and pid and control.proc_state(pid) in ("T", "t"):
                     found.append(({"shards": "shard", "workers": "worker"}.get(role, role), pid))
         return found
 
@@ -769,15 +769,6 @@ def _stopped_text(role: str, pid: int) -> str:
     """How both stall rules name a process found stopped (Supervisor._stopped_processes): "store process (pid 12)
     stopped (state T)"; the rule adds how long ("; no heartbeat for 5 s" or " for 5 s")."""
     return f"{role} process (pid {pid}) stopped (state T)"
-
-
-def _proc_state(pid: int) -> str | None:
-    """The state letter of /proc/PID/stat (R, S, D, T stopped, t traced, Z ...); None when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return None
 
 
 # ---------------------------------------------------------------- the child: one fast-path run
