@@ -239,12 +239,29 @@ def hold_pidfile(run_dir: str, how: str) -> subprocess.Popen:
 
 
 def flock_waiters(file: str) -> list[int]:
-    """Pids waiting for an exclusive flock on ``file`` (/proc/locks "N: -> FLOCK ADVISORY WRITE PID DEV:INO ...")."""
+    """Pids of supervisors waiting for the exclusive flock on ``file``: a ``luaprobe...supervisor`` process that has
+    ``file`` open (PidFile.acquire keeps it open while it polls for the lock, control._flock_wait) and holds no lock
+    on it (/proc/locks: "N: FLOCK ADVISORY WRITE PID DEV:INO ...").  A blocked flock() also shows there as
+    "N: -> FLOCK ..."; those pids count too."""
     st = os.stat(file)
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders, blocked = set(), set()
     with open("/proc/locks") as f:
-        return [int(w[5]) for w in (line.split() for line in f)
-                if len(w) > 6 and w[1] == "->" and w[2] == "FLOCK" and w[4] == "WRITE" and w[6] == dev]
+        for w in (line.split() for line in f):
+            if len(w) > 6 and w[1] == "->" and w[2] == "FLOCK" and w[4] == "WRITE" and w[6] == dev:
+                blocked.add(int(w[5]))
+            elif len(w) > 5 and w[1] == "FLOCK" and w[5] == dev:
+                holders.add(int(w[4]))
+    opened = set()
+    for p in psutil.process_iter(["cmdline"]):
+        if "luaprobe.engine.daemon.supervisor" not in (p.info["cmdline"] or []) or p.pid in holders:
+            continue
+        try:
+            if any(f.path == file for f in p.open_files()):
+                opened.add(p.pid)
+        except psutil.Error:
+            pass
+    return sorted(opened | blocked)
 
 
 def test_a_start_whose_pidfile_a_status_is_probing_starts(daemon):  # noqa: F811

@@ -136,32 +136,26 @@ class PidFile:
             self.fd = None
 
 
+FLOCK_POLL = 0.005     #: s between two LOCK_NB attempts of :func:`_flock_wait` (a reader holds the lock ~1 ms)
+
+
 def _flock_wait(fd: int, timeout: float) -> bool:
-    """``flock(fd, LOCK_EX)``, waiting at most ``timeout`` s (SIGALRM ends the wait; main thread only); True when
-    taken.  While it waits, /proc/locks lists the request ("-> FLOCK ADVISORY WRITE ...")."""
-    import signal
-
-    class _Late(Exception):
-        pass
-
-    def late(_signum, _frame):
-        raise _Late
-
-    try:
-        old = signal.signal(signal.SIGALRM, late)
-    except ValueError:                  # not the main thread: no waiting
-        return False
-    try:
-        signal.setitimer(signal.ITIMER_REAL, timeout)
+    """``flock(fd, LOCK_EX)``, waiting at most ``timeout`` s; True when taken, False when it was still held at the
+    deadline.  Polled (``LOCK_NB`` against a monotonic deadline, :data:`FLOCK_POLL` between tries, one last try at
+    the deadline), so no signal is needed: any thread may call it, a caller's own SIGALRM handler and timer are left
+    alone, and no timer can fire after the lock is taken.  Errors other than "held" (EAGAIN) are raised (OSError)."""
+    end = time.monotonic() + timeout
+    while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        return True
-    except _Late:
-        return False
-    finally:
-        signal.signal(signal.SIGALRM, old)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(FLOCK_POLL, left))
 
 
 def read_pid(run_dir: str) -> int | None:
