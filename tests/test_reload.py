@@ -277,3 +277,48 @@ def test_one_signal_stops_a_run_whose_plugin_top_level_never_returns(tmp_path):
                                 "has not returned for 2 s (an endless loop?); nothing was read"], err
     assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
     assert not [n for n in segment.list_segments() if segment.owner_pid(n) == p.pid]
+
+
+def test_a_reload_whose_plugin_probe_cannot_start_says_why_and_keeps_the_running_plugins(daemon, tmp_path):  # noqa: F811
+    """The reload's plug-in probe is a child process writing to two temporary files (supervisor.PluginProbe).
+    When they cannot be made (here: the supervisor's TMPDIR removed under it, as a tmp cleaner does; EMFILE or
+    EAGAIN alike), `luaprobe reload` prints the real reason in one line and exits 1, the supervisor goes on with
+    the running fast path and its plug-ins, a SIGHUP reload is refused the same way (logged), and a reload once
+    the directory is back works.  Before: the OSError was answered as "bad request", so the client said "did not
+    get the request"; a SIGHUP reload killed the supervisor ("supervisor internal error")."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    (plug / "monitor.lua").write_text(MONITOR)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    daemon.write_config(plugins=[plug])
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "start", "--config", daemon.config],
+                       cwd=helpers.REPO, capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL,
+                       env=dict(os.environ, TMPDIR=str(tmp)))
+    assert r.returncode == 0, r.stderr
+    daemon.pids.add(control.read_pid(daemon.run_dir))
+    before = daemon.status()
+    assert daemon.cli("reload").returncode == 0         # the probe's files made in TMPDIR (tempfile's choice kept)
+    tmp.rmdir()
+    r = daemon.cli("reload", timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert (r.returncode, r.stderr) == (1, "luaprobe reload: cannot start the plug-in probe: No such file or "
+                                           "directory (the running fast path and its plug-ins are kept; reload "
+                                           "again)\n"), (r.returncode, r.stdout, r.stderr)
+    st = daemon.status()
+    assert (st["state"], st["fastpath_pid"], st["reloads"], st["reload_probe"]) == \
+        ("running", before["fastpath_pid"], 1, None), st
+    log = control.path(daemon.run_dir, control.LOG)
+    os.kill(before["supervisor_pid"], signal.SIGHUP)    # the same reload asked by signal: logged, not fatal
+    helpers.wait_for(lambda: open(log).read().count("reload refused: cannot start the plug-in probe") == 2
+                     or "supervisor internal error" in open(log).read(), 60, 0.05)
+    assert "supervisor internal error" not in open(log).read()
+    st = daemon.status()
+    assert (st["state"], st["supervisor_pid"], st["fastpath_pid"]) == \
+        ("running", before["supervisor_pid"], before["fastpath_pid"]), st
+    tmp.mkdir()
+    r = daemon.cli("reload", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert daemon.status()["reloads"] == 2
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()

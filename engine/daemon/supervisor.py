@@ -75,7 +75,8 @@ class PluginProbe:
     hook budget's interrupt cannot reach it, or with hook_budget = 0 not interrupted at all) is killed and named
     instead of hanging the supervisor (docs/operations.md "Reload").  Started here; the supervisor's loop asks
     :meth:`done` and then :meth:`errors`, and keeps answering status meanwhile.  The child's output goes to
-    temporary files (no pipe to keep drained)."""
+    temporary files (no pipe to keep drained).  Raises OSError when the files or the process cannot be made
+    (EMFILE, ENOSPC, EAGAIN, a removed TMPDIR), with nothing left open."""
 
     def __init__(self, cfg):
         import tempfile
@@ -85,10 +86,18 @@ class PluginProbe:
         self.started = time.time()
         spec = json.dumps({"paths": cfg["plugins"]["paths"], "lua_path": cfg["plugins"]["lua_path"],
                            "budget": budget, "parent": os.getpid()})
-        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        self.p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--probe-plugins", spec],
-                                  stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err, text=True,
-                                  cwd=os.path.dirname(cfg.path) or None)
+        files = []
+        try:                                    # OSError (no fd, no space, no process: EMFILE, ENOSPC, EAGAIN) is
+            for _ in range(2):                  # raised with nothing left open (Supervisor.request_reload says it)
+                files.append(tempfile.TemporaryFile("w+"))
+            self.out, self.err = files
+            self.p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--probe-plugins",
+                                       spec], stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err, text=True,
+                                      cwd=os.path.dirname(cfg.path) or None)
+        except BaseException:
+            for f in files:
+                f.close()
+            raise
 
     def done(self) -> bool:
         """The probe ended, or its deadline has passed."""
@@ -419,7 +428,8 @@ class Supervisor:
     def request_reload(self, conn=None) -> dict | None:
         """Re-validate the config and the plug-ins, then reload (docs/operations.md "Reload").  A reply
         ``{"ok": False, "error": ..., "exit": code}`` leaves the running fast path alone: an invalid config
-        (exit 2) or a plug-in that fails to load (exit 4, ``errors``: one ``file:line: message`` each).
+        (exit 2), a plug-in that fails to load (exit 4, ``errors``: one ``file:line: message`` each), or a probe
+        that cannot be started (exit 1: "cannot start the plug-in probe: STRERROR ...", logged as "reload refused").
         ``notes``: settings that only take effect at the next start (RESTART_ONLY).
         The plug-ins are probed in a child process (:class:`PluginProbe`) while the loop goes on (status answered,
         the fast path watched): None is returned then, and the reply goes to ``conn`` (a client's connection,
@@ -432,11 +442,17 @@ class Supervisor:
             return {"ok": False, "error": f"reload refused, configuration invalid: {e}", "exit": EXIT_USAGE}
         if self.mode != "run":
             return {"ok": False, "error": f"cannot reload while {self.state}", "exit": EXIT_USAGE}
+        if self.probe is None:
+            try:
+                self.probe, self.probe_cfg = PluginProbe(cfg), cfg
+            except OSError as e:                # no process or temporary file for it (EAGAIN, EMFILE, ENOSPC, ...)
+                why = (f"cannot start the plug-in probe: {e.strerror or e} (the running fast path and its plug-ins "
+                       "are kept; reload again)")
+                log.error("reload refused: %s", why)
+                return {"ok": False, "error": why, "exit": EXIT_INTERNAL}
+            log.info("reload: probing the plug-ins (pid %d, deadline %g s)", self.probe.p.pid, self.probe.deadline)
         if conn is not None:
             self.reload_waiters.append(conn)
-        if self.probe is None:
-            self.probe, self.probe_cfg = PluginProbe(cfg), cfg
-            log.info("reload: probing the plug-ins (pid %d, deadline %g s)", self.probe.p.pid, self.probe.deadline)
         return None
 
     def _poll_reload(self) -> None:
