@@ -44,7 +44,7 @@ end
 -- FFI field loads and stores do not alias Lua table stores.  The objects stay Lua tables with the Trisul methods.
 if not pcall(ffi.typeof, "lp_pobj") then
   ffi.cdef[[
-typedef struct { lp_pkt *b; int32_t i; int32_t fid_ok; } lp_pobj;          /* Packet: entry i of batch b */
+typedef struct { lp_pkt *b; int32_t i; } lp_pobj;                         /* Packet: entry i of batch b */
 typedef struct { lp_pobj *p; int32_t i; } lp_lobj;                         /* Layer: layer i of packet p */
 typedef struct { lp_pkt *b; int32_t i, pos; double now, usec, floor, tus; int32_t nfc; } lp_engine_clock;   /* engine.lua */
 ]]
@@ -144,7 +144,7 @@ end
 --- Point a Packet object's struct c (lp_pobj, the object's _c) at entry i of batch b: bind_packet without the
 --- object (the simplecounter walk keeps the struct: host.lua sc_pick).
 local function bind_struct(c, b, i)
-  c.b, c.i, c.fid_ok = b, i, 0     -- fid_ok 0: the object's _flowid is another packet's (Packet:flowid)
+  c.b, c.i = b, i
 end
 M.bind_struct = bind_struct
 
@@ -162,7 +162,7 @@ local function P(self)
 end
 M.entry = P
 
-function M.new_packet() return with_methods({ _c = new_pobj(nil, -1, 0) }, Packet) end
+function M.new_packet() return with_methods({ _c = new_pobj(nil, -1) }, Packet) end
 
 function Packet:timestamp()
   local p = P(self)
@@ -208,53 +208,60 @@ function Packet:find_layer(guid)
   if i < 0 then return nil end
   return layer_at(self, i)
 end
--- FlowID objects of recent flows, direct-mapped by the flow's record index in the flow table (p.flow, modulo
--- FID_SLOTS), each holding the flow's unique id (p.flow_uid, never reused): a script calling packet:flowid()
--- on every packet formats the key string once per flow, not once per packet, and a known flow's FlowID is one
--- array load and one compare away (no hash of the unique id, no table growing or rotating).  A record index the
--- flow table reuses for a new flow, or one FID_SLOTS apart, replaces the slot's object: the old one stays valid
--- for a script that kept it (an immutable value object: only its parsed parts are filled in lazily).  Memory
--- stays bounded: at most FID_SLOTS objects.
+-- The key strings of recent flows, direct-mapped by the flow's record index in the flow table (p.flow, modulo
+-- FID_SLOTS): fid[2s] the key of the flow last seen in slot s, fid[2s + 1] that flow's unique id (p.flow_uid,
+-- never reused), side by side in one array (one cache line for the check and the key).  A script calling
+-- packet:flowid() on every packet formats and interns the key string once per flow, not once per packet.  A record
+-- index the flow table reuses for a new flow, or one FID_SLOTS apart, replaces the slot's key: the old string is
+-- then the collector's (or the script's, if it kept it).  Memory stays bounded: at most FID_SLOTS strings.
+--
+-- The FlowID itself is a new { key, uid } table per call (issue 10): a hook that only calls its methods
+-- (`packet:flowid():id()`, the usual shape) lets LuaJIT sink the table out of the compiled walk (no allocation,
+-- no object to load per packet), where a cached object per flow was one allocation per new flow and a dependent
+-- cache miss per known flow.  Two FlowIDs of one flow compare equal (__eq); a script may keep either.
 local FID_SLOTS = 131072
 local fid = {}
-local fid_made = 0       -- FlowIDs made and cached so far (touch_flowids works from TOUCH_FROM on)
-local TOUCH_FROM = 16384  -- ~16 000 flows' FlowIDs and keys (~2.5 MiB) no longer stay in a core's cache
+local fid_made = 0       -- keys made and cached so far (touch_flowids works from TOUCH_FROM on)
+local TOUCH_FROM = 16384  -- ~16 000 flows' keys (~1.3 MiB, and the cache's array) no longer stay in a core's cache
 
-local function cached_flowid(p)
-  local uid = p.flow_uid
-  if uid <= 0 then return M.flowid(p.d) end       -- non-IP / untracked: not cached
-  local s = band(p.flow, FID_SLOTS - 1)
-  local f = fid[s]
-  if f ~= nil and f[2] == uid then return f end
-  f = setmetatable({ flowkey(p.d), uid }, FlowID)
-  fid[s] = f
-  fid_made = fid_made + 1
-  return f
-end
+FlowID.__eq = function(a, b) return a[1] == b[1] end
 
---- Load the cached FlowIDs of packets 0 .. n-1 of batch b (lp_pkt *), and their key strings, before a walk
---- (issue 10).  With many flows each is a cache miss or three (the slot, the object, the string a script
+--- Load the cached key and unique id of packets 0 .. n-1 of batch b (lp_pkt *), and the key strings' headers,
+--- before a walk (issue 10).  With many flows each is a cache miss or two (the slot, the string a script
 --- indexes its state by); here the loads of different packets do not depend on each other, so the CPU overlaps
 --- their misses, and the hook's flowid():id() then finds them in cache (the flow table's touch loops do the same,
---- engine/fastpath/flowtable.lua).  Only once this VM has made TOUCH_FROM FlowIDs: with fewer flows they stay in
+--- engine/fastpath/flowtable.lua).  Only once this VM has made TOUCH_FROM keys: with fewer flows they stay in
 --- cache and the loop would only cost (~5 ns per packet).  The sum it makes is kept in M.touched so that the
 --- loads are not optimised away.
 function M.touch_flowids(b, n)
   if fid_made < TOUCH_FROM then return end
   local t, s = fid, 0
   for k = 0, n - 1 do
-    local f = t[band(b[k].flow, FID_SLOTS - 1)]
-    if f then s = s + f[2] + #f[1] end
+    local j = 2 * band(b[k].flow, FID_SLOTS - 1)
+    local u = t[j + 1]
+    if u then s = s + u + #t[j] end
   end
   M.touched = s
 end
 
+--- The packet's FlowID: { key string, flow unique id } with the FlowID metatable; the key is the slot's cached
+--- string when the slot holds this flow (its unique id), else formatted now (decode.flowkey) and cached.  A packet
+--- without a tracked flow (non-IP, uid 0) gets a FlowID of its own key, not cached.
 function Packet:flowid()
   local c = self._c
-  if c.fid_ok ~= 0 then return self._flowid end
-  local f = cached_flowid(c.b[c.i])
-  self._flowid, c.fid_ok = f, 1
-  return f
+  local p = c.b[c.i]
+  local uid = p.flow_uid
+  if uid <= 0 then return M.flowid(p.d) end
+  local t, j = fid, 2 * band(p.flow, FID_SLOTS - 1)
+  local k
+  if t[j + 1] == uid then
+    k = t[j]
+  else
+    k = flowkey(p.d)
+    t[j], t[j + 1] = k, uid
+    fid_made = fid_made + 1
+  end
+  return setmetatable({ k, uid }, FlowID)
 end
 function Packet:originid() return P(self).ifindex end
 function Packet:set_packetstore_policy() end
