@@ -382,7 +382,7 @@ function M.new(opts)
     on_renew = nil,                  -- function(idx): a record about to start again (port reuse)
     _scratch = decode.new(),
     kone = ffi.new("lp_fkey"),       -- update()'s key
-    nkeys = 0,                       -- update_batch's scratch: keys[nkeys], miss[nkeys] (made below)
+    nkeys = 0,                       -- update_batch's scratch: keys[nkeys], miss[nkeys], missj[nkeys] (made below)
     touched = 0,                     -- update_batch's touch loops' result (kept, so the loads are)
   }, FT)
   if self.slot_map then
@@ -392,7 +392,8 @@ function M.new(opts)
   ffi.fill(self.slots, size * ffi.sizeof("lp_slot"), 0xff)   -- idx -1: empty
   self.fw = cast(i32_ptr, self.flows)        -- the records as int32 words (probe, new_flow)
   local nb = opts.batch or 1025              -- the driver's batch (1024) + a reassembled datagram; grown on demand
-  self.keys, self.miss, self.nkeys = ffi.new("lp_fkey[?]", nb), ffi.new("int32_t[?]", nb), nb
+  self.keys, self.miss, self.missj, self.nkeys = ffi.new("lp_fkey[?]", nb), ffi.new("int32_t[?]", nb),
+    ffi.new("int32_t[?]", nb), nb
   local sen = self.cold[cap]                 -- the age list is circular through it
   sen.aprev, sen.anext = cap, cap
   self.lru[cap].prev, self.lru[cap].next = cap, cap
@@ -612,6 +613,24 @@ local function probe(self, kw, o)
       j = band(j + 1, mask)
       x = slots[j].idx
     until x < 0 or (slots[j].hash == h and key_eq(fw, x * FLOW_WORDS, kw, o))
+  end
+  return j, x
+end
+
+--- Go on along a probe chain from slot j, whose earlier slots hold other keys (probe returned j as the chain's
+--- empty end, and only empty slots were filled since): returns (slot, flow index) as probe does — the slot of the
+--- key, or the next empty slot and -1.  An empty j (the common case: no earlier packet of the batch took it) reads
+--- one slot; the loop is bounded as probe's.
+local function probe_on(self, kw, o, j)
+  local slots, mask = self.slots, self.mask
+  local x = slots[j].idx
+  if x >= 0 then
+    local fw, h = self.fw, kw[o + 10]
+    while not (slots[j].hash == h and key_eq(fw, x * FLOW_WORDS, kw, o)) do
+      j = band(j + 1, mask)
+      x = slots[j].idx
+      if x < 0 then break end
+    end
   end
   return j, x
 end
@@ -1035,9 +1054,10 @@ end
 --- above.  flow = -1 for non-IP, -2 when the table was full.
 function FT:update_batch(b, n)
   if n > self.nkeys then
-    self.keys, self.miss, self.nkeys = ffi.new("lp_fkey[?]", n), ffi.new("int32_t[?]", n), n
+    self.keys, self.miss, self.missj, self.nkeys = ffi.new("lp_fkey[?]", n), ffi.new("int32_t[?]", n),
+      ffi.new("int32_t[?]", n), n
   end
-  local keys, miss = self.keys, self.miss
+  local keys, miss, missj = self.keys, self.miss, self.missj
   local kw = cast(i32_ptr, keys)
   local flows, cold = self.flows, self.cold
   -- 1. lookup (read-only).  a: keys and hashes; p.flow = 0 marks a packet to look up
@@ -1081,9 +1101,9 @@ function FT:update_batch(b, n)
   local nmiss = 0
   for k = 0, n - 1 do
     if b[k].flow == 0 then     -- no reference to b[k] kept across the probe (see probe)
-      local _, x = probe(self, kw, k * KEY_WORDS)
-      miss[nmiss] = k                         -- kept when x < 0 (a new flow); no branch: see probe
-      nmiss = nmiss + rshift(x, 31)
+      local j, x = probe(self, kw, k * KEY_WORDS)
+      miss[nmiss], missj[nmiss] = k, j        -- kept when x < 0 (a new flow): the empty slot that ended its chain;
+      nmiss = nmiss + rshift(x, 31)           -- no branch: see probe
       b[k].flow = x
     end
   end
@@ -1099,13 +1119,22 @@ function FT:update_batch(b, n)
     end
     self.touched = t
   end
-  -- 2. insertion of the new flows (the index grows first, never while probing)
+  -- 2. insertion of the new flows (the index grows first, never while probing).  Each goes on from the empty slot
+  -- that ended its probe (probe_on): this batch's earlier insertions only filled empty slots, so the chain before
+  -- that slot is unchanged, and the same key inserted by an earlier packet of the batch is at that slot or after it.
+  -- A grown index moved every chain: then the slots are found again first (the batches where the index doubles).
   if nmiss > 0 then
+    local size = self.size
     self:reserve(nmiss)
     self:prefault(nmiss)
+    if self.size ~= size then
+      for r = 0, nmiss - 1 do
+        missj[r] = probe(self, kw, miss[r] * KEY_WORDS)
+      end
+    end
     for m = 0, nmiss - 1 do
       local k = miss[m]
-      local j, x = probe(self, kw, k * KEY_WORDS)
+      local j, x = probe_on(self, kw, k * KEY_WORDS, missj[m])
       if x < 0 then
         local p = b[k]
         x = new_flow(self, kw, k * KEY_WORDS, j, p.ts_sec + p.ts_nsec * 1e-9, p.ts_sec)
