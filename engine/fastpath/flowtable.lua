@@ -603,9 +603,13 @@ local function probe(self, kw, o)
   local h = kw[o + 10]
   local j = band(h, mask)
   local x = slots[j].idx
-  -- the home slot: other = 1 when it holds another key (occupied, and its hash or key differs); an empty slot's
-  -- record index -1 reads record 0 instead (a valid address; its comparison is masked out)
-  local diff = bor(bxor(slots[j].hash, h), key_diff(fw, band(x, bnot(arshift(x, 31))) * FLOW_WORDS, kw, o))
+  -- the home slot: other = 1 when it holds another key (occupied, and its hash or key differs); the key compared is
+  -- the slot's record only when the hashes are equal, else (and for an empty slot's record index -1) record 0's, a
+  -- valid address whose comparison is masked out: a new flow whose home slot holds another flow reads no record
+  -- (with many flows a cache miss each, which update_batch's touch loop no longer takes for it either)
+  local hd = bxor(slots[j].hash, h)
+  local r = band(x, bnot(arshift(x, 31)), rshift(bor(hd, 0 - hd), 31) - 1)
+  local diff = bor(hd, key_diff(fw, r * FLOW_WORDS, kw, o))
   local other = band(bnot(rshift(x, 31)), rshift(bor(diff, 0 - diff), 31))
   if other ~= 0 then
     -- bounded: the index is at most half full, so an empty slot ends every chain
@@ -1076,7 +1080,9 @@ function FT:update_batch(b, n)
     p.flow = x
   end
   -- b: with more flows than the caches hold, touch the index slot of every packet, then the hot record
-  -- each slot points to (both its cache lines) and its LRU links: independent loads in loops of a few instructions, so the
+  -- each slot points to when it holds the packet's hash (both its cache lines; another flow's record, the home slot
+  -- of most new flows once the index fills, is not what the probe reads: it compares hashes first) and its LRU
+  -- links: independent loads in loops of a few instructions, so the
   -- CPU overlaps their cache misses across packets instead of paying them one after the other in the
   -- probe (with 100 000 flows each is a miss; a stale key of a non-IP packet touches a valid slot;
   -- an empty slot, idx -1, touches the sentinel: x + band(arshift(x, 31), sen - x) is sen for x < 0)
@@ -1090,7 +1096,10 @@ function FT:update_batch(b, n)
     end
     local fw = self.fw
     for k = 0, n - 1 do
-      local x = slots[band(kw[k * KEY_WORDS + 10], mask)].idx
+      local h = kw[k * KEY_WORDS + 10]
+      local s = slots[band(h, mask)]
+      local x, hd = s.idx, bxor(s.hash, h)
+      x = bor(x, 0 - rshift(bor(hd, 0 - hd), 31))   -- -1 (the sentinel) when the slot's hash is not the packet's
       local i = x + band(arshift(x, 31), sen - x)
       local f = i * FLOW_WORDS
       t = bxor(t, fw[f], fw[f + 16], lru[i].prev)
