@@ -472,15 +472,18 @@ end
 -- traces of the others are small and compile:
 --   1. lookup   key, direction and hash of every packet into a flat scratch
 --               array (lp_fkey); then two loops of a few loads that touch
---               each packet's index slot and the record it points to, so
+--               each packet's index slot and the record it points to
+--               when the slot holds the packet's hash, so
 --               the cache misses of the whole batch overlap (with 100 000
 --               flows nearly each is a miss); then the read-only probe of
 --               the index: the flow index or -1 (miss; the packet number
---               goes on a miss list); then, with as many flows, a loop
+--               and the empty slot that ended its chain go on a miss list);
+--               then, with as many flows, a loop
 --               touching the LRU links of each packet's flow and of its
 --               two list neighbours (what loop 3 writes when it moves it);
---   2. insert   only the misses: probe again (an earlier packet of the same
---               batch may have created the flow) and create the record;
+--   2. insert   only the misses: from the empty slot that ended the miss's
+--               probe (probe_on: an earlier packet of the same batch may
+--               have created the flow there or further on), create the record;
 --   3. account  per packet, in packet order: for a SYN without ACK (one
 --               test) the port-reuse check (renew_if_reused); last_ts,
 --               packets, bytes, payload (account, straight line); for a TCP
