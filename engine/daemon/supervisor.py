@@ -942,7 +942,8 @@ def cmd_start(args) -> int:
     os.set_blocking(refusals, False)
     from luaprobe.shm.exits import StartupStop
     try:
-        code = _wait_loaded(run_dir, p, timeout=60, refusals=refusals)
+        code = _wait_loaded(run_dir, p, timeout=60, refusals=refusals,
+                            stop_deadline=float(cfg["supervise"]["stop_deadline"]))
     except StartupStop as e:                  # the daemon started here is stopped too (it runs in its own session)
         return _stop_started(run_dir, p, e)
     finally:
@@ -970,9 +971,11 @@ def _stop_started(run_dir: str, p: subprocess.Popen, e) -> int:
     return 128 + e.signum
 
 
-def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: int | None = None) -> int:
+def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: int | None = None,
+                 stop_deadline: float = 20.0) -> int:
     """`start` waits until the fast path has loaded its plug-ins: 0 when it runs cleanly; else the error is
-    printed as `luaprobe run` prints it and the daemon is stopped (nothing half-started): 2, 3 or 4.
+    printed as `luaprobe run` prints it and the daemon is stopped (nothing half-started, :func:`_stop_quietly`;
+    ``stop_deadline``: the config's [supervise] stop_deadline): 2, 3 or 4.
     ``refusals``: the read end of the supervisor's ``--refusal-fd`` pipe: a supervisor that refused to start (a
     link planted in the run directory after the checks here, say) wrote its one line there and exited 2."""
     log_path = control.path(run_dir, control.LOG)
@@ -1014,8 +1017,9 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
                 print(f"luaprobe start: plug-in problem: {one_line(x)}", file=sys.stderr)
             if st["state"].startswith("failed"):
                 print(f"luaprobe start: {one_line(st.get('last_error') or st['state'])}", file=sys.stderr)
-            _stop_quietly(run_dir, st)
-            print(f"luaprobe start: not started: fix the problem and start again (log {log_path})", file=sys.stderr)
+            still = _stop_quietly(run_dir, p, stop_deadline)
+            print(f"luaprobe start: {still}" if still else
+                  f"luaprobe start: not started: fix the problem and start again (log {log_path})", file=sys.stderr)
             return EXIT_PLUGIN if problems else (st.get("last_exit_code") or EXIT_INTERNAL)
         time.sleep(0.05)
     print(f"luaprobe start: the fast path did not finish loading its plug-ins within {timeout:g} s "
@@ -1055,13 +1059,29 @@ def refuse(message: str) -> int:
     return EXIT_USAGE
 
 
-def _stop_quietly(run_dir: str, st: dict) -> None:
-    pid = control.read_pid(run_dir)
+def _stop_quietly(run_dir: str, p: subprocess.Popen, stop_deadline: float = 20.0) -> str | None:
+    """Stop the daemon this `start` started (its supervisor ``p``) and wait until it is gone: None then.  The stop is
+    asked on the control socket; when that request fails in any way (control.ControlError: no answer within 10 s, a
+    connection reset while ``p`` lives, a reply that is not JSON, a socket we may not open), ``p`` gets SIGTERM,
+    the same graceful stop.  The wait: ``stop_deadline`` + 15 s.  Still running after it (frozen, or it ignored the
+    signal): one line naming why and its pid, for `start` to print instead of "not started"."""
+    why = None
     try:
         reply = control.request(run_dir, "stop")
-    except control.NotRunning:
-        return
-    _wait_gone(run_dir, reply.get("stop_deadline", 20) + 15, pid)
+        wait = float(reply.get("stop_deadline") or stop_deadline) + 15
+    except control.ControlError as e:   # NotRunning, NoAnswer, or a failed request (docs/operations.md "Exit codes")
+        why, wait = str(e), stop_deadline + 15
+        if p.poll() is None and isinstance(e, control.NotRunning) and _wait_gone(run_dir, 2.0, p.pid):
+            why = None                  # it was exiting already (its socket closed on the way out)
+        elif p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+    if p.poll() is not None or _wait_gone(run_dir, wait, p.pid):
+        return None
+    return (f"the daemon it started did not stop ({why or 'the stop was asked'}; still running {wait:g} s later): "
+            f"supervisor pid {p.pid}; stop it with `luaprobe stop --run-dir {run_dir}` or kill -TERM {p.pid}")
 
 
 def _wait_gone(run_dir: str, timeout: float, pid: int | None = None) -> bool:
