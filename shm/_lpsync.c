@@ -232,6 +232,12 @@ int lp_fnaddr(void *Lv) {
  * doubling will use, flowtable.lua FT:reserve), stored by the fast path before a kick like `goal`.
  * A refusal (EINVAL on a kernel before 5.14) ends the thread with `err` = errno (release); the fast path then maps
  * as before and wakes it no more (flowtable.lua reads `err`); lp_prefault_stop joins the ended thread as any other.
+ *
+ * fork: the eventfd is made EFD_CLOEXEC (an exec'd child never holds it), and a pthread_atfork child handler
+ * closes a forked child's copy of every live helper's eventfd at once (lp_pf_child): the child has no helper
+ * thread, and its copy would otherwise stay open for the child's life and let its kicks wake the parent's thread.
+ * The child's copy reads err = ECHILD, so its fast path (flowtable.lua reads `err`) wakes no helper and maps by
+ * itself; its lp_prefault_stop only frees the copy.
  * ------------------------------------------------------------------------ */
 #include <pthread.h>
 #include <stdlib.h>
@@ -255,7 +261,30 @@ typedef struct {
     int64_t ix_goal, ix_done;
     pthread_t thread;
     pid_t pid;                            /* the process that started the thread (a forked child has no such thread) */
+    /* not in flowtable.lua's cdef (a prefix of this struct): the list of live helpers, for the fork handler */
+    void *next;
 } lp_prefaulter;
+
+static pthread_mutex_t lp_pf_lock = PTHREAD_MUTEX_INITIALIZER;
+static lp_prefaulter *lp_pf_live;         /* the helpers this process started and has not stopped (under lp_pf_lock) */
+static pthread_once_t lp_pf_once = PTHREAD_ONCE_INIT;
+
+static void lp_pf_prepare(void) { pthread_mutex_lock(&lp_pf_lock); }
+static void lp_pf_parent(void) { pthread_mutex_unlock(&lp_pf_lock); }
+
+/* In a forked child (async-signal-safe: close and plain stores): every live helper's eventfd copy closed, its err
+ * ECHILD; the list emptied (the copies are the child's to free, in lp_prefault_stop). */
+static void lp_pf_child(void) {
+    for (lp_prefaulter *p = lp_pf_live; p != NULL; p = p->next) {
+        if (p->efd >= 0) close(p->efd);
+        p->efd = -1;
+        if (__atomic_load_n(&p->err, __ATOMIC_RELAXED) == 0) __atomic_store_n(&p->err, (int64_t)ECHILD, __ATOMIC_RELEASE);
+    }
+    lp_pf_live = NULL;
+    pthread_mutex_unlock(&lp_pf_lock);
+}
+
+static void lp_pf_atfork(void) { pthread_atfork(lp_pf_prepare, lp_pf_parent, lp_pf_child); }
 
 static void *lp_prefault_main(void *arg) {
     lp_prefaulter *p = arg;
@@ -316,10 +345,20 @@ lp_prefaulter *lp_prefault_start(int64_t cap, int64_t from, int32_t narrays, con
     p->goal = p->done = p->self = from;
     p->narrays = narrays;
     for (int i = 0; i < narrays; i++) { p->addr[i] = (uint64_t)addr[i]; p->size[i] = (uint64_t)size[i]; }
+    pthread_once(&lp_pf_once, lp_pf_atfork);
+    pthread_mutex_lock(&lp_pf_lock);          /* no fork between the eventfd and its entry in the list */
     p->efd = eventfd(0, EFD_CLOEXEC);
-    if (p->efd < 0) { free(p); return NULL; }
+    if (p->efd < 0) { pthread_mutex_unlock(&lp_pf_lock); free(p); return NULL; }
     p->pid = getpid();
-    if (pthread_create(&p->thread, NULL, lp_prefault_main, p) != 0) { close(p->efd); free(p); return NULL; }
+    if (pthread_create(&p->thread, NULL, lp_prefault_main, p) != 0) {
+        pthread_mutex_unlock(&lp_pf_lock);
+        close(p->efd);
+        free(p);
+        return NULL;
+    }
+    p->next = lp_pf_live;
+    lp_pf_live = p;
+    pthread_mutex_unlock(&lp_pf_lock);
     return p;
 }
 
@@ -331,13 +370,22 @@ int lp_prefault_abi(void) { return 2; }
 /* Wake the helper after raising p->goal (one eventfd write: the wakes coalesce until it reads). */
 void lp_prefault_kick(lp_prefaulter *p) {
     uint64_t one = 1;
+    if (p->efd < 0) return;                   /* a forked child's copy (lp_pf_child): no helper to wake */
     if (write(p->efd, &one, sizeof one) < 0) { /* the counter cannot overflow at one write per wake */ }
 }
 
 /* Stop and join the helper, then free it (p is invalid afterwards).  Before the arrays it maps are unmapped. */
 void lp_prefault_stop(lp_prefaulter *p) {
     if (p == NULL) return;
-    if (getpid() != p->pid) { free(p); return; }   /* a forked child's copy: the thread and its wake are the parent's */
+    if (getpid() != p->pid) {                 /* a forked child's copy: the thread and its wake are the parent's */
+        if (p->efd >= 0) close(p->efd);       /* (already closed by lp_pf_child, unless forked without handlers) */
+        free(p);
+        return;
+    }
+    pthread_mutex_lock(&lp_pf_lock);
+    for (lp_prefaulter **q = &lp_pf_live; *q != NULL; q = (lp_prefaulter **)&(*q)->next)
+        if (*q == p) { *q = p->next; break; }
+    pthread_mutex_unlock(&lp_pf_lock);
     __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
     lp_prefault_kick(p);
     pthread_join(p->thread, NULL);

@@ -28,6 +28,8 @@ AHEAD = 8192
 PF = r"""
 -- the helper's words as numbers: done, goal, errno
 function H.pf(ft) return tonumber(ft.pf.done), tonumber(ft.pf.goal), tonumber(ft.pf.err) end
+-- the helper's eventfd (its number in this process; -1 in a forked child's copy)
+function H.efd(ft) return tonumber(ft.pf.efd) end
 return H"""
 
 
@@ -167,6 +169,52 @@ def test_a_forked_child_does_not_wait_for_the_parents_helper(H):
             pytest.fail("the forked child hung stopping the prefault helper")
         time.sleep(0.01)
     assert os.waitstatus_to_exitcode(status) == 0
+    H.batch(ft, 100, 3000)                         # the parent's helper still answers
+    wait_helper(H, ft)
+    assert H.pf(ft)[2] == 0 and ft.stop_prefaulter(ft)[b"pages"] > 0
+
+
+def test_a_forked_child_closes_its_copy_of_the_helpers_eventfd_and_wakes_nothing(H):
+    """The helper's eventfd is close-on-exec; a child forked without exec got a copy all the same, open for its
+    whole life, and its fast path's wakes went into it (the parent's helper).  Now the fork handler closes the copy
+    in the child at once (/proc/self/fd of the child: that fd number is not open there; its copy of the struct reads
+    efd -1, err ECHILD), the child's fast path wakes nothing and maps its records itself, and the parent's helper and
+    eventfd go on.  Before: the child held the parent's eventfd (anon_inode:[eventfd]) and woke it 18 times here."""
+    import json
+    ft = H.new()
+    assert ft.start_prefaulter(ft, AHEAD) is True
+    H.batch(ft, 0, 100)
+    wait_helper(H, ft)
+    efd = H.efd(ft)
+    assert os.readlink(f"/proc/self/fd/{efd}") == "anon_inode:[eventfd]"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # the child: look, work, report on the pipe, leave at once
+        try:
+            os.close(r)
+            try:
+                link = os.readlink(f"/proc/self/fd/{efd}")
+            except OSError:
+                link = None
+            kicks = ft.kicks
+            H.batch(ft, 100, 20000)
+            seen = {"link": link, "efd": H.efd(ft), "err": H.pf(ft)[2], "kicks": ft.kicks - kicks,
+                    "self_faulted": ft.self_faulted, "live": ft.live}
+            st = ft.stop_prefaulter(ft)
+            seen["stop_err"] = st[b"err"]
+            os.write(w, json.dumps(seen).encode())
+            os._exit(0)
+        finally:
+            os._exit(1)
+    os.close(w)
+    with os.fdopen(r) as f:
+        seen = json.loads(f.read() or "{}")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, seen
+    assert seen["link"] is None, seen                           # the child's copy was closed at the fork
+    assert (seen["efd"], seen["err"], seen["stop_err"], seen["kicks"]) == (-1, 10, 10, 0), seen   # ECHILD
+    assert seen["live"] == 20000 and seen["self_faulted"] >= 19000, seen   # it mapped its records itself
+    assert os.readlink(f"/proc/self/fd/{efd}") == "anon_inode:[eventfd]" and H.efd(ft) == efd
     H.batch(ft, 100, 3000)                         # the parent's helper still answers
     wait_helper(H, ft)
     assert H.pf(ft)[2] == 0 and ft.stop_prefaulter(ft)[b"pages"] > 0
