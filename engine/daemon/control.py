@@ -164,12 +164,15 @@ def read_pid(run_dir: str) -> int | None:
     A supervisor writes its pid just after it takes the lock (:meth:`PidFile.acquire`): a file found locked but
     still empty (or with a stale pid being replaced) is read from the kernel's lock table instead
     (:func:`_lock_holder`), so that a `start` or `status` at that moment does not take a running supervisor for
-    none."""
+    none.  A pidfile (or run directory) we may not read (another user's daemon: EACCES) raises :class:`ControlError`
+    naming it, so that every command says so in one line (cli._daemon_command) instead of a traceback."""
     p = path(run_dir, PIDFILE)
     try:
         fd = os.open(p, os.O_RDONLY)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        raise ControlError(f"cannot read {p}: {e.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -222,7 +225,9 @@ def listen(run_dir: str) -> socket.socket:
 
 
 def read_request(conn: socket.socket, timeout: float = 2.0) -> dict:
-    """One JSON line from a client connection."""
+    """One JSON object line from a client connection ({} when it sent nothing).  ValueError: not JSON, not UTF-8,
+    or JSON that is not an object (``[1]``, ``"stop"``); OSError (TimeoutError): the line did not come whole within
+    ``timeout`` s.  The supervisor answers both as a bad request (Supervisor._handle)."""
     conn.settimeout(timeout)
     buf = b""
     while b"\n" not in buf and len(buf) < MAX_LINE:
@@ -230,7 +235,10 @@ def read_request(conn: socket.socket, timeout: float = 2.0) -> dict:
         if not chunk:
             break
         buf += chunk
-    return json.loads(buf.split(b"\n", 1)[0] or b"{}")
+    req = json.loads(buf.split(b"\n", 1)[0] or b"{}")
+    if not isinstance(req, dict):
+        raise ValueError(f"a JSON {type(req).__name__}, not an object like {{\"cmd\": \"status\"}}")
+    return req
 
 
 def send_reply(conn: socket.socket, reply: dict) -> None:
@@ -333,11 +341,12 @@ def write_json(file: str, obj) -> None:
 
 
 def read_json(file: str):
-    """The JSON in ``file`` or None (missing, being replaced, or damaged: not JSON, not UTF-8)."""
+    """The JSON in ``file`` or None (missing, being replaced, or damaged: not JSON, not UTF-8; or not readable now:
+    EMFILE in a supervisor out of file descriptors, EACCES, EIO, a directory)."""
     try:
         with open(file) as f:
             return json.load(f)
-    except (FileNotFoundError, ValueError):     # json.JSONDecodeError, UnicodeDecodeError
+    except (OSError, ValueError):     # FileNotFoundError ...; json.JSONDecodeError, UnicodeDecodeError
         return None
 
 
@@ -379,7 +388,7 @@ def running_run_dirs() -> list[str]:
         return out
     for name in names:
         e = read_json(os.path.join(registry_dir(), name))
-        if e and read_pid(e["run_dir"]):
+        if isinstance(e, dict) and isinstance(e.get("run_dir"), str) and read_pid(e["run_dir"]):
             out.append(e["run_dir"])
         elif e is not None:
             try:

@@ -39,6 +39,7 @@ from luaprobe.shm.logs import log, one_line
 from luaprobe.shm.exits import (EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_RUNNING, EXIT_OK, EXIT_PLUGIN,  # noqa: F401
                                 EXIT_STOP_KILLED, EXIT_USAGE, describe_exit)
 
+ACCEPT_RETRY = 0.1          #: s before the control socket is polled again after accept() failed (EMFILE)
 LOADING_STOP_GRACE = 5.0    #: s a fast path still loading its plug-ins gets to take a stop before it is killed
 HEARTBEAT = "heartbeat"     #: run-dir file the fast path touches while it makes progress ([supervise] stall_timeout)
 
@@ -578,17 +579,19 @@ class Supervisor:
         else:
             self._file_ok("state.json")
 
-    def _file_error(self, what: str, e: OSError) -> None:
-        """A run-dir file could not be written (a full disk): one log line per episode; the probe keeps running
-        and the next write (state: every change and stats interval; stats.jsonl: every snapshot) tries again."""
+    def _file_error(self, what: str, e: OSError, doing: str = "cannot write", retry: str = "at the next write") -> None:
+        """A run-dir file could not be written (a full disk), or no connection accepted on control.sock (no fd left:
+        EMFILE): one log line per episode (status ``file_errors``); the probe keeps running and the next write
+        (state: every change and stats interval; stats.jsonl: every snapshot) or accept (ACCEPT_RETRY s later)
+        tries again."""
         if what not in self.file_errors:
             self.file_errors[what] = str(e)
-            log.error("cannot write %s in %s: %s; the probe keeps running, retrying at the next write",
-                      what, self.run_dir, e.strerror or e)
+            log.error("%s %s in %s: %s; the probe keeps running, retrying %s", doing, what, self.run_dir,
+                      e.strerror or e, retry)
 
-    def _file_ok(self, what: str) -> None:
+    def _file_ok(self, what: str, done: str = "written") -> None:
         if self.file_errors.pop(what, None) is not None:
-            log.info("%s written again", what)
+            log.info("%s %s again", what, done)
 
     def _handle(self, conn) -> None:
         try:
@@ -692,13 +695,24 @@ class Supervisor:
             segment.sweep()
             self._spawn()
             next_stats = time.monotonic()
+            accept_paused = None                # time.monotonic() until which a failing accept() is not retried
             while True:
+                if accept_paused is not None and time.monotonic() >= accept_paused:
+                    sel.register(sock, selectors.EVENT_READ, "sock")
+                    accept_paused = None
                 for key, _ in sel.select(timeout=0.1):
                     if key.data == "sock":
                         try:
                             conn, _ = sock.accept()
-                        except BlockingIOError:
+                        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                             continue
+                        except OSError as e:    # EMFILE / ENFILE / ENOBUFS: the connection stays queued
+                            self._file_error(control.SOCKET, e, "cannot accept a request on",
+                                             f"in {ACCEPT_RETRY:g} s")
+                            sel.unregister(sock)    # readable until accepted: try again in ACCEPT_RETRY s, not
+                            accept_paused = time.monotonic() + ACCEPT_RETRY     # in a busy loop
+                            continue
+                        self._file_ok(control.SOCKET, "accepting requests")
                         self._handle(conn)
                     else:
                         try:

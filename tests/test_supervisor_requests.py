@@ -1,0 +1,134 @@
+"""Control requests the supervisor or a client did not expect (engine/daemon/control.py, supervisor.py run/_handle):
+each ends in one line and a documented exit code, and the daemon goes on.  Real daemons (tests/test_supervisor.py's
+fixture), real sockets, a real RLIMIT_NOFILE on the running supervisor (prlimit), a real unprivileged user (a
+forked child of this test that drops to ``nobody``)."""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import sys
+import traceback
+
+import psutil
+import pytest
+
+from luaprobe.engine.daemon import cli as cli_mod
+from luaprobe.engine.daemon import control, statsview, supervisor  # noqa: F401 - imported before a fork (below)
+from tests import helpers
+from tests.test_supervisor import daemon  # noqa: F401 - the fixture
+
+
+def raw_request(run_dir: str, line: bytes) -> dict | None:
+    """Send ``line`` as it is on the control socket; the reply (None: closed without one)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(control.path(run_dir, control.SOCKET))
+        s.sendall(line)
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return json.loads(buf) if buf else None
+
+
+@pytest.mark.parametrize("line", [b"[1]\n", b'"stop"\n', b"42\n", b"null\n", b"{not json\n", b"\xff\xfe\n"],
+                         ids=["array", "string", "number", "null", "not-json", "not-utf8"])
+def test_a_request_that_is_not_a_json_object_is_a_bad_request(daemon, line):  # noqa: F811
+    """A request line that is JSON but not an object: the reply is a bad request naming it, and the supervisor
+    and its fast path go on (status: running, the same pids).  Before: ``req.get`` raised AttributeError in the
+    supervisor's loop: "supervisor internal error", the daemon and its fast path gone, no reply."""
+    daemon.start()
+    before = daemon.status()
+    reply = raw_request(daemon.run_dir, line)
+    assert reply is not None and reply["ok"] is False and reply["error"].startswith("bad request: "), reply
+    st = daemon.status()
+    assert (st["state"], st["supervisor_pid"], st["fastpath_pid"]) == \
+        ("running", before["supervisor_pid"], before["fastpath_pid"]), st
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_a_supervisor_out_of_file_descriptors_keeps_running_and_answers_again(daemon):  # noqa: F811
+    """RLIMIT_NOFILE of the running supervisor lowered to 3 (every new descriptor refused, EMFILE): a `status` then
+    waits out its 10 s and says the supervisor did not answer (exit 1), the supervisor logs one line naming the
+    socket and the error, keeps its fast path, and answers again once the limit is back.  Before: accept()'s EMFILE
+    ended the supervisor ("supervisor internal error"), its fast path with it; `status` then said stopped (3)."""
+    daemon.start()
+    before = daemon.status()
+    proc = psutil.Process(before["supervisor_pid"])
+    limit = proc.rlimit(psutil.RLIMIT_NOFILE)
+    log = control.path(daemon.run_dir, control.LOG)
+    try:
+        proc.rlimit(psutil.RLIMIT_NOFILE, (3, limit[1]))
+        r = daemon.cli("status", timeout=60)
+        assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+        assert f"luaprobe status: the supervisor (pid {proc.pid}) on {daemon.run_dir}/control.sock did not answer " \
+               "within 10 s (no reply; " in r.stderr, r.stderr
+        assert proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        text = open(log).read()
+        assert "supervisor internal error" not in text
+        assert (f"cannot accept a request on control.sock in {daemon.run_dir}: Too many open files; the probe keeps "
+                "running, retrying in 0.1 s") in text
+    finally:
+        proc.rlimit(psutil.RLIMIT_NOFILE, limit)
+    st = daemon.status()
+    assert (st["state"], st["supervisor_pid"], st["fastpath_pid"]) == \
+        ("running", before["supervisor_pid"], before["fastpath_pid"]), st
+    assert "control.sock accepting requests again" in open(log).read()
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+def as_nobody(argv: list[str]) -> tuple[int, str]:
+    """`luaprobe ARGV` run in-process by a forked child of this test that became the user ``nobody``: (exit code,
+    stdout + stderr).  An exception out of cli.main is printed as its traceback (code 99)."""
+    nobody = pwd.getpwnam("nobody")
+    cli_mod.build_parser()              # its lazy imports, while this interpreter's library may still be read
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            sys.stdout = sys.stderr = os.fdopen(w, "w", buffering=1)
+            os.setgroups([])
+            os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
+            os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
+            os.environ["HOME"] = "/nonexistent"
+            try:
+                code = cli_mod.main(argv)
+            except BaseException:  # noqa: BLE001 - the test reads the traceback
+                traceback.print_exc()
+                code = 99
+            sys.stdout.flush()
+            os._exit(code if isinstance(code, int) else 98)
+        finally:
+            os._exit(97)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+@pytest.mark.parametrize("cmd", ["stop", "status", "reload", "stats"])
+def test_a_user_who_may_not_read_the_run_directory_gets_one_line(daemon, cmd):  # noqa: F811
+    """Root's daemon, its run directory 0700; `luaprobe CMD --run-dir` by ``nobody``: one line naming the file or
+    socket and "Permission denied", exit 1, no traceback; the daemon is untouched.  Before: `stop` died with a
+    PermissionError traceback (control.read_pid caught only FileNotFoundError)."""
+    daemon.start()
+    before = daemon.status()
+    code, out = as_nobody([cmd, "--run-dir", daemon.run_dir])
+    assert "Traceback" not in out, out
+    assert code == 1 and len(out.splitlines()) == 1, (code, out)
+    assert out.startswith(f"luaprobe {cmd}: cannot ") and out.endswith(": Permission denied\n"), out
+    st = daemon.status()
+    assert (st["state"], st["fastpath_pid"]) == ("running", before["fastpath_pid"]), st
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
