@@ -8,7 +8,8 @@ then fails the `stop` request in one of the ways control.request can fail: no re
 reset while it lives (NotRunning).  SIGTERM, the supervisor's own graceful stop, ends it.  Before: NoAnswer and
 ControlError came out of _stop_quietly as exceptions (a traceback for a caller, or `luaprobe start: <socket
 error>` exit 1 with the plug-in problem's "not started" line missing while the daemon ran on), and a reset was
-taken for "not running": "not started" was printed with the supervisor still running."""
+taken for "not running": "not started" was printed with the supervisor still running.  A supervisor that exits
+on the request (its pid dead, NotRunning) was handled before and still is."""
 from __future__ import annotations
 
 import subprocess
@@ -54,6 +55,8 @@ while True:
     elif mode == "reset":                               # RST: the client's recv gets ECONNRESET
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         conn.close()
+    elif mode == "exit":                                # it dies on the request: no reply, its pid gone
+        bye()
 """
 
 
@@ -64,7 +67,7 @@ def stand_in(run_dir: str, mode: str) -> subprocess.Popen:
     return p
 
 
-@pytest.mark.parametrize("mode", ["no-reply", "not-json", "bad-request", "reset"])
+@pytest.mark.parametrize("mode", ["no-reply", "not-json", "bad-request", "reset", "exit"])
 def test_a_start_whose_stop_request_fails_still_stops_its_daemon(tmp_path, capsys, mode):
     """Each failure of the stop request: the plug-in problem and "not started" lines, exit 4, no exception, and the
     supervisor it started is gone (SIGTERM), its pidfile free."""

@@ -1083,8 +1083,8 @@ def _stop_quietly(run_dir: str, p: subprocess.Popen, stop_deadline: float = 20.0
     try:
         reply = control.request(run_dir, "stop")
         wait = float(reply.get("stop_deadline") or stop_deadline) + 15
-    except control.ControlError as e:   # NotRunning, NoAnswer, or a failed request (docs/operations.md "Exit codes")
-        why, wait = str(e), stop_deadline + 15
+    except (control.ControlError, OSError) as e:    # NotRunning, NoAnswer, a failed request; no socket (EMFILE)
+        why, wait = (str(e) if isinstance(e, control.ControlError) else f"no socket: {e.strerror}"), stop_deadline + 15
         if p.poll() is None and isinstance(e, control.NotRunning) and _wait_gone(run_dir, 2.0, p.pid):
             why = None                  # it was exiting already (its socket closed on the way out)
         elif p.poll() is None:
