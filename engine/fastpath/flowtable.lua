@@ -719,22 +719,22 @@ function FT:reserve(extra)
 end
 
 --- reserve() of an index that is one mapping of its largest size (slot_map): the live entries are copied out in slot
---- order (sequential) into a scratch array, slots [0, size) are emptied and the entries inserted again.  Only the
+--- order (sequential) into a scratch array, slots [0, size) are emptied (the old part by the copy loop itself) and the
+--- entries inserted again.  Only the
 --- pages of the new part [old size, size) are fresh memory (a new mapping per doubling wrote 2x the final index in
 --- fresh pages: 32 MiB at 1M flows), and with a prefault helper they were mapped by it after the previous doubling
 --- (the index's next doubling: its second job, shm/_lpsync.c), so the fast path's thread maps none.
 function FT:grow_in_place(size)
   local slots, old, live = self.slots, self.size, self.live
   -- the scratch: malloc'd and freed here (from 128 KiB on glibc maps it and unmaps it at free), not kept: RSS
-  local raw = C.calloc(math.max(live, 1), SLOT_SIZE)
+  local raw = C.calloc(live + 1, SLOT_SIZE)       -- + 1: the copy loop's store after the last live entry
   if raw == nil then error("flowtable: out of memory growing the index", 3) end
   local tmp, m = cast(slot_ptr, raw), 0
-  for i = 0, old - 1 do
+  for i = 0, old - 1 do       -- no branch: every slot is copied, kept (m moves on) when it holds a flow, and emptied
     local x = slots[i].idx
-    if x >= 0 then
-      tmp[m].idx, tmp[m].hash = x, slots[i].hash
-      m = m + 1
-    end
+    tmp[m].idx, tmp[m].hash = x, slots[i].hash
+    m = m + 1 - rshift(x, 31)
+    slots[i].idx, slots[i].hash = -1, -1   -- as the fill below (the slot's line is this loop's already: no second pass)
   end
   local bytes = size * SLOT_SIZE
   local pf = self.pf
@@ -743,7 +743,7 @@ function FT:grow_in_place(size)
     populate(slots, from, bytes)                  -- the part the helper has not mapped (none when it is ahead)
     self.slots_mapped = bytes
   end
-  ffi.fill(slots, bytes, 0xff)                    -- idx -1: empty
+  ffi.fill(slots + old, bytes - old * SLOT_SIZE, 0xff)   -- the new part: idx -1, empty
   local mask = size - 1
   for r = 0, m - 1 do
     local h = tmp[r].hash
