@@ -625,6 +625,7 @@ M.ZERO_FLOWKEY = "00A:00.00.00.00:p-0000_00.00.00.00:p-0000"
 
 local HEX = ffi.new("const uint8_t[16]", "0123456789ABCDEF")
 local kbuf = ffi.new("uint8_t[128]")
+local fstring = ffi.string   -- a local: `ffi.string` is a field lookup the walk would redo per new flow
 
 -- No loops in the key functions: Packet:flowid() calls them from a plug-in's hook on a flow's first
 -- packet, and a LuaJIT trace that starts in a plug-in function and runs into a loop ends there, linked to
@@ -722,7 +723,7 @@ local put_flowkey = M.put_flowkey
 --- Trisul flow-id string for the decoded packet.
 function M.flowkey(d)
   if d.ip_version == 0 then return M.ZERO_FLOWKEY end
-  return ffi.string(kbuf, put_flowkey(kbuf, d))
+  return fstring(kbuf, put_flowkey(kbuf, d))
 end
 
 --- proto, ipa, porta, ipz, portz in key format ("06", "C0.A8.01.02",

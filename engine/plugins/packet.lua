@@ -63,6 +63,8 @@ local find, flowkey, flow_parts = decode.find, decode.flowkey, decode.flow_parts
 local GUID = decode.GUID
 local band, rshift = bit.band, bit.rshift
 local fstring = ffi.string
+-- a local, not the global: a global's lookup is redone per packet in a walk whose hook stores into its own table
+local setmetatable = setmetatable
 
 --- A new batch array (keep the returned cdata alive while its address is used).
 function M.new_batch(n) return ffi.new("lp_pkt[?]", n or M.BATCH) end
