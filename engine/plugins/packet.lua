@@ -246,24 +246,28 @@ function M.touch_flowids(b, n)
   M.touched = s
 end
 
---- The packet's FlowID: { key string, flow unique id } with the FlowID metatable; the key is the slot's cached
---- string when the slot holds this flow (its unique id), else formatted now (decode.flowkey) and cached.  A packet
---- without a tracked flow (non-IP, uid 0) gets a FlowID of its own key, not cached.
+--- The key string of packet entry p (lp_pkt): the slot's cached string when the slot holds p's flow (its unique
+--- id), else formatted now (decode.flowkey) and cached.  A packet without a tracked flow (non-IP, uid 0) gets its
+--- key formatted, not cached.  Packet:flowid():id() and Layer:flowkey() give this string.
+local function flow_key(p)
+  local uid = p.flow_uid
+  if uid <= 0 then return flowkey(p.d) end
+  local t, j = fid, 2 * band(p.flow, FID_SLOTS - 1)
+  if t[j + 1] == uid then return t[j] end
+  local k = flowkey(p.d)
+  t[j], t[j + 1] = k, uid
+  fid_made = fid_made + 1
+  return k
+end
+
+--- The packet's FlowID: { key string (flow_key), flow unique id } with the FlowID metatable; a packet without a
+--- tracked flow gets a FlowID of its own key (unique id 0).
 function Packet:flowid()
   local c = self._c
   local p = c.b[c.i]
   local uid = p.flow_uid
   if uid <= 0 then return M.flowid(p.d) end
-  local t, j = fid, 2 * band(p.flow, FID_SLOTS - 1)
-  local k
-  if t[j + 1] == uid then
-    k = t[j]
-  else
-    k = flowkey(p.d)
-    t[j], t[j + 1] = k, uid
-    fid_made = fid_made + 1
-  end
-  return setmetatable({ k, uid }, FlowID)
+  return setmetatable({ flow_key(p), uid }, FlowID)
 end
 function Packet:originid() return P(self).ifindex end
 function Packet:set_packetstore_policy() end
@@ -338,7 +342,8 @@ function Layer:testbit(n)
   if n < 0 or start + byte >= p.caplen then return false end
   return band(p.data[start + byte], rshift(0x80, n % 8)) ~= 0
 end
-function Layer:flowkey() return flowkey(LP(self).d) end
+--- The packet's flow id string, as packet():flowid():id() (Trisul: a shortcut for it), from the per-flow cache.
+function Layer:flowkey() return flow_key(LP(self)) end
 
 M.Packet, M.Layer, M.FlowID = Packet, Layer, FlowID
 return M
