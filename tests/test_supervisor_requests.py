@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import signal
+import subprocess
 import socket
 import sys
 import traceback
@@ -130,5 +132,47 @@ def test_a_user_who_may_not_read_the_run_directory_gets_one_line(daemon, cmd):  
     assert out.startswith(f"luaprobe {cmd}: cannot ") and out.endswith(": Permission denied\n"), out
     st = daemon.status()
     assert (st["state"], st["fastpath_pid"]) == ("running", before["fastpath_pid"]), st
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+@pytest.fixture
+def small_run_fs(tmp_path):
+    """tmp_path/run as a 1 MiB tmpfs of its own (root only), unmounted after the daemon fixture's clean-up."""
+    with helpers.tmpfs(tmp_path / "run", "size=1m") as run:
+        yield run
+
+
+def test_a_fast_path_that_cannot_be_started_is_retried_and_the_supervisor_goes_on(small_run_fs, daemon):  # noqa: F811
+    """The fast path killed while the run directory is full: its restart cannot write active_config.json (ENOSPC).
+    The supervisor counts it as a crash and retries with backoff, status names the reason, and once there is room
+    a new fast path runs under the same supervisor.  Before: the OSError ended the supervisor ("failed: supervisor
+    internal error"; status: "stopped (supervisor gone; was running)") and nothing was restarted."""
+    from tests.test_supervisor import fill
+    daemon.write_config(crash_loop_restarts=1000)
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "start", "--config", daemon.config],
+                       cwd=helpers.REPO, capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    daemon.pids.add(control.read_pid(daemon.run_dir))
+    before = daemon.status()
+    filler = small_run_fs / "filler"
+    fill(filler)
+    os.kill(before["fastpath_pid"], signal.SIGKILL)
+    # kept full while waiting (pages freed by a failed write's temporary file)
+    def reason():
+        fill(filler)
+        s = daemon.status()
+        if not s.get("live"):
+            pytest.fail(f"the supervisor ended: {s['state']}")
+        return "cannot start the fast path" in (s.get("last_error") or "") and s
+    st = helpers.wait_for(reason, 60, 0.05)
+    assert st["last_error"].startswith(f"cannot start the fast path: writing {daemon.run_dir}/active_config.json: "
+                                       "No space left on device"), st
+    assert st["state"].startswith("restarting (last exit: cannot start the fast path"), st
+    assert st["supervisor_pid"] == before["supervisor_pid"] and st["fastpath_pid"] is None, st
+    os.unlink(filler)
+    st = helpers.wait_for(lambda: (s := daemon.status())["state"] == "running" and s.get("loaded") and s, 60, 0.1)
+    assert st["supervisor_pid"] == before["supervisor_pid"] and st["fastpath_pid"] not in (None,
+                                                                                          before["fastpath_pid"]), st
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()

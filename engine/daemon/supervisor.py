@@ -211,21 +211,35 @@ class Supervisor:
 
     # ------------------------------------------------------------ child
     def _spawn(self) -> None:
-        for name in (control.LOADED, control.LAST_ERROR):
-            try:
-                os.unlink(control.path(self.run_dir, name))
-            except FileNotFoundError:
-                pass
+        """Start the fast path (state running).  One that cannot be started (OSError: active_config.json not written
+        on a full run directory, no process: EAGAIN, ENOMEM) is a crash (:meth:`_crashed`): ``child`` stays None,
+        last_error says why, the restart is retried with backoff, or the state is ``failed: crash loop ...``."""
         active = control.path(self.run_dir, "active_config.json")      # the child runs exactly what was validated
-        control.write_json(active, {"path": self.cfg.path, "values": self.cfg.values})
         cmd = [sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--child", "--config", active, "--run-dir", self.run_dir]
-        # SIGTERM/SIGHUP stay blocked in the child until it has installed its handlers (child_main): a stop or
-        # reload right after a start is then a graceful stop, not the default action of a half-started child
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
+        step = f"clearing {self.run_dir}"
         try:
-            self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=os.path.dirname(self.cfg.path) or None)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            for name in (control.LOADED, control.LAST_ERROR):
+                try:
+                    os.unlink(control.path(self.run_dir, name))
+                except FileNotFoundError:
+                    pass
+            step = f"writing {active}"
+            control.write_json(active, {"path": self.cfg.path, "values": self.cfg.values})
+            step = "starting its process"
+            # SIGTERM/SIGHUP stay blocked in the child until it has installed its handlers (child_main): a stop or
+            # reload right after a start is then a graceful stop, not the default action of a half-started child
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
+            try:
+                self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                              cwd=os.path.dirname(self.cfg.path) or None)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        except OSError as e:
+            self.child = None
+            why = f"cannot start the fast path: {step}: {e.strerror or e}"
+            self.last_error, self.last_exit, self.last_exit_code = why, why, EXIT_INTERNAL
+            self._crashed(why)
+            return
         self.child_started = time.monotonic()
         self.child_started_wall = time.time()
         self.stalled = None
@@ -398,6 +412,13 @@ class Supervisor:
         if rc in (EXIT_USAGE, EXIT_PLUGIN) or (rc == EXIT_INPUT and src["pcap"]):
             self._set_state(f"failed: {'input' if rc == EXIT_INPUT else 'plug-in or usage'} error ({desc})")
             return False
+        return self._crashed(desc)
+
+    def _crashed(self, desc: str) -> bool:
+        """A crash (or a fast path that could not be started, :meth:`_spawn`): the restart is scheduled with
+        exponential backoff; False, state ``failed: crash loop (last exit: DESC)``, after more than
+        crash_loop_restarts of them within crash_loop_window s."""
+        now = time.monotonic()
         window = self.sv["crash_loop_window"]
         self.crashes.append(now)
         while self.crashes and now - self.crashes[0] > window:
@@ -505,6 +526,8 @@ class Supervisor:
         if self.child is None:                  # waiting for a restart: start now with the new scripts
             self.reloads += 1
             self._spawn()
+            if self.child is None:              # it could not be started (_spawn): restarted with backoff
+                return {"ok": False, "error": f"reload: {self.last_error}; {self.state}", "exit": EXIT_INTERNAL}
         elif same_config:                       # only scripts changed: backend scripts reload live
             self.reloads += 1
             self._signal_child(signal.SIGHUP)
@@ -756,6 +779,8 @@ class Supervisor:
                             break
                 elif self.mode == "stop":
                     self._set_state("stopped")
+                    break
+                elif self.state.startswith("failed"):   # _spawn: a fast path that could not be started, too often
                     break
                 elif self.restart_at is not None and now >= self.restart_at:
                     self.restarts += 1
