@@ -81,9 +81,10 @@ def test_flowid_is_the_packets_own_flow_whatever_the_slot_held(steps):
         proto_k, ipa, porta, ipz, portz, ftype, key2 = (x.decode() for x in getters(obj))
         assert key2 == want and ftype == "A" and proto_k == "%02X" % proto
         assert f"{proto_k}{ftype}:{ipa}:{porta}_{ipz}:{portz}" == want
-        kept.append((obj, want))
-    for obj, want in kept:            # kept FlowIDs: their own flow's key, whatever the slot holds now
-        assert getters(obj)[6].decode() == want
+        kept.append((obj, want, (proto_k, ftype, ipa, porta, ipz, portz)))
+    for obj, want, ends in kept:      # kept FlowIDs: their own flow's key and parts, whatever the slot holds now
+        proto_k, ipa, porta, ipz, portz, ftype, key2 = (x.decode() for x in getters(obj))
+        assert key2 == want and (proto_k, ftype, ipa, porta, ipz, portz) == ends
 
 
 TOUCH = r"""
@@ -233,19 +234,26 @@ local ffi = require("ffi")
 local decode = require("luaprobe.engine.fastpath.decode")
 local formatted, format = 0, decode.flowkey
 decode.flowkey = function(d) formatted = formatted + 1; return format(d) end   -- before packet.lua takes it
+local parsed, match = 0, string.match        -- the FlowID getters parse the key with key:match
+string.match = function(...) parsed = parsed + 1; return match(...) end
 package.loaded["luaprobe.engine.plugins.packet"] = nil
 local packet = require("luaprobe.engine.plugins.packet")
+parsed = 0                                   -- the module loader's own string.match calls
 local b = packet.new_batch(1)
 local pobj = packet.new_packet()
 local layer = packet.layer(pobj, 0)
--- one packet of flow record `idx` with unique id `uid`: layer:flowkey(), flowid():id(), keys formatted so far
+-- one packet of flow record `idx` with unique id `uid`: layer:flowkey(), flowid():id(), keys formatted so far,
+-- "ipa:porta ipz:portz" from a new FlowID's getters, keys parsed so far
 return function(frame, idx, uid)
   local p = b[0]
   p.data, p.caplen, p.wirelen, p.linktype = ffi.cast("const uint8_t *", frame), #frame, #frame, 1
   decode.decode(p.d, p.data, #frame, 1)
   p.flow, p.flow_uid, p.dir = idx, uid, 0
   packet.bind_packet(pobj, b, 0)
-  return layer:flowkey(), pobj:flowid():id(), formatted, frame
+  local key, id = layer:flowkey(), pobj:flowid():id()
+  local ends = pobj:flowid():ipa() .. ":" .. pobj:flowid():porta() .. " " .. pobj:flowid():ipz() .. ":" ..
+    pobj:flowid():portz()
+  return key, id, formatted, ends, parsed, frame
 end
 """
 
@@ -255,12 +263,17 @@ end
 def test_layer_flowkey_is_the_flows_key_formatted_once_per_flow(flows):
     """layer:flowkey() (Trisul: a shortcut for packet():flowid():id()) gives the model's key of the packet's
     5-tuple, the same string as flowid():id(), in either direction, and formats it once per flow, not once per
-    call (it formatted and interned the key on every call: ~33 ns a packet on small-few against 7)."""
+    call (it formatted and interned the key on every call: ~33 ns a packet on small-few against 7).  The getters
+    of FlowIDs made for every call (ipa, porta, ipz, portz) give the model's ends and parse the key once per flow
+    (a FlowID per call parsed it per FlowID)."""
     call = new_runtime().execute(FLOWKEY_HARNESS)
     for n, ((proto, s, d, sp, dp), packets, reverse) in enumerate(flows):
         want = _py_flowkey(proto, 4, str(ipaddress.IPv4Address(s)), str(ipaddress.IPv4Address(d)), sp, dp)
         for k in range(packets):
             a, z, pa, pz = (d, s, dp, sp) if reverse and k % 2 else (s, d, sp, dp)
-            key, fid_key, formatted, _ = call(_frame(proto, a, z, pa, pz), n, n + 1)
+            key, fid_key, formatted, ends, parsed, _ = call(_frame(proto, a, z, pa, pz), n, n + 1)
             assert key.decode() == want and fid_key.decode() == want
             assert formatted == n + 1, f"{formatted} keys formatted for {n + 1} flows"
+            ipa, porta, ipz, portz = want[4:].replace("_", ":").split(":")
+            assert ends.decode() == f"{ipa}:{porta} {ipz}:{portz}"
+            assert parsed == n + 1, f"{parsed} keys parsed for {n + 1} flows"

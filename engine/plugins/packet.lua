@@ -74,24 +74,35 @@ function M.new_batch(n) return ffi.new("lp_pkt[?]", n or M.BATCH) end
 local FlowID = {}
 FlowID.__index = FlowID
 
--- A FlowID is { key string, flow unique id (0: none) } with the FlowID metatable: two array slots, allocated
--- with the table itself (LuaJIT colocates a small array part), so making one is one allocation and reading its
--- key one cache line; the parsed parts below are filled in lazily.
+-- A FlowID is { key string, flow unique id (0: none)[, its slot in the key cache below] } with the FlowID
+-- metatable: array slots allocated with the table itself (LuaJIT colocates a small array part), so making one is
+-- one allocation (none when the trace compiler sinks it, Packet:flowid) and reading its key one cache line.
+--
+-- The getters parse the key (protocol, type, A address and port, Z address and port) once per flow, not once per
+-- FlowID: the parts of a slot's key are kept in fparts[slot] ({ key, proto, type, ipa, porta, ipz, portz }, made on
+-- a getter's first call, replaced when the slot's flow changes: at most FID_SLOTS of them); a FlowID without a
+-- slot (flowid_from_key, an untracked packet's) keeps its own parts in its field _pt.
+local PARTS = "^(%x%x)(%u):([%x.]+):(p%-%x+)_([%x.]+):(p%-%x+)"
+local fparts = {}
 local function parts(self)
-  if not self._proto then
-    local proto, t, ipa, pa, ipz, pz = self[1]:match("^(%x%x)(%u):([%x.]+):(p%-%x+)_([%x.]+):(p%-%x+)")
-    self._proto, self._type, self._ipa, self._porta, self._ipz, self._portz = proto, t, ipa, pa, ipz, pz
-  end
+  local key, s = self[1], self[3]
+  local pt
+  if s ~= nil then pt = fparts[s] else pt = self._pt end
+  if pt ~= nil and pt[1] == key then return pt end
+  local proto, t, ipa, pa, ipz, pz = key:match(PARTS)
+  pt = { key, proto, t, ipa, pa, ipz, pz }
+  if s ~= nil then fparts[s] = pt else self._pt = pt end
+  return pt
 end
 
 function FlowID:id() return self[1] end
 FlowID.key = FlowID.id
-function FlowID:protocol() parts(self); return self._proto end
-function FlowID:ipa() parts(self); return self._ipa end
-function FlowID:ipz() parts(self); return self._ipz end
-function FlowID:porta() parts(self); return self._porta end
-function FlowID:portz() parts(self); return self._portz end
-function FlowID:flow_type() parts(self); return self._type end
+function FlowID:protocol() return parts(self)[2] end
+function FlowID:flow_type() return parts(self)[3] end
+function FlowID:ipa() return parts(self)[4] end
+function FlowID:porta() return parts(self)[5] end
+function FlowID:ipz() return parts(self)[6] end
+function FlowID:portz() return parts(self)[7] end
 
 -- "C0.A8.01.02" -> "192.168.1.2"; an IPv6 key (32 hex digits) -> RFC 5952 text ("2001:db8::1"), as T.util.ntop
 -- and the DNS analyser write it and tshark prints it (a script compares it with an address it was configured with)
@@ -217,7 +228,7 @@ end
 -- index the flow table reuses for a new flow, or one FID_SLOTS apart, replaces the slot's key: the old string is
 -- then the collector's (or the script's, if it kept it).  Memory stays bounded: at most FID_SLOTS strings.
 --
--- The FlowID itself is a new { key, uid } table per call (issue 10): a hook that only calls its methods
+-- The FlowID itself is a new { key, uid, slot } table per call (issue 10): a hook that only calls its methods
 -- (`packet:flowid():id()`, the usual shape) lets LuaJIT sink the table out of the compiled walk (no allocation,
 -- no object to load per packet), where a cached object per flow was one allocation per new flow and a dependent
 -- cache miss per known flow.  Two FlowIDs of one flow compare equal (__eq); a script may keep either.
@@ -252,22 +263,24 @@ end
 local function flow_key(p)
   local uid = p.flow_uid
   if uid <= 0 then return flowkey(p.d) end
-  local t, j = fid, 2 * band(p.flow, FID_SLOTS - 1)
-  if t[j + 1] == uid then return t[j] end
+  local s = band(p.flow, FID_SLOTS - 1)
+  local t, j = fid, 2 * s
+  if t[j + 1] == uid then return t[j], s end
   local k = flowkey(p.d)
   t[j], t[j + 1] = k, uid
   fid_made = fid_made + 1
-  return k
+  return k, s
 end
 
---- The packet's FlowID: { key string (flow_key), flow unique id } with the FlowID metatable; a packet without a
---- tracked flow gets a FlowID of its own key (unique id 0).
+--- The packet's FlowID: { key string (flow_key), flow unique id, cache slot } with the FlowID metatable; a packet
+--- without a tracked flow gets a FlowID of its own key (unique id 0).
 function Packet:flowid()
   local c = self._c
   local p = c.b[c.i]
   local uid = p.flow_uid
   if uid <= 0 then return M.flowid(p.d) end
-  return setmetatable({ flow_key(p), uid }, FlowID)
+  local k, s = flow_key(p)
+  return setmetatable({ k, uid, s }, FlowID)
 end
 function Packet:originid() return P(self).ifindex end
 function Packet:set_packetstore_policy() end
@@ -343,7 +356,7 @@ function Layer:testbit(n)
   return band(p.data[start + byte], rshift(0x80, n % 8)) ~= 0
 end
 --- The packet's flow id string, as packet():flowid():id() (Trisul: a shortcut for it), from the per-flow cache.
-function Layer:flowkey() return flow_key(LP(self)) end
+function Layer:flowkey() return (flow_key(LP(self))) end
 
 M.Packet, M.Layer, M.FlowID = Packet, Layer, FlowID
 return M
