@@ -267,8 +267,8 @@ def flock_waiters(file: str) -> list[int]:
 def test_a_start_whose_pidfile_a_status_is_probing_starts(daemon):  # noqa: F811
     """`status` / `stop` / a racing `start` probe the pidfile with a shared flock for a moment (control.read_pid).
     A supervisor taking the lock at that moment failed at once ("already running (pid None, ...)": nothing ran,
-    `start` exited 1).  Forced: a process holds the shared lock; the supervisor must wait for it (seen waiting in
-    /proc/locks), then start when it is let go: exit 0."""
+    `start` exited 1).  Forced: a process holds the shared lock; the supervisor must wait for it (seen waiting:
+    flock_waiters), then start when it is let go: exit 0."""
     daemon.write_config()
     holder = hold_pidfile(daemon.run_dir, "LOCK_SH")
     with helpers.killed_when_left(holder):
@@ -336,7 +336,7 @@ def test_two_starts_racing_for_a_probed_pidfile_one_starts_the_other_says_alread
     and both supervisors wait for the lock (PidFile.acquire, up to 10 s).  The one that gets it runs; the other
     waits on, then refuses.  Meanwhile the loser's `start` polled the socket and took the winner's status for its
     own: "started: supervisor pid WINNER", exit 0 (or, with the winner failing, stopped the winner's daemon).
-    Forced: the shared lock held until both supervisors are seen waiting in /proc/locks.  Exactly one `start`
+    Forced: the shared lock held until both supervisors are seen waiting (flock_waiters).  Exactly one `start`
     must exit 0 naming its own supervisor; the other exits 2, "already running", naming the winner."""
     daemon.write_config()
     holder = hold_pidfile(daemon.run_dir, "LOCK_SH")
