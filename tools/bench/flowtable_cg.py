@@ -1,0 +1,110 @@
+"""Instruction, cache-miss and branch counts of each part of the flow table's update_batch under callgrind (issue 10).
+
+    python tools/bench/flowtable_cg.py [--corpus flows-1m] [--parts all,key,touch,probe,lru,reserve,new,loop3,decode]
+        [--tree WORKTREE] [--ll 33554432,16,64]
+
+tools/bench/flowtable_loops.py's pass 1 (a fresh table at the driver's capacity, 4 KiB pages, the prefault helper
+16 384 records ahead, the --quick capture in 1 024-packet batches) runs once per part under
+``valgrind --tool=callgrind --cache-sim=yes --branch-sim=yes --instr-atstart=no --collect-atstart=no``; the marks
+flowtable_loops.py puts before each loop of update_batch call a two-function C library (built here with cc from
+valgrind/callgrind.h) that toggles collection on when the part starts and off when it ends, so each run counts only
+that part (``all``: the whole update_batch; ``decode``: decode.decode of the batch, not the flow table).  Printed per
+packet: Ir (instructions), D1mr / D1mw (L1 misses), DLmr / DLmw (last-level misses), Bcm (mispredicted conditional
+branches).  Counts, not time: repeatable on a loaded machine.  ``--ll``: callgrind's last-level cache (size, ways,
+line); the default is this benchmark VM's L3 (it reports 384 MiB to cpuid, which callgrind would simulate).  In the
+``reserve`` part, ``rep stosb`` (ffi.fill) counts one instruction and branch per byte.  JIT compilation inside a part
+is counted in it.  Needs valgrind and its headers (Debian: valgrind).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, REPO)
+
+PARTS = {"all": 0, "key": 1, "touch": 2, "probe": 3, "lru": 4, "reserve": 5, "new": 6, "loop3": 7, "decode": 9}
+EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw", "Bc", "Bcm", "Bi", "Bim")
+SHOW = ("Ir", "D1mr", "D1mw", "DLmr", "DLmw", "Bcm")
+LIB = r"""
+#include <valgrind/callgrind.h>
+void cg_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }
+void cg_start(void) { CALLGRIND_START_INSTRUMENTATION; }
+"""
+
+
+def child(lib: str, tree: str, part: int, shape: str) -> None:
+    """Under callgrind: flowtable_loops.py's bench with the toggles (tree: whose flowtable.lua)."""
+    from tools.bench import corpus, flowtable_loops as fl
+    from tools.bench.flowtable_ab import read_pcap
+    bench = fl.BENCH
+    edits = [
+        ('ffi.cdef [[\ntypedef struct {\n  const uint8_t *data;',
+         f'local cg = ffi.load({lib!r})\nffi.cdef "void cg_toggle(void); void cg_start(void);"\n'
+         'ffi.cdef [[\ntypedef struct {\n  const uint8_t *data;'),
+        ("function LOOPS_MARK(i) local t = clock(); acc[last] = acc[last] + t - tl; last = i; tl = t end",
+         "PART = 0\nfunction LOOPS_MARK(i) if PART > 0 and PART < 9 and ((last == PART) ~= (i == PART)) then "
+         "cg.cg_toggle() end; last = i end"),
+        ("        decode.decode(p.d, p.data, p.caplen, linktype)\n",
+         "        if PART == 9 then cg.cg_toggle() end\n        decode.decode(p.d, p.data, p.caplen, linktype)\n"
+         "        if PART == 9 then cg.cg_toggle() end\n"),
+        ("      ft:update_batch(b + k, m)\n      LOOPS_MARK(8)\n",
+         "      if PART == 0 then cg.cg_toggle() end\n      ft:update_batch(b + k, m)\n      LOOPS_MARK(8)\n"
+         "      if PART == 0 then cg.cg_toggle() end\n"),
+        ("  for pass = 1, passes do", "  cg.cg_start()\n  for pass = 1, passes do"),
+    ]
+    for old, new in edits:
+        if old not in bench:
+            raise SystemExit(f"flowtable_cg: tools/bench/flowtable_loops.py changed: {old[:40]!r} not found")
+        bench = bench.replace(old, new, 1)
+    fl.BENCH = bench
+    lua, fn = fl.side(None, tree)
+    lua.execute(f"PART = {part}")
+    pkts, linktype = read_pcap(corpus.make(shape, True))
+    frames = b"".join(p[2] for p in pkts)
+    fn(frames, lua.table_from([len(p[2]) for p in pkts]), lua.table_from([p[0] for p in pkts]),
+       lua.table_from([p[1] for p in pkts]), 1 << 20, linktype, 1, False, 16384)
+    print(f"packets {len(pkts)}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", default="flows-1m")
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--tree", default=REPO, help="work tree whose engine/fastpath/flowtable.lua is measured "
+                    "(decode.lua: this tree's)")
+    ap.add_argument("--ll", default="33554432,16,64", help="callgrind --LL (size,assoc,line)")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        child(a.child[0], a.tree, int(a.child[1]), a.child[2])
+        return 0
+    with tempfile.TemporaryDirectory() as work:
+        lib = os.path.join(work, "libcgtoggle.so")
+        with open(os.path.join(work, "cg.c"), "w") as f:
+            f.write(LIB)
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", lib, os.path.join(work, "cg.c")], check=True)
+        print(f"{a.corpus}, {a.tree}: per packet " + " ".join(SHOW))
+        for name in a.parts.split(","):
+            out = os.path.join(work, f"cg.{name}.out")
+            p = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
+                                "--cache-sim=yes", "--branch-sim=yes", f"--LL={a.ll}", f"--callgrind-out-file={out}",
+                                sys.executable, os.path.abspath(__file__), "--tree", a.tree,
+                                "--child", lib, str(PARTS[name]), a.corpus], capture_output=True, text=True)
+            got = re.search(r"Collected : ([\d ]+)", p.stderr)
+            npk = re.search(r"packets (\d+)", p.stdout)
+            if p.returncode or not got or not npk:
+                raise SystemExit(f"flowtable_cg: {name}: exit {p.returncode}: {p.stderr[-500:]}")
+            ev = dict(zip(EVENTS, map(int, got.group(1).split())))
+            n = int(npk.group(1))
+            print(f"{name:8} " + " ".join(f"{k} {ev[k] / n:.2f}" for k in SHOW), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
