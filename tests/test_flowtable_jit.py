@@ -115,7 +115,7 @@ def test_update_batch_steady_state_is_compiled_and_allocation_free(tmp_path, sha
 # switched off (hotexit above what a snapshot's 8-bit exit count reaches), every exit from that trace is an exit to
 # the interpreter ("texit"), so the count of them is the count of lookups that left the trace.
 PROBE_HARNESS = r"""
-local addr, size, loopline, batches = ...
+local addr, size, looplines, batches, touch_flows = ...
 jit.opt.start("hotexit=1000")
 local ffi = require("ffi")
 local ju = require("jit.util")
@@ -123,11 +123,11 @@ local pcapfile = require("luaprobe.engine.capture.pcapfile")
 local decode = require("luaprobe.engine.fastpath.decode")
 local flowtable = require("luaprobe.engine.fastpath.flowtable")
 local packet = require("luaprobe.engine.plugins.packet")
-local ft = flowtable.new{capacity = 65536}
+local ft = flowtable.new{capacity = 65536, touch_flows = touch_flows}
 local r, b = pcapfile.open(addr, size), packet.new_batch(1024)
 local roots, counting, exits, lookups = {}, false, 0, 0
 jit.attach(function(what, tr, func, pc, parent)
-  if what == "start" and parent == nil and ju.funcinfo(func, pc).loc == loopline then roots[tr] = true end
+  if what == "start" and parent == nil and looplines[ju.funcinfo(func, pc).loc] then roots[tr] = true end
 end, "trace")
 local function texit(tr) if counting and roots[tr] then exits = exits + 1 end end
 jit.attach(texit, "texit")
@@ -153,19 +153,31 @@ return exits, lookups, nroots, ft.live
 """
 
 
-def test_probe_loop_trace_serves_known_flows(tmp_path):
-    """small-few (500 flows): the probe loop's root trace is recorded in the first batch, where nearly every packet
-    is a new flow; later every packet is a known flow's.  Only a home slot held by another key may leave the trace
-    (~7 % of the lookups at the index's load <= 1/4).  The probe with `if` tests left it on every known flow's
-    packet (an exit per lookup)."""
+def _probe_loop_lines() -> list:
+    """flowtable.lua:LINE of every loop of update_batch's part "c: probe" (its loops up to "d:")."""
     import os
-    from luaprobe.engine.capture.pcapfile import open_capture
-    from tools.bench import corpus
     src = open(os.path.join(os.path.dirname(__file__), "..", "engine", "fastpath", "flowtable.lua")).read().split("\n")
     start = next(i for i, line in enumerate(src) if line.strip().startswith("-- c: probe"))
-    line = next(i for i in range(start, len(src)) if src[i].strip().startswith("for k = 0, n - 1 do")) + 1
+    end = next(i for i in range(start, len(src)) if src[i].strip().startswith("-- d:"))
+    return [f"flowtable.lua:{i + 1}" for i in range(start, end) if src[i].strip().startswith("for k = 0, n - 1 do")]
+
+
+@pytest.mark.parametrize("shape,batches,touch_flows,bound", [("small-few", 40, 8192, 0.15), ("dns", 60, 0, 0.06)])
+def test_probe_loop_trace_serves_known_flows(shape, batches, touch_flows, bound):
+    """The probe loop's root trace is recorded in the first batch, where nearly every packet is a new flow; later most
+    packets are a known flow's.  small-few (500 flows, one probe loop): only a home slot held by another key may leave
+    the trace (~7 % of the lookups at the index's load <= 1/4); the probe with `if` tests left it on every known flow's
+    packet (an exit per lookup).  dns (~10 000 short flows by batch 60, a new one in ~13 % of the packets), with the
+    loops of many flows from the first batch (touch_flows 0): the comparison loop leaves its trace only for a chain
+    past the second slot or a shared hash (2-3 % of the lookups); the one-loop probe left it whenever the home slot
+    held another key (13.5 %)."""
+    from luaprobe.engine.capture.pcapfile import open_capture
+    from tools.bench import corpus
+    lines = _probe_loop_lines()
     lua = new_runtime()
-    with open_capture(corpus.make("small-few", True)) as cap:
-        exits, lookups, roots, live = lua.execute(PROBE_HARNESS, cap.address, cap.size, f"flowtable.lua:{line}".encode(), 40)
-    assert roots >= 1 and live == 500 and lookups == 36 * 1024
-    assert exits < lookups * 0.15, f"{exits} of {lookups} lookups left the probe loop's trace"
+    with open_capture(corpus.make(shape, True)) as cap:
+        exits, lookups, roots, live = lua.execute(PROBE_HARNESS, cap.address, cap.size,
+                                                  lua.table_from({ln.encode(): True for ln in lines}), batches,
+                                                  touch_flows)
+    assert roots >= 1 and lookups == (batches - 4) * 1024 and live == {"small-few": 500, "dns": 9968}[shape]
+    assert exits < lookups * bound, f"{exits} of {lookups} lookups left the probe loops' traces ({lines})"

@@ -394,6 +394,7 @@ function M.new(opts)
   local nb = opts.batch or 1025              -- the driver's batch (1024) + a reassembled datagram; grown on demand
   self.keys, self.miss, self.missj, self.nkeys = ffi.new("lp_fkey[?]", nb), ffi.new("int32_t[?]", nb),
     ffi.new("int32_t[?]", nb), nb
+  self.sv, self.sj = ffi.new("int32_t[?]", nb), ffi.new("int32_t[?]", nb)   -- update_batch's verdicts (verdict)
   local sen = self.cold[cap]                 -- the age list is circular through it
   sen.aprev, sen.anext = cap, cap
   self.lru[cap].prev, self.lru[cap].next = cap, cap
@@ -471,13 +472,16 @@ end
 -- with few live values, so whatever path a trace is recorded on, the side
 -- traces of the others are small and compile:
 --   1. lookup   key, direction and hash of every packet into a flat scratch
---               array (lp_fkey); then two loops of a few loads that touch
---               each packet's index slot and the record it points to
---               when the slot holds the packet's hash, so
---               the cache misses of the whole batch overlap (with 100 000
---               flows nearly each is a miss); then the read-only probe of
---               the index: the flow index or -1 (miss; the packet number
---               and the empty slot that ended its chain go on a miss list);
+--               array (lp_fkey); then the read-only probe of the index: the
+--               flow index or -1 (miss; the packet number and the empty slot
+--               that ended its chain go on a miss list).  With more flows
+--               than the caches hold, the probe is four loops instead of one,
+--               so the cache misses of the whole batch overlap (with 100 000
+--               flows nearly each is a miss): one touching each packet's home
+--               slot; one deciding from the two first slots of each chain
+--               (verdict, no branch, no record read) into a flat array; one
+--               touching the record each verdict names; one comparing that
+--               record's key (probe_chain for the rare rest);
 --               then, with as many flows, a loop
 --               touching the LRU links of each packet's flow and of its
 --               two list neighbours (what loop 3 writes when it moves it);
@@ -601,6 +605,42 @@ end
 local KEY_WORDS = ffi.sizeof("lp_fkey") / 4
 local FLOW_WORDS = FLOW_SIZE / 4
 assert(ffi.offsetof("lp_fkey", "hash") == 40 and ffi.offsetof("lp_flow", "key") == 0)
+-- 1 when the 32-bit words a and b are equal, else 0 (no branch)
+local function same(a, b)
+  local d = bxor(a, b)
+  return rshift(bnot(bor(d, 0 - d)), 31)
+end
+--- The verdict of the index on hash h, from its first two slots (update_batch's slot loop, with many flows): the
+--- candidate is the home slot j = h & mask when it is empty or holds hash h, else slot j + 1; returns the candidate's
+--- slot number and its flow when it holds hash h (the key is still to be compared), -1 when it is empty (a new flow:
+--- nothing before it on the chain can be the key), -2 when it holds another hash (the chain goes on).  No branch.
+local function verdict(slots, h, mask)
+  local j0 = band(h, mask)
+  local j1 = band(j0 + 1, mask)
+  local x0, x1 = slots[j0].idx, slots[j1].idx
+  local s0, s1 = same(slots[j0].hash, h), same(slots[j1].hash, h)
+  local m = 0 - bor(rshift(x0, 31), s0)                  -- all ones: the home slot is the candidate
+  local x = bor(band(m, x0), band(bnot(m), x1))
+  local e = rshift(x, 31)                                 -- 1: the candidate is empty
+  local keep = band(bor(band(m, s0), band(bnot(m), s1)), bxor(e, 1))   -- 1: it holds hash h
+  return bor(band(m, j0), band(bnot(m), j1)), bor(band(0 - keep, x), band(keep - 1, e - 2))
+end
+-- the chain from the home slot, one slot after the other (update_batch's rare case with many flows: a verdict of -2,
+-- or a hash shared with another key): returns (slot, flow index) as probe.  Bounded: the index is at most half
+-- full, so an empty slot ends every chain.  Recomputed from the key alone, so no value of the probe loop's
+-- comparison is live at the exit into it (a side trace with them failed to compile: "register coalescing too
+-- complex")
+local function probe_chain(self, kw, o)
+  local slots, fw, mask = self.slots, self.fw, self.mask
+  local h = kw[o + 10]
+  local j = band(h, mask)
+  local x = slots[j].idx
+  while x >= 0 and not (slots[j].hash == h and key_eq(fw, x * FLOW_WORDS, kw, o)) do
+    j = band(j + 1, mask)
+    x = slots[j].idx
+  end
+  return j, x
+end
 local function probe(self, kw, o)
   local slots, fw, mask = self.slots, self.fw, self.mask
   local h = kw[o + 10]
@@ -1063,8 +1103,9 @@ function FT:update_batch(b, n)
   if n > self.nkeys then
     self.keys, self.miss, self.missj, self.nkeys = ffi.new("lp_fkey[?]", n), ffi.new("int32_t[?]", n),
       ffi.new("int32_t[?]", n), n
+    self.sv, self.sj = ffi.new("int32_t[?]", n), ffi.new("int32_t[?]", n)
   end
-  local keys, miss, missj = self.keys, self.miss, self.missj
+  local keys, miss, missj, sv, sj = self.keys, self.miss, self.missj, self.sv, self.sj
   local kw = cast(i32_ptr, keys)
   local flows, cold = self.flows, self.cold
   -- 1. lookup (read-only).  a: keys and hashes; p.flow = 0 marks a packet to look up
@@ -1082,27 +1123,29 @@ function FT:update_batch(b, n)
     end
     p.flow = x
   end
-  -- b: with more flows than the caches hold, touch the index slot of every packet, then the hot record
-  -- each slot points to when it holds the packet's hash (both its cache lines; another flow's record, the home slot
-  -- of most new flows once the index fills, is not what the probe reads: it compares hashes first) and its LRU
-  -- links: independent loads in loops of a few instructions, so the
-  -- CPU overlaps their cache misses across packets instead of paying them one after the other in the
-  -- probe (with 100 000 flows each is a miss; a stale key of a non-IP packet touches a valid slot;
-  -- an empty slot, idx -1, touches the sentinel: x + band(arshift(x, 31), sen - x) is sen for x < 0)
+  -- b: with more flows than the caches hold, touch the home slot of every packet; then each packet's verdict (the
+  -- two first slots of its chain: verdict) into sv / sj; then the hot record each verdict names (both its cache lines;
+  -- another flow's record, the home slot of most new flows once the index fills, is not what the probe reads: it
+  -- compares hashes first) and its LRU links: independent loads in loops of a few instructions, so the CPU overlaps
+  -- their cache misses across packets instead of paying them one after the other in the probe (with 100 000 flows
+  -- each is a miss; a stale key of a non-IP packet reads valid slots; a verdict without a record, -1 or -2, touches
+  -- the sentinel: x + band(arshift(x, 31), sen - x) is sen for x < 0).  The verdict has its own loop: in the loop of
+  -- the record touches its ~25 instructions a packet left fewer record misses in flight (flows-100k +8 ns), and in the
+  -- probe loop its second slot load waited for the first (docs/benchmarks.md, "dns: the probe in four loops")
   local touch = self.live >= self.touch_flows
   local lru, sen = self.lru, self.capacity
+  local fw, slots, mask = self.fw, self.slots, self.mask
   if touch then
-    local slots, mask = self.slots, self.mask
     local t = 0
     for k = 0, n - 1 do
       t = bxor(t, slots[band(kw[k * KEY_WORDS + 10], mask)].idx)
     end
-    local fw = self.fw
     for k = 0, n - 1 do
-      local h = kw[k * KEY_WORDS + 10]
-      local s = slots[band(h, mask)]
-      local x, hd = s.idx, bxor(s.hash, h)
-      x = bor(x, 0 - rshift(bor(hd, 0 - hd), 31))   -- -1 (the sentinel) when the slot's hash is not the packet's
+      local j, x = verdict(slots, kw[k * KEY_WORDS + 10], mask)
+      sv[k], sj[k] = x, j
+    end
+    for k = 0, n - 1 do
+      local x = sv[k]
       local i = x + band(arshift(x, 31), sen - x)
       local f = i * FLOW_WORDS
       t = bxor(t, fw[f], fw[f + 16], lru[i].prev)
@@ -1111,12 +1154,33 @@ function FT:update_batch(b, n)
   end
   -- c: probe
   local nmiss = 0
-  for k = 0, n - 1 do
-    if b[k].flow == 0 then     -- no reference to b[k] kept across the probe (see probe)
-      local j, x = probe(self, kw, k * KEY_WORDS)
-      miss[nmiss], missj[nmiss] = k, j        -- kept when x < 0 (a new flow): the empty slot that ended its chain;
-      nmiss = nmiss + rshift(x, 31)           -- no branch: see probe
-      b[k].flow = x
+  if touch then
+    -- what is left of the probe after the verdicts: the named record's key (touched) compared with the packet's (a
+    -- verdict without a record compares record 0's, masked out); a chain past the second slot (-2) or a hash shared
+    -- with another key goes to probe_chain, from the home slot (~3 % of dns's lookups, where the one-loop probe's
+    -- home-slot step left its trace for 13.5 %: tests/test_flowtable_jit.py)
+    for k = 0, n - 1 do
+      if b[k].flow == 0 then     -- no reference to b[k] kept across the call (see probe)
+        local o = k * KEY_WORDS
+        local v = sv[k]
+        local diff = key_diff(fw, band(v, bnot(arshift(v, 31))) * FLOW_WORDS, kw, o)
+        local j, x = sj[k], v
+        if bor(band(bnot(rshift(v, 31)), rshift(bor(diff, 0 - diff), 31)), same(v, -2)) ~= 0 then
+          j, x = probe_chain(self, kw, o)
+        end
+        miss[nmiss], missj[nmiss] = k, j
+        nmiss = nmiss + rshift(x, 31)
+        b[k].flow = x
+      end
+    end
+  else
+    for k = 0, n - 1 do
+      if b[k].flow == 0 then     -- no reference to b[k] kept across the probe (see probe)
+        local j, x = probe(self, kw, k * KEY_WORDS)
+        miss[nmiss], missj[nmiss] = k, j        -- kept when x < 0 (a new flow): the empty slot that ended its chain;
+        nmiss = nmiss + rshift(x, 31)           -- no branch: see probe
+        b[k].flow = x
+      end
     end
   end
   -- d: with many flows, touch the LRU neighbours of each packet's flow (the entries loop 3 unlinks it
