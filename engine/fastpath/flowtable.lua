@@ -394,7 +394,8 @@ function M.new(opts)
   local nb = opts.batch or 1025              -- the driver's batch (1024) + a reassembled datagram; grown on demand
   self.keys, self.miss, self.missj, self.nkeys = ffi.new("lp_fkey[?]", nb), ffi.new("int32_t[?]", nb),
     ffi.new("int32_t[?]", nb), nb
-  self.sv, self.sj = ffi.new("int32_t[?]", nb), ffi.new("int32_t[?]", nb)   -- update_batch's verdicts (verdict)
+  -- update_batch's scratch of many flows: verdicts (verdict: flow, slot) and the hashes side by side
+  self.sv, self.sj, self.sh = ffi.new("int32_t[?]", nb), ffi.new("int32_t[?]", nb), ffi.new("int32_t[?]", nb)
   local sen = self.cold[cap]                 -- the age list is circular through it
   sen.aprev, sen.anext = cap, cap
   self.lru[cap].prev, self.lru[cap].next = cap, cap
@@ -481,10 +482,9 @@ end
 --               slot; one deciding from the two first slots of each chain
 --               (verdict, no branch, no record read) into a flat array; one
 --               touching the record each verdict names; one comparing that
---               record's key (probe_chain for the rare rest);
---               then, with as many flows, a loop
---               touching the LRU links of each packet's flow and of its
---               two list neighbours (what loop 3 writes when it moves it);
+--               record's key (probe_chain for the rare rest); the record
+--               loop also touches the LRU links of each packet's flow and of
+--               its two list neighbours (what loop 3 writes when it moves it);
 --   2. insert   only the misses: from the empty slot that ended the miss's
 --               probe (probe_on: an earlier packet of the same batch may
 --               have created the flow there or further on), create the record;
@@ -1103,9 +1103,9 @@ function FT:update_batch(b, n)
   if n > self.nkeys then
     self.keys, self.miss, self.missj, self.nkeys = ffi.new("lp_fkey[?]", n), ffi.new("int32_t[?]", n),
       ffi.new("int32_t[?]", n), n
-    self.sv, self.sj = ffi.new("int32_t[?]", n), ffi.new("int32_t[?]", n)
+    self.sv, self.sj, self.sh = ffi.new("int32_t[?]", n), ffi.new("int32_t[?]", n), ffi.new("int32_t[?]", n)
   end
-  local keys, miss, missj, sv, sj = self.keys, self.miss, self.missj, self.sv, self.sj
+  local keys, miss, missj, sv, sj, sh = self.keys, self.miss, self.missj, self.sv, self.sj, self.sh
   local kw = cast(i32_ptr, keys)
   local flows, cold = self.flows, self.cold
   -- 1. lookup (read-only).  a: keys and hashes; p.flow = 0 marks a packet to look up
@@ -1119,6 +1119,7 @@ function FT:update_batch(b, n)
       local kf = keys[k]
       make_key(kf, d, v)
       p.dir = kf.dir
+      sh[k] = kf.hash                  -- the hashes side by side, for the loops of many flows (b)
       x = 0
     end
     p.flow = x
@@ -1126,7 +1127,8 @@ function FT:update_batch(b, n)
   -- b: with more flows than the caches hold, touch the home slot of every packet; then each packet's verdict (the
   -- two first slots of its chain: verdict) into sv / sj; then the hot record each verdict names (both its cache lines;
   -- another flow's record, the home slot of most new flows once the index fills, is not what the probe reads: it
-  -- compares hashes first) and its LRU links: independent loads in loops of a few instructions, so the CPU overlaps
+  -- compares hashes first), its LRU links and their two neighbours: independent loads in loops of a few instructions
+  -- (the hashes read from sh, 16 a cache line, not from the 48-byte keys), so the CPU overlaps
   -- their cache misses across packets instead of paying them one after the other in the probe (with 100 000 flows
   -- each is a miss; a stale key of a non-IP packet reads valid slots; a verdict without a record, -1 or -2, touches
   -- the sentinel: x + band(arshift(x, 31), sen - x) is sen for x < 0).  The verdict has its own loop: in the loop of
@@ -1138,17 +1140,17 @@ function FT:update_batch(b, n)
   if touch then
     local t = 0
     for k = 0, n - 1 do
-      t = bxor(t, slots[band(kw[k * KEY_WORDS + 10], mask)].idx)
+      t = bxor(t, slots[band(sh[k], mask)].idx)
     end
     for k = 0, n - 1 do
-      local j, x = verdict(slots, kw[k * KEY_WORDS + 10], mask)
+      local j, x = verdict(slots, sh[k], mask)
       sv[k], sj[k] = x, j
     end
     for k = 0, n - 1 do
       local x = sv[k]
       local i = x + band(arshift(x, 31), sen - x)
       local f = i * FLOW_WORDS
-      t = bxor(t, fw[f], fw[f + 16], lru[i].prev)
+      t = bxor(t, fw[f], fw[f + 16], lru[lru[i].prev].next, lru[lru[i].next].prev)
     end
     self.touched = t
   end
@@ -1183,18 +1185,9 @@ function FT:update_batch(b, n)
       end
     end
   end
-  -- d: with many flows, touch the LRU neighbours of each packet's flow (the entries loop 3 unlinks it
-  -- from when it moves: with 100 000 flows two misses per moved packet, ~25 ns/packet in loop 3);
-  -- a packet without a flow yet (-1, -2) touches the sentinel's (always valid links, unlike a freed record's)
-  if touch then
-    local t = 0
-    for k = 0, n - 1 do
-      local x = b[k].flow
-      local i = x + band(arshift(x, 31), sen - x)
-      t = bxor(t, lru[lru[i].prev].next, lru[lru[i].next].prev)
-    end
-    self.touched = t
-  end
+  -- d: the LRU neighbours of each packet's flow (the entries loop 3 unlinks it from when it moves: with 100 000 flows
+  -- two misses per moved packet, ~25 ns/packet in loop 3) are touched in b's record loop, with the record: a packet
+  -- without a flow yet (-1, -2) touches the sentinel's (always valid links, unlike a freed record's)
   -- 2. insertion of the new flows (the index grows first, never while probing).  Each goes on from the empty slot
   -- that ended its probe (probe_on): this batch's earlier insertions only filled empty slots, so the chain before
   -- that slot is unchanged, and the same key inserted by an earlier packet of the batch is at that slot or after it.
