@@ -37,12 +37,15 @@ def raw_request(run_dir: str, line: bytes) -> dict | None:
     return json.loads(buf) if buf else None
 
 
-@pytest.mark.parametrize("line", [b"[1]\n", b'"stop"\n', b"42\n", b"null\n", b"{not json\n", b"\xff\xfe\n"],
-                         ids=["array", "string", "number", "null", "not-json", "not-utf8"])
+@pytest.mark.parametrize("line", [b"[1]\n", b'"stop"\n', b"42\n", b"null\n", b"{not json\n", b"\xff\xfe\n",
+                                  b'{"cmd":' * 50000 + b"\n", b"[" * 50000 + b"\n"],
+                         ids=["array", "string", "number", "null", "not-json", "not-utf8", "nested-objects",
+                              "nested-arrays"])
 def test_a_request_that_is_not_a_json_object_is_a_bad_request(daemon, line):  # noqa: F811
     """A request line that is JSON but not an object: the reply is a bad request naming it, and the supervisor
     and its fast path go on (status: running, the same pids).  Before: ``req.get`` raised AttributeError in the
-    supervisor's loop: "supervisor internal error", the daemon and its fast path gone, no reply."""
+    supervisor's loop: "supervisor internal error", the daemon and its fast path gone, no reply.  JSON nested 50 000
+    deep (300 KB, under control.MAX_LINE): json.loads raised RecursionError there, with the same end."""
     daemon.start()
     before = daemon.status()
     reply = raw_request(daemon.run_dir, line)
