@@ -226,8 +226,9 @@ def listen(run_dir: str) -> socket.socket:
 
 def read_request(conn: socket.socket, timeout: float = 2.0) -> dict:
     """One JSON object line from a client connection ({} when it sent nothing).  ValueError: not JSON, not UTF-8,
-    or JSON that is not an object (``[1]``, ``"stop"``); OSError (TimeoutError): the line did not come whole within
-    ``timeout`` s.  The supervisor answers both as a bad request (Supervisor._handle)."""
+    JSON that is not an object (``[1]``, ``"stop"``), or nested too deeply for json's recursive decoder (``[`` x
+    50 000: its RecursionError); OSError (TimeoutError): the line did not come whole within ``timeout`` s.  The
+    supervisor answers both as a bad request (Supervisor._handle)."""
     conn.settimeout(timeout)
     buf = b""
     while b"\n" not in buf and len(buf) < MAX_LINE:
@@ -235,7 +236,10 @@ def read_request(conn: socket.socket, timeout: float = 2.0) -> dict:
         if not chunk:
             break
         buf += chunk
-    req = json.loads(buf.split(b"\n", 1)[0] or b"{}")
+    try:
+        req = json.loads(buf.split(b"\n", 1)[0] or b"{}")
+    except RecursionError:      # json's decoder recurses per nesting level: '[' * 50000 is a bad request too
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(req, dict):
         raise ValueError(f"a JSON {type(req).__name__}, not an object like {{\"cmd\": \"status\"}}")
     return req
