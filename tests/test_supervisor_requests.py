@@ -179,3 +179,32 @@ def test_a_fast_path_that_cannot_be_started_is_retried_and_the_supervisor_goes_o
                                                                                           before["fastpath_pid"]), st
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
+
+
+@pytest.mark.parametrize("cmd", ["stop", "status", "reload", "stats", "start"])
+def test_a_fifo_in_place_of_the_pidfile_gets_one_line_not_a_hang(tmp_path, cmd):
+    """A FIFO planted at RUN/supervisor.pid (no daemon): `luaprobe CMD --run-dir RUN` ends within its 60 s with one
+    line naming the pidfile, no traceback, exit 1 (start: nothing started, exit 1; status/stats/reload: nothing runs,
+    3), and starts no process.  Before: control.read_pid's open(O_RDONLY) of a FIFO waited for a writer forever
+    (`stop`, `start`: hung; killed by the timeout here)."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    os.mkfifo(run / "supervisor.pid", 0o600)
+    cfg = tmp_path / "probe.toml"
+    cfg.write_text(f'[run]\nout_dir = "out"\n[source]\npcap = ["{helpers.REPO}/engine/examples/sample.pcap"]\n'
+                   f'[plugins]\npaths = ["{helpers.REPO}/engine/examples/tcp_ports.lua"]\n')
+    args = [cmd, "--run-dir", str(run)] + (["--config", str(cfg)] if cmd == "start" else [])
+    try:
+        r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=helpers.REPO,
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"luaprobe {cmd} still waiting after 60 s on a FIFO at {run}/supervisor.pid")
+    assert "Traceback" not in r.stderr, r.stderr
+    if cmd in ("stop", "start"):
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, (r.returncode, r.stderr)
+        assert f"{run}/supervisor.pid is not a regular file" in r.stderr, r.stderr
+    else:
+        assert r.returncode in (1, 3) and len(r.stderr.splitlines()) <= 1, (r.returncode, r.stderr)
+    assert not (tmp_path / "out").exists() or cmd != "start"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])
+                and "supervisor" in " ".join(p.info["cmdline"] or [])]
