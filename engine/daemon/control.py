@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import struct
 import time
 
@@ -165,15 +166,19 @@ def read_pid(run_dir: str) -> int | None:
     still empty (or with a stale pid being replaced) is read from the kernel's lock table instead
     (:func:`_lock_holder`), so that a `start` or `status` at that moment does not take a running supervisor for
     none.  A pidfile (or run directory) we may not read (another user's daemon: EACCES) raises :class:`ControlError`
-    naming it, so that every command says so in one line (cli._daemon_command) instead of a traceback."""
+    naming it, so that every command says so in one line (cli._daemon_command) instead of a traceback; so does
+    a pidfile that is not a regular file (a FIFO planted there: opened non-blocking, since a blocking open of a
+    FIFO waits for a writer forever and `stop` and `start` hung)."""
     p = path(run_dir, PIDFILE)
     try:
-        fd = os.open(p, os.O_RDONLY)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
         raise ControlError(f"cannot read {p}: {e.strerror}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ControlError(f"{p} is not a regular file (a supervisor writes its pid there; remove it)")
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
