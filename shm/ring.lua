@@ -105,6 +105,10 @@ local cast, copy, fstring = ffi.cast, ffi.copy, ffi.string
 local band, bxor = require("bit").band, require("bit").bxor
 local u8p, u32p, u64p = ffi.typeof("uint8_t *"), ffi.typeof("uint32_t *"), ffi.typeof("uint64_t *")
 local hdrp = ffi.typeof("lp_rec_hdr *")
+if not pcall(ffi.typeof, "lp_ring_cur") then
+  ffi.cdef "typedef struct { uint8_t *q, *data, *data_end; } lp_ring_cur;"
+end
+local ring_cur = ffi.typeof("lp_ring_cur")     -- the batch pop's cursor (pop_cursor)
 
 local M = {
   HEADER = 4096,            -- bytes before the data area
@@ -166,6 +170,7 @@ function M.attach(addr)
   local self = setmetatable({
     base = base,
     data = base + M.HEADER,
+    cur = ring_cur(nil, base + M.HEADER, base + M.HEADER + cap),   -- the batch pop's cursor (pop_cursor)
     cap = cap,
     mask = cap - 1,                     -- index = band(pos, mask)
     max_record = cap / 2 - 8,
@@ -318,48 +323,72 @@ end
 --- Batch pop: peek / advance with the consumer's state in the caller's locals instead of the ring's fields, for a
 --- loop that pops many records before it releases them (the fast path's Driver:fill).  With peek / advance each
 --- record cost two loads and two stores of table fields (head_local, popped_local), which a compiled loop redoes
---- per record (a table store is not sunk out of a loop), and a reload of tail_cache; here the loop carries three
---- numbers and the ring is written once per batch (Ring:pop_commit).  Between pop_cursor() and pop_commit() only peek_at may
---- read the ring's consumer side.
----   local pos, tail = r:pop_cursor()
----   local p, len; p, len, pos, tail = r:peek_at(pos, tail)   -- p nil: nothing published beyond pos
----   pos = M.next_pos(pos, len); popped = popped + 1           -- consume it
----   r:pop_commit(pos, tail, popped)
---- Returns the consumer position and the producer position last seen (bytes ever, as head_local / tail_cache).
+--- per record (a table store is not sunk out of a loop), and a reload of tail_cache; here the loop carries the bytes
+--- it consumed, the next record's header is a pointer in an FFI cursor (lp_ring_cur), and the ring's fields are
+--- written once per batch (pop_commit).  From one record to the next the old loop carried the position (bytes ever,
+--- a double up to 2^53): double -> int (index) -> load of the length -> int -> double and two double adds, ~25
+--- cycles of latency in series per record (issue 10: the fill loop ran at half the instructions per cycle of the
+--- walk's decode); the pointer plus the aligned length is one load and a few integer operations.  The pointer is
+--- kept in an FFI field, not in a Lua local: a cdata a compiled loop carries in a local is boxed (allocated) on
+--- every path through a side trace that returns to the loop (vlan-mpls, where most packets take one: +8 ns a
+--- packet), and an index in a local stays a double (LuaJIT keeps loop-carried numbers as doubles).
+--- The cursor's functions are the module's, not methods, and the cursor holds the data area's bounds: on a path
+--- through a side trace the loop re-enters its trace at the top, and method lookups there (a hash lookup in the
+--- ring and in its metatable per name) are paid again for each such packet (vlan-mpls: +2 ns a packet with methods).
+--- Between pop_cursor() and pop_commit() only pop_more / rec_at / rec_next may read the ring's consumer side.
+---   local cur, used, avail = r:pop_cursor()
+---   if used == avail then avail = r:pop_more() end        -- still equal: nothing published beyond
+---   local p, len, skip = M.rec_at(cur)                     -- the record; a PAD before it is skipped (skip bytes)
+---   used = used + skip + M.rec_bytes(len); M.rec_next(cur, p, len); popped = popped + 1   -- consume it
+---   r:pop_commit(used, avail, popped)
+--- Returns the cursor (an lp_ring_cur: q the next record's header, data and data_end the data area's bounds), 0
+--- bytes consumed and the bytes published beyond head_local as last seen (tail_cache - head_local: no load of the
+--- shared tail).
 function Ring:pop_cursor()
-  return self.head_local, self.tail_cache
+  local head, cur = self.head_local, self.cur
+  cur.q = self.data + index(self, head)
+  return cur, 0, self.tail_cache - head
 end
 
---- The record at consumer position pos (a pop_cursor's), given the producer position last seen: (record pointer,
---- length, position of that record's header, producer position), or (nil, 0, pos, producer position) when the
---- ring holds nothing beyond pos.  The producer position is reloaded (load-acquire) only when pos reached the
---- one last seen, as peek does; a PAD record is skipped (the returned position is then past it).
+--- The bytes published beyond head_local, reloaded from the producer's position (load-acquire, as peek does when
+--- it reaches the position it last saw).
+function Ring:pop_more()
+  return C.lp_load(self.tail_p) - self.head_local
+end
+
+--- The record at cursor `cur` (pop_cursor's; only when bytes are published there): (record pointer, length, bytes
+--- of a PAD record skipped before it or 0).  A pad always runs to the end of the data area and is followed by a
+--- record at its start.
 local PAD = M.PAD
-function Ring:peek_at(pos, tail)
-  if pos == tail then
-    tail = C.lp_load(self.tail_p)
-    if pos == tail then return nil, 0, pos, tail end
-  end
-  local data = self.data
-  local idx = index(self, pos)
-  local hdr = cast(hdrp, data + idx)
+function M.rec_at(cur)
+  local q = cur.q
+  local hdr = cast(hdrp, q)
   if hdr.flags == PAD then
-    pos = pos + hdr.len + 8                           -- a pad is always followed by a record
-    idx = 0
-    hdr = cast(hdrp, data)
+    local data = cur.data
+    return data + 8, cast(hdrp, data).len, hdr.len + 8
   end
-  return data + idx + 8, hdr.len, pos, tail
+  return q + 8, hdr.len, 0
 end
 
---- The consumer position after the record of `len` bytes at pos (peek_at's).
-function M.next_pos(pos, len)
-  return pos + 8 + align8(len)
+--- Move cursor `cur` past the record at p (rec_at's) of `len` bytes: to the start of the data area when that
+--- record ends it.
+function M.rec_next(cur, p, len)
+  local q = p + align8(len)
+  if q == cur.data_end then q = cur.data end
+  cur.q = q
 end
 
---- End a batch pop: the cursor's position, producer position seen and the number of records it consumed become
---- the ring's (as `popped` calls of advance would have left them); visible to the producer at the next release().
-function Ring:pop_commit(pos, tail, popped)
-  self.head_local, self.tail_cache = pos, tail
+--- Ring bytes of a record of `len` bytes (its 8-byte header, the record, padding to 8 bytes).
+function M.rec_bytes(len)
+  return 8 + align8(len)
+end
+
+--- End a batch pop: the bytes the cursor consumed (records and pads), the published bytes it last saw (pop_cursor's
+--- or pop_more's) and the number of records it consumed become the ring's head_local / tail_cache / popped_local (as
+--- `popped` calls of advance would have left them); visible to the producer at the next release().
+function Ring:pop_commit(used, avail, popped)
+  local head = self.head_local
+  self.head_local, self.tail_cache = head + used, head + avail
   self.popped_local = self.popped_local + popped
 end
 

@@ -21,7 +21,10 @@ code before it (numbers per packet, the part of the trace after its LOOP instruc
   (and its IR 290 -> 275).  tests/test_decode.py::test_decode_writes_every_field checks no field is left unwritten.
 * the fill loop popped the ring with Ring:peek / advance, which store the ring's head_local and popped_local (Lua
   table fields: an HSTORE each, not sunk out of a compiled loop) for every record: 2 per packet before; the batch
-  pop (Ring:pop_cursor / peek_at / pop_commit) keeps them in locals: 0.
+  pop (Ring:pop_cursor / rec_at / rec_next / pop_commit) keeps them in locals: 0.
+* the fill loop carried the ring position (bytes ever, a double) from one record to the next and converted it to the
+  record's index per packet (one TOBIT per packet, on a ~25-cycle chain of double/int conversions through the
+  record's length); the batch pop's cursor is now a pointer in an FFI struct (shm/ring.lua lp_ring_cur): 0.
 """
 from __future__ import annotations
 
@@ -82,3 +85,8 @@ def test_key_loop_builds_and_hashes_64_bit_words(ir):
 def test_fill_loop_writes_no_table_field_per_packet(ir):
     fill = _loop(ir, "driver.lua")
     assert fill["HSTORE"] == 0, f"the fill loop stores {fill['HSTORE']} Lua table fields per packet"
+
+
+def test_fill_loop_carries_no_ring_position_double(ir):
+    fill = _loop(ir, "driver.lua")
+    assert fill["TOBIT"] == 0, f"the fill loop converts {fill['TOBIT']} doubles to integers per packet (the ring position)"

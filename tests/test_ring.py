@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from luaprobe.shm import segment
@@ -336,17 +336,20 @@ def test_shm_clean_command_sweeps():
 
 BATCH_POP = """function(r, k)
   local ffi, ring = require("ffi"), require("luaprobe.shm.ring")
-  local pos, tail = r:pop_cursor()
+  local cur, used, avail = r:pop_cursor()
   local out, got = {}, 0
   while got < k do
-    local p, len
-    p, len, pos, tail = r:peek_at(pos, tail)
-    if p == nil then break end
+    if used == avail then
+      avail = r:pop_more()
+      if used == avail then break end
+    end
+    local p, len, skip = ring.rec_at(cur)
     got = got + 1
     out[got] = ffi.string(p, len)
-    pos = ring.next_pos(pos, len)
+    ring.rec_next(cur, p, len)
+    used = used + skip + ring.rec_bytes(len)
   end
-  r:pop_commit(pos, tail, got)
+  r:pop_commit(used, avail, got)
   r:release()
   return out
 end"""
@@ -356,8 +359,8 @@ end"""
 @given(st.sampled_from([0] + BIG_STARTS),
        st.lists(st.tuples(st.booleans(), st.integers(0, 900)), min_size=1, max_size=300))
 def test_batch_pop_cursor_matches_a_fifo_model(start, ops):
-    """The batch pop the fast path's fill loop uses (Ring:pop_cursor / peek_at / next_pos / pop_commit: the consumer's
-    state in locals, written back once per batch) pops exactly the records a FIFO model holds, in order, across pads
+    """The batch pop the fast path's fill loop uses (Ring:pop_cursor / pop_more / rec_at / rec_next / rec_bytes /
+    pop_commit: the consumer's state in locals, the next record as a pointer, written back once per batch) pops exactly the records a FIFO model holds, in order, across pads
     and wraps and from positions past 2^32, and leaves the ring as many single pops would (fill, later pops and
     pushes agree with the model)."""
     cap = 4096
@@ -383,3 +386,17 @@ def test_batch_pop_cursor_matches_a_fifo_model(start, ops):
         assert ring.try_pop_batch(10_000) == list(model)
     finally:
         ring.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([0] + BIG_STARTS),
+       st.lists(st.tuples(st.booleans(), st.sampled_from([0, 1, 8, 56, 120, 248, 504, 1016, 1500])),
+                min_size=1, max_size=300))
+@example(0, [(True, 1016)] * 4 + [(False, 1), (True, 1016), (False, 6)])        # a batch across the exact end
+@example(2**32 + 8, [(True, 1500)] * 2 + [(False, 1), (True, 1500), (False, 6)])  # a batch across a pad
+def test_batch_pop_across_exact_ends_and_pads(start, ops):
+    """The same model check with record sizes whose ring footprint (8-byte header + the record padded to 8 bytes) is
+    mostly a power of two up to 1 KiB, so records end exactly at the end of the 4 KiB data area (the next one starts
+    at its start: Ring:rec_next's wrap, no PAD) as well as before it (1500: a PAD then fills the rest, rec_at's
+    skip).  The first model test's sizes (0-900 bytes) seldom end a record exactly there."""
+    test_batch_pop_cursor_matches_a_fifo_model.hypothesis.inner_test(start, ops)

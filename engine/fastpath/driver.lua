@@ -24,7 +24,7 @@ local u8p = ffi.typeof("uint8_t *")
 local PKT_HDR, REC_HDR, HDR_BYTES = ffi.offsetof("lp_pkt", "ts_sec"), ffi.offsetof("lp_pktrec", "ts_sec"), 24
 assert(ffi.offsetof("lp_pkt", "ifindex") - PKT_HDR == 20 and ffi.offsetof("lp_pktrec", "ifindex") - REC_HDR == 20)
 local ddecode = decode.decode
-local next_pos = ring.next_pos
+local rec_bytes, rec_at, rec_next = ring.rec_bytes, ring.rec_at, ring.rec_next
 
 local M = {}
 local Driver = {}
@@ -111,16 +111,20 @@ function Driver:fill()
   -- counters of the ring's packets, kept in the loop (no second pass over the batch); a datagram completed by
   -- IP reassembly is appended to the batch but is not a captured packet (its fragments were counted)
   local got, truncated, nonip, bytes = 0, self.truncated, self.nonip, self.bytes
-  -- the ring's consumer state in locals for the batch (Ring:pop_cursor / peek_at / pop_commit): no table store per packet
-  local pos, tail = r:pop_cursor()
+  -- the ring's consumer state in locals for the batch (Ring:pop_cursor / rec_at / rec_next / pop_commit): no table
+  -- store per packet, and from one record to the next a pointer in the ring's FFI cursor, not the ring position (a
+  -- double: shm/ring.lua)
+  local cur, used, avail = r:pop_cursor()
   local ctl, ctl_len
   while n < max do
-    local p, len
-    p, len, pos, tail = r:peek_at(pos, tail)
-    if p == nil then break end
+    if used == avail then
+      avail = r:pop_more()
+      if used == avail then break end
+    end
+    local p, len, skip = rec_at(cur)
     local h = cast(recp, p)
     if h.kind ~= PKT then
-      if n == 0 then ctl, ctl_len = p, len end         -- taken after the cursor is committed
+      if n == 0 then ctl, ctl_len, used = p, len, used + skip end   -- taken after the cursor is committed
       break
     end
     local ts = h.ts_sec
@@ -137,7 +141,8 @@ function Driver:fill()
     local caplen = h.caplen
     local d = e.d
     ddecode(d, data, caplen, h.linktype)
-    pos = next_pos(pos, len)
+    rec_next(cur, p, len)
+    used = used + skip + rec_bytes(len)
     n = n + 1
     got = got + 1
     bytes = bytes + h.wirelen
@@ -146,7 +151,7 @@ function Driver:fill()
     if d.frag ~= 0 then n = self:fragment(e, n) end
     if d.nlayers == 0 then self:no_layer(e) end
   end
-  r:pop_commit(pos, tail, got)
+  r:pop_commit(used, avail, got)
   if ctl then take_control(self, ctl, cast(recp, ctl), ctl_len) end
   -- Flows after the whole batch is decoded, in the flow table's own small
   -- loops (lookup, insertion, counters: flowtable.lua "packet path"); one

@@ -1,0 +1,193 @@
+"""Instructions per packet of the driver's fill (ring pop + decode + batch entry) and of the walk's decode, under
+callgrind (issue 10).
+
+    python tools/bench/fillcg.py [--corpus small-few,dns] [--packets 100000] [--tree WORKTREE ...] [--sim]
+
+For each corpus shape (its --quick capture, the first --packets packets) and each tree (a work tree: its engine/
+and shm/ Lua modules are loaded; default this one), a child process under
+``valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no`` copies the packets into one packet ring
+large enough for all of them (as the capture process does: stages.lua's producer), pops them once with the real
+``Driver:fill`` (the flow table's update_batch replaced by a no-op: that is tools/bench/flowtable_cg.py's part) to
+compile the traces, rewinds the ring's consumer cursor and pops them again with collection on: **fill**.  Then
+**walk**: the pcap walker and decode.decode over the same packets (tools/bench/corpus_bench.py's WALK without a
+hook, stages.lua's walk), once to warm up and once counted.  Printed: instructions (Ir) per packet of each (with
+--sim also callgrind's simulated L1 read / write misses and mispredicted conditional branches).  Counts, not time:
+repeatable on a loaded machine (a few instructions a packet between processes, as LuaJIT picks its traces).  A small
+C library built here with cc from valgrind/callgrind.h toggles the collection.  Needs valgrind and its headers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, REPO)
+
+LIB = r"""
+#include <valgrind/callgrind.h>
+void cg_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }
+void cg_start(void) { CALLGRIND_START_INSTRUMENTATION; }
+"""
+
+BENCH = r'''
+local lib, addr, size, limit, part = ...
+local ffi = require("ffi")
+local cg = ffi.load(lib)
+ffi.cdef "void cg_toggle(void); void cg_start(void);"
+local pcapfile = require("luaprobe.engine.capture.pcapfile")
+local decode = require("luaprobe.engine.fastpath.decode")
+local ring = require("luaprobe.shm.ring")
+local driver = require("luaprobe.engine.fastpath.driver")
+local packet = require("luaprobe.engine.plugins.packet")
+local REC, recp, PKT = packet.REC_SIZE, packet.recp, packet.PKT
+
+local function walk()
+  local d, n = decode.new(), 0
+  local r = pcapfile.open(addr, size)
+  while n < limit do
+    local p, caplen, _, _, _, linktype = r:next()
+    if p == nil then break end
+    decode.decode(d, p, caplen, linktype)
+    n = n + 1
+  end
+  return n
+end
+
+cg.cg_start()
+if part == "walk" then
+  walk()
+  cg.cg_toggle()
+  local n = walk()
+  cg.cg_toggle()
+  return n
+end
+-- the ring: every packet's record fits (header, frame, 8-byte record header, 8-byte alignment)
+local need, r = 0, pcapfile.open(addr, size)
+for _ = 1, limit do
+  local p, caplen = r:next()
+  if p == nil then break end
+  need = need + REC + caplen + 16
+end
+local cap = 1
+while cap < need * 2 do cap = cap * 2 end
+local mem = ffi.new("uint8_t[?]", ring.region_size(cap, true) + 64)
+local base = tonumber(ffi.cast("intptr_t", mem))
+base = base + (64 - base % 64) % 64
+local prod = ring.format(base, cap, true)
+r = pcapfile.open(addr, size)
+for _ = 1, limit do
+  local ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = r:next()
+  if ptr == nil then break end
+  local p = prod:reserve(REC + caplen)
+  assert(p ~= nil, "ring full")
+  local h = ffi.cast(recp, p)
+  h.kind, h.ts_sec, h.ts_nsec, h.wirelen, h.caplen = PKT, ts_sec, ts_nsec, wirelen, caplen
+  h.linktype, h.ifindex = linktype, ifindex
+  ffi.copy(p + REC, ptr, caplen)
+  prod:commit()
+end
+prod:publish()
+local drv = driver.new({ ring = base, batch = packet.BATCH, capacity = 65536 })
+drv.ft.update_batch = function() end
+local dr = drv.ring
+local head0, popped0 = dr.head_local, dr.popped_local
+local function pass()
+  local n = 0
+  while true do
+    local k = drv:fill()
+    if k == 0 then break end
+    n = n + k
+  end
+  return n
+end
+pass()
+dr.head_local, dr.popped_local, dr.tail_cache = head0, popped0, head0
+drv.sec = -1
+cg.cg_toggle()
+local n = pass()
+cg.cg_toggle()
+drv.stop_profile()
+return n
+'''
+
+
+def child(lib: str, part: str, shape: str, limit: int) -> None:
+    """Under callgrind: the fill or walk pass over `limit` packets of `shape`'s --quick capture."""
+    from tools.bench import corpus
+    from luaprobe.engine.capture.pcapfile import open_capture
+    from luaprobe.shm.luajit import new_runtime
+    lua = new_runtime()
+    with open_capture(corpus.make(shape, True)) as cap:
+        n = lua.execute(BENCH, lib.encode(), cap.address, cap.size, limit, part.encode())
+    print(f"packets {n}")
+
+
+def use_tree(tree: str) -> None:
+    """Load luaprobe.engine / luaprobe.shm's Lua modules from work tree `tree` in every VM made from now on."""
+    import luaprobe.shm.luajit as lj
+    orig = lj.package_dirs
+
+    def dirs():
+        d = orig()
+        d["engine"] = os.path.join(os.path.abspath(tree), "engine")
+        d["shm"] = os.path.join(os.path.abspath(tree), "shm")
+        return d
+    lj.package_dirs = dirs
+
+
+EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw", "Bc", "Bcm", "Bi", "Bim")
+
+
+def measure(lib: str, work: str, tree: str, part: str, shape: str, limit: int, sim: bool = False) -> dict:
+    """{event: count per packet} of `part` ("fill" or "walk") with `tree`'s modules: Ir, and with `sim` callgrind's
+    cache and branch simulation's events too (D1mr / D1mw L1 misses, Bcm mispredicted conditional branches)."""
+    out = os.path.join(work, f"cg.{part}.out")
+    extra = ["--cache-sim=yes", "--branch-sim=yes"] if sim else []
+    p = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no", *extra,
+                        f"--callgrind-out-file={out}", sys.executable, os.path.abspath(__file__),
+                        "--child", lib, part, shape, str(limit), tree], capture_output=True, text=True)
+    got = re.search(r"Collected : ([\d ]+)", p.stderr)
+    npk = re.search(r"packets (\d+)", p.stdout)
+    if p.returncode or not got or not npk:
+        raise SystemExit(f"fillcg: {shape} {part}: exit {p.returncode}: {p.stderr[-800:]}")
+    n = int(npk.group(1))
+    return {k: int(v) / n for k, v in zip(EVENTS if sim else ("Ir",), got.group(1).split())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", default="small-few,dns")
+    ap.add_argument("--packets", type=int, default=100000, help="packets of each capture (its first)")
+    ap.add_argument("--tree", action="append", help="work tree whose engine/ and shm/ are measured (repeatable)")
+    ap.add_argument("--parts", default="fill,walk")
+    ap.add_argument("--sim", action="store_true", help="also simulate caches and branches (D1mr, D1mw, Bcm)")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        use_tree(a.child[4])
+        child(a.child[0], a.child[1], a.child[2], int(a.child[3]))
+        return 0
+    trees = a.tree or [REPO]
+    with tempfile.TemporaryDirectory() as work:
+        lib = os.path.join(work, "libcgtoggle.so")
+        with open(os.path.join(work, "cg.c"), "w") as f:
+            f.write(LIB)
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", lib, os.path.join(work, "cg.c")], check=True)
+        show = ("Ir", "D1mr", "D1mw", "Bcm") if a.sim else ("Ir",)
+        parts = a.parts.split(",")
+        print("| corpus | tree | " + " | ".join(f"{p} {e}" for p in parts for e in show) + " |")
+        print("|---|---|" + "---:|" * (len(parts) * len(show)))
+        for shape in a.corpus.split(","):
+            for tree in trees:
+                ev = [measure(lib, work, tree, part, shape, a.packets, a.sim) for part in parts]
+                print(f"| {shape} | {tree} | " + " | ".join(f"{x[e]:.2f}" for x in ev for e in show) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
