@@ -25,6 +25,9 @@ code before it (numbers per packet, the part of the trace after its LOOP instruc
 * the fill loop carried the ring position (bytes ever, a double) from one record to the next and converted it to the
   record's index per packet (one TOBIT per packet, on a ~25-cycle chain of double/int conversions through the
   record's length); the batch pop's cursor is now a pointer in an FFI struct (shm/ring.lua lp_ring_cur): 0.
+* decode() reset first[] with ``ffi.fill``, a lookup of "fill" in the ffi table (HREFK, HLOAD) in the part of the fill
+  loop's trace before its LOOP, which runs again for every packet whose path went through a side trace (on vlan-mpls,
+  mixed-zipf, ipv6 most of them): 1 hash lookup in the whole trace before, none now (decode.lua's ``ffill`` local).
 """
 from __future__ import annotations
 
@@ -90,3 +93,11 @@ def test_fill_loop_writes_no_table_field_per_packet(ir):
 def test_fill_loop_carries_no_ring_position_double(ir):
     fill = _loop(ir, "driver.lua")
     assert fill["TOBIT"] == 0, f"the fill loop converts {fill['TOBIT']} doubles to integers per packet (the ring position)"
+
+
+def test_fill_loop_trace_looks_up_no_table_field(ir):
+    locs = sorted((w for w in ir if w != "aborts" and w.startswith("driver.lua:")), key=lambda w: int(w.split(":")[1]))
+    assert locs, f"no compiled loop in driver.lua: {sorted(ir)}"
+    whole = collections.Counter(ir[locs[0]])           # its entry part too: what a side trace's return runs again
+    assert whole["HREFK"] + whole["HREF"] + whole["HLOAD"] == 0, \
+        f"the fill loop's trace looks up table fields: HREFK {whole['HREFK']}, HREF {whole['HREF']}, HLOAD {whole['HLOAD']}"

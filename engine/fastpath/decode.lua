@@ -112,6 +112,8 @@ end
 
 local lp_decoded = ffi.typeof("lp_decoded")
 local cast = ffi.cast
+local ffill = ffi.fill   -- a local: a path through a side trace re-enters the batch loop's trace at its top, where
+                         -- `ffi.fill` was a hash lookup in the ffi table again for each such packet
 local u32p, cu32p, i64p = ffi.typeof("uint32_t *"), ffi.typeof("const uint32_t *"), ffi.typeof("int64_t *")
 local u64p = ffi.typeof("uint64_t *")
 
@@ -532,7 +534,7 @@ M.LINKTYPES = { [1] = "EN10MB", [113] = "LINUX_SLL", [276] = "LINUX_SLL2", [101]
 --- Decode one packet. p: const uint8_t*, caplen: captured bytes, linktype:
 --- pcap LINKTYPE_*.  Returns d.nlayers.
 function M.decode(d, p, caplen, linktype)
-  ffi.fill(d.first, 32, 0xff)  -- first[proto] = index of the first layer of that protocol, -1 if none (first: above)
+  ffill(d.first, 32, 0xff)  -- first[proto] = index of the first layer of that protocol, -1 if none (first: above)
   -- only the fields no path is sure to write: the IP and L4 groups are written once, by the path (decode_ipv4) or
   -- by no_ip below
   d.nlayers = 0
