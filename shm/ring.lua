@@ -329,9 +329,9 @@ end
 --- a double up to 2^53): double -> int (index) -> load of the length -> int -> double and two double adds, ~25
 --- cycles of latency in series per record (issue 10: the fill loop ran at half the instructions per cycle of the
 --- walk's decode); the pointer plus the aligned length is one load and a few integer operations.  The pointer is
---- kept in an FFI field, not in a Lua local: a cdata a compiled loop carries in a local is boxed (allocated) on
---- every path through a side trace that returns to the loop (vlan-mpls, where most packets take one: +8 ns a
---- packet), and an index in a local stays a double (LuaJIT keeps loop-carried numbers as doubles).
+--- kept in an FFI field, not in a Lua local: as a local it made vlan-mpls (most packets through a side trace that
+--- returns to the loop) 8 ns a packet slower, likely because a cdata a compiled loop carries is boxed (allocated)
+--- where a side trace hands it back; an index in a local stays a double (LuaJIT keeps loop-carried numbers as doubles).
 --- The cursor's functions are the module's, not methods, and the cursor holds the data area's bounds: on a path
 --- through a side trace the loop re-enters its trace at the top, and method lookups there (a hash lookup in the
 --- ring and in its metatable per name) are paid again for each such packet (vlan-mpls: +2 ns a packet with methods).
