@@ -208,3 +208,33 @@ def test_a_fifo_in_place_of_the_pidfile_gets_one_line_not_a_hang(tmp_path, cmd):
     assert not (tmp_path / "out").exists() or cmd != "start"
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])
                 and "supervisor" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_clients_that_send_nothing_hold_up_no_other_request(daemon):  # noqa: F811
+    """Eight connections to the control socket that send nothing (a stuck client, a probe of the socket): a
+    `luaprobe status` made meanwhile answers at once (exit 0, running, the same pids), and each silent connection
+    gets a bad-request reply about 2 s after its connect.  Before: the supervisor read each request blocking, 2 s
+    each, in its one loop: `status` said "did not answer within 10 s" (exit 1) and the fast path went unwatched for
+    16 s."""
+    daemon.start()
+    before = daemon.status()
+    silent = []
+    try:
+        for _ in range(8):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(control.path(daemon.run_dir, control.SOCKET))
+            silent.append(s)
+        r = daemon.cli("status", "--json")
+        assert r.returncode == 0, (r.returncode, r.stderr)
+        st = json.loads(r.stdout)
+        assert (st["state"], st["supervisor_pid"], st["fastpath_pid"]) == \
+            ("running", before["supervisor_pid"], before["fastpath_pid"]), st
+        for s in silent:
+            s.settimeout(30)
+            reply = json.loads(s.makefile("rb").readline())
+            assert reply["ok"] is False and reply["error"].startswith("bad request: "), reply
+    finally:
+        for s in silent:
+            s.close()
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
