@@ -230,10 +230,9 @@ def listen(run_dir: str) -> socket.socket:
 
 
 def read_request(conn: socket.socket, timeout: float = 2.0) -> dict:
-    """One JSON object line from a client connection ({} when it sent nothing).  ValueError: not JSON, not UTF-8,
-    JSON that is not an object (``[1]``, ``"stop"``), or nested too deeply for json's recursive decoder (``[`` x
-    50 000: its RecursionError); OSError (TimeoutError): the line did not come whole within ``timeout`` s.  The
-    supervisor answers both as a bad request (Supervisor._handle)."""
+    """One JSON object line from a client connection ({} when it sent nothing), read blocking (:func:`parse_request`
+    says what is refused); OSError (TimeoutError): the line did not come whole within ``timeout`` s.  The supervisor
+    reads its clients' lines without blocking instead (Supervisor._read_client)."""
     conn.settimeout(timeout)
     buf = b""
     while b"\n" not in buf and len(buf) < MAX_LINE:
@@ -241,6 +240,13 @@ def read_request(conn: socket.socket, timeout: float = 2.0) -> dict:
         if not chunk:
             break
         buf += chunk
+    return parse_request(buf)
+
+
+def parse_request(buf: bytes) -> dict:
+    """The request in ``buf``, a client's bytes up to its first newline ({} when empty).  ValueError: not JSON, not
+    UTF-8, JSON that is not an object (``[1]``, ``"stop"``), or nested too deeply for json's recursive decoder
+    (``[`` x 50 000: its RecursionError).  The supervisor answers it as a bad request (Supervisor._handle)."""
     try:
         req = json.loads(buf.split(b"\n", 1)[0] or b"{}")
     except RecursionError:      # json's decoder recurses per nesting level: '[' * 50000 is a bad request too

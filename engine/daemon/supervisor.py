@@ -40,6 +40,7 @@ from luaprobe.shm.exits import (EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_RUNNING, EXI
                                 EXIT_STOP_KILLED, EXIT_USAGE, describe_exit)
 
 ACCEPT_RETRY = 0.1          #: s before the control socket is polled again after accept() failed (EMFILE)
+CLIENT_DEADLINE = 2.0       #: s a control client has to send its request line (Supervisor._read_client)
 LOADING_STOP_GRACE = 5.0    #: s a fast path still loading its plug-ins gets to take a stop before it is killed
 HEARTBEAT = "heartbeat"     #: run-dir file the fast path touches while it makes progress ([supervise] stall_timeout)
 
@@ -616,9 +617,42 @@ class Supervisor:
         if self.file_errors.pop(what, None) is not None:
             log.info("%s %s again", what, done)
 
-    def _handle(self, conn) -> None:
+    def _read_client(self, sel, conn, client: dict) -> None:
+        """A client's connection is readable (registered with ``sel`` at accept, non-blocking): its bytes are kept
+        in ``client["buf"]`` until its line is whole (a newline, the end of its stream, or control.MAX_LINE bytes),
+        then it is handled.  So a client that connects and sends nothing, or half a line, holds up no one: the loop
+        goes on watching the fast path and answering others, and :meth:`_expire_clients` answers it at its deadline.
+        Before, the loop read each request blocking (2 s each): eight silent connections kept `status` from an
+        answer for its 10 s and the fast path unwatched for 16 s."""
         try:
-            req = control.read_request(conn)
+            chunk = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        client["buf"] += chunk
+        if chunk and b"\n" not in client["buf"] and len(client["buf"]) < control.MAX_LINE:
+            return
+        sel.unregister(conn)
+        self._handle(conn, bytes(client["buf"]))
+
+    def _expire_clients(self, sel, now: float) -> None:
+        """Answer the connections whose line did not come whole within CLIENT_DEADLINE s as a bad request."""
+        late = [(key.fileobj, key.data) for key in list(sel.get_map().values())
+                if isinstance(key.data, dict) and key.data["deadline"] <= now]
+        for conn, _ in late:
+            sel.unregister(conn)
+            conn.setblocking(True)
+            conn.settimeout(2.0)
+            control.send_reply(conn, {"ok": False, "error": f"bad request: the request line did not come whole "
+                                                            f"within {CLIENT_DEADLINE:g} s"})
+            conn.close()
+
+    def _handle(self, conn, buf: bytes) -> None:
+        conn.setblocking(True)
+        conn.settimeout(2.0)                    # the reply: sendall to a client that does not read ends here
+        try:
+            req = control.parse_request(buf)
             cmd = req.get("cmd")
             if cmd == "status":
                 reply = self.status()
@@ -736,7 +770,11 @@ class Supervisor:
                             accept_paused = time.monotonic() + ACCEPT_RETRY     # in a busy loop
                             continue
                         self._file_ok(control.SOCKET, "accepting requests")
-                        self._handle(conn)
+                        conn.setblocking(False)
+                        sel.register(conn, selectors.EVENT_READ,
+                                     {"buf": bytearray(), "deadline": time.monotonic() + CLIENT_DEADLINE})
+                    elif isinstance(key.data, dict):
+                        self._read_client(sel, key.fileobj, key.data)
                     else:
                         try:
                             os.read(rfd, 512)
@@ -752,6 +790,7 @@ class Supervisor:
                     self.request_reload()       # its reply (a refusal, or the probe's result) is logged
                 self._poll_reload()
                 now = time.monotonic()
+                self._expire_clients(sel, now)
                 if now >= next_stats:
                     next_stats = now + min(1.0, float(self.cfg["stats"]["interval"]))
                     self._poll_stats()
@@ -802,6 +841,9 @@ class Supervisor:
                 self.exporter.shutdown()
             if self.jsonl is not None:
                 self.jsonl.close()
+            for key in list(sel.get_map().values()):
+                if isinstance(key.data, dict):      # clients whose line had not come whole: closed unanswered
+                    key.fileobj.close()
             sel.close()
             sock.close()
             try:
