@@ -81,3 +81,29 @@ def test_new_flows_path_looks_up_no_global_or_module_field(tmp_path):
         f.write(shapes._simple("flowstate", "tcp", FLOWSTATE, prelude="local state = {}"))
     hrefk = [k for op, k in _per_packet(walkir.walk_ir(capture, str(tmp_path))) if op == "HREFK"]
     assert not {"setmetatable", "string"} & set(hrefk), f"global / module fields looked up per packet: {hrefk}"
+
+
+#: The simplecounter walk state's own fields (host.lua setup_simplecounter, Host:new_walk, the list walk's twin).
+WALK_STATE_FIELDS = {"per", "pick", "done", "invokes", "args", "hook", "error_label", "fn", "eng", "proto", "pobj",
+                     "lobj", "tc", "pc", "lc", "l4", "mixed", "batches", "inv", "traceback", "call", "stitched",
+                     "walker", "twin", "sel", "sel_cap"}
+#: HREFKs per packet left in that loop: the hook's own calls (``packet``, ``flowid``, ``id`` and their objects'
+#: ``_packet``, ``_c``, ``__index``).  The walk's bookkeeping read in the loop made it 15.
+MAX_HREFK_NEW_FLOW = 6
+
+
+def test_new_flow_trace_reads_no_walk_state_field(tmp_path):
+    """flows-100k: the flowstate walk's loop trace is recorded on a new flow's packet, where the hook's
+    ``state[id]`` store is a new key (NEWREF).  After it LuaJIT cannot keep a Lua table field it loaded in the loop,
+    so every field of the walk state sc_pick, sc_pick_sel and sc_invoke read (``sel tc proto l4 pc lc fn eng lobj``)
+    was an HREFK, its load and guards again on every packet (walkir: 425 IR per packet, 15 HREFK).  The walker
+    reads them once per batch into locals (w.inv) and passes them in: none is looked up per packet."""
+    capture = corpus.make("flows-100k", True)
+    with open(os.path.join(tmp_path, "flowstate.lua"), "w") as f:
+        f.write(shapes._simple("flowstate", "tcp", FLOWSTATE, prelude="local state = {}"))
+    part = _per_packet(walkir.walk_ir(capture, str(tmp_path)))
+    assert "NEWREF" in {op for op, _ in part}, "the loop trace was not recorded on a new flow's packet"
+    hrefk = [k for op, k in part if op == "HREFK"]
+    walk = [k for k in hrefk if k in WALK_STATE_FIELDS]
+    assert walk == [], f"walk state fields looked up per packet: {walk}"
+    assert len(hrefk) <= MAX_HREFK_NEW_FLOW, f"{len(hrefk)} table lookups by a constant key per packet: {hrefk}"

@@ -274,19 +274,27 @@ end
 --                                    arguments, which pick left in w; w.invokes lists every invoke function
 --   w.done(w, batch, j, ok, r1, r2)  after the call: true and the hook's first two results, or false and the error
 --   w.hook, w.error_label            the hook's counter name and the prefix of its error lines
+--   w.inv                            names of the up to 9 fields of w (per batch: not changed by a hook or a pick)
+--                                    that pick and invoke read per packet: the walker reads them into locals
+--                                    before its loop and passes them after their usual arguments,
+--                                    pick(w, batch, j, v1 .. v9), invoke(w, v1 .. v9).  A field of w read in the
+--                                    loop is looked up again on every packet once a hook has stored a new key into
+--                                    a table of its own (NEWREF: state[id] on a new flow; tests/test_walk_fields.py)
 --   w.call                           xpcall, or the C xpcall of _lpwatch.c when the hook cannot be compiled
 --                                    (a "stitch point": the hook is not inlined, so its trace aborts cannot
 --                                    blacklist this loop; issue 11)
 -- It has no upvalues: Host:new_walk loads a copy of it per walk state (its own prototype, hot counters and
 -- traces), and a second copy when the walk switches to the stitch point.
 local function walk(self, w, batch, n)
-  local pick, done, call, tb = w.pick, w.done, w.call, w.traceback
+  local pick, done, call, tb, inv = w.pick, w.done, w.call, w.traceback, w.inv
+  local v1, v2, v3, v4, v5 = w[inv[1]], w[inv[2]], w[inv[3]], w[inv[4]], w[inv[5]]
+  local v6, v7, v8, v9 = w[inv[6]], w[inv[7]], w[inv[8]], w[inv[9]]
   local calls, errors = 0, 0
   for j = 0, n * w.per - 1 do
-    local invoke = pick(w, batch, j)
+    local invoke = pick(w, batch, j, v1, v2, v3, v4, v5, v6, v7, v8, v9)
     if invoke ~= nil then
       calls = calls + 1
-      local ok, r1, r2 = call(invoke, tb, w)
+      local ok, r1, r2 = call(invoke, tb, w, v1, v2, v3, v4, v5, v6, v7, v8, v9)
       if not ok then
         errors = errors + 1
         self.errors:report(w.error_label, r1)
@@ -307,14 +315,16 @@ end
 -- the C call (docs/benchmarks.md, issue 11: ~110 fewer instructions per hook call under callgrind).  One call site
 -- per count: each passes exactly k arguments, as invoke did.
 local function walk_direct(self, w, batch, n)
-  local pick, done, call, tb, args = w.pick, w.done, w.call, w.traceback, w.args
+  local pick, done, call, tb, args, inv = w.pick, w.done, w.call, w.traceback, w.args, w.inv
+  local v1, v2, v3, v4, v5 = w[inv[1]], w[inv[2]], w[inv[3]], w[inv[4]], w[inv[5]]
+  local v6, v7, v8, v9 = w[inv[6]], w[inv[7]], w[inv[8]], w[inv[9]]
   local calls, errors = 0, 0
   for j = 0, n * w.per - 1 do
-    local invoke = pick(w, batch, j)
+    local invoke = pick(w, batch, j, v1, v2, v3, v4, v5, v6, v7, v8, v9)
     if invoke ~= nil then
       calls = calls + 1
       local ok, r1, r2
-      local k, f, x1, x2, x3, x4, x5, x6 = args[invoke](w)
+      local k, f, x1, x2, x3, x4, x5, x6 = args[invoke](w, v1, v2, v3, v4, v5, v6, v7, v8, v9)
       if k == 2 then
         ok, r1, r2 = call(tb, f, x1, x2)
       elseif k == 1 then
@@ -389,7 +399,7 @@ end
 --- Complete walk state `w` (fields above) for `hooks`, the plug-in functions it calls: a copy of the walker
 --- of its own, calling the hooks inline, or through the stitch point when one of them creates closures.
 function Host:new_walk(w, hooks)
-  w.traceback, w.call, w.stitched = traceback, xpcall, false
+  w.traceback, w.call, w.stitched, w.inv = traceback, xpcall, false, w.inv or {}
   w.walker = assert(loadstring(WALK_BYTECODE))
   for i = 1, table.maxn(hooks) do                          -- a list with holes: packet_storage's optional hooks
     if creates_closures(hooks[i], 2) then use_stitch(w); break end
@@ -421,30 +431,33 @@ local find, bind_layer, flowkey = decode.find, packet.bind_layer, decode.flowkey
 -- plain calls: no __index lookup per packet (issue 10)
 local set_clock, bind_struct = engine_mod.set_clock, packet.bind_struct
 
-local function sc_invoke(w) return w.fn(w.eng, w.lobj) end
-local function sc_args(w) return 2, w.fn, w.eng, w.lobj end           -- sc_invoke's call, for walk_direct
+-- The walk's invariants (w.inv, the walker's v1 .. v9): the hook, the engine and the Layer object, the FFI structs
+-- of the engine and the two objects, the protocol, whether it is L4, the list walk's position list.
+local SC_INV = { "fn", "eng", "lobj", "tc", "pc", "lc", "proto", "l4", "sel" }
+local function sc_invoke(_, fn, eng, lobj) return fn(eng, lobj) end
+local function sc_args(_, fn, eng, lobj) return 2, fn, eng, lobj end  -- sc_invoke's call, for walk_direct
 local function sc_done() end
 -- The per-packet state goes straight into the FFI structs of the engine and the two objects, which the walk state
--- keeps (w.tc = engine._t, w.pc = the Packet's _c, w.lc = the Layer's _c; w.lobj is bound to w.pobj once, in
--- setup_simplecounter): a Lua table field read here (engine.nflow_counters, engine._t, pobj._c, lobj._c) would be
--- looked up again on every packet after a hook's store into a string-keyed table of its own (issue 10,
--- tests/test_walk_fields.py).
-local function sc_pick(w, batch, k)
-  local p, tc = batch[k], w.tc
-  local li = find(p.d, w.proto)
+-- keeps (tc = engine._t, pc = the Packet's _c, lc = the Layer's _c; w.lobj is bound to w.pobj once, in
+-- setup_simplecounter), and which the walker passes in (SC_INV): a Lua table field read here (engine.nflow_counters,
+-- engine._t, pobj._c, lobj._c, and w's own fields) would be looked up again on every packet after a hook's store
+-- of a new key into a table of its own (issue 10, tests/test_walk_fields.py).
+local function sc_pick(w, batch, k, _, eng, _, tc, pc, lc, proto, l4)
+  local p = batch[k]
+  local li = find(p.d, proto)
   -- a reassembled IP datagram (d.frag 2, engine/fastpath/ipreasm.lua) is for L4 hooks only:
   -- link and IP-layer hooks saw each of its fragment packets
-  if li >= 0 and (w.l4 or p.d.frag ~= 2) then
+  if li >= 0 and (l4 or p.d.frag ~= 2) then
     set_clock(tc, batch, k)
-    if tc.nfc > 0 and p.flow >= 0 then w.eng:apply_flow_counters(flowkey(p.d), p.dir) end
-    bind_struct(w.pc, batch, k)
-    w.lc.i = li
+    if tc.nfc > 0 and p.flow >= 0 then eng:apply_flow_counters(flowkey(p.d), p.dir) end
+    bind_struct(pc, batch, k)
+    lc.i = li
     return sc_invoke
   end
   -- no hook here: the engine's packet moves only for flow counters (and to the batch's last packet after the walk)
   if tc.nfc > 0 and p.flow >= 0 then
     set_clock(tc, batch, k)
-    w.eng:apply_flow_counters(flowkey(p.d), p.dir)
+    eng:apply_flow_counters(flowkey(p.d), p.dir)
   end
   return nil
 end
@@ -474,11 +487,10 @@ local function sc_catch_up(w, batch, from, to)
 end
 
 -- The list walk's pick: call position j is packet sel[j].
-local function sc_pick_sel(w, batch, j)
-  local sel = w.sel
+local function sc_pick_sel(w, batch, j, fn, eng, lobj, tc, pc, lc, proto, l4, sel)
   local k = sel[j]
-  if w.tc.nfc > 0 then sc_catch_up(w, batch, j > 0 and sel[j - 1] + 1 or 0, k) end
-  return sc_pick(w, batch, k)
+  if tc.nfc > 0 then sc_catch_up(w, batch, j > 0 and sel[j - 1] + 1 or 0, k) end
+  return sc_pick(w, batch, k, fn, eng, lobj, tc, pc, lc, proto, l4)
 end
 
 -- The packets of a batch with the plug-in's protocol into w.sel (branch-free: no side trace); returns how many.
@@ -525,7 +537,7 @@ function Host:setup_simplecounter()
                             error_label = "simplecounter.onpacket error", fn = sc.onpacket, eng = self.engine,
                             proto = proto, pobj = pobj, lobj = lobj, tc = self.engine._t, pc = pobj._c,
                             lc = lobj._c, l4 = proto == P.TCP or proto == P.UDP or proto == P.ICMP or proto == P.ICMPV6,
-                            mixed = false, batches = -1 },
+                            mixed = false, batches = -1, inv = SC_INV },
                           { sc.onpacket })
   local w, ws = self.sc, {}
   for k, v in pairs(w) do ws[k] = v end
