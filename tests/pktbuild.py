@@ -185,3 +185,21 @@ def write_pcap(path, frames, linktype=1, fcs=False, network=None, cut=0) -> None
         out.append(struct.pack("<IIII", sec, usec, len(fr) - cut, len(fr)) + fr[:len(fr) - cut])
     with open(path, "wb") as f:
         f.write(b"".join(out))
+
+
+# A batch of ``nflows`` decoded frames of ``flen`` bytes (one flow each, packet time 1000) over the bytes
+# ``frames``; a test's chunk appended to it walks it with ``host`` (a PluginVM's Host).
+BATCH_OF_FRAMES = r"""
+local frames, flen, nflows, host = ...
+local ffi = require("ffi")
+local packet = require("luaprobe.engine.plugins.packet")
+local decode = require("luaprobe.engine.fastpath.decode")
+local base = ffi.cast("const uint8_t *", frames)
+local batch = packet.new_batch(nflows)
+for k = 0, nflows - 1 do
+  local p = batch[k]
+  p.data, p.caplen, p.wirelen, p.linktype, p.ts_sec = base + k * flen, flen, flen, 1, 1000
+  p.flow, p.dir, p.flow_uid = k, 0, k + 1
+  decode.decode(p.d, p.data, flen, 1)
+end
+"""

@@ -16,6 +16,7 @@ import random
 from hypothesis import given, settings, strategies as st
 
 from luaprobe.shm.luajit import new_runtime
+from tests.pktbuild import BATCH_OF_FRAMES
 from tests.test_decode import _py_flowkey, eth, ipv4, tcp, udp
 
 SLOTS = 131072          # a power of two past the cache generations (65 536): indexes that could share a slot
@@ -127,19 +128,7 @@ def test_touch_flowids_loads_every_cached_flowid_of_the_batch_and_compiles():
     assert aborts == 0
 
 
-NEW_FLOWS_WALK = r"""
-local frames, flen, nflows, host = ...
-local ffi = require("ffi")
-local packet = require("luaprobe.engine.plugins.packet")
-local decode = require("luaprobe.engine.fastpath.decode")
-local base = ffi.cast("const uint8_t *", frames)
-local batch = packet.new_batch(nflows)
-for k = 0, nflows - 1 do
-  local p = batch[k]
-  p.data, p.caplen, p.wirelen, p.linktype, p.ts_sec = base + k * flen, flen, flen, 1, 1000
-  p.flow, p.dir = k, 0
-  decode.decode(p.d, p.data, flen, 1)
-end
+NEW_FLOWS_WALK = BATCH_OF_FRAMES + r"""
 local addr = tonumber(ffi.cast("intptr_t", batch))
 -- round r: every record index holds a new flow (unique ids r * nflows + k + 1), so every packet is a new flow's
 -- first: its key is formatted and interned, and replaces the slot's

@@ -28,6 +28,7 @@ import pytest
 
 from luaprobe.engine.fastpath.run import FastPath, RunConfig
 from tools.bench import corpus, shapes
+from tests.pktbuild import BATCH_OF_FRAMES
 
 STEADY_MAX = 6           #: aborts in one VM after warm-up ("a handful")
 WARMUP_PLACE_MAX = 25    #: aborts at one place during warm-up (a blacklisting storm is hundreds)
@@ -190,24 +191,6 @@ def test_walk_switches_to_the_stitch_point(tmp_path, monkeypatch):
     assert plug["walk"] == "stitched"
     steady = [r for r in _aborts(prefix) if r[1] == STEADY_PHASE and not r[6].startswith("hidden.lua:")]
     assert sum(r[2] for r in steady) <= STEADY_MAX, steady
-
-
-# A batch of ``nflows`` decoded frames of ``flen`` bytes (one flow each, packet time 1000) over the bytes
-# ``frames``; the chunks below walk it with ``host`` (a PluginVM's Host).
-BATCH_OF_FRAMES = r"""
-local frames, flen, nflows, host = ...
-local ffi = require("ffi")
-local packet = require("luaprobe.engine.plugins.packet")
-local decode = require("luaprobe.engine.fastpath.decode")
-local base = ffi.cast("const uint8_t *", frames)
-local batch = packet.new_batch(nflows)
-for k = 0, nflows - 1 do
-  local p = batch[k]
-  p.data, p.caplen, p.wirelen, p.linktype, p.ts_sec = base + k * flen, flen, flen, 1, 1000
-  p.flow, p.dir, p.flow_uid = k, 0, k + 1
-  decode.decode(p.d, p.data, flen, 1)
-end
-"""
 
 
 PRIME_AND_WALK = BATCH_OF_FRAMES + r"""
