@@ -180,6 +180,8 @@ function H.run(addr, size, opts, expire_every)
     rows[#rows + 1] = row(ft, idx, reason)
     live_keys[ft:flowkey(idx)] = nil
   end
+  -- a record ended in place (idle: its packet came more than idle_timeout after the last; port reuse) is a row too
+  ft.on_renew = function(idx, reason) rows[#rows + 1] = row(ft, idx, reason or 0) end
   local last_ts = 0
   while true do
     local p, caplen, wirelen, sec, nsec, lt = r:next()
@@ -451,9 +453,10 @@ def check_clean(st):
 # --------------------------------------------------------------------------- captures vs tshark
 @pytest.mark.parametrize('name', sorted(EXPECTED))
 def test_flows_match_tshark(lua, H, name):
-    """No expiry: one record per tshark conversation, same per-direction totals for every flow."""
+    """No expiry (no expire() call, an idle timeout longer than any silence): one record per tshark conversation,
+    same per-direction totals for every flow."""
     tcp, udp, other, total, dig, some = EXPECTED[name]
-    st, recs = run_capture(lua, H, name)
+    st, recs = run_capture(lua, H, name, idle_timeout=1e9)
     check_clean(st)
     assert tcp + udp + other == total
     assert st['created'] == total == len(recs) == st['live']
@@ -518,7 +521,7 @@ PINNED_16MIN_RECORDS = 325
 
 def test_table_full(lua, H):
     """Capacity 4: new flows beyond 4 live are dropped (counted), packets of tracked flows still counted."""
-    st, recs = run_capture(lua, H, 'trisul-16minutes.pcap', capacity=4)
+    st, recs = run_capture(lua, H, 'trisul-16minutes.pcap', capacity=4, idle_timeout=1e9)
     check_clean(st)
     assert st['live'] == 4 and st['created'] == 4 and st['max_live'] == 4
     assert st['full_drops'] == st['full'] > 0
@@ -562,7 +565,9 @@ def model_key(v, proto, s, d, sp, dp):
 
 
 class Model:
-    """The flow table's documented behaviour.  LRU list: a flow is placed at the tail when it is created and
+    """The flow table's documented behaviour.  A packet of a known flow more than idle after its last one ends
+    that record and starts a new one in place (new id, counters from zero, the age list's tail; is_new false).
+    LRU list: a flow is placed at the tail when it is created and
     when a packet of a later second than its last one arrives (`mseq` orders the list, `lsec` is that second);
     idle expiry walks it from the head, expires every idle flow, steps over a flow that is not idle while
     now - lsec > idle (its last packet is in the boundary second) and stops at the first flow with
@@ -576,6 +581,10 @@ class Model:
         key, direction = model_key(*ep)
         f = self.flows.get(key)
         new = f is None
+        if not new and ts - f['last'] > self.idle:    # silent longer than idle: a new record in place, a new id
+            self.created += 1
+            f.update(id=self.created, first=ts, last=ts, c=[0, 0, 0, 0], pl=[0, 0], state=STATE['INIT'], fl=[0, 0],
+                     cseq=self.seq)
         if new:
             if len(self.flows) >= self.cap:
                 self.full_drops += 1
@@ -750,7 +759,8 @@ BATCH_PKTS = st.lists(st.tuples(st.integers(0, len(ENDPOINTS) - 1), st.sampled_f
        nbatch=st.sampled_from([1, 3, 64]), pkts=BATCH_PKTS, touch=st.booleans())
 def test_batches_expire_per_second(H, lua, cap_log, idle, active, nbatch, pkts, touch):
     """The driver's use: packets in batches that never span a second (update_batch), then, at each new packet-time
-    second S, expire(S).  Against a model without any list: at S every flow with S - last_ts > idle is expired idle,
+    second S, expire(S).  Against a model without any list: a packet more than idle after its flow's last starts a
+    new record (new id) in the batch; at S every flow with S - last_ts > idle is expired idle,
     then every flow with S - first_ts > active active; the same set per second (with the same ids), every packet in
     the flow of its key or dropped when the table is full, and the same counters at the end.  touch: the
     touch loops update_batch runs from 8 192 live flows on run from 0 (they read, through the links of live,
@@ -783,10 +793,16 @@ def test_batches_expire_per_second(H, lua, cap_log, idle, active, nbatch, pkts, 
                     continue
                 created += 1
                 f = flows[key] = dict(id=created, first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None])
-            elif key[1] == 6 and flags & 0x12 == 0x02 and f['hi'][direction] not in (None, 1):
-                # port reuse (flowtable.lua): a SYN whose sequence number (0 here) is not the direction's
-                # highest sequence end - 1 starts the record again, same id (counted in ft.renewed)
-                f.update(first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None])
+            else:
+                if ts - f['last'] > idle:
+                    # silent longer than idle (flowtable.lua "Idle expiry in the packet loop"): the record ends in
+                    # the batch, not at the next expire, and starts again with a new id
+                    created += 1
+                    f.update(id=created, first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None])
+                if key[1] == 6 and flags & 0x12 == 0x02 and f['hi'][direction] not in (None, 1):
+                    # port reuse (flowtable.lua): a SYN whose sequence number (0 here) is not the direction's
+                    # highest sequence end - 1 starts the record again, same id (counted in ft.renewed)
+                    f.update(first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None])
             assert g == fmt_key(key).encode()
             f['last'] = max(f['last'], ts)
             f['c'][2 * direction] += 1

@@ -63,7 +63,7 @@ function M.new(opts)
   -- rows of records ended by port reuse (pend_row), exported first by the next expire / flush_flows
   self.pend_cap, self.npend, self.pend_tags, self.renewed = 64, 0, {}, {}
   self.pend = ffi.new("lp_flowrow[?]", self.pend_cap)
-  self.ft.on_renew = function(idx) self:pend_row(idx) end
+  self.ft.on_renew = function(idx, reason) self:pend_row(idx, reason) end
   if opts.bell then self.ring.data_bell = cast("uint32_t *", opts.bell) end
   self.stop_profile = require("luaprobe.engine.plugins.jitprof").start("driver")
   return self
@@ -318,9 +318,10 @@ local function put_row(self, k, idx, reason, peek)
   end
 end
 
---- flowtable on_renew: the record of flow idx ends because a new connection reuses its 5-tuple; its row is
---- kept (in order) until the next export, which sends it first.
-function Driver:pend_row(idx)
+--- flowtable on_renew: the record of flow idx ends because a new connection reuses its 5-tuple (reason nil: REUSED)
+--- or because its next packet came after more than idle_timeout of silence (reason flowtable.IDLE: TIMEOUT, as an
+--- expire() between batches); its row is kept (in order) until the next export, which sends it first.
+function Driver:pend_row(idx, reason)
   local n = self.npend
   if n == self.pend_cap then
     local cap = self.pend_cap * 2
@@ -328,7 +329,7 @@ function Driver:pend_row(idx)
     ffi.copy(a, self.pend, n * M.ROW_SIZE)
     self.pend, self.pend_cap = a, cap
   end
-  self.pend_tags[n + 1] = write_row(self, self.pend[n], idx, RENEW, false) or false
+  self.pend_tags[n + 1] = write_row(self, self.pend[n], idx, reason or RENEW, false) or false
   self.npend = n + 1
   local rn = self.renewed
   rn[#rn + 1] = idx

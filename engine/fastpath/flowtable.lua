@@ -30,7 +30,8 @@ compiles whatever the traffic; see "packet path" below for why (issue 10).
     ft:is_live(idx)
     ft.live, ft.created, ft.expired, ft.expired_idle, ft.expired_active,
     ft.terminated, ft.full_drops, ft.capacity, ft.size (index slots), ft.resizes,
-    ft.renewed (records started again by a new connection: "Port reuse"), ft.on_renew = fn(idx)
+    ft.renewed (records started again by a new connection: "Port reuse"), ft.on_renew = fn(idx, reason)
+    (reason nil: port reuse; flowtable.IDLE: "Idle expiry in the packet loop")
 
 update(d, ts, wirelen)
   d        lp_decoded filled by decode.decode
@@ -143,6 +144,18 @@ in list order.  Packet time is assumed monotone-ish: a packet earlier than
 its flow's second moves nothing (last_ts never decreases), and a flow placed
 behind a later one (a flow created by a late packet) can only expire late,
 never early.
+
+Idle expiry in the packet loop.  expire() runs between batches, at whole packet-time seconds, so on its
+own a flow could take a packet after a silence of up to idle_timeout + 1 s (and, with other call times,
+rows would depend on the batching).  So update / update_batch (loop 3, before the port-reuse check and the
+counters) also end a flow at its next packet when ts - last_ts > idle_timeout: the record goes to
+on_renew(idx, flowtable.IDLE) (the driver exports it as a row of its own, state TIMEOUT, flag TIMEDOUT, as
+if expire() had freed it) and starts again in place for this packet like a reused port's (counters, state,
+TCP tracking, stage_off from zero, first_ts = ts, moved in the age list), but with a new id (ft.created + 1,
+as new_flow: flow_uid changes, so FlowIDs, the reassembly stage and handler votes see a new flow) and
+counted in ft.expired / ft.expired_idle, not ft.renewed; is_new stays false (same idx and index slot).  One
+compare per packet, on last_ts, which account() loads anyway.  So every row is a maximal run of its
+5-tuple's packets without a gap > idle_timeout, whatever the batch size, the shards or the expire() calls.
 
 Active timeout decision.  Trisul flushes long-running flows periodically.
 Here a flow older than active_timeout is reported through fn(idx, ACTIVE)
@@ -379,7 +392,7 @@ function M.new(opts)
     mapped = (cap + 1) * FLOW_SIZE >= HUGE,   -- the records are a mapping of their own (alloc), not calloc's
     live = 0, created = 0, expired = 0, expired_idle = 0, expired_active = 0,
     terminated = 0, full_drops = 0, resizes = 0, renewed = 0,
-    on_renew = nil,                  -- function(idx): a record about to start again (port reuse)
+    on_renew = nil,                  -- function(idx, reason): a record about to start again (port reuse: nil; IDLE)
     _scratch = decode.new(),
     kone = ffi.new("lp_fkey"),       -- update()'s key
     nkeys = 0,                       -- update_batch's scratch: keys[nkeys], miss[nkeys], missj[nkeys] (made below)
@@ -1033,16 +1046,15 @@ local function tcp_state(flows, cold, idx, dir, sec, nsec, pl, fl, seq, t, scr)
   tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, st, t, scr)
 end
 
--- A SYN (no ACK) of a new connection on flow idx's 5-tuple (module doc, "Port reuse"): the old record
--- goes to on_renew, then starts again in place.  Only called for SYN-without-ACK packets, before the
--- packet's own counters and TCP state.
-local function renew_if_reused(self, flows, idx, dir, seq, ts)
+-- Flow idx's record ends and starts again in place for a packet at ts, before the packet's own counters and TCP
+-- state: the old record goes to on_renew(idx, reason) first.  reason nil: a new connection on its 5-tuple (module
+-- doc, "Port reuse": same id); IDLE: the packet came more than idle_timeout after the last ("Idle expiry in the
+-- packet loop": a new id).
+local function restart(self, flows, idx, ts, reason)
   local e = flows[idx]
   local cold = self.cold
   local c = cold[idx]
-  if band(rshift(e.tcp_dirs, dir), 1) == 0 then return end           -- nothing sent this way yet
-  if tobit(seq - e.tcp_next[dir]) == -1 then return end                -- the same SYN again
-  if self.on_renew then self.on_renew(idx) end
+  if self.on_renew then self.on_renew(idx, reason) end
   e.packets_az, e.packets_za, e.bytes_az, e.bytes_za, e.payload_az, e.payload_za = 0, 0, 0, 0, 0, 0
   e.tcp_flags_seen[0], e.tcp_flags_seen[1] = 0, 0
   e.state = S.INIT
@@ -1062,7 +1074,23 @@ local function renew_if_reused(self, flows, idx, dir, seq, ts)
   c.aprev, c.anext = t, n
   cold[t].anext = idx
   cold[n].aprev = idx
-  self.renewed = self.renewed + 1
+  if reason == IDLE then               -- a flow that ended by silence: a new flow record, a new id (as new_flow)
+    local created = self.created + 1
+    self.created = created
+    e.id = created
+    self.expired, self.expired_idle = self.expired + 1, self.expired_idle + 1
+  else
+    self.renewed = self.renewed + 1
+  end
+end
+
+-- A SYN (no ACK) of a new connection on flow idx's 5-tuple (module doc, "Port reuse"): restart.  Only called for
+-- SYN-without-ACK packets, before the packet's own counters and TCP state.
+local function renew_if_reused(self, flows, idx, dir, seq, ts)
+  local e = flows[idx]
+  if band(rshift(e.tcp_dirs, dir), 1) == 0 then return end           -- nothing sent this way yet
+  if tobit(seq - e.tcp_next[dir]) == -1 then return end                -- the same SYN again
+  restart(self, flows, idx, ts, nil)
 end
 
 --- One packet (tools, tests and the single-packet users): the same
@@ -1083,8 +1111,9 @@ function FT:update(d, ts, wirelen)
     idx = new_flow(self, kw, 0, j, ts, sec)
     if idx < 0 then return idx, kf.dir, false end
     is_new = true
-  elseif band(d.tcp_flags, 0x12) == 0x02 then
-    renew_if_reused(self, self.flows, idx, kf.dir, d.tcp_seq, ts)
+  else
+    if ts - self.flows[idx].last_ts > self.idle_timeout then restart(self, self.flows, idx, ts, IDLE) end
+    if band(d.tcp_flags, 0x12) == 0x02 then renew_if_reused(self, self.flows, idx, kf.dir, d.tcp_seq, ts) end
   end
   account(self.flows, idx, kf.dir, ts, wirelen or d.caplen, d.payload_length)
   local tf = d.first[TCP]
@@ -1211,20 +1240,26 @@ function FT:update_batch(b, n)
       b[k].flow = x
     end
   end
-  -- 3. per packet, in packet order: the port-reuse check of a SYN without ACK ("Port reuse"), counters, the
-  -- TCP state of a TCP segment, the LRU move (a flow's first packet of a later second)
+  -- 3. per packet, in packet order: the idle check ("Idle expiry in the packet loop"), the port-reuse check of a SYN
+  -- without ACK ("Port reuse"), counters, the TCP state of a TCP segment, the LRU move (a flow's first packet of a
+  -- later second)
+  local idle = self.idle_timeout
   for k = 0, n - 1 do
     local idx = b[k].flow
     local uid = 0
     if idx >= 0 then
+      local ts = b[k].ts_sec + b[k].ts_nsec * 1e-9
+      if ts - flows[idx].last_ts > idle then           -- silent for longer than idle_timeout: ended ("Idle expiry")
+        restart(self, flows, idx, ts, IDLE)
+      end
       if band(b[k].d.tcp_flags, 0x12) == 0x02 then     -- no reference to b[k] kept across the call
-        renew_if_reused(self, flows, idx, b[k].dir, b[k].d.tcp_seq, b[k].ts_sec + b[k].ts_nsec * 1e-9)
+        renew_if_reused(self, flows, idx, b[k].dir, b[k].d.tcp_seq, ts)
       end
       local p = b[k]
       local d = p.d
       local tf = d.first[TCP]               -- -1: not TCP
       local sec, nsec, pl, dir = p.ts_sec, p.ts_nsec, d.payload_length, p.dir
-      uid = account(flows, idx, dir, sec + nsec * 1e-9, p.wirelen, pl)
+      uid = account(flows, idx, dir, ts, p.wirelen, pl)
       if bor(d.tcp_flags, 1 + tf) ~= 0 then
         tcp_state(flows, cold, idx, dir, sec, nsec, pl, d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1), sen + 1)
       end
