@@ -782,6 +782,14 @@ def test_batches_expire_per_second(H, lua, cap_log, idle, active, nbatch, pkts, 
             v, proto, a, b, sp, dp = ep
             H.bset(k, v, proto, a, b, sp, dp, flags, s, ns, wl, wl // 2)
         got = list(H.bupdate(ft, len(pending)).values())
+        # ids: the batch's new flows first, in packet order (update_batch's insertion loop), then the records a
+        # silence ended, in packet order (its loop 3)
+        newid = {}
+        for ep, *_ in pending:
+            key = model_key(*ep)[0]
+            if key not in flows and key not in newid and len(flows) + len(newid) < cap:
+                created += 1
+                newid[key] = created
         for (ep, flags, (s, ns), wl), g in zip(pending, got):
             key, direction = model_key(*ep)
             ts = s + ns * 1e-9
@@ -791,8 +799,7 @@ def test_batches_expire_per_second(H, lua, cap_log, idle, active, nbatch, pkts, 
                     drops += 1
                     assert g == -2
                     continue
-                created += 1
-                f = flows[key] = dict(id=created, first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None])
+                f = flows[key] = dict(id=newid[key], first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None])
             else:
                 if ts - f['last'] > idle:
                     # silent longer than idle (flowtable.lua "Idle expiry in the packet loop"): the record ends in

@@ -152,7 +152,7 @@ counters) also end a flow at its next packet when ts - last_ts > idle_timeout: t
 on_renew(idx, flowtable.IDLE) (the driver exports it as a row of its own, state TIMEOUT, flag TIMEDOUT, as
 if expire() had freed it) and starts again in place for this packet like a reused port's (counters, state,
 TCP tracking, stage_off from zero, first_ts = ts, moved in the age list), but with a new id (ft.created + 1,
-as new_flow: flow_uid changes, so FlowIDs, the reassembly stage and handler votes see a new flow) and
+as new_flow; in update_batch after the ids of the batch's new flows, which its insertion loop numbers first: flow_uid changes, so FlowIDs, the reassembly stage and handler votes see a new flow) and
 counted in ft.expired / ft.expired_idle, not ft.renewed; is_new stays false (same idx and index slot).  One
 compare per packet, on last_ts, which account() loads anyway.  So every row is a maximal run of its
 5-tuple's packets without a gap > idle_timeout, whatever the batch size, the shards or the expire() calls.
