@@ -18,21 +18,25 @@ import tomllib
 from luaprobe.workers.limits import MAX_WORKERS
 
 from . import settings as _settings
-from .usage import file_problem, number, writable_dir
+from .usage import RESOURCE_ERRNOS, file_problem, number, writable_dir
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key, the value and the valid range.  ``section`` and
     ``key`` locate it (``key`` None: the section header): :func:`load` names their line."""
 
-    def __init__(self, message: str, section: str | None = None, key: str | None = None):
+    def __init__(self, message: str, section: str | None = None, key: str | None = None, resource: bool = False):
         super().__init__(message)
         self.section, self.key = section, key
+        #: True when the cause was the process's own resources (EMFILE, ENFILE, ENOMEM while the file was read or a
+        #: directory probed), not the configuration: the caller exits 1 (internal), not 2 (usage)
+        self.resource = resource
 
 
-def _bad(name: str, section: str, key: str, rest: str) -> ConfigError:
-    """``name: [section] key<rest>``, located at that key."""
-    return ConfigError(f"{name}: [{section}] {key}{rest}", section, key)
+def _bad(name: str, section: str, key: str, rest: str, problem=None) -> ConfigError:
+    """``name: [section] key<rest>``, located at that key; ``problem``: the usage.Problem it reports, if any (its
+    ``resource`` flag is carried over)."""
+    return ConfigError(f"{name}: [{section}] {key}{rest}", section, key, getattr(problem, "resource", False))
 
 
 _NUM = (int, float)
@@ -267,17 +271,17 @@ def _cross_checks(cfg: Config, name: str) -> None:
         raise _bad(name, "run", "run_dir", ' = "": must name a directory')
     problem = writable_dir(v["run"]["out_dir"])
     if problem:
-        raise _bad(name, "run", "out_dir", f" = {_show(v['run']['out_dir'])}: {problem}")
+        raise _bad(name, "run", "out_dir", f" = {_show(v['run']['out_dir'])}: {problem}", problem)
     problem = writable_dir(cfg.run_dir)
     if problem:
         if cfg.run_dir_given:
-            raise ConfigError(f"{name}: --run-dir {cfg.run_dir}: {problem}")
-        raise _bad(name, "run", "run_dir", f" = {_show(cfg.run_dir)}: {problem}")
+            raise ConfigError(f"{name}: --run-dir {cfg.run_dir}: {problem}", resource=getattr(problem, "resource", False))
+        raise _bad(name, "run", "run_dir", f" = {_show(cfg.run_dir)}: {problem}", problem)
     jl = v["stats"]["json_lines_file"]
     if jl:
         problem = file_problem(jl, creating=[cfg.run_dir], append=True)
         if problem:
-            raise _bad(name, "stats", "json_lines_file", f" = {_show(jl)}: {problem}")
+            raise _bad(name, "stats", "json_lines_file", f" = {_show(jl)}: {problem}", problem)
 
 
 def load(path: str, run_dir: str | None = None) -> Config:
@@ -287,7 +291,7 @@ def load(path: str, run_dir: str | None = None) -> Config:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {e.strerror}", resource=e.errno in RESOURCE_ERRNOS) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

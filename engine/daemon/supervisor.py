@@ -451,8 +451,9 @@ class Supervisor:
     def request_reload(self, conn=None) -> dict | None:
         """Re-validate the config and the plug-ins, then reload (docs/operations.md "Reload").  A reply
         ``{"ok": False, "error": ..., "exit": code}`` leaves the running fast path alone: an invalid config
-        (exit 2), a plug-in that fails to load (exit 4, ``errors``: one ``file:line: message`` each), or a probe
-        that cannot be started (exit 1: "cannot start the plug-in probe: STRERROR ...", logged as "reload refused").
+        (exit 2; exit 1 when the config could not be read or its directories probed for want of the supervisor's own
+        descriptors or memory: ConfigError.resource), a plug-in that fails to load (exit 4, ``errors``: one
+        ``file:line: message`` each), or a probe that cannot be started (exit 1: "cannot start the plug-in probe: STRERROR ...", logged as "reload refused").
         ``notes``: settings that only take effect at the next start (RESTART_ONLY).
         The plug-ins are probed in a child process (:class:`PluginProbe`) while the loop goes on (status answered,
         the fast path watched): None is returned then, and the reply goes to ``conn`` (a client's connection,
@@ -462,6 +463,9 @@ class Supervisor:
             cfg = config_mod.load(self.cfg.path, run_dir=self.run_dir)
         except config_mod.ConfigError as e:
             log.error("reload refused: %s", e)
+            if e.resource:                      # EMFILE / ENFILE / ENOMEM: the supervisor's resources, not the file
+                return {"ok": False, "error": f"reload refused, the configuration could not be checked: {e} (the "
+                        "running fast path and its plug-ins are kept; reload again)", "exit": EXIT_INTERNAL}
             return {"ok": False, "error": f"reload refused, configuration invalid: {e}", "exit": EXIT_USAGE}
         if self.mode != "run":
             return {"ok": False, "error": f"cannot reload while {self.state}", "exit": EXIT_USAGE}
@@ -967,7 +971,7 @@ def cmd_start(args) -> int:
         cfg = config_mod.load(args.config, run_dir=getattr(args, "run_dir", None))
     except config_mod.ConfigError as e:
         print(f"luaprobe start: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_INTERNAL if e.resource else EXIT_USAGE
     try:
         if cfg["run"]["user"] or cfg["run"]["group"]:
             privileges.check_target(cfg["run"]["user"], cfg["run"]["group"], ("[run] user =", "[run] group ="))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import math
 import os
 import stat
@@ -22,6 +23,24 @@ import sys
 import tempfile
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_USAGE
+
+#: errno values that are the process's resources running out, not a property of the path being checked
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+class Problem(str):
+    """A path problem (the text :func:`dir_problem` / :func:`file_problem` return) with ``resource`` True when its
+    cause was the process's own resources (:data:`RESOURCE_ERRNOS`: EMFILE, ENFILE, ENOMEM), not the path: a
+    caller then reports an internal condition (exit 1), not a bad setting (exit 2)."""
+    resource = False
+
+
+def _write_problem(e: OSError) -> Problem:
+    """``cannot write there: STRERROR`` for a failed write probe, marked ``resource`` for :data:`RESOURCE_ERRNOS`."""
+    p = Problem(f"cannot write there: {e.strerror}")
+    p.resource = e.errno in RESOURCE_ERRNOS
+    return p
+
 
 #: the output database inside --out
 DB_NAME = "luaprobe.sqlite"
@@ -383,7 +402,7 @@ def _try_write(path: str) -> str | None:
             except FileExistsError:
                 pass                                 # made by another command this moment
     except OSError as e:
-        return f"cannot write there: {e.strerror}"
+        return _write_problem(e)
     try:
         with tempfile.TemporaryFile(dir=path) as f:
             f.write(bytes(4096))
@@ -391,9 +410,9 @@ def _try_write(path: str) -> str | None:
     except FileNotFoundError as e:
         if not made and not os.path.exists(path):
             return ""                                # removed by that command's probe as we wrote
-        return f"cannot write there: {e.strerror}"
+        return _write_problem(e)
     except OSError as e:
-        return f"cannot write there: {e.strerror}"
+        return _write_problem(e)
     finally:
         if made:
             try:
@@ -443,7 +462,7 @@ def file_problem(path: str, creating=(), append: bool = False) -> str | None:
             with open(path, "ab"):
                 pass
     except OSError as e:
-        return f"cannot write there: {e.strerror}"
+        return _write_problem(e)
     return None
 
 
