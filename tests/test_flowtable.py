@@ -219,7 +219,7 @@ end
 
 -- synthetic packets -----------------------------------------------------------------
 local sd = decode.new()
-function H.upd(ft, v, proto, src, dst, sp, dp, flags, ts, wirelen, plen)
+function H.upd(ft, v, proto, src, dst, sp, dp, flags, ts, wirelen, plen, seq)
   decode.decode(sd, '', 0, 9999)   -- reset all fields
   sd.ip_version = v
   sd.ipproto = proto
@@ -228,6 +228,8 @@ function H.upd(ft, v, proto, src, dst, sp, dp, flags, ts, wirelen, plen)
   sd.sport, sd.dport = sp, dp
   sd.tcp_flags = proto == 6 and flags or 0      -- as decode: 0 unless TCP
   sd.payload_length = plen or 0
+  sd.tcp_seq = seq or 0                         -- decode's reset: 0
+  if seq then sd.first[decode.PROTO.TCP] = 34 end   -- a TCP layer: tcp_track follows the sequence numbers
   local idx, dir, is_new = ft:update(sd, ts, wirelen)
   local id = idx >= 0 and ft:entry(idx).id or 0
   local key = idx >= 0 and ft:flowkey(idx) or ''
@@ -864,6 +866,25 @@ def test_terminate_and_reuse(lua, H):
     assert H.counters(ft)[3] == 2                                     # full_drops
     assert lua.eval('function(ft) local d = require("luaprobe.engine.fastpath.decode").new(); return ft:update(d, 1, 60) end')(ft) == (-1, 0, False)
     assert H.check(ft) is None
+
+
+def test_late_port_reuse_restart_walks_no_older_flows(lua, H):
+    """A SYN reusing F's 5-tuple with a packet time older than every live flow (a capture given twice, merged
+    inputs) restarts F behind the flows of earlier packets, at the age list's tail, as new_flow places a flow a
+    late packet creates (module doc, "Expiry": it can only expire late).  The old restart walked the age list
+    back to F's place in first_ts order: O(live flows) per restart (docs/benchmarks.md, http with
+    perfsplit.py --repeat 2: 51 ns/packet)."""
+    ft = H.new(lua_opts(lua, capacity=64, idle_timeout=120, active_timeout=1000))
+    a, b = bytes([1, 1, 1, 1]), bytes([2, 2, 2, 2])
+    f = H.upd(ft, 4, 6, a, b, 1000, 80, 0x02, 10.0, 60, 0, 1000)[0]   # F: SYN, then 100 bytes of data
+    H.upd(ft, 4, 6, a, b, 1000, 80, 0x10, 10.1, 160, 100, 1001)
+    for i in range(40):                                                # 40 later flows
+        H.upd(ft, 4, 6, a, bytes([3, 3, 3, i]), 2000 + i, 80, 0x02, 11.0 + i * 0.01, 60)
+    idx, _d, is_new, *_ = H.upd(ft, 4, 6, a, b, 1000, 80, 0x02, 5.0, 60, 0, 7777)   # late SYN, new ISN: port reuse
+    assert idx == f and not is_new
+    assert lua.eval("function(ft) return ft.renewed end")(ft) == 1
+    tail = lua.eval("function(ft) return ft.cold[ft.capacity].aprev end")(ft)
+    assert tail == f, "the late restart walked back past flows of earlier packets"
 
 
 def test_bad_capacity(lua):

@@ -142,8 +142,9 @@ now - idle_timeout is not whole), whatever the table size; `max` (default
 unlimited) bounds the flows freed in one call, the rest go on the next call,
 in list order.  Packet time is assumed monotone-ish: a packet earlier than
 its flow's second moves nothing (last_ts never decreases), and a flow placed
-behind a later one (a flow created by a late packet) can only expire late,
-never early.
+behind a later one (a flow created by a late packet, or restarted by one: a
+restart steps back over this batch's appended records only) can only expire
+late, never early.
 
 Idle expiry in the packet loop.  expire() runs between batches, at whole packet-time seconds, so on its
 own a flow could take a packet after a silence of up to idle_timeout + 1 s (and, with other call times,
@@ -391,7 +392,7 @@ function M.new(opts)
     kicks = 0, self_faulted = 0,   -- with a helper: its wake-ups, records the fast path still mapped itself
     mapped = (cap + 1) * FLOW_SIZE >= HUGE,   -- the records are a mapping of their own (alloc), not calloc's
     live = 0, created = 0, expired = 0, expired_idle = 0, expired_active = 0,
-    terminated = 0, full_drops = 0, resizes = 0, renewed = 0,
+    terminated = 0, full_drops = 0, resizes = 0, renewed = 0, age_fresh = 0,
     on_renew = nil,                  -- function(idx, reason): a record about to start again (port reuse: nil; IDLE)
     _scratch = decode.new(),
     kone = ffi.new("lp_fkey"),       -- update()'s key
@@ -1064,12 +1065,17 @@ local function restart(self, flows, idx, ts, reason)
   e.tcp_next[0], e.tcp_next[1], e.tcp_dirs = 0, 0, 0
   c.first_ts, e.last_ts = ts, ts
   e.stage_off = 0                      -- a new connection: the reassembly stage decides about it again
-  -- back into the age list in first_ts order: behind the flows this batch's insertion loop already
-  -- appended with a later first packet (a few at most), so the walk from the tail is short
+  -- back into the age list in first_ts order: behind the flows this batch appended with a later first packet
+  -- (its insertion loop's new flows and its earlier restarts: self.age_fresh of them, counted in update_batch),
+  -- never further.  A late packet (older than flows of earlier batches) lands behind them, as a flow new_flow
+  -- creates for a late packet does ("Expiry": it can only expire late); walking on cost O(live flows) per restart
+  -- (a capture given twice: 3 000 x 3 000 steps, 51 ns/packet on http, docs/benchmarks.md)
   local sen = self.capacity
   age_unlink(cold, c)
   local t = cold[sen].aprev
-  while t ~= sen and cold[t].first_ts > ts do t = cold[t].aprev end
+  local steps = self.age_fresh
+  while steps > 0 and t ~= sen and cold[t].first_ts > ts do t, steps = cold[t].aprev, steps - 1 end
+  self.age_fresh = self.age_fresh + 1
   local n = cold[t].anext
   c.aprev, c.anext = t, n
   cold[t].anext = idx
@@ -1106,6 +1112,7 @@ function FT:update(d, ts, wirelen)
   local kw = cast(i32_ptr, kf)
   local j, idx = probe(self, kw, 0)
   local is_new = false
+  self.age_fresh = 0                   -- restart: one packet, nothing appended before it
   local sec = math.floor(ts)
   if idx < 0 then
     idx = new_flow(self, kw, 0, j, ts, sec)
@@ -1137,6 +1144,7 @@ function FT:update_batch(b, n)
   local keys, miss, missj, sv, sj, sh = self.keys, self.miss, self.missj, self.sv, self.sj, self.sh
   local kw = cast(i32_ptr, keys)
   local flows, cold = self.flows, self.cold
+  local created0 = self.created
   -- 1. lookup (read-only).  a: keys and hashes; p.flow = 0 marks a packet to look up
   for k = 0, n - 1 do
     local p = b[k]
@@ -1240,6 +1248,7 @@ function FT:update_batch(b, n)
       b[k].flow = x
     end
   end
+  self.age_fresh = self.created - created0    -- the records loop 2 appended to the age list (restart)
   -- 3. per packet, in packet order: the idle check ("Idle expiry in the packet loop"), the port-reuse check of a SYN
   -- without ACK ("Port reuse"), counters, the TCP state of a TCP segment, the LRU move (a flow's first packet of a
   -- later second)
