@@ -253,7 +253,8 @@ typedef struct {
 typedef struct {
   /* the cold record (64 bytes, one cache line, cold[i] belongs to flows[i]): written at creation, read at
      expiry and export; a TCP segment writes it only when it changes it (a client SYN, the ACK completing the
-     handshake, a retransmission: tcp_track), else the same stores go to a scratch record */
+     handshake, a retransmission: tcp_track; the SYN time only for a SYN without ACK: syn_time), else the same
+     stores go to a scratch record */
   double first_ts;
   double rtt;                        /* setup RTT in µs, -1 until measured */
   union { double retrans[2]; struct { double retrans_az, retrans_za; }; };
@@ -503,7 +504,8 @@ end
 --               probe (probe_on: an earlier packet of the same batch may
 --               have created the flow there or further on), create the record;
 --   3. account  per packet, in packet order: for a SYN without ACK (one
---               test) the port-reuse check (renew_if_reused); last_ts,
+--               test) the port-reuse check (renew_if_reused) and the SYN
+--               time (syn_time: no store for any other segment); last_ts,
 --               packets, bytes, payload (account, straight line); for a TCP
 --               segment (one test) flags seen, state, setup RTT and
 --               retransmissions (tcp_state, tcp_track, branch-free inside);
@@ -957,6 +959,15 @@ local function pick(c, i, scr)
   return scr + band(i - scr, 0 - c)
 end
 
+-- the SYN time of flow idx for a SYN without ACK (the callers' port-reuse test, after it: a segment of no other
+-- kind writes it, so the per-packet path does not) before the handshake completed (state without SEEN_SYN_ACK_ACK;
+-- t: 1 for a TCP segment); the setup RTT (tcp_track) runs from the latest.  Else the scratch record takes it.
+local function syn_time(flows, cold, idx, sec, nsec, t, scr)
+  local c = pick(band(bnot(rshift(flows[idx].state, 3)), t, 1), idx, scr + band(idx, SCRATCH - 1))
+  cold[c].syn_sec = sec
+  cold[c].syn_nsec = nsec
+end
+
 -- TCP setup RTT and retransmissions of one segment (account(), TCP segments only: the caller's one
 -- test).  Branch-free inside: every choice is bit arithmetic or a store into the scratch cold record
 -- cold[scr] (pick), so the trace takes the same path for every segment and the flow's own cold record
@@ -967,15 +978,10 @@ local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, st, t, s
   local e = flows[idx]
   scr = scr + band(idx, SCRATCH - 1)
   -- t: 1 for a TCP segment, 0 for anything else (then nothing below changes: every choice is masked by it)
-  -- syn: a SYN without ACK before the handshake completed; hs: this segment completed it (the
-  -- SEEN_SYN_ACK_ACK transition) after a SYN (state SEEN_SYN)
-  local syn = band(rshift(fl, 1), bnot(rshift(fl, 4)), bnot(rshift(st, 3)), t)
+  -- hs: this segment completed the handshake (the SEEN_SYN_ACK_ACK transition) after a SYN (state SEEN_SYN)
   local hs = band(handshake_ack(st, fl, dir), rshift(st, 1), t)
-  -- setup RTT: the latest SYN before the handshake completes -> the client's completing ACK; from
+  -- setup RTT: the latest SYN before the handshake completes (syn_time) -> the client's completing ACK; from
   -- seconds and nanoseconds apart (one double of epoch seconds is only good to ~0.2 µs)
-  local cs = pick(syn, idx, scr)
-  cold[cs].syn_sec = sec
-  cold[cs].syn_nsec = nsec
   local ch = pick(hs, idx, scr)
   cold[ch].rtt = (sec - cold[ch].syn_sec) * 1e6 + (nsec - cold[ch].syn_nsec) * 1e-3
   -- retransmission: the segment occupies sequence space (payload, SYN, FIN: RFC 9293 §3.4) but does
@@ -1124,6 +1130,10 @@ function FT:update(d, ts, wirelen)
   end
   account(self.flows, idx, kf.dir, ts, wirelen or d.caplen, d.payload_length)
   local tf = d.first[TCP]
+  if band(d.tcp_flags, 0x12) == 0x02 then
+    syn_time(self.flows, self.cold, idx, sec, math.floor((ts - sec) * 1e9 + 0.5), band(rshift(bnot(tf), 31), 1),
+             self.capacity + 1)
+  end
   if bor(d.tcp_flags, 1 + tf) ~= 0 then
     tcp_state(self.flows, self.cold, idx, kf.dir, sec, math.floor((ts - sec) * 1e9 + 0.5), d.payload_length,
               d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1), self.capacity + 1)
@@ -1263,6 +1273,7 @@ function FT:update_batch(b, n)
       end
       if band(b[k].d.tcp_flags, 0x12) == 0x02 then     -- no reference to b[k] kept across the call
         renew_if_reused(self, flows, idx, b[k].dir, b[k].d.tcp_seq, ts)
+        syn_time(flows, cold, idx, b[k].ts_sec, b[k].ts_nsec, band(rshift(bnot(b[k].d.first[TCP]), 31), 1), sen + 1)
       end
       local p = b[k]
       local d = p.d

@@ -1,0 +1,63 @@
+"""What update_batch's loop 3 stores for a packet of a known TCP flow (flowtable.lua, issue 10: small-few, 500 flows
+all known, ~25 ns/packet in the flow table).
+
+A segment that is not a SYN without ACK does not write the flow's SYN time: syn_time runs in loop 3's port-reuse
+test (SYN without ACK), so loop 3's trace, which every other packet runs, has 11 stores a packet (last_ts, three
+counters, flags seen, state, rtt / retransmissions / sequence end / directions seen into the flow's or the scratch
+cold record, flow_uid).  Before: 13 (syn_sec and syn_nsec into the scratch cold record on every segment).  Independent
+truth: LuaJIT's IR of that loop (jit.util.traceir through tools/bench/fillir.py), not our timings; the flows' setup RTT
+still comes from the latest SYN (tests/test_flow_tcp_metrics.py against tshark).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import struct
+
+from luaprobe.shm.luajit import package_dirs
+from tools.bench import fillir
+
+
+def _known_flows_capture(path: str, flows: int = 4, rounds: int = 8000) -> None:
+    """A pcap of `flows` TCP connections (10.0.x.y:1024+i -> 192.0.0.1:80): each a handshake, then `rounds` rounds of
+    one 10-byte segment per flow, in order, in alternating directions (ACK / PSH-ACK, no flag change).  The 12
+    handshake packets end before loop 3 gets hot (LuaJIT's hotloop, 56 iterations): its root trace is recorded on a
+    packet of a known flow, whichever way LuaJIT's trees would form on a capture that starts with more SYNs."""
+    out = [struct.pack("<IHHiIII", 0xa1b2c3d4, 2, 4, 0, 0, 65535, 1)]
+    seq = {}
+    t = [1_000_000]
+
+    def seg(i, srv, flags, pl):
+        c, s = bytes([10, 0, (i >> 8) & 255, i & 255]), bytes([192, 0, 0, 1])
+        src, dst, sp, dp = (s, c, 80, 1024 + i) if srv else (c, s, 1024 + i, 80)
+        k = (i, srv)
+        sq = seq.get(k, 1000 + 7 * i + 100000 * srv)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + pl, 0, 0, 64, 6, 0, src, dst)
+        tcp = struct.pack("!HHIIBBHHH", sp, dp, sq, 1, 0x50, flags, 8192, 0, 0)
+        seq[k] = (sq + pl + (1 if flags & 0x03 else 0)) & 0xffffffff
+        frame = b"\x00\x01\x02\x03\x04\x05\x00\x01\x02\x03\x04\x06\x08\x00" + ip + tcp + b"x" * pl
+        frame += b"\x00" * max(0, 60 - len(frame))
+        t[0] += 10
+        out.append(struct.pack("<IIII", t[0] // 1_000_000, t[0] % 1_000_000, len(frame), len(frame)) + frame)
+
+    for i in range(flows):
+        seg(i, 0, 0x02, 0)
+        seg(i, 1, 0x12, 0)
+        seg(i, 0, 0x10, 0)
+    for r in range(rounds):
+        for i in range(flows):
+            seg(i, r & 1, 0x18 if r & 1 else 0x10, 10)
+    with open(path, "wb") as f:
+        f.write(b"".join(out))
+
+
+def test_known_flow_segment_writes_no_syn_time(tmp_path):
+    cap = str(tmp_path / "known.pcap")
+    _known_flows_capture(cap)
+    ir = fillir.fill_ir(cap)
+    src = open(os.path.join(package_dirs()["engine"], "fastpath", "flowtable.lua")).read().split("\n")
+    line = next(i for i, s in enumerate(src) if s.strip() == "local idle = self.idle_timeout") + 2   # loop 3's for
+    where = f"flowtable.lua:{line}"
+    assert where in ir, f"loop 3 ({where}) did not compile: {sorted(ir)}"
+    ops = collections.Counter(fillir.per_packet(ir[where]))
+    assert ops["XSTORE"] <= 11, f"{ops['XSTORE']} stores per packet of a known flow in loop 3: {ops}"
