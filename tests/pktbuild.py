@@ -203,3 +203,11 @@ for k = 0, nflows - 1 do
   decode.decode(p.d, p.data, flen, 1)
 end
 """
+
+
+def one_frame_per_flow(n: int) -> list[bytes]:
+    """``n`` Ethernet / IPv4 / TCP ACK frames of equal length, one per flow: 10.0.(k >> 8).(k & 255):(1024 + k) ->
+    192.0.2.1:80 for k in range(n) (n <= 65536); the frames :data:`BATCH_OF_FRAMES` decodes into a batch."""
+    return [ether(ipv4(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 6,
+                       tcp(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 1024 + k, 80, 1, 0, ACK)))
+            for k in range(n)]

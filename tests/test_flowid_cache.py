@@ -164,9 +164,7 @@ def test_a_new_flows_flowid_allocates_no_object(tmp_path):
     from tests import pktbuild as pb
     plug = tmp_path / "newflows.lua"
     plug.write_text(NEW_FLOWS_HOOK)
-    frames = [pb.ether(pb.ipv4(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 6,
-                                  pb.tcp(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 1024 + k, 80, 1, 0, pb.ACK)))
-              for k in range(600)]
+    frames = pb.one_frame_per_flow(600)
     vm = PluginVM(str(plug), pipeline="frontend", start_workers=False)
     try:
         assert vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host) is None

@@ -239,9 +239,7 @@ def test_flowid_of_new_flows_keeps_the_walk_one_loop(tmp_path):
     from tests import pktbuild as pb
     plug = tmp_path / "flowstate.lua"
     plug.write_text(shapes.SHAPES["flowstate"]["flowstate.lua"])
-    frames = [pb.ether(pb.ipv4(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 6,
-                                  pb.tcp(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 1024 + k, 80, 1, 0, pb.ACK)))
-              for k in range(600)]
+    frames = pb.one_frame_per_flow(600)
     assert len({len(f) for f in frames}) == 1
     vm = PluginVM(str(plug), pipeline="frontend", start_workers=False)
     try:
@@ -302,9 +300,7 @@ def test_bindings_allocate_nothing_per_hook_call(tmp_path):
     from tests import pktbuild as pb
     plug = tmp_path / "every.lua"
     plug.write_text(EVERY_BINDING)
-    frames = [pb.ether(pb.ipv4(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 6,
-                                  pb.tcp(f"10.0.{k >> 8}.{k & 255}", "192.0.2.1", 1024 + k, 80, 1, 0, pb.ACK)))
-              for k in range(600)]
+    frames = pb.one_frame_per_flow(600)
     vm = PluginVM(str(plug), pipeline="frontend", start_workers=False)
     try:
         assert vm.lua.eval("function(h) return h:setup_simplecounter() end")(vm.host) is None
