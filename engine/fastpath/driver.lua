@@ -60,7 +60,8 @@ function M.new(opts)
   self.exp = ffi.new("lp_flowrow[?]", self.exp_cap)
   self.exp_addr = tonumber(ffi.cast("intptr_t", self.exp))
   self.exp_tags = {}
-  -- rows of records ended by port reuse (pend_row), exported first by the next expire / flush_flows
+  -- rows of records ended in the packet loop (pend_row: port reuse, idle expiry), exported first by the next expire /
+  -- flush_flows
   self.pend_cap, self.npend, self.pend_tags, self.renewed = 64, 0, {}, {}
   self.pend = ffi.new("lp_flowrow[?]", self.pend_cap)
   self.ft.on_renew = function(idx, reason) self:pend_row(idx, reason) end
