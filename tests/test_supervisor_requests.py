@@ -238,30 +238,3 @@ def test_clients_that_send_nothing_hold_up_no_other_request(daemon):  # noqa: F8
             s.close()
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
-
-
-def test_a_reload_out_of_file_descriptors_is_not_a_bad_configuration(daemon):  # noqa: F811
-    """RLIMIT_NOFILE of the running supervisor set to its open descriptors + 1: the reload's connection is accepted,
-    then reading the config fails with EMFILE.  That is the supervisor's resources, not the file: one line naming
-    the config and the error, exit 1 (internal), the running fast path kept, and a reload once the limit is back
-    works.  Before: "reload refused, configuration invalid: ...: cannot read: Too many open files", exit 2 (a usage
-    error, as for a bad setting)."""
-    daemon.start()
-    before = daemon.status()
-    proc = psutil.Process(before["supervisor_pid"])
-    limit = proc.rlimit(psutil.RLIMIT_NOFILE)
-    try:
-        proc.rlimit(psutil.RLIMIT_NOFILE, (proc.num_fds() + 1, limit[1]))
-        r = daemon.cli("reload", timeout=60)
-    finally:
-        proc.rlimit(psutil.RLIMIT_NOFILE, limit)
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "the configuration could not be checked" in lines[0] \
-        and "Too many open files" in lines[0] and "configuration invalid" not in lines[0], r.stderr
-    st = daemon.status()
-    assert (st["state"], st["supervisor_pid"], st["fastpath_pid"]) == \
-        ("running", before["supervisor_pid"], before["fastpath_pid"]), st
-    assert daemon.cli("reload", timeout=120).returncode == 0
-    assert daemon.cli("stop").returncode == 0
-    assert not daemon.alive() and not daemon.segments()
