@@ -107,3 +107,76 @@ def test_new_flow_trace_reads_no_walk_state_field(tmp_path):
     walk = [k for k in hrefk if k in WALK_STATE_FIELDS]
     assert walk == [], f"walk state fields looked up per packet: {walk}"
     assert len(hrefk) <= MAX_HREFK_NEW_FLOW, f"{len(hrefk)} table lookups by a constant key per packet: {hrefk}"
+
+
+TCP_GUID = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}"
+PH_GUID = "{6A0C1F2B-7E3D-4C55-9A10-2B8E4F9D3C11}"
+#: a protocol_handler on every TCP packet's payload whose parselayer keeps per-flow state as real scripts do
+FLOWSTATE_HANDLER = """local state = {}
+TrisulPlugin = { id = { name = "flowstate handler" },
+  protocol_handler = {
+    control = { guid = "%s", name = "FLOWSTATE", host_protocol_guid = "%s" },
+    parselayer = function(layer)
+      local id = layer:packet():flowid():id()
+      state[id] = (state[id] or 0) + 1
+      return layer:layer_bytes()
+    end } }
+""" % (PH_GUID, TCP_GUID)
+#: a packet_storage script whose two hooks keep per-flow state
+FLOWSTATE_STORAGE = """local state = {}
+TrisulPlugin = { id = { name = "flowstate storage" },
+  packet_storage = {
+    filter = function(engine, ts, flow)
+      local id = flow:id()
+      state[id] = (state[id] or 0) + 1
+      return -1
+    end,
+    filter_payload = function(engine, ts, flow, dir, seekpos, buf)
+      local id = flow:id()
+      state[id] = (state[id] or 0) + 1
+      return -1
+    end } }
+"""
+#: what protocol.lua's pick, invoke and done read from the walk state per packet before (setup), and wrote into it
+#: (li, off, the counters)
+PH_FIELDS = {"proto", "parent", "ports", "fn", "pobj", "lobj", "pc", "lc", "cnt", "li", "off", "added", "declined",
+             "full", "next_unknown", "bad_returns"}
+#: what packetstore.lua's pick reads from the walk state for every call position (the call's own k, slot, uid, ts,
+#: flow, dir and buf are written only for a call, at a flow's first packet or a direction's first payload)
+PS_PER_PACKET = {"eng", "tc", "store", "capacity", "filter", "filter_payload", "seen", "dirs"}
+
+
+SHAPE = "small-few"
+
+
+def _walk_ir(tmp_path, kind, text, protocols=()):
+    """The walk loop's per-packet IR, then its side traces' (walkir.walk_ir side=True): whichever path the loop
+    trace was recorded on (a flow's first packet or a later one), the other runs in a side trace."""
+    plugs = tmp_path / "plugins"
+    plugs.mkdir()
+    (plugs / f"{kind}.lua").write_text(text)
+    return _per_packet(walkir.walk_ir(corpus.make(SHAPE, True), str(plugs), kind, protocols, side=True))
+
+
+def test_protocol_handler_walk_reads_and_writes_no_walk_state_field(tmp_path):
+    """A protocol_handler's walk (protocol.lua pick / invoke / done), its parselayer counting into a table of its own
+    per flow: that store (HSTORE by a variable key) may alias any Lua table field, so each field of the walk state
+    read per packet was loaded again on every packet (``parent ports proto pobj lobj fn li off added``) and pick /
+    done wrote ``li``, ``off``, ``added`` into it.  Now the walker passes them in (w.inv), the candidate layer's
+    index is the Layer's own FFI struct and the counters an FFI struct: no field of the walk state, no global and no
+    ``math`` field is looked up per packet."""
+    part = _walk_ir(tmp_path, "protocol_handler", FLOWSTATE_HANDLER, [(PH_GUID, "FLOWSTATE")])
+    keyed = [(op, k) for op, k in part if op in ("HREFK", "HLOAD", "HSTORE") and k is not None]
+    walk = [(op, k) for op, k in keyed if k in PH_FIELDS | {"tonumber", "math", "max", "min"}]
+    assert walk == [], f"walk state / global fields per packet: {walk}"
+
+
+def test_packet_storage_walk_reads_no_walk_state_field(tmp_path):
+    """packet_storage (packetstore.lua pick, two call positions per packet): the fields of the walk state it reads
+    for every position (``capacity seen dirs store filter filter_payload eng``) come from the walker (w.inv), the
+    engine's clock is set on its struct by the plain set_clock (``set_packet`` was a method lookup per call), and
+    done's ``tonumber`` is a local: none of them is loaded in the loop trace."""
+    part = _walk_ir(tmp_path, "packet_storage", FLOWSTATE_STORAGE)
+    keyed = [(op, k) for op, k in part if op in ("HREFK", "HLOAD") and k is not None]
+    walk = [(op, k) for op, k in keyed if k in PS_PER_PACKET | {"set_packet", "tonumber", "_t"}]
+    assert walk == [], f"walk state / engine fields read per packet: {walk}"

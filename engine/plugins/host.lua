@@ -272,12 +272,13 @@ end
 --   w.per                            hook calls at most per packet: call positions j = 0 .. n*per-1 (packet j//per)
 --   w.pick(w, batch, j) -> invoke    prepares position j (nil: no call there); invoke(w) calls the hook with its
 --                                    arguments, which pick left in w; w.invokes lists every invoke function
---   w.done(w, batch, j, ok, r1, r2)  after the call: true and the hook's first two results, or false and the error
+--   w.done(w, batch, j, ok, r1, r2, v1 .. v9)  after the call: true and the hook's first two results, or false and
+--                                    the error; then w.inv's values, as pick gets them
 --   w.hook, w.error_label            the hook's counter name and the prefix of its error lines
 --   w.inv                            names of the up to 9 fields of w (per batch: not changed by a hook or a pick)
 --                                    that pick and invoke read per packet: the walker reads them into locals
 --                                    before its loop and passes them after their usual arguments,
---                                    pick(w, batch, j, v1 .. v9), invoke(w, v1 .. v9).  A field of w read in the
+--                                    pick(w, batch, j, v1 .. v9), invoke(w, v1 .. v9), done.  A field of w read in the
 --                                    loop is looked up again on every packet once a hook has stored a new key into
 --                                    a table of its own (NEWREF: state[id] on a new flow; tests/test_walk_fields.py)
 --   w.call                           xpcall, or the C xpcall of _lpwatch.c when the hook cannot be compiled
@@ -300,9 +301,12 @@ local function walk(self, w, batch, n)
         self.errors:report(w.error_label, r1)
         -- over its memory limit (memory_hit): the rest of the batch is not walked (each call would fill the VM up
         -- to the limit again, or to the hook budget: a 50-packet batch took 56 s); the instance is disabled after it
-        if self.memory_exceeded then done(w, batch, j, ok, r1, r2) return calls, errors end
+        if self.memory_exceeded then
+          done(w, batch, j, ok, r1, r2, v1, v2, v3, v4, v5, v6, v7, v8, v9)
+          return calls, errors
+        end
       end
-      done(w, batch, j, ok, r1, r2)
+      done(w, batch, j, ok, r1, r2, v1, v2, v3, v4, v5, v6, v7, v8, v9)
     end
   end
   return calls, errors
@@ -337,9 +341,12 @@ local function walk_direct(self, w, batch, n)
       if not ok then
         errors = errors + 1
         self.errors:report(w.error_label, r1)
-        if self.memory_exceeded then done(w, batch, j, ok, r1, r2) return calls, errors end
+        if self.memory_exceeded then
+          done(w, batch, j, ok, r1, r2, v1, v2, v3, v4, v5, v6, v7, v8, v9)
+          return calls, errors
+        end
       end
-      done(w, batch, j, ok, r1, r2)
+      done(w, batch, j, ok, r1, r2, v1, v2, v3, v4, v5, v6, v7, v8, v9)
     end
   end
   return calls, errors
@@ -642,15 +649,18 @@ function Host:run_protocol_batch(addr, n)
   packet.touch_flowids(ffi.cast(packet.pktp, addr), n)
   local ph = self.ph
   local calls = self:walk_batch(ph, addr, n)
-  if ph.bad_returns > 0 then                 -- parselayer answers that were not a number of bytes: hook errors too
-    self:count_hook(ph.hook, 0, ph.bad_returns)
-    ph.bad_returns = 0
+  local cnt = ph.cnt
+  if cnt.bad_returns > 0 then                -- parselayer answers that were not a number of bytes: hook errors too
+    self:count_hook(ph.hook, 0, cnt.bad_returns)
+    cnt.bad_returns = 0
   end
   return calls
 end
 function Host:protocol_stats()
   local ph = self.ph
-  return ph and { added = ph.added, declined = ph.declined, full = ph.full, next_unknown = ph.next_unknown } or nil
+  if not ph then return nil end
+  local c = ph.cnt
+  return { added = c.added, declined = c.declined, full = c.full, next_unknown = c.next_unknown }
 end
 
 --- packet_storage (engine/plugins/packetstore.lua): voting on flows into the run's shared votes array.

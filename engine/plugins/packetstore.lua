@@ -71,35 +71,42 @@ local function push(st, k, slot, uid, code)
   st.count = n + 1
 end
 
-local function invoke_filter(ps) return ps.filter(ps.eng, ps.ts, ps.flow) end
-local function invoke_payload(ps) return ps.filter_payload(ps.eng, ps.ts, ps.flow, ps.dir, 0, ps.buf) end
+-- The walk's invariants (host.lua w.inv: read once per batch, passed to pick, invoke and done after their own
+-- arguments): the table's capacity, the per-slot flow uids and payload directions seen, the vote queue, the two
+-- hooks, the engine and its clock struct (engine._t).  A field of the walk state read per packet is looked up again on every packet once a hook stores
+-- a new key into a table of its own (issue 10, tests/test_walk_fields.py); what a call needs besides them (k, slot,
+-- uid, ts, flow, dir, buf) is written only for a call, at a flow's first packet or a direction's first payload.
+local PS_INV = { "capacity", "seen", "dirs", "store", "filter", "filter_payload", "eng", "tc" }
+local set_clock = require("luaprobe.engine.plugins.engine").set_clock   -- Engine:set_packet on its struct (tc)
+local flowid, new_buffer, tonumber = packet.flowid, buffer.new, tonumber
+local function invoke_filter(ps, _, _, _, _, filter, _, eng) return filter(eng, ps.ts, ps.flow) end
+local function invoke_payload(ps, _, _, _, _, _, fp, eng) return fp(eng, ps.ts, ps.flow, ps.dir, 0, ps.buf) end
 -- the invokes' calls, for host.lua's walk_direct (the stitch point): argument count, hook, arguments
-local function args_filter(ps) return 3, ps.filter, ps.eng, ps.ts, ps.flow end
-local function args_payload(ps) return 6, ps.filter_payload, ps.eng, ps.ts, ps.flow, ps.dir, 0, ps.buf end
+local function args_filter(ps, _, _, _, _, filter, _, eng) return 3, filter, eng, ps.ts, ps.flow end
+local function args_payload(ps, _, _, _, _, _, fp, eng) return 6, fp, eng, ps.ts, ps.flow, ps.dir, 0, ps.buf end
 
 -- the walk (host.lua, Host:walk_batch): two call positions per packet, j = 2k for `filter` on a new flow and
 -- j = 2k + 1 for `filter_payload` on the first payload of a direction
-local function pick(ps, batch, j)
+local function pick(ps, batch, j, capacity, seen, dirs, store, filter, filter_payload, _, tc)
   local k = rshift(j, 1)
   local p = batch[k]
   local slot = p.flow
-  if slot < 0 or slot >= ps.capacity then return nil end
-  local seen, dirs = ps.seen, ps.dirs
+  if slot < 0 or slot >= capacity then return nil end
   if band(j, 1) == 0 then
     if seen[slot] == p.flow_uid then return nil end
-    push(ps.store, k, slot, p.flow_uid, RESET)
+    push(store, k, slot, p.flow_uid, RESET)
     seen[slot], dirs[slot] = p.flow_uid, 0
-    if not ps.filter then return nil end
-    ps.eng:set_packet(batch, k)
-    ps.k, ps.slot, ps.uid, ps.ts, ps.flow = k, slot, p.flow_uid, p.ts_sec, packet.flowid(p.d)
+    if not filter then return nil end
+    set_clock(tc, batch, k)
+    ps.k, ps.slot, ps.uid, ps.ts, ps.flow = k, slot, p.flow_uid, p.ts_sec, flowid(p.d)
     return invoke_filter
   end
   local mask = p.dir == 0 and 1 or 2
-  if not ps.filter_payload or p.d.payload_length <= 0 or dirs[slot] % (2 * mask) >= mask then return nil end
+  if not filter_payload or p.d.payload_length <= 0 or dirs[slot] % (2 * mask) >= mask then return nil end
   dirs[slot] = dirs[slot] + mask
-  ps.eng:set_packet(batch, k)
-  ps.k, ps.slot, ps.uid, ps.ts, ps.flow, ps.dir = k, slot, p.flow_uid, p.ts_sec, packet.flowid(p.d), p.dir
-  ps.buf = buffer.new(p.data + p.d.payload_offset, p.d.payload_length)
+  set_clock(tc, batch, k)
+  ps.k, ps.slot, ps.uid, ps.ts, ps.flow, ps.dir = k, slot, p.flow_uid, p.ts_sec, flowid(p.d), p.dir
+  ps.buf = new_buffer(p.data + p.d.payload_offset, p.d.payload_length)
   return invoke_payload
 end
 
@@ -107,9 +114,9 @@ end
 -- before any table lookup: RANK has an array part, and LuaJIT does not compile indexing such a table with a key
 -- that may be negative or fractional ("NYI: mixed sparse/dense table"), as RANK[-1] was for -1, no opinion,
 -- the usual answer: the trace of the walk aborted here (tests/test_jit_aborts.py, packet_storage)
-local function done(ps, _, _, ok, code)
+local function done(ps, _, _, ok, code, _, _, _, _, store)
   code = ok and tonumber(code)
-  if code and code >= 0 and code <= 6 and code % 1 == 0 then push(ps.store, ps.k, ps.slot, ps.uid, code) end
+  if code and code >= 0 and code <= 6 and code % 1 == 0 then push(store, ps.k, ps.slot, ps.uid, code) end
 end
 
 --- Prepare a packet_storage instance on `host`: the store's lp_psstore at address `store_addr` (capacity slots);
@@ -123,12 +130,12 @@ function M.setup(host, store_addr, capacity)
   host.ps = host:new_walk({ per = 2, pick = pick, done = done, invokes = { invoke_filter, invoke_payload },
                             args = { [invoke_filter] = args_filter, [invoke_payload] = args_payload },
                             hook = "packet_storage",
-                            error_label = "packet_storage hook error", eng = host.engine,
+                            error_label = "packet_storage hook error", eng = host.engine, tc = host.engine._t,
                             store = ffi.cast(storep, store_addr), capacity = capacity,
                             filter = type(f) == "function" and f or false,
                             filter_payload = type(fp) == "function" and fp or false,
                             seen = ffi.new("double[?]", capacity), dirs = ffi.new("uint8_t[?]", capacity),
-                            k = 0, slot = 0, uid = 0, ts = 0, flow = false, dir = 0, buf = false }, { f, fp })
+                            k = 0, slot = 0, uid = 0, ts = 0, flow = false, dir = 0, buf = false, inv = PS_INV }, { f, fp })
   return nil
 end
 

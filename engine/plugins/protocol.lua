@@ -30,6 +30,11 @@ local decode = require("luaprobe.engine.fastpath.decode")
 local packet = require("luaprobe.engine.plugins.packet")
 
 local M = {}
+-- a handler's counters (Host:protocol_stats; bad_returns: this batch's, moved to the hook errors after each batch)
+if not pcall(ffi.typeof, "lp_phcount") then
+  ffi.cdef "typedef struct { double added, declined, full, next_unknown, bad_returns; } lp_phcount;"
+end
+local counters = ffi.typeof("lp_phcount")
 local TCP, UDP = decode.PROTO.TCP, decode.PROTO.UDP
 
 --- The handler's control block, validated: {guid, name, host, ports} or nil, problem.
@@ -50,57 +55,69 @@ function M.control(plugin)
   return { guid = c.guid, name = tostring(c.name or c.guid), host = c.host_protocol_guid, ports = ports }
 end
 
-local function invoke(ph) return ph.fn(ph.lobj) end
-local function invoke_args(ph) return 1, ph.fn, ph.lobj end           -- invoke's call (host.lua walk_direct)
+-- The walk's invariants (host.lua w.inv: read once per batch, passed to pick, invoke and done after their own
+-- arguments): the hook, the Layer object, the host protocol, the port set, the handler's protocol, the FFI structs of
+-- the Packet and the Layer (the Layer is bound to the Packet once, in setup), the counters.  A field of the walk
+-- state read or written per packet is looked up again on every packet once a hook stores a new key into a table of
+-- its own (issue 10, tests/test_walk_fields.py); the candidate layer's index is the Layer's own lc.i and its start
+-- that layer's offset, so nothing of the walk state is written per packet either.
+local PH_INV = { "fn", "lobj", "parent", "ports", "proto", "pc", "lc", "cnt" }
+local function invoke(_, fn, lobj) return fn(lobj) end
+local function invoke_args(_, fn, lobj) return 1, fn, lobj end      -- invoke's call (host.lua walk_direct)
+
+local find, append_layer, by_guid, MAX_LAYERS = decode.find, decode.append_layer, decode.by_guid, decode.MAX_LAYERS
+local layer_end, bind_struct = packet.layer_end, packet.bind_struct
+local tonumber, max, min = tonumber, math.max, math.min
 
 local function candidate(d, p, parent, ports)
-  local li = decode.find(d, parent)
+  local li = find(d, parent)
   if li < 0 then return nil end
   if ports ~= nil and not (ports[d.sport] or ports[d.dport]) then return nil end
   local l = d.layer[li]
   local off = l.offset + l.length
-  if off > packet.layer_end(p, off) then return nil end
+  if off > layer_end(p, off) then return nil end
   return off
 end
 
 -- the walk (host.lua, Host:walk_batch): parselayer on each candidate packet
-local function pick(ph, batch, k)
+local function pick(_, batch, k, _, _, parent, ports, proto, pc, lc, cnt)
   local p = batch[k]
   local d = p.d
-  local off = candidate(d, p, ph.parent, ph.ports)
+  local off = candidate(d, p, parent, ports)
   if off == nil then return nil end
-  if d.nlayers >= decode.MAX_LAYERS then
-    ph.full = ph.full + 1
+  if d.nlayers >= MAX_LAYERS then
+    cnt.full = cnt.full + 1
     return nil
   end
   -- the candidate layer, appended tentatively so that Layer methods read it; kept only if accepted
-  local proto = ph.proto
-  decode.append_layer(d, proto, off, packet.layer_end(p, off) - off)
-  ph.li, ph.off = d.nlayers - 1, off
-  packet.bind_layer(ph.lobj, packet.bind_packet(ph.pobj, batch, k), ph.li)
+  append_layer(d, proto, off, layer_end(p, off) - off)
+  bind_struct(pc, batch, k)
+  lc.i = d.nlayers - 1
   return invoke
 end
 
-local function done(ph, batch, k, ok, nbytes, nxt)
+local function done(ph, batch, k, ok, nbytes, nxt, _, _, _, _, proto, _, lc, cnt)
   local p = batch[k]
-  local d, li = p.d, ph.li
+  local d, li = p.d, lc.i
   if not ok or nbytes == nil then                -- an error or "not this protocol": the layer goes
-    d.nlayers, d.first[ph.proto] = li, -1
-    if ok then ph.declined = ph.declined + 1 end
+    d.nlayers, d.first[proto] = li, -1
+    if ok then cnt.declined = cnt.declined + 1 end
     return
   end
   local n = tonumber(nbytes)
   if n == nil or n ~= n then                     -- not a number of bytes (a table, true, NaN...): the layer goes
-    d.nlayers, d.first[ph.proto] = li, -1
-    ph.bad_returns = ph.bad_returns + 1
+    d.nlayers, d.first[proto] = li, -1
+    cnt.bad_returns = cnt.bad_returns + 1
     ph.errors:report(ph.error_label, ("%s returned %s; expected a number of bytes or nil"):format(
       ph.where, n ~= n and "NaN" or type(nbytes) == "string" and ("the string %q"):format(nbytes:sub(1, 40))
       or "a " .. type(nbytes)))
     return
   end
-  d.layer[li].length = math.max(0, math.min(n, packet.layer_end(p, ph.off) - ph.off))
-  ph.added = ph.added + 1
-  if nxt ~= nil and decode.by_guid(nxt) == nil then ph.next_unknown = ph.next_unknown + 1 end
+  local l = d.layer[li]
+  local off = l.offset
+  l.length = max(0, min(n, layer_end(p, off) - off))
+  cnt.added = cnt.added + 1
+  if nxt ~= nil and by_guid(nxt) == nil then cnt.next_unknown = cnt.next_unknown + 1 end
 end
 
 --- Prepare a handler instance on `host` (a Host): its walk state host.ph.  Returns nil or a problem description.
@@ -118,12 +135,13 @@ function M.setup(host)
   local fn = host.plugin.protocol_handler.parselayer
   local info = debug.getinfo(fn, "S")
   local where = ("parselayer (%s:%d)"):format(info.source:gsub("^[=@]", ""), info.linedefined)
+  local pobj, lobj = packet.new_packet(), packet.new_layer()
+  packet.bind_layer(lobj, pobj, -1)          -- for good: pick sets the Packet's entry and the layer index (lc.i)
   host.ph = host:new_walk({ per = 1, pick = pick, done = done, invokes = { invoke }, args = { [invoke] = invoke_args },
                             hook = "protocol_handler.parselayer",
                             error_label = "protocol_handler.parselayer error", proto = proto, parent = parent,
-                            ports = portset, fn = fn, pobj = packet.new_packet(), lobj = packet.new_layer(),
-                            li = 0, off = 0, added = 0, declined = 0, full = 0, next_unknown = 0,
-                            errors = host.errors, where = where, bad_returns = 0 }, { fn })
+                            ports = portset, fn = fn, pobj = pobj, lobj = lobj, pc = pobj._c, lc = lobj._c,
+                            cnt = counters(), errors = host.errors, where = where, inv = PH_INV }, { fn })
   return nil
 end
 

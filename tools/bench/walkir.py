@@ -42,47 +42,96 @@ IR_NAMES = (
     "CALLL CALLS CALLXS CARG").split()
 
 # The VM's largest trace that loops: its IR operations in order, with the key of each HREFK and of each HREF by a
-# constant key ("op" or "op:key").
-DUMP = r'''function(HREFK, HREF)
+# constant key, and of each HLOAD / HSTORE through an HREFK (the field it loads or stores: "op" or "op:key").
+# With `side`, the traces that link back to it follow (each whole: a side exit of the loop taken often enough runs
+# one of them instead of the rest of the loop).
+DUMP = r'''function(HREFK, HREF, HLOAD, HSTORE, side)
   local ju = require("jit.util")
   local best, bn = nil, 0
-  for tr = 1, 65535 do
+  for tr = 1, 65535 do             -- no break at a missing number: an aborted trace's number is left free
     local info = ju.traceinfo(tr)
-    if info == nil then break end
-    if info.linktype == "loop" and info.nins > bn then best, bn = tr, info.nins end
+    if info ~= nil and info.linktype == "loop" and info.nins > bn then best, bn = tr, info.nins end
   end
   if best == nil then return "" end
   local ops = {}
+  local todo = { best }
+  if side then
+    for tr = 1, 65535 do
+      local info = ju.traceinfo(tr)
+      if info ~= nil and tr ~= best and info.link == best then todo[#todo + 1] = tr end
+    end
+  end
+  for _, t in ipairs(todo) do
+  best, bn = t, ju.traceinfo(t).nins
   for ref = 1, bn do
-    local m, ot, _, op2 = ju.traceir(best, ref)
+    local m, ot, op1, op2 = ju.traceir(best, ref)
     if m then
       local op = math.floor(ot / 256)
-      local keyed = op == HREFK or (op == HREF and op2 < 0)
+      if (op == HLOAD or op == HSTORE) and op1 > 0 then         -- the field: its HREFK's key
+        local _, rot, _, rop2 = ju.traceir(best, op1)
+        if math.floor(rot / 256) == HREFK then op2 = rop2 else op2 = 0 end
+      end
+      local keyed = op == HREFK or ((op == HREF or op == HLOAD or op == HSTORE) and op2 < 0)
       ops[#ops + 1] = keyed and (op .. ":" .. tostring((ju.tracek(best, op2)))) or tostring(op)
     end
+  end
   end
   return table.concat(ops, ",")
 end'''
 
 
-def walk_ir(capture: str, plugdir: str) -> list:
-    """Walk `capture` with the plug-ins of `plugdir` (hookwalk.py's staging), then the IR of the first VM's walk
-    loop trace: [(operation name, key of an HREFK or of an HREF by a constant key, else None)], empty when no loop
-    trace was compiled."""
+#: flow table capacity of hookwalk.BUILD's flows (a packet_storage walk's slots)
+CAPACITY = 262144
+
+#: script type -> (what sets the first VM's walk up: Lua function(host, capacity, dir) -> problem or nil, the Host
+#: method that walks a batch); as engine/fastpath/run.py BATCH_WALKERS, packet_storage with a store of its own
+SETUPS = {
+    "simplecounter": ("function(h) return h:setup_simplecounter() end", "run_batch"),
+    "protocol_handler": ("function(h) return h:setup_protocol_handler() end", "run_protocol_batch"),
+    "packet_storage": ("""function(h, cap, dir)
+        local st = require("luaprobe.engine.plugins.packetstore").new_store(dir .. "/packets.pcapng", cap)
+        h.walkir_store = st
+        return h:setup_packet_storage(st.store_addr, cap)
+      end""", "run_storage_batch"),
+}
+
+
+def _load(plugdir: str, vms: list, kind: str, protocols, tmpdir: str) -> list:
+    """Every plug-in file of ``plugdir`` (sorted) in a frontend PluginVM of its own (appended to ``vms``), its walk of
+    type ``kind`` set up (SETUPS); [(host, walk(host, addr, n))]."""
+    from luaprobe.engine.plugins.vm import PluginVM
+    setup, method = SETUPS[kind]
+    out = []
+    for f in sorted(os.listdir(plugdir)):
+        vm = PluginVM(os.path.join(plugdir, f), start_workers=False, enginetype="frontend",
+                      pipeline="frontend", groups={}, protocols=protocols)
+        vms.append(vm)
+        problem = vm.lua.eval(setup)(vm.host, CAPACITY, tmpdir.encode())
+        assert problem is None, problem
+        out.append((vm.host, vm.lua.eval(f"function(h, a, n) return h:{method}(a, n) end")))
+    return out
+
+
+def walk_ir(capture: str, plugdir: str, kind: str = "simplecounter", protocols=(), side: bool = False) -> list:
+    """Walk `capture` with the plug-ins of `plugdir` (hookwalk.py's staging; scripts of type `kind`, SETUPS;
+    `protocols`: [(guid, name)] registered in each VM, a protocol_handler's own), then the IR of the first VM's walk
+    loop trace: [(operation name, key of an HREFK, of an HREF by a constant key or of an HLOAD / HSTORE through an
+    HREFK, else None)], empty when no loop trace was compiled; with `side`, followed by those of every trace that
+    links back to that loop (its side traces)."""
     from luaprobe.engine.capture.pcapfile import open_capture
     from luaprobe.shm.luajit import new_runtime
     lua = new_runtime()
-    with open_capture(capture) as cap:
-        keep, addr, n, size, hot, stage = lua.eval(hookwalk.BUILD)(cap.address, cap.size, 262144)
+    with open_capture(capture) as cap, tempfile.TemporaryDirectory(prefix="lp-walkir-") as tmpdir:
+        keep, addr, n, size, hot, stage = lua.eval(hookwalk.BUILD)(cap.address, cap.size, CAPACITY)
         vms: list = []
         try:
-            walks = hookwalk.load_walks(plugdir, vms)
+            walks = _load(plugdir, vms, kind, protocols, tmpdir)
             for k in range(0, n, 1024):
                 m = min(1024, n - k)
                 stage(k, m)
                 for host, walk in walks:
                     walk(host, hot, m)
-            raw = vms[0].lua.eval(DUMP)(IR_NAMES.index("HREFK"), IR_NAMES.index("HREF"))
+            raw = vms[0].lua.eval(DUMP)(*(IR_NAMES.index(op) for op in ("HREFK", "HREF", "HLOAD", "HSTORE")), side)
         finally:
             for vm in vms:
                 vm.close()
