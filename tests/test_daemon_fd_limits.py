@@ -1,5 +1,5 @@
 """The daemon out of file descriptors, made deterministic (engine/daemon/config.py ConfigError.resource,
-supervisor.py request_reload / cmd_start).
+supervisor.py request_reload / cmd_start / Supervisor._accept_spare, control.py Unserved).
 
 bf62a5b's test set the running supervisor's RLIMIT_NOFILE to its open descriptors + 1 and then ran `luaprobe
 reload`: the one free slot went to accept() or to the config's open() depending on which of the supervisor's own
@@ -15,6 +15,9 @@ descriptors is needed:
 * start: `luaprobe start` in a process that sets its own soft limit to its lowest free descriptor (found by fstat(),
   which opens nothing, in a process with one thread) just before the CLI runs: the config's open() is the first new
   descriptor `start` asks for.
+
+* a supervisor at its limit (set just above its pidfile's descriptor, below which it holds only what it opened at
+  its start) answers every client on its spare descriptor with the cause, at once (Supervisor._accept_spare).
 
 Real daemons (tests/test_supervisor.py's fixture), real limits (prlimit), no mock.
 """
@@ -120,3 +123,49 @@ def test_a_start_that_cannot_read_the_config_for_want_of_descriptors_is_exit_1(d
     assert (r.returncode, r.stdout, r.stderr) == \
         (1, "", f"luaprobe start: {daemon.config}: cannot read: Too many open files\n"), r
     assert control.read_pid(daemon.run_dir) is None and not os.path.exists(daemon.run_dir)
+
+
+def descriptor_of(pid: int, target: str) -> int:
+    """The descriptor of process ``pid`` open on ``target`` (/proc/PID/fd)."""
+    fds = [int(n) for n in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{n}") == target]
+    assert len(fds) == 1, (target, fds)
+    return fds[0]
+
+
+def test_a_supervisor_at_its_descriptor_limit_says_so_to_every_client(daemon):  # noqa: F811
+    """The supervisor's soft RLIMIT_NOFILE set just above its pidfile's descriptor: every descriptor below the
+    limit is one it has held since it started (the standard streams, the log pipe, the refusal pipe, the pidfile:
+    taken in that order, each the lowest free one), so every accept() fails with EMFILE, whatever else it holds.
+    `luaprobe status`, `reload`, `stop` and `stats` each answer at once with one line on stderr naming the cause
+    ("out of file descriptors", the limit, the log), exit 1 (docs/operations.md), no traceback; `stop` says that
+    nothing was asked and names kill -TERM; the fast path is kept and answers come back with the limit.
+    Before (bf62a5b~1 .. 8ec5731): each waited its 10 s and said "it is busy, or stopped by SIGSTOP or a
+    debugger"; the cause was in the supervisor's log only."""
+    daemon.start()
+    before = daemon.status()
+    pid = before["supervisor_pid"]
+    proc = psutil.Process(pid)
+    limit = proc.rlimit(psutil.RLIMIT_NOFILE)
+    at = descriptor_of(pid, control.path(daemon.run_dir, control.PIDFILE)) + 1
+    sock = control.path(daemon.run_dir, control.SOCKET)
+    cause = (f"the supervisor (pid {pid}) on {sock} did not take the request: it is out of file descriptors "
+             f"(accept() on control.sock: Too many open files: all {at} allowed by its RLIMIT_NOFILE soft limit are "
+             "in use); its fast path keeps running, and it takes requests again once descriptors are free (raise the "
+             f"limit: prlimit --nofile, LimitNOFILE=; log {control.path(daemon.run_dir, control.LOG)})")
+    results = {}
+    try:
+        proc.rlimit(psutil.RLIMIT_NOFILE, (at, limit[1]))
+        for cmd in ("status", "reload", "stop", "stats"):
+            results[cmd] = daemon.cli(cmd, timeout=60)
+    finally:
+        proc.rlimit(psutil.RLIMIT_NOFILE, limit)
+    for cmd, r in results.items():
+        assert "Traceback" not in r.stderr and r.returncode == 1, (cmd, r.returncode, r.stdout, r.stderr)
+        tail = "; nothing was asked of it; or kill -TERM %d" % pid if cmd == "stop" else ""
+        assert r.stderr == f"luaprobe {cmd}: {cause}{tail}\n", (cmd, r.stderr)
+    assert results["status"].stdout.startswith("state:      not taking requests (last saved state: running)\n")
+    st = daemon.status()
+    assert (st["state"], st["supervisor_pid"], st["fastpath_pid"], st["reloads"]) == \
+        ("running", pid, before["fastpath_pid"], 0), st
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()

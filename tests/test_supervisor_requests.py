@@ -58,10 +58,13 @@ def test_a_request_that_is_not_a_json_object_is_a_bad_request(daemon, line):  # 
 
 
 def test_a_supervisor_out_of_file_descriptors_keeps_running_and_answers_again(daemon):  # noqa: F811
-    """RLIMIT_NOFILE of the running supervisor lowered to 3 (every new descriptor refused, EMFILE): a `status` then
-    waits out its 10 s and says the supervisor did not answer (exit 1), the supervisor logs one line naming the
-    socket and the error, keeps its fast path, and answers again once the limit is back.  Before: accept()'s EMFILE
-    ended the supervisor ("supervisor internal error"), its fast path with it; `status` then said stopped (3)."""
+    """RLIMIT_NOFILE of the running supervisor lowered to 3 (every new descriptor refused, EMFILE, even the slot of
+    its spare descriptor: Supervisor._accept_spare cannot help): a `status` then waits out its 10 s and says the
+    supervisor did not answer because it is out of file descriptors, from /proc (control.fd_exhaustion: "N
+    descriptors open, its RLIMIT_NOFILE soft limit is 3", exit 1), the supervisor logs one line naming the socket
+    and the error, keeps its fast path, and answers again once the limit is back.  Before: accept()'s EMFILE ended
+    the supervisor ("supervisor internal error"), its fast path with it; `status` then said stopped (3); and until
+    this session the line said "it is busy, or stopped by SIGSTOP or a debugger"."""
     daemon.start()
     before = daemon.status()
     proc = psutil.Process(before["supervisor_pid"])
@@ -72,7 +75,8 @@ def test_a_supervisor_out_of_file_descriptors_keeps_running_and_answers_again(da
         r = daemon.cli("status", timeout=60)
         assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
         assert f"luaprobe status: the supervisor (pid {proc.pid}) on {daemon.run_dir}/control.sock did not answer " \
-               "within 10 s (no reply; " in r.stderr, r.stderr
+               "within 10 s (no reply; it is out of file descriptors (" in r.stderr, r.stderr
+        assert f" descriptors open, its RLIMIT_NOFILE soft limit is 3; see {log}))\n" in r.stderr, r.stderr
         assert proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
         text = open(log).read()
         assert "supervisor internal error" not in text

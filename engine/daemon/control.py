@@ -52,6 +52,12 @@ class NoAnswer(ControlError):
         self.sent = sent
 
 
+class Unserved(NoAnswer):
+    """The supervisor read the request and answered without acting on it, because it could not take requests: out
+    of file descriptors (EMFILE at accept(); the connection got its spare descriptor, Supervisor._accept_spare).
+    The message names the cause in the supervisor's words; ``sent`` is False (nothing was asked of it)."""
+
+
 def ensure_run_dir(run_dir: str) -> str:
     """Create the run directory, or take an existing one, owner-only (0700); return its absolute path.  Only the
     daemon's own files belong there: a symbolic link in it (planted while the directory was open to others, to
@@ -311,6 +317,10 @@ def request(run_dir: str, cmd: str, timeout: float = 10.0, **args) -> dict:
         reply = json.loads(buf.split(b"\n", 1)[0])
     except ValueError as e:
         raise ControlError(f"the supervisor on {p} replied with something that is not JSON ({e})") from None
+    if isinstance(reply, dict) and reply.get("unserved"):
+        pid = reply.get("supervisor_pid")
+        raise Unserved(f"the supervisor{f' (pid {pid})' if pid else ''} on {p} did not take the request: "
+                       f"{reply.get('error')}", False)
     if not isinstance(reply, dict) or (not reply.get("ok") and str(reply.get("error", "")).startswith("bad request")):
         # our line did not reach it whole within its read timeout (Supervisor._handle): no answer to our request
         raise NoAnswer(f"the supervisor on {p} did not get the request: "
@@ -327,12 +337,31 @@ def proc_state(pid: int) -> str | None:
         return None
 
 
+def fd_exhaustion(pid: int) -> str | None:
+    """"N descriptors open, its RLIMIT_NOFILE soft limit is M" when process ``pid`` holds as many descriptors as its
+    soft limit allows (so its accept() and open() fail with EMFILE), from /proc/PID/fd and /proc/PID/limits; None
+    when it holds fewer, or /proc cannot tell us (another user's process: EACCES; gone)."""
+    try:
+        held = len(os.listdir(f"/proc/{pid}/fd"))
+        with open(f"/proc/{pid}/limits") as f:
+            soft = next((line[len("Max open files"):].split()[0] for line in f if line.startswith("Max open files")),
+                        "unlimited")
+    except OSError:
+        return None
+    if not soft.isdigit() or held < int(soft):
+        return None
+    return f"{held} descriptors open, its RLIMIT_NOFILE soft limit is {soft}"
+
+
 def _no_answer(run_dir: str, timeout: float, what: str) -> str:
     """The text of :class:`NoAnswer`: "the supervisor (pid N) on SOCK did not answer within T s (...)"; the state
-    letter of a stopped process (T, t) is named, as the stall rule names it."""
+    letter of a stopped process (T, t) is named, as the stall rule names it, and so is a supervisor out of file
+    descriptors (:func:`fd_exhaustion`: it cannot accept the connection, and its spare descriptor did not help)."""
     pid = read_pid(run_dir)
     state = proc_state(pid) if pid else None
+    fds = fd_exhaustion(pid) if pid and state not in ("T", "t") else None
     why = (f"it is stopped (state {state}: SIGSTOP or a debugger)" if state in ("T", "t")
+           else f"it is out of file descriptors ({fds}; see {path(run_dir, LOG)})" if fds
            else "it is busy, or stopped by SIGSTOP or a debugger")
     who = f"the supervisor (pid {pid})" if pid else "the supervisor"
     return f"{who} on {path(run_dir, SOCKET)} did not answer within {timeout:g} s ({what}; {why})"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import errno
 import json
 import os
 import selectors
@@ -209,6 +210,7 @@ class Supervisor:
         self.probe_cfg = None                   # the configuration that reload validated
         self.reload_waiters: list = []          # client connections waiting for that reload's reply
         self._saved_at = 0.0                    # time.monotonic() of the last state.json write attempt
+        self.spare: int | None = None           # a descriptor held in reserve for answering at EMFILE (_accept_spare)
 
     # ------------------------------------------------------------ child
     def _spawn(self) -> None:
@@ -621,6 +623,53 @@ class Supervisor:
         if self.file_errors.pop(what, None) is not None:
             log.info("%s %s again", what, done)
 
+    def _reserve(self) -> None:
+        """Hold a spare descriptor (the run directory, opened read-only) unless one is held: it is given up to accept
+        one control connection when accept() fails for want of descriptors (:meth:`_accept_spare`), and taken
+        again once that connection is closed.  Opened first thing in :meth:`run`, it is one of the supervisor's
+        lowest-numbered descriptors, below any RLIMIT_NOFILE it can run into.  Failing (EMFILE): tried again at the
+        next turn of the loop."""
+        if self.spare is None:
+            try:
+                self.spare = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                pass
+
+    def _release_spare(self) -> None:
+        if self.spare is not None:
+            os.close(self.spare)
+            self.spare = None
+
+    def _accept_spare(self, sock, e: OSError):
+        """accept() failed with ``e`` (EMFILE: every descriptor below the soft RLIMIT_NOFILE in use; ENFILE: the
+        system's table full): the spare descriptor is closed and the connection accepted into its slot, so that the
+        client gets one line naming the cause (:meth:`_handle`, ``refuse``) instead of waiting out its 10 s and
+        guessing "busy".  Returns the connection, or None (no spare held, or accept() failed again: the connection
+        stays queued, retried after ACCEPT_RETRY s)."""
+        if self.spare is None or e.errno not in (errno.EMFILE, errno.ENFILE):
+            return None
+        os.close(self.spare)
+        self.spare = None
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            self._reserve()
+            return None
+        return conn
+
+    def _refusal(self, e: OSError) -> str:
+        """What a client accepted on the spare descriptor is told (:meth:`_accept_spare`)."""
+        if e.errno == errno.EMFILE:
+            import resource
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            cause = (f"it is out of file descriptors (accept() on {control.SOCKET}: {e.strerror}: all "
+                     f"{'of them' if soft == resource.RLIM_INFINITY else soft} allowed by its RLIMIT_NOFILE soft "
+                     "limit are in use)")
+        else:
+            cause = f"the system is out of file descriptors (accept() on {control.SOCKET}: {e.strerror})"
+        return (f"{cause}; its fast path keeps running, and it takes requests again once descriptors are free "
+                f"(raise the limit: prlimit --nofile, LimitNOFILE=; log {control.path(self.run_dir, control.LOG)})")
+
     def _read_client(self, sel, conn, client: dict) -> None:
         """A client's connection is readable (registered with ``sel`` at accept, non-blocking): its bytes are kept
         in ``client["buf"]`` until its line is whole (a newline, the end of its stream, or control.MAX_LINE bytes),
@@ -638,7 +687,7 @@ class Supervisor:
         if chunk and b"\n" not in client["buf"] and len(client["buf"]) < control.MAX_LINE:
             return
         sel.unregister(conn)
-        self._handle(conn, bytes(client["buf"]))
+        self._handle(conn, bytes(client["buf"]), client.get("refuse"))
 
     def _expire_clients(self, sel, now: float) -> None:
         """Answer the connections whose line did not come whole within CLIENT_DEADLINE s as a bad request."""
@@ -652,9 +701,17 @@ class Supervisor:
                                                             f"within {CLIENT_DEADLINE:g} s"})
             conn.close()
 
-    def _handle(self, conn, buf: bytes) -> None:
+    def _handle(self, conn, buf: bytes, refuse: str | None = None) -> None:
+        """Answer the request line ``buf`` on ``conn`` and close it.  ``refuse``: the connection was accepted on the
+        spare descriptor (:meth:`_accept_spare`): the request is read but not acted on, the reply
+        ``{"ok": false, "unserved": true, "error": refuse, "exit": 1}`` (control.Unserved on the client's side)."""
         conn.setblocking(True)
         conn.settimeout(2.0)                    # the reply: sendall to a client that does not read ends here
+        if refuse is not None:
+            control.send_reply(conn, {"ok": False, "unserved": True, "exit": EXIT_INTERNAL, "error": refuse,
+                                      "supervisor_pid": os.getpid()})
+            conn.close()
+            return
         try:
             req = control.parse_request(buf)
             cmd = req.get("cmd")
@@ -708,18 +765,22 @@ class Supervisor:
 
     # ------------------------------------------------------------ main loop
     def run(self) -> int:
+        self._reserve()                         # first: a low-numbered descriptor (_accept_spare)
         pidfile = control.PidFile(self.run_dir)
         try:
             pidfile.acquire()
         except RuntimeError as e:              # another supervisor won a race of two `start`s: nothing started
+            self._release_spare()
             return refuse(str(e))
         except OSError as e:                   # a symbolic link planted at the pidfile's name (control.PidFile)
+            self._release_spare()
             return refuse(f"pidfile: {e.strerror}")
         try:                                    # one daemon's database is its own: held until it exits
             out_claim = claim_out_dir(self.cfg["run"]["out_dir"], "[run] out_dir =",
                                       private=bool(self.cfg["run"]["user"] or self.cfg["run"]["group"]))
         except UsageError as e:
             pidfile.release()
+            self._release_spare()
             return refuse(f"{self.cfg.path}: {e}")
         control.register(self.run_dir)
         sock = control.listen(self.run_dir)
@@ -730,6 +791,7 @@ class Supervisor:
             control.unregister(self.run_dir)
             out_claim.release()
             pidfile.release()
+            self._release_spare()
             return refuse(f"cannot drop privileges: {e}")
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
@@ -770,13 +832,18 @@ class Supervisor:
                         except OSError as e:    # EMFILE / ENFILE / ENOBUFS: the connection stays queued
                             self._file_error(control.SOCKET, e, "cannot accept a request on",
                                              f"in {ACCEPT_RETRY:g} s")
-                            sel.unregister(sock)    # readable until accepted: try again in ACCEPT_RETRY s, not
-                            accept_paused = time.monotonic() + ACCEPT_RETRY     # in a busy loop
-                            continue
-                        self._file_ok(control.SOCKET, "accepting requests")
+                            conn = self._accept_spare(sock, e)
+                            if conn is None:
+                                sel.unregister(sock)    # readable until accepted: try again in ACCEPT_RETRY s,
+                                accept_paused = time.monotonic() + ACCEPT_RETRY     # not in a busy loop
+                                continue
+                            client = {"refuse": self._refusal(e)}    # its line read, then told why, not served
+                        else:
+                            self._file_ok(control.SOCKET, "accepting requests")
+                            client = {}
                         conn.setblocking(False)
                         sel.register(conn, selectors.EVENT_READ,
-                                     {"buf": bytearray(), "deadline": time.monotonic() + CLIENT_DEADLINE})
+                                     client | {"buf": bytearray(), "deadline": time.monotonic() + CLIENT_DEADLINE})
                     elif isinstance(key.data, dict):
                         self._read_client(sel, key.fileobj, key.data)
                     else:
@@ -784,6 +851,7 @@ class Supervisor:
                             os.read(rfd, 512)
                         except BlockingIOError:
                             pass
+                self._reserve()                 # given up to a client at EMFILE (_accept_spare): taken again
                 if self._flags["stop"]:
                     self._flags["stop"] = False
                     log.info("stop requested by signal")
@@ -863,6 +931,7 @@ class Supervisor:
             control.unregister(self.run_dir)
             out_claim.release()
             pidfile.release()
+            self._release_spare()
             log.info("supervisor exiting: %s", self.state)
 
 
@@ -1262,7 +1331,8 @@ def cmd_status(args) -> int:
         st, live = control.request(run_dir, "status"), True
     except control.NoAnswer as e:               # running, but frozen or busy: its last saved state, and exit 1
         st = control.read_json(control.path(run_dir, control.STATE)) or {"run_dir": run_dir}
-        st |= {"state": f"not answering (last saved state: {st.get('state', 'none')})", "answering": False}
+        what = "not taking requests" if isinstance(e, control.Unserved) else "not answering"
+        st |= {"state": f"{what} (last saved state: {st.get('state', 'none')})", "answering": False}
         print(json.dumps(st | {"live": False}, indent=2) if getattr(args, "json", False) else format_status(st, False))
         print(f"luaprobe status: {e}", file=sys.stderr)
         return EXIT_INTERNAL
