@@ -18,6 +18,7 @@ import tomllib
 from luaprobe.workers.limits import MAX_WORKERS
 
 from . import settings as _settings
+from .control import MAX_SOCKET_PATH, SOCKET
 from .usage import RESOURCE_ERRNOS, file_problem, number, writable_dir
 
 
@@ -272,7 +273,7 @@ def _cross_checks(cfg: Config, name: str) -> None:
     problem = writable_dir(v["run"]["out_dir"])
     if problem:
         raise _bad(name, "run", "out_dir", f" = {_show(v['run']['out_dir'])}: {problem}", problem)
-    problem = writable_dir(cfg.run_dir)
+    problem = writable_dir(cfg.run_dir) or _socket_problem(cfg.run_dir)
     if problem:
         if cfg.run_dir_given:
             raise ConfigError(f"{name}: --run-dir {cfg.run_dir}: {problem}", resource=getattr(problem, "resource", False))
@@ -282,6 +283,17 @@ def _cross_checks(cfg: Config, name: str) -> None:
         problem = file_problem(jl, creating=[cfg.run_dir], append=True)
         if problem:
             raise _bad(name, "stats", "json_lines_file", f" = {_show(jl)}: {problem}", problem)
+
+
+def _socket_problem(run_dir: str) -> str | None:
+    """Why the supervisor could not listen in ``run_dir``: its control.sock path longer than a Unix socket's path
+    may be (control.MAX_SOCKET_PATH bytes; bind() would fail with "AF_UNIX path too long"), or None."""
+    sock = os.path.join(os.path.abspath(run_dir), SOCKET)
+    n = len(os.fsencode(sock))
+    if n <= MAX_SOCKET_PATH:
+        return None
+    return (f"its control socket {sock} would be {n} bytes long, a Unix socket path holds at most {MAX_SOCKET_PATH} "
+            "(give a shorter run directory)")
 
 
 def load(path: str, run_dir: str | None = None) -> Config:

@@ -32,6 +32,9 @@ import time
 PIDFILE, SOCKET, STATE, STATS, LOG = "supervisor.pid", "control.sock", "state.json", "stats.json", "supervisor.log"
 LOADED, LAST_ERROR = "loaded.json", "last_error.json"
 MAX_LINE = 1 << 20
+#: bytes a Unix socket's path may have (sun_path is 108 bytes, its last one the NUL; Python's bind/connect refuse
+#: more: "AF_UNIX path too long"): a run directory whose control.sock is longer cannot be used (config.py)
+MAX_SOCKET_PATH = 107
 
 
 class ControlError(Exception):
@@ -281,7 +284,12 @@ def request(run_dir: str, cmd: str, timeout: float = 10.0, **args) -> dict:
     A request that timed out stays queued: the supervisor reads and acts on it when it gets to it."""
     p = path(run_dir, SOCKET)
     end = time.monotonic() + timeout
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if len(os.fsencode(p)) > MAX_SOCKET_PATH:       # no supervisor can listen there (config.py refuses the run dir)
+        raise NotRunning(f"no supervisor on {p} (a Unix socket path holds at most {MAX_SOCKET_PATH} bytes)")
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as e:                        # no descriptor left to this client (EMFILE): one line, not a traceback
+        raise ControlError(f"cannot make a socket to reach {p}: {e.strerror}") from None
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                      struct.pack("ll", int(timeout), int(timeout % 1 * 1e6)))

@@ -782,8 +782,16 @@ class Supervisor:
             pidfile.release()
             self._release_spare()
             return refuse(f"{self.cfg.path}: {e}")
+        try:
+            sock = control.listen(self.run_dir)
+        except OSError as e:                    # a directory planted at control.sock (EISDIR), no descriptor
+            out_claim.release()
+            pidfile.release()
+            self._release_spare()
+            sock_path = control.path(self.run_dir, control.SOCKET)
+            return refuse(f"cannot listen on {sock_path}: {e.strerror or e}"
+                          + (" (remove it)" if e.errno in (errno.EISDIR, errno.EPERM) else ""))
         control.register(self.run_dir)
-        sock = control.listen(self.run_dir)
         try:                                    # [run] user: drop now, keeping CAP_NET_RAW for the children
             privileges.enter_supervisor(self.cfg, self.run_dir)
         except (UsageError, OSError, RuntimeError) as e:
@@ -1083,16 +1091,27 @@ def cmd_start(args) -> int:
     if args.foreground:
         logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
         return Supervisor(cfg).run()
-    refusals, wfd = os.pipe()                 # the supervisor's refusal line, if it refuses to start (refuse())
+    refusals = wfd = None
+    step = "its refusal pipe"
     try:
+        refusals, wfd = os.pipe()             # the supervisor's refusal line, if it refuses to start (refuse())
+        step = control.path(run_dir, control.LOG)
         with control.open_private(control.path(run_dir, control.LOG), "ab") as logf:
+            step = "its process"
             p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--config", cfg.path,
                                   "--run-dir", run_dir, "--log-file", control.path(run_dir, control.LOG),
                                   "--refusal-fd", str(wfd)],
                                  stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
                                  cwd=os.path.dirname(cfg.path), close_fds=True, pass_fds=(wfd,))
+    except OSError as e:                      # no descriptor, process or memory left to `start` (EMFILE, EAGAIN)
+        if refusals is not None:
+            os.close(refusals)
+        print(f"luaprobe start: cannot start the supervisor: {step}: {e.strerror or e} (nothing started)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
     finally:
-        os.close(wfd)
+        if wfd is not None:
+            os.close(wfd)
     os.set_blocking(refusals, False)
     from luaprobe.shm.exits import StartupStop
     try:
@@ -1430,6 +1449,10 @@ def main(argv=None) -> int:
         except OSError as e:    # control.ensure_run_dir: a link planted in the run directory after `start` checked it
             return refuse(f"run directory {cfg.run_dir}: {e.strerror}")
         return sup.run()
+    except Exception:                           # a bug: its traceback into the log while the pump still copies it
+        import traceback                        # (printed by the interpreter after pump.close(): /dev/null)
+        traceback.print_exc()
+        return EXIT_INTERNAL
     finally:
         if pump is not None:
             pump.close()
