@@ -617,12 +617,46 @@ def _daemon_command(args) -> int:
         return EXIT_USAGE
     try:
         return getattr(mod, "cmd_" + args.command)(args)
+    except StartupStop as e:            # ^C / SIGTERM to a client waiting for the supervisor (stop: up to its
+        if args.command == "start":     # stop_deadline + 15 s): not "while starting, before any packet"
+            raise
+        return _client_stopped(args, e)
     except Ambiguous as e:
         print(f"luaprobe {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ControlError as e:           # a supervisor that did not answer in time (control.NoAnswer), or a socket
         print(f"luaprobe {args.command}: {e}", file=sys.stderr)    # we may not use: one line, never a traceback
         return EXIT_INTERNAL
+
+
+def _client_stopped(args, e: StartupStop) -> int:
+    """SIGINT / SIGTERM to `stop`, `reload`, `status` or `stats` while it waits for the supervisor: one line naming
+    what the supervisor is doing now (its pid and the state it last saved: a stop or reload it was asked goes on
+    without this client), 130 / 143.  Before, the line was `run`'s "stopped by SIGINT while starting, before any
+    packet was processed (processes started so far were stopped, ...)", untrue of a daemon going on stopping."""
+    import signal
+
+    from . import control
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)          # the one line is the last word, whatever comes next
+    cmd = args.command
+    try:
+        run_dir = control.find_run_dir(getattr(args, "run_dir", None))[0]
+        pid = control.read_pid(run_dir)
+        state = (control.read_json(control.path(run_dir, control.STATE)) or {}).get("state", "unknown")
+    except (control.ControlError, control.Ambiguous, OSError):
+        run_dir, pid, state = None, None, "unknown"
+    if pid is None:
+        now = f"no supervisor runs in {run_dir} now (last state: {state})" if run_dir else "no supervisor found"
+    elif cmd == "stop" and state == "stopping":
+        now = f"the supervisor (pid {pid}) goes on stopping (luaprobe status --run-dir {run_dir})"
+    elif cmd == "stop":
+        now = f"the supervisor (pid {pid}) is {state}: the stop may not have reached it (luaprobe stop again)"
+    else:
+        now = (f"the supervisor (pid {pid}) is {state}" + ("; a reload it was sent goes on (luaprobe status "
+                                                          f"--run-dir {run_dir})" if cmd == "reload" else ""))
+    print(f"luaprobe {cmd}: stopped waiting by {e.name}: {now}", file=sys.stderr)
+    return 128 + e.signum
 
 
 def _analysers_asked(spec) -> bool:
