@@ -9,6 +9,7 @@ descriptors are left to `start`: its checks open one file at a time, the supervi
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -109,3 +110,29 @@ def test_a_directory_at_the_control_socket_is_refused_in_one_line(daemon):  # no
 def helpers_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=helpers.REPO,
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("name, kind", [("supervisor.log", "fifo"), ("heartbeat", "fifo"), ("state.json", "fifo"),
+                                        ("supervisor.log", "chr")])
+def test_a_fifo_or_device_planted_in_the_run_directory_is_refused_at_start(daemon, name, kind):  # noqa: F811
+    """A FIFO (or a character device, /dev/null's numbers) planted at RUN/NAME: `start` refuses it at once in one
+    line naming it, exit 2 (as a symbolic link planted there, test_run_dir_links.py), nothing started.  Before:
+    a FIFO at supervisor.log held `start`'s open() for ever (killed by this test's 60 s: "still waiting"); at
+    heartbeat it held the fast path's first heartbeat, so `start` waited its 60 s for the plug-ins and the stall
+    rule later called it a plug-in stuck while loading."""
+    daemon.write_config()
+    os.makedirs(daemon.run_dir, mode=0o700)
+    target = os.path.join(daemon.run_dir, name)
+    if kind == "fifo":
+        os.mkfifo(target, 0o600)
+    else:
+        os.mknod(target, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    try:
+        r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "start", "--config", daemon.config],
+                           cwd=helpers.REPO, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"luaprobe start still waiting after 60 s on a {kind} at {target}")
+    what = "a FIFO" if kind == "fifo" else "a character device"
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"luaprobe start: run directory {daemon.run_dir}: {target} "
+                                                  f"is {what}, not a regular file (remove it)\n"), r
+    assert control.read_pid(daemon.run_dir) is None and not supervisors_of(daemon.run_dir)

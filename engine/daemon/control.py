@@ -61,10 +61,15 @@ class Unserved(NoAnswer):
     The message names the cause in the supervisor's words; ``sent`` is False (nothing was asked of it)."""
 
 
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
 def ensure_run_dir(run_dir: str) -> str:
     """Create the run directory, or take an existing one, owner-only (0700); return its absolute path.  Only the
     daemon's own files belong there: a symbolic link in it (planted while the directory was open to others, to
-    have root write the pidfile or log through it) is refused with OSError ELOOP naming it."""
+    have root write the pidfile or log through it) is refused with OSError ELOOP naming it; a FIFO or device
+    (opening one to write supervisor.log or the heartbeat waits for a reader for ever: `start` hung) with OSError
+    EINVAL naming it, except at the pidfile's name, which :func:`read_pid` refuses for every command (exit 1)."""
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     os.chmod(run_dir, 0o700)
@@ -72,6 +77,10 @@ def ensure_run_dir(run_dir: str) -> str:
         for entry in it:
             if entry.is_symlink():
                 raise OSError(errno.ELOOP, f"{entry.path} is a symbolic link (not followed; remove it)")
+            mode = entry.stat(follow_symlinks=False).st_mode
+            kind = next((k for test, k in _SPECIAL if test(mode)), None)
+            if kind and entry.name != PIDFILE:      # the pidfile: read_pid's own line, the same for every command
+                raise OSError(errno.EINVAL, f"{entry.path} is {kind}, not a regular file (remove it)")
     return run_dir
 
 
@@ -90,10 +99,19 @@ def open_private(file: str, mode: str = "w", **kw):
     """``open(file, mode)`` for a file only its owner may read (0600, also when it already exists):
     status, statistics and log files name plug-ins, paths and traffic.  A symbolic link at ``file`` is not followed
     (``O_NOFOLLOW``: one planted in a run directory that was open to others would have root truncate, append to and
-    chmod its target): OSError ELOOP naming the file."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if "a" in mode else os.O_TRUNC)
-    fd = _open_nofollow(file, flags)
+    chmod its target): OSError ELOOP naming the file.  Nor is a FIFO or device waited on (opened non-blocking: a FIFO
+    without a reader would hold the open for ever): OSError EINVAL naming the file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | (os.O_APPEND if "a" in mode else os.O_TRUNC)
     try:
+        fd = _open_nofollow(file, flags)
+    except OSError as e:
+        if e.errno == errno.ENXIO:              # a FIFO with no reader (or a device with nothing behind it)
+            raise OSError(errno.EINVAL, f"{file} is not a regular file (remove it)") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{file} is not a regular file (remove it)")
+        os.set_blocking(fd, True)
         os.fchmod(fd, 0o600)
         return os.fdopen(fd, mode, **kw)
     except BaseException:
