@@ -211,6 +211,7 @@ class Supervisor:
         self.reload_waiters: list = []          # client connections waiting for that reload's reply
         self._saved_at = 0.0                    # time.monotonic() of the last state.json write attempt
         self.spare: int | None = None           # a descriptor held in reserve for answering at EMFILE (_accept_spare)
+        self.out_claim = None                   # usage.OutClaim of [run] out_dir while run() holds it
 
     # ------------------------------------------------------------ child
     def _spawn(self) -> None:
@@ -233,7 +234,11 @@ class Supervisor:
             # reload right after a start is then a graceful stop, not the default action of a half-started child
             old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
             try:
-                self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                # the out_dir claim's descriptor goes with it: its flock (one per open file) then holds until the
+                # fast path too has exited, so a supervisor killed with SIGKILL does not free out_dir for another
+                # `start` while its fast path, stopping by PR_SET_PDEATHSIG, still writes the database
+                claim = self.out_claim.fd if self.out_claim is not None and self.out_claim.fd is not None else None
+                self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=() if claim is None else (claim,),
                                               cwd=os.path.dirname(self.cfg.path) or None)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -776,8 +781,9 @@ class Supervisor:
             self._release_spare()
             return refuse(f"pidfile: {e.strerror}")
         try:                                    # one daemon's database is its own: held until it exits
-            out_claim = claim_out_dir(self.cfg["run"]["out_dir"], "[run] out_dir =",
-                                      private=bool(self.cfg["run"]["user"] or self.cfg["run"]["group"]))
+            self.out_claim = out_claim = claim_out_dir(
+                self.cfg["run"]["out_dir"], "[run] out_dir =",
+                private=bool(self.cfg["run"]["user"] or self.cfg["run"]["group"]))
         except UsageError as e:
             pidfile.release()
             self._release_spare()
