@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import tomllib
 
 from luaprobe.workers.limits import MAX_WORKERS
@@ -298,9 +299,18 @@ def _socket_problem(run_dir: str) -> str | None:
 
 def load(path: str, run_dir: str | None = None) -> Config:
     """Read and validate a TOML file (ConfigError on any problem, including TOML syntax and bytes that are
-    not UTF-8, which TOML requires: the byte offset and line are named); ``run_dir``: ``--run-dir``."""
+    not UTF-8, which TOML requires: the byte offset and line are named); ``run_dir``: ``--run-dir``.  Only a
+    regular file is read: a FIFO (planted at the path, or `--config <(...)`'s pipe) is refused without waiting for
+    a writer, which held `start`, the reload client and the supervisor's loop (SIGHUP) for ever."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)    # a FIFO: never wait for its writer
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise ConfigError(f"{path}: cannot read: Is a directory")
+            if not stat.S_ISREG(mode):
+                raise ConfigError(f"{path}: not a regular file (a FIFO, pipe or device; the daemon reads its "
+                                  "configuration again at each start and reload: give a file)")
             data = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}", resource=e.errno in RESOURCE_ERRNOS) from None
