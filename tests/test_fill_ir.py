@@ -28,6 +28,10 @@ code before it (numbers per packet, the part of the trace after its LOOP instruc
 * decode() reset first[] with ``ffi.fill``, a lookup of "fill" in the ffi table (HREFK, HLOAD) in the part of the fill
   loop's trace before its LOOP, which runs again for every packet whose path went through a side trace (on vlan-mpls,
   mixed-zipf, ipv6 most of them): 1 hash lookup in the whole trace before, none now (decode.lua's ``ffill`` local).
+* decode.lua read each big-endian field of the frame byte by byte (be16: two byte loads, a shift and an or; be32s:
+  four loads, three shifts, three ors), five 16-bit and two 32-bit fields for a TCP/IPv4 packet: loads per packet in
+  the decode-only loop 31, in the fill loop 38, and 198 / 277 IR instructions.  Now one 16- or 32-bit load and a
+  byte swap each, at (p + o) + k: 20 and 27 loads, 169 / 248 instructions.
 """
 from __future__ import annotations
 
@@ -101,3 +105,10 @@ def test_fill_loop_trace_looks_up_no_table_field(ir):
     whole = collections.Counter(ir[locs[0]])           # its entry part too: what a side trace's return runs again
     assert whole["HREFK"] + whole["HREF"] + whole["HLOAD"] == 0, \
         f"the fill loop's trace looks up table fields: HREFK {whole['HREFK']}, HREF {whole['HREF']}, HLOAD {whole['HLOAD']}"
+
+
+def test_decode_reads_each_big_endian_field_in_one_load(ir):
+    walk, fill = _loop(ir, "stages.lua"), _loop(ir, "driver.lua")
+    assert walk["XLOAD"] <= 22, f"a decode loop loads {walk['XLOAD']} times per packet (31 byte by byte)"
+    assert fill["XLOAD"] <= 29, f"the fill loop loads {fill['XLOAD']} times per packet (38 byte by byte)"
+    assert sum(walk.values()) <= 180, f"a decode loop runs {sum(walk.values())} IR instructions per packet (198)"

@@ -245,13 +245,23 @@ end
 -- Every step returns nothing; a header that does not fit sets d.truncated
 -- and ends decoding.
 
-local function be16(p, o)
-  return bor(lshift(p[o], 8), p[o + 1])
+-- Big-endian fields of the frame as one 16- or 32-bit load and a byte swap (x86 bswap, arm64 rev), not byte by
+-- byte: a 32-bit field was four byte loads, three shifts and three ors (IR: 14 instructions with their addresses,
+-- against 3), a 16-bit one two loads, a shift and an or; a TCP/IPv4 packet reads five 16-bit and two 32-bit fields
+-- (issue 10: tests/test_fill_ir.py).  Unaligned loads, as above.  On a big-endian CPU the load is the value.  The
+-- field is at o + k, k a constant: (p + o) + k, so the constant goes into the load's address (o + k first was an
+-- integer add with an overflow check and a conversion per field).
+local bswap = bit.bswap
+local cu16p = ffi.typeof("const uint16_t *")
+local function be16(p, o, k)
+  if LE then return rshift(bswap(cast(cu16p, p + o + k)[0]), 16) end
+  return cast(cu16p, p + o + k)[0]
 end
 
--- big-endian 32 bits as an int32 (bit ops wrap: the sign bit is bit 31)
-local function be32s(p, o)
-  return bor(lshift(p[o], 24), lshift(p[o + 1], 16), lshift(p[o + 2], 8), p[o + 3])
+-- big-endian 32 bits as an int32 (the sign bit is bit 31, as bit ops give it)
+local function be32s(p, o, k)
+  if LE then return bswap(cast(cu32p, p + o + k)[0]) end
+  return bit.tobit(cast(cu32p, p + o + k)[0])
 end
 
 local function add_layer(d, proto, off, len)   -- a header the decoder found (put_layer, `own`)
@@ -277,18 +287,18 @@ local function decode_l4(d, p, o, lim, proto)
     if doff < 20 then d.malformed = 1; no_l4(d, o); return end
     if o + doff > lim then d.truncated = 1; no_l4(d, o); return end
     d.l4_offset = o
-    d.sport = be16(p, o)
-    d.dport = be16(p, o + 2)
+    d.sport = be16(p, o, 0)
+    d.dport = be16(p, o, 2)
     d.tcp_flags = p[o + 13]
-    d.tcp_seq = be32s(p, o + 4)
-    d.tcp_ack = be32s(p, o + 8)
+    d.tcp_seq = be32s(p, o, 4)
+    d.tcp_ack = be32s(p, o, 8)
     d.icmp_type, d.icmp_code = 0, 0
     add_layer(d, TCP, o, doff)
   elseif proto == 17 then
     if o + 8 > lim then d.truncated = 1; no_l4(d, o); return end
     d.l4_offset = o
-    d.sport = be16(p, o)
-    d.dport = be16(p, o + 2)
+    d.sport = be16(p, o, 0)
+    d.dport = be16(p, o, 2)
     d.tcp_flags, d.tcp_seq, d.tcp_ack = 0, 0, 0
     d.icmp_type, d.icmp_code = 0, 0
     add_layer(d, UDP, o, 8)
@@ -336,7 +346,7 @@ local function decode_ipv4(d, p, o, caplen)
   local ihl = lshift(band(b0, 15), 2)
   if ihl < 20 then d.malformed = 1; return false end
   if o + ihl > caplen then d.truncated = 1; return false end
-  local tot = be16(p, o + 2)
+  local tot = be16(p, o, 2)
   local lim
   if tot == 0 then            -- TSO / offloaded: length unknown
     lim = caplen
@@ -353,7 +363,7 @@ local function decode_ipv4(d, p, o, caplen)
   d.ipproto = proto
   put4_zero12(d.src, p + o + 12)   -- no loop here: it would split the caller's trace
   put4_zero12(d.dst, p + o + 16)
-  local fo = be16(p, o + 6)
+  local fo = be16(p, o, 6)
   local off = band(fo, 0x1fff)
   if off ~= 0 or band(fo, 0x2000) ~= 0 then d.frag = 1 end
   local q = o + ihl
@@ -379,7 +389,7 @@ end
 local function decode_ipv6(d, p, o, caplen)
   if o + 40 > caplen then d.truncated = 1; return false end
   if rshift(p[o], 4) ~= 6 then d.malformed = 1; return false end
-  local plen = be16(p, o + 4)
+  local plen = be16(p, o, 4)
   local lim
   if plen == 0 then           -- jumbogram or offloaded
     lim = caplen
@@ -408,7 +418,7 @@ local function decode_ipv6(d, p, o, caplen)
     local len
     if nh == 44 then
       len = 8
-      local fo = be16(p, q + 2)
+      local fo = be16(p, q, 2)
       if band(fo, 0xfff8) ~= 0 or band(fo, 1) ~= 0 then d.frag = 1 end
       if band(fo, 0xfff8) ~= 0 then nofrag_l4 = true end
     elseif nh == 51 then
@@ -478,11 +488,11 @@ end
 decode_ethertype = function(d, p, o, caplen, et)
   while et == 0x8100 or et == 0x88a8 or et == 0x9100 do
     if o + 4 > caplen then d.truncated = 1; return false end
-    local tci = be16(p, o)
+    local tci = be16(p, o, 0)
     if d.nvlan == 0 then d.vlan = band(tci, 0x0fff) end
     d.nvlan = d.nvlan + 1
     if not add_layer(d, VLAN, o, 4) then return false end
-    et = be16(p, o + 2)
+    et = be16(p, o, 2)
     o = o + 4
   end
   if et == 0x0800 then
@@ -497,7 +507,7 @@ decode_ethertype = function(d, p, o, caplen, et)
     -- PPPoE session: 6-byte header + 2-byte PPP protocol
     if o + 8 > caplen then d.truncated = 1; return false end
     if not add_layer(d, PPPOE, o, 8) then return false end
-    local pp = be16(p, o + 6)
+    local pp = be16(p, o, 6)
     if pp == 0x0021 then
       return (decode_ipv4(d, p, o + 8, caplen))
     elseif pp == 0x0057 then
@@ -551,7 +561,7 @@ function M.decode(d, p, caplen, linktype)
       d.truncated = 1
     else
       add_layer(d, ETHERNET, 0, 14)
-      local et = be16(p, 12)
+      local et = be16(p, 12, 0)
       if et >= 0x0600 then ip = decode_ethertype(d, p, 14, caplen, et) end
       -- else 802.3 length field (LLC/SNAP): not decoded further
     end
@@ -560,14 +570,14 @@ function M.decode(d, p, caplen, linktype)
       d.truncated = 1
     else
       add_layer(d, SLL, 0, 16)
-      ip = decode_ethertype(d, p, 16, caplen, be16(p, 14))
+      ip = decode_ethertype(d, p, 16, caplen, be16(p, 14, 0))
     end
   elseif linktype == 276 then
     if caplen < 20 then
       d.truncated = 1
     else
       add_layer(d, SLL2, 0, 20)
-      ip = decode_ethertype(d, p, 20, caplen, be16(p, 0))
+      ip = decode_ethertype(d, p, 20, caplen, be16(p, 0, 0))
     end
   elseif linktype == 101 or linktype == 12 or linktype == 14 then
     ip = decode_rawip(d, p, 0, caplen)
