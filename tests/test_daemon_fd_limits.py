@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -33,8 +34,10 @@ import sys
 import termios
 
 import psutil
+import pytest
 
 from luaprobe.engine.daemon import control
+from luaprobe.shm import segment
 from tests import helpers
 from tests.test_supervisor import daemon  # noqa: F401 - the fixture
 
@@ -167,5 +170,40 @@ def test_a_supervisor_at_its_descriptor_limit_says_so_to_every_client(daemon):  
     st = daemon.status()
     assert (st["state"], st["supervisor_pid"], st["fastpath_pid"], st["reloads"]) == \
         ("running", pid, before["fastpath_pid"], 0), st
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_a_fast_path_crash_while_the_supervisor_is_out_of_descriptors_is_restarted(daemon):  # noqa: F811
+    """The supervisor at RLIMIT_NOFILE 3 (no new descriptor at all) when its fast path is killed: the crash is seen
+    and the restart tried (it cannot be started: active_config.json not written, "Too many open files", retried
+    with backoff); the segment sweep that needs /dev/shm listed is logged and tried again; once the limit is back
+    the same supervisor runs a new fast path, the dead one's segments are gone, and the daemon stops cleanly.
+    Before: segment.sweep()'s EMFILE ended the supervisor ("supervisor internal error"), its finally block died
+    at the same sweep (socket, pidfile and state.json left as they were), and the daemon was gone."""
+    daemon.start(crash_loop_restarts=1000)
+    before = daemon.status()
+    proc = psutil.Process(before["supervisor_pid"])
+    old = before["fastpath_pid"]
+    limit = proc.rlimit(psutil.RLIMIT_NOFILE)
+    log = control.path(daemon.run_dir, control.LOG)
+
+    def restart_tried():
+        if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+            pytest.fail("the supervisor ended; its log ends with:\n" + open(log).read()[-2000:])
+        return "cannot start the fast path: writing " in open(log).read()
+    try:
+        proc.rlimit(psutil.RLIMIT_NOFILE, (3, limit[1]))
+        os.kill(old, signal.SIGKILL)
+        helpers.wait_for(restart_tried, 60, 0.02)
+    finally:
+        if proc.is_running():
+            proc.rlimit(psutil.RLIMIT_NOFILE, limit)
+    text = open(log).read()
+    assert "supervisor internal error" not in text, text[-3000:]
+    assert f"cannot sweep dead processes' segments from /dev/shm in {daemon.run_dir}: Too many open files" in text
+    st = helpers.wait_for(lambda: (s := daemon.status())["state"] == "running" and s.get("loaded") and s, 60, 0.1)
+    assert st["supervisor_pid"] == before["supervisor_pid"] and st["fastpath_pid"] not in (None, old), st
+    helpers.wait_for(lambda: not [n for n in segment.list_segments() if segment.owner_pid(n) == old], 30, 0.05)
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()

@@ -65,8 +65,13 @@ class LogPump:
         exit (at most ``timeout`` s), the file closed."""
         sys.stdout.flush()
         sys.stderr.flush()
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        os.close(null)
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+        except OSError:                         # no descriptor left (EMFILE): close our write ends instead
+            os.close(1)
+            os.close(2)
+        else:
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            os.close(null)
         self._thread.join(timeout)

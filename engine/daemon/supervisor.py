@@ -212,6 +212,7 @@ class Supervisor:
         self._saved_at = 0.0                    # time.monotonic() of the last state.json write attempt
         self.spare: int | None = None           # a descriptor held in reserve for answering at EMFILE (_accept_spare)
         self.out_claim = None                   # usage.OutClaim of [run] out_dir while run() holds it
+        self.sweep_pending = False              # a segment sweep failed (EMFILE): tried again each turn (_sweep)
 
     # ------------------------------------------------------------ child
     def _spawn(self) -> None:
@@ -269,8 +270,8 @@ class Supervisor:
             return ""
         try:
             procs = psutil.Process(self.child.pid).children(recursive=True)
-        except psutil.Error:
-            procs = []
+        except (psutil.Error, OSError):         # OSError: no descriptor to read /proc with (EMFILE); the fast
+            procs = []                          # path's children then go by PR_SET_PDEATHSIG
         roles = {k: v for k, v in self._pids().items() if k != "supervisor"}
         known = {p for v in roles.values() for p in (v if isinstance(v, list) else [v])}
         what = ", ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in roles.items())
@@ -389,7 +390,7 @@ class Supervisor:
             self.store_rows_lost += int(err.get("store_rows_lost") or 0)
         elif rc != 0:
             self.last_error = f"fast path {desc} (see {control.path(self.run_dir, control.LOG)})"
-        segment.sweep()                                         # what a killed fast path left behind
+        self._sweep()                                           # what a killed fast path left behind
         self.child = None
         if self.mode == "stop":
             self.last_exit = desc
@@ -640,6 +641,20 @@ class Supervisor:
             except OSError:
                 pass
 
+    def _sweep(self) -> None:
+        """Remove the shared-memory segments of dead owners (segment.sweep: a killed fast path's).  Listing /dev/shm
+        needs a descriptor: out of them (EMFILE) the sweep is logged once (status ``file_errors``) and tried again
+        at every turn of the loop (``sweep_pending``) instead of ending the supervisor ("supervisor internal
+        error": a crash of its fast path while it was at its limit ended the daemon)."""
+        try:
+            segment.sweep()
+        except OSError as e:
+            self.sweep_pending = True
+            self._file_error("/dev/shm", e, "cannot sweep dead processes' segments from", "at the next turn")
+        else:
+            self.sweep_pending = False
+            self._file_ok("/dev/shm", "swept")
+
     def _release_spare(self) -> None:
         if self.spare is not None:
             os.close(self.spare)
@@ -829,7 +844,7 @@ class Supervisor:
                 os.unlink(self.stats_path)
             except FileNotFoundError:
                 pass
-            segment.sweep()
+            self._sweep()
             self._spawn()
             next_stats = time.monotonic()
             accept_paused = None                # time.monotonic() until which a failing accept() is not retried
@@ -866,6 +881,8 @@ class Supervisor:
                         except BlockingIOError:
                             pass
                 self._reserve()                 # given up to a client at EMFILE (_accept_spare): taken again
+                if self.sweep_pending:
+                    self._sweep()               # one that failed for want of a descriptor (EMFILE): again
                 if self._flags["stop"]:
                     self._flags["stop"] = False
                     log.info("stop requested by signal")
@@ -919,10 +936,11 @@ class Supervisor:
             self.state = f"failed: {self.last_error}"
             return EXIT_INTERNAL
         finally:
+            self._release_spare()               # a descriptor for the steps below, should the others be in use
             self._cancel_reload("reload cancelled: the supervisor is exiting")
             if self.child is not None and self.child.poll() is None:      # an exception above: no orphans
                 self._kill_tree()
-            segment.sweep()
+            self._sweep()
             if self.exporter is not None:
                 self.exporter.shutdown()
             if self.jsonl is not None:
