@@ -1,7 +1,7 @@
 """Instruction, cache-miss and branch counts of each part of the flow table's update_batch under callgrind (issue 10).
 
     python tools/bench/flowtable_cg.py [--corpus flows-1m] [--parts all,key,touch,probe,lru,reserve,new,loop3,decode]
-        [--tree WORKTREE] [--ll 33554432,16,64]
+        [--tree WORKTREE] [--ll 33554432,16,64] [--warm]
 
 tools/bench/flowtable_loops.py's pass 1 (a fresh table at the driver's capacity, 4 KiB pages, the prefault helper
 16 384 records ahead, the --quick capture in 1 024-packet batches) runs once per part under
@@ -13,7 +13,8 @@ packet: Ir (instructions), D1mr / D1mw (L1 misses), DLmr / DLmw (last-level miss
 branches).  Counts, not time: repeatable on a loaded machine.  ``--ll``: callgrind's last-level cache (size, ways,
 line); the default is this benchmark VM's L3 (it reports 384 MiB to cpuid, which callgrind would simulate).  In the
 ``reserve`` part, ``rep stosb`` (ffi.fill) counts one instruction and branch per byte.  JIT compilation inside a part
-is counted in it.  Needs valgrind and its headers (Debian: valgrind).
+is counted in it; ``--warm`` counts a second pass only (the same packets a capture's span later: every flow known,
+the traces compiled), the steady state without the compiler.  Needs valgrind and its headers (Debian: valgrind).
 """
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ void cg_start(void) { CALLGRIND_START_INSTRUMENTATION; }
 """
 
 
-def child(lib: str, tree: str, part: int, shape: str) -> None:
-    """Under callgrind: flowtable_loops.py's bench with the toggles (tree: whose flowtable.lua)."""
+def child(lib: str, tree: str, part: int, shape: str, passes: int = 1) -> None:
+    """Under callgrind: flowtable_loops.py's bench with the toggles (tree: whose flowtable.lua), counting in the last of
+    `passes` passes only."""
     from tools.bench import corpus, flowtable_loops as fl
     from tools.bench.flowtable_ab import read_pcap
     bench = fl.BENCH
@@ -48,15 +50,15 @@ def child(lib: str, tree: str, part: int, shape: str) -> None:
          f'local cg = ffi.load({lib!r})\nffi.cdef "void cg_toggle(void); void cg_start(void);"\n'
          'ffi.cdef [[\ntypedef struct {\n  const uint8_t *data;'),
         ("function LOOPS_MARK(i) local t = clock(); acc[last] = acc[last] + t - tl; last = i; tl = t end",
-         "PART = 0\nfunction LOOPS_MARK(i) if PART > 0 and PART < 9 and ((last == PART) ~= (i == PART)) then "
+         "PART = 0\nfunction LOOPS_MARK(i) if COLLECT and PART > 0 and PART < 9 and ((last == PART) ~= (i == PART)) then "
          "cg.cg_toggle() end; last = i end"),
         ("        decode.decode(p.d, p.data, p.caplen, linktype)\n",
-         "        if PART == 9 then cg.cg_toggle() end\n        decode.decode(p.d, p.data, p.caplen, linktype)\n"
-         "        if PART == 9 then cg.cg_toggle() end\n"),
+         "        if PART == 9 and COLLECT then cg.cg_toggle() end\n        decode.decode(p.d, p.data, p.caplen, linktype)\n"
+         "        if PART == 9 and COLLECT then cg.cg_toggle() end\n"),
         ("      ft:update_batch(b + k, m)\n      LOOPS_MARK(8)\n",
-         "      if PART == 0 then cg.cg_toggle() end\n      ft:update_batch(b + k, m)\n      LOOPS_MARK(8)\n"
-         "      if PART == 0 then cg.cg_toggle() end\n"),
-        ("  for pass = 1, passes do", "  cg.cg_start()\n  for pass = 1, passes do"),
+         "      if PART == 0 and COLLECT then cg.cg_toggle() end\n      ft:update_batch(b + k, m)\n      LOOPS_MARK(8)\n"
+         "      if PART == 0 and COLLECT then cg.cg_toggle() end\n"),
+        ("  for pass = 1, passes do", "  cg.cg_start()\n  for pass = 1, passes do\n    COLLECT = pass == passes"),
     ]
     for old, new in edits:
         if old not in bench:
@@ -68,7 +70,7 @@ def child(lib: str, tree: str, part: int, shape: str) -> None:
     pkts, linktype = read_pcap(corpus.make(shape, True))
     frames = b"".join(p[2] for p in pkts)
     fn(frames, lua.table_from([len(p[2]) for p in pkts]), lua.table_from([p[0] for p in pkts]),
-       lua.table_from([p[1] for p in pkts]), 1 << 20, linktype, 1, False, 16384)
+       lua.table_from([p[1] for p in pkts]), 1 << 20, linktype, passes, False, 16384)
     print(f"packets {len(pkts)}")
 
 
@@ -79,23 +81,27 @@ def main(argv=None) -> int:
     ap.add_argument("--tree", default=REPO, help="work tree whose engine/fastpath/flowtable.lua is measured "
                     "(decode.lua: this tree's)")
     ap.add_argument("--ll", default="33554432,16,64", help="callgrind --LL (size,assoc,line)")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--warm", action="store_true",
+                    help="count the second pass over the capture only (its packets a second later: the flows are "
+                         "known, the traces compiled in the first pass)")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        child(a.child[0], a.tree, int(a.child[1]), a.child[2])
+        child(a.child[0], a.tree, int(a.child[1]), a.child[2], int(a.child[3]))
         return 0
     with tempfile.TemporaryDirectory() as work:
         lib = os.path.join(work, "libcgtoggle.so")
         with open(os.path.join(work, "cg.c"), "w") as f:
             f.write(LIB)
         subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", lib, os.path.join(work, "cg.c")], check=True)
-        print(f"{a.corpus}, {a.tree}: per packet " + " ".join(SHOW))
+        print(f"{a.corpus}, {a.tree}{' (second pass)' if a.warm else ''}: per packet " + " ".join(SHOW))
         for name in a.parts.split(","):
             out = os.path.join(work, f"cg.{name}.out")
             p = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
                                 "--cache-sim=yes", "--branch-sim=yes", f"--LL={a.ll}", f"--callgrind-out-file={out}",
                                 sys.executable, os.path.abspath(__file__), "--tree", a.tree,
-                                "--child", lib, str(PARTS[name]), a.corpus], capture_output=True, text=True)
+                                "--child", lib, str(PARTS[name]), a.corpus, "2" if a.warm else "1"],
+                               capture_output=True, text=True)
             got = re.search(r"Collected : ([\d ]+)", p.stderr)
             npk = re.search(r"packets (\d+)", p.stdout)
             if p.returncode or not got or not npk:
