@@ -503,7 +503,9 @@ end
 --   2. insert   only the misses: from the empty slot that ended the miss's
 --               probe (probe_on: an earlier packet of the same batch may
 --               have created the flow there or further on), create the record;
---   3. account  per packet, in packet order: for a SYN without ACK (one
+--   3. account  per packet, in packet order (a batch whose every packet
+--               created its flow: first_packet instead, from the new records'
+--               known state): for a SYN without ACK (one
 --               test) the port-reuse check (renew_if_reused) and the SYN
 --               time (syn_time: no store for any other segment); last_ts,
 --               packets, bytes, payload (account, straight line); for a TCP
@@ -1035,22 +1037,53 @@ end
 -- only TCP segments; a packet with neither changes nothing here): flags seen, state flags, then tcp_track
 -- with the state before this segment (t: 1 for a TCP segment).  Branch-free, so the loop's one test is its
 -- only exit.
-local function tcp_state(flows, cold, idx, dir, sec, nsec, pl, fl, seq, t, scr)
-  local e = flows[idx]
-  e.tcp_flags_seen[dir] = bor(e.tcp_flags_seen[dir], fl)
-  local st = e.state
+-- the state flags after a segment with flags fl in direction dir on a flow in state st (tcp_state, first_packet)
+local function state_after(st, fl, dir)
   local syn = band(rshift(fl, 1), 1)
   local ack = band(rshift(fl, 4), 1)
   local srv = lshift(0x10, dir)              -- this packet's end as server bit
   local synack = band(syn, ack)
   local ack3 = handshake_ack(st, fl, dir)
-  e.state = bor(st,
-                lshift(band(syn, bnot(ack)), 1),            -- SEEN_SYN 0x02
-                band(0 - synack, bor(0x04, srv)),              -- SEEN_SYN_ACK 0x04 + A/Z_END_SERVER
-                lshift(ack3, 3),                            -- SEEN_SYN_ACK_ACK 0x08
-                lshift(band(fl, 0x01), 6),                  -- SEEN_FIN 0x40
-                lshift(band(fl, 0x04), 5))                  -- SEEN_RST 0x80
+  return bor(st,
+             lshift(band(syn, bnot(ack)), 1),            -- SEEN_SYN 0x02
+             band(0 - synack, bor(0x04, srv)),              -- SEEN_SYN_ACK 0x04 + A/Z_END_SERVER
+             lshift(ack3, 3),                            -- SEEN_SYN_ACK_ACK 0x08
+             lshift(band(fl, 0x01), 6),                  -- SEEN_FIN 0x40
+             lshift(band(fl, 0x04), 5))                  -- SEEN_RST 0x80
+end
+
+local function tcp_state(flows, cold, idx, dir, sec, nsec, pl, fl, seq, t, scr)
+  local e = flows[idx]
+  e.tcp_flags_seen[dir] = bor(e.tcp_flags_seen[dir], fl)
+  local st = e.state
+  e.state = state_after(st, fl, dir)
   tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, st, t, scr)
+end
+
+-- The first packet of flow idx, just created by new_flow (update_batch, a batch whose every packet created its flow):
+-- what loop 3 would do for it, written from the record's known state (zero, state INIT, last_ts = its time, lsec =
+-- its second).  Loop 3's idle check (last_ts is ts), port-reuse check (nothing was sent yet: tcp_dirs 0) and LRU move
+-- (lsec is sec) change nothing for it; account adds to zero counters; tcp_state from state INIT cannot complete a
+-- handshake (no SEEN_SYN_ACK: no RTT) nor see a retransmission (tcp_dirs 0), so of tcp_track only the sequence end and
+-- the direction seen are left; a TCP SYN without ACK writes its SYN time (syn_time: the state has no
+-- SEEN_SYN_ACK_ACK; no branch, scr as there).  t: 1 for a TCP segment, 0 else (then fl is 0: decode gives TCP flags to
+-- TCP segments only).  Returns the flow's id.  tests/test_flowtable_first_packet.py: every record field equal to
+-- update()'s (which runs the general steps) on captures of handshakes, retransmissions and port reuse.
+local function first_packet(flows, cold, idx, dir, wirelen, pl, fl, seq, t, sec, nsec, scr)
+  local e = flows[idx]
+  e.packets[dir] = 1
+  e.bytes[dir] = wirelen
+  e.payload[dir] = pl
+  e.tcp_flags_seen[dir] = fl
+  e.state = state_after(S.INIT, fl, dir)
+  local sf = band(fl, 0x03)                                   -- SYN 0x02, FIN 0x01: sequence space (tcp_track)
+  local occ = band(rshift(0 - (pl + band(sf, 1) + rshift(sf, 1)), 31), t)
+  e.tcp_next[dir] = band(0 - occ, tobit(seq + pl + band(sf, 1) + rshift(sf, 1)))
+  e.tcp_dirs = lshift(occ, dir)
+  local c = pick(band(rshift(fl, 1), bnot(rshift(fl, 4)), t), idx, scr + band(idx, SCRATCH - 1))   -- syn_time's
+  cold[c].syn_sec = sec                                       -- stores (no branch): into the flow's cold record for a
+  cold[c].syn_nsec = nsec                                     -- SYN without ACK, else into the scratch record
+  return e.id
 end
 
 -- Flow idx's record ends and starts again in place for a packet at ts, before the packet's own counters and TCP
@@ -1258,10 +1291,25 @@ function FT:update_batch(b, n)
       b[k].flow = x
     end
   end
-  self.age_fresh = self.created - created0    -- the records loop 2 appended to the age list (restart)
+  local made = self.created - created0
+  self.age_fresh = made                       -- the records loop 2 appended to the age list (restart)
   -- 3. per packet, in packet order: the idle check ("Idle expiry in the packet loop"), the port-reuse check of a SYN
   -- without ACK ("Port reuse"), counters, the TCP state of a TCP segment, the LRU move (a flow's first packet of a
-  -- later second)
+  -- later second).  A batch whose every packet created its flow (flows-1m: all of them; a scan, a flood) takes a
+  -- loop of its own: first_packet, loop 3's work from the new records' known state (callgrind on flows-1m: 129
+  -- instructions a packet against loop 3's 226; nothing of it can depend on another packet of the batch: each is
+  -- another flow).  Any other batch runs the general loop, and that loop's traces form on the same packets as before
+  -- (a per-packet test or a list of packets there changed which path LuaJIT recorded: callgrind, mixed-zipf and dns
+  -- +40-60 instructions a packet; docs/benchmarks.md, "flows-1m: a batch of new flows' first packets")
+  if made == n then
+    for k = 0, n - 1 do
+      local d = b[k].d
+      local tf = d.first[TCP]               -- -1: not TCP
+      b[k].flow_uid = first_packet(flows, cold, b[k].flow, b[k].dir, b[k].wirelen, d.payload_length, d.tcp_flags,
+                                   d.tcp_seq, band(rshift(bnot(tf), 31), 1), b[k].ts_sec, b[k].ts_nsec, sen + 1)
+    end
+    return
+  end
   local idle = self.idle_timeout
   for k = 0, n - 1 do
     local idx = b[k].flow
