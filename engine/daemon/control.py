@@ -435,7 +435,9 @@ def _entry(run_dir: str) -> str:
 
 
 def register(run_dir: str) -> None:
-    """Record a running daemon's run directory (the supervisor calls this once it holds the pidfile)."""
+    """Record a running daemon's run directory (the supervisor calls this once it holds the pidfile).  OSError when
+    the registry cannot be written (a $HOME that does not exist or may not be written, a LUAPROBE_STATE_DIR that is
+    a file): the supervisor logs it and runs on, found with --run-dir only."""
     os.makedirs(registry_dir(), mode=0o700, exist_ok=True)
     write_json(_entry(run_dir), {"run_dir": os.path.abspath(run_dir), "pid": os.getpid()})
 
@@ -454,7 +456,7 @@ def running_run_dirs() -> list[str]:
     out = []
     try:
         names = sorted(os.listdir(registry_dir()))
-    except FileNotFoundError:
+    except OSError:                     # missing; or not a directory, not ours to read: no daemon registered there
         return out
     for name in names:
         e = read_json(os.path.join(registry_dir(), name))

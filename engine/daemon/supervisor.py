@@ -812,7 +812,11 @@ class Supervisor:
             sock_path = control.path(self.run_dir, control.SOCKET)
             return refuse(f"cannot listen on {sock_path}: {e.strerror or e}"
                           + (" (remove it)" if e.errno in (errno.EISDIR, errno.EPERM) else ""))
-        control.register(self.run_dir)
+        try:
+            control.register(self.run_dir)
+        except OSError as e:                    # a convenience only: the daemon runs, found with --run-dir
+            log.warning("cannot register this daemon in %s: %s; luaprobe status, stop, reload and stats "
+                        "find it only with --run-dir %s", control.registry_dir(), e.strerror or e, self.run_dir)
         try:                                    # [run] user: drop now, keeping CAP_NET_RAW for the children
             privileges.enter_supervisor(self.cfg, self.run_dir)
         except (UsageError, OSError, RuntimeError) as e:
