@@ -96,40 +96,39 @@ def test_start_refuses_a_link_planted_at_the_databases_name_in_out_dir(tmp_path,
 
 def test_a_link_planted_after_starts_check_is_refused_with_exit_2(tmp_path):
     """A link that appears in the run directory after `start` checked it (and before its supervisor looks): the
-    supervisor refuses to start (control.ensure_run_dir: ELOOP), and `start` said "the supervisor exited" and
-    exited 1 (a traceback in the log) instead of the usage error's one line and exit 2 (docs/operations.md).
-    The moment is forced: the configuration is a FIFO, read once by `start` and once more by the supervisor it
-    spawned, which waits for the second write; the link is planted before it."""
-    import psutil
+    supervisor refuses to start (control.ensure_run_dir: ELOOP) with one line on its refusal pipe and exit 2, and
+    follows nothing.  Before, `start` said "the supervisor exited" and exited 1 (a traceback in the log) instead of
+    the usage error's one line and exit 2 (docs/operations.md).  The moment is forced by running the supervisor as
+    `start` spawns it (``--refusal-fd``) on a run directory `start` would have passed, with the link already there.
+    (This test used to hold the moment with a FIFO as the configuration, read once by `start` and once more by the
+    supervisor: config.load refuses a FIFO since 05c703f, as it held `start` and a SIGHUP reload for ever.)  That
+    `start` relays a supervisor's refusal as its own one line and exit 2 is test_daemon_start_faults.py's
+    directory planted at control.sock, a refusal `start`'s own checks do not see either."""
     run = tmp_path / "run"
     cfg = tmp_path / "probe.toml"
-    os.mkfifo(cfg)
-    text = CONFIG.format(pcap=os.path.join(helpers.REPO, "engine/examples/sample.pcap"),
-                         plugin=os.path.join(helpers.REPO, "engine/examples/tcp_ports.lua"))
+    cfg.write_text(CONFIG.format(pcap=os.path.join(helpers.REPO, "engine/examples/sample.pcap"),
+                                 plugin=os.path.join(helpers.REPO, "engine/examples/tcp_ports.lua")))
+    control.ensure_run_dir(str(run))                # what `start` checked and made
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    os.symlink(victim, run / "heartbeat")           # planted after that check
     env = dict(os.environ, PYTHONPATH=helpers.REPO)
-    start = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "start", "--config", str(cfg)],
-                             cwd=str(tmp_path), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    with helpers.killed_when_left(start):
-        with open(cfg, "w") as f:                   # `start` reads it (and checks the run directory)
-            f.write(text)
-
-        def supervisor():
-            try:
-                kids = psutil.Process(start.pid).children()
-            except psutil.NoSuchProcess:
-                return None
-            return next((k for k in kids if "luaprobe.engine.daemon.supervisor" in " ".join(k.cmdline())), None)
-        helpers.wait_for(lambda: supervisor() or start.poll() is not None, 60, 0.01)
-        assert start.poll() is None, start.communicate()
-        victim = tmp_path / "victim"
-        victim.write_bytes(b"precious\n")
-        os.symlink(victim, run / "heartbeat")       # `start` has checked the run directory: it spawned the supervisor
-        with open(cfg, "w") as f:                   # the supervisor reads it now
-            f.write(text)
-        out, err = helpers.finish(start, 120)
-    assert start.returncode == 2, (start.returncode, out, err)
-    assert err.splitlines() == [f"luaprobe start: run directory {run}: {run / 'heartbeat'} is a symbolic link "
-                                "(not followed; remove it); nothing started"], err
+    refusals, w = os.pipe()
+    try:
+        sup = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--config", str(cfg),
+                              "--run-dir", str(run), "--refusal-fd", str(w)], cwd=str(tmp_path), env=env,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, pass_fds=(w,))
+        os.close(w)
+        w = None
+        with os.fdopen(refusals, "rb") as f:
+            refusals = None
+            line = f.read().decode()
+    finally:
+        for fd in (w, refusals):
+            if fd is not None:
+                os.close(fd)
+    assert sup.returncode == 2, (sup.returncode, sup.stdout, sup.stderr)
+    assert line == f"run directory {run}: {run / 'heartbeat'} is a symbolic link (not followed; remove it)\n", line
+    assert "Traceback" not in sup.stderr, sup.stderr
     assert victim.read_bytes() == b"precious\n"
     assert control.read_pid(str(run)) is None and not os.path.exists(run / "control.sock")
