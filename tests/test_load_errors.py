@@ -281,3 +281,30 @@ def test_a_plug_in_path_holding_a_newline_cannot_forge_a_second_problem_line(tmp
         return
     assert r.returncode == 4, r.stderr
     assert r.stderr.splitlines() == [want], r.stderr
+
+
+ONLOAD_RAISES = """TrisulPlugin = { id = { name = "onload raises" },
+  onload = function()
+    local cfg = nil
+    return cfg.threshold
+  end,
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}", onpacket = function() end } }
+"""
+
+
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_an_error_in_onload_is_one_problem_line(tmp_path, shards):
+    """An error raised in onload is a plug-in problem (docs/operations.md, exit 4) said in ONE line naming the file
+    and the line of the error, as a load error is. Before: the same error came twice, first as a logged
+    `ERROR: onload error: ...` line (timestamp, pid), then as the `plug-in problem:` line.  Truth: LuaJIT's own
+    message for the same statement (a fresh lupa VM) and the line counted in the file we wrote."""
+    path = helpers.write_plugin(tmp_path, ONLOAD_RAISES, name="onload_raises.lua")
+    line = next(i for i, t in enumerate(open(path).read().splitlines(), 1) if "cfg.threshold" in t)
+    truth = luajit21.LuaRuntime().eval("select(2, pcall(function() local cfg = nil; return cfg.threshold end))")
+    truth = truth.split(": ", 1)[1]                           # "attempt to index local 'cfg' (a nil value)"
+    r = luaprobe("run", path, "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", "--shards", shards,
+                 cwd=str(tmp_path))
+    assert r.returncode == 4, r.stderr
+    want = f"plug-in problem: {path}: onload failed: {path}:{line}: {truth}"
+    assert r.stderr.splitlines() == [want], r.stderr        # one line, also when both shards load the plug-in
+    assert "Traceback" not in r.stderr + r.stdout

@@ -122,7 +122,11 @@ function Host:call(sub, name, ...)
   if wd then self:count_budget(wd.disarm()) end
   if not ok then
     self.hook_errors[key] = (self.hook_errors[key] or 0) + 1
-    self.errors:report(key .. " error", res)
+    if key == "onload" and not (self.memory_limit and is_memory_error(res)) then   -- the run reports it as the
+      self.errors.logf(8, "onload error: " .. tostring(res))  -- one `plug-in problem:` line (engine/fastpath/run.py)
+    else
+      self.errors:report(key .. " error", res)
+    end
   end
   if self.async.backlog > 0 then self.async:flush() end    -- tasks it scheduled go out now
   if self.engine.own_pending and not self.delivering then self:deliver_own() end
