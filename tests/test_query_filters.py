@@ -59,3 +59,27 @@ def test_a_group_name_that_names_nothing_is_refused_with_the_names(out):
     assert r.returncode == 0 and len(r.stdout.splitlines()) == tcp, r
     r = cli("query", "alerts", "--out", str(out), "--group", "{00000000-0000-4000-8000-000000000000}")
     assert r.returncode == 0 and r.stdout.endswith("(0 rows)\n"), r                     # a GUID: taken as is
+
+
+def test_a_meter_name_that_names_nothing_is_refused_with_the_names(out):
+    """`query counters --meter pakets` (a typo) printed "(0 rows)" with exit 0, so a misspelled meter looked like an
+    empty one, while a misspelled --group is refused.  Now one line listing the meter names (of --group when given),
+    exit 2; a name matches in any case, a meter id is always taken.  Truth: counter_groups.meters_json and the
+    counters table read with sqlite3."""
+    import json
+    db = sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True)
+    guid, meters = db.execute("SELECT guid, meters_json FROM counter_groups WHERE name = 'TCP ports'").fetchone()
+    names = {m["id"]: m["name"] for m in json.loads(meters)}
+    packets = db.execute("SELECT count(*) FROM counters WHERE group_guid = ? AND meter = ?",
+                         (guid, [i for i, n in names.items() if n == "packets"][0])).fetchone()[0]
+    db.close()
+    assert packets > 0
+    for extra in ([], ["--group", "TCP ports"]):
+        r = cli("query", "counters", "--out", str(out), "--meter", "pakets", *extra)
+        assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r
+        assert r.stderr.startswith("luaprobe query: --meter 'pakets': no meter ") and "packets" in r.stderr, r.stderr
+        assert all(n in r.stderr for n in names.values()), r.stderr
+    r = cli("query", "counters", "--out", str(out), "--group", "TCP ports", "--meter", "Packets", "--json")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == packets, r
+    r = cli("query", "counters", "--out", str(out), "--meter", "7")                      # an id: taken as is
+    assert r.returncode == 0 and r.stdout.endswith("(0 rows)\n"), r

@@ -179,6 +179,22 @@ def group_problem(store: Store, a) -> str | None:
     return f"--group {a.group!r}: no {a.what} group of that name (names: {', '.join(names) or 'none'}; or give a GUID)"
 
 
+def meter_problem(store: Store, a) -> str | None:
+    """Why ``--meter`` names no meter (of ``--group`` when given), or None.  A meter id is always taken; a name is
+    looked up in the meters of the stored counter groups (``counter_groups.meters_json``), the only place a counter
+    row's meter gets its name (Store.counters filters by name there)."""
+    if a.meter is None or a.meter.strip().isdigit():
+        return None
+    guid = store.resolve_group(a.group) if a.group is not None else None
+    names = sorted({m["name"] for g in store.counter_groups() if guid is None or g["guid"] == guid
+                    for m in g.get("meters", ()) if isinstance(m, dict) and isinstance(m.get("name"), str)},
+                   key=str.lower)
+    if a.meter.strip().lower() in {n.lower() for n in names}:
+        return None
+    where = f" of group {a.group!r}" if a.group is not None else ""
+    return f"--meter {a.meter!r}: no meter{where} of that name (names: {', '.join(names) or 'none'}; or give a meter id)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="luaprobe query", description="Query the output database of a luaprobe run.")
     p.add_argument("what", choices=WHAT, help="what to list")
@@ -204,7 +220,7 @@ def main(argv=None) -> int:
     path = a.db if a.db else db_path(a.out)
     try:
         with Store(path, blobs="bytes" if a.json else "text") as store:
-            problem = group_problem(store, a)
+            problem = group_problem(store, a) or meter_problem(store, a)
             if problem:
                 print(f"luaprobe query: {problem}", file=sys.stderr)
                 return EXIT_USAGE
