@@ -16,7 +16,7 @@ local packet = require("luaprobe.engine.plugins.packet")
 local ipreasm = require("luaprobe.engine.fastpath.ipreasm")
 
 local cast, copy, fstring = ffi.cast, ffi.copy, ffi.string
-local REC, recp, PKT = packet.REC_SIZE, packet.recp, packet.PKT
+local REC, recp, PKT, TIME = packet.REC_SIZE, packet.recp, packet.PKT, packet.TIME
 local u8p = ffi.typeof("uint8_t *")
 -- a packet record's header (lp_pktrec) and a batch entry (lp_pkt) hold ts_sec, ts_nsec, wirelen, caplen,
 -- linktype, ifindex as consecutive u32s: fill copies them as one block (its barrier, IR XBAR, comes before decode's
@@ -30,7 +30,8 @@ local M = {}
 local Driver = {}
 Driver.__index = Driver
 
---- opts: ring (address), batch (size), capacity/idle_timeout/active_timeout/huge_pages (flow table), prefault_ahead
+--- opts: ring (address), batch (size), tick_first (fill: see there), capacity/idle_timeout/active_timeout/huge_pages
+--- (flow table), prefault_ahead
 --- (records whose pages a helper thread maps ahead: FT:start_prefaulter; 0 / nil: none),
 --- frag_timeout / frag_max_bytes / frag_max_datagrams (luaprobe.engine.fastpath.ipreasm), warn (function(msg)).
 function M.new(opts)
@@ -43,6 +44,8 @@ function M.new(opts)
     big_records = false, touched = 0,   -- fill: touch the next records first (TOUCH_BYTES), the touches' result
     sec = -1,               -- packet-time second of the current batch
     ctl_kind = nil, ctl_text = nil,
+    tick_first = opts.tick_first,   -- fill stops before a later second's first packet (TIME): see fill
+    tick_sec = -1,          -- the latest second fill stopped before (tick_first)
     ipr = ipreasm.new({ timeout = opts.frag_timeout, max_bytes = opts.frag_max_bytes,
                         max_datagrams = opts.frag_max_datagrams }),
     reasm = {},             -- [batch index] = { frame, fragments } of this batch's reassembled datagrams
@@ -98,6 +101,12 @@ local TOUCH_BYTES = 192
 --- or a control record is next: then ctl_kind / ctl_text are set) and the
 --- batch's packet-time second (self.sec: one call from Python, not two).
 --- The previous batch's ring space is released here, not before.
+--- With opts.tick_first (the fast path's loop, engine/fastpath/run.py), the first packet of a second later than any
+--- before it is not taken at once: fill returns 0 with ctl_kind TIME, ctl_text that second, the packet still in the
+--- ring, and takes it at the next call.  The caller's tick (flow expiry: Driver:expire) so runs before the second's
+--- first packet whatever the batch size, as a sharded run's TIME records of other shards' seconds already did:
+--- which flows a full table admits, and where an active timeout cuts a flow, depend on packet time only (with the
+--- tick after the batch, on how many of the second's packets that first batch held: rows changed with --batch).
 function Driver:fill()
   local r, b, ft = self.ring, self.batch, self.ft
   release_batch(self)
@@ -131,6 +140,11 @@ function Driver:fill()
     local ts = h.ts_sec
     if ts ~= sec then
       if n > 0 then break end          -- start the new second in a new batch
+      if self.tick_first and ts > self.tick_sec then   -- a later second: the caller ticks first (a TIME record of its
+        self.tick_sec = ts                             -- own, the record stays in the ring), so its flow expiry
+        self.ctl_kind, self.ctl_text = TIME, tostring(ts)   -- (expire) comes before the second's first packet
+        break
+      end
       sec = ts
       self.sec = ts
       if self.ipr.stats.pending > 0 then self.ipr:expire(ts) end

@@ -793,7 +793,8 @@ class FastPath:
             fp = lua.eval("require('luaprobe.engine.fastpath.driver')")
             self.pages = hugepages.decide(cfg.huge_pages)
             self.driver = fp.new(lua.table_from({b"ring": ring_seg.address, b"bell": rt.bell.address,
-                                                 b"batch": cfg.batch, b"capacity": cfg.flow_capacity,
+                                                 b"batch": cfg.batch, b"tick_first": True,
+                                                 b"capacity": cfg.flow_capacity,
                                                  b"huge_pages": self.pages["huge_pages"],
                                                  b"prefault_ahead": cfg.prefault_ahead,
                                                  b"idle_timeout": cfg.idle_timeout,
@@ -930,7 +931,8 @@ class FastPath:
                     logs.log.debug("input error: %s: %s%s", path, where, msg)   # summary (CLI, daemon child)
                 elif kind == STATS:
                     self.capture_stats = [int(x) for x in txt.split("\t")]
-                elif kind == TIME:             # sharded input: another shard's packet opened second txt
+                elif kind == TIME:             # second txt opens: before its first packet (the driver's tick_first),
+                    # or, sharded input, another shard's packet opened it
                     sec = int(txt)
                     if self.sec is None or sec > self.sec:
                         self._tick(sec)

@@ -1,0 +1,161 @@
+"""Same capture, same rows, whatever the batching (issue 10: "same file, same result, every run").
+
+Flow expiry (idle and active timeout, engine/fastpath/flowtable.lua expire) runs at each new second of packet time,
+before the second's first packet (engine/fastpath/driver.lua fill, tick_first).  It ran after the second's first
+batch: so where an active timeout cut a flow, and which new flows a full table took, depended on how many of the
+second's packets that first batch held (--batch 1: one; the default: up to 1 024).
+
+Independent truth: a Python model of the capture built here (tests/pktbuild.py, struct), UDP only: at each new
+second S of packet time (a second holding a packet) every record with S - last > idle or S - first > active ends
+(TIMEOUT) and frees its place; then the packet: a record silent for longer than idle ends (TIMEOUT) and a new one
+starts in place; a new 5-tuple takes a place when fewer than capacity records are live, else it is dropped
+(flow_table_full_drops).  Records live at the end are OPEN.  The run's flows table must hold exactly the model's
+rows, and its summary the model's drops and record count, with --batch 1, 7, the default and 1024 (and --shards 2
+where the table does not fill: the capacity is per shard).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from tests import helpers
+from tests.pktbuild import ether, ipv4, udp, write_pcap
+
+T0 = 1700000000
+IDLE, ACTIVE, CAP = 2, 5, 1024
+
+
+def gen():
+    """[(ts, frame, key, side)] in time order: key (client address, client port); side 0: client -> server (the
+    client's port is the higher: the A end)."""
+    pk = []
+
+    def add(t, i, side=0, n=20):
+        cl, port = f"10.3.{i >> 8}.{i & 255}", 40000 + i % 20000
+        src, dst, sp, dp = (cl, "10.9.0.1", port, 53) if side == 0 else ("10.9.0.1", cl, 53, port)
+        pk.append((round(t * 1e6) / 1e6, ether(ipv4(src, dst, 17, udp(src, dst, sp, dp, bytes(n)))), (cl, port), side))
+
+    # second 0: 1 200 new flows in 0.6 s, more than the capacity
+    for i in range(1200):
+        add(T0 + 0.0002 + i * 0.0005, i, 0, 10 + i % 50)
+    # every third of them answers at 2.x (live when second 3 opens), the rest are idle then (3 - last > 2)
+    for i in range(0, 1200, 3):
+        add(T0 + 2.1 + i * 0.0004, i, 1, 30)
+    # second 3 opens with new flows: they find the places expiry freed at 3 only if it ran before them
+    for j in range(800):
+        add(T0 + 3.0001 + j * 0.0004, 5000 + j, 0, 12)
+    # one long flow, a packet every 0.3 s for 20 s: the active timeout cuts it at whole seconds
+    for k in range(67):
+        add(T0 + 0.05 + 0.3 * k, 9000, k % 2, 100)
+    # its own second 21: everything not refreshed is idle
+    add(T0 + 21.5, 9001)
+    pk.sort(key=lambda p: p[0])
+    return pk
+
+
+def model(packets, cap):
+    """The rows {(client address, client port, first µs): (last µs, packets a->z, z->a, bytes a->z, z->a, state)}
+    and the drops of the documented expiry and admission (module doc)."""
+    live, rows, drops, tick = {}, [], 0, None
+
+    def end(r, state):
+        rows.append((*r["key"], r["first"], r["last"], *r["p"], *r["b"], state))
+
+    for ts, fr, key, side in packets:
+        s = math.floor(ts)
+        if tick is None or s > tick:
+            for k in [k for k, r in live.items() if s - r["last"] / 1e6 > IDLE or s - r["first"] / 1e6 > ACTIVE]:
+                end(live.pop(k), "TIMEOUT")
+            tick = s
+        us = round(ts * 1e6)
+        r = live.get(key)
+        if r is not None and us - r["last"] > IDLE * 1e6:
+            end(live.pop(key), "TIMEOUT")
+            r = live[key] = dict(key=key, first=us, last=us, p=[0, 0], b=[0, 0])   # in place: no admission
+        if r is None:
+            if len(live) >= cap:
+                drops += 1
+                continue
+            r = live[key] = dict(key=key, first=us, last=us, p=[0, 0], b=[0, 0])
+        r["last"] = us
+        r["p"][side] += 1
+        r["b"][side] += len(fr)
+    for r in live.values():
+        end(r, "OPEN")
+    return {(a, p, f): tuple(rest) for a, p, f, *rest in rows}, drops
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory):
+    packets = gen()
+    path = str(tmp_path_factory.mktemp("rows") / "full.pcap")
+    write_pcap(path, [(t, fr) for t, fr, _k, _s in packets])
+    return path, packets
+
+
+def run(tmp_path, pcap, name, *extra):
+    """`luaprobe run` as a user runs it: the flows table as model rows (and the ids by row), the summary."""
+    out = tmp_path / name
+    plugin = helpers.write_plugin(tmp_path, "", "empty.lua")
+    exe = os.path.join(os.path.dirname(sys.executable), "luaprobe")
+    r = subprocess.run([exe, "run", plugin, "--pcap", pcap, "--out", str(out), "-q", "--stats-json",
+                        str(out) + ".json", "--idle-timeout", str(IDLE), "--active-timeout", str(ACTIVE), *extra],
+                       capture_output=True, text=True, timeout=300, cwd=helpers.REPO)
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True) as c:
+        got = c.execute("SELECT id, ipa, porta, first_ts, last_ts, packets_az, packets_za, bytes_az, bytes_za, state "
+                        "FROM flows").fetchall()
+    rows, ids = {}, {}
+    for fid, ipa, porta, first, last, *rest in got:
+        addr = ".".join(str(int(x, 16)) for x in ipa.split("."))
+        key = (addr, porta, round(first * 1e6))
+        assert key not in rows, key
+        rows[key] = (round(last * 1e6), *rest)
+        ids[key] = fid
+    with open(str(out) + ".json") as f:
+        return rows, ids, json.load(f)
+
+
+def test_capture_fills_the_table_and_cuts_the_long_flow(capture):
+    """The capture tests what it should: drops in second 0, and the places second 3's new flows need are free only
+    after expiry at 3 (some are still dropped); the long flow is cut by the active timeout several times."""
+    _, packets = capture
+    rows, drops = model(packets, CAP)
+    opened = [k for k in rows if k[2] >= (T0 + 3) * 1e6 and k[2] < (T0 + 4) * 1e6]
+    assert drops > 176 and len(opened) > 500
+    assert sum(k[1] == 49000 for k in rows) >= 3
+
+
+BATCHES = [(), ("--batch", "1"), ("--batch", "7"), ("--batch", "1024")]
+BATCH_IDS = ["default", "batch1", "batch7", "batch1024"]
+
+
+@pytest.mark.parametrize("extra", BATCHES, ids=BATCH_IDS)
+def test_full_table_admits_what_the_model_admits(tmp_path, capture, extra):
+    path, packets = capture
+    want, drops = model(packets, CAP)
+    got, _ids, summary = run(tmp_path, path, "out", "--flow-capacity", str(CAP), *extra)
+    assert summary["flow_table_full_drops"] == drops
+    assert summary["flows"] == len(want)
+    missing, extra_rows = sorted(set(want) - set(got))[:5], sorted(set(got) - set(want))[:5]
+    assert not missing and not extra_rows, (len(got), len(want), missing, extra_rows)
+    bad = [(k, got[k], want[k]) for k in sorted(want) if got[k] != want[k]]
+    assert not bad, (len(bad), bad[:5])
+
+
+@pytest.mark.parametrize("extra", BATCHES + [("--shards", "2")], ids=BATCH_IDS + ["shards2"])
+def test_active_timeout_cuts_at_whole_seconds(tmp_path, capture, extra):
+    """The default capacity (the table never fills): every row, the long flow's active-timeout cuts included."""
+    path, packets = capture
+    want, drops = model(packets, 1 << 30)
+    assert drops == 0
+    got, _ids, summary = run(tmp_path, path, "out", *extra)
+    assert summary["flow_table_full_drops"] == 0 and summary["flows"] == len(want)
+    bad = sorted(k for k in set(want) | set(got) if got.get(k) != want.get(k))
+    assert not bad, (len(bad), [(k, got.get(k), want.get(k)) for k in bad[:5]])
