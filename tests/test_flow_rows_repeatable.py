@@ -47,9 +47,14 @@ def gen():
     # every third of them answers at 2.x (live when second 3 opens), the rest are idle then (3 - last > 2)
     for i in range(0, 1200, 3):
         add(T0 + 2.1 + i * 0.0004, i, 1, 30)
-    # second 3 opens with new flows: they find the places expiry freed at 3 only if it ran before them
+    # second 3 opens with new flows: they find the places expiry freed at 3 only if it ran before them; some live flows
+    # send before them and between them (they take their place in the LRU list then: the order of the rows)
     for j in range(800):
         add(T0 + 3.0001 + j * 0.0004, 5000 + j, 0, 12)
+    for i in range(0, 60, 3):
+        add(T0 + 3.00002 + i * 0.000001, i, 0, 15)
+    for i in range(60, 600, 3):
+        add(T0 + 3.0003 + i * 0.0004, i, 0, 15)
     # one long flow, a packet every 0.3 s for 20 s: the active timeout cuts it at whole seconds
     for k in range(67):
         add(T0 + 0.05 + 0.3 * k, 9000, k % 2, 100)
@@ -59,36 +64,55 @@ def gen():
     return pk
 
 
-def model(packets, cap):
+def model(packets, cap, order=False):
     """The rows {(client address, client port, first µs): (last µs, packets a->z, z->a, bytes a->z, z->a, state)}
-    and the drops of the documented expiry and admission (module doc)."""
-    live, rows, drops, tick = {}, [], 0, None
+    and the drops of the documented expiry and admission (module doc).  ``order``: also each row's place in the order
+    one fast path writes them (its flows ``id``, 1-based): at each tick the rows of records a silence ended in the
+    packet loop since the last tick, in packet order, then the idle ones in LRU order (the second of the flow's last
+    packet; in it, the flows moved there before those created there, each by the packet that placed them), then the
+    active ones in creation
+    order (a record started again in place counts as created then); at the end of input the records left, in LRU
+    order (engine/fastpath/flowtable.lua "LRU list", "Expiry"; driver.lua expire, flush_flows)."""
+    live, rows, drops, tick, pend = {}, [], 0, None, []
 
     def end(r, state):
-        rows.append((*r["key"], r["first"], r["last"], *r["p"], *r["b"], state))
+        return (*r["key"], r["first"], r["last"], *r["p"], *r["b"], state)
 
-    for ts, fr, key, side in packets:
+    def new(key, us, i):
+        return dict(key=key, first=us, last=us, p=[0, 0], b=[0, 0], lsec=us // 1000000, lseq=(1, i), aseq=i)
+
+    for i, (ts, fr, key, side) in enumerate(packets):
         s = math.floor(ts)
         if tick is None or s > tick:
-            for k in [k for k, r in live.items() if s - r["last"] / 1e6 > IDLE or s - r["first"] / 1e6 > ACTIVE]:
-                end(live.pop(k), "TIMEOUT")
+            idle = sorted((r for r in live.values() if s - r["last"] / 1e6 > IDLE), key=lambda r: (r["lsec"], r["lseq"]))
+            active = sorted((r for r in live.values() if not s - r["last"] / 1e6 > IDLE and s - r["first"] / 1e6 > ACTIVE),
+                            key=lambda r: r["aseq"])
+            rows.extend(pend)
+            pend = []
+            for r in idle + active:
+                rows.append(end(live.pop(r["key"]), "TIMEOUT"))
             tick = s
         us = round(ts * 1e6)
         r = live.get(key)
         if r is not None and us - r["last"] > IDLE * 1e6:
-            end(live.pop(key), "TIMEOUT")
-            r = live[key] = dict(key=key, first=us, last=us, p=[0, 0], b=[0, 0])   # in place: no admission
+            pend.append(end(r, "TIMEOUT"))
+            r = live[key] = dict(new(key, us, i), lsec=r["lsec"], lseq=r["lseq"])   # in place: no admission
         if r is None:
             if len(live) >= cap:
                 drops += 1
                 continue
-            r = live[key] = dict(key=key, first=us, last=us, p=[0, 0], b=[0, 0])
+            r = live[key] = new(key, us, i)
+        if s > r["lsec"]:
+            r["lsec"], r["lseq"] = s, (0, i)
         r["last"] = us
         r["p"][side] += 1
         r["b"][side] += len(fr)
-    for r in live.values():
-        end(r, "OPEN")
-    return {(a, p, f): tuple(rest) for a, p, f, *rest in rows}, drops
+    rows.extend(pend)
+    rows.extend(end(r, "OPEN") for r in sorted(live.values(), key=lambda r: (r["lsec"], r["lseq"])))
+    out = {(a, p, f): tuple(rest) for a, p, f, *rest in rows}
+    if order:
+        return out, drops, {(a, p, f): n for n, (a, p, f, *_rest) in enumerate(rows, 1)}
+    return out, drops
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +183,17 @@ def test_active_timeout_cuts_at_whole_seconds(tmp_path, capture, extra):
     assert summary["flow_table_full_drops"] == 0 and summary["flows"] == len(want)
     bad = sorted(k for k in set(want) | set(got) if got.get(k) != want.get(k))
     assert not bad, (len(bad), [(k, got.get(k), want.get(k)) for k in bad[:5]])
+
+
+@pytest.mark.parametrize("extra", BATCHES, ids=BATCH_IDS)
+def test_ids_number_rows_in_the_order_one_fast_path_writes_them(tmp_path, capture, extra):
+    """The flows ``id`` (SQLite numbers the rows in the order they are written) with a full table: the model's order,
+    whatever --batch.  A batch's new flows entered the LRU list before the known flows its packets moved there, so the
+    rows of flows that ended together came out in an order that followed the batches."""
+    path, packets = capture
+    want, _drops, want_ids = model(packets, CAP, order=True)
+    got, ids, _summary = run(tmp_path, path, "out", "--flow-capacity", str(CAP), *extra)
+    assert got == want
+    bad = sorted((want_ids[k], ids[k], k) for k in want if ids[k] != want_ids[k])
+    assert not bad, (len(bad), bad[:5])
+

@@ -570,7 +570,8 @@ class Model:
     """The flow table's documented behaviour.  A packet of a known flow more than idle after its last one ends
     that record and starts a new one in place (new id, counters from zero, the age list's tail; is_new false).
     LRU list: a flow is placed at the tail when it is created and
-    when a packet of a later second than its last one arrives (`mseq` orders the list, `lsec` is that second);
+    when a packet of a later second than its last one arrives, but a flow moved into a second goes before the flows
+    created in it (`mseq` orders the list: that second, 0 moved / 1 created, the packet; `lsec` is that second);
     idle expiry walks it from the head, expires every idle flow, steps over a flow that is not idle while
     now - lsec > idle (its last packet is in the boundary second) and stops at the first flow with
     now - lsec <= idle.  Active expiry walks the creation order."""
@@ -593,11 +594,11 @@ class Model:
                 return None, direction, False
             self.created += 1
             f = self.flows[key] = dict(id=self.created, first=ts, last=ts, c=[0, 0, 0, 0], pl=[0, 0],
-                                       state=STATE['INIT'], fl=[0, 0], cseq=self.seq, mseq=self.seq,
+                                       state=STATE['INIT'], fl=[0, 0], cseq=self.seq, mseq=(math.floor(ts), 1, self.seq),
                                        lsec=math.floor(ts))
         self.seq += 1
         if math.floor(ts) > f['lsec']:
-            f['lsec'], f['mseq'] = math.floor(ts), self.seq
+            f['lsec'], f['mseq'] = math.floor(ts), (math.floor(ts), 0, self.seq)
         f['last'] = max(f['last'], ts)
         f['c'][2 * direction] += 1
         f['c'][2 * direction + 1] += wirelen

@@ -112,11 +112,17 @@ Layout.
                      instead of two random 256-byte records (issue 10: the
                      neighbours' misses were ~20 ns/packet on flows-100k).
   LRU list           (lru[i].prev, lru[i].next): a flow goes to the tail when it is
-                     created and at its first packet of a later packet-time
-                     second than the one it was last placed in (lsec), so
+                     created, and at its first packet of a later packet-time
+                     second than the one it was last placed in (lsec) it moves
+                     to that second's part of the list (lru_move), so
                      the list is ordered by the second of each flow's last
-                     packet (the head's is the oldest); within one second,
-                     in the order the flows entered it.  Most packets of a
+                     packet (the head's is the oldest); within one second:
+                     the flows moved into it, then the flows created in it,
+                     each in packet order, whatever the batches (a move went
+                     to the tail too, and update_batch creates a batch's flows
+                     before it moves known ones: the order, and with it the
+                     order of the rows expiry and the end-of-input export
+                     write, the flows table's ids, followed the batches).  Most packets of a
                      flow then touch no neighbour record (issue 10: moving
                      on every packet cost two cache misses per packet with
                      100 000 flows).
@@ -273,6 +279,7 @@ typedef struct { int32_t key[10]; int32_t hash, dir; } lp_fkey;   /* a packet's 
 typedef struct { int32_t prev, next; } lp_link;            /* LRU list links of one record */
 ]]
 end
+pcall(ffi.cdef, "typedef struct { int32_t cut; double sec; } lp_lrucut;")   -- the LRU list's cut (lru_move)
 pcall(ffi.cdef, [[
 void *calloc(size_t nmemb, size_t size);
 void free(void *ptr);
@@ -399,6 +406,8 @@ function M.new(opts)
     kone = ffi.new("lp_fkey"),       -- update()'s key
     nkeys = 0,                       -- update_batch's scratch: keys[nkeys], miss[nkeys], missj[nkeys] (made below)
     touched = 0,                     -- update_batch's touch loops' result (kept, so the loads are)
+    lc = ffi.new("lp_lrucut", cap, -1),   -- the LRU list's cut (lru_move: where the next move into second sec goes)
+    bsec = -1,                       -- update_batch: the latest second a batch began in (lru_move's cut)
   }, FT)
   if self.slot_map then
     populate(self.slots, 0, size * SLOT_SIZE)
@@ -453,6 +462,35 @@ local function lru_append(lru, i, sen)
   lru[i].next = sen
   lru[t].next = i
   lru[sen].prev = i
+end
+
+-- flow i into the LRU list after flow c
+local function lru_insert_after(lru, i, c)
+  local n = lru[c].next
+  lru[i].prev = c
+  lru[i].next = n
+  lru[c].next = i
+  lru[n].prev = i
+end
+
+--- The LRU move of flow idx (lsec already set to sec, its packet's second, a later one than before: lru_touch): into
+--- the list after the flows moved there before it in that second and before the flows created in it (new_flow appends
+--- at the tail), so the list's order within a second is the same whatever the batches (module doc, "LRU list").
+--- self.lc (lp_lrucut, FFI): cut, the flow after which the next move of second lc.sec goes (the last one moved there,
+--- else the last flow placed in an earlier second: the tail before the first batch of the second, update_batch;
+--- else, a batch or update() whose packets change second, found at the second's first move by walking back from the
+--- tail over the flows created in it so far); a flow that leaves its place while it is the cut hands it to its
+--- predecessor (here, free_flow).
+local function lru_move(lc, flows, lru, idx, sec, sen)
+  if idx == lc.cut then lc.cut = lru[idx].prev end
+  lru_unlink(lru, idx)
+  if sec > lc.sec then
+    local c = lru[sen].prev
+    while c ~= sen and flows[c].lsec >= sec do c = lru[c].prev end
+    lc.sec, lc.cut = sec, c
+  end
+  lru_insert_after(lru, idx, lc.cut)
+  lc.cut = idx
 end
 
 local function age_unlink(cold, c)
@@ -1014,11 +1052,10 @@ end
 -- the LRU move of flow idx (record e) for a packet of second sec (loop 3, last): to the tail at its
 -- first packet of a later second, so the list stays ordered by the second of each flow's last packet
 -- (lsec) while most packets of a flow touch no neighbour record (module doc, "LRU list")
-local function lru_touch(flows, lru, idx, sec, sen)
+local function lru_touch(lc, flows, lru, idx, sec, sen)
   if sec > flows[idx].lsec then
     flows[idx].lsec = sec       -- no record reference made: none live at the test's exit (see account)
-    lru_unlink(lru, idx)
-    lru_append(lru, idx, sen)
+    lru_move(lc, flows, lru, idx, sec, sen)
   end
 end
 
@@ -1171,7 +1208,7 @@ function FT:update(d, ts, wirelen)
     tcp_state(self.flows, self.cold, idx, kf.dir, sec, math.floor((ts - sec) * 1e9 + 0.5), d.payload_length,
               d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1), self.capacity + 1)
   end
-  lru_touch(self.flows, self.lru, idx, sec, self.capacity)
+  lru_touch(self.lc, self.flows, self.lru, idx, sec, self.capacity)
   return idx, kf.dir, is_new
 end
 
@@ -1185,6 +1222,11 @@ function FT:update_batch(b, n)
     self.sv, self.sj, self.sh = ffi.new("int32_t[?]", n), ffi.new("int32_t[?]", n), ffi.new("int32_t[?]", n)
   end
   local keys, miss, missj, sv, sj, sh = self.keys, self.miss, self.missj, self.sv, self.sj, self.sh
+  if n > 0 and b[0].ts_sec > self.bsec then   -- the first batch of a later second: the list's tail is its cut (lru_move)
+    local s0 = b[0].ts_sec
+    self.bsec = s0
+    self.lc.sec, self.lc.cut = s0, self.lru[self.capacity].prev
+  end
   local kw = cast(i32_ptr, keys)
   local flows, cold = self.flows, self.cold
   local created0 = self.created
@@ -1310,6 +1352,7 @@ function FT:update_batch(b, n)
     end
     return
   end
+  local lc = self.lc                    -- the LRU list's cut (lru_move)
   local idle = self.idle_timeout
   for k = 0, n - 1 do
     local idx = b[k].flow
@@ -1331,7 +1374,7 @@ function FT:update_batch(b, n)
       if bor(d.tcp_flags, 1 + tf) ~= 0 then
         tcp_state(flows, cold, idx, dir, sec, nsec, pl, d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1), sen + 1)
       end
-      lru_touch(flows, lru, idx, sec, sen)
+      lru_touch(lc, flows, lru, idx, sec, sen)
     end
     b[k].flow_uid = uid
   end
@@ -1368,6 +1411,7 @@ local function free_flow(self, idx)
   end
   slots[i].idx = -1
   local lru = self.lru
+  if idx == self.lc.cut then self.lc.cut = lru[idx].prev end
   lru_unlink(lru, idx)
   local c = self.cold[idx]
   age_unlink(self.cold, c)
@@ -1408,6 +1452,7 @@ function FT:clear()
   ffi.fill(self.lru, self.hw * ffi.sizeof("lp_link"))
   ffi.fill(self.slots, self.size * ffi.sizeof("lp_slot"), 0xff)
   self.hw, self.free_top, self.live = 0, 0, 0
+  self.lc.cut, self.lc.sec, self.bsec = cap, -1, -1
   local sen = self.cold[cap]                            -- the age list's links are in the cold part (68b83d0)
   sen.aprev, sen.anext = cap, cap
   self.lru[cap].prev, self.lru[cap].next = cap, cap
