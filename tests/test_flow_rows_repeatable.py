@@ -197,3 +197,28 @@ def test_ids_number_rows_in_the_order_one_fast_path_writes_them(tmp_path, captur
     bad = sorted((want_ids[k], ids[k], k) for k in want if ids[k] != want_ids[k])
     assert not bad, (len(bad), bad[:5])
 
+
+
+def test_sharded_ids_are_the_same_on_every_run(tmp_path, capture):
+    """--shards 2: shard k numbers its rows base + j * 2 + k + 1 (engine/store/writer.py _Writer._flow_ids), so each
+    row's id is the same on every run and with any --batch; the rows themselves are those of one fast path.  A second
+    run appended to the same database numbers its rows after the first run's."""
+    path, packets = capture
+    want, _drops = model(packets, 1 << 30)
+    runs = [run(tmp_path, path, f"out{i}", "--shards", "2", *extra)
+            for i, extra in enumerate([(), ("--batch", "1"), ()])]
+    for got, ids, _summary in runs:
+        assert got == want
+        assert ids == runs[0][1]
+    ids = sorted(runs[0][1].values())
+    assert len(set(ids)) == len(ids) and ids[0] >= 1 and ids[-1] <= 2 * len(ids) + 1
+    exe = os.path.join(os.path.dirname(sys.executable), "luaprobe")
+    plugin = helpers.write_plugin(tmp_path, "", "empty.lua")
+    r = subprocess.run([exe, "run", plugin, "--pcap", path, "--out", str(tmp_path / "out0"), "-q", "--append",
+                        "--shards", "2", "--idle-timeout", str(IDLE), "--active-timeout", str(ACTIVE)],
+                       capture_output=True, text=True, timeout=300, cwd=helpers.REPO)
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(f"file:{tmp_path / 'out0' / 'luaprobe.sqlite'}?mode=ro", uri=True) as c:
+        again = [x[0] for x in c.execute("SELECT id FROM flows ORDER BY id")]
+    assert again[:len(ids)] == ids and len(again) == 2 * len(ids)
+    assert [i - ids[-1] for i in again[len(ids):]] == ids

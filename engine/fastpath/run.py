@@ -779,7 +779,8 @@ class FastPath:
                 raise UsageError(f"--out {cfg.out_dir}: cannot create it: {e.strerror}") from None
             acfg = dataclasses.replace(cfg.async_config, env=tenv.prepare(cfg),   # T.env for VMs and workers
                                        memory_mb=cfg.plugin_memory_mb)            # worker VMs: the same limit
-            self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
+            self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"), flow_ids=(
+                (shard["flow_id_base"], shard["count"], shard["index"]) if shard else None))
             rt = AsyncRuntime(acfg, lua_path=search_path(cfg.plugins, cfg.lua_path), bell_name=shard and shard["bell"])
             if mentions_async(discover(cfg.plugins, cfg.lua_path)):
                 rt.prestart_worker()           # warm before the first task (workers/spare.py, issue 11)

@@ -234,6 +234,7 @@ class ShardedRun:
         t0 = time.monotonic()
         os.makedirs(cfg.out_dir, exist_ok=True)
         rows_before = _counter_rows(cfg.out_dir)
+        self.flow_id_base = _max_flow_id(cfg.out_dir)
         segment.sweep()
         self.rings, self.bells, self.summaries = [], [], [None] * self.n
         self._ended_rings = False
@@ -276,6 +277,7 @@ class ShardedRun:
                 self.bells.append(segment.create(f"bell{k}", BELL_SIZE))
             self.specs = [_spec(cfg, {"index": k, "count": self.n, "ring": self.rings[k].name,
                                       "bell": self.bells[k].name, "coordinator": os.getpid(),
+                                      "flow_id_base": self.flow_id_base,
                                       "summary_file": os.path.join(tmp, f"summary{k}.json")})
                           | {"stats_file": os.path.join(tmp, f"stats{k}.json"),
                              "stats_interval": min(cfg.stats_interval, 0.25)}
@@ -455,6 +457,22 @@ def _counter_rows(out_dir: str) -> int:
     try:
         return con.execute("SELECT COUNT(*) FROM counters").fetchone()[0]
     except sqlite3.OperationalError:                     # no counters table yet
+        return 0
+    finally:
+        con.close()
+
+
+def _max_flow_id(out_dir: str) -> int:
+    """The largest flows id in the store before a run (0: none, or no store yet): shard k's writer numbers its rows
+    of the run from there (engine/store/writer.py _Writer._flow_ids)."""
+    import sqlite3
+    path = os.path.join(out_dir, "luaprobe.sqlite")
+    if not os.path.exists(path):
+        return 0
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return con.execute("SELECT max(id) FROM flows").fetchone()[0] or 0
+    except sqlite3.OperationalError:                     # no flows table yet
         return 0
     finally:
         con.close()

@@ -215,6 +215,7 @@ _SQL = {
     "run": (2, "INSERT INTO run (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
 }
 KINDS = tuple(_SQL)
+_FLOWS_WITH_ID = f"INSERT INTO flows (id, {_FLOW_COLS}) VALUES ({', '.join('?' * (len(FLOW_COLUMNS) + 1))})"
 # Columns a plug-in fills with its own strings: kept as BLOB when not valid UTF-8, so the exact bytes
 # come back (docs/schema.md "Text vs binary"); other columns are decoded with \xNN escapes.
 _BLOB_OK = {"resources": {4, 5}, "alerts": {4, 5, 7, 8}, "key_info": {1, 2, 3}, "counters": {2}, "edges": {2, 4}}
@@ -405,7 +406,8 @@ class StoreWriter:
     """
 
     def __init__(self, path: str, *, batch_rows: int = 4096, max_backlog_bytes: int = 64 << 20,
-                 max_page_count: int | None = None, python: str = sys.executable):
+                 max_page_count: int | None = None, python: str = sys.executable,
+                 flow_ids: tuple[int, int, int] | None = None):
         self.path = os.path.abspath(path)
         self._batch = {k: min(batch_rows, _BATCH.get(k, batch_rows)) for k in KINDS}
         self._pending: dict[str, list] = {k: [] for k in KINDS}
@@ -427,6 +429,8 @@ class StoreWriter:
         argv = [python, "-m", "luaprobe.engine.store.writer", "--serve", self.path, "--ppid", str(os.getpid())]
         if max_page_count:
             argv += ["--max-page-count", str(int(max_page_count))]
+        if flow_ids is not None:                # a shard's flows ids (_Writer: base, shards, this shard's index)
+            argv += ["--flow-ids", ",".join(str(int(x)) for x in flow_ids)]
         # born with the terminal's signals blocked: a SIGHUP / SIGINT to the process group while the interpreter
         # starts would kill it before serve() ignores them (serve unblocks them once its handlers are set)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_SIGNALS)
@@ -730,9 +734,12 @@ def _short(row, n: int = 160) -> str:
 class _Writer:
     """The writer process's state: one connection, one open transaction at a time."""
 
-    def __init__(self, path: str, max_page_count: int | None):
+    def __init__(self, path: str, max_page_count: int | None, flow_ids: tuple[int, int, int] | None = None):
         self.path = path
         self.db = open_rw(path, max_page_count)
+        self.flow_ids = None
+        if flow_ids is not None:
+            self.flow_ids = flow_ids + (self._next_flow_row(*flow_ids),)
         # A page cache that holds the flows index: a million flow rows arrive in random key order at the end of
         # a run, and with SQLite's default 2 MiB cache nearly every insert re-reads an index page (issue 10:
         # the writer's CPU for 1M rows fell by ~30 %, docs/benchmarks.md "End-of-run flow export").  Memory,
@@ -749,6 +756,24 @@ class _Writer:
         self.commits = 0
         self.closed = False
         self.tx_kind: dict[str, int] = {}
+
+    def _next_flow_row(self, base: int, shards: int, index: int) -> int:
+        """A shard's writer (``flow_ids``): the number of its next flows row in this run, after the rows an earlier
+        process of the same shard wrote (a shard restarted after a crash: shards.py)."""
+        top = self.db.execute("SELECT max(id) FROM flows WHERE id > ? AND (id - ? - 1) % ? = ?",
+                              (base, base, shards, index)).fetchone()[0]
+        return 0 if top is None else (top - base - 1) // shards + 1
+
+    def _flow_ids(self, rows) -> list:
+        """Flows rows with their ``id`` first: with --shards N, shard k numbers its j-th row of the run
+        base + j * N + k + 1 (base: the largest id before the run, ShardedRun.run), so the shards' writers, which
+        write into one table at once, never take the same id and every row's id is the same on every run of the same
+        input and options (with one fast path, SQLite numbers the rows in write order, which is that too: docs/schema.md
+        ``flows``)."""
+        base, shards, index, j = self.flow_ids
+        out = [(base + (j + i) * shards + index + 1, *r) for i, r in enumerate(rows)]
+        self.flow_ids = (base, shards, index, j + len(rows))
+        return out
 
     def note(self, msg: str) -> None:
         if len(self.errors) < MAX_ERRORS_KEPT:
@@ -775,6 +800,8 @@ class _Writer:
             rows = self.clean(kind, ncol, rows)
         if not rows:
             return
+        if kind == "flows" and self.flow_ids is not None:
+            rows, sql = self._flow_ids(rows), _FLOWS_WITH_ID
         try:
             if not self.in_tx:
                 self.db.execute("BEGIN")
@@ -995,7 +1022,7 @@ def _drain_until_eof(fd: int, ppid: int) -> None:
 _STARTUP_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM}   # blocked from the writer's birth to serve()
 
 
-def serve(path: str, ppid: int, max_page_count: int | None = None) -> int:
+def serve(path: str, ppid: int, max_page_count: int | None = None, flow_ids: tuple[int, int, int] | None = None) -> int:
     """The writer process: read batches from stdin until close/EOF; report on stdout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)        # a terminal's hangup is the fast path's to handle
@@ -1007,7 +1034,7 @@ def serve(path: str, ppid: int, max_page_count: int | None = None) -> int:
     fd = 0
     os.set_blocking(1, False)          # _send: progress reports never block the writer
     try:
-        w = _Writer(path, max_page_count)
+        w = _Writer(path, max_page_count, flow_ids)
     except (sqlite3.Error, OSError) as e:
         msg = f"cannot open database {path}: {e}"
         parent = os.path.dirname(path) or "."
@@ -1071,8 +1098,10 @@ def _main(argv=None) -> int:
     p.add_argument("--serve", metavar="PATH", required=True, help="database to write")
     p.add_argument("--ppid", type=int, default=os.getppid(), help="exit when this parent is gone")
     p.add_argument("--max-page-count", type=int, default=None)
+    p.add_argument("--flow-ids", default=None, help="BASE,SHARDS,INDEX: a shard's flows ids (_Writer._flow_ids)")
     a = p.parse_args(argv)
-    return serve(a.serve, a.ppid, a.max_page_count)
+    ids = tuple(int(x) for x in a.flow_ids.split(",")) if a.flow_ids else None
+    return serve(a.serve, a.ppid, a.max_page_count, ids)
 
 
 # ---------------------------------------------------------------------------------------------- read side
