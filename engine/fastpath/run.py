@@ -17,6 +17,7 @@ import resource
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -133,6 +134,40 @@ def _info_key(row) -> str:
 #: Declarations the store upserts (one row per group, docs/schema.md): rows_written counts distinct groups, and a
 #: sharded run's merged summary counts the union of its shards' (every shard declares the same groups).
 DECLARED = {"counter_groups": lambda r: _upper(r[0]), "decl_groups": lambda r: f"{_text(r[0])} {_upper(r[1])}"}
+
+
+def file_sizes(files) -> dict:
+    """{path: size in bytes} of the regular files among ``files`` at the capture's start (the capture process maps
+    them: engine/capture/capture.lua); FIFOs, ``-`` and paths that cannot be stat'ed are left out."""
+    out = {}
+    for f in files or ():
+        try:
+            st = os.stat(f)
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out[f] = st.st_size
+    return out
+
+
+def shrunk_file(sizes: dict, status) -> str | None:
+    """The input error (``FILE: byte offset N: ...``) when the capture process died of SIGBUS because an input file
+    it maps was cut while it read it (the first page past the new end faults), else None: a SIGBUS with every file
+    whole, or any other death, stays a capture death (exit 1).  ``sizes``: file_sizes() at the start; N is the
+    file's size now, where reading ended.  The capture process publishes its records every 64
+    (engine/capture/capture.lua push), so up to 63 records it read just before the fault are not walked."""
+    if status != -signal.SIGBUS:
+        return None
+    for path, size in sizes.items():
+        try:
+            now = os.stat(path).st_size
+        except OSError:
+            continue
+        if now < size:
+            return (f"{logs.path_text(os.fsencode(path))}: byte offset {now}: the file was cut to {now} bytes (it had "
+                    f"{size}) while it was read: the packets the capture process had put in the packet ring were "
+                    "walked, the rest of the input was not read")
+    return None
 
 
 @dataclasses.dataclass
@@ -912,6 +947,8 @@ class FastPath:
                     if capture.poll() is not None and not ready(driver):
                         if getattr(self, "_capture_killed_at_stop", False):
                             self.input_errors.append(f"capture process ended unexpectedly (status {capture.returncode})")
+                        elif shrunk_file(getattr(self, "_input_sizes", {}), capture.returncode):
+                            self.input_errors.append(shrunk_file(self._input_sizes, capture.returncode))
                         else:                            # killed or crashed: every packet it put in the ring is walked
                             self.capture_death = {"pid": capture.pid, "status": capture.returncode,
                                                   "how": describe_exit(capture.returncode),
@@ -1019,6 +1056,8 @@ class FastPath:
 
     def _start_capture(self, ring_seg, rt) -> subprocess.Popen:
         """The capture process filling our packet ring (SIGTERM blocked until its handler is set)."""
+        cfg = self.cfg
+        self._input_sizes = {} if cfg.interface or cfg.generate else file_sizes(cfg.files)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # capture.py unblocks it once
         fds = self.cfg.capture_fds or []                                        # its stop handler is in place
         try:
