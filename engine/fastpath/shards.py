@@ -36,7 +36,7 @@ from contextlib import contextmanager
 
 from luaprobe.engine.capture.process import PUSHED_OFFSET
 from luaprobe.engine.daemon.control import write_json
-from luaprobe.engine.fastpath.run import RunConfig, capture_socket_args, close_fds
+from luaprobe.engine.fastpath.run import RunConfig, capture_socket_args, close_fds, file_sizes, shrunk_file
 from luaprobe.engine.plugins.asyncruntime import BELL_SIZE
 from luaprobe.engine.plugins.vm import PluginError
 from luaprobe.shm import logs, segment
@@ -161,6 +161,7 @@ class ShardedRun:
                          *capture_socket_args(cfg, k)],
                         stdin=subprocess.DEVNULL, pass_fds=cfg.capture_fds[k:k + 1] if cfg.capture_fds else ()))
             else:
+                self.input_sizes = {} if cfg.generate else file_sizes(cfg.files)      # a file cut while read: run.py
                 args = ["--generate", cfg.generate] if cfg.generate else ["--loop"] * bool(cfg.loop) + list(cfg.files)
                 self.captures.append(subprocess.Popen(
                     [sys.executable, "-m", "luaprobe.engine.capture.process",
@@ -223,7 +224,8 @@ class ShardedRun:
         self._ended_rings = True
         bad = [c.returncode for c in self.captures if c.returncode not in (0, EXIT_INPUT)]
         if bad:
-            self.capture_errors.append(f"capture process ended unexpectedly (status {bad[0]})")
+            self.capture_errors.append(shrunk_file(getattr(self, "input_sizes", {}), bad[0])
+                                       or f"capture process ended unexpectedly (status {bad[0]})")
             for k in range(self.n):
                 if not self.done[k]:
                     self._push_end(k)
