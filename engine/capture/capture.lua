@@ -139,6 +139,7 @@ local function push(r, rd, stop)
   local shift, top, first = M.shift, M.max_sec or -1, M.first_sec
   while true do
     if n % 4096 == 4095 and stop() then stopped = true; break end
+    local at = rd.offset
     local ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = rd:next()
     if ptr == nil then break end
     if first == nil then first = ts_sec end
@@ -155,6 +156,11 @@ local function push(r, rd, stop)
       if sharded then r:publish() end
       p = reserve(rr, REC + caplen, stop, slack)
       if p == nil then stopped = true; break end
+      if rd.cut and ptr + caplen > rd.base + rd.size then   -- the file was cut during the wait (M.file), before
+        rd.error = ("truncated record: the file was cut to %d bytes while it was read"):format(rd.size)
+        rd.error_offset = at                                -- this record's end: never read past the new end
+        break
+      end
     end
     local h = cast(recp, p)
     h.kind, h.ts_sec, h.ts_nsec, h.wirelen, h.caplen = packet.PKT, ts_sec, ts_nsec, wirelen, caplen
@@ -183,8 +189,16 @@ end
 --- packets, bytes, on corruption the error message and byte offset, and true
 --- when stop() ended the walk before the end of the file (checked while
 --- waiting for ring space and every 4096 records).
-function M.file(r, addr, size, stop)
+function M.file(r, addr, size, stop, size_now)
   local rd = pcapfile.open(addr, size)
+  if size_now then            -- the file's size now (fstat): a file cut while read ends at its new end, as a file
+    local plain = stop        -- that short would, instead of the mapped page past it faulting (SIGBUS); checked
+    stop = function()         -- where stop() is (waits for ring space, every 4096 records)
+      local now = tonumber(size_now())
+      if now and now < rd.size then rd.size, rd.cut = now, true end
+      return plain()
+    end
+  end
   local n, bytes, stopped = push(r, rd, stop)
   return n, bytes, rd.error, rd.error_offset, stopped
 end

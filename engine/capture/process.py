@@ -139,6 +139,24 @@ def _read_stream(path, lua, ring, stop) -> bool:
         del view
 
 
+
+def size_now(path):
+    """A function giving ``path``'s size in bytes now (capture.lua M.file checks it while it waits for ring space:
+    a file cut while it is read ends there), or None when it cannot be opened.  The descriptor is closed with the
+    function's last reference."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    f = os.fdopen(fd, "rb", buffering=0)
+
+    def now() -> int:
+        try:
+            return os.fstat(f.fileno()).st_size
+        except (OSError, ValueError):
+            return 1 << 62
+    return now
+
 def main(argv=None) -> int:
     """Read every file into the ring; exit 0, or 3 if some file had an input error."""
     ap = argparse.ArgumentParser(prog="luaprobe-capture")
@@ -183,7 +201,7 @@ def main(argv=None) -> int:
             lua.table_from(rings), lua.table_from([b.address for b in bells]), PUSHED_OFFSET)
     pkt = lua.eval("require('luaprobe.engine.plugins.packet')")
     control = lua.eval("function(r, k, t) require('luaprobe.engine.capture.capture').control(r, k, t) end")
-    run_file = lua.eval("function(r, a, s, stop) return require('luaprobe.engine.capture.capture').file(r, a, s, stop) end")
+    run_file = lua.eval("function(r, a, s, stop, now) return require('luaprobe.engine.capture.capture').file(r, a, s, stop, now) end")
     if args.interface:
         return _live(args, lua, ring, control, pkt, stop)
     if args.generate:
@@ -224,7 +242,7 @@ def main(argv=None) -> int:
                 continue
             with open_capture(path) as c:
                 try:
-                    n, nbytes, err, off, stopped = run_file(ring, c.address, c.size, lambda: stop[0])
+                    n, nbytes, err, off, stopped = run_file(ring, c.address, c.size, lambda: stop[0], size_now(path))
                 except Exception as e:                      # a bad file header raises in Lua
                     off, msg = split_lua_error(e)
                     raise InputError(path, off, msg) from None
