@@ -222,3 +222,24 @@ def test_sharded_ids_are_the_same_on_every_run(tmp_path, capture):
         again = [x[0] for x in c.execute("SELECT id FROM flows ORDER BY id")]
     assert again[:len(ids)] == ids and len(again) == 2 * len(ids)
     assert [i - ids[-1] for i in again[len(ids):]] == ids
+
+
+def test_analyser_items_do_not_follow_the_batches(tmp_path):
+    """The built-in HTTP analyser's rows (URL resources, HTTP-header documents) with a short idle timeout: the same with
+    --batch 1, the default and 1024.  Its reassembly's idle expiry (every 10 s of packet time) ran at the end of a batch
+    and stamped what it completed with the batch's last TCP packet: keep-alive requests' rows 0.1 s apart between
+    --batch 1 and the default (engine/analysers/run.lua run_batch)."""
+    pcap = os.path.join(helpers.PCAPS, "http-website-keepalive.pcap")
+    plugin = helpers.write_plugin(tmp_path, "", "empty.lua")
+    exe = os.path.join(os.path.dirname(sys.executable), "luaprobe")
+    got = []
+    for i, extra in enumerate([("--batch", "1"), (), ("--batch", "1024")]):
+        out = tmp_path / f"a{i}"
+        r = subprocess.run([exe, "run", plugin, "--analysers", "http", "--pcap", pcap, "--out", str(out), "-q",
+                            "--idle-timeout", "2", *extra], capture_output=True, text=True, timeout=300, cwd=helpers.REPO)
+        assert r.returncode == 0, r.stderr
+        with sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True) as c:
+            got.append((sorted(c.execute("SELECT ts_sec, ts_usec, resource_guid, flowkey, uri, contents FROM resources")),
+                        sorted(c.execute("SELECT ts_sec, ts_usec, fts_guid, flowkey, text FROM fts"))))
+    assert len(got[0][0]) > 20 and len(got[0][1]) > 40
+    assert got[1] == got[0] and got[2] == got[0]

@@ -420,6 +420,14 @@ end
 function S:run(addr, n)
   local batch = cast(packet.pktp, addr)
   self.nev, self.anchor = 0, {}
+  -- idle flows and held data (tcpreasm.lua expire_idle), every 10 s of packet time: before the first packet of the
+  -- batch that reaches that second (the first of its second: a batch never spans two), so what it ends does not
+  -- depend on where batches began (at the batch's end, the packets before it did; engine/analysers/run.lua the same)
+  if n > 0 and batch[0].ts_sec - self.last_expire >= 10 then
+    local now = batch[0].ts_sec
+    self.last_expire = now
+    self.R:expire_idle(now - self.idle_timeout, now)
+  end
   local votes = self.votes
   local filex = self.nfilex > 0
   if n > self.wantcap then
@@ -450,11 +458,6 @@ function S:run(addr, n)
     self:packet(batch, want[k])
   end
   self.bi = -1
-  local now = n > 0 and batch[n - 1].ts_sec or 0
-  if now - self.last_expire >= 10 then
-    self.last_expire = now
-    self.R:expire_idle(now - self.idle_timeout, now)
-  end
   self.stats.events = self.stats.events + self.nev
   return self.nev
 end
