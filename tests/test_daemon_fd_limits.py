@@ -39,6 +39,7 @@ import pytest
 from luaprobe.engine.daemon import control
 from luaprobe.shm import segment
 from tests import helpers
+from tests.test_daemon_start_faults import START_WITH   # `start` under a descriptor limit
 from tests.test_supervisor import daemon  # noqa: F401 - the fixture
 
 
@@ -100,28 +101,12 @@ def test_a_reload_that_cannot_read_the_config_for_want_of_descriptors_is_exit_1(
     assert not daemon.alive() and not daemon.segments()
 
 
-START_AT_LIMIT = r"""
-import errno, os, resource, sys
-from luaprobe.engine.daemon import cli, supervisor   # what `start` imports before it reads the config
-cli.build_parser()
-def free(fd):
-    try:
-        os.fstat(fd)                                   # opens nothing
-    except OSError as e:
-        return e.errno == errno.EBADF
-    return False
-lowest = next(fd for fd in range(1 << 16) if free(fd))
-resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
 def test_a_start_that_cannot_read_the_config_for_want_of_descriptors_is_exit_1(daemon):  # noqa: F811
     """`luaprobe start` with no descriptor left to it (soft RLIMIT_NOFILE at its lowest free descriptor) when it
     reads the config: one line naming the config and EMFILE, exit 1 (internal: the file is not at fault), no
     traceback, nothing started.  bf62a5b~1: exit 2, the usage error of a bad config."""
     daemon.write_config()
-    r = subprocess.run([sys.executable, "-c", START_AT_LIMIT, "start", "--config", daemon.config], cwd=helpers.REPO,
+    r = subprocess.run([sys.executable, "-c", START_WITH, "0", "start", "--config", daemon.config], cwd=helpers.REPO,
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert (r.returncode, r.stdout, r.stderr) == \
         (1, "", f"luaprobe start: {daemon.config}: cannot read: Too many open files\n"), r
