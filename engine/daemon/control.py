@@ -69,7 +69,8 @@ def ensure_run_dir(run_dir: str) -> str:
     daemon's own files belong there: a symbolic link in it (planted while the directory was open to others, to
     have root write the pidfile or log through it) is refused with OSError ELOOP naming it; a FIFO or device
     (opening one to write supervisor.log or the heartbeat waits for a reader for ever: `start` hung) with OSError
-    EINVAL naming it, except at the pidfile's name, which :func:`read_pid` refuses for every command (exit 1)."""
+    EINVAL naming it, except at the pidfile's name, which :func:`read_pid` refuses for every command (exit 1).  An
+    entry gone between the listing and its check (a running daemon's temporary file renamed into place) is skipped."""
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     os.chmod(run_dir, 0o700)
@@ -77,7 +78,12 @@ def ensure_run_dir(run_dir: str) -> str:
         for entry in it:
             if entry.is_symlink():
                 raise OSError(errno.ELOOP, f"{entry.path} is a symbolic link (not followed; remove it)")
-            mode = entry.stat(follow_symlinks=False).st_mode
+            if entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False):
+                continue                            # the type from the listing itself (d_type): no stat()
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except FileNotFoundError:               # gone since the listing: a running daemon's temporary file,
+                continue                            # renamed into place (write_json)
             kind = next((k for test, k in _SPECIAL if test(mode)), None)
             if kind and entry.name != PIDFILE:      # the pidfile: read_pid's own line, the same for every command
                 raise OSError(errno.EINVAL, f"{entry.path} is {kind}, not a regular file (remove it)")
