@@ -1,5 +1,5 @@
 """Many capture files in one run hold no descriptor per file (engine/capture/process.py: each file is mapped and its
-size check's descriptor closed before the next, e246e71's SizeNow).
+size check reads the mapping's own descriptor: Capture.size_now, mmap.size()).
 
 3d8f355 gave capture.lua a size check per file, a Python closure over an open descriptor that was closed only when
 Lua's collector dropped the closure: 300 files under a soft RLIMIT_NOFILE of 128 left the capture process without

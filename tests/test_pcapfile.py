@@ -628,3 +628,22 @@ def test_pcapng_epb_flags_fcs_length_overrides_if_fcslen(bo, if_fcs, epb_fcs, be
     f = epb_fcs or if_fcs
     assert err is None
     assert recs == [f"{dlen - f} {dlen - f} 0.000005000 1 0", f"{dlen - if_fcs} {dlen - if_fcs} 0.000006000 1 0"]
+
+
+def test_size_now_is_the_mapped_files_size_whatever_its_path_names_since(tmp_path):
+    """Capture.size_now (capture.lua M.file's check for a file cut while it is read) is the size of the file that
+    was mapped: cut in place, it shrinks; another, smaller file renamed over the path changes nothing (the check
+    reopened the path, e246e71's SizeNow: it measured the other file, and a read would have ended early with a false
+    'cut' input error).  Truth: os.stat of the files themselves."""
+    path, other = tmp_path / "a.pcap", tmp_path / "b.pcap"
+    shutil.copyfile(os.path.join(PCAPS, "http-get-text.pcap"), path)
+    other.write_bytes(path.read_bytes()[:100])
+    size = os.stat(path).st_size
+    with open_capture(str(path)) as c:
+        assert c.size_now() == c.size == size
+        os.replace(other, path)                       # the path now names a 100-byte file; the mapped one is unlinked
+        assert os.stat(path).st_size == 100
+        assert c.size_now() == size
+    with open_capture(str(path)) as c:
+        os.truncate(path, 60)                         # the same file, cut in place
+        assert c.size_now() == 60 and c.size == 100

@@ -48,6 +48,12 @@ class Capture:
         self._view = np.frombuffer(mm, dtype=np.uint8)  # read-only buffer export
         self.address = int(self._view.ctypes.data)
 
+    def size_now(self) -> int:
+        """The mapped file's size in bytes now: fstat() of the mapping's own descriptor (``mmap.size()``; the same
+        file whatever its path names since, and no descriptor of our own).  A file cut while it is read ends at its
+        new end (capture.lua ``M.file``).  After :meth:`close`: ``size``."""
+        return self._mm.size() if self._mm is not None else self.size
+
     def close(self) -> None:
         """Unmap the file.  Pointers the Lua side still holds become invalid."""
         if self._mm is not None:

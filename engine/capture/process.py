@@ -139,31 +139,6 @@ def _read_stream(path, lua, ring, stop) -> bool:
         del view
 
 
-class SizeNow:
-    """``SizeNow(path)()`` is ``path``'s size in bytes now (fstat of a descriptor opened here; capture.lua M.file
-    checks it while it waits for ring space: a file cut while it is read ends there); a context manager that closes
-    the descriptor (one per file and pass: a looped replay must not pile them up until a collection)."""
-
-    def __init__(self, path):
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:                     # gone since it was mapped: no check (the mapping reads on)
-            self.fd = None
-
-    def __call__(self) -> int:
-        try:
-            return os.fstat(self.fd).st_size if self.fd is not None else 1 << 62
-        except OSError:
-            return 1 << 62
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)
-
-
 def main(argv=None) -> int:
     """Read every file into the ring; exit 0, or 3 if some file had an input error."""
     ap = argparse.ArgumentParser(prog="luaprobe-capture")
@@ -247,9 +222,9 @@ def main(argv=None) -> int:
                 eof_sent.add(path)
                 control(ring, pkt.EOF, os.fsencode(path))
                 continue
-            with open_capture(path) as c, SizeNow(path) as size_now:
+            with open_capture(path) as c:
                 try:
-                    n, nbytes, err, off, stopped = run_file(ring, c.address, c.size, lambda: stop[0], size_now)
+                    n, nbytes, err, off, stopped = run_file(ring, c.address, c.size, lambda: stop[0], c.size_now)
                 except Exception as e:                      # a bad file header raises in Lua
                     off, msg = split_lua_error(e)
                     raise InputError(path, off, msg) from None
