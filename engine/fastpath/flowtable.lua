@@ -456,14 +456,6 @@ local function lru_unlink(lru, i)
   lru[n].prev = p
 end
 
-local function lru_append(lru, i, sen)
-  local t = lru[sen].prev
-  lru[i].prev = t
-  lru[i].next = sen
-  lru[t].next = i
-  lru[sen].prev = i
-end
-
 -- flow i into the LRU list after flow c
 local function lru_insert_after(lru, i, c)
   local n = lru[c].next
@@ -471,6 +463,10 @@ local function lru_insert_after(lru, i, c)
   lru[i].next = n
   lru[c].next = i
   lru[n].prev = i
+end
+
+local function lru_append(lru, i, sen)
+  lru_insert_after(lru, i, lru[sen].prev)
 end
 
 --- The LRU move of flow idx (lsec already set to sec, its packet's second, a later one than before: lru_touch): into
@@ -1117,9 +1113,7 @@ local function first_packet(flows, cold, idx, dir, wirelen, pl, fl, seq, t, sec,
   local occ = band(rshift(0 - (pl + band(sf, 1) + rshift(sf, 1)), 31), t)
   e.tcp_next[dir] = band(0 - occ, tobit(seq + pl + band(sf, 1) + rshift(sf, 1)))
   e.tcp_dirs = lshift(occ, dir)
-  local c = pick(band(rshift(fl, 1), bnot(rshift(fl, 4)), t), idx, scr + band(idx, SCRATCH - 1))   -- syn_time's
-  cold[c].syn_sec = sec                                       -- stores (no branch): into the flow's cold record for a
-  cold[c].syn_nsec = nsec                                     -- SYN without ACK, else into the scratch record
+  syn_time(flows, cold, idx, sec, nsec, band(rshift(fl, 1), bnot(rshift(fl, 4)), t), scr)   -- a SYN without ACK
   return e.id
 end
 

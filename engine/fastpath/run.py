@@ -947,8 +947,8 @@ class FastPath:
                     if capture.poll() is not None and not ready(driver):
                         if getattr(self, "_capture_killed_at_stop", False):
                             self.input_errors.append(f"capture process ended unexpectedly (status {capture.returncode})")
-                        elif shrunk_file(getattr(self, "_input_sizes", {}), capture.returncode):
-                            self.input_errors.append(shrunk_file(self._input_sizes, capture.returncode))
+                        elif cut := shrunk_file(getattr(self, "_input_sizes", {}), capture.returncode):
+                            self.input_errors.append(cut)
                         else:                            # killed or crashed: every packet it put in the ring is walked
                             self.capture_death = {"pid": capture.pid, "status": capture.returncode,
                                                   "how": describe_exit(capture.returncode),
