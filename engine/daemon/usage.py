@@ -383,7 +383,7 @@ def dir_problem(path: str, creating=(), write: bool = False) -> str | None:
         return None if _created(parent, creating) else f"the parent directory {parent} does not exist"
     if not write:
         return None
-    for _ in range(8):             # two commands at once (racing `luaprobe start`s): each may make and remove it
+    for _ in range(64):            # commands at once (racing `luaprobe start`s): each may make and remove it
         problem = _try_write(path)
         if problem != "":
             return problem
@@ -408,8 +408,8 @@ def _try_write(path: str) -> str | None:
             f.write(bytes(4096))
             f.flush()
     except FileNotFoundError as e:
-        if not made and not os.path.exists(path):
-            return ""                                # removed by that command's probe as we wrote
+        if not made:                                 # removed by another command's probe as we wrote (a third
+            return ""                                # may have made it again since: look again, do not stat)
         return _write_problem(e)
     except OSError as e:
         return _write_problem(e)
