@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import sqlite3
 import subprocess
 import sys
@@ -232,3 +233,45 @@ def test_out_on_a_filesystem_without_flock_is_written_unlocked(tmp_path, monkeyp
                   "flock); two runs into it at once are not kept apart\n", err
     claim.release()
     assert not (tmp_path / "o").exists()                       # made by the claim, still empty: removed
+
+
+def _special_files(tmp_path):
+    """(path, what) for a FIFO and, where mknod is allowed (root), a character device equal to /dev/null's."""
+    fifo = tmp_path / "s.fifo"
+    os.mkfifo(fifo)
+    made = [(fifo, "a FIFO")]
+    try:
+        os.mknod(tmp_path / "s.null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        made.append((tmp_path / "s.null", "a character device"))
+    except PermissionError:
+        pass
+    return made
+
+
+def test_stats_json_on_a_device_or_fifo_is_refused_and_left_alone(tmp_path):
+    """Before: `--stats-json /dev/null` (or /dev/full, or a FIFO) passed the check (a temporary file beside it can
+    be written), the run exited 0 and the final rename replaced the device node with a regular file holding the
+    summary: as root, /dev/null was gone from the machine.  Now: exit 2 before anything starts, one line, and the
+    node is still what it was (os.lstat, not our output).  `gen --out` writes into the path itself: a device stays
+    allowed there."""
+    out = tmp_path / "o"
+    for path, what in _special_files(tmp_path):
+        before = os.lstat(path)
+        r = run(out, "--stats-json", str(path))
+        assert (r.returncode, r.stderr) == (2, f"luaprobe run: --stats-json {path}: is not a regular file ({what}: the "
+                                               "rename that writes the file would replace it; give a file name)\n")
+        after = os.lstat(path)
+        assert (stat.S_IFMT(after.st_mode), after.st_rdev, after.st_ino) == \
+               (stat.S_IFMT(before.st_mode), before.st_rdev, before.st_ino)
+        assert not out.exists()
+
+
+def test_write_file_atomic_never_replaces_a_fifo(tmp_path):
+    """The write at the end of the run looks again (a FIFO made at the path while the run ran): OSError, the FIFO
+    kept, no temporary file left."""
+    from luaprobe.engine.daemon.usage import write_file_atomic
+    fifo = tmp_path / "s.json"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        write_file_atomic(str(fifo), b"{}")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.listdir(tmp_path) == ["s.json"]

@@ -304,7 +304,7 @@ def _run(args) -> int:
                 if field == "filex_dir":
                     check_private_dir(flag, getattr(args, field), getattr(args, "user", None))
         if args.stats_json:
-            check_new_file("--stats-json", args.stats_json, creating=[args.out])
+            check_new_file("--stats-json", args.stats_json, creating=[args.out], rename=True)
         check_captures(args.pcap or [])
         # last: claims (creates and locks) --out, checked against an earlier run's database under the lock
         args.out_claim = check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new",

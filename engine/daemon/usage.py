@@ -440,17 +440,23 @@ def check_dir_target(option: str, path: str, hint: str = "", creating=(), write:
         raise UsageError(f"{option} {path}: {problem}" + (f" {hint}" if hint and problem == NOT_A_DIRECTORY else ""))
 
 
-def file_problem(path: str, creating=(), append: bool = False) -> str | None:
+def file_problem(path: str, creating=(), append: bool = False, rename: bool = False) -> str | None:
     """Why the command could not write the file ``path``, or None: not a directory, its directory existing or one of
     ``creating`` (the ``--out`` or run directory the run creates first).  Writing is tried for real: a temporary
     file beside it with a 4 KiB block (the file is replaced by a rename, :func:`write_file_atomic`, or rotated by
     renaming), so a read-only or full filesystem, or /proc, is found before the run, not after it.  ``append`` (a
     file appended to and rotated: [stats] json_lines_file): a FIFO or device there is refused (opening it would block
-    until a reader comes, and only a regular file can be renamed) and an existing file must open for appending."""
+    until a reader comes, and only a regular file can be renamed) and an existing file must open for appending.
+    ``rename`` (a file written by :func:`write_file_atomic`: --stats-json): a FIFO, device or socket there is refused
+    (the rename would replace it with a regular file: /dev/null gone).  ``gen --out`` writes into the path itself,
+    so ``gen --out /dev/null`` stays allowed."""
     if os.path.isdir(path):
         return "is a directory (give a file name)"
     if append and os.path.exists(path) and not os.path.isfile(path):
         return "is not a regular file (a FIFO or device cannot be rotated; give a file name)"
+    special = _special_file(path) if rename else None
+    if special:
+        return f"is not a regular file ({special}: the rename that writes the file would replace it; give a file name)"
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         return None if _created(parent, creating) else f"the directory {parent} does not exist"
@@ -466,10 +472,25 @@ def file_problem(path: str, creating=(), append: bool = False) -> str | None:
     return None
 
 
-def check_new_file(option: str, path: str, creating=()) -> None:
-    """A file the command will write (``--stats-json``, ``gen --out``): :func:`file_problem` as a
+def _special_file(path: str) -> str | None:
+    """What ``path`` is when it exists and is neither a regular file, a directory nor a symbolic link ("a FIFO",
+    "a character device", "a block device", "a socket"), else None.  Such a file is never written by a rename:
+    ``os.replace`` would put a regular file in its place (``--stats-json /dev/null`` as root removed the device)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return None
+
+
+def check_new_file(option: str, path: str, creating=(), rename: bool = False) -> None:
+    """A file the command will write (``--stats-json`` with ``rename``, ``gen --out``): :func:`file_problem` as a
     :class:`UsageError` ``OPTION PATH: problem``."""
-    problem = file_problem(path, creating)
+    problem = file_problem(path, creating, rename=rename)
     if problem:
         raise UsageError(f"{option} {path}: {problem}")
 
@@ -477,6 +498,9 @@ def check_new_file(option: str, path: str, creating=()) -> None:
 def write_file_atomic(path: str, data: bytes) -> None:
     """Write ``path`` whole or not at all: a temporary file in its directory, then ``os.replace``.  On an error
     (OSError: a full disk) the temporary file is removed and the error raised; ``path`` keeps what it held."""
+    special = _special_file(path)
+    if special:                                   # made there during the run: never replaced by the rename
+        raise OSError(errno.EEXIST, f"is not a regular file ({special}), not replaced", path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix="." + os.path.basename(path) + ".")
     try:
         try:
