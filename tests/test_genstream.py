@@ -53,6 +53,20 @@ def test_run_generate_bad_spec_is_a_usage_error(tmp_path):
     assert r.returncode == 2 and "packets: bad value 'lots'" in r.stderr
 
 
+@pytest.mark.parametrize("spec", ["", " ", ",", " , "])
+def test_run_generate_empty_spec_is_a_usage_error(tmp_path, spec):
+    """Before: `--generate ""` passed the spec check, the capture process (which reads an empty SPEC as no source)
+    printed its own argparse usage text, and the run exited 1 after 0 packets ("," ran the defaults).  Now: one
+    line, exit 2, nothing started (no --out made)."""
+    out = tmp_path / "out"
+    plugin = os.path.join(helpers.REPO, "engine", "examples", "tcp_ports.lua")
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--generate", spec,
+                        "--out", str(out)], cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (2, "luaprobe run: --generate: empty SPEC: give KEY=VALUE,... (e.g. "
+                                           "'packets=2000000,flows=1000'; docs/gen.md)\n")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("spec,key", [("packets=-5", "packets"), ("flows=0", "flows"), ("seed=1,mss=3", "mss"),
                                       ("vlan=5000", "vlan"), ("ipv6-fraction=2", "ipv6-fraction"),
                                       ("mix=tcp=-1", "mix"), ("size-dist=fixed:9", "size-dist")])

@@ -40,7 +40,11 @@ def parse_spec(spec: str) -> dict:
     """``"packets=2000000,flows=1000,mix=tcp=60:udp=40,seed=1"`` -> GenConfig keyword arguments.
     Raises UsageError naming the bad item."""
     out = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
+    items = [x for x in (x.strip() for x in spec.split(",")) if x]
+    if not items:          # before: '' passed here and the capture process, which reads an empty SPEC as none
+        raise UsageError("--generate: empty SPEC: give KEY=VALUE,... (e.g. 'packets=2000000,flows=1000'; "
+                         "docs/gen.md)")    # given, died with its own usage text (exit 1)
+    for item in items:
         key, sep, val = item.partition("=")
         key = key.strip().lower().replace("-", "_")
         if not sep or key not in _SPEC_KEYS:
