@@ -435,6 +435,42 @@ def test_a_long_plugin_path_reads_the_same():
     assert len(errs) == 4
 
 
+
+ERROR_VALUES = {
+    # an error value that is not a string: its text ("table: 0x55d0...") is new on every call
+    "table.lua": "error({code = 1})",
+    # a Buffer range error raised through a tail call: no file:line, and the offset and size change per packet
+    "tail.lua": "local b = layer:rawbytes()\n      return b:hval_32(b:size() + 7)",
+}
+
+
+def test_an_error_whose_text_changes_on_every_call_is_logged_once(tmp_path):
+    """Before: the rate limit keyed an error without "file:line:" by its text, so error({code = 1}) in onpacket
+    logged one ERROR line per packet (each "table: 0x..." differs) until 256 keys were used up: 256 lines for
+    trisul-tutorial's 1043 TCP packets; a tail-called Buffer range error 100+ lines.  Now: one first line (the
+    plug-in's line when the traceback has it), then at most the once-a-second "N more" summaries.  The count of
+    calls and errors is tshark's number of TCP frames (1043), not ours."""
+    pcap = os.path.join(helpers.REPO, "tests", "data", "trisul-tutorial.pcap")
+    for name, body in ERROR_VALUES.items():
+        plug = tmp_path / name
+        plug.write_text(f"""TrisulPlugin = {{ id = {{ name = "{name}" }},
+  simplecounter = {{ protocol_guid = "{{77E462AB-2E42-42ec-9A58-C1A6821D6B31}}",
+    onpacket = function(engine, layer)
+      {body}
+    end }} }}
+""")
+        r = luaprobe("run", str(plug), "--pcap", pcap, "--out", str(tmp_path / f"o-{name}"), "-q", cwd=str(tmp_path))
+        assert r.returncode == 4, r.stderr
+        assert r.stderr.splitlines()[-1].endswith("simplecounter.onpacket failed on every call (1043)"), r.stderr
+        logged = [ln for ln in r.stderr.splitlines() if "simplecounter.onpacket error:" in ln]
+        first = [ln for ln in logged if " more at " not in ln and " more: " not in ln]
+        assert len(first) == 1, (name, len(first), first[:3])
+        if name == "table.lua":
+            assert f"{plug}:4: table: 0x" in first[0], first[0]
+        else:
+            assert "Buffer:hval_32(): offset " in first[0], first[0]
+
+
 # ============================================================================ only unsupported script types: exit 4
 
 FLOWMONITOR = """TrisulPlugin = { id = { name = "fm" },

@@ -59,6 +59,16 @@ function M.site(msg)
   return msg:match("^([^\n]-:%d+):") or msg:match("^[^\n]*") or "?"
 end
 
+--- The key of an error whose message has no "file:line:" (error({...}) is "table: 0x55d0...", a Buffer range error
+--- raised through a tail call names the offset and size): the plug-in's frame in the traceback when there is one,
+--- else the first line with its numbers left out, so that a message that differs on every call is one key, not
+--- MAX_KEYS logged lines (before: 256 ERROR lines for error({code = 1}) in onpacket, each with its own address).
+function M.nosite_key(msg, path)
+  local at = M.plugin_frame(msg:match("\nstack traceback:.*$"), path)
+  if at then return at end
+  return (M.site(msg):gsub("0[xX]%x+", "#"):gsub("%d+", "#"))
+end
+
 --- Count an error of `kind` (e.g. "onresult error") and log it if due.
 function Log:report(kind, msg)
   msg = tostring(msg)
@@ -70,7 +80,7 @@ function Log:report(kind, msg)
     site = M.site(msg)
   else                                       -- "copy: <name>: <reason>": the name is left out of the key
     local helper, reason = msg:match("^(%a+): .*: ([^:\n]*)$")
-    site = helper and (helper .. ": " .. reason) or M.site(msg)
+    site = helper and (helper .. ": " .. reason) or M.nosite_key(msg, self.path)
   end
   local key = kind .. "@" .. site
   local e = self.seen[key]
