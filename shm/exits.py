@@ -60,6 +60,21 @@ def early_stop(signum, frame):
     raise StartupStop(signum)
 
 
+def decided(signum, frame):
+    """A stop signal after the command's outcome was decided and said (`start`'s "started: ..."): it changes nothing
+    (:func:`stop_signals_decided`)."""
+
+
+def stop_signals_decided() -> None:
+    """The command's outcome is decided: a stop signal from now on is taken by :func:`decided` and changes nothing,
+    where :func:`early_stop` would raise and have main() print a line contradicting what was said.  Only the signals
+    early_stop holds are touched (the CLI's main() gives back its previous handlers, an ignored SIGHUP stays
+    ignored)."""
+    for s in STOP_SIGNALS:
+        if signal.getsignal(s) is early_stop:
+            signal.signal(s, decided)
+
+
 def install_early_stop() -> dict:
     """Take SIGINT and SIGTERM when nobody else has (default disposition or Python's KeyboardInterrupt);
     returns {signal: previous handler} of those taken."""

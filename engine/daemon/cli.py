@@ -19,7 +19,7 @@ import os
 import sys
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_PLUGIN, EXIT_STOPPED, EXIT_USAGE  # noqa: F401
-from luaprobe.shm.exits import STOP_SIGNALS, StartupStop, early_stop, install_early_stop
+from luaprobe.shm.exits import STOP_SIGNALS, StartupStop, decided, early_stop, install_early_stop
 
 _pending_stop: list[int] = []      #: stop signals that came between this module's import and main() (_defer_stop)
 
@@ -776,7 +776,7 @@ def main(argv=None) -> int:
     finally:
         import signal
         for s, h in previous.items():
-            if signal.getsignal(s) is early_stop:
+            if signal.getsignal(s) in (early_stop, decided):
                 # the console script's exit code is decided: a stop signal while the interpreter exits is
                 # ignored (with the default disposition it killed the process, status -15, after a clean run)
                 signal.signal(s, h if in_process else signal.SIG_IGN)

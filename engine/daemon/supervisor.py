@@ -38,7 +38,7 @@ from luaprobe.engine.daemon.usage import UsageError, claim_out_dir, db_link
 from luaprobe.shm.logs import log, one_line
 
 from luaprobe.shm.exits import (EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_RUNNING, EXIT_OK, EXIT_PLUGIN,  # noqa: F401
-                                EXIT_STOP_KILLED, EXIT_USAGE, describe_exit)
+                                EXIT_STOP_KILLED, EXIT_USAGE, describe_exit, stop_signals_decided)
 
 ACCEPT_RETRY = 0.1          #: s before the control socket is polled again after accept() failed (EMFILE)
 CLIENT_DEADLINE = 2.0       #: s a control client has to send its request line (Supervisor._read_client)
@@ -833,6 +833,7 @@ class Supervisor:
         handlers = {signal.SIGTERM: "stop", signal.SIGINT: "stop", signal.SIGHUP: "reload"}
         old = {s: signal.signal(s, lambda signum, _f: self._flags.__setitem__(handlers[signum], True))
                for s in handlers}
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(handlers))   # `start` spawned us with them blocked (cmd_start)
         sel = selectors.DefaultSelector()
         sel.register(sock, selectors.EVENT_READ, "sock")
         sel.register(rfd, selectors.EVENT_READ, "signal")
@@ -1119,6 +1120,13 @@ def cmd_start(args) -> int:
     if args.foreground:
         logs.setup(verbose=cfg["log"]["verbose"], json_lines=cfg["log"]["format"] == "json")
         return Supervisor(cfg).run()
+    from luaprobe.shm.exits import STOP_SIGNALS, StartupStop
+    # SIGINT / SIGTERM / SIGHUP are blocked from before the spawn until `start` waits in the try below: one that comes
+    # meanwhile is taken there, and stops the daemon just started (_stop_started).  Before, one that came between the
+    # spawn and the try ended `start` with main()'s "processes started so far were stopped" while the daemon ran.  The
+    # supervisor inherits the mask and unblocks them once its own handlers are in place (Supervisor.run), so the stop
+    # it may get at once is its graceful one, not the default action of a half-started process.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     refusals = wfd = None
     step = "its refusal pipe"
     try:
@@ -1136,13 +1144,15 @@ def cmd_start(args) -> int:
             os.close(refusals)
         print(f"luaprobe start: cannot start the supervisor: {step}: {e.strerror or e} (nothing started)",
               file=sys.stderr)
+        stop_signals_decided()                # the line above is the last word: a stop signal that came is moot
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         return EXIT_INTERNAL
     finally:
         if wfd is not None:
             os.close(wfd)
-    os.set_blocking(refusals, False)
-    from luaprobe.shm.exits import StartupStop
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)    # a stop signal held since the spawn raises here
+        os.set_blocking(refusals, False)
         code = _wait_loaded(run_dir, p, timeout=60, refusals=refusals,
                             stop_deadline=float(cfg["supervise"]["stop_deadline"]))
     except StartupStop as e:                  # the daemon started here is stopped too (it runs in its own session)
@@ -1154,9 +1164,11 @@ def cmd_start(args) -> int:
 
 
 def _stop_started(run_dir: str, p: subprocess.Popen, e) -> int:
-    """SIGINT / SIGTERM to `start` while it waits for the fast path to load: the supervisor it started (a new
-    session, which the signal did not reach) is stopped as `luaprobe stop` would, and the line says so; 130 / 143."""
-    for s in (signal.SIGINT, signal.SIGTERM):
+    """SIGINT / SIGTERM / SIGHUP to `start` from the supervisor's spawn on while it waits for the fast path to load
+    (cmd_start): the supervisor it started (a new session, which the signal did not reach) is stopped as `luaprobe
+    stop` would, and the line says so; 130 / 143 / 129."""
+    from luaprobe.shm.exits import STOP_SIGNALS
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)          # the stop below is the last word
     if p.poll() is None:
         p.send_signal(signal.SIGTERM)             # the supervisor's graceful stop (stop_deadline, then SIGKILL)
@@ -1165,7 +1177,7 @@ def _stop_started(run_dir: str, p: subprocess.Popen, e) -> int:
         except subprocess.TimeoutExpired:
             pass
     gone = p.poll() is not None
-    print(f"luaprobe start: stopped by {e.name} while the fast path was loading its plug-ins: the daemon it started "
+    print(f"luaprobe start: stopped by {e.name} while it waited for the daemon to load its plug-ins: the daemon it started "
           + ("was stopped (" + describe_exit(p.returncode) + ")" if gone else
              f"did not stop within 60 s (supervisor pid {p.pid}; luaprobe stop --run-dir {run_dir})"),
           file=sys.stderr)
@@ -1194,6 +1206,7 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
                 return EXIT_USAGE
             st = control.read_json(control.path(run_dir, control.STATE)) or {}
             if st.get("state", "").startswith("stopped (input finished)") and not st.get("last_error"):
+                stop_signals_decided()
                 print(f"finished: the input was processed completely; outputs in {st.get('out_dir')}, "
                       f"log {log_path}")
                 return EXIT_OK
@@ -1211,6 +1224,7 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
         if st.get("loaded") or st["state"].startswith(("stopped", "failed")):
             problems = [x for x in st.get("plugin_problems", []) if "not supported" not in x]
             if not problems and not st["state"].startswith("failed"):
+                stop_signals_decided()        # said "started" with the daemon running: a stop signal now is moot
                 print(f"started: supervisor pid {st['supervisor_pid']}, fast path pid {st['fastpath_pid']}, "
                       f"run dir {run_dir}, log {log_path}")
                 return EXIT_OK
