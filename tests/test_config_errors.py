@@ -88,6 +88,28 @@ def test_json_lines_file_that_cannot_be_written_and_relative_to_the_run_dir(tmp_
     assert cfg["stats"]["json_lines_file"] == str(tmp_path / "run" / "s.jsonl")
 
 
+@pytest.mark.parametrize("where, what", [
+    ("out/luaprobe.sqlite", "is a file the run writes in --out {out} (writing there would destroy it; give another name)"),
+    ("out", "is the --out directory (give a file name)"),
+    ("in.pcap", "is a --pcap input (writing there would destroy it; give another name)"),
+    ("run/state.json", "is the daemon's own state.json in its run directory {run} (give another name)")])
+def test_json_lines_file_naming_a_file_the_daemon_reads_or_writes_is_refused(tmp_path, where, what):
+    """Before: json_lines_file = "../out/luaprobe.sqlite" started, and every stats snapshot was appended to the
+    live SQLite database (its rotation at json_lines_max_mb would have renamed the database away); a --pcap input
+    (a copy of the sample here: the old code appended to it) or the daemon's own state.json were appended to the
+    same way.  Now exit 2 at start, one line, nothing made, the input byte for byte what it was."""
+    import shutil
+    (tmp_path / "out").mkdir()
+    pcap = tmp_path / "in.pcap"
+    shutil.copy(SAMPLE, pcap)
+    path = str(tmp_path / where)
+    text = BASE.replace(json.dumps(SAMPLE), json.dumps(str(pcap))) + f'[stats]\njson_lines_file = "{path}"\n'
+    err = start_refused(tmp_path, text)
+    assert err.endswith(f'[stats] json_lines_file = "{path}": ' + what.format(out=tmp_path / "out",
+                                                                               run=tmp_path / "run")), err
+    assert os.listdir(tmp_path / "out") == [] and pcap.read_bytes() == open(SAMPLE, "rb").read()
+
+
 def test_json_lines_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     """A FIFO as json_lines_file: the write check opened it for appending, which blocks until a reader
     comes, so `start` hung; the file is rotated by renaming, which a FIFO cannot take.  Now exit 2, one

@@ -275,3 +275,37 @@ def test_write_file_atomic_never_replaces_a_fifo(tmp_path):
     with pytest.raises(OSError, match="not a regular file"):
         write_file_atomic(str(fifo), b"{}")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.listdir(tmp_path) == ["s.json"]
+
+
+def test_stats_json_naming_a_file_the_run_reads_or_writes_is_refused(tmp_path):
+    """Before: `--stats-json out/luaprobe.sqlite` exited 0 and the final rename replaced the database with the JSON
+    summary (every row of the run gone; with --append, every earlier run's too); the same for a --pcap input or the
+    plug-in file; `--stats-json out` (the --out the run creates) read the whole input and then failed, exit 1 "Is a
+    directory".  Now: exit 2 before anything starts, one line; the files are byte for byte what they were
+    (hashlib) and an earlier run's database still opens with its rows (sqlite3)."""
+    import hashlib
+    import shutil
+    plug, pcap = tmp_path / "p.lua", tmp_path / "in.pcap"
+    shutil.copy(PLUGIN, plug)
+    shutil.copy(SAMPLE, pcap)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    before = {p: digest(p) for p in (plug, pcap)}
+    out = tmp_path / "o"
+    cmd = lambda *extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(plug), "--pcap", str(pcap), "--out", str(out),
+         "-q", *extra], cwd=helpers.REPO, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    written = "is a file the run writes in --out {} (writing there would destroy it; give another name)".format(out)
+    for path, what in ((out, "is the --out directory (give a file name)"),
+                       (out / "luaprobe.sqlite", written), (out / "packets.pcapng", written),
+                       (pcap, "is a --pcap input (writing there would destroy it; give another name)"),
+                       (plug, "is a plug-in file (writing there would destroy it; give another name)")):
+        r = cmd("--stats-json", str(path))
+        assert (r.returncode, r.stderr) == (2, f"luaprobe run: --stats-json {path}: {what}\n")
+        assert not out.exists()
+    assert {p: digest(p) for p in (plug, pcap)} == before
+    assert cmd().returncode == 0                                       # an earlier run, then --append
+    rows = sqlite3.connect(out / "luaprobe.sqlite").execute("select count(*) from counters").fetchone()[0]
+    r = cmd("--append", "--stats-json", str(out / "luaprobe.sqlite"))
+    assert r.returncode == 2, r.stderr
+    assert sqlite3.connect(out / "luaprobe.sqlite").execute("select count(*) from counters").fetchone()[0] == rows > 0

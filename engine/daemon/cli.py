@@ -289,7 +289,7 @@ def _run(args) -> int:
             print(f"luaprobe run: {e}", file=sys.stderr)
             return EXIT_USAGE
     from .usage import InputProblem, UsageError, check_captures, check_dir_target, check_lua_paths, \
-        check_new_file, check_out_dir, check_plugins, check_private_dir
+        check_new_file, check_not_an_input_or_output, check_out_dir, check_plugins, check_private_dir
     from .settings import dirs
     if not args.plugins and not _analysers_asked(args.analysers):
         print("luaprobe run: give a PLUGIN file or directory (or --analysers LIST to store only the built-in "
@@ -304,6 +304,7 @@ def _run(args) -> int:
                 if field == "filex_dir":
                     check_private_dir(flag, getattr(args, field), getattr(args, "user", None))
         if args.stats_json:
+            check_not_an_input_or_output("--stats-json", args.stats_json, args.out, args.pcap or [], args.plugins)
             check_new_file("--stats-json", args.stats_json, creating=[args.out], rename=True)
         check_captures(args.pcap or [])
         # last: claims (creates and locks) --out, checked against an earlier run's database under the lock

@@ -281,7 +281,9 @@ def _cross_checks(cfg: Config, name: str) -> None:
         raise _bad(name, "run", "run_dir", f" = {_show(cfg.run_dir)}: {problem}", problem)
     jl = v["stats"]["json_lines_file"]
     if jl:
-        problem = file_problem(jl, creating=[cfg.run_dir], append=True)
+        from .usage import own_file_problem
+        problem = own_file_problem(jl, v["run"]["out_dir"], v["source"]["pcap"] or [], p["paths"], cfg.run_dir) or \
+            file_problem(jl, creating=[cfg.run_dir], append=True)
         if problem:
             raise _bad(name, "stats", "json_lines_file", f" = {_show(jl)}: {problem}", problem)
 

@@ -487,6 +487,43 @@ def _special_file(path: str) -> str | None:
     return None
 
 
+RUN_DIR_FILES = ("supervisor.pid", "control.sock", "state.json", "stats.json", "supervisor.log", "heartbeat",
+                 "active_config.json", "last_error.json", "last_summary.json", "loaded.json")
+#: the daemon's own files in its run directory (engine/daemon/control.py, supervisor.py HEARTBEAT)
+
+
+def own_file_problem(path: str, out: str, inputs=(), plugins=(), run_dir: str | None = None) -> str | None:
+    """Why ``path`` (a file written by a rename at the end, ``--stats-json``, or appended to and rotated, ``[stats]
+    json_lines_file``) cannot be used because the run itself reads or writes it, or None: the ``out`` directory, its
+    database (``luaprobe.sqlite`` and its -wal, -shm, -journal) or packet store (``packets*.pcapng``), a ``--pcap``
+    input, a PLUGIN file, or one of the daemon's files in ``run_dir``.  Before, ``--stats-json out/luaprobe.sqlite``
+    exited 0 with the database replaced by the summary (the run's rows gone; with --append every earlier run's too),
+    ``json_lines_file`` pointed at it appended JSON to the live database (and its rotation would rename it away), and
+    ``--stats-json out`` ran the whole input and then failed (exit 1, "Is a directory")."""
+    real = os.path.realpath(path)
+    out_real = os.path.realpath(out)
+    if real == out_real:
+        return "is the --out directory (give a file name)"
+    name, parent = os.path.basename(real), os.path.dirname(real)
+    if parent == out_real and (name in [DB_NAME + s for s in ("", "-wal", "-shm", "-journal")] or
+                               (name.startswith("packets") and name.endswith(".pcapng"))):
+        return f"is a file the run writes in --out {out} (writing there would destroy it; give another name)"
+    if run_dir and parent == os.path.realpath(run_dir) and name in RUN_DIR_FILES:
+        return f"is the daemon's own {name} in its run directory {run_dir} (give another name)"
+    for what, paths in (("a --pcap input", inputs), ("a plug-in file", plugins)):
+        for p in paths:
+            if p != "-" and os.path.realpath(p) == real:
+                return f"is {what} (writing there would destroy it; give another name)"
+    return None
+
+
+def check_not_an_input_or_output(option: str, path: str, out: str, inputs=(), plugins=()) -> None:
+    """:func:`own_file_problem` as a :class:`UsageError` ``OPTION PATH: problem`` (``--stats-json``)."""
+    problem = own_file_problem(path, out, inputs, plugins)
+    if problem:
+        raise UsageError(f"{option} {path}: {problem}")
+
+
 def check_new_file(option: str, path: str, creating=(), rename: bool = False) -> None:
     """A file the command will write (``--stats-json`` with ``rename``, ``gen --out``): :func:`file_problem` as a
     :class:`UsageError` ``OPTION PATH: problem``."""
