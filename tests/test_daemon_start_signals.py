@@ -114,3 +114,61 @@ def test_a_stop_signal_after_started_was_said_changes_nothing(tmp_path, signum):
         s.communicate(timeout=90)
         assert s.returncode == 0
 
+
+#: a plug-in whose top level says it runs (a file) and then waits for the test's go (another file): the test acts
+#: while the fast path is known to be loading it
+GATE = """-- TrisulPlugin
+local w = io.open(%r, "w"); w:close()
+while true do
+  local f = io.open(%r)
+  if f then f:close(); break end
+  os.execute("sleep 0.02")
+end
+TrisulPlugin = { id = { name = "gate" }, engine_monitor = { onmetronome = function() end } }
+"""
+
+
+def gate_config(tmp_path):
+    """(config, run dir, "waiting" file, "go" file) of a daemon whose one plug-in loads when the test says go."""
+    waiting, go = str(tmp_path / "waiting"), str(tmp_path / "go")
+    (tmp_path / "pl").mkdir()
+    (tmp_path / "pl" / "gate.lua").write_text(GATE % (waiting, go))
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\n[source]\npcap = ["{helpers.REPO}/engine/examples/'
+                   'sample.pcap"]\nloop = true\n[plugins]\npaths = ["pl"]\n[fastpath]\nhook_budget = 0\n[supervise]\n'
+                   'stall_timeout = 120\n')
+    return str(cfg), str(tmp_path / "run"), waiting, go
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "stop"])
+def test_a_daemon_stopped_while_start_waits_for_its_plugins_is_named(tmp_path, how):
+    """The supervisor is stopped (a signal to it, or `luaprobe stop`) while `start` waits for the plug-ins: once the
+    supervisor has taken the stop (state.json says "stopping") the plug-in may load.  `start` names who stopped the
+    daemon, in one line, exit 1, and never says "started" (the daemon is gone when it exits).  Before: "the
+    supervisor exited (exit status 0)" and the log's tail, exit 1 -- or, when `start` polled while the stopping
+    fast path had just loaded, "started: ...", exit 0, about a daemon that was stopping."""
+    from luaprobe.engine.daemon import control
+    cfg, run_dir, waiting, go = gate_config(tmp_path)
+    env, tag = proc_tools.tagged_env()
+    with proc_tools.reaped(tag, grace=0) as pids:
+        p = proc_tools.start(["start", "--config", cfg], env=env)
+        pids.add(p.pid)
+        helpers.wait_for(lambda: os.path.exists(waiting) or p.poll() is not None, 120, 0.02)
+        assert p.poll() is None, p.communicate()
+        sup = control.read_pid(run_dir)
+        if how == "stop":
+            s = proc_tools.start(["stop", "--run-dir", run_dir], env=env)
+            who = f"luaprobe stop (pid {s.pid})"
+        else:
+            os.kill(sup, signal.Signals[how])
+            who = f"{how} sent to its supervisor (pid {sup})"
+        helpers.wait_for(lambda: (control.read_json(control.path(run_dir, control.STATE)) or {}).get("state")
+                         == "stopping", 60, 0.02)
+        open(go, "w").close()
+        out, err = p.communicate(timeout=120)
+        if how == "stop":
+            assert s.wait(120) == 0, s.communicate()
+        assert not proc_tools.tagged_processes(tag)
+    assert (p.returncode, "started" in out) == (1, False), (p.returncode, out, err)
+    assert err == (f"luaprobe start: the daemon it started was stopped by {who} before it reported its plug-ins "
+                   f"loaded; nothing runs now (start it again; log {control.path(run_dir, control.LOG)})\n"), err

@@ -196,6 +196,9 @@ class Supervisor:
         self.restart_at: float | None = None
         self.stop_at: float | None = None       # hard-stop deadline (monotonic) while stopping / reloading
         self.mode = "run"                       # run | stop | reload
+        self.stopped_by: str | None = None      # who asked the stop: "SIGTERM" (to the supervisor), "luaprobe stop
+                                                # (pid 4711)"; status `stopped_by` (`start` names it, _wait_loaded)
+        self._stop_signal: str | None = None    # the first stop signal's name, from the handler to the loop
         self.snapshot: dict | None = None
         self.rates: dict = {}
         self._prev: dict | None = None
@@ -443,10 +446,12 @@ class Supervisor:
         return True
 
     # ------------------------------------------------------------ requests
-    def request_stop(self) -> None:
+    def request_stop(self, by: str | None = None) -> None:
+        """Stop gracefully; ``by``: who asked (status ``stopped_by``), the first asker when asked twice."""
         if self.mode == "stop":
             return
         self.mode = "stop"
+        self.stopped_by = by
         self._cancel_reload("reload cancelled: the daemon is stopping")
         self.stop_at = time.monotonic() + self.sv["stop_deadline"]
         if self.child is not None and self.child.poll() is None and not self._loaded()["loaded"]:
@@ -563,6 +568,7 @@ class Supervisor:
                 "source": self.cfg.source_text(), "config": self.cfg.path, "run_dir": self.run_dir,
                 "out_dir": self.cfg["run"]["out_dir"],
                 "last_error": self.last_error, "last_exit_code": self.last_exit_code, **self._loaded(),
+                "stopped_by": self.stopped_by,
                 "stop_killed": self.stop_killed,
                 # the finished fast paths' (last_error) and the running one's shards' (their dead store writers)
                 "store_rows_lost": self.store_rows_lost + self._running_rows_lost(snap),
@@ -740,7 +746,7 @@ class Supervisor:
             elif cmd == "stats":
                 reply = {"ok": True, "snapshot": self.snapshot, "rates": self.rates, "status": self.status()}
             elif cmd == "stop":
-                self.request_stop()
+                self.request_stop(by=f"luaprobe stop{_peer(conn)}")
                 reply = {"ok": True, "state": self.state, "stop_deadline": self.sv["stop_deadline"]}
             elif cmd == "reload":
                 reply = self.request_reload(conn)
@@ -831,8 +837,11 @@ class Supervisor:
         os.set_blocking(wfd, False)
         old_wakeup = signal.set_wakeup_fd(wfd)
         handlers = {signal.SIGTERM: "stop", signal.SIGINT: "stop", signal.SIGHUP: "reload"}
-        old = {s: signal.signal(s, lambda signum, _f: self._flags.__setitem__(handlers[signum], True))
-               for s in handlers}
+        def on_signal(signum, _frame):
+            self._flags[handlers[signum]] = True
+            if handlers[signum] == "stop":
+                self._stop_signal = self._stop_signal or signal.Signals(signum).name
+        old = {s: signal.signal(s, on_signal) for s in handlers}
         signal.pthread_sigmask(signal.SIG_UNBLOCK, set(handlers))   # `start` spawned us with them blocked (cmd_start)
         sel = selectors.DefaultSelector()
         sel.register(sock, selectors.EVENT_READ, "sock")
@@ -890,8 +899,8 @@ class Supervisor:
                     self._sweep()               # one that failed for want of a descriptor (EMFILE): again
                 if self._flags["stop"]:
                     self._flags["stop"] = False
-                    log.info("stop requested by signal")
-                    self.request_stop()
+                    log.info("stop requested by signal (%s)", self._stop_signal)
+                    self.request_stop(by=self._stop_signal)
                 if self._flags["reload"]:
                     self._flags["reload"] = False
                     log.info("reload requested by SIGHUP")
@@ -970,6 +979,17 @@ class Supervisor:
             pidfile.release()
             self._release_spare()
             log.info("supervisor exiting: %s", self.state)
+
+
+def _peer(conn) -> str:
+    """" (pid 4711)": the process at the other end of a control connection (SO_PEERCRED), or "" when unknown."""
+    import socket
+    import struct
+    try:
+        pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    except (OSError, AttributeError, struct.error):
+        return ""
+    return f" (pid {pid})" if pid > 0 else ""
 
 
 def _stopped_text(role: str, pid: int) -> str:
@@ -1193,6 +1213,7 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
     link planted in the run directory after the checks here, say) wrote its one line there and exited 2."""
     log_path = control.path(run_dir, control.LOG)
     end = time.monotonic() + timeout
+    stopping = None                               # who stopped the daemon, once status said "stopping"
     while time.monotonic() < end:
         if p.poll() is not None:                  # the supervisor is done already (input finished, or failed)
             other = control.read_pid(run_dir)
@@ -1210,6 +1231,11 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
                 print(f"finished: the input was processed completely; outputs in {st.get('out_dir')}, "
                       f"log {log_path}")
                 return EXIT_OK
+            by = st.get("stopped_by")
+            if by and st.get("state") == "stopped" and not st.get("last_error"):    # a stop, not a failure
+                print(f"luaprobe start: {_stopped_while_loading(by, p)}; nothing runs now (start it again; log "
+                      f"{log_path})", file=sys.stderr)
+                return EXIT_INTERNAL
             err = st.get("last_error") or f"the supervisor exited ({describe_exit(p.returncode)})"
             print(f"luaprobe start: {err}\n{log_path} ends with:\n{_log_tail(run_dir)}", file=sys.stderr)
             return st.get("last_exit_code") or EXIT_INTERNAL
@@ -1220,6 +1246,12 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
             continue
         if st.get("supervisor_pid") != p.pid:   # another supervisor's socket: a racing `start` won the pidfile
             time.sleep(0.05)                    # while ours waits for it (PidFile.acquire); ours decides (above)
+            continue
+        if st["state"] == "stopping":           # stopped by someone else (luaprobe stop, a signal to the supervisor):
+            if stopping is None:                # not "started", whether or not its plug-ins loaded; its exit is
+                stopping = st.get("stopped_by") or "a stop"     # awaited and named above
+                end = max(end, time.monotonic() + float(st.get("stop_deadline") or stop_deadline) + 15)
+            time.sleep(0.05)
             continue
         if st.get("loaded") or st["state"].startswith(("stopped", "failed")):
             problems = [x for x in st.get("plugin_problems", []) if "not supported" not in x]
@@ -1237,9 +1269,20 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
                   f"luaprobe start: not started: fix the problem and start again (log {log_path})", file=sys.stderr)
             return EXIT_PLUGIN if problems else (st.get("last_exit_code") or EXIT_INTERNAL)
         time.sleep(0.05)
+    if stopping is not None:
+        print(f"luaprobe start: {_stopped_while_loading(stopping, p)}, and it is still stopping (supervisor pid "
+              f"{p.pid}; luaprobe status --run-dir {run_dir}, log {log_path})", file=sys.stderr)
+        return EXIT_INTERNAL
     print(f"luaprobe start: the fast path did not finish loading its plug-ins within {timeout:g} s "
           f"(it keeps running; see luaprobe status, {log_path})", file=sys.stderr)
     return EXIT_INTERNAL
+
+
+def _stopped_while_loading(by: str, p: subprocess.Popen) -> str:
+    """"the daemon it started was stopped by SIGTERM sent to its supervisor (pid 4711) before ...": ``by`` is the
+    supervisor's ``stopped_by`` (a signal's name, or "luaprobe stop (pid N)")."""
+    who = f"{by} sent to its supervisor (pid {p.pid})" if by.startswith("SIG") else by
+    return f"the daemon it started was stopped by {who} before it reported its plug-ins loaded"
 
 
 def _read_refusal(fd: int | None) -> str:
