@@ -178,14 +178,16 @@ def _traffic_lines(s: dict) -> list[str]:
 
 
 def _written_line(s: dict) -> str:
-    """'written: counters N, alerts N, ...  -> DB'.  Sharded: counters are the shards' row updates, which the store
-    combines by meter type into one row per (group, bucket, key, meter),
-    so the line also says how many rows they made."""
+    """'written: counters N, alerts N, ...  -> DB': the rows the database got, as one fast path counts them.  Sharded:
+    the counters figure also says how many updates the shards wrote (``shards[k].rows_written``), which the store
+    combined by meter type into those rows (one per (group, bucket, key, meter))."""
     rw = dict(s["rows_written"])
     parts = [f"{k} {v}" for k, v in rw.items()]
-    if len(s.get("shards") or ()) > 1 and "counter_rows_new" in s and "counters" in rw:
-        parts[list(rw).index("counters")] = (f"counters {rw['counters']} (updates from {len(s['shards'])} shards, "
-                                             f"combined into {s['counter_rows_new']} new rows)")
+    shards = s.get("shards") or ()
+    if len(shards) > 1 and "counters" in rw:
+        updates = sum((sh.get("rows_written") or {}).get("counters", 0) for sh in shards)
+        parts[list(rw).index("counters")] = (f"counters {rw['counters']} (combined from {updates} updates by "
+                                             f"{len(shards)} shards)")
     return "written: " + ", ".join(parts) + f"  -> {s['store']['path']}"
 
 

@@ -786,6 +786,8 @@ class FastPath:
             elif kind == "key_info":   # upserts per (group, key): a label per key, not one per call
                 self.info_keys.update(_info_key(r) for r in rows)
                 self.rows_written[kind] = len(self.info_keys)
+            elif kind == "flow_toppers":   # a bucket ranked again rewrites its rows (keyed by rank): not new rows
+                self.rows_written[kind] = self.flowmon.stats["toppers_written"]
             else:
                 self.rows_written[kind] = self.rows_written.get(kind, 0) + len(rows)
 

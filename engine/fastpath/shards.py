@@ -235,7 +235,7 @@ class ShardedRun:
         cfg = self.cfg
         t0 = time.monotonic()
         os.makedirs(cfg.out_dir, exist_ok=True)
-        rows_before = _counter_rows(cfg.out_dir)
+        rows_before = table_rows(cfg.out_dir, COMBINED_TABLES)
         self.flow_id_base = _max_flow_id(cfg.out_dir)
         segment.sweep()
         self.rings, self.bells, self.summaries = [], [], [None] * self.n
@@ -255,16 +255,16 @@ class ShardedRun:
         summary["input_errors"] += self.capture_errors
         summary["shard_deaths"] = self.deaths
         summary["store_rows_lost"] = sum(d["store_rows_lost"] for d in self.deaths)   # rows dead writers lost
-        # the shards' counter updates of one (group, bucket, key, meter) combine into one row (upsert by meter type)
-        summary["counter_rows_new"] = _counter_rows(cfg.out_dir) - rows_before
+        combined_rows(summary, rows_before, table_rows(cfg.out_dir, COMBINED_TABLES))
         if self.pushed is not None:
             summary.update(packet_accounting(self.pushed, summary["shards"]))
         summary["stopped_by"] = self.stopped_by
         from luaprobe.engine.store.writer import StoreWriter
-        store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"))
+        path = os.path.join(cfg.out_dir, "luaprobe.sqlite")
+        store = StoreWriter(path)
         store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
-        report = store.close()
-        summary["store"] = {"path": os.path.join(cfg.out_dir, "luaprobe.sqlite"), **(report or {})}
+        summary["store"] = merge_store(path, store.close(), self.summaries)
+        summary["closed_s"] = round(time.monotonic() - t0, 3)   # as one fast path's: until the database is closed
         return summary
 
     def _run_in(self, tmp: str, fmt, old_handlers: dict) -> None:
@@ -424,6 +424,36 @@ def _sum_dicts(ds: list) -> dict:
     return out
 
 
+def merge_values(vals: list):
+    """One summary value from the shards' values of a key: numbers summed (booleans: any), dicts merged key by
+    key, lists of strings as their sorted union (``analysers.names``), other lists joined; else (None, text) the
+    first shard's value that is not None."""
+    if vals and all(isinstance(v, bool) for v in vals):
+        return any(vals)
+    if vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+        return sum(vals)
+    if vals and all(isinstance(v, dict) for v in vals):
+        keys = list(dict.fromkeys(k for v in vals for k in v))
+        return {k: merge_values([v[k] for v in vals if k in v]) for k in keys}
+    if vals and all(isinstance(v, list) for v in vals):
+        if all(isinstance(x, str) for v in vals for x in v):
+            return sorted(set().union(*vals))
+        return [x for v in vals for x in v]
+    return next((v for v in vals if v is not None), None)
+
+
+def merge_warmup(vals: list) -> dict:
+    """The shards' ``packet_loop_warmup`` (run.py _warmup_summary: each loop's first WARMUP_BATCHES batches) as
+    one: ``batches``, ``packets`` and ``cpu_s`` summed (so packet_loop_cpu_s - cpu_s over packets - packets is the
+    CPU per packet after every shard's warm-up, as for one fast path), ``s`` the longest (the loops run side by
+    side).  Shards whose loop had fewer batches ({}) are left out; {} when none had a warm-up."""
+    vals = [v for v in vals if v]
+    if not vals:
+        return {}
+    return {"batches": sum(v["batches"] for v in vals), "packets": sum(v["packets"] for v in vals),
+            "s": max(v["s"] for v in vals), "cpu_s": round(sum(v["cpu_s"] for v in vals), 4)}
+
+
 PREFAULT_COUNTS = ("pages", "calls", "cpu_s", "wakeups", "records_mapped_by_fast_path")
 
 
@@ -448,20 +478,58 @@ def merge_prefault(vals: list) -> dict | None:
     return out
 
 
-def _counter_rows(out_dir: str) -> int:
-    """Rows of the store's counters table (0 before the first run): the coordinator counts them before and after a
-    run, since the shards' updates of one row are added into it."""
+#: Tables whose rows the store writer combines from several shards' rows (counters: an upsert by meter type;
+#: flow_toppers: every shard's part of a bucket ranked again): a sharded run's ``rows_written`` for these is what
+#: the table gained, counted by the coordinator before and after the run, not the shards' writes summed.
+COMBINED_TABLES = ("counters", "flow_toppers")
+
+
+def table_rows(out_dir: str, tables: tuple) -> dict:
+    """{table: rows} of the store in ``out_dir`` (0 for a table or a store not made yet)."""
     import sqlite3
     path = os.path.join(out_dir, "luaprobe.sqlite")
     if not os.path.exists(path):
-        return 0
+        return dict.fromkeys(tables, 0)
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
-        return con.execute("SELECT COUNT(*) FROM counters").fetchone()[0]
-    except sqlite3.OperationalError:                     # no counters table yet
-        return 0
+        return {t: _count(con, t) for t in tables}
     finally:
         con.close()
+
+
+def _count(con, table: str) -> int:
+    import sqlite3
+    try:
+        return con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    except sqlite3.OperationalError:                     # no such table yet
+        return 0
+
+
+def combined_rows(summary: dict, before: dict, after: dict) -> None:
+    """``rows_written`` of the COMBINED_TABLES the shards wrote as the rows each table gained (``after`` - ``before``,
+    {table: rows}), as one fast path counts them; ``flow_backends.toppers_written`` the same for flow_toppers.
+    The shards' own writes stay in ``shards[k].rows_written``.  In place."""
+    rw = summary["rows_written"]
+    for t in COMBINED_TABLES:
+        if t in rw:
+            rw[t] = after[t] - before[t]
+    fb = summary.get("flow_backends") or {}
+    if "toppers_written" in fb and "flow_toppers" in rw:
+        fb["toppers_written"] = rw["flow_toppers"]
+
+
+def merge_store(path: str, own: dict | None, parts: list) -> dict:
+    """The ``store`` entry of a sharded summary, laid out as one fast path's: the rows each kind's statements wrote,
+    ``bad_rows`` and ``commits`` summed over the shards' writers and the coordinator's (``own``: its
+    StoreWriter.close() report, whose ``run`` rows these are), ``errors`` listed, ``returncode`` the first non-zero.
+    Statements, not rows the database got (``rows_written``): a counter row that two shards update is two, a group
+    that every shard declares is N.  Each writer's report is also in ``shards[k].store``."""
+    reports = [(p or {}).get("store") or {} for p in parts] + [own or {}]
+    return {"path": path, "rows": _sum_dicts([r.get("rows", {}) for r in reports]),
+            "bad_rows": _sum_dicts([r.get("bad_rows", {}) for r in reports]),
+            "errors": [e for r in reports for e in r.get("errors", [])],
+            "commits": sum(r.get("commits", 0) for r in reports),
+            "returncode": next((r["returncode"] for r in reports if r.get("returncode")), 0)}
 
 
 def _max_flow_id(out_dir: str) -> int:
@@ -508,14 +576,13 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
     out["backend_reloads"] = parts[0].get("backend_reloads", 0)
     out["flow_table_pages"] = next((p["flow_table_pages"] for p in parts if p.get("flow_table_pages")), None)
     out["flow_prefault"] = merge_prefault([p.get("flow_prefault") for p in parts if "flow_prefault" in p])
+    out["cpus_pinned"] = None                 # N fast paths and their capture are left to the scheduler (_pin)
+    out["capture_death"] = None               # the coordinator's capture process: a death is in input_errors
+    out["packet_loop_warmup"] = merge_warmup([p.get("packet_loop_warmup") for p in parts])
     done = set(out) | {"store", "shards", "stopped_by", "stopped_during", "packet_loop_s", "packet_storage",
                        "closed_s", "key_info_keys"}
-    for key in [k for p in parts for k in p if k not in done]:    # other counts: summed
-        vals = [p[key] for p in parts if key in p]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-            out[key] = sum(vals)
-        elif all(isinstance(v, dict) for v in vals):
-            out[key] = _sum_dicts(vals)
+    for key in [k for p in parts for k in p if k not in done]:    # other counts: summed, names: their union
+        out[key] = merge_values([p[key] for p in parts if key in p])
         done.add(key)
     out["packet_loop_s"] = max((p.get("packet_loop_s", 0) for p in parts), default=0)
     out["stopped_by"] = next((p["stopped_by"] for p in parts if p.get("stopped_by")), None)
@@ -524,7 +591,9 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
     if stores:
         out["packet_storage"] = stores
     out["shards"] = [{"shard": k, "restarts": restarts[k], "summary": p.get("packets") is not None,
-                      **{f: p.get(f, 0) for f in ("packets", "not_walked_at_stop", "bytes", "flows", "elapsed_s")}}
+                      **{f: p.get(f, 0) for f in ("packets", "not_walked_at_stop", "bytes", "flows", "elapsed_s")},
+                      "rows_written": p.get("rows_written", {}),     # this shard's writes (counter upserts)
+                      "store": {k: v for k, v in (p.get("store") or {}).items() if k != "path"}}
                      for k, p in enumerate(parts)]
     return logs.printable(out)            # file names that are not UTF-8 as \xNN (shm/logs.py)
 

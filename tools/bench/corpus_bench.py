@@ -41,6 +41,10 @@ What is timed (the same for every cell):
   the captures it generates and walks (hundreds of MB), which the column showed for every run before.
 
 Every run must report all packets of the file; a run that does not fails the benchmark.
+
+``--run-args "--shards N"`` reads the sharded summary the same way (docs/scale.md "The run summary"): loop is the
+longest shard loop, loop CPU and the warm-up summed over the shards (CPU per packet of all N fast paths together),
+engine the coordinator's start until the database is closed.
 """
 from __future__ import annotations
 
