@@ -393,6 +393,76 @@ void lp_prefault_stop(lp_prefaulter *p) {
     free(p);
 }
 
+/* ---------------------------------------------------------------- cut guard
+ * A capture file is read through a read-only MAP_SHARED mapping (engine/capture/capture.lua M.file).  When another
+ * process cuts the file (truncate) while it is read, a load from a page wholly past the new end raises SIGBUS, which
+ * killed the capture process with the records it had read but not yet published.  lp_cutguard_arm(addr, len, fd)
+ * makes such a fault harmless: a SIGBUS whose address lies in [addr, addr + len), the mapping of the open file `fd`,
+ * on a page that starts at or past the file's size now (fstat: the page is gone because the file was cut) maps a
+ * private zero page over the faulting page (MAP_FIXED; the rest of the mapping is untouched, the file itself never)
+ * and returns, so the load is retried and reads zeros, as the tail of the page holding the new end does.  Zeros are
+ * never taken for data: the caller compares every record it read with the file's size (lp_fsize) before it publishes
+ * it (capture.lua settle).  Any other SIGBUS (elsewhere, or a page the file still holds: an I/O error, a memory
+ * error, or one that cannot be mapped over) restores the previous disposition and returns: the load faults again and
+ * the process dies of it as before.  One range per process (the capture process reads one file at a time);
+ * lp_cutguard_arm(NULL, 0, -1) disarms.  Returns 0 or -errno (sigaction).  lp_cutguard_end(): where the first page
+ * mapped over starts.  Async-signal safety: the handler calls
+ * only fstat, mmap and sigaction (system calls) and reads atomics. */
+#include <signal.h>
+#include <sys/stat.h>
+static uintptr_t lp_cg_lo, lp_cg_hi, lp_cg_page, lp_cg_low;     /* lp_cg_low: lowest page mapped over (or hi) */
+static int lp_cg_fd = -1;
+static struct sigaction lp_cg_prev;
+static int lp_cg_installed;
+
+static void lp_cg_handler(int sig, siginfo_t *si, void *ctx) {
+    (void)ctx;
+    uintptr_t a = (uintptr_t)si->si_addr;
+    uintptr_t lo = __atomic_load_n(&lp_cg_lo, __ATOMIC_ACQUIRE), hi = __atomic_load_n(&lp_cg_hi, __ATOMIC_ACQUIRE);
+    struct stat st;
+    if (sig == SIGBUS && a >= lo && a < hi && fstat(__atomic_load_n(&lp_cg_fd, __ATOMIC_ACQUIRE), &st) == 0) {
+        uintptr_t page = lp_cg_page, pg = a & ~(page - 1);
+        if (pg >= lo && pg - lo >= (uintptr_t)st.st_size &&
+            mmap((void *)pg, page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED) {
+            if (pg < __atomic_load_n(&lp_cg_low, __ATOMIC_RELAXED)) __atomic_store_n(&lp_cg_low, pg, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+    sigaction(SIGBUS, &lp_cg_prev, NULL);
+    lp_cg_installed = 0;
+}
+
+int lp_cutguard_arm(const void *addr, uint64_t len, int fd) {
+    if (addr != NULL && !lp_cg_installed) {
+        struct sigaction sa;
+        lp_cg_page = (uintptr_t)sysconf(_SC_PAGESIZE);
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = lp_cg_handler;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGBUS, &sa, &lp_cg_prev) != 0) return -errno;
+        lp_cg_installed = 1;
+    }
+    __atomic_store_n(&lp_cg_fd, fd, __ATOMIC_RELEASE);
+    __atomic_store_n(&lp_cg_low, addr != NULL ? (uintptr_t)addr + len : 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&lp_cg_lo, (uintptr_t)addr, __ATOMIC_RELEASE);
+    __atomic_store_n(&lp_cg_hi, addr != NULL ? (uintptr_t)addr + len : 0, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Offset in the guarded mapping of the first page the guard has mapped over since lp_cutguard_arm (the mapping's length
+ * when none): those pages read as zeros for good, even if the file grows again (written after a cut). */
+double lp_cutguard_end(void) {
+    return (double)(__atomic_load_n(&lp_cg_low, __ATOMIC_ACQUIRE) - __atomic_load_n(&lp_cg_lo, __ATOMIC_ACQUIRE));
+}
+
+/* Size in bytes of the open file `fd` now (fstat), or -errno. */
+double lp_fsize(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return -errno;
+    return (double)st.st_size;
+}
+
 static struct PyModuleDef lpsync_module = {
     PyModuleDef_HEAD_INIT, "_lpsync",
     "Atomic loads/stores, fences and futex calls for LuaJIT FFI (use via ffi.load).",

@@ -250,6 +250,15 @@ function Ring:commit()
   self.pushed_local = self.pushed_local + 1
 end
 
+--- Drop the records committed since the producer stood at `tail` with `pushed` records (a position reserve() started
+--- from, at or after the last publish(): the consumer never saw them), and the PAD a reserve() may have put before
+--- them.  The capture process takes back the records it read from a capture file cut under it (capture.lua settle).
+--- Their prefetch hints stay stale (only ever an address to load from, module doc).
+function Ring:rewind(tail, pushed)
+  assert(tail >= C.lp_load(self.tail_p) and tail <= self.tail_local, "rewind past the published tail")
+  self.tail_local, self.pushed_local = tail, pushed
+end
+
 --- Make every committed record visible and wake a sleeping consumer.
 function Ring:publish()
   self.pushed_p[0] = self.pushed_local  -- statistic; ordered by the release below

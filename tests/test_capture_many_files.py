@@ -1,5 +1,5 @@
-"""Many capture files in one run hold no descriptor per file (engine/capture/process.py: each file is mapped and its
-size check reads the mapping's own descriptor: Capture.size_now, mmap.size()).
+"""Many capture files in one run hold no descriptor per file (engine/capture/process.py: each file is mapped, and the
+descriptor its size checks read, Capture.fd, is closed with the mapping when the file is done).
 
 3d8f355 gave capture.lua a size check per file, a Python closure over an open descriptor that was closed only when
 Lua's collector dropped the closure: 300 files under a soft RLIMIT_NOFILE of 128 left the capture process without

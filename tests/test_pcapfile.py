@@ -631,10 +631,10 @@ def test_pcapng_epb_flags_fcs_length_overrides_if_fcslen(bo, if_fcs, epb_fcs, be
 
 
 def test_size_now_is_the_mapped_files_size_whatever_its_path_names_since(tmp_path):
-    """Capture.size_now (capture.lua M.file's check for a file cut while it is read) is the size of the file that
-    was mapped: cut in place, it shrinks; another, smaller file renamed over the path changes nothing (the check
-    reopened the path, e246e71's SizeNow: it measured the other file, and a read would have ended early with a false
-    'cut' input error).  Truth: os.stat of the files themselves."""
+    """Capture.size_now (fstat of Capture.fd, the descriptor capture.lua M.file's checks for a file cut while it is
+    read use) is the size of the file that was mapped: cut in place, it shrinks; another, smaller file renamed over
+    the path changes nothing (the check reopened the path, e246e71's SizeNow: it measured the other file, and a read
+    would have ended early with a false 'cut' input error).  Truth: os.stat of the files themselves."""
     path, other = tmp_path / "a.pcap", tmp_path / "b.pcap"
     shutil.copyfile(os.path.join(PCAPS, "http-get-text.pcap"), path)
     other.write_bytes(path.read_bytes()[:100])

@@ -23,8 +23,19 @@ local REC, recp = packet.REC_SIZE, packet.recp
 local u32p = ffi.typeof("const uint32_t *")
 local bxor, rshift = bit.bxor, bit.rshift
 pcall(ffi.cdef, "void *memmove(void *dest, const void *src, size_t n);")
+pcall(ffi.cdef, [[
+int lp_cutguard_arm(const void *addr, uint64_t len, int fd);
+double lp_fsize(int fd);
+double lp_cutguard_end(void);
+typedef struct { double at, fin, tail, pushed, bytes; int32_t ring; } lp_cap_log;
+]])
 local C = ffi.C
+local S = ring.lib                               -- _lpsync (shm/_lpsync.c): the cut guard, lp_fsize
 local M = {}
+--- Records between publishes (push): a stream's, and a mapped file's, which are published only after an fstat() of
+--- the file (a system call, and the TLB misses after it: at every 64th record the file loop took 18.4 ns a packet of
+--- small-few instead of 11.7, at every 1024th 12.4; tools/bench/capture_ab.py, medians of 5 rounds)
+local STREAM_EVERY, FILE_EVERY = 64, 1024
 
 --- Shard (0-based) of a decoded packet among `n`: XOR of the 32-bit words of both
 --- addresses (commutative, so A->B and B->A agree; fragments carry the same
@@ -61,6 +72,7 @@ function Sharder:pick(ptr, caplen, linktype, ts_sec, stop)
   decode.decode(d, ptr, caplen, linktype)
   local k = M.shard_of(d, self.n)
   if ts_sec ~= self.sec then
+    if self.settle and not self.settle() then return nil end  -- the TIME records publish: the file's records first
     self.sec = ts_sec
     local text = tostring(ts_sec)
     for i = 1, self.n do
@@ -132,11 +144,79 @@ M.clipped = 0    --- records cut to the packet ring's record limit (engine/captu
 --- first packet's own second and the newest second pushed so far (after the shift), nil before any packet.
 M.shift, M.first_sec, M.max_sec = 0, nil, nil
 
-local function push(r, rd, stop)
+--- The records committed since the last publish, one entry each (push): the file offsets where the record's bytes
+--- start (`at`, after the blocks before it) and end (`fin`), its ring (1-based in a sharder) and that ring's producer
+--- position and record count before it (`tail`, `pushed`), and the run's byte count before it.
+local LOG = ffi.new("lp_cap_log[?]", FILE_EVERY + 1)
+
+--- A file cut (truncated in place) while it is read: the records committed since the last publish that end past
+--- the file's size `now` are taken back from their rings (Ring:rewind), so that the publish after it shows only
+--- records the file still holds.  Returns how many entries of the log are kept.
+local function take_back(r, rings, since, now)
+  local keep = since
+  while keep > 0 and LOG[keep - 1].fin > now do keep = keep - 1 end
+  for i = since - 1, keep, -1 do
+    local e = LOG[i]
+    rings[e.ring]:rewind(e.tail, e.pushed)
+    if r.counts then r.counts[e.ring] = r.counts[e.ring] - 1 end
+  end
+  return keep
+end
+
+--- The error of a file cut to `now` bytes whose walk went past its new end, the records before file offset `done`
+--- walked: the error a file that short gives at the first record it no longer holds (the walker reads it again with
+--- the new size); the capture header cut: at offset 0, with the header's error; cut at a record's end: the cut; cut
+--- behind records read and checked before it (published, push's settle): at the end of those records.
+local function cut_error(rd, done, now)
+  if now < rd.header_end then
+    local _, msg = pcall(pcapfile.open, rd.base, now)
+    rd.error = ("the file was cut to %d bytes while it was read: %s"):format(now, (tostring(msg):gsub("^offset %d+: ", "")))
+    rd.error_offset = 0
+    return
+  end
+  rd.offset, rd.error, rd.error_offset = done, nil, nil
+  if rd:next() == nil and rd.error then return end
+  rd.error = done > now and ("the file was cut to %d bytes after the records before this offset were read"):format(now)
+             or ("the file was cut to %d bytes while it was read"):format(now)
+  rd.error_offset = done
+end
+
+local function push(r, rd, stop, fd)
   local n, bytes, since, stopped = 0, 0, 0, false
   local sharded = r.rings ~= nil
+  local rings = sharded and r.rings or { r }
   local slack = M.refill_slack(r)
   local shift, top, first = M.shift, M.max_sec or -1, M.first_sec
+  local every = fd and FILE_EVERY or STREAM_EVERY
+  local done = rd.offset          -- file offset where the records committed so far end
+  local cut = false               -- a cut ended the walk (rd.error says where)
+  -- Publish every committed record.  A mapped file (fd): only after fstat() shows the file still holds them.  Sizes
+  -- only shrink, so a record the file holds now held real bytes when it was read (past the end a read gets zeros: the
+  -- rest of the new end's page, or a page the cut guard mapped over a SIGBUS, M.file).  The file cut below the
+  -- walker's size: records past the new end are taken back, the walker's size becomes the new end, and when it had
+  -- read past it the record at the new end is read again, for the error a file that short gives (the walk ends);
+  -- else the walk goes on up to the new end.  Returns false when the cut ended the walk.  (A file cut and written
+  -- again past the cut between two checks: the pages the guard mapped over still end it (lp_cutguard_end); the rest
+  -- of the new end's page, if it was read as zeros before the writes, is not seen.)
+  local function settle()
+    if fd then
+      local now, zeros = S.lp_fsize(fd), S.lp_cutguard_end()   -- the guard's zero pages hold no record, whatever
+      if zeros < now then now = zeros end                      -- was written there since
+      if now >= 0 and now < rd.size then
+        local keep = take_back(r, rings, since, now)
+        if keep < since then n, bytes, done = n - (since - keep), LOG[keep].bytes, LOG[keep].at end
+        rd.size, rd.cut = now, true
+        if keep < since or rd.error or rd.offset > now then
+          cut_error(rd, done, now)
+          cut = true
+        end
+      end
+    end
+    r:publish()
+    since = 0
+    return not cut
+  end
+  if sharded then r.settle = settle end
   while true do
     if n % 4096 == 4095 and stop() then stopped = true; break end
     local at = rd.offset
@@ -145,22 +225,22 @@ local function push(r, rd, stop)
     if first == nil then first = ts_sec end
     ts_sec = ts_sec + shift
     if ts_sec > top then top = ts_sec end
-    local rr = r
-    if sharded then rr = r:pick(ptr, caplen, linktype, ts_sec, stop) end
+    local rr, k = r, 1
+    if sharded then
+      rr = r:pick(ptr, caplen, linktype, ts_sec, stop)
+      if rr == nil then break end
+      k = r.last
+    end
     if REC + caplen > rr.max_record then     -- longer than half the packet ring (--packet-ring-mb 1: 512 KiB): cut
       caplen = rr.max_record - REC           -- to fit, as a smaller snaplen would (wirelen kept); was an input error
       M.clipped = M.clipped + 1              -- that named capture.lua and ended the file at "byte offset 0"
     end
+    local tail, pushed = rr.tail_local, rr.pushed_local
     local p = rr:reserve(REC + caplen)
     if p == nil then
-      if sharded then r:publish() end
+      if not settle() then break end          -- the file's records are checked and published before the wait
       p = reserve(rr, REC + caplen, stop, slack)
       if p == nil then stopped = true; break end
-      if rd.cut and ptr + caplen > rd.base + rd.size then   -- the file was cut during the wait (M.file), before
-        rd.error = ("truncated record: the file was cut to %d bytes while it was read"):format(rd.size)
-        rd.error_offset = at                                -- this record's end: never read past the new end
-        break
-      end
     end
     local h = cast(recp, p)
     h.kind, h.ts_sec, h.ts_nsec, h.wirelen, h.caplen = packet.PKT, ts_sec, ts_nsec, wirelen, caplen
@@ -168,10 +248,17 @@ local function push(r, rd, stop)
     copy(p + REC, ptr, caplen)
     rr:commit()
     if sharded then r:committed() end
+    local e = LOG[since]
+    e.at, e.fin, e.tail, e.pushed, e.bytes, e.ring = at, rd.offset, tail, pushed, bytes, k
+    done = rd.offset
     n, bytes, since = n + 1, bytes + wirelen, since + 1
-    if since >= 64 then r:publish(); since = 0 end
+    if since >= every and not settle() then break end
   end
-  r:publish()
+  if not cut then settle() end
+  if sharded then r.settle = nil end
+  if rd.cut and not rd.error and not stopped then         -- cut at a record's end: still not the file it was
+    rd.error, rd.error_offset = ("the file was cut to %d bytes while it was read"):format(rd.size), rd.size
+  end
   if top >= 0 then M.max_sec = top end
   M.first_sec = first
   return n, bytes, stopped
@@ -188,19 +275,35 @@ end
 --- Copy every packet of one mapped file into ring `r` (or a sharder).  Returns
 --- packets, bytes, on corruption the error message and byte offset, and true
 --- when stop() ended the walk before the end of the file (checked while
---- waiting for ring space and every 4096 records).
-function M.file(r, addr, size, stop, size_now)
-  local rd = pcapfile.open(addr, size)
-  if size_now then            -- the file's size now (fstat): a file cut while read ends at its new end, as a file
-    local plain = stop        -- that short would, instead of the mapped page past it faulting (SIGBUS); checked
-    stop = function()         -- where stop() is (waits for ring space, every 4096 records)
-      local now = tonumber(size_now())
-      if now and now < rd.size then rd.size, rd.cut = now, true end
-      return plain()
+--- waiting for ring space and every 4096 records).  `fd` (optional): the mapped file's descriptor: a file cut
+--- (truncated in place) while it is read ends at its new end, as a file that short does (an error at the offset of
+--- the first record it no longer holds), every record before it published once (push's settle), none past it:
+--- the cut guard (shm/_lpsync.c) turns the SIGBUS of a read past the new end into a read of zeros, and no record is
+--- published before fstat() shows the file still holds it.
+function M.file(r, addr, size, stop, fd)
+  if fd then
+    local rc = S.lp_cutguard_arm(cast("const void *", addr), size, fd)
+    if rc ~= 0 then error("offset 0: cannot guard the mapping (sigaction: " .. rc .. ")", 0) end
+  end
+  local ok, rd = pcall(pcapfile.open, addr, size)
+  if not ok and fd then                    -- a header read past a cut: the header error of a file that short
+    local now = S.lp_fsize(fd)
+    if now >= 0 and now < size then
+      ok, rd = pcall(pcapfile.open, addr, now)
+      if ok then rd.cut = true
+      else rd = ("offset 0: the file was cut to %d bytes while it was read: %s"):format(now,
+                 (tostring(rd):gsub("^offset %d+: ", ""))) end
     end
   end
-  local n, bytes, stopped = push(r, rd, stop)
-  return n, bytes, rd.error, rd.error_offset, stopped
+  if not ok then
+    if fd then S.lp_cutguard_arm(nil, 0, -1) end
+    error(rd, 0)
+  end
+  rd.header_end = rd.offset
+  local res = { pcall(push, r, rd, stop, fd) }
+  if fd then S.lp_cutguard_arm(nil, 0, -1) end
+  if not res[1] then error(res[2], 0) end
+  return res[2], res[3], rd.error, rd.error_offset, res[4]
 end
 
 --- A capture read sequentially (stdin, a FIFO: engine/capture/process.py feeds it), in a buffer of `cap`

@@ -41,26 +41,29 @@ class Capture:
     what ``pcapfile.open(addr, size)`` takes in Lua; they stay valid until
     :meth:`close`.  Usable as a context manager."""
 
-    def __init__(self, path, mm: mmap.mmap, size: int):
+    def __init__(self, path, mm: mmap.mmap, size: int, fd: int):
         self.path = os.fsdecode(path)
         self.size = size
+        self.fd = fd               #: the mapped file, open read-only (close-on-exec) until close(): capture.lua's size checks
         self._mm = mm
         self._view = np.frombuffer(mm, dtype=np.uint8)  # read-only buffer export
         self.address = int(self._view.ctypes.data)
 
     def size_now(self) -> int:
-        """The mapped file's size in bytes now: fstat() of the mapping's own descriptor (``mmap.size()``; the same
-        file whatever its path names since, and no descriptor of our own).  A file cut while it is read ends at its
-        new end (capture.lua ``M.file``).  After :meth:`close`: ``size``."""
-        return self._mm.size() if self._mm is not None else self.size
+        """The mapped file's size in bytes now: fstat() of :attr:`fd`, the descriptor the file was mapped from (the
+        same file whatever its path names since).  capture.lua ``M.file`` makes the same check in C (``lp_fsize``)
+        before it publishes records: a file cut while it is read ends at its new end.  After :meth:`close`: ``size``."""
+        return os.fstat(self.fd).st_size if self._mm is not None else self.size
 
     def close(self) -> None:
-        """Unmap the file.  Pointers the Lua side still holds become invalid."""
+        """Unmap the file and close :attr:`fd`.  Pointers the Lua side still holds become invalid."""
         if self._mm is not None:
             self._view = None
             self._mm.close()
             self._mm = None
             self.address = 0
+            os.close(self.fd)
+            self.fd = -1
 
     def __enter__(self) -> "Capture":
         return self
@@ -95,9 +98,11 @@ def open_capture(path) -> Capture:
             mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
         except OSError as e:
             raise InputError(path, 0, f"cannot map: {e.strerror}") from None
-        return Capture(path, mm, st.st_size)
+        cap, fd = Capture(path, mm, st.st_size, fd), -1      # the Capture owns the descriptor now
+        return cap
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 _vm = None

@@ -183,7 +183,7 @@ def main(argv=None) -> int:
             lua.table_from(rings), lua.table_from([b.address for b in bells]), PUSHED_OFFSET)
     pkt = lua.eval("require('luaprobe.engine.plugins.packet')")
     control = lua.eval("function(r, k, t) require('luaprobe.engine.capture.capture').control(r, k, t) end")
-    run_file = lua.eval("function(r, a, s, stop, now) return require('luaprobe.engine.capture.capture').file(r, a, s, stop, now) end")
+    run_file = lua.eval("function(r, a, s, stop, fd) return require('luaprobe.engine.capture.capture').file(r, a, s, stop, fd) end")
     if args.interface:
         return _live(args, lua, ring, control, pkt, stop)
     if args.generate:
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
                 continue
             with open_capture(path) as c:
                 try:
-                    n, nbytes, err, off, stopped = run_file(ring, c.address, c.size, lambda: stop[0], c.size_now)
+                    n, nbytes, err, off, stopped = run_file(ring, c.address, c.size, lambda: stop[0], c.fd)
                 except Exception as e:                      # a bad file header raises in Lua
                     off, msg = split_lua_error(e)
                     raise InputError(path, off, msg) from None

@@ -151,11 +151,12 @@ def file_sizes(files) -> dict:
 
 
 def shrunk_file(sizes: dict, status) -> str | None:
-    """The input error (``FILE: byte offset N: ...``) when the capture process died of SIGBUS because an input file
-    it maps was cut while it read it (the first page past the new end faults), else None: a SIGBUS with every file
-    whole, or any other death, stays a capture death (exit 1).  ``sizes``: file_sizes() at the start; N is the
-    file's size now, where reading ended.  The capture process publishes its records every 64
-    (engine/capture/capture.lua push), so up to 63 records it read just before the fault are not walked."""
+    """The input error (``FILE: byte offset N: ...``) when the capture process died of SIGBUS and an input file it
+    maps was cut, else None: a SIGBUS with every file whole, or any other death, stays a capture death (exit 1).
+    ``sizes``: file_sizes() at the start; N is the file's size now.  A fallback: the capture process's cut guard
+    (shm/_lpsync.c lp_cutguard_arm) turns the SIGBUS of a read past a cut into zeros that it never publishes
+    (engine/capture/capture.lua push), so it dies of one only when the guard cannot map over the page, and then the
+    records it read since its last publish are not walked."""
     if status != -signal.SIGBUS:
         return None
     for path, size in sizes.items():
