@@ -19,6 +19,9 @@ descriptors is needed:
 * a supervisor at its limit (set just above its pidfile's descriptor, below which it holds only what it opened at
   its start) answers every client on its spare descriptor with the cause, at once (Supervisor._accept_spare).
 
+* a supervisor whose limit is set to 3 and which then stops (SIGTERM) or gives up (a crash loop) still writes its
+  final state.json, through the descriptors it holds for it (control.HeldWrite), so `status` tells stopped from failed.
+
 Real daemons (tests/test_supervisor.py's fixture), real limits (prlimit), no mock.
 """
 from __future__ import annotations
@@ -191,4 +194,48 @@ def test_a_fast_path_crash_while_the_supervisor_is_out_of_descriptors_is_restart
     assert st["supervisor_pid"] == before["supervisor_pid"] and st["fastpath_pid"] not in (None, old), st
     helpers.wait_for(lambda: not [n for n in segment.list_segments() if segment.owner_pid(n) == old], 30, 0.05)
     assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+def stop_at_limit_3(daemon, stop) -> psutil.Process:  # noqa: F811
+    """The running supervisor's soft RLIMIT_NOFILE set to 3, below every descriptor it holds but the standard
+    streams (its spare one too: freeing it frees no slot it may use), then ``stop(status)`` ends it; returns it
+    once it has exited (it is not restored: whatever it writes at the end is written at the limit)."""
+    before = daemon.status()
+    proc = psutil.Process(before["supervisor_pid"])
+    fds = os.listdir(f"/proc/{proc.pid}/fd")
+    spare = min(int(n) for n in fds if os.readlink(f"/proc/{proc.pid}/fd/{n}") == daemon.run_dir)
+    assert spare >= 3, spare                               # the spare: the run directory, opened first in run()
+    proc.rlimit(psutil.RLIMIT_NOFILE, (3, proc.rlimit(psutil.RLIMIT_NOFILE)[1]))
+    stop(before)
+    proc.wait(120)
+    return proc
+
+
+def test_a_supervisor_stopped_below_its_spare_descriptor_still_writes_its_final_state(daemon):  # noqa: F811
+    """SIGTERM to a supervisor at RLIMIT_NOFILE 3: it stops gracefully, and its final state.json is written through
+    the descriptors it held for it (control.HeldWrite: an O_TMPFILE file linked and renamed into place), so
+    `status` says "stopped" (exit 3, the fast path's last exit, who stopped it), not "stopped (supervisor gone; was
+    running)", as on 0217f6c: the state it had saved before the limit, the stop and its end unwritten."""
+    daemon.start()
+    stop_at_limit_3(daemon, lambda st: os.kill(st["supervisor_pid"], signal.SIGTERM))
+    r = daemon.cli("status", "--json")
+    st = json.loads(r.stdout)
+    assert (r.returncode, st["state"], st["last_exit"], st["stopped_by"]) == (3, "stopped", "exit status 0", "SIGTERM"), \
+        (r.returncode, r.stdout, r.stderr)
+    assert not [n for n in os.listdir(daemon.run_dir) if ".tmp" in n]
+    assert not daemon.alive() and not daemon.segments()
+
+
+def test_a_supervisor_that_fails_below_its_spare_descriptor_says_failed(daemon):  # noqa: F811
+    """A supervisor at RLIMIT_NOFILE 3 whose fast path exits (SIGTERM to the fast path: a looping source's exit is a
+    crash) cannot start another (active_config.json: EMFILE) and, with crash_loop_restarts = 1, gives up: its final
+    state "failed: crash loop (...)" is written, and `status` exits 1 ("failed", docs/operations.md) with the cause.
+    On 0217f6c: "stopped (supervisor gone; was running)", exit 3, as if nothing had failed."""
+    daemon.start(crash_loop_restarts=1)
+    stop_at_limit_3(daemon, lambda st: os.kill(st["fastpath_pid"], signal.SIGTERM))
+    r = daemon.cli("status")
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout.startswith("state:      failed: crash loop (last exit: cannot start the fast path: writing "
+                               f"{control.path(daemon.run_dir, 'active_config.json')}: Too many open files)"), r.stdout
     assert not daemon.alive() and not daemon.segments()

@@ -416,6 +416,62 @@ def write_json(file: str, obj) -> None:
         raise
 
 
+class HeldWrite:
+    """One atomic write of a JSON ``file`` that needs no new descriptor, its descriptors opened ahead: an unnamed file
+    in ``file``'s directory (``O_TMPFILE``, 0600) and the directory itself.  A process at its RLIMIT_NOFILE (EMFILE;
+    the limit may have been lowered under it, below every descriptor it holds but the standard streams) or at the
+    system's (ENFILE) can then still write its last word: the JSON goes into the unnamed file, which is linked into
+    the directory as ``FILE.tmpPID`` (linkat through /proc/self/fd with AT_SYMLINK_FOLLOW: no descriptor, no
+    capability) and renamed over ``file``, as :func:`write_json` does.  Used once, then closed.  Where the filesystem
+    has no O_TMPFILE (or /proc is not mounted: the link fails), nothing is held (``fd`` None) and :meth:`write_json`
+    raises OSError like a write that found no descriptor."""
+
+    def __init__(self, file: str):
+        self.file = os.path.abspath(file)
+        self.fd: int | None = None
+        self.dir_fd: int | None = None
+        where = os.path.dirname(self.file)
+        try:
+            self.dir_fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.fd = os.open(where, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        except (OSError, AttributeError):      # no O_TMPFILE here (EOPNOTSUPP, EISDIR on old kernels), no descriptor
+            self.close()
+
+    def write_json(self, obj) -> None:
+        """Replace ``file`` with ``obj`` as JSON through the held descriptors, then close them.  OSError (ENOSPC,
+        nothing held: EBADF) leaves ``file`` as it was and no temporary name behind."""
+        if self.fd is None or self.dir_fd is None:
+            raise OSError(errno.EBADF, f"no descriptor held for {self.file}")
+        name = os.path.basename(self.file)
+        tmp = f"{name}.tmp{os.getpid()}"
+        data = json.dumps(obj, default=str).encode()
+        try:
+            os.ftruncate(self.fd, 0)
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], done)
+            try:
+                os.unlink(tmp, dir_fd=self.dir_fd)
+            except FileNotFoundError:
+                pass
+            os.link(f"/proc/self/fd/{self.fd}", tmp, dst_dir_fd=self.dir_fd)      # linkat(..., AT_SYMLINK_FOLLOW)
+            os.replace(tmp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=self.dir_fd)
+            except OSError:
+                pass
+            raise
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for fd in (self.fd, self.dir_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.dir_fd = None
+
+
 def read_json(file: str):
     """The JSON in ``file`` or None (missing, being replaced, or damaged: not JSON, not UTF-8; or not readable now:
     EMFILE in a supervisor out of file descriptors, EACCES, EIO, a directory)."""

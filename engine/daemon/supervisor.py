@@ -216,6 +216,7 @@ class Supervisor:
         self.spare: int | None = None           # a descriptor held in reserve for answering at EMFILE (_accept_spare)
         self.out_claim = None                   # usage.OutClaim of [run] out_dir while run() holds it
         self.sweep_pending = False              # a segment sweep failed (EMFILE): tried again each turn (_sweep)
+        self.final_state: control.HeldWrite | None = None   # descriptors held for the last state.json (_save_state)
 
     # ------------------------------------------------------------ child
     def _spawn(self) -> None:
@@ -612,11 +613,26 @@ class Supervisor:
         self.state = state
         self._save_state()
 
-    def _save_state(self) -> None:
+    def _save_state(self, last: bool = False) -> None:
+        """state.json now.  ``last``: the supervisor's final state, which `status` and `stop` read once it is gone;
+        when no descriptor can be had for it (EMFILE: its RLIMIT_NOFILE lowered below the descriptors it holds, the
+        spare's too; ENFILE) it is written through the descriptors held for it since the start (control.HeldWrite).
+        Before, such a supervisor left its last saved state ("running", "stopping") and `status` said "stopped
+        (supervisor gone; was running)", exit 3 also when it had failed (exit 1)."""
         self._saved_at = time.monotonic()
+        state = self.status() | {"saved": time.time()}
         try:
-            control.write_json(control.path(self.run_dir, control.STATE), self.status() | {"saved": time.time()})
+            control.write_json(control.path(self.run_dir, control.STATE), state)
         except OSError as e:
+            if last and e.errno in (errno.EMFILE, errno.ENFILE) and self.final_state is not None:
+                try:
+                    self.final_state.write_json(state)
+                except OSError as e2:
+                    log.error("cannot write the final state.json in %s through its held descriptor either: %s",
+                              self.run_dir, e2.strerror or e2)
+                else:
+                    self._file_ok("state.json")
+                    return
             self._file_error("state.json", e)
         else:
             self._file_ok("state.json")
@@ -832,6 +848,8 @@ class Supervisor:
             pidfile.release()
             self._release_spare()
             return refuse(f"cannot drop privileges: {e}")
+        # after the privileges are dropped: the state.json it makes is the running user's, as every other write's
+        self.final_state = control.HeldWrite(control.path(self.run_dir, control.STATE))
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
@@ -968,7 +986,8 @@ class Supervisor:
                 os.unlink(control.path(self.run_dir, control.SOCKET))
             except FileNotFoundError:
                 pass
-            self._save_state()
+            self._save_state(last=True)
+            self.final_state.close()
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old.items():
                 signal.signal(s, h)
