@@ -75,8 +75,8 @@ def wait_as_spare(argv) -> list | None:
     JSON array of strings; None at EOF: the run ended without using it).  stdin is /dev/null afterwards, as for a
     worker started directly."""
     die_with_parent(int(argv[argv.index("--ppid") + 1]))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):   # the parent decides when we stop (main())
+        signal.signal(sig, signal.SIG_IGN)
     from luaprobe.shm import logs, segment, luajit, searchpath  # noqa: F401  (warm: the slow part of a start)
     luajit.new_runtime([])
     line = sys.stdin.buffer.readline()
@@ -98,8 +98,12 @@ def main(argv=None, remote=None) -> int:
             return 0
     args = parse_args(argv)
     die_with_parent(args.ppid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # a terminal's hangup too
+    # the parent decides when we stop (it ends us by SIGKILL, pool.py; so does its death, PR_SET_PDEATHSIG): a
+    # terminal's Ctrl-C or hangup, or a SIGTERM to the whole process group (`timeout`, systemd's control-group
+    # stop), is the fast path's to handle.  Before, a group SIGTERM killed the workers ("async worker 1 killed by
+    # SIGTERM; restarting") while the fast path was draining their tasks.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     from luaprobe.shm import logs
     from luaprobe.shm import segment
 

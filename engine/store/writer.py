@@ -18,8 +18,9 @@ Writer -> parent (stdout): ["ready"] | ["fatal", message] | ["ack", seq, error] 
 The writer never exits silently with data in flight: bad rows are counted and reported, a fatal
 SQLite error (disk full, read-only, I/O) stops writing and is reported, and ``close()`` raises
 :class:`StoreError` for either.  The writer exits when its stdin reaches EOF (the parent closed it
-or died) or when its parent pid changes (the pipe may survive in a forked sibling); SIGINT is
-ignored (a terminal Ctrl-C is the supervisor's to handle) and SIGTERM commits and exits.
+or died) or when its parent pid changes (the pipe may survive in a forked sibling); SIGINT, SIGHUP and
+SIGTERM are ignored (a signal to the whole process group is the fast path's to handle: it stops, then closes
+the pipe).
 
 Read side: :class:`Store` opens the database read-only (works while a run is still writing, WAL).
 """
@@ -1034,12 +1035,12 @@ _STARTUP_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM}   # blocked fr
 
 def serve(path: str, ppid: int, max_page_count: int | None = None, flow_ids: tuple[int, int, int] | None = None) -> int:
     """The writer process: read batches from stdin until close/EOF; report on stdout."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)        # a terminal's hangup is the fast path's to handle
-
-    def on_term(signum, frame):
-        raise SystemExit(0)
-    signal.signal(signal.SIGTERM, on_term)
+    # SIGINT, SIGHUP and SIGTERM are the fast path's to handle: it stops gracefully and then closes our pipe ("c").
+    # A signal to the whole process group (Ctrl-C, `timeout`, `kill -TERM -PGID`, systemd's KillMode=control-group)
+    # reaches us too; before, SIGTERM ended the writer at once and the run lost every row not yet written (exit 1,
+    # an empty database).  We still end when the parent dies (EOF, the ppid check) or by SIGKILL.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_SIGNALS)     # blocked by StoreWriter until now
     fd = 0
     os.set_blocking(1, False)          # _send: progress reports never block the writer
