@@ -49,6 +49,32 @@ def package_dirs() -> dict[str, str]:
     return out
 
 
+EXTENSIONS = ("luaprobe.shm._lpsync", "luaprobe.engine.plugins._lpwatch", "luaprobe.engine.plugins._lpre2")
+#: the compiled modules of setup.py, each built from the .c / .cc file of its name beside it in a source tree
+
+
+def stale_extensions() -> list[str]:
+    """"BUILT.so is older than SOURCE.c" for each compiled module of :data:`EXTENSIONS` whose source beside it
+    (a source tree with an editable install; an installed wheel has none) was modified after the build: a `git
+    pull` that changed shm/_lpsync.c without `pip install -e .`.  Such a tree ran on until LuaJIT met a new
+    symbol, and then failed far from the cause (`luaprobe demo` after a pull: exit 3 "input error: sample.pcap:
+    byte offset 0: ... undefined symbol: lp_cutguard_arm")."""
+    out = []
+    for name in EXTENSIONS:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            continue
+        built = spec.origin
+        stem = os.path.join(os.path.dirname(built), name.rsplit(".", 1)[1])
+        for src in (stem + ".c", stem + ".cc"):
+            try:
+                if os.stat(src).st_mtime > os.stat(built).st_mtime:
+                    out.append(f"{built} is older than {src}")
+            except OSError:
+                continue
+    return out
+
+
 def lpsync_path() -> str:
     """Path of the compiled _lpsync shared library."""
     spec = importlib.util.find_spec("luaprobe.shm._lpsync")

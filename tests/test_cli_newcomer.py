@@ -194,3 +194,30 @@ def test_sharded_written_line_counts_distinct_groups_and_one_incomplete_line(tmp
     (written,) = [x for x in r.stdout.splitlines() if x.startswith("written: ")]
     assert groups and decls and f"counter_groups {groups}," in written and f"decl_groups {decls} " in written
     assert s["rows_written"]["counter_groups"] == groups and s["rows_written"]["decl_groups"] == decls
+
+
+def test_a_tree_whose_c_sources_changed_after_the_build_is_one_line(tmp_path):
+    """After a `git pull` that changed shm/_lpsync.c without `pip install -e .`, `bash tools/demo.sh` (README) ran
+    on the stale build (its import worked) and failed with exit 3 "input error: .../sample.pcap: byte offset 0:
+    ... undefined symbol: lp_cutguard_arm", blaming the bundled capture.  Now run / demo / check / start say which
+    module is older than which source, exit 1, before anything starts (and demo.sh rebuilds).  A copy of the
+    package (its built modules and sources, mtimes kept) on PYTHONPATH, one source touched: the repository's own
+    tree is never touched."""
+    import shutil
+    copy = tmp_path / "ns" / "luaprobe"
+    for d in ("engine", "workers", "shm"):
+        shutil.copytree(os.path.join(helpers.REPO, d), copy / d, symlinks=True)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "ns"))
+    cmd = [sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", os.path.join(helpers.REPO, "engine", "examples",
+           "tcp_ports.lua"), "--pcap", os.path.join(helpers.REPO, SAMPLE), "-q"]
+    r = subprocess.run([*cmd, "--out", str(tmp_path / "o1")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr                             # the copy itself runs (its build is current)
+    src = copy / "shm" / "_lpsync.c"
+    os.utime(src, (src.stat().st_atime, src.stat().st_mtime + 60))  # what a checkout of a changed file does
+    built = [p for p in (copy / "shm").iterdir() if p.name.startswith("_lpsync.") and p.suffix == ".so"][0]
+    r = subprocess.run([*cmd, "--out", str(tmp_path / "o2")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert (r.returncode, r.stderr) == (1, f"luaprobe run: {built} is older than {src}: the source tree changed after "
+                                           "the build; rebuild with `pip install -e .` (in the repository)\n")
+    assert not (tmp_path / "o2").exists()

@@ -751,6 +751,9 @@ def _startup_stop(argv, e: StartupStop) -> int:
     return 128 + e.signum
 
 
+REBUILT_FIRST = ("run", "demo", "check", "start", "loadtest")   #: commands that load the compiled modules
+
+
 def main(argv=None) -> int:
     """Entry point of the `luaprobe` console script."""
     in_process = argv is not None        # main() called in-process (tests), not as the console script
@@ -770,6 +773,14 @@ def main(argv=None) -> int:
         if argv and argv[0] in DELEGATED:
             return DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:]))
         args = build_parser().parse_args(argv)
+        if getattr(args, "command", None) in REBUILT_FIRST:
+            from luaprobe.shm.luajit import stale_extensions
+            stale = stale_extensions()
+            if stale:                    # one line, before anything starts (exit 1: the installation, not the input)
+                print(f"luaprobe {args.command}: {stale[0]}{' (and more)' if len(stale) > 1 else ''}: the source "
+                      "tree changed after the build; rebuild with `pip install -e .` (in the repository)",
+                      file=sys.stderr)
+                return EXIT_INTERNAL
         return args.func(args)
     except StartupStop as e:             # before the command took over its signals: nothing was processed
         return _startup_stop(argv, e)
