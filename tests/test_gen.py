@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -301,3 +302,38 @@ def test_cli_and_luaprobe_subcommand(tmp_path, capsys):
     assert gen.main(["--out", str(tmp_path / "y"), "--size-dist", "uniform:9-5"]) == 2
     assert gen.main(["--out", str(tmp_path / "y"), "--gzip-fraction", "0.7", "--chunked-fraction", "0.7"]) == 2
     assert "usage error" not in capsys.readouterr().out
+
+
+def test_gen_out_dev_stdout_writes_a_clean_stream(tmp_path):
+    """`luaprobe gen --out /dev/stdout | tshark -r -`: before, the summary line followed the capture into the pipe
+    (tshark: "File has 980710767-byte packet") and a manifest /dev/stdout.bodies.json was planted in /dev.  Now the
+    summary goes to stderr and no manifest is written for a file that is not a regular file.  tshark reads every
+    record of the stream (the independent count), equal to the summary's."""
+    import re
+    planted = "/dev/stdout.bodies.json"
+    existed = os.path.exists(planted)
+    cmd = [sys.executable, "-m", "luaprobe.engine", "gen", "--out", "/dev/stdout", "--packets", "300", "--flows", "5",
+           "--seed", "4"]
+    try:
+        for into_file in (False, True):                 # a pipe into tshark, and stdout redirected into a file
+            if into_file:
+                with open(tmp_path / "s.pcap", "wb") as out:
+                    g = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)
+                t = subprocess.run(["tshark", "-r", str(tmp_path / "s.pcap"), "-T", "fields", "-e", "frame.number"],
+                                   capture_output=True, text=True, timeout=120)
+                gerr = g.stderr
+            else:
+                g = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                t = subprocess.run(["tshark", "-r", "-", "-T", "fields", "-e", "frame.number"], stdin=g.stdout,
+                                   capture_output=True, text=True, timeout=120)
+                g.stdout.close()
+                gerr = g.stderr.read().decode()
+                g.stderr.close()
+                g.wait(60)
+            assert g.returncode == 0 and t.returncode == 0, (gerr, t.stderr)
+            frames = len(t.stdout.split())
+            assert re.search(rf"^/dev/stdout: {frames:,} packets ", gerr, re.M), (into_file, frames, gerr)
+            assert os.path.exists(planted) == existed
+    finally:
+        if not existed and os.path.exists(planted):
+            os.unlink(planted)

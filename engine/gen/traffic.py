@@ -431,7 +431,7 @@ def new_builder(lua, cfg: GenConfig, flows, output: dict):
     return gen[b"new"](lcfg)
 
 def generate(cfg: GenConfig) -> dict:
-    """Write ``cfg.out`` and ``cfg.out + '.bodies.json'``; returns the summary (counts, rate)."""
+    """Write ``cfg.out`` and, when it is a regular file, ``cfg.out + '.bodies.json'``; returns the summary."""
     from luaprobe.shm import luajit
     t0 = time.perf_counter()
     rng = np.random.default_rng([cfg.seed, 1])
@@ -462,6 +462,8 @@ def generate(cfg: GenConfig) -> dict:
         "elapsed_s": round(elapsed, 3), "http_bodies_s": round(t_http, 3),
         "packets_per_s": round(stats["packets"] / elapsed) if elapsed > 0 else None,
     }
+    if not os.path.isfile(cfg.out) or _is_stdout(cfg.out):   # /dev/stdout, a FIFO, /dev/null: no manifest in /dev
+        return summary
     with open(cfg.out + ".bodies.json", "w") as f:
         json.dump({"capture": os.path.basename(cfg.out), "format": cfg.format, "seed": cfg.seed,
                    "stats": stats, "bodies": manifest}, f, indent=1)
@@ -549,18 +551,29 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"luaprobe gen: {e}", file=sys.stderr)
         return EXIT_USAGE
-    try:
+    to_stdout = _is_stdout(args.out)       # `gen --out /dev/stdout | tshark -r -`: the summary must not follow
+    try:                                   # the capture into the pipe (before: "File has 980710767-byte packet")
         s = generate(cfg)
     except OSError as e:
         print(f"luaprobe gen: {e}", file=sys.stderr)
         return EXIT_INTERNAL
+    out = sys.stderr if to_stdout else sys.stdout
     if args.json:
-        print(json.dumps(s))
+        print(json.dumps(s), file=out)
     else:
         print(f"{s['file']}: {s['packets']:,} packets  {s['bytes']:,} bytes  {s['flows']:,} flows  "
               f"{s['bodies']:,} bodies  ({s['format']}, seed {s['seed']}, {s['elapsed_s']} s, "
-              f"{s['packets_per_s']:,} packets/s)")
+              f"{s['packets_per_s']:,} packets/s)", file=out)
     return EXIT_OK
+
+
+def _is_stdout(path: str) -> bool:
+    """``path`` is the file our standard output writes to (/dev/stdout, /proc/self/fd/1, the pipe's name)."""
+    try:
+        a, b = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 if __name__ == "__main__":
