@@ -110,6 +110,15 @@ def test_json_lines_file_naming_a_file_the_daemon_reads_or_writes_is_refused(tmp
     assert os.listdir(tmp_path / "out") == [] and pcap.read_bytes() == open(SAMPLE, "rb").read()
 
 
+def test_a_byte_order_mark_is_named(tmp_path):
+    """A config saved with a UTF-8 BOM (Notepad): before, "c.toml:1:1: not valid TOML: Invalid statement", at a
+    place where the user sees nothing wrong.  Now the line names the mark and what to do; nothing started."""
+    err = start_refused(tmp_path, b"\xef\xbb\xbf" + BASE.encode())
+    assert err == (f"luaprobe start: {tmp_path / 'c.toml'}:1: byte offset 0: the file starts with a UTF-8 byte-order "
+                   "mark (EF BB BF, written by some Windows editors), which TOML does not allow: save it without one")
+    assert not (tmp_path / "out").exists()
+
+
 def test_json_lines_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     """A FIFO as json_lines_file: the write check opened it for appending, which blocks until a reader
     comes, so `start` hung; the file is rotated by renaming, which a FIFO cannot take.  Now exit 2, one

@@ -316,6 +316,9 @@ def load(path: str, run_dir: str | None = None) -> Config:
             data = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}", resource=e.errno in RESOURCE_ERRNOS) from None
+    if data.startswith(b"\xef\xbb\xbf"):       # before: "1:1: not valid TOML: Invalid statement", at a byte no editor shows
+        raise ConfigError(f"{path}:1: byte offset 0: the file starts with a UTF-8 byte-order mark (EF BB BF, written "
+                          "by some Windows editors), which TOML does not allow: save it without one")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
