@@ -707,3 +707,26 @@ def test_writers_closing_one_database_at_once_all_succeed(tmp_path):
         con = sqlite3.connect(path)
         assert con.execute("SELECT COUNT(*) FROM flow_toppers").fetchone()[0] == 20 * 3
         con.close()
+
+
+def test_writer_holds_the_claim_it_is_given_and_refuses_without_it(tmp_path):
+    """``StoreWriter(lock_fd=...)``: the writer process inherits the output directory's claim (usage.OutClaim) and
+    holds it while it lives: a second claim of the directory is refused while only the writer holds it (this
+    process's descriptor closed), and free again once the writer has exited.  A descriptor that is not an open
+    directory is a fatal open error naming it, nothing written."""
+    from luaprobe.engine.daemon.usage import UsageError, claim_out_dir
+    out = str(tmp_path / "o")
+    claim = claim_out_dir(out)
+    w = StoreWriter(os.path.join(out, DB_NAME), lock_fd=claim.fd)
+    w.wait_ready()
+    claim.release()                                  # this process's descriptor gone: the writer's alone holds it
+    with pytest.raises(UsageError, match="is writing into it now"):
+        claim_out_dir(out).release()
+    w.write("run", [("k", "v")])
+    assert w.close()["rows"]["run"] == 1
+    claim_out_dir(out).release()                     # the writer has exited: free
+    with open(tmp_path / "f", "w") as f:
+        w = StoreWriter(str(tmp_path / "x.sqlite"), lock_fd=f.fileno())
+        with pytest.raises(StoreError, match=rf"lock \(descriptor {f.fileno()}\) is not a directory"):
+            w.close()
+    assert not os.path.exists(tmp_path / "x.sqlite")

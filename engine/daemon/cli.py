@@ -338,7 +338,7 @@ def _run(args) -> int:
         cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
                         async_config=_async_config(args),
                         interface=interface, bpf=bpf, bpf_program=bpf_program, generate=generate,
-                        shards=getattr(args, "shards", 1),
+                        shards=getattr(args, "shards", 1), out_lock_fd=args.out_claim.fd,
                         **from_args(args), analysers=args.analysers)
         parse_analysers(args.analysers)
         if not 1 <= cfg.shards <= 64:

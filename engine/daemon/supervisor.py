@@ -225,6 +225,9 @@ class Supervisor:
         last_error says why, the restart is retried with backoff, or the state is ``failed: crash loop ...``."""
         active = control.path(self.run_dir, "active_config.json")      # the child runs exactly what was validated
         cmd = [sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--child", "--config", active, "--run-dir", self.run_dir]
+        claim = self.out_claim.fd if self.out_claim is not None and self.out_claim.fd is not None else None
+        if claim is not None:
+            cmd += ["--out-lock-fd", str(claim)]
         step = f"clearing {self.run_dir}"
         try:
             for name in (control.LOADED, control.LAST_ERROR):
@@ -241,8 +244,8 @@ class Supervisor:
             try:
                 # the out_dir claim's descriptor goes with it: its flock (one per open file) then holds until the
                 # fast path too has exited, so a supervisor killed with SIGKILL does not free out_dir for another
-                # `start` while its fast path, stopping by PR_SET_PDEATHSIG, still writes the database
-                claim = self.out_claim.fd if self.out_claim is not None and self.out_claim.fd is not None else None
+                # `start` while its fast path, stopping by PR_SET_PDEATHSIG, still writes the database; the fast path
+                # hands it on to its store writer (--out-lock-fd), which may outlive it (killed) while it commits
                 self.child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=() if claim is None else (claim,),
                                               cwd=os.path.dirname(self.cfg.path) or None)
             finally:
@@ -1026,8 +1029,9 @@ def final_snapshot(summary: dict) -> dict:
             "plugins": [dict(p, workers=[]) for p in summary["plugins"]]}
 
 
-def child_main(config_path: str, run_dir: str) -> int:
-    """One fast-path run under the supervisor: SIGTERM = finish now, normally."""
+def child_main(config_path: str, run_dir: str, out_lock_fd: int | None = None) -> int:
+    """One fast-path run under the supervisor: SIGTERM = finish now, normally.  ``out_lock_fd``: the supervisor's
+    claim of out_dir, inherited; the store writer (and shards) inherit it in turn (RunConfig.out_lock_fd)."""
     import json
 
     from luaprobe.shm import logs
@@ -1066,6 +1070,7 @@ def child_main(config_path: str, run_dir: str) -> int:
         rc = cfg.run_config(stats_file=stats_file, heartbeat_file=control.path(run_dir, HEARTBEAT),
                              on_loaded=loaded)
         rc.on_fatal = lambda code, line: failed(code, line)   # a plug-in stuck while loading (fastpath/run.py)
+        rc.out_lock_fd = out_lock_fd
         privileges.enter_run(rc, where=("[run] user =", "[run] group ="))   # sockets, then no capability
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)          # PR_SET_PDEATHSIG again (a credential change clears it)
         fp = make_run(rc)
@@ -1528,6 +1533,8 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-plugins", metavar="SPEC", help="probe plug-ins for a reload (plugin_errors)")
     ap.add_argument("--refusal-fd", type=int, help="write the line of a refusal to start here (the `start` that "
                     "spawned this supervisor reads it: refuse())")
+    ap.add_argument("--out-lock-fd", type=int, help="--child: the supervisor's claim of out_dir (inherited), handed "
+                    "on to the store writer (RunConfig.out_lock_fd)")
     args = ap.parse_args(argv)
     global _refusal_fd
     _refusal_fd = args.refusal_fd
@@ -1536,7 +1543,7 @@ def main(argv=None) -> int:
     if not args.config:
         ap.error("--config is required")
     if args.child:
-        return child_main(args.config, args.run_dir)
+        return child_main(args.config, args.run_dir, args.out_lock_fd)
     from luaprobe.shm import logs
     try:
         cfg = config_mod.load(args.config, run_dir=args.run_dir)

@@ -186,9 +186,13 @@ def _range(lo, hi) -> str:
 class OutClaim:
     """An ``--out`` directory held by one run (or one daemon) for its whole life: an exclusive ``flock`` on the
     directory itself, so two runs into one ``--out`` can never both decide that it is theirs (the second is
-    refused, exit 2).  The lock goes with the file descriptor: the kernel drops it when the process ends, however
-    it ends, so a crashed run never leaves a stale claim.  ``release()`` unlocks, and removes the directory when the
-    claim made it and it is still empty (a run refused later, before it wrote anything, leaves nothing behind)."""
+    refused, exit 2).  The lock belongs to the open file description: the kernel drops it when the last descriptor
+    of it is closed, however the processes holding it end, so a crashed run never leaves a stale claim.  The run's
+    processes that write into the directory inherit ``fd`` (RunConfig.out_lock_fd: the store writers, shard
+    processes, the daemon's fast path), so it stays locked until the last of them has exited, not only until this
+    process has.  ``release()`` closes this process's descriptor (never ``LOCK_UN``, which would unlock it for those
+    processes too), and removes the directory when the claim made it and it is still empty (a run refused later,
+    before it wrote anything, leaves nothing behind)."""
 
     def __init__(self, path: str, fd: int, made: bool):
         self.path, self.fd, self.made = path, fd, made

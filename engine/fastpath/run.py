@@ -220,6 +220,9 @@ class RunConfig:
     capture_fds: list | None = None   #: live, set by engine/daemon/privileges.py: AF_PACKET sockets opened before
                                       #: the drop, one per capture process (passed with --socket-fd, then closed here)
     bpf_program: str | None = None    #: the bpf expression compiled before the drop ("code jt jf k" lines)
+    out_lock_fd: int | None = None    #: the descriptor of out_dir's claim (engine/daemon/usage.py OutClaim: its flock),
+                                      #: inherited by every process of the run that writes into out_dir (store
+                                      #: writers, shard processes), so out_dir stays locked until the last has exited
 
 
 def capture_socket_args(cfg: RunConfig, k: int) -> list:
@@ -818,7 +821,8 @@ class FastPath:
             acfg = dataclasses.replace(cfg.async_config, env=tenv.prepare(cfg),   # T.env for VMs and workers
                                        memory_mb=cfg.plugin_memory_mb)            # worker VMs: the same limit
             self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"), flow_ids=(
-                (shard["flow_id_base"], shard["count"], shard["index"]) if shard else None))
+                (shard["flow_id_base"], shard["count"], shard["index"]) if shard else None),
+                lock_fd=cfg.out_lock_fd)      # out_dir stays claimed while the writer lives, even past our death
             rt = AsyncRuntime(acfg, lua_path=search_path(cfg.plugins, cfg.lua_path), bell_name=shard and shard["bell"])
             if mentions_async(discover(cfg.plugins, cfg.lua_path)):
                 rt.prestart_worker()           # warm before the first task (workers/spare.py, issue 11)

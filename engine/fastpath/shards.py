@@ -139,8 +139,11 @@ class ShardedRun:
         # before any input, PDEATHSIG) waits for them instead of killing it, which looked like a crash (restarted)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SHARD_SIGNALS)
         try:
+            # the out_dir claim's descriptor (RunConfig.out_lock_fd, in the spec too): a shard finishing after our
+            # death (PDEATHSIG: SIGTERM) and its store writer keep out_dir locked until they have exited
+            lock = () if self.cfg.out_lock_fd is None else (self.cfg.out_lock_fd,)
             self.procs[k] = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.fastpath.shards", path],
-                                             stdin=subprocess.DEVNULL)
+                                             stdin=subprocess.DEVNULL, pass_fds=lock)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         logs.log.debug("shard %d: pid %d", k, self.procs[k].pid)
@@ -261,7 +264,7 @@ class ShardedRun:
         summary["stopped_by"] = self.stopped_by
         from luaprobe.engine.store.writer import StoreWriter
         path = os.path.join(cfg.out_dir, "luaprobe.sqlite")
-        store = StoreWriter(path)
+        store = StoreWriter(path, lock_fd=cfg.out_lock_fd)
         store.write("run", [(k, json.dumps(v, default=str)) for k, v in summary.items()])
         summary["store"] = merge_store(path, store.close(), self.summaries)
         summary["closed_s"] = round(time.monotonic() - t0, 3)   # as one fast path's: until the database is closed

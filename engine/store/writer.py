@@ -20,7 +20,8 @@ SQLite error (disk full, read-only, I/O) stops writing and is reported, and ``cl
 :class:`StoreError` for either.  The writer exits when its stdin reaches EOF (the parent closed it
 or died) or when its parent pid changes (the pipe may survive in a forked sibling); SIGINT, SIGHUP and
 SIGTERM are ignored (a signal to the whole process group is the fast path's to handle: it stops, then closes
-the pipe).
+the pipe).  An orphan (its parent killed) commits the rows it was handed and exits at its pipe's EOF; it holds the
+output directory's lock (``--lock-fd``, inherited) until then, so no other run touches the database meanwhile.
 
 Read side: :class:`Store` opens the database read-only (works while a run is still writing, WAL).
 """
@@ -408,7 +409,11 @@ class StoreWriter:
 
     def __init__(self, path: str, *, batch_rows: int = 4096, max_backlog_bytes: int = 64 << 20,
                  max_page_count: int | None = None, python: str = sys.executable,
-                 flow_ids: tuple[int, int, int] | None = None):
+                 flow_ids: tuple[int, int, int] | None = None, lock_fd: int | None = None):
+        """``lock_fd``: the descriptor of the output directory's claim (engine/daemon/usage.py ``OutClaim``), given
+        to the writer process (inherited, ``--lock-fd``): a flock belongs to the open file description, so the
+        directory stays locked while the writer lives, also after this process died (the writer then commits what
+        it was handed and exits at its pipe's EOF); no other run can remove or add to the database meanwhile."""
         self.path = os.path.abspath(path)
         self._batch = {k: min(batch_rows, _BATCH.get(k, batch_rows)) for k in KINDS}
         self._pending: dict[str, list] = {k: [] for k in KINDS}
@@ -432,12 +437,15 @@ class StoreWriter:
             argv += ["--max-page-count", str(int(max_page_count))]
         if flow_ids is not None:                # a shard's flows ids (_Writer: base, shards, this shard's index)
             argv += ["--flow-ids", ",".join(str(int(x)) for x in flow_ids)]
+        if lock_fd is not None:
+            argv += ["--lock-fd", str(int(lock_fd))]
         # born with the terminal's signals blocked: a SIGHUP / SIGINT to the process group while the interpreter
         # starts would kill it before serve() ignores them (serve unblocks them once its handlers are set)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_SIGNALS)
         try:
             self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, bufsize=0, env=env, close_fds=True)
+                                          stderr=subprocess.PIPE, bufsize=0, env=env, close_fds=True,
+                                          pass_fds=() if lock_fd is None else (int(lock_fd),))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self._wfd = self._proc.stdin.fileno()
@@ -992,6 +1000,9 @@ def _as_int(v) -> int:
     raise TypeError
 
 
+_parent: int | None = None     # serve(): the parent's pid (an orphan's _send does not wait for pipe room)
+
+
 def _send(msg, drop_ok: bool = False) -> None:
     """Write a message to the parent (stdout, non-blocking: serve).  ``drop_ok``: skip it when the pipe is full
     (a parent that does not read progress reports must not stall the writer); else wait for room."""
@@ -1003,6 +1014,8 @@ def _send(msg, drop_ok: bool = False) -> None:
         except BlockingIOError:
             if drop_ok and len(data) == whole:
                 return          # nothing of it written yet (a pipe write <= PIPE_BUF is all or nothing)
+            if _parent is not None and os.getppid() != _parent:
+                return          # an orphan whose output pipe another process keeps open: never wait on it
             select.select([], [1], [], 1.0)
             continue
         except OSError:
@@ -1030,11 +1043,29 @@ def _drain_until_eof(fd: int, ppid: int) -> None:
                 return
 
 
+def _held(lock_fd: int | None) -> None:
+    """Check that the claim's descriptor ``lock_fd`` came with us (an open directory); raises OSError (EBADF,
+    ENOTDIR) naming it otherwise."""
+    if lock_fd is None:
+        return
+    import stat
+    try:
+        mode = os.fstat(lock_fd).st_mode
+    except OSError as e:
+        raise OSError(e.errno, f"the output directory's lock (descriptor {lock_fd}) was not inherited: "
+                               f"{e.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        raise OSError(errno.ENOTDIR, f"the output directory's lock (descriptor {lock_fd}) is not a directory")
+
+
 _STARTUP_SIGNALS = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM}   # blocked from the writer's birth to serve()
 
 
-def serve(path: str, ppid: int, max_page_count: int | None = None, flow_ids: tuple[int, int, int] | None = None) -> int:
-    """The writer process: read batches from stdin until close/EOF; report on stdout."""
+def serve(path: str, ppid: int, max_page_count: int | None = None, flow_ids: tuple[int, int, int] | None = None,
+          lock_fd: int | None = None) -> int:
+    """The writer process: read batches from stdin until close/EOF; report on stdout.  ``lock_fd``: the output
+    directory's claim, inherited from the run (``StoreWriter(lock_fd=...)``) and held open until this process
+    exits; one that is not an open directory is a fatal open error (nothing is written unclaimed)."""
     # SIGINT, SIGHUP and SIGTERM are the fast path's to handle: it stops gracefully and then closes our pipe ("c").
     # A signal to the whole process group (Ctrl-C, `timeout`, `kill -TERM -PGID`, systemd's KillMode=control-group)
     # reaches us too; before, SIGTERM ended the writer at once and the run lost every row not yet written (exit 1,
@@ -1042,9 +1073,12 @@ def serve(path: str, ppid: int, max_page_count: int | None = None, flow_ids: tup
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_SIGNALS)     # blocked by StoreWriter until now
+    global _parent
+    _parent = ppid
     fd = 0
     os.set_blocking(1, False)          # _send: progress reports never block the writer
     try:
+        _held(lock_fd)
         w = _Writer(path, max_page_count, flow_ids)
     except (sqlite3.Error, OSError) as e:
         msg = f"cannot open database {path}: {e}"
@@ -1110,9 +1144,10 @@ def _main(argv=None) -> int:
     p.add_argument("--ppid", type=int, default=os.getppid(), help="exit when this parent is gone")
     p.add_argument("--max-page-count", type=int, default=None)
     p.add_argument("--flow-ids", default=None, help="BASE,SHARDS,INDEX: a shard's flows ids (_Writer._flow_ids)")
+    p.add_argument("--lock-fd", type=int, default=None, help="the output directory's claim (inherited; held open)")
     a = p.parse_args(argv)
     ids = tuple(int(x) for x in a.flow_ids.split(",")) if a.flow_ids else None
-    return serve(a.serve, a.ppid, a.max_page_count, ids)
+    return serve(a.serve, a.ppid, a.max_page_count, ids, a.lock_fd)
 
 
 # ---------------------------------------------------------------------------------------------- read side
