@@ -308,3 +308,32 @@ def test_an_error_in_onload_is_one_problem_line(tmp_path, shards):
     want = f"plug-in problem: {path}: onload failed: {path}:{line}: {truth}"
     assert r.stderr.splitlines() == [want], r.stderr        # one line, also when both shards load the plug-in
     assert "Traceback" not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("cmd", ["check", "run"])
+def test_a_fifo_or_device_named_lua_in_a_plugin_directory_is_skipped_with_one_line(tmp_path, cmd):
+    """A FIFO named x.lua in a plug-in directory: before, `check` and `run` opened it to look for "TrisulPlugin"
+    and waited for a writer for ever (killed by timeout after 20 s: "stopped by SIGTERM while starting"); a link to
+    /dev/zero named z.lua would have been read without end.  Now each is skipped with one warning line naming it
+    (once, though the directory is listed several times in a run) and the real plug-in beside them runs: a
+    simplecounter on every Ethernet frame, its hook calls = the sample's records walked by helpers.pcap_records."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    helpers.write_plugin(d, """TrisulPlugin = { id = { name = "all" },
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(engine, layer) end } }
+""", name="all.lua")
+    os.mkfifo(d / "fifo.lua")
+    os.symlink("/dev/zero", d / "zero.lua")
+    args = [cmd, str(d)] + (["--pcap", SAMPLE, "--out", str(tmp_path / "o"), "--json"] if cmd == "run" else [])
+    r = luaprobe(*args, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    warned = [ln for ln in r.stderr.splitlines() if "not a plug-in file: skipped" in ln]
+    assert [w.split("WARNING ")[-1] for w in warned] == [f"{d / 'fifo.lua'}: a FIFO, not a plug-in file: skipped",
+                                                        f"{d / 'zero.lua'}: a device, not a plug-in file: skipped"]
+    if cmd == "run":
+        import json
+        calls = [p["hook_calls"] for p in json.loads(r.stdout)["plugins"]]
+        assert calls == [{"simplecounter.onpacket": helpers.pcap_records(SAMPLE)}], calls
+    else:
+        assert str(d / "all.lua") in r.stdout

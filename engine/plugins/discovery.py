@@ -85,12 +85,32 @@ def discover(paths, lua_path=()) -> list[str]:
     return out
 
 
+_WARNED: set = set()   #: the non-regular *.lua names already reported by _mentions_plugin
+
+
 def _mentions_plugin(path: str) -> bool:
+    """``path`` (a ``*.lua`` name found in a plug-in or search directory) is a regular file that mentions
+    TrisulPlugin.  Opened without blocking and looked at (fstat) before it is read: a FIFO named ``x.lua`` made
+    `check` and `run` wait for a writer for ever, and a device (a link to /dev/zero) would be read without end;
+    such a file is skipped with one warning naming it."""
+    import stat
     try:
-        with open(path, "rb") as f:
-            return b"TrisulPlugin" in f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+            if path not in _WARNED:          # discover() runs more than once in a run: one line per file
+                _WARNED.add(path)
+                logs.log.warning("%s: %s, not a plug-in file: skipped", logs.path_text(path), what)
+            return False
+        try:
+            return b"TrisulPlugin" in f.read()
+        except OSError:
+            return False
 
 
 _PROBE = r"""
