@@ -9,7 +9,11 @@ ring: `r:pick(ptr, caplen, linktype, ts_sec)` decodes the frame and returns
 the ring of the packet's shard (symmetric hash of the IP address pair, so
 both directions of a flow and every fragment of a datagram land on one
 shard; non-IP on shard 0), and sends a TIME record to the other shards when
-the packet opens a new second.  `publish` publishes every ring.
+the packet opens a new second.  `publish` (every 1024 records of a file, 64 of
+a stream) makes every ring's records visible but checks a shard's doorbell only
+once WAKE_PACKETS of its packets (or an eighth of its ring) went in since the
+last check; `flush` (the end of a walk, before the loop waits for space) checks
+every doorbell (Sharder:publish).
 ]]
 local ffi = require("ffi")
 local bit = require("bit")
@@ -55,28 +59,44 @@ end
 local Sharder = {}
 Sharder.__index = Sharder
 
+--- LuaJIT's limit of IR constants per trace in a VM that builds a sharder (M.sharder); 1 000 was enough for every
+--- corpus capture (tools/bench/corpus.py).
+M.MAX_IR_CONSTANTS = 2000
+
+--- Packets put into one shard's ring between two checks of its doorbell while the loop publishes (Sharder:publish).
+M.WAKE_PACKETS = 4096
+
 --- A sharder over the Lua array `rings` (ring i+1 belongs to shard i).  `pushed` (optional): an array of
---- n uint64_t pointers where publish() stores the packets committed to each ring so far (the shards'
+--- n uint64_t pointers where publish() / flush() store the packets committed to each ring so far (the shards'
 --- doorbell segments, engine/fastpath/shards.py PUSHED_OFFSET: the capture side of the loss accounting).
 function M.sharder(rings, pushed)
-  local counts = {}
-  for i = 1, #rings do counts[i] = 0 end
+  -- The copy loop's trace with pick() inlined (decode.decode, the hash, the TIME check) holds more than LuaJIT's
+  -- default 500 IR constants (maxirconst): it aborted "trace too long", its start was blacklisted and the loop ran
+  -- in the interpreter, ~450 ns per packet against ~35 compiled (small-few; 1 100-1 800 on mixed-zipf / vlan-mpls;
+  -- docs/benchmarks.md "Flow-sharded fast paths").  Per VM: this is the capture process's (or a test's).
+  require("jit").opt.start("maxirconst=" .. M.MAX_IR_CONSTANTS)
+  local counts, rung, rung_at = {}, {}, {}
+  for i = 1, #rings do counts[i], rung[i], rung_at[i] = 0, 0, rings[i].tail_local end
   return setmetatable({ rings = rings, n = #rings, d = decode.new(), sec = -1, counts = counts, last = 1,
-                        pushed = pushed }, Sharder)
+                        pushed = pushed, rung = rung, rung_at = rung_at }, Sharder)
 end
 
 --- The ring of this frame's shard; on a new packet-time second every other
---- shard gets a TIME record first (waiting for space like packets do).
+--- shard gets a TIME record first (waiting for space like packets do), made
+--- visible at once without a doorbell check (a shard asleep sees it when it
+--- is woken for packets; records past a published tail are always packets).
 function Sharder:pick(ptr, caplen, linktype, ts_sec, stop)
   local d = self.d
   decode.decode(d, ptr, caplen, linktype)
   local k = M.shard_of(d, self.n)
   if ts_sec ~= self.sec then
-    if self.settle and not self.settle() then return nil end  -- the TIME records publish: the file's records first
+    if self.settle and not self.settle() then return nil end  -- the file's records checked first (push's settle)
     self.sec = ts_sec
     local text = tostring(ts_sec)
     for i = 1, self.n do
-      if i ~= k + 1 then M.control(self.rings[i], packet.TIME, text, stop, ts_sec) end
+      if i ~= k + 1 and M.put_control(self.rings[i], packet.TIME, text, stop, ts_sec, self) then
+        self:_publish_ring(i, false)
+      end
     end
   end
   self.last = k + 1
@@ -89,12 +109,42 @@ function Sharder:committed()
   self.counts[i] = self.counts[i] + 1
 end
 
-function Sharder:publish()
-  local pushed, counts = self.pushed, self.counts
-  for i = 1, self.n do
-    self.rings[i]:publish()
-    if pushed then pushed[i][0] = counts[i] end
+--- Ring i's records made visible, with its doorbell checked (`bell`: a sleeping shard is woken) or not (a
+--- release store only); its packet count stored for the loss accounting.
+function Sharder:_publish_ring(i, bell)
+  local r, c = self.rings[i], self.counts[i]
+  if bell then
+    r:publish()
+    self.rung[i], self.rung_at[i] = c, r.tail_local
+  else
+    r:expose()
   end
+  if self.pushed then self.pushed[i][0] = c end
+end
+
+--- The loop's periodic publish: make each ring's committed records visible, and check the doorbell of a ring only
+--- once M.WAKE_PACKETS packets or an eighth of its bytes went into it since its last check.  A shard that went to
+--- sleep on an empty ring is therefore woken once per WAKE_PACKETS of its packets, not at every publish (capture
+--- process slower than its shards, light hooks: ~9 500 futex wakes and voluntary context switches of the shards for
+--- 500 000 packets when the loop published every 64 records, the shards' idle path on every one,
+--- docs/benchmarks.md); a shard that is awake sees the exposed records at its next fill.  No sleeper waits past the
+--- walk: flush() at its end and before the loop waits for space checks every ring's doorbell.
+function Sharder:publish()
+  local rung, rung_at, counts, rings = self.rung, self.rung_at, self.counts, self.rings
+  for i = 1, self.n do
+    local r = rings[i]
+    self:_publish_ring(i, counts[i] - rung[i] >= M.WAKE_PACKETS or r.tail_local - rung_at[i] >= r.cap / 8)
+  end
+end
+
+--- Publish every ring with its doorbell checked (the end of a walk, and before the loop sleeps for space).
+function Sharder:flush()
+  for i = 1, self.n do self:_publish_ring(i, true) end
+end
+
+--- The publish that ends a walk or precedes a wait: Ring:publish, or the sharder's flush.
+function M.flush(r)
+  if r.rings then r:flush() else r:publish() end
 end
 
 --- Refill slack of a file's producer (shm/ring.lua): once the packet ring is full, sleep until a quarter of it is
@@ -106,10 +156,12 @@ function M.refill_slack(r)
   return r.cap / 4
 end
 
-local function reserve(r, n, stop, slack)
+--- Reserve n bytes in ring r, waiting for space (publishing first: r's own records, or with `all`, the sharder r
+--- belongs to, every ring's, so that no other shard sleeps on records it cannot see while this waits).
+local function reserve(r, n, stop, slack, all)
   local p = r:reserve(n)
   while p == nil do
-    r:publish()
+    if all then all:flush() else r:publish() end
     r:wait_space(n, 50e6, slack)
     if stop() then return nil end
     p = r:reserve(n)
@@ -117,7 +169,20 @@ local function reserve(r, n, stop, slack)
   return p
 end
 
---- Push a control record (EOF / ERROR / END / TIME) with a text payload.
+--- Reserve, fill and commit a control record in ring `r` (not yet published); waits for space like a packet
+--- (`all`: the sharder r belongs to, see reserve).  False when stop() ended the wait.
+function M.put_control(r, kind, text, stop, ts_sec, all)
+  local p = reserve(r, REC + #text, stop or function() return false end, 0, all)
+  if p == nil then return false end
+  local h = cast(recp, p)
+  ffi.fill(h, REC, 0)
+  h.kind, h.caplen, h.ts_sec = kind, #text, ts_sec or 0
+  copy(p + REC, text, #text)
+  r:commit()
+  return true
+end
+
+--- Push a control record (EOF / ERROR / END / TIME) with a text payload, published at once.
 --- To a sharder: END goes to every shard, the others to shard 0.
 function M.control(r, kind, text, stop, ts_sec)
   if r.rings then
@@ -127,14 +192,7 @@ function M.control(r, kind, text, stop, ts_sec)
     end
     r = r.rings[1]
   end
-  local p = reserve(r, REC + #text, stop or function() return false end)
-  if p == nil then return end
-  local h = cast(recp, p)
-  ffi.fill(h, REC, 0)
-  h.kind, h.caplen, h.ts_sec = kind, #text, ts_sec or 0
-  copy(p + REC, text, #text)
-  r:commit()
-  r:publish()
+  if M.put_control(r, kind, text, stop, ts_sec) then r:publish() end
 end
 
 -- Copy the records reader rd returns into ring r (or a sharder) until it returns nil or stop() says so:
@@ -197,8 +255,9 @@ local function push(r, rd, stop, fd)
   -- read past it the record at the new end is read again, for the error a file that short gives (the walk ends);
   -- else the walk goes on up to the new end.  Returns false when the cut ended the walk.  (A file cut and written
   -- again past the cut between two checks: the pages the guard mapped over still end it (lp_cutguard_end); the rest
-  -- of the new end's page, if it was read as zeros before the writes, is not seen.)
-  local function settle()
+  -- of the new end's page, if it was read as zeros before the writes, is not seen.)  `final` (the end of the walk,
+  -- before a wait for space): a sharder checks every shard's doorbell (M.flush), as it does after a cut.
+  local function settle(final)
     if fd then
       local now, zeros = S.lp_fsize(fd), S.lp_cutguard_end()   -- the guard's zero pages hold no record, whatever
       if zeros < now then now = zeros end                      -- was written there since
@@ -212,7 +271,7 @@ local function push(r, rd, stop, fd)
         end
       end
     end
-    r:publish()
+    if final or cut then M.flush(r) else r:publish() end
     since = 0
     return not cut
   end
@@ -238,7 +297,7 @@ local function push(r, rd, stop, fd)
     local tail, pushed = rr.tail_local, rr.pushed_local
     local p = rr:reserve(REC + caplen)
     if p == nil then
-      if not settle() then break end          -- the file's records are checked and published before the wait
+      if not settle(true) then break end      -- the file's records are checked and published before the wait
       p = reserve(rr, REC + caplen, stop, slack)
       if p == nil then stopped = true; break end
     end
@@ -254,7 +313,7 @@ local function push(r, rd, stop, fd)
     n, bytes, since = n + 1, bytes + wirelen, since + 1
     if since >= every and not settle() then break end
   end
-  if not cut then settle() end
+  if not cut then settle(true) end
   if sharded then r.settle = nil end
   if rd.cut and not rd.error and not stopped then         -- cut at a record's end: still not the file it was
     rd.error, rd.error_offset = ("the file was cut to %d bytes while it was read"):format(rd.size), rd.size

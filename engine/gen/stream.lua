@@ -89,7 +89,8 @@ end
 --- waits for space; stop() is checked while waiting).
 function M.ring_writer(r, stop)
   local w = { packets = 0, bytes = 0, header_seen = false, stopped = false }
-  local slack = require("luaprobe.engine.capture.capture").refill_slack(r)   -- a quarter ring; 0 for a sharder
+  local capture = require("luaprobe.engine.capture.capture")
+  local slack, flush = capture.refill_slack(r), capture.flush   -- a quarter ring; 0 for a sharder
   function w.write(self, s)
     local p, n = cast(cu8p, s), #s
     local off = start_of(self, p, n)
@@ -101,7 +102,7 @@ function M.ring_writer(r, stop)
       if r.rings then rr = r:pick(p + off + 16, caplen, 1, h[0], stop) end
       local q = rr:reserve(REC + caplen)
       while q == nil do
-        r:publish()
+        flush(r)                            -- a sharder: every shard's packets visible, sleepers woken
         rr:wait_space(REC + caplen, 50e6, slack)
         if stop() then
           self.packets, self.bytes, self.stopped = np, nb, true
@@ -119,7 +120,7 @@ function M.ring_writer(r, stop)
       if since >= 64 then r:publish(); since = 0 end
       off = off + 16 + caplen
     end
-    r:publish()
+    flush(r)
     self.packets, self.bytes = np, nb
     if stop() then self.stopped = true; error(M.STOP, 0) end
   end
