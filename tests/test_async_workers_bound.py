@@ -77,3 +77,46 @@ def test_accounting_holds_when_the_hook_budget_interrupts_the_worker_start(tmp_p
                                      if interrupted else {}), plugin
     assert a["ok"] == 48 - interrupted and a["dropped"] <= interrupted, a
     assert a["scheduled"] == a["ok"] + a["dropped"], a
+
+
+BAD_REQUESTS = [  # (Lua expression, workers docs/async.md gives it: "default 1, at most 256", warning's reason)
+    ("math.huge", 256, "= inf is above the maximum 256: 256 workers"),
+    ("0/0", 1, "= nan is not a number: 1 worker"),
+    ("-(0/0)", 1, "= nan is not a number: 1 worker"),
+    ('"four"', 1, '= "four" is not a number: 1 worker'),
+    ("true", 1, "= true is not a number: 1 worker"),
+    ("0", 1, "= 0 is below 1: 1 worker"),
+    ("-3", 1, "= -3 is below 1: 1 worker"),
+    ("-math.huge", 1, "= -inf is below 1: 1 worker"),
+]
+
+
+ONE_TASK = ('onpacket = function(engine, layer) if not SENT then SENT = true; '
+            'T.async:schedule { data = "x", onexecute = function(d) return d end } end end')
+
+
+def test_a_request_that_is_not_a_number_of_workers_runs_with_one_warning(tmp_path):
+    """A request_async_workers value that is not a whole number >= 1 runs the documented workers (1; 256 for
+    +inf) with one WARNING line naming the plug-in and the value; the run exits 0.  Before: math.huge and 0/0
+    ended the run with 'luaprobe run: internal error: OverflowError / ValueError' (exit 1, nothing written),
+    and "four", true, 0, -3 ran 1 worker without a word.  The plug-ins schedule no task (lazy start): the
+    summary's `workers` is the pool size."""
+    import json
+    paths = []
+    for k, (expr, n, _) in enumerate(BAD_REQUESTS):
+        p = tmp_path / f"bad{k}.lua"
+        text = (PLUGIN.replace("request_async_workers = 100000", f"request_async_workers = {expr}")
+                .replace('name = "greedy"', f'name = "bad{k}"'))
+        if n == 1:     # one task starts the pool: its size shows in the summary
+            text = text.replace("onpacket = function(engine, layer) end", ONE_TASK)
+        p.write_text(text)
+        paths.append(p)
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", *map(str, paths), "--pcap",
+                        SAMPLE, "--out", str(tmp_path / "o"), "-q", "--json"], cwd=helpers.REPO,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    assert r.returncode == 0, r.stderr
+    workers = {pl["plugin"]: pl["async"]["workers"] for pl in json.loads(r.stdout)["plugins"]}
+    for k, (expr, n, reason) in enumerate(BAD_REQUESTS):
+        lines = [x for x in r.stderr.splitlines() if f"bad{k}.lua:" in x]
+        assert len(lines) == 1 and lines[0].endswith(f"{paths[k]}: request_async_workers {reason}"), (expr, r.stderr)
+        assert workers[str(paths[k])] == (n if n == 1 else 0), (expr, workers)   # 256: no task, none started

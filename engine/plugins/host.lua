@@ -99,10 +99,21 @@ function M.boot(opts)
   return self, nil
 end
 
---- Number of async workers the plug-in asks for (request_async_workers, default 1).
-function Host:requested_workers()
-  local n = tonumber(self.plugin.request_async_workers) or 1
-  if n < 1 then n = 1 end
+--- Number of async workers the plug-in gets for its request_async_workers (default 1: absent or nil), at most
+--- `max` (workers/limits.py MAX_WORKERS), and, when the value was changed, the reason (a string, logged by
+--- vm.py as one WARNING naming the plug-in): above `max` (+inf too) gives `max`; not a number (nan, a
+--- table, "four") or below 1 gives 1.  A string of digits is a number, as Lua's tonumber reads it; a
+--- fraction is floored.  Before, inf and nan reached Python's int() and ended the run (exit 1).
+function Host:requested_workers(max)
+  local v = self.plugin.request_async_workers
+  if v == nil then return 1 end
+  local n = tonumber(v)
+  local shown = type(v) == "string" and ("%q"):format(v:sub(1, 40)):gsub("\\\n", "\\n") or tostring(v)
+  if n == nil or n ~= n then return 1, ("request_async_workers = %s is not a number: 1 worker"):format(shown) end
+  if n < 1 then return 1, ("request_async_workers = %s is below 1: 1 worker"):format(shown) end
+  if n > max then
+    return max, ("request_async_workers = %s is above the maximum %d: %d workers"):format(shown, max, max)
+  end
   return math.floor(n)
 end
 

@@ -126,14 +126,14 @@ class PluginVM:
         return out
 
     def _requested_workers(self, host) -> int:
-        """TrisulPlugin.request_async_workers (default 1), at most MAX_WORKERS: a larger request is clamped
-        with one WARNING line naming the plug-in (each worker is a process with its own rings)."""
-        n = int(host.requested_workers(host))
-        if n > MAX_WORKERS:
-            logs.log.warning("%s: request_async_workers = %d is above the maximum %d: %d workers", self.path, n,
-                             MAX_WORKERS, MAX_WORKERS)
-            n = MAX_WORKERS
-        return n
+        """TrisulPlugin.request_async_workers (default 1), at most MAX_WORKERS (each worker is a process with its
+        own rings): a value above it, not a number or below 1 runs MAX_WORKERS or 1 workers with one WARNING line
+        naming the plug-in and the value (engine/plugins/host.lua Host:requested_workers)."""
+        got = host.requested_workers(host, MAX_WORKERS)
+        n, problem = got if isinstance(got, tuple) else (got, None)
+        if problem is not None:
+            logs.log.warning("%s: %s", self.path, _text(problem))
+        return int(n)
 
     def pending(self) -> int:
         """Tasks scheduled and not finished."""
