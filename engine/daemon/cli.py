@@ -119,6 +119,10 @@ def _print_problems(s: dict) -> None:
 ASYNC_COLUMNS = ("scheduled", "ok", "nil_result", "error", "timeout", "dropped", "pending")
 ASYNC_ERRORS = ("onresult_errors",)     # errors raised by onresult (the task itself counts as ok/nil_result)
 
+DROP_REASONS = (("dropped_overflow", "overflow queue full"), ("dropped_stopping", "engine stopping"),
+                ("dropped_start", "workers' start interrupted"), ("dropped_no_workers", "no workers"))
+ASYNC_DROPS = tuple(k for k, _ in DROP_REASONS)
+
 
 def plugin_rows(s: dict) -> list[tuple]:
     """(file name, "type#instance" label, hook calls, hook errors, {async counter: n}) per row of the text summary.
@@ -130,7 +134,7 @@ def plugin_rows(s: dict) -> list[tuple]:
     def totals(p):
         # hook_errors["hook_budget"] counts those of the hooks' errors that were budget interrupts: not added twice
         return sum(p["hook_calls"].values()), sum(v for k, v in p["hook_errors"].items() if k != "hook_budget"), \
-            {k: p["async"].get(k, 0) for k in ASYNC_COLUMNS + ASYNC_ERRORS}
+            {k: p["async"].get(k, 0) for k in ASYNC_COLUMNS + ASYNC_ERRORS + ASYNC_DROPS}
     if not s.get("shards"):
         return [(os.path.basename(p["plugin"]), f"{p['type']}#{p['instance']}", *totals(p)) for p in s["plugins"]]
     from luaprobe.engine.plugins.discovery import BACKEND_TYPES
@@ -138,11 +142,11 @@ def plugin_rows(s: dict) -> list[tuple]:
     for p in s["plugins"]:
         key = (p["plugin"], p["type"], p["instance"] if p["type"] in BACKEND_TYPES else None)
         calls, errs, a = totals(p)
-        m = merged.setdefault(key, [set(), 0, 0, dict.fromkeys(ASYNC_COLUMNS + ASYNC_ERRORS, 0)])
+        m = merged.setdefault(key, [set(), 0, 0, dict.fromkeys(ASYNC_COLUMNS + ASYNC_ERRORS + ASYNC_DROPS, 0)])
         m[0].add(p.get("shard"))
         m[1] += calls
         m[2] += errs
-        for k in ASYNC_COLUMNS + ASYNC_ERRORS:
+        for k in ASYNC_COLUMNS + ASYNC_ERRORS + ASYNC_DROPS:
             m[3][k] += a[k]
     rows = []
     for (plugin, kind, inst), (shards, calls, errs, a) in merged.items():
@@ -200,10 +204,18 @@ def _plain_summary(s: dict) -> None:
     for name, label, calls, errs, a in plugin_rows(s):
         print(f"{name} [{label}] hook calls {calls:,} errors {errs}"
               + (f"  async scheduled {a['scheduled']} ok {a['ok']} nil {a['nil_result']} error {a['error']}"
-                 f" timeout {a['timeout']} dropped {a['dropped']} pending {a['pending']}" if a["scheduled"] else "")
+                 f" timeout {a['timeout']} dropped {a['dropped']}{_drop_reasons(a)} pending {a['pending']}"
+                 if a["scheduled"] else "")
               + (f" onresult_errors {a['onresult_errors']}" if a["onresult_errors"] else ""))
     print(_written_line(s))
     _print_problems(s)
+
+
+def _drop_reasons(a: dict) -> str:
+    """Why T.async tasks were dropped, for the summary line: ' (overflow queue full 3, engine stopping 1)', or ''
+    when none was (engine/plugins/async.lua DROP_KEY; the counters sum to `dropped`)."""
+    parts = [f"{label} {a[k]}" for k, label in DROP_REASONS if a.get(k)]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 class _progress_bar:

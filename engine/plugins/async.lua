@@ -262,7 +262,8 @@ function M.new(opts)
     nfids = 0,
     polls = 0,              -- poll() calls: the collector's pace is checked every gcpace.CHECK_EVERY
     stats = { scheduled = 0, ok = 0, nil_result = 0, error = 0, timeout = 0, dropped = 0,
-              onresult_errors = 0, redispatched = 0, lost_at_deadline = 0, lost_at_stop = 0 },
+              onresult_errors = 0, redispatched = 0, lost_at_deadline = 0, lost_at_stop = 0,
+              dropped_overflow = 0, dropped_stopping = 0, dropped_start = 0, dropped_no_workers = 0 },
     hist = ffi.new("double[?]", HIST),
     stamp = opts.engine ~= nil and type(rawget(opts.engine, "_t")) == "cdata",   -- packet-time stamping (real engine)
     errors = nil,
@@ -270,6 +271,7 @@ function M.new(opts)
     file_done = NOOP,       -- filex installs its own: then tasks may name live files
     last_drop_log = -1e18,
     drops_unlogged = 0,
+    drops_why = {},                        -- reason -> drops since the last drop log line
   }, Async)
   self.errors = errlog.new(function(level, msg) self.logf(level, "T.async " .. msg) end)
   self.api = self:make_api()
@@ -454,16 +456,38 @@ function Async:files_named(data, aux)
   return out
 end
 
+--- Why a task is dropped -> its counter in stats: dropped == the sum of these four (docs/async.md "Accounting").
+local DROP_KEY = {
+  ["overflow queue full"] = "dropped_overflow",
+  ["engine is stopping"] = "dropped_stopping",
+  ["the workers' start was interrupted"] = "dropped_start",
+  ["no async workers could be started"] = "dropped_no_workers",
+}
+M.DROP_KEY = DROP_KEY
+
+--- Count a dropped task under its reason `why` (a DROP_KEY key); log the drops at most once a second, each
+--- reason with its own count (before, one line gave every drop since the last line the last drop's reason,
+--- and always "(limit N queued tasks)").  Returns false (schedule's value).
 function Async:drop(why)
   local st = self.stats
-  st.scheduled, st.dropped = st.scheduled + 1, st.dropped + 1
+  local key = DROP_KEY[why]
+  st.scheduled, st.dropped, st[key] = st.scheduled + 1, st.dropped + 1, st[key] + 1
   self.drops_unlogged = self.drops_unlogged + 1
+  self.drops_why[why] = (self.drops_why[why] or 0) + 1
   local now = C.lp_now_ns()
   if now - self.last_drop_log >= 1e9 then
-    self:log(5, ("T.async: dropped %d task(s): %s (limit %d queued tasks)"):format(
-      self.drops_unlogged, why, self.overflow_limit))
+    local parts, kinds = {}, 0
+    for reason, n in pairs(self.drops_why) do
+      kinds = kinds + 1
+      parts[#parts + 1] = ("%s%s (%d)"):format(reason, reason == "overflow queue full"
+        and (" at the limit of %d queued tasks"):format(self.overflow_limit) or "", n)
+    end
+    table.sort(parts)
+    if kinds == 1 then parts[1] = parts[1]:gsub(" %(%d+%)$", "") end
+    self:log(5, ("T.async: dropped %d task(s): %s"):format(self.drops_unlogged, table.concat(parts, "; ")))
     self.last_drop_log = now
     self.drops_unlogged = 0
+    self.drops_why = {}
   end
   return false
 end
