@@ -174,3 +174,37 @@ def test_file_helper_error_flood_at_200k_names():
     grown = big["after"]["plugin_lua_kib"] - small["after"]["plugin_lua_kib"]
     assert abs(grown) < 256, (small["after"], big["after"])                # KiB: 10x the names, same memory
     assert big["after"]["worker_lua_kib"] - big["before"]["worker_lua_kib"] < 256, big
+
+
+def test_copy_and_cat_read_only_regular_files(runtime_factory, tmp_path, caplog):
+    """copy / cat from a character device, a FIFO or a directory is an error naming what the source is, and no
+    target is created (a source name may come from a packet).  Before: /dev/zero wrote until the task timeout
+    killed the worker (4.6 GB in 10 s in a `luaprobe run`; here 2 s), a FIFO held the worker until the timeout
+    (open(2) waits for a writer) and a directory left an empty target ('Is a directory' at the first read).
+    The truth is the file system (which targets exist) and os.stat of each source."""
+    import stat
+    caplog.set_level(logging.INFO, logger="luaprobe")
+    out = tmp_path / "out"
+    out.mkdir()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "src").write_bytes(b"SRC\0\xff")
+    sources = {"/dev/zero": "a character device", "/dev/null": "a character device", str(fifo): "a FIFO",
+               str(tmp_path / "dir"): "a directory"}
+    for src, kind in sources.items():       # what each one is, by os.stat (not by the code under test)
+        m = os.stat(src).st_mode
+        assert {"a character device": stat.S_ISCHR, "a FIFO": stat.S_ISFIFO, "a directory": stat.S_ISDIR}[kind](m)
+    rt = runtime_factory(workers=1, task_timeout=2.0)
+    vm = rt.load(plugin(tmp_path, OPS))
+    calls = []
+    for k, src in enumerate(sources):
+        calls += [("copy", src, f"{out}/copy{k}"), ("cat", src, f"{out}/cat{k}")]
+    calls += [("copy", f"{tmp_path}/src", f"{out}/regular"), ("cat", f"{tmp_path}/src", f"{out}/regular")]
+    st = _run(rt, vm, calls)
+    assert (st["ok"], st["error"], st["timeout"]) == (2, 8, 0), st
+    assert _files_under(out) == ["regular"] and (out / "regular").read_bytes() == b"SRC\0\xff" * 2
+    msgs = [r.getMessage() for r in caplog.records if "file helper error" in r.getMessage()]
+    expected = {f"{op}: {src}: not a regular file ({kind})" for src, kind in sources.items() for op in ("copy", "cat")}
+    assert msgs and all(m.split("file helper error: ", 1)[1] in expected for m in msgs), msgs   # (rate-limited)
+    assert msgs[0].endswith("copy: /dev/zero: not a regular file (a character device)"), msgs
