@@ -273,7 +273,8 @@ function M.new(opts)
     drops_unlogged = 0,
     drops_why = {},                        -- reason -> drops since the last drop log line
   }, Async)
-  self.errors = errlog.new(function(level, msg) self.logf(level, "T.async " .. msg) end)
+  -- with the plug-in file: an error without "file:line" (error(), error({...})) is named by its plug-in frame
+  self.errors = errlog.new(function(level, msg) self.logf(level, "T.async " .. msg) end, opts.script)
   self.api = self:make_api()
   return self
 end
