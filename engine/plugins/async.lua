@@ -621,7 +621,9 @@ function Async:make_api()
     end
     check_size(self_, "schedule", "data", data, aux)
     local ts = nil
-    if self_.stamp then ts = self_.engine._t.tus end
+    -- no engine time yet (onload, before the first packet: tus 0): the result keeps the time it is delivered at,
+    -- not 1970-01-01 (docs/async.md "Time")
+    if self_.stamp then ts = self_.engine._t.tus; if ts <= 0 then ts = nil end end
     return self_:enqueue(EXEC, fid, data, aux, -1, onres, onerr, nil, ts)
   end
 
