@@ -5,6 +5,7 @@ describe a child's end with :func:`describe_exit`; child processes call :func:`d
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -34,6 +35,30 @@ def describe_exit(rc: int) -> str:
         except ValueError:
             return f"killed by signal {-rc}"
     return f"exit status {rc}"
+
+
+@contextlib.contextmanager
+def stop_signals_blocked_for_the_child():
+    """Around a ``subprocess.Popen(..., process_group=0)`` of a helper that ignores the stop signals (a T.async
+    worker): SIGINT, SIGHUP and SIGTERM are blocked in this thread, so the child is born with them blocked and
+    keeps them blocked through exec until it has set them to SIG_IGN (:func:`ignore_stop_signals`).  CPython's
+    child resets its handlers to SIG_DFL and restores the mask *before* its setpgid(): a Ctrl-C or a `kill -INT
+    -PGID` to the run's group in that window killed the new worker ("async worker 1 killed by SIGINT; restarting",
+    tests/test_sighup.py, 1 run in 11 under load).  A signal that comes meanwhile stays pending for this thread
+    and is taken when the mask is restored."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def ignore_stop_signals() -> None:
+    """The child's side of :func:`stop_signals_blocked_for_the_child`: SIGINT, SIGHUP, SIGTERM ignored, then
+    unblocked (a pending one is discarded)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def die_with_parent(ppid: int) -> None:

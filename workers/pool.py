@@ -16,6 +16,7 @@ import time
 
 import psutil
 
+from luaprobe.shm.exits import stop_signals_blocked_for_the_child
 from luaprobe.shm.logs import log
 from luaprobe.shm import cpus, segment
 from luaprobe.shm.luajit import method
@@ -230,7 +231,8 @@ class WorkerPool:
         # (os.execute children included) with killpg; the terminal's ^C does not reach it
         slot.proc = self.spare.take(cmd[3:]) if self.spare is not None and not self.remote else None
         if slot.proc is None:
-            slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, process_group=0)
+            with stop_signals_blocked_for_the_child():
+                slot.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, close_fds=True, process_group=0)
         cpus.unpin_child(slot.proc.pid)     # restarted from a pinned fast path: not on its CPU (shm/cpus.py)
         try:
             slot.ps = psutil.Process(slot.proc.pid)

@@ -33,9 +33,11 @@ class SpareWorker:
 
     def start(self) -> "SpareWorker":
         """Start the spare (its own process group, stdin a pipe, no other descriptor inherited)."""
-        self.proc = subprocess.Popen([sys.executable, "-m", "luaprobe.workers.worker", "--spare",
-                                      "--ppid", str(os.getpid())],
-                                     stdin=subprocess.PIPE, close_fds=True, process_group=0)
+        from luaprobe.shm.exits import stop_signals_blocked_for_the_child
+        with stop_signals_blocked_for_the_child():
+            self.proc = subprocess.Popen([sys.executable, "-m", "luaprobe.workers.worker", "--spare",
+                                          "--ppid", str(os.getpid())],
+                                         stdin=subprocess.PIPE, close_fds=True, process_group=0)
         return self
 
     def take(self, args: list[str]) -> subprocess.Popen | None:

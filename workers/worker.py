@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 
-from luaprobe.shm.exits import EXIT_RECYCLE, die_with_parent
+from luaprobe.shm.exits import EXIT_RECYCLE, die_with_parent, ignore_stop_signals
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,8 +74,7 @@ def wait_as_spare(argv) -> list | None:
     JSON array of strings; None at EOF: the run ended without using it).  stdin is /dev/null afterwards, as for a
     worker started directly."""
     die_with_parent(int(argv[argv.index("--ppid") + 1]))
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):   # the parent decides when we stop (main())
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals()               # the parent decides when we stop (main())
     from luaprobe.shm import logs, segment, luajit, searchpath  # noqa: F401  (warm: the slow part of a start)
     luajit.new_runtime([])
     line = sys.stdin.buffer.readline()
@@ -102,8 +100,7 @@ def main(argv=None, remote=None) -> int:
     # terminal's Ctrl-C or hangup, or a SIGTERM to the whole process group (`timeout`, systemd's control-group
     # stop), is the fast path's to handle.  Before, a group SIGTERM killed the workers ("async worker 1 killed by
     # SIGTERM; restarting") while the fast path was draining their tasks.
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals()     # and unblocked: we are born with them blocked (shm/exits.py, pool.py, spare.py)
     from luaprobe.shm import logs
     from luaprobe.shm import segment
 
