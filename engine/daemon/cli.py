@@ -786,8 +786,11 @@ def main(argv=None) -> int:
             return DELEGATED[argv[0]](argparse.Namespace(rest=argv[1:]))
         args = build_parser().parse_args(argv)
         if getattr(args, "command", None) in REBUILT_FIRST:
-            from luaprobe.shm.luajit import stale_extensions
-            stale = stale_extensions()
+            try:
+                from luaprobe.shm.luajit import stale_extensions
+                stale = stale_extensions()
+            except OSError:              # no descriptor for the import (EMFILE): the check is skipped, and the
+                stale = []               # command names what it cannot open (`start`: its config, exit 1)
             if stale:                    # one line, before anything starts (exit 1: the installation, not the input)
                 print(f"luaprobe {args.command}: {stale[0]}{' (and more)' if len(stale) > 1 else ''}: the source "
                       "tree changed after the build; rebuild with `pip install -e .` (in the repository)",
