@@ -233,10 +233,13 @@ local function cut_error(rd, done, now)
     return
   end
   rd.offset, rd.error, rd.error_offset = done, nil, nil
-  if rd:next() == nil and rd.error then return end
+  local more = rd:next()
+  if more == nil and rd.error then return end
   rd.error = done > now and ("the file was cut to %d bytes after the records before this offset were read"):format(now)
              or ("the file was cut to %d bytes while it was read"):format(now)
-  rd.error_offset = done
+  -- the file ends cleanly at the cut: where the walk of what it holds ended, past blocks that hold no record (pcapng:
+  -- an interface block right before the cut; before, the offset named the end of the last record, or the SHB's)
+  rd.error_offset = (more == nil and rd.offset > done) and rd.offset or done
 end
 
 local function push(r, rd, stop, fd)
