@@ -406,8 +406,10 @@ void lp_prefault_stop(lp_prefaulter *p) {
  * error, or one that cannot be mapped over) restores the previous disposition and returns: the load faults again and
  * the process dies of it as before.  One range per process (the capture process reads one file at a time);
  * lp_cutguard_arm(NULL, 0, -1) disarms.  Returns 0 or -errno (sigaction).  lp_cutguard_end(): where the first page
- * mapped over starts.  Async-signal safety: the handler calls
- * only fstat, mmap and sigaction (system calls) and reads atomics. */
+ * mapped over starts.  A SIGBUS sent by a process (kill, sigqueue, tgkill: si_code <= 0) is never taken for a fault:
+ * the previous disposition is restored and the signal raised again (before, it was lost and the process ran on).
+ * Async-signal safety: the handler calls only fstat, mmap, sigaction and raise (system calls), reads atomics, and
+ * gives errno back. */
 #include <signal.h>
 #include <sys/stat.h>
 static uintptr_t lp_cg_lo, lp_cg_hi, lp_cg_page, lp_cg_low;     /* lp_cg_low: lowest page mapped over (or hi) */
@@ -417,19 +419,28 @@ static int lp_cg_installed;
 
 static void lp_cg_handler(int sig, siginfo_t *si, void *ctx) {
     (void)ctx;
+    int saved = errno;                   /* fstat / mmap may set it: the interrupted code's errno is given back */
     uintptr_t a = (uintptr_t)si->si_addr;
     uintptr_t lo = __atomic_load_n(&lp_cg_lo, __ATOMIC_ACQUIRE), hi = __atomic_load_n(&lp_cg_hi, __ATOMIC_ACQUIRE);
     struct stat st;
-    if (sig == SIGBUS && a >= lo && a < hi && fstat(__atomic_load_n(&lp_cg_fd, __ATOMIC_ACQUIRE), &st) == 0) {
+    /* si_code > 0: raised by the kernel for a fault (BUS_ADRERR, ...); <= 0 (SI_USER, SI_QUEUE, SI_TKILL): sent by a
+     * process, with no fault address (si_addr overlays the sender's pid and uid) */
+    if (sig == SIGBUS && si->si_code > 0 && a >= lo && a < hi &&
+        fstat(__atomic_load_n(&lp_cg_fd, __ATOMIC_ACQUIRE), &st) == 0) {
         uintptr_t page = lp_cg_page, pg = a & ~(page - 1);
         if (pg >= lo && pg - lo >= (uintptr_t)st.st_size &&
             mmap((void *)pg, page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED) {
             if (pg < __atomic_load_n(&lp_cg_low, __ATOMIC_RELAXED)) __atomic_store_n(&lp_cg_low, pg, __ATOMIC_RELEASE);
+            errno = saved;
             return;
         }
     }
     sigaction(SIGBUS, &lp_cg_prev, NULL);
     lp_cg_installed = 0;
+    /* A fault comes again when the load is retried, now to the previous disposition; a sent signal would not: it is
+     * raised again (SA_NODEFER: delivered at once; the default action ends the process, as without the guard). */
+    if (si->si_code <= 0) raise(SIGBUS);
+    errno = saved;
 }
 
 int lp_cutguard_arm(const void *addr, uint64_t len, int fd) {

@@ -351,3 +351,49 @@ def test_a_walk_past_a_cut_anywhere_delivers_exactly_the_records_before_it(cut_w
         hypothesis.strategies.integers(0, 70).map(lambda k: recs[k][0] + (recs[k][0] * 31) % 40)))
     _check_cut(cut_worker, cut_files, fmt, cut)
 
+
+_GUARD = r'''
+import ctypes, mmap, os, signal, sys
+import numpy as np
+import luaprobe.shm._lpsync as m
+lib = ctypes.CDLL(m.__file__)
+lib.lp_cutguard_arm.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+view = np.frombuffer(mm, dtype=np.uint8)
+assert lib.lp_cutguard_arm(view.ctypes.data, size, fd) == 0
+os.truncate(sys.argv[1], 100)
+print(int(view[size - 1]), int(view[50]), flush=True)   # past the cut: the guard's zero page; before it: the file's
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), signal.SIGBUS)                  # sent, not a fault: the default action, as without a guard
+elif sys.argv[2] == "tgkill":
+    import threading
+    signal.pthread_kill(threading.get_ident(), signal.SIGBUS)
+print("survived", flush=True)
+'''
+
+
+@pytest.mark.parametrize("how", ["kill", "tgkill"])
+def test_a_sigbus_sent_by_a_process_is_not_taken_for_a_cut(tmp_path, how):
+    """The cut guard (shm/_lpsync.c lp_cutguard_arm) handles only the kernel's SIGBUS of a load past a cut (si_code >
+    0): one sent by kill(2) or tgkill (SI_USER, SI_TKILL; its si_addr field is the sender's pid and uid) ends the
+    process by its default action, as it did before the guard.  Before: the handler restored the old disposition and
+    returned, so the signal was lost and the process ran on ("survived").  The guarded read past the cut reads zeros
+    and the one before it the file's byte (checked first, in the same process)."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(1, 251)) * 100)          # 25 000 bytes: seven pages, none of them zero
+    r = subprocess.run([sys.executable, "-c", _GUARD, str(path), how], capture_output=True, text=True, timeout=60,
+                       cwd=helpers.REPO)
+    assert r.stdout.split("\n")[0] == f"0 {51}", (r.stdout, r.stderr)
+    assert "survived" not in r.stdout and r.returncode == -signal.SIGBUS, (r.returncode, r.stdout, r.stderr)
+
+
+def test_the_guard_reads_zeros_past_a_cut_and_lives(tmp_path):
+    """Positive control of the harness above: no signal sent, the guarded read past the cut returns zeros and the
+    process exits 0."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(1, 251)) * 100)
+    r = subprocess.run([sys.executable, "-c", _GUARD, str(path), "none"], capture_output=True, text=True, timeout=60,
+                       cwd=helpers.REPO)
+    assert r.returncode == 0 and r.stdout.split() == ["0", "51", "survived"], (r.returncode, r.stdout, r.stderr)
