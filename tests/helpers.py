@@ -9,6 +9,7 @@ because a leak in a test is a leak a user would hit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import sys
@@ -88,6 +89,22 @@ def wait_for(cond, timeout: float = 10.0, interval: float = 0.005):
         if time.monotonic() > end:
             raise AssertionError(f"condition not met within {timeout} s: {cond}")
         time.sleep(interval)
+
+
+def fifo_writer(fifo, proc: subprocess.Popen, timeout: float = 120.0) -> int:
+    """The write end of the FIFO ``fifo`` (blocking) once ``proc`` has opened it for reading: an O_WRONLY |
+    O_NONBLOCK open fails with ENXIO until a reader exists.  Fails when ``proc`` ends first (with its output)."""
+    def opened():
+        assert proc.poll() is None, proc.communicate()
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            return None
+    fd = wait_for(opened, timeout=timeout)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def run_python(code: str, *args, **kw) -> subprocess.Popen:

@@ -83,22 +83,11 @@ def test_disk_full_during_the_run(tmpfs):
 
 def _fifo_with_reader(tmp_path, proc):
     """A FIFO as ``--pcap``; returns (path, write end) once ``proc`` has it open for reading (it then holds --out:
-    the claim comes before anything starts).  O_WRONLY | O_NONBLOCK fails with ENXIO until a reader exists."""
+    the claim comes before anything starts)."""
     fifo = tmp_path / "in.pcap"
     os.mkfifo(fifo)
     p = proc(fifo)
-
-    def opened():
-        assert p.poll() is None, p.communicate()
-        try:
-            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            return None
-    fd = helpers.wait_for(opened, timeout=60)
-    os.set_blocking(fd, True)
-    return p, fd
+    return p, helpers.fifo_writer(fifo, p, timeout=60)
 
 
 def _rows(db, sql):

@@ -14,7 +14,6 @@ and ``--append`` wrote its rows into the database the orphan was still committin
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import sqlite3
@@ -101,15 +100,7 @@ def orphaned_writer(tmp_path, out, *first_args):
                              stderr=subprocess.PIPE, text=True, env=ENV)
     writer = None
     try:
-        def opened():                   # O_WRONLY | O_NONBLOCK fails with ENXIO until the capture process reads it
-            assert first.poll() is None, first.communicate()
-            try:
-                return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                return None
-        fd = helpers.wait_for(opened, timeout=120)
+        fd = helpers.fifo_writer(fifo, first)                          # once the capture process reads it
         try:
             (writer,) = helpers.wait_for(lambda: writers_of(first.pid), timeout=60)
             helpers.wait_for(lambda: schema_written(str(out / "luaprobe.sqlite")), timeout=60)
@@ -193,15 +184,7 @@ def test_shards_and_their_writers_hold_out_after_the_coordinator_is_killed(tmp_p
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)   # (no pipe the shards keep)
     procs: list = []
     try:
-        def opened():
-            assert first.poll() is None
-            try:
-                return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                return None
-        fd = helpers.wait_for(opened, timeout=120)
+        fd = helpers.fifo_writer(fifo, first)
         try:
             writers = helpers.wait_for(lambda: len(w := writers_of(first.pid)) == 2 and w, timeout=120)
             helpers.wait_for(lambda: schema_written(db), timeout=60)

@@ -25,6 +25,7 @@ import pytest
 from tests import helpers
 from tests.test_fastpath import G_TCP, PORT_GROUP, write_counting_plugins
 from tests.test_flowmon import FT, FT_UDP
+from tests.test_shards import SYN_ALERT, SYN_ALERT_PLUGIN
 
 CAPTURES = ["trisul-tutorial.pcap", "mix-eth-tls-http-dns.pcap", "vlan-mpls-mixed.pcap", "tcp-echo-many-flows.pcap",
             "trisul-16minutes.pcap"]
@@ -32,7 +33,6 @@ TIMINGS = {"elapsed_s", "closed_s", "packet_loop_s", "packet_loop_cpu_s", "packe
 #: the work of each fast-path process (N of them), not of the traffic: pages prefaulted, ring wakes, CPU pinning
 PER_PROCESS = {"flow_prefault", "packet_ring_space_wakes", "cpus_pinned", "flow_table_pages"}
 SHARDED_ONLY = {"shards", "shard_deaths", "packets_read", "packets_lost", "store_rows_lost"}
-SYN_ALERT = "{AAAAAAAA-0000-4000-8000-0000000000A1}"
 
 
 def write_plugins(d) -> str:
@@ -42,20 +42,7 @@ def write_plugins(d) -> str:
     shutil.copy(os.path.join(helpers.REPO, "engine", "examples", "tcp_ports.lua"), d / "tcp_ports.lua")
     (d / "ft.lua").write_text(FT)
     (d / "ft_udp.lua").write_text(FT_UDP)          # 300 s buckets: ranked again when a late UDP flow ends
-    (d / "syn_alert.lua").write_text(f'''
-TrisulPlugin = {{
-  id = {{ name = "syn alert" }},
-  simplecounter = {{
-    protocol_guid = "{G_TCP}",
-    onpacket = function(engine, layer)
-      local flags = layer:getbyte(13)
-      if flags % 4 >= 2 and flags % 32 < 16 then
-        engine:add_alert("{SYN_ALERT}", layer:packet():flowid():id(), "syn", 2, "SYN")
-      end
-    end,
-  }},
-}}
-''')
+    (d / "syn_alert.lua").write_text(SYN_ALERT_PLUGIN)
     (d / "labels.lua").write_text(f'''
 TrisulPlugin = {{
   id = {{ name = "port labels" }},

@@ -36,13 +36,8 @@ SYNS = 6 + 3 + 0 + 295 + 741 + 1
 # tshark -r F -Y 'tcp and not icmp and not icmpv6' | wc -l: 118 / 47 / 0 / 5312 / 82582 / 10
 TCP_PACKETS = 118 + 47 + 0 + 5312 + 82582 + 10
 SYN_ALERT = "{AAAAAAAA-0000-4000-8000-0000000000A1}"
-
-
-def write_shard_plugins(d, outdir) -> None:
-    """Counting plug-ins, an engine_monitor, a SYN alert per TCP SYN, and packets per T.contextid."""
-    write_counting_plugins(d)
-    write_monitor_plugin(d, outdir)
-    (d / "syn_alert.lua").write_text(f'''
+#: a simplecounter that raises SYN_ALERT, keyed by the flow id, for each TCP SYN (not SYN-ACK)
+SYN_ALERT_PLUGIN = f'''
 TrisulPlugin = {{
   id = {{ name = "syn alert" }},
   simplecounter = {{
@@ -55,7 +50,14 @@ TrisulPlugin = {{
     end,
   }},
 }}
-''')
+'''
+
+
+def write_shard_plugins(d, outdir) -> None:
+    """Counting plug-ins, an engine_monitor, a SYN alert per TCP SYN, and packets per T.contextid."""
+    write_counting_plugins(d)
+    write_monitor_plugin(d, outdir)
+    (d / "syn_alert.lua").write_text(SYN_ALERT_PLUGIN)
     (d / "contexts.lua").write_text(f'''
 TrisulPlugin = {{
   id = {{ name = "contexts" }},
