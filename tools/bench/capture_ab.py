@@ -15,10 +15,8 @@ tree's capture.lua takes: a descriptor (``fd``: the size check at every publish)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,17 +71,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     sys.path.insert(0, REPO)
     from tools.bench import corpus
+    from tools.bench.stages_ab import alternate
     var = [v.split("=", 1) for v in a.variants]
     for c in a.corpus.split(","):
         path = corpus.make(c, True)
-        res: dict = {name: [] for name, _ in var}
-        for r in range(a.rounds):
-            order = var if r % 2 == 0 else var[::-1]
-            for name, src in order:
-                out = subprocess.run([sys.executable, "-c", CHILD, REPO, os.path.abspath(src) if src != "-" else "-",
-                                      path, str(a.runs), str(a.mb << 20)], check=True, capture_output=True,
-                                     text=True).stdout
-                res[name].append(json.loads(out.strip().splitlines()[-1]))
+        res = alternate(var, a.rounds, CHILD, [path, str(a.runs), str(a.mb << 20)])
         packets = res[var[0][0]][0]["packets"]
         print(f"{c} ({packets} packets a pass): capture file loop, thread CPU ns/packet, min / median / max over "
               f"{a.rounds} rounds")

@@ -40,6 +40,20 @@ print(json.dumps({"walk": near["walk"], "fill near": near["fill"], "flows near":
 '''
 
 
+
+def alternate(var: list, rounds: int, child: str, args: list) -> dict:
+    """Run ``python -c child REPO SRC *args`` for each variant (NAME, SRC: a source tree, or "-" for this one)
+    ``rounds`` times, the side that runs first alternating from round to round (a busy machine's noise spread over
+    both): {NAME: [the JSON of each run's last stdout line]}.  capture_ab.py uses it too."""
+    res: dict = {name: [] for name, _ in var}
+    for r in range(rounds):
+        for name, src in (var if r % 2 == 0 else var[::-1]):
+            out = subprocess.run([sys.executable, "-c", child, REPO, os.path.abspath(src) if src != "-" else "-",
+                                  *args], check=True, capture_output=True, text=True).stdout
+            res[name].append(json.loads(out.strip().splitlines()[-1]))
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", default="small-few")
@@ -52,13 +66,7 @@ def main(argv=None) -> int:
     var = [v.split("=", 1) for v in a.variants]
     for c in a.corpus.split(","):
         path = corpus.make(c, True)
-        res: dict = {name: [] for name, _ in var}
-        for r in range(a.rounds):
-            order = var if r % 2 == 0 else var[::-1]
-            for name, src in order:
-                out = subprocess.run([sys.executable, "-c", CHILD, REPO, os.path.abspath(src) if src != "-" else "-",
-                                      path, str(a.runs)], check=True, capture_output=True, text=True).stdout
-                res[name].append(json.loads(out.strip().splitlines()[-1]))
+        res = alternate(var, a.rounds, CHILD, [path, str(a.runs)])
         print(f"{c}: CPU ns/packet min / median / max over {a.rounds} rounds")
         cols = list(res[var[0][0]][0])
         print("| variant | " + " | ".join(cols) + " |")
