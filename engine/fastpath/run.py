@@ -1256,14 +1256,16 @@ class FastPath:
     def _headroom(self, inst) -> None:
         """Raise `inst`'s memory limit by 256 MiB over --plugin-memory-mb: the room a VM over its limit gets to
         report it, disarm its budget and still write its counters and outputs."""
-        inst.vm.set_memory_limit(self._max_memory() + (256 << 20))
+        if self._max_memory() is not None:          # no limit (--plugin-memory-mb 0): nothing to raise
+            inst.vm.set_memory_limit(self._max_memory() + (256 << 20))
 
     def _budgeted(self, inst, method: str):
         """``run(host, addr, n)``: the instance's per-batch walk, Host method `method` (engine/plugins/host.lua), in
         one lupa call per batch.  With a hook budget or a memory limit that call is ``Host:walk_budgeted``: the
         budget (engine/plugins/watchdog.lua) armed and disarmed around the walk, and a walk that hit the memory
-        limit (LUA_ERRMEM caught in a hook, or raised in the walker) disables the instance (its later batches are
-        skipped, counted in its summary's `batches_skipped`; the line is built in host.lua `memory_hit`)."""
+        limit (LUA_ERRMEM caught in a hook, or raised in the walker) or whose hook was cut by the budget on
+        BUDGET_STRIKES calls in a row disables the instance (its later batches are skipped, counted in its summary's
+        `batches_skipped`; the line is built in host.lua `memory_hit` / `budget_strike`)."""
         lua = inst.vm.lua
         if not inst.budgeted and not self.cfg.plugin_memory_mb:
             return lua.eval(f"function(h, a, n) return h:{method}(a, n) end")
@@ -1289,8 +1291,9 @@ class FastPath:
         return run
 
     def _disable(self, inst, why: str) -> None:
-        """Stop calling `inst` (over its memory limit): one ERROR line, a plug-in problem (exit 4), its VM kept
-        with headroom so that its counters and outputs are still written."""
+        """Stop calling `inst` (over its memory limit, or BUDGET_STRIKES hook calls in a row cut by the hook budget:
+        engine/plugins/host.lua `budget_strike`): one ERROR line, a plug-in problem (exit 4), its VM kept with
+        headroom so that its counters and outputs are still written."""
         if inst.disabled is not None:
             return
         inst.disabled = why

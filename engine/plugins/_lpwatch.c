@@ -104,13 +104,17 @@ static double now_s(void) {
  * (Host:call's xpcall, the walker's xpcall or wd.xpcall), so an error raised there is caught and counted; the
  * luaprobe code around it (the walker between two hooks, arm/disarm, the Python-called wrappers) is not
  * protected: an interrupt there would end the whole batch as an internal error. */
+static const char *hit_source = NULL;  /* in_plugin_code: the plug-in frame found ("@file"; valid in the hook) */
+static int hit_line = 0;               /* ... and its current line */
 static int in_plugin_code(lua_State *L) {
   lua_Debug ar;
   for (int level = 0; lua_getstack(L, level, &ar); level++) {
-    if (!lua_getinfo(L, "S", &ar) || ar.source == NULL) continue;
+    if (!lua_getinfo(L, "Sl", &ar) || ar.source == NULL) continue;
     if (ar.source[0] != '@') continue;                       /* C, loadstring'ed chunks (walker copies) */
     if (pkgroot_len && strncmp(ar.source, pkgroot, pkgroot_len) == 0
         && strncmp(ar.source + pkgroot_len, "engine/examples/", 16) != 0) continue;
+    hit_source = ar.source;
+    hit_line = ar.currentline;
     return 1;
   }
   return 0;
@@ -164,6 +168,8 @@ static void budget_hook(lua_State *L, lua_Debug *ar) {
   if (stopping) luaL_error(L, "%s", "hook interrupted by the stop signal (the batch under way ends now)");
   lua_sethook(L, NULL, 0, 0);
   set_timer(budget);                 /* the rest of the batch keeps a budget */
+  /* "file:line: message": where the plug-in's code was cut (luaL_error's own position is empty in a hook) */
+  if (hit_source != NULL && hit_line > 0) luaL_error(L, "%s:%d: %s", hit_source + 1, hit_line, message);
   luaL_error(L, "%s", message);
 }
 

@@ -121,7 +121,7 @@ end
 --- Call TrisulPlugin[sub][name](...) (or TrisulPlugin[name] when sub is nil).
 --- Returns ok, result.  Errors are counted per hook and logged.
 function Host:call(sub, name, ...)
-  if self.memory_exceeded then return true, nil end       -- disabled: over its memory limit
+  if self.memory_exceeded or self.budget_exceeded then return true, nil end   -- disabled: memory limit, budget
   local t = sub and self.plugin[sub] or self.plugin
   local fn = t and t[name]
   if type(fn) ~= "function" then return true, nil end
@@ -132,6 +132,7 @@ function Host:call(sub, name, ...)
   local ok, res = xpcall(fn, traceback, ...)
   if wd then self:count_budget(wd.disarm()) end
   if not ok then
+    if wd then self:budget_strike(key, self.hook_calls[key], res) end
     self.hook_errors[key] = (self.hook_errors[key] or 0) + 1
     if key == "onload" and not (self.memory_limit and is_memory_error(res)) then   -- the run reports it as the
       self.errors.logf(8, "onload error: " .. tostring(res))  -- one `plug-in problem:` line (engine/fastpath/run.py)
@@ -314,9 +315,10 @@ local function walk(self, w, batch, n)
       if not ok then
         errors = errors + 1
         self.errors:report(w.error_label, r1)
-        -- over its memory limit (memory_hit): the rest of the batch is not walked (each call would fill the VM up
-        -- to the limit again, or to the hook budget: a 50-packet batch took 56 s); the instance is disabled after it
-        if self.memory_exceeded then
+        -- over its memory limit (memory_hit), or BUDGET_STRIKES calls in a row cut by the hook budget
+        -- (budget_strike): the rest of the batch is not walked (each call would fill the VM up to the limit again,
+        -- or run to the hook budget: a 50-packet batch took 56 s); the instance is disabled after it
+        if self.memory_exceeded or (self.watchdog and self:budget_strike(w.hook, (self.hook_calls[w.hook] or 0) + calls, r1)) then
           done(w, batch, j, ok, r1, r2, v1, v2, v3, v4, v5, v6, v7, v8, v9)
           return calls, errors
         end
@@ -356,7 +358,7 @@ local function walk_direct(self, w, batch, n)
       if not ok then
         errors = errors + 1
         self.errors:report(w.error_label, r1)
-        if self.memory_exceeded then
+        if self.memory_exceeded or (self.watchdog and self:budget_strike(w.hook, (self.hook_calls[w.hook] or 0) + calls, r1)) then
           done(w, batch, j, ok, r1, r2, v1, v2, v3, v4, v5, v6, v7, v8, v9)
           return calls, errors
         end
@@ -598,7 +600,7 @@ end
 function Host:set_budget(seconds, label)
   local wd = seconds > 0 and require("luaprobe.engine.plugins.watchdog") or nil
   self.watchdog = type(wd) == "table" and wd or nil
-  self.budget = seconds
+  self.budget, self.budget_label = seconds, label
   self.budget_msg = ("%s: hook interrupted: it ran longer than the hook budget of %g s (--hook-budget)")
                     :format(label, seconds)
   return self.watchdog ~= nil
@@ -621,6 +623,37 @@ function Host:memory_hit(where)
   return self.memory_exceeded
 end
 
+--- Hook calls in a row of one hook of an instance cut by the hook budget after which the instance is disabled
+--- (docs/operations.md "Faults"): a hook stuck in a loop on every packet would otherwise hold the run for
+--- budget x packets (1043 packets at --hook-budget 2: 35 min).  Calls, not time: a hook that only sometimes runs
+--- past the budget (a call between two cut ones returned) starts the count again.
+M.BUDGET_STRIKES = 3
+
+--- A hook call of `key` failed with `err` (the traceback string of its xpcall); `idx`: its 1-based number among the
+--- calls of `key` over the run.  When `err` is this instance's budget interrupt and the M.BUDGET_STRIKES - 1 calls
+--- of `key` before it were cut too, sets self.budget_exceeded (the one line the run logs, ERROR, exit 4: the hook,
+--- how many calls, the plug-in file and line where the last one was cut) and returns true: the instance is
+--- disabled (engine/fastpath/run.py `_budgeted`).  Called on the error path only, never for a call that returned.
+function Host:budget_strike(key, idx, err)
+  if type(err) ~= "string" or not err:find(self.budget_msg, 1, true) then return false end
+  if self.budget_exceeded then return true end
+  local streaks = self.budget_streaks
+  if not streaks then streaks = {}; self.budget_streaks = streaks end
+  local st = streaks[key]
+  if st and st.last == idx - 1 then st.n = st.n + 1 else st = { n = 1 }; streaks[key] = st end
+  st.last = idx
+  if st.n < M.BUDGET_STRIKES then return false end
+  local file, line = err:match("^(.-):(%d+): ")              -- _lpwatch.c budget_hook: "file:line: message"
+  if file then                                              -- a long path shortened to ".../tail" on its way
+    local tail = file:gsub("^%.%.%.", "")
+    if self.path:sub(-#tail) == tail then file = self.path end
+  end
+  local at = file and (file .. ":" .. line) or self.path
+  self.budget_exceeded = ("%s: %d calls in a row of %s cut by the hook budget of %g s (--hook-budget), the last "
+    .. "at %s; instance disabled"):format(tostring(self.budget_label or self.path), st.n, key, self.budget, at)
+  return true
+end
+
 function Host:count_budget(fired)
   if fired > 0 then self.hook_errors.hook_budget = (self.hook_errors.hook_budget or 0) + fired end
 end
@@ -638,7 +671,7 @@ function Host:walk_budgeted(walk, addr, n)
   if wd then wd.arm(self.budget, self.budget_msg, PKGROOT) end
   local res = walk(self, addr, n)
   if wd then self:count_budget(wd.disarm()) end
-  return res, self.memory_exceeded
+  return res, self.memory_exceeded or self.budget_exceeded
 end
 
 --- After a walk_budgeted that raised (`err`: its error): the budget disarmed, its firings counted.  Returns the
