@@ -312,8 +312,89 @@ static int wd_limit_memory(lua_State *L) {
   return 1;
 }
 
+/* The crash line (docs/operations.md "Exit codes", 139): a plug-in's FFI code that faults (`ffi.cast("int*", 0)[0]`)
+ * kills the fast path, which runs in the `luaprobe run` process, with SIGSEGV or SIGBUS.  A full recovery is not
+ * possible in-process (the VM's state is unknown after the fault), but the user gets one line naming the plug-in:
+ *
+ *   wd.crash_enter(line) -> entered   the text after "SIGSEGV" for a fault from now on (" in plug-in F (hook H) ..."),
+ *                                      when none is set (false: an outer walk or call holds it; leave it alone)
+ *   wd.crash_leave()                   no plug-in code runs now: a fault is not named
+ *
+ * engine/plugins/host.lua sets it per batch walk (Host:walk_batch) and per single hook call (Host:call), never per
+ * packet.  The handler (installed on the first crash_enter, in the process that walks: not in a forked child such as
+ * the capture process, whose own SIGBUS guard, shm/_lpsync.c, is chained to as any earlier handler) writes
+ * "luaprobe run: crashed: SIGSEGV in plug-in ... — rows not yet written are lost" with write(2) alone (async-signal
+ * safe) when the fault came from the kernel (si_code > 0: not a kill) while a line is set in this process, then
+ * puts back the disposition found before it (SIG_DFL normally) and returns: the faulting instruction runs again and
+ * the process dies of the same signal (exit status 128 + 11 = 139 in a shell, -11 for subprocess), or the earlier
+ * handler (the capture guard, Python's faulthandler) acts.  A signal sent by kill is raised again the same way.
+ * A fault outside plug-in walks and calls (no line set) is never named nor swallowed. */
+static char crash_text[1024];
+static volatile sig_atomic_t crash_len = 0;
+static pid_t crash_pid = 0;
+static int crash_installed = 0;
+static struct sigaction crash_prev_segv, crash_prev_bus;
+
+static void crash_write(const char *s, size_t n) {
+  while (n > 0) {
+    ssize_t w = write(2, s, n);
+    if (w <= 0) return;
+    s += w;
+    n -= (size_t)w;
+  }
+}
+
+static void on_crash(int sig, siginfo_t *si, void *ctx) {
+  (void)ctx;
+  int n = crash_len;
+  if (n > 0 && si != NULL && si->si_code > 0 && getpid() == crash_pid) {
+    static const char head[] = "luaprobe run: crashed: ";
+    crash_write(head, sizeof head - 1);
+    crash_write(sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", sig == SIGSEGV ? 7 : 6);
+    crash_write(crash_text, (size_t)n);
+    crash_len = 0;
+  }
+  sigaction(sig, sig == SIGSEGV ? &crash_prev_segv : &crash_prev_bus, NULL);
+  if (si == NULL || si->si_code <= 0) raise(sig);   /* sent, not a fault: returning would not raise it again */
+}
+
+static int wd_crash_enter(lua_State *L) {
+  size_t len = 0;
+  const char *t = lua_tolstring(L, 1, &len);
+  if (crash_len > 0 || t == NULL) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (!crash_installed) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_crash;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &crash_prev_segv);
+    sigaction(SIGBUS, &sa, &crash_prev_bus);
+    crash_pid = getpid();
+    crash_installed = 1;
+  }
+  if (len > sizeof crash_text - 1) len = sizeof crash_text - 1;
+  memcpy(crash_text, t, len);
+  crash_len = (sig_atomic_t)len;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int wd_crash_leave(lua_State *L) {
+  (void)L;
+  crash_len = 0;
+  return 0;
+}
+
 int luaopen_lpwatch(lua_State *L) {
-  lua_createtable(L, 0, 5);
+  lua_createtable(L, 0, 7);
+  lua_pushcclosure(L, wd_crash_enter, 0);
+  lua_setfield(L, -2, "crash_enter");
+  lua_pushcclosure(L, wd_crash_leave, 0);
+  lua_setfield(L, -2, "crash_leave");
   lua_pushcclosure(L, wd_limit_memory, 0);
   lua_setfield(L, -2, "limit_memory");
   lua_pushcclosure(L, wd_xpcall, 0);

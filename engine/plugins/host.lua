@@ -45,6 +45,10 @@ function M.watchdog()
   return ok and type(wd) == "table" and wd or nil
 end
 
+-- _lpwatch's crash line (Host:crash_line), when the built module has it (nil: no line, the fault kills as before)
+local CRASH = M.watchdog()
+if CRASH and not CRASH.crash_enter then CRASH = nil end
+
 --- Boot a VM for `opts.path`.  Returns a Host, or nil and an error message
 --- ("file:line: message") when the file cannot be loaded or run.
 function M.boot(opts)
@@ -118,6 +122,20 @@ function Host:requested_workers(max)
 end
 
 
+--- The crash line of _lpwatch.c (wd.crash_enter; docs/operations.md "Exit codes", 139): what follows
+--- "luaprobe run: crashed: SIGSEGV" when this instance's hook `key` (or luaprobe's walk around it) faults.
+--- Built once per hook.
+function Host:crash_line(key)
+  local lines = self.crash_lines
+  if not lines then lines = {}; self.crash_lines = lines end
+  local line = lines[key]
+  if not line then
+    line = (" in plug-in %s (hook %s) \226\128\148 rows not yet written are lost\n"):format(self.path, key)
+    lines[key] = line
+  end
+  return line
+end
+
 --- Call TrisulPlugin[sub][name](...) (or TrisulPlugin[name] when sub is nil).
 --- Returns ok, result.  Errors are counted per hook and logged.
 function Host:call(sub, name, ...)
@@ -129,7 +147,9 @@ function Host:call(sub, name, ...)
   self.hook_calls[key] = (self.hook_calls[key] or 0) + 1
   local wd = self.watchdog
   if wd then wd.arm(self.budget, self.budget_msg, PKGROOT) end
+  local cw = CRASH and CRASH.crash_enter(self:crash_line(key))      -- a fault in the hook names this plug-in
   local ok, res = xpcall(fn, traceback, ...)
+  if cw then CRASH.crash_leave() end
   if wd then self:count_budget(wd.disarm()) end
   if not ok then
     if wd then self:budget_strike(key, self.hook_calls[key], res) end
@@ -436,7 +456,9 @@ end
 --- After the walk: if LuaJIT blacklisted the walker's loop (a hook it could not compile, found only at run time)
 --- the next batches walk through the stitch point, with a fresh copy of the walker.
 function Host:walk_batch(w, addr, n)
+  local cw = CRASH and CRASH.crash_enter(self:crash_line(w.hook))   -- a fault in the walk names this plug-in
   local calls, errors = w.walker(self, w, ffi.cast(packet.pktp, addr), n)
+  if cw then CRASH.crash_leave() end
   self:count_hook(w.hook, calls, errors)
   if not w.stitched and WALK_LOOP and band(jutil.funcbc(w.walker, WALK_LOOP), 0xff) == OP.IFORL then
     use_stitch(w)
@@ -677,6 +699,7 @@ end
 --- After a walk_budgeted that raised (`err`: its error): the budget disarmed, its firings counted.  Returns the
 --- memory-limit line when `err` is LUA_ERRMEM (the instance is then disabled), else nil (Python raises `err` again).
 function Host:after_walk(err)
+  if CRASH then CRASH.crash_leave() end                     -- the walker raised past walk_batch's crash_leave
   local wd = self.watchdog
   if wd then self:count_budget(wd.disarm()) end
   if is_memory_error(err) then return self:memory_hit(nil) end
