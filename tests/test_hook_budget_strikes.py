@@ -105,3 +105,47 @@ def test_a_hook_cut_three_calls_in_a_row_is_disabled_and_the_run_goes_on(tmp_pat
 
     _, base_counts, base_flows = _run(tmp_path, "base", [str(count)])
     assert base_counts["tcp"] == tcp and flows == base_flows         # flows as in a run without the loops
+
+
+# a single-call hook (Host:call, not a batch walk): engine_monitor.onmetronome, once a second of capture time
+METRO = """TrisulPlugin = { id = { name = "metro" },
+  engine_monitor = {
+    onmetronome = function(engine, ts, tick)
+      local n = 0
+      while true do n = n + #tostring(n); debug.getinfo(1) end   -- LOOP
+    end } }
+"""
+
+
+@pytest.mark.timeout(200)
+def test_a_single_call_hook_cut_three_times_in_a_row_is_disabled(tmp_path):
+    metro, count = tmp_path / "metro.lua", tmp_path / "count.lua"
+    metro.write_text(METRO)
+    count.write_text(COUNT)
+    pcap = os.path.join(helpers.PCAPS, "trisul-16minutes.pcap")      # ~16 min of capture: ~960 metronome ticks
+    tcp = len(subprocess.run(["tshark", "-r", pcap, "-Y", "tcp", "-T", "fields", "-e", "frame.number"],
+                             capture_output=True, text=True, check=True).stdout.split())
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(metro), str(count), "--pcap", pcap,
+                        "--out", str(out), "--hook-budget", str(BUDGET), "--json"], capture_output=True, text=True,
+                       timeout=100)
+    assert r.returncode == 4 and r.stdout, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    line = METRO.splitlines().index(next(x for x in METRO.splitlines() if "-- LOOP" in x)) + 1
+    monitors = [p for p in summary["plugins"] if p["type"] == "engine_monitor"]
+    assert monitors
+    for p in monitors:                                               # every backend instance, each on its own
+        assert p["hook_calls"] == {"engine_monitor.onmetronome": 3}
+        assert p["hook_errors"] == {"engine_monitor.onmetronome": 3, "hook_budget": 3}
+        want = (f"metro.lua [engine_monitor#{p['instance']}]: 3 calls in a row of engine_monitor.onmetronome cut by "
+                f"the hook budget of {BUDGET:g} s (--hook-budget), the last at {metro}:{line}; instance disabled")
+        assert p["disabled"] == want
+        assert sum(want in x for x in r.stderr.splitlines()) == 1, r.stderr[-3000:]
+    sc = next(p for p in summary["plugins"] if p["type"] == "simplecounter")
+    assert sc["hook_calls"] == {"simplecounter.onpacket": tcp}
+    db = sqlite3.connect(out / "luaprobe.sqlite")
+    try:
+        (n,) = db.execute("SELECT sum(value) FROM counters WHERE group_guid = ? AND key = 'tcp'", (GUID,)).fetchone()
+    finally:
+        db.close()
+    assert n == tcp

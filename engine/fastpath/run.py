@@ -1390,6 +1390,9 @@ class FastPath:
         for i in self.instances:
             calls, errors = i.vm.lua.eval("function(h) return h:hook_stats() end")(i.vm.host)
             walk = i.vm.lua.eval("function(h) return h:walk_mode() end")(i.vm.host)
+            cut = i.vm.lua.eval("function(h) return h.budget_exceeded end")(i.vm.host)
+            if cut is not None and i.disabled is None:   # disabled in a single hook call (Host:call: onmetronome,
+                self._disable(i, _text(cut))             # onflush, ...), not in a batch walk: named here, exit 4
             counts.append((i, {_text(k): v for k, v in calls.items()},
                            {_text(k): v for k, v in errors.items()}, walk and _text(walk)))
         return counts
