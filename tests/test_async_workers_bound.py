@@ -1,6 +1,6 @@
 """TrisulPlugin.request_async_workers has a bound (docs/async.md "Workers"): a request above 256 runs 256
 workers and logs one warning naming the plug-in.  Before: no bound (100000 started 94 workers, then worker
-tracebacks).  The plug-in schedules no task, so no worker starts (lazy start): the clamp is read from the log."""
+tracebacks).  The clamp is read from the log (256 workers start at load: docs/async.md "When workers start")."""
 from __future__ import annotations
 
 import os
@@ -46,10 +46,10 @@ TrisulPlugin = {
 
 
 def test_accounting_holds_when_the_hook_budget_interrupts_the_worker_start(tmp_path):
-    """The first schedule starts 16 workers (lazy start); on a loaded machine the hook budget (0.2 s) runs out
-    while it does: that task is counted as dropped, so scheduled = ok + ... + dropped + pending (before:
-    scheduled 48, ok 47, the rest 0).  On a machine fast enough to start them within the budget nothing is
-    interrupted and the identity holds all the same.
+    """Written when the first schedule started 16 workers (lazy start; they now start at load, docs/async.md
+    "When workers start", so a hook no longer pays for them): on a loaded machine the hook budget (0.2 s) ran out
+    while it did: that task is counted as dropped, so scheduled = ok + ... + dropped + pending (before:
+    scheduled 48, ok 47, the rest 0).  When nothing is interrupted the identity holds all the same.
 
     Where the interrupt lands is timing: the budget's hook fires at the next Lua instruction of the hook after
     the timer expired (engine/plugins/_lpwatch.c), and the start is mostly Python.  When the timer expires during
@@ -99,8 +99,8 @@ def test_a_request_that_is_not_a_number_of_workers_runs_with_one_warning(tmp_pat
     """A request_async_workers value that is not a whole number >= 1 runs the documented workers (1; 256 for
     +inf) with one WARNING line naming the plug-in and the value; the run exits 0.  Before: math.huge and 0/0
     ended the run with 'luaprobe run: internal error: OverflowError / ValueError' (exit 1, nothing written),
-    and "four", true, 0, -3 ran 1 worker without a word.  The plug-ins schedule no task (lazy start): the
-    summary's `workers` is the pool size."""
+    and "four", true, 0, -3 ran 1 worker without a word.  The summary's `workers` is the pool size: 256 started
+    at load (more than one worker: docs/async.md "When workers start"), 1 by the plug-in's one task."""
     import json
     paths = []
     for k, (expr, n, _) in enumerate(BAD_REQUESTS):
@@ -119,4 +119,4 @@ def test_a_request_that_is_not_a_number_of_workers_runs_with_one_warning(tmp_pat
     for k, (expr, n, reason) in enumerate(BAD_REQUESTS):
         lines = [x for x in r.stderr.splitlines() if f"bad{k}.lua:" in x]
         assert len(lines) == 1 and lines[0].endswith(f"{paths[k]}: request_async_workers {reason}"), (expr, r.stderr)
-        assert workers[str(paths[k])] == (n if n == 1 else 0), (expr, workers)   # 256: no task, none started
+        assert workers[str(paths[k])] == n, (expr, workers)

@@ -30,7 +30,7 @@ _LAYOUT_LUA = """function()
   local ffi, P, ring = require("ffi"), require("luaprobe.workers.protocol"), require("luaprobe.shm.ring")
   local function off(f) return ffi.offsetof("lp_ctl", f) end
   return P.CONTROL, ring.HEADER, off("pid"), off("cur_task"), off("cur_start_ns"), off("tasks_done"),
-         off("exit_request")
+         off("exit_request"), off("state")
 end"""
 
 
@@ -44,6 +44,7 @@ class ChannelLayout:
     cur_start_ns: int
     tasks_done: int
     exit_request: int
+    state: int            #: u32, 0 while the worker starts, 1 once its loop runs (workers/worker.lua M.loop)
 
     @classmethod
     def read(cls, lua) -> "ChannelLayout":
@@ -226,6 +227,7 @@ class WorkerPool:
         for off in (lay.pid, lay.cur_task, lay.cur_start_ns, lay.tasks_done):
             struct.pack_into("<d", buf, off, 0.0)
         struct.pack_into("<I", buf, lay.exit_request, 0)
+        struct.pack_into("<I", buf, lay.state, 0)      # ready again only once this process's loop runs
         del buf
         # its own process group: a timeout, a recycle or a crash ends everything the task started
         # (os.execute children included) with killpg; the terminal's ^C does not reach it
@@ -241,6 +243,16 @@ class WorkerPool:
         slot.kill_reason = None
         slot.timed_out_task = 0.0
         slot.started_at = time.monotonic()
+
+    def ready_count(self) -> int:
+        """Workers whose process is alive and runs its task loop: it has done its imports and built its VM and
+        set ``state`` to 1 in its control block (workers/worker.lua ``M.loop``; reset to 0 at each spawn)."""
+        n = 0
+        for slot in self.slots:
+            if slot.proc is not None and not _exited(slot.proc) and \
+                    struct.unpack_from("<I", slot.channel.buf, self.layout.state)[0] == 1:
+                n += 1
+        return n
 
     def pids(self) -> list[int]:
         """Pids of running workers."""

@@ -1,7 +1,8 @@
 """A warm spare worker process: started with the run, adopted by the first worker pool that starts a worker.
 
-Plug-in VMs start their T.async workers on their first task (engine/fastpath/run.py loads them with
-``start_workers="lazy"``), so in `luaprobe run` the first worker starts while packets already flow.  A worker
+A plug-in VM with one T.async worker (the default) starts it on its first task (engine/fastpath/run.py loads
+VMs with ``start_workers="lazy"``; more than one worker start at load, engine/plugins/vm.py ``_start_at_load``),
+so in `luaprobe run` that worker starts while packets already flow.  A worker
 process needs ~60 ms of CPU before it runs a task (the interpreter, site, the imports, lupa; building its VM is
 ~7 ms of it), and during the packet loop it gets that CPU from the same cores as the capture process and the fast
 path: on 2 cores its first result came 0.2-0.25 s after the first task, 50 000-160 000 tasks behind, and the

@@ -500,6 +500,15 @@ class FastPath:
                 else:
                     self._instantiate(rt, info.path, kind, "frontend", secrets.token_hex(4).upper()[:7])
 
+    def _wait_workers(self, rt) -> None:
+        """Before the packet loop: the workers of plug-ins asking for more than one (started at load,
+        engine/plugins/vm.py) run their task loops (AsyncRuntime.wait_workers; the heartbeat goes on, a stop
+        signal ends the wait).  Workers not up within the task timeout: one plug-in problem line each."""
+        rt.beat = self._beat
+        for line in rt.wait_workers(stop=lambda: self._stop != 0):
+            logs.log.error("%s", line)
+            self.plugin_problems.append(line)
+
     def _preflight(self) -> None:
         preflight(self.cfg)
 
@@ -854,9 +863,11 @@ class FastPath:
             self.driver_lua = lua
             if cfg.interface or shard:         # live / shard: hooks ready before the first packet arrives
                 self._load_plugins(rt)
+                self._wait_workers(rt)
             capture = _Coordinator(shard["coordinator"]) if shard else self._start_capture(ring_seg, rt)
             if not (cfg.interface or shard):   # files: the capture process starts up meanwhile (backpressure)
                 self._load_plugins(rt)
+                self._wait_workers(rt)
             self.loading = False
             if cfg.on_loaded is not None:
                 cfg.on_loaded(list(self.plugin_problems))

@@ -59,6 +59,30 @@ class AsyncRuntime:
         self.vms.append(vm)
         return vm
 
+    def wait_workers(self, limit: float | None = None, stop=None) -> list[str]:
+        """Wait until every worker of the pools started at load (``PluginVM.eager``: more than one worker asked
+        for) runs its task loop (WorkerPool.ready_count), so that neither their spawns nor their start-up CPU
+        (~60 ms each) fall in the packet loop.  Dead workers are restarted meanwhile (WorkerPool.check).
+        ``limit``: seconds, by default the task timeout (--task-timeout: how long a worker may be busy); ``stop()``
+        true ends the wait early (a stop signal).  Returns one line per plug-in whose workers are not all ready by
+        then, naming its file (the run goes on: the pool keeps them, their tasks wait for them)."""
+        limit = self.config.task_timeout if limit is None else limit
+        end = time.monotonic() + limit
+        waiting = [vm for vm in self.vms if getattr(vm, "eager", False) and vm.pool is not None]
+        while waiting and time.monotonic() < end and not (stop is not None and stop()):
+            if self.beat is not None:
+                self.beat()
+            for vm in waiting:
+                vm.pool.check(force=True)
+            waiting = [vm for vm in waiting if vm.pool is not None and vm.pool.ready_count() < vm.pool.nworkers]
+            if waiting:
+                time.sleep(0.005)
+        if stop is not None and stop():
+            return []
+        return [f"{vm.path}: {vm.pool.nworkers - vm.pool.ready_count()} of its {vm.pool.nworkers} T.async "
+                f"workers not running {limit:g} s after their start (--task-timeout); the run goes on, tasks "
+                "wait for them" for vm in waiting]
+
     def retire(self, vm: PluginVM, deadline: float) -> None:
         """Stop one VM's task intake and deliver its results for up to `deadline` s (the rest: timeout)."""
         vm.stop_accepting()

@@ -60,10 +60,25 @@ class PluginVM:
         self._pending = self.lua.eval("function(a) return a:pending() end")
         self._call = self.lua.eval("function(h, sub, name, ...) return h:call(sub, name, ...) end")
         self._bell = bell
-        if start_workers == "lazy":
+        #: the pool started here, at load (not on the first task); the fast path waits for its workers before
+        #: the packet loop (AsyncRuntime.wait_workers)
+        self.eager = start_workers is True or (start_workers == "lazy" and self.nworkers > 1)
+        if self.eager:
+            self._start_at_load()
+        elif start_workers == "lazy":
             self.lua.eval("function(a, f) a:set_starter(f) end")(self.async_obj, self.start_workers)
-        elif start_workers:
+
+    def _start_at_load(self) -> None:
+        """Start the pool now.  "lazy" (the fast path) with more than one worker starts here too: a pool of N
+        started by the first task spawned N processes inside that hook (64 workers: 1.7 s) and their start-up CPU
+        (~60 ms each) then fell in the packet loop.  One worker stays lazy: the warm spare serves it (issue 11).
+        Raises PluginError naming the plug-in when the channels or processes cannot be made."""
+        try:
             self.start_workers()
+        except Exception as e:  # noqa: BLE001 - OSError (segments, fork) or a LuaError (the VM's memory limit)
+            self.close()
+            why = e.strerror if isinstance(e, OSError) and e.strerror else _text(e.args[0] if e.args else e)
+            raise PluginError(f"{self.path}: cannot start its {self.nworkers} T.async workers: {why}") from None
 
     def set_memory_limit(self, nbytes: int) -> None:
         """Allocations of this VM above `nbytes` fail with LUA_ERRMEM ("not enough memory") (a VM created
@@ -71,8 +86,8 @@ class PluginVM:
         self._limit(nbytes)
 
     def start_workers(self) -> None:
-        """Start this VM's worker pool (called at load, or on the first task when lazy; again after a start a Lua
-        error interrupted, which it completes)."""
+        """Start this VM's worker pool (called at load, or on the first task when lazy and one worker; again after
+        a start a Lua error interrupted, which it completes)."""
         if self.pool is None:
             remote = self.lua.eval("function(h) return h.plugin.async_remote ~= false end")(self.host)
             self.pool = WorkerPool(self.lua, self.async_obj, nworkers=self.nworkers, script=self.path,
