@@ -128,6 +128,20 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def spinning_workers() -> int:
+    """How many workers of one pool poll their ring after a task (``worker_spin_us``); the others sleep at once.
+
+    The CPUs this process may use less two (the capture process and the fast path, which would otherwise lose
+    their cores to polling workers), at least 1: on 2 CPUs only worker 1 of a pool polls.  Before, every worker
+    polled for 1.5 ms after each task, and 64 workers each woken for one task took both cores from the packet
+    loop (docs/async.md "Latency and CPU")."""
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        ncpu = os.cpu_count() or 1
+    return max(1, ncpu - 2)
+
+
 def _exited(proc: subprocess.Popen, timeout: float = 0.0) -> bool:
     """True once ``proc`` has exited, without reaping it (waitid WNOWAIT), polling up to ``timeout`` s."""
     end = time.monotonic() + timeout
@@ -207,7 +221,7 @@ class WorkerPool:
                "--req-capacity", str(self.config.ring_size), "--slot", str(slot.k),
                "--ppid", str(os.getpid()), "--max-tasks", str(self.config.max_tasks),
                "--max-rss-mb", str(self.config.max_rss_mb), "--max-memory-mb", str(self.config.memory_mb),
-               "--spin-us", str(self.config.worker_spin_us)]
+               "--spin-us", str(self.config.worker_spin_us if slot.k <= spinning_workers() else 0.0)]
         if self.bell is not None:
             cmd += ["--bell", self.bell.name]
         if self.script:

@@ -595,7 +595,8 @@ def _run_options(p) -> None:
     p.add_argument("--worker-max-rss-mb", type=float_in(*a["max_rss_mb"]), default=0.0,
                    help=f"recycle a worker above this RSS in MiB (0 = never), {rng('max_rss_mb')}")
     p.add_argument("--worker-spin-us", type=float_in(*a["worker_spin_us"]), default=1500.0,
-                   help=f"worker polling window after a task, microseconds, {rng('worker_spin_us')}")
+                   help="polling window after a task of the first max(1, CPUs-2) workers of a pool, "
+                        f"microseconds, {rng('worker_spin_us')}")
     p.add_argument("--async-backend", choices=("local", "ray"), default="local",
                    help="where schedule tasks run: local worker processes, or Ray actors (docs/async.md)")
     p.add_argument("--ray-address", help="Ray cluster address (host:port); default: ray.init() for the run")
