@@ -20,21 +20,14 @@ import statistics
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
 
-CHILD = r'''
-import json, os, sys, time
-sys.path.insert(0, sys.argv[1])
-src, path, runs, limit = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-lua_root = sys.argv[1]
-if src != "-":
-    import luaprobe.shm.luajit as lj
-    orig = lj.package_dirs
-    def dirs():
-        d = orig()
-        d["engine"], d["shm"] = os.path.join(src, "engine"), os.path.join(src, "shm")
-        return d
-    lj.package_dirs = dirs
-    lua_root = src
+from tools.bench.stages_ab import PRELUDE  # noqa: E402
+
+CHILD = PRELUDE + r'''
+import time
+path, runs, limit = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+lua_root = sys.argv[1] if src == "-" else src
 from luaprobe.engine.capture.pcapfile import open_capture
 from luaprobe.shm.luajit import new_runtime
 takes_fd = "function M.file(r, addr, size, stop, fd)" in open(os.path.join(lua_root, "engine/capture/capture.lua")).read()
@@ -69,7 +62,6 @@ def main(argv=None) -> int:
     ap.add_argument("--mb", type=int, default=40, help="MiB of the capture copied per pass (the ring holds 64)")
     ap.add_argument("variants", nargs="+", help="NAME=DIR")
     a = ap.parse_args(argv)
-    sys.path.insert(0, REPO)
     from tools.bench import corpus
     from tools.bench.stages_ab import alternate
     var = [v.split("=", 1) for v in a.variants]

@@ -20,10 +20,12 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CHILD = r'''
+#: the start of a child run by :func:`alternate`: argv[1] the repository (on sys.path), argv[2] the variant's folder
+#: (``-``: this checkout) whose engine/ and shm/ Lua modules the child's LuaJIT runtimes load from then on
+PRELUDE = r'''
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
-src, path, runs = sys.argv[2], sys.argv[3], int(sys.argv[4])
+src = sys.argv[2]
 if src != "-":
     import luaprobe.shm.luajit as lj
     orig = lj.package_dirs
@@ -32,6 +34,10 @@ if src != "-":
         d["engine"], d["shm"] = os.path.join(src, "engine"), os.path.join(src, "shm")
         return d
     lj.package_dirs = dirs
+'''
+
+CHILD = PRELUDE + r'''
+path, runs = sys.argv[3], int(sys.argv[4])
 from tools.bench import stages
 near = stages.measure(path, runs, 64 * 1024)
 far = stages.measure(path, runs, 0)
