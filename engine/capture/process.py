@@ -22,7 +22,7 @@ from luaprobe.engine.capture.bpf import BpfError, compile_bpf
 from luaprobe.engine.capture.pcapfile import InputError, open_capture
 from luaprobe.engine.plugins.errors import split_lua_error
 
-from luaprobe.shm.exits import EXIT_INPUT, die_with_parent
+from luaprobe.shm.exits import EXIT_INPUT, STOP_SIGNALS, die_with_parent
 
 
 #: byte offset in a shard's doorbell segment of a uint64: packets the capture process has committed to that shard's
@@ -161,10 +161,10 @@ def main(argv=None) -> int:
         ap.error("give capture files, or --interface IF [--bpf EXPR], or --generate SPEC")
     stop = [False]
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))   # files too: stop reading, push END
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})          # blocked by FastPath.run until now
-    die_with_parent(args.ppid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)        # a terminal's hangup: the fast path stops us (SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # ^C / a hangup to the run's group: the fast path stops
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)        # us (SIGTERM); ignoring drops one pending since our birth
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)   # blocked by FastPath.run / Shards since before our
+    die_with_parent(args.ppid)                                 # birth: a ^C during our start-up cannot kill us
     names, bell_names = args.ring.split(","), args.bell.split(",") if args.bell else []
     if (bell_names and len(bell_names) != len(names)) or (len(names) > 1 and args.interface):
         ap.error("--bell needs one doorbell per ring; --interface takes one ring (one process per shard)")

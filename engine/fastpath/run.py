@@ -1073,10 +1073,10 @@ class FastPath:
             self.pinned = {"capture": c, "fastpath": f}
 
     def _start_capture(self, ring_seg, rt) -> subprocess.Popen:
-        """The capture process filling our packet ring (SIGTERM blocked until its handler is set)."""
+        """The capture process filling our packet ring (SIGINT, SIGTERM, SIGHUP blocked until its handlers are set)."""
         cfg = self.cfg
         self._input_sizes = {} if cfg.interface or cfg.generate else file_sizes(cfg.files)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # capture.py unblocks it once
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # process.py unblocks them once
         fds = self.cfg.capture_fds or []                                        # its stop handler is in place
         try:
             return subprocess.Popen(

@@ -152,7 +152,7 @@ class ShardedRun:
 
     def _start_captures(self) -> None:
         cfg, me = self.cfg, str(os.getpid())
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # unblocked by the capture process
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # unblocked by the capture process
         try:
             if cfg.interface:
                 group = os.getpid() & 0xFFFF
