@@ -30,15 +30,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-import psutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from tools.bench import corpus, shapes  # noqa: E402
-from tools.bench.shards import G_ETH, HEAVY, role  # noqa: E402
+from tools.bench.shards import G_ETH, HEAVY, TreeCPU  # noqa: E402
 
 
 def plugin_dir(name: str, layer: str, root: str) -> str:
@@ -52,47 +50,6 @@ def plugin_dir(name: str, layer: str, root: str) -> str:
         else:
             shapes.write(name, d, layer)
     return d
-
-
-class TreeCPU:
-    """CPU seconds of every process under `pid`, sampled every `every` s until stop(), summed per role
-    (tools/bench/shards.py ``role``).  Unlike shards.py's sampler it reads /proc/PID/schedstat (the scheduler's
-    run time in ns, not 10 ms clock ticks) and the role at every sample: a child between fork and exec still shows
-    its parent's command line (a shard or the capture process counted as the CLI for its whole life)."""
-
-    def __init__(self, pid: int, every: float = 0.01):
-        self.root, self.every, self.last, self.roles = pid, every, {}, {}
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                procs = [psutil.Process(self.root)]
-                procs += procs[0].children(recursive=True)
-            except psutil.NoSuchProcess:
-                return
-            for p in procs:
-                try:
-                    key = (p.pid, p.create_time())
-                    with open(f"/proc/{p.pid}/schedstat") as f:
-                        ns = int(f.read().split()[0])
-                    cmd = p.cmdline()           # empty once the process is a zombie: keep the role it had
-                    if cmd or key not in self.roles:
-                        self.roles[key] = role(cmd)
-                    self.last[key] = ns / 1e9
-                except (OSError, psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    pass
-            self._stop.wait(self.every)
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._t.join()
-        out: dict = {}
-        for key, cpu in self.last.items():
-            out[self.roles[key]] = out.get(self.roles[key], 0.0) + cpu
-        return out
 
 
 def run_once(exe: str, plugins: str, pcap: str, shards: int) -> dict:

@@ -8,8 +8,8 @@ so the shard hash has addresses to spread; written once, read from the page cach
 subprocess; wall time is measured around it and CPU time is the RUSAGE_CHILDREN difference (the CLI,
 the coordinator, capture, shards, store writers: every process is waited for by its parent).
 The plug-in's own cost is measured as (CPU with it - CPU without it) / packets at one shard.
-Per-process CPU seconds (psutil, sampled every 0.1 s over the run's process tree; the last sample of each
-process, so a process's final < 0.1 s is missed) are summed per role: cli (the CLI = coordinator), capture,
+Per-process CPU seconds (every thread's scheduler run time, sampled every 0.1 s over the run's process tree
+(TreeCPU); the last sample of each thread, so its final < 0.1 s is missed) are summed per role: cli (the CLI = coordinator), capture,
 shard k, store writers, workers.  They show which process is the ceiling: with N shards on N free cores the
 packets/s can reach at most  packets / max(role CPU seconds),  whatever the machine's load.
 Prints Markdown tables with min / median / max of --repeat runs.
@@ -77,7 +77,12 @@ def role(cmdline: list) -> str:
 
 
 class TreeCPU:
-    """Samples user+system CPU seconds of every process under `pid` until stop(); per-role sums."""
+    """CPU seconds of every process under `pid`, sampled every `every` s until stop(), summed per role (``role``).
+
+    Each sample reads the scheduler's run time of every thread (/proc/PID/task/TID/schedstat: ns, not psutil's
+    10 ms clock ticks) and the process's role again: a child between fork and exec still shows its parent's command
+    line (a shard or the capture process was counted as the CLI for its whole life when the role was read once).  A
+    thread that ended between two samples keeps the time it had at the last one."""
 
     def __init__(self, pid: int, every: float = 0.1):
         self.root, self.every, self.last, self.roles = pid, every, {}, {}
@@ -94,21 +99,23 @@ class TreeCPU:
                 return
             for p in procs:
                 try:
-                    with p.oneshot():
-                        t = p.cpu_times()
-                        key = (p.pid, p.create_time())
-                        if key not in self.roles:
-                            self.roles[key] = role(p.cmdline())
-                        self.last[key] = t.user + t.system
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    key = (p.pid, p.create_time())
+                    cmd = p.cmdline()           # empty once the process is a zombie: keep the role it had
+                    if cmd or key not in self.roles:
+                        self.roles[key] = role(cmd)
+                    for tid in os.listdir(f"/proc/{p.pid}/task"):
+                        with open(f"/proc/{p.pid}/task/{tid}/schedstat") as f:
+                            self.last[key, tid] = int(f.read().split()[0]) / 1e9
+                except (OSError, psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     pass
             self._stop.wait(self.every)
 
     def stop(self) -> dict:
+        """{role: CPU seconds}."""
         self._stop.set()
         self._t.join()
         out: dict = {}
-        for key, cpu in self.last.items():
+        for (key, _), cpu in self.last.items():
             out[self.roles[key]] = out.get(self.roles[key], 0.0) + cpu
         return out
 
