@@ -202,7 +202,8 @@ M.clipped = 0    --- records cut to the packet ring's record limit (engine/captu
 --- first packet's own second and the newest second pushed so far (after the shift), nil before any packet.
 M.shift, M.first_sec, M.max_sec = 0, nil, nil
 
---- The records committed since the last publish, one entry each (push): the file offsets where the record's bytes
+--- The records of a mapped file committed since the last publish, one entry each (push; a stream logs none: it is
+--- never cut-checked): the file offsets where the record's bytes
 --- start (`at`, after the blocks before it) and end (`fin`), its ring (1-based in a sharder) and that ring's producer
 --- position and record count before it (`tail`, `pushed`), and the run's byte count before it.
 local LOG = ffi.new("lp_cap_log[?]", FILE_EVERY + 1)
@@ -250,6 +251,8 @@ local function push(r, rd, stop, fd)
   local shift, top, first = M.shift, M.max_sec or -1, M.first_sec
   local every = fd and FILE_EVERY or STREAM_EVERY
   local done = rd.offset          -- file offset where the records committed so far end
+  local logged = fd ~= nil        -- the cut log (take_back): a mapped file's only; a stream has no cut check.  Loop-
+                                  -- invariant, so its test is hoisted out of the compiled loop (a guard before it)
   local cut = false               -- a cut ended the walk (rd.error says where)
   -- Publish every committed record.  A mapped file (fd): only after fstat() shows the file still holds them.  Sizes
   -- only shrink, so a record the file holds now held real bytes when it was read (past the end a read gets zeros: the
@@ -310,9 +313,11 @@ local function push(r, rd, stop, fd)
     copy(p + REC, ptr, caplen)
     rr:commit()
     if sharded then r:committed() end
-    local e = LOG[since]
-    e.at, e.fin, e.tail, e.pushed, e.bytes, e.ring = at, rd.offset, tail, pushed, bytes, k
-    done = rd.offset
+    if logged then
+      local e = LOG[since]
+      e.at, e.fin, e.tail, e.pushed, e.bytes, e.ring = at, rd.offset, tail, pushed, bytes, k
+      done = rd.offset
+    end
     n, bytes, since = n + 1, bytes + wirelen, since + 1
     if since >= every and not settle() then break end
   end

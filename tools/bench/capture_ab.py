@@ -11,6 +11,10 @@ formatted afresh for every pass, with nobody consuming (so no pass waits for spa
 then --runs passes, the minimum of their thread CPU time per packet.  The fifth argument of ``file`` is what that
 tree's capture.lua takes: a descriptor (``fd``: the size check at every publish) or the older ``size_now`` function
 (checked every 4096 records).  Prints per variant min / median / max over the rounds.
+
+``--stream``: the stream loop instead (``stream`` / ``Stream:feed``, what stdin and FIFOs go through): the same
+bytes copied once into a buffer, then walked per pass by a fresh stream reader fed all of them at once (the read
+system calls of engine/capture/process.py are not in it: the loop's own cost per record only).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from tools.bench.stages_ab import PRELUDE  # noqa: E402
 
 CHILD = PRELUDE + r'''
 import time
-path, runs, limit = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+path, runs, limit, stream = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "stream"
 lua_root = sys.argv[1] if src == "-" else src
 from luaprobe.engine.capture.pcapfile import open_capture
 from luaprobe.shm.luajit import new_runtime
@@ -41,6 +45,19 @@ run = lua.eval("""function(addr, size, arg)
   local n = capture.file(r, addr, size, function() return false end, arg)
   return n
 end""")
+feed = lua.eval("""function(addr, size)
+  local ffi = require("ffi")
+  local ring = require("luaprobe.shm.ring")
+  local capture = require("luaprobe.engine.capture.capture")
+  BUF = BUF or ffi.new("uint8_t[?]", ring.region_size(64 * 1048576, true))
+  if not SBUF then SBUF = ffi.new("uint8_t[?]", size); ffi.copy(SBUF, ffi.cast("const void *", addr), size) end
+  local r = ring.format(BUF, 64 * 1048576, true)
+  local st = capture.stream(SBUF, size)
+  local err = st:feed(r, size, true, function() return false end)
+  return st.packets
+end""")
+if stream:
+    run = lambda addr, size, arg: feed(addr, size)  # noqa: E731
 with open_capture(path) as c:
     size = min(c.size, limit)
     arg = c.fd if takes_fd else c.size_now
@@ -60,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--mb", type=int, default=40, help="MiB of the capture copied per pass (the ring holds 64)")
+    ap.add_argument("--stream", action="store_true", help="the stream loop (stdin, FIFOs) instead of the file loop")
     ap.add_argument("variants", nargs="+", help="NAME=DIR")
     a = ap.parse_args(argv)
     from tools.bench import corpus
@@ -67,9 +85,10 @@ def main(argv=None) -> int:
     var = [v.split("=", 1) for v in a.variants]
     for c in a.corpus.split(","):
         path = corpus.make(c, True)
-        res = alternate(var, a.rounds, CHILD, [path, str(a.runs), str(a.mb << 20)])
+        res = alternate(var, a.rounds, CHILD, [path, str(a.runs), str(a.mb << 20),
+                                                   "stream" if a.stream else "file"])
         packets = res[var[0][0]][0]["packets"]
-        print(f"{c} ({packets} packets a pass): capture file loop, thread CPU ns/packet, min / median / max over "
+        print(f"{c} ({packets} packets a pass): capture {'stream' if a.stream else 'file'} loop, thread CPU ns/packet, min / median / max over "
               f"{a.rounds} rounds")
         for name, _ in var:
             xs = [x["ns_per_packet"] for x in res[name]]
