@@ -149,3 +149,34 @@ def test_a_single_call_hook_cut_three_times_in_a_row_is_disabled(tmp_path):
     finally:
         db.close()
     assert n == tcp
+
+
+# logs a line at the 10th metronome tick: a later moment of the run than the stuck plug-in's third cut call (tick 3)
+TICKER = """TrisulPlugin = { id = { name = "ticker" },
+  engine_monitor = {
+    onmetronome = function(engine, ts, tick)
+      if tick == 10 then T.logwarning("TICKER tick 10") end
+    end } }
+"""
+
+
+@pytest.mark.timeout(200)
+def test_a_single_call_hook_is_named_disabled_when_its_third_cut_call_returns(tmp_path):
+    """The disable happens on the cut call's own return path (Host:call -> on_disable -> FastPath._disable), not when
+    the run collects its hook counts at the end: its ERROR line comes before a line another plug-in logs 7 ticks
+    later, and every later tick still reaches the other plug-in (the order of lines in one stream, stderr)."""
+    metro, ticker = tmp_path / "metro.lua", tmp_path / "ticker.lua"
+    metro.write_text(METRO)
+    ticker.write_text(TICKER)
+    pcap = os.path.join(helpers.PCAPS, "trisul-16minutes.pcap")
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(metro), str(ticker), "--pcap", pcap,
+                        "--out", str(tmp_path / "out"), "--hook-budget", str(BUDGET), "--json"],
+                       capture_output=True, text=True, timeout=100)
+    assert r.returncode == 4 and r.stdout, r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    disabled = [i for i, x in enumerate(lines) if "engine_monitor.onmetronome cut by the hook budget" in x
+                and "instance disabled" in x and "ERROR" in x]
+    ticks = [i for i, x in enumerate(lines) if "TICKER tick 10" in x]
+    monitors = [p for p in json.loads(r.stdout)["plugins"] if os.path.basename(p["plugin"]) == "metro.lua"]
+    assert len(disabled) == len(monitors) >= 1 and len(ticks) == len(monitors), r.stderr[-3000:]
+    assert max(disabled) < min(ticks), r.stderr[-3000:]

@@ -618,6 +618,7 @@ class FastPath:
         vm.flows_ended = method(vm.lua, "flows_ended")
         vm.host.engine.flow_records = self._flow_records()      # engine.lua new_connection reads first_ts there
         vm.lua.eval("function(h, f) h.engine.on_post = f end")(vm.host, self._on_post)
+        vm.host[b"on_disable"] = lambda line: self._disable(inst, _text(line))   # Host:call's budget strikes
         self.instances.append(inst)
         return inst
 
@@ -1303,8 +1304,9 @@ class FastPath:
 
     def _disable(self, inst, why: str) -> None:
         """Stop calling `inst` (over its memory limit, or BUDGET_STRIKES hook calls in a row cut by the hook budget:
-        engine/plugins/host.lua `budget_strike`): one ERROR line, a plug-in problem (exit 4), its VM kept with
-        headroom so that its counters and outputs are still written."""
+        engine/plugins/host.lua `budget_strike`, in a batch walk (`_budgeted`) or in a single hook call: Host:call
+        calls this through its `on_disable` as the cut call returns): one ERROR line, a plug-in problem (exit 4),
+        its VM kept with headroom so that its counters and outputs are still written."""
         if inst.disabled is not None:
             return
         inst.disabled = why
@@ -1401,9 +1403,6 @@ class FastPath:
         for i in self.instances:
             calls, errors = i.vm.lua.eval("function(h) return h:hook_stats() end")(i.vm.host)
             walk = i.vm.lua.eval("function(h) return h:walk_mode() end")(i.vm.host)
-            cut = i.vm.lua.eval("function(h) return h.budget_exceeded end")(i.vm.host)
-            if cut is not None and i.disabled is None:   # disabled in a single hook call (Host:call: onmetronome,
-                self._disable(i, _text(cut))             # onflush, ...), not in a batch walk: named here, exit 4
             counts.append((i, {_text(k): v for k, v in calls.items()},
                            {_text(k): v for k, v in errors.items()}, walk and _text(walk)))
         return counts

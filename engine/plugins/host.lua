@@ -137,7 +137,9 @@ function Host:crash_line(key)
 end
 
 --- Call TrisulPlugin[sub][name](...) (or TrisulPlugin[name] when sub is nil).
---- Returns ok, result.  Errors are counted per hook and logged.
+--- Returns ok, result.  Errors are counted per hook and logged.  The call that makes BUDGET_STRIKES cut calls in a
+--- row (budget_strike) calls `self.on_disable(line)` (set by engine/fastpath/run.py: the instance is disabled, its
+--- line logged) before it returns; from then on no hook of this instance is called here.
 function Host:call(sub, name, ...)
   if self.memory_exceeded or self.budget_exceeded then return true, nil end   -- disabled: memory limit, budget
   local t = sub and self.plugin[sub] or self.plugin
@@ -152,13 +154,14 @@ function Host:call(sub, name, ...)
   if cw then CRASH.crash_leave() end
   if wd then self:count_budget(wd.disarm()) end
   if not ok then
-    if wd then self:budget_strike(key, self.hook_calls[key], res) end
+    local cut = wd and self:budget_strike(key, self.hook_calls[key], res)
     self.hook_errors[key] = (self.hook_errors[key] or 0) + 1
     if key == "onload" and not (self.memory_limit and is_memory_error(res)) then   -- the run reports it as the
       self.errors.logf(8, "onload error: " .. tostring(res))  -- one `plug-in problem:` line (engine/fastpath/run.py)
     else
       self.errors:report(key .. " error", res)
     end
+    if cut and self.on_disable then self.on_disable(self.budget_exceeded) end   -- the run names it now (run.py)
   end
   if self.async.backlog > 0 then self.async:flush() end    -- tasks it scheduled go out now
   if self.engine.own_pending and not self.delivering then self:deliver_own() end
