@@ -299,6 +299,15 @@ end
 
 -- ------------------------------------------------------------------ the per-packet batch walk
 
+--- After a hook call of a batch walk failed with `err`, the walk's `calls`-th call of `hook` in this batch: true when
+--- the rest of the batch is not walked: the VM is over its memory limit (memory_hit), or BUDGET_STRIKES calls in a
+--- row were cut by the hook budget (budget_strike; each call would fill the VM up to the limit again, or run to the
+--- hook budget: a 50-packet batch took 56 s); the instance is disabled after it.  The stop condition of both
+--- walkers (walk, walk_direct), on their error path only: a method, since the walkers have no upvalues.
+function Host:walk_stops(hook, calls, err)
+  return self.memory_exceeded or (self.watchdog and self:budget_strike(hook, (self.hook_calls[hook] or 0) + calls, err))
+end
+
 -- One walker for every script type that runs a hook per packet (simplecounter below, protocol_handler in
 -- protocol.lua, packet_storage in packetstore.lua).  It must stay one compiled trace (issue 10): no closure is
 -- created per batch (bytecode FNEW aborts every trace through it), and each hook call has its own xpcall, which
@@ -338,10 +347,7 @@ local function walk(self, w, batch, n)
       if not ok then
         errors = errors + 1
         self.errors:report(w.error_label, r1)
-        -- over its memory limit (memory_hit), or BUDGET_STRIKES calls in a row cut by the hook budget
-        -- (budget_strike): the rest of the batch is not walked (each call would fill the VM up to the limit again,
-        -- or run to the hook budget: a 50-packet batch took 56 s); the instance is disabled after it
-        if self.memory_exceeded or (self.watchdog and self:budget_strike(w.hook, (self.hook_calls[w.hook] or 0) + calls, r1)) then
+        if self:walk_stops(w.hook, calls, r1) then
           done(w, batch, j, ok, r1, r2, v1, v2, v3, v4, v5, v6, v7, v8, v9)
           return calls, errors
         end
@@ -381,7 +387,7 @@ local function walk_direct(self, w, batch, n)
       if not ok then
         errors = errors + 1
         self.errors:report(w.error_label, r1)
-        if self.memory_exceeded or (self.watchdog and self:budget_strike(w.hook, (self.hook_calls[w.hook] or 0) + calls, r1)) then
+        if self:walk_stops(w.hook, calls, r1) then
           done(w, batch, j, ok, r1, r2, v1, v2, v3, v4, v5, v6, v7, v8, v9)
           return calls, errors
         end
