@@ -18,6 +18,7 @@ $LUAPROBE_CORPUS, that are not shipped) were pinned with Wireshark 4.0.17
 * SPB has no timestamp: the walker repeats the previous packet's timestamp.
 """
 import ctypes
+import json
 import math
 import mmap
 import os
@@ -647,3 +648,97 @@ def test_size_now_is_the_mapped_files_size_whatever_its_path_names_since(tmp_pat
     with open_capture(str(path)) as c:
         os.truncate(path, 60)                         # the same file, cut in place
         assert c.size_now() == 60 and c.size == 100
+
+
+# ------------------------------------------------------------------ EPB / PB options running past the block
+
+def _wireshark_options_ok(opts: bytes, bo: str) -> bool:
+    """Wireshark 4.0's verdict on a packet block's options (wiretap/pcapng.c pcapng_process_options, rewritten from
+    its text, the model the walker is checked against): each option header needs 4 bytes, each value rounded up to 4
+    bytes must fit in what is left, opt_endofopt (code 0) ends the walk (even with bytes after it)."""
+    pos = 0
+    while pos < len(opts):
+        if len(opts) - pos < 4:
+            return False
+        code, olen = struct.unpack_from(bo + "HH", opts, pos)
+        pos += 4
+        if (olen + 3) & ~3 > len(opts) - pos:
+            return False
+        if code == 0:
+            return True
+        pos += (olen + 3) & ~3
+    return True
+
+
+def _epb_with_options(bo, data, opts, btype=6):
+    """An EPB (or PB) over `data` whose option bytes are exactly `opts` (a multiple of 4)."""
+    pad = b"\0" * (-len(data) % 4)
+    if btype == 6:
+        fixed = struct.pack(bo + "IIIII", 0, 0, 7, len(data), len(data))
+    else:
+        fixed = struct.pack(bo + "HHIIII", 0, 0, 0, 7, len(data), len(data))
+    return blk(btype, fixed + data + pad + opts, bo)
+
+
+OPTION = st.tuples(st.sampled_from([0, 1, 2, 3, 4, 0x8001]), st.integers(0, 40), st.integers(-8, 40))
+
+
+@settings(max_examples=200, deadline=None)
+@given(bo=st.sampled_from(["<", ">"]), btype=st.sampled_from([6, 2]), dlen=st.integers(14, 70),
+       options=st.lists(OPTION, max_size=4), tail=st.integers(0, 3))
+def test_pcapng_packet_block_options_running_past_the_block(bo, btype, dlen, options, tail):
+    """Options of random lengths, each claiming its true length or one off by up to 40 bytes either way (a claim
+    past the block's end overruns it): the walker refuses the block exactly when Wireshark does (the model above;
+    tshark on such files: test_tshark_refuses_an_epb_whose_option_overruns_it): the packets before it are read, the
+    error is at the block's offset and names the option; else every packet is read."""
+    opts = b""
+    for code, true_len, off in options:
+        claim = max(0, min(0xFFFF, true_len + off))
+        opts += struct.pack(bo + "HH", code, claim) + bytes(range(true_len)) + b"\0" * (-true_len % 4)
+    opts += b"\0\0\0\0" * tail
+    head = shb(bo) + idb(1, 0, b"", bo) + epb(0, 5, PKT, bo=bo)
+    bad = _epb_with_options(bo, bytes(range(dlen)), opts, btype)
+    recs, err, eoff = records_of(head + bad + epb(0, 9, PKT, bo=bo))
+    if _wireshark_options_ok(opts, bo):
+        assert err is None and len(recs) == 3, (err, opts.hex())
+    else:
+        assert len(recs) == 1 and eoff == len(head), (err, eoff, opts.hex())
+        kind = "enhanced packet block" if btype == 6 else "packet block"
+        assert err.decode().startswith(kind + " option ") and err.decode().endswith(" bytes overruns the block")
+
+
+def _overrun_file(path):
+    """Two good EPBs around one whose opt_comment claims 200 bytes and holds 4: (its byte offset, the file)."""
+    head = shb() + idb(1) + epb(0, 10**6, PKT)
+    path.write_bytes(head + _epb_with_options("<", PKT, struct.pack("<HH", 1, 200) + b"abcd") + epb(0, 3 * 10**6, PKT))
+    return len(head)
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+def test_tshark_refuses_an_epb_whose_option_overruns_it(tmp_path):
+    """The truth behind the rule: tshark (Wireshark 4.0) reads the packet before such an EPB, then calls the file
+    damaged ("Not enough data to handle option of length 200"); the walker stops at the same packet."""
+    path = tmp_path / "overrun.pcapng"
+    off = _overrun_file(path)
+    r = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.number"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.stdout.split() == ["1"] and "option of length 200" in r.stderr, r.stderr
+    recs, err, eoff = records_of(path.read_bytes())
+    assert len(recs) == 1 and eoff == off and err == b"enhanced packet block option 1 of 200 bytes overruns the block"
+
+
+def test_pcapng_option_overrun_is_one_line_naming_the_offset(tmp_path):
+    """luaprobe run on such a file: one line naming the file and the EPB's byte offset, exit 3 (input error), the
+    packet before it counted."""
+    path = tmp_path / "overrun.pcapng"
+    off = _overrun_file(path)
+    plugin = tmp_path / "p.lua"
+    plugin.write_text('TrisulPlugin = { id = { name = "p" }, simplecounter = { protocol_guid = '
+                      '"{974FB098-DE46-45db-94DA-8D64A3BBCDE5}", onpacket = function(e, l) end } }')
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(plugin), "--pcap", str(path),
+                        "--out", str(tmp_path / "out"), "-q", "--json"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.splitlines() == [f"luaprobe run: input error: {path}: byte offset {off}: enhanced packet block "
+                                     "option 1 of 200 bytes overruns the block"], r.stderr
+    assert json.loads(r.stdout)["packets"] == 1

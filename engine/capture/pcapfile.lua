@@ -62,6 +62,8 @@ Corruption (sets r.error / r.error_offset = offset of the record or block):
     an if_tsresol finer than 10^-19 or 2^-63 s: the units per second would not fit in
     64 bits (libpcap's sf-pcapng.c and Wireshark's wiretap/pcapng.c refuse the file at
     the same limits; the offset is the IDB's, the packets before it are read)
+  * an EPB / PB option (with its padding) running past the block, as Wireshark refuses
+    it (wiretap/pcapng.c; libpcap reads no EPB option and accepts it)
   The snaplen is NOT enforced (caplen > snaplen is accepted): writers often put 0 or a
   wrong value there; MAX_CAPLEN and the file / block bounds keep the walker safe.
   The standard magic always means 16-byte record headers, as in libpcap (Wireshark
@@ -133,18 +135,29 @@ end
 -- The FCS length of one EPB / PB from its options: epb_flags (code 2, 4 bytes; pcapng draft §4.3.1,
 -- bits 5-8 = FCS length in octets, "overrides the if_fcslen option of the Interface Description
 -- Block") when non-zero, else the interface's `fcs`.  pos..stop: the options (bytes of the block).
+-- Every option up to opt_endofopt is checked: one that runs past the block with its padding returns -1 - its
+-- offset in the block (a number either way: one result type for the caller's trace), as Wireshark refuses the
+-- file there (wiretap/pcapng.c pcapng_process_options: "Not enough data to handle option of length N";
+-- libpcap's sf-pcapng.c reads no EPB option at all).
 -- Called only for blocks that have options, so the per-packet path of option-less EPBs has no loop.
 local function block_fcs(p, pos, stop, swap, fcs)
+  local flags = 0
   while pos + 4 <= stop do
     local code, olen = rd16(p, pos, swap), rd16(p, pos + 2, swap)
+    local after = pos + 4 + band(olen + 3, 0x1FFFC)                -- the value padded to 4 bytes (no float modulo)
+    if after > stop then return -1 - pos end
     if code == 0 then break end
-    if code == 2 and olen == 4 and pos + 8 <= stop then
-      local f = band(rshift(rd32(p, pos + 4, swap), 5), 0x0F)
-      if f > 0 then return f end
-    end
-    pos = pos + 4 + olen + (4 - olen % 4) % 4
+    if code == 2 and olen == 4 and flags == 0 then flags = band(rshift(rd32(p, pos + 4, swap), 5), 0x0F) end
+    pos = after
   end
+  if flags > 0 then return flags end
   return fcs
+end
+
+-- The error of a packet block whose option at `pos` runs past the block (block_fcs).
+local function option_overrun(p, pos, swap, btype)
+  return ("%s option %d of %d bytes overruns the block"):format(btype == EPB and "enhanced packet block"
+    or "packet block", rd16(p, pos, swap), rd16(p, pos + 2, swap))
 end
 
 ---------------------------------------------------------------------------
@@ -396,13 +409,16 @@ local function next_pcapng(r)
   end
   local i = ifid + 1
   local sec, nsec = ticks_to_ts(r, i, rd32(p, 12, swap), rd32(p, 16, swap))
+  local fcs = r.if_fcs[i]
+  local opts = 28 + caplen + (4 - caplen % 4) % 4             -- options start (after the padded data)
+  if opts + 4 <= blen - 4 then
+    fcs = block_fcs(p, opts, blen - 4, swap, fcs)
+    if fcs < 0 then return fail(r, off, option_overrun(p, -1 - fcs, swap, btype)) end
+  end
   r.last_sec, r.last_nsec = sec, nsec
   r.offset = off + blen
   r.packets = r.packets + 1
   local wirelen = rd32(p, 24, swap)
-  local fcs = r.if_fcs[i]
-  local opts = 28 + caplen + (4 - caplen % 4) % 4             -- options start (after the padded data)
-  if opts + 4 <= blen - 4 then fcs = block_fcs(p, opts, blen - 4, swap, fcs) end
   if fcs > 0 then caplen, wirelen = strip_fcs(caplen, wirelen, fcs) end
   return p + 28, caplen, wirelen, sec, nsec, r.if_link[i], ifid
 end
