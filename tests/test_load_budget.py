@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 
 from tests import helpers, proc_tools
@@ -85,7 +86,7 @@ def test_daemon_stop_while_loading_is_prompt(tmp_path):
         _, err = s.communicate(timeout=60)
         took = time.monotonic() - t0
         finish(p)
-    assert s.returncode == 4 and "before it processed anything" in err, err
+    assert s.returncode == 4 and "before it processed anything" in err and "loop.lua ran on" in err, err
     assert took < 15, took                               # not stop_deadline (20 s) and exit 5
 
 
@@ -156,3 +157,48 @@ def test_a_failing_daemon_test_leaves_nothing_and_keeps_its_error(tmp_path):
             raise RuntimeError("the body's own error")
     assert not proc_tools.tagged_processes(tag)
     assert not proc_tools.segments_of(seen), proc_tools.segments_of(seen)
+
+
+#: sitecustomize.py for the daemon's fast-path child only (its command line holds "--child"): it stops itself with
+#: SIGSTOP before anything of luaprobe is imported, so the test holds its start-up for as long as it likes
+STOP_AT_START = ("import os, signal\n"
+                 "if os.environ.get('LUAPROBE_TEST_HOLD_CHILD') and b'--child' in open('/proc/self/cmdline', 'rb').read():\n"
+                 "    os.kill(os.getpid(), signal.SIGSTOP)\n")
+
+
+def test_daemon_stop_during_a_slow_start_up_blames_no_plugin(tmp_path):
+    """A stop while the fast path is still starting (a loaded machine: its Python imports take longer than the
+    5 s the supervisor gives a plug-in's top level after a stop) is not a plug-in error: no plug-in code has run.
+    The child is held stopped before its first heartbeat past that grace, then let go: its SIGTERM (blocked until
+    its handlers are in place) stops it gracefully and `luaprobe stop` exits 0.  Before, the supervisor killed it at
+    5 s and `stop` exited 4 with "plug-in error: a plug-in's top level ran on for 5 s after the stop"."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STOP_AT_START)
+    cfg = looping_config(tmp_path)
+    run_dir = tmp_path / "run"
+    env, tag = proc_tools.tagged_env({"LUAPROBE_TEST_HOLD_CHILD": "1",
+                                      "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    with proc_tools.reaped(tag) as pids:
+        p = proc_tools.start(["start", "--config", str(cfg)], env=env)
+        pids.add(p.pid)
+
+        def held_child():
+            for q in proc_tools.tagged_processes(tag):
+                try:
+                    if "--child" in q.cmdline() and q.status() == psutil.STATUS_STOPPED:
+                        return q
+                except psutil.Error:
+                    continue
+        child = helpers.wait_for(held_child, 60, 0.05)
+        assert not (run_dir / "heartbeat").exists()            # no plug-in has started loading
+        s = proc_tools.start(["stop", "--run-dir", str(run_dir)], env=env)
+        log = run_dir / "supervisor.log"
+        helpers.wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+                         or (log.exists() and "still starting" in log.read_text()), 30, 0.1)
+        assert child.is_running() and child.status() == psutil.STATUS_STOPPED, s.communicate(timeout=60)  # not killed
+        child.send_signal(signal.SIGCONT)
+        _, err = s.communicate(timeout=60)
+        p.communicate(timeout=60)
+    assert s.returncode == 0, err
+    assert "plug-in" not in err, err

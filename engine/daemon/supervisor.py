@@ -314,15 +314,23 @@ class Supervisor:
                     f"stalled: {_stopped_text(*stopped[0])}; no heartbeat for {age:.0f} s; killed")
                 return
             loading = not self._loaded()["loaded"]   # the fast path beats before each plug-in it loads: one's top
-            try:
-                with open(self.heartbeat_path, encoding="utf-8", errors="replace") as f:
-                    what = f.read().strip() or "its plug-ins"
-            except OSError:
-                what = "its plug-ins"
+            what = self._loading_file() or "its plug-ins"
             self.stalled_loading = loading           # level stuck in a loop: a plug-in error, not retried
             self._stalled(f"stalled while loading {what}: no heartbeat for {age:.0f} s (a plug-in's top level stuck "
                           "in a loop?); killed" if loading else
                           f"stalled: no heartbeat for {age:.0f} s (a hook stuck in a loop?); killed")
+
+    def _loading_file(self) -> str | None:
+        """The plug-in file the running fast path beat for last (engine/fastpath/run.py _beat writes its path into the
+        heartbeat file before loading it), or None when this child has not beaten yet (it still imports and
+        starts its store writer and capture process: no plug-in code has run) or the file cannot be read."""
+        try:
+            with open(self.heartbeat_path, encoding="utf-8", errors="replace") as f:
+                if os.fstat(f.fileno()).st_mtime < self.child_started_wall - 1:     # the previous child's
+                    return None
+                return f.read().strip() or None
+        except OSError:
+            return None
 
     def _stopped_processes(self) -> list[tuple[str, int]]:
         """The run's processes found stopped now (state T/t in /proc: SIGSTOP, a debugger), as (role, pid):
@@ -403,8 +411,9 @@ class Supervisor:
             self.last_exit = desc
             if getattr(self, "stop_while_loading", False) and rc < 0 and self.stalled:
                 self.last_exit_code = EXIT_PLUGIN
-                self.last_error = (f"plug-in error: a plug-in's top level ran on for {LOADING_STOP_GRACE:g} s after "
-                                   "the stop (stuck in a loop?); the fast path was killed before it processed anything")
+                self.last_error = (f"plug-in error: the top level of {self.loading_file} ran on for "
+                                   f"{LOADING_STOP_GRACE:g} s after the stop (stuck in a loop?); the fast path was "
+                                   "killed before it processed anything")
             self._set_state("stopped")
             return False
         if self.mode == "reload":
@@ -449,6 +458,28 @@ class Supervisor:
         self._set_state(f"restarting (last exit: {desc})")
         return True
 
+    def _stop_overdue(self, now: float) -> bool:
+        """A stop or reload has run past its time (stop_at, monotonic s): the fast path is to be killed now."""
+        if self.stop_at is None or self.mode not in ("stop", "reload") or now <= self.stop_at:
+            return False
+        return not getattr(self, "stop_while_loading", False) or self._grace_for_start_up()
+
+    def _grace_for_start_up(self) -> bool:
+        """LOADING_STOP_GRACE has passed since a stop that found the fast path not yet loaded: True when a plug-in
+        file is loading (self.loading_file: its top level has had the grace, it is killed and blamed).  False when
+        the fast path has not beaten yet, i.e. no plug-in code has run (it still imports or starts its store writer
+        and capture process, which a loaded machine can stretch beyond the grace): it is not blamed on a plug-in and
+        gets the rest of stop_deadline like any stop; its SIGTERM, held blocked until its handlers are in place,
+        then stops it, or stop_deadline kills it (`luaprobe stop` exits 5)."""
+        self.loading_file = self._loading_file()
+        if self.loading_file is not None:
+            return True
+        self.stop_while_loading = False
+        self.stop_at = self.stop_deadline_at
+        log.info("fast path (pid %d) still starting %g s after the stop (no plug-in loading yet): waiting for it "
+                 "until stop_deadline", self.child.pid, LOADING_STOP_GRACE)
+        return False
+
     # ------------------------------------------------------------ requests
     def request_stop(self, by: str | None = None) -> None:
         """Stop gracefully; ``by``: who asked (status ``stopped_by``), the first asker when asked twice."""
@@ -457,7 +488,7 @@ class Supervisor:
         self.mode = "stop"
         self.stopped_by = by
         self._cancel_reload("reload cancelled: the daemon is stopping")
-        self.stop_at = time.monotonic() + self.sv["stop_deadline"]
+        self.stop_at = self.stop_deadline_at = time.monotonic() + self.sv["stop_deadline"]
         if self.child is not None and self.child.poll() is None and not self._loaded()["loaded"]:
             # still loading: nothing processed yet, and a top level stuck in a compiled loop never takes the stop
             self.stop_at = min(self.stop_at, time.monotonic() + LOADING_STOP_GRACE)
@@ -937,9 +968,10 @@ class Supervisor:
                     if self.child.poll() is None:
                         self._check_stuck_input()
                     rc = self.child.poll()
-                    if rc is None and self.stop_at is not None and self.mode in ("stop", "reload") and now > self.stop_at:
+                    if rc is None and self._stop_overdue(now):
                         if getattr(self, "stop_while_loading", False):
-                            self.stalled = f"killed: still loading its plug-ins {LOADING_STOP_GRACE:g} s after the stop"
+                            self.stalled = (f"killed: still loading {self.loading_file} {LOADING_STOP_GRACE:g} s "
+                                            "after the stop")
                             log.error("fast path (pid %d) %s", self.child.pid, self.stalled)
                             self._kill_tree()
                         else:
