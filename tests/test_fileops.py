@@ -208,3 +208,33 @@ def test_copy_and_cat_read_only_regular_files(runtime_factory, tmp_path, caplog)
     expected = {f"{op}: {src}: not a regular file ({kind})" for src, kind in sources.items() for op in ("copy", "cat")}
     assert msgs and all(m.split("file helper error: ", 1)[1] in expected for m in msgs), msgs   # (rate-limited)
     assert msgs[0].endswith("copy: /dev/zero: not a regular file (a character device)"), msgs
+
+
+def test_copybuffer_past_the_largest_file_fails_and_leaves_no_half_file(runtime_factory, tmp_path, caplog):
+    """copybuffer at a byte offset past what the file system allows (2^60 on ext4 / tmpfs: EFBIG; 2^63 and beyond:
+    no off_t holds it) is the task's error, one line naming the file, the offset and why, and leaves no file behind
+    (before: an empty file, created by the open before the write failed); an existing target keeps its bytes and
+    size.  The truth is the file system: which files exist, their bytes.  pos NaN or inf is refused at the call."""
+    caplog.set_level(logging.INFO, logger="luaprobe")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "kept").write_bytes(b"KEEP")
+    rt = runtime_factory(workers=1)
+    vm = rt.load(plugin(tmp_path, OPS))
+    offsets = [2**60, 2**62, 2**63, 2**70]
+    calls = [("copybuffer", "hello", f"{out}/far{k}", pos) for k, pos in enumerate(offsets)]
+    calls += [("copybuffer", "hello", f"{out}/kept", 2**60), ("copybuffer", "!", f"{out}/kept"),
+              ("copybuffer", "end", f"{out}/near", 4)]
+    st = _run(rt, vm, calls)
+    assert (st["error"], st["ok"]) == (5, 2), st
+    assert _files_under(out) == ["kept", "near"]
+    assert (out / "kept").read_bytes() == b"KEEP!" and (out / "near").read_bytes() == b"\0\0\0\0end"
+    msgs = [r.getMessage().split("file helper error: ", 1)[1] for r in caplog.records
+            if "file helper error" in r.getMessage()]
+    assert msgs and msgs[0] == (f"copybuffer: {out}/far0: 5 bytes at byte offset {2**60}: past the largest file the "
+                                "file system allows (File too large)"), msgs
+    assert all("past the largest file the file system allows" in m and "\n" not in m for m in msgs), msgs
+    for bad in ("0/0", "math.huge", "-1"):
+        with pytest.raises(Exception, match="pos must be a non-negative number"):
+            vm.exec(f'return T.async:copybuffer("x", {lq(str(out / "nan"))}, {bad})')
+    assert _files_under(out) == ["kept", "near"]

@@ -32,6 +32,7 @@ int unlinkat(int dirfd, const char *path, int flags);
 char *strerror(int errnum);
 char *getcwd(char *buf, size_t size);
 int statx(int dirfd, const char *path, int flags, unsigned int mask, void *statxbuf);
+int ftruncate(int fd, long length);
 ]]
 
 local C = ffi.C
@@ -42,9 +43,10 @@ local O_RDONLY, O_WRONLY = 0, 1
 local O_CREAT, O_TRUNC, O_APPEND = 64, 512, 1024
 local O_DIRECTORY, O_NOFOLLOW, O_CLOEXEC = 65536, 131072, 524288
 local O_PATH = 2097152
+local O_EXCL = 128
 local O_NONBLOCK = 2048               -- the same on x86_64 and aarch64 (04000)
 local AT_FDCWD = -100
-local ENOENT, EINTR = 2, 4
+local ENOENT, EINTR, EEXIST, EFBIG, EINVAL = 2, 4, 17, 27, 22
 if ffi.arch == "arm64" then O_DIRECTORY, O_NOFOLLOW = 16384, 32768 end
 
 local M = { roots = {} }
@@ -245,12 +247,57 @@ function M.rm(name)
   return true
 end
 
---- copybuffer(bytes, file, pos): appended (pos < 0) or written at byte offset pos.
+--- The byte offsets off_t holds: pwrite(2) at 2^63 or beyond cannot even be asked for (EINVAL).
+local MAX_OFFSET = 2 ^ 63
+
+--- The one line of a write past the largest file the file system allows (EFBIG, or an offset off_t cannot hold).
+local function past_limit(name, n, pos, e)
+  local at = pos < 0 and "appended" or ("at byte offset %.0f"):format(pos)
+  return ("%s: %d bytes %s: past the largest file the file system allows (%s)"):format(M.escape(name), n, at,
+    ffi.string(C.strerror(e)))
+end
+
+--- copybuffer's target opened for writing (`flags`: O_APPEND or 0) in its confined directory: fd, dirfd (the caller
+--- closes both), its last component, and whether this call created it (O_EXCL first; an existing file is opened
+--- without O_CREAT, a symbolic link refused as open_file refuses it); or nil, err.
+local function open_target(name, flags)
+  local dfd, last = open_parent(name)
+  if not dfd then return nil, last end
+  local mode, base = ffi.new("int", 438), bor(O_WRONLY, flags, O_NOFOLLOW, O_CLOEXEC)
+  local fd = C.openat(dfd, last, bor(base, O_CREAT, O_EXCL), mode)
+  if fd >= 0 then return fd, dfd, last, true end
+  local e = ffi.errno()
+  if e == EEXIST then fd = C.openat(dfd, last, base); e = ffi.errno() end
+  if fd >= 0 then return fd, dfd, last, false end
+  C.close(dfd)
+  if e == 40 then return nil, M.escape(name) .. ": is a symbolic link (not followed)" end
+  local _, err = errno_text(name, e)
+  return nil, err
+end
+
+--- The size of the file open on fd (statx, stx_size: the uint64 at 40), or nil.
+local function file_size(fd)
+  if C.statx(fd, "", AT_EMPTY_PATH, 0x200, STX) ~= 0 then return nil end       -- STATX_SIZE
+  return tonumber(ffi.cast("uint64_t *", STX + 40)[0])
+end
+
+--- copybuffer(bytes, file, pos): appended (pos < 0) or written at byte offset pos.  A failed write leaves no half
+--- file: a file this call created is removed again, an existing one cut back to the size it had (bytes it held are
+--- not restored where a pwrite overwrote them before failing).  An offset past the largest file the file system
+--- allows (EFBIG; 2^63 and beyond, which off_t cannot hold, refused before the file is touched) is that one line.
 function M.copybuffer(bytes, name, pos)
-  local fd, err = open_file(name, pos < 0 and bor(O_WRONLY, O_CREAT, O_APPEND) or bor(O_WRONLY, O_CREAT))
-  if not fd then return nil, err end
-  local ok, werr = write_all(fd, ffi.cast("const uint8_t *", bytes), #bytes, name, pos >= 0 and pos or nil)
-  if not ok then C.close(fd); return nil, werr end
+  if pos >= MAX_OFFSET then return nil, past_limit(name, #bytes, pos, EINVAL) end
+  local fd, dfd, last, created = open_target(name, pos < 0 and O_APPEND or 0)
+  if not fd then return nil, dfd end
+  local size = not created and file_size(fd)
+  local ok, werr, e = write_all(fd, ffi.cast("const uint8_t *", bytes), #bytes, name, pos >= 0 and pos or nil)
+  if not ok then
+    if created then C.unlinkat(dfd, last, 0) elseif size then C.ftruncate(fd, size) end
+    C.close(fd); C.close(dfd)
+    local limit = e == EFBIG or (e == EINVAL and pos >= 0)      -- EINVAL: pos + bytes past what off_t holds
+    return nil, limit and past_limit(name, #bytes, pos, e) or werr
+  end
+  C.close(dfd)
   return close_checked(fd, name)
 end
 

@@ -677,8 +677,8 @@ function Async:make_api()
     elseif type(buf) == "table" or type(buf) == "userdata" then bytes = buf:tostring()
     else error(("T.async:copybuffer: buffer must be a Buffer or a string (got %s)"):format(type(buf)), 2) end
     file = check_string(file, "file", "copybuffer")
-    if pos ~= nil and (type(pos) ~= "number" or pos < 0) then
-      error("T.async:copybuffer: pos must be a non-negative number", 2)
+    if pos ~= nil and (type(pos) ~= "number" or not (pos >= 0) or pos == math.huge) then   -- NaN, inf refused too
+      error("T.async:copybuffer: pos must be a non-negative number (a byte offset)", 2)
     end
     check_size(self_, "copybuffer", "buffer", bytes, file)
     local r = self_:enqueue(P.COPYBUF, 0, bytes, file, pos or -1, nil, nil, file, nil)
