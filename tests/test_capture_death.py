@@ -14,8 +14,12 @@ import pytest
 from tests import helpers
 
 
-def test_capture_killed_is_a_dead_process_not_an_input_error(tmp_path):
-    p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.0005, "--packet-ring-mb", "1")
+@pytest.mark.parametrize("shards", ["1", "2"])
+def test_capture_killed_is_a_dead_process_not_an_input_error(tmp_path, shards):
+    """The same exit (1) and line with --shards 2, where the coordinator runs the capture process (before: an input
+    error there, exit 3, `capture process ended unexpectedly (status -9)`); the shards walk every packet it had
+    put in their rings, which are exactly the first n records (it publishes every ring at once)."""
+    p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.0005, "--packet-ring-mb", "1", "--shards", shards)
     def capture():
         for k in psutil.Process(p.pid).children(recursive=True):
             if "luaprobe.engine.capture.process" in " ".join(k.cmdline()):
@@ -33,6 +37,7 @@ def test_capture_killed_is_a_dead_process_not_an_input_error(tmp_path):
     assert summary["bytes"] == sum(sizes[:n])         # exactly the first n records, none lost or repeated
     lines = [ln for ln in err.splitlines() if ln.startswith("luaprobe run:")]
     assert len(lines) == 1 and f"(pid {cap.pid}) was killed by SIGKILL" in lines[0] and f"({n})" in lines[0], err
+    assert summary["capture_death"]["pid"] == cap.pid and summary["capture_death"]["packets"] == n
     assert summary["input_errors"] == [] and summary["exit"]["code"] == 1
     assert not psutil.wait_procs(kids, timeout=10)[1]
     assert not helpers.our_segments([p.pid])

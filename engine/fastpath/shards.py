@@ -40,7 +40,7 @@ from luaprobe.engine.fastpath.run import RunConfig, capture_socket_args, close_f
 from luaprobe.engine.plugins.asyncruntime import BELL_SIZE
 from luaprobe.engine.plugins.vm import PluginError
 from luaprobe.shm import logs, segment
-from luaprobe.shm.exits import EXIT_STOPPED, STOP_SIGNALS, early_stop
+from luaprobe.shm.exits import EXIT_STOPPED, STOP_SIGNALS, describe_exit, early_stop
 from luaprobe.shm.luajit import new_runtime
 from luaprobe.shm.ring import region_size
 
@@ -113,6 +113,8 @@ class ShardedRun:
         self.deaths: list[dict] = []   #: shard processes that died: their unwritten results are lost
         self.captures: list[subprocess.Popen] = []
         self.capture_errors: list[str] = []
+        #: a capture process killed or crashed (not an input error): {pid, status, how}, as FastPath.capture_death
+        self.capture_death: dict | None = None
         self._last_stats = -1e9
         self._last_progress = -1e9
         self.pushed = None          #: files / --generate: packets the capture process committed to each ring
@@ -225,10 +227,14 @@ class ShardedRun:
         if self._ended_rings or not self._captures_done():
             return
         self._ended_rings = True
-        bad = [c.returncode for c in self.captures if c.returncode not in (0, EXIT_INPUT)]
+        bad = [c for c in self.captures if c.returncode not in (0, EXIT_INPUT)]
         if bad:
-            self.capture_errors.append(shrunk_file(getattr(self, "input_sizes", {}), bad[0])
-                                       or f"capture process ended unexpectedly (status {bad[0]})")
+            cut = shrunk_file(getattr(self, "input_sizes", {}), bad[0].returncode)
+            if cut:                        # the file was cut while it was read: an input error (exit 3)
+                self.capture_errors.append(cut)
+            else:                          # killed or crashed: a process of the run died (exit 1), as one fast path
+                rc = bad[0].returncode
+                self.capture_death = {"pid": bad[0].pid, "status": rc, "how": describe_exit(rc)}
             for k in range(self.n):
                 if not self.done[k]:
                     self._push_end(k)
@@ -256,6 +262,8 @@ class ShardedRun:
                 signal.signal(signum, handler)
         summary = merge_summaries(self.summaries, time.monotonic() - t0, self.restarts, cfg)
         summary["input_errors"] += self.capture_errors
+        if self.capture_death is not None:     # every packet it had put in the rings was walked (their END came after)
+            summary["capture_death"] = dict(self.capture_death, packets=summary["packets"])
         summary["shard_deaths"] = self.deaths
         summary["store_rows_lost"] = sum(d["store_rows_lost"] for d in self.deaths)   # rows dead writers lost
         combined_rows(summary, rows_before, table_rows(cfg.out_dir, COMBINED_TABLES))
@@ -316,7 +324,7 @@ class ShardedRun:
                             if not self.done[k] and p is not None and p.poll() is None:   # the ring is walked)
                                 p.send_signal(signal.SIGUSR1)
                     if self.stopped_by in EXIT_STOPPED and self._captures_done() \
-                            and not self.capture_errors:        # a signal after the whole input was read:
+                            and not self.capture_errors and self.capture_death is None:   # the whole input read:
                         for k, p in enumerate(self.procs):      # the shards end their T.async drain
                             if not self.done[k] and p is not None and p.poll() is None:
                                 p.send_signal(signal.SIGTERM)
@@ -580,7 +588,7 @@ def merge_summaries(parts: list, elapsed: float, restarts: list, cfg: RunConfig)
     out["flow_table_pages"] = next((p["flow_table_pages"] for p in parts if p.get("flow_table_pages")), None)
     out["flow_prefault"] = merge_prefault([p.get("flow_prefault") for p in parts if "flow_prefault" in p])
     out["cpus_pinned"] = None                 # N fast paths and their capture are left to the scheduler (_pin)
-    out["capture_death"] = None               # the coordinator's capture process: a death is in input_errors
+    out["capture_death"] = None               # the coordinator's capture processes: set by ShardedRun.run
     out["packet_loop_warmup"] = merge_warmup([p.get("packet_loop_warmup") for p in parts])
     done = set(out) | {"store", "shards", "stopped_by", "stopped_during", "packet_loop_s", "packet_storage",
                        "closed_s", "key_info_keys"}
