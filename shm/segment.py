@@ -28,6 +28,8 @@ _NAME_RE = re.compile(r"^luaprobe-(\d+)-[A-Za-z0-9_.-]+$")
 _TAG_RE = re.compile(r"\.ns([0-9a-f]{8})$")
 _counter = itertools.count()
 _tag = None
+_owned: dict[str, str] = {}   # path -> "f" (a segment) / "d" (a flat directory): made by this process, not yet removed
+_owned_watch = None           # on_owned_change's callable, given the list as bytes at every change
 
 
 def identity_tag() -> str:
@@ -45,6 +47,43 @@ def identity_tag() -> str:
             ns = "?"
         _tag = hashlib.sha1(f"{boot} {ns}".encode()).hexdigest()[:8]
     return _tag
+
+
+def _owned_changed() -> None:
+    if _owned_watch is None:
+        return
+    me = os.getpid()                  # a forked child's copy of the list names its parent's segments: never given
+    data = b"".join(kind.encode() + os.fsencode(path) + b"\0" for path, kind in _owned.items()
+                    if owner_pid(os.path.basename(path)) == me)
+    _owned_watch(data)
+
+
+def own(path: str, kind: str = "f") -> None:
+    """``path`` (under /dev/shm, named by this process's pid) is this process's to remove: ``kind`` "f" a segment,
+    "d" a flat directory.  :func:`create` owns its segments itself; remove with :func:`disown`."""
+    _owned[path] = kind
+    _owned_changed()
+
+
+def disown(path: str) -> None:
+    """``path`` was removed (or handed over): no longer on the owned list.  No error when it was not on it."""
+    if _owned.pop(path, None) is not None:
+        _owned_changed()
+
+
+def owned() -> dict[str, str]:
+    """A copy of the owned list: {path: "f" | "d"} (this process's segments and directories not yet removed)."""
+    return dict(_owned)
+
+
+def on_owned_change(fn) -> None:
+    """Call ``fn(bytes)`` now and at every change of the owned list with its entries of this process, each
+    ``b"f" + path + b"\\0"`` (a segment) or ``b"d" + path + b"\\0"`` (a directory); None stops.  The fast path gives
+    it to its crash handler (engine/plugins/_lpwatch.c crash_paths), which unlinks them when a plug-in's fault kills
+    the process: a crash leaves no /dev/shm segment behind (docs/operations.md "Exit codes")."""
+    global _owned_watch
+    _owned_watch = fn
+    _owned_changed()
 
 
 class Segment:
@@ -114,6 +153,7 @@ def create(purpose: str, size: int, populate: bool = False) -> Segment:
         unlink(name)
         raise
     os.close(fd)
+    own(os.path.join(SHM_DIR, name))
     return Segment(name, size, mm, owner=True)
 
 
@@ -133,6 +173,7 @@ def attach(name: str, populate: bool = False) -> Segment:
 def unlink(name: str) -> bool:
     """Remove a segment name (or a luaprobe directory such as extracted files); False if already gone."""
     path = os.path.join(SHM_DIR, name)
+    disown(path)
     try:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)

@@ -171,6 +171,20 @@ def shrunk_file(sizes: dict, status) -> str | None:
     return None
 
 
+def _crash_cleans_shm() -> None:
+    """Give the crash handler (engine/plugins/_lpwatch.c crash_paths) this process's /dev/shm segments and
+    directories, now and at every change (shm/segment.py on_owned_change): a plug-in's fault that kills the fast
+    path (SIGSEGV / SIGBUS / SIGILL / SIGFPE) then leaves none behind (docs/operations.md "Exit codes").  Needs a
+    LuaJIT loaded (new_runtime: _lpwatch's Lua symbols); without the built module nothing changes (the sweep and
+    `luaprobe shm clean` still remove a dead run's segments)."""
+    try:
+        from luaprobe.engine.plugins import _lpwatch
+    except ImportError:
+        return
+    if hasattr(_lpwatch, "crash_paths"):
+        segment.on_owned_change(_lpwatch.crash_paths)
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Everything `luaprobe run` decides."""
@@ -837,6 +851,7 @@ class FastPath:
             if mentions_async(discover(cfg.plugins, cfg.lua_path)):
                 rt.prestart_worker()           # warm before the first task (workers/spare.py, issue 11)
             lua = new_runtime()
+            _crash_cleans_shm()                # a plug-in's fault unlinks this process's segments as it dies
             if shard:                          # the ring and its producer belong to engine/fastpath/shards.py
                 ring_seg = segment.attach(shard["ring"], populate=True)
             else:
@@ -1024,6 +1039,7 @@ class FastPath:
                 signal.signal(signum, handler)
             if getattr(self, "filex_dir", None) and not self.cfg.filex_dir:
                 shutil.rmtree(self.filex_dir, ignore_errors=True)
+                segment.disown(self.filex_dir)
             elif getattr(self, "filex_dir", None) and self.cfg.shard:
                 try:                       # this shard's filex_dir/shard-K, when empty: the named directory is
                     os.rmdir(self.filex_dir)   # left as a single fast path leaves it
@@ -1335,6 +1351,8 @@ class FastPath:
             if self.cfg.filex_dir and self.cfg.shard:       # shards: one subdirectory each
                 d = os.path.join(d, f"shard-{self.shard_index}")
             os.makedirs(d, mode=0o700, exist_ok=bool(self.cfg.filex_dir))
+            if not self.cfg.filex_dir:
+                segment.own(d, "d")                       # ours (a crash removes it: _crash_cleans_shm)
             self.filex_dir = d
             roots = rt.config.file_roots
             if roots and os.path.abspath(d) not in roots:

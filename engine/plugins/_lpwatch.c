@@ -312,28 +312,51 @@ static int wd_limit_memory(lua_State *L) {
   return 1;
 }
 
-/* The crash line (docs/operations.md "Exit codes", 139): a plug-in's FFI code that faults (`ffi.cast("int*", 0)[0]`)
- * kills the fast path, which runs in the `luaprobe run` process, with SIGSEGV or SIGBUS.  A full recovery is not
- * possible in-process (the VM's state is unknown after the fault), but the user gets one line naming the plug-in:
+/* The crash line (docs/operations.md "Exit codes", 139 / 135 / 132 / 136): a plug-in's FFI code that faults
+ * (`ffi.cast("int*", 0)[0]`, a call into bad machine code, a division by zero in C) kills the fast path, which runs in
+ * the `luaprobe run` process, with SIGSEGV, SIGBUS, SIGILL or SIGFPE.  A full recovery is not possible in-process
+ * (the VM's state is unknown after the fault), but the user gets one line naming the plug-in, and the run's shared
+ * memory is unlinked before the process dies:
  *
  *   wd.crash_enter(line) -> entered   the text after "SIGSEGV" for a fault from now on (" in plug-in F (hook H) ..."),
  *                                      when none is set (false: an outer walk or call holds it; leave it alone)
  *   wd.crash_leave()                   no plug-in code runs now: a fault is not named
+ *   _lpwatch.crash_paths(text)         (Python) the /dev/shm paths this process owns now: "f<path>\0" a segment,
+ *                                      "d<path>\0" a flat directory (extracted files); replaces the list
  *
- * engine/plugins/host.lua sets it per batch walk (Host:walk_batch) and per single hook call (Host:call), never per
- * packet.  The handler (installed on the first crash_enter, in the process that walks: not in a forked child such as
- * the capture process, whose own SIGBUS guard, shm/_lpsync.c, is chained to as any earlier handler) writes
- * "luaprobe run: crashed: SIGSEGV in plug-in ... — rows not yet written are lost" with write(2) alone (async-signal
- * safe) when the fault came from the kernel (si_code > 0: not a kill) while a line is set in this process, then
- * puts back the disposition found before it (SIG_DFL normally) and returns: the faulting instruction runs again and
- * the process dies of the same signal (exit status 128 + 11 = 139 in a shell, -11 for subprocess), or the earlier
- * handler (the capture guard, Python's faulthandler) acts.  A signal sent by kill is raised again the same way.
- * A fault outside plug-in walks and calls (no line set) is never named nor swallowed. */
+ * engine/plugins/host.lua sets the line per batch walk (Host:walk_batch) and per single hook call (Host:call), never
+ * per packet; shm/segment.py keeps the path list (every segment this process created and has not unlinked, and the
+ * default extraction directory), given here by engine/fastpath/run.py.  The handler (installed on the first
+ * crash_enter, in the process that walks: not in a forked child such as the capture process, whose own SIGBUS
+ * guard, shm/_lpsync.c, is chained to as any earlier handler) acts only in that process:
+ *   1. when the fault came from the kernel (si_code > 0: not a kill) while a line is set, it writes
+ *      "luaprobe run: crashed: SIGSEGV in plug-in ... — ..." with write(2) alone (async-signal safe);
+ *   2. it unlinks the listed paths (unlink(2); a directory's entries with getdents64 and unlinkat, then rmdir(2):
+ *      system calls only), so the dead run leaves no /dev/shm segment (the capture process, the store writer and
+ *      the workers keep their mappings until they exit) -- except for a SIGBUS with an earlier handler of its own,
+ *      which may be a guard that recovers (the cut guard): the process may live on, its segments are left alone;
+ *   3. it puts back the disposition found before it (SIG_DFL normally) and returns: the faulting instruction runs
+ *      again and the process dies of the same signal (exit status 128 + signal in a shell, -signal for subprocess),
+ *      or the earlier handler (Python's faulthandler) acts.  A signal sent by kill is raised again the same way.
+ * A fault outside plug-in walks and calls (no line set) is never named nor swallowed; its paths are unlinked too. */
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <sys/stat.h>
+
+#define CRASH_NSIG 4
+static const int crash_sigs[CRASH_NSIG] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE};
+static const char *const crash_names[CRASH_NSIG] = {"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE"};
+static struct sigaction crash_prev[CRASH_NSIG];
 static char crash_text[1024];
 static volatile sig_atomic_t crash_len = 0;
 static pid_t crash_pid = 0;
 static int crash_installed = 0;
-static struct sigaction crash_prev_segv, crash_prev_bus;
+
+#define CRASH_PATHS_MAX 65536          /* bytes of "f<path>\0" / "d<path>\0" entries; what does not fit is left to
+                                        * the sweep (`luaprobe shm clean`, the next run's start) */
+static char crash_paths_buf[2][CRASH_PATHS_MAX];
+static size_t crash_paths_len[2];
+static volatile sig_atomic_t crash_paths_at = -1;   /* the buffer the handler reads (-1: none) */
 
 static void crash_write(const char *s, size_t n) {
   while (n > 0) {
@@ -344,17 +367,63 @@ static void crash_write(const char *s, size_t n) {
   }
 }
 
+struct lp_dirent64 { unsigned long long d_ino; long long d_off; unsigned short d_reclen; unsigned char d_type;
+                     char d_name[]; };
+
+static void crash_rmdir(const char *path) {   /* a flat directory: its entries, then itself (system calls only) */
+  int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd >= 0) {
+    char buf[4096];
+    for (;;) {
+      long n = syscall(SYS_getdents64, fd, buf, sizeof buf);
+      if (n <= 0) break;
+      for (long off = 0; off < n;) {
+        struct lp_dirent64 *d = (struct lp_dirent64 *)(buf + off);
+        off += d->d_reclen;
+        if (d->d_name[0] == '.' && (d->d_name[1] == 0 || (d->d_name[1] == '.' && d->d_name[2] == 0))) continue;
+        unlinkat(fd, d->d_name, 0);
+      }
+    }
+    close(fd);
+  }
+  rmdir(path);
+}
+
+static void crash_unlink_paths(void) {
+  int at = crash_paths_at;
+  if (at < 0) return;
+  const char *p = crash_paths_buf[at], *end = p + crash_paths_len[at];
+  while (p < end) {
+    size_t n = strnlen(p, (size_t)(end - p));
+    if (n > 1) {
+      if (p[0] == 'd') crash_rmdir(p + 1);
+      else unlink(p + 1);
+    }
+    p += n + 1;
+  }
+}
+
 static void on_crash(int sig, siginfo_t *si, void *ctx) {
   (void)ctx;
-  int n = crash_len;
-  if (n > 0 && si != NULL && si->si_code > 0 && getpid() == crash_pid) {
-    static const char head[] = "luaprobe run: crashed: ";
-    crash_write(head, sizeof head - 1);
-    crash_write(sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", sig == SIGSEGV ? 7 : 6);
-    crash_write(crash_text, (size_t)n);
-    crash_len = 0;
+  int i = 0;
+  while (i < CRASH_NSIG - 1 && crash_sigs[i] != sig) i++;
+  if (getpid() == crash_pid) {
+    int n = crash_len;
+    if (n > 0 && si != NULL && si->si_code > 0) {
+      static const char head[] = "luaprobe run: crashed: ";
+      crash_write(head, sizeof head - 1);
+      crash_write(crash_names[i], strlen(crash_names[i]));
+      crash_write(crash_text, (size_t)n);
+      crash_len = 0;
+    }
+    int prev_handles = (crash_prev[i].sa_flags & SA_SIGINFO) ? crash_prev[i].sa_sigaction != NULL
+        : (crash_prev[i].sa_handler != SIG_DFL && crash_prev[i].sa_handler != SIG_IGN);
+    if (!(sig == SIGBUS && prev_handles)) {
+      crash_unlink_paths();
+      crash_paths_at = -1;
+    }
   }
-  sigaction(sig, sig == SIGSEGV ? &crash_prev_segv : &crash_prev_bus, NULL);
+  sigaction(sig, &crash_prev[i], NULL);
   if (si == NULL || si->si_code <= 0) raise(sig);   /* sent, not a fault: returning would not raise it again */
 }
 
@@ -371,8 +440,7 @@ static int wd_crash_enter(lua_State *L) {
     sa.sa_sigaction = on_crash;
     sa.sa_flags = SA_SIGINFO | SA_NODEFER;
     sigemptyset(&sa.sa_mask);
-    sigaction(SIGSEGV, &sa, &crash_prev_segv);
-    sigaction(SIGBUS, &sa, &crash_prev_bus);
+    for (int i = 0; i < CRASH_NSIG; i++) sigaction(crash_sigs[i], &sa, &crash_prev[i]);
     crash_pid = getpid();
     crash_installed = 1;
   }
@@ -434,7 +502,31 @@ static PyObject *py_stop_now(PyObject *self, PyObject *args) {
   Py_RETURN_NONE;
 }
 
+/* Python side (shm/segment.py's list, given by engine/fastpath/run.py): the paths the crash handler unlinks, as
+ * bytes of "f<path>\0" (a segment) and "d<path>\0" (a flat directory) entries; replaces the list.  Written into the
+ * buffer the handler does not read, then switched to (one int store): a fault during the call sees the old list
+ * or the new one whole.  Entries past CRASH_PATHS_MAX bytes are dropped (left to the sweep).  Returns how many
+ * bytes were kept. */
+static PyObject *py_crash_paths(PyObject *self, PyObject *arg) {
+  (void)self;
+  char *data;
+  Py_ssize_t n;
+  if (PyBytes_AsStringAndSize(arg, &data, &n) < 0) return NULL;
+  int at = crash_paths_at == 0 ? 1 : 0;
+  size_t keep = 0;
+  while (keep < (size_t)n) {                       /* whole entries only, each ending with its NUL */
+    size_t e = strnlen(data + keep, (size_t)n - keep);
+    if (keep + e >= (size_t)n || keep + e + 1 > CRASH_PATHS_MAX) break;
+    keep += e + 1;
+  }
+  memcpy(crash_paths_buf[at], data, keep);
+  crash_paths_len[at] = keep;
+  __atomic_store_n(&crash_paths_at, at, __ATOMIC_RELEASE);
+  return PyLong_FromSize_t(keep);
+}
+
 static PyMethodDef lpwatch_methods[] = {
+  {"crash_paths", py_crash_paths, METH_O, "the /dev/shm paths a crash unlinks (bytes: f<path>\\0 / d<path>\\0 entries)"},
   {"stop_now", py_stop_now, METH_NOARGS, "interrupt the armed walk's hooks now (a stop signal)"},
   {"stuck_for", py_stuck_for, METH_NOARGS, "seconds the armed hook has run past its budget uninterrupted (0.0: none)"},
   {"message", py_message, METH_NOARGS, "the armed budget's message (plug-in, instance, budget)"},

@@ -123,14 +123,15 @@ end
 
 
 --- The crash line of _lpwatch.c (wd.crash_enter; docs/operations.md "Exit codes", 139): what follows
---- "luaprobe run: crashed: SIGSEGV" when this instance's hook `key` (or luaprobe's walk around it) faults.
---- Built once per hook.
+--- "luaprobe run: crashed: SIGSEGV" (SIGBUS, SIGILL, SIGFPE) when this instance's hook `key` (or luaprobe's walk
+--- around it) faults.  Built once per hook.
 function Host:crash_line(key)
   local lines = self.crash_lines
   if not lines then lines = {}; self.crash_lines = lines end
   local line = lines[key]
   if not line then
-    line = (" in plug-in %s (hook %s) \226\128\148 rows not yet written are lost\n"):format(self.path, key)
+    line = (" in plug-in %s (hook %s) \226\128\148 the rows sent to the store writer are committed; the rest "
+      .. "(open counter buckets, live flows, the summary) is lost\n"):format(self.path, key)
     lines[key] = line
   end
   return line
