@@ -341,10 +341,11 @@ class WorkerPool:
             reason, is_timeout = f"worker died ({describe_exit(rc)})", False
         # bytes: a Python str would reach Lua as userdata (the VMs have no encoding), and onerror
         # would get an object it cannot concatenate instead of the message string
-        self._worker_lost(self.async_obj, slot.k, reason.encode(), cur_task, is_timeout)
+        death = not (planned or slot.timed_out_task)     # logged below in one line, the failed task with it
+        failed = self._worker_lost(self.async_obj, slot.k, reason.encode(), cur_task, is_timeout, death)
         slot.proc, slot.ps = None, None
         slot.restarts += 1
-        if planned or slot.timed_out_task:
+        if not death:
             self.recycles += planned
             slot.crashes_in_row = 0
             slot.restart_at = now
@@ -355,11 +356,19 @@ class WorkerPool:
             slot.crashes_in_row += 1
             delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** (slot.crashes_in_row - 1))
             slot.restart_at = now + delay
-            log.error("[%s] async worker %d %s; restarting in %.2f s", os.path.basename(self.script), slot.k,
-                      describe_exit(rc), delay)
+            log.error("%s", self.death_line(slot.k, describe_exit(rc), bool(failed), delay))
         if slot.restart_at <= now:
             self._spawn(slot)
             self._worker_ready(self.async_obj, slot.k)
+
+    def death_line(self, k: int, how: str, failed: bool, delay: float) -> str:
+        """The one line of a worker's death (docs/async.md "Faults"): the plug-in file, how the worker ended
+        (``describe_exit``: "killed by SIGSEGV", "exit status 3"), whether the task it ran failed, the restart.
+        Its failed task is counted as ``error`` and its onerror called, not logged again (async.lua worker_lost)."""
+        where = (" running a task (onexecute or a file helper): that task failed (counted as error, onerror "
+                 "called)" if failed else ": it was between tasks, no task failed")
+        return (f"[{os.path.basename(self.script)}] T.async worker {k} of {self.script} died ({how}){where}; the run "
+                f"goes on, restarting the worker in {delay:.2f} s")
 
     # ----------------------------------------------------------- stopping
     def stop(self, timeout: float = 2.0) -> None:

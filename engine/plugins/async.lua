@@ -761,7 +761,7 @@ function Async:complete(w, status, payload, now, exec_ns)
   else
     if status == P.TIMEOUT then st.timeout = st.timeout + 1 else st.error = st.error + 1 end
     local kind = status == P.FILE_ERROR and "file helper error" or self.cutting or "onexecute error"
-    self.errors:report(kind, payload or "?")
+    if not self.unlogged then self.errors:report(kind, payload or "?") end
     if onerr then self:call_hook("onerror", onerr, data, payload, ts) end
   end
   if files then
@@ -836,11 +836,17 @@ end
 --- Worker k is gone (dead, killed for a timeout, recycled).  Results it
 --- published are delivered; the task it was running (cur_task) fails with
 --- `reason`; tasks it never started go back to its backlog for the next worker.
-function Async:worker_lost(k, reason, cur_task, is_timeout)
+--- `logged`: the pool logs the death in one line of its own (workers/pool.py _lost), so the failed task is
+--- counted and its onerror called but not logged again as an onexecute error.  Returns true when a task failed.
+function Async:worker_lost(k, reason, cur_task, is_timeout, logged)
   local w = self.workers[k]
   self:poll_worker(w, 1e300)
+  local failed = false
   if cur_task ~= 0 and w.head < w.sent and chunk(w, w.head).id[band(w.head, CMASK) + 1] == cur_task then
+    self.unlogged = logged or nil
     self:complete(w, is_timeout and P.TIMEOUT or P.ERROR, reason)
+    self.unlogged = nil
+    failed = true
   end
   local unstarted = w.sent - w.head
   self.stats.redispatched = self.stats.redispatched + unstarted
@@ -851,6 +857,7 @@ function Async:worker_lost(k, reason, cur_task, is_timeout)
   w.alive = false
   w.req:reset()
   w.ret:reset()
+  return failed
 end
 
 --- A fresh worker process serves slot k.
