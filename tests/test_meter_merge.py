@@ -262,3 +262,41 @@ def test_single_part_rows_unchanged_and_old_rows_merge_as_counters(tmp_path):
         w.write("counters", [(GROUP, 0, "k", 4, 25.0, 4, 50, 2, 0), (GROUP, 0, "k", 0, 7)])
     with sqlite3.connect(db) as c:
         assert dict(c.execute("SELECT meter, value FROM counters")) == {4: 20, 0: 12}
+
+
+def test_sharded_append_counts_like_one_fast_path(tmp_path):
+    """--append of the same capture into a database that already holds its buckets, with --shards 1 and --shards 2:
+    both store tshark's frames per 60 s bucket counted twice (COUNTER and RATE_COUNTER doubled, MAXIMUM / MINIMUM /
+    AVERAGE / GAUGE those of one pass: the same frames again), and the same flow rows; their summaries agree but for
+    the documented rows_written["counters"] (docs/scale.md "The run summary": one fast path counts the rows it
+    updated, a sharded run the rows added, none here)."""
+    import json
+    import shutil
+    frames = collections.defaultdict(list)
+    for t, n in tshark("-Y", "tcp", "-T", "fields", "-e", "frame.time_epoch", "-e", "frame.len"):
+        sec, frac = t.split(".")
+        frames[int(sec) - int(sec) % 60].append((int(sec) * 10**6 + int(frac[:6]), int(n)))
+    model = {}
+    for b, fr in frames.items():
+        lens = [n for _, n in fr]
+        for m, v in enumerate((2 * len(lens), 2 * sum(lens), max(lens), min(lens), sum(lens) / len(lens), lens[-1],
+                               2 * sum(lens) / 60)):
+            model[(b, "all", m)] = v
+    run(tmp_path, TCP_PLUGIN, "base").close()
+    summaries, flows = {}, {}
+    for n in ("1", "2"):
+        shutil.copytree(tmp_path / "base", tmp_path / f"a{n}")
+        (tmp_path / f"a{n}" / "luaprobe.sqlite-shm").unlink(missing_ok=True)
+        db = run(tmp_path, TCP_PLUGIN, f"a{n}", "--append", "--shards", n, "--stats-json", str(tmp_path / f"a{n}.json"))
+        assert stored(db, TCP_GROUP) == model, n
+        cols = [c for (_, c, *_rest) in db.execute("PRAGMA table_info(flows)") if c != "id"]   # ids: per run
+        flows[n] = sorted(db.execute(f"SELECT {', '.join(cols)} FROM flows").fetchall(), key=repr)
+        db.close()
+        summaries[n] = json.loads((tmp_path / f"a{n}.json").read_text())
+    assert flows["1"] == flows["2"] and len(flows["1"]) > 0
+    one, two = summaries["1"], summaries["2"]
+    for key in ("packets", "bytes", "flows", "drops", "input_errors", "plugin_problems"):
+        assert one[key] == two[key], key
+    assert one["rows_written"]["counters"] == len(model) and two["rows_written"]["counters"] == 0
+    assert {k: v for k, v in one["rows_written"].items() if k != "counters"} == \
+        {k: v for k, v in two["rows_written"].items() if k != "counters"}
