@@ -31,7 +31,8 @@ Struct (all offsets/lengths in bytes from the start of the captured frame):
                         (one layer for the whole label stack), SLL 16,
                         SLL2 20, LOOPBACK 4, PPPOE 8 (PPPoE + PPP protocol),
                         IPv4 IHL*4 (with options) + IPsec AH headers,
-                        IPv6 40 + extension headers (AH included), TCP data offset*4, UDP 8, ICMP/ICMPv6 8,
+                        IPv6 40 + extension headers (AH included), TCP data offset*4 (the bytes captured
+                        when the capture cut its options: l4_cut), UDP 8, ICMP/ICMPv6 8,
                         ARP (also RARP 0x8035) 8 + 2*hlen + 2*plen
     ip_version          0 (not IP) / 4 / 6
     ipproto             IPv4 protocol / IPv6 final next header (after the
@@ -40,7 +41,8 @@ Struct (all offsets/lengths in bytes from the start of the captured frame):
     src[16], dst[16]    addresses, IPv4 in the first 4 bytes; zero for non-IP
     first[32]           first[enum] = index of the first layer of that protocol, -1 if
                         absent (decode.find reads it: no loop per lookup)
-    sport, dport        TCP/UDP ports (0 otherwise)
+    sport, dport        TCP/UDP ports (0 otherwise; also from a header cut short, when its
+                        first 4 bytes were captured: l4_cut)
     tcp_flags           TCP flags byte (offset 13 of the header)
     tcp_seq, tcp_ack    TCP sequence and acknowledgment numbers (RFC 9293
                         §3.1) as int32 (the 32 bits, two's complement: use
@@ -280,12 +282,36 @@ local function no_l4(d, l4_offset)
   d.icmp_type, d.icmp_code = 0, 0
 end
 
+-- A TCP or UDP header cut short by the capture's snaplen (or by the datagram's end): what was captured still
+-- names the connection, as tshark shows it ("Packet size limited during capture").  A headers-only capture
+-- (`tcpdump -s 64`, `editcap -s 64`) cuts the options of nearly every TCP header (Linux sends 12 option bytes
+-- with every segment, 20 with a SYN): before, each such packet had ports 0 and went to a port-0 flow of its
+-- host pair, so a connection's packets were split off from it (trisul-tutorial.pcap at -s 64: 87 packets of
+-- one connection in a phantom flow).  Ports when 4 bytes were captured, sequence 8, acknowledgment 12, flags
+-- 14; a TCP layer (of the bytes captured, never past them) when the 20 fixed bytes were.  d.truncated stays
+-- 1 and the payload is empty.  Only cut packets come here (the common path is unchanged).
+local function l4_cut(d, p, o, lim, proto)
+  d.truncated = 1
+  no_l4(d, o)
+  local have = lim - o
+  if have >= 4 then
+    d.sport = be16(p, o, 0)
+    d.dport = be16(p, o, 2)
+  end
+  if proto == 6 then
+    if have >= 8 then d.tcp_seq = be32s(p, o, 4) end
+    if have >= 12 then d.tcp_ack = be32s(p, o, 8) end
+    if have >= 14 then d.tcp_flags = p[o + 13] end
+    if have >= 20 then add_layer(d, TCP, o, have) end
+  end
+end
+
 local function decode_l4(d, p, o, lim, proto)
   if proto == 6 then
-    if o + 20 > lim then d.truncated = 1; no_l4(d, o); return end
+    if o + 20 > lim then l4_cut(d, p, o, lim, 6); return end
     local doff = lshift(rshift(p[o + 12], 4), 2)
     if doff < 20 then d.malformed = 1; no_l4(d, o); return end
-    if o + doff > lim then d.truncated = 1; no_l4(d, o); return end
+    if o + doff > lim then l4_cut(d, p, o, lim, 6); return end
     d.l4_offset = o
     d.sport = be16(p, o, 0)
     d.dport = be16(p, o, 2)
@@ -295,7 +321,7 @@ local function decode_l4(d, p, o, lim, proto)
     d.icmp_type, d.icmp_code = 0, 0
     add_layer(d, TCP, o, doff)
   elseif proto == 17 then
-    if o + 8 > lim then d.truncated = 1; no_l4(d, o); return end
+    if o + 8 > lim then l4_cut(d, p, o, lim, 17); return end
     d.l4_offset = o
     d.sport = be16(p, o, 0)
     d.dport = be16(p, o, 2)
