@@ -77,7 +77,8 @@ def _async_config(args):
 
 
 def _print_summary(s: dict) -> None:
-    """The run summary: a rich table on a terminal, plain lines otherwise (scripts parse those)."""
+    """The run summary on stdout: a rich table on a terminal, plain lines otherwise (scripts parse those).  The
+    problems' lines (stderr) are _print_problems'."""
     if sys.stdout.isatty():
         try:
             return _rich_summary(s)
@@ -103,7 +104,6 @@ def _rich_summary(s: dict) -> None:
     for line in _traffic_lines(s):
         con.print(line)
     con.print(_written_line(s), markup=False)
-    _print_problems(s)
 
 
 def _print_problems(s: dict) -> None:
@@ -208,7 +208,6 @@ def _plain_summary(s: dict) -> None:
                  if a["scheduled"] else "")
               + (f" onresult_errors {a['onresult_errors']}" if a["onresult_errors"] else ""))
     print(_written_line(s))
-    _print_problems(s)
 
 
 def _drop_reasons(a: dict) -> str:
@@ -266,6 +265,26 @@ class _stdout_to_stderr:
             sys.stdout.flush()
             os.dup2(self.saved, 1)
             os.close(self.saved)
+
+
+def _despite_reader_gone(step) -> None:
+    """Run one printing step of `run`'s report.  A reader that left (`luaprobe run ... | head -1`, `| true`, a
+    closed stdout or stderr) ends that step only: the stream that broke is pointed at /dev/null and the report
+    goes on (the other stream's lines, --stats-json, the exit code).  Before, the BrokenPipeError of the first
+    summary line ended the command with exit 0: a damaged capture's input-error line never printed, no
+    --stats-json file, exit 0 instead of 3 (tests/test_report_reader_gone.py)."""
+    try:
+        step()
+    except BrokenPipeError:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()              # the broken one raises again (its buffer still holds the line)
+            except (OSError, ValueError):
+                try:
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+                    stream.flush()          # the buffered bytes go to /dev/null
+                except (OSError, ValueError):
+                    pass
 
 
 def cmd_run(args) -> int:
@@ -410,28 +429,41 @@ def _run(args) -> int:
             bar.close()
     code, reasons = run_exit_code(summary)
     summary["exit"] = {"code": code, "reasons": reasons}
-    if args.json:
-        print(json.dumps(summary, indent=2, default=str))
-        for e in summary["input_errors"]:          # stdout stays pure JSON; the one line goes to stderr as ever
-            print(f"luaprobe run: input error: {e}", file=sys.stderr)
-        if summary.get("capture_death"):
-            print(f"luaprobe run: exit {code}: {reasons[0]}", file=sys.stderr)
-    elif not args.quiet:
-        _print_summary(summary)
-    else:
-        _print_problems(summary)
+
+    def on_stdout():
+        if args.json:
+            print(json.dumps(summary, indent=2, default=str))
+        elif not args.quiet:
+            _print_summary(summary)
+        sys.stdout.flush()
+
+    def on_stderr():
+        if args.json:
+            for e in summary["input_errors"]:      # stdout stays pure JSON; the one line goes to stderr as ever
+                print(f"luaprobe run: input error: {e}", file=sys.stderr)
+            if summary.get("capture_death"):
+                print(f"luaprobe run: exit {code}: {reasons[0]}", file=sys.stderr)
+        else:
+            _print_problems(summary)
+
+    def closing_lines():
+        for r in reasons:                  # plug-in problems and input errors were printed above
+            if r.startswith("stopped early"):
+                print(f"luaprobe run: {r}", file=sys.stderr)
+            elif not r.startswith(("plug-in problem:", "input error")) and not args.json:
+                print(f"luaprobe run: exit {code}: {r}", file=sys.stderr)
+
+    _despite_reader_gone(on_stdout)
+    _despite_reader_gone(on_stderr)
     if args.stats_json:
         try:
             from .usage import write_file_atomic      # never a truncated file (a full disk: the old one stays)
             write_file_atomic(args.stats_json, json.dumps(summary, indent=2, default=str).encode())
         except OSError as e:
-            print(f"luaprobe run: --stats-json {args.stats_json}: {e.strerror}", file=sys.stderr)
+            _despite_reader_gone(lambda: print(f"luaprobe run: --stats-json {args.stats_json}: {e.strerror}",
+                                               file=sys.stderr))
             return code or EXIT_INTERNAL
-    for r in reasons:                      # plug-in problems and input errors were printed above
-        if r.startswith("stopped early"):
-            print(f"luaprobe run: {r}", file=sys.stderr)
-        elif not r.startswith(("plug-in problem:", "input error")) and not args.json:
-            print(f"luaprobe run: exit {code}: {r}", file=sys.stderr)
+    _despite_reader_gone(closing_lines)
     return code
 
 
