@@ -800,9 +800,31 @@ def _startup_stop(argv, e: StartupStop) -> int:
 REBUILT_FIRST = ("run", "demo", "check", "start", "loadtest")   #: commands that load the compiled modules
 
 
+def _open_standard_fds() -> None:
+    """Descriptors 0, 1 and 2 open before anything else is: one that is closed (`luaprobe run ... <&-`, `>&-`,
+    `2>&-`, a supervisor that closed them) is opened on /dev/null, and Python's stream for it (None then) is
+    made.  Otherwise the first file the run opens takes that number -- the --out directory's lock -- and a
+    child started with its standard streams redirected (the store writer) has it replaced: "the output
+    directory's lock (descriptor 1) is not a directory", exit 1, every row of the run lost
+    (tests/test_closed_std_fds.py).  OpenSSH's sanitise_stdfd() does the same."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        got = os.open(os.devnull, os.O_RDWR)
+        if got != fd:                        # the lower ones are open (made above), so this is rare
+            os.dup2(got, fd)
+            os.close(got)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
+
+
 def main(argv=None) -> int:
     """Entry point of the `luaprobe` console script."""
     in_process = argv is not None        # main() called in-process (tests), not as the console script
+    _open_standard_fds()
     argv = sys.argv[1:] if argv is None else list(argv)
     import signal
     previous = {}                        # given back at the end when in-process
