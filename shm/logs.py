@@ -95,11 +95,17 @@ def safe_text(msg: str) -> str:
     return msg.replace("\n", "\n  | ")
 
 
+def tag_text(text: str) -> str:
+    """A plug-in's file name or instance inside a ``[name#instance]`` tag or a summary row: every control character,
+    newline included, escaped (``\\x0a``), so a file named "x\\nERROR ..." cannot start a line of its own."""
+    return _CONTROL_NL.sub(_esc, text)
+
+
 def lua_log(level, script, instance, msg) -> None:
-    """Sink for T.log* in any VM: one line tagged with script file name and instance (see safe_text)."""
+    """Sink for T.log* in any VM: one line tagged with script file name and instance (see safe_text, tag_text)."""
     level = int(level) if level is not None else 8
-    name = os.path.basename(_text(script)) if script else "lua"
-    log.log(_PY_LEVEL.get(level, 10), "[%s#%s] %s: %s", name, _text(instance),
+    name = tag_text(os.path.basename(_text(script))) if script else "lua"
+    log.log(_PY_LEVEL.get(level, 10), "[%s#%s] %s: %s", name, tag_text(_text(instance)),
             LEVELS[level] if 0 <= level < len(LEVELS) else level, safe_text(_text(msg)))
 
 
@@ -111,9 +117,9 @@ def lua_print(script, instance, line) -> None:
     The whole line goes out in one write(2) (not through Python's buffer), so lines printed at the same time by
     the fast path and by several worker processes sharing stdout never interleave within a line (a pipe keeps a
     write of up to PIPE_BUF = 4096 bytes whole; a file or terminal keeps any single write whole)."""
-    name = os.path.basename(_text(script)) if script else "lua"
+    name = tag_text(os.path.basename(_text(script))) if script else "lua"
     body = bytes(line) if isinstance(line, (bytes, bytearray)) else str(line).encode("utf-8", "surrogateescape")
-    tag = f"[{name}#{_text(instance)}] ".encode("utf-8", "backslashreplace")
+    tag = f"[{name}#{tag_text(_text(instance))}] ".encode("utf-8", "backslashreplace")
     data = b"".join(tag + ln + b"\n" for ln in body.split(b"\n"))   # every line of a multi-line print tagged
     sys.stdout.flush()                       # keep order with anything Python printed before
     while data:

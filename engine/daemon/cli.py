@@ -135,8 +135,10 @@ def plugin_rows(s: dict) -> list[tuple]:
         # hook_errors["hook_budget"] counts those of the hooks' errors that were budget interrupts: not added twice
         return sum(p["hook_calls"].values()), sum(v for k, v in p["hook_errors"].items() if k != "hook_budget"), \
             {k: p["async"].get(k, 0) for k in ASYNC_COLUMNS + ASYNC_ERRORS + ASYNC_DROPS}
+    from luaprobe.shm.logs import tag_text         # a plug-in file named "x\ny" stays on its row
     if not s.get("shards"):
-        return [(os.path.basename(p["plugin"]), f"{p['type']}#{p['instance']}", *totals(p)) for p in s["plugins"]]
+        return [(tag_text(os.path.basename(p["plugin"])), f"{p['type']}#{p['instance']}", *totals(p))
+                for p in s["plugins"]]
     from luaprobe.engine.plugins.discovery import BACKEND_TYPES
     merged: dict = {}
     for p in s["plugins"]:
@@ -151,7 +153,8 @@ def plugin_rows(s: dict) -> list[tuple]:
     rows = []
     for (plugin, kind, inst), (shards, calls, errs, a) in merged.items():
         where = f"shard {min(shards)}" if len(shards) == 1 else f"{len(shards)} shards"
-        rows.append((os.path.basename(plugin), f"{kind}{'' if inst is None else '#' + inst}, {where}", calls, errs, a))
+        label = f"{kind}{'' if inst is None else '#' + inst}, {where}"
+        rows.append((tag_text(os.path.basename(plugin)), label, calls, errs, a))
     return rows
 
 
@@ -447,11 +450,12 @@ def _run(args) -> int:
             _print_problems(summary)
 
     def closing_lines():
+        from luaprobe.shm.logs import one_line     # a plug-in file named "x\ny" stays on its line
         for r in reasons:                  # plug-in problems and input errors were printed above
             if r.startswith("stopped early"):
-                print(f"luaprobe run: {r}", file=sys.stderr)
+                print(f"luaprobe run: {one_line(r)}", file=sys.stderr)
             elif not r.startswith(("plug-in problem:", "input error")) and not args.json:
-                print(f"luaprobe run: exit {code}: {r}", file=sys.stderr)
+                print(f"luaprobe run: exit {code}: {one_line(r)}", file=sys.stderr)
 
     _despite_reader_gone(on_stdout)
     _despite_reader_gone(on_stderr)
