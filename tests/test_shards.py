@@ -432,8 +432,9 @@ def test_kill_9_of_a_shard_accounts_for_every_packet(tmp_path):
     lines = [ln for ln in err.splitlines() if "lost" in ln]
     assert lines == [f"luaprobe run: exit 1: shard 1 (pid {victim.pid}) died (status -9) after {death['packets']} "
                      f"packets and was restarted: of {truth} packets read, {s['packets']} were walked by the shard "
-                     f"processes that finished and {s['packets_lost']} by the dead one, whose results not yet "
-                     "written (open counter buckets, live flows, in-flight T.async tasks) are lost"], err
+                     f"processes that finished and {s['packets_lost']} by the dead one: its rows sent to the store "
+                     "writer are committed (not counted in \"written\"); results not yet sent (open counter buckets, "
+                     "live flows, in-flight T.async tasks) are lost"], err
 
 
 def test_the_shard_loss_line_accounts_for_packets_passed_over_at_a_stop():

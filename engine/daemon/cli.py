@@ -472,23 +472,28 @@ def _run(args) -> int:
 
 
 def shard_loss_line(summary: dict) -> str:
-    """The one line that states what dead shard processes cost (docs/scale.md "Faults"): who died, and for files
-    and --generate the capture side's count split exactly into packets walked by the shard processes that
-    finished, packets passed over at a stop (``not_walked_at_stop``, named when non-zero) and packets lost with the
-    dead ones (``packets_read`` == ``packets`` + ``not_walked_at_stop`` + ``packets_lost``)."""
+    """The one line that states what dead shard processes cost (docs/scale.md "Faults"): who died, that the rows a
+    dead one had sent to its store writer are in the database though not in "written", and for files and
+    --generate the capture side's count split exactly into packets walked by the shard processes that finished,
+    packets passed over at a stop (``not_walked_at_stop``, named when non-zero) and packets lost with the dead ones
+    (``packets_read`` == ``packets`` + ``not_walked_at_stop`` + ``packets_lost``)."""
     deaths = summary["shard_deaths"]
     who = "; ".join(f"shard {d['shard']} (pid {d['pid']}) died (status {d['status']}) after {d['packets']} packets"
                     + (f" (its SQLite store writer died: {d['store_rows_lost']} rows handed to it are not in the "
                        "database)" if d.get("error") else "") for d in deaths)
     one = len(deaths) == 1
-    what = "results not yet written (open counter buckets, live flows, in-flight T.async tasks)"
+    # a dead shard's store writer is a process of its own: it commits the rows it was sent when its pipe ends
+    # (docs/operations.md "Exit codes", 139), which the finished shards' "written" counts do not include
+    what = ("rows sent to the store writer are committed (not counted in \"written\"); results not yet sent (open "
+            "counter buckets, live flows, in-flight T.async tasks) are lost")
     if "packets_read" in summary:
         skipped = summary.get("not_walked_at_stop") or 0
         passed = f", {skipped} were not walked at the stop" if skipped else ""
         return (f"{who} and {'was' if one else 'were'} restarted: of {summary['packets_read']} packets read, "
                 f"{summary['packets']} were walked by the shard processes that finished{passed} and "
-                f"{summary['packets_lost']} by the dead {'one' if one else 'ones'}, whose {what} are lost")
-    return f"{who} and {'was' if one else 'were'} restarted: {'its' if one else 'their'} {what} are lost"
+                f"{summary['packets_lost']} by the dead {'one' if one else 'ones'}: {'its' if one else 'their'} "
+                f"{what}")
+    return f"{who} and {'was' if one else 'were'} restarted: {'its' if one else 'their'} {what}"
 
 
 def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[str]]:
