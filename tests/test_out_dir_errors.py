@@ -298,3 +298,21 @@ def test_stats_json_naming_a_file_the_run_reads_or_writes_is_refused(tmp_path):
     r = cmd("--append", "--stats-json", str(out / "luaprobe.sqlite"))
     assert r.returncode == 2, r.stderr
     assert sqlite3.connect(out / "luaprobe.sqlite").execute("select count(*) from counters").fetchone()[0] == rows > 0
+
+
+@pytest.mark.parametrize("option", ["--out", "--filex-dir", "--data-dir", "--db-root", "--run-state-dir"])
+def test_existing_directory_that_takes_no_new_file(tmp_path, option):
+    """/proc/1 exists and is a directory, but its file system makes no file in it (ENOENT, checked here with a real
+    open).  Before: 64 write probes each took the ENOENT for another command removing the directory, and the line
+    said "cannot write there: it keeps being made and removed by another command" (usage._try_write); now it
+    names the file system's refusal."""
+    try:
+        os.close(os.open("/proc/1/luaprobe-probe", os.O_WRONLY | os.O_CREAT, 0o600))
+        pytest.skip("/proc/1 takes new files here")
+    except FileNotFoundError:
+        pass
+    assert os.path.isdir("/proc/1")
+    r = run(tmp_path / "o", option, "/proc/1") if option != "--out" else run("/proc/1")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (f"luaprobe run: {option} /proc/1: cannot write there: its file system makes no new file in "
+                        "it (creating one: No such file or directory; /proc and /sys are such)\n")

@@ -387,16 +387,35 @@ def dir_problem(path: str, creating=(), write: bool = False) -> str | None:
         return None if _created(parent, creating) else f"the parent directory {parent} does not exist"
     if not write:
         return None
+    steady = 0
     for _ in range(64):            # commands at once (racing `luaprobe start`s): each may make and remove it
         problem = _try_write(path)
+        if getattr(problem, "steady", False):
+            steady += 1            # no file made in a directory that stayed: a race only if it is the same inode
+            continue               # made again at once, so only 64 of 64 say it is the directory (/proc/1)
         if problem != "":
             return problem
+    if steady == 64:
+        return problem
     return "cannot write there: it keeps being made and removed by another command"
+
+
+def _dir_id(path: str):
+    """(st_dev, st_ino) of the directory ``path``, or None when it is not one now."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _try_write(path: str) -> str | None:
     """One write probe of :func:`dir_problem`: None (writable), its problem, or "" when another command made or
-    removed the directory (its own probe) between our steps: look again."""
+    removed the directory (its own probe) between our steps: look again.  A file that cannot be made (ENOENT) in
+    a directory that was there before and after with the same identity comes back as a problem marked
+    ``steady``: the file system takes no new file there (/proc/1), or another command removed it and made it
+    again on the same inode; dir_problem believes the first when all its tries say so (before, 64 tries ended in
+    "it keeps being made and removed by another command" for /proc/1)."""
     made = False
     try:
         if not os.path.isdir(path):
@@ -407,14 +426,21 @@ def _try_write(path: str) -> str | None:
                 pass                                 # made by another command this moment
     except OSError as e:
         return _write_problem(e)
+    before = _dir_id(path)
     try:
         with tempfile.TemporaryFile(dir=path) as f:
             f.write(bytes(4096))
             f.flush()
     except FileNotFoundError as e:
-        if not made:                                 # removed by another command's probe as we wrote (a third
-            return ""                                # may have made it again since: look again, do not stat)
-        return _write_problem(e)
+        if made:
+            return _write_problem(e)
+        if before is None or _dir_id(path) != before:
+            # removed by another command's probe as we wrote (a third may have made it again since): look again
+            return ""
+        p = Problem(f"cannot write there: its file system makes no new file in it (creating one: {e.strerror}; "
+                    "/proc and /sys are such)")
+        p.steady = True
+        return p
     except OSError as e:
         return _write_problem(e)
     finally:
