@@ -108,6 +108,24 @@ def tshark(*args: str) -> list[list[str]]:
     return [line.split("\t") for line in out.splitlines()]
 
 
+def tcp_model(passes: int = 1) -> dict:
+    """{(bucket, "all", meter): value} of every TCP frame's length into the six meters of TCP_GROUP, per 60 s bucket,
+    from tshark's frames, the capture given ``passes`` times: COUNTER and RATE_COUNTER grow with the passes; MAXIMUM,
+    MINIMUM, AVERAGE and GAUGE (the last frame by time: no tie asserted) are those of one pass."""
+    frames = collections.defaultdict(list)
+    for t, n in tshark("-Y", "tcp", "-T", "fields", "-e", "frame.time_epoch", "-e", "frame.len"):
+        sec, frac = t.split(".")
+        frames[int(sec) - int(sec) % 60].append((int(sec) * 10**6 + int(frac[:6]), int(n)))
+    model = {}
+    for b, fr in frames.items():
+        assert len({us for us, _ in fr[-2:]}) == len(fr[-2:])    # no tie for the gauge's last sample
+        lens = [n for _, n in fr]
+        for m, v in enumerate((passes * len(lens), passes * sum(lens), max(lens), min(lens), sum(lens) / len(lens),
+                               lens[-1], passes * sum(lens) / 60)):
+            model[(b, "all", m)] = v
+    return model
+
+
 def summary(samples: list) -> dict:
     """The four URL meters of one bucket and key (T.K.vartype: COUNTER sum, AVERAGE mean, MAXIMUM, MINIMUM)."""
     return {0: len(samples), 1: sum(samples) / len(samples), 2: max(samples), 3: min(samples)}
@@ -144,17 +162,7 @@ def test_shards_merge_every_meter_type_like_tshark(tmp_path):
     """--shards 1, 2, 3: every TCP frame's length into COUNTER, MAXIMUM, MINIMUM, AVERAGE, GAUGE and RATE_COUNTER
     meters of one key equals tshark's frames per 60 s bucket exactly (the mean from the sum and count of all
     shards, the gauge the last frame by time). Before the fix --shards 2 stored max 3028, min 120 in 921070920."""
-    frames = collections.defaultdict(list)
-    for t, n in tshark("-Y", "tcp", "-T", "fields", "-e", "frame.time_epoch", "-e", "frame.len"):
-        sec, frac = t.split(".")
-        frames[int(sec) - int(sec) % 60].append((int(sec) * 10**6 + int(frac[:6]), int(n)))
-    model = {}
-    for b, fr in frames.items():
-        assert len({us for us, _ in fr[-2:]}) == len(fr[-2:])    # no tie for the gauge's last sample
-        lens = [n for _, n in fr]
-        for m, v in enumerate((len(lens), sum(lens), max(lens), min(lens), sum(lens) / len(lens), lens[-1],
-                               sum(lens) / 60)):
-            model[(b, "all", m)] = v
+    model = tcp_model()
     assert {m: model[(921070920, "all", m)] for m in (0, 2, 3)} == {0: 693, 2: 1514, 3: 60}
     for n in ("1", "2", "3"):
         assert stored(run(tmp_path, TCP_PLUGIN, f"s{n}", "--shards", n), TCP_GROUP) == model, n
@@ -272,16 +280,7 @@ def test_sharded_append_counts_like_one_fast_path(tmp_path):
     updated, a sharded run the rows added, none here)."""
     import json
     import shutil
-    frames = collections.defaultdict(list)
-    for t, n in tshark("-Y", "tcp", "-T", "fields", "-e", "frame.time_epoch", "-e", "frame.len"):
-        sec, frac = t.split(".")
-        frames[int(sec) - int(sec) % 60].append((int(sec) * 10**6 + int(frac[:6]), int(n)))
-    model = {}
-    for b, fr in frames.items():
-        lens = [n for _, n in fr]
-        for m, v in enumerate((2 * len(lens), 2 * sum(lens), max(lens), min(lens), sum(lens) / len(lens), lens[-1],
-                               2 * sum(lens) / 60)):
-            model[(b, "all", m)] = v
+    model = tcp_model(passes=2)
     run(tmp_path, TCP_PLUGIN, "base").close()
     summaries, flows = {}, {}
     for n in ("1", "2"):
