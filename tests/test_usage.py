@@ -465,3 +465,15 @@ def test_a_compressed_capture_is_named_with_the_command_that_reads_it(tmp_path, 
     assert (f"luaprobe run: input error: -: byte offset 0: unknown file magic 0x{comp[:4].hex()} (not pcap or pcapng)"
             + f"; it is {packer}-compressed: decompress it first").encode() \
         in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("flag,give", [("--stats-json", "a file name"), ("--filex-dir", "a directory"),
+                                       ("--data-dir", "a directory"), ("--db-root", "a directory"),
+                                       ("--run-state-dir", "a directory"), ("--user", "a name or a number")])
+def test_empty_path_or_name_is_a_usage_line(tmp_path, flag, give):
+    """`--stats-json "$STATS"` with the variable unset: the empty value was taken for "not given", so the run wrote
+    no summary file (or kept the default directory, or stayed root for `--user ""`) with exit 0 and no word.
+    Now exit 2, one line, nothing started."""
+    r = luaprobe("run", PLUGIN, "--pcap", SAMPLE, flag, "", cwd=str(tmp_path))
+    one_line(r, 2, f"luaprobe run: argument {flag}: empty: give {give}")
+    assert not (tmp_path / "out").exists()

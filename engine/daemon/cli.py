@@ -614,13 +614,13 @@ def cmd_demo(args) -> int:
 
 def _run_options(p) -> None:
     """Options shared by `run` and `demo`; every number is range-checked here (docs/operations.md)."""
-    from .usage import float_in, int_in, number, power_of_two
+    from .usage import float_in, int_in, nonempty, number, power_of_two
     p.add_argument("--out", default="out", help="output directory (SQLite database); default ./out")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--append", action="store_true", help="add this run to the database already in --out")
     again.add_argument("--overwrite", action="store_true", help="replace the database already in --out")
     p.add_argument("--lua-path", action="append", default=[], metavar="DIR", help="extra Lua search directory")
-    p.add_argument("--stats-json", metavar="FILE", help="write the run summary as JSON")
+    p.add_argument("--stats-json", metavar="FILE", type=nonempty("a file name"), help="write the run summary as JSON")
     from .config import SCHEMA
     a = {k: v[2] for k, v in SCHEMA["async"].items()}      # [async] key -> (lo, hi): one range for flag and key
 

@@ -91,10 +91,11 @@ def dirs() -> list[tuple[str, str, tuple[str, str]]]:
 
 def add_flags(parser) -> None:
     """Add every setting's flag to a `run`-like parser (range-checked by the converters of usage.py)."""
-    from .usage import cpu_pins, float_in, huge_pages, int_in, number, power_of_two
+    from .usage import cpu_pins, float_in, huge_pages, int_in, nonempty, number, power_of_two
     for field, flag, _toml, kind, default, lo, hi, _scale, text in SETTINGS:
         conv = {"int": lambda: int_in(lo, hi), "float": lambda: float_in(lo, hi),
-                "pow2": lambda: power_of_two(lo, hi), "path": lambda: str, "name": lambda: str,
+                "pow2": lambda: power_of_two(lo, hi), "path": lambda: nonempty("a directory"),
+                "name": lambda: nonempty("a name or a number"),
                 "cpus": lambda: cpu_pins, "pages": lambda: huge_pages}[kind]()
         rng = f" (default {default})" if kind in ("cpus", "pages") else "" if kind in ("path", "name") else f" ({number(lo)}..{number(hi)}, default {number(default)})"
         parser.add_argument(flag, dest=field, type=conv, default=default, help=text + rng)

@@ -127,6 +127,18 @@ def int_in(lo: int, hi: int | None = None):
     return conv
 
 
+def nonempty(kind: str):
+    """``type=`` for a path or a user / group name that may not be empty: ``--stats-json ""`` or ``--user ""`` (a
+    shell variable that was not set) was taken for "not given", so the run wrote no summary, or stayed root,
+    with exit 0 and no word.  ``kind`` names what to give ("a file name")."""
+    def conv(text: str) -> str:
+        if text == "":
+            raise argparse.ArgumentTypeError(f"empty: give {kind}")
+        return text
+    conv.__name__ = "text"
+    return conv
+
+
 def float_in(lo: float, hi: float | None = None, lo_open: bool = False):
     """``type=`` for a number >= lo (> lo when ``lo_open``) and <= hi."""
     def conv(text: str) -> float:
