@@ -214,8 +214,10 @@ def test_a_tree_whose_c_sources_changed_after_the_build_is_one_line(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr                             # the copy itself runs (its build is current)
     src = copy / "shm" / "_lpsync.c"
-    os.utime(src, (src.stat().st_atime, src.stat().st_mtime + 60))  # what a checkout of a changed file does
     built = [p for p in (copy / "shm").iterdir() if p.name.startswith("_lpsync.") and p.suffix == ".so"][0]
+    # what a checkout of a changed file does: the source newer than the build (the build's own time + 60 s; the
+    # source's + 60 was still older in a tree built more than 60 s after its checkout)
+    os.utime(src, (src.stat().st_atime, max(src.stat().st_mtime, built.stat().st_mtime) + 60))
     r = subprocess.run([*cmd, "--out", str(tmp_path / "o2")], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert (r.returncode, r.stderr) == (1, f"luaprobe run: {built} is older than {src}: the source tree changed after "
