@@ -518,3 +518,35 @@ def test_a_bpf_run_compiles_its_filter_once_and_the_capture_opens_no_libpcap_han
     assert rc == 0, (so, se)
     assert "--bpf-program" in cmd, cmd
     assert cmd[cmd.index("--bpf-program") + 1] == compile_bpf("udp port 9", 1, "lo")
+
+
+@pytest.mark.root
+@needs_root
+def test_sharded_live_run_ends_when_a_capture_process_dies(tmp_path, veth):
+    """--shards 2 live: kill -9 of one of the two capture processes ends the run by itself, as one fast path's
+    capture death does (the other capture process is stopped and walks what it captured): exit 1, one line naming
+    the dead process, `capture_death` with its shard's packets.  Before: the run went on with one capture process
+    until a signal stopped it (and then exited 3, `capture process ended unexpectedly`)."""
+    import psutil
+    ifname, ns = veth
+    write_plugins(tmp_path / "plugins")
+    proc, out, stats = run_live(tmp_path, ifname, "--shards", "2", "--json", "-q")
+    with helpers.killed_when_left(proc):
+        wait_bound(proc, ifname)
+        send_udp(ns, {port: 50 for port in range(9000, 9016)})
+        caps = [k for k in psutil.Process(proc.pid).children(recursive=True)
+                if "luaprobe.engine.capture.process" in k.cmdline()]
+        assert len(caps) == 2
+        caps[0].kill()
+        try:
+            so, se = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the run went on after its capture process died") from None
+    assert proc.returncode == 1, se
+    s = json.loads(so)
+    dead = s["capture_death"]
+    assert dead["pid"] == caps[0].pid and dead["how"] == "killed by SIGKILL"
+    assert dead["packets"] in [sh["packets"] for sh in s["shards"]], s["shards"]
+    lines = [ln for ln in se.splitlines() if ln.startswith("luaprobe run:")]
+    assert len(lines) == 1 and f"(pid {caps[0].pid}) was killed by SIGKILL" in lines[0] \
+        and "its shard's packet ring" in lines[0], se

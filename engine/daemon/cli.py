@@ -512,7 +512,8 @@ def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[
     dead = summary.get("capture_death")
     if dead:                               # like a dead shard: a process of the run died (docs/operations.md)
         how = ("was " if dead["status"] < 0 else "ended with ") + dead["how"]
-        rings = "the shards' packet rings" if summary.get("shards") else "the packet ring"
+        rings = "the packet ring" if not summary.get("shards") else \
+            "its shard's packet ring" if summary.get("interface") else "the shards' packet rings"
         return EXIT_INTERNAL, [f"the capture process (pid {dead['pid']}) {how} "
                                f"after {dead['packets']} packets: every packet it had put in {rings} was "
                                f"walked ({dead['packets']}), the rest of the input was not read"]

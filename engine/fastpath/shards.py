@@ -115,6 +115,7 @@ class ShardedRun:
         self.capture_errors: list[str] = []
         #: a capture process killed or crashed (not an input error): {pid, status, how}, as FastPath.capture_death
         self.capture_death: dict | None = None
+        self._live_stopped = False             # the other live capture processes were sent SIGTERM after a death
         self._last_stats = -1e9
         self._last_progress = -1e9
         self.pushed = None          #: files / --generate: packets the capture process committed to each ring
@@ -223,7 +224,11 @@ class ShardedRun:
         self._start_shard(k)
 
     def _check_captures(self) -> None:
-        """A capture process that died without END: count it and end the rings it fed."""
+        """A capture process that died without END: count it and end the rings it fed.  Live, the first of the N
+        that dies ends the run, as one fast path's capture death does: the others are stopped (each walks what it
+        captured and pushes END)."""
+        if self.cfg.interface and not self._ended_rings:
+            self._stop_live_after_death()
         if self._ended_rings or not self._captures_done():
             return
         self._ended_rings = True
@@ -234,10 +239,19 @@ class ShardedRun:
                 self.capture_errors.append(cut)
             else:                          # killed or crashed: a process of the run died (exit 1), as one fast path
                 rc = bad[0].returncode
-                self.capture_death = {"pid": bad[0].pid, "status": rc, "how": describe_exit(rc)}
+                self.capture_death = {"pid": bad[0].pid, "status": rc, "how": describe_exit(rc),
+                                      "ring": self.captures.index(bad[0])}
             for k in range(self.n):
                 if not self.done[k]:
                     self._push_end(k)
+
+    def _stop_live_after_death(self) -> None:
+        """Live: SIGTERM the capture processes still running once one of them died (killed or crashed)."""
+        if not self._live_stopped and any(c.poll() not in (None, 0, EXIT_INPUT) for c in self.captures):
+            self._live_stopped = True
+            for c in self.captures:
+                if c.poll() is None:
+                    c.send_signal(signal.SIGTERM)
 
     # ------------------------------------------------------------ run
     def run(self) -> dict:
@@ -263,7 +277,10 @@ class ShardedRun:
         summary = merge_summaries(self.summaries, time.monotonic() - t0, self.restarts, cfg)
         summary["input_errors"] += self.capture_errors
         if self.capture_death is not None:     # every packet it had put in the rings was walked (their END came after)
-            summary["capture_death"] = dict(self.capture_death, packets=summary["packets"])
+            death = dict(self.capture_death)   # live: its own shard's ring; files, --generate: every ring
+            k = death.pop("ring")
+            summary["capture_death"] = dict(death, packets=summary["shards"][k]["packets"] if cfg.interface
+                                            else summary["packets"])
         summary["shard_deaths"] = self.deaths
         summary["store_rows_lost"] = sum(d["store_rows_lost"] for d in self.deaths)   # rows dead writers lost
         combined_rows(summary, rows_before, table_rows(cfg.out_dir, COMBINED_TABLES))
