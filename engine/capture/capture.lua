@@ -243,6 +243,26 @@ local function cut_error(rd, done, now)
   rd.error_offset = (more == nil and rd.offset > done) and rd.offset or done
 end
 
+-- A packet record (lp_pktrec, engine/plugins/packet.lua) holds its seconds as 32 bits: 1970-01-01 .. 2106-02-07
+-- 06:28:15 UTC.  A packet time outside -- a pcapng if_tsoffset or tick count before 1970 or after 2106 (the reader
+-- gives it exactly, up to 2^53 s), a classic record at 2^32 - 1 s whose fraction carries -- is refused at its
+-- record, an input error: before, it was stored modulo 2^32 (if_tsoffset -2e9 s: 1906 became 2042; 9e9 s: 2255
+-- became 1983), a wrong time in every bucket and row, exit 0 (tests/test_packet_time_range.py).
+local MAX_SEC = 4294967295
+local function time_range(sec)
+  local ok, day = pcall(os.date, "!%Y-%m-%d %H:%M:%S", sec)
+  return ("packet time %.0f s%s is outside 1970-01-01 00:00:00 .. 2106-02-07 06:28:15 UTC, the times luaprobe's "
+    .. "packet records hold (32-bit seconds)"):format(sec, ok and day and (" (" .. day .. " UTC)") or "")
+end
+
+-- Byte offset of the record whose frame is at `ptr`: its packet block (pcapng: an EPB or PB's 28 header bytes; an
+-- SPB takes the time of the packet block before it) or its record header (pcap), not the first block rd:next()
+-- walked (an interface block before it).
+local function record_at(rd, ptr)
+  local head = rd.format == "pcapng" and 28 or rd.hdrlen
+  return tonumber(cast("intptr_t", ptr) - cast("intptr_t", rd.base)) - head
+end
+
 local function push(r, rd, stop, fd)
   local n, bytes, since, stopped = 0, 0, 0, false
   local sharded = r.rings ~= nil
@@ -287,6 +307,10 @@ local function push(r, rd, stop, fd)
     local at = rd.offset
     local ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = rd:next()
     if ptr == nil then break end
+    if ts_sec + shift < 0 or ts_sec + shift > MAX_SEC then    -- the record's seconds are 32 bits (time_range)
+      rd.error, rd.error_offset, rd.offset = time_range(ts_sec + shift), record_at(rd, ptr), at
+      break
+    end
     if first == nil then first = ts_sec end
     ts_sec = ts_sec + shift
     if ts_sec > top then top = ts_sec end
