@@ -16,6 +16,7 @@ import pytest
 from luaprobe.engine.daemon import cli
 from luaprobe.engine.gen import traffic as gen
 from luaprobe.engine.capture.pcapfile import count_packets, open_capture
+from tests import helpers
 
 TSHARK = shutil.which("tshark")
 need_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark not installed (CI installs it: .ci/run); "
@@ -337,3 +338,31 @@ def test_gen_out_dev_stdout_writes_a_clean_stream(tmp_path):
     finally:
         if not existed and os.path.exists(planted):
             os.unlink(planted)
+
+
+def _gen_send(*argv, prefix=()):
+    env = dict(os.environ, PYTHONPATH=helpers.REPO)
+    return subprocess.run([*prefix, sys.executable, "-m", "luaprobe.engine.daemon.cli", "gen", *argv],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=helpers.REPO)
+
+
+def test_gen_interface_errors_are_one_line():
+    """`luaprobe gen --interface`: a missing interface, an empty name, and an interface that is down (`lo` of a
+    fresh network namespace: sendmmsg gives ENETDOWN) each print one line, no Lua stack traceback; before, the
+    first and last printed "if_nametoindex(nosuch0): No such device" / "sendmmsg: Network is down" followed by
+    "stack traceback: ..." (exit 1), the empty name the same as a missing one."""
+    import socket
+    try:
+        socket.if_nametoindex("lpnosuch0")
+        pytest.skip("an interface lpnosuch0 exists here")
+    except OSError:
+        pass
+    r = _gen_send("--interface", "lpnosuch0", "--count", "10", "--rate", "100")
+    assert (r.returncode, r.stderr) == (2, "luaprobe gen: --interface lpnosuch0: no such network interface\n")
+    r = _gen_send("--interface", "", "--count", "10", "--rate", "100")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "empty: give an interface name" in r.stderr
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-n", "true"]).returncode != 0:
+        pytest.skip("no network namespace here (unshare -n: root needed)")
+    r = _gen_send("--interface", "lo", "--count", "10", "--rate", "100", prefix=(unshare, "-n"))
+    assert (r.returncode, r.stderr) == (1, "luaprobe gen: sendmmsg: Network is down\n"), r.stderr

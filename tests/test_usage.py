@@ -477,3 +477,11 @@ def test_empty_path_or_name_is_a_usage_line(tmp_path, flag, give):
     r = luaprobe("run", PLUGIN, "--pcap", SAMPLE, flag, "", cwd=str(tmp_path))
     one_line(r, 2, f"luaprobe run: argument {flag}: empty: give {give}")
     assert not (tmp_path / "out").exists()
+
+
+def test_empty_interface_is_a_usage_line(tmp_path):
+    """`--interface ""`: before, the capture process's own argument parser printed its usage text
+    ("usage: luaprobe-capture [-h] --ring RING ...") and the run ended with exit 1."""
+    r = luaprobe("run", PLUGIN, "--interface", "", cwd=str(tmp_path))
+    one_line(r, 2, "luaprobe run: argument --interface: empty: give an interface name")
+    assert not (tmp_path / "out").exists()

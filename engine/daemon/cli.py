@@ -729,7 +729,7 @@ def _analysers_asked(spec) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
-    from .usage import Parser, int_in
+    from .usage import Parser, int_in, nonempty
     p = Parser(prog="luaprobe", description="Run Trisul-style Lua plug-ins over network traffic.")
     p.add_argument("--version", action="version", version=f"luaprobe {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -742,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = run.add_mutually_exclusive_group(required=True)
     src.add_argument("--pcap", nargs="+", action="extend", metavar="FILE",
                      help="pcap or pcapng files, read in the order given (--pcap may be repeated)")
-    src.add_argument("--interface", metavar="IF", help="capture live from this interface (root; stop with Ctrl-C)")
+    src.add_argument("--interface", metavar="IF", type=nonempty("an interface name"),
+                     help="capture live from this interface (root; stop with Ctrl-C)")
     src.add_argument("--generate", metavar="SPEC", help="generated traffic at full speed, nothing lost: gen options "
                      "as KEY=VALUE,... with ':' inside lists, e.g. 'packets=2000000,flows=1000,mix=tcp=60:udp=40,"
                      "seed=1' (docs/gen.md)")

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from luaprobe.engine.gen.traffic import GenConfig, UsageError, _build_flows, _http_flow, _Pools, new_builder
-from luaprobe.engine.daemon.usage import Parser
+from luaprobe.engine.daemon.usage import Parser, nonempty
 
 __all__ = ["parse_spec", "stream", "feed_ring", "send", "send_main"]
 
@@ -141,7 +141,7 @@ def send(interface: str, gen_kwargs: dict, rate: float | None = None, bitrate: f
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="luaprobe gen --interface", description="Send generated traffic onto an "
                                 "interface at a target packet or bit rate (AF_PACKET, sendmmsg, root).")
-    p.add_argument("--interface", required=True, metavar="IF")
+    p.add_argument("--interface", required=True, metavar="IF", type=nonempty("an interface name"))
     r = p.add_mutually_exclusive_group(required=True)
     r.add_argument("--rate", type=float, metavar="PPS", help="packets per second")
     r.add_argument("--bitrate", type=float, metavar="BPS", help="bits per second of Ethernet frame bytes")
@@ -174,14 +174,21 @@ def send_main(argv=None) -> int:
             or args.duration <= 0 or not 1 <= args.batch <= 1024:
         print("luaprobe gen: --rate / --bitrate / --duration must be > 0, --batch 1..1024", file=sys.stderr)
         return 2
+    import socket
+    try:
+        socket.if_nametoindex(args.interface)         # as `luaprobe run --interface`: a usage line, exit 2
+    except OSError:
+        print(f"luaprobe gen: --interface {args.interface}: no such network interface", file=sys.stderr)
+        return 2
     try:
         GenConfig("<stream>", **kw)
         s = send(args.interface, kw, args.rate, args.bitrate, args.duration, args.count, args.batch)
     except UsageError as e:
         print(f"luaprobe gen: {e}", file=sys.stderr)
         return 2
-    except Exception as e:                            # noqa: BLE001 - socket errors from Lua: one line
-        print(f"luaprobe gen: {e}", file=sys.stderr)
+    except Exception as e:                            # noqa: BLE001 - socket errors from Lua: one line (a LuaError
+        from luaprobe.shm.luajit import error_text    # carries Lua's stack traceback: not printed)
+        print(f"luaprobe gen: {error_text(e)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(s))
