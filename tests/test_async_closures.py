@@ -257,3 +257,37 @@ def test_hoisted_closure_ships_the_values_of_each_schedule_call(runtime_factory,
     assert st["ok"] == len(want) and st["error"] == 0, st
     got = vm.lua.eval("function() return table.concat(got, ',') end")().decode().split(",")
     assert got == want
+
+
+MANY = r'''
+-- a new prototype per task (loadstring per call), between tasks of one prototype with a per-call upvalue
+function many(from, to)
+  for i = from, to do
+    local f = assert(loadstring("local c = " .. i .. "; return function(d) return d .. '=' .. c end"))()
+    T.async:schedule{ data = tostring(i), onexecute = f, onresult = keep }
+    local v = i
+    T.async:schedule{ data = "h", onexecute = function(d) return d .. v end, onresult = keep }
+  end
+end
+'''
+
+
+def test_functions_no_pending_task_uses_are_forgotten(runtime_factory, tmp_path):
+    """10 000 prototypes, scheduled 1 000 at a time, results delivered after every second thousand (so functions
+    are forgotten while others' tasks are pending, and forgotten fids come back for new functions, whose DEFINE
+    replaces the worker's copy): every task runs its own function, and the VM never holds more than twice the cache
+    (FN_CACHE, 4 096) functions.  Before, all 10 000 were kept, in the VM and in every worker (async_closures_rss.py: 100 000 held
+    145 MB of the VM's heap and 79 MB of the worker's)."""
+    rt = runtime_factory(workers=2)
+    vm = rt.load(plugin(tmp_path, FRESH + MANY))
+    for k in range(10):
+        vm.exec(f"many({k * 1000 + 1}, {k * 1000 + 1000})")
+        if k % 2:                      # at most two thousands' functions pending at a sweep: at most 8 192 fids
+            drain(rt, vm)
+        else:
+            rt.service()
+    st = drain(rt, vm)
+    assert st["ok"] == 20000 and st["error"] == 0, st
+    assert sorted(results(vm)) == sorted([f"{i}={i}" for i in range(1, 10001)] + [f"h{i}" for i in range(1, 10001)])
+    nfids = vm.lua.eval("function(a) return a.nfids end")(vm.async_obj)
+    assert nfids <= 2 * 4096, nfids

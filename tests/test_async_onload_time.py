@@ -1,8 +1,9 @@
 """A T.async task scheduled in onload (before any packet: the engine has no time yet) files its onresult's rows at
-the packet time it is delivered at, not at 1970-01-01 (docs/async.md "Time").  Before: the task was stamped with
-the engine time 0, so an alert added by its onresult was stored with ts_sec 0 (plus onexecute's run time).
-Truth: the capture's own record times, read here from the pcap file; the task's onexecute waits until the
-plug-in's first onpacket has run (a marker file), so the result cannot arrive before the first packet."""
+the time of the run's first packet, not at 1970-01-01 and not at whichever packet was being read when its result
+came (docs/async.md "Time").  Before 53315f7 the task was stamped with the engine time 0, so an alert added by its
+onresult was stored with ts_sec 0 (plus onexecute's run time); after it, with the time of the packet read at the
+delivery (varying from run to run), and a result delivered before the first packet still had time 0.
+Truth: the capture's own record times, read here from the pcap file."""
 from __future__ import annotations
 
 import json
@@ -41,17 +42,17 @@ TrisulPlugin = { id = { name = "onload task" },
 '''
 
 
-def record_times(path) -> tuple[float, float]:
-    """First and last record time (s) of a classic little-endian microsecond pcap, walked here."""
+def record_times(path) -> list[int]:
+    """The record times (µs since the epoch, file order) of a classic little-endian microsecond pcap, walked here."""
     with open(path, "rb") as f:
         data = f.read()
     assert data[:4] == b"\xd4\xc3\xb2\xa1"
     off, times = 24, []
     while off + 16 <= len(data):
         sec, usec, incl = struct.unpack_from("<III", data, off)
-        times.append(sec + usec / 1e6)
+        times.append(sec * 1_000_000 + usec)
         off += 16 + incl
-    return min(times), max(times)
+    return times
 
 
 def test_a_task_scheduled_in_onload_is_filed_at_packet_time(tmp_path):
@@ -63,7 +64,56 @@ def test_a_task_scheduled_in_onload_is_filed_at_packet_time(tmp_path):
                        env=dict(os.environ, PYTHONPATH=helpers.REPO))
     assert r.returncode == 0, r.stderr
     with sqlite3.connect(out / "luaprobe.sqlite") as db:
-        rows = db.execute("SELECT ts_sec + ts_usec / 1e6, message FROM alerts WHERE sigid = 'ONLOAD-TASK'").fetchall()
-    first, last = record_times(CAPTURE)
-    assert len(rows) == 1 and rows[0][1] == "seen", rows
-    assert first <= rows[0][0] <= last + 1, (rows, first, last)
+        rows = db.execute("SELECT ts_sec * 1000000 + ts_usec, message FROM alerts WHERE sigid = 'ONLOAD-TASK'").fetchall()
+    times = record_times(CAPTURE)
+    assert rows == [(times[0], "seen")], (rows, times[0])
+
+
+EARLY = r'''
+local MARKS = %s
+TrisulPlugin = { id = { name = "onload task, early result" },
+  onload = function()
+    T.async:schedule { data = MARKS[1],
+      onexecute = function(mark) assert(io.open(mark, "wb")):close() return "done" end,
+      onresult = function(engine, d, r)
+        assert(io.open(MARKS[2], "wb")):close()
+        local sec, usec = engine:timestamp()
+        engine:add_alert("{B5F1DECB-51D5-4395-B71B-6FA730B772D9}", "k", "EARLY", 1, ("%%d %%d"):format(sec, usec))
+      end }
+  end,
+  simplecounter = { protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}", onpacket = function() end } }
+'''
+
+
+def test_a_result_ready_before_the_first_packet_waits_for_its_time(tmp_path):
+    """The input is a FIFO the test fills only after the onload task ran in its worker (marker 1) and the
+    old code had time to deliver its result (marker 2, written by onresult: within ~50 ms there; now it never
+    comes before a packet, and the test goes on after 5 s, which only gives the old code its chance).  The
+    onresult's rows and engine:timestamp() then read the first packet's time.  Before: time 0 (1970-01-01)."""
+    marks = [str(tmp_path / "executed"), str(tmp_path / "delivered")]
+    p = tmp_path / "early.lua"
+    p.write_text(EARLY % ("{" + ", ".join(json.dumps(m) for m in marks) + "}"))
+    fifo, out = tmp_path / "in.pcap", tmp_path / "o"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(p), "--pcap", str(fifo),
+                             "--out", str(out), "-q"], cwd=helpers.REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    try:
+        fd = helpers.fifo_writer(fifo, proc)
+        helpers.wait_for(lambda: os.path.exists(marks[0]), 120)
+        try:
+            helpers.wait_for(lambda: os.path.exists(marks[1]), 5)
+        except AssertionError:
+            pass                                       # the new code: held until the first packet
+        with open(CAPTURE, "rb") as f, os.fdopen(fd, "wb") as w:
+            w.write(f.read())
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    with sqlite3.connect(out / "luaprobe.sqlite") as db:
+        rows = db.execute("SELECT ts_sec * 1000000 + ts_usec, message FROM alerts WHERE sigid = 'EARLY'").fetchall()
+    first = record_times(CAPTURE)[0]
+    assert rows == [(first, f"{first // 1_000_000} {first % 1_000_000}")], (rows, first)

@@ -446,6 +446,7 @@ class FastPath:
         self.packet_storage: dict = {}                    #: its counters at the end (stored, skipped, ...)
         self.files_done: list[str] = []
         self.sec = None
+        self.origin_tus = None          # the first packet's time, µs (_set_origin)
         self.window_start = None
         self.ticks = 0
         self.capture_stats = None       #: live: [seen, ring_drops, kernel_drops, kernel_packets, freeze_q, looped]
@@ -552,6 +553,14 @@ class FastPath:
             if len(script.vms) == max(1, self.cfg.backend_instances):
                 self.monitors.add(script)
 
+    def _set_origin(self, lua) -> None:
+        """After the first batch is read: its first packet's time (µs) is the time of the T.async tasks every VM
+        scheduled before it had a time (onload); their results were waiting for it (docs/async.md "Time")."""
+        self.origin_tus = int(lua.eval("function(d) local p = d.batch[0] "
+                                       "return p.ts_sec * 1000000 + math.floor(p.ts_nsec / 1000) end")(self.driver))
+        for inst in self.instances:
+            inst.vm.set_origin(self.origin_tus)
+
     def _contextid(self, pipeline, instance) -> int:
         """T.contextid of a VM: the shard for the frontend; for backend instance i of shard s of N shards,
         s + i * N, so that the backend instances of a script, which run side by side as Trisul's flusher threads
@@ -625,6 +634,8 @@ class FastPath:
             rt.unload(vm)
             return None
         vm.take_counters = method(vm.lua, "take_counters")
+        if self.origin_tus is not None:       # loaded during the run (a reload): its onload tasks get the second now
+            vm.set_origin(max(self.origin_tus, (self.sec or 0) * 1_000_000))
         vm.take_outputs = method(vm.lua, "take_outputs")
         vm.set_time = method(vm.lua, "set_time")
         vm.deliver_message = method(vm.lua, "deliver_message")
@@ -940,6 +951,7 @@ class FastPath:
                 if n:
                     if self.loop_start is None:
                         self.loop_start, self.loop_cpu_start, self.loop_ru_start = before
+                        self._set_origin(lua)
                     sec = int(sec)
                     if self.sec is None or sec > self.sec:
                         self._tick(sec)

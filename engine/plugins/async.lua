@@ -43,6 +43,12 @@ local Async = {}
 Async.__index = Async
 
 local NOOP = function() end
+local NO_TIME = 0           -- a task's ts when the engine had no time yet (docs/async.md "Time")
+-- onexecute functions a VM keeps before it forgets the ones no pending task uses (their fids are reused, and a
+-- worker's copy is replaced by the DEFINE of the next function given that fid): a plug-in making a new function per
+-- task (`load` per call) kept every one of them, in its VM and in each worker (100 000: 145 MB of Lua heap in the
+-- VM, 79 MB in the worker; now 9-36 and 19-28 MB: tools/bench/async_closures_rss.py, docs/async.md)
+local FN_CACHE = 4096
 local HIST = 256            -- latency histogram: bucket = floor(4 * log2(ns))
 
 -- floor(4 * log2(x)) for x > 1 without math.log per result: it is the binary exponent of x^4 (IEEE 754 bits)
@@ -56,8 +62,9 @@ end
 
 -- ------------------------------------------------------------------ queue
 
--- t0: clock when the task entered the request ring (latency); ts: packet time (µs) at
--- schedule; aux: for onexecute, the upvalue blob the task needs ("" when none)
+-- t0: clock when the task entered the request ring (latency); ts: engine time (µs) at schedule, the time its
+-- onresult / onerror runs at (NO_TIME: the engine had none yet, onload: the run's first packet time; nil: not
+-- stamped, a test VM); aux: for onexecute, the upvalue blob the task needs ("" when none)
 local FIELDS = { "id", "kind", "fid", "data", "aux", "arg", "onres", "onerr", "t0", "files", "ts" }
 
 -- the slot arrays are preallocated (table.new): slots are filled from any index on, which in a table
@@ -125,8 +132,9 @@ local function release_chunk(q, ci, c)
 end
 
 local function new_queue()
+  -- maxts: the largest ts queued on this FIFO (tasks queued with a smaller one are listed in Async.ooo)
   local q = { head = 0, sent = 0, tail = 0, ring = new_table(4, 0), rmask = 3, spare = {}, nchunks = 0,
-              peak_chunks = 0, tc = false, hc = false, dc = false }
+              peak_chunks = 0, tc = false, hc = false, dc = false, maxts = 0 }
   chunk_for_tail(q)
   return q
 end
@@ -259,13 +267,22 @@ function M.new(opts)
     up_tables = {},         -- fid -> true when some upvalue is a table (snapshot every call)
     up_blob = {},           -- fid -> string.buffer blob of the last snapshot (interned: equal values, same string)
     max_record = opts.max_record or 1e300,   -- request-ring record limit (the pool's ring size)
-    nfids = 0,
+    nfids = 0,              -- fids allocated (the largest)
+    live_fids = 0,          -- fids in use (new_fid, forget_fids)
+    fn_sweep_at = FN_CACHE, -- live_fids at which new_fid forgets the unused ones
+    free_fids = {},         -- forgotten fids, reused first
+    key_of = {},            -- fid -> its prototype key
     polls = 0,              -- poll() calls: the collector's pace is checked every gcpace.CHECK_EVERY
     stats = { scheduled = 0, ok = 0, nil_result = 0, error = 0, timeout = 0, dropped = 0,
               onresult_errors = 0, redispatched = 0, lost_at_deadline = 0, lost_at_stop = 0,
               dropped_overflow = 0, dropped_stopping = 0, dropped_start = 0, dropped_no_workers = 0 },
     hist = ffi.new("double[?]", HIST),
-    stamp = opts.engine ~= nil and type(rawget(opts.engine, "_t")) == "cdata",   -- packet-time stamping (real engine)
+    stamp = false,          -- packet-time stamping (a real engine: set_engine)
+    origin = false,         -- the run's first packet time (µs): the time of NO_TIME tasks (set_origin)
+    in_result = false,      -- an onresult / onerror runs (call_hook)
+    rings_full = false,     -- the overflow queue was full and a flush found no ring space: no flush before a poll
+    await_origin = false,   -- a NO_TIME task with hooks is pending and origin is not known: results wait (poll)
+    ooo = {},               -- tasks queued behind one with a later ts: worker, FIFO position, ts (hold_sec)
     errors = nil,
     live_files = {},        -- path -> references (filex files kept for tasks naming them)
     file_done = NOOP,       -- filex installs its own: then tasks may name live files
@@ -275,6 +292,7 @@ function M.new(opts)
   }, Async)
   -- with the plug-in file: an error without "file:line" (error(), error({...})) is named by its plug-in frame
   self.errors = errlog.new(function(level, msg) self.logf(level, "T.async " .. msg) end, opts.script)
+  self:set_engine(opts.engine)
   self.api = self:make_api()
   return self
 end
@@ -295,9 +313,59 @@ function Async:add_worker(k, channel_addr, req_capacity)
   self.max_record = math.min(self.max_record, w.req.max_record)
 end
 
+--- The engine onresult gets.  A real engine (its clock an FFI struct) stamps tasks with its time, and keeps the
+--- counter buckets of pending tasks' times open (engine._hold, Engine:take_counters: docs/async.md "Time").
 function Async:set_engine(engine)
   self.engine = engine
   self.stamp = engine ~= nil and type(rawget(engine, "_t")) == "cdata"
+  if self.stamp and rawget(engine, "_hold") ~= nil then
+    engine._hold = function() return self:hold_sec() end
+  end
+end
+
+--- The time (µs since the epoch) of the run's first packet: tasks scheduled before the engine had a time (onload)
+--- carry it; their results wait for it (poll).  Set once, by the fast path after its first batch is read
+--- (engine/fastpath/run.py _set_origin).
+function Async:set_origin(tus)
+  if not self.origin and tus >= 0 then self.origin = tus end     -- (a capture at time 0: 0, a true value in Lua)
+end
+
+--- The engine time a task scheduled now carries (µs), NO_TIME before the engine has one, nil when not stamping.
+function Async:now_ts()
+  if not self.stamp then return nil end
+  local ts = self.engine._t.tus
+  if ts <= 0 then return NO_TIME end
+  return ts
+end
+
+--- The earliest second a pending task's onresult / onerror may write in (nil: no pending stamped task).  The engine
+--- closes no counter bucket at or after it (Engine:take_counters), so the update lands in the bucket of its time.
+--- A FIFO's ts never decrease except for tasks listed in self.ooo (scheduled from onresult, or at an event time
+--- behind the packets'), so the minimum is over the FIFO heads and those; entries already retired are pruned here.
+function Async:hold_sec()
+  local min = nil
+  for k = 1, self.nworkers do
+    local w = self.workers[k]
+    if w.head < w.tail then
+      local ts = chunk(w, w.head).ts[band(w.head, CMASK) + 1]
+      if ts ~= nil then
+        if ts == NO_TIME then ts = self.origin or 0 end
+        if min == nil or ts < min then min = ts end
+      end
+    end
+  end
+  local o, j = self.ooo, 0
+  for i = 1, #o, 3 do
+    local w, pos, ts = o[i], o[i + 1], o[i + 2]
+    if pos >= w.head and pos < w.tail then
+      o[j + 1], o[j + 2], o[j + 3] = w, pos, ts
+      j = j + 3
+      if ts == NO_TIME then ts = self.origin or 0 end
+      if min == nil or ts < min then min = ts end
+    end
+  end
+  for i = #o, j + 1, -1 do o[i] = nil end
+  return min and floor(min / 1e6)
 end
 
 --- Start workers lazily: `fn` (called once, on the first task) must attach them.
@@ -388,7 +456,10 @@ function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target, ts)
     end
     self.starter = nil
   end
-  if not self.accepting then return self:drop("engine is stopping") end
+  -- after the end of input only an onresult / onerror of the drain schedules (a follow-up of a task of the input:
+  -- accepted whenever its parent's result came, so the run does not depend on the workers' speed); not while the
+  -- pending tasks are being cut off
+  if not self.accepting and (not self.in_result or self.cutting) then return self:drop("engine is stopping") end
   if self.nworkers == 0 then return self:drop("no async workers could be started") end
   local w
   if target then
@@ -406,8 +477,13 @@ function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target, ts)
   end
   local full = self.backlog >= self.overflow_limit
   if full then
-    self:flush()
-    full = self.backlog >= self.overflow_limit
+    -- the rings are written to once until the next poll: a hook scheduling past the limit paid a pass over every
+    -- worker's ring per dropped call (8 workers: 430 ns a call, 80 with one; tools/bench/async_drop_cost.py)
+    if not self.rings_full then
+      self:flush()
+      full = self.backlog >= self.overflow_limit
+      self.rings_full = full
+    end
     if full and (w.sent < w.tail or not w.alive) then return self:drop("overflow queue full") end
   end
   local s = band(w.tail, CMASK) + 1
@@ -416,6 +492,11 @@ function Async:enqueue(kind, fid, data, aux, arg, onres, onerr, target, ts)
   self.next_id = id
   c.id[s], c.kind[s], c.fid[s], c.data[s], c.aux[s], c.arg[s] = id, kind, fid, data, aux, arg
   c.onres[s], c.onerr[s], c.ts[s] = onres, onerr, ts
+  if ts then
+    if ts >= w.maxts then w.maxts = ts
+    else local o = self.ooo; local j = #o; o[j + 1], o[j + 2], o[j + 3] = w, w.tail, ts end
+    if ts == NO_TIME and (onres or onerr) and not self.origin then self.await_origin = true end
+  end
   if self.file_done ~= NOOP and next(self.live_files) ~= nil then c.files[s] = self:files_named(data, aux) end
   w.tail = w.tail + 1; st.scheduled = st.scheduled + 1
   if s == CHUNK then chunk_for_tail(w) end          -- the next task's chunk
@@ -498,8 +579,12 @@ end
 --- A new function id for the prototype `key` of closure fn (bytecode shipped
 --- once per worker, then referenced by id).
 function Async:new_fid(fn, key, nups)
-  local fid = self.nfids + 1
-  self.nfids = fid
+  if self.live_fids >= self.fn_sweep_at then self:forget_fids() end
+  local free = self.free_fids
+  local fid = free[#free]
+  if fid then free[#free] = nil else fid = self.nfids + 1; self.nfids = fid end
+  self.live_fids = self.live_fids + 1
+  self.key_of[fid] = key
   self.fid_by_key[key] = fid
   self.keep_fn[fid] = fn
   self.bytecode[fid] = string.dump(fn)
@@ -510,6 +595,38 @@ function Async:new_fid(fn, key, nups)
   for i = 1, nups do names[i] = debug.getupvalue(fn, i) end
   self.upnames[fid] = names
   return fid
+end
+
+--- Forget every function no pending task uses (the pending tasks are looked at, one pass: a sweep comes after
+--- thousands of new functions, each of which costs a string.dump): its fid goes to free_fids, and each worker gets
+--- the bytecode of the function that gets the fid next (DEFINE, replacing what it held under that number).  The next
+--- sweep comes at FN_CACHE or twice the functions still in use, whichever is more.
+function Async:forget_fids()
+  local used = {}
+  for k = 1, self.nworkers do
+    local w = self.workers[k]
+    local c
+    for i = w.head, w.tail - 1 do
+      local s = band(i, CMASK) + 1
+      if c == nil or s == 1 then c = chunk(w, i) end
+      used[c.fid[s]] = true
+    end
+  end
+  local free = self.free_fids
+  for fid, key in pairs(self.key_of) do
+    if not used[fid] then
+      self.fid_by_key[key] = nil
+      self.key_of[fid], self.keep_fn[fid], self.bytecode[fid], self.fname[fid] = nil, nil, nil, nil
+      self.nups[fid], self.upnames[fid], self.up_last[fid], self.up_tables[fid], self.up_blob[fid] = nil, nil, nil, nil, nil
+      for k = 1, self.nworkers do
+        local w = self.workers[k]
+        w.defined[fid], w.up_sent[fid] = nil, nil
+      end
+      free[#free + 1] = fid
+      self.live_fids = self.live_fids - 1
+    end
+  end
+  self.fn_sweep_at = math.max(FN_CACHE, 2 * self.live_fids)
 end
 
 --- Snapshot onexecute's upvalues (u1 .. u8 from fninfo): returns the blob the
@@ -620,11 +737,8 @@ function Async:make_api()
       end
     end
     check_size(self_, "schedule", "data", data, aux)
-    local ts = nil
-    -- no engine time yet (onload, before the first packet: tus 0): the result keeps the time it is delivered at,
-    -- not 1970-01-01 (docs/async.md "Time")
-    if self_.stamp then ts = self_.engine._t.tus; if ts <= 0 then ts = nil end end
-    return self_:enqueue(EXEC, fid, data, aux, -1, onres, onerr, nil, ts)
+    -- the result's time: the engine's now (docs/async.md "Time"); before the first packet (onload) NO_TIME
+    return self_:enqueue(EXEC, fid, data, aux, -1, onres, onerr, nil, self_:now_ts())
   end
 
   --- Runs interpreted in most hooks (LuaJIT does not compile closure creation), so it does
@@ -646,7 +760,7 @@ function Async:make_api()
   end
 
   local function file_op(kind, from, to)
-    local r = self_:enqueue(kind, 0, from, to, -1, nil, nil, to, nil)
+    local r = self_:enqueue(kind, 0, from, to, -1, nil, nil, to, self_:now_ts())
     return r
   end
 
@@ -666,7 +780,7 @@ function Async:make_api()
     local file = args(a, b)
     file = check_string(file, "file", "rm")
     check_size(self_, "rm", "file name", file, "")
-    local r = self_:enqueue(P.RM, 0, file, "", -1, nil, nil, file, nil)
+    local r = self_:enqueue(P.RM, 0, file, "", -1, nil, nil, file, self_:now_ts())
     return r
   end
 
@@ -681,7 +795,7 @@ function Async:make_api()
       error("T.async:copybuffer: pos must be a non-negative number (a byte offset)", 2)
     end
     check_size(self_, "copybuffer", "buffer", bytes, file)
-    local r = self_:enqueue(P.COPYBUF, 0, bytes, file, pos or -1, nil, nil, file, nil)
+    local r = self_:enqueue(P.COPYBUF, 0, bytes, file, pos or -1, nil, nil, file, self_:now_ts())
     return r
   end
 
@@ -715,7 +829,10 @@ function Async:call_hook(kind, fn, data, arg, ts)
     c.i, c.now, c.usec, c.tus = -1, sec, ts - sec * 1e6, ts
     e._result = true
   end
+  local was = self.in_result
+  self.in_result = true
   local ok, err = xpcall(fn, traceback, e, data, arg)
+  self.in_result = was
   if ts then
     local c = e._t
     c.b, c.i, c.now, c.usec, c.tus = b, i, now, usec, tus
@@ -728,8 +845,8 @@ function Async:call_hook(kind, fn, data, arg, ts)
 end
 
 --- Retire the task at the head of w's FIFO with a result status; `now` is the
---- poll's clock (latency), exec_ns the worker's measured execution time.
-function Async:complete(w, status, payload, now, exec_ns)
+--- poll's clock (latency).
+function Async:complete(w, status, payload, now)
   local head = w.head
   local s = band(head, CMASK) + 1
   if s == 1 then w.hc = chunk(w, head) end
@@ -748,7 +865,8 @@ function Async:complete(w, status, payload, now, exec_ns)
     if b >= HIST then b = HIST - 1 end
     self.hist[b] = self.hist[b] + 1
   end
-  if ts then ts = ts + floor((exec_ns or 0) / 1000) end
+  -- the schedule time, never the delivery time nor the run time (both vary from run to run: docs/async.md "Time")
+  if ts == NO_TIME then ts = self.origin or self:no_origin() end
   local st = self.stats
   if status == P.OK then
     st.ok = st.ok + 1
@@ -769,6 +887,12 @@ function Async:complete(w, status, payload, now, exec_ns)
   end
 end
 
+--- The time of a NO_TIME task completed while the run has no packet time: the wall clock (µs, whole seconds), as a live capture
+--- would stamp it.  Only a run that ends without any packet, or a worker lost before the first packet, gets here.
+function Async:no_origin()
+  return os.time() * 1e6
+end
+
 --- Pop up to `max` results from one worker; returns how many.
 function Async:poll_worker(w, max)
   local got, r = 0, w.ret
@@ -778,7 +902,7 @@ function Async:poll_worker(w, max)
     if p == nil then break end
     if now == nil then now = C.lp_now_ns() end          -- one clock read per poll
     local h = cast(P.resp, p)
-    local id, status, len, exec_ns = h.task_id, h.status, h.len, h.exec_ns
+    local id, status, len = h.task_id, h.status, h.len
     local payload = len > 0 and fstring(p + RES, len) or nil
     r:advance(n)
     got = got + 1
@@ -792,11 +916,21 @@ function Async:poll_worker(w, max)
       self:log(3, ("T.async: worker %d returned task %d out of order; expected %s"):format(
         w.k, id, tostring(expect)))
     else
-      self:complete(w, status, payload, now, exec_ns)
+      self:complete(w, status, payload, now)
     end
   end
   if got > 0 then r:release() end
   return got
+end
+
+--- True while results must wait for the run's first packet time: a task scheduled before it (NO_TIME) has an
+--- onresult / onerror, and the engine still accepts tasks (at the end of input they are delivered: no_origin).
+function Async:awaiting()
+  if self.origin or not self.accepting then
+    self.await_origin = false
+    return false
+  end
+  return true
 end
 
 --- Send staged tasks, deliver ready results of every worker (at most `max`
@@ -806,9 +940,14 @@ end
 function Async:poll(max, pace)
   max = max or 4096
   local total = 0
+  self.rings_full = false
   local polls = self.polls + 1
   self.polls = polls
   if polls % gcpace.CHECK_EVERY == 0 or pace then gcpace.adjust() end
+  if self.await_origin and self:awaiting() then     -- before the first packet: results of onload tasks wait
+    self:flush()
+    return 0
+  end
   for k = 1, self.nworkers do
     local w = self.workers[k]
     if w.ret then
@@ -823,7 +962,9 @@ end
 --- Flush staged tasks (the fast path calls this before it sleeps), then
 --- true when some worker has a published result waiting.
 function Async:has_results()
+  self.rings_full = false
   if self.backlog > 0 then self:flush() end
+  if self.await_origin and self:awaiting() then return false end
   for k = 1, self.nworkers do
     local w = self.workers[k]
     if w.ret and C.lp_load_sc(w.ret.tail_p) ~= w.ret.head_local then return true end

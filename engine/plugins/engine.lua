@@ -53,6 +53,9 @@ function M.new(opts)
     -- walks: host.lua sc_pick).
     _t = new_clock({ i = -1, pos = -1 }),
     _result = false,        -- true while an onresult / onerror hook runs (Async:call_hook): rows keep its time
+    _hold = false,          -- function() -> the earliest second a pending T.async task's onresult may write in, or
+                            -- nil (Async:set_engine: Async:hold_sec); take_counters closes no bucket holding it
+    _closed = 0,            -- counter buckets ending at or before this second are written out (take_counters)
     counters = {},          -- [GUID][bucket][meter][key] = value ; [-1-meter][key] = the meter's second value
     _cur = {},              -- [GUID] = { now, bt = counters[GUID][bucket of now], vt = the group's vartypes }
     rows = nil,
@@ -205,7 +208,10 @@ end
 local function add(self, g, key, meter, value)
   local c = self._t
   local now, fl = c.now, c.floor
-  if now < fl then now = fl end     -- an async result's time: no written bucket reopens
+  if now < fl then                  -- a hook's time before the current second: an async result's or an event's
+    if not self._result then now = fl             -- (reassembly, filex): in the current bucket, as late packets
+    elseif now < self._closed then now = self._closed end   -- an async result: its own bucket, held open for it
+  end                                             -- (take_counters); one already written is never reopened
   local c = self._cur[g]
   if c == nil or c.now ~= now then c = open_bucket(self, g, now) end
   local bt = c.bt
@@ -214,9 +220,15 @@ local function add(self, g, key, meter, value)
   local vt = c.vt[meter] or 0
   local old = mt[key]
   if vt == 2 then                                                      -- GAUGE: last sample, and its time (µs)
-    mt[key] = value
     local s, us = self:timestamp()
-    meter_table(bt, -1 - meter)[key] = s * 1000000 + us
+    us = s * 1000000 + us
+    local at = meter_table(bt, -1 - meter)
+    -- an async result's sample (its schedule time: results come in any order) replaces only an earlier one, or one
+    -- of the same µs with a smaller value, as parts merge (engine/store/meters.py); a hook's replaces any
+    if not self._result or old == nil or us > at[key] or (us == at[key] and value > old) then
+      mt[key] = value
+      at[key] = us
+    end
   elseif vt == 6 then mt[key] = (old == nil or value > old) and value or old
   elseif vt == 7 then mt[key] = (old == nil or value < old) and value or old
   elseif vt == 5 then                                                  -- DELTA_RATE: samples of a running total
@@ -292,16 +304,25 @@ end
 --- DELTA_RATE_COUNTER depend on the previous bucket).  A RUNNING_COUNTER key
 --- that was not updated in a closing bucket of its group still gets a row
 --- (its carried total).
+--- The buckets a pending T.async task's result may still write in stay open (self._hold: docs/async.md "Time"):
+--- they close at a later call, once those results came, whenever they come, so what the buckets hold does not
+--- depend on how fast the workers were.
 function Engine:take_counters(now)
   local out, n = {}, 0
-  if now ~= nil and now > self._t.floor then self._t.floor = now end
+  local cut = now
+  if now ~= nil then
+    if now > self._t.floor then self._t.floor = now end
+    local hold = self._hold and self._hold() or nil
+    if hold ~= nil and hold < cut then cut = hold end
+    if cut > self._closed then self._closed = cut end
+  end
   if next(self.counters) ~= nil then self._cur = {} end   -- buckets may close below: forget the current ones
   for g, gt in pairs(self.counters) do
     local grp = self._groups[g]
     local bs = grp and grp.bucketsize or 60
     local buckets = {}
     for b in pairs(gt) do
-      if now == nil or b + bs <= now then buckets[#buckets + 1] = b end
+      if now == nil or b + bs <= cut then buckets[#buckets + 1] = b end
     end
     table.sort(buckets)
     for _, b in ipairs(buckets) do

@@ -154,6 +154,11 @@ class PluginVM:
         """Tasks scheduled and not finished."""
         return int(self._pending(self.async_obj))
 
+    def set_origin(self, tus: int) -> None:
+        """The run's first packet time (µs since the epoch): the time of tasks scheduled before the engine had one
+        (onload); their results wait for it (engine/plugins/async.lua Async:set_origin, docs/async.md "Time")."""
+        self.lua.eval("function(a, t) a:set_origin(t) end")(self.async_obj, int(tus))
+
     def stop_accepting(self) -> None:
         """Refuse new tasks from now on (they count as dropped)."""
         self.lua.eval("function(a) a:stop_accepting() end")(self.async_obj)
