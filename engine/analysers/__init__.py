@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from luaprobe.shm.luajit import method, new_runtime
 
-from .certs import chain_outputs
-
 #: analyser name -> what it produces (docs/plugins.md "Built-in analysers")
 NAMES = ("counters", "dns", "http", "tls")
 
@@ -91,7 +89,8 @@ class Analysers:
         docs = self._take_docs(self.obj)
         fts = _rows(docs[b"fts"])
         for row in _rows(docs[b"certs"], text=False):
-            res, doc, err = chain_outputs(row)
+            from .certs import chain_outputs    # here, not at the top: cryptography costs every run ~20-50 ms of
+            res, doc, err = chain_outputs(row)  # start-up (cli imports this package), only a TLS run needs it
             if err:
                 self.cert_errors.append(err)
                 continue

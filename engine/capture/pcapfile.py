@@ -5,13 +5,13 @@ process runs the same Lua walker over :attr:`Capture.address`).
 """
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import re
 import stat
 import threading
 
-import numpy as np
 from lupa import luajit21
 
 from luaprobe.shm import luajit
@@ -46,8 +46,8 @@ class Capture:
         self.size = size
         self.fd = fd               #: the mapped file, open read-only (close-on-exec) until close(): capture.lua's size checks
         self._mm = mm
-        self._view = np.frombuffer(mm, dtype=np.uint8)  # read-only buffer export
-        self.address = int(self._view.ctypes.data)
+        self._view = _export(mm)   # read-only buffer export: mm cannot be unmapped under the Lua side's pointer
+        self.address = int(self._view.buf)
 
     def size_now(self) -> int:
         """The mapped file's size in bytes now: fstat() of :attr:`fd`, the descriptor the file was mapped from (the
@@ -58,6 +58,7 @@ class Capture:
     def close(self) -> None:
         """Unmap the file and close :attr:`fd`.  Pointers the Lua side still holds become invalid."""
         if self._mm is not None:
+            _PyBuffer_Release(ctypes.byref(self._view))
             self._view = None
             self._mm.close()
             self._mm = None
@@ -70,6 +71,32 @@ class Capture:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer`` (Include/pybuffer.h, stable ABI since 3.11): the address of a read-only mapping,
+    which ctypes' ``from_buffer`` refuses (it wants a writable one).  Before, numpy's ``frombuffer`` did this, and
+    importing numpy was ~35 ms of the capture process's start-up, which the packet loop waits for (issue 10)."""
+    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+
+_PyObject_GetBuffer = ctypes.pythonapi.PyObject_GetBuffer
+_PyObject_GetBuffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_PyObject_GetBuffer.restype = ctypes.c_int
+_PyBuffer_Release = ctypes.pythonapi.PyBuffer_Release
+_PyBuffer_Release.argtypes = [ctypes.POINTER(_PyBuffer)]
+_PyBuffer_Release.restype = None
+
+
+def _export(mm: mmap.mmap) -> _PyBuffer:
+    """A PyBUF_SIMPLE export of ``mm`` (holds a reference to it; ``mm.close()`` raises BufferError until
+    ``_PyBuffer_Release``); ``.buf`` is its first byte's address.  Raises BufferError if ``mm`` exports none."""
+    view = _PyBuffer()
+    _PyObject_GetBuffer(mm, ctypes.byref(view), 0)     # ctypes raises the Python error set on failure (-1)
+    return view
 
 
 def open_capture(path) -> Capture:
