@@ -97,6 +97,16 @@ class Segment:
         self._anchor = ctypes.c_char.from_buffer(mm)
         self.address = ctypes.addressof(self._anchor)
 
+    def populate(self) -> bool:
+        """Allocate and map every page now, as ``create(..., populate=True)`` does at mapping time, for a segment
+        another process must attach first (the packet ring: the capture process starts before it is populated).
+        False where the kernel refuses (before 5.14): the pages are then mapped as they are first touched."""
+        try:
+            self._mm.madvise(MADV_POPULATE_WRITE)
+            return True
+        except (OSError, ValueError):
+            return False
+
     @property
     def path(self) -> str:
         """Filesystem path of the segment under /dev/shm."""
@@ -135,6 +145,9 @@ def make_name(purpose: str, pid: int | None = None) -> str:
 
 #: mmap flag that maps every page at once (Linux; 0 elsewhere, where the pages are mapped as they are touched)
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+#: madvise(2) advice that allocates and maps every page of a mapping for writing, as POPULATE does when mapping
+#: (Linux >= 5.14, include/uapi/asm-generic/mman-common.h; Python's mmap module names it from 3.13 on)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 def create(purpose: str, size: int, populate: bool = False) -> Segment:

@@ -95,3 +95,10 @@ def test_capture_process_and_run_load_no_numpy_or_cryptography_they_do_not_use(t
     assert run.returncode == 0, err
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["packets"] == FRAMES
+
+
+def test_flowmon_full_record_width_is_flowrows():
+    """engine/plugins/flowmon.py no longer imports engine/fastpath/flowrows.py (numpy) for its width."""
+    from luaprobe.engine.fastpath import flowrows
+    from luaprobe.engine.plugins import flowmon
+    assert flowmon.FLOW_ROW_FIELDS == flowrows.FIELDS

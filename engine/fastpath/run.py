@@ -38,7 +38,7 @@ from luaprobe.engine.plugins.vm import PluginError, PluginVM, _text
 from luaprobe.engine.plugins.discovery import decl_rows, discover, group_names, group_rows, keyinfo_rows, \
     old_onupdate_warning, probe_all
 from luaprobe.engine.plugins.flowmon import FlowBackends, full_row, stored
-from luaprobe.engine.fastpath import flowrows, hugepages
+from luaprobe.engine.fastpath import hugepages
 from luaprobe.engine.streams.reasm import ReassemblyStage
 from luaprobe.engine.analysers import Analysers, group_rows as analyser_group_rows, parse_names as parse_analysers
 from luaprobe.engine.plugins.monitors import TYPES as MONITOR_TYPES, Monitors, Script, group_names as monitor_group_names
@@ -768,6 +768,7 @@ class FastPath:
         """The driver's last n exported flow records (engine/fastpath/flowrows.py) go where _flows sends
         records: held for sg_monitor / flowtracker when any is loaded, else written now.  Returns n."""
         if n:
+            from luaprobe.engine.fastpath import flowrows     # imported in run() while the capture process starts
             recs = flowrows.view(self.exp_addr, n)
             if self.flowmon is not None and self.flowmon.active:
                 self.flowmon.hold(flowrows.full_rows(flowrows.columns(recs, self.driver.exp_tags)))
@@ -863,12 +864,20 @@ class FastPath:
                 rt.prestart_worker()           # warm before the first task (workers/spare.py, issue 11)
             lua = new_runtime()
             _crash_cleans_shm()                # a plug-in's fault unlinks this process's segments as it dies
+            files = not (cfg.interface or shard)
             if shard:                          # the ring and its producer belong to engine/fastpath/shards.py
                 ring_seg = segment.attach(shard["ring"], populate=True)
-            else:
-                ring_seg = segment.create("pkt", region_size(cfg.packet_ring_size, hints=True), populate=True)
+            else:                              # files: populated once the capture process starts up (below)
+                ring_seg = segment.create("pkt", region_size(cfg.packet_ring_size, hints=True), populate=not files)
                 lua.eval("function(a, c) require('luaprobe.shm.ring').format(a, c, true) end")(
                     ring_seg.address, cfg.packet_ring_size)
+            if files:
+                # files: the capture process starts up (Python, its imports, its LuaJIT VM: ~0.1 s) while this
+                # process populates the ring, imports numpy (the flow export's flowrows), makes the driver and loads
+                # the plug-ins; what it reads meanwhile waits in the ring (backpressure: it stops when it is full)
+                capture = self._start_capture(ring_seg, rt)
+                ring_seg.populate()
+                from luaprobe.engine.fastpath import flowrows  # noqa: F401
             fp = lua.eval("require('luaprobe.engine.fastpath.driver')")
             self.pages = hugepages.decide(cfg.huge_pages)
             self.driver = fp.new(lua.table_from({b"ring": ring_seg.address, b"bell": rt.bell.address,
@@ -888,11 +897,11 @@ class FastPath:
             self.exp_addr = int(self.driver.exp_addr)
             self.driver_tag = method(lua, "tag")
             self.driver_lua = lua
-            if cfg.interface or shard:         # live / shard: hooks ready before the first packet arrives
+            if not files:                      # live / shard: hooks ready before the first packet arrives
                 self._load_plugins(rt)
                 self._wait_workers(rt)
-            capture = _Coordinator(shard["coordinator"]) if shard else self._start_capture(ring_seg, rt)
-            if not (cfg.interface or shard):   # files: the capture process starts up meanwhile (backpressure)
+                capture = _Coordinator(shard["coordinator"]) if shard else self._start_capture(ring_seg, rt)
+            else:                              # files: the capture process started above (backpressure)
                 self._load_plugins(rt)
                 self._wait_workers(rt)
             self.loading = False
@@ -1455,6 +1464,7 @@ class FastPath:
         """Full rows of the driver's last n exported records (new flows for sg_monitor onnewflow)."""
         if not n:
             return []
+        from luaprobe.engine.fastpath import flowrows
         return flowrows.full_rows(flowrows.columns(flowrows.view(self.exp_addr, n), self.driver.exp_tags))
 
     def _end_flows(self, lua) -> None:

@@ -26,11 +26,14 @@ import heapq
 import zlib
 
 from luaprobe.engine.plugins.monitors import kept
-from luaprobe.engine.fastpath.flowrows import FIELDS as FLOW_ROW_FIELDS   #: a full record (flowrows.py)
 
 TOPPER_HORIZON = 12     #: closed flowtracker buckets kept for late records (a flow's record comes idle/active timeout
                         #: after its last packet: 120 s / 1800 s, within 12 buckets of 300 s)
 _SCRIPT_PAD = [0x800, 0, 0, None, 0, 0]   #: a script-made record's flags, payloads, setup RTT, retransmissions
+#: fields of a full record (engine/fastpath/flowrows.py FIELDS: the 14 of a script-made record and the pad above);
+#: not imported from there, which imports numpy: every `luaprobe run` imports this module before it starts its
+#: capture process (tests/test_startup_order.py checks the two agree)
+FLOW_ROW_FIELDS = 14 + len(_SCRIPT_PAD)
 
 
 def stored(r) -> tuple:
