@@ -466,7 +466,7 @@ function Driver:stats()
            ip_fragments = fs.fragments, ip_datagrams = fs.datagrams, ip_frag_timeouts = fs.timeouts,
            ip_frag_incomplete = fs.incomplete, ip_frag_overlaps = fs.overlaps,
            ip_frag_duplicates = fs.duplicates, ip_frag_malformed = fs.malformed,
-           ip_frag_dropped_cap = fs.dropped_cap,
+           ip_frag_dropped_cap = fs.dropped_cap, ip_frag_in_no_flow = fs.in_no_flow,
            unknown_linktype_packets = self.unknown_linktype_packets, unknown_linktypes = self.unknown_linktypes,
            ring_space_wakes = self.ring:space_wakes(),
            prefault = self.prefault_done or self.ft:prefaulter_stats(), prefault_off = self.prefault_off }

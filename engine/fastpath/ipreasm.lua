@@ -58,7 +58,10 @@ Policy.
     (stats.dropped_cap); a single fragment larger than max_bytes is dropped.
 
 stats: fragments (fragment packets seen), datagrams (reassembled), timeouts,
-incomplete, overlaps, duplicates, malformed, dropped_cap, held_bytes (now),
+incomplete, overlaps, duplicates, malformed, dropped_cap, in_no_flow (fragment
+packets that reach no flow: not used, or of a datagram dropped for a timeout,
+incomplete at the end or the cap; the others count in their datagram's flow),
+held_bytes (now),
 pending (datagrams now).
 
 Cost: nothing for packets that are not fragments (the driver tests
@@ -87,7 +90,7 @@ function M.new(opts)
     dgrams = {},          -- key -> datagram
     order = {}, head = 1, tail = 0,   -- FIFO of datagrams by first arrival (lazy deletion)
     stats = { fragments = 0, datagrams = 0, timeouts = 0, incomplete = 0, overlaps = 0, duplicates = 0,
-              malformed = 0, dropped_cap = 0, held_bytes = 0, pending = 0 },
+              malformed = 0, dropped_cap = 0, held_bytes = 0, pending = 0, in_no_flow = 0 },
   }, R)
 end
 
@@ -119,7 +122,10 @@ local function drop(self, g, why)
   local st = self.stats
   st.held_bytes = st.held_bytes - g.held
   st.pending = st.pending - 1
-  if why then st[why] = st[why] + 1 end
+  if why then
+    st[why] = st[why] + 1
+    st.in_no_flow = st.in_no_flow + g.nfrags         -- its fragment packets reach no flow
+  end
 end
 
 -- the oldest live datagram (FIFO head, skipping dead ones)
@@ -253,15 +259,18 @@ function R:add(e, ts)
   local key, v, off, mf, pay, plen, hdr_end, nhpos, nh = parse(e)
   if not key or (mf and plen % 8 ~= 0) or plen <= 0 then
     st.malformed = st.malformed + 1
+    st.in_no_flow = st.in_no_flow + 1
     return nil
   end
   local hdrlen = hdr_end - e.d.l3_offset
   if off + plen > 65535 - (v == 4 and hdrlen or 0) then
     st.malformed = st.malformed + 1
+    st.in_no_flow = st.in_no_flow + 1
     return nil
   end
   if plen > self.max_bytes then
     st.dropped_cap = st.dropped_cap + 1
+    st.in_no_flow = st.in_no_flow + 1
     return nil
   end
   local g = self.dgrams[key]
@@ -281,6 +290,7 @@ function R:add(e, ts)
     local old = oldest(self)
     if old == g then  -- only this datagram left: drop the fragment instead
       st.dropped_cap = st.dropped_cap + 1
+      st.in_no_flow = st.in_no_flow + 1
       return nil
     end
     drop(self, old, "dropped_cap")
@@ -288,6 +298,7 @@ function R:add(e, ts)
   local p = e.data
   if g.total and off + plen > g.total then
     st.malformed = st.malformed + 1
+    st.in_no_flow = st.in_no_flow + 1
     return nil
   end
   if not mf then
@@ -295,12 +306,14 @@ function R:add(e, ts)
       for _, f in ipairs(g.frags) do
         if f[1] + #f[2] > off + plen then   -- bytes already held beyond this end
           st.malformed = st.malformed + 1
+          st.in_no_flow = st.in_no_flow + 1
           return nil
         end
       end
       g.total = off + plen
     elseif g.total ~= off + plen then
       st.malformed = st.malformed + 1
+      st.in_no_flow = st.in_no_flow + 1
       return nil
     end
   end

@@ -430,7 +430,7 @@ def _message_rows(sender, rows) -> list:
 
 
 _IPR_KEYS = ("ip_fragments", "ip_datagrams", "ip_frag_timeouts", "ip_frag_incomplete", "ip_frag_overlaps",
-             "ip_frag_duplicates", "ip_frag_malformed", "ip_frag_dropped_cap")
+             "ip_frag_duplicates", "ip_frag_malformed", "ip_frag_dropped_cap", "ip_frag_in_no_flow")
 
 
 class FastPath:
