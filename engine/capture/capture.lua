@@ -200,7 +200,7 @@ end
 M.clipped = 0    --- records cut to the packet ring's record limit (engine/capture/process.py warns)
 --- A looped replay (engine/capture/process.py --loop): seconds added to every packet's time (0: none), and the
 --- first packet's own second and the newest second pushed so far (after the shift), nil before any packet.
-M.shift, M.first_sec, M.max_sec = 0, nil, nil
+M.shift, M.first_sec, M.max_sec, M.rebase = 0, nil, nil, false
 
 --- The records of a mapped file committed since the last publish, one entry each (push; a stream logs none: it is
 --- never cut-checked): the file offsets where the record's bytes
@@ -269,6 +269,8 @@ local function push(r, rd, stop, fd)
   local rings = sharded and r.rings or { r }
   local slack = M.refill_slack(r)
   local shift, top, first = M.shift, M.max_sec or -1, M.first_sec
+  local rebase = M.rebase and M.max_sec ~= nil   -- a looped pass after the first: this file's first packet sets shift
+  if rebase then first = nil end
   local every = fd and FILE_EVERY or STREAM_EVERY
   local done = rd.offset          -- file offset where the records committed so far end
   local logged = fd ~= nil        -- the cut log (take_back): a mapped file's only; a stream has no cut check.  Loop-
@@ -307,11 +309,14 @@ local function push(r, rd, stop, fd)
     local at = rd.offset
     local ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = rd:next()
     if ptr == nil then break end
+    if first == nil then
+      first = ts_sec
+      if rebase then shift, rebase, M.rebase = top + 1 - ts_sec, false, false end
+    end
     if ts_sec + shift < 0 or ts_sec + shift > MAX_SEC then    -- the record's seconds are 32 bits (time_range)
       rd.error, rd.error_offset, rd.offset = time_range(ts_sec + shift), record_at(rd, ptr), at
       break
     end
-    if first == nil then first = ts_sec end
     ts_sec = ts_sec + shift
     if ts_sec > top then top = ts_sec end
     local rr, k = r, 1
@@ -351,16 +356,20 @@ local function push(r, rd, stop, fd)
     rd.error, rd.error_offset = ("the file was cut to %d bytes while it was read"):format(rd.size), rd.size
   end
   if top >= 0 then M.max_sec = top end
-  M.first_sec = first
+  M.first_sec, M.shift = first, shift
   return n, bytes, stopped
 end
 
---- Before a looped replay's next pass: shift its packets so that its first packet comes one second after the
---- newest packet pushed so far, keeping their spacing (packet time goes on as in a live feed; without it every
---- pass after the first was "late" and its counters piled into the first pass's last bucket, nothing flushed
---- until the stop).
+--- Before each file of a looped replay's passes after the first: shift its packets so that its first packet comes
+--- one second after the newest packet pushed so far, keeping their spacing (packet time goes on as in a live feed;
+--- without it every pass after the first was "late" and its counters piled into the first pass's last bucket,
+--- nothing flushed until the stop).  Per file, not per pass: a pass of files from different years shifted as one
+--- moved packet time on by the whole range of their dates each pass (captures of 2011 .. 2018: 7 years a pass, past
+--- 2106 and an input error that ended the daemon within seconds), and its older files' packets stayed late in every
+--- pass.  A pass now moves packet time on by the sum of its files' spans plus one second each.  The shift is taken
+--- at the file's first packet (push), so a file with no packet leaves it to the next.
 function M.next_pass()
-  if M.first_sec ~= nil then M.shift = M.max_sec + 1 - M.first_sec end
+  M.rebase = true
 end
 
 --- Copy every packet of one mapped file into ring `r` (or a sharder).  Returns

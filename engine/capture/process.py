@@ -193,14 +193,17 @@ def main(argv=None) -> int:
     eof_sent = set()
 
     def files():                                            # --loop: again and again until SIGTERM
+        again = False
         while True:
             for path in args.files:
                 if stop[0]:
                     return
+                if again:
+                    cap.next_pass()                         # each file of a later pass goes on from the newest packet
                 yield path
             if not args.loop or failed:
                 return
-            cap.next_pass()                                 # the next pass's packet time goes on from this one's
+            again = True
     def warn_clipped(path) -> None:
         n = int(cap.clipped)
         if n:
