@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from luaprobe.engine.daemon import control
 from tests import helpers
 from tests.test_supervisor import EXAMPLES, daemon, free_port  # noqa: F401 - the fixture
@@ -321,4 +323,51 @@ def test_a_reload_whose_plugin_probe_cannot_start_says_why_and_keeps_the_running
     assert r.returncode == 0, r.stderr
     assert daemon.status()["reloads"] == 2
     assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
+
+
+FLOW_BACKEND = """
+local marks = %r
+local function mark(what)
+  local f = assert(io.open(marks, "a")); f:write(what, " ", T.contextid, "\\n"); f:close()
+end
+TrisulPlugin = {
+  id = { name = "flow backend" },
+  onload = function() mark("load") end,
+  onunload = function() mark("unload") end,
+  %s = { %s },
+}
+"""
+
+
+@pytest.mark.parametrize("kind,body", [("sg_monitor", "onflush = function(engine, flow) end"),
+                                       ("flowtracker", 'control = { name = "t", bucketsize = 10, count = 3 }, '
+                                                       "getmetric = function(engine, flow) return 1 end")],
+                         ids=["sg_monitor", "flowtracker"])
+def test_live_backend_reload_replaces_flow_backends_instead_of_adding_them(daemon, tmp_path, kind, body):
+    """A live backend reload replaces every backend instance (engine_monitor, sg_monitor, flowtracker:
+    BACKEND_KINDS), as docs/operations.md "Reload" says. Before, it made `backend_instances` new sg_monitor /
+    flowtracker instances and kept the old ones running too: found in a soak run reloading every 4 s with
+    trisul-scripts' flows/sg3.lua, 70 sg3 instances after 34 reloads, each with its VM, its two T.async worker
+    processes and sg3's open log file, every flow handed to all of them (the fast path's RSS, fds and processes
+    grew with every reload, without bound). Truth: the script's own onload / onunload marks in a file: after N
+    reloads 2 (N + 1) loads, 2 N unloads, and 2 instances in the stats."""
+    marks = tmp_path / "marks.txt"
+    script = tmp_path / "flowbackend.lua"
+    script.write_text(FLOW_BACKEND % (str(marks), kind, body))
+    daemon.start(plugins=[script])
+    helpers.wait_for(lambda: len(instances(daemon, "flowbackend.lua")) == 2, 30, 0.1)
+    log = os.path.join(daemon.run_dir, control.LOG)
+    n = 4
+    for k in range(1, n + 1):
+        r = daemon.cli("reload")
+        assert r.returncode == 0, r.stderr
+        helpers.wait_for(lambda: open(log).read().count("backend scripts reloaded") >= k, 30, 0.1)
+    helpers.wait_for(lambda: marks.read_text().count("unload") >= 2 * n, 30, 0.1)   # the drain is short: no tasks
+    lines = marks.read_text().split()
+    assert lines.count("load") == 2 * (n + 1) and lines.count("unload") == 2 * n, marks.read_text()
+    assert sorted(instances(daemon, "flowbackend.lua")) == [(kind, "0"), (kind, "1")]
+    r = daemon.cli("stop")
+    assert r.returncode == 0, r.stderr
+    assert marks.read_text().split().count("unload") == 2 * (n + 1)
     assert not daemon.alive() and not daemon.segments()

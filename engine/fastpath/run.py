@@ -1198,7 +1198,10 @@ class FastPath:
                 logs.log.error("%s", msg)
                 self.plugin_problems.append(msg)
             return
-        old = [i for i in self.instances if i.kind == "engine_monitor"]   # monitors are not reloaded live
+        # every kind made again below is replaced (before: engine_monitor only, so each reload added
+        # backend_instances sg_monitor / flowtracker instances and kept the old ones running: VMs, workers, fds
+        # without bound); monitors (MONITOR_TYPES) are not reloaded live
+        old = [i for i in self.instances if i.kind in BACKEND_KINDS]
         end = time.monotonic() + self.cfg.async_config.drain_deadline
         for inst in old:
             inst.vm.stop_accepting()
