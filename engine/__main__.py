@@ -1,4 +1,6 @@
 """`python -m luaprobe.engine ...` is the `luaprobe` command."""
-from luaprobe.engine.daemon.cli import console
+import sys
 
-console()
+from luaprobe.engine.daemon.cli import main
+
+sys.exit(main())

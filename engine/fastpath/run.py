@@ -1390,7 +1390,10 @@ class FastPath:
         self._beat()                           # between the steps of the end too: a stop is stalled only when one
         flows_done = False                     # step makes no progress for [supervise] stall_timeout
         if self.flowmon is not None and self.flowmon.active:
-            self._collect(None)
+            # the flow backends' tags and records; counters only of buckets no pending T.async result may write in
+            # (Engine:take_counters' hold, as at every tick): a bucket of a VM is written once, after its results
+            # (before, all of them here, then again with the drain's results: RUNNING_COUNTER parts added twice)
+            self._collect(self.sec if self.sec is not None else 0)
             self._end_flows(lua)
             flows_done = True
         if self.analysers is not None:

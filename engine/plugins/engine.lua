@@ -306,7 +306,11 @@ end
 --- (its carried total).
 --- The buckets a pending T.async task's result may still write in stay open (self._hold: docs/async.md "Time"):
 --- they close at a later call, once those results came, whenever they come, so what the buckets hold does not
---- depend on how fast the workers were.
+--- depend on how fast the workers were.  A call with `now` nil (all buckets) also moves self._closed and the floor past
+--- every bucket it wrote, so an update that still comes (a result, a hook) lands in a bucket never written, not in a
+--- second part of a written one
+--- (a RUNNING_COUNTER part holds the VM's whole running total: two parts of one VM would count it twice).  The runs
+--- take all only when no result can come any more (engine/fastpath/run.py: after the drain, a retired backend).
 function Engine:take_counters(now)
   local out, n = {}, 0
   local cut = now
@@ -351,8 +355,10 @@ function Engine:take_counters(now)
         end
       end
       gt[b] = nil
+      if now == nil and b + bs > self._closed then self._closed = b + bs end
     end
   end
+  if now == nil and self._closed > self._t.floor then self._t.floor = self._closed end
   return out
 end
 

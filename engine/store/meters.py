@@ -4,7 +4,9 @@ A bucket's value of one counter can come in several parts: from several plug-in 
 backend instances, `--backend-instances`, and every frontend script type updating the same group), from
 several shards (`--shards N`, one store writer each), from a restarted daemon fast path or an `--append` run.
 Adding the parts is right for COUNTER and RUNNING_COUNTER only (each VM carries its own running total), so
-engine.lua `take_counters` writes the state a merge needs with every row of another meter type:
+engine.lua `take_counters` writes the state a merge needs with every row of another meter type. The parts are
+of different VMs: one VM writes each bucket once (take_counters holds buckets pending T.async results may write in,
+and never reopens one it wrote), since two parts of one VM would count a RUNNING_COUNTER's total twice:
 
     (guid, bucket_ts, key, meter, value)                                          COUNTER, RUNNING_COUNTER
     (guid, bucket_ts, key, meter, value, vartype, total, divisor, sample_us)       every other type
