@@ -210,3 +210,17 @@ def test_a_stray_or_twice_given_key_names_its_file_and_line(tmp_path, body, what
     line = next(n for n, t in enumerate(text.splitlines(), 1) if t.endswith("#<-"))
     err = start_refused(tmp_path, text)
     assert err.startswith(f"luaprobe start: {tmp_path / 'c.toml'}:{line}:") and what in err, (line, err)
+
+
+@pytest.mark.parametrize("key", ["user", "group"])
+def test_empty_user_or_group_key_is_refused(tmp_path, key):
+    """`[run] user = ""` was taken for "not given": the daemon stayed root, with no word (the flag --user "" is
+    refused too, tests/test_usage.py).  Now one line naming the file, line and key, exit 2, nothing started."""
+    from luaprobe.engine.daemon.config import ConfigError, load
+    cfg = tmp_path / "probe.toml"
+    extra = 'user = "nobody"\n' if key == "group" else ""
+    cfg.write_text(f'[run]\nout_dir = "out"\n{extra}{key} = ""\n')
+    with pytest.raises(ConfigError) as e:
+        load(str(cfg))
+    assert str(e.value).endswith(f'[run] {key} = "": must be a name or a number, not empty (leave the key out for '
+                                 'none)'), str(e.value)

@@ -22,6 +22,8 @@ from tests import helpers
 from tests.proc_tools import LUAPROBE, reaped, tagged_env, tagged_processes
 
 CAPTURE = os.path.join(helpers.REPO, "tests", "data", "trisul-16minutes.pcap")
+SAMPLE = os.path.join(helpers.REPO, "engine", "examples", "sample.pcap")
+TCP_FRAMES = 78       #: `tshark -r engine/examples/sample.pcap -Y tcp | wc -l`
 FRAMES = 7000         #: `tshark -r tests/data/trisul-16minutes.pcap | wc -l`
 
 PLUGIN = r"""
@@ -102,3 +104,31 @@ def test_flowmon_full_record_width_is_flowrows():
     from luaprobe.engine.fastpath import flowrows
     from luaprobe.engine.plugins import flowmon
     assert flowmon.FLOW_ROW_FIELDS == flowrows.FIELDS
+
+
+WRITER = r"""
+-- writes a line per TCP packet into a file it never closes: the bytes sit in the C stdio buffer of Lua's io
+-- library until the VM is closed (its __gc) or the process's stdio is flushed
+local f = assert(io.open(OUT, "w"))
+TrisulPlugin = { id = { name = "unclosed" },
+  simplecounter = { protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(engine, layer) f:write("tcp packet\n") end } }
+"""
+
+
+def test_the_run_ends_without_losing_what_a_plugin_left_unflushed(tmp_path):
+    """The `luaprobe` command ends without the interpreter's teardown (cli._exit_now); what the teardown did that
+    a plug-in sees is still done: a file it opened and never closed holds every line it wrote (one per TCP packet:
+    tshark's 78 TCP frames of the sample), and the exit code is the command's."""
+    out = tmp_path / "lines.txt"
+    plugin = tmp_path / "unclosed.lua"
+    plugin.write_text(f"local OUT = {json.dumps(str(out))}\n" + WRITER)
+    env, tag = tagged_env()
+    with reaped(tag):
+        p = subprocess.run([*LUAPROBE, "run", str(plugin), "--pcap", SAMPLE, "--out", str(tmp_path / "o"), "-q"],
+                           cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert out.read_text().splitlines() == ["tcp packet"] * TCP_FRAMES
+    bad = subprocess.run([*LUAPROBE, "run", str(plugin), "--pcap", SAMPLE, "--out", str(tmp_path / "o"), "-q"],
+                         cwd=helpers.REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "already holds the results" in bad.stderr     # exit 2: the --out check

@@ -144,6 +144,10 @@ def _check_value(name: str, section: str, key: str, value, t, check):
         numeric = isinstance(check, tuple) and t in (int, _NUM)
         rng = f" between {number(check[0])} and {number(check[1])}" if numeric else ""
         raise bad(_type_name(t) + rng)
+    if check == "nonempty":                     # [run] user / group: "" was taken for "not given" (stay root)
+        if value == "":
+            raise bad("a name or a number, not empty (leave the key out for none)")
+        return value
     if check is not None and t in (int, _NUM) and not check[0] <= value <= check[1]:
         raise bad(f"{'an integer' if t is int else 'a number'} between {number(check[0])} and {number(check[1])}")
     if check is not None and t is str and value not in check:

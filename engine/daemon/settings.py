@@ -111,7 +111,8 @@ def toml_schema() -> dict:
     out: dict = {}
     for _field, _flag, (section, key), kind, default, lo, hi, _scale, _text in SETTINGS:
         t = {"int": int, "pow2": int, "float": (int, float), "path": "path", "name": str, "cpus": str, "pages": str}[kind]
-        check = None if kind in ("path", "name", "cpus") else ("auto", "on", "off") if kind == "pages" else (lo, hi)
+        check = None if kind in ("path", "cpus") else "nonempty" if kind == "name" else \
+            ("auto", "on", "off") if kind == "pages" else (lo, hi)
         out.setdefault(section, {})[key] = (t, default, check)
     return out
 
