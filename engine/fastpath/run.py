@@ -11,6 +11,7 @@ writer process.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -1227,10 +1228,12 @@ class FastPath:
         (``final``: after the end-of-run drain, which drained them with the others): tasks still pending are
         cut off (timeout, onerror), onunload runs, their outputs are written, the VM is closed."""
         now = time.monotonic()
+        unloaded = False
         for item in list(self._retiring):
             inst, end = item
             if inst.vm.pending() and now < end and not final:
                 continue
+            unloaded = True
             deadline = self.cfg.async_config.drain_deadline
             inst.vm.cut_off(f"still running at the reload drain deadline ({deadline:g} s): result lost")
             inst.vm.call(None, "onunload")
@@ -1239,6 +1242,12 @@ class FastPath:
             rt.unload(inst.vm)
             self._retiring.remove(item)
             logs.log.info("replaced backend instance %s#%s drained and unloaded", inst.vm.path, inst.vm.instance)
+        if unloaded:
+            # A VM's Lua state holds Python callables that refer back to it (the lazy worker starter, the budget's
+            # on_disable closure): only the cyclic collector frees it, and the fast path's generation 2 runs rarely.
+            # Measured with a SIGHUP every 4 s: RSS swung 118 -> 380 MB before a collection freed the replaced VMs
+            # (tests/test_reload.py counts live PluginVMs with the collector off).  Once per reload, between batches.
+            gc.collect()
 
     def _drain_stopped(self) -> str | None:
         """The reason the end-of-input drain ends early: a stop (signal) that arrived during it, else None.
