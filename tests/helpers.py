@@ -173,6 +173,15 @@ def pcap_records(path) -> int:
     return n
 
 
+def tshark_frames(path, *filt: str, check: bool = True) -> int:
+    """Frames tshark reads from ``path`` (``filt``: more tshark arguments, e.g. "-Y", "ip"): an independent count.
+    ``check=False`` for a file cut mid-record (tshark then exits 2 after the records before the cut)."""
+    import shutil
+    out = subprocess.run([shutil.which("tshark") or "tshark", "-r", str(path), *filt, "-T", "fields",
+                          "-e", "frame.number"], capture_output=True, text=True, check=check).stdout
+    return len(out.split())
+
+
 @contextlib.contextmanager
 def tmpfs(path, options: str):
     """``path`` (made if missing) as a tmpfs of its own with mount ``options`` ("size=1m", "ro,size=1m"); skips the

@@ -23,12 +23,6 @@ SAMPLE = os.path.join(helpers.REPO, "engine", "examples", "sample.pcap")
 pytestmark = pytest.mark.skipif(TSHARK is None, reason="tshark not installed")
 
 
-def tshark_count(path: str, *filt: str) -> int:
-    out = subprocess.run([TSHARK, "-r", path, *filt, "-T", "fields", "-e", "frame.number"], capture_output=True,
-                         text=True, check=True).stdout
-    return len(out.split())
-
-
 @pytest.mark.parametrize("fd", [0, 1, 2])
 def test_closed_standard_descriptor_loses_no_row(tmp_path, fd):
     out = tmp_path / "o"
@@ -45,5 +39,5 @@ def test_closed_standard_descriptor_loses_no_row(tmp_path, fd):
         in_flows = db.execute("SELECT sum(packets_az + packets_za) FROM flows").fetchone()[0]
     finally:
         db.close()
-    assert in_flows == tshark_count(SAMPLE, "-Y", "ip or ipv6") == 126
-    assert json.loads((tmp_path / "s.json").read_text())["packets"] == tshark_count(SAMPLE)
+    assert in_flows == helpers.tshark_frames(SAMPLE, "-Y", "ip or ipv6") == 126
+    assert json.loads((tmp_path / "s.json").read_text())["packets"] == helpers.tshark_frames(SAMPLE)

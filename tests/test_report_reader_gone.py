@@ -23,12 +23,6 @@ SAMPLE = os.path.join(helpers.REPO, "engine", "examples", "sample.pcap")
 pytestmark = pytest.mark.skipif(TSHARK is None, reason="tshark not installed")
 
 
-def tshark_count(path: str, *filt: str) -> int:
-    out = subprocess.run([TSHARK, "-r", path, *filt, "-T", "fields", "-e", "frame.number"], capture_output=True,
-                         text=True).stdout           # a cut file: tshark exits 2 after the records before the cut
-    return len(out.split())
-
-
 def cut_mid_record(tmp_path) -> tuple[str, int]:
     """The sample cut in the middle of its 100th record: (path, byte offset of that record)."""
     data = open(SAMPLE, "rb").read()
@@ -50,7 +44,7 @@ def run_cli(args, **kw) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("mode", [[], ["--json"], ["-q"]], ids=["plain", "json", "quiet"])
 def test_reader_gone_keeps_exit_code_error_line_and_stats(tmp_path, mode):
     pcap, off = cut_mid_record(tmp_path)
-    before_cut = tshark_count(pcap)
+    before_cut = helpers.tshark_frames(pcap, check=False)
     assert before_cut == 99
     r, w = os.pipe()
     os.close(r)                                    # the reader left before the first line (`| true`)
