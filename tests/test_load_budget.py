@@ -202,3 +202,67 @@ def test_daemon_stop_during_a_slow_start_up_blames_no_plugin(tmp_path):
         p.communicate(timeout=60)
     assert s.returncode == 0, err
     assert "plug-in" not in err, err
+
+
+#: sitecustomize.py: as STOP_AT_START, but only once the file LUAPROBE_TEST_HOLD_AFTER names exists (the test makes it
+#: before it kills the first fast path: the restarted one is held, the first ran normally)
+STOP_AFTER_FLAG = ("import os, signal\n"
+                   "flag = os.environ.get('LUAPROBE_TEST_HOLD_AFTER')\n"
+                   "if flag and os.path.exists(flag) and b'--child' in open('/proc/self/cmdline', 'rb').read():\n"
+                   "    os.kill(os.getpid(), signal.SIGSTOP)\n")
+
+
+def test_daemon_stop_during_a_restarted_child_s_start_up_blames_no_plugin(tmp_path):
+    """As above, for a fast path restarted after a crash: the heartbeat file still names the plug-in the previous
+    child loaded last (it only touches it afterwards), touched less than 1 s before the restart, so the supervisor
+    took it for the new child's and killed the new child 5 s after the stop, blaming that plug-in ("plug-in error:
+    the top level of .../ok.lua ran on ..."), though no plug-in code of it had run.  The supervisor now removes the
+    heartbeat file when it starts a child."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STOP_AFTER_FLAG)
+    flag = tmp_path / "hold"
+    cfg = looping_config(tmp_path)
+    run_dir = tmp_path / "run"
+    env, tag = proc_tools.tagged_env({"LUAPROBE_TEST_HOLD_AFTER": str(flag),
+                                      "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+
+    def children():
+        out = []
+        for q in proc_tools.tagged_processes(tag):
+            try:
+                if "--child" in q.cmdline():
+                    out.append(q)
+            except psutil.Error:
+                continue
+        return out
+
+    with proc_tools.reaped(tag) as pids:
+        p = proc_tools.start(["start", "--config", str(cfg)], env=env)
+        pids.add(p.pid)
+        assert finish(p, timeout=90)[0] == 0                    # `start` returns once the plug-ins loaded
+        first = helpers.wait_for(lambda: (children() or [None])[0], 30, 0.05)
+        beat = run_dir / "heartbeat"
+        assert beat.read_text().endswith("ok.lua")              # the file it loaded last, named in the heartbeat
+        flag.touch()
+        t = beat.stat().st_mtime
+        helpers.wait_for(lambda: beat.stat().st_mtime > t, 10, 0.01)   # a fresh beat: the restart comes < 1 s after
+        first.kill()
+
+        def held_child():
+            for q in children():
+                try:
+                    if q.pid != first.pid and q.status() == psutil.STATUS_STOPPED:
+                        return q
+                except psutil.Error:
+                    continue
+        child = helpers.wait_for(held_child, 60, 0.05)
+        s = proc_tools.start(["stop", "--run-dir", str(run_dir)], env=env)
+        log = run_dir / "supervisor.log"
+        helpers.wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+                         or (log.exists() and "still starting" in log.read_text()), 30, 0.1)
+        assert child.is_running() and child.status() == psutil.STATUS_STOPPED, s.communicate(timeout=60)  # not killed
+        child.send_signal(signal.SIGCONT)
+        _, err = s.communicate(timeout=60)
+    assert s.returncode == 0, err
+    assert "plug-in" not in err, err

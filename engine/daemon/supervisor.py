@@ -230,7 +230,9 @@ class Supervisor:
             cmd += ["--out-lock-fd", str(claim)]
         step = f"clearing {self.run_dir}"
         try:
-            for name in (control.LOADED, control.LAST_ERROR):
+            # the heartbeat too: the previous child's names the plug-in it loaded last and was touched a moment
+            # ago; taken for this child's, a stop during its start-up blamed that plug-in (_loading_file)
+            for name in (control.LOADED, control.LAST_ERROR, HEARTBEAT):
                 try:
                     os.unlink(control.path(self.run_dir, name))
                 except FileNotFoundError:
