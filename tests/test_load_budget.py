@@ -166,6 +166,20 @@ STOP_AT_START = ("import os, signal\n"
                  "    os.kill(os.getpid(), signal.SIGSTOP)\n")
 
 
+def stop_past_the_grace(child, run_dir, env):
+    """`luaprobe stop` while ``child`` (a fast path held by SIGSTOP before its first heartbeat) starts: the child must
+    still be there once the supervisor logged that it waits for it past the 5 s grace; then it is let go.
+    Returns (the stop's Popen, its stderr)."""
+    s = proc_tools.start(["stop", "--run-dir", str(run_dir)], env=env)
+    log = run_dir / "supervisor.log"
+    helpers.wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+                     or (log.exists() and "still starting" in log.read_text()), 30, 0.1)
+    assert child.is_running() and child.status() == psutil.STATUS_STOPPED, s.communicate(timeout=60)  # not killed
+    child.send_signal(signal.SIGCONT)
+    _, err = s.communicate(timeout=60)
+    return s, err
+
+
 def test_daemon_stop_during_a_slow_start_up_blames_no_plugin(tmp_path):
     """A stop while the fast path is still starting (a loaded machine: its Python imports take longer than the
     5 s the supervisor gives a plug-in's top level after a stop) is not a plug-in error: no plug-in code has run.
@@ -192,13 +206,7 @@ def test_daemon_stop_during_a_slow_start_up_blames_no_plugin(tmp_path):
                     continue
         child = helpers.wait_for(held_child, 60, 0.05)
         assert not (run_dir / "heartbeat").exists()            # no plug-in has started loading
-        s = proc_tools.start(["stop", "--run-dir", str(run_dir)], env=env)
-        log = run_dir / "supervisor.log"
-        helpers.wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
-                         or (log.exists() and "still starting" in log.read_text()), 30, 0.1)
-        assert child.is_running() and child.status() == psutil.STATUS_STOPPED, s.communicate(timeout=60)  # not killed
-        child.send_signal(signal.SIGCONT)
-        _, err = s.communicate(timeout=60)
+        s, err = stop_past_the_grace(child, run_dir, env)
         p.communicate(timeout=60)
     assert s.returncode == 0, err
     assert "plug-in" not in err, err
@@ -257,12 +265,6 @@ def test_daemon_stop_during_a_restarted_child_s_start_up_blames_no_plugin(tmp_pa
                 except psutil.Error:
                     continue
         child = helpers.wait_for(held_child, 60, 0.05)
-        s = proc_tools.start(["stop", "--run-dir", str(run_dir)], env=env)
-        log = run_dir / "supervisor.log"
-        helpers.wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
-                         or (log.exists() and "still starting" in log.read_text()), 30, 0.1)
-        assert child.is_running() and child.status() == psutil.STATUS_STOPPED, s.communicate(timeout=60)  # not killed
-        child.send_signal(signal.SIGCONT)
-        _, err = s.communicate(timeout=60)
+        s, err = stop_past_the_grace(child, run_dir, env)
     assert s.returncode == 0, err
     assert "plug-in" not in err, err
