@@ -33,6 +33,10 @@ double lp_fsize(int fd);
 double lp_cutguard_end(void);
 typedef struct { double at, fin, tail, pushed, bytes; int32_t ring; } lp_cap_log;
 ]])
+pcall(ffi.cdef, [[
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset);
+int munmap(void *addr, size_t length);
+]])
 local C = ffi.C
 local S = ring.lib                               -- _lpsync (shm/_lpsync.c): the cut guard, lp_fsize
 local M = {}
@@ -263,6 +267,44 @@ local function record_at(rd, ptr)
   return tonumber(cast("intptr_t", ptr) - cast("intptr_t", rd.base)) - head
 end
 
+--- A mapped file that grew while it was read (tcpdump -w / dumpcap still writing it, a copy under way): at the end of
+--- what is mapped (the walker returned nil: the end, or a record running past it), fstat() the file; when it holds
+--- more, map it again at its new size (a mapping of our own, rd.grown: the first one is process.py's), move the
+--- walker onto it (offsets stay file offsets) and the cut guard with it, drop the walker's error (an error at the old
+--- end is read again with the new size: the same bytes give the same error, a record completed since is read), and
+--- return true.  False: no growth (the walk ends as before), a cut (settle's business: the guard mapped zeros over a
+--- page, or the size went down), or no new mapping (rd.error says so).  Called only at the end of the mapped bytes,
+--- never per record; it does not wait for growth to come (streams: `--pcap -`, a FIFO).
+local PROT_READ, MAP_SHARED = 1, 1
+local function grow(rd, fd)
+  if rd.cut then return false end
+  local now = S.lp_fsize(fd)
+  if now <= rd.size or S.lp_cutguard_end() < rd.size then return false end
+  local a = C.mmap(nil, now, PROT_READ, MAP_SHARED, fd, 0)
+  if cast("intptr_t", a) == -1 then
+    rd.error = ("the file grew to %.0f bytes while it was read and cannot be mapped again (mmap errno %d)")
+               :format(now, ffi.errno())
+    rd.error_offset = rd.offset
+    return false
+  end
+  local rc = S.lp_cutguard_arm(a, now, fd)
+  if rc ~= 0 then C.munmap(a, now); error("offset 0: cannot guard the mapping (sigaction: " .. rc .. ")", 0) end
+  if rd.grown then C.munmap(rd.grown, rd.grown_size) end
+  rd.grown, rd.grown_size = a, now
+  rd.base, rd.size, rd.error, rd.error_offset = cast("const uint8_t *", a), now, nil, nil
+  return true
+end
+
+--- The walker's next record after the end of the mapped bytes: grow (above) as long as the file grew and the walker
+--- finds no record in the new bytes (a pcapng block that holds none, or nothing new); nil at the end.
+local function next_grown(rd, fd)
+  while grow(rd, fd) do
+    local ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = rd:next()
+    if ptr ~= nil then return ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex end
+  end
+  return nil
+end
+
 local function push(r, rd, stop, fd)
   local n, bytes, since, stopped = 0, 0, 0, false
   local sharded = r.rings ~= nil
@@ -308,7 +350,12 @@ local function push(r, rd, stop, fd)
     if n % 4096 == 4095 and stop() then stopped = true; break end
     local at = rd.offset
     local ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = rd:next()
-    if ptr == nil then break end
+    if ptr == nil then
+      if not rd.grows then break end                      -- a stream (its caller feeds the bytes that come), or a
+                                                          -- prefix of a file (file()'s `grows` not given)
+      ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = next_grown(rd, fd)   -- the file grew meanwhile
+      if ptr == nil then break end
+    end
     if first == nil then
       first = ts_sec
       if rebase then shift, rebase, M.rebase = top + 1 - ts_sec, false, false end
@@ -380,7 +427,13 @@ end
 --- the first record it no longer holds), every record before it published once (push's settle), none past it:
 --- the cut guard (shm/_lpsync.c) turns the SIGBUS of a read past the new end into a read of zeros, and no record is
 --- published before fstat() shows the file still holds it.
-function M.file(r, addr, size, stop, fd)
+---
+--- `grows` (with fd; engine/capture/process.py passes it): `size` is the whole file as it was mapped, and a file that
+--- grew while it was read is read on to its size at the end of the walk (grow above: the end of the mapped bytes
+--- fstat()s the file again, maps it again when it holds more, until an fstat at the end shows no growth; a partial
+--- record at that moment is the truncated-record error, at its offset).  Without it (benchmarks and tests walking a
+--- prefix of a file) the walk ends at `size`.
+function M.file(r, addr, size, stop, fd, grows)
   if fd then
     local rc = S.lp_cutguard_arm(cast("const void *", addr), size, fd)
     if rc ~= 0 then error("offset 0: cannot guard the mapping (sigaction: " .. rc .. ")", 0) end
@@ -400,8 +453,10 @@ function M.file(r, addr, size, stop, fd)
     error(rd, 0)
   end
   rd.header_end = rd.offset
+  rd.grows = fd ~= nil and grows == true
   local res = { pcall(push, r, rd, stop, fd) }
   if fd then S.lp_cutguard_arm(nil, 0, -1) end
+  if rd.grown then C.munmap(rd.grown, rd.grown_size); rd.grown = nil end
   if not res[1] then error(res[2], 0) end
   return res[2], res[3], rd.error, rd.error_offset, res[4]
 end

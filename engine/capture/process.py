@@ -183,7 +183,8 @@ def main(argv=None) -> int:
             lua.table_from(rings), lua.table_from([b.address for b in bells]), PUSHED_OFFSET)
     pkt = lua.eval("require('luaprobe.engine.plugins.packet')")
     control = lua.eval("function(r, k, t) require('luaprobe.engine.capture.capture').control(r, k, t) end")
-    run_file = lua.eval("function(r, a, s, stop, fd) return require('luaprobe.engine.capture.capture').file(r, a, s, stop, fd) end")
+    run_file = lua.eval("function(r, a, s, stop, fd) return require('luaprobe.engine.capture.capture').file(r, a, s, stop, fd, "
+                        "true) end")    # true: a file that grows while it is read is read on (capture.lua grow)
     if args.interface:
         return _live(args, lua, ring, control, pkt, stop)
     if args.generate:

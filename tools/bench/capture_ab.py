@@ -34,7 +34,7 @@ path, runs, limit, stream = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys
 lua_root = sys.argv[1] if src == "-" else src
 from luaprobe.engine.capture.pcapfile import open_capture
 from luaprobe.shm.luajit import new_runtime
-takes_fd = "function M.file(r, addr, size, stop, fd)" in open(os.path.join(lua_root, "engine/capture/capture.lua")).read()
+takes_fd = "function M.file(r, addr, size, stop, fd" in open(os.path.join(lua_root, "engine/capture/capture.lua")).read()
 lua = new_runtime()
 run = lua.eval("""function(addr, size, arg)
   local ffi = require("ffi")
