@@ -406,3 +406,39 @@ def test_replaced_backend_vms_are_freed_at_each_reload(tmp_path):
             gc.enable()
     assert summary["backend_reloads"] >= 5, summary["backend_reloads"]
     assert len(alive) >= 5 and max(alive) <= 6, alive
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(900)
+def test_soak_reloads_keep_processes_descriptors_and_segments_bounded(daemon, tmp_path):
+    """Soak (-m soak, ~3 min): 40 live backend reloads of a looped daemon running an sg_monitor, a flowtracker and
+    the examples (T.async). After warm-up the fast path's child processes, descriptors and /dev/shm segments stay
+    where they were after the first 10 reloads, and each flow backend has its 2 instances (before 581dac0: +2
+    sg_monitor / flowtracker instances a reload, and with T.async +4 worker processes and their segments).
+    docs/operations.md "Long runs"."""
+    import psutil
+    marks = tmp_path / "marks.txt"
+    sg, ft = tmp_path / "sg.lua", tmp_path / "ft.lua"
+    sg.write_text(FLOW_BACKEND % (str(marks), "sg_monitor", "onflush = function(engine, flow) end"))
+    ft.write_text(FLOW_BACKEND % (str(marks), "flowtracker", 'control = { name = "t", bucketsize = 10, count = 3 }, '
+                                  "getmetric = function(engine, flow) return 1 end"))
+    daemon.start(plugins=[EXAMPLES, sg, ft])
+    log = os.path.join(daemon.run_dir, control.LOG)
+
+    def held():
+        fp = psutil.Process(daemon.status()["fastpath_pid"])
+        kids = [p for p in fp.children() if p.status() != psutil.STATUS_ZOMBIE]
+        return len(kids), fp.num_fds(), len(daemon.segments())
+    seen = []
+    for k in range(1, 41):
+        assert daemon.cli("reload").returncode == 0
+        helpers.wait_for(lambda: open(log).read().count("backend scripts reloaded") >= k, 60, 0.1)
+        if k in (10, 40):
+            helpers.wait_for(lambda: "retiring" not in str(daemon.stats()["plugins"]), 60, 0.2)   # drained
+            daemon.status()
+            seen.append(held())
+    (kids10, fds10, segs10), (kids40, fds40, segs40) = seen
+    assert kids40 <= kids10 + 2 and fds40 <= fds10 + 8 and segs40 <= segs10 + 2, seen
+    assert len(instances(daemon, "sg.lua")) == 2 and len(instances(daemon, "ft.lua")) == 2
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()
