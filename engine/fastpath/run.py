@@ -635,6 +635,8 @@ class FastPath:
             rt.unload(vm)
             return None
         vm.take_counters = method(vm.lua, "take_counters")
+        if self.cfg.shard:                    # RUNNING_COUNTER totals in every bucket (engine.lua take_counters)
+            vm.lua.eval("function(e) e._every_bucket = true end")(vm.host.engine)
         if self.origin_tus is not None:       # loaded during the run (a reload): its onload tasks get the second now
             vm.set_origin(max(self.origin_tus, (self.sec or 0) * 1_000_000))
         vm.take_outputs = method(vm.lua, "take_outputs")
