@@ -40,17 +40,32 @@ end
 --- closes (trisul-scripts' save_content_types_sha256.lua: `local h = io.popen("sha256sum " .. path)`, read, never
 --- closed) holds its descriptor, and a popen's child stays a zombie, until the VM collects the handle; a small heap
 --- collects rarely (measured in a looped daemon: 1,645 descriptors and ~490 zombies in one worker before a
---- collection, above the usual `ulimit -n` of 1024, where io.popen / io.open start failing).  Every FD_EVERY tasks
---- the lowest free descriptor (what open() returns) is looked at; at FD_GC or more a full collection closes the
---- handles nothing refers to.  Returns the next threshold: twice what is still open when the script keeps them.
+--- collection, above the usual `ulimit -n` of 1024, where io.popen / io.open start failing).  After every FD_EVERY
+--- handles the io library opened (count_opens), and every FD_TASKS tasks for descriptors made otherwise (FFI, C
+--- modules), the lowest free descriptor (what open() returns) is looked at; at FD_GC or more a full collection closes
+--- the handles nothing refers to.  Returns the next threshold: twice what is still open when the script keeps them.
+--- Not per task: one open / close pair is ~2 us, and a look every 16 tasks cost the raw T.async round trip 60 % of
+--- its rate (tools/bench/async_roundtrip.py, 16.6M -> 6.0M round trips/s).
 pcall(ffi.cdef, "int open(const char *path, int flags); int close(int fd);")
-local FD_EVERY, FD_GC = 16, 256
+local FD_EVERY, FD_GC, FD_TASKS = 16, 256, 4096
 M.FD_GC = FD_GC
 local function lowest_free_fd()
   local fd = ffi.C.open("/dev/null", 0)
   if fd >= 0 then ffi.C.close(fd) end
   return fd
 end
+--- The worker VM's io.open / io.popen / io.lines / io.tmpfile, each counting the call first; returns a function
+--- giving the count since it was last asked for (and resetting it).
+local function count_opens()
+  local opens = 0
+  for _, name in ipairs({ "open", "popen", "lines", "tmpfile" }) do
+    local f = io[name]
+    if f then io[name] = function(...) opens = opens + 1; return f(...) end end
+  end
+  return function() local n = opens; opens = 0; return n end
+end
+M.count_opens = count_opens
+
 local function collect_unclosed(limit)
   local fd = lowest_free_fd()
   if fd >= 0 and fd < limit then return limit end
@@ -265,6 +280,7 @@ function M.loop(opts)
   local done_p, exit_p = cast("double *", ctl) + 4, cast("uint32_t *", ctl) + 10
   local done, unreleased, unpublished = 0, 0, 0
   local fd_limit = FD_GC                     -- collect_unclosed: a full collection at this lowest free descriptor
+  local opened, opens = count_opens(), 0     -- io handles opened by the tasks since the last look
   local function exit_requested() return C.lp_load32(exit_p) ~= 0 end
   C.lp_store_d(done_p, 0)
   ctl.state = 1
@@ -372,7 +388,8 @@ function M.loop(opts)
           req:release()
           return "recycle"
         end
-        if done % FD_EVERY == 0 then fd_limit = collect_unclosed(fd_limit) end
+        opens = opens + opened()
+        if opens >= FD_EVERY or done % FD_TASKS == 0 then opens, fd_limit = 0, collect_unclosed(fd_limit) end
       end
     end
   end
