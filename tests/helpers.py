@@ -196,3 +196,29 @@ def tmpfs(path, options: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def file_walk_lua(ring_mb: int, grows: bool) -> str:
+    """Lua source of a function(addr, size, fd) that walks a mapped capture file with engine/capture/capture.lua's
+    file() (``grows``: its sixth argument, read on past ``size`` while the file grows) into a packet ring of its own of
+    ``ring_mb`` MiB, as the capture process does; returns n, bytes, err, off and the records, each {ts_sec, ts_usec,
+    word 3, caplen, bytes} (test_capture_cut.py / test_capture_grow.py worker processes)."""
+    return ('''function(addr, size, fd)
+  local ffi = require("ffi")
+  local ring = require("luaprobe.shm.ring")
+  local capture = require("luaprobe.engine.capture.capture")
+  local cap = %d * 1024 * 1024
+  local buf = ffi.new("uint8_t[?]", ring.region_size(cap, false))
+  local r = ring.format(buf, cap, false)
+  local n, bytes, err, off = capture.file(r, addr, size, function() return false end, fd, %s)
+  local recs = {}
+  while true do
+    local p, len = r:peek()
+    if p == nil then break end
+    local h = ffi.cast("const uint32_t *", p)
+    recs[#recs + 1] = { h[1], h[2], h[3], h[4], ffi.string(p + 32, h[4]) }
+    r:advance(len)
+  end
+  r:release()
+  return n, bytes, err, off, recs
+end''' % (ring_mb, "true" if grows else "false"))

@@ -229,25 +229,7 @@ import json, os, shutil, sys, zlib
 from luaprobe.shm.luajit import new_runtime
 from luaprobe.engine.capture.pcapfile import open_capture
 lua = new_runtime()
-walk = lua.eval("""function(addr, size, fd)
-  local ffi = require("ffi")
-  local ring = require("luaprobe.shm.ring")
-  local capture = require("luaprobe.engine.capture.capture")
-  local cap = 4 * 1024 * 1024
-  local buf = ffi.new("uint8_t[?]", ring.region_size(cap, false))
-  local r = ring.format(buf, cap, false)
-  local n, bytes, err, off = capture.file(r, addr, size, function() return false end, fd)
-  local recs = {}
-  while true do
-    local p, len = r:peek()
-    if p == nil then break end
-    local h = ffi.cast("const uint32_t *", p)
-    recs[#recs + 1] = { h[1], h[2], h[3], h[4], ffi.string(p + 32, h[4]) }
-    r:advance(len)
-  end
-  r:release()
-  return n, bytes, err, off, recs
-end""")
+walk = lua.eval("""''' + helpers.file_walk_lua(4, False) + r'''""")
 for line in sys.stdin:
     src, work, cut = line.split()
     shutil.copyfile(src, work)

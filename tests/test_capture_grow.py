@@ -144,25 +144,7 @@ import json, sys, zlib
 from luaprobe.shm.luajit import new_runtime
 from luaprobe.engine.capture.pcapfile import open_capture
 lua = new_runtime()
-walk = lua.eval("""function(addr, size, fd)
-  local ffi = require("ffi")
-  local ring = require("luaprobe.shm.ring")
-  local capture = require("luaprobe.engine.capture.capture")
-  local cap = 16 * 1024 * 1024
-  local buf = ffi.new("uint8_t[?]", ring.region_size(cap, false))
-  local r = ring.format(buf, cap, false)
-  local n, bytes, err, off = capture.file(r, addr, size, function() return false end, fd, true)
-  local recs = {}
-  while true do
-    local p, len = r:peek()
-    if p == nil then break end
-    local h = ffi.cast("const uint32_t *", p)
-    recs[#recs + 1] = { h[1], h[2], h[4], ffi.string(p + 32, h[4]) }
-    r:advance(len)
-  end
-  r:release()
-  return n, bytes, err, off, recs
-end""")
+walk = lua.eval("""''' + helpers.file_walk_lua(16, True) + r'''""")
 for line in sys.stdin:
     src, work, start, end = line.split()
     data = open(src, "rb").read()
@@ -172,7 +154,7 @@ for line in sys.stdin:
         with open(work, "ab") as f:
             f.write(data[int(start):int(end)])
         n, nbytes, err, off, recs = walk(c.address, c.size, c.fd)
-    recs = [[int(r[1]), int(r[2]), int(r[3]), zlib.crc32(r[4])] for r in recs.values()]
+    recs = [[int(r[1]), int(r[2]), int(r[4]), zlib.crc32(r[5])] for r in recs.values()]
     print(json.dumps({"n": int(n), "bytes": int(nbytes), "err": err.decode() if err else None,
                       "off": int(off) if off is not None else None, "recs": recs}), flush=True)
 '''
