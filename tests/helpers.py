@@ -79,14 +79,17 @@ def killed_when_left(proc: subprocess.Popen):
             proc.communicate()
 
 
-def wait_for(cond, timeout: float = 10.0, interval: float = 0.005):
-    """Poll ``cond()`` until it returns a truthy value (returned) or fail after ``timeout`` seconds."""
+def wait_for(cond, timeout: float = 10.0, interval: float = 0.005, fail: bool = True):
+    """Poll ``cond()`` until it returns a truthy value (returned) or fail after ``timeout`` seconds (``fail=False``:
+    return the last falsy value instead)."""
     end = time.monotonic() + timeout
     while True:
         v = cond()
         if v:
             return v
         if time.monotonic() > end:
+            if not fail:
+                return v
             raise AssertionError(f"condition not met within {timeout} s: {cond}")
         time.sleep(interval)
 

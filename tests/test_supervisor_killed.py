@@ -55,7 +55,7 @@ def test_a_start_while_a_killed_daemons_store_writer_still_commits_is_refused(da
     writer did not hold the lock; the second `start` started a daemon (exit 0) whose writer shared luaprobe.sqlite
     with the orphan."""
     daemon.start()
-    st = daemon.status()
+    st = helpers.wait_for(lambda: (s := daemon.status())["processes"].get("store") and s, 30, 0.1)   # first snapshot
     writer = psutil.Process(st["processes"]["store"])
     fastpath = psutil.Process(st["fastpath_pid"])
     assert writer.ppid() == fastpath.pid
