@@ -225,3 +225,12 @@ def file_walk_lua(ring_mb: int, grows: bool) -> str:
   r:release()
   return n, bytes, err, off, recs
 end''' % (ring_mb, "true" if grows else "false"))
+
+
+def line_worker(script: str):
+    """A generator for a module fixture: ``python -c script`` with text stdin / stdout pipes (a worker answering one
+    line per request line), closed and waited for at the end."""
+    p = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    yield p
+    p.stdin.close()
+    p.wait(timeout=60)

@@ -272,10 +272,7 @@ def _write_pcapng(path, count: int) -> list[tuple[int, int, bytes]]:
 
 @pytest.fixture(scope="module")
 def cut_worker():
-    p = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    yield p
-    p.stdin.close()
-    p.wait(timeout=60)
+    yield from helpers.line_worker(WORKER)
 
 
 @pytest.fixture(scope="module")

@@ -162,10 +162,7 @@ for line in sys.stdin:
 
 @pytest.fixture(scope="module")
 def grow_worker():
-    p = subprocess.Popen([sys.executable, "-c", GROW_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    yield p
-    p.stdin.close()
-    p.wait(timeout=60)
+    yield from helpers.line_worker(GROW_WORKER)
 
 
 @pytest.fixture(scope="module")

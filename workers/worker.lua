@@ -48,7 +48,6 @@ end
 --- its rate (tools/bench/async_roundtrip.py, 16.6M -> 6.0M round trips/s).
 pcall(ffi.cdef, "int open(const char *path, int flags); int close(int fd);")
 local FD_EVERY, FD_GC, FD_TASKS = 16, 256, 4096
-M.FD_GC = FD_GC
 local function lowest_free_fd()
   local fd = ffi.C.open("/dev/null", 0)
   if fd >= 0 then ffi.C.close(fd) end
@@ -64,7 +63,6 @@ local function count_opens()
   end
   return function() local n = opens; opens = 0; return n end
 end
-M.count_opens = count_opens
 
 local function collect_unclosed(limit)
   local fd = lowest_free_fd()
