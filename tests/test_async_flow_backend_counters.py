@@ -74,8 +74,10 @@ SG = 'TrisulPlugin = { id = { name = "sg watches" },\n' \
 
 
 def model() -> dict:
-    """{(bucket, meter): value} the plug-in's meters must hold, from the capture's TCP packets (k = 1..1043)."""
-    _, tcp = packet_times_us(CAPTURE)
+    """{(bucket, meter): value} the plug-in's meters must hold, from the capture's TCP packets (k = 1..1043).  The
+    RUNNING_COUNTER (meter 3) carries over: its total is also stored in every later second with packets of any kind
+    (docs/plugins.md "Counters")."""
+    every, tcp = packet_times_us(CAPTURE)
     assert len(tcp) == 1043
     per = collections.defaultdict(list)
     for k, t in enumerate(tcp, 1):
@@ -88,6 +90,11 @@ def model() -> dict:
                     (b, 4): sum(ks) / len(ks), (b, 5): b - (b if prev is None else prev), (b, 6): max(ks),
                     (b, 7): min(ks)})
         prev = b
+    running = sorted((b, v) for (b, m), v in out.items() if m == 3)
+    for b in {t // 1_000_000 for t in every} - set(per):
+        before = [v for s, v in running if s < b]
+        if before:
+            out[(b, 3)] = before[-1]
     return out
 
 

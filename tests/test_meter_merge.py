@@ -22,7 +22,7 @@ from luaprobe.engine.store.writer import StoreWriter
 from luaprobe.shm.luajit import new_runtime
 
 from .helpers import PCAPS
-from .test_fastpath import G_TCP, cli
+from .test_fastpath import G_TCP, G_UDP, cli
 
 PCAP = os.path.join(PCAPS, "trisul-16minutes.pcap")
 URL_GROUP = "{0E3C5A20-7D5B-4C7A-9E55-31B1D2A6C001}"
@@ -329,10 +329,10 @@ TrisulPlugin = {{
 def test_shards_write_running_totals_in_every_bucket(tmp_path):
     """--shards 1, 2, 3 over trisul-tutorial.pcap, a RUNNING_COUNTER per TCP packet in 1 s buckets: every second with
     a TCP frame (tshark) stores the running count of TCP frames up to its end, and the COUNTER that second's count.
-    A shard's VM writes its running total also in buckets it had no update in (engine.lua take_counters,
-    _every_bucket), so the shards' parts add up; a sharded run may also store the total in a second with frames but
-    none of TCP (docs/scale.md), never elsewhere. Before the fix --shards 2 stored 67 (not 73) in 1516788085 and
-    494 (not 1043) at the end: a shard without an update in a bucket wrote nothing there."""
+    A VM writes its running total also in buckets it had no update in (engine.lua take_counters, open_running), so
+    the shards' parts add up; a run may also store the total in a second with frames but none of TCP (docs/scale.md),
+    never elsewhere, and 1, 2 and 3 shards store the same rows. Before the fix --shards 2 stored 67 (not 73) in
+    1516788085 and 494 (not 1043) at the end: a shard without an update in a bucket wrote nothing there."""
     times = [t.split("\t") for t in subprocess.run(
         ["tshark", "-r", TUTORIAL, "-T", "fields", "-e", "frame.time_epoch", "-e", "tcp.srcport"],
         capture_output=True, text=True, check=True).stdout.splitlines()]
@@ -346,6 +346,7 @@ def test_shards_write_running_totals_in_every_bucket(tmp_path):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "running.lua").write_text(RUN_PLUGIN)
+    runs = {}
     for n in ("1", "2", "3"):
         out = tmp_path / f"s{n}"
         r = cli("run", str(plugins), "--pcap", TUTORIAL, "--out", str(out), "-q", "--shards", n)
@@ -358,5 +359,46 @@ def test_shards_write_running_totals_in_every_bucket(tmp_path):
         extra = set(running) - set(model)
         assert extra <= seconds, n
         assert all(running[b] == max(v for s, v in model.items() if s <= b) for b in extra), n
-        if n == "1":
-            assert not extra
+        runs[n] = got
+    assert runs["1"] == runs["2"] == runs["3"]
+
+
+def _running_plugin(name: str, proto: str) -> str:
+    """A simplecounter on `proto` adding 1 per packet to RUN_GROUP's key "all", meter 0 (RUNNING_COUNTER)."""
+    return RUN_PLUGIN.replace("tcp running total", name).replace(G_TCP, proto).replace(
+        '      engine:update_counter("' + RUN_GROUP + '", "all", 1, 1)\n', "")
+
+
+def test_several_vms_write_running_totals_in_every_bucket(tmp_path):
+    """Two plug-ins (a TCP and a UDP simplecounter, two VMs of one fast path) feed one RUNNING_COUNTER key in 1 s
+    buckets over trisul-tutorial.pcap: every second with a TCP or UDP frame (tshark, ICMP errors' quoted headers not
+    counted) stores the running count of those frames up to its end, the parts of the two VMs added.  Each VM
+    writes its total also in a bucket it had no update in (engine.lua take_counters, open_running), so a
+    second may also hold the total without an update (a second with frames), never a smaller one.  Before: the last
+    second stored 51 (the UDP VM's total only; the TCP VM had no packet there), not 1094, and the totals went down
+    from 1048 to 1037 after 1516788105."""
+    rows = [t.split("\t") for t in subprocess.run(
+        ["tshark", "-r", TUTORIAL, "-Y", "not icmp and not icmpv6", "-T", "fields", "-e", "frame.time_epoch",
+         "-e", "tcp.srcport", "-e", "udp.srcport"], capture_output=True, text=True, check=True).stdout.splitlines()]
+    per = collections.Counter(int(t[0].split(".")[0]) for t in rows if t[1] or t[2])
+    seconds = {int(t.split("\t")[0].split(".")[0]) for t in subprocess.run(
+        ["tshark", "-r", TUTORIAL, "-T", "fields", "-e", "frame.time_epoch"], capture_output=True, text=True,
+        check=True).stdout.splitlines()}
+    model, total = {}, 0
+    for b in sorted(per):
+        total += per[b]
+        model[b] = total
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "tcp.lua").write_text(_running_plugin("tcp running total", G_TCP))
+    (plugins / "udp.lua").write_text(_running_plugin("udp running total", G_UDP))
+    out = tmp_path / "out"
+    r = cli("run", str(plugins), "--pcap", TUTORIAL, "--out", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True) as db:
+        running = {b: v for (b, k, m), v in stored(db, RUN_GROUP).items() if m == 0}
+    assert total == 1094
+    assert {b: running.get(b) for b in model} == model
+    extra = set(running) - set(model)
+    assert extra <= seconds
+    assert all(running[b] == max(v for s, v in model.items() if s <= b) for b in extra)

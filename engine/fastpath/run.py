@@ -635,8 +635,6 @@ class FastPath:
             rt.unload(vm)
             return None
         vm.take_counters = method(vm.lua, "take_counters")
-        if self.cfg.shard:                    # RUNNING_COUNTER totals in every bucket (engine.lua take_counters)
-            vm.lua.eval("function(e) e._every_bucket = true end")(vm.host.engine)
         if self.origin_tus is not None:       # loaded during the run (a reload): its onload tasks get the second now
             vm.set_origin(max(self.origin_tus, (self.sec or 0) * 1_000_000))
         vm.take_outputs = method(vm.lua, "take_outputs")
@@ -673,7 +671,7 @@ class FastPath:
             for s in range(first, sec + 1):
                 self._second(s)
         self.sec = sec
-        self._collect(sec)
+        self._collect(sec, tick=True)
         while self._exported(self.driver_expire(self.driver, sec)) == self.driver.exp_cap:
             pass
 
@@ -696,7 +694,7 @@ class FastPath:
         if "counters" in names:
             self._write("counter_groups", analyser_group_rows())
 
-    def _collect(self, now, instances=None) -> None:
+    def _collect(self, now, instances=None, tick: bool = False) -> None:
         """Move counters of closed buckets (all when now is None) and other outputs to the writer: of the
         analysers and every instance, or of ``instances`` only (a replaced backend, _retire_step)."""
         if self.analysers is not None and instances is None:
@@ -707,7 +705,7 @@ class FastPath:
         for inst in self.instances if instances is None else instances:
             vm = inst.vm
             eng = vm.host.engine
-            rows = vm.take_counters(eng, now)
+            rows = vm.take_counters(eng, now, tick)
             counters += [tuple(r.values()) for r in rows.values()]
             out = vm.take_outputs(eng)
             for kind in ("alerts", "resources", "key_info", "edges"):

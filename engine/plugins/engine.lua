@@ -56,9 +56,6 @@ function M.new(opts)
     _hold = false,          -- function() -> the earliest second a pending T.async task's onresult may write in, or
                             -- nil (Async:set_engine: Async:hold_sec); take_counters closes no bucket holding it
     _closed = 0,            -- counter buckets ending at or before this second are written out (take_counters)
-    _every_bucket = false,  -- a shard's VM (engine/fastpath/run.py): take_counters(now) opens the bucket of `now` in
-                            -- every group with RUNNING_COUNTER totals it updated, so they are written for every bucket with a
-                            -- packet in any shard (docs/scale.md "Outputs merged exactly")
     counters = {},          -- [GUID][bucket][meter][key] = value ; [-1-meter][key] = the meter's second value
     _cur = {},              -- [GUID] = { now, bt = counters[GUID][bucket of now], vt = the group's vartypes }
     rows = nil,
@@ -301,21 +298,23 @@ local function closed_value(self, g, key, aux, meter, v, vt, bs)
   return v
 end
 
---- A shard's VM: the bucket of second `now` (empty if new) in each group it updated that declares a RUNNING_COUNTER
---- meter, so take_counters writes this VM's running totals there when it closes (oldest bucket first: the totals
---- of the buckets before), whether or not this shard updates the group in it (another may). A bucket that closes
---- while the VM carries no total of the group writes nothing.
+--- The bucket of second `now` (empty if new) in each group that declares a RUNNING_COUNTER meter, so take_counters
+--- writes this VM's running totals there when it closes (oldest bucket first: the totals of the buckets before),
+--- whether or not this VM updates the group in it: a running total carries over (docs/plugins.md "Counters"), and
+--- with several VMs (plug-ins, a script's frontend and backend instances, shards) feeding one key, the parts add up
+--- to the total only if each VM writes its own in every bucket.  Which buckets open depends on packet time only:
+--- every declared group, not the groups updated so far (a T.async result may arrive before or after the second
+--- ticks).  A bucket that closes while the VM carries no total of the group writes nothing.
 local function open_running(self, now)
-  for g, gt in pairs(self.counters) do
-    local grp = self._groups[g]
-    if grp ~= nil then
-      for _, vt in pairs(grp.vartypes) do
-        if vt == 3 then
-          local bs = grp.bucketsize or 60
-          local b = now - now % bs
-          if gt[b] == nil and b + bs > self._closed then gt[b] = {} end    -- a written bucket is never reopened
-          break
-        end
+  for g, grp in pairs(self._groups) do
+    for _, vt in pairs(grp.vartypes or NO_VARTYPES) do
+      if vt == 3 then
+        local bs = grp.bucketsize or 60
+        local b = now - now % bs
+        local gt = self.counters[g]
+        if gt == nil then gt = {}; self.counters[g] = gt end
+        if gt[b] == nil and b + bs > self._closed then gt[b] = {} end    -- a written bucket is never reopened
+        break
       end
     end
   end
@@ -334,10 +333,12 @@ end
 --- second part of a written one
 --- (a RUNNING_COUNTER part holds the VM's whole running total: two parts of one VM would count it twice).  The runs
 --- take all only when no result can come any more (engine/fastpath/run.py: after the drain, a retired backend).
---- In a shard (self._every_bucket) a call with `now` also opens the bucket of `now` in every group with a
---- RUNNING_COUNTER meter this VM updated: every shard ticks every packet-time second of the input (TIME records,
---- docs/scale.md), so each writes its totals for every bucket any shard updates, and the parts' sum is the total.
-function Engine:take_counters(now)
+--- `tick` true (the call of a packet-time second's tick, engine/fastpath/run.py _tick, with `now` that second): also
+--- opens the bucket of `now` in every group with a RUNNING_COUNTER meter (open_running): every VM ticks every
+--- packet-time second with packets (every shard too: TIME records, docs/scale.md), so each writes its totals for
+--- every bucket any VM updates, and the parts' sum is the total; never in a bucket without packets (a window end's
+--- call is no tick).
+function Engine:take_counters(now, tick)
   local out, n = {}, 0
   local cut = now
   if now ~= nil then
@@ -385,7 +386,7 @@ function Engine:take_counters(now)
     end
   end
   if now == nil and self._closed > self._t.floor then self._t.floor = self._closed end
-  if now ~= nil and self._every_bucket then open_running(self, now) end
+  if tick then open_running(self, now) end
   return out
 end
 
