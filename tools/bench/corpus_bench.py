@@ -28,11 +28,16 @@ What is timed (the same for every cell):
   Python interpreter's start-up and imports (~0.3 s), which the wall column shows.  (The
   summary's ``elapsed_s`` stops earlier, before the writer's last rows and the close.)
 * **wall** — the whole ``luaprobe run`` process, start-up included.
-* **walk** — a LuaJIT loop in this process over the same file, mapped in memory: each packet is
+* **walk** — a LuaJIT loop over the same file, mapped in memory: each packet is
   decoded with luaprobe's decoder and a Lua hook counts TCP destination ports in a table
   (``hval``-like work).  No ring, no flow table, no second process, no database: the practical
-  upper bound of a per-packet Lua loop on this machine.  Median of --runs walks after one
-  warm-up walk; the file is in the page cache for both.
+  upper bound of a per-packet Lua loop on this machine.  In each of :data:`WALK_PROCESSES` fresh processes,
+  the median of --runs walks after one warm-up walk (the file is in the page cache for all); the column is the
+  median of those processes' medians.  One process is not enough: which trace tree LuaJIT builds for the walk
+  depends on where its bytecode lands (hot counters are a 64-slot hash of bytecode addresses), which changes
+  from process to process, not between VMs of one process; on small-few about one process in 16 compiles the
+  port count for a known port and walks at ~66M packets/s against ~39M for the others, and a single-process gauge
+  moved a cell's ratio by 1.7x from one table to the next (docs/benchmarks.md, 2026-12-01 session 17).
 * **RSS** — the largest peak resident set of the ``luaprobe run`` process and the processes it
   waited for (``wait4``'s ``ru_maxrss``: a maximum over the processes, not a sum), MB; the capture
   process's count includes the pages of the mapped capture file it has read.  The run is started by a
@@ -89,7 +94,26 @@ end
 HEAVY = {"flows-1m": ("empty",)}
 
 
+#: fresh processes the walk gauge runs in (see the module doc, "walk")
+WALK_PROCESSES = 5
+
+
+def walk_gauge(path: str, runs: int, processes: int = WALK_PROCESSES) -> tuple[int, list[float]]:
+    """(packets, [packets/s of each process: the median of its --runs walks]) of :func:`walk_rates` run in
+    `processes` fresh Python processes, one after the other."""
+    code = ("import json, statistics, sys; from tools.bench.corpus_bench import walk_rates; "
+            "n, r = walk_rates(sys.argv[1], int(sys.argv[2])); print(json.dumps([n, statistics.median(r)]))")
+    n, medians = 0, []
+    for _ in range(processes):
+        out = subprocess.run([sys.executable, "-c", code, path, str(runs)], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout
+        n, med = json.loads(out)
+        medians.append(med)
+    return n, medians
+
+
 def walk_rates(path: str, runs: int) -> tuple[int, list[float]]:
+    """(packets, [packets/s of each of `runs` walks]) in this process, after one warm-up walk."""
     from luaprobe.engine.capture.pcapfile import open_capture
     from luaprobe.shm.luajit import new_runtime
     walk = new_runtime().execute(WALK)
@@ -201,11 +225,13 @@ def main(argv=None) -> int:
          "| after warm-up | engine median | wall median | walk median | loop / walk | engine / walk | RSS MB |")
     emit("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     res = {}                                  # (traffic, plug-in) -> cell() result + walk median
+    walks = []                                # the walk gauge's processes, per traffic shape
     with tempfile.TemporaryDirectory(prefix="lp-bench-") as work:
         for c in traffic:
             path = corpus.make(c, a.quick)
-            n, walk = walk_rates(path, a.runs)
+            n, walk = walk_gauge(path, a.runs)
             wmed = statistics.median(walk)
+            walks.append(f"{c} {fmt(min(walk))} / {fmt(wmed)} / {fmt(max(walk))}")
             for s in plugins:
                 if a.quick and c in HEAVY and s not in HEAVY[c]:
                     continue
@@ -224,7 +250,8 @@ def main(argv=None) -> int:
             f"start and {os.getloadavg()[0]:.1f} at the end; {a.runs} runs per cell; "
             f"{'--quick' if a.quick else 'full'} corpus.")
     print("\n" + note)
-    goals = goal_lines(res)
+    goals = goal_lines(res) + [f"* walk gauge, {WALK_PROCESSES} processes' medians, min / median / max: "
+                               + ", ".join(walks)]
     print("\n".join(["", *goals]))
     if a.doc:
         write_doc(a.doc, note, out + [""] + goals)
