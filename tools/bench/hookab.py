@@ -5,8 +5,8 @@
 
 SPEC is ``ENGINE_DIR`` or ``ENGINE_DIR|PRELUDE|BODY``: ENGINE_DIR a copy of ``engine/`` whose Lua modules the
 run loads (``-``: this checkout's; tools/bench/hookwalk.py ``use_engine_dir``), and a TCP (``--layer udp``: UDP)
-simplecounter with that prelude and ``onpacket`` body (tools/bench/shapes.py ``_simple``), or without them the
-``flowstate`` shape.  Each run is ``hookcost.one_run`` (``FastPath`` in-process over the --quick corpus capture:
+simplecounter with that prelude and ``onpacket`` body (tools/bench/shapes.py ``_simple``; ``-||`` is the empty hook),
+or without them the ``flowstate`` shape.  Each run is ``hookcost.one_run`` (``FastPath`` in-process over the --quick corpus capture:
 capture process, driver, the plug-in VM, SQLite writer) in a new Python process, so no run inherits another's
 heap, traces or page cache of the VM; the variants run in turn, the order reversed every other round.  Prints each
 run, then per variant min / median / max of the packet loop's CPU per packet (``packet_loop_cpu_s``, the corpus
@@ -35,7 +35,7 @@ CHILD = r'''
 import json, os, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 from tools.bench import corpus, hookcost, shapes
-eng, pre, body, corp, layer = sys.argv[2:7]
+eng, kind, pre, body, corp, layer = sys.argv[2:8]
 if eng != "-":
     from tools.bench.hookwalk import use_engine_dir
     use_engine_dir(eng)
@@ -50,7 +50,7 @@ runmod.FastPath.run = run
 with tempfile.TemporaryDirectory(prefix="lp-hookab-") as d:
     pd = os.path.join(d, "plugins")
     os.makedirs(pd)
-    if body:
+    if kind == "body":
         with open(os.path.join(pd, "body.lua"), "w") as f:
             f.write(shapes._simple("body", layer, body, prelude=pre))
     else:
@@ -62,14 +62,15 @@ print(json.dumps(r))
 
 
 def parse(spec: str) -> tuple:
-    """'ENGINE_DIR[|PRELUDE|BODY]' -> (engine_dir, prelude, body); raises SystemExit on a bad spec."""
+    """'ENGINE_DIR[|PRELUDE|BODY]' -> (engine_dir, "body" or "flowstate", prelude, body); raises SystemExit on a bad
+    spec.  A spec with a prelude and body runs that hook even when the body is empty (``-||``: an empty hook)."""
     parts = spec.split("|", 2)
     if len(parts) == 2:
         raise SystemExit(f"hookab: {spec!r}: want ENGINE_DIR or ENGINE_DIR|PRELUDE|BODY")
     eng = parts[0]
     if eng != "-" and not os.path.isdir(eng):
         raise SystemExit(f"hookab: {eng}: not a directory")
-    return (eng, parts[1], parts[2]) if len(parts) == 3 else (eng, "", "")
+    return (eng, "body", parts[1], parts[2]) if len(parts) == 3 else (eng, "flowstate", "", "")
 
 
 def one(name: str, spec: tuple, corp: str, layer: str) -> dict:
