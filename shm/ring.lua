@@ -112,6 +112,8 @@ local ring_cur = ffi.typeof("lp_ring_cur")     -- the batch pop's cursor (pop_cu
 
 local M = {
   HEADER = 4096,            -- bytes before the data area
+  TAIL = 64,                -- byte offsets in the header of the producer's published position (u64) ...
+  HEAD = 128,               -- ... and of the consumer's released one (workers/pool.py reads both)
   MAGIC = 0x4C50524E47,     -- "LPRNG", small enough to be exact in a double
   PAD = 1,
   SPIN = 200,               -- polls before a waiter arms the doorbell
@@ -174,9 +176,9 @@ function M.attach(addr)
     cap = cap,
     mask = cap - 1,                     -- index = band(pos, mask)
     max_record = cap / 2 - 8,
-    tail_p = cast(u64p, base + 64),
+    tail_p = cast(u64p, base + M.TAIL),
     pushed_p = cast(u64p, base + 72),
-    head_p = cast(u64p, base + 128),
+    head_p = cast(u64p, base + M.HEAD),
     popped_p = cast(u64p, base + 136),
     data_bell = cast(u32p, base + 192),
     space_bell = cast(u32p, base + 256),

@@ -8,13 +8,14 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
 import psutil
 
 from tests import helpers
-from tests.test_async import drain, lst, open_gate, plugin, service_until
+from tests.test_async import BLOCKING, drain, luaprobe_records, lst, open_gate, plugin, service_until
 
 CHILD = r'''
 done, errs = {}, {}
@@ -213,3 +214,28 @@ def test_an_interrupted_worker_start_is_completed_by_the_next_task_and_leaks_no_
     vm.close()
     assert helpers.our_segments() - before == set()
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_a_stopped_idle_worker_with_tasks_waiting_is_replaced(runtime_factory, tmp_path, caplog):
+    """A worker stopped between tasks (SIGSTOP: an operator, a debugger) while tasks wait in its request ring is
+    replaced once it took none for task_timeout, as a hung task is; the waiting tasks run on the replacement, once
+    each, and none fails.  Before: the task timeout watches only a task under way, so the tasks waited for ever (and
+    in `luaprobe run` held their counter buckets open, docs/async.md "Time"): this drain timed out."""
+    caplog.set_level(logging.WARNING, logger="luaprobe")
+    path = plugin(tmp_path, BLOCKING)
+    rt = runtime_factory(workers=1, task_timeout=0.5)
+    vm = rt.load(path)
+    assert vm.exec("return quick('q0')") is True
+    drain(rt, vm)
+    pid = vm.pool.slots[0].proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    helpers.wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED)
+    for i in range(1, 6):
+        assert vm.exec(f"return quick('q{i}')") is True
+    st = drain(rt, vm, timeout=30)
+    assert (st["ok"], st["error"], st["timeout"]) == (6, 0, 0), st
+    assert sorted(lst(vm, "done")) == [f"done q{i}".encode() for i in range(6)]
+    assert lst(vm, "errs") == []
+    assert vm.pool.stalls == 1 and vm.pool.deaths == 0 and vm.pool.timeouts == 0
+    assert vm.pool.slots[0].proc.pid != pid and _gone(pid)
+    assert [r for r in luaprobe_records(caplog, "took no task") if "tasks waiting" in r]

@@ -30,7 +30,7 @@ _LAYOUT_LUA = """function()
   local ffi, P, ring = require("ffi"), require("luaprobe.workers.protocol"), require("luaprobe.shm.ring")
   local function off(f) return ffi.offsetof("lp_ctl", f) end
   return P.CONTROL, ring.HEADER, off("pid"), off("cur_task"), off("cur_start_ns"), off("tasks_done"),
-         off("exit_request"), off("state")
+         off("exit_request"), off("state"), P.CONTROL + ring.TAIL, P.CONTROL + ring.HEAD
 end"""
 
 
@@ -45,6 +45,8 @@ class ChannelLayout:
     tasks_done: int
     exit_request: int
     state: int            #: u32, 0 while the worker starts, 1 once its loop runs (workers/worker.lua M.loop)
+    req_tail: int         #: u64, the request ring's published position (the fast path's tasks)
+    req_head: int         #: u64, the request ring's released position (the worker took the tasks before it)
 
     @classmethod
     def read(cls, lua) -> "ChannelLayout":
@@ -117,6 +119,8 @@ class Slot:
     kill_reason: str | None = None      # set when we killed it on purpose
     timed_out_task: float = 0.0
     attached: bool = False              # formatted and known to the Lua side (Async:add_worker)
+    idle_mark: tuple | None = None      # (request ring head, tasks done) when it was first seen idle with tasks
+    idle_since: float = 0.0             #   waiting, and the time.monotonic() of that (_check_stalled)
 
 
 def _kill_group(pgid: int) -> None:
@@ -197,6 +201,7 @@ class WorkerPool:
         self.deaths = 0
         self.recycles = 0
         self.timeouts = 0
+        self.stalls = 0           #: workers replaced for taking no task while tasks waited (_check_stalled)
 
     # ----------------------------------------------------------- lifecycle
     def start(self) -> "WorkerPool":
@@ -297,7 +302,7 @@ class WorkerPool:
             if _exited(slot.proc):
                 self._lost(slot, _reap(slot.proc), now)
                 continue
-            if self._check_timeout(slot):
+            if self._check_timeout(slot) or self._check_stalled(slot, now):
                 continue
             if check_rss:
                 self._check_rss(slot)
@@ -315,6 +320,33 @@ class WorkerPool:
             self._lost(slot, _reap(slot.proc), time.monotonic())
             return True
         return False
+
+    def _check_stalled(self, slot: Slot, now: float) -> bool:
+        """A worker that runs no task while tasks wait in its request ring, and took none for task_timeout
+        seconds, is replaced as a hung task is: stopped (SIGSTOP, a debugger) or wedged between two tasks, it held
+        them (and with them the counter buckets of their schedule times, docs/async.md "Time") for ever, since
+        the task timeout only watches a task under way.  Its waiting tasks go to the replacement
+        (Async:worker_lost: redispatched, none lost, none run twice)."""
+        buf, lay = slot.channel.buf, self.layout
+        cur_task, _, done = self._control(slot)
+        tail, head = (struct.unpack_from("<Q", buf, off)[0] for off in (lay.req_tail, lay.req_head))
+        if cur_task or tail == head or struct.unpack_from("<I", buf, lay.state)[0] != 1:
+            slot.idle_mark = None
+            return False
+        if slot.idle_mark != (head, done):          # first seen idle with tasks waiting, or it took one since
+            slot.idle_mark, slot.idle_since = (head, done), now
+            return False
+        if now - slot.idle_since <= self.config.task_timeout:
+            return False
+        slot.kill_reason = (f"took no task for {now - slot.idle_since:.0f} s with tasks waiting (stopped or "
+                            f"wedged between tasks)")
+        log.warning("[%s] async worker %d (pid %d): %s; replacing it", os.path.basename(self.script), slot.k,
+                    slot.proc.pid, slot.kill_reason)
+        _kill_group(slot.proc.pid)
+        _exited(slot.proc, 5.0)
+        self.stalls += 1
+        self._lost(slot, _reap(slot.proc), time.monotonic())
+        return True
 
     def _check_rss(self, slot: Slot) -> None:
         try:
@@ -337,11 +369,14 @@ class WorkerPool:
         elif slot.timed_out_task:
             reason, is_timeout = ("worker killed: the task before this one timed out as it finished "
                                   f"({slot.kill_reason})"), False
+        elif slot.kill_reason and slot.kill_reason.startswith("took no task"):
+            reason, is_timeout = f"worker killed: it {slot.kill_reason}", False
         else:
             reason, is_timeout = f"worker died ({describe_exit(rc)})", False
         # bytes: a Python str would reach Lua as userdata (the VMs have no encoding), and onerror
         # would get an object it cannot concatenate instead of the message string
-        death = not (planned or slot.timed_out_task)     # logged below in one line, the failed task with it
+        stalled = bool(slot.kill_reason and slot.kill_reason.startswith("took no task"))   # logged at the kill
+        death = not (planned or slot.timed_out_task or stalled)   # logged below in one line, the failed task with it
         failed = self._worker_lost(self.async_obj, slot.k, reason.encode(), cur_task, is_timeout, death)
         slot.proc, slot.ps = None, None
         slot.restarts += 1

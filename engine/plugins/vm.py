@@ -138,6 +138,7 @@ class PluginVM:
         out["worker_deaths"] = pool.deaths if pool else 0
         out["worker_recycles"] = pool.recycles if pool else 0
         out["worker_timeouts"] = pool.timeouts if pool else 0
+        out["worker_stalls"] = pool.stalls if pool else 0
         return out
 
     def _requested_workers(self, host) -> int:
