@@ -41,7 +41,7 @@ function M.new(opts)
     ft = flowtable.new({ capacity = opts.capacity or 1048576, idle_timeout = opts.idle_timeout or 120,
                          active_timeout = opts.active_timeout or 1800, huge_pages = opts.huge_pages }),
     packets = 0, bytes = 0, truncated = 0, nonip = 0, released = 0,
-    big_records = false, touched = 0,   -- fill: touch the next records first (TOUCH_BYTES), the touches' result
+    touched = 0,            -- fill: the touches' result (Ring:touch_ahead), kept so the loads are
     sec = -1,               -- packet-time second of the current batch
     ctl_kind = nil, ctl_text = nil,
     tick_first = opts.tick_first,   -- fill stops before a later second's first packet (TIME): see fill
@@ -92,11 +92,6 @@ local function take_control(self, p, h, len)
   self.ring:advance(len)
 end
 
---- Mean ring bytes per packet of the last batch above which fill touches the next batch's records first
---- (Ring:touch_ahead): with smaller records the next headers share cache lines and the hardware prefetcher
---- streams them, and the touch loop only costs (issue 10: +11 ns/packet at 104 bytes per record).
-local TOUCH_BYTES = 192
-
 --- Fill the batch.  Returns the number of packets (0 when the ring is empty
 --- or a control record is next: then ctl_kind / ctl_text are set) and the
 --- batch's packet-time second (self.sec: one call from Python, not two).
@@ -114,10 +109,13 @@ function Driver:fill()
   if #self.renewed > 0 then self.renewed = {} end             -- the previous batch's renewed records
   local n, max = 0, self.nbatch
   local sec = self.sec
-  local head0 = r.head_local
-  -- records of a few hundred bytes: their headers are cache misses in series (each record's position is in the
-  -- previous one's header); touched first from the ring's prefetch hints, they overlap (issue 10, shm/ring.lua)
-  if self.big_records then self.touched = r:touch_ahead(max) end
+  -- the batch's records were written by the capture process on the other core: read one after the other they are
+  -- cache misses in series (each record's position is in the previous one's header); touched first from the ring's
+  -- prefetch hints (their first three cache lines), they overlap (issue 10, shm/ring.lua).  Records of any size:
+  -- until 2026-12-01 only batches of more than 192 ring bytes a packet, but dns (~175-byte records) loses ~10 ns a
+  -- packet of loop CPU without it and small-few (~105) ~1 (docs/benchmarks.md, "dns and small-few: the ring's
+  -- records touched whatever their size")
+  self.touched = r:touch_ahead(max)
   -- counters of the ring's packets, kept in the loop (no second pass over the batch); a datagram completed by
   -- IP reassembly is appended to the batch but is not a captured packet (its fragments were counted)
   local got, truncated, nonip, bytes = 0, self.truncated, self.nonip, self.bytes
@@ -176,7 +174,6 @@ function Driver:fill()
   ft:update_batch(b, n)
   self.truncated, self.nonip, self.bytes = truncated, nonip, bytes
   self.packets = self.packets + got
-  self.big_records = r.head_local - head0 > TOUCH_BYTES * n
   if self.nreasm then self:reasm_accounting() end
   return n, self.sec
 end

@@ -4,10 +4,11 @@ min/median/max of the engine's elapsed time, of its packet loop (first batch .. 
 loop's CPU time per packet (the summary's packet_loop_cpu_s: the fast path thread's CPU, less sensitive to load), and
 that plus the prefault helper thread's CPU (the summary's flow_prefault.cpu_s, 0 without one).
 
-    python tools/bench/ab_checkouts.py BEFORE_REPO AFTER_REPO CAPTURE [--rounds 6] [--shape empty]
+    python tools/bench/ab_checkouts.py BEFORE_REPO AFTER_REPO CAPTURE [--rounds 6] [--shape empty] [--layer udp]
 
 ``--shape NAME`` runs a plug-in shape of tools/bench/shapes.py (e.g. ``empty``: the corpus benchmark's empty TCP
-hook) instead of the dport counter.  The side that runs first alternates from round to round.
+hook) instead of the dport counter; ``--layer udp`` hooks its light shapes on UDP (the corpus's ``dns``, which
+carries no TCP: corpus_bench.py does the same).  The side that runs first alternates from round to round.
 
 Each repo needs its own `.venv` with luaprobe installed (`pip install -e .`).  Alternating the two sides
 spreads a busy machine's noise over both; compare medians, not single runs.
@@ -50,12 +51,13 @@ def main(argv=None) -> int:
     ap.add_argument("capture")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--shape", help="a plug-in shape of tools/bench/shapes.py instead of the dport counter")
+    ap.add_argument("--layer", default="tcp", choices=("tcp", "udp"), help="transport of --shape's light hooks")
     a = ap.parse_args(argv)
     res = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as work:
         if a.shape:
             from tools.bench import shapes
-            plugin = shapes.write(a.shape, os.path.join(work, "plugins"))
+            plugin = shapes.write(a.shape, os.path.join(work, "plugins"), layer=a.layer)
         else:
             plugin = os.path.join(work, "dport.lua")
             open(plugin, "w").write(plugin_text())
