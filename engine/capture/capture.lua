@@ -160,12 +160,62 @@ function M.refill_slack(r)
   return r.cap / 4
 end
 
+pcall(ffi.cdef, "int madvise(void *addr, size_t len, int advice);")
+local MADV_POPULATE_READ = 22                    -- Linux >= 5.14 (include/uapi/asm-generic/mman-common.h)
+local PAGE = 4096
+
+--- Mapping a capture file's pages ahead of the reader while the loop would sleep for ring space.  Left to the copy, a
+--- mapped file's pages come into the capture process by minor faults, one per 64 KiB (fault-around), and the copy of
+--- mixed-zipf then took 133-173 ns a packet in the pipeline against 93-117 for pages mapped before (docs/benchmarks.md
+--- "The fast path waits for the capture process", session 17): slower than the fast path reading the ring (~110), which
+--- slept on an empty ring.  When the packet ring is full (the fast path still starting up, or busy) the loop used to
+--- sleep until a quarter of it was free (the refill slack); it now first maps the file's next AHEAD_CHUNK bytes
+--- (madvise MADV_POPULATE_READ, ~320 ns a 4 KiB page, this thread), chunk after chunk, up to AHEAD_WINDOW bytes past
+--- the reader, and sleeps only once those are mapped or the ring has that room.  Only in time the loop would have
+--- slept: mapped in line, a chunk before the copy reaches it, the cold copy got slower (mixed-zipf 108 -> 116 ns a
+--- packet, http 188 -> 201), and on a helper thread of its own, slower still (docs/benchmarks.md, session 16).
+M.AHEAD_CHUNK = 1048576
+M.AHEAD_WINDOW = 256 * 1048576
+--- Bytes mapped ahead and madvise calls, this process (engine/capture/process.py; tests).
+M.ahead_bytes, M.ahead_calls = 0, 0
+
+--- Map the next chunk of reader rd's file, if less than `lead` bytes past its offset are mapped (rd.ahead: the file
+--- offset mapped up to; nil: not a mapped file, or the kernel refused once: EINVAL before Linux 5.14, EFAULT for a
+--- file cut under us, ...: the loop's reads then fault the pages in as before).  Returns true when it mapped a chunk.
+local function map_ahead(rd, lead)
+  local from = rd.ahead
+  if from == nil then return false end
+  local off = rd.offset
+  if from < off then from = off - off % PAGE end      -- the reader went past what was mapped ahead
+  local limit = math.min(rd.size, off + lead)
+  if from >= limit then rd.ahead = from; return false end
+  local len = math.min(M.AHEAD_CHUNK, limit - from)
+  if C.madvise(cast("void *", rd.base + from), len, MADV_POPULATE_READ) ~= 0 then
+    rd.ahead = nil
+    return false
+  end
+  local to = from + len
+  to = to + (PAGE - to % PAGE) % PAGE                 -- madvise maps whole pages; the next call starts page-aligned
+  rd.ahead = to
+  M.ahead_bytes, M.ahead_calls = M.ahead_bytes + to - from, M.ahead_calls + 1
+  return true
+end
+M.map_ahead = map_ahead
+
 --- Reserve n bytes in ring r, waiting for space (publishing first: r's own records, or with `all`, the sharder r
---- belongs to, every ring's, so that no other shard sleeps on records it cannot see while this waits).
-local function reserve(r, n, stop, slack, all)
+--- belongs to, every ring's, so that no other shard sleeps on records it cannot see while this waits).  `rd`
+--- (optional): the mapped file's reader, whose pages are mapped ahead (map_ahead) while the ring has less than
+--- `slack` bytes more than the record free, before the loop sleeps.
+local function reserve(r, n, stop, slack, all, rd)
   local p = r:reserve(n)
   while p == nil do
     if all then all:flush() else r:publish() end
+    if rd ~= nil then
+      local want = r:footprint(n) + math.min(slack, r.cap - r:footprint(n))
+      while r:free_bytes() < want and map_ahead(rd, M.AHEAD_WINDOW) do
+        if stop() then return nil end
+      end
+    end
     r:wait_space(n, 50e6, slack)
     if stop() then return nil end
     p = r:reserve(n)
@@ -292,6 +342,7 @@ local function grow(rd, fd)
   if rd.grown then C.munmap(rd.grown, rd.grown_size) end
   rd.grown, rd.grown_size = a, now
   rd.base, rd.size, rd.error, rd.error_offset = cast("const uint8_t *", a), now, nil, nil
+  if rd.ahead then rd.ahead = 0 end     -- a new mapping: nothing of it mapped ahead yet
   return true
 end
 
@@ -380,7 +431,7 @@ local function push(r, rd, stop, fd)
     local p = rr:reserve(REC + caplen)
     if p == nil then
       if not settle(true) then break end      -- the file's records are checked and published before the wait
-      p = reserve(rr, REC + caplen, stop, slack)
+      p = reserve(rr, REC + caplen, stop, slack, nil, fd and rd)
       if p == nil then stopped = true; break end
     end
     local h = cast(recp, p)
@@ -454,6 +505,7 @@ function M.file(r, addr, size, stop, fd, grows)
   end
   rd.header_end = rd.offset
   rd.grows = fd ~= nil and grows == true
+  rd.ahead = 0                            -- map_ahead: mapped ahead up to this file offset
   local res = { pcall(push, r, rd, stop, fd) }
   if fd then S.lp_cutguard_arm(nil, 0, -1) end
   if rd.grown then C.munmap(rd.grown, rd.grown_size); rd.grown = nil end

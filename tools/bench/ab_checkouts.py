@@ -2,7 +2,10 @@
 TCP dport counter) run alternately by each checkout's own venv, N rounds; prints each run and
 min/median/max of the engine's elapsed time, of its packet loop (first batch .. last batch walked) and of the
 loop's CPU time per packet (the summary's packet_loop_cpu_s: the fast path thread's CPU, less sensitive to load), and
-that plus the prefault helper thread's CPU (the summary's flow_prefault.cpu_s, 0 without one).
+that plus the prefault helper thread's CPU (the summary's flow_prefault.cpu_s, 0 without one), the loop's spread
+(max / min of packet_loop_s) and the fast path thread's voluntary context switches in the loop (the summary's
+packet_loop_rusage.nvcsw: mostly its sleeps on an empty packet ring, waiting for the capture process), and the CPU
+time of the run's whole process tree (run CPU s: the CLI, the capture process, the store writer, start-up included).
 
     python tools/bench/ab_checkouts.py BEFORE_REPO AFTER_REPO CAPTURE [--rounds 6] [--shape empty] [--layer udp]
 
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,14 +38,18 @@ def plugin_text() -> str:
 
 
 def run_once(repo: str, capture: str, plugin: str, work: str) -> dict:
+    """One run's summary, with ``run_cpu_s``: the CPU time (user + system) of the run's whole process tree (the CLI,
+    its capture process, store writer and workers: every descendant reaped), start-up and export included."""
     out, stats = os.path.join(work, "out"), os.path.join(work, "stats.json")
     subprocess.run(["rm", "-rf", out], check=True)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([os.path.join(repo, ".venv", "bin", "python"), "-m", "luaprobe.engine.daemon.cli", "run",
                         plugin, "--pcap", capture, "--out", out, "--stats-json", stats, "-q"],
                        cwd=repo, capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"{repo}: exit {p.returncode}: {p.stderr.strip()}")
-    return json.load(open(stats))
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {**json.load(open(stats)), "run_cpu_s": r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime}
 
 
 def main(argv=None) -> int:
@@ -69,19 +77,25 @@ def main(argv=None) -> int:
                 ns = cpu / s["packets"] * 1e9 if cpu else None
                 helper = (s.get("flow_prefault") or {}).get("cpu_s", 0.0)     # the prefault helper thread's CPU
                 both = (cpu + helper) / s["packets"] * 1e9 if cpu else None
-                res[side].append((s["elapsed_s"], s.get("packet_loop_s"), s["packets"], ns, both))
+                nvcsw = (s.get("packet_loop_rusage") or {}).get("nvcsw")
+                res[side].append((s["elapsed_s"], s.get("packet_loop_s"), s["packets"], ns, both, nvcsw, s["run_cpu_s"]))
                 print(side, r, "elapsed_s", s["elapsed_s"], "packet_loop_s", s.get("packet_loop_s"),
                       "loop CPU ns/packet", ns and round(ns), "loop + prefault helper CPU", both and round(both),
-                      flush=True)
+                      "loop nvcsw", nvcsw, "run CPU s", round(s["run_cpu_s"], 3), flush=True)
     for side, v in res.items():
         el = [x[0] for x in v]
         pl = [x[1] for x in v if x[1]]
         ns = [x[3] for x in v if x[3]]
         both = [x[4] for x in v if x[4]]
-        print(f"{side}: {v[0][2]} packets  elapsed_s min/median/max {min(el)}/{statistics.median(el)}/{max(el)}"
-              + (f"  packet_loop_s {min(pl)}/{statistics.median(pl)}/{max(pl)}" if pl else "")
+        cs = [x[5] for x in v if x[5] is not None]
+        rc = [x[6] for x in v]
+        print(f"{side}: {v[0][2]} packets  elapsed_s min/median/max {min(el)}/{round(statistics.median(el), 3)}/{max(el)}"
+              + (f"  packet_loop_s {min(pl)}/{round(statistics.median(pl), 4)}/{max(pl)} (spread {max(pl) / min(pl):.2f})"
+                 if pl else "")
               + (f"  loop CPU ns/packet {min(ns):.0f}/{statistics.median(ns):.0f}/{max(ns):.0f}" if ns else "")
-              + (f"  loop + helper CPU {min(both):.0f}/{statistics.median(both):.0f}/{max(both):.0f}" if both else ""))
+              + (f"  loop + helper CPU {min(both):.0f}/{statistics.median(both):.0f}/{max(both):.0f}" if both else "")
+              + (f"  loop nvcsw {min(cs)}/{statistics.median(cs):g}/{max(cs)}" if cs else "")
+              + f"  run CPU s {min(rc):.3f}/{statistics.median(rc):.3f}/{max(rc):.3f}")
     return 0
 
 
