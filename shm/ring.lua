@@ -14,6 +14,8 @@ Layout of a ring (offsets from the ring base, all little-endian):
     192  data bell   {sleepers u32, seq u32}  the consumer sleeps here
     256  space bell  {sleepers u32, seq u32}  the producer sleeps here
     264  want   u64  the head position a sleeping producer waits for (refill slack, below)
+    320  ahead  u64  bytes of its input file the producer mapped while this ring was full
+                     (statistic: engine/capture/capture.lua map_ahead; Ring:mapped_ahead)
     16   hint slots u64  0, or the number of prefetch hint slots (below)
     4096 data area, `capacity` bytes
     4096 + capacity  hints: `hint slots` u32 (only in a ring formatted with hints)
@@ -183,6 +185,7 @@ function M.attach(addr)
     data_bell = cast(u32p, base + 192),
     space_bell = cast(u32p, base + 256),
     want_p = cast(u64p, base + 264),
+    ahead_p = cast(u64p, base + 320),
     hint = nil,                         -- prefetch hints (module doc): u32 per record, or nil
     hint_mask = 0,
   }, Ring)
@@ -520,6 +523,12 @@ end
 --- the space bell): the space bell's sequence word, modulo 2^32.
 function Ring:space_wakes()
   return C.lp_load32(self.space_bell + 1)
+end
+
+--- Bytes of its input file the producer mapped ahead while waiting for space in this ring (a statistic the capture
+--- process stores, engine/capture/capture.lua map_ahead; 0 for every other producer).
+function Ring:mapped_ahead()
+  return tonumber(C.lp_load(self.ahead_p))
 end
 
 M.Ring = Ring

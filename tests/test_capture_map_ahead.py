@@ -3,7 +3,8 @@
 capture.file walks an 8 MiB capture file into a 64 KiB packet ring nobody reads, so the ring is full after ~60
 records and the loop would sleep for space.  The truth is the kernel's: /proc/self/smaps ``Rss`` of the file's
 mapping (pages mapped into this process), against what the copy itself read (~60 records of 1 000 bytes, plus the
-kernel's fault-around of 64 KiB).  ``stop()`` is the loop's own stop check: it is called after every chunk mapped
+kernel's fault-around of 64 KiB).  The loop also adds the bytes up in the ring's header (Ring:mapped_ahead, the run
+summary's ``packet_ring_mapped_ahead_mb``).  ``stop()`` is the loop's own stop check: it is called after every chunk mapped
 ahead and after every sleep for space, so the number of calls fixes how far the loop got; no timing is involved.
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ WALK = """function(addr, size, fd, calls, window)
   capture.ahead_bytes, capture.ahead_calls = 0, 0
   local k = 0
   local n, bytes, err, off, stopped = capture.file(r, addr, size, function() k = k + 1; return k >= calls end, fd)
-  return n, stopped, capture.ahead_bytes, capture.ahead_calls, buf
+  return n, stopped, capture.ahead_bytes, capture.ahead_calls, r:mapped_ahead(), buf
 end"""
 
 
@@ -67,7 +68,8 @@ def capture_file(tmp_path_factory):
 def walk(path, calls, window):
     lua = new_runtime()
     with open_capture(path) as c:
-        n, stopped, ahead, madvises, _buf = lua.eval(WALK)(c.address, c.size, c.fd, calls, window)
+        n, stopped, ahead, madvises, in_header, _buf = lua.eval(WALK)(c.address, c.size, c.fd, calls, window)
+        assert in_header == ahead                # the ring's header counter (the run summary's mapped-ahead MiB)
         return int(n), stopped, int(ahead), int(madvises), mapping_rss(c.address)
 
 

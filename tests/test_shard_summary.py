@@ -31,7 +31,8 @@ CAPTURES = ["trisul-tutorial.pcap", "mix-eth-tls-http-dns.pcap", "vlan-mpls-mixe
             "trisul-16minutes.pcap"]
 TIMINGS = {"elapsed_s", "closed_s", "packet_loop_s", "packet_loop_cpu_s", "packet_loop_rusage", "packet_loop_warmup"}
 #: the work of each fast-path process (N of them), not of the traffic: pages prefaulted, ring wakes, CPU pinning
-PER_PROCESS = {"flow_prefault", "packet_ring_space_wakes", "cpus_pinned", "flow_table_pages"}
+PER_PROCESS = {"flow_prefault", "packet_ring_space_wakes", "packet_ring_mapped_ahead_mb", "cpus_pinned",
+               "flow_table_pages"}
 SHARDED_ONLY = {"shards", "shard_deaths", "packets_read", "packets_lost", "store_rows_lost"}
 
 

@@ -181,38 +181,43 @@ M.ahead_bytes, M.ahead_calls = 0, 0
 
 --- Map the next chunk of reader rd's file, if less than `lead` bytes past its offset are mapped (rd.ahead: the file
 --- offset mapped up to; nil: not a mapped file, or the kernel refused once: EINVAL before Linux 5.14, EFAULT for a
---- file cut under us, ...: the loop's reads then fault the pages in as before).  Returns true when it mapped a chunk.
+--- file cut under us, ...: the loop's reads then fault the pages in as before).  Returns the bytes it mapped (whole
+--- pages), 0 when the window is mapped or mapping is off.
 local function map_ahead(rd, lead)
   local from = rd.ahead
-  if from == nil then return false end
+  if from == nil then return 0 end
   local off = rd.offset
   if from < off then from = off - off % PAGE end      -- the reader went past what was mapped ahead
   local limit = math.min(rd.size, off + lead)
-  if from >= limit then rd.ahead = from; return false end
+  if from >= limit then rd.ahead = from; return 0 end
   local len = math.min(M.AHEAD_CHUNK, limit - from)
   if C.madvise(cast("void *", rd.base + from), len, MADV_POPULATE_READ) ~= 0 then
     rd.ahead = nil
-    return false
+    return 0
   end
   local to = from + len
   to = to + (PAGE - to % PAGE) % PAGE                 -- madvise maps whole pages; the next call starts page-aligned
   rd.ahead = to
   M.ahead_bytes, M.ahead_calls = M.ahead_bytes + to - from, M.ahead_calls + 1
-  return true
+  return to - from
 end
 M.map_ahead = map_ahead
 
 --- Reserve n bytes in ring r, waiting for space (publishing first: r's own records, or with `all`, the sharder r
 --- belongs to, every ring's, so that no other shard sleeps on records it cannot see while this waits).  `rd`
 --- (optional): the mapped file's reader, whose pages are mapped ahead (map_ahead) while the ring has less than
---- `slack` bytes more than the record free, before the loop sleeps.
+--- `slack` bytes more than the record free, before the loop sleeps; the bytes mapped are added up in r's header
+--- (Ring:mapped_ahead: the run summary's packet_ring_mapped_ahead_mb).
 local function reserve(r, n, stop, slack, all, rd)
   local p = r:reserve(n)
   while p == nil do
     if all then all:flush() else r:publish() end
     if rd ~= nil then
       local want = r:footprint(n) + math.min(slack, r.cap - r:footprint(n))
-      while r:free_bytes() < want and map_ahead(rd, M.AHEAD_WINDOW) do
+      while r:free_bytes() < want do
+        local got = map_ahead(rd, M.AHEAD_WINDOW)
+        if got == 0 then break end
+        r.ahead_p[0] = r.ahead_p[0] + got
         if stop() then return nil end
       end
     end

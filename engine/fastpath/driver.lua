@@ -465,7 +465,7 @@ function Driver:stats()
            ip_frag_duplicates = fs.duplicates, ip_frag_malformed = fs.malformed,
            ip_frag_dropped_cap = fs.dropped_cap, ip_frag_in_no_flow = fs.in_no_flow,
            unknown_linktype_packets = self.unknown_linktype_packets, unknown_linktypes = self.unknown_linktypes,
-           ring_space_wakes = self.ring:space_wakes(),
+           ring_space_wakes = self.ring:space_wakes(), ring_mapped_ahead = self.ring:mapped_ahead(),
            prefault = self.prefault_done or self.ft:prefaulter_stats(), prefault_off = self.prefault_off }
 end
 

@@ -1633,6 +1633,8 @@ class FastPath:
             "packet_loop_warmup": self._warmup_summary(),
             # times a ring release woke the capture process sleeping for space (shm/ring.lua "Refill slack")
             "packet_ring_space_wakes": d.get("ring_space_wakes", 0),
+            # MiB of the capture file the capture process mapped while the ring was full (capture.lua map_ahead)
+            "packet_ring_mapped_ahead_mb": round(d.get("ring_mapped_ahead", 0) / 1048576, 1),
             "cpus_pinned": getattr(self, "pinned", None),   # {"capture": C, "fastpath": F} or None (shm/cpus.py)
             "flow_table_pages": getattr(self, "pages", None),   # {"setting", "huge_pages", "reason"} (hugepages.py)
             "flow_prefault": _prefault_summary(d),   # the record-page helper's work (flowtable.lua start_prefaulter)
