@@ -223,9 +223,11 @@ local function add(self, g, key, meter, value)
     local s, us = self:timestamp()
     us = s * 1000000 + us
     local at = meter_table(bt, -1 - meter)
-    -- an async result's sample (its schedule time: results come in any order) replaces only an earlier one, or one
-    -- of the same µs with a smaller value, as parts merge (engine/store/meters.py); a hook's replaces any
-    if not self._result or old == nil or us > at[key] or (us == at[key] and value > old) then
+    local t = at[key]
+    -- a later sample replaces it; of one µs the larger is kept, as parts of several VMs merge (engine/store/meters.py),
+    -- so the value does not depend on how samples of one µs (a window's flow flushes) are spread over VMs; an earlier
+    -- one (a late packet's) replaces it from a hook, never from an async result (its schedule time: any order)
+    if old == nil or us > t or (us == t and value > old) or (us < t and not self._result) then
       mt[key] = value
       at[key] = us
     end
