@@ -403,3 +403,64 @@ def test_http_header_blocks_are_the_bytes_as_sent(tmp_path, eol):
     docs = [t for (t,) in db.execute("SELECT text FROM fts WHERE fts_guid = ? ORDER BY id", (FTS_HTTP,))]
     want = [b[:-len(nl)].decode("utf-8", "backslashreplace").encode() for b in blocks]
     assert docs == want and all("\ufffd".encode() not in t for t in docs)
+
+
+def _records(path) -> tuple[bytes, list[tuple[int, int, bytes]]]:
+    """A little-endian µs pcap's global header and its records [(sec, usec, header tail + data)]."""
+    import struct
+    b = open(path, "rb").read()
+    assert b[:4] == b"\xd4\xc3\xb2\xa1"
+    out, off = [], 24
+    while off < len(b):
+        sec, usec, incl = struct.unpack_from("<III", b, off)
+        out.append((sec, usec, b[off + 8:off + 16 + incl]))
+        off += 16 + incl
+    return b[:24], out
+
+
+def _write(path, header: bytes, records) -> None:
+    import struct
+    with open(path, "wb") as f:
+        f.write(header)
+        for sec, usec, rest in records:
+            f.write(struct.pack("<II", sec, usec) + rest)
+
+
+@pytest.mark.parametrize("shards", ["1", "2", "3"])
+@pytest.mark.parametrize("gap", ["idle", "end"])
+def test_unanswered_request_s_url_time_is_the_same_with_shards(tmp_path, shards, gap):
+    """An HTTP request that is never answered (http-get-text.pcap cut after its request, then
+    http-website-keepalive.pcap's 13 flows) gives a status:0 URL when its flow ends, stamped with the probe's packet
+    time then, whatever the number of shards: `idle`, the keep-alive capture as it is (10 months later): at the first
+    frame after the flow's 120 s of silence; `end`, the keep-alive capture moved to 5 s after the request: at the end
+    of input, the time of the first frame of the last second (the last tick, which every shard knows).  Truth: tshark's
+    frame times of the file built.  Before, the analysers ended idle flows in the seconds of a process's own packets
+    and at the end with its own last packet's time: --shards 2 and 3 stamped both 1362692527.008509, the request flow's
+    own last frame (the shard owning it had no other packet), in a bucket 10 months (idle) or 22 s (end) earlier."""
+    header, cut = _records(pcap("http-get-text.pcap"))
+    _, ka = _records(pcap("http-website-keepalive.pcap"))
+    cut = cut[:5]                                    # SYN, SYN-ACK, ACK, GET, the server's ACK: no response
+    if gap == "end":
+        shift = cut[-1][0] + 5 - ka[0][0]
+        ka = [(s + shift, u, rest) for s, u, rest in ka]
+    built = tmp_path / "built.pcap"
+    _write(built, header, cut + ka)
+    times = [float(t) for (t,) in tshark(str(built), "-T", "fields", "-e", "frame.time_epoch")]
+    last = max(times[:5])                            # the request flow's last frame (the server's ACK)
+    if gap == "idle":
+        want = min(t for t in times if t > last + 120)
+    else:
+        want = min(t for t in times if int(t) == int(times[-1]))
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "noop.lua").write_text('TrisulPlugin = { id = { name = "noop" } }\n')
+    out = tmp_path / "out"
+    from .test_fastpath import cli
+    r = cli("run", str(plugins), "--pcap", str(built), "--out", str(out), "-q", "--analysers", "http",
+            "--shards", shards)
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True) as db:
+        got = db.execute("SELECT ts_sec, ts_usec, uri FROM resources WHERE resource_guid = ? AND contents = 'status:0'",
+                         (RES_URL,)).fetchall()
+    assert [(s + u / 1e6, uri) for s, u, uri in got] == \
+        [(pytest.approx(want, abs=1e-6), "GET bro.org /download/CHANGES.bro-aux.txt")]

@@ -79,6 +79,7 @@ class Analysers:
         self._take_counters = method(self.lua, "take_counters")
         self._take_outputs = method(self.lua, "take_outputs")
         self._take_docs = method(self.lua, "take_docs")
+        self._tick = method(self.lua, "tick")
         self.cert_errors: list[str] = []
 
     def take(self, now) -> dict:
@@ -98,9 +99,13 @@ class Analysers:
             fts.append(doc)
         return {"counters": counters, "resources": resources, "fts": fts}
 
-    def finish(self) -> None:
-        """End of input: close the TCP flows still open."""
-        self.lua.eval("function(a) a:finish() end")(self.obj)
+    def tick(self, sec: int, usec: int) -> None:
+        """Packet time reached second `sec`, opened by a packet at `usec` µs: idle TCP flows end (every 10 s)."""
+        self._tick(self.obj, sec, usec)
+
+    def finish(self, sec: int, usec: int) -> None:
+        """End of input: close the TCP flows still open, their items stamped `sec`.`usec` (the last tick's time)."""
+        self.lua.eval("function(a, s, u) a:finish(s, u) end")(self.obj, sec, usec)
 
     def stats(self) -> dict:
         st = self.lua.eval("function(a) return a:get_stats() end")(self.obj)

@@ -349,17 +349,6 @@ function A:run_batch(addr, n)
   local batch = ffi.cast(packet.pktp, addr)
   local on = self.on
   local counters, dnson, stream = on.counters, on.dns, self.stream
-  -- the reassembly's idle flows and held data (tcpreasm.lua expire_idle), every 10 s of packet time: before the first
-  -- packet of the batch that reaches that second (the first of its second: a batch never spans two), and the items it
-  -- completes carry that packet's time.  At the batch's end they carried the time of its last TCP packet, and which
-  -- packets came before the expiry depended on where batches began (http-website-keepalive.pcap: URL and HTTP-header
-  -- rows 0.1 s apart between --batch 1 and the default; tests/test_flow_rows_repeatable.py)
-  if stream and n > 0 and batch[0].ts_sec - self.last_expire >= 10 then
-    local now = batch[0].ts_sec
-    self.last_expire = now
-    self.engine:set_packet(batch, 0)
-    self.R:expire_idle(now - self.idle_timeout, now)
-  end
   for i = 0, n - 1 do
     local e = batch[i]
     local d = e.d
@@ -376,9 +365,25 @@ function A:run_batch(addr, n)
   return n
 end
 
---- End of input: close every open TCP flow (unanswered requests become status:0 URLs).
-function A:finish()
+--- Packet time reached second `sec`, opened by a packet at `usec` µs (engine/fastpath/run.py _tick, before that
+--- second's first packet, in every shard of a sharded run alike: TIME records): every 10 s of packet time the
+--- reassembly's idle flows and held data end (tcpreasm.lua expire_idle), and the items they complete (an unanswered
+--- request's status:0 URL) carry that time.  Before, this ran in run_batch before a batch's first packet, so a shard
+--- ran it only in the seconds of its own packets: with --shards 2 an unanswered request's status:0 URL was stamped
+--- at its flow's last packet, not 120 s later as by one fast path (tests/test_shards.py).  (At a batch's end, earlier
+--- still, which packets came before the expiry depended on where batches began: tests/test_flow_rows_repeatable.py)
+function A:tick(sec, usec)
+  if not self.stream or sec - self.last_expire < 10 then return end
+  self.last_expire = sec
+  self.engine:set_time(sec, usec)
+  self.R:expire_idle(sec - self.idle_timeout, sec)
+end
+
+--- End of input: close every open TCP flow (unanswered requests become status:0 URLs), at `sec`.`usec` (the last
+--- tick's time: the same in every shard).
+function A:finish(sec, usec)
   if not self.stream then return end
+  self.engine:set_time(sec, usec)
   local ids = {}
   for id in pairs(self.R.flows) do ids[#ids + 1] = id end
   table.sort(ids)

@@ -89,14 +89,16 @@ end
 --- shard gets a TIME record first (waiting for space like packets do), made
 --- visible at once without a doorbell check (a shard asleep sees it when it
 --- is woken for packets; records past a published tail are always packets).
-function Sharder:pick(ptr, caplen, linktype, ts_sec, stop)
+function Sharder:pick(ptr, caplen, linktype, ts_sec, stop, ts_nsec)
   local d = self.d
   decode.decode(d, ptr, caplen, linktype)
   local k = M.shard_of(d, self.n)
   if ts_sec ~= self.sec then
     if self.settle and not self.settle() then return nil end  -- the file's records checked first (push's settle)
     self.sec = ts_sec
-    local text = tostring(ts_sec)
+    -- "sec usec": the time of the packet that opened the second, which every shard's tick stamps its idle expiry
+    -- of HTTP/TLS and reassembled flows with (engine/fastpath/run.py _tick), as one fast path does
+    local text = ("%d %d"):format(ts_sec, math.floor((ts_nsec or 0) / 1000))
     for i = 1, self.n do
       if i ~= k + 1 and M.put_control(self.rings[i], packet.TIME, text, stop, ts_sec, self) then
         self:_publish_ring(i, false)
@@ -424,7 +426,7 @@ local function push(r, rd, stop, fd)
     if ts_sec > top then top = ts_sec end
     local rr, k = r, 1
     if sharded then
-      rr = r:pick(ptr, caplen, linktype, ts_sec, stop)
+      rr = r:pick(ptr, caplen, linktype, ts_sec, stop, ts_nsec)
       if rr == nil then break end
       k = r.last
     end

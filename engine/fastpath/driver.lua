@@ -140,7 +140,8 @@ function Driver:fill()
       if n > 0 then break end          -- start the new second in a new batch
       if self.tick_first and ts > self.tick_sec then   -- a later second: the caller ticks first (a TIME record of its
         self.tick_sec = ts                             -- own, the record stays in the ring), so its flow expiry
-        self.ctl_kind, self.ctl_text = TIME, tostring(ts)   -- (expire) comes before the second's first packet
+        self.ctl_kind, self.ctl_text = TIME, ("%d %d"):format(ts, math.floor(h.ts_nsec / 1000))   -- (expire) comes
+        -- before the second's first packet; "sec usec", the sharder's TIME text (engine/capture/capture.lua pick)
         break
       end
       sec = ts

@@ -447,6 +447,7 @@ class FastPath:
         self.packet_storage: dict = {}                    #: its counters at the end (stored, skipped, ...)
         self.files_done: list[str] = []
         self.sec = None
+        self.sec_usec = 0                   #: µs of the packet that opened second self.sec (TIME records)
         self.origin_tus = None          # the first packet's time, µs (_set_origin)
         self.window_start = None
         self.ticks = 0
@@ -660,9 +661,10 @@ class FastPath:
                 inst.vm.set_time(inst.vm.host.engine, args[0], 0)
                 inst.vm.call(inst.kind, hook, inst.vm.host.engine, *args)
 
-    def _tick(self, sec: int) -> None:
-        """Packet time reached second `sec`: one metronome tick per second elapsed (seconds without
-        packets included, at most MAX_GAP_TICKS per gap), window edges, closed buckets, idle flows."""
+    def _tick(self, sec: int, usec: int = 0) -> None:
+        """Packet time reached second `sec` (`usec`: of the packet that opened it, in every shard alike): one metronome
+        tick per second elapsed (seconds without packets included, at most MAX_GAP_TICKS per gap), window edges,
+        closed buckets, idle flows, the analysers' idle HTTP/TLS flows."""
         if self.sec is None:
             self.window_start = sec - sec % self.cfg.window
             self._backend("onbeginflush", self.window_start)
@@ -670,10 +672,14 @@ class FastPath:
             first = max(self.sec + 1, sec - MAX_GAP_TICKS + 1)
             for s in range(first, sec + 1):
                 self._second(s)
-        self.sec = sec
+        self.sec, self.sec_usec = sec, usec
         self._collect(sec, tick=True)
         while self._exported(self.driver_expire(self.driver, sec)) == self.driver.exp_cap:
             pass
+        if self.analysers is not None:
+            # on the probe's clock, not on this process's own packets: a shard ends an idle HTTP flow (an unanswered
+            # request's status:0 URL) at the second, and with the time, one fast path does
+            self.analysers.tick(sec, usec)
 
     def _second(self, s: int) -> None:
         """Backend hooks for packet-time second `s`: window edge first, then the metronome."""
@@ -1027,9 +1033,10 @@ class FastPath:
                     self.capture_stats = [int(x) for x in txt.split("\t")]
                 elif kind == TIME:             # second txt opens: before its first packet (the driver's tick_first),
                     # or, sharded input, another shard's packet opened it
-                    sec = int(txt)
+                    sec, _, usec = txt.partition(" ")   # "sec usec": the packet that opened it
+                    sec = int(sec)
                     if self.sec is None or sec > self.sec:
-                        self._tick(sec)
+                        self._tick(sec, int(usec or 0))
                 elif kind == END:
                     break
             capture.wait(timeout=30)
@@ -1406,7 +1413,9 @@ class FastPath:
             self._end_flows(lua)
             flows_done = True
         if self.analysers is not None:
-            self.analysers.finish()            # open HTTP/TLS flows end here: their items join the last window
+            # open HTTP/TLS flows end here, at the last tick's time (every shard's alike): their items join the last
+            # window
+            self.analysers.finish(*((self.sec, self.sec_usec) if self.sec is not None else (0, 0)))
         if self.window_start is not None:
             self._backend("onendflush", self.window_start + self.cfg.window)
         self._beat()

@@ -99,7 +99,7 @@ function M.ring_writer(r, stop)
       local h = cast(cu32p, p + off)
       local caplen, wirelen = h[2], h[3]
       local rr = r                          -- a sharder (engine/capture/capture.lua) picks the shard's ring
-      if r.rings then rr = r:pick(p + off + 16, caplen, 1, h[0], stop) end
+      if r.rings then rr = r:pick(p + off + 16, caplen, 1, h[0], stop, h[1] * 1000) end
       local q = rr:reserve(REC + caplen)
       while q == nil do
         flush(r)                            -- a sharder: every shard's packets visible, sleepers woken

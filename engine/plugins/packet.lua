@@ -12,7 +12,8 @@ Packet ring record: lp_pktrec header, then caplen bytes of frame.
                see engine/capture/afpacket.lua)
     kind TIME  sharded input only: packet time reached second ts_sec (sent to the
                shards that did not get the packet opening that second, so every
-               shard ticks the same seconds as one fast path would: engine/fastpath/shards.py)
+               shard ticks the same seconds as one fast path would: engine/fastpath/shards.py);
+               payload "sec usec", the time of the packet that opened it
 
 Batch: an array of lp_pkt in the fast-path driver's memory.  Each entry
 points at its frame inside the packet ring (zero copy: the ring space is
