@@ -164,7 +164,8 @@ end
 
 pcall(ffi.cdef, "int madvise(void *addr, size_t len, int advice);")
 local MADV_POPULATE_READ = 22                    -- Linux >= 5.14 (include/uapi/asm-generic/mman-common.h)
-local PAGE = 4096
+local PAGE = 4096                                -- (a kernel with larger pages refuses the unaligned call: EINVAL,
+                                                 -- and map_ahead turns itself off for that file)
 
 --- Mapping a capture file's pages ahead of the reader while the loop would sleep for ring space.  Left to the copy, a
 --- mapped file's pages come into the capture process by minor faults, one per 64 KiB (fault-around), and the copy of
@@ -178,7 +179,8 @@ local PAGE = 4096
 --- packet, http 188 -> 201), and on a helper thread of its own, slower still (docs/benchmarks.md, session 16).
 M.AHEAD_CHUNK = 1048576
 M.AHEAD_WINDOW = 256 * 1048576
---- Bytes mapped ahead and madvise calls, this process (engine/capture/process.py; tests).
+--- Bytes mapped ahead and madvise calls in this process (tests/test_capture_map_ahead.py; the run summary reads the
+--- per-ring count in the ring's header instead, Ring:mapped_ahead).
 M.ahead_bytes, M.ahead_calls = 0, 0
 
 --- Map the next chunk of reader rd's file, if less than `lead` bytes past its offset are mapped (rd.ahead: the file
