@@ -629,3 +629,53 @@ def test_message_reaches_sender_before_its_next_event(tmp_path, batch):
         # Node 0 is the client (port 20 opened the connection): its bytes travel client -> server (dir 1)
         assert (out / f"{key}_1").read_bytes() == c2s and len(c2s) > 0, s
         assert not (out / f"{key}_0").exists() and s2c == b""
+
+
+TERM_PLUGIN = '''TrisulPlugin = { id = { name = "term" },
+  reassembly_handler = {
+    onterminateflow = function(engine, ts, flow)
+      local s, u = engine:timestamp()
+      print(string.format("TERM %s %d %d %d", flow:id(), ts, s, u))
+    end,
+  },
+}
+'''
+
+
+@pytest.mark.parametrize("shards", ["1", "2", "3"])
+@pytest.mark.parametrize("gap", ["idle", "end"])
+def test_idle_and_last_flows_terminate_at_the_same_time_with_shards(tmp_path, shards, gap):
+    """onterminateflow of a flow that goes silent (http-get-text.pcap cut after its GET, then
+    http-website-keepalive.pcap's 13 flows) comes at the probe's packet time when the flow ends, whatever the number
+    of shards: `idle` (the keep-alive capture 10 months later), the first frame after the flow's 120 s of silence;
+    `end` (moved to 5 s after), the end of input, at the first frame of the last second (the last tick, which every
+    shard knows).  Truth: tshark's frame times of the file built.  Before, the hook's time was the last packet the
+    stage had reassembled (a shard also ended idle flows only in the seconds of its own packets): `ts` and
+    engine:timestamp() 1362692527 (the flow's own last frame) in all six cases, 0.139 s before the last second's first
+    frame at the end with one fast path."""
+    from .test_analysers import _records, _write
+    from .test_fastpath import cli
+    header, cut = _records(os.path.join(helpers.PCAPS, "http-get-text.pcap"))
+    _, ka = _records(os.path.join(helpers.PCAPS, "http-website-keepalive.pcap"))
+    cut = cut[:5]
+    if gap == "end":
+        shift = cut[-1][0] + 5 - ka[0][0]
+        ka = [(s + shift, u, rest) for s, u, rest in ka]
+    built = tmp_path / "built.pcap"
+    _write(built, header, cut + ka)
+    times = [float(line) for line in subprocess.run(["tshark", "-r", str(built), "-T", "fields", "-e",
+                                                      "frame.time_epoch"], capture_output=True, text=True,
+                                                     check=True).stdout.split()]
+    last = max(times[:5])
+    want = min(t for t in times if t > last + 120) if gap == "idle" else \
+        min(t for t in times if int(t) == int(times[-1]))
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "term.lua").write_text(TERM_PLUGIN)
+    r = cli("run", str(plugins), "--pcap", str(built), "--out", str(tmp_path / "out"), "-q", "--shards", shards)
+    assert r.returncode == 0, r.stderr
+    got = [line.split()[-4:] for line in r.stdout.splitlines() if "TERM 06A:8D.8E.E4.05:p-E9D0_" in line]
+    assert len(got) == 1, r.stdout
+    ts, s, u = (int(x) for x in got[0][1:])
+    assert (ts, s) == (int(want), int(want))
+    assert abs(s + u / 1e6 - want) <= 2e-6

@@ -680,6 +680,8 @@ class FastPath:
             # on the probe's clock, not on this process's own packets: a shard ends an idle HTTP flow (an unanswered
             # request's status:0 URL) at the second, and with the time, one fast path does
             self.analysers.tick(sec, usec)
+        if self.stage is not None:              # reassembled flows the same way (onterminateflow, filex ends)
+            self.stage.tick(sec, usec)
 
     def _second(self, s: int) -> None:
         """Backend hooks for packet-time second `s`: window edge first, then the metronome."""
@@ -1402,7 +1404,7 @@ class FastPath:
     def _finish(self, rt, lua) -> None:
         """End of input: close the reassembled flows, the window and the HTTP flows, deliver async results,
         flush, onunload.  With sg_monitor / flowtracker the open flows end before the last window closes."""
-        self.stage_stats = self.stage.finish() if self.stage is not None else {}
+        self.stage_stats = self.stage.finish(self.sec, self.sec_usec) if self.stage is not None else {}
         self._beat()                           # between the steps of the end too: a stop is stalled only when one
         flows_done = False                     # step makes no progress for [supervise] stall_timeout
         if self.flowmon is not None and self.flowmon.active:

@@ -38,6 +38,7 @@ class ReassemblyStage:
                                                         b"idle_timeout": self.idle_timeout}))
             self._run = method(self.lua, "run")
             self._finish = method(self.lua, "finish")
+            self._tick = method(self.lua, "tick")
             self._events = method(self.lua, "events")
         return int(self.stage.votes_addr)
 
@@ -86,12 +87,18 @@ class ReassemblyStage:
         if self._run(self.stage, addr, n):
             self._deliver()
 
-    def finish(self) -> dict:
-        """End of input: close every reassembled flow (onterminateflow, the last files); returns the stage
-        counters."""
+    def tick(self, sec: int, usec: int) -> None:
+        """Packet time reached second `sec`, opened by a packet at `usec` µs: idle flows end (every 10 s), their
+        events delivered."""
+        if self.stage is not None and self.active and self._tick(self.stage, sec, usec):
+            self._deliver()
+
+    def finish(self, sec: int | None = None, usec: int = 0) -> dict:
+        """End of input: close every reassembled flow (onterminateflow, the last files), their events at `sec`.`usec`
+        (the last tick's time); returns the stage counters."""
         if self.stage is None:
             return {}
-        if self._finish(self.stage):
+        if self._finish(self.stage, sec, usec):
             self._deliver()
         st = self.lua.eval("function(s) return s:stats_table() end")(self.stage)
         stats = {k.decode() if isinstance(k, bytes) else k: v for k, v in st.items()}

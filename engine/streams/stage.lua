@@ -420,14 +420,6 @@ end
 function S:run(addr, n)
   local batch = cast(packet.pktp, addr)
   self.nev, self.anchor = 0, {}
-  -- idle flows and held data (tcpreasm.lua expire_idle), every 10 s of packet time: before the first packet of the
-  -- batch that reaches that second (the first of its second: a batch never spans two), so what it ends does not
-  -- depend on where batches began (at the batch's end, the packets before it did; engine/analysers/run.lua the same)
-  if n > 0 and batch[0].ts_sec - self.last_expire >= 10 then
-    local now = batch[0].ts_sec
-    self.last_expire = now
-    self.R:expire_idle(now - self.idle_timeout, now)
-  end
   local votes = self.votes
   local filex = self.nfilex > 0
   if n > self.wantcap then
@@ -462,9 +454,27 @@ function S:run(addr, n)
   return self.nev
 end
 
---- End of input: every open flow closes (CLOSE events); returns the event count.
-function S:finish()
+--- Packet time reached second `sec`, opened by a packet at `usec` µs (engine/fastpath/run.py _tick, before that
+--- second's first packet; in every shard of a sharded run alike: TIME records): every 10 s of packet time idle flows
+--- and held data end (tcpreasm.lua expire_idle), their events (onterminateflow, a filex file's end) at that time;
+--- returns the event count.  Before, this ran in S:run before a batch's first packet, so a shard ran it only in the
+--- seconds of its own packets, and its events carried the time of the last packet the stage had reassembled (any
+--- flow's): with --shards 2 an idle flow's onterminateflow came at another second than with one fast path.
+function S:tick(sec, usec)
+  if sec - self.last_expire < 10 then return 0 end
+  self.last_expire = sec
   self.nev, self.anchor, self.bi = 0, {}, -1
+  self.ts = sec + usec * 1e-6
+  self.R:expire_idle(sec - self.idle_timeout, sec)
+  self.stats.events = self.stats.events + self.nev
+  return self.nev
+end
+
+--- End of input: every open flow closes (CLOSE events), at `sec`.`usec` (the last tick's time: the same in every
+--- shard); returns the event count.
+function S:finish(sec, usec)
+  self.nev, self.anchor, self.bi = 0, {}, -1
+  if sec then self.ts = sec + usec * 1e-6 end
   local ids = {}
   for id in pairs(self.flows) do ids[#ids + 1] = id end
   table.sort(ids)
