@@ -370,7 +370,8 @@ end
 --- reassembly's idle flows and held data end (tcpreasm.lua expire_idle), and the items they complete (an unanswered
 --- request's status:0 URL) carry that time.  Before, this ran in run_batch before a batch's first packet, so a shard
 --- ran it only in the seconds of its own packets: with --shards 2 an unanswered request's status:0 URL was stamped
---- at its flow's last packet, not 120 s later as by one fast path (tests/test_shards.py).  (At a batch's end, earlier
+--- at its flow's last packet, not 120 s later as by one fast path (tests/test_analysers.py
+--- test_unanswered_request_s_url_time_is_the_same_with_shards).  (At a batch's end, earlier
 --- still, which packets came before the expiry depended on where batches began: tests/test_flow_rows_repeatable.py)
 function A:tick(sec, usec)
   if not self.stream or sec - self.last_expire < 10 then return end

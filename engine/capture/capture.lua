@@ -89,6 +89,9 @@ end
 --- shard gets a TIME record first (waiting for space like packets do), made
 --- visible at once without a doorbell check (a shard asleep sees it when it
 --- is woken for packets; records past a published tail are always packets).
+--- ptr, caplen, linktype: the frame; ts_sec, ts_nsec: its time (s, ns: the TIME record's text is "sec usec", the
+--- µs of the packet that opened the second); stop: the wait's stop check.  nil when the file was cut below the
+--- records read so far (self.settle, the file walk's check before a new second: the walk ends there).
 function Sharder:pick(ptr, caplen, linktype, ts_sec, stop, ts_nsec)
   local d = self.d
   decode.decode(d, ptr, caplen, linktype)

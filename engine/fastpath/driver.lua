@@ -97,7 +97,8 @@ end
 --- batch's packet-time second (self.sec: one call from Python, not two).
 --- The previous batch's ring space is released here, not before.
 --- With opts.tick_first (the fast path's loop, engine/fastpath/run.py), the first packet of a second later than any
---- before it is not taken at once: fill returns 0 with ctl_kind TIME, ctl_text that second, the packet still in the
+--- before it is not taken at once: fill returns 0 with ctl_kind TIME, ctl_text "sec usec" (that second and the µs of
+--- its first packet, as the sharder's TIME records: engine/capture/capture.lua Sharder:pick), the packet still in the
 --- ring, and takes it at the next call.  The caller's tick (flow expiry: Driver:expire) so runs before the second's
 --- first packet whatever the batch size, as a sharded run's TIME records of other shards' seconds already did:
 --- which flows a full table admits, and where an active timeout cuts a flow, depend on packet time only (with the
