@@ -60,12 +60,16 @@ end"""
 
 @pytest.fixture(scope="module")
 def capture_file(tmp_path_factory):
+    """A classic pcap of just under 8 MiB: 8 256 records of FRAME bytes, shared by the module's tests; its path."""
     path = tmp_path_factory.mktemp("ahead") / "big.pcap"
     write_pcap(path, 8 * MiB // (FRAME + 16))
     return str(path)
 
 
 def walk(path, calls, window):
+    """capture.file over `path` into a 64 KiB ring nobody reads, with `window` bytes as AHEAD_WINDOW, stopped at the
+    loop's `calls`-th stop check -> (records copied, stopped, bytes mapped ahead, madvise calls, Rss bytes of the
+    file's mapping after the walk).  Checks that the ring header's count equals the loop's own."""
     lua = new_runtime()
     with open_capture(path) as c:
         n, stopped, ahead, madvises, in_header, _buf = lua.eval(WALK)(c.address, c.size, c.fd, calls, window)
