@@ -6,7 +6,7 @@
 
 Each side's engine/fastpath/flowtable.lua (``git show COMMIT:PATH``, or the after side's work tree) is loaded
 into its own LuaJIT state (lupa) with a timer call inserted before the comment that opens each loop of
-update_batch ("-- 1. lookup", "-- b:", "-- c: probe", "-- d:", "-- 2. insertion", the insertion loop itself,
+update_batch ("-- 1. lookup", "-- b:", "-- c: probe", "-- d:", "-- 2. insertion", FT:prefault's call, the insertion loop itself,
 "-- 3. per packet"); a version without one of those comments shows 0 in that column and its time in the
 column before.  decode.lua is this work tree's for both sides.  Per run a fresh flow table at the driver's
 default capacity (2^20 flows; its arrays on 4 KiB pages, `--huge-pages off`, what `auto` gives on this
@@ -25,7 +25,9 @@ Columns, CPU ns per packet of the pass (this thread's CPU time, CLOCK_THREAD_CPU
 done in the loops' thread included, a prefault helper thread's not; before 2026-12-01 03:00 os.clock, the process's):
 total min / median / max over the runs, then the median of each part: key (keys and hashes), touch (slots
 and records touched), probe, lru (LRU neighbours touched), reserve (index growth), new (flow creation),
-loop3 (counters, TCP state, LRU moves).
+loop3 (counters, TCP state, LRU moves), prefault (FT:prefault: the new records' pages this thread mapped itself
+because the prefault helper was behind, and the index's slots found again after a doubling; until 2026-12-01
+session 17 in the reserve column).
 """
 from __future__ import annotations
 
@@ -43,8 +45,9 @@ from tools.bench.flowtable_ab import read_pcap, source  # noqa: E402
 
 #: (comment that opens a part of update_batch, its column); the timer call goes before the line
 MARKS = [("  -- 1. lookup", 1), ("  -- b: with more flows", 2), ("  -- c: probe", 3), ("  -- d: ", 4),
-         ("  -- 2. insertion", 5), ("    for m = 0, nmiss - 1 do", 6), ("  -- 3. per packet", 7)]
-COLUMNS = ["key", "touch", "probe", "lru", "reserve", "new", "loop3"]
+         ("  -- 2. insertion", 5), ("    self:prefault(nmiss)", 8), ("    for m = 0, nmiss - 1 do", 6),
+         ("  -- 3. per packet", 7)]
+COLUMNS = ["key", "touch", "probe", "lru", "reserve", "new", "loop3", "prefault"]
 
 BENCH = r'''
 local ffi = require "ffi"
@@ -66,10 +69,10 @@ local function clock()        -- this thread's CPU seconds (CLOCK_THREAD_CPUTIME
   return tonumber(ts_.tv_sec) + tonumber(ts_.tv_nsec) * 1e-9
 end
 local acc = {}
-local last, tl = 8, 0
+local last, tl = 0, 0          -- part 0: outside update_batch
 -- the timer the marks call: the time since the previous mark goes to that mark's part
 function LOOPS_MARK(i) local t = clock(); acc[last] = acc[last] + t - tl; last = i; tl = t end
--- returns {pass = {total, part 1 .. 7}} in seconds
+-- returns {pass = {total, part 1 .. 8}} in seconds
 return function(frames, lens, secs, usecs, cap, linktype, passes, huge, ahead)
   local n = #lens
   local b = ffi.new("loops_pkt[?]", n)
@@ -87,7 +90,7 @@ return function(frames, lens, secs, usecs, cap, linktype, passes, huge, ahead)
   if ahead > 0 and ft.start_prefaulter then assert(ft:start_prefaulter(ahead)) end
   local res = {}
   for pass = 1, passes do
-    for i = 1, 8 do acc[i] = 0 end
+    for i = 0, 8 do acc[i] = 0 end
     local total = 0
     for k = 0, n - 1, 1024 do
       local m = math.min(1024, n - k)
@@ -97,12 +100,12 @@ return function(frames, lens, secs, usecs, cap, linktype, passes, huge, ahead)
         decode.decode(p.d, p.data, p.caplen, linktype)
       end
       local t0 = clock()
-      last, tl = 8, t0
+      last, tl = 0, t0
       ft:update_batch(b + k, m)
-      LOOPS_MARK(8)
+      LOOPS_MARK(0)
       total = total + clock() - t0
     end
-    res[pass] = {total, acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]}
+    res[pass] = {total, acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7], acc[8]}
   end
   if ft.stop_prefaulter then ft:stop_prefaulter() end
   return res
