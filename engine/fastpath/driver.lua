@@ -18,6 +18,10 @@ local ipreasm = require("luaprobe.engine.fastpath.ipreasm")
 local cast, copy, fstring = ffi.cast, ffi.copy, ffi.string
 local REC, recp, PKT, TIME = packet.REC_SIZE, packet.recp, packet.PKT, packet.TIME
 local u8p = ffi.typeof("uint8_t *")
+local i32p = ffi.typeof("int32_t *")
+local bxor = require("bit").bxor
+local FLOW_WORDS, COLD_WORDS = ffi.sizeof("lp_flow") / 4, ffi.sizeof("lp_flow_cold") / 4   -- records as int32 words
+local FLUSH_TOUCH = 512            -- flows whose records flush_flows touches before their rows (96 KiB: within L2)
 -- a packet record's header (lp_pktrec) and a batch entry (lp_pkt) hold ts_sec, ts_nsec, wirelen, caplen,
 -- linktype, ifindex as consecutive u32s: fill copies them as one block (its barrier, IR XBAR, comes before decode's
 -- stores, so it does not keep LuaJIT from forwarding those: decode.lua copy16; six u32 moves measured no better)
@@ -444,9 +448,28 @@ function Driver:flush_flows()
     n = n + 1
     idx = lru[idx].next
   end
-  for i = 0, n - 1 do
-    put_row(self, k0 + i, ids[i], nil)
+  -- then the rows, FLUSH_TOUCH flows at a time, each chunk's records touched first (its hot record's two lines and its
+  -- cold record's one) in a loop of independent loads: put_row does several hundred instructions a flow (the key's
+  -- text), more than the CPU looks ahead, so without the touches each record's misses came one flow after the other.
+  -- In LRU order the records are in random memory order once flows had packets in more than one second (flows-100k:
+  -- tools/bench/flush_cost.py --moved).  A chunk of consecutive records (its first and last flow as far apart as
+  -- its length: flows exported in the order they were created, flows-1m) is not touched: the CPU's prefetcher follows
+  -- sequential records, and the touches cost ~5 ns a flow there
+  local fw, cw = ft.fw, cast(i32p, ft.cold)
+  local t = 0
+  for c = 0, n - 1, FLUSH_TOUCH do
+    local last = math.min(c + FLUSH_TOUCH, n) - 1
+    if ids[last] - ids[c] ~= last - c then
+      for i = c, last do
+        local x = ids[i]
+        t = bxor(t, fw[x * FLOW_WORDS], fw[x * FLOW_WORDS + 16], cw[x * COLD_WORDS])
+      end
+    end
+    for i = c, last do
+      put_row(self, k0 + i, ids[i], nil)
+    end
   end
+  self.touched_rows = t                            -- kept, so the loads are
   self.flush_next = idx
   if idx == sen and k0 + n < self.exp_cap then
     self.prefault_done = ft:stop_prefaulter() or self.prefault_done   -- no new flow after the end of input
