@@ -1047,3 +1047,56 @@ def test_stop_names_rows_lost_by_an_earlier_fast_path(out_fs, daemon, tmp_path):
     assert f"stopped, but {state['store_rows_lost']} rows handed to the store writers of earlier fast paths are " \
            "not in the database" in r.stderr and "database or disk is full" in r.stderr, r.stderr
     assert not daemon.alive() and not daemon.segments()
+
+
+TCP_COUNT = """local G = "{0E3C5A20-7D5B-4C7A-9E55-31B1D2A6C007}"
+TrisulPlugin = {
+  id = { name = "tcp count" },
+  countergroup = { control = { guid = G, name = "tcp count", bucketsize = 60 },
+                   meters = { { 0, T.K.vartype.COUNTER, 10, 0, "packets", "TCP packets", "pkts" } } },
+  simplecounter = {
+    protocol_guid = "{77E462AB-2E42-42ec-9A58-C1A6821D6B31}",
+    onpacket = function(engine, layer)
+      engine:update_counter(G, "all", 0, 1)
+      engine:add_alert("{B5F1DECB-51D5-4395-B71B-6FA730B772D9}", layer:packet():flowid():id(), "TCP", 3, "tcp")
+      local t = os.clock() + 0.001          -- 1 ms a TCP packet: the file takes ~5 s, the reload comes mid-file
+      while os.clock() < t do end
+    end,
+  },
+}
+"""
+
+
+def test_a_restart_by_reload_reads_a_file_source_on_where_it_stopped(daemon, tmp_path):
+    """A reload that changes a setting restarts the fast path gracefully; over a [source] of files (not looping) the
+    new one reads on after the packets the first one walked (and wrote), instead of from the first file: the database
+    then holds every TCP frame once, as one run would.  Truth: tshark's TCP frames of trisul-16minutes.pcap (5312) and
+    their count per 60 s bucket; the log's two `fast path finished` lines add up to the capture's 7000 records.
+    Before: the second fast path read the file again from its start (the log: 1513 packets, then 7000), so the frames
+    the first one had walked were stored twice, as alerts and in the counters."""
+    pcap = os.path.join(helpers.PCAPS, "trisul-16minutes.pcap")
+    frames = subprocess.run(["tshark", "-r", pcap, "-Y", "tcp", "-T", "fields", "-e", "frame.time_epoch"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    per = {}
+    for t in frames:
+        b = int(float(t)) // 60 * 60
+        per[b] = per.get(b, 0) + 1
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    (plug / "tcp_count.lua").write_text(TCP_COUNT)
+    daemon.start(plugins=[plug], pcap=[pcap], loop=False)
+    daemon.wait_packets(1000, timeout=60)
+    text = open(daemon.config).read()
+    open(daemon.config, "w").write(text.replace("[supervise]\n", "[fastpath]\nbatch = 512\n[supervise]\n"))
+    r = daemon.cli("reload")
+    assert r.returncode == 0 and "reloaded: fast path pid" in r.stdout, r.stdout + r.stderr
+    helpers.wait_for(lambda: daemon.status()["state"].startswith("stopped (input finished)"), 120, 0.2)
+    log = open(os.path.join(daemon.run_dir, "supervisor.log")).read()
+    walked = [json.loads(m)["packets"] for m in re.findall(r"fast path finished: (\{.*\})", log)]
+    assert len(walked) == 2 and walked[0] < 7000 and sum(walked) == 7000, walked
+    with sqlite3.connect(f"file:{os.path.join(daemon.out_dir, 'luaprobe.sqlite')}?mode=ro", uri=True) as db:
+        alerts = db.execute("SELECT count(*) FROM alerts WHERE message = 'tcp'").fetchone()[0]
+        counts = dict(db.execute("SELECT bucket_ts, value FROM counters WHERE group_guid = ?",
+                                 ("{0E3C5A20-7D5B-4C7A-9E55-31B1D2A6C007}",)).fetchall())
+    assert (alerts, len(frames)) == (5312, 5312)
+    assert counts == per

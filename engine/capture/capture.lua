@@ -496,7 +496,7 @@ end
 --- fstat()s the file again, maps it again when it holds more, until an fstat at the end shows no growth; a partial
 --- record at that moment is the truncated-record error, at its offset).  Without it (benchmarks and tests walking a
 --- prefix of a file) the walk ends at `size`.
-function M.file(r, addr, size, stop, fd, grows)
+function M.file(r, addr, size, stop, fd, grows, skip)
   if fd then
     local rc = S.lp_cutguard_arm(cast("const void *", addr), size, fd)
     if rc ~= 0 then error("offset 0: cannot guard the mapping (sigaction: " .. rc .. ")", 0) end
@@ -518,11 +518,15 @@ function M.file(r, addr, size, stop, fd, grows)
   rd.header_end = rd.offset
   rd.grows = fd ~= nil and grows == true
   rd.ahead = 0                            -- map_ahead: mapped ahead up to this file offset
+  -- `skip`: the first records are read past, not pushed (a daemon's restarted fast path goes on after the packets
+  -- its predecessors walked: engine/daemon/supervisor.py); off the per-record path
+  local skipped = 0
+  while skipped < (skip or 0) and not rd.error and rd:next() ~= nil do skipped = skipped + 1 end
   local res = { pcall(push, r, rd, stop, fd) }
   if fd then S.lp_cutguard_arm(nil, 0, -1) end
   if rd.grown then C.munmap(rd.grown, rd.grown_size); rd.grown = nil end
   if not res[1] then error(res[2], 0) end
-  return res[2], res[3], rd.error, rd.error_offset, res[4]
+  return res[2], res[3], rd.error, rd.error_offset, res[4], skipped
 end
 
 --- A capture read sequentially (stdin, a FIFO: engine/capture/process.py feeds it), in a buffer of `cap`

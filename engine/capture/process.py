@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--socket-fd", type=int, help="live: an inherited, unbound AF_PACKET socket to use instead of "
                                                   "opening one (opened as root before a privilege drop)")
     ap.add_argument("--loop", action="store_true", help="repeat the files until SIGTERM (soak runs, supervisor)")
+    ap.add_argument("--skip", type=int, default=0, help="files: read on after the first N packets of the input (a "
+                    "daemon's restarted fast path: those its predecessors walked; engine/daemon/supervisor.py)")
     ap.add_argument("--generate", metavar="SPEC", help="run the generator into the ring (engine/gen/stream.py)")
     ap.add_argument("files", nargs="*")
     args = ap.parse_args(argv)
@@ -183,13 +185,14 @@ def main(argv=None) -> int:
             lua.table_from(rings), lua.table_from([b.address for b in bells]), PUSHED_OFFSET)
     pkt = lua.eval("require('luaprobe.engine.plugins.packet')")
     control = lua.eval("function(r, k, t) require('luaprobe.engine.capture.capture').control(r, k, t) end")
-    run_file = lua.eval("function(r, a, s, stop, fd) return require('luaprobe.engine.capture.capture').file(r, a, s, stop, fd, "
-                        "true) end")    # true: a file that grows while it is read is read on (capture.lua grow)
+    run_file = lua.eval("function(r, a, s, stop, fd, skip) return require('luaprobe.engine.capture.capture').file(r, a, s, "
+                        "stop, fd, true, skip) end")    # true: a file that grows while it is read is read on (grow)
     if args.interface:
         return _live(args, lua, ring, control, pkt, stop)
     if args.generate:
         return _generate(args, lua, ring, control, pkt, stop)
     failed = False
+    skip = 0 if args.loop else max(0, args.skip)
 
     eof_sent = set()
 
@@ -228,7 +231,9 @@ def main(argv=None) -> int:
                 continue
             with open_capture(path) as c:
                 try:
-                    n, nbytes, err, off, stopped = run_file(ring, c.address, c.size, lambda: stop[0], c.fd)
+                    n, nbytes, err, off, stopped, skipped = run_file(ring, c.address, c.size, lambda: stop[0], c.fd,
+                                                                     skip)
+                    skip -= int(skipped)
                 except Exception as e:                      # a bad file header raises in Lua
                     off, msg = split_lua_error(e)
                     raise InputError(path, off, msg) from None

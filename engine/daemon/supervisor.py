@@ -217,6 +217,8 @@ class Supervisor:
         self.out_claim = None                   # usage.OutClaim of [run] out_dir while run() holds it
         self.sweep_pending = False              # a segment sweep failed (EMFILE): tried again each turn (_sweep)
         self.final_state: control.HeldWrite | None = None   # descriptors held for the last state.json (_save_state)
+        self.walked: tuple[str, int] = ("", 0)  # ([source] as JSON, packets of it the earlier fast paths walked)
+        self.spawned_skip = ("", 0, 0.0)        # the running fast path's: ([source], packets it skipped, start time)
 
     # ------------------------------------------------------------ child
     def _spawn(self) -> None:
@@ -225,6 +227,10 @@ class Supervisor:
         last_error says why, the restart is retried with backoff, or the state is ``failed: crash loop ...``."""
         active = control.path(self.run_dir, "active_config.json")      # the child runs exactly what was validated
         cmd = [sys.executable, "-m", "luaprobe.engine.daemon.supervisor", "--child", "--config", active, "--run-dir", self.run_dir]
+        skip = self._walked_before()
+        self.spawned_skip = (self._source_key(), skip, time.time())
+        if skip:
+            cmd += ["--skip-packets", str(skip)]
         claim = self.out_claim.fd if self.out_claim is not None and self.out_claim.fd is not None else None
         if claim is not None:
             cmd += ["--out-lock-fd", str(claim)]
@@ -267,6 +273,29 @@ class Supervisor:
             os.path.isfile(os.path.join(os.path.dirname(self.cfg.path), p)) for p in self.cfg["source"]["pcap"])
         self._set_state("running")
         log.info("fast path started (pid %d)", self.child.pid)
+
+    def _walked_before(self) -> int:
+        """Packets of a [source] of files (not looping) that earlier fast paths of this supervisor walked and wrote
+        (they stopped normally: a reload that changed settings): the next one reads on after them instead of from the
+        first file, which counted them again in the database (alerts, resources and flows added twice, counters
+        summed)."""
+        key, n = self.walked
+        return n if key and key == self._source_key() else 0
+
+    def _source_key(self) -> str:
+        """[source] as JSON when it is files read once ("" for a live, looping or generated source)."""
+        src = self.cfg["source"]
+        return json.dumps(src, sort_keys=True, default=str) if src.get("pcap") and not src.get("loop") else ""
+
+    def _count_walked(self) -> None:
+        """The fast path ended: when it ended its run normally (a stop: its final stats snapshot; every output
+        of the packets it walked is written), the packets it walked plus those it skipped are :attr:`walked` of the
+        source it ran.  After a crash they stay as they were: the next fast path reads again what the crashed one
+        walked, whose rows not yet handed to the store writer (up to 4096 of a kind) are lost with it."""
+        key, skipped, started = self.spawned_skip
+        snap = control.read_json(self.stats_path)      # the final one has no pids: written after this one's start
+        if key and snap and snap.get("final") and float(snap.get("time") or 0) >= started:
+            self.walked = (key, skipped + int(snap.get("packets") or 0))
 
     def _signal_child(self, sig) -> None:
         if self.child is not None and self.child.poll() is None:
@@ -408,6 +437,7 @@ class Supervisor:
         elif rc != 0:
             self.last_error = f"fast path {desc} (see {control.path(self.run_dir, control.LOG)})"
         self._sweep()                                           # what a killed fast path left behind
+        self._count_walked()
         self.child = None
         if self.mode == "stop":
             self.last_exit = desc
@@ -1063,7 +1093,7 @@ def final_snapshot(summary: dict) -> dict:
             "plugins": [dict(p, workers=[]) for p in summary["plugins"]]}
 
 
-def child_main(config_path: str, run_dir: str, out_lock_fd: int | None = None) -> int:
+def child_main(config_path: str, run_dir: str, out_lock_fd: int | None = None, skip_packets: int = 0) -> int:
     """One fast-path run under the supervisor: SIGTERM = finish now, normally.  ``out_lock_fd``: the supervisor's
     claim of out_dir, inherited; the store writer (and shards) inherit it in turn (RunConfig.out_lock_fd)."""
     import json
@@ -1105,6 +1135,7 @@ def child_main(config_path: str, run_dir: str, out_lock_fd: int | None = None) -
                              on_loaded=loaded)
         rc.on_fatal = lambda code, line: failed(code, line)   # a plug-in stuck while loading (fastpath/run.py)
         rc.out_lock_fd = out_lock_fd
+        rc.skip_packets = skip_packets     # files: the packets the earlier fast paths walked (Supervisor._walked_before)
         privileges.enter_run(rc, where=("[run] user =", "[run] group ="))   # sockets, then no capability
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)          # PR_SET_PDEATHSIG again (a credential change clears it)
         fp = make_run(rc)
@@ -1569,6 +1600,8 @@ def main(argv=None) -> int:
                     "spawned this supervisor reads it: refuse())")
     ap.add_argument("--out-lock-fd", type=int, help="--child: the supervisor's claim of out_dir (inherited), handed "
                     "on to the store writer (RunConfig.out_lock_fd)")
+    ap.add_argument("--skip-packets", type=int, default=0, help="--child, files: read on after this many packets "
+                    "(those the earlier fast paths walked)")
     args = ap.parse_args(argv)
     global _refusal_fd
     _refusal_fd = args.refusal_fd
@@ -1577,7 +1610,7 @@ def main(argv=None) -> int:
     if not args.config:
         ap.error("--config is required")
     if args.child:
-        return child_main(args.config, args.run_dir, args.out_lock_fd)
+        return child_main(args.config, args.run_dir, args.out_lock_fd, args.skip_packets)
     from luaprobe.shm import logs
     try:
         cfg = config_mod.load(args.config, run_dir=args.run_dir)

@@ -137,6 +137,11 @@ def _info_key(row) -> str:
 DECLARED = {"counter_groups": lambda r: _upper(r[0]), "decl_groups": lambda r: f"{_text(r[0])} {_upper(r[1])}"}
 
 
+def skip_args(cfg) -> list:
+    """The capture process's ``--skip N`` for a daemon's restarted fast path over files (not looping)."""
+    return ["--skip", str(cfg.skip_packets)] if cfg.skip_packets and not cfg.loop and cfg.files else []
+
+
 def file_sizes(files) -> dict:
     """{path: size in bytes} of the regular files among ``files`` at the capture's start (the capture process maps
     them: engine/capture/capture.lua); FIFOs, ``-`` and paths that cannot be stat'ed are left out."""
@@ -221,6 +226,8 @@ class RunConfig:
     interface: str | None = None      #: live capture from this interface instead of files (docs/live.md)
     bpf: str | None = None            #: tcpdump filter expression for the live capture
     loop: bool = False                #: repeat the files until stopped (soak runs; [source] loop in docs/operations.md)
+    skip_packets: int = 0             #: files, not looping: the first N packets of the input are not read (a daemon's
+                                      #: restarted fast path goes on after those its predecessors walked)
     generate: str | None = None       #: the capture process runs the generator with this SPEC (engine/gen/stream.py)
     shards: int = 1                   #: fast-path processes sharing the input by flow hash (engine/fastpath/shards.py)
     shard: dict | None = None         #: in a shard process (set by engine/fastpath/shards.py): index, count, ring,
@@ -1142,7 +1149,7 @@ class FastPath:
         if cfg.generate:
             return ["--generate", cfg.generate]
         if not cfg.interface:
-            return ["--loop"] * bool(cfg.loop) + list(cfg.files)
+            return ["--loop"] * bool(cfg.loop) + skip_args(cfg) + list(cfg.files)
         return ["--interface", cfg.interface, *(["--bpf", cfg.bpf] if cfg.bpf else []), *capture_socket_args(cfg, 0)]
 
     def _catch_stop_signals(self) -> dict:
