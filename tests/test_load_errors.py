@@ -174,6 +174,66 @@ def test_a_bad_countergroup_declaration_is_one_problem_line(tmp_path, cmd, contr
     assert "Traceback" not in r.stderr + r.stdout and "host.lua" not in r.stderr + r.stdout
 
 
+@pytest.mark.parametrize("body, problem", [
+    ('simplecounter = { protocol_guid = "{77E462A8-C5B8-4D8D-9A0E-0C6E0AE1E1E2}", onpacket = function() end }',
+     "simplecounter.protocol_guid {77E462A8-C5B8-4D8D-9A0E-0C6E0AE1E1E2} is not a protocol luaprobe decodes"),
+    ("simplecounter = { onpacket = function() end }", "simplecounter.protocol_guid is missing"),
+    ('simplecounter = { protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}" }',
+     "simplecounter.onpacket is not a function"),
+    ("packet_storage = { }", "packet_storage has neither filter nor filter_payload"),
+])
+@pytest.mark.parametrize("cmd", ["check", "run"])
+def test_check_reports_what_run_refuses_at_setup(tmp_path, cmd, body, problem):
+    """A simplecounter whose protocol_guid is missing or not one luaprobe decodes, or whose onpacket is not a function,
+    and a packet_storage without a filter: `run` refuses the type when it sets its walk up (exit 4, one line naming
+    the file), and `check` says so too.  Before, `check` listed such a file as `simplecounter (supported)` and exited
+    0, so a plug-in that passed `luaprobe check` failed in `luaprobe run`.  Truth: the plug-in we wrote
+    (docs/reference.md: a simplecounter needs protocol_guid, one of the GUIDs luaprobe decodes, and onpacket)."""
+    path = helpers.write_plugin(tmp_path, 'TrisulPlugin = { id = { name = "setup" }, %s }\n' % body, name="setup.lua")
+    if cmd == "check":
+        r = luaprobe("check", path, cwd=str(tmp_path))
+        lines, want = [t for t in r.stdout.splitlines() if "problem" in t], f"    problem: {path}: {problem}"
+    else:
+        r = luaprobe("run", path, "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
+        lines, want = r.stderr.splitlines(), f"plug-in problem: {path}: {problem}"
+    assert r.returncode == 4, (r.stdout, r.stderr)
+    assert lines == [want], (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+# the shape of trisul-scripts' natsyslog: syslog-protocol.lua declares the protocol natsyslogctr.lua's simplecounter counts
+SYSLOG_GUID = "{4323003E-D060-440B-CA26-E146C0C7DB4E}"
+SYSLOG_HANDLER = """TrisulPlugin = { id = { name = "syslog" },
+  protocol_handler = {
+    control = { guid = "%s", name = "SYSLOG", host_protocol_guid = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}",
+                host_protocol_ports = { 514 } },
+    parselayer = function(layer) return layer:layer_bytes(), nil end } }
+""" % SYSLOG_GUID
+SYSLOG_COUNTER = """TrisulPlugin = { id = { name = "syslog counter" },
+  simplecounter = { protocol_guid = "%s", onpacket = %s } }
+"""
+
+
+@pytest.mark.parametrize("with_handler, onpacket, problem", [
+    (True, "function() end", None),
+    (False, "function() end", f"simplecounter.protocol_guid {SYSLOG_GUID} is not a protocol luaprobe decodes"),
+    (True, "nil", "simplecounter.onpacket is not a function"),
+])
+def test_check_knows_the_protocols_of_the_run_s_protocol_handlers(tmp_path, with_handler, onpacket, problem):
+    """A simplecounter on a protocol another plug-in of the run declares (protocol_handler) is no problem for `run`,
+    which registers every handler's protocol in every VM first; `check` over the same files agrees, and reports the
+    unknown GUID over the counter alone, or with the handler the next problem `run` finds (exit 4 both)."""
+    files = [helpers.write_plugin(tmp_path, SYSLOG_COUNTER % (SYSLOG_GUID, onpacket), name="counter.lua")]
+    if with_handler:
+        files.append(helpers.write_plugin(tmp_path, SYSLOG_HANDLER, name="handler.lua"))
+    checked = luaprobe("check", *files, cwd=str(tmp_path))
+    ran = luaprobe("run", *files, "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
+    assert ran.returncode == checked.returncode == (4 if problem else 0), (checked, ran)
+    want = [f"{files[0]}: {problem}"] if problem else []
+    assert [t.split("problem: ", 1)[1] for t in checked.stdout.splitlines() if "problem: " in t] == want, checked
+    assert [t.split("problem: ", 1)[1] for t in ran.stderr.splitlines() if "problem: " in t] == want, ran
+
+
 ASYNC_REQUIRE = """local n = 0
 TrisulPlugin = { id = { name = "requires a helper in its worker" },
   simplecounter = { protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",

@@ -590,7 +590,7 @@ def cmd_check(args) -> int:
         if not i.loaded:
             for e in i.errors:
                 print(f"luaprobe check: {one_line(e)}", file=sys.stderr)
-    bad = [p for i in infos for p in i.errors]
+    bad = [p for i in infos for p in i.errors + i.setup_problems]   # setup problems: `run` refuses those too
     # only unsupported types: nothing runs (as `run` decides); a file of declarations alone (custom_alerts/
     # my-alerts.lua, an alertgroup) has no unsupported type and is not a problem: `run` stores it, exit 0
     if not bad and not any(i.runnable_types for i in infos) and any(i.unsupported for i in infos):

@@ -46,6 +46,13 @@ class PluginInfo:
     legacy_onattribute: bool = False   #: reassembly_handler.onattribute named (engine, flow, ts, ...): legacy order
     old_onupdate: str | None = None    #: cg_monitor.onupdate's parameter names when they say (engine, key, ts, ...)
     loaded: bool = True                #: False: the file did not load (syntax error, failed require, ...): types unknown
+    #: problems a run finds only when it sets a type's walk up (a simplecounter's unknown protocol_guid, a
+    #: packet_storage without filter: engine/plugins/host.lua simplecounter_problem, packetstore.lua problem), as
+    #: "FILE: message" lines: that type's instances do not run (exit 4), the file's other types do.  Not in
+    #: .errors / .problems (the run reports them at setup); `luaprobe check` lists them.
+    setup_problems: list = dataclasses.field(default_factory=list)
+    sc_guid: str | None = None         #: a simplecounter's protocol_guid luaprobe does not decode itself, upper case
+    sc_handled: str | None = None      #:   and its setup problem when a protocol_handler declares that GUID (probe_all)
 
     @property
     def problems(self) -> list[str]:
@@ -137,9 +144,23 @@ return function(path, log, budget)
     for i = 1, 8 do local nm = debug.getlocal(cgm.onupdate, i); if not nm then break end; names[i] = nm end
     old_onupdate = table.concat(names, ", ")
   end
+  -- what `run` refuses only when it sets a walk up (engine/fastpath/run.py _instantiate): asked here for check
+  -- (a simplecounter's protocol_guid may be another plug-in's protocol_handler protocol, which a run registers in every
+  -- VM first: probe_all takes sc_handled, the problem with that GUID known, when a plug-in probed with it declares it)
+  local setup, sc, sc_guid, sc_handled = {}, host.plugin.simplecounter, nil, nil
+  if type(sc) == "table" then
+    setup[#setup + 1] = host:simplecounter_problem()
+    local g = sc.protocol_guid
+    if type(g) == "string" and require("luaprobe.engine.fastpath.decode").by_guid(g) == nil then
+      sc_guid, sc_handled = g:upper(), host:simplecounter_problem({ [g:upper()] = true })
+    end
+  end
+  if type(host.plugin.packet_storage) == "table" then
+    setup[#setup + 1] = require("luaprobe.engine.plugins.packetstore").problem(host.plugin)
+  end
   return { types = types, countergroup = cg, problem = problem or pproblem or dproblem or fproblem, name = name,
            protocol = protocol, declarations = decls, flowtracker = ftc, legacy_onattribute = legacy,
-           old_onupdate = old_onupdate }, nil
+           old_onupdate = old_onupdate, setup_problems = setup, sc_guid = sc_guid, sc_handled = sc_handled }, nil
 end
 """
 
@@ -198,6 +219,9 @@ def probe(path: str, lua_path=(), budget: float = 0.0) -> PluginInfo:
     info.legacy_onattribute = bool(res.get("legacy_onattribute"))
     info.old_onupdate = res.get("old_onupdate") or None
     info.unsupported = [t for t in info.types if t not in SUPPORTED]
+    info.setup_problems = [f"{path}: {p}" for p in res.get("setup_problems") or []]
+    info.sc_guid = res.get("sc_guid")
+    info.sc_handled = f"{path}: {res['sc_handled']}" if res.get("sc_handled") else None
     return info
 
 
@@ -213,6 +237,12 @@ def probe_all(plugins, lua_path=(), budget: float = 0.0, before=None) -> list[Pl
         if before is not None:
             before(f)
         infos.append(probe(f, path, budget))
+    # a protocol_handler's protocol is registered in every VM of a run before the walks are set up
+    # (engine/fastpath/run.py _load_plugins: self.protocols), so a simplecounter may count on it
+    handled = {i.protocol["guid"].upper() for i in infos if i.protocol and not i.errors and "protocol_handler" in i.types}
+    for i in infos:
+        if i.sc_guid is not None and i.sc_guid in handled:      # its first problem was the GUID: what comes after it
+            i.setup_problems = [i.sc_handled] + i.setup_problems[1:] if i.sc_handled else i.setup_problems[1:]
     return infos
 
 
@@ -240,7 +270,7 @@ def describe(infos) -> str:
                          "from its parameter names")
         if i.old_onupdate:
             lines.append("    warning: " + old_onupdate_warning(i))
-        for p in i.problems:
+        for p in i.problems + i.setup_problems:
             lines.append(f"    problem: {logs.one_line(p)}")
     return "\n".join(lines)
 

@@ -574,16 +574,27 @@ local function sc_select(w, batch, n)
   return m
 end
 
---- Prepare the simplecounter hook; returns nil or a problem description.
-function Host:setup_simplecounter()
+--- What keeps the simplecounter hook from being set up (setup_simplecounter), as a problem description, or nil:
+--- its protocol_guid missing or not a protocol luaprobe decodes, its onpacket not a function.  Also asked by
+--- `luaprobe check`'s probe (engine/plugins/discovery.py), so that check reports what `run` refuses; `known`
+--- (optional): a set of upper-case GUIDs taken as decoded too (a protocol_handler's, which a run registers first).
+function Host:simplecounter_problem(known)
   local sc = self.plugin.simplecounter
   local guid = sc.protocol_guid
   if type(guid) ~= "string" then return "simplecounter.protocol_guid is missing" end
-  local proto = decode.by_guid(guid)
-  if proto == nil then
+  if decode.by_guid(guid) == nil and not (known and known[guid:upper()]) then
     return ("simplecounter.protocol_guid %s is not a protocol luaprobe decodes"):format(guid)
   end
   if type(sc.onpacket) ~= "function" then return "simplecounter.onpacket is not a function" end
+  return nil
+end
+
+--- Prepare the simplecounter hook; returns nil or a problem description (simplecounter_problem).
+function Host:setup_simplecounter()
+  local problem = self:simplecounter_problem()
+  if problem then return problem end
+  local sc = self.plugin.simplecounter
+  local proto = decode.by_guid(sc.protocol_guid)
   local P = decode.PROTO
   local pobj, lobj = packet.new_packet(), packet.new_layer()
   bind_layer(lobj, pobj, -1)                 -- for good: sc_pick sets only the layer index (w.lc.i)

@@ -119,14 +119,23 @@ local function done(ps, _, _, ok, code, _, _, _, _, store)
   if code and code >= 0 and code <= 6 and code % 1 == 0 then push(store, ps.k, ps.slot, ps.uid, code) end
 end
 
+--- What keeps plug-in table `plugin`'s packet_storage from being set up (M.setup), as a problem description, or nil.
+--- Also asked by `luaprobe check`'s probe (engine/plugins/discovery.py), so that check reports what `run` refuses.
+function M.problem(plugin)
+  local ps = plugin.packet_storage
+  if type(ps.filter) ~= "function" and type(ps.filter_payload) ~= "function" then
+    return "packet_storage has neither filter nor filter_payload"
+  end
+  return nil
+end
+
 --- Prepare a packet_storage instance on `host`: the store's lp_psstore at address `store_addr` (capacity slots);
 --- its walk state host.ps.  Returns nil or a problem description.
 function M.setup(host, store_addr, capacity)
+  local problem = M.problem(host.plugin)
+  if problem then return problem end
   local ps = host.plugin.packet_storage
   local f, fp = ps.filter, ps.filter_payload
-  if type(f) ~= "function" and type(fp) ~= "function" then
-    return "packet_storage has neither filter nor filter_payload"
-  end
   host.ps = host:new_walk({ per = 2, pick = pick, done = done, invokes = { invoke_filter, invoke_payload },
                             args = { [invoke_filter] = args_filter, [invoke_payload] = args_payload },
                             hook = "packet_storage",
