@@ -338,8 +338,9 @@ end
 --- `tick` true (the call of a packet-time second's tick, engine/fastpath/run.py _tick, with `now` that second): also
 --- opens the bucket of `now` in every group with a RUNNING_COUNTER meter (open_running): every VM ticks every
 --- packet-time second with packets (every shard too: TIME records, docs/scale.md), so each writes its totals for
---- every bucket any VM updates, and the parts' sum is the total; never in a bucket without packets (a window end's
---- call is no tick).
+--- every bucket any VM updates, and the parts' sum is the total; never in a bucket without packets of a file or
+--- generated input (a window end's call is no tick; a live run ticks its clock's seconds without packets too:
+--- engine/fastpath/run.py _live_idle).
 function Engine:take_counters(now, tick)
   local out, n = {}, 0
   local cut = now
