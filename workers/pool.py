@@ -123,6 +123,11 @@ class Slot:
     idle_since: float = 0.0             #   waiting, and the time.monotonic() of that (_check_stalled)
 
 
+#: the least time (s) a worker may take no task while tasks wait before it is replaced (_check_stalled), whatever the
+#: task timeout: a worker merely descheduled on a loaded machine is not killed under a tiny --task-timeout
+STALL_MIN_S = 2.0
+
+
 def _kill_group(pgid: int) -> None:
     """SIGKILL every process in a worker's process group.  Only called while the worker (the group leader)
     is alive or an unreaped zombie, so its pid, and with it the group id, cannot have been reused."""
@@ -323,7 +328,7 @@ class WorkerPool:
 
     def _check_stalled(self, slot: Slot, now: float) -> bool:
         """A worker that runs no task while tasks wait in its request ring, and took none for task_timeout
-        seconds, is replaced as a hung task is: stopped (SIGSTOP, a debugger) or wedged between two tasks, it held
+        seconds (at least STALL_MIN_S), is replaced as a hung task is: stopped (SIGSTOP, a debugger) or wedged between two tasks, it held
         them (and with them the counter buckets of their schedule times, docs/async.md "Time") for ever, since
         the task timeout only watches a task under way.  Its waiting tasks go to the replacement
         (Async:worker_lost: redispatched, none lost, none run twice)."""
@@ -336,7 +341,7 @@ class WorkerPool:
         if slot.idle_mark != (head, done):          # first seen idle with tasks waiting, or it took one since
             slot.idle_mark, slot.idle_since = (head, done), now
             return False
-        if now - slot.idle_since <= self.config.task_timeout:
+        if now - slot.idle_since <= max(self.config.task_timeout, STALL_MIN_S):
             return False
         slot.kill_reason = (f"took no task for {now - slot.idle_since:.0f} s with tasks waiting (stopped or "
                             f"wedged between tasks)")
