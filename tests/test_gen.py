@@ -366,3 +366,19 @@ def test_gen_interface_errors_are_one_line():
         pytest.skip("no network namespace here (unshare -n: root needed)")
     r = _gen_send("--interface", "lo", "--count", "10", "--rate", "100", prefix=(unshare, "-n"))
     assert (r.returncode, r.stderr) == (1, "luaprobe gen: sendmmsg: Network is down\n"), r.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--flows", "0"), ("--packets", "-3"), ("--vlan", "5000"), ("--mss", "9000"),
+                                        ("--concurrency", "0"), ("--seed", "-1"), ("--rate", "-2"),
+                                        ("--start", "-7")])
+def test_out_of_range_value_is_one_line_that_echoes_it(tmp_path, flag, value):
+    """`luaprobe gen` with a value out of its range: one usage line naming the flag and the value given, exit 2, no
+    file written (before, only the range: "luaprobe gen: --flows: 1..10000000", unlike `run`'s
+    "0 is out of range: must be ...")."""
+    out = tmp_path / "x.pcap"
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "gen", "--out", str(out), flag, value],
+                       cwd=helpers.REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"luaprobe gen: {flag}: {value} is out of range"), line
+    assert not out.exists()

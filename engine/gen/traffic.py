@@ -131,13 +131,13 @@ class GenConfig:
             raise UsageError(f"--format: pcap or pcapng, got {fmt!r}")
         self.out, self.format, self.seed = os.fspath(out), fmt, int(seed)
         if not 0 <= self.seed < 1 << 63:
-            raise UsageError("--seed: 0 <= N < 2^63")
+            raise UsageError(f"--seed: {self.seed} is out of range: 0 <= N < 2^63")
         self.flows = int(flows)
         if not 1 <= self.flows <= 10_000_000:
-            raise UsageError("--flows: 1..10000000")
+            raise UsageError(f"--flows: {self.flows} is out of range: must be 1..10000000")
         self.packets = None if packets is None else int(packets)
         if self.packets is not None and self.packets < 1:
-            raise UsageError("--packets: must be >= 1")
+            raise UsageError(f"--packets: {self.packets} is out of range: must be >= 1")
         self.mix = parse_mix(mix) if isinstance(mix, str) else dict(mix)
         self.http_sizes = _int_list(http_sizes, "--http-sizes") if isinstance(http_sizes, str) else list(http_sizes)
         self.http_types = ([t.strip() for t in http_types.split(",") if t.strip()] if isinstance(http_types, str)
@@ -155,20 +155,20 @@ class GenConfig:
             raise UsageError("--chunked-fraction + --gzip-fraction must be <= 1 (the encodings are exclusive)")
         self.vlan = None if vlan is None else int(vlan)
         if self.vlan is not None and not 0 <= self.vlan <= 4095:
-            raise UsageError("--vlan: 0..4095")
+            raise UsageError(f"--vlan: {self.vlan} is out of range: must be 0..4095")
         self.size_dist = parse_size_dist(size_dist) if isinstance(size_dist, str) else tuple(size_dist)
         self.rate = float(rate)
         if not 0 < self.rate <= 1e9:
-            raise UsageError("--rate: packets per second, > 0")
+            raise UsageError(f"--rate: {self.rate:g} is out of range: packets per second, > 0 (at most 1e9)")
         self.mss = int(mss)
         if not 536 <= self.mss <= 1460:
-            raise UsageError("--mss: 536..1460")
+            raise UsageError(f"--mss: {self.mss} is out of range: must be 536..1460")
         self.concurrency = int(concurrency)
         if not 1 <= self.concurrency <= 100_000:
-            raise UsageError("--concurrency: 1..100000")
+            raise UsageError(f"--concurrency: {self.concurrency} is out of range: must be 1..100000")
         self.start = int(start)
         if not 0 <= self.start < 1 << 31:
-            raise UsageError("--start: epoch seconds 0..2^31-1")
+            raise UsageError(f"--start: {self.start} is out of range: epoch seconds 0..2^31-1")
 
 
 # ---------------------------------------------------------------------------------------- flow keys
