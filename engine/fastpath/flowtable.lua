@@ -146,7 +146,11 @@ each new whole second, where nothing is stepped over.  Cost is O(1) per
 expired flow plus O(1) per call (plus the flows of the boundary second when
 now - idle_timeout is not whole), whatever the table size; `max` (default
 unlimited) bounds the flows freed in one call, the rest go on the next call,
-in list order.  Packet time is assumed monotone-ish: a packet earlier than
+in list order.  The idle flows go EXPIRE_CHUNK (512) at a time: the walk collects them, a loop of loads touches their
+records and index slots (hashing their keys), fn is called for each (once it returns, the flow counts as freed:
+is_live false, ft.live one less, terminate() of it returns false), then they leave the index and both lists; so fn
+may read and terminate any flow, but must not add packets to the table (its lists and index drop a chunk's flows
+after the chunk's fns).  Packet time is assumed monotone-ish: a packet earlier than
 its flow's second moves nothing (last_ts never decreases), and a flow placed
 behind a later one (a flow created by a late packet, or restarted by one: a
 restart steps back over this batch's appended records only) can only expire
@@ -313,9 +317,11 @@ local TCP = decode.PROTO.TCP
 local MIN_SLOTS = 1024   -- smallest index (slots); it doubles as flows arrive
 local SLOTS_PER_FLOW = 4  -- index slots per live flow (load <= 1/4) until the index reaches 2 * capacity
 local FLOW_SIZE = ffi.sizeof("lp_flow")
+local FLOW_WORDS, COLD_WORDS = FLOW_SIZE / 4, ffi.sizeof("lp_flow_cold") / 4   -- records as int32 words
 local SLOT_SIZE = 8       -- lp_slot (defined below)
 local COLD_SIZE = ffi.sizeof("lp_flow_cold")
 local SCRATCH = 16        -- scratch cold records (tcp_track), cold[capacity + 1 + idx % 16] for flow idx
+local EXPIRE_CHUNK = 512 -- idle flows expire() collects, then touches, reports and frees at a time (96 KiB of records)
 local TOUCH_FLOWS = 8192  -- live flows (2 MiB of records) from which update_batch touches before it works
 
 local FT = {}
@@ -420,6 +426,9 @@ function M.new(opts)
     ffi.new("int32_t[?]", nb), nb
   -- update_batch's scratch of many flows: verdicts (verdict: flow, slot) and the hashes side by side
   self.sv, self.sj, self.sh = ffi.new("int32_t[?]", nb), ffi.new("int32_t[?]", nb), ffi.new("int32_t[?]", nb)
+  -- expire()'s chunk: flows, their ids, their keys' hashes
+  self.xids, self.xuids, self.xhs = ffi.new("int32_t[?]", EXPIRE_CHUNK), ffi.new("double[?]", EXPIRE_CHUNK),
+    ffi.new("int32_t[?]", EXPIRE_CHUNK)
   local sen = self.cold[cap]                 -- the age list is circular through it
   sen.aprev, sen.anext = cap, cap
   self.lru[cap].prev, self.lru[cap].next = cap, cap
@@ -1375,13 +1384,12 @@ function FT:update_batch(b, n)
 end
 
 -- deletion -------------------------------------------------------------------------
-local function free_flow(self, idx)
-  local flows = self.flows
-  local e = flows[idx]
-  if e.live == 0 then return false end
+--- Unlink flow idx whose key hashes to h (hash_key) from the table: its index slot (backward-shift deletion), its LRU
+--- and age links, a free-stack push (free_flow and expire() mark it free: live = 0, ft.live - 1).
+local function unlink_flow(self, idx, h)
   local mask = self.mask
   local slots = self.slots
-  local i = band(hash_key(e.key), mask)      -- its slot: on the probe chain from its home slot
+  local i = band(h, mask)                    -- its slot: on the probe chain from its home slot
   while slots[i].idx ~= idx do i = band(i + 1, mask) end
   -- backward-shift deletion
   local j = i
@@ -1409,11 +1417,17 @@ local function free_flow(self, idx)
   lru_unlink(lru, idx)
   local c = self.cold[idx]
   age_unlink(self.cold, c)
-  e.live = 0
   lru[idx].prev, lru[idx].next, c.aprev, c.anext = -1, -1, -1, -1
   local t = self.free_top
   self.free_stack[t] = idx
   self.free_top = t + 1
+end
+
+local function free_flow(self, idx)
+  local e = self.flows[idx]
+  if e.live == 0 then return false end
+  unlink_flow(self, idx, hash_key(e.key))
+  e.live = 0
   self.live = self.live - 1
   return true
 end
@@ -1467,25 +1481,69 @@ function FT:expire(now, fn, max)
   local lru = self.lru
   -- the LRU list is ordered by lsec, and lsec <= last_ts: once now - lsec <= idle no later flow can
   -- be idle.  Flows before that point that are not idle (their last packet is in that boundary
-  -- second, after now - idle) stay and are stepped over.
+  -- second, after now - idle) stay and are stepped over.  EXPIRE_CHUNK idle flows at a time, in four small loops
+  -- that each compile on their own (one loop with free_flow's two loops inside made a different trace tree in each
+  -- process: 289-848 ns a flow, docs/benchmarks.md): (1) the walk collects them (the list's links one after the
+  -- other, each record's line 2 an independent load), (2) their key lines and cold lines are loaded and their keys
+  -- hashed, their index slots loaded, in a loop of independent loads, (3) fn per flow, then marked free (live 0,
+  -- ft.live - 1: what is_live / terminate see, as if freed), (4) each unlinked from the index and both lists.  A flow
+  -- that an earlier fn ended or reused (live, id) is skipped by (3) and (4), as if the walk had not reached it; one
+  -- that its own fn ended by (4).
+  local ids, uids, hs = self.xids, self.xuids, self.xhs
+  local fw, cw = self.fw, cast(i32_ptr, cold)
+  local t = 0
   local kept = cap             -- the last flow stepped over (the sentinel: none)
-  while n < max do
+  local more = true
+  while more and n < max do
+    local lim = max - n
+    if lim > EXPIRE_CHUNK then lim = EXPIRE_CHUNK end
+    local m = 0
     local i = lru[kept].next
-    if i == cap then break end
-    local e = flows[i]
-    if now - e.last_ts > idle then
-      local id = e.id
-      e.state = bor(e.state, TIMEDOUT)
-      if fn then fn(i, IDLE) end
-      if e.live ~= 0 and e.id == id then free_flow(self, i) end
-      n = n + 1
-      self.expired_idle = self.expired_idle + 1
-    elseif now - e.lsec > idle then
-      kept = i
-    else
-      break
+    while m < lim do                                       -- (1)
+      if i == cap then more = false; break end
+      local e = flows[i]
+      if now - e.last_ts > idle then
+        ids[m], uids[m] = i, e.id
+        m = m + 1
+      elseif now - e.lsec > idle then
+        kept = i
+      else
+        more = false; break
+      end
+      i = lru[i].next
+    end
+    local slots, mask = self.slots, self.mask              -- (fn may have grown the index)
+    for k = 0, m - 1 do                                    -- (2)
+      local x = ids[k]
+      local h = hash_key(fw + x * FLOW_WORDS)
+      hs[k] = h
+      t = bxor(t, cw[x * COLD_WORDS], slots[band(h, mask)].idx)
+    end
+    for k = 0, m - 1 do                                    -- (3)
+      local x = ids[k]
+      local e = flows[x]
+      local id = uids[k]
+      if e.live ~= 0 and e.id == id then
+        e.state = bor(e.state, TIMEDOUT)
+        if fn then fn(x, IDLE) end
+        n = n + 1
+        if e.live ~= 0 and e.id == id then
+          e.live = 0                                       -- freed as far as fn and the counters go: is_live,
+          self.live = self.live - 1                        -- terminate see it so for the chunk's later flows
+        else
+          ids[k] = -1                                      -- fn freed it itself
+        end
+      else
+        ids[k] = -1                                        -- an earlier flow's fn freed it
+      end
+    end
+    for k = 0, m - 1 do                                    -- (4)
+      local x = ids[k]
+      if x >= 0 then unlink_flow(self, x, hs[k]) end
     end
   end
+  self.expired_idle = self.expired_idle + n
+  self.xtouched = t                                        -- kept, so the loads are
   while n < max do
     local i = sen.anext
     if i == self.capacity then break end

@@ -15,7 +15,8 @@ To measure another checkout, run this file with that checkout's interpreter (its
 flow freed from the index and both lists, flow by flow along the LRU list; the table's idle timeout 120 s, every flow
 idle) instead of flush_flows.  Session 17: 289-848 ns a flow in record order, 474-2 438 with ``--moved`` (100 000
 flows, 4 KiB pages, 3 processes: the trace tree LuaJIT builds around free_flow's two loops differs between
-processes).
+processes); since FT:expire goes 512 idle flows at a time in four loops (session 17 note in docs/benchmarks.md,
+"The idle expiry in chunks"), 184-231 and 287-418.
 """
 from __future__ import annotations
 
