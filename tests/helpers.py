@@ -234,3 +234,32 @@ def line_worker(script: str):
     yield p
     p.stdin.close()
     p.wait(timeout=60)
+
+
+#: Lua, to put before a test chunk that uses it: ``attach_loop_ir(where, out)`` attaches a trace event handler that
+#: appends to the table ``out`` the IR of every looping root trace starting at a location ending in ``where``
+#: (e.g. "flowtable.lua:1490"): its operation numbers, comma-separated (names: tools/bench/walkir.py IR_NAMES), read
+#: with jit.util.traceir when the trace stops (a later flush would reuse its number).  ``jit.attach(function() end)``
+#: ends it.  Used by the tests that check what a loop compiles to (tests/test_flush_touch.py,
+#: tests/test_expire_chunks.py).
+LOOP_IR_LUA = r"""
+local function attach_loop_ir(where, out)
+  local ju = require "jit.util"
+  local starts = {}
+  jit.attach(function(what, tr, func, pc, a)
+    if what == "start" then
+      starts[tr] = { ju.funcinfo(func, pc).loc or "?", a }
+    elseif what == "stop" then
+      local s, info = starts[tr], ju.traceinfo(tr)
+      if s and s[2] == nil and info and info.linktype == "loop" and s[1]:sub(-#where) == where then
+        local ops = {}
+        for ref = 1, info.nins do
+          local m, ot = ju.traceir(tr, ref)
+          if m then ops[#ops + 1] = tostring(math.floor(ot / 256)) end
+        end
+        out[#out + 1] = table.concat(ops, ",")
+      end
+    end
+  end, "trace")
+end
+"""

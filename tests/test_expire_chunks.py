@@ -20,6 +20,7 @@ import math
 import os
 
 from luaprobe.shm.luajit import new_runtime, package_dirs
+from tests import helpers
 from tools.bench import fillir
 from tools.bench.walkir import IR_NAMES
 
@@ -29,7 +30,6 @@ NOW = (1008.5, 1020.0)                # the boundary second 1002 at the first: i
 
 LUA = r"""
 local ffi = require "ffi"
-local ju = require "jit.util"
 local flowtable = require "luaprobe.engine.fastpath.flowtable"
 local decode = require "luaprobe.engine.fastpath.decode"
 -- N UDP flows 10.1.x.y:(1024 + i) -> 192.0.2.1:53, first packets in [1000, 1002) in order of i, then a second packet
@@ -64,23 +64,8 @@ return function(N, IDLE, LINE, NOW1, NOW2, ...)
   local m = math.floor(N * 2 / 3)
   for k = 1, m do send(order[k], 1002 + (k - 1) * 3 / m) end
   assert(ft.live == N)
-  local starts, traces, lists, reps = {}, {}, {}, {}
-  jit.attach(function(what, tr, func, pc, a)
-    if what == "start" then
-      starts[tr] = { ju.funcinfo(func, pc).loc or "?", a }
-    elseif what == "stop" then
-      local s, info = starts[tr], ju.traceinfo(tr)
-      local want = "flowtable.lua:" .. LINE
-      if s and s[2] == nil and info and info.linktype == "loop" and s[1]:sub(-#want) == want then
-        local ops = {}
-        for ref = 1, info.nins do
-          local mm, ot = ju.traceir(tr, ref)
-          if mm then ops[#ops + 1] = tostring(math.floor(ot / 256)) end
-        end
-        traces[#traces + 1] = table.concat(ops, ",")
-      end
-    end
-  end, "trace")
+  local traces, lists, reps = {}, {}, {}
+  attach_loop_ir("flowtable.lua:" .. LINE, traces)
   local now
   local function fn(idx, reason)
     local e = ft:entry(idx)
@@ -129,7 +114,7 @@ def _touch_line() -> int:
 def _run(line=0):
     """LUA's results (strings); line: the touch loop's line, whose traces are returned (0: none)."""
     rt = new_runtime(encoding=None)
-    out = rt.execute(LUA)(N, IDLE, line, NOW[0], NOW[1], *MAXES)
+    out = rt.execute(helpers.LOOP_IR_LUA + LUA)(N, IDLE, line, NOW[0], NOW[1], *MAXES)
     return [x.decode() if isinstance(x, bytes) else x for x in out]
 
 

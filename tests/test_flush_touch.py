@@ -21,12 +21,12 @@ import collections
 import os
 
 from luaprobe.shm.luajit import new_runtime, package_dirs
+from tests import helpers
 from tools.bench import fillir
 from tools.bench.walkir import IR_NAMES
 
 LUA = r"""
 local ffi = require "ffi"
-local ju = require "jit.util"
 local flowtable = require "luaprobe.engine.fastpath.flowtable"
 local driver = require "luaprobe.engine.fastpath.driver"
 local decode = require "luaprobe.engine.fastpath.decode"
@@ -63,23 +63,8 @@ return function(N, LINE)
     npend = 0, pend_cap = 64, pend_tags = {}, renewed = {}, ntags = 0, tags = {}}, {__index = driver.Driver})
   self.exp = ffi.new("lp_flowrow[?]", self.exp_cap)
   self.pend = ffi.new("lp_flowrow[?]", self.pend_cap)
-  local starts, traces, keys = {}, {}, {}
-  jit.attach(function(what, tr, func, pc, a)
-    if what == "start" then
-      starts[tr] = { ju.funcinfo(func, pc).loc or "?", a }
-    elseif what == "stop" then
-      local s, info = starts[tr], ju.traceinfo(tr)
-      if s and s[2] == nil and info and info.linktype == "loop" and s[1]:sub(-#("driver.lua:" .. LINE)) ==
-         "driver.lua:" .. LINE then
-        local ops = {}
-        for ref = 1, info.nins do
-          local m, ot = ju.traceir(tr, ref)
-          if m then ops[#ops + 1] = tostring(math.floor(ot / 256)) end
-        end
-        traces[#traces + 1] = table.concat(ops, ",")
-      end
-    end
-  end, "trace")
+  local traces, keys = {}, {}
+  attach_loop_ir("driver.lua:" .. LINE, traces)
   while true do
     local n = self:flush_flows()
     if n == 0 then break end
@@ -105,7 +90,7 @@ def _touch_line() -> int:
 
 def test_flush_touches_each_chunks_records_in_a_loop_of_loads_only():
     rt = new_runtime(encoding=None)
-    traces, keys, made, live = rt.execute(LUA)(20000, _touch_line())
+    traces, keys, made, live = rt.execute(helpers.LOOP_IR_LUA + LUA)(20000, _touch_line())
     traces = traces.decode() if isinstance(traces, bytes) else traces
     assert traces, "the touch loop of flush_flows did not compile to a looping trace"
     for t in traces.split("\n"):
