@@ -263,3 +263,17 @@ local function attach_loop_ir(where, out)
   end, "trace")
 end
 """
+
+
+#: Lua, to put before a test chunk that uses it: ``udp_flow(d, i)`` makes decoder record ``d`` (decode.new()) the UDP
+#: packet 10.1.(i >> 8).(i & 255):(1024 + i) -> 192.0.2.1:53 of flow number i (0 <= i < 65536), for a flow table's
+#: update without a capture (tests/test_flush_touch.py, tests/test_expire_chunks.py).
+UDP_FLOW_LUA = r"""
+local function udp_flow(d, i)
+  require("luaprobe.engine.fastpath.decode").decode(d, '', 0, 9999)
+  d.ip_version, d.ipproto = 4, 17
+  d.src[0], d.src[1], d.src[2], d.src[3] = 10, 1, bit.rshift(i, 8), bit.band(i, 255)
+  d.dst[0], d.dst[1], d.dst[2], d.dst[3] = 192, 0, 2, 1
+  d.sport, d.dport = 1024 + i, 53
+end
+"""

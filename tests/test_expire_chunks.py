@@ -42,13 +42,7 @@ return function(N, IDLE, LINE, NOW1, NOW2, ...)
   local ft = flowtable.new{capacity = 8192, idle_timeout = IDLE, active_timeout = 1e9, huge_pages = false}
   local d = decode.new()
   local idx_of, num_of, pk = {}, {}, {}
-  local function flow(i)
-    decode.decode(d, '', 0, 9999)
-    d.ip_version, d.ipproto = 4, 17
-    d.src[0], d.src[1], d.src[2], d.src[3] = 10, 1, bit.rshift(i, 8), bit.band(i, 255)
-    d.dst[0], d.dst[1], d.dst[2], d.dst[3] = 192, 0, 2, 1
-    d.sport, d.dport = 1024 + i, 53
-  end
+  local function flow(i) udp_flow(d, i) end
   local function send(i, ts)
     flow(i)
     local idx = ft:update(d, ts, 60)
@@ -114,7 +108,7 @@ def _touch_line() -> int:
 def _run(line=0):
     """LUA's results (strings); line: the touch loop's line, whose traces are returned (0: none)."""
     rt = new_runtime(encoding=None)
-    out = rt.execute(helpers.LOOP_IR_LUA + LUA)(N, IDLE, line, NOW[0], NOW[1], *MAXES)
+    out = rt.execute(helpers.LOOP_IR_LUA + helpers.UDP_FLOW_LUA + LUA)(N, IDLE, line, NOW[0], NOW[1], *MAXES)
     return [x.decode() if isinstance(x, bytes) else x for x in out]
 
 

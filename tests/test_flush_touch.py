@@ -38,13 +38,7 @@ return function(N, LINE)
   local ft = flowtable.new{capacity = 65536, idle_timeout = 1e9, active_timeout = 1e9, huge_pages = false}
   local d = decode.new()
   local made = {}
-  local function flow(i)
-    decode.decode(d, '', 0, 9999)
-    d.ip_version, d.ipproto = 4, 17
-    d.src[0], d.src[1], d.src[2], d.src[3] = 10, 1, bit.rshift(i, 8), bit.band(i, 255)
-    d.dst[0], d.dst[1], d.dst[2], d.dst[3] = 192, 0, 2, 1
-    d.sport, d.dport = 1024 + i, 53
-  end
+  local function flow(i) udp_flow(d, i) end
   for i = 0, N - 1 do
     flow(i)
     ft:update(d, 1000 + i * 1e-6, 60)
@@ -90,7 +84,7 @@ def _touch_line() -> int:
 
 def test_flush_touches_each_chunks_records_in_a_loop_of_loads_only():
     rt = new_runtime(encoding=None)
-    traces, keys, made, live = rt.execute(helpers.LOOP_IR_LUA + LUA)(20000, _touch_line())
+    traces, keys, made, live = rt.execute(helpers.LOOP_IR_LUA + helpers.UDP_FLOW_LUA + LUA)(20000, _touch_line())
     traces = traces.decode() if isinstance(traces, bytes) else traces
     assert traces, "the touch loop of flush_flows did not compile to a looping trace"
     for t in traces.split("\n"):
