@@ -12,6 +12,12 @@ The capture holds no SYN: its flows are picked up mid-connection.  A handshake f
 of loop 3's root trace: LuaJIT's hot counters are shared by bytecode address (64 slots, lj_dispatch.h HOTCOUNT_PCMASK),
 so when another loop's counter shares loop 3's slot, loop 3 goes hot within its first packets and the root trace was
 recorded on a SYN (13 stores, the SYN time among them; 5 runs in 150, CI of da93ee7).
+
+Even without a SYN in the capture, one CI run in many (CI of 8ceb454; 0 in 1 500 runs here, each VM fresh) found the
+loop's root trace with the SYN branch in it (13 stores, an EQ guard and syn_time's arithmetic): which trace tree
+LuaJIT grows is not fixed by the capture alone (its hot-counter slots follow the bytecode's addresses, its penalties
+and string hashes are seeded at random per VM).  So the test takes the best of up to three fresh VMs: a store added to
+the known-flow path (the regression it guards against) shows in every VM, a rare trace tree in one.
 """
 from __future__ import annotations
 
@@ -55,10 +61,15 @@ def _known_flows_capture(path: str, flows: int = 4, rounds: int = 8000) -> None:
 def test_known_flow_segment_writes_no_syn_time(tmp_path):
     cap = str(tmp_path / "known.pcap")
     _known_flows_capture(cap)
-    ir = fillir.fill_ir(cap)
     src = open(os.path.join(package_dirs()["engine"], "fastpath", "flowtable.lua")).read().split("\n")
     line = next(i for i, s in enumerate(src) if s.strip() == "local idle = self.idle_timeout") + 2   # loop 3's for
     where = f"flowtable.lua:{line}"
-    assert where in ir, f"loop 3 ({where}) did not compile: {sorted(ir)}"
-    ops = collections.Counter(fillir.per_packet(ir[where]))
-    assert ops["XSTORE"] <= 11, f"{ops['XSTORE']} stores per packet of a known flow in loop 3: {ops}"
+    seen = []
+    for _ in range(3):                     # fresh VMs until one grows the usual tree (module doc)
+        ir = fillir.fill_ir(cap)
+        assert where in ir, f"loop 3 ({where}) did not compile: {sorted(ir)}"
+        ops = collections.Counter(fillir.per_packet(ir[where]))
+        seen.append(ops)
+        if ops["XSTORE"] <= 11:
+            break
+    assert seen[-1]["XSTORE"] <= 11, f"stores per packet of a known flow in loop 3, 3 VMs: {seen}"
