@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", default=",".join(corpus.ORDER), help="traffic shapes, comma-separated")
     ap.add_argument("--shapes", default=",".join(shapes.ORDER), help="plug-in shapes, comma-separated")
     ap.add_argument("--doc", help="also write the table into this Markdown file, between the corpus_bench markers")
+    ap.add_argument("--block", default="table", help="the Markdown block --doc replaces (default \"table\": "
+                    "<!-- corpus_bench table: begin --> ... end; \"full\" holds the full-corpus table)")
     ap.add_argument("--run-args", default="", help="extra flags for every `luaprobe run`, one string "
                     "(e.g. \"--pin-cpus off\" for an A/B run against the default)")
     a = ap.parse_args(argv)
@@ -254,7 +256,7 @@ def main(argv=None) -> int:
                                + ", ".join(walks)]
     print("\n".join(["", *goals]))
     if a.doc:
-        write_doc(a.doc, note, out + [""] + goals)
+        write_doc(a.doc, note, out + [""] + goals, a.block)
     return 0
 
 
@@ -293,11 +295,15 @@ def goal_lines(res: dict) -> list:
     return lines
 
 
-BEGIN, END = "<!-- corpus_bench table: begin -->", "<!-- corpus_bench table: end -->"
+def markers(block: str = "table") -> tuple:
+    """The BEGIN and END comment lines of the Markdown block named `block` ("table": the --quick table)."""
+    return f"<!-- corpus_bench {block}: begin -->", f"<!-- corpus_bench {block}: end -->"
 
 
-def write_doc(path: str, note: str, lines: list) -> None:
-    """Replace the text between the BEGIN and END markers of `path` with `note` and the table."""
+def write_doc(path: str, note: str, lines: list, block: str = "table") -> None:
+    """Replace the text between the BEGIN and END markers of block `block` of `path` with `note` and the table;
+    SystemExit naming the file when it has no such block."""
+    BEGIN, END = markers(block)
     with open(path) as f:
         text = f.read()
     i, j = text.find(BEGIN), text.find(END)
