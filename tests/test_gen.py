@@ -382,3 +382,44 @@ def test_out_of_range_value_is_one_line_that_echoes_it(tmp_path, flag, value):
     [line] = r.stderr.splitlines()
     assert line.startswith(f"luaprobe gen: {flag}: {value} is out of range"), line
     assert not out.exists()
+
+
+def _gen_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "gen", *argv], cwd=helpers.REPO,
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_gen_out_empty_is_one_usage_line(tmp_path):
+    """`luaprobe gen --out "$FILE"` with the variable unset: before, a Python and Lua traceback ending in
+    "builder.lua:186: : No such file or directory", exit 1.  Now one usage line, exit 2, as `run --stats-json ""`."""
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "gen", "--out", "", "--flows", "2"],
+                       cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (2, "luaprobe gen: --out: empty: give a file name\n"), r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_gen_write_error_on_a_device_is_one_line(tmp_path):
+    """`luaprobe gen --out /dev/full`: the kernel fails every write to /dev/full with ENOSPC (the independent truth,
+    checked first).  Before, the builder's writes and its close were not checked: "/dev/full: 77 packets ...",
+    exit 0, nothing written.  Now one line naming the file and the reason, exit 1."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    with pytest.raises(OSError) as e, open("/dev/full", "wb") as f:
+        f.write(b"x")
+    assert e.value.strerror == "No space left on device"
+    r = _gen_cli("--out", "/dev/full", "--flows", "2", "--mix", "tcp=1")
+    assert (r.returncode, r.stderr, r.stdout) == (
+        1, "luaprobe gen: --out /dev/full: cannot write: No space left on device (the capture is incomplete)\n", "")
+
+
+def test_gen_full_filesystem_is_one_line_naming_the_capture(tmp_path):
+    """A filesystem that fills while `gen` writes (a 64 KiB tmpfs: the 4 KiB write probe before the run passes).
+    Before, the capture's failed writes went unnoticed and the manifest's failure was reported without a name
+    ("luaprobe gen: [Errno 28] No space left on device").  Now the capture's first failed write ends the run: one
+    line naming the capture, exit 1, and no manifest for a capture that is cut."""
+    with helpers.tmpfs(tmp_path / "fs", "size=64k") as fs:
+        out = fs / "x.pcap"
+        r = _gen_cli("--out", str(out), "--flows", "200", "--seed", "2")
+        assert (r.returncode, r.stderr, r.stdout) == (
+            1, f"luaprobe gen: --out {out}: cannot write: No space left on device (the capture is incomplete)\n", "")
+        assert not os.path.exists(str(out) + ".bodies.json")

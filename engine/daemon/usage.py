@@ -568,7 +568,10 @@ def check_not_an_input_or_output(option: str, path: str, out: str, inputs=(), pl
 
 def check_new_file(option: str, path: str, creating=(), rename: bool = False) -> None:
     """A file the command will write (``--stats-json`` with ``rename``, ``gen --out``): :func:`file_problem` as a
-    :class:`UsageError` ``OPTION PATH: problem``."""
+    :class:`UsageError` ``OPTION PATH: problem``; an empty ``path`` (a shell variable not set) is
+    ``OPTION: empty: give a file name`` (before, ``gen --out ""`` passed and ended in a traceback)."""
+    if not path:
+        raise UsageError(f"{option}: empty: give a file name")
     problem = file_problem(path, creating, rename=rename)
     if problem:
         raise UsageError(f"{option} {path}: {problem}")

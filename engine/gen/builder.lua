@@ -88,6 +88,7 @@ end
 local M = {}
 M.KIND = { tcp = 1, udp = 2, icmp = 3, dns = 4, http = 5 }
 M.FLOW_SIZE = ffi.sizeof("lp_gen_flow")
+M.WRITE_ERROR = "gen: cannot write: "   -- the prefix of the error a failed open / write / close of cfg.path raises
 
 local u8p = ffi.typeof("uint8_t *")
 local cu8p = ffi.typeof("const uint8_t *")
@@ -183,7 +184,20 @@ function M.new(cfg)
   local scratch = ffi.new("uint8_t[?]", 1024)
   local pos = 0
   local FL = 0                  -- start of the frame being built
-  local file = cfg.file or assert(io.open(cfg.path, "wb"))   -- cfg.file: any object with :write(s), :close()
+  -- cfg.file: any object with :write(s), :close() (its own errors are its own); a file opened here has every write
+  -- and its close checked: a failure raises M.WRITE_ERROR .. reason (traffic.py: one line naming the file, exit 1;
+  -- before, a full disk or /dev/full went unnoticed and the summary counted packets never written)
+  local file, checked = cfg.file, cfg.file == nil
+  if checked then
+    local f, err = io.open(cfg.path, "wb")
+    if not f then                              -- io.open's message is "PATH: reason"
+      err = tostring(err)
+      local pre = tostring(cfg.path) .. ": "
+      if err:sub(1, #pre) == pre then err = err:sub(#pre + 1) end
+      error(M.WRITE_ERROR .. err, 0)
+    end
+    file = f
+  end
   local file_bytes = 0
 
   -- counters
@@ -207,7 +221,8 @@ function M.new(cfg)
 
   local function flush()
     if pos > 0 then
-      file:write(ffi.string(buf, pos))
+      local ok, err = file:write(ffi.string(buf, pos))
+      if checked and not ok then error(M.WRITE_ERROR .. tostring(err), 0) end
       file_bytes = file_bytes + pos
       pos = 0
     end
@@ -619,7 +634,8 @@ function M.new(cfg)
       active = last
     end
     flush()
-    file:close()
+    local ok, err = file:close()
+    if checked and not ok then error(M.WRITE_ERROR .. tostring(err), 0) end
     finished = true
     stop_profile()
     self.stats = {

@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import struct
 import sys
 import time
@@ -440,20 +441,26 @@ def generate(cfg: GenConfig) -> dict:
     pools = _Pools(cfg.seed)
     lua = luajit.new_runtime()
     flows = np.ascontiguousarray(flows)
-    g = new_builder(lua, cfg, flows, {b"path": os.fsencode(cfg.out), b"format": cfg.format.encode()})
-    run, provide = g[b"run"], g[b"provide"]
     manifest = []
     t_http = 0.0
-    fi = run()
-    while fi is not None:
-        th = time.perf_counter()
-        j = body_of_flow[int(fi)]
-        req, resp, entry = _http_flow(cfg, flows[int(fi)], j, int(bodies["size"][j]),
-                                      cfg.http_types[int(bodies["type"][j])], int(bodies["enc"][j]), pools)
-        manifest.append(entry)
-        t_http += time.perf_counter() - th
-        provide(req, resp)
+    try:
+        g = new_builder(lua, cfg, flows, {b"path": os.fsencode(cfg.out), b"format": cfg.format.encode()})
+        run, provide = g[b"run"], g[b"provide"]
         fi = run()
+        while fi is not None:
+            th = time.perf_counter()
+            j = body_of_flow[int(fi)]
+            req, resp, entry = _http_flow(cfg, flows[int(fi)], j, int(bodies["size"][j]),
+                                          cfg.http_types[int(bodies["type"][j])], int(bodies["enc"][j]), pools)
+            manifest.append(entry)
+            t_http += time.perf_counter() - th
+            provide(req, resp)
+            fi = run()
+    except Exception as e:                  # lupa.LuaError: builder.lua's M.WRITE_ERROR (open, write or close)
+        m = re.search(r"gen: cannot write: ([^\n]*)", str(e))
+        if m is None:
+            raise
+        raise WriteError(f"--out {cfg.out}: cannot write: {m.group(1)} (the capture is incomplete)") from None
     st = g[b"stats"]
     stats = dict(sorted((k.decode(), int(v)) for k, v in st.items()))   # Lua table order is not stable
     elapsed = time.perf_counter() - t0
@@ -464,11 +471,20 @@ def generate(cfg: GenConfig) -> dict:
     }
     if not os.path.isfile(cfg.out) or _is_stdout(cfg.out):   # /dev/stdout, a FIFO, /dev/null: no manifest in /dev
         return summary
-    with open(cfg.out + ".bodies.json", "w") as f:
-        json.dump({"capture": os.path.basename(cfg.out), "format": cfg.format, "seed": cfg.seed,
-                   "stats": stats, "bodies": manifest}, f, indent=1)
-        f.write("\n")
+    try:
+        with open(cfg.out + ".bodies.json", "w") as f:
+            json.dump({"capture": os.path.basename(cfg.out), "format": cfg.format, "seed": cfg.seed,
+                       "stats": stats, "bodies": manifest}, f, indent=1)
+            f.write("\n")
+    except OSError as e:
+        raise WriteError(f"{cfg.out}.bodies.json: cannot write: {e.strerror} (the capture {cfg.out} is "
+                         "complete)") from None
     return summary
+
+
+class WriteError(Exception):
+    """The capture (or its manifest) could not be written: a full filesystem, /dev/full, a file that cannot be
+    opened.  Its text is one line naming the file and the OS's reason; `luaprobe gen` prints it, exit 1."""
 
 
 def _http_flow(cfg, fl, j: int, size: int, ctype: str, enc: int, pools: _Pools):
@@ -554,6 +570,9 @@ def main(argv=None) -> int:
     to_stdout = _is_stdout(args.out)       # `gen --out /dev/stdout | tshark -r -`: the summary must not follow
     try:                                   # the capture into the pipe (before: "File has 980710767-byte packet")
         s = generate(cfg)
+    except WriteError as e:
+        print(f"luaprobe gen: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
     except OSError as e:
         print(f"luaprobe gen: {e}", file=sys.stderr)
         return EXIT_INTERNAL
