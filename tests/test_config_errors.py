@@ -224,3 +224,19 @@ def test_empty_user_or_group_key_is_refused(tmp_path, key):
         load(str(cfg))
     assert str(e.value).endswith(f'[run] {key} = "": must be a name or a number, not empty (leave the key out for '
                                  'none)'), str(e.value)
+
+
+@pytest.mark.parametrize("old, new, line, says", [
+    ('out_dir = "out"', 'out_dir = ""', 2, '[run] out_dir = "": must name a directory'),
+    ("pcap = [", 'pcap = ["", ', 5, '[source] pcap = ["", '),
+    ("paths = [", 'paths = ["", ', 7, '[plugins] paths = ["", '),
+])
+def test_an_empty_path_names_its_line(tmp_path, old, new, line, says):
+    """`out_dir = ""` gave "c.toml: [run] out_dir = : cannot write there: No such file or directory" (no line, no
+    quotes) and an empty entry of a path list was taken as the config's own directory (`paths = [""]` ran every
+    plug-in beside the config).  Now one line naming the file, line and key, exit 2, nothing started, as
+    `run_dir = ""` already was."""
+    err = start_refused(tmp_path, BASE.replace(old, new, 1))
+    assert err.startswith(f"luaprobe start: {tmp_path / 'c.toml'}:{line}: {says}"), err
+    if "out_dir" not in says:
+        assert err.endswith("must be a list of non-empty strings (paths)"), err

@@ -469,7 +469,9 @@ def test_a_compressed_capture_is_named_with_the_command_that_reads_it(tmp_path, 
 
 @pytest.mark.parametrize("flag,give", [("--stats-json", "a file name"), ("--filex-dir", "a directory"),
                                        ("--data-dir", "a directory"), ("--db-root", "a directory"),
-                                       ("--run-state-dir", "a directory"), ("--user", "a name or a number")])
+                                       ("--run-state-dir", "a directory"), ("--user", "a name or a number"),
+                                       ("--out", "a directory"), ("--lua-path", "a directory"),
+                                       ("--file-root", "a directory")])
 def test_empty_path_or_name_is_a_usage_line(tmp_path, flag, give):
     """`--stats-json "$STATS"` with the variable unset: the empty value was taken for "not given", so the run wrote
     no summary file (or kept the default directory, or stayed root for `--user ""`) with exit 0 and no word.
@@ -485,3 +487,19 @@ def test_empty_interface_is_a_usage_line(tmp_path):
     r = luaprobe("run", PLUGIN, "--interface", "", cwd=str(tmp_path))
     one_line(r, 2, "luaprobe run: argument --interface: empty: give an interface name")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (("check", PLUGIN, "--lua-path", ""), "luaprobe check: argument --lua-path: empty: give a directory"),
+    (("query", "alerts", "--out", ""), "luaprobe query: argument --out: empty: give a directory"),
+    (("status", "--run-dir", ""), "luaprobe status: argument --run-dir: empty: give a directory"),
+    (("stop", "--run-dir", ""), "luaprobe stop: argument --run-dir: empty: give a directory"),
+    (("start", "--config", ""), "luaprobe start: argument --config: empty: give a file name"),
+])
+def test_empty_path_of_other_commands_is_a_usage_line(tmp_path, argv, says):
+    """The newcomer review (session 18): an empty path (a shell variable not set) given to these options was taken
+    as the current directory (`query --out ""` read ./luaprobe.sqlite, `status --run-dir ""` looked for a daemon
+    elsewhere and reported one) or named nothing (`--lua-path : no such directory`, `start: : cannot read`).
+    Now one usage line naming the option, exit 2, as `run --stats-json ""`."""
+    r = luaprobe(*argv, cwd=str(tmp_path))
+    one_line(r, 2, says)

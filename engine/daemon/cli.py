@@ -629,11 +629,13 @@ def cmd_demo(args) -> int:
 def _run_options(p) -> None:
     """Options shared by `run` and `demo`; every number is range-checked here (docs/operations.md)."""
     from .usage import float_in, int_in, nonempty, number, power_of_two
-    p.add_argument("--out", default="out", help="output directory (SQLite database); default ./out")
+    p.add_argument("--out", default="out", type=nonempty("a directory"),
+                   help="output directory (SQLite database); default ./out")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--append", action="store_true", help="add this run to the database already in --out")
     again.add_argument("--overwrite", action="store_true", help="replace the database already in --out")
-    p.add_argument("--lua-path", action="append", default=[], metavar="DIR", help="extra Lua search directory")
+    p.add_argument("--lua-path", action="append", default=[], metavar="DIR", type=nonempty("a directory"),
+                   help="extra Lua search directory")
     p.add_argument("--stats-json", metavar="FILE", type=nonempty("a file name"), help="write the run summary as JSON")
     from .config import SCHEMA
     a = {k: v[2] for k, v in SCHEMA["async"].items()}      # [async] key -> (lo, hi): one range for flag and key
@@ -662,7 +664,7 @@ def _run_options(p) -> None:
                    help="bytes per async ring (a power of two, 4096..1 GiB)")
     p.add_argument("--drain-deadline", type=float_in(*a["drain_deadline"]), default=10.0,
                    help=f"seconds to finish async tasks at the end, {rng('drain_deadline')}")
-    p.add_argument("--file-root", action="append", default=[], metavar="DIR",
+    p.add_argument("--file-root", action="append", default=[], metavar="DIR", type=nonempty("a directory"),
                    help="confine T.async copy/cat/rm/copybuffer names beneath DIR (repeatable; docs/async.md)")
     from .settings import add_flags
     add_flags(p)                        # fast-path settings (engine/daemon/settings.py)
@@ -768,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     check = sub.add_parser("check", help="list plug-ins, their script types and problems")
     check.add_argument("plugins", nargs="+", metavar="PLUGIN")
-    check.add_argument("--lua-path", action="append", default=[], metavar="DIR")
+    check.add_argument("--lua-path", action="append", default=[], metavar="DIR", type=nonempty("a directory"))
     check.add_argument("--hook-budget", type=float, default=10.0, metavar="S",
                        help="seconds a plug-in's top level may run while it loads (default 10, as run's; 0 = off)")
     check.set_defaults(func=cmd_check)
@@ -779,9 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("reload", "re-read the config and scripts: graceful restart of the fast path"),
                        ("stats", "top-like live statistics (--json: one snapshot)")):
         d = sub.add_parser(name, help=what)
-        d.add_argument("--run-dir", metavar="DIR", help="run directory (default: [run] run_dir, else ./run)")
+        d.add_argument("--run-dir", metavar="DIR", type=nonempty("a directory"),
+                       help="run directory (default: [run] run_dir, else ./run)")
         if name == "start":
-            d.add_argument("--config", required=True, metavar="FILE")
+            d.add_argument("--config", required=True, metavar="FILE", type=nonempty("a file name"))
             d.add_argument("--foreground", action="store_true", help="do not daemonize")
         if name in ("status", "stats"):
             d.add_argument("--json", action="store_true")

@@ -132,6 +132,8 @@ def _check_value(name: str, section: str, key: str, value, t, check):
         if isinstance(value, str):
             value = [value]
         ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+        if ok and "" in value:                  # "" would be the config's own directory (paths = [""]: every
+            raise bad("a list of non-empty strings (paths)")     # plug-in beside the config ran)
     elif t is bool:
         ok = isinstance(value, bool)
     elif t is int:
@@ -275,6 +277,8 @@ def _cross_checks(cfg: Config, name: str) -> None:
                    f"restart_backoff_initial ({number(sv['restart_backoff_initial'])})")
     if not cfg.run_dir:
         raise _bad(name, "run", "run_dir", ' = "": must name a directory')
+    if not v["run"]["out_dir"]:                  # before: 'c.toml: [run] out_dir = : cannot write there: ...'
+        raise _bad(name, "run", "out_dir", ' = "": must name a directory')
     problem = writable_dir(v["run"]["out_dir"])
     if problem:
         raise _bad(name, "run", "out_dir", f" = {_show(v['run']['out_dir'])}: {problem}", problem)

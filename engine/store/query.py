@@ -18,7 +18,7 @@ import re
 
 from luaprobe.engine.store import writer as _w
 from luaprobe.engine.store.writer import DB_NAME, Store, StoreError, db_path
-from luaprobe.engine.daemon.usage import Parser, int_in
+from luaprobe.engine.daemon.usage import Parser, int_in, nonempty
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_OK, EXIT_USAGE
 WHAT = ("alerts", "resources", "fts", "counters", "flows", "keyinfo", "groups", "decls", "edges", "toppers", "run")
@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="luaprobe query", description="Query the output database of a luaprobe run.")
     p.add_argument("what", choices=WHAT, help="what to list")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--db", metavar="PATH", help="database file")
-    src.add_argument("--out", metavar="DIR", default="out",
+    src.add_argument("--db", metavar="PATH", type=nonempty("a file name"), help="database file")
+    src.add_argument("--out", metavar="DIR", default="out", type=nonempty("a directory"),
                      help=f"output directory holding {DB_NAME} (default ./out, the same as luaprobe run's)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--group", metavar="G", help="group name or GUID (counters, keyinfo, alerts, resources, fts)")
