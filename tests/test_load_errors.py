@@ -6,6 +6,7 @@ of the `require` counted in the file we wrote, and the directories we put on the
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -396,4 +397,80 @@ def test_a_fifo_or_device_named_lua_in_a_plugin_directory_is_skipped_with_one_li
         calls = [p["hook_calls"] for p in json.loads(r.stdout)["plugins"]]
         assert calls == [{"simplecounter.onpacket": helpers.pcap_records(SAMPLE)}], calls
     else:
+        assert str(d / "all.lua") in r.stdout
+
+
+def _as_nobody():
+    """argv prefix running a command as nobody (no capability), or None where that cannot be done here."""
+    import shutil
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0:
+        return []
+    if setpriv is None:
+        return None
+    pre = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    ok = subprocess.run(pre + [sys.executable, "-c", "import luaprobe.engine.daemon.cli"], capture_output=True,
+                        cwd=helpers.REPO, timeout=60)
+    return pre if ok.returncode == 0 else None
+
+
+@pytest.mark.parametrize("how", ["dangling link", "unreadable"])
+@pytest.mark.parametrize("cmd", ["check", "run"])
+def test_a_lua_file_in_a_plugin_directory_that_cannot_be_read_is_a_problem_line(tmp_path, cmd, how):
+    """The newcomer review (session 18): a plug-in directory holding x.lua that cannot be opened (a symbolic link
+    whose target is gone, a file without read permission) was passed over in silence: `check` listed the
+    other plug-ins and exited 0, `run` ran without it, exit 0.  A plug-in the user put there did not run and
+    nothing said so.  Now it is a plug-in that failed to load: one problem line naming it and the OS's reason
+    (the truth: open() of the same path), exit 4, the plug-in beside it still runs (its hook calls = the
+    sample's records, helpers.pcap_records)."""
+    prefix = [] if how == "dangling link" else _as_nobody()
+    if prefix is None:
+        pytest.skip("cannot run a command as a user without read permission here")
+    if prefix and cmd == "run":
+        pytest.skip("a run as another user needs the interpreter reachable by it (checked by test_privdrop.py)")
+    if prefix:                                          # pytest's tmp_path is root's own (0700): nobody must reach d
+        import tempfile
+        tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="luaprobe-unreadable-"))
+        os.chmod(tmp_path, 0o755)
+    try:
+        _cannot_be_read(tmp_path, cmd, how, prefix)
+    finally:
+        if prefix:
+            import shutil
+            shutil.rmtree(tmp_path)
+
+
+def _cannot_be_read(tmp_path, cmd, how, prefix):
+    d = tmp_path / "plugins"
+    d.mkdir()
+    helpers.write_plugin(d, """TrisulPlugin = { id = { name = "all" },
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(engine, layer) end } }
+""", name="all.lua")
+    bad = d / "b.lua"
+    if how == "dangling link":
+        os.symlink(tmp_path / "gone.lua", bad)
+        with pytest.raises(OSError) as e:
+            open(bad, "rb")
+        reason = e.value.strerror
+    else:
+        helpers.write_plugin(d, "TrisulPlugin = { id = { name = 'locked' } }\n", name="b.lua")
+        os.chmod(bad, 0)
+        import errno
+        reason = os.strerror(errno.EACCES)
+        os.chmod(d, 0o755)
+    args = [cmd, str(d)] + (["--pcap", SAMPLE, "--out", str(tmp_path / "o"), "--json"] if cmd == "run" else [])
+    r = subprocess.run(prefix + [sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 4, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout
+    want = f"cannot open {bad}: {reason}"
+    if cmd == "run":                                    # --json: the problem is in the summary's exit reasons
+        import json
+        summary = json.loads(r.stdout)
+        assert summary["exit"] == {"code": 4, "reasons": [f"plug-in problem: {want}"]}, summary["exit"]
+        calls = [p["hook_calls"] for p in summary["plugins"]]
+        assert calls == [{"simplecounter.onpacket": helpers.pcap_records(SAMPLE)}], calls
+    else:
+        assert r.stderr == f"luaprobe check: {want}\n", r.stderr
         assert str(d / "all.lua") in r.stdout

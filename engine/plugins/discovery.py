@@ -99,12 +99,14 @@ def _mentions_plugin(path: str) -> bool:
     """``path`` (a ``*.lua`` name found in a plug-in or search directory) is a regular file that mentions
     TrisulPlugin.  Opened without blocking and looked at (fstat) before it is read: a FIFO named ``x.lua`` made
     `check` and `run` wait for a writer for ever, and a device (a link to /dev/zero) would be read without end;
-    such a file is skipped with one warning naming it."""
+    such a file is skipped with one warning naming it.  A name that cannot be opened (a symbolic link whose
+    target is gone, no read permission) counts as a plug-in: the probe then reports it as one that failed to load
+    (``cannot open PATH: reason``, exit 4); before, it was passed over in silence and the run went on without it."""
     import stat
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return False
+        return True
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -117,7 +119,7 @@ def _mentions_plugin(path: str) -> bool:
         try:
             return b"TrisulPlugin" in f.read()
         except OSError:
-            return False
+            return True                          # EIO: the probe's read says why
 
 
 _PROBE = r"""
