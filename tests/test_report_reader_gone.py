@@ -59,3 +59,46 @@ def test_reader_gone_keeps_exit_code_error_line_and_stats(tmp_path, mode):
     stats = json.loads((tmp_path / "s.json").read_text())
     assert stats["packets"] == before_cut and stats["exit"]["code"] == 3
     assert not [ln for ln in lines if "Traceback" in ln]
+
+
+def _cli_to_gone_reader(tmp_path, *args, which="stdout"):
+    """`luaprobe ARGS | true`, deterministically: the reader's end of the pipe closed before the command starts, so
+    every write to it fails with EPIPE.  Returns (exit code, the other stream's text)."""
+    r, w = os.pipe()
+    os.close(r)
+    other = tmp_path / "other"
+    env = dict(os.environ, PYTHONPATH=helpers.REPO)
+    with open(other, "wb") as f:
+        streams = {"stdout": w, "stderr": f} if which == "stdout" else {"stdout": f, "stderr": w}
+        p = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=str(tmp_path), env=env,
+                           timeout=120, stdin=subprocess.DEVNULL, **streams)
+    os.close(w)
+    return p.returncode, other.read_text()
+
+
+@pytest.mark.parametrize("which", ["stdout", "stderr"])
+def test_other_commands_keep_their_exit_code_when_the_reader_is_gone(tmp_path, which):
+    """The newcomer review (session 18): `luaprobe check plugins/ | head -1` and `luaprobe status | true` exited 0
+    when the reader left (cli.main turned the BrokenPipeError into EXIT_OK), so under `set -o pipefail` a plug-in
+    that fails to load passed `check` and a stopped daemon read as running.  Now a write to a reader that left
+    is dropped and the command ends with its own code.  Truths: the same commands with their output in a file
+    (check 4: a syntax error; status 3: nothing ever ran in that run directory; query 2: a group that does not
+    exist)."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    helpers.write_plugin(d, "TrisulPlugin = { id = { name = 'ok' },\n  simplecounter = { protocol_guid = "
+                         "'{974FB098-DE46-45db-94DA-8D64A3BBCDE5}', onpacket = function() end } }\n", name="a.lua")
+    helpers.write_plugin(d, "TrisulPlugin = { x = = 1 }\n", name="b.lua")
+    out = tmp_path / "o"
+    assert run_cli(["--pcap", SAMPLE, "--out", str(out), "-q"]).returncode == 0
+    (tmp_path / "run").mkdir()
+    for args in (["check", str(d)], ["status", "--run-dir", str(tmp_path / "run")],
+                 ["query", "counters", "--out", str(out), "--group", "no such group"], ["query", "flows", "--out", str(out)]):
+        env = dict(os.environ, PYTHONPATH=helpers.REPO)
+        truth = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=str(tmp_path),
+                               env=env, timeout=120, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert truth.stdout or truth.stderr, args
+        code, other = _cli_to_gone_reader(tmp_path, *args, which=which)
+        assert code == truth.returncode, (args, code, truth.returncode, other)
+        assert "Traceback" not in other, other
+        assert other == (truth.stderr if which == "stdout" else truth.stdout), (args, other)

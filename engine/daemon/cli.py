@@ -15,6 +15,7 @@ to the stop was processed and written; a live run's normal end is a signal, so i
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 
@@ -848,6 +849,42 @@ def _open_standard_fds() -> None:
             setattr(sys, name, open(fd, mode, closefd=False))
 
 
+class _ReaderGoneIO(io.FileIO):
+    """A standard stream's descriptor whose reader may leave (`luaprobe check plugins/ | head -1`, `| true`): the
+    first write that fails with EPIPE points the descriptor at /dev/null and the rest of the output is dropped, so
+    the command goes on and ends with its own exit code.  Before, the BrokenPipeError ended any command with exit 0
+    (main's last resort), also `check` of a plug-in that fails to load (4) and `status` of a stopped daemon (3), and
+    the lines still to come on the other stream were lost (tests/test_report_reader_gone.py)."""
+
+    def write(self, b):
+        try:
+            return super().write(b)
+        except BrokenPipeError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, self.fileno())
+            finally:
+                os.close(null)
+            return memoryview(b).nbytes
+
+
+def _quiet_when_reader_gone() -> None:
+    """sys.stdout and sys.stderr rebuilt on :class:`_ReaderGoneIO` (same descriptor, encoding, errors and
+    buffering), for the console script only: an in-process main() (tests) keeps the streams it was given.
+    Not for `stats`, which prints until stopped: for it the reader leaving is the end (main's BrokenPipeError)."""
+    for name in ("stdout", "stderr"):
+        old = getattr(sys, name)
+        try:
+            fd = old.fileno()
+            old.flush()
+        except (AttributeError, OSError, ValueError):
+            continue                         # not a real descriptor (a test's capture), or one already broken
+        new = io.TextIOWrapper(io.BufferedWriter(_ReaderGoneIO(fd, "w", closefd=False)), encoding=old.encoding,
+                               errors=old.errors, line_buffering=old.line_buffering,
+                               write_through=getattr(old, "write_through", False))
+        setattr(sys, name, new)
+
+
 def console() -> None:
     """The `luaprobe` command (console script, ``python -m luaprobe.engine``): :func:`main`, then the process ends
     in :func:`_exit_now` with its code."""
@@ -885,6 +922,8 @@ def main(argv=None) -> int:
     in_process = argv is not None        # main() called in-process (tests), not as the console script
     _open_standard_fds()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not in_process and argv[:1] != ["stats"]:   # `stats` refreshes until --count: a reader that left ends it
+        _quiet_when_reader_gone()                  # (the BrokenPipeError below), as before
     import signal
     previous = {}                        # given back at the end when in-process
     for s in STOP_SIGNALS:               # the console script's handler since import: from now on, raise
