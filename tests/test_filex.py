@@ -689,6 +689,35 @@ def test_looks_http():
     assert f(b"\x00body bytes HTTP/1.1 200 OK", True) is False       # after a SYN the stream start must be HTTP
 
 
+def test_looks_http_status_line_search():
+    """Mid-stream (no SYN seen), a first payload not starting like a request is HTTP when "HTTP/1." occurs in its first
+    2 048 bytes: the memchr-then-memmem search (http.lua has_status_line) against Python's bytes.find, on payloads
+    with the status line at every kind of place (first / last possible byte, across the 2 048 limit, after more
+    'H' bytes than the memchr tries, truncated at the end), 'H'-free, all-'H', zero-filled and random ones."""
+    import random
+    from luaprobe.shm.luajit import new_runtime
+    f = new_runtime().eval('function(s) local ffi = require("ffi"); return require('
+                           '"luaprobe.engine.streams.filex").looks_http(ffi.cast("const uint8_t *", s), #s, false) end')
+    rnd = random.Random(7)
+    needle = b"HTTP/1."
+    cases = [b"\x00", b"\x00HTTP/1", b"\x00HTTP/1.", b"\x00" * 2041 + needle, b"\x00" * 2042 + needle,
+             b"\x00" + b"H" * 3000, b"\x00" + b"H" * 40 + needle, b"\x00HTTP/HTTP/1HTTP/1,HTTP/ HTTP/1.",
+             b"\x00" * 1500, bytes(range(1, 256)) * 10, b"\x00" + b"HTTP/1" * 400]
+    for n in (1, 7, 8, 64, 700, 1460, 2047, 2048, 2049, 3000):
+        for hs in range(0, 12):
+            body = bytearray(rnd.choice([b"\x00", b"H", bytes([rnd.randrange(256)])]) * n if hs % 3 == 0
+                             else rnd.randbytes(n))
+            for _ in range(hs):                         # scattered 'H' / near misses before the match
+                k = rnd.randrange(n)
+                body[k:k + 1] = rnd.choice([b"H", b"HT", b"HTTP/", b"HTTP/1"])[:1]
+            at = rnd.randrange(max(1, n + 8)) if hs % 2 else None
+            if at is not None:
+                body[at:at + 7] = needle
+            cases.append(b"\x00" + bytes(body))
+    for s in cases:
+        assert f(s) is (needle in s[:2048]), (len(s), s[:80])
+
+
 # ============================================================================ one reassembly shared with reassembly_handler (issue 14)
 
 # a reassembly_handler counting the bytes of every flow and direction (onnewflow: %(onnew)s)

@@ -74,6 +74,13 @@ function H.batch(ft, from, to)
   end
 end
 
+-- bytes [0, nbytes) of p all zero
+function H.zero(p, nbytes)
+  p = ffi.cast("const uint8_t *", p)
+  for i = 0, nbytes - 1 do if p[i] ~= 0 then return false end end
+  return true
+end
+
 -- {resident, pages} of records [from, to) in each of the three arrays
 function H.arrays(ft, from, to)
   local out = {}
@@ -122,3 +129,24 @@ def test_small_table_is_left_to_calloc(H):
     assert ft.mapped is False and ft.faulted == 0
     ft.prefault(ft, 10)
     assert ft.faulted == 0
+
+
+def test_side_array_is_mapped_with_the_records(H):
+    """FT:side_array (the shared reassembly's votes, engine/streams/stage.lua): its pages are mapped as the records',
+    a chunk of 1 024 items ahead of the high-water mark, not left to page faults of new flows in the packet loop;
+    made after flows exist, what the records have mapped is mapped at once; zero-filled; a second one (or one of a
+    small table) is plain memory.  Before: the stage calloc'd it (no page of it mapped before its flow's first use)."""
+    ft = H.new()
+    H.update(ft, 0, 1500)                                         # records [0, 2 048) mapped
+    side = ft.side_array(ft, 48)
+    assert ft.faulted == 2 * PREFAULT
+    r, n = H.resident(side, 0, 2 * PREFAULT * 48)
+    assert r == n and H.resident(side, 3 * PREFAULT * 48, 6 * PREFAULT * 48)[0] == 0
+    H.batch(ft, 1500, 2500)                                       # the third chunk, with the records
+    r, n = H.resident(side, 0, 3 * PREFAULT * 48)
+    assert r == n and H.resident(side, 4 * PREFAULT * 48, 8 * PREFAULT * 48)[0] == 0
+    assert H.zero(side, (ft.capacity + 1) * 48) and ft.side_size == 48
+    other = ft.side_array(ft, 48)                                  # a second one: not the table's, nothing mapped
+    assert H.resident(other, 0, 3 * PREFAULT * 48)[0] == 0 and H.zero(other, 3 * PREFAULT * 48)
+    small = new_runtime(encoding=None).execute('return require("luaprobe.engine.fastpath.flowtable").new{capacity = 1024}')
+    assert small.side_array(small, 48) is not None and small.side is None

@@ -262,3 +262,29 @@ def test_a_kernel_that_refuses_the_advice_ends_the_helper_and_the_fast_path_stop
     r = subprocess.run([sys.executable, "-c", REFUSED], cwd=helpers.REPO, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, LD_PRELOAD=str(lib)), stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_side_array_joins_a_running_helper(H):
+    """FT:side_array while a helper runs: the helper is restarted with the array as its fourth (one thread still),
+    maps its pages ahead with the records' so that the fast path maps none itself, and the stats keep the first
+    helper's work.  Truth: mincore and /proc/self/task."""
+    t0 = threads()
+    ft = H.new()
+    assert ft.start_prefaulter(ft, AHEAD) is True
+    H.batch(ft, 0, 3000)
+    wait_helper(H, ft)
+    before, mapped_itself = ft.prefaulter_stats(ft)[b"pages"], ft.self_faulted
+    side = ft.side_array(ft, 48)
+    assert threads() == t0 + 1 and ft.pf is not None and ft.prefaulter_stats(ft)[b"pages"] >= before
+    r, n = H.resident(side, 0, ft.faulted * 48)                  # what the records had mapped: mapped now
+    assert r == n
+    while ft.hw < 30000:
+        H.batch(ft, ft.hw, min(H.pf(ft)[0], 30000))
+        wait_helper(H, ft)
+    assert ft.self_faulted == mapped_itself                      # from the restart on, every page was the helper's
+    goal = H.pf(ft)[1]
+    r, n = H.resident(side, 0, (goal - 64) * 48)
+    assert r == n and H.resident(side, (goal + 2 * PREFAULT) * 48, (goal + 4 * AHEAD) * 48)[0] == 0
+    st = ft.stop_prefaulter(ft)
+    assert st[b"err"] == 0 and st[b"pages"] >= before + (goal - 4000) * (128 + 64 + 8 + 48) // 4096
+    assert threads() == t0

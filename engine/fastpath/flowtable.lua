@@ -24,6 +24,7 @@ compiles whatever the traffic; see "packet path" below for why (issue 10).
     ft:put_key(idx, buf)   -- flowkey(idx) written into a byte buffer, returns its length
     ft:entry(idx)          -- the lp_flow (hot) record (fields below)
     ft:cold_entry(idx)     -- the lp_flow_cold record (fields below)
+    ft:side_array(size)    -- zeroed items of `size` bytes per record, mapped ahead as the records (stage.lua's votes)
     ft:expire(now, fn[, max])   -- fn(idx, reason) per timed-out flow, then frees it
     ft:terminate(idx)      -- explicit end (caller saw FIN/RST...): frees, no callback
     ft:each(fn)            -- fn(idx) for every live flow, LRU list order (oldest second first)
@@ -403,6 +404,8 @@ function M.new(opts)
     hw = 0,              -- records [hw, cap) never used yet
     faulted = 0,         -- records [0, faulted) have their pages mapped (prefault)
     pf = nil,            -- the prefault helper (start_prefaulter: lp_prefaulter *), pf_lib its library
+    side = nil,          -- side_array's mapped array (uint8_t *), side_size its item's bytes: mapped as the records
+    pf_base = nil,       -- a restarted helper's predecessors' work (side_array): pages, calls, cpu_s
     kicks = 0, self_faulted = 0,   -- with a helper: its wake-ups, records the fast path still mapped itself
     mapped = (cap + 1) * FLOW_SIZE >= HUGE,   -- the records are a mapping of their own (alloc), not calloc's
     live = 0, created = 0, expired = 0, expired_idle = 0, expired_active = 0,
@@ -895,6 +898,7 @@ function FT:prefault(extra)
     populate(self.flows, from * FLOW_SIZE, to * FLOW_SIZE)
     if (n + SCRATCH) * COLD_SIZE >= HUGE then populate(self.cold, from * COLD_SIZE, to * COLD_SIZE) end
     if n * 8 >= HUGE then populate(self.lru, from * 8, to * 8) end
+    if self.side ~= nil then populate(self.side, from * self.side_size, to * self.side_size) end
     self.faulted = to
     if pf ~= nil then pf.self = to; self.self_faulted = self.self_faulted + (to - from) end
   end
@@ -949,6 +953,7 @@ void lp_prefault_stop(lp_prefaulter *p);
   add(self.flows, FLOW_SIZE)
   if (n + SCRATCH) * COLD_SIZE >= HUGE then add(self.cold, COLD_SIZE) end
   if n * 8 >= HUGE then add(self.lru, 8) end
+  if self.side ~= nil then add(self.side, self.side_size) end     -- the fourth and last (LP_PF_ARRAYS)
   local pf = lib.lp_prefault_start(self.capacity, self.faulted, k, addr, size)
   if pf == nil then return false, "lp_prefault_start: no thread or eventfd" end
   self.pf = ffi.gc(pf, lib.lp_prefault_stop)   -- joined before the arrays it maps go (they are the table's too)
@@ -967,8 +972,7 @@ end
 function FT:stop_prefaulter()
   local pf = self.pf
   if pf == nil then return nil end
-  local out = {pages = tonumber(pf.pages), calls = tonumber(pf.calls), cpu_s = pf.cpu_ns * 1e-9,
-               err = tonumber(pf.err), kicks = self.kicks, self_faulted = self.self_faulted}
+  local out = self:prefaulter_stats()
   self.faulted = math.max(self.faulted, tonumber(pf.done))
   if self.slot_map then self.slots_mapped = math.max(self.slots_mapped, tonumber(pf.ix_done)) end
   self.pf = nil
@@ -980,8 +984,34 @@ end
 function FT:prefaulter_stats()
   local pf = self.pf
   if pf == nil then return nil end
-  return {pages = tonumber(pf.pages), calls = tonumber(pf.calls), cpu_s = pf.cpu_ns * 1e-9, err = tonumber(pf.err),
-          kicks = self.kicks, self_faulted = self.self_faulted}
+  local b = self.pf_base or {pages = 0, calls = 0, cpu_s = 0}
+  return {pages = b.pages + tonumber(pf.pages), calls = b.calls + tonumber(pf.calls), cpu_s = b.cpu_s + pf.cpu_ns * 1e-9,
+          err = tonumber(pf.err), kicks = self.kicks, self_faulted = self.self_faulted}
+end
+
+--- A zero-filled array of capacity + 1 items of `size` bytes, item i belonging to record i, as a `uint8_t *` (cast it;
+--- the table keeps the memory for its life): the shared TCP reassembly's vote per flow (engine/streams/stage.lua
+--- lp_svote, 48 bytes), read at a flow's first packets.  Its pages are mapped as the records' are: the first one of a
+--- table whose records are a mapping of their own (from 2 MiB) is mapped now up to the records mapped so far, then
+--- with them, ahead of the high-water mark (prefault), by the prefault helper when one runs (restarted to take it,
+--- its work so far kept in the stats).  Before, the stage calloc'd its array: at the default capacity (2^20) 48 MiB of
+--- fresh pages, each first touched by a new flow inside the packet loop (~1.6 us a 4 KiB page on the benchmark VM,
+--- 85 flows a page: docs/benchmarks.md "filex on short non-HTTP flows").  A second array, or one of a small table,
+--- is plain zeroed memory faulted in on first use.  RSS: `size` bytes per record mapped, as the records.
+function FT:side_array(size)
+  local n = self.capacity + 1
+  local p = alloc(ffi.typeof("uint8_t *"), n, size, self.huge_pages)
+  if self.side ~= nil or not self.mapped or n * size < HUGE then return p end
+  local pf = self.pf
+  local ahead = self.pf_ahead
+  if pf ~= nil then
+    local st = self:stop_prefaulter()                -- faulted: what it had mapped; its work kept
+    self.pf_base = {pages = st.pages, calls = st.calls, cpu_s = st.cpu_s}
+  end
+  self.side, self.side_size = p, size
+  populate(p, 0, self.faulted * size)
+  if pf ~= nil then self:start_prefaulter(ahead) end
+  return p
 end
 
 -- 1 when the segment (flags fl, direction dir) is the first ACK without SYN from the client end

@@ -506,7 +506,7 @@ class FastPath:
                           if i.protocol and not i.errors and "protocol_handler" in i.types]
         self.group_names = group_names(self.infos)
         self.stage = ReassemblyStage(self.driver_lua, cfg.flow_capacity, cfg.idle_timeout, self.driver.ft.flows,
-                                          self.driver.ft.cold)
+                                          self.driver.ft.cold, self.driver.ft)
         self.flowmon = FlowBackends(self._write, {i.path: i.flowtracker for i in self.infos if i.flowtracker},
                                     self.shard_index)
         for info in self.infos:

@@ -931,11 +931,29 @@ end
 -- ------------------------------------------------------------------ is it HTTP? (a flow's first payload)
 
 pcall(ffi.cdef, "void *memmem(const void *haystack, size_t haystacklen, const void *needle, size_t needlelen);")
-local memmem = ffi.C.memmem
+pcall(ffi.cdef, "void *memchr(const void *s, int c, size_t n);")
+local memmem, memchr = ffi.C.memmem, ffi.C.memchr
+local H_TRIES = 4          -- 'H' found by memchr and checked before the rest goes to memmem
 
--- "HTTP/1." within the first 2048 bytes (no Lua string made from the payload)
+-- "HTTP/1." within the first 2048 bytes (no Lua string made from the payload): p (const uint8_t *), n bytes.
+-- The first H_TRIES 'H' bytes are found with memchr (vectorised in glibc) and the 6 bytes after each compared,
+-- then memmem searches the rest.  glibc's memmem (2.36, a byte-pair shift loop) took ~150 ns for 1 000 bytes
+-- without a match whatever they were, memchr a few ns per 'H'-free stretch: a first payload picked up mid-stream
+-- is searched whole (every non-HTTP one), and on zero-filled, random (encrypted) or text payloads this is 1.5 to
+-- 8 times faster; where 'H' is frequent it costs at most H_TRIES memchr calls more (docs/benchmarks.md, issue 10
+-- "filex on short non-HTTP flows").
 local function has_status_line(p, n)
-  return memmem(p, n < 2048 and n or 2048, "HTTP/1.", 7) ~= nil
+  local left = (n < 2048 and n or 2048) - 6        -- positions where the 7 bytes can start
+  for _ = 1, H_TRIES do
+    if left <= 0 then return false end
+    local h = memchr(p, 72, left)                   -- 'H'
+    if h == nil then return false end
+    h = cast(u8p, h)
+    if h[1] == 84 and h[2] == 84 and h[3] == 80 and h[4] == 47 and h[5] == 49 and h[6] == 46 then return true end
+    left = left - (h - p) - 1
+    p = h + 1
+  end
+  return left > 0 and memmem(p, left + 6, "HTTP/1.", 7) ~= nil
 end
 
 --- Does a TCP flow whose first payload is (p: const uint8_t *, n bytes) carry HTTP/1.x?

@@ -18,12 +18,13 @@ MAX_HANDLERS = 32
 class ReassemblyStage:
     """The stage in the driver VM `lua` plus the handler instances that read it."""
 
-    def __init__(self, lua, capacity: int, idle_timeout: float, records, cold):
+    def __init__(self, lua, capacity: int, idle_timeout: float, records, cold, ft=None):
         """`lua`: the driver VM; `records`: its flow table's hot records (``lp_flow *``,
         engine/fastpath/flowtable.lua), whose ``stage_off`` byte the stage sets for flows nobody wants reassembled;
-        `cold`: its cold records (``lp_flow_cold *``: the stage reads first_ts there)."""
+        `cold`: its cold records (``lp_flow_cold *``: the stage reads first_ts there); `ft`: the flow table (its
+        ``side_array`` holds the stage's votes, mapped ahead of new flows with the records; None: calloc'd)."""
         self.lua = lua
-        self.records, self.cold = records, cold
+        self.records, self.cold, self.ft = records, cold, ft
         self._new = lua.eval("function(o) return require('luaprobe.engine.streams.stage').new(o) end")
         self.capacity, self.idle_timeout = capacity, idle_timeout
         self.stage = None
@@ -34,7 +35,7 @@ class ReassemblyStage:
         """The shared vote array (created with the stage on first use)."""
         if self.stage is None:
             self.stage = self._new(self.lua.table_from({b"capacity": self.capacity, b"attributes": False,
-                                                        b"parse_cert": parse_cert, b"records": self.records, b"cold": self.cold,
+                                                        b"parse_cert": parse_cert, b"records": self.records, b"cold": self.cold, b"ft": self.ft,
                                                         b"idle_timeout": self.idle_timeout}))
             self._run = method(self.lua, "run")
             self._finish = method(self.lua, "finish")

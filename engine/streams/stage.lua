@@ -103,7 +103,9 @@ end
 --- parse_cert (function(der) -> "O\tCN\tissuerO\tissuerCN\tselfsigned" or nil),
 --- idle_timeout (s of packet time), records (the flow table's hot records, `lp_flow *`: the stage sets a record's
 --- stage_off once neither a handler nor filex wants the flow, and from then on skips its packets without reading
---- its vote, a random access into the vote array per packet), cold (its cold records, `lp_flow_cold *`: first_ts).  Fields set afterwards: nhandlers, nfilex (VMs attached).
+--- its vote, a random access into the vote array per packet), cold (its cold records, `lp_flow_cold *`: first_ts),
+--- ft (the flow table itself, optional: the vote array is then its FT:side_array, whose pages are mapped ahead of new
+--- flows with the records' instead of faulted in one by one by new flows in the packet loop; else calloc'd).  Fields set afterwards: nhandlers, nfilex (VMs attached).
 function M.new(opts)
   local self = setmetatable({
     capacity = opts.capacity, attributes = opts.attributes, parse_cert = opts.parse_cert,
@@ -113,7 +115,12 @@ function M.new(opts)
     stats = { flows = 0, filex_flows = 0, flows_not_http = 0, events = 0, attributes = 0, certificates = 0,
               cert_errors = 0 },
   }, S)
-  self.votes = cast("lp_svote *", ffi.C.calloc(opts.capacity, ffi.sizeof("lp_svote")))
+  if opts.ft then               -- the flow table's side array: its pages mapped ahead with the records' (FT:side_array)
+    self.votes_mem = opts.ft:side_array(ffi.sizeof("lp_svote"))
+    self.votes = cast("lp_svote *", self.votes_mem)
+  else
+    self.votes = cast("lp_svote *", ffi.C.calloc(opts.capacity, ffi.sizeof("lp_svote")))
+  end
   self.ev = cast("lp_sev *", ffi.C.calloc(self.evcap, ffi.sizeof("lp_sev")))
   assert(self.votes ~= nil and self.ev ~= nil, "stage: out of memory")
   self.votes_addr = tonumber(cast("intptr_t", self.votes))
@@ -128,8 +135,9 @@ function M.new(opts)
 end
 
 function S:free()
-  ffi.C.free(self.votes); ffi.C.free(self.ev)
-  self.votes, self.ev = nil, nil
+  if self.votes_mem == nil then ffi.C.free(self.votes) end   -- else the flow table's (freed with it)
+  ffi.C.free(self.ev)
+  self.votes, self.votes_mem, self.ev = nil, nil, nil
 end
 
 --- Address of the event array (it moves when it grows) and the event count.
