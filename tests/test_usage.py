@@ -503,3 +503,25 @@ def test_empty_path_of_other_commands_is_a_usage_line(tmp_path, argv, says):
     Now one usage line naming the option, exit 2, as `run --stats-json ""`."""
     r = luaprobe(*argv, cwd=str(tmp_path))
     one_line(r, 2, says)
+
+
+@pytest.mark.parametrize("argv, code, says", [
+    (("run", PLUGIN, "--pcap", "{d}/no\nsuch.pcap"), 3, "luaprobe run: --pcap {d}/no\\x0asuch.pcap: no such file"),
+    (("run", PLUGIN, "--pcap", "{d}/e\nluaprobe run: fake.pcap"), 3,
+     "luaprobe run: --pcap {d}/e\\x0aluaprobe run: fake.pcap: empty file (no capture header)"),
+    (("run", "{d}/p\nx.lua", "--pcap", SAMPLE), 2, "luaprobe run: {d}/p\\x0ax.lua: no such plug-in file or directory"),
+    (("run", PLUGIN, "--pcap", SAMPLE, "--out", "{d}/no/o\nx"), 2, "luaprobe run: --out {d}/no/o\\x0ax: "),
+    (("check", "{d}/p\rx.lua"), 2, "luaprobe check: {d}/p\\x0dx.lua: no such plug-in file or directory"),
+    (("start", "--config", "{d}/c\nx.toml"), 2, "luaprobe start: {d}/c\\x0ax.toml: cannot read: "),
+    (("gen", "--out", "{d}/no/g\nx.pcap"), 2, "luaprobe gen: --out {d}/no/g\\x0ax.pcap: the directory "),
+])
+def test_a_path_with_a_control_character_stays_on_one_line(tmp_path, argv, code, says):
+    """Bad input gives ONE line (README "Exit codes"): a path holding a newline, named in a usage or input line
+    printed before the run starts, printed as two lines, the second one forged ("luaprobe run: fake.pcap: empty
+    file ..."), while the lines printed during the run escape it (`input error: evil\\x0a...: byte offset ...`,
+    logs.one_line).  Now every UsageError, InputProblem and ConfigError text escapes control characters the same
+    way."""
+    d = str(tmp_path)
+    (tmp_path / "e\nluaprobe run: fake.pcap").write_bytes(b"")
+    r = luaprobe(*(a.replace("{d}", d) for a in argv), cwd=d)
+    one_line(r, code, says.replace("{d}", d))

@@ -20,10 +20,10 @@ from luaprobe.workers.limits import MAX_WORKERS
 
 from . import settings as _settings
 from .control import MAX_SOCKET_PATH, SOCKET
-from .usage import RESOURCE_ERRNOS, file_problem, number, writable_dir
+from .usage import RESOURCE_ERRNOS, OneLineError, file_problem, number, writable_dir
 
 
-class ConfigError(ValueError):
+class ConfigError(OneLineError):
     """A configuration problem; the message names the key, the value and the valid range.  ``section`` and
     ``key`` locate it (``key`` None: the section header): :func:`load` names their line."""
 

@@ -54,13 +54,23 @@ COMPRESSED_MAGICS = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x
 COMPRESSED_TOOLS = {"gzip": "zcat", "zstd": "zstdcat", "lz4": "lz4cat", "xz": "xzcat", "bzip2": "bzcat"}
 
 
-class UsageError(ValueError):
+class OneLineError(ValueError):
+    """An error whose ``str()`` is printed as one line: control characters (a newline in a file name given on the
+    command line) escaped as ``\\x0a`` by logs.one_line, as the lines printed during a run are.  Before, a path
+    holding a newline printed a usage or input line as two, the second one forged."""
+
+    def __str__(self) -> str:
+        from luaprobe.shm.logs import one_line
+        return one_line(super().__str__())
+
+
+class UsageError(OneLineError):
     """A bad option or option combination (exit code 2); ``str()`` is the one line shown."""
 
     exit_code = EXIT_USAGE
 
 
-class InputProblem(ValueError):
+class InputProblem(OneLineError):
     """An input file that cannot be used at all (exit code 3); ``str()`` names the file."""
 
     exit_code = EXIT_INPUT
