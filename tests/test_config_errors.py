@@ -240,3 +240,34 @@ def test_an_empty_path_names_its_line(tmp_path, old, new, line, says):
     assert err.startswith(f"luaprobe start: {tmp_path / 'c.toml'}:{line}: {says}"), err
     if "out_dir" not in says:
         assert err.endswith("must be a list of non-empty strings (paths)"), err
+
+
+def test_a_bpf_that_does_not_compile_is_refused_at_start(tmp_path):
+    """The newcomer review (session 18): `[source] interface = "lo"` with `bpf = "tcp port"` was not compiled at
+    start: "started: ...", exit 0, then the fast path exited 3 again and again ("restarting (last exit: exit
+    status 3)", restarts counting up) until `stop` said "the fast path ended with exit status 3".  `run --interface
+    lo --bpf "tcp port"` refuses it before anything starts, exit 2.  Now the config check compiles it as run does:
+    one line naming the file, the line and the key and libpcap's reason, exit 2, nothing started.  Truths:
+    run's own refusal of the same expression, and dumpcap's (libpcap's) verdict when dumpcap is installed."""
+    import shutil
+    if not os.path.exists("/sys/class/net/lo"):
+        pytest.skip("no lo interface here")
+    bad = "tcp port"
+    dumpcap = shutil.which("dumpcap")
+    if dumpcap:
+        d = subprocess.run([dumpcap, "-i", "lo", "-d", "-f", bad], capture_output=True, text=True, timeout=60)
+        assert "can't parse filter expression: syntax error" in d.stdout + d.stderr, d.stdout + d.stderr
+    r = cli("run", EXAMPLES, "--interface", "lo", "--bpf", bad, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "can't parse filter expression: syntax error" in r.stderr, r.stderr
+    text = BASE.replace(f"pcap = [{json.dumps(SAMPLE)}]", f'interface = "lo"\nbpf = "{bad}"')
+    try:
+        err = start_refused(tmp_path, text)
+    finally:                                    # before the fix a daemon started: never leave it running
+        if control.read_pid(str(tmp_path / "run")) is not None:
+            cli("stop", "--run-dir", str(tmp_path / "run"))
+    assert err == (f'luaprobe start: {tmp_path / "c.toml"}:6: [source] bpf = "{bad}": cannot compile BPF filter '
+                   f"'{bad}': can't parse filter expression: syntax error"), err
+    ok = BASE.replace(f"pcap = [{json.dumps(SAMPLE)}]", 'interface = "lo"\nbpf = "tcp port 9"')
+    (tmp_path / "ok.toml").write_text(ok)
+    from luaprobe.engine.daemon.config import load
+    assert load(str(tmp_path / "ok.toml")).values["source"]["bpf"] == "tcp port 9"

@@ -239,6 +239,13 @@ def _cross_checks(cfg: Config, name: str) -> None:
                        f"(have: {', '.join(have)})")
         if s["loop"]:
             raise _bad(name, "source", "loop", " = true: only valid with pcap")
+        if s["bpf"] is not None:                 # compiled as `run --bpf` does before it starts (a dead handle of
+            from luaprobe.engine.capture.bpf import BpfError, compile_bpf     # the interface's link type: syntax
+            from luaprobe.engine.capture.process import link_type           # only, no privileges); before, a
+            try:                                                            # daemon "started" and crash-looped
+                compile_bpf(s["bpf"], link_type(s["interface"]))            # on exit 3
+            except BpfError as e:
+                raise _bad(name, "source", "bpf", f" = {_show(s['bpf'])}: {e}") from None
         import dataclasses as dc
 
         from luaprobe.engine.fastpath.run import RunConfig
