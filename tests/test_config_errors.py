@@ -271,3 +271,22 @@ def test_a_bpf_that_does_not_compile_is_refused_at_start(tmp_path):
     (tmp_path / "ok.toml").write_text(ok)
     from luaprobe.engine.daemon.config import load
     assert load(str(tmp_path / "ok.toml")).values["source"]["bpf"] == "tcp port 9"
+
+
+def test_the_ray_backend_without_ray_is_refused_at_start(tmp_path):
+    """`[async] backend = "ray"` where the ray package is not installed: before, `start` started the daemon, its
+    fast path exited 2 ('--async-backend ray: the ray package is not installed', naming a flag the user did not
+    give) and `start` printed that line and five lines of supervisor.log.  `run --async-backend ray` refuses it
+    before anything starts (tests/test_usage.py).  Now one line naming the file, the line and the key, exit 2,
+    nothing started.  Truth: importlib's own look for the package."""
+    import importlib.util
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("ray is installed here")
+    text = BASE + '[async]\nbackend = "ray"\n'
+    try:
+        err = start_refused(tmp_path, text)
+    finally:                                    # before the fix a daemon started: never leave it running
+        if control.read_pid(str(tmp_path / "run")) is not None:
+            cli("stop", "--run-dir", str(tmp_path / "run"))
+    assert err == (f'luaprobe start: {tmp_path / "c.toml"}:9: [async] backend = "ray": the ray package is not '
+                   "installed (pip install 'luaprobe[ray]')"), err

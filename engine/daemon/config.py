@@ -275,6 +275,11 @@ def _cross_checks(cfg: Config, name: str) -> None:
                     check_private_dir(key + " =", v[section][key], v["run"]["user"])
             except UsageError as e:
                 raise ConfigError(f"{name}: [{section}] {e}", section, key) from None
+    if v["async"]["backend"] == "ray":          # as run's preflight does for --async-backend ray; before, the daemon
+        import importlib.util                   # started and its fast path exited 2 naming a flag not given
+        if importlib.util.find_spec("ray") is None:
+            raise _bad(name, "async", "backend", ' = "ray": the ray package is not installed (pip install '
+                       "'luaprobe[ray]')")
     for d in v["async"]["file_roots"]:
         if not os.path.isdir(d):
             raise _bad(name, "async", "file_roots", f": {d!r}: not a directory")
