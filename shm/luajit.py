@@ -146,8 +146,11 @@ def new_runtime(search_dirs=(), encoding: str | None = None) -> luajit21.LuaRunt
 
 
 def error_text(e) -> str:
-    """The first line-block of a LuaError (without the stack traceback) as str."""
-    msg = e.args[0] if getattr(e, "args", None) else str(e)
+    """The first line-block of a LuaError (without the stack traceback) as str; any other exception with several
+    arguments as Python shows it (an OSError's reason and file: before, its errno alone, "internal error:
+    PermissionError: 13")."""
+    args = getattr(e, "args", None)
+    msg = args[0] if args and len(args) == 1 else str(e)
     if isinstance(msg, bytes):
         msg = msg.decode("utf-8", "replace")
     return str(msg).split("\nstack traceback:", 1)[0]

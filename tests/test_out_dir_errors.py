@@ -316,3 +316,26 @@ def test_existing_directory_that_takes_no_new_file(tmp_path, option):
     assert r.returncode == 2, r.stderr
     assert r.stderr == (f"luaprobe run: {option} /proc/1: cannot write there: its file system makes no new file in "
                         "it (creating one: No such file or directory; /proc and /sys are such)\n")
+
+
+def test_an_internal_error_line_names_an_os_error_s_reason_and_file(tmp_path):
+    """`luaprobe run: internal error: PermissionError: 13` (found as a newcomer, session 18: a store writer that could
+    not be started, the interpreter it execs not reachable) named neither the reason nor the file: the line's text
+    was the exception's first argument (shm/luajit.error_text, made for LuaError), an OSError's errno.  Now an
+    exception with several arguments is shown as Python shows it.  Truths: Python's own str() of the errors raised
+    by open() and by a UTF-8 decode; a LuaError keeps its message without the stack traceback."""
+    from lupa import luajit21
+
+    from luaprobe.shm.luajit import error_text
+    missing = tmp_path / "no" / "x"
+    with pytest.raises(OSError) as e:
+        open(missing)
+    assert error_text(e.value) == str(e.value) == f"[Errno 2] No such file or directory: '{missing}'"
+    with pytest.raises(UnicodeDecodeError) as u:
+        b"\xff".decode()
+    assert error_text(u.value) == str(u.value)
+    lua = luajit21.LuaRuntime()
+    with pytest.raises(luajit21.LuaError) as le:
+        lua.execute("error('boom')")
+    assert error_text(le.value) == str(le.value).split("\nstack traceback:")[0]
+    assert error_text(KeyError("k")) == "k"
