@@ -123,3 +123,48 @@ def test_daemon_child_with_workers_config_starts_them_before_the_first_packet(tm
         time.sleep(0.05)
     assert daemon.cli("stop").returncode in (0, 3)     # 3: the run had already ended (input finished)
     assert json.loads(seen.read_text()) == {"procs": 8, "ready": 8, "procs_after_schedule": 8}
+
+
+COUNTER = r'''
+local OUT = %s
+local function slurp(path)
+  local f = io.open(path, "rb"); if not f then return nil end
+  local s = f:read("*a"); f:close(); return s
+end
+TrisulPlugin = { id = { name = "counts worker processes" },
+  simplecounter = { protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",
+    onpacket = function(engine, layer)
+      if SEEN then return end
+      SEEN = true
+      local me = tonumber(slurp("/proc/self/stat"):match("^(%%d+)"))
+      local procs = 0
+      for pid in (slurp("/proc/" .. me .. "/task/" .. me .. "/children") or ""):gmatch("%%d+") do
+        if (slurp("/proc/" .. pid .. "/cmdline") or ""):find("luaprobe.workers.worker", 1, true) then
+          procs = procs + 1
+        end
+      end
+      local f = assert(io.open(OUT, "wb")); f:write(tostring(procs)); f:close()
+    end } }
+'''
+
+
+def test_workers_flag_starts_no_processes_for_plug_ins_that_never_name_t_async(tmp_path):
+    """The newcomer review (session 18): `[async] workers = 2` in the example probe.toml (or `--workers 2`) started
+    2 worker processes for every plug-in instance at load, also for instances whose file never names T.async (the
+    example's tcp_ports.lua countergroup and simplecounter, window_report.lua's two engine_monitors): 10 processes,
+    8 idle for the whole run (~20 MiB each).  Now only a file that names ``async`` gets its pool started at load;
+    another stays lazy (a pool started by its first task, should it reach T.async through a module it requires).
+    Truth, read by a plug-in from the kernel at its first packet: the run's children that are luaprobe workers:
+    the 3 of the plug-in that schedules (test above), not 3 more for the counting one (which does not name it)."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    seen, seen2 = tmp_path / "seen.json", tmp_path / "count.txt"
+    (d / "a_start.lua").write_text(PLUGIN % (json.dumps(str(seen)), 1))
+    (d / "b_count.lua").write_text(COUNTER % json.dumps(str(seen2)))
+    assert b"async" not in (d / "b_count.lua").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(d), "--pcap", CAPTURE,
+                        "--out", str(tmp_path / "o"), "-q", "--workers", "3"], cwd=helpers.REPO,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(seen.read_text()) == {"procs": 3, "ready": 3, "procs_after_schedule": 3}
+    assert int(seen2.read_text()) == 3

@@ -19,6 +19,16 @@ def _text(x) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
 
 
+def _names_async(path: str) -> bool:
+    """The plug-in file names ``async`` (``T.async``, ``request_async_workers``), as engine/fastpath/run.py
+    ``mentions_async`` asks for the warm spare; an unreadable file counts as naming it."""
+    try:
+        with open(path, "rb") as f:
+            return b"async" in f.read()
+    except OSError:
+        return True
+
+
 class PluginVM:
     """Load ``path`` into a fresh VM (T and T.async ready before the chunk runs) and start its workers."""
 
@@ -61,8 +71,11 @@ class PluginVM:
         self._call = self.lua.eval("function(h, sub, name, ...) return h:call(sub, name, ...) end")
         self._bell = bell
         #: the pool started here, at load (not on the first task); the fast path waits for its workers before
-        #: the packet loop (AsyncRuntime.wait_workers)
-        self.eager = start_workers is True or (start_workers == "lazy" and self.nworkers > 1)
+        #: the packet loop (AsyncRuntime.wait_workers).  Not for a file that never names ``async``: `--workers N`
+        #: / `[async] workers` apply to every plug-in, and started N idle processes for each instance of one that
+        #: cannot schedule (a countergroup, an engine_monitor without T.async); it stays lazy instead
+        self.eager = start_workers is True or (start_workers == "lazy" and self.nworkers > 1
+                                               and _names_async(self.path))
         if self.eager:
             self._start_at_load()
         elif start_workers == "lazy":
