@@ -495,14 +495,18 @@ def test_empty_interface_is_a_usage_line(tmp_path):
     (("status", "--run-dir", ""), "luaprobe status: argument --run-dir: empty: give a directory"),
     (("stop", "--run-dir", ""), "luaprobe stop: argument --run-dir: empty: give a directory"),
     (("start", "--config", ""), "luaprobe start: argument --config: empty: give a file name"),
+    (("loadtest", "overflow", "--quick", "--out", ""), "luaprobe loadtest: argument --out: empty: give a directory"),
+    (("loadtest", "overflow", "--quick", "--work", ""), "luaprobe loadtest: argument --work: empty: give a directory"),
 ])
 def test_empty_path_of_other_commands_is_a_usage_line(tmp_path, argv, says):
     """The newcomer review (session 18): an empty path (a shell variable not set) given to these options was taken
     as the current directory (`query --out ""` read ./luaprobe.sqlite, `status --run-dir ""` looked for a daemon
     elsewhere and reported one) or named nothing (`--lua-path : no such directory`, `start: : cannot read`).
-    Now one usage line naming the option, exit 2, as `run --stats-json ""`."""
+    Now one usage line naming the option, exit 2, as `run --stats-json ""` (`loadtest --out ""` wrote its report
+    into ./overflow)."""
     r = luaprobe(*argv, cwd=str(tmp_path))
     one_line(r, 2, says)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("argv, code, says", [

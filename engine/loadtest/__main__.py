@@ -15,13 +15,13 @@ import tempfile
 def main(argv=None) -> int:
     from luaprobe.engine.loadtest import common
     from luaprobe.engine.loadtest.scenarios import SCENARIOS
-    from luaprobe.engine.daemon.usage import Parser
+    from luaprobe.engine.daemon.usage import Parser, nonempty
     ap = Parser(prog="luaprobe loadtest", description="load tests with Markdown reports and plots")
     ap.add_argument("scenario", choices=[*SCENARIOS, "all"])
     ap.add_argument("--quick", action="store_true", help="a few seconds per scenario (smoke test)")
-    ap.add_argument("--out", default=common.DEFAULT_OUT,
+    ap.add_argument("--out", default=common.DEFAULT_OUT, type=nonempty("a directory"),
                     help=f"report directory (default ./{common.DEFAULT_OUT}; the committed reports were made with --out docs/loadtest)")
-    ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
+    ap.add_argument("--work", default=None, type=nonempty("a directory"), help="scratch directory (default: a temporary one, removed)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
     if args.quick and "docs" in os.path.realpath(args.out).split(os.sep):
