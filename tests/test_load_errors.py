@@ -474,3 +474,30 @@ def _cannot_be_read(tmp_path, cmd, how, prefix):
     else:
         assert r.stderr == f"luaprobe check: {want}\n", r.stderr
         assert str(d / "all.lua") in r.stdout
+
+
+@pytest.mark.parametrize("content", [None, "readme.txt"])
+def test_start_of_a_directory_without_plug_ins_is_one_line_and_starts_nothing(tmp_path, content):
+    """`luaprobe start` with `[plugins] paths` naming a directory that holds no plug-in (the newcomer review, session
+    18): before, the daemon started, its fast path exited 4 ("plug-in error: no plug-in files found in ...") and
+    `start` printed that line and five lines of supervisor.log.  Now it is found before anything starts, as `run`
+    and `check` find it (test above): one line, exit 4 (run's code for it), no supervisor.  Truth: run's own answer
+    for that directory."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    if content:
+        (d / content).write_text("not a plug-in\n")
+    run = luaprobe("run", str(d), "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
+    assert run.returncode == 4 and f"no plug-in files found in {d}" in run.stderr, run.stderr
+    toml = tmp_path / "probe.toml"
+    toml.write_text(f'[run]\nout_dir = "o"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\n[plugins]\n'
+                    f'paths = ["{d}"]\n')
+    from luaprobe.engine.daemon import control
+    try:
+        r = luaprobe("start", "--config", str(toml), cwd=str(tmp_path))
+    finally:
+        if control.read_pid(str(tmp_path / "run")) is not None:
+            luaprobe("stop", "--run-dir", str(tmp_path / "run"), cwd=str(tmp_path))
+    assert (r.returncode, r.stdout) == (run.returncode, ""), r.stderr
+    assert r.stderr == f"luaprobe start: plug-in error: no plug-in files found in {d} (nothing started)\n"
+    assert not (tmp_path / "run" / "supervisor.pid").exists()

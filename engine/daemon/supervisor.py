@@ -1216,6 +1216,12 @@ def cmd_start(args) -> int:
         print(f"luaprobe start: {cfg.path}: [run] out_dir = {cfg['run']['out_dir']}: {os.path.basename(link)} is a symbolic link "
               "(not followed); remove it, or give another out_dir", file=sys.stderr)
         return EXIT_USAGE
+    from luaprobe.engine.plugins.discovery import discover   # what the fast path's preflight refuses (exit 4):
+    paths = cfg["plugins"]["paths"]                          # before, the daemon started, failed at once and
+    if not discover(paths, cfg["plugins"]["lua_path"]):      # `start` printed its log's tail
+        print(f"luaprobe start: plug-in error: no plug-in files found in {', '.join(paths)} (nothing started)",
+              file=sys.stderr)
+        return EXIT_PLUGIN
     from luaprobe.engine.daemon import metrics
     port = cfg["stats"]["prometheus_port"]
     problem = port and metrics.port_problem(port)
