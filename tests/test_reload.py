@@ -442,3 +442,44 @@ def test_soak_reloads_keep_processes_descriptors_and_segments_bounded(daemon, tm
     assert len(instances(daemon, "sg.lua")) == 2 and len(instances(daemon, "ft.lua")) == 2
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
+
+
+def test_reload_refuses_what_check_refuses_and_an_empty_plugin_directory(daemon, tmp_path):
+    """The newcomer review (session 18).  A reload to plug-ins that `luaprobe check` refuses only at setup (a
+    simplecounter whose protocol_guid luaprobe does not decode: check exit 4, `start` refuses it) said "reloaded",
+    exit 0, and the new fast path ran without that instance ("stopped, but the fast path ended with exit status 4"
+    at stop).  A reload to a `[plugins] paths` directory left without plug-in files said "reloaded" too, and the new
+    fast path failed at once: the daemon was gone ("failed: plug-in or usage error (exit status 4)").  Now both
+    refuse the reload, exit 4, the running fast path kept.  Truths: check's own problem line and exit code for the
+    same directory; the fast path's pid before and after."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    script = plug / "counter.lua"
+    script.write_text(COUNTER)
+    daemon.start(plugins=[plug])
+    daemon.wait_packets(100)
+    before = daemon.status()
+    script.write_text(COUNTER.replace("{77E462AB-2E42-42ec-9A58-C1A6821D6B31}", "{00000000-0000-0000-0000-000000000000}"))
+    text = open(daemon.config).read().replace("drain_deadline = 5", "drain_deadline = 6")    # a settings change:
+    open(daemon.config, "w").write(text)                          # the fast path restarts with the new scripts
+    c = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "check", str(plug)], cwd=helpers.REPO,
+                       capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    assert c.returncode == 4, c.stdout + c.stderr
+    (expected,) = [x.strip().removeprefix("problem: ") for x in c.stdout.splitlines() if "problem: " in x]
+    r = daemon.cli("reload")
+    assert r.returncode == 4 and f"luaprobe reload: refused: {expected}" in r.stderr.splitlines(), r.stderr
+    st = daemon.status()
+    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    script.unlink()
+    (plug / "readme.txt").write_text("not a plug-in\n")
+    open(daemon.config, "w").write(text.replace("drain_deadline = 6", "drain_deadline = 7"))
+    c = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "check", str(plug)], cwd=helpers.REPO,
+                       capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    assert (c.returncode, c.stderr) == (4, f"luaprobe check: no plug-in files found in {plug}\n")
+    r = daemon.cli("reload")
+    assert r.returncode == 4 and f"luaprobe reload: refused: no plug-in files found in {plug}" in r.stderr.splitlines(), \
+        r.stderr
+    st = daemon.status()
+    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()

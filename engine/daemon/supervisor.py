@@ -168,7 +168,13 @@ def probe_main(spec: str) -> int:
         print(f"loading {f}", flush=True)
     try:
         with LoadWatch("luaprobe reload", EXIT_PLUGIN):
-            errors = [e for i in probe_all(a["paths"], a["lua_path"], a["budget"], before=before) for e in i.errors]
+            infos = probe_all(a["paths"], a["lua_path"], a["budget"], before=before)
+        # what `luaprobe check` refuses (exit 4), `start` refuses too: load errors, the problems a run finds when it
+        # sets a type up, and no plug-in file at all (before, such a reload said "reloaded" and the new fast path
+        # ran without the instance, or failed at once and the daemon was gone)
+        errors = [e for i in infos for e in i.errors + i.setup_problems]
+        if not infos:
+            errors = ["no plug-in files found in " + ", ".join(a["paths"])]
     except PluginError as e:
         errors = [str(e)]
     print(json.dumps(errors), flush=True)
