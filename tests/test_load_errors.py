@@ -501,3 +501,32 @@ def test_start_of_a_directory_without_plug_ins_is_one_line_and_starts_nothing(tm
     assert (r.returncode, r.stdout) == (run.returncode, ""), r.stderr
     assert r.stderr == f"luaprobe start: plug-in error: no plug-in files found in {d} (nothing started)\n"
     assert not (tmp_path / "run" / "supervisor.pid").exists()
+
+
+def test_start_with_only_unsupported_script_types_is_refused_like_run(tmp_path):
+    """The newcomer review (session 18): a `[plugins] paths` whose only script types luaprobe does not run (an
+    inputfilter): `run` and `check` exit 4 ("no plug-in ... can run"), but `start` said "started" (the type's
+    "not supported" line is a listing at start, not a problem) and the daemon then failed with exit status 4
+    ("failed: plug-in or usage error").  Now the fast path reports "no plug-in of this run can run" with its
+    loaded plug-ins, so `start` refuses, exit 4, and stops what it started.  Truths: run's and check's own exit
+    code and line for the same directory."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    (d / "input.lua").write_text('TrisulPlugin = { id = { name = "input" }, '
+                                 'inputfilter = { filter = function() return true end } }\n')
+    run = luaprobe("run", str(d), "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
+    assert run.returncode == 4 and "no plug-in of this run can run" in run.stderr, run.stderr
+    assert luaprobe("check", str(d), cwd=str(tmp_path)).returncode == 4
+    toml = tmp_path / "probe.toml"
+    toml.write_text(f'[run]\nout_dir = "o"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\nloop = true\n'
+                    f'[plugins]\npaths = ["{d}"]\n')
+    from luaprobe.engine.daemon import control
+    try:
+        r = luaprobe("start", "--config", str(toml), cwd=str(tmp_path))
+    finally:
+        if control.read_pid(str(tmp_path / "run")) is not None:
+            luaprobe("stop", "--run-dir", str(tmp_path / "run"), cwd=str(tmp_path))
+    assert r.returncode == 4, (r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert any("no plug-in of this run can run" in x for x in lines), lines
+    assert lines[-1].startswith("luaprobe start: not started: fix the problem"), lines

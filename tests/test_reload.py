@@ -483,3 +483,29 @@ def test_reload_refuses_what_check_refuses_and_an_empty_plugin_directory(daemon,
     assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
+
+
+def test_reload_to_only_unsupported_script_types_is_refused(daemon, tmp_path):
+    """A reload whose plug-ins are all of script types luaprobe does not run: `check` exits 4 ("no plug-in here can
+    run") and `start` refuses it (test_load_errors.py); before, the reload said "reloaded" and the new fast path ran
+    no plug-in.  Truth: check's own line and code for the same directory; the fast path's pid unchanged."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    script = plug / "counter.lua"
+    script.write_text(COUNTER)
+    daemon.start(plugins=[plug])
+    daemon.wait_packets(100)
+    before = daemon.status()
+    script.write_text('TrisulPlugin = { id = { name = "input" }, inputfilter = { filter = function() return true end } }\n')
+    c = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "check", str(plug)], cwd=helpers.REPO,
+                       capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    assert c.returncode == 4 and c.stderr.startswith("luaprobe check: no plug-in here can run ("), c.stderr
+    text = open(daemon.config).read().replace("drain_deadline = 5", "drain_deadline = 6")
+    open(daemon.config, "w").write(text)
+    r = daemon.cli("reload")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "luaprobe reload: refused: " + c.stderr.strip().removeprefix("luaprobe check: ") in r.stderr.splitlines()
+    st = daemon.status()
+    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    assert daemon.cli("stop").returncode == 0
+    assert not daemon.alive() and not daemon.segments()

@@ -536,8 +536,8 @@ def run_exit_code(summary: dict, stop_is_early: bool = True) -> tuple[int, list[
     reasons = [f"plug-in problem: {p}" for p in summary["plugin_problems"] if "not supported" not in p]
     unsupported = [p for p in summary["plugin_problems"] if "not supported" in p]
     if unsupported and not summary["plugins"]:     # nothing asked for can run: a failure, not a listing
-        reasons.append(f"no plug-in of this run can run: every script type found is unsupported "
-                       f"({len(unsupported)} listed above; docs/plugins.md)")
+        from luaprobe.engine.fastpath.run import NOTHING_RUNS
+        reasons.append(NOTHING_RUNS.format(n=len(unsupported), where="listed above"))
     at_stop = []
     for p in summary["plugins"]:
         name = f"{os.path.basename(p['plugin'])}#{p['instance']}"

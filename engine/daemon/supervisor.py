@@ -175,6 +175,8 @@ def probe_main(spec: str) -> int:
         errors = [e for i in infos for e in i.errors + i.setup_problems]
         if not infos:
             errors = ["no plug-in files found in " + ", ".join(a["paths"])]
+        elif not errors and not any(i.runnable_types for i in infos) and any(i.unsupported for i in infos):
+            errors = ["no plug-in here can run (" + "; ".join(p for i in infos for p in i.problems) + ")"]
     except PluginError as e:
         errors = [str(e)]
     print(json.dumps(errors), flush=True)

@@ -100,6 +100,10 @@ def preflight(cfg) -> None:
             raise UsageError('--async-backend ray: the ray package is not installed (pip install \'luaprobe[ray]\')')
 
 
+#: every plug-in file of the run has only script types luaprobe does not run (cli.run_exit_code's reason, exit 4)
+NOTHING_RUNS = "no plug-in of this run can run: every script type found is unsupported ({n} {where}; docs/plugins.md)"
+
+
 def mentions_async(files) -> bool:
     """True when one of the plug-in files names ``async`` (``T.async:schedule``, ``T.async.copy``, ``local A =
     T.async``): the run then starts a warm spare worker (workers/spare.py) before it loads them.  Only when the
@@ -922,7 +926,11 @@ class FastPath:
                 self._wait_workers(rt)
             self.loading = False
             if cfg.on_loaded is not None:
-                cfg.on_loaded(list(self.plugin_problems))
+                problems = list(self.plugin_problems)
+                unsupported = [p for p in problems if "not supported" in p]
+                if unsupported and not self.instances:     # what run_exit_code says at the end (exit 4): the
+                    problems.append(NOTHING_RUNS.format(n=len(unsupported), where="listed by luaprobe check"))   # daemon's start refuses it now
+                cfg.on_loaded(problems)
             self._write("counter_groups", group_rows(self.infos))
             self._write("key_info", keyinfo_rows(self.infos))
             self._write("decl_groups", decl_rows(self.infos))
