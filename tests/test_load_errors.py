@@ -530,3 +530,23 @@ def test_start_with_only_unsupported_script_types_is_refused_like_run(tmp_path):
     lines = r.stderr.splitlines()
     assert any("no plug-in of this run can run" in x for x in lines), lines
     assert lines[-1].startswith("luaprobe start: not started: fix the problem"), lines
+
+
+def test_a_dangling_lua_name_in_a_search_directory_is_passed_over(tmp_path):
+    """The rule above is for plug-in directories: a --lua-path directory holds helper modules, and a name there that
+    cannot be opened is not a plug-in the user asked for; it is passed over as before (exit 0, no problem line),
+    and the plug-in given runs (its hook calls = the sample's records)."""
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    os.symlink(tmp_path / "gone.lua", libs / "helper.lua")
+    path = helpers.write_plugin(tmp_path, """TrisulPlugin = { id = { name = "all" },
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(engine, layer) end } }
+""", name="all.lua")
+    r = luaprobe("run", path, "--lua-path", str(libs), "--pcap", SAMPLE, "--out", str(tmp_path / "o"), "--json",
+                 cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    import json
+    summary = json.loads(r.stdout)
+    assert summary["exit"] == {"code": 0, "reasons": []}
+    assert [p["hook_calls"] for p in summary["plugins"]] == [{"simplecounter.onpacket": helpers.pcap_records(SAMPLE)}]

@@ -79,11 +79,12 @@ def discover(paths, lua_path=()) -> list[str]:
 
     for p in list(paths) + list(lua_path) + env_dirs():
         if os.path.isdir(p):
+            given = p in paths                   # a plug-in directory, not a search directory of helper modules
             for root, dirs, files in os.walk(p):
                 dirs.sort()
                 for name in sorted(files):
                     f = os.path.join(root, name)
-                    if name.endswith(".lua") and _mentions_plugin(f):
+                    if name.endswith(".lua") and _mentions_plugin(f, unreadable=given):
                         add(f)
         elif p in paths:
             if not os.path.exists(p):
@@ -95,18 +96,20 @@ def discover(paths, lua_path=()) -> list[str]:
 _WARNED: set = set()   #: the non-regular *.lua names already reported by _mentions_plugin
 
 
-def _mentions_plugin(path: str) -> bool:
+def _mentions_plugin(path: str, unreadable: bool = True) -> bool:
     """``path`` (a ``*.lua`` name found in a plug-in or search directory) is a regular file that mentions
     TrisulPlugin.  Opened without blocking and looked at (fstat) before it is read: a FIFO named ``x.lua`` made
     `check` and `run` wait for a writer for ever, and a device (a link to /dev/zero) would be read without end;
     such a file is skipped with one warning naming it.  A name that cannot be opened (a symbolic link whose
-    target is gone, no read permission) counts as a plug-in: the probe then reports it as one that failed to load
-    (``cannot open PATH: reason``, exit 4); before, it was passed over in silence and the run went on without it."""
+    target is gone, no read permission) in a plug-in directory counts as a plug-in (``unreadable``): the probe then
+    reports it as one that failed to load (``cannot open PATH: reason``, exit 4); before, it was passed over in
+    silence and the run went on without it.  In a search directory (--lua-path, TRISUL_LUA_PATHS: helper modules)
+    it is passed over, as before."""
     import stat
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return True
+        return unreadable
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -119,7 +122,7 @@ def _mentions_plugin(path: str) -> bool:
         try:
             return b"TrisulPlugin" in f.read()
         except OSError:
-            return True                          # EIO: the probe's read says why
+            return unreadable                    # EIO: the probe's read says why
 
 
 _PROBE = r"""
