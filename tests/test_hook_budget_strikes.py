@@ -180,3 +180,20 @@ def test_a_single_call_hook_is_named_disabled_when_its_third_cut_call_returns(tm
     monitors = [p for p in json.loads(r.stdout)["plugins"] if os.path.basename(p["plugin"]) == "metro.lua"]
     assert len(disabled) == len(monitors) >= 1 and len(ticks) == len(monitors), r.stderr[-3000:]
     assert max(disabled) < min(ticks), r.stderr[-3000:]
+
+
+@pytest.mark.timeout(200)
+def test_the_text_summary_says_how_many_errors_were_cut_calls(tmp_path):
+    """The plain summary line of a plug-in whose hook errors were budget interrupts says so (before: `errors 3` and
+    no word why; the reason was only in --json's hook_errors["hook_budget"]).  Truth: the plug-in files (the loop
+    cuts every call, `sometimes` cuts 6 and returns on the others)."""
+    loop, sometimes = tmp_path / "loop.lua", tmp_path / "sometimes.lua"
+    loop.write_text(LOOP)
+    sometimes.write_text(SOMETIMES)
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine", "run", str(loop), str(sometimes), "--pcap", PCAP,
+                        "--out", str(tmp_path / "out"), "--hook-budget", str(BUDGET)],
+                       capture_output=True, text=True, timeout=100, stdin=subprocess.DEVNULL)
+    assert r.returncode == 4, r.stderr[-3000:]
+    rows = {x.split(" [")[0]: x for x in r.stdout.splitlines() if " hook calls " in x}
+    assert " errors 3 (3 of them cut by the hook budget (--hook-budget))" in rows["loop.lua"], r.stdout
+    assert " errors 6 (6 of them cut by the hook budget (--hook-budget))" in rows["sometimes.lua"], r.stdout

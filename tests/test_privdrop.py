@@ -372,12 +372,19 @@ def test_unknown_user_or_group_is_one_usage_line(tmp_path):
         r = subprocess.run(base + extra, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         assert (r.returncode, r.stderr, r.stdout) == (2, line + "\n", ""), extra
         assert not (tmp_path / "out").exists()
+    # in a config file: the file's line of the key, the value as written (a TOML string), as every config error
     cfg = tmp_path / "probe.toml"
-    cfg.write_text(f'[run]\nuser = "no-such-user-lp"\n[source]\npcap = ["{pcap}"]\n[plugins]\npaths = ["{plugin}"]\n')
-    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "start", "--config", str(cfg)],
-                       capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path)
-    assert (r.returncode, r.stderr) == (2, f"luaprobe start: {cfg}: [run] user = no-such-user-lp: no such user\n")
-    assert not (tmp_path / "run").exists()
+    tail = f'[source]\npcap = ["{pcap}"]\n[plugins]\npaths = ["{plugin}"]\n'
+    for run, line in (('[run]\nuser = "no-such-user-lp"\n', '2: [run] user = "no-such-user-lp": no such user'),
+                      ('[run]\n# the account\ngroup = "no-such-group-lp"\n',
+                       '3: [run] group = "no-such-group-lp": needs [run] user (the user to run as)'),
+                      ('[run]\nshards = 1\n\nuser = "root"\n',
+                       '4: [run] user = "root": is root (name an unprivileged user to drop to)')):
+        cfg.write_text(run + tail)
+        r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "start", "--config", str(cfg)],
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=tmp_path)
+        assert (r.returncode, r.stderr) == (2, f"luaprobe start: {cfg}:{line}\n")
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.root

@@ -111,7 +111,8 @@ def _rich_summary(s: dict) -> None:
                 "timeout", "dropped", "pending", "onresult errors"):
         t.add_column(col, justify="left" if col in ("plug-in", "type#instance") else "right")
     for name, label, calls, errs, a in plugin_rows(s):
-        t.add_row(name, label, f"{calls:,}", str(errs), *(str(a[k]) for k in ASYNC_COLUMNS + ASYNC_ERRORS))
+        t.add_row(name, label, f"{calls:,}", f"{errs} ({a['cut']} cut)" if a["cut"] else str(errs),
+                  *(str(a[k]) for k in ASYNC_COLUMNS + ASYNC_ERRORS))
     con = Console()
     con.print(t)
     con.print(f"drops: packet ring full {d['capture']}  kernel {d.get('kernel', 0)}  flow table {d['flow_table']}")
@@ -139,7 +140,9 @@ ASYNC_DROPS = tuple(k for k, _ in DROP_REASONS)
 
 
 def plugin_rows(s: dict) -> list[tuple]:
-    """(file name, "type#instance" label, hook calls, hook errors, {async counter: n}) per row of the text summary.
+    """(file name, "type#instance" label, hook calls, hook errors, {async counter: n, "cut": n}) per row of the text
+    summary; "cut": how many of the hook errors were hooks interrupted by --hook-budget or by the stop signal
+    (the summary's ``hook_errors["hook_budget"]``).
 
     A sharded run (``shards`` in the summary) has one VM per plug-in type in every shard; its rows are merged
     per plug-in so that the operator reads totals: a frontend type once (``simplecounter, 2 shards``; its
@@ -148,7 +151,8 @@ def plugin_rows(s: dict) -> list[tuple]:
     def totals(p):
         # hook_errors["hook_budget"] counts those of the hooks' errors that were budget interrupts: not added twice
         return sum(p["hook_calls"].values()), sum(v for k, v in p["hook_errors"].items() if k != "hook_budget"), \
-            {k: p["async"].get(k, 0) for k in ASYNC_COLUMNS + ASYNC_ERRORS + ASYNC_DROPS}
+            {**{k: p["async"].get(k, 0) for k in ASYNC_COLUMNS + ASYNC_ERRORS + ASYNC_DROPS},
+             "cut": p["hook_errors"].get("hook_budget", 0)}
     from luaprobe.shm.logs import tag_text         # a plug-in file named "x\ny" stays on its row
     if not s.get("shards"):
         return [(tag_text(os.path.basename(p["plugin"])), f"{p['type']}#{p['instance']}", *totals(p))
@@ -158,11 +162,11 @@ def plugin_rows(s: dict) -> list[tuple]:
     for p in s["plugins"]:
         key = (p["plugin"], p["type"], p["instance"] if p["type"] in BACKEND_TYPES else None)
         calls, errs, a = totals(p)
-        m = merged.setdefault(key, [set(), 0, 0, dict.fromkeys(ASYNC_COLUMNS + ASYNC_ERRORS + ASYNC_DROPS, 0)])
+        m = merged.setdefault(key, [set(), 0, 0, dict.fromkeys(a, 0)])
         m[0].add(p.get("shard"))
         m[1] += calls
         m[2] += errs
-        for k in ASYNC_COLUMNS + ASYNC_ERRORS + ASYNC_DROPS:
+        for k in a:
             m[3][k] += a[k]
     rows = []
     for (plugin, kind, inst), (shards, calls, errs, a) in merged.items():
@@ -219,12 +223,22 @@ def _plain_summary(s: dict) -> None:
     for line in _traffic_lines(s):
         print(line)
     for name, label, calls, errs, a in plugin_rows(s):
-        print(f"{name} [{label}] hook calls {calls:,} errors {errs}"
+        print(f"{name} [{label}] hook calls {calls:,} errors {errs}{_cut(a['cut'], s)}"
               + (f"  async scheduled {a['scheduled']} ok {a['ok']} nil {a['nil_result']} error {a['error']}"
                  f" timeout {a['timeout']} dropped {a['dropped']}{_drop_reasons(a)} pending {a['pending']}"
                  if a["scheduled"] else "")
               + (f" onresult_errors {a['onresult_errors']}" if a["onresult_errors"] else ""))
     print(_written_line(s))
+
+
+def _cut(n: int, s: dict) -> str:
+    """' (3 of them cut by the hook budget or the stop signal)' for the summary line when `n` of a plug-in's hook
+    errors were hooks interrupted (docs/operations.md "Faults"), else ''.  A run not stopped early was cut by the
+    budget only."""
+    if not n:
+        return ""
+    why = "the hook budget (--hook-budget)" + (" or the stop signal" if s.get("stopped_by") else "")
+    return f" ({n} of them cut by {why})"
 
 
 def _drop_reasons(a: dict) -> str:

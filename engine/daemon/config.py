@@ -375,6 +375,16 @@ def _toml_problem(path: str, text: str, message: str) -> str:
     return f"{path}:{line}:{col}: not valid TOML: {what}"
 
 
+def line_of_key(path: str, section: str, key: str | None) -> int | None:
+    """The line of ``key`` in ``[section]`` of the config file ``path`` (see :func:`_line_of`), or None (also when
+    the file cannot be read any more)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _line_of(f.read(), section, key)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _line_of(text: str, section: str, key: str | None) -> int | None:
     """The line of ``key = ...`` in ``[section]`` of the TOML ``text`` (``key`` None: of the header, or of a
     top-level key ``section``), or None.  A plain ``key =`` line or ``[section]`` header is found as written;

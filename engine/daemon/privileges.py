@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import grp
+import json
 import os
 import pwd
 import socket
@@ -70,6 +71,12 @@ class Target:
     groups: tuple
 
 
+def _given(where: str, value: str) -> str:
+    """How a message shows a value given as ``where``: ``--user nobody`` for an option, ``[run] user = "nobody"``
+    (a TOML string, as written in the file) for a config key (``where`` ending in "=")."""
+    return f"{where} {json.dumps(value)}" if where.endswith("=") else f"{where} {value}"
+
+
 def resolve(user: str, group: str | None = None, where: tuple = ("--user", "--group")) -> Target:
     """The user (a name or a numeric uid) and optional group (name or gid) to run as; the groups are the
     user's own (initgroups) unless ``group`` is given.  ``where`` names the two options in messages.
@@ -77,13 +84,13 @@ def resolve(user: str, group: str | None = None, where: tuple = ("--user", "--gr
     try:
         pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except (KeyError, ValueError):
-        raise UsageError(f"{where[0]} {user}: no such user") from None
+        raise UsageError(f"{_given(where[0], user)}: no such user") from None
     gid = pw.pw_gid
     if group:
         try:
             gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
         except (KeyError, ValueError):
-            raise UsageError(f"{where[1]} {group}: no such group") from None
+            raise UsageError(f"{_given(where[1], group)}: no such group") from None
     groups = (gid,) if group else tuple(os.getgrouplist(pw.pw_name, gid))
     return Target(pw.pw_name, pw.pw_uid, gid, groups)
 
@@ -223,14 +230,14 @@ def check_target(user: str | None, group: str | None, where: tuple = ("--user", 
     """Before anything starts: ``user`` and ``group`` exist, ``group`` comes with ``user``, and this
     process may become the user (it is root, or already the user).  Raises UsageError; returns the target."""
     if group and not user:
-        raise UsageError(f"{where[1]} {group}: needs {where[0]} (the user to run as)")
+        raise UsageError(f"{_given(where[1], group)}: needs {where[0].rstrip(' =')} (the user to run as)")
     if not user:
         return None
     target = resolve(user, group, where)
     if target.uid == 0:
-        raise UsageError(f"{where[0]} {user}: is root (name an unprivileged user to drop to)")
+        raise UsageError(f"{_given(where[0], user)}: is root (name an unprivileged user to drop to)")
     if os.geteuid() != 0 and os.geteuid() != target.uid:
-        raise UsageError(f"{where[0]} {target.name}: changing user needs root (this process runs as uid "
+        raise UsageError(f"{_given(where[0], target.name)}: changing user needs root (this process runs as uid "
                          f"{os.geteuid()})")
     return target
 

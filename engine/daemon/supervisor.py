@@ -1199,7 +1199,9 @@ def cmd_start(args) -> int:
         if cfg["run"]["user"] or cfg["run"]["group"]:
             privileges.check_target(cfg["run"]["user"], cfg["run"]["group"], ("[run] user =", "[run] group ="))
     except UsageError as e:
-        print(f"luaprobe start: {cfg.path}: {e}", file=sys.stderr)
+        key = "group" if str(e).startswith("[run] group") else "user"
+        n = config_mod.line_of_key(cfg.path, "run", key)
+        print(f"luaprobe start: {cfg.path}:{n}: {e}" if n else f"luaprobe start: {cfg.path}: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         run_dir = control.ensure_run_dir(cfg.run_dir)   # tried by config.load; the disk may have changed since
