@@ -106,6 +106,15 @@ def _mb(n) -> str:
     return f"{n / 1048576:.1f} MiB" if n is not None else "-"
 
 
+def instance_name(p: dict) -> str:
+    """The "instance" cell of a plug-in row: ``<file name>#<instance>`` (``@<shard>`` in a sharded run), whole.
+    Never cut to fit a width: two instances whose names share a prefix (``window_report.lua#0`` and ``#1``,
+    two long file names) would read the same.  Control characters are escaped as in the log tags (tag_text)."""
+    from luaprobe.shm.logs import tag_text
+    return f"{tag_text(os.path.basename(str(p['plugin'])))}#{tag_text(str(p['instance']))}" + \
+        (f"@{p['shard']}" if "shard" in p else "")
+
+
 def tables(cur: dict, prev: dict | None) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) of each section; rendered by rich or as text."""
     st = cur.get("status", {})
@@ -138,7 +147,7 @@ def tables(cur: dict, prev: dict | None) -> list[tuple[str, list[str], list[list
     hooks, tasks = [], []
     for p in cur.get("plugins", []):
         a = p.get("async", {})
-        name = f"{os.path.basename(p['plugin'])[:16]}#{p['instance'][:7]}" + (f"@{p['shard']}" if "shard" in p else "")
+        name = instance_name(p)
         hooks.append([name, p["type"], _h(sum(p.get("hook_calls", {}).values())),
                       _h(sum(p.get("hook_errors", {}).values())), _h(a.get("worker_deaths", 0))])
         if a.get("scheduled"):
@@ -166,8 +175,9 @@ def render_rich(cur: dict, prev: dict | None):
     parts = []
     for title, head, rows in tables(cur, prev):
         t = Table(title=title, title_justify="left", expand=False)
-        for h in head:
-            t.add_column(h, justify="left" if h in ("role", "instance", "state", "source", "drops") else "right")
+        for h in head:               # a narrow terminal folds an instance name onto more lines, never cuts it
+            t.add_column(h, justify="left" if h in ("role", "instance", "state", "source", "drops") else "right",
+                         overflow="fold" if h == "instance" else "ellipsis")
         for r in rows:
             t.add_row(*r)
         parts.append(t)
