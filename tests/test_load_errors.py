@@ -550,3 +550,39 @@ def test_a_dangling_lua_name_in_a_search_directory_is_passed_over(tmp_path):
     summary = json.loads(r.stdout)
     assert summary["exit"] == {"code": 0, "reasons": []}
     assert [p["hook_calls"] for p in summary["plugins"]] == [{"simplecounter.onpacket": helpers.pcap_records(SAMPLE)}]
+
+
+def test_sharded_start_with_only_unsupported_script_types_is_refused_as_one_fast_path_is(tmp_path):
+    """The newcomer review (session 18): with `[run] shards = 2` the fast path (shards.ShardedRun) did not call
+    the daemon's plug-ins-loaded callback (child_main said "loaded, no problem" at once), so `start` said
+    "started" for a plug-in directory that `run`, `check` and a one-shard `start` refuse, and the daemon ran on,
+    walking packets for no plug-in.  Now the coordinator probes the plug-ins once, before its shards start, and
+    reports what one fast path reports.  Truth: the one-shard `start`'s own exit code and lines for the same
+    directory (test above: run's and check's); the problem is found once (one line in supervisor.log)."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    (d / "input.lua").write_text('TrisulPlugin = { id = { name = "input" }, '
+                                 'inputfilter = { filter = function() return true end } }\n')
+    from luaprobe.engine.daemon import control
+    from luaprobe.engine.fastpath.run import NOTHING_RUNS
+    results = {}
+    for shards in (1, 2):
+        base = tmp_path / f"s{shards}"
+        base.mkdir()
+        (base / "probe.toml").write_text(
+            f'[run]\nout_dir = "o"\nrun_dir = "run"\nshards = {shards}\n[source]\npcap = ["{SAMPLE}"]\n'
+            f'loop = true\n[plugins]\npaths = ["{d}"]\n')
+        try:
+            results[shards] = luaprobe("start", "--config", str(base / "probe.toml"), cwd=str(base))
+        finally:
+            if control.read_pid(str(base / "run")) is not None:
+                luaprobe("stop", "--run-dir", str(base / "run"), cwd=str(base))
+    one, two = results[1], results[2]
+    assert one.returncode == 4, one.stderr
+    assert two.returncode == one.returncode, (two.stdout, two.stderr)
+    assert two.stderr.replace(str(tmp_path / "s2"), "X") == one.stderr.replace(str(tmp_path / "s1"), "X")
+    line = "plug-in problem: " + NOTHING_RUNS.format(n=1, where="listed by luaprobe check")
+    assert f"luaprobe start: {line}\n" in two.stderr
+    log = (tmp_path / "s2" / "run" / "supervisor.log").read_text()
+    assert log.count(line) == 1, log
+    assert control.read_pid(str(tmp_path / "s2" / "run")) is None

@@ -1149,8 +1149,6 @@ def child_main(config_path: str, run_dir: str, out_lock_fd: int | None = None, s
         fp = make_run(rc)
     except (ValueError, InputProblem) as e:
         return failed(e.exit_code if isinstance(e, (UsageError, InputProblem)) else EXIT_USAGE, str(e))
-    if rc.shards > 1:            # shard processes load their own plug-ins: `start` does not wait for them
-        loaded([])
     signal.signal(signal.SIGTERM, lambda *_: fp.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: fp.request_reload_backends())    # live backend reload
     if stop:

@@ -81,6 +81,37 @@ class ShardError(RuntimeError):
     """A shard failed beyond restarting (crash loop)."""
 
 
+def loaded_problems(cfg: RunConfig) -> list[str]:
+    """The problem lines one fast path hands to ``cfg.on_loaded`` once its plug-ins are loaded (run.py FastPath.run,
+    which `luaprobe start` refuses, exit 4): each file's load errors, unsupported script types and setup problems,
+    and run.NOTHING_RUNS when no file has a type luaprobe runs.  A sharded run's shards load their plug-ins with no
+    on_loaded, so the coordinator finds these once, before any shard starts (:meth:`ShardedRun.run`).  Each file is
+    named in ``cfg.heartbeat_file`` before it loads (the supervisor's stall rule names it); a top level stuck in code
+    the hook budget cannot interrupt ends the process with exit 4 (LoadWatch; ``cfg.on_fatal`` first)."""
+    from luaprobe.engine.fastpath.run import NOTHING_RUNS
+    from luaprobe.engine.plugins.discovery import probe_all
+    from luaprobe.engine.plugins.loadwatch import LoadWatch
+
+    def before(path):
+        if cfg.heartbeat_file:
+            from luaprobe.engine.daemon.control import open_private
+            with open_private(cfg.heartbeat_file, "w") as f:
+                f.write(path)
+    on_stuck = (lambda line: cfg.on_fatal(EXIT_PLUGIN, line)) if cfg.on_fatal is not None else None
+    try:
+        with LoadWatch("luaprobe", EXIT_PLUGIN, on_stuck=on_stuck):
+            infos = probe_all(cfg.plugins, cfg.lua_path, cfg.hook_budget, before=before)
+    except PluginError as e:
+        return [str(e)]
+    if not infos:
+        return ["no plug-in files found in " + ", ".join(cfg.plugins)] if cfg.plugins else []
+    problems = [p for i in infos for p in i.problems + i.setup_problems]
+    unsupported = [p for p in problems if "not supported" in p]
+    if unsupported and not any(i.runnable_types for i in infos if not i.errors):
+        problems.append(NOTHING_RUNS.format(n=len(unsupported), where="listed by luaprobe check"))
+    return problems
+
+
 def _spec(cfg: RunConfig, shard: dict) -> dict:
     d = dataclasses.asdict(dataclasses.replace(cfg, progress=None, on_loaded=None, capture_fds=None))
     d["shard"] = shard
@@ -258,6 +289,8 @@ class ShardedRun:
     def run(self) -> dict:
         cfg = self.cfg
         t0 = time.monotonic()
+        if cfg.on_loaded is not None:    # the daemon: what one fast path reports once loaded, found once, before any
+            cfg.on_loaded(loaded_problems(cfg))   # shard starts (the shards are given no on_loaded; see _spec)
         os.makedirs(cfg.out_dir, exist_ok=True)
         rows_before = table_rows(cfg.out_dir, COMBINED_TABLES)
         self.flow_id_base = _max_flow_id(cfg.out_dir)
