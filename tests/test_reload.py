@@ -44,6 +44,30 @@ def instances(daemon, name) -> list:
     return [(p["type"], p["instance"]) for p in daemon.stats()["plugins"] if p["plugin"].endswith(name)]
 
 
+
+def _counter_running(daemon, tmp_path):
+    """A daemon started on a plug-in directory holding COUNTER, 100 packets in: (directory, script, status)."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    script = plug / "counter.lua"
+    script.write_text(COUNTER)
+    daemon.start(plugins=[plug])
+    daemon.wait_packets(100)
+    return plug, script, daemon.status()
+
+
+def _check(plug):
+    """`luaprobe check` of the plug-in directory (the truth a refused reload's line must repeat)."""
+    return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "check", str(plug)], cwd=helpers.REPO,
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+
+
+def _kept(daemon, before):
+    """The daemon still runs the fast path it ran before (status `before`), and no reload counted; its status."""
+    st = daemon.status()
+    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    return st
+
 def test_reload_of_a_broken_backend_plugin_is_refused_and_the_old_instances_keep_running(daemon, tmp_path):
     plug = tmp_path / "plugins"
     plug.mkdir()
@@ -59,8 +83,7 @@ def test_reload_of_a_broken_backend_plugin_is_refused_and_the_old_instances_keep
     assert r.returncode == 4, r.stdout + r.stderr
     assert f"luaprobe reload: refused: {expected}" in r.stderr.splitlines()
     assert "kept" in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
-    st = daemon.status()
-    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    st = _kept(daemon, before)
     assert len(instances(daemon, "monitor.lua")) == 2
     # The fast path's own check (a reload that reached it, e.g. SIGHUP sent to it directly)
     log = os.path.join(daemon.run_dir, control.LOG)
@@ -82,21 +105,14 @@ def test_reload_of_a_broken_backend_plugin_is_refused_and_the_old_instances_keep
 
 
 def test_reload_with_changed_settings_and_a_broken_frontend_plugin_keeps_the_fast_path(daemon, tmp_path):
-    plug = tmp_path / "plugins"
-    plug.mkdir()
-    script = plug / "counter.lua"
-    script.write_text(COUNTER)
-    daemon.start(plugins=[plug])
-    daemon.wait_packets(100)
-    before = daemon.status()
+    plug, script, before = _counter_running(daemon, tmp_path)
     script.write_text(COUNTER.replace("TrisulPlugin = {", "TrisulPlugin = {{"))
     expected = check_line(script)
     text = open(daemon.config).read().replace("drain_deadline = 5", "drain_deadline = 6")    # a settings change
     open(daemon.config, "w").write(text)
     r = daemon.cli("reload")
     assert r.returncode == 4 and f"luaprobe reload: refused: {expected}" in r.stderr.splitlines(), r.stderr
-    st = daemon.status()
-    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    _kept(daemon, before)
     assert instances(daemon, "counter.lua")
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
@@ -252,8 +268,7 @@ def test_reload_of_a_backend_whose_top_level_never_returns_is_bounded(daemon, tm
     assert r.returncode == 4, r.stdout + r.stderr
     assert str(script) in r.stderr and "still runs in code the interrupt cannot reach" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
-    st = daemon.status()
-    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    _kept(daemon, before)
     assert len(instances(daemon, "monitor.lua")) == 2
     assert daemon.cli("stop").returncode == 0                # the fast path never saw the refused scripts
     assert not daemon.alive() and not daemon.segments()
@@ -452,35 +467,25 @@ def test_reload_refuses_what_check_refuses_and_an_empty_plugin_directory(daemon,
     fast path failed at once: the daemon was gone ("failed: plug-in or usage error (exit status 4)").  Now both
     refuse the reload, exit 4, the running fast path kept.  Truths: check's own problem line and exit code for the
     same directory; the fast path's pid before and after."""
-    plug = tmp_path / "plugins"
-    plug.mkdir()
-    script = plug / "counter.lua"
-    script.write_text(COUNTER)
-    daemon.start(plugins=[plug])
-    daemon.wait_packets(100)
-    before = daemon.status()
+    plug, script, before = _counter_running(daemon, tmp_path)
     script.write_text(COUNTER.replace("{77E462AB-2E42-42ec-9A58-C1A6821D6B31}", "{00000000-0000-0000-0000-000000000000}"))
     text = open(daemon.config).read().replace("drain_deadline = 5", "drain_deadline = 6")    # a settings change:
     open(daemon.config, "w").write(text)                          # the fast path restarts with the new scripts
-    c = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "check", str(plug)], cwd=helpers.REPO,
-                       capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    c = _check(plug)
     assert c.returncode == 4, c.stdout + c.stderr
     (expected,) = [x.strip().removeprefix("problem: ") for x in c.stdout.splitlines() if "problem: " in x]
     r = daemon.cli("reload")
     assert r.returncode == 4 and f"luaprobe reload: refused: {expected}" in r.stderr.splitlines(), r.stderr
-    st = daemon.status()
-    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    _kept(daemon, before)
     script.unlink()
     (plug / "readme.txt").write_text("not a plug-in\n")
     open(daemon.config, "w").write(text.replace("drain_deadline = 6", "drain_deadline = 7"))
-    c = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "check", str(plug)], cwd=helpers.REPO,
-                       capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    c = _check(plug)
     assert (c.returncode, c.stderr) == (4, f"luaprobe check: no plug-in files found in {plug}\n")
     r = daemon.cli("reload")
     assert r.returncode == 4 and f"luaprobe reload: refused: no plug-in files found in {plug}" in r.stderr.splitlines(), \
         r.stderr
-    st = daemon.status()
-    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    _kept(daemon, before)
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
 
@@ -489,23 +494,15 @@ def test_reload_to_only_unsupported_script_types_is_refused(daemon, tmp_path):
     """A reload whose plug-ins are all of script types luaprobe does not run: `check` exits 4 ("no plug-in here can
     run") and `start` refuses it (test_load_errors.py); before, the reload said "reloaded" and the new fast path ran
     no plug-in.  Truth: check's own line and code for the same directory; the fast path's pid unchanged."""
-    plug = tmp_path / "plugins"
-    plug.mkdir()
-    script = plug / "counter.lua"
-    script.write_text(COUNTER)
-    daemon.start(plugins=[plug])
-    daemon.wait_packets(100)
-    before = daemon.status()
+    plug, script, before = _counter_running(daemon, tmp_path)
     script.write_text('TrisulPlugin = { id = { name = "input" }, inputfilter = { filter = function() return true end } }\n')
-    c = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "check", str(plug)], cwd=helpers.REPO,
-                       capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=helpers.REPO))
+    c = _check(plug)
     assert c.returncode == 4 and c.stderr.startswith("luaprobe check: no plug-in here can run ("), c.stderr
     text = open(daemon.config).read().replace("drain_deadline = 5", "drain_deadline = 6")
     open(daemon.config, "w").write(text)
     r = daemon.cli("reload")
     assert r.returncode == 4, r.stdout + r.stderr
     assert "luaprobe reload: refused: " + c.stderr.strip().removeprefix("luaprobe check: ") in r.stderr.splitlines()
-    st = daemon.status()
-    assert (st["state"], st["fastpath_pid"], st["reloads"]) == ("running", before["fastpath_pid"], 0)
+    _kept(daemon, before)
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()
