@@ -476,6 +476,20 @@ def _cannot_be_read(tmp_path, cmd, how, prefix):
         assert str(d / "all.lua") in r.stdout
 
 
+def _start_on(base, plugins, run: str = "", source: str = ""):
+    """`luaprobe start` in `base` (a probe.toml there: run_dir base/run, the sample capture, [plugins] paths = the
+    `plugins` directory, `run` / `source` extra lines of those tables); a daemon it left running is stopped.
+    Returns start's CompletedProcess."""
+    from luaprobe.engine.daemon import control
+    (base / "probe.toml").write_text(f'[run]\nout_dir = "o"\nrun_dir = "run"\n{run}[source]\npcap = ["{SAMPLE}"]\n'
+                                     f'{source}[plugins]\npaths = ["{plugins}"]\n')
+    try:
+        return luaprobe("start", "--config", str(base / "probe.toml"), cwd=str(base))
+    finally:
+        if control.read_pid(str(base / "run")) is not None:
+            luaprobe("stop", "--run-dir", str(base / "run"), cwd=str(base))
+
+
 @pytest.mark.parametrize("content", [None, "readme.txt"])
 def test_start_of_a_directory_without_plug_ins_is_one_line_and_starts_nothing(tmp_path, content):
     """`luaprobe start` with `[plugins] paths` naming a directory that holds no plug-in (the newcomer review, session
@@ -489,15 +503,7 @@ def test_start_of_a_directory_without_plug_ins_is_one_line_and_starts_nothing(tm
         (d / content).write_text("not a plug-in\n")
     run = luaprobe("run", str(d), "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
     assert run.returncode == 4 and f"no plug-in files found in {d}" in run.stderr, run.stderr
-    toml = tmp_path / "probe.toml"
-    toml.write_text(f'[run]\nout_dir = "o"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\n[plugins]\n'
-                    f'paths = ["{d}"]\n')
-    from luaprobe.engine.daemon import control
-    try:
-        r = luaprobe("start", "--config", str(toml), cwd=str(tmp_path))
-    finally:
-        if control.read_pid(str(tmp_path / "run")) is not None:
-            luaprobe("stop", "--run-dir", str(tmp_path / "run"), cwd=str(tmp_path))
+    r = _start_on(tmp_path, d)
     assert (r.returncode, r.stdout) == (run.returncode, ""), r.stderr
     assert r.stderr == f"luaprobe start: plug-in error: no plug-in files found in {d} (nothing started)\n"
     assert not (tmp_path / "run" / "supervisor.pid").exists()
@@ -517,15 +523,7 @@ def test_start_with_only_unsupported_script_types_is_refused_like_run(tmp_path):
     run = luaprobe("run", str(d), "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
     assert run.returncode == 4 and "no plug-in of this run can run" in run.stderr, run.stderr
     assert luaprobe("check", str(d), cwd=str(tmp_path)).returncode == 4
-    toml = tmp_path / "probe.toml"
-    toml.write_text(f'[run]\nout_dir = "o"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\nloop = true\n'
-                    f'[plugins]\npaths = ["{d}"]\n')
-    from luaprobe.engine.daemon import control
-    try:
-        r = luaprobe("start", "--config", str(toml), cwd=str(tmp_path))
-    finally:
-        if control.read_pid(str(tmp_path / "run")) is not None:
-            luaprobe("stop", "--run-dir", str(tmp_path / "run"), cwd=str(tmp_path))
+    r = _start_on(tmp_path, d, source="loop = true\n")
     assert r.returncode == 4, (r.stdout, r.stderr)
     lines = r.stderr.splitlines()
     assert any("no plug-in of this run can run" in x for x in lines), lines
@@ -569,14 +567,7 @@ def test_sharded_start_with_only_unsupported_script_types_is_refused_as_one_fast
     for shards in (1, 2):
         base = tmp_path / f"s{shards}"
         base.mkdir()
-        (base / "probe.toml").write_text(
-            f'[run]\nout_dir = "o"\nrun_dir = "run"\nshards = {shards}\n[source]\npcap = ["{SAMPLE}"]\n'
-            f'loop = true\n[plugins]\npaths = ["{d}"]\n')
-        try:
-            results[shards] = luaprobe("start", "--config", str(base / "probe.toml"), cwd=str(base))
-        finally:
-            if control.read_pid(str(base / "run")) is not None:
-                luaprobe("stop", "--run-dir", str(base / "run"), cwd=str(base))
+        results[shards] = _start_on(base, d, run=f"shards = {shards}\n", source="loop = true\n")
     one, two = results[1], results[2]
     assert one.returncode == 4, one.stderr
     assert two.returncode == one.returncode, (two.stdout, two.stderr)
