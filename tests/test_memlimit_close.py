@@ -30,20 +30,23 @@ def _allocated() -> int:
     return libc.mallinfo2().uordblks
 
 
-def _limited_vm() -> None:
-    lua = new_runtime()
-    lua.eval("function(n) return require('luaprobe.engine.plugins.watchdog').limit_memory(n) end")(1 << 30)
-    assert lua.eval("collectgarbage('count')") > 0
-    del lua
+def _limited_vms(n: int) -> None:
+    """n VMs made, limited and dropped; Python's cycle collector runs every 100 of them and at the end, so every one
+    is closed when this returns (one collection per VM cost 40 ms each late in a full test run: a big heap)."""
+    for i in range(n):
+        lua = new_runtime()
+        lua.eval("function(n) return require('luaprobe.engine.plugins.watchdog').limit_memory(n) end")(1 << 30)
+        assert lua.eval("collectgarbage('count')") > 0
+        del lua
+        if i % 100 == 99:
+            gc.collect()
     gc.collect()
 
 
 def test_a_limited_vm_frees_its_memlimit_at_close():
-    for _ in range(100):                # warm-up: lupa's and Python's own caches reach their size
-        _limited_vm()
+    _limited_vms(100)                   # warm-up: lupa's and Python's own caches reach their size
     n = 1000
     before = _allocated()
-    for _ in range(n):
-        _limited_vm()
+    _limited_vms(n)
     per_vm = (_allocated() - before) / n
     assert per_vm < 8, f"{per_vm:.1f} bytes of malloc'd memory kept per closed VM"
