@@ -295,12 +295,7 @@ def test_check_of_a_directory_without_plug_ins_says_so_like_run(tmp_path, conten
     """`luaprobe check DIR` on a directory holding no plug-in (empty, or only a text file) printed nothing and
     exited 0, while `luaprobe run DIR` of the same directory exits 4 ("no plug-in files found"). Now check says
     the same line and exits 4 too. Truth: run's own answer for that directory (README "Exit codes": 4)."""
-    d = tmp_path / "plugins"
-    d.mkdir()
-    if content:
-        (d / content).write_text("not a plug-in\n")
-    run = luaprobe("run", str(d), "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
-    assert run.returncode == 4 and f"no plug-in files found in {d}" in run.stderr, run.stderr
+    d, run = _no_plugin_dir(tmp_path, content)
     r = luaprobe("check", str(d), cwd=str(tmp_path))
     assert r.returncode == run.returncode, (r.stdout, r.stderr)
     assert r.stdout == "" and r.stderr == f"luaprobe check: no plug-in files found in {d}\n"
@@ -476,6 +471,18 @@ def _cannot_be_read(tmp_path, cmd, how, prefix):
         assert str(d / "all.lua") in r.stdout
 
 
+def _no_plugin_dir(tmp_path, content):
+    """A plug-in directory without a plug-in file (empty, or holding the file `content` with text) and `luaprobe run`'s
+    answer for it (the truth: exit 4, "no plug-in files found in DIR"): (directory, CompletedProcess)."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    if content:
+        (d / content).write_text("not a plug-in\n")
+    run = luaprobe("run", str(d), "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
+    assert run.returncode == 4 and f"no plug-in files found in {d}" in run.stderr, run.stderr
+    return d, run
+
+
 def _start_on(base, plugins, run: str = "", source: str = ""):
     """`luaprobe start` in `base` (a probe.toml there: run_dir base/run, the sample capture, [plugins] paths = the
     `plugins` directory, `run` / `source` extra lines of those tables); a daemon it left running is stopped.
@@ -497,12 +504,7 @@ def test_start_of_a_directory_without_plug_ins_is_one_line_and_starts_nothing(tm
     `start` printed that line and five lines of supervisor.log.  Now it is found before anything starts, as `run`
     and `check` find it (test above): one line, exit 4 (run's code for it), no supervisor.  Truth: run's own answer
     for that directory."""
-    d = tmp_path / "plugins"
-    d.mkdir()
-    if content:
-        (d / content).write_text("not a plug-in\n")
-    run = luaprobe("run", str(d), "--pcap", SAMPLE, "--out", str(tmp_path / "out"), "-q", cwd=str(tmp_path))
-    assert run.returncode == 4 and f"no plug-in files found in {d}" in run.stderr, run.stderr
+    d, run = _no_plugin_dir(tmp_path, content)
     r = _start_on(tmp_path, d)
     assert (r.returncode, r.stdout) == (run.returncode, ""), r.stderr
     assert r.stderr == f"luaprobe start: plug-in error: no plug-in files found in {d} (nothing started)\n"
