@@ -32,12 +32,20 @@ def cli(*args):
 
 
 def start_refused(tmp_path, text: str | bytes) -> str:
+    """`luaprobe start` of config `text` (as tmp_path/c.toml, run_dir tmp_path/run) must refuse it: one stderr line
+    (returned), exit 2, nothing started; a daemon it did start (the defect some tests guard against) is stopped."""
     path = tmp_path / "c.toml"
     (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
-    r = cli("start", "--config", str(path))
+    started = None
+    try:
+        r = cli("start", "--config", str(path))
+    finally:
+        started = control.read_pid(str(tmp_path / "run"))
+        if started is not None:
+            cli("stop", "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stdout == "" and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert control.read_pid(str(tmp_path / "run")) is None                  # nothing started
+    assert started is None                                                  # nothing started
     return r.stderr.strip()
 
 
@@ -260,11 +268,7 @@ def test_a_bpf_that_does_not_compile_is_refused_at_start(tmp_path):
     r = cli("run", EXAMPLES, "--interface", "lo", "--bpf", bad, "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "can't parse filter expression: syntax error" in r.stderr, r.stderr
     text = BASE.replace(f"pcap = [{json.dumps(SAMPLE)}]", f'interface = "lo"\nbpf = "{bad}"')
-    try:
-        err = start_refused(tmp_path, text)
-    finally:                                    # before the fix a daemon started: never leave it running
-        if control.read_pid(str(tmp_path / "run")) is not None:
-            cli("stop", "--run-dir", str(tmp_path / "run"))
+    err = start_refused(tmp_path, text)
     assert err == (f'luaprobe start: {tmp_path / "c.toml"}:6: [source] bpf = "{bad}": cannot compile BPF filter '
                    f"'{bad}': can't parse filter expression: syntax error"), err
     ok = BASE.replace(f"pcap = [{json.dumps(SAMPLE)}]", 'interface = "lo"\nbpf = "tcp port 9"')
@@ -283,10 +287,6 @@ def test_the_ray_backend_without_ray_is_refused_at_start(tmp_path):
     if importlib.util.find_spec("ray") is not None:
         pytest.skip("ray is installed here")
     text = BASE + '[async]\nbackend = "ray"\n'
-    try:
-        err = start_refused(tmp_path, text)
-    finally:                                    # before the fix a daemon started: never leave it running
-        if control.read_pid(str(tmp_path / "run")) is not None:
-            cli("stop", "--run-dir", str(tmp_path / "run"))
+    err = start_refused(tmp_path, text)
     assert err == (f'luaprobe start: {tmp_path / "c.toml"}:9: [async] backend = "ray": the ray package is not '
                    "installed (pip install 'luaprobe[ray]')"), err
