@@ -356,6 +356,7 @@ lp_prefaulter *lp_prefault_start(int64_t cap, int64_t from, int32_t narrays, con
         free(p);
         return NULL;
     }
+    pthread_setname_np(p->thread, "lp-prefault");   /* its name in /proc/PID/task/TID/comm, top -H, the tests */
     p->next = lp_pf_live;
     lp_pf_live = p;
     pthread_mutex_unlock(&lp_pf_lock);
