@@ -614,8 +614,21 @@ local function key_diff(fw, f, kw, o)
   return tobit(bor(v, shr(v, 32)))
 end
 
+-- key_diff of record r (an index into flows, lp_flow *): its address from pointer arithmetic (an integer shift),
+-- where the word offset r * FLOW_WORDS is a double multiply and two conversions in a trace (LuaJIT does not
+-- narrow a multiplication to integers), on the probe's critical path (issue 10; probe's home slot: small-few's
+-- probe loop 95.9 -> 94.3 instructions a packet).  Not in the touch path's probe loop: there it measured 76.0 ->
+-- 76.9 on dns; and with the key offset k * KEY_WORDS as an integer (tobit of two shifts) a side trace of the
+-- one-loop probe failed to compile on small-few (error 34, register coalescing), so the key offsets stay doubles
+local function key_diff_rec(flows, r, kw, o)
+  local a, k = cast(u64_ptr, flows + r), cast(u64_ptr, kw + o)
+  local v = bor(bxor(a[0], k[0]), bxor(a[1], k[1]), bxor(a[2], k[2]), bxor(a[3], k[3]), bxor(a[4], k[4]))
+  return tobit(bor(v, shr(v, 32)))
+end
+
 --- Normalised key of decoded packet d (ip_version v ~= 0) into kf (lp_fkey):
---- key words, hash, dir (0 = the packet's source is the A end).
+--- key words and hash; returns hash, dir (0 = the packet's source is the A end; the caller stores it: kf.dir is
+--- update()'s).
 ---
 --- The key is built as five 64-bit words (the layout of the 10 int32 key words on a little-endian CPU: A address
 --- words 0-3, Z address 4-7, ports, version and protocol), each read from d as one 64-bit load (an address pair),
@@ -631,7 +644,7 @@ local function make_key(kf, d, v)
   local w = cast(ci32_ptr, d)
   local sp, dp = w[W_SPORT], w[W_SPORT + 1]
   -- dir 0: src is A (the higher port; same rule as decode.flowkey)
-  local m6 = 0 - band(rshift(v, 1), 1)       -- -1 for IPv6, 0 for IPv4 (0 - x: see tcp_track)
+  local m6 = arshift(lshift(v, 30), 31)      -- -1 for IPv6, 0 for IPv4 (bit 1 of v; 0 - x had an overflow guard)
   local dir
   if sp ~= dp then
     dir = band(rshift(sp - dp, 31), 1)
@@ -650,10 +663,11 @@ local function make_key(kf, d, v)
   local k4 = bor(band(ports, LOW32), lshift(bor(lshift(v, 8), d.ipproto) + 0ULL, 32))
   local kq = cast(u64_ptr_w, kf.key)
   kq[0], kq[1], kq[2], kq[3], kq[4] = k0, k1, k2, k3, k4
-  kf.dir = dir
   local h = k0 * H0 + k1 * H1 + k2 * H2 + k3 * H3 + k4 * H4   -- hash_key's, from the registers
   h = bxor(h, shr(h, 29)) * HF
-  kf.hash = tobit(bxor(h, shr(h, 32)))
+  h = tobit(bxor(h, shr(h, 32)))
+  kf.hash = h
+  return h, dir          -- what it stored, for the caller's loop (not loaded back after its other stores)
 end
 
 --- Probe the index for the key at word o of kw (an lp_fkey array as int32_t *: key words o .. o + 9, hash
@@ -716,7 +730,7 @@ local function probe(self, kw, o)
   -- (with many flows a cache miss each, which update_batch's touch loop no longer takes for it either)
   local hd = bxor(slots[j].hash, h)
   local r = band(x, bnot(arshift(x, 31)), rshift(bor(hd, 0 - hd), 31) - 1)
-  local diff = bor(hd, key_diff(fw, r * FLOW_WORDS, kw, o))
+  local diff = bor(hd, key_diff_rec(self.flows, r, kw, o))
   local other = band(bnot(rshift(x, 31)), rshift(bor(diff, 0 - diff), 31))
   if other ~= 0 then
     -- bounded: the index is at most half full, so an empty slot ends every chain
@@ -1049,12 +1063,12 @@ end
 -- is touched only by the segments that change it (a client SYN, the ACK completing the handshake, a
 -- retransmission); called with few live values (st is the state before this segment) so the side
 -- trace of the caller's test compiles.
-local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, st, t, scr)
+local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t, scr)
   local e = flows[idx]
   scr = scr + band(idx, SCRATCH - 1)
   -- t: 1 for a TCP segment, 0 for anything else (then nothing below changes: every choice is masked by it)
-  -- hs: this segment completed the handshake (the SEEN_SYN_ACK_ACK transition) after a SYN (state SEEN_SYN)
-  local hs = band(handshake_ack(st, fl, dir), rshift(st, 1), t)
+  -- hs: 1 when this segment completed the handshake (the SEEN_SYN_ACK_ACK transition) after a SYN (state
+  -- SEEN_SYN), for a TCP segment (tcp_state: band(handshake_ack(st, fl, dir), rshift(st, 1), t), from ST_NEXT)
   -- setup RTT: the latest SYN before the handshake completes (syn_time) -> the client's completing ACK; from
   -- seconds and nanoseconds apart (one double of epoch seconds is only good to ~0.2 µs)
   local ch = pick(hs, idx, scr)
@@ -1063,25 +1077,26 @@ local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, st, t, s
   -- not start at or beyond the highest sequence end already seen in its direction; a keep-alive
   -- (no SYN/FIN, at most 1 byte, seq = that end - 1) is not counted
   local sf = band(fl, 0x03)                                   -- SYN 0x02, FIN 0x01
-  local len = pl + band(sf, 1) + rshift(sf, 1)
+  local len = tobit(pl + band(sf, 1) + rshift(sf, 1))   -- tobit: a wrapping add, no overflow guard (pl < 2^16)
   local hi = e.tcp_next[dir]
-  local seen = band(rshift(e.tcp_dirs, dir), 1)
-  local behind = rshift(tobit(seq - hi), 31)                  -- seq before hi (mod 2^32): 1
+  local dirs = e.tcp_dirs
+  local seen = band(rshift(dirs, dir), 1)
+  local back = tobit(seq - hi)                                -- < 0: seq before hi (mod 2^32)
   local occ = band(rshift(0 - len, 31), t)                    -- len > 0 (and TCP): 1
-  local z = bxor(seq, tobit(hi - 1))
-  local ka = band(rshift(pl - 2, 31), rshift(sf - 1, 31), bnot(rshift(bor(z, tobit(0 - z)), 31)), 1)
-  local r = band(seen, behind, occ, bnot(ka))
+  -- the keep-alive test among the segments that occupy sequence space (occ): no SYN/FIN and at most 1 byte means
+  -- exactly 1 byte there, so x is 0 for a keep-alive (seq = hi - 1, pl = 1, sf = 0) and only then
+  local x = bor(tobit(back + 1), pl - 1, sf)
+  local r = band(seen, rshift(back, 31), occ, rshift(bor(x, tobit(0 - x)), 31))
   local cr = pick(r, idx, scr)
   cold[cr].retrans[dir] = cold[cr].retrans[dir] + r
   -- the highest end, moved only by segments that occupy sequence space (a bare ACK carries a
-  -- sequence number but no data, and may be bogus): max(hi, seq + len) once seen, seq + len first
-  local fwd = tobit(seq + len)
-  local adv = tobit(fwd - hi)
-  local m = 0 - seen
-  local nhi = bor(band(m, tobit(hi + band(adv, bnot(arshift(adv, 31))))), band(bnot(m), fwd))
-  local mo = 0 - occ
-  e.tcp_next[dir] = bor(band(mo, nhi), band(bnot(mo), hi))
-  e.tcp_dirs = bor(e.tcp_dirs, lshift(occ, dir))
+  -- sequence number but no data, and may be bogus): max(hi, seq + len) once seen, seq + len first.  adv = seq + len
+  -- - hi (mod 2^32): the end moves by adv when the segment occupies sequence space, unless the direction was seen
+  -- and adv < 0 (adv = 0 moves it nowhere either way)
+  local adv = tobit(back + len)
+  local mv = band(occ, bxor(band(seen, rshift(adv, 31)), 1))
+  e.tcp_next[dir] = tobit(hi + band(0 - mv, adv))
+  e.tcp_dirs = bor(dirs, lshift(occ, dir))
 end
 
 -- the LRU move of flow idx (record e) for a packet of second sec (loop 3, last): to the tail at its
@@ -1124,12 +1139,36 @@ local function state_after(st, fl, dir)
              lshift(band(fl, 0x04), 5))                  -- SEEN_RST 0x80
 end
 
+-- state_after and tcp_track's handshake test as one table: state_after(st, fl, dir) and handshake_ack(st, fl, dir) read
+-- only the flags FIN, SYN, RST, ACK of fl, dir and the state bits SEEN_SYN .. Z_END_SERVER (0x02 - 0x20) of st, so
+-- ST_NEXT[st_index(st, fl, dir)] holds, in bits 0-7, the state bits state_after adds (bor(st, them) is state_after's
+-- result) and, in bit 8, band(handshake_ack(st, fl, dir), rshift(st, 1), 1) (the handshake completed after a SYN).
+-- Built from the two functions themselves (so equal by construction); a segment of a known flow then takes one
+-- load instead of ~35 bit operations (issue 10: loop 3)
+local function st_index(st, fl, dir)
+  return bor(band(fl, 0x07), band(rshift(fl, 1), 0x08), lshift(dir, 4), lshift(band(st, 0x3E), 4))
+end
+local ST_NEXT = ffi.new("uint16_t[1024]")
+for sb = 0, 0x3E, 2 do
+  for fb = 0, 0x17 do
+    if band(fb, 0x08) == 0 then
+      for dir = 0, 1 do
+        local i = st_index(sb, fb, dir)
+        assert(ST_NEXT[i] == 0)
+        ST_NEXT[i] = bor(band(state_after(sb, fb, dir), 0xFF),
+                         lshift(band(handshake_ack(sb, fb, dir), rshift(sb, 1), 1), 8))
+      end
+    end
+  end
+end
+
 local function tcp_state(flows, cold, idx, dir, sec, nsec, pl, fl, seq, t, scr)
   local e = flows[idx]
   e.tcp_flags_seen[dir] = bor(e.tcp_flags_seen[dir], fl)
   local st = e.state
-  e.state = state_after(st, fl, dir)
-  tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, st, t, scr)
+  local nx = ST_NEXT[st_index(st, fl, dir)]
+  e.state = bor(st, band(nx, 0xFF))
+  tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, band(rshift(nx, 8), t), t, scr)
 end
 
 -- The first packet of flow idx, just created by new_flow (update_batch, a batch whose every packet created its flow):
@@ -1215,7 +1254,8 @@ function FT:update(d, ts, wirelen)
   local v = d.ip_version
   if v == 0 then return -1, 0, false end
   local kf = self.kone
-  make_key(kf, d, v)
+  local _, dir = make_key(kf, d, v)
+  kf.dir = dir
   self:reserve(1)
   self:prefault(1)
   local kw = cast(i32_ptr, kf)
@@ -1268,15 +1308,14 @@ function FT:update_batch(b, n)
     local p = b[k]
     local d = p.d
     local v = d.ip_version
-    local x = -1
-    p.dir = 0
+    local x, dir = -1, 0
     if v ~= 0 and d.frag ~= 1 then     -- an IP fragment has no flow: its datagram (d.frag 2) counts it
-      local kf = keys[k]
-      make_key(kf, d, v)
-      p.dir = kf.dir
-      sh[k] = kf.hash                  -- the hashes side by side, for the loops of many flows (b)
+      local h
+      h, dir = make_key(keys[k], d, v)
+      sh[k] = h                        -- the hashes side by side, for the loops of many flows (b)
       x = 0
     end
+    p.dir = dir                        -- one store each (kf.dir is update()'s)
     p.flow = x
   end
   -- b: with more flows than the caches hold, touch the home slot of every packet; then each packet's verdict (the
@@ -1304,8 +1343,8 @@ function FT:update_batch(b, n)
     for k = 0, n - 1 do
       local x = sv[k]
       local i = x + band(arshift(x, 31), sen - x)
-      local f = i * FLOW_WORDS
-      t = bxor(t, fw[f], fw[f + 16], lru[lru[i].prev].next, lru[lru[i].next].prev)
+      local rw = cast(i32_ptr, flows + i)   -- the record's words (an integer shift; i * FLOW_WORDS: key_diff_rec)
+      t = bxor(t, rw[0], rw[16], lru[lru[i].prev].next, lru[lru[i].next].prev)
     end
     self.touched = t
   end
