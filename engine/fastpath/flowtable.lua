@@ -71,9 +71,11 @@ Layout.
                      protocol.  Written at creation, read at expiry and
                      export; a TCP segment writes its flow's cold record only
                      when it changes it (a client SYN, the ACK completing the
-                     handshake, a retransmission), else the same stores go to
-                     a scratch record, cold[capacity + 1 + idx % 16]
-                     (tcp_track: no branch; 16 of them, so consecutive
+                     handshake, a retransmission), else a retransmission's or
+                     a late SYN time's store goes to a scratch record,
+                     cold[capacity + 1 + idx % 16]
+                     (tcp_track: no branch but the setup RTT's, taken once a
+                     connection; 16 of them, so consecutive
                      segments of different flows rarely chain through one
                      read-modify-write in memory).  So the per-packet working set is 128 bytes a
                      flow, not the 256 of the single record this split
@@ -1058,21 +1060,20 @@ local function syn_time(flows, cold, idx, sec, nsec, t, scr)
 end
 
 -- TCP setup RTT and retransmissions of one segment (account(), TCP segments only: the caller's one
--- test).  Branch-free inside: every choice is bit arithmetic or a store into the scratch cold record
--- cold[scr] (pick), so the trace takes the same path for every segment and the flow's own cold record
--- is touched only by the segments that change it (a client SYN, the ACK completing the handshake, a
+-- test).  Branch-free but for the setup RTT: every other choice is bit arithmetic or a store into the scratch
+-- cold record cold[scr] (pick), so the trace takes the same path for every segment and the flow's own cold
+-- record is touched only by the segments that change it (a client SYN, the ACK completing the handshake, a
 -- retransmission); called with few live values (st is the state before this segment) so the side
--- trace of the caller's test compiles.
+-- trace of the caller's test compiles.  The setup RTT is one test, last: the segment completing the handshake
+-- (once a connection) leaves the trace there with nothing of tcp_track live; computed for every segment into
+-- the scratch record it cost ~7 instructions a packet (two loads, five FP operations, a store and their
+-- addresses; callgrind, issue 10: docs/benchmarks.md "Known flows, 2026-12-02")
 local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t, scr)
   local e = flows[idx]
   scr = scr + band(idx, SCRATCH - 1)
   -- t: 1 for a TCP segment, 0 for anything else (then nothing below changes: every choice is masked by it)
   -- hs: 1 when this segment completed the handshake (the SEEN_SYN_ACK_ACK transition) after a SYN (state
   -- SEEN_SYN), for a TCP segment (tcp_state: band(handshake_ack(st, fl, dir), rshift(st, 1), t), from ST_NEXT)
-  -- setup RTT: the latest SYN before the handshake completes (syn_time) -> the client's completing ACK; from
-  -- seconds and nanoseconds apart (one double of epoch seconds is only good to ~0.2 µs)
-  local ch = pick(hs, idx, scr)
-  cold[ch].rtt = (sec - cold[ch].syn_sec) * 1e6 + (nsec - cold[ch].syn_nsec) * 1e-3
   -- retransmission: the segment occupies sequence space (payload, SYN, FIN: RFC 9293 §3.4) but does
   -- not start at or beyond the highest sequence end already seen in its direction; a keep-alive
   -- (no SYN/FIN, at most 1 byte, seq = that end - 1) is not counted
@@ -1097,6 +1098,11 @@ local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t, s
   local mv = band(occ, bxor(band(seen, rshift(adv, 31)), 1))
   e.tcp_next[dir] = tobit(hi + band(0 - mv, adv))
   e.tcp_dirs = bor(dirs, lshift(occ, dir))
+  -- setup RTT: the latest SYN before the handshake completes (syn_time) -> the client's completing ACK; from
+  -- seconds and nanoseconds apart (one double of epoch seconds is only good to ~0.2 µs)
+  if hs ~= 0 then
+    cold[idx].rtt = (sec - cold[idx].syn_sec) * 1e6 + (nsec - cold[idx].syn_nsec) * 1e-3
+  end
 end
 
 -- the LRU move of flow idx (record e) for a packet of second sec (loop 3, last): to the tail at its
@@ -1144,11 +1150,12 @@ end
 -- ST_NEXT[st_index(st, fl, dir)] holds, in bits 0-7, the state bits state_after adds (bor(st, them) is state_after's
 -- result) and, in bit 8, band(handshake_ack(st, fl, dir), rshift(st, 1), 1) (the handshake completed after a SYN).
 -- Built from the two functions themselves (so equal by construction); a segment of a known flow then takes one
--- load instead of ~35 bit operations (issue 10: loop 3)
+-- load instead of ~35 bit operations (issue 10: loop 3).  The index: FIN, SYN, RST, ACK where fl has them (bits 0, 1,
+-- 2, 4), dir in PSH's bit 3, the state bits 0x02 - 0x20 in bits 6 - 10 (2 048 entries, 4 KiB; 6 operations, not 10)
 local function st_index(st, fl, dir)
-  return bor(band(fl, 0x07), band(rshift(fl, 1), 0x08), lshift(dir, 4), lshift(band(st, 0x3E), 4))
+  return bor(band(fl, 0x17), lshift(dir, 3), lshift(band(st, 0x3E), 5))
 end
-local ST_NEXT = ffi.new("uint16_t[1024]")
+local ST_NEXT = ffi.new("uint16_t[2048]")
 for sb = 0, 0x3E, 2 do
   for fb = 0, 0x17 do
     if band(fb, 0x08) == 0 then
@@ -1428,7 +1435,6 @@ function FT:update_batch(b, n)
   local idle = self.idle_timeout
   for k = 0, n - 1 do
     local idx = b[k].flow
-    local uid = 0
     if idx >= 0 then
       local ts = b[k].ts_sec + b[k].ts_nsec * 1e-9
       if ts - flows[idx].last_ts > idle then           -- silent for longer than idle_timeout: ended ("Idle expiry")
@@ -1442,13 +1448,14 @@ function FT:update_batch(b, n)
       local d = p.d
       local tf = d.first[TCP]               -- -1: not TCP
       local sec, nsec, pl, dir = p.ts_sec, p.ts_nsec, d.payload_length, p.dir
-      uid = account(flows, idx, dir, ts, p.wirelen, pl)
+      p.flow_uid = account(flows, idx, dir, ts, p.wirelen, pl)
       if bor(d.tcp_flags, 1 + tf) ~= 0 then
         tcp_state(flows, cold, idx, dir, sec, nsec, pl, d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1), sen + 1)
       end
       lru_touch(lc, flows, lru, idx, sec, sen)
+    else
+      b[k].flow_uid = 0
     end
-    b[k].flow_uid = uid
   end
 end
 
