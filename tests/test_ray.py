@@ -24,7 +24,9 @@ from luaprobe.workers.pool import AsyncConfig
 from .helpers import PCAPS, wait_for
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.ray
+# one test process for the whole file (pytest-xdist's --dist loadgroup, pyproject addopts): the module's cluster is
+# started once, and the first test runs before it exists
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 G_ETH = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}"
