@@ -68,15 +68,22 @@ def path_for(shape: str, quick: bool, out: str = DATA) -> str:
 
 
 def make(shape: str, quick: bool = False, out: str = DATA, seed: int = 10) -> str:
-    """The capture of `shape` (made on first use); returns its path."""
+    """The capture of `shape` (made on first use); returns its path.  Safe when several processes make the same
+    shape at once (the test processes of pytest-xdist): each writes its own temporary file and renames it into
+    place, so a reader sees no file or a whole one (the captures are seeded: every writer's is the same).  Before,
+    they shared one `.tmp` name: one truncated the file the other had just renamed (CI: "empty file")."""
     path = path_for(shape, quick, out)
     if os.path.exists(path):
         return path
     os.makedirs(out, exist_ok=True)
     spec = SHAPES[shape]
-    tmp = path + ".tmp"
-    write(tmp, spec, spec["quick"] if quick else spec["packets"], [seed, ORDER.index(shape)])
-    os.replace(tmp, path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp, spec, spec["quick"] if quick else spec["packets"], [seed, ORDER.index(shape)])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
