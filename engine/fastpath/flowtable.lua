@@ -610,10 +610,15 @@ end
 
 -- the same comparison as a number, no test: 0 when the keys are equal, else not 0 (the two 32-bit halves of the
 -- ored differences ored together)
-local function key_diff(fw, f, kw, o)
-  local a, k = cast(u64_ptr, fw + f), cast(u64_ptr, kw + o)
+--- Nonzero (an int32) when the five 64-bit key words at a and k (uint64_t *) differ: their XORs or-ed, folded to 32
+--- bits.  The callers cast (key_diff: a word offset; key_diff_rec: a record pointer); inlined, the same trace IR.
+local function key_xor(a, k)
   local v = bor(bxor(a[0], k[0]), bxor(a[1], k[1]), bxor(a[2], k[2]), bxor(a[3], k[3]), bxor(a[4], k[4]))
   return tobit(bor(v, shr(v, 32)))
+end
+
+local function key_diff(fw, f, kw, o)
+  return key_xor(cast(u64_ptr, fw + f), cast(u64_ptr, kw + o))
 end
 
 -- key_diff of record r (an index into flows, lp_flow *): its address from pointer arithmetic (an integer shift),
@@ -623,9 +628,7 @@ end
 -- 76.9 on dns; and with the key offset k * KEY_WORDS as an integer (tobit of two shifts) a side trace of the
 -- one-loop probe failed to compile on small-few (error 34, register coalescing), so the key offsets stay doubles
 local function key_diff_rec(flows, r, kw, o)
-  local a, k = cast(u64_ptr, flows + r), cast(u64_ptr, kw + o)
-  local v = bor(bxor(a[0], k[0]), bxor(a[1], k[1]), bxor(a[2], k[2]), bxor(a[3], k[3]), bxor(a[4], k[4]))
-  return tobit(bor(v, shr(v, 32)))
+  return key_xor(cast(u64_ptr, flows + r), cast(u64_ptr, kw + o))
 end
 
 --- Normalised key of decoded packet d (ip_version v ~= 0) into kf (lp_fkey):
