@@ -19,16 +19,18 @@ def test_capture_killed_is_a_dead_process_not_an_input_error(tmp_path, shards):
     """The same exit (1) and line with --shards 2, where the coordinator runs the capture process (before: an input
     error there, exit 3, `capture process ended unexpectedly (status -9)`); the shards walk every packet it had
     put in their rings, which are exactly the first n records (it publishes every ring at once)."""
-    p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.0005, "--packet-ring-mb", "1", "--shards", shards)
+    p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.00002, "--packet-ring-mb", "1", "--shards", shards,
+                                                held=True)
     def capture():
         for k in psutil.Process(p.pid).children(recursive=True):
             if "luaprobe.engine.capture.process" in " ".join(k.cmdline()):
                 return k
     cap = helpers.wait_for(capture, timeout=60)
     kids = psutil.Process(p.pid).children(recursive=True)
-    helpers.wait_for(walking.exists, timeout=120)
+    helpers.wait_for(walking.exists, timeout=120)   # held at its 100th packet: the capture waits for ring space
     assert cap.is_running()
     cap.kill()
+    helpers.release(tmp_path)
     out, err = helpers.finish(p, 300)
     assert p.returncode == 1, err
     summary = json.loads(out)
@@ -68,13 +70,15 @@ def test_a_capture_file_cut_while_it_is_read_is_an_input_error(tmp_path, shards)
     capture process sees the new size while it waits and ends the file there, as a file that short: exit 3, one
     line naming the file and the byte offset of the first incomplete record, every complete record walked.
     Truth: tshark's frames of the cut file and their frame.len, the record offsets walked here."""
-    p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.0005, "--packet-ring-mb", "1", "--shards", shards)
+    p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.00002, "--packet-ring-mb", "1", "--shards", shards,
+                                                held=True)
     pcap = tmp_path / "synth.pcap"
     cut = pcap.stat().st_size * 3 // 4 + 5     # inside a page: the bytes past it in that page read as zeros
     assert cut > 2 * 1048576                   # far past what the 1 MiB ring lets the capture read ahead
     off, what = _first_cut_record(pcap, cut)
-    helpers.wait_for(walking.exists, timeout=120)
-    os.truncate(pcap, cut)
+    helpers.wait_for(walking.exists, timeout=120)   # the walk is held at its 100th packet: the capture waits for
+    os.truncate(pcap, cut)                          # ring space ~1 MiB past it, before the cut
+    helpers.release(tmp_path)
     out, err = helpers.finish(p, 300)
     n = len(subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.len"], capture_output=True,
                            text=True).stdout.split())
