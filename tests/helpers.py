@@ -115,43 +115,34 @@ def run_python(code: str, *args, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, **kw)
 
 
-SLOW_WALK = """
+_SLOW_WALK = """
 local n = 0
 TrisulPlugin = { id = { name = "slow" },
   simplecounter = { protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",
     onpacket = function()
       n = n + 1
-      if n == 100 then local f = io.open("%s", "w"); f:close() end          -- the walk has begun
+      if n == 100 then local f = io.open("%s", "w"); f:close()%s end          -- the walk has begun
       local t = os.clock() while os.clock() - t < %s do end
     end } }
 """
-
-
-# SLOW_WALK held at its 100th packet: the hook creates `walking`, then waits there (up to 5 s, half the default hook
-# budget) until the file `go` exists, so what the test does meanwhile happens at that packet whatever the load.
-HELD_WALK = """
-local n = 0
-TrisulPlugin = { id = { name = "slow" },
-  simplecounter = { protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",
-    onpacket = function()
-      n = n + 1
-      if n == 100 then
-        local f = io.open("%s", "w"); f:close()
+# held: the hook waits at its 100th packet (up to 5 s, half the default hook budget) until the file `go` exists, so
+# what the test does meanwhile happens at that packet whatever the machine's load
+_HOLD = """
         local t = os.time()
-        while os.time() - t < 5 do
-          local g = io.open("%s") if g then g:close() break end
-        end
-      end
-      local t = os.clock() while os.clock() - t < %s do end
-    end } }
-"""
+        while os.time() - t < 5 do local g = io.open("%s") if g then g:close() break end end"""
+
+
+def slow_walk_lua(walking, hook_s: float, go=None) -> str:
+    """A TCP simplecounter spending `hook_s` s of CPU per packet that creates the file `walking` at its 100th packet
+    and, with `go` (a path), then waits there until `go` exists (at most 5 s)."""
+    return _SLOW_WALK % (walking, _HOLD % go if go else "", hook_s)
 
 
 def start_slow_walk(tmp_path, hook_s: float, *args: str, held: bool = False):
     """`luaprobe run --json` of a TCP simplecounter spending `hook_s` s per packet over a generated capture
     (12,000 TCP packets, 100 flows, seed 7) with extra CLI `args`.  Returns (Popen with text stdout/stderr
     pipes, tshark's frame.len per record, path of the file the hook creates at its 100th packet).  `held`: the
-    hook waits at that packet (HELD_WALK) until the test creates tmp_path / "go" (`release(tmp_path)`)."""
+    hook waits at that packet (slow_walk_lua) until the test creates tmp_path / "go" (`release(tmp_path)`)."""
     pcap = tmp_path / "synth.pcap"
     subprocess.run([sys.executable, "-m", "luaprobe.engine", "gen", "--out", str(pcap), "--flows", "100",
                     "--packets", "12000", "--seed", "7", "--mix", "tcp=100"], check=True, capture_output=True)
@@ -159,7 +150,7 @@ def start_slow_walk(tmp_path, hook_s: float, *args: str, held: bool = False):
                                             capture_output=True, text=True, check=True).stdout.split()]
     walking = tmp_path / "walking"
     plug = tmp_path / "slow.lua"
-    plug.write_text(HELD_WALK % (walking, tmp_path / "go", hook_s) if held else SLOW_WALK % (walking, hook_s))
+    plug.write_text(slow_walk_lua(walking, hook_s, tmp_path / "go" if held else None))
     p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine", "run", str(plug), "--pcap", str(pcap), "--out",
                           str(tmp_path / "out"), "--json", *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -179,7 +179,7 @@ def test_a_cut_behind_the_reader_loses_no_record_before_it(tmp_path, kind, shard
     recs = _write_capture(pcap)
     by_ts = {(1_700_000_000 + i // 1000, (i % 1000) * 1_000_000): i for i in range(RECORDS)}
     plug = tmp_path / "slow.lua"
-    plug.write_text(helpers.SLOW_WALK % (tmp_path / "walking", 0.000002))
+    plug.write_text(helpers.slow_walk_lua(tmp_path / "walking", 0.000002))
     for attempt in range(3):                   # a run that ends before a stop caught a burst (a busy machine): again
         caught = _catch_a_burst(tmp_path / f"out{attempt}", pcap, plug, shards, kind, recs, by_ts)
         if caught is not None:
