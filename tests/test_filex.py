@@ -749,7 +749,7 @@ def test_one_reassembly_for_filex_and_handler(tmp_path, handler_reads):
     files are tshark's (--export-objects, as with filex alone), the handler's bytes per flow and direction
     are tshark's `follow,tcp,raw` (or none when it disables every flow: filex still gets them all), and the
     reassembly counted each TCP connection once (tshark's tcp.stream count), not once per consumer."""
-    from tests.test_reassembly import follow
+    from tests.test_reassembly import follow_all
     name = "http-website-keepalive.pcap"
     cap = os.path.join(PCAPS, name)
     copy, out = make_plugin(tmp_path, COPY_PLUGIN, name="copy.lua")
@@ -774,8 +774,9 @@ def test_one_reassembly_for_filex_and_handler(tmp_path, handler_reads):
                                                 "fields", "-e", "tcp.stream"], capture_output=True, text=True,
                                                check=True).stdout.split()}
         assert len(lost) == 1 and len(streams) == 13
+        followed = follow_all(cap, streams)
         for s in streams:
-            key, c2s, s2c = follow(cap, s)
+            key, c2s, s2c = followed[s]
             for d, data in ((1, c2s), (0, s2c)):            # reassembly_handler: 1 = client->server
                 if data:
                     want[(key, d)] = len(data)

@@ -96,9 +96,8 @@ def events(out) -> list[list[str]]:
         return [line.rstrip("\n").split("\t") for line in f]
 
 
-def follow(pcap, stream) -> tuple[str, bytes, bytes]:
-    """(flowkey, client->server bytes, server->client bytes) of one TCP stream, from tshark."""
-    text = tshark("-r", pcap, "-q", "-z", f"follow,tcp,raw,{stream}")
+def _follow_block(text: str) -> tuple[str, bytes, bytes]:
+    """(flowkey, client->server bytes, server->client bytes) of one ``-z follow,tcp,raw`` block of tshark."""
     nodes, c2s, s2c = [], [], []
     for line in text.splitlines():
         if line.startswith("Node "):
@@ -110,6 +109,28 @@ def follow(pcap, stream) -> tuple[str, bytes, bytes]:
             c2s.append(bytes.fromhex(line))
     (ip0, p0), (ip1, p1) = nodes
     return flowkey(ip0, p0, ip1, p1), b"".join(c2s), b"".join(s2c)
+
+
+_FOLLOWED: dict = {}        # (pcap, tcp stream) -> follow()'s triple, for this test process
+
+
+def follow_all(pcap, streams) -> dict[int, tuple[str, bytes, bytes]]:
+    """{stream: follow(pcap, stream)} for the TCP ``streams``: the ones not yet followed in this process in one
+    tshark pass (one ``-z follow,tcp,raw,N`` per stream; each block names its stream), not one pass each."""
+    todo = sorted({int(s) for s in streams} - {s for (f, s) in _FOLLOWED if f == pcap})
+    if todo:
+        text = tshark("-r", pcap, "-q", *[a for s in todo for a in ("-z", f"follow,tcp,raw,{s}")])
+        blocks = text.split("Follow: tcp,raw")[1:]
+        assert len(blocks) == len(todo), (pcap, todo, len(blocks))
+        for block in blocks:
+            s = int(re.search(r"^Filter: tcp\.stream eq (\d+)$", block, re.M).group(1))
+            _FOLLOWED[(pcap, s)] = _follow_block(block)
+    return {int(s): _FOLLOWED[(pcap, int(s))] for s in streams}
+
+
+def follow(pcap, stream) -> tuple[str, bytes, bytes]:
+    """(flowkey, client->server bytes, server->client bytes) of one TCP stream, from tshark."""
+    return follow_all(pcap, [stream])[int(stream)]
 
 
 @needs_tshark
@@ -127,8 +148,9 @@ def test_ftp_payloads_match_tshark_follow(tmp_path):
     news = [e[1] for e in ev if e[0] == "new"]
     ends = [e[1] for e in ev if e[0] == "end"]
     checked = 0
+    followed = follow_all(FTP, streams)
     for s in streams:
-        key, c2s, s2c = follow(FTP, s)
+        key, c2s, s2c = followed[s]
         assert key in news
         for d, want in ((1, c2s), (0, s2c)):
             path = out / f"{key}_{d}"
@@ -624,8 +646,9 @@ def test_message_reaches_sender_before_its_next_event(tmp_path, batch):
     streams = sorted({int(x) for x in streams.split()})
     assert len(streams) >= 4
     assert (out / "log.txt").read_text() == ""
+    followed = follow_all(FTP, streams)
     for s in streams:
-        key, c2s, s2c = follow(FTP, s)
+        key, c2s, s2c = followed[s]
         # Node 0 is the client (port 20 opened the connection): its bytes travel client -> server (dir 1)
         assert (out / f"{key}_1").read_bytes() == c2s and len(c2s) > 0, s
         assert not (out / f"{key}_0").exists() and s2c == b""
