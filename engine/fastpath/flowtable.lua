@@ -1081,7 +1081,9 @@ local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t, s
   -- not start at or beyond the highest sequence end already seen in its direction; a keep-alive
   -- (no SYN/FIN, at most 1 byte, seq = that end - 1) is not counted
   local sf = band(fl, 0x03)                                   -- SYN 0x02, FIN 0x01
-  local len = tobit(pl + band(sf, 1) + rshift(sf, 1))   -- tobit: a wrapping add, no overflow guard (pl < 2^16)
+  -- SYN and FIN count 1 each: rshift(sf + 1, 1) is 0, 1, 1, 2 for sf 0-3.  tobit: a wrapping add, no overflow guard
+  -- (pl < 2^16)
+  local len = tobit(pl + rshift(sf + 1, 1))
   local hi = e.tcp_next[dir]
   local dirs = e.tcp_dirs
   local seen = band(rshift(dirs, dir), 1)
@@ -1090,7 +1092,8 @@ local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t, s
   -- the keep-alive test among the segments that occupy sequence space (occ): no SYN/FIN and at most 1 byte means
   -- exactly 1 byte there, so x is 0 for a keep-alive (seq = hi - 1, pl = 1, sf = 0) and only then
   local x = bor(tobit(back + 1), pl - 1, sf)
-  local r = band(seen, rshift(back, 31), occ, rshift(bor(x, tobit(0 - x)), 31))
+  -- r: seen, occ, back < 0 and x ~= 0 (x or -x has bit 31 set): both sign bits in one shift
+  local r = band(seen, occ, rshift(band(back, bor(x, tobit(0 - x))), 31))
   local cr = pick(r, idx, scr)
   cold[cr].retrans[dir] = cold[cr].retrans[dir] + r
   -- the highest end, moved only by segments that occupy sequence space (a bare ACK carries a
@@ -1178,7 +1181,11 @@ local function tcp_state(flows, cold, idx, dir, sec, nsec, pl, fl, seq, t, scr)
   local st = e.state
   local nx = ST_NEXT[st_index(st, fl, dir)]
   e.state = bor(st, band(nx, 0xFF))
-  tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, band(rshift(nx, 8), t), t, scr)
+  -- a tail call (it returns nothing; update() and loop 3 use no result): LuaJIT records tcp_track in place of
+  -- tcp_state's frame, so the snapshots inside tcp_track carry none of tcp_state's ~11 slots and fewer values stay
+  -- live in the trace (callgrind, loop 3 on small-few -3.9 instructions a packet; docs/benchmarks.md "Known flows,
+  -- 2026-12-02, session 20")
+  return tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, band(rshift(nx, 8), t), t, scr)
 end
 
 -- The first packet of flow idx, just created by new_flow (update_batch, a batch whose every packet created its flow):
