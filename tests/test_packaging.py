@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -14,16 +15,31 @@ from tests import helpers
 
 
 @pytest.fixture(scope="module")
-def wheel_dir(tmp_path_factory):
-    """The project's wheel, built as `pip install .` would, unpacked into a directory (a site-packages)."""
-    out = tmp_path_factory.mktemp("wheel")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), helpers.REPO],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    (whl,) = out.glob("luaprobe-*.whl")
-    site = out / "site"
-    with zipfile.ZipFile(whl) as z:
-        z.extractall(site)
+def wheel_dir(tmp_path_factory, worker_id):
+    """The project's wheel, built as `pip install .` would, unpacked into a directory (a site-packages).
+
+    Built once a run: under xdist in the run's base temporary directory (the parent of every worker's own, so
+    unique to this run), under a flock, and the other workers reuse it.  Before, each xdist process that got one
+    of this file's tests built it, and two builds at the same moment from the one source tree collide in its
+    build/ directory ("error: [Errno 17] File exists: 'build/bdist.linux-x86_64/wheel/luaprobe-0.1.0.dist-info'",
+    a full run on 2026-12-02 at load ~9).  (A module-wide xdist_group would not do it: with pytest 9.2
+    --dist loadgroup ignores the mark, pytest-dev/pytest-xdist#1386.)"""
+    import fcntl
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    site = root / "wheel-site"
+    with open(root / "wheel.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (site / "luaprobe").is_dir():
+            out = root / "wheel"
+            out.mkdir(exist_ok=True)
+            r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out),
+                                helpers.REPO], capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr
+            (whl,) = out.glob("luaprobe-*.whl")
+            shutil.rmtree(root / "wheel-site.part", ignore_errors=True)
+            with zipfile.ZipFile(whl) as z:
+                z.extractall(root / "wheel-site.part")
+            os.rename(root / "wheel-site.part", site)
     return site
 
 
