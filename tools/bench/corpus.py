@@ -20,7 +20,8 @@ A shape's ``layer`` (default ``"tcp"``) is the transport the benchmark's light p
 (tools/bench/shapes.py): ``dns`` carries no TCP, so its hooks are on UDP.
 
 The flow-shape captures are built here with numpy (Ethernet, optional VLAN/MPLS, IPv4 with a
-valid header checksum or IPv6, TCP with ACK/PSH flags or UDP, zero payload up to the frame
+valid header checksum or IPv6, TCP with ACK/PSH flags and sequence numbers that advance with each
+direction's bytes (0.5 % retransmissions) or UDP, zero payload up to the frame
 size; one packet every 10 µs of packet time).  The http and dns shapes come from the
 project's own generator (engine/gen/traffic.py, docs/gen.md), because their payloads must parse.
 """
@@ -37,6 +38,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DATA = os.path.join(REPO, "tools", "bench", "data", "corpus")
 START = 1_704_067_200            #: packet time of the first packet (2024-01-01)
 GAP_US = 10                      #: packet-time spacing
+BUILD_REV = 2                    #: revision of build()'s output: 2 = TCP numbers that advance (_tcp_numbers)
+RETRANS = 0.005                  #: share of TCP segments with data that are retransmissions (_tcp_numbers)
 
 #: shape -> (flows, packets (full), packets (quick), frame sizes, ipv6 share, encapsulation, tcp share)
 SHAPES = {
@@ -61,10 +64,11 @@ ORDER = list(SHAPES)
 
 
 def path_for(shape: str, quick: bool, out: str = DATA) -> str:
-    """Where `shape`'s capture is kept: the packet count is in the name, so a changed size never
-    reuses an old file."""
+    """Where `shape`'s capture is kept: the packet count is in the name, and for the shapes built here
+    the builder's revision (BUILD_REV), so a changed size or builder never reuses an old file."""
     spec = SHAPES[shape]
-    return os.path.join(out, f"{shape}-{spec['quick'] if quick else spec['packets']}.pcap")
+    rev = "" if "gen" in spec else f"-r{BUILD_REV}"
+    return os.path.join(out, f"{shape}-{spec['quick'] if quick else spec['packets']}{rev}.pcap")
 
 
 def make(shape: str, quick: bool = False, out: str = DATA, seed: int = 10) -> str:
@@ -221,10 +225,10 @@ def build(spec: dict, n: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     t = rows[tcp[f]]
     if len(t):
         ot = o[t]
-        seq = rng.integers(0, 1 << 32, len(t), dtype=np.int64)
+        seq, ack = _tcp_numbers(f[t], rev[t], iplen[t] - l3[t] - 20, nf, rng)
         th = np.zeros((len(t), 16), np.uint8)
         th[:, 0:4] = be32(seq)
-        th[:, 4:8] = be32(seq ^ 0x5A5A5A5A)
+        th[:, 4:8] = be32(ack)
         th[:, 8] = 0x50
         th[:, 9] = np.where(size[t] > hlen[t], 0x18, 0x10)      # PSH|ACK with payload, else ACK
         th[:, 10:12] = 0xFF
@@ -233,6 +237,39 @@ def build(spec: dict, n: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(u):
         hdr[u[:, None], o[u][:, None] + 4 + np.arange(2)] = be16(size[u] - (l2[u] + l3[u]))
     return hdr, hlen, size
+
+
+def _tcp_numbers(flow: np.ndarray, rev: np.ndarray, payload: np.ndarray, nf: int, rng,
+                 retrans: float = RETRANS) -> tuple[np.ndarray, np.ndarray]:
+    """Sequence and acknowledgment numbers of a capture's TCP segments in capture order, as a connection's would be
+    (RFC 793 3.3): each direction of a flow starts at a random initial sequence number and every segment's number is
+    the direction's bytes sent before it (mod 2^32); the acknowledgment is the other direction's next number (every
+    byte it sent so far is acknowledged).  A share `retrans` of the segments that carry bytes, after their direction's
+    first, are retransmissions: they send again the last bytes before them (their number is that many bytes back) and
+    do not advance the direction's count.  `flow`, `rev` (True: server to client) and `payload` (bytes of TCP data,
+    the IP length minus the headers) are per segment; returns (seq, ack), int64 arrays in 0 .. 2^32 - 1.  Before
+    (2026-12-02), both were drawn at random per segment: every second segment of a flow was behind its direction's
+    highest number, a retransmission to the flow table, which real traffic is not."""
+    n = len(flow)
+    isn = rng.integers(0, 1 << 32, (nf, 2), dtype=np.int64)
+    again = (rng.random(n) < retrans) & (payload > 0)
+    order = np.argsort(flow, kind="stable")         # each flow's segments together, in capture order
+    fo, ro = flow[order], rev[order].astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, fo[1:] != fo[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, n]))   # each row's flow's first row in `order`
+    sent = np.where(again[order], 0, payload[order]).astype(np.int64)
+    before = np.zeros((n, 2), np.int64)             # bytes each direction sent before the row (within its flow)
+    for d in (0, 1):
+        own = np.where(ro == d, sent, 0)
+        excl = np.cumsum(own) - own                 # over the whole capture: less the flow's start
+        before[:, d] = excl - excl[first]
+    mine, other = before[np.arange(n), ro], before[np.arange(n), 1 - ro]
+    back = np.where(again[order], np.minimum(payload[order], mine), 0)   # a resend: that many bytes back
+    seq_o = (isn[fo, ro] + mine - back) % (1 << 32)
+    ack_o = (isn[fo, 1 - ro] + other) % (1 << 32)
+    seq, ack = np.empty(n, np.int64), np.empty(n, np.int64)
+    seq[order], ack[order] = seq_o, ack_o
+    return seq, ack
 
 
 def write_pcap(path: str, built) -> None:
