@@ -13,7 +13,11 @@ default capacity (2^20 flows; its arrays on 4 KiB pages, `--huge-pages off`, wha
 machine: docs/benchmarks.md "The flow table's huge_pages setting"; `on` as before 2026-12-01) gets the --quick capture of each corpus shape (tools/bench/corpus.py) in
 1 024-packet batches: decode (not timed), then update_batch (timed).  Pass 1 is the capture as it is; pass 2
 gives the same packets to the same table again, --passes - 1 times, each time 1 s + the capture's span later
-in packet time (every flow known, the LRU moves as in pass 1).  The sides alternate run by run, the first
+in packet time (every flow known, the LRU moves as in pass 1), each TCP segment's sequence number 2^30 further per
+pass (mod 2^32) so a flow goes on where pass 1 left it: replayed unchanged, every data segment of pass 2 was behind its
+flow's highest sequence end, i.e. a retransmission (small-few 500 000 of 500 000, mixed-zipf 311 220 of 500 000;
+docs/benchmarks.md "Known flows, 2026-12-02, session 20 (2)"); with the shift pass 2 counts pass 1's (2 540,
+1 653).  A flow's pass carries < 2^30 sequence bytes in these captures.  The sides alternate run by run, the first
 one alternately before and after (with 1M flows the side run second was ~30 % slower in pass 1 with the same
 code: the kernel's zero-filling of fresh record pages), each after a full collection in both Lua states
 (no earlier table still mapped).
@@ -98,6 +102,8 @@ return function(frames, lens, secs, usecs, cap, linktype, passes, huge, ahead)
         local p = b[i]
         if pass > 1 then p.ts_sec = p.ts_sec + span end
         decode.decode(p.d, p.data, p.caplen, linktype)
+        -- pass 2 on: a TCP segment's sequence number 2^30 further a pass (the flows go on, not replayed: docstring)
+        if pass > 1 then p.d.tcp_seq = bit.tobit(p.d.tcp_seq + (pass - 1) * 0x40000000) end
       end
       local t0 = clock()
       last, tl = 0, t0
