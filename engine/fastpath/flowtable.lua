@@ -71,11 +71,13 @@ Layout.
                      protocol.  Written at creation, read at expiry and
                      export; a TCP segment writes its flow's cold record only
                      when it changes it (a client SYN, the ACK completing the
-                     handshake, a retransmission: tcp_track's one rare test),
-                     else a late SYN time's store goes to a scratch record,
-                     cold[capacity + 1 + idx % 16] (syn_time, no branch; 16
-                     of them, so consecutive segments of different flows
-                     rarely chain through one read-modify-write in memory).  So the per-packet working set is 128 bytes a
+                     handshake, a retransmission), else a retransmission's or
+                     a late SYN time's store goes to a scratch record,
+                     cold[capacity + 1 + idx % 16]
+                     (tcp_track: no branch but the setup RTT's, taken once a
+                     connection; 16 of them, so consecutive
+                     segments of different flows rarely chain through one
+                     read-modify-write in memory).  So the per-packet working set is 128 bytes a
                      flow, not the 256 of the single record this split
                      replaced (issue 10).  Free records are handed out from a
                      stack, then from a high-water mark (so a fresh table
@@ -264,8 +266,8 @@ typedef struct {
 typedef struct {
   /* the cold record (64 bytes, one cache line, cold[i] belongs to flows[i]): written at creation, read at
      expiry and export; a TCP segment writes it only when it changes it (a client SYN, the ACK completing the
-     handshake, a retransmission: tcp_track's one rare test; the SYN time only for a SYN without ACK: syn_time, else
-     that store goes to a scratch record) */
+     handshake, a retransmission: tcp_track; the SYN time only for a SYN without ACK: syn_time), else the same
+     stores go to a scratch record */
   double first_ts;
   double rtt;                        /* setup RTT in µs, -1 until measured */
   union { double retrans[2]; struct { double retrans_az, retrans_za; }; };
@@ -321,7 +323,7 @@ local FLOW_SIZE = ffi.sizeof("lp_flow")
 local FLOW_WORDS, COLD_WORDS = FLOW_SIZE / 4, ffi.sizeof("lp_flow_cold") / 4   -- records as int32 words
 local SLOT_SIZE = 8       -- lp_slot (defined below)
 local COLD_SIZE = ffi.sizeof("lp_flow_cold")
-local SCRATCH = 16        -- scratch cold records (syn_time), cold[capacity + 1 + idx % 16] for flow idx
+local SCRATCH = 16        -- scratch cold records (tcp_track), cold[capacity + 1 + idx % 16] for flow idx
 local EXPIRE_CHUNK = 512 -- idle flows expire() collects, then touches, reports and frees at a time (96 KiB of records)
 local TOUCH_FLOWS = 8192  -- live flows (2 MiB of records) from which update_batch touches before it works
 
@@ -392,7 +394,7 @@ function M.new(opts)
     huge_pages = huge,   -- mappings advised MADV_HUGEPAGE (true) or MADV_NOHUGEPAGE (false)
     flows = alloc(flow_ptr, cap + 1, ffi.sizeof("lp_flow"), huge),   -- hot records, [cap]: what an empty slot touches
     cold = alloc(cold_ptr, cap + 1 + SCRATCH, ffi.sizeof("lp_flow_cold"), huge),   -- cold records, [cap]: age list
-                                                                   -- sentinel, [cap + 1 ..]: syn_time's scratch records
+                                                                   -- sentinel, [cap + 1 ..]: tcp_track's scratch records
     lru = alloc(link_ptr, cap + 1, ffi.sizeof("lp_link"), huge),     -- LRU links of flows[i], [cap]: sentinel
     -- the index: one mapping of its largest size (2 * capacity slots) grown in place when that is 2 MiB or more
     -- (reserve: the pages of a doubling's first half are mapped already), else calloc'd anew at each doubling
@@ -1046,7 +1048,7 @@ end
 -- error 34 ("register coalescing too complex") and was blacklisted, and every such segment then ran in the
 -- interpreter (issue 10: the `http` corpus, ~90 bytes of garbage and ~300 ns per packet).  Binary 0 - x has
 -- only an overflow guard, never taken for these values.
--- i when bit c is 1, else scr (no branch): the cold record syn_time's store goes to
+-- i when bit c is 1, else scr (no branch): the cold record a tcp_track store goes to
 local function pick(c, i, scr)
   return scr + band(i - scr, 0 - c)
 end
@@ -1060,28 +1062,18 @@ local function syn_time(flows, cold, idx, sec, nsec, t, scr)
   cold[c].syn_nsec = nsec
 end
 
--- tcp_track's two rare stores into flow idx's cold record: r (0 or 1) more retransmissions in direction dir, and,
--- when hs is 1 (the segment completing the handshake, sec / nsec its time), the setup RTT in microseconds from the
--- latest SYN (syn_time)
-local function tcp_rare(cold, idx, dir, r, hs, sec, nsec)
-  local c = cold[idx]
-  c.retrans[dir] = c.retrans[dir] + r
-  if hs ~= 0 then
-    c.rtt = (sec - c.syn_sec) * 1e6 + (nsec - c.syn_nsec) * 1e-3
-  end
-end
-
 -- TCP setup RTT and retransmissions of one segment (account(), TCP segments only: the caller's one
--- test).  Branch-free but for one test, last: the flow's own cold record is touched only by the segments that
--- change it (a retransmission, the ACK completing the handshake: tcp_rare), and at that test's exit nothing of
--- tcp_track but tcp_rare's arguments is live (LuaJIT's snapshot keeps the slots below the next JMP's base; with a
--- test before the sequence-end stores every slot stayed live and the side trace failed, error 34).  Before
--- 2026-12-02 the retransmission count was stored branch-free into the flow's or a scratch cold record (pick) and
--- the RTT had its own test: 25 instructions a packet more on small-few and mixed-zipf, 27 on http (callgrind,
--- issue 10: docs/benchmarks.md "Known flows, 2026-12-02, session 20 (2)"); computing the RTT for every segment
--- into the scratch record had cost ~7 more
-local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t)
+-- test).  Branch-free but for the setup RTT: every other choice is bit arithmetic or a store into the scratch
+-- cold record cold[scr] (pick), so the trace takes the same path for every segment and the flow's own cold
+-- record is touched only by the segments that change it (a client SYN, the ACK completing the handshake, a
+-- retransmission); called with few live values (st is the state before this segment) so the side
+-- trace of the caller's test compiles.  The setup RTT is one test, last: the segment completing the handshake
+-- (once a connection) leaves the trace there with nothing of tcp_track live; computed for every segment into
+-- the scratch record it cost ~7 instructions a packet (two loads, five FP operations, a store and their
+-- addresses; callgrind, issue 10: docs/benchmarks.md "Known flows, 2026-12-02")
+local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t, scr)
   local e = flows[idx]
+  scr = scr + band(idx, SCRATCH - 1)
   -- t: 1 for a TCP segment, 0 for anything else (then nothing below changes: every choice is masked by it)
   -- hs: 1 when this segment completed the handshake (the SEEN_SYN_ACK_ACK transition) after a SYN (state
   -- SEEN_SYN), for a TCP segment (tcp_state: band(handshake_ack(st, fl, dir), rshift(st, 1), t), from ST_NEXT)
@@ -1102,6 +1094,8 @@ local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t)
   local x = bor(tobit(back + 1), pl - 1, sf)
   -- r: seen, occ, back < 0 and x ~= 0 (x or -x has bit 31 set): both sign bits in one shift
   local r = band(seen, occ, rshift(band(back, bor(x, tobit(0 - x))), 31))
+  local cr = pick(r, idx, scr)
+  cold[cr].retrans[dir] = cold[cr].retrans[dir] + r
   -- the highest end, moved only by segments that occupy sequence space (a bare ACK carries a
   -- sequence number but no data, and may be bogus): max(hi, seq + len) once seen, seq + len first.  adv = seq + len
   -- - hi (mod 2^32): the end moves by adv when the segment occupies sequence space, unless the direction was seen
@@ -1110,11 +1104,10 @@ local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t)
   local mv = band(occ, bxor(band(seen, rshift(adv, 31)), 1))
   e.tcp_next[dir] = tobit(hi + band(0 - mv, adv))
   e.tcp_dirs = bor(dirs, lshift(occ, dir))
-  -- a retransmission (r), or the segment completing the handshake (hs): its setup RTT, the latest SYN before the
-  -- handshake completes (syn_time) -> the client's completing ACK, from seconds and nanoseconds apart (one double
-  -- of epoch seconds is only good to ~0.2 µs).  Last, so nothing after it keeps a slot live at its exit
-  if bor(r, hs) ~= 0 then
-    tcp_rare(cold, idx, dir, r, hs, sec, nsec)
+  -- setup RTT: the latest SYN before the handshake completes (syn_time) -> the client's completing ACK; from
+  -- seconds and nanoseconds apart (one double of epoch seconds is only good to ~0.2 µs)
+  if hs ~= 0 then
+    cold[idx].rtt = (sec - cold[idx].syn_sec) * 1e6 + (nsec - cold[idx].syn_nsec) * 1e-3
   end
 end
 
@@ -1182,7 +1175,7 @@ for sb = 0, 0x3E, 2 do
   end
 end
 
-local function tcp_state(flows, cold, idx, dir, sec, nsec, pl, fl, seq, t)
+local function tcp_state(flows, cold, idx, dir, sec, nsec, pl, fl, seq, t, scr)
   local e = flows[idx]
   e.tcp_flags_seen[dir] = bor(e.tcp_flags_seen[dir], fl)
   local st = e.state
@@ -1192,7 +1185,7 @@ local function tcp_state(flows, cold, idx, dir, sec, nsec, pl, fl, seq, t)
   -- tcp_state's frame, so the snapshots inside tcp_track carry none of tcp_state's ~11 slots and fewer values stay
   -- live in the trace (callgrind, loop 3 on small-few -3.9 instructions a packet; docs/benchmarks.md "Known flows,
   -- 2026-12-02, session 20")
-  return tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, band(rshift(nx, 8), t), t)
+  return tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, band(rshift(nx, 8), t), t, scr)
 end
 
 -- The first packet of flow idx, just created by new_flow (update_batch, a batch whose every packet created its flow):
@@ -1303,7 +1296,7 @@ function FT:update(d, ts, wirelen)
   end
   if bor(d.tcp_flags, 1 + tf) ~= 0 then
     tcp_state(self.flows, self.cold, idx, kf.dir, sec, math.floor((ts - sec) * 1e9 + 0.5), d.payload_length,
-              d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1))
+              d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1), self.capacity + 1)
   end
   lru_touch(self.lc, self.flows, self.lru, idx, sec, self.capacity)
   return idx, kf.dir, is_new
@@ -1467,7 +1460,7 @@ function FT:update_batch(b, n)
       local sec, nsec, pl, dir = p.ts_sec, p.ts_nsec, d.payload_length, p.dir
       p.flow_uid = account(flows, idx, dir, ts, p.wirelen, pl)
       if bor(d.tcp_flags, 1 + tf) ~= 0 then
-        tcp_state(flows, cold, idx, dir, sec, nsec, pl, d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1))
+        tcp_state(flows, cold, idx, dir, sec, nsec, pl, d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1), sen + 1)
       end
       lru_touch(lc, flows, lru, idx, sec, sen)
     else
