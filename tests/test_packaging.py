@@ -22,8 +22,9 @@ def wheel_dir(tmp_path_factory, worker_id):
     unique to this run), under a flock, and the other workers reuse it.  Before, each xdist process that got one
     of this file's tests built it, and two builds at the same moment from the one source tree collide in its
     build/ directory ("error: [Errno 17] File exists: 'build/bdist.linux-x86_64/wheel/luaprobe-0.1.0.dist-info'",
-    a full run on 2026-12-02 at load ~9).  (A module-wide xdist_group would not do it: with pytest 9.2
-    --dist loadgroup ignores the mark, pytest-dev/pytest-xdist#1386.)"""
+    a full run on 2026-12-02 at load ~9).  (A module-wide xdist_group would also serialise the two tests; it was
+    tried first under pytest 9.2, whose --dist loadgroup ignores the mark, pytest-dev/pytest-xdist#1386: pyproject
+    now pins pytest < 9.2.)"""
     import fcntl
     root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
     site = root / "wheel-site"

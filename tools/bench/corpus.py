@@ -244,9 +244,10 @@ def _tcp_numbers(flow: np.ndarray, rev: np.ndarray, payload: np.ndarray, nf: int
     """Sequence and acknowledgment numbers of a capture's TCP segments in capture order, as a connection's would be
     (RFC 793 3.3): each direction of a flow starts at a random initial sequence number and every segment's number is
     the direction's bytes sent before it (mod 2^32); the acknowledgment is the other direction's next number (every
-    byte it sent so far is acknowledged).  A share `retrans` of the segments that carry bytes, after their direction's
-    first, are retransmissions: they send again the last bytes before them (their number is that many bytes back) and
-    do not advance the direction's count.  `flow`, `rev` (True: server to client) and `payload` (bytes of TCP data,
+    byte it sent so far is acknowledged).  A share `retrans` of the segments that carry bytes are retransmissions: they
+    send again the last bytes before them (their number is that many bytes back, at most back to the initial number)
+    and do not advance the direction's count (one drawn as its direction's first data segment so starts at the initial
+    number, and the segment after it repeats that number: tshark calls the later one the retransmission).  `flow`, `rev` (True: server to client) and `payload` (bytes of TCP data,
     the IP length minus the headers) are per segment; returns (seq, ack), int64 arrays in 0 .. 2^32 - 1.  Before
     (2026-12-02), both were drawn at random per segment: every second segment of a flow was behind its direction's
     highest number, a retransmission to the flow table, which real traffic is not."""
