@@ -731,7 +731,8 @@ def test_stopped_shard_is_a_stall(daemon, role):
     os.kill(pid, signal.SIGSTOP)
     st = helpers.wait_for(lambda: (s := daemon.status())["restarts"] == 1 and s["state"] == "running" and s, 40, 0.1)
     name = {"shards": "shard"}.get(role, role)
-    assert st["last_exit"].startswith("stalled: ") and f"{name} process (pid {pid}) stopped" in st["last_exit"], st
+    log = [ln for ln in open(os.path.join(daemon.run_dir, control.LOG)) if " ERROR " in ln]   # the processes' states
+    assert st["last_exit"].startswith("stalled: ") and f"{name} process (pid {pid}) stopped" in st["last_exit"], (st, log)
     daemon.wait_packets(100)
     assert daemon.cli("stop").returncode == 0
     assert not daemon.alive() and not daemon.segments()

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import socket
+import signal
 import stat
 import struct
 import time
@@ -367,6 +368,18 @@ def proc_state(pid: int) -> str | None:
             return f.read().rsplit(b")", 1)[1].split()[0].decode()
     except (OSError, IndexError):
         return None
+
+
+def proc_stop_pending(pid: int) -> bool:
+    """True when SIGSTOP was sent to process ``pid`` and not yet taken (/proc/PID/status: bit 18 of SigPnd or
+    ShdPnd, signal 19 on Linux x86 and arm): a process in uninterruptible sleep (state D: a write, an fsync) takes
+    it, and stops, only when that sleep ends, so /proc shows D meanwhile, not T.  False when gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            masks = [int(line.split()[1], 16) for line in f if line.startswith((b"SigPnd:", b"ShdPnd:"))]
+    except (OSError, ValueError, IndexError):
+        return False
+    return any(m >> (signal.SIGSTOP - 1) & 1 for m in masks)
 
 
 def fd_exhaustion(pid: int) -> str | None:

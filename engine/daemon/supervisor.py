@@ -348,9 +348,15 @@ class Supervisor:
             beat, limit = self.child_started_wall, 2 * limit + 10   # before it beats), or the previous child's
         age = time.time() - beat
         if age > limit:
-            if stopped := self._stopped_processes():       # a stopped process (the store, say) holds the fast path
-                self._stalled(                             # up: that is the cause the operator needs to see
-                    f"stalled: {_stopped_text(*stopped[0])}; no heartbeat for {age:.0f} s; killed")
+            # a stopped process (the store, say) holds the fast path up: that is the cause the operator needs to
+            # see; every process of the child's tree is looked at, not only those its last snapshot named
+            if stopped := self._stopped_processes(tree=True):
+                self._stalled(f"stalled: {_stopped_text(*stopped[0])}; no heartbeat for {age:.0f} s; killed")
+                return
+            log.error("fast path (pid %d): no heartbeat for %.0f s; its processes: %s", self.child.pid, age,
+                      self._tree_states())
+            if waiting := self._disk_waits():
+                self._stalled(f"stalled: no heartbeat for {age:.0f} s; {waiting[0]} (a slow or hung disk?); killed")
                 return
             loading = not self._loaded()["loaded"]   # the fast path beats before each plug-in it loads: one's top
             what = self._loading_file() or "its plug-ins"
@@ -371,15 +377,51 @@ class Supervisor:
         except OSError:
             return None
 
-    def _stopped_processes(self) -> list[tuple[str, int]]:
-        """The run's processes found stopped now (state T/t in /proc: SIGSTOP, a debugger), as (role, pid):
-        [("store", 12)]; role in the singular ("shard", "worker")."""
+    def _roles(self, tree: bool = False) -> list[tuple[str, int]]:
+        """The run's processes as (role, pid), role in the singular ("shard", "worker"): those the last snapshot
+        names (:meth:`_pids`); ``tree``: also every other process under the fast path (psutil; a /proc walk of
+        every process, so only when a rule fires), named by its command name ("python3")."""
+        out = [({"shards": "shard", "workers": "worker"}.get(role, role), pid)
+               for role, v in self._pids().items() if role != "supervisor"
+               for pid in (v if isinstance(v, list) else [v]) if pid]
+        if tree and self.child is not None:
+            known = {pid for _, pid in out}
+            try:
+                kids = psutil.Process(self.child.pid).children(recursive=True)
+            except (psutil.Error, OSError):
+                kids = []
+            for p in kids:
+                try:
+                    name = p.name()
+                except psutil.Error:
+                    continue
+                if p.pid not in known:
+                    out.append((name, p.pid))
+        return out
+
+    def _stopped_processes(self, tree: bool = False) -> list[tuple[str, int, str]]:
+        """The run's processes (:meth:`_roles`) found stopped now, as (role, pid, how): state T/t in /proc (SIGSTOP,
+        a debugger), how "state T"; or sent SIGSTOP while in uninterruptible sleep, which it takes when the sleep
+        ends (control.proc_stop_pending), how "state D, SIGSTOP pending".  [("store", 12, "state T")]."""
         found = []
-        for role, v in self._pids().items():
-            for pid in (v if isinstance(v, list) else [v]):
-                if role != "supervisor" and pid and control.proc_state(pid) in ("T", "t"):
-                    found.append(({"shards": "shard", "workers": "worker"}.get(role, role), pid))
+        for role, pid in self._roles(tree):
+            state = control.proc_state(pid)
+            if state in ("T", "t"):
+                found.append((role, pid, f"state {state}"))
+            elif state is not None and control.proc_stop_pending(pid):
+                found.append((role, pid, f"state {state}, SIGSTOP pending"))
         return found
+
+    def _disk_waits(self) -> list[str]:
+        """The run's processes in uninterruptible sleep now (state D: a write or fsync the disk has not finished),
+        as "store process (pid 12) in uninterruptible disk wait (state D)"."""
+        return [f"{role} process (pid {pid}) in uninterruptible disk wait (state D)"
+                for role, pid in self._roles(tree=True) if control.proc_state(pid) == "D"]
+
+    def _tree_states(self) -> str:
+        """Every process of the run with its /proc state letter, for the log of a stall with no named cause:
+        "fastpath 10 S, shard 11 S, store 12 D"."""
+        return ", ".join(f"{role} {pid} {control.proc_state(pid) or 'gone'}" for role, pid in self._roles(tree=True))
 
     def _stall_limit(self) -> float:
         """[supervise] stall_timeout in s while a fast path runs or stops (a stall found during a stop ends the stop
@@ -414,10 +456,10 @@ class Supervisor:
             return
         now = time.monotonic()
         stopped, why = {}, None
-        for name, pid in self._stopped_processes():
+        for name, pid, how in self._stopped_processes():
             stopped[pid] = since = self._stopped.get(pid, now)
             if now - since >= limit:
-                why = f"{_stopped_text(name, pid)} for {now - since:.0f} s"
+                why = f"{_stopped_text(name, pid, how)} for {now - since:.0f} s"
         self._stopped = stopped
         snap = self.snapshot or {}
         if (why is None and self._files_only and self.mode == "run" and not snap.get("final")
@@ -1086,10 +1128,10 @@ def _peer(conn) -> str:
     return f" (pid {pid})" if pid > 0 else ""
 
 
-def _stopped_text(role: str, pid: int) -> str:
+def _stopped_text(role: str, pid: int, how: str = "state T") -> str:
     """How both stall rules name a process found stopped (Supervisor._stopped_processes): "store process (pid 12)
     stopped (state T)"; the rule adds how long ("; no heartbeat for 5 s" or " for 5 s")."""
-    return f"{role} process (pid {pid}) stopped (state T)"
+    return f"{role} process (pid {pid}) stopped ({how})"
 
 
 # ---------------------------------------------------------------- the child: one fast-path run
