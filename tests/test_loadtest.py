@@ -152,8 +152,11 @@ def check_inline_vs_async(res):
 @needs_root
 @pytest.mark.timeout(600)
 def test_inline_vs_async_quick(tmp_path):
-    res, report = run_scenario(tmp_path, "inline-vs-async")
-    check_inline_vs_async(res)
+    for attempt in range(TELL_APART_RUNS):     # a run that cannot tell a stall apart says nothing: run again
+        res, report = run_scenario(tmp_path / f"run{attempt}", "inline-vs-async")
+        check_inline_vs_async(res)
+        if stall_told_apart(res):
+            break
     check_async_does_not_stall(res)
 
 
@@ -163,6 +166,11 @@ def test_inline_vs_async_quick(tmp_path):
 #: 0.82 / 0.985 / 1.40 (min / median / max) at 100 000 packets/s, INLINE 0.20 / 0.21 / 0.33; T.async made to
 #: stall the packet path (a 50 ms wait added to Async:enqueue) fell to INLINE's level, 0.20 / 0.23 / 0.25.
 ASYNC_SHARE_MIN, STALL_SHARE_MAX = 0.6, 0.5
+#: runs of the scenario at most until one tells a stall apart (INLINE below STALL_SHARE_MAX at the highest rate).  CI
+#: of session 21 (load 12: the suite beside two helpers' callgrind and daemon runs) got INLINE at 0.78: the baseline's
+#: own fast path managed ~26 000 packets/s there, so INLINE's stall (capped at 20 000) was not below half of it.  Such
+#: a run is inconclusive, not a failure of T.async; a machine that never tells them apart still fails the test.
+TELL_APART_RUNS = 3
 
 
 def rate_share(pts, kind, rate) -> float:
@@ -173,6 +181,12 @@ def rate_share(pts, kind, rate) -> float:
     while a stall of 50 ms per 1000 packets caps the rate at 20 000 whatever the load."""
     p, base = pts[(kind, rate)], pts[("baseline", rate)]
     return p["fastpath_pps"] / min(p["sent_pps"], base["fastpath_pps"])
+
+
+def stall_told_apart(res) -> bool:
+    """True when this run shows INLINE's stall at its highest offered rate (the run can tell a stall apart)."""
+    pts = {(p["plugin"], p["offered_pps"]): p for p in res["points"]}
+    return rate_share(pts, "inline", res["rates"][-1]) < STALL_SHARE_MAX
 
 
 def check_async_does_not_stall(res):
