@@ -49,6 +49,7 @@ run_dir = "run"
 [source]
 pcap = [{pcap}]
 loop = {loop}
+speed = {speed}
 [plugins]
 paths = [{plugins}]
 [async]
@@ -77,10 +78,10 @@ class Daemon:
         self.pids: set[int] = set()
 
     def write_config(self, plugins=(EXAMPLES,), pcap=(SAMPLE,), loop=True, crash_loop_restarts=5, port=0,
-                     interval=0.2) -> str:
+                     interval=0.2, speed=0) -> str:
         q = lambda xs: ", ".join(json.dumps(str(x)) for x in xs)  # noqa: E731
         path = self.dir / "luaprobe.toml"
-        path.write_text(TOML.format(pcap=q(pcap), loop=str(loop).lower(), plugins=q(plugins),
+        path.write_text(TOML.format(pcap=q(pcap), loop=str(loop).lower(), speed=speed, plugins=q(plugins),
                                     crash_loop_restarts=crash_loop_restarts, port=port, interval=interval))
         self.config = str(path)
         return self.config

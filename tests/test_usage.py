@@ -40,6 +40,7 @@ OUT_OF_RANGE = [
     ("--filex-dir-cap-mb", "0"), ("--shards", "0"), ("--backend-instances", "0"),
     ("--pin-cpus", "1"), ("--pin-cpus", "1,1"), ("--pin-cpus", "x,2"), ("--pin-cpus", "on"),
     ("--huge-pages", "maybe"), ("--huge-pages", "1"), ("--huge-pages", ""),
+    ("--speed", "-1"), ("--speed", "nan"), ("--speed", "2e6"),
 ]
 
 
@@ -390,7 +391,7 @@ def _numeric_pairs():
     from luaprobe.engine.daemon.settings import SETTINGS
     pairs = [(flag, ("async", key)) for flag, key in _ASYNC_FLAGS.items()]
     pairs += [(flag, toml) for _f, flag, toml, kind, *_ in SETTINGS if kind in ("int", "float")]
-    return pairs
+    return pairs + [("--speed", ("source", "speed"))]
 
 
 @pytest.mark.parametrize("flag, toml", _numeric_pairs())

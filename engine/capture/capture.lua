@@ -261,6 +261,47 @@ function M.control(r, kind, text, stop, ts_sec)
   if M.put_control(r, kind, text, stop, ts_sec) then r:publish() end
 end
 
+--- Paced replay (engine/capture/process.py --speed, [source] speed): 0 = as fast as the ring takes the records; > 0 =
+--- packet time advances M.speed seconds per second of the monotonic clock, as tcpreplay's --multiplier does.  The
+--- pace's anchor: the (shifted) packet time and clock time of the first packet pushed since it was last reset (at
+--- each file, M.file, and stream, M.stream, except a looped pass's files after the first, whose shift puts them one
+--- second after the newest packet: the pace goes on across passes).  A packet whose time lies ahead of
+--- anchor time + speed x (clock - anchor clock) is pushed only when it is due: the records committed before it are
+--- published first (the fast path sees them) and the loop sleeps in slices of at most PACE_SLICE s, checking stop().
+M.speed, M.pace_t0, M.pace_w0 = 0, nil, nil
+M.PACE_SLICE = 0.05                      --- s: the longest sleep between two stop() checks while a packet is not due
+pcall(ffi.cdef, "struct lp_timespec { long tv_sec; long tv_nsec; };")
+pcall(ffi.cdef, "int clock_gettime(int clockid, struct lp_timespec *ts);")
+pcall(ffi.cdef, "int clock_nanosleep(int clockid, int flags, const struct lp_timespec *req, struct lp_timespec *rem);")
+local CLOCK_MONOTONIC = 1
+local pace_ts = ffi.new("struct lp_timespec")
+local function clock_s()
+  C.clock_gettime(CLOCK_MONOTONIC, pace_ts)
+  return tonumber(pace_ts.tv_sec) + tonumber(pace_ts.tv_nsec) * 1e-9
+end
+
+--- The packet time (s) that may be pushed now; the first call after a reset anchors the pace at packet time t.
+local function pace_due(t)
+  local now = clock_s()
+  if M.pace_t0 == nil then M.pace_t0, M.pace_w0 = t, now end
+  return M.pace_t0 + M.speed * (now - M.pace_w0)
+end
+
+--- Sleep until packet time t is due (slices of at most PACE_SLICE s; a signal ends a slice early).  Returns the
+--- packet time due then, or nil when stop() said so first.
+local function pace_wait(t, stop)
+  local at = M.pace_w0 + (t - M.pace_t0) / M.speed      -- clock time (s) at which t is due
+  while true do
+    if stop() then return nil end
+    local now = clock_s()
+    if now >= at then return M.pace_t0 + M.speed * (now - M.pace_w0) end
+    local d = math.min(at - now, M.PACE_SLICE)
+    pace_ts.tv_sec = math.floor(d)
+    pace_ts.tv_nsec = math.floor((d - math.floor(d)) * 1e9)
+    C.clock_nanosleep(CLOCK_MONOTONIC, 0, pace_ts, nil)   -- EINTR (SIGTERM): stop() is looked at next
+  end
+end
+
 -- Copy the records reader rd returns into ring r (or a sharder) until it returns nil or stop() says so:
 -- packets, bytes, stopped (stop is checked while waiting for ring space and every 4096 records)
 M.clipped = 0    --- records cut to the packet ring's record limit (engine/capture/process.py warns)
@@ -381,6 +422,8 @@ local function push(r, rd, stop, fd)
   local logged = fd ~= nil        -- the cut log (take_back): a mapped file's only; a stream has no cut check.  Loop-
                                   -- invariant, so its test is hoisted out of the compiled loop (a guard before it)
   local cut = false               -- a cut ended the walk (rd.error says where)
+  local paced = M.speed > 0       -- loop-invariant, like `logged`: speed 0 costs the loop nothing per packet
+  local due = -math.huge          -- paced: the packet time known to be due without reading the clock
   -- Publish every committed record.  A mapped file (fd): only after fstat() shows the file still holds them.  Sizes
   -- only shrink, so a record the file holds now held real bytes when it was read (past the end a read gets zeros: the
   -- rest of the new end's page, or a page the cut guard mapped over a SIGBUS, M.file).  The file cut below the
@@ -428,6 +471,17 @@ local function push(r, rd, stop, fd)
       break
     end
     ts_sec = ts_sec + shift
+    if paced then                 -- a packet ahead of the pace: publish what is committed, wait until it is due
+      local t = ts_sec + ts_nsec * 1e-9
+      if t > due then
+        due = pace_due(t)
+        if t > due then
+          if not settle(true) then break end
+          due = pace_wait(t, stop)
+          if due == nil then stopped = true; break end
+        end
+      end
+    end
     if ts_sec > top then top = ts_sec end
     local rr, k = r, 1
     if sharded then
@@ -496,6 +550,9 @@ end
 --- fstat()s the file again, maps it again when it holds more, until an fstat at the end shows no growth; a partial
 --- record at that moment is the truncated-record error, at its offset).  Without it (benchmarks and tests walking a
 --- prefix of a file) the walk ends at `size`.
+---
+--- M.speed > 0 (engine/capture/process.py --speed): the walk is paced from its first pushed record (after `skip`'s),
+--- or, in a looped pass after the first, on from the pass before (pace_due above).
 function M.file(r, addr, size, stop, fd, grows, skip)
   if fd then
     local rc = S.lp_cutguard_arm(cast("const void *", addr), size, fd)
@@ -516,6 +573,7 @@ function M.file(r, addr, size, stop, fd, grows, skip)
     error(rd, 0)
   end
   rd.header_end = rd.offset
+  if not M.rebase then M.pace_t0 = nil end   -- each file paced from its first packet (a looped pass's: go on)
   rd.grows = fd ~= nil and grows == true
   rd.ahead = 0                            -- map_ahead: mapped ahead up to this file offset
   -- `skip`: the first records are read past, not pushed (a daemon's restarted fast path goes on after the packets
@@ -537,6 +595,7 @@ local Stream = {}
 Stream.__index = Stream
 
 function M.stream(addr, cap)
+  if not M.rebase then M.pace_t0 = nil end   -- paced from its first packet, as a file (M.file)
   return setmetatable({ base = cast("uint8_t *", addr), cap = tonumber(cap), filled = 0, consumed = 0,
                         rd = nil, packets = 0, bytes = 0 }, Stream)
 end

@@ -9,6 +9,7 @@ per-packet loop is engine/capture/capture.lua.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import stat
@@ -154,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--socket-fd", type=int, help="live: an inherited, unbound AF_PACKET socket to use instead of "
                                                   "opening one (opened as root before a privilege drop)")
     ap.add_argument("--loop", action="store_true", help="repeat the files until SIGTERM (soak runs, supervisor)")
+    ap.add_argument("--speed", type=float, default=0.0, help="files and streams: replay at this many packet-time "
+                    "seconds per second (0: as fast as the packet ring takes them; engine/capture/capture.lua pace)")
     ap.add_argument("--skip", type=int, default=0, help="files: read on after the first N packets of the input (a "
                     "daemon's restarted fast path: those its predecessors walked; engine/daemon/supervisor.py)")
     ap.add_argument("--generate", metavar="SPEC", help="run the generator into the ring (engine/gen/stream.py)")
@@ -161,6 +164,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if (bool(args.interface) + bool(args.files) + bool(args.generate)) != 1 or (args.bpf and not args.interface):
         ap.error("give capture files, or --interface IF [--bpf EXPR], or --generate SPEC")
+    if not (math.isfinite(args.speed) and args.speed >= 0) or (args.speed and not args.files):
+        ap.error("--speed: a finite number >= 0, with capture files only")
     stop = [False]
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))   # files too: stop reading, push END
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # ^C / a hangup to the run's group: the fast path stops
@@ -191,6 +196,7 @@ def main(argv=None) -> int:
         return _live(args, lua, ring, control, pkt, stop)
     if args.generate:
         return _generate(args, lua, ring, control, pkt, stop)
+    cap.speed = args.speed                                 # 0: not paced (capture.lua push)
     failed = False
     skip = 0 if args.loop else max(0, args.skip)
 

@@ -1,6 +1,6 @@
 """The luaprobe command line.
 
-    luaprobe run PLUGIN... --pcap FILE... [--out DIR] [--workers N] [--lua-path DIR] [--stats-json FILE]
+    luaprobe run PLUGIN... --pcap FILE... [--speed X] [--out DIR] [--workers N] [--lua-path DIR] [--stats-json FILE]
     luaprobe run PLUGIN... --interface IF [--bpf EXPR] [...]   live capture until Ctrl-C / SIGTERM (docs/live.md)
     luaprobe check PLUGIN...    list detected script types and problems (like Trisul's `list lua`)
     luaprobe query alerts|resources|fts|counters|flows|keyinfo|groups|decls|edges|toppers|run [--out DIR] [--json]
@@ -380,6 +380,11 @@ def _run(args) -> int:
     if bpf is not None and not interface:
         print("luaprobe run: --bpf needs --interface (capture files are not filtered)", file=sys.stderr)
         return EXIT_USAGE
+    speed = getattr(args, "speed", 0.0)
+    if speed and not args.pcap:
+        print("luaprobe run: --speed needs --pcap (a live interface or --generate comes at its own pace)",
+              file=sys.stderr)
+        return EXIT_USAGE
     bpf_program = None
     if interface:
         import socket
@@ -399,7 +404,7 @@ def _run(args) -> int:
     try:
         cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
                         async_config=_async_config(args),
-                        interface=interface, bpf=bpf, bpf_program=bpf_program, generate=generate,
+                        interface=interface, bpf=bpf, bpf_program=bpf_program, generate=generate, speed=speed,
                         shards=getattr(args, "shards", 1), out_lock_fd=args.out_claim.fd,
                         **from_args(args), analysers=args.analysers)
         parse_analysers(args.analysers)
@@ -778,6 +783,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "as KEY=VALUE,... with ':' inside lists, e.g. 'packets=2000000,flows=1000,mix=tcp=60:udp=40,"
                      "seed=1' (docs/gen.md)")
     run.add_argument("--bpf", metavar="EXPR", help="pcap-filter expression for --interface (compiled by libpcap)")
+    from .usage import MAX_SPEED, float_in
+    run.add_argument("--speed", metavar="X", type=float_in(0, MAX_SPEED), default=0.0,
+                     help="with --pcap: replay at X seconds of packet time per second (1: as captured, 60: a minute "
+                          f"a second; 0..{MAX_SPEED}, default 0: as fast as the fast path reads; docs/operations.md "
+                          "\"Paced replay\")")
     _run_options(run)
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="run the bundled example plug-ins on the bundled sample capture")

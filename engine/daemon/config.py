@@ -20,7 +20,7 @@ from luaprobe.workers.limits import MAX_WORKERS
 
 from . import settings as _settings
 from .control import MAX_SOCKET_PATH, SOCKET
-from .usage import RESOURCE_ERRNOS, OneLineError, file_problem, number, writable_dir
+from .usage import MAX_SPEED, RESOURCE_ERRNOS, OneLineError, file_problem, number, writable_dir
 
 
 class ConfigError(OneLineError):
@@ -47,7 +47,7 @@ _NUM = (int, float)
 SCHEMA: dict = {
     "run": {"out_dir": ("path", "out", None), "run_dir": ("path", "run", None), "shards": (int, 1, (1, 64))},
     "source": {"pcap": ("paths", None, None), "interface": (str, None, None), "bpf": (str, None, None),
-               "loop": (bool, False, None)},
+               "loop": (bool, False, None), "speed": (_NUM, 0.0, (0, MAX_SPEED))},
     "plugins": {"paths": ("paths", None, None), "lua_path": ("paths", [], None)},   # + backend_instances
     "async": {"workers": (int, None, (1, MAX_WORKERS)), "overflow_limit": (int, 100_000, (0, 100_000_000)),
               "task_timeout": (_NUM, 60.0, (0.001, 86400)), "drain_deadline": (_NUM, 10.0, (0, 3600)),
@@ -92,7 +92,8 @@ class Config:
         s = self.values["source"]
         if s["interface"]:
             return f"interface {s['interface']}" + (f" (bpf {s['bpf']!r})" if s["bpf"] else "")
-        return ", ".join(os.path.basename(p) for p in s["pcap"]) + (" (loop)" if s["loop"] else "")
+        how = ["loop"] * bool(s["loop"]) + [f"speed {number(s['speed'])}"] * bool(s["speed"])
+        return ", ".join(os.path.basename(p) for p in s["pcap"]) + (f" ({', '.join(how)})" if how else "")
 
     def run_config(self, stats_file: str | None = None, heartbeat_file: str | None = None, on_loaded=None):
         """The fast path's RunConfig for this configuration."""
@@ -109,7 +110,8 @@ class Config:
         kw = dict(plugins=p["paths"], files=s["pcap"] or [], out_dir=self["run"]["out_dir"], lua_path=p["lua_path"],
                   async_config=acfg, stats_file=stats_file,
                   heartbeat_file=heartbeat_file,
-                  stats_interval=float(self["stats"]["interval"]), loop=s["loop"], shards=self["run"]["shards"],
+                  stats_interval=float(self["stats"]["interval"]), loop=s["loop"], speed=float(s["speed"]),
+                  shards=self["run"]["shards"],
                   on_loaded=on_loaded, **_settings.from_toml(self.values))
         if s["interface"]:
             kw.update(interface=s["interface"], bpf=s["bpf"])
@@ -239,6 +241,8 @@ def _cross_checks(cfg: Config, name: str) -> None:
                        f"(have: {', '.join(have)})")
         if s["loop"]:
             raise _bad(name, "source", "loop", " = true: only valid with pcap")
+        if s["speed"]:                           # a live source comes at its own pace
+            raise _bad(name, "source", "speed", f" = {_show(s['speed'])}: only valid with pcap")
         if s["bpf"] is not None:                 # compiled as `run --bpf` does before it starts (a dead handle of
             from luaprobe.engine.capture.bpf import BpfError, compile_bpf     # the interface's link type: syntax
             from luaprobe.engine.capture.process import link_type           # only, no privileges); before, a

@@ -291,8 +291,9 @@ class Supervisor:
         return n if key and key == self._source_key() else 0
 
     def _source_key(self) -> str:
-        """[source] as JSON when it is files read once ("" for a live, looping or generated source)."""
-        src = self.cfg["source"]
+        """[source] as JSON when it is files read once ("" for a live, looping or generated source); its speed
+        left out (a reload that changes only the pace reads on too)."""
+        src = {k: v for k, v in self.cfg["source"].items() if k != "speed"}
         return json.dumps(src, sort_keys=True, default=str) if src.get("pcap") and not src.get("loop") else ""
 
     def _count_walked(self) -> None:
@@ -449,7 +450,10 @@ class Supervisor:
         * a source of regular files (looping or not), whose capture always keeps the packet ring full: the fast
           path's packet count unchanged for stall_timeout s after its first packet, while its snapshots keep
           coming (its loop runs idle; a stuck hook stops them, and the heartbeat rule applies).
-          A live interface (or a FIFO / stdin) with no packets is a quiet source, not a stall.
+          A live interface (or a FIFO / stdin) with no packets is a quiet source, not a stall; so is a paced
+          replay of files ([source] speed > 0: its capture waits, with an empty ring, until the next packet is due,
+          which may be longer than stall_timeout at a low speed), for which only the first rule and the heartbeat
+          apply.
         Either kills the tree; the fast path is restarted like a crash and status says why."""
         limit = self._stall_limit()
         if not limit:
@@ -462,7 +466,8 @@ class Supervisor:
                 why = f"{_stopped_text(name, pid, how)} for {now - since:.0f} s"
         self._stopped = stopped
         snap = self.snapshot or {}
-        if (why is None and self._files_only and self.mode == "run" and not snap.get("final")
+        paced = bool(self.cfg["source"].get("speed"))
+        if (why is None and self._files_only and not paced and self.mode == "run" and not snap.get("final")
                 and snap.get("processes", {}).get("fastpath") == self.child.pid):
             packets, t = snap.get("packets"), snap.get("time")
             if not packets or self._progress is None or packets != self._progress[0]:   # 0: still starting

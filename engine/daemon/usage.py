@@ -118,6 +118,10 @@ def _is_number(tok: str) -> bool:
         return False
 
 
+#: the largest [source] speed / `run --speed`: packet-time seconds replayed per second (11.6 days a second)
+MAX_SPEED = 1_000_000
+
+
 def number(v) -> str:
     """A bound or default as a person reads it: ``67108864``, ``0.001``, never ``6.71089e+07``."""
     return str(int(v)) if float(v).is_integer() else f"{v:.10g}"

@@ -146,6 +146,12 @@ def skip_args(cfg) -> list:
     return ["--skip", str(cfg.skip_packets)] if cfg.skip_packets and not cfg.loop and cfg.files else []
 
 
+def speed_args(cfg) -> list:
+    """The capture process's ``--speed X`` for a paced replay of files (``[source] speed`` / ``run --speed``; none
+    at 0, as fast as the packet ring takes them)."""
+    return ["--speed", repr(float(cfg.speed))] if cfg.speed and cfg.files else []
+
+
 def file_sizes(files) -> dict:
     """{path: size in bytes} of the regular files among ``files`` at the capture's start (the capture process maps
     them: engine/capture/capture.lua); FIFOs, ``-`` and paths that cannot be stat'ed are left out."""
@@ -230,6 +236,8 @@ class RunConfig:
     interface: str | None = None      #: live capture from this interface instead of files (docs/live.md)
     bpf: str | None = None            #: tcpdump filter expression for the live capture
     loop: bool = False                #: repeat the files until stopped (soak runs; [source] loop in docs/operations.md)
+    speed: float = 0.0                #: files: packet-time seconds replayed per second (0: as fast as possible;
+                                      #: [source] speed / run --speed, docs/operations.md "Paced replay")
     skip_packets: int = 0             #: files, not looping: the first N packets of the input are not read (a daemon's
                                       #: restarted fast path goes on after those its predecessors walked)
     generate: str | None = None       #: the capture process runs the generator with this SPEC (engine/gen/stream.py)
@@ -1157,7 +1165,7 @@ class FastPath:
         if cfg.generate:
             return ["--generate", cfg.generate]
         if not cfg.interface:
-            return ["--loop"] * bool(cfg.loop) + skip_args(cfg) + list(cfg.files)
+            return ["--loop"] * bool(cfg.loop) + speed_args(cfg) + skip_args(cfg) + list(cfg.files)
         return ["--interface", cfg.interface, *(["--bpf", cfg.bpf] if cfg.bpf else []), *capture_socket_args(cfg, 0)]
 
     def _catch_stop_signals(self) -> dict:
