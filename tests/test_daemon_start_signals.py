@@ -18,6 +18,7 @@ import pytest
 
 from tests import helpers, proc_tools
 from tests.test_load_budget import looping_config
+from tests.test_supervisor import PACE
 
 #: `luaprobe start ARGS...` that stops itself (SIGSTOP) at argv[1]: "spawned" (the supervisor's Popen returned) or
 #: "returned" (_wait_loaded returned; `start` reads the supervisor's exit status next, p.poll(), and exits)
@@ -135,7 +136,8 @@ def gate_config(tmp_path):
     (tmp_path / "pl" / "gate.lua").write_text(GATE % (waiting, go))
     cfg = tmp_path / "p.toml"
     cfg.write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\n[source]\npcap = ["{helpers.REPO}/engine/examples/'
-                   'sample.pcap"]\nloop = true\n[plugins]\npaths = ["pl"]\n[fastpath]\nhook_budget = 0\n[supervise]\n'
+                   f'sample.pcap"]\nloop = true\nspeed = {PACE}\n[plugins]\npaths = ["pl"]\n[fastpath]\nhook_budget = 0\n'
+                   '[supervise]\n'
                    'stall_timeout = 120\n')
     return str(cfg), str(tmp_path / "run"), waiting, go
 

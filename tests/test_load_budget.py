@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from tests import helpers, proc_tools
+from tests.test_supervisor import PACE
 
 SAMPLE = os.path.join(helpers.REPO, "engine", "examples", "sample.pcap")
 COMPILED = "-- TrisulPlugin\nwhile true do end\n"
@@ -111,7 +112,7 @@ def looping_config(tmp_path):
                                  '  onmetronome = function() end } }\n')
     cfg = tmp_path / "p.toml"
     cfg.write_text(f'[run]\nout_dir = "out"\nrun_dir = "run"\n[source]\npcap = ["{SAMPLE}"]\nloop = true\n'
-                   '[plugins]\npaths = ["pl"]\n')
+                   f'speed = {PACE}\n[plugins]\npaths = ["pl"]\n')     # paced: not a core busy per daemon
     return cfg
 
 

@@ -68,6 +68,14 @@ prometheus_port = {port}
 """
 
 
+#: [source] speed of the daemons' looped replays (docs/operations.md "Paced replay"): 100 s of packet time a second,
+#: ~1 900 packets/s of sample.pcap (wait_packets() in ~0.5 s, a 60 s window in 0.6 s).  At speed 0 each daemon kept
+#: ~0.9 of a core busy for its whole life (docs/benchmarks.md "Test suite CPU"); here ~0.2.  A test that needs the
+#: ring kept full (the stall rule for files, throughput) passes speed=0.  LUAPROBE_TEST_PACE=0 runs them all unpaced
+#: (the measurement of docs/benchmarks.md "Test suite CPU").
+PACE = float(os.environ.get("LUAPROBE_TEST_PACE", "100"))
+
+
 class Daemon:
     """One supervised run in tmp_path; every pid it reported is remembered for the leak check."""
 
@@ -78,8 +86,10 @@ class Daemon:
         self.pids: set[int] = set()
 
     def write_config(self, plugins=(EXAMPLES,), pcap=(SAMPLE,), loop=True, crash_loop_restarts=5, port=0,
-                     interval=0.2, speed=0) -> str:
+                     interval=0.2, speed=None) -> str:
+        """``speed`` None: PACE for a looped replay, 0 (as fast as possible) for files read once."""
         q = lambda xs: ", ".join(json.dumps(str(x)) for x in xs)  # noqa: E731
+        speed = (PACE if loop else 0) if speed is None else speed
         path = self.dir / "luaprobe.toml"
         path.write_text(TOML.format(pcap=q(pcap), loop=str(loop).lower(), speed=speed, plugins=q(plugins),
                                     crash_loop_restarts=crash_loop_restarts, port=port, interval=interval))
@@ -963,7 +973,9 @@ def test_looped_replay_packet_time_goes_on(daemon, tmp_path):
     cap = tmp_path / "five.pcap"
     five_seconds_pcap(cap)
     plug = helpers.write_plugin(tmp_path, LOOP_PLUGIN)
-    daemon.start(plugins=[plug], pcap=[cap])
+    # unpaced: the fast path hands rows to the store writer in batches (4 096 counter rows), shipped when full or
+    # at the end; a paced replay of five packets a pass fills none while the test waits
+    daemon.start(plugins=[plug], pcap=[cap], speed=0)
     db_path = os.path.join(daemon.out_dir, "luaprobe.sqlite")
 
     def rows():
@@ -997,7 +1009,7 @@ def test_looped_replay_of_files_from_different_dates(daemon, tmp_path, later):
     five_seconds_pcap(a, 1000)
     five_seconds_pcap(b, later)
     plug = helpers.write_plugin(tmp_path, LOOP_PLUGIN)
-    daemon.start(plugins=[plug], pcap=[a, b])
+    daemon.start(plugins=[plug], pcap=[a, b], speed=20 * PACE)   # ~1 700 packets/s of these one-a-second files
     daemon.wait_packets(400, timeout=60)                      # 40 passes
     st = daemon.status()
     assert st["state"] == "running" and st["restarts"] == 0, st
@@ -1032,7 +1044,7 @@ def test_stop_names_rows_lost_by_an_earlier_fast_path(out_fs, daemon, tmp_path):
     plug = helpers.write_plugin(tmp_path, LOOP_PLUGIN)
     cap = tmp_path / "five.pcap"             # few rows (one counter row per 10 s bucket, five flows): the restarted
     five_seconds_pcap(cap)                   # fast path does not fill the 4 MiB again before the stop
-    daemon.start(plugins=[plug], pcap=[cap], crash_loop_restarts=100)
+    daemon.start(plugins=[plug], pcap=[cap], crash_loop_restarts=100, speed=20 * PACE)
     daemon.wait_packets(1000)
     filler = out_fs / "filler"
     st = helpers.wait_for(lambda: (fill(filler), s := daemon.status())[0] is None and "store writer" in (
