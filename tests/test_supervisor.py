@@ -969,13 +969,13 @@ def test_looped_replay_packet_time_goes_on(daemon, tmp_path):
     every pass after the first kept the capture's own times: all its packets were late, their counters piled into
     the first pass's last bucket, and nothing was written before the stop (a crash lost it all). Truth: a capture
     written here with one UDP packet in each second 1000..1004, so the replay has exactly one packet in every
-    second from 1000 on and every 10 s bucket holds 10; buckets are written while the daemon runs."""
+    second from 1000 on and every 10 s bucket holds 10; buckets are written while the daemon runs, also paced (five
+    packets a pass fill no 4 096-row batch of the store writer's: the fast path ships what it has queued once a second
+    while its ring is empty, IDLE_SHIP_SECS; before, they reached the database only at the stop)."""
     cap = tmp_path / "five.pcap"
     five_seconds_pcap(cap)
     plug = helpers.write_plugin(tmp_path, LOOP_PLUGIN)
-    # unpaced: the fast path hands rows to the store writer in batches (4 096 counter rows), shipped when full or
-    # at the end; a paced replay of five packets a pass fills none while the test waits
-    daemon.start(plugins=[plug], pcap=[cap], speed=0)
+    daemon.start(plugins=[plug], pcap=[cap])
     db_path = os.path.join(daemon.out_dir, "luaprobe.sqlite")
 
     def rows():

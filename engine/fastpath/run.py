@@ -57,6 +57,9 @@ def _bytes(x) -> bytes:
 PKT, EOF, ERROR, END, STATS, TIME = 0, 1, 2, 3, 4, 5
 BACKEND_KINDS = ("engine_monitor", "sg_monitor", "flowtracker")   #: backend types run per backend instance
 MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
+#: s: while the packet ring is empty, rows queued for the store writer are shipped at least this often (a quiet
+#: input: a paced replay, a live interface at a low rate, fills no batch of StoreWriter's; docs/operations.md)
+IDLE_SHIP_SECS = 1.0
 #: batches at the start of the packet loop that the summary's packet_loop_warmup accounts for apart: LuaJIT records
 #: and compiles most of the driver's and the plug-in VMs' traces in them, a cost per run, not per packet (issue 10)
 WARMUP_BATCHES = 64
@@ -483,6 +486,7 @@ class FastPath:
         self._last_stats = -1e9
         self._last_progress = -1e9
         self._last_store_check = -1e9    #: _maybe_stats: when the store writer was last looked at
+        self._shipped_at = -1e9          #: the packet loop, idle: when queued rows were last shipped (IDLE_SHIP_SECS)
         self._stats_due = -1e9           #: monotonic s when _maybe_stats has anything to do next (_next_due)
         self.loop_start = self.loop_end = None   #: monotonic time of the first batch / after the last one
         self.loop_cpu_start = self.loop_cpu_end = None   #: this thread's CPU time at the same two points
@@ -1031,6 +1035,9 @@ class FastPath:
                         capture.kill()                   # reported as "ended unexpectedly"
                         self._capture_killed_at_stop = True
                     self._maybe_stats(rt, capture)
+                    if self.store is not None and time.monotonic() - self._shipped_at >= IDLE_SHIP_SECS:
+                        self._shipped_at = time.monotonic()      # the ring is empty: rows queued for the store
+                        self.store.ship()                        # go now, not when a batch fills
                     if capture.poll() is not None and not ready(driver):
                         if getattr(self, "_capture_killed_at_stop", False):
                             self.input_errors.append(f"capture process ended unexpectedly (status {capture.returncode})")

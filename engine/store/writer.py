@@ -500,6 +500,17 @@ class StoreWriter:
         else:
             self._drain(timeout)
 
+    def ship(self) -> None:
+        """Ship every kind's queued rows now, without waiting for the writer (the pipe takes what it can; the rest
+        stays in the backlog, pumped at the next call).  For a run whose input has gone quiet (a paced replay, a
+        live interface at a low rate): its rows would otherwise wait for a full batch (write) or the end (flush),
+        and the writer commits what it got once it is idle (IDLE_COMMIT_SECS)."""
+        for kind in KINDS:
+            if self._pending[kind]:
+                self._ship(kind)
+        if self._out:
+            self._pump()
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until the writer opened the database; raise :class:`StoreError` if it could not."""
         self._wait_msg(lambda m: m[0] == "ready", timeout)
