@@ -79,6 +79,15 @@ def killed_when_left(proc: subprocess.Popen):
             proc.communicate()
 
 
+def cmdline(p) -> list[str]:
+    """``p.cmdline()`` of a psutil.Process, or [] when it is gone or a zombie (a child that has just exited, read while
+    a test looks for another among its siblings: psutil.ZombieProcess, NoSuchProcess) or unreadable."""
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
 def wait_for(cond, timeout: float = 10.0, interval: float = 0.005, fail: bool = True):
     """Poll ``cond()`` until it returns a truthy value (returned) or fail after ``timeout`` seconds (``fail=False``:
     return the last falsy value instead)."""

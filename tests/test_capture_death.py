@@ -23,7 +23,7 @@ def test_capture_killed_is_a_dead_process_not_an_input_error(tmp_path, shards):
                                                 held=True)
     def capture():
         for k in psutil.Process(p.pid).children(recursive=True):
-            if "luaprobe.engine.capture.process" in " ".join(k.cmdline()):
+            if "luaprobe.engine.capture.process" in " ".join(helpers.cmdline(k)):
                 return k
     cap = helpers.wait_for(capture, timeout=60)
     kids = psutil.Process(p.pid).children(recursive=True)

@@ -45,7 +45,7 @@ def run_and_look(tmp_path, pin: str) -> tuple[dict, set, set]:
     def progress(_packets, _bytes):
         if seen:
             return
-        cap = [p for p in me.children() if "luaprobe.engine.capture.process" in " ".join(p.cmdline())]
+        cap = [p for p in me.children() if "luaprobe.engine.capture.process" in " ".join(helpers.cmdline(p))]
         assert len(cap) == 1
         seen["capture"] = allowed(f"/proc/{cap[0].pid}/status")
         seen["fastpath"] = allowed(f"/proc/self/task/{threading.get_native_id()}/status")

@@ -68,7 +68,7 @@ def test_a_fifo_writer_that_comes_later_is_read_whole(tmp_path):
     os.mkfifo(fifo)
     env, tag = proc_tools.tagged_env()
     p = proc_tools.start(["run", EXAMPLES, "--pcap", str(fifo), "--out", str(tmp_path / "out"), "--json"], env=env)
-    helpers.wait_for(lambda: any("luaprobe.engine.capture.process" in " ".join(x.cmdline())
+    helpers.wait_for(lambda: any("luaprobe.engine.capture.process" in " ".join(helpers.cmdline(x))
                                  for x in proc_tools.tagged_processes(tag)), 60, 0.05)
     with open(fifo, "wb") as w, open(SAMPLE, "rb") as r:
         w.write(r.read())

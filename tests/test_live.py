@@ -508,7 +508,7 @@ def test_a_bpf_run_compiles_its_filter_once_and_the_capture_opens_no_libpcap_han
         def capture():
             import psutil
             return next(k for k in psutil.Process(proc.pid).children(recursive=True)
-                        if "luaprobe.engine.capture.process" in k.cmdline())
+                        if "luaprobe.engine.capture.process" in helpers.cmdline(k))
         cmd = capture().cmdline()
         rc, so, se = stop(proc)
     finally:
@@ -535,7 +535,7 @@ def test_sharded_live_run_ends_when_a_capture_process_dies(tmp_path, veth):
         wait_bound(proc, ifname)
         send_udp(ns, {port: 50 for port in range(9000, 9016)})
         caps = [k for k in psutil.Process(proc.pid).children(recursive=True)
-                if "luaprobe.engine.capture.process" in k.cmdline()]
+                if "luaprobe.engine.capture.process" in helpers.cmdline(k)]
         assert len(caps) == 2
         caps[0].kill()
         try:

@@ -148,7 +148,7 @@ def test_a_failing_daemon_test_leaves_nothing_and_keeps_its_error(tmp_path):
     def running():
         procs = proc_tools.tagged_processes(tag)
         seen.update(p.pid for p in procs)
-        return proc_tools.segments_of(seen) and any("capture" in " ".join(p.cmdline()) for p in procs)
+        return proc_tools.segments_of(seen) and any("capture" in " ".join(helpers.cmdline(p)) for p in procs)
     with pytest.raises(RuntimeError, match="^the body's own error$"):
         with proc_tools.reaped(tag) as pids:
             p = proc_tools.start(["start", "--config", str(cfg)], env=env)

@@ -26,7 +26,7 @@ def gone(pid: int) -> bool:
 def test_a_reload_probe_dies_with_its_killed_supervisor(daemon, tmp_path):  # noqa: F811
     with reloading_into_a_looping_probe(daemon, tmp_path) as (reload, before):
         sup, fastpath = control.read_pid(daemon.run_dir), before["fastpath_pid"]
-        probes = [p for p in psutil.Process(sup).children() if "--probe-plugins" in p.cmdline()]
+        probes = [p for p in psutil.Process(sup).children() if "--probe-plugins" in helpers.cmdline(p)]
         assert len(probes) == 1, probes
         probe = probes[0].pid
         daemon.pids.add(probe)                             # the fixture kills it if it is left

@@ -19,7 +19,7 @@ import pytest
 from luaprobe.engine.fastpath.run import RunConfig
 from luaprobe.engine.fastpath.shards import make_run
 
-from .helpers import PCAPS, REPO, finish, killed_when_left, wait_for, write_plugin
+from .helpers import PCAPS, REPO, cmdline, finish, killed_when_left, wait_for, write_plugin
 from .helpers import pcap_records as helpers_pcap_records
 from .test_fastpath import (G_ETH, G_TCP, PROTO_GROUP, TEST_GROUP, cli, lua_str, read_monitor, write_counting_plugins,
                             write_monitor_plugin)
@@ -414,7 +414,7 @@ def test_kill_9_of_a_shard_accounts_for_every_packet(tmp_path):
                          text=True)
     wait_for(lambda: (tmp_path / "held").exists(), timeout=120)
     [victim] = [c for c in psutil.Process(p.pid).children()
-                if "luaprobe.engine.fastpath.shards" in c.cmdline() and c.cmdline()[-1].endswith("shard1.json")]
+                if "luaprobe.engine.fastpath.shards" in cmdline(c) and cmdline(c)[-1].endswith("shard1.json")]
     victim.kill()
     out, err = finish(p, 120)
     assert p.returncode == 1, err
@@ -646,7 +646,7 @@ def test_a_shard_whose_store_writer_dies_counts_the_rows_it_lost(tmp_path):
         sh = snap.get("shards", [])
         if not (len(sh) == 2 and sh[1]["packets"] > 20000):
             return None
-        kids = [c for c in psutil.Process(sh[1]["pid"]).children() if "luaprobe.engine.store.writer" in c.cmdline()]
+        kids = [c for c in psutil.Process(sh[1]["pid"]).children() if "luaprobe.engine.store.writer" in cmdline(c)]
         return kids[0] if kids else None
     s, writer, seen = run_killing(tmp_path, str(tmp_path / "out"), spec, writer1, idle_timeout=1)
     assert [x["restarts"] for x in s["shards"]] == [0, 1]

@@ -57,7 +57,7 @@ def test_sigterm_with_a_stopped_capture_process_is_a_graceful_stop(tmp_path):
     p, sizes, walking = helpers.start_slow_walk(tmp_path, 0.001, "--batch", "64", "--packet-ring-mb", "1")
     helpers.wait_for(walking.exists, timeout=120)
     kids = psutil.Process(p.pid).children(recursive=True)
-    capture = [k for k in kids if "luaprobe.engine.capture.process" in " ".join(k.cmdline())]
+    capture = [k for k in kids if "luaprobe.engine.capture.process" in " ".join(helpers.cmdline(k))]
     assert len(capture) == 1 and capture[0].status() != psutil.STATUS_ZOMBIE
     capture[0].send_signal(signal.SIGSTOP)
     helpers.wait_for(lambda: capture[0].status() == psutil.STATUS_STOPPED, timeout=10)

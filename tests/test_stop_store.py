@@ -63,7 +63,7 @@ def test_stop_signal_while_the_writer_commits_the_last_rows(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     helpers.wait_for(lambda: (tmp_path / "unloading").exists(), timeout=60)
     writer = next(c for c in psutil.Process(p.pid).children()
-                  if "luaprobe.engine.store.writer" in " ".join(c.cmdline()))
+                  if "luaprobe.engine.store.writer" in " ".join(helpers.cmdline(c)))
     pids = [p.pid, writer.pid]
     writer.send_signal(signal.SIGSTOP)
     helpers.wait_for(lambda: writer.status() == psutil.STATUS_STOPPED, timeout=10)

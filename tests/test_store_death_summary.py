@@ -51,7 +51,7 @@ def test_summary_reaches_json_and_stats_json_when_the_store_writer_dies(tmp_path
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     helpers.wait_for(lambda: (tmp_path / "running").exists(), timeout=60)
     writer = next(c for c in psutil.Process(p.pid).children()
-                  if "luaprobe.engine.store.writer" in " ".join(c.cmdline()))
+                  if "luaprobe.engine.store.writer" in " ".join(helpers.cmdline(c)))
     writer.send_signal(signal.SIGKILL)
     helpers.wait_for(lambda: not writer.is_running() or writer.status() == psutil.STATUS_ZOMBIE, timeout=10)
     (tmp_path / "go").write_text("")
