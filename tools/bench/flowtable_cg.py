@@ -1,7 +1,7 @@
 """Instruction, cache-miss and branch counts of each part of the flow table's update_batch under callgrind (issue 10).
 
     python tools/bench/flowtable_cg.py [--corpus flows-1m] [--parts all,key,touch,probe,lru,reserve,new,loop3,prefault,decode]
-        [--tree WORKTREE] [--ll 33554432,16,64] [--warm]
+        [--tree WORKTREE] [--ll 33554432,16,64] [--warm] [--hotloop N]
 
 tools/bench/flowtable_loops.py's pass 1 (a fresh table at the driver's capacity, 4 KiB pages, the prefault helper
 16 384 records ahead, the --quick capture in 1 024-packet batches) runs once per part under
@@ -14,7 +14,10 @@ branches).  Counts, not time: repeatable on a loaded machine.  ``--ll``: callgri
 line); the default is this benchmark VM's L3 (it reports 384 MiB to cpuid, which callgrind would simulate).  In the
 ``reserve`` part, ``rep stosb`` (ffi.fill) counts one instruction and branch per byte.  JIT compilation inside a part
 is counted in it; ``--warm`` counts a second pass only (the same packets a capture's span later: every flow known,
-the traces compiled), the steady state without the compiler.  Needs valgrind and its headers (Debian: valgrind).
+the traces compiled), the steady state without the compiler.  ``--hotloop N`` (LuaJIT's hotloop, default 56) records
+each loop's trace on another packet: which packet that is otherwise differs between processes (shared hot counters,
+random penalty bits), so a form whose count moves with N is not the same in every process.  Needs valgrind and its
+headers (Debian: valgrind).
 """
 from __future__ import annotations
 
@@ -40,9 +43,9 @@ void cg_start(void) { CALLGRIND_START_INSTRUMENTATION; }
 """
 
 
-def child(lib: str, tree: str, part: int, shape: str, passes: int = 1) -> None:
+def child(lib: str, tree: str, part: int, shape: str, passes: int = 1, hotloop: int = 0) -> None:
     """Under callgrind: flowtable_loops.py's bench with the toggles (tree: whose flowtable.lua), counting in the last of
-    `passes` passes only."""
+    `passes` passes only; hotloop > 0: LuaJIT's hotloop parameter (jit.opt.start), else its default (56)."""
     from tools.bench import corpus, flowtable_loops as fl
     from tools.bench.flowtable_ab import read_pcap
     bench = fl.BENCH
@@ -67,6 +70,8 @@ def child(lib: str, tree: str, part: int, shape: str, passes: int = 1) -> None:
         bench = bench.replace(old, new, 1)
     fl.BENCH = bench
     lua, fn = fl.side(None, tree)
+    if hotloop > 0:
+        lua.execute(f"jit.opt.start('hotloop={hotloop}')")
     lua.execute(f"PART = {part}")
     pkts, linktype = read_pcap(corpus.make(shape, True))
     frames = b"".join(p[2] for p in pkts)
@@ -85,22 +90,27 @@ def main(argv=None) -> int:
     ap.add_argument("--warm", action="store_true",
                     help="count the second pass over the capture only (its packets a second later: the flows are "
                          "known, the traces compiled in the first pass)")
+    ap.add_argument("--hotloop", type=int, default=0,
+                    help="LuaJIT's hotloop parameter (iterations before a loop's trace is recorded; default: LuaJIT's "
+                         "56): another value records each loop's trace on another packet, as a different hot count or "
+                         "penalty state in another process would")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        child(a.child[0], a.tree, int(a.child[1]), a.child[2], int(a.child[3]))
+        child(a.child[0], a.tree, int(a.child[1]), a.child[2], int(a.child[3]), a.hotloop)
         return 0
     with tempfile.TemporaryDirectory() as work:
         lib = os.path.join(work, "libcgtoggle.so")
         with open(os.path.join(work, "cg.c"), "w") as f:
             f.write(LIB)
         subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", lib, os.path.join(work, "cg.c")], check=True)
-        print(f"{a.corpus}, {a.tree}{' (second pass)' if a.warm else ''}: per packet " + " ".join(SHOW))
+        print(f"{a.corpus}, {a.tree}{' (second pass)' if a.warm else ''}"
+              f"{f', hotloop {a.hotloop}' if a.hotloop else ''}: per packet " + " ".join(SHOW))
         for name in a.parts.split(","):
             out = os.path.join(work, f"cg.{name}.out")
             p = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
                                 "--cache-sim=yes", "--branch-sim=yes", f"--LL={a.ll}", f"--callgrind-out-file={out}",
-                                sys.executable, os.path.abspath(__file__), "--tree", a.tree,
+                                sys.executable, os.path.abspath(__file__), "--tree", a.tree, "--hotloop", str(a.hotloop),
                                 "--child", lib, str(PARTS[name]), a.corpus, "2" if a.warm else "1"],
                                capture_output=True, text=True)
             got = re.search(r"Collected : ([\d ]+)", p.stderr)
