@@ -17,8 +17,9 @@ import pytest
 from tools.bench import corpus
 
 
-def _make(out, q):
+def _make(out, q, start):
     try:
+        start.wait(60)                              # both begin together: their writes overlap
         p = corpus.make("small-few", quick=True, out=out)
         with open(p, "rb") as f:
             q.put(hashlib.sha256(f.read()).hexdigest())
@@ -26,10 +27,11 @@ def _make(out, q):
         q.put(repr(e))
 
 
-def test_processes_making_one_capture_at_once_each_get_the_whole_file(tmp_path):
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_make, args=(str(tmp_path / "racing"), q)) for _ in range(2)]
+def test_processes_making_one_capture_at_once_each_get_the_whole_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(corpus.SHAPES["small-few"], "quick", 100_000)  # the race is make()'s: 100 000 packets
+    ctx = mp.get_context("fork")                                        # (not 500 000; the forks inherit it)
+    q, start = ctx.Queue(), ctx.Barrier(2)
+    procs = [ctx.Process(target=_make, args=(str(tmp_path / "racing"), q, start)) for _ in range(2)]
     for p in procs:
         p.start()
     got = [q.get(timeout=120) for _ in procs]
