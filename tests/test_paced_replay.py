@@ -157,14 +157,10 @@ def test_sigterm_during_a_long_pacing_wait(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", str(cap),
                           "--speed", "1", "--out", str(tmp_path / "out"), "-q", "--json"], cwd=str(tmp_path),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with helpers.killed_when_left(p):
         helpers.wait_for(lambda: mark.exists(), 120, 0.05)
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
     assert p.returncode == 143, err
     assert "ended unexpectedly" not in err and "killed" not in err, err
     assert json.loads(out)["packets"] == 1

@@ -18,6 +18,7 @@ every doorbell (Sharder:publish).
 local ffi = require("ffi")
 local bit = require("bit")
 local ring = require("luaprobe.shm.ring")
+local clock = require("luaprobe.shm.clock")
 local pcapfile = require("luaprobe.engine.capture.pcapfile")
 local packet = require("luaprobe.engine.plugins.packet")
 local decode = require("luaprobe.engine.fastpath.decode")
@@ -270,15 +271,7 @@ end
 --- published first (the fast path sees them) and the loop sleeps in slices of at most PACE_SLICE s, checking stop().
 M.speed, M.pace_t0, M.pace_w0 = 0, nil, nil
 M.PACE_SLICE = 0.05                      --- s: the longest sleep between two stop() checks while a packet is not due
-pcall(ffi.cdef, "struct lp_timespec { long tv_sec; long tv_nsec; };")
-pcall(ffi.cdef, "int clock_gettime(int clockid, struct lp_timespec *ts);")
-pcall(ffi.cdef, "int clock_nanosleep(int clockid, int flags, const struct lp_timespec *req, struct lp_timespec *rem);")
-local CLOCK_MONOTONIC = 1
-local pace_ts = ffi.new("struct lp_timespec")
-local function clock_s()
-  C.clock_gettime(CLOCK_MONOTONIC, pace_ts)
-  return tonumber(pace_ts.tv_sec) + tonumber(pace_ts.tv_nsec) * 1e-9
-end
+local function clock_s() return clock.now_ns() * 1e-9 end   -- monotonic s (shm/clock.lua)
 
 --- The packet time (s) that may be pushed now; the first call after a reset anchors the pace at packet time t.
 local function pace_due(t)
@@ -295,10 +288,7 @@ local function pace_wait(t, stop)
     if stop() then return nil end
     local now = clock_s()
     if now >= at then return M.pace_t0 + M.speed * (now - M.pace_w0) end
-    local d = math.min(at - now, M.PACE_SLICE)
-    pace_ts.tv_sec = math.floor(d)
-    pace_ts.tv_nsec = math.floor((d - math.floor(d)) * 1e9)
-    C.clock_nanosleep(CLOCK_MONOTONIC, 0, pace_ts, nil)   -- EINTR (SIGTERM): stop() is looked at next
+    clock.sleep_until(math.min(at, now + M.PACE_SLICE) * 1e9)   -- EINTR (SIGTERM): stop() is looked at next
   end
 end
 

@@ -155,6 +155,12 @@ def speed_args(cfg) -> list:
     return ["--speed", repr(float(cfg.speed))] if cfg.speed and cfg.files else []
 
 
+def file_args(cfg) -> list:
+    """The capture process's arguments for a source of files (one fast path's and a sharded run's capture alike):
+    ``[--loop] [--speed X] [--skip N] FILE...``."""
+    return ["--loop"] * bool(cfg.loop) + speed_args(cfg) + skip_args(cfg) + list(cfg.files)
+
+
 def file_sizes(files) -> dict:
     """{path: size in bytes} of the regular files among ``files`` at the capture's start (the capture process maps
     them: engine/capture/capture.lua); FIFOs, ``-`` and paths that cannot be stat'ed are left out."""
@@ -1172,7 +1178,7 @@ class FastPath:
         if cfg.generate:
             return ["--generate", cfg.generate]
         if not cfg.interface:
-            return ["--loop"] * bool(cfg.loop) + speed_args(cfg) + skip_args(cfg) + list(cfg.files)
+            return file_args(cfg)
         return ["--interface", cfg.interface, *(["--bpf", cfg.bpf] if cfg.bpf else []), *capture_socket_args(cfg, 0)]
 
     def _catch_stop_signals(self) -> dict:

@@ -36,8 +36,7 @@ from contextlib import contextmanager
 
 from luaprobe.engine.capture.process import PUSHED_OFFSET
 from luaprobe.engine.daemon.control import write_json
-from luaprobe.engine.fastpath.run import RunConfig, capture_socket_args, close_fds, file_sizes, shrunk_file, skip_args, \
-    speed_args
+from luaprobe.engine.fastpath.run import RunConfig, capture_socket_args, close_fds, file_args, file_sizes, shrunk_file
 from luaprobe.engine.plugins.asyncruntime import BELL_SIZE
 from luaprobe.engine.plugins.vm import PluginError
 from luaprobe.shm import logs, segment
@@ -201,7 +200,7 @@ class ShardedRun:
             else:
                 self.input_sizes = {} if cfg.generate else file_sizes(cfg.files)      # a file cut while read: run.py
                 args = ["--generate", cfg.generate] if cfg.generate else \
-                    ["--loop"] * bool(cfg.loop) + speed_args(cfg) + skip_args(cfg) + list(cfg.files)
+                    file_args(cfg)
                 self.captures.append(subprocess.Popen(
                     [sys.executable, "-m", "luaprobe.engine.capture.process",
                      "--ring", ",".join(r.name for r in self.rings),

@@ -31,6 +31,7 @@ the generator's server MAC, with the first and last kernel timestamps.
 local ffi = require("ffi")
 local bit = require("bit")
 local ring = require("luaprobe.shm.ring")
+local clock = require("luaprobe.shm.clock")
 local packet = require("luaprobe.engine.plugins.packet")
 local afp = require("luaprobe.engine.capture.afpacket")
 
@@ -41,13 +42,8 @@ struct lp_msghdr {
   void *msg_control; size_t msg_controllen; int msg_flags;
 };
 struct lp_mmsghdr { struct lp_msghdr msg_hdr; unsigned int msg_len; };
-struct lp_timespec { long tv_sec; long tv_nsec; };
 ]])
-for _, decl in ipairs({
-  "int sendmmsg(int fd, struct lp_mmsghdr *msgs, unsigned int n, int flags);",
-  "int clock_nanosleep(int clockid, int flags, const struct lp_timespec *req, struct lp_timespec *rem);",
-  "int clock_gettime(int clockid, struct lp_timespec *ts);",
-}) do pcall(ffi.cdef, decl) end
+pcall(ffi.cdef, "int sendmmsg(int fd, struct lp_mmsghdr *msgs, unsigned int n, int flags);")
 
 local C = ffi.C
 local S = ring.lib
@@ -56,24 +52,12 @@ local cast, copy = ffi.cast, ffi.copy
 local floor = math.floor
 local REC, recp, PKT = packet.REC_SIZE, packet.recp, packet.PKT
 local cu8p, cu32p, u32p = ffi.typeof("const uint8_t *"), ffi.typeof("const uint32_t *"), ffi.typeof("uint32_t *")
-local CLOCK_MONOTONIC, TIMER_ABSTIME = 1, 1
 local EINTR, EAGAIN, ENOBUFS = 4, 11, 105
 
 local M = { STOP = "genstream: stop" }
 
-local tsbuf = ffi.new("struct lp_timespec")
-local function now_ns()
-  C.clock_gettime(CLOCK_MONOTONIC, tsbuf)
-  return tonumber(tsbuf.tv_sec) * 1e9 + tonumber(tsbuf.tv_nsec)
-end
+local now_ns, sleep_until = clock.now_ns, clock.sleep_until   -- EINTR ends a sleep: the loop re-checks
 M.now_ns = now_ns
-
-local sleepts = ffi.new("struct lp_timespec")
-local function sleep_until(t)
-  local s = floor(t / 1e9)
-  sleepts.tv_sec, sleepts.tv_nsec = s, t - s * 1e9
-  C.clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, sleepts, nil)   -- EINTR: the loop re-checks
-end
 
 -- offset of the first record in s (skips the pcap file header once)
 local function start_of(self, p, n)

@@ -486,9 +486,7 @@ class StoreWriter:
 
     def flush(self, sync: bool = False, timeout: float = 60.0) -> None:
         """Ship all queued rows; with ``sync`` wait until the writer committed them (raises on failure)."""
-        for kind in KINDS:
-            if self._pending[kind]:
-                self._ship(kind)
+        self.ship()
         if sync:
             self._seq += 1
             seq = self._seq
