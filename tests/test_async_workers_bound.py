@@ -1,6 +1,9 @@
 """TrisulPlugin.request_async_workers has a bound (docs/async.md "Workers"): a request above 256 runs 256
 workers and logs one warning naming the plug-in.  Before: no bound (100000 started 94 workers, then worker
-tracebacks).  The clamp is read from the log (256 workers start at load: docs/async.md "When workers start")."""
+tracebacks).  The clamp is read from the log and the summary's pool size (256 workers start at load: docs/async.md
+"When workers start").  That test alone starts the real 256 processes (~30 s of start-ups on 2 cores); the test of
+the values that are not a number of workers runs the same CLI with workers/limits.py MAX_WORKERS set to 4 in its
+process (SMALL_MAX), so its +inf request starts 4, not 256: the clamp's rule is the same for any maximum."""
 from __future__ import annotations
 
 import os
@@ -22,13 +25,15 @@ TrisulPlugin = {
 def test_request_async_workers_above_the_maximum_is_clamped_with_one_warning(tmp_path):
     p = tmp_path / "greedy.lua"
     p.write_text(PLUGIN)
+    import json
     r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", str(p), "--pcap", SAMPLE,
-                        "--out", str(tmp_path / "o"), "-q"], cwd=helpers.REPO, capture_output=True, text=True,
+                        "--out", str(tmp_path / "o"), "-q", "--json"], cwd=helpers.REPO, capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, PYTHONPATH=helpers.REPO))
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if "request_async_workers" in x]
     assert len(lines) == 1 and lines[0].endswith(
         f"{p}: request_async_workers = 100000 is above the maximum 256: 256 workers"), r.stderr
+    assert [pl["async"]["workers"] for pl in json.loads(r.stdout)["plugins"]] == [256]   # started at load
 
 
 UDP_ASYNC = """
@@ -79,8 +84,19 @@ def test_accounting_holds_when_the_hook_budget_interrupts_the_worker_start(tmp_p
     assert a["scheduled"] == a["ok"] + a["dropped"], a
 
 
-BAD_REQUESTS = [  # (Lua expression, workers docs/async.md gives it: "default 1, at most 256", warning's reason)
-    ("math.huge", 256, "= inf is above the maximum 256: 256 workers"),
+#: the maximum the test of BAD_REQUESTS runs with (workers/limits.py MAX_WORKERS set in the CLI's process by
+#: SMALL_MAX_CLI, before the plug-in VM module reads it): its +inf request starts 4 processes instead of 256
+SMALL_MAX = 4
+SMALL_MAX_CLI = f"""
+import sys
+from luaprobe.workers import limits
+limits.MAX_WORKERS = {SMALL_MAX}
+from luaprobe.engine.daemon import cli
+sys.exit(cli.console())
+"""
+
+BAD_REQUESTS = [  # (Lua expression, workers docs/async.md gives it: "default 1, at most 256" (SMALL_MAX here), reason)
+    ("math.huge", SMALL_MAX, f"= inf is above the maximum {SMALL_MAX}: {SMALL_MAX} workers"),
     ("0/0", 1, "= nan is not a number: 1 worker"),
     ("-(0/0)", 1, "= nan is not a number: 1 worker"),
     ('"four"', 1, '= "four" is not a number: 1 worker'),
@@ -96,11 +112,12 @@ ONE_TASK = ('onpacket = function(engine, layer) if not SENT then SENT = true; '
 
 
 def test_a_request_that_is_not_a_number_of_workers_runs_with_one_warning(tmp_path):
-    """A request_async_workers value that is not a whole number >= 1 runs the documented workers (1; 256 for
-    +inf) with one WARNING line naming the plug-in and the value; the run exits 0.  Before: math.huge and 0/0
-    ended the run with 'luaprobe run: internal error: OverflowError / ValueError' (exit 1, nothing written),
-    and "four", true, 0, -3 ran 1 worker without a word.  The summary's `workers` is the pool size: 256 started
-    at load (more than one worker: docs/async.md "When workers start"), 1 by the plug-in's one task."""
+    """A request_async_workers value that is not a whole number >= 1 runs the documented workers (1; the maximum
+    for +inf: 256, SMALL_MAX in this run) with one WARNING line naming the plug-in and the value; the run exits 0.
+    Before: math.huge and 0/0 ended the run with 'luaprobe run: internal error: OverflowError / ValueError' (exit
+    1, nothing written), and "four", true, 0, -3 ran 1 worker without a word.  The summary's `workers` is the pool
+    size: SMALL_MAX started at load (more than one worker: docs/async.md "When workers start"), 1 by the plug-in's
+    one task."""
     import json
     paths = []
     for k, (expr, n, _) in enumerate(BAD_REQUESTS):
@@ -111,7 +128,7 @@ def test_a_request_that_is_not_a_number_of_workers_runs_with_one_warning(tmp_pat
             text = text.replace("onpacket = function(engine, layer) end", ONE_TASK)
         p.write_text(text)
         paths.append(p)
-    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", *map(str, paths), "--pcap",
+    r = subprocess.run([sys.executable, "-c", SMALL_MAX_CLI, "run", *map(str, paths), "--pcap",
                         SAMPLE, "--out", str(tmp_path / "o"), "-q", "--json"], cwd=helpers.REPO,
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=helpers.REPO))
     assert r.returncode == 0, r.stderr
