@@ -60,6 +60,19 @@ while True:
 """
 
 
+@pytest.fixture
+def short_waits(monkeypatch):
+    """The client's waits of a stop that gets no answer, shortened for the test (the defaults: control.request's 10 s
+    and supervisor.STOP_WAIT_SLACK, 15 s; the same code path, 24 s less waiting): a request without its own timeout
+    gets 1 s, and the wait for the supervisor to be gone is stop_deadline + 1 s."""
+    request = control.request
+
+    def quick(run_dir, cmd, timeout=1.0, **args):
+        return request(run_dir, cmd, timeout=timeout, **args)
+    monkeypatch.setattr(control, "request", quick)
+    monkeypatch.setattr(supervisor, "STOP_WAIT_SLACK", 1.0)
+
+
 def stand_in(run_dir: str, mode: str) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", STAND_IN, run_dir, mode], cwd=helpers.REPO, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, text=True)
@@ -68,9 +81,12 @@ def stand_in(run_dir: str, mode: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("mode", ["no-reply", "not-json", "bad-request", "reset", "exit"])
-def test_a_start_whose_stop_request_fails_still_stops_its_daemon(tmp_path, capsys, mode):
+def test_a_start_whose_stop_request_fails_still_stops_its_daemon(tmp_path, capsys, mode, request):
     """Each failure of the stop request: the plug-in problem and "not started" lines, exit 4, no exception, and the
-    supervisor it started is gone (SIGTERM), its pidfile free."""
+    supervisor it started is gone (SIGTERM), its pidfile free.  no-reply waits for the request's timeout: 1 s here
+    (short_waits), not the 10 s default."""
+    if mode == "no-reply":
+        request.getfixturevalue("short_waits")
     run_dir = control.ensure_run_dir(str(tmp_path / "run"))
     p = stand_in(run_dir, mode)
     with helpers.killed_when_left(p):
@@ -83,9 +99,10 @@ def test_a_start_whose_stop_request_fails_still_stops_its_daemon(tmp_path, capsy
     assert gone and control.read_pid(run_dir) is None
 
 
-def test_a_started_daemon_that_does_not_stop_is_named_with_its_pid(tmp_path, capsys):
-    """No reply to the stop and SIGTERM ignored: after stop_deadline + 15 s one line says the daemon still runs,
-    why, and how to stop it (its pid), instead of "not started"; exit 4, the plug-in problem's code."""
+def test_a_started_daemon_that_does_not_stop_is_named_with_its_pid(tmp_path, capsys, short_waits):
+    """No reply to the stop and SIGTERM ignored: after stop_deadline + STOP_WAIT_SLACK (15 s; 1 s here, short_waits)
+    one line says the daemon still runs, why, and how to stop it (its pid), instead of "not started"; exit 4, the
+    plug-in problem's code."""
     run_dir = control.ensure_run_dir(str(tmp_path / "run"))
     p = stand_in(run_dir, "ignore-term")
     with helpers.killed_when_left(p):
@@ -95,6 +112,6 @@ def test_a_started_daemon_that_does_not_stop_is_named_with_its_pid(tmp_path, cap
     assert code == 4 and alive, (code, err)
     assert err[0] == "luaprobe start: plug-in problem: /p/bad.lua:3: boom", err
     assert len(err) == 2 and err[1].startswith(f"luaprobe start: the daemon it started did not stop (the supervisor "
-                                               f"(pid {p.pid}) on {run_dir}/control.sock did not answer within 10 s "), err
-    assert err[1].endswith(f"still running 16 s later): supervisor pid {p.pid}; stop it with `luaprobe stop "
+                                               f"(pid {p.pid}) on {run_dir}/control.sock did not answer within 1 s "), err
+    assert err[1].endswith(f"still running 2 s later): supervisor pid {p.pid}; stop it with `luaprobe stop "
                            f"--run-dir {run_dir}` or kill -TERM {p.pid}"), err

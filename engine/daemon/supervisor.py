@@ -43,6 +43,9 @@ from luaprobe.shm.exits import (EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_RUNNING, EXI
 ACCEPT_RETRY = 0.1          #: s before the control socket is polled again after accept() failed (EMFILE)
 CLIENT_DEADLINE = 2.0       #: s a control client has to send its request line (Supervisor._read_client)
 LOADING_STOP_GRACE = 5.0    #: s a fast path still loading its plug-ins gets to take a stop before it is killed
+#: s a client (`luaprobe stop`, `start` stopping the daemon it started) waits beyond the stop's stop_deadline for
+#: the supervisor to be gone (docs/operations.md: "still there `stop_deadline` + 15 s later")
+STOP_WAIT_SLACK = 15.0
 HEARTBEAT = "heartbeat"     #: run-dir file the fast path touches while it makes progress ([supervise] stall_timeout)
 
 
@@ -1400,7 +1403,7 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
         if st["state"] == "stopping":           # stopped by someone else (luaprobe stop, a signal to the supervisor):
             if stopping is None:                # not "started", whether or not its plug-ins loaded; its exit is
                 stopping = st.get("stopped_by") or "a stop"     # awaited and named above
-                end = max(end, time.monotonic() + float(st.get("stop_deadline") or stop_deadline) + 15)
+                end = max(end, time.monotonic() + float(st.get("stop_deadline") or stop_deadline) + STOP_WAIT_SLACK)
             time.sleep(0.05)
             continue
         if st.get("loaded") or st["state"].startswith(("stopped", "failed")):
@@ -1471,14 +1474,15 @@ def _stop_quietly(run_dir: str, p: subprocess.Popen, stop_deadline: float = 20.0
     """Stop the daemon this `start` started (its supervisor ``p``) and wait until it is gone: None then.  The stop is
     asked on the control socket; when that request fails in any way (control.ControlError: no answer within 10 s, a
     connection reset while ``p`` lives, a reply that is not JSON, a socket we may not open), ``p`` gets SIGTERM,
-    the same graceful stop.  The wait: ``stop_deadline`` + 15 s.  Still running after it (frozen, or it ignored the
-    signal): one line naming why and its pid, for `start` to print instead of "not started"."""
+    the same graceful stop.  The wait: ``stop_deadline`` + STOP_WAIT_SLACK (15 s).  Still running after it (frozen, or
+    it ignored the signal): one line naming why and its pid, for `start` to print instead of "not started"."""
     why = None
     try:
         reply = control.request(run_dir, "stop")
-        wait = float(reply.get("stop_deadline") or stop_deadline) + 15
+        wait = float(reply.get("stop_deadline") or stop_deadline) + STOP_WAIT_SLACK
     except (control.ControlError, OSError) as e:    # NotRunning, NoAnswer, a failed request; no socket (EMFILE)
-        why, wait = (str(e) if isinstance(e, control.ControlError) else f"no socket: {e.strerror}"), stop_deadline + 15
+        why = str(e) if isinstance(e, control.ControlError) else f"no socket: {e.strerror}"
+        wait = stop_deadline + STOP_WAIT_SLACK
         if p.poll() is None and isinstance(e, control.NotRunning) and _wait_gone(run_dir, 2.0, p.pid):
             why = None                  # it was exiting already (its socket closed on the way out)
         elif p.poll() is None:
@@ -1529,7 +1533,7 @@ def cmd_stop(args) -> int:
                      "kernel and stopped by itself")
         print(f"luaprobe stop: not running ({state}; looked in {run_dir}, found as {how})", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    if not _wait_gone(run_dir, reply.get("stop_deadline", 20) + 15, pid):
+    if not _wait_gone(run_dir, reply.get("stop_deadline", 20) + STOP_WAIT_SLACK, pid):
         print(f"luaprobe stop: the supervisor is still running (pid {control.read_pid(run_dir)})", file=sys.stderr)
         return EXIT_INTERNAL
     st = control.read_json(control.path(run_dir, control.STATE)) or {}
