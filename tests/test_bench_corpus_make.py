@@ -54,16 +54,18 @@ def test_built_tcp_segments_number_their_bytes_as_a_connection_does(tmp_path, sh
     """The built shapes' TCP sequence and acknowledgment numbers advance with each direction's bytes (RFC 793), with
     a share corpus.RETRANS of retransmissions: the flow table's in-order path is the common one, as on real traffic.
     Before (BUILD_REV 1), both were random per segment: tshark flagged ~70 % of small-few's segments as
-    retransmissions.  Truth: tshark's TCP analysis of a 20 000-packet capture of the shape."""
+    retransmissions.  Truth: tshark's TCP analysis of a 10 000-packet capture of the shape (seeded: small-few 68
+    retransmissions in 10 000 data segments, mixed-zipf 44 in 7 708; tshark took 4.7 s on 20 000 packets of
+    mixed-zipf, 0.9 s on 10 000)."""
     spec = dict(corpus.SHAPES[shape], flows=200)
     path = str(tmp_path / "c.pcap")
-    corpus.write_pcap(path, corpus.build(spec, 20_000, np.random.default_rng(5)))
+    corpus.write_pcap(path, corpus.build(spec, 10_000, np.random.default_rng(5)))
     r = subprocess.run(["tshark", "-r", path, "-Y", "tcp", "-T", "fields", "-e", "tcp.len", "-e", "_ws.expert.message",
                         "-E", "separator=;"], capture_output=True, text=True, check=True)
     rows = [ln.split(";", 1) for ln in r.stdout.splitlines()]
     data = sum(1 for n, _ in rows if int(n) > 0)
     resent = sum(1 for _, m in rows if "retransmission" in m)
     lost = sum(1 for _, m in rows if "previous segment not captured" in m or "out-of-order" in m)
-    assert len(rows) > 10_000
+    assert len(rows) > 5_000
     assert 0.5 * corpus.RETRANS * data <= resent <= 2 * corpus.RETRANS * data, (resent, data)
     assert lost <= data // 1000, lost
