@@ -107,7 +107,9 @@ def inline_vs_async(out: str, work: str, quick: bool) -> dict:
                         if proc.poll() is not None or time.monotonic() > t_end:
                             raise RuntimeError(f"{tag}: capture did not start: {proc.communicate()[1][-2000:]}")
                         time.sleep(0.05)
-                    time.sleep(1.5)                        # workers (async) finish starting
+                    # the run binds its capture once its plug-ins are loaded and their workers run their task
+                    # loops (engine/fastpath/run.py _wait_workers); a short settle for the capture process
+                    time.sleep(0.3)
                     rx0 = v.rx_packets()                   # the kernel's count on the capture end
                     sender = subprocess.Popen(v.netns_exec(sys.executable, "-m", "luaprobe.engine.daemon.cli", "gen", "--interface",
                                                            v.there, "--rate", str(rate), "--duration", str(dur),
