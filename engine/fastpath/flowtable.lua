@@ -71,13 +71,11 @@ Layout.
                      protocol.  Written at creation, read at expiry and
                      export; a TCP segment writes its flow's cold record only
                      when it changes it (a client SYN, the ACK completing the
-                     handshake, a retransmission), else a retransmission's or
-                     a late SYN time's store goes to a scratch record,
-                     cold[capacity + 1 + idx % 16]
-                     (tcp_track: no branch but the setup RTT's, taken once a
-                     connection; 16 of them, so consecutive
-                     segments of different flows rarely chain through one
-                     read-modify-write in memory).  So the per-packet working set is 128 bytes a
+                     handshake, a retransmission: tcp_rare),
+                     else a late SYN time's store goes to a scratch record,
+                     cold[capacity + 1 + idx % 16] (syn_time, no branch; 16
+                     of them, so consecutive segments of different flows
+                     rarely chain through one read-modify-write in memory).  So the per-packet working set is 128 bytes a
                      flow, not the 256 of the single record this split
                      replaced (issue 10).  Free records are handed out from a
                      stack, then from a high-water mark (so a fresh table
@@ -266,8 +264,8 @@ typedef struct {
 typedef struct {
   /* the cold record (64 bytes, one cache line, cold[i] belongs to flows[i]): written at creation, read at
      expiry and export; a TCP segment writes it only when it changes it (a client SYN, the ACK completing the
-     handshake, a retransmission: tcp_track; the SYN time only for a SYN without ACK: syn_time), else the same
-     stores go to a scratch record */
+     handshake, a retransmission: tcp_rare; the SYN time only for a SYN without ACK: syn_time, else
+     that store goes to a scratch record) */
   double first_ts;
   double rtt;                        /* setup RTT in µs, -1 until measured */
   union { double retrans[2]; struct { double retrans_az, retrans_za; }; };
@@ -323,8 +321,9 @@ local FLOW_SIZE = ffi.sizeof("lp_flow")
 local FLOW_WORDS, COLD_WORDS = FLOW_SIZE / 4, ffi.sizeof("lp_flow_cold") / 4   -- records as int32 words
 local SLOT_SIZE = 8       -- lp_slot (defined below)
 local COLD_SIZE = ffi.sizeof("lp_flow_cold")
-local SCRATCH = 16        -- scratch cold records (tcp_track), cold[capacity + 1 + idx % 16] for flow idx
+local SCRATCH = 16        -- scratch cold records (syn_time), cold[capacity + 1 + idx % 16] for flow idx
 local EXPIRE_CHUNK = 512 -- idle flows expire() collects, then touches, reports and frees at a time (96 KiB of records)
+local primed, prime_known_runs = false, nil   -- loop 3's first trace, once per VM (update_batch)
 local TOUCH_FLOWS = 8192  -- live flows (2 MiB of records) from which update_batch touches before it works
 
 local FT = {}
@@ -394,7 +393,7 @@ function M.new(opts)
     huge_pages = huge,   -- mappings advised MADV_HUGEPAGE (true) or MADV_NOHUGEPAGE (false)
     flows = alloc(flow_ptr, cap + 1, ffi.sizeof("lp_flow"), huge),   -- hot records, [cap]: what an empty slot touches
     cold = alloc(cold_ptr, cap + 1 + SCRATCH, ffi.sizeof("lp_flow_cold"), huge),   -- cold records, [cap]: age list
-                                                                   -- sentinel, [cap + 1 ..]: tcp_track's scratch records
+                                                                   -- sentinel, [cap + 1 ..]: syn_time's scratch records
     lru = alloc(link_ptr, cap + 1, ffi.sizeof("lp_link"), huge),     -- LRU links of flows[i], [cap]: sentinel
     -- the index: one mapping of its largest size (2 * capacity slots) grown in place when that is 2 MiB or more
     -- (reserve: the pages of a doubling's first half are mapped already), else calloc'd anew at each doubling
@@ -1048,7 +1047,7 @@ end
 -- error 34 ("register coalescing too complex") and was blacklisted, and every such segment then ran in the
 -- interpreter (issue 10: the `http` corpus, ~90 bytes of garbage and ~300 ns per packet).  Binary 0 - x has
 -- only an overflow guard, never taken for these values.
--- i when bit c is 1, else scr (no branch): the cold record a tcp_track store goes to
+-- i when bit c is 1, else scr (no branch): the cold record syn_time's store goes to
 local function pick(c, i, scr)
   return scr + band(i - scr, 0 - c)
 end
@@ -1062,18 +1061,28 @@ local function syn_time(flows, cold, idx, sec, nsec, t, scr)
   cold[c].syn_nsec = nsec
 end
 
--- TCP setup RTT and retransmissions of one segment (account(), TCP segments only: the caller's one
--- test).  Branch-free but for the setup RTT: every other choice is bit arithmetic or a store into the scratch
--- cold record cold[scr] (pick), so the trace takes the same path for every segment and the flow's own cold
--- record is touched only by the segments that change it (a client SYN, the ACK completing the handshake, a
--- retransmission); called with few live values (st is the state before this segment) so the side
--- trace of the caller's test compiles.  The setup RTT is one test, last: the segment completing the handshake
--- (once a connection) leaves the trace there with nothing of tcp_track live; computed for every segment into
--- the scratch record it cost ~7 instructions a packet (two loads, five FP operations, a store and their
--- addresses; callgrind, issue 10: docs/benchmarks.md "Known flows, 2026-12-02")
-local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t, scr)
+-- the two rare stores of a TCP segment (tcp_track's result: r + 2 hs) into flow idx's cold record: r (0 or 1) more
+-- retransmissions in direction dir, and, when hs is 1 (the segment completing the handshake, sec / nsec its time),
+-- the setup RTT in microseconds from the latest SYN (syn_time), from seconds and nanoseconds apart (one double of
+-- epoch seconds is only good to ~0.2 µs)
+local function tcp_rare(cold, idx, dir, r, hs, sec, nsec)
+  local c = cold[idx]
+  c.retrans[dir] = c.retrans[dir] + r
+  if hs ~= 0 then
+    c.rtt = (sec - c.syn_sec) * 1e6 + (nsec - c.syn_nsec) * 1e-3
+  end
+end
+
+-- The sequence ends of one segment (account(), TCP segments only: the caller's one test), branch-free; returns r + 2
+-- hs (r: 1 for a retransmission, hs as below): the caller's test for the rare stores (tcp_rare), so the flow's own
+-- cold record is touched only by the segments that change it.  In loop 3 (known_runs) that test ends the run, so
+-- the loop's trace is never recorded on such a segment.  Before 2026-12-02 the retransmission count was stored
+-- branch-free into the flow's or a scratch cold record (pick) and the RTT had its own test: 25 instructions a
+-- packet more on small-few and mixed-zipf, 27 on http (callgrind, issue 10: docs/benchmarks.md "Known flows,
+-- 2026-12-02, session 20 (2)" and "session 21"); computing the RTT for every segment into the scratch record had
+-- cost ~7 more
+local function tcp_track(flows, idx, dir, pl, seq, fl, hs, t)
   local e = flows[idx]
-  scr = scr + band(idx, SCRATCH - 1)
   -- t: 1 for a TCP segment, 0 for anything else (then nothing below changes: every choice is masked by it)
   -- hs: 1 when this segment completed the handshake (the SEEN_SYN_ACK_ACK transition) after a SYN (state
   -- SEEN_SYN), for a TCP segment (tcp_state: band(handshake_ack(st, fl, dir), rshift(st, 1), t), from ST_NEXT)
@@ -1094,8 +1103,6 @@ local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t, s
   local x = bor(tobit(back + 1), pl - 1, sf)
   -- r: seen, occ, back < 0 and x ~= 0 (x or -x has bit 31 set): both sign bits in one shift
   local r = band(seen, occ, rshift(band(back, bor(x, tobit(0 - x))), 31))
-  local cr = pick(r, idx, scr)
-  cold[cr].retrans[dir] = cold[cr].retrans[dir] + r
   -- the highest end, moved only by segments that occupy sequence space (a bare ACK carries a
   -- sequence number but no data, and may be bogus): max(hi, seq + len) once seen, seq + len first.  adv = seq + len
   -- - hi (mod 2^32): the end moves by adv when the segment occupies sequence space, unless the direction was seen
@@ -1104,11 +1111,8 @@ local function tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, hs, t, s
   local mv = band(occ, bxor(band(seen, rshift(adv, 31)), 1))
   e.tcp_next[dir] = tobit(hi + band(0 - mv, adv))
   e.tcp_dirs = bor(dirs, lshift(occ, dir))
-  -- setup RTT: the latest SYN before the handshake completes (syn_time) -> the client's completing ACK; from
-  -- seconds and nanoseconds apart (one double of epoch seconds is only good to ~0.2 µs)
-  if hs ~= 0 then
-    cold[idx].rtt = (sec - cold[idx].syn_sec) * 1e6 + (nsec - cold[idx].syn_nsec) * 1e-3
-  end
+  -- the rare stores (tcp_rare) are the caller's: r in bit 0, hs in bit 1
+  return bor(r, lshift(hs, 1))
 end
 
 -- the LRU move of flow idx (record e) for a packet of second sec (loop 3, last): to the tail at its
@@ -1175,17 +1179,17 @@ for sb = 0, 0x3E, 2 do
   end
 end
 
-local function tcp_state(flows, cold, idx, dir, sec, nsec, pl, fl, seq, t, scr)
+local function tcp_state(flows, idx, dir, pl, fl, seq, t)
   local e = flows[idx]
   e.tcp_flags_seen[dir] = bor(e.tcp_flags_seen[dir], fl)
   local st = e.state
   local nx = ST_NEXT[st_index(st, fl, dir)]
   e.state = bor(st, band(nx, 0xFF))
-  -- a tail call (it returns nothing; update() and loop 3 use no result): LuaJIT records tcp_track in place of
+  -- a tail call (its result is tcp_track's): LuaJIT records tcp_track in place of
   -- tcp_state's frame, so the snapshots inside tcp_track carry none of tcp_state's ~11 slots and fewer values stay
   -- live in the trace (callgrind, loop 3 on small-few -3.9 instructions a packet; docs/benchmarks.md "Known flows,
   -- 2026-12-02, session 20")
-  return tcp_track(flows, cold, idx, dir, sec, nsec, pl, seq, fl, band(rshift(nx, 8), t), t, scr)
+  return tcp_track(flows, idx, dir, pl, seq, fl, band(rshift(nx, 8), t), t)
 end
 
 -- The first packet of flow idx, just created by new_flow (update_batch, a batch whose every packet created its flow):
@@ -1295,17 +1299,172 @@ function FT:update(d, ts, wirelen)
              self.capacity + 1)
   end
   if bor(d.tcp_flags, 1 + tf) ~= 0 then
-    tcp_state(self.flows, self.cold, idx, kf.dir, sec, math.floor((ts - sec) * 1e9 + 0.5), d.payload_length,
-              d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1), self.capacity + 1)
+    local rh = tcp_state(self.flows, idx, kf.dir, d.payload_length, d.tcp_flags, d.tcp_seq,
+                         band(rshift(bnot(tf), 31), 1))
+    if rh ~= 0 then
+      tcp_rare(self.cold, idx, kf.dir, band(rh, 1), rshift(rh, 1), sec, math.floor((ts - sec) * 1e9 + 0.5))
+    end
   end
   lru_touch(self.lc, self.flows, self.lru, idx, sec, self.capacity)
   return idx, kf.dir, is_new
+end
+
+-- loop 3's general path (known_runs): packet k of batch b, any packet (one without a flow, a SYN without ACK, an
+-- idle flow's), every step of update() in order
+local function known_packet(self, flows, cold, lc, lru, b, k, idle, sen)
+  local idx = b[k].flow
+  if idx < 0 then
+    b[k].flow_uid = 0
+    return
+  end
+  local ts = b[k].ts_sec + b[k].ts_nsec * 1e-9
+  if ts - flows[idx].last_ts > idle then           -- silent for longer than idle_timeout: ended ("Idle expiry")
+    restart(self, flows, idx, ts, IDLE)
+  end
+  if band(b[k].d.tcp_flags, 0x12) == 0x02 then     -- no reference to b[k] kept across the call
+    renew_if_reused(self, flows, idx, b[k].dir, b[k].d.tcp_seq, ts)
+    syn_time(flows, cold, idx, b[k].ts_sec, b[k].ts_nsec, band(rshift(bnot(b[k].d.first[TCP]), 31), 1), sen + 1)
+  end
+  local p = b[k]
+  local d = p.d
+  local tf = d.first[TCP]               -- -1: not TCP
+  local sec, nsec, pl, dir = p.ts_sec, p.ts_nsec, d.payload_length, p.dir
+  p.flow_uid = account(flows, idx, dir, ts, p.wirelen, pl)
+  if bor(d.tcp_flags, 1 + tf) ~= 0 then
+    local rh = tcp_state(flows, idx, dir, pl, d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1))
+    if rh ~= 0 then tcp_rare(cold, idx, dir, band(rh, 1), rshift(rh, 1), sec, nsec) end
+  end
+  lru_touch(lc, flows, lru, idx, sec, sen)
+end
+
+-- Loop 3 from packet k of batch b (n packets, the flows found or made): a run of packets in the for loop, which
+-- does a packet's common steps (counters, TCP state and sequence ends, the LRU move) and stops at a packet with more
+-- to do; that one packet is finished after the loop, then the next run starts by a tail call.  More to do: no flow
+-- (non-IP, table full), a SYN without ACK (the port-reuse check, the SYN time), a flow silent for longer than
+-- idle_timeout (idle expiry): stopped before any step, the whole packet done by known_packet; a retransmission or
+-- the ACK completing the handshake (tcp_state's result x = r + 2 hs ~= 0): stopped after its TCP state, its rare
+-- stores (tcp_rare) and LRU move done after the loop.  So every packet's steps are update()'s, in packet order.
+-- Why this shape (issue 10, docs/benchmarks.md "Known flows, 2026-12-02, session 22"): the loop's root trace is
+-- recorded on common packets before any traffic (prime_known_runs), and a later recording that meets an uncommon
+-- packet leaves the loop at framedepth 0, which LuaJIT aborts for a root trace (lj_record.c, "leaving loop in root
+-- trace"); the uncommon packets' side traces run the one packet and the tail call and link to the loop's trace
+-- through its JFORI.  No loop holds the uncommon packets: a loop of its own needed a root trace that formed only by
+-- chance (1 process in ~27 slow without it, session 21), and an outer loop could record a packet's whole path.
+local function known_runs(self, b, n, k, flows, cold, lc, lru, idle, sen)
+  local stop, rh = n, 0
+  for j = k, n - 1 do
+    local p = b[j]
+    local idx = p.flow
+    local d = p.d
+    local fl = d.tcp_flags
+    if idx < 0 or band(fl, 0x12) == 0x02 then stop = j break end
+    local ts = p.ts_sec + p.ts_nsec * 1e-9
+    if ts - flows[idx].last_ts > idle then stop = j break end
+    local tf = d.first[TCP]               -- -1: not TCP
+    local sec, pl, dir = p.ts_sec, d.payload_length, p.dir
+    p.flow_uid = account(flows, idx, dir, ts, p.wirelen, pl)
+    if bor(fl, 1 + tf) ~= 0 then
+      local x = tcp_state(flows, idx, dir, pl, fl, d.tcp_seq, band(rshift(bnot(tf), 31), 1))
+      if x ~= 0 then stop, rh = j, x break end
+    end
+    lru_touch(lc, flows, lru, idx, sec, sen)
+  end
+  if stop >= n then return end
+  -- the packet the run stopped at, alone (no loop: see above), then the next run
+  if rh ~= 0 then
+    local p = b[stop]
+    local idx = p.flow
+    tcp_rare(cold, idx, p.dir, band(rh, 1), rshift(rh, 1), p.ts_sec, p.ts_nsec)
+    lru_touch(lc, flows, lru, idx, p.ts_sec, sen)
+  else
+    known_packet(self, flows, cold, lc, lru, b, stop, idle, sen)
+  end
+  k = stop + 1
+  return known_runs(self, b, n, k, flows, cold, lc, lru, idle, sen)
+end
+
+-- Loop 3's root trace recorded on common packets, once per VM, at the first update_batch (prime_known_runs: a batch
+-- of that call's C type): known_runs walked over PRIME_PACKETS packets of PRIME_FLOWS flows already open (TCP: ACK /
+-- PSH-ACK segments of 10 bytes, sequence numbers advancing; UDP: 10-byte datagrams; both directions, one second) in
+-- a scratch table, TCP segments unless most IP packets of that first batch are not TCP (mostly_tcp: a DNS server's
+-- traffic, say), so the trace runs the protocol the traffic mostly has and the other leaves it at the TCP test into
+-- a side trace.  Why (issue 10, docs/benchmarks.md "Known flows, 2026-12-02, session 22"): LuaJIT records a loop's
+-- root trace on whichever packet follows the moment the loop's hot counter runs out, and that moment differs between
+-- processes (64 counters shared by bytecode address, random penalty bits after every aborted recording:
+-- lj_dispatch.h, lj_trace.c penalty_pc); a trace recorded on a SYN, a retransmission or the minority protocol sent
+-- every common packet out at that test (callgrind, update_batch on the ipv6 corpus: 397 instructions a packet
+-- against 315).  The same first batch makes the same choice, so the same file gets the same trace in every process.
+-- Only known_runs is walked (the flows are made by one update_batch of each flow's first packet in both
+-- directions), so update_batch's other loops still form their traces on the traffic itself.
+local PRIME_FLOWS, PRIME_PACKETS = 4, 1024
+
+-- true when at least half the IP packets of batch b (n packets, decoded) are TCP segments (also for no IP packet)
+local function mostly_tcp(b, n)
+  local ip, tcp = 0, 0
+  for k = 0, n - 1 do
+    local d = b[k].d
+    if d.ip_version ~= 0 then
+      ip = ip + 1
+      if d.first[TCP] >= 0 then tcp = tcp + 1 end
+    end
+  end
+  return 2 * tcp >= ip
+end
+
+prime_known_runs = function(like, udp)
+  primed = true                            -- before update_batch below: the scratch table does not prime again
+  local ft = M.new({capacity = 2 * PRIME_FLOWS, huge_pages = false, batch = PRIME_PACKETS})
+  -- a batch of the caller's C type (lp_pkt[?] from the driver, lp_pkt * from the benchmarks): the trace is made
+  -- for that type
+  local ct = ffi.typeof(like)
+  local keep, b
+  if tostring(ct):find("%*>$") then
+    keep = ffi.new("uint8_t[?]", PRIME_PACKETS * ffi.sizeof(like[0]))
+    b = cast(ct, keep)
+  else
+    b = ffi.new(ct, PRIME_PACKETS)
+  end
+  local FRAME = 14 + 20 + 20 + 10          -- a TCP segment of 10 bytes (a UDP datagram's frame: padding after it)
+  local frames = ffi.new("uint8_t[?]", PRIME_PACKETS * FRAME)
+  local seq = {}
+  for k = 0, PRIME_PACKETS - 1 do
+    local f, srv = k % PRIME_FLOWS, band(rshift(k, 2), 1)   -- PRIME_FLOWS = 4: each round in one direction
+    local q = frames + k * FRAME
+    local ip = {10, 0, 0, 1 + f, 192, 0, 2, 1}
+    local sp, dp = 1024 + f, udp and 53 or 80
+    local a, z = 0, 4
+    if srv == 1 then sp, dp, a, z = dp, sp, 4, 0 end
+    for i = 0, 11 do q[i] = i end                        -- MAC addresses
+    q[12], q[13] = 0x08, 0x00                            -- IPv4
+    q[14], q[16], q[17], q[22], q[23] = 0x45, 0, 60 - 14, 64, 6    -- version / IHL, total length, TTL, TCP
+    for i = 0, 3 do q[26 + i], q[30 + i] = ip[1 + a + i], ip[1 + z + i] end
+    q[34], q[35], q[36], q[37] = rshift(sp, 8), band(sp, 255), rshift(dp, 8), band(dp, 255)
+    if udp then
+      q[17], q[23], q[39] = 20 + 8 + 10, 17, 8 + 10      -- total length, UDP, UDP length
+    else
+      local s = seq[f * 2 + srv] or (1000 + 7 * f + 100000 * srv)
+      seq[f * 2 + srv] = s + 10
+      q[38], q[39], q[40], q[41] = band(rshift(s, 24), 255), band(rshift(s, 16), 255), band(rshift(s, 8), 255),
+        band(s, 255)
+      q[45], q[46], q[47] = 1, 0x50, srv == 1 and 0x18 or 0x10         -- ack 1, data offset 5, ACK / PSH-ACK
+      q[48] = 0x20                                                       -- window
+    end
+    local e = b[k]
+    e.data, e.ts_sec, e.ts_nsec, e.wirelen, e.caplen, e.linktype = q, 1, k * 1000, FRAME, FRAME, 1
+    decode.decode(e.d, q, FRAME, 1)
+  end
+  ft:update_batch(b, 2 * PRIME_FLOWS)       -- each connection's first segment in both directions: the flows
+  for k = 2 * PRIME_FLOWS, PRIME_PACKETS - 1 do
+    b[k].flow, b[k].dir = b[k % (2 * PRIME_FLOWS)].flow, b[k % (2 * PRIME_FLOWS)].dir
+  end
+  known_runs(ft, b, PRIME_PACKETS, 2 * PRIME_FLOWS, ft.flows, ft.cold, ft.lc, ft.lru, ft.idle_timeout, ft.capacity)
 end
 
 --- A batch of decoded packets (lp_pkt, engine/lua/packet.lua: reads d, ts_sec,
 --- ts_nsec, wirelen; writes flow, dir, flow_uid): the loops described
 --- above.  flow = -1 for non-IP, -2 when the table was full.
 function FT:update_batch(b, n)
+  if not primed then prime_known_runs(b, not mostly_tcp(b, n)) end   -- loop 3's first trace, once per VM
   if n > self.nkeys then
     self.keys, self.miss, self.missj, self.nkeys = ffi.new("lp_fkey[?]", n), ffi.new("int32_t[?]", n),
       ffi.new("int32_t[?]", n), n
@@ -1429,9 +1588,10 @@ function FT:update_batch(b, n)
   -- later second).  A batch whose every packet created its flow (flows-1m: all of them; a scan, a flood) takes a
   -- loop of its own: first_packet, loop 3's work from the new records' known state (callgrind on flows-1m: 129
   -- instructions a packet against loop 3's 226; nothing of it can depend on another packet of the batch: each is
-  -- another flow).  Any other batch runs the general loop, and that loop's traces form on the same packets as before
-  -- (a per-packet test or a list of packets there changed which path LuaJIT recorded: callgrind, mixed-zipf and dns
-  -- +40-60 instructions a packet; docs/benchmarks.md, "flows-1m: a batch of new flows' first packets")
+  -- another flow).  Any other batch: known_runs, runs of the common steps stopped at the packets with more to do
+  -- (a per-packet test or a list of packets built in a loop before it cost mixed-zipf and dns +40-60 instructions a
+  -- packet: docs/benchmarks.md, "flows-1m: a batch of new flows' first packets"; a classifying loop and runs
+  -- between its packets, +30 on dns: "Known flows, 2026-12-02, session 21")
   if made == n then
     for k = 0, n - 1 do
       local d = b[k].d
@@ -1443,30 +1603,7 @@ function FT:update_batch(b, n)
   end
   local lc = self.lc                    -- the LRU list's cut (lru_move)
   local idle = self.idle_timeout
-  for k = 0, n - 1 do
-    local idx = b[k].flow
-    if idx >= 0 then
-      local ts = b[k].ts_sec + b[k].ts_nsec * 1e-9
-      if ts - flows[idx].last_ts > idle then           -- silent for longer than idle_timeout: ended ("Idle expiry")
-        restart(self, flows, idx, ts, IDLE)
-      end
-      if band(b[k].d.tcp_flags, 0x12) == 0x02 then     -- no reference to b[k] kept across the call
-        renew_if_reused(self, flows, idx, b[k].dir, b[k].d.tcp_seq, ts)
-        syn_time(flows, cold, idx, b[k].ts_sec, b[k].ts_nsec, band(rshift(bnot(b[k].d.first[TCP]), 31), 1), sen + 1)
-      end
-      local p = b[k]
-      local d = p.d
-      local tf = d.first[TCP]               -- -1: not TCP
-      local sec, nsec, pl, dir = p.ts_sec, p.ts_nsec, d.payload_length, p.dir
-      p.flow_uid = account(flows, idx, dir, ts, p.wirelen, pl)
-      if bor(d.tcp_flags, 1 + tf) ~= 0 then
-        tcp_state(flows, cold, idx, dir, sec, nsec, pl, d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1), sen + 1)
-      end
-      lru_touch(lc, flows, lru, idx, sec, sen)
-    else
-      b[k].flow_uid = 0
-    end
-  end
+  return known_runs(self, b, n, 0, flows, cold, lc, lru, idle, sen)
 end
 
 -- deletion -------------------------------------------------------------------------

@@ -53,13 +53,17 @@ return table.concat(out, "\n")
 '''
 
 
-def fill_ir(capture: str) -> dict:
+def fill_ir(capture: str, hotloop: int = 0) -> dict:
     """{start location: [IR op names]} of the looping root traces in driver.lua, flowtable.lua and stages.lua (its
     decode-only walk: tools/bench/stages.lua), plus
-    "aborts": [location and error] of the aborts in those files, after one pipeline pass over `capture`."""
+    "aborts": [location and error] of the aborts in those files, after one pipeline pass over `capture`.
+    hotloop > 0: LuaJIT's hotloop parameter (loop iterations before a root trace is recorded; LuaJIT's default 56),
+    which moves every loop's recording to another packet, as another process's hot counters would."""
     from luaprobe.engine.capture.pcapfile import open_capture
     from luaprobe.shm.luajit import new_runtime
     lua = new_runtime()
+    if hotloop > 0:
+        lua.execute(f"jit.opt.start('hotloop={int(hotloop)}')")
     with open_capture(capture) as cap:
         stages = os.path.join(REPO, "tools", "bench", "stages.lua")
         raw = lua.execute(RUN.replace("STAGES", repr(stages)), cap.address, cap.size)
