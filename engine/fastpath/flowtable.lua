@@ -324,6 +324,7 @@ local COLD_SIZE = ffi.sizeof("lp_flow_cold")
 local SCRATCH = 16        -- scratch cold records (syn_time), cold[capacity + 1 + idx % 16] for flow idx
 local EXPIRE_CHUNK = 512 -- idle flows expire() collects, then touches, reports and frees at a time (96 KiB of records)
 local primed, prime_known_runs = false, nil   -- loop 3's first trace, once per VM (update_batch)
+local sample_ip, sample_tcp = 0, 0              -- the VM's first SAMPLE_IP IP packets, and their TCP segments
 local TOUCH_FLOWS = 8192  -- live flows (2 MiB of records) from which update_batch touches before it works
 
 local FT = {}
@@ -1386,33 +1387,46 @@ end
 -- Loop 3's root trace recorded on common packets, once per VM, at the first update_batch (prime_known_runs: a batch
 -- of that call's C type): known_runs walked over PRIME_PACKETS packets of PRIME_FLOWS flows already open (TCP: ACK /
 -- PSH-ACK segments of 10 bytes, sequence numbers advancing; UDP: 10-byte datagrams; both directions, one second) in
--- a scratch table, TCP segments unless most IP packets of that first batch are not TCP (mostly_tcp: a DNS server's
--- traffic, say), so the trace runs the protocol the traffic mostly has and the other leaves it at the TCP test into
--- a side trace.  Why (issue 10, docs/benchmarks.md "Known flows, 2026-12-02, session 22"): LuaJIT records a loop's
+-- a scratch table.  TCP segments first; once the VM's first SAMPLE_IP IP packets are counted (sample_protocol), if
+-- fewer than half were TCP (a DNS server's traffic, QUIC, say) loop 3's traces are flushed and recorded again on UDP
+-- datagrams, so the trace runs the protocol the traffic mostly has and the other leaves it at the TCP test into a
+-- side trace.  Why (issue 10, docs/benchmarks.md "Known flows, 2026-12-02, session 22"): LuaJIT records a loop's
 -- root trace on whichever packet follows the moment the loop's hot counter runs out, and that moment differs between
 -- processes (64 counters shared by bytecode address, random penalty bits after every aborted recording:
 -- lj_dispatch.h, lj_trace.c penalty_pc); a trace recorded on a SYN, a retransmission or the minority protocol sent
 -- every common packet out at that test (callgrind, update_batch on the ipv6 corpus: 397 instructions a packet
--- against 315).  The same first batch makes the same choice, so the same file gets the same trace in every process.
--- Only known_runs is walked (the flows are made by one update_batch of each flow's first packet in both
--- directions), so update_batch's other loops still form their traces on the traffic itself.
+-- against 315; dns under a TCP trace: 401 against 324).  The choice depends only on the packets, in order, so the
+-- same file gets the same trace in every process.  Only known_runs is walked (the flows are made by one update_batch
+-- of each flow's first packet in both directions), so update_batch's other loops form their traces on the traffic.
 local PRIME_FLOWS, PRIME_PACKETS = 4, 1024
 
--- true when at least half the IP packets of batch b (n packets, decoded) are TCP segments (also for no IP packet)
-local function mostly_tcp(b, n)
-  local ip, tcp = 0, 0
+local SAMPLE_IP = 4096
+
+-- The protocol loop 3's trace runs (see above): counts the VM's first SAMPLE_IP IP packets (of batch b, n packets,
+-- decoded) and their TCP segments; when the count is complete and fewer than half were TCP, loop 3's traces are
+-- flushed and recorded again on UDP datagrams.  Counted in packet order, whatever the batches, so the same file makes
+-- the same choice.
+local function sample_protocol(b, n)
   for k = 0, n - 1 do
     local d = b[k].d
     if d.ip_version ~= 0 then
-      ip = ip + 1
-      if d.first[TCP] >= 0 then tcp = tcp + 1 end
+      sample_ip = sample_ip + 1
+      if d.first[TCP] >= 0 then sample_tcp = sample_tcp + 1 end
+      if sample_ip == SAMPLE_IP then
+        if 2 * sample_tcp < sample_ip then
+          jit.flush(known_runs)
+          prime_known_runs(b, true)
+        end
+        return
+      end
     end
   end
-  return 2 * tcp >= ip
 end
 
 prime_known_runs = function(like, udp)
   primed = true                            -- before update_batch below: the scratch table does not prime again
+  local left = sample_ip
+  sample_ip = SAMPLE_IP                    -- nor count its packets
   local ft = M.new({capacity = 2 * PRIME_FLOWS, huge_pages = false, batch = PRIME_PACKETS})
   -- a batch of the caller's C type (lp_pkt[?] from the driver, lp_pkt * from the benchmarks): the trace is made
   -- for that type
@@ -1458,13 +1472,15 @@ prime_known_runs = function(like, udp)
     b[k].flow, b[k].dir = b[k % (2 * PRIME_FLOWS)].flow, b[k % (2 * PRIME_FLOWS)].dir
   end
   known_runs(ft, b, PRIME_PACKETS, 2 * PRIME_FLOWS, ft.flows, ft.cold, ft.lc, ft.lru, ft.idle_timeout, ft.capacity)
+  sample_ip = left
 end
 
 --- A batch of decoded packets (lp_pkt, engine/lua/packet.lua: reads d, ts_sec,
 --- ts_nsec, wirelen; writes flow, dir, flow_uid): the loops described
 --- above.  flow = -1 for non-IP, -2 when the table was full.
 function FT:update_batch(b, n)
-  if not primed then prime_known_runs(b, not mostly_tcp(b, n)) end   -- loop 3's first trace, once per VM
+  if not primed then prime_known_runs(b, false) end   -- loop 3's first trace, once per VM: TCP segments
+  if sample_ip < SAMPLE_IP then sample_protocol(b, n) end   -- UDP datagrams instead when most packets are not TCP
   if n > self.nkeys then
     self.keys, self.miss, self.missj, self.nkeys = ffi.new("lp_fkey[?]", n), ffi.new("int32_t[?]", n),
       ffi.new("int32_t[?]", n), n
