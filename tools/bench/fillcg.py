@@ -1,7 +1,7 @@
 """Instructions per packet of the driver's fill (ring pop + decode + batch entry) and of the walk's decode, under
 callgrind (issue 10).
 
-    python tools/bench/fillcg.py [--corpus small-few,dns] [--packets 100000] [--tree WORKTREE ...] [--sim]
+    python tools/bench/fillcg.py [--corpus small-few,dns] [--packets 100000] [--tree WORKTREE ...] [--sim] [--hotloop N]
 
 For each corpus shape (its --quick capture, the first --packets packets) and each tree (a work tree: its engine/
 and shm/ Lua modules are loaded; default this one), a child process under
@@ -122,6 +122,9 @@ def child(lib: str, part: str, shape: str, limit: int) -> None:
     from luaprobe.engine.capture.pcapfile import open_capture
     from luaprobe.shm.luajit import new_runtime
     lua = new_runtime()
+    hot = int(os.environ.get("FILLCG_HOTLOOP", "0"))
+    if hot > 0:
+        lua.execute(f"jit.opt.start('hotloop={hot}')")
     with open_capture(corpus.make(shape, True)) as cap:
         n = lua.execute(BENCH, lib.encode(), cap.address, cap.size, limit, part.encode())
     print(f"packets {n}")
@@ -166,8 +169,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tree", action="append", help="work tree whose engine/ and shm/ are measured (repeatable)")
     ap.add_argument("--parts", default="fill,walk")
     ap.add_argument("--sim", action="store_true", help="also simulate caches and branches (D1mr, D1mw, Bcm)")
+    ap.add_argument("--hotloop", type=int, default=0,
+                    help="LuaJIT's hotloop parameter (default: LuaJIT's 56): another value records each loop's trace "
+                         "on another packet, as another process's hot counters and penalties would")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.hotloop > 0:
+        os.environ["FILLCG_HOTLOOP"] = str(a.hotloop)
     if a.child:
         use_tree(a.child[4])
         child(a.child[0], a.child[1], a.child[2], int(a.child[3]))
