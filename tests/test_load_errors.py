@@ -14,6 +14,7 @@ import pytest
 from lupa import luajit21
 
 from luaprobe.engine.plugins.errors import load_error
+from luaprobe.shm.exits import EXIT_PLUGIN
 from tests import helpers
 
 SAMPLE = os.path.join(helpers.REPO, "engine", "examples", "sample.pcap")
@@ -579,3 +580,26 @@ def test_sharded_start_with_only_unsupported_script_types_is_refused_as_one_fast
     log = (tmp_path / "s2" / "run" / "supervisor.log").read_text()
     assert log.count(line) == 1, log
     assert control.read_pid(str(tmp_path / "s2" / "run")) is None
+
+
+def test_start_whose_daemon_failed_on_its_plug_ins_and_exited_before_a_status_request_says_the_same(tmp_path, capsys):
+    """`luaprobe start` on a short input: the fast path reports its plug-in problem, finishes the input and the
+    supervisor exits (failed, exit 4) before start's first status request gets an answer (seen in CI under load:
+    "luaprobe start: plug-in problem: ...", then "<log> ends with:" and the log's tail instead of the two lines of
+    the case where the request wins).  Both orders now give the same lines and exit 4.  The real wait
+    (supervisor._wait_loaded) with a supervisor process that has exited 4 and the state file it left (the fields
+    the supervisor's status() writes: state, last_error, last_exit_code, loaded, plugin_problems)."""
+    from luaprobe.engine.daemon import control, supervisor
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    problem = "/plugins/p.lua:3: unexpected symbol near '='"
+    control.write_json(control.path(str(run_dir), control.STATE), {
+        "state": "failed: plug-in or usage error (exit status 4)", "last_error": f"plug-in problem: {problem}",
+        "last_exit_code": EXIT_PLUGIN, "loaded": True, "plugin_problems": [problem]})
+    p = subprocess.Popen([sys.executable, "-c", "raise SystemExit(4)"])
+    p.wait()
+    rc = supervisor._wait_loaded(str(run_dir), p, timeout=5)
+    log_path = control.path(str(run_dir), control.LOG)
+    assert (rc, capsys.readouterr().err.splitlines()) == (EXIT_PLUGIN, [
+        f"luaprobe start: plug-in problem: {problem}",
+        f"luaprobe start: not started: fix the problem and start again (log {log_path})"])

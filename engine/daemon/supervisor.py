@@ -1389,6 +1389,13 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
                 print(f"luaprobe start: {_stopped_while_loading(by, p)}; nothing runs now (start it again; log "
                       f"{log_path})", file=sys.stderr)
                 return EXIT_INTERNAL
+            problems = [x for x in st.get("plugin_problems", []) if "not supported" not in x]
+            if problems:                          # its plug-ins failed to load and it is gone already (a short input
+                for x in problems:                # ended before a status request saw it): the lines below, as then
+                    print(f"luaprobe start: plug-in problem: {one_line(x)}", file=sys.stderr)
+                print(f"luaprobe start: not started: fix the problem and start again (log {log_path})",
+                      file=sys.stderr)
+                return EXIT_PLUGIN
             err = st.get("last_error") or f"the supervisor exited ({describe_exit(p.returncode)})"
             print(f"luaprobe start: {err}\n{log_path} ends with:\n{_log_tail(run_dir)}", file=sys.stderr)
             return st.get("last_exit_code") or EXIT_INTERNAL
