@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -303,3 +304,24 @@ local function udp_flow(d, i)
   d.sport, d.dport = 1024 + i, 53
 end
 """
+
+
+class Ipv4Pcap:
+    """An Ethernet / IPv4 capture built in memory (microsecond pcap, link type 1): `frame(src, dst, proto, l4)`
+    appends one frame (4-byte addresses, IP protocol number, the L4 header and payload; padded to Ethernet's 60
+    bytes), `step_us` microseconds after the previous one, the first at 1 s + step_us; `write(path)` writes the file."""
+
+    def __init__(self, step_us: int):
+        self.step, self.t = step_us, 1_000_000
+        self.out = [struct.pack("<IHHiIII", 0xa1b2c3d4, 2, 4, 0, 0, 65535, 1)]
+
+    def frame(self, src: bytes, dst: bytes, proto: int, l4: bytes) -> None:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0, 64, proto, 0, src, dst)
+        fr = b"\x00\x01\x02\x03\x04\x05\x00\x01\x02\x03\x04\x06\x08\x00" + ip + l4
+        fr += b"\x00" * max(0, 60 - len(fr))
+        self.t += self.step
+        self.out.append(struct.pack("<IIII", self.t // 1_000_000, self.t % 1_000_000, len(fr), len(fr)) + fr)
+
+    def write(self, path) -> None:
+        with open(path, "wb") as f:
+            f.write(b"".join(self.out))

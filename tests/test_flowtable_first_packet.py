@@ -25,6 +25,7 @@ import struct
 import pytest
 
 from luaprobe.shm.luajit import new_runtime
+from tests import helpers
 from tests.helpers import PCAPS
 from tools.bench.flowtable_ab import read_pcap
 
@@ -113,15 +114,8 @@ def _first_packets_capture(path: str) -> None:
     server, with 0 or 20 bytes of payload; then a SYN retry, a handshake, data both ways, a retransmission and, for
     every third flow, a SYN with a new sequence number (port reuse).  Then flows of a lone SYN or of one handshake
     (SYN, SYN-ACK, ACK, FIN with data).  Plus UDP and ICMP flows of one and two packets."""
-    out = [struct.pack("<IHHiIII", 0xa1b2c3d4, 2, 4, 0, 0, 65535, 1)]
-    t = [1_000_000]
-
-    def frame(src, dst, proto, l4):
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0, 64, proto, 0, src, dst)
-        fr = b"\x00\x01\x02\x03\x04\x05\x00\x01\x02\x03\x04\x06\x08\x00" + ip + l4
-        fr += b"\x00" * max(0, 60 - len(fr))
-        t[0] += 137
-        out.append(struct.pack("<IIII", t[0] // 1_000_000, t[0] % 1_000_000, len(fr), len(fr)) + fr)
+    cap = helpers.Ipv4Pcap(137)
+    frame = cap.frame
 
     def tcp(i, srv, flags, seq, pl):
         c, s = bytes([10, 9, 0, i]), bytes([192, 0, 2, 1])
@@ -155,8 +149,7 @@ def _first_packets_capture(path: str) -> None:
             frame(bytes([192, 0, 2, 53]), bytes([10, 8, 0, i]), 17,
                   struct.pack("!HHHH", 53, 3000 + i, 8 + 5, 0) + b"a" * 5)
         frame(bytes([10, 7, 0, i]), bytes([192, 0, 2, 9]), 1, struct.pack("!BBHHH", 8, 0, 0, i, 1) + b"p" * 8)
-    with open(path, "wb") as f:
-        f.write(b"".join(out))
+    cap.write(path)
 
 
 @pytest.fixture(scope="module")

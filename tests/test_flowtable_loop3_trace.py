@@ -24,6 +24,7 @@ import struct
 import pytest
 
 from luaprobe.shm.luajit import package_dirs
+from tests import helpers
 from tools.bench import fillir
 
 
@@ -32,16 +33,9 @@ def _bursty_capture(path: str, groups: int = 40, per: int = 16, rounds: int = 6,
     and last ACKs in a row, then `rounds` rounds of one 20-byte segment per connection in alternating directions,
     `udp_per` UDP datagrams (10.2.g.i:3000+i -> 192.0.2.53:53) a segment (1/3: one after every third) and every 7th
     segment sent twice (a retransmission)."""
-    out = [struct.pack("<IHHiIII", 0xa1b2c3d4, 2, 4, 0, 0, 65535, 1)]
-    t = [1_000_000]
+    cap = helpers.Ipv4Pcap(7)
+    frame = cap.frame
     nxt = {}
-
-    def frame(src, dst, proto, l4):
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0, 64, proto, 0, src, dst)
-        f = b"\x00\x01\x02\x03\x04\x05\x00\x01\x02\x03\x04\x06\x08\x00" + ip + l4
-        f += b"\x00" * max(0, 60 - len(f))
-        t[0] += 7
-        out.append(struct.pack("<IIII", t[0] // 1_000_000, t[0] % 1_000_000, len(f), len(f)) + f)
 
     def tcp(g, i, srv, flags, pl, again=False):
         c, s = bytes([10, 1, g, i]), bytes([192, 0, 2, 1])
@@ -76,8 +70,7 @@ def _bursty_capture(path: str, groups: int = 40, per: int = 16, rounds: int = 6,
                     tcp(g, i, srv, 0x18 if srv else 0x10, 20, again=True)
                 for _ in range(int(n * udp_per) - int((n - 1) * udp_per)):
                     udp(g, i)
-    with open(path, "wb") as f:
-        f.write(b"".join(out))
+    cap.write(path)
 
 
 def _loop3_line() -> str:
