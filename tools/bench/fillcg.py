@@ -2,6 +2,7 @@
 callgrind (issue 10).
 
     python tools/bench/fillcg.py [--corpus small-few,dns] [--packets 100000] [--tree WORKTREE ...] [--sim] [--hotloop N]
+        [--traces K]
 
 For each corpus shape (its --quick capture, the first --packets packets) and each tree (a work tree: its engine/
 and shm/ Lua modules are loaded; default this one), a child process under
@@ -14,6 +15,18 @@ hook, stages.lua's walk), once to warm up and once counted.  Printed: instructio
 --sim also callgrind's simulated L1 read / write misses and mispredicted conditional branches).  Counts, not time:
 repeatable on a loaded machine (a few instructions a packet between processes, as LuaJIT picks its traces).  A small
 C library built here with cc from valgrind/callgrind.h toggles the collection.  Needs valgrind and its headers.
+
+``--traces K``: each process also runs tools/bench/jittraces.py's hook (as tools/bench/flowtable_cg.py --traces) and
+prints its K costliest traces in the counted pass (Ir a packet in each one's pre-loop part and loop; source file and
+start line, parent trace / exit, link), the Ir outside trace code and the aborted recordings of both passes (pass 1:
+the compiling pass) with LuaJIT's error numbers; a trace compiled in the counted pass is marked ``*`` (its recording
+and assembly are in the count, outside trace code: side traces of exits that only a batch's last packet takes, 2-4 a
+process, ~3-7 Ir a packet each with 50 000 packets); a root trace of driver.lua gets ``at packet_K_(IPv6/6)``: the
+capture's packet (from 1) at the ring cursor when the recording began, the one whose decode path it recorded, with
+its IP version and protocol (ethertype and byte 23 / 20 of an Ethernet frame; ``lt1/8100`` and the like otherwise).
+Environment: FILLCG_TEXIT=1 also counts the counted pass's exits to the interpreter; FILLCG_LINES=PATTERN logs the
+lines each trace recorded in sources matching the Lua pattern (e.g. ``decode``; a ``record`` hook, more Ir outside
+trace code); FILLCG_KEEP=DIR keeps the callgrind output and the trace log in DIR.
 """
 from __future__ import annotations
 
@@ -27,6 +40,8 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
+
+from tools.bench import jittraces  # noqa: E402
 
 LIB = r"""
 #include <valgrind/callgrind.h>
@@ -80,11 +95,18 @@ local base = tonumber(ffi.cast("intptr_t", mem))
 base = base + (64 - base % 64) % 64
 local prod = ring.format(base, cap, true)
 r = pcapfile.open(addr, size)
+local paddr, pkind = {}, {}   -- --traces: each record's address and its packet's kind (TRACE_WHERE)
 for _ = 1, limit do
   local ptr, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = r:next()
   if ptr == nil then break end
   local p = prod:reserve(REC + caplen)
   assert(p ~= nil, "ring full")
+  if TRACES then
+    paddr[#paddr + 1] = tonumber(ffi.cast("intptr_t", p))
+    local et = caplen >= 24 and linktype == 1 and ptr[12] * 256 + ptr[13] or -1
+    pkind[#pkind + 1] = et == 0x0800 and "IPv4/" .. ptr[23] or et == 0x86dd and "IPv6/" .. ptr[20]
+      or ("lt%d/%x"):format(linktype, et)
+  end
   local h = ffi.cast(recp, p)
   h.kind, h.ts_sec, h.ts_nsec, h.wirelen, h.caplen = PKT, ts_sec, ts_nsec, wirelen, caplen
   h.linktype, h.ifindex = linktype, ifindex
@@ -94,6 +116,21 @@ end
 prod:publish()
 local drv = driver.new({ ring = base, batch = packet.BATCH, capacity = 65536 })
 drv.ft.update_batch = function() end
+if TRACES then
+  -- a root trace of driver.lua starts at the top of the fill loop: the ring cursor is at the packet it records
+  -- first; printed "packet K (IPv6/6)": K from 1 in capture order, then the ethertype's IP version and protocol
+  function TRACE_WHERE(fi)
+    if not (fi.source or ""):find("driver") then return nil end
+    local q = tonumber(ffi.cast("intptr_t", drv.ring.cur.q))
+    local lo, hi = 1, #paddr
+    if hi == 0 or paddr[1] > q + 16 then return nil end
+    while lo < hi do
+      local mid = math.floor((lo + hi + 1) / 2)
+      if paddr[mid] <= q + 16 then lo = mid else hi = mid - 1 end
+    end
+    return ("packet_%d_(%s)"):format(lo, pkind[lo])
+  end
+end
 local dr = drv.ring
 local head0, popped0 = dr.head_local, dr.popped_local
 local function pass()
@@ -108,6 +145,7 @@ end
 pass()
 dr.head_local, dr.popped_local, dr.tail_cache = head0, popped0, head0
 drv.sec = -1
+COLLECT = true
 cg.cg_toggle()
 local n = pass()
 cg.cg_toggle()
@@ -125,9 +163,14 @@ def child(lib: str, part: str, shape: str, limit: int) -> None:
     hot = int(os.environ.get("FILLCG_HOTLOOP", "0"))
     if hot > 0:
         lua.execute(f"jit.opt.start('hotloop={hot}')")
+    tlog = os.environ.get("FILLCG_TRACES")
+    if tlog:
+        jittraces.install(lua, bool(os.environ.get("FILLCG_TEXIT")), os.environ.get("FILLCG_LINES"))
     with open_capture(corpus.make(shape, True)) as cap:
         n = lua.execute(BENCH, lib.encode(), cap.address, cap.size, limit, part.encode())
     print(f"packets {n}")
+    if tlog:
+        jittraces.write_log(lua, tlog)
 
 
 def use_tree(tree: str) -> None:
@@ -146,20 +189,29 @@ def use_tree(tree: str) -> None:
 EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw", "Bc", "Bcm", "Bi", "Bim")
 
 
-def measure(lib: str, work: str, tree: str, part: str, shape: str, limit: int, sim: bool = False) -> dict:
+def measure(lib: str, work: str, tree: str, part: str, shape: str, limit: int, sim: bool = False,
+            traces: int = 0) -> dict:
     """{event: count per packet} of `part` ("fill" or "walk") with `tree`'s modules: Ir, and with `sim` callgrind's
-    cache and branch simulation's events too (D1mr / D1mw L1 misses, Bcm mispredicted conditional branches)."""
+    cache and branch simulation's events too (D1mr / D1mw L1 misses, Bcm mispredicted conditional branches); with
+    `traces` > 0 also "traces": tools/bench/jittraces.py's report of that process (its `traces` costliest traces)."""
     out = os.path.join(work, f"cg.{part}.out")
+    tlog = os.path.join(work, f"traces.{part}")
     extra = ["--cache-sim=yes", "--branch-sim=yes"] if sim else []
+    if traces:
+        extra += jittraces.CALLGRIND_ARGS
+    env = dict(os.environ, FILLCG_TRACES=tlog) if traces else None
     p = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no", *extra,
                         f"--callgrind-out-file={out}", sys.executable, os.path.abspath(__file__),
-                        "--child", lib, part, shape, str(limit), tree], capture_output=True, text=True)
+                        "--child", lib, part, shape, str(limit), tree], capture_output=True, text=True, env=env)
     got = re.search(r"Collected : ([\d ]+)", p.stderr)
     npk = re.search(r"packets (\d+)", p.stdout)
     if p.returncode or not got or not npk:
         raise SystemExit(f"fillcg: {shape} {part}: exit {p.returncode}: {p.stderr[-800:]}")
     n = int(npk.group(1))
-    return {k: int(v) / n for k, v in zip(EVENTS if sim else ("Ir",), got.group(1).split())}
+    ev = {k: int(v) / n for k, v in zip(EVENTS if sim else ("Ir",), got.group(1).split())}
+    if traces:
+        ev["traces"] = f"{shape} {part}:\n" + jittraces.report(out, tlog, n, ev["Ir"] * n, traces)
+    return ev
 
 
 def main(argv=None) -> int:
@@ -172,6 +224,11 @@ def main(argv=None) -> int:
     ap.add_argument("--hotloop", type=int, default=0,
                     help="LuaJIT's hotloop parameter (default: LuaJIT's 56): another value records each loop's trace "
                          "on another packet, as another process's hot counters and penalties would")
+    ap.add_argument("--traces", type=int, default=0, metavar="K",
+                    help="also print, after each row, each part's process's K traces with the most Ir a packet "
+                         "(trace, source:start line, parent trace / exit of a side trace, link, Ir in the pre-loop "
+                         "part and the loop, the packet a root trace of driver.lua was recorded on), the Ir outside "
+                         "trace code and the aborted recordings (tools/bench/jittraces.py)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.hotloop > 0:
@@ -182,6 +239,8 @@ def main(argv=None) -> int:
         return 0
     trees = a.tree or [REPO]
     with tempfile.TemporaryDirectory() as work:
+        if os.environ.get("FILLCG_KEEP"):
+            work = os.environ["FILLCG_KEEP"]
         lib = os.path.join(work, "libcgtoggle.so")
         with open(os.path.join(work, "cg.c"), "w") as f:
             f.write(LIB)
@@ -192,8 +251,11 @@ def main(argv=None) -> int:
         print("|---|---|" + "---:|" * (len(parts) * len(show)))
         for shape in a.corpus.split(","):
             for tree in trees:
-                ev = [measure(lib, work, tree, part, shape, a.packets, a.sim) for part in parts]
+                ev = [measure(lib, work, tree, part, shape, a.packets, a.sim, a.traces) for part in parts]
                 print(f"| {shape} | {tree} | " + " | ".join(f"{x[e]:.2f}" for x in ev for e in show) + " |", flush=True)
+                for x in ev:
+                    if "traces" in x:
+                        print(x["traces"], flush=True)
     return 0
 
 

@@ -19,9 +19,10 @@ each loop's trace on another packet: which packet that is otherwise differs betw
 random penalty bits), so a form whose count moves with N is not the same in every process.
 
 ``--traces K`` also lists, for each part's process, the K traces with the most Ir (callgrind ``--dump-instr=yes`` and
-a ``jit.attach`` hook logging each trace's machine-code range, start line, parent trace and exit, link): Ir a packet
-in each trace's pre-loop part and loop, Ir outside trace code (interpreter, recorder, exit handling), and the aborted
-recordings of both passes (count, pass, start line, parent / exit, LuaJIT error number).  Start lines are those of
+tools/bench/jittraces.py's ``jit.attach`` hook logging each trace's machine-code range, start line, parent trace and
+exit, link): Ir a packet in each trace's pre-loop part and loop, Ir outside trace code (interpreter, recorder, exit
+handling), and the aborted recordings of both passes (count, pass, start line, parent / exit, LuaJIT error number).
+Start lines are those of
 flowtable.lua with flowtable_loops.py's marks inserted (after the first mark, one to three more than in the file).
 The hook adds up to a few Ir a packet (http, branch loop3-known-runs: 344.2-349.8 in 52 processes with it,
 342.9-345.3 in 7 without).  Environment: FLOWTABLE_CG_KEEP=DIR keeps the callgrind output and the trace log in DIR;
@@ -42,6 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 
+from tools.bench import jittraces  # noqa: E402
+
 PARTS = {"all": 0, "key": 1, "touch": 2, "probe": 3, "lru": 4, "reserve": 5, "new": 6, "loop3": 7, "prefault": 8,
          "decode": 9}
 EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw", "Bc", "Bcm", "Bi", "Bim")
@@ -51,100 +54,6 @@ LIB = r"""
 void cg_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }
 void cg_start(void) { CALLGRIND_START_INSTRUMENTATION; }
 """
-
-
-# --traces (in the child, FLOWTABLE_CG_TRACES=path): every trace's machine code range, start (line, parent trace and
-# exit), link and, with FLOWTABLE_CG_LINES, the flowtable.lua lines it recorded; the aborted recordings (and with
-# FLOWTABLE_CG_TEXIT the counted pass's exits to the interpreter) in path.aborts
-TRACE_HOOK = r"""
-local jutil = require "jit.util"
-TRACES = {}
-local cur = {}
-jit.attach(function(what, tr, func, pc, otr, oex)
-  if what == "start" then
-    local fi = jutil.funcinfo(func, pc)
-    cur[tr] = {line = fi.currentline or -1, src = fi.source or "?", parent = otr or 0, exit = oex or 0, lines = {},
-               seen = {}}
-  elseif what == "stop" then
-    local c = cur[tr]
-    local mc, addr, loop = jutil.tracemc(tr)
-    local ti = jutil.traceinfo(tr)
-    if c and mc then
-      TRACES[#TRACES + 1] = string.format("%d %s %d %d %d %d %d %d %d %s %s", tr, tostring(c.src):gsub("%s", "_"),
-        c.line, c.parent, c.exit, addr, #mc, loop or 0, ti.link, ti.linktype, table.concat(c.lines, ","))
-    end
-  elseif what == "abort" then
-    local c = cur[tr]
-    if c then
-      local k = string.format("pass %d: abort line %d parent %d/%d: %s", COLLECT and 2 or 1, c.line, c.parent, c.exit,
-                              tostring(otr))
-      ABORTS[k] = (ABORTS[k] or 0) + 1
-    end
-    cur[tr] = nil
-  end
-end, "trace")
-ABORTS = {}
-if os.getenv("FLOWTABLE_CG_TEXIT") then
-  jit.attach(function(tr, ex)
-    if COLLECT then local k = "exit " .. tr .. "/" .. ex; ABORTS[k] = (ABORTS[k] or 0) + 1 end
-  end, "texit")
-end
-function ABORT_LIST()
-  local t = {}
-  for k, v in pairs(ABORTS) do t[#t + 1] = v .. " " .. k end
-  table.sort(t)
-  return table.concat(t, "\n")
-end
-if os.getenv("FLOWTABLE_CG_LINES") then jit.attach(function(tr, func, pc, depth)
-  local c = cur[tr]
-  if not c then return end
-  local fi = jutil.funcinfo(func, pc)
-  local l = fi.currentline
-  if l and not c.seen[l] and (fi.source or ""):find("flowtable") then c.seen[l] = true; c.lines[#c.lines + 1] = l end
-end, "record") end
-"""
-
-
-def trace_costs(cgout: str, tlog: str) -> list:
-    """Ir of each trace's machine code (callgrind --dump-instr=yes --compress-pos=no output, the TRACE_HOOK log):
-    rows (trace, source, start line, parent, exit, link, linktype, Ir in the pre-loop part, Ir in the loop, lines);
-    Ir summed over the counted part (divide by the packet count for a packet's share)."""
-    import bisect
-    tr = []
-    for ln in open(tlog):
-        f = ln.split()
-        if len(f) < 10:
-            continue
-        tr.append((int(f[5]), int(f[6]), int(f[7]), f))
-    tr.sort()
-    starts = [t[0] for t in tr]
-    pre, body = [0] * len(tr), [0] * len(tr)
-    skip, col = False, 1
-    for ln in open(cgout):
-        if ln.startswith("positions:"):
-            col = len(ln.split()) - 1         # "instr line": the Ir column after both positions
-            continue
-        if skip:
-            skip = False
-            continue
-        if ln.startswith("calls="):
-            skip = True
-            continue
-        if not ln.startswith("0x"):
-            continue
-        f = ln.split()
-        a = int(f[0], 16)
-        i = bisect.bisect_right(starts, a) - 1
-        if i >= 0 and a < tr[i][0] + tr[i][1] and len(f) > col:
-            if tr[i][2] and a >= tr[i][0] + tr[i][2]:
-                body[i] += int(f[col])
-            else:
-                pre[i] += int(f[col])
-    rows = []
-    for i, (addr, size, loop, f) in enumerate(tr):
-        rows.append((int(f[0]), f[1], int(f[2]), int(f[3]), int(f[4]), int(f[8]), f[9], pre[i], body[i],
-                     f[10] if len(f) > 10 else ""))
-    return rows
 
 
 def child(lib: str, tree: str, part: int, shape: str, passes: int = 1, hotloop: int = 0) -> None:
@@ -179,17 +88,15 @@ def child(lib: str, tree: str, part: int, shape: str, passes: int = 1, hotloop: 
     lua.execute(f"PART = {part}")
     tlog = os.environ.get("FLOWTABLE_CG_TRACES")
     if tlog:
-        lua.execute(TRACE_HOOK)
+        jittraces.install(lua, bool(os.environ.get("FLOWTABLE_CG_TEXIT")),
+                          "flowtable" if os.environ.get("FLOWTABLE_CG_LINES") else None)
     pkts, linktype = read_pcap(corpus.make(shape, True))
     frames = b"".join(p[2] for p in pkts)
     fn(frames, lua.table_from([len(p[2]) for p in pkts]), lua.table_from([p[0] for p in pkts]),
        lua.table_from([p[1] for p in pkts]), 1 << 20, linktype, passes, False, 16384)
     print(f"packets {len(pkts)}")
     if tlog:
-        with open(tlog, "wb") as f:
-            f.write(lua.eval("table.concat(TRACES, '\\n')"))
-        with open(tlog + ".aborts", "wb") as f:
-            f.write(lua.eval("ABORT_LIST()"))
+        jittraces.write_log(lua, tlog)
 
 
 def main(argv=None) -> int:
@@ -228,7 +135,7 @@ def main(argv=None) -> int:
             out = os.path.join(work, f"cg.{name}.out")
             tlog = os.path.join(work, f"traces.{name}")
             env = dict(os.environ, FLOWTABLE_CG_TRACES=tlog) if a.traces else None
-            extra = ["--dump-instr=yes", "--compress-pos=no"] if a.traces else []
+            extra = list(jittraces.CALLGRIND_ARGS) if a.traces else []
             p = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no", *extra,
                                 "--cache-sim=yes", "--branch-sim=yes", f"--LL={a.ll}", f"--callgrind-out-file={out}",
                                 sys.executable, os.path.abspath(__file__), "--tree", a.tree, "--hotloop", str(a.hotloop),
@@ -243,18 +150,7 @@ def main(argv=None) -> int:
             print(f"{name:8} " + " ".join(f"{k} {ev.get(k, 0) / n:.2f}" for k in SHOW), flush=True)   # a part that
             # never ran (no event collected) prints zeros
             if a.traces:
-                rows = sorted(trace_costs(out, tlog), key=lambda r: -(r[7] + r[8]))
-                jit = sum(r[7] + r[8] for r in rows)
-                print(f"  traces: {len(rows)}, Ir a packet in trace code {jit / n:.2f}, elsewhere (interpreter, "
-                      f"recorder, exit handling) {ev.get('Ir', 0) / n - jit / n:.2f}; aborted recordings (count, "
-                      f"pass, start line, parent trace / exit, LuaJIT error: 8 leaving loop in root trace, 9 inner "
-                      f"loop in root trace, 10 loop unroll limit):")
-                for ln in sorted(open(tlog + ".aborts").read().splitlines(), key=lambda x: -int(x.split()[0]))[:16]:
-                    print(f"    {ln}")
-                for r in rows[:a.traces]:
-                    start = f"line {r[2]}" + (f" (side of {r[3]}/{r[4]})" if r[3] else "")
-                    print(f"  #{r[0]:<4} {start:26} -> {r[5]} {r[6]:8} Ir pre {r[7] / n:7.2f} loop {r[8] / n:7.2f}"
-                          + (f"  lines {r[9][:160]}" if r[9] else ""))
+                print(jittraces.report(out, tlog, n, ev.get("Ir", 0), a.traces), flush=True)
     return 0
 
 
