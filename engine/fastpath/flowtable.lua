@@ -1193,6 +1193,14 @@ local function tcp_state(flows, idx, dir, pl, fl, seq, t)
   return tcp_track(flows, idx, dir, pl, seq, fl, band(rshift(nx, 8), t), t)
 end
 
+-- A TCP segment's (or any packet with TCP flags: tf >= 0 or flags set) state of flow idx: tcp_state and, when it
+-- changes the flow's cold record (a retransmission, the handshake's last ACK), tcp_rare.  update() and known_packet;
+-- loop 3's for loop calls tcp_state itself (it stops at a nonzero result)
+local function tcp_segment(flows, cold, idx, dir, pl, fl, seq, tf, sec, nsec)
+  local rh = tcp_state(flows, idx, dir, pl, fl, seq, band(rshift(bnot(tf), 31), 1))
+  if rh ~= 0 then tcp_rare(cold, idx, dir, band(rh, 1), rshift(rh, 1), sec, nsec) end
+end
+
 -- The first packet of flow idx, just created by new_flow (update_batch, a batch whose every packet created its flow):
 -- what loop 3 would do for it, written from the record's known state (zero, state INIT, last_ts = its time, lsec =
 -- its second).  Loop 3's idle check (last_ts is ts), port-reuse check (nothing was sent yet: tcp_dirs 0) and LRU move
@@ -1300,11 +1308,8 @@ function FT:update(d, ts, wirelen)
              self.capacity + 1)
   end
   if bor(d.tcp_flags, 1 + tf) ~= 0 then
-    local rh = tcp_state(self.flows, idx, kf.dir, d.payload_length, d.tcp_flags, d.tcp_seq,
-                         band(rshift(bnot(tf), 31), 1))
-    if rh ~= 0 then
-      tcp_rare(self.cold, idx, kf.dir, band(rh, 1), rshift(rh, 1), sec, math.floor((ts - sec) * 1e9 + 0.5))
-    end
+    tcp_segment(self.flows, self.cold, idx, kf.dir, d.payload_length, d.tcp_flags, d.tcp_seq, tf, sec,
+                math.floor((ts - sec) * 1e9 + 0.5))
   end
   lru_touch(self.lc, self.flows, self.lru, idx, sec, self.capacity)
   return idx, kf.dir, is_new
@@ -1332,8 +1337,7 @@ local function known_packet(self, flows, cold, lc, lru, b, k, idle, sen)
   local sec, nsec, pl, dir = p.ts_sec, p.ts_nsec, d.payload_length, p.dir
   p.flow_uid = account(flows, idx, dir, ts, p.wirelen, pl)
   if bor(d.tcp_flags, 1 + tf) ~= 0 then
-    local rh = tcp_state(flows, idx, dir, pl, d.tcp_flags, d.tcp_seq, band(rshift(bnot(tf), 31), 1))
-    if rh ~= 0 then tcp_rare(cold, idx, dir, band(rh, 1), rshift(rh, 1), sec, nsec) end
+    tcp_segment(flows, cold, idx, dir, pl, d.tcp_flags, d.tcp_seq, tf, sec, nsec)
   end
   lru_touch(lc, flows, lru, idx, sec, sen)
 end
@@ -1380,8 +1384,7 @@ local function known_runs(self, b, n, k, flows, cold, lc, lru, idle, sen)
   else
     known_packet(self, flows, cold, lc, lru, b, stop, idle, sen)
   end
-  k = stop + 1
-  return known_runs(self, b, n, k, flows, cold, lc, lru, idle, sen)
+  return known_runs(self, b, n, stop + 1, flows, cold, lc, lru, idle, sen)
 end
 
 -- Loop 3's root trace recorded on common packets, once per VM, at the first update_batch (prime_known_runs: a batch
