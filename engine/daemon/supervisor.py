@@ -1389,12 +1389,10 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
                 print(f"luaprobe start: {_stopped_while_loading(by, p)}; nothing runs now (start it again; log "
                       f"{log_path})", file=sys.stderr)
                 return EXIT_INTERNAL
-            problems = [x for x in st.get("plugin_problems", []) if "not supported" not in x]
+            problems = _load_problems(st)
             if problems:                          # its plug-ins failed to load and it is gone already (a short input
-                for x in problems:                # ended before a status request saw it): the lines below, as then
-                    print(f"luaprobe start: plug-in problem: {one_line(x)}", file=sys.stderr)
-                print(f"luaprobe start: not started: fix the problem and start again (log {log_path})",
-                      file=sys.stderr)
+                _say_problems(problems, None)     # ended before a status request saw it)
+                _say_not_started(None, log_path)
                 return EXIT_PLUGIN
             err = st.get("last_error") or f"the supervisor exited ({describe_exit(p.returncode)})"
             print(f"luaprobe start: {err}\n{log_path} ends with:\n{_log_tail(run_dir)}", file=sys.stderr)
@@ -1414,19 +1412,15 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
             time.sleep(0.05)
             continue
         if st.get("loaded") or st["state"].startswith(("stopped", "failed")):
-            problems = [x for x in st.get("plugin_problems", []) if "not supported" not in x]
+            problems = _load_problems(st)
             if not problems and not st["state"].startswith("failed"):
                 stop_signals_decided()        # said "started" with the daemon running: a stop signal now is moot
                 print(f"started: supervisor pid {st['supervisor_pid']}, fast path pid {st['fastpath_pid']}, "
                       f"run dir {run_dir}, log {log_path}")
                 return EXIT_OK
-            for x in problems:
-                print(f"luaprobe start: plug-in problem: {one_line(x)}", file=sys.stderr)
-            if st["state"].startswith("failed"):
-                print(f"luaprobe start: {one_line(st.get('last_error') or st['state'])}", file=sys.stderr)
-            still = _stop_quietly(run_dir, p, stop_deadline)
-            print(f"luaprobe start: {still}" if still else
-                  f"luaprobe start: not started: fix the problem and start again (log {log_path})", file=sys.stderr)
+            failed = st["state"].startswith("failed")
+            _say_problems(problems, (st.get("last_error") or st["state"]) if failed else None)
+            _say_not_started(_stop_quietly(run_dir, p, stop_deadline), log_path)
             return EXIT_PLUGIN if problems else (st.get("last_exit_code") or EXIT_INTERNAL)
         time.sleep(0.05)
     if stopping is not None:
@@ -1436,6 +1430,27 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
     print(f"luaprobe start: the fast path did not finish loading its plug-ins within {timeout:g} s "
           f"(it keeps running; see luaprobe status, {log_path})", file=sys.stderr)
     return EXIT_INTERNAL
+
+
+def _load_problems(st: dict) -> list[str]:
+    """The plug-in problems a status or state file reports that refuse a start (a "not supported" one does not)."""
+    return [x for x in st.get("plugin_problems", []) if "not supported" not in x]
+
+
+def _say_problems(problems: list[str], failed: str | None) -> None:
+    """`start`'s first lines for a daemon that did not start: each plug-in problem, then the failed state's error
+    when there is one."""
+    for x in problems:
+        print(f"luaprobe start: plug-in problem: {one_line(x)}", file=sys.stderr)
+    if failed:
+        print(f"luaprobe start: {one_line(failed)}", file=sys.stderr)
+
+
+def _say_not_started(still: str | None, log_path: str) -> None:
+    """`start`'s last line for a daemon that did not start: `still` (it would not stop: _stop_quietly's line) or
+    "not started: fix the problem ..."."""
+    print(f"luaprobe start: {still}" if still else
+          f"luaprobe start: not started: fix the problem and start again (log {log_path})", file=sys.stderr)
 
 
 def _stopped_while_loading(by: str, p: subprocess.Popen) -> str:
