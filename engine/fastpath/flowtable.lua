@@ -1453,7 +1453,7 @@ prime_known_runs = function(like, udp)
     if srv == 1 then sp, dp, a, z = dp, sp, 4, 0 end
     for i = 0, 11 do q[i] = i end                        -- MAC addresses
     q[12], q[13] = 0x08, 0x00                            -- IPv4
-    q[14], q[16], q[17], q[22], q[23] = 0x45, 0, 60 - 14, 64, 6    -- version / IHL, total length, TTL, TCP
+    q[14], q[16], q[17], q[22], q[23] = 0x45, 0, 20 + 20 + 10, 64, 6   -- version / IHL, total length, TTL, TCP
     for i = 0, 3 do q[26 + i], q[30 + i] = ip[1 + a + i], ip[1 + z + i] end
     q[34], q[35], q[36], q[37] = rshift(sp, 8), band(sp, 255), rshift(dp, 8), band(dp, 255)
     if udp then
