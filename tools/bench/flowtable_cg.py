@@ -24,8 +24,8 @@ exit, link): Ir a packet in each trace's pre-loop part and loop, Ir outside trac
 handling), and the aborted recordings of both passes (count, pass, start line, parent / exit, LuaJIT error number).
 Start lines are those of
 flowtable.lua with flowtable_loops.py's marks inserted (after the first mark, one to three more than in the file).
-The hook adds up to a few Ir a packet (http, branch loop3-known-runs: 344.2-349.8 in 52 processes with it,
-342.9-345.3 in 7 without).  Environment: FLOWTABLE_CG_KEEP=DIR keeps the callgrind output and the trace log in DIR;
+The hook adds up to a few Ir a packet (http, session 21's known_runs with a repeat loop: 344.2-349.8 in 52 processes
+with it, 342.9-345.3 in 7 without).  Environment: FLOWTABLE_CG_KEEP=DIR keeps the callgrind output and the trace log in DIR;
 FLOWTABLE_CG_TEXIT=1 also counts the counted pass's exits to the interpreter (exits without a side trace);
 FLOWTABLE_CG_LINES=1 logs the lines each trace recorded (a ``record`` hook: ~45 Ir a packet more outside trace code
 on http).  Needs valgrind and its headers (Debian: valgrind).
