@@ -138,10 +138,11 @@ function Host:crash_line(key)
 end
 
 --- Call TrisulPlugin[sub][name](...) (or TrisulPlugin[name] when sub is nil).
---- Returns ok, result.  Errors are counted per hook and logged.  The call that makes BUDGET_STRIKES cut calls in a
---- row (budget_strike) calls `self.on_disable(line)` (set by engine/fastpath/run.py: the instance is disabled, its
---- line logged) before it returns; from then on no hook of this instance is called here.
-function Host:call(sub, name, ...)
+--- Returns ok, result and the hook's second result (Host:call: ok, result).  Errors are counted per hook and logged.
+--- The call that makes BUDGET_STRIKES cut calls in a row (budget_strike) calls `self.on_disable(line)` (set by
+--- engine/fastpath/run.py: the instance is disabled, its line logged) before it returns; from then on no hook of
+--- this instance is called here.
+function Host:call3(sub, name, ...)
   if self.memory_exceeded or self.budget_exceeded then return true, nil end   -- disabled: memory limit, budget
   local t = sub and self.plugin[sub] or self.plugin
   local fn = t and t[name]
@@ -151,7 +152,10 @@ function Host:call(sub, name, ...)
   local wd = self.watchdog
   if wd then wd.arm(self.budget, self.budget_msg, PKGROOT) end
   local cw = CRASH and CRASH.crash_enter(self:crash_line(key))      -- a fault in the hook names this plug-in
-  local ok, res = xpcall(fn, traceback, ...)
+  -- res2: a hook's second result, which one hook has: cg_monitor.onflushfilter's overrides (engine/plugins/monitor.lua
+  -- cg_filter calls call3).  Before, only ok, res came back, so the overrides Trisul documents never reached the
+  -- stored row [test_monitors.py]
+  local ok, res, res2 = xpcall(fn, traceback, ...)
   if cw then CRASH.crash_leave() end
   if wd then self:count_budget(wd.disarm()) end
   if not ok then
@@ -166,6 +170,13 @@ function Host:call(sub, name, ...)
   end
   if self.async.backlog > 0 then self.async:flush() end    -- tasks it scheduled go out now
   if self.engine.own_pending and not self.delivering then self:deliver_own() end
+  return ok, res, res2
+end
+
+--- Host:call3 with ok and the hook's first result only: what every caller but cg_filter wants (the Python side
+--- unpacks two values: vm.call)
+function Host:call(sub, name, ...)
+  local ok, res = self:call3(sub, name, ...)
   return ok, res
 end
 
