@@ -365,3 +365,36 @@ def test_cg_monitor_onflushfilter_overrides_reach_the_stored_row(tmp_path):
     assert got == [(b, "nan", 0, frames), (b, "nan", 1, nbytes), (b, "text", 0, frames), (b, "text", 1, 5),
                    (b, "times10", 0, 10 * nbytes), (b, "times10", 1, nbytes)], got
 
+
+CG_30 = r'''
+TrisulPlugin = { id = { name = "thirty" },
+  countergroup = { control = { guid = "{7A11E5C0-0000-4000-8000-0000000000D7}", name = "Thirty", bucketsize = 30 },
+    meters = { { 0, T.K.vartype.COUNTER, 10, 0, "packets", "p", "p" } } },
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(engine, layer) engine:update_counter("{7A11E5C0-0000-4000-8000-0000000000D7}", "all", 0, 1) end } }
+'''
+
+CG_30_WATCH = r'''
+TrisulPlugin = { id = { name = "watch" },
+  cg_monitor = { counter_guid = "{7A11E5C0-0000-4000-8000-0000000000D7}",
+    onflush = function(engine, ts, key, metrics)
+      if key == "all" then
+        local f = io.open("@OUT@/flush-" .. engine:instanceid(), "a")
+        f:write(("%d %d %d\n"):format(ts, engine:timestamp(), metrics[1])); f:close()
+      end
+    end } }
+'''
+
+
+def test_cg_monitor_ts_is_the_end_of_the_groups_own_bucket(tmp_path):
+    """cg_monitor hooks get `ts`, the bucket's end (docs/plugins.md).  Found by a hostile pass (2026-12-02): ts was the
+    bucket start + 60 for every group, so a group of 30 s buckets (tls-version-count's tlsversions.lua declares one)
+    got the next bucket's end.  Truth: tshark's frame times bucketed by 30 s, each bucket's frame count."""
+    name = "trisul-tutorial.pcap"
+    times = subprocess.run(["tshark", "-r", pcap(name), "-T", "fields", "-e", "frame.time_epoch"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    per_bucket = collections.Counter(int(float(t)) // 30 * 30 for t in times)
+    assert len(per_bucket) >= 2
+    run(tmp_path, {"thirty.lua": CG_30, "watch.lua": CG_30_WATCH}, [name])
+    got = sorted(tuple(int(x) for x in ln.split()) for ln in lines(tmp_path, "flush-"))
+    assert got == [(b + 30, b + 30, n) for b, n in sorted(per_bucket.items())], got

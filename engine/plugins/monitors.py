@@ -212,9 +212,12 @@ class Monitors:
         nmeters = max([m for b in buckets.values() for k in b.values() for m in k] + [0]) + 1
         meters = (groups.get(guid) or {}).get("meters") or []
         topn = {int(m["id"]): int(m.get("topn") or 10) for m in meters if isinstance(m, dict)}
+        # the group's bucket size, as the engine buckets it (engine/plugins/engine.lua open_bucket: 60 for a group
+        # not declared); before, ts was b + 60 for every group, so a 30 s group's hooks got the next bucket's end
+        bucketsize = (groups.get(guid) or {}).get("bucketsize") or 60
         for b in sorted(buckets):
             keys = buckets[b]
-            ts = b + 60
+            ts = b + bucketsize
             shard = collections.defaultdict(list)
             for key in sorted(keys):
                 shard[zlib.crc32(key.encode()) % self.n].append(key)
