@@ -239,12 +239,14 @@ local function meter_row(row, i)
   return m
 end
 
---- A problem description when control[field] is given but is not a number >= 1 (bucket sizes and counts: the
---- Python side takes them as whole seconds / entries, and 0 divided by zero), else nil.  name: the field's full
---- name, want: what it should be.
+--- A problem description when control[field] is given but is not a whole number >= 1 (bucket sizes and counts: the
+--- Python side takes them as whole seconds / entries, and 0 divided by zero; a bucket size of 2.5 made bucket
+--- times of .5 s that the store writer rejected at the end, exit 1, and inf a bucket of NaN), else nil.  name: the
+--- field's full name, want: what it should be.
 local function bad_number(control, field, name, want)
   local v = control[field]
-  if v == nil or (tonumber(v) or 0) >= 1 then return nil end
+  local n = tonumber(v) or 0
+  if v == nil or (n >= 1 and n % 1 == 0) then return nil end
   return ("%s is %s, not %s"):format(name, type(v) == "string" and ("%q"):format(v) or type(v) == "number"
     and tostring(v) or "a " .. type(v), want)
 end
@@ -260,7 +262,7 @@ function Host:countergroup()
   if cg.meters ~= nil and type(cg.meters) ~= "table" then
     return nil, ("countergroup.meters is a %s, not a table of meters"):format(type(cg.meters))
   end
-  local problem = bad_number(c, "bucketsize", "countergroup.control.bucketsize", "a number of seconds >= 1")
+  local problem = bad_number(c, "bucketsize", "countergroup.control.bucketsize", "a whole number of seconds >= 1")
   if problem then return nil, problem end
   local meters = {}
   for i, row in ipairs(cg.meters or {}) do
@@ -302,8 +304,8 @@ function Host:flowtracker_control()
   if type(ft) ~= "table" then return nil end
   local c = type(ft.control) == "table" and ft.control or {}
   if type(ft.getmetric) ~= "function" then return nil, "flowtracker.getmetric is not a function" end
-  local problem = bad_number(c, "bucketsize", "flowtracker.control.bucketsize", "a number of seconds >= 1")
-    or bad_number(c, "count", "flowtracker.control.count", "a number of flows >= 1")
+  local problem = bad_number(c, "bucketsize", "flowtracker.control.bucketsize", "a whole number of seconds >= 1")
+    or bad_number(c, "count", "flowtracker.control.count", "a whole number of flows >= 1")
   if problem then return nil, problem end
   return { name = tostring(c.name or (self.plugin.id and self.plugin.id.name) or self.path:match("[^/]*$")),
            bucketsize = tonumber(c.bucketsize) or 60, count = tonumber(c.count) or 10 }
