@@ -327,7 +327,7 @@ TrisulPlugin = { id = { name = "count" },
     meters = { { 0, T.K.vartype.COUNTER, 10, 0, "packets", "p", "p" }, { 1, T.K.vartype.COUNTER, 10, 0, "bytes", "b", "B" } } },
   simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
     onpacket = function(engine, layer)
-      for _, k in ipairs({ "times10", "nan", "text" }) do
+      for _, k in ipairs({ "times10", "nan", "text", "long" }) do
         engine:update_counter(G, k, 0, 1)
         engine:update_counter_bytes(G, k, 1)
       end
@@ -340,6 +340,10 @@ TrisulPlugin = { id = { name = "override" },
     onflushfilter = function(engine, ts, key, metrics)
       if key == "times10" then return true, { metrics[2] * 10, -1 } end     -- meter 0 := 10 x bytes, meter 1 kept
       if key == "nan" then return true, { 0/0, -1 } end                    -- not >= 0: both kept
+      if key == "long" then                                                -- 20 entries: the row's 2 meters only
+        local ov = { -1, 3 } for i = 3, 20 do ov[i] = 9 end
+        return true, ov
+      end
       return true, { "x", 5 }                                              -- meter 0 kept, meter 1 := 5
     end,
     onflush = function(engine, ts, key, metrics) print(("FLUSH %s %s %s"):format(key, metrics[1], metrics[2])) end } }
@@ -349,7 +353,8 @@ TrisulPlugin = { id = { name = "override" },
 def test_cg_monitor_onflushfilter_overrides_reach_the_stored_row(tmp_path):
     """Trisul's cg_monitor onflushfilter returns `bool[, overrides]`, `overrides[i]` (>= 0) replacing meter i-1 of the
     row (docs/plugins.md).  Found by a hostile pass (2026-12-02): the overrides never reached the row, because
-    Host:call (engine/plugins/host.lua) returned only the hook's first result.  Truth: tshark's frame count and
+    Host:call (engine/plugins/host.lua) returned only the hook's first result; once they did, a list longer than
+    the row stored meters the group does not have (20 entries: meters 0..19).  Truth: tshark's frame count and
     frame.len sum of the capture (one 60 s bucket), with the overrides applied by hand."""
     name = "http-get-text.pcap"
     out = subprocess.run(["tshark", "-r", pcap(name), "-T", "fields", "-e", "frame.len", "-e", "frame.time_epoch"],
@@ -362,8 +367,9 @@ def test_cg_monitor_onflushfilter_overrides_reach_the_stored_row(tmp_path):
     got = sorted(db.execute("SELECT bucket_ts, key, meter, value FROM counters WHERE group_guid = ?",
                             ("{7A11E5C0-0000-4000-8000-0000000000C6}",)).fetchall())
     (b,) = buckets
-    assert got == [(b, "nan", 0, frames), (b, "nan", 1, nbytes), (b, "text", 0, frames), (b, "text", 1, 5),
-                   (b, "times10", 0, 10 * nbytes), (b, "times10", 1, nbytes)], got
+    assert got == [(b, "long", 0, frames), (b, "long", 1, 3), (b, "nan", 0, frames), (b, "nan", 1, nbytes),
+                   (b, "text", 0, frames), (b, "text", 1, 5), (b, "times10", 0, 10 * nbytes), (b, "times10", 1, nbytes)
+                   ], got
 
 
 CG_30 = r'''

@@ -240,8 +240,10 @@ class Monitors:
             kept_keys = [key for key in sorted(keys) if kept(verdict.get(key, ()))]
             self.stats["counter_keys_filtered"] += len(keys) - len(kept_keys)
             for key, ov in overrides.items():
-                for i, x in enumerate(ov):
-                    if isinstance(x, (int, float)) and x >= 0:
+                # the row's meters only (the metrics the filter was given): before, an overrides list longer than
+                # the row stored meters the group does not have, past 15 too (20 entries: meters 0..19)
+                for i, x in enumerate(ov[:nmeters]):
+                    if isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0:
                         keys[key][i] = x
             totals = [sum(keys[k].get(m, 0) for k in keys) for m in range(nmeters)]
             kept_set = set(kept_keys)
