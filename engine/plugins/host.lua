@@ -61,7 +61,7 @@ function M.boot(opts)
   tlib.wrap_print({ script = path, instance = instance, log = opts.log, print = opts.print })
   for _, pr in ipairs(opts.protocols or {}) do decode.register_protocol(pr.guid, pr.name) end
   local self = setmetatable({ path = path, instance = instance, outputs = {}, hook_errors = {},
-                              hook_calls = {} }, Host)
+                              hook_calls = {}, walked = 0, recorded_again = false }, Host)
   self.errors = errlog.new(logf, path)
   local report = self.errors.report
   self.errors.report = function(log, kind, msg)               -- LuaJIT's LUA_ERRMEM: the VM's memory limit
@@ -138,11 +138,10 @@ function Host:crash_line(key)
 end
 
 --- Call TrisulPlugin[sub][name](...) (or TrisulPlugin[name] when sub is nil).
---- Returns ok, result and the hook's second result (Host:call: ok, result).  Errors are counted per hook and logged.
---- The call that makes BUDGET_STRIKES cut calls in a row (budget_strike) calls `self.on_disable(line)` (set by
---- engine/fastpath/run.py: the instance is disabled, its line logged) before it returns; from then on no hook of
---- this instance is called here.
-function Host:call3(sub, name, ...)
+--- Returns ok, result.  Errors are counted per hook and logged.  The call that makes BUDGET_STRIKES cut calls in a
+--- row (budget_strike) calls `self.on_disable(line)` (set by engine/fastpath/run.py: the instance is disabled, its
+--- line logged) before it returns; from then on no hook of this instance is called here.
+function Host:call(sub, name, ...)
   if self.memory_exceeded or self.budget_exceeded then return true, nil end   -- disabled: memory limit, budget
   local t = sub and self.plugin[sub] or self.plugin
   local fn = t and t[name]
@@ -152,10 +151,7 @@ function Host:call3(sub, name, ...)
   local wd = self.watchdog
   if wd then wd.arm(self.budget, self.budget_msg, PKGROOT) end
   local cw = CRASH and CRASH.crash_enter(self:crash_line(key))      -- a fault in the hook names this plug-in
-  -- res2: a hook's second result, which one hook has: cg_monitor.onflushfilter's overrides (engine/plugins/monitor.lua
-  -- cg_filter calls call3).  Before, only ok, res came back, so the overrides Trisul documents never reached the
-  -- stored row [test_monitors.py]
-  local ok, res, res2 = xpcall(fn, traceback, ...)
+  local ok, res = xpcall(fn, traceback, ...)
   if cw then CRASH.crash_leave() end
   if wd then self:count_budget(wd.disarm()) end
   if not ok then
@@ -170,13 +166,6 @@ function Host:call3(sub, name, ...)
   end
   if self.async.backlog > 0 then self.async:flush() end    -- tasks it scheduled go out now
   if self.engine.own_pending and not self.delivering then self:deliver_own() end
-  return ok, res, res2
-end
-
---- Host:call3 with ok and the hook's first result only: what every caller but cg_filter wants (the Python side
---- unpacks two values: vm.call)
-function Host:call(sub, name, ...)
-  local ok, res = self:call3(sub, name, ...)
   return ok, res
 end
 
@@ -239,14 +228,12 @@ local function meter_row(row, i)
   return m
 end
 
---- A problem description when control[field] is given but is not a whole number >= 1 (bucket sizes and counts: the
---- Python side takes them as whole seconds / entries, and 0 divided by zero; a bucket size of 2.5 made bucket
---- times of .5 s that the store writer rejected at the end, exit 1, and inf a bucket of NaN), else nil.  name: the
---- field's full name, want: what it should be.
+--- A problem description when control[field] is given but is not a number >= 1 (bucket sizes and counts: the
+--- Python side takes them as whole seconds / entries, and 0 divided by zero), else nil.  name: the field's full
+--- name, want: what it should be.
 local function bad_number(control, field, name, want)
   local v = control[field]
-  local n = tonumber(v) or 0
-  if v == nil or (n >= 1 and n % 1 == 0) then return nil end
+  if v == nil or (tonumber(v) or 0) >= 1 then return nil end
   return ("%s is %s, not %s"):format(name, type(v) == "string" and ("%q"):format(v) or type(v) == "number"
     and tostring(v) or "a " .. type(v), want)
 end
@@ -262,7 +249,7 @@ function Host:countergroup()
   if cg.meters ~= nil and type(cg.meters) ~= "table" then
     return nil, ("countergroup.meters is a %s, not a table of meters"):format(type(cg.meters))
   end
-  local problem = bad_number(c, "bucketsize", "countergroup.control.bucketsize", "a whole number of seconds >= 1")
+  local problem = bad_number(c, "bucketsize", "countergroup.control.bucketsize", "a number of seconds >= 1")
   if problem then return nil, problem end
   local meters = {}
   for i, row in ipairs(cg.meters or {}) do
@@ -304,8 +291,8 @@ function Host:flowtracker_control()
   if type(ft) ~= "table" then return nil end
   local c = type(ft.control) == "table" and ft.control or {}
   if type(ft.getmetric) ~= "function" then return nil, "flowtracker.getmetric is not a function" end
-  local problem = bad_number(c, "bucketsize", "flowtracker.control.bucketsize", "a whole number of seconds >= 1")
-    or bad_number(c, "count", "flowtracker.control.count", "a whole number of flows >= 1")
+  local problem = bad_number(c, "bucketsize", "flowtracker.control.bucketsize", "a number of seconds >= 1")
+    or bad_number(c, "count", "flowtracker.control.count", "a number of flows >= 1")
   if problem then return nil, problem end
   return { name = tostring(c.name or (self.plugin.id and self.plugin.id.name) or self.path:match("[^/]*$")),
            bucketsize = tonumber(c.bucketsize) or 60, count = tonumber(c.count) or 10 }
@@ -474,10 +461,14 @@ function Host:new_walk(w, hooks)
   return w
 end
 
+--- Walk positions after which a plug-in VM's traces are recorded again, once (Host:record_again).
+M.RECORD_AGAIN_AT = 65536
+
 --- Walk the batch at `addr` (n packets) with walk state `w`; add its calls and errors to the hook counters.
 --- Returns the number of hook calls.  An error in a hook is counted and logged once per line; the walk goes on.
 --- After the walk: if LuaJIT blacklisted the walker's loop (a hook it could not compile, found only at run time)
---- the next batches walk through the stitch point, with a fresh copy of the walker.
+--- the next batches walk through the stitch point, with a fresh copy of the walker; once the VM's walks have
+--- passed M.RECORD_AGAIN_AT positions, its traces may be recorded again (Host:record_again).
 function Host:walk_batch(w, addr, n)
   local cw = CRASH and CRASH.crash_enter(self:crash_line(w.hook))   -- a fault in the walk names this plug-in
   local calls, errors = w.walker(self, w, ffi.cast(packet.pktp, addr), n)
@@ -486,7 +477,56 @@ function Host:walk_batch(w, addr, n)
   if not w.stitched and WALK_LOOP and band(jutil.funcbc(w.walker, WALK_LOOP), 0xff) == OP.IFORL then
     use_stitch(w)
   end
+  local walked = self.walked + n
+  self.walked = walked
+  if walked >= M.RECORD_AGAIN_AT and not self.recorded_again then self:record_again() end
   return calls
+end
+
+-- LuaJIT 2.1's IR operation number of NEWREF (a key new to its table: src/lj_ir.h IRDEF order, as
+-- tools/bench/walkir.py IR_NAMES; tests/test_walk_record_again.py fails if it is wrong)
+local IR_NEWREF = 59
+local bit_rshift = require("bit").rshift
+
+--- True when the compiled main path of walk state `w`'s loop (its root trace: the trace number in the walker's
+--- FORL once LuaJIT patched it into a JFORL) stores a key its table did not hold.  A stitched walker does not
+--- inline the hook, so only an inline one is read.
+local function walk_adds_keys(w)
+  if w == nil or w.stitched or WALK_LOOP == nil then return false end
+  local ins = jutil.funcbc(w.walker, WALK_LOOP)
+  if band(ins, 0xff) ~= OP.JFORL then return false end
+  local tr = bit_rshift(ins, 16)
+  local info = jutil.traceinfo(tr)
+  for ref = 1, info and info.nins or 0 do
+    local m, ot = jutil.traceir(tr, ref)
+    if m and bit_rshift(ot, 8) == IR_NEWREF then return true end
+  end
+  return false
+end
+
+--- Once the VM's walks have passed M.RECORD_AGAIN_AT positions: when a walk loop's compiled main path adds a key
+--- to a table, drop every trace of this VM and start its hot counters again, so the loops are compiled anew from the
+--- traffic as it goes on.  LuaJIT records a loop's root trace on the iteration where the loop gets hot (its 56th
+--- with the default hotloop) and compiles only the path that iteration took; other paths leave the trace at a
+--- guard, for a side trace.  The walk's trace inlines the hook, so the hook's path on that one packet is baked
+--- in, and the first packets of any capture or live start are not like the rest: their flows, ports and hosts are
+--- new.  A hook that counts into a table (`t[k] = (t[k] or 0) + 1`, and engine:update_counter's bucket tables)
+--- then had the new key's path (a guard that the key is absent, NEWREF) as its main path, and every later packet,
+--- whose key the table held, left the loop there: the hval shape's walk cost 304 instead of 101 instructions a
+--- packet on mixed-zipf (tools/bench/loopcg.py; docs/benchmarks.md "A hook walk's trace recorded on the traffic's
+--- first packets").  jit.off() then jit.on() sets every hot counter back to its start (LuaJIT lj_dispatch.c: the
+--- JIT off -> on transition), so the new root is the one where the walk gets hot again, not where a counter shared
+--- with other code ran out.  A flush costs one recording and compilation of the VM's traces (~5M instructions, ~1-2
+--- ms), so a VM whose walk loops add no key keeps its traces.  Not done when the VM's JIT is off.
+function Host:record_again()
+  self.recorded_again = true
+  if not jit.status() then return end
+  local sc = self.sc
+  if not (walk_adds_keys(sc) or walk_adds_keys(sc and sc.twin) or walk_adds_keys(self.ph)
+          or walk_adds_keys(self.ps)) then return end
+  jit.flush()
+  jit.off()
+  jit.on()
 end
 
 --- How the hooks of this instance's walk are called: "inline", "stitched" or nil (no per-packet walk).

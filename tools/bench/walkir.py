@@ -117,7 +117,8 @@ def walk_ir(capture: str, plugdir: str, kind: str = "simplecounter", protocols=(
     `protocols`: [(guid, name)] registered in each VM, a protocol_handler's own), then the IR of the first VM's walk
     loop trace: [(operation name, key of an HREFK, of an HREF by a constant key or of an HLOAD / HSTORE through an
     HREFK, else None)], empty when no loop trace was compiled; with `side`, followed by those of every trace that
-    links back to that loop (its side traces)."""
+    links back to that loop (its side traces).  The VMs' engine/plugins/jitprof.lua logs (LUAPROBE_JIT_TRACES, ...)
+    are written at the end, as at a run's end."""
     from luaprobe.engine.capture.pcapfile import open_capture
     from luaprobe.shm.luajit import new_runtime
     lua = new_runtime()
@@ -132,6 +133,8 @@ def walk_ir(capture: str, plugdir: str, kind: str = "simplecounter", protocols=(
                 for host, walk in walks:
                     walk(host, hot, m)
             raw = vms[0].lua.eval(DUMP)(*(IR_NAMES.index(op) for op in ("HREFK", "HREF", "HLOAD", "HSTORE")), side)
+            for vm in vms:      # LUAPROBE_JIT_TRACES / _ABORTS / _PROFILE logs written, as at a run's end
+                vm.lua.eval("function(h) h.stop_profile() end")(vm.host)
         finally:
             for vm in vms:
                 vm.close()
