@@ -137,3 +137,44 @@ def test_oversized_results_are_task_errors_not_worker_deaths(tmp_path):
     s = json.loads(r.stdout)
     a = next(p["async"] for p in s["plugins"] if p["async"]["scheduled"])
     assert a["scheduled"] == 4 and a["ok"] == 2 and a["error"] == 2, a
+
+
+UPVALUE_PLUGIN = r"""
+local out = "%(out)s"
+local done = false
+local wide = {}
+for i = 1, %(n)d do wide[i] = i end
+TrisulPlugin = {
+  id = { name = "big upvalue" },
+  simplecounter = {
+    protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(engine, layer)
+      if done then return end
+      done = true
+      local ok, err = pcall(function()
+        T.async:schedule { data = "d", onexecute = function(d) return tostring(#wide) end }
+      end)
+      local f = assert(io.open(out, "w")); f:write(tostring(ok), "\t", tostring(err), "\n"); f:close()
+    end,
+  },
+}
+"""
+
+
+def test_upvalues_larger_than_a_record_are_named_at_the_call_site(tmp_path):
+    """Found by a hostile pass (2026-12-02): an onexecute whose upvalue (a table of 300 000 numbers, shipped with the
+    task: docs/async.md) does not fit a request record failed with "data of 1 bytes exceeds the request ring's record
+    limit of -602903 bytes": the data blamed, a negative limit.  Now the error names the upvalues, their encoded size
+    and the limit of the ring (LIMIT - REQ, from --ring-size alone)."""
+    out = tmp_path / "call.txt"
+    plugin = helpers.write_plugin(tmp_path, UPVALUE_PLUGIN % {"out": out, "n": 3000})
+    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap",
+                        "engine/examples/sample.pcap", "--ring-size", str(RING), "--out", str(tmp_path / "o")],
+                       cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ok, err = out.read_text().rstrip("\n").split("\t", 1)
+    assert ok == "false"
+    m = re.search(r"plugin\.lua:\d+: T\.async:schedule: onexecute's upvalues, (\d+) bytes encoded, exceed the request "
+                  rf"ring's record limit of {LIMIT - REQ} bytes \(raise --ring-size, or build the values inside "
+                  r"onexecute\)$", err)
+    assert m and int(m.group(1)) > LIMIT - REQ, err

@@ -736,6 +736,12 @@ function Async:make_api()
         prev_fn = fn
       end
     end
+    if REQ + #aux > self_.max_record then
+      -- the upvalues alone do not fit: say so (check_size named "data of 1 bytes" and a negative limit)
+      error(("T.async:schedule: onexecute's upvalues, %d bytes encoded, exceed the request ring's record limit of %d "
+             .. "bytes (raise --ring-size, or build the values inside onexecute)"):format(#aux, self_.max_record - REQ),
+            2)
+    end
     check_size(self_, "schedule", "data", data, aux)
     -- the result's time: the engine's now (docs/async.md "Time"); before the first packet (onload) NO_TIME
     return self_:enqueue(EXEC, fid, data, aux, -1, onres, onerr, nil, self_:now_ts())
