@@ -65,3 +65,44 @@ def test_protocol_handler_layer_excludes_padding_and_trailer(tmp_path):
     got = _run(tmp_path, UDP_HANDLER, cap)
     want = [f"MSG {payload} {len(payload) // 2}" for (payload,) in _tshark(cap, "udp.payload")]
     assert want[0] == "MSG 3c31333e61 5" and got == want
+
+
+NAN_ARGS = """local n = 0
+TrisulPlugin = { id = { name = "nan offsets" },
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(engine, layer)
+      n = n + 1
+      if n > 1 then return end
+      for _, a in ipairs({ 0/0, 1/0, -1/0, -1, 12, 1e9 }) do
+        local ok1, r1 = pcall(layer.getbyte, layer, a)
+        local ok2, r2 = pcall(layer.testbit, layer, a)
+        local ok3, r3 = pcall(layer:packet().get_layer, layer:packet(), a)
+        print(("ARG %s getbyte %s %s testbit %s %s get_layer %s %s"):format(tostring(a), tostring(ok1), tostring(r1),
+          tostring(ok2), tostring(r2), tostring(ok3), r3 == nil and "nil" or r3:protocol_id()))
+      end
+    end } }
+"""
+
+
+def test_layer_offsets_that_are_nan_are_out_of_range_not_a_segfault(tmp_path):
+    """Found by a hostile pass (2026-12-02): `layer:getbyte(0/0)` and `layer:testbit(0/0)` passed the range test
+    (every comparison with NaN is false) and indexed the packet's bytes at NaN: SIGSEGV of the fast path, exit 139,
+    "crashed: SIGSEGV in plug-in ... (hook simplecounter.onpacket)" for a script with no FFI code of its own.  Now NaN
+    is out of range as +-inf is: getbyte raises its error, testbit is false, get_layer nil (it raised "table index
+    is NaN" from packet.lua).  Truth: the first frame's bytes and layers from tshark (frame.protocols,
+    eth.type: byte 12 of the Ethernet layer)."""
+    cap = os.path.join(helpers.PCAPS, "http-get-text.pcap")
+    got = [g for g in _run(tmp_path, NAN_ARGS, cap) if g.startswith("ARG ")]
+    eth_type, eth_dst = _tshark(cap, "eth.type", "eth.dst")[0]
+    protos = _tshark(cap, "frame.protocols")[0][0].split(":")
+    assert protos[:4] == ["eth", "ethertype", "ip", "tcp"]
+    want_12 = int(eth_type, 16) >> 8                               # 0x0800: byte 12 is 0x08
+    assert got[:3] == [f"ARG {a} getbyte false Layer:getbyte({a}): out of range testbit true false get_layer true nil"
+                       for a in ("nan", "inf", "-inf")], got
+    assert got[3] == "ARG -1 getbyte false Layer:getbyte(-1): out of range testbit true false get_layer true nil"
+    # in range: byte 12 (the EtherType's first byte); bit 12 is bit 4 of byte 1 (the destination MAC's second
+    # byte, 0x80 >> 4); layer 12 is past the 4 layers (nil)
+    bit_12 = "true" if int(eth_dst.split(":")[1], 16) & 0x08 else "false"
+    assert got[4] == f"ARG 12 getbyte true {want_12} testbit true {bit_12} get_layer true nil", got
+    assert got[5] == "ARG 1000000000 getbyte false Layer:getbyte(1000000000): out of range testbit true false " \
+                     "get_layer true nil", got

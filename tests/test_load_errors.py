@@ -153,9 +153,13 @@ BAD_COUNTERGROUP = """TrisulPlugin = { id = { name = "bad declaration" },
     ("", '{ { 0, 0, "ten", 0, "m", "d", "u" } }', 'countergroup.meters[1] topn is "ten", not a number'),
     ("", '{ { 0, 0, 10, 0, {}, "d", "u" } }', "countergroup.meters[1] name is a table, not a string"),
     ("", "5", "countergroup.meters is a number, not a table of meters"),
-    (', bucketsize = "sixty"', "{}", 'countergroup.control.bucketsize is "sixty", not a number of seconds >= 1'),
-    (", bucketsize = -5", "{}", "countergroup.control.bucketsize is -5, not a number of seconds >= 1"),
-    (", bucketsize = 0.5", "{}", "countergroup.control.bucketsize is 0.5, not a number of seconds >= 1"),
+    (', bucketsize = "sixty"', "{}", 'countergroup.control.bucketsize is "sixty", not a whole number of seconds >= 1'),
+    (", bucketsize = -5", "{}", "countergroup.control.bucketsize is -5, not a whole number of seconds >= 1"),
+    (", bucketsize = 0.5", "{}", "countergroup.control.bucketsize is 0.5, not a whole number of seconds >= 1"),
+    # found by a hostile pass (2026-12-02): 2.5 passed, its bucket times of .5 s were rejected by the store writer
+    # at the end of the run (exit 1, "bad row(s) rejected"); inf made buckets of NaN
+    (", bucketsize = 2.5", "{}", "countergroup.control.bucketsize is 2.5, not a whole number of seconds >= 1"),
+    (", bucketsize = 1/0", "{}", "countergroup.control.bucketsize is inf, not a whole number of seconds >= 1"),
 ])
 @pytest.mark.parametrize("cmd", ["check", "run"])
 def test_a_bad_countergroup_declaration_is_one_problem_line(tmp_path, cmd, control, meters, problem):
@@ -275,10 +279,12 @@ def test_syntax_error_in_a_helper_required_by_a_worker_is_one_line(tmp_path, dee
 
 
 @pytest.mark.parametrize("control,problem", [
-    ("bucketsize = 0", "flowtracker.control.bucketsize is 0, not a number of seconds >= 1"),
-    ("bucketsize = 0.001", "flowtracker.control.bucketsize is 0.001, not a number of seconds >= 1"),
-    ('bucketsize = "x"', 'flowtracker.control.bucketsize is "x", not a number of seconds >= 1'),
-    ("count = 0", "flowtracker.control.count is 0, not a number of flows >= 1"),
+    ("bucketsize = 0", "flowtracker.control.bucketsize is 0, not a whole number of seconds >= 1"),
+    ("bucketsize = 0.001", "flowtracker.control.bucketsize is 0.001, not a whole number of seconds >= 1"),
+    ('bucketsize = "x"', 'flowtracker.control.bucketsize is "x", not a whole number of seconds >= 1'),
+    ("count = 0", "flowtracker.control.count is 0, not a whole number of flows >= 1"),
+    ("bucketsize = 2.5", "flowtracker.control.bucketsize is 2.5, not a whole number of seconds >= 1"),
+    ("count = 2.5", "flowtracker.control.count is 2.5, not a whole number of flows >= 1"),
 ])
 def test_a_bad_flowtracker_control_is_one_problem_line(tmp_path, control, problem):
     """A flowtracker whose bucket size is below one second was an internal error at the end of the run (exit 1,

@@ -318,3 +318,89 @@ def test_cg_monitor_without_onflushfilter_casts_no_vote(tmp_path):
              if ln.split() and ln.split()[0].count(".") == 3}
     assert "C0.A8.01.01" in hosts
     assert keys == hosts - {"C0.A8.01.01"}
+
+
+CG_COUNT = r'''
+local G = "{7A11E5C0-0000-4000-8000-0000000000C6}"
+TrisulPlugin = { id = { name = "count" },
+  countergroup = { control = { guid = G, name = "Override test", description = "d", bucketsize = 60 },
+    meters = { { 0, T.K.vartype.COUNTER, 10, 0, "packets", "p", "p" }, { 1, T.K.vartype.COUNTER, 10, 0, "bytes", "b", "B" } } },
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(engine, layer)
+      for _, k in ipairs({ "times10", "nan", "text", "long" }) do
+        engine:update_counter(G, k, 0, 1)
+        engine:update_counter_bytes(G, k, 1)
+      end
+    end } }
+'''
+
+CG_OVERRIDE = r'''
+TrisulPlugin = { id = { name = "override" },
+  cg_monitor = { counter_guid = "{7A11E5C0-0000-4000-8000-0000000000C6}",
+    onflushfilter = function(engine, ts, key, metrics)
+      if key == "times10" then return true, { metrics[2] * 10, -1 } end     -- meter 0 := 10 x bytes, meter 1 kept
+      if key == "nan" then return true, { 0/0, -1 } end                    -- not >= 0: both kept
+      if key == "long" then                                                -- 20 entries: the row's 2 meters only
+        local ov = { -1, 3 } for i = 3, 20 do ov[i] = 9 end
+        return true, ov
+      end
+      return true, { "x", 5 }                                              -- meter 0 kept, meter 1 := 5
+    end,
+    onflush = function(engine, ts, key, metrics) print(("FLUSH %s %s %s"):format(key, metrics[1], metrics[2])) end } }
+'''
+
+
+def test_cg_monitor_onflushfilter_overrides_reach_the_stored_row(tmp_path):
+    """Trisul's cg_monitor onflushfilter returns `bool[, overrides]`, `overrides[i]` (>= 0) replacing meter i-1 of the
+    row (docs/plugins.md).  Found by a hostile pass (2026-12-02): the overrides never reached the row, because
+    Host:call (engine/plugins/host.lua) returned only the hook's first result; once they did, a list longer than
+    the row stored meters the group does not have (20 entries: meters 0..19).  Truth: tshark's frame count and
+    frame.len sum of the capture (one 60 s bucket), with the overrides applied by hand."""
+    name = "http-get-text.pcap"
+    out = subprocess.run(["tshark", "-r", pcap(name), "-T", "fields", "-e", "frame.len", "-e", "frame.time_epoch"],
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    rows = [ln.split("\t") for ln in out if ln]
+    frames, nbytes = len(rows), sum(int(r[0]) for r in rows)
+    buckets = {int(float(r[1])) // 60 * 60 for r in rows}
+    assert len(buckets) == 1 and frames == 14
+    summary, db = run(tmp_path, {"count.lua": CG_COUNT, "override.lua": CG_OVERRIDE}, [name])
+    got = sorted(db.execute("SELECT bucket_ts, key, meter, value FROM counters WHERE group_guid = ?",
+                            ("{7A11E5C0-0000-4000-8000-0000000000C6}",)).fetchall())
+    (b,) = buckets
+    assert got == [(b, "long", 0, frames), (b, "long", 1, 3), (b, "nan", 0, frames), (b, "nan", 1, nbytes),
+                   (b, "text", 0, frames), (b, "text", 1, 5), (b, "times10", 0, 10 * nbytes), (b, "times10", 1, nbytes)
+                   ], got
+
+
+CG_30 = r'''
+TrisulPlugin = { id = { name = "thirty" },
+  countergroup = { control = { guid = "{7A11E5C0-0000-4000-8000-0000000000D7}", name = "Thirty", bucketsize = 30 },
+    meters = { { 0, T.K.vartype.COUNTER, 10, 0, "packets", "p", "p" } } },
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(engine, layer) engine:update_counter("{7A11E5C0-0000-4000-8000-0000000000D7}", "all", 0, 1) end } }
+'''
+
+CG_30_WATCH = r'''
+TrisulPlugin = { id = { name = "watch" },
+  cg_monitor = { counter_guid = "{7A11E5C0-0000-4000-8000-0000000000D7}",
+    onflush = function(engine, ts, key, metrics)
+      if key == "all" then
+        local f = io.open("@OUT@/flush-" .. engine:instanceid(), "a")
+        f:write(("%d %d %d\n"):format(ts, engine:timestamp(), metrics[1])); f:close()
+      end
+    end } }
+'''
+
+
+def test_cg_monitor_ts_is_the_end_of_the_groups_own_bucket(tmp_path):
+    """cg_monitor hooks get `ts`, the bucket's end (docs/plugins.md).  Found by a hostile pass (2026-12-02): ts was the
+    bucket start + 60 for every group, so a group of 30 s buckets (tls-version-count's tlsversions.lua declares one)
+    got the next bucket's end.  Truth: tshark's frame times bucketed by 30 s, each bucket's frame count."""
+    name = "trisul-tutorial.pcap"
+    times = subprocess.run(["tshark", "-r", pcap(name), "-T", "fields", "-e", "frame.time_epoch"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    per_bucket = collections.Counter(int(float(t)) // 30 * 30 for t in times)
+    assert len(per_bucket) >= 2
+    run(tmp_path, {"thirty.lua": CG_30, "watch.lua": CG_30_WATCH}, [name])
+    got = sorted(tuple(int(x) for x in ln.split()) for ln in lines(tmp_path, "flush-"))
+    assert got == [(b + 30, b + 30, n) for b, n in sorted(per_bucket.items())], got

@@ -339,3 +339,33 @@ def test_an_internal_error_line_names_an_os_error_s_reason_and_file(tmp_path):
         lua.execute("error('boom')")
     assert error_text(le.value) == str(le.value).split("\nstack traceback:")[0]
     assert error_text(KeyError("k")) == "k"
+
+
+@pytest.mark.parametrize("tables", [["CREATE TABLE alerts (x)"], ["CREATE TABLE notes (id INTEGER, body TEXT)"]])
+def test_append_to_another_programs_database(tmp_path, tables):
+    """Found by a hostile pass (2026-12-02): --append into a directory whose luaprobe.sqlite is an SQLite database of
+    another program started the run; its store writer then failed on the first table that did not match ("no such
+    column: alert_guid"): exit 1, the run's rows lost (with a table luaprobe does not use, its tables were added to the
+    other program's file).  Now exit 2 before anything starts, naming the tables missing, the file unchanged; an empty
+    database (no table) is still appended to.  Truth: the file's own schema, read with sqlite3."""
+    out = tmp_path / "o"
+    out.mkdir()
+    db = out / "luaprobe.sqlite"
+    con = sqlite3.connect(db)
+    for t in tables:
+        con.execute(t)
+    con.commit()
+    con.close()
+    before = db.read_bytes()
+    r = run(out, "--append")
+    assert (r.returncode, r.stderr) == (2, f"luaprobe run: --out {out}: cannot --append to {db}: not a luaprobe "
+                                           "database (missing tables: " + ", ".join(sorted(
+                                               {"counters", "counter_groups", "key_info", "alerts", "resources",
+                                                "flows", "run"} - {t.split()[2] for t in tables}))
+                                        + "); use --overwrite to replace it, or another --out\n"), r.stderr
+    assert db.read_bytes() == before
+    db.unlink()
+    sqlite3.connect(db).close()                        # an empty database: appended to, as before
+    r = run(out, "--append")
+    assert r.returncode == 0, r.stderr
+    assert run(out, "--append").returncode == 0       # and a luaprobe database is appended to again

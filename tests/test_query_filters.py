@@ -83,3 +83,32 @@ def test_a_meter_name_that_names_nothing_is_refused_with_the_names(out):
     assert r.returncode == 0 and len(r.stdout.splitlines()) == packets, r
     r = cli("query", "counters", "--out", str(out), "--meter", "7")                      # an id: taken as is
     assert r.returncode == 0 and r.stdout.endswith("(0 rows)\n"), r
+
+
+def test_numbers_sqlite_cannot_hold_and_digits_int_cannot_read_are_lines_not_tracebacks(out):
+    """Found by a hostile pass (2026-12-02): `query alerts --limit 99999999999999999999` (any kind with a LIMIT)
+    ended in a Python traceback, sqlite3.IntegrityError "datatype mismatch", exit 1; `query counters --meter
+    99999999999999999999` in OverflowError; `--meter ²` (str.isdigit() is true for "²" and "٣", int() refuses "²")
+    in ValueError.  Now --limit is 0..2^63-1 (SQLite's largest integer) with the usual one line, exit 2; a meter id
+    is ASCII digits: a larger one than SQLite holds matches no row, and "²" / "٣" are names, refused as such.  Truth:
+    the counters table read with sqlite3."""
+    db = sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True)
+    alerts = db.execute("SELECT count(*) FROM alerts").fetchone()[0]
+    meter1 = db.execute("SELECT count(*) FROM counters WHERE meter = 1").fetchone()[0]
+    db.close()
+    assert alerts > 0 and meter1 > 0
+    for what in ("alerts", "resources", "fts", "counters", "flows", "keyinfo", "edges", "toppers"):
+        r = cli("query", what, "--out", str(out), "--limit", "99999999999999999999")
+        assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, (what, r)
+        assert r.stderr == ("luaprobe query: argument --limit: 99999999999999999999 is out of range: must be between "
+                            "0 and 9223372036854775807 (luaprobe query --help)\n"), r.stderr
+    r = cli("query", "alerts", "--out", str(out), "--limit", str(2**63 - 1), "--json")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == alerts, r
+    r = cli("query", "counters", "--out", str(out), "--meter", "99999999999999999999")
+    assert r.returncode == 0 and r.stdout.endswith("(0 rows)\n") and r.stderr == "", r
+    r = cli("query", "counters", "--out", str(out), "--meter", " 1 ", "--json")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == meter1, r
+    for m in ("²", "٣"):
+        r = cli("query", "counters", "--out", str(out), "--meter", m)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r
+        assert r.stderr.startswith(f"luaprobe query: --meter '{m}': no meter of that name (names: "), r.stderr

@@ -328,19 +328,29 @@ def check_out_dir(out: str, mode: str, private: bool = False) -> OutClaim:
     return claim
 
 
+#: tables every luaprobe database has had (engine/store/writer.py Store checks the same set before a query)
+CORE_TABLES = frozenset({"counters", "counter_groups", "key_info", "alerts", "resources", "flows", "run"})
+
+
 def not_a_database(db: str) -> str | None:
-    """Why ``db`` cannot be opened as an SQLite database (``file is not a database``, read-only, nothing written),
-    or None.  Checked before an --append starts, so that the store writer does not find it after the run began."""
+    """Why ``db`` cannot be opened as an SQLite database (``file is not a database``, read-only, nothing written) or
+    is another program's (it has tables, but not luaprobe's: before, the run started and its store writer failed on
+    the first mismatched table, "no such column: alert_guid", exit 1 with the run's rows lost), or None (an empty
+    database, with no table at all, is appended to: its tables are made).  Checked before an --append starts, so
+    that the store writer does not find it after the run began."""
     import pathlib
     import sqlite3
     try:
         con = sqlite3.connect(pathlib.Path(os.path.abspath(db)).as_uri() + "?mode=ro", uri=True)
         try:
-            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
             con.close()
     except sqlite3.Error as e:
         return f"{e} (SQLite)"
+    missing = CORE_TABLES - tables
+    if tables and missing:
+        return f"not a luaprobe database (missing tables: {', '.join(sorted(missing))})"
     return None
 
 

@@ -248,16 +248,45 @@ end
 
 M.add = add     -- (engine, GUID upper case, key, meter, value): the built-in analysers' direct path
 
---- Keys may be strings or numbers (numbers become strings when written out).
+--- The meter id of a counter call `fn` (update_counter, update_counter_bytes, add_flow_counter): an integer 0..15, a
+--- counter group having at most 16 meters (Trisul's countergroup, docs/schema.md `counters.meter`); nil or a text that
+--- is not a number is meter 0, as before.  Another number is a Lua error at the caller's line (`level`): before,
+--- a meter 1.5, inf or >= 2^63 reached the store writer, which rejected the row and ended the run with exit 1 (an
+--- "internal" error), a negative one was dropped without a word, and a cg_monitor of the group built a list of
+--- (highest meter + 1) values per key (engine/plugins/monitors.py), 8 GB and no end for a meter 2^40.
+local huge = math.huge
+local function meter_id(fn, meter, level)
+  local m = tonumber(meter)
+  if m == nil then return 0 end
+  if m ~= m or m < 0 or m > 15 or m % 1 ~= 0 then
+    error(("%s: meter %s is not one of 0..15 (a counter group has at most 16 meters)"):format(fn, tostring(meter)),
+          level + 1)
+  end
+  return m
+end
+
+--- Keys may be strings or numbers (numbers become strings when written out); nil (or NaN) is an error at the
+--- caller's line, as a value that is not a finite number is (the store has no NaN, and inf + -inf in one bucket
+--- is NaN: such a row was rejected at the end, exit 1).
+local function counter_key(fn, key, level)
+  if key == nil or key ~= key then error(("%s: key is %s"):format(fn, tostring(key)), level + 1) end
+  return key
+end
+
 function Engine:update_counter(guid, key, meter, value)
-  add(self, norm(guid), key, tonumber(meter) or 0, tonumber(value) or 0)
+  local v = tonumber(value) or 0
+  if v ~= v or v == huge or v == -huge then
+    error(("update_counter: value %s is not a finite number"):format(tostring(v)), 2)
+  end
+  add(self, norm(guid), counter_key("update_counter", key, 2), meter_id("update_counter", meter, 2), v)
 end
 Engine.update_counter_raw = Engine.update_counter
 
 function Engine:update_counter_bytes(guid, key, meter)
   frontend_only(self, "update_counter_bytes")
   local p = pkt(self)
-  add(self, norm(guid), key, tonumber(meter) or 0, p and p.wirelen or 0)
+  add(self, norm(guid), counter_key("update_counter_bytes", key, 2), meter_id("update_counter_bytes", meter, 2),
+      p and p.wirelen or 0)
 end
 
 --- Carried state of RUNNING_COUNTER and DELTA_RATE_COUNTER meters: [GUID][key][meter] = value.
@@ -470,7 +499,7 @@ function Engine:add_flow_counter(flowkey, guid, key, meter, direction)
   local list = self.flow_counters[fk]
   if list == nil then list = {}; self.flow_counters[fk] = list end
   -- { guid, key, meter, direction, batch position, batch number, packet time in µs when added (real_tus) }
-  list[#list + 1] = { norm(guid), tostring(key), tonumber(meter) or 0, tonumber(direction) or 0,
+  list[#list + 1] = { norm(guid), tostring(key), meter_id("add_flow_counter", meter, 2), tonumber(direction) or 0,
                       self._t.pos, self._fcbatch, real_tus(self) }
   if self.nflow_counters == 0 and self.on_flow_counters then self.on_flow_counters() end   -- the fast path now
   set_nflow(self, self.nflow_counters + 1)                         -- calls flow_counter_batch every batch
@@ -482,6 +511,7 @@ end
 --- the next reset flow counter is called for that flow" (it passes flowkey, guid, key, meter).
 function Engine:reset_flow_counter(flowkey, guid, key, meter)
   frontend_only(self, "reset_flow_counter")
+  if guid ~= nil and key ~= nil then meter_id("reset_flow_counter", meter, 2) end   -- before anything is removed
   local fk = flowkey_of(flowkey)
   local list = self.flow_counters[fk]
   if list then

@@ -138,10 +138,11 @@ function Host:crash_line(key)
 end
 
 --- Call TrisulPlugin[sub][name](...) (or TrisulPlugin[name] when sub is nil).
---- Returns ok, result.  Errors are counted per hook and logged.  The call that makes BUDGET_STRIKES cut calls in a
---- row (budget_strike) calls `self.on_disable(line)` (set by engine/fastpath/run.py: the instance is disabled, its
---- line logged) before it returns; from then on no hook of this instance is called here.
-function Host:call(sub, name, ...)
+--- Returns ok, result and the hook's second result (Host:call: ok, result).  Errors are counted per hook and logged.
+--- The call that makes BUDGET_STRIKES cut calls in a row (budget_strike) calls `self.on_disable(line)` (set by
+--- engine/fastpath/run.py: the instance is disabled, its line logged) before it returns; from then on no hook of
+--- this instance is called here.
+function Host:call3(sub, name, ...)
   if self.memory_exceeded or self.budget_exceeded then return true, nil end   -- disabled: memory limit, budget
   local t = sub and self.plugin[sub] or self.plugin
   local fn = t and t[name]
@@ -151,7 +152,10 @@ function Host:call(sub, name, ...)
   local wd = self.watchdog
   if wd then wd.arm(self.budget, self.budget_msg, PKGROOT) end
   local cw = CRASH and CRASH.crash_enter(self:crash_line(key))      -- a fault in the hook names this plug-in
-  local ok, res = xpcall(fn, traceback, ...)
+  -- res2: a hook's second result, which one hook has: cg_monitor.onflushfilter's overrides (engine/plugins/monitor.lua
+  -- cg_filter calls call3).  Before, only ok, res came back, so the overrides Trisul documents never reached the
+  -- stored row [test_monitors.py]
+  local ok, res, res2 = xpcall(fn, traceback, ...)
   if cw then CRASH.crash_leave() end
   if wd then self:count_budget(wd.disarm()) end
   if not ok then
@@ -166,6 +170,13 @@ function Host:call(sub, name, ...)
   end
   if self.async.backlog > 0 then self.async:flush() end    -- tasks it scheduled go out now
   if self.engine.own_pending and not self.delivering then self:deliver_own() end
+  return ok, res, res2
+end
+
+--- Host:call3 with ok and the hook's first result only: what every caller but cg_filter wants (the Python side
+--- unpacks two values: vm.call)
+function Host:call(sub, name, ...)
+  local ok, res = self:call3(sub, name, ...)
   return ok, res
 end
 
@@ -228,12 +239,14 @@ local function meter_row(row, i)
   return m
 end
 
---- A problem description when control[field] is given but is not a number >= 1 (bucket sizes and counts: the
---- Python side takes them as whole seconds / entries, and 0 divided by zero), else nil.  name: the field's full
---- name, want: what it should be.
+--- A problem description when control[field] is given but is not a whole number >= 1 (bucket sizes and counts: the
+--- Python side takes them as whole seconds / entries, and 0 divided by zero; a bucket size of 2.5 made bucket
+--- times of .5 s that the store writer rejected at the end, exit 1, and inf a bucket of NaN), else nil.  name: the
+--- field's full name, want: what it should be.
 local function bad_number(control, field, name, want)
   local v = control[field]
-  if v == nil or (tonumber(v) or 0) >= 1 then return nil end
+  local n = tonumber(v) or 0
+  if v == nil or (n >= 1 and n % 1 == 0) then return nil end
   return ("%s is %s, not %s"):format(name, type(v) == "string" and ("%q"):format(v) or type(v) == "number"
     and tostring(v) or "a " .. type(v), want)
 end
@@ -249,7 +262,7 @@ function Host:countergroup()
   if cg.meters ~= nil and type(cg.meters) ~= "table" then
     return nil, ("countergroup.meters is a %s, not a table of meters"):format(type(cg.meters))
   end
-  local problem = bad_number(c, "bucketsize", "countergroup.control.bucketsize", "a number of seconds >= 1")
+  local problem = bad_number(c, "bucketsize", "countergroup.control.bucketsize", "a whole number of seconds >= 1")
   if problem then return nil, problem end
   local meters = {}
   for i, row in ipairs(cg.meters or {}) do
@@ -291,8 +304,8 @@ function Host:flowtracker_control()
   if type(ft) ~= "table" then return nil end
   local c = type(ft.control) == "table" and ft.control or {}
   if type(ft.getmetric) ~= "function" then return nil, "flowtracker.getmetric is not a function" end
-  local problem = bad_number(c, "bucketsize", "flowtracker.control.bucketsize", "a number of seconds >= 1")
-    or bad_number(c, "count", "flowtracker.control.count", "a number of flows >= 1")
+  local problem = bad_number(c, "bucketsize", "flowtracker.control.bucketsize", "a whole number of seconds >= 1")
+    or bad_number(c, "count", "flowtracker.control.count", "a whole number of flows >= 1")
   if problem then return nil, problem end
   return { name = tostring(c.name or (self.plugin.id and self.plugin.id.name) or self.path:match("[^/]*$")),
            bucketsize = tonumber(c.bucketsize) or 60, count = tonumber(c.count) or 10 }

@@ -134,7 +134,7 @@ function M.cg_filter(host, ts, rows, newkeys)
     if has_filter then
       local m = {}
       for j = 1, #metrics do m[j] = metrics[j] end
-      local ok, res, overrides = host:call("cg_monitor", "onflushfilter", eng, ts, key, m)
+      local ok, res, overrides = host:call3("cg_monitor", "onflushfilter", eng, ts, key, m)
       vote = (not ok or res ~= false) and 1 or 0
       if ok and type(overrides) == "table" then ov = overrides end
     end

@@ -212,9 +212,12 @@ class Monitors:
         nmeters = max([m for b in buckets.values() for k in b.values() for m in k] + [0]) + 1
         meters = (groups.get(guid) or {}).get("meters") or []
         topn = {int(m["id"]): int(m.get("topn") or 10) for m in meters if isinstance(m, dict)}
+        # the group's bucket size, as the engine buckets it (engine/plugins/engine.lua open_bucket: 60 for a group
+        # not declared); before, ts was b + 60 for every group, so a 30 s group's hooks got the next bucket's end
+        bucketsize = (groups.get(guid) or {}).get("bucketsize") or 60
         for b in sorted(buckets):
             keys = buckets[b]
-            ts = b + 60
+            ts = b + bucketsize
             shard = collections.defaultdict(list)
             for key in sorted(keys):
                 shard[zlib.crc32(key.encode()) % self.n].append(key)
@@ -237,8 +240,10 @@ class Monitors:
             kept_keys = [key for key in sorted(keys) if kept(verdict.get(key, ()))]
             self.stats["counter_keys_filtered"] += len(keys) - len(kept_keys)
             for key, ov in overrides.items():
-                for i, x in enumerate(ov):
-                    if isinstance(x, (int, float)) and x >= 0:
+                # the row's meters only (the metrics the filter was given): before, an overrides list longer than
+                # the row stored meters the group does not have, past 15 too (20 entries: meters 0..19)
+                for i, x in enumerate(ov[:nmeters]):
+                    if isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0:
                         keys[key][i] = x
             totals = [sum(keys[k].get(m, 0) for k in keys) for m in range(nmeters)]
             kept_set = set(kept_keys)

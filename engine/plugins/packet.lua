@@ -212,7 +212,7 @@ end
 
 function Packet:num_layers() return P(self).d.nlayers end
 function Packet:get_layer(i)
-  if i < 0 or i >= P(self).d.nlayers then return nil end
+  if not (i >= 0 and i < P(self).d.nlayers) then return nil end         -- NaN too (as getbyte below)
   return layer_at(self, i)
 end
 function Packet:find_layer(guid)
@@ -345,15 +345,20 @@ function Layer:rawbytes()
   end
   return buffer.rebind(b, p.data + off, n)
 end
+-- The range tests are written so that NaN fails them (every comparison with NaN is false): before, getbyte(0/0) and
+-- testbit(0/0) passed `off < 0 or ... >= caplen` and indexed the packet's bytes at NaN, a SIGSEGV of the fast path
+-- blamed on the plug-in's own FFI code (exit 139) [test_layer_rawbytes.py]
 function Layer:getbyte(off)
   local p, start = LP(self), L(self).offset
-  if off < 0 or start + off >= p.caplen then error(("Layer:getbyte(%d): out of range"):format(off), 2) end
+  if not (off >= 0 and start + off < p.caplen) then
+    error(("Layer:getbyte(%s): out of range"):format(tostring(off)), 2)
+  end
   return p.data[start + off]
 end
 function Layer:testbit(n)
   local p, start = LP(self), L(self).offset
   local byte = math.floor(n / 8)
-  if n < 0 or start + byte >= p.caplen then return false end
+  if not (n >= 0 and start + byte < p.caplen) then return false end
   return band(p.data[start + byte], rshift(0x80, n % 8)) ~= 0
 end
 --- The packet's flow id string, as packet():flowid():id() (Trisul: a shortcut for it), from the per-flow cache.

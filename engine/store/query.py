@@ -17,7 +17,7 @@ import sys
 import re
 
 from luaprobe.engine.store import writer as _w
-from luaprobe.engine.store.writer import DB_NAME, Store, StoreError, db_path
+from luaprobe.engine.store.writer import DB_NAME, Store, StoreError, db_path, meter_id
 from luaprobe.engine.daemon.usage import Parser, int_in, nonempty
 
 from luaprobe.shm.exits import EXIT_INPUT, EXIT_OK, EXIT_USAGE
@@ -183,7 +183,7 @@ def meter_problem(store: Store, a) -> str | None:
     """Why ``--meter`` names no meter (of ``--group`` when given), or None.  A meter id is always taken; a name is
     looked up in the meters of the stored counter groups (``counter_groups.meters_json``), the only place a counter
     row's meter gets its name (Store.counters filters by name there)."""
-    if a.meter is None or a.meter.strip().isdigit():
+    if a.meter is None or meter_id(a.meter) is not None:
         return None
     guid = store.resolve_group(a.group) if a.group is not None else None
     names = sorted({m["name"] for g in store.counter_groups() if guid is None or g["guid"] == guid
@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", metavar="G", help="group name or GUID (counters, keyinfo, alerts, resources, fts)")
     p.add_argument("--key", metavar="K", help="key or its label (counters, keyinfo); flowkey (alerts, resources, flows)")
     p.add_argument("--meter", metavar="M", help="meter id or name (counters)")
-    p.add_argument("--limit", metavar="N", type=int_in(0), help="at most N rows")
+    # at most SQLite's largest integer (its LIMIT; a larger one was a traceback, "datatype mismatch", exit 1)
+    p.add_argument("--limit", metavar="N", type=int_in(0, 2**63 - 1), help="at most N rows")
     return p
 
 

@@ -298,6 +298,17 @@ class StoreNotFound(StoreError, FileNotFoundError):
     """No database at the given path."""
 
 
+def meter_id(meter) -> int | None:
+    """A meter given as an id (an int, or a text of ASCII digits with blanks around: ``--meter 3``), else None (a
+    meter name).  Before, ``str.isdigit`` took "²" or "٣" for digits and ``int()`` then raised ValueError (a
+    traceback from ``luaprobe query counters --meter ²``)."""
+    if isinstance(meter, int) and not isinstance(meter, bool):
+        return meter
+    if isinstance(meter, str) and meter.strip().isascii() and meter.strip().isdigit():
+        return int(meter.strip())
+    return None
+
+
 def db_path(outdir: str) -> str:
     """The database path inside an output directory."""
     return os.path.join(outdir, DB_NAME)
@@ -1263,9 +1274,12 @@ class Store:
             args += [key, key]
         meter_by_name = None
         if meter is not None:
-            if isinstance(meter, int) or (isinstance(meter, str) and meter.strip().isdigit()):
-                where.append("c.meter = ?")
-                args.append(int(meter))
+            mid = meter_id(meter)
+            if mid is not None:
+                # an id SQLite cannot hold matches no row (binding it raised OverflowError: a traceback, exit 1)
+                where.append("c.meter = ?" if -2**63 <= mid < 2**63 else "0")
+                if -2**63 <= mid < 2**63:
+                    args.append(mid)
             else:
                 meter_by_name = str(meter).lower()
         sql = ("SELECT c.group_guid, c.bucket_ts, c.key, k.label, c.meter, c.value FROM counters c "
