@@ -144,3 +144,53 @@ def test_a_huge_meter_fails_the_hook_instead_of_a_cg_monitor_list_of_its_size(tm
     assert "simplecounter.onpacket failed on every call (14)" in r.stderr
     assert re.findall(r"FLUSH (\S+) (\d+)", r.stdout) == [("k", "4")]
     assert db.execute("SELECT key, meter, value FROM counters WHERE group_guid = ?", (G,)).fetchall() == [("k", 3, 14)]
+
+
+NONFINITE = r"""
+local done = false
+TrisulPlugin = {
+  id = { name = "nonfinite" },
+  simplecounter = { protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",
+    onpacket = function(engine, layer)
+      if done then return end
+      done = true
+      local A = "{B5F1DECB-51D5-4395-B71B-6FA730B772D9}"
+      for i, v in ipairs({ 0/0, 1/0, -1/0, 2 }) do
+        engine:add_alert(A, nil, "A" .. i, v, "m")
+        engine:add_alert_full(A, nil, "F" .. i, "c", v, "m")
+        local fk = "11A:0A.00.00.0" .. i .. ":p-0001_0A.00.00.99:p-0035"
+        engine:new_flow_record(fk, v, 100, v, 2)
+        engine:update_flow(fk, 1, v)
+        engine:set_flow_duration(fk, v)
+      end
+    end },
+}
+"""
+
+
+def test_non_finite_priorities_and_flow_numbers_are_not_stored(tmp_path):
+    """Found by a hostile pass (2026-12-02): add_alert's priority and the flow-import numbers (new_flow_record,
+    update_flow, set_flow_duration) took NaN and +-inf as given: the alerts table held a priority NULL or Infinity,
+    flows bytes_az NULL or Infinity, last_ts Infinity, and `luaprobe query alerts --json` printed `Infinity`, which is
+    not JSON.  Now such a value is treated as one that is not a number always was: priority 3 (the default), 0 bytes /
+    packets / seconds.  Truth: the values the plug-in wrote, read back with sqlite3, and Python's strict JSON."""
+    import json
+    r, path, db = run(tmp_path, NONFINITE)
+    assert r.returncode == 0, r.stderr
+    prio = dict(db.execute("SELECT sigid, priority FROM alerts").fetchall())
+    assert prio == {"A1": 3, "F1": 3, "A2": 3, "F2": 3, "A3": 3, "F3": 3, "A4": 2, "F4": 2}, prio
+    flows = {fk[:15]: rest for fk, *rest in db.execute(
+        "SELECT flowkey, bytes_az, bytes_za, packets_az, packets_za, last_ts - first_ts FROM flows "
+        "WHERE flowkey LIKE '11A:0A.00.00.0%'")}
+    assert flows == {"11A:0A.00.00.01": [0, 100, 0, 2, 0.0], "11A:0A.00.00.02": [0, 100, 0, 2, 0.0],
+                     "11A:0A.00.00.03": [0, 100, 0, 2, 0.0], "11A:0A.00.00.04": [2, 102, 2, 2, 2.0]}, flows
+
+    def strict(c):
+        raise ValueError(f"not JSON: {c}")
+    exe = os.path.join(os.path.dirname(sys.executable), "luaprobe")
+    for what in ("alerts", "flows"):
+        q = subprocess.run([exe, "query", what, "--out", str(tmp_path / "out"), "--json"], capture_output=True,
+                           text=True, timeout=60)
+        assert q.returncode == 0, q.stderr
+        rows = [json.loads(ln, parse_constant=strict) for ln in q.stdout.splitlines()]
+        assert len(rows) == (8 if what == "alerts" else 5)

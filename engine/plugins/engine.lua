@@ -446,14 +446,25 @@ function Engine:update_key_info(guid, key, label, description)
   push(self.rows.key_info, { norm(guid), tostring(key), tostring(label or ""), description and tostring(description) or "" })
 end
 
+--- A number a plug-in passes for a stored number (an alert's priority, a flow record's bytes, packets or duration):
+--- a finite number, else `default`, as a value that is not a number always was.  NaN and +-inf were stored as they
+--- came: a priority or byte count NULL or Infinity, which `luaprobe query --json` printed as the non-JSON
+--- `Infinity` [test_counter_call_args.py].
+local function finite(v, default)
+  local n = tonumber(v)
+  if n == nil or n ~= n or n == huge or n == -huge then return default end
+  return n
+end
+M.finite = finite
+
 function Engine:add_alert(guid, flowkey, alert_key, priority, message)
   push(self.rows.alerts, { now(self), usec(self), norm(guid), flowkey_of(flowkey), tostring(alert_key or ""),
-    "", tonumber(priority) or 3, tostring(message or ""), "", self._plugin })
+    "", finite(priority, 3), tostring(message or ""), "", self._plugin })
 end
 
 function Engine:add_alert_full(guid, flowkey, alert_key, classification, priority, message, status)
   push(self.rows.alerts, { now(self), usec(self), norm(guid), flowkey_of(flowkey), tostring(alert_key or ""),
-    tostring(classification or ""), tonumber(priority) or 3, tostring(message or ""), tostring(status or ""),
+    tostring(classification or ""), finite(priority, 3), tostring(message or ""), tostring(status or ""),
     self._plugin })
 end
 
@@ -733,7 +744,7 @@ end
 function Engine:new_flow_record(flowkey, baz, bza, paz, pza)
   frontend_only(self, "new_flow_record")
   local f = sflow(self, flowkey, true)
-  f.v[0], f.v[1], f.v[2], f.v[3] = tonumber(baz) or 0, tonumber(bza) or 0, tonumber(paz) or 0, tonumber(pza) or 0
+  f.v[0], f.v[1], f.v[2], f.v[3] = finite(baz, 0), finite(bza, 0), finite(paz, 0), finite(pza, 0)
 end
 
 --- update_flow(flowkey, meter, value): add to a flow record's meter 0 bytes
@@ -747,7 +758,7 @@ function Engine:update_flow(flowkey, meter, value)
       :format(tostring(meter)), 2)
   end
   local f = sflow(self, flowkey, true)
-  f.v[meter] = f.v[meter] + (tonumber(value) or 0)
+  f.v[meter] = f.v[meter] + finite(value, 0)
   f.last = math.max(f.last, self._t.now)
 end
 Engine.update_flow_raw = Engine.update_flow
@@ -755,7 +766,7 @@ Engine.update_flow_raw = Engine.update_flow
 --- set_flow_duration(flowkey, secs): last_ts = first_ts + secs.
 function Engine:set_flow_duration(flowkey, secs)
   local f = sflow(self, flowkey, true)
-  f.last = f.first + (tonumber(secs) or 0)
+  f.last = f.first + finite(secs, 0)
 end
 
 local function sflow_row(f, state)

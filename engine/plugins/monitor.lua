@@ -14,6 +14,7 @@ Endpoints come from the flow key: source = the A end, destination = the Z end (t
 port, usually the server), in key format ("C0.A8.01.02", "p-0050"); "" without a flow.
 ]]
 local packet = require("luaprobe.engine.plugins.packet")
+local finite = require("luaprobe.engine.plugins.engine").finite
 
 local M = {}
 
@@ -57,7 +58,7 @@ local Alert = item_class(true)
 function Alert:sigid() return self._sigid end
 function Alert:classification() return self._classification end
 function Alert:priority() return self._priority end
-function Alert:set_priority(n) self._priority = tonumber(n) or self._priority end
+function Alert:set_priority(n) self._priority = finite(n, self._priority) end   -- NaN, inf: kept (engine.lua)
 function Alert:message() return self._message end
 function Alert:set_message(s) self._message = tostring(s) end
 function Alert:extra_message() return self._extra end
