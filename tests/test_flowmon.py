@@ -460,6 +460,7 @@ TrisulPlugin = { id = { name = "ft nan" },
     getmetric = function(engine, flow)
       if flow:flow():protocol() ~= "06" then return 0 end
       if (flow:az_packets() + flow:za_packets()) %% 2 == 1 then return 0/0 end      -- odd packet counts: NaN
+      if (flow:az_packets() + flow:za_packets()) %% 8 == 2 then return 1/0 end      -- 2 mod 8: inf
       return flow:az_bytes() + flow:za_bytes()
     end,
   },
@@ -472,16 +473,20 @@ def test_flowtracker_nan_metric_excludes_the_flow_and_keeps_the_topk(tmp_path):
     """Found by a hostile pass (2026-12-02): a getmetric returning NaN (0/0, a ratio of a flow with no packets in one
     direction) was taken as a metric, and one NaN in a bucket made its top-K wrong (heapq.nlargest keeps lower
     metrics and drops higher ones when a key is NaN: -inf ranked while -5 was dropped) and wrote a row whose metric
-    is NULL.  Now NaN excludes the flow, as 0, nil and non-numbers do (docs/plugins.md).  Truth: tshark's
-    conversations (frames and bytes per flow) ranked by Python, the NaN flows (odd frame counts) left out."""
+    is NULL; an infinite metric ranked first and was printed as the non-JSON Infinity.  Now NaN and +-inf exclude
+    the flow, as 0, nil and non-numbers do (docs/plugins.md).  Truth: tshark's conversations (frames and bytes per
+    flow) ranked by Python, the NaN flows (odd frame counts) and the inf flows (2 mod 8) left out."""
     plugin = helpers.write_plugin(tmp_path, FT_NAN.replace("%%", "%"), "ft.lua")
     summary, out = run(tmp_path, [plugin])
     tcp, fb = conversations("tcp"), frame_bytes()
     buckets = collections.defaultdict(list)
-    nan = 0
+    nan = inf = 0
     for key, conv in tcp.items():
         if (conv["packets_az"] + conv["packets_za"]) % 2 == 1:
             nan += 1
+            continue
+        if (conv["packets_az"] + conv["packets_za"]) % 8 == 2:
+            inf += 1
             continue
         last = int(conv["last"] + 1e-7)
         buckets[last - last % 10].append((sum(fb[key]), key))
@@ -492,5 +497,5 @@ def test_flowtracker_nan_metric_excludes_the_flow_and_keeps_the_topk(tmp_path):
     with Store(out) as s:
         got = [(r["tracker"], int(r["bucket_ts"]), int(r["rank"]), r["flowkey"], r["metric"])
                for r in s.flow_toppers()]
-    assert nan >= 3 and len(want) >= 6
+    assert nan >= 3 and inf >= 3 and len(want) >= 5
     assert got == want

@@ -104,16 +104,17 @@ function M.flush(host, keep)
   end
 end
 
---- flowtracker.getmetric(engine, flow): an array of numbers (0 when nil, not a number, NaN or an error).  NaN is 0:
---- before, it reached the ranking (engine/plugins/flowmon.py) as a flow's metric, and one NaN among a bucket's metrics
---- made heapq.nlargest keep lower metrics and drop higher ones (every comparison with NaN is false), and wrote a
---- topper row whose metric is NULL [test_flowmon.py].
+--- flowtracker.getmetric(engine, flow): an array of numbers (0 when nil, not a number, NaN, +-inf or an error).  NaN
+--- is 0: before, it reached the ranking (engine/plugins/flowmon.py) as a flow's metric, and one NaN among a bucket's
+--- metrics made heapq.nlargest keep lower metrics and drop higher ones (every comparison with NaN is false), and
+--- wrote a topper row whose metric is NULL; an infinite one ranked first and `query toppers --json` printed it as the
+--- non-JSON Infinity [test_flowmon.py].
+local finite = require("luaprobe.engine.plugins.engine").finite
 function M.metric(host)
   local out, eng = {}, host.engine
   for i, f in ipairs(host._flows) do
     local ok, res = host:call("flowtracker", "getmetric", eng, f)
-    local m = ok and tonumber(res) or 0
-    out[i] = m == m and m or 0
+    out[i] = ok and finite(res, 0) or 0
   end
   return out
 end
