@@ -22,7 +22,8 @@ flushed traces), the lupa module (its glue, LuaJIT's interpreter, recorder, comp
 runtime cost), Python and libc; then the --top traces with the most Ir a packet (VM, source:line where the trace
 starts, from ``LUAPROBE_JIT_TRACES``).  Counts, not time: the same code gives the same count to ~0.1 % when its trace
 trees are the same, so several processes show the trees' lottery, and --tree A --tree B compare checkouts (each tree's
-``engine/`` and ``shm/`` Lua modules in this interpreter: fillcg.py ``use_tree``).  Needs valgrind, its headers
+``engine/`` and ``shm/`` Lua modules in this interpreter: fillcg.py ``use_tree``).  LOOPCG_KEEP=DIR keeps each
+process's callgrind output (``callgrind_annotate`` reads it) and trace dumps in DIR.  Needs valgrind, its headers
 (callgrind.h) and cc.  About 1-2 minutes a process.
 """
 from __future__ import annotations
@@ -170,6 +171,8 @@ def measure(lib: str, tree: str, path: str, shape: str) -> dict:
         return {"ir": sum(cats.values()) / n, "cats": {k: v / n for k, v in cats.items()},
                 "top": sorted(top, reverse=True), "names": info["names"]}
     finally:
+        if os.environ.get("LOOPCG_KEEP"):      # LOOPCG_KEEP=DIR: the callgrind output and trace dumps moved there
+            shutil.copytree(work, os.path.join(os.environ["LOOPCG_KEEP"], os.path.basename(work)))
         shutil.rmtree(work, ignore_errors=True)
 
 
