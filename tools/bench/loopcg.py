@@ -49,7 +49,7 @@ from tools.bench import corpus, fillcg, shapes  # noqa: E402
 from tools.bench.perfsplit import DUMP, _text, trace_starts  # noqa: E402
 
 
-def child(lib: str, path: str, shape: str, work: str, tree: str) -> None:
+def child(lib: str, path: str, shape: str, work: str, tree: str, repeat: str = "1") -> None:
     """Under callgrind: FastPath over `path` with `shape`'s plug-ins, collection on while batches flow; writes
     work/run.json (packets, VM names) and work/traces.tsv (every alive trace's VM tag, number, address, size)."""
     fillcg.use_tree(tree)
@@ -75,7 +75,8 @@ def child(lib: str, path: str, shape: str, work: str, tree: str) -> None:
     runmod.method = method
     plugdir = os.path.join(work, "plugins")
     shapes.write(shape, plugdir)
-    fp = runmod.FastPath(runmod.RunConfig(plugins=[plugdir], files=[path], out_dir=os.path.join(work, "out")))
+    fp = runmod.FastPath(runmod.RunConfig(plugins=[plugdir], files=[path] * int(repeat),
+                                           out_dir=os.path.join(work, "out")))
     s = fp.run()
     if on[0]:
         cg.cg_toggle()
@@ -144,7 +145,7 @@ def split(cgout: str, traces: list) -> tuple[collections.Counter, collections.Co
     return cats, per
 
 
-def measure(lib: str, tree: str, path: str, shape: str) -> dict:
+def measure(lib: str, tree: str, path: str, shape: str, repeat: int = 1) -> dict:
     """One process: {"ir": Ir a packet, "cats": {category: Ir a packet}, "top": [(Ir a packet, label)]}."""
     work = tempfile.mkdtemp(prefix="lp-loopcg-")
     try:
@@ -152,7 +153,7 @@ def measure(lib: str, tree: str, path: str, shape: str) -> dict:
         env = dict(os.environ, LUAPROBE_JIT_TRACES=os.path.join(work, "jt"))
         p = subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no", "--dump-instr=yes",
                             "--compress-pos=no", f"--callgrind-out-file={out}", sys.executable,
-                            os.path.abspath(__file__), "--child", lib, path, shape, work, tree],
+                            os.path.abspath(__file__), "--child", lib, path, shape, work, tree, str(repeat)],
                            capture_output=True, text=True, env=env)
         if p.returncode or not os.path.exists(os.path.join(work, "run.json")):
             raise SystemExit(f"loopcg: {shape} {path}: exit {p.returncode}: {p.stderr[-800:]}")
@@ -179,7 +180,7 @@ def measure(lib: str, tree: str, path: str, shape: str) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
-        child(*argv[1:6])
+        child(*argv[1:7])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", default="small-few,ipv6", help="traffic shapes (--quick captures)")
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tree", action="append", help="work tree whose engine/ and shm/ are measured (repeatable; "
                     "the trees alternate process by process)")
     ap.add_argument("--top", type=int, default=8, help="traces listed per process")
+    ap.add_argument("--repeat", type=int, default=1, help="the capture given this many times (its later passes are "
+                    "late packets, one bucket: the warm-up's share of a packet shrinks)")
     a = ap.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("loopcg.py: valgrind is not installed", file=sys.stderr)
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
                 got = {t: [] for t in trees}
                 for _ in range(a.processes):
                     for t in trees:
-                        r = measure(lib, t, path, shape)
+                        r = measure(lib, t, path, shape, a.repeat)
                         got[t].append(r)
                         cats = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["cats"].items(), key=lambda x: -x[1])
                                          if v >= 0.5)
