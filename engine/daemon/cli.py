@@ -737,7 +737,7 @@ def _client_stopped(args, e: StartupStop) -> int:
     try:
         run_dir = control.find_run_dir(getattr(args, "run_dir", None))[0]
         pid = control.read_pid(run_dir)
-        state = (control.read_json(control.path(run_dir, control.STATE)) or {}).get("state", "unknown")
+        state = (control.read_state(run_dir) or {}).get("state", "unknown")
     except (control.ControlError, control.Ambiguous, OSError):
         run_dir, pid, state = None, None, "unknown"
     if pid is None:

@@ -56,6 +56,11 @@ class NoAnswer(ControlError):
         self.sent = sent
 
 
+class DamagedState(ControlError):
+    """The run directory's state.json is there but is not what a supervisor writes (hand-edited, or another
+    program's file): the message names the file and what is wrong with it (:func:`read_state`)."""
+
+
 class Unserved(NoAnswer):
     """The supervisor read the request and answered without acting on it, because it could not take requests: out
     of file descriptors (EMFILE at accept(); the connection got its spare descriptor, Supervisor._accept_spare).
@@ -493,6 +498,54 @@ def read_json(file: str):
             return json.load(f)
     except (OSError, ValueError):     # FileNotFoundError ...; json.JSONDecodeError, UnicodeDecodeError
         return None
+
+
+#: the fields of state.json (Supervisor.status()) that the commands use beyond printing them, and the JSON types
+#: they may have (None: null); a field may be missing
+_STATE_TYPES = {"state": (str,), "last_error": (str, type(None)), "plugin_problems": (list, type(None)),
+                "last_exit_code": (int, type(None)), "stop_killed": (str, type(None)),
+                "stopped_by": (str, type(None)), "store_rows_lost": (int, type(None)),
+                "last_stats": (dict, type(None))}
+_JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", type(None): "null",
+               float: "a number", bool: "a boolean"}
+
+
+def read_state(run_dir: str) -> dict | None:
+    """The supervisor's last saved state (``run_dir``/state.json, written whole by a rename:
+    Supervisor._save_state) as a dict; None when there is none or it cannot be read now (missing, EMFILE, EACCES,
+    a directory: as :func:`read_json`).  :class:`DamagedState` when the file is there but is not JSON, or not a JSON
+    object with a string "state" and the types of ``_STATE_TYPES`` (``last_stats`` numbers or null): a hand-edited
+    file, which `status`, `stop` and `stats` report in one line naming it instead of a traceback."""
+    file = path(run_dir, STATE)
+    try:
+        with open(file, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+
+    def damaged(what: str) -> DamagedState:
+        return DamagedState(f"{file} is damaged: {what} (a supervisor never writes that; remove the file)")
+
+    def kind(v) -> str:
+        return _JSON_NAMES.get(type(v), type(v).__name__)
+    try:
+        st = json.loads(data)
+    except ValueError as e:             # json.JSONDecodeError, UnicodeDecodeError
+        raise damaged(f"not JSON ({e})") from None
+    if not isinstance(st, dict):
+        raise damaged(f"{kind(st)}, not a JSON object")
+    if "state" not in st:
+        raise damaged('no "state"')
+    for k, types in _STATE_TYPES.items():
+        if k in st and not isinstance(st[k], types):
+            raise damaged(f'"{k}" is {kind(st[k])}, not ' + " or ".join(_JSON_NAMES[t] for t in types))
+    for k, v in (st.get("last_stats") or {}).items():
+        if not isinstance(v, (int, float, type(None))):
+            raise damaged(f'"last_stats" "{k}" is {kind(v)}, not a number or null')
+    for v in st.get("plugin_problems") or []:
+        if not isinstance(v, str):
+            raise damaged(f'"plugin_problems" holds {kind(v)}, not only strings')
+    return st
 
 
 # ---------------------------------------------------------------- where the running daemons are

@@ -69,7 +69,7 @@ def collect(run_dir: str, prime_s: float = 0.2) -> dict:
         live = True
     except control.NotRunning:
         snap, rates, live = None, {}, False
-        status = control.read_json(control.path(run_dir, control.STATE)) or {"state": "stopped"}
+        status = control.read_state(run_dir) or {"state": "stopped"}
     fresh = control.read_json(control.path(run_dir, control.STATS))
     if fresh is not None and (snap is None or fresh.get("time", 0) >= snap.get("time", 0)):
         if snap is None or fresh.get("processes", {}).get("fastpath") == snap.get("processes", {}).get("fastpath"):
@@ -187,7 +187,11 @@ def render_rich(cur: dict, prev: dict | None):
 def cmd_stats(args) -> int:
     """`luaprobe stats [--json] [--run-dir DIR] [--plain] [--count N]`."""
     run_dir, how = control.find_run_dir(args.run_dir)
-    first = collect(run_dir, prime_s=0 if args.json else 0.2)   # --json: one quick snapshot (cpu_percent null)
+    try:
+        first = collect(run_dir, prime_s=0 if args.json else 0.2)   # --json: one quick snapshot (cpu_percent null)
+    except control.DamagedState as e:   # read only when no supervisor answers
+        print(f"luaprobe stats: no daemon is running (looked in {run_dir}, found as {how}); {e}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
     if args.json:                       # after the end: the run's final counters, and exit 3 (not running)
         print(json.dumps(first, indent=2, default=str))
         return EXIT_OK if first["live"] else EXIT_NOT_RUNNING

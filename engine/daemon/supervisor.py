@@ -1378,7 +1378,7 @@ def _wait_loaded(run_dir: str, p: subprocess.Popen, timeout: float, refusals: in
             if refused:                           # nothing started: its line, and exit 2 (not the state of another)
                 print(f"luaprobe start: {refused}; nothing started", file=sys.stderr)
                 return EXIT_USAGE
-            st = control.read_json(control.path(run_dir, control.STATE)) or {}
+            st = control.read_state(run_dir) or {}
             if st.get("state", "").startswith("stopped (input finished)") and not st.get("last_error"):
                 stop_signals_decided()
                 print(f"finished: the input was processed completely; outputs in {st.get('out_dir')}, "
@@ -1548,7 +1548,11 @@ def cmd_stop(args) -> int:
               file=sys.stderr)
         return EXIT_INTERNAL
     except control.NotRunning:
-        st = control.read_json(control.path(run_dir, control.STATE)) or {}
+        try:
+            st = control.read_state(run_dir) or {}
+        except control.DamagedState as e:
+            print(f"luaprobe stop: not running (looked in {run_dir}, found as {how}); {e}", file=sys.stderr)
+            return EXIT_NOT_RUNNING
         state = st.get("state", "never started")
         if not state.startswith(("stopped", "failed", "never")):     # state.json of a supervisor that was killed
             state = (f"stopped: the supervisor is gone (killed?) while {state}; its fast path got SIGTERM from the "
@@ -1558,7 +1562,7 @@ def cmd_stop(args) -> int:
     if not _wait_gone(run_dir, reply.get("stop_deadline", 20) + STOP_WAIT_SLACK, pid):
         print(f"luaprobe stop: the supervisor is still running (pid {control.read_pid(run_dir)})", file=sys.stderr)
         return EXIT_INTERNAL
-    st = control.read_json(control.path(run_dir, control.STATE)) or {}
+    st = control.read_state(run_dir) or {}
     if st.get("stop_killed"):
         rule = "the stall rule, [supervise] stall_timeout" if "stalled" in st["stop_killed"] else \
             "raise [supervise] stop_deadline"
@@ -1610,14 +1614,18 @@ def cmd_status(args) -> int:
     try:
         st, live = control.request(run_dir, "status"), True
     except control.NoAnswer as e:               # running, but frozen or busy: its last saved state, and exit 1
-        st = control.read_json(control.path(run_dir, control.STATE)) or {"run_dir": run_dir}
+        st = control.read_state(run_dir) or {"run_dir": run_dir}
         what = "not taking requests" if isinstance(e, control.Unserved) else "not answering"
         st |= {"state": f"{what} (last saved state: {st.get('state', 'none')})", "answering": False}
         print(json.dumps(st | {"live": False}, indent=2) if getattr(args, "json", False) else format_status(st, False))
         print(f"luaprobe status: {e}", file=sys.stderr)
         return EXIT_INTERNAL
     except control.NotRunning:
-        st, live = control.read_json(control.path(run_dir, control.STATE)), False
+        try:
+            st, live = control.read_state(run_dir), False
+        except control.DamagedState as e:       # no state to show: one line (--json too), not running
+            print(f"luaprobe status: not running (looked in {run_dir}, found as {how}); {e}", file=sys.stderr)
+            return EXIT_NOT_RUNNING
         if st is None:
             st = {"state": f"stopped (never started in {run_dir}; looked there as {how})", "run_dir": run_dir}
         elif not st.get("state", "").startswith(("stopped", "failed")):
@@ -1659,7 +1667,7 @@ def cmd_reload(args) -> int:
         try:
             st = control.request(run_dir, "status")
         except control.NotRunning:              # it ended while the fast path restarted: its last word
-            st = control.read_json(control.path(run_dir, control.STATE)) or {}
+            st = control.read_state(run_dir) or {}
             print(f"luaprobe reload: the supervisor exited while the fast path restarted (state "
                   f"{st.get('state', 'unknown')}; last error: {one_line(st.get('last_error') or '-')}; log "
                   f"{control.path(run_dir, control.LOG)})", file=sys.stderr)
