@@ -83,6 +83,31 @@ def test_re2_linear_time_on_a_pattern_that_backtracks_exponentially():
     assert f(b"a" * 64 + b"c") == (True, True)
 
 
+SCRIPT = b"""local hh = require("luaprobe.engine.plugins.httpheader")
+local h = hh.new{ is_request = true, method = "GET", path = "/", headers = { {"Host", "a.com"} } }
+local ok = h:match_value("Host", "a.com")
+local bad = h:match_value("Host", "(unclosed")
+return ok, bad
+"""
+
+
+@pytest.mark.parametrize("script", [SCRIPT, SCRIPT.replace(b'h:match_value("Host", "(unclosed")',
+                                                           b'hh.regex("(unclosed")')], ids=["match_value", "regex"])
+def test_a_bad_pattern_string_is_reported_at_the_plug_in_s_line(script):
+    """HTTPHeader:match_value(name, "(unclosed") (and httpheader.regex): T.re2's "bad pattern" error names the line
+    of the plug-in script that called it, as T.re2("(unclosed") does and the other API errors of engine/plugins/*.lua
+    (error(msg, level)).  Before, it named httpheader.lua:27, where the pattern string was compiled.  Twice: a bad
+    pattern is not cached."""
+    line = script.split(b"\n").index(next(x for x in script.split(b"\n") if b"(unclosed" in x)) + 1
+    run = ev("function(src) return pcall(assert(load(src, '@probe_script.lua'))) end")
+    for _ in range(2):
+        ok, err = run(script)
+        assert ok is False and err == (b"probe_script.lua:%d: T.re2: bad pattern '(unclosed': missing ): (unclosed"
+                                       % line), err
+    ok, err = ev("function() return pcall(T.re2, '(unclosed') end")()
+    assert ok is False and err == b"T.re2: bad pattern '(unclosed': missing ): (unclosed"     # the same words
+
+
 TEXT = st.text(alphabet="abc\r\n", max_size=40)
 PATTERNS = st.lists(st.text(alphabet="abc\r\n", min_size=1, max_size=4), min_size=1, max_size=6, unique=True)
 

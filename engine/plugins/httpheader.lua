@@ -19,12 +19,16 @@ local slower, type, error = string.lower, type, error
 
 local M = {}
 
---- regex(pattern) -> a compiled T.re2 object (default options), cached per pattern string (256 at most).
+--- regex(pattern [, level]) -> a compiled T.re2 object (default options), cached per pattern string (256 at most).
+--- A bad pattern raises T.re2's error ("T.re2: bad pattern '(': ...") at `level` as error() counts it from the
+--- caller of regex: 1 (the default) names regex's caller's line, 2 its caller's (match_value: the plug-in's).
 local cache, ncache = {}, 0
-function M.regex(src)
+function M.regex(src, level)
     local r = cache[src]
     if r then return r end
-    r = re2.new(src)
+    local ok, res = pcall(re2.new, src)     -- its error(msg, 2) then names pcall, a C function: no position
+    if not ok then error(res, (level or 1) + 1) end
+    r = res
     if ncache >= 256 then cache, ncache = {}, 0 end
     cache[src] = r
     ncache = ncache + 1
@@ -103,7 +107,7 @@ function HTTPHeader:match_value(name, re)
     local v = self:get_value(name)
     if v == nil then return false end
     if type(re) == "string" then
-        return M.regex(re):partial_match(v)
+        return M.regex(re, 2):partial_match(v)
     end
     if re ~= nil and re.partial_match then
         return re:partial_match(v) and true or false
