@@ -221,6 +221,20 @@ def test_earlier_results_are_refused_appended_or_overwritten(tmp_path):
         assert luaprobe("demo", "--out", out, "-q").returncode == 0
 
 
+@pytest.mark.parametrize("cmd", ["run", "demo"])
+@pytest.mark.parametrize("extra, fragment", [([], "--out {f}: exists and is not a directory"),
+                                             (["--analysers", "bogus"], "--analysers: unknown analyser 'bogus'")])
+def test_a_demo_s_errors_say_demo(tmp_path, cmd, extra, fragment):
+    """`luaprobe demo` runs `run`'s code: its one line named `luaprobe run:` (`luaprobe demo --out /etc/passwd`:
+    "luaprobe run: --out /etc/passwd: exists and is not a directory"); each line now names the command typed."""
+    f = tmp_path / "a_file"
+    f.write_text("")
+    args = ["--out", str(f)] if not extra else ["--out", str(tmp_path / "out"), *extra]
+    r = luaprobe(cmd, *([PLUGIN, "--pcap", SAMPLE] if cmd == "run" else []), *args)
+    one_line(r, 2, f"luaprobe {cmd}: " + fragment.format(f=f))
+    assert r.stderr.startswith(f"luaprobe {cmd}: "), r.stderr
+
+
 @pytest.mark.parametrize("cmd", ["run", "demo", "check", "query", "gen", "start", "stop", "status", "reload", "stats",
                                  "shm", "loadtest"])
 def test_help_of_every_command(cmd):

@@ -121,14 +121,14 @@ def _rich_summary(s: dict) -> None:
     con.print(_written_line(s), markup=False)
 
 
-def _print_problems(s: dict) -> None:
+def _print_problems(s: dict, me: str = "luaprobe run") -> None:
     """Plug-in problems and input errors on stderr, one line each (the only place a capture error is printed:
-    ``luaprobe run: input error: FILE: byte offset N: ...``)."""
+    ``luaprobe run: input error: FILE: byte offset N: ...``; ``me``: the command's name, ``luaprobe demo``)."""
     from luaprobe.shm.logs import one_line
     for e in s["plugin_problems"]:
         print(f"plug-in problem: {one_line(e)}", file=sys.stderr)
     for e in s["input_errors"]:
-        print(f"luaprobe run: input error: {one_line(e)}", file=sys.stderr)
+        print(f"{me}: input error: {one_line(e)}", file=sys.stderr)
 
 
 ASYNC_COLUMNS = ("scheduled", "ok", "nil_result", "error", "timeout", "dropped", "pending")
@@ -331,6 +331,8 @@ def cmd_run(args) -> int:
 
 def _run(args) -> int:
     import json
+    cmd = getattr(args, "command", None) or "run"
+    me = f"luaprobe {cmd}"                  # each line names the command: `luaprobe demo: ...` in a demo
 
     from luaprobe.shm import logs
     from luaprobe.engine.fastpath.run import RunConfig
@@ -350,13 +352,13 @@ def _run(args) -> int:
         try:
             parse_spec(generate)
         except UsageError as e:
-            print(f"luaprobe run: {e}", file=sys.stderr)
+            print(f"{me}: {e}", file=sys.stderr)
             return EXIT_USAGE
     from .usage import InputProblem, UsageError, check_captures, check_dir_target, check_lua_paths, \
         check_new_file, check_not_an_input_or_output, check_out_dir, check_plugins, check_private_dir
     from .settings import dirs
     if not args.plugins and not _analysers_asked(args.analysers):
-        print("luaprobe run: give a PLUGIN file or directory (or --analysers LIST to store only the built-in "
+        print(f"{me}: give a PLUGIN file or directory (or --analysers LIST to store only the built-in "
               "analysers' output; docs/plugins.md)", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -375,14 +377,14 @@ def _run(args) -> int:
         args.out_claim = check_out_dir(args.out, "append" if args.append else "overwrite" if args.overwrite else "new",
                                        private=bool(getattr(args, "user", None) or getattr(args, "group", None)))
     except (UsageError, InputProblem) as e:
-        print(f"luaprobe run: {e}", file=sys.stderr)
+        print(f"{me}: {e}", file=sys.stderr)
         return e.exit_code
     if bpf is not None and not interface:
-        print("luaprobe run: --bpf needs --interface (capture files are not filtered)", file=sys.stderr)
+        print(f"{me}: --bpf needs --interface (capture files are not filtered)", file=sys.stderr)
         return EXIT_USAGE
     speed = getattr(args, "speed", 0.0)
     if speed and not args.pcap:
-        print("luaprobe run: --speed needs --pcap (a live interface or --generate comes at its own pace)",
+        print(f"{me}: --speed needs --pcap (a live interface or --generate comes at its own pace)",
               file=sys.stderr)
         return EXIT_USAGE
     bpf_program = None
@@ -396,10 +398,10 @@ def _run(args) -> int:
                 bpf_program = compile_bpf(bpf, link_type(interface), interface)   # instead of opening a second
                 #                         libpcap handle, a packet socket bound to the interface, while it starts
         except OSError:
-            print(f"luaprobe run: --interface {interface}: no such network interface", file=sys.stderr)
+            print(f"{me}: --interface {interface}: no such network interface", file=sys.stderr)
             return EXIT_USAGE
         except BpfError as e:
-            print(f"luaprobe run: --bpf: {e}", file=sys.stderr)
+            print(f"{me}: --bpf: {e}", file=sys.stderr)
             return EXIT_USAGE
     try:
         cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
@@ -411,13 +413,13 @@ def _run(args) -> int:
         if not 1 <= cfg.shards <= 64:
             raise ValueError(f"--shards {cfg.shards}: must be between 1 and 64")
     except ValueError as e:
-        print(f"luaprobe run: {e}", file=sys.stderr)
+        print(f"{me}: {e}", file=sys.stderr)
         return EXIT_USAGE
     from .privileges import enter_run
     try:
         enter_run(cfg, stats_json=args.stats_json)         # --user: sockets opened, then root dropped
     except (UsageError, InputProblem) as e:
-        print(f"luaprobe run: {e}", file=sys.stderr)
+        print(f"{me}: {e}", file=sys.stderr)
         return e.exit_code
     from luaprobe.engine.fastpath.run import preflight
     from luaprobe.engine.store.writer import StoreError
@@ -430,13 +432,13 @@ def _run(args) -> int:
         with _stdout_to_stderr(args.json):
             summary = make_run(cfg).run()
     except PluginError as e:
-        print(f"luaprobe run: plug-in error: {e}", file=sys.stderr)
+        print(f"{me}: plug-in error: {e}", file=sys.stderr)
         return EXIT_PLUGIN
     except UsageError as e:
-        print(f"luaprobe run: {e}", file=sys.stderr)
+        print(f"{me}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except StoreError as e:                            # died, or failed: disk full, read-only, I/O (names the file)
-        print(f"luaprobe run: exit 1: {e}", file=sys.stderr)
+        print(f"{me}: exit 1: {e}", file=sys.stderr)
         summary = getattr(e, "summary", None)          # StoreDied: the counters up to the death (not in the database)
         if summary is not None:
             summary["exit"] = {"code": EXIT_INTERNAL, "reasons": [str(e)]}
@@ -447,18 +449,18 @@ def _run(args) -> int:
                     from .usage import write_file_atomic
                     write_file_atomic(args.stats_json, json.dumps(summary, indent=2, default=str).encode())
                 except OSError as oe:                  # e.g. the same full disk: the line above already says why
-                    print(f"luaprobe run: --stats-json {args.stats_json}: {oe.strerror}", file=sys.stderr)
+                    print(f"{me}: --stats-json {args.stats_json}: {oe.strerror}", file=sys.stderr)
         return EXIT_INTERNAL
     except StartupStop as e:
-        return _startup_stop(["run"], e)
+        return _startup_stop([cmd], e)
     except KeyboardInterrupt:
-        print("luaprobe run: stopped hard by a second signal (workers and capture killed; rows already handed "
+        print(f"{me}: stopped hard by a second signal (workers and capture killed; rows already handed "
               "to the store writer are committed, the rest is lost)", file=sys.stderr)
         return EXIT_INTERNAL
     except Exception as e:  # noqa: BLE001 - a user sees one line, the log has the traceback
         logs.log.debug("internal error", exc_info=True)
         from luaprobe.engine.plugins.errors import text
-        print(f"luaprobe run: internal error: {type(e).__name__}: {text(e)}", file=sys.stderr)
+        print(f"{me}: internal error: {type(e).__name__}: {text(e)}", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
         if bar is not None:
@@ -476,19 +478,19 @@ def _run(args) -> int:
     def on_stderr():
         if args.json:
             for e in summary["input_errors"]:      # stdout stays pure JSON; the one line goes to stderr as ever
-                print(f"luaprobe run: input error: {e}", file=sys.stderr)
+                print(f"{me}: input error: {e}", file=sys.stderr)
             if summary.get("capture_death"):
-                print(f"luaprobe run: exit {code}: {reasons[0]}", file=sys.stderr)
+                print(f"{me}: exit {code}: {reasons[0]}", file=sys.stderr)
         else:
-            _print_problems(summary)
+            _print_problems(summary, me)
 
     def closing_lines():
         from luaprobe.shm.logs import one_line     # a plug-in file named "x\ny" stays on its line
         for r in reasons:                  # plug-in problems and input errors were printed above
             if r.startswith("stopped early"):
-                print(f"luaprobe run: {one_line(r)}", file=sys.stderr)
+                print(f"{me}: {one_line(r)}", file=sys.stderr)
             elif not r.startswith(("plug-in problem:", "input error")) and not args.json:
-                print(f"luaprobe run: exit {code}: {one_line(r)}", file=sys.stderr)
+                print(f"{me}: exit {code}: {one_line(r)}", file=sys.stderr)
 
     _despite_reader_gone(on_stdout)
     _despite_reader_gone(on_stderr)
@@ -497,7 +499,7 @@ def _run(args) -> int:
             from .usage import write_file_atomic      # never a truncated file (a full disk: the old one stays)
             write_file_atomic(args.stats_json, json.dumps(summary, indent=2, default=str).encode())
         except OSError as e:
-            _despite_reader_gone(lambda: print(f"luaprobe run: --stats-json {args.stats_json}: {e.strerror}",
+            _despite_reader_gone(lambda: print(f"{me}: --stats-json {args.stats_json}: {e.strerror}",
                                                file=sys.stderr))
             return code or EXIT_INTERNAL
     _despite_reader_gone(closing_lines)
