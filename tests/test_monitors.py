@@ -9,6 +9,8 @@ import os
 import sqlite3
 import subprocess
 
+import pytest
+
 from luaprobe.engine.fastpath.run import FastPath, RunConfig
 from tests.helpers import PCAPS
 
@@ -108,6 +110,34 @@ def test_resource_and_fts_monitors_see_every_dns_item(tmp_path):
     assert len(a.split("=")[1].split(",")) == 12
     assert db.execute("SELECT count(*) FROM fts").fetchone()[0] == tshark_count(name, "dns")
     assert summary["monitors"]["resources_filtered"] == 1
+
+
+FLUSH_TIME = RECORDER % "win" + """
+TrisulPlugin = { id = { name = "flush-time" },
+  resource_monitor = {
+    resource_guid = '{D1E27FF0-6D66-4E57-BB91-99F76BB2143E}',
+    onflush = function(engine, resource) rec(engine, "flush", tostring((engine:timestamp()))) end,
+  },
+}
+"""
+
+
+@pytest.mark.parametrize("window", [2, 3, 60])
+def test_monitor_items_flush_at_the_end_of_their_window_of_the_window_option(tmp_path, window):
+    """monitors.py "Timing": onflush runs at the end of the item's backend window, `--window` seconds of packet
+    time aligned on multiples of it (engine:timestamp() there is the window end), whatever the window is (the
+    docstring said "60 s window").  Truth: tshark's times of the DNS responses, one resource per answer."""
+    name = "dns-udp-a-aaaa-mx.pcap"
+    run(tmp_path, {"win.lua": FLUSH_TIME}, [name], window=window)
+    rows = subprocess.run(["tshark", "-r", pcap(name), "-n", "-Y", "dns.flags.response == 1", "-T", "fields",
+                           "-e", "frame.time_epoch", "-e", "dns.count.answers"],
+                          capture_output=True, text=True, check=True).stdout.split("\n")
+    want = collections.Counter()
+    for t, n in (r.split("\t") for r in rows if r):
+        sec = int(float(t))
+        want[sec - sec % window + window] += int(n)
+    got = collections.Counter(int(x.split("\t")[1]) for x in lines(tmp_path, "win-") if x.startswith("flush"))
+    assert got == want and sum(want.values()) == 18, (got, want)
 
 
 URLMON = RECORDER % "url" + """

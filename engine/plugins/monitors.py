@@ -15,10 +15,11 @@ Which VM sees which item, and when (docs/plugins.md "Monitors"):
   arrival order (item n goes to instance n mod N), counter keys by ``crc32(key) mod N`` so a key always
   meets the same VM.
 * Timing.  ``onnew*`` runs when the item reaches the backend (between batches, within the packet-time
-  second that produced it).  ``flushfilter`` and ``onflush`` run at the end of the item's 60 s window,
-  before ``onendflush``; then the kept items are written.  cg_monitor hooks run when a counter bucket
-  closes (``onnewkey``, ``onflushfilter``, ``onupdate``, ``onflush`` per key, the ``SYS:GROUP_TOTALS``
-  key, then toppers per meter).
+  second that produced it).  ``flushfilter`` and ``onflush`` run at the end of the item's backend window
+  (``--window`` / ``[fastpath] window`` seconds of packet time, 60 by default, aligned on multiples of it; the
+  last, unfinished one at the end of input), before ``onendflush``; then the kept items are written.
+  cg_monitor hooks run when a counter bucket closes (``onnewkey``, ``onflushfilter``, ``onupdate``, ``onflush``
+  per key, the ``SYS:GROUP_TOTALS`` key, then toppers per meter).
 * Votes (:func:`kept`).  ``flushfilter`` votes on storing an item: it is stored unless every attached script
   that has the filter hook returns false; a script without the hook does not vote (an item no script votes on
   is stored), a filter that raised an error votes to keep.  cg_monitor ``onflushfilter`` overrides
