@@ -11,7 +11,8 @@ moved small-few 87 -> 109 ns).  A per-part count (tools/bench/fillcg.py, flowtab
 the whole loop.
 
 Each process runs ``FastPath`` (as ``luaprobe run`` does: capture process, driver, plug-in VMs, store writer) over a
---quick corpus capture (tools/bench/corpus.py) with one plug-in shape (tools/bench/shapes.py), under ``valgrind
+--quick corpus capture (tools/bench/corpus.py) with one plug-in shape (tools/bench/shapes.py; on the layer the
+corpus shape names, UDP for dns, as corpus_bench.py), under ``valgrind
 --tool=callgrind --collect-atstart=no``.  Collection is switched on at each call of the driver's ``fill`` and off
 when a fill returns no packet: the counted part is the packet loop as the summary's ``packet_loop_cpu_s`` times it
 (its first batch, LuaJIT's warm-up and compilation, the plug-in walks, Python between batches), without the idle
@@ -49,7 +50,7 @@ from tools.bench import corpus, fillcg, shapes  # noqa: E402
 from tools.bench.perfsplit import DUMP, _text, trace_starts  # noqa: E402
 
 
-def child(lib: str, path: str, shape: str, work: str, tree: str, repeat: str = "1") -> None:
+def child(lib: str, path: str, shape: str, work: str, tree: str, repeat: str = "1", layer: str = "tcp") -> None:
     """Under callgrind: FastPath over `path` with `shape`'s plug-ins, collection on while batches flow; writes
     work/run.json (packets, VM names) and work/traces.tsv (every alive trace's VM tag, number, address, size)."""
     fillcg.use_tree(tree)
@@ -74,7 +75,7 @@ def child(lib: str, path: str, shape: str, work: str, tree: str, repeat: str = "
         return fill
     runmod.method = method
     plugdir = os.path.join(work, "plugins")
-    shapes.write(shape, plugdir)
+    shapes.write(shape, plugdir, layer)
     fp = runmod.FastPath(runmod.RunConfig(plugins=[plugdir], files=[path] * int(repeat),
                                            out_dir=os.path.join(work, "out")))
     s = fp.run()
@@ -145,7 +146,7 @@ def split(cgout: str, traces: list) -> tuple[collections.Counter, collections.Co
     return cats, per
 
 
-def measure(lib: str, tree: str, path: str, shape: str, repeat: int = 1) -> dict:
+def measure(lib: str, tree: str, path: str, shape: str, repeat: int = 1, layer: str = "tcp") -> dict:
     """One process: {"ir": Ir a packet, "cats": {category: Ir a packet}, "top": [(Ir a packet, label)]}."""
     work = tempfile.mkdtemp(prefix="lp-loopcg-")
     try:
@@ -153,7 +154,7 @@ def measure(lib: str, tree: str, path: str, shape: str, repeat: int = 1) -> dict
         env = dict(os.environ, LUAPROBE_JIT_TRACES=os.path.join(work, "jt"))
         p = subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no", "--dump-instr=yes",
                             "--compress-pos=no", f"--callgrind-out-file={out}", sys.executable,
-                            os.path.abspath(__file__), "--child", lib, path, shape, work, tree, str(repeat)],
+                            os.path.abspath(__file__), "--child", lib, path, shape, work, tree, str(repeat), layer],
                            capture_output=True, text=True, env=env)
         if p.returncode or not os.path.exists(os.path.join(work, "run.json")):
             raise SystemExit(f"loopcg: {shape} {path}: exit {p.returncode}: {p.stderr[-800:]}")
@@ -180,7 +181,7 @@ def measure(lib: str, tree: str, path: str, shape: str, repeat: int = 1) -> dict
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
-        child(*argv[1:7])
+        child(*argv[1:8])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", default="small-few,ipv6", help="traffic shapes (--quick captures)")
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
                 got = {t: [] for t in trees}
                 for _ in range(a.processes):
                     for t in trees:
-                        r = measure(lib, t, path, shape, a.repeat)
+                        r = measure(lib, t, path, shape, a.repeat, corpus.SHAPES[c].get("layer", "tcp"))
                         got[t].append(r)
                         cats = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["cats"].items(), key=lambda x: -x[1])
                                          if v >= 0.5)
