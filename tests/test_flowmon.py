@@ -78,6 +78,21 @@ def frame_bytes() -> dict:
     return out
 
 
+def _top3_per_bucket(convs, fb) -> list:
+    """The toppers rows a "Top TCP" tracker of 3 per 10 s bucket must store: (tracker, bucket, rank, flow key, metric)
+    for the 3 largest by frame bytes (`fb`) of the conversations (`convs`: (key, tshark row)) per bucket of each
+    one's last packet."""
+    buckets = collections.defaultdict(list)
+    for key, conv in convs:
+        last = int(conv["last"] + 1e-7)
+        buckets[last - last % 10].append((sum(fb[key]), key))
+    want = []
+    for b in sorted(buckets):
+        top = heapq.nlargest(3, buckets[b])
+        want += [("Top TCP", b, rank, key, m) for rank, (m, key) in enumerate(top, 1)]
+    return want
+
+
 SG = r'''
 local OUT = %q
 TrisulPlugin = {
@@ -195,14 +210,7 @@ def test_flowtracker_topk_matches_tshark(tmp_path):
     plugin = helpers.write_plugin(tmp_path, FT, "ft.lua")
     summary, out = run(tmp_path, [plugin])
     tcp, fb = conversations("tcp"), frame_bytes()
-    buckets = collections.defaultdict(list)
-    for key, conv in tcp.items():
-        last = int(conv["last"] + 1e-7)
-        buckets[last - last % 10].append((sum(fb[key]), key))
-    want = []
-    for b in sorted(buckets):
-        top = heapq.nlargest(3, buckets[b])
-        want += [("Top TCP", b, rank, key, m) for rank, (m, key) in enumerate(top, 1)]
+    want = _top3_per_bucket(tcp.items(), fb)
     with Store(out) as s:
         got = [(r["tracker"], int(r["bucket_ts"]), int(r["rank"]), r["flowkey"], int(r["metric"]))
                for r in s.flow_toppers()]
@@ -479,21 +487,15 @@ def test_flowtracker_nan_metric_excludes_the_flow_and_keeps_the_topk(tmp_path):
     plugin = helpers.write_plugin(tmp_path, FT_NAN.replace("%%", "%"), "ft.lua")
     summary, out = run(tmp_path, [plugin])
     tcp, fb = conversations("tcp"), frame_bytes()
-    buckets = collections.defaultdict(list)
-    nan = inf = 0
+    kept, nan, inf = [], 0, 0
     for key, conv in tcp.items():
         if (conv["packets_az"] + conv["packets_za"]) % 2 == 1:
             nan += 1
-            continue
-        if (conv["packets_az"] + conv["packets_za"]) % 8 == 2:
+        elif (conv["packets_az"] + conv["packets_za"]) % 8 == 2:
             inf += 1
-            continue
-        last = int(conv["last"] + 1e-7)
-        buckets[last - last % 10].append((sum(fb[key]), key))
-    want = []
-    for b in sorted(buckets):
-        top = heapq.nlargest(3, buckets[b])
-        want += [("Top TCP", b, rank, key, m) for rank, (m, key) in enumerate(top, 1)]
+        else:
+            kept.append((key, conv))
+    want = _top3_per_bucket(kept, fb)
     with Store(out) as s:
         got = [(r["tracker"], int(r["bucket_ts"]), int(r["rank"]), r["flowkey"], r["metric"])
                for r in s.flow_toppers()]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 
 HOOK = r"""
 local jutil = require "jit.util"
@@ -94,6 +95,35 @@ def write_log(lua, path: str) -> None:
         f.write(lua.eval("ABORT_LIST()"))
 
 
+def instr_costs(cgout: str):
+    """(address, Ir, object file) of each instruction's cost line of callgrind output `cgout` (--dump-instr=yes
+    --compress-pos=no), in file order; the inclusive cost line after each ``calls=`` line is skipped.  Object names
+    are defined once, in an ``ob=`` or ``cob=`` line, then referred to by their id."""
+    obs, ob, skip, col = {}, "?", False, 1
+    for ln in open(cgout):
+        if ln.startswith("positions:"):
+            col = len(ln.split()) - 1         # "instr line": the Ir column after both positions
+            continue
+        if ln.startswith("ob=") or ln.startswith("cob="):
+            m = re.match(r"c?ob=\((\d+)\)(?: (.*))?", ln.strip())
+            name = (obs.setdefault(m.group(1), m.group(2)) if m.group(2) else obs.get(m.group(1), "?")) if m \
+                else ln.strip().split("=", 1)[1]
+            if ln.startswith("ob="):
+                ob = name
+            continue
+        if skip:
+            skip = False
+            continue
+        if ln.startswith("calls="):
+            skip = True
+            continue
+        if not ln.startswith("0x"):
+            continue
+        f = ln.split()
+        if len(f) > col:
+            yield int(f[0], 16), int(f[col]), ob
+
+
 def trace_costs(cgout: str, tlog: str) -> list:
     """Ir of each trace's machine code (callgrind --dump-instr=yes --compress-pos=no output, the HOOK log):
     rows (trace, source, start line, parent, exit, link, linktype, Ir in the pre-loop part, Ir in the loop, lines,
@@ -108,27 +138,13 @@ def trace_costs(cgout: str, tlog: str) -> list:
     tr.sort()
     starts = [t[0] for t in tr]
     pre, body = [0] * len(tr), [0] * len(tr)
-    skip, col = False, 1
-    for ln in open(cgout):
-        if ln.startswith("positions:"):
-            col = len(ln.split()) - 1         # "instr line": the Ir column after both positions
-            continue
-        if skip:
-            skip = False
-            continue
-        if ln.startswith("calls="):
-            skip = True
-            continue
-        if not ln.startswith("0x"):
-            continue
-        f = ln.split()
-        a = int(f[0], 16)
+    for a, ir, _ in instr_costs(cgout):
         i = bisect.bisect_right(starts, a) - 1
-        if i >= 0 and a < tr[i][0] + tr[i][1] and len(f) > col:
+        if i >= 0 and a < tr[i][0] + tr[i][1]:
             if tr[i][2] and a >= tr[i][0] + tr[i][2]:
-                body[i] += int(f[col])
+                body[i] += ir
             else:
-                pre[i] += int(f[col])
+                pre[i] += ir
     rows = []
     for i, (addr, size, loop, f) in enumerate(tr):
         rows.append((int(f[0]), f[1], int(f[2]), int(f[3]), int(f[4]), int(f[8]), f[9], pre[i], body[i],

@@ -46,8 +46,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 
-from tools.bench import corpus, fillcg, shapes  # noqa: E402
-from tools.bench.perfsplit import DUMP, _text, trace_starts  # noqa: E402
+from tools.bench import corpus, fillcg, jittraces, shapes  # noqa: E402
+from tools.bench.perfsplit import DUMP, _text, trace_ranges, trace_starts  # noqa: E402
 
 
 def child(lib: str, path: str, shape: str, work: str, tree: str, repeat: str = "1", layer: str = "tcp") -> None:
@@ -111,30 +111,7 @@ def split(cgout: str, traces: list) -> tuple[collections.Counter, collections.Co
     JIT code put in the trace whose machine code holds it (`traces`: sorted (start, end, tag, number))."""
     cats, per = collections.Counter(), collections.Counter()
     starts = [t[0] for t in traces]
-    obs, ob, skip, col = {}, "?", False, 1
-    for ln in open(cgout):
-        if ln.startswith("positions:"):
-            col = len(ln.split()) - 1
-            continue
-        if ln.startswith("ob=") or ln.startswith("cob="):   # names are defined once, in either, then used by id
-            m = re.match(r"c?ob=\((\d+)\)(?: (.*))?", ln.strip())
-            name = (obs.setdefault(m.group(1), m.group(2)) if m.group(2) else obs.get(m.group(1), "?")) if m \
-                else ln.strip().split("=", 1)[1]
-            if ln.startswith("ob="):
-                ob = name
-            continue
-        if skip:
-            skip = False
-            continue
-        if ln.startswith("calls="):
-            skip = True
-            continue
-        if not ln.startswith("0x"):
-            continue
-        f = ln.split()
-        if len(f) <= col:
-            continue
-        a, ir = int(f[0], 16), int(f[col])
+    for a, ir, ob in jittraces.instr_costs(cgout):
         i = bisect.bisect_right(starts, a) - 1
         if i >= 0 and a < traces[i][1]:
             per[(traces[i][2], traces[i][3])] += ir
@@ -160,14 +137,7 @@ def measure(lib: str, tree: str, path: str, shape: str, repeat: int = 1, layer: 
             raise SystemExit(f"loopcg: {shape} {path}: exit {p.returncode}: {p.stderr[-800:]}")
         with open(os.path.join(work, "run.json")) as f:
             info = json.load(f)
-        traces = []
-        with open(os.path.join(work, "traces.tsv")) as f:
-            for line in f:
-                if line.strip():
-                    tag, n, addr, size = line.rstrip("\n").split("\t")
-                    traces.append((int(addr), int(addr) + int(size), tag, int(n)))
-        traces.sort()
-        cats, per = split(out, traces)
+        cats, per = split(out, trace_ranges(work))
         starts, n = trace_starts(work), info["packets"]
         top = [(v / n, f"{info['names'].get(t, t)} #{k} {starts.get((t, k), '?')}") for (t, k), v in per.items()]
         return {"ir": sum(cats.values()) / n, "cats": {k: v / n for k, v in cats.items()},

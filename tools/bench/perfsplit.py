@@ -96,6 +96,17 @@ def trace_starts(work: str) -> dict:
     return out
 
 
+def trace_ranges(work: str) -> list:
+    """Every trace the child dumped in work/traces.tsv (DUMP): sorted [(start address, end address, VM tag, trace)]."""
+    traces = []
+    with open(os.path.join(work, "traces.tsv")) as f:
+        for line in f:
+            if line.strip():
+                tag, n, addr, size = line.rstrip("\n").split("\t")
+                traces.append((int(addr), int(addr) + int(size), tag, int(n)))
+    return sorted(traces)
+
+
 def split(path: str, shape: str, repeat: int, freq: int) -> tuple[dict, dict]:
     """Run the child under perf; returns ({category: samples}, run info)."""
     work = tempfile.mkdtemp(prefix="lp-perfsplit-")
@@ -107,13 +118,7 @@ def split(path: str, shape: str, repeat: int, freq: int) -> tuple[dict, dict]:
                        env=env, check=True, stdout=subprocess.DEVNULL)
         with open(os.path.join(work, "run.json")) as f:
             info = json.load(f)
-        traces = []
-        with open(os.path.join(work, "traces.tsv")) as f:
-            for line in f:
-                if line.strip():
-                    tag, n, addr, size = line.rstrip("\n").split("\t")
-                    traces.append((int(addr), int(addr) + int(size), tag, int(n)))
-        traces.sort()
+        traces = trace_ranges(work)
         starts = trace_starts(work)
         script = subprocess.run(["perf", "script", "-i", data, "--tid", str(info["tid"]), "-G", "-F", "time,ip,dso"],
                                 capture_output=True, text=True, check=True).stdout
