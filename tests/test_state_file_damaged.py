@@ -83,3 +83,17 @@ def test_the_state_a_real_supervisor_left_is_shown(tmp_path):
     sp = _cli("stop", "--run-dir", str(run))
     assert sp.returncode == EXIT_NOT_RUNNING and sp.stderr.startswith("luaprobe stop: not running (stopped (input "
                                                                       "finished); looked in"), sp.stderr
+
+
+@pytest.mark.parametrize("content", ["5", "[]", '{"time": "x"}', '{"time": 1, "processes": 5}', "garbage{"])
+def test_a_damaged_stats_file_is_passed_over(tmp_path, content):
+    """stats.json (the fast path's snapshot, rewritten by the supervisor) hand-damaged, no supervisor: `stats --json`
+    gave a traceback (TypeError / AttributeError); now the file counts as missing: the last state, exit 3."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    (run / "stats.json").write_text(content)
+    r = _cli("stats", "--json", "--run-dir", str(run))
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == EXIT_NOT_RUNNING, (r.returncode, r.stdout, r.stderr)
+    out = json.loads(r.stdout)
+    assert out["live"] is False and "packets" not in out

@@ -61,6 +61,18 @@ def process_info(pids: dict, prime_s: float = 0.2) -> list[dict]:
     return rows
 
 
+def snapshot_file(run_dir: str) -> dict | None:
+    """The fast path's last snapshot as the supervisor wrote it (``run_dir``/stats.json, rewritten whole every [stats]
+    interval), or None when it is missing or unreadable, or not what a supervisor writes: not a JSON object, a
+    ``time`` that is not a number, ``processes`` that is not an object (a hand-edited file).  A damaged file is passed
+    over as a missing one (the supervisor's next write replaces it); `stats` gave a traceback on it."""
+    snap = control.read_json(control.path(run_dir, control.STATS))
+    if not isinstance(snap, dict) or isinstance(snap.get("time", 0), bool) \
+            or not isinstance(snap.get("time", 0), (int, float)) or not isinstance(snap.get("processes", {}), dict):
+        return None
+    return snap
+
+
 def collect(run_dir: str, prime_s: float = 0.2) -> dict:
     """One snapshot: the fast path's counters, rates, supervisor status, per-process psutil facts."""
     try:
@@ -70,7 +82,7 @@ def collect(run_dir: str, prime_s: float = 0.2) -> dict:
     except control.NotRunning:
         snap, rates, live = None, {}, False
         status = control.read_state(run_dir) or {"state": "stopped"}
-    fresh = control.read_json(control.path(run_dir, control.STATS))
+    fresh = snapshot_file(run_dir)
     if fresh is not None and (snap is None or fresh.get("time", 0) >= snap.get("time", 0)):
         if snap is None or fresh.get("processes", {}).get("fastpath") == snap.get("processes", {}).get("fastpath"):
             snap = fresh                         # the file may be newer than the supervisor's last poll
