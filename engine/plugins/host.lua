@@ -413,7 +413,7 @@ local function walk_direct(self, w, batch, n)
 end
 
 local jutil = require("jit.util")
-local band = require("bit").band
+local band, rshift = require("bit").band, require("bit").rshift
 local OP = {}
 for i, name in pairs(require("luaprobe.engine.plugins.jitprof").BYTECODES) do OP[name] = i end
 local WALK_BYTECODE = string.dump(walk)
@@ -490,16 +490,16 @@ function Host:walk_batch(w, addr, n)
   if not w.stitched and WALK_LOOP and band(jutil.funcbc(w.walker, WALK_LOOP), 0xff) == OP.IFORL then
     use_stitch(w)
   end
-  local walked = self.walked + n
-  self.walked = walked
-  if walked >= M.RECORD_AGAIN_AT and not self.recorded_again then self:record_again() end
+  if not self.recorded_again then
+    self.walked = self.walked + n
+    if self.walked >= M.RECORD_AGAIN_AT then self:record_again() end
+  end
   return calls
 end
 
 -- LuaJIT 2.1's IR operation number of NEWREF (a key new to its table: src/lj_ir.h IRDEF order, as
 -- tools/bench/walkir.py IR_NAMES; tests/test_walk_record_again.py fails if it is wrong)
 local IR_NEWREF = 59
-local bit_rshift = require("bit").rshift
 
 --- True when the compiled main path of walk state `w`'s loop (its root trace: the trace number in the walker's
 --- FORL once LuaJIT patched it into a JFORL) stores a key its table did not hold.  A stitched walker does not
@@ -508,11 +508,11 @@ local function walk_adds_keys(w)
   if w == nil or w.stitched or WALK_LOOP == nil then return false end
   local ins = jutil.funcbc(w.walker, WALK_LOOP)
   if band(ins, 0xff) ~= OP.JFORL then return false end
-  local tr = bit_rshift(ins, 16)
+  local tr = rshift(ins, 16)
   local info = jutil.traceinfo(tr)
   for ref = 1, info and info.nins or 0 do
     local m, ot = jutil.traceir(tr, ref)
-    if m and bit_rshift(ot, 8) == IR_NEWREF then return true end
+    if m and rshift(ot, 8) == IR_NEWREF then return true end
   end
   return false
 end
@@ -617,7 +617,7 @@ end
 
 -- The packets of a batch with the plug-in's protocol into w.sel (branch-free: no side trace); returns how many.
 -- Same rule as sc_pick: the layer is present, and a reassembled IP datagram (d.frag 2) only for L4 hooks.
-local arshift, rshift = require("bit").arshift, require("bit").rshift
+local arshift = require("bit").arshift
 local function sc_select(w, batch, n)
   local sel = w.sel
   if n > w.sel_cap then
