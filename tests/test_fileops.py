@@ -238,3 +238,33 @@ def test_copybuffer_past_the_largest_file_fails_and_leaves_no_half_file(runtime_
         with pytest.raises(Exception, match="pos must be a non-negative number"):
             vm.exec(f'return T.async:copybuffer("x", {lq(str(out / "nan"))}, {bad})')
     assert _files_under(out) == ["kept", "near"]
+
+
+def test_copy_and_cat_onto_their_own_source_are_errors_and_the_file_is_kept(runtime_factory, tmp_path, caplog):
+    """copy / cat whose target is the source itself (the same name, another spelling of it, a hard link) is the
+    task's error naming both names, and the file keeps its bytes, as `cp a a` ("are the same file") and GNU cat
+    ("input file is output file") refuse.  Before: copy(a, a) emptied a and counted ok (the target was opened with
+    O_TRUNC before the first read), cat(a, a) appended a to itself until the task timeout or a full disk (200 MB in
+    10 s in a `luaprobe run` under ulimit -f).  A copy onto another, longer file still replaces its bytes.  The truth
+    is the file system: each file's bytes, and os.stat that the hard link is the same inode."""
+    caplog.set_level(logging.INFO, logger="luaprobe")
+    d = tmp_path / "d"
+    d.mkdir()
+    data = b"ORIGINAL\0\xff" * 100
+    (d / "a").write_bytes(data)
+    os.link(d / "a", d / "hard")
+    assert os.stat(d / "a").st_ino == os.stat(d / "hard").st_ino
+    (d / "long").write_bytes(b"x" * 5000)
+    rt = runtime_factory(workers=1, task_timeout=2.0)
+    vm = rt.load(plugin(tmp_path, OPS))
+    same = [(f"{d}/a", f"{d}/a"), (f"{d}/a", f"{d}//./a"), (f"{d}/a", f"{d}/hard"), (f"{d}/hard", f"{d}/a")]
+    calls = [(op, a, b) for a, b in same for op in ("copy", "cat")]
+    calls += [("copy", f"{d}/a", f"{d}/long"), ("cat", f"{d}/a", f"{d}/new")]
+    st = _run(rt, vm, calls)
+    assert (st["error"], st["ok"], st["timeout"]) == (8, 2, 0), st
+    assert (d / "a").read_bytes() == data and (d / "hard").read_bytes() == data
+    assert (d / "long").read_bytes() == data and (d / "new").read_bytes() == data
+    msgs = [r.getMessage().split("file helper error: ", 1)[1] for r in caplog.records
+            if "file helper error" in r.getMessage()]
+    assert msgs and msgs[0] == f"copy: {d}/a and {d}/a are the same file", msgs
+    assert all(m.endswith("are the same file") for m in msgs), msgs

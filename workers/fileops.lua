@@ -190,10 +190,22 @@ local function not_regular(fd)
   return KINDS[kind] or "not a regular file"
 end
 
+--- The identity of the file open on fd: "dev_major:dev_minor:inode" (statx: stx_ino, the uint64 at 32;
+--- stx_dev_major / stx_dev_minor, the uint32s at 136 / 140), or nil.
+local function file_id(fd)
+  if C.statx(fd, "", AT_EMPTY_PATH, 0x100, STX) ~= 0 then return nil end        -- STATX_INO
+  local u32 = ffi.cast("uint32_t *", STX)
+  return ("%d:%d:%s"):format(u32[34], u32[35], tostring(ffi.cast("uint64_t *", STX + 32)[0]))
+end
+
 --- copy / cat: the source must be a regular file, checked on its open descriptor before the target is created.
 --- Before, /dev/zero (or /dev/urandom) wrote until the disk was full or the task timed out (4.6 GB in 10 s), a
 --- FIFO held the worker until the task timeout (open and read wait for a writer), and a directory left an empty
 --- target behind ("Is a directory" at the first read).  O_NONBLOCK: opening a FIFO does not wait.
+--- The target must not be the source (the same name, another spelling of it, a hard link): the target is opened
+--- without O_TRUNC, compared with the source by device and inode, and only then cut to 0 for copy (`cp a a`
+--- refuses, "are the same file"; GNU cat, "input file is output file").  Before, copy(a, a) emptied a and
+--- reported ok, and cat(a, a) appended a to itself until the disk was full (200 MB in 10 s under ulimit -f).
 local function copy_file(from, to, flags)
   local src, err = open_file(from, bor(O_RDONLY, O_NONBLOCK))
   if not src then return nil, err end
@@ -203,8 +215,19 @@ local function copy_file(from, to, flags)
     return nil, ("%s: not a regular file (%s)"):format(M.escape(from), kind)
   end
   local dst
-  dst, err = open_file(to, bor(O_WRONLY, O_CREAT, flags))
+  dst, err = open_file(to, bor(O_WRONLY, O_CREAT, flags == O_TRUNC and 0 or flags))
   if not dst then C.close(src); return nil, err end
+  local sid = file_id(src)
+  if sid == nil or sid == file_id(dst) then
+    C.close(src); C.close(dst)
+    if sid == nil then return errno_text(from) end
+    return nil, ("%s and %s are the same file"):format(M.escape(from), M.escape(to))
+  end
+  if flags == O_TRUNC and C.ftruncate(dst, 0) ~= 0 then
+    local _, e = errno_text(to)
+    C.close(src); C.close(dst)
+    return nil, e
+  end
   while true do
     local n = C.read(src, BUF, 1048576)
     if n < 0 then
