@@ -437,6 +437,45 @@ def test_reset_captured_before_the_data_it_acknowledges_kind(tmp_path, v6):
 
 
 @pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("side,shift", [("server", 1_000_000_000), ("client", -2_000_000_000), ("server", -(1 << 31))])
+def test_reset_outside_every_receive_window_ends_nothing_kind(tmp_path, v6, side, shift):
+    """A RST whose sequence number lies far outside the stream (a blind injection with a made-up number, a
+    middlebox's stale state) is dropped by the endpoint (RFC 9293 §3.10.7.4: outside the receive window; here at most
+    65,535 bytes, the handshake has no window scale option), so the connection goes on and its body is whole; it
+    counts in tcp_rst_ignored. Before, it ended the connection: the rest of the body was lost, the file `truncated`.
+    A RST at the next expected byte (the second connection) still ends it. Truth: the body the generator sent
+    (hashlib); tshark (out-of-order reassembly on) exports the same object for the client-side RST (for a far
+    server-side one, tshark 4.0 exports nothing)."""
+    cip, sip = ("2001:db8::10", "2001:db8:1::20") if v6 else ("192.0.2.10", "198.51.100.20")
+    body = bytes(range(256)) * 20
+    resp = pb.http_response(body, [("Content-Length", len(body))])
+    c = pb.Conv(cip=cip, sip=sip, cport=45040)
+    c.handshake()
+    c.send(True, pb.http_request("/inj"))
+    c.seg(False, pb.PSH | pb.ACK, resp[:1400])
+    if side == "server":
+        c.sseq += shift; c.seg(False, pb.RST); c.sseq -= shift
+    else:
+        c.cseq += shift; c.seg(True, pb.RST); c.cseq -= shift
+    for i in range(1400, len(resp), 1400):
+        c.seg(False, pb.PSH | pb.ACK, resp[i:i + 1400])
+    c.seg(True, pb.ACK)
+    c.close()
+    c2 = pb.Conv(cip=cip, sip=sip, cport=45041, t0=c.t + 1)
+    c2.handshake()
+    c2.send(True, pb.http_request("/cut"))
+    c2.seg(False, pb.PSH | pb.ACK, resp[:1400])
+    c2.seg(False, pb.RST)
+    files, _, s, _ = run_kinds(tmp_path, c.frames + c2.frames)
+    head = resp.index(b"\r\n\r\n") + 4
+    assert [(f[1], int(f[3]), f[4], f[6]) for f in files] == [
+        ("/inj", len(body), SHA(body), "nil"), ("/cut", 1400 - head, SHA(resp[head:1400]), "truncated")]
+    assert s["filex"][0]["tcp_rst_ignored"] == 1 and s["filex"][0]["tcp_gaps"] == 0
+    if side == "client":
+        assert tshark_http_object(tmp_path, c.frames, "inj") == body
+
+
+@pytest.mark.parametrize("v6", [False, True])
 @pytest.mark.parametrize("late", ["request", "response"])
 def test_first_payload_captured_out_of_order_kind(tmp_path, v6, late):
     """The first segment of a message is captured after the second (reordered, or lost and retransmitted), so

@@ -86,7 +86,10 @@ R:restart (stats.reused), which closes the old connection like a timeout.
 A retransmitted SYN (same ISN) is not a new connection.
 
 Close.  FIN in both directions (each delivered up to its FIN), RST in either
-direction, or R:expire(id).  cb_close is called once; the flow state is then
+direction, or R:expire(id).  A RST whose sequence number is more than max_gap
+from its direction's next expected one is not in any receive window the
+endpoint could have: the endpoint drops it (RFC 9293 §3.10.7.4), so it closes
+nothing and is counted in rst_ignored (an injected RST cannot end extraction).  cb_close is called once; the flow state is then
 kept as a small "closed" marker (later packets of the same id are ignored)
 until R:forget(id) or R:expire(id).
 
@@ -98,7 +101,8 @@ holes later filled by their data: mirror-port reordering), held (segments
 held because their ACK covers peer bytes not delivered yet: the peer's bytes
 go first, docs/filex.md "Mirror / SPAN ports"; both directions may wait, each
 segment for its own peer bytes; after ack_timeout / ack_window held bytes / the
-memory cap / the flow's end they go on as if never held).
+memory cap / the flow's end they go on as if never held), rst_ignored (RSTs
+outside any receive window, above).
 ]==]
 local ffi = require "ffi"
 local bit = require "bit"
@@ -128,7 +132,7 @@ function M.new(opts)
     holding = {},      -- flow id -> flow, of the flows with held segments
     stats = { segments = 0, bytes_delivered = 0, retransmitted_bytes = 0, overlaps = 0, out_of_order = 0,
               gaps = 0, gap_bytes = 0, cap_drops_flow = 0, cap_drops_total = 0, flows = 0, closed = 0,
-              reused = 0, late_fills = 0, held = 0 },
+              reused = 0, late_fills = 0, held = 0, rst_ignored = 0 },
   }, R)
   return self
 end
@@ -296,6 +300,17 @@ end
 
 local function segment(self, id, f, dir, seq, flags, p, n, ts, cb, ack)
   local s = f.s[dir]
+  if band(flags, RST) ~= 0 and s.started and band(flags, SYN) == 0 then
+    -- RFC 9293 §3.10.7.4 (RFC 793 §3.4, RFC 5961 §3): an endpoint drops a RST whose sequence number is outside its
+    -- receive window, so such a RST (an injected one with a made-up number: the evasion of Ptacek & Newsham) ends
+    -- nothing; the connection's later bytes still come.  Plausible: within max_gap of the next expected byte,
+    -- either way (the bound the ACK rules use; a window up to 64 KiB without scaling, a missed segment ahead).
+    local d = sdiff(seq, s.nxt)
+    if d > self.max_gap or d < -self.max_gap then
+      self.stats.rst_ignored = self.stats.rst_ignored + 1
+      return
+    end
+  end
   if ack and band(flags, ACK) ~= 0 then
     local o = f.s[1 - dir]
     if o.segs[1] then ack_check(self, id, 1 - dir, f, o, ack, ts, cb) end
