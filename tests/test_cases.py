@@ -476,6 +476,35 @@ def test_reset_outside_every_receive_window_ends_nothing_kind(tmp_path, v6, side
 
 
 @pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("shift", [-1_000_000_000, -1400])
+def test_fin_behind_the_bytes_already_sent_ends_nothing_kind(tmp_path, v6, shift):
+    """The client half-closes after its request (FIN), the server's response comes in segments, and a server FIN
+    whose sequence number lies behind the bytes the server already sent (an injected one, made up or replayed) is
+    captured mid-body. No sender puts data after its FIN and an endpoint drops a segment below its receive window
+    (RFC 9293 §3.10.7.4), so the connection goes on: the body is whole, the real FIN ends it, and the FIN counts in
+    tcp_fin_ignored. Before, that FIN and the client's made both directions look finished: the rest of the body was
+    lost and the file `truncated`. Truth: the body the generator sent (hashlib) and tshark's export."""
+    cip, sip = ("2001:db8::10", "2001:db8:1::20") if v6 else ("192.0.2.10", "198.51.100.20")
+    body = bytes(range(256)) * 20
+    resp = pb.http_response(body, [("Content-Length", len(body))])
+    c = pb.Conv(cip=cip, sip=sip, cport=45050)
+    c.handshake()
+    c.send(True, pb.http_request("/fin"))
+    c.seg(True, pb.FIN | pb.ACK); c.cseq += 1
+    c.seg(False, pb.PSH | pb.ACK, resp[:1400])
+    c.sseq += shift; c.seg(False, pb.FIN | pb.ACK); c.sseq -= shift
+    for i in range(1400, len(resp), 1400):
+        c.seg(False, pb.PSH | pb.ACK, resp[i:i + 1400])
+    c.seg(True, pb.ACK)
+    c.seg(False, pb.FIN | pb.ACK); c.sseq += 1
+    c.seg(True, pb.ACK)
+    files, _, s, _ = run_kinds(tmp_path, c.frames)
+    assert [(f[1], int(f[3]), f[4], f[6]) for f in files] == [("/fin", len(body), SHA(body), "nil")]
+    assert s["filex"][0]["tcp_fin_ignored"] == 1 and s["filex"][0]["tcp_gaps"] == 0
+    assert tshark_http_object(tmp_path, c.frames, "fin") == body
+
+
+@pytest.mark.parametrize("v6", [False, True])
 @pytest.mark.parametrize("late", ["request", "response"])
 def test_first_payload_captured_out_of_order_kind(tmp_path, v6, late):
     """The first segment of a message is captured after the second (reordered, or lost and retransmitted), so

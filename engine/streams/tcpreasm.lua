@@ -89,9 +89,11 @@ Close.  FIN in both directions (each delivered up to its FIN), RST in either
 direction, or R:expire(id).  A RST whose sequence number is more than max_gap
 from its direction's next expected one is not in any receive window the
 endpoint could have: the endpoint drops it (RFC 9293 §3.10.7.4), so it closes
-nothing and is counted in rst_ignored (an injected RST cannot end extraction).  cb_close is called once; the flow state is then
-kept as a small "closed" marker (later packets of the same id are ignored)
-until R:forget(id) or R:expire(id).
+nothing and is counted in rst_ignored (an injected RST cannot end extraction);
+so is a FIN behind the bytes its direction already delivered (fin_ignored).
+cb_close is called once; the flow state is then kept as a small "closed"
+marker (later packets of the same id are ignored) until R:forget(id) or
+R:expire(id).
 
 R.stats: segments (segments with payload), bytes_delivered,
 retransmitted_bytes, overlaps, out_of_order (segments buffered out of order),
@@ -101,8 +103,8 @@ holes later filled by their data: mirror-port reordering), held (segments
 held because their ACK covers peer bytes not delivered yet: the peer's bytes
 go first, docs/filex.md "Mirror / SPAN ports"; both directions may wait, each
 segment for its own peer bytes; after ack_timeout / ack_window held bytes / the
-memory cap / the flow's end they go on as if never held), rst_ignored (RSTs
-outside any receive window, above).
+memory cap / the flow's end they go on as if never held), rst_ignored, fin_ignored
+(RSTs and FINs outside any receive window, above).
 ]==]
 local ffi = require "ffi"
 local bit = require "bit"
@@ -132,7 +134,7 @@ function M.new(opts)
     holding = {},      -- flow id -> flow, of the flows with held segments
     stats = { segments = 0, bytes_delivered = 0, retransmitted_bytes = 0, overlaps = 0, out_of_order = 0,
               gaps = 0, gap_bytes = 0, cap_drops_flow = 0, cap_drops_total = 0, flows = 0, closed = 0,
-              reused = 0, late_fills = 0, held = 0, rst_ignored = 0 },
+              reused = 0, late_fills = 0, held = 0, rst_ignored = 0, fin_ignored = 0 },
   }, R)
   return self
 end
@@ -393,7 +395,13 @@ local function segment(self, id, f, dir, seq, flags, p, n, ts, cb, ack)
   end
   if band(flags, FIN) ~= 0 then
     local fo = abs + (n > 0 and n or 0)
-    if not s.fin_off or fo < s.fin_off then s.fin_off = fo end
+    if fo < s.off then
+      -- behind bytes the sender already sent: no sender puts data after its FIN, and an endpoint drops a segment
+      -- below its receive window (RFC 9293 §3.10.7.4), so an injected FIN with a made-up number ends nothing
+      self.stats.fin_ignored = self.stats.fin_ignored + 1
+    elseif not s.fin_off or fo < s.fin_off then
+      s.fin_off = fo
+    end
   end
   if s.fin_off then fin_check(self, id, f, cb) end
 end
