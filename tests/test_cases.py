@@ -505,6 +505,35 @@ def test_fin_behind_the_bytes_already_sent_ends_nothing_kind(tmp_path, v6, shift
 
 
 @pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("shift", [300_000, 1_000_000_000])
+def test_bytes_beyond_the_fin_are_not_appended_to_a_body_kind(tmp_path, v6, shift):
+    """A response read until close (no length) and, mid-body, a 400-byte segment whose sequence number lies far
+    beyond the response's end (injected, or a stray of another connection). The server's FIN ends the stream before
+    it: no sender puts data after its FIN, so those bytes are not the response's. The body is whole and complete;
+    the bytes count in tcp_after_fin_bytes. Before, the close gave up the hole up to them: the file was the body, a
+    gap of ~300 kB or ~1 GB, then the 400 injected bytes ('EVIL...'), flagged `gap`. Truth: the body the generator
+    sent (hashlib) and tshark's export (out-of-order reassembly on)."""
+    cip, sip = ("2001:db8::10", "2001:db8:1::20") if v6 else ("192.0.2.10", "198.51.100.20")
+    body = bytes(range(256)) * 20
+    resp = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + body
+    c = pb.Conv(cip=cip, sip=sip, cport=45060)
+    c.handshake()
+    c.send(True, pb.http_request("/end"))
+    c.seg(False, pb.PSH | pb.ACK, resp[:1400])
+    c.sseq += shift; c.seg(False, pb.PSH | pb.ACK, b"EVIL" * 100); c.sseq -= shift + 400
+    for i in range(1400, len(resp), 1400):
+        c.seg(False, pb.PSH | pb.ACK, resp[i:i + 1400])
+    c.seg(True, pb.ACK)
+    c.seg(False, pb.FIN | pb.ACK); c.sseq += 1
+    c.seg(True, pb.FIN | pb.ACK); c.cseq += 1
+    c.seg(False, pb.ACK)
+    files, _, s, _ = run_kinds(tmp_path, c.frames)
+    assert [(f[1], int(f[3]), f[4], f[6]) for f in files] == [("/end", len(body), SHA(body), "nil")]
+    assert s["filex"][0]["tcp_after_fin_bytes"] == 400 and s["filex"][0]["tcp_gaps"] == 0
+    assert tshark_http_object(tmp_path, c.frames, "end") == body
+
+
+@pytest.mark.parametrize("v6", [False, True])
 @pytest.mark.parametrize("late", ["request", "response"])
 def test_first_payload_captured_out_of_order_kind(tmp_path, v6, late):
     """The first segment of a message is captured after the second (reordered, or lost and retransmitted), so

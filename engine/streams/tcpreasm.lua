@@ -91,6 +91,8 @@ from its direction's next expected one is not in any receive window the
 endpoint could have: the endpoint drops it (RFC 9293 §3.10.7.4), so it closes
 nothing and is counted in rst_ignored (an injected RST cannot end extraction);
 so is a FIN behind the bytes its direction already delivered (fin_ignored).
+Bytes still buffered at or beyond a direction's FIN when the flow closes are
+not its data: dropped, counted in after_fin_bytes, never delivered after a gap.
 cb_close is called once; the flow state is then kept as a small "closed"
 marker (later packets of the same id are ignored) until R:forget(id) or
 R:expire(id).
@@ -104,7 +106,7 @@ held because their ACK covers peer bytes not delivered yet: the peer's bytes
 go first, docs/filex.md "Mirror / SPAN ports"; both directions may wait, each
 segment for its own peer bytes; after ack_timeout / ack_window held bytes / the
 memory cap / the flow's end they go on as if never held), rst_ignored, fin_ignored
-(RSTs and FINs outside any receive window, above).
+(RSTs and FINs outside any receive window, above), after_fin_bytes (above).
 ]==]
 local ffi = require "ffi"
 local bit = require "bit"
@@ -134,7 +136,7 @@ function M.new(opts)
     holding = {},      -- flow id -> flow, of the flows with held segments
     stats = { segments = 0, bytes_delivered = 0, retransmitted_bytes = 0, overlaps = 0, out_of_order = 0,
               gaps = 0, gap_bytes = 0, cap_drops_flow = 0, cap_drops_total = 0, flows = 0, closed = 0,
-              reused = 0, late_fills = 0, held = 0, rst_ignored = 0, fin_ignored = 0 },
+              reused = 0, late_fills = 0, held = 0, rst_ignored = 0, fin_ignored = 0, after_fin_bytes = 0 },
   }, R)
   return self
 end
@@ -260,6 +262,17 @@ local function close_flow(self, id, f, reason, cb)
   -- flush: give up every remaining hole
   for dir = 0, 1 do
     local s = f.s[dir]
+    local fin, segs = s.fin_off, s.segs
+    -- bytes buffered at or beyond the direction's FIN are not its data (a sender puts none after its FIN: an
+    -- injected or stray segment); the endpoint drops them, so they are not delivered after a gap here either
+    while fin and segs[#segs] and segs[#segs][1] + #segs[#segs][2] > fin do
+      local sg = segs[#segs]
+      local keep = sg[1] < fin and fin - sg[1] or 0
+      local cut = #sg[2] - keep
+      self.stats.after_fin_bytes = self.stats.after_fin_bytes + cut
+      s.nbuf, f.nbuf, self.buffered = s.nbuf - cut, f.nbuf - cut, self.buffered - cut
+      if keep > 0 then sg[2] = sg[2]:sub(1, keep) else segs[#segs] = nil end
+    end
     while s.segs[1] do skip_hole(self, id, dir, f, s, cb) end
     if s.fin_off and s.fin_off > s.off then
       local missing = s.fin_off - s.off
