@@ -268,3 +268,38 @@ def test_copy_and_cat_onto_their_own_source_are_errors_and_the_file_is_kept(runt
             if "file helper error" in r.getMessage()]
     assert msgs and msgs[0] == f"copy: {d}/a and {d}/a are the same file", msgs
     assert all(m.endswith("are the same file") for m in msgs), msgs
+
+
+def test_targets_that_are_not_regular_files_are_errors_at_once(runtime_factory, tmp_path, caplog):
+    """copy / cat / copybuffer onto a FIFO (with no reader), a character device or a directory is the task's error
+    naming what the target is, at once; the helpers queued behind it on the same worker run. Before: open(2) of a
+    FIFO for writing waited for a reader, so the worker was held until the task timeout, killed, and its replacement
+    blocked on the next FIFO helper (a `luaprobe run` with copy + copybuffer to a FIFO and a copy a -> b: 2 timeouts,
+    the copy to b lost at the drain deadline, exit 4); /dev/null was written. The truth is the file system
+    (os.stat of each target, the bytes of the regular ones)."""
+    import stat
+    caplog.set_level(logging.INFO, logger="luaprobe")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "src").write_bytes(b"SRC\0\xff")
+    targets = {str(fifo): "a FIFO", "/dev/null": "a character device", str(tmp_path / "dir"): "a directory"}
+    for t, kind in targets.items():          # what each one is, by os.stat (not by the code under test)
+        m = os.stat(t).st_mode
+        assert {"a character device": stat.S_ISCHR, "a FIFO": stat.S_ISFIFO, "a directory": stat.S_ISDIR}[kind](m)
+    rt = runtime_factory(workers=1, task_timeout=2.0)
+    vm = rt.load(plugin(tmp_path, OPS))
+    calls = []
+    for t in targets:
+        calls += [("copy", f"{tmp_path}/src", t), ("cat", f"{tmp_path}/src", t), ("copybuffer", "xyz", t)]
+    calls += [("copy", f"{tmp_path}/src", f"{tmp_path}/regular"), ("copybuffer", "!", f"{tmp_path}/regular")]
+    st = _run(rt, vm, calls)
+    assert (st["ok"], st["error"], st["timeout"]) == (2, 9, 0), st
+    assert (tmp_path / "regular").read_bytes() == b"SRC\0\xff!"
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path / "dir") == []
+    msgs = [r.getMessage().split("file helper error: ", 1)[1] for r in caplog.records
+            if "file helper error" in r.getMessage()]
+    fifo_msgs = [m for m in msgs if str(fifo) in m]
+    assert fifo_msgs and fifo_msgs[0] == f"copy: {fifo}: not a regular file (a FIFO)", msgs
+    assert all(m.endswith(("not a regular file (a FIFO)", "not a regular file (a character device)",
+                           "Is a directory")) for m in msgs), msgs

@@ -46,7 +46,7 @@ local O_PATH = 2097152
 local O_EXCL = 128
 local O_NONBLOCK = 2048               -- the same on x86_64 and aarch64 (04000)
 local AT_FDCWD = -100
-local ENOENT, EINTR, EEXIST, EFBIG, EINVAL = 2, 4, 17, 27, 22
+local ENOENT, EINTR, EEXIST, EFBIG, EINVAL, ENXIO = 2, 4, 17, 27, 22, 6
 if ffi.arch == "arm64" then O_DIRECTORY, O_NOFOLLOW = 16384, 32768 end
 
 local M = { roots = {} }
@@ -139,6 +139,29 @@ local function open_parent(name)
   return nil, M.escape(name) .. ": outside the allowed file roots (" .. table.concat(M.roots, ", ") .. ")"
 end
 
+-- statx(2) (struct statx is the same on every architecture, unlike struct stat): stx_mode is the uint16 at 28
+local AT_EMPTY_PATH, STATX_TYPE = 0x1000, 1
+local STX = ffi.new("uint8_t[256]")
+local KINDS = { [0x1000] = "a FIFO", [0x2000] = "a character device", [0x4000] = "a directory",
+                [0x6000] = "a block device", [0xC000] = "a socket" }
+
+--- nil when fd is a regular file, else what it is ("a character device", ...).
+local function not_regular(fd)
+  if C.statx(fd, "", AT_EMPTY_PATH, STATX_TYPE, STX) ~= 0 then return "of unknown type" end
+  local kind = bit.band(ffi.cast("uint16_t *", STX + 28)[0], 0xF000)
+  if kind == 0x8000 then return nil end
+  return KINDS[kind] or "not a regular file"
+end
+
+--- ENXIO from a write open with O_NONBLOCK: a FIFO with no reader (or a device with nothing behind it); the line
+--- names what `last` in dfd is, looked at without opening it for I/O (O_PATH).
+local function enxio_text(dfd, name, last)
+  local pfd = C.openat(dfd, last, bor(O_PATH, O_NOFOLLOW, O_CLOEXEC))
+  local kind = pfd >= 0 and not_regular(pfd) or nil
+  if pfd >= 0 then C.close(pfd) end
+  return ("%s: not a regular file (%s)"):format(M.escape(name), kind or ffi.string(C.strerror(ENXIO)))
+end
+
 --- open(2) of a confined name; returns fd or nil, err.
 local function open_file(name, flags, mode)
   local dfd, last, e0 = open_parent(name)
@@ -147,9 +170,11 @@ local function open_file(name, flags, mode)
   -- an int cdata is passed as the int open(2) reads.  0666 & ~umask for a new file, as cp/cat do.
   local fd = C.openat(dfd, last, bor(flags, O_NOFOLLOW, O_CLOEXEC), ffi.new("int", mode or 438))
   local e = ffi.errno()
+  local nx = fd < 0 and e == ENXIO and enxio_text(dfd, name, last)
   C.close(dfd)
   if fd < 0 then
     if e == 40 then return nil, M.escape(name) .. ": is a symbolic link (not followed)", e end
+    if nx then return nil, nx, e end
     return errno_text(name, e)
   end
   return fd
@@ -176,20 +201,6 @@ local function close_checked(fd, name)
   return true
 end
 
--- statx(2) (struct statx is the same on every architecture, unlike struct stat): stx_mode is the uint16 at 28
-local AT_EMPTY_PATH, STATX_TYPE = 0x1000, 1
-local STX = ffi.new("uint8_t[256]")
-local KINDS = { [0x1000] = "a FIFO", [0x2000] = "a character device", [0x4000] = "a directory",
-                [0x6000] = "a block device", [0xC000] = "a socket" }
-
---- nil when fd is a regular file, else what it is ("a character device", ...).
-local function not_regular(fd)
-  if C.statx(fd, "", AT_EMPTY_PATH, STATX_TYPE, STX) ~= 0 then return "of unknown type" end
-  local kind = bit.band(ffi.cast("uint16_t *", STX + 28)[0], 0xF000)
-  if kind == 0x8000 then return nil end
-  return KINDS[kind] or "not a regular file"
-end
-
 --- The identity of the file open on fd: "dev_major:dev_minor:inode" (statx: stx_ino, the uint64 at 32;
 --- stx_dev_major / stx_dev_minor, the uint32s at 136 / 140), or nil.
 local function file_id(fd)
@@ -206,6 +217,9 @@ end
 --- without O_TRUNC, compared with the source by device and inode, and only then cut to 0 for copy (`cp a a`
 --- refuses, "are the same file"; GNU cat, "input file is output file").  Before, copy(a, a) emptied a and
 --- reported ok, and cat(a, a) appended a to itself until the disk was full (200 MB in 10 s under ulimit -f).
+--- The target must be a regular file (or a new one): opened with O_NONBLOCK, so a FIFO with no reader is an error
+--- at once (ENXIO), and a FIFO, device or socket that opened is refused before a byte is written.  Before, a FIFO
+--- target held the worker until the task timeout, and the tasks queued behind it on that worker were lost.
 local function copy_file(from, to, flags)
   local src, err = open_file(from, bor(O_RDONLY, O_NONBLOCK))
   if not src then return nil, err end
@@ -215,8 +229,13 @@ local function copy_file(from, to, flags)
     return nil, ("%s: not a regular file (%s)"):format(M.escape(from), kind)
   end
   local dst
-  dst, err = open_file(to, bor(O_WRONLY, O_CREAT, flags == O_TRUNC and 0 or flags))
+  dst, err = open_file(to, bor(O_WRONLY, O_CREAT, O_NONBLOCK, flags == O_TRUNC and 0 or flags))
   if not dst then C.close(src); return nil, err end
+  kind = not_regular(dst)
+  if kind then
+    C.close(src); C.close(dst)
+    return nil, ("%s: not a regular file (%s)"):format(M.escape(to), kind)
+  end
   local sid = file_id(src)
   if sid == nil or sid == file_id(dst) then
     C.close(src); C.close(dst)
@@ -286,14 +305,21 @@ end
 local function open_target(name, flags)
   local dfd, last = open_parent(name)
   if not dfd then return nil, last end
-  local mode, base = ffi.new("int", 438), bor(O_WRONLY, flags, O_NOFOLLOW, O_CLOEXEC)
+  local mode, base = ffi.new("int", 438), bor(O_WRONLY, flags, O_NOFOLLOW, O_CLOEXEC, O_NONBLOCK)
   local fd = C.openat(dfd, last, bor(base, O_CREAT, O_EXCL), mode)
   if fd >= 0 then return fd, dfd, last, true end
   local e = ffi.errno()
   if e == EEXIST then fd = C.openat(dfd, last, base); e = ffi.errno() end
-  if fd >= 0 then return fd, dfd, last, false end
+  if fd >= 0 then
+    local kind = not_regular(fd)
+    if not kind then return fd, dfd, last, false end
+    C.close(fd); C.close(dfd)
+    return nil, ("%s: not a regular file (%s)"):format(M.escape(name), kind)
+  end
+  local nx = e == ENXIO and enxio_text(dfd, name, last)
   C.close(dfd)
   if e == 40 then return nil, M.escape(name) .. ": is a symbolic link (not followed)" end
+  if nx then return nil, nx end
   local _, err = errno_text(name, e)
   return nil, err
 end
