@@ -175,6 +175,33 @@ def test_gzip_trailing_garbage_flagged_not_lost(T):
     assert stats["gzip_trailing"] == 1 and stats["gzip_trailing_bytes"] == 4
 
 
+@pytest.mark.parametrize("split", [None, 1, 2, 12])
+@pytest.mark.parametrize("damage", ["deflate-data", "method-byte"])
+def test_a_damaged_gzip_member_after_the_first_is_a_decode_error_not_trailing_bytes(T, split, damage):
+    """A second gzip member that starts with the gzip magic (1f 8b) but does not inflate (its deflate data damaged, or
+    an unknown compression method) is part of the body that could not be decoded: the body is the first member,
+    flagged decode_error, as gunzip ("invalid compressed data") and Python's gzip.decompress (an error) see it.
+    Before, a member that failed before its first output byte was taken for trailing garbage: the body was
+    flagged complete (flags.trailing = its bytes), so the lost second member went unnoticed. `split`: the body
+    cut into two segments that many bytes after the first member's end (the magic split across feeds). Truth:
+    Python's gzip / zlib."""
+    one, two = b"first member " * 100, b"second member " * 200
+    m2 = gzip.compress(two)
+    m2 = m2[:30] + b"\0" * 50 if damage == "deflate-data" else m2[:2] + b"\x09" + m2[3:]
+    data = gzip.compress(one) + m2
+    with pytest.raises((OSError, EOFError, zlib.error)):
+        gzip.decompress(data)                           # Python: not a whole gzip file
+    z = zlib.decompressobj(47)
+    assert z.decompress(data) == one and z.unused_data == m2   # what decodes: the first member
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(data)
+    msg = head + data
+    cut = len(head) + len(gzip.compress(one)) + split if split else None
+    segs = [(1, msg)] if cut is None else [(1, msg[:cut]), (1, msg[cut:])]
+    (b,), _, stats = run(T, [(0, REQ)] + segs)
+    assert b[1] == one and b[3] == "decode_error" and b[5] == 0, b
+    assert stats["gzip_trailing"] == 0
+
+
 def test_truncated_gzip_is_incomplete(T):
     data = gzip.compress(b"y" * 5000)[:-12]
     msg = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n" + data

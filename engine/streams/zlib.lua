@@ -26,8 +26,9 @@ until the first output byte).
 Multi-member gzip (what `cat a.gz b.gz`, pigz and some servers produce; gunzip and
 Python's gzip.decompress decode every member): at the end of a gzip member, input
 that follows starts a new member (inflateReset, the gzip header is detected again);
-if it is not a valid gzip header the stream is done and the rest is counted in
-z.trailing (gunzip's "trailing garbage ignored"), not an error.
+if it does not start with the gzip magic (1f 8b) and does not inflate, the stream is done and the
+rest is counted in z.trailing (gunzip's "trailing garbage ignored"), not an error; a member that starts
+with the magic and then fails to inflate is an error (z.failed), as in gunzip and Python.
 ]]
 local ffi = require "ffi"
 
@@ -56,6 +57,7 @@ local OUTSZ = 65536
 local u8p = ffi.typeof("const uint8_t *")
 local VERSION = Z.zlibVersion()
 local SSIZE = ffi.sizeof("lp_z_stream")
+local GZ_MAGIC = "\31\139"                  -- 1f 8b: a gzip member starts here (RFC 1952 §2.3.1)
 
 local M = {}
 local Inf = {}
@@ -108,10 +110,12 @@ local function run(self, p, n, out)
       Z.inflateReset(strm)
       self.member_end = false
       self.member_start_out = self.total_out
+      self.mhead = ffi.string(strm.next_in, strm.avail_in < 2 and strm.avail_in or 2)
     elseif rc == Z_BUF_ERROR then
       return true
-    elseif rc ~= Z_OK and self.members > 0 and self.total_out == self.member_start_out then
-      -- not a gzip header after a member: trailing bytes, ignored and counted
+    elseif rc ~= Z_OK and self.members > 0 and self.total_out == self.member_start_out and self.mhead ~= GZ_MAGIC then
+      -- not a gzip header after a member: trailing bytes, ignored and counted.  Bytes that start with the gzip
+      -- magic are a member: its inflate error is the body's decode error (gunzip and Python's gzip fail there too)
       self.trailing = self.total_in - self.end_in
       self.done, self.in_trailer = true, true
       return true
@@ -138,6 +142,10 @@ function Inf:feed(data, len, out)
     Z.inflateReset(self.strm)
     self.member_end = false
     self.member_start_out = self.total_out
+    self.mhead = ""
+  end
+  if self.mhead and #self.mhead < 2 then   -- a member's first two bytes may come in two feeds
+    self.mhead = self.mhead .. ffi.string(p, math.min(2 - #self.mhead, len))
   end
   if self.gz == nil then self.gz = (p[0] == 0x1f) end   -- gzip (members may follow) or zlib
   self.total_in = self.total_in + len
