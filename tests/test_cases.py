@@ -898,6 +898,47 @@ def test_plugin_bytes_in_a_countergroup_declaration(tmp_path):
     assert b"\xef\xbf\xbd" not in name + descr + meters                      # no U+FFFD
 
 
+@pytest.mark.parametrize("v6", [False, True])
+def test_fragments_of_two_datagrams_under_one_ip_id_are_not_mixed_kind(tmp_path, v6):
+    """RFC 4963 §3 (mis-associated fragments): segment X goes as a fragmented datagram whose middle fragment is not
+    captured; segment Y's datagram then uses the same IP id (ids wrap) and completes X's held fragments with its
+    own middle one: a datagram of X's head, Y's middle and X's tail. Its TCP checksum fails, so the endpoint drops
+    it and the sender retransmits X and Y (new ids). luaprobe verifies the checksum of a datagram whose fragments
+    disagreed and drops it too (its fragments count in malformed / in_no_flow): the body is whole. Before, the
+    mixed datagram reached TCP reassembly first and the retransmissions were taken for old bytes: a corrupted file,
+    flagged complete. (tshark 4.0 exports that corrupted object too: it does not verify checksums.) Truth: the body
+    the generator sent (hashlib); the RFC's checksum."""
+    cip, sip = ("2001:db8::10", "2001:db8:1::20") if v6 else ("192.0.2.10", "198.51.100.20")
+    body = bytes((i * 7 + i // 256) & 0xFF for i in range(6000))
+    resp = pb.http_response(body, [("Content-Length", len(body))])
+    c = pb.Conv(cip=cip, sip=sip, cport=45070)
+    c.handshake()
+    c.send(True, pb.http_request("/ipid"))
+    base = c.sseq
+
+    def frags(data, at, ident):
+        c.sseq = base + at
+        dg = c.segment(False, pb.PSH | pb.ACK, data)
+        if v6:
+            return pb.frag6(sip, cip, 6, dg[40:], ident, 808)
+        dg = dg[:4] + struct.pack("!H", ident) + dg[6:10] + b"\0\0" + dg[12:]
+        return pb.frag4(dg[:10] + struct.pack("!H", pb.csum(dg[:20])) + dg[12:], 808)
+
+    x, y = resp[:2400], resp[2400:4800]
+    fx = frags(x, 0, 7)
+    for f in (fx[0], fx[2]) + tuple(frags(y, 2400, 7)) + tuple(frags(x, 0, 8)) + tuple(frags(y, 2400, 9)):
+        c.add(f, False)
+    c.sseq = base + 4800
+    c.seg(False, pb.PSH | pb.ACK, resp[4800:])
+    c.seg(True, pb.ACK)
+    c.close()
+    files, _, s, _ = run_kinds(tmp_path, c.frames)
+    assert [(f[1], int(f[3]), f[4], f[6]) for f in files] == [("/ipid", len(body), SHA(body), "nil")]
+    ipr = s["ip_reassembly"]
+    assert (ipr["datagrams"], ipr["malformed"], ipr["incomplete"], ipr["in_no_flow"]) == (2, 4, 1, 5), ipr
+    assert s["filex"][0]["tcp_gaps"] == 0
+
+
 @pytest.mark.parametrize("timeout,datagrams", [(30.0, 0), (60.0, 1)])
 def test_ip_fragment_timeout_is_per_datagram(tmp_path, timeout, datagrams):
     """Fragments 40 s apart: dropped with the default 30 s timeout (counted), reassembled with 60 s."""

@@ -42,7 +42,12 @@ Policy.
     luaprobe.engine.streams.tcpreasm and Linux/BSD TCP); a fragment that overlaps bytes
     already held counts once in stats.overlaps, its new bytes are still used.
     (RFC 5722 asks receivers to drop IPv6 datagrams with overlaps; a passive
-    monitor keeps the data instead and counts it.)
+    monitor keeps the data instead and counts it.)  When overlapping bytes
+    differ, the completed datagram's TCP / UDP checksum is verified: if it
+    fails, the kept bytes were another datagram's (an IP id used again while a
+    fragment was missing, RFC 4963 §3) and the datagram is dropped, its
+    fragments counted in stats.malformed and in_no_flow, as the endpoint drops
+    it on the checksum.
   * Duplicates (all bytes already held) count in stats.duplicates.
   * The total length is set by the first fragment with MF clear; bytes beyond
     it, a datagram above 65,535 bytes (IPv4: header + payload; IPv6: payload),
@@ -173,11 +178,12 @@ local function parse(e)
   return key, 6, band(fo, 0xfff8), band(fo, 1) ~= 0, q + 8, lim - (q + 8), q, nhpos, p[q]
 end
 
--- insert bytes [off, off+n) first-wins; returns bytes added, overlapped
+-- insert bytes [off, off+n) first-wins; returns bytes added, overlapped, and whether an overlapped byte differs
+-- from the byte held (the fragments disagree: another datagram's under the same key, or a forged one)
 local function insert(g, off, s)
   local frags = g.frags
   local pos, e, n = off, off + #s, #s
-  local i, added, overlapped = 1, 0, false
+  local i, added, overlapped, differs = 1, 0, false, false
   while pos < e do
     local f = frags[i]
     local fo = f and f[1] or math.huge
@@ -191,12 +197,14 @@ local function insert(g, off, s)
       local fe = fo + #f[2]
       if pos < fe then
         overlapped = true
-        pos = e < fe and e or fe
+        local stop = e < fe and e or fe
+        if not differs and s:sub(pos - off + 1, stop - off) ~= f[2]:sub(pos - fo + 1, stop - fo) then differs = true end
+        pos = stop
       end
       i = i + 1
     end
   end
-  return added, overlapped
+  return added, overlapped, differs
 end
 
 local function complete(g)
@@ -247,6 +255,32 @@ local function build(g)
     buf[g.nhpos] = g.nh
   end
   return buf, len
+end
+
+--- False when the reassembled datagram's TCP or UDP checksum (RFC 9293 §3.1, RFC 768; IPv6: RFC 8200 §8.1) does not
+--- verify; true when it does or cannot be checked (another protocol, IPv4 UDP without a checksum, IPv6 extension
+--- headers around the Fragment header).  Asked only of a datagram whose fragments disagreed.
+local function l4_sum_ok(g, buf, len)
+  local o, hl = g.l3, #g.hdr
+  local proto, pseudo
+  if g.v == 4 then
+    proto = buf[o + 9]
+    pseudo = csum16(buf, o + 12, 8)                     -- addresses
+  else
+    if hl - o ~= 40 then return true end
+    proto = g.nh
+    pseudo = csum16(buf, o + 8, 32)
+  end
+  if proto ~= 6 and proto ~= 17 then return true end
+  local n = len - hl
+  if proto == 17 and (n < 8 or (g.v == 4 and buf[hl + 6] == 0 and buf[hl + 7] == 0)) then return true end
+  if proto == 6 and n < 20 then return true end
+  local s = band(bnot(pseudo), 0xffff) + proto + n
+  local body = u8arr(n + 1)                               -- one zero byte of padding for an odd length
+  ffi.copy(body, buf + hl, n)
+  s = s + band(bnot(csum16(body, 0, n + band(n, 1))), 0xffff)
+  while s > 0xffff do s = band(s, 0xffff) + rshift(s, 16) end
+  return s == 0xffff
 end
 
 --- Take fragment entry e (e.d.frag == 1) at packet time ts.  Strips its L4 layer.
@@ -317,7 +351,8 @@ function R:add(e, ts)
       return nil
     end
   end
-  local added, overlapped = insert(g, off, fstring(p + pay, plen))
+  local added, overlapped, differs = insert(g, off, fstring(p + pay, plen))
+  if differs then g.differs = true end
   if added == 0 then
     st.duplicates = st.duplicates + 1
   elseif overlapped then
@@ -335,6 +370,14 @@ function R:add(e, ts)
   if not complete(g) then return nil end
   local buf, len = build(g)
   drop(self, g, nil)
+  if g.differs and not l4_sum_ok(g, buf, len) then
+    -- fragments that disagree and a datagram whose checksum fails: the bytes kept first were another datagram's
+    -- (an IP id used again within the timeout while a fragment was missing, RFC 4963 §3; or forged); the endpoint
+    -- drops it on the checksum, so no flow, hook or TCP reassembly gets it (a retransmission brings the real bytes)
+    st.malformed = st.malformed + g.nfrags
+    st.in_no_flow = st.in_no_flow + g.nfrags
+    return nil
+  end
   st.datagrams = st.datagrams + 1
   return buf, len, g.nfrags, g.wirelen
 end
