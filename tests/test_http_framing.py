@@ -202,6 +202,26 @@ def test_a_damaged_gzip_member_after_the_first_is_a_decode_error_not_trailing_by
     assert stats["gzip_trailing"] == 0
 
 
+@pytest.mark.parametrize("tail", [b"\n", b"\0", b" "])
+@pytest.mark.parametrize("split", [False, True])
+def test_one_byte_after_the_gzip_data_is_trailing_not_a_truncated_gzip(T, tail, split):
+    """A whole gzip member followed by one byte that cannot begin another member (a newline a script printed after
+    its compressed output, a NUL): the body is whole, the byte is trailing (flags.trailing = 1), as with two or more
+    such bytes. Before, one byte was too few for zlib to fail on, so the body was flagged decode_incomplete (a
+    truncated gzip) though every byte decoded and the member's CRC checked. `split`: the byte in a segment of its
+    own. Truth: Python's zlib (the body, and the byte as unused_data)."""
+    body = b"whole body " * 300
+    data = gzip.compress(body) + tail
+    z = zlib.decompressobj(47)
+    assert z.decompress(data) == body and z.eof and z.unused_data == tail
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(data)
+    msg = head + data
+    segs = [(1, msg[:-1]), (1, msg[-1:])] if split else [(1, msg)]
+    (b,), _, stats = run(T, [(0, REQ)] + segs)
+    assert b[1] == body and b[3] is False and b[5] == 1, b
+    assert stats["gzip_trailing"] == 1 and stats["gzip_trailing_bytes"] == 1
+
+
 def test_truncated_gzip_is_incomplete(T):
     data = gzip.compress(b"y" * 5000)[:-12]
     msg = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n" + data

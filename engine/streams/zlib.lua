@@ -165,9 +165,19 @@ function Inf:feed(data, len, out)
   return true
 end
 
---- True when the input so far ends exactly at the end of a stream / gzip member.
+--- True when the input so far ends exactly at the end of a stream / gzip member, or after a whole gzip member
+--- with bytes that cannot begin another (the first is not the magic's 0x1f): those are trailing bytes, counted in
+--- z.trailing as when they failed to inflate (a single byte, a lone newline after the data, is too few for zlib to
+--- fail on; before, that body was called a truncated gzip).
 function Inf:complete()
-  return self.done or self.member_end
+  if self.done or self.member_end then return true end
+  local h = self.mhead
+  if self.members > 0 and self.total_out == self.member_start_out and h and h ~= "" and h:byte(1) ~= 0x1f then
+    self.trailing = self.total_in - self.end_in
+    self.done, self.in_trailer = true, true
+    return true
+  end
+  return false
 end
 
 function Inf:close()
