@@ -532,6 +532,27 @@ def test_file_methods_report_failure_without_raising(vm, tmp_path):
     assert f(bad) == (None, True, None, True)
 
 
+@pytest.mark.parametrize("off", ["0/0", "math.huge", "-math.huge", "-1", "2^63", "'abc'", "{}"])
+def test_writetofile_offset_that_is_not_a_byte_offset_touches_nothing(vm, tmp_path, off):
+    """Buffer:writetofile(path, off) with an offset that is not a byte offset returns nil and one message naming the
+    file and the offset, and creates no file; an offset the file system refuses (2^62: past ext4's / tmpfs's largest
+    file) leaves no file either. Before: NaN, inf and 2^63 left an empty file and said only 'Invalid argument', and
+    'abc' or a table wrote at offset 0. The truth is the file system (which files exist)."""
+    path = str(tmp_path / "f").encode()
+    f = vm.ev(f"function(p) return buffer.from_string('xyz'):writetofile(p, {off}) end")
+    r, err = f(path)
+    assert r is None and err.startswith(path + b": offset ") and b"\n" not in err, err
+    assert os.listdir(tmp_path) == []
+    far = vm.ev("function(p) return buffer.from_string('xyz'):writetofile(p, 2^62) end")
+    r, err = far(path)
+    assert r is None and err.startswith(path + b": offset 4611686018427387904: "), err
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "kept").write_bytes(b"KEEP")                       # an existing file is kept as it was
+    r, err = vm.ev(f"function(p) return buffer.from_string('xyz'):writetofile(p, {off}) end")(
+        str(tmp_path / "kept").encode())
+    assert r is None and (tmp_path / "kept").read_bytes() == b"KEEP"
+
+
 def test_hook_offsets_partial_buffer_write(vm, tmp_path):
     # reassembly style: chunks written at their seekpos in any order
     path = str(tmp_path / "stream").encode()

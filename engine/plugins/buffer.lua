@@ -187,18 +187,30 @@ function Buffer:appendtofile(file)
     if not ok then return nil, werr end
 end
 
+-- An offset that is not a byte offset (negative, NaN, infinite, 2^63 or more, a string that is not a number) is
+-- that error before the file is touched; a seek the file system refuses (past its largest file) is an error that
+-- leaves no file behind when this call created it.  Before, a NaN / infinite / huge offset left an empty file and
+-- said only "Invalid argument", and a non-number offset (`"abc"`) wrote at 0.
 function Buffer:writetofile(file, off)
     check(self, "writetofile")
-    off = tonumber(off) or 0
-    if off < 0 then return nil, "negative offset" end
+    local pos = off == nil and 0 or tonumber(off)
+    if pos == nil or pos ~= pos or pos < 0 or pos >= 9223372036854775808 then
+        return nil, sfmt("%s: offset %s is not a byte offset (a number 0 .. 2^63)", tostring(file), tostring(off))
+    end
+    local created = false
     local f = io.open(file, "r+b")
     if not f then
         local err
         f, err = io.open(file, "wb")
         if not f then return nil, err end
+        created = true
     end
-    local ok, serr = f:seek("set", off)
-    if not ok then f:close(); return nil, serr end
+    local ok, serr = f:seek("set", pos)
+    if not ok then
+        f:close()
+        if created then os.remove(file) end
+        return nil, sfmt("%s: offset %.0f: %s", tostring(file), pos, tostring(serr))
+    end
     local wok, werr = f:write(fstring(at(self), self._n))
     f:close()
     if not wok then return nil, werr end
