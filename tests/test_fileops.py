@@ -303,3 +303,30 @@ def test_targets_that_are_not_regular_files_are_errors_at_once(runtime_factory, 
     assert fifo_msgs and fifo_msgs[0] == f"copy: {fifo}: not a regular file (a FIFO)", msgs
     assert all(m.endswith(("not a regular file (a FIFO)", "not a regular file (a character device)",
                            "Is a directory")) for m in msgs), msgs
+
+
+def test_copy_and_cat_that_fail_part_way_leave_no_half_file(runtime_factory, tmp_path, caplog):
+    """copy / cat onto a file system that fills up part way (a 64 KiB tmpfs, a 200 KiB source): the task is an error
+    naming the target and ENOSPC, and, as copybuffer already did, no half file is left: a target this call created
+    is removed, an existing one appended to by cat is cut back to the bytes it had, one given to copy is left empty
+    (it was cut to 0 before the first byte). Before: the created targets held the first ~60 KiB of the source and
+    cat's existing target had them appended after its own bytes, with only the error line to tell. The truth is the
+    file system (which files exist, their bytes); skipped where a tmpfs cannot be mounted."""
+    caplog.set_level(logging.INFO, logger="luaprobe")
+    src = tmp_path / "src"
+    src.write_bytes(bytes(range(256)) * 800)                      # 200 KiB
+    with helpers.tmpfs(tmp_path / "small", "size=64k") as small:
+        (small / "kept").write_bytes(b"KEEP")
+        (small / "old").write_bytes(b"OLD CONTENT")
+        rt = runtime_factory(workers=1)
+        vm = rt.load(plugin(tmp_path, OPS))
+        calls = [("copy", str(src), f"{small}/new-copy"), ("cat", str(src), f"{small}/new-cat"),
+                 ("cat", str(src), f"{small}/kept"), ("copy", str(src), f"{small}/old")]
+        st = _run(rt, vm, calls)
+        assert (st["error"], st["ok"]) == (4, 0), st
+        assert sorted(os.listdir(small)) == ["kept", "old"]
+        assert (small / "kept").read_bytes() == b"KEEP" and (small / "old").read_bytes() == b""
+        msgs = [r.getMessage().split("file helper error: ", 1)[1] for r in caplog.records
+                if "file helper error" in r.getMessage()]
+        assert msgs and msgs[0] == f"copy: {small}/new-copy: No space left on device", msgs
+        rt.close()

@@ -220,6 +220,7 @@ end
 --- The target must be a regular file (or a new one): opened with O_NONBLOCK, so a FIFO with no reader is an error
 --- at once (ENXIO), and a FIFO, device or socket that opened is refused before a byte is written.  Before, a FIFO
 --- target held the worker until the task timeout, and the tasks queued behind it on that worker were lost.
+local open_target, file_size                -- below (shared with copybuffer)
 local function copy_file(from, to, flags)
   local src, err = open_file(from, bor(O_RDONLY, O_NONBLOCK))
   if not src then return nil, err end
@@ -228,42 +229,49 @@ local function copy_file(from, to, flags)
     C.close(src)
     return nil, ("%s: not a regular file (%s)"):format(M.escape(from), kind)
   end
-  local dst
-  dst, err = open_file(to, bor(O_WRONLY, O_CREAT, O_NONBLOCK, flags == O_TRUNC and 0 or flags))
-  if not dst then C.close(src); return nil, err end
-  kind = not_regular(dst)
-  if kind then
-    C.close(src); C.close(dst)
-    return nil, ("%s: not a regular file (%s)"):format(M.escape(to), kind)
-  end
+  local dst, dfd, last, created = open_target(to, flags == O_TRUNC and 0 or flags)
+  if not dst then C.close(src); return nil, dfd end
   local sid = file_id(src)
   if sid == nil or sid == file_id(dst) then
-    C.close(src); C.close(dst)
+    C.close(src); C.close(dst); C.close(dfd)
     if sid == nil then return errno_text(from) end
     return nil, ("%s and %s are the same file"):format(M.escape(from), M.escape(to))
   end
+  local size = flags == O_TRUNC and 0 or (not created and file_size(dst))
+  -- a failure leaves no half file (as copybuffer): a target this call created is removed, an existing one cut back to
+  -- the size it had (copy: 0, the size it was given before the first byte)
+  local function fail(e)
+    if created then C.unlinkat(dfd, last, 0) elseif size then C.ftruncate(dst, size) end
+    C.close(src); C.close(dst); C.close(dfd)
+    return nil, e
+  end
   if flags == O_TRUNC and C.ftruncate(dst, 0) ~= 0 then
     local _, e = errno_text(to)
-    C.close(src); C.close(dst)
-    return nil, e
+    return fail(e)
   end
   while true do
     local n = C.read(src, BUF, 1048576)
     if n < 0 then
       if ffi.errno() ~= EINTR then
         local _, e = errno_text(from)
-        C.close(src); C.close(dst)
-        return nil, e
+        return fail(e)
       end
     elseif n == 0 then
       break
     else
       local ok, werr = write_all(dst, BUF, tonumber(n), to)
-      if not ok then C.close(src); C.close(dst); return nil, werr end
+      if not ok then return fail(werr) end
     end
   end
   C.close(src)
-  return close_checked(dst, to)
+  if C.close(dst) ~= 0 then                 -- a delayed write error (NFS, ...): the bytes may not all be there
+    local _, e = errno_text(to)
+    if created then C.unlinkat(dfd, last, 0) end
+    C.close(dfd)
+    return nil, e
+  end
+  C.close(dfd)
+  return true
 end
 
 --- copy(from, to): `to` truncated and overwritten.
@@ -302,7 +310,7 @@ end
 --- copybuffer's target opened for writing (`flags`: O_APPEND or 0) in its confined directory: fd, dirfd (the caller
 --- closes both), its last component, and whether this call created it (O_EXCL first; an existing file is opened
 --- without O_CREAT, a symbolic link refused as open_file refuses it); or nil, err.
-local function open_target(name, flags)
+function open_target(name, flags)
   local dfd, last = open_parent(name)
   if not dfd then return nil, last end
   local mode, base = ffi.new("int", 438), bor(O_WRONLY, flags, O_NOFOLLOW, O_CLOEXEC, O_NONBLOCK)
@@ -325,7 +333,7 @@ local function open_target(name, flags)
 end
 
 --- The size of the file open on fd (statx, stx_size: the uint64 at 40), or nil.
-local function file_size(fd)
+function file_size(fd)
   if C.statx(fd, "", AT_EMPTY_PATH, 0x200, STX) ~= 0 then return nil end       -- STATX_SIZE
   return tonumber(ffi.cast("uint64_t *", STX + 40)[0])
 end
