@@ -791,7 +791,7 @@ def test_incomplete_files_flagged_with_reason(tmp_path):
     fx = s["filex"][0]
     assert {k: v for k, v in fx.items() if k.startswith("incomplete_")} == {
         "incomplete_gap": 1, "incomplete_truncated": 1, "incomplete_decode_error": 0,
-        "incomplete_decode_incomplete": 1, "incomplete_unknown_encoding": 1}
+        "incomplete_decode_incomplete": 1, "incomplete_unknown_encoding": 1, "incomplete_decompression_bomb": 0}
 
 
 def test_case13_binary_resource(tmp_path):

@@ -51,6 +51,13 @@ SETTINGS = [
      "same limit: an onexecute above it fails as a task error"),
     ("http_max_header", "--http-max-header", ("filex", "http_max_header"), "int", 65536, 1024, 1 << 24, 1,
      "longest HTTP start line + header block kept, bytes (more is counted; docs/filex.md)"),
+    ("http_bomb_ratio", "--http-bomb-ratio", ("filex", "http_bomb_ratio"), "int", 100, 0, 1 << 20, 1,
+     "decompression bomb rule: decoding of a gzip/deflate HTTP body stops (file flagged decompression_bomb, "
+     "counted) once it decoded more than --http-bomb-min-mb and more than this many times the compressed bytes "
+     "received (libhtp's compression-bomb-limit rule; 0 = no limit; docs/filex.md)"),
+    ("http_bomb_min_mb", "--http-bomb-min-mb", ("filex", "http_bomb_min_mb"), "float", 1.0, 0, 1 << 20, 1,
+     "decoded MiB a compressed HTTP body may always reach before --http-bomb-ratio applies (Suricata's "
+     "compression-bomb-limit, default 1 MiB)"),
     ("filex_dir", "--filex-dir", ("filex", "dir"), "path", None, None, None, 1,
      "directory for extracted files, created when missing (its parent must exist); files are removed after their "
      "hooks (default: a private one under /dev/shm, removed at the end)"),

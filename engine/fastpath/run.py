@@ -240,6 +240,9 @@ class RunConfig:
     filex_chunk_mb: float = 5.0       #: onfile_http chunk size (Trisul ChunkSizeMB)
     filex_dir_cap_mb: float = 256.0   #: extraction stops (counted) above this many bytes in the directory
     http_max_header: int = 65536      #: bytes of an HTTP start line + header block kept (more: counted, docs/filex.md)
+    http_bomb_ratio: int = 100        #: decoding of a compressed HTTP body stops past this many decoded bytes per
+                                      #: compressed byte received ... (0: no limit; docs/filex.md "Decompression bombs")
+    http_bomb_min_mb: float = 1.0     #: ... once it decoded more than this many MiB (libhtp's compression-bomb-limit)
     frag_timeout: float = 30.0        #: s of packet time an IP datagram waits for its fragments (docs/filex.md)
     frag_max_mb: float = 16.0         #: IP fragment bytes held over all datagrams; the oldest is dropped above
     interface: str | None = None      #: live capture from this interface instead of files (docs/live.md)
@@ -639,6 +642,7 @@ class FastPath:
             self._filex_seq = getattr(self, "_filex_seq", 0) + 1
             opts = {b"dir": self._filex_dir(rt).encode(), b"instance": self._filex_seq, b"chunk_size": int(self.cfg.filex_chunk_mb * 1048576),
                     b"dir_cap": int(self.cfg.filex_dir_cap_mb * 1048576), b"max_header": int(self.cfg.http_max_header),
+                    b"bomb_ratio": int(self.cfg.http_bomb_ratio), b"bomb_min": int(self.cfg.http_bomb_min_mb * 1048576),
                     b"votes": self.stage.add_filex(vm.host, events), b"batch": int(self.driver.batch_addr)}
             vm.lua.eval("function(h, o) return h:setup_filex(o) end")(vm.host, vm.lua.table_from(opts))
         elif kind == "reassembly_handler":

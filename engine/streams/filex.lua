@@ -24,8 +24,8 @@ HTTP flow's first payload), DATA, GAP, CLOSE.  Hooks:
                                            named <path>.<offset>.part; incomplete (luaprobe
                                            extension, docs/filex.md) is nil for a whole body,
                                            else why the file is not the whole content: "gap",
-                                           "truncated", "decode_error", "decode_incomplete",
-                                           "unknown_encoding" (counted per reason in
+                                           "truncated", "decode_error", "decompression_bomb",
+                                           "decode_incomplete", "unknown_encoding" (counted per reason in
                                            stats.incomplete_<reason>)
   onterminateflow(engine, ts, flow)        the TCP flow ended
 A hook that is absent votes true.  "File mode" (files written) only when the
@@ -61,14 +61,15 @@ end
 --- opts: host (luaprobe.engine.plugins.host object), dir (ramfs directory, shared by every filex_monitor
 --- instance of the run), instance (this instance's number in the run: file names are
 --- <dir>/<host><uri>-<instance>-<stream id>-<n>, so no two instances ever write or remove one file), chunk_size,
---- dir_cap (bytes), max_header (bytes of an HTTP header block kept, streams.http),
+--- dir_cap (bytes), max_header (bytes of an HTTP header block kept, streams.http), bomb_ratio and bomb_min (bytes):
+--- the decompression bomb rule of streams.http (decoding of a body stops past both; ratio 0: no limit),
 --- votes (address of the stage's lp_svote array), batch (address of the fast path's packet batch).
 function M.new(host, opts)
   local fx = host.plugin.filex_monitor
   local self = setmetatable({
     host = host, fx = fx, engine = host.engine, async = host.async,
     dir = opts.dir, instance = opts.instance or 1, chunk_size = opts.chunk_size or 5 * 1048576, dir_cap = opts.dir_cap or 256 * 1048576,
-    max_header = opts.max_header,
+    max_header = opts.max_header, bomb_ratio = opts.bomb_ratio, bomb_min = opts.bomb_min,
     votes = cast("lp_svote *", opts.votes), batch = cast(packet.pktp, opts.batch),
     hstats = {},           -- HTTP parser counters of every flow (each parser counts into it: streams/http.lua)
     file_mode = type(fx.onfile_http) == "function",
@@ -77,7 +78,8 @@ function M.new(host, opts)
     stats = { flows = 0, flows_rejected = 0, files = 0, chunks = 0, bytes = 0, skipped_cap = 0,
               skipped_filter = 0, truncated = 0, write_errors = 0,
               incomplete_gap = 0, incomplete_truncated = 0, incomplete_decode_error = 0,
-              incomplete_decode_incomplete = 0, incomplete_unknown_encoding = 0 },
+              incomplete_decode_incomplete = 0, incomplete_unknown_encoding = 0,
+              incomplete_decompression_bomb = 0 },
   }, F)
   -- T.async file lifetime: tasks naming a live file keep it until they finish
   self.async.file_done = function(path) self:unref(path) end
@@ -258,7 +260,7 @@ local function on_body_end(st, dir, req, resp, total, flags) st.fx:body_end(st, 
 
 --- The HTTP parser of flow state `st`.
 function F:parser(st)
-  return http.new({ max_header = self.max_header, ctx = st, on_request = on_request, on_response = on_response,
+  return http.new({ max_header = self.max_header, bomb_ratio = self.bomb_ratio, bomb_min = self.bomb_min, ctx = st, on_request = on_request, on_response = on_response,
                     on_body = on_body, on_body_end = on_body_end, stats = self.hstats })
 end
 

@@ -9,6 +9,7 @@ one TCP flow (both directions), LuaJIT.
       on_body     = function(dir, req_hdr, resp_hdr, ptr_or_string, len) end,   -- decoded bytes
       on_body_end = function(dir, req_hdr, resp_hdr, total_len, flags) end,
       stats = nil, -- a table to count into (shared by parsers; created when nil)
+      bomb_ratio = 100, bomb_min = 1 << 20,   -- the decompression bomb rule (below); ratio 0: no limit
       ctx = nil,   -- when set, every callback gets it as its first argument (on_request(ctx, req_hdr), ...):
                    -- one set of functions serves every flow, no closures per parser (LuaJIT does not
                    -- compile closure creation: a trace through it aborts)
@@ -43,6 +44,12 @@ Bodies.
     An inflate error stops decoding: flags.decode_error holds the message.  Bytes after the end of the
     compressed data (after the last gzip member) are not decoded: flags.trailing counts them, and
     stats.gzip_trailing / gzip_trailing_bytes count the bodies and bytes; the decoded body is delivered.
+  * Decompression bombs: decoding of a body stops once its decoded bytes are more than bomb_min (bytes,
+    default 1 MiB) and more than bomb_ratio (default 100) times the compressed bytes it has received
+    (after chunked decoding; libhtp's compression-bomb-limit rule, Suricata, with its own ratio 2048: see
+    docs/filex.md).  The bytes decoded so far are delivered (a prefix of the content, at most one 64 KiB
+    inflate piece past the bound), the rest of the body is framed but not inflated,
+    flags.decompression_bomb is set and stats.decompression_bombs counts the body.  bomb_ratio 0: no limit.
   * Bodies whose declared length is 0 produce no on_body / on_body_end; a
     chunked body with no data chunk ends with total_len 0 (flags.chunked).
   * POST bodies, multipart included, are delivered raw as one body;
@@ -60,7 +67,8 @@ Bodies.
   * Pipelining: requests are queued in order; each final response takes the oldest.
 
 on_body_end flags: coded (a compressed body: its bytes before decoding), chunked (chunked framing), truncated (fewer bytes than
-announced, or a gap), gap (bytes of the body were lost), missing (raw bytes lost), decode_error, encoding, trailers.
+announced, or a gap), gap (bytes of the body were lost), missing (raw bytes lost), decode_error, decompression_bomb,
+encoding, trailers, incomplete (the reason the delivered body is not the whole content, or nil).
 
 Gaps.  Inside a Content-Length body the missing bytes are counted (flags.gap,
 flags.truncated) and the body continues after the hole; a compressed body stops
@@ -82,6 +90,7 @@ local sfind, ssub, smatch, slower, sbyte = string.find, string.sub, string.match
 local tonumber = tonumber
 
 local MAX_HEADER = 65536
+local BOMB_RATIO, BOMB_MIN = 100, 1048576     -- decompression bomb rule defaults (RunConfig http_bomb_*)
 
 -- modes
 local HDR, BODY_LEN, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER, BODY_CLOSE, RESYNC, TUNNEL, SKIPHDR =
@@ -106,6 +115,7 @@ local function new_stats(t)
   t.requests, t.responses, t.interim, t.bodies, t.resyncs, t.errors, t.gaps = 0, 0, 0, 0, 0, 0, 0
   t.cl_te, t.bad_content_length, t.bad_transfer_encoding, t.unknown_codings, t.oversize_headers = 0, 0, 0, 0, 0
   t.gzip_trailing, t.gzip_trailing_bytes = 0, 0   -- bodies with bytes after their compressed data, those bytes
+  t.decompression_bombs = 0                        -- bodies whose decoding the bomb rule stopped
   return t
 end
 
@@ -124,6 +134,7 @@ function M.new(cbs)
     st = { [0] = { mode = HDR, hbuf = "", line = "" }, [1] = { mode = HDR, hbuf = "", line = "" } },
     stats = cbs.stats and cbs.stats.requests and cbs.stats or new_stats(cbs.stats),
     max_header = cbs.max_header or MAX_HEADER,
+    bomb_ratio = cbs.bomb_ratio or BOMB_RATIO, bomb_min = cbs.bomb_min or BOMB_MIN,
     closed = false,
   }, P)
   return self
@@ -262,10 +273,12 @@ Chain.__index = Chain
 
 function Chain:feed(p, n, out)
   local zs = self.zs
+  -- false: out asked for no more output (the bomb rule), passed up so that every inflater stops
   local function stage(i, q, k)
-    if i == 0 then out(q, k); return end
-    local ok, err = zs[i]:feed(q, k, function(op, on) stage(i - 1, op, on) end)
+    if i == 0 then return out(q, k) end
+    local ok, err = zs[i]:feed(q, k, function(op, on) return stage(i - 1, op, on) end)
     if not ok and not self.failed then self.failed = err end
+    if zs[i].stopped then return false end
   end
   if type(p) == "string" then n = n or #p end
   self.total_in = self.total_in + n
@@ -324,14 +337,25 @@ end
 -- compressed body bytes: inflate and hand on (its closure lives here, not in
 -- body_data, so the plain path's function has no upvalues to close: UCLO is
 -- not compiled and would abort every trace through body_data)
+-- The bomb rule (libhtp's): after each decoded piece, stop when the body's decoded bytes exceed both bomb_min and
+-- bomb_ratio x the compressed bytes received so far (z.total_in counts the whole current feed, as libhtp counts
+-- response_message_len before it decompresses).  The piece that crosses the bound is delivered.
 local function body_data_z(self, b, p, n)
   if b.zdead then return end
   local on_body, ctx, dir, req, resp = self.on_body, self.ctx, b.dir, b.req, b.resp
-  local ok, err = b.z:feed(p, n, function(op, on)
+  local z, ratio, min = b.z, self.bomb_ratio, self.bomb_min
+  local ok, err = z:feed(p, n, function(op, on)
     b.total = b.total + on
     on_body(ctx, dir, req, resp, op, on)
+    if ratio > 0 and b.total > min and b.total > ratio * z.total_in then
+      b.flags.decompression_bomb = true
+      return false                           -- the inflater stops here (zlib.lua z.stopped)
+    end
   end)
-  if not ok then
+  if b.flags.decompression_bomb then
+    b.zdead = true
+    self.stats.decompression_bombs = self.stats.decompression_bombs + 1
+  elseif not ok then
     b.flags.decode_error = err
     b.zdead = true
     self.stats.errors = self.stats.errors + 1
@@ -365,7 +389,8 @@ local function body_end(self, st, truncated)
     b.z:close()
   end
   -- why the delivered body is not the whole content (nil: it is): first reason that applies
-  f.incomplete = f.gap and "gap" or f.decode_error and "decode_error" or f.truncated and "truncated"
+  f.incomplete = f.gap and "gap" or f.decode_error and "decode_error"
+                 or f.decompression_bomb and "decompression_bomb" or f.truncated and "truncated"
                  or f.decode_incomplete and "decode_incomplete" or f.unknown_coding and "unknown_encoding" or nil
   self.on_body_end(self.ctx, b.dir, b.req, b.resp, b.total, f)
 end

@@ -5,12 +5,15 @@ system libz (ffi.load "z", libz.so.1 on Debian).
     local zlib = require "luaprobe.engine.streams.zlib"
     local z = zlib.inflater(mode)     -- mode: "gzip" | "deflate" | "auto" (default)
     local ok, err = z:feed(ptr_or_string, len, out)  -- out(ptr, n) per output piece (ptr valid only
-                                                      -- during the call)
+                                                      -- during the call); out returning false stops
+                                                      -- the inflater at that piece (z.stopped)
     z.done          -- true after the end of the compressed stream (later input is ignored;
                     -- gzip: only when what follows is not another gzip member)
     z.members       -- gzip members decoded (RFC 1952 §2.2: a gzip file is a series of members)
     z.trailing      -- bytes after the end of the stream that are not a gzip member (ignored, counted)
     z.failed        -- error string once decoding failed (later input is ignored)
+    z.stopped       -- true once out returned false (the caller's output limit, e.g. streams/http.lua's
+                    -- decompression bomb rule): the rest of this feed and later input are not inflated
     z.total_in, z.total_out
     z:complete()    -- the input so far ends at the end of a stream / gzip member
     z:close()       -- frees the z_stream (also done by the GC)
@@ -94,7 +97,10 @@ local function run(self, p, n, out)
     if produced > 0 then
       self.total_out = self.total_out + produced
       if self.pending then self.pending = nil end   -- past the raw-deflate retry window
-      out(obuf, produced)
+      if out(obuf, produced) == false then          -- the caller wants no more output: stop here
+        self.stopped = true
+        return true
+      end
     end
     if rc == Z_STREAM_END then
       self.members = self.members + 1
@@ -127,6 +133,7 @@ local function run(self, p, n, out)
 end
 
 function Inf:feed(data, len, out)
+  if self.stopped then return true end
   if self.done or self.failed then
     if self.in_trailer then self.trailing = self.trailing + (len or #data) end
     return true
