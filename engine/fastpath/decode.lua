@@ -663,6 +663,7 @@ M.ZERO_FLOWKEY = "00A:00.00.00.00:p-0000_00.00.00.00:p-0000"
 
 local HEX = ffi.new("const uint8_t[16]", "0123456789ABCDEF")
 local kbuf = ffi.new("uint8_t[128]")
+local copy = ffi.copy
 local fstring = ffi.string   -- a local: `ffi.string` is a field lookup the walk would redo per new flow
 
 -- No loops in the key functions: Packet:flowid() calls them from a plug-in's hook on a flow's first
@@ -734,33 +735,59 @@ local function put_port(buf, pos, port)
   return (put_hex8(buf, pos, band(port, 255)))
 end
 
+-- An IPv6 flow-id (put_flowkey's layout, 83 bytes) by string.format: proto, the A address's 16 bytes, the A port, the
+-- Z address's 16 bytes, the Z port.  Why not digit by digit as IPv4's (put_ip): 32 address bytes' two hex-digit loads
+-- and stores each, unrolled, made the trace through them longer than LuaJIT's limit (maxrecord, 4 000 IR: "trace too
+-- long"): the side trace of a hook's first packet of a flow (the flowid cache's miss in the plug-in VM's walk) and the
+-- driver's row export (Driver write_row) were given up after 4 tries and their IPv6 keys formatted in the interpreter
+-- (~35 FFI byte loads and stores each, tens of microseconds): 80-100M instructions in the first batches of the ipv6
+-- corpus's flowstate run (tools/bench/loopcg.py --batches).  string.format's %02X compiles to one call each
+-- (lj_ffrecord.c recff_format); IPv4 keys keep the inline digits (their traces compile; 11 calls would cost more).
+local KEY6 = "%02XB:" .. ("%02X"):rep(16) .. ":p-%04X_" .. ("%02X"):rep(16) .. ":p-%04X"
+local sformat = string.format
+local function flowkey6(d)
+  local z = src_is_z(d, true)
+  local sp, dp = d.sport, d.dport
+  local s, a, b = d.src, 16 * z, 16 - 16 * z
+  return sformat(KEY6, band(d.ipproto, 255),
+    s[a], s[a + 1], s[a + 2], s[a + 3], s[a + 4], s[a + 5], s[a + 6], s[a + 7],
+    s[a + 8], s[a + 9], s[a + 10], s[a + 11], s[a + 12], s[a + 13], s[a + 14], s[a + 15], sp + (dp - sp) * z,
+    s[b], s[b + 1], s[b + 2], s[b + 3], s[b + 4], s[b + 5], s[b + 6], s[b + 7],
+    s[b + 8], s[b + 9], s[b + 10], s[b + 11], s[b + 12], s[b + 13], s[b + 14], s[b + 15], dp + (sp - dp) * z)
+end
+
 --- Write the Trisul flow-id of an IP packet (d.ip_version 4 or 6) into `buf` (uint8_t[>= 83], no NUL
 --- added); returns its length: 41 bytes for IPv4, 83 for IPv6.  Layout: proto (2 hex digits), 'A' (IPv4)
 --- or 'B' (IPv6), ':', the A address (IPv4 "C0.A8.01.02", 11 bytes; IPv6 32 hex digits), ":p-" and the
 --- A port (4 hex digits), '_', the Z address, ":p-", the Z port.  So the A address is bytes [4, 4+L) and
 --- the Z address bytes [12+L, 12+2L), L = 11 or 32 (engine/fastpath/driver.lua exports them from there).
 function M.put_flowkey(buf, d)
-  local v6 = d.ip_version == 6
+  if d.ip_version == 6 then                             -- flowkey6 above: why not digit by digit
+    copy(buf, flowkey6(d), 83)
+    return 83
+  end
   local pos = put_hex8(buf, 0, band(d.ipproto, 255))
-  buf[pos] = v6 and 66 or 65; buf[pos + 1] = 58        -- 'A'/'B', ':'
+  buf[pos] = 65; buf[pos + 1] = 58                      -- 'A', ':'
   pos = pos + 2
   -- the A and Z ends picked without a branch (src_is_z); d.dst follows d.src in the struct (16 bytes)
-  local z = src_is_z(d, v6)
+  local z = src_is_z(d, false)
   local sp, dp = d.sport, d.dport
   local s = d.src
-  pos = put_ip(buf, pos, s, 16 * z, v6)
+  pos = put_ip(buf, pos, s, 16 * z, false)
   buf[pos] = 58; pos = pos + 1                          -- ':'
   pos = put_port(buf, pos, sp + (dp - sp) * z)
   buf[pos] = 95; pos = pos + 1                          -- '_'
-  pos = put_ip(buf, pos, s, 16 - 16 * z, v6)
+  pos = put_ip(buf, pos, s, 16 - 16 * z, false)
   buf[pos] = 58; pos = pos + 1
   return (put_port(buf, pos, dp + (sp - dp) * z))
 end
 local put_flowkey = M.put_flowkey
 
---- Trisul flow-id string for the decoded packet.
+--- Trisul flow-id string for the decoded packet (put_flowkey's layout).
 function M.flowkey(d)
-  if d.ip_version == 0 then return M.ZERO_FLOWKEY end
+  local v = d.ip_version
+  if v == 0 then return M.ZERO_FLOWKEY end
+  if v == 6 then return flowkey6(d) end
   return fstring(kbuf, put_flowkey(kbuf, d))
 end
 
