@@ -36,7 +36,10 @@ G_UDP = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}"
 
 UID_PROBE = f'''
 -- counts, per UDP packet to port 9997, the uid the fast path runs its hooks as ("fp<uid>") and, through a
--- T.async task, the uid a worker runs onexecute as ("worker<uid>")
+-- T.async task, the uid a worker runs onexecute as ("worker<uid>"); files @DONE@fp and @DONE@worker appear at the
+-- 40th of each (the test stops the run after them: a stop signal cuts the hooks of a walk under way)
+local seen, results = 0, 0
+local function mark(name) local f = io.open("@DONE@" .. name, "w"); if f then f:close() end end
 local function uid()
   local f = io.open("/proc/self/status"); local t = f:read("*a"); f:close()
   return t:match("Uid:%s*(%d+)")
@@ -49,12 +52,18 @@ TrisulPlugin = {{
     onpacket = function(engine, layer)
       if layer:getbyte(2) * 256 + layer:getbyte(3) ~= 9997 then return end
       engine:update_counter("{PORT_GROUP}", "fp" .. uid(), 0, 1)
+      seen = seen + 1
+      if seen == 40 then mark("fp") end
       T.async:schedule {{ data = "x",
         onexecute = function(d)
           local f = io.open("/proc/self/status"); local t = f:read("*a"); f:close()
           return t:match("Uid:%s*(%d+)")
         end,
-                          onresult = function(e, d, r) e:update_counter("{PORT_GROUP}", "worker" .. r, 0, 1) end }}
+                          onresult = function(e, d, r)
+                            e:update_counter("{PORT_GROUP}", "worker" .. r, 0, 1)
+                            results = results + 1
+                            if results == 40 then mark("worker") end
+                          end }}
     end,
   }},
 }}
@@ -212,7 +221,12 @@ def _plugins(workdir):
     os.mkdir(os.path.join(workdir, "report"))          # --stats-json is written after the drop: the user's
     pw = pwd.getpwnam(USER[0])
     os.chown(os.path.join(workdir, "report"), pw.pw_uid, pw.pw_gid)
-    (Path(workdir) / "plugins" / "uid_probe.lua").write_text(UID_PROBE)
+    (Path(workdir) / "plugins" / "uid_probe.lua").write_text(UID_PROBE.replace("@DONE@", _done(workdir, "")))
+
+
+def _done(workdir, name):
+    """The file the uid probe makes at its 40th hook call ("fp") and its 40th task result ("worker")."""
+    return os.path.join(workdir, "report", "done-" + name)
 
 
 def _stop(proc):
@@ -248,6 +262,9 @@ def test_live_run_with_user_drops_every_process(workdir, veth, user, user_python
         except AssertionError:
             kinds = [_kind(p) for p in _tree(proc.pid)]
             raise AssertionError(f"no worker started: {kinds}: {_stop(proc)}") from None
+        if shards == 1:             # every hook call and task result of the 40 datagrams made before the stop,
+            helpers.wait_for(lambda: all(os.path.exists(_done(workdir, n)) for n in ("fp", "worker")),
+                             timeout=30, interval=0.05)   # which cuts a walk under way (CI saw fp 16 of 40)
         procs = _tree(proc.pid)
         pids, started = {p.pid for p in procs}, procs
         kinds = sorted(_kind(p) for p in procs)
