@@ -657,7 +657,7 @@ def _run_options(p) -> None:
     again.add_argument("--append", action="store_true", help="add this run to the database already in --out")
     again.add_argument("--overwrite", action="store_true", help="replace the database already in --out")
     p.add_argument("--lua-path", action="append", default=[], metavar="DIR", type=nonempty("a directory"),
-                   help="extra Lua search directory")
+                   help="extra Lua search directory (repeatable)")
     p.add_argument("--stats-json", metavar="FILE", type=nonempty("a file name"), help="write the run summary as JSON")
     from .config import SCHEMA
     a = {k: v[2] for k, v in SCHEMA["async"].items()}      # [async] key -> (lo, hi): one range for flag and key
@@ -797,7 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     check = sub.add_parser("check", help="list plug-ins, their script types and problems")
     check.add_argument("plugins", nargs="+", metavar="PLUGIN")
-    check.add_argument("--lua-path", action="append", default=[], metavar="DIR", type=nonempty("a directory"))
+    check.add_argument("--lua-path", action="append", default=[], metavar="DIR", type=nonempty("a directory"),
+                       help="extra Lua search directory (repeatable), as run's")
     check.add_argument("--hook-budget", type=float, default=10.0, metavar="S",
                        help="seconds a plug-in's top level may run while it loads (default 10, as run's; 0 = off)")
     check.set_defaults(func=cmd_check)
