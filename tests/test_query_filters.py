@@ -112,3 +112,54 @@ def test_numbers_sqlite_cannot_hold_and_digits_int_cannot_read_are_lines_not_tra
         r = cli("query", "counters", "--out", str(out), "--meter", m)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r
         assert r.stderr.startswith(f"luaprobe query: --meter '{m}': no meter of that name (names: "), r.stderr
+
+
+# A plug-in shaped like trisul-scripts' urlmon.lua (its counter group is named "URL Service ", a blank at the end)
+# that also declares an alert group and a resource group (as custom_alerts / custom_resources do) and uses them.
+DECLARED = """TrisulPlugin = { id = { name = "declared" },
+  countergroup = { control = { guid = "{C93B79D5-20A0-49D8-FA27-160B45D49C00}", name = "URL Service ",
+      description = "d", bucketsize = 60 },
+    meters = { { 0, T.K.vartype.COUNTER, 20, 20, "Hits", " Hits ", "hits" } } },
+  alertgroup = { control = { guid = "{aaaaaaaa-1111-2222-3333-444444444444}", name = "My Alerts ", description = "d" } },
+  resourcegroup = { control = { guid = "{bbbbbbbb-1111-2222-3333-444444444444}", name = " My Resources",
+      description = "d" } },
+  simplecounter = { protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",
+    onpacket = function(engine, layer)
+      local f = layer:packet():flowid()
+      engine:update_counter("{C93B79D5-20A0-49D8-FA27-160B45D49C00}", "k", 0, 1)
+      engine:add_alert("{aaaaaaaa-1111-2222-3333-444444444444}", f, "SIG", 2, "m")
+      engine:add_resource("{bbbbbbbb-1111-2222-3333-444444444444}", f, "u", "c")
+    end } }
+"""
+
+
+def test_declared_names_with_blanks_and_guids_without_braces_find_their_rows(tmp_path):
+    """A group declared by a script is found by its name, with or without the blanks around it the script gave it,
+    in any case, and by its GUID with or without braces.  Before: `--group "URL Service"` (urlmon.lua's group) and
+    `--group "URL Service "` were both refused although the list of names in the refusal showed the group; a declared
+    alert / resource group's name passed the check and then matched nothing ("(0 rows)"); a GUID without braces
+    matched nothing.  Truth: the rows of each group in the database, read with sqlite3."""
+    (tmp_path / "declared.lua").write_text(DECLARED)
+    out = tmp_path / "out"
+    r = cli("run", str(tmp_path / "declared.lua"), "--pcap", os.path.join(helpers.REPO, "tests", "data",
+            "http-get-text.pcap"), "--out", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    db = sqlite3.connect(f"file:{out / 'luaprobe.sqlite'}?mode=ro", uri=True)
+    n = {what: db.execute(f"SELECT count(*) FROM {table} WHERE upper({col}) = ?", (guid,)).fetchone()[0]
+         for what, table, col, guid in (("counters", "counters", "group_guid", "{C93B79D5-20A0-49D8-FA27-160B45D49C00}"),
+                                         ("alerts", "alerts", "alert_guid", "{AAAAAAAA-1111-2222-3333-444444444444}"),
+                                         ("resources", "resources", "resource_guid",
+                                          "{BBBBBBBB-1111-2222-3333-444444444444}"))}
+    db.close()
+    assert min(n.values()) > 0, n
+    asks = {"counters": ["URL Service ", "URL Service", "url service", "c93b79d5-20a0-49d8-fa27-160b45d49c00"],
+            "alerts": ["My Alerts ", "my alerts", "AAAAAAAA-1111-2222-3333-444444444444",
+                       "{aaaaaaaa-1111-2222-3333-444444444444}"],
+            "resources": [" My Resources", "My Resources", "bbbbbbbb-1111-2222-3333-444444444444"]}
+    for what, groups in asks.items():
+        for g in groups:
+            r = cli("query", what, "--out", str(out), "--group", g, "--json")
+            assert r.returncode == 0 and len(r.stdout.splitlines()) == n[what], (what, g, r)
+    for meter in ("Hits", " hits ", "0"):
+        r = cli("query", "counters", "--out", str(out), "--group", "URL Service", "--meter", meter, "--json")
+        assert r.returncode == 0 and len(r.stdout.splitlines()) == n["counters"], (meter, r)

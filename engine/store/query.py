@@ -14,8 +14,6 @@ import json
 import os
 import sys
 
-import re
-
 from luaprobe.engine.store import writer as _w
 from luaprobe.engine.store.writer import DB_NAME, Store, StoreError, db_path, meter_id
 from luaprobe.engine.daemon.usage import Parser, int_in, nonempty
@@ -159,7 +157,7 @@ def fetch(store: Store, a) -> list[dict]:
 FILTERS = {"group": ("counters", "keyinfo", "alerts", "resources", "fts", "toppers"),
            "key": ("counters", "keyinfo", "alerts", "resources", "fts", "flows", "edges"),
            "meter": ("counters",)}
-GUID = re.compile(r"^\{?[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}\}?$")
+GUID = _w.GUID_TEXT
 
 
 def group_problem(store: Store, a) -> str | None:
@@ -174,7 +172,7 @@ def group_problem(store: Store, a) -> str | None:
                  "fts": _w.WELL_KNOWN_FTS_GROUPS}[a.what]
         names = [g["name"] for g in store.decl_groups(kind)] + list(known.values())
     names = sorted({n for n in names if n}, key=str.lower)
-    if a.group.strip().lower() in {n.lower() for n in names}:
+    if _w.name_key(a.group) in {_w.name_key(n) for n in names}:
         return None
     return f"--group {a.group!r}: no {a.what} group of that name (names: {', '.join(names) or 'none'}; or give a GUID)"
 
@@ -189,7 +187,7 @@ def meter_problem(store: Store, a) -> str | None:
     names = sorted({m["name"] for g in store.counter_groups() if guid is None or g["guid"] == guid
                     for m in g.get("meters", ()) if isinstance(m, dict) and isinstance(m.get("name"), str)},
                    key=str.lower)
-    if a.meter.strip().lower() in {n.lower() for n in names}:
+    if _w.name_key(a.meter) in {_w.name_key(n) for n in names}:
         return None
     where = f" of group {a.group!r}" if a.group is not None else ""
     return f"--meter {a.meter!r}: no meter{where} of that name (names: {', '.join(names) or 'none'}; or give a meter id)"

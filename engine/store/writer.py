@@ -31,6 +31,7 @@ import collections
 import errno
 import json
 import os
+import re
 import select
 import signal
 import sqlite3
@@ -307,6 +308,25 @@ def meter_id(meter) -> int | None:
     if isinstance(meter, str) and meter.strip().isascii() and meter.strip().isdigit():
         return int(meter.strip())
     return None
+
+
+#: a group GUID as ``luaprobe query --group`` takes it (braces optional, any case) (query.GUID)
+GUID_TEXT = re.compile(r"^\{?[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}\}?$")
+
+
+def guid_arg(text: str) -> str:
+    """A group GUID given to ``luaprobe query --group`` as stored: upper case, in braces (GUID_TEXT takes it with or
+    without them; before, one given without braces matched no row)."""
+    t = text.strip()
+    return "{" + t.strip("{}").upper() + "}" if GUID_TEXT.match(t) else t.upper()
+
+
+def name_key(name) -> str:
+    """How a group or meter name given to ``luaprobe query`` (``--group`` / ``--meter``) is matched with a stored one:
+    blanks around either side ignored, any case.  A script may declare a name with blanks around it (trisul-scripts'
+    urlmon.lua names its counter group "URL Service "), and the shell argument "URL Service " or "URL Service" must
+    both find it; before, the argument was stripped and the stored name was not, so neither did."""
+    return str(name or "").strip().lower()
 
 
 def db_path(outdir: str) -> str:
@@ -1244,12 +1264,12 @@ class Store:
         """A counter group GUID from a name (case-insensitive) or a GUID (any case)."""
         s = name_or_guid.strip()
         for guid, g in self._group_table().items():
-            if (g["name"] or "").lower() == s.lower():
+            if name_key(g["name"]) == name_key(s):
                 return guid
         for guid, name in WELL_KNOWN_GROUPS.items():
-            if name.lower() == s.lower():
+            if name_key(name) == name_key(s):
                 return guid
-        return s.upper()
+        return guid_arg(s)
 
     def meter_name(self, guid: str, meter: int) -> str | None:
         g = self._group_table().get(guid)
@@ -1281,7 +1301,7 @@ class Store:
                 if -2**63 <= mid < 2**63:
                     args.append(mid)
             else:
-                meter_by_name = str(meter).lower()
+                meter_by_name = name_key(meter)
         sql = ("SELECT c.group_guid, c.bucket_ts, c.key, k.label, c.meter, c.value FROM counters c "
                "LEFT JOIN key_info k ON k.group_guid = c.group_guid AND k.key = c.key")
         if where:
@@ -1293,7 +1313,7 @@ class Store:
         for r in self._rows(sql, args):
             r["group_name"] = self.group_name(r["group_guid"])
             r["meter_name"] = self.meter_name(r["group_guid"], r["meter"])
-            if meter_by_name is not None and (r["meter_name"] or "").lower() != meter_by_name:
+            if meter_by_name is not None and name_key(r["meter_name"]) != meter_by_name:
                 continue
             out.append({k: r[k] for k in ("group_guid", "group_name", "bucket_ts", "key", "label", "meter",
                                           "meter_name", "value")})
@@ -1324,15 +1344,20 @@ class Store:
         if guid is None:
             return None
         for g, n in names.items():
-            if n.lower() == guid.strip().lower():
+            if name_key(n) == name_key(guid):
                 return g
-        return guid.strip().upper()
+        return guid_arg(guid)
 
-    def _timed(self, select: str, guid_col: str, names: dict, guid, flowkey, limit) -> list[dict]:
+    def _timed(self, select: str, guid_col: str, names: dict, guid, flowkey, limit, kind: str) -> list[dict]:
         """Rows of ``select`` ("SELECT ... FROM table") in time order, filtered by group GUID (any case, or a
-        well-known name from ``names``) and flow key when given: the query behind alerts / resources / fts."""
+        well-known name from ``names``, or the name of a group of ``kind`` a script declared: ``decl_groups``) and
+        flow key when given: the query behind alerts / resources / fts.  Before, a declared group's name passed
+        ``luaprobe query``'s check (query.group_problem lists them) and then matched no row: "(0 rows)"."""
         where, args = [], []
         if guid is not None:
+            if not GUID_TEXT.match(guid.strip()):
+                declared = {r["guid"].strip().upper(): r["name"] for r in self.decl_groups(kind) if r["name"]}
+                names = {**declared, **names}             # a well-known name keeps its built-in group
             where.append(f"{guid_col} = ?")
             args.append(self._guid_arg(guid, names))
         if flowkey is not None:
@@ -1346,12 +1371,12 @@ class Store:
         """Alerts in time order (``guid``: alert group GUID, any case, or a well-known group name)."""
         return self._timed("SELECT id, ts_sec, ts_usec, alert_guid, flowkey, sigid, classification, priority, "
                            "message, status, plugin FROM alerts", "alert_guid", WELL_KNOWN_ALERT_GROUPS,
-                           guid, flowkey, limit)
+                           guid, flowkey, limit, "alert")
 
     def resources(self, guid: str | None = None, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
         """Resources in time order (``guid``: resource group GUID, any case, or a well-known group name)."""
         return self._timed("SELECT id, ts_sec, ts_usec, resource_guid, flowkey, uri, contents, plugin FROM resources",
-                           "resource_guid", WELL_KNOWN_RESOURCE_GROUPS, guid, flowkey, limit)
+                           "resource_guid", WELL_KNOWN_RESOURCE_GROUPS, guid, flowkey, limit, "resource")
 
     def fts(self, guid: str | None = None, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
         """Full-text documents in time order (``guid``: FTS group GUID, any case, or a well-known name:
@@ -1359,7 +1384,7 @@ class Store:
         if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'fts'").fetchone():
             return []
         return self._timed("SELECT id, ts_sec, ts_usec, fts_guid, flowkey, text, plugin FROM fts", "fts_guid",
-                           WELL_KNOWN_FTS_GROUPS, guid, flowkey, limit)
+                           WELL_KNOWN_FTS_GROUPS, guid, flowkey, limit, "fts")
 
     def flows(self, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
         """Flow records ordered by first_ts, flowkey and id: dicts with ``id`` (the record's row id, unique in the
