@@ -216,10 +216,21 @@ def _org(cert_der: bytes) -> tuple[str, str, bool]:
     return pick("subject"), pick("issuer"), d["subject"] == d["issuer"]
 
 
+# The legacy flowmonitor script type (trisul-scripts' techniques/httplog.lua, tagflow.lua, httpsvr.lua): the same
+# attributes through flowmonitor.onflowattribute(engine, flow, ts, name, buffer), the value a Buffer
+FLOWMONITOR = HTTP_TLS.replace(
+    "  reassembly_handler = {\n    onattribute = function(engine, ts, flow, name, value)\n",
+    "  flowmonitor = {\n    onflowattribute = function(engine, flow, ts, name, buf)\n"
+    "      assert(type(ts) == 'number' and buf:size() >= 0)\n      local value = buf:tostring()\n")
+
+
 @needs_tshark
-def test_http_and_tls_attributes_match_tshark(tmp_path):
+@pytest.mark.parametrize("form", ["reassembly_handler", "flowmonitor"])
+def test_http_and_tls_attributes_match_tshark(tmp_path, form):
     out = tmp_path / "attrs.tsv"
-    plugin = helpers.write_plugin(tmp_path, fill(HTTP_TLS, str(out)))
+    plugin = helpers.write_plugin(tmp_path, fill({"reassembly_handler": HTTP_TLS, "flowmonitor": FLOWMONITOR}[form],
+                                                 str(out)))
+    assert FLOWMONITOR != HTTP_TLS
     run(tmp_path, [plugin], [TUTORIAL])
     got = attributes(out)
 
@@ -262,6 +273,53 @@ def test_http_and_tls_attributes_match_tshark(tmp_path):
     # TLS:RECORD: every record that is not application data, whole (5-byte header included)
     mine = collections.Counter((int(r[1]), int(r[2])) for r in got["TLS:RECORD"])
     assert mine == tls_records(TUTORIAL)
+
+
+# httpsvr.lua's shape (trisul-scripts frontend_scripts/httpserver): a countergroup and a flowmonitor in one file,
+# the hook parses the response's HTTP-Header Buffer and counts a hit per Server name, and tags the flow
+HTTPSVR = r'''
+local G = "{0E4281ED-5545-4BF2-94F2-C4027FBC9AFA}"
+TrisulPlugin = {
+  id = { name = "server hits" },
+  countergroup = {
+    control = { guid = G, name = "Web Server", description = "Server header", bucketsize = 30 },
+    meters = { { 0, T.K.vartype.RATE_COUNTER, 10, "Bytes", "bytes", "B" },
+               { 1, T.K.vartype.COUNTER, 10, "Hits", "hits", "H" } },
+  },
+  flowmonitor = {
+    onflowattribute = function(engine, flow, timestamp, attribute_name, attribute_value)
+      if attribute_name ~= "HTTP-Header" then return end
+      local hdr = attribute_value:tostring()
+      local svr = hdr:match("^HTTP/[^\r\n]*\r\n") and hdr:match("\r\n[Ss]erver%s*:%s*([^\r\n]*)")
+      if svr then
+        local name = svr:match("^%S+")
+        engine:update_counter(G, name, 1, 1)
+        engine:tag_flow(flow:id(), "srv-" .. name)
+      end
+    end,
+  },
+}
+'''
+
+
+@needs_tshark
+def test_flowmonitor_counts_server_hits_like_httpsvr(tmp_path):
+    """A flowmonitor beside a countergroup in one file (httpsvr.lua): its hits per Server name, and the flows it
+    tagged, are tshark's responses with an http.server field (the name's first word) and their flows."""
+    run(tmp_path, [helpers.write_plugin(tmp_path, HTTPSVR, "httpsvr.lua")], [TUTORIAL])
+    rows = [line.split("\t") for line in tshark("-r", TUTORIAL, "-Y", "http.response && http.server && tcp", "-T",
+                                                "fields", "-e", "ip.src", "-e", "tcp.srcport", "-e", "ip.dst", "-e",
+                                                "tcp.dstport", "-e", "http.server").splitlines()]
+    want = collections.Counter(r[4].split()[0] for r in rows)
+    assert len(want) >= 2 and sum(want.values()) >= 10
+    with Store(str(tmp_path / "out")) as s:
+        hits = collections.Counter()
+        for c in s.counters():
+            if c["group_guid"] == "{0E4281ED-5545-4BF2-94F2-C4027FBC9AFA}" and int(c["meter"]) == 1:
+                hits[c["key"]] += int(c["value"])
+        tags = {f["flowkey"]: f["tags"] for f in s.flows() if f["tags"]}
+    assert hits == want
+    assert tags == {flowkey(r[0], int(r[1]), r[2], int(r[3])): f"srv-{r[4].split()[0]}" for r in rows}
 
 
 def tls_cert_names(path) -> tuple[list, list, list]:

@@ -283,15 +283,8 @@ local function state_code(st, reason)
   return OPEN
 end
 
---- Tags from tag_flow, joined by spaces; at most 64 bytes per flow (docs.trisul.org/docs/lua/obj_engine tag_flow: excess tags dropped).
-local function join_tags(list)
-  local s = ""
-  for _, t in ipairs(list) do
-    local c = s == "" and t or s .. " " .. t
-    if #c <= 64 then s = c end
-  end
-  return s
-end
+local flowrow = require("luaprobe.engine.fastpath.flowrow")
+local join_tags = flowrow.join_tags     -- tags from tag_flow, joined by spaces; at most 64 bytes per flow
 M.join_tags = join_tags
 
 --- Write flow idx's record into row `r` (an lp_flowrow).  `peek`: a new flow reported to sg_monitor.onnewflow
@@ -405,15 +398,15 @@ function Driver:new_flows(n)
   return k
 end
 
---- tag_flow from a plug-in VM (between batches): kept until the flow's record is exported.  Tabs and
---- newlines in a tag become spaces (the stored tags are one space-separated line).
+--- tag_flow from a plug-in VM (between batches): kept until the flow's record is exported, each tag once.  Tabs
+--- and newlines in a tag become spaces (the stored tags are one space-separated line).
 function Driver:tag(flowkey, tag)
   local tl = self.tags[flowkey]
   if tl == nil then
     if self.ntags >= 1048576 then return false end     -- bounded: tags of flows never seen are not kept forever
     tl = {}; self.tags[flowkey] = tl; self.ntags = self.ntags + 1
   end
-  tl[#tl + 1] = (tag:gsub("[\t\r\n]", " "))
+  flowrow.add_tag(tl, (tag:gsub("[\t\r\n]", " ")))     -- a tag given twice is kept once
   return true
 end
 

@@ -31,7 +31,33 @@ typedef struct {
 } lp_flowrow;
 ]] end
 
+--- A flow's tags (engine:tag_flow, in tagging order; no tag twice: add_tag) joined by spaces, at most 64 bytes: a tag
+--- that would take the line past 64 is dropped (docs.trisul.org/docs/lua/obj_engine tag_flow: "all tags of a flow
+--- together stay <64 bytes, excess dropped").  Used for packet flows (driver.lua) and script-made records
+--- (engine.lua) alike.
+local function join_tags(list)
+  local s = ""
+  for _, t in ipairs(list) do
+    local c = s == "" and t or s .. " " .. t
+    if #c <= 64 then s = c end
+  end
+  return s
+end
+
+--- Append `tag` to a flow's tag list unless the list has it already (a hook that tags a flow at every packet or
+--- every HTTP request gives it one tag, and the list of a long flow does not grow with its packets); true when
+--- it was added.
+local function add_tag(list, tag)
+  for i = 1, #list do
+    if list[i] == tag then return false end
+  end
+  list[#list + 1] = tag
+  return true
+end
+
 return {
   SIZE = ffi.sizeof("lp_flowrow"),
   TERMINATED = 0x800,          --- flags bit of a final record (not an sg_monitor onnewflow peek)
+  join_tags = join_tags,
+  add_tag = add_tag,
 }

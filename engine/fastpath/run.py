@@ -645,8 +645,8 @@ class FastPath:
                     b"bomb_ratio": int(self.cfg.http_bomb_ratio), b"bomb_min": int(self.cfg.http_bomb_min_mb * 1048576),
                     b"votes": self.stage.add_filex(vm.host, events), b"batch": int(self.driver.batch_addr)}
             vm.lua.eval("function(h, o) return h:setup_filex(o) end")(vm.host, vm.lua.table_from(opts))
-        elif kind == "reassembly_handler":
-            problem = self.stage.add(vm)
+        elif kind in ("reassembly_handler", "flowmonitor"):
+            problem = self.stage.add(vm, kind)
             if problem is not None:
                 self.plugin_problems.append(f"{path}: {problem}")
                 rt.unload(vm)
@@ -661,7 +661,7 @@ class FastPath:
         if not ok or res is False:
             why = "onload failed" if not ok else "onload returned false"
             logs.log.info("[%s#%s] %s: instance disabled", os.path.basename(path), instance, why)
-            if kind == "reassembly_handler":
+            if kind in ("reassembly_handler", "flowmonitor"):
                 self.stage.remove(vm)
             elif kind == "filex_monitor":
                 self.stage.remove_filex(vm.host)

@@ -9,6 +9,7 @@ database sees one row per bucket.
 ]]
 local ffi = require("ffi")
 local packetmod = require("luaprobe.engine.plugins.packet")   -- lp_pkt, lp_engine_clock
+local flowrow = require("luaprobe.engine.fastpath.flowrow")    -- lp_flowrow, join_tags, add_tag
 local M = {}
 local Engine = {}
 local new_clock = ffi.typeof("lp_engine_clock")
@@ -595,8 +596,7 @@ function Engine:flows_ended(addr, n)
   if self.nflow_counters == 0 then return 0 end
   local ffi = require("ffi")
   if rowp == nil then
-    local fr = require("luaprobe.engine.fastpath.flowrow")
-    rowp, TERMINATED = ffi.typeof("lp_flowrow *"), fr.TERMINATED
+    rowp, TERMINATED = ffi.typeof("lp_flowrow *"), flowrow.TERMINATED
   end
   local rows, fcs, dropped = ffi.cast(rowp, addr), self.flow_counters, 0
   for i = 0, n - 1 do
@@ -686,7 +686,7 @@ function Engine:post_message_backend(a, b) post(self, "backend", a, b) end
 function Engine:tag_flow(flowkey, tag)
   local fk = flowkey_of(flowkey)
   local sf = self.sflows[fk]
-  if sf then sf.tags[#sf.tags + 1] = tostring(tag); return end
+  if sf then flowrow.add_tag(sf.tags, tostring(tag)); return end
   push(self.rows.flow_tags, { fk, tostring(tag) })
 end
 
@@ -777,7 +777,7 @@ local function sflow_row(f, state)
   end)
   if not ok then proto, ipa, porta, ipz, portz = 0, "", 0, "", 0 end
   return { f.fk, proto or 0, ipa or "", porta or 0, ipz or "", portz or 0, f.first, f.last,
-           f.v[2], f.v[3], f.v[0], f.v[1], state, table.concat(f.tags, " ") }
+           f.v[2], f.v[3], f.v[0], f.v[1], state, flowrow.join_tags(f.tags) }
 end
 
 --- terminate_flow(flowkey): the script-made record ends and is written (state TERMINATED).

@@ -17,6 +17,7 @@ setup RTT (µs, nil when not measured), retransmissions a->z, z->a
 (engine/fastpath/flowtable.lua tcp_track; docs/plugins.md "Setup RTT and retransmissions").
 ]]
 local packet = require("luaprobe.engine.plugins.packet")
+local flowrow = require("luaprobe.engine.fastpath.flowrow")
 
 local M = {}
 local Flow = {}
@@ -46,11 +47,11 @@ function Flow:az_payload_bytes() return self._r[16] or 0 end
 function Flow:za_payload_bytes() return self._r[17] or 0 end
 --- Tags, pipe separated (docs/plugins.md, Flow tags()).
 function Flow:tags() return table.concat(self._tags, "|") end
---- Add a tag; it is written with the flow record (the 64-byte limit applies when tags are joined).
+--- Add a tag; it is written with the flow record (the 64-byte limit applies when tags are joined); a tag the flow
+--- has already is not added again (engine/fastpath/flowrow.lua add_tag).
 function Flow:add_tag(s)
   s = tostring(s)
-  self._tags[#self._tags + 1] = s
-  self._added[#self._added + 1] = s
+  if flowrow.add_tag(self._tags, s) then self._added[#self._added + 1] = s end
 end
 --- TCP setup RTT in µs: the latest client SYN to the client's ACK completing the handshake; 0 when
 --- not measured (not TCP, or no SYN / SYN-ACK / ACK seen in the record).  docs/plugins.md "Setup RTT

@@ -221,10 +221,14 @@ class FlowBackends:
 
 
 def _join_tags(tags) -> str:
-    """Tags joined by spaces, at most 64 bytes (excess tags dropped, docs.trisul.org/docs/lua/obj_engine tag_flow)."""
-    s = ""
+    """Tags joined by spaces, each once, at most 64 bytes (excess tags dropped, docs.trisul.org/docs/lua/obj_engine
+    tag_flow; engine/fastpath/flowrow.lua join_tags / add_tag, the same rule for the fast path's flows)."""
+    s, seen = "", set()
     for t in tags:
+        if t in seen:
+            continue
         c = t if not s else s + " " + t
         if len(c.encode()) <= 64:
             s = c
+            seen.add(t)
     return s

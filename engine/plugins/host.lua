@@ -849,7 +849,7 @@ function Host:filex_finish()
   return out
 end
 
---- Prepare the reassembly_handler type (opts: votes address, slot).
+--- Prepare the reassembly_handler or flowmonitor type (opts: votes address, slot, table: the type; handler.lua).
 function Host:setup_reassembly(opts)
   self.rh = require("luaprobe.engine.streams.handler").new(self, opts)
   return nil

@@ -22,6 +22,15 @@ events into hooks:
 
 `flow` is a FlowID.  engine:disable_reassembly(flow) stops this VM's events
 for the flow; the stage stops delivering bytes when every handler disabled it.
+
+The legacy flowmonitor script type (Trisul's older form of onattribute, as trisul-scripts'
+techniques/httplog.lua, tagflow.lua and frontend_scripts/httpserver/httpsvr.lua use it) is served
+by the same module with opts.table = "flowmonitor": its one hook
+
+  onflowattribute(engine, flow, ts, name, buffer)
+                                        the same attributes, in the legacy order, value a Buffer
+
+gets every attribute of every TCP flow (a flowmonitor has no filter: it votes yes) and nothing else.
 ]]
 local ffi = require("ffi")
 local bit = require("bit")
@@ -51,24 +60,32 @@ local function legacy_attribute_order(f)
 end
 M.legacy_attribute_order = legacy_attribute_order
 
---- opts: votes (address of the stage's lp_svote array), slot (0..31: this handler's vote bit).
+--- The attribute hook of each script type this module serves, and the other hooks it calls (flowmonitor: none).
+local ATTR_HOOK = { reassembly_handler = "onattribute", flowmonitor = "onflowattribute" }
+local OTHER_HOOKS = { reassembly_handler = true, flowmonitor = false }
+M.ATTR_HOOK = ATTR_HOOK
+
+--- opts: votes (address of the stage's lp_svote array), slot (0..31: this handler's vote bit), table (the script
+--- type: "reassembly_handler", the default, or "flowmonitor").
 function M.new(host, opts)
-  local rh = host.plugin.reassembly_handler
+  local tbl = opts.table or "reassembly_handler"
+  local rh, ahook, others = host.plugin[tbl], ATTR_HOOK[tbl], OTHER_HOOKS[tbl]
   local self = setmetatable({
-    host = host, rh = rh, engine = host.engine,
+    host = host, rh = rh, engine = host.engine, tbl = tbl, ahook = ahook, others = others,
     votes = cast("lp_svote *", opts.votes), bit = lshift(1, opts.slot),
-    has_filter = type(rh.filter) == "function",
+    has_filter = others and type(rh.filter) == "function",
     flows = {}, bykey = {}, buf = buffer.new(nil, 0),
-    legacy = legacy_attribute_order(rh.onattribute),     -- onattribute(engine, flow, ts, name, buffer)
-    want = { payload = type(rh.onpayload) == "function", attribute = type(rh.onattribute) == "function" },
+    -- onattribute(engine, flow, ts, name, buffer); a flowmonitor's hook always has that order
+    legacy = not others or legacy_attribute_order(rh.onattribute),
+    want = { payload = others and type(rh.onpayload) == "function", attribute = type(rh[ahook]) == "function" },
   }, H)
   host.engine.on_disable_reassembly = function(fk) self:disable(fk) end
   return self
 end
 
 function H:hook(name, ...)
-  if type(self.rh[name]) ~= "function" then return true, true end
-  return self.host:call("reassembly_handler", name, ...)
+  if not self.others or type(self.rh[name]) ~= "function" then return true, true end
+  return self.host:call(self.tbl, name, ...)
 end
 
 --- Vote on the TCP flows of the batch this handler has not seen yet.
@@ -85,7 +102,7 @@ function H:vote(addr, n)
         local yes = true
         if self.has_filter then
           eng:set_packet(batch, i)
-          local ok, res = self.host:call("reassembly_handler", "filter", eng, p.ts_sec, packet.flowid(p.d))
+          local ok, res = self.host:call(self.tbl, "filter", eng, p.ts_sec, packet.flowid(p.d))
           yes = ok and res and true or false
         end
         if yes then v.yes = v.yes + 1 end
@@ -135,7 +152,7 @@ function H:event(e)
   if kind == DATA then
     if not st.disabled and self.want.payload then
       buffer.rebind(self.buf, e.p, e.len)
-      self.host:call("reassembly_handler", "onpayload", eng, sec, st.flow, e.dir, e.off, self.buf)
+      self.host:call(self.tbl, "onpayload", eng, sec, st.flow, e.dir, e.off, self.buf)
       buffer.invalidate(self.buf)
     end
   elseif kind == ATTR then
@@ -143,10 +160,10 @@ function H:event(e)
       local v = fstring(e.p, e.len)
       if self.legacy then
         buffer.rebind(self.buf, v, #v, v)
-        self.host:call("reassembly_handler", "onattribute", eng, st.flow, sec, ATTRS[e.attr], self.buf)
+        self.host:call(self.tbl, self.ahook, eng, st.flow, sec, ATTRS[e.attr], self.buf)
         buffer.invalidate(self.buf)
       else
-        self.host:call("reassembly_handler", "onattribute", eng, sec, st.flow, ATTRS[e.attr], v)
+        self.host:call(self.tbl, self.ahook, eng, sec, st.flow, ATTRS[e.attr], v)
       end
     end
   elseif kind == CLOSE then

@@ -43,14 +43,16 @@ class ReassemblyStage:
             self._events = method(self.lua, "events")
         return int(self.stage.votes_addr)
 
-    def add(self, vm) -> str | None:
-        """Attach a reassembly_handler VM; returns a problem text when it cannot be attached."""
+    def add(self, vm, kind: str = "reassembly_handler") -> str | None:
+        """Attach a reassembly_handler VM, or a flowmonitor one (``kind``: its attribute hook only,
+        engine/streams/handler.lua); returns a problem text when it cannot be attached."""
         if len(self.handlers) >= MAX_HANDLERS:
-            return f"more than {MAX_HANDLERS} reassembly_handler plug-ins: this one does not run"
+            return (f"more than {MAX_HANDLERS} reassembly_handler and flowmonitor plug-ins together: this one does "
+                    "not run")
         addr = self.votes_address()
-        vm.lua.eval("function(h, a, k) return h:setup_reassembly({votes = a, slot = k}) end")(
-            vm.host, addr, len(self.handlers))
-        if vm.lua.eval("function(h) return type(h.plugin.reassembly_handler.onattribute) == 'function' end")(vm.host):
+        vm.lua.eval("function(h, a, k, t) return h:setup_reassembly({votes = a, slot = k, table = t}) end")(
+            vm.host, addr, len(self.handlers), kind.encode())
+        if vm.lua.eval("function(h) return h.rh.want.attribute end")(vm.host):
             self.stage[b"attributes"] = True     # the analysers run only when some handler wants attributes
         self.handlers.append((vm.lua.eval("function(h, a, n) h:rh_vote(a, n) end"),
                               vm.lua.eval("function(h, a, n) return h:rh_events(a, n) end"), vm.host))
