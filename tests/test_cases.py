@@ -699,6 +699,32 @@ def test_fcs_kind(tmp_path, container):
 
 
 
+@pytest.mark.parametrize("endian", ["le", "be"])
+def test_fcs_kind_in_a_modified_pcap_run_from_the_command_line(tmp_path, endian):
+    """Case 01's kind in Kuznetzov's "modified" pcap (magic a1b2cd34, 24-byte record headers), both byte orders:
+    the header's link type 0x24000001 is Ethernet with a 4-byte FCS on each frame, IPv6 inside. The walker read
+    this format, but `luaprobe run --pcap FILE` refused it before starting ("not a pcap or pcapng file"): the
+    command's check of the file's first four bytes did not list this magic (streamed through `--pcap -` it was
+    read). Captures: tests/data/kinds/ (gen_modified_pcap_fcs.py). Truth: tshark 4.0.17 reads both files as
+    Ethernet with an FCS (eth.fcs) and exports /modified.bin; its SHA-256 is the generator's body's."""
+    pcap = os.path.join(helpers.REPO, "tests", "data", "kinds", f"modified-pcap-fcs-{endian}.pcap")
+    text, s = luaprobe_run(os.path.join(CASES, "probe.lua"), pcap, tmp_path / "o")
+    assert census(text) == {"onpacket": 12, "eth": 12, "ipv4": 0, "ipv6": 12, "tcp": 12, "udp": 0, "files": 0}
+    (f,) = probe_files(text)
+    subprocess.run(["tshark", "-r", pcap, "-q", "--export-objects", f"http,{tmp_path / 'objs'}"],
+                   capture_output=True, check=True)
+    with open(tmp_path / "objs" / "modified.bin", "rb") as fh:
+        want = fh.read()
+    assert want == bytes((i * 31 + 7) % 256 for i in range(3000))
+    assert (f["uri"], int(f["length"]), f["sha256"]) == ("/modified.bin", len(want), SHA(want))
+    r = subprocess.run(["tshark", "-r", pcap, "-T", "fields", "-e", "frame.len", "-e", "eth.fcs"],
+                       capture_output=True, text=True, check=True)
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    assert len(rows) == 12 and all(fcs for _, fcs in rows)
+    assert s["bytes"] == sum(int(n) - 4 for n, _ in rows)              # wire bytes without the FCS, as pcap/pcapng
+    assert [(n, st) for _, n, st in flows(tmp_path / "o")] == [(12, "CLOSED")]
+
+
 @pytest.mark.parametrize("container,orig", [("pcap", 0), ("pcap", 10), ("pcapng-if_fcslen", 0),
                                             ("pcapng-epb_flags", 10)])
 def test_fcs_kind_with_an_original_length_below_the_captured_one(tmp_path, container, orig):

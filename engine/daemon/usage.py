@@ -45,9 +45,11 @@ def _write_problem(e: OSError) -> Problem:
 #: the output database inside --out
 DB_NAME = "luaprobe.sqlite"
 
-#: first four bytes of the capture formats the walker reads (engine/capture/pcapfile.lua)
+#: first four bytes of the capture formats the walker reads (engine/capture/pcapfile.lua: classic pcap usec
+#: a1b2c3d4, nsec a1b23c4d and Kuznetzov's "modified" pcap a1b2cd34 (24-byte record headers; libpcap
+#: sf-pcap.c KUZNETZOV_TCPDUMP_MAGIC), each in both byte orders; pcapng's Section Header Block 0a0d0d0a)
 CAPTURE_MAGICS = {b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d",
-                  b"\x0a\x0d\x0d\x0a"}
+                  b"\x34\xcd\xb2\xa1", b"\xa1\xb2\xcd\x34", b"\x0a\x0d\x0d\x0a"}
 # compressed captures (Wireshark reads gzip, zstd and lz4 ones itself; libpcap does not): their magic -> packer
 COMPRESSED_MAGICS = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"),
                      (b"\xfd7zX", "xz"), (b"BZh", "bzip2"))
