@@ -1173,3 +1173,107 @@ def test_an_empty_chunked_body_is_an_empty_file_and_a_zero_length_is_none(tmp_pa
     assert tshark_obj == (b"" if want_file else None)
     want = [("/nothing.txt", "0", SHA(b""), "nil")] if want_file else []
     assert [(f[1], f[3], f[4], f[6]) for f in files] == want
+
+
+def gzip_member(data: bytes, flags: int) -> bytes:
+    """One gzip member (RFC 1952 §2.3) with the optional header fields of `flags` as gzip(1) / pigz write them:
+    FHCRC 0x02 (CRC-16 of the header), FEXTRA 0x04 (an 'AB' subfield), FNAME 0x08, FCOMMENT 0x10."""
+    h = struct.pack("<BBBBIBB", 0x1F, 0x8B, 8, flags, 0, 0, 3)
+    if flags & 0x04:
+        h += struct.pack("<H", 6) + b"AB\x02\x00xy"
+    if flags & 0x08:
+        h += b"part.log\x00"
+    if flags & 0x10:
+        h += b"a comment\x00"
+    if flags & 0x02:
+        h += struct.pack("<H", zlib.crc32(h) & 0xFFFF)
+    co = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return h + co.compress(data) + co.flush() + struct.pack("<II", zlib.crc32(data), len(data))
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_gzip_members_with_header_fields_in_chunks_kind(tmp_path, v6):
+    """Case 08's kind as gzip(1) writes members (`gzip -N` keeps the name; `cat a.gz b.gz`): members whose headers
+    carry FNAME, FCOMMENT, FEXTRA and FHCRC, an empty member between them, sent chunked (chunks of 7 to 300 bytes,
+    so a member's end and the next one's magic fall inside a chunk and across 333-byte segments). The file is
+    every member's data. Truth: Python's gzip.decompress of the body sent (tshark 4.0.17 exports the first
+    member only, as case 08 says)."""
+    import random
+    rng = random.Random(8)
+    one = bytes(rng.choice(b"alpha beta INFO WARN\n") for _ in range(3000))
+    two = bytes(rng.choice(b"gamma delta log\n") for _ in range(4000))
+    wire = gzip_member(one, 0x08 | 0x10) + gzip_member(b"", 0x04) + gzip_member(two, 0x02 | 0x08 | 0x04)
+    assert gzip.decompress(wire) == one + two
+    chunks, i = b"", 0
+    while i < len(wire):
+        n = rng.choice([7, 64, 300])
+        chunks += b"%x\r\n" % len(wire[i:i + n]) + wire[i:i + n] + b"\r\n"
+        i += n
+    c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
+                cport=46700)
+    c.handshake()
+    c.send(True, pb.http_request("/app.log"))
+    c.send(False, pb.http_response(chunks + b"0\r\n\r\n", [("Content-Encoding", "gzip"),
+                                                           ("Transfer-Encoding", "chunked")]), mss=333)
+    c.close()
+    files, _, _, _ = run_kinds(tmp_path, c.frames)
+    assert [(f[1], int(f[3]), f[4], f[6]) for f in files] == [("/app.log", len(one + two), SHA(one + two), "nil")]
+
+
+def test_ipv6_extension_headers_around_the_fragment_header_kind(tmp_path):
+    """Case 02's kind in IPv6 with extension headers on both sides of the Fragment header (RFC 8200 §4.1 order,
+    §4.5): Hop-by-Hop and Destination Options in the unfragmentable part, another Destination Options header at
+    the start of the fragmentable part (so the TCP header is behind it in the reassembled datagram and in no
+    fragment's first bytes); the response's segment in 4 fragments captured in reverse order. One flow with every
+    packet, the body whole. Truth: the body sent (hashlib) and tshark's --export-objects http."""
+    body = bytes((i * 13 + 5) % 256 for i in range(4500))
+    c = pb.Conv(cip="2001:db8::10", sip="2001:db8:1::20", cport=46701)
+    c.handshake()
+    c.send(True, pb.http_request("/ext.bin"))
+    resp = pb.http_response(body, [("Content-Length", len(body))])
+    seg = c.segment(False, pb.PSH | pb.ACK, resp)[40:]                   # the TCP segment, checksum made
+    c.advance(False, len(resp))
+    hbh = bytes([60, 0, 1, 4, 0, 0, 0, 0])                              # Hop-by-Hop (PadN) -> Destination Options
+    dst = bytes([44, 0, 1, 4, 0, 0, 0, 0])                              # Destination Options -> Fragment
+    fragmentable = bytes([6, 0, 1, 4, 0, 0, 0, 0]) + seg                 # Destination Options -> TCP, then TCP
+    size = 1232
+    pieces = []
+    for off in range(0, len(fragmentable), size):
+        more = off + size < len(fragmentable)
+        fh = struct.pack("!BBHI", 60, 0, off | int(more), 0xABCD)        # Fragment: next is Destination Options
+        pieces.append(pb.ipv6(c.sip, c.cip, 0, hbh + dst + fh + fragmentable[off:off + size]))
+    assert len(pieces) == 4
+    for p in pieces[::-1]:
+        c.add(p, False)
+    c.seg(True, pb.ACK)
+    c.close()
+    files, counts, s, out = run_kinds(tmp_path, c.frames, counters=("tcp",))
+    assert [(f[1], int(f[3]), f[4], f[6]) for f in files] == [("/ext.bin", len(body), SHA(body), "nil")]
+    assert s["ip_reassembly"]["fragments"] == 4 and s["ip_reassembly"]["datagrams"] == 1
+    (fl,) = flows(out)
+    assert fl[1:] == (len(c.frames), "CLOSED")                           # no port-0 phantom flow
+    assert len(counts["tcp"]) == len(c.frames) - 4 + 1                   # TCP hook: the datagram once
+    assert tshark_http_object(tmp_path, c.frames, "ext.bin", out_of_order=False) == body
+
+
+def test_pipelined_long_request_lines_kind(tmp_path):
+    """Case 11's kind, pipelined, over IPv6: two requests with 6,010- and 9,005-character URIs sent back to back
+    in 1,000-byte segments (the second request line starts inside a segment), then both responses. Each file
+    keeps its own method and whole URI. Truth: tshark's http.request.uri of both requests and the bodies sent."""
+    u1 = "/search?q=" + "".join("0123456789abcdef"[(i * 7) % 16] for i in range(6000))
+    u2 = "/p?x=" + "y" * 9000
+    b1, b2 = bytes(range(256)) * 3, bytes(range(255, -1, -1)) * 4
+    c = pb.Conv(cip="2001:db8::10", sip="2001:db8:1::20", cport=46702)
+    c.handshake()
+    c.send(True, pb.http_request(u1) + pb.http_request(u2), mss=1000)
+    c.send(False, pb.http_response(b1, [("Content-Length", len(b1))]) + pb.http_response(b2, [("Content-Length",
+                                                                                                 len(b2))]))
+    c.close()
+    files, _, _, _ = run_kinds(tmp_path, c.frames)
+    assert [(f[0], f[1], int(f[3]), f[4]) for f in files] == [("GET", u1, len(b1), SHA(b1)),
+                                                             ("GET", u2, len(b2), SHA(b2))]
+    pcap = str(tmp_path / "t.pcap")
+    pb.write_pcap(pcap, c.frames)
+    r = subprocess.run(["tshark", "-r", pcap, "-Y", "http.request", "-T", "fields", "-e", "http.request.uri"],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.split() == [u1, u2]
