@@ -51,6 +51,11 @@ TrisulPlugin = { id = { name = "rtt probe" },
     end,
   },
   onunload = function() T.f:close() end,
+  messagemonitor = {       -- trisul-scripts' techniques/latloss.lua: meter 6 a latency sample, 7 a loss sample
+    onflowmetric = function(engine, flow, meterid, value)
+      T.f:write("metric\t", flow:id(), "\t", meterid, "\t", value, "\n")
+    end,
+  },
 }
 '''
 
@@ -111,12 +116,20 @@ def run(tmp_path, files, name="out"):
     assert summary["input_errors"] == [] and summary["plugin_problems"] == []
     with Store(out) as s:
         rows = s.flows()
-    objs = collections.Counter()
+    objs, metrics = collections.Counter(), collections.Counter()
     for fn in os.listdir(tmp_path):
         if fn.startswith(f"{name}.log."):
             with open(tmp_path / fn) as f:
-                objs.update((k, int(float(r)), int(float(n)))
-                            for k, r, n in (line.rstrip("\n").split("\t") for line in f))
+                for w in (line.rstrip("\n").split("\t") for line in f):
+                    if w[0] == "metric":
+                        metrics[(w[1], int(w[2]), int(float(w[3])))] += 1
+                    else:
+                        objs[(w[0], int(float(w[1])), int(float(w[2])))] += 1
+    # messagemonitor.onflowmetric: per ended TCP record, 6 = its setup RTT (µs) when measured, 7 = its
+    # retransmissions when any (docs/plugins.md "messagemonitor"): the same values as the record
+    assert metrics == collections.Counter(
+        [(r["flowkey"], 6, r["setup_rtt_us"]) for r in rows if r["setup_rtt_us"] is not None]
+        + [(r["flowkey"], 7, r["retrans_az"] + r["retrans_za"]) for r in rows if r["retrans_az"] + r["retrans_za"]])
     return rows, objs
 
 

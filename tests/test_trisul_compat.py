@@ -473,8 +473,8 @@ def test_an_error_whose_text_changes_on_every_call_is_logged_once(tmp_path):
 
 # ============================================================================ only unsupported script types: exit 4
 
-MESSAGEMONITOR = """TrisulPlugin = { id = { name = "mm" },
-  messagemonitor = { onnewflowrecord = function() end } }
+INPUTFILTER = """TrisulPlugin = { id = { name = "input" },
+  inputfilter = { step = function(packet, engine) return false end } }
 """
 GOOD = """TrisulPlugin = { id = { name = "good" },
   simplecounter = { protocol_guid = "%s", onpacket = function() end } }
@@ -483,18 +483,18 @@ GOOD = """TrisulPlugin = { id = { name = "good" },
 
 def test_only_unsupported_types_is_a_plugin_error(tmp_path):
     """README exit codes: 4 is a plug-in error.  A run or check whose only plug-in has a script type luaprobe does
-    not run (a messagemonitor, as techniques/latloss.lua) has nothing to run: exit 4 with the reason; a directory where
+    not run (an inputfilter, as trisul-scripts' frontend_scripts/inputfilter files) has nothing to run: exit 4 with the reason; a directory where
     another plug-in runs keeps exit 0 (the unsupported one is listed)."""
     alone, mixed = tmp_path / "alone", tmp_path / "mixed"
     for d in (alone, mixed):
         d.mkdir()
-        (d / "mm.lua").write_text(MESSAGEMONITOR)
+        (d / "input.lua").write_text(INPUTFILTER)
     (mixed / "good.lua").write_text(GOOD)
     r = luaprobe("check", str(alone), cwd=str(tmp_path))
     assert r.returncode == 4 and "not supported" in r.stdout, r
     assert r.stderr.startswith("luaprobe check: no plug-in here can run") and len(r.stderr.splitlines()) == 1, r
     r = luaprobe("check", str(mixed), cwd=str(tmp_path))
-    assert r.returncode == 0 and "messagemonitor (not supported)" in r.stdout, r
+    assert r.returncode == 0 and "inputfilter (not supported)" in r.stdout, r
     r = luaprobe("run", str(alone), "--pcap", PCAP, "--out", str(tmp_path / "o1"), cwd=str(tmp_path))
     assert r.returncode == 4, r
     assert "luaprobe run: exit 4: no plug-in of this run can run" in r.stderr, r

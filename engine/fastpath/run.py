@@ -676,6 +676,8 @@ class FastPath:
         vm.deliver_message = method(vm.lua, "deliver_message")
         vm.take_messages = method(vm.lua, "take_messages")
         vm.flows_ended = method(vm.lua, "flows_ended")
+        if kind == "messagemonitor":
+            vm.flow_metrics = method(vm.lua, "flow_metrics")
         vm.host.engine.flow_records = self._flow_records()      # engine.lua new_connection reads first_ts there
         vm.lua.eval("function(h, f) h.engine.on_post = f end")(vm.host, self._on_post)
         vm.host[b"on_disable"] = lambda line: self._disable(inst, _text(line))   # Host:call's budget strikes
@@ -819,6 +821,8 @@ class FastPath:
             for inst in self.instances:          # per-flow plug-in state ends with its flow (engine.lua flows_ended)
                 if inst.vm.host.engine.nflow_counters:
                     inst.vm.flows_ended(inst.vm.host.engine, self.exp_addr, n)
+                if inst.kind == "messagemonitor":    # its latency / loss samples (host.lua flow_metrics)
+                    inst.vm.flow_metrics(inst.vm.host, self.exp_addr, n, self.sec or 0)
         return n
 
     def _flows(self, rows) -> None:
@@ -1489,6 +1493,8 @@ class FastPath:
                 self._write(kind, rows)
         if not flows_done:
             self._end_flows(lua)
+            if mm := [i for i in self.instances if i.kind == "messagemonitor"]:
+                self._collect(None, mm)        # the samples of the flows that ended now (host.lua flow_metrics)
         self._beat()
         if self.flowmon is not None and self.flowmon.active:
             self.flowmon.flush(self.window_start + self.cfg.window if self.window_start is not None else 0,

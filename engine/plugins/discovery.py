@@ -27,7 +27,8 @@ BACKEND_TYPES = {"engine_monitor", "sg_monitor", "resource_monitor", "fts_monito
 #: types luaprobe runs today; the others are detected and reported as not supported yet
 SUPPORTED = {"simplecounter", "countergroup", "engine_monitor", "filex_monitor", "protocol_handler", "packet_storage",
              "reassembly_handler", "sg_monitor", "flowtracker", "alertgroup", "resourcegroup",
-             "resource_monitor", "fts_monitor", "alert_monitor", "cg_monitor", "flowmonitor"}
+             "resource_monitor", "fts_monitor", "alert_monitor", "cg_monitor", "flowmonitor",
+             "messagemonitor"}
 
 
 @dataclasses.dataclass

@@ -849,6 +849,36 @@ function Host:filex_finish()
   return out
 end
 
+--- messagemonitor (Trisul's flow-metric events; docs/plugins.md "messagemonitor"): after each export of flow records
+--- (the n lp_flowrow records at address addr, engine/fastpath/flowrow.lua), for every final record (not an
+--- sg_monitor onnewflow peek) onflowmetric(engine, flow, 6, setup RTT in µs) when the flow's TCP handshake was
+--- measured and onflowmetric(engine, flow, 7, retransmissions, both directions) when it had any: meter 6 is the
+--- latency sample and 7 the loss sample, as trisul-scripts' techniques/latloss.lua reads them.  The engine's time is
+--- `sec`, the export's packet time.  Returns the number of hook calls.
+function Host:flow_metrics(addr, n, sec)
+  local fr = require("luaprobe.engine.fastpath.flowrow")
+  local rows = ffi.cast("lp_flowrow *", addr)
+  local eng, calls = self.engine, 0
+  eng:set_time(sec, 0)
+  for i = 0, n - 1 do
+    local r = rows[i]
+    if band(r.flags, fr.TERMINATED) ~= 0 then
+      local flow, retrans = nil, r.retrans_az + r.retrans_za
+      if r.setup_rtt_us >= 0 then
+        flow = packet.flowid_from_key(ffi.string(r.key))
+        self:call("messagemonitor", "onflowmetric", eng, flow, 6, r.setup_rtt_us)
+        calls = calls + 1
+      end
+      if retrans > 0 then
+        flow = flow or packet.flowid_from_key(ffi.string(r.key))
+        self:call("messagemonitor", "onflowmetric", eng, flow, 7, retrans)
+        calls = calls + 1
+      end
+    end
+  end
+  return calls
+end
+
 --- Prepare the reassembly_handler or flowmonitor type (opts: votes address, slot, table: the type; handler.lua).
 function Host:setup_reassembly(opts)
   self.rh = require("luaprobe.engine.streams.handler").new(self, opts)
