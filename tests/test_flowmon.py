@@ -380,9 +380,10 @@ def test_check_reports_every_script_type(tmp_path):
     assert "Traceback" not in r.stderr + r.stdout
     for t in ["reassembly_handler", "sg_monitor", "flowtracker", "alertgroup", "resourcegroup", "engine_monitor",
               "simplecounter", "filex_monitor", "countergroup", "protocol_handler", "packet_storage",
-              "resource_monitor", "fts_monitor", "cg_monitor", "alert_monitor", "flowmonitor", "messagemonitor"]:
+              "resource_monitor", "fts_monitor", "cg_monitor", "alert_monitor", "flowmonitor", "messagemonitor",
+              "channellistener"]:
         assert f"{t} (supported)" in r.stdout, t
-    for t in ["inputfilter", "channellistener"]:
+    for t in ["inputfilter"]:
         assert f"{t} (not supported)" in r.stdout and f"script type '{t}' is not supported" in r.stdout, t
     # simplecounter without protocol_guid etc. is a problem of the file, named, exit 4 (not a crash)
     assert r.returncode == 4, r.stdout

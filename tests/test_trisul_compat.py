@@ -655,3 +655,48 @@ def test_reset_flow_counter_replaces_the_flow_counter(tmp_path):
     db.close()
     # a counter counts the packets after the one whose hook added it: k0 packets 2-3, k1 4-9, k2 10-12, none after
     assert got == {"k0": sum(lens[1:3]), "k1": sum(lens[3:9]), "k2": sum(lens[9:12])}
+
+
+# ============================================================================ T.host:broadcast -> channellistener
+
+BROADCASTER = r"""TrisulPlugin = { id = { name = "sender", clsid = "{ff2faa88-57bb-42b7-af27-edda7c91a437}" },
+  simplecounter = { protocol_guid = "%s",
+    onpacket = function(engine, layer)
+      T.host:broadcast("{00000000-0000-0000-0000-00000000000a}", TrisulPlugin.id.clsid,
+                       layer:packet():flowid():id() .. "\t\0\255")
+    end },
+  channellistener = { onchannelmessage = function(msgid, buf) error("not to the sender's class: " .. msgid) end } }
+""" % TCP
+LISTENER = r"""TrisulPlugin = { id = { name = "%s", clsid = "%s" },
+  onload = function() T.f = io.open([==[%s]==], "wb") end,
+  onunload = function() T.f:close() end,
+  channellistener = { onchannelmessage = function(msgid, buf)
+    T.f:write(msgid, "\t", buf:size(), "\t", buf:tostring(), "\n")
+  end } }
+"""
+
+
+def test_broadcast_reaches_the_channellisteners_of_its_class(tmp_path):
+    """Trisul: T.host:broadcast(msgid, classid, msg) is received by channellistener.onchannelmessage(msgid, buffer)
+    (trisul-scripts' techniques/broadcast-state.lua shares state between instances so).  luaprobe delivers it
+    between batches to the channellisteners of plug-ins whose id.clsid is classid (case-insensitive), other VMs
+    than the sender's; the buffer holds the message's bytes unchanged.  Truth: tshark's TCP frames, one message
+    each, with the frame's flow id (Trisul's flow-id layout from tshark's fields)."""
+    plug = tmp_path / "plugins"
+    plug.mkdir()
+    (plug / "sender.lua").write_text(BROADCASTER)
+    for name, cls in (("same", "{FF2FAA88-57BB-42B7-AF27-EDDA7C91A437}"), ("other", "{11111111-57bb-42b7-af27-edda7c91a437}")):
+        (plug / f"{name}.lua").write_text(LISTENER % (name, cls, str(tmp_path / f"{name}.out")))
+    r = luaprobe("run", str(plug), "--pcap", PCAP, "--out", str(tmp_path / "out"), cwd=str(tmp_path))
+    assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r
+    rows = subprocess.run(["tshark", "-r", PCAP, "-Y", "tcp", "-T", "fields", "-e", "ip.src", "-e", "tcp.srcport",
+                           "-e", "ip.dst", "-e", "tcp.dstport"], capture_output=True, text=True, check=True).stdout
+    def key(s, sp, d, dp):                    # Trisul flow id: proto, A = the lower (address, port) end, Z the other
+        a, z = sorted([(bytes(map(int, s.split("."))), int(sp)), (bytes(map(int, d.split("."))), int(dp))])
+        ip = lambda b: ".".join(f"{x:02X}" for x in b)   # noqa: E731
+        return f"06A:{ip(a[0])}:p-{a[1]:04X}_{ip(z[0])}:p-{z[1]:04X}"
+    want = [b"{00000000-0000-0000-0000-00000000000a}\t%d\t%s\t\x00\xff" % (len(key(*w)) + 3, key(*w).encode())
+            for w in (line.split("\t") for line in rows.splitlines())]
+    assert len(want) == 14
+    assert (tmp_path / "same.out").read_bytes().split(b"\n")[:-1] == want
+    assert (tmp_path / "other.out").read_bytes() == b""

@@ -450,14 +450,17 @@ class Instance:
     disabled = None                    # why the fast path stopped calling it (its memory limit), else None
     batches_skipped = 0                # batches not walked since it was disabled
     flow_counters = False              # engine:add_flow_counter was called (a VM without a packet walk of its own)
+    clsid = ""                         # channellistener: its plug-in's id.clsid, upper case (T.host:broadcast)
 
 
 def _message_rows(sender, rows) -> list:
-    """(sender, pipeline, msgid, msg bytes, already delivered to the sender) of a VM's posted message rows."""
+    """(sender, pipeline, msgid, msg bytes, already delivered to the sender, class id: "" but for a broadcast) of a
+    VM's posted message rows."""
     out = []
     for r in rows.values():
         v = list(r.values())
-        out.append((sender, _text(v[0]), _text(v[1]), _bytes(v[2]), len(v) > 3 and bool(v[3])))
+        out.append((sender, _text(v[0]), _text(v[1]), _bytes(v[2]), len(v) > 3 and bool(v[3]),
+                    _text(v[4]) if len(v) > 4 else ""))
     return out
 
 
@@ -674,6 +677,9 @@ class FastPath:
         vm.take_outputs = method(vm.lua, "take_outputs")
         vm.set_time = method(vm.lua, "set_time")
         vm.deliver_message = method(vm.lua, "deliver_message")
+        if kind == "channellistener":
+            vm.deliver_channel = method(vm.lua, "deliver_channel")
+            inst.clsid = _text(method(vm.lua, "clsid")(vm.host))
         vm.take_messages = method(vm.lua, "take_messages")
         vm.flows_ended = method(vm.lua, "flows_ended")
         if kind == "messagemonitor":
@@ -787,15 +793,27 @@ class FastPath:
         self._dispatch(messages)
 
     def _dispatch(self, messages) -> None:
-        """Deliver (sender, pipeline, msgid, msg, delivered_to_sender) rows to every instance of the pipeline
-        (the sender's own VM unless Host:deliver_own gave it the message already)."""
-        for sender, pipeline, msgid, msg, own in messages:   # msg: bytes, delivered unchanged (need not be UTF-8)
+        """Deliver (sender, pipeline, msgid, msg, delivered_to_sender, clsid) rows: a posted message to every
+        instance of the pipeline (the sender's own VM unless Host:deliver_own gave it the message already); a
+        T.host:broadcast (pipeline "channel") to the channellisteners of class clsid (_broadcast)."""
+        for sender, pipeline, msgid, msg, own, clsid in messages:   # msg: bytes, delivered unchanged (any bytes)
+            if pipeline == "channel":
+                self._broadcast(sender, msgid, msg, clsid)
+                continue
             targets = [inst for inst in self.instances if inst.pipeline == pipeline]
             if not targets:          # e.g. to the backend from a shard other than 0 (docs/scale.md)
                 self.messages_undelivered += 1
             for inst in targets:
                 if not (own and inst is sender):
                     inst.vm.deliver_message(inst.vm.host, msgid.encode(), msg)
+
+    def _broadcast(self, sender, msgid: str, msg: bytes, clsid: str) -> None:
+        """T.host:broadcast to the channellisteners of plug-ins of class ``clsid`` (every one when ""), but not the
+        sending plug-in's own (its file's VMs here stand for the one Trisul instance that sent it).  None listening
+        is no fault (not counted as undelivered).  docs/plugins.md "channellistener"."""
+        for inst in self.instances:
+            if inst.kind == "channellistener" and clsid in ("", inst.clsid) and inst.vm.path != sender.vm.path:
+                inst.vm.deliver_channel(inst.vm.host, msgid.encode(), msg)
 
     def _flow_records(self) -> int | bool:
         """The address of the driver's cold flow-record array (engine/fastpath/flowtable.lua lp_flow_cold: first_ts;

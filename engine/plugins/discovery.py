@@ -28,7 +28,7 @@ BACKEND_TYPES = {"engine_monitor", "sg_monitor", "resource_monitor", "fts_monito
 SUPPORTED = {"simplecounter", "countergroup", "engine_monitor", "filex_monitor", "protocol_handler", "packet_storage",
              "reassembly_handler", "sg_monitor", "flowtracker", "alertgroup", "resourcegroup",
              "resource_monitor", "fts_monitor", "alert_monitor", "cg_monitor", "flowmonitor",
-             "messagemonitor"}
+             "messagemonitor", "channellistener"}
 
 
 @dataclasses.dataclass

@@ -676,6 +676,18 @@ function Engine:post_message_frontend(a, b) post(self, "frontend", a, b) end
 --- post_message_backend([msgid,] msg): the same for the backend pipeline's instances.
 function Engine:post_message_backend(a, b) post(self, "backend", a, b) end
 
+--- T.host:broadcast(msgid, classid, msg) (tlib.lua; Trisul's legacy channel): a row {"channel", msgid, msg, false,
+--- classid} the fast path delivers between batches to the channellistener instances of the plug-ins whose
+--- id.clsid is classid (all of them when classid is nil), as onchannelmessage(msgid, buffer)
+--- (engine/fastpath/run.py _dispatch, Host:deliver_channel).  msgid is passed on as given; classid compares
+--- case-insensitively.
+function Engine:broadcast(msgid, classid, msg)
+  local rows = self.rows.messages
+  push(rows, { "channel", tostring(msgid), tostring(msg), false, classid ~= nil and norm(tostring(classid)) or "" })
+  local f = self.on_post
+  if f and #rows == 1 then f() end
+end
+
 -- ------------------------------------------------------------------ flows and edges
 
 --- tag_flow(flowkey, tag): a searchable tag on a flow (docs.trisul.org/docs/lua/obj_engine).  Tags of packet

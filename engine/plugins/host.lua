@@ -9,6 +9,7 @@ local gcpace = require("luaprobe.engine.plugins.gcpace")
 local errlog = require("luaprobe.engine.plugins.errlog")
 local engine_mod = require("luaprobe.engine.plugins.engine")
 local packet = require("luaprobe.engine.plugins.packet")
+local buffer = require("luaprobe.engine.plugins.buffer")
 local decode = require("luaprobe.engine.fastpath.decode")
 local ffi = require("ffi")
 
@@ -55,13 +56,18 @@ function M.boot(opts)
   local path, instance = opts.path, opts.instance or "0"
   gcpace.adjust()                                          -- the collector's pace (engine/plugins/gcpace.lua)
   local function logf(level, msg) opts.log(level, path, instance, msg) end
+  local me                                                 -- this Host, for T.host:broadcast (set below)
   tlib.install({ script = path, instance = instance, enginetype = opts.enginetype or "frontend",
                  log = opts.log, print = opts.print, contextid = opts.contextid,
-                 config = opts.config, datapath = opts.config and opts.config["App>DataDirectory"] })
+                 config = opts.config, datapath = opts.config and opts.config["App>DataDirectory"],
+                 broadcast = function(msgid, classid, msg)
+                   if me and me.engine.broadcast then me.engine:broadcast(msgid, classid, msg) end
+                 end })
   tlib.wrap_print({ script = path, instance = instance, log = opts.log, print = opts.print })
   for _, pr in ipairs(opts.protocols or {}) do decode.register_protocol(pr.guid, pr.name) end
   local self = setmetatable({ path = path, instance = instance, outputs = {}, hook_errors = {},
                               hook_calls = {}, walked = 0, recorded_again = false }, Host)
+  me = self
   self.errors = errlog.new(logf, path)
   local report = self.errors.report
   self.errors.report = function(log, kind, msg)               -- LuaJIT's LUA_ERRMEM: the VM's memory limit
@@ -900,6 +906,23 @@ function Host:deliver_message(msgid, msg)
     if not ok then return end
   end
   self:call(nil, "onmessage", msgid, msg)
+end
+
+--- Deliver a T.host:broadcast message (Engine:broadcast) to this channellistener: onchannelmessage(msgid, buffer),
+--- the Buffer over the message valid during the hook (Trisul's legacy channel; docs/plugins.md "channellistener").
+function Host:deliver_channel(msgid, msg)
+  local b = self.channel_buf
+  if b == nil then b = buffer.new(nil, 0); self.channel_buf = b end
+  buffer.rebind(b, msg, #msg, msg)
+  self:call("channellistener", "onchannelmessage", msgid, b)
+  buffer.invalidate(b)
+end
+
+--- The plug-in's id.clsid normalised (upper case), "" when it has none: the class a broadcast names.
+function Host:clsid()
+  local id = self.plugin.id
+  local c = type(id) == "table" and id.clsid
+  return type(c) == "string" and c:upper() or ""
 end
 
 --- Hook call and error counts as plain tables.

@@ -334,8 +334,9 @@ function M.install(opts)
     -- createkey / prepare_config: accepted and ignored (no key database in luaprobe).
     function host.createkey(self, guid, key, label) end
     function host.prepare_config(self, plugin_guid, template) end
-    -- broadcast(msgid, classid, msg): forwarded to opts.broadcast when given, otherwise dropped
-    -- (channellistener is a T3 legacy type). Returns nothing in both cases.
+    -- broadcast(msgid, classid, msg): forwarded to opts.broadcast when given (a plug-in VM: the fast path delivers
+    -- it to the channellistener instances of class classid, engine.lua Engine:broadcast), otherwise dropped.
+    -- Returns nothing in both cases.
     function host.broadcast(self, msgid, classid, msg)
         if self ~= host then msgid, classid, msg = self, msgid, classid end
         if opts.broadcast then opts.broadcast(msgid, classid, msg) end
