@@ -862,6 +862,8 @@ end
 --- latency sample and 7 the loss sample, as trisul-scripts' techniques/latloss.lua reads them.  The engine's time is
 --- `sec`, the export's packet time.  Returns the number of hook calls.
 function Host:flow_metrics(addr, n, sec)
+  local mm = self.plugin.messagemonitor
+  if type(mm) ~= "table" or type(mm.onflowmetric) ~= "function" then return 0 end   -- onnewflowrecord only
   local fr = require("luaprobe.engine.fastpath.flowrow")
   local rows = ffi.cast("lp_flowrow *", addr)
   local eng, calls = self.engine, 0
