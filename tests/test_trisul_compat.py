@@ -700,3 +700,47 @@ def test_broadcast_reaches_the_channellisteners_of_its_class(tmp_path):
     assert len(want) == 14
     assert (tmp_path / "same.out").read_bytes().split(b"\n")[:-1] == want
     assert (tmp_path / "other.out").read_bytes() == b""
+
+
+# ============================================================================ onload: check does not call it; relative names
+
+ONLOAD_READS = """TrisulPlugin = { id = { name = "feed" },
+  onload = function()
+    local n = 0
+    for line in io.lines("feed.txt") do n = n + 1 end
+    print("LINES " .. n)
+  end,
+  simplecounter = { protocol_guid = "%s", onpacket = function() end } }
+""" % TCP
+
+
+def test_onload_reads_relative_to_the_working_directory_and_check_does_not_call_it(tmp_path):
+    """docs/plugins.md: `check` runs a file's top level only, never onload; a file onload opens by a relative name
+    (dyndns-alert.lua: io.lines("dynamic-dns.txt")) is looked for in luaprobe's working directory, as the OS resolves
+    it for any process.  Truth: the lines Python counts in the file, and Python's own open() failing from the other
+    directory with the same strerror.  From the other directory: one line naming the file and line, exit 4, no
+    traceback."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    (d / "feed.lua").write_text(ONLOAD_READS)
+    (d / "feed.txt").write_text("a.example # p\nb.example # p\nc.example # p\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    want = len((d / "feed.txt").read_text().splitlines())
+    for cwd in (d, elsewhere):
+        r = luaprobe("check", str(d), cwd=str(cwd))
+        assert r.returncode == 0 and r.stderr == "" and "feed.txt" not in r.stdout, r
+    r = luaprobe("run", str(d), "--pcap", PCAP, "--out", str(tmp_path / "o1"), "-q", cwd=str(d))
+    assert r.returncode == 0, r
+    assert [ln.split("] ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("[feed.lua")] == [f"LINES {want}"]
+    r = luaprobe("run", str(d), "--pcap", PCAP, "--out", str(tmp_path / "o2"), "-q", cwd=str(elsewhere))
+    try:
+        open(os.path.join(str(elsewhere), "feed.txt"))
+        raise AssertionError("feed.txt exists in the other directory")
+    except FileNotFoundError as e:
+        why = e.strerror
+    path = d / "feed.lua"
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    want_line = f"plug-in problem: {path}: onload failed: {path}:4: bad argument #1 to 'lines' (feed.txt: {why})"
+    assert lines == [want_line], lines
