@@ -434,3 +434,45 @@ def test_cg_monitor_ts_is_the_end_of_the_groups_own_bucket(tmp_path):
     run(tmp_path, {"thirty.lua": CG_30, "watch.lua": CG_30_WATCH}, [name])
     got = sorted(tuple(int(x) for x in ln.split()) for ln in lines(tmp_path, "flush-"))
     assert got == [(b + 30, b + 30, n) for b, n in sorted(per_bucket.items())], got
+
+
+CG_60 = CG_30.replace("0000000000D7", "0000000000D8").replace('"Thirty", bucketsize = 30', '"Sixty", bucketsize = 60')
+
+CG_BRACKETS = r'''
+local function log(s) local f = io.open("@OUT@/brackets-" .. engine_id, "a"); f:write(s, "\n"); f:close() end
+TrisulPlugin = { id = { name = "brackets" },
+  onload = function() engine_id = "x" end,
+  cg_monitor = { counter_guid = "{7A11E5C0-0000-4000-8000-0000000000D8}",
+    onbeginflush = function(engine, ts) log("begin " .. ts) end,
+    onflush = function(engine, ts, key, metrics) if key == "all" then log(("flush %d %d"):format(ts, metrics[1])) end end,
+    onendflush = function(engine) log("end") end } }
+'''
+
+SG_NOTHING = r'''
+TrisulPlugin = { id = { name = "sg" }, sg_monitor = { onflush = function(engine, flow) end } }
+'''
+
+
+def test_cg_monitor_flushes_a_window_s_buckets_before_its_onendflush(tmp_path):
+    """docs/plugins.md "Timing": a window's items are flushed at its end, before onendflush.  Found with
+    trisul-scripts' cgmon.lua (2026-12-02): cg_monitor's onflush for the bucket of window W ran after the onbeginflush
+    of window W+1 (the bucket closed at the next tick), so the first onbeginflush/onendflush pair was empty and every
+    bucket came one window late, but in time when an sg_monitor was loaded too (its onendflush collects by the
+    window's end), and the last bucket after the last onendflush (without it).  Now the same with or without it:
+    the bucket [W, W+60) inside W's pair, `ts` W+60, the last one too.  Truth: tshark's frame count per minute."""
+    name = "trisul-16minutes.pcap"
+    times = subprocess.run(["tshark", "-r", pcap(name), "-T", "fields", "-e", "frame.time_epoch"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    per_minute = sorted(collections.Counter(int(float(t)) // 60 * 60 for t in times).items())
+    assert len(per_minute) >= 10 and all(b2 == b1 + 60 for (b1, _), (b2, _) in zip(per_minute, per_minute[1:]))
+    want = []
+    for b, n in per_minute[:-1]:
+        want += [f"begin {b}", f"flush {b + 60} {n}", "end"]
+    last_b, last_n = per_minute[-1]
+    want += [f"begin {last_b}", f"flush {last_b + 60} {last_n}", "end"]
+    for k, extra in enumerate(({}, {"sg.lua": SG_NOTHING})):
+        d = tmp_path / f"run{k}"
+        d.mkdir()
+        run(d, {"sixty.lua": CG_60, "brackets.lua": CG_BRACKETS, **extra}, [name], backend_instances=1)
+        got = lines(d, "brackets-")
+        assert got == want, (k, [x for x in zip(got, want) if x[0] != x[1]][:3], len(got), len(want))

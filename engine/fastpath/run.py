@@ -692,6 +692,8 @@ class FastPath:
 
     # ----------------------------------------------------------------- ticks
     def _backend(self, hook: str, *args) -> None:
+        """Call ``hook`` in every backend and monitor instance; before onendflush (args[0]: the window's end, which
+        packet time has reached, or the end of input) the window's monitor items (_monitor_flush)."""
         if hook == "onendflush":                       # monitors: the window's items first
             self._monitor_flush(args[0])
         if hook == "onendflush" and self.flowmon is not None and self.flowmon.active:
@@ -743,18 +745,21 @@ class FastPath:
         if "counters" in names:
             self._write("counter_groups", analyser_group_rows())
 
-    def _collect(self, now, instances=None, tick: bool = False) -> None:
+    def _collect(self, now, instances=None, tick: bool = False, counters_now=None) -> None:
         """Move counters of closed buckets (all when now is None) and other outputs to the writer: of the
-        analysers and every instance, or of ``instances`` only (a replaced backend, _retire_step)."""
+        analysers and every instance, or of ``instances`` only (a replaced backend, _retire_step).  ``counters_now``:
+        close the counter buckets by this time instead of ``now`` (a window end packet time has reached, while the
+        other outputs keep ``now``, the second they were made in)."""
+        cnow = now if counters_now is None else counters_now
         if self.analysers is not None and instances is None:
-            for kind, rows in self.analysers.take(now).items():
+            for kind, rows in self.analysers.take(cnow).items():
                 self._route(kind, rows, now)
         messages = []
         counters = []
         for inst in self.instances if instances is None else instances:
             vm = inst.vm
             eng = vm.host.engine
-            rows = vm.take_counters(eng, now, tick)
+            rows = vm.take_counters(eng, cnow, tick)
             counters += [tuple(r.values()) for r in rows.values()]
             out = vm.take_outputs(eng)
             for kind in ("alerts", "resources", "key_info", "edges"):
@@ -870,10 +875,16 @@ class FastPath:
             self._write(kind, self.monitors.items(kind, rows, ts))
 
     def _monitor_flush(self, ts) -> None:
-        """Window end: monitor votes and onflush, then the kept items go to the store."""
+        """Window end ``ts``: monitor votes and onflush, then the kept items go to the store.  Packet time is at or past
+        ``ts`` (or the input ended), so the counter buckets ending by ``ts`` close here, and cg_monitor's hooks for
+        a window's buckets run inside that window, before its onendflush, as the other monitors' items do.  Before,
+        they closed at the next tick, after the next window's onbeginflush: one window late (and in time when an
+        sg_monitor or flowtracker was loaded, whose onendflush collects by the window end: _backend).  At the end of
+        input _finish passes the last window's end: buckets a T.async result still to come in the drain may write
+        in stay open (Engine:take_counters' hold), their hooks after the drain."""
         if not self.monitors.scripts:
             return
-        self._collect(self.sec)
+        self._collect(self.sec, counters_now=ts)
         for kind, rows in self.monitors.flush(ts).items():
             self._write(kind, rows)
 
@@ -1480,15 +1491,19 @@ class FastPath:
             # open HTTP/TLS flows end here, at the last tick's time (every shard's alike): their items join the last
             # window
             self.analysers.finish(*((self.sec, self.sec_usec) if self.sec is not None else (0, 0)))
-        if self.window_start is not None:
-            self._backend("onendflush", self.window_start + self.cfg.window)
-        self._beat()
         self.filex_stats = []
-        for inst in self.instances:
+        for inst in self.instances:           # the files still open end in the last window, before its onendflush
             if inst.kind == "filex_monitor":
                 st = inst.vm.lua.eval("function(h) return h:filex_finish() end")(inst.vm.host)
                 shared = {k: v for k, v in self.stage_stats.items() if k.startswith("tcp_") or k == "flows_not_http"}
                 self.filex_stats.append({"plugin": inst.vm.path, **{_text(k): v for k, v in st.items()}, **shared})
+        if self.window_start is not None:
+            # all packets are in: the last window's counter buckets close now, their cg_monitor hooks before its
+            # onendflush as every window's (_monitor_flush; buckets a pending T.async result may write in stay open
+            # for the drain: Engine:take_counters' hold)
+            end = self.window_start + self.cfg.window
+            self._backend("onendflush", end)
+        self._beat()
         if self.pstore is not None:
             st = self.pstore_lua.eval("function(s) return s:close() end")(self.pstore)
             self.packet_storage = {_text(k): int(v) for k, v in st.items()}
