@@ -121,9 +121,26 @@ def lua_print(script, instance, line) -> None:
     body = bytes(line) if isinstance(line, (bytes, bytearray)) else str(line).encode("utf-8", "surrogateescape")
     tag = f"[{name}#{tag_text(_text(instance))}] ".encode("utf-8", "backslashreplace")
     data = b"".join(tag + ln + b"\n" for ln in body.split(b"\n"))   # every line of a multi-line print tagged
-    sys.stdout.flush()                       # keep order with anything Python printed before
-    while data:
-        data = data[os.write(sys.stdout.fileno(), data):]
+    try:
+        sys.stdout.flush()                   # keep order with anything Python printed before
+        while data:
+            data = data[os.write(sys.stdout.fileno(), data):]
+    except BrokenPipeError:
+        # the reader left (`luaprobe run plugins/ | head`): the rest of stdout is dropped, as for luaprobe's own lines
+        # (docs/operations.md; cli._despite_reader_gone), by /dev/null on the descriptor.  Before, every later print
+        # raised EPIPE as a Lua error in the hook: hook errors, and exit 4 when a hook printed on every call
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """Point standard output (the descriptor, and Python's buffer flushed into it) at /dev/null."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def set_level(name: str) -> None:

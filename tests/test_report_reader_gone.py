@@ -102,3 +102,46 @@ def test_other_commands_keep_their_exit_code_when_the_reader_is_gone(tmp_path, w
         assert code == truth.returncode, (args, code, truth.returncode, other)
         assert "Traceback" not in other, other
         assert other == (truth.stderr if which == "stdout" else truth.stdout), (args, other)
+
+
+PRINTING = """TrisulPlugin = { id = { name = "printer" },
+  onload = function() print("loaded") end,
+  onunload = function() print("bye") end,
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(engine, layer)
+      print("packet")
+      N = (N or 0) + 1
+      if N == 1 then
+        T.async:schedule{ data = "d", onexecute = function(d) print("in the worker") return d end,
+                          onresult = function(e, d, r) print("result " .. r) end }
+      end
+    end },
+  engine_monitor = { onbeginflush = function(engine, ts) print("window " .. ts) end } }
+"""
+
+
+def test_plugin_prints_to_a_reader_that_left_are_dropped_not_hook_errors(tmp_path):
+    """A plug-in's print() to a stdout whose reader left (`luaprobe run plugins/ | head`, trisul-scripts' cgmon.lua,
+    which prints in every hook) is dropped like luaprobe's own lines (docs/operations.md).  Before, each print raised
+    "[Errno 32] Broken pipe" as a Lua error in the hook: an ERROR line per hook and exit 4 ("onunload failed on every
+    call").  Now: exit 0, no hook error, every hook still called.  Truths: tshark's frame count (onpacket calls) and
+    the same run with stdout in a file (its printed lines, its summary)."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    helpers.write_plugin(d, PRINTING, name="printer.lua")
+    frames = helpers.tshark_frames(SAMPLE)
+    env = dict(os.environ, PYTHONPATH=helpers.REPO)
+    args = ["run", str(d), "--pcap", SAMPLE, "-q", "--backend-instances", "1"]
+    truth = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args, "--out", str(tmp_path / "o1"),
+                            "--stats-json", str(tmp_path / "s1.json")], cwd=str(tmp_path), env=env, timeout=300,
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert truth.returncode == 0 and truth.stdout.count("] packet\n") == frames, truth
+    assert "] in the worker\n" in truth.stdout and "] result d\n" in truth.stdout and "] bye\n" in truth.stdout
+    code, err = _cli_to_gone_reader(tmp_path, *args, "--out", str(tmp_path / "o2"), "--stats-json",
+                                    str(tmp_path / "s2.json"))
+    assert code == 0 and "Broken pipe" not in err and "ERROR" not in err and "Traceback" not in err, err
+    stats = [json.loads((tmp_path / f"s{k}.json").read_text()) for k in (1, 2)]
+    calls = [sorted((sorted(p["hook_calls"].items()), p["hook_errors"]) for p in s["plugins"]) for s in stats]
+    assert calls[0] == calls[1], calls
+    assert all(errors == {} for _, errors in calls[1]), calls
+    assert sum(dict(c).get("simplecounter.onpacket", 0) for c, _ in calls[1]) == frames, calls
