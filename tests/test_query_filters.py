@@ -163,3 +163,13 @@ def test_declared_names_with_blanks_and_guids_without_braces_find_their_rows(tmp
     for meter in ("Hits", " hits ", "0"):
         r = cli("query", "counters", "--out", str(out), "--group", "URL Service", "--meter", meter, "--json")
         assert r.returncode == 0 and len(r.stdout.splitlines()) == n["counters"], (meter, r)
+
+
+def test_help_names_every_kind_each_filter_applies_to():
+    """`luaprobe query --help` listed --group for five kinds (not toppers, which it filters by tracker) and --key
+    without fts and edges.  Truth: query.FILTERS, the table the refusal of a filter on another kind uses."""
+    from luaprobe.engine.store.query import FILTERS
+    text = " ".join(cli("query", "--help").stdout.split())
+    for flag, kinds in FILTERS.items():
+        part = text.split(f"--{flag} ", 2)[2].split(" --", 1)[0]       # the option's own help text
+        assert all(k in part for k in kinds), (flag, part)

@@ -201,9 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--out", metavar="DIR", default="out", type=nonempty("a directory"),
                      help=f"output directory holding {DB_NAME} (default ./out, the same as luaprobe run's)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--group", metavar="G", help="group name or GUID (counters, keyinfo, alerts, resources, fts)")
-    p.add_argument("--key", metavar="K", help="key or its label (counters, keyinfo); flowkey (alerts, resources, flows)")
-    p.add_argument("--meter", metavar="M", help="meter id or name (counters)")
+    # the kinds each filter applies to, from FILTERS (the help listed fewer: not toppers for --group, nor fts and
+    # edges for --key)
+    p.add_argument("--group", metavar="G", help="group name or GUID; the flowtracker's name for toppers "
+                   f"({', '.join(FILTERS['group'])})")
+    p.add_argument("--key", metavar="K", help="key or its label (counters, keyinfo); flowkey (" +
+                   ", ".join(k for k in FILTERS["key"] if k not in ("counters", "keyinfo")) + ")")
+    p.add_argument("--meter", metavar="M", help=f"meter id or name ({', '.join(FILTERS['meter'])})")
     # at most SQLite's largest integer (its LIMIT; a larger one was a traceback, "datatype mismatch", exit 1)
     p.add_argument("--limit", metavar="N", type=int_in(0, 2**63 - 1), help="at most N rows")
     return p
