@@ -1277,3 +1277,41 @@ def test_pipelined_long_request_lines_kind(tmp_path):
     r = subprocess.run(["tshark", "-r", pcap, "-Y", "http.request", "-T", "fields", "-e", "http.request.uri"],
                        capture_output=True, text=True, check=True)
     assert r.stdout.split() == [u1, u2]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("shape", ["first-late", "first-late-after-60k", "lead-never-captured"])
+def test_ack_before_data_in_a_connection_picked_up_mid_stream_kind(tmp_path, v6, shape):
+    """Case 03's kind when the capture began after the handshake: the connection's first packet is the client's
+    request (its ACK number is where the server's stream stands), and the response's first segment is captured
+    after the second (after 43 segments, ~60 KB, with the server's sequence numbers wrapping past 2^32, in
+    `first-late-after-60k`) and after the client's ACK of them. The response starts at the request's ACK number,
+    not at its first captured byte: the file is whole. Before, the first captured byte was taken for the stream's
+    start, so the late first segment was behind it (a retransmission) and the response was lost (no file).
+    `lead-never-captured`: the server's 1,400 bytes before the response were sent before the capture began and
+    never come; the stream starts at the response as before, with no gap. Truth: the bytes the generator sent
+    (tshark 4.0.17, out-of-order reassembly on, exports only the first 1,400 bytes of the late-first shapes)."""
+    body = bytes((i * 11 + 3) % 256 for i in range(80000 if shape == "first-late-after-60k" else 5000))
+    c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
+                cport=46703, cisn=777777, sisn=4294960000 if shape == "first-late-after-60k" else 888888)
+    c.send(True, pb.http_request("/mid.bin"), ack=False)                 # the capture's first packet
+    if shape == "lead-never-captured":
+        c.advance(False, 1400)
+    resp = pb.http_response(body, [("Content-Length", len(body))])
+    segs = []
+    for i in range(0, len(resp), 1400):
+        segs.append(c.segment(False, pb.PSH | pb.ACK, resp[i:i + 1400]))
+        c.advance(False, len(resp[i:i + 1400]))
+    late = 0 if shape == "lead-never-captured" else 44 if shape == "first-late-after-60k" else 3
+    order = list(range(len(segs))) if not late else [*range(1, late), "ack", 0, *range(late, len(segs))]
+    for i in order:
+        if i == "ack":
+            c.seg(True, pb.ACK)                                          # acknowledges all of them, S1 included
+        else:
+            c.add(segs[i], False)
+    c.seg(True, pb.ACK)
+    c.close()
+    files, _, s, _ = run_kinds(tmp_path, c.frames)
+    assert [(f[0], f[1], int(f[3]), f[4], f[6]) for f in files] == [("GET", "/mid.bin", len(body), SHA(body), "nil")]
+    assert s["filex"][0]["tcp_gaps"] == 0
+    assert s["filex"][0]["tcp_late_fills"] == (0 if shape == "lead-never-captured" else 1)

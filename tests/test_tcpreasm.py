@@ -96,6 +96,21 @@ def test_midstream_pickup_starts_at_first_seq(T):
     assert s0 == b'abcdef' and log == ['data 0 0 3', 'data 0 3 3']
 
 
+
+def test_midstream_pickup_starts_at_the_peers_ack(T):
+    """Without a handshake, a direction starts at the peer's last ACK number when it lies before the first captured
+    byte, within ack_window (the bytes between were in flight: a mirror port captures them later); a start that
+    never comes is no gap: the stream then starts at its first captured byte, offset 0, as without the ACK."""
+    late = [(0, 100, PSH | ACK, b'GET', 5000), (1, 5003, PSH | ACK, b'def', 103), (1, 5000, PSH | ACK, b'abc', 103)]
+    s0, s1, log, st, buf, _ = run(T, late)
+    assert (s0, s1) == (b'GET', b'abcdef') and log == ['data 0 0 3', 'data 1 0 3', 'data 1 3 3'] and buf == 0
+    assert st['retransmitted_bytes'] == 0 and st['gaps'] == 0
+    s0, s1, log, st, buf, _ = run(T, late[:2], expire=True)            # the first bytes never come
+    assert s1 == b'def' and log == ['data 0 0 3', 'data 1 0 3', 'close timeout'] and st['gaps'] == 0
+    far = [(0, 100, PSH | ACK, b'GET', 5000), (1, 5000 + 70000, PSH | ACK, b'def', 103)]   # beyond ack_window
+    s0, s1, log, st, buf, _ = run(T, far)
+    assert s1 == b'def' and log == ['data 0 0 3', 'data 1 0 3']
+
 def test_out_of_order(T):
     pk = handshake() + [(0, ISN_C + 7, ACK, b'world'), (0, ISN_C + 12, ACK, b'!'), (0, ISN_C + 1, ACK, b'hello ')]
     s0, s1, log, st, buf, _ = run(T, pk)

@@ -34,6 +34,14 @@ ack (the TCP acknowledgment number, used when flags has ACK) lets a hole be
 given up as soon as the peer acknowledges data beyond it (the bytes were sent
 but not captured: tshark's "ACKed segment that wasn't captured").
 
+Mid-stream pickup.  When the flow's handshake was not captured, a direction starts at its first captured
+byte, or at the last acknowledgment number the peer sent before it when that lies up to ack_window bytes
+before it: the receiver had not got those bytes yet, so they were in flight (captured later, out of order, on
+a mirror port; case 03 of ../shared/cases with the capture begun mid-connection).  Those first bytes wait as
+out-of-order data for the missing ones; a missing lead that is given up (the rules under "Gaps") is not a gap:
+the bytes were sent before the capture began, and the stream starts at its first captured byte, offset 0, as
+when the peer sent no ACK (no cb_gap, stats unchanged).
+
 Direction (pinned; docs/filex.md "Direction": Trisul's pages disagree).  Callbacks receive dir 0 =
 client->server, 1 = server->client, the convention of fileextract.md /
 filex_monitor.  The client is the sender of a SYN (without ACK), or the
@@ -45,10 +53,10 @@ the plug-in wiring flips dir for them.
 
 Offsets are stream offsets per direction: 0 is the first byte after the SYN,
 or the first payload byte seen when the flow was picked up mid-stream (its
-sequence number becomes the base).  All sequence arithmetic is 32-bit
-modular: a segment's position is the signed 32-bit difference from the next
-expected sequence number, added to a 53-bit stream offset, so wraparound is
-transparent.
+sequence number becomes the base; or the peer's ACK number before it, see
+"Mid-stream pickup").  All sequence arithmetic is 32-bit modular: a segment's
+position is the signed 32-bit difference from the next expected sequence
+number, added to a 53-bit stream offset, so wraparound is transparent.
 
 Delivery.  Bytes are delivered exactly once and in order.  An in-order segment
 is handed over zero-copy (the caller's pointer, advanced past any part already
@@ -153,8 +161,10 @@ local function new_stream()
   -- segs: sorted non-overlapping out-of-order segments {off, string}; fin_off: stream offset of FIN
   -- isn: the SYN's sequence number (or the one before the first byte of a mid-stream pickup)
   -- ack_hole: stream offset of a hole the peer has ACKed (ack_ts / ack_nbuf: when, and nbuf then)
+  -- peer_ack: before the stream started, the last ACK number the peer sent for it; lead: a mid-stream pickup
+  -- started at peer_ack, before its first captured byte, and nothing is delivered yet (see "Mid-stream pickup")
   return { started = false, nxt = 0, off = 0, segs = {}, nbuf = 0, fin_off = nil, done = false, isn = nil,
-           ack_hole = nil, ack_ts = 0, ack_nbuf = 0 }
+           ack_hole = nil, ack_ts = 0, ack_nbuf = 0, peer_ack = nil, lead = false }
 end
 
 local function get_flow(self, id, pdir, flags)
@@ -174,6 +184,7 @@ local function get_flow(self, id, pdir, flags)
 end
 
 local function deliver(self, id, dir, s, p, n, cb)
+  s.lead = false
   local off = s.off
   s.off = off + n
   s.nxt = (s.nxt + n) % TWO32
@@ -209,7 +220,16 @@ local function skip_hole(self, id, dir, f, s, cb)
   local sg = s.segs[1]
   if not sg then return false end
   local missing = sg[1] - s.off
-  if missing > 0 then
+  if missing > 0 and s.lead then
+    -- the bytes between the peer's ACK and the first captured byte of a mid-stream pickup never came: they were
+    -- sent before the capture began, so the stream starts at its first captured byte, as without the ACK (no gap)
+    s.lead = false
+    for i = 1, #s.segs do s.segs[i][1] = s.segs[i][1] - missing end
+    if s.fin_off then s.fin_off = s.fin_off - missing end
+    s.nxt = (s.nxt + missing) % TWO32
+    s.isn = (s.isn + missing) % TWO32
+    s.ack_hole = nil
+  elseif missing > 0 then
     self.stats.gaps = self.stats.gaps + 1
     self.stats.gap_bytes = self.stats.gap_bytes + missing
     if self.cb_gap then self.cb_gap(id, dir, s.off, missing) end
@@ -329,6 +349,7 @@ local function segment(self, id, f, dir, seq, flags, p, n, ts, cb, ack)
   if ack and band(flags, ACK) ~= 0 then
     local o = f.s[1 - dir]
     if o.segs[1] then ack_check(self, id, 1 - dir, f, o, ack, ts, cb) end
+    if not o.started then o.peer_ack = ack end
   end
   if type(p) == "string" then
     local str = p
@@ -351,7 +372,11 @@ local function segment(self, id, f, dir, seq, flags, p, n, ts, cb, ack)
     end
     s.started = true       -- mid-stream pickup: the first seen sequence number is offset 0
     s.nxt = seq
-    s.isn = (seq - 1) % TWO32
+    local lead = n > 0 and s.peer_ack and sdiff(seq, s.peer_ack) or 0
+    if lead > 0 and lead <= self.ack_window then
+      s.nxt, s.lead = s.peer_ack, true   -- ... unless the peer's ACK says earlier bytes are still to come
+    end
+    s.isn = (s.nxt - 1) % TWO32
   end
   local abs = s.off + sdiff(seq, s.nxt)
   if n > 0 then
