@@ -744,3 +744,43 @@ def test_onload_reads_relative_to_the_working_directory_and_check_does_not_call_
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     want_line = f"plug-in problem: {path}: onload failed: {path}:4: bad argument #1 to 'lines' (feed.txt: {why})"
     assert lines == [want_line], lines
+
+
+# ============================================================================ what onunload makes is stored
+
+UNLOAD = r"""local G = "{6A7B8C9D-0E1F-4A2B-8C3D-4E5F6A7B8C9D}"
+TrisulPlugin = { id = { name = "bye" },
+  countergroup = { control = { guid = G, name = "Bye", bucketsize = 60 },
+    meters = { { 0, T.K.vartype.COUNTER, 10, "n", "n", "n" } } },
+  simplecounter = { protocol_guid = "%s",
+    onpacket = function(engine, layer) E = engine; N = (N or 0) + 1 end },
+  onunload = function()
+    if E == nil then return end            -- the countergroup's own VM saw no packet
+    E:update_counter(G, "tcp packets", 0, N)
+    E:add_alert_ids("{9AFD8C08-07EB-47E0-BF05-28B4A7AE8DC9}", "", "sid-unload", "end of run", 1, "bye")
+    E:post_message_frontend("nobody is left to read this")
+  end }
+""" % TCP
+
+
+def test_what_onunload_makes_is_stored(tmp_path):
+    """A script that totals in its hooks and writes the total in onunload (the engine it kept from a hook: onunload
+    has none): the counter and the alert are in the database (before: the last outputs were taken before onunload
+    ran, and these were lost); the message it posts reaches nobody and counts as undelivered.  Truth: tshark's TCP
+    frames."""
+    import json
+    import sqlite3
+    stats = tmp_path / "stats.json"
+    r = luaprobe("run", helpers.write_plugin(tmp_path, UNLOAD), "--pcap", PCAP, "--out", str(tmp_path / "out"),
+                 "--stats-json", str(stats), cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    tcp = len(subprocess.run(["tshark", "-r", PCAP, "-Y", "tcp", "-T", "fields", "-e", "frame.number"],
+                             capture_output=True, text=True, check=True).stdout.split())
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    got = db.execute("SELECT key, sum(value) FROM counters WHERE group_guid = ? GROUP BY key",
+                     ("{6A7B8C9D-0E1F-4A2B-8C3D-4E5F6A7B8C9D}",)).fetchall()
+    alerts = db.execute("SELECT sigid, message FROM alerts").fetchall()
+    db.close()
+    assert tcp == 14 and got == [("tcp packets", tcp)]
+    assert alerts == [("sid-unload", "bye")]
+    assert json.loads(stats.read_text())["messages_undelivered"] == 1

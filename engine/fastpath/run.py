@@ -745,11 +745,12 @@ class FastPath:
         if "counters" in names:
             self._write("counter_groups", analyser_group_rows())
 
-    def _collect(self, now, instances=None, tick: bool = False, counters_now=None) -> None:
+    def _collect(self, now, instances=None, tick: bool = False, counters_now=None, deliver: bool = True) -> None:
         """Move counters of closed buckets (all when now is None) and other outputs to the writer: of the
         analysers and every instance, or of ``instances`` only (a replaced backend, _retire_step).  ``counters_now``:
         close the counter buckets by this time instead of ``now`` (a window end packet time has reached, while the
-        other outputs keep ``now``, the second they were made in)."""
+        other outputs keep ``now``, the second they were made in).  ``deliver`` False (after every onunload ran):
+        messages posted are not delivered (no VM takes one any more) and count as undelivered."""
         cnow = now if counters_now is None else counters_now
         if self.analysers is not None and instances is None:
             for kind, rows in self.analysers.take(cnow).items():
@@ -772,7 +773,10 @@ class FastPath:
             messages += _message_rows(inst, out[b"messages"])
         if counters:      # parts of one counter from several VMs (backend instances, script types): merged by type
             self._route("counters", meters.merge_rows(counters), now)
-        self._dispatch(messages)
+        if deliver:
+            self._dispatch(messages)
+        else:
+            self.messages_undelivered += len(messages)
 
     @staticmethod
     def _flow_counter_runner(inst):
@@ -1537,6 +1541,9 @@ class FastPath:
         for inst in self.instances:
             inst.vm.lua.eval("function(h) h.stop_profile() end")(inst.vm.host)
         rt.unload_all()                        # before the counts: an onunload error is a hook error like any other
+        # what onunload made (a last counter update, an alert, a resource) is stored too; its counter updates go
+        # to a bucket after every one written (Engine:take_counters), its messages reach nobody (undelivered)
+        self._collect(None, deliver=False)
         self._beat()
         self.async_final = [(i, i.vm.async_stats()) for i in self.instances]
         self.hook_stats = self._hook_counts()
