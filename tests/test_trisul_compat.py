@@ -691,10 +691,10 @@ def test_broadcast_reaches_the_channellisteners_of_its_class(tmp_path):
     assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r
     rows = subprocess.run(["tshark", "-r", PCAP, "-Y", "tcp", "-T", "fields", "-e", "ip.src", "-e", "tcp.srcport",
                            "-e", "ip.dst", "-e", "tcp.dstport"], capture_output=True, text=True, check=True).stdout
-    def key(s, sp, d, dp):                    # Trisul flow id: proto, A = the lower (address, port) end, Z the other
-        a, z = sorted([(bytes(map(int, s.split("."))), int(sp)), (bytes(map(int, d.split("."))), int(dp))])
-        ip = lambda b: ".".join(f"{x:02X}" for x in b)   # noqa: E731
-        return f"06A:{ip(a[0])}:p-{a[1]:04X}_{ip(z[0])}:p-{z[1]:04X}"
+    def key(s, sp, d, dp):          # Trisul flow id: proto, the A end, the Z end = the lower port (equal ports:
+        z, a = sorted([(int(sp), bytes(map(int, s.split(".")))), (int(dp), bytes(map(int, d.split("."))))])
+        ip = lambda b: ".".join(f"{x:02X}" for x in b)   # noqa: E731          # the lower address)
+        return f"06A:{ip(a[1])}:p-{a[0]:04X}_{ip(z[1])}:p-{z[0]:04X}"
     want = [b"{00000000-0000-0000-0000-00000000000a}\t%d\t%s\t\x00\xff" % (len(key(*w)) + 3, key(*w).encode())
             for w in (line.split("\t") for line in rows.splitlines())]
     assert len(want) == 14
