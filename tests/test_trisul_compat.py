@@ -659,6 +659,17 @@ def test_reset_flow_counter_replaces_the_flow_counter(tmp_path):
 
 # ============================================================================ T.host:broadcast -> channellistener
 
+def trisul_flowkey(proto: int, s: str, sp: int, d: str, dp: int) -> str:
+    """Trisul's flow id, written from its rule: proto in hex, 'A' (IPv4) or 'B' (IPv6), the A end, '_', the Z end;
+    the Z end has the lower port (equal ports: the lower address); IPv4 as dotted hex bytes, IPv6 as 32 hex digits."""
+    import ipaddress
+    ends = sorted([(sp, ipaddress.ip_address(s).packed), (dp, ipaddress.ip_address(d).packed)])
+    (zp, za), (ap, aa) = ends
+    v6 = len(aa) == 16
+    ip = (lambda b: b.hex().upper()) if v6 else (lambda b: ".".join(f"{x:02X}" for x in b))   # noqa: E731
+    return f"{proto:02X}{'B' if v6 else 'A'}:{ip(aa)}:p-{ap:04X}_{ip(za)}:p-{zp:04X}"
+
+
 BROADCASTER = r"""TrisulPlugin = { id = { name = "sender", clsid = "{ff2faa88-57bb-42b7-af27-edda7c91a437}" },
   simplecounter = { protocol_guid = "%s",
     onpacket = function(engine, layer)
@@ -691,10 +702,7 @@ def test_broadcast_reaches_the_channellisteners_of_its_class(tmp_path):
     assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r
     rows = subprocess.run(["tshark", "-r", PCAP, "-Y", "tcp", "-T", "fields", "-e", "ip.src", "-e", "tcp.srcport",
                            "-e", "ip.dst", "-e", "tcp.dstport"], capture_output=True, text=True, check=True).stdout
-    def key(s, sp, d, dp):          # Trisul flow id: proto, the A end, the Z end = the lower port (equal ports:
-        z, a = sorted([(int(sp), bytes(map(int, s.split(".")))), (int(dp), bytes(map(int, d.split("."))))])
-        ip = lambda b: ".".join(f"{x:02X}" for x in b)   # noqa: E731          # the lower address)
-        return f"06A:{ip(a[1])}:p-{a[0]:04X}_{ip(z[1])}:p-{z[0]:04X}"
+    key = lambda s, sp, d, dp: trisul_flowkey(6, s, int(sp), d, int(dp))   # noqa: E731
     want = [b"{00000000-0000-0000-0000-00000000000a}\t%d\t%s\t\x00\xff" % (len(key(*w)) + 3, key(*w).encode())
             for w in (line.split("\t") for line in rows.splitlines())]
     assert len(want) == 14
@@ -784,3 +792,61 @@ def test_what_onunload_makes_is_stored(tmp_path):
     assert tcp == 14 and got == [("tcp packets", tcp)]
     assert alerts == [("sid-unload", "bye")]
     assert json.loads(stats.read_text())["messages_undelivered"] == 1
+
+
+# ============================================================================ inputfilter.step_alert
+
+IDS = r"""TrisulPlugin = { id = { name = "ids" },
+  onload = function()
+    Q = {
+      { AlertGroupGUID = "{9AFD8C08-07EB-47E0-BF05-28B4A7AE8DC9}", TimestampSecs = 1362692521, TimestampUsecs = 5,
+        SigIDKey = 2001, SigIDLabel = "ET POLICY test", SourceIP = "192.168.1.10", SourcePort = 51000,
+        DestIP = "10.0.0.1", DestPort = 80, Protocol = 6, Priority = 1, ClassificationKey = "policy",
+        AlertStatus = "allowed", SensorID = 4, SigRev = 2 },
+      { AlertGroupGUID = "{9afd8c08-07eb-47e0-bf05-28b4a7ae8dc9}", TimestampSecs = 1362692522,
+        SigIDKey = "sid-7", AlertDetails = "v6 thing", SourceIP = "2001:db8::1", SourcePort = 53,
+        DestIP = "2001:db8::2", DestPort = 53, Protocol = 17 },
+      { AlertGroupGUID = "{9AFD8C08-07EB-47E0-BF05-28B4A7AE8DC9}", SigIDKey = 3 },    -- no TimestampSecs
+      { AlertGroupGUID = "{9AFD8C08-07EB-47E0-BF05-28B4A7AE8DC9}", TimestampSecs = 1362692523, SigIDKey = "last" },
+    }
+  end,
+  inputfilter = {
+    step = function(packet, engine) error("step is never called") end,
+    step_alert = function() return table.remove(Q, 1) end,
+  },
+}
+"""
+
+
+def test_inputfilter_step_alert_alerts_are_stored(tmp_path):
+    """Trisul's inputfilter: step_alert() returns nil when there is no alert, else a table of alert fields
+    (AlertGroupGUID, TimestampSecs and SigIDKey mandatory), as trisul-scripts' suricata_eve_unixsocket.lua builds
+    them.  luaprobe polls it beside the packet input (step, the packet-feeding side, is not called): each alert is a
+    row of `alerts` with its own time and its flow's Trisul flow id; one without a mandatory field is a hook error
+    naming the field, not a row.  Truth: the fields given, and the flow-id rule (trisul_flowkey)."""
+    import sqlite3
+    r = luaprobe("run", helpers.write_plugin(tmp_path, IDS, "ids.lua"), "--pcap", PCAP, "--out", str(tmp_path / "out"),
+                 cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "inputfilter.step_alert error: alert without TimestampSecs" in r.stderr and "Traceback" not in r.stderr
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    got = db.execute("SELECT ts_sec, ts_usec, alert_guid, flowkey, sigid, classification, priority, message, status, "
+                     "plugin FROM alerts ORDER BY id").fetchall()
+    db.close()
+    g = "{9AFD8C08-07EB-47E0-BF05-28B4A7AE8DC9}"
+    assert got == [
+        (1362692521, 5, g, trisul_flowkey(6, "192.168.1.10", 51000, "10.0.0.1", 80), "2001", "policy", 1,
+         "ET POLICY test", "allowed", "ids.lua"),
+        (1362692522, 0, g, trisul_flowkey(17, "2001:db8::1", 53, "2001:db8::2", 53), "sid-7", "", 3, "v6 thing", "",
+         "ids.lua"),
+        (1362692523, 0, g, "", "last", "", 3, "", "", "ids.lua")]
+    r = luaprobe("check", str(tmp_path / "ids.lua"), cwd=str(tmp_path))
+    assert r.returncode == 0 and "inputfilter (supported)" in r.stdout and "inputfilter.step: not called" in r.stdout
+    # sharded: the inputfilter runs in shard 0 only, so each alert is stored once
+    r = luaprobe("run", str(tmp_path / "ids.lua"), "--pcap", PCAP, "--out", str(tmp_path / "out2"), "--shards", "2",
+                 cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    db = sqlite3.connect(tmp_path / "out2" / "luaprobe.sqlite")
+    assert db.execute("SELECT ts_sec, sigid, flowkey FROM alerts ORDER BY ts_sec").fetchall() == [
+        (r_[0], r_[4], r_[3]) for r_ in got]
+    db.close()

@@ -18,6 +18,20 @@ import ctypes
 
 import numpy as np
 
+
+def flow_key(proto: int, v6: bool, ip1: bytes, port1: int, ip2: bytes, port2: int) -> str:
+    """The Trisul flow id of a conversation (the rules of engine/fastpath/decode.lua put_flowkey): the Z end has the
+    lower port; equal ports: the lower address; endpoint 2 is treated as the destination.  ``ip1``/``ip2``: 4 or 16
+    address bytes (the first 4 or 16 used).  "06A:C0.A8.01.02:p-0B94_D1.D8.F9.3A:p-0016"."""
+    n = 16 if v6 else 4
+    a, b = bytes(ip1[:n]), bytes(ip2[:n])
+    src_is_a = port1 > port2 if port1 != port2 else a >= b
+    (ia, pa), (iz, pz) = ((a, port1), (b, port2)) if src_is_a else ((b, port2), (a, port1))
+
+    def ip(x):
+        return x.hex().upper() if v6 else ".".join(f"{c:02X}" for c in x)
+    return f"{proto & 255:02X}{'B' if v6 else 'A'}:{ip(ia)}:p-{pa:04X}_{ip(iz)}:p-{pz:04X}"
+
 FIELDS = 20                      #: fields of a full row
 STATE_TEXT = np.array(["OPEN", "TIMEOUT", "CLOSED", "RESET", "REUSED"], dtype=object)   #: lp_flowrow.state -> flows.state
 

@@ -56,6 +56,7 @@ def _bytes(x) -> bytes:
 
 PKT, EOF, ERROR, END, STATS, TIME = 0, 1, 2, 3, 4, 5
 BACKEND_KINDS = ("engine_monitor", "sg_monitor", "flowtracker")   #: backend types run per backend instance
+ALERT_POLL = 10000      #: step_alert calls at most per inputfilter and poll (once a packet-time second, _poll_alerts)
 MAX_GAP_TICKS = 300        #: metronome ticks fired for one gap in packet time (a replay may jump years)
 #: s: while the packet ring is empty, rows queued for the store writer are shipped at least this often (a quiet
 #: input: a paced replay, a live interface at a low rate, fills no batch of StoreWriter's; docs/operations.md)
@@ -549,6 +550,8 @@ class FastPath:
                         continue
                     for k in range(cfg.backend_instances):
                         self._instantiate(rt, info.path, kind, "backend", str(k))
+                elif kind == "inputfilter" and self.shard_index:   # its alerts once for the probe: in shard 0 (a
+                    continue                                        # socket it binds, a queue it drains: once)
                 else:
                     self._instantiate(rt, info.path, kind, "frontend", secrets.token_hex(4).upper()[:7])
 
@@ -677,6 +680,8 @@ class FastPath:
         vm.take_outputs = method(vm.lua, "take_outputs")
         vm.set_time = method(vm.lua, "set_time")
         vm.deliver_message = method(vm.lua, "deliver_message")
+        if kind == "inputfilter":
+            vm.poll_alerts, vm.hook_error = method(vm.lua, "poll_alerts"), method(vm.lua, "hook_error")
         if kind == "channellistener":
             vm.deliver_channel = method(vm.lua, "deliver_channel")
             inst.clsid = _text(method(vm.lua, "clsid")(vm.host))
@@ -716,6 +721,7 @@ class FastPath:
             for s in range(first, sec + 1):
                 self._second(s)
         self.sec, self.sec_usec = sec, usec
+        self._poll_alerts(sec)
         self._collect(sec, tick=True)
         while self._exported(self.driver_expire(self.driver, sec)) == self.driver.exp_cap:
             pass
@@ -725,6 +731,24 @@ class FastPath:
             self.analysers.tick(sec, usec)
         if self.stage is not None:              # reassembled flows the same way (onterminateflow, filex ends)
             self.stage.tick(sec, usec)
+
+    def _poll_alerts(self, now) -> None:
+        """Every inputfilter's step_alert, polled once a packet-time second and at the end of input (up to
+        ALERT_POLL alerts each time): its alerts go where engine:add_alert_full's go (engine/plugins/inputfilter.py;
+        a table that is not an alert is a hook error of step_alert, named, and is not stored)."""
+        from luaprobe.engine.plugins.discovery import _to_py
+        from luaprobe.engine.plugins.inputfilter import alert_row
+        for inst in self.instances:
+            if inst.kind != "inputfilter" or inst.disabled is not None:
+                continue
+            rows = []
+            for a in _to_py(inst.vm.poll_alerts(inst.vm.host, ALERT_POLL)) or []:
+                try:
+                    rows.append(alert_row(a if isinstance(a, dict) else {}, os.path.basename(inst.vm.path)))
+                except ValueError as e:
+                    inst.vm.hook_error(inst.vm.host, b"inputfilter.step_alert", str(e).encode())
+            if rows:
+                self._route("alerts", rows, now)
 
     def _second(self, s: int) -> None:
         """Backend hooks for packet-time second `s`: window edge first, then the metronome."""
@@ -1482,6 +1506,7 @@ class FastPath:
         """End of input: close the reassembled flows, the window and the HTTP flows, deliver async results,
         flush, onunload.  With sg_monitor / flowtracker the open flows end before the last window closes."""
         self.stage_stats = self.stage.finish(self.sec, self.sec_usec) if self.stage is not None else {}
+        self._poll_alerts(self.sec)            # the inputfilters' last alerts
         self._beat()                           # between the steps of the end too: a stop is stalled only when one
         flows_done = False                     # step makes no progress for [supervise] stall_timeout
         if self.flowmon is not None and self.flowmon.active:

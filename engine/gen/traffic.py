@@ -28,6 +28,7 @@ import zlib
 import numpy as np
 
 from luaprobe.engine.daemon.usage import Parser, UsageError, check_new_file  # UsageError: a bad option value, exit 2
+from luaprobe.engine.fastpath.flowrows import flow_key                       # the Trisul flow id of a conversation
 
 __all__ = ["GenConfig", "generate", "flow_key", "main", "parse_mix", "parse_size_dist"]
 
@@ -170,21 +171,6 @@ class GenConfig:
         self.start = int(start)
         if not 0 <= self.start < 1 << 31:
             raise UsageError(f"--start: {self.start} is out of range: epoch seconds 0..2^31-1")
-
-
-# ---------------------------------------------------------------------------------------- flow keys
-
-def flow_key(proto: int, v6: bool, ip1: bytes, port1: int, ip2: bytes, port2: int) -> str:
-    """The Trisul flow id of a conversation (the rules of engine/fastpath/decode.lua): the Z end has the
-    lower port; equal ports: the lower address; endpoint 2 is treated as the destination."""
-    n = 16 if v6 else 4
-    a, b = bytes(ip1[:n]), bytes(ip2[:n])
-    src_is_a = port1 > port2 if port1 != port2 else a >= b
-    (ia, pa), (iz, pz) = ((a, port1), (b, port2)) if src_is_a else ((b, port2), (a, port1))
-
-    def ip(x):
-        return x.hex().upper() if v6 else ".".join(f"{c:02X}" for c in x)
-    return f"{proto & 255:02X}{'B' if v6 else 'A'}:{ip(ia)}:p-{pa:04X}_{ip(iz)}:p-{pz:04X}"
 
 
 # ---------------------------------------------------------------------------------------- flows

@@ -28,7 +28,9 @@ BACKEND_TYPES = {"engine_monitor", "sg_monitor", "resource_monitor", "fts_monito
 SUPPORTED = {"simplecounter", "countergroup", "engine_monitor", "filex_monitor", "protocol_handler", "packet_storage",
              "reassembly_handler", "sg_monitor", "flowtracker", "alertgroup", "resourcegroup",
              "resource_monitor", "fts_monitor", "alert_monitor", "cg_monitor", "flowmonitor",
-             "messagemonitor", "channellistener"}
+             "messagemonitor", "channellistener", "inputfilter"}
+#: an inputfilter runs when it has step_alert (alerts polled beside the packet input, docs/plugins.md "inputfilter");
+#: its step (Trisul's packet input, the script feeding the probe) is not called; without step_alert it is unsupported
 
 
 @dataclasses.dataclass
@@ -46,6 +48,7 @@ class PluginInfo:
     flowtracker: dict | None = None                                #: {name, bucketsize, count}
     legacy_onattribute: bool = False   #: reassembly_handler.onattribute named (engine, flow, ts, ...): legacy order
     old_onupdate: str | None = None    #: cg_monitor.onupdate's parameter names when they say (engine, key, ts, ...)
+    inputfilter_step: bool = False     #: an inputfilter with step (the packet input luaprobe does not call)
     loaded: bool = True                #: False: the file did not load (syntax error, failed require, ...): types unknown
     #: problems a run finds only when it sets a type's walk up (a simplecounter's unknown protocol_guid, a
     #: packet_storage without filter: engine/plugins/host.lua simplecounter_problem, packetstore.lua problem), as
@@ -64,7 +67,8 @@ class PluginInfo:
     @property
     def runnable_types(self) -> list:
         """Detected types luaprobe instantiates (a file with no type gets one frontend instance)."""
-        t = [x for x in self.types if x in SUPPORTED and x not in ("alertgroup", "resourcegroup")]
+        t = [x for x in self.types if x in SUPPORTED and x not in ("alertgroup", "resourcegroup")
+             and x not in self.unsupported]
         return t or ([] if self.types else ["frontend"])
 
 
@@ -164,9 +168,13 @@ return function(path, log, budget)
   if type(host.plugin.packet_storage) == "table" then
     setup[#setup + 1] = require("luaprobe.engine.plugins.packetstore").problem(host.plugin)
   end
+  local inf = host.plugin.inputfilter
+  local if_alerts = type(inf) == "table" and type(inf.step_alert) == "function"
+  local if_step = type(inf) == "table" and type(inf.step) == "function"
   return { types = types, countergroup = cg, problem = problem or pproblem or dproblem or fproblem, name = name,
            protocol = protocol, declarations = decls, flowtracker = ftc, legacy_onattribute = legacy,
-           old_onupdate = old_onupdate, setup_problems = setup, sc_guid = sc_guid, sc_handled = sc_handled }, nil
+           old_onupdate = old_onupdate, setup_problems = setup, sc_guid = sc_guid, sc_handled = sc_handled,
+           inputfilter_alerts = if_alerts, inputfilter_step = if_step }, nil
 end
 """
 
@@ -224,7 +232,9 @@ def probe(path: str, lua_path=(), budget: float = 0.0) -> PluginInfo:
     info.flowtracker = res.get("flowtracker")
     info.legacy_onattribute = bool(res.get("legacy_onattribute"))
     info.old_onupdate = res.get("old_onupdate") or None
-    info.unsupported = [t for t in info.types if t not in SUPPORTED]
+    info.unsupported = [t for t in info.types if t not in SUPPORTED
+                        or (t == "inputfilter" and not res.get("inputfilter_alerts"))]
+    info.inputfilter_step = bool(res.get("inputfilter_step"))
     info.setup_problems = [f"{path}: {p}" for p in res.get("setup_problems") or []]
     info.sc_guid = res.get("sc_guid")
     info.sc_handled = f"{path}: {res['sc_handled']}" if res.get("sc_handled") else None
@@ -259,7 +269,7 @@ def describe(infos) -> str:
     for i in infos:
         if not i.loaded:
             continue
-        kind = ", ".join(f"{t} ({'supported' if t in SUPPORTED else 'not supported'})" for t in i.types) \
+        kind = ", ".join(f"{t} ({'not supported' if t in i.unsupported else 'supported'})" for t in i.types) \
             if i.types else "(no script type: one frontend instance runs onload)"
         lines.append(f"{logs.one_line(i.path)}\n    name: {logs.one_line(str(i.name))}\n    types: {kind}")
         if i.countergroup:
@@ -276,6 +286,9 @@ def describe(infos) -> str:
                          "from its parameter names")
         if i.old_onupdate:
             lines.append("    warning: " + old_onupdate_warning(i))
+        if i.inputfilter_step and "inputfilter" not in i.unsupported:
+            lines.append("    inputfilter.step: not called (Trisul's packet input, the script feeding the probe, is not "
+                         "supported); step_alert runs")
         for p in i.problems + i.setup_problems:
             lines.append(f"    problem: {logs.one_line(p)}")
     return "\n".join(lines)

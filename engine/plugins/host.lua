@@ -887,6 +887,29 @@ function Host:flow_metrics(addr, n, sec)
   return calls
 end
 
+--- inputfilter.step_alert (docs/plugins.md "inputfilter"): called until it returns nil, at most `max` times; the alert
+--- tables it returned, in order (engine/plugins/inputfilter.py makes them rows).  An error in it is a hook error (the
+--- poll ends); a value that is neither a table nor nil is one too ("not an alert table").
+function Host:poll_alerts(max)
+  local out = {}
+  for _ = 1, max do
+    local ok, a = self:call("inputfilter", "step_alert")
+    if not ok or a == nil then break end
+    if type(a) ~= "table" then
+      self:hook_error("inputfilter.step_alert", ("returned a %s, not an alert table or nil"):format(type(a)))
+      break
+    end
+    out[#out + 1] = a
+  end
+  return out
+end
+
+--- A hook's fault found after it returned (a bad value it gave): counted and logged as that hook's error.
+function Host:hook_error(key, msg)
+  self.hook_errors[key] = (self.hook_errors[key] or 0) + 1
+  self.errors:report(key .. " error", msg)
+end
+
 --- Prepare the reassembly_handler or flowmonitor type (opts: votes address, slot, table: the type; handler.lua).
 function Host:setup_reassembly(opts)
   self.rh = require("luaprobe.engine.streams.handler").new(self, opts)
