@@ -69,7 +69,8 @@ def test_reference_lists_every_engine_method_and_protocol_guid():
     Buffer, FlowID and HTTPHeader method, and every protocol GUID of the decoder (engine/fastpath/decode.lua)."""
     import re
     doc = open(os.path.join(helpers.REPO, "docs", "reference.md")).read()
-    internal = {"set_packet", "set_time", "take_counters", "take_outputs", "take_open_flows", "apply_flow_counters",
+    internal = {"set_packet", "set_time", "take_counters", "take_outputs", "take_open_flows", "expire_script_flows",
+                "apply_flow_counters",
                 "flow_counter_batch", "take_messages", "flows_ended"}
     src = {f: open(os.path.join(helpers.REPO, "engine", f)).read() for f in
            ("plugins/engine.lua", "plugins/packet.lua", "plugins/buffer.lua", "plugins/httpheader.lua",

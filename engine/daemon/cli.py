@@ -216,7 +216,16 @@ def _written_line(s: dict) -> str:
     return "written: " + ", ".join(parts) + f"  -> {s['store']['path']}"
 
 
+def logs_path(p) -> str:
+    from luaprobe.shm import logs
+    return logs.one_line(logs.path_text(p) if isinstance(p, bytes) else str(p))
+
+
 def _plain_summary(s: dict) -> None:
+    li = s.get("lua_input")
+    if li:                                   # --lua-input: records the script imported, no packets
+        print(f"lua-input {logs_path(li['script'])}: step calls {li['step_calls']:,} errors {li['step_errors']}  "
+              f"ended: {li['ended'] or 'not started'}")
     print(f"packets {s['packets']:,}  bytes {s['bytes']:,}  flows {s['flows']:,}  elapsed {s['elapsed_s']} s")
     d = s["drops"]
     print(f"drops: packet ring full {d['capture']}  kernel {d.get('kernel', 0)}  flow table {d['flow_table']}")
@@ -346,6 +355,14 @@ def _run(args) -> int:
         logs.set_level("WARNING" if args.quiet else "DEBUG")
     interface, bpf = getattr(args, "interface", None), getattr(args, "bpf", None)
     generate = getattr(args, "generate", None)
+    lua_input, lua_args = getattr(args, "lua_input", None), getattr(args, "lua_args", None)
+    if lua_args is not None and lua_input is None:
+        print(f"{me}: --args needs --lua-input (they are the input script's arguments)", file=sys.stderr)
+        return EXIT_USAGE
+    if lua_input is not None and getattr(args, "shards", 1) > 1:
+        print(f"{me}: --shards needs packet input (--pcap, --interface or --generate); a --lua-input runs in one "
+              "fast path", file=sys.stderr)
+        return EXIT_USAGE
     if generate is not None:
         from luaprobe.engine.gen.traffic import UsageError
         from luaprobe.engine.gen.stream import parse_spec
@@ -357,12 +374,14 @@ def _run(args) -> int:
     from .usage import InputProblem, UsageError, check_captures, check_dir_target, check_lua_paths, \
         check_new_file, check_not_an_input_or_output, check_out_dir, check_plugins, check_private_dir
     from .settings import dirs
-    if not args.plugins and not _analysers_asked(args.analysers):
+    if not args.plugins and not _analysers_asked(args.analysers) and lua_input is None:
         print(f"{me}: give a PLUGIN file or directory (or --analysers LIST to store only the built-in "
               "analysers' output; docs/plugins.md)", file=sys.stderr)
         return EXIT_USAGE
     try:
-        check_plugins(args.plugins)
+        check_plugins(args.plugins + ([lua_input] if lua_input else []))
+        if lua_input is not None and os.path.isdir(lua_input):
+            raise UsageError(f"--lua-input {lua_input}: a directory; give the inputfilter script's file")
         check_lua_paths(args.lua_path)
         for field, flag, _toml in dirs():        # --filex-dir, T.env directories: beneath --out is fine
             if getattr(args, field):             # (the run creates --out first)
@@ -407,6 +426,7 @@ def _run(args) -> int:
         cfg = RunConfig(plugins=args.plugins, files=args.pcap or [], out_dir=args.out, lua_path=args.lua_path,
                         async_config=_async_config(args),
                         interface=interface, bpf=bpf, bpf_program=bpf_program, generate=generate, speed=speed,
+                        lua_input=lua_input, lua_args=lua_args,
                         shards=getattr(args, "shards", 1), out_lock_fd=args.out_claim.fd,
                         **from_args(args), analysers=args.analysers)
         parse_analysers(args.analysers)
@@ -784,6 +804,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--generate", metavar="SPEC", help="generated traffic at full speed, nothing lost: gen options "
                      "as KEY=VALUE,... with ':' inside lists, e.g. 'packets=2000000,flows=1000,mix=tcp=60:udp=40,"
                      "seed=1' (docs/gen.md)")
+    src.add_argument("--lua-input", metavar="FILE", type=nonempty("a file name"),
+                     help="an inputfilter script whose step(packet, engine) is the input: the flow records and "
+                          "counters it imports (Trisul's -in; docs/plugins.md \"inputfilter\")")
+    run.add_argument("--args", dest="lua_args", metavar="TEXT",
+                     help="T.args of the --lua-input script (Trisul's -args), e.g. the file it reads")
     run.add_argument("--bpf", metavar="EXPR", help="pcap-filter expression for --interface (compiled by libpcap)")
     from .usage import MAX_SPEED, float_in
     run.add_argument("--speed", metavar="X", type=float_in(0, MAX_SPEED), default=0.0,

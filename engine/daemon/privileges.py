@@ -198,6 +198,8 @@ def _absolute(cfg) -> None:
     """Paths that must still resolve after the drop when the working directory is closed to the user."""
     cfg.out_dir = os.path.abspath(cfg.out_dir)
     cfg.plugins = [os.path.abspath(p) for p in cfg.plugins]
+    if getattr(cfg, "lua_input", None):
+        cfg.lua_input = os.path.abspath(cfg.lua_input)
     cfg.lua_path = [os.path.abspath(p) for p in cfg.lua_path]
     from .settings import dirs
     for f, _flag, _toml in dirs():                     # --filex-dir, the T.env directories
@@ -216,7 +218,7 @@ def check_access(target: Target, cfg, stats_json: str | None, where: str) -> Non
     need(os.path.realpath(sys.executable), os.X_OK, "the Python interpreter")      # every process of the run is started after
     need(os.path.dirname(os.__file__), os.R_OK | os.X_OK, "Python's library")   # the drop (not under /root)
     need(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.R_OK | os.X_OK, "luaprobe's code")
-    for p in cfg.plugins:
+    for p in cfg.plugins + ([cfg.lua_input] if getattr(cfg, "lua_input", None) else []):
         need(p, os.R_OK | (os.X_OK if os.path.isdir(p) else 0), "plug-in path")
     for p in cfg.lua_path:
         if os.path.isdir(p):

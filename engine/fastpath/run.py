@@ -40,6 +40,7 @@ from luaprobe.engine.plugins.discovery import decl_rows, discover, group_names, 
     old_onupdate_warning, probe_all
 from luaprobe.engine.plugins.flowmon import FlowBackends, full_row, stored
 from luaprobe.engine.fastpath import hugepages
+from luaprobe.engine.fastpath.stepinput import StepInput
 from luaprobe.engine.streams.reasm import ReassemblyStage
 from luaprobe.engine.analysers import Analysers, group_rows as analyser_group_rows, parse_names as parse_analysers
 from luaprobe.engine.plugins.monitors import TYPES as MONITOR_TYPES, Monitors, Script, group_names as monitor_group_names
@@ -96,6 +97,8 @@ def preflight(cfg) -> None:
     shard): PluginError when there is no plug-in file; UsageError when the async backend "ray" is asked for and
     the ray package is not installed.  (Backend instances are 1..64 by the settings table, engine/daemon/settings.py.)"""
     files = discover(cfg.plugins, cfg.lua_path)
+    if cfg.lua_input is not None and not os.path.isfile(cfg.lua_input):
+        raise PluginError(f"--lua-input {cfg.lua_input}: no such file")
     if not files and cfg.plugins:           # no PLUGIN at all: a run of the --analysers alone (cli.py checks)
         raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
     if cfg.async_config.backend == "ray":
@@ -254,6 +257,9 @@ class RunConfig:
     skip_packets: int = 0             #: files, not looping: the first N packets of the input are not read (a daemon's
                                       #: restarted fast path goes on after those its predecessors walked)
     generate: str | None = None       #: the capture process runs the generator with this SPEC (engine/gen/stream.py)
+    lua_input: str | None = None      #: an inputfilter script whose step is the input, no capture process (run
+                                      #: --lua-input; engine/fastpath/stepinput.py)
+    lua_args: str | None = None       #: that script's T.args (run --args; Trisul's -args)
     shards: int = 1                   #: fast-path processes sharing the input by flow hash (engine/fastpath/shards.py)
     shard: dict | None = None         #: in a shard process (set by engine/fastpath/shards.py): index, count, ring,
                                       #: bell, summary_file, coordinator (pid); None in a single fast path
@@ -523,7 +529,8 @@ class FastPath:
         cfg = self.cfg
         # each top level under the hook budget (engine/plugins/host.lua boot); the daemon's stall rule watches
         # loading too (supervisor._check_stall): a beat naming each file before it loads
-        self.infos = probe_all(cfg.plugins, cfg.lua_path, cfg.hook_budget, before=self._loading)
+        self.infos = probe_all(cfg.plugins, cfg.lua_path, cfg.hook_budget, before=self._loading,
+                               lua_input=cfg.lua_input)
         if not self.infos and cfg.plugins:
             raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
         for i in self.infos:                 # warned, not adapted: see discovery.old_onupdate_warning
@@ -601,6 +608,9 @@ class FastPath:
         for inst in self.instances:
             inst.vm.set_origin(self.origin_tus)
 
+    def _is_lua_input(self, path) -> bool:
+        return self.cfg.lua_input is not None and os.path.abspath(path) == os.path.abspath(self.cfg.lua_input)
+
     def _contextid(self, pipeline, instance) -> int:
         """T.contextid of a VM: the shard for the frontend; for backend instance i of shard s of N shards,
         s + i * N, so that the backend instances of a script, which run side by side as Trisul's flusher threads
@@ -614,7 +624,8 @@ class FastPath:
             self._loading(path)
             vm = rt.load(path, instance=instance, enginetype=pipeline, pipeline=pipeline, groups=self.groups, max_memory=self._max_memory(), load_budget=self.cfg.hook_budget,
                          start_workers="lazy", protocols=self.protocols, group_names=self.group_names,
-                         contextid=self._contextid(pipeline, instance))
+                         contextid=self._contextid(pipeline, instance),
+                         args=self.cfg.lua_args if self._is_lua_input(path) else None)
         except PluginError as e:
             self.plugin_problems.append(str(e))
             return
@@ -678,6 +689,7 @@ class FastPath:
         if self.origin_tus is not None:       # loaded during the run (a reload): its onload tasks get the second now
             vm.set_origin(max(self.origin_tus, (self.sec or 0) * 1_000_000))
         vm.take_outputs = method(vm.lua, "take_outputs")
+        vm.expire_script_flows = method(vm.lua, "expire_script_flows")
         vm.set_time = method(vm.lua, "set_time")
         vm.deliver_message = method(vm.lua, "deliver_message")
         if kind == "inputfilter":
@@ -722,6 +734,9 @@ class FastPath:
                 self._second(s)
         self.sec, self.sec_usec = sec, usec
         self._poll_alerts(sec)
+        for inst in self.instances:         # script-made flow records (flow import) idle past --idle-timeout end
+            if inst.pipeline == "frontend" and inst.disabled is None:
+                inst.vm.expire_script_flows(inst.vm.host.engine, sec, self.cfg.idle_timeout)
         self._collect(sec, tick=True)
         while self._exported(self.driver_expire(self.driver, sec)) == self.driver.exp_cap:
             pass
@@ -962,12 +977,13 @@ class FastPath:
             self.store = StoreWriter(os.path.join(cfg.out_dir, "luaprobe.sqlite"), flow_ids=(
                 (shard["flow_id_base"], shard["count"], shard["index"]) if shard else None),
                 lock_fd=cfg.out_lock_fd)      # out_dir stays claimed while the writer lives, even past our death
-            rt = AsyncRuntime(acfg, lua_path=search_path(cfg.plugins, cfg.lua_path), bell_name=shard and shard["bell"])
-            if mentions_async(discover(cfg.plugins, cfg.lua_path)):
+            rt = AsyncRuntime(acfg, lua_path=search_path(cfg.plugins + ([cfg.lua_input] if cfg.lua_input else []),
+                                                         cfg.lua_path), bell_name=shard and shard["bell"])
+            if mentions_async(discover(cfg.plugins, cfg.lua_path) + ([cfg.lua_input] if cfg.lua_input else [])):
                 rt.prestart_worker()           # warm before the first task (workers/spare.py, issue 11)
             lua = new_runtime()
             _crash_cleans_shm()                # a plug-in's fault unlinks this process's segments as it dies
-            files = not (cfg.interface or shard)
+            files = not (cfg.interface or shard or cfg.lua_input)
             if shard:                          # the ring and its producer belong to engine/fastpath/shards.py
                 ring_seg = segment.attach(shard["ring"], populate=True)
             else:                              # files: populated once the capture process starts up (below)
@@ -1003,7 +1019,8 @@ class FastPath:
             if not files:                      # live / shard: hooks ready before the first packet arrives
                 self._load_plugins(rt)
                 self._wait_workers(rt)
-                capture = _Coordinator(shard["coordinator"]) if shard else self._start_capture(ring_seg, rt)
+                capture = _Coordinator(shard["coordinator"]) if shard else \
+                    self._step_input() if cfg.lua_input else self._start_capture(ring_seg, rt)
             else:                              # files: the capture process started above (backpressure)
                 self._load_plugins(rt)
                 self._wait_workers(rt)
@@ -1049,6 +1066,7 @@ class FastPath:
                     driver, rt.bell.address + PROGRESS_OFFSET)
             self._pin(capture)
             loop_open = False                   # batches walked since loop_end was last read
+            steps = capture if isinstance(capture, StepInput) else None
             monotonic, service = time.monotonic, rt.service
             while True:
                 if self._stop == 1:
@@ -1096,6 +1114,11 @@ class FastPath:
                     self.loop_end, self.loop_cpu_end = time.monotonic(), time.thread_time()
                     self.loop_ru_end = _thread_rusage()
                 kind = driver.ctl_kind
+                if kind is None and steps is not None:     # --lua-input: the script's step is the input
+                    if not steps.more:
+                        break
+                    self._step_round(steps, rt)
+                    continue
                 if kind is None:
                     rt.service()
                     if self._reload or self._retiring:
@@ -1203,6 +1226,40 @@ class FastPath:
         summary["closed_s"] = round(time.monotonic() - t0, 3)   # elapsed_s + the writer's last rows and close
         return summary
 
+    def _step_input(self) -> StepInput:
+        """--lua-input: the StepInput over the instance of that file's inputfilter (PluginError naming the file when
+        it did not load, or its onload failed or returned false: nothing can feed the run)."""
+        path = os.path.abspath(self.cfg.lua_input)
+        for inst in self.instances:
+            if inst.kind == "inputfilter" and inst.vm.path == path:
+                return StepInput(inst, int(time.time()))
+        why = [p for p in self.plugin_problems if p.startswith(path) or p.startswith(self.cfg.lua_input)]
+        raise PluginError(f"{why[0]}; --lua-input cannot run" if why else
+                          f"{self.cfg.lua_input}: --lua-input: its onload returned false; nothing feeds the run")
+
+    def _step_round(self, steps: StepInput, rt) -> None:
+        """One round of --lua-input step calls, then what a batch is followed by: the tick of a second its clock
+        reached, messages, T.async results, stats."""
+        if self.loop_start is None:
+            self.loop_start, self.loop_cpu_start, self.loop_ru_start = \
+                time.monotonic(), time.thread_time(), _thread_rusage()
+        sec = steps.step()
+        if self._stop and steps.ended == "end of input":    # a stop signal interrupted a step's wait (EINTR)
+            steps.ended = "stopped"
+        if self.sec is None or sec > self.sec:
+            self._tick(sec)
+        if self._posted:
+            self._deliver_messages()
+        rt.service()
+        if time.monotonic() >= self._stats_due:
+            self._maybe_stats(rt, steps)
+        if self._reload or self._retiring:
+            self._reload_step(rt)
+        if steps.problem is not None and steps.problem not in self.plugin_problems:
+            self.plugin_problems.append(steps.problem)
+        self.step_input = steps
+        self.loop_end, self.loop_cpu_end, self.loop_ru_end = time.monotonic(), time.thread_time(), _thread_rusage()
+
     def _pin(self, capture) -> None:
         """``pin_cpus`` (shm/cpus.py): the capture process and this thread (driver and plug-in VMs) on two
         CPUs of their own, just before the packet loop (children started before it keep every CPU; workers
@@ -1299,7 +1356,7 @@ class FastPath:
         onbeginflush).  Frontend instances and per-flow state are untouched."""
         self._reload = False
         try:
-            infos = probe_all(self.cfg.plugins, self.cfg.lua_path, self.cfg.hook_budget)
+            infos = probe_all(self.cfg.plugins, self.cfg.lua_path, self.cfg.hook_budget, lua_input=self.cfg.lua_input)
             bad = [e for i in infos for e in i.errors]
         except PluginError as e:
             bad = [str(e)]
@@ -1399,7 +1456,8 @@ class FastPath:
             return
         self._stop_deadline = time.monotonic() + 15
         src = f"live capture on {self.cfg.interface}" if self.cfg.interface else \
-            "the generator" if self.cfg.generate else "reading the capture files"
+            "the generator" if self.cfg.generate else "the --lua-input's step calls" if self.cfg.lua_input else \
+            "reading the capture files"
         logs.log.info("stop requested (%s): stopping %s, then draining", self.stopped_by, src)
         if capture.poll() is None:
             capture.send_signal(signal.SIGTERM)
@@ -1784,6 +1842,9 @@ class FastPath:
             "backend_reloads": self.backend_reloads, "messages_undelivered": self.messages_undelivered,
             "stopped_by": self.stopped_by, "stopped_during": self.stopped_during,
             "late_packets": self.late_packets,
+            **({"lua_input": self.step_input.summary() if getattr(self, "step_input", None) else
+                {"script": self.cfg.lua_input, "step_calls": 0, "step_errors": 0, "ended": None}}
+               if self.cfg.lua_input else {}),
         })
 
 

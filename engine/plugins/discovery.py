@@ -29,8 +29,9 @@ SUPPORTED = {"simplecounter", "countergroup", "engine_monitor", "filex_monitor",
              "reassembly_handler", "sg_monitor", "flowtracker", "alertgroup", "resourcegroup",
              "resource_monitor", "fts_monitor", "alert_monitor", "cg_monitor", "flowmonitor",
              "messagemonitor", "channellistener", "inputfilter"}
-#: an inputfilter runs when it has step_alert (alerts polled beside the packet input, docs/plugins.md "inputfilter");
-#: its step (Trisul's packet input, the script feeding the probe) is not called; without step_alert it is unsupported
+#: an inputfilter runs when it has step_alert (alerts polled beside the packet input, docs/plugins.md "inputfilter"),
+#: or as the run's input (`run --lua-input FILE`: its step imports flow records and counters); otherwise its step is
+#: not called, and without step_alert it is unsupported
 
 
 @dataclasses.dataclass
@@ -48,7 +49,7 @@ class PluginInfo:
     flowtracker: dict | None = None                                #: {name, bucketsize, count}
     legacy_onattribute: bool = False   #: reassembly_handler.onattribute named (engine, flow, ts, ...): legacy order
     old_onupdate: str | None = None    #: cg_monitor.onupdate's parameter names when they say (engine, key, ts, ...)
-    inputfilter_step: bool = False     #: an inputfilter with step (the packet input luaprobe does not call)
+    inputfilter_step: bool = False     #: an inputfilter with step (called only in the run whose --lua-input it is)
     loaded: bool = True                #: False: the file did not load (syntax error, failed require, ...): types unknown
     #: problems a run finds only when it sets a type's walk up (a simplecounter's unknown protocol_guid, a
     #: packet_storage without filter: engine/plugins/host.lua simplecounter_problem, packetstore.lua problem), as
@@ -196,10 +197,11 @@ def _to_py(x, keep_bytes: bool = False):
     return x
 
 
-def probe(path: str, lua_path=(), budget: float = 0.0) -> PluginInfo:
+def probe(path: str, lua_path=(), budget: float = 0.0, step_input: bool = False) -> PluginInfo:
     """Load `path` once to learn its types; load errors land in .errors (file:line), unsupported types in .unsupported.
     ``budget``: seconds the file's top level may run (the hook budget, engine/plugins/host.lua boot; 0 = off): an
-    endless loop there is a load error, or, compiled, ends the process (engine/plugins/loadwatch.py)."""
+    endless loop there is a load error, or, compiled, ends the process (engine/plugins/loadwatch.py).
+    ``step_input``: the file is the run's --lua-input (its inputfilter runs by its step; without one, an error)."""
     from luaprobe.shm.luajit import new_runtime
     info = PluginInfo(path=path, name=os.path.basename(path))
     lua = new_runtime(plugin_dirs(path, lua_path))
@@ -232,27 +234,36 @@ def probe(path: str, lua_path=(), budget: float = 0.0) -> PluginInfo:
     info.flowtracker = res.get("flowtracker")
     info.legacy_onattribute = bool(res.get("legacy_onattribute"))
     info.old_onupdate = res.get("old_onupdate") or None
-    info.unsupported = [t for t in info.types if t not in SUPPORTED
-                        or (t == "inputfilter" and not res.get("inputfilter_alerts"))]
     info.inputfilter_step = bool(res.get("inputfilter_step"))
+    runs_step = step_input and info.inputfilter_step
+    info.unsupported = [t for t in info.types if t not in SUPPORTED
+                        or (t == "inputfilter" and not res.get("inputfilter_alerts") and not runs_step)]
+    if step_input and not runs_step:
+        info.errors.append(f"{path}: --lua-input needs an inputfilter with step(packet, engine) (Trisul's input "
+                           "script); this file has none")
     info.setup_problems = [f"{path}: {p}" for p in res.get("setup_problems") or []]
     info.sc_guid = res.get("sc_guid")
     info.sc_handled = f"{path}: {res['sc_handled']}" if res.get("sc_handled") else None
     return info
 
 
-def probe_all(plugins, lua_path=(), budget: float = 0.0, before=None) -> list[PluginInfo]:
+def probe_all(plugins, lua_path=(), budget: float = 0.0, before=None, lua_input: str | None = None) -> list[PluginInfo]:
     """Discover and :func:`probe` every plug-in of ``plugins`` (files or directories) with their Lua search path
     (shm/searchpath.py ``search_path``) and top-level ``budget``: one :class:`PluginInfo` each, in discovery order
     ([] when none); ``before(file)`` is called before each probe (the fast path's heartbeat).  Raises PluginError
-    as :func:`discover` does.  Used by `luaprobe check`, a run's load and both reloads."""
+    as :func:`discover` does.  Used by `luaprobe check`, a run's load and both reloads.  ``lua_input``: the run's
+    --lua-input file, probed last (once, also when a PLUGIN directory holds it) as the run's input."""
     from luaprobe.shm.searchpath import search_path
     path = search_path(plugins, lua_path)
     infos = []
-    for f in discover(plugins, lua_path):
+    files = discover(plugins, lua_path)
+    if lua_input is not None:
+        step = os.path.abspath(lua_input)
+        files = [f for f in files if os.path.abspath(f) != step] + [lua_input]
+    for f in files:
         if before is not None:
             before(f)
-        infos.append(probe(f, path, budget))
+        infos.append(probe(f, path, budget, step_input=lua_input is not None and f is lua_input))
     # a protocol_handler's protocol is registered in every VM of a run before the walks are set up
     # (engine/fastpath/run.py _load_plugins: self.protocols), so a simplecounter may count on it
     handled = {i.protocol["guid"].upper() for i in infos if i.protocol and not i.errors and "protocol_handler" in i.types}
@@ -286,9 +297,9 @@ def describe(infos) -> str:
                          "from its parameter names")
         if i.old_onupdate:
             lines.append("    warning: " + old_onupdate_warning(i))
-        if i.inputfilter_step and "inputfilter" not in i.unsupported:
-            lines.append("    inputfilter.step: not called (Trisul's packet input, the script feeding the probe, is not "
-                         "supported); step_alert runs")
+        if i.inputfilter_step:
+            lines.append("    inputfilter.step: runs as the input of `luaprobe run --lua-input FILE --args TEXT` (flow "
+                         "records and counters it imports); not called beside --pcap / --interface / --generate")
         for p in i.problems + i.setup_problems:
             lines.append(f"    problem: {logs.one_line(p)}")
     return "\n".join(lines)

@@ -801,6 +801,24 @@ function Engine:terminate_flow(flowkey)
   push(self.rows.flows, sflow_row(f, "TERMINATED"))
 end
 
+--- Script-made records idle `idle` seconds of engine time by `now` (their last_ts + idle <= now) end and are written
+--- (state TIMEOUT), as a packet flow's idle timeout ends it: a long flow import (--lua-input) does not keep every
+--- record it made until the end of the run.  The records are scanned at most every idle / 4 s of engine time
+--- (at least 1 s), so a record may end up to that much later than its timeout.  Returns the number ended.
+function Engine:expire_script_flows(now, idle)
+  if next(self.sflows) == nil or now < (rawget(self, "_sflow_scan_at") or 0) then return 0 end
+  self._sflow_scan_at = now + math.max(1, floor(idle / 4))
+  local n = 0
+  for fk, f in pairs(self.sflows) do
+    if f.last + idle <= now then
+      self.sflows[fk] = nil          -- (clearing a field during pairs() is allowed: next() goes on)
+      push(self.rows.flows, sflow_row(f, "TIMEOUT"))
+      n = n + 1
+    end
+  end
+  return n
+end
+
 --- End of the run: every script-made record still open, as flows rows (state OPEN).
 function Engine:take_open_flows()
   local out = {}

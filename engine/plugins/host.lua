@@ -58,7 +58,7 @@ function M.boot(opts)
   local function logf(level, msg) opts.log(level, path, instance, msg) end
   local me                                                 -- this Host, for T.host:broadcast (set below)
   tlib.install({ script = path, instance = instance, enginetype = opts.enginetype or "frontend",
-                 log = opts.log, print = opts.print, contextid = opts.contextid,
+                 log = opts.log, print = opts.print, contextid = opts.contextid, args = opts.args,
                  config = opts.config, datapath = opts.config and opts.config["App>DataDirectory"],
                  broadcast = function(msgid, classid, msg)
                    if me and me.engine.broadcast then me.engine:broadcast(msgid, classid, msg) end
@@ -902,6 +902,12 @@ function Host:poll_alerts(max)
     out[#out + 1] = a
   end
   return out
+end
+
+--- inputfilter.step as the run's input (--lua-input; engine/plugins/inputfilter.lua run): up to `max` calls, fewer once
+--- the engine's clock reaches another second.  Returns calls, goes_on, second, error message or nil.
+function Host:step_input(max)
+  return require("luaprobe.engine.plugins.inputfilter").run(self, max)
 end
 
 --- A hook's fault found after it returned (a bad value it gave): counted and logged as that hook's error.

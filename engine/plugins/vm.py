@@ -36,7 +36,7 @@ class PluginVM:
                  async_config: AsyncConfig | None = None, bell=None, start_workers: bool | str = True,
                  pipeline: str | None = None, groups: dict | None = None, protocols=(),
                  group_names: dict | None = None, contextid: int = 0, max_memory: int | None = None,
-                 load_budget: float = 0.0, spare=None):
+                 load_budget: float = 0.0, spare=None, args: str | None = None):
         self._spare = spare              # workers/spare.py: the run's warm worker process, for the first worker
         self.path = os.path.abspath(path)
         self.instance = instance
@@ -57,6 +57,7 @@ class PluginVM:
             "protocols": self.lua.table_from([table(self.lua, {"guid": g, "name": nm}) for g, nm in protocols]),
             "group_names": self._names_table(group_names) if group_names else None,
             "contextid": contextid, "budget": float(load_budget),     # the top level's budget (s, 0 = off)
+            "args": args,                                              # T.args (run --args, the --lua-input's)
             "config": table(self.lua, self.config.env) if self.config.env else None,   # T.env (tenv.py)
         }))
         if host is None:

@@ -1,0 +1,226 @@
+"""`luaprobe run --lua-input FILE --args TEXT`: an inputfilter's step is the run's input (Trisul's
+`trisul -mode lua -in FILE -args TEXT`; docs/plugins.md "inputfilter").  The truth each test checks against is the
+input file the test wrote (Python's csv and sums), not luaprobe's output."""
+from __future__ import annotations
+
+import csv
+import ipaddress
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+
+from tests import helpers
+
+GUID = "{5C8F5EC6-2B1E-4E0A-9E1C-3A6C1F0B7D21}"      # a group no plug-in declares: 60 s buckets
+
+# A flow import as trisul-scripts' lanl-cyber/lanlflow.lua and flowimport.lua do it: read a line, set the time, count
+# bytes per source host, make the flow record (update_flow, then set_flow_duration).
+IMPORT = r"""
+TrisulPlugin = {
+  id = { name = "csv import" },
+  onload = function()
+    f = io.open(T.args)
+    if f == nil then return false end
+  end,
+  onunload = function() if f then f:close() end end,
+  inputfilter = {
+    step = function(packet, engine)
+      local line = f:read()
+      if line == nil then return false end
+      local t = T.util.split(line, ",")
+      if t[1] == "bad" then error("unparseable record: " .. line) end
+      packet:set_timestamp(tonumber(t[1]))
+      local function hexip(s)
+        local a, b, c, d = s:match("(%d+)%.(%d+)%.(%d+)%.(%d+)")
+        return string.format("%02X.%02X.%02X.%02X", a, b, c, d)
+      end
+      engine:update_counter("GUID", hexip(t[3]), 0, tonumber(t[8]))
+      local fk = string.format("%02XA:%s:p-%04X_%s:p-%04X", tonumber(t[7]), hexip(t[3]), tonumber(t[4]),
+                               hexip(t[5]), tonumber(t[6]))
+      engine:update_flow(fk, 0, tonumber(t[8]))
+      engine:update_flow(fk, 2, tonumber(t[9]))
+      engine:set_flow_duration(fk, tonumber(t[2]))
+      return true
+    end,
+  },
+}
+""".replace("GUID", GUID)
+
+
+def luaprobe(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def records(n: int, seed: int, start: int = 1_600_000_000, step_max: int = 3):
+    """n flow records (time, duration, src, sport, dst, dport, proto, bytes, packets), each 5-tuple once, in time
+    order: the time advances 0..step_max s a record."""
+    rnd, t, seen, out = random.Random(seed), start, set(), []
+    while len(out) < n:
+        t += rnd.randint(0, step_max)
+        key = (f"10.{rnd.randint(0, 3)}.{rnd.randint(0, 255)}.{rnd.randint(1, 254)}", rnd.randint(1024, 65535),
+               f"192.168.{rnd.randint(0, 3)}.{rnd.randint(1, 254)}", rnd.choice([53, 80, 443]), rnd.choice([6, 17]))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append((t, rnd.randint(0, 90), key[0], key[1], key[2], key[3], key[4], rnd.randint(40, 100_000),
+                    rnd.randint(1, 80)))
+    return out
+
+
+def write_csv(path, rows) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+
+
+def hexip(s: str) -> str:
+    return ".".join(f"{b:02X}" for b in ipaddress.ip_address(s).packed)
+
+
+def test_flow_import_counters_and_flow_records_match_the_input_file(tmp_path):
+    """Every record of the file reaches the database: the counter of each (bucket, source host) is the sum of its
+    records' bytes, and each record is one flows row with its bytes, packets, first time and duration.  The records
+    span ~4 h of engine time, so most end by the idle timeout (state TIMEOUT, --idle-timeout 120) during the
+    import and the last ones at the end of the run (OPEN); T.args carries the file name to onload."""
+    rows = records(10000, seed=3)          # > STEP_CALLS: several rounds of step calls, a tick after each
+    write_csv(tmp_path / "flows.csv", rows)
+    (tmp_path / "imp.lua").write_text(IMPORT)
+    r = luaprobe("run", "--lua-input", "imp.lua", "--args", str(tmp_path / "flows.csv"), "--out", "out",
+                 "--stats-json", "s.json", "--idle-timeout", "120", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["lua_input"]["step_calls"] == len(rows) + 1 and s["lua_input"]["ended"] == "end of input", s["lua_input"]
+    assert s["packets"] == 0 and s["input_errors"] == []
+    assert f"lua-input {tmp_path / 'imp.lua'}: step calls {len(rows) + 1:,} errors 0  ended: end of input" in r.stdout
+
+    want = {}
+    for t, _d, src, *_rest, nbytes, _p in rows:
+        k = (t - t % 60, hexip(src))
+        want[k] = want.get(k, 0) + nbytes
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    got = {(b, k): v for b, k, v in db.execute(
+        "SELECT bucket_ts, key, value FROM counters WHERE group_guid = ? AND meter = 0", (GUID,))}
+    assert got == want
+
+    flows = {fk: (first, last, pkts, nbytes, state) for fk, first, last, pkts, nbytes, state in db.execute(
+        "SELECT flowkey, first_ts, last_ts, packets_az, bytes_az, state FROM flows")}
+    want_flows = {f"{p:02X}A:{hexip(s)}:p-{sp:04X}_{hexip(d)}:p-{dp:04X}": (t, t + dur, pk, nb)
+                  for t, dur, s, sp, d, dp, p, nb, pk in rows}
+    assert {fk: v[:4] for fk, v in flows.items()} == want_flows
+    last_t = rows[-1][0]                     # the engine's time at the end: no record ends by timeout after it
+    for fk, (first, last, *_x) in want_flows.items():
+        state = flows[fk][4]
+        assert state in ("TIMEOUT", "OPEN"), (fk, state)
+        assert state == "OPEN" or last + 120 <= last_t, (fk, last, last_t)    # idle 120 s by a tick
+        if last + 120 > last_t:
+            assert state == "OPEN", (fk, last, last_t)
+    assert sum(v[4] == "TIMEOUT" for v in flows.values()) > len(rows) // 2
+
+
+def test_step_errors_skip_the_record_and_are_counted(tmp_path):
+    """A record step raises an error on is a hook error (logged once with the plug-in's file and line, counted);
+    the records around it are imported and the run exits 0.  Every call failing is exit 4: the input ends after
+    ERRORS_IN_A_ROW calls with one problem line."""
+    rows = records(50, seed=5)
+    lines = [list(map(str, r)) for r in rows]
+    lines.insert(10, ["bad"] * 9)
+    lines.insert(30, ["bad"] * 9)
+    write_csv(tmp_path / "flows.csv", lines)
+    (tmp_path / "imp.lua").write_text(IMPORT)
+    r = luaprobe("run", "-q", "--lua-input", "imp.lua", "--args", "flows.csv", "--out", "out", "--stats-json",
+                 "s.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["lua_input"]["step_errors"] == 2 and s["lua_input"]["step_calls"] == 53, s["lua_input"]
+    assert "imp.lua:14: unparseable record: bad,bad" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    assert db.execute("SELECT count(*), sum(bytes_az) FROM flows").fetchone() == (50, sum(x[7] for x in rows))
+
+    write_csv(tmp_path / "allbad.csv", [["bad"] * 9] * 1500)
+    r = luaprobe("run", "-q", "--lua-input", "imp.lua", "--args", "allbad.csv", "--out", "out2", "--stats-json",
+                 "s2.json", cwd=tmp_path)
+    assert r.returncode == 4, r.stderr
+    s = json.loads((tmp_path / "s2.json").read_text())
+    assert s["lua_input"] == {"script": str(tmp_path / "imp.lua"), "step_calls": 1000, "step_errors": 1000,
+                              "ended": "errors"}
+    assert "inputfilter.step failed on 1000 calls in a row; the input ends here after 1000 calls" in r.stderr
+
+
+def test_step_packet_has_no_frame_and_nil_ends_the_input(tmp_path):
+    """The packet step gets carries no frame: packet:set_packet (and any frame reader) is an error naming the
+    method; a step returning nil ends the input as false does.  A bad time is an error naming set_timestamp."""
+    (tmp_path / "p.lua").write_text("""
+N = 0
+TrisulPlugin = { id = { name = "p" },
+  inputfilter = { step = function(packet, engine)
+    N = N + 1
+    if N == 1 then packet:set_packet(1, 0, 1, "x") end
+    if N == 2 then packet:set_timestamp("soon") end
+    if N == 3 then packet:set_timestamp(1600000000.25); local s, us = engine:timestamp(); print("TS", s, us) end
+    if N == 4 then return nil end
+    return true
+  end } }
+""")
+    r = luaprobe("run", "--lua-input", "p.lua", "--out", "out", "--stats-json", "s.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "packet:set_packet(): an inputfilter's step packet carries no frame" in r.stderr
+    assert "set_timestamp: seconds soon is not a time" in r.stderr
+    assert "TS\t1600000000\t250000" in r.stdout + r.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["lua_input"]["step_calls"] == 4 and s["lua_input"]["step_errors"] == 2
+    assert s["lua_input"]["ended"] == "end of input"
+
+
+def test_usage_errors(tmp_path):
+    """--args without --lua-input, --lua-input with --shards, and a --lua-input without a step: one line each,
+    exit 2 (usage) or 4 (the plug-in), nothing run."""
+    (tmp_path / "imp.lua").write_text(IMPORT)
+    (tmp_path / "nostep.lua").write_text('TrisulPlugin = { id = { name = "n" }, inputfilter = '
+                                         '{ step_alert = function() return nil end } }')
+    r = luaprobe("run", "--pcap", "x.pcap", "--args", "a", "--out", "o1", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == ("luaprobe run: --args needs --lua-input (they are the input "
+                                                      "script's arguments)"), r.stderr
+    r = luaprobe("run", "--lua-input", "imp.lua", "--shards", "2", "--out", "o2", cwd=tmp_path)
+    assert r.returncode == 2 and "--shards needs packet input" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = luaprobe("run", "--lua-input", "nostep.lua", "--out", "o3", cwd=tmp_path)
+    assert r.returncode == 4, r.stderr
+    assert "nostep.lua: --lua-input needs an inputfilter with step(packet, engine)" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = luaprobe("run", "--lua-input", "imp.lua", "--args", "missing.csv", "--out", "o4", cwd=tmp_path)
+    assert r.returncode == 4 and "onload returned false" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_stop_signal_ends_an_endless_input(tmp_path):
+    """A step that never returns false (a listener, as fortigate-log.lua's UDP socket) runs until a stop signal:
+    SIGINT ends the input, what was imported is written, the exit is 130, and no process or segment is left."""
+    (tmp_path / "forever.lua").write_text(f"""
+N = 0
+TrisulPlugin = {{ id = {{ name = "forever" }},
+  inputfilter = {{ step = function(packet, engine)
+    N = N + 1
+    packet:set_timestamp(1600000000 + math.floor(N / 1000))
+    engine:update_counter("{GUID}", "calls", 0, 1)
+    if N == 5000 then io.open(T.args, "w"):close() end
+    return true
+  end }} }}
+""")
+    mark = tmp_path / "started"
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "-q", "--lua-input",
+                          "forever.lua", "--args", str(mark), "--out", "out", "--stats-json", "s.json"],
+                         cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with helpers.killed_when_left(p):
+        helpers.wait_for(lambda: mark.exists() or p.poll() is not None, timeout=60)
+        assert p.poll() is None, p.communicate()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    s = json.loads((tmp_path / "s.json").read_text())
+    calls = s["lua_input"]["step_calls"]
+    assert s["lua_input"]["ended"] == "stopped" and calls >= 5000
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    assert db.execute("SELECT sum(value) FROM counters WHERE group_guid = ?", (GUID,)).fetchone()[0] == calls
+    assert not os.path.exists(tmp_path / "out" / "luaprobe.sqlite-journal")
