@@ -1089,6 +1089,53 @@ def test_port_reuse_gives_a_flow_record_per_connection(tmp_path):
                                                                       48004, 48005, 48005, 48005))
 
 
+def late_syn_capture(shape: str):
+    """One HTTP connection whose client SYN is seen again after data: a late duplicate (merged or mirrored taps:
+    "late", IPv4 and IPv6, after the whole exchange: "after-fin"), or a mid-stream pick-up whose SYN arrives
+    reordered after the first data ("reordered")."""
+    v6 = shape.endswith("-v6")
+    c = pb.Conv(cip="2001:db8::10" if v6 else "192.0.2.10", sip="2001:db8:1::20" if v6 else "198.51.100.20",
+                cport=48100, cisn=4_000_000_000, sisn=777)
+    isn = c.cseq
+    if shape.startswith("reordered"):
+        c.cseq += 1
+        c.sseq += 1
+        c.send(True, pb.http_request("/late"))
+        c.add(c.ip(True, pb.tcp(c.cip, c.sip, c.cport, c.sport, isn, 0, pb.SYN)))       # the SYN, late
+        c.send(False, pb.http_response(b"y" * 3000, [("Content-Length", 3000)]))
+        c.close()
+        return c.frames
+    c.handshake()
+    c.send(True, pb.http_request("/late"))
+    c.send(False, pb.http_response(b"y" * 3000, [("Content-Length", 3000)]))
+    syn = c.ip(True, pb.tcp(c.cip, c.sip, c.cport, c.sport, isn, 0, pb.SYN))
+    if shape.startswith("after-fin"):
+        c.close()
+        c.add(syn)
+    else:
+        c.add(syn)
+        c.close()
+    return c.frames
+
+
+@pytest.mark.parametrize("shape", ["late", "late-v6", "after-fin", "reordered"])
+def test_a_connections_own_syn_seen_again_is_not_port_reuse(tmp_path, shape):
+    """Case 04's kind, the other way round: a SYN carrying the connection's own ISN, seen again after data (a late
+    duplicate of merged or mirrored captures, after the FIN too) or, picked up mid-stream, seen after the first
+    data, is a retransmission: tshark 4.0 keeps it in the stream ("suspected retransmission"), and luaprobe keeps
+    one flow record with every packet, and extracts the file once.  (Before: a record ended as REUSED at the SYN
+    and a second one for the rest.)"""
+    pcap = str(tmp_path / "l.pcap")
+    pb.write_pcap(pcap, late_syn_capture(shape))
+    files, _, _s, out = run_kinds(tmp_path, pcap)
+    r = subprocess.run(["tshark", "-r", pcap, "-q", "-z", "conv,tcp"], capture_output=True, text=True, check=True)
+    theirs = [int(line.split("<->")[1].split()[7]) for line in r.stdout.splitlines() if "<->" in line]
+    rows = flows(out)
+    assert [n for _, n, _ in rows] == theirs and len(rows) == 1, (rows, theirs)
+    assert rows[0][2] == "CLOSED"
+    assert [f[1] for f in files] == ["/late"]
+
+
 @pytest.mark.parametrize("shape", ["request-line-9k", "request-line-70k", "header-line-10k", "post-after-70k-headers",
                                    "chunk-extension-5k", "status-line-6k"])
 def test_long_lines_kind(tmp_path, shape):

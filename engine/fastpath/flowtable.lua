@@ -180,11 +180,15 @@ on is_new in both cases.  fn is called before the record is freed, so it can
 read entry(idx), flowkey(idx)...; fn may call terminate(idx) itself.
 
 Port reuse.  A TCP SYN without ACK on a flow whose direction already carried a segment starts a new
-connection on the same 5-tuple when its sequence number is not the one a retransmitted SYN would
-repeat (the direction's highest sequence end - 1), whether or not the old one closed: RFC 9293
-§3.10.7.4; tshark 4.0 starts a new tcp.stream there ("TCP Port numbers reused": a SYN whose sequence
-number differs from the stream's first; a SYN retried with the same one after a RST stays in the
-stream, here too).  The old record is handed to on_renew(idx) (when set: the driver exports it as a
+connection on the same 5-tuple when its sequence number is not the connection's own ISN, whether or not
+the old one closed: RFC 9293 §3.10.7.4; tshark 4.0 starts a new tcp.stream there ("TCP Port numbers
+reused": a SYN whose sequence number differs from the stream's first; a SYN retried with the same one,
+after a RST, or late, after data, as merged or mirrored captures show it, stays in the stream, "suspected
+retransmission").  The ISN is the sequence number of the direction's latest SYN without ACK before the
+handshake completed (cold syn_seq / syn_dir, stored with its time).  A direction picked up mid-stream has
+none: there a SYN is the connection's own when it lies at most the direction's payload bytes + 2 (its SYN
+and FIN) behind the direction's highest sequence end (a reordered SYN of a merged capture); a new
+connection's random ISN falls there with a chance of (payload + 2) / 2^32.  The old record is handed to on_renew(idx) (when set: the driver exports it as a
 row of its own), then the record starts again in place for this packet: same key, index slot and id
 (reassembly, keyed by id, finds the new connection itself from the SYN), counters, state and TCP
 tracking from zero, first_ts = the SYN's time (moved to its place in the age list); ft.renewed counts
@@ -218,7 +222,8 @@ lp_flow fields (hot; counters are doubles: exact up to 2^53, no boxed uint64):
 lp_flow_cold fields:
   first_ts             packet time of the first packet
   rtt                  TCP setup RTT in µs (latest client SYN -> the ACK completing
-                       the handshake), -1 until measured; syn_sec, syn_nsec: that SYN's time
+                       the handshake), -1 until measured; syn_sec, syn_nsec: that SYN's time;
+                       syn_seq, syn_dir: its sequence number and direction + 1 (0: no SYN seen)
   retrans_az, retrans_za   TCP segments occupying sequence space that do not start
                        at or after the highest sequence end seen in that direction
                        (keep-alives excepted): docs/plugins.md "Setup RTT and
@@ -269,11 +274,14 @@ typedef struct {
   double first_ts;
   double rtt;                        /* setup RTT in µs, -1 until measured */
   union { double retrans[2]; struct { double retrans_az, retrans_za; }; };
-  double syn_sec, syn_nsec;          /* time of the latest SYN (no ACK) before the handshake completed */
+  double syn_sec;                    /* time of the latest SYN (no ACK) before the handshake completed: s, */
+  int32_t syn_nsec;                  /*   ns */
+  int32_t syn_seq;                   /* that SYN's sequence number (the direction's ISN: port reuse) */
   int32_t aprev, anext;              /* age list (creation order) */
   uint16_t porta, portz;             /* the key's ports and protocol, as in key words ports / vproto */
   uint8_t ipver, proto;
-  uint8_t pad_[2];
+  uint8_t syn_dir;                   /* that SYN's direction + 1; 0: none */
+  uint8_t pad_;
 } lp_flow_cold;
 ]]
 end
@@ -1056,10 +1064,12 @@ end
 -- the SYN time of flow idx for a SYN without ACK (the callers' port-reuse test, after it: a segment of no other
 -- kind writes it, so the per-packet path does not) before the handshake completed (state without SEEN_SYN_ACK_ACK;
 -- t: 1 for a TCP segment); the setup RTT (tcp_track) runs from the latest.  Else the scratch record takes it.
-local function syn_time(flows, cold, idx, sec, nsec, t, scr)
+local function syn_time(flows, cold, idx, sec, nsec, t, scr, seq, dir)
   local c = pick(band(bnot(rshift(flows[idx].state, 3)), t, 1), idx, scr + band(idx, SCRATCH - 1))
   cold[c].syn_sec = sec
   cold[c].syn_nsec = nsec
+  cold[c].syn_seq = seq
+  cold[c].syn_dir = dir + 1
 end
 
 -- the two rare stores of a TCP segment (tcp_track's result: r + 2 hs) into flow idx's cold record: r (0 or 1) more
@@ -1221,7 +1231,7 @@ local function first_packet(flows, cold, idx, dir, wirelen, pl, fl, seq, t, sec,
   local occ = band(rshift(0 - (pl + band(sf, 1) + rshift(sf, 1)), 31), t)
   e.tcp_next[dir] = band(0 - occ, tobit(seq + pl + band(sf, 1) + rshift(sf, 1)))
   e.tcp_dirs = lshift(occ, dir)
-  syn_time(flows, cold, idx, sec, nsec, band(rshift(fl, 1), bnot(rshift(fl, 4)), t), scr)   -- a SYN without ACK
+  syn_time(flows, cold, idx, sec, nsec, band(rshift(fl, 1), bnot(rshift(fl, 4)), t), scr, seq, dir)   -- SYN, no ACK
   return e.id
 end
 
@@ -1237,7 +1247,7 @@ local function restart(self, flows, idx, ts, reason)
   e.packets_az, e.packets_za, e.bytes_az, e.bytes_za, e.payload_az, e.payload_za = 0, 0, 0, 0, 0, 0
   e.tcp_flags_seen[0], e.tcp_flags_seen[1] = 0, 0
   e.state = S.INIT
-  c.syn_sec, c.syn_nsec = 0, 0
+  c.syn_sec, c.syn_nsec, c.syn_seq, c.syn_dir = 0, 0, 0, 0
   c.rtt = -1
   c.retrans_az, c.retrans_za = 0, 0
   e.tcp_next[0], e.tcp_next[1], e.tcp_dirs = 0, 0, 0
@@ -1273,7 +1283,13 @@ end
 local function renew_if_reused(self, flows, idx, dir, seq, ts)
   local e = flows[idx]
   if band(rshift(e.tcp_dirs, dir), 1) == 0 then return end           -- nothing sent this way yet
-  if tobit(seq - e.tcp_next[dir]) == -1 then return end                -- the same SYN again
+  local c = self.cold[idx]
+  if c.syn_dir == dir + 1 then                                          -- this direction's SYN seen: its ISN
+    if tobit(seq - c.syn_seq) == 0 then return end                      --   the same SYN again
+  else                                                                  -- picked up mid-stream: no ISN
+    local back = tobit(e.tcp_next[dir] - seq)                           --   how far behind the direction's end
+    if back >= 1 and back <= e.payload[dir] + 2 then return end         --   within the bytes it sent
+  end
   restart(self, flows, idx, ts, nil)
 end
 
@@ -1305,7 +1321,7 @@ function FT:update(d, ts, wirelen)
   local tf = d.first[TCP]
   if band(d.tcp_flags, 0x12) == 0x02 then
     syn_time(self.flows, self.cold, idx, sec, math.floor((ts - sec) * 1e9 + 0.5), band(rshift(bnot(tf), 31), 1),
-             self.capacity + 1)
+             self.capacity + 1, d.tcp_seq, kf.dir)
   end
   if bor(d.tcp_flags, 1 + tf) ~= 0 then
     tcp_segment(self.flows, self.cold, idx, kf.dir, d.payload_length, d.tcp_flags, d.tcp_seq, tf, sec,
@@ -1329,7 +1345,8 @@ local function known_packet(self, flows, cold, lc, lru, b, k, idle, sen)
   end
   if band(b[k].d.tcp_flags, 0x12) == 0x02 then     -- no reference to b[k] kept across the call
     renew_if_reused(self, flows, idx, b[k].dir, b[k].d.tcp_seq, ts)
-    syn_time(flows, cold, idx, b[k].ts_sec, b[k].ts_nsec, band(rshift(bnot(b[k].d.first[TCP]), 31), 1), sen + 1)
+    syn_time(flows, cold, idx, b[k].ts_sec, b[k].ts_nsec, band(rshift(bnot(b[k].d.first[TCP]), 31), 1), sen + 1,
+             b[k].d.tcp_seq, b[k].dir)
   end
   local p = b[k]
   local d = p.d
