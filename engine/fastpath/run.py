@@ -1687,8 +1687,8 @@ class FastPath:
             if inst not in self.instances:       # replaced by a reload, draining its T.async tasks
                 plugins[-1]["retiring"] = True
         procs = {"fastpath": os.getpid()}
-        if capture is not None and capture.poll() is None and not self.cfg.shard:
-            procs["capture"] = capture.pid
+        if capture is not None and capture.poll() is None and not self.cfg.shard and not isinstance(capture, StepInput):
+            procs["capture"] = capture.pid       # (--lua-input: no capture process; step runs in this one)
         if getattr(self.store, "pid", None):
             procs["store"] = self.store.pid
         return {"time": time.time(), "packet_time": self.sec, "packets": d.get("packets", 0),
