@@ -192,6 +192,13 @@ def test_usage_errors(tmp_path):
     assert "Traceback" not in r.stderr
     r = luaprobe("run", "--lua-input", "imp.lua", "--args", "missing.csv", "--out", "o4", cwd=tmp_path)
     assert r.returncode == 4 and "onload returned false" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # check: alone, the step-only inputfilter cannot run (exit 4, the line says how it runs); as --lua-input it can
+    r = luaprobe("check", "imp.lua", cwd=tmp_path)
+    assert r.returncode == 4 and "runs only as the run's input (luaprobe run --lua-input FILE)" in r.stdout, r
+    r = luaprobe("check", "--lua-input", "imp.lua", cwd=tmp_path)
+    assert r.returncode == 0 and "types: inputfilter (supported)" in r.stdout and r.stderr == "", r
+    r = luaprobe("check", "--lua-input", "nostep.lua", cwd=tmp_path)
+    assert r.returncode == 4 and "--lua-input needs an inputfilter with step" in r.stdout + r.stderr, r
 
 
 def test_stop_signal_ends_an_endless_input(tmp_path):

@@ -609,8 +609,14 @@ def cmd_check(args) -> int:
     from luaprobe.engine.plugins.discovery import describe, probe_all
     from luaprobe.shm.logs import one_line
     from .usage import UsageError, check_lua_paths, check_plugins
+    lua_input = getattr(args, "lua_input", None)
+    if not args.plugins and lua_input is None:
+        print("luaprobe check: give a PLUGIN file or directory, or --lua-input FILE", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        check_plugins(args.plugins)
+        check_plugins(args.plugins + ([lua_input] if lua_input else []))
+        if lua_input is not None and os.path.isdir(lua_input):
+            raise UsageError(f"--lua-input {lua_input}: a directory; give the inputfilter script's file")
         check_lua_paths(args.lua_path)
     except UsageError as e:
         print(f"luaprobe check: {e}", file=sys.stderr)
@@ -618,7 +624,7 @@ def cmd_check(args) -> int:
     try:
         from luaprobe.engine.plugins.loadwatch import LoadWatch
         with LoadWatch("luaprobe check", EXIT_PLUGIN):      # a top level stuck in a compiled loop: exit 4
-            infos = probe_all(args.plugins, args.lua_path, args.hook_budget)
+            infos = probe_all(args.plugins, args.lua_path, args.hook_budget, lua_input=lua_input)
     except PluginError as e:
         print(f"luaprobe check: {e}", file=sys.stderr)
         return EXIT_PLUGIN
@@ -821,7 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(demo)
     demo.set_defaults(func=cmd_demo)
     check = sub.add_parser("check", help="list plug-ins, their script types and problems")
-    check.add_argument("plugins", nargs="+", metavar="PLUGIN")
+    check.add_argument("plugins", nargs="*", metavar="PLUGIN")
+    check.add_argument("--lua-input", metavar="FILE", type=nonempty("a file name"),
+                       help="check FILE as run --lua-input takes it: an inputfilter whose step is the input")
     check.add_argument("--lua-path", action="append", default=[], metavar="DIR", type=nonempty("a directory"),
                        help="extra Lua search directory (repeatable), as run's")
     check.add_argument("--hook-budget", type=float, default=10.0, metavar="S",

@@ -62,7 +62,10 @@ class PluginInfo:
     @property
     def problems(self) -> list[str]:
         """Every problem as a line of text: the load errors, then one line per unsupported type."""
-        return self.errors + [f"{self.path}: script type '{t}' is not supported; it will not run"
+        return self.errors + [f"{self.path}: script type 'inputfilter' is not supported beside packet input; it runs "
+                              "only as the run's input (luaprobe run --lua-input FILE)"
+                              if t == "inputfilter" and self.inputfilter_step else
+                              f"{self.path}: script type '{t}' is not supported; it will not run"
                               for t in self.unsupported]
 
     @property
