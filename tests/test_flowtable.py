@@ -757,6 +757,27 @@ BATCH_PKTS = st.lists(st.tuples(st.integers(0, len(ENDPOINTS) - 1), st.sampled_f
                        min_size=1, max_size=300)
 
 
+def fresh_tcp() -> dict:
+    """The TCP part of a modelled record: payload bytes per direction, handshake state bits, directions whose ISN is
+    known (flowtable.lua "Port reuse")."""
+    return dict(pl=[0, 0], st=0, isn=set())
+
+
+def tcp_model(f, flags, direction, plen) -> None:
+    """One TCP segment's effect on the model's port-reuse inputs, as flowtable.lua's state_after / handshake_ack /
+    syn_time: a SYN without ACK before the handshake completed records its direction's ISN; SYN+ACK is SEEN_SYN_ACK
+    (its end the server); an ACK without SYN from the other end after it completes the handshake."""
+    syn, ack = flags >> 1 & 1, flags >> 4 & 1
+    if syn and not ack and not f['st'] & 0x08:
+        f['isn'].add(direction)
+    srv = 0x10 << direction
+    if ack and not syn and f['st'] & 0x04 and not f['st'] & 0x08 and not f['st'] & srv:
+        f['st'] |= 0x08
+    if syn and ack:
+        f['st'] |= 0x04 | srv
+    f['pl'][direction] += plen
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cap_log=st.integers(1, 5), idle=st.sampled_from([1, 2, 3, 2.5, 5]), active=st.sampled_from([4, 6, 7.5, 30]),
        nbatch=st.sampled_from([1, 3, 64]), pkts=BATCH_PKTS, touch=st.booleans())
@@ -802,21 +823,27 @@ def test_batches_expire_per_second(H, lua, cap_log, idle, active, nbatch, pkts, 
                     drops += 1
                     assert g == -2
                     continue
-                f = flows[key] = dict(id=newid[key], first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None])
+                f = flows[key] = dict(id=newid[key], first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None], **fresh_tcp())
             else:
                 if ts - f['last'] > idle:
                     # silent longer than idle (flowtable.lua "Idle expiry in the packet loop"): the record ends in
                     # the batch, not at the next expire, and starts again with a new id
                     created += 1
-                    f.update(id=created, first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None])
-                if key[1] == 6 and flags & 0x12 == 0x02 and f['hi'][direction] not in (None, 1):
-                    # port reuse (flowtable.lua): a SYN whose sequence number (0 here) is not the direction's
-                    # highest sequence end - 1 starts the record again, same id (counted in ft.renewed)
-                    f.update(first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None])
+                    f.update(id=created, first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None], **fresh_tcp())
+                hi = f['hi'][direction]
+                if key[1] == 6 and flags & 0x12 == 0x02 and hi is not None and direction not in f['isn'] \
+                        and not 1 <= hi <= f['pl'][direction] + 2:
+                    # port reuse (flowtable.lua): a SYN without ACK starts the record again (same id, counted in
+                    # ft.renewed) when its sequence number (0 here) is not the direction's ISN (a SYN of that
+                    # direction stored before the handshake completed: 0 too, so never here) or, with no ISN,
+                    # lies further behind the direction's highest sequence end than its payload bytes + 2
+                    f.update(first=ts, last=ts, c=[0, 0, 0, 0], hi=[None, None], **fresh_tcp())
             assert g == fmt_key(key).encode()
             f['last'] = max(f['last'], ts)
             f['c'][2 * direction] += 1
             f['c'][2 * direction + 1] += wl
+            if key[1] == 6:
+                tcp_model(f, flags, direction, wl // 2)
             n_seq = wl // 2 + (flags & 1) + (flags >> 1 & 1) if key[1] == 6 else 0    # sequence space used
             if n_seq:
                 f['hi'][direction] = max(f['hi'][direction] or 0, n_seq)
