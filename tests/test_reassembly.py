@@ -275,6 +275,32 @@ def test_http_and_tls_attributes_match_tshark(tmp_path, form):
     assert mine == tls_records(TUTORIAL)
 
 
+@needs_tshark
+def test_response_attributes_after_a_lost_segment(tmp_path):
+    """A lost segment inside a Content-Length body (http-website-keepalive, frame 179: "Previous segment not
+    captured") is a hole of that many bytes: the HTTP analyser skips them as body and reads the next response's
+    header.  Independent truth: the server segments whose payload starts with "HTTP/1." (tshark's raw payload, one
+    per stream and sequence number): 31, one more than tshark's own HTTP dissector finds (it loses the response
+    after the hole).  Before, the hole was passed to the analyser as 0 bytes, the body ate the next two responses
+    and their HTTP-Header / Content-Type attributes were missing (29)."""
+    pcap = os.path.join(DATA, "http-website-keepalive.pcap")
+    out = tmp_path / "attrs.tsv"
+    run(tmp_path, [helpers.write_plugin(tmp_path, fill(HTTP_TLS, str(out)))], [pcap])
+    got = collections.Counter(k for k, head, _n in attributes(out)["HTTP-Header"] if head.startswith("HTTP/1."))
+    want = collections.Counter()
+    seen = set()
+    for line in tshark("-r", pcap, "-Y", "tcp.srcport==80 && tcp.len>0", "-T", "fields", "-e", "ip.src", "-e",
+                       "tcp.srcport", "-e", "ip.dst", "-e", "tcp.dstport", "-e", "tcp.seq_raw",
+                       "-e", "tcp.payload").splitlines():
+        src, sport, dst, dport, seq, payload = line.split("\t")
+        key = flowkey(src, int(sport), dst, int(dport))
+        if payload.replace(":", "").startswith(b"HTTP/1.".hex()) and (key, seq) not in seen:
+            seen.add((key, seq))
+            want[key] += 1
+    assert sum(want.values()) == 31
+    assert got == want
+
+
 # httpsvr.lua's shape (trisul-scripts frontend_scripts/httpserver): a countergroup and a flowmonitor in one file,
 # the hook parses the response's HTTP-Header Buffer and counts a hit per Server name, and tags the flow
 HTTPSVR = r'''

@@ -296,6 +296,7 @@ def test_bad_rows_are_reported_good_rows_kept(dbfile):
     assert rep["bad_rows"] == {"counters": 3, "alerts": 1, "unencodable": 1}
     with Store(dbfile) as s:
         assert [r["value"] for r in s.counters()] == [3] and len(s.alerts()) == 1
+    assert w.rows_lost() == 0        # rejected rows are accounted, not lost (the unencodable one was counted twice: -1)
 
 
 def test_disk_full_is_fatal_and_reported(dbfile):

@@ -818,6 +818,71 @@ IDS = r"""TrisulPlugin = { id = { name = "ids" },
 """
 
 
+OUT_OF_RANGE = r"""G = "{9AFD8C08-07EB-47E0-BF05-28B4A7AE8DC9}"
+TrisulPlugin = { id = { name = "ids" },
+  onload = function()
+    Q = {
+      { AlertGroupGUID = G, TimestampSecs = 1362692521, SigIDKey = "first" },
+      { AlertGroupGUID = G, TimestampSecs = 1362692521, SigIDKey = "p", Priority = 2^70 },
+      { AlertGroupGUID = G, TimestampSecs = 1e300, SigIDKey = "t" },
+      { AlertGroupGUID = G, TimestampSecs = 1362692521, SigIDKey = "u", TimestampUsecs = 1e7 },
+      { AlertGroupGUID = G, TimestampSecs = 1362692521, SigIDKey = "q", Priority = "99999999999999999999" },
+      { AlertGroupGUID = G, TimestampSecs = 1362692521, SigIDKey = "proto", Protocol = 300,
+        SourceIP = "10.0.0.1", DestIP = "10.0.0.2" },
+      { AlertGroupGUID = G, TimestampSecs = 1362692521, SigIDKey = "port", SourcePort = 70000,
+        SourceIP = "10.0.0.1", DestIP = "10.0.0.2" },
+      { AlertGroupGUID = G, TimestampSecs = 1362692521, SigIDKey = { 1, 2 } },
+      { AlertGroupGUID = G, TimestampSecs = -5, SigIDKey = "neg" },
+      { AlertGroupGUID = G, TimestampSecs = 1362692522, SigIDKey = "last", Priority = "2" },
+    }
+  end,
+  inputfilter = { step_alert = function() return table.remove(Q, 1) end },
+}
+"""
+
+
+def test_inputfilter_alert_numbers_out_of_range_are_hook_errors(tmp_path):
+    """A step_alert number outside its field's range (a Priority of 2^70, a time of 1e300 or below 0, microseconds
+    of 10^7, protocol 300, port 70000) or a table where text goes is a hook error naming the field, and the other
+    alerts of the same poll are stored; exit 0.  Before, the huge numbers reached the store writer, which rejected the
+    whole batch: exit 1, every alert of the poll lost."""
+    import sqlite3
+    r = luaprobe("run", helpers.write_plugin(tmp_path, OUT_OF_RANGE, "ids.lua"), "--pcap", PCAP, "--out",
+                 str(tmp_path / "out"), "--stats-json", str(tmp_path / "s.json"), cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    for what in ("Priority 1180591620717411303424 is out of range", "TimestampSecs 10000000000000000525... is out",
+                 "TimestampUsecs 10000000 is out of range (0..999999)", "Protocol 300 is out of range (0..255)",
+                 "SourcePort 70000 is out of range (0..65535)", "SigIDKey is a table, not text",
+                 "TimestampSecs -5 is out of range"):
+        assert what in r.stderr, (what, r.stderr)
+    assert "Traceback" not in r.stderr
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    assert db.execute("SELECT sigid, priority FROM alerts ORDER BY id").fetchall() == [("first", 3), ("last", 2)]
+    db.close()
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert [p["hook_errors"] for p in s["plugins"]] == [{"inputfilter.step_alert": 8}]
+
+
+BROADCAST_ONLOAD = """TrisulPlugin = { id = { name = "ol" },
+  onload = function() T.host:broadcast("hello", nil, "from onload") end,
+  engine_monitor = { onmetronome = function() end } }
+"""
+PRINT_LISTENER = """TrisulPlugin = { id = { name = "cl" },
+  channellistener = { onchannelmessage = function(msgid, buf) print("CHAN " .. msgid .. " " .. buf:tostring()) end } }
+"""
+
+
+def test_broadcast_from_onload_is_delivered(tmp_path):
+    """T.host:broadcast in onload (before the fast path listens for posts) is delivered with the first collection,
+    once per backend instance of the sender (2 by default); before, onload failed with "engine:on_post() is not a
+    method of the engine object" and the plug-in was disabled (exit 4)."""
+    r = luaprobe("run", helpers.write_plugin(tmp_path, BROADCAST_ONLOAD, "ol.lua"),
+                 helpers.write_plugin(tmp_path, PRINT_LISTENER, "cl.lua"), "--pcap", PCAP, "--out", str(tmp_path / "out"),
+                 cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout + r.stderr).count("CHAN hello from onload") == 2, r.stdout + r.stderr
+
+
 def test_inputfilter_step_alert_alerts_are_stored(tmp_path):
     """Trisul's inputfilter: step_alert() returns nil when there is no alert, else a table of alert fields
     (AlertGroupGUID, TimestampSecs and SigIDKey mandatory), as trisul-scripts' suricata_eve_unixsocket.lua builds

@@ -66,6 +66,8 @@ function M.new(opts)
     nflow_counters = 0,     -- flow counters registered (add_flow_counter); kept in _t.nfc too (set_nflow)
     _fcbatch = 0,           -- flow_counter_batch calls so far (a flow counter records the value when added)
     own_pending = false,    -- messages to this VM's own pipeline waiting for Host:deliver_own (a list), or false
+    on_post = false,        -- function telling the fast path a message was posted (set after onload: run.py); until
+                            -- then (onload's posts and broadcasts) the rows wait for the first collection
     on_flow_counters = false,   -- function called at the VM's first flow counter (a VM without a packet walk:
                                 -- engine/fastpath/run.py _flow_counter_runner), or false; a field, so reading it
                                 -- never reaches the unknown-method __index (which raises)

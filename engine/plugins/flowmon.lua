@@ -45,8 +45,15 @@ function Flow:az_packets() return self._r[9] end
 function Flow:za_packets() return self._r[10] end
 function Flow:az_payload_bytes() return self._r[16] or 0 end
 function Flow:za_payload_bytes() return self._r[17] or 0 end
---- Tags, pipe separated (docs/plugins.md, Flow tags()).
-function Flow:tags() return table.concat(self._tags, "|") end
+--- Tags, pipe separated (docs/plugins.md, Flow tags()): the tags the flows row stores (flowrow.join_tags: each once,
+--- at most 64 bytes), so the sg_monitor sees what is written; a tag made of words reads as those words.
+function Flow:tags()
+  local out, seen = {}, {}
+  for w in flowrow.join_tags(self._tags):gmatch("%S+") do
+    if not seen[w] then seen[w] = true; out[#out + 1] = w end
+  end
+  return table.concat(out, "|")
+end
 --- Add a tag; it is written with the flow record (the 64-byte limit applies when tags are joined); a tag the flow
 --- has already is not added again (engine/fastpath/flowrow.lua add_tag).
 function Flow:add_tag(s)

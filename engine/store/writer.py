@@ -635,7 +635,6 @@ class StoreWriter:
                 except (TypeError, ValueError, OverflowError) as e:
                     bad.append(f"{kind}: unencodable row {_short(r)}: {e}")
             data = self._packer.pack([op, kind, good])
-            self._shipped -= len(bad)
             if bad:
                 self._enqueue(self._packer.pack(["e", len(bad), bad[:MAX_ERRORS_KEPT]]))
         self._enqueue(data)

@@ -257,7 +257,7 @@ end
 function S:on_gap(id, dir, missing)
   local st = self.flows[id]
   if st == nil then return end
-  if st.an then st.an:gap(dir, 0) end
+  if st.an then st.an:gap(dir, missing) end       -- the parser skips that many bytes (a body, else resync)
   if st.fx then self:emit(M.GAP, st, 1 - dir, missing, nil, 0, 0, TO_FX) end
 end
 
