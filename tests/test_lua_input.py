@@ -168,7 +168,7 @@ TrisulPlugin = { id = { name = "p" },
     r = luaprobe("run", "--lua-input", "p.lua", "--out", "out", "--stats-json", "s.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "packet:set_packet(): an inputfilter's step packet carries no frame" in r.stderr
-    assert "set_timestamp: seconds soon is not a time" in r.stderr
+    assert "set_timestamp: seconds soon is not a Unix time in seconds (0..4294967295)" in r.stderr
     assert "TS\t1600000000\t250000" in r.stdout + r.stderr
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["lua_input"]["step_calls"] == 4 and s["lua_input"]["step_errors"] == 2
@@ -231,3 +231,81 @@ TrisulPlugin = {{ id = {{ name = "forever" }},
     db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
     assert db.execute("SELECT sum(value) FROM counters WHERE group_guid = ?", (GUID,)).fetchone()[0] == calls
     assert not os.path.exists(tmp_path / "out" / "luaprobe.sqlite-journal")
+
+
+# Lines run as Lua, one per step call (a step that does whatever its input says): set_timestamp / counters / errors.
+CMD = r"""
+TrisulPlugin = { id = { name = "cmd" },
+  onload = function() f = io.open(T.args) end,
+  inputfilter = { step = function(p, e)
+    packet, engine = p, e
+    local line = f:read()
+    if line == nil then return false end
+    assert(loadstring(line))()
+    return true
+  end } }
+"""
+METRONOME = r"""
+TrisulPlugin = { id = { name = "em" },
+  engine_monitor = { onmetronome = function(engine, ts, tick_count, interval)
+    if T.contextid == 0 and engine:instanceid() == "0" then print("TICK " .. ts) end end } }
+"""
+COUNT = 'engine:update_counter("' + GUID + '", "k", 0, 1)'
+
+
+def test_scattered_errors_and_untimed_records(tmp_path):
+    """Every other record failing does not end the input (a call that goes well starts the count of errors in a row
+    again); 5 000 records before the first set_timestamp (a header, lines the script skips) tick nothing, so the
+    timed records that follow count in their own minutes, not in the wall clock's; each second of engine time is
+    ticked (onmetronome) as a packet run ticks it."""
+    lines = ["x = 1"] * 5000                           # no time yet
+    t0, want = 1_600_000_000, {}
+    for i in range(3000):
+        t = t0 + i
+        lines.append(f"packet:set_timestamp({t}); {COUNT}")
+        lines.append("error('bad record')")
+        want[t - t % 60] = want.get(t - t % 60, 0) + 1
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "cmd.lua").write_text(CMD)
+    (tmp_path / "em.lua").write_text(METRONOME)
+    r = luaprobe("run", "em.lua", "--lua-input", "cmd.lua", "--args", "in.txt", "--out", "out", "--stats-json",
+                 "s.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["lua_input"] == {"script": str(tmp_path / "cmd.lua"), "step_calls": 11001, "step_errors": 3000,
+                              "ended": "end of input"}
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    got = dict(db.execute("SELECT bucket_ts, value FROM counters WHERE group_guid = ?", (GUID,)))
+    assert got == want
+    ticks = [int(x.split()[-1]) for x in (r.stdout + r.stderr).splitlines() if "TICK " in x]
+    assert ticks == list(range(t0 + 1, t0 + 3000)), ticks[:5]     # every second after the first, once, in order
+
+
+def test_times_that_are_not_seconds_and_the_memory_limit(tmp_path):
+    """set_timestamp of a number that is not a Unix time in seconds (1e300, 2^62, FortiGate's nanosecond eventtime)
+    is an error naming it, and the counters keep their minutes; a step that hits the plug-in memory limit ends the
+    input with a plug-in problem (exit 4, ended "disabled"), not as a clean end of input."""
+    lines = [f"packet:set_timestamp(1600000000); {COUNT}", "packet:set_timestamp(1e300)",
+             "packet:set_timestamp(2^62)", "packet:set_timestamp(1557513467123456789)",
+             f"packet:set_timestamp(1600000061); {COUNT}"]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "cmd.lua").write_text(CMD)
+    r = luaprobe("run", "--lua-input", "cmd.lua", "--args", "in.txt", "--out", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "set_timestamp: seconds 1e+300 is not a Unix time in seconds (0..4294967295)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    assert sorted(db.execute("SELECT bucket_ts, value FROM counters WHERE group_guid = ?", (GUID,))) == [
+        (1599999960, 1), (1600000020, 1)]
+    (tmp_path / "hog.lua").write_text("""T0 = {}
+TrisulPlugin = { id = { name = "hog" }, inputfilter = { step = function(packet, engine)
+  T0[#T0 + 1] = string.rep("x", 4096) .. #T0
+  return true end } }
+""")
+    r = luaprobe("run", "--lua-input", "hog.lua", "--plugin-memory-mb", "64", "--out", "out2", "--stats-json",
+                 "s.json", cwd=tmp_path)
+    assert r.returncode == 4, r.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["lua_input"]["ended"] == "disabled"
+    assert "memory limit 64 MiB exceeded in inputfilter.step (--plugin-memory-mb); instance disabled" in r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr

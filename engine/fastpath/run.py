@@ -609,7 +609,7 @@ class FastPath:
             inst.vm.set_origin(self.origin_tus)
 
     def _is_lua_input(self, path) -> bool:
-        return self.cfg.lua_input is not None and os.path.abspath(path) == os.path.abspath(self.cfg.lua_input)
+        return self.cfg.lua_input is not None and os.path.realpath(path) == os.path.realpath(self.cfg.lua_input)
 
     def _contextid(self, pipeline, instance) -> int:
         """T.contextid of a VM: the shard for the frontend; for backend instance i of shard s of N shards,
@@ -1231,7 +1231,7 @@ class FastPath:
         it did not load, or its onload failed or returned false: nothing can feed the run)."""
         path = os.path.abspath(self.cfg.lua_input)
         for inst in self.instances:
-            if inst.kind == "inputfilter" and inst.vm.path == path:
+            if inst.kind == "inputfilter" and self._is_lua_input(inst.vm.path):
                 return StepInput(inst, int(time.time()))
         why = [p for p in self.plugin_problems if p.startswith(path) or p.startswith(self.cfg.lua_input)]
         raise PluginError(f"{why[0]}; --lua-input cannot run" if why else
@@ -1246,7 +1246,7 @@ class FastPath:
         sec = steps.step()
         if self._stop and steps.ended == "end of input":    # a stop signal interrupted a step's wait (EINTR)
             steps.ended = "stopped"
-        if self.sec is None or sec > self.sec:
+        if sec is not None and (self.sec is None or sec > self.sec):
             self._tick(sec)
         if self._posted:
             self._deliver_messages()
@@ -1257,6 +1257,8 @@ class FastPath:
             self._reload_step(rt)
         if steps.problem is not None and steps.problem not in self.plugin_problems:
             self.plugin_problems.append(steps.problem)
+        if steps.disable_line is not None:     # its memory limit: kept with headroom, its outputs still written
+            self._disable(steps.inst, steps.disable_line)
         self.step_input = steps
         self.loop_end, self.loop_cpu_end, self.loop_ru_end = time.monotonic(), time.thread_time(), _thread_rusage()
 

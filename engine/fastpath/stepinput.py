@@ -4,10 +4,11 @@
 No capture process and no packets: the fast path calls the script's ``inputfilter.step(packet, engine)`` itself,
 ``STEP_CALLS`` at a time and no further than the first call that moves the engine's clock to another second
 (engine/plugins/inputfilter.lua ``run``), and ticks that second as a packet's would (buckets close, flows expire,
-backends get onmetronome / onendflush).  The input ends when step returns a false value (Trisul: false at the end of
-its input; nil counts as false), on a stop signal, when the instance is disabled (hook budget, memory limit), or after
-``ERRORS_IN_A_ROW`` calls in a row that raised an error (each one is a hook error, logged with its file:line; the
-calls between go on reading the script's next record).
+backends get onmetronome / onendflush); nothing is ticked until the script set a time.  The input ends when step
+returns a false value (Trisul: false at the end of its input; nil counts as false), on a stop signal, when the
+instance hits its memory limit (a plug-in problem, exit 4), or after ``ERRORS_IN_A_ROW`` calls in a row that raised
+an error (each one is a hook error, logged with its file:line; a call that goes well between them starts the count
+again).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class StepInput:
         self.calls = self.errors = self.in_a_row = 0
         self.ended = None                 #: why the input ended: end of input / stopped / disabled / errors
         self.problem = None               #: the plug-in problem line when it ended on errors
+        self.disable_line = None          #: the line of the instance's memory limit when that ended it
         self._run = method(inst.vm.lua, "step_input")
         inst.vm.set_time(inst.vm.host.engine, int(start_sec), 0)
 
@@ -39,16 +41,18 @@ class StepInput:
     def more(self) -> bool:
         return self.returncode is None
 
-    def step(self) -> int:
-        """One round of step calls; returns the engine clock's second after it (Unix seconds)."""
+    def step(self) -> int | None:
+        """One round of step calls; returns the engine clock's second after it (Unix seconds), or None while the
+        script has set no time (packet:set_timestamp): nothing is ticked before, so records read before the first
+        time (a header, lines it skips) do not tick the wall clock's second and make every later one late."""
         if self.inst.disabled is not None:
             self._end("disabled")
-            return self.sec()
-        n, goes_on, sec, err = self._run(self.inst.vm.host, STEP_CALLS)
+            return None
+        n, goes_on, sec, err, why = self._run(self.inst.vm.host, STEP_CALLS)
         self.calls += int(n)
         if err is not None:
             self.errors += 1
-            self.in_a_row += 1
+            self.in_a_row = self.in_a_row + 1 if int(n) == 1 else 1    # the round's earlier calls went well
             if self.in_a_row >= ERRORS_IN_A_ROW:
                 text = err if isinstance(err, str) else err.decode("utf-8", "backslashreplace")
                 first = logs.one_line(text.split("\nstack traceback:", 1)[0])
@@ -57,9 +61,12 @@ class StepInput:
                 self._end("errors")
         else:
             self.in_a_row = 0
+        if why is not None and self.more:       # FastPath._disable logs it and makes it a plug-in problem (exit 4)
+            self.disable_line = why if isinstance(why, str) else why.decode("utf-8", "backslashreplace")
+            self._end("disabled")
         if not goes_on and self.more:
             self._end("disabled" if self.inst.disabled is not None else "end of input")
-        return int(sec)
+        return None if sec is None else int(sec)
 
     def sec(self) -> int:
         return int(self.inst.vm.lua.eval("function(e) return e._t.now end")(self.inst.vm.host.engine))

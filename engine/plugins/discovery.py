@@ -261,8 +261,8 @@ def probe_all(plugins, lua_path=(), budget: float = 0.0, before=None, lua_input:
     infos = []
     files = discover(plugins, lua_path)
     if lua_input is not None:
-        step = os.path.abspath(lua_input)
-        files = [f for f in files if os.path.abspath(f) != step] + [lua_input]
+        step = os.path.realpath(lua_input)
+        files = [f for f in files if os.path.realpath(f) != step] + [lua_input]
     for f in files:
         if before is not None:
             before(f)
