@@ -748,7 +748,8 @@ local function sflow(self, flowkey, create)
   local fk = flowkey_of(flowkey)
   local f = self.sflows[fk]
   if f == nil and create then
-    f = { fk = fk, first = self._t.now, last = self._t.now, v = { [0] = 0, 0, 0, 0 }, tags = {} }
+    local t = self._t.tus / 1e6                       -- the clock with its microseconds (set_timestamp, a packet)
+    f = { fk = fk, first = t, last = t, v = { [0] = 0, 0, 0, 0 }, tags = {} }
     self.sflows[fk] = f
   end
   return f
@@ -773,7 +774,7 @@ function Engine:update_flow(flowkey, meter, value)
   end
   local f = sflow(self, flowkey, true)
   f.v[meter] = f.v[meter] + finite(value, 0)
-  f.last = math.max(f.last, self._t.now)
+  f.last = math.max(f.last, self._t.tus / 1e6)
 end
 Engine.update_flow_raw = Engine.update_flow
 

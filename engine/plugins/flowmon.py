@@ -44,9 +44,15 @@ def stored(r) -> tuple:
 
 def full_row(r) -> list:
     """A record with all FLOW_ROW_FIELDS fields: a 14-field script-made record (engine.lua take_open_flows,
-    terminate_flow) gets state TERMINATED, no payload, no setup RTT (None) and no retransmissions."""
+    terminate_flow, expire_script_flows) gets state TERMINATED (and TIMEDOUT when it ended idle), no payload, no
+    setup RTT (None) and no retransmissions."""
     r = list(r)
-    return r + _SCRIPT_PAD[len(r) - 14:] if len(r) < FLOW_ROW_FIELDS else r
+    if len(r) >= FLOW_ROW_FIELDS:
+        return r
+    pad = _SCRIPT_PAD[len(r) - 14:]
+    if len(r) == 14 and _text(r[12]) == "TIMEOUT":    # ended idle (engine.lua expire_script_flows): TIMEDOUT too
+        pad = [0x800 | 0x100] + pad[1:]
+    return r + pad
 
 
 def _text(x):
