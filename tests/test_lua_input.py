@@ -309,3 +309,55 @@ TrisulPlugin = { id = { name = "hog" }, inputfilter = { step = function(packet, 
     assert s["lua_input"]["ended"] == "disabled"
     assert "memory limit 64 MiB exceeded in inputfilter.step (--plugin-memory-mb); instance disabled" in r.stderr
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+
+
+# flowimport.lua's pattern (trisul-scripts lua/frontend_scripts/inputfilter/*/flowimport.lua): update_flow with the
+# record's numbers, then new_flow_record announcing it, then set_flow_duration; keys repeat
+FLOWIMPORT = r"""
+TrisulPlugin = { id = { name = "fi" },
+  onload = function() f = io.open(T.args) end,
+  inputfilter = { step = function(packet, engine)
+    local line = f:read()
+    if line == nil then return false end
+    local t, dur, port, nbytes, npk = line:match("(%d+),(%d+),(%d+),(%d+),(%d+)")
+    packet:set_timestamp(tonumber(t))
+    local fk = string.format("06A:0A.00.00.01:p-%04X_0A.00.00.02:p-0050", tonumber(port))
+    engine:update_flow(fk, 0, tonumber(nbytes))
+    engine:update_flow(fk, 2, tonumber(npk))
+    engine:new_flow_record(fk, tonumber(nbytes), 0, tonumber(npk), 0)
+    engine:set_flow_duration(fk, tonumber(dur))
+    return true
+  end } }
+"""
+NEWRECORDS = r"""
+TrisulPlugin = { id = { name = "mm" }, messagemonitor = {
+  onnewflowrecord = function(engine, flow, baz, bza, paz, pza)
+    print(("NFR %s %d %d %d %d %d"):format(flow:id(), engine:timestamp(), baz, bza, paz, pza))
+  end } }
+"""
+
+
+def test_repeated_flow_keys_add_up_and_are_announced(tmp_path):
+    """Trisul's new_flow_record announces a flow record and leaves the metrics unchanged (update_flow changes them):
+    a key imported again within the idle timeout adds to its record, so the flows rows hold every byte and packet of
+    the file (before, new_flow_record set the totals and a repeated key kept only its last record's), and last_ts
+    reaches the later record.  Every announcement reaches messagemonitor.onnewflowrecord with its numbers and time."""
+    rnd = random.Random(7)
+    rows = [(1_600_000_000 + i * 3, rnd.randint(0, 20), rnd.choice([1000, 1001, 1002]), rnd.randint(40, 9000),
+             rnd.randint(1, 9)) for i in range(300)]
+    write_csv(tmp_path / "in.csv", rows)
+    (tmp_path / "fi.lua").write_text(FLOWIMPORT)
+    (tmp_path / "mm.lua").write_text(NEWRECORDS)
+    r = luaprobe("run", "mm.lua", "--lua-input", "fi.lua", "--args", "in.csv", "--out", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    got = {fk: (nb, pk, first, last) for fk, nb, pk, first, last in db.execute(
+        "SELECT flowkey, bytes_az, packets_az, first_ts, last_ts FROM flows")}
+    want = {}
+    for t, dur, port, nb, pk in rows:
+        fk = f"06A:0A.00.00.01:p-{port:04X}_0A.00.00.02:p-0050"
+        b0, p0, first, last = want.get(fk, (0, 0, t, t))
+        want[fk] = (b0 + nb, p0 + pk, first, max(last, t, first + dur))
+    assert got == want
+    nfr = [ln.split("NFR ", 1)[1].split() for ln in (r.stdout + r.stderr).splitlines() if "NFR " in ln]
+    assert [(int(t), int(nb), int(pk)) for _fk, t, nb, _z, pk, _z2 in nfr] == [(t, nb, pk) for t, _d, _p, nb, pk in rows]

@@ -481,6 +481,7 @@ class FastPath:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.instances: list[Instance] = []
+        self.flowrecord_listeners: list[Instance] = []   #: messagemonitors with onnewflowrecord (new_flow_record)
         self.input_errors: list[str] = []
         self.plugin_problems: list[str] = []
         self.protocols: list[tuple[str, str]] = []     #: protocol_handler (guid, name), registration order
@@ -561,6 +562,15 @@ class FastPath:
                     continue                                        # socket it binds, a queue it drains: once)
                 else:
                     self._instantiate(rt, info.path, kind, "frontend", secrets.token_hex(4).upper()[:7])
+        self._announce_flowrecords()
+
+    def _announce_flowrecords(self) -> None:
+        """With a messagemonitor that has onnewflowrecord loaded, every frontend VM's new_flow_record announces its
+        records (engine.lua wants_flowrecords); without one, nothing is queued for nobody."""
+        if self.flowrecord_listeners:
+            for inst in self.instances:
+                if inst.pipeline == "frontend":
+                    inst.vm.lua.eval("function(h) h.engine.wants_flowrecords = true end")(inst.vm.host)
 
     def _wait_workers(self, rt) -> None:
         """Before the packet loop: the workers of plug-ins asking for more than one (started at load,
@@ -701,6 +711,10 @@ class FastPath:
         vm.flows_ended = method(vm.lua, "flows_ended")
         if kind == "messagemonitor":
             vm.flow_metrics = method(vm.lua, "flow_metrics")
+            vm.deliver_flowrecord = method(vm.lua, "deliver_flowrecord")
+            if vm.lua.eval("function(h) local m = h.plugin.messagemonitor "
+                           "return type(m) == 'table' and type(m.onnewflowrecord) == 'function' end")(vm.host):
+                self.flowrecord_listeners.append(inst)
         vm.host.engine.flow_records = self._flow_records()      # engine.lua new_connection reads first_ts there
         vm.lua.eval("function(h, f) h.engine.on_post = f end")(vm.host, self._on_post)
         vm.host[b"on_disable"] = lambda line: self._disable(inst, _text(line))   # Host:call's budget strikes
@@ -847,6 +861,11 @@ class FastPath:
         for sender, pipeline, msgid, msg, own, clsid in messages:   # msg: bytes, delivered unchanged (any bytes)
             if pipeline == "channel":
                 self._broadcast(sender, msgid, msg, clsid)
+                continue
+            if pipeline == "flowrecord":           # engine.lua new_flow_record: msgid the flow key
+                for inst in self.flowrecord_listeners:
+                    if inst.disabled is None:
+                        inst.vm.deliver_flowrecord(inst.vm.host, msgid.encode(), msg)
                 continue
             targets = [inst for inst in self.instances if inst.pipeline == pipeline]
             if not targets:          # e.g. to the backend from a shard other than 0 (docs/scale.md)

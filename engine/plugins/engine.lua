@@ -66,6 +66,7 @@ function M.new(opts)
     nflow_counters = 0,     -- flow counters registered (add_flow_counter); kept in _t.nfc too (set_nflow)
     _fcbatch = 0,           -- flow_counter_batch calls so far (a flow counter records the value when added)
     own_pending = false,    -- messages to this VM's own pipeline waiting for Host:deliver_own (a list), or false
+    wants_flowrecords = false,  -- a messagemonitor with onnewflowrecord is loaded (new_flow_record announces to it)
     on_post = false,        -- function telling the fast path a message was posted (set after onload: run.py); until
                             -- then (onload's posts and broadcasts) the rows wait for the first collection
     on_flow_counters = false,   -- function called at the VM's first flow counter (a VM without a packet walk:
@@ -755,11 +756,22 @@ local function sflow(self, flowkey, create)
   return f
 end
 
---- new_flow_record(flowkey, bytes_az, bytes_za, packets_az, packets_za): a flow record with these totals.
+--- new_flow_record(flowkey, bytes_az, bytes_za, packets_az, packets_za): announce a flow record (Trisul: "metrics
+--- unchanged"; update_flow changes them): the script-made record of the key exists from here on (created with zero
+--- totals when it did not), and every messagemonitor's onnewflowrecord(engine, flow, bytes_az, bytes_za, packets_az,
+--- packets_za) gets these numbers, between batches (rows "flowrecord": engine/fastpath/run.py _dispatch; pushed only
+--- while a messagemonitor with onnewflowrecord is loaded, wants_flowrecords).  Before 2026-12-03 it set the record's
+--- totals, so flowimport.lua (update_flow, then new_flow_record) kept only a repeated key's last record.
 function Engine:new_flow_record(flowkey, baz, bza, paz, pza)
   frontend_only(self, "new_flow_record")
   local f = sflow(self, flowkey, true)
-  f.v[0], f.v[1], f.v[2], f.v[3] = finite(baz, 0), finite(bza, 0), finite(paz, 0), finite(pza, 0)
+  if self.wants_flowrecords then
+    local rows = self.rows.messages
+    push(rows, { "flowrecord", f.fk, ("%.17g %.17g %.17g %.17g %.17g"):format(self._t.tus / 1e6, finite(baz, 0),
+                 finite(bza, 0), finite(paz, 0), finite(pza, 0)), false, "" })
+    local cb = self.on_post
+    if cb and #rows == 1 then cb() end
+  end
 end
 
 --- update_flow(flowkey, meter, value): add to a flow record's meter 0 bytes
@@ -778,10 +790,11 @@ function Engine:update_flow(flowkey, meter, value)
 end
 Engine.update_flow_raw = Engine.update_flow
 
---- set_flow_duration(flowkey, secs): last_ts = first_ts + secs.
+--- set_flow_duration(flowkey, secs): last_ts = first_ts + secs, never earlier than it was (a key imported again
+--- later: update_flow moved last_ts to that record's time, and its own duration does not move it back).
 function Engine:set_flow_duration(flowkey, secs)
   local f = sflow(self, flowkey, true)
-  f.last = f.first + finite(secs, 0)
+  f.last = math.max(f.last, f.first + finite(secs, 0))
 end
 
 local function sflow_row(f, state)

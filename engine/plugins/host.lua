@@ -887,6 +887,16 @@ function Host:flow_metrics(addr, n, sec)
   return calls
 end
 
+--- messagemonitor.onnewflowrecord(engine, flow, bytes_az, bytes_za, packets_az, packets_za) for a flow record a
+--- plug-in announced (engine.lua new_flow_record: `msg` "time baz bza paz pza"), at the record's time.
+function Host:deliver_flowrecord(fk, msg)
+  local t, baz, bza, paz, pza = msg:match("^(%S+) (%S+) (%S+) (%S+) (%S+)$")
+  t = tonumber(t) or self.engine._t.now
+  self.engine:set_time(math.floor(t), math.floor((t - math.floor(t)) * 1e6 + 0.5) % 1000000)
+  self:call("messagemonitor", "onnewflowrecord", self.engine, packet.flowid_from_key(fk), tonumber(baz),
+            tonumber(bza), tonumber(paz), tonumber(pza))
+end
+
 --- inputfilter.step_alert (docs/plugins.md "inputfilter"): called until it returns nil, at most `max` times; the alert
 --- tables it returned, in order (engine/plugins/inputfilter.py makes them rows).  An error in it is a hook error (the
 --- poll ends); a value that is neither a table nor nil is one too ("not an alert table").
