@@ -68,9 +68,6 @@ class StepInput:
             self._end("disabled" if self.inst.disabled is not None else "end of input")
         return None if sec is None else int(sec)
 
-    def sec(self) -> int:
-        return int(self.inst.vm.lua.eval("function(e) return e._t.now end")(self.inst.vm.host.engine))
-
     def _end(self, why: str) -> None:
         if self.returncode is None:
             self.returncode, self.ended = 0, why
