@@ -95,7 +95,8 @@ def test_flow_import_counters_and_flow_records_match_the_input_file(tmp_path):
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["lua_input"]["step_calls"] == len(rows) + 1 and s["lua_input"]["ended"] == "end of input", s["lua_input"]
     assert s["packets"] == 0 and s["input_errors"] == []
-    assert f"lua-input {tmp_path / 'imp.lua'}: step calls {len(rows) + 1:,} errors 0  ended: end of input" in r.stdout
+    assert f"lua-input {tmp_path / 'imp.lua'}: step calls {len(rows) + 1:,} errors 0  ended: end of input  elapsed" in r.stdout
+    assert "packets 0" not in r.stdout
 
     want = {}
     for t, _d, src, *_rest, nbytes, _p in rows:

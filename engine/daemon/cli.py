@@ -223,12 +223,13 @@ def logs_path(p) -> str:
 
 def _plain_summary(s: dict) -> None:
     li = s.get("lua_input")
-    if li:                                   # --lua-input: records the script imported, no packets
+    if li:                                   # --lua-input: records the script imported, no packets (no packet line)
         print(f"lua-input {logs_path(li['script'])}: step calls {li['step_calls']:,} errors {li['step_errors']}  "
-              f"ended: {li['ended'] or 'not started'}")
-    print(f"packets {s['packets']:,}  bytes {s['bytes']:,}  flows {s['flows']:,}  elapsed {s['elapsed_s']} s")
-    d = s["drops"]
-    print(f"drops: packet ring full {d['capture']}  kernel {d.get('kernel', 0)}  flow table {d['flow_table']}")
+              f"ended: {li['ended'] or 'not started'}  elapsed {s['elapsed_s']} s")
+    else:
+        print(f"packets {s['packets']:,}  bytes {s['bytes']:,}  flows {s['flows']:,}  elapsed {s['elapsed_s']} s")
+        d = s["drops"]
+        print(f"drops: packet ring full {d['capture']}  kernel {d.get('kernel', 0)}  flow table {d['flow_table']}")
     for line in _traffic_lines(s):
         print(line)
     for name, label, calls, errs, a in plugin_rows(s):
