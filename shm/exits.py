@@ -100,12 +100,13 @@ def stop_signals_decided() -> None:
             signal.signal(s, decided)
 
 
-def install_early_stop() -> dict:
-    """Take SIGINT and SIGTERM when nobody else has (default disposition or Python's KeyboardInterrupt);
-    returns {signal: previous handler} of those taken."""
-    old = {}
+def install_early_stop(old: dict) -> None:
+    """Take SIGINT and SIGTERM when nobody else has (default disposition or Python's KeyboardInterrupt), noting
+    each previous handler in ``old`` ({signal: handler}) before the swap: early_stop may raise as soon as it is
+    installed, and the caller gives back what ``old`` holds."""
     for s in STOP_SIGNALS:
-        if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
-            old[s] = signal.signal(s, early_stop)
-    return old
+        h = signal.getsignal(s)
+        if h in (signal.SIG_DFL, signal.default_int_handler):
+            old[s] = h
+            signal.signal(s, early_stop)
 

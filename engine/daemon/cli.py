@@ -987,12 +987,12 @@ def main(argv=None) -> int:
         _quiet_when_reader_gone()                  # (the BrokenPipeError below), as before
     import signal
     previous = {}                        # given back at the end when in-process
-    for s in STOP_SIGNALS:               # the console script's handler since import: from now on, raise
-        if signal.getsignal(s) is _defer_stop:
-            signal.signal(s, early_stop)
-            previous[s] = signal.SIG_DFL
-    previous |= install_early_stop()
-    try:
+    try:                                 # (early_stop may raise as soon as it is installed: inside the try)
+        for s in STOP_SIGNALS:           # the console script's handler since import: from now on, raise
+            if signal.getsignal(s) is _defer_stop:
+                previous[s] = signal.SIG_DFL
+                signal.signal(s, early_stop)
+        install_early_stop(previous)
         if _pending_stop:                # a stop signal between the import and now
             raise StartupStop(_pending_stop[0])
         from luaprobe.shm import logs
@@ -1019,11 +1019,15 @@ def main(argv=None) -> int:
         return EXIT_OK
     finally:
         import signal
-        for s, h in previous.items():
-            if signal.getsignal(s) in (early_stop, decided):
-                # the console script's exit code is decided: a stop signal while the interpreter exits is
-                # ignored (with the default disposition it killed the process, status -15, after a clean run)
-                signal.signal(s, h if in_process else signal.SIG_IGN)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)   # early_stop must not raise in here
+        try:
+            for s, h in previous.items():
+                if signal.getsignal(s) in (early_stop, decided):
+                    # the console script's exit code is decided: a stop signal while the interpreter exits is
+                    # ignored (with the default disposition it killed the process, status -15, after a clean run)
+                    signal.signal(s, h if in_process else signal.SIG_IGN)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 if __name__ == "__main__":
