@@ -8,10 +8,13 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+
+import pytest
 
 from tests import helpers
 
@@ -95,7 +98,8 @@ def test_flow_import_counters_and_flow_records_match_the_input_file(tmp_path):
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["lua_input"]["step_calls"] == len(rows) + 1 and s["lua_input"]["ended"] == "end of input", s["lua_input"]
     assert s["packets"] == 0 and s["input_errors"] == []
-    assert f"lua-input {tmp_path / 'imp.lua'}: step calls {len(rows) + 1:,} errors 0  ended: end of input  elapsed" in r.stdout
+    assert f"lua-input {tmp_path / 'imp.lua'}: step calls {len(rows) + 1:,} errors 0  frames 0  ended: end of input  " \
+        "elapsed" in r.stdout
     assert "packets 0" not in r.stdout
 
     want = {}
@@ -147,19 +151,19 @@ def test_step_errors_skip_the_record_and_are_counted(tmp_path):
     assert r.returncode == 4, r.stderr
     s = json.loads((tmp_path / "s2.json").read_text())
     assert s["lua_input"] == {"script": str(tmp_path / "imp.lua"), "step_calls": 1000, "step_errors": 1000,
-                              "ended": "errors"}
+                              "ended": "errors", "frames": 0, "clipped": 0}
     assert "inputfilter.step failed on 1000 calls in a row; the input ends here after 1000 calls" in r.stderr
 
 
 def test_step_packet_has_no_frame_and_nil_ends_the_input(tmp_path):
-    """The packet step gets carries no frame: packet:set_packet (and any frame reader) is an error naming the
-    method; a step returning nil ends the input as false does.  A bad time is an error naming set_timestamp."""
+    """The packet step gets is written, not read: a frame reader (rawbytes) is an error naming the method; a step
+    returning nil ends the input as false does.  A bad time is an error naming set_timestamp."""
     (tmp_path / "p.lua").write_text("""
 N = 0
 TrisulPlugin = { id = { name = "p" },
   inputfilter = { step = function(packet, engine)
     N = N + 1
-    if N == 1 then packet:set_packet(1, 0, 1, "x") end
+    if N == 1 then packet:rawbytes() end
     if N == 2 then packet:set_timestamp("soon") end
     if N == 3 then packet:set_timestamp(1600000000.25); local s, us = engine:timestamp(); print("TS", s, us) end
     if N == 4 then return nil end
@@ -168,7 +172,8 @@ TrisulPlugin = { id = { name = "p" },
 """)
     r = luaprobe("run", "--lua-input", "p.lua", "--out", "out", "--stats-json", "s.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "packet:set_packet(): an inputfilter's step packet carries no frame" in r.stderr
+    assert "packet:rawbytes(): an inputfilter's step packet is written, not read: set_timestamp and set_packet" \
+        in r.stderr
     assert "set_timestamp: seconds soon is not a Unix time in seconds (0..4294967295)" in r.stderr
     assert "TS\t1600000000\t250000" in r.stdout + r.stderr
     s = json.loads((tmp_path / "s.json").read_text())
@@ -274,7 +279,7 @@ def test_scattered_errors_and_untimed_records(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["lua_input"] == {"script": str(tmp_path / "cmd.lua"), "step_calls": 11001, "step_errors": 3000,
-                              "ended": "end of input"}
+                              "ended": "end of input", "frames": 0, "clipped": 0}
     db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
     got = dict(db.execute("SELECT bucket_ts, value FROM counters WHERE group_guid = ?", (GUID,)))
     assert got == want
@@ -362,3 +367,187 @@ def test_repeated_flow_keys_add_up_and_are_announced(tmp_path):
     assert got == want
     nfr = [ln.split("NFR ", 1)[1].split() for ln in (r.stdout + r.stderr).splitlines() if "NFR " in ln]
     assert [(int(t), int(nb), int(pk)) for _fk, t, nb, _z, pk, _z2 in nfr] == [(t, nb, pk) for t, _d, _p, nb, pk in rows]
+
+
+# A packet source as Trisul's inputfilter page describes it ("read packet data from non PCAP sources", "construct a
+# real packet and use set_packet"): here a classic pcap file read with Lua's io library, one frame per step call.
+READER = r"""
+TrisulPlugin = {
+  id = { name = "frames over step" },
+  onload = function()
+    f = io.open(T.args, "rb")
+    if f == nil then return false end
+    local g = f:read(24)
+    linktype = g:byte(21) + g:byte(22) * 256
+  end,
+  onunload = function() if f then f:close() end end,
+  inputfilter = {
+    step = function(packet, engine)
+      local h = f:read(16)
+      if h == nil or #h < 16 then return false end
+      local function u32(i) local a, b, c, d = h:byte(i, i + 3); return a + b * 256 + c * 65536 + d * 16777216 end
+      packet:set_packet(u32(1), u32(5), linktype, f:read(u32(9)))
+      return true
+    end,
+  },
+}
+"""
+
+# Another plug-in's hook on the frames: Ethernet frames counted (written at unload)
+ETH_COUNT = r"""
+TrisulPlugin = {
+  id = { name = "eth count" },
+  onload = function() n = 0 end,
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+                    onpacket = function(engine, layer) n = n + 1 end },
+  onunload = function() local o = io.open("eth.txt", "w"); o:write(n); o:close() end,
+}
+"""
+
+
+def pcap_frames(path) -> list[tuple[int, int, bytes]]:
+    """(seconds, microseconds, bytes) of each record of a classic little-endian pcap, parsed here (struct)."""
+    import struct
+    data = open(path, "rb").read()
+    assert data[:4] == b"\xd4\xc3\xb2\xa1"
+    out, off = [], 24
+    while off + 16 <= len(data):
+        sec, usec, incl, _orig = struct.unpack_from("<IIII", data, off)
+        out.append((sec, usec, data[off + 16:off + 16 + incl]))
+        off += 16 + incl
+    return out
+
+
+@pytest.mark.parametrize("ring_mb", [32, 1], ids=["ring-32MiB", "ring-1MiB"])
+def test_frames_set_by_step_are_walked_like_captured_packets(tmp_path, ring_mb):
+    """Every frame step gives with packet:set_packet is decoded, tracked and seen by the other plug-ins' hooks: the
+    packet and byte totals are the file's (parsed here), each IPv4 flow's packets per direction are tshark's
+    conversation table's, and a simplecounter on Ethernet counted every frame (tshark).  With a 1 MiB packet ring
+    (rounds end when it has no room for the largest frame) nothing is lost either."""
+    from tests.test_flowmon import TUTORIAL, conversations, needs_tshark  # noqa: F401
+    if shutil.which("tshark") is None:
+        pytest.skip("tshark is not installed (the independent truth)")
+    (tmp_path / "reader.lua").write_text(READER)
+    (tmp_path / "eth.lua").write_text(ETH_COUNT)
+    r = luaprobe("run", "eth.lua", "--lua-input", "reader.lua", "--args", TUTORIAL, "--out", "out", "--stats-json",
+                 "s.json", "--packet-ring-mb", str(ring_mb), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    frames = pcap_frames(TUTORIAL)
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["lua_input"]["frames"] == len(frames) == s["packets"], (s["lua_input"], s["packets"])
+    assert s["lua_input"]["step_calls"] == len(frames) + 1 and s["lua_input"]["clipped"] == 0
+    assert s["bytes"] == sum(len(b) for *_t, b in frames)
+    assert s["drops"]["capture"] == 0 and s["input_errors"] == []
+    assert f"frames {len(frames):,}  ended: end of input" in r.stdout and f"packets {len(frames):,}" in r.stdout
+    assert int((tmp_path / "eth.txt").read_text()) == helpers.tshark_frames(TUTORIAL, "-Y", "eth")
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    got = {fk: (az, za) for fk, az, za in db.execute("SELECT flowkey, packets_az, packets_za FROM flows")}
+    want = {fk: (c["packets_az"], c["packets_za"]) for proto in ("tcp", "udp")
+            for fk, c in conversations(proto).items()}
+    assert want and {fk: got.get(fk) for fk in want} == want
+    first_sec = min(t for t, *_x in frames)
+    assert min(v for (v,) in db.execute("SELECT first_ts FROM flows")) >= first_sec
+
+
+SET_PACKET_CASES = r"""
+local frames = dofile(T.args)     -- { {sec, usec, dlt, bytes, last?}, ... }
+local i = 0
+TrisulPlugin = {
+  id = { name = "set_packet cases" },
+  inputfilter = {
+    step = function(packet, engine)
+      i = i + 1
+      local c = frames[i]
+      if c == nil then return false end
+      if c.replaced then packet:set_packet(c[1], c[2], c[3], "replaced by the next call") end
+      packet:set_packet(c[1], c[2], c[3], c[4])
+      return not c.last
+    end,
+  },
+}
+"""
+
+
+def test_set_packet_errors_skip_that_call_and_long_frames_are_cut(tmp_path):
+    """set_packet's arguments are checked (an error names the argument and the script's line; that call's frame is
+    not walked, the others are); a second set_packet in one call replaces the first; a frame longer than 262 144
+    bytes is cut to it (wirelen kept, counted as clipped); the frame of the call that returns false is walked."""
+    udp = bytes.fromhex("ffffffffffff0200000000010800"   # Ethernet, IPv4 UDP 10.0.0.1:1000 -> 10.0.0.2:53, 4 bytes
+                        "45000020000100004011" "0000" "0a000001" "0a000002" "03e80035000c0000") + b"abcd"
+    big = udp[:14] + b"\x45" + b"\x00" * 299_985
+    lua_str = lambda b: '"' + "".join(f"\\{x}" for x in b) + '"'           # noqa: E731
+    cases = [
+        f"{{1700000000, 0, 1, {lua_str(udp)}}}",
+        f"{{1700000000, 1000000, 1, {lua_str(udp)}}}",         # microseconds out of range: an error
+        f"{{1700000001, 5, 147, {lua_str(udp)}}}",             # a link type the decoder does not know
+        f'{{1700000001, 6, 1, ""}}',                           # no bytes
+        f"{{1700000001, 7, 1, {lua_str(udp)}, replaced = true}}",
+        f"{{1700000002, 8, 1, string.rep('x', {len(big)}):gsub('^x', '')}}",   # (a string, not the first value)
+        f"{{1700000003, 9, 228, {lua_str(udp[14:])}, last = true}}",          # raw IPv4; the last call
+    ]
+    (tmp_path / "cases.lua").write_text("return {\n" + ",\n".join(cases) + "\n}\n")
+    (tmp_path / "sp.lua").write_text(SET_PACKET_CASES)
+    r = luaprobe("run", "--lua-input", "sp.lua", "--args", "cases.lua", "--out", "out", "--stats-json", "s.json",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    li = s["lua_input"]
+    assert (li["step_calls"], li["step_errors"], li["frames"], li["clipped"]) == (7, 3, 4, 1), li
+    assert li["ended"] == "end of input"
+    assert s["packets"] == 4 and s["bytes"] == len(udp) * 2 + (len(big) - 1) + len(udp) - 14, s["bytes"]
+    assert "sp.lua:12: set_packet: microseconds 1000000 is not one of 0..999999" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    rows = list(db.execute("SELECT flowkey, packets_az, bytes_az FROM flows"))
+    assert rows == [("11A:0A.00.00.01:p-03E8_0A.00.00.02:p-0035", 3, len(udp) * 2 + len(udp) - 14)], rows
+
+
+
+@pytest.mark.parametrize("case, message", [
+    ("{1700000001, 5, 147, 'abc'}", "set_packet: dlt 147 is not a link type luaprobe decodes (0, 1, 12, 14, 101, 108,"),
+    ("{1700000001, 6, 1, ''}", "set_packet: bytes must be a non-empty string (got an empty string)"),
+    ("{-1, 6, 1, 'abc'}", "set_packet: seconds -1 is not a Unix time in seconds (0..4294967295)"),
+    ("{1700000001, 6, 1, {}}", "set_packet: bytes must be a non-empty string (got table)"),
+], ids=["dlt", "empty", "seconds", "not-a-string"])
+def test_set_packet_argument_errors_name_the_argument_and_line(tmp_path, case, message):
+    """Each bad argument is one logged line with the script's file:line and what was wrong (exit 0: the record is
+    skipped, as any step error)."""
+    (tmp_path / "cases.lua").write_text("return {" + case + "}\n")
+    (tmp_path / "sp.lua").write_text(SET_PACKET_CASES)
+    r = luaprobe("run", "-q", "--lua-input", "sp.lua", "--args", "cases.lua", "--out", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"sp.lua:12: {message}" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+ENDLESS = r"""
+local udp = string.char(0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 8, 0, 0x45, 0, 0, 0x20, 0, 1, 0, 0, 0x40,
+                        0x11, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2, 3, 0xe8, 0, 0x35, 0, 0x0c, 0, 0) .. "abcd"
+local i = 0
+TrisulPlugin = { id = { name = "endless" }, inputfilter = { step = function(packet, engine)
+  i = i + 1
+  packet:set_packet(1700000000 + math.floor(i / 50000), i % 1000000, 1, udp)
+  if i == 200000 then io.open("going", "w"):close() end
+  return true
+end } }
+"""
+
+
+def test_a_stop_while_frames_come_accounts_for_every_frame(tmp_path):
+    """SIGINT during an endless frame source: the run ends as a stopped run (exit 130) and every frame step gave is
+    either walked (`packets`) or counted as still in the ring at the stop (`not_walked_at_stop`)."""
+    (tmp_path / "endless.lua").write_text(ENDLESS)
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "-q", "--lua-input", "endless.lua",
+                          "--out", "out", "--stats-json", "s.json"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    with helpers.killed_when_left(p):
+        helpers.wait_for(lambda: (tmp_path / "going").exists() or p.poll() is not None, timeout=120)
+        p.send_signal(signal.SIGINT)
+        _out, err = helpers.finish(p, 120)
+    assert p.returncode == 130, err
+    s = json.loads((tmp_path / "s.json").read_text())
+    li = s["lua_input"]
+    assert li["ended"] == "stopped" and li["frames"] >= 200000 and li["frames"] == li["step_calls"], li
+    assert li["frames"] == s["packets"] + s["not_walked_at_stop"], (li, s["packets"], s["not_walked_at_stop"])
+    assert s["bytes"] == 46 * s["packets"]
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    assert list(db.execute("SELECT packets_az, bytes_az FROM flows")) == [(s["packets"], s["bytes"])]

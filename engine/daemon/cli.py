@@ -223,10 +223,12 @@ def logs_path(p) -> str:
 
 def _plain_summary(s: dict) -> None:
     li = s.get("lua_input")
-    if li:                                   # --lua-input: records the script imported, no packets (no packet line)
+    if li:                                   # --lua-input: the step calls; the packet lines only when it gave frames
+        clipped = f" (clipped {li['clipped']:,})" if li.get("clipped") else ""
         print(f"lua-input {logs_path(li['script'])}: step calls {li['step_calls']:,} errors {li['step_errors']}  "
-              f"ended: {li['ended'] or 'not started'}  elapsed {s['elapsed_s']} s")
-    else:
+              f"frames {li.get('frames', 0):,}{clipped}  ended: {li['ended'] or 'not started'}  "
+              f"elapsed {s['elapsed_s']} s")
+    if not li or li.get("frames"):
         print(f"packets {s['packets']:,}  bytes {s['bytes']:,}  flows {s['flows']:,}  elapsed {s['elapsed_s']} s")
         d = s["drops"]
         print(f"drops: packet ring full {d['capture']}  kernel {d.get('kernel', 0)}  flow table {d['flow_table']}")
@@ -813,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "seed=1' (docs/gen.md)")
     src.add_argument("--lua-input", metavar="FILE", type=nonempty("a file name"),
                      help="an inputfilter script whose step(packet, engine) is the input: the flow records and "
-                          "counters it imports (Trisul's -in; docs/plugins.md \"inputfilter\")")
+                          "counters it imports, the frames it gives (Trisul's -in; docs/plugins.md \"inputfilter\")")
     run.add_argument("--args", dest="lua_args", metavar="TEXT",
                      help="T.args of the --lua-input script (Trisul's -args), e.g. the file it reads")
     run.add_argument("--bpf", metavar="EXPR", help="pcap-filter expression for --interface (compiled by libpcap)")

@@ -1039,7 +1039,7 @@ class FastPath:
                 self._load_plugins(rt)
                 self._wait_workers(rt)
                 capture = _Coordinator(shard["coordinator"]) if shard else \
-                    self._step_input() if cfg.lua_input else self._start_capture(ring_seg, rt)
+                    self._step_input(ring_seg.address) if cfg.lua_input else self._start_capture(ring_seg, rt)
             else:                              # files: the capture process started above (backpressure)
                 self._load_plugins(rt)
                 self._wait_workers(rt)
@@ -1245,13 +1245,13 @@ class FastPath:
         summary["closed_s"] = round(time.monotonic() - t0, 3)   # elapsed_s + the writer's last rows and close
         return summary
 
-    def _step_input(self) -> StepInput:
+    def _step_input(self, ring_addr: int) -> StepInput:
         """--lua-input: the StepInput over the instance of that file's inputfilter (PluginError naming the file when
         it did not load, or its onload failed or returned false: nothing can feed the run)."""
         path = os.path.abspath(self.cfg.lua_input)
         for inst in self.instances:
             if inst.kind == "inputfilter" and self._is_lua_input(inst.vm.path):
-                return StepInput(inst, int(time.time()))
+                return StepInput(inst, int(time.time()), ring_addr)
         why = [p for p in self.plugin_problems if p.startswith(path) or p.startswith(self.cfg.lua_input)]
         raise PluginError(f"{why[0]}; --lua-input cannot run" if why else
                           f"{self.cfg.lua_input}: --lua-input: its onload returned false; nothing feeds the run")
@@ -1864,7 +1864,8 @@ class FastPath:
             "stopped_by": self.stopped_by, "stopped_during": self.stopped_during,
             "late_packets": self.late_packets,
             **({"lua_input": self.step_input.summary() if getattr(self, "step_input", None) else
-                {"script": self.cfg.lua_input, "step_calls": 0, "step_errors": 0, "ended": None}}
+                {"script": self.cfg.lua_input, "step_calls": 0, "step_errors": 0, "ended": None,
+                 "frames": 0, "clipped": 0}}
                if self.cfg.lua_input else {}),
         })
 

@@ -1,14 +1,15 @@
 """The run's input from an inputfilter's step: ``luaprobe run --lua-input FILE --args TEXT`` (Trisul's
 ``trisul -mode lua -in FILE -args TEXT``, docs.trisul.org/docs/lua/inputfilter; docs/plugins.md "inputfilter").
 
-No capture process and no packets: the fast path calls the script's ``inputfilter.step(packet, engine)`` itself,
+No capture process: the fast path calls the script's ``inputfilter.step(packet, engine)`` itself,
 ``STEP_CALLS`` at a time and no further than the first call that moves the engine's clock to another second
 (engine/plugins/inputfilter.lua ``run``), and ticks that second as a packet's would (buckets close, flows expire,
 backends get onmetronome / onendflush); nothing is ticked until the script set a time.  The input ends when step
 returns a false value (Trisul: false at the end of its input; nil counts as false), on a stop signal, when the
 instance hits its memory limit (a plug-in problem, exit 4), or after ``ERRORS_IN_A_ROW`` calls in a row that raised
 an error (each one is a hook error, logged with its file:line; a call that goes well between them starts the count
-again).
+again).  The frames the script gives with ``packet:set_packet`` go into the packet ring, which the fast path drains
+before each round, and are walked as captured packets (engine/plugins/inputfilter.lua ``attach_ring``).
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ ERRORS_IN_A_ROW = 1000   #: step calls in a row that raise an error before the i
 class StepInput:
     """Stands where the capture process stands in FastPath.run (``poll`` / ``wait`` / ``kill`` / ``send_signal`` /
     ``pid``) and calls the inputfilter instance ``inst``'s step.  The engine's clock starts at ``start_sec`` (Unix
-    seconds) until the script sets a time (packet:set_timestamp)."""
+    seconds) until the script sets a time (packet:set_timestamp); its frames go to the packet ring at ``ring_addr``."""
 
-    def __init__(self, inst, start_sec: int):
+    def __init__(self, inst, start_sec: int, ring_addr: int):
         self.inst = inst
         self.pid = os.getpid()
         self.returncode = None
@@ -36,6 +37,8 @@ class StepInput:
         self.disable_line = None          #: the line of the instance's memory limit when that ended it
         self._run = method(inst.vm.lua, "step_input")
         inst.vm.set_time(inst.vm.host.engine, int(start_sec), 0)
+        inst.vm.lua.eval("function(h, a) require('luaprobe.engine.plugins.inputfilter').attach_ring(h, a) end")(
+            inst.vm.host, ring_addr)
 
     @property
     def more(self) -> bool:
@@ -74,8 +77,9 @@ class StepInput:
 
     def summary(self) -> dict:
         """The run summary's ``lua_input`` entry."""
+        host = self.inst.vm.host
         return {"script": self.inst.vm.path, "step_calls": self.calls, "step_errors": self.errors,
-                "ended": self.ended}
+                "ended": self.ended, "frames": int(host.step_frames), "clipped": int(host.step_clipped)}
 
     # the capture process's interface (FastPath.run, _stop_capture, snapshot)
     def poll(self):

@@ -301,8 +301,8 @@ def describe(infos) -> str:
         if i.old_onupdate:
             lines.append("    warning: " + old_onupdate_warning(i))
         if i.inputfilter_step:
-            lines.append("    inputfilter.step: runs as the input of `luaprobe run --lua-input FILE --args TEXT` (flow "
-                         "records and counters it imports); not called beside --pcap / --interface / --generate")
+            lines.append("    inputfilter.step: runs as the input of `luaprobe run --lua-input FILE --args TEXT` (the "
+                         "frames, flow records and counters it gives); not called beside --pcap / --interface / --generate")
         for p in i.problems + i.setup_problems:
             lines.append(f"    problem: {logs.one_line(p)}")
     return "\n".join(lines)

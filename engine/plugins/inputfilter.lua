@@ -2,17 +2,27 @@
 --- `trisul -mode lua -in FILE -args TEXT`, docs.trisul.org/docs/lua/inputfilter; docs/plugins.md "inputfilter").
 ---
 --- Trisul calls `inputfilter.step(packet, engine)` in a loop; it returns true to be called again and false at the end
---- of its input.  The real scripts (trisul-scripts lua/frontend_scripts/inputfilter: flowimport, kiwisyslog, silk,
---- lanl-cyber, fortigate-log, vast) import flow records and counters: `packet:set_timestamp(sec[, usec])` moves the
---- engine's clock, then `engine:update_counter`, `update_flow`, `new_flow_record`, `set_flow_duration`, `tag_flow`,
---- `update_key_info` write at that time.  The packet they get carries no frame: `packet:set_packet` (a raw frame for
---- the decoder) is refused with an error naming it, and so is every method that reads a frame.
+--- of its input.  Two ways to feed the run, in any mix (Trisul's "construct a real packet and use set_packet", "just
+--- call methods on the Engine object"):
+--- * records: `packet:set_timestamp(sec[, usec])` moves the engine's clock, then `engine:update_counter`, `update_flow`,
+---   `new_flow_record`, `set_flow_duration`, `tag_flow`, `update_key_info` write at that time (the real scripts:
+---   trisul-scripts lua/frontend_scripts/inputfilter: flowimport, kiwisyslog, silk, lanl-cyber, fortigate-log, vast);
+--- * frames: `packet:set_packet(sec, usec, dlt, bytes)` gives the frame of this call; once the call returns it goes
+---   into the packet ring as a captured packet would (the capture process's record, engine/capture/capture.lua), and
+---   the fast path decodes it, tracks its flow and runs every plug-in's hooks on it.
+--- The step packet's other methods (rawbytes, flowid, layers: reading a frame) raise an error naming the method.
+local ffi = require("ffi")
+local packet = require("luaprobe.engine.plugins.packet")
+local decode = require("luaprobe.engine.fastpath.decode")
+
+local REC, recp = packet.REC_SIZE, packet.recp
+local copy = ffi.copy
 local M = {}
 
 local floor = math.floor
 
-local NO_FRAME = "packet:%s(): an inputfilter's step packet carries no frame; luaprobe's --lua-input imports flow "
-  .. "records and counters (packet:set_timestamp, engine methods); frames come from --pcap / --interface"
+local NO_FRAME = "packet:%s(): an inputfilter's step packet is written, not read: set_timestamp and set_packet "
+  .. "(a frame set_packet gives is decoded once step returns, and the other plug-ins' hooks read it)"
 
 local StepPacket = setmetatable({}, { __index = function(_, name)     -- any other Packet method: one clear error
   return function() error(NO_FRAME:format(tostring(name)), 2) end
@@ -42,17 +52,79 @@ function StepPacket:set_timestamp(sec, usec)
   self._timed = true
 end
 
+--- The longest frame set_packet takes whole, bytes: libpcap's MAXIMUM_SNAPLEN (pcap-int.h); a longer one is cut to it
+--- (wirelen keeps its length, as a capture with that snaplen; counted in the summary's `clipped`), and to what the
+--- packet ring holds when that is less (--packet-ring-mb 1).
+M.MAX_FRAME = 262144
+
+--- set_packet(sec, usec, dlt, bytes): the frame of this step call (docs.trisul.org obj_packet "set_packet"): its time
+--- (seconds 0 .. MAX_SEC, microseconds 0 .. 999999, nil: 0), its pcap link type (`dlt`: the decoder's,
+--- decode.LINKTYPES: 1 Ethernet, 101 / 12 / 14 raw IP, 228 IPv4, 229 IPv6, 113 / 276 Linux cooked, 0 / 108 null /
+--- loopback) and its bytes (a Lua string, at least one byte).  A second call in the same step replaces the first
+--- (the packet holds one frame); the frame is processed after the call returns, also when it returns false (the
+--- script's last frame), and not when it raised an error (that record is skipped).  Errors name the argument.
+function StepPacket:set_packet(sec, usec, dlt, bytes)
+  local s, us, lt = tonumber(sec), tonumber(usec or 0), tonumber(dlt)
+  if s == nil or s ~= s or s < 0 or s > M.MAX_SEC then
+    error(("set_packet: seconds %s is not a Unix time in seconds (0..%d)"):format(tostring(sec), M.MAX_SEC), 2)
+  end
+  if us == nil or us ~= us or us < 0 or us >= 1e6 then
+    error(("set_packet: microseconds %s is not one of 0..999999"):format(tostring(usec)), 2)
+  end
+  if lt == nil or decode.LINKTYPES[lt] == nil then
+    local known = {}
+    for k in pairs(decode.LINKTYPES) do known[#known + 1] = k end
+    table.sort(known)
+    error(("set_packet: dlt %s is not a link type luaprobe decodes (%s)"):format(tostring(dlt),
+          table.concat(known, ", ")), 2)
+  end
+  if type(bytes) ~= "string" or #bytes == 0 then
+    error(("set_packet: bytes must be a non-empty string (got %s)"):format(
+          type(bytes) == "string" and "an empty string" or type(bytes)), 2)
+  end
+  self._fsec, self._fusec, self._fdlt, self._frame = floor(s), floor(us), lt, bytes
+end
+
 function StepPacket:timestamp() return self._engine:timestamp() end
 function StepPacket:set_packetstore_policy() end
 
 --- The packet object step gets, bound to `engine`.
 function M.step_packet(engine)
-  return setmetatable({ _engine = engine, _timed = false }, StepPacket)
+  return setmetatable({ _engine = engine, _timed = false, _frame = false, _fsec = false }, StepPacket)   -- (no nil
+  -- fields: a missing one reads as StepPacket's error method)
+end
+
+--- The packet ring at `addr` (shm/ring.lua), as the producer of `host`'s set_packet frames: the fast path's ring,
+--- which it drains before each round of step calls (the capture process's place; none runs with --lua-input).
+function M.attach_ring(host, addr)
+  local r = require("luaprobe.shm.ring").attach(addr)
+  host.step_ring = r
+  host.step_max_frame = math.min(M.MAX_FRAME, r.max_record - REC)
+  host.step_room = 2 * (8 + REC + host.step_max_frame + 8)   -- a record's worst case: the ring's end padded first
+  host.step_frames, host.step_clipped = 0, 0
+end
+
+-- The frame pk holds into ring r as a packet record (committed; published at the round's end); true when it was cut.
+local function put_frame(host, r, pk)
+  local bytes = pk._frame
+  local wirelen = #bytes
+  local caplen = wirelen > host.step_max_frame and host.step_max_frame or wirelen
+  local p = r:reserve(REC + caplen)                -- never nil: the round checked step_room before the call
+  local h = ffi.cast(recp, p)
+  h.kind, h.ts_sec, h.ts_nsec, h.wirelen, h.caplen = packet.PKT, pk._fsec, pk._fusec * 1000, wirelen, caplen
+  h.linktype, h.ifindex = pk._fdlt, 0
+  copy(p + REC, bytes, caplen)
+  r:commit()
+  pk._frame = false
+  host.step_frames = host.step_frames + 1
+  if caplen < wirelen then host.step_clipped = host.step_clipped + 1 end
 end
 
 --- Call `host`'s inputfilter.step up to `max` times, and no more once a call moved the engine's clock to another
 --- second: the fast path then ticks that second as a packet's would (buckets close, flows expire, backends get
---- onmetronome), so a slow input (a FIFO, a UDP socket) has its seconds ticked as they come.  No hook budget
+--- onmetronome), so a slow input (a FIFO, a UDP socket) has its seconds ticked as they come.  Frames (set_packet)
+--- end a round the same way, at the first whose second differs from the round's first frame's, and when the ring
+--- has no room left for the largest frame; they are published to the fast path at the round's end.  No hook budget
 --- (--hook-budget) for step: it is the input and may block waiting for it (fortigate-log.lua's recvfrom; a stop
 --- signal interrupts such a wait).
 --- Returns: calls made, whether the input goes on (the last call returned a true value), the clock's second (nil
@@ -67,13 +139,23 @@ function M.run(host, max)
   local wd = host.watchdog
   host.watchdog = nil
   local n, more, err = 0, true, nil
+  local r, first = host.step_ring, nil
   while n < max do
+    if r ~= nil and r:free_bytes() < host.step_room then break end   -- the fast path drains it first
     n = n + 1
+    pk._frame = false
     local ok, res = host:call("inputfilter", "step", pk, eng)
-    if not ok then err = tostring(res); break end
+    if not ok then err = tostring(res); pk._frame = false; break end
+    local fsec = pk._fsec
+    if pk._frame then
+      put_frame(host, r, pk)
+      if first == nil then first = fsec end
+    end
     if not res then more = false; break end
     if c.now ~= sec and pk._timed then break end
+    if first ~= nil and fsec ~= first then break end   -- (fsec: this call's frame's, or the last one's)
   end
+  if first ~= nil then r:publish() end
   host.watchdog = wd
   local why = host.memory_exceeded or host.budget_exceeded or nil     -- the line that disabled the instance
   if why then more = false end
