@@ -111,7 +111,12 @@ def test_a_heap_growing_with_live_data_gets_twice_the_pause_and_garbage_brings_i
         assert pause(vm) == 800
         vm.exec(CHURN)
         assert pause(vm) == 400
-        assert vm.exec("return require('luaprobe.engine.plugins.gcpace').stats().cycles") == vm.exec("return CYCLES")
+        # both count cycles by a sentinel's finalizer; at the moment they are read, one of the last cycle's two may
+        # still be pending (LuaJIT runs no finalizer from compiled code: the interpreter runs it at its next
+        # allocation, and which loops are compiled varies from process to process with the hot counters' hash)
+        ours = vm.exec("return require('luaprobe.engine.plugins.gcpace').stats().cycles")
+        theirs = vm.exec("return CYCLES")
+        assert abs(ours - theirs) <= 1 and ours >= 3, (ours, theirs)
     finally:
         vm.close()
 
@@ -119,13 +124,18 @@ def test_a_heap_growing_with_live_data_gets_twice_the_pause_and_garbage_brings_i
 def test_the_boost_saves_cycles_while_live_data_grows_and_keeps_memory_bounded_under_garbage(tmp_path):
     """The same growth (5 x 200 000 flows' objects, ~170 MB live) and then the same garbage, once at the size
     rule's pace (BOOST = 1) and once with the boost: fewer cycles while the heap grows, and under garbage the heap
-    never goes above BOOST x what the size rule allows (its peak sampled after every 100 000 tables)."""
+    never goes above BOOST x what the size rule allows (its peak sampled after every 100 000 tables).  LARGE_KB is
+    set to 1 MiB and the heap collected first, so the whole growth runs at the large-heap rule (200 against the
+    boost's 400) from one known start: 6 cycles against 4 here.  (From the VM's boot state, with the 64 MiB
+    threshold crossed midway, it was 4 against 3, and a CI run once saw 3 against 3: one cycle ending a little
+    later.)"""
     res = {}
     for boost in (1, 2):
         vm = PluginVM(helpers.write_plugin(tmp_path, PLUGIN), start_workers=False)
         try:
             vm.exec(f"require('luaprobe.engine.plugins.gcpace').BOOST = {boost}")
             vm.exec(CYCLES)
+            vm.exec("local g = require('luaprobe.engine.plugins.gcpace') g.LARGE_KB = 1024 collectgarbage() g.adjust()")
             for _ in range(5):
                 vm.exec(GROW)
                 vm.exec("require('luaprobe.engine.plugins.gcpace').adjust()")      # the fast path's check
