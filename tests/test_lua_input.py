@@ -551,3 +551,34 @@ def test_a_stop_while_frames_come_accounts_for_every_frame(tmp_path):
     assert s["bytes"] == 46 * s["packets"]
     db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
     assert list(db.execute("SELECT packets_az, bytes_az FROM flows")) == [(s["packets"], s["bytes"])]
+
+
+# A per-packet counter in 1 s buckets, to compare the buckets of step's frames with a --pcap run's
+PER_PACKET = r"""
+local G = "{4A3F1C2B-0000-4000-8000-00000000C7C7}"
+TrisulPlugin = {
+  id = { name = "per packet" },
+  countergroup = { control = { guid = G, name = "pp", bucketsize = 1 },
+                   meters = { { 0, T.K.vartype.COUNTER, 10, "n", "n", "n" } } },
+  simplecounter = { protocol_guid = "{974FB098-DE46-45db-94DA-8D64A3BBCDE5}",
+    onpacket = function(engine, layer) engine:update_counter(G, "eth", 0, 1) end } }
+"""
+
+
+def test_frames_with_set_timestamp_count_in_their_own_seconds(tmp_path):
+    """A reader that moves the engine's clock (set_timestamp) to each frame's time before set_packet: the round ends
+    at the call that moved the clock to another second, and that second is ticked only after the round's frames
+    are walked, so the frames of the second before are not late: buckets and late_packets as the --pcap run's."""
+    from tests.test_flowmon import TUTORIAL
+    (tmp_path / "reader.lua").write_text(READER.replace(
+        "packet:set_packet(u32(1)", "packet:set_timestamp(u32(1), u32(5)); packet:set_packet(u32(1)"))
+    (tmp_path / "pp.lua").write_text(PER_PACKET)
+    runs = {}
+    for name, src in (("lua", ["--lua-input", "reader.lua", "--args", TUTORIAL]), ("pcap", ["--pcap", TUTORIAL])):
+        r = luaprobe("run", "pp.lua", *src, "--out", name, "--stats-json", f"{name}.json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        db = sqlite3.connect(tmp_path / name / "luaprobe.sqlite")
+        rows = db.execute("SELECT bucket_ts, key, value FROM counters WHERE group_guid LIKE '%C7C7%' ORDER BY 1, 2")
+        s = json.loads((tmp_path / f"{name}.json").read_text())
+        runs[name] = (list(rows), s["packets"], s["late_packets"])
+    assert runs["lua"] == runs["pcap"] and runs["pcap"][2] == 0 and len(runs["pcap"][0]) > 10

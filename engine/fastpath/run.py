@@ -1134,6 +1134,7 @@ class FastPath:
                     self.loop_ru_end = _thread_rusage()
                 kind = driver.ctl_kind
                 if kind is None and steps is not None:     # --lua-input: the script's step is the input
+                    self._step_tick_pending()              # the last round's frames are walked: its clock's tick
                     if not steps.more:
                         break
                     self._step_round(steps, rt)
@@ -1256,17 +1257,27 @@ class FastPath:
         raise PluginError(f"{why[0]}; --lua-input cannot run" if why else
                           f"{self.cfg.lua_input}: --lua-input: its onload returned false; nothing feeds the run")
 
+    def _step_tick_pending(self) -> None:
+        """The tick of the clock second a round of step calls reached, held while that round's frames were walked."""
+        sec, self._step_sec = getattr(self, "_step_sec", None), None
+        if sec is not None and (self.sec is None or sec > self.sec):
+            self._tick(sec)
+
     def _step_round(self, steps: StepInput, rt) -> None:
         """One round of --lua-input step calls, then what a batch is followed by: the tick of a second its clock
         reached, messages, T.async results, stats."""
         if self.loop_start is None:
             self.loop_start, self.loop_cpu_start, self.loop_ru_start = \
                 time.monotonic(), time.thread_time(), _thread_rusage()
+        frames = int(steps.inst.vm.host.step_frames)
         sec = steps.step()
         if self._stop and steps.ended == "end of input":    # a stop signal interrupted a step's wait (EINTR)
             steps.ended = "stopped"
         if sec is not None and (self.sec is None or sec > self.sec):
-            self._tick(sec)
+            if int(steps.inst.vm.host.step_frames) != frames:   # the round's frames are walked first, in their own
+                self._step_sec = sec                            # times (a frame of the second the records moved
+            else:                                               # away from is not late): ticked once they are
+                self._tick(sec)
         if self._posted:
             self._deliver_messages()
         rt.service()
