@@ -508,7 +508,8 @@ def test_set_packet_errors_skip_that_call_and_long_frames_are_cut(tmp_path):
     ("{1700000001, 6, 1, ''}", "set_packet: bytes must be a non-empty string (got an empty string)"),
     ("{-1, 6, 1, 'abc'}", "set_packet: seconds -1 is not a Unix time in seconds (0..4294967295)"),
     ("{1700000001, 6, 1, {}}", "set_packet: bytes must be a non-empty string (got table)"),
-], ids=["dlt", "empty", "seconds", "not-a-string"])
+    ("{1700000001, false, 1, 'abc'}", "set_packet: microseconds false is not one of 0..999999"),
+], ids=["dlt", "empty", "seconds", "not-a-string", "usec-false"])
 def test_set_packet_argument_errors_name_the_argument_and_line(tmp_path, case, message):
     """Each bad argument is one logged line with the script's file:line and what was wrong (exit 0: the record is
     skipped, as any step error)."""
@@ -534,7 +535,7 @@ end } }
 
 def test_a_stop_while_frames_come_accounts_for_every_frame(tmp_path):
     """SIGINT during an endless frame source: the run ends as a stopped run (exit 130) and every frame step gave is
-    either walked (`packets`) or counted as still in the ring at the stop (`not_walked_at_stop`)."""
+    walked, those still in the ring at the stop too (as a live capture's: the run says what came was processed)."""
     (tmp_path / "endless.lua").write_text(ENDLESS)
     p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "-q", "--lua-input", "endless.lua",
                           "--out", "out", "--stats-json", "s.json"], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -547,7 +548,7 @@ def test_a_stop_while_frames_come_accounts_for_every_frame(tmp_path):
     s = json.loads((tmp_path / "s.json").read_text())
     li = s["lua_input"]
     assert li["ended"] == "stopped" and li["frames"] >= 200000 and li["frames"] == li["step_calls"], li
-    assert li["frames"] == s["packets"] + s["not_walked_at_stop"], (li, s["packets"], s["not_walked_at_stop"])
+    assert li["frames"] == s["packets"] and s["not_walked_at_stop"] == 0, (li, s["packets"], s["not_walked_at_stop"])
     assert s["bytes"] == 46 * s["packets"]
     db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
     assert list(db.execute("SELECT packets_az, bytes_az FROM flows")) == [(s["packets"], s["bytes"])]
@@ -582,3 +583,98 @@ def test_frames_with_set_timestamp_count_in_their_own_seconds(tmp_path):
         s = json.loads((tmp_path / f"{name}.json").read_text())
         runs[name] = (list(rows), s["packets"], s["late_packets"])
     assert runs["lua"] == runs["pcap"] and runs["pcap"][2] == 0 and len(runs["pcap"][0]) > 10
+
+
+FIFO_FRAMES = r"""
+local udp = string.char(0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 8, 0, 0x45, 0, 0, 0x20, 0, 1, 0, 0, 0x40,
+                        0x11, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2)
+TrisulPlugin = { id = { name = "fifo frames" },
+  onload = function() f = io.open(T.args, "r") end,
+  inputfilter = { step = function(packet, engine)
+    local n = f:read("*n")            -- blocks until the test writes the next number (nil: the writer closed)
+    if n == nil then return false end
+    packet:set_packet(1700000000, 0, 1, udp .. string.char(math.floor(n / 256), n % 256, 0, 53, 0, 12, 0, 0) .. "abcd")
+    return true
+  end } }
+"""
+
+SEEN = r"""
+TrisulPlugin = { id = { name = "seen" },
+  simplecounter = { protocol_guid = "{14D7AB53-CC51-47e9-8814-9C06AAE60189}", onpacket = function(engine, layer)
+    io.open("seen-" .. layer:rawbytes():hval_16(0), "w"):close()
+  end } }
+"""
+
+
+def test_frames_from_a_waiting_step_are_walked_without_waiting_for_the_next(tmp_path):
+    """A step that waits for its input (a FIFO) with every frame in the same second: each frame reaches the other
+    plug-ins' hooks while step waits for the next one (rounds are one call until FAST_CALLS calls in a row came
+    back at once), not when a later frame or the end of the input comes.  The test writes the next number only
+    after the hook saw the last one, so a frame held back would stop the exchange (the wait fails, whatever the
+    timing: the writes come one at a time).  The frame counts reconcile."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "fifo.lua").write_text(FIFO_FRAMES)
+    (tmp_path / "seen.lua").write_text(SEEN)
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "-q", "seen.lua", "--lua-input",
+                          "fifo.lua", "--args", str(fifo), "--out", "out", "--stats-json", "s.json"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    with helpers.killed_when_left(p):
+        fd = helpers.fifo_writer(fifo, p)
+        try:
+            for n in (1000, 1001, 1002):
+                os.write(fd, f"{n}\n".encode())
+                helpers.wait_for(lambda n=n: (tmp_path / f"seen-{n}").exists() or p.poll() is not None, timeout=60,
+                                 fail=False)
+                assert (tmp_path / f"seen-{n}").exists(), \
+                    f"frame {n} not walked while step waits for the next (exit {p.poll()})"
+        finally:
+            os.close(fd)
+        _out, err = helpers.finish(p, 120)
+    assert p.returncode == 0, err
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["lua_input"]["frames"], s["packets"], s["lua_input"]["ended"]) == (3, 3, "end of input")
+
+
+
+ARGS_AT_TOP = r"""
+local dir, name = T.args:match("^(.*)/([^/]*)$")      -- T.args read at the top level, as lanlflow.lua's onload does
+local frames, saved = { 1700000000.25, 1700000001.5 }, nil
+TrisulPlugin = { id = { name = "top-level args" },
+  onunload = function()
+    local ok, err = pcall(saved.set_packet, saved, 1700000002, 0, 1, "abc")   -- a kept step packet, used later
+    local f = io.open(dir .. "/unload.txt", "w")
+    f:write(tostring(ok), "\t", tostring(err))
+    f:close()
+  end,
+  inputfilter = { step = function(packet, engine)
+    saved = packet
+    local t = table.remove(frames, 1)
+    if t == nil then return false end
+    packet:set_packet(t, nil, 228, string.char(0x45, 0, 0, 24, 0, 1, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+                                               0, 7, 0, 7))
+    return true
+  end } }
+"""
+
+
+def test_t_args_at_the_top_level_a_seconds_fraction_and_a_kept_packet(tmp_path):
+    """T.args is the --args TEXT wherever the script's top level runs (the run's load and `luaprobe check`; before,
+    the probe ran it once with T.args nil: exit 4, and dofile(T.args) read stdin); set_packet's seconds with a fraction
+    and no microseconds give the microseconds, as set_timestamp; a step packet kept and used outside step is an
+    error naming set_packet, not a frame silently dropped."""
+    (tmp_path / "top.lua").write_text(ARGS_AT_TOP)
+    r = luaprobe("run", "-q", "--lua-input", "top.lua", "--args", str(tmp_path / "x.txt"), "--out", "out",
+                 "--stats-json", "s.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["lua_input"]["frames"], s["packets"]) == (2, 2)
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    assert list(db.execute("SELECT first_ts, last_ts, packets_az + packets_za FROM flows")) == \
+        [(1700000000.25, 1700000001.5, 2)]
+    ok, err = (tmp_path / "unload.txt").read_text().split("\t")
+    assert ok == "false" and "set_packet: called outside inputfilter.step" in err, err
+    r = luaprobe("check", "--lua-input", "top.lua", "--args", str(tmp_path / "x.txt"), cwd=tmp_path)
+    assert r.returncode == 0 and "inputfilter (supported)" in r.stdout, r.stdout + r.stderr
+    r = luaprobe("check", "--args", "x", "top.lua", cwd=tmp_path)
+    assert r.returncode == 2 and "--args needs --lua-input" in r.stderr

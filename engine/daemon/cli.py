@@ -616,6 +616,9 @@ def cmd_check(args) -> int:
     if not args.plugins and lua_input is None:
         print("luaprobe check: give a PLUGIN file or directory, or --lua-input FILE", file=sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "lua_args", None) is not None and lua_input is None:
+        print("luaprobe check: --args needs --lua-input (they are the input script's arguments)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         check_plugins(args.plugins + ([lua_input] if lua_input else []))
         if lua_input is not None and os.path.isdir(lua_input):
@@ -627,7 +630,8 @@ def cmd_check(args) -> int:
     try:
         from luaprobe.engine.plugins.loadwatch import LoadWatch
         with LoadWatch("luaprobe check", EXIT_PLUGIN):      # a top level stuck in a compiled loop: exit 4
-            infos = probe_all(args.plugins, args.lua_path, args.hook_budget, lua_input=lua_input)
+            infos = probe_all(args.plugins, args.lua_path, args.hook_budget, lua_input=lua_input,
+                              lua_args=getattr(args, "lua_args", None))
     except PluginError as e:
         print(f"luaprobe check: {e}", file=sys.stderr)
         return EXIT_PLUGIN
@@ -833,6 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("plugins", nargs="*", metavar="PLUGIN")
     check.add_argument("--lua-input", metavar="FILE", type=nonempty("a file name"),
                        help="check FILE as run --lua-input takes it: an inputfilter whose step is the input")
+    check.add_argument("--args", dest="lua_args", metavar="TEXT",
+                       help="T.args of the --lua-input script, as run's (its top level runs when it is checked)")
     check.add_argument("--lua-path", action="append", default=[], metavar="DIR", type=nonempty("a directory"),
                        help="extra Lua search directory (repeatable), as run's")
     check.add_argument("--hook-budget", type=float, default=10.0, metavar="S",

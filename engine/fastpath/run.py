@@ -531,7 +531,7 @@ class FastPath:
         # each top level under the hook budget (engine/plugins/host.lua boot); the daemon's stall rule watches
         # loading too (supervisor._check_stall): a beat naming each file before it loads
         self.infos = probe_all(cfg.plugins, cfg.lua_path, cfg.hook_budget, before=self._loading,
-                               lua_input=cfg.lua_input)
+                               lua_input=cfg.lua_input, lua_args=cfg.lua_args)
         if not self.infos and cfg.plugins:
             raise PluginError("no plug-in files found in " + ", ".join(cfg.plugins))
         for i in self.infos:                 # warned, not adapted: see discovery.old_onupdate_warning
@@ -1072,8 +1072,9 @@ class FastPath:
                 hosts.insert(0, None)
             driver = self.driver
             # files and --generate (sharded too): packets still in the ring at a stop are not walked
-            # (not_walked_at_stop); live runs walk what was captured before the stop (docs/live.md, operations.md)
-            skip = None if cfg.interface else method(lua, "skip")
+            # (not_walked_at_stop); live runs walk what was captured before the stop (docs/live.md, operations.md), and
+            # a --lua-input what its step gave (at most one round of step calls)
+            skip = None if cfg.interface or cfg.lua_input else method(lua, "skip")
             rt.abort = lambda: self._stop == 3
             rt.beat = self._beat
             self._beat(force=True)
@@ -1388,7 +1389,8 @@ class FastPath:
         onbeginflush).  Frontend instances and per-flow state are untouched."""
         self._reload = False
         try:
-            infos = probe_all(self.cfg.plugins, self.cfg.lua_path, self.cfg.hook_budget, lua_input=self.cfg.lua_input)
+            infos = probe_all(self.cfg.plugins, self.cfg.lua_path, self.cfg.hook_budget, lua_input=self.cfg.lua_input,
+                              lua_args=self.cfg.lua_args)
             bad = [e for i in infos for e in i.errors]
         except PluginError as e:
             bad = [str(e)]

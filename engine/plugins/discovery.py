@@ -135,10 +135,10 @@ def _mentions_plugin(path: str, unreadable: bool = True) -> bool:
 
 
 _PROBE = r"""
-return function(path, log, budget)
+return function(path, log, budget, args)
   local host_mod = require("luaprobe.engine.plugins.host")
   local host, err = host_mod.boot({ path = path, instance = "probe", enginetype = "frontend", log = log,
-                                     print = function() end, budget = budget })
+                                     print = function() end, budget = budget, args = args })
   if not host then return nil, err end
   local types = host:types()
   local cg, problem = host:countergroup()
@@ -200,16 +200,18 @@ def _to_py(x, keep_bytes: bool = False):
     return x
 
 
-def probe(path: str, lua_path=(), budget: float = 0.0, step_input: bool = False) -> PluginInfo:
+def probe(path: str, lua_path=(), budget: float = 0.0, step_input: bool = False, args: str | None = None) -> PluginInfo:
     """Load `path` once to learn its types; load errors land in .errors (file:line), unsupported types in .unsupported.
     ``budget``: seconds the file's top level may run (the hook budget, engine/plugins/host.lua boot; 0 = off): an
     endless loop there is a load error, or, compiled, ends the process (engine/plugins/loadwatch.py).
-    ``step_input``: the file is the run's --lua-input (its inputfilter runs by its step; without one, an error)."""
+    ``step_input``: the file is the run's --lua-input (its inputfilter runs by its step; without one, an error);
+    ``args``: its T.args (--args), which its top level sees in the probe as in the run."""
     from luaprobe.shm.luajit import new_runtime
     info = PluginInfo(path=path, name=os.path.basename(path))
     lua = new_runtime(plugin_dirs(path, lua_path))
     try:
-        res, err = lua.execute(_PROBE)(os.fsencode(path), logs.lua_log, float(budget))
+        res, err = lua.execute(_PROBE)(os.fsencode(path), logs.lua_log, float(budget),
+                                       None if args is None else os.fsencode(args))
     except Exception as e:  # noqa: BLE001 - a Lua error while probing is a plug-in problem
         from luaprobe.engine.plugins.errors import text
         info.errors.append(load_error(text(e), path))
@@ -250,12 +252,14 @@ def probe(path: str, lua_path=(), budget: float = 0.0, step_input: bool = False)
     return info
 
 
-def probe_all(plugins, lua_path=(), budget: float = 0.0, before=None, lua_input: str | None = None) -> list[PluginInfo]:
+def probe_all(plugins, lua_path=(), budget: float = 0.0, before=None, lua_input: str | None = None,
+              lua_args: str | None = None) -> list[PluginInfo]:
     """Discover and :func:`probe` every plug-in of ``plugins`` (files or directories) with their Lua search path
     (shm/searchpath.py ``search_path``) and top-level ``budget``: one :class:`PluginInfo` each, in discovery order
     ([] when none); ``before(file)`` is called before each probe (the fast path's heartbeat).  Raises PluginError
     as :func:`discover` does.  Used by `luaprobe check`, a run's load and both reloads.  ``lua_input``: the run's
-    --lua-input file, probed last (once, also when a PLUGIN directory holds it) as the run's input."""
+    --lua-input file, probed last (once, also when a PLUGIN directory holds it) as the run's input, with ``lua_args``
+    as its T.args."""
     from luaprobe.shm.searchpath import search_path
     path = search_path(plugins, lua_path)
     infos = []
@@ -266,7 +270,8 @@ def probe_all(plugins, lua_path=(), budget: float = 0.0, before=None, lua_input:
     for f in files:
         if before is not None:
             before(f)
-        infos.append(probe(f, path, budget, step_input=lua_input is not None and f is lua_input))
+        is_input = lua_input is not None and f is lua_input
+        infos.append(probe(f, path, budget, step_input=is_input, args=lua_args if is_input else None))
     # a protocol_handler's protocol is registered in every VM of a run before the walks are set up
     # (engine/fastpath/run.py _load_plugins: self.protocols), so a simplecounter may count on it
     handled = {i.protocol["guid"].upper() for i in infos if i.protocol and not i.errors and "protocol_handler" in i.types}

@@ -17,6 +17,7 @@ local decode = require("luaprobe.engine.fastpath.decode")
 
 local REC, recp = packet.REC_SIZE, packet.recp
 local copy = ffi.copy
+local now_ns = require("luaprobe.shm.clock").now_ns
 local M = {}
 
 local floor = math.floor
@@ -58,15 +59,22 @@ end
 M.MAX_FRAME = 262144
 
 --- set_packet(sec, usec, dlt, bytes): the frame of this step call (docs.trisul.org obj_packet "set_packet"): its time
---- (seconds 0 .. MAX_SEC, microseconds 0 .. 999999, nil: 0), its pcap link type (`dlt`: the decoder's,
+--- (seconds 0 .. MAX_SEC, microseconds 0 .. 999999; nil: the seconds' fraction, as set_timestamp), its pcap link type (`dlt`: the decoder's,
 --- decode.LINKTYPES: 1 Ethernet, 101 / 12 / 14 raw IP, 228 IPv4, 229 IPv6, 113 / 276 Linux cooked, 0 / 108 null /
 --- loopback) and its bytes (a Lua string, at least one byte).  A second call in the same step replaces the first
 --- (the packet holds one frame); the frame is processed after the call returns, also when it returns false (the
 --- script's last frame), and not when it raised an error (that record is skipped).  Errors name the argument.
 function StepPacket:set_packet(sec, usec, dlt, bytes)
-  local s, us, lt = tonumber(sec), tonumber(usec or 0), tonumber(dlt)
+  if not self._in then
+    error("set_packet: called outside inputfilter.step (a frame is given by the step call it belongs to)", 2)
+  end
+  local s, us, lt = tonumber(sec), tonumber(usec), tonumber(dlt)
   if s == nil or s ~= s or s < 0 or s > M.MAX_SEC then
     error(("set_packet: seconds %s is not a Unix time in seconds (0..%d)"):format(tostring(sec), M.MAX_SEC), 2)
+  end
+  if usec == nil then                        -- as set_timestamp: a fraction of the seconds gives the microseconds
+    us = floor((s - floor(s)) * 1e6 + 0.5)
+    if us >= 1e6 then us = 999999 end
   end
   if us == nil or us ~= us or us < 0 or us >= 1e6 then
     error(("set_packet: microseconds %s is not one of 0..999999"):format(tostring(usec)), 2)
@@ -90,7 +98,7 @@ function StepPacket:set_packetstore_policy() end
 
 --- The packet object step gets, bound to `engine`.
 function M.step_packet(engine)
-  return setmetatable({ _engine = engine, _timed = false, _frame = false, _fsec = false }, StepPacket)   -- (no nil
+  return setmetatable({ _engine = engine, _timed = false, _frame = false, _fsec = false, _in = false }, StepPacket)   -- (no nil
   -- fields: a missing one reads as StepPacket's error method)
 end
 
@@ -120,11 +128,24 @@ local function put_frame(host, r, pk)
   if caplen < wirelen then host.step_clipped = host.step_clipped + 1 end
 end
 
+--- The longest a round of step calls goes on (ns of the monotonic clock, checked after each call): 50 ms.
+M.ROUND_NS = 50e6
+--- A step call this long (ns) waited for its input.  1 ms: a call that reads a record from a buffered file takes ~1 us.
+M.SLOW_NS = 1e6
+--- Calls in a row that must come back within SLOW_NS before rounds are longer than one call: 64.
+M.FAST_CALLS = 64
+
 --- Call `host`'s inputfilter.step up to `max` times, and no more once a call moved the engine's clock to another
 --- second: the fast path then ticks that second as a packet's would (buckets close, flows expire, backends get
 --- onmetronome), so a slow input (a FIFO, a UDP socket) has its seconds ticked as they come.  Frames (set_packet)
 --- end a round the same way, at the first whose second differs from the round's first frame's, and when the ring
---- has no room left for the largest frame; they are published to the fast path at the round's end.  No hook budget
+--- has no room left for the largest frame; they are published to the fast path at the round's end.
+--- A step that waits for its input (a FIFO, a socket) cannot be interrupted to walk what it gave before, so a round
+--- is one call (its frame walked, T.async results and messages served, before the next call, which may wait) until
+--- FAST_CALLS calls in a row came back within SLOW_NS (an input read at full speed, a file): then rounds are up to
+--- `max` calls long, end after ROUND_NS, and end after a call that took SLOW_NS or more, which makes them one call
+--- long again.  (A burst of more than FAST_CALLS frames followed by a pause: the frames of its last round wait for
+--- the call that waits to return.)  No hook budget
 --- (--hook-budget) for step: it is the input and may block waiting for it (fortigate-log.lua's recvfrom; a stop
 --- signal interrupts such a wait).
 --- Returns: calls made, whether the input goes on (the last call returned a true value), the clock's second (nil
@@ -140,11 +161,16 @@ function M.run(host, max)
   host.watchdog = nil
   local n, more, err = 0, true, nil
   local r, first = host.step_ring, nil
+  local last = now_ns()
+  local due, slow = last + M.ROUND_NS, M.SLOW_NS
+  local fast = host.step_fast or 0                 -- calls in a row that came back within SLOW_NS
+  if fast < M.FAST_CALLS then max = 1 end           -- an input that waits: each call's frame walked before the next
   while n < max do
     if r ~= nil and r:free_bytes() < host.step_room then break end   -- the fast path drains it first
     n = n + 1
-    pk._frame = false
+    pk._frame, pk._in = false, true
     local ok, res = host:call("inputfilter", "step", pk, eng)
+    pk._in = false
     if not ok then err = tostring(res); pk._frame = false; break end
     local fsec = pk._fsec
     if pk._frame then
@@ -154,7 +180,13 @@ function M.run(host, max)
     if not res then more = false; break end
     if c.now ~= sec and pk._timed then break end
     if first ~= nil and fsec ~= first then break end   -- (fsec: this call's frame's, or the last one's)
+    local t = now_ns()
+    if t - last >= slow then fast = 0; break end
+    fast = fast + 1
+    if t >= due then break end
+    last = t
   end
+  host.step_fast = fast
   if first ~= nil then r:publish() end
   host.watchdog = wd
   local why = host.memory_exceeded or host.budget_exceeded or nil     -- the line that disabled the instance
