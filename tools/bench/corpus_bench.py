@@ -29,9 +29,11 @@ What is timed (the same for every cell):
   summary's ``elapsed_s`` stops earlier, before the writer's last rows and the close.)
 * **wall** — the whole ``luaprobe run`` process, start-up included.
 * **walk** — a LuaJIT loop over the same file, mapped in memory: each packet is
-  decoded with luaprobe's decoder and a Lua hook counts TCP destination ports in a table
-  (``hval``-like work).  No ring, no flow table, no second process, no database: the practical
-  upper bound of a per-packet Lua loop on this machine.  In each of :data:`WALK_PROCESSES` fresh processes,
+  decoded with luaprobe's decoder and a Lua hook counts the destination ports of the transport the
+  light plug-ins hook on that traffic (TCP; UDP on ``dns``, the shape's ``layer`` in tools/bench/corpus.py) in
+  a table (``hval``-like work).  Until 2026-12-03 it counted TCP ports on every shape, so on ``dns`` (no TCP) it
+  decoded and counted nothing while luaprobe's plug-ins were called on every UDP packet.  No ring, no flow
+  table, no second process, no database: the practical upper bound of a per-packet Lua loop on this machine.  In each of :data:`WALK_PROCESSES` fresh processes,
   the median of --runs walks after one warm-up walk (the file is in the page cache for all); the column is the
   median of those processes' medians.  One process is not enough: which trace tree LuaJIT builds for the walk
   depends on where its bytecode lands (hot counters are a 64-slot hash of bytecode addresses), which changes
@@ -73,7 +75,8 @@ WALK = r"""
 local pcapfile = require("luaprobe.engine.capture.pcapfile")
 local decode = require("luaprobe.engine.fastpath.decode")
 local TCP = decode.PROTO.TCP
-return function(addr, size)
+return function(addr, size, layer)
+  local proto = layer == "udp" and decode.PROTO.UDP or TCP      -- the transport the light plug-ins hook
   local counts, n, d = {}, 0, decode.new()
   local r = pcapfile.open(addr, size)
   while true do
@@ -81,7 +84,7 @@ return function(addr, size)
     if p == nil then break end
     n = n + 1
     decode.decode(d, p, caplen, linktype)
-    if decode.find(d, TCP) >= 0 then
+    if decode.find(d, proto) >= 0 then
       local k = d.dport
       counts[k] = (counts[k] or 0) + 1
     end
@@ -98,31 +101,33 @@ HEAVY = {"flows-1m": ("empty",)}
 WALK_PROCESSES = 5
 
 
-def walk_gauge(path: str, runs: int, processes: int = WALK_PROCESSES) -> tuple[int, list[float]]:
+def walk_gauge(path: str, runs: int, processes: int = WALK_PROCESSES, layer: str = "tcp") -> tuple[int, list[float]]:
     """(packets, [packets/s of each process: the median of its --runs walks]) of :func:`walk_rates` run in
-    `processes` fresh Python processes, one after the other."""
+    `processes` fresh Python processes, one after the other, counting ports of `layer` ("tcp" or "udp")."""
     code = ("import json, statistics, sys; from tools.bench.corpus_bench import walk_rates; "
-            "n, r = walk_rates(sys.argv[1], int(sys.argv[2])); print(json.dumps([n, statistics.median(r)]))")
+            "n, r = walk_rates(sys.argv[1], int(sys.argv[2]), sys.argv[3]); "
+            "print(json.dumps([n, statistics.median(r)]))")
     n, medians = 0, []
     for _ in range(processes):
-        out = subprocess.run([sys.executable, "-c", code, path, str(runs)], cwd=REPO, capture_output=True,
+        out = subprocess.run([sys.executable, "-c", code, path, str(runs), layer], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout
         n, med = json.loads(out)
         medians.append(med)
     return n, medians
 
 
-def walk_rates(path: str, runs: int) -> tuple[int, list[float]]:
-    """(packets, [packets/s of each of `runs` walks]) in this process, after one warm-up walk."""
+def walk_rates(path: str, runs: int, layer: str = "tcp") -> tuple[int, list[float]]:
+    """(packets, [packets/s of each of `runs` walks]) in this process, after one warm-up walk; the walk counts the
+    destination ports of `layer` ("tcp" or "udp")."""
     from luaprobe.engine.capture.pcapfile import open_capture
     from luaprobe.shm.luajit import new_runtime
     walk = new_runtime().execute(WALK)
     rates = []
     with open_capture(path) as cap:
-        n = int(walk(cap.address, cap.size))             # warm-up: page cache and traces
+        n = int(walk(cap.address, cap.size, layer))      # warm-up: page cache and traces
         for _ in range(runs):
             t = time.perf_counter()
-            walk(cap.address, cap.size)
+            walk(cap.address, cap.size, layer)
             rates.append(n / (time.perf_counter() - t))
     return n, rates
 
@@ -231,7 +236,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="lp-bench-") as work:
         for c in traffic:
             path = corpus.make(c, a.quick)
-            n, walk = walk_gauge(path, a.runs)
+            n, walk = walk_gauge(path, a.runs, layer=corpus.SHAPES[c].get("layer", "tcp"))
             wmed = statistics.median(walk)
             walks.append(f"{c} {fmt(min(walk))} / {fmt(wmed)} / {fmt(max(walk))}")
             for s in plugins:
