@@ -101,10 +101,19 @@ def tag_text(text: str) -> str:
     return _CONTROL_NL.sub(_esc, text)
 
 
+#: Trisul levels whose name the line's own level already says (logging's ERROR, WARNING, INFO, DEBUG): not repeated
+_SAME_NAME = {4, 5, 7, 8}
+
+
 def lua_log(level, script, instance, msg) -> None:
-    """Sink for T.log* in any VM: one line tagged with script file name and instance (see safe_text, tag_text)."""
+    """Sink for T.log* in any VM: one line tagged with script file name and instance (see safe_text, tag_text), e.g.
+    ``... ERROR [x.lua#1] simplecounter.onpacket error: ...``; Trisul's level name follows the tag only when the
+    line's own level does not say it (EMERG, FATAL, ALERT, CRIT: CRITICAL lines; NOTICE: an INFO line)."""
     level = int(level) if level is not None else 8
     name = tag_text(os.path.basename(_text(script))) if script else "lua"
+    if level in _SAME_NAME:
+        log.log(_PY_LEVEL[level], "[%s#%s] %s", name, tag_text(_text(instance)), safe_text(_text(msg)))
+        return
     log.log(_PY_LEVEL.get(level, 10), "[%s#%s] %s: %s", name, tag_text(_text(instance)),
             LEVELS[level] if 0 <= level < len(LEVELS) else level, safe_text(_text(msg)))
 
