@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -635,6 +636,43 @@ def test_frames_from_a_waiting_step_are_walked_without_waiting_for_the_next(tmp_
     s = json.loads((tmp_path / "s.json").read_text())
     assert (s["lua_input"]["frames"], s["packets"], s["lua_input"]["ended"]) == (3, 3, "end of input")
 
+
+
+FIFO_TIMED_FRAMES = FIFO_FRAMES.replace('local n = f:read("*n")', 'local n, t = f:read("*n", "*n")').replace(
+    "packet:set_packet(1700000000, 0,", "packet:set_packet(t, 0,")
+
+
+def test_a_pause_into_another_second_makes_rounds_one_call_again(tmp_path):
+    """A FIFO read at full speed (a burst of 100 lines, rounds longer than one call), then a pause: the call that
+    waited returns a frame of another second, which ends its round; it must also count as a call that waited, so
+    the next rounds are one call each again.  Before, that break came first and the input stayed 'fast' for good:
+    every later burst had all its frames but the first held until the next burst (UDP bursts of 5 frames 2 s
+    apart: 4 of 5 walked 2 s late)."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "fifo.lua").write_text(FIFO_TIMED_FRAMES)
+    (tmp_path / "seen.lua").write_text(SEEN)
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "-q", "seen.lua", "--lua-input",
+                          "fifo.lua", "--args", str(fifo), "--out", "out", "--stats-json", "s.json"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    with helpers.killed_when_left(p):
+        fd = helpers.fifo_writer(fifo, p)
+        try:
+            os.write(fd, "".join(f"{1000 + i} 1700000000\n" for i in range(100)).encode())   # one burst
+            helpers.wait_for(lambda: (tmp_path / "seen-1050").exists() or p.poll() is not None, timeout=60,
+                             fail=False)
+            time.sleep(0.2)                                    # the burst's tail is held by the waiting call
+            os.write(fd, b"1100 1700000001\n")                # another second: returns the waiting call
+            os.write(fd, b"1101 1700000001\n")
+            helpers.wait_for(lambda: (tmp_path / "seen-1101").exists() or p.poll() is not None, timeout=20,
+                             fail=False)
+            assert (tmp_path / "seen-1101").exists(), f"frame 1101 held while step waits (exit {p.poll()})"
+        finally:
+            os.close(fd)
+        _out, err = helpers.finish(p, 120)
+    assert p.returncode == 0, err
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["lua_input"]["frames"], s["packets"], s["not_walked_at_stop"]) == (102, 102, 0)
 
 
 ARGS_AT_TOP = r"""

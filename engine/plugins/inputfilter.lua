@@ -178,12 +178,12 @@ function M.run(host, max)
       if first == nil then first = fsec end
     end
     if not res then more = false; break end
+    local t = now_ns()                 -- before the breaks below: a call that waited (a pause of a second or more
+    local waited = t - last >= slow    -- returns a frame of another second) makes the next rounds one call again
+    if waited then fast = 0 else fast = fast + 1 end
     if c.now ~= sec and pk._timed then break end
     if first ~= nil and fsec ~= first then break end   -- (fsec: this call's frame's, or the last one's)
-    local t = now_ns()
-    if t - last >= slow then fast = 0; break end
-    fast = fast + 1
-    if t >= due then break end
+    if waited or t >= due then break end
     last = t
   end
   host.step_fast = fast
