@@ -135,10 +135,10 @@ M.SLOW_NS = 1e6
 --- Calls in a row that must come back within SLOW_NS before rounds are longer than one call: 64.
 M.FAST_CALLS = 64
 
---- Call `host`'s inputfilter.step up to `max` times, and no more once a call moved the engine's clock to another
+--- Call `host`'s inputfilter.step up to `max` times, and no more once a call moved the engine's clock to a later
 --- second: the fast path then ticks that second as a packet's would (buckets close, flows expire, backends get
 --- onmetronome), so a slow input (a FIFO, a UDP socket) has its seconds ticked as they come.  Frames (set_packet)
---- end a round the same way, at the first whose second differs from the round's first frame's, and when the ring
+--- end a round the same way, at the first of a later second than the round's first frame's, and when the ring
 --- has no room left for the largest frame; they are published to the fast path at the round's end.
 --- A step that waits for its input (a FIFO, a socket) cannot be interrupted to walk what it gave before, so a round
 --- is one call (its frame walked, T.async results and messages served, before the next call, which may wait) until
@@ -179,10 +179,10 @@ function M.run(host, max)
     end
     if not res then more = false; break end
     local t = now_ns()                 -- before the breaks below: a call that waited (a pause of a second or more
-    local waited = t - last >= slow    -- returns a frame of another second) makes the next rounds one call again
+    local waited = t - last >= slow    -- returns a frame of a later second) makes the next rounds one call again
     if waited then fast = 0 else fast = fast + 1 end
-    if c.now ~= sec and pk._timed then break end
-    if first ~= nil and fsec ~= first then break end   -- (fsec: this call's frame's, or the last one's)
+    if c.now > sec and pk._timed then break end        -- a later second (one before it needs no tick)
+    if first ~= nil and fsec > first then break end    -- (fsec: this call's frame's, or the last one's)
     if waited or t >= due then break end
     last = t
   end
