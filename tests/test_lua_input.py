@@ -716,3 +716,43 @@ def test_t_args_at_the_top_level_a_seconds_fraction_and_a_kept_packet(tmp_path):
     assert r.returncode == 0 and "inputfilter (supported)" in r.stdout, r.stdout + r.stderr
     r = luaprobe("check", "--args", "x", "top.lua", cwd=tmp_path)
     assert r.returncode == 2 and "--args needs --lua-input" in r.stderr
+
+
+def _waits_on_read(pid: int) -> bool:
+    """The process's main thread is blocked in read(2) (/proc/PID/syscall: number 0 on x86-64, 63 on arm64)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            first = f.read().split()[0]
+    except (OSError, IndexError):
+        return False
+    return first in ("0", "63")
+
+
+def test_a_burst_then_a_pause_holds_back_few_frames(tmp_path):
+    """A burst of 200 frames in one write, then the input waits: while step waits in read(2) for more, every frame
+    but those of its last round has been walked.  Rounds are one call for the first 64 quick calls, then 2, 4, 8,
+    ... so the last round took fewer than half of the frames after those: at most (200 - 65) / 2 held.  Before (one
+    round of up to 4 096 calls after 64 quick ones) 135 of the 200 were held until the next input."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "fifo.lua").write_text(FIFO_FRAMES)
+    (tmp_path / "seen.lua").write_text(SEEN)
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "-q", "seen.lua", "--lua-input",
+                          "fifo.lua", "--args", str(fifo), "--out", "out", "--stats-json", "s.json"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    with helpers.killed_when_left(p):
+        fd = helpers.fifo_writer(fifo, p)
+        try:
+            helpers.wait_for(lambda: _waits_on_read(p.pid) or p.poll() is not None, timeout=60)
+            os.write(fd, "".join(f"{1000 + i}\n" for i in range(200)).encode())
+            # read all 200 lines and waiting again: what it walked is done (the walk runs between rounds)
+            helpers.wait_for(lambda: ((tmp_path / "seen-1000").exists() and _waits_on_read(p.pid))
+                             or p.poll() is not None, timeout=60)
+            seen = sum((tmp_path / f"seen-{1000 + i}").exists() for i in range(200))
+            assert 200 - seen <= (200 - 65) // 2, f"{200 - seen} of 200 frames held while step waits"
+        finally:
+            os.close(fd)
+        _out, err = helpers.finish(p, 120)
+    assert p.returncode == 0, err
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["lua_input"]["frames"], s["packets"]) == (200, 200)

@@ -142,10 +142,10 @@ M.FAST_CALLS = 64
 --- has no room left for the largest frame; they are published to the fast path at the round's end.
 --- A step that waits for its input (a FIFO, a socket) cannot be interrupted to walk what it gave before, so a round
 --- is one call (its frame walked, T.async results and messages served, before the next call, which may wait) until
---- FAST_CALLS calls in a row came back within SLOW_NS (an input read at full speed, a file): then rounds are up to
---- `max` calls long, end after ROUND_NS, and end after a call that took SLOW_NS or more, which makes them one call
---- long again.  (A burst of more than FAST_CALLS frames followed by a pause: the frames of its last round wait for
---- the call that waits to return.)  No hook budget
+--- FAST_CALLS calls in a row came back within SLOW_NS (an input read at full speed, a file): then rounds double, 2,
+--- 4, 8, ... up to `max` calls, end after ROUND_NS, and end after a call that took SLOW_NS or more, which makes them
+--- one call long again.  (A burst of more than FAST_CALLS frames followed by a pause: the frames its last round got
+--- before the call that waits, fewer than half of those after the first FAST_CALLS, wait for that call to return.)  No hook budget
 --- (--hook-budget) for step: it is the input and may block waiting for it (fortigate-log.lua's recvfrom; a stop
 --- signal interrupts such a wait).
 --- Returns: calls made, whether the input goes on (the last call returned a true value), the clock's second (nil
@@ -164,7 +164,11 @@ function M.run(host, max)
   local last = now_ns()
   local due, slow = last + M.ROUND_NS, M.SLOW_NS
   local fast = host.step_fast or 0                 -- calls in a row that came back within SLOW_NS
-  if fast < M.FAST_CALLS then max = 1 end           -- an input that waits: each call's frame walked before the next
+  if fast < M.FAST_CALLS then                      -- an input that waits: each call's frame walked before the next
+    max = 1
+  elseif fast - M.FAST_CALLS + 2 < max then         -- then rounds of 2, 4, 8, ... calls (each adds its calls to
+    max = fast - M.FAST_CALLS + 2                   -- `fast`): a burst that ends in a wait holds few frames back
+  end
   while n < max do
     if r ~= nil and r:free_bytes() < host.step_room then break end   -- the fast path drains it first
     n = n + 1
