@@ -756,3 +756,44 @@ def test_a_burst_then_a_pause_holds_back_few_frames(tmp_path):
     assert p.returncode == 0, err
     s = json.loads((tmp_path / "s.json").read_text())
     assert (s["lua_input"]["frames"], s["packets"]) == (200, 200)
+
+
+FRAMES_AND_COUNTS = r"""
+local udp = string.char(0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 8, 0, 0x45, 0, 0, 0x20, 0, 1, 0, 0, 0x40,
+                        0x11, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2, 3, 0xe8, 0, 0x35, 0, 0x0c, 0, 0) .. "abcd"
+local times = dofile(T.args)
+local i = 0
+TrisulPlugin = { id = { name = "frames and counts" }, inputfilter = { step = function(packet, engine)
+  i = i + 1
+  if times[i] == nil then return false end
+  packet:set_packet(times[i], 0, 1, udp)
+  engine:update_counter("GUID", "frames", 0, 1)         -- no set_timestamp: at the frame's time
+  return true
+end } }
+""".replace("GUID", GUID)
+
+
+def test_engine_methods_after_set_packet_write_at_the_frames_time(tmp_path):
+    """set_packet's time is the packet's time, as set_timestamp's: a counter step updates after it lands in the
+    bucket of the frame's time (60 s buckets, times going forward with a few steps back), computed here from the
+    times the test chose.  Before, with no set_timestamp, it counted at the wall clock's time."""
+    rnd = random.Random(7)
+    t, times = 1_700_000_000, []
+    for _ in range(400):
+        t += rnd.randint(0, 3)
+        times.append(t - rnd.randint(0, 2) if rnd.random() < 0.1 else t)
+    (tmp_path / "times.lua").write_text("return {" + ",".join(map(str, times)) + "}\n")
+    (tmp_path / "fc.lua").write_text(FRAMES_AND_COUNTS)
+    r = luaprobe("run", "-q", "--lua-input", "fc.lua", "--args", "times.lua", "--out", "out", "--stats-json", "s.json",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want, high = {}, None
+    for x in times:                       # a time behind the newest second counts in the newest second's bucket
+        high = x if high is None or x > high else high
+        b = high - high % 60
+        want[b] = want.get(b, 0) + 1
+    db = sqlite3.connect(tmp_path / "out" / "luaprobe.sqlite")
+    got = dict(db.execute("SELECT bucket_ts, value FROM counters WHERE group_guid = ? AND key = 'frames'", (GUID,)))
+    assert got == want
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert (s["lua_input"]["frames"], s["packets"]) == (400, 400)

@@ -63,7 +63,8 @@ M.MAX_FRAME = 262144
 --- decode.LINKTYPES: 1 Ethernet, 101 / 12 / 14 raw IP, 228 IPv4, 229 IPv6, 113 / 276 Linux cooked, 0 / 108 null /
 --- loopback) and its bytes (a Lua string, at least one byte).  A second call in the same step replaces the first
 --- (the packet holds one frame); the frame is processed after the call returns, also when it returns false (the
---- script's last frame), and not when it raised an error (that record is skipped).  Errors name the argument.
+--- script's last frame), and not when it raised an error (that record is skipped).  Its time is the packet's time,
+--- as set_timestamp's: engine methods called after it in the step write at it.  Errors name the argument.
 function StepPacket:set_packet(sec, usec, dlt, bytes)
   if not self._in then
     error("set_packet: called outside inputfilter.step (a frame is given by the step call it belongs to)", 2)
@@ -91,6 +92,8 @@ function StepPacket:set_packet(sec, usec, dlt, bytes)
           type(bytes) == "string" and "an empty string" or type(bytes)), 2)
   end
   self._fsec, self._fusec, self._fdlt, self._frame = floor(s), floor(us), lt, bytes
+  self._engine:set_time(floor(s), floor(us))     -- the packet's time, as set_timestamp: what step writes next is at it
+  self._timed = true
 end
 
 function StepPacket:timestamp() return self._engine:timestamp() end
