@@ -38,18 +38,25 @@ M.MAX_SEC = 4294967295
 --- with a fraction and no usec: the fraction is the microseconds, as SiLK's millisecond times divided by 1000 give).
 --- A time before the current second counts in the current second's buckets, as a late packet does.  Errors: seconds
 --- that are not a number in 0 .. MAX_SEC, microseconds not in 0 .. 999999.
-function StepPacket:set_timestamp(sec, usec)
+-- (seconds, microseconds) of a packet time given as set_timestamp / set_packet take it (`what` names the method in the
+-- errors): seconds a number in 0 .. MAX_SEC (with a fraction and usec nil: the fraction is the microseconds),
+-- microseconds in 0 .. 999999.
+local function packet_time(what, sec, usec)
   local s, us = tonumber(sec), tonumber(usec)
   if s == nil or s ~= s or s < 0 or s > M.MAX_SEC then
-    error(("set_timestamp: seconds %s is not a Unix time in seconds (0..%d)"):format(tostring(sec), M.MAX_SEC), 2)
+    error(("%s: seconds %s is not a Unix time in seconds (0..%d)"):format(what, tostring(sec), M.MAX_SEC), 3)
   end
   if usec == nil then
     us = floor((s - floor(s)) * 1e6 + 0.5)
     if us >= 1e6 then us = 999999 end
   elseif us == nil or us ~= us or us < 0 or us >= 1e6 then
-    error(("set_timestamp: microseconds %s is not one of 0..999999"):format(tostring(usec)), 2)
+    error(("%s: microseconds %s is not one of 0..999999"):format(what, tostring(usec)), 3)
   end
-  self._engine:set_time(floor(s), floor(us))
+  return floor(s), floor(us)
+end
+
+function StepPacket:set_timestamp(sec, usec)
+  self._engine:set_time(packet_time("set_timestamp", sec, usec))
   self._timed = true
 end
 
@@ -59,27 +66,19 @@ end
 M.MAX_FRAME = 262144
 
 --- set_packet(sec, usec, dlt, bytes): the frame of this step call (docs.trisul.org obj_packet "set_packet"): its time
---- (seconds 0 .. MAX_SEC, microseconds 0 .. 999999; nil: the seconds' fraction, as set_timestamp), its pcap link type (`dlt`: the decoder's,
---- decode.LINKTYPES: 1 Ethernet, 101 / 12 / 14 raw IP, 228 IPv4, 229 IPv6, 113 / 276 Linux cooked, 0 / 108 null /
---- loopback) and its bytes (a Lua string, at least one byte).  A second call in the same step replaces the first
---- (the packet holds one frame); the frame is processed after the call returns, also when it returns false (the
---- script's last frame), and not when it raised an error (that record is skipped).  Its time is the packet's time,
---- as set_timestamp's: engine methods called after it in the step write at it.  Errors name the argument.
+--- (as set_timestamp: seconds 0 .. MAX_SEC, microseconds 0 .. 999999, nil: the seconds' fraction), its pcap link
+--- type (`dlt`: the decoder's, decode.LINKTYPES: 1 Ethernet, 101 / 12 / 14 raw IP, 228 IPv4, 229 IPv6, 113 / 276
+--- Linux cooked, 0 / 108 null / loopback) and its bytes (a Lua string, at least one byte).  A second call in the
+--- same step replaces the first (the packet holds one frame); the frame is processed after the call returns, also
+--- when it returns false (the script's last frame), and not when it raised an error (that record is skipped).  Its
+--- time is the packet's time, as set_timestamp's: engine methods called after it in the step write at it.  Errors
+--- name the argument.
 function StepPacket:set_packet(sec, usec, dlt, bytes)
   if not self._in then
     error("set_packet: called outside inputfilter.step (a frame is given by the step call it belongs to)", 2)
   end
-  local s, us, lt = tonumber(sec), tonumber(usec), tonumber(dlt)
-  if s == nil or s ~= s or s < 0 or s > M.MAX_SEC then
-    error(("set_packet: seconds %s is not a Unix time in seconds (0..%d)"):format(tostring(sec), M.MAX_SEC), 2)
-  end
-  if usec == nil then                        -- as set_timestamp: a fraction of the seconds gives the microseconds
-    us = floor((s - floor(s)) * 1e6 + 0.5)
-    if us >= 1e6 then us = 999999 end
-  end
-  if us == nil or us ~= us or us < 0 or us >= 1e6 then
-    error(("set_packet: microseconds %s is not one of 0..999999"):format(tostring(usec)), 2)
-  end
+  local s, us = packet_time("set_packet", sec, usec)
+  local lt = tonumber(dlt)
   if lt == nil or decode.LINKTYPES[lt] == nil then
     local known = {}
     for k in pairs(decode.LINKTYPES) do known[#known + 1] = k end
@@ -91,8 +90,8 @@ function StepPacket:set_packet(sec, usec, dlt, bytes)
     error(("set_packet: bytes must be a non-empty string (got %s)"):format(
           type(bytes) == "string" and "an empty string" or type(bytes)), 2)
   end
-  self._fsec, self._fusec, self._fdlt, self._frame = floor(s), floor(us), lt, bytes
-  self._engine:set_time(floor(s), floor(us))     -- the packet's time, as set_timestamp: what step writes next is at it
+  self._fsec, self._fusec, self._fdlt, self._frame = s, us, lt, bytes
+  self._engine:set_time(s, us)                   -- the packet's time, as set_timestamp: what step writes next is at it
   self._timed = true
 end
 
@@ -101,8 +100,8 @@ function StepPacket:set_packetstore_policy() end
 
 --- The packet object step gets, bound to `engine`.
 function M.step_packet(engine)
-  return setmetatable({ _engine = engine, _timed = false, _frame = false, _fsec = false, _in = false }, StepPacket)   -- (no nil
-  -- fields: a missing one reads as StepPacket's error method)
+  -- no nil fields: a missing one reads as StepPacket's error method
+  return setmetatable({ _engine = engine, _timed = false, _frame = false, _in = false }, StepPacket)
 end
 
 --- The packet ring at `addr` (shm/ring.lua), as the producer of `host`'s set_packet frames: the fast path's ring,
@@ -115,7 +114,7 @@ function M.attach_ring(host, addr)
   host.step_frames, host.step_clipped = 0, 0
 end
 
--- The frame pk holds into ring r as a packet record (committed; published at the round's end); true when it was cut.
+-- The frame pk holds into ring r as a packet record (committed; published at the round's end), counted in host.
 local function put_frame(host, r, pk)
   local bytes = pk._frame
   local wirelen = #bytes
@@ -140,17 +139,17 @@ M.FAST_CALLS = 64
 
 --- Call `host`'s inputfilter.step up to `max` times, and no more once a call moved the engine's clock to a later
 --- second: the fast path then ticks that second as a packet's would (buckets close, flows expire, backends get
---- onmetronome), so a slow input (a FIFO, a UDP socket) has its seconds ticked as they come.  Frames (set_packet)
---- end a round the same way, at the first of a later second than the round's first frame's, and when the ring
---- has no room left for the largest frame; they are published to the fast path at the round's end.
+--- onmetronome), so a slow input (a FIFO, a UDP socket) has its seconds ticked as they come; a frame (set_packet)
+--- moves the clock as set_timestamp does.  A round also ends when the ring has no room left for the largest frame;
+--- its frames are published to the fast path at the round's end.
 --- A step that waits for its input (a FIFO, a socket) cannot be interrupted to walk what it gave before, so a round
 --- is one call (its frame walked, T.async results and messages served, before the next call, which may wait) until
 --- FAST_CALLS calls in a row came back within SLOW_NS (an input read at full speed, a file): then rounds double, 2,
 --- 4, 8, ... up to `max` calls, end after ROUND_NS, and end after a call that took SLOW_NS or more, which makes them
 --- one call long again.  (A burst of more than FAST_CALLS frames followed by a pause: the frames its last round got
---- before the call that waits, fewer than half of those after the first FAST_CALLS, wait for that call to return.)  No hook budget
---- (--hook-budget) for step: it is the input and may block waiting for it (fortigate-log.lua's recvfrom; a stop
---- signal interrupts such a wait).
+--- before the call that waits, fewer than half of those after the first FAST_CALLS, wait for that call to return.)
+--- No hook budget (--hook-budget) for step: it is the input and may block waiting for it (fortigate-log.lua's
+--- recvfrom; a stop signal interrupts such a wait).
 --- Returns: calls made, whether the input goes on (the last call returned a true value), the clock's second (nil
 --- until the script set a time), the message of a call that raised an error (the round ends there; the next call
 --- reads the script's next record), and the line saying why the instance stopped running (its memory limit) or nil.
@@ -163,7 +162,7 @@ function M.run(host, max)
   local wd = host.watchdog
   host.watchdog = nil
   local n, more, err = 0, true, nil
-  local r, first = host.step_ring, nil
+  local r, put = host.step_ring, false
   local last = now_ns()
   local due, slow = last + M.ROUND_NS, M.SLOW_NS
   local fast = host.step_fast or 0                 -- calls in a row that came back within SLOW_NS
@@ -179,22 +178,17 @@ function M.run(host, max)
     local ok, res = host:call("inputfilter", "step", pk, eng)
     pk._in = false
     if not ok then err = tostring(res); pk._frame = false; break end
-    local fsec = pk._fsec
-    if pk._frame then
-      put_frame(host, r, pk)
-      if first == nil then first = fsec end
-    end
+    if pk._frame then put_frame(host, r, pk); put = true end
     if not res then more = false; break end
     local t = now_ns()                 -- before the breaks below: a call that waited (a pause of a second or more
     local waited = t - last >= slow    -- returns a frame of a later second) makes the next rounds one call again
     if waited then fast = 0 else fast = fast + 1 end
     if c.now > sec and pk._timed then break end        -- a later second (one before it needs no tick)
-    if first ~= nil and fsec > first then break end    -- (fsec: this call's frame's, or the last one's)
     if waited or t >= due then break end
     last = t
   end
   host.step_fast = fast
-  if first ~= nil then r:publish() end
+  if put then r:publish() end
   host.watchdog = wd
   local why = host.memory_exceeded or host.budget_exceeded or nil     -- the line that disabled the instance
   if why then more = false end
