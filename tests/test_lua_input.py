@@ -607,19 +607,26 @@ TrisulPlugin = { id = { name = "seen" },
 """
 
 
+def _fifo_run(tmp_path, script: str):
+    """(the FIFO, the running `luaprobe run seen.lua --lua-input fifo.lua --args FIFO`): `script` (fifo.lua) reads
+    the FIFO the test writes, SEEN (seen.lua) marks each frame its UDP hook sees with a file seen-SPORT."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "fifo.lua").write_text(script)
+    (tmp_path / "seen.lua").write_text(SEEN)
+    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "-q", "seen.lua", "--lua-input",
+                          "fifo.lua", "--args", str(fifo), "--out", "out", "--stats-json", "s.json"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    return fifo, p
+
+
 def test_frames_from_a_waiting_step_are_walked_without_waiting_for_the_next(tmp_path):
     """A step that waits for its input (a FIFO) with every frame in the same second: each frame reaches the other
     plug-ins' hooks while step waits for the next one (rounds are one call until FAST_CALLS calls in a row came
     back at once), not when a later frame or the end of the input comes.  The test writes the next number only
     after the hook saw the last one, so a frame held back would stop the exchange (the wait fails, whatever the
     timing: the writes come one at a time).  The frame counts reconcile."""
-    fifo = tmp_path / "in.fifo"
-    os.mkfifo(fifo)
-    (tmp_path / "fifo.lua").write_text(FIFO_FRAMES)
-    (tmp_path / "seen.lua").write_text(SEEN)
-    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "-q", "seen.lua", "--lua-input",
-                          "fifo.lua", "--args", str(fifo), "--out", "out", "--stats-json", "s.json"], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    fifo, p = _fifo_run(tmp_path, FIFO_FRAMES)
     with helpers.killed_when_left(p):
         fd = helpers.fifo_writer(fifo, p)
         try:
@@ -648,13 +655,7 @@ def test_a_pause_into_another_second_makes_rounds_one_call_again(tmp_path):
     the next rounds are one call each again.  Before, that break came first and the input stayed 'fast' for good:
     every later burst had all its frames but the first held until the next burst (UDP bursts of 5 frames 2 s
     apart: 4 of 5 walked 2 s late)."""
-    fifo = tmp_path / "in.fifo"
-    os.mkfifo(fifo)
-    (tmp_path / "fifo.lua").write_text(FIFO_TIMED_FRAMES)
-    (tmp_path / "seen.lua").write_text(SEEN)
-    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "-q", "seen.lua", "--lua-input",
-                          "fifo.lua", "--args", str(fifo), "--out", "out", "--stats-json", "s.json"], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    fifo, p = _fifo_run(tmp_path, FIFO_TIMED_FRAMES)
     with helpers.killed_when_left(p):
         fd = helpers.fifo_writer(fifo, p)
         try:
@@ -733,13 +734,7 @@ def test_a_burst_then_a_pause_holds_back_few_frames(tmp_path):
     but those of its last round has been walked.  Rounds are one call for the first 64 quick calls, then 2, 4, 8,
     ... so the last round took fewer than half of the frames after those: at most (200 - 65) / 2 held.  Before (one
     round of up to 4 096 calls after 64 quick ones) 135 of the 200 were held until the next input."""
-    fifo = tmp_path / "in.fifo"
-    os.mkfifo(fifo)
-    (tmp_path / "fifo.lua").write_text(FIFO_FRAMES)
-    (tmp_path / "seen.lua").write_text(SEEN)
-    p = subprocess.Popen([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", "-q", "seen.lua", "--lua-input",
-                          "fifo.lua", "--args", str(fifo), "--out", "out", "--stats-json", "s.json"], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    fifo, p = _fifo_run(tmp_path, FIFO_FRAMES)
     with helpers.killed_when_left(p):
         fd = helpers.fifo_writer(fifo, p)
         try:
