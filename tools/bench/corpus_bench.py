@@ -40,6 +40,12 @@ What is timed (the same for every cell):
   from process to process, not between VMs of one process; on small-few about one process in 16 compiles the
   port count for a known port and walks at ~66M packets/s against ~39M for the others, and a single-process gauge
   moved a cell's ratio by 1.7x from one table to the next (docs/benchmarks.md, 2026-12-01 session 17).
+* **walk spread** — max / min of the walk gauge's processes: the same LuaJIT loop from one fresh process to the
+  next in the same run, the yardstick for a cell's spread.
+* **walk + flows** — :func:`flow_walk_rates` in :data:`WALK_PROCESSES` fresh processes, the median: the walk with
+  the fast path's flow work (luaprobe's flow table over each batch of 1 024 decoded packets), one walk per process,
+  warm-up included as in a run.  Context for the flow-heavy shapes (the plain walk tracks no flow); the goal lines
+  judge against the plain walk.
 * **RSS** — the largest peak resident set of the ``luaprobe run`` process and the processes it
   waited for (``wait4``'s ``ru_maxrss``: a maximum over the processes, not a sum), MB; the capture
   process's count includes the pages of the mapped capture file it has read.  The run is started by a
@@ -93,6 +99,63 @@ return function(addr, size, layer)
 end
 """
 
+FLOWWALK = r"""
+local ffi = require("ffi")
+local pcapfile = require("luaprobe.engine.capture.pcapfile")
+local decode = require("luaprobe.engine.fastpath.decode")
+local flowtable = require("luaprobe.engine.fastpath.flowtable")
+local packet = require("luaprobe.engine.plugins.packet")
+local BATCH = 1024
+local b = packet.new_batch(BATCH + 1)
+local M = {}
+-- a flow table as the fast path's driver makes it (engine/fastpath/driver.lua M.new), its prefault helper started
+function M.table(capacity, huge_pages, ahead)
+  local ft = flowtable.new({ capacity = capacity, idle_timeout = 120, active_timeout = 1800, huge_pages = huge_pages })
+  if ahead > 0 then ft:start_prefaulter(ahead) end
+  return ft
+end
+function M.done(ft) ft:stop_prefaulter() end
+-- one batch: up to 1 024 packets of reader r decoded into lp_pkt records; returns how many
+local function fill(r)
+  local m = 0
+  while m < BATCH do
+    local p, caplen, wirelen, ts_sec, ts_nsec, linktype, ifindex = r:next()
+    if p == nil then break end
+    local e = b[m]
+    e.data, e.caplen, e.wirelen, e.ts_sec, e.ts_nsec, e.linktype, e.ifindex = p, caplen, wirelen, ts_sec, ts_nsec,
+      linktype, ifindex
+    decode.decode(e.d, p, caplen, linktype)
+    m = m + 1
+  end
+  return m
+end
+-- the port count of a batch
+local function count(counts, m, proto)
+  for i = 0, m - 1 do
+    local d = b[i].d
+    if decode.find(d, proto) >= 0 then
+      local k = d.dport
+      counts[k] = (counts[k] or 0) + 1
+    end
+  end
+end
+-- the walk: each batch decoded, put through the flow table (flow, dir, flow_uid set as in a run), then counted
+function M.walk(ft, addr, size, layer)
+  local proto = layer == "udp" and decode.PROTO.UDP or decode.PROTO.TCP
+  local counts, n = {}, 0
+  local r = pcapfile.open(addr, size)
+  while true do
+    local m = fill(r)
+    if m == 0 then break end
+    ft:update_batch(b, m)
+    count(counts, m, proto)
+    n = n + m
+  end
+  return n
+end
+return M
+"""
+
 #: traffic shapes whose captures are too big for every plug-in shape in a --quick run
 HEAVY = {"flows-1m": ("empty",)}
 
@@ -101,11 +164,14 @@ HEAVY = {"flows-1m": ("empty",)}
 WALK_PROCESSES = 5
 
 
-def walk_gauge(path: str, runs: int, processes: int = WALK_PROCESSES, layer: str = "tcp") -> tuple[int, list[float]]:
-    """(packets, [packets/s of each process: the median of its --runs walks]) of :func:`walk_rates` run in
-    `processes` fresh Python processes, one after the other, counting ports of `layer` ("tcp" or "udp")."""
-    code = ("import json, statistics, sys; from tools.bench.corpus_bench import walk_rates; "
-            "n, r = walk_rates(sys.argv[1], int(sys.argv[2]), sys.argv[3]); "
+def walk_gauge(path: str, runs: int, processes: int = WALK_PROCESSES, layer: str = "tcp",
+               flows: bool = False) -> tuple[int, list[float]]:
+    """(packets, [packets/s of each process: the median of its --runs walks]) of :func:`walk_rates` (`flows`:
+    :func:`flow_walk_rates`) run in `processes` fresh Python processes, one after the other, counting ports of
+    `layer` ("tcp" or "udp")."""
+    fn = "flow_walk_rates" if flows else "walk_rates"
+    code = (f"import json, statistics, sys; from tools.bench.corpus_bench import {fn}; "
+            f"n, r = {fn}(sys.argv[1], int(sys.argv[2]), sys.argv[3]); "
             "print(json.dumps([n, statistics.median(r)]))")
     n, medians = 0, []
     for _ in range(processes):
@@ -130,6 +196,29 @@ def walk_rates(path: str, runs: int, layer: str = "tcp") -> tuple[int, list[floa
             walk(cap.address, cap.size, layer)
             rates.append(n / (time.perf_counter() - t))
     return n, rates
+
+
+def flow_walk_rates(path: str, runs: int, layer: str = "tcp") -> tuple[int, list[float]]:
+    """(packets, [packets/s of one walk]): :func:`walk_rates`'s walk with the fast path's flow work (:data:`FLOWWALK`:
+    each batch of 1 024 decoded packets through a luaprobe flow table made as the run makes it: 2^20 flows, its
+    huge-page choice, the prefault helper), then the same port count.  One walk, no warm-up walk, whatever `runs`
+    says: as in a ``luaprobe run``, the process, its flow table and its memory are fresh and LuaJIT's warm-up is in
+    the time (a second walk in the same process would find every flow known, or, with a new table, memory the
+    first one gave back, which this machine's balloon may have handed to the host: 1-6x slower, docs/benchmarks.md).
+    The table is made before the clock starts, as the run's is before its loop."""
+    from luaprobe.engine.capture.pcapfile import open_capture
+    from luaprobe.engine.fastpath import hugepages
+    from luaprobe.engine.fastpath.run import RunConfig
+    from luaprobe.shm.luajit import new_runtime
+    cfg = RunConfig(plugins=[], files=[])
+    fw = new_runtime().execute(FLOWWALK)
+    with open_capture(path) as cap:
+        ft = fw.table(cfg.flow_capacity, hugepages.decide(cfg.huge_pages)["huge_pages"], cfg.prefault_ahead)
+        t = time.perf_counter()
+        n = int(fw.walk(ft, cap.address, cap.size, layer))
+        rate = n / (time.perf_counter() - t)
+        fw.done(ft)
+    return n, [rate]
 
 
 RUN_ARGS: list = []     #: extra `luaprobe run` flags (--run-args), e.g. ["--pin-cpus", "off"]
@@ -229,36 +318,43 @@ def main(argv=None) -> int:
     start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
     emit("| traffic | packets | plug-in | loop packets/s min / median / max | spread | loop CPU ns/packet min / median / max "
-         "| after warm-up | engine median | wall median | walk median | loop / walk | engine / walk | RSS MB |")
-    emit("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+         "| after warm-up | engine median | wall median | walk median | walk spread | loop / walk | engine / walk "
+         "| walk + flows median | loop / walk + flows | RSS MB |")
+    emit("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     res = {}                                  # (traffic, plug-in) -> cell() result + walk median
     walks = []                                # the walk gauge's processes, per traffic shape
+    fwalks = []                               # the walk + flow table gauge's, per traffic shape
     with tempfile.TemporaryDirectory(prefix="lp-bench-") as work:
         for c in traffic:
             path = corpus.make(c, a.quick)
             n, walk = walk_gauge(path, a.runs, layer=corpus.SHAPES[c].get("layer", "tcp"))
             wmed = statistics.median(walk)
             walks.append(f"{c} {fmt(min(walk))} / {fmt(wmed)} / {fmt(max(walk))}")
+            _, fwalk = walk_gauge(path, 1, layer=corpus.SHAPES[c].get("layer", "tcp"), flows=True)
+            fmed = statistics.median(fwalk)
+            fwalks.append(f"{c} {fmt(min(fwalk))} / {fmt(fmed)} / {fmt(max(fwalk))}")
             for s in plugins:
                 if a.quick and c in HEAVY and s not in HEAVY[c]:
                     continue
                 r = cell(path, n, s, a.runs, work, corpus.SHAPES[c].get("layer", "tcp"))
-                res[c, s] = dict(r, walk=wmed)
+                res[c, s] = dict(r, walk=wmed, walk_spread=max(walk) / min(walk), fwalk=fmed)
                 lp, emed = r["loop"], statistics.median(r["engine"])
                 med = statistics.median(lp)
                 emit(f"| {c} | {n:,} | {s} | {fmt(min(lp))} / {fmt(med)} / {fmt(max(lp))} | "
                      f"{max(lp) / min(lp):.2f} | {min(r['cpu']):.0f} / {statistics.median(r['cpu']):.0f} / {max(r['cpu']):.0f} | "
                      f"{min(r['steady']):.0f} / {statistics.median(r['steady']):.0f} / {max(r['steady']):.0f} | "
                      f"{fmt(emed)} | "
-                     f"{fmt(statistics.median(r['wall']))} | {fmt(wmed)} | "
-                     f"{med / wmed:.0%} | {emed / wmed:.0%} | {r['rss_mb']:.0f} |")
+                     f"{fmt(statistics.median(r['wall']))} | {fmt(wmed)} | {max(walk) / min(walk):.2f} | "
+                     f"{med / wmed:.0%} | {emed / wmed:.0%} | {fmt(fmed)} | {med / fmed:.0%} | {r['rss_mb']:.0f} |")
     cmd = "tools/bench/corpus_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     note = (f"Measured {start} by `{cmd.strip()}`: {os.cpu_count()} CPUs, load average {load0:.1f} at the "
             f"start and {os.getloadavg()[0]:.1f} at the end; {a.runs} runs per cell; "
             f"{'--quick' if a.quick else 'full'} corpus.")
     print("\n" + note)
     goals = goal_lines(res) + [f"* walk gauge, {WALK_PROCESSES} processes' medians, min / median / max: "
-                               + ", ".join(walks)]
+                               + ", ".join(walks),
+                               f"* walk + flows gauge, {WALK_PROCESSES} processes' single walks, min / median / max: "
+                               + ", ".join(fwalks)]
     print("\n".join(["", *goals]))
     if a.doc:
         write_doc(a.doc, note, out + [""] + goals, a.block)
@@ -280,6 +376,18 @@ def goal_lines(res: dict) -> list:
         lines.append(f"* light hooks ({', '.join(LIGHT)}): >= 4M packets/s, >= 50 % of the walk and spread <= 1.3 "
                      f"in {len(light) - len(bad)} of {len(light)} cells"
                      + (f"; not met: {', '.join(bad)}" if bad else ""))
+        # context, not the goal: the same loop medians against the walk that also keeps the flow table, and the
+        # spread against the walk gauge's own spread over its fresh processes on the same file
+        fbad = [f"{t}/{s}" for (t, s), r in light if "fwalk" in r and not med(r["loop"]) >= 0.5 * r["fwalk"]]
+        if all("fwalk" in r for _, r in light):
+            lines.append(f"* (context) the same cells >= 50 % of the walk + flows gauge (the same decode and flow table "
+                         f"in one LuaJIT loop): {len(light) - len(fbad)} of {len(light)}"
+                         + (f"; not: {', '.join(fbad)}" if fbad else ""))
+        sbad = [f"{t}/{s}" for (t, s), r in light if "walk_spread" in r
+                and max(r["loop"]) / min(r["loop"]) > max(1.3, r["walk_spread"])]
+        if all("walk_spread" in r for _, r in light):
+            lines.append(f"* (context) the same cells' spread <= 1.3 or <= the walk gauge's own spread on that file: "
+                         f"{len(light) - len(sbad)} of {len(light)}" + (f"; not: {', '.join(sbad)}" if sbad else ""))
     # the counter shape hooks TCP: on traffic without TCP (dns) it is called on no packet, while the five make a
     # call per layer the traffic has (3 on UDP over IPv4): the calls per packet say what the ratio compares
     five = [(t, med(r["loop"]) / med(res[t, "counter"]["loop"]), r.get("calls"), res[t, "counter"].get("calls"))
