@@ -27,6 +27,16 @@ unless their variable is set:
                                 compiled side trace), to `<prefix>.<tag>.traces.txt`.
                                 Two runs' files show whether they built the same
                                 tree (docs/benchmarks.md, "Light hooks").
+  LUAPROBE_JIT_DUMP=prefix      LuaJIT's own jit.dump ("tbisrx": traces, bytecode,
+  LUAPROBE_JIT_DUMP_LIB=dir     IR, snapshots, exits) to `<prefix>.<tag>.dump`, loaded
+                                from dir (jit/dump.lua and jit/vmdef.lua: lupa ships
+                                neither; vmdef.lua must come from the same LuaJIT
+                                commit as lupa's, `jit.version` 2.1.<commit time>:
+                                `git archive <commit> | tar -x -C D && make -C D/src
+                                jit/vmdef.lua`, then dir = D/src).  Alone: jit.dump
+                                attaches to the events the tools above use, and
+                                LuaJIT keeps one handler per event.  Which guard a
+                                hot exit is: the first ">" IR line after its SNAP.
 
 A trace abort means LuaJIT gave up compiling a path: after repeated aborts at
 the same place it blacklists it and that path runs in the interpreter for
@@ -169,6 +179,11 @@ end
 --- Start the tools the environment asks for in this VM (tag names the VM in the
 --- file names); returns a function that stops them and writes the reports.
 function M.start(tag)
+  local dprefix, dlib = os.getenv("LUAPROBE_JIT_DUMP"), os.getenv("LUAPROBE_JIT_DUMP_LIB")
+  if dprefix and dprefix ~= "" and dlib then
+    package.path = dlib .. "/?.lua;" .. package.path
+    require("jit.dump").on("tbisrx", ("%s.%s.dump"):format(dprefix, tag))
+  end
   local tprefix = os.getenv("LUAPROBE_JIT_TRACES")
   local stop_traces = (tprefix and tprefix ~= "") and trace_log(("%s.%s.traces.txt"):format(tprefix, tag)) or nil
   local stop_rest = M.start_profile(tag)
