@@ -98,7 +98,9 @@ def one_run(cap: str, plugdir: str, work: str, run_args: list, wrap: list = (), 
             "warm_ms": w.get("cpu_s", float("nan")) * 1e3, "fixed": fixed,
             "nivcsw": ru.get("nivcsw"), "minflt": ru.get("minflt"),
             "cpus": f"capture {pin['capture']} fastpath {pin['fastpath']}" if pin else "not pinned",
-            "driver": drv, "plugin": plug[0] if plug else (0, 0, "-"),
+            # the plug-in VM that walks the packets: the one with the most traces (a shape's file may load more than one
+            # VM: the counter shapes' countergroup is a VM of its own, whose one-trace log the glob listed first)
+            "driver": drv, "plugin": max(plug) if plug else (0, 0, "-"),
             "thp": (v1.get("thp_fault_alloc", 0) - v0.get("thp_fault_alloc", 0),
                     v1.get("thp_fault_fallback", 0) - v0.get("thp_fault_fallback", 0))}
 
