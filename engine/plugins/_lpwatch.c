@@ -261,16 +261,30 @@ static int wd_hcall(lua_State *L) {
 }
 /* The memory limit of a plug-in VM (--plugin-memory-mb): LuaJIT's own allocator (fast) wrapped with a byte count;
  * an allocation that would go above the limit returns NULL and LuaJIT raises "not enough memory" (LUA_ERRMEM)
- * in the code that allocated.  wd.limit_memory(bytes) wraps on the first call and sets the limit on later ones. */
-typedef struct { lua_Alloc f; void *ud; long long used, limit; } memlimit;
+ * in the code that allocated.  wd.limit_memory(bytes) wraps on the first call and sets the limit on later ones.
+ *
+ * The reserve: the allocation that crosses the limit fails, and from then on the VM may use MEM_RESERVE bytes above
+ * the limit, so that what runs after the error (the hook's xpcall message handler and its traceback, the error's
+ * report and the line that disables the instance, lupa's own calls; a T.async worker's onerror) has room, however
+ * close to the limit the failed allocation left the VM.  Without it a plug-in that filled its VM with small objects
+ * (a table per flow) failed again in luaprobe's own error path, outside any xpcall: `internal error: LuaMemoryError`
+ * (exit 1), or LuaJIT's PANIC (an unprotected error in a C function) that aborted the whole run
+ * [tests/test_memlimit_reserve.py].  The reserve is given again once the VM is back under limit - MEM_RESERVE (a
+ * worker that freed its task's garbage), or when the limit is set again. */
+#define MEM_RESERVE (1LL << 20)
+typedef struct { lua_Alloc f; void *ud; long long used, limit; int over; } memlimit;
 
 static void *limited_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   memlimit *m = (memlimit *)ud;
   long long old = ptr ? (long long)osize : 0;
   long long grow = (long long)nsize - old;
-  if (nsize > 0 && grow > 0 && m->used + grow > m->limit) return NULL;
+  if (nsize > 0 && grow > 0 && m->used + grow > m->limit) {
+    if (!m->over) { m->over = 1; return NULL; }                 /* the error, in the code that allocated */
+    if (m->used + grow > m->limit + MEM_RESERVE) return NULL;   /* the reserve is spent too */
+  }
   void *q = m->f(m->ud, ptr, osize, nsize);
   if (q != NULL || nsize == 0) m->used += grow;
+  if (m->over && m->used < m->limit - MEM_RESERVE) m->over = 0;
   return q;
 }
 
@@ -311,6 +325,7 @@ static int wd_limit_memory(lua_State *L) {
     lua_setallocf(L, limited_alloc, m);
   }
   m->limit = (long long)lua_tonumber(L, 1);
+  m->over = 0;                                   /* a new limit: the next crossing fails first, then the reserve */
   lua_pushnumber(L, (double)m->used);
   return 1;
 }
