@@ -166,13 +166,17 @@ def test_a_fast_path_that_cannot_be_started_is_retried_and_the_supervisor_goes_o
     fill(filler)
     os.kill(before["fastpath_pid"], signal.SIGKILL)
     # kept full while waiting (pages freed by a failed write's temporary file)
+    seen = []                          # the statuses polled, for the message of a timeout (CI, once, under load)
     def reason():
         fill(filler)
         s = daemon.status()
         if not s.get("live"):
             pytest.fail(f"the supervisor ended: {s['state']}")
+        if not seen or {k: s.get(k) for k in ("state", "last_error")} != seen[-1]:
+            seen.append({k: s.get(k) for k in ("state", "last_error")})
         return "cannot start the fast path" in (s.get("last_error") or "") and s
-    st = helpers.wait_for(reason, 60, 0.05)
+    st = helpers.wait_for(reason, 60, 0.05, fail=False)
+    assert st, f"no 'cannot start the fast path' within 60 s; the statuses seen: {seen}"
     assert st["last_error"].startswith(f"cannot start the fast path: writing {daemon.run_dir}/active_config.json: "
                                        "No space left on device"), st
     assert st["state"].startswith("restarting (last exit: cannot start the fast path"), st
