@@ -9,7 +9,7 @@ error in call to Lua API` that aborted the run (a simplecounter's batch walk).  
 for what runs after the error (engine/plugins/_lpwatch.c `limited_alloc`), and a hook called alone that hit the limit
 disables its instance at once (engine/plugins/host.lua `call3`): exit 4, one line naming the file, the hook and the
 limit, every packet walked.  Truth: the packet count read from the capture's own records (helpers.pcap_records).
-Real processes; conftest.py's leak guard checks processes and segments.
+Real processes; conftest.py's leak guard checks processes and segments.  The same in a T.async worker VM: tests/test_worker_memory.py ("small-tables").
 """
 from __future__ import annotations
 
@@ -59,43 +59,3 @@ def test_a_vm_filled_to_its_last_bytes_is_disabled_not_a_crash(tmp_path, hook):
     else:
         assert s["packets"] == helpers.pcap_records(SAMPLE)            # the run went on: every packet walked
     assert [p["disabled"] for p in s["plugins"] if p.get("disabled")], s["plugins"]
-
-
-WORKER = r"""
-local n = 0
-TrisulPlugin = {
-  id = { name = "worker fill" },
-  request_async_workers = 1,
-  simplecounter = {
-    protocol_guid = "{0A2C724B-5B9F-4ba6-9C97-B05080558574}",   -- IPv4
-    onpacket = function(engine, layer)
-      n = n + 1
-      if n <= 3 then        -- a chain of small tables, local: garbage once the task failed
-        T.async:schedule { data = "fill", onexecute = function(d)
-          local l
-          while true do l = { l } end
-        end, onresult = function(e, d, r) end }
-      else
-        T.async:schedule { data = tostring(n), onexecute = function(d) return d .. "!" end,
-                           onresult = function(e, d, r) end }
-      end
-    end,
-  },
-}
-"""
-
-
-def test_a_worker_filled_to_its_last_bytes_fails_the_task_and_goes_on(tmp_path):
-    """The same in a T.async worker VM, three times in a row: each task fails with the limit's error, the worker
-    frees the chain and runs the next tasks (the reserve is given again once it is back under the limit)."""
-    plugin = helpers.write_plugin(tmp_path, WORKER, name="fill.lua")
-    r = subprocess.run([sys.executable, "-m", "luaprobe.engine.daemon.cli", "run", plugin, "--pcap", SAMPLE,
-                        "--out", str(tmp_path / "out"), "--json", "--plugin-memory-mb", "64",
-                        "--task-timeout", "600"], cwd=helpers.REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "PANIC" not in r.stderr and "Traceback" not in r.stderr and "MemoryError" not in r.stderr, r.stderr
-    a = json.loads(r.stdout)["plugins"][0]["async"]
-    helpers.assert_accounting(a)
-    assert a["error"] == 3 and a["timeout"] == 0
-    assert a["ok"] == a["scheduled"] - 3 > 0
-    assert a["worker_deaths"] == 0 and a["worker_recycles"] == 0
