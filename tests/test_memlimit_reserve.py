@@ -9,7 +9,8 @@ error in call to Lua API` that aborted the run (a simplecounter's batch walk).  
 for what runs after the error (engine/plugins/_lpwatch.c `limited_alloc`), and a hook called alone that hit the limit
 disables its instance at once (engine/plugins/host.lua `call3`): exit 4, one line naming the file, the hook and the
 limit, every packet walked.  Truth: the packet count read from the capture's own records (helpers.pcap_records).
-Real processes; conftest.py's leak guard checks processes and segments.  The same in a T.async worker VM: tests/test_worker_memory.py ("small-tables").
+Real processes; conftest.py's leak guard checks processes and segments.  The same in a T.async worker VM:
+tests/test_worker_memory.py ("small-tables").
 """
 from __future__ import annotations
 

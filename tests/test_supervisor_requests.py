@@ -165,8 +165,11 @@ def test_a_fast_path_that_cannot_be_started_is_retried_and_the_supervisor_goes_o
     filler = small_run_fs / "filler"
     fill(filler)
     os.kill(before["fastpath_pid"], signal.SIGKILL)
-    # kept full while waiting (pages freed by a failed write's temporary file)
-    seen = []                          # the statuses polled, for the message of a timeout (CI, once, under load)
+    # kept full while waiting (pages freed by a failed write's temporary file); and a restart that found room anyway
+    # is killed too: the supervisor unlinks the last child's heartbeat / loaded / last_error files just before it
+    # writes active_config.json, and under load (CI, 4 test processes) the pages they freed were that write's before
+    # the next fill took them (status: running, last error "fast path killed by SIGKILL")
+    seen, killed = [], {before["fastpath_pid"]}   # statuses polled, for the message of a timeout
     def reason():
         fill(filler)
         s = daemon.status()
@@ -174,6 +177,11 @@ def test_a_fast_path_that_cannot_be_started_is_retried_and_the_supervisor_goes_o
             pytest.fail(f"the supervisor ended: {s['state']}")
         if not seen or {k: s.get(k) for k in ("state", "last_error")} != seen[-1]:
             seen.append({k: s.get(k) for k in ("state", "last_error")})
+        if s.get("fastpath_pid") and s["fastpath_pid"] not in killed:
+            killed.add(s["fastpath_pid"])
+            fill(filler)
+            os.kill(s["fastpath_pid"], signal.SIGKILL)
+            return False
         return "cannot start the fast path" in (s.get("last_error") or "") and s
     st = helpers.wait_for(reason, 60, 0.05, fail=False)
     assert st, f"no 'cannot start the fast path' within 60 s; the statuses seen: {seen}"
