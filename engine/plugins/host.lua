@@ -174,9 +174,8 @@ function Host:call3(sub, name, ...)
     end
     -- the run names it now (run.py), and gives a VM over its memory limit its headroom before it runs anything else
     -- (the memory limit's reserve, _lpwatch.c, is all it has until then: a backend's next tick ran out of it, exit 1)
-    if (cut or self.memory_exceeded) and self.on_disable then
-      self.on_disable(cut and self.budget_exceeded or self.memory_exceeded)
-    end
+    local why = self.memory_exceeded or (cut and self.budget_exceeded)
+    if why and self.on_disable then self.on_disable(why) end
   end
   if self.async.backlog > 0 then self.async:flush() end    -- tasks it scheduled go out now
   if self.engine.own_pending and not self.delivering then self:deliver_own() end

@@ -60,8 +60,7 @@ def main(argv=None) -> int:
     for mode in args.keys.split(","):
         for flows in (int(x) for x in args.flows.split(",")):
             packets = int(flows * args.packets_per_flow)
-            ns = [float(subprocess.run([sys.executable, __file__, "--child", str(flows), str(packets),
-                                        "ffi" if mode == "ffi" else "number"],
+            ns = [float(subprocess.run([sys.executable, __file__, "--child", str(flows), str(packets), mode],
                                        capture_output=True, text=True, check=True).stdout) for _ in range(args.runs)]
             print(f"| {mode} | {flows:,} | {packets:,} | {min(ns):.0f} / {statistics.median(ns):.0f} / {max(ns):.0f} |")
     return 0
