@@ -375,7 +375,8 @@ def _run(args) -> int:
             print(f"{me}: {e}", file=sys.stderr)
             return EXIT_USAGE
     from .usage import InputProblem, UsageError, check_captures, check_dir_target, check_lua_paths, \
-        check_new_file, check_not_an_input_or_output, check_out_dir, check_plugins, check_private_dir
+        check_new_file, check_not_an_input_or_output, check_out_dir, check_plugins, check_private_dir, \
+        replace_earlier_run
     from .settings import dirs
     if not args.plugins and not _analysers_asked(args.analysers) and lua_input is None:
         print(f"{me}: give a PLUGIN file or directory (or --analysers LIST to store only the built-in "
@@ -449,6 +450,8 @@ def _run(args) -> int:
     bar = None
     try:
         preflight(cfg)                                     # here, not in each shard (which would crash-loop)
+        if args.overwrite:                                 # only now: a run refused above keeps the earlier results
+            replace_earlier_run(args.out)
         bar = None if args.quiet or args.json else _progress_bar(cfg)
         if bar is not None:
             cfg.progress = bar.update

@@ -297,9 +297,10 @@ def db_link(out: str) -> str | None:
 
 def check_out_dir(out: str, mode: str, private: bool = False) -> OutClaim:
     """``--out DIR`` before a run: DIR may not be a file, it is claimed (:func:`claim_out_dir`: created, locked for the
-    run), and under that lock an earlier run's database there is refused (``mode`` "new"), replaced ("overwrite") or
-    added to ("append").  Returns the claim, which the caller holds until the run has ended.  Raises
-    :class:`UsageError` (nothing claimed)."""
+    run), and under that lock an earlier run's database there is refused (``mode`` "new"), left for
+    :func:`replace_earlier_run` to remove once every other check passed ("overwrite") or added to ("append").
+    Returns the claim, which the caller holds until the run has ended.  Raises :class:`UsageError` (nothing
+    claimed)."""
     check_dir_target("--out", out, "(--out names the output directory)", write=True)
     claim = claim_out_dir(out, private=private)
     try:
@@ -316,18 +317,25 @@ def check_out_dir(out: str, mode: str, private: bool = False) -> OutClaim:
         if mode == "new" and os.path.exists(db):
             raise UsageError(f"--out {out}: already holds the results of an earlier run ({db}); use --overwrite to "
                              "replace them, --append to add this run to them, or another --out")
-        if mode == "overwrite":
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                try:
-                    os.unlink(db + suffix)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    raise UsageError(f"--out {out}: cannot remove {db + suffix}: {e.strerror}") from None
     except UsageError:
         claim.release()
         raise
     return claim
+
+
+def replace_earlier_run(out: str) -> None:
+    """``--overwrite``: remove an earlier run's database from the claimed ``--out`` (its four names; a symbolic link
+    there is removed, not followed).  Called once every check of the run has passed, just before it starts, so that
+    a run refused for any reason (a usage error, a plug-in directory with no plug-in) leaves the earlier results
+    where they were.  Raises :class:`UsageError` naming the file when one cannot be removed."""
+    db = os.path.join(out, DB_NAME)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        try:
+            os.unlink(db + suffix)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot remove {db + suffix}: {e.strerror}") from None
 
 
 #: tables every luaprobe database has had (engine/store/writer.py Store checks the same set before a query)
