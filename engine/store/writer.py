@@ -1235,8 +1235,13 @@ class Store:
         self.close()
 
     def _rows(self, sql: str, args=()) -> list[dict]:
+        """The rows of `sql` as dicts; StoreError naming the file when SQLite cannot read them (a damaged page:
+        "database disk image is malformed", found only when the rows are walked, after the schema was read)."""
         blob = self._blob
-        return [{k: blob(r[k]) for k in r.keys()} for r in self.db.execute(sql, args)]
+        try:
+            return [{k: blob(r[k]) for k in r.keys()} for r in self.db.execute(sql, args)]
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot read database {self.path}: {e}") from None
 
     # -- counter groups
     def counter_groups(self) -> list[dict]:
