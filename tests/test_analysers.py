@@ -300,6 +300,17 @@ def test_bad_analyser_name(tmp_path):
     assert json.dumps(sorted(parse_names("all"))) == '["counters", "dns", "http", "tls"]'
 
 
+@pytest.mark.parametrize("spec, fragment", [("all,dns", "'all' stands alone"), ("dns,none", "'none' stands alone"),
+                                            ("dns,", "an empty name"), ("dns,,http", "an empty name")])
+def test_analyser_lists_with_whole_value_words_or_empty_names(spec, fragment):
+    """Before: "unknown analyser 'all' (known: all, none, ...)" contradicted itself, and "dns," named analyser ''."""
+    from luaprobe.engine.analysers import parse_names
+    with pytest.raises(ValueError, match=fragment) as e:
+        parse_names(spec)
+    assert "unknown analyser" not in str(e.value)
+    assert parse_names(" DNS , http ") == {"dns", "http"}
+
+
 def test_analysers_alone_without_a_plugin(tmp_path):
     """docs/plugins.md: `luaprobe run --analysers ...` stores the analysers' output even without scripts: no PLUGIN
     is needed then (exit 0, the DNS answers tshark shows); without PLUGIN and without an analyser it is a usage

@@ -37,7 +37,8 @@ PRODUCER = {RESOURCE_GROUPS["DNS"]: "dns", RESOURCE_GROUPS["URL"]: "http", RESOU
 
 
 def parse_names(spec: str) -> set:
-    """`--analysers` value: "all", "none" or a comma list of NAMES.  Raises ValueError naming the bad word."""
+    """`--analysers` value: "all", "none" or a comma list of NAMES.  Raises ValueError naming the bad word ("all" or
+    "none" inside a list, an empty name, an unknown one)."""
     spec = (spec or "").strip().lower()
     if spec in ("", "none"):
         return set()
@@ -46,6 +47,12 @@ def parse_names(spec: str) -> set:
     out = set()
     for w in spec.split(","):
         w = w.strip()
+        if w in ("all", "none"):          # words for the whole value, not names of analysers
+            raise ValueError(f"--analysers {spec}: '{w}' stands alone; give it by itself, or a comma list of "
+                             f"{', '.join(NAMES)}")
+        if not w:
+            raise ValueError(f"--analysers {spec}: an empty name (names are separated by single commas: "
+                             f"{', '.join(NAMES)})")
         if w not in NAMES:
             raise ValueError(f"--analysers: unknown analyser '{w}' (known: all, none, {', '.join(NAMES)})")
         out.add(w)
