@@ -12,7 +12,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import sqlite3
 import sys
 
 from luaprobe.engine.store import writer as _w
@@ -236,9 +235,6 @@ def main(argv=None) -> int:
                 text = table(headers, cells, numeric) + f"\n({len(rows)} row{'s' if len(rows) != 1 else ''})"
     except StoreError as e:  # includes StoreNotFound
         print(f"luaprobe query: {e}", file=sys.stderr)
-        return EXIT_INPUT
-    except sqlite3.DatabaseError as e:  # a damaged page met outside Store._rows (its other reads: fts, run, PRAGMA)
-        print(f"luaprobe query: cannot read database {os.path.abspath(path)}: {e}", file=sys.stderr)
         return EXIT_INPUT
     try:
         if text:

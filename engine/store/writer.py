@@ -1234,14 +1234,17 @@ class Store:
     def __exit__(self, *exc):
         self.close()
 
-    def _rows(self, sql: str, args=()) -> list[dict]:
-        """The rows of `sql` as dicts; StoreError naming the file when SQLite cannot read them (a damaged page:
+    def _read(self, sql: str, args=()) -> list:
+        """Every row of `sql` (sqlite3.Row); StoreError naming the file when SQLite cannot read them (a damaged page:
         "database disk image is malformed", found only when the rows are walked, after the schema was read)."""
-        blob = self._blob
         try:
-            return [{k: blob(r[k]) for k in r.keys()} for r in self.db.execute(sql, args)]
+            return self.db.execute(sql, args).fetchall()
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot read database {self.path}: {e}") from None
+
+    def _rows(self, sql: str, args=()) -> list[dict]:
+        blob = self._blob
+        return [{k: blob(r[k]) for k in r.keys()} for r in self._read(sql, args)]
 
     # -- counter groups
     def counter_groups(self) -> list[dict]:
@@ -1385,7 +1388,7 @@ class Store:
     def fts(self, guid: str | None = None, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
         """Full-text documents in time order (``guid``: FTS group GUID, any case, or a well-known name:
         ``SSL Certs``, ``HTTP Headers``, ``DNS``).  Databases written before the table existed have none."""
-        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'fts'").fetchone():
+        if not self._read("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'fts'"):
             return []
         return self._timed("SELECT id, ts_sec, ts_usec, fts_guid, flowkey, text, plugin FROM fts", "fts_guid",
                            WELL_KNOWN_FTS_GROUPS, guid, flowkey, limit, "fts")
@@ -1393,7 +1396,7 @@ class Store:
     def flows(self, flowkey: str | None = None, limit: int | None = None) -> list[dict]:
         """Flow records ordered by first_ts, flowkey and id: dicts with ``id`` (the record's row id, unique in the
         database; a flow seen twice, e.g. a capture replayed, is two records) and the ``flows`` columns."""
-        have = {r[1] for r in self.db.execute("PRAGMA table_info(flows)")}
+        have = {r[1] for r in self._read("PRAGMA table_info(flows)")}
         cols = ", ".join(c if c in have else f"NULL AS {c}" for c in FLOW_COLUMNS)   # older databases: _ADDED_COLUMNS
         sql = f"SELECT rowid AS id, {cols} FROM flows"
         args = []
@@ -1435,7 +1438,7 @@ class Store:
     def run_info(self) -> dict:
         """Run metadata and final statistics: {key: decoded JSON value} (raw text if not JSON)."""
         out = {}
-        for r in self.db.execute("SELECT key, value FROM run ORDER BY key"):
+        for r in self._read("SELECT key, value FROM run ORDER BY key"):
             try:
                 out[r[0]] = json.loads(r[1])
             except (TypeError, ValueError):
